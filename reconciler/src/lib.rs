@@ -1,1 +1,4 @@
-
+//! fleet: GitOps for agent-sandbox VMs.
+pub mod load;
+pub mod source;
+pub mod spec;

@@ -1,0 +1,672 @@
+//! Snapshot → typed fleet objects, or every diagnostic at once.
+//!
+//! Per file: size cap, UTF-8, YAML (positions kept), JSON Schema, typed deserialisation.
+//! Across files: placement of kinds, unique names, references, `extends` cycles, bounds.
+//! A revision with any diagnostic loads as nothing: it is never applied, not even in part.
+//!
+//! Architecture invariant: pure. No I/O, no clock; the snapshot is the whole input.
+
+pub mod diagnostic;
+pub mod schema;
+pub mod yaml;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::de::DeserializeOwned;
+
+pub use diagnostic::Diagnostic;
+use yaml::{Located, Pos};
+
+use crate::source::{Revision, Snapshot};
+use crate::spec::{
+    FleetDocument, Kind, LoadoutDocument, NetworkMode, Resources, VmDocument, VmPoolDocument,
+    VmSpec,
+};
+
+/// One object and the file it came from.
+#[derive(Clone, Debug)]
+pub struct Object<T> {
+    pub path: String,
+    pub tree: Located,
+    pub doc: T,
+}
+
+/// A revision that passed every check.
+#[derive(Clone, Debug)]
+pub struct LoadedFleet {
+    pub revision: Revision,
+    pub fleet: Object<FleetDocument>,
+    pub loadouts: BTreeMap<String, Object<LoadoutDocument>>,
+    pub vms: BTreeMap<String, Object<VmDocument>>,
+    pub pools: BTreeMap<String, Object<VmPoolDocument>>,
+}
+
+/// Memory bounds in MiB, and disk bounds in MiB.
+pub const MEMORY_MIB: (u64, u64) = (64, 1024 * 1024);
+pub const DISK_MIB: (u64, u64) = (1024, 16 * 1024 * 1024);
+
+enum AnyObject {
+    Fleet(Object<FleetDocument>),
+    Loadout(Object<LoadoutDocument>),
+    Vm(Object<VmDocument>),
+    VmPool(Object<VmPoolDocument>),
+}
+
+/// Loads and checks a snapshot.
+pub fn load(snapshot: &Snapshot) -> Result<LoadedFleet, Vec<Diagnostic>> {
+    let mut diags = Vec::new();
+    let mut objects = Vec::new();
+    for file in &snapshot.files {
+        let Some(rel) = file.path.strip_prefix(&format!("{}/", snapshot.fleet_dir)) else {
+            continue;
+        };
+        if !(rel.ends_with(".yaml") || rel.ends_with(".yml")) {
+            continue; // READMEs and the like are not fleet objects.
+        }
+        if let Some(obj) = load_file(&file.path, rel, &file.bytes, &mut diags) {
+            objects.push(obj);
+        }
+    }
+
+    let fleet_path = format!("{}/fleet.yaml", snapshot.fleet_dir);
+    let mut fleet = None;
+    let mut loadouts = BTreeMap::new();
+    let mut vms = BTreeMap::new();
+    let mut pools = BTreeMap::new();
+    for obj in objects {
+        match obj {
+            AnyObject::Fleet(o) => fleet = Some(o),
+            AnyObject::Loadout(o) => insert_unique(
+                &mut loadouts,
+                o,
+                "Loadout",
+                |d| &d.metadata.name.0,
+                &mut diags,
+            ),
+            AnyObject::Vm(o) => {
+                insert_unique(&mut vms, o, "VM", |d| &d.metadata.name.0, &mut diags)
+            }
+            AnyObject::VmPool(o) => {
+                insert_unique(&mut pools, o, "VMPool", |d| &d.metadata.name.0, &mut diags)
+            }
+        }
+    }
+    let Some(fleet) = fleet else {
+        let present = snapshot.files.iter().any(|f| f.path == fleet_path);
+        if !present {
+            diags.push(Diagnostic::new(
+                &fleet_path,
+                Pos::START,
+                format!(
+                    "missing {fleet_path}: every revision needs one object of kind Fleet there (providers, images, policy)"
+                ),
+            ));
+        }
+        return Err(sorted(diags));
+    };
+
+    let loaded = LoadedFleet {
+        revision: snapshot.revision.clone(),
+        fleet,
+        loadouts,
+        vms,
+        pools,
+    };
+    check_references(&loaded, &mut diags);
+    if diags.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(sorted(diags))
+    }
+}
+
+fn sorted(mut diags: Vec<Diagnostic>) -> Vec<Diagnostic> {
+    diags.sort();
+    diags.dedup();
+    diags
+}
+
+fn insert_unique<T>(
+    map: &mut BTreeMap<String, Object<T>>,
+    obj: Object<T>,
+    kind: &str,
+    name_of: impl Fn(&T) -> &String,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let name = name_of(&obj.doc).clone();
+    if let Some(first) = map.get(&name) {
+        let first_pos = first.tree.pos_at_pointer("/metadata/name", false);
+        diags.push(Diagnostic::new(
+            &obj.path,
+            obj.tree.pos_at_pointer("/metadata/name", false),
+            format!(
+                "metadata.name: {kind} {name:?} is already defined at {}:{}:{}; names must be unique, rename one of them",
+                first.path, first_pos.line, first_pos.column
+            ),
+        ));
+    } else {
+        map.insert(name, obj);
+    }
+}
+
+/// Which kinds may live where under `fleet/`.
+fn expected_kinds(rel: &str) -> Result<&'static [Kind], String> {
+    if rel == "fleet.yaml" {
+        return Ok(&[Kind::Fleet]);
+    }
+    match rel.split('/').next() {
+        Some("loadouts") if rel.contains('/') => Ok(&[Kind::Loadout]),
+        Some("vms") if rel.contains('/') => Ok(&[Kind::Vm, Kind::VmPool]),
+        Some(dir @ ("tasks" | "secrets" | "hitl")) if rel.contains('/') => Err(format!(
+            "{dir}/ holds kinds this version of fleet does not support yet; remove the file or upgrade fleet"
+        )),
+        _ => Err(
+            "unexpected file: fleet objects live in fleet.yaml, loadouts/*.yaml and vms/*.yaml; move or remove it"
+                .to_owned(),
+        ),
+    }
+}
+
+fn load_file(
+    path: &str,
+    rel: &str,
+    bytes: &[u8],
+    diags: &mut Vec<Diagnostic>,
+) -> Option<AnyObject> {
+    let expected = match expected_kinds(rel) {
+        Ok(kinds) => kinds,
+        Err(message) => {
+            diags.push(Diagnostic::new(path, Pos::START, message));
+            return None;
+        }
+    };
+    if bytes.len() > yaml::MAX_FILE_BYTES {
+        diags.push(Diagnostic::new(
+            path,
+            Pos::START,
+            format!(
+                "file is larger than {} KiB; fleet objects are small, split it or remove what does not belong",
+                yaml::MAX_FILE_BYTES / 1024
+            ),
+        ));
+        return None;
+    }
+    let text = match std::str::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let valid = &bytes[..e.valid_up_to()];
+            let line = valid.iter().filter(|&&b| b == b'\n').count() as u64 + 1;
+            let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let column = String::from_utf8_lossy(&valid[line_start..])
+                .chars()
+                .count() as u64
+                + 1;
+            diags.push(Diagnostic::new(
+                path,
+                Pos { line, column },
+                "file is not valid UTF-8; save it as UTF-8 text",
+            ));
+            return None;
+        }
+    };
+    let tree = match yaml::parse(text) {
+        Ok(t) => t,
+        Err(e) => {
+            diags.push(Diagnostic::new(path, e.pos, e.message));
+            return None;
+        }
+    };
+    if !matches!(tree.node, yaml::Node::Map(_)) {
+        diags.push(Diagnostic::new(
+            path,
+            tree.pos,
+            "the document must be a mapping with apiVersion, kind, metadata and spec",
+        ));
+        return None;
+    }
+    let kind_names = expected
+        .iter()
+        .map(|k| k.as_str())
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let kind = match tree.get("kind") {
+        None => {
+            diags.push(Diagnostic::new(
+                path,
+                tree.pos,
+                format!("missing required field `kind`; a file here holds kind {kind_names}"),
+            ));
+            return None;
+        }
+        Some(k) => match k.as_str().and_then(Kind::parse) {
+            Some(kind) if expected.contains(&kind) => kind,
+            Some(kind) => {
+                diags.push(Diagnostic::new(
+                    path,
+                    k.pos,
+                    format!(
+                        "kind: {} does not belong in {rel}; a file here holds kind {kind_names}",
+                        kind.as_str()
+                    ),
+                ));
+                return None;
+            }
+            None => {
+                diags.push(Diagnostic::new(
+                    path,
+                    k.pos,
+                    format!(
+                        "kind: {} is not a fleet kind; valid here: {kind_names}",
+                        k.to_json()
+                    ),
+                ));
+                return None;
+            }
+        },
+    };
+    let value = tree.to_json();
+    let violations = schema::validate(kind, &value);
+    if !violations.is_empty() {
+        for v in violations {
+            diags.push(Diagnostic::new(
+                path,
+                tree.pos_at_pointer(&v.pointer, v.at_key),
+                v.message,
+            ));
+        }
+        return None;
+    }
+    let object = match kind {
+        Kind::Fleet => typed(path, tree, value, diags).map(AnyObject::Fleet),
+        Kind::Loadout => typed(path, tree, value, diags).map(AnyObject::Loadout),
+        Kind::Vm => typed(path, tree, value, diags).map(AnyObject::Vm),
+        Kind::VmPool => typed(path, tree, value, diags).map(AnyObject::VmPool),
+    }?;
+    check_object(&object, diags);
+    Some(object)
+}
+
+fn typed<T: DeserializeOwned>(
+    path: &str,
+    tree: Located,
+    value: serde_json::Value,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Object<T>> {
+    match serde_json::from_value::<T>(value) {
+        Ok(doc) => Some(Object {
+            path: path.to_owned(),
+            tree,
+            doc,
+        }),
+        Err(e) => {
+            // The schema is generated from these types, so this means they drifted apart.
+            diags.push(Diagnostic::new(
+                path,
+                tree.pos,
+                format!("internal error: the schema accepted this file but fleet could not read it ({e}); please report it"),
+            ));
+            None
+        }
+    }
+}
+
+/// Checks that need only the object itself.
+fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
+    match object {
+        AnyObject::Fleet(o) => {
+            let spec = &o.doc.spec;
+            let mut seen = BTreeMap::new();
+            for (i, p) in spec.providers.iter().enumerate() {
+                unique_in_list(
+                    o,
+                    &mut seen,
+                    p.name().0.as_str(),
+                    &format!("/spec/providers/{i}/name"),
+                    "provider",
+                    diags,
+                );
+            }
+            let mut seen = BTreeMap::new();
+            for (i, img) in spec.images.iter().enumerate() {
+                let at = format!("/spec/images/{i}");
+                unique_in_list(
+                    o,
+                    &mut seen,
+                    &img.name.0,
+                    &format!("{at}/name"),
+                    "image",
+                    diags,
+                );
+                if img.kernel.is_none() && img.disk.is_none() {
+                    diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&at, false), format!(
+                        "spec.images[{i}]: image {:?} has neither kernel nor disk; set kernel (and initrd) for direct kernel boot, or disk for a qcow2 base image",
+                        img.name.0
+                    )));
+                }
+                for (field, value) in [("initrd", &img.initrd), ("cmdline", &img.cmdline)] {
+                    if value.is_some() && img.kernel.is_none() {
+                        diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&format!("{at}/{field}"), true), format!(
+                            "spec.images[{i}].{field}: only used with direct kernel boot; set kernel as well or remove {field}"
+                        )));
+                    }
+                }
+            }
+            for (field, value) in [
+                ("reconcileInterval", &spec.policy.reconcile_interval),
+                ("stepTimeout", &spec.policy.step_timeout),
+                ("shutdownTimeout", &spec.policy.shutdown_timeout),
+            ] {
+                if let Some(d) = value
+                    && d.to_std().is_none_or(|d| d.as_secs() > 7 * 24 * 3600)
+                {
+                    diags.push(Diagnostic::new(
+                        &o.path,
+                        o.tree
+                            .pos_at_pointer(&format!("/spec/policy/{field}"), false),
+                        format!(
+                            "spec.policy.{field}: {:?} is out of range; use a duration up to 168h",
+                            d.0
+                        ),
+                    ));
+                }
+            }
+        }
+        AnyObject::Loadout(o) => {
+            check_resources(o, "/spec/resources", o.doc.spec.resources.as_ref(), diags);
+            check_network(
+                o,
+                "/spec/network",
+                o.doc.spec.network.as_ref().map(|n| n.mode),
+                diags,
+            );
+        }
+        AnyObject::Vm(o) => check_vm_spec(o, "/spec", &o.doc.spec, diags),
+        AnyObject::VmPool(o) => {
+            check_vm_spec(o, "/spec/template/spec", &o.doc.spec.template.spec, diags);
+            let width = pool_width(o.doc.spec.replicas);
+            let longest = o.doc.metadata.name.0.len() + 1 + width;
+            if longest > 63 {
+                diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer("/metadata/name", false), format!(
+                    "metadata.name: VM names made from this pool ({}-{}) would be {longest} characters; names are at most 63, shorten the pool name",
+                    o.doc.metadata.name.0, "0".repeat(width)
+                )));
+            }
+        }
+    }
+}
+
+fn check_vm_spec<T>(o: &Object<T>, at: &str, spec: &VmSpec, diags: &mut Vec<Diagnostic>) {
+    check_resources(
+        o,
+        &format!("{at}/resources"),
+        spec.resources.as_ref(),
+        diags,
+    );
+    check_network(
+        o,
+        &format!("{at}/network"),
+        spec.network.as_ref().map(|n| n.mode),
+        diags,
+    );
+}
+
+fn check_resources<T>(
+    o: &Object<T>,
+    at: &str,
+    resources: Option<&Resources>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let Some(r) = resources else { return };
+    for (field, size, (min, max), what) in [
+        ("memory", &r.memory, MEMORY_MIB, "64Mi to 1Ti"),
+        ("disk", &r.disk, DISK_MIB, "1Gi to 16Ti"),
+    ] {
+        if let Some(size) = size
+            && size.mib().is_none_or(|m| m < min || m > max)
+        {
+            let pointer = format!("{at}/{field}");
+            diags.push(Diagnostic::new(
+                &o.path,
+                o.tree.pos_at_pointer(&pointer, false),
+                format!(
+                    "{}: {:?} is out of bounds; {field} must be {what}",
+                    diagnostic::field_path(&pointer),
+                    size.0
+                ),
+            ));
+        }
+    }
+}
+
+fn check_network<T>(
+    o: &Object<T>,
+    at: &str,
+    mode: Option<NetworkMode>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    if mode == Some(NetworkMode::Allowlist) {
+        let pointer = format!("{at}/mode");
+        diags.push(Diagnostic::new(
+            &o.path,
+            o.tree.pos_at_pointer(&pointer, false),
+            format!(
+                "{}: allowlist is not supported by the libvirt provider yet; use isolated or full",
+                diagnostic::field_path(&pointer)
+            ),
+        ));
+    }
+}
+
+fn unique_in_list<T>(
+    o: &Object<T>,
+    seen: &mut BTreeMap<String, Pos>,
+    name: &str,
+    pointer: &str,
+    what: &str,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let pos = o.tree.pos_at_pointer(pointer, false);
+    if let Some(first) = seen.get(name) {
+        diags.push(Diagnostic::new(
+            &o.path,
+            pos,
+            format!(
+                "{}: {what} {name:?} is already defined at line {}; {what} names must be unique",
+                diagnostic::field_path(pointer),
+                first.line
+            ),
+        ));
+    } else {
+        seen.insert(name.to_owned(), pos);
+    }
+}
+
+/// Digits in a pool member's suffix: the width of the replica count, at least 2.
+pub fn pool_width(replicas: u32) -> usize {
+    replicas.to_string().len().max(2)
+}
+
+/// The names of a pool's VMs.
+pub fn pool_member_names(pool: &str, replicas: u32) -> impl Iterator<Item = String> + '_ {
+    let width = pool_width(replicas);
+    (1..=replicas).map(move |i| format!("{pool}-{i:0width$}"))
+}
+
+/// Checks across objects: references resolve, no `extends` cycles, no name clashes
+/// between VMs and pool members.
+fn check_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
+    let providers: BTreeSet<&str> = f
+        .fleet
+        .doc
+        .spec
+        .providers
+        .iter()
+        .map(|p| p.name().0.as_str())
+        .collect();
+    let images: BTreeSet<&str> = f
+        .fleet
+        .doc
+        .spec
+        .images
+        .iter()
+        .map(|i| i.name.0.as_str())
+        .collect();
+    let loadouts: BTreeSet<&str> = f.loadouts.keys().map(String::as_str).collect();
+
+    let mut check_ref = |o_path: &str,
+                         tree: &Located,
+                         pointer: &str,
+                         value: &str,
+                         kind: &str,
+                         defined: &BTreeSet<&str>,
+                         where_: &str| {
+        if !defined.contains(value) {
+            let list = if defined.is_empty() {
+                format!("none are defined; add one to {where_}")
+            } else {
+                format!(
+                    "defined: {}",
+                    defined.iter().copied().collect::<Vec<_>>().join(", ")
+                )
+            };
+            diags.push(Diagnostic::new(
+                o_path,
+                tree.pos_at_pointer(pointer, false),
+                format!(
+                    "{}: no {kind} named {value:?}; {list}",
+                    diagnostic::field_path(pointer)
+                ),
+            ));
+        }
+    };
+
+    let vm_specs = f
+        .vms
+        .values()
+        .map(|o| (&o.path, &o.tree, "/spec", &o.doc.spec))
+        .chain(f.pools.values().map(|o| {
+            (
+                &o.path,
+                &o.tree,
+                "/spec/template/spec",
+                &o.doc.spec.template.spec,
+            )
+        }));
+    for (path, tree, at, spec) in vm_specs {
+        check_ref(
+            path,
+            tree,
+            &format!("{at}/provider"),
+            &spec.provider.0,
+            "provider",
+            &providers,
+            "spec.providers in fleet.yaml",
+        );
+        check_ref(
+            path,
+            tree,
+            &format!("{at}/image"),
+            &spec.image.0,
+            "image",
+            &images,
+            "spec.images in fleet.yaml",
+        );
+        if let Some(l) = &spec.loadout {
+            check_ref(
+                path,
+                tree,
+                &format!("{at}/loadout"),
+                &l.0,
+                "Loadout",
+                &loadouts,
+                "fleet/loadouts/",
+            );
+        }
+    }
+    for o in f.loadouts.values() {
+        for (i, parent) in o.doc.spec.extends.iter().enumerate() {
+            check_ref(
+                &o.path,
+                &o.tree,
+                &format!("/spec/extends/{i}"),
+                &parent.0,
+                "Loadout",
+                &loadouts,
+                "fleet/loadouts/",
+            );
+        }
+    }
+
+    // extends cycles: report each cycle once, at the entry that closes it, with the whole cycle.
+    let mut reported: BTreeSet<Vec<String>> = BTreeSet::new();
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    for start in f.loadouts.keys() {
+        if !done.contains(start) {
+            let mut stack = vec![start.clone()];
+            find_cycles(f, &mut stack, &mut done, &mut reported, diags);
+        }
+    }
+
+    // Pool members must not collide with VMs or with other pools' members.
+    let mut owners: BTreeMap<String, (&str, &Located, &str)> = f
+        .vms
+        .iter()
+        .map(|(n, o)| (n.clone(), (o.path.as_str(), &o.tree, "VM")))
+        .collect();
+    for (pool_name, o) in &f.pools {
+        for member in pool_member_names(pool_name, o.doc.spec.replicas) {
+            if let Some((other_path, other_tree, what)) = owners.get(&member) {
+                let other = other_tree.pos_at_pointer("/metadata/name", false);
+                diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer("/spec/replicas", false), format!(
+                    "spec.replicas: pool member {member:?} clashes with the {what} defined at {other_path}:{}:{}; rename the pool or that object",
+                    other.line, other.column
+                )));
+            } else {
+                owners.insert(member, (o.path.as_str(), &o.tree, "VMPool member"));
+            }
+        }
+    }
+}
+
+fn find_cycles(
+    f: &LoadedFleet,
+    stack: &mut Vec<String>,
+    done: &mut BTreeSet<String>,
+    reported: &mut BTreeSet<Vec<String>>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let current = stack.last().cloned().unwrap_or_default();
+    let Some(o) = f.loadouts.get(&current) else {
+        return;
+    };
+    for (i, parent) in o.doc.spec.extends.iter().enumerate() {
+        let parent = &parent.0;
+        if let Some(at) = stack.iter().position(|n| n == parent) {
+            let cycle: Vec<String> = stack[at..].to_vec();
+            // Canonical form (rotation starting at the smallest name) to report once.
+            let min = cycle
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, n)| *n)
+                .map_or(0, |(i, _)| i);
+            let canonical: Vec<String> =
+                cycle[min..].iter().chain(&cycle[..min]).cloned().collect();
+            if reported.insert(canonical) {
+                let text = cycle
+                    .iter()
+                    .chain(std::iter::once(parent))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" → ");
+                diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&format!("/spec/extends/{i}"), false), format!(
+                    "spec.extends: cycle {text}; a loadout cannot extend itself, directly or through others"
+                )));
+            }
+        } else if f.loadouts.contains_key(parent) && !done.contains(parent) && stack.len() < 256 {
+            stack.push(parent.clone());
+            find_cycles(f, stack, done, reported, diags);
+            stack.pop();
+        }
+    }
+    done.insert(current);
+}

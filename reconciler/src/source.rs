@@ -1,0 +1,220 @@
+//! Where a fleet revision comes from: the `fleet/` tree of a git commit, read from git
+//! objects (never half-written working-tree files), or the working directory for
+//! `--worktree`. The only module that uses git2.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Which revision a snapshot holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Revision {
+    /// A commit id, or `worktree:<digest of the files>`.
+    pub id: String,
+    /// What the operator would call it: `main@1a2b3c4`, or `worktree`.
+    pub label: String,
+}
+
+impl Revision {
+    /// Short form for status lines.
+    pub fn short(&self) -> &str {
+        if self.id.starts_with("worktree:") {
+            &self.id[..self.id.len().min(21)]
+        } else {
+            &self.id[..self.id.len().min(12)]
+        }
+    }
+}
+
+/// The files of `fleet/` at one revision, with paths relative to the repository root.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub revision: Revision,
+    /// The fleet directory, relative to the repository root (`fleet`).
+    pub fleet_dir: String,
+    /// Sorted by path.
+    pub files: Vec<SourceFile>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SourceFile {
+    /// Relative to the repository root, `/`-separated.
+    pub path: String,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(
+        "{root} is not a git repository (or it has no commits yet): {source}; use --worktree to read files that are not committed"
+    )]
+    NotARepository { root: PathBuf, source: git2::Error },
+    #[error("revision {rev:?} not found: {source}")]
+    UnknownRevision { rev: String, source: git2::Error },
+    #[error("reading {path} from git: {source}")]
+    Git { path: String, source: git2::Error },
+    #[error("reading {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Files bigger than this are not read at all (the loader reports them); bounds memory.
+const READ_CAP: usize = super::load::yaml::MAX_FILE_BYTES + 1;
+
+/// Reads `fleet_dir` at `rev` (default `HEAD`) from the repository at `root`.
+pub fn from_git(root: &Path, fleet_dir: &str, rev: Option<&str>) -> Result<Snapshot, SourceError> {
+    let repo = git2::Repository::open(root).map_err(|source| SourceError::NotARepository {
+        root: root.to_owned(),
+        source,
+    })?;
+    let spec = rev.unwrap_or("HEAD");
+    let commit = repo
+        .revparse_single(spec)
+        .and_then(|o| o.peel_to_commit())
+        .map_err(|source| {
+            if rev.is_none() {
+                SourceError::NotARepository {
+                    root: root.to_owned(),
+                    source,
+                }
+            } else {
+                SourceError::UnknownRevision {
+                    rev: spec.to_owned(),
+                    source,
+                }
+            }
+        })?;
+    let id = commit.id().to_string();
+    let branch = if rev.is_none() {
+        repo.head()
+            .ok()
+            .and_then(|h| h.shorthand().ok().map(str::to_owned))
+            .unwrap_or_else(|| "HEAD".to_owned())
+    } else {
+        spec.to_owned()
+    };
+    let label = format!("{branch}@{}", &id[..12]);
+    let tree = commit.tree().map_err(|source| SourceError::Git {
+        path: fleet_dir.to_owned(),
+        source,
+    })?;
+    let mut files = Vec::new();
+    let dir_entry = tree.get_path(Path::new(fleet_dir));
+    if let Ok(entry) = dir_entry {
+        let subtree = repo
+            .find_tree(entry.id())
+            .map_err(|source| SourceError::Git {
+                path: fleet_dir.to_owned(),
+                source,
+            })?;
+        let mut walk_err = None;
+        subtree
+            .walk(git2::TreeWalkMode::PreOrder, |parent, entry| {
+                if entry.kind() != Some(git2::ObjectType::Blob) {
+                    return git2::TreeWalkResult::Ok;
+                }
+                let Ok(name) = entry.name() else {
+                    return git2::TreeWalkResult::Ok;
+                };
+                let path = format!("{fleet_dir}/{parent}{name}");
+                match repo.find_blob(entry.id()) {
+                    Ok(blob) => {
+                        let content = blob.content();
+                        let bytes = content[..content.len().min(READ_CAP)].to_vec();
+                        files.push(SourceFile { path, bytes });
+                    }
+                    Err(source) => {
+                        walk_err = Some(SourceError::Git { path, source });
+                        return git2::TreeWalkResult::Abort;
+                    }
+                }
+                git2::TreeWalkResult::Ok
+            })
+            .map_err(|source| SourceError::Git {
+                path: fleet_dir.to_owned(),
+                source,
+            })?;
+        if let Some(e) = walk_err {
+            return Err(e);
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(Snapshot {
+        revision: Revision { id, label },
+        fleet_dir: fleet_dir.to_owned(),
+        files,
+    })
+}
+
+/// Reads `fleet_dir` from the working directory. The revision id is a digest of the files,
+/// so a saved plan made from the worktree goes stale when any file changes.
+pub fn from_worktree(root: &Path, fleet_dir: &str) -> Result<Snapshot, SourceError> {
+    let mut files = Vec::new();
+    let base = root.join(fleet_dir);
+    if base.is_dir() {
+        walk_dir(root, &base, &mut files)?;
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut hasher = Sha256::new();
+    for f in &files {
+        hasher.update(f.path.as_bytes());
+        hasher.update([0]);
+        hasher.update((f.bytes.len() as u64).to_le_bytes());
+        hasher.update(&f.bytes);
+    }
+    let digest = hex(&hasher.finalize());
+    Ok(Snapshot {
+        revision: Revision {
+            id: format!("worktree:{digest}"),
+            label: "worktree".to_owned(),
+        },
+        fleet_dir: fleet_dir.to_owned(),
+        files,
+    })
+}
+
+fn walk_dir(root: &Path, dir: &Path, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
+    let io_err = |path: &Path, source| SourceError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let entries = std::fs::read_dir(dir).map_err(|e| io_err(dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io_err(dir, e))?;
+        let path = entry.path();
+        let file_type = entry.file_type().map_err(|e| io_err(&path, e))?;
+        if file_type.is_dir() {
+            walk_dir(root, &path, out)?;
+        } else if file_type.is_file() {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            std::fs::File::open(&path)
+                .and_then(|f| f.take(READ_CAP as u64).read_to_end(&mut bytes))
+                .map_err(|e| io_err(&path, e))?;
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/");
+            out.push(SourceFile { path: rel, bytes });
+        }
+    }
+    Ok(())
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}

@@ -1,0 +1,461 @@
+//! The fleet format as operators write it (DESIGN §2): one struct per kind, exactly the
+//! fields a file may carry. These types are the source of truth for `schema/*.schema.json`
+//! (generated with schemars, kept in sync by a test), and every struct denies unknown fields.
+//!
+//! Nothing here is resolved: `extends` is not merged, defaults are not filled, pools are not
+//! expanded. That is `resolve`'s job.
+
+use std::collections::BTreeMap;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Serialize};
+
+/// The pattern every object name must match (DNS label).
+pub const NAME_PATTERN: &str = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
+/// Memory and disk sizes: a positive integer with a binary unit.
+pub const SIZE_PATTERN: &str = "^[1-9][0-9]{0,9}(Mi|Gi|Ti)$";
+/// Durations: a positive integer with a unit.
+pub const DURATION_PATTERN: &str = "^[1-9][0-9]{0,8}(ms|s|m|h)$";
+
+/// The object kinds fleet reads, with the schema file each is checked against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Fleet,
+    Loadout,
+    Vm,
+    VmPool,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Fleet, Kind::Loadout, Kind::Vm, Kind::VmPool];
+
+    /// The spelling used in `kind:`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Fleet => "Fleet",
+            Kind::Loadout => "Loadout",
+            Kind::Vm => "VM",
+            Kind::VmPool => "VMPool",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// File name of this kind's schema under `schema/`.
+    pub fn schema_file(self) -> &'static str {
+        match self {
+            Kind::Fleet => "fleet.schema.json",
+            Kind::Loadout => "loadout.schema.json",
+            Kind::Vm => "vm.schema.json",
+            Kind::VmPool => "vmpool.schema.json",
+        }
+    }
+}
+
+/// An object name: a DNS label (`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Name(pub String);
+
+impl JsonSchema for Name {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Name".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A lower-case DNS label: letters, digits and '-', at most 63 characters, starting and ending with a letter or digit.",
+            "type": "string",
+            "pattern": NAME_PATTERN,
+        })
+    }
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A memory or disk size such as `512Mi`, `2Gi` or `1Ti`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Size(pub String);
+
+impl Size {
+    /// The size in MiB. Only meaningful after schema validation (which checks the pattern).
+    pub fn mib(&self) -> Option<u64> {
+        let s = self.0.as_str();
+        let (digits, factor) = if let Some(d) = s.strip_suffix("Mi") {
+            (d, 1)
+        } else if let Some(d) = s.strip_suffix("Gi") {
+            (d, 1024)
+        } else if let Some(d) = s.strip_suffix("Ti") {
+            (d, 1024 * 1024)
+        } else {
+            return None;
+        };
+        digits.parse::<u64>().ok()?.checked_mul(factor)
+    }
+}
+
+impl JsonSchema for Size {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Size".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A size with a binary unit: Mi, Gi or Ti (for example 512Mi or 2Gi).",
+            "type": "string",
+            "pattern": SIZE_PATTERN,
+        })
+    }
+}
+
+/// A duration such as `30s`, `5m` or `2h`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Duration(pub String);
+
+impl Duration {
+    pub fn to_std(&self) -> Option<std::time::Duration> {
+        humantime::parse_duration(&self.0).ok()
+    }
+}
+
+impl JsonSchema for Duration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A duration: a whole number with a unit ms, s, m or h (for example 30s or 5m).",
+            "type": "string",
+            "pattern": DURATION_PATTERN,
+        })
+    }
+}
+
+/// `apiVersion: fleet/v1`, the only version so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ApiVersion {
+    #[serde(rename = "fleet/v1")]
+    V1,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: Name,
+    /// Free-form labels, shown in status and copied onto the VM's stamp.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+macro_rules! document {
+    ($(#[$doc:meta])* $doc_name:ident, $kind_enum:ident, $kind_str:literal, $spec:ty) => {
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+        pub enum $kind_enum {
+            #[serde(rename = $kind_str)]
+            Kind,
+        }
+
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+        #[serde(deny_unknown_fields, rename_all = "camelCase")]
+        pub struct $doc_name {
+            pub api_version: ApiVersion,
+            pub kind: $kind_enum,
+            pub metadata: Metadata,
+            pub spec: $spec,
+        }
+    };
+}
+
+document!(
+    /// `kind: Fleet` — `fleet/fleet.yaml`: the hosts, the images and the policy.
+    FleetDocument, FleetKind, "Fleet", FleetSpec
+);
+document!(
+    /// `kind: Loadout` — a reusable bundle of resources and guest configuration.
+    LoadoutDocument, LoadoutKind, "Loadout", LoadoutSpec
+);
+document!(
+    /// `kind: VM` — one virtual machine.
+    VmDocument, VmKind, "VM", VmSpec
+);
+document!(
+    /// `kind: VMPool` — `replicas` VMs named `<name>-01`, `<name>-02`, … from one template.
+    VmPoolDocument, VmPoolKind, "VMPool", VmPoolSpec
+);
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FleetSpec {
+    /// The hosts VMs run on.
+    #[schemars(length(min = 1))]
+    pub providers: Vec<Provider>,
+    /// Boot images VMs may use.
+    #[serde(default)]
+    pub images: Vec<Image>,
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+/// A host (or cluster) VMs run on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Provider {
+    Libvirt(LibvirtProvider),
+}
+
+impl Provider {
+    pub fn name(&self) -> &Name {
+        match self {
+            Provider::Libvirt(p) => &p.name,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LibvirtProvider {
+    pub name: Name,
+    /// libvirt connection URI, for example `qemu:///system`.
+    #[schemars(length(min = 1))]
+    pub uri: String,
+    /// `qemu` (software emulation, TCG) or `kvm` (hardware acceleration).
+    #[serde(default)]
+    pub domain_type: DomainType,
+    /// Where fleet keeps the files it makes for each VM (overlays, console logs).
+    /// Relative paths resolve against the repository root. Default: `/var/lib/fleet/<fleet name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_dir: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DomainType {
+    #[default]
+    Kvm,
+    Qemu,
+}
+
+impl DomainType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainType::Kvm => "kvm",
+            DomainType::Qemu => "qemu",
+        }
+    }
+}
+
+/// A boot image: a kernel and initrd for direct kernel boot, a qcow2 base disk that each VM
+/// gets a copy-on-write overlay of, or both.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Image {
+    pub name: Name,
+    /// Kernel for direct kernel boot. Relative paths resolve against the repository root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Initial ramdisk for direct kernel boot; needs `kernel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Extra kernel command line; fleet always adds `console=ttyS0` and `fleet.vm=<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// qcow2 base disk; each VM boots from its own overlay of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Policy {
+    /// How often the daemon reconciles when nothing triggers it. Default 60s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconcile_interval: Option<Duration>,
+    /// How many steps apply runs at once. Default 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub max_parallel: Option<u32>,
+    /// Deadline for one step (create, start, update, ...). Default 5m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_timeout: Option<Duration>,
+    /// How long a graceful shutdown may take before the VM is powered off. Default 60s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Resources {
+    /// Virtual CPUs, 1 to 128.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 128))]
+    pub cpus: Option<u32>,
+    /// Memory, 64Mi to 1Ti.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Size>,
+    /// Size of the VM's disk overlay (disk images only), 1Gi to 16Ti.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<Size>,
+}
+
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// No network device at all; the guest talks to the host over virtio-serial only.
+    #[default]
+    Isolated,
+    /// Outbound traffic limited to an allow list (not supported by the libvirt provider yet).
+    Allowlist,
+    /// Outbound network through the host (user-mode networking).
+    Full,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Network {
+    pub mode: NetworkMode,
+}
+
+/// A file cloud-init writes into the guest.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GuestFile {
+    /// Absolute path in the guest.
+    #[schemars(regex(pattern = "^/"), length(max = 4096))]
+    pub path: String,
+    pub content: String,
+    /// Octal permission bits, for example "0644".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^0?[0-7]{3}$"))]
+    pub mode: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LoadoutSpec {
+    /// Loadouts merged first, depth-first, left to right; this loadout's own fields win.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extends: Vec<Name>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
+    /// Packages cloud-init installs at first boot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<GuestFile>,
+    /// Commands cloud-init runs at first boot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runcmd: Vec<String>,
+    /// Environment for tasks run in the VM.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerState {
+    #[default]
+    Running,
+    Stopped,
+}
+
+impl PowerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PowerState::Running => "running",
+            PowerState::Stopped => "stopped",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VmSpec {
+    /// Name of a provider in fleet.yaml.
+    pub provider: Name,
+    /// Name of an image in fleet.yaml.
+    pub image: Name,
+    /// Name of a Loadout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loadout: Option<Name>,
+    /// Overrides the loadout's resources field by field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    /// Overrides the loadout's network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
+    /// `running` (default) or `stopped`.
+    #[serde(default)]
+    pub state: PowerState,
+    /// Recorded in the VM's ownership stamp; a protected VM is never destroyed or replaced
+    /// without an approval, even after its file is deleted.
+    #[serde(default)]
+    pub protect: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VmTemplate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<TemplateMetadata>,
+    pub spec: VmSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TemplateMetadata {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VmPoolSpec {
+    /// How many VMs: `<name>-01` … `<name>-NN`, zero-padded to the width of the count (at least 2).
+    #[schemars(range(min = 0, max = 10000))]
+    pub replicas: u32,
+    pub template: VmTemplate,
+}
+
+/// The JSON Schema of each kind, as generated from the types above.
+pub fn schema_for(kind: Kind) -> serde_json::Value {
+    let schema = match kind {
+        Kind::Fleet => schemars::schema_for!(FleetDocument),
+        Kind::Loadout => schemars::schema_for!(LoadoutDocument),
+        Kind::Vm => schemars::schema_for!(VmDocument),
+        Kind::VmPool => schemars::schema_for!(VmPoolDocument),
+    };
+    serde_json::to_value(schema).expect("a generated schema is plain JSON")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_schemas_match_the_types() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema");
+        for kind in Kind::ALL {
+            let generated = serde_json::to_string_pretty(&schema_for(kind)).expect("json") + "\n";
+            expect_test::expect_file![dir.join(kind.schema_file())].assert_eq(&generated);
+        }
+    }
+
+    #[test]
+    fn sizes_convert_to_mib() {
+        assert_eq!(Size("512Mi".into()).mib(), Some(512));
+        assert_eq!(Size("2Gi".into()).mib(), Some(2048));
+        assert_eq!(Size("1Ti".into()).mib(), Some(1024 * 1024));
+        assert_eq!(Size("2G".into()).mib(), None);
+    }
+}
