@@ -1,0 +1,89 @@
+//! What the hypervisors really run, as plain data that drivers fill in and the planner reads.
+//! Nothing here names libvirt: a domain is an `ObservedVm`, its fleet metadata a `Stamp`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::resolve::VmConfig;
+use crate::source::hex;
+
+/// The ownership stamp fleet writes onto every VM it creates (DESIGN §3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stamp {
+    /// The Fleet object's name: VMs of another fleet are foreign.
+    pub fleet: String,
+    /// The VM's name in fleet/.
+    pub name: String,
+    pub spec_hash: String,
+    /// The commit (or worktree digest) that last applied it.
+    pub revision: String,
+    /// Kept in the stamp so that deleting the VM's file cannot bypass it.
+    pub protect: bool,
+    /// The configuration last applied; `None` when the stamp's copy could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<VmConfig>,
+}
+
+/// One VM (domain) on a host, fleet's or not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedVm {
+    /// The hypervisor's name for it.
+    pub name: String,
+    pub uuid: String,
+    pub running: bool,
+    pub cpus: u32,
+    #[serde(rename = "memoryMiB")]
+    pub memory_mib: u64,
+    /// `None`: not made by any fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<Stamp>,
+}
+
+impl ObservedVm {
+    /// True when the VM carries this fleet's stamp for a VM of the same name.
+    pub fn owned_by(&self, fleet: &str) -> bool {
+        self.stamp
+            .as_ref()
+            .is_some_and(|s| s.fleet == fleet && s.name == self.name)
+    }
+}
+
+/// One provider's view.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedHost {
+    /// Sorted by name.
+    pub vms: Vec<ObservedVm>,
+}
+
+/// Every provider's view at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Observed {
+    /// By provider name. A provider missing here could not be observed.
+    pub hosts: BTreeMap<String, ObservedHost>,
+    /// Providers that could not be observed, with why.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unreachable: BTreeMap<String, String>,
+}
+
+impl Observed {
+    /// A digest of everything the planner looks at; a saved plan records it and is refused
+    /// when the world has moved on.
+    pub fn digest(&self) -> String {
+        let json = serde_json::to_vec(self).expect("Observed serialises to JSON");
+        hex(&Sha256::digest(json))
+    }
+
+    pub fn find(&self, provider: &str, name: &str) -> Option<&ObservedVm> {
+        self.hosts
+            .get(provider)?
+            .vms
+            .iter()
+            .find(|vm| vm.name == name)
+    }
+}

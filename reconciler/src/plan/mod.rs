@@ -1,0 +1,388 @@
+//! `plan(desired, observed) -> Plan`: what apply must do, and why.
+//!
+//! A plan is data: a list of steps (one per VM at most), the conflicts fleet refuses to
+//! touch, the revision and observed-state digest it was made from, and its own digest.
+//! It is rendered (`render`), saved, checked for staleness and walked by apply, which never
+//! re-decides.
+//!
+//! Architecture invariant: pure. No I/O, no clock, no randomness.
+
+pub mod render;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::observe::{Observed, ObservedVm};
+use crate::resolve::{Desired, DesiredVm, ResolvedPolicy, VmConfig};
+use crate::source::{Revision, hex};
+use crate::spec::PowerState;
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Create,
+    Start,
+    Stop,
+    Update,
+    Replace,
+    Destroy,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Create => "create",
+            Action::Start => "start",
+            Action::Stop => "stop",
+            Action::Update => "update",
+            Action::Replace => "replace",
+            Action::Destroy => "destroy",
+        }
+    }
+}
+
+/// Why a step exists. For people: apply never branches on it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Reason {
+    /// The VM is in fleet/ but not on its provider.
+    NotFound,
+    /// The configuration matches; the power state does not.
+    PowerState { want: PowerState },
+    /// Fields changed that can change in place.
+    SpecChanged { fields: Vec<String> },
+    /// A field changed that cannot change in place.
+    ReplaceForced { field: String, why: String },
+    /// The stamp's copy of the applied configuration is unreadable; rewrite it.
+    StampUnreadable,
+    /// fleet made this VM but it is no longer in fleet/.
+    RemovedFromFleet,
+}
+
+/// One field that differs between the applied and the desired configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldChange {
+    pub field: String,
+    pub from: Value,
+    pub to: Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Step {
+    pub vm: String,
+    pub provider: String,
+    pub action: Action,
+    pub reason: Reason,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<FieldChange>,
+    /// Update only: the running VM is restarted for the change to take effect.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restart: bool,
+    /// The VM as it should be after the step (all but destroy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<DesiredVm>,
+    /// The configuration last applied, from the stamp (update, replace, destroy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<VmConfig>,
+    /// The revision that last applied the VM, from the stamp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_revision: Option<String>,
+}
+
+/// A VM fleet wants but will not touch: another VM holds its name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conflict {
+    pub vm: String,
+    pub provider: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    pub format_version: u32,
+    pub fleet: String,
+    pub revision: Revision,
+    pub observed_digest: String,
+    pub policy: ResolvedPolicy,
+    pub steps: Vec<Step>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<Conflict>,
+    /// Problems that keep part of the fleet from being planned (an unreachable provider).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+    /// sha256 over everything above; approvals name it.
+    pub digest: String,
+}
+
+impl Plan {
+    pub fn has_changes(&self) -> bool {
+        !self.steps.is_empty()
+    }
+
+    pub fn count(&self, action: Action) -> usize {
+        self.steps.iter().filter(|s| s.action == action).count()
+    }
+
+    fn compute_digest(&self) -> String {
+        let mut copy = self.clone();
+        copy.digest = String::new();
+        let json = serde_json::to_vec(&copy).expect("Plan serialises to JSON");
+        hex(&Sha256::digest(json))
+    }
+
+    /// True when the digest matches the content (a saved plan was not edited).
+    pub fn digest_is_valid(&self) -> bool {
+        self.digest == self.compute_digest()
+    }
+}
+
+/// How a changed field can be applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FieldEffect {
+    /// Rewrites the stamp and definition only.
+    InPlace,
+    /// Takes effect when the VM boots again.
+    NeedsRestart,
+    /// Cannot change on an existing VM.
+    Replace(&'static str),
+}
+
+fn field_effect(field: &str) -> FieldEffect {
+    match field {
+        "provider" => FieldEffect::Replace("a VM cannot move between providers in place"),
+        "image.disk" => FieldEffect::Replace("a new base disk needs a new overlay"),
+        "diskMiB" => FieldEffect::Replace("the disk overlay is sized when the VM is created"),
+        "packages" | "files" | "runcmd" => {
+            FieldEffect::Replace("cloud-init applies it only at first boot")
+        }
+        "cpus" | "memoryMiB" | "domainType" | "network" | "image.kernel" | "image.initrd"
+        | "image.cmdline" => FieldEffect::NeedsRestart,
+        _ => FieldEffect::InPlace,
+    }
+}
+
+/// Computes the plan. Deterministic: the same inputs give the same plan and digest.
+pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
+    let mut steps = Vec::new();
+    let mut conflicts = Vec::new();
+    let mut errors = Vec::new();
+
+    for (provider, why) in &observed.unreachable {
+        errors.push(format!(
+            "provider {provider} could not be observed ({why}); its VMs are not planned"
+        ));
+    }
+
+    for vm in desired.vms.values() {
+        let provider = &vm.config.provider;
+        if !observed.hosts.contains_key(provider) {
+            continue; // unreachable: never create what we cannot see
+        }
+        match observed.find(provider, &vm.name) {
+            None => steps.push(Step {
+                vm: vm.name.clone(),
+                provider: provider.clone(),
+                action: Action::Create,
+                reason: Reason::NotFound,
+                changes: Vec::new(),
+                restart: false,
+                desired: Some(vm.clone()),
+                applied: None,
+                applied_revision: None,
+            }),
+            Some(found) if !found.owned_by(&desired.fleet) => {
+                conflicts.push(Conflict {
+                    vm: vm.name.clone(),
+                    provider: provider.clone(),
+                    message: conflict_message(&desired.fleet, found),
+                });
+            }
+            Some(found) => {
+                if let Some(step) = step_for_owned(vm, found) {
+                    steps.push(step);
+                }
+            }
+        }
+    }
+
+    for (provider, host) in &observed.hosts {
+        for found in &host.vms {
+            if !found.owned_by(&desired.fleet) {
+                continue;
+            }
+            let wanted_here = desired
+                .vms
+                .get(&found.name)
+                .is_some_and(|vm| &vm.config.provider == provider);
+            if !wanted_here {
+                let stamp = found.stamp.as_ref();
+                steps.push(Step {
+                    vm: found.name.clone(),
+                    provider: provider.clone(),
+                    action: Action::Destroy,
+                    reason: Reason::RemovedFromFleet,
+                    changes: Vec::new(),
+                    restart: false,
+                    desired: None,
+                    applied: stamp.and_then(|s| s.config.clone()),
+                    applied_revision: stamp.map(|s| s.revision.clone()),
+                });
+            }
+        }
+    }
+
+    steps.sort_by(|a, b| (&a.vm, &a.provider).cmp(&(&b.vm, &b.provider)));
+    let mut plan = Plan {
+        format_version: FORMAT_VERSION,
+        fleet: desired.fleet.clone(),
+        revision: desired.revision.clone(),
+        observed_digest: observed.digest(),
+        policy: desired.policy.clone(),
+        steps,
+        conflicts,
+        errors,
+        digest: String::new(),
+    };
+    plan.digest = plan.compute_digest();
+    plan
+}
+
+fn conflict_message(fleet: &str, found: &ObservedVm) -> String {
+    match &found.stamp {
+        Some(s) if s.fleet != fleet => format!(
+            "a VM named {:?} already exists and belongs to fleet {:?}; fleet {fleet:?} will not touch it. Rename the VM in fleet/, or remove it from the other fleet",
+            found.name, s.fleet
+        ),
+        Some(s) => format!(
+            "a VM named {:?} carries fleet {fleet:?}'s stamp for VM {:?}; fleet will not touch it. Rename it back with virsh domrename, or remove it",
+            found.name, s.name
+        ),
+        None => format!(
+            "a VM named {:?} already exists and was not made by fleet; fleet will not touch it. Rename the VM in fleet/, or remove the other VM yourself",
+            found.name
+        ),
+    }
+}
+
+fn step_for_owned(vm: &DesiredVm, found: &ObservedVm) -> Option<Step> {
+    let stamp = found.stamp.as_ref()?;
+    let mut step = Step {
+        vm: vm.name.clone(),
+        provider: vm.config.provider.clone(),
+        action: Action::Update,
+        reason: Reason::StampUnreadable,
+        changes: Vec::new(),
+        restart: false,
+        desired: Some(vm.clone()),
+        applied: stamp.config.clone(),
+        applied_revision: Some(stamp.revision.clone()),
+    };
+    let Some(applied) = &stamp.config else {
+        step.restart = found.running && vm.state == PowerState::Running;
+        return Some(step);
+    };
+    if stamp.spec_hash == vm.spec_hash && applied == &vm.config {
+        let want_running = vm.state == PowerState::Running;
+        if found.running == want_running {
+            return None;
+        }
+        step.action = if want_running {
+            Action::Start
+        } else {
+            Action::Stop
+        };
+        step.reason = Reason::PowerState { want: vm.state };
+        step.applied = None;
+        return Some(step);
+    }
+    let changes = diff_configs(applied, &vm.config);
+    step.changes = changes;
+    if let Some((field, why)) = step
+        .changes
+        .iter()
+        .find_map(|c| match field_effect(&c.field) {
+            FieldEffect::Replace(why) => Some((c.field.clone(), why)),
+            _ => None,
+        })
+    {
+        step.action = Action::Replace;
+        step.reason = Reason::ReplaceForced {
+            field,
+            why: why.to_owned(),
+        };
+        return Some(step);
+    }
+    step.reason = Reason::SpecChanged {
+        fields: step.changes.iter().map(|c| c.field.clone()).collect(),
+    };
+    step.restart = found.running
+        && vm.state == PowerState::Running
+        && step
+            .changes
+            .iter()
+            .any(|c| field_effect(&c.field) == FieldEffect::NeedsRestart);
+    Some(step)
+}
+
+/// Field-level differences: top-level fields of the configuration, and the image's fields.
+pub fn diff_configs(applied: &VmConfig, desired: &VmConfig) -> Vec<FieldChange> {
+    let a = serde_json::to_value(applied).expect("VmConfig is JSON");
+    let d = serde_json::to_value(desired).expect("VmConfig is JSON");
+    let mut out = Vec::new();
+    let keys = |v: &Value| -> Vec<String> {
+        v.as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let mut all = keys(&a);
+    for k in keys(&d) {
+        if !all.contains(&k) {
+            all.push(k);
+        }
+    }
+    for key in all {
+        let (from, to) = (
+            a.get(&key).cloned().unwrap_or(Value::Null),
+            d.get(&key).cloned().unwrap_or(Value::Null),
+        );
+        if from == to {
+            continue;
+        }
+        if key == "image" {
+            let mut sub = keys(&from);
+            for k in keys(&to) {
+                if !sub.contains(&k) {
+                    sub.push(k);
+                }
+            }
+            for k in sub {
+                let (f, t) = (
+                    from.get(&k).cloned().unwrap_or(Value::Null),
+                    to.get(&k).cloned().unwrap_or(Value::Null),
+                );
+                if f != t {
+                    out.push(FieldChange {
+                        field: format!("image.{k}"),
+                        from: f,
+                        to: t,
+                    });
+                }
+            }
+        } else {
+            out.push(FieldChange {
+                field: key,
+                from,
+                to,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

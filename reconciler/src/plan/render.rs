@@ -1,0 +1,187 @@
+//! One `Plan`, two printers: `text` for people (a line per step with its reason, then a
+//! unified diff of each changed VM's resolved configuration) and `json` for machines.
+//! Pure functions of the plan.
+
+use std::fmt::Write;
+
+use serde_json::Value;
+
+use super::{Action, Plan, Reason, Step};
+use crate::resolve::VmConfig;
+
+/// The human form.
+pub fn text(plan: &Plan) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "fleet {} at {} ({})",
+        plan.fleet,
+        plan.revision.label,
+        short_id(&plan.revision.id)
+    );
+    if plan.steps.is_empty() {
+        let _ = writeln!(out, "No changes: every VM matches its spec.");
+    } else {
+        let counts: Vec<String> = [
+            Action::Create,
+            Action::Start,
+            Action::Stop,
+            Action::Update,
+            Action::Replace,
+            Action::Destroy,
+        ]
+        .into_iter()
+        .filter_map(|a| {
+            let n = plan.count(a);
+            (n > 0).then(|| format!("{n} to {}", a.as_str()))
+        })
+        .collect();
+        let _ = writeln!(out, "Plan: {}.", counts.join(", "));
+        let _ = writeln!(out);
+        let width = plan.steps.iter().map(|s| s.vm.len()).max().unwrap_or(0);
+        for step in &plan.steps {
+            let _ = writeln!(
+                out,
+                "  {:<3} {:<8} {:<width$}  on {}: {}",
+                symbol(step.action),
+                step.action.as_str(),
+                step.vm,
+                step.provider,
+                reason_text(step)
+            );
+        }
+    }
+    if !plan.conflicts.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Conflicts (fleet does not touch these VMs):");
+        for c in &plan.conflicts {
+            let _ = writeln!(out, "  !   {} on {}: {}", c.vm, c.provider, c.message);
+        }
+    }
+    if !plan.errors.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Errors:");
+        for e in &plan.errors {
+            let _ = writeln!(out, "  !   {e}");
+        }
+    }
+    let diffs: Vec<String> = plan.steps.iter().filter_map(step_diff).collect();
+    if !diffs.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Resolved spec changes:");
+        for d in diffs {
+            out.push_str(&d);
+        }
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "Plan digest: {}", plan.digest);
+    out
+}
+
+/// The machine form (`format_version` 1).
+pub fn json(plan: &Plan) -> String {
+    serde_json::to_string_pretty(plan).expect("Plan serialises to JSON") + "\n"
+}
+
+fn symbol(action: Action) -> &'static str {
+    match action {
+        Action::Create => "+",
+        Action::Start => ">",
+        Action::Stop => ".",
+        Action::Update => "~",
+        Action::Replace => "-/+",
+        Action::Destroy => "-",
+    }
+}
+
+fn short_id(id: &str) -> &str {
+    &id[..id
+        .len()
+        .min(if id.starts_with("worktree:") { 21 } else { 12 })]
+}
+
+/// The reason in words.
+pub fn reason_text(step: &Step) -> String {
+    match &step.reason {
+        Reason::NotFound => "not found on the provider".to_owned(),
+        Reason::PowerState { want } => format!("spec wants it {}", want.as_str()),
+        Reason::SpecChanged { .. } => {
+            let changes = step
+                .changes
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} {} → {}",
+                        c.field,
+                        value_text(&c.from),
+                        value_text(&c.to)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            if step.restart {
+                format!("{changes} (restarts the running VM)")
+            } else {
+                changes
+            }
+        }
+        Reason::ReplaceForced { field, why } => {
+            format!("{field} changed, which forces replacement ({why})")
+        }
+        Reason::StampUnreadable => {
+            "its ownership stamp has no readable configuration; rewriting it".to_owned()
+        }
+        Reason::RemovedFromFleet => match &step.applied_revision {
+            Some(rev) => format!("removed from fleet/ (last applied at {})", short_id(rev)),
+            None => "removed from fleet/".to_owned(),
+        },
+    }
+}
+
+fn value_text(v: &Value) -> String {
+    let s = match v {
+        Value::Null => "(unset)".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if s.chars().count() > 40 {
+        s.chars().take(40).collect::<String>() + "…"
+    } else {
+        s
+    }
+}
+
+fn config_yaml(config: Option<&VmConfig>) -> String {
+    match config {
+        None => String::new(),
+        Some(c) => {
+            serde_saphyr::to_string(c).unwrap_or_else(|e| format!("# could not render: {e}\n"))
+        }
+    }
+}
+
+fn step_diff(step: &Step) -> Option<String> {
+    let (old, new) = match step.action {
+        Action::Start | Action::Stop => return None,
+        Action::Create => (None, step.desired.as_ref().map(|d| &d.config)),
+        Action::Destroy => (step.applied.as_ref(), None),
+        Action::Update | Action::Replace => (
+            step.applied.as_ref(),
+            step.desired.as_ref().map(|d| &d.config),
+        ),
+    };
+    let (old, new) = (config_yaml(old), config_yaml(new));
+    if old == new {
+        return None;
+    }
+    let diff = similar::TextDiff::from_lines(&old, &new);
+    let rendered = diff
+        .unified_diff()
+        .context_radius(3)
+        .header(
+            &format!("{} (applied)", step.vm),
+            &format!("{} (desired)", step.vm),
+        )
+        .to_string();
+    Some(rendered)
+}

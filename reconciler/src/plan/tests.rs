@@ -1,0 +1,369 @@
+//! The planner as a pure function: desired YAML + observed data in, rendered plan out.
+
+use expect_test::{Expect, expect};
+
+use super::*;
+use crate::observe::{ObservedHost, Stamp};
+use crate::source::{Snapshot, SourceFile};
+
+const FLEET: &str = "apiVersion: fleet/v1
+kind: Fleet
+metadata: {name: lab}
+spec:
+  providers:
+    - {name: local, type: libvirt, uri: 'qemu:///system', domainType: qemu}
+  images:
+    - {name: micro, kernel: build/image/vmlinuz, initrd: build/image/initrd.img}
+    - {name: deb, disk: /var/lib/fleet/debian.qcow2}
+";
+
+fn vm(name: &str, extra: &str) -> (String, String) {
+    (
+        format!("fleet/vms/{name}.yaml"),
+        format!(
+            "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {name}}}\nspec:\n  provider: local\n  image: micro\n{extra}"
+        ),
+    )
+}
+
+fn desired(files: &[(String, String)]) -> Desired {
+    let mut all = vec![SourceFile {
+        path: "fleet/fleet.yaml".into(),
+        bytes: FLEET.as_bytes().to_vec(),
+    }];
+    all.extend(files.iter().map(|(p, t)| SourceFile {
+        path: p.clone(),
+        bytes: t.as_bytes().to_vec(),
+    }));
+    let snapshot = Snapshot {
+        revision: Revision {
+            id: "c0ffee0000000000000000000000000000000000".into(),
+            label: "main@c0ffee000000".into(),
+        },
+        fleet_dir: "fleet".into(),
+        files: all,
+    };
+    let loaded = crate::load::load(&snapshot).unwrap_or_else(|d| panic!("{d:#?}"));
+    crate::resolve::resolve(&loaded)
+}
+
+/// An observed VM exactly as `d` describes it (as if applied at revision "a1").
+fn applied(d: &DesiredVm, running: bool) -> ObservedVm {
+    ObservedVm {
+        name: d.name.clone(),
+        uuid: format!("uuid-{}", d.name),
+        running,
+        cpus: d.config.cpus,
+        memory_mib: d.config.memory_mib,
+        stamp: Some(Stamp {
+            fleet: "lab".into(),
+            name: d.name.clone(),
+            spec_hash: d.spec_hash.clone(),
+            revision: "a1a1a1a1a1a1a1a1".into(),
+            protect: d.config.protect,
+            config: Some(d.config.clone()),
+        }),
+    }
+}
+
+fn foreign(name: &str) -> ObservedVm {
+    ObservedVm {
+        name: name.into(),
+        uuid: format!("uuid-{name}"),
+        running: true,
+        cpus: 1,
+        memory_mib: 256,
+        stamp: None,
+    }
+}
+
+fn observed(vms: Vec<ObservedVm>) -> Observed {
+    let mut vms = vms;
+    vms.sort_by(|a, b| a.name.cmp(&b.name));
+    Observed {
+        hosts: [("local".to_owned(), ObservedHost { vms })].into(),
+        unreachable: Default::default(),
+    }
+}
+
+fn check(desired: &Desired, observed: &Observed, expect: Expect) -> Plan {
+    let plan = plan(desired, observed);
+    let text = render::text(&plan);
+    // The digest changes with any byte of the plan; snapshots show it as a placeholder.
+    expect.assert_eq(&text.replace(&plan.digest, "[DIGEST]"));
+    plan
+}
+
+#[test]
+fn empty_host_creates_everything() {
+    let d = desired(&[
+        vm("a", ""),
+        vm("b", "  resources: {memory: 1Gi, cpus: 2}\n"),
+    ]);
+    let p = check(
+        &d,
+        &observed(vec![]),
+        expect![[r#"
+            fleet lab at main@c0ffee000000 (c0ffee000000)
+            Plan: 2 to create.
+
+              +   create   a  on local: not found on the provider
+              +   create   b  on local: not found on the provider
+
+            Resolved spec changes:
+            --- a (applied)
+            +++ a (desired)
+            @@ -0,0 +1,10 @@
+            +provider: local
+            +domainType: qemu
+            +image:
+            +  name: micro
+            +  kernel: build/image/vmlinuz
+            +  initrd: build/image/initrd.img
+            +cpus: 1
+            +memoryMiB: 512
+            +network: isolated
+            +protect: false
+            --- b (applied)
+            +++ b (desired)
+            @@ -0,0 +1,10 @@
+            +provider: local
+            +domainType: qemu
+            +image:
+            +  name: micro
+            +  kernel: build/image/vmlinuz
+            +  initrd: build/image/initrd.img
+            +cpus: 2
+            +memoryMiB: 1024
+            +network: isolated
+            +protect: false
+
+            Plan digest: [DIGEST]
+        "#]],
+    );
+    assert!(p.digest_is_valid());
+}
+
+#[test]
+fn converged_fleet_has_no_steps() {
+    let d = desired(&[vm("a", ""), vm("b", "  state: stopped\n")]);
+    let o = observed(vec![
+        applied(&d.vms["a"], true),
+        applied(&d.vms["b"], false),
+    ]);
+    let p = check(
+        &d,
+        &o,
+        expect![[r#"
+            fleet lab at main@c0ffee000000 (c0ffee000000)
+            No changes: every VM matches its spec.
+
+            Plan digest: [DIGEST]
+        "#]],
+    );
+    assert!(!p.has_changes());
+}
+
+#[test]
+fn removed_vm_is_destroyed_and_foreign_vms_are_left_alone() {
+    let before = desired(&[vm("a", ""), vm("gone", "")]);
+    let after = desired(&[vm("a", "")]);
+    let o = observed(vec![
+        applied(&before.vms["a"], true),
+        applied(&before.vms["gone"], true),
+        foreign("someone-elses"),
+    ]);
+    check(
+        &after,
+        &o,
+        expect![[r#"
+            fleet lab at main@c0ffee000000 (c0ffee000000)
+            Plan: 1 to destroy.
+
+              -   destroy  gone  on local: removed from fleet/ (last applied at a1a1a1a1a1a1)
+
+            Resolved spec changes:
+            --- gone (applied)
+            +++ gone (desired)
+            @@ -1,10 +0,0 @@
+            -provider: local
+            -domainType: qemu
+            -image:
+            -  name: micro
+            -  kernel: build/image/vmlinuz
+            -  initrd: build/image/initrd.img
+            -cpus: 1
+            -memoryMiB: 512
+            -network: isolated
+            -protect: false
+
+            Plan digest: [DIGEST]
+        "#]],
+    );
+}
+
+#[test]
+fn memory_change_updates_in_place_with_a_restart() {
+    let before = desired(&[vm("a", ""), vm("b", "  state: stopped\n")]);
+    let after = desired(&[
+        vm("a", "  resources: {memory: 1Gi}\n"),
+        vm("b", "  state: stopped\n  resources: {cpus: 2}\n"),
+    ]);
+    let o = observed(vec![
+        applied(&before.vms["a"], true),
+        applied(&before.vms["b"], false),
+    ]);
+    let p = check(
+        &after,
+        &o,
+        expect![[r#"
+            fleet lab at main@c0ffee000000 (c0ffee000000)
+            Plan: 2 to update.
+
+              ~   update   a  on local: memoryMiB 512 → 1024 (restarts the running VM)
+              ~   update   b  on local: cpus 1 → 2
+
+            Resolved spec changes:
+            --- a (applied)
+            +++ a (desired)
+            @@ -5,6 +5,6 @@
+               kernel: build/image/vmlinuz
+               initrd: build/image/initrd.img
+             cpus: 1
+            -memoryMiB: 512
+            +memoryMiB: 1024
+             network: isolated
+             protect: false
+            --- b (applied)
+            +++ b (desired)
+            @@ -4,7 +4,7 @@
+               name: micro
+               kernel: build/image/vmlinuz
+               initrd: build/image/initrd.img
+            -cpus: 1
+            +cpus: 2
+             memoryMiB: 512
+             network: isolated
+             protect: false
+
+            Plan digest: [DIGEST]
+        "#]],
+    );
+    assert!(p.steps[0].restart && !p.steps[1].restart);
+}
+
+#[test]
+fn image_disk_change_forces_replace_and_names_the_field() {
+    let before = desired(&[vm("a", "")]);
+    let after = desired(&[(
+        "fleet/vms/a.yaml".into(),
+        "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: a}\nspec: {provider: local, image: deb}\n".into(),
+    )]);
+    let o = observed(vec![applied(&before.vms["a"], true)]);
+    let p = plan(&after, &o);
+    assert_eq!(p.steps.len(), 1);
+    assert_eq!(p.steps[0].action, Action::Replace);
+    assert_eq!(
+        render::reason_text(&p.steps[0]),
+        "image.disk changed, which forces replacement (a new base disk needs a new overlay)"
+    );
+}
+
+#[test]
+fn power_state_changes_start_and_stop() {
+    let d = desired(&[vm("a", ""), vm("b", "  state: stopped\n")]);
+    let o = observed(vec![
+        applied(&d.vms["a"], false),
+        applied(&d.vms["b"], true),
+    ]);
+    check(
+        &d,
+        &o,
+        expect![[r#"
+            fleet lab at main@c0ffee000000 (c0ffee000000)
+            Plan: 1 to start, 1 to stop.
+
+              >   start    a  on local: spec wants it running
+              .   stop     b  on local: spec wants it stopped
+
+            Plan digest: [DIGEST]
+        "#]],
+    );
+}
+
+#[test]
+fn name_clash_with_a_foreign_vm_is_a_conflict_not_a_step() {
+    let d = desired(&[vm("clash", "")]);
+    let p = check(
+        &d,
+        &observed(vec![foreign("clash")]),
+        expect![[r#"
+            fleet lab at main@c0ffee000000 (c0ffee000000)
+            No changes: every VM matches its spec.
+
+            Conflicts (fleet does not touch these VMs):
+              !   clash on local: a VM named "clash" already exists and was not made by fleet; fleet will not touch it. Rename the VM in fleet/, or remove the other VM yourself
+
+            Plan digest: [DIGEST]
+        "#]],
+    );
+    assert!(p.steps.is_empty());
+    assert_eq!(p.conflicts.len(), 1);
+}
+
+#[test]
+fn another_fleets_vm_is_foreign() {
+    let d = desired(&[vm("a", "")]);
+    let mut theirs = applied(&d.vms["a"], true);
+    if let Some(s) = theirs.stamp.as_mut() {
+        s.fleet = "other".into();
+    }
+    let p = plan(&d, &observed(vec![theirs]));
+    assert!(p.steps.is_empty());
+    assert!(
+        p.conflicts[0]
+            .message
+            .contains("belongs to fleet \"other\"")
+    );
+}
+
+#[test]
+fn unreachable_provider_plans_nothing_for_its_vms() {
+    let d = desired(&[vm("a", "")]);
+    let o = Observed {
+        hosts: Default::default(),
+        unreachable: [("local".to_owned(), "connection refused".to_owned())].into(),
+    };
+    let p = plan(&d, &o);
+    assert!(p.steps.is_empty(), "never create what cannot be observed");
+    assert_eq!(p.errors.len(), 1);
+}
+
+#[test]
+fn plans_are_deterministic_and_digests_detect_edits() {
+    let d = desired(&[vm("a", ""), vm("b", "")]);
+    let o = observed(vec![]);
+    let (p1, p2) = (plan(&d, &o), plan(&d, &o));
+    assert_eq!(p1, p2);
+    let mut edited = p1.clone();
+    edited.steps.pop();
+    assert!(!edited.digest_is_valid());
+}
+
+#[test]
+fn planning_after_applying_the_plan_yields_no_steps() {
+    let d = desired(&[
+        vm("a", ""),
+        vm("b", "  state: stopped\n"),
+        vm("c", "  resources: {memory: 2Gi}\n"),
+    ]);
+    let p = plan(&d, &observed(vec![]));
+    // Apply the plan in the model: every step leaves its VM as desired.
+    let after: Vec<ObservedVm> = p
+        .steps
+        .iter()
+        .filter_map(|s| s.desired.as_ref())
+        .map(|vm| applied(vm, vm.state == PowerState::Running))
+        .collect();
+    assert!(!plan(&d, &observed(after)).has_changes());
+}

@@ -1,0 +1,414 @@
+//! Loaded objects → the desired state: loadout `extends` merged (depth-first, left to right;
+//! scalars: last wins; lists of strings: union without duplicates; maps: deep merge),
+//! defaults filled, pools expanded. Each VM gets a stable content hash of its configuration.
+//!
+//! Architecture invariant: pure and infallible. Everything that could fail was checked by
+//! `load`; a reference that does not resolve here is a bug, handled by falling back to
+//! defaults rather than panicking.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::load::{LoadedFleet, pool_member_names};
+use crate::source::{Revision, hex};
+use crate::spec::{
+    DomainType, GuestFile, LoadoutSpec, NetworkMode, PowerState, Provider, Resources, VmSpec,
+};
+
+pub const DEFAULT_CPUS: u32 = 1;
+pub const DEFAULT_MEMORY_MIB: u64 = 512;
+pub const DEFAULT_DISK_MIB: u64 = 10 * 1024;
+pub const DEFAULT_MAX_PARALLEL: u32 = 4;
+pub const DEFAULT_STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+pub const DEFAULT_RECONCILE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The fully resolved desired state of one revision.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Desired {
+    pub fleet: String,
+    pub revision: Revision,
+    pub providers: Vec<Provider>,
+    pub policy: ResolvedPolicy,
+    /// By VM name.
+    pub vms: BTreeMap<String, DesiredVm>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedPolicy {
+    pub max_parallel: u32,
+    #[serde(with = "humantime_serde_secs")]
+    pub step_timeout: std::time::Duration,
+    #[serde(with = "humantime_serde_secs")]
+    pub shutdown_timeout: std::time::Duration,
+    #[serde(with = "humantime_serde_secs")]
+    pub reconcile_interval: std::time::Duration,
+}
+
+mod humantime_serde_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One VM as fleet wants it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredVm {
+    pub name: String,
+    /// Power state; not part of the configuration hash (starting a VM is not an update).
+    pub state: PowerState,
+    pub config: VmConfig,
+    /// sha256 of the canonical JSON of `config`.
+    pub spec_hash: String,
+    /// The file that declares it (a VM file or the pool's file).
+    pub source: String,
+}
+
+/// Everything that defines a VM except its power state. This is what the ownership stamp
+/// records, and what plans compare field by field.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmConfig {
+    pub provider: String,
+    pub domain_type: DomainType,
+    pub image: ResolvedImage,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loadout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    pub cpus: u32,
+    #[serde(rename = "memoryMiB")]
+    pub memory_mib: u64,
+    /// Only for images with a disk.
+    #[serde(rename = "diskMiB", default, skip_serializing_if = "Option::is_none")]
+    pub disk_mib: Option<u64>,
+    pub network: NetworkMode,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<GuestFile>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runcmd: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    pub protect: bool,
+}
+
+/// An image as a VM uses it. Paths are as written in fleet.yaml (relative ones resolve
+/// against the repository root when applied), so moving the checkout changes no hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedImage {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+}
+
+impl VmConfig {
+    pub fn hash(&self) -> String {
+        let json = serde_json::to_vec(self).expect("VmConfig serialises to JSON");
+        hex(&Sha256::digest(json))
+    }
+}
+
+/// Resolves a loaded revision.
+pub fn resolve(loaded: &LoadedFleet) -> Desired {
+    let spec = &loaded.fleet.doc.spec;
+    let policy = ResolvedPolicy {
+        max_parallel: spec.policy.max_parallel.unwrap_or(DEFAULT_MAX_PARALLEL),
+        step_timeout: duration_or(&spec.policy.step_timeout, DEFAULT_STEP_TIMEOUT),
+        shutdown_timeout: duration_or(&spec.policy.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT),
+        reconcile_interval: duration_or(
+            &spec.policy.reconcile_interval,
+            DEFAULT_RECONCILE_INTERVAL,
+        ),
+    };
+    let mut merged_loadouts: BTreeMap<String, LoadoutSpec> = BTreeMap::new();
+    let mut vms = BTreeMap::new();
+    for (name, o) in &loaded.vms {
+        let vm = resolve_vm(
+            loaded,
+            &mut merged_loadouts,
+            name,
+            &o.doc.metadata.labels,
+            &o.doc.spec,
+            None,
+            &o.path,
+        );
+        vms.insert(name.clone(), vm);
+    }
+    for (pool, o) in &loaded.pools {
+        let labels = o
+            .doc
+            .spec
+            .template
+            .metadata
+            .as_ref()
+            .map(|m| m.labels.clone())
+            .unwrap_or_default();
+        let mut labels_with_pool = o.doc.metadata.labels.clone();
+        labels_with_pool.extend(labels);
+        for member in pool_member_names(pool, o.doc.spec.replicas) {
+            let vm = resolve_vm(
+                loaded,
+                &mut merged_loadouts,
+                &member,
+                &labels_with_pool,
+                &o.doc.spec.template.spec,
+                Some(pool),
+                &o.path,
+            );
+            vms.insert(member, vm);
+        }
+    }
+    Desired {
+        fleet: loaded.fleet.doc.metadata.name.0.clone(),
+        revision: loaded.revision.clone(),
+        providers: spec.providers.clone(),
+        policy,
+        vms,
+    }
+}
+
+fn duration_or(
+    d: &Option<crate::spec::Duration>,
+    default: std::time::Duration,
+) -> std::time::Duration {
+    d.as_ref().and_then(|d| d.to_std()).unwrap_or(default)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn resolve_vm(
+    loaded: &LoadedFleet,
+    merged_loadouts: &mut BTreeMap<String, LoadoutSpec>,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    spec: &VmSpec,
+    pool: Option<&str>,
+    source: &str,
+) -> DesiredVm {
+    let fleet_spec = &loaded.fleet.doc.spec;
+    let loadout = spec
+        .loadout
+        .as_ref()
+        .map(|l| merged_loadout(loaded, merged_loadouts, &l.0))
+        .unwrap_or_default();
+    let resources = merge_resources(loadout.resources.clone(), spec.resources.clone());
+    let image = fleet_spec
+        .images
+        .iter()
+        .find(|i| i.name == spec.image)
+        .map(|i| ResolvedImage {
+            name: i.name.0.clone(),
+            kernel: i.kernel.clone(),
+            initrd: i.initrd.clone(),
+            cmdline: i.cmdline.clone(),
+            disk: i.disk.clone(),
+        })
+        .unwrap_or(ResolvedImage {
+            name: spec.image.0.clone(),
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            disk: None,
+        });
+    let domain_type = fleet_spec
+        .providers
+        .iter()
+        .find(|p| p.name() == &spec.provider)
+        .map(|p| match p {
+            Provider::Libvirt(l) => l.domain_type,
+        })
+        .unwrap_or_default();
+    let disk_mib = image.disk.as_ref().map(|_| {
+        resources
+            .disk
+            .as_ref()
+            .and_then(|d| d.mib())
+            .unwrap_or(DEFAULT_DISK_MIB)
+    });
+    let config = VmConfig {
+        provider: spec.provider.0.clone(),
+        domain_type,
+        image,
+        loadout: spec.loadout.as_ref().map(|l| l.0.clone()),
+        pool: pool.map(str::to_owned),
+        cpus: resources.cpus.unwrap_or(DEFAULT_CPUS),
+        memory_mib: resources
+            .memory
+            .as_ref()
+            .and_then(|m| m.mib())
+            .unwrap_or(DEFAULT_MEMORY_MIB),
+        disk_mib,
+        network: spec
+            .network
+            .as_ref()
+            .or(loadout.network.as_ref())
+            .map(|n| n.mode)
+            .unwrap_or_default(),
+        packages: loadout.packages,
+        files: loadout.files,
+        runcmd: loadout.runcmd,
+        env: loadout.env,
+        labels: labels.clone(),
+        protect: spec.protect,
+    };
+    DesiredVm {
+        name: name.to_owned(),
+        state: spec.state,
+        spec_hash: config.hash(),
+        config,
+        source: source.to_owned(),
+    }
+}
+
+/// A loadout with its `extends` chain merged in, memoised.
+fn merged_loadout(
+    loaded: &LoadedFleet,
+    memo: &mut BTreeMap<String, LoadoutSpec>,
+    name: &str,
+) -> LoadoutSpec {
+    if let Some(done) = memo.get(name) {
+        return done.clone();
+    }
+    // Cycles were refused by `load`; the depth guard keeps a bug from recursing forever.
+    let merged = merge_chain(loaded, memo, name, 0);
+    memo.insert(name.to_owned(), merged.clone());
+    merged
+}
+
+fn merge_chain(
+    loaded: &LoadedFleet,
+    memo: &mut BTreeMap<String, LoadoutSpec>,
+    name: &str,
+    depth: usize,
+) -> LoadoutSpec {
+    let Some(o) = loaded.loadouts.get(name) else {
+        return LoadoutSpec::default();
+    };
+    let own = &o.doc.spec;
+    let mut acc = LoadoutSpec::default();
+    if depth < 64 {
+        for parent in &own.extends {
+            let p = match memo.get(&parent.0) {
+                Some(p) => p.clone(),
+                None => merge_chain(loaded, memo, &parent.0, depth + 1),
+            };
+            acc = merge(acc, &p);
+        }
+    }
+    let mut merged = merge(acc, own);
+    merged.extends.clear();
+    merged
+}
+
+/// Merges `over` onto `base`: scalars last wins, string lists union, maps deep merge.
+pub fn merge(base: LoadoutSpec, over: &LoadoutSpec) -> LoadoutSpec {
+    LoadoutSpec {
+        extends: Vec::new(),
+        resources: Some(merge_resources(base.resources, over.resources.clone())),
+        network: over.network.clone().or(base.network),
+        packages: union(base.packages, &over.packages),
+        files: merge_files(base.files, &over.files),
+        runcmd: union(base.runcmd, &over.runcmd),
+        env: {
+            let mut env = base.env;
+            env.extend(over.env.clone());
+            env
+        },
+    }
+}
+
+fn merge_resources(base: Option<Resources>, over: Option<Resources>) -> Resources {
+    let base = base.unwrap_or_default();
+    let over = over.unwrap_or_default();
+    Resources {
+        cpus: over.cpus.or(base.cpus),
+        memory: over.memory.or(base.memory),
+        disk: over.disk.or(base.disk),
+    }
+}
+
+fn union(mut base: Vec<String>, over: &[String]) -> Vec<String> {
+    for item in over {
+        if !base.contains(item) {
+            base.push(item.clone());
+        }
+    }
+    base
+}
+
+/// Files are keyed by path: a later loadout's file replaces an earlier one at the same path.
+fn merge_files(mut base: Vec<GuestFile>, over: &[GuestFile]) -> Vec<GuestFile> {
+    for f in over {
+        match base.iter_mut().find(|b| b.path == f.path) {
+            Some(existing) => *existing = f.clone(),
+            None => base.push(f.clone()),
+        }
+    }
+    base
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Network, Size};
+
+    fn loadout(extends: &[&str], packages: &[&str], memory: Option<&str>) -> LoadoutSpec {
+        LoadoutSpec {
+            extends: extends
+                .iter()
+                .map(|e| crate::spec::Name((*e).into()))
+                .collect(),
+            resources: memory.map(|m| Resources {
+                memory: Some(Size(m.into())),
+                ..Resources::default()
+            }),
+            packages: packages.iter().map(|p| (*p).to_owned()).collect(),
+            ..LoadoutSpec::default()
+        }
+    }
+
+    #[test]
+    fn merge_is_last_wins_for_scalars_and_union_for_lists() {
+        let base = LoadoutSpec {
+            network: Some(Network {
+                mode: NetworkMode::Full,
+            }),
+            env: BTreeMap::from([("A".into(), "1".into()), ("B".into(), "1".into())]),
+            ..loadout(&[], &["git", "curl"], Some("1Gi"))
+        };
+        let over = LoadoutSpec {
+            env: BTreeMap::from([("B".into(), "2".into())]),
+            ..loadout(&[], &["curl", "ripgrep"], Some("2Gi"))
+        };
+        let m = merge(base, &over);
+        assert_eq!(m.packages, ["git", "curl", "ripgrep"]);
+        assert_eq!(
+            m.resources.and_then(|r| r.memory).map(|s| s.0),
+            Some("2Gi".into())
+        );
+        assert_eq!(m.network.map(|n| n.mode), Some(NetworkMode::Full));
+        assert_eq!(
+            m.env,
+            BTreeMap::from([("A".into(), "1".into()), ("B".into(), "2".into())])
+        );
+    }
+}
