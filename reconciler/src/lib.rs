@@ -1,7 +1,19 @@
 //! fleet: GitOps for agent-sandbox VMs.
+//!
+//! The modules follow the pipeline: `source` reads a revision of `fleet/` from git,
+//! `load` turns it into typed objects or located diagnostics, `resolve` computes the
+//! desired state, drivers (`driver`) `observe` what runs, `plan` decides what to do
+//! (pure), `apply` does it (journaled), and `status` writes what happened.
+//! `reconcile` wires the stages together for `cli`.
+
+pub mod apply;
+pub mod cli;
+pub mod driver;
 pub mod load;
 pub mod observe;
 pub mod plan;
+pub mod reconcile;
 pub mod resolve;
 pub mod source;
 pub mod spec;
+pub mod status;

@@ -1,0 +1,244 @@
+//! Apply walks a plan's steps; it never re-decides.
+//!
+//! Steps run with bounded concurrency (the policy's `maxParallel`), each under a deadline,
+//! with retries and exponential backoff on transient errors. Every step touches one VM, so
+//! a failing VM never blocks the others. Each driver call is journaled first (intent,
+//! fsync) and its outcome after; `recover` resolves what a crash left open.
+//!
+//! # Guarantees
+//! - Only the plan's steps run, each at most once per apply (plus retries of the same call).
+//! - A step's failure is recorded in its result and never cancels other steps.
+//! - Before a driver call, its intent is durable in the journal.
+
+pub mod journal;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::driver::{Driver, DriverError, ErrorKind};
+use crate::observe::Stamp;
+use crate::plan::{Action, Plan, Step};
+use crate::resolve::DesiredVm;
+pub use journal::Journal;
+
+/// How many times a transient failure is tried in all.
+const ATTEMPTS: u32 = 4;
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+
+/// The drivers of a fleet, by provider name.
+pub type Drivers = BTreeMap<String, Arc<dyn Driver>>;
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepResult {
+    pub vm: String,
+    pub provider: String,
+    pub action: Action,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub attempts: u32,
+    pub millis: u128,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ApplyReport {
+    pub results: Vec<StepResult>,
+}
+
+impl ApplyReport {
+    pub fn failed(&self) -> usize {
+        self.results.iter().filter(|r| !r.ok).count()
+    }
+}
+
+/// Something that wants to hear about step progress (status files, the terminal).
+pub trait Observer: Send + Sync {
+    fn step_started(&self, step: &Step);
+    fn step_finished(&self, step: &Step, result: &StepResult);
+}
+
+/// Runs every step of `plan`.
+pub async fn run(plan: &Plan, drivers: &Drivers, journal: Arc<Journal>, observer: Arc<dyn Observer>) -> ApplyReport {
+    let permits = Arc::new(Semaphore::new(plan.policy.max_parallel.max(1) as usize));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, step) in plan.steps.iter().enumerate() {
+        let Some(driver) = drivers.get(&step.provider).cloned() else {
+            continue;
+        };
+        let step = step.clone();
+        let permits = permits.clone();
+        let journal = journal.clone();
+        let observer = observer.clone();
+        let revision = plan.revision.id.clone();
+        let fleet = plan.fleet.clone();
+        let policy = plan.policy.clone();
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await.expect("semaphore is never closed");
+            observer.step_started(&step);
+            let started = Instant::now();
+            let ctx = StepContext {
+                driver,
+                journal,
+                fleet,
+                revision,
+                grace: policy.shutdown_timeout,
+                timeout: policy.step_timeout,
+            };
+            let (outcome, attempts) = run_step(&ctx, &step).await;
+            let result = StepResult {
+                vm: step.vm.clone(),
+                provider: step.provider.clone(),
+                action: step.action,
+                ok: outcome.is_ok(),
+                error: outcome.err().map(|e| e.message),
+                attempts,
+                millis: started.elapsed().as_millis(),
+            };
+            observer.step_finished(&step, &result);
+            (index, result)
+        });
+    }
+    let mut results: Vec<(usize, StepResult)> = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(r) => results.push(r),
+            Err(e) => tracing::error!("an apply step panicked: {e}"),
+        }
+    }
+    results.sort_by_key(|(i, _)| *i);
+    ApplyReport {
+        results: results.into_iter().map(|(_, r)| r).collect(),
+    }
+}
+
+struct StepContext {
+    driver: Arc<dyn Driver>,
+    journal: Arc<Journal>,
+    fleet: String,
+    revision: String,
+    grace: Duration,
+    timeout: Duration,
+}
+
+fn stamp_for(fleet: &str, revision: &str, vm: &DesiredVm) -> Stamp {
+    Stamp {
+        fleet: fleet.to_owned(),
+        name: vm.name.clone(),
+        spec_hash: vm.spec_hash.clone(),
+        revision: revision.to_owned(),
+        protect: vm.config.protect,
+        config: Some(vm.config.clone()),
+    }
+}
+
+/// Runs one step; returns its outcome and how many attempts its calls took in all.
+async fn run_step(ctx: &StepContext, step: &Step) -> (Result<(), DriverError>, u32) {
+    let desired = step.desired.clone();
+    let missing_desired = || DriverError::new(ErrorKind::Permanent, format!("plan step for {} carries no desired spec", step.vm));
+    match step.action {
+        Action::Destroy => call(ctx, step, Action::Destroy, None).await,
+        Action::Create | Action::Start | Action::Stop | Action::Update => match desired {
+            Some(vm) => call(ctx, step, step.action, Some(vm)).await,
+            None => (Err(missing_desired()), 0),
+        },
+        Action::Replace => {
+            let Some(vm) = desired else {
+                return (Err(missing_desired()), 0);
+            };
+            let (destroyed, a1) = call(ctx, step, Action::Destroy, None).await;
+            if destroyed.is_err() {
+                return (destroyed, a1);
+            }
+            let (created, a2) = call(ctx, step, Action::Create, Some(vm)).await;
+            (created, a1 + a2)
+        }
+    }
+}
+
+/// One journaled driver operation, with a deadline per attempt and retries on transient
+/// errors.
+async fn call(ctx: &StepContext, step: &Step, action: Action, vm: Option<DesiredVm>) -> (Result<(), DriverError>, u32) {
+    let op = match ctx.journal.intent(&step.provider, &step.vm, action, &ctx.revision) {
+        Ok(op) => op,
+        Err(e) => {
+            // Without a durable intent the call must not run.
+            return (Err(DriverError::new(ErrorKind::Permanent, format!("cannot write the journal: {e}"))), 0);
+        }
+    };
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempt = 0;
+    let result = loop {
+        attempt += 1;
+        let driver = ctx.driver.clone();
+        let (name, grace, restart) = (step.vm.clone(), ctx.grace, step.restart);
+        let stamp = vm.as_ref().map(|vm| stamp_for(&ctx.fleet, &ctx.revision, vm));
+        let vm = vm.clone();
+        let work = tokio::task::spawn_blocking(move || match (action, vm, stamp) {
+            (Action::Create, Some(vm), Some(stamp)) => driver.create(&vm, &stamp),
+            (Action::Update, Some(vm), Some(stamp)) => driver.update(&vm, &stamp, restart, grace),
+            (Action::Start, _, _) => driver.start(&name),
+            (Action::Stop, _, _) => driver.stop(&name, grace),
+            (Action::Destroy, _, _) => driver.destroy(&name, grace),
+            _ => Err(DriverError::new(ErrorKind::Permanent, format!("{action:?} of {name} without a spec"))),
+        });
+        let outcome = match tokio::time::timeout(ctx.timeout, work).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(join)) => Err(DriverError::new(ErrorKind::Permanent, format!("driver call failed: {join}"))),
+            Err(_) => Err(DriverError::new(
+                ErrorKind::Permanent,
+                format!("{} of {} did not finish within the step deadline of {}", action.as_str(), step.vm, humantime::format_duration(ctx.timeout)),
+            )),
+        };
+        match outcome {
+            Err(e) if e.kind == ErrorKind::Transient && attempt < ATTEMPTS => {
+                tracing::warn!(vm = %step.vm, action = action.as_str(), attempt, "transient error, retrying in {backoff:?}: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            other => break other,
+        }
+    };
+    let message = match &result {
+        Ok(()) => format!("{} {}", action.as_str(), step.vm),
+        Err(e) => e.message.clone(),
+    };
+    if let Err(e) = ctx.journal.outcome(op, result.is_ok(), &message) {
+        tracing::error!("cannot write the journal outcome of {}: {e}", step.vm);
+    }
+    (result, attempt)
+}
+
+/// Resolves intents a crash left open, before anything new is planned: for every VM with an
+/// unfinished operation, the driver removes what a half-done create or destroy left behind
+/// when no VM exists (a VM that exists is found by the next observation through its
+/// deterministic identity and stamp, and planned like any other). Returns what was done.
+pub async fn recover(journal: &Journal, drivers: &Drivers) -> std::io::Result<Vec<String>> {
+    let open = journal.unfinished()?;
+    let mut notes = Vec::new();
+    for intent in open {
+        let Some(driver) = drivers.get(&intent.provider).cloned() else {
+            notes.push(format!(
+                "operation {} ({} {} on {}) stays open: provider {} is not in this revision",
+                intent.op, intent.action.as_str(), intent.vm, intent.provider, intent.provider
+            ));
+            continue;
+        };
+        let name = intent.vm.clone();
+        let settled = tokio::task::spawn_blocking(move || driver.settle(&name)).await;
+        match settled {
+            Ok(Ok(())) => {
+                journal.outcome(intent.op, true, "recovered after an interrupted apply")?;
+                notes.push(format!("recovered interrupted {} of {} on {}", intent.action.as_str(), intent.vm, intent.provider));
+            }
+            Ok(Err(e)) => notes.push(format!("could not recover {} of {}: {e}", intent.action.as_str(), intent.vm)),
+            Err(e) => notes.push(format!("could not recover {} of {}: {e}", intent.action.as_str(), intent.vm)),
+        }
+    }
+    journal.compact()?;
+    Ok(notes)
+}

@@ -1,0 +1,379 @@
+//! Command-line arguments → typed requests → the pipeline. The only module that knows clap;
+//! the pipeline never reads flags or the environment.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::plan::{self, Plan, render};
+use crate::reconcile::{self, SourceChoice, Workspace};
+use crate::status::StatusDir;
+
+/// GitOps for agent-sandbox VMs: validate, plan and apply the fleet/ directory of a git
+/// repository against libvirt.
+#[derive(Debug, Parser)]
+#[command(name = "fleet", version, about)]
+pub struct Cli {
+    /// Repository root.
+    #[arg(short = 'C', value_name = "DIR", default_value = ".", global = true)]
+    pub dir: PathBuf,
+    /// The fleet directory, relative to the repository root.
+    #[arg(long, default_value = "fleet", global = true)]
+    pub fleet_dir: String,
+    /// The status directory, relative to the repository root unless absolute.
+    #[arg(long, default_value = ".fleet/status", global = true)]
+    pub status_dir: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "human", global = true)]
+    pub log_format: LogFormat,
+    /// More logs (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a revision: exit 0 when valid, 1 with every diagnostic when not.
+    Validate(SourceArgs),
+    /// Show what apply would do: 0 no changes, 2 changes (with --detailed-exitcode), 1 error.
+    Plan(PlanArgs),
+    /// Make the hypervisors match the revision (or a saved plan).
+    Apply(ApplyArgs),
+    /// Show the status files as a table (or JSON).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    /// Read the working directory instead of the committed tip of HEAD.
+    #[arg(long, conflicts_with = "rev")]
+    pub worktree: bool,
+    /// Read this revision (commit, branch or tag) instead of HEAD.
+    #[arg(long)]
+    pub rev: Option<String>,
+}
+
+impl SourceArgs {
+    fn choice(&self) -> SourceChoice {
+        match (&self.rev, self.worktree) {
+            (Some(rev), _) => SourceChoice::Rev(rev.clone()),
+            (None, true) => SourceChoice::Worktree,
+            (None, false) => SourceChoice::Head,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Save the plan (JSON) for `fleet apply PLANFILE`.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Exit 2 when the plan has changes, 0 when it has none, 1 on error.
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Apply without asking.
+    #[arg(long)]
+    pub auto_approve: bool,
+    /// A plan saved with `fleet plan --out`; refused when stale.
+    pub planfile: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// One VM.
+    pub name: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn init_logging(cli: &Cli) {
+    let default = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let ws = match workspace(&cli) {
+        Ok(ws) => ws,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Command::Validate(args) => validate(&ws, args),
+            Command::Plan(args) => plan_cmd(&ws, args).await,
+            Command::Apply(args) => apply_cmd(&ws, args).await,
+            Command::Status(args) => status_cmd(&ws, args),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn workspace(cli: &Cli) -> Result<Workspace> {
+    // Absolute, because relative image paths end up in domain definitions.
+    let repo_root = std::fs::canonicalize(&cli.dir)
+        .with_context(|| format!("repository root {}", cli.dir.display()))?;
+    let status = if cli.status_dir.is_absolute() {
+        cli.status_dir.clone()
+    } else {
+        repo_root.join(&cli.status_dir)
+    };
+    Ok(Workspace {
+        repo_root,
+        fleet_dir: cli.fleet_dir.trim_end_matches('/').to_owned(),
+        status: StatusDir::new(status),
+    })
+}
+
+fn print_diagnostics(diags: &[crate::load::Diagnostic]) {
+    let mut err = std::io::stderr().lock();
+    for d in diags {
+        let _ = writeln!(err, "{d}");
+    }
+    let _ = writeln!(err, "{} error(s); nothing was applied", diags.len());
+}
+
+fn validate(ws: &Workspace, args: &SourceArgs) -> Result<ExitCode> {
+    let snapshot = reconcile::read_snapshot(ws, &args.choice())?;
+    match reconcile::desired(&snapshot) {
+        Ok(desired) => {
+            println!(
+                "{}: valid ({} VM(s), {} provider(s)) at {}",
+                ws.fleet_dir,
+                desired.vms.len(),
+                desired.providers.len(),
+                snapshot.revision.label
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(diags) => {
+            print_diagnostics(&diags);
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// Reads, validates, observes and plans. `Ok(Err(code))` when the revision is invalid.
+async fn make_plan(ws: &Workspace, source: &SourceArgs) -> Result<Result<(crate::resolve::Desired, Plan, crate::apply::Drivers), ExitCode>> {
+    let snapshot = reconcile::read_snapshot(ws, &source.choice())?;
+    let desired = match reconcile::desired(&snapshot) {
+        Ok(d) => d,
+        Err(diags) => {
+            print_diagnostics(&diags);
+            return Ok(Err(ExitCode::from(1)));
+        }
+    };
+    let drivers = reconcile::drivers_for(&desired, &ws.repo_root);
+    let observed = reconcile::observe(&drivers).await;
+    let plan = plan::plan(&desired, &observed);
+    Ok(Ok((desired, plan, drivers)))
+}
+
+async fn plan_cmd(ws: &Workspace, args: &PlanArgs) -> Result<ExitCode> {
+    let (_, plan, _) = match make_plan(ws, &args.source).await? {
+        Ok(p) => p,
+        Err(code) => return Ok(code),
+    };
+    if args.json {
+        print!("{}", render::json(&plan));
+    } else {
+        print!("{}", render::text(&plan));
+    }
+    if let Some(out) = &args.out {
+        crate::status::write_atomic(out, render::json(&plan).as_bytes())
+            .with_context(|| format!("writing the plan to {}", out.display()))?;
+        eprintln!("Saved the plan to {}; apply it with: fleet apply {}", out.display(), out.display());
+    }
+    if !plan.conflicts.is_empty() || !plan.errors.is_empty() {
+        return Ok(ExitCode::from(1));
+    }
+    Ok(if args.detailed_exitcode && plan.has_changes() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn read_saved_plan(path: &Path) -> Result<Plan> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the saved plan {}", path.display()))?;
+    let plan: Plan = serde_json::from_str(&text).with_context(|| format!("{} is not a fleet plan", path.display()))?;
+    if plan.format_version != plan::FORMAT_VERSION {
+        bail!("{} has plan format {}, this fleet reads format {}; make a new plan", path.display(), plan.format_version, plan::FORMAT_VERSION);
+    }
+    if !plan.digest_is_valid() {
+        bail!("{} was edited after it was made (its digest does not match); make a new plan", path.display());
+    }
+    Ok(plan)
+}
+
+async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
+    let saved = args.planfile.as_deref().map(read_saved_plan).transpose()?;
+    let source = match &saved {
+        // A saved plan names the revision it was made from; the current one must match.
+        Some(_) => &args.source,
+        None => &args.source,
+    };
+    let snapshot = reconcile::read_snapshot(ws, &source.choice())?;
+    let desired = match reconcile::desired(&snapshot) {
+        Ok(d) => d,
+        Err(diags) => {
+            print_diagnostics(&diags);
+            ws.status.record_refused("", &snapshot.revision, &diags, std::time::SystemTime::now())?;
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let drivers = reconcile::drivers_for(&desired, &ws.repo_root);
+    let (journal, recovered) = reconcile::open_journal(ws, &drivers).await.context("opening the journal")?;
+    for note in &recovered {
+        eprintln!("journal: {note}");
+    }
+    let observed = reconcile::observe(&drivers).await;
+    let fresh = plan::plan(&desired, &observed);
+    let plan = match saved {
+        Some(saved) => {
+            if saved.revision.id != fresh.revision.id {
+                bail!(
+                    "stale plan: it was made from revision {} but the current revision is {}; make a new plan",
+                    saved.revision.label,
+                    fresh.revision.label
+                );
+            }
+            if saved.observed_digest != fresh.observed_digest {
+                bail!("stale plan: the VMs changed since it was made (observed state digest differs); make a new plan");
+            }
+            saved
+        }
+        None => fresh,
+    };
+    print!("{}", render::text(&plan));
+    if !plan.has_changes() {
+        let applied = reconcile::apply_and_record(ws, &desired, &plan, &drivers, journal, false).await?;
+        let _ = applied;
+        return Ok(exit_for(&plan, 0));
+    }
+    if !args.auto_approve {
+        if !std::io::stdin().is_terminal() {
+            bail!("refusing to apply without confirmation: stdin is not a terminal; review the plan and pass --auto-approve");
+        }
+        eprint!("\nApply these {} step(s)? Only 'yes' is accepted: ", plan.steps.len());
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if answer.trim() != "yes" {
+            eprintln!("Apply cancelled; nothing was changed.");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    let applied = reconcile::apply_and_record(ws, &desired, &plan, &drivers, journal, true).await?;
+    let failed = applied.report.failed();
+    let last = applied.summary.last_reconcile.as_ref().map(|r| r.outcome.as_str()).unwrap_or("unknown");
+    println!(
+        "\nApply finished: {} step(s), {} failed, {} conflict(s): {last}.",
+        applied.report.results.len(),
+        failed,
+        plan.conflicts.len()
+    );
+    Ok(exit_for(&plan, failed))
+}
+
+fn exit_for(plan: &Plan, failed: usize) -> ExitCode {
+    if failed > 0 || !plan.conflicts.is_empty() || !plan.errors.is_empty() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn status_cmd(ws: &Workspace, args: &StatusArgs) -> Result<ExitCode> {
+    let summary = ws.status.read_summary();
+    let mut vms = ws.status.read_vms();
+    if let Some(name) = &args.name {
+        vms.retain(|n, _| n == name);
+        if vms.is_empty() {
+            bail!("no status for VM {name:?} in {}", ws.status.root().display());
+        }
+    }
+    if args.json {
+        let value = serde_json::json!({ "summary": summary, "vms": vms });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(summary) = summary else {
+        bail!("no status yet in {}: run `fleet apply` first", ws.status.root().display());
+    };
+    if args.name.is_none() {
+        let applied = summary.revision_applied.as_ref().map(|r| r.label.as_str()).unwrap_or("none");
+        println!("fleet {}: revision applied {applied}", summary.fleet);
+        if let Some(refused) = &summary.revision_refused {
+            println!("revision refused {} at {}:", refused.revision.label, refused.at);
+            for d in &refused.diagnostics {
+                println!("  {d}");
+            }
+        }
+        if let Some(r) = &summary.last_reconcile {
+            println!("last reconcile {}: {} ({} step(s), {} failed)", r.finished, r.outcome, r.steps, r.failed);
+        }
+        println!();
+    }
+    let width = vms.keys().map(String::len).max().unwrap_or(4).max(4);
+    println!("{:<width$}  {:<10} {:<12} {:>4} {:>7}  {}", "NAME", "PROVIDER", "PHASE", "CPUS", "MEMORY", "NOTES");
+    for vm in vms.values() {
+        let (cpus, mem) = vm
+            .observed
+            .as_ref()
+            .map(|o| (o.cpus.to_string(), format!("{}Mi", o.memory_mib)))
+            .unwrap_or(("-".into(), "-".into()));
+        let notes = vm
+            .last_error
+            .clone()
+            .or_else(|| vm.conditions.iter().find(|c| c.kind == "Conflict").map(|c| c.message.clone()))
+            .unwrap_or_default();
+        println!("{:<width$}  {:<10} {:<12} {:>4} {:>7}  {}", vm.name, vm.provider, format!("{:?}", vm.phase), cpus, mem, notes);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,254 @@
+//! libvirt domain XML: rendered from a desired VM (with the ownership stamp in fleet's own
+//! metadata namespace), and read back into an `ObservedVm`. Pure.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use quick_xml::escape::escape;
+
+use crate::observe::{ObservedVm, Stamp};
+use crate::resolve::DesiredVm;
+use crate::spec::NetworkMode;
+
+/// fleet's XML namespace for the stamp inside `<metadata>`.
+pub const STAMP_NS: &str = "urn:fleet:stamp:1";
+/// The element prefix libvirt uses for it.
+pub const STAMP_PREFIX: &str = "fleet";
+
+/// Files fleet makes for one VM.
+#[derive(Clone, Debug)]
+pub struct VmFiles<'a> {
+    pub console_log: &'a Path,
+    pub disk_overlay: Option<&'a Path>,
+    pub kernel: Option<&'a Path>,
+    pub initrd: Option<&'a Path>,
+}
+
+/// The stamp as the element libvirt stores (without the namespace declaration, which
+/// libvirt adds from `STAMP_NS`).
+pub fn stamp_element(stamp: &Stamp, with_ns: bool) -> String {
+    let config = stamp
+        .config
+        .as_ref()
+        .map(|c| serde_json::to_string(c).expect("VmConfig is JSON"))
+        .unwrap_or_default();
+    let ns = if with_ns {
+        format!(" xmlns:{STAMP_PREFIX}=\"{STAMP_NS}\"")
+    } else {
+        String::new()
+    };
+    let p = STAMP_PREFIX;
+    format!(
+        "<{p}:vm{ns}><{p}:fleet>{}</{p}:fleet><{p}:name>{}</{p}:name><{p}:specHash>{}</{p}:specHash><{p}:revision>{}</{p}:revision><{p}:protect>{}</{p}:protect><{p}:config>{}</{p}:config></{p}:vm>",
+        escape(stamp.fleet.as_str()),
+        escape(stamp.name.as_str()),
+        escape(stamp.spec_hash.as_str()),
+        escape(stamp.revision.as_str()),
+        stamp.protect,
+        escape(config.as_str()),
+    )
+}
+
+/// The full domain definition.
+pub fn render(vm: &DesiredVm, uuid: &uuid::Uuid, stamp: &Stamp, files: &VmFiles<'_>) -> String {
+    let c = &vm.config;
+    let mut x = String::new();
+    let _ = writeln!(x, "<domain type='{}'>", c.domain_type.as_str());
+    let _ = writeln!(x, "  <name>{}</name>", escape(vm.name.as_str()));
+    let _ = writeln!(x, "  <uuid>{uuid}</uuid>");
+    let _ = writeln!(x, "  <title>{}</title>", escape(format!("fleet {}: {}", stamp.fleet, vm.name).as_str()));
+    let _ = writeln!(x, "  <metadata>{}</metadata>", stamp_element(stamp, true));
+    let _ = writeln!(x, "  <memory unit='MiB'>{}</memory>", c.memory_mib);
+    let _ = writeln!(x, "  <vcpu>{}</vcpu>", c.cpus);
+    x.push_str("  <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n");
+    if let Some(kernel) = files.kernel {
+        let _ = writeln!(x, "    <kernel>{}</kernel>", escape(kernel.to_string_lossy().as_ref()));
+        if let Some(initrd) = files.initrd {
+            let _ = writeln!(x, "    <initrd>{}</initrd>", escape(initrd.to_string_lossy().as_ref()));
+        }
+        let mut cmdline = format!("console=ttyS0 fleet.vm={}", vm.name);
+        if let Some(extra) = &c.image.cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        let _ = writeln!(x, "    <cmdline>{}</cmdline>", escape(cmdline.as_str()));
+    } else {
+        x.push_str("    <boot dev='hd'/>\n");
+    }
+    x.push_str("  </os>\n  <features><acpi/></features>\n");
+    x.push_str("  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>restart</on_reboot>\n  <on_crash>destroy</on_crash>\n");
+    x.push_str("  <devices>\n");
+    if let Some(disk) = files.disk_overlay {
+        let _ = writeln!(
+            x,
+            "    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+            escape(disk.to_string_lossy().as_ref())
+        );
+    }
+    match c.network {
+        NetworkMode::Isolated | NetworkMode::Allowlist => {}
+        NetworkMode::Full => x.push_str("    <interface type='user'><model type='virtio'/></interface>\n"),
+    }
+    let _ = writeln!(
+        x,
+        "    <serial type='pty'><log file='{}' append='off'/><target port='0'/></serial>",
+        escape(files.console_log.to_string_lossy().as_ref())
+    );
+    x.push_str("    <console type='pty'><target type='serial' port='0'/></console>\n");
+    x.push_str("    <memballoon model='none'/>\n");
+    x.push_str("  </devices>\n</domain>\n");
+    x
+}
+
+/// Reads what fleet needs from a domain's XML (live XML for running domains).
+pub fn parse(xml: &str) -> Result<ObservedVm, String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("unreadable domain XML: {e}"))?;
+    let root = doc.root_element();
+    let child_text = |parent: roxmltree::Node<'_, '_>, name: &str| {
+        parent
+            .children()
+            .find(|n| n.has_tag_name(name))
+            .and_then(|n| n.text())
+            .map(str::trim)
+            .map(str::to_owned)
+    };
+    let name = child_text(root, "name").ok_or("domain XML without <name>")?;
+    let uuid = child_text(root, "uuid").unwrap_or_default();
+    // libvirt adds id='N' to active domains only.
+    let running = root.attribute("id").is_some_and(|id| id != "-1");
+    let cpus = child_text(root, "vcpu").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let memory_mib = root
+        .children()
+        .find(|n| n.has_tag_name("currentMemory"))
+        .or_else(|| root.children().find(|n| n.has_tag_name("memory")))
+        .map(|n| {
+            let value: u64 = n.text().and_then(|t| t.trim().parse().ok()).unwrap_or(0);
+            to_mib(value, n.attribute("unit").unwrap_or("KiB"))
+        })
+        .unwrap_or(0);
+    let stamp = root
+        .children()
+        .find(|n| n.has_tag_name("metadata"))
+        .and_then(|m| m.children().find(|n| n.has_tag_name((STAMP_NS, "vm"))))
+        .and_then(|s| parse_stamp(s));
+    Ok(ObservedVm {
+        name,
+        uuid,
+        running,
+        cpus,
+        memory_mib,
+        stamp,
+    })
+}
+
+/// Reads a stamp element; `None` when required fields are missing (then it is no stamp).
+fn parse_stamp(node: roxmltree::Node<'_, '_>) -> Option<Stamp> {
+    let field = |name: &str| {
+        node.children()
+            .find(|n| n.has_tag_name((STAMP_NS, name)))
+            .map(|n| n.text().unwrap_or("").to_owned())
+    };
+    Some(Stamp {
+        fleet: field("fleet")?,
+        name: field("name")?,
+        spec_hash: field("specHash").unwrap_or_default(),
+        revision: field("revision").unwrap_or_default(),
+        protect: field("protect").is_some_and(|p| p == "true"),
+        config: field("config").and_then(|c| serde_json::from_str(&c).ok()),
+    })
+}
+
+fn to_mib(value: u64, unit: &str) -> u64 {
+    match unit {
+        "b" | "bytes" => value / (1024 * 1024),
+        "KiB" | "k" | "K" => value / 1024,
+        "MiB" | "M" | "m" => value,
+        "GiB" | "G" | "g" => value * 1024,
+        "TiB" | "T" | "t" => value * 1024 * 1024,
+        "KB" => value * 1000 / (1024 * 1024),
+        "MB" => value * 1_000_000 / (1024 * 1024),
+        "GB" => value * 1_000_000_000 / (1024 * 1024),
+        _ => value / 1024,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resolve::{ResolvedImage, VmConfig};
+    use crate::spec::{DomainType, PowerState};
+
+    fn desired() -> DesiredVm {
+        let config = VmConfig {
+            provider: "local".into(),
+            domain_type: DomainType::Qemu,
+            image: ResolvedImage {
+                name: "micro".into(),
+                kernel: Some("k".into()),
+                initrd: Some("i".into()),
+                cmdline: Some("quiet".into()),
+                disk: None,
+            },
+            loadout: None,
+            pool: None,
+            cpus: 2,
+            memory_mib: 768,
+            disk_mib: None,
+            network: NetworkMode::Isolated,
+            packages: vec![],
+            files: vec![],
+            runcmd: vec!["echo <&>".into()],
+            env: Default::default(),
+            labels: Default::default(),
+            protect: true,
+        };
+        DesiredVm {
+            name: "vm-1".into(),
+            state: PowerState::Running,
+            spec_hash: config.hash(),
+            config,
+            source: "fleet/vms/vm-1.yaml".into(),
+        }
+    }
+
+    #[test]
+    fn rendered_xml_reads_back_with_its_stamp() {
+        let vm = desired();
+        let stamp = Stamp {
+            fleet: "lab".into(),
+            name: vm.name.clone(),
+            spec_hash: vm.spec_hash.clone(),
+            revision: "abc".into(),
+            protect: true,
+            config: Some(vm.config.clone()),
+        };
+        let files = VmFiles {
+            console_log: Path::new("/s/vm-1/console.log"),
+            disk_overlay: None,
+            kernel: Some(Path::new("/img/vmlinuz")),
+            initrd: Some(Path::new("/img/initrd.img")),
+        };
+        let uuid = uuid::Uuid::nil();
+        let xml = render(&vm, &uuid, &stamp, &files);
+        let observed = parse(&xml).expect("parses");
+        assert_eq!(observed.name, "vm-1");
+        assert!(!observed.running);
+        assert_eq!((observed.cpus, observed.memory_mib), (2, 768));
+        assert_eq!(observed.stamp, Some(stamp));
+        assert!(xml.contains("<cmdline>console=ttyS0 fleet.vm=vm-1 quiet</cmdline>"));
+    }
+
+    #[test]
+    fn a_domain_without_stamp_is_foreign() {
+        let xml = "<domain type='qemu' id='3'><name>x</name><uuid>u</uuid><memory unit='KiB'>262144</memory><vcpu>1</vcpu></domain>";
+        let o = parse(xml).expect("parses");
+        assert!(o.running && o.stamp.is_none());
+        assert_eq!(o.memory_mib, 256);
+    }
+
+    #[test]
+    fn a_stamp_in_another_namespace_is_not_fleets() {
+        let xml = "<domain type='qemu'><name>x</name><metadata><f:vm xmlns:f='urn:other'><f:fleet>lab</f:fleet><f:name>x</f:name></f:vm></metadata></domain>";
+        assert!(parse(xml).expect("parses").stamp.is_none());
+    }
+}

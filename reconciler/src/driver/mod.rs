@@ -1,0 +1,73 @@
+//! The hypervisor boundary: one small trait, implemented for libvirt (and later Proxmox).
+//!
+//! Architecture invariant: drivers do, they never decide. Apply tells a driver what to do
+//! for one VM; the driver checks ownership again before every mutation (a VM without this
+//! fleet's stamp is never modified), and is idempotent: repeating a create finds the VM it
+//! already made.
+
+pub mod libvirt;
+
+use std::time::Duration;
+
+use crate::observe::{ObservedHost, Stamp};
+use crate::resolve::DesiredVm;
+
+/// How apply should treat a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorKind {
+    /// Worth retrying: the connection dropped, the hypervisor was busy.
+    Transient,
+    /// The VM is not there.
+    NotFound,
+    /// Another VM holds the name or identity, or the VM is not fleet's.
+    Conflict,
+    /// Retrying will not help: bad image path, invalid definition.
+    Permanent,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DriverError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl DriverError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> DriverError {
+        DriverError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// One provider. All methods block; apply runs them off the async runtime.
+pub trait Driver: Send + Sync {
+    /// Every VM on the host with its stamp: one list call plus one read per VM.
+    fn observe(&self) -> Result<ObservedHost, DriverError>;
+
+    /// Makes the VM (files, definition with `stamp`) and starts it when the spec says running.
+    /// Idempotent: a VM already made by this fleet under this name is brought to the spec.
+    fn create(&self, vm: &DesiredVm, stamp: &Stamp) -> Result<(), DriverError>;
+
+    fn start(&self, name: &str) -> Result<(), DriverError>;
+
+    /// Graceful shutdown, then power off once `grace` has passed.
+    fn stop(&self, name: &str, grace: Duration) -> Result<(), DriverError>;
+
+    /// Rewrites the definition and stamp in place; with `restart`, a running VM is stopped
+    /// (gracefully, within `grace`) and started again so the change takes effect. Leaves the
+    /// VM in the spec's power state.
+    fn update(&self, vm: &DesiredVm, stamp: &Stamp, restart: bool, grace: Duration) -> Result<(), DriverError>;
+
+    /// Stops the VM, removes its definition and every file fleet made for it.
+    fn destroy(&self, name: &str, grace: Duration) -> Result<(), DriverError>;
+
+    /// After a crash: if no VM `name` exists, removes the files a half-finished create or
+    /// destroy left behind. Never touches a VM that exists.
+    fn settle(&self, name: &str) -> Result<(), DriverError>;
+
+    /// Hypervisor calls made so far (for benchmarks and tests of the O(hosts) promise).
+    fn calls(&self) -> u64;
+}

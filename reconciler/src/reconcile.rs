@@ -1,0 +1,229 @@
+//! The pipeline wired together: source → load → resolve → observe → plan → apply → status.
+//! Used by the CLI commands (and by the daemon later); holds no policy of its own.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::apply::{self, ApplyReport, Drivers, Journal, StepResult};
+use crate::driver::Driver;
+use crate::driver::libvirt::LibvirtDriver;
+use crate::load::{self, Diagnostic};
+use crate::observe::Observed;
+use crate::plan::{Plan, Step};
+use crate::resolve::{self, Desired};
+use crate::source::{self, Snapshot, SourceError};
+use crate::spec::Provider;
+use crate::status::{self, Event, ReconcileOutcome, StatusDir, Summary, VmOutcome, timestamp};
+
+/// Where things are.
+#[derive(Clone, Debug)]
+pub struct Workspace {
+    pub repo_root: PathBuf,
+    pub fleet_dir: String,
+    pub status: StatusDir,
+}
+
+/// Which revision to read.
+#[derive(Clone, Debug)]
+pub enum SourceChoice {
+    /// The committed tip of HEAD.
+    Head,
+    Rev(String),
+    Worktree,
+}
+
+pub fn read_snapshot(ws: &Workspace, choice: &SourceChoice) -> Result<Snapshot, SourceError> {
+    match choice {
+        SourceChoice::Head => source::from_git(&ws.repo_root, &ws.fleet_dir, None),
+        SourceChoice::Rev(rev) => source::from_git(&ws.repo_root, &ws.fleet_dir, Some(rev)),
+        SourceChoice::Worktree => source::from_worktree(&ws.repo_root, &ws.fleet_dir),
+    }
+}
+
+/// Loads and resolves a snapshot.
+pub fn desired(snapshot: &Snapshot) -> Result<Desired, Vec<Diagnostic>> {
+    load::load(snapshot).map(|loaded| resolve::resolve(&loaded))
+}
+
+/// One driver per provider of the revision.
+pub fn drivers_for(desired: &Desired, repo_root: &Path) -> Drivers {
+    desired
+        .providers
+        .iter()
+        .map(|p| {
+            let driver: Arc<dyn Driver> = match p {
+                Provider::Libvirt(l) => Arc::new(LibvirtDriver::new(&desired.fleet, l, repo_root)),
+            };
+            (p.name().0.clone(), driver)
+        })
+        .collect()
+}
+
+/// Observes every provider at once; a provider that cannot be observed is recorded as
+/// unreachable (and the planner plans nothing for its VMs).
+pub async fn observe(drivers: &Drivers) -> Observed {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (name, driver) in drivers {
+        let (name, driver) = (name.clone(), driver.clone());
+        tasks.spawn_blocking(move || (name, driver.observe()));
+    }
+    let mut observed = Observed::default();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((name, Ok(host))) => {
+                observed.hosts.insert(name, host);
+            }
+            Ok((name, Err(e))) => {
+                observed.unreachable.insert(name, e.message);
+            }
+            Err(e) => tracing::error!("observing a provider panicked: {e}"),
+        }
+    }
+    observed
+}
+
+/// Writes step progress as events, and optionally as lines on stderr.
+pub struct StatusObserver {
+    pub status: StatusDir,
+    pub revision: String,
+    pub print: bool,
+}
+
+impl apply::Observer for StatusObserver {
+    fn step_started(&self, step: &Step) {
+        let _ = self.status.append_event(&Event {
+            time: timestamp(SystemTime::now()),
+            kind: "step.started".into(),
+            vm: Some(step.vm.clone()),
+            provider: Some(step.provider.clone()),
+            action: Some(step.action),
+            revision: Some(self.revision.clone()),
+            message: format!("{} {}: {}", step.action.as_str(), step.vm, crate::plan::render::reason_text(step)),
+        });
+    }
+
+    fn step_finished(&self, step: &Step, result: &StepResult) {
+        let (kind, message) = match &result.error {
+            None => ("step.succeeded", format!("{} {} done in {} ms", step.action.as_str(), step.vm, result.millis)),
+            Some(e) => ("step.failed", format!("{} {} failed after {} attempt(s): {e}", step.action.as_str(), step.vm, result.attempts)),
+        };
+        if self.print {
+            eprintln!("{}", message);
+        }
+        let _ = self.status.append_event(&Event {
+            time: timestamp(SystemTime::now()),
+            kind: kind.into(),
+            vm: Some(step.vm.clone()),
+            provider: Some(step.provider.clone()),
+            action: Some(step.action),
+            revision: Some(self.revision.clone()),
+            message,
+        });
+    }
+}
+
+/// What an apply did, for the caller to print.
+pub struct Applied {
+    pub report: ApplyReport,
+    pub summary: Summary,
+}
+
+/// Opens the journal and resolves what an interrupted apply left open.
+pub async fn open_journal(ws: &Workspace, drivers: &Drivers) -> std::io::Result<(Arc<Journal>, Vec<String>)> {
+    ws.status.ensure()?;
+    let journal = Arc::new(Journal::open(&ws.status.journal_path())?);
+    let recovered = apply::recover(&journal, drivers).await?;
+    for note in &recovered {
+        ws.status.append_event(&Event {
+            time: timestamp(SystemTime::now()),
+            kind: "journal.recovered".into(),
+            vm: None,
+            provider: None,
+            action: None,
+            revision: None,
+            message: note.clone(),
+        })?;
+    }
+    Ok((journal, recovered))
+}
+
+/// Runs `plan`, then observes again and writes every status file.
+pub async fn apply_and_record(
+    ws: &Workspace,
+    desired: &Desired,
+    plan: &Plan,
+    drivers: &Drivers,
+    journal: Arc<Journal>,
+    print_progress: bool,
+) -> std::io::Result<Applied> {
+    let started = SystemTime::now();
+    ws.status.write_plan(plan)?;
+    let observer = Arc::new(StatusObserver {
+        status: ws.status.clone(),
+        revision: plan.revision.id.clone(),
+        print: print_progress,
+    });
+    let report = apply::run(plan, drivers, journal.clone(), observer).await;
+    journal.compact()?;
+
+    let after = observe(drivers).await;
+    let mut outcomes: BTreeMap<String, VmOutcome> = BTreeMap::new();
+    for r in &report.results {
+        if let Some(e) = &r.error {
+            outcomes.entry(r.vm.clone()).or_default().error = Some(e.clone());
+        }
+    }
+    for c in &plan.conflicts {
+        outcomes.entry(c.vm.clone()).or_default().conflict = Some(c.message.clone());
+    }
+    let finished = SystemTime::now();
+    let vms = status::vm_statuses(desired, &after, &outcomes, finished);
+    ws.status.write_vms(&vms)?;
+    let failed = report.failed();
+    let outcome = if failed == 0 && plan.conflicts.is_empty() && plan.errors.is_empty() {
+        "converged"
+    } else if failed < report.results.len() || report.results.is_empty() {
+        "partial"
+    } else {
+        "failed"
+    };
+    let mut summary = ws.status.read_summary().unwrap_or_default();
+    summary.fleet = desired.fleet.clone();
+    summary.revision_applied = Some(plan.revision.clone());
+    if summary
+        .revision_refused
+        .as_ref()
+        .is_some_and(|r| r.revision.id == plan.revision.id)
+    {
+        summary.revision_refused = None;
+    }
+    summary.last_reconcile = Some(ReconcileOutcome {
+        started: timestamp(started),
+        finished: timestamp(finished),
+        plan_digest: plan.digest.clone(),
+        steps: report.results.len(),
+        succeeded: report.results.len() - failed,
+        failed,
+        conflicts: plan.conflicts.len(),
+        outcome: outcome.into(),
+    });
+    summary.counts = status::counts(&vms);
+    ws.status.write_summary(&summary)?;
+    ws.status.append_event(&Event {
+        time: timestamp(finished),
+        kind: "apply.finished".into(),
+        vm: None,
+        provider: None,
+        action: None,
+        revision: Some(plan.revision.id.clone()),
+        message: format!(
+            "applied {}: {} step(s), {failed} failed, {} conflict(s): {outcome}",
+            plan.revision.label,
+            report.results.len(),
+            plan.conflicts.len()
+        ),
+    })?;
+    Ok(Applied { report, summary })
+}

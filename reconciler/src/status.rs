@@ -1,0 +1,376 @@
+//! The status directory (DESIGN §4): summary.yaml, plan.txt, plan.json, vms/<name>.yaml and
+//! the append-only events.jsonl. Every file is written atomically (temp file, fsync,
+//! rename, fsync of the directory), so a reader never sees half a file.
+//!
+//! Architecture invariant: the only writer of the status directory. Nothing here holds a
+//! secret.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::load::Diagnostic;
+use crate::observe::ObservedVm;
+use crate::plan::{Action, Plan, render};
+use crate::resolve::Desired;
+use crate::source::Revision;
+use crate::spec::PowerState;
+
+/// Writes `bytes` to `path` atomically: a temp file in the same directory, fsync, rename,
+/// fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
+    tmp.persist(path).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// RFC 3339 time, UTC, second precision.
+pub fn timestamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub time: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<Action>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub fleet: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision_applied: Option<Revision>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision_refused: Option<RefusedRevision>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reconcile: Option<ReconcileOutcome>,
+    pub counts: Counts,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RefusedRevision {
+    pub revision: Revision,
+    pub at: String,
+    /// `path:line:column: error: message` lines.
+    pub diagnostics: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReconcileOutcome {
+    pub started: String,
+    pub finished: String,
+    pub plan_digest: String,
+    pub steps: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub conflicts: usize,
+    /// converged | partial | failed
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Counts {
+    pub vms: usize,
+    pub running: usize,
+    pub stopped: usize,
+    pub pending: usize,
+    pub failed: usize,
+    pub conflicts: usize,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Phase {
+    Pending,
+    Provisioning,
+    Running,
+    Stopped,
+    Failed,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmStatus {
+    pub name: String,
+    pub provider: String,
+    pub phase: Phase,
+    pub desired_state: PowerState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<ObservedResources>,
+    pub spec_hash: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_revision: Option<String>,
+    pub source: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub updated: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedResources {
+    pub uuid: String,
+    pub running: bool,
+    pub cpus: u32,
+    #[serde(rename = "memoryMiB")]
+    pub memory_mib: u64,
+}
+
+/// The status directory.
+#[derive(Clone, Debug)]
+pub struct StatusDir {
+    root: PathBuf,
+}
+
+impl StatusDir {
+    pub fn new(root: impl Into<PathBuf>) -> StatusDir {
+        StatusDir { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn journal_path(&self) -> PathBuf {
+        self.root.join("journal.jsonl")
+    }
+
+    /// Creates the directory, with `.gitignore` files so status never lands in a commit.
+    pub fn ensure(&self) -> std::io::Result<()> {
+        std::fs::create_dir_all(self.root.join("vms"))?;
+        let ignore = self.root.join(".gitignore");
+        if !ignore.exists() {
+            write_atomic(&ignore, b"*\n")?;
+        }
+        if let Some(parent) = self.root.parent()
+            && parent.file_name().is_some_and(|n| n == ".fleet")
+        {
+            let ignore = parent.join(".gitignore");
+            if !ignore.exists() {
+                write_atomic(&ignore, b"*\n")?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn append_event(&self, event: &Event) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(event).expect("Event is JSON");
+        line.push(b'\n');
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("events.jsonl"))?;
+        f.write_all(&line)?;
+        f.sync_data()
+    }
+
+    pub fn read_summary(&self) -> Option<Summary> {
+        let text = std::fs::read_to_string(self.root.join("summary.yaml")).ok()?;
+        serde_saphyr::from_str(&text).ok()
+    }
+
+    pub fn write_summary(&self, summary: &Summary) -> std::io::Result<()> {
+        write_atomic(&self.root.join("summary.yaml"), yaml(summary).as_bytes())
+    }
+
+    pub fn write_plan(&self, plan: &Plan) -> std::io::Result<()> {
+        write_atomic(&self.root.join("plan.txt"), render::text(plan).as_bytes())?;
+        write_atomic(&self.root.join("plan.json"), render::json(plan).as_bytes())
+    }
+
+    pub fn read_vms(&self) -> BTreeMap<String, VmStatus> {
+        let mut out = BTreeMap::new();
+        let Ok(entries) = std::fs::read_dir(self.root.join("vms")) else {
+            return out;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "yaml")
+                && let Ok(text) = std::fs::read_to_string(&path)
+                && let Ok(vm) = serde_saphyr::from_str::<VmStatus>(&text)
+            {
+                out.insert(vm.name.clone(), vm);
+            }
+        }
+        out
+    }
+
+    /// Rewrites `vms/` to hold exactly `vms`.
+    pub fn write_vms(&self, vms: &BTreeMap<String, VmStatus>) -> std::io::Result<()> {
+        let dir = self.root.join("vms");
+        std::fs::create_dir_all(&dir)?;
+        for vm in vms.values() {
+            write_atomic(&dir.join(format!("{}.yaml", vm.name)), yaml(vm).as_bytes())?;
+        }
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            let path = entry.path();
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
+            if path.extension().is_some_and(|e| e == "yaml") && !vms.contains_key(&stem) {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a revision that failed validation; the last good one stays in force.
+    pub fn record_refused(&self, fleet_hint: &str, revision: &Revision, diagnostics: &[Diagnostic], now: SystemTime) -> std::io::Result<()> {
+        self.ensure()?;
+        let mut summary = self.read_summary().unwrap_or_default();
+        if summary.fleet.is_empty() {
+            summary.fleet = fleet_hint.to_owned();
+        }
+        summary.revision_refused = Some(RefusedRevision {
+            revision: revision.clone(),
+            at: timestamp(now),
+            diagnostics: diagnostics.iter().map(ToString::to_string).collect(),
+        });
+        self.write_summary(&summary)?;
+        self.append_event(&Event {
+            time: timestamp(now),
+            kind: "revision.refused".into(),
+            vm: None,
+            provider: None,
+            action: None,
+            revision: Some(revision.id.clone()),
+            message: format!("revision {} refused: {} diagnostic(s); the last good revision stays in force", revision.label, diagnostics.len()),
+        })
+    }
+}
+
+/// What apply learned about each VM, for its status file.
+#[derive(Clone, Debug, Default)]
+pub struct VmOutcome {
+    pub error: Option<String>,
+    pub conflict: Option<String>,
+}
+
+/// Builds every VM's status from the desired state, a fresh observation and apply's
+/// outcomes. Pure.
+pub fn vm_statuses(
+    desired: &Desired,
+    observed: &crate::observe::Observed,
+    outcomes: &BTreeMap<String, VmOutcome>,
+    now: SystemTime,
+) -> BTreeMap<String, VmStatus> {
+    let mut out = BTreeMap::new();
+    for vm in desired.vms.values() {
+        let provider = &vm.config.provider;
+        let found: Option<&ObservedVm> = observed.find(provider, &vm.name);
+        let owned = found.filter(|f| f.owned_by(&desired.fleet));
+        let outcome = outcomes.get(&vm.name).cloned().unwrap_or_default();
+        let mut conditions = Vec::new();
+        if let Some(message) = &outcome.conflict {
+            conditions.push(Condition {
+                kind: "Conflict".into(),
+                status: true,
+                reason: "NameTakenByForeignVM".into(),
+                message: message.clone(),
+            });
+        }
+        let phase = match (owned, &outcome.error, &outcome.conflict) {
+            (_, _, Some(_)) => Phase::Failed,
+            (_, Some(_), _) => Phase::Failed,
+            (None, None, None) => Phase::Pending,
+            (Some(f), None, None) if f.running => Phase::Running,
+            (Some(_), None, None) => Phase::Stopped,
+        };
+        if let Some(f) = owned {
+            let in_sync = f.stamp.as_ref().is_some_and(|s| s.spec_hash == vm.spec_hash);
+            let state_ok = f.running == (vm.state == PowerState::Running);
+            conditions.push(Condition {
+                kind: "Ready".into(),
+                status: in_sync && state_ok && outcome.error.is_none(),
+                reason: if !in_sync {
+                    "SpecNotApplied".into()
+                } else if !state_ok {
+                    "PowerStateDiffers".into()
+                } else {
+                    "Converged".into()
+                },
+                message: format!("spec {}, {}", if in_sync { "applied" } else { "not applied" }, if f.running { "running" } else { "stopped" }),
+            });
+        }
+        out.insert(
+            vm.name.clone(),
+            VmStatus {
+                name: vm.name.clone(),
+                provider: provider.clone(),
+                phase,
+                desired_state: vm.state,
+                observed: owned.map(|f| ObservedResources {
+                    uuid: f.uuid.clone(),
+                    running: f.running,
+                    cpus: f.cpus,
+                    memory_mib: f.memory_mib,
+                }),
+                spec_hash: vm.spec_hash.clone(),
+                applied_revision: owned.and_then(|f| f.stamp.as_ref()).map(|s| s.revision.clone()),
+                source: vm.source.clone(),
+                conditions,
+                last_error: outcome.error.clone(),
+                updated: timestamp(now),
+            },
+        );
+    }
+    out
+}
+
+pub fn counts(vms: &BTreeMap<String, VmStatus>) -> Counts {
+    let mut c = Counts {
+        vms: vms.len(),
+        ..Counts::default()
+    };
+    for vm in vms.values() {
+        match vm.phase {
+            Phase::Running => c.running += 1,
+            Phase::Stopped => c.stopped += 1,
+            Phase::Pending | Phase::Provisioning => c.pending += 1,
+            Phase::Failed => c.failed += 1,
+        }
+        if vm.conditions.iter().any(|k| k.kind == "Conflict") {
+            c.conflicts += 1;
+        }
+    }
+    c
+}
+
+fn yaml<T: Serialize>(value: &T) -> String {
+    serde_saphyr::to_string(value).expect("status values serialise to YAML")
+}
