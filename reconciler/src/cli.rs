@@ -116,7 +116,9 @@ pub fn init_logging(cli: &Cli) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -124,7 +126,10 @@ pub fn init_logging(cli: &Cli) {
 }
 
 pub fn run(cli: Cli) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -200,7 +205,10 @@ fn validate(ws: &Workspace, args: &SourceArgs) -> Result<ExitCode> {
 }
 
 /// Reads, validates, observes and plans. `Ok(Err(code))` when the revision is invalid.
-async fn make_plan(ws: &Workspace, source: &SourceArgs) -> Result<Result<(crate::resolve::Desired, Plan, crate::apply::Drivers), ExitCode>> {
+async fn make_plan(
+    ws: &Workspace,
+    source: &SourceArgs,
+) -> Result<Result<(crate::resolve::Desired, Plan, crate::apply::Drivers), ExitCode>> {
     let snapshot = reconcile::read_snapshot(ws, &source.choice())?;
     let desired = match reconcile::desired(&snapshot) {
         Ok(d) => d,
@@ -228,7 +236,11 @@ async fn plan_cmd(ws: &Workspace, args: &PlanArgs) -> Result<ExitCode> {
     if let Some(out) = &args.out {
         crate::status::write_atomic(out, render::json(&plan).as_bytes())
             .with_context(|| format!("writing the plan to {}", out.display()))?;
-        eprintln!("Saved the plan to {}; apply it with: fleet apply {}", out.display(), out.display());
+        eprintln!(
+            "Saved the plan to {}; apply it with: fleet apply {}",
+            out.display(),
+            out.display()
+        );
     }
     if !plan.conflicts.is_empty() || !plan.errors.is_empty() {
         return Ok(ExitCode::from(1));
@@ -241,13 +253,23 @@ async fn plan_cmd(ws: &Workspace, args: &PlanArgs) -> Result<ExitCode> {
 }
 
 fn read_saved_plan(path: &Path) -> Result<Plan> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading the saved plan {}", path.display()))?;
-    let plan: Plan = serde_json::from_str(&text).with_context(|| format!("{} is not a fleet plan", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the saved plan {}", path.display()))?;
+    let plan: Plan = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a fleet plan", path.display()))?;
     if plan.format_version != plan::FORMAT_VERSION {
-        bail!("{} has plan format {}, this fleet reads format {}; make a new plan", path.display(), plan.format_version, plan::FORMAT_VERSION);
+        bail!(
+            "{} has plan format {}, this fleet reads format {}; make a new plan",
+            path.display(),
+            plan.format_version,
+            plan::FORMAT_VERSION
+        );
     }
     if !plan.digest_is_valid() {
-        bail!("{} was edited after it was made (its digest does not match); make a new plan", path.display());
+        bail!(
+            "{} was edited after it was made (its digest does not match); make a new plan",
+            path.display()
+        );
     }
     Ok(plan)
 }
@@ -264,12 +286,19 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
         Ok(d) => d,
         Err(diags) => {
             print_diagnostics(&diags);
-            ws.status.record_refused("", &snapshot.revision, &diags, std::time::SystemTime::now())?;
+            ws.status.record_refused(
+                "",
+                &snapshot.revision,
+                &diags,
+                std::time::SystemTime::now(),
+            )?;
             return Ok(ExitCode::from(1));
         }
     };
     let drivers = reconcile::drivers_for(&desired, &ws.repo_root);
-    let (journal, recovered) = reconcile::open_journal(ws, &drivers).await.context("opening the journal")?;
+    let (journal, recovered) = reconcile::open_journal(ws, &drivers)
+        .await
+        .context("opening the journal")?;
     for note in &recovered {
         eprintln!("journal: {note}");
     }
@@ -285,7 +314,9 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
                 );
             }
             if saved.observed_digest != fresh.observed_digest {
-                bail!("stale plan: the VMs changed since it was made (observed state digest differs); make a new plan");
+                bail!(
+                    "stale plan: the VMs changed since it was made (observed state digest differs); make a new plan"
+                );
             }
             saved
         }
@@ -293,15 +324,21 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     };
     print!("{}", render::text(&plan));
     if !plan.has_changes() {
-        let applied = reconcile::apply_and_record(ws, &desired, &plan, &drivers, journal, false).await?;
+        let applied =
+            reconcile::apply_and_record(ws, &desired, &plan, &drivers, journal, false).await?;
         let _ = applied;
         return Ok(exit_for(&plan, 0));
     }
     if !args.auto_approve {
         if !std::io::stdin().is_terminal() {
-            bail!("refusing to apply without confirmation: stdin is not a terminal; review the plan and pass --auto-approve");
+            bail!(
+                "refusing to apply without confirmation: stdin is not a terminal; review the plan and pass --auto-approve"
+            );
         }
-        eprint!("\nApply these {} step(s)? Only 'yes' is accepted: ", plan.steps.len());
+        eprint!(
+            "\nApply these {} step(s)? Only 'yes' is accepted: ",
+            plan.steps.len()
+        );
         let mut answer = String::new();
         std::io::stdin().read_line(&mut answer)?;
         if answer.trim() != "yes" {
@@ -311,7 +348,12 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     }
     let applied = reconcile::apply_and_record(ws, &desired, &plan, &drivers, journal, true).await?;
     let failed = applied.report.failed();
-    let last = applied.summary.last_reconcile.as_ref().map(|r| r.outcome.as_str()).unwrap_or("unknown");
+    let last = applied
+        .summary
+        .last_reconcile
+        .as_ref()
+        .map(|r| r.outcome.as_str())
+        .unwrap_or("unknown");
     println!(
         "\nApply finished: {} step(s), {} failed, {} conflict(s): {last}.",
         applied.report.results.len(),
@@ -335,7 +377,10 @@ fn status_cmd(ws: &Workspace, args: &StatusArgs) -> Result<ExitCode> {
     if let Some(name) = &args.name {
         vms.retain(|n, _| n == name);
         if vms.is_empty() {
-            bail!("no status for VM {name:?} in {}", ws.status.root().display());
+            bail!(
+                "no status for VM {name:?} in {}",
+                ws.status.root().display()
+            );
         }
     }
     if args.json {
@@ -344,24 +389,40 @@ fn status_cmd(ws: &Workspace, args: &StatusArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let Some(summary) = summary else {
-        bail!("no status yet in {}: run `fleet apply` first", ws.status.root().display());
+        bail!(
+            "no status yet in {}: run `fleet apply` first",
+            ws.status.root().display()
+        );
     };
     if args.name.is_none() {
-        let applied = summary.revision_applied.as_ref().map(|r| r.label.as_str()).unwrap_or("none");
+        let applied = summary
+            .revision_applied
+            .as_ref()
+            .map(|r| r.label.as_str())
+            .unwrap_or("none");
         println!("fleet {}: revision applied {applied}", summary.fleet);
         if let Some(refused) = &summary.revision_refused {
-            println!("revision refused {} at {}:", refused.revision.label, refused.at);
+            println!(
+                "revision refused {} at {}:",
+                refused.revision.label, refused.at
+            );
             for d in &refused.diagnostics {
                 println!("  {d}");
             }
         }
         if let Some(r) = &summary.last_reconcile {
-            println!("last reconcile {}: {} ({} step(s), {} failed)", r.finished, r.outcome, r.steps, r.failed);
+            println!(
+                "last reconcile {}: {} ({} step(s), {} failed)",
+                r.finished, r.outcome, r.steps, r.failed
+            );
         }
         println!();
     }
     let width = vms.keys().map(String::len).max().unwrap_or(4).max(4);
-    println!("{:<width$}  {:<10} {:<12} {:>4} {:>7}  {}", "NAME", "PROVIDER", "PHASE", "CPUS", "MEMORY", "NOTES");
+    println!(
+        "{:<width$}  {:<10} {:<12} {:>4} {:>7}  {}",
+        "NAME", "PROVIDER", "PHASE", "CPUS", "MEMORY", "NOTES"
+    );
     for vm in vms.values() {
         let (cpus, mem) = vm
             .observed
@@ -371,9 +432,22 @@ fn status_cmd(ws: &Workspace, args: &StatusArgs) -> Result<ExitCode> {
         let notes = vm
             .last_error
             .clone()
-            .or_else(|| vm.conditions.iter().find(|c| c.kind == "Conflict").map(|c| c.message.clone()))
+            .or_else(|| {
+                vm.conditions
+                    .iter()
+                    .find(|c| c.kind == "Conflict")
+                    .map(|c| c.message.clone())
+            })
             .unwrap_or_default();
-        println!("{:<width$}  {:<10} {:<12} {:>4} {:>7}  {}", vm.name, vm.provider, format!("{:?}", vm.phase), cpus, mem, notes);
+        println!(
+            "{:<width$}  {:<10} {:<12} {:>4} {:>7}  {}",
+            vm.name,
+            vm.provider,
+            format!("{:?}", vm.phase),
+            cpus,
+            mem,
+            notes
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -100,14 +100,35 @@ impl apply::Observer for StatusObserver {
             provider: Some(step.provider.clone()),
             action: Some(step.action),
             revision: Some(self.revision.clone()),
-            message: format!("{} {}: {}", step.action.as_str(), step.vm, crate::plan::render::reason_text(step)),
+            message: format!(
+                "{} {}: {}",
+                step.action.as_str(),
+                step.vm,
+                crate::plan::render::reason_text(step)
+            ),
         });
     }
 
     fn step_finished(&self, step: &Step, result: &StepResult) {
         let (kind, message) = match &result.error {
-            None => ("step.succeeded", format!("{} {} done in {} ms", step.action.as_str(), step.vm, result.millis)),
-            Some(e) => ("step.failed", format!("{} {} failed after {} attempt(s): {e}", step.action.as_str(), step.vm, result.attempts)),
+            None => (
+                "step.succeeded",
+                format!(
+                    "{} {} done in {} ms",
+                    step.action.as_str(),
+                    step.vm,
+                    result.millis
+                ),
+            ),
+            Some(e) => (
+                "step.failed",
+                format!(
+                    "{} {} failed after {} attempt(s): {e}",
+                    step.action.as_str(),
+                    step.vm,
+                    result.attempts
+                ),
+            ),
         };
         if self.print {
             eprintln!("{}", message);
@@ -131,7 +152,10 @@ pub struct Applied {
 }
 
 /// Opens the journal and resolves what an interrupted apply left open.
-pub async fn open_journal(ws: &Workspace, drivers: &Drivers) -> std::io::Result<(Arc<Journal>, Vec<String>)> {
+pub async fn open_journal(
+    ws: &Workspace,
+    drivers: &Drivers,
+) -> std::io::Result<(Arc<Journal>, Vec<String>)> {
     ws.status.ensure()?;
     let journal = Arc::new(Journal::open(&ws.status.journal_path())?);
     let recovered = apply::recover(&journal, drivers).await?;

@@ -29,7 +29,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     tmp.as_file().sync_all()?;
     {
         use std::os::unix::fs::PermissionsExt;
-        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
     }
     tmp.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()
@@ -241,7 +242,11 @@ impl StatusDir {
         }
         for entry in std::fs::read_dir(&dir)?.flatten() {
             let path = entry.path();
-            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned();
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_owned();
             if path.extension().is_some_and(|e| e == "yaml") && !vms.contains_key(&stem) {
                 std::fs::remove_file(&path)?;
             }
@@ -250,7 +255,13 @@ impl StatusDir {
     }
 
     /// Records a revision that failed validation; the last good one stays in force.
-    pub fn record_refused(&self, fleet_hint: &str, revision: &Revision, diagnostics: &[Diagnostic], now: SystemTime) -> std::io::Result<()> {
+    pub fn record_refused(
+        &self,
+        fleet_hint: &str,
+        revision: &Revision,
+        diagnostics: &[Diagnostic],
+        now: SystemTime,
+    ) -> std::io::Result<()> {
         self.ensure()?;
         let mut summary = self.read_summary().unwrap_or_default();
         if summary.fleet.is_empty() {
@@ -269,7 +280,11 @@ impl StatusDir {
             provider: None,
             action: None,
             revision: Some(revision.id.clone()),
-            message: format!("revision {} refused: {} diagnostic(s); the last good revision stays in force", revision.label, diagnostics.len()),
+            message: format!(
+                "revision {} refused: {} diagnostic(s); the last good revision stays in force",
+                revision.label,
+                diagnostics.len()
+            ),
         })
     }
 }
@@ -312,7 +327,10 @@ pub fn vm_statuses(
             (Some(_), None, None) => Phase::Stopped,
         };
         if let Some(f) = owned {
-            let in_sync = f.stamp.as_ref().is_some_and(|s| s.spec_hash == vm.spec_hash);
+            let in_sync = f
+                .stamp
+                .as_ref()
+                .is_some_and(|s| s.spec_hash == vm.spec_hash);
             let state_ok = f.running == (vm.state == PowerState::Running);
             conditions.push(Condition {
                 kind: "Ready".into(),
@@ -324,7 +342,11 @@ pub fn vm_statuses(
                 } else {
                     "Converged".into()
                 },
-                message: format!("spec {}, {}", if in_sync { "applied" } else { "not applied" }, if f.running { "running" } else { "stopped" }),
+                message: format!(
+                    "spec {}, {}",
+                    if in_sync { "applied" } else { "not applied" },
+                    if f.running { "running" } else { "stopped" }
+                ),
             });
         }
         out.insert(
@@ -341,7 +363,9 @@ pub fn vm_statuses(
                     memory_mib: f.memory_mib,
                 }),
                 spec_hash: vm.spec_hash.clone(),
-                applied_revision: owned.and_then(|f| f.stamp.as_ref()).map(|s| s.revision.clone()),
+                applied_revision: owned
+                    .and_then(|f| f.stamp.as_ref())
+                    .map(|s| s.revision.clone()),
                 source: vm.source.clone(),
                 conditions,
                 last_error: outcome.error.clone(),

@@ -20,7 +20,12 @@ use crate::status::{timestamp, write_atomic};
 #[serde(tag = "record", rename_all = "lowercase")]
 pub enum Record {
     Intent(Intent),
-    Outcome { op: u64, ok: bool, message: String, time: String },
+    Outcome {
+        op: u64,
+        ok: bool,
+        message: String,
+        time: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -69,7 +74,13 @@ impl Journal {
     }
 
     /// Records an intent durably and returns its operation id.
-    pub fn intent(&self, provider: &str, vm: &str, action: Action, revision: &str) -> std::io::Result<u64> {
+    pub fn intent(
+        &self,
+        provider: &str,
+        vm: &str,
+        action: Action,
+        revision: &str,
+    ) -> std::io::Result<u64> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let op = state.next_op;
         state.next_op += 1;
@@ -100,7 +111,8 @@ impl Journal {
         let open = open_intents(&read_records(&self.path)?);
         let mut bytes = Vec::new();
         for intent in open {
-            serde_json::to_writer(&mut bytes, &Record::Intent(intent)).expect("journal record is JSON");
+            serde_json::to_writer(&mut bytes, &Record::Intent(intent))
+                .expect("journal record is JSON");
             bytes.push(b'\n');
         }
         write_atomic(&self.path, &bytes)
@@ -112,7 +124,10 @@ impl Journal {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
         f.write_all(&line)?;
         f.sync_data()
     }
@@ -162,8 +177,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("journal.jsonl");
         let j = Journal::open(&path).expect("open");
-        let a = j.intent("local", "a", Action::Create, "rev").expect("intent");
-        let b = j.intent("local", "b", Action::Destroy, "rev").expect("intent");
+        let a = j
+            .intent("local", "a", Action::Create, "rev")
+            .expect("intent");
+        let b = j
+            .intent("local", "b", Action::Destroy, "rev")
+            .expect("intent");
         j.outcome(a, true, "created").expect("outcome");
         drop(j);
         // A torn line from a crash mid-append is ignored.
@@ -182,8 +201,16 @@ mod tests {
         j.outcome(b, true, "recovered").expect("outcome");
         j.compact().expect("compact");
         assert!(j.unfinished().expect("read").is_empty());
-        assert_eq!(std::fs::read(&path).expect("read").len(), 0, "a clean journal is empty");
+        assert_eq!(
+            std::fs::read(&path).expect("read").len(),
+            0,
+            "a clean journal is empty"
+        );
         // Operation ids keep increasing after a reopen.
-        assert!(j.intent("local", "c", Action::Start, "rev").expect("intent") > b);
+        assert!(
+            j.intent("local", "c", Action::Start, "rev")
+                .expect("intent")
+                > b
+        );
     }
 }

@@ -63,7 +63,12 @@ pub trait Observer: Send + Sync {
 }
 
 /// Runs every step of `plan`.
-pub async fn run(plan: &Plan, drivers: &Drivers, journal: Arc<Journal>, observer: Arc<dyn Observer>) -> ApplyReport {
+pub async fn run(
+    plan: &Plan,
+    drivers: &Drivers,
+    journal: Arc<Journal>,
+    observer: Arc<dyn Observer>,
+) -> ApplyReport {
     let permits = Arc::new(Semaphore::new(plan.policy.max_parallel.max(1) as usize));
     let mut tasks = tokio::task::JoinSet::new();
     for (index, step) in plan.steps.iter().enumerate() {
@@ -78,7 +83,10 @@ pub async fn run(plan: &Plan, drivers: &Drivers, journal: Arc<Journal>, observer
         let fleet = plan.fleet.clone();
         let policy = plan.policy.clone();
         tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await.expect("semaphore is never closed");
+            let _permit = permits
+                .acquire_owned()
+                .await
+                .expect("semaphore is never closed");
             observer.step_started(&step);
             let started = Instant::now();
             let ctx = StepContext {
@@ -139,7 +147,12 @@ fn stamp_for(fleet: &str, revision: &str, vm: &DesiredVm) -> Stamp {
 /// Runs one step; returns its outcome and how many attempts its calls took in all.
 async fn run_step(ctx: &StepContext, step: &Step) -> (Result<(), DriverError>, u32) {
     let desired = step.desired.clone();
-    let missing_desired = || DriverError::new(ErrorKind::Permanent, format!("plan step for {} carries no desired spec", step.vm));
+    let missing_desired = || {
+        DriverError::new(
+            ErrorKind::Permanent,
+            format!("plan step for {} carries no desired spec", step.vm),
+        )
+    };
     match step.action {
         Action::Destroy => call(ctx, step, Action::Destroy, None).await,
         Action::Create | Action::Start | Action::Stop | Action::Update => match desired {
@@ -162,12 +175,26 @@ async fn run_step(ctx: &StepContext, step: &Step) -> (Result<(), DriverError>, u
 
 /// One journaled driver operation, with a deadline per attempt and retries on transient
 /// errors.
-async fn call(ctx: &StepContext, step: &Step, action: Action, vm: Option<DesiredVm>) -> (Result<(), DriverError>, u32) {
-    let op = match ctx.journal.intent(&step.provider, &step.vm, action, &ctx.revision) {
+async fn call(
+    ctx: &StepContext,
+    step: &Step,
+    action: Action,
+    vm: Option<DesiredVm>,
+) -> (Result<(), DriverError>, u32) {
+    let op = match ctx
+        .journal
+        .intent(&step.provider, &step.vm, action, &ctx.revision)
+    {
         Ok(op) => op,
         Err(e) => {
             // Without a durable intent the call must not run.
-            return (Err(DriverError::new(ErrorKind::Permanent, format!("cannot write the journal: {e}"))), 0);
+            return (
+                Err(DriverError::new(
+                    ErrorKind::Permanent,
+                    format!("cannot write the journal: {e}"),
+                )),
+                0,
+            );
         }
     };
     let mut backoff = FIRST_BACKOFF;
@@ -176,7 +203,9 @@ async fn call(ctx: &StepContext, step: &Step, action: Action, vm: Option<Desired
         attempt += 1;
         let driver = ctx.driver.clone();
         let (name, grace, restart) = (step.vm.clone(), ctx.grace, step.restart);
-        let stamp = vm.as_ref().map(|vm| stamp_for(&ctx.fleet, &ctx.revision, vm));
+        let stamp = vm
+            .as_ref()
+            .map(|vm| stamp_for(&ctx.fleet, &ctx.revision, vm));
         let vm = vm.clone();
         let work = tokio::task::spawn_blocking(move || match (action, vm, stamp) {
             (Action::Create, Some(vm), Some(stamp)) => driver.create(&vm, &stamp),
@@ -184,14 +213,25 @@ async fn call(ctx: &StepContext, step: &Step, action: Action, vm: Option<Desired
             (Action::Start, _, _) => driver.start(&name),
             (Action::Stop, _, _) => driver.stop(&name, grace),
             (Action::Destroy, _, _) => driver.destroy(&name, grace),
-            _ => Err(DriverError::new(ErrorKind::Permanent, format!("{action:?} of {name} without a spec"))),
+            _ => Err(DriverError::new(
+                ErrorKind::Permanent,
+                format!("{action:?} of {name} without a spec"),
+            )),
         });
         let outcome = match tokio::time::timeout(ctx.timeout, work).await {
             Ok(Ok(r)) => r,
-            Ok(Err(join)) => Err(DriverError::new(ErrorKind::Permanent, format!("driver call failed: {join}"))),
+            Ok(Err(join)) => Err(DriverError::new(
+                ErrorKind::Permanent,
+                format!("driver call failed: {join}"),
+            )),
             Err(_) => Err(DriverError::new(
                 ErrorKind::Permanent,
-                format!("{} of {} did not finish within the step deadline of {}", action.as_str(), step.vm, humantime::format_duration(ctx.timeout)),
+                format!(
+                    "{} of {} did not finish within the step deadline of {}",
+                    action.as_str(),
+                    step.vm,
+                    humantime::format_duration(ctx.timeout)
+                ),
             )),
         };
         match outcome {
@@ -224,7 +264,11 @@ pub async fn recover(journal: &Journal, drivers: &Drivers) -> std::io::Result<Ve
         let Some(driver) = drivers.get(&intent.provider).cloned() else {
             notes.push(format!(
                 "operation {} ({} {} on {}) stays open: provider {} is not in this revision",
-                intent.op, intent.action.as_str(), intent.vm, intent.provider, intent.provider
+                intent.op,
+                intent.action.as_str(),
+                intent.vm,
+                intent.provider,
+                intent.provider
             ));
             continue;
         };
@@ -233,10 +277,23 @@ pub async fn recover(journal: &Journal, drivers: &Drivers) -> std::io::Result<Ve
         match settled {
             Ok(Ok(())) => {
                 journal.outcome(intent.op, true, "recovered after an interrupted apply")?;
-                notes.push(format!("recovered interrupted {} of {} on {}", intent.action.as_str(), intent.vm, intent.provider));
+                notes.push(format!(
+                    "recovered interrupted {} of {} on {}",
+                    intent.action.as_str(),
+                    intent.vm,
+                    intent.provider
+                ));
             }
-            Ok(Err(e)) => notes.push(format!("could not recover {} of {}: {e}", intent.action.as_str(), intent.vm)),
-            Err(e) => notes.push(format!("could not recover {} of {}: {e}", intent.action.as_str(), intent.vm)),
+            Ok(Err(e)) => notes.push(format!(
+                "could not recover {} of {}: {e}",
+                intent.action.as_str(),
+                intent.vm
+            )),
+            Err(e) => notes.push(format!(
+                "could not recover {} of {}: {e}",
+                intent.action.as_str(),
+                intent.vm
+            )),
         }
     }
     journal.compact()?;

@@ -59,7 +59,13 @@ pub trait Driver: Send + Sync {
     /// Rewrites the definition and stamp in place; with `restart`, a running VM is stopped
     /// (gracefully, within `grace`) and started again so the change takes effect. Leaves the
     /// VM in the spec's power state.
-    fn update(&self, vm: &DesiredVm, stamp: &Stamp, restart: bool, grace: Duration) -> Result<(), DriverError>;
+    fn update(
+        &self,
+        vm: &DesiredVm,
+        stamp: &Stamp,
+        restart: bool,
+        grace: Duration,
+    ) -> Result<(), DriverError>;
 
     /// Stops the VM, removes its definition and every file fleet made for it.
     fn destroy(&self, name: &str, grace: Duration) -> Result<(), DriverError>;

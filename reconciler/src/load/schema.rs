@@ -97,6 +97,17 @@ fn explain(schema: &Value, err: &ValidationError<'_>, out: &mut Vec<Violation>) 
                 format!("{where_}: missing required field `{name}`"),
             )
         }
+        ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context }
+            if enum_of_consts(context).is_some() =>
+        {
+            // Enums whose values carry descriptions are a oneOf of consts: list them all.
+            let values = enum_of_consts(context).unwrap_or_default();
+            (
+                pointer,
+                false,
+                format!("{field}: {} is not valid; valid: {}", describe_value(err.instance()), values.join(", ")),
+            )
+        }
         ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context } => {
             // Tagged unions (providers): report the branch whose tag matched, if any.
             let matching = context.iter().find(|branch| {
@@ -229,6 +240,23 @@ fn explain(schema: &Value, err: &ValidationError<'_>, out: &mut Vec<Violation>) 
     });
 }
 
+/// The allowed values when every branch of a oneOf is a single `const`.
+fn enum_of_consts(context: &[Vec<ValidationError<'static>>]) -> Option<Vec<String>> {
+    let mut values = Vec::new();
+    for branch in context {
+        match branch.as_slice() {
+            [e] => match e.kind() {
+                ValidationErrorKind::Constant { expected_value } => values.push(
+                    expected_value.as_str().map(str::to_owned).unwrap_or_else(|| expected_value.to_string()),
+                ),
+                _ => return None,
+            },
+            _ => return None,
+        }
+    }
+    (!values.is_empty()).then_some(values)
+}
+
 /// Follows a schema path (`/properties/spec/$ref/properties/resources/additionalProperties`)
 /// through `$ref`s to the object schema that owns the keyword and lists its properties.
 fn valid_properties(schema: &Value, schema_path: &str) -> Vec<String> {
@@ -344,7 +372,13 @@ fn type_name(kind: &jsonschema::error::TypeKind) -> String {
     };
     match kind {
         TypeKind::Single(t) => name(t),
-        TypeKind::Multiple(ts) => ts.iter().map(|t| name(&t)).collect::<Vec<_>>().join(" or "),
+        // Optional fields allow null; "expected nothing or a number" helps nobody.
+        TypeKind::Multiple(ts) => ts
+            .iter()
+            .filter(|t| t.to_string() != "null")
+            .map(|t| name(&t))
+            .collect::<Vec<_>>()
+            .join(" or "),
     }
 }
 

@@ -107,25 +107,26 @@ fn strip_position_prefix(s: &str) -> &str {
     }
 }
 
-/// Makes serde-saphyr's terse messages say what to do.
+/// Rewrites serde-saphyr's messages for operators: no library API advice, no repeated
+/// position (it is printed in front), and what to do.
 fn humanise_parse_message(message: &str) -> String {
     let lower = message.to_ascii_lowercase();
-    if lower.contains("duplicate") && lower.contains("key") {
-        format!(
-            "YAML syntax: {message}; each key may appear once per mapping, remove the repeated one"
-        )
-    } else if lower.contains("depth") || lower.contains("budget") {
-        format!(
-            "YAML nesting is too deep ({message}); fleet objects nest at most {MAX_DEPTH} levels"
-        )
-    } else if lower.contains("multiple documents") || lower.contains("more than one document") {
-        format!(
-            "{message}; a file holds exactly one object, split the documents into separate files"
-        )
-    } else if lower.contains("boolean") {
-        format!("{message}; write true or false")
+    // The position is printed separately; drop the parser's own copy and what follows it.
+    let core = match message.find(" at line ") {
+        Some(i) => &message[..i],
+        None => message,
+    };
+    if let Some(rest) = core.strip_prefix("duplicate mapping key: ") {
+        let key = rest.split(',').next().unwrap_or(rest).trim();
+        format!("duplicate key `{key}`: each key may appear once per mapping; remove the repeated one")
+    } else if lower.contains("multiple yaml documents") {
+        "this file holds several YAML documents (separated by ---); a file holds exactly one object, split them into separate files".to_owned()
+    } else if lower.contains("budget breached") {
+        "the document expands to too many values (anchors and aliases repeated over and over); fleet objects are small, write the values out".to_owned()
+    } else if lower.contains("recursion limit") || lower.contains("depth") {
+        format!("YAML nesting is too deep; fleet objects nest at most {MAX_DEPTH} levels")
     } else {
-        format!("YAML syntax: {message}")
+        format!("YAML syntax: {core}")
     }
 }
 

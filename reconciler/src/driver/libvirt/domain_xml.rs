@@ -56,15 +56,27 @@ pub fn render(vm: &DesiredVm, uuid: &uuid::Uuid, stamp: &Stamp, files: &VmFiles<
     let _ = writeln!(x, "<domain type='{}'>", c.domain_type.as_str());
     let _ = writeln!(x, "  <name>{}</name>", escape(vm.name.as_str()));
     let _ = writeln!(x, "  <uuid>{uuid}</uuid>");
-    let _ = writeln!(x, "  <title>{}</title>", escape(format!("fleet {}: {}", stamp.fleet, vm.name).as_str()));
+    let _ = writeln!(
+        x,
+        "  <title>{}</title>",
+        escape(format!("fleet {}: {}", stamp.fleet, vm.name).as_str())
+    );
     let _ = writeln!(x, "  <metadata>{}</metadata>", stamp_element(stamp, true));
     let _ = writeln!(x, "  <memory unit='MiB'>{}</memory>", c.memory_mib);
     let _ = writeln!(x, "  <vcpu>{}</vcpu>", c.cpus);
     x.push_str("  <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n");
     if let Some(kernel) = files.kernel {
-        let _ = writeln!(x, "    <kernel>{}</kernel>", escape(kernel.to_string_lossy().as_ref()));
+        let _ = writeln!(
+            x,
+            "    <kernel>{}</kernel>",
+            escape(kernel.to_string_lossy().as_ref())
+        );
         if let Some(initrd) = files.initrd {
-            let _ = writeln!(x, "    <initrd>{}</initrd>", escape(initrd.to_string_lossy().as_ref()));
+            let _ = writeln!(
+                x,
+                "    <initrd>{}</initrd>",
+                escape(initrd.to_string_lossy().as_ref())
+            );
         }
         let mut cmdline = format!("console=ttyS0 fleet.vm={}", vm.name);
         if let Some(extra) = &c.image.cmdline {
@@ -87,7 +99,9 @@ pub fn render(vm: &DesiredVm, uuid: &uuid::Uuid, stamp: &Stamp, files: &VmFiles<
     }
     match c.network {
         NetworkMode::Isolated | NetworkMode::Allowlist => {}
-        NetworkMode::Full => x.push_str("    <interface type='user'><model type='virtio'/></interface>\n"),
+        NetworkMode::Full => {
+            x.push_str("    <interface type='user'><model type='virtio'/></interface>\n")
+        }
     }
     let _ = writeln!(
         x,
@@ -116,7 +130,9 @@ pub fn parse(xml: &str) -> Result<ObservedVm, String> {
     let uuid = child_text(root, "uuid").unwrap_or_default();
     // libvirt adds id='N' to active domains only.
     let running = root.attribute("id").is_some_and(|id| id != "-1");
-    let cpus = child_text(root, "vcpu").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let cpus = child_text(root, "vcpu")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let memory_mib = root
         .children()
         .find(|n| n.has_tag_name("currentMemory"))

@@ -88,7 +88,12 @@ impl LibvirtDriver {
         let c = Connect::open(Some(&self.uri)).map_err(|e| {
             DriverError::new(
                 ErrorKind::Transient,
-                format!("cannot connect to {} ({}): {}", self.provider, self.uri, e.message()),
+                format!(
+                    "cannot connect to {} ({}): {}",
+                    self.provider,
+                    self.uri,
+                    e.message()
+                ),
             )
         })?;
         *guard = Some(c.clone());
@@ -97,13 +102,21 @@ impl LibvirtDriver {
 
     /// Runs one libvirt call, counting it and classifying its error. A connection-level
     /// failure drops the cached connection so the next call reconnects.
-    fn call<T>(&self, what: &str, f: impl FnOnce(&Connect) -> Result<T, virt::error::Error>) -> Result<T, DriverError> {
+    fn call<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&Connect) -> Result<T, virt::error::Error>,
+    ) -> Result<T, DriverError> {
         let conn = self.connection()?;
         self.calls.fetch_add(1, Ordering::Relaxed);
         f(&conn).map_err(|e| self.classify(what, &e))
     }
 
-    fn on_domain<T>(&self, what: &str, f: impl FnOnce() -> Result<T, virt::error::Error>) -> Result<T, DriverError> {
+    fn on_domain<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> Result<T, virt::error::Error>,
+    ) -> Result<T, DriverError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         f().map_err(|e| self.classify(what, &e))
     }
@@ -121,7 +134,9 @@ impl LibvirtDriver {
                 *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 ErrorKind::Transient
             }
-            Enum::Known(ErrorNumber::OperationTimeout | ErrorNumber::AgentUnresponsive) => ErrorKind::Transient,
+            Enum::Known(ErrorNumber::OperationTimeout | ErrorNumber::AgentUnresponsive) => {
+                ErrorKind::Transient
+            }
             Enum::Known(ErrorNumber::DomExist) => ErrorKind::Conflict,
             _ => ErrorKind::Permanent,
         };
@@ -129,7 +144,9 @@ impl LibvirtDriver {
     }
 
     fn lookup(&self, name: &str) -> Result<Option<Domain>, DriverError> {
-        match self.call(&format!("look up {name}"), |c| c.lookup_domain_by_name(name)) {
+        match self.call(&format!("look up {name}"), |c| {
+            c.lookup_domain_by_name(name)
+        }) {
             Ok(d) => Ok(Some(d)),
             Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
@@ -138,7 +155,8 @@ impl LibvirtDriver {
 
     fn read(&self, dom: &Domain, name: &str) -> Result<ObservedVm, DriverError> {
         let xml = self.on_domain(&format!("read {name}"), || dom.xml_desc(0))?;
-        domain_xml::parse(&xml).map_err(|e| DriverError::new(ErrorKind::Permanent, format!("{name}: {e}")))
+        domain_xml::parse(&xml)
+            .map_err(|e| DriverError::new(ErrorKind::Permanent, format!("{name}: {e}")))
     }
 
     /// The domain `name`, if it carries this fleet's stamp for `name`. Checked before every
@@ -151,7 +169,10 @@ impl LibvirtDriver {
         if !observed.owned_by(&self.fleet) {
             return Err(DriverError::new(
                 ErrorKind::Conflict,
-                format!("VM {name:?} on {} is not fleet {:?}'s; refusing to touch it", self.provider, self.fleet),
+                format!(
+                    "VM {name:?} on {} is not fleet {:?}'s; refusing to touch it",
+                    self.provider, self.fleet
+                ),
             ));
         }
         Ok(Some((dom, observed)))
@@ -159,7 +180,10 @@ impl LibvirtDriver {
 
     fn require_owned(&self, name: &str) -> Result<(Domain, ObservedVm), DriverError> {
         self.owned(name)?.ok_or_else(|| {
-            DriverError::new(ErrorKind::NotFound, format!("VM {name:?} does not exist on {}", self.provider))
+            DriverError::new(
+                ErrorKind::NotFound,
+                format!("VM {name:?} does not exist on {}", self.provider),
+            )
         })
     }
 
@@ -167,7 +191,12 @@ impl LibvirtDriver {
         self.repo_root.join(p)
     }
 
-    fn check_image_file(&self, vm: &DesiredVm, field: &str, path: &Path) -> Result<(), DriverError> {
+    fn check_image_file(
+        &self,
+        vm: &DesiredVm,
+        field: &str,
+        path: &Path,
+    ) -> Result<(), DriverError> {
         if path.is_file() {
             Ok(())
         } else {
@@ -185,8 +214,18 @@ impl LibvirtDriver {
     /// The domain XML for `vm`, checking that its image files exist.
     fn definition(&self, vm: &DesiredVm, stamp: &Stamp) -> Result<String, DriverError> {
         let dir = self.vm_dir(&vm.name);
-        let kernel = vm.config.image.kernel.as_deref().map(|k| self.resolve_path(k));
-        let initrd = vm.config.image.initrd.as_deref().map(|i| self.resolve_path(i));
+        let kernel = vm
+            .config
+            .image
+            .kernel
+            .as_deref()
+            .map(|k| self.resolve_path(k));
+        let initrd = vm
+            .config
+            .image
+            .initrd
+            .as_deref()
+            .map(|i| self.resolve_path(i));
         if let Some(k) = &kernel {
             self.check_image_file(vm, "kernel", k)?;
         }
@@ -194,14 +233,24 @@ impl LibvirtDriver {
             self.check_image_file(vm, "initrd", i)?;
         }
         let console_log = dir.join("console.log");
-        let overlay = vm.config.image.disk.as_ref().map(|_| dir.join("disk.qcow2"));
+        let overlay = vm
+            .config
+            .image
+            .disk
+            .as_ref()
+            .map(|_| dir.join("disk.qcow2"));
         let files = domain_xml::VmFiles {
             console_log: &console_log,
             disk_overlay: overlay.as_deref(),
             kernel: kernel.as_deref(),
             initrd: initrd.as_deref(),
         };
-        Ok(domain_xml::render(vm, &domain_uuid(&self.fleet, &vm.name), stamp, &files))
+        Ok(domain_xml::render(
+            vm,
+            &domain_uuid(&self.fleet, &vm.name),
+            stamp,
+            &files,
+        ))
     }
 
     /// Makes `<storage>/<vm>/` with its owner marker, and the disk overlay when the image
@@ -209,7 +258,10 @@ impl LibvirtDriver {
     fn prepare_files(&self, vm: &DesiredVm) -> Result<(), DriverError> {
         let dir = self.vm_dir(&vm.name);
         let io = |what: &str, e: std::io::Error| {
-            DriverError::new(ErrorKind::Permanent, format!("{what} {}: {e}", dir.display()))
+            DriverError::new(
+                ErrorKind::Permanent,
+                format!("{what} {}: {e}", dir.display()),
+            )
         };
         std::fs::create_dir_all(&dir).map_err(|e| io("create", e))?;
         // qemu runs as its own user and must reach the console log and overlay.
@@ -220,7 +272,8 @@ impl LibvirtDriver {
             uuid: domain_uuid(&self.fleet, &vm.name).to_string(),
         };
         let marker_json = serde_json::to_vec_pretty(&marker).expect("marker is JSON");
-        crate::status::write_atomic(&dir.join(OWNER_MARKER), &marker_json).map_err(|e| io("write owner marker in", e))?;
+        crate::status::write_atomic(&dir.join(OWNER_MARKER), &marker_json)
+            .map_err(|e| io("write owner marker in", e))?;
         if let (Some(base), Some(size_mib)) = (&vm.config.image.disk, vm.config.disk_mib) {
             let base = self.resolve_path(base);
             self.check_image_file(vm, "disk", &base)?;
@@ -234,7 +287,12 @@ impl LibvirtDriver {
                 .arg(&overlay)
                 .arg(format!("{size_mib}M"))
                 .output()
-                .map_err(|e| DriverError::new(ErrorKind::Permanent, format!("run qemu-img: {e} (install qemu-utils)")))?;
+                .map_err(|e| {
+                    DriverError::new(
+                        ErrorKind::Permanent,
+                        format!("run qemu-img: {e} (install qemu-utils)"),
+                    )
+                })?;
             if !output.status.success() {
                 return Err(DriverError::new(
                     ErrorKind::Permanent,
@@ -268,7 +326,12 @@ impl LibvirtDriver {
                 other => other,
             }
         };
-        result.map_err(|e| DriverError::new(ErrorKind::Transient, format!("remove {}: {e}", dir.display())))
+        result.map_err(|e| {
+            DriverError::new(
+                ErrorKind::Transient,
+                format!("remove {}: {e}", dir.display()),
+            )
+        })
     }
 
     fn is_active(&self, dom: &Domain, name: &str) -> Result<bool, DriverError> {
@@ -290,7 +353,10 @@ impl LibvirtDriver {
         while self.is_active(dom, name)? {
             let now = Instant::now();
             if now >= deadline {
-                tracing::info!(vm = name, "graceful shutdown took longer than {grace:?}; powering off");
+                tracing::info!(
+                    vm = name,
+                    "graceful shutdown took longer than {grace:?}; powering off"
+                );
                 return match self.on_domain(&format!("power off {name}"), || dom.destroy()) {
                     Err(e) if e.message.contains("not running") => Ok(()),
                     other => other,
@@ -323,7 +389,12 @@ impl LibvirtDriver {
         self.call(&format!("define {name}"), |c| c.define_domain_xml(xml))
     }
 
-    fn ensure_power(&self, dom: &Domain, vm: &DesiredVm, grace: Duration) -> Result<(), DriverError> {
+    fn ensure_power(
+        &self,
+        dom: &Domain,
+        vm: &DesiredVm,
+        grace: Duration,
+    ) -> Result<(), DriverError> {
         match vm.state {
             PowerState::Running => self.power_on(dom, &vm.name),
             PowerState::Stopped => self.power_off(dom, &vm.name, grace),
@@ -359,11 +430,16 @@ impl Driver for LibvirtDriver {
             return self.ensure_power(&dom, vm, Duration::from_secs(60));
         }
         let uuid = domain_uuid(&self.fleet, &vm.name);
-        if let Ok(other) = self.call("look up by uuid", |c| c.lookup_domain_by_uuid_string(&uuid.to_string())) {
+        if let Ok(other) = self.call("look up by uuid", |c| {
+            c.lookup_domain_by_uuid_string(&uuid.to_string())
+        }) {
             let other_name = other.name().unwrap_or_default();
             return Err(DriverError::new(
                 ErrorKind::Conflict,
-                format!("UUID {uuid} of VM {:?} is already used by domain {other_name:?}", vm.name),
+                format!(
+                    "UUID {uuid} of VM {:?} is already used by domain {other_name:?}",
+                    vm.name
+                ),
             ));
         }
         let xml = self.definition(vm, stamp)?;
@@ -385,7 +461,13 @@ impl Driver for LibvirtDriver {
         self.power_off(&dom, name, grace)
     }
 
-    fn update(&self, vm: &DesiredVm, stamp: &Stamp, restart: bool, grace: Duration) -> Result<(), DriverError> {
+    fn update(
+        &self,
+        vm: &DesiredVm,
+        stamp: &Stamp,
+        restart: bool,
+        grace: Duration,
+    ) -> Result<(), DriverError> {
         let (dom, _) = self.require_owned(&vm.name)?;
         let xml = self.definition(vm, stamp)?;
         self.define(&xml, &vm.name)?;
@@ -429,9 +511,17 @@ impl Driver for LibvirtDriver {
 
 fn is_connection_failure(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
-    ["cannot recv data", "cannot write data", "connection reset", "end of file while reading", "broken pipe", "failed to connect socket", "no connection"]
-        .iter()
-        .any(|needle| m.contains(needle))
+    [
+        "cannot recv data",
+        "cannot write data",
+        "connection reset",
+        "end of file while reading",
+        "broken pipe",
+        "failed to connect socket",
+        "no connection",
+    ]
+    .iter()
+    .any(|needle| m.contains(needle))
 }
 
 fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {

@@ -1,0 +1,61 @@
+# fleet — GitOps for agent-sandbox VMs.
+#   make run     install what is missing, start libvirtd, build, build the guest image,
+#                apply fleet/ (the committed example fleet) and print its status
+#   make test    lint, then every test (real libvirt tests need libvirtd: make libvirtd)
+#   make bench   the plan and observe benchmarks
+SHELL := /bin/bash
+CARGO ?= cargo
+IMAGE_DIR := build/image
+DEB_PACKAGES := libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 pkg-config \
+                linux-image-cloud-amd64 busybox-static cpio kmod file git
+
+.PHONY: all build deps libvirtd image run test lint unit bench clean
+
+all: build
+
+build:
+	$(CARGO) build --release
+
+# Installs the Debian packages fleet and its tests need, when one is missing.
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if ! command -v qemu-img >/dev/null; then missing="$$missing qemu-utils"; fi; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# Starts virtlogd and libvirtd when they are not running (no systemd needed).
+libvirtd:
+	@pgrep -x virtlogd >/dev/null || virtlogd -d
+	@pgrep -x libvirtd >/dev/null || libvirtd -d
+	@for i in $$(seq 1 50); do virsh -c qemu:///system version >/dev/null 2>&1 && exit 0; sleep 0.2; done; \
+	  echo "libvirtd did not answer on qemu:///system" >&2; exit 1
+
+$(IMAGE_DIR)/initrd.img: guest-agent/image/build-micro.sh guest-agent/image/init
+	guest-agent/image/build-micro.sh $(IMAGE_DIR)
+
+image: $(IMAGE_DIR)/initrd.img
+
+run: deps libvirtd build image
+	./target/release/fleet apply --auto-approve
+	@sleep 6
+	./target/release/fleet status
+	@for f in .fleet/storage/*/console.log; do grep -h 'userspace reached' $$f || true; done
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --lib
+
+test: lint image
+	FLEET_TEST_LIBVIRT=$${FLEET_TEST_LIBVIRT:-1} $(CARGO) test --workspace
+
+bench: build
+	./target/release/fleet-bench
+
+clean:
+	rm -rf build target .fleet

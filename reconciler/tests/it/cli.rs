@@ -1,0 +1,1 @@
+//! The CLI on real git repositories, without a hypervisor.

@@ -1,0 +1,795 @@
+//! The bad-input corpus: each case is a small fleet/ tree and the exact diagnostics it must
+//! produce (`PATH:LINE:COL: error: MESSAGE`). None may panic; none may load.
+//! `UPDATE_EXPECT=1 cargo test` rewrites the expectations (review the diff).
+
+use expect_test::{Expect, expect};
+use fleet::source::{Revision, Snapshot, SourceFile};
+
+const FLEET: &str = "apiVersion: fleet/v1
+kind: Fleet
+metadata:
+  name: lab
+spec:
+  providers:
+    - name: local
+      type: libvirt
+      uri: qemu:///system
+  images:
+    - name: micro
+      kernel: build/image/vmlinuz
+      initrd: build/image/initrd.img
+";
+
+const VM: &str = "apiVersion: fleet/v1
+kind: VM
+metadata:
+  name: a
+spec:
+  provider: local
+  image: micro
+";
+
+fn snapshot(files: &[(&str, &[u8])], with_fleet: bool) -> Snapshot {
+    let mut all: Vec<SourceFile> = files
+        .iter()
+        .map(|(p, b)| SourceFile {
+            path: (*p).to_owned(),
+            bytes: b.to_vec(),
+        })
+        .collect();
+    if with_fleet && !files.iter().any(|(p, _)| *p == "fleet/fleet.yaml") {
+        all.push(SourceFile {
+            path: "fleet/fleet.yaml".into(),
+            bytes: FLEET.as_bytes().to_vec(),
+        });
+    }
+    all.sort_by(|a, b| a.path.cmp(&b.path));
+    Snapshot {
+        revision: Revision {
+            id: "0".repeat(40),
+            label: "test".into(),
+        },
+        fleet_dir: "fleet".into(),
+        files: all,
+    }
+}
+
+fn diagnostics(snapshot: &Snapshot) -> String {
+    match fleet::load::load(snapshot) {
+        Ok(_) => "loaded without diagnostics\n".to_owned(),
+        Err(diags) => {
+            assert!(!diags.is_empty());
+            diags.iter().map(|d| format!("{d}\n")).collect()
+        }
+    }
+}
+
+fn check(files: &[(&str, &str)], expect: Expect) {
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(p, t)| (*p, t.as_bytes())).collect();
+    expect.assert_eq(&diagnostics(&snapshot(&files, true)));
+}
+
+fn check_bytes(files: &[(&str, &[u8])], with_fleet: bool, expect: Expect) {
+    expect.assert_eq(&diagnostics(&snapshot(files, with_fleet)));
+}
+
+fn vm_with(spec_tail: &str) -> String {
+    format!("{VM}{spec_tail}")
+}
+
+#[test]
+fn the_base_fleet_is_valid() {
+    check(
+        &[("fleet/vms/a.yaml", VM)],
+        expect![[r#"
+        loaded without diagnostics
+    "#]],
+    );
+}
+
+#[test]
+fn yaml_unclosed_flow_sequence() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: a}\nspec: {provider: local, image: [micro}\n",
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:4:32: error: YAML syntax: mismatched bracket '[' closed by '}'
+        "#]],
+    );
+}
+
+#[test]
+fn yaml_bad_indentation() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            "apiVersion: fleet/v1\nkind: VM\nmetadata:\n  name: a\n spec:\n  provider: local\n",
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:5:2: error: YAML syntax: while parsing a block mapping, did not find expected key
+        "#]],
+    );
+}
+
+#[test]
+fn yaml_unclosed_quote() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            "apiVersion: fleet/v1\nkind: VM\nmetadata:\n  name: \"a\nspec: {}\n",
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:4:9: error: YAML syntax: unclosed quote
+        "#]],
+    );
+}
+
+#[test]
+fn yaml_tab_indentation() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            "apiVersion: fleet/v1\nkind: VM\nmetadata:\n\tname: a\n",
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:4:2: error: YAML syntax: tabs disallowed within this context (block indentation)
+        "#]],
+    );
+}
+
+#[test]
+fn duplicate_top_level_key() {
+    check(
+        &[("fleet/vms/a.yaml", &format!("{VM}kind: VM\n"))],
+        expect![[r#"
+            fleet/vms/a.yaml:8:1: error: duplicate key `kind`: each key may appear once per mapping; remove the repeated one
+        "#]],
+    );
+}
+
+#[test]
+fn duplicate_nested_key() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            &vm_with("  resources:\n    cpus: 1\n    cpus: 2\n"),
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:10:5: error: duplicate key `cpus`: each key may appear once per mapping; remove the repeated one
+        "#]],
+    );
+}
+
+#[test]
+fn multiple_documents_in_one_file() {
+    check(
+        &[("fleet/vms/a.yaml", &format!("{VM}---\n{VM}"))],
+        expect![[r#"
+            fleet/vms/a.yaml:9:1: error: this file holds several YAML documents (separated by ---); a file holds exactly one object, split them into separate files
+        "#]],
+    );
+}
+
+#[test]
+fn document_is_a_list() {
+    check(
+        &[("fleet/vms/a.yaml", "- apiVersion: fleet/v1\n- kind: VM\n")],
+        expect![[r#"
+            fleet/vms/a.yaml:1:1: error: the document must be a mapping with apiVersion, kind, metadata and spec
+        "#]],
+    );
+}
+
+#[test]
+fn empty_file() {
+    check(&[("fleet/vms/a.yaml", "")], expect![[r#"
+        fleet/vms/a.yaml:1:1: error: the document must be a mapping with apiVersion, kind, metadata and spec
+    "#]]);
+}
+
+#[test]
+fn missing_kind() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            "apiVersion: fleet/v1\nmetadata: {name: a}\nspec: {provider: local, image: micro}\n",
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:1:1: error: missing required field `kind`; a file here holds kind VM or VMPool
+        "#]],
+    );
+}
+
+#[test]
+fn unknown_kind() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            &VM.replace("kind: VM", "kind: VirtualMachine"),
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:2:7: error: kind: "VirtualMachine" is not a fleet kind; valid here: VM or VMPool
+        "#]],
+    );
+}
+
+#[test]
+fn kind_in_the_wrong_directory() {
+    check(&[("fleet/loadouts/a.yaml", VM)], expect![[r#"
+        fleet/loadouts/a.yaml:2:7: error: kind: VM does not belong in loadouts/a.yaml; a file here holds kind Loadout
+    "#]]);
+}
+
+#[test]
+fn wrong_api_version() {
+    check(
+        &[("fleet/vms/a.yaml", &VM.replace("fleet/v1", "fleet/v2"))],
+        expect![[r#"
+            fleet/vms/a.yaml:1:13: error: apiVersion: string "fleet/v2" is not valid; valid: fleet/v1
+        "#]],
+    );
+}
+
+#[test]
+fn missing_metadata_name() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            &VM.replace("  name: a\n", "  labels: {x: y}\n"),
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:4:3: error: metadata: missing required field `name`
+        "#]],
+    );
+}
+
+#[test]
+fn name_with_upper_case() {
+    check(
+        &[("fleet/vms/a.yaml", &VM.replace("name: a", "name: Agent-01"))],
+        expect![[r#"
+            fleet/vms/a.yaml:4:9: error: metadata.name: string "Agent-01" is not valid; expected a lower-case DNS label: letters, digits and '-', at most 63 characters, starting and ending with a letter or digit
+        "#]],
+    );
+}
+
+#[test]
+fn name_too_long() {
+    let long = "a".repeat(64);
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            &VM.replace("name: a", &format!("name: {long}")),
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:4:9: error: metadata.name: string "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa…" is not valid; expected a lower-case DNS label: letters, digits and '-', at most 63 characters, starting and ending with a letter or digit
+        "#]],
+    );
+}
+
+#[test]
+fn name_ending_with_dash() {
+    check(
+        &[("fleet/vms/a.yaml", &VM.replace("name: a", "name: agent-"))],
+        expect![[r#"
+            fleet/vms/a.yaml:4:9: error: metadata.name: string "agent-" is not valid; expected a lower-case DNS label: letters, digits and '-', at most 63 characters, starting and ending with a letter or digit
+        "#]],
+    );
+}
+
+#[test]
+fn unknown_top_level_field() {
+    check(
+        &[("fleet/vms/a.yaml", &format!("{VM}status: {{}}\n"))],
+        expect![[r#"
+            fleet/vms/a.yaml:8:1: error: status: unknown field; valid fields: apiVersion, kind, metadata, spec
+        "#]],
+    );
+}
+
+#[test]
+fn unknown_field_with_a_suggestion() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            &vm_with("  resources:\n    memroy: 1Gi\n"),
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:9:5: error: spec.resources.memroy: unknown field; did you mean `memory`? valid fields: cpus, memory, disk
+        "#]],
+    );
+}
+
+#[test]
+fn unknown_metadata_field() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            &VM.replace("  name: a\n", "  name: a\n  annotations: {}\n"),
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:5:3: error: metadata.annotations: unknown field; valid fields: name, labels
+        "#]],
+    );
+}
+
+#[test]
+fn cpus_is_a_string() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            &vm_with("  resources:\n    cpus: two\n"),
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:9:11: error: spec.resources.cpus: expected a whole number, found string "two"
+        "#]],
+    );
+}
+
+#[test]
+fn yaml_1_1_boolean_is_refused() {
+    check(
+        &[("fleet/vms/a.yaml", &vm_with("  protect: yes\n"))],
+        expect![[r#"
+            fleet/vms/a.yaml:8:12: error: spec.protect: expected true or false, found string "yes"
+        "#]],
+    );
+}
+
+#[test]
+fn labels_are_a_list() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            &VM.replace("  name: a\n", "  name: a\n  labels: [a, b]\n"),
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:5:11: error: metadata.labels: expected a mapping, found a list
+        "#]],
+    );
+}
+
+#[test]
+fn zero_cpus() {
+    check(
+        &[("fleet/vms/a.yaml", &vm_with("  resources:\n    cpus: 0\n"))],
+        expect![[r#"
+            fleet/vms/a.yaml:9:11: error: spec.resources.cpus: 0 is too small; the minimum is 1
+        "#]],
+    );
+}
+
+#[test]
+fn too_many_cpus() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            &vm_with("  resources:\n    cpus: 500\n"),
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:9:11: error: spec.resources.cpus: 500 is too large; the maximum is 128
+        "#]],
+    );
+}
+
+#[test]
+fn memory_with_a_decimal_unit() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            &vm_with("  resources:\n    memory: 2G\n"),
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:9:13: error: spec.resources.memory: string "2G" is not valid; expected a size with a binary unit: Mi, Gi or Ti (for example 512Mi or 2Gi)
+        "#]],
+    );
+}
+
+#[test]
+fn memory_too_small() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            &vm_with("  resources:\n    memory: 32Mi\n"),
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:9:13: error: spec.resources.memory: "32Mi" is out of bounds; memory must be 64Mi to 1Ti
+        "#]],
+    );
+}
+
+#[test]
+fn memory_too_large() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            &vm_with("  resources:\n    memory: 2Ti\n"),
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:9:13: error: spec.resources.memory: "2Ti" is out of bounds; memory must be 64Mi to 1Ti
+        "#]],
+    );
+}
+
+#[test]
+fn disk_too_small_in_a_loadout() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", &vm_with("  loadout: dev\n")),
+            (
+                "fleet/loadouts/dev.yaml",
+                "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: dev}\nspec:\n  resources: {disk: 512Mi}\n",
+            ),
+        ],
+        expect![[r#"
+            fleet/loadouts/dev.yaml:5:21: error: spec.resources.disk: "512Mi" is out of bounds; disk must be 1Gi to 16Ti
+        "#]],
+    );
+}
+
+#[test]
+fn unknown_power_state() {
+    check(
+        &[("fleet/vms/a.yaml", &vm_with("  state: paused\n"))],
+        expect![[r#"
+            fleet/vms/a.yaml:8:10: error: spec.state: string "paused" is not valid; valid: running, stopped
+        "#]],
+    );
+}
+
+#[test]
+fn unknown_network_mode() {
+    check(
+        &[("fleet/vms/a.yaml", &vm_with("  network: {mode: bridged}\n"))],
+        expect![[r#"
+            fleet/vms/a.yaml:8:19: error: spec.network.mode: string "bridged" is not valid; valid: isolated, allowlist, full
+        "#]],
+    );
+}
+
+#[test]
+fn allowlist_network_is_not_supported_yet() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            &vm_with("  network: {mode: allowlist}\n"),
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:8:19: error: spec.network.mode: allowlist is not supported by the libvirt provider yet; use isolated or full
+        "#]],
+    );
+}
+
+#[test]
+fn unknown_provider() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            &VM.replace("provider: local", "provider: remote"),
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:6:13: error: spec.provider: no provider named "remote"; defined: local
+        "#]],
+    );
+}
+
+#[test]
+fn unknown_image() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            &VM.replace("image: micro", "image: debian"),
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:7:10: error: spec.image: no image named "debian"; defined: micro
+        "#]],
+    );
+}
+
+#[test]
+fn unknown_loadout_with_none_defined() {
+    check(
+        &[("fleet/vms/a.yaml", &vm_with("  loadout: dev\n"))],
+        expect![[r#"
+            fleet/vms/a.yaml:8:12: error: spec.loadout: no Loadout named "dev"; none are defined; add one to fleet/loadouts/
+        "#]],
+    );
+}
+
+#[test]
+fn extends_an_unknown_loadout() {
+    check(
+        &[(
+            "fleet/loadouts/dev.yaml",
+            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: dev}\nspec:\n  extends: [base]\n",
+        )],
+        expect![[r#"
+            fleet/loadouts/dev.yaml:5:13: error: spec.extends[0]: no Loadout named "base"; defined: dev
+        "#]],
+    );
+}
+
+#[test]
+fn loadout_extends_itself() {
+    check(
+        &[(
+            "fleet/loadouts/dev.yaml",
+            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: dev}\nspec:\n  extends: [dev]\n",
+        )],
+        expect![[r#"
+            fleet/loadouts/dev.yaml:5:13: error: spec.extends: cycle dev → dev; a loadout cannot extend itself, directly or through others
+        "#]],
+    );
+}
+
+#[test]
+fn extends_cycle_through_three_loadouts() {
+    let l = |name: &str, parent: &str| {
+        format!(
+            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: {name}}}\nspec:\n  extends: [{parent}]\n"
+        )
+    };
+    check(
+        &[
+            ("fleet/loadouts/a.yaml", &l("a", "b")),
+            ("fleet/loadouts/b.yaml", &l("b", "c")),
+            ("fleet/loadouts/c.yaml", &l("c", "a")),
+        ],
+        expect![[r#"
+            fleet/loadouts/c.yaml:5:13: error: spec.extends: cycle a → b → c → a; a loadout cannot extend itself, directly or through others
+        "#]],
+    );
+}
+
+#[test]
+fn the_same_vm_name_in_two_files() {
+    check(
+        &[("fleet/vms/a.yaml", VM), ("fleet/vms/b.yaml", VM)],
+        expect![[r#"
+            fleet/vms/b.yaml:4:9: error: metadata.name: VM "a" is already defined at fleet/vms/a.yaml:4:9; names must be unique, rename one of them
+        "#]],
+    );
+}
+
+#[test]
+fn duplicate_provider_names() {
+    let fleet = FLEET.replace(
+        "  images:",
+        "    - name: local\n      type: libvirt\n      uri: qemu:///session\n  images:",
+    );
+    check(&[("fleet/fleet.yaml", &fleet)], expect![[r#"
+        fleet/fleet.yaml:10:13: error: spec.providers[1].name: provider "local" is already defined at line 7; provider names must be unique
+    "#]]);
+}
+
+#[test]
+fn image_without_kernel_or_disk() {
+    let fleet = format!("{FLEET}    - name: empty\n");
+    check(&[("fleet/fleet.yaml", &fleet)], expect![[r#"
+        fleet/fleet.yaml:14:7: error: spec.images[1]: image "empty" has neither kernel nor disk; set kernel (and initrd) for direct kernel boot, or disk for a qcow2 base image
+    "#]]);
+}
+
+#[test]
+fn initrd_without_kernel() {
+    let fleet = format!(
+        "{FLEET}    - name: odd\n      disk: /var/lib/x.qcow2\n      initrd: /boot/initrd\n"
+    );
+    check(&[("fleet/fleet.yaml", &fleet)], expect![[r#"
+        fleet/fleet.yaml:16:7: error: spec.images[1].initrd: only used with direct kernel boot; set kernel as well or remove initrd
+    "#]]);
+}
+
+#[test]
+fn unknown_provider_type() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &FLEET.replace("type: libvirt", "type: vmware"),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:7:7: error: spec.providers[0]: a mapping is not valid; valid: libvirt
+        "#]],
+    );
+}
+
+#[test]
+fn provider_without_uri() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &FLEET.replace("      uri: qemu:///system\n", ""),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:7:7: error: spec.providers[0]: missing required field `uri`
+        "#]],
+    );
+}
+
+#[test]
+fn fleet_without_providers() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: lab}\nspec:\n  providers: []\n",
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:5:14: error: spec.providers: needs at least 1 item(s)
+        "#]],
+    );
+}
+
+#[test]
+fn bad_duration_in_policy() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &format!("{FLEET}  policy:\n    reconcileInterval: 1 minute\n"),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:15:24: error: spec.policy.reconcileInterval: string "1 minute" is not valid; expected a duration: a whole number with a unit ms, s, m or h (for example 30s or 5m)
+        "#]],
+    );
+}
+
+#[test]
+fn null_spec() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: a}\nspec:\n",
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:4:5: error: spec: expected a mapping, found nothing (null)
+        "#]],
+    );
+}
+
+fn pool(name: &str, replicas: &str) -> String {
+    format!(
+        "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {{name: {name}}}\nspec:\n  replicas: {replicas}\n  template:\n    spec: {{provider: local, image: micro}}\n"
+    )
+}
+
+#[test]
+fn pool_member_clashes_with_a_vm() {
+    check(
+        &[
+            ("fleet/vms/w.yaml", &pool("w", "3")),
+            ("fleet/vms/w-02.yaml", &VM.replace("name: a", "name: w-02")),
+        ],
+        expect![[r#"
+            fleet/vms/w.yaml:5:13: error: spec.replicas: pool member "w-02" clashes with the VM defined at fleet/vms/w-02.yaml:4:9; rename the pool or that object
+        "#]],
+    );
+}
+
+#[test]
+fn pool_name_too_long_for_its_members() {
+    check(
+        &[("fleet/vms/p.yaml", &pool(&"p".repeat(62), "2"))],
+        expect![[r#"
+            fleet/vms/p.yaml:3:18: error: metadata.name: VM names made from this pool (pppppppppppppppppppppppppppppppppppppppppppppppppppppppppppppp-00) would be 65 characters; names are at most 63, shorten the pool name
+        "#]],
+    );
+}
+
+#[test]
+fn pool_with_negative_replicas() {
+    check(&[("fleet/vms/p.yaml", &pool("p", "-1"))], expect![[r#"
+        fleet/vms/p.yaml:5:13: error: spec.replicas: -1 is too small; the minimum is 0
+    "#]]);
+}
+
+#[test]
+fn several_errors_in_several_files_are_all_reported() {
+    check(
+        &[
+            (
+                "fleet/vms/a.yaml",
+                &vm_with("  resources:\n    cpus: 0\n    memory: lots\n  state: paused\n"),
+            ),
+            (
+                "fleet/vms/b.yaml",
+                &VM.replace("name: a", "name: b")
+                    .replace("image: micro", "image: nope"),
+            ),
+        ],
+        expect![[r#"
+            fleet/vms/a.yaml:9:11: error: spec.resources.cpus: 0 is too small; the minimum is 1
+            fleet/vms/a.yaml:10:13: error: spec.resources.memory: string "lots" is not valid; expected a size with a binary unit: Mi, Gi or Ti (for example 512Mi or 2Gi)
+            fleet/vms/a.yaml:11:10: error: spec.state: string "paused" is not valid; valid: running, stopped
+            fleet/vms/b.yaml:7:10: error: spec.image: no image named "nope"; defined: micro
+        "#]],
+    );
+}
+
+#[test]
+fn complex_mapping_key() {
+    check(
+        &[("fleet/vms/a.yaml", "apiVersion: fleet/v1\n? [a, b]\n: c\n")],
+        expect![[r#"
+            fleet/vms/a.yaml:2:3: error: YAML syntax: mapping keys must be plain scalars, not lists or mappings
+        "#]],
+    );
+}
+
+#[test]
+fn alias_bomb() {
+    let mut text =
+        String::from("apiVersion: fleet/v1\nkind: VM\na: &a [x, x, x, x, x, x, x, x, x]\n");
+    for i in 0..9u8 {
+        let (prev, cur) = ((b'a' + i) as char, (b'a' + i + 1) as char);
+        text.push_str(&format!("{cur}: &{cur} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
+    }
+    check(&[("fleet/vms/a.yaml", &text)], expect![[r#"
+        fleet/vms/a.yaml:8:16: error: the document expands to too many values (anchors and aliases repeated over and over); fleet objects are small, write the values out
+    "#]]);
+}
+
+#[test]
+fn deeply_nested_flow_collections() {
+    let text = format!(
+        "apiVersion: fleet/v1\nkind: VM\nspec: {}\n",
+        "[".repeat(100_000)
+    );
+    check(&[("fleet/vms/a.yaml", &text)], expect![[r#"
+        fleet/vms/a.yaml:3:262: error: YAML nesting is too deep; fleet objects nest at most 64 levels
+    "#]]);
+}
+
+#[test]
+fn oversized_file() {
+    let text = format!("{VM}# {}\n", "x".repeat(1024 * 1024));
+    check(&[("fleet/vms/a.yaml", &text)], expect![[r#"
+        fleet/vms/a.yaml:1:1: error: file is larger than 1024 KiB; fleet objects are small, split it or remove what does not belong
+    "#]]);
+}
+
+#[test]
+fn not_utf8() {
+    let mut bytes = VM.as_bytes().to_vec();
+    bytes.extend_from_slice(b"  loadout: caf\xe9\n");
+    check_bytes(&[("fleet/vms/a.yaml", &bytes)], true, expect![[r#"
+        fleet/vms/a.yaml:8:15: error: file is not valid UTF-8; save it as UTF-8 text
+    "#]]);
+}
+
+#[test]
+fn revision_without_fleet_yaml() {
+    check_bytes(&[("fleet/vms/a.yaml", VM.as_bytes())], false, expect![[r#"
+        fleet/fleet.yaml:1:1: error: missing fleet/fleet.yaml: every revision needs one object of kind Fleet there (providers, images, policy)
+    "#]]);
+}
+
+#[test]
+fn unsupported_kind_directory() {
+    check(
+        &[("fleet/tasks/t.yaml", "apiVersion: fleet/v1\nkind: Task\n")],
+        expect![[r#"
+            fleet/tasks/t.yaml:1:1: error: tasks/ holds kinds this version of fleet does not support yet; remove the file or upgrade fleet
+        "#]],
+    );
+}
+
+#[test]
+fn stray_yaml_file_at_the_fleet_root() {
+    check(
+        &[
+            ("fleet/notes.yaml", "a: 1\n"),
+            ("fleet/README.md", "not YAML, ignored"),
+        ],
+        expect![[r#"
+            fleet/notes.yaml:1:1: error: unexpected file: fleet objects live in fleet.yaml, loadouts/*.yaml and vms/*.yaml; move or remove it
+        "#]],
+    );
+}
+
+#[test]
+fn fleet_yaml_holds_a_vm() {
+    check(&[("fleet/fleet.yaml", VM)], expect![[r#"
+        fleet/fleet.yaml:2:7: error: kind: VM does not belong in fleet.yaml; a file here holds kind Fleet
+    "#]]);
+}

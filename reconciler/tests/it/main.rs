@@ -1,0 +1,6 @@
+//! One integration-test binary: the bad-input corpus, CLI behaviour, and real libvirt.
+
+mod cli;
+mod libvirt;
+mod load_corpus;
+mod support;
