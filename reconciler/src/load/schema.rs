@@ -105,7 +105,11 @@ fn explain(schema: &Value, err: &ValidationError<'_>, out: &mut Vec<Violation>) 
             (
                 pointer,
                 false,
-                format!("{field}: {} is not valid; valid: {}", describe_value(err.instance()), values.join(", ")),
+                format!(
+                    "{field}: {} is not valid; valid: {}",
+                    describe_value(err.instance()),
+                    values.join(", ")
+                ),
             )
         }
         ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context } => {
@@ -247,7 +251,10 @@ fn enum_of_consts(context: &[Vec<ValidationError<'static>>]) -> Option<Vec<Strin
         match branch.as_slice() {
             [e] => match e.kind() {
                 ValidationErrorKind::Constant { expected_value } => values.push(
-                    expected_value.as_str().map(str::to_owned).unwrap_or_else(|| expected_value.to_string()),
+                    expected_value
+                        .as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| expected_value.to_string()),
                 ),
                 _ => return None,
             },

@@ -118,7 +118,9 @@ fn humanise_parse_message(message: &str) -> String {
     };
     if let Some(rest) = core.strip_prefix("duplicate mapping key: ") {
         let key = rest.split(',').next().unwrap_or(rest).trim();
-        format!("duplicate key `{key}`: each key may appear once per mapping; remove the repeated one")
+        format!(
+            "duplicate key `{key}`: each key may appear once per mapping; remove the repeated one"
+        )
     } else if lower.contains("multiple yaml documents") {
         "this file holds several YAML documents (separated by ---); a file holds exactly one object, split them into separate files".to_owned()
     } else if lower.contains("budget breached") {

@@ -1,1 +1,175 @@
-//! The CLI on real git repositories, without a hypervisor.
+//! The CLI on real git repositories. Planning uses libvirt's in-process `test:///default`
+//! driver, so no daemon is needed here (the real-libvirt story is in `libvirt.rs`).
+
+use crate::support::Repo;
+
+fn fleet_yaml(uri: &str) -> String {
+    format!(
+        "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: clitest}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, uri: '{uri}', domainType: qemu}}\n  images:\n    - {{name: micro, kernel: /boot/vmlinuz, initrd: /boot/initrd.img}}\n"
+    )
+}
+
+fn vm_yaml(name: &str, memory: &str) -> String {
+    format!(
+        "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {name}}}\nspec: {{provider: local, image: micro, resources: {{memory: {memory}}}}}\n"
+    )
+}
+
+fn repo_with_fleet() -> Repo {
+    let repo = Repo::new();
+    repo.write("fleet/fleet.yaml", fleet_yaml("test:///default"))
+        .write("fleet/vms/a.yaml", vm_yaml("a", "256Mi"))
+        .write("fleet/vms/b.yaml", vm_yaml("b", "256Mi"));
+    repo.commit("two VMs");
+    repo
+}
+
+#[test]
+fn validate_reads_the_commit_unless_told_to_read_the_worktree() {
+    let repo = repo_with_fleet();
+    repo.write("fleet/vms/b.yaml", vm_yaml("b", "lots"));
+    let committed = repo.fleet(&["validate"]);
+    committed.expect_code(0);
+    assert!(
+        committed
+            .stdout()
+            .contains("valid (2 VM(s), 1 provider(s))"),
+        "{}",
+        committed.stdout()
+    );
+
+    let worktree = repo.fleet(&["validate", "--worktree"]);
+    worktree.expect_code(1);
+    assert_eq!(
+        worktree.stderr(),
+        "fleet/vms/b.yaml:4:59: error: spec.resources.memory: string \"lots\" is not valid; expected a size with a binary unit: Mi, Gi or Ti (for example 512Mi or 2Gi)\n1 error(s); nothing was applied\n"
+    );
+}
+
+#[test]
+fn validate_an_older_revision() {
+    let repo = repo_with_fleet();
+    let first = String::from_utf8(repo.git(&["rev-parse", "HEAD"]).stdout).expect("utf8");
+    repo.remove("fleet/fleet.yaml");
+    repo.commit("oops, no fleet.yaml");
+    repo.fleet(&["validate"]).expect_code(1);
+    repo.fleet(&["validate", "--rev", first.trim()])
+        .expect_code(0);
+    let missing = repo.fleet(&["validate", "--rev", "no-such-branch"]);
+    missing.expect_code(1);
+    assert!(
+        missing
+            .stderr()
+            .contains("revision \"no-such-branch\" not found"),
+        "{}",
+        missing.stderr()
+    );
+}
+
+#[test]
+fn a_directory_without_git_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = crate::support::Run(
+        std::process::Command::new(crate::support::fleet_bin())
+            .arg("-C")
+            .arg(dir.path())
+            .arg("validate")
+            .output()
+            .expect("run"),
+    );
+    out.expect_code(1);
+    assert!(
+        out.stderr().contains("is not a git repository"),
+        "{}",
+        out.stderr()
+    );
+    assert!(
+        out.stderr().contains("--worktree"),
+        "the message says how to proceed: {}",
+        out.stderr()
+    );
+}
+
+#[test]
+fn plan_exit_codes_and_json() {
+    let repo = repo_with_fleet();
+    let plan = repo.fleet(&["plan", "--detailed-exitcode"]);
+    plan.expect_code(2);
+    assert!(
+        plan.stdout().contains("Plan: 2 to create."),
+        "{}",
+        plan.stdout()
+    );
+    repo.fleet(&["plan"]).expect_code(0);
+
+    let json = repo.fleet(&["plan", "--json"]);
+    let value: serde_json::Value =
+        serde_json::from_str(&json.stdout()).expect("plan --json is JSON");
+    assert_eq!(value["formatVersion"], 1);
+    let actions: Vec<&str> = value["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["action"].as_str().expect("action"))
+        .collect();
+    assert_eq!(actions, ["create", "create"]);
+}
+
+#[test]
+fn an_invalid_revision_is_never_applied() {
+    let repo = repo_with_fleet();
+    repo.write("fleet/vms/c.yaml", "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: c}\nspec: {provider: nowhere, image: micro}\n");
+    repo.commit("bad reference");
+    let out = repo.fleet(&["apply", "--auto-approve"]);
+    out.expect_code(1);
+    assert!(out.stderr().contains("fleet/vms/c.yaml:4:18: error: spec.provider: no provider named \"nowhere\"; defined: local"), "{}", out.stderr());
+    assert!(
+        !out.stdout().contains("create"),
+        "no step ran: {}",
+        out.stdout()
+    );
+    let summary = std::fs::read_to_string(repo.path().join(".fleet/status/summary.yaml"))
+        .expect("summary written");
+    assert!(summary.contains("revisionRefused"), "{summary}");
+    assert!(summary.contains("no provider named"), "{summary}");
+}
+
+#[test]
+fn a_saved_plan_goes_stale_when_the_revision_moves() {
+    let repo = repo_with_fleet();
+    let planfile = repo.path().join("saved.json");
+    repo.fleet(&["plan", "--out", planfile.to_str().expect("utf8")])
+        .expect_code(0);
+
+    repo.write("fleet/vms/c.yaml", vm_yaml("c", "256Mi"));
+    repo.commit("a third VM");
+    let out = repo.fleet(&["apply", "--auto-approve", planfile.to_str().expect("utf8")]);
+    out.expect_code(1);
+    assert!(
+        out.stderr()
+            .contains("stale plan: it was made from revision main@"),
+        "{}",
+        out.stderr()
+    );
+
+    // An edited plan is refused too.
+    let text = std::fs::read_to_string(&planfile)
+        .expect("read")
+        .replace("\"b\"", "\"z\"");
+    std::fs::write(&planfile, text).expect("write");
+    let out = repo.fleet(&["apply", "--auto-approve", planfile.to_str().expect("utf8")]);
+    out.expect_code(1);
+    assert!(
+        out.stderr().contains("was edited after it was made"),
+        "{}",
+        out.stderr()
+    );
+}
+
+#[test]
+fn apply_asks_before_acting_and_refuses_without_a_terminal() {
+    let repo = repo_with_fleet();
+    let out = repo.fleet(&["apply"]);
+    out.expect_code(1);
+    assert!(out.stderr().contains("--auto-approve"), "{}", out.stderr());
+}

@@ -184,9 +184,12 @@ fn document_is_a_list() {
 
 #[test]
 fn empty_file() {
-    check(&[("fleet/vms/a.yaml", "")], expect![[r#"
+    check(
+        &[("fleet/vms/a.yaml", "")],
+        expect![[r#"
         fleet/vms/a.yaml:1:1: error: the document must be a mapping with apiVersion, kind, metadata and spec
-    "#]]);
+    "#]],
+    );
 }
 
 #[test]
@@ -217,9 +220,12 @@ fn unknown_kind() {
 
 #[test]
 fn kind_in_the_wrong_directory() {
-    check(&[("fleet/loadouts/a.yaml", VM)], expect![[r#"
+    check(
+        &[("fleet/loadouts/a.yaml", VM)],
+        expect![[r#"
         fleet/loadouts/a.yaml:2:7: error: kind: VM does not belong in loadouts/a.yaml; a file here holds kind Loadout
-    "#]]);
+    "#]],
+    );
 }
 
 #[test]
@@ -559,17 +565,23 @@ fn duplicate_provider_names() {
         "  images:",
         "    - name: local\n      type: libvirt\n      uri: qemu:///session\n  images:",
     );
-    check(&[("fleet/fleet.yaml", &fleet)], expect![[r#"
+    check(
+        &[("fleet/fleet.yaml", &fleet)],
+        expect![[r#"
         fleet/fleet.yaml:10:13: error: spec.providers[1].name: provider "local" is already defined at line 7; provider names must be unique
-    "#]]);
+    "#]],
+    );
 }
 
 #[test]
 fn image_without_kernel_or_disk() {
     let fleet = format!("{FLEET}    - name: empty\n");
-    check(&[("fleet/fleet.yaml", &fleet)], expect![[r#"
+    check(
+        &[("fleet/fleet.yaml", &fleet)],
+        expect![[r#"
         fleet/fleet.yaml:14:7: error: spec.images[1]: image "empty" has neither kernel nor disk; set kernel (and initrd) for direct kernel boot, or disk for a qcow2 base image
-    "#]]);
+    "#]],
+    );
 }
 
 #[test]
@@ -577,9 +589,12 @@ fn initrd_without_kernel() {
     let fleet = format!(
         "{FLEET}    - name: odd\n      disk: /var/lib/x.qcow2\n      initrd: /boot/initrd\n"
     );
-    check(&[("fleet/fleet.yaml", &fleet)], expect![[r#"
+    check(
+        &[("fleet/fleet.yaml", &fleet)],
+        expect![[r#"
         fleet/fleet.yaml:16:7: error: spec.images[1].initrd: only used with direct kernel boot; set kernel as well or remove initrd
-    "#]]);
+    "#]],
+    );
 }
 
 #[test]
@@ -678,9 +693,12 @@ fn pool_name_too_long_for_its_members() {
 
 #[test]
 fn pool_with_negative_replicas() {
-    check(&[("fleet/vms/p.yaml", &pool("p", "-1"))], expect![[r#"
+    check(
+        &[("fleet/vms/p.yaml", &pool("p", "-1"))],
+        expect![[r#"
         fleet/vms/p.yaml:5:13: error: spec.replicas: -1 is too small; the minimum is 0
-    "#]]);
+    "#]],
+    );
 }
 
 #[test]
@@ -724,9 +742,12 @@ fn alias_bomb() {
         let (prev, cur) = ((b'a' + i) as char, (b'a' + i + 1) as char);
         text.push_str(&format!("{cur}: &{cur} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
     }
-    check(&[("fleet/vms/a.yaml", &text)], expect![[r#"
+    check(
+        &[("fleet/vms/a.yaml", &text)],
+        expect![[r#"
         fleet/vms/a.yaml:8:16: error: the document expands to too many values (anchors and aliases repeated over and over); fleet objects are small, write the values out
-    "#]]);
+    "#]],
+    );
 }
 
 #[test]
@@ -735,33 +756,47 @@ fn deeply_nested_flow_collections() {
         "apiVersion: fleet/v1\nkind: VM\nspec: {}\n",
         "[".repeat(100_000)
     );
-    check(&[("fleet/vms/a.yaml", &text)], expect![[r#"
+    check(
+        &[("fleet/vms/a.yaml", &text)],
+        expect![[r#"
         fleet/vms/a.yaml:3:262: error: YAML nesting is too deep; fleet objects nest at most 64 levels
-    "#]]);
+    "#]],
+    );
 }
 
 #[test]
 fn oversized_file() {
     let text = format!("{VM}# {}\n", "x".repeat(1024 * 1024));
-    check(&[("fleet/vms/a.yaml", &text)], expect![[r#"
+    check(
+        &[("fleet/vms/a.yaml", &text)],
+        expect![[r#"
         fleet/vms/a.yaml:1:1: error: file is larger than 1024 KiB; fleet objects are small, split it or remove what does not belong
-    "#]]);
+    "#]],
+    );
 }
 
 #[test]
 fn not_utf8() {
     let mut bytes = VM.as_bytes().to_vec();
     bytes.extend_from_slice(b"  loadout: caf\xe9\n");
-    check_bytes(&[("fleet/vms/a.yaml", &bytes)], true, expect![[r#"
+    check_bytes(
+        &[("fleet/vms/a.yaml", &bytes)],
+        true,
+        expect![[r#"
         fleet/vms/a.yaml:8:15: error: file is not valid UTF-8; save it as UTF-8 text
-    "#]]);
+    "#]],
+    );
 }
 
 #[test]
 fn revision_without_fleet_yaml() {
-    check_bytes(&[("fleet/vms/a.yaml", VM.as_bytes())], false, expect![[r#"
+    check_bytes(
+        &[("fleet/vms/a.yaml", VM.as_bytes())],
+        false,
+        expect![[r#"
         fleet/fleet.yaml:1:1: error: missing fleet/fleet.yaml: every revision needs one object of kind Fleet there (providers, images, policy)
-    "#]]);
+    "#]],
+    );
 }
 
 #[test]
@@ -789,7 +824,10 @@ fn stray_yaml_file_at_the_fleet_root() {
 
 #[test]
 fn fleet_yaml_holds_a_vm() {
-    check(&[("fleet/fleet.yaml", VM)], expect![[r#"
+    check(
+        &[("fleet/fleet.yaml", VM)],
+        expect![[r#"
         fleet/fleet.yaml:2:7: error: kind: VM does not belong in fleet.yaml; a file here holds kind Fleet
-    "#]]);
+    "#]],
+    );
 }
