@@ -54,8 +54,8 @@ unit:
 test: lint image
 	FLEET_TEST_LIBVIRT=$${FLEET_TEST_LIBVIRT:-1} $(CARGO) test --workspace
 
-bench: build
-	./target/release/fleet-bench
+bench: build image libvirtd
+	./target/release/fleet-bench --libvirt
 
 clean:
 	rm -rf build target .fleet

@@ -420,8 +420,8 @@ fn status_cmd(ws: &Workspace, args: &StatusArgs) -> Result<ExitCode> {
     }
     let width = vms.keys().map(String::len).max().unwrap_or(4).max(4);
     println!(
-        "{:<width$}  {:<10} {:<12} {:>4} {:>7}  {}",
-        "NAME", "PROVIDER", "PHASE", "CPUS", "MEMORY", "NOTES"
+        "{:<width$}  {:<10} {:<12} {:>4} {:>7}  NOTES",
+        "NAME", "PROVIDER", "PHASE", "CPUS", "MEMORY"
     );
     for vm in vms.values() {
         let (cpus, mem) = vm

@@ -178,12 +178,22 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         ));
     }
 
+    // One index instead of a scan per VM: planning stays linear in the fleet's size.
+    let index: std::collections::HashMap<(&str, &str), &ObservedVm> = observed
+        .hosts
+        .iter()
+        .flat_map(|(provider, host)| {
+            host.vms
+                .iter()
+                .map(move |vm| ((provider.as_str(), vm.name.as_str()), vm))
+        })
+        .collect();
     for vm in desired.vms.values() {
         let provider = &vm.config.provider;
         if !observed.hosts.contains_key(provider) {
             continue; // unreachable: never create what we cannot see
         }
-        match observed.find(provider, &vm.name) {
+        match index.get(&(provider.as_str(), vm.name.as_str())).copied() {
             None => steps.push(Step {
                 vm: vm.name.clone(),
                 provider: provider.clone(),
