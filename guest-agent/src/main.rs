@@ -16,7 +16,11 @@ const PROTOCOL_VERSION: u32 = 1;
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
 #[derive(Serialize)]
-#[serde(tag = "type", rename_all = "camelCase", rename_all_fields = "camelCase")]
+#[serde(
+    tag = "type",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
 enum Message<'a> {
     Hello {
         v: u32,

@@ -275,13 +275,9 @@ fn read_saved_plan(path: &Path) -> Result<Plan> {
 }
 
 async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
+    // A saved plan names the revision and observation it was made from; both must still hold.
     let saved = args.planfile.as_deref().map(read_saved_plan).transpose()?;
-    let source = match &saved {
-        // A saved plan names the revision it was made from; the current one must match.
-        Some(_) => &args.source,
-        None => &args.source,
-    };
-    let snapshot = reconcile::read_snapshot(ws, &source.choice())?;
+    let snapshot = reconcile::read_snapshot(ws, &args.source.choice())?;
     let desired = match reconcile::desired(&snapshot) {
         Ok(d) => d,
         Err(diags) => {
@@ -324,9 +320,8 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     };
     print!("{}", render::text(&plan));
     if !plan.has_changes() {
-        let applied =
-            reconcile::apply_and_record(ws, &desired, &plan, &drivers, journal, false).await?;
-        let _ = applied;
+        // Nothing to do, but the status files still record this revision and what runs.
+        reconcile::apply_and_record(ws, &desired, &plan, &drivers, journal, false).await?;
         return Ok(exit_for(&plan, 0));
     }
     if !args.auto_approve {
