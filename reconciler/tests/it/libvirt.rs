@@ -109,7 +109,7 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
     if !enabled() {
         return;
     }
-    let prefix = format!("it{}-", std::process::id());
+    let prefix = format!("it{}-story-", std::process::id());
     let _cleanup = Cleanup {
         prefix: prefix.clone(),
     };
@@ -239,4 +239,191 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
     repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
     assert!(!domain_exists(&a) && !domain_exists(&b));
     assert!(domain_exists(&clash), "the foreign domain survives");
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("run qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The backing file of a qcow2 overlay.
+fn backing_file(overlay: &Path) -> String {
+    let info: serde_json::Value = serde_json::from_str(&qemu_img(&[
+        "info",
+        "--output",
+        "json",
+        "-U",
+        overlay.to_str().expect("utf8"),
+    ]))
+    .expect("json");
+    info["backing-filename"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn disk_images_get_overlays_and_a_new_base_disk_replaces_the_vm() {
+    if !enabled() {
+        return;
+    }
+    let prefix = format!("it{}-disk-", std::process::id());
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let vm = format!("{prefix}a");
+    let repo = Repo::new();
+    let bases = repo.path().join("bases");
+    std::fs::create_dir_all(&bases).expect("mkdir");
+    for base in ["one", "two"] {
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            bases.join(format!("{base}.qcow2")).to_str().expect("utf8"),
+            "64M",
+        ]);
+    }
+    let (kernel, initrd) = micro_image();
+    let fleet = |disk: &str| {
+        format!(
+            "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: it{}disk}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, uri: '{URI}', domainType: qemu, storageDir: .fleet/storage}}\n  images:\n    - {{name: micro, kernel: '{}', initrd: '{}', disk: bases/{disk}.qcow2}}\n  policy: {{shutdownTimeout: 15s}}\n",
+            std::process::id(),
+            kernel.display(),
+            initrd.display()
+        )
+    };
+    repo.write("fleet/fleet.yaml", fleet("one"));
+    repo.write(
+        &format!("fleet/vms/{vm}.yaml"),
+        format!("apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {vm}}}\nspec: {{provider: local, image: micro, resources: {{memory: 192Mi, disk: 2Gi}}}}\n"),
+    );
+    repo.commit("a VM on a disk image");
+    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    let overlay = repo
+        .path()
+        .join(".fleet/storage")
+        .join(&vm)
+        .join("disk.qcow2");
+    assert!(
+        backing_file(&overlay).ends_with("bases/one.qcow2"),
+        "{}",
+        backing_file(&overlay)
+    );
+    assert!(virsh_ok(&["domblklist", &vm]).contains("disk.qcow2"));
+    wait_for_userspace(repo.path(), &vm, 0);
+
+    repo.write("fleet/fleet.yaml", fleet("two"));
+    repo.commit("a new base disk");
+    let plan = repo.fleet(&["plan", "--detailed-exitcode"]);
+    plan.expect_code(2);
+    assert!(
+        plan.stdout().contains(&format!(
+            "-/+ replace  {vm}  on local: image.disk changed, which forces replacement (a new base disk needs a new overlay)"
+        )),
+        "{}",
+        plan.stdout()
+    );
+    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    assert!(
+        backing_file(&overlay).ends_with("bases/two.qcow2"),
+        "{}",
+        backing_file(&overlay)
+    );
+    wait_for_userspace(repo.path(), &vm, 0);
+    repo.fleet(&["plan", "--detailed-exitcode"]).expect_code(0);
+
+    repo.remove(&format!("fleet/vms/{vm}.yaml"));
+    repo.commit("gone");
+    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    assert!(!overlay.exists() && !domain_exists(&vm));
+    assert!(
+        bases.join("one.qcow2").exists() && bases.join("two.qcow2").exists(),
+        "base disks are never touched"
+    );
+}
+
+#[test]
+fn an_interrupted_create_is_recovered_without_a_duplicate() {
+    if !enabled() {
+        return;
+    }
+    let prefix = format!("it{}-crash-", std::process::id());
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let fleet = format!("it{}crash", std::process::id());
+    let (made, half) = (format!("{prefix}made"), format!("{prefix}half"));
+    let repo = Repo::new();
+    repo.write("fleet/fleet.yaml", fleet_yaml(&fleet));
+    repo.write(&format!("fleet/vms/{made}.yaml"), vm_yaml(&made, "192Mi"));
+    repo.commit("one VM");
+    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    let uuid_before = virsh_ok(&["domuuid", &made]);
+
+    // Simulate fleet killed in the middle of two creates: one whose domain was defined (the
+    // journal never got its outcome), one that had only made its directory.
+    repo.write(&format!("fleet/vms/{half}.yaml"), vm_yaml(&half, "192Mi"));
+    repo.commit("a second VM");
+    let journal = repo.path().join(".fleet/status/journal.jsonl");
+    let intents = format!(
+        "{{\"record\":\"intent\",\"op\":1,\"provider\":\"local\",\"vm\":\"{made}\",\"action\":\"create\",\"revision\":\"x\",\"time\":\"t\"}}\n{{\"record\":\"intent\",\"op\":2,\"provider\":\"local\",\"vm\":\"{half}\",\"action\":\"create\",\"revision\":\"x\",\"time\":\"t\"}}\n"
+    );
+    std::fs::write(&journal, intents).expect("journal");
+    let leftover = repo.path().join(".fleet/storage").join(&half);
+    std::fs::create_dir_all(&leftover).expect("mkdir");
+    std::fs::write(
+        leftover.join("owner.json"),
+        format!("{{\"fleet\":\"{fleet}\",\"vm\":\"{half}\",\"uuid\":\"u\"}}"),
+    )
+    .expect("marker");
+    std::fs::write(leftover.join("disk.qcow2"), b"half-written").expect("leftover");
+
+    let out = repo.fleet(&["apply", "--auto-approve"]);
+    out.expect_code(0);
+    assert!(
+        out.stderr()
+            .contains(&format!("journal: recovered interrupted create of {half}")),
+        "{}",
+        out.stderr()
+    );
+    assert!(
+        out.stdout().contains("Plan: 1 to create."),
+        "only the missing VM is created: {}",
+        out.stdout()
+    );
+    assert_eq!(
+        virsh_ok(&["domuuid", &made]),
+        uuid_before,
+        "the VM made before the crash is kept, not duplicated"
+    );
+    assert!(
+        !leftover.join("disk.qcow2").exists(),
+        "the half-made file was cleared"
+    );
+    let names = virsh_ok(&["list", "--all", "--name"]);
+    assert_eq!(
+        names.lines().filter(|n| n.starts_with(&prefix)).count(),
+        2,
+        "{names}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&journal).expect("journal"),
+        "",
+        "the journal is clean"
+    );
+
+    repo.remove(&format!("fleet/vms/{made}.yaml"));
+    repo.remove(&format!("fleet/vms/{half}.yaml"));
+    repo.commit("empty");
+    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
 }
