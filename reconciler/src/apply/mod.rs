@@ -299,3 +299,182 @@ pub async fn recover(journal: &Journal, drivers: &Drivers) -> std::io::Result<Ve
     journal.compact()?;
     Ok(notes)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+    use crate::observe::ObservedHost;
+    use crate::plan::Reason;
+    use crate::resolve::{ResolvedImage, ResolvedPolicy, VmConfig};
+    use crate::source::Revision;
+    use crate::spec::{DomainType, NetworkMode, PowerState};
+
+    /// A driver whose creates fail as told: by VM name, a permanent error, N transient
+    /// errors before success, or a hang longer than any deadline.
+    #[derive(Default)]
+    struct FaultyDriver {
+        transient_left: AtomicU32,
+        created: Mutex<Vec<String>>,
+    }
+
+    impl Driver for FaultyDriver {
+        fn observe(&self) -> Result<ObservedHost, DriverError> {
+            Ok(ObservedHost { vms: vec![] })
+        }
+        fn create(&self, vm: &DesiredVm, _: &Stamp) -> Result<(), DriverError> {
+            match vm.name.as_str() {
+                "broken" => Err(DriverError::new(ErrorKind::Permanent, "bad definition")),
+                "flaky" if self.transient_left.fetch_sub(1, Ordering::SeqCst) > 0 => {
+                    Err(DriverError::new(ErrorKind::Transient, "connection reset"))
+                }
+                "stuck" => {
+                    std::thread::sleep(Duration::from_secs(3));
+                    Ok(())
+                }
+                _ => {
+                    self.created.lock().expect("lock").push(vm.name.clone());
+                    Ok(())
+                }
+            }
+        }
+        fn start(&self, _: &str) -> Result<(), DriverError> {
+            Ok(())
+        }
+        fn stop(&self, _: &str, _: Duration) -> Result<(), DriverError> {
+            Ok(())
+        }
+        fn update(
+            &self,
+            _: &DesiredVm,
+            _: &Stamp,
+            _: bool,
+            _: Duration,
+        ) -> Result<(), DriverError> {
+            Ok(())
+        }
+        fn destroy(&self, _: &str, _: Duration) -> Result<(), DriverError> {
+            Ok(())
+        }
+        fn settle(&self, _: &str) -> Result<(), DriverError> {
+            Ok(())
+        }
+        fn calls(&self) -> u64 {
+            0
+        }
+    }
+
+    struct Quiet;
+    impl Observer for Quiet {
+        fn step_started(&self, _: &Step) {}
+        fn step_finished(&self, _: &Step, _: &StepResult) {}
+    }
+
+    fn create_step(name: &str) -> Step {
+        let config = VmConfig {
+            provider: "local".into(),
+            domain_type: DomainType::Qemu,
+            image: ResolvedImage {
+                name: "micro".into(),
+                kernel: None,
+                initrd: None,
+                cmdline: None,
+                disk: None,
+            },
+            loadout: None,
+            pool: None,
+            cpus: 1,
+            memory_mib: 128,
+            disk_mib: None,
+            network: NetworkMode::Isolated,
+            packages: vec![],
+            files: vec![],
+            runcmd: vec![],
+            env: Default::default(),
+            labels: Default::default(),
+            protect: false,
+        };
+        Step {
+            vm: name.into(),
+            provider: "local".into(),
+            action: Action::Create,
+            reason: Reason::NotFound,
+            changes: vec![],
+            restart: false,
+            desired: Some(DesiredVm {
+                name: name.into(),
+                state: PowerState::Running,
+                spec_hash: config.hash(),
+                config,
+                source: String::new(),
+            }),
+            applied: None,
+            applied_revision: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn failures_stay_with_their_vm_transient_errors_are_retried_and_deadlines_hold() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = Arc::new(Journal::open(&dir.path().join("journal.jsonl")).expect("journal"));
+        let driver = Arc::new(FaultyDriver {
+            transient_left: AtomicU32::new(2),
+            ..Default::default()
+        });
+        let drivers: Drivers =
+            BTreeMap::from([("local".to_owned(), driver.clone() as Arc<dyn Driver>)]);
+        let plan = Plan {
+            format_version: 1,
+            fleet: "lab".into(),
+            revision: Revision {
+                id: "r".into(),
+                label: "r".into(),
+            },
+            observed_digest: String::new(),
+            policy: ResolvedPolicy {
+                max_parallel: 2,
+                step_timeout: Duration::from_millis(800),
+                shutdown_timeout: Duration::from_secs(1),
+                reconcile_interval: Duration::from_secs(60),
+            },
+            steps: ["broken", "flaky", "ok-1", "stuck", "ok-2"]
+                .map(create_step)
+                .to_vec(),
+            conflicts: vec![],
+            errors: vec![],
+            digest: String::new(),
+        };
+        let report = run(&plan, &drivers, journal.clone(), Arc::new(Quiet)).await;
+        let by_vm: BTreeMap<&str, &StepResult> =
+            report.results.iter().map(|r| (r.vm.as_str(), r)).collect();
+
+        assert!(!by_vm["broken"].ok);
+        assert_eq!(
+            by_vm["broken"].attempts, 1,
+            "a permanent error is not retried"
+        );
+        assert!(by_vm["flaky"].ok, "{:?}", by_vm["flaky"]);
+        assert_eq!(
+            by_vm["flaky"].attempts, 3,
+            "two transient failures, then success"
+        );
+        assert!(!by_vm["stuck"].ok);
+        assert!(
+            by_vm["stuck"]
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("did not finish within the step deadline"))
+        );
+        assert!(
+            by_vm["ok-1"].ok && by_vm["ok-2"].ok,
+            "other VMs are not held up"
+        );
+        let mut created = driver.created.lock().expect("lock").clone();
+        created.sort();
+        assert_eq!(created, ["flaky", "ok-1", "ok-2"]);
+        // Every call has its outcome journaled, a timed-out one as failed.
+        assert!(journal.unfinished().expect("journal").is_empty());
+    }
+}
