@@ -277,6 +277,8 @@ fn read_saved_plan(path: &Path) -> Result<Plan> {
 async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     // A saved plan names the revision and observation it was made from; both must still hold.
     let saved = args.planfile.as_deref().map(read_saved_plan).transpose()?;
+    // Held until apply returns: nothing else may write the status directory meanwhile.
+    let _lock = take_lock(ws, "fleet apply")?;
     let snapshot = reconcile::read_snapshot(ws, &args.source.choice())?;
     let desired = match reconcile::desired(&snapshot) {
         Ok(d) => d,
@@ -356,6 +358,18 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
         plan.conflicts.len()
     );
     Ok(exit_for(&plan, failed))
+}
+
+/// The status directory's single-writer lock, or an error naming its holder.
+fn take_lock(ws: &Workspace, command: &str) -> Result<crate::status::lock::StatusLock> {
+    let lock = crate::status::lock::StatusLock::acquire(ws.status.root(), command)?;
+    if let Some(dead) = &lock.stale {
+        eprintln!(
+            "note: took over a stale lock left by PID {} ({}, since {}), which is no longer running",
+            dead.pid, dead.command, dead.since
+        );
+    }
+    Ok(lock)
 }
 
 fn exit_for(plan: &Plan, failed: usize) -> ExitCode {

@@ -5,6 +5,8 @@
 //! Architecture invariant: the only writer of the status directory. Nothing here holds a
 //! secret.
 
+pub mod lock;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};

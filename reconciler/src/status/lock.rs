@@ -1,0 +1,113 @@
+//! One writer per status directory: an exclusive `flock` on `<status>/lock`, held for the
+//! life of the process, with the holder's PID and command written inside. The kernel drops
+//! the lock when its holder dies, so a lock file left by a dead process is stale by
+//! construction: the next process takes it and says whose it was.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    pub command: String,
+    pub since: String,
+}
+
+/// The held lock; dropping it releases the lock.
+#[derive(Debug)]
+pub struct StatusLock {
+    file: File,
+    path: PathBuf,
+    /// The holder a previous, dead process left in the file, if any.
+    pub stale: Option<Holder>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "{path} is held by PID {pid} ({command}, since {since}); only one fleet process may change a status directory. Stop that process (for `fleet serve`: systemctl stop fleet, or kill {pid}) or use another --status-dir",
+        path = .path.display(), pid = .holder.pid, command = .holder.command, since = .holder.since
+    )]
+    Held { path: PathBuf, holder: Holder },
+    #[error("{path} is locked by another process; only one fleet process may change a status directory", path = .path.display())]
+    HeldUnknown { path: PathBuf },
+    #[error("cannot open the lock {path}: {source}", path = .path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+impl StatusLock {
+    /// Takes the lock or fails at once (never waits).
+    pub fn acquire(status_dir: &Path, command: &str) -> Result<StatusLock, LockError> {
+        let path = status_dir.join("lock");
+        let io = |source| LockError::Io { path: path.clone(), source };
+        std::fs::create_dir_all(status_dir).map_err(io)?;
+        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        let mut previous = String::new();
+        let _ = file.read_to_string(&mut previous);
+        let previous: Option<Holder> = serde_json::from_str(&previous).ok();
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(match previous {
+                    Some(holder) => LockError::Held { path, holder },
+                    None => LockError::HeldUnknown { path },
+                });
+            }
+            Err(TryLockError::Error(e)) => return Err(io(e)),
+        }
+        let me = Holder {
+            pid: std::process::id(),
+            command: command.to_owned(),
+            since: super::timestamp(std::time::SystemTime::now()),
+        };
+        file.set_len(0).map_err(io)?;
+        file.rewind().map_err(io)?;
+        file.write_all(&serde_json::to_vec(&me).expect("holder is JSON")).map_err(io)?;
+        file.sync_data().map_err(io)?;
+        let stale = previous.filter(|p| p.pid != me.pid);
+        Ok(StatusLock { file, path, stale })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for StatusLock {
+    fn drop(&mut self) {
+        // Clear the holder so nobody reports a released lock as stale, then unlock.
+        let _ = self.file.set_len(0);
+        let _ = self.file.unlock();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_holder_is_refused_with_the_first_ones_pid() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = StatusLock::acquire(dir.path(), "fleet serve").expect("first");
+        assert!(first.stale.is_none());
+        let err = StatusLock::acquire(dir.path(), "fleet apply").expect_err("held");
+        let message = err.to_string();
+        assert!(message.contains(&format!("held by PID {}", std::process::id())), "{message}");
+        assert!(message.contains("fleet serve"), "{message}");
+        drop(first);
+        let again = StatusLock::acquire(dir.path(), "fleet apply").expect("released");
+        assert!(again.stale.is_none(), "a cleanly released lock is not stale");
+    }
+
+    #[test]
+    fn a_lock_file_left_by_a_dead_process_is_stale() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dead = Holder { pid: 999_999_999, command: "fleet serve".into(), since: "then".into() };
+        std::fs::write(dir.path().join("lock"), serde_json::to_vec(&dead).expect("json")).expect("write");
+        let lock = StatusLock::acquire(dir.path(), "fleet apply").expect("stale lock is taken");
+        assert_eq!(lock.stale, Some(dead));
+    }
+}
