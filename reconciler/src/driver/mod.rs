@@ -76,4 +76,20 @@ pub trait Driver: Send + Sync {
 
     /// Hypervisor calls made so far (for benchmarks and tests of the O(hosts) promise).
     fn calls(&self) -> u64;
+
+    /// Starts following the host's VM events in the background. From then on `observe` may
+    /// answer from a cache that events keep fresh; `on_change` hears the VM name of every
+    /// event, or `None` when the event stream broke (the cache is dropped then, and rebuilt
+    /// once the stream is back). Drivers without events keep the default: no cache.
+    fn watch(&self, on_change: ChangeCallback) -> Result<(), DriverError> {
+        let _ = on_change;
+        Ok(())
+    }
+
+    /// Forgets cached observations, so the next `observe` reads every VM again. For changes
+    /// the hypervisor sends no event for.
+    fn resync(&self) {}
 }
+
+/// Told about changes on a host: a VM's name, or `None` for "anything may have changed".
+pub type ChangeCallback = std::sync::Arc<dyn Fn(Option<&str>) + Send + Sync>;

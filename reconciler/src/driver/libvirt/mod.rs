@@ -7,8 +7,10 @@
 
 pub mod domain_xml;
 
+use std::collections::HashMap;
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -18,7 +20,7 @@ use virt::domain::Domain;
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 
-use super::{Driver, DriverError, ErrorKind};
+use super::{ChangeCallback, Driver, DriverError, ErrorKind};
 use crate::observe::{ObservedHost, ObservedVm, Stamp};
 use crate::resolve::DesiredVm;
 use crate::spec::{LibvirtProvider, PowerState};
@@ -49,6 +51,28 @@ pub struct LibvirtDriver {
     storage_dir: PathBuf,
     conn: Mutex<Option<Connect>>,
     calls: AtomicU64,
+    /// Observations kept fresh by the event watcher (shared with its thread).
+    cache: Arc<Mutex<ObservationCache>>,
+}
+
+/// What `observe` may reuse: each domain's parsed definition, by name, while no event
+/// said it changed. Enabled only while an event stream is connected.
+#[derive(Default)]
+struct ObservationCache {
+    enabled: bool,
+    /// name → (uuid, observation).
+    entries: HashMap<String, (String, ObservedVm)>,
+}
+
+impl ObservationCache {
+    fn forget(&mut self, name: Option<&str>) {
+        match name {
+            Some(n) => {
+                self.entries.remove(n);
+            }
+            None => self.entries.clear(),
+        }
+    }
 }
 
 impl LibvirtDriver {
@@ -68,6 +92,7 @@ impl LibvirtDriver {
             storage_dir,
             conn: Mutex::new(None),
             calls: AtomicU64::new(0),
+            cache: Arc::new(Mutex::new(ObservationCache::default())),
         }
     }
 
@@ -153,10 +178,25 @@ impl LibvirtDriver {
         }
     }
 
+    /// Reads a domain's persistent definition (what its next boot uses, and where
+    /// `virsh setmem --config` and `virsh edit` leave their changes). Whether it runs comes
+    /// from its id, which libvirt hands out with the domain (no call).
     fn read(&self, dom: &Domain, name: &str) -> Result<ObservedVm, DriverError> {
-        let xml = self.on_domain(&format!("read {name}"), || dom.xml_desc(0))?;
-        domain_xml::parse(&xml)
-            .map_err(|e| DriverError::new(ErrorKind::Permanent, format!("{name}: {e}")))
+        let xml = self.on_domain(&format!("read {name}"), || {
+            dom.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+        })?;
+        let mut vm = domain_xml::parse(&xml)
+            .map_err(|e| DriverError::new(ErrorKind::Permanent, format!("{name}: {e}")))?;
+        vm.running = dom.id().is_some();
+        Ok(vm)
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, ObservationCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn invalidate(&self, name: &str) {
+        self.lock_cache().forget(Some(name));
     }
 
     /// The domain `name`, if it carries this fleet's stamp for `name`. Checked before every
@@ -406,20 +446,57 @@ impl Driver for LibvirtDriver {
     fn observe(&self) -> Result<ObservedHost, DriverError> {
         let domains = self.call("list domains", |c| c.list_all_domains(0))?;
         let mut vms = Vec::with_capacity(domains.len());
+        let mut cache = self.lock_cache();
+        let mut seen = std::collections::HashSet::with_capacity(domains.len());
         for dom in &domains {
+            // Name, UUID and id come with the listed domain: no calls.
             let name = dom.name().unwrap_or_default();
+            let uuid = dom.uuid_string().unwrap_or_default();
+            seen.insert(name.clone());
+            if cache.enabled
+                && let Some((cached_uuid, vm)) = cache.entries.get(&name)
+                && *cached_uuid == uuid
+            {
+                let mut vm = vm.clone();
+                vm.running = dom.id().is_some();
+                vms.push(vm);
+                continue;
+            }
             match self.read(dom, &name) {
-                Ok(vm) => vms.push(vm),
+                Ok(vm) => {
+                    if cache.enabled {
+                        cache.entries.insert(name, (uuid, vm.clone()));
+                    }
+                    vms.push(vm);
+                }
                 // Undefined between the list and the read.
                 Err(e) if e.kind == ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
         }
+        cache.entries.retain(|name, _| seen.contains(name));
+        drop(cache);
         vms.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(ObservedHost { vms })
     }
 
+    fn watch(&self, on_change: ChangeCallback) -> Result<(), DriverError> {
+        let (uri, provider, cache) = (self.uri.clone(), self.provider.clone(), self.cache.clone());
+        std::thread::Builder::new()
+            .name(format!("events-{provider}"))
+            .spawn(move || follow_events(&uri, &provider, &cache, &on_change))
+            .map(|_| ())
+            .map_err(|e| {
+                DriverError::new(ErrorKind::Permanent, format!("cannot start the event watcher: {e}"))
+            })
+    }
+
+    fn resync(&self) {
+        self.lock_cache().forget(None);
+    }
+
     fn create(&self, vm: &DesiredVm, stamp: &Stamp) -> Result<(), DriverError> {
+        self.invalidate(&vm.name);
         if let Some((dom, _)) = self.owned(&vm.name)? {
             // Made before (a retried or interrupted create): bring it to the spec.
             let xml = self.definition(vm, stamp)?;
@@ -452,11 +529,13 @@ impl Driver for LibvirtDriver {
     }
 
     fn start(&self, name: &str) -> Result<(), DriverError> {
+        self.invalidate(name);
         let (dom, _) = self.require_owned(name)?;
         self.power_on(&dom, name)
     }
 
     fn stop(&self, name: &str, grace: Duration) -> Result<(), DriverError> {
+        self.invalidate(name);
         let (dom, _) = self.require_owned(name)?;
         self.power_off(&dom, name, grace)
     }
@@ -468,6 +547,7 @@ impl Driver for LibvirtDriver {
         restart: bool,
         grace: Duration,
     ) -> Result<(), DriverError> {
+        self.invalidate(&vm.name);
         let (dom, _) = self.require_owned(&vm.name)?;
         let xml = self.definition(vm, stamp)?;
         self.define(&xml, &vm.name)?;
@@ -482,6 +562,7 @@ impl Driver for LibvirtDriver {
     }
 
     fn destroy(&self, name: &str, grace: Duration) -> Result<(), DriverError> {
+        self.invalidate(name);
         let Some((dom, _)) = self.owned(name)? else {
             // Already gone: finish what an interrupted destroy started.
             return self.remove_files(name);
@@ -509,6 +590,64 @@ impl Driver for LibvirtDriver {
     }
 }
 
+/// Follows `virsh event --all --loop` for the host: libvirt's own client holds the event
+/// subscription, because the virt crate does not wrap virConnectDomainEventRegisterAny and
+/// fleet forbids unsafe code. Every event line names a domain; its cached observation is
+/// dropped and `on_change` hears its name. When the stream breaks (libvirtd restarted), the
+/// cache is disabled and emptied, `on_change(None)` asks for a full reconcile, and the
+/// stream is reopened.
+fn follow_events(
+    uri: &str,
+    provider: &str,
+    cache: &Mutex<ObservationCache>,
+    on_change: &ChangeCallback,
+) {
+    let set_enabled = |enabled: bool| {
+        let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+        c.enabled = enabled;
+        c.forget(None);
+    };
+    loop {
+        let child = std::process::Command::new("virsh")
+            .args(["-q", "-c", uri, "event", "--all", "--loop"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        match child {
+            Ok(mut child) => {
+                if let Some(stdout) = child.stdout.take() {
+                    let mut lines = std::io::BufReader::new(stdout).lines();
+                    set_enabled(true);
+                    // Whatever happened before the stream opened is unknown.
+                    on_change(None);
+                    while let Some(Ok(line)) = lines.next() {
+                        if let Some(name) = event_domain(&line) {
+                            cache.lock().unwrap_or_else(|p| p.into_inner()).forget(Some(name));
+                            on_change(Some(name));
+                        }
+                    }
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+                tracing::warn!(provider, "libvirt event stream ended; observing without a cache until it is back");
+            }
+            Err(e) => tracing::warn!(provider, "cannot run virsh event: {e}"),
+        }
+        set_enabled(false);
+        on_change(None);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The domain an event line of `virsh event` is about:
+/// `event 'lifecycle' for domain 'NAME': Stopped Destroyed`.
+fn event_domain(line: &str) -> Option<&str> {
+    let rest = line.split_once(" for domain '")?.1;
+    let end = rest.rfind("': ")?;
+    Some(&rest[..end])
+}
+
 fn is_connection_failure(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
     [
@@ -532,6 +671,19 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_lines_name_their_domain() {
+        assert_eq!(
+            event_domain("event 'lifecycle' for domain 'vm-1': Stopped Destroyed"),
+            Some("vm-1")
+        );
+        assert_eq!(
+            event_domain("2026-11-23 09:35:06.777+0000: event 'metadata-change' for domain 'a': type element, uri urn:fleet:stamp:1"),
+            Some("a")
+        );
+        assert_eq!(event_domain("event loop ended"), None);
+    }
 
     #[test]
     fn uuids_are_deterministic_and_scoped_by_fleet() {
