@@ -219,7 +219,7 @@ async fn make_plan(
     };
     let drivers = reconcile::drivers_for(&desired, &ws.repo_root);
     let observed = reconcile::observe(&drivers).await;
-    let plan = plan::plan(&desired, &observed);
+    let plan = reconcile::plan_for(ws, &desired, &observed);
     Ok(Ok((desired, plan, drivers)))
 }
 
@@ -301,7 +301,7 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
         eprintln!("journal: {note}");
     }
     let observed = reconcile::observe(&drivers).await;
-    let fresh = plan::plan(&desired, &observed);
+    let fresh = reconcile::plan_for(ws, &desired, &observed);
     let plan = match saved {
         Some(saved) => {
             if saved.revision.id != fresh.revision.id {

@@ -42,6 +42,12 @@ pub fn read_snapshot(ws: &Workspace, choice: &SourceChoice) -> Result<Snapshot, 
     }
 }
 
+/// Plans against what runs, judging drift by what the status directory says was applied.
+pub fn plan_for(ws: &Workspace, desired: &Desired, observed: &Observed) -> Plan {
+    let history = status::history(&ws.status.read_vms());
+    crate::plan::plan_with_history(desired, observed, &history)
+}
+
 /// Loads and resolves a snapshot.
 pub fn desired(snapshot: &Snapshot) -> Result<Desired, Vec<Diagnostic>> {
     load::load(snapshot).map(|loaded| resolve::resolve(&loaded))
@@ -201,6 +207,27 @@ pub async fn apply_and_record(
     }
     for c in &plan.conflicts {
         outcomes.entry(c.vm.clone()).or_default().conflict = Some(c.message.clone());
+    }
+    for d in &plan.drift {
+        outcomes.entry(d.vm.clone()).or_default().drift = Some((d.what.clone(), d.healed));
+        ws.status.append_event(&Event {
+            time: timestamp(SystemTime::now()),
+            kind: "vm.drifted".into(),
+            vm: Some(d.vm.clone()),
+            provider: Some(d.provider.clone()),
+            action: None,
+            revision: Some(plan.revision.id.clone()),
+            message: format!(
+                "{}: {}; {}",
+                d.vm,
+                d.what,
+                if d.healed {
+                    "healing it"
+                } else {
+                    "reported only (policy.selfHeal: false)"
+                }
+            ),
+        })?;
     }
     let finished = SystemTime::now();
     let vms = status::vm_statuses(desired, &after, &outcomes, finished);

@@ -24,6 +24,7 @@ pub const DEFAULT_MAX_PARALLEL: u32 = 4;
 pub const DEFAULT_STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 pub const DEFAULT_RECONCILE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+pub const DEFAULT_RESYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// The fully resolved desired state of one revision.
 #[derive(Clone, Debug, PartialEq)]
@@ -46,6 +47,9 @@ pub struct ResolvedPolicy {
     pub shutdown_timeout: std::time::Duration,
     #[serde(with = "humantime_serde_secs")]
     pub reconcile_interval: std::time::Duration,
+    #[serde(with = "humantime_serde_secs")]
+    pub resync_interval: std::time::Duration,
+    pub self_heal: bool,
 }
 
 mod humantime_serde_secs {
@@ -139,6 +143,8 @@ pub fn resolve(loaded: &LoadedFleet) -> Desired {
             &spec.policy.reconcile_interval,
             DEFAULT_RECONCILE_INTERVAL,
         ),
+        resync_interval: duration_or(&spec.policy.resync_interval, DEFAULT_RESYNC_INTERVAL),
+        self_heal: spec.policy.self_heal.unwrap_or(true),
     };
     let mut merged_loadouts: BTreeMap<String, LoadoutSpec> = BTreeMap::new();
     let mut vms = BTreeMap::new();

@@ -287,6 +287,14 @@ pub struct Policy {
     /// How long a graceful shutdown may take before the VM is powered off. Default 60s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout: Option<Duration>,
+    /// Heal drift (a VM stopped, removed or resized behind fleet's back) by putting it back.
+    /// `false` only reports it. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_heal: Option<bool>,
+    /// How often the daemon re-reads every VM's definition, for changes the hypervisor sends
+    /// no event for (such as `virsh setmem --config`). Default 5m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_interval: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -438,11 +438,14 @@ mod tests {
                 step_timeout: Duration::from_millis(800),
                 shutdown_timeout: Duration::from_secs(1),
                 reconcile_interval: Duration::from_secs(60),
+                resync_interval: Duration::from_secs(300),
+                self_heal: true,
             },
             steps: ["broken", "flaky", "ok-1", "stuck", "ok-2"]
                 .map(create_step)
                 .to_vec(),
             conflicts: vec![],
+            drift: vec![],
             errors: vec![],
             digest: String::new(),
         };

@@ -355,6 +355,7 @@ fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
                 ("reconcileInterval", &spec.policy.reconcile_interval),
                 ("stepTimeout", &spec.policy.step_timeout),
                 ("shutdownTimeout", &spec.policy.shutdown_timeout),
+                ("resyncInterval", &spec.policy.resync_interval),
             ] {
                 if let Some(d) = value
                     && d.to_std().is_none_or(|d| d.as_secs() > 7 * 24 * 3600)

@@ -9,6 +9,8 @@
 
 pub mod render;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -60,6 +62,27 @@ pub enum Reason {
     StampUnreadable,
     /// fleet made this VM but it is no longer in fleet/.
     RemovedFromFleet,
+    /// Reality moved away from the applied spec (see the plan's `drift`); the step puts it back.
+    Drifted { what: String },
+}
+
+/// Where reality differs from what fleet applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drift {
+    pub vm: String,
+    pub provider: String,
+    /// What differs, in words.
+    pub what: String,
+    /// Whether the plan heals it (`policy.selfHeal`).
+    pub healed: bool,
+}
+
+/// What the last apply left, as the status files remember it: the VMs that existed then and
+/// the power state their spec wanted. A VM missing now, or stopped while its spec wanted it
+/// running, moved behind fleet's back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct History {
+    pub applied: BTreeMap<String, PowerState>,
 }
 
 /// One field that differs between the applied and the desired configuration.
@@ -112,6 +135,9 @@ pub struct Plan {
     pub steps: Vec<Step>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicts: Vec<Conflict>,
+    /// Drift found, healed by a step or (with `selfHeal: false`) only reported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<Drift>,
     /// Problems that keep part of the fleet from being planned (an unreachable provider).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
@@ -166,11 +192,18 @@ fn field_effect(field: &str) -> FieldEffect {
     }
 }
 
-/// Computes the plan. Deterministic: the same inputs give the same plan and digest.
+/// Computes the plan without history (nothing counts as drift but resized definitions).
 pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
+    plan_with_history(desired, observed, &History::default())
+}
+
+/// Computes the plan. Deterministic: the same inputs give the same plan and digest.
+pub fn plan_with_history(desired: &Desired, observed: &Observed, history: &History) -> Plan {
     let mut steps = Vec::new();
     let mut conflicts = Vec::new();
     let mut errors = Vec::new();
+    let mut drift = Vec::new();
+    let heal = desired.policy.self_heal;
 
     for (provider, why) in &observed.unreachable {
         errors.push(format!(
@@ -194,6 +227,29 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             continue; // unreachable: never create what we cannot see
         }
         match index.get(&(provider.as_str(), vm.name.as_str())).copied() {
+            None if history.applied.contains_key(&vm.name) => {
+                drift.push(Drift {
+                    vm: vm.name.clone(),
+                    provider: provider.clone(),
+                    what: "the VM is gone: it was removed outside fleet".into(),
+                    healed: heal,
+                });
+                if heal {
+                    steps.push(Step {
+                        vm: vm.name.clone(),
+                        provider: provider.clone(),
+                        action: Action::Create,
+                        reason: Reason::Drifted {
+                            what: "the VM was removed outside fleet; recreating it".into(),
+                        },
+                        changes: Vec::new(),
+                        restart: false,
+                        desired: Some(vm.clone()),
+                        applied: None,
+                        applied_revision: None,
+                    });
+                }
+            }
             None => steps.push(Step {
                 vm: vm.name.clone(),
                 provider: provider.clone(),
@@ -213,8 +269,32 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                 });
             }
             Some(found) => {
-                if let Some(step) = step_for_owned(vm, found) {
-                    steps.push(step);
+                let found_drift = owned_drift(vm, found, history);
+                let step = step_for_owned(vm, found);
+                match (found_drift, step) {
+                    (None, step) => steps.extend(step),
+                    (Some(what), step) => {
+                        // A step the spec itself asks for runs whatever the policy; a step
+                        // that only heals drift runs when self-healing is on.
+                        let heals_only = step.as_ref().is_none_or(|s| {
+                            matches!(s.reason, Reason::PowerState { .. }) || s.changes.is_empty()
+                        });
+                        drift.push(Drift {
+                            vm: vm.name.clone(),
+                            provider: provider.clone(),
+                            what: what.clone(),
+                            healed: heal || !heals_only,
+                        });
+                        match step {
+                            Some(step) if !heals_only => steps.push(step),
+                            Some(mut step) if heal => {
+                                step.reason = Reason::Drifted { what };
+                                steps.push(step);
+                            }
+                            None if heal => steps.push(heal_resources(vm, found, what)),
+                            _ => {}
+                        }
+                    }
                 }
             }
         }
@@ -255,11 +335,68 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         policy: desired.policy.clone(),
         steps,
         conflicts,
+        drift,
         errors,
         digest: String::new(),
     };
     plan.digest = plan.compute_digest();
     plan
+}
+
+/// How an owned VM differs from what fleet applied to it, if it does: its definition's
+/// vCPUs or memory were changed, or it stopped although its applied spec wanted it running.
+fn owned_drift(vm: &DesiredVm, found: &ObservedVm, history: &History) -> Option<String> {
+    let applied = found.stamp.as_ref()?.config.as_ref()?;
+    let mut what = Vec::new();
+    if found.memory_mib != applied.memory_mib {
+        what.push(format!(
+            "memory is {} MiB, the applied spec says {} MiB",
+            found.memory_mib, applied.memory_mib
+        ));
+    }
+    if found.cpus != applied.cpus {
+        what.push(format!(
+            "vCPUs are {}, the applied spec says {}",
+            found.cpus, applied.cpus
+        ));
+    }
+    let wanted_running = history.applied.get(&vm.name) == Some(&PowerState::Running);
+    if !found.running && wanted_running && vm.state == PowerState::Running {
+        what.push("the VM was stopped outside fleet".to_owned());
+    }
+    (!what.is_empty()).then(|| what.join("; "))
+}
+
+/// An update that rewrites a drifted definition with the desired spec (no restart: the
+/// running VM still has what fleet gave it).
+fn heal_resources(vm: &DesiredVm, found: &ObservedVm, what: String) -> Step {
+    let mut changes = Vec::new();
+    if found.memory_mib != vm.config.memory_mib {
+        changes.push(FieldChange {
+            field: "memoryMiB".into(),
+            from: found.memory_mib.into(),
+            to: vm.config.memory_mib.into(),
+        });
+    }
+    if found.cpus != vm.config.cpus {
+        changes.push(FieldChange {
+            field: "cpus".into(),
+            from: found.cpus.into(),
+            to: vm.config.cpus.into(),
+        });
+    }
+    let stamp = found.stamp.as_ref();
+    Step {
+        vm: vm.name.clone(),
+        provider: vm.config.provider.clone(),
+        action: Action::Update,
+        reason: Reason::Drifted { what },
+        changes,
+        restart: false,
+        desired: Some(vm.clone()),
+        applied: stamp.and_then(|s| s.config.clone()),
+        applied_revision: stamp.map(|s| s.revision.clone()),
+    }
 }
 
 fn conflict_message(fleet: &str, found: &ObservedVm) -> String {

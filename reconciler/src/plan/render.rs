@@ -58,6 +58,18 @@ pub fn text(plan: &Plan) -> String {
             let _ = writeln!(out, "  !   {} on {}: {}", c.vm, c.provider, c.message);
         }
     }
+    if !plan.drift.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Drift (reality differs from the applied spec):");
+        for d in &plan.drift {
+            let fix = if d.healed {
+                "healed by this plan"
+            } else {
+                "reported only (policy.selfHeal: false)"
+            };
+            let _ = writeln!(out, "  ~   {} on {}: {}; {fix}", d.vm, d.provider, d.what);
+        }
+    }
     if !plan.errors.is_empty() {
         let _ = writeln!(out);
         let _ = writeln!(out, "Errors:");
@@ -131,6 +143,7 @@ pub fn reason_text(step: &Step) -> String {
         Reason::StampUnreadable => {
             "its ownership stamp has no readable configuration; rewriting it".to_owned()
         }
+        Reason::Drifted { what } => format!("drift: {what}"),
         Reason::RemovedFromFleet => match &step.applied_revision {
             Some(rev) => format!("removed from fleet/ (last applied at {})", short_id(rev)),
             None => "removed from fleet/".to_owned(),

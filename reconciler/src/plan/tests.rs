@@ -367,3 +367,111 @@ fn planning_after_applying_the_plan_yields_no_steps() {
         .collect();
     assert!(!plan(&d, &observed(after)).has_changes());
 }
+
+fn history(entries: &[(&str, PowerState)]) -> History {
+    History {
+        applied: entries.iter().map(|(n, s)| ((*n).to_owned(), *s)).collect(),
+    }
+}
+
+#[test]
+fn a_resized_definition_is_drift_and_is_healed_in_place() {
+    let d = desired(&[vm("a", "")]);
+    let mut found = applied(&d.vms["a"], true);
+    found.memory_mib = 200; // virsh setmem --config behind fleet's back
+    let p = plan_with_history(
+        &d,
+        &observed(vec![found]),
+        &history(&[("a", PowerState::Running)]),
+    );
+    assert_eq!(p.steps.len(), 1);
+    assert_eq!(p.steps[0].action, Action::Update);
+    assert!(!p.steps[0].restart);
+    assert_eq!(
+        render::reason_text(&p.steps[0]),
+        "drift: memory is 200 MiB, the applied spec says 512 MiB"
+    );
+    assert_eq!(p.drift.len(), 1);
+    assert!(p.drift[0].healed);
+}
+
+#[test]
+fn with_self_heal_off_drift_is_only_reported() {
+    let mut d = desired(&[vm("a", ""), vm("b", ""), vm("c", "")]);
+    d.policy.self_heal = false;
+    let mut resized = applied(&d.vms["a"], true);
+    resized.cpus = 3;
+    let stopped = applied(&d.vms["b"], false);
+    let h = history(&[
+        ("a", PowerState::Running),
+        ("b", PowerState::Running),
+        ("c", PowerState::Running),
+    ]);
+    let p = plan_with_history(&d, &observed(vec![resized, stopped]), &h);
+    assert!(p.steps.is_empty(), "{:?}", p.steps);
+    let what: Vec<(&str, &str, bool)> = p
+        .drift
+        .iter()
+        .map(|d| (d.vm.as_str(), d.what.as_str(), d.healed))
+        .collect();
+    assert_eq!(
+        what,
+        [
+            ("a", "vCPUs are 3, the applied spec says 1", false),
+            ("b", "the VM was stopped outside fleet", false),
+            ("c", "the VM is gone: it was removed outside fleet", false),
+        ]
+    );
+}
+
+#[test]
+fn stopped_and_missing_vms_are_drift_only_when_they_were_applied_running() {
+    let d = desired(&[vm("a", ""), vm("b", ""), vm("c", "")]);
+    let o = observed(vec![
+        applied(&d.vms["a"], false),
+        applied(&d.vms["b"], false),
+    ]);
+    // b's previous spec wanted it stopped: starting it now is a change, not drift.
+    let p = plan_with_history(
+        &d,
+        &o,
+        &history(&[
+            ("a", PowerState::Running),
+            ("b", PowerState::Stopped),
+            ("c", PowerState::Running),
+        ]),
+    );
+    let reasons: Vec<String> = p
+        .steps
+        .iter()
+        .map(|s| format!("{} {}: {}", s.action.as_str(), s.vm, render::reason_text(s)))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "start a: drift: the VM was stopped outside fleet",
+            "start b: spec wants it running",
+            "create c: drift: the VM was removed outside fleet; recreating it",
+        ]
+    );
+}
+
+#[test]
+fn a_spec_change_runs_even_when_self_heal_is_off() {
+    let before = desired(&[vm("a", "")]);
+    let mut after = desired(&[vm("a", "  resources: {cpus: 2}\n")]);
+    after.policy.self_heal = false;
+    let mut found = applied(&before.vms["a"], true);
+    found.memory_mib = 300;
+    let p = plan_with_history(
+        &after,
+        &observed(vec![found]),
+        &history(&[("a", PowerState::Running)]),
+    );
+    assert_eq!(p.steps.len(), 1);
+    assert_eq!(p.steps[0].action, Action::Update);
+    assert!(
+        p.drift[0].healed,
+        "the update rewrites the whole definition"
+    );
+}

@@ -35,16 +35,28 @@ pub enum LockError {
     #[error("{path} is locked by another process; only one fleet process may change a status directory", path = .path.display())]
     HeldUnknown { path: PathBuf },
     #[error("cannot open the lock {path}: {source}", path = .path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl StatusLock {
     /// Takes the lock or fails at once (never waits).
     pub fn acquire(status_dir: &Path, command: &str) -> Result<StatusLock, LockError> {
         let path = status_dir.join("lock");
-        let io = |source| LockError::Io { path: path.clone(), source };
+        let io = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
         std::fs::create_dir_all(status_dir).map_err(io)?;
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
         let mut previous = String::new();
         let _ = file.read_to_string(&mut previous);
         let previous: Option<Holder> = serde_json::from_str(&previous).ok();
@@ -65,7 +77,8 @@ impl StatusLock {
         };
         file.set_len(0).map_err(io)?;
         file.rewind().map_err(io)?;
-        file.write_all(&serde_json::to_vec(&me).expect("holder is JSON")).map_err(io)?;
+        file.write_all(&serde_json::to_vec(&me).expect("holder is JSON"))
+            .map_err(io)?;
         file.sync_data().map_err(io)?;
         let stale = previous.filter(|p| p.pid != me.pid);
         Ok(StatusLock { file, path, stale })
@@ -95,18 +108,32 @@ mod tests {
         assert!(first.stale.is_none());
         let err = StatusLock::acquire(dir.path(), "fleet apply").expect_err("held");
         let message = err.to_string();
-        assert!(message.contains(&format!("held by PID {}", std::process::id())), "{message}");
+        assert!(
+            message.contains(&format!("held by PID {}", std::process::id())),
+            "{message}"
+        );
         assert!(message.contains("fleet serve"), "{message}");
         drop(first);
         let again = StatusLock::acquire(dir.path(), "fleet apply").expect("released");
-        assert!(again.stale.is_none(), "a cleanly released lock is not stale");
+        assert!(
+            again.stale.is_none(),
+            "a cleanly released lock is not stale"
+        );
     }
 
     #[test]
     fn a_lock_file_left_by_a_dead_process_is_stale() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let dead = Holder { pid: 999_999_999, command: "fleet serve".into(), since: "then".into() };
-        std::fs::write(dir.path().join("lock"), serde_json::to_vec(&dead).expect("json")).expect("write");
+        let dead = Holder {
+            pid: 999_999_999,
+            command: "fleet serve".into(),
+            since: "then".into(),
+        };
+        std::fs::write(
+            dir.path().join("lock"),
+            serde_json::to_vec(&dead).expect("json"),
+        )
+        .expect("write");
         let lock = StatusLock::acquire(dir.path(), "fleet apply").expect("stale lock is taken");
         assert_eq!(lock.stale, Some(dead));
     }

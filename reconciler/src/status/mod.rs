@@ -105,6 +105,8 @@ pub struct Counts {
     pub pending: usize,
     pub failed: usize,
     pub conflicts: usize,
+    #[serde(default)]
+    pub drifted: usize,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -296,6 +298,8 @@ impl StatusDir {
 pub struct VmOutcome {
     pub error: Option<String>,
     pub conflict: Option<String>,
+    /// Drift found this pass, and whether the plan healed it.
+    pub drift: Option<(String, bool)>,
 }
 
 /// Builds every VM's status from the desired state, a fresh observation and apply's
@@ -313,6 +317,19 @@ pub fn vm_statuses(
         let owned = found.filter(|f| f.owned_by(&desired.fleet));
         let outcome = outcomes.get(&vm.name).cloned().unwrap_or_default();
         let mut conditions = Vec::new();
+        if let Some((what, healed)) = &outcome.drift {
+            conditions.push(Condition {
+                kind: "Drifted".into(),
+                // Healed drift is recorded as resolved; reported-only drift stays true.
+                status: !healed || outcome.error.is_some(),
+                reason: if *healed {
+                    "Healed".into()
+                } else {
+                    "SelfHealDisabled".into()
+                },
+                message: what.clone(),
+            });
+        }
         if let Some(message) = &outcome.conflict {
             conditions.push(Condition {
                 kind: "Conflict".into(),
@@ -378,6 +395,18 @@ pub fn vm_statuses(
     out
 }
 
+/// What the last apply left, from the status files: VMs that existed and the power state
+/// their spec wanted. The planner judges drift against it.
+pub fn history(vms: &BTreeMap<String, VmStatus>) -> crate::plan::History {
+    crate::plan::History {
+        applied: vms
+            .values()
+            .filter(|vm| vm.observed.is_some())
+            .map(|vm| (vm.name.clone(), vm.desired_state))
+            .collect(),
+    }
+}
+
 pub fn counts(vms: &BTreeMap<String, VmStatus>) -> Counts {
     let mut c = Counts {
         vms: vms.len(),
@@ -392,6 +421,13 @@ pub fn counts(vms: &BTreeMap<String, VmStatus>) -> Counts {
         }
         if vm.conditions.iter().any(|k| k.kind == "Conflict") {
             c.conflicts += 1;
+        }
+        if vm
+            .conditions
+            .iter()
+            .any(|k| k.kind == "Drifted" && k.status)
+        {
+            c.drifted += 1;
         }
     }
     c

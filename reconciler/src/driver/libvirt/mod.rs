@@ -10,8 +10,8 @@ pub mod domain_xml;
 use std::collections::HashMap;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -487,7 +487,10 @@ impl Driver for LibvirtDriver {
             .spawn(move || follow_events(&uri, &provider, &cache, &on_change))
             .map(|_| ())
             .map_err(|e| {
-                DriverError::new(ErrorKind::Permanent, format!("cannot start the event watcher: {e}"))
+                DriverError::new(
+                    ErrorKind::Permanent,
+                    format!("cannot start the event watcher: {e}"),
+                )
             })
     }
 
@@ -623,14 +626,20 @@ fn follow_events(
                     on_change(None);
                     while let Some(Ok(line)) = lines.next() {
                         if let Some(name) = event_domain(&line) {
-                            cache.lock().unwrap_or_else(|p| p.into_inner()).forget(Some(name));
+                            cache
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .forget(Some(name));
                             on_change(Some(name));
                         }
                     }
                 }
                 let _ = child.kill();
                 let _ = child.wait();
-                tracing::warn!(provider, "libvirt event stream ended; observing without a cache until it is back");
+                tracing::warn!(
+                    provider,
+                    "libvirt event stream ended; observing without a cache until it is back"
+                );
             }
             Err(e) => tracing::warn!(provider, "cannot run virsh event: {e}"),
         }
@@ -679,7 +688,9 @@ mod tests {
             Some("vm-1")
         );
         assert_eq!(
-            event_domain("2026-11-23 09:35:06.777+0000: event 'metadata-change' for domain 'a': type element, uri urn:fleet:stamp:1"),
+            event_domain(
+                "2026-11-23 09:35:06.777+0000: event 'metadata-change' for domain 'a': type element, uri urn:fleet:stamp:1"
+            ),
             Some("a")
         );
         assert_eq!(event_domain("event loop ended"), None);
