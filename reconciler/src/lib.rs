@@ -9,6 +9,7 @@
 pub mod apply;
 pub mod cli;
 pub mod driver;
+pub mod http;
 pub mod load;
 pub mod observe;
 pub mod plan;

@@ -1,0 +1,117 @@
+//! Prometheus metrics: reconcile duration, VMs by phase, drifted VMs, apply steps by
+//! outcome, and when the last revision was applied.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabel {
+    action: String,
+    outcome: String,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    reconcile_seconds: Histogram,
+    vms: Family<PhaseLabel, Gauge>,
+    drifted: Gauge,
+    steps: Family<StepLabel, Counter>,
+    last_applied: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let mut registry = Registry::with_prefix("fleet");
+        let reconcile_seconds = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+        ]);
+        let vms = Family::<PhaseLabel, Gauge>::default();
+        let drifted = Gauge::default();
+        let steps = Family::<StepLabel, Counter>::default();
+        let last_applied = Gauge::default();
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile pass took",
+            reconcile_seconds.clone(),
+        );
+        registry.register("vms", "VMs by phase", vms.clone());
+        registry.register(
+            "vms_drifted",
+            "VMs whose reality differs from the applied spec",
+            drifted.clone(),
+        );
+        registry.register(
+            "apply_steps",
+            "Apply steps by action and outcome",
+            steps.clone(),
+        );
+        registry.register(
+            "last_applied_revision_timestamp_seconds",
+            "Unix time at which the last revision was applied",
+            last_applied.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            reconcile_seconds,
+            vms,
+            drifted,
+            steps,
+            last_applied,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn observe_reconcile(&self, seconds: f64) {
+        self.reconcile_seconds.observe(seconds);
+    }
+
+    pub fn set_phases(&self, counts: &crate::status::Counts) {
+        for (phase, n) in [
+            ("Running", counts.running),
+            ("Stopped", counts.stopped),
+            ("Pending", counts.pending),
+            ("Failed", counts.failed),
+        ] {
+            self.vms
+                .get_or_create(&PhaseLabel {
+                    phase: phase.into(),
+                })
+                .set(n as i64);
+        }
+        self.drifted.set(counts.drifted as i64);
+    }
+
+    pub fn count_step(&self, action: &str, ok: bool) {
+        let outcome = if ok { "succeeded" } else { "failed" };
+        self.steps
+            .get_or_create(&StepLabel {
+                action: action.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub fn set_last_applied(&self, unix_seconds: i64) {
+        self.last_applied.set(unix_seconds);
+    }
+
+    /// The Prometheus (OpenMetrics) text form.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}

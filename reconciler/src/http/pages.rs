@@ -1,0 +1,178 @@
+//! Server-rendered HTML for the status page (maud escapes every value). No scripts: the
+//! page refreshes itself with a meta tag and reads well on a phone.
+
+use std::collections::BTreeMap;
+
+use maud::{DOCTYPE, Markup, PreEscaped, html};
+
+use crate::status::{StatusDir, Summary, VmStatus};
+
+/// Everything a page shows, read from the status directory at request time.
+pub struct Snapshot {
+    pub summary: Option<Summary>,
+    pub vms: BTreeMap<String, VmStatus>,
+    pub plan_text: Option<String>,
+    pub plan_json: Option<serde_json::Value>,
+    /// `status/tasks/*.yaml` and `status/hitl/*.yaml`, as plain values (later issues write them).
+    pub tasks: BTreeMap<String, serde_json::Value>,
+    pub prompts: BTreeMap<String, serde_json::Value>,
+}
+
+impl Snapshot {
+    pub fn read(status: &StatusDir) -> Snapshot {
+        let root = status.root();
+        Snapshot {
+            summary: status.read_summary(),
+            vms: status.read_vms(),
+            plan_text: std::fs::read_to_string(root.join("plan.txt")).ok(),
+            plan_json: std::fs::read(root.join("plan.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok()),
+            tasks: read_yaml_dir(&root.join("tasks")),
+            prompts: read_yaml_dir(&root.join("hitl")),
+        }
+    }
+}
+
+fn read_yaml_dir(dir: &std::path::Path) -> BTreeMap<String, serde_json::Value> {
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "yaml")
+            && let Some(stem) = path.file_stem().and_then(|s| s.to_str())
+            && let Ok(text) = std::fs::read_to_string(&path)
+            && let Ok(value) = serde_saphyr::from_str::<serde_json::Value>(&text)
+        {
+            out.insert(stem.to_owned(), value);
+        }
+    }
+    out
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:0 auto;max-width:60rem;padding:0.8rem;line-height:1.4;color:#222}
+h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:1.6rem;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;width:100%;font-size:0.92rem}td,th{text-align:left;padding:0.3rem 0.4rem;border-bottom:1px solid #eee;vertical-align:top}
+.scroll{overflow-x:auto}pre{background:#f6f6f6;padding:0.6rem;overflow-x:auto;font-size:0.8rem}
+.Running{color:#17692e}.Failed{color:#b00020}.Pending,.Stopped{color:#8a6d00}.bad{color:#b00020}.muted{color:#666}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:0.2rem 0.8rem}dt{font-weight:600}";
+
+fn page(title: &str, body: Markup) -> String {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                meta http-equiv="refresh" content="5";
+                title { (title) }
+                style { (PreEscaped(STYLE)) }
+            }
+            body { (body) }
+        }
+    }
+    .into_string()
+}
+
+pub fn overview(s: &Snapshot) -> String {
+    let fleet = s
+        .summary
+        .as_ref()
+        .map(|x| x.fleet.as_str())
+        .unwrap_or("fleet");
+    let body = html! {
+        h1 { "fleet " (fleet) }
+        dl {
+            dt { "Revision applied" }
+            dd { (s.summary.as_ref().and_then(|x| x.revision_applied.as_ref()).map(|r| r.label.as_str()).unwrap_or("none yet")) }
+            @if let Some(refused) = s.summary.as_ref().and_then(|x| x.revision_refused.as_ref()) {
+                dt.bad { "Revision refused" }
+                dd {
+                    span.bad { (refused.revision.label) } " at " (refused.at)
+                    pre { @for d in &refused.diagnostics { (d) "\n" } }
+                }
+            }
+            @if let Some(r) = s.summary.as_ref().and_then(|x| x.last_reconcile.as_ref()) {
+                dt { "Last reconcile" }
+                dd { (r.finished) ": " (r.outcome) " (" (r.steps) " steps, " (r.failed) " failed, " (r.conflicts) " conflicts)" }
+            }
+        }
+        h2 { "VMs (" (s.vms.len()) ")" }
+        div.scroll {
+            table {
+                thead { tr { th { "Name" } th { "Phase" } th { "Provider" } th { "CPUs" } th { "Memory" } th { "Conditions" } } }
+                tbody {
+                    @for vm in s.vms.values() {
+                        tr {
+                            td { a href={ "/vms/" (vm.name) } { (vm.name) } }
+                            td class=(format!("{:?}", vm.phase)) { (format!("{:?}", vm.phase)) }
+                            td { (vm.provider) }
+                            td { (vm.observed.as_ref().map(|o| o.cpus.to_string()).unwrap_or_else(|| "-".into())) }
+                            td { (vm.observed.as_ref().map(|o| format!("{} MiB", o.memory_mib)).unwrap_or_else(|| "-".into())) }
+                            td { (conditions_text(vm)) }
+                        }
+                    }
+                }
+            }
+        }
+        @if !s.tasks.is_empty() {
+            h2 { "Tasks (" (s.tasks.len()) ")" }
+            ul { @for (name, t) in &s.tasks { li { (name) " " span.muted { (field(t, "phase")) } } } }
+        }
+        @if !s.prompts.is_empty() {
+            h2 { "Waiting for a human (" (s.prompts.len()) ")" }
+            ul { @for (id, p) in &s.prompts { li { (id) ": " (field(p, "text")) " " span.muted { (field(p, "state")) } } } }
+        }
+        h2 { "Latest plan" }
+        pre { (s.plan_text.as_deref().unwrap_or("no plan yet")) }
+    };
+    page(&format!("fleet {fleet}"), body)
+}
+
+pub fn vm(s: &Snapshot, vm: &VmStatus) -> String {
+    let body = html! {
+        p { a href="/" { "← fleet" } }
+        h1 { (vm.name) " " span class=(format!("{:?}", vm.phase)) { (format!("{:?}", vm.phase)) } }
+        dl {
+            dt { "Provider" } dd { (vm.provider) }
+            dt { "Desired state" } dd { (vm.desired_state.as_str()) }
+            dt { "Spec hash" } dd { code { (vm.spec_hash) } }
+            dt { "Applied revision" } dd { (vm.applied_revision.as_deref().unwrap_or("-")) }
+            dt { "Defined in" } dd { (vm.source) }
+            @if let Some(o) = &vm.observed {
+                dt { "Observed" } dd { (if o.running { "running" } else { "stopped" }) ", " (o.cpus) " vCPUs, " (o.memory_mib) " MiB, UUID " (o.uuid) }
+            }
+            @if let Some(e) = &vm.last_error { dt.bad { "Last error" } dd.bad { (e) } }
+            dt { "Updated" } dd { (vm.updated) }
+        }
+        h2 { "Conditions" }
+        ul { @for c in &vm.conditions { li { b { (c.kind) } " " (c.status) " (" (c.reason) "): " (c.message) } } }
+        @if let Some(step) = s.plan_json.as_ref().and_then(|p| p["steps"].as_array()).and_then(|steps| steps.iter().find(|st| st["vm"] == vm.name.as_str())) {
+            h2 { "In the latest plan" }
+            pre { (serde_json::to_string_pretty(step).unwrap_or_default()) }
+        }
+    };
+    page(&format!("{} · fleet", vm.name), body)
+}
+
+fn conditions_text(vm: &VmStatus) -> String {
+    let mut parts: Vec<String> = vm
+        .conditions
+        .iter()
+        .map(|c| format!("{}={} ({})", c.kind, c.status, c.reason))
+        .collect();
+    if let Some(e) = &vm.last_error {
+        parts.push(format!("error: {e}"));
+    }
+    parts.join("; ")
+}
+
+fn field(value: &serde_json::Value, name: &str) -> String {
+    match value.get(name) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+        None => String::new(),
+    }
+}

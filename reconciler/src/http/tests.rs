@@ -1,0 +1,150 @@
+//! The router with `oneshot`: read-only, no path traversal, pages carry the status.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use tower::ServiceExt;
+
+use super::*;
+use crate::source::Revision;
+use crate::spec::PowerState;
+use crate::status::{Condition, ObservedResources, Phase, Summary, VmStatus};
+
+fn view_with_status() -> (tempfile::TempDir, Arc<View>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let status = StatusDir::new(dir.path().join("status"));
+    status.ensure().expect("ensure");
+    status
+        .write_summary(&Summary {
+            fleet: "lab".into(),
+            revision_applied: Some(Revision {
+                id: "abc".into(),
+                label: "main@abc123".into(),
+            }),
+            ..Summary::default()
+        })
+        .expect("summary");
+    let vm = VmStatus {
+        name: "web-01".into(),
+        provider: "local".into(),
+        phase: Phase::Running,
+        desired_state: PowerState::Running,
+        observed: Some(ObservedResources {
+            uuid: "u".into(),
+            running: true,
+            cpus: 2,
+            memory_mib: 512,
+        }),
+        spec_hash: "h".into(),
+        applied_revision: Some("abc".into()),
+        source: "fleet/vms/web-01.yaml".into(),
+        conditions: vec![Condition {
+            kind: "Drifted".into(),
+            status: false,
+            reason: "Healed".into(),
+            message: "<script>alert(1)</script>".into(),
+        }],
+        last_error: None,
+        updated: "now".into(),
+    };
+    status
+        .write_vms(&[("web-01".to_owned(), vm)].into())
+        .expect("vms");
+    // A file outside the status directory that traversal would try to reach.
+    std::fs::write(dir.path().join("secret.yaml"), "name: leaked\n").expect("write");
+    let view = Arc::new(View::new(status, Arc::new(Metrics::default())));
+    (dir, view)
+}
+
+async fn send(view: &Arc<View>, method: &str, uri: &str) -> (StatusCode, String) {
+    let response = app(view.clone())
+        .oneshot(
+            Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let status = response.status();
+    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn the_overview_shows_vms_and_the_revision_escaped() {
+    let (_dir, view) = view_with_status();
+    let (status, body) = send(&view, "GET", "/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.contains("main@abc123"), "{body}");
+    assert!(body.contains("href=\"/vms/web-01\""), "{body}");
+    assert!(body.contains("http-equiv=\"refresh\""));
+    let (_, vm) = send(&view, "GET", "/vms/web-01").await;
+    assert!(vm.contains("&lt;script&gt;"), "values are escaped: {vm}");
+    assert!(!vm.contains("<script>"));
+}
+
+#[tokio::test]
+async fn every_method_but_get_and_head_is_refused() {
+    let (_dir, view) = view_with_status();
+    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+        for uri in ["/", "/vms/web-01", "/api/v1/status", "/nowhere"] {
+            assert_eq!(
+                send(&view, method, uri).await.0,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {uri}"
+            );
+        }
+    }
+    assert_eq!(send(&view, "HEAD", "/").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn nothing_outside_the_status_directory_is_reachable() {
+    let (_dir, view) = view_with_status();
+    for uri in [
+        "/vms/..%2Fsecret",
+        "/vms/../secret",
+        "/vms/%2e%2e%2fsecret",
+        "/vms/web-01.yaml",
+        "/vms/UPPER",
+        "/../secret.yaml",
+        "/status/summary.yaml",
+    ] {
+        let (status, body) = send(&view, "GET", uri).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{uri}: {body}");
+        assert!(!body.contains("leaked"));
+    }
+}
+
+#[tokio::test]
+async fn api_metrics_and_probes() {
+    let (_dir, view) = view_with_status();
+    let (status, body) = send(&view, "GET", "/api/v1/status").await;
+    assert_eq!(status, StatusCode::OK);
+    let json: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(json["vms"]["web-01"]["phase"], "Running");
+    assert_eq!(json["summary"]["revisionApplied"]["label"], "main@abc123");
+
+    view.metrics.observe_reconcile(0.2);
+    view.metrics.count_step("create", true);
+    let (_, metrics) = send(&view, "GET", "/metrics").await;
+    assert!(
+        metrics.contains("fleet_reconcile_duration_seconds_count 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fleet_apply_steps_total{action=\"create\",outcome=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+
+    assert_eq!(send(&view, "GET", "/healthz").await.0, StatusCode::OK);
+    assert_eq!(
+        send(&view, "GET", "/readyz").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    view.ready.store(true, Ordering::Relaxed);
+    assert_eq!(send(&view, "GET", "/readyz").await.0, StatusCode::OK);
+}
