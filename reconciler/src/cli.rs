@@ -52,6 +52,19 @@ pub enum Command {
     Apply(ApplyArgs),
     /// Show the status files as a table (or JSON).
     Status(StatusArgs),
+    /// Keep the fleet converged: apply each new commit of the tracked branch, heal drift,
+    /// and serve a read-only status page.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The branch to follow (default: the branch HEAD points to).
+    #[arg(long)]
+    pub branch: Option<String>,
+    /// Address of the read-only status page.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -149,6 +162,15 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Plan(args) => plan_cmd(&ws, args).await,
             Command::Apply(args) => apply_cmd(&ws, args).await,
             Command::Status(args) => status_cmd(&ws, args),
+            Command::Serve(args) => crate::daemon::serve(
+                ws.clone(),
+                crate::daemon::ServeOptions {
+                    branch: args.branch.clone(),
+                    listen: args.listen,
+                },
+            )
+            .await
+            .map(|()| ExitCode::SUCCESS),
         }
     });
     match result {
@@ -323,7 +345,8 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     print!("{}", render::text(&plan));
     if !plan.has_changes() {
         // Nothing to do, but the status files still record this revision and what runs.
-        reconcile::apply_and_record(ws, &desired, &plan, &drivers, journal, false).await?;
+        reconcile::apply_and_record(ws, &desired, &plan, &drivers, journal, &observed, false)
+            .await?;
         return Ok(exit_for(&plan, 0));
     }
     if !args.auto_approve {
@@ -343,7 +366,9 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     }
-    let applied = reconcile::apply_and_record(ws, &desired, &plan, &drivers, journal, true).await?;
+    let applied =
+        reconcile::apply_and_record(ws, &desired, &plan, &drivers, journal, &observed, true)
+            .await?;
     let failed = applied.report.failed();
     let last = applied
         .summary

@@ -8,6 +8,7 @@
 
 pub mod apply;
 pub mod cli;
+pub mod daemon;
 pub mod driver;
 pub mod http;
 pub mod load;

@@ -186,19 +186,32 @@ pub async fn apply_and_record(
     plan: &Plan,
     drivers: &Drivers,
     journal: Arc<Journal>,
+    observed_before: &Observed,
     print_progress: bool,
 ) -> std::io::Result<Applied> {
     let started = SystemTime::now();
-    ws.status.write_plan(plan)?;
-    let observer = Arc::new(StatusObserver {
-        status: ws.status.clone(),
-        revision: plan.revision.id.clone(),
-        print: print_progress,
-    });
-    let report = apply::run(plan, drivers, journal.clone(), observer).await;
-    journal.compact()?;
-
-    let after = observe(drivers).await;
+    let previous = ws.status.read_summary().unwrap_or_default();
+    let plan_changed = previous
+        .last_reconcile
+        .as_ref()
+        .is_none_or(|r| r.plan_digest != plan.digest);
+    if plan.has_changes() || plan_changed {
+        ws.status.write_plan(plan)?;
+    }
+    // A no-op pass (the daemon's usual case) neither calls the drivers again nor grows the
+    // event log; only status files whose content changed are rewritten.
+    let (report, after) = if plan.has_changes() {
+        let observer = Arc::new(StatusObserver {
+            status: ws.status.clone(),
+            revision: plan.revision.id.clone(),
+            print: print_progress,
+        });
+        let report = apply::run(plan, drivers, journal.clone(), observer).await;
+        journal.compact()?;
+        (report, observe(drivers).await)
+    } else {
+        (ApplyReport::default(), observed_before.clone())
+    };
     let mut outcomes: BTreeMap<String, VmOutcome> = BTreeMap::new();
     for r in &report.results {
         if let Some(e) = &r.error {
@@ -240,7 +253,7 @@ pub async fn apply_and_record(
     } else {
         "failed"
     };
-    let mut summary = ws.status.read_summary().unwrap_or_default();
+    let mut summary = previous;
     summary.fleet = desired.fleet.clone();
     summary.revision_applied = Some(plan.revision.clone());
     if summary
@@ -262,6 +275,9 @@ pub async fn apply_and_record(
     });
     summary.counts = status::counts(&vms);
     ws.status.write_summary(&summary)?;
+    if !plan.has_changes() {
+        return Ok(Applied { report, summary });
+    }
     ws.status.append_event(&Event {
         time: timestamp(finished),
         kind: "apply.finished".into(),

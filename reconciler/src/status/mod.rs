@@ -237,12 +237,22 @@ impl StatusDir {
         out
     }
 
-    /// Rewrites `vms/` to hold exactly `vms`.
+    /// Rewrites `vms/` to hold exactly `vms`; a file whose content is unchanged (but for
+    /// its `updated` time) is left as it is.
     pub fn write_vms(&self, vms: &BTreeMap<String, VmStatus>) -> std::io::Result<()> {
         let dir = self.root.join("vms");
         std::fs::create_dir_all(&dir)?;
+        let existing = self.read_vms();
         for vm in vms.values() {
-            write_atomic(&dir.join(format!("{}.yaml", vm.name)), yaml(vm).as_bytes())?;
+            let unchanged = existing.get(&vm.name).is_some_and(|old| {
+                VmStatus {
+                    updated: old.updated.clone(),
+                    ..vm.clone()
+                } == *old
+            });
+            if !unchanged {
+                write_atomic(&dir.join(format!("{}.yaml", vm.name)), yaml(vm).as_bytes())?;
+            }
         }
         for entry in std::fs::read_dir(&dir)?.flatten() {
             let path = entry.path();

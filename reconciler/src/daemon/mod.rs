@@ -1,0 +1,339 @@
+//! `fleet serve`: one loop that keeps the fleet converged.
+//!
+//! Triggers — a new commit on the tracked branch (the `.git` directory is watched and the
+//! branch tip reread from git objects), a hypervisor event, the periodic tick, a VM's backoff
+//! running out — are coalesced: the loop drains every pending trigger, then runs one
+//! reconcile of the newest revision. A revision that fails to load is refused (recorded in
+//! summary.yaml and events) and the last good one stays in force. A VM whose step failed
+//! is skipped until its backoff (1 s doubling to 5 min) runs out, and reset on success.
+//! SIGTERM or SIGINT end the loop after the reconcile in flight; the lock is released.
+
+mod watch;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+
+use crate::apply::Drivers;
+use crate::http::{Metrics, View};
+use crate::plan::Plan;
+use crate::reconcile::{self, Workspace};
+use crate::resolve::Desired;
+use crate::source::Revision;
+use crate::spec::Provider;
+use crate::status::lock::StatusLock;
+
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// The branch to follow; default: the branch HEAD points to.
+    pub branch: Option<String>,
+    pub listen: SocketAddr,
+}
+
+/// Why the loop woke up. The reconcile does not care which: it converges from any state.
+#[derive(Debug)]
+pub enum Trigger {
+    /// Something under `.git` changed.
+    Git,
+    /// A VM changed on a host (`None`: anything may have).
+    Host {
+        provider: String,
+    },
+    Shutdown,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
+    let lock = StatusLock::acquire(ws.status.root(), "fleet serve")?;
+    if let Some(dead) = &lock.stale {
+        tracing::warn!(
+            "took over a stale lock left by PID {} ({})",
+            dead.pid,
+            dead.command
+        );
+    }
+    ws.status.ensure()?;
+    let branch = match &options.branch {
+        Some(b) => b.clone(),
+        None => current_branch(&ws)?,
+    };
+    tracing::info!(branch, "following branch");
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Trigger>();
+    let _git_watch = watch::watch_git(&ws.repo_root, tx.clone())?;
+    spawn_signal_handler(tx.clone())?;
+
+    let metrics = Arc::new(Metrics::default());
+    let view = Arc::new(View::new(ws.status.clone(), metrics.clone()));
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", options.listen))?;
+    let local = listener.local_addr()?;
+    eprintln!("fleet serve: following {branch}, status page on http://{local}/");
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        axum::serve(listener, crate::http::app(view.clone()))
+            .with_graceful_shutdown(async {
+                let _ = http_stopped.await;
+            })
+            .into_future(),
+    );
+
+    let mut daemon = Daemon {
+        ws,
+        branch,
+        tx,
+        metrics,
+        view,
+        drivers: BTreeMap::new(),
+        providers: Vec::new(),
+        journal: None,
+        last_good: None,
+        refused: None,
+        backoff: HashMap::new(),
+        next_resync: Instant::now(),
+    };
+    let mut shutdown = false;
+    while !shutdown {
+        daemon.reconcile().await;
+        let wake = daemon.next_wake();
+        // Wait for a trigger or the next deadline, then drain what else is queued.
+        tokio::select! {
+            trigger = rx.recv() => match trigger {
+                Some(Trigger::Shutdown) | None => shutdown = true,
+                Some(t) => tracing::debug!(?t, "woken"),
+            },
+            () = tokio::time::sleep_until(wake.into()) => {}
+        }
+        while let Ok(t) = rx.try_recv() {
+            if matches!(t, Trigger::Shutdown) {
+                shutdown = true;
+            }
+        }
+    }
+    eprintln!("fleet serve: stopping");
+    let _ = stop_http.send(());
+    let _ = server.await;
+    drop(lock);
+    Ok(())
+}
+
+struct Daemon {
+    ws: Workspace,
+    branch: String,
+    tx: mpsc::UnboundedSender<Trigger>,
+    metrics: Arc<Metrics>,
+    view: Arc<View>,
+    drivers: Drivers,
+    /// The provider definitions the drivers were made from (rebuilt when they change).
+    providers: Vec<Provider>,
+    journal: Option<Arc<crate::apply::Journal>>,
+    last_good: Option<Desired>,
+    /// The revision last refused, so it is reported once.
+    refused: Option<Revision>,
+    /// Per-VM backoff: failures so far and when the VM may be tried again.
+    backoff: HashMap<String, (u32, Instant)>,
+    next_resync: Instant,
+}
+
+impl Daemon {
+    /// When to wake without a trigger: the periodic tick, or a backoff running out.
+    fn next_wake(&self) -> Instant {
+        let interval = self
+            .last_good
+            .as_ref()
+            .map_or(crate::resolve::DEFAULT_RECONCILE_INTERVAL, |d| {
+                d.policy.reconcile_interval
+            });
+        let tick = Instant::now() + interval;
+        let soonest_retry = self.backoff.values().map(|(_, until)| *until).min();
+        soonest_retry
+            .map_or(tick, |r| r.min(tick))
+            .min(self.next_resync)
+    }
+
+    async fn reconcile(&mut self) {
+        let started = Instant::now();
+        if let Err(e) = self.reconcile_inner().await {
+            tracing::error!("reconcile failed: {e:#}");
+        }
+        self.metrics
+            .observe_reconcile(started.elapsed().as_secs_f64());
+        self.view.ready.store(true, Ordering::Relaxed);
+    }
+
+    async fn reconcile_inner(&mut self) -> Result<()> {
+        self.load_revision()?;
+        let Some(desired) = self.last_good.clone() else {
+            return Ok(());
+        };
+        self.ensure_drivers(&desired).await?;
+        let journal = self.journal.clone().context("journal not open")?;
+        if Instant::now() >= self.next_resync {
+            for driver in self.drivers.values() {
+                driver.resync();
+            }
+            self.next_resync = Instant::now() + desired.policy.resync_interval;
+        }
+        let observed = reconcile::observe(&self.drivers).await;
+        let plan = reconcile::plan_for(&self.ws, &desired, &observed);
+        let plan = self.without_backed_off_steps(plan);
+        let applied = reconcile::apply_and_record(
+            &self.ws,
+            &desired,
+            &plan,
+            &self.drivers,
+            journal,
+            &observed,
+            false,
+        )
+        .await?;
+        for result in &applied.report.results {
+            self.metrics.count_step(result.action.as_str(), result.ok);
+            if result.ok {
+                self.backoff.remove(&result.vm);
+            } else {
+                let failures = self.backoff.get(&result.vm).map_or(0, |(n, _)| *n) + 1;
+                let delay = BACKOFF_FIRST
+                    .saturating_mul(1 << (failures - 1).min(16))
+                    .min(BACKOFF_MAX);
+                tracing::warn!(vm = %result.vm, failures, "step failed; next try in {delay:?}");
+                self.backoff
+                    .insert(result.vm.clone(), (failures, Instant::now() + delay));
+            }
+        }
+        self.metrics.set_phases(&applied.summary.counts);
+        if plan.has_changes() {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.metrics
+                .set_last_applied(i64::try_from(now).unwrap_or(i64::MAX));
+        }
+        Ok(())
+    }
+
+    /// Reads the branch tip; keeps the last good revision when the new one does not load.
+    fn load_revision(&mut self) -> Result<()> {
+        let rev = format!("refs/heads/{}", self.branch);
+        let snapshot = crate::source::from_git(&self.ws.repo_root, &self.ws.fleet_dir, Some(&rev))?;
+        if self
+            .last_good
+            .as_ref()
+            .is_some_and(|d| d.revision.id == snapshot.revision.id)
+        {
+            return Ok(());
+        }
+        if self
+            .refused
+            .as_ref()
+            .is_some_and(|r| r.id == snapshot.revision.id)
+        {
+            return Ok(());
+        }
+        match reconcile::desired(&snapshot) {
+            Ok(mut desired) => {
+                desired.revision.label = format!("{}@{}", self.branch, &snapshot.revision.id[..12]);
+                tracing::info!(revision = %desired.revision.label, "new revision");
+                self.last_good = Some(desired);
+                self.refused = None;
+            }
+            Err(diags) => {
+                let fleet = self
+                    .last_good
+                    .as_ref()
+                    .map(|d| d.fleet.as_str())
+                    .unwrap_or("");
+                tracing::warn!(revision = %snapshot.revision.label, "revision refused with {} diagnostic(s)", diags.len());
+                self.ws.status.record_refused(
+                    fleet,
+                    &snapshot.revision,
+                    &diags,
+                    SystemTime::now(),
+                )?;
+                self.refused = Some(snapshot.revision);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drivers live as long as their provider's definition is unchanged, so their caches
+    /// and event watchers survive from one reconcile to the next.
+    async fn ensure_drivers(&mut self, desired: &Desired) -> Result<()> {
+        if self.providers == desired.providers && self.journal.is_some() {
+            return Ok(());
+        }
+        self.drivers = reconcile::drivers_for(desired, &self.ws.repo_root);
+        self.providers = desired.providers.clone();
+        for (name, driver) in &self.drivers {
+            let (tx, provider) = (self.tx.clone(), name.clone());
+            let on_change: crate::driver::ChangeCallback = Arc::new(move |_vm: Option<&str>| {
+                let _ = tx.send(Trigger::Host {
+                    provider: provider.clone(),
+                });
+            });
+            if let Err(e) = driver.watch(on_change) {
+                tracing::warn!(provider = %name, "no event stream ({e}); relying on periodic reconciles");
+            }
+        }
+        let (journal, recovered) = reconcile::open_journal(&self.ws, &self.drivers).await?;
+        for note in recovered {
+            tracing::warn!("journal: {note}");
+        }
+        self.journal = Some(journal);
+        Ok(())
+    }
+
+    /// Drops the steps of VMs still in backoff; their turn comes when it runs out.
+    fn without_backed_off_steps(&self, mut plan: Plan) -> Plan {
+        let now = Instant::now();
+        let before = plan.steps.len();
+        plan.steps.retain(|s| {
+            self.backoff
+                .get(&s.vm)
+                .is_none_or(|(_, until)| *until <= now)
+        });
+        if plan.steps.len() != before {
+            tracing::info!(
+                "{} step(s) wait for their VM's backoff",
+                before - plan.steps.len()
+            );
+        }
+        plan
+    }
+}
+
+fn current_branch(ws: &Workspace) -> Result<String> {
+    let repo = git2::Repository::open(&ws.repo_root)
+        .with_context(|| format!("{} is not a git repository", ws.repo_root.display()))?;
+    let head = repo.head().context("the repository has no commits yet")?;
+    if !head.is_branch() {
+        anyhow::bail!("HEAD is detached; pass --branch to say which branch to follow");
+    }
+    Ok(head
+        .shorthand()
+        .context("branch name is not UTF-8")?
+        .to_owned())
+}
+
+fn spawn_signal_handler(tx: mpsc::UnboundedSender<Trigger>) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = tx.send(Trigger::Shutdown);
+    });
+    Ok(())
+}

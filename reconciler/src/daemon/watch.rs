@@ -1,0 +1,47 @@
+//! Watches the repository's git directory. Any change there (a commit moves a ref, a fetch
+//! rewrites packed-refs) is only a hint: the daemon rereads the branch tip from git objects,
+//! so a missed or spurious event costs nothing but a cheap comparison. Working-tree edits
+//! are never watched: uncommitted files never trigger an apply.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use notify_debouncer_full::notify::{RecommendedWatcher, RecursiveMode};
+use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::Trigger;
+
+/// Short enough that a commit starts a reconcile well within a second.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Keeps watching while the returned value lives.
+pub fn watch_git(
+    repo_root: &Path,
+    tx: UnboundedSender<Trigger>,
+) -> Result<Debouncer<RecommendedWatcher, RecommendedCache>> {
+    let repo = git2::Repository::open(repo_root)
+        .with_context(|| format!("{} is not a git repository", repo_root.display()))?;
+    // `.git` of a normal checkout, or the common dir of a worktree.
+    let git_dir = repo.commondir().to_owned();
+    let mut debouncer = new_debouncer(
+        DEBOUNCE,
+        Some(Duration::from_millis(50)),
+        move |result: DebounceEventResult| {
+            if result.is_ok_and(|events| !events.is_empty()) {
+                let _ = tx.send(Trigger::Git);
+            }
+        },
+    )
+    .context("cannot start the file watcher")?;
+    // HEAD and packed-refs live at the top; branch refs below refs/ (written by rename).
+    debouncer
+        .watch(&git_dir, RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch {}", git_dir.display()))?;
+    let refs = git_dir.join("refs");
+    debouncer
+        .watch(&refs, RecursiveMode::Recursive)
+        .with_context(|| format!("cannot watch {}", refs.display()))?;
+    Ok(debouncer)
+}
