@@ -198,6 +198,27 @@ pub async fn apply_and_record(
     if plan.has_changes() || plan_changed {
         ws.status.write_plan(plan)?;
     }
+    // Drift is reported before anything heals it.
+    for d in &plan.drift {
+        ws.status.append_event(&Event {
+            time: timestamp(SystemTime::now()),
+            kind: "vm.drifted".into(),
+            vm: Some(d.vm.clone()),
+            provider: Some(d.provider.clone()),
+            action: None,
+            revision: Some(plan.revision.id.clone()),
+            message: format!(
+                "{}: {}; {}",
+                d.vm,
+                d.what,
+                if d.healed {
+                    "healing it"
+                } else {
+                    "reported only (policy.selfHeal: false)"
+                }
+            ),
+        })?;
+    }
     // A no-op pass (the daemon's usual case) neither calls the drivers again nor grows the
     // event log; only status files whose content changed are rewritten.
     let (report, after) = if plan.has_changes() {
@@ -223,24 +244,6 @@ pub async fn apply_and_record(
     }
     for d in &plan.drift {
         outcomes.entry(d.vm.clone()).or_default().drift = Some((d.what.clone(), d.healed));
-        ws.status.append_event(&Event {
-            time: timestamp(SystemTime::now()),
-            kind: "vm.drifted".into(),
-            vm: Some(d.vm.clone()),
-            provider: Some(d.provider.clone()),
-            action: None,
-            revision: Some(plan.revision.id.clone()),
-            message: format!(
-                "{}: {}; {}",
-                d.vm,
-                d.what,
-                if d.healed {
-                    "healing it"
-                } else {
-                    "reported only (policy.selfHeal: false)"
-                }
-            ),
-        })?;
     }
     let finished = SystemTime::now();
     let vms = status::vm_statuses(desired, &after, &outcomes, finished);

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::support::{Repo, micro_image};
 
-const URI: &str = "qemu:///system";
+pub const URI: &str = "qemu:///system";
 
-fn enabled() -> bool {
+pub fn enabled() -> bool {
     if std::env::var("FLEET_TEST_LIBVIRT").ok().as_deref() == Some("1") {
         true
     } else {
@@ -20,7 +20,7 @@ fn enabled() -> bool {
     }
 }
 
-fn virsh(args: &[&str]) -> std::process::Output {
+pub fn virsh(args: &[&str]) -> std::process::Output {
     Command::new("virsh")
         .arg("-c")
         .arg(URI)
@@ -29,7 +29,7 @@ fn virsh(args: &[&str]) -> std::process::Output {
         .expect("run virsh")
 }
 
-fn virsh_ok(args: &[&str]) -> String {
+pub fn virsh_ok(args: &[&str]) -> String {
     let out = virsh(args);
     assert!(
         out.status.success(),
@@ -44,8 +44,8 @@ fn domain_exists(name: &str) -> bool {
 }
 
 /// Removes every domain whose name starts with the test's prefix, even when a test fails.
-struct Cleanup {
-    prefix: String,
+pub struct Cleanup {
+    pub prefix: String,
 }
 
 impl Drop for Cleanup {

@@ -1,6 +1,7 @@
 //! One integration-test binary: the bad-input corpus, CLI behaviour, and real libvirt.
 
 mod cli;
+mod daemon;
 mod libvirt;
 mod load_corpus;
 mod support;

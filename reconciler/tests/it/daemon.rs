@@ -1,0 +1,279 @@
+//! `fleet serve` on real git and real libvirtd: commits apply themselves, drift heals, bad
+//! commits are refused, one writer only, a clean stop; the page checked in headless Chromium.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::libvirt::{Cleanup, URI, enabled, virsh, virsh_ok};
+use crate::support::{Repo, fleet_bin, micro_image};
+
+/// A running `fleet serve`, killed on drop if the test did not stop it.
+struct Daemon {
+    child: Child,
+    port: u16,
+}
+
+impl Daemon {
+    fn start(repo: &Repo) -> Daemon {
+        let mut child = Command::new(fleet_bin())
+            .arg("-C")
+            .arg(repo.path())
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start fleet serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("fleet serve printed its address")
+                .expect("utf8");
+            if let Some(rest) = line.split_once("status page on http://127.0.0.1:") {
+                break rest.1.trim_end_matches('/').parse().expect("port");
+            }
+        };
+        // Keep draining stderr so the daemon never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Daemon { child, port }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A raw HTTP request (no client library needed): returns the status code and body.
+fn http(port: u16, method: &str, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+fn fleet_yaml(fleet: &str) -> String {
+    let (kernel, initrd) = micro_image();
+    format!(
+        "apiVersion: fleet/v1
+kind: Fleet
+metadata: {{name: {fleet}}}
+spec:
+  providers:
+    - {{name: local, type: libvirt, uri: '{URI}', domainType: qemu, storageDir: .fleet/storage}}
+  images:
+    - {{name: micro, kernel: '{}', initrd: '{}', cmdline: quiet}}
+  policy: {{shutdownTimeout: 10s, reconcileInterval: 30s, resyncInterval: 2s}}
+",
+        kernel.display(),
+        initrd.display()
+    )
+}
+
+fn vm_yaml(name: &str) -> String {
+    format!(
+        "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {name}}}\nspec: {{provider: local, image: micro, resources: {{memory: 192Mi}}}}\n"
+    )
+}
+
+#[test]
+fn the_daemon_applies_commits_heals_drift_and_stops_cleanly() {
+    if !enabled() {
+        return;
+    }
+    let prefix = format!("it{}-serve-", std::process::id());
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let vm = format!("{prefix}a");
+    let repo = Repo::new();
+    repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml(&format!("it{}serve", std::process::id())),
+    );
+    repo.commit("no VMs yet");
+    let daemon = Daemon::start(&repo);
+    let status = repo.path().join(".fleet/status");
+
+    // A commit makes the VM exist, and summary.yaml shows the new revision.
+    repo.write(&format!("fleet/vms/{vm}.yaml"), vm_yaml(&vm));
+    let rev = repo.commit("one VM");
+    wait_until("the committed VM runs", Duration::from_secs(30), || {
+        String::from_utf8_lossy(&virsh(&["domstate", &vm]).stdout).trim() == "running"
+    });
+    wait_until(
+        "summary.yaml shows the revision",
+        Duration::from_secs(10),
+        || read(&status.join("summary.yaml")).contains(&rev[..12]),
+    );
+
+    // Uncommitted edits never trigger an apply.
+    repo.write(
+        &format!("fleet/vms/{prefix}uncommitted.yaml"),
+        vm_yaml(&format!("{prefix}uncommitted")),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !virsh(&["domstate", &format!("{prefix}uncommitted")])
+            .status
+            .success()
+    );
+    repo.remove(&format!("fleet/vms/{prefix}uncommitted.yaml"));
+
+    // virsh destroy behind fleet's back: the VM runs again and a drift event is recorded.
+    virsh_ok(&["destroy", &vm]);
+    wait_until(
+        "the destroyed VM runs again",
+        Duration::from_secs(20),
+        || String::from_utf8_lossy(&virsh(&["domstate", &vm]).stdout).trim() == "running",
+    );
+    let events = read(&status.join("events.jsonl"));
+    assert!(
+        events.contains(&format!("\"type\":\"vm.drifted\",\"vm\":\"{vm}\"")),
+        "{events}"
+    );
+    assert!(
+        events.contains("the VM was stopped outside fleet"),
+        "{events}"
+    );
+
+    // virsh setmem: the drift is reported and healed.
+    virsh_ok(&["setmem", &vm, "150M", "--config"]);
+    wait_until(
+        "the memory drift is healed",
+        Duration::from_secs(20),
+        || {
+            virsh_ok(&["dumpxml", "--inactive", &vm])
+                .contains("<currentMemory unit='KiB'>196608</currentMemory>")
+        },
+    );
+    let events = read(&status.join("events.jsonl"));
+    assert!(
+        events.contains("memory is 150 MiB, the applied spec says 192 MiB"),
+        "{events}"
+    );
+
+    // A bad commit is refused; the previous revision stays applied.
+    repo.write(
+        &format!("fleet/vms/{prefix}bad.yaml"),
+        "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: Bad}\n",
+    );
+    let bad = repo.commit("a broken VM file");
+    wait_until(
+        "the bad revision is refused",
+        Duration::from_secs(10),
+        || read(&status.join("summary.yaml")).contains(&bad[..12]),
+    );
+    let summary = read(&status.join("summary.yaml"));
+    assert!(summary.contains("revisionRefused"), "{summary}");
+    assert!(
+        summary.contains("metadata.name: string \\\"Bad\\\" is not valid")
+            || summary.contains("metadata.name: string \"Bad\" is not valid"),
+        "{summary}"
+    );
+    let applied = summary.split("revisionRefused").next().unwrap_or_default();
+    assert!(
+        applied.contains(&rev[..12]),
+        "the good revision stays applied: {summary}"
+    );
+    assert!(read(&status.join("events.jsonl")).contains("\"type\":\"revision.refused\""));
+
+    // A second daemon (or an apply) refuses to start, naming the holder.
+    let second = repo.fleet(&["serve", "--listen", "127.0.0.1:0"]);
+    second.expect_code(1);
+    assert!(
+        second
+            .stderr()
+            .contains(&format!("held by PID {}", daemon.child.id())),
+        "{}",
+        second.stderr()
+    );
+
+    // The page, in a real browser: VMs and revision; and it is read-only.
+    let dom = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            repo.path().join(".chromium").display()
+        ))
+        .args(["--dump-dom", &daemon.url("/")])
+        .output()
+        .expect("run chromium (apt-get install chromium)");
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(dom.contains(&vm), "{dom}");
+    assert!(dom.contains(&format!("main@{}", &rev[..12])), "{dom}");
+    assert!(dom.contains("Revision refused"), "{dom}");
+    assert_eq!(http(daemon.port, "POST", "/").0, 405);
+    let (code, metrics) = http(daemon.port, "GET", "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("fleet_reconcile_duration_seconds_count"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fleet_apply_steps_total{action=\"start\",outcome=\"succeeded\"}"),
+        "{metrics}"
+    );
+
+    // SIGTERM: exit 0, lock released.
+    let mut daemon = daemon;
+    let killed = Command::new("kill")
+        .args(["-TERM", &daemon.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(status) = daemon.child.try_wait().expect("wait") {
+            break status.code();
+        }
+        assert!(Instant::now() < deadline, "fleet serve did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(code, Some(0));
+    // The lock is free: an apply can run (and removes the VM with the broken file fixed).
+    repo.remove(&format!("fleet/vms/{prefix}bad.yaml"));
+    repo.remove(&format!("fleet/vms/{vm}.yaml"));
+    repo.commit("clean up");
+    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+}
