@@ -38,9 +38,9 @@ pub struct ObservedVm {
     pub cpus: u32,
     #[serde(rename = "memoryMiB")]
     pub memory_mib: u64,
-    /// `None`: not made by any fleet.
+    /// `None`: not made by any fleet. Shared, so cached observations are cheap to hand out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stamp: Option<Stamp>,
+    pub stamp: Option<std::sync::Arc<Stamp>>,
 }
 
 impl ObservedVm {
@@ -74,9 +74,42 @@ pub struct Observed {
 impl Observed {
     /// A digest of everything the planner looks at; a saved plan records it and is refused
     /// when the world has moved on.
+    ///
+    /// Each VM contributes its identity, power state, resources and stamp fields; a stamp's
+    /// config is covered by its spec hash, so it is not serialised again (this runs on every
+    /// daemon pass).
     pub fn digest(&self) -> String {
-        let json = serde_json::to_vec(self).expect("Observed serialises to JSON");
-        hex(&Sha256::digest(json))
+        let mut h = Sha256::new();
+        for (provider, host) in &self.hosts {
+            h.update(provider.as_bytes());
+            h.update([0xff]);
+            for vm in &host.vms {
+                for part in [vm.name.as_str(), vm.uuid.as_str()] {
+                    h.update(part.as_bytes());
+                    h.update([0]);
+                }
+                h.update([u8::from(vm.running)]);
+                h.update(vm.cpus.to_le_bytes());
+                h.update(vm.memory_mib.to_le_bytes());
+                match &vm.stamp {
+                    None => h.update([0]),
+                    Some(s) => {
+                        h.update([1, u8::from(s.protect), u8::from(s.config.is_some())]);
+                        for part in [&s.fleet, &s.name, &s.spec_hash, &s.revision] {
+                            h.update(part.as_bytes());
+                            h.update([0]);
+                        }
+                    }
+                }
+            }
+        }
+        for (provider, why) in &self.unreachable {
+            h.update(provider.as_bytes());
+            h.update([0]);
+            h.update(why.as_bytes());
+            h.update([0]);
+        }
+        hex(&h.finalize())
     }
 
     pub fn find(&self, provider: &str, name: &str) -> Option<&ObservedVm> {

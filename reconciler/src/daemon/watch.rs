@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use notify_debouncer_full::notify::{RecommendedWatcher, RecursiveMode};
+use notify_debouncer_full::notify::{EventKind, RecommendedWatcher, RecursiveMode};
 use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -29,7 +29,14 @@ pub fn watch_git(
         DEBOUNCE,
         Some(Duration::from_millis(50)),
         move |result: DebounceEventResult| {
-            if result.is_ok_and(|events| !events.is_empty()) {
+            // Reading the repository (which every reconcile does) shows up as access
+            // events; only a write can mean a new commit, and reacting to reads would loop.
+            let wrote = result.is_ok_and(|events| {
+                events
+                    .iter()
+                    .any(|e| !matches!(e.event.kind, EventKind::Access(_)))
+            });
+            if wrote {
                 let _ = tx.send(Trigger::Git);
             }
         },

@@ -418,6 +418,13 @@ fn conflict_message(fleet: &str, found: &ObservedVm) -> String {
 
 fn step_for_owned(vm: &DesiredVm, found: &ObservedVm) -> Option<Step> {
     let stamp = found.stamp.as_ref()?;
+    // The common case, checked before anything is copied: nothing to do.
+    if stamp.spec_hash == vm.spec_hash
+        && stamp.config.as_ref() == Some(&vm.config)
+        && found.running == (vm.state == PowerState::Running)
+    {
+        return None;
+    }
     let mut step = Step {
         vm: vm.name.clone(),
         provider: vm.config.provider.clone(),

@@ -55,14 +55,14 @@ fn applied(d: &DesiredVm, running: bool) -> ObservedVm {
         running,
         cpus: d.config.cpus,
         memory_mib: d.config.memory_mib,
-        stamp: Some(Stamp {
+        stamp: Some(std::sync::Arc::new(Stamp {
             fleet: "lab".into(),
             name: d.name.clone(),
             spec_hash: d.spec_hash.clone(),
             revision: "a1a1a1a1a1a1a1a1".into(),
             protect: d.config.protect,
             config: Some(d.config.clone()),
-        }),
+        })),
     }
 }
 
@@ -316,7 +316,7 @@ fn another_fleets_vm_is_foreign() {
     let d = desired(&[vm("a", "")]);
     let mut theirs = applied(&d.vms["a"], true);
     if let Some(s) = theirs.stamp.as_mut() {
-        s.fleet = "other".into();
+        std::sync::Arc::make_mut(s).fleet = "other".into();
     }
     let p = plan(&d, &observed(vec![theirs]));
     assert!(p.steps.is_empty());

@@ -153,7 +153,7 @@ pub fn parse(xml: &str) -> Result<ObservedVm, String> {
         running,
         cpus,
         memory_mib,
-        stamp,
+        stamp: stamp.map(std::sync::Arc::new),
     })
 }
 
@@ -250,7 +250,7 @@ mod tests {
         assert_eq!(observed.name, "vm-1");
         assert!(!observed.running);
         assert_eq!((observed.cpus, observed.memory_mib), (2, 768));
-        assert_eq!(observed.stamp, Some(stamp));
+        assert_eq!(observed.stamp.as_deref(), Some(&stamp));
         assert!(xml.contains("<cmdline>console=ttyS0 fleet.vm=vm-1 quiet</cmdline>"));
     }
 

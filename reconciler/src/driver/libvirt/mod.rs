@@ -61,7 +61,7 @@ pub struct LibvirtDriver {
 struct ObservationCache {
     enabled: bool,
     /// name → (uuid, observation).
-    entries: HashMap<String, (String, ObservedVm)>,
+    entries: HashMap<String, (uuid::Uuid, ObservedVm)>,
 }
 
 impl ObservationCache {
@@ -447,12 +447,10 @@ impl Driver for LibvirtDriver {
         let domains = self.call("list domains", |c| c.list_all_domains(0))?;
         let mut vms = Vec::with_capacity(domains.len());
         let mut cache = self.lock_cache();
-        let mut seen = std::collections::HashSet::with_capacity(domains.len());
         for dom in &domains {
             // Name, UUID and id come with the listed domain: no calls.
             let name = dom.name().unwrap_or_default();
-            let uuid = dom.uuid_string().unwrap_or_default();
-            seen.insert(name.clone());
+            let uuid = dom.uuid().unwrap_or_default();
             if cache.enabled
                 && let Some((cached_uuid, vm)) = cache.entries.get(&name)
                 && *cached_uuid == uuid
@@ -474,9 +472,16 @@ impl Driver for LibvirtDriver {
                 Err(e) => return Err(e),
             }
         }
-        cache.entries.retain(|name, _| seen.contains(name));
+        // Names are unique on a host, so an unstable sort is exact.
+        vms.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        // Forget domains that are gone (only when there are any: this runs every pass).
+        if cache.entries.len() > vms.len() {
+            cache.entries.retain(|name, _| {
+                vms.binary_search_by(|vm| vm.name.as_str().cmp(name))
+                    .is_ok()
+            });
+        }
         drop(cache);
-        vms.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(ObservedHost { vms })
     }
 
