@@ -469,8 +469,8 @@ fn status_cmd(ws: &Workspace, args: &StatusArgs) -> Result<ExitCode> {
             .or_else(|| {
                 vm.conditions
                     .iter()
-                    .find(|c| c.kind == "Conflict")
-                    .map(|c| c.message.clone())
+                    .find(|c| c.kind == "Conflict" || (c.kind == "Drifted" && c.status))
+                    .map(|c| format!("{}: {}", c.kind, c.message))
             })
             .unwrap_or_default();
         println!(
