@@ -2,7 +2,7 @@
 #   make run     install what is missing, start libvirtd, build, build the guest image,
 #                apply fleet/ (the committed example fleet) and print its status
 #   make test    lint, then every test (real libvirt tests need libvirtd: make libvirtd)
-#   make bench   the plan and observe benchmarks
+#   make bench   plan, observe and daemon benchmarks (needs libvirtd)
 SHELL := /bin/bash
 CARGO ?= cargo
 IMAGE_DIR := build/image
@@ -55,7 +55,7 @@ test: lint image
 	FLEET_TEST_LIBVIRT=$${FLEET_TEST_LIBVIRT:-1} $(CARGO) test --workspace
 
 bench: build image libvirtd
-	./target/release/fleet-bench --libvirt
+	./target/release/fleet-bench --libvirt --daemon
 
 clean:
 	rm -rf build target .fleet
