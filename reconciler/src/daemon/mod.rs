@@ -8,13 +8,14 @@
 //! is skipped until its backoff (1 s doubling to 5 min) runs out, and reset on success.
 //! SIGTERM or SIGINT end the loop after the reconcile in flight; the lock is released.
 
+mod backoff;
 mod watch;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
@@ -27,9 +28,6 @@ use crate::resolve::Desired;
 use crate::source::Revision;
 use crate::spec::Provider;
 use crate::status::lock::StatusLock;
-
-const BACKOFF_FIRST: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -98,7 +96,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         journal: None,
         last_good: None,
         refused: None,
-        backoff: HashMap::new(),
+        backoff: backoff::Backoff::default(),
         next_resync: Instant::now(),
     };
     let mut shutdown = false;
@@ -139,8 +137,7 @@ struct Daemon {
     last_good: Option<Desired>,
     /// The revision last refused, so it is reported once.
     refused: Option<Revision>,
-    /// Per-VM backoff: failures so far and when the VM may be tried again.
-    backoff: HashMap<String, (u32, Instant)>,
+    backoff: backoff::Backoff,
     next_resync: Instant,
 }
 
@@ -154,7 +151,7 @@ impl Daemon {
                 d.policy.reconcile_interval
             });
         let tick = Instant::now() + interval;
-        let soonest_retry = self.backoff.values().map(|(_, until)| *until).min();
+        let soonest_retry = self.backoff.next_due();
         soonest_retry
             .map_or(tick, |r| r.min(tick))
             .min(self.next_resync)
@@ -199,15 +196,10 @@ impl Daemon {
         for result in &applied.report.results {
             self.metrics.count_step(result.action.as_str(), result.ok);
             if result.ok {
-                self.backoff.remove(&result.vm);
+                self.backoff.succeeded(&result.vm);
             } else {
-                let failures = self.backoff.get(&result.vm).map_or(0, |(n, _)| *n) + 1;
-                let delay = BACKOFF_FIRST
-                    .saturating_mul(1 << (failures - 1).min(16))
-                    .min(BACKOFF_MAX);
-                tracing::warn!(vm = %result.vm, failures, "step failed; next try in {delay:?}");
-                self.backoff
-                    .insert(result.vm.clone(), (failures, Instant::now() + delay));
+                let delay = self.backoff.failed(&result.vm, Instant::now());
+                tracing::warn!(vm = %result.vm, "step failed; next try in {delay:?}");
             }
         }
         self.metrics.set_phases(&applied.summary.counts);
@@ -296,11 +288,7 @@ impl Daemon {
     fn without_backed_off_steps(&self, mut plan: Plan) -> Plan {
         let now = Instant::now();
         let before = plan.steps.len();
-        plan.steps.retain(|s| {
-            self.backoff
-                .get(&s.vm)
-                .is_none_or(|(_, until)| *until <= now)
-        });
+        plan.steps.retain(|s| self.backoff.ready(&s.vm, now));
         if plan.steps.len() != before {
             tracing::info!(
                 "{} step(s) wait for their VM's backoff",
