@@ -56,8 +56,8 @@ impl ObservedVm {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ObservedHost {
-    /// Sorted by name.
-    pub vms: Vec<ObservedVm>,
+    /// Sorted by name. Shared, so a driver can hand out cached observations without copying.
+    pub vms: Vec<std::sync::Arc<ObservedVm>>,
 }
 
 /// Every provider's view at one moment.
@@ -113,10 +113,7 @@ impl Observed {
     }
 
     pub fn find(&self, provider: &str, name: &str) -> Option<&ObservedVm> {
-        self.hosts
-            .get(provider)?
-            .vms
-            .iter()
-            .find(|vm| vm.name == name)
+        let host = self.hosts.get(provider)?;
+        host.vms.iter().map(|vm| &**vm).find(|vm| vm.name == name)
     }
 }

@@ -365,7 +365,7 @@ fn bench_plan(vms: usize) -> anyhow::Result<()> {
     // Observed: every VM applied as desired, except one in a hundred with older memory, so
     // the plan has real work to render.
     let desired = fleet::reconcile::desired(&snap).map_err(|d| anyhow::anyhow!("{d:?}"))?;
-    let observed_vms: Vec<ObservedVm> = desired
+    let observed_vms: Vec<Arc<ObservedVm>> = desired
         .vms
         .values()
         .enumerate()
@@ -374,7 +374,7 @@ fn bench_plan(vms: usize) -> anyhow::Result<()> {
             if i % 100 == 0 {
                 config.memory_mib = 64;
             }
-            ObservedVm {
+            Arc::new(ObservedVm {
                 name: vm.name.clone(),
                 uuid: String::new(),
                 running: true,
@@ -388,7 +388,7 @@ fn bench_plan(vms: usize) -> anyhow::Result<()> {
                     protect: false,
                     config: Some(config),
                 })),
-            }
+            })
         })
         .collect();
     let observed = Observed {

@@ -218,7 +218,7 @@ pub fn plan_with_history(desired: &Desired, observed: &Observed, history: &Histo
         .flat_map(|(provider, host)| {
             host.vms
                 .iter()
-                .map(move |vm| ((provider.as_str(), vm.name.as_str()), vm))
+                .map(move |vm| ((provider.as_str(), vm.name.as_str()), &**vm))
         })
         .collect();
     for vm in desired.vms.values() {

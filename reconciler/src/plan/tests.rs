@@ -81,7 +81,13 @@ fn observed(vms: Vec<ObservedVm>) -> Observed {
     let mut vms = vms;
     vms.sort_by(|a, b| a.name.cmp(&b.name));
     Observed {
-        hosts: [("local".to_owned(), ObservedHost { vms })].into(),
+        hosts: [(
+            "local".to_owned(),
+            ObservedHost {
+                vms: vms.into_iter().map(std::sync::Arc::new).collect(),
+            },
+        )]
+        .into(),
         unreachable: Default::default(),
     }
 }

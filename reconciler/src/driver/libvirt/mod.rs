@@ -61,7 +61,7 @@ pub struct LibvirtDriver {
 struct ObservationCache {
     enabled: bool,
     /// name → (uuid, observation).
-    entries: HashMap<String, (uuid::Uuid, ObservedVm)>,
+    entries: HashMap<String, (uuid::Uuid, Arc<ObservedVm>)>,
 }
 
 impl ObservationCache {
@@ -452,16 +452,19 @@ impl Driver for LibvirtDriver {
             let name = dom.name().unwrap_or_default();
             let uuid = dom.uuid().unwrap_or_default();
             if cache.enabled
-                && let Some((cached_uuid, vm)) = cache.entries.get(&name)
+                && let Some((cached_uuid, vm)) = cache.entries.get_mut(&name)
                 && *cached_uuid == uuid
             {
-                let mut vm = vm.clone();
-                vm.running = dom.id().is_some();
-                vms.push(vm);
+                let running = dom.id().is_some();
+                if vm.running != running {
+                    Arc::make_mut(vm).running = running;
+                }
+                vms.push(vm.clone());
                 continue;
             }
             match self.read(dom, &name) {
                 Ok(vm) => {
+                    let vm = Arc::new(vm);
                     if cache.enabled {
                         cache.entries.insert(name, (uuid, vm.clone()));
                     }
