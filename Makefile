@@ -9,7 +9,7 @@ IMAGE_DIR := build/image
 DEB_PACKAGES := libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 pkg-config \
                 linux-image-cloud-amd64 busybox-static cpio kmod file git chromium
 
-.PHONY: all build deps libvirtd image run test lint unit bench clean
+.PHONY: all build deps libvirtd agent image run test lint unit bench clean
 
 all: build
 
@@ -33,10 +33,14 @@ libvirtd:
 	@for i in $$(seq 1 50); do virsh -c qemu:///system version >/dev/null 2>&1 && exit 0; sleep 0.2; done; \
 	  echo "libvirtd did not answer on qemu:///system" >&2; exit 1
 
-$(IMAGE_DIR)/initrd.img: guest-agent/image/build-micro.sh guest-agent/image/init
-	guest-agent/image/build-micro.sh $(IMAGE_DIR)
+# The guest agent, linked statically (the micro image has no C library).
+AGENT_BIN := target/x86_64-unknown-linux-gnu/release/fleet-agent
+agent:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p fleet-agent --target x86_64-unknown-linux-gnu
+	mkdir -p build && strip -o build/fleet-agent $(AGENT_BIN)
 
-image: $(IMAGE_DIR)/initrd.img
+image: agent
+	FLEET_AGENT_BIN=$(CURDIR)/build/fleet-agent guest-agent/image/build-micro.sh $(IMAGE_DIR)
 
 run: deps libvirtd build image
 	./target/release/fleet apply --auto-approve

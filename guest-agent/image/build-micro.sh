@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Builds fleet's "micro" guest image from Debian packages: the cloud kernel plus a small
 # initramfs (busybox-static, the virtio modules, an /init that reports readiness on the
-# serial console). Boots to userspace in about 2 s under QEMU TCG.
+# serial console, and fleet-agent when FLEET_AGENT_BIN names a static build of it).
+# Boots to userspace in about 2 s under QEMU TCG.
 #
-# Usage: build-micro.sh OUT_DIR      (needs linux-image-cloud-amd64, busybox-static, cpio, kmod)
+# Usage: [FLEET_AGENT_BIN=path] build-micro.sh OUT_DIR
+#        (needs linux-image-cloud-amd64, busybox-static, cpio, kmod)
 set -euo pipefail
 
 out=${1:?usage: build-micro.sh OUT_DIR}
@@ -23,7 +25,7 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 root="$work/root"
-mkdir -p "$root"/{bin,sbin,dev,proc,sys,run,tmp,etc,lib/modules,usr/bin,usr/sbin}
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,run,tmp,etc,lib/modules,usr/bin,usr/sbin,var/log}
 cp "$busybox" "$root/bin/busybox"
 for applet in sh mount umount mkdir cat echo sleep poweroff reboot insmod ls ln uname acpid \
               hostname ip ifconfig ps kill date head tail grep sed tr cut mknod seq dmesg sync; do

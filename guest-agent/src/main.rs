@@ -1,37 +1,18 @@
 //! `fleet-agent`: runs inside each VM and talks to the host over a virtio-serial port.
 //!
-//! This is the foundation's minimal agent: it finds the port named `org.fleet.agent.0`
-//! (through `/sys/class/virtio-ports`, since the micro image has no udev), says hello with
-//! its version and boot id, and sends a heartbeat every 10 s, as newline-delimited JSON.
-//! Tasks, output streaming and prompts build on this link (see the guest-agent issue).
+//! It finds the port named `org.fleet.agent.0` (through `/sys/class/virtio-ports`, since the
+//! micro image has no udev), says hello with its version and boot id, and sends a heartbeat
+//! every 10 s, as newline-delimited JSON (`fleet-agent-protocol`). If the port goes away or
+//! a write fails, it reopens the port and says hello again. The port stays open all the
+//! time: data the host sends while the guest side is closed is dropped.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use fleet_agent_protocol::{GuestMessage, PORT_NAME, VERSION};
 
-const PORT_NAME: &str = "org.fleet.agent.0";
-const PROTOCOL_VERSION: u32 = 1;
 const HEARTBEAT: Duration = Duration::from_secs(10);
-
-#[derive(Serialize)]
-#[serde(
-    tag = "type",
-    rename_all = "camelCase",
-    rename_all_fields = "camelCase"
-)]
-enum Message<'a> {
-    Hello {
-        v: u32,
-        agent_version: &'a str,
-        boot_id: &'a str,
-    },
-    Heartbeat {
-        v: u32,
-        unix_time: u64,
-    },
-}
 
 fn main() {
     if std::env::args().any(|a| a == "--version" || a == "-V") {
@@ -41,16 +22,22 @@ fn main() {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
+    let mut warned = false;
     loop {
         match find_port(Path::new("/sys/class/virtio-ports")) {
             Some(dev) => {
+                warned = false;
                 if let Err(e) = serve(&dev, &boot_id) {
                     eprintln!("fleet-agent: link on {}: {e}; reopening", dev.display());
                 }
             }
-            None => eprintln!("fleet-agent: no virtio port named {PORT_NAME} yet"),
+            None if !warned => {
+                eprintln!("fleet-agent: no virtio port named {PORT_NAME} yet; waiting for it");
+                warned = true;
+            }
+            None => {}
         }
-        std::thread::sleep(Duration::from_secs(2));
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 
@@ -73,10 +60,10 @@ fn serve(dev: &Path, boot_id: &str) -> std::io::Result<()> {
         .open(dev)?;
     send(
         &mut port,
-        &Message::Hello {
-            v: PROTOCOL_VERSION,
-            agent_version: env!("CARGO_PKG_VERSION"),
-            boot_id,
+        &GuestMessage::Hello {
+            v: VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            boot_id: boot_id.to_owned(),
         },
     )?;
     loop {
@@ -86,18 +73,16 @@ fn serve(dev: &Path, boot_id: &str) -> std::io::Result<()> {
             .map_or(0, |d| d.as_secs());
         send(
             &mut port,
-            &Message::Heartbeat {
-                v: PROTOCOL_VERSION,
+            &GuestMessage::Heartbeat {
+                v: VERSION,
                 unix_time,
             },
         )?;
     }
 }
 
-fn send(port: &mut impl Write, message: &Message<'_>) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(message).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    port.write_all(&line)?;
+fn send(port: &mut impl Write, message: &GuestMessage) -> std::io::Result<()> {
+    port.write_all(message.to_line().as_bytes())?;
     port.flush()
 }
 
@@ -117,23 +102,5 @@ mod tests {
         }
         assert_eq!(find_port(&dir), Some(PathBuf::from("/dev/vport1p2")));
         std::fs::remove_dir_all(&dir).expect("cleanup");
-    }
-
-    #[test]
-    fn messages_are_versioned_json_lines() {
-        let mut out = Vec::new();
-        send(
-            &mut out,
-            &Message::Hello {
-                v: 1,
-                agent_version: "0.1.0",
-                boot_id: "b",
-            },
-        )
-        .expect("send");
-        assert_eq!(
-            String::from_utf8(out).expect("utf8"),
-            "{\"type\":\"hello\",\"v\":1,\"agentVersion\":\"0.1.0\",\"bootId\":\"b\"}\n"
-        );
     }
 }

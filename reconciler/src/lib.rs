@@ -6,6 +6,7 @@
 //! (pure), `apply` does it (journaled), and `status` writes what happened.
 //! `reconcile` wires the stages together for `cli`.
 
+pub mod agent_link;
 pub mod apply;
 pub mod cli;
 pub mod daemon;

@@ -89,6 +89,19 @@ pub trait Driver: Send + Sync {
     /// Forgets cached observations, so the next `observe` reads every VM again. For changes
     /// the hypervisor sends no event for.
     fn resync(&self) {}
+
+    /// Where the host side of a running VM's agent link is, if it has one.
+    fn agent_endpoint(&self, name: &str) -> Result<Option<AgentEndpoint>, DriverError> {
+        let _ = name;
+        Ok(None)
+    }
+}
+
+/// The host side of a VM's agent link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentEndpoint {
+    /// A unix socket bound to the VM's virtio-serial port (libvirt).
+    UnixSocket(std::path::PathBuf),
 }
 
 /// Told about changes on a host: a VM's name, or `None` for "anything may have changed".

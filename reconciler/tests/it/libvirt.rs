@@ -145,6 +145,37 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
         assert_eq!(virsh_ok(&["domstate", vm]).trim(), "running");
     }
 
+    // 1b. Each guest's agent says hello over its virtio-serial channel.
+    let driver = fleet::driver::libvirt::LibvirtDriver::new(
+        &fleet,
+        &fleet::spec::LibvirtProvider {
+            name: fleet::spec::Name("local".into()),
+            uri: URI.into(),
+            domain_type: fleet::spec::DomainType::Qemu,
+            storage_dir: Some(".fleet/storage".into()),
+        },
+        repo.path(),
+    );
+    let mut boot_ids = Vec::new();
+    for vm in [&a, &b, &c] {
+        use fleet::driver::Driver;
+        let endpoint = driver
+            .agent_endpoint(vm)
+            .expect("endpoint")
+            .expect("a running VM has an agent link");
+        let mut link = fleet::agent_link::AgentLink::connect(&endpoint).expect("connect");
+        match link.hello(Duration::from_secs(60)).expect("hello") {
+            fleet_agent_protocol::GuestMessage::Hello { v, boot_id, .. } => {
+                assert_eq!(v, fleet_agent_protocol::VERSION);
+                assert!(!boot_id.is_empty());
+                boot_ids.push(boot_id);
+            }
+            other => panic!("expected hello, got {other:?}"),
+        }
+    }
+    boot_ids.dedup();
+    assert_eq!(boot_ids.len(), 3, "three guests, three boots");
+
     // 2. Converged: the next plan has no changes.
     let again = repo.fleet(&["plan", "--detailed-exitcode"]);
     again.expect_code(0);

@@ -109,6 +109,13 @@ pub fn render(vm: &DesiredVm, uuid: &uuid::Uuid, stamp: &Stamp, files: &VmFiles<
         escape(files.console_log.to_string_lossy().as_ref())
     );
     x.push_str("    <console type='pty'><target type='serial' port='0'/></console>\n");
+    // The agent link. No path: libvirt makes the socket in its own directory, where QEMU
+    // (running as its own user) may create it; `agent_socket` reads it back.
+    let _ = writeln!(
+        x,
+        "    <channel type='unix'><source mode='bind'/><target type='virtio' name='{}'/></channel>",
+        fleet_agent_protocol::PORT_NAME
+    );
     x.push_str("    <memballoon model='none'/>\n");
     x.push_str("  </devices>\n</domain>\n");
     x
@@ -155,6 +162,23 @@ pub fn parse(xml: &str) -> Result<ObservedVm, String> {
         memory_mib,
         stamp: stamp.map(std::sync::Arc::new),
     })
+}
+
+/// The host-side socket of the agent channel in a running domain's (live) XML.
+pub fn agent_socket(xml: &str) -> Option<std::path::PathBuf> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    doc.descendants()
+        .filter(|n| n.has_tag_name("channel"))
+        .find(|ch| {
+            ch.children().any(|t| {
+                t.has_tag_name("target")
+                    && t.attribute("name") == Some(fleet_agent_protocol::PORT_NAME)
+            })
+        })?
+        .children()
+        .find(|n| n.has_tag_name("source"))?
+        .attribute("path")
+        .map(std::path::PathBuf::from)
 }
 
 /// Reads a stamp element; `None` when required fields are missing (then it is no stamp).
@@ -252,6 +276,16 @@ mod tests {
         assert_eq!((observed.cpus, observed.memory_mib), (2, 768));
         assert_eq!(observed.stamp.as_deref(), Some(&stamp));
         assert!(xml.contains("<cmdline>console=ttyS0 fleet.vm=vm-1 quiet</cmdline>"));
+    }
+
+    #[test]
+    fn the_agent_socket_is_read_from_live_xml() {
+        let xml = "<domain><devices><channel type='unix'><source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-1-a/org.qemu.guest_agent.0'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel><channel type='unix'><source mode='bind' path='/run/x/org.fleet.agent.0'/><target type='virtio' name='org.fleet.agent.0' state='connected'/></channel></devices></domain>";
+        assert_eq!(
+            agent_socket(xml),
+            Some(std::path::PathBuf::from("/run/x/org.fleet.agent.0"))
+        );
+        assert_eq!(agent_socket("<domain/>"), None);
     }
 
     #[test]

@@ -506,6 +506,15 @@ impl Driver for LibvirtDriver {
         self.lock_cache().forget(None);
     }
 
+    fn agent_endpoint(&self, name: &str) -> Result<Option<super::AgentEndpoint>, DriverError> {
+        let (dom, _) = self.require_owned(name)?;
+        if dom.id().is_none() {
+            return Ok(None);
+        }
+        let live = self.on_domain(&format!("read {name}"), || dom.xml_desc(0))?;
+        Ok(domain_xml::agent_socket(&live).map(super::AgentEndpoint::UnixSocket))
+    }
+
     fn create(&self, vm: &DesiredVm, stamp: &Stamp) -> Result<(), DriverError> {
         self.invalidate(&vm.name);
         if let Some((dom, _)) = self.owned(&vm.name)? {

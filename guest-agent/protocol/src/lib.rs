@@ -1,0 +1,85 @@
+//! The agent link's protocol: newline-delimited JSON, one message a line, every message
+//! carrying the protocol version `v`. Shared by the host (`fleet`) and the guest
+//! (`fleet-agent`) so both sides read one definition.
+//!
+//! So far the guest says who it is (`hello`, once per connection) and that it is alive
+//! (`heartbeat`). Tasks, output, prompts and files extend this enum.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+
+/// The name of the virtio-serial port (libvirt channel target) the link runs over.
+pub const PORT_NAME: &str = "org.fleet.agent.0";
+
+/// Longest line either side accepts; longer input is a protocol error, not an allocation.
+pub const MAX_LINE_BYTES: usize = 1024 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    tag = "type",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
+pub enum GuestMessage {
+    /// Sent first on every connection.
+    Hello {
+        v: u32,
+        agent_version: String,
+        /// Changes at every boot of the guest (`/proc/sys/kernel/random/boot_id`).
+        boot_id: String,
+    },
+    Heartbeat {
+        v: u32,
+        unix_time: u64,
+    },
+}
+
+impl GuestMessage {
+    pub fn version(&self) -> u32 {
+        match self {
+            GuestMessage::Hello { v, .. } | GuestMessage::Heartbeat { v, .. } => *v,
+        }
+    }
+
+    /// One line of the wire format, newline included.
+    pub fn to_line(&self) -> String {
+        let mut line = serde_json::to_string(self).expect("messages serialise to JSON");
+        line.push('\n');
+        line
+    }
+
+    /// Parses one line (without or with its newline).
+    pub fn from_line(line: &str) -> Result<GuestMessage, String> {
+        if line.len() > MAX_LINE_BYTES {
+            return Err(format!(
+                "line of {} bytes exceeds the limit of {MAX_LINE_BYTES}",
+                line.len()
+            ));
+        }
+        serde_json::from_str(line.trim_end()).map_err(|e| format!("not a protocol message: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_as_single_lines() {
+        let hello = GuestMessage::Hello {
+            v: VERSION,
+            agent_version: "0.1.0".into(),
+            boot_id: "b-1".into(),
+        };
+        let line = hello.to_line();
+        assert_eq!(
+            line,
+            "{\"type\":\"hello\",\"v\":1,\"agentVersion\":\"0.1.0\",\"bootId\":\"b-1\"}\n"
+        );
+        assert_eq!(GuestMessage::from_line(&line), Ok(hello));
+        assert!(GuestMessage::from_line("{\"type\":\"reboot\",\"v\":1}").is_err());
+        assert!(GuestMessage::from_line(&"x".repeat(MAX_LINE_BYTES + 1)).is_err());
+    }
+}
