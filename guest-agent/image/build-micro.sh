@@ -27,7 +27,7 @@ trap 'rm -rf "$work"' EXIT
 root="$work/root"
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,run,tmp,etc,lib/modules,usr/bin,usr/sbin,var/log}
 cp "$busybox" "$root/bin/busybox"
-for applet in sh mount umount mkdir cat echo sleep poweroff reboot insmod ls ln uname acpid \
+for applet in sh mount umount mkdir cat echo sleep poweroff reboot insmod ls ln uname acpid findfs \
               hostname ip ifconfig ps kill date head tail grep sed tr cut mknod seq dmesg sync; do
   ln -sf busybox "$root/bin/$applet"
 done

@@ -17,6 +17,7 @@ pub mod observe;
 pub mod plan;
 pub mod reconcile;
 pub mod resolve;
+pub mod seed;
 pub mod source;
 pub mod spec;
 pub mod status;

@@ -143,6 +143,18 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
     for vm in [&a, &b, &c] {
         wait_for_userspace(repo.path(), vm, 0);
         assert_eq!(virsh_ok(&["domstate", vm]).trim(), "running");
+        // The guest read its NoCloud seed: the instance id is the domain's UUID.
+        let uuid = virsh_ok(&["domuuid", vm]).trim().to_owned();
+        let log = std::fs::read_to_string(
+            repo.path()
+                .join(".fleet/storage")
+                .join(vm)
+                .join("console.log"),
+        )
+        .expect("console log");
+        // (The guest names disks in probe order, so the device name is not checked.)
+        assert!(log.contains("fleet-guest: seed cidata on /dev/vd"), "{log}");
+        assert!(log.contains(&format!("(instance-id={uuid})")), "{log}");
     }
 
     // 1b. Each guest's agent says hello over its virtio-serial channel.

@@ -4,4 +4,5 @@ mod cli;
 mod daemon;
 mod libvirt;
 mod load_corpus;
+mod seed;
 mod support;

@@ -22,6 +22,8 @@ pub struct VmFiles<'a> {
     pub disk_overlay: Option<&'a Path>,
     pub kernel: Option<&'a Path>,
     pub initrd: Option<&'a Path>,
+    /// The NoCloud seed (an ISO labelled cidata), attached read-only.
+    pub seed_iso: Option<&'a Path>,
 }
 
 /// The stamp as the element libvirt stores (without the namespace declaration, which
@@ -95,6 +97,13 @@ pub fn render(vm: &DesiredVm, uuid: &uuid::Uuid, stamp: &Stamp, files: &VmFiles<
             x,
             "    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
             escape(disk.to_string_lossy().as_ref())
+        );
+    }
+    if let Some(seed) = files.seed_iso {
+        let _ = writeln!(
+            x,
+            "    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vdb' bus='virtio'/><readonly/></disk>",
+            escape(seed.to_string_lossy().as_ref())
         );
     }
     match c.network {
@@ -267,6 +276,7 @@ mod tests {
             disk_overlay: None,
             kernel: Some(Path::new("/img/vmlinuz")),
             initrd: Some(Path::new("/img/initrd.img")),
+            seed_iso: Some(Path::new("/s/vm-1/seed.iso")),
         };
         let uuid = uuid::Uuid::nil();
         let xml = render(&vm, &uuid, &stamp, &files);

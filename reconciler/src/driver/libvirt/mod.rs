@@ -273,6 +273,7 @@ impl LibvirtDriver {
             self.check_image_file(vm, "initrd", i)?;
         }
         let console_log = dir.join("console.log");
+        let seed_iso = dir.join("seed.iso");
         let overlay = vm
             .config
             .image
@@ -284,6 +285,7 @@ impl LibvirtDriver {
             disk_overlay: overlay.as_deref(),
             kernel: kernel.as_deref(),
             initrd: initrd.as_deref(),
+            seed_iso: Some(&seed_iso),
         };
         Ok(domain_xml::render(
             vm,
@@ -314,6 +316,7 @@ impl LibvirtDriver {
         let marker_json = serde_json::to_vec_pretty(&marker).expect("marker is JSON");
         crate::status::write_atomic(&dir.join(OWNER_MARKER), &marker_json)
             .map_err(|e| io("write owner marker in", e))?;
+        self.write_seed(vm)?;
         if let (Some(base), Some(size_mib)) = (&vm.config.image.disk, vm.config.disk_mib) {
             let base = self.resolve_path(base);
             self.check_image_file(vm, "disk", &base)?;
@@ -345,6 +348,46 @@ impl LibvirtDriver {
             }
         }
         Ok(())
+    }
+
+    /// Renders the VM's NoCloud seed and writes it as `seed.iso` (volume label `cidata`),
+    /// replacing the previous one atomically.
+    fn write_seed(&self, vm: &DesiredVm) -> Result<(), DriverError> {
+        let dir = self.vm_dir(&vm.name);
+        let seed = crate::seed::render(vm, &domain_uuid(&self.fleet, &vm.name).to_string());
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            DriverError::new(
+                ErrorKind::Permanent,
+                format!("seed of {}: {what}: {e}", vm.name),
+            )
+        };
+        let staging = tempfile::Builder::new()
+            .prefix(".seed-")
+            .tempdir_in(&dir)
+            .map_err(|e| fail("staging directory", &e))?;
+        for (name, text) in [
+            ("user-data", &seed.user_data),
+            ("meta-data", &seed.meta_data),
+            ("network-config", &seed.network_config),
+        ] {
+            std::fs::write(staging.path().join(name), text).map_err(|e| fail(name, &e))?;
+        }
+        let iso = staging.path().join("seed.iso");
+        let output = std::process::Command::new("genisoimage")
+            .args(["-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"])
+            .arg(&iso)
+            .args(["user-data", "meta-data", "network-config"])
+            .current_dir(staging.path())
+            .output()
+            .map_err(|e| fail("run genisoimage (install genisoimage)", &e))?;
+        if !output.status.success() {
+            return Err(fail(
+                "genisoimage",
+                &String::from_utf8_lossy(&output.stderr).trim(),
+            ));
+        }
+        set_mode(&iso, 0o644).map_err(|e| fail("chmod", &e))?;
+        std::fs::rename(&iso, dir.join("seed.iso")).map_err(|e| fail("install seed.iso", &e))
     }
 
     /// Removes `<storage>/<vm>/` if its marker says it is this fleet's VM (or it is empty).
@@ -520,6 +563,13 @@ impl Driver for LibvirtDriver {
         if let Some((dom, _)) = self.owned(&vm.name)? {
             // Made before (a retried or interrupted create): bring it to the spec.
             let xml = self.definition(vm, stamp)?;
+            std::fs::create_dir_all(self.vm_dir(&vm.name)).map_err(|e| {
+                DriverError::new(
+                    ErrorKind::Permanent,
+                    format!("create the directory of {}: {e}", vm.name),
+                )
+            })?;
+            self.write_seed(vm)?;
             self.define(&xml, &vm.name)?;
             if self.is_active(&dom, &vm.name)? {
                 self.set_live_stamp(&dom, stamp, &vm.name)?;
@@ -570,6 +620,7 @@ impl Driver for LibvirtDriver {
         self.invalidate(&vm.name);
         let (dom, _) = self.require_owned(&vm.name)?;
         let xml = self.definition(vm, stamp)?;
+        self.write_seed(vm)?;
         self.define(&xml, &vm.name)?;
         if self.is_active(&dom, &vm.name)? {
             if restart {
