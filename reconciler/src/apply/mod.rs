@@ -208,7 +208,7 @@ async fn call(
             .map(|vm| stamp_for(&ctx.fleet, &ctx.revision, vm));
         let vm = vm.clone();
         let work = tokio::task::spawn_blocking(move || match (action, vm, stamp) {
-            (Action::Create, Some(vm), Some(stamp)) => driver.create(&vm, &stamp),
+            (Action::Create, Some(vm), Some(stamp)) => driver.create(&vm, &stamp, grace),
             (Action::Update, Some(vm), Some(stamp)) => driver.update(&vm, &stamp, restart, grace),
             (Action::Start, _, _) => driver.start(&name),
             (Action::Stop, _, _) => driver.stop(&name, grace),
@@ -324,7 +324,7 @@ mod tests {
         fn observe(&self) -> Result<ObservedHost, DriverError> {
             Ok(ObservedHost { vms: vec![] })
         }
-        fn create(&self, vm: &DesiredVm, _: &Stamp) -> Result<(), DriverError> {
+        fn create(&self, vm: &DesiredVm, _: &Stamp, _: Duration) -> Result<(), DriverError> {
             match vm.name.as_str() {
                 "broken" => Err(DriverError::new(ErrorKind::Permanent, "bad definition")),
                 "flaky" if self.transient_left.fetch_sub(1, Ordering::SeqCst) > 0 => {

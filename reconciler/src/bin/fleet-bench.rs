@@ -461,7 +461,7 @@ fn bench_libvirt_observe(vms: usize) -> anyhow::Result<()> {
             config: Some(vm.config.clone()),
         };
         driver
-            .create(vm, &stamp)
+            .create(vm, &stamp, Duration::from_secs(5))
             .map_err(|e| anyhow::anyhow!("create {}: {e}", vm.name))?;
     }
     println!(

@@ -48,8 +48,9 @@ pub trait Driver: Send + Sync {
     fn observe(&self) -> Result<ObservedHost, DriverError>;
 
     /// Makes the VM (files, definition with `stamp`) and starts it when the spec says running.
-    /// Idempotent: a VM already made by this fleet under this name is brought to the spec.
-    fn create(&self, vm: &DesiredVm, stamp: &Stamp) -> Result<(), DriverError>;
+    /// Idempotent: a VM already made by this fleet under this name is brought to the spec
+    /// (stopping it, within `grace`, if the spec says stopped).
+    fn create(&self, vm: &DesiredVm, stamp: &Stamp, grace: Duration) -> Result<(), DriverError>;
 
     fn start(&self, name: &str) -> Result<(), DriverError>;
 

@@ -558,7 +558,7 @@ impl Driver for LibvirtDriver {
         Ok(domain_xml::agent_socket(&live).map(super::AgentEndpoint::UnixSocket))
     }
 
-    fn create(&self, vm: &DesiredVm, stamp: &Stamp) -> Result<(), DriverError> {
+    fn create(&self, vm: &DesiredVm, stamp: &Stamp, grace: Duration) -> Result<(), DriverError> {
         self.invalidate(&vm.name);
         if let Some((dom, _)) = self.owned(&vm.name)? {
             // Made before (a retried or interrupted create): bring it to the spec.
@@ -574,7 +574,7 @@ impl Driver for LibvirtDriver {
             if self.is_active(&dom, &vm.name)? {
                 self.set_live_stamp(&dom, stamp, &vm.name)?;
             }
-            return self.ensure_power(&dom, vm, Duration::from_secs(60));
+            return self.ensure_power(&dom, vm, grace);
         }
         let uuid = domain_uuid(&self.fleet, &vm.name);
         if let Ok(other) = self.call("look up by uuid", |c| {
