@@ -372,6 +372,42 @@ fn merge_files(mut base: Vec<GuestFile>, over: &[GuestFile]) -> Vec<GuestFile> {
     base
 }
 
+/// A small resolved VM for unit tests: `edit` adjusts its configuration, the hash follows.
+#[cfg(test)]
+pub(crate) fn example_vm(name: &str, edit: impl FnOnce(&mut VmConfig)) -> DesiredVm {
+    let mut config = VmConfig {
+        provider: "local".into(),
+        domain_type: DomainType::Qemu,
+        image: ResolvedImage {
+            name: "micro".into(),
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            disk: None,
+        },
+        loadout: None,
+        pool: None,
+        cpus: 1,
+        memory_mib: 128,
+        disk_mib: None,
+        network: NetworkMode::Isolated,
+        packages: vec![],
+        files: vec![],
+        runcmd: vec![],
+        env: BTreeMap::new(),
+        labels: BTreeMap::new(),
+        protect: false,
+    };
+    edit(&mut config);
+    DesiredVm {
+        name: name.into(),
+        state: PowerState::Running,
+        spec_hash: config.hash(),
+        config,
+        source: String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

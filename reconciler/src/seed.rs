@@ -84,40 +84,15 @@ pub fn render(vm: &DesiredVm, instance_id: &str) -> Seed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resolve::{ResolvedImage, VmConfig};
-    use crate::spec::{DomainType, GuestFile, PowerState};
+    use crate::spec::GuestFile;
 
     fn vm(runcmd: Vec<String>, files: Vec<GuestFile>) -> DesiredVm {
-        let config = VmConfig {
-            provider: "local".into(),
-            domain_type: DomainType::Qemu,
-            image: ResolvedImage {
-                name: "micro".into(),
-                kernel: None,
-                initrd: None,
-                cmdline: None,
-                disk: None,
-            },
-            loadout: None,
-            pool: None,
-            cpus: 1,
-            memory_mib: 256,
-            disk_mib: None,
-            network: NetworkMode::Isolated,
-            packages: vec!["git".into()],
-            files,
-            runcmd,
-            env: Default::default(),
-            labels: Default::default(),
-            protect: false,
-        };
-        DesiredVm {
-            name: "a".into(),
-            state: PowerState::Running,
-            spec_hash: config.hash(),
-            config,
-            source: String::new(),
-        }
+        crate::resolve::example_vm("a", |c| {
+            c.memory_mib = 256;
+            c.packages = vec!["git".into()];
+            c.files = files;
+            c.runcmd = runcmd;
+        })
     }
 
     #[test]

@@ -308,9 +308,8 @@ mod tests {
     use super::*;
     use crate::observe::ObservedHost;
     use crate::plan::Reason;
-    use crate::resolve::{ResolvedImage, ResolvedPolicy, VmConfig};
+    use crate::resolve::ResolvedPolicy;
     use crate::source::Revision;
-    use crate::spec::{DomainType, NetworkMode, PowerState};
 
     /// A driver whose creates fail as told: by VM name, a permanent error, N transient
     /// errors before success, or a hang longer than any deadline.
@@ -373,29 +372,6 @@ mod tests {
     }
 
     fn create_step(name: &str) -> Step {
-        let config = VmConfig {
-            provider: "local".into(),
-            domain_type: DomainType::Qemu,
-            image: ResolvedImage {
-                name: "micro".into(),
-                kernel: None,
-                initrd: None,
-                cmdline: None,
-                disk: None,
-            },
-            loadout: None,
-            pool: None,
-            cpus: 1,
-            memory_mib: 128,
-            disk_mib: None,
-            network: NetworkMode::Isolated,
-            packages: vec![],
-            files: vec![],
-            runcmd: vec![],
-            env: Default::default(),
-            labels: Default::default(),
-            protect: false,
-        };
         Step {
             vm: name.into(),
             provider: "local".into(),
@@ -403,13 +379,7 @@ mod tests {
             reason: Reason::NotFound,
             changes: vec![],
             restart: false,
-            desired: Some(DesiredVm {
-                name: name.into(),
-                state: PowerState::Running,
-                spec_hash: config.hash(),
-                config,
-                source: String::new(),
-            }),
+            desired: Some(crate::resolve::example_vm(name, |_| {})),
             applied: None,
             applied_revision: None,
         }

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::libvirt::{Cleanup, URI, enabled, virsh, virsh_ok};
-use crate::support::{Repo, fleet_bin, micro_image};
+use crate::libvirt::{Cleanup, enabled, fleet_yaml_with_policy, virsh, virsh_ok, vm_yaml};
+use crate::support::{Repo, fleet_bin};
 
 /// A running `fleet serve`, killed on drop if the test did not stop it.
 struct Daemon {
@@ -83,30 +83,6 @@ fn http(port: u16, method: &str, path: &str) -> (u16, String) {
     (code, body)
 }
 
-fn fleet_yaml(fleet: &str) -> String {
-    let (kernel, initrd) = micro_image();
-    format!(
-        "apiVersion: fleet/v1
-kind: Fleet
-metadata: {{name: {fleet}}}
-spec:
-  providers:
-    - {{name: local, type: libvirt, uri: '{URI}', domainType: qemu, storageDir: .fleet/storage}}
-  images:
-    - {{name: micro, kernel: '{}', initrd: '{}', cmdline: quiet}}
-  policy: {{shutdownTimeout: 10s, reconcileInterval: 30s, resyncInterval: 2s}}
-",
-        kernel.display(),
-        initrd.display()
-    )
-}
-
-fn vm_yaml(name: &str) -> String {
-    format!(
-        "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {name}}}\nspec: {{provider: local, image: micro, resources: {{memory: 192Mi}}}}\n"
-    )
-}
-
 #[test]
 fn the_daemon_applies_commits_heals_drift_and_stops_cleanly() {
     if !enabled() {
@@ -120,14 +96,17 @@ fn the_daemon_applies_commits_heals_drift_and_stops_cleanly() {
     let repo = Repo::new();
     repo.write(
         "fleet/fleet.yaml",
-        fleet_yaml(&format!("it{}serve", std::process::id())),
+        fleet_yaml_with_policy(
+            &format!("it{}serve", std::process::id()),
+            "{shutdownTimeout: 10s, reconcileInterval: 30s, resyncInterval: 2s}",
+        ),
     );
     repo.commit("no VMs yet");
     let daemon = Daemon::start(&repo);
     let status = repo.path().join(".fleet/status");
 
     // A commit makes the VM exist, and summary.yaml shows the new revision.
-    repo.write(&format!("fleet/vms/{vm}.yaml"), vm_yaml(&vm));
+    repo.write(&format!("fleet/vms/{vm}.yaml"), vm_yaml(&vm, "192Mi"));
     let rev = repo.commit("one VM");
     wait_until("the committed VM runs", Duration::from_secs(30), || {
         String::from_utf8_lossy(&virsh(&["domstate", &vm]).stdout).trim() == "running"
@@ -141,7 +120,7 @@ fn the_daemon_applies_commits_heals_drift_and_stops_cleanly() {
     // Uncommitted edits never trigger an apply.
     repo.write(
         &format!("fleet/vms/{prefix}uncommitted.yaml"),
-        vm_yaml(&format!("{prefix}uncommitted")),
+        vm_yaml(&format!("{prefix}uncommitted"), "192Mi"),
     );
     std::thread::sleep(Duration::from_secs(2));
     assert!(

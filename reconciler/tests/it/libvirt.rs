@@ -60,7 +60,8 @@ impl Drop for Cleanup {
     }
 }
 
-fn fleet_yaml(fleet: &str) -> String {
+/// A fleet.yaml for real libvirt with the micro image; `policy` is a YAML flow mapping.
+pub fn fleet_yaml_with_policy(fleet: &str, policy: &str) -> String {
     let (kernel, initrd) = micro_image();
     format!(
         "apiVersion: fleet/v1
@@ -71,14 +72,18 @@ spec:
     - {{name: local, type: libvirt, uri: '{URI}', domainType: qemu, storageDir: .fleet/storage}}
   images:
     - {{name: micro, kernel: '{}', initrd: '{}', cmdline: quiet}}
-  policy: {{shutdownTimeout: 15s, stepTimeout: 2m}}
+  policy: {policy}
 ",
         kernel.display(),
         initrd.display()
     )
 }
 
-fn vm_yaml(name: &str, memory: &str) -> String {
+fn fleet_yaml(fleet: &str) -> String {
+    fleet_yaml_with_policy(fleet, "{shutdownTimeout: 15s, stepTimeout: 2m}")
+}
+
+pub fn vm_yaml(name: &str, memory: &str) -> String {
     format!(
         "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {name}}}\nspec: {{provider: local, image: micro, resources: {{memory: {memory}}}}}\n"
     )

@@ -224,40 +224,17 @@ fn to_mib(value: u64, unit: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resolve::{ResolvedImage, VmConfig};
-    use crate::spec::{DomainType, PowerState};
 
     fn desired() -> DesiredVm {
-        let config = VmConfig {
-            provider: "local".into(),
-            domain_type: DomainType::Qemu,
-            image: ResolvedImage {
-                name: "micro".into(),
-                kernel: Some("k".into()),
-                initrd: Some("i".into()),
-                cmdline: Some("quiet".into()),
-                disk: None,
-            },
-            loadout: None,
-            pool: None,
-            cpus: 2,
-            memory_mib: 768,
-            disk_mib: None,
-            network: NetworkMode::Isolated,
-            packages: vec![],
-            files: vec![],
-            runcmd: vec!["echo <&>".into()],
-            env: Default::default(),
-            labels: Default::default(),
-            protect: true,
-        };
-        DesiredVm {
-            name: "vm-1".into(),
-            state: PowerState::Running,
-            spec_hash: config.hash(),
-            config,
-            source: "fleet/vms/vm-1.yaml".into(),
-        }
+        crate::resolve::example_vm("vm-1", |c| {
+            c.image.kernel = Some("k".into());
+            c.image.initrd = Some("i".into());
+            c.image.cmdline = Some("quiet".into());
+            c.cpus = 2;
+            c.memory_mib = 768;
+            c.runcmd = vec!["echo <&>".into()];
+            c.protect = true;
+        })
     }
 
     #[test]
