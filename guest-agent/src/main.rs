@@ -2,15 +2,18 @@
 //!
 //! It finds the port named `org.fleet.agent.0` (through `/sys/class/virtio-ports`, since the
 //! micro image has no udev), says hello with its version and boot id, and sends a heartbeat
-//! every 10 s, as newline-delimited JSON (`fleet-agent-protocol`). If the port goes away or
-//! a write fails, it reopens the port and says hello again. The port stays open all the
-//! time: data the host sends while the guest side is closed is dropped.
+//! every 10 s, as newline-delimited JSON (`fleet-agent-protocol`); it answers each host
+//! greeting with a hello. If the port goes away or a write fails, it reopens the port and says
+//! hello again. The port stays open all the time: data the host sends while the guest side is
+//! closed is dropped.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fleet_agent_protocol::{GuestMessage, PORT_NAME, VERSION};
+use fleet_agent_protocol::{GuestMessage, HostMessage, PORT_NAME, VERSION};
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
@@ -53,35 +56,63 @@ fn find_port(sysfs: &Path) -> Option<PathBuf> {
     None
 }
 
+/// Serves one opening of the port: hello first, then a heartbeat every 10 s; a reader
+/// thread answers each host greeting with a hello (a host that reconnected learns who we
+/// are again). Returns when a read or write fails.
 fn serve(dev: &Path, boot_id: &str) -> std::io::Result<()> {
-    let mut port = std::fs::OpenOptions::new()
+    let port = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(dev)?;
-    send(
-        &mut port,
-        &GuestMessage::Hello {
-            v: VERSION,
-            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            boot_id: boot_id.to_owned(),
-        },
-    )?;
-    loop {
+    let reader = port.try_clone()?;
+    let writer = Arc::new(Mutex::new(port));
+    let hello = GuestMessage::Hello {
+        v: VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        boot_id: boot_id.to_owned(),
+    };
+    send(&writer, &hello)?;
+    let failed = Arc::new(AtomicBool::new(false));
+    {
+        let (writer, failed, hello) = (writer.clone(), failed.clone(), hello.clone());
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(reader).lines();
+            loop {
+                match lines.next() {
+                    Some(Ok(line)) => match HostMessage::from_line(&line) {
+                        Ok(HostMessage::Hello { .. }) => {
+                            if send(&writer, &hello).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => eprintln!("fleet-agent: ignoring a line from the host: {e}"),
+                    },
+                    // No host connected yet reads as end of file: wait and read on.
+                    None => std::thread::sleep(Duration::from_millis(200)),
+                    Some(Err(_)) => break,
+                }
+            }
+            failed.store(true, Ordering::Relaxed);
+        });
+    }
+    while !failed.load(Ordering::Relaxed) {
         std::thread::sleep(HEARTBEAT);
         let unix_time = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         send(
-            &mut port,
+            &writer,
             &GuestMessage::Heartbeat {
                 v: VERSION,
                 unix_time,
             },
         )?;
     }
+    Err(std::io::Error::other("reading from the host failed"))
 }
 
-fn send(port: &mut impl Write, message: &GuestMessage) -> std::io::Result<()> {
+fn send(port: &Mutex<impl Write>, message: &GuestMessage) -> std::io::Result<()> {
+    let mut port = port.lock().unwrap_or_else(|p| p.into_inner());
     port.write_all(message.to_line().as_bytes())?;
     port.flush()
 }

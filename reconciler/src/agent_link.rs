@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use fleet_agent_protocol::{GuestMessage, VERSION};
+use fleet_agent_protocol::{GuestMessage, HostMessage, VERSION};
 
 use crate::driver::AgentEndpoint;
 
@@ -46,6 +46,15 @@ impl AgentLink {
         Ok(AgentLink {
             reader: BufReader::new(stream),
         })
+    }
+
+    /// Greets the agent, which answers with its hello (also after either side restarted).
+    pub fn greet(&mut self) -> Result<(), LinkError> {
+        use std::io::Write;
+        let line = HostMessage::Hello { v: VERSION }.to_line();
+        let mut stream = self.reader.get_ref();
+        stream.write_all(line.as_bytes())?;
+        Ok(stream.flush()?)
     }
 
     /// The next message, waiting at most `timeout`.

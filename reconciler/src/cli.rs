@@ -345,8 +345,19 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     print!("{}", render::text(&plan));
     if !plan.has_changes() {
         // Nothing to do, but the status files still record this revision and what runs.
-        reconcile::apply_and_record(ws, &desired, &plan, &drivers, journal, &observed, false)
-            .await?;
+        reconcile::apply_and_record(
+            ws,
+            reconcile::Pass {
+                desired: &desired,
+                plan: &plan,
+                observed: &observed,
+                agents: &Default::default(),
+            },
+            &drivers,
+            journal,
+            false,
+        )
+        .await?;
         return Ok(exit_for(&plan, 0));
     }
     if !args.auto_approve {
@@ -366,9 +377,19 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     }
-    let applied =
-        reconcile::apply_and_record(ws, &desired, &plan, &drivers, journal, &observed, true)
-            .await?;
+    let applied = reconcile::apply_and_record(
+        ws,
+        reconcile::Pass {
+            desired: &desired,
+            plan: &plan,
+            observed: &observed,
+            agents: &Default::default(),
+        },
+        &drivers,
+        journal,
+        true,
+    )
+    .await?;
     let failed = applied.report.failed();
     let last = applied
         .summary

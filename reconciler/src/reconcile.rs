@@ -155,6 +155,8 @@ impl apply::Observer for StatusObserver {
 pub struct Applied {
     pub report: ApplyReport,
     pub summary: Summary,
+    /// Every VM's status as written.
+    pub vms: BTreeMap<String, status::VmStatus>,
 }
 
 /// Opens the journal and resolves what an interrupted apply left open.
@@ -179,16 +181,29 @@ pub async fn open_journal(
     Ok((journal, recovered))
 }
 
+/// What one reconcile pass works from: the revision's desired state, the plan made from
+/// it, the observation the plan was made against, and what the agents last said.
+pub struct Pass<'a> {
+    pub desired: &'a Desired,
+    pub plan: &'a Plan,
+    pub observed: &'a Observed,
+    pub agents: &'a BTreeMap<String, status::AgentStatus>,
+}
+
 /// Runs `plan`, then observes again and writes every status file.
 pub async fn apply_and_record(
     ws: &Workspace,
-    desired: &Desired,
-    plan: &Plan,
+    pass: Pass<'_>,
     drivers: &Drivers,
     journal: Arc<Journal>,
-    observed_before: &Observed,
     print_progress: bool,
 ) -> std::io::Result<Applied> {
+    let Pass {
+        desired,
+        plan,
+        observed: observed_before,
+        agents,
+    } = pass;
     let started = SystemTime::now();
     let previous = ws.status.read_summary().unwrap_or_default();
     let plan_changed = previous
@@ -246,7 +261,7 @@ pub async fn apply_and_record(
         outcomes.entry(d.vm.clone()).or_default().drift = Some((d.what.clone(), d.healed));
     }
     let finished = SystemTime::now();
-    let vms = status::vm_statuses(desired, &after, &outcomes, finished);
+    let vms = status::vm_statuses(desired, &after, &outcomes, agents, finished);
     ws.status.write_vms(&vms)?;
     let failed = report.failed();
     let outcome = if failed == 0 && plan.conflicts.is_empty() && plan.errors.is_empty() {
@@ -279,7 +294,11 @@ pub async fn apply_and_record(
     summary.counts = status::counts(&vms);
     ws.status.write_summary(&summary)?;
     if !plan.has_changes() {
-        return Ok(Applied { report, summary });
+        return Ok(Applied {
+            report,
+            summary,
+            vms,
+        });
     }
     ws.status.append_event(&Event {
         time: timestamp(finished),
@@ -295,5 +314,9 @@ pub async fn apply_and_record(
             plan.conflicts.len()
         ),
     })?;
-    Ok(Applied { report, summary })
+    Ok(Applied {
+        report,
+        summary,
+        vms,
+    })
 }

@@ -2,8 +2,10 @@
 //! carrying the protocol version `v`. Shared by the host (`fleet`) and the guest
 //! (`fleet-agent`) so both sides read one definition.
 //!
-//! So far the guest says who it is (`hello`, once per connection) and that it is alive
-//! (`heartbeat`). Tasks, output, prompts and files extend this enum.
+//! So far: the host greets when it connects (`HostMessage::Hello`), the guest says who it is
+//! (`GuestMessage::Hello`, when its port opens and whenever the host greets, so a host that
+//! reconnects learns it again) and that it is alive (`heartbeat`). Tasks, output, prompts
+//! and files extend these enums.
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +64,36 @@ impl GuestMessage {
     }
 }
 
+/// What the host sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    tag = "type",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
+pub enum HostMessage {
+    /// Sent when the host connects; the guest answers with its own hello.
+    Hello { v: u32 },
+}
+
+impl HostMessage {
+    pub fn to_line(&self) -> String {
+        let mut line = serde_json::to_string(self).expect("messages serialise to JSON");
+        line.push('\n');
+        line
+    }
+
+    pub fn from_line(line: &str) -> Result<HostMessage, String> {
+        if line.len() > MAX_LINE_BYTES {
+            return Err(format!(
+                "line of {} bytes exceeds the limit of {MAX_LINE_BYTES}",
+                line.len()
+            ));
+        }
+        serde_json::from_str(line.trim_end()).map_err(|e| format!("not a protocol message: {e}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +113,8 @@ mod tests {
         assert_eq!(GuestMessage::from_line(&line), Ok(hello));
         assert!(GuestMessage::from_line("{\"type\":\"reboot\",\"v\":1}").is_err());
         assert!(GuestMessage::from_line(&"x".repeat(MAX_LINE_BYTES + 1)).is_err());
+        let greet = HostMessage::Hello { v: VERSION };
+        assert_eq!(greet.to_line(), "{\"type\":\"hello\",\"v\":1}\n");
+        assert_eq!(HostMessage::from_line(&greet.to_line()), Ok(greet));
     }
 }

@@ -8,6 +8,7 @@
 //! is skipped until its backoff (1 s doubling to 5 min) runs out, and reset on success.
 //! SIGTERM or SIGINT end the loop after the reconcile in flight; the lock is released.
 
+mod agents;
 mod backoff;
 mod watch;
 
@@ -45,6 +46,8 @@ pub enum Trigger {
     Host {
         provider: String,
     },
+    /// A guest agent connected, disconnected or rebooted.
+    Agent,
     Shutdown,
 }
 
@@ -97,6 +100,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         last_good: None,
         refused: None,
         backoff: backoff::Backoff::default(),
+        agents: agents::Agents::default(),
         next_resync: Instant::now(),
     };
     let mut shutdown = false;
@@ -138,6 +142,7 @@ struct Daemon {
     /// The revision last refused, so it is reported once.
     refused: Option<Revision>,
     backoff: backoff::Backoff,
+    agents: agents::Agents,
     next_resync: Instant,
 }
 
@@ -185,14 +190,25 @@ impl Daemon {
         let plan = self.without_backed_off_steps(plan);
         let applied = reconcile::apply_and_record(
             &self.ws,
-            &desired,
-            &plan,
+            reconcile::Pass {
+                desired: &desired,
+                plan: &plan,
+                observed: &observed,
+                agents: &self.agents.snapshot(),
+            },
             &self.drivers,
             journal,
-            &observed,
             false,
         )
         .await?;
+        // Follow the agent of every VM that runs now (and only those).
+        let running: Vec<(String, Arc<dyn crate::driver::Driver>)> = applied
+            .vms
+            .values()
+            .filter(|vm| vm.phase == crate::status::Phase::Running)
+            .filter_map(|vm| Some((vm.name.clone(), self.drivers.get(&vm.provider)?.clone())))
+            .collect();
+        self.agents.sync(running, &self.tx);
         for result in &applied.report.results {
             self.metrics.count_step(result.action.as_str(), result.ok);
             if result.ok {

@@ -102,7 +102,7 @@ pub fn overview(s: &Snapshot) -> String {
         h2 { "VMs (" (s.vms.len()) ")" }
         div.scroll {
             table {
-                thead { tr { th { "Name" } th { "Phase" } th { "Provider" } th { "CPUs" } th { "Memory" } th { "Conditions" } } }
+                thead { tr { th { "Name" } th { "Phase" } th { "Provider" } th { "CPUs" } th { "Memory" } th { "Agent" } th { "Conditions" } } }
                 tbody {
                     @for vm in s.vms.values() {
                         tr {
@@ -111,6 +111,7 @@ pub fn overview(s: &Snapshot) -> String {
                             td { (vm.provider) }
                             td { (vm.observed.as_ref().map(|o| o.cpus.to_string()).unwrap_or_else(|| "-".into())) }
                             td { (vm.observed.as_ref().map(|o| format!("{} MiB", o.memory_mib)).unwrap_or_else(|| "-".into())) }
+                            td { (agent_text(vm)) }
                             td { (conditions_text(vm)) }
                         }
                     }
@@ -144,6 +145,9 @@ pub fn vm(s: &Snapshot, vm: &VmStatus) -> String {
             @if let Some(o) = &vm.observed {
                 dt { "Observed" } dd { (if o.running { "running" } else { "stopped" }) ", " (o.cpus) " vCPUs, " (o.memory_mib) " MiB, UUID " (o.uuid) }
             }
+            @if let Some(a) = &vm.agent {
+                dt { "Agent" } dd { (agent_text(vm)) ", boot " (a.boot_id) ", hello at " (a.since) }
+            }
             @if let Some(e) = &vm.last_error { dt.bad { "Last error" } dd.bad { (e) } }
             dt { "Updated" } dd { (vm.updated) }
         }
@@ -155,6 +159,14 @@ pub fn vm(s: &Snapshot, vm: &VmStatus) -> String {
         }
     };
     page(&format!("{} · fleet", vm.name), body)
+}
+
+fn agent_text(vm: &VmStatus) -> String {
+    match &vm.agent {
+        Some(a) if a.connected => format!("fleet-agent {}", a.agent_version),
+        Some(_) => "link lost".to_owned(),
+        None => "-".to_owned(),
+    }
 }
 
 fn conditions_text(vm: &VmStatus) -> String {

@@ -37,6 +37,7 @@ fn view_with_status() -> (tempfile::TempDir, Arc<View>) {
         spec_hash: "h".into(),
         applied_revision: Some("abc".into()),
         source: "fleet/vms/web-01.yaml".into(),
+        agent: None,
         conditions: vec![Condition {
             kind: "Drifted".into(),
             status: false,

@@ -141,11 +141,26 @@ pub struct VmStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_revision: Option<String>,
     pub source: String,
+    /// The guest agent, when the daemon follows this VM's agent link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     pub updated: String,
+}
+
+/// The guest agent of a VM, as the daemon's link to it last saw it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    pub connected: bool,
+    pub agent_version: String,
+    /// Changes at every boot of the guest.
+    pub boot_id: String,
+    /// When the agent last said hello.
+    pub since: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -318,6 +333,7 @@ pub fn vm_statuses(
     desired: &Desired,
     observed: &crate::observe::Observed,
     outcomes: &BTreeMap<String, VmOutcome>,
+    agents: &BTreeMap<String, AgentStatus>,
     now: SystemTime,
 ) -> BTreeMap<String, VmStatus> {
     let mut out = BTreeMap::new();
@@ -355,6 +371,19 @@ pub fn vm_statuses(
             (Some(f), None, None) if f.running => Phase::Running,
             (Some(_), None, None) => Phase::Stopped,
         };
+        let agent = agents.get(&vm.name).cloned();
+        if let Some(a) = &agent {
+            conditions.push(Condition {
+                kind: "AgentConnected".into(),
+                status: a.connected,
+                reason: if a.connected {
+                    "Hello".into()
+                } else {
+                    "LinkLost".into()
+                },
+                message: format!("fleet-agent {} (boot {})", a.agent_version, a.boot_id),
+            });
+        }
         if let Some(f) = owned {
             let in_sync = f
                 .stamp
@@ -396,6 +425,7 @@ pub fn vm_statuses(
                     .and_then(|f| f.stamp.as_ref())
                     .map(|s| s.revision.clone()),
                 source: vm.source.clone(),
+                agent,
                 conditions,
                 last_error: outcome.error.clone(),
                 updated: timestamp(now),

@@ -117,6 +117,22 @@ fn the_daemon_applies_commits_heals_drift_and_stops_cleanly() {
         || read(&status.join("summary.yaml")).contains(&rev[..12]),
     );
 
+    // The daemon follows the guest agent: connected, with a boot id.
+    let vm_status = status.join("vms").join(format!("{vm}.yaml"));
+    let boot_id = |text: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix("bootId: ").map(str::to_owned))
+    };
+    wait_until(
+        "the agent's hello shows in the VM's status",
+        Duration::from_secs(60),
+        || {
+            let text = read(&vm_status);
+            text.contains("connected: true") && boot_id(&text).is_some()
+        },
+    );
+    let first_boot = boot_id(&read(&vm_status));
+
     // Uncommitted edits never trigger an apply.
     repo.write(
         &format!("fleet/vms/{prefix}uncommitted.yaml"),
@@ -141,6 +157,16 @@ fn the_daemon_applies_commits_heals_drift_and_stops_cleanly() {
     assert!(
         events.contains(&format!("\"type\":\"vm.drifted\",\"vm\":\"{vm}\"")),
         "{events}"
+    );
+    // The link follows the new boot: the agent said hello again with a new boot id.
+    wait_until(
+        "the agent of the new boot says hello",
+        Duration::from_secs(60),
+        || {
+            let text = read(&vm_status);
+            text.contains("connected: true")
+                && boot_id(&text).is_some_and(|b| Some(b) != first_boot)
+        },
     );
     assert!(
         events.contains("the VM was stopped outside fleet"),
