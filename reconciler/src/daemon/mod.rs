@@ -122,6 +122,9 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         }
     }
     eprintln!("fleet serve: stopping");
+    for driver in daemon.drivers.values() {
+        driver.unwatch();
+    }
     let _ = stop_http.send(());
     let _ = server.await;
     drop(lock);

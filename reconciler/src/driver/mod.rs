@@ -87,6 +87,9 @@ pub trait Driver: Send + Sync {
         Ok(())
     }
 
+    /// Stops following events (and whatever process follows them for the driver).
+    fn unwatch(&self) {}
+
     /// Forgets cached observations, so the next `observe` reads every VM again. For changes
     /// the hypervisor sends no event for.
     fn resync(&self) {}

@@ -260,8 +260,26 @@ fn the_daemon_applies_commits_heals_drift_and_stops_cleanly() {
         "{metrics}"
     );
 
-    // SIGTERM: exit 0, lock released.
+    // SIGTERM: exit 0, lock released, and no process of its left behind.
     let mut daemon = daemon;
+    let pid = daemon.child.id();
+    // Children are listed per thread that spawned them.
+    let children: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+        .flat_map(|task| {
+            std::fs::read_to_string(task.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert!(
+        !children.is_empty(),
+        "the daemon runs its virsh event follower"
+    );
     let killed = Command::new("kill")
         .args(["-TERM", &daemon.child.id().to_string()])
         .status()
@@ -276,6 +294,13 @@ fn the_daemon_applies_commits_heals_drift_and_stops_cleanly() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(code, Some(0));
+    for child in children {
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat.contains(") Z "),
+            "child {child} outlived the daemon: {stat}"
+        );
+    }
     // The lock is free: an apply can run (and removes the VM with the broken file fixed).
     repo.remove(&format!("fleet/vms/{prefix}bad.yaml"));
     repo.remove(&format!("fleet/vms/{vm}.yaml"));

@@ -53,6 +53,14 @@ pub struct LibvirtDriver {
     calls: AtomicU64,
     /// Observations kept fresh by the event watcher (shared with its thread).
     cache: Arc<Mutex<ObservationCache>>,
+    /// The `virsh event` process while one runs, and whether to stop following events.
+    events: Arc<EventStream>,
+}
+
+#[derive(Default)]
+struct EventStream {
+    child: Mutex<Option<std::process::Child>>,
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// What `observe` may reuse: each domain's parsed definition, by name, while no event
@@ -93,6 +101,7 @@ impl LibvirtDriver {
             conn: Mutex::new(None),
             calls: AtomicU64::new(0),
             cache: Arc::new(Mutex::new(ObservationCache::default())),
+            events: Arc::new(EventStream::default()),
         }
     }
 
@@ -532,10 +541,15 @@ impl Driver for LibvirtDriver {
     }
 
     fn watch(&self, on_change: ChangeCallback) -> Result<(), DriverError> {
-        let (uri, provider, cache) = (self.uri.clone(), self.provider.clone(), self.cache.clone());
+        let (uri, provider, cache, events) = (
+            self.uri.clone(),
+            self.provider.clone(),
+            self.cache.clone(),
+            self.events.clone(),
+        );
         std::thread::Builder::new()
             .name(format!("events-{provider}"))
-            .spawn(move || follow_events(&uri, &provider, &cache, &on_change))
+            .spawn(move || follow_events(&uri, &provider, &cache, &events, &on_change))
             .map(|_| ())
             .map_err(|e| {
                 DriverError::new(
@@ -543,6 +557,20 @@ impl Driver for LibvirtDriver {
                     format!("cannot start the event watcher: {e}"),
                 )
             })
+    }
+
+    fn unwatch(&self) {
+        self.events.stopping.store(true, Ordering::Relaxed);
+        let child = self
+            .events
+            .child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut child) = child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     fn resync(&self) {
@@ -671,6 +699,7 @@ fn follow_events(
     uri: &str,
     provider: &str,
     cache: &Mutex<ObservationCache>,
+    events: &EventStream,
     on_change: &ChangeCallback,
 ) {
     let set_enabled = |enabled: bool| {
@@ -678,7 +707,7 @@ fn follow_events(
         c.enabled = enabled;
         c.forget(None);
     };
-    loop {
+    while !events.stopping.load(Ordering::Relaxed) {
         let child = std::process::Command::new("virsh")
             .args(["-q", "-c", uri, "event", "--all", "--loop"])
             .stdin(std::process::Stdio::null())
@@ -687,7 +716,9 @@ fn follow_events(
             .spawn();
         match child {
             Ok(mut child) => {
-                if let Some(stdout) = child.stdout.take() {
+                let stdout = child.stdout.take();
+                *events.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+                if let Some(stdout) = stdout {
                     let mut lines = std::io::BufReader::new(stdout).lines();
                     set_enabled(true);
                     // Whatever happened before the stream opened is unknown.
@@ -702,8 +733,18 @@ fn follow_events(
                         }
                     }
                 }
-                let _ = child.kill();
-                let _ = child.wait();
+                let child = events
+                    .child
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                if let Some(mut child) = child {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                if events.stopping.load(Ordering::Relaxed) {
+                    break;
+                }
                 tracing::warn!(
                     provider,
                     "libvirt event stream ended; observing without a cache until it is back"
