@@ -15,6 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleet_agent_protocol::{GuestMessage, HostMessage, PORT_NAME, VERSION};
 
+mod task;
+
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
 fn main() {
@@ -25,12 +27,14 @@ fn main() {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
+    // Tasks keep running while the link is down and the port is reopened.
+    let tasks = Arc::new(task::Tasks::default());
     let mut warned = false;
     loop {
         match find_port(Path::new("/sys/class/virtio-ports")) {
             Some(dev) => {
                 warned = false;
-                if let Err(e) = serve(&dev, &boot_id) {
+                if let Err(e) = serve(&dev, &boot_id, &tasks) {
                     eprintln!("fleet-agent: link on {}: {e}; reopening", dev.display());
                 }
             }
@@ -59,7 +63,7 @@ fn find_port(sysfs: &Path) -> Option<PathBuf> {
 /// Serves one opening of the port: hello first, then a heartbeat every 10 s; a reader
 /// thread answers each host greeting with a hello (a host that reconnected learns who we
 /// are again). Returns when a read or write fails.
-fn serve(dev: &Path, boot_id: &str) -> std::io::Result<()> {
+fn serve(dev: &Path, boot_id: &str, tasks: &Arc<task::Tasks>) -> std::io::Result<()> {
     let port = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -74,7 +78,8 @@ fn serve(dev: &Path, boot_id: &str) -> std::io::Result<()> {
     send(&writer, &hello)?;
     let failed = Arc::new(AtomicBool::new(false));
     {
-        let (writer, failed, hello) = (writer.clone(), failed.clone(), hello.clone());
+        let (writer, failed, hello, tasks) =
+            (writer.clone(), failed.clone(), hello.clone(), tasks.clone());
         std::thread::spawn(move || {
             let mut lines = BufReader::new(reader).lines();
             loop {
@@ -84,6 +89,34 @@ fn serve(dev: &Path, boot_id: &str) -> std::io::Result<()> {
                             if send(&writer, &hello).is_err() {
                                 break;
                             }
+                        }
+                        Ok(HostMessage::RunTask {
+                            task,
+                            argv,
+                            env,
+                            cwd,
+                            timeout_secs,
+                            ..
+                        }) => {
+                            let writer = writer.clone();
+                            let sink: task::Sink = Arc::new(move |m| {
+                                // While the link is down, output is lost (resend comes later).
+                                let _ = send(&writer, &m);
+                            });
+                            let spec = task::RunSpec {
+                                task,
+                                argv,
+                                env,
+                                cwd,
+                                timeout: timeout_secs.map(Duration::from_secs),
+                            };
+                            tasks.start(spec, sink);
+                        }
+                        Ok(HostMessage::Input { task, data, .. }) => {
+                            tasks.input(&task, &data);
+                        }
+                        Ok(HostMessage::Cancel { task, .. }) => {
+                            tasks.cancel(&task);
                         }
                         Err(e) => eprintln!("fleet-agent: ignoring a line from the host: {e}"),
                     },

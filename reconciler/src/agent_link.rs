@@ -50,10 +50,13 @@ impl AgentLink {
 
     /// Greets the agent, which answers with its hello (also after either side restarted).
     pub fn greet(&mut self) -> Result<(), LinkError> {
+        self.send(&HostMessage::Hello { v: VERSION })
+    }
+
+    pub fn send(&mut self, message: &HostMessage) -> Result<(), LinkError> {
         use std::io::Write;
-        let line = HostMessage::Hello { v: VERSION }.to_line();
         let mut stream = self.reader.get_ref();
-        stream.write_all(line.as_bytes())?;
+        stream.write_all(message.to_line().as_bytes())?;
         Ok(stream.flush()?)
     }
 

@@ -36,12 +36,40 @@ pub enum GuestMessage {
         v: u32,
         unix_time: u64,
     },
+    /// Terminal output of a task; `seq` counts chunks from 1 so the host can tell a gap or
+    /// a repeat.
+    Output {
+        v: u32,
+        task: String,
+        seq: u64,
+        data: String,
+    },
+    /// A task ended. `code` is the exit code when it exited on its own.
+    Exit {
+        v: u32,
+        task: String,
+        code: Option<i32>,
+        reason: ExitReason,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ExitReason {
+    Completed,
+    TimedOut,
+    Cancelled,
+    /// It could not be started (no such program, bad directory).
+    FailedToStart,
 }
 
 impl GuestMessage {
     pub fn version(&self) -> u32 {
         match self {
-            GuestMessage::Hello { v, .. } | GuestMessage::Heartbeat { v, .. } => *v,
+            GuestMessage::Hello { v, .. }
+            | GuestMessage::Heartbeat { v, .. }
+            | GuestMessage::Output { v, .. }
+            | GuestMessage::Exit { v, .. } => *v,
         }
     }
 
@@ -74,6 +102,22 @@ impl GuestMessage {
 pub enum HostMessage {
     /// Sent when the host connects; the guest answers with its own hello.
     Hello { v: u32 },
+    /// Run `argv` in a pseudo-terminal, killing its process group after `timeout_secs`.
+    RunTask {
+        v: u32,
+        task: String,
+        argv: Vec<String>,
+        #[serde(default)]
+        env: std::collections::BTreeMap<String, String>,
+        #[serde(default)]
+        cwd: Option<String>,
+        #[serde(default)]
+        timeout_secs: Option<u64>,
+    },
+    /// Type into a task's terminal.
+    Input { v: u32, task: String, data: String },
+    /// Stop a task (its whole process group).
+    Cancel { v: u32, task: String },
 }
 
 impl HostMessage {

@@ -124,6 +124,9 @@ fn follow(
                         since: timestamp(SystemTime::now()),
                     })),
                     Ok(GuestMessage::Heartbeat { .. }) => {}
+                    // The host does not dispatch tasks yet, so no task output can arrive;
+                    // task dispatch will route these to the task's status and output log.
+                    Ok(GuestMessage::Output { .. } | GuestMessage::Exit { .. }) => {}
                     Err(e) => {
                         tracing::debug!(vm, "agent link lost: {e}");
                         break;

@@ -193,6 +193,42 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
     boot_ids.dedup();
     assert_eq!(boot_ids.len(), 3, "three guests, three boots");
 
+    // The agent runs a command in a terminal inside the guest and reports its output and
+    // exit code.
+    {
+        use fleet::driver::Driver;
+        use fleet_agent_protocol::{ExitReason, GuestMessage, HostMessage, VERSION};
+        let endpoint = driver.agent_endpoint(&a).expect("endpoint").expect("link");
+        let mut link = fleet::agent_link::AgentLink::connect(&endpoint).expect("connect");
+        link.send(&HostMessage::RunTask {
+            v: VERSION,
+            task: "probe".into(),
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo from-$(hostname); exit 7".into(),
+            ],
+            env: Default::default(),
+            cwd: None,
+            timeout_secs: Some(30),
+        })
+        .expect("send");
+        let mut output = String::new();
+        let exit = loop {
+            match link.next(Duration::from_secs(60)).expect("a message") {
+                GuestMessage::Output { task, data, .. } if task == "probe" => {
+                    output.push_str(&data)
+                }
+                GuestMessage::Exit {
+                    task, code, reason, ..
+                } if task == "probe" => break (code, reason),
+                _ => {}
+            }
+        };
+        assert_eq!(exit, (Some(7), ExitReason::Completed), "{output}");
+        assert!(output.contains(&format!("from-{a}")), "{output:?}");
+    }
+
     // 2. Converged: the next plan has no changes.
     let again = repo.fleet(&["plan", "--detailed-exitcode"]);
     again.expect_code(0);
