@@ -75,20 +75,12 @@ impl GuestMessage {
 
     /// One line of the wire format, newline included.
     pub fn to_line(&self) -> String {
-        let mut line = serde_json::to_string(self).expect("messages serialise to JSON");
-        line.push('\n');
-        line
+        write_line(self)
     }
 
     /// Parses one line (without or with its newline).
     pub fn from_line(line: &str) -> Result<GuestMessage, String> {
-        if line.len() > MAX_LINE_BYTES {
-            return Err(format!(
-                "line of {} bytes exceeds the limit of {MAX_LINE_BYTES}",
-                line.len()
-            ));
-        }
-        serde_json::from_str(line.trim_end()).map_err(|e| format!("not a protocol message: {e}"))
+        parse_line(line)
     }
 }
 
@@ -122,20 +114,30 @@ pub enum HostMessage {
 
 impl HostMessage {
     pub fn to_line(&self) -> String {
-        let mut line = serde_json::to_string(self).expect("messages serialise to JSON");
-        line.push('\n');
-        line
+        write_line(self)
     }
 
     pub fn from_line(line: &str) -> Result<HostMessage, String> {
-        if line.len() > MAX_LINE_BYTES {
-            return Err(format!(
-                "line of {} bytes exceeds the limit of {MAX_LINE_BYTES}",
-                line.len()
-            ));
-        }
-        serde_json::from_str(line.trim_end()).map_err(|e| format!("not a protocol message: {e}"))
+        parse_line(line)
     }
+}
+
+/// A message as one line of the wire format, newline included.
+fn write_line<T: Serialize>(message: &T) -> String {
+    let mut line = serde_json::to_string(message).expect("messages serialise to JSON");
+    line.push('\n');
+    line
+}
+
+/// One line of either side, size-checked before it is parsed.
+fn parse_line<T: serde::de::DeserializeOwned>(line: &str) -> Result<T, String> {
+    if line.len() > MAX_LINE_BYTES {
+        return Err(format!(
+            "line of {} bytes exceeds the limit of {MAX_LINE_BYTES}",
+            line.len()
+        ));
+    }
+    serde_json::from_str(line.trim_end()).map_err(|e| format!("not a protocol message: {e}"))
 }
 
 #[cfg(test)]
