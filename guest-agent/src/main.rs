@@ -76,6 +76,14 @@ fn serve(dev: &Path, boot_id: &str, tasks: &Arc<task::Tasks>) -> std::io::Result
         boot_id: boot_id.to_owned(),
     };
     send(&writer, &hello)?;
+    // Task messages go out on this opening of the port (a failed write is resent after the
+    // host's next greeting).
+    {
+        let writer = writer.clone();
+        tasks.set_sink(Arc::new(move |m| {
+            let _ = send(&writer, &m);
+        }));
+    }
     let failed = Arc::new(AtomicBool::new(false));
     {
         let (writer, failed, hello, tasks) =
@@ -89,6 +97,8 @@ fn serve(dev: &Path, boot_id: &str, tasks: &Arc<task::Tasks>) -> std::io::Result
                             if send(&writer, &hello).is_err() {
                                 break;
                             }
+                            // A host that (re)connected gets what it has not acknowledged.
+                            tasks.resend();
                         }
                         Ok(HostMessage::RunTask {
                             task,
@@ -98,11 +108,6 @@ fn serve(dev: &Path, boot_id: &str, tasks: &Arc<task::Tasks>) -> std::io::Result
                             timeout_secs,
                             ..
                         }) => {
-                            let writer = writer.clone();
-                            let sink: task::Sink = Arc::new(move |m| {
-                                // While the link is down, output is lost (resend comes later).
-                                let _ = send(&writer, &m);
-                            });
                             let spec = task::RunSpec {
                                 task,
                                 argv,
@@ -110,7 +115,7 @@ fn serve(dev: &Path, boot_id: &str, tasks: &Arc<task::Tasks>) -> std::io::Result
                                 cwd,
                                 timeout: timeout_secs.map(Duration::from_secs),
                             };
-                            tasks.start(spec, sink);
+                            tasks.start(spec);
                         }
                         Ok(HostMessage::Input { task, data, .. }) => {
                             tasks.input(&task, &data);
@@ -118,6 +123,7 @@ fn serve(dev: &Path, boot_id: &str, tasks: &Arc<task::Tasks>) -> std::io::Result
                         Ok(HostMessage::Cancel { task, .. }) => {
                             tasks.cancel(&task);
                         }
+                        Ok(HostMessage::Ack { task, seq, .. }) => tasks.ack(&task, seq),
                         Err(e) => eprintln!("fleet-agent: ignoring a line from the host: {e}"),
                     },
                     // No host connected yet reads as end of file: wait and read on.

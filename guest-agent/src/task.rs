@@ -3,9 +3,13 @@
 //! numbered from 1, input typed into the terminal, and timeout or cancel ending the whole
 //! group.
 //!
-//! Not here yet: keeping unacknowledged output to resend after the link comes back.
+//! Every output chunk and the exit get the task's next sequence number and stay in its
+//! outbox until the host acknowledges them; after the host greets again (a reconnect), the
+//! outboxes are sent again, so nothing is lost and the host drops repeats by `seq`. A task
+//! whose outbox holds more than 8 MiB waits (its terminal fills, so it blocks on output)
+//! until the host catches up.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,37 +33,68 @@ pub struct RunSpec {
     pub timeout: Option<Duration>,
 }
 
+/// Unacknowledged output above this makes the task wait.
+const OUTBOX_CAP_BYTES: usize = 8 * 1024 * 1024;
+
 struct Handle {
     writer: Box<dyn Write + Send>,
     cancelled: Arc<AtomicBool>,
 }
 
-/// The tasks running now, by name.
+/// A task, running or finished, whose messages are not all acknowledged yet.
+struct TaskState {
+    /// `None` once the task has ended.
+    handle: Option<Handle>,
+    next_seq: u64,
+    outbox: VecDeque<(u64, GuestMessage)>,
+    outbox_bytes: usize,
+}
+
+/// The tasks the host has not finished with, by name.
 #[derive(Default)]
 pub struct Tasks {
-    running: Mutex<HashMap<String, Handle>>,
+    tasks: Mutex<HashMap<String, TaskState>>,
+    /// The current link; replaced when the port is opened again.
+    sink: Mutex<Option<Sink>>,
 }
 
 impl Tasks {
-    /// Starts a task; its output and exit go to `sink`. A task of the same name that still
-    /// runs is left alone (the host asked twice).
-    pub fn start(self: &Arc<Self>, spec: RunSpec, sink: Sink) {
+    /// Sends through `sink` from now on.
+    pub fn set_sink(&self, sink: Sink) {
+        *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+    }
+
+    /// Starts a task. A task of the same name the host has not finished with is left alone
+    /// (the host asked twice).
+    pub fn start(self: &Arc<Self>, spec: RunSpec) {
         if self.lock().contains_key(&spec.task) {
             return;
         }
+        self.lock().insert(
+            spec.task.clone(),
+            TaskState {
+                handle: None,
+                next_seq: 1,
+                outbox: VecDeque::new(),
+                outbox_bytes: 0,
+            },
+        );
         let failed = |why: String| {
-            sink(GuestMessage::Output {
+            let task = spec.task.clone();
+            self.emit(&task, |seq| GuestMessage::Output {
                 v: VERSION,
-                task: spec.task.clone(),
-                seq: 1,
+                task: task.clone(),
+                seq,
                 data: format!("fleet-agent: {why}\r\n"),
             });
-            sink(GuestMessage::Exit {
+            self.emit(&task, |seq| GuestMessage::Exit {
                 v: VERSION,
-                task: spec.task.clone(),
+                task: task.clone(),
+                seq,
                 code: None,
                 reason: ExitReason::FailedToStart,
             });
+            self.finished(&task);
         };
         let Some((program, args)) = spec.argv.split_first() else {
             return failed("empty command".into());
@@ -97,17 +132,16 @@ impl Tasks {
         // The child leads its own session: its process id is its group's id.
         let group = child.process_id().map_or(0, |p| p as i32);
         let cancelled = Arc::new(AtomicBool::new(false));
-        self.lock().insert(
-            spec.task.clone(),
-            Handle {
+        if let Some(state) = self.lock().get_mut(&spec.task) {
+            state.handle = Some(Handle {
                 writer,
                 cancelled: cancelled.clone(),
-            },
-        );
+            });
+        }
 
         let output = {
-            let (sink, task) = (sink.clone(), spec.task.clone());
-            std::thread::spawn(move || stream_output(reader, &task, &sink))
+            let (tasks, task) = (self.clone(), spec.task.clone());
+            std::thread::spawn(move || stream_output(reader, &task, &tasks))
         };
         let tasks = self.clone();
         std::thread::spawn(move || {
@@ -135,7 +169,6 @@ impl Tasks {
                 kill_group(group);
             }
             // Keep the master open until everything the task wrote has been read.
-            drop(tasks.lock().remove(&spec.task));
             let _ = output.join();
             drop(pty.master);
             let code = if reason == ExitReason::Completed {
@@ -143,18 +176,94 @@ impl Tasks {
             } else {
                 None
             };
-            sink(GuestMessage::Exit {
+            let task = spec.task.clone();
+            tasks.emit(&task, |seq| GuestMessage::Exit {
                 v: VERSION,
-                task: spec.task.clone(),
+                task: task.clone(),
+                seq,
                 code,
                 reason,
             });
+            tasks.finished(&task);
         });
+    }
+
+    /// Gives `task`'s next message its sequence number, keeps it until acknowledged, and
+    /// sends it on the current link (best effort: a resend follows the next greeting).
+    fn emit(&self, task: &str, make: impl FnOnce(u64) -> GuestMessage) {
+        let message = {
+            let mut all = self.lock();
+            let Some(state) = all.get_mut(task) else {
+                return;
+            };
+            let seq = state.next_seq;
+            state.next_seq += 1;
+            let message = make(seq);
+            state.outbox_bytes += message_bytes(&message);
+            state.outbox.push_back((seq, message.clone()));
+            message
+        };
+        self.send(&message);
+    }
+
+    fn send(&self, message: &GuestMessage) {
+        let sink = self.sink.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(sink) = sink {
+            sink(message.clone());
+        }
+    }
+
+    /// The task has ended: it is forgotten once its last message is acknowledged.
+    fn finished(&self, task: &str) {
+        let mut all = self.lock();
+        if let Some(state) = all.get_mut(task) {
+            state.handle = None;
+            if state.outbox.is_empty() {
+                all.remove(task);
+            }
+        }
+    }
+
+    /// The host has `task`'s messages up to `seq`.
+    pub fn ack(&self, task: &str, seq: u64) {
+        let mut all = self.lock();
+        let Some(state) = all.get_mut(task) else {
+            return;
+        };
+        while state.outbox.front().is_some_and(|(s, _)| *s <= seq) {
+            if let Some((_, m)) = state.outbox.pop_front() {
+                state.outbox_bytes -= message_bytes(&m);
+            }
+        }
+        if state.handle.is_none() && state.outbox.is_empty() {
+            all.remove(task);
+        }
+    }
+
+    /// Sends every unacknowledged message again, in order (after the host greets).
+    pub fn resend(&self) {
+        let pending: Vec<GuestMessage> = {
+            let all = self.lock();
+            let mut names: Vec<&String> = all.keys().collect();
+            names.sort();
+            names
+                .iter()
+                .flat_map(|n| all[*n].outbox.iter().map(|(_, m)| m.clone()))
+                .collect()
+        };
+        for message in &pending {
+            self.send(message);
+        }
+    }
+
+    /// Unacknowledged output of `task`, in bytes.
+    fn backlog(&self, task: &str) -> usize {
+        self.lock().get(task).map_or(0, |s| s.outbox_bytes)
     }
 
     /// Types `data` into the task's terminal. False when no such task runs.
     pub fn input(&self, task: &str, data: &str) -> bool {
-        match self.lock().get_mut(task) {
+        match self.lock().get_mut(task).and_then(|s| s.handle.as_mut()) {
             Some(handle) => handle
                 .writer
                 .write_all(data.as_bytes())
@@ -166,7 +275,7 @@ impl Tasks {
 
     /// Ends the task's whole process group. False when no such task runs.
     pub fn cancel(&self, task: &str) -> bool {
-        match self.lock().get(task) {
+        match self.lock().get(task).and_then(|s| s.handle.as_ref()) {
             Some(handle) => {
                 handle.cancelled.store(true, Ordering::Relaxed);
                 true
@@ -175,8 +284,15 @@ impl Tasks {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Handle>> {
-        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, TaskState>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn message_bytes(message: &GuestMessage) -> usize {
+    match message {
+        GuestMessage::Output { data, .. } => data.len(),
+        _ => 64,
     }
 }
 
@@ -188,11 +304,22 @@ fn kill_group(group: i32) {
 
 /// Sends the terminal's output as numbered chunks of whole UTF-8 characters (a character
 /// split across two reads waits for its rest).
-fn stream_output(mut reader: Box<dyn Read + Send>, task: &str, sink: &Sink) {
+fn stream_output(mut reader: Box<dyn Read + Send>, task: &str, tasks: &Tasks) {
     let mut buf = [0u8; 4096];
     let mut pending: Vec<u8> = Vec::new();
-    let mut seq = 0;
+    let chunk = |data: String| {
+        tasks.emit(task, |seq| GuestMessage::Output {
+            v: VERSION,
+            task: task.to_owned(),
+            seq,
+            data,
+        })
+    };
     loop {
+        // Back-pressure: the task waits while the host is far behind.
+        while tasks.backlog(task) > OUTBOX_CAP_BYTES {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         // EIO once the last process holding the terminal is gone: the end of the output.
         let n = match reader.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -207,24 +334,11 @@ fn stream_output(mut reader: Box<dyn Read + Send>, task: &str, sink: &Sink) {
         if valid == 0 {
             continue;
         }
-        let data = String::from_utf8_lossy(&pending[..valid]).into_owned();
+        chunk(String::from_utf8_lossy(&pending[..valid]).into_owned());
         pending.drain(..valid);
-        seq += 1;
-        sink(GuestMessage::Output {
-            v: VERSION,
-            task: task.to_owned(),
-            seq,
-            data,
-        });
     }
     if !pending.is_empty() {
-        seq += 1;
-        sink(GuestMessage::Output {
-            v: VERSION,
-            task: task.to_owned(),
-            seq,
-            data: String::from_utf8_lossy(&pending).into_owned(),
-        });
+        chunk(String::from_utf8_lossy(&pending).into_owned());
     }
 }
 
@@ -234,23 +348,30 @@ mod tests {
 
     use super::*;
 
-    fn run(argv: &[&str], timeout: Option<Duration>) -> (Arc<Tasks>, mpsc::Receiver<GuestMessage>) {
+    fn channel_sink() -> (Sink, mpsc::Receiver<GuestMessage>) {
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
         let sink: Sink = Arc::new(move |m| {
             let _ = tx.lock().expect("lock").send(m);
         });
+        (sink, rx)
+    }
+
+    fn spec(argv: &[&str], timeout: Option<Duration>) -> RunSpec {
+        RunSpec {
+            task: "t".into(),
+            argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+            env: [("GREETING".to_owned(), "hi".to_owned())].into(),
+            cwd: None,
+            timeout,
+        }
+    }
+
+    fn run(argv: &[&str], timeout: Option<Duration>) -> (Arc<Tasks>, mpsc::Receiver<GuestMessage>) {
+        let (sink, rx) = channel_sink();
         let tasks = Arc::new(Tasks::default());
-        tasks.start(
-            RunSpec {
-                task: "t".into(),
-                argv: argv.iter().map(|a| (*a).to_owned()).collect(),
-                env: [("GREETING".to_owned(), "hi".to_owned())].into(),
-                cwd: None,
-                timeout,
-            },
-            sink,
-        );
+        tasks.set_sink(sink);
+        tasks.start(spec(argv, timeout));
         (tasks, rx)
     }
 
@@ -322,6 +443,53 @@ mod tests {
         let (_, code, reason, _) = collect(&rx);
         assert_eq!((code, reason), (None, ExitReason::Cancelled));
         assert!(!tasks.cancel("t"), "a finished task is gone");
+    }
+
+    #[test]
+    fn output_from_while_the_link_was_down_is_resent_until_acknowledged() {
+        let tasks = Arc::new(Tasks::default());
+        // The link is down: everything sent is lost.
+        tasks.set_sink(Arc::new(|_| {}));
+        tasks.start(spec(&["sh", "-c", "echo one; echo two"], None));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tasks.lock().get("t").is_none_or(|s| s.handle.is_some()) {
+            assert!(Instant::now() < deadline, "the task did not end");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The host reconnects and greets: it gets everything, in order.
+        let (sink, rx) = channel_sink();
+        tasks.set_sink(sink);
+        tasks.resend();
+        let (out, code, reason, seqs) = collect(&rx);
+        assert!(out.contains("one") && out.contains("two"), "{out:?}");
+        assert_eq!((code, reason), (Some(0), ExitReason::Completed));
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+        // Acknowledged up to the exit: nothing is sent again, and the task is forgotten.
+        tasks.ack("t", seqs.len() as u64 + 1);
+        tasks.resend();
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        assert!(tasks.lock().is_empty());
+    }
+
+    #[test]
+    fn a_partial_ack_keeps_the_rest() {
+        let (tasks, rx) = run(&["sh", "-c", "echo one; sleep 0.2; echo two"], None);
+        let (_, _, _, seqs) = collect(&rx);
+        assert!(seqs.len() >= 2, "{seqs:?}");
+        tasks.ack("t", 1);
+        tasks.resend();
+        let mut again = Vec::new();
+        while let Ok(m) = rx.recv_timeout(Duration::from_millis(300)) {
+            again.push(match m {
+                GuestMessage::Output { seq, .. } | GuestMessage::Exit { seq, .. } => seq,
+                other => panic!("unexpected {other:?}"),
+            });
+        }
+        assert_eq!(
+            again,
+            (2..=seqs.len() as u64 + 1).collect::<Vec<_>>(),
+            "everything after seq 1, exit included"
+        );
     }
 
     #[test]

@@ -2,7 +2,11 @@
 //! carrying the protocol version `v`. Shared by the host (`fleet`) and the guest
 //! (`fleet-agent`) so both sides read one definition.
 //!
-//! So far: the host greets when it connects (`HostMessage::Hello`), the guest says who it is
+//! Task output and exits carry sequence numbers; the guest keeps them until the host
+//! acknowledges them (`Ack`) and sends the rest again after each host greeting, so a link that
+//! drops loses nothing, and the host drops what it has already seen by `seq`.
+//!
+//! The host greets when it connects (`HostMessage::Hello`), the guest says who it is
 //! (`GuestMessage::Hello`, when its port opens and whenever the host greets, so a host that
 //! reconnects learns it again) and that it is alive (`heartbeat`). Tasks, output, prompts
 //! and files extend these enums.
@@ -44,10 +48,12 @@ pub enum GuestMessage {
         seq: u64,
         data: String,
     },
-    /// A task ended. `code` is the exit code when it exited on its own.
+    /// A task ended. `code` is the exit code when it exited on its own; `seq` follows the
+    /// task's last output chunk, so the exit is acknowledged like output.
     Exit {
         v: u32,
         task: String,
+        seq: u64,
         code: Option<i32>,
         reason: ExitReason,
     },
@@ -110,6 +116,9 @@ pub enum HostMessage {
     Input { v: u32, task: String, data: String },
     /// Stop a task (its whole process group).
     Cancel { v: u32, task: String },
+    /// The host has stored a task's messages up to and including `seq`; the guest may forget
+    /// them. Everything after it is sent again when the host greets after a reconnect.
+    Ack { v: u32, task: String, seq: u64 },
 }
 
 impl HostMessage {
