@@ -343,24 +343,7 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
         None => fresh,
     };
     print!("{}", render::text(&plan));
-    if !plan.has_changes() {
-        // Nothing to do, but the status files still record this revision and what runs.
-        reconcile::apply_and_record(
-            ws,
-            reconcile::Pass {
-                desired: &desired,
-                plan: &plan,
-                observed: &observed,
-                agents: &Default::default(),
-            },
-            &drivers,
-            journal,
-            false,
-        )
-        .await?;
-        return Ok(exit_for(&plan, 0));
-    }
-    if !args.auto_approve {
+    if plan.has_changes() && !args.auto_approve {
         if !std::io::stdin().is_terminal() {
             bail!(
                 "refusing to apply without confirmation: stdin is not a terminal; review the plan and pass --auto-approve"
@@ -377,6 +360,7 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     }
+    // With nothing to do this still records the revision and what runs in the status files.
     let applied = reconcile::apply_and_record(
         ws,
         reconcile::Pass {
@@ -387,9 +371,12 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
         },
         &drivers,
         journal,
-        true,
+        plan.has_changes(),
     )
     .await?;
+    if !plan.has_changes() {
+        return Ok(exit_for(&plan, 0));
+    }
     let failed = applied.report.failed();
     let last = applied
         .summary

@@ -285,15 +285,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 }
 
 fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    status_mib(&pid.to_string(), "VmRSS")
 }
 
 fn bench_idle(vms: usize, seconds: u64) -> anyhow::Result<()> {
@@ -350,16 +342,24 @@ fn snapshot(vms: usize, kernel: &str, state: &str) -> Snapshot {
     }
 }
 
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+/// A memory field (`VmHWM`, `VmRSS`, ...) of `/proc/<pid>/status`, in MiB.
+fn status_mib(pid: &str, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| {
+                    l.strip_prefix(field)
+                        .is_some_and(|rest| rest.starts_with(':'))
+                })
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn peak_rss_mib() -> f64 {
+    status_mib("self", "VmHWM")
 }
 
 fn bench_plan(vms: usize) -> anyhow::Result<()> {

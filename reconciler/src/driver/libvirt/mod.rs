@@ -63,6 +63,17 @@ struct EventStream {
     stopping: std::sync::atomic::AtomicBool,
 }
 
+impl EventStream {
+    /// Ends the `virsh event` process, if one runs.
+    fn kill_child(&self) {
+        let child = self.child.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut child) = child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// What `observe` may reuse: each domain's parsed definition, by name, while no event
 /// said it changed. Enabled only while an event stream is connected.
 #[derive(Default)]
@@ -561,16 +572,7 @@ impl Driver for LibvirtDriver {
 
     fn unwatch(&self) {
         self.events.stopping.store(true, Ordering::Relaxed);
-        let child = self
-            .events
-            .child
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(mut child) = child {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.events.kill_child();
     }
 
     fn resync(&self) {
@@ -733,15 +735,7 @@ fn follow_events(
                         }
                     }
                 }
-                let child = events
-                    .child
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take();
-                if let Some(mut child) = child {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
+                events.kill_child();
                 if events.stopping.load(Ordering::Relaxed) {
                     break;
                 }
