@@ -15,6 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleet_agent_protocol::{GuestMessage, HostMessage, PORT_NAME, VERSION};
 
+mod files;
+mod prompt;
 mod task;
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -28,7 +30,9 @@ fn main() {
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
     // Tasks keep running while the link is down and the port is reopened.
-    let tasks = Arc::new(task::Tasks::default());
+    let tasks = Arc::new(task::Tasks::with_state_dir(PathBuf::from(
+        "/run/fleet-agent",
+    )));
     let mut warned = false;
     loop {
         match find_port(Path::new("/sys/class/virtio-ports")) {
@@ -106,6 +110,8 @@ fn serve(dev: &Path, boot_id: &str, tasks: &Arc<task::Tasks>) -> std::io::Result
                             env,
                             cwd,
                             timeout_secs,
+                            artifacts,
+                            prompt_patterns,
                             ..
                         }) => {
                             let spec = task::RunSpec {
@@ -114,11 +120,46 @@ fn serve(dev: &Path, boot_id: &str, tasks: &Arc<task::Tasks>) -> std::io::Result
                                 env,
                                 cwd,
                                 timeout: timeout_secs.map(Duration::from_secs),
+                                artifacts,
+                                prompt_patterns,
                             };
                             tasks.start(spec);
                         }
-                        Ok(HostMessage::Input { task, data, .. }) => {
-                            tasks.input(&task, &data);
+                        Ok(HostMessage::Input {
+                            task, data, prompt, ..
+                        }) => {
+                            tasks.input(&task, &data, prompt.as_deref());
+                        }
+                        Ok(HostMessage::PutFile {
+                            path,
+                            offset,
+                            data,
+                            sha256,
+                            unpack_into,
+                            ..
+                        }) => {
+                            let put = files::put(
+                                &path,
+                                offset,
+                                &data,
+                                sha256.as_deref(),
+                                unpack_into.as_deref(),
+                            );
+                            let answer = match put {
+                                Ok(false) => None,
+                                Ok(true) => Some(None),
+                                Err(e) => Some(Some(e)),
+                            };
+                            if let Some(error) = answer {
+                                let stored = GuestMessage::Stored {
+                                    v: VERSION,
+                                    path,
+                                    error,
+                                };
+                                if send(&writer, &stored).is_err() {
+                                    break;
+                                }
+                            }
                         }
                         Ok(HostMessage::Cancel { task, .. }) => {
                             tasks.cancel(&task);

@@ -8,9 +8,19 @@
 //! outboxes are sent again, so nothing is lost and the host drops repeats by `seq`. A task
 //! whose outbox holds more than 8 MiB waits (its terminal fills, so it blocks on output)
 //! until the host catches up.
+//!
+//! While a task runs, its output also feeds a screen model (`prompt::Detector`); when the
+//! terminal has been quiet for `QUIET` and its last lines read as a question, a `Prompt`
+//! goes out (once per quiet spell). Answers carry the prompt's id and are typed at most
+//! once. When the process ends, files matching its artifact globs are sent before the exit.
+//!
+//! Each task started leaves a marker in the state directory (`/run/fleet-agent`, a tmpfs:
+//! it lasts as long as the boot). A task the host asks for again after this agent
+//! restarted is not run a second time: it is reported `Lost`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +29,8 @@ use fleet_agent_protocol::{ExitReason, GuestMessage, VERSION};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use portable_pty::{CommandBuilder, PtySize, native_pty_system};
+
+use crate::prompt::{self, Detector};
 
 /// Where a task's messages go (the agent link).
 pub type Sink = Arc<dyn Fn(GuestMessage) + Send + Sync>;
@@ -31,7 +43,16 @@ pub struct RunSpec {
     pub env: std::collections::BTreeMap<String, String>,
     pub cwd: Option<String>,
     pub timeout: Option<Duration>,
+    pub artifacts: Vec<String>,
+    pub prompt_patterns: Vec<String>,
 }
+
+/// Output must pause this long before the screen is scored for a prompt.
+const QUIET: Duration = Duration::from_millis(400);
+/// Artifacts are sent in parts of this many bytes (before base64).
+const ARTIFACT_PART_BYTES: usize = 192 * 1024;
+/// At most this much of a task's artifacts is sent; the rest is reported, not sent.
+const ARTIFACT_CAP_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Unacknowledged output above this makes the task wait.
 const OUTBOX_CAP_BYTES: usize = 8 * 1024 * 1024;
@@ -48,6 +69,15 @@ struct TaskState {
     next_seq: u64,
     outbox: VecDeque<(u64, GuestMessage)>,
     outbox_bytes: usize,
+    /// Prompts whose answer has been typed.
+    answered: HashSet<String>,
+}
+
+/// The task's screen and whether it changed since it was last scored.
+struct Screen {
+    detector: Detector,
+    last_output: Instant,
+    unscored: bool,
 }
 
 /// The tasks the host has not finished with, by name.
@@ -56,9 +86,32 @@ pub struct Tasks {
     tasks: Mutex<HashMap<String, TaskState>>,
     /// The current link; replaced when the port is opened again.
     sink: Mutex<Option<Sink>>,
+    /// Where markers of started tasks are kept (none in unit tests).
+    state_dir: Option<PathBuf>,
 }
 
 impl Tasks {
+    pub fn with_state_dir(dir: PathBuf) -> Tasks {
+        Tasks {
+            state_dir: Some(dir),
+            ..Tasks::default()
+        }
+    }
+
+    /// Records that `task` started in this boot; false when it already had.
+    fn first_start(&self, task: &str) -> bool {
+        let Some(dir) = &self.state_dir else {
+            return true;
+        };
+        let marker = dir.join("started").join(task);
+        if marker.exists() {
+            return false;
+        }
+        let _ = std::fs::create_dir_all(dir.join("started"));
+        let _ = std::fs::write(&marker, b"");
+        true
+    }
+
     /// Sends through `sink` from now on.
     pub fn set_sink(&self, sink: Sink) {
         *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
@@ -77,9 +130,10 @@ impl Tasks {
                 next_seq: 1,
                 outbox: VecDeque::new(),
                 outbox_bytes: 0,
+                answered: HashSet::new(),
             },
         );
-        let failed = |why: String| {
+        let ended = |why: String, reason: ExitReason| {
             let task = spec.task.clone();
             self.emit(&task, |seq| GuestMessage::Output {
                 v: VERSION,
@@ -92,16 +146,35 @@ impl Tasks {
                 task: task.clone(),
                 seq,
                 code: None,
-                reason: ExitReason::FailedToStart,
+                reason,
             });
             self.finished(&task);
+        };
+        let failed = |why: String| ended(why, ExitReason::FailedToStart);
+        if !valid_task_name(&spec.task) {
+            return failed(format!("{:?} is not a valid task name", spec.task));
+        }
+        if !self.first_start(&spec.task) {
+            return ended(
+                "this task started before the agent restarted; its end is unknown".into(),
+                ExitReason::Lost,
+            );
+        }
+        let detector = match Detector::new(&spec.prompt_patterns) {
+            Ok(d) => d,
+            Err(e) => return failed(e),
         };
         let Some((program, args)) = spec.argv.split_first() else {
             return failed("empty command".into());
         };
+        if let Some(cwd) = &spec.cwd
+            && let Err(e) = std::fs::create_dir_all(cwd)
+        {
+            return failed(format!("cannot make the directory {cwd}: {e}"));
+        }
         let pty = match native_pty_system().openpty(PtySize {
-            rows: 40,
-            cols: 120,
+            rows: prompt::ROWS,
+            cols: prompt::COLS,
             pixel_width: 0,
             pixel_height: 0,
         }) {
@@ -139,9 +212,14 @@ impl Tasks {
             });
         }
 
+        let screen = Arc::new(Mutex::new(Screen {
+            detector,
+            last_output: Instant::now(),
+            unscored: false,
+        }));
         let output = {
-            let (tasks, task) = (self.clone(), spec.task.clone());
-            std::thread::spawn(move || stream_output(reader, &task, &tasks))
+            let (tasks, task, screen) = (self.clone(), spec.task.clone(), screen.clone());
+            std::thread::spawn(move || stream_output(reader, &task, &tasks, &screen))
         };
         let tasks = self.clone();
         std::thread::spawn(move || {
@@ -162,6 +240,7 @@ impl Tasks {
                     reason = ExitReason::TimedOut;
                     kill_group(group);
                 }
+                tasks.score_screen(&spec.task, &screen);
                 std::thread::sleep(Duration::from_millis(20));
             };
             if reason != ExitReason::Completed {
@@ -177,6 +256,9 @@ impl Tasks {
                 None
             };
             let task = spec.task.clone();
+            if let Some(dir) = &spec.cwd {
+                tasks.send_artifacts(&task, Path::new(dir), &spec.artifacts);
+            }
             tasks.emit(&task, |seq| GuestMessage::Exit {
                 v: VERSION,
                 task: task.clone(),
@@ -185,6 +267,85 @@ impl Tasks {
                 reason,
             });
             tasks.finished(&task);
+        });
+    }
+
+    /// Sends a prompt when the screen has been quiet long enough and reads as a question.
+    fn score_screen(&self, task: &str, screen: &Mutex<Screen>) {
+        let found = {
+            let mut screen = screen.lock().unwrap_or_else(|p| p.into_inner());
+            if !screen.unscored || screen.last_output.elapsed() < QUIET {
+                return;
+            }
+            screen.unscored = false;
+            screen.detector.detect()
+        };
+        if let Some(found) = found {
+            self.emit(task, |seq| GuestMessage::Prompt {
+                v: VERSION,
+                task: task.to_owned(),
+                seq,
+                text: found.text,
+                screen: found.screen,
+            });
+        }
+    }
+
+    /// Sends the files under `dir` that match `globs`, in parts, up to `ARTIFACT_CAP_BYTES`.
+    fn send_artifacts(&self, task: &str, dir: &Path, globs: &[String]) {
+        let mut budget = ARTIFACT_CAP_BYTES;
+        for (relative, path) in artifact_files(dir, globs) {
+            let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+            if size > budget {
+                self.note(task, &format!("artifact {relative} ({size} bytes) is over the {ARTIFACT_CAP_BYTES}-byte limit; not sent"));
+                continue;
+            }
+            budget -= size;
+            let mut file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    self.note(task, &format!("cannot read artifact {relative}: {e}"));
+                    continue;
+                }
+            };
+            let mut offset = 0u64;
+            let mut part = vec![0u8; ARTIFACT_PART_BYTES];
+            loop {
+                while self.backlog(task) > OUTBOX_CAP_BYTES {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let n = match read_full(&mut file, &mut part) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.note(task, &format!("cannot read artifact {relative}: {e}"));
+                        break;
+                    }
+                };
+                let last = n < part.len();
+                self.emit(task, |seq| GuestMessage::Artifact {
+                    v: VERSION,
+                    task: task.to_owned(),
+                    seq,
+                    path: relative.clone(),
+                    offset,
+                    data: base64_encode(&part[..n]),
+                    last,
+                });
+                offset += n as u64;
+                if last {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A line of the agent's own in the task's output.
+    fn note(&self, task: &str, text: &str) {
+        self.emit(task, |seq| GuestMessage::Output {
+            v: VERSION,
+            task: task.to_owned(),
+            seq,
+            data: format!("fleet-agent: {text}\r\n"),
         });
     }
 
@@ -261,9 +422,19 @@ impl Tasks {
         self.lock().get(task).map_or(0, |s| s.outbox_bytes)
     }
 
-    /// Types `data` into the task's terminal. False when no such task runs.
-    pub fn input(&self, task: &str, data: &str) -> bool {
-        match self.lock().get_mut(task).and_then(|s| s.handle.as_mut()) {
+    /// Types `data` into the task's terminal; the answer to `prompt` only the first time.
+    /// False when no such task runs or the prompt was answered already.
+    pub fn input(&self, task: &str, data: &str, prompt: Option<&str>) -> bool {
+        let mut all = self.lock();
+        let Some(state) = all.get_mut(task) else {
+            return false;
+        };
+        if let Some(id) = prompt
+            && !state.answered.insert(id.to_owned())
+        {
+            return false;
+        }
+        match state.handle.as_mut() {
             Some(handle) => handle
                 .writer
                 .write_all(data.as_bytes())
@@ -302,9 +473,65 @@ fn kill_group(group: i32) {
     }
 }
 
+/// Task names become file names in the guest.
+fn valid_task_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Regular files under `dir` matching any of `globs` (relative to `dir`), each once, as
+/// (path relative to `dir`, full path). Nothing outside `dir` is matched.
+fn artifact_files(dir: &Path, globs: &[String]) -> Vec<(String, PathBuf)> {
+    let mut found = std::collections::BTreeMap::new();
+    for pattern in globs {
+        if pattern.starts_with('/') || pattern.split('/').any(|c| c == "..") {
+            continue;
+        }
+        let full = format!(
+            "{}/{pattern}",
+            glob::Pattern::escape(&dir.to_string_lossy())
+        );
+        let Ok(paths) = glob::glob(&full) else {
+            continue;
+        };
+        for path in paths.flatten() {
+            let is_file = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
+            if let (true, Ok(relative)) = (is_file, path.strip_prefix(dir)) {
+                found.insert(relative.to_string_lossy().into_owned(), path.clone());
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
+fn read_full(file: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+pub fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
 /// Sends the terminal's output as numbered chunks of whole UTF-8 characters (a character
-/// split across two reads waits for its rest).
-fn stream_output(mut reader: Box<dyn Read + Send>, task: &str, tasks: &Tasks) {
+/// split across two reads waits for its rest), and feeds the screen model.
+fn stream_output(
+    mut reader: Box<dyn Read + Send>,
+    task: &str,
+    tasks: &Tasks,
+    screen: &Mutex<Screen>,
+) {
     let mut buf = [0u8; 4096];
     let mut pending: Vec<u8> = Vec::new();
     let chunk = |data: String| {
@@ -325,6 +552,12 @@ fn stream_output(mut reader: Box<dyn Read + Send>, task: &str, tasks: &Tasks) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        {
+            let mut screen = screen.lock().unwrap_or_else(|p| p.into_inner());
+            screen.detector.feed(&buf[..n]);
+            screen.last_output = Instant::now();
+            screen.unscored = true;
+        }
         pending.extend_from_slice(&buf[..n]);
         let valid = match std::str::from_utf8(&pending) {
             Ok(s) => s.len(),
@@ -364,6 +597,8 @@ mod tests {
             env: [("GREETING".to_owned(), "hi".to_owned())].into(),
             cwd: None,
             timeout,
+            artifacts: Vec::new(),
+            prompt_patterns: Vec::new(),
         }
     }
 
@@ -385,6 +620,9 @@ mod tests {
                     out.push_str(&data);
                 }
                 GuestMessage::Exit { code, reason, .. } => return (out, code, reason, seqs),
+                GuestMessage::Prompt { seq, .. } | GuestMessage::Artifact { seq, .. } => {
+                    seqs.push(seq)
+                }
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -407,7 +645,7 @@ mod tests {
     fn input_reaches_the_terminal() {
         let (tasks, rx) = run(&["sh", "-c", "read x; echo got:$x"], None);
         std::thread::sleep(Duration::from_millis(300));
-        assert!(tasks.input("t", "abc\n"));
+        assert!(tasks.input("t", "abc\n", None));
         let (out, code, ..) = collect(&rx);
         assert!(out.contains("got:abc"), "{out:?}");
         assert_eq!(code, Some(0));
@@ -490,6 +728,111 @@ mod tests {
             (2..=seqs.len() as u64 + 1).collect::<Vec<_>>(),
             "everything after seq 1, exit included"
         );
+    }
+
+    #[test]
+    fn a_question_is_reported_once_and_answered_once() {
+        let (tasks, rx) = run(
+            &["sh", "-c", "printf 'Continue? (y/n) '; read x; echo got:$x"],
+            None,
+        );
+        let prompt = loop {
+            match rx.recv_timeout(Duration::from_secs(10)).expect("a prompt") {
+                GuestMessage::Prompt { text, screen, .. } => break (text, screen),
+                GuestMessage::Output { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(prompt.0, "Continue? (y/n)");
+        assert_eq!(prompt.1, vec!["Continue? (y/n)"]);
+        assert!(tasks.input("t", "y\r", Some("p-1")));
+        assert!(
+            !tasks.input("t", "y\r", Some("p-1")),
+            "the same answer twice"
+        );
+        let (out, code, ..) = collect(&rx);
+        assert!(out.contains("got:y"), "{out:?}");
+        assert!(!out.contains("got:yy"), "{out:?}");
+        assert_eq!(code, Some(0));
+    }
+
+    #[test]
+    fn artifacts_matching_the_globs_come_back_before_the_exit() {
+        let dir = tempdir("artifacts");
+        let (sink, rx) = channel_sink();
+        let tasks = Arc::new(Tasks::default());
+        tasks.set_sink(sink);
+        let mut spec = spec(
+            &[
+                "sh",
+                "-c",
+                "mkdir -p out/deep; echo a > out/a.txt; echo b > out/deep/b.log; echo c > c.txt",
+            ],
+            None,
+        );
+        spec.cwd = Some(dir.display().to_string());
+        spec.artifacts = vec!["out/**/*".into(), "../*".into(), "missing/*".into()];
+        tasks.start(spec);
+        let mut files = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(10)).expect("a message") {
+                GuestMessage::Artifact {
+                    path,
+                    offset,
+                    data,
+                    last,
+                    ..
+                } => {
+                    use base64::Engine;
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(data)
+                        .expect("base64");
+                    files.push((path, offset, String::from_utf8(bytes).expect("utf-8"), last));
+                }
+                GuestMessage::Exit { code, .. } => {
+                    assert_eq!(code, Some(0));
+                    break;
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(
+            files,
+            vec![
+                ("out/a.txt".into(), 0, "a\n".into(), true),
+                ("out/deep/b.log".into(), 0, "b\n".into(), true),
+            ]
+        );
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_task_asked_for_again_after_an_agent_restart_is_not_run_twice() {
+        let state = tempdir("state");
+        let marker = state.join("ran");
+        let script = format!("echo x >> {}", marker.display());
+        let run_once = |tasks: Arc<Tasks>| {
+            let (sink, rx) = channel_sink();
+            tasks.set_sink(sink);
+            tasks.start(spec(&["sh", "-c", &script], None));
+            collect(&rx)
+        };
+        let first = Arc::new(Tasks::with_state_dir(state.clone()));
+        let (_, code, reason, _) = run_once(first);
+        assert_eq!((code, reason), (Some(0), ExitReason::Completed));
+        // A new agent process (same boot): the marker says it ran.
+        let second = Arc::new(Tasks::with_state_dir(state.clone()));
+        let (out, code, reason, _) = run_once(second);
+        assert_eq!((code, reason), (None, ExitReason::Lost), "{out}");
+        assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "x\n");
+        std::fs::remove_dir_all(&state).expect("cleanup");
+    }
+
+    fn tempdir(what: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("fleet-agent-{what}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        dir
     }
 
     #[test]

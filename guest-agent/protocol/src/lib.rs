@@ -48,6 +48,34 @@ pub enum GuestMessage {
         seq: u64,
         data: String,
     },
+    /// The task's terminal went quiet on what looks like a question for a human: `text` is
+    /// the line that scored as a prompt, `screen` the last lines of the screen.
+    Prompt {
+        v: u32,
+        task: String,
+        seq: u64,
+        text: String,
+        screen: Vec<String>,
+    },
+    /// Part of a file the task left that matches one of its artifact globs (`path` relative
+    /// to the task's directory; `data` base64, written at `offset`; `last` on the final
+    /// part). Sent after the process ended and before the exit.
+    Artifact {
+        v: u32,
+        task: String,
+        seq: u64,
+        path: String,
+        offset: u64,
+        data: String,
+        last: bool,
+    },
+    /// The answer to the final part of a `PutFile`: the file is complete and matches its
+    /// digest (and is unpacked), or `error` says why not.
+    Stored {
+        v: u32,
+        path: String,
+        error: Option<String>,
+    },
     /// A task ended. `code` is the exit code when it exited on its own; `seq` follows the
     /// task's last output chunk, so the exit is acknowledged like output.
     Exit {
@@ -67,6 +95,8 @@ pub enum ExitReason {
     Cancelled,
     /// It could not be started (no such program, bad directory).
     FailedToStart,
+    /// The agent restarted while it ran, so its end is unknown.
+    Lost,
 }
 
 impl GuestMessage {
@@ -75,6 +105,9 @@ impl GuestMessage {
             GuestMessage::Hello { v, .. }
             | GuestMessage::Heartbeat { v, .. }
             | GuestMessage::Output { v, .. }
+            | GuestMessage::Prompt { v, .. }
+            | GuestMessage::Artifact { v, .. }
+            | GuestMessage::Stored { v, .. }
             | GuestMessage::Exit { v, .. } => *v,
         }
     }
@@ -101,19 +134,48 @@ pub enum HostMessage {
     /// Sent when the host connects; the guest answers with its own hello.
     Hello { v: u32 },
     /// Run `argv` in a pseudo-terminal, killing its process group after `timeout_secs`.
+    /// A task the agent already knows is not started again (the host re-attaches by asking
+    /// again after a reconnect).
     RunTask {
         v: u32,
         task: String,
         argv: Vec<String>,
         #[serde(default)]
         env: std::collections::BTreeMap<String, String>,
+        /// Made if missing.
         #[serde(default)]
         cwd: Option<String>,
         #[serde(default)]
         timeout_secs: Option<u64>,
+        /// Globs, relative to `cwd`, of files to send back as artifacts when it ends.
+        #[serde(default)]
+        artifacts: Vec<String>,
+        /// Extra regular expressions that mark a line as a prompt waiting for a human.
+        #[serde(default)]
+        prompt_patterns: Vec<String>,
     },
-    /// Type into a task's terminal.
-    Input { v: u32, task: String, data: String },
+    /// Type into a task's terminal. With `prompt`, the answer to that prompt: delivered at
+    /// most once however often the host sends it.
+    Input {
+        v: u32,
+        task: String,
+        data: String,
+        #[serde(default)]
+        prompt: Option<String>,
+    },
+    /// Part of a file to write in the guest (`data` base64, at `offset`). The final part
+    /// carries the whole file's SHA-256 and, for a tar archive, the directory to unpack it
+    /// into; the guest answers it with `Stored`.
+    PutFile {
+        v: u32,
+        path: String,
+        offset: u64,
+        data: String,
+        #[serde(default)]
+        sha256: Option<String>,
+        #[serde(default)]
+        unpack_into: Option<String>,
+    },
     /// Stop a task (its whole process group).
     Cancel { v: u32, task: String },
     /// The host has stored a task's messages up to and including `seq`; the guest may forget
