@@ -444,14 +444,50 @@ impl Tasks {
         }
     }
 
-    /// Ends the task's whole process group. False when no such task runs.
+    /// Ends the task's whole process group. A task this agent does not know ends at once:
+    /// `Cancelled` if it never started in this boot (so a later `RunTask` for it is not
+    /// run), `Lost` if it started before the agent restarted; either way the host hears
+    /// an exit. False when nothing was running.
     pub fn cancel(&self, task: &str) -> bool {
-        match self.lock().get(task).and_then(|s| s.handle.as_ref()) {
-            Some(handle) => {
-                handle.cancelled.store(true, Ordering::Relaxed);
+        let known = self.lock().get(task).map(|s| s.handle.is_some());
+        match known {
+            Some(true) => {
+                if let Some(handle) = self.lock().get(task).and_then(|s| s.handle.as_ref()) {
+                    handle.cancelled.store(true, Ordering::Relaxed);
+                }
                 true
             }
-            None => false,
+            // Ended, its exit not yet acknowledged: the host will get it.
+            Some(false) => false,
+            None => {
+                if !valid_task_name(task) {
+                    return false;
+                }
+                let reason = if self.first_start(task) {
+                    ExitReason::Cancelled
+                } else {
+                    ExitReason::Lost
+                };
+                self.lock().insert(
+                    task.to_owned(),
+                    TaskState {
+                        handle: None,
+                        next_seq: 1,
+                        outbox: VecDeque::new(),
+                        outbox_bytes: 0,
+                        answered: HashSet::new(),
+                    },
+                );
+                self.emit(task, |seq| GuestMessage::Exit {
+                    v: VERSION,
+                    task: task.to_owned(),
+                    seq,
+                    code: None,
+                    reason,
+                });
+                self.finished(task);
+                false
+            }
         }
     }
 
@@ -681,6 +717,18 @@ mod tests {
         let (_, code, reason, _) = collect(&rx);
         assert_eq!((code, reason), (None, ExitReason::Cancelled));
         assert!(!tasks.cancel("t"), "a finished task is gone");
+
+        // A task the agent never saw is reported cancelled and is not run afterwards.
+        let (sink, rx) = channel_sink();
+        let tasks = Arc::new(Tasks::default());
+        tasks.set_sink(sink);
+        assert!(!tasks.cancel("never"));
+        match rx.recv_timeout(Duration::from_secs(5)).expect("an exit") {
+            GuestMessage::Exit { task, reason, .. } => {
+                assert_eq!((task.as_str(), reason), ("never", ExitReason::Cancelled))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[test]

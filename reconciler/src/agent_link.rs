@@ -34,6 +34,8 @@ pub enum LinkError {
 /// An open link to one VM's agent.
 pub struct AgentLink {
     reader: BufReader<UnixStream>,
+    /// The start of a line whose end has not arrived yet (a read timed out in its middle).
+    partial: Vec<u8>,
 }
 
 impl AgentLink {
@@ -45,6 +47,7 @@ impl AgentLink {
         })?;
         Ok(AgentLink {
             reader: BufReader::new(stream),
+            partial: Vec::new(),
         })
     }
 
@@ -60,16 +63,30 @@ impl AgentLink {
         Ok(stream.flush()?)
     }
 
-    /// The next message, waiting at most `timeout`.
+    /// The next message, waiting at most `timeout`. A line cut by the timeout is kept and
+    /// completed by the next call.
     pub fn next(&mut self, timeout: Duration) -> Result<GuestMessage, LinkError> {
         self.reader.get_ref().set_read_timeout(Some(timeout))?;
-        let mut line = String::new();
+        let limit = fleet_agent_protocol::MAX_LINE_BYTES as u64 + 1;
+        let room = limit.saturating_sub(self.partial.len() as u64);
         let read = (&mut self.reader)
-            .take(fleet_agent_protocol::MAX_LINE_BYTES as u64 + 1)
-            .read_line(&mut line);
+            .take(room)
+            .read_until(b'\n', &mut self.partial);
         match read {
-            Ok(0) => Err(LinkError::Closed),
+            Ok(0) if self.partial.is_empty() => Err(LinkError::Closed),
+            Ok(_) if !self.partial.ends_with(b"\n") => {
+                if self.partial.len() as u64 >= limit {
+                    return Err(LinkError::Protocol(format!(
+                        "a line longer than {} bytes",
+                        fleet_agent_protocol::MAX_LINE_BYTES
+                    )));
+                }
+                Err(LinkError::Closed)
+            }
             Ok(_) => {
+                let line = std::mem::take(&mut self.partial);
+                let line = String::from_utf8(line)
+                    .map_err(|_| LinkError::Protocol("a line that is not UTF-8".into()))?;
                 let message = GuestMessage::from_line(&line).map_err(LinkError::Protocol)?;
                 if message.version() != VERSION {
                     return Err(LinkError::Version(message.version()));

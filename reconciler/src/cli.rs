@@ -55,6 +55,26 @@ pub enum Command {
     /// Keep the fleet converged: apply each new commit of the tracked branch, heal drift,
     /// and serve a read-only status page.
     Serve(ServeArgs),
+    /// Prompts waiting for a human, and answering them from the host.
+    #[command(subcommand)]
+    Hitl(HitlCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HitlCommand {
+    /// List pending prompts (with --all, answered and withdrawn ones too).
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+    /// Answer a pending prompt: writes status/hitl/ID.answer, which `fleet serve` types into
+    /// the task's terminal (followed by Enter), once.
+    Answer {
+        /// The prompt's id, as `fleet hitl list` shows it.
+        id: String,
+        /// The answer: one line of plain text.
+        text: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -162,6 +182,15 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Plan(args) => plan_cmd(&ws, args).await,
             Command::Apply(args) => apply_cmd(&ws, args).await,
             Command::Status(args) => status_cmd(&ws, args),
+            Command::Hitl(HitlCommand::List { all }) => {
+                print!("{}", crate::hitl::list(&ws.status, *all));
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Hitl(HitlCommand::Answer { id, text }) => {
+                crate::hitl::answer(&ws.status, id, text)?;
+                println!("answer to {id} written; fleet serve delivers it");
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Serve(args) => crate::daemon::serve(
                 ws.clone(),
                 crate::daemon::ServeOptions {

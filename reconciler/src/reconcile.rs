@@ -100,6 +100,7 @@ pub struct StatusObserver {
 impl apply::Observer for StatusObserver {
     fn step_started(&self, step: &Step) {
         let _ = self.status.append_event(&Event {
+            task: None,
             time: timestamp(SystemTime::now()),
             kind: "step.started".into(),
             vm: Some(step.vm.clone()),
@@ -140,6 +141,7 @@ impl apply::Observer for StatusObserver {
             eprintln!("{}", message);
         }
         let _ = self.status.append_event(&Event {
+            task: None,
             time: timestamp(SystemTime::now()),
             kind: kind.into(),
             vm: Some(step.vm.clone()),
@@ -169,6 +171,7 @@ pub async fn open_journal(
     let recovered = apply::recover(&journal, drivers).await?;
     for note in &recovered {
         ws.status.append_event(&Event {
+            task: None,
             time: timestamp(SystemTime::now()),
             kind: "journal.recovered".into(),
             vm: None,
@@ -216,6 +219,7 @@ pub async fn apply_and_record(
     // Drift is reported before anything heals it.
     for d in &plan.drift {
         ws.status.append_event(&Event {
+            task: None,
             time: timestamp(SystemTime::now()),
             kind: "vm.drifted".into(),
             vm: Some(d.vm.clone()),
@@ -301,6 +305,7 @@ pub async fn apply_and_record(
         });
     }
     ws.status.append_event(&Event {
+        task: None,
         time: timestamp(finished),
         kind: "apply.finished".into(),
         vm: None,

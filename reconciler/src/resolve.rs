@@ -14,7 +14,8 @@ use sha2::{Digest, Sha256};
 use crate::load::{LoadedFleet, pool_member_names};
 use crate::source::{Revision, hex};
 use crate::spec::{
-    DomainType, GuestFile, LoadoutSpec, NetworkMode, PowerState, Provider, Resources, VmSpec,
+    AgentKind, AgentSpec, DomainType, GuestFile, LoadoutSpec, NetworkMode, OnDeadline,
+    PowerState, Provider, Repository, Resources, TaskSpec, VmSpec,
 };
 
 pub const DEFAULT_CPUS: u32 = 1;
@@ -25,6 +26,8 @@ pub const DEFAULT_STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_
 pub const DEFAULT_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 pub const DEFAULT_RECONCILE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 pub const DEFAULT_RESYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
+pub const DEFAULT_TASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+pub const DEFAULT_PROMPT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// The fully resolved desired state of one revision.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,6 +38,84 @@ pub struct Desired {
     pub policy: ResolvedPolicy,
     /// By VM name.
     pub vms: BTreeMap<String, DesiredVm>,
+    /// By task name.
+    pub tasks: BTreeMap<String, DesiredTask>,
+    /// Committed answers to prompts, by prompt id.
+    pub answers: BTreeMap<String, CommittedAnswer>,
+}
+
+/// A task as fleet runs it: the command line expanded, the environment merged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredTask {
+    pub name: String,
+    pub vm: String,
+    pub argv: Vec<String>,
+    /// The VM's loadout environment, then the task's own.
+    pub env: BTreeMap<String, String>,
+    pub repository: Option<Repository>,
+    pub timeout: std::time::Duration,
+    pub artifacts: Vec<String>,
+    pub prompt_patterns: Vec<String>,
+    pub prompt_deadline: std::time::Duration,
+    pub on_deadline: OnDeadline,
+    pub rerun: u32,
+    /// sha256 of the canonical JSON of the task's spec (`rerun` included): a new hash is a
+    /// new run.
+    pub spec_hash: String,
+    pub source: String,
+}
+
+/// An operator's committed answer (`fleet/hitl/<id>.yaml`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommittedAnswer {
+    pub response: String,
+    pub source: String,
+}
+
+/// The command line of a coding agent run non-interactively.
+pub fn agent_command(agent: &AgentSpec) -> Vec<String> {
+    let prompt = agent.prompt.clone();
+    let mut argv: Vec<String> = match agent.kind {
+        AgentKind::Claude => vec!["claude".into(), "-p".into(), prompt],
+        AgentKind::Codex => vec!["codex".into(), "exec".into(), prompt],
+        AgentKind::Gemini => vec!["gemini".into(), "-p".into(), prompt],
+        AgentKind::Aider => vec!["aider".into(), "--message".into(), prompt],
+    };
+    if let Some(model) = &agent.model {
+        let flag = match agent.kind {
+            AgentKind::Gemini => "-m",
+            _ => "--model",
+        };
+        argv.extend([flag.to_owned(), model.clone()]);
+    }
+    argv
+}
+
+fn resolve_task(name: &str, spec: &TaskSpec, vm: Option<&DesiredVm>, source: &str) -> DesiredTask {
+    let argv = match (&spec.command, &spec.agent) {
+        (Some(command), _) => command.clone(),
+        (None, Some(agent)) => agent_command(agent),
+        (None, None) => Vec::new(),
+    };
+    let mut env = vm.map(|vm| vm.config.env.clone()).unwrap_or_default();
+    env.extend(spec.env.clone());
+    let prompts = spec.prompts.clone().unwrap_or_default();
+    let json = serde_json::to_vec(spec).expect("TaskSpec serialises to JSON");
+    DesiredTask {
+        name: name.to_owned(),
+        vm: spec.vm.0.clone(),
+        argv,
+        env,
+        repository: spec.repository.clone(),
+        timeout: duration_or(&spec.timeout, DEFAULT_TASK_TIMEOUT),
+        artifacts: spec.artifacts.clone(),
+        prompt_patterns: prompts.patterns,
+        prompt_deadline: duration_or(&prompts.deadline, DEFAULT_PROMPT_DEADLINE),
+        on_deadline: prompts.on_deadline,
+        rerun: spec.rerun,
+        spec_hash: hex(&Sha256::digest(json)),
+        source: source.to_owned(),
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -184,12 +265,33 @@ pub fn resolve(loaded: &LoadedFleet) -> Desired {
             vms.insert(member, vm);
         }
     }
+    let tasks = loaded
+        .tasks
+        .iter()
+        .map(|(name, o)| {
+            let vm = vms.get(&o.doc.spec.vm.0);
+            (name.clone(), resolve_task(name, &o.doc.spec, vm, &o.path))
+        })
+        .collect();
+    let answers = loaded
+        .answers
+        .iter()
+        .map(|(id, o)| {
+            let answer = CommittedAnswer {
+                response: o.doc.spec.response.clone(),
+                source: o.path.clone(),
+            };
+            (id.clone(), answer)
+        })
+        .collect();
     Desired {
         fleet: loaded.fleet.doc.metadata.name.0.clone(),
         revision: loaded.revision.clone(),
         providers: spec.providers.clone(),
         policy,
         vms,
+        tasks,
+        answers,
     }
 }
 

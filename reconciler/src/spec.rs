@@ -24,10 +24,19 @@ pub enum Kind {
     Loadout,
     Vm,
     VmPool,
+    Task,
+    Answer,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Fleet, Kind::Loadout, Kind::Vm, Kind::VmPool];
+    pub const ALL: [Kind; 6] = [
+        Kind::Fleet,
+        Kind::Loadout,
+        Kind::Vm,
+        Kind::VmPool,
+        Kind::Task,
+        Kind::Answer,
+    ];
 
     /// The spelling used in `kind:`.
     pub fn as_str(self) -> &'static str {
@@ -36,6 +45,8 @@ impl Kind {
             Kind::Loadout => "Loadout",
             Kind::Vm => "VM",
             Kind::VmPool => "VMPool",
+            Kind::Task => "Task",
+            Kind::Answer => "Answer",
         }
     }
 
@@ -50,6 +61,8 @@ impl Kind {
             Kind::Loadout => "loadout.schema.json",
             Kind::Vm => "vm.schema.json",
             Kind::VmPool => "vmpool.schema.json",
+            Kind::Task => "task.schema.json",
+            Kind::Answer => "answer.schema.json",
         }
     }
 }
@@ -188,6 +201,15 @@ document!(
 document!(
     /// `kind: VMPool` — `replicas` VMs named `<name>-01`, `<name>-02`, … from one template.
     VmPoolDocument, VmPoolKind, "VMPool", VmPoolSpec
+);
+
+document!(
+    /// `kind: Task` — work for one VM: a command or a coding agent, run once per spec.
+    TaskDocument, TaskKind, "Task", TaskSpec
+);
+document!(
+    /// `kind: Answer` — `fleet/hitl/<id>.yaml`: an operator's answer to the prompt `<id>`.
+    AnswerDocument, AnswerKind, "Answer", AnswerSpec
 );
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -435,6 +457,104 @@ pub struct VmPoolSpec {
     pub template: VmTemplate,
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TaskSpec {
+    /// The VM to run in (a VM's or a pool member's name).
+    pub vm: Name,
+    /// Fetched on the host and unpacked into the task's directory in the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<Repository>,
+    /// The program and its arguments, run as given (no shell). Exactly one of `command`
+    /// and `agent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub command: Option<Vec<String>>,
+    /// A coding agent run non-interactively on `prompt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentSpec>,
+    /// Added to the VM's loadout environment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// The whole process tree is killed after this long (default 1h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// Globs relative to the task's directory; matching files are copied to
+    /// `status/tasks/<name>/artifacts/` when the task ends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<String>,
+    /// Bump to run a finished task again.
+    #[serde(default)]
+    #[schemars(range(max = 1000000))]
+    pub rerun: u32,
+    /// How prompts waiting for a human are found and how long they may wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<PromptPolicy>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Repository {
+    /// A git URL or a path (relative paths resolve against the repository root).
+    #[schemars(length(min = 1, max = 4096))]
+    pub url: String,
+    /// The branch to check out (default: the remote's HEAD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AgentSpec {
+    pub kind: AgentKind,
+    #[schemars(length(min = 1, max = 100000))]
+    pub prompt: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+/// Coding agents fleet knows the non-interactive command line of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentKind {
+    Claude,
+    Codex,
+    Gemini,
+    Aider,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PromptPolicy {
+    /// Regular expressions (case-insensitive) that mark a line as a prompt, in addition to
+    /// the built-in ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patterns: Vec<String>,
+    /// How long a prompt may wait for an answer (default 24h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Duration>,
+    /// What happens when the deadline passes: `wait` (default; the prompt is marked
+    /// overdue) or `fail` (the task is cancelled and fails).
+    #[serde(default)]
+    pub on_deadline: OnDeadline,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDeadline {
+    #[default]
+    Wait,
+    Fail,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AnswerSpec {
+    /// The text typed into the task's terminal, followed by Enter.
+    #[schemars(length(max = 4096))]
+    pub response: String,
+}
+
 /// The JSON Schema of each kind, as generated from the types above.
 pub fn schema_for(kind: Kind) -> serde_json::Value {
     let schema = match kind {
@@ -442,6 +562,8 @@ pub fn schema_for(kind: Kind) -> serde_json::Value {
         Kind::Loadout => schemars::schema_for!(LoadoutDocument),
         Kind::Vm => schemars::schema_for!(VmDocument),
         Kind::VmPool => schemars::schema_for!(VmPoolDocument),
+        Kind::Task => schemars::schema_for!(TaskDocument),
+        Kind::Answer => schemars::schema_for!(AnswerDocument),
     };
     serde_json::to_value(schema).expect("a generated schema is plain JSON")
 }

@@ -1,22 +1,29 @@
-//! Agent presence: one link per running VM, held by a thread that greets the agent, records
-//! its hello (version, boot id) and heartbeats, and reconnects after either side restarts.
-//! A change (connected, disconnected, a new boot) wakes the daemon, whose next pass writes
-//! it into the VM's status.
+//! Agent links: one per running VM, held by a thread that greets the agent, records its
+//! hello (version, boot id) and heartbeats, drives the VM's tasks through the task book
+//! (dispatch, output, prompts, answers), and reconnects after either side restarts.
+//! A change of presence (connected, disconnected, a new boot) wakes the daemon, whose next
+//! pass writes it into the VM's status.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use fleet_agent_protocol::GuestMessage;
+use fleet_agent_protocol::{GuestMessage, HostMessage};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::Trigger;
-use crate::agent_link::AgentLink;
+use crate::agent_link::{AgentLink, LinkError};
+use crate::tasks::TaskBook;
+use crate::tasks::runner::Connection;
 use crate::driver::Driver;
 use crate::status::{AgentStatus, timestamp};
 
 const RETRY: Duration = Duration::from_secs(2);
+/// How often tasks are looked at while the link is quiet.
+const TICK: Duration = Duration::from_millis(250);
+/// Messages recorded in one go at most.
+const BATCH: usize = 256;
 /// Heartbeats come every 10 s; silence this long means the link is gone.
 const SILENCE: Duration = Duration::from_secs(35);
 
@@ -24,13 +31,21 @@ struct Tracked {
     stop: Arc<AtomicBool>,
 }
 
-#[derive(Default)]
 pub struct Agents {
     threads: HashMap<String, Tracked>,
     status: Arc<Mutex<BTreeMap<String, AgentStatus>>>,
+    book: Arc<TaskBook>,
 }
 
 impl Agents {
+    pub fn new(book: Arc<TaskBook>) -> Agents {
+        Agents {
+            threads: HashMap::new(),
+            status: Arc::default(),
+            book,
+        }
+    }
+
     /// Follows exactly the VMs in `running` (name → its driver).
     pub fn sync(&mut self, running: Vec<(String, Arc<dyn Driver>)>, tx: &UnboundedSender<Trigger>) {
         let wanted: std::collections::HashSet<&str> =
@@ -51,11 +66,16 @@ impl Agents {
                 continue;
             }
             let stop = Arc::new(AtomicBool::new(false));
-            let (status, tx, thread_stop, vm) =
-                (self.status.clone(), tx.clone(), stop.clone(), name.clone());
+            let (status, book, tx, thread_stop, vm) = (
+                self.status.clone(),
+                self.book.clone(),
+                tx.clone(),
+                stop.clone(),
+                name.clone(),
+            );
             let spawned = std::thread::Builder::new()
                 .name(format!("agent-{name}"))
-                .spawn(move || follow(&vm, driver.as_ref(), &status, &tx, &thread_stop));
+                .spawn(move || follow(&vm, driver.as_ref(), &status, &book, &tx, &thread_stop));
             if spawned.is_ok() {
                 self.threads.insert(name, Tracked { stop });
             }
@@ -82,6 +102,7 @@ fn follow(
     vm: &str,
     driver: &dyn Driver,
     status: &Mutex<BTreeMap<String, AgentStatus>>,
+    book: &TaskBook,
     tx: &UnboundedSender<Trigger>,
     stop: &AtomicBool,
 ) {
@@ -108,33 +129,83 @@ fn follow(
         if let Some(mut link) = link
             && link.greet().is_ok()
         {
-            loop {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                match link.next(SILENCE) {
-                    Ok(GuestMessage::Hello {
-                        agent_version,
-                        boot_id,
-                        ..
-                    }) => set(Some(AgentStatus {
+            let mut conn = Connection::new(vm);
+            if let Err(e) = converse(&mut link, &mut conn, book, &set, stop) {
+                tracing::debug!(vm, "agent link lost: {e}");
+            }
+            set(None);
+        }
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        std::thread::sleep(RETRY);
+    }
+}
+
+/// One connection: tasks are dispatched and answered between reads; what the guest sends
+/// is recorded in batches and acknowledged.
+fn converse(
+    link: &mut AgentLink,
+    conn: &mut Connection,
+    book: &TaskBook,
+    set: &dyn Fn(Option<AgentStatus>),
+    stop: &AtomicBool,
+) -> Result<(), LinkError> {
+    let send = |link: &mut AgentLink, messages: Vec<HostMessage>| -> Result<(), LinkError> {
+        for m in &messages {
+            link.send(m)?;
+        }
+        book.sent(&messages);
+        Ok(())
+    };
+    let mut heard = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let (messages, job) = book.tick(conn);
+        send(link, messages)?;
+        if let Some(job) = job {
+            let parts = book.stage(conn, job);
+            send(link, parts)?;
+        }
+        let first = match link.next(TICK) {
+            Ok(m) => m,
+            Err(LinkError::Timeout(_)) if heard.elapsed() < SILENCE => continue,
+            Err(e) => return Err(e),
+        };
+        heard = Instant::now();
+        // Take what else has arrived, so a burst of output is recorded in one write.
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match link.next(Duration::from_millis(5)) {
+                Ok(m) => batch.push(m),
+                Err(LinkError::Timeout(_)) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        let mut task_messages = Vec::new();
+        for message in batch {
+            match message {
+                GuestMessage::Hello {
+                    agent_version,
+                    boot_id,
+                    ..
+                } => {
+                    // Record what came before the greeting first.
+                    let replies = book.receive(conn, std::mem::take(&mut task_messages));
+                    send(link, replies)?;
+                    conn.greeted(&boot_id);
+                    set(Some(AgentStatus {
                         connected: true,
                         agent_version,
                         boot_id,
                         since: timestamp(SystemTime::now()),
-                    })),
-                    Ok(GuestMessage::Heartbeat { .. }) => {}
-                    // The host does not dispatch tasks yet, so no task output can arrive;
-                    // task dispatch will route these to the task's status and output log.
-                    Ok(GuestMessage::Output { .. } | GuestMessage::Exit { .. }) => {}
-                    Err(e) => {
-                        tracing::debug!(vm, "agent link lost: {e}");
-                        break;
-                    }
+                    }));
                 }
+                GuestMessage::Heartbeat { .. } => {}
+                other => task_messages.push(other),
             }
-            set(None);
         }
-        std::thread::sleep(RETRY);
+        let replies = book.receive(conn, task_messages);
+        send(link, replies)?;
     }
+    Ok(())
 }

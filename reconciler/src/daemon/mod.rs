@@ -29,6 +29,7 @@ use crate::resolve::Desired;
 use crate::source::Revision;
 use crate::spec::Provider;
 use crate::status::lock::StatusLock;
+use crate::tasks::TaskBook;
 
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -88,6 +89,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
             .into_future(),
     );
 
+    let tasks = Arc::new(TaskBook::open(ws.status.clone(), ws.repo_root.clone()));
     let mut daemon = Daemon {
         ws,
         branch,
@@ -100,7 +102,8 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         last_good: None,
         refused: None,
         backoff: backoff::Backoff::default(),
-        agents: agents::Agents::default(),
+        agents: agents::Agents::new(tasks.clone()),
+        tasks,
         next_resync: Instant::now(),
     };
     let mut shutdown = false;
@@ -146,6 +149,7 @@ struct Daemon {
     refused: Option<Revision>,
     backoff: backoff::Backoff,
     agents: agents::Agents,
+    tasks: Arc<TaskBook>,
     next_resync: Instant,
 }
 
@@ -211,7 +215,9 @@ impl Daemon {
             .filter(|vm| vm.phase == crate::status::Phase::Running)
             .filter_map(|vm| Some((vm.name.clone(), self.drivers.get(&vm.provider)?.clone())))
             .collect();
+        let running_names = running.iter().map(|(n, _)| n.clone()).collect();
         self.agents.sync(running, &self.tx);
+        self.tasks.sync(&desired, &running_names);
         for result in &applied.report.results {
             self.metrics.count_step(result.action.as_str(), result.ok);
             if result.ok {

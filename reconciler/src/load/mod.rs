@@ -19,8 +19,8 @@ use yaml::{Located, Pos};
 
 use crate::source::{Revision, Snapshot};
 use crate::spec::{
-    FleetDocument, Kind, LoadoutDocument, NetworkMode, Resources, VmDocument, VmPoolDocument,
-    VmSpec,
+    AnswerDocument, FleetDocument, Kind, LoadoutDocument, NetworkMode, Resources, TaskDocument,
+    VmDocument, VmPoolDocument, VmSpec,
 };
 
 /// One object and the file it came from.
@@ -39,7 +39,14 @@ pub struct LoadedFleet {
     pub loadouts: BTreeMap<String, Object<LoadoutDocument>>,
     pub vms: BTreeMap<String, Object<VmDocument>>,
     pub pools: BTreeMap<String, Object<VmPoolDocument>>,
+    pub tasks: BTreeMap<String, Object<TaskDocument>>,
+    /// Committed answers to prompts, by prompt id.
+    pub answers: BTreeMap<String, Object<AnswerDocument>>,
 }
+
+/// Task names leave room for the prompt ids made from them (`<task>-<run>-<n>`), which
+/// must stay DNS labels.
+pub const TASK_NAME_MAX: usize = 50;
 
 /// Memory bounds in MiB, and disk bounds in MiB.
 pub const MEMORY_MIB: (u64, u64) = (64, 1024 * 1024);
@@ -50,6 +57,8 @@ enum AnyObject {
     Loadout(Object<LoadoutDocument>),
     Vm(Object<VmDocument>),
     VmPool(Object<VmPoolDocument>),
+    Task(Object<TaskDocument>),
+    Answer(Object<AnswerDocument>),
 }
 
 /// Loads and checks a snapshot.
@@ -73,6 +82,8 @@ pub fn load(snapshot: &Snapshot) -> Result<LoadedFleet, Vec<Diagnostic>> {
     let mut loadouts = BTreeMap::new();
     let mut vms = BTreeMap::new();
     let mut pools = BTreeMap::new();
+    let mut tasks = BTreeMap::new();
+    let mut answers = BTreeMap::new();
     for obj in objects {
         match obj {
             AnyObject::Fleet(o) => fleet = Some(o),
@@ -88,6 +99,12 @@ pub fn load(snapshot: &Snapshot) -> Result<LoadedFleet, Vec<Diagnostic>> {
             }
             AnyObject::VmPool(o) => {
                 insert_unique(&mut pools, o, "VMPool", |d| &d.metadata.name.0, &mut diags)
+            }
+            AnyObject::Task(o) => {
+                insert_unique(&mut tasks, o, "Task", |d| &d.metadata.name.0, &mut diags)
+            }
+            AnyObject::Answer(o) => {
+                insert_unique(&mut answers, o, "Answer", |d| &d.metadata.name.0, &mut diags)
             }
         }
     }
@@ -111,6 +128,8 @@ pub fn load(snapshot: &Snapshot) -> Result<LoadedFleet, Vec<Diagnostic>> {
         loadouts,
         vms,
         pools,
+        tasks,
+        answers,
     };
     check_references(&loaded, &mut diags);
     if diags.is_empty() {
@@ -157,11 +176,13 @@ fn expected_kinds(rel: &str) -> Result<&'static [Kind], String> {
     match rel.split('/').next() {
         Some("loadouts") if rel.contains('/') => Ok(&[Kind::Loadout]),
         Some("vms") if rel.contains('/') => Ok(&[Kind::Vm, Kind::VmPool]),
-        Some(dir @ ("tasks" | "secrets" | "hitl")) if rel.contains('/') => Err(format!(
+        Some("tasks") if rel.contains('/') => Ok(&[Kind::Task]),
+        Some("hitl") if rel.contains('/') => Ok(&[Kind::Answer]),
+        Some(dir @ "secrets") if rel.contains('/') => Err(format!(
             "{dir}/ holds kinds this version of fleet does not support yet; remove the file or upgrade fleet"
         )),
         _ => Err(
-            "unexpected file: fleet objects live in fleet.yaml, loadouts/*.yaml and vms/*.yaml; move or remove it"
+            "unexpected file: fleet objects live in fleet.yaml, loadouts/, vms/, tasks/ and hitl/; move or remove it"
                 .to_owned(),
         ),
     }
@@ -281,6 +302,8 @@ fn load_file(
         Kind::Loadout => typed(path, tree, value, diags).map(AnyObject::Loadout),
         Kind::Vm => typed(path, tree, value, diags).map(AnyObject::Vm),
         Kind::VmPool => typed(path, tree, value, diags).map(AnyObject::VmPool),
+        Kind::Task => typed(path, tree, value, diags).map(AnyObject::Task),
+        Kind::Answer => typed(path, tree, value, diags).map(AnyObject::Answer),
     }?;
     check_object(&object, diags);
     Some(object)
@@ -382,6 +405,16 @@ fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
             );
         }
         AnyObject::Vm(o) => check_vm_spec(o, "/spec", &o.doc.spec, diags),
+        AnyObject::Task(o) => check_task(o, diags),
+        AnyObject::Answer(o) => {
+            if let Some(bad) = crate::hitl::answer_problem(&o.doc.spec.response) {
+                diags.push(Diagnostic::new(
+                    &o.path,
+                    o.tree.pos_at_pointer("/spec/response", false),
+                    format!("spec.response: {bad}"),
+                ));
+            }
+        }
         AnyObject::VmPool(o) => {
             check_vm_spec(o, "/spec/template/spec", &o.doc.spec.template.spec, diags);
             let width = pool_width(o.doc.spec.replicas);
@@ -392,6 +425,83 @@ fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
                     o.doc.metadata.name.0, "0".repeat(width)
                 )));
             }
+        }
+    }
+}
+
+fn check_task(o: &Object<TaskDocument>, diags: &mut Vec<Diagnostic>) {
+    let spec = &o.doc.spec;
+    let mut say = |pointer: &str, at_key: bool, message: String| {
+        diags.push(Diagnostic::new(
+            &o.path,
+            o.tree.pos_at_pointer(pointer, at_key),
+            message,
+        ))
+    };
+    let name = &o.doc.metadata.name.0;
+    if name.len() > TASK_NAME_MAX {
+        say(
+            "/metadata/name",
+            false,
+            format!(
+                "metadata.name: task names are at most {TASK_NAME_MAX} characters (this one has {}), so the prompt ids made from them stay valid names; shorten it",
+                name.len()
+            ),
+        );
+    }
+    match (&spec.command, &spec.agent) {
+        (Some(_), Some(_)) => say(
+            "/spec/agent",
+            true,
+            "spec.agent: a task runs either `command` or `agent`, not both; remove one".into(),
+        ),
+        (None, None) => say(
+            "/spec",
+            false,
+            "spec: a task needs `command` (a program and its arguments) or `agent` (kind and prompt); add one".into(),
+        ),
+        _ => {}
+    }
+    if let Some(t) = &spec.timeout
+        && t.to_std().is_none_or(|d| d.as_secs() > 7 * 24 * 3600)
+    {
+        say(
+            "/spec/timeout",
+            false,
+            format!("spec.timeout: {:?} is out of range; use a duration up to 168h", t.0),
+        );
+    }
+    for (i, glob) in spec.artifacts.iter().enumerate() {
+        if glob.is_empty() || glob.starts_with('/') || glob.split('/').any(|c| c == "..") {
+            say(
+                &format!("/spec/artifacts/{i}"),
+                false,
+                format!(
+                    "spec.artifacts[{i}]: {glob:?} must be a relative glob inside the task's directory (no leading / and no ..)"
+                ),
+            );
+        }
+    }
+    if let Some(prompts) = &spec.prompts {
+        for (i, pattern) in prompts.patterns.iter().enumerate() {
+            if let Err(e) = regex::RegexBuilder::new(pattern).size_limit(1 << 20).build() {
+                let first = e.to_string();
+                let first = first.lines().last().unwrap_or_default().trim().to_owned();
+                say(
+                    &format!("/spec/prompts/patterns/{i}"),
+                    false,
+                    format!("spec.prompts.patterns[{i}]: not a valid regular expression ({first})"),
+                );
+            }
+        }
+        if let Some(d) = &prompts.deadline
+            && d.to_std().is_none_or(|d| d.as_secs() > 30 * 24 * 3600)
+        {
+            say(
+                "/spec/prompts/deadline",
+                false,
+                format!("spec.prompts.deadline: {:?} is out of range; use a duration up to 720h", d.0),
+            );
         }
     }
 }
@@ -625,6 +735,26 @@ fn check_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
             } else {
                 owners.insert(member, (o.path.as_str(), &o.tree, "VMPool member"));
             }
+        }
+    }
+
+    for o in f.tasks.values() {
+        let vm = &o.doc.spec.vm.0;
+        if !owners.contains_key(vm) {
+            let mut names: Vec<&str> = owners.keys().map(String::as_str).take(10).collect();
+            if owners.len() > 10 {
+                names.push("…");
+            }
+            let list = if names.is_empty() {
+                "none are defined; add one to fleet/vms/".to_owned()
+            } else {
+                format!("defined: {}", names.join(", "))
+            };
+            diags.push(Diagnostic::new(
+                &o.path,
+                o.tree.pos_at_pointer("/spec/vm", false),
+                format!("spec.vm: no VM named {vm:?}; {list}"),
+            ));
         }
     }
 }

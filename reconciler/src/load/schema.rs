@@ -31,6 +31,8 @@ fn committed_schema(kind: Kind) -> &'static str {
         Kind::Loadout => include_str!("../../../schema/loadout.schema.json"),
         Kind::Vm => include_str!("../../../schema/vm.schema.json"),
         Kind::VmPool => include_str!("../../../schema/vmpool.schema.json"),
+        Kind::Task => include_str!("../../../schema/task.schema.json"),
+        Kind::Answer => include_str!("../../../schema/answer.schema.json"),
     }
 }
 

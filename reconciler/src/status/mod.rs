@@ -6,6 +6,7 @@
 //! secret.
 
 pub mod lock;
+pub mod tasks;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -51,6 +52,8 @@ pub struct Event {
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -303,6 +306,7 @@ impl StatusDir {
         });
         self.write_summary(&summary)?;
         self.append_event(&Event {
+            task: None,
             time: timestamp(now),
             kind: "revision.refused".into(),
             vm: None,
@@ -473,6 +477,6 @@ pub fn counts(vms: &BTreeMap<String, VmStatus>) -> Counts {
     c
 }
 
-fn yaml<T: Serialize>(value: &T) -> String {
+pub(crate) fn yaml<T: Serialize>(value: &T) -> String {
     serde_saphyr::to_string(value).expect("status values serialise to YAML")
 }

@@ -10,13 +10,13 @@ use crate::libvirt::{Cleanup, enabled, fleet_yaml_with_policy, virsh, virsh_ok, 
 use crate::support::{Repo, fleet_bin};
 
 /// A running `fleet serve`, killed on drop if the test did not stop it.
-struct Daemon {
-    child: Child,
-    port: u16,
+pub struct Daemon {
+    pub child: Child,
+    pub port: u16,
 }
 
 impl Daemon {
-    fn start(repo: &Repo) -> Daemon {
+    pub fn start(repo: &Repo) -> Daemon {
         let mut child = Command::new(fleet_bin())
             .arg("-C")
             .arg(repo.path())
@@ -53,7 +53,7 @@ impl Drop for Daemon {
     }
 }
 
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
@@ -61,12 +61,12 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-fn read(path: &Path) -> String {
+pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
 /// A raw HTTP request (no client library needed): returns the status code and body.
-fn http(port: u16, method: &str, path: &str) -> (u16, String) {
+pub fn http(port: u16, method: &str, path: &str) -> (u16, String) {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     write!(stream, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").expect("send");
     let mut response = String::new();

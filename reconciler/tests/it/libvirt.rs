@@ -211,6 +211,8 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
             env: Default::default(),
             cwd: None,
             timeout_secs: Some(30),
+            artifacts: Vec::new(),
+            prompt_patterns: Vec::new(),
         })
         .expect("send");
         let mut output = String::new();

@@ -6,3 +6,4 @@ mod libvirt;
 mod load_corpus;
 mod seed;
 mod support;
+mod tasks;

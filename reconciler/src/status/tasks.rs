@@ -1,0 +1,363 @@
+//! Task and prompt records in the status directory: `tasks/<name>.yaml` with the task's
+//! output in `tasks/<name>/output.log` and its artifacts in `tasks/<name>/artifacts/`, and
+//! `hitl/<id>.yaml` for each prompt.
+//!
+//! The output log and the record move together: `outputBytes` in the record is the log's
+//! length after the last output chunk the record counts (`seq`). A log found longer than
+//! that (fleet stopped between appending and recording) is cut back, and the guest sends
+//! the chunks after `seq` again, so the log is complete, in order, and has no repeats.
+
+use std::collections::BTreeMap;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{StatusDir, write_atomic, yaml};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum TaskPhase {
+    Pending,
+    Staging,
+    Running,
+    WaitingForInput,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+}
+
+impl TaskPhase {
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            TaskPhase::Succeeded | TaskPhase::Failed | TaskPhase::TimedOut | TaskPhase::Cancelled
+        )
+    }
+
+    /// Started in the guest (or being staged there) and not finished.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            TaskPhase::Staging | TaskPhase::Running | TaskPhase::WaitingForInput
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskPhase::Pending => "Pending",
+            TaskPhase::Staging => "Staging",
+            TaskPhase::Running => "Running",
+            TaskPhase::WaitingForInput => "WaitingForInput",
+            TaskPhase::Succeeded => "Succeeded",
+            TaskPhase::Failed => "Failed",
+            TaskPhase::TimedOut => "TimedOut",
+            TaskPhase::Cancelled => "Cancelled",
+        }
+    }
+}
+
+/// `tasks/<name>.yaml`: the latest run of a task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskRecord {
+    pub name: String,
+    pub vm: String,
+    /// Counts the runs of this task; each new spec hash or `rerun` starts a new one.
+    pub generation: u32,
+    /// Identifies this run: 8 hex digits of sha256(spec hash, generation).
+    pub run: String,
+    pub spec_hash: String,
+    pub rerun: u32,
+    pub phase: TaskPhase,
+    /// Why it is in this phase, in words (waiting for what, failed how).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The file that declares it, and the revision that started this run.
+    pub source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    pub created: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<String>,
+    /// The boot of the guest it runs in; a different boot means the run was lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<RepositoryAt>,
+    /// The last message from the guest recorded (output, prompt, artifact or exit).
+    #[serde(default)]
+    pub seq: u64,
+    /// The length of output.log that `seq` accounts for.
+    #[serde(default)]
+    pub output_bytes: u64,
+    /// Prompts seen in this run; the next one is numbered `prompts + 1`.
+    #[serde(default)]
+    pub prompts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<String>,
+    /// Set when fleet cancels the run for a reason that makes it a failure (a prompt's
+    /// deadline passed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_on_cancel: Option<String>,
+    pub updated: String,
+}
+
+impl TaskRecord {
+    /// The task's name in the guest: unique per run, so the guest never confuses runs.
+    pub fn guest_task(&self) -> String {
+        format!("{}-{}", self.name, self.run)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RepositoryAt {
+    pub url: String,
+    pub commit: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PromptState {
+    Pending,
+    Answered,
+    /// The task went on (or ended) without an answer.
+    Withdrawn,
+    /// The deadline passed and the task's policy failed it.
+    Expired,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PromptKind {
+    Input,
+}
+
+/// `hitl/<id>.yaml`: one prompt waiting for (or given) a human's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PromptRecord {
+    pub id: String,
+    pub kind: PromptKind,
+    pub task: String,
+    pub vm: String,
+    /// The line that read as a question.
+    pub text: String,
+    /// The last lines of the task's screen.
+    pub context: Vec<String>,
+    pub created: String,
+    pub deadline: String,
+    pub state: PromptState,
+    /// Set once the deadline passed while the prompt kept waiting.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overdue: bool,
+    /// The answer typed (answers are not secret: they are committed or written on the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<String>,
+    /// Who answered: `commit <id> (<file>)` or `host file <path>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered_at: Option<String>,
+    /// The answer was typed into the task's terminal.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delivered: bool,
+    /// Answers that were not delivered, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
+}
+
+impl StatusDir {
+    fn tasks_dir(&self) -> PathBuf {
+        self.root.join("tasks")
+    }
+
+    pub fn hitl_dir(&self) -> PathBuf {
+        self.root.join("hitl")
+    }
+
+    pub fn task_output_path(&self, task: &str) -> PathBuf {
+        self.tasks_dir().join(task).join("output.log")
+    }
+
+    pub fn read_task_records(&self) -> BTreeMap<String, TaskRecord> {
+        read_all(&self.tasks_dir(), |r: &TaskRecord| r.name.clone())
+    }
+
+    pub fn write_task_record(&self, record: &TaskRecord) -> std::io::Result<()> {
+        write_atomic(
+            &self.tasks_dir().join(format!("{}.yaml", record.name)),
+            yaml(record).as_bytes(),
+        )
+    }
+
+    pub fn read_prompts(&self) -> BTreeMap<String, PromptRecord> {
+        read_all(&self.hitl_dir(), |r: &PromptRecord| r.id.clone())
+    }
+
+    pub fn read_prompt(&self, id: &str) -> Option<PromptRecord> {
+        let text = std::fs::read_to_string(self.hitl_dir().join(format!("{id}.yaml"))).ok()?;
+        serde_saphyr::from_str(&text).ok()
+    }
+
+    pub fn write_prompt(&self, prompt: &PromptRecord) -> std::io::Result<()> {
+        write_atomic(
+            &self.hitl_dir().join(format!("{}.yaml", prompt.id)),
+            yaml(prompt).as_bytes(),
+        )
+    }
+
+    /// The host-side answer file of a prompt.
+    pub fn answer_path(&self, id: &str) -> PathBuf {
+        self.hitl_dir().join(format!("{id}.answer"))
+    }
+
+    /// Empties the task's output log and artifacts for a new run.
+    pub fn reset_task_files(&self, task: &str) -> std::io::Result<()> {
+        let dir = self.tasks_dir().join(task);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::create_dir_all(&dir)?;
+        std::fs::File::create(dir.join("output.log"))?.sync_all()
+    }
+
+    /// Appends to the output log, starting at `at` (the length the record accounts for,
+    /// which cuts off anything written after it). Returns the new length.
+    pub fn append_task_output(&self, task: &str, at: u64, data: &[u8]) -> std::io::Result<u64> {
+        let path = self.task_output_path(task);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)?;
+        if file.metadata()?.len() != at {
+            file.set_len(at)?;
+        }
+        file.seek(SeekFrom::Start(at))?;
+        file.write_all(data)?;
+        file.sync_data()?;
+        Ok(at + data.len() as u64)
+    }
+
+    /// Writes part of an artifact at `offset`. `relative` must stay inside the artifacts
+    /// directory; anything else is refused.
+    pub fn write_artifact_part(
+        &self,
+        task: &str,
+        relative: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> std::io::Result<()> {
+        let safe = !relative.is_empty()
+            && Path::new(relative)
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)));
+        if !safe {
+            return Err(std::io::Error::other(format!(
+                "artifact path {relative:?} leaves the artifacts directory"
+            )));
+        }
+        let path = self.tasks_dir().join(task).join("artifacts").join(relative);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)?;
+        if offset == 0 {
+            file.set_len(0)?;
+        }
+        file.seek(SeekFrom::Start(offset))?;
+        file.write_all(data)?;
+        file.sync_data()
+    }
+
+    /// The last `max` bytes of a task's output (from a character boundary).
+    pub fn task_output_tail(&self, task: &str, max: u64) -> Option<String> {
+        use std::io::Read;
+        let mut file = std::fs::File::open(self.task_output_path(task)).ok()?;
+        let len = file.metadata().ok()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(max))).ok()?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).ok()?;
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        Some(if len > max {
+            text.trim_start_matches('\u{FFFD}').to_owned()
+        } else {
+            text
+        })
+    }
+}
+
+fn read_all<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    key: impl Fn(&T) -> String,
+) -> BTreeMap<String, T> {
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "yaml")
+            && let Ok(text) = std::fs::read_to_string(&path)
+            && let Ok(record) = serde_saphyr::from_str::<T>(&text)
+        {
+            out.insert(key(&record), record);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_cut_back_to_what_the_record_accounts_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = StatusDir::new(dir.path());
+        status.reset_task_files("t").expect("reset");
+        let at = status.append_task_output("t", 0, b"one\n").expect("append");
+        // Written but never recorded (fleet stopped before the record was written).
+        status.append_task_output("t", at, b"two\n").expect("append");
+        // The guest sends "two" again; the record still says `at`.
+        let end = status.append_task_output("t", at, b"two\n").expect("append");
+        assert_eq!(end, 8);
+        let log = std::fs::read_to_string(status.task_output_path("t")).expect("log");
+        assert_eq!(log, "one\ntwo\n");
+        assert_eq!(status.task_output_tail("t", 4).as_deref(), Some("two\n"));
+    }
+
+    #[test]
+    fn artifacts_stay_inside_their_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = StatusDir::new(dir.path());
+        status
+            .write_artifact_part("t", "out/a.txt", 0, b"a")
+            .expect("write");
+        status
+            .write_artifact_part("t", "out/a.txt", 1, b"b")
+            .expect("write");
+        let written = dir.path().join("tasks/t/artifacts/out/a.txt");
+        assert_eq!(std::fs::read_to_string(written).expect("read"), "ab");
+        for bad in ["../x", "/etc/x", "a/../../x", ""] {
+            assert!(status.write_artifact_part("t", bad, 0, b"x").is_err(), "{bad}");
+        }
+    }
+}

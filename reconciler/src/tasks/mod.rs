@@ -1,0 +1,273 @@
+//! Tasks on the host: which run is due, what each run's record says, and what the guest
+//! reported. `TaskBook` holds every task's record and every prompt, in memory and in the
+//! status directory (`tasks/`, `hitl/`), behind one lock: the daemon's pass (`sync`) and
+//! each VM's agent link (`runner::VmRunner`) change them only through it, so a record is
+//! never written by two hands at once.
+//!
+//! A task runs once per (name, spec hash): `rerun` is part of the spec, so bumping it is a
+//! new hash. Each run gets a generation and a run id (sha256 of the spec hash and the
+//! generation); the guest knows the run as `<name>-<run>`, and prompts are numbered within
+//! it (`<name>-<run>-<n>`), so an answer written for one run never reaches another.
+//!
+//! Invariants:
+//! - A record is `Pending` until its VM's agent greeted, `Staging` while the repository is
+//!   shipped, `Running` before `RunTask` is sent (so a crash after sending re-attaches
+//!   rather than restarts: the guest ignores a run it knows), and finished only from the
+//!   guest's exit or from evidence the run is gone (its VM stopped or rebooted).
+//! - Guest messages are recorded in `seq` order, each once; a message is acknowledged only
+//!   after it is recorded.
+
+pub mod repo;
+pub mod runner;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use sha2::{Digest, Sha256};
+
+use crate::resolve::{CommittedAnswer, Desired, DesiredTask};
+use crate::source::hex;
+use crate::status::tasks::{PromptRecord, PromptState, TaskPhase, TaskRecord};
+use crate::status::{Event, StatusDir, timestamp};
+
+pub struct TaskBook {
+    status: StatusDir,
+    repo_root: PathBuf,
+    cache_dir: PathBuf,
+    state: Mutex<BookState>,
+}
+
+#[derive(Default)]
+struct BookState {
+    desired: BTreeMap<String, DesiredTask>,
+    answers: BTreeMap<String, CommittedAnswer>,
+    /// The commit the desired tasks come from.
+    revision: Option<String>,
+    records: BTreeMap<String, TaskRecord>,
+    prompts: BTreeMap<String, PromptRecord>,
+}
+
+fn now() -> String {
+    timestamp(SystemTime::now())
+}
+
+fn run_id(spec_hash: &str, generation: u32) -> String {
+    hex(&Sha256::digest(format!("{spec_hash}/{generation}")))[..8].to_owned()
+}
+
+impl TaskBook {
+    /// Reads the records and prompts the status directory holds.
+    pub fn open(status: StatusDir, repo_root: PathBuf) -> TaskBook {
+        let state = BookState {
+            records: status.read_task_records(),
+            prompts: status.read_prompts(),
+            ..BookState::default()
+        };
+        let cache_dir = repo_root.join(".fleet").join("cache").join("repos");
+        TaskBook {
+            status,
+            repo_root,
+            cache_dir,
+            state: Mutex::new(state),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BookState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn records(&self) -> BTreeMap<String, TaskRecord> {
+        self.lock().records.clone()
+    }
+
+    pub fn prompts(&self) -> BTreeMap<String, PromptRecord> {
+        self.lock().prompts.clone()
+    }
+
+    /// Takes a new desired state: new runs become `Pending`, runs that cannot go on are
+    /// finished. `running` are the VMs that run now. Runs on running VMs whose task was
+    /// removed or changed are cancelled by that VM's runner.
+    pub fn sync(&self, desired: &Desired, running: &BTreeSet<String>) {
+        let mut state = self.lock();
+        state.desired = desired.tasks.clone();
+        state.answers = desired.answers.clone();
+        state.revision = Some(desired.revision.id.clone());
+        let names: BTreeSet<String> = state
+            .records
+            .keys()
+            .chain(state.desired.keys())
+            .cloned()
+            .collect();
+        for name in names {
+            let want = state.desired.get(&name).cloned();
+            let record = state.records.get(&name).cloned();
+            match (want, record) {
+                (Some(task), None) => self.new_run(&mut state, &task, 1, running),
+                (Some(task), Some(r)) if r.spec_hash != task.spec_hash => {
+                    if r.phase.is_active() && running.contains(&r.vm) {
+                        continue; // The runner cancels it; the new run follows.
+                    }
+                    if !r.phase.is_finished() {
+                        self.finish(
+                            &mut state,
+                            &name,
+                            TaskPhase::Cancelled,
+                            None,
+                            "its spec changed before it finished",
+                        );
+                    }
+                    self.new_run(&mut state, &task, r.generation + 1, running);
+                }
+                (Some(task), Some(r)) => {
+                    if r.phase.is_active() && !running.contains(&r.vm) {
+                        self.finish(
+                            &mut state,
+                            &name,
+                            TaskPhase::Failed,
+                            None,
+                            &format!("VM {} stopped while the task ran; bump rerun to run it again", r.vm),
+                        );
+                    } else if r.phase == TaskPhase::Pending {
+                        let message = waiting_message(&task, running);
+                        if r.message.as_deref() != Some(&message) {
+                            self.update(&mut state, &name, |r| r.message = Some(message));
+                        }
+                    }
+                }
+                (None, Some(r)) => {
+                    let gone = r.phase == TaskPhase::Pending
+                        || (r.phase.is_active() && !running.contains(&r.vm));
+                    if gone {
+                        self.finish(
+                            &mut state,
+                            &name,
+                            TaskPhase::Cancelled,
+                            None,
+                            "its task file was removed",
+                        );
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+    }
+
+    fn new_run(
+        &self,
+        state: &mut BookState,
+        task: &DesiredTask,
+        generation: u32,
+        running: &BTreeSet<String>,
+    ) {
+        let time = now();
+        let record = TaskRecord {
+            name: task.name.clone(),
+            vm: task.vm.clone(),
+            generation,
+            run: run_id(&task.spec_hash, generation),
+            spec_hash: task.spec_hash.clone(),
+            rerun: task.rerun,
+            phase: TaskPhase::Pending,
+            message: Some(waiting_message(task, running)),
+            source: task.source.clone(),
+            revision: state.revision.clone(),
+            created: time.clone(),
+            started: None,
+            finished: None,
+            boot_id: None,
+            exit_code: None,
+            repository: None,
+            seq: 0,
+            output_bytes: 0,
+            prompts: 0,
+            pending_prompt: None,
+            artifacts: Vec::new(),
+            fail_on_cancel: None,
+            updated: time,
+        };
+        if let Err(e) = self.status.reset_task_files(&task.name) {
+            tracing::warn!(task = %task.name, "cannot reset the task's output: {e}");
+        }
+        self.event(&record, "task.pending", format!("run {} of task {} is due on {}", record.run, record.name, record.vm));
+        state.records.insert(task.name.clone(), record.clone());
+        self.persist(&record);
+    }
+
+    /// Changes a record and writes it.
+    fn update(&self, state: &mut BookState, name: &str, change: impl FnOnce(&mut TaskRecord)) {
+        if let Some(record) = state.records.get_mut(name) {
+            change(record);
+            record.updated = now();
+            let record = record.clone();
+            self.persist(&record);
+        }
+    }
+
+    fn persist(&self, record: &TaskRecord) {
+        if let Err(e) = self.status.write_task_record(record) {
+            tracing::error!(task = %record.name, "cannot write the task's status: {e}");
+        }
+    }
+
+    /// Ends a run: its phase, exit code and why; a pending prompt is withdrawn.
+    fn finish(
+        &self,
+        state: &mut BookState,
+        name: &str,
+        phase: TaskPhase,
+        exit_code: Option<i32>,
+        message: &str,
+    ) {
+        let Some(record) = state.records.get(name).cloned() else {
+            return;
+        };
+        if let Some(id) = &record.pending_prompt {
+            self.set_prompt(state, id, |p| p.state = PromptState::Withdrawn);
+        }
+        self.update(state, name, |r| {
+            r.phase = phase;
+            r.exit_code = exit_code;
+            r.message = Some(message.to_owned());
+            r.finished = Some(now());
+            r.pending_prompt = None;
+        });
+        if let Some(r) = state.records.get(name) {
+            self.event(r, "task.finished", format!("task {name} {}: {message}", phase.as_str()));
+        }
+    }
+
+    fn set_prompt(&self, state: &mut BookState, id: &str, change: impl FnOnce(&mut PromptRecord)) {
+        if let Some(prompt) = state.prompts.get_mut(id) {
+            change(prompt);
+            if let Err(e) = self.status.write_prompt(prompt) {
+                tracing::error!(prompt = %id, "cannot write the prompt: {e}");
+            }
+        }
+    }
+
+    fn event(&self, record: &TaskRecord, kind: &str, message: String) {
+        let event = Event {
+            time: now(),
+            kind: kind.to_owned(),
+            vm: Some(record.vm.clone()),
+            task: Some(record.name.clone()),
+            provider: None,
+            action: None,
+            revision: record.revision.clone(),
+            message,
+        };
+        if let Err(e) = self.status.append_event(&event) {
+            tracing::error!("cannot append an event: {e}");
+        }
+    }
+}
+
+fn waiting_message(task: &DesiredTask, running: &BTreeSet<String>) -> String {
+    if running.contains(&task.vm) {
+        format!("waiting for the agent in VM {}", task.vm)
+    } else {
+        format!("waiting for VM {} to run", task.vm)
+    }
+}

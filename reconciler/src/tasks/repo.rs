@@ -1,0 +1,169 @@
+//! A task's repository, fetched on the host with git2 into a bare cache and shipped to the
+//! guest as a tar archive of one commit's tree, so the guest needs neither network nor git
+//! credentials.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::source::hex;
+use crate::spec::Repository;
+
+/// Archives larger than this are refused (the guest unpacks into a tmpfs).
+pub const MAX_ARCHIVE_BYTES: usize = 256 * 1024 * 1024;
+
+pub struct Archive {
+    pub commit: String,
+    pub url: String,
+    pub tar: Vec<u8>,
+}
+
+/// A URL as git2 takes it: URLs as written, paths made absolute against `repo_root`.
+fn resolved_url(repo_root: &Path, url: &str) -> String {
+    let is_url = url.contains("://") || (url.contains('@') && url.contains(':'));
+    if is_url {
+        url.to_owned()
+    } else {
+        repo_root.join(url).display().to_string()
+    }
+}
+
+/// Fetches `repository` (its branch, or the remote's HEAD) into a bare cache under
+/// `cache_dir` and archives the commit's tree.
+pub fn fetch_archive(cache_dir: &Path, repo_root: &Path, repository: &Repository) -> Result<Archive> {
+    let url = resolved_url(repo_root, &repository.url);
+    let cache: PathBuf = cache_dir.join(format!("{}.git", &hex(&Sha256::digest(url.as_bytes()))[..16]));
+    let repo = match git2::Repository::open_bare(&cache) {
+        Ok(r) => r,
+        Err(_) => git2::Repository::init_bare(&cache)
+            .with_context(|| format!("cannot make the repository cache {}", cache.display()))?,
+    };
+    let source = match &repository.branch {
+        Some(b) => format!("refs/heads/{b}"),
+        None => "HEAD".to_owned(),
+    };
+    let target = "refs/fleet/fetched";
+    // A fetch that finds no such branch updates nothing: drop the previous result first.
+    if let Ok(mut previous) = repo.find_reference(target) {
+        previous.delete()?;
+    }
+    let mut remote = repo
+        .remote_anonymous(&url)
+        .with_context(|| format!("repository {url}"))?;
+    remote
+        .fetch(&[format!("+{source}:{target}")], None, None)
+        .with_context(|| format!("cannot fetch {source} from {url}"))?;
+    let commit = repo
+        .find_reference(target)
+        .and_then(|r| r.peel_to_commit())
+        .with_context(|| format!("{url} has no {source}"))?;
+    let tar = archive_tree(&repo, &commit.tree()?)?;
+    Ok(Archive {
+        commit: commit.id().to_string(),
+        url: repository.url.clone(),
+        tar,
+    })
+}
+
+/// The tree as a tar archive: regular files (executables keep their bit) and symlinks.
+fn archive_tree(repo: &git2::Repository, tree: &git2::Tree<'_>) -> Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut failure: Option<anyhow::Error> = None;
+    let mut size = 0usize;
+    tree.walk(git2::TreeWalkMode::PreOrder, |root, entry| {
+        if entry.kind() != Some(git2::ObjectType::Blob) {
+            return git2::TreeWalkResult::Ok;
+        }
+        let path = format!("{root}{}", entry.name().unwrap_or_default());
+        let added = (|| -> Result<()> {
+            let blob = repo.find_blob(entry.id())?;
+            size += blob.content().len();
+            if size > MAX_ARCHIVE_BYTES {
+                anyhow::bail!("the repository's tree is larger than {MAX_ARCHIVE_BYTES} bytes");
+            }
+            let mut header = tar::Header::new_gnu();
+            header.set_mtime(0);
+            if entry.filemode() == 0o120000 {
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                header.set_mode(0o777);
+                let target = String::from_utf8_lossy(blob.content()).into_owned();
+                builder.append_link(&mut header, &path, target)?;
+            } else {
+                header.set_size(blob.content().len() as u64);
+                header.set_mode(if entry.filemode() == 0o100755 { 0o755 } else { 0o644 });
+                builder.append_data(&mut header, &path, blob.content())?;
+            }
+            Ok(())
+        })();
+        match added {
+            Ok(()) => git2::TreeWalkResult::Ok,
+            Err(e) => {
+                failure = Some(e.context(format!("archiving {path}")));
+                git2::TreeWalkResult::Abort
+            }
+        }
+    })
+    .ok();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok(builder.into_inner()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn git(dir: &Path, args: &[&str]) {
+        let ok = std::process::Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
+            .args(args)
+            .current_dir(dir)
+            .status()
+            .expect("git runs")
+            .success();
+        assert!(ok, "git {args:?}");
+    }
+
+    #[test]
+    fn a_local_repository_is_archived_at_its_branch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("app");
+        std::fs::create_dir_all(src.join("bin")).expect("mkdir");
+        std::fs::write(src.join("README"), "hello\n").expect("write");
+        std::fs::write(src.join("bin/run"), "#!/bin/sh\necho run\n").expect("write");
+        git(&src, &["init", "-q", "-b", "main"]);
+        git(&src, &["add", "."]);
+        git(&src, &["update-index", "--chmod=+x", "bin/run"]);
+        git(&src, &["commit", "-qm", "one"]);
+        let cache = dir.path().join("cache");
+        let repository = Repository {
+            url: "app".into(),
+            branch: Some("main".into()),
+        };
+        let archive = fetch_archive(&cache, dir.path(), &repository).expect("fetched");
+        assert_eq!(archive.commit.len(), 40);
+        let mut entries = Vec::new();
+        for entry in tar::Archive::new(archive.tar.as_slice()).entries().expect("tar") {
+            let mut entry = entry.expect("entry");
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut text).expect("read");
+            let mode = entry.header().mode().expect("mode");
+            entries.push((entry.path().expect("path").display().to_string(), mode, text));
+        }
+        assert_eq!(
+            entries,
+            vec![
+                ("README".into(), 0o644, "hello\n".into()),
+                ("bin/run".into(), 0o755, "#!/bin/sh\necho run\n".into()),
+            ]
+        );
+        // The default branch (HEAD) works too, and a second fetch reuses the cache.
+        let head = Repository { url: "app".into(), branch: None };
+        assert_eq!(fetch_archive(&cache, dir.path(), &head).expect("fetched").commit, archive.commit);
+        let missing = Repository { url: "app".into(), branch: Some("nope".into()) };
+        assert!(fetch_archive(&cache, dir.path(), &missing).is_err());
+    }
+}

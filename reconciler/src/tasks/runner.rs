@@ -1,0 +1,623 @@
+//! The part of the task book each VM's agent link drives: dispatch, re-attach, cancel,
+//! answers and deadlines (`tick`), and recording what the guest sends (`receive`).
+//! Methods return the messages to send; the link thread sends them and reports back with
+//! `sent`, so "delivered" is only ever recorded for what reached the link.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine;
+use fleet_agent_protocol::{ExitReason, GuestMessage, HostMessage, VERSION};
+
+use super::{BookState, TaskBook, now};
+use crate::hitl::{answer_from_file, answer_problem};
+use crate::resolve::DesiredTask;
+use crate::spec::{OnDeadline, Repository};
+use crate::status::tasks::{PromptKind, PromptRecord, PromptState, RepositoryAt, TaskPhase};
+use crate::status::timestamp;
+
+/// Where tasks run in the guest, and where their repository archive is put.
+const GUEST_WORK: &str = "/run/fleet/work";
+const GUEST_STAGE: &str = "/run/fleet/stage";
+/// Parts of a put file, in bytes before base64 (the line limit is 1 MiB).
+const PUT_PART_BYTES: usize = 512 * 1024;
+/// A repository not confirmed stored by then is shipped again.
+const STAGE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Host answer files are looked at this often.
+const ANSWER_SCAN: Duration = Duration::from_millis(500);
+
+/// One VM's link, as the task book sees it.
+pub struct Connection {
+    pub vm: String,
+    /// The guest's boot, from its last hello; nothing is dispatched before one.
+    boot_id: Option<String>,
+    /// Tasks re-attached or started on this connection.
+    attached: BTreeSet<String>,
+    cancel_sent: BTreeSet<String>,
+    staging: Option<Staging>,
+    last_scan: Option<Instant>,
+}
+
+struct Staging {
+    task: String,
+    path: String,
+    since: Instant,
+}
+
+/// A repository to fetch and ship before the task can start (done outside the book's lock).
+pub struct StageJob {
+    task: String,
+    guest_task: String,
+    repository: Repository,
+}
+
+impl Connection {
+    pub fn new(vm: &str) -> Connection {
+        Connection {
+            vm: vm.to_owned(),
+            boot_id: None,
+            attached: BTreeSet::new(),
+            cancel_sent: BTreeSet::new(),
+            staging: None,
+            last_scan: None,
+        }
+    }
+
+    /// The agent greeted (a new connection, or the guest restarted): everything is looked
+    /// at again.
+    pub fn greeted(&mut self, boot_id: &str) {
+        self.boot_id = Some(boot_id.to_owned());
+        self.attached.clear();
+        self.cancel_sent.clear();
+        self.staging = None;
+    }
+}
+
+fn run_task(task: &DesiredTask, guest_task: &str) -> HostMessage {
+    let mut env = task.env.clone();
+    env.entry("TERM".into()).or_insert_with(|| "xterm-256color".into());
+    env.insert("FLEET_TASK".into(), task.name.clone());
+    env.insert("FLEET_VM".into(), task.vm.clone());
+    HostMessage::RunTask {
+        v: VERSION,
+        task: guest_task.to_owned(),
+        argv: task.argv.clone(),
+        env,
+        cwd: Some(format!("{GUEST_WORK}/{}", task.name)),
+        timeout_secs: Some(task.timeout.as_secs().max(1)),
+        artifacts: task.artifacts.clone(),
+        prompt_patterns: task.prompt_patterns.clone(),
+    }
+}
+
+impl TaskBook {
+    /// What to send now; and a repository to stage, if a task needs one.
+    pub fn tick(&self, conn: &mut Connection) -> (Vec<HostMessage>, Option<StageJob>) {
+        let mut out = Vec::new();
+        let Some(boot) = conn.boot_id.clone() else {
+            return (out, None);
+        };
+        let mut state = self.lock();
+        let state = &mut *state;
+        let ours: Vec<String> = state
+            .records
+            .values()
+            .filter(|r| r.vm == conn.vm)
+            .map(|r| r.name.clone())
+            .collect();
+
+        for name in &ours {
+            let record = state.records[name].clone();
+            let current = state
+                .desired
+                .get(name)
+                .is_some_and(|t| t.spec_hash == record.spec_hash && t.vm == conn.vm);
+            let staging_this = conn.staging.as_ref().is_some_and(|s| &s.task == name);
+            if record.phase.is_active() && !conn.attached.contains(name) && !staging_this {
+                // Re-attach after a reconnect, or find the run gone with its boot.
+                if record.boot_id.as_deref() != Some(boot.as_str()) {
+                    self.finish(
+                        state,
+                        name,
+                        TaskPhase::Failed,
+                        None,
+                        &format!(
+                            "VM {} restarted while the task ran (boot {} → {boot}); bump rerun to run it again",
+                            conn.vm,
+                            record.boot_id.as_deref().unwrap_or("unknown")
+                        ),
+                    );
+                    continue;
+                }
+                if record.phase == TaskPhase::Staging {
+                    self.update(state, name, |r| r.phase = TaskPhase::Pending);
+                    continue;
+                }
+                conn.attached.insert(name.clone());
+                match state.desired.get(name).filter(|_| current) {
+                    Some(task) => out.push(run_task(task, &record.guest_task())),
+                    None => {
+                        conn.cancel_sent.insert(record.guest_task());
+                        out.push(HostMessage::Cancel {
+                            v: VERSION,
+                            task: record.guest_task(),
+                        });
+                    }
+                }
+                continue;
+            }
+            if record.phase.is_active() && !current {
+                if staging_this {
+                    conn.staging = None;
+                    self.finish(state, name, TaskPhase::Cancelled, None, "its task file was removed or changed before it started");
+                } else if conn.cancel_sent.insert(record.guest_task()) {
+                    out.push(HostMessage::Cancel {
+                        v: VERSION,
+                        task: record.guest_task(),
+                    });
+                }
+            }
+        }
+
+        self.answer_prompts(state, conn, &mut out);
+        let scan_due = conn.last_scan.is_none_or(|t| t.elapsed() >= ANSWER_SCAN);
+        if scan_due {
+            conn.last_scan = Some(Instant::now());
+            self.refuse_stray_answers(state);
+        }
+
+        // Start the next due task, one a tick, one staging at a time.
+        if conn.staging.is_none() {
+            let due = ours.iter().find(|name| {
+                let r = &state.records[*name];
+                r.phase == TaskPhase::Pending
+                    && state
+                        .desired
+                        .get(*name)
+                        .is_some_and(|t| t.spec_hash == r.spec_hash)
+            });
+            if let Some(name) = due.cloned() {
+                let task = state.desired[&name].clone();
+                let guest_task = state.records[&name].guest_task();
+                if let Some(repository) = task.repository.clone() {
+                    self.update(state, &name, |r| {
+                        r.phase = TaskPhase::Staging;
+                        r.boot_id = Some(boot.clone());
+                        r.message = Some(format!("shipping {} to the guest", repository.url));
+                    });
+                    conn.staging = Some(Staging {
+                        task: name.clone(),
+                        path: format!("{GUEST_STAGE}/{guest_task}.tar"),
+                        since: Instant::now(),
+                    });
+                    return (
+                        out,
+                        Some(StageJob {
+                            task: name,
+                            guest_task,
+                            repository,
+                        }),
+                    );
+                }
+                self.start(state, conn, &name, &boot, &mut out);
+            }
+        }
+        if let Some(staging) = &conn.staging
+            && staging.since.elapsed() > STAGE_TIMEOUT
+        {
+            let name = staging.task.clone();
+            conn.staging = None;
+            self.update(state, &name, |r| {
+                r.phase = TaskPhase::Pending;
+                r.message = Some("the guest did not confirm the repository; shipping it again".into());
+            });
+        }
+        (out, None)
+    }
+
+    /// Records the run as started and returns its `RunTask`.
+    fn start(
+        &self,
+        state: &mut BookState,
+        conn: &mut Connection,
+        name: &str,
+        boot: &str,
+        out: &mut Vec<HostMessage>,
+    ) {
+        let Some(task) = state.desired.get(name).cloned() else {
+            return;
+        };
+        self.update(state, name, |r| {
+            r.phase = TaskPhase::Running;
+            r.boot_id = Some(boot.to_owned());
+            r.started = Some(now());
+            r.message = None;
+        });
+        conn.attached.insert(name.to_owned());
+        if let Some(record) = state.records.get(name) {
+            out.push(run_task(&task, &record.guest_task()));
+            self.event(record, "task.started", format!("task {name} started on {}", conn.vm));
+        }
+    }
+
+    /// Fetches the job's repository and returns the parts to put into the guest. A fetch
+    /// that fails fails the run.
+    pub fn stage(&self, conn: &mut Connection, job: StageJob) -> Vec<HostMessage> {
+        let fetched = super::repo::fetch_archive(&self.cache_dir, &self.repo_root, &job.repository);
+        let mut state = self.lock();
+        let state = &mut *state;
+        let still_staging = conn.staging.as_ref().is_some_and(|s| s.task == job.task);
+        if !still_staging {
+            return Vec::new();
+        }
+        let archive = match fetched {
+            Ok(a) => a,
+            Err(e) => {
+                conn.staging = None;
+                self.finish(state, &job.task, TaskPhase::Failed, None, &format!("cannot fetch the repository: {e:#}"));
+                return Vec::new();
+            }
+        };
+        self.update(state, &job.task, |r| {
+            r.repository = Some(RepositoryAt {
+                url: archive.url.clone(),
+                commit: archive.commit.clone(),
+            });
+        });
+        let path = format!("{GUEST_STAGE}/{}.tar", job.guest_task);
+        let sha = crate::source::hex(&sha2::Digest::finalize(sha2::Digest::chain_update(
+            <sha2::Sha256 as sha2::Digest>::new(),
+            &archive.tar,
+        )));
+        let engine = base64::engine::general_purpose::STANDARD;
+        let parts: Vec<&[u8]> = if archive.tar.is_empty() {
+            vec![&[]]
+        } else {
+            archive.tar.chunks(PUT_PART_BYTES).collect()
+        };
+        let last = parts.len() - 1;
+        parts
+            .iter()
+            .enumerate()
+            .map(|(i, part)| HostMessage::PutFile {
+                v: VERSION,
+                path: path.clone(),
+                offset: (i * PUT_PART_BYTES) as u64,
+                data: engine.encode(part),
+                sha256: (i == last).then(|| sha.clone()),
+                unpack_into: (i == last).then(|| format!("{GUEST_WORK}/{}", job.task)),
+            })
+            .collect()
+    }
+
+    /// Records what the guest sent and returns the acknowledgements (and a `RunTask` when
+    /// a staged repository was confirmed).
+    pub fn receive(&self, conn: &mut Connection, messages: Vec<GuestMessage>) -> Vec<HostMessage> {
+        let mut out = Vec::new();
+        let mut state = self.lock();
+        let state = &mut *state;
+        let mut acks: std::collections::BTreeMap<String, u64> = Default::default();
+        let mut gap = false;
+        for message in messages {
+            let (task, seq) = match &message {
+                GuestMessage::Stored { path, error, .. } => {
+                    let Some(staging) = conn.staging.take_if(|s| &s.path == path) else {
+                        continue;
+                    };
+                    match error {
+                        Some(e) => self.finish(
+                            state,
+                            &staging.task,
+                            TaskPhase::Failed,
+                            None,
+                            &format!("the guest could not store the repository: {e}"),
+                        ),
+                        None => {
+                            let boot = conn.boot_id.clone().unwrap_or_default();
+                            self.start(state, conn, &staging.task, &boot, &mut out);
+                        }
+                    }
+                    continue;
+                }
+                GuestMessage::Output { task, seq, .. }
+                | GuestMessage::Prompt { task, seq, .. }
+                | GuestMessage::Artifact { task, seq, .. }
+                | GuestMessage::Exit { task, seq, .. } => (task.clone(), *seq),
+                GuestMessage::Hello { .. } | GuestMessage::Heartbeat { .. } => continue,
+            };
+            let Some(name) = state
+                .records
+                .values()
+                .find(|r| r.guest_task() == task)
+                .map(|r| r.name.clone())
+            else {
+                // A run fleet no longer tracks (replaced by a newer one): let the guest
+                // forget it.
+                acks.insert(task, seq);
+                continue;
+            };
+            let recorded = state.records[&name].seq;
+            if seq <= recorded {
+                acks.insert(task, recorded);
+                continue;
+            }
+            if seq > recorded + 1 {
+                gap = true;
+                continue;
+            }
+            self.record(state, &name, message);
+            acks.insert(task, seq);
+        }
+        for (task, seq) in acks {
+            out.push(HostMessage::Ack { v: VERSION, task, seq });
+        }
+        if gap {
+            // Something went missing on the way: a greeting makes the guest send again
+            // everything not acknowledged.
+            out.push(HostMessage::Hello { v: VERSION });
+        }
+        out
+    }
+
+    /// Records one message of a run, in order (the caller checked `seq`).
+    fn record(&self, state: &mut BookState, name: &str, message: GuestMessage) {
+        let Some(record) = state.records.get(name).cloned() else {
+            return;
+        };
+        match message {
+            GuestMessage::Output { seq, data, .. } => {
+                let end = match self.status.append_task_output(name, record.output_bytes, data.as_bytes()) {
+                    Ok(end) => end,
+                    Err(e) => {
+                        tracing::error!(task = name, "cannot write the task's output: {e}");
+                        return; // Not acknowledged: the guest sends it again.
+                    }
+                };
+                let withdraw = record.pending_prompt.clone().filter(|_| !data.trim().is_empty());
+                if let Some(id) = &withdraw {
+                    self.set_prompt(state, id, |p| p.state = PromptState::Withdrawn);
+                }
+                self.update(state, name, |r| {
+                    r.seq = seq;
+                    r.output_bytes = end;
+                    if withdraw.is_some() {
+                        r.pending_prompt = None;
+                        r.phase = TaskPhase::Running;
+                    }
+                });
+            }
+            GuestMessage::Prompt { seq, text, screen, .. } => {
+                if record.pending_prompt.is_some() || record.phase.is_finished() {
+                    self.update(state, name, |r| r.seq = seq);
+                    return;
+                }
+                let n = record.prompts + 1;
+                let id = format!("{}-{}-{n}", record.name, record.run);
+                let deadline = state
+                    .desired
+                    .get(name)
+                    .map_or(crate::resolve::DEFAULT_PROMPT_DEADLINE, |t| t.prompt_deadline);
+                let prompt = PromptRecord {
+                    id: id.clone(),
+                    kind: PromptKind::Input,
+                    task: name.to_owned(),
+                    vm: record.vm.clone(),
+                    text: text.clone(),
+                    context: screen,
+                    created: now(),
+                    deadline: timestamp(SystemTime::now() + deadline),
+                    state: PromptState::Pending,
+                    overdue: false,
+                    response: None,
+                    answered_by: None,
+                    answered_at: None,
+                    delivered: false,
+                    refused: Vec::new(),
+                };
+                if let Err(e) = self.status.write_prompt(&prompt) {
+                    tracing::error!(prompt = %id, "cannot write the prompt: {e}");
+                    return;
+                }
+                state.prompts.insert(id.clone(), prompt);
+                self.update(state, name, |r| {
+                    r.seq = seq;
+                    r.prompts = n;
+                    r.pending_prompt = Some(id.clone());
+                    r.phase = TaskPhase::WaitingForInput;
+                });
+                self.event(&record, "hitl.prompt", format!("prompt {id} waits for an answer: {text}"));
+            }
+            GuestMessage::Artifact { seq, path, offset, data, last, .. } => {
+                let bytes = base64::engine::general_purpose::STANDARD.decode(data.as_bytes());
+                let written = bytes
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+                    .and_then(|b| self.status.write_artifact_part(name, &path, offset, &b));
+                if let Err(e) = written {
+                    tracing::warn!(task = name, "artifact {path}: {e}");
+                }
+                self.update(state, name, |r| {
+                    r.seq = seq;
+                    if last && !r.artifacts.contains(&path) {
+                        r.artifacts.push(path.clone());
+                    }
+                });
+            }
+            GuestMessage::Exit { seq, code, reason, .. } => {
+                let (phase, message) = match reason {
+                    ExitReason::Completed if code == Some(0) => (TaskPhase::Succeeded, "exited with code 0".to_owned()),
+                    ExitReason::Completed => (
+                        TaskPhase::Failed,
+                        match code {
+                            Some(c) => format!("exited with code {c}"),
+                            None => "ended by a signal".to_owned(),
+                        },
+                    ),
+                    ExitReason::TimedOut => (TaskPhase::TimedOut, "ran longer than its timeout; its processes were killed".to_owned()),
+                    ExitReason::Cancelled => match &record.fail_on_cancel {
+                        Some(why) => (TaskPhase::Failed, why.clone()),
+                        None => (TaskPhase::Cancelled, "cancelled: its task file was removed or changed".to_owned()),
+                    },
+                    ExitReason::FailedToStart => (TaskPhase::Failed, "could not be started (see output.log)".to_owned()),
+                    ExitReason::Lost => (TaskPhase::Failed, "the guest agent restarted while it ran; its end is unknown".to_owned()),
+                };
+                self.update(state, name, |r| r.seq = seq);
+                self.finish(state, name, phase, code, &message);
+            }
+            GuestMessage::Hello { .. } | GuestMessage::Heartbeat { .. } | GuestMessage::Stored { .. } => {}
+        }
+    }
+
+    /// Delivers answers to this VM's pending prompts, and applies their deadlines.
+    fn answer_prompts(&self, state: &mut BookState, conn: &Connection, out: &mut Vec<HostMessage>) {
+        let ids: Vec<String> = state
+            .prompts
+            .values()
+            .filter(|p| p.vm == conn.vm)
+            .filter(|p| {
+                p.state == PromptState::Pending || (p.state == PromptState::Answered && !p.delivered)
+            })
+            .map(|p| p.id.clone())
+            .collect();
+        for id in ids {
+            let prompt = state.prompts[&id].clone();
+            let Some(record) = state.records.get(&prompt.task).cloned() else {
+                continue;
+            };
+            if !record.phase.is_active() {
+                continue;
+            }
+            if prompt.state == PromptState::Answered {
+                // Answered but not known to have reached the guest: send it again (the
+                // guest types an answer to a prompt at most once).
+                out.push(input(&record.guest_task(), &id, prompt.response.as_deref().unwrap_or_default()));
+                continue;
+            }
+            let committed = state.answers.get(&id).map(|a| {
+                let revision = state.revision.as_deref().unwrap_or_default();
+                (a.response.clone(), format!("commit {} ({})", &revision[..revision.len().min(12)], a.source), None)
+            });
+            let host_file = self.status.answer_path(&id);
+            let answer = committed.or_else(|| {
+                let text = std::fs::read_to_string(&host_file).ok()?;
+                Some((answer_from_file(&text).to_owned(), format!("host file {}", host_file.display()), Some(host_file.clone())))
+            });
+            if let Some((response, by, file)) = answer {
+                if let Some(problem) = answer_problem(&response) {
+                    let note = format!("{by}: {problem}");
+                    if !prompt.refused.contains(&note) {
+                        self.set_prompt(state, &id, |p| p.refused.push(note.clone()));
+                        self.event(&record, "hitl.answer_refused", format!("answer to {id} refused: {note}"));
+                    }
+                    if let Some(file) = file {
+                        let _ = std::fs::rename(&file, file.with_extension("answer.refused"));
+                    }
+                    continue;
+                }
+                self.set_prompt(state, &id, |p| {
+                    p.state = PromptState::Answered;
+                    p.response = Some(response.clone());
+                    p.answered_by = Some(by.clone());
+                    p.answered_at = Some(now());
+                });
+                if let Some(file) = file {
+                    let _ = std::fs::remove_file(file);
+                }
+                self.update(state, &prompt.task, |r| {
+                    r.pending_prompt = None;
+                    r.phase = TaskPhase::Running;
+                });
+                self.event(&record, "hitl.answered", format!("prompt {id} answered by {by}"));
+                out.push(input(&record.guest_task(), &id, &response));
+                continue;
+            }
+            let deadline = humantime::parse_rfc3339(&prompt.deadline).unwrap_or(SystemTime::UNIX_EPOCH);
+            if SystemTime::now() < deadline {
+                continue;
+            }
+            let policy = state.desired.get(&prompt.task).map_or(OnDeadline::Wait, |t| t.on_deadline);
+            match policy {
+                OnDeadline::Fail => {
+                    self.set_prompt(state, &id, |p| p.state = PromptState::Expired);
+                    let why = format!("prompt {id} got no answer by its deadline");
+                    self.update(state, &prompt.task, |r| {
+                        r.pending_prompt = None;
+                        r.fail_on_cancel = Some(why.clone());
+                    });
+                    self.event(&record, "hitl.expired", why);
+                    out.push(HostMessage::Cancel { v: VERSION, task: record.guest_task() });
+                }
+                OnDeadline::Wait if !prompt.overdue => {
+                    self.set_prompt(state, &id, |p| p.overdue = true);
+                    self.event(&record, "hitl.overdue", format!("prompt {id} is past its deadline and keeps waiting"));
+                }
+                OnDeadline::Wait => {}
+            }
+        }
+    }
+
+    /// Host answer files for prompts that are not pending (or do not exist) are refused:
+    /// renamed to `<id>.answer.refused`, and noted on the prompt.
+    fn refuse_stray_answers(&self, state: &mut BookState) {
+        let Ok(entries) = std::fs::read_dir(self.status.hitl_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".answer"))
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            let why = match state.prompts.get(&id) {
+                Some(p) if p.state == PromptState::Pending => continue,
+                Some(p) => match p.state {
+                    PromptState::Answered => format!(
+                        "already answered by {}",
+                        p.answered_by.as_deref().unwrap_or("someone")
+                    ),
+                    PromptState::Withdrawn => "the prompt was withdrawn".into(),
+                    _ => "the prompt expired".into(),
+                },
+                None => "no such prompt".into(),
+            };
+            let _ = std::fs::rename(&path, path.with_extension("answer.refused"));
+            let note = format!("host file {}: {why}", path.display());
+            tracing::warn!("answer refused: {note}");
+            if state.prompts.contains_key(&id) {
+                self.set_prompt(state, &id, |p| p.refused.push(note.clone()));
+            }
+            let _ = self.status.append_event(&crate::status::Event {
+                time: now(),
+                kind: "hitl.answer_refused".into(),
+                vm: None,
+                task: state.prompts.get(&id).map(|p| p.task.clone()),
+                provider: None,
+                action: None,
+                revision: None,
+                message: format!("answer to {id} refused: {note}"),
+            });
+        }
+    }
+
+    /// The link wrote these messages: answers among them are delivered.
+    pub fn sent(&self, messages: &[HostMessage]) {
+        let mut state = self.lock();
+        for message in messages {
+            if let HostMessage::Input { prompt: Some(id), .. } = message {
+                self.set_prompt(&mut state, id, |p| p.delivered = true);
+            }
+        }
+    }
+}
+
+fn input(guest_task: &str, prompt: &str, response: &str) -> HostMessage {
+    HostMessage::Input {
+        v: VERSION,
+        task: guest_task.to_owned(),
+        data: format!("{response}\r"),
+        prompt: Some(prompt.to_owned()),
+    }
+}
