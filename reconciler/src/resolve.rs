@@ -14,8 +14,8 @@ use sha2::{Digest, Sha256};
 use crate::load::{LoadedFleet, pool_member_names};
 use crate::source::{Revision, hex};
 use crate::spec::{
-    AgentKind, AgentSpec, DomainType, GuestFile, LoadoutSpec, NetworkMode, OnDeadline,
-    PowerState, Provider, Repository, Resources, TaskSpec, VmSpec,
+    AgentKind, AgentSpec, DomainType, GuestFile, LoadoutSpec, NetworkMode, OnDeadline, PowerState,
+    Provider, Repository, Resources, TaskSpec, VmSpec,
 };
 
 pub const DEFAULT_CPUS: u32 = 1;

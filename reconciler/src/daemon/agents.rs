@@ -14,10 +14,10 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::Trigger;
 use crate::agent_link::{AgentLink, LinkError};
-use crate::tasks::TaskBook;
-use crate::tasks::runner::Connection;
 use crate::driver::Driver;
 use crate::status::{AgentStatus, timestamp};
+use crate::tasks::TaskBook;
+use crate::tasks::runner::Connection;
 
 const RETRY: Duration = Duration::from_secs(2);
 /// How often tasks are looked at while the link is quiet.

@@ -1,6 +1,7 @@
 //! The read-only status page: `app(View) -> Router`.
 //!
-//! Routes: `/` (HTML overview), `/vms/{name}`, `/api/v1/status` (JSON of the status files),
+//! Routes: `/` (HTML overview), `/vms/{name}`, `/tasks/{name}` (a task and the tail of its
+//! output), `/api/v1/status` (JSON of the status files),
 //! `/metrics` (Prometheus text), `/healthz`, `/readyz`.
 //!
 //! Architecture invariant: read-only by construction. Every method but GET and HEAD gets
@@ -46,6 +47,7 @@ pub fn app(view: Arc<View>) -> Router {
     Router::new()
         .route("/", get(overview))
         .route("/vms/{name}", get(vm_page))
+        .route("/tasks/{name}", get(task_page))
         .route("/api/v1/status", get(api_status))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -85,6 +87,23 @@ async fn vm_page(State(view): State<Arc<View>>, Path(name): Path<String>) -> Res
     let snapshot = pages::Snapshot::read(&view.status);
     match snapshot.vms.get(&name) {
         Some(vm) => Html(pages::vm(&snapshot, vm)).into_response(),
+        None => not_found().await,
+    }
+}
+
+async fn task_page(State(view): State<Arc<View>>, Path(name): Path<String>) -> Response {
+    // Task names are names too: nothing else reaches the file system.
+    if !is_vm_name(&name) {
+        return not_found().await;
+    }
+    let snapshot = pages::Snapshot::read(&view.status);
+    match snapshot.tasks.get(&name) {
+        Some(task) => {
+            let output = view
+                .status
+                .task_output_tail(&name, pages::OUTPUT_TAIL_BYTES);
+            Html(pages::task(&snapshot, task, output.as_deref())).into_response()
+        }
         None => not_found().await,
     }
 }

@@ -5,7 +5,11 @@ use std::collections::BTreeMap;
 
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
+use crate::status::tasks::{PromptRecord, PromptState, TaskRecord};
 use crate::status::{StatusDir, Summary, VmStatus};
+
+/// How much of a task's output its page shows.
+pub const OUTPUT_TAIL_BYTES: u64 = 64 * 1024;
 
 /// Everything a page shows, read from the status directory at request time.
 pub struct Snapshot {
@@ -13,9 +17,8 @@ pub struct Snapshot {
     pub vms: BTreeMap<String, VmStatus>,
     pub plan_text: Option<String>,
     pub plan_json: Option<serde_json::Value>,
-    /// `status/tasks/*.yaml` and `status/hitl/*.yaml`, as plain values (later issues write them).
-    pub tasks: BTreeMap<String, serde_json::Value>,
-    pub prompts: BTreeMap<String, serde_json::Value>,
+    pub tasks: BTreeMap<String, TaskRecord>,
+    pub prompts: BTreeMap<String, PromptRecord>,
 }
 
 impl Snapshot {
@@ -28,28 +31,16 @@ impl Snapshot {
             plan_json: std::fs::read(root.join("plan.json"))
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok()),
-            tasks: read_yaml_dir(&root.join("tasks")),
-            prompts: read_yaml_dir(&root.join("hitl")),
+            tasks: status.read_task_records(),
+            prompts: status.read_prompts(),
         }
     }
-}
 
-fn read_yaml_dir(dir: &std::path::Path) -> BTreeMap<String, serde_json::Value> {
-    let mut out = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().is_some_and(|e| e == "yaml")
-            && let Some(stem) = path.file_stem().and_then(|s| s.to_str())
-            && let Ok(text) = std::fs::read_to_string(&path)
-            && let Ok(value) = serde_saphyr::from_str::<serde_json::Value>(&text)
-        {
-            out.insert(stem.to_owned(), value);
-        }
+    fn pending_prompts(&self) -> impl Iterator<Item = &PromptRecord> {
+        self.prompts
+            .values()
+            .filter(|p| p.state == PromptState::Pending)
     }
-    out
 }
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:0 auto;max-width:60rem;padding:0.8rem;line-height:1.4;color:#222}
@@ -118,13 +109,44 @@ pub fn overview(s: &Snapshot) -> String {
                 }
             }
         }
+        @let pending: Vec<&PromptRecord> = s.pending_prompts().collect();
+        @if !pending.is_empty() {
+            h2.bad { "Waiting for a human (" (pending.len()) ")" }
+            div.scroll {
+                table {
+                    thead { tr { th { "Prompt" } th { "Task" } th { "Question" } th { "Deadline" } } }
+                    tbody {
+                        @for p in &pending {
+                            tr {
+                                td { code { (p.id) } }
+                                td { a href={ "/tasks/" (p.task) } { (p.task) } " on " (p.vm) }
+                                td { (p.text) }
+                                td { (p.deadline) @if p.overdue { " " span.bad { "overdue" } } }
+                            }
+                        }
+                    }
+                }
+            }
+            p.muted { "Answer with a committed fleet/hitl/ID.yaml (kind: Answer) or, on the host, fleet hitl answer ID TEXT." }
+        }
         @if !s.tasks.is_empty() {
             h2 { "Tasks (" (s.tasks.len()) ")" }
-            ul { @for (name, t) in &s.tasks { li { (name) " " span.muted { (field(t, "phase")) } } } }
-        }
-        @if !s.prompts.is_empty() {
-            h2 { "Waiting for a human (" (s.prompts.len()) ")" }
-            ul { @for (id, p) in &s.prompts { li { (id) ": " (field(p, "text")) " " span.muted { (field(p, "state")) } } } }
+            div.scroll {
+                table {
+                    thead { tr { th { "Name" } th { "Phase" } th { "VM" } th { "Exit" } th { "Detail" } } }
+                    tbody {
+                        @for t in s.tasks.values() {
+                            tr {
+                                td { a href={ "/tasks/" (t.name) } { (t.name) } }
+                                td class=(t.phase.as_str()) { (t.phase.as_str()) }
+                                td { (t.vm) }
+                                td { (t.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into())) }
+                                td.muted { (t.message.as_deref().unwrap_or("")) }
+                            }
+                        }
+                    }
+                }
+            }
         }
         h2 { "Latest plan" }
         pre { (s.plan_text.as_deref().unwrap_or("no plan yet")) }
@@ -161,6 +183,69 @@ pub fn vm(s: &Snapshot, vm: &VmStatus) -> String {
     page(&format!("{} · fleet", vm.name), body)
 }
 
+pub fn task(s: &Snapshot, t: &TaskRecord, output: Option<&str>) -> String {
+    let prompts: Vec<&PromptRecord> = s.prompts.values().filter(|p| p.task == t.name).collect();
+    let body = html! {
+        p { a href="/" { "← fleet" } }
+        h1 { (t.name) " " span class=(t.phase.as_str()) { (t.phase.as_str()) } }
+        dl {
+            dt { "VM" } dd { a href={ "/vms/" (t.vm) } { (t.vm) } }
+            dt { "Run" } dd { code { (t.run) } " (generation " (t.generation) ", rerun " (t.rerun) ")" }
+            @if let Some(m) = &t.message { dt { "Detail" } dd { (m) } }
+            @if let Some(c) = t.exit_code { dt { "Exit code" } dd { (c) } }
+            dt { "Defined in" } dd { (t.source) }
+            @if let Some(r) = &t.repository { dt { "Repository" } dd { (r.url) " at " code { (r.commit) } } }
+            dt { "Created" } dd { (t.created) }
+            @if let Some(x) = &t.started { dt { "Started" } dd { (x) } }
+            @if let Some(x) = &t.finished { dt { "Finished" } dd { (x) } }
+            @if !t.artifacts.is_empty() { dt { "Artifacts" } dd { @for a in &t.artifacts { code { (a) } " " } } }
+        }
+        @if !prompts.is_empty() {
+            h2 { "Prompts" }
+            ul {
+                @for p in &prompts {
+                    li {
+                        code { (p.id) } " " b { (format!("{:?}", p.state).to_lowercase()) } ": " (p.text)
+                        @if let Some(by) = &p.answered_by { span.muted { " — answered by " (by) } }
+                    }
+                }
+            }
+        }
+        h2 { "Output (last " (OUTPUT_TAIL_BYTES / 1024) " KiB)" }
+        pre { (output.map(strip_terminal_codes).unwrap_or_else(|| "no output yet".into())) }
+    };
+    page(&format!("{} · fleet", t.name), body)
+}
+
+/// Terminal output as text: escape sequences dropped, carriage returns before newlines
+/// folded.
+fn strip_terminal_codes(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                // CSI: ESC [ params final-byte; other escapes: ESC and one character.
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    while let Some(&n) = chars.peek() {
+                        chars.next();
+                        if ('@'..='~').contains(&n) {
+                            break;
+                        }
+                    }
+                } else {
+                    chars.next();
+                }
+            }
+            '\r' if chars.peek() == Some(&'\n') => {}
+            c if c.is_control() && c != '\n' && c != '\t' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn agent_text(vm: &VmStatus) -> String {
     match &vm.agent {
         Some(a) if a.connected => format!("fleet-agent {}", a.agent_version),
@@ -179,12 +264,4 @@ fn conditions_text(vm: &VmStatus) -> String {
         parts.push(format!("error: {e}"));
     }
     parts.join("; ")
-}
-
-fn field(value: &serde_json::Value, name: &str) -> String {
-    match value.get(name) {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(v) => v.to_string(),
-        None => String::new(),
-    }
 }

@@ -149,3 +149,96 @@ async fn api_metrics_and_probes() {
     view.ready.store(true, Ordering::Relaxed);
     assert_eq!(send(&view, "GET", "/readyz").await.0, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn tasks_and_pending_prompts_show_with_the_output_tail() {
+    use crate::status::tasks::{PromptKind, PromptRecord, PromptState, TaskPhase, TaskRecord};
+    let (_dir, view) = view_with_status();
+    let record = TaskRecord {
+        name: "build".into(),
+        vm: "web-01".into(),
+        generation: 1,
+        run: "0123abcd".into(),
+        spec_hash: "h".into(),
+        rerun: 0,
+        phase: TaskPhase::WaitingForInput,
+        message: None,
+        source: "fleet/tasks/build.yaml".into(),
+        revision: None,
+        created: "then".into(),
+        started: Some("then".into()),
+        finished: None,
+        boot_id: Some("b".into()),
+        exit_code: None,
+        repository: None,
+        seq: 2,
+        output_bytes: 0,
+        prompts: 1,
+        pending_prompt: Some("build-0123abcd-1".into()),
+        artifacts: Vec::new(),
+        fail_on_cancel: None,
+        updated: "now".into(),
+    };
+    view.status.reset_task_files("build").expect("reset");
+    let end = view
+        .status
+        .append_task_output(
+            "build",
+            0,
+            b"\x1b[32mcompiling\x1b[0m\r\n<b>Deploy? (y/n)</b> ",
+        )
+        .expect("output");
+    view.status
+        .write_task_record(&TaskRecord {
+            output_bytes: end,
+            ..record
+        })
+        .expect("record");
+    view.status
+        .write_prompt(&PromptRecord {
+            id: "build-0123abcd-1".into(),
+            kind: PromptKind::Input,
+            task: "build".into(),
+            vm: "web-01".into(),
+            text: "<b>Deploy? (y/n)</b>".into(),
+            context: vec!["compiling".into()],
+            created: "now".into(),
+            deadline: "tomorrow".into(),
+            state: PromptState::Pending,
+            overdue: false,
+            response: None,
+            answered_by: None,
+            answered_at: None,
+            delivered: false,
+            refused: Vec::new(),
+        })
+        .expect("prompt");
+
+    let (_, overview) = send(&view, "GET", "/").await;
+    assert!(overview.contains("Waiting for a human (1)"), "{overview}");
+    assert!(overview.contains("build-0123abcd-1"), "{overview}");
+    assert!(overview.contains("href=\"/tasks/build\""), "{overview}");
+    assert!(overview.contains("WaitingForInput"), "{overview}");
+    assert!(!overview.contains("<b>Deploy"), "escaped: {overview}");
+
+    let (status, page) = send(&view, "GET", "/tasks/build").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        page.contains("compiling\n&lt;b&gt;Deploy? (y/n)&lt;/b&gt;"),
+        "{page}"
+    );
+    assert!(!page.contains('\u{1b}'), "terminal codes are dropped");
+    assert_eq!(
+        send(&view, "GET", "/tasks/nope").await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        send(&view, "GET", "/tasks/..%2Fsecret").await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    let (_, api) = send(&view, "GET", "/api/v1/status").await;
+    let json: serde_json::Value = serde_json::from_str(&api).expect("json");
+    assert_eq!(json["tasks"]["build"]["phase"], "WaitingForInput");
+    assert_eq!(json["prompts"]["build-0123abcd-1"]["state"], "pending");
+}

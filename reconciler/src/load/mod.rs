@@ -103,9 +103,13 @@ pub fn load(snapshot: &Snapshot) -> Result<LoadedFleet, Vec<Diagnostic>> {
             AnyObject::Task(o) => {
                 insert_unique(&mut tasks, o, "Task", |d| &d.metadata.name.0, &mut diags)
             }
-            AnyObject::Answer(o) => {
-                insert_unique(&mut answers, o, "Answer", |d| &d.metadata.name.0, &mut diags)
-            }
+            AnyObject::Answer(o) => insert_unique(
+                &mut answers,
+                o,
+                "Answer",
+                |d| &d.metadata.name.0,
+                &mut diags,
+            ),
         }
     }
     let Some(fleet) = fleet else {
@@ -468,7 +472,10 @@ fn check_task(o: &Object<TaskDocument>, diags: &mut Vec<Diagnostic>) {
         say(
             "/spec/timeout",
             false,
-            format!("spec.timeout: {:?} is out of range; use a duration up to 168h", t.0),
+            format!(
+                "spec.timeout: {:?} is out of range; use a duration up to 168h",
+                t.0
+            ),
         );
     }
     for (i, glob) in spec.artifacts.iter().enumerate() {
@@ -484,7 +491,10 @@ fn check_task(o: &Object<TaskDocument>, diags: &mut Vec<Diagnostic>) {
     }
     if let Some(prompts) = &spec.prompts {
         for (i, pattern) in prompts.patterns.iter().enumerate() {
-            if let Err(e) = regex::RegexBuilder::new(pattern).size_limit(1 << 20).build() {
+            if let Err(e) = regex::RegexBuilder::new(pattern)
+                .size_limit(1 << 20)
+                .build()
+            {
                 let first = e.to_string();
                 let first = first.lines().last().unwrap_or_default().trim().to_owned();
                 say(
@@ -500,7 +510,10 @@ fn check_task(o: &Object<TaskDocument>, diags: &mut Vec<Diagnostic>) {
             say(
                 "/spec/prompts/deadline",
                 false,
-                format!("spec.prompts.deadline: {:?} is out of range; use a duration up to 720h", d.0),
+                format!(
+                    "spec.prompts.deadline: {:?} is out of range; use a duration up to 720h",
+                    d.0
+                ),
             );
         }
     }

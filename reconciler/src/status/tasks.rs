@@ -335,9 +335,13 @@ mod tests {
         status.reset_task_files("t").expect("reset");
         let at = status.append_task_output("t", 0, b"one\n").expect("append");
         // Written but never recorded (fleet stopped before the record was written).
-        status.append_task_output("t", at, b"two\n").expect("append");
+        status
+            .append_task_output("t", at, b"two\n")
+            .expect("append");
         // The guest sends "two" again; the record still says `at`.
-        let end = status.append_task_output("t", at, b"two\n").expect("append");
+        let end = status
+            .append_task_output("t", at, b"two\n")
+            .expect("append");
         assert_eq!(end, 8);
         let log = std::fs::read_to_string(status.task_output_path("t")).expect("log");
         assert_eq!(log, "one\ntwo\n");
@@ -357,7 +361,10 @@ mod tests {
         let written = dir.path().join("tasks/t/artifacts/out/a.txt");
         assert_eq!(std::fs::read_to_string(written).expect("read"), "ab");
         for bad in ["../x", "/etc/x", "a/../../x", ""] {
-            assert!(status.write_artifact_part("t", bad, 0, b"x").is_err(), "{bad}");
+            assert!(
+                status.write_artifact_part("t", bad, 0, b"x").is_err(),
+                "{bad}"
+            );
         }
     }
 }

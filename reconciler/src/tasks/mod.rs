@@ -127,7 +127,10 @@ impl TaskBook {
                             &name,
                             TaskPhase::Failed,
                             None,
-                            &format!("VM {} stopped while the task ran; bump rerun to run it again", r.vm),
+                            &format!(
+                                "VM {} stopped while the task ran; bump rerun to run it again",
+                                r.vm
+                            ),
                         );
                     } else if r.phase == TaskPhase::Pending {
                         let message = waiting_message(&task, running);
@@ -190,7 +193,14 @@ impl TaskBook {
         if let Err(e) = self.status.reset_task_files(&task.name) {
             tracing::warn!(task = %task.name, "cannot reset the task's output: {e}");
         }
-        self.event(&record, "task.pending", format!("run {} of task {} is due on {}", record.run, record.name, record.vm));
+        self.event(
+            &record,
+            "task.pending",
+            format!(
+                "run {} of task {} is due on {}",
+                record.run, record.name, record.vm
+            ),
+        );
         state.records.insert(task.name.clone(), record.clone());
         self.persist(&record);
     }
@@ -234,7 +244,11 @@ impl TaskBook {
             r.pending_prompt = None;
         });
         if let Some(r) = state.records.get(name) {
-            self.event(r, "task.finished", format!("task {name} {}: {message}", phase.as_str()));
+            self.event(
+                r,
+                "task.finished",
+                format!("task {name} {}: {message}", phase.as_str()),
+            );
         }
     }
 

@@ -31,9 +31,16 @@ fn resolved_url(repo_root: &Path, url: &str) -> String {
 
 /// Fetches `repository` (its branch, or the remote's HEAD) into a bare cache under
 /// `cache_dir` and archives the commit's tree.
-pub fn fetch_archive(cache_dir: &Path, repo_root: &Path, repository: &Repository) -> Result<Archive> {
+pub fn fetch_archive(
+    cache_dir: &Path,
+    repo_root: &Path,
+    repository: &Repository,
+) -> Result<Archive> {
     let url = resolved_url(repo_root, &repository.url);
-    let cache: PathBuf = cache_dir.join(format!("{}.git", &hex(&Sha256::digest(url.as_bytes()))[..16]));
+    let cache: PathBuf = cache_dir.join(format!(
+        "{}.git",
+        &hex(&Sha256::digest(url.as_bytes()))[..16]
+    ));
     let repo = match git2::Repository::open_bare(&cache) {
         Ok(r) => r,
         Err(_) => git2::Repository::init_bare(&cache)
@@ -92,7 +99,11 @@ fn archive_tree(repo: &git2::Repository, tree: &git2::Tree<'_>) -> Result<Vec<u8
                 builder.append_link(&mut header, &path, target)?;
             } else {
                 header.set_size(blob.content().len() as u64);
-                header.set_mode(if entry.filemode() == 0o100755 { 0o755 } else { 0o644 });
+                header.set_mode(if entry.filemode() == 0o100755 {
+                    0o755
+                } else {
+                    0o644
+                });
                 builder.append_data(&mut header, &path, blob.content())?;
             }
             Ok(())
@@ -146,12 +157,19 @@ mod tests {
         let archive = fetch_archive(&cache, dir.path(), &repository).expect("fetched");
         assert_eq!(archive.commit.len(), 40);
         let mut entries = Vec::new();
-        for entry in tar::Archive::new(archive.tar.as_slice()).entries().expect("tar") {
+        for entry in tar::Archive::new(archive.tar.as_slice())
+            .entries()
+            .expect("tar")
+        {
             let mut entry = entry.expect("entry");
             let mut text = String::new();
             std::io::Read::read_to_string(&mut entry, &mut text).expect("read");
             let mode = entry.header().mode().expect("mode");
-            entries.push((entry.path().expect("path").display().to_string(), mode, text));
+            entries.push((
+                entry.path().expect("path").display().to_string(),
+                mode,
+                text,
+            ));
         }
         assert_eq!(
             entries,
@@ -161,9 +179,20 @@ mod tests {
             ]
         );
         // The default branch (HEAD) works too, and a second fetch reuses the cache.
-        let head = Repository { url: "app".into(), branch: None };
-        assert_eq!(fetch_archive(&cache, dir.path(), &head).expect("fetched").commit, archive.commit);
-        let missing = Repository { url: "app".into(), branch: Some("nope".into()) };
+        let head = Repository {
+            url: "app".into(),
+            branch: None,
+        };
+        assert_eq!(
+            fetch_archive(&cache, dir.path(), &head)
+                .expect("fetched")
+                .commit,
+            archive.commit
+        );
+        let missing = Repository {
+            url: "app".into(),
+            branch: Some("nope".into()),
+        };
         assert!(fetch_archive(&cache, dir.path(), &missing).is_err());
     }
 }

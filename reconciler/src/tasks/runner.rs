@@ -75,7 +75,8 @@ impl Connection {
 
 fn run_task(task: &DesiredTask, guest_task: &str) -> HostMessage {
     let mut env = task.env.clone();
-    env.entry("TERM".into()).or_insert_with(|| "xterm-256color".into());
+    env.entry("TERM".into())
+        .or_insert_with(|| "xterm-256color".into());
     env.insert("FLEET_TASK".into(), task.name.clone());
     env.insert("FLEET_VM".into(), task.vm.clone());
     HostMessage::RunTask {
@@ -149,7 +150,13 @@ impl TaskBook {
             if record.phase.is_active() && !current {
                 if staging_this {
                     conn.staging = None;
-                    self.finish(state, name, TaskPhase::Cancelled, None, "its task file was removed or changed before it started");
+                    self.finish(
+                        state,
+                        name,
+                        TaskPhase::Cancelled,
+                        None,
+                        "its task file was removed or changed before it started",
+                    );
                 } else if conn.cancel_sent.insert(record.guest_task()) {
                     out.push(HostMessage::Cancel {
                         v: VERSION,
@@ -209,7 +216,8 @@ impl TaskBook {
             conn.staging = None;
             self.update(state, &name, |r| {
                 r.phase = TaskPhase::Pending;
-                r.message = Some("the guest did not confirm the repository; shipping it again".into());
+                r.message =
+                    Some("the guest did not confirm the repository; shipping it again".into());
             });
         }
         (out, None)
@@ -236,7 +244,11 @@ impl TaskBook {
         conn.attached.insert(name.to_owned());
         if let Some(record) = state.records.get(name) {
             out.push(run_task(&task, &record.guest_task()));
-            self.event(record, "task.started", format!("task {name} started on {}", conn.vm));
+            self.event(
+                record,
+                "task.started",
+                format!("task {name} started on {}", conn.vm),
+            );
         }
     }
 
@@ -254,7 +266,13 @@ impl TaskBook {
             Ok(a) => a,
             Err(e) => {
                 conn.staging = None;
-                self.finish(state, &job.task, TaskPhase::Failed, None, &format!("cannot fetch the repository: {e:#}"));
+                self.finish(
+                    state,
+                    &job.task,
+                    TaskPhase::Failed,
+                    None,
+                    &format!("cannot fetch the repository: {e:#}"),
+                );
                 return Vec::new();
             }
         };
@@ -349,7 +367,11 @@ impl TaskBook {
             acks.insert(task, seq);
         }
         for (task, seq) in acks {
-            out.push(HostMessage::Ack { v: VERSION, task, seq });
+            out.push(HostMessage::Ack {
+                v: VERSION,
+                task,
+                seq,
+            });
         }
         if gap {
             // Something went missing on the way: a greeting makes the guest send again
@@ -366,14 +388,21 @@ impl TaskBook {
         };
         match message {
             GuestMessage::Output { seq, data, .. } => {
-                let end = match self.status.append_task_output(name, record.output_bytes, data.as_bytes()) {
-                    Ok(end) => end,
-                    Err(e) => {
-                        tracing::error!(task = name, "cannot write the task's output: {e}");
-                        return; // Not acknowledged: the guest sends it again.
-                    }
-                };
-                let withdraw = record.pending_prompt.clone().filter(|_| !data.trim().is_empty());
+                let end =
+                    match self
+                        .status
+                        .append_task_output(name, record.output_bytes, data.as_bytes())
+                    {
+                        Ok(end) => end,
+                        Err(e) => {
+                            tracing::error!(task = name, "cannot write the task's output: {e}");
+                            return; // Not acknowledged: the guest sends it again.
+                        }
+                    };
+                let withdraw = record
+                    .pending_prompt
+                    .clone()
+                    .filter(|_| !data.trim().is_empty());
                 if let Some(id) = &withdraw {
                     self.set_prompt(state, id, |p| p.state = PromptState::Withdrawn);
                 }
@@ -386,7 +415,9 @@ impl TaskBook {
                     }
                 });
             }
-            GuestMessage::Prompt { seq, text, screen, .. } => {
+            GuestMessage::Prompt {
+                seq, text, screen, ..
+            } => {
                 if record.pending_prompt.is_some() || record.phase.is_finished() {
                     self.update(state, name, |r| r.seq = seq);
                     return;
@@ -396,7 +427,9 @@ impl TaskBook {
                 let deadline = state
                     .desired
                     .get(name)
-                    .map_or(crate::resolve::DEFAULT_PROMPT_DEADLINE, |t| t.prompt_deadline);
+                    .map_or(crate::resolve::DEFAULT_PROMPT_DEADLINE, |t| {
+                        t.prompt_deadline
+                    });
                 let prompt = PromptRecord {
                     id: id.clone(),
                     kind: PromptKind::Input,
@@ -425,9 +458,20 @@ impl TaskBook {
                     r.pending_prompt = Some(id.clone());
                     r.phase = TaskPhase::WaitingForInput;
                 });
-                self.event(&record, "hitl.prompt", format!("prompt {id} waits for an answer: {text}"));
+                self.event(
+                    &record,
+                    "hitl.prompt",
+                    format!("prompt {id} waits for an answer: {text}"),
+                );
             }
-            GuestMessage::Artifact { seq, path, offset, data, last, .. } => {
+            GuestMessage::Artifact {
+                seq,
+                path,
+                offset,
+                data,
+                last,
+                ..
+            } => {
                 let bytes = base64::engine::general_purpose::STANDARD.decode(data.as_bytes());
                 let written = bytes
                     .map_err(|e| std::io::Error::other(e.to_string()))
@@ -442,9 +486,13 @@ impl TaskBook {
                     }
                 });
             }
-            GuestMessage::Exit { seq, code, reason, .. } => {
+            GuestMessage::Exit {
+                seq, code, reason, ..
+            } => {
                 let (phase, message) = match reason {
-                    ExitReason::Completed if code == Some(0) => (TaskPhase::Succeeded, "exited with code 0".to_owned()),
+                    ExitReason::Completed if code == Some(0) => {
+                        (TaskPhase::Succeeded, "exited with code 0".to_owned())
+                    }
                     ExitReason::Completed => (
                         TaskPhase::Failed,
                         match code {
@@ -452,18 +500,32 @@ impl TaskBook {
                             None => "ended by a signal".to_owned(),
                         },
                     ),
-                    ExitReason::TimedOut => (TaskPhase::TimedOut, "ran longer than its timeout; its processes were killed".to_owned()),
+                    ExitReason::TimedOut => (
+                        TaskPhase::TimedOut,
+                        "ran longer than its timeout; its processes were killed".to_owned(),
+                    ),
                     ExitReason::Cancelled => match &record.fail_on_cancel {
                         Some(why) => (TaskPhase::Failed, why.clone()),
-                        None => (TaskPhase::Cancelled, "cancelled: its task file was removed or changed".to_owned()),
+                        None => (
+                            TaskPhase::Cancelled,
+                            "cancelled: its task file was removed or changed".to_owned(),
+                        ),
                     },
-                    ExitReason::FailedToStart => (TaskPhase::Failed, "could not be started (see output.log)".to_owned()),
-                    ExitReason::Lost => (TaskPhase::Failed, "the guest agent restarted while it ran; its end is unknown".to_owned()),
+                    ExitReason::FailedToStart => (
+                        TaskPhase::Failed,
+                        "could not be started (see output.log)".to_owned(),
+                    ),
+                    ExitReason::Lost => (
+                        TaskPhase::Failed,
+                        "the guest agent restarted while it ran; its end is unknown".to_owned(),
+                    ),
                 };
                 self.update(state, name, |r| r.seq = seq);
                 self.finish(state, name, phase, code, &message);
             }
-            GuestMessage::Hello { .. } | GuestMessage::Heartbeat { .. } | GuestMessage::Stored { .. } => {}
+            GuestMessage::Hello { .. }
+            | GuestMessage::Heartbeat { .. }
+            | GuestMessage::Stored { .. } => {}
         }
     }
 
@@ -474,7 +536,8 @@ impl TaskBook {
             .values()
             .filter(|p| p.vm == conn.vm)
             .filter(|p| {
-                p.state == PromptState::Pending || (p.state == PromptState::Answered && !p.delivered)
+                p.state == PromptState::Pending
+                    || (p.state == PromptState::Answered && !p.delivered)
             })
             .map(|p| p.id.clone())
             .collect();
@@ -489,24 +552,44 @@ impl TaskBook {
             if prompt.state == PromptState::Answered {
                 // Answered but not known to have reached the guest: send it again (the
                 // guest types an answer to a prompt at most once).
-                out.push(input(&record.guest_task(), &id, prompt.response.as_deref().unwrap_or_default()));
+                out.push(input(
+                    &record.guest_task(),
+                    &id,
+                    prompt.response.as_deref().unwrap_or_default(),
+                ));
                 continue;
             }
             let committed = state.answers.get(&id).map(|a| {
                 let revision = state.revision.as_deref().unwrap_or_default();
-                (a.response.clone(), format!("commit {} ({})", &revision[..revision.len().min(12)], a.source), None)
+                (
+                    a.response.clone(),
+                    format!(
+                        "commit {} ({})",
+                        &revision[..revision.len().min(12)],
+                        a.source
+                    ),
+                    None,
+                )
             });
             let host_file = self.status.answer_path(&id);
             let answer = committed.or_else(|| {
                 let text = std::fs::read_to_string(&host_file).ok()?;
-                Some((answer_from_file(&text).to_owned(), format!("host file {}", host_file.display()), Some(host_file.clone())))
+                Some((
+                    answer_from_file(&text).to_owned(),
+                    format!("host file {}", host_file.display()),
+                    Some(host_file.clone()),
+                ))
             });
             if let Some((response, by, file)) = answer {
                 if let Some(problem) = answer_problem(&response) {
                     let note = format!("{by}: {problem}");
                     if !prompt.refused.contains(&note) {
                         self.set_prompt(state, &id, |p| p.refused.push(note.clone()));
-                        self.event(&record, "hitl.answer_refused", format!("answer to {id} refused: {note}"));
+                        self.event(
+                            &record,
+                            "hitl.answer_refused",
+                            format!("answer to {id} refused: {note}"),
+                        );
                     }
                     if let Some(file) = file {
                         let _ = std::fs::rename(&file, file.with_extension("answer.refused"));
@@ -526,15 +609,23 @@ impl TaskBook {
                     r.pending_prompt = None;
                     r.phase = TaskPhase::Running;
                 });
-                self.event(&record, "hitl.answered", format!("prompt {id} answered by {by}"));
+                self.event(
+                    &record,
+                    "hitl.answered",
+                    format!("prompt {id} answered by {by}"),
+                );
                 out.push(input(&record.guest_task(), &id, &response));
                 continue;
             }
-            let deadline = humantime::parse_rfc3339(&prompt.deadline).unwrap_or(SystemTime::UNIX_EPOCH);
+            let deadline =
+                humantime::parse_rfc3339(&prompt.deadline).unwrap_or(SystemTime::UNIX_EPOCH);
             if SystemTime::now() < deadline {
                 continue;
             }
-            let policy = state.desired.get(&prompt.task).map_or(OnDeadline::Wait, |t| t.on_deadline);
+            let policy = state
+                .desired
+                .get(&prompt.task)
+                .map_or(OnDeadline::Wait, |t| t.on_deadline);
             match policy {
                 OnDeadline::Fail => {
                     self.set_prompt(state, &id, |p| p.state = PromptState::Expired);
@@ -544,11 +635,18 @@ impl TaskBook {
                         r.fail_on_cancel = Some(why.clone());
                     });
                     self.event(&record, "hitl.expired", why);
-                    out.push(HostMessage::Cancel { v: VERSION, task: record.guest_task() });
+                    out.push(HostMessage::Cancel {
+                        v: VERSION,
+                        task: record.guest_task(),
+                    });
                 }
                 OnDeadline::Wait if !prompt.overdue => {
                     self.set_prompt(state, &id, |p| p.overdue = true);
-                    self.event(&record, "hitl.overdue", format!("prompt {id} is past its deadline and keeps waiting"));
+                    self.event(
+                        &record,
+                        "hitl.overdue",
+                        format!("prompt {id} is past its deadline and keeps waiting"),
+                    );
                 }
                 OnDeadline::Wait => {}
             }
@@ -606,7 +704,10 @@ impl TaskBook {
     pub fn sent(&self, messages: &[HostMessage]) {
         let mut state = self.lock();
         for message in messages {
-            if let HostMessage::Input { prompt: Some(id), .. } = message {
+            if let HostMessage::Input {
+                prompt: Some(id), ..
+            } = message
+            {
                 self.set_prompt(&mut state, id, |p| p.delivered = true);
             }
         }

@@ -11,7 +11,9 @@ use crate::libvirt::{Cleanup, enabled, fleet_yaml_with_policy, vm_yaml};
 use crate::support::Repo;
 
 fn task_yaml(name: &str, vm: &str, spec: &str) -> String {
-    format!("apiVersion: fleet/v1\nkind: Task\nmetadata: {{name: {name}}}\nspec:\n  vm: {vm}\n{spec}")
+    format!(
+        "apiVersion: fleet/v1\nkind: Task\nmetadata: {{name: {name}}}\nspec:\n  vm: {vm}\n{spec}"
+    )
 }
 
 /// A field of a status YAML file (top-level, scalar).
@@ -63,7 +65,15 @@ fn app_repository(dir: &Path) {
     for args in [
         &["init", "-q", "-b", "main"][..],
         &["add", "."],
-        &["-c", "user.name=t", "-c", "user.email=t@fleet.invalid", "commit", "-qm", "app"],
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@fleet.invalid",
+            "commit",
+            "-qm",
+            "app",
+        ],
     ] {
         let ok = std::process::Command::new("git")
             .args(args)
@@ -117,7 +127,11 @@ fn tasks_run_ask_for_answers_and_survive_a_restart_of_fleet() {
     );
     repo.write(
         "fleet/tasks/slow.yaml",
-        task_yaml("slow", &vm, "  command: [sh, -c, 'sleep 1001 & sleep 1001']\n  timeout: 3s\n"),
+        task_yaml(
+            "slow",
+            &vm,
+            "  command: [sh, -c, 'sleep 1001 & sleep 1001']\n  timeout: 3s\n",
+        ),
     );
     repo.write(
         "fleet/tasks/forever.yaml",
@@ -158,7 +172,10 @@ fn tasks_run_ask_for_answers_and_survive_a_restart_of_fleet() {
     let output = status.output("fail");
     assert!(output.contains("the app's readme"), "{output}");
     assert!(output.contains("hello"), "{output}");
-    assert!(fail.contains("commit: "), "the repository's commit is recorded: {fail}");
+    assert!(
+        fail.contains("commit: "),
+        "the repository's commit is recorded: {fail}"
+    );
     assert_eq!(
         read(&status.0.join("tasks/fail/artifacts/out/r.txt")),
         "result\n"
@@ -204,12 +221,17 @@ fn tasks_run_ask_for_answers_and_survive_a_restart_of_fleet() {
     status.wait_phase("forever", "Cancelled", Duration::from_secs(30));
     status.wait_phase("check", "Succeeded", Duration::from_secs(30));
     assert!(status.output("check").contains("clean"));
-    wait_until("the committed answer arrives", Duration::from_secs(20), || {
-        status.output("ask").contains("answer=yes")
-    });
+    wait_until(
+        "the committed answer arrives",
+        Duration::from_secs(20),
+        || status.output("ask").contains("answer=yes"),
+    );
     let prompt = status.prompt(&first);
     assert!(prompt.contains("state: answered"), "{prompt}");
-    assert!(prompt.contains(&format!("commit {}", &answer_commit[..12])), "{prompt}");
+    assert!(
+        prompt.contains(&format!("commit {}", &answer_commit[..12])),
+        "{prompt}"
+    );
     assert!(prompt.contains("delivered: true"), "{prompt}");
 
     // The second prompt, answered on the host.
@@ -220,7 +242,8 @@ fn tasks_run_ask_for_answers_and_survive_a_restart_of_fleet() {
     let run = repo.fleet(&["hitl", "list"]);
     assert!(run.stdout().contains(&second), "{}", run.stdout());
     assert!(run.stdout().contains("Again? (y/n)"), "{}", run.stdout());
-    repo.fleet(&["hitl", "answer", &second, "no"]).expect_code(0);
+    repo.fleet(&["hitl", "answer", &second, "no"])
+        .expect_code(0);
     status.wait_phase("ask", "Succeeded", Duration::from_secs(20));
     let output = status.output("ask");
     assert!(output.contains("second=no"), "{output}");
@@ -230,11 +253,27 @@ fn tasks_run_ask_for_answers_and_survive_a_restart_of_fleet() {
     // A second answer to the same prompt is refused, from the CLI and as a file.
     let again = repo.fleet(&["hitl", "answer", &first, "no"]);
     again.expect_code(1);
-    assert!(again.stderr().contains("already answered"), "{}", again.stderr());
-    std::fs::write(status.0.join("hitl").join(format!("{first}.answer")), "no\n").expect("write");
-    wait_until("the stray answer is refused", Duration::from_secs(10), || {
-        status.0.join("hitl").join(format!("{first}.answer.refused")).exists()
-    });
+    assert!(
+        again.stderr().contains("already answered"),
+        "{}",
+        again.stderr()
+    );
+    std::fs::write(
+        status.0.join("hitl").join(format!("{first}.answer")),
+        "no\n",
+    )
+    .expect("write");
+    wait_until(
+        "the stray answer is refused",
+        Duration::from_secs(10),
+        || {
+            status
+                .0
+                .join("hitl")
+                .join(format!("{first}.answer.refused"))
+                .exists()
+        },
+    );
     assert!(status.prompt(&first).contains("already answered by commit"));
     drop(daemon);
 }
