@@ -240,9 +240,10 @@ fn validate(ws: &Workspace, args: &SourceArgs) -> Result<ExitCode> {
     match reconcile::desired(&snapshot) {
         Ok(desired) => {
             println!(
-                "{}: valid ({} VM(s), {} provider(s)) at {}",
+                "{}: valid ({} VM(s), {} task(s), {} provider(s)) at {}",
                 ws.fleet_dir,
                 desired.vms.len(),
+                desired.tasks.len(),
                 desired.providers.len(),
                 snapshot.revision.label
             );

@@ -802,9 +802,161 @@ fn revision_without_fleet_yaml() {
 #[test]
 fn unsupported_kind_directory() {
     check(
-        &[("fleet/tasks/t.yaml", "apiVersion: fleet/v1\nkind: Task\n")],
+        &[("fleet/secrets/s.yaml", "apiVersion: fleet/v1\nkind: Secret\n")],
         expect![[r#"
-            fleet/tasks/t.yaml:1:1: error: tasks/ holds kinds this version of fleet does not support yet; remove the file or upgrade fleet
+            fleet/secrets/s.yaml:1:1: error: secrets/ holds kinds this version of fleet does not support yet; remove the file or upgrade fleet
+        "#]],
+    );
+}
+
+fn task_with(name: &str, spec: &str) -> String {
+    format!("apiVersion: fleet/v1\nkind: Task\nmetadata:\n  name: {name}\nspec:\n  vm: a\n{spec}")
+}
+
+#[test]
+fn a_valid_task_and_answer_load() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            ("fleet/tasks/t.yaml", &task_with("t", "  command: [make, test]\n  timeout: 30m\n  artifacts: ['out/**']\n  prompts: {patterns: ['^approve'], deadline: 1h, onDeadline: fail}\n")),
+            ("fleet/tasks/agent.yaml", &task_with("agent", "  agent: {kind: claude, prompt: 'fix the tests', model: sonnet}\n  repository: {url: ../app, branch: main}\n")),
+            ("fleet/hitl/t-0123abcd-1.yaml", "apiVersion: fleet/v1\nkind: Answer\nmetadata: {name: t-0123abcd-1}\nspec: {response: 'yes'}\n"),
+        ],
+        expect![[r#"
+            loaded without diagnostics
+        "#]],
+    );
+}
+
+#[test]
+fn task_without_command_or_agent() {
+    check(
+        &[("fleet/vms/a.yaml", VM), ("fleet/tasks/t.yaml", &task_with("t", "  timeout: 5m\n"))],
+        expect![[r#"
+            fleet/tasks/t.yaml:6:3: error: spec: a task needs `command` (a program and its arguments) or `agent` (kind and prompt); add one
+        "#]],
+    );
+}
+
+#[test]
+fn task_with_command_and_agent() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            ("fleet/tasks/t.yaml", &task_with("t", "  command: [make]\n  agent: {kind: codex, prompt: go}\n")),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:3: error: spec.agent: a task runs either `command` or `agent`, not both; remove one
+        "#]],
+    );
+}
+
+#[test]
+fn task_for_an_unknown_vm() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            ("fleet/tasks/t.yaml", "apiVersion: fleet/v1\nkind: Task\nmetadata: {name: t}\nspec: {vm: b, command: ['true']}\n"),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:4:12: error: spec.vm: no VM named "b"; defined: a
+        "#]],
+    );
+}
+
+#[test]
+fn task_with_an_unknown_agent_kind() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            ("fleet/tasks/t.yaml", &task_with("t", "  agent: {kind: clippy, prompt: go}\n")),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:7:17: error: spec.agent.kind: string "clippy" is not valid; valid: claude, codex, gemini, aider
+        "#]],
+    );
+}
+
+#[test]
+fn task_with_an_empty_command() {
+    check(
+        &[("fleet/vms/a.yaml", VM), ("fleet/tasks/t.yaml", &task_with("t", "  command: []\n"))],
+        expect![[r#"
+            fleet/tasks/t.yaml:7:12: error: spec.command: needs at least 1 item(s)
+        "#]],
+    );
+}
+
+#[test]
+fn task_artifacts_outside_its_directory() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            ("fleet/tasks/t.yaml", &task_with("t", "  command: [make]\n  artifacts: [/etc/passwd, '../x/*']\n")),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:15: error: spec.artifacts[0]: "/etc/passwd" must be a relative glob inside the task's directory (no leading / and no ..)
+            fleet/tasks/t.yaml:8:28: error: spec.artifacts[1]: "../x/*" must be a relative glob inside the task's directory (no leading / and no ..)
+        "#]],
+    );
+}
+
+#[test]
+fn task_with_a_bad_prompt_pattern() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            ("fleet/tasks/t.yaml", &task_with("t", "  command: [make]\n  prompts: {patterns: ['(unclosed']}\n")),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:24: error: spec.prompts.patterns[0]: not a valid regular expression (error: unclosed group)
+        "#]],
+    );
+}
+
+#[test]
+fn task_with_a_bad_deadline_policy() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            ("fleet/tasks/t.yaml", &task_with("t", "  command: [make]\n  prompts: {onDeadline: explode}\n")),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:25: error: spec.prompts.onDeadline: string "explode" is not valid; valid: wait, fail
+        "#]],
+    );
+}
+
+#[test]
+fn task_name_too_long_for_prompt_ids() {
+    let name = "t".repeat(55);
+    check(
+        &[("fleet/vms/a.yaml", VM), ("fleet/tasks/t.yaml", &task_with(&name, "  command: [make]\n"))],
+        expect![[r#"
+            fleet/tasks/t.yaml:4:9: error: metadata.name: task names are at most 50 characters (this one has 55), so the prompt ids made from them stay valid names; shorten it
+        "#]],
+    );
+}
+
+#[test]
+fn answer_with_control_characters() {
+    check(
+        &[(
+            "fleet/hitl/p-1.yaml",
+            "apiVersion: fleet/v1\nkind: Answer\nmetadata: {name: p-1}\nspec: {response: \"y\\nrm -rf /\"}\n",
+        )],
+        expect![[r#"
+            fleet/hitl/p-1.yaml:4:18: error: spec.response: the answer contains the control character U+000A; answers are one line of plain text (Enter is added)
+        "#]],
+    );
+}
+
+#[test]
+fn answer_without_a_response() {
+    check(
+        &[("fleet/hitl/p-1.yaml", "apiVersion: fleet/v1\nkind: Answer\nmetadata: {name: p-1}\nspec: {}\n")],
+        expect![[r#"
+            fleet/hitl/p-1.yaml:4:7: error: spec: missing required field `response`
         "#]],
     );
 }
@@ -817,7 +969,7 @@ fn stray_yaml_file_at_the_fleet_root() {
             ("fleet/README.md", "not YAML, ignored"),
         ],
         expect![[r#"
-            fleet/notes.yaml:1:1: error: unexpected file: fleet objects live in fleet.yaml, loadouts/*.yaml and vms/*.yaml; move or remove it
+            fleet/notes.yaml:1:1: error: unexpected file: fleet objects live in fleet.yaml, loadouts/, vms/, tasks/ and hitl/; move or remove it
         "#]],
     );
 }
