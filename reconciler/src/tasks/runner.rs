@@ -100,6 +100,23 @@ impl TaskBook {
         };
         let mut state = self.lock();
         let state = &mut *state;
+        // A new run as soon as the previous one of a changed task has ended, without
+        // waiting for the daemon's next pass.
+        let renewed: Vec<(DesiredTask, u32)> = state
+            .desired
+            .values()
+            .filter(|t| t.vm == conn.vm)
+            .filter_map(|t| match state.records.get(&t.name) {
+                None => Some((t.clone(), 1)),
+                Some(r) if r.spec_hash != t.spec_hash && r.phase.is_finished() => {
+                    Some((t.clone(), r.generation + 1))
+                }
+                Some(_) => None,
+            })
+            .collect();
+        for (task, generation) in renewed {
+            self.new_run(state, &task, generation, &BTreeSet::from([conn.vm.clone()]));
+        }
         let ours: Vec<String> = state
             .records
             .values()

@@ -802,7 +802,10 @@ fn revision_without_fleet_yaml() {
 #[test]
 fn unsupported_kind_directory() {
     check(
-        &[("fleet/secrets/s.yaml", "apiVersion: fleet/v1\nkind: Secret\n")],
+        &[(
+            "fleet/secrets/s.yaml",
+            "apiVersion: fleet/v1\nkind: Secret\n",
+        )],
         expect![[r#"
             fleet/secrets/s.yaml:1:1: error: secrets/ holds kinds this version of fleet does not support yet; remove the file or upgrade fleet
         "#]],
@@ -818,9 +821,24 @@ fn a_valid_task_and_answer_load() {
     check(
         &[
             ("fleet/vms/a.yaml", VM),
-            ("fleet/tasks/t.yaml", &task_with("t", "  command: [make, test]\n  timeout: 30m\n  artifacts: ['out/**']\n  prompts: {patterns: ['^approve'], deadline: 1h, onDeadline: fail}\n")),
-            ("fleet/tasks/agent.yaml", &task_with("agent", "  agent: {kind: claude, prompt: 'fix the tests', model: sonnet}\n  repository: {url: ../app, branch: main}\n")),
-            ("fleet/hitl/t-0123abcd-1.yaml", "apiVersion: fleet/v1\nkind: Answer\nmetadata: {name: t-0123abcd-1}\nspec: {response: 'yes'}\n"),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with(
+                    "t",
+                    "  command: [make, test]\n  timeout: 30m\n  artifacts: ['out/**']\n  prompts: {patterns: ['^approve'], deadline: 1h, onDeadline: fail}\n",
+                ),
+            ),
+            (
+                "fleet/tasks/agent.yaml",
+                &task_with(
+                    "agent",
+                    "  agent: {kind: claude, prompt: 'fix the tests', model: sonnet}\n  repository: {url: ../app, branch: main}\n",
+                ),
+            ),
+            (
+                "fleet/hitl/t-0123abcd-1.yaml",
+                "apiVersion: fleet/v1\nkind: Answer\nmetadata: {name: t-0123abcd-1}\nspec: {response: 'yes'}\n",
+            ),
         ],
         expect![[r#"
             loaded without diagnostics
@@ -831,7 +849,10 @@ fn a_valid_task_and_answer_load() {
 #[test]
 fn task_without_command_or_agent() {
     check(
-        &[("fleet/vms/a.yaml", VM), ("fleet/tasks/t.yaml", &task_with("t", "  timeout: 5m\n"))],
+        &[
+            ("fleet/vms/a.yaml", VM),
+            ("fleet/tasks/t.yaml", &task_with("t", "  timeout: 5m\n")),
+        ],
         expect![[r#"
             fleet/tasks/t.yaml:6:3: error: spec: a task needs `command` (a program and its arguments) or `agent` (kind and prompt); add one
         "#]],
@@ -843,7 +864,13 @@ fn task_with_command_and_agent() {
     check(
         &[
             ("fleet/vms/a.yaml", VM),
-            ("fleet/tasks/t.yaml", &task_with("t", "  command: [make]\n  agent: {kind: codex, prompt: go}\n")),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with(
+                    "t",
+                    "  command: [make]\n  agent: {kind: codex, prompt: go}\n",
+                ),
+            ),
         ],
         expect![[r#"
             fleet/tasks/t.yaml:8:3: error: spec.agent: a task runs either `command` or `agent`, not both; remove one
@@ -856,7 +883,10 @@ fn task_for_an_unknown_vm() {
     check(
         &[
             ("fleet/vms/a.yaml", VM),
-            ("fleet/tasks/t.yaml", "apiVersion: fleet/v1\nkind: Task\nmetadata: {name: t}\nspec: {vm: b, command: ['true']}\n"),
+            (
+                "fleet/tasks/t.yaml",
+                "apiVersion: fleet/v1\nkind: Task\nmetadata: {name: t}\nspec: {vm: b, command: ['true']}\n",
+            ),
         ],
         expect![[r#"
             fleet/tasks/t.yaml:4:12: error: spec.vm: no VM named "b"; defined: a
@@ -869,7 +899,10 @@ fn task_with_an_unknown_agent_kind() {
     check(
         &[
             ("fleet/vms/a.yaml", VM),
-            ("fleet/tasks/t.yaml", &task_with("t", "  agent: {kind: clippy, prompt: go}\n")),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with("t", "  agent: {kind: clippy, prompt: go}\n"),
+            ),
         ],
         expect![[r#"
             fleet/tasks/t.yaml:7:17: error: spec.agent.kind: string "clippy" is not valid; valid: claude, codex, gemini, aider
@@ -880,7 +913,10 @@ fn task_with_an_unknown_agent_kind() {
 #[test]
 fn task_with_an_empty_command() {
     check(
-        &[("fleet/vms/a.yaml", VM), ("fleet/tasks/t.yaml", &task_with("t", "  command: []\n"))],
+        &[
+            ("fleet/vms/a.yaml", VM),
+            ("fleet/tasks/t.yaml", &task_with("t", "  command: []\n")),
+        ],
         expect![[r#"
             fleet/tasks/t.yaml:7:12: error: spec.command: needs at least 1 item(s)
         "#]],
@@ -892,7 +928,13 @@ fn task_artifacts_outside_its_directory() {
     check(
         &[
             ("fleet/vms/a.yaml", VM),
-            ("fleet/tasks/t.yaml", &task_with("t", "  command: [make]\n  artifacts: [/etc/passwd, '../x/*']\n")),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with(
+                    "t",
+                    "  command: [make]\n  artifacts: [/etc/passwd, '../x/*']\n",
+                ),
+            ),
         ],
         expect![[r#"
             fleet/tasks/t.yaml:8:15: error: spec.artifacts[0]: "/etc/passwd" must be a relative glob inside the task's directory (no leading / and no ..)
@@ -906,7 +948,13 @@ fn task_with_a_bad_prompt_pattern() {
     check(
         &[
             ("fleet/vms/a.yaml", VM),
-            ("fleet/tasks/t.yaml", &task_with("t", "  command: [make]\n  prompts: {patterns: ['(unclosed']}\n")),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with(
+                    "t",
+                    "  command: [make]\n  prompts: {patterns: ['(unclosed']}\n",
+                ),
+            ),
         ],
         expect![[r#"
             fleet/tasks/t.yaml:8:24: error: spec.prompts.patterns[0]: not a valid regular expression (error: unclosed group)
@@ -919,7 +967,10 @@ fn task_with_a_bad_deadline_policy() {
     check(
         &[
             ("fleet/vms/a.yaml", VM),
-            ("fleet/tasks/t.yaml", &task_with("t", "  command: [make]\n  prompts: {onDeadline: explode}\n")),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with("t", "  command: [make]\n  prompts: {onDeadline: explode}\n"),
+            ),
         ],
         expect![[r#"
             fleet/tasks/t.yaml:8:25: error: spec.prompts.onDeadline: string "explode" is not valid; valid: wait, fail
@@ -931,7 +982,13 @@ fn task_with_a_bad_deadline_policy() {
 fn task_name_too_long_for_prompt_ids() {
     let name = "t".repeat(55);
     check(
-        &[("fleet/vms/a.yaml", VM), ("fleet/tasks/t.yaml", &task_with(&name, "  command: [make]\n"))],
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with(&name, "  command: [make]\n"),
+            ),
+        ],
         expect![[r#"
             fleet/tasks/t.yaml:4:9: error: metadata.name: task names are at most 50 characters (this one has 55), so the prompt ids made from them stay valid names; shorten it
         "#]],
@@ -954,7 +1011,10 @@ fn answer_with_control_characters() {
 #[test]
 fn answer_without_a_response() {
     check(
-        &[("fleet/hitl/p-1.yaml", "apiVersion: fleet/v1\nkind: Answer\nmetadata: {name: p-1}\nspec: {}\n")],
+        &[(
+            "fleet/hitl/p-1.yaml",
+            "apiVersion: fleet/v1\nkind: Answer\nmetadata: {name: p-1}\nspec: {}\n",
+        )],
         expect![[r#"
             fleet/hitl/p-1.yaml:4:7: error: spec: missing required field `response`
         "#]],
