@@ -285,3 +285,6 @@ fn waiting_message(task: &DesiredTask, running: &BTreeSet<String>) -> String {
         format!("waiting for VM {} to run", task.vm)
     }
 }
+
+#[cfg(test)]
+mod tests;

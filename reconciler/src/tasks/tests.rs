@@ -1,0 +1,233 @@
+//! The task book without a VM: runs, prompts, answers and deadlines, driven by hand the way
+//! a link thread drives it.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use fleet_agent_protocol::{ExitReason, GuestMessage, HostMessage, VERSION};
+
+use super::TaskBook;
+use super::runner::Connection;
+use crate::resolve::{Desired, DesiredTask, ResolvedPolicy};
+use crate::source::Revision;
+use crate::spec::OnDeadline;
+use crate::status::StatusDir;
+use crate::status::tasks::{PromptState, TaskPhase};
+
+fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
+    let task = DesiredTask {
+        name: "ask".into(),
+        vm: "vm-1".into(),
+        argv: vec!["sh".into()],
+        env: Default::default(),
+        repository: None,
+        timeout: Duration::from_secs(60),
+        artifacts: Vec::new(),
+        prompt_patterns: Vec::new(),
+        prompt_deadline: deadline,
+        on_deadline,
+        rerun: 0,
+        spec_hash: "h1".into(),
+        source: "fleet/tasks/ask.yaml".into(),
+    };
+    Desired {
+        fleet: "lab".into(),
+        revision: Revision {
+            id: "c".repeat(40),
+            label: "main".into(),
+        },
+        providers: Vec::new(),
+        policy: ResolvedPolicy {
+            max_parallel: 1,
+            step_timeout: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(1),
+            reconcile_interval: Duration::from_secs(1),
+            resync_interval: Duration::from_secs(1),
+            self_heal: true,
+        },
+        vms: Default::default(),
+        tasks: [("ask".to_owned(), task)].into(),
+        answers: Default::default(),
+    }
+}
+
+/// A book with the task started on a greeted connection; returns the guest's name for it.
+fn started(
+    deadline: Duration,
+    on_deadline: OnDeadline,
+) -> (tempfile::TempDir, TaskBook, Connection, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let book = TaskBook::open(
+        StatusDir::new(dir.path().join("status")),
+        dir.path().to_path_buf(),
+    );
+    book.sync(
+        &desired(deadline, on_deadline),
+        &BTreeSet::from(["vm-1".to_owned()]),
+    );
+    let mut conn = Connection::new("vm-1");
+    assert!(
+        book.tick(&mut conn).0.is_empty(),
+        "nothing before the agent's hello"
+    );
+    conn.greeted("boot-1");
+    let (sent, job) = book.tick(&mut conn);
+    assert!(job.is_none());
+    let guest_task = match sent.as_slice() {
+        [HostMessage::RunTask { task, .. }] => task.clone(),
+        other => panic!("expected one RunTask, got {other:?}"),
+    };
+    assert_eq!(book.records()["ask"].phase, TaskPhase::Running);
+    (dir, book, conn, guest_task)
+}
+
+fn prompt(task: &str, seq: u64) -> GuestMessage {
+    GuestMessage::Prompt {
+        v: VERSION,
+        task: task.to_owned(),
+        seq,
+        text: "Continue? (y/n)".into(),
+        screen: vec!["Continue? (y/n)".into()],
+    }
+}
+
+#[test]
+fn a_repeat_is_dropped_and_a_gap_asks_for_a_resend() {
+    let (_dir, book, mut conn, task) = started(Duration::from_secs(60), OnDeadline::Wait);
+    let output = |seq: u64, data: &str| GuestMessage::Output {
+        v: VERSION,
+        task: task.clone(),
+        seq,
+        data: data.into(),
+    };
+    let acks = book.receive(
+        &mut conn,
+        vec![output(1, "one\n"), output(1, "one\n"), output(3, "three\n")],
+    );
+    assert_eq!(
+        acks,
+        vec![
+            HostMessage::Ack {
+                v: VERSION,
+                task: task.clone(),
+                seq: 1
+            },
+            HostMessage::Hello { v: VERSION },
+        ]
+    );
+    book.receive(&mut conn, vec![output(2, "two\n"), output(3, "three\n")]);
+    let log = std::fs::read_to_string(book.status.task_output_path("ask")).expect("log");
+    assert_eq!(log, "one\ntwo\nthree\n");
+}
+
+#[test]
+fn a_prompt_past_its_deadline_fails_the_task_when_the_policy_says_so() {
+    let (_dir, book, mut conn, task) = started(Duration::ZERO, OnDeadline::Fail);
+    book.receive(&mut conn, vec![prompt(&task, 1)]);
+    let id = format!("{task}-1");
+    assert_eq!(book.prompts()[&id].state, PromptState::Pending);
+    assert_eq!(book.records()["ask"].phase, TaskPhase::WaitingForInput);
+    let (sent, _) = book.tick(&mut conn);
+    assert!(
+        sent.contains(&HostMessage::Cancel {
+            v: VERSION,
+            task: task.clone()
+        }),
+        "{sent:?}"
+    );
+    assert_eq!(book.prompts()[&id].state, PromptState::Expired);
+    book.receive(
+        &mut conn,
+        vec![GuestMessage::Exit {
+            v: VERSION,
+            task: task.clone(),
+            seq: 2,
+            code: None,
+            reason: ExitReason::Cancelled,
+        }],
+    );
+    let record = &book.records()["ask"];
+    assert_eq!(record.phase, TaskPhase::Failed);
+    assert_eq!(
+        record.message.as_deref(),
+        Some(format!("prompt {id} got no answer by its deadline").as_str())
+    );
+}
+
+#[test]
+fn a_prompt_past_its_deadline_keeps_waiting_marked_overdue_by_default() {
+    let (_dir, book, mut conn, task) = started(Duration::ZERO, OnDeadline::Wait);
+    book.receive(&mut conn, vec![prompt(&task, 1)]);
+    let (sent, _) = book.tick(&mut conn);
+    assert!(sent.is_empty(), "{sent:?}");
+    let id = format!("{task}-1");
+    assert!(book.prompts()[&id].overdue);
+    assert_eq!(book.prompts()[&id].state, PromptState::Pending);
+}
+
+#[test]
+fn an_answer_with_control_characters_is_refused_and_a_good_one_typed_once() {
+    let (_dir, book, mut conn, task) = started(Duration::from_secs(600), OnDeadline::Wait);
+    book.receive(&mut conn, vec![prompt(&task, 1)]);
+    let id = format!("{task}-1");
+    let answer = book.status.answer_path(&id);
+    std::fs::write(&answer, "y\u{1b}[A\n").expect("write");
+    let (sent, _) = book.tick(&mut conn);
+    assert!(sent.is_empty(), "{sent:?}");
+    assert!(answer.with_extension("answer.refused").exists());
+    assert!(book.prompts()[&id].refused[0].contains("control character"));
+
+    std::fs::write(&answer, "yes\n").expect("write");
+    let (sent, _) = book.tick(&mut conn);
+    let input = HostMessage::Input {
+        v: VERSION,
+        task: task.clone(),
+        data: "yes\r".into(),
+        prompt: Some(id.clone()),
+    };
+    assert_eq!(sent, vec![input.clone()]);
+    assert!(!answer.exists(), "the answer file is taken");
+    // Not yet known to be delivered: a reconnect sends it again (the guest types it once).
+    conn.greeted("boot-1");
+    let (sent, _) = book.tick(&mut conn);
+    assert!(sent.contains(&input), "{sent:?}");
+    book.sent(&sent);
+    let prompt = &book.prompts()[&id];
+    assert_eq!(
+        (prompt.state, prompt.delivered),
+        (PromptState::Answered, true)
+    );
+    assert_eq!(prompt.response.as_deref(), Some("yes"));
+    let (sent, _) = book.tick(&mut conn);
+    assert!(
+        !sent.iter().any(|m| matches!(m, HostMessage::Input { .. })),
+        "{sent:?}"
+    );
+}
+
+#[test]
+fn a_new_boot_fails_the_run_and_a_removed_task_is_cancelled() {
+    let (_dir, book, mut conn, _task) = started(Duration::from_secs(600), OnDeadline::Wait);
+    conn.greeted("boot-2");
+    book.tick(&mut conn);
+    let record = &book.records()["ask"];
+    assert_eq!(record.phase, TaskPhase::Failed);
+    assert!(
+        record
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("restarted"),
+        "{record:?}"
+    );
+
+    // A rerun (new spec hash) is due at once; removing its file before it starts cancels it.
+    let mut next = desired(Duration::from_secs(600), OnDeadline::Wait);
+    next.tasks.get_mut("ask").expect("task").spec_hash = "h2".into();
+    book.sync(&next, &BTreeSet::new());
+    assert_eq!(book.records()["ask"].phase, TaskPhase::Pending);
+    assert_eq!(book.records()["ask"].generation, 2);
+    next.tasks.clear();
+    book.sync(&next, &BTreeSet::new());
+    assert_eq!(book.records()["ask"].phase, TaskPhase::Cancelled);
+}
