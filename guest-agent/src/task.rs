@@ -73,6 +73,18 @@ struct TaskState {
     answered: HashSet<String>,
 }
 
+impl TaskState {
+    fn new() -> TaskState {
+        TaskState {
+            handle: None,
+            next_seq: 1,
+            outbox: VecDeque::new(),
+            outbox_bytes: 0,
+            answered: HashSet::new(),
+        }
+    }
+}
+
 /// The task's screen and whether it changed since it was last scored.
 struct Screen {
     detector: Detector,
@@ -123,16 +135,7 @@ impl Tasks {
         if self.lock().contains_key(&spec.task) {
             return;
         }
-        self.lock().insert(
-            spec.task.clone(),
-            TaskState {
-                handle: None,
-                next_seq: 1,
-                outbox: VecDeque::new(),
-                outbox_bytes: 0,
-                answered: HashSet::new(),
-            },
-        );
+        self.lock().insert(spec.task.clone(), TaskState::new());
         let ended = |why: String, reason: ExitReason| {
             let task = spec.task.clone();
             self.emit(&task, |seq| GuestMessage::Output {
@@ -468,16 +471,7 @@ impl Tasks {
                 } else {
                     ExitReason::Lost
                 };
-                self.lock().insert(
-                    task.to_owned(),
-                    TaskState {
-                        handle: None,
-                        next_seq: 1,
-                        outbox: VecDeque::new(),
-                        outbox_bytes: 0,
-                        answered: HashSet::new(),
-                    },
-                );
+                self.lock().insert(task.to_owned(), TaskState::new());
                 self.emit(task, |seq| GuestMessage::Exit {
                     v: VERSION,
                     task: task.to_owned(),

@@ -239,20 +239,7 @@ impl StatusDir {
     }
 
     pub fn read_vms(&self) -> BTreeMap<String, VmStatus> {
-        let mut out = BTreeMap::new();
-        let Ok(entries) = std::fs::read_dir(self.root.join("vms")) else {
-            return out;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "yaml")
-                && let Ok(text) = std::fs::read_to_string(&path)
-                && let Ok(vm) = serde_saphyr::from_str::<VmStatus>(&text)
-            {
-                out.insert(vm.name.clone(), vm);
-            }
-        }
-        out
+        tasks::read_all(&self.root.join("vms"), |vm: &VmStatus| vm.name.clone())
     }
 
     /// Rewrites `vms/` to hold exactly `vms`; a file whose content is unchanged (but for

@@ -234,21 +234,7 @@ impl StatusDir {
     /// Appends to the output log, starting at `at` (the length the record accounts for,
     /// which cuts off anything written after it). Returns the new length.
     pub fn append_task_output(&self, task: &str, at: u64, data: &[u8]) -> std::io::Result<u64> {
-        let path = self.task_output_path(task);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(&path)?;
-        if file.metadata()?.len() != at {
-            file.set_len(at)?;
-        }
-        file.seek(SeekFrom::Start(at))?;
-        file.write_all(data)?;
-        file.sync_data()?;
+        write_at(&self.task_output_path(task), at, data, Some(at))?;
         Ok(at + data.len() as u64)
     }
 
@@ -271,20 +257,8 @@ impl StatusDir {
             )));
         }
         let path = self.tasks_dir().join(task).join("artifacts").join(relative);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(&path)?;
-        if offset == 0 {
-            file.set_len(0)?;
-        }
-        file.seek(SeekFrom::Start(offset))?;
-        file.write_all(data)?;
-        file.sync_data()
+        // The first part starts the file afresh; later parts land at their offsets.
+        write_at(&path, offset, data, (offset == 0).then_some(0))
     }
 
     /// The last `max` bytes of a task's output (from a character boundary).
@@ -304,7 +278,29 @@ impl StatusDir {
     }
 }
 
-fn read_all<T: serde::de::DeserializeOwned>(
+/// Writes `data` at `offset` (making the file and its directory if needed), after cutting
+/// the file to `cut_to` bytes when given, and syncs it.
+fn write_at(path: &Path, offset: u64, data: &[u8], cut_to: Option<u64>) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)?;
+    if let Some(len) = cut_to
+        && file.metadata()?.len() != len
+    {
+        file.set_len(len)?;
+    }
+    file.seek(SeekFrom::Start(offset))?;
+    file.write_all(data)?;
+    file.sync_data()
+}
+
+/// Every `*.yaml` in `dir` that parses as a `T`, by `key`.
+pub(super) fn read_all<T: serde::de::DeserializeOwned>(
     dir: &Path,
     key: impl Fn(&T) -> String,
 ) -> BTreeMap<String, T> {

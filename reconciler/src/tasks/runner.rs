@@ -17,7 +17,7 @@ use crate::status::tasks::{PromptKind, PromptRecord, PromptState, RepositoryAt, 
 use crate::status::timestamp;
 
 /// Where tasks run in the guest, and where their repository archive is put.
-const GUEST_WORK: &str = "/run/fleet/work";
+const GUEST_WORK: &str = "/run/fleet/tasks";
 const GUEST_STAGE: &str = "/run/fleet/stage";
 /// Parts of a put file, in bytes before base64 (the line limit is 1 MiB).
 const PUT_PART_BYTES: usize = 512 * 1024;
@@ -300,10 +300,7 @@ impl TaskBook {
             });
         });
         let path = format!("{GUEST_STAGE}/{}.tar", job.guest_task);
-        let sha = crate::source::hex(&sha2::Digest::finalize(sha2::Digest::chain_update(
-            <sha2::Sha256 as sha2::Digest>::new(),
-            &archive.tar,
-        )));
+        let sha = crate::source::hex(&<sha2::Sha256 as sha2::Digest>::digest(&archive.tar));
         let engine = base64::engine::general_purpose::STANDARD;
         let parts: Vec<&[u8]> = if archive.tar.is_empty() {
             vec![&[]]
