@@ -14,8 +14,8 @@ use sha2::{Digest, Sha256};
 use crate::load::{LoadedFleet, pool_member_names};
 use crate::source::{Revision, hex};
 use crate::spec::{
-    AgentKind, AgentSpec, DomainType, GuestFile, LoadoutSpec, NetworkMode, OnDeadline, PowerState,
-    Provider, Repository, Resources, TaskSpec, VmSpec,
+    AgentKind, AgentSpec, DomainType, GuestFile, GuestUser, LoadoutSpec, NetworkMode, OnDeadline,
+    PowerState, Provider, Repository, Resources, TaskSpec, VmSpec,
 };
 
 pub const DEFAULT_CPUS: u32 = 1;
@@ -183,6 +183,8 @@ pub struct VmConfig {
     pub files: Vec<GuestFile>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runcmd: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<GuestUser>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -374,6 +376,7 @@ fn resolve_vm(
         packages: loadout.packages,
         files: loadout.files,
         runcmd: loadout.runcmd,
+        users: loadout.users,
         env: loadout.env,
         labels: labels.clone(),
         protect: spec.protect,
@@ -434,8 +437,9 @@ pub fn merge(base: LoadoutSpec, over: &LoadoutSpec) -> LoadoutSpec {
         resources: Some(merge_resources(base.resources, over.resources.clone())),
         network: over.network.clone().or(base.network),
         packages: union(base.packages, &over.packages),
-        files: merge_files(base.files, &over.files),
+        files: merge_keyed(base.files, &over.files, |f| &f.path),
         runcmd: union(base.runcmd, &over.runcmd),
+        users: merge_keyed(base.users, &over.users, |u| &u.name),
         env: {
             let mut env = base.env;
             env.extend(over.env.clone());
@@ -463,12 +467,17 @@ fn union(mut base: Vec<String>, over: &[String]) -> Vec<String> {
     base
 }
 
-/// Files are keyed by path: a later loadout's file replaces an earlier one at the same path.
-fn merge_files(mut base: Vec<GuestFile>, over: &[GuestFile]) -> Vec<GuestFile> {
-    for f in over {
-        match base.iter_mut().find(|b| b.path == f.path) {
-            Some(existing) => *existing = f.clone(),
-            None => base.push(f.clone()),
+/// Merges lists whose entries are keyed (files by path, users by name): a later loadout's
+/// entry replaces an earlier one with the same key, in place; new keys are appended.
+fn merge_keyed<T: Clone, K: PartialEq>(
+    mut base: Vec<T>,
+    over: &[T],
+    key: impl Fn(&T) -> &K,
+) -> Vec<T> {
+    for item in over {
+        match base.iter_mut().find(|b| key(b) == key(item)) {
+            Some(existing) => *existing = item.clone(),
+            None => base.push(item.clone()),
         }
     }
     base
@@ -496,6 +505,7 @@ pub(crate) fn example_vm(name: &str, edit: impl FnOnce(&mut VmConfig)) -> Desire
         packages: vec![],
         files: vec![],
         runcmd: vec![],
+        users: vec![],
         env: BTreeMap::new(),
         labels: BTreeMap::new(),
         protect: false,
@@ -553,6 +563,39 @@ mod tests {
         assert_eq!(
             m.env,
             BTreeMap::from([("A".into(), "1".into()), ("B".into(), "2".into())])
+        );
+    }
+
+    #[test]
+    fn users_merge_by_name_in_place() {
+        let user = |name: &str, shell: &str| GuestUser {
+            name: name.into(),
+            groups: vec![],
+            shell: Some(shell.into()),
+            sudo: None,
+            ssh_authorized_keys: vec![],
+        };
+        let base = LoadoutSpec {
+            users: vec![user("agent", "/bin/sh"), user("ops", "/bin/sh")],
+            ..LoadoutSpec::default()
+        };
+        let over = LoadoutSpec {
+            users: vec![user("agent", "/bin/bash"), user("extra", "/bin/sh")],
+            ..LoadoutSpec::default()
+        };
+        let m = merge(base, &over);
+        let got: Vec<(&str, Option<&str>)> = m
+            .users
+            .iter()
+            .map(|u| (u.name.as_str(), u.shell.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("agent", Some("/bin/bash")),
+                ("ops", Some("/bin/sh")),
+                ("extra", Some("/bin/sh"))
+            ]
         );
     }
 }

@@ -9,7 +9,7 @@
 use serde_json::{Map, Value, json};
 
 use crate::resolve::DesiredVm;
-use crate::spec::NetworkMode;
+use crate::spec::{GuestUser, NetworkMode};
 
 const USER_DATA: &str = include_str!("../../cloud-init/user-data.yaml");
 const META_DATA: &str = include_str!("../../cloud-init/meta-data.yaml");
@@ -35,6 +35,28 @@ fn template(text: &str) -> Map<String, Value> {
 
 fn yaml(value: &Value) -> String {
     serde_saphyr::to_string(value).expect("JSON values serialise to YAML")
+}
+
+/// One `users` entry of cloud-config. The password stays locked and no other keys are set, so
+/// a loadout grants exactly what it names.
+fn cloud_init_user(u: &GuestUser) -> Value {
+    let mut entry = json!({ "name": u.name, "lock_passwd": true });
+    if !u.groups.is_empty() {
+        let groups: Vec<&str> = u.groups.iter().map(|g| g.0.as_str()).collect();
+        entry["groups"] = json!(groups.join(","));
+    }
+    if let Some(shell) = &u.shell {
+        entry["shell"] = json!(shell);
+    }
+    // Without a rule cloud-init grants no sudo (`sudo: false` is deprecated upstream).
+    if let Some(rule) = &u.sudo {
+        entry["sudo"] = json!(rule);
+    }
+    if !u.ssh_authorized_keys.is_empty() {
+        let keys: Vec<&str> = u.ssh_authorized_keys.iter().map(|k| k.0.as_str()).collect();
+        entry["ssh_authorized_keys"] = json!(keys);
+    }
+    entry
 }
 
 /// Renders the seed of `vm`, whose domain UUID is `instance_id`.
@@ -66,6 +88,12 @@ pub fn render(vm: &DesiredVm, instance_id: &str) -> Seed {
     }
     if !config.runcmd.is_empty() {
         user.insert("runcmd".into(), json!(config.runcmd));
+    }
+    if !config.users.is_empty() {
+        // "default" keeps the image's own user; cloud-init drops it once `users` is set.
+        let mut users = vec![json!("default")];
+        users.extend(config.users.iter().map(cloud_init_user));
+        user.insert("users".into(), Value::Array(users));
     }
     let mut meta = template(META_DATA);
     meta.insert("instance-id".into(), json!(instance_id));
@@ -130,6 +158,51 @@ mod tests {
             "instance-id: '1234'\nlocal-hostname: a\n".replace('\'', "\"")
         );
         assert_eq!(seed.network_config, "network:\n  config: disabled\n");
+    }
+
+    #[test]
+    fn users_keep_the_default_user_and_lock_passwords() {
+        let mut vm = vm(vec![], vec![]);
+        vm.config.users = vec![
+            GuestUser {
+                name: "agent".into(),
+                groups: vec![
+                    crate::spec::UnixName("docker".into()),
+                    crate::spec::UnixName("adm".into()),
+                ],
+                shell: Some("/bin/bash".into()),
+                sudo: Some("ALL=(ALL) NOPASSWD:ALL".into()),
+                ssh_authorized_keys: vec![crate::spec::SshPublicKey(
+                    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA op@example".into(),
+                )],
+            },
+            GuestUser {
+                name: "viewer".into(),
+                groups: vec![],
+                shell: None,
+                sudo: None,
+                ssh_authorized_keys: vec![],
+            },
+        ];
+        let seed = render(&vm, "id");
+        let parsed: Value =
+            serde_saphyr::from_str(seed.user_data.trim_start_matches("#cloud-config\n"))
+                .expect("one YAML document");
+        assert_eq!(
+            parsed["users"],
+            json!([
+                "default",
+                {
+                    "name": "agent",
+                    "lock_passwd": true,
+                    "groups": "docker,adm",
+                    "shell": "/bin/bash",
+                    "sudo": "ALL=(ALL) NOPASSWD:ALL",
+                    "ssh_authorized_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA op@example"],
+                },
+                { "name": "viewer", "lock_passwd": true },
+            ])
+        );
     }
 
     #[test]

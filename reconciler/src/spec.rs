@@ -368,6 +368,48 @@ pub struct GuestFile {
     pub mode: Option<String>,
 }
 
+/// A user account cloud-init creates at first boot. Its password is always locked: people
+/// reach the VM with keys, tasks reach it over the agent link.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GuestUser {
+    /// A POSIX login name: lowercase letters, digits, `_` and `-`, at most 32 characters.
+    #[schemars(regex(pattern = "^[a-z_][a-z0-9_-]{0,31}$"))]
+    pub name: String,
+    /// Supplementary groups, for example `[docker]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<UnixName>,
+    /// Login shell, an absolute path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^/[^\\s]*$"), length(max = 4096))]
+    pub shell: Option<String>,
+    /// One single-line sudoers rule, for example `ALL=(ALL) NOPASSWD:ALL`; no sudo without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[^\\n\\r]+$"), length(max = 1024))]
+    pub sudo: Option<String>,
+    /// OpenSSH public keys (one per entry) allowed to log in as this user.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<SshPublicKey>,
+}
+
+/// A POSIX user or group name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct UnixName(#[schemars(regex(pattern = "^[a-z_][a-z0-9_-]{0,31}$"))] pub String);
+
+/// One OpenSSH public key line: `TYPE BASE64 [COMMENT]`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct SshPublicKey(
+    #[schemars(
+        regex(
+            pattern = "^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\\.com) [A-Za-z0-9+/]+=* ?[^\\n\\r]*$"
+        ),
+        length(max = 16384)
+    )]
+    pub String,
+);
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LoadoutSpec {
@@ -386,6 +428,10 @@ pub struct LoadoutSpec {
     /// Commands cloud-init runs at first boot.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runcmd: Vec<String>,
+    /// Accounts cloud-init creates, besides the image's default user. Keyed by name: a later
+    /// loadout's user replaces an earlier one of the same name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<GuestUser>,
     /// Environment for tasks run in the VM.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,

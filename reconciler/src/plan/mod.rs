@@ -183,7 +183,7 @@ fn field_effect(field: &str) -> FieldEffect {
         "provider" => FieldEffect::Replace("a VM cannot move between providers in place"),
         "image.disk" => FieldEffect::Replace("a new base disk needs a new overlay"),
         "diskMiB" => FieldEffect::Replace("the disk overlay is sized when the VM is created"),
-        "packages" | "files" | "runcmd" => {
+        "packages" | "files" | "runcmd" | "users" => {
             FieldEffect::Replace("cloud-init applies it only at first boot")
         }
         "cpus" | "memoryMiB" | "domainType" | "network" | "image.kernel" | "image.initrd"

@@ -276,6 +276,32 @@ fn image_disk_change_forces_replace_and_names_the_field() {
 }
 
 #[test]
+fn a_new_loadout_user_forces_replace_because_cloud_init_runs_once() {
+    let loadout = |users: &str| {
+        (
+            "fleet/loadouts/dev.yaml".to_owned(),
+            format!("apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: dev}}\nspec:\n{users}"),
+        )
+    };
+    let before = desired(&[
+        vm("a", "  loadout: dev\n"),
+        loadout("  runcmd: [\"true\"]\n"),
+    ]);
+    let after = desired(&[
+        vm("a", "  loadout: dev\n"),
+        loadout("  runcmd: [\"true\"]\n  users: [{name: agent}]\n"),
+    ]);
+    let o = observed(vec![applied(&before.vms["a"], true)]);
+    let p = plan(&after, &o);
+    assert_eq!(p.steps.len(), 1);
+    assert_eq!(p.steps[0].action, Action::Replace);
+    assert_eq!(
+        render::reason_text(&p.steps[0]),
+        "users changed, which forces replacement (cloud-init applies it only at first boot)"
+    );
+}
+
+#[test]
 fn power_state_changes_start_and_stop() {
     let d = desired(&[vm("a", ""), vm("b", "  state: stopped\n")]);
     let o = observed(vec![

@@ -106,6 +106,10 @@ pub struct TaskRecord {
     /// deadline passed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fail_on_cancel: Option<String>,
+    /// Set when fleet cancelled the run because it outlived its timeout and the agent had not
+    /// ended it: the run then ends `TimedOut`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host_timeout: bool,
     pub updated: String,
 }
 

@@ -53,6 +53,12 @@ fn now() -> String {
     timestamp(SystemTime::now())
 }
 
+/// How long the run has been going, from its record's `started`.
+fn running_for(record: &TaskRecord) -> Option<std::time::Duration> {
+    let started = humantime::parse_rfc3339(record.started.as_deref()?).ok()?;
+    SystemTime::now().duration_since(started).ok()
+}
+
 fn run_id(spec_hash: &str, generation: u32) -> String {
     hex(&Sha256::digest(format!("{spec_hash}/{generation}")))[..8].to_owned()
 }
@@ -132,6 +138,19 @@ impl TaskBook {
                                 r.vm
                             ),
                         );
+                    } else if r.phase.is_active()
+                        && running_for(&r)
+                            .is_some_and(|t| t > task.timeout + 2 * runner::HOST_TIMEOUT_GRACE)
+                    {
+                        // The link thread cancels overdue runs; this catches runs whose
+                        // agent is not even connected.
+                        self.finish(
+                            &mut state,
+                            &name,
+                            TaskPhase::TimedOut,
+                            None,
+                            "ran past its timeout while its agent was unreachable; fleet stopped tracking it",
+                        );
                     } else if r.phase == TaskPhase::Pending {
                         let message = waiting_message(&task, running);
                         if r.message.as_deref() != Some(&message) {
@@ -188,6 +207,7 @@ impl TaskBook {
             pending_prompt: None,
             artifacts: Vec::new(),
             fail_on_cancel: None,
+            host_timeout: false,
             updated: time,
         };
         if let Err(e) = self.status.reset_task_files(&task.name) {

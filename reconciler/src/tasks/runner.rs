@@ -25,6 +25,10 @@ const PUT_PART_BYTES: usize = 512 * 1024;
 const STAGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Host answer files are looked at this often.
 const ANSWER_SCAN: Duration = Duration::from_millis(500);
+/// How long past its timeout a run may go before fleet cancels it itself (the agent enforces
+/// the timeout; this is the safety net for an agent that did not), and again before fleet
+/// gives up on the run when even the cancel is not answered.
+pub(super) const HOST_TIMEOUT_GRACE: Duration = Duration::from_secs(30);
 
 /// One VM's link, as the task book sees it.
 pub struct Connection {
@@ -183,6 +187,7 @@ impl TaskBook {
             }
         }
 
+        self.enforce_timeouts(state, conn, &mut out);
         self.answer_prompts(state, conn, &mut out);
         let scan_due = conn.last_scan.is_none_or(|t| t.elapsed() >= ANSWER_SCAN);
         if scan_due {
@@ -518,6 +523,11 @@ impl TaskBook {
                         TaskPhase::TimedOut,
                         "ran longer than its timeout; its processes were killed".to_owned(),
                     ),
+                    ExitReason::Cancelled if record.host_timeout => (
+                        TaskPhase::TimedOut,
+                        "ran past its timeout without the agent ending it; fleet cancelled it"
+                            .to_owned(),
+                    ),
                     ExitReason::Cancelled => match &record.fail_on_cancel {
                         Some(why) => (TaskPhase::Failed, why.clone()),
                         None => (
@@ -540,6 +550,55 @@ impl TaskBook {
             GuestMessage::Hello { .. }
             | GuestMessage::Heartbeat { .. }
             | GuestMessage::Stored { .. } => {}
+        }
+    }
+
+    /// The safety net under the agent's own timeout: a run still going `HOST_TIMEOUT_GRACE`
+    /// past its timeout is cancelled, and one that outlives a second grace is given up on.
+    fn enforce_timeouts(
+        &self,
+        state: &mut BookState,
+        conn: &mut Connection,
+        out: &mut Vec<HostMessage>,
+    ) {
+        let overdue: Vec<(String, Duration)> = state
+            .records
+            .values()
+            .filter(|r| r.vm == conn.vm && r.phase.is_active() && conn.attached.contains(&r.name))
+            .filter_map(|r| {
+                let timeout = state
+                    .desired
+                    .get(&r.name)
+                    .filter(|t| t.spec_hash == r.spec_hash)?
+                    .timeout;
+                let over = super::running_for(r)?.checked_sub(timeout)?;
+                (over > HOST_TIMEOUT_GRACE).then(|| (r.name.clone(), over))
+            })
+            .collect();
+        for (name, over) in overdue {
+            let record = state.records[&name].clone();
+            if over > 2 * HOST_TIMEOUT_GRACE {
+                self.finish(
+                    state,
+                    &name,
+                    TaskPhase::TimedOut,
+                    None,
+                    "ran past its timeout and the agent answered neither the timeout nor a cancel; fleet stopped tracking it",
+                );
+                continue;
+            }
+            if conn.cancel_sent.insert(record.guest_task()) {
+                self.update(state, &name, |r| r.host_timeout = true);
+                self.event(
+                    &record,
+                    "task.timeout",
+                    format!("task {name} ran past its timeout without the agent ending it; fleet cancels it"),
+                );
+                out.push(HostMessage::Cancel {
+                    v: VERSION,
+                    task: record.guest_task(),
+                });
+            }
         }
     }
 

@@ -231,3 +231,88 @@ fn a_new_boot_fails_the_run_and_a_removed_task_is_cancelled() {
     book.sync(&next, &BTreeSet::new());
     assert_eq!(book.records()["ask"].phase, TaskPhase::Cancelled);
 }
+
+/// Moves the run's start back by `ago`, as if it had been going that long.
+fn backdate(book: &TaskBook, ago: Duration) {
+    let mut state = book.lock();
+    let record = state.records.get_mut("ask").expect("record");
+    record.started = Some(crate::status::timestamp(std::time::SystemTime::now() - ago));
+}
+
+#[test]
+fn a_run_the_agent_lets_overrun_is_cancelled_by_fleet_and_ends_timed_out() {
+    let (_dir, book, mut conn, task) = started(Duration::from_secs(60), OnDeadline::Wait);
+    // Within the grace past its 60 s timeout: the agent's own timeout is still expected.
+    backdate(
+        &book,
+        Duration::from_secs(60) + super::runner::HOST_TIMEOUT_GRACE / 2,
+    );
+    assert!(book.tick(&mut conn).0.is_empty());
+    backdate(
+        &book,
+        Duration::from_secs(61) + super::runner::HOST_TIMEOUT_GRACE,
+    );
+    let (sent, _) = book.tick(&mut conn);
+    assert_eq!(
+        sent,
+        vec![HostMessage::Cancel {
+            v: VERSION,
+            task: task.clone()
+        }]
+    );
+    assert!(book.tick(&mut conn).0.is_empty(), "one cancel only");
+    book.receive(
+        &mut conn,
+        vec![GuestMessage::Exit {
+            v: VERSION,
+            task,
+            seq: 1,
+            code: None,
+            reason: ExitReason::Cancelled,
+        }],
+    );
+    let record = &book.records()["ask"];
+    assert_eq!(record.phase, TaskPhase::TimedOut);
+    assert!(
+        record
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("fleet cancelled it")),
+        "{record:?}"
+    );
+}
+
+#[test]
+fn a_run_nobody_ends_is_given_up_after_a_second_grace() {
+    let (_dir, book, mut conn, _task) = started(Duration::from_secs(60), OnDeadline::Wait);
+    backdate(
+        &book,
+        Duration::from_secs(61) + super::runner::HOST_TIMEOUT_GRACE,
+    );
+    book.tick(&mut conn);
+    backdate(
+        &book,
+        Duration::from_secs(61) + 2 * super::runner::HOST_TIMEOUT_GRACE,
+    );
+    book.tick(&mut conn);
+    assert_eq!(book.records()["ask"].phase, TaskPhase::TimedOut);
+
+    // The same when the agent is not connected at all: the daemon's pass gives up on it.
+    let (_dir, book, _conn, _task) = started(Duration::from_secs(60), OnDeadline::Wait);
+    backdate(
+        &book,
+        Duration::from_secs(61) + 2 * super::runner::HOST_TIMEOUT_GRACE,
+    );
+    book.sync(
+        &desired(Duration::from_secs(60), OnDeadline::Wait),
+        &BTreeSet::from(["vm-1".to_owned()]),
+    );
+    let record = &book.records()["ask"];
+    assert_eq!(record.phase, TaskPhase::TimedOut);
+    assert!(
+        record
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("unreachable"))
+    );
+}

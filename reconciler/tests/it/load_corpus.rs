@@ -1043,3 +1043,42 @@ fn fleet_yaml_holds_a_vm() {
     "#]],
     );
 }
+
+#[test]
+fn loadout_user_with_an_uppercase_name() {
+    check(
+        &[(
+            "fleet/loadouts/dev.yaml",
+            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: dev}\nspec:\n  users:\n    - name: Agent\n",
+        )],
+        expect![[r#"
+            fleet/loadouts/dev.yaml:6:13: error: spec.users[0].name: string "Agent" is not valid; expected a POSIX login name: lowercase letters, digits, `_` and `-`, at most 32 characters
+        "#]],
+    );
+}
+
+#[test]
+fn loadout_user_with_a_private_key_instead_of_a_public_one() {
+    check(
+        &[(
+            "fleet/loadouts/dev.yaml",
+            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: dev}\nspec:\n  users:\n    - name: agent\n      sshAuthorizedKeys: [\"-----BEGIN OPENSSH PRIVATE KEY-----\"]\n",
+        )],
+        expect![[r#"
+            fleet/loadouts/dev.yaml:7:27: error: spec.users[0].sshAuthorizedKeys[0]: string "-----BEGIN OPENSSH PRIVATE KEY-----" is not valid; expected one OpenSSH public key line: `TYPE BASE64 [COMMENT]`
+        "#]],
+    );
+}
+
+#[test]
+fn loadout_user_sudo_rule_spanning_lines() {
+    check(
+        &[(
+            "fleet/loadouts/dev.yaml",
+            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: dev}\nspec:\n  users:\n    - name: agent\n      sudo: \"ALL=(ALL) ALL\\nroot ALL=(ALL) ALL\"\n",
+        )],
+        expect![[r#"
+            fleet/loadouts/dev.yaml:7:13: error: spec.users[0].sudo: string "ALL=(ALL) ALL\nroot ALL=(ALL) ALL" is not valid; expected one single-line sudoers rule, for example `ALL=(ALL) NOPASSWD:ALL`; no sudo without it
+        "#]],
+    );
+}

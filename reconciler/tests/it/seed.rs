@@ -43,6 +43,18 @@ fn rendered_user_data_passes_cloud_init_schema() {
             .arg(&path)
             .output()
             .expect("run cloud-init (apt-get install cloud-init)");
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Deprecated keys stop working in a later cloud-init: fail on them now.
+        assert!(
+            !report.to_lowercase().contains("deprecat"),
+            "{}: cloud-init schema warns:\n{}\n{report}",
+            vm.name,
+            seed.user_data
+        );
         assert!(
             out.status.success(),
             "{}: cloud-init schema rejected:\n{}\n{}{}",
@@ -55,5 +67,9 @@ fn rendered_user_data_passes_cloud_init_schema() {
     assert!(
         desired.vms.values().any(|vm| !vm.config.files.is_empty()),
         "a VM with write_files was checked"
+    );
+    assert!(
+        desired.vms.values().any(|vm| !vm.config.users.is_empty()),
+        "a VM with users was checked"
     );
 }
