@@ -13,10 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fleet_agent_protocol::{GuestMessage, HostMessage, PORT_NAME, VERSION};
+use fleet_agent_protocol::{GuestMessage, HostMessage, PORT_NAME, SECRETS_DIR, VERSION};
 
 mod files;
 mod prompt;
+mod secrets;
 mod task;
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -33,12 +34,13 @@ fn main() {
     let tasks = Arc::new(task::Tasks::with_state_dir(PathBuf::from(
         "/run/fleet-agent",
     )));
+    let secrets = Arc::new(secrets::Store::new(PathBuf::from(SECRETS_DIR), true));
     let mut warned = false;
     loop {
         match find_port(Path::new("/sys/class/virtio-ports")) {
             Some(dev) => {
                 warned = false;
-                if let Err(e) = serve(&dev, &boot_id, &tasks) {
+                if let Err(e) = serve(&dev, &boot_id, &tasks, &secrets) {
                     eprintln!("fleet-agent: link on {}: {e}; reopening", dev.display());
                 }
             }
@@ -67,19 +69,29 @@ fn find_port(sysfs: &Path) -> Option<PathBuf> {
 /// Serves one opening of the port: hello first, then a heartbeat every 10 s; a reader
 /// thread answers each host greeting with a hello (a host that reconnected learns who we
 /// are again). Returns when a read or write fails.
-fn serve(dev: &Path, boot_id: &str, tasks: &Arc<task::Tasks>) -> std::io::Result<()> {
+fn serve(
+    dev: &Path,
+    boot_id: &str,
+    tasks: &Arc<task::Tasks>,
+    secrets: &Arc<secrets::Store>,
+) -> std::io::Result<()> {
     let port = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(dev)?;
     let reader = port.try_clone()?;
     let writer = Arc::new(Mutex::new(port));
-    let hello = GuestMessage::Hello {
-        v: VERSION,
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        boot_id: boot_id.to_owned(),
+    let hello = {
+        let boot_id = boot_id.to_owned();
+        let secrets = secrets.clone();
+        move || GuestMessage::Hello {
+            v: VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            boot_id: boot_id.clone(),
+            secrets: secrets.digest(),
+        }
     };
-    send(&writer, &hello)?;
+    send(&writer, &hello())?;
     // Task messages go out on this opening of the port (a failed write is resent after the
     // host's next greeting).
     {
@@ -90,15 +102,19 @@ fn serve(dev: &Path, boot_id: &str, tasks: &Arc<task::Tasks>) -> std::io::Result
     }
     let failed = Arc::new(AtomicBool::new(false));
     {
-        let (writer, failed, hello, tasks) =
-            (writer.clone(), failed.clone(), hello.clone(), tasks.clone());
+        let (writer, failed, tasks, secrets) = (
+            writer.clone(),
+            failed.clone(),
+            tasks.clone(),
+            secrets.clone(),
+        );
         std::thread::spawn(move || {
             let mut lines = BufReader::new(reader).lines();
             loop {
                 match lines.next() {
                     Some(Ok(line)) => match HostMessage::from_line(&line) {
                         Ok(HostMessage::Hello { .. }) => {
-                            if send(&writer, &hello).is_err() {
+                            if send(&writer, &hello()).is_err() {
                                 break;
                             }
                             // A host that (re)connected gets what it has not acknowledged.
@@ -107,14 +123,26 @@ fn serve(dev: &Path, boot_id: &str, tasks: &Arc<task::Tasks>) -> std::io::Result
                         Ok(HostMessage::RunTask {
                             task,
                             argv,
-                            env,
+                            mut env,
                             cwd,
                             timeout_secs,
                             artifacts,
                             prompt_patterns,
+                            secret_env,
                             ..
                         }) => {
+                            // Values come from the secret set, never from the message.
+                            let mut missing = None;
+                            for (var, path) in secret_env {
+                                match secrets.read(&path) {
+                                    Ok(value) => {
+                                        env.insert(var, value.as_str().to_owned());
+                                    }
+                                    Err(e) => missing = Some(e),
+                                }
+                            }
                             let spec = task::RunSpec {
+                                start_error: missing,
                                 task,
                                 argv,
                                 env,
@@ -159,6 +187,17 @@ fn serve(dev: &Path, boot_id: &str, tasks: &Arc<task::Tasks>) -> std::io::Result
                                 if send(&writer, &stored).is_err() {
                                     break;
                                 }
+                            }
+                        }
+                        Ok(HostMessage::Secrets { digest, files, .. }) => {
+                            let error = secrets.replace(&digest, &files).err();
+                            let stored = GuestMessage::SecretsStored {
+                                v: VERSION,
+                                digest,
+                                error,
+                            };
+                            if send(&writer, &stored).is_err() {
+                                break;
                             }
                         }
                         Ok(HostMessage::Cancel { task, .. }) => {

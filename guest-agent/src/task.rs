@@ -45,6 +45,8 @@ pub struct RunSpec {
     pub timeout: Option<Duration>,
     pub artifacts: Vec<String>,
     pub prompt_patterns: Vec<String>,
+    /// Why the task cannot start (a secret it needs is missing); it then exits at once.
+    pub start_error: Option<String>,
 }
 
 /// Output must pause this long before the screen is scored for a prompt.
@@ -156,6 +158,9 @@ impl Tasks {
         let failed = |why: String| ended(why, ExitReason::FailedToStart);
         if !valid_task_name(&spec.task) {
             return failed(format!("{:?} is not a valid task name", spec.task));
+        }
+        if let Some(why) = &spec.start_error {
+            return failed(why.clone());
         }
         if !self.first_start(&spec.task) {
             return ended(
@@ -629,6 +634,7 @@ mod tests {
             timeout,
             artifacts: Vec::new(),
             prompt_patterns: Vec::new(),
+            start_error: None,
         }
     }
 

@@ -29,6 +29,10 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "human", global = true)]
     pub log_format: LogFormat,
+    /// The age identity (key file, mode 0600) that opens secrets. Default:
+    /// ~/.config/fleet/age.key when it exists.
+    #[arg(long, value_name = "FILE", env = "FLEET_AGE_IDENTITY", global = true)]
+    pub age_identity: Option<PathBuf>,
     /// More logs (-v info, -vv debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
@@ -151,7 +155,7 @@ pub fn init_logging(cli: &Cli) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(crate::secrets::redact::RedactingStderr);
     match cli.log_format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -220,10 +224,16 @@ fn workspace(cli: &Cli) -> Result<Workspace> {
     } else {
         repo_root.join(&cli.status_dir)
     };
+    let home = std::env::var_os("HOME").map(PathBuf::from);
     Ok(Workspace {
         repo_root,
         fleet_dir: cli.fleet_dir.trim_end_matches('/').to_owned(),
         status: StatusDir::new(status),
+        age_identity: crate::secrets::identity_path(
+            None,
+            cli.age_identity.as_deref(),
+            home.as_deref(),
+        ),
     })
 }
 

@@ -18,6 +18,7 @@ pub mod observe;
 pub mod plan;
 pub mod reconcile;
 pub mod resolve;
+pub mod secrets;
 pub mod seed;
 pub mod source;
 pub mod spec;

@@ -23,6 +23,29 @@ pub struct Workspace {
     pub repo_root: PathBuf,
     pub fleet_dir: String,
     pub status: StatusDir,
+    /// The age identity file that opens secrets, if one is configured.
+    pub age_identity: Option<PathBuf>,
+}
+
+impl Workspace {
+    /// Opens every secret of `desired` with the workspace's identity and binds its tasks to
+    /// the values (see `secrets::Vault::bind`). Problems are in the vault, per value.
+    pub fn open_secrets(&self, desired: &mut Desired) -> crate::secrets::Vault {
+        if desired.secrets.is_empty() {
+            return crate::secrets::Vault::default();
+        }
+        let keyring = match &self.age_identity {
+            Some(path) => crate::secrets::Keyring::load(path),
+            None => Err(
+                "no age identity: pass --age-identity FILE, set FLEET_AGE_IDENTITY, or create ~/.config/fleet/age.key"
+                    .to_owned(),
+            ),
+        };
+        let vault =
+            crate::secrets::Vault::open(&desired.secrets, keyring.as_ref().map_err(String::as_str));
+        vault.bind(desired);
+        vault
+    }
 }
 
 /// Which revision to read.

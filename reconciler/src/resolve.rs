@@ -14,8 +14,8 @@ use sha2::{Digest, Sha256};
 use crate::load::{LoadedFleet, pool_member_names};
 use crate::source::{Revision, hex};
 use crate::spec::{
-    AgentKind, AgentSpec, DomainType, GuestFile, GuestUser, LoadoutSpec, NetworkMode, OnDeadline,
-    PowerState, Provider, Repository, Resources, TaskSpec, VmSpec,
+    AgentKind, AgentSpec, ArmoredValue, DomainType, GuestFile, GuestUser, LoadoutSpec, NetworkMode,
+    OnDeadline, PowerState, Provider, Repository, Resources, SecretRef, TaskSpec, VmSpec,
 };
 
 pub const DEFAULT_CPUS: u32 = 1;
@@ -42,6 +42,18 @@ pub struct Desired {
     pub tasks: BTreeMap<String, DesiredTask>,
     /// Committed answers to prompts, by prompt id.
     pub answers: BTreeMap<String, CommittedAnswer>,
+    /// Secrets by name, still encrypted.
+    pub secrets: BTreeMap<String, DesiredSecret>,
+}
+
+/// A Secret as committed: its values stay age ciphertext until `secrets::Vault` opens them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredSecret {
+    pub name: String,
+    /// Its own recipients, or else the Fleet's.
+    pub recipients: Vec<String>,
+    pub data: BTreeMap<String, ArmoredValue>,
+    pub source: String,
 }
 
 /// A task as fleet runs it: the command line expanded, the environment merged.
@@ -59,8 +71,15 @@ pub struct DesiredTask {
     pub prompt_deadline: std::time::Duration,
     pub on_deadline: OnDeadline,
     pub rerun: u32,
+    /// The loadout's secret references, then the task's own (a task's reference replaces
+    /// the loadout's for the same variable or file).
+    pub secrets: Vec<SecretRef>,
+    /// Why the task may not start yet (a secret value it uses could not be opened); set by
+    /// `secrets::Vault::bind`.
+    pub held: Option<String>,
     /// sha256 of the canonical JSON of the task's spec (`rerun` included): a new hash is a
-    /// new run.
+    /// new run. `secrets::Vault::bind` folds in the keyed hashes of the task's secret values,
+    /// so a changed value is a new run too.
     pub spec_hash: String,
     pub source: String,
 }
@@ -99,6 +118,8 @@ fn resolve_task(name: &str, spec: &TaskSpec, vm: Option<&DesiredVm>, source: &st
     };
     let mut env = vm.map(|vm| vm.config.env.clone()).unwrap_or_default();
     env.extend(spec.env.clone());
+    let loadout_secrets = vm.map(|vm| vm.secrets.clone()).unwrap_or_default();
+    let secrets = merge_keyed(loadout_secrets, &spec.secrets, SecretRef::target);
     let prompts = spec.prompts.clone().unwrap_or_default();
     let json = serde_json::to_vec(spec).expect("TaskSpec serialises to JSON");
     DesiredTask {
@@ -113,6 +134,8 @@ fn resolve_task(name: &str, spec: &TaskSpec, vm: Option<&DesiredVm>, source: &st
         prompt_deadline: duration_or(&prompts.deadline, DEFAULT_PROMPT_DEADLINE),
         on_deadline: prompts.on_deadline,
         rerun: spec.rerun,
+        secrets,
+        held: None,
         spec_hash: hex(&Sha256::digest(json)),
         source: source.to_owned(),
     }
@@ -151,6 +174,9 @@ pub struct DesiredVm {
     pub name: String,
     /// Power state; not part of the configuration hash (starting a VM is not an update).
     pub state: PowerState,
+    /// The loadout's secret references: delivered over the agent link, never part of the
+    /// VM's definition (so not in `config` nor its hash).
+    pub secrets: Vec<SecretRef>,
     pub config: VmConfig,
     /// sha256 of the canonical JSON of `config`.
     pub spec_hash: String,
@@ -286,6 +312,31 @@ pub fn resolve(loaded: &LoadedFleet) -> Desired {
             (id.clone(), answer)
         })
         .collect();
+    let secrets = loaded
+        .secrets
+        .iter()
+        .map(|(name, o)| {
+            let own = &o.doc.spec.recipients;
+            let recipients = if own.is_empty() {
+                &spec.policy.recipients
+            } else {
+                own
+            };
+            let secret = DesiredSecret {
+                name: name.clone(),
+                recipients: recipients.iter().map(|r| r.0.clone()).collect(),
+                data: o
+                    .doc
+                    .spec
+                    .data
+                    .iter()
+                    .map(|(k, v)| (k.0.clone(), v.clone()))
+                    .collect(),
+                source: o.path.clone(),
+            };
+            (name.clone(), secret)
+        })
+        .collect();
     Desired {
         fleet: loaded.fleet.doc.metadata.name.0.clone(),
         revision: loaded.revision.clone(),
@@ -294,6 +345,7 @@ pub fn resolve(loaded: &LoadedFleet) -> Desired {
         vms,
         tasks,
         answers,
+        secrets,
     }
 }
 
@@ -354,6 +406,7 @@ fn resolve_vm(
             .and_then(|d| d.mib())
             .unwrap_or(DEFAULT_DISK_MIB)
     });
+    let secrets = loadout.secrets.clone();
     let config = VmConfig {
         provider: spec.provider.0.clone(),
         domain_type,
@@ -384,6 +437,7 @@ fn resolve_vm(
     DesiredVm {
         name: name.to_owned(),
         state: spec.state,
+        secrets,
         spec_hash: config.hash(),
         config,
         source: source.to_owned(),
@@ -437,9 +491,10 @@ pub fn merge(base: LoadoutSpec, over: &LoadoutSpec) -> LoadoutSpec {
         resources: Some(merge_resources(base.resources, over.resources.clone())),
         network: over.network.clone().or(base.network),
         packages: union(base.packages, &over.packages),
-        files: merge_keyed(base.files, &over.files, |f| &f.path),
+        files: merge_keyed(base.files, &over.files, |f| f.path.clone()),
         runcmd: union(base.runcmd, &over.runcmd),
-        users: merge_keyed(base.users, &over.users, |u| &u.name),
+        users: merge_keyed(base.users, &over.users, |u| u.name.clone()),
+        secrets: merge_keyed(base.secrets, &over.secrets, SecretRef::target),
         env: {
             let mut env = base.env;
             env.extend(over.env.clone());
@@ -472,7 +527,7 @@ fn union(mut base: Vec<String>, over: &[String]) -> Vec<String> {
 fn merge_keyed<T: Clone, K: PartialEq>(
     mut base: Vec<T>,
     over: &[T],
-    key: impl Fn(&T) -> &K,
+    key: impl Fn(&T) -> K,
 ) -> Vec<T> {
     for item in over {
         match base.iter_mut().find(|b| key(b) == key(item)) {
@@ -514,6 +569,7 @@ pub(crate) fn example_vm(name: &str, edit: impl FnOnce(&mut VmConfig)) -> Desire
     DesiredVm {
         name: name.into(),
         state: PowerState::Running,
+        secrets: Vec::new(),
         spec_hash: config.hash(),
         config,
         source: String::new(),

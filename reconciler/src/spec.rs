@@ -26,16 +26,18 @@ pub enum Kind {
     VmPool,
     Task,
     Answer,
+    Secret,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Fleet,
         Kind::Loadout,
         Kind::Vm,
         Kind::VmPool,
         Kind::Task,
         Kind::Answer,
+        Kind::Secret,
     ];
 
     /// The spelling used in `kind:`.
@@ -47,6 +49,7 @@ impl Kind {
             Kind::VmPool => "VMPool",
             Kind::Task => "Task",
             Kind::Answer => "Answer",
+            Kind::Secret => "Secret",
         }
     }
 
@@ -63,6 +66,7 @@ impl Kind {
             Kind::VmPool => "vmpool.schema.json",
             Kind::Task => "task.schema.json",
             Kind::Answer => "answer.schema.json",
+            Kind::Secret => "secret.schema.json",
         }
     }
 }
@@ -211,6 +215,88 @@ document!(
     /// `kind: Answer` — `fleet/hitl/<id>.yaml`: an operator's answer to the prompt `<id>`.
     AnswerDocument, AnswerKind, "Answer", AnswerSpec
 );
+document!(
+    /// `kind: Secret` — `fleet/secrets/<name>.yaml`: values encrypted with age, keys in the
+    /// clear. `fleet secret set` writes these files.
+    SecretDocument, SecretKind, "Secret", SecretSpec
+);
+
+/// The values of one secret, each encrypted on its own so keys can change independently.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SecretSpec {
+    /// Who can decrypt: age recipients (`age1…`). Default: the Fleet's `policy.recipients`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<AgeRecipient>,
+    /// Each key (in the clear) and its value, ASCII-armored age ciphertext.
+    #[schemars(length(min = 1))]
+    pub data: BTreeMap<SecretKey, ArmoredValue>,
+}
+
+/// A key of a Secret: letters, digits, `_`, `.` and `-`, at most 64 characters.
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(transparent)]
+pub struct SecretKey(#[schemars(regex(pattern = "^[A-Za-z0-9_.-]{1,64}$"))] pub String);
+
+/// An age X25519 recipient, `age1` and 58 Bech32 characters (from `age-keygen -y`).
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(transparent)]
+pub struct AgeRecipient(#[schemars(regex(pattern = "^age1[02-9ac-hj-np-z]{58}$"))] pub String);
+
+/// An ASCII-armored age file (`age --armor`): never a value in the clear.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct ArmoredValue(
+    #[schemars(
+        regex(
+            pattern = "^-----BEGIN AGE ENCRYPTED FILE-----\\r?\\n[A-Za-z0-9+/=\\r\\n]+-----END AGE ENCRYPTED FILE-----\\s*$"
+        ),
+        length(max = 65536)
+    )]
+    pub String,
+);
+
+impl SecretRef {
+    /// Where the value goes: `env NAME` or `file PATH` (one reference per target).
+    pub fn target(&self) -> String {
+        match (&self.env, &self.file) {
+            (Some(env), _) => format!("env {env}"),
+            (None, Some(file)) => format!("file {file}"),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ArmoredValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ArmoredValue(..)")
+    }
+}
+
+/// Where a task finds one secret value in the guest: `env` (an environment variable of the
+/// task) or `file` (under `/run/fleet/secrets`, mode 0400). Exactly one of the two.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SecretRef {
+    /// The Secret's name (`fleet/secrets/<name>.yaml`).
+    pub secret: Name,
+    /// One key of its `data`.
+    pub key: SecretKey,
+    /// An environment variable name, for example `ANTHROPIC_API_KEY`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"))]
+    pub env: Option<String>,
+    /// A relative path under `/run/fleet/secrets`, for example `git/token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}(/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}){0,7}$"
+    ))]
+    pub file: Option<String>,
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -317,6 +403,9 @@ pub struct Policy {
     /// no event for (such as `virsh setmem --config`). Default 5m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync_interval: Option<Duration>,
+    /// age recipients every Secret is encrypted to unless it names its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<AgeRecipient>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -432,6 +521,9 @@ pub struct LoadoutSpec {
     /// loadout's user replaces an earlier one of the same name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<GuestUser>,
+    /// Secret values for every task in the VM, over the agent link only (never in the seed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretRef>,
     /// Environment for tasks run in the VM.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
@@ -522,6 +614,9 @@ pub struct TaskSpec {
     /// Added to the VM's loadout environment.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Secret values for this task, added to its loadout's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretRef>,
     /// The whole process tree is killed after this long (default 1h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
@@ -610,6 +705,7 @@ pub fn schema_for(kind: Kind) -> serde_json::Value {
         Kind::VmPool => schemars::schema_for!(VmPoolDocument),
         Kind::Task => schemars::schema_for!(TaskDocument),
         Kind::Answer => schemars::schema_for!(AnswerDocument),
+        Kind::Secret => schemars::schema_for!(SecretDocument),
     };
     serde_json::to_value(schema).expect("a generated schema is plain JSON")
 }

@@ -19,6 +19,10 @@ pub const VERSION: u32 = 1;
 /// The name of the virtio-serial port (libvirt channel target) the link runs over.
 pub const PORT_NAME: &str = "org.fleet.agent.0";
 
+/// Where the guest keeps secret values: a tmpfs, files mode 0400. Nothing else in the guest
+/// holds them (the seed, the disk and the task's argv never do).
+pub const SECRETS_DIR: &str = "/run/fleet/secrets";
+
 /// Longest line either side accepts; longer input is a protocol error, not an allocation.
 pub const MAX_LINE_BYTES: usize = 1024 * 1024;
 
@@ -35,6 +39,10 @@ pub enum GuestMessage {
         agent_version: String,
         /// Changes at every boot of the guest (`/proc/sys/kernel/random/boot_id`).
         boot_id: String,
+        /// The digest of the secret set the guest holds (from `Secrets`), if any: the host
+        /// sends the set again only when its own digest differs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secrets: Option<String>,
     },
     Heartbeat {
         v: u32,
@@ -76,6 +84,12 @@ pub enum GuestMessage {
         path: String,
         error: Option<String>,
     },
+    /// The answer to `Secrets`: the set with `digest` is in place (or `error` says why not).
+    SecretsStored {
+        v: u32,
+        digest: String,
+        error: Option<String>,
+    },
     /// A task ended. `code` is the exit code when it exited on its own; `seq` follows the
     /// task's last output chunk, so the exit is acknowledged like output.
     Exit {
@@ -108,6 +122,7 @@ impl GuestMessage {
             | GuestMessage::Prompt { v, .. }
             | GuestMessage::Artifact { v, .. }
             | GuestMessage::Stored { v, .. }
+            | GuestMessage::SecretsStored { v, .. }
             | GuestMessage::Exit { v, .. } => *v,
         }
     }
@@ -153,6 +168,10 @@ pub enum HostMessage {
         /// Extra regular expressions that mark a line as a prompt waiting for a human.
         #[serde(default)]
         prompt_patterns: Vec<String>,
+        /// Environment variables whose values the agent reads from the secret set: each
+        /// variable and a path relative to `SECRETS_DIR`. Values never travel in `RunTask`.
+        #[serde(default)]
+        secret_env: std::collections::BTreeMap<String, String>,
     },
     /// Type into a task's terminal. With `prompt`, the answer to that prompt: delivered at
     /// most once however often the host sends it.
@@ -176,11 +195,36 @@ pub enum HostMessage {
         #[serde(default)]
         unpack_into: Option<String>,
     },
+    /// The whole secret set the guest should hold, replacing the previous one: files under
+    /// `SECRETS_DIR` (a path in `files` not listed any more is removed). Answered with
+    /// `SecretsStored`.
+    Secrets {
+        v: u32,
+        digest: String,
+        files: Vec<SecretFile>,
+    },
     /// Stop a task (its whole process group).
     Cancel { v: u32, task: String },
     /// The host has stored a task's messages up to and including `seq`; the guest may forget
     /// them. Everything after it is sent again when the host greets after a reconnect.
     Ack { v: u32, task: String, seq: u64 },
+}
+
+/// One secret file: `path` relative to `SECRETS_DIR`, `data` base64. Its `Debug` never shows
+/// the value.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretFile {
+    pub path: String,
+    pub data: String,
+}
+
+impl std::fmt::Debug for SecretFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretFile")
+            .field("path", &self.path)
+            .field("data", &"[REDACTED]")
+            .finish()
+    }
 }
 
 impl HostMessage {
@@ -221,6 +265,7 @@ mod tests {
             v: VERSION,
             agent_version: "0.1.0".into(),
             boot_id: "b-1".into(),
+            secrets: None,
         };
         let line = hello.to_line();
         assert_eq!(

@@ -187,12 +187,13 @@ fn converse(
                 GuestMessage::Hello {
                     agent_version,
                     boot_id,
+                    secrets,
                     ..
                 } => {
                     // Record what came before the greeting first.
                     let replies = book.receive(conn, std::mem::take(&mut task_messages));
                     send(link, replies)?;
-                    conn.greeted(&boot_id);
+                    conn.greeted(&boot_id, secrets.as_deref());
                     set(Some(AgentStatus {
                         connected: true,
                         agent_version,

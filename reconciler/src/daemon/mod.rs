@@ -260,6 +260,23 @@ impl Daemon {
             Ok(mut desired) => {
                 desired.revision.label = format!("{}@{}", self.branch, &snapshot.revision.id[..12]);
                 tracing::info!(revision = %desired.revision.label, "new revision");
+                // Values are opened once per revision; what cannot be opened holds only the
+                // tasks that use it.
+                let vault = self.ws.open_secrets(&mut desired);
+                for problem in vault.problems() {
+                    tracing::warn!("secret: {problem}");
+                    let _ = self.ws.status.append_event(&crate::status::Event {
+                        time: crate::status::timestamp(SystemTime::now()),
+                        kind: "secret.error".into(),
+                        vm: None,
+                        task: None,
+                        provider: None,
+                        action: None,
+                        revision: Some(desired.revision.id.clone()),
+                        message: problem.to_owned(),
+                    });
+                }
+                self.tasks.set_vault(Arc::new(vault));
                 self.last_good = Some(desired);
                 self.refused = None;
             }

@@ -19,8 +19,8 @@ use yaml::{Located, Pos};
 
 use crate::source::{Revision, Snapshot};
 use crate::spec::{
-    AnswerDocument, FleetDocument, Kind, LoadoutDocument, NetworkMode, Resources, TaskDocument,
-    VmDocument, VmPoolDocument, VmSpec,
+    AnswerDocument, FleetDocument, Kind, LoadoutDocument, NetworkMode, Resources, SecretDocument,
+    SecretRef, TaskDocument, VmDocument, VmPoolDocument, VmSpec,
 };
 
 /// One object and the file it came from.
@@ -42,6 +42,8 @@ pub struct LoadedFleet {
     pub tasks: BTreeMap<String, Object<TaskDocument>>,
     /// Committed answers to prompts, by prompt id.
     pub answers: BTreeMap<String, Object<AnswerDocument>>,
+    /// Secrets, still encrypted: loading never decrypts anything.
+    pub secrets: BTreeMap<String, Object<SecretDocument>>,
 }
 
 /// Task names leave room for the prompt ids made from them (`<task>-<run>-<n>`), which
@@ -59,6 +61,7 @@ enum AnyObject {
     VmPool(Object<VmPoolDocument>),
     Task(Object<TaskDocument>),
     Answer(Object<AnswerDocument>),
+    Secret(Object<SecretDocument>),
 }
 
 /// Loads and checks a snapshot.
@@ -84,6 +87,7 @@ pub fn load(snapshot: &Snapshot) -> Result<LoadedFleet, Vec<Diagnostic>> {
     let mut pools = BTreeMap::new();
     let mut tasks = BTreeMap::new();
     let mut answers = BTreeMap::new();
+    let mut secrets = BTreeMap::new();
     for obj in objects {
         match obj {
             AnyObject::Fleet(o) => fleet = Some(o),
@@ -107,6 +111,13 @@ pub fn load(snapshot: &Snapshot) -> Result<LoadedFleet, Vec<Diagnostic>> {
                 &mut answers,
                 o,
                 "Answer",
+                |d| &d.metadata.name.0,
+                &mut diags,
+            ),
+            AnyObject::Secret(o) => insert_unique(
+                &mut secrets,
+                o,
+                "Secret",
                 |d| &d.metadata.name.0,
                 &mut diags,
             ),
@@ -134,6 +145,7 @@ pub fn load(snapshot: &Snapshot) -> Result<LoadedFleet, Vec<Diagnostic>> {
         pools,
         tasks,
         answers,
+        secrets,
     };
     check_references(&loaded, &mut diags);
     if diags.is_empty() {
@@ -182,11 +194,9 @@ fn expected_kinds(rel: &str) -> Result<&'static [Kind], String> {
         Some("vms") if rel.contains('/') => Ok(&[Kind::Vm, Kind::VmPool]),
         Some("tasks") if rel.contains('/') => Ok(&[Kind::Task]),
         Some("hitl") if rel.contains('/') => Ok(&[Kind::Answer]),
-        Some(dir @ "secrets") if rel.contains('/') => Err(format!(
-            "{dir}/ holds kinds this version of fleet does not support yet; remove the file or upgrade fleet"
-        )),
+        Some("secrets") if rel.contains('/') => Ok(&[Kind::Secret]),
         _ => Err(
-            "unexpected file: fleet objects live in fleet.yaml, loadouts/, vms/, tasks/ and hitl/; move or remove it"
+            "unexpected file: fleet objects live in fleet.yaml, loadouts/, vms/, tasks/, secrets/ and hitl/; move or remove it"
                 .to_owned(),
         ),
     }
@@ -308,6 +318,7 @@ fn load_file(
         Kind::VmPool => typed(path, tree, value, diags).map(AnyObject::VmPool),
         Kind::Task => typed(path, tree, value, diags).map(AnyObject::Task),
         Kind::Answer => typed(path, tree, value, diags).map(AnyObject::Answer),
+        Kind::Secret => typed(path, tree, value, diags).map(AnyObject::Secret),
     }?;
     check_object(&object, diags);
     Some(object)
@@ -407,7 +418,9 @@ fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
                 o.doc.spec.network.as_ref().map(|n| n.mode),
                 diags,
             );
+            check_secret_targets(o, "/spec/secrets", &o.doc.spec.secrets, diags);
         }
+        AnyObject::Secret(_) => {}
         AnyObject::Vm(o) => check_vm_spec(o, "/spec", &o.doc.spec, diags),
         AnyObject::Task(o) => check_task(o, diags),
         AnyObject::Answer(o) => {
@@ -433,8 +446,57 @@ fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
     }
 }
 
+/// Each reference names exactly one place (`env` or `file`), and no two references of one
+/// list name the same place.
+fn check_secret_targets<T>(
+    o: &Object<T>,
+    at: &str,
+    refs: &[SecretRef],
+    diags: &mut Vec<Diagnostic>,
+) {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, r) in refs.iter().enumerate() {
+        let pointer = format!("{at}/{i}");
+        let target = match (&r.env, &r.file) {
+            (Some(_), Some(_)) => {
+                diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&format!("{pointer}/file"), true), format!(
+                    "{}.file: a secret reference sets either `env` or `file`, not both; remove one",
+                    diagnostic::field_path(&pointer)
+                )));
+                continue;
+            }
+            (None, None) => {
+                diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&pointer, false), format!(
+                    "{}: say where the value goes: `env: VAR` (an environment variable) or `file: PATH` (under /run/fleet/secrets)",
+                    diagnostic::field_path(&pointer)
+                )));
+                continue;
+            }
+            (Some(env), None) => format!("env {env}"),
+            (None, Some(file)) => {
+                if file.split('/').any(|c| c == "." || c == "..") {
+                    diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&format!("{pointer}/file"), false), format!(
+                        "{}.file: {file:?} may not contain `.` or `..` components; name a path inside /run/fleet/secrets",
+                        diagnostic::field_path(&pointer)
+                    )));
+                    continue;
+                }
+                format!("file {file}")
+            }
+        };
+        if let Some(first) = seen.insert(target.clone(), i) {
+            diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&pointer, false), format!(
+                "{}: {target} is already set by {}[{first}]; each variable or file takes one secret",
+                diagnostic::field_path(&pointer),
+                diagnostic::field_path(at)
+            )));
+        }
+    }
+}
+
 fn check_task(o: &Object<TaskDocument>, diags: &mut Vec<Diagnostic>) {
     let spec = &o.doc.spec;
+    check_secret_targets(o, "/spec/secrets", &spec.secrets, diags);
     let mut say = |pointer: &str, at_key: bool, message: String| {
         diags.push(Diagnostic::new(
             &o.path,
@@ -751,6 +813,8 @@ fn check_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
         }
     }
 
+    check_secret_references(f, diags);
+
     for o in f.tasks.values() {
         let vm = &o.doc.spec.vm.0;
         if !owners.contains_key(vm) {
@@ -767,6 +831,65 @@ fn check_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
                 &o.path,
                 o.tree.pos_at_pointer("/spec/vm", false),
                 format!("spec.vm: no VM named {vm:?}; {list}"),
+            ));
+        }
+    }
+}
+
+/// Every reference names a Secret and one of its keys, and every Secret has recipients to
+/// encrypt to. Nothing is decrypted.
+fn check_secret_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
+    let uses = f
+        .loadouts
+        .values()
+        .map(|o| (&o.path, &o.tree, &o.doc.spec.secrets))
+        .chain(
+            f.tasks
+                .values()
+                .map(|o| (&o.path, &o.tree, &o.doc.spec.secrets)),
+        );
+    for (path, tree, refs) in uses {
+        for (i, r) in refs.iter().enumerate() {
+            let Some(secret) = f.secrets.get(&r.secret.0) else {
+                let defined: Vec<&str> = f.secrets.keys().map(String::as_str).collect();
+                let list = if defined.is_empty() {
+                    "none are defined; create one with `fleet secret set NAME KEY`".to_owned()
+                } else {
+                    format!("defined: {}", defined.join(", "))
+                };
+                diags.push(Diagnostic::new(
+                    path,
+                    tree.pos_at_pointer(&format!("/spec/secrets/{i}/secret"), false),
+                    format!(
+                        "spec.secrets[{i}].secret: no Secret named {:?}; {list}",
+                        r.secret.0
+                    ),
+                ));
+                continue;
+            };
+            if !secret.doc.spec.data.contains_key(&r.key) {
+                let keys: Vec<&str> = secret.doc.spec.data.keys().map(|k| k.0.as_str()).collect();
+                diags.push(Diagnostic::new(
+                    path,
+                    tree.pos_at_pointer(&format!("/spec/secrets/{i}/key"), false),
+                    format!(
+                        "spec.secrets[{i}].key: Secret {:?} ({}) has no key {:?}; its keys: {}",
+                        r.secret.0,
+                        secret.path,
+                        r.key.0,
+                        keys.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    let fleet_recipients = !f.fleet.doc.spec.policy.recipients.is_empty();
+    for o in f.secrets.values() {
+        if o.doc.spec.recipients.is_empty() && !fleet_recipients {
+            diags.push(Diagnostic::new(
+                &o.path,
+                o.tree.pos_at_pointer("/spec", false),
+                "spec: no recipients to encrypt to; add `recipients: [age1…]` here or `policy.recipients` in fleet.yaml (age-keygen -y KEYFILE prints yours)".to_owned(),
             ));
         }
     }

@@ -33,6 +33,7 @@ fn committed_schema(kind: Kind) -> &'static str {
         Kind::VmPool => include_str!("../../../schema/vmpool.schema.json"),
         Kind::Task => include_str!("../../../schema/task.schema.json"),
         Kind::Answer => include_str!("../../../schema/answer.schema.json"),
+        Kind::Secret => include_str!("../../../schema/secret.schema.json"),
     }
 }
 

@@ -22,13 +22,18 @@ pub mod runner;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 
+use fleet_agent_protocol::SecretFile;
+use secrecy::SecretSlice;
+
 use crate::resolve::{CommittedAnswer, Desired, DesiredTask};
+use crate::secrets::Vault;
 use crate::source::hex;
+use crate::spec::SecretRef;
 use crate::status::tasks::{PromptRecord, PromptState, TaskPhase, TaskRecord};
 use crate::status::{Event, StatusDir, timestamp};
 
@@ -47,6 +52,65 @@ struct BookState {
     revision: Option<String>,
     records: BTreeMap<String, TaskRecord>,
     prompts: BTreeMap<String, PromptRecord>,
+    /// Each VM's loadout secret references.
+    vm_secrets: BTreeMap<String, Vec<SecretRef>>,
+    /// The opened secret values, replaced by each `set_vault`.
+    vault: Arc<Vault>,
+}
+
+/// What one VM's guest should hold under `SECRETS_DIR`, and its digest (over paths and
+/// fingerprints, never values).
+struct SecretSet {
+    digest: String,
+    files: Vec<SecretFile>,
+}
+
+/// Where a reference's value lives in the guest, relative to `SECRETS_DIR`: its `file`, or
+/// for an environment variable a file the agent reads when it starts the task.
+fn secret_path(r: &SecretRef) -> String {
+    match &r.file {
+        Some(file) => file.clone(),
+        None => format!(".env/{}/{}", r.secret.0, r.key.0),
+    }
+}
+
+/// The VM's set: its loadout's references and those of the tasks that target it, each value
+/// the vault could open (the others hold their tasks back).
+fn secret_set(state: &BookState, vm: &str) -> SecretSet {
+    use base64::Engine;
+    use secrecy::ExposeSecret;
+    let refs = state.vm_secrets.get(vm).into_iter().flatten().chain(
+        state
+            .desired
+            .values()
+            .filter(|t| t.vm == vm)
+            .flat_map(|t| &t.secrets),
+    );
+    let mut by_path: BTreeMap<String, (&str, &SecretSlice<u8>)> = BTreeMap::new();
+    for r in refs {
+        let (Some(value), Some(fingerprint)) = (
+            state.vault.value(&r.secret.0, &r.key.0),
+            state.vault.fingerprint(&r.secret.0, &r.key.0),
+        ) else {
+            continue;
+        };
+        by_path
+            .entry(secret_path(r))
+            .or_insert((fingerprint, value));
+    }
+    let mut digest = Sha256::new();
+    let mut files = Vec::new();
+    for (path, (fingerprint, value)) in by_path {
+        digest.update(format!("{path}\0{fingerprint}\0").as_bytes());
+        files.push(SecretFile {
+            path,
+            data: base64::engine::general_purpose::STANDARD.encode(value.expose_secret()),
+        });
+    }
+    SecretSet {
+        digest: hex(&digest.finalize())[..16].to_owned(),
+        files,
+    }
 }
 
 fn now() -> String {
@@ -84,6 +148,12 @@ impl TaskBook {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The secret values opened for this revision (before `sync`, so tasks are bound to
+    /// the values they will be given).
+    pub fn set_vault(&self, vault: Arc<Vault>) {
+        self.lock().vault = vault;
+    }
+
     pub fn records(&self) -> BTreeMap<String, TaskRecord> {
         self.lock().records.clone()
     }
@@ -98,6 +168,12 @@ impl TaskBook {
     pub fn sync(&self, desired: &Desired, running: &BTreeSet<String>) {
         let mut state = self.lock();
         state.desired = desired.tasks.clone();
+        state.vm_secrets = desired
+            .vms
+            .values()
+            .filter(|vm| !vm.secrets.is_empty())
+            .map(|vm| (vm.name.clone(), vm.secrets.clone()))
+            .collect();
         state.answers = desired.answers.clone();
         state.revision = Some(desired.revision.id.clone());
         let names: BTreeSet<String> = state
@@ -299,7 +375,9 @@ impl TaskBook {
 }
 
 fn waiting_message(task: &DesiredTask, running: &BTreeSet<String>) -> String {
-    if running.contains(&task.vm) {
+    if let Some(held) = &task.held {
+        held.clone()
+    } else if running.contains(&task.vm) {
         format!("waiting for the agent in VM {}", task.vm)
     } else {
         format!("waiting for VM {} to run", task.vm)

@@ -40,6 +40,10 @@ pub struct Connection {
     cancel_sent: BTreeSet<String>,
     staging: Option<Staging>,
     last_scan: Option<Instant>,
+    /// The digest of the secret set the guest holds (from its hello, then its
+    /// `SecretsStored`), and of the last set sent on this connection.
+    guest_secrets: Option<String>,
+    secrets_sent: Option<String>,
 }
 
 struct Staging {
@@ -64,16 +68,20 @@ impl Connection {
             cancel_sent: BTreeSet::new(),
             staging: None,
             last_scan: None,
+            guest_secrets: None,
+            secrets_sent: None,
         }
     }
 
     /// The agent greeted (a new connection, or the guest restarted): everything is looked
     /// at again.
-    pub fn greeted(&mut self, boot_id: &str) {
+    pub fn greeted(&mut self, boot_id: &str, secrets: Option<&str>) {
         self.boot_id = Some(boot_id.to_owned());
         self.attached.clear();
         self.cancel_sent.clear();
         self.staging = None;
+        self.guest_secrets = secrets.map(str::to_owned);
+        self.secrets_sent = None;
     }
 }
 
@@ -92,6 +100,11 @@ fn run_task(task: &DesiredTask, guest_task: &str) -> HostMessage {
         timeout_secs: Some(task.timeout.as_secs().max(1)),
         artifacts: task.artifacts.clone(),
         prompt_patterns: task.prompt_patterns.clone(),
+        secret_env: task
+            .secrets
+            .iter()
+            .filter_map(|r| Some((r.env.clone()?, super::secret_path(r))))
+            .collect(),
     }
 }
 
@@ -188,6 +201,7 @@ impl TaskBook {
         }
 
         self.enforce_timeouts(state, conn, &mut out);
+        let secrets_ready = self.deliver_secrets(state, conn, &mut out);
         self.answer_prompts(state, conn, &mut out);
         let scan_due = conn.last_scan.is_none_or(|t| t.elapsed() >= ANSWER_SCAN);
         if scan_due {
@@ -200,10 +214,11 @@ impl TaskBook {
             let due = ours.iter().find(|name| {
                 let r = &state.records[*name];
                 r.phase == TaskPhase::Pending
-                    && state
-                        .desired
-                        .get(*name)
-                        .is_some_and(|t| t.spec_hash == r.spec_hash)
+                    && state.desired.get(*name).is_some_and(|t| {
+                        t.spec_hash == r.spec_hash
+                            && t.held.is_none()
+                            && (t.secrets.is_empty() || secrets_ready)
+                    })
             });
             if let Some(name) = due.cloned() {
                 let task = state.desired[&name].clone();
@@ -360,6 +375,17 @@ impl TaskBook {
                 | GuestMessage::Prompt { task, seq, .. }
                 | GuestMessage::Artifact { task, seq, .. }
                 | GuestMessage::Exit { task, seq, .. } => (task.clone(), *seq),
+                GuestMessage::SecretsStored { digest, error, .. } => {
+                    match error {
+                        None => conn.guest_secrets = Some(digest.clone()),
+                        // Not sent again on this connection: tasks that need them wait, and
+                        // the next connection tries afresh.
+                        Some(e) => {
+                            tracing::warn!(vm = %conn.vm, "the guest could not store its secrets: {e}")
+                        }
+                    }
+                    continue;
+                }
                 GuestMessage::Hello { .. } | GuestMessage::Heartbeat { .. } => continue,
             };
             let Some(name) = state
@@ -549,7 +575,8 @@ impl TaskBook {
             }
             GuestMessage::Hello { .. }
             | GuestMessage::Heartbeat { .. }
-            | GuestMessage::Stored { .. } => {}
+            | GuestMessage::Stored { .. }
+            | GuestMessage::SecretsStored { .. } => {}
         }
     }
 
@@ -600,6 +627,29 @@ impl TaskBook {
                 });
             }
         }
+    }
+
+    /// Sends the VM's secret set when the guest does not hold it yet; true once it does.
+    fn deliver_secrets(
+        &self,
+        state: &mut BookState,
+        conn: &mut Connection,
+        out: &mut Vec<HostMessage>,
+    ) -> bool {
+        let set = super::secret_set(state, &conn.vm);
+        let held = conn.guest_secrets.as_deref();
+        if held == Some(set.digest.as_str()) || (held.is_none() && set.files.is_empty()) {
+            return true;
+        }
+        if conn.secrets_sent.as_deref() != Some(set.digest.as_str()) {
+            conn.secrets_sent = Some(set.digest.clone());
+            out.push(HostMessage::Secrets {
+                v: VERSION,
+                digest: set.digest,
+                files: set.files,
+            });
+        }
+        false
     }
 
     /// Delivers answers to this VM's pending prompts, and applies their deadlines.

@@ -27,6 +27,8 @@ fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
         prompt_deadline: deadline,
         on_deadline,
         rerun: 0,
+        secrets: Vec::new(),
+        held: None,
         spec_hash: "h1".into(),
         source: "fleet/tasks/ask.yaml".into(),
     };
@@ -48,6 +50,7 @@ fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
         vms: Default::default(),
         tasks: [("ask".to_owned(), task)].into(),
         answers: Default::default(),
+        secrets: Default::default(),
     }
 }
 
@@ -70,7 +73,7 @@ fn started(
         book.tick(&mut conn).0.is_empty(),
         "nothing before the agent's hello"
     );
-    conn.greeted("boot-1");
+    conn.greeted("boot-1", None);
     let (sent, job) = book.tick(&mut conn);
     assert!(job.is_none());
     let guest_task = match sent.as_slice() {
@@ -188,7 +191,7 @@ fn an_answer_with_control_characters_is_refused_and_a_good_one_typed_once() {
     assert_eq!(sent, vec![input.clone()]);
     assert!(!answer.exists(), "the answer file is taken");
     // Not yet known to be delivered: a reconnect sends it again (the guest types it once).
-    conn.greeted("boot-1");
+    conn.greeted("boot-1", None);
     let (sent, _) = book.tick(&mut conn);
     assert!(sent.contains(&input), "{sent:?}");
     book.sent(&sent);
@@ -208,7 +211,7 @@ fn an_answer_with_control_characters_is_refused_and_a_good_one_typed_once() {
 #[test]
 fn a_new_boot_fails_the_run_and_a_removed_task_is_cancelled() {
     let (_dir, book, mut conn, _task) = started(Duration::from_secs(600), OnDeadline::Wait);
-    conn.greeted("boot-2");
+    conn.greeted("boot-2", None);
     book.tick(&mut conn);
     let record = &book.records()["ask"];
     assert_eq!(record.phase, TaskPhase::Failed);

@@ -1,0 +1,305 @@
+//! Secrets: committed as age ciphertext (`fleet/secrets/<name>.yaml`), opened only in memory
+//! with the host's age identity, and delivered to guests only over the agent link.
+//!
+//! - `Keyring`: the host's age identities, from a key file no one else may read.
+//! - `encrypt` / `decrypt`: one value, ASCII-armored, interoperable with the `age` CLI.
+//! - `Vault`: every committed value opened, with a keyed hash (fingerprint) of each, so a
+//!   changed value is seen without keeping or comparing plaintext.
+//! - `redact`: the tracing writer that blanks any opened value before a log line is written.
+//!
+//! Invariants: a value lives only in `secrecy` boxes (zeroized when dropped) and in the
+//! `Secrets` message written to the agent link; it never reaches a status file, an event,
+//! a plan, a seed, domain XML, a log line or a process argument.
+
+pub mod redact;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use age::secrecy::ExposeSecret;
+use hmac::{Hmac, Mac};
+use secrecy::SecretSlice;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::resolve::{Desired, DesiredSecret};
+
+/// The largest value `fleet secret set` accepts (and a decrypted value may have).
+pub const MAX_VALUE_BYTES: usize = 32 * 1024;
+
+/// The host's age identities (X25519), read from one key file.
+pub struct Keyring {
+    identities: Vec<age::x25519::Identity>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring")
+            .field("path", &self.path)
+            .field("identities", &self.identities.len())
+            .finish()
+    }
+}
+
+/// Where the identity comes from, in order: `--age-identity`, `FLEET_AGE_IDENTITY`,
+/// `~/.config/fleet/age.key`. `None` when none is set and the default file does not exist.
+pub fn identity_path(
+    flag: Option<&Path>,
+    env: Option<&Path>,
+    home: Option<&Path>,
+) -> Option<PathBuf> {
+    if let Some(p) = flag.or(env) {
+        return Some(p.to_path_buf());
+    }
+    let default = home?.join(".config/fleet/age.key");
+    default.exists().then_some(default)
+}
+
+impl Keyring {
+    /// Reads `AGE-SECRET-KEY-1…` lines (as `age-keygen` writes them). The file must not be
+    /// readable by group or others.
+    pub fn load(path: &Path) -> Result<Keyring, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let shown = path.display();
+        let meta = std::fs::metadata(path).map_err(|e| {
+            format!("age identity {shown}: {e}; create one with `age-keygen -o {shown}`")
+        })?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "age identity {shown} is readable by others (mode {mode:04o}); fix it with `chmod 600 {shown}`"
+            ));
+        }
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path).map_err(|e| format!("age identity {shown}: {e}"))?,
+        );
+        let mut identities = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let identity = age::x25519::Identity::from_str(line).map_err(|_| {
+                format!(
+                    "age identity {shown}:{}: not an age secret key (AGE-SECRET-KEY-1…); only X25519 keys from age-keygen are supported",
+                    n + 1
+                )
+            })?;
+            identities.push(identity);
+        }
+        if identities.is_empty() {
+            return Err(format!(
+                "age identity {shown} holds no key; create one with `age-keygen -o {shown}`"
+            ));
+        }
+        Ok(Keyring {
+            identities,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The public recipients of these identities (`age1…`).
+    pub fn recipients(&self) -> Vec<String> {
+        self.identities
+            .iter()
+            .map(|i| i.to_public().to_string())
+            .collect()
+    }
+
+    /// The key of the fingerprint HMAC: derived from the first identity, so fingerprints are
+    /// stable for a host (and any host sharing its key) but useless to anyone without it.
+    fn fingerprint_key(&self) -> Zeroizing<Vec<u8>> {
+        let mut h = Sha256::new();
+        h.update(b"fleet secret fingerprint v1\0");
+        if let Some(first) = self.identities.first() {
+            h.update(first.to_string().expose_secret().as_bytes());
+        }
+        Zeroizing::new(h.finalize().to_vec())
+    }
+}
+
+/// Encrypts `plaintext` to `recipients` as an ASCII-armored age file.
+pub fn encrypt(plaintext: &[u8], recipients: &[String]) -> Result<String, String> {
+    let parsed: Vec<age::x25519::Recipient> = recipients
+        .iter()
+        .map(|r| {
+            age::x25519::Recipient::from_str(r)
+                .map_err(|e| format!("recipient {r:?} is not an age X25519 recipient: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    if parsed.is_empty() {
+        return Err("no recipients to encrypt to".into());
+    }
+    let encryptor =
+        age::Encryptor::with_recipients(parsed.iter().map(|r| r as &dyn age::Recipient))
+            .map_err(|e| format!("cannot encrypt: {e}"))?;
+    let mut out = Vec::new();
+    let armor = age::armor::ArmoredWriter::wrap_output(&mut out, age::armor::Format::AsciiArmor)
+        .map_err(|e| e.to_string())?;
+    let mut writer = encryptor.wrap_output(armor).map_err(|e| e.to_string())?;
+    writer.write_all(plaintext).map_err(|e| e.to_string())?;
+    writer
+        .finish()
+        .and_then(|armor| armor.finish())
+        .map_err(|e| e.to_string())?;
+    String::from_utf8(out).map_err(|e| e.to_string())
+}
+
+/// Decrypts one armored value. Errors say what went wrong without any plaintext.
+pub fn decrypt(armored: &str, keyring: &Keyring) -> Result<SecretSlice<u8>, String> {
+    let reader = age::armor::ArmoredReader::new(armored.as_bytes());
+    let decryptor = age::Decryptor::new(reader).map_err(|e| describe(&e, keyring))?;
+    let mut stream = decryptor
+        .decrypt(keyring.identities.iter().map(|i| i as &dyn age::Identity))
+        .map_err(|e| describe(&e, keyring))?;
+    let mut plain = Zeroizing::new(Vec::new());
+    let mut limited = (&mut stream).take(MAX_VALUE_BYTES as u64 + 1);
+    limited.read_to_end(&mut plain).map_err(|e| {
+        format!("the ciphertext is damaged or was tampered with ({e}); set the value again")
+    })?;
+    if plain.len() > MAX_VALUE_BYTES {
+        return Err(format!(
+            "the value is larger than {} KiB",
+            MAX_VALUE_BYTES / 1024
+        ));
+    }
+    Ok(SecretSlice::from(std::mem::take(&mut *plain)))
+}
+
+fn describe(e: &age::DecryptError, keyring: &Keyring) -> String {
+    match e {
+        age::DecryptError::NoMatchingKeys => format!(
+            "not encrypted to this host's identity ({}, recipient {}); someone who can decrypt it must run `fleet secret rotate` with that recipient listed",
+            keyring.path.display(),
+            keyring.recipients().join(", ")
+        ),
+        age::DecryptError::InvalidMac
+        | age::DecryptError::DecryptionFailed
+        | age::DecryptError::KeyDecryptionFailed
+        | age::DecryptError::InvalidHeader
+        | age::DecryptError::Io(_) => format!(
+            "the ciphertext is damaged or was tampered with ({e}); set the value again with `fleet secret set`"
+        ),
+        other => format!("cannot decrypt: {other}"),
+    }
+}
+
+/// Every committed value, opened. Values that cannot be opened are problems, reported per
+/// (secret, key); what depends on them waits, everything else proceeds.
+#[derive(Default)]
+pub struct Vault {
+    values: BTreeMap<(String, String), SecretSlice<u8>>,
+    fingerprints: BTreeMap<(String, String), String>,
+    problems: BTreeMap<(String, String), String>,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault")
+            .field("values", &self.values.len())
+            .field("problems", &self.problems)
+            .finish()
+    }
+}
+
+impl Vault {
+    /// Opens every value of `secrets`. Without a keyring every value is a problem saying
+    /// why (`no_keyring`).
+    pub fn open(
+        secrets: &BTreeMap<String, DesiredSecret>,
+        keyring: Result<&Keyring, &str>,
+    ) -> Vault {
+        let mut vault = Vault::default();
+        let fingerprint_key = keyring.ok().map(Keyring::fingerprint_key);
+        for secret in secrets.values() {
+            for (key, armored) in &secret.data {
+                let id = (secret.name.clone(), key.clone());
+                let opened = match (keyring, &fingerprint_key) {
+                    (Ok(k), Some(fk)) => decrypt(&armored.0, k).map(|v| (v, fk)),
+                    (Err(why), _) => Err(why.to_owned()),
+                    (Ok(_), None) => Err("no age identity".to_owned()),
+                };
+                match opened {
+                    Ok((value, fingerprint_key)) => {
+                        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(fingerprint_key)
+                            .expect("HMAC takes any key length");
+                        for part in [secret.name.as_bytes(), b"\0", key.as_bytes(), b"\0"] {
+                            mac.update(part);
+                        }
+                        mac.update(value.expose_secret());
+                        let tag = mac.finalize().into_bytes();
+                        redact::register(value.expose_secret());
+                        vault
+                            .fingerprints
+                            .insert(id.clone(), crate::source::hex(&tag)[..16].to_owned());
+                        vault.values.insert(id, value);
+                    }
+                    Err(why) => {
+                        vault
+                            .problems
+                            .insert(id, format!("{} key {key}: {why}", secret.source));
+                    }
+                }
+            }
+        }
+        vault
+    }
+
+    pub fn value(&self, secret: &str, key: &str) -> Option<&SecretSlice<u8>> {
+        self.values.get(&(secret.to_owned(), key.to_owned()))
+    }
+
+    /// A keyed hash of the value (16 hex digits): equal values, equal fingerprints; nothing
+    /// about the value can be learned from it without the host's identity.
+    pub fn fingerprint(&self, secret: &str, key: &str) -> Option<&str> {
+        self.fingerprints
+            .get(&(secret.to_owned(), key.to_owned()))
+            .map(String::as_str)
+    }
+
+    /// Why a value could not be opened (naming the file and key), if it could not.
+    pub fn problem(&self, secret: &str, key: &str) -> Option<&str> {
+        self.problems
+            .get(&(secret.to_owned(), key.to_owned()))
+            .map(String::as_str)
+    }
+
+    pub fn problems(&self) -> impl Iterator<Item = &str> {
+        self.problems.values().map(String::as_str)
+    }
+
+    /// Ties tasks to the values they use: each task's spec hash takes in the fingerprints of
+    /// its secret values (a changed value is a new run), and a task whose value could not be
+    /// opened is held, saying why.
+    pub fn bind(&self, desired: &mut Desired) {
+        for task in desired.tasks.values_mut() {
+            if task.secrets.is_empty() {
+                continue;
+            }
+            let mut h = Sha256::new();
+            h.update(task.spec_hash.as_bytes());
+            for r in &task.secrets {
+                h.update(format!("\0{}/{}/{}=", r.secret.0, r.key.0, r.target()).as_bytes());
+                match self.fingerprint(&r.secret.0, &r.key.0) {
+                    Some(fp) => h.update(fp.as_bytes()),
+                    None => {
+                        let why = self
+                            .problem(&r.secret.0, &r.key.0)
+                            .unwrap_or("the secret is not defined");
+                        task.held.get_or_insert_with(|| {
+                            format!("waiting for secret {}/{}: {why}", r.secret.0, r.key.0)
+                        });
+                    }
+                }
+            }
+            task.spec_hash = crate::source::hex(&h.finalize());
+        }
+    }
+}
