@@ -62,6 +62,22 @@ pub enum Command {
     /// Prompts waiting for a human, and answering them from the host.
     #[command(subcommand)]
     Hitl(HitlCommand),
+    /// Secrets in fleet/secrets/: age-encrypted values, keys in the clear.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Encrypt a value (read from stdin, or typed without echo) into
+    /// fleet/secrets/NAME.yaml under KEY, for the Secret's recipients (or policy.recipients).
+    /// The value is never taken from the command line.
+    Set { name: String, key: String },
+    /// Re-encrypt every value (of the named Secrets, or all) to the current recipients; needs
+    /// an identity that can decrypt them.
+    Rotate { names: Vec<String> },
+    /// Secret names and keys; values are not decrypted.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -195,6 +211,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 println!("answer to {id} written; fleet serve delivers it");
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Secret(command) => secret_cmd(&ws, command),
             Command::Serve(args) => crate::daemon::serve(
                 ws.clone(),
                 crate::daemon::ServeOptions {
@@ -213,6 +230,30 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn secret_cmd(ws: &Workspace, command: &SecretCommand) -> Result<ExitCode> {
+    let files = crate::secrets::files::in_worktree(&ws.repo_root, &ws.fleet_dir);
+    match command {
+        SecretCommand::Set { name, key } => {
+            let value = crate::secrets::files::read_value()?;
+            let path = files.set(name, key, &value)?;
+            println!("{}: {key} encrypted; commit the file", path.display());
+        }
+        SecretCommand::Rotate { names } => {
+            let Some(identity) = &ws.age_identity else {
+                anyhow::bail!(
+                    "rotating needs an identity that can decrypt: pass --age-identity FILE, set FLEET_AGE_IDENTITY, or create ~/.config/fleet/age.key"
+                );
+            };
+            let keyring = crate::secrets::Keyring::load(identity).map_err(anyhow::Error::msg)?;
+            for (path, count) in files.rotate(&keyring, names)? {
+                println!("{}: {count} value(s) re-encrypted", path.display());
+            }
+        }
+        SecretCommand::List => print!("{}", files.list()?),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn workspace(cli: &Cli) -> Result<Workspace> {
@@ -250,10 +291,11 @@ fn validate(ws: &Workspace, args: &SourceArgs) -> Result<ExitCode> {
     match reconcile::desired(&snapshot) {
         Ok(desired) => {
             println!(
-                "{}: valid ({} VM(s), {} task(s), {} provider(s)) at {}",
+                "{}: valid ({} VM(s), {} task(s), {} secret(s), {} provider(s)) at {}",
                 ws.fleet_dir,
                 desired.vms.len(),
                 desired.tasks.len(),
+                desired.secrets.len(),
                 desired.providers.len(),
                 snapshot.revision.label
             );

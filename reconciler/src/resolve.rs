@@ -577,6 +577,40 @@ pub(crate) fn example_vm(name: &str, edit: impl FnOnce(&mut VmConfig)) -> Desire
 }
 
 #[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+    use crate::source::{Snapshot, SourceFile};
+
+    /// A fleet with one VM, one Secret `s` (key `k` holding `armored`) and a task `t` that
+    /// takes it as `$TOKEN`.
+    pub(crate) fn desired_with_task_secret(armored: String) -> Desired {
+        let indented: String = armored.lines().map(|l| format!("      {l}\n")).collect();
+        let files = [
+            ("fleet/fleet.yaml", "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: lab}\nspec:\n  providers: [{name: local, type: libvirt, uri: 'test:///default'}]\n  images: [{name: micro, kernel: k, initrd: i}]\n  policy: {recipients: [age1sve4p6nuq0599zp7p7s02pvfsnqgqnw8aydanew04msp05wadqyskjem93]}\n".to_owned()),
+            ("fleet/vms/a.yaml", "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: a}\nspec: {provider: local, image: micro}\n".to_owned()),
+            ("fleet/tasks/t.yaml", "apiVersion: fleet/v1\nkind: Task\nmetadata: {name: t}\nspec:\n  vm: a\n  command: [env]\n  secrets: [{secret: s, key: k, env: TOKEN}]\n".to_owned()),
+            ("fleet/secrets/s.yaml", format!("apiVersion: fleet/v1\nkind: Secret\nmetadata: {{name: s}}\nspec:\n  data:\n    k: |\n{indented}")),
+        ];
+        let snapshot = Snapshot {
+            revision: Revision {
+                id: "0".repeat(40),
+                label: "t".into(),
+            },
+            fleet_dir: "fleet".into(),
+            files: files
+                .iter()
+                .map(|(p, t)| SourceFile {
+                    path: (*p).into(),
+                    bytes: t.as_bytes().to_vec(),
+                })
+                .collect(),
+        };
+        let loaded = crate::load::load(&snapshot).unwrap_or_else(|d| panic!("{d:#?}"));
+        resolve(&loaded)
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::spec::{Network, Size};

@@ -473,16 +473,8 @@ fn check_secret_targets<T>(
                 continue;
             }
             (Some(env), None) => format!("env {env}"),
-            (None, Some(file)) => {
-                if file.split('/').any(|c| c == "." || c == "..") {
-                    diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&format!("{pointer}/file"), false), format!(
-                        "{}.file: {file:?} may not contain `.` or `..` components; name a path inside /run/fleet/secrets",
-                        diagnostic::field_path(&pointer)
-                    )));
-                    continue;
-                }
-                format!("file {file}")
-            }
+            // The schema's pattern keeps paths plain and relative (no `.` or `..`).
+            (None, Some(file)) => format!("file {file}"),
         };
         if let Some(first) = seen.insert(target.clone(), i) {
             diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&pointer, false), format!(

@@ -61,9 +61,41 @@ pub fn validate(kind: Kind, instance: &Value) -> Vec<Violation> {
     for err in compiled.validator.iter_errors(instance) {
         explain(&compiled.schema, &err, &mut out);
     }
+    if kind == Kind::Secret {
+        out.iter_mut()
+            .for_each(|v| never_echo_secret_values(instance, v));
+    }
     out.sort();
     out.dedup();
     out
+}
+
+/// A Secret's `data` values are ciphertext, or a value someone committed in the clear by
+/// mistake: a diagnostic about one must not repeat it (diagnostics reach terminals, logs and
+/// the status directory).
+fn never_echo_secret_values(instance: &Value, v: &mut Violation) {
+    let Some(rest) = v.pointer.strip_prefix("/spec/data/") else {
+        return;
+    };
+    let key = rest
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .replace("~1", "/")
+        .replace("~0", "~");
+    let name = instance
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("NAME");
+    v.message = if v.at_key {
+        format!(
+            "spec.data: key {key:?} is not valid; keys use letters, digits, `_`, `.` and `-` (at most 64)"
+        )
+    } else {
+        format!(
+            "spec.data.{key}: not an ASCII-armored age value; encrypt it with `fleet secret set {name} {key}` (a value in the clear is never accepted nor repeated here; if one was committed, change it at its source)"
+        )
+    };
 }
 
 fn explain(schema: &Value, err: &ValidationError<'_>, out: &mut Vec<Violation>) {

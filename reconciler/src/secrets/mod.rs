@@ -11,6 +11,7 @@
 //! `Secrets` message written to the agent link; it never reaches a status file, an event,
 //! a plan, a seed, domain XML, a log line or a process argument.
 
+pub mod files;
 pub mod redact;
 
 use std::collections::BTreeMap;
@@ -187,6 +188,7 @@ fn describe(e: &age::DecryptError, keyring: &Keyring) -> String {
         | age::DecryptError::Io(_) => format!(
             "the ciphertext is damaged or was tampered with ({e}); set the value again with `fleet secret set`"
         ),
+        age::DecryptError::UnknownFormat => "the ciphertext is damaged or was tampered with (or a newer age wrote it); set the value again with `fleet secret set`".to_owned(),
         other => format!("cannot decrypt: {other}"),
     }
 }
@@ -301,5 +303,157 @@ impl Vault {
             }
             task.spec_hash = crate::source::hex(&h.finalize());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A fresh identity in a key file of `mode`; returns the directory (keep it alive).
+    fn key_file(mode: u32) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("age.key");
+        let identity = age::x25519::Identity::generate();
+        std::fs::write(
+            &path,
+            format!(
+                "# created: now\n# public key: {}\n{}\n",
+                identity.to_public(),
+                identity.to_string().expose_secret()
+            ),
+        )
+        .expect("write key");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        (dir, path)
+    }
+
+    fn secret(name: &str, key: &str, armored: String) -> BTreeMap<String, DesiredSecret> {
+        BTreeMap::from([(
+            name.to_owned(),
+            DesiredSecret {
+                name: name.to_owned(),
+                recipients: Vec::new(),
+                data: BTreeMap::from([(key.to_owned(), crate::spec::ArmoredValue(armored))]),
+                source: format!("fleet/secrets/{name}.yaml"),
+            },
+        )])
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused_with_the_fix() {
+        let (_dir, path) = key_file(0o644);
+        let err = Keyring::load(&path).expect_err("refused");
+        assert!(err.contains("readable by others (mode 0644)"), "{err}");
+        assert!(err.contains("chmod 600"), "{err}");
+        let (_dir, path) = key_file(0o600);
+        assert_eq!(Keyring::load(&path).expect("loads").recipients().len(), 1);
+    }
+
+    #[test]
+    fn values_round_trip_and_fingerprints_follow_the_value_not_the_ciphertext() {
+        let (_dir, path) = key_file(0o600);
+        let keyring = Keyring::load(&path).expect("keyring");
+        let a1 = encrypt(b"value-one", &keyring.recipients()).expect("encrypt");
+        let a2 = encrypt(b"value-one", &keyring.recipients()).expect("encrypt");
+        let b = encrypt(b"value-two", &keyring.recipients()).expect("encrypt");
+        assert!(a1.starts_with("-----BEGIN AGE ENCRYPTED FILE-----"));
+        assert_ne!(a1, a2, "age encryption is randomised");
+        assert_eq!(
+            decrypt(&a1, &keyring).expect("decrypt").expose_secret(),
+            b"value-one"
+        );
+        let fp = |armored: String| {
+            Vault::open(&secret("s", "k", armored), Ok(&keyring))
+                .fingerprint("s", "k")
+                .map(str::to_owned)
+                .expect("fingerprint")
+        };
+        assert_eq!(fp(a1.clone()), fp(a2), "re-encrypting does not change it");
+        assert_ne!(fp(a1.clone()), fp(b), "a new value does");
+        assert!(!fp(a1).contains("value"), "it is not the value");
+    }
+
+    #[test]
+    fn a_wrong_identity_and_tampered_ciphertext_name_the_file_and_key() {
+        let (_d1, mine) = key_file(0o600);
+        let (_d2, theirs) = key_file(0o600);
+        let mine = Keyring::load(&mine).expect("keyring");
+        let theirs = Keyring::load(&theirs).expect("keyring");
+        let armored = encrypt(b"v", &theirs.recipients()).expect("encrypt");
+        let vault = Vault::open(&secret("api", "token", armored.clone()), Ok(&mine));
+        let problem = vault.problem("api", "token").expect("a problem");
+        assert!(
+            problem.starts_with(
+                "fleet/secrets/api.yaml key token: not encrypted to this host's identity"
+            ),
+            "{problem}"
+        );
+        assert!(problem.contains(&mine.recipients()[0]), "{problem}");
+
+        // Flip one character of the payload (the last full line before the footer).
+        let mut lines: Vec<String> = armored.lines().map(str::to_owned).collect();
+        let at = lines.len() / 2;
+        let flipped: String = lines[at]
+            .chars()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == 3 {
+                    if c == 'A' { 'B' } else { 'A' }
+                } else {
+                    c
+                }
+            })
+            .collect();
+        lines[at] = flipped;
+        let vault = Vault::open(&secret("api", "token", lines.join("\n")), Ok(&theirs));
+        let problem = vault.problem("api", "token").expect("a problem");
+        assert!(
+            problem.starts_with(
+                "fleet/secrets/api.yaml key token: the ciphertext is damaged or was tampered with"
+            ),
+            "{problem}"
+        );
+        assert!(vault.value("api", "token").is_none());
+    }
+
+    #[test]
+    fn tasks_are_bound_to_their_values_and_held_without_them() {
+        let (_dir, path) = key_file(0o600);
+        let keyring = Keyring::load(&path).expect("keyring");
+        let snapshot = |value: &str| {
+            let armored = encrypt(value.as_bytes(), &keyring.recipients()).expect("encrypt");
+            let mut desired = crate::resolve::tests_support::desired_with_task_secret(armored);
+            let vault = Vault::open(&desired.secrets, Ok(&keyring));
+            vault.bind(&mut desired);
+            desired.tasks["t"].clone()
+        };
+        let one = snapshot("one");
+        assert_eq!(one.held, None);
+        assert_eq!(
+            snapshot("one").spec_hash,
+            one.spec_hash,
+            "same value, same run"
+        );
+        assert_ne!(
+            snapshot("two").spec_hash,
+            one.spec_hash,
+            "a new value is a new run"
+        );
+
+        let mut desired = crate::resolve::tests_support::desired_with_task_secret(
+            encrypt(b"x", &keyring.recipients()).expect("encrypt"),
+        );
+        let vault = Vault::open(
+            &desired.secrets,
+            Err("no age identity: pass --age-identity"),
+        );
+        vault.bind(&mut desired);
+        let held = desired.tasks["t"].held.clone().expect("held");
+        assert!(
+            held.starts_with("waiting for secret s/k: fleet/secrets/s.yaml key k: no age identity"),
+            "{held}"
+        );
     }
 }

@@ -187,6 +187,22 @@ impl TaskBook {
             let record = state.records.get(&name).cloned();
             match (want, record) {
                 (Some(task), None) => self.new_run(&mut state, &task, 1, running),
+                // A task whose secret cannot be opened has no reliable hash: its run stays
+                // as it is (a finished run is not redone, a pending one says why it waits).
+                (Some(task), Some(r)) if task.held.is_some() && r.spec_hash != task.spec_hash => {
+                    if r.phase == TaskPhase::Pending {
+                        let message = waiting_message(&task, running);
+                        if r.message.as_deref() != Some(&message) {
+                            self.update(&mut state, &name, |r| r.message = Some(message));
+                        }
+                    }
+                }
+                // A run that never started takes the new spec in place.
+                (Some(task), Some(r))
+                    if r.spec_hash != task.spec_hash && r.phase == TaskPhase::Pending =>
+                {
+                    self.new_run(&mut state, &task, r.generation, running);
+                }
                 (Some(task), Some(r)) if r.spec_hash != task.spec_hash => {
                     if r.phase.is_active() && running.contains(&r.vm) {
                         continue; // The runner cancels it; the new run follows.

@@ -125,7 +125,9 @@ impl TaskBook {
             .filter(|t| t.vm == conn.vm)
             .filter_map(|t| match state.records.get(&t.name) {
                 None => Some((t.clone(), 1)),
-                Some(r) if r.spec_hash != t.spec_hash && r.phase.is_finished() => {
+                Some(r)
+                    if r.spec_hash != t.spec_hash && r.phase.is_finished() && t.held.is_none() =>
+                {
                     Some((t.clone(), r.generation + 1))
                 }
                 Some(_) => None,

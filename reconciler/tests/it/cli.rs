@@ -33,7 +33,7 @@ fn validate_reads_the_commit_unless_told_to_read_the_worktree() {
     assert!(
         committed
             .stdout()
-            .contains("valid (2 VM(s), 0 task(s), 1 provider(s))"),
+            .contains("valid (2 VM(s), 0 task(s), 0 secret(s), 1 provider(s))"),
         "{}",
         committed.stdout()
     );

@@ -800,14 +800,15 @@ fn revision_without_fleet_yaml() {
 }
 
 #[test]
-fn unsupported_kind_directory() {
+fn secret_without_metadata_and_spec() {
     check(
         &[(
             "fleet/secrets/s.yaml",
             "apiVersion: fleet/v1\nkind: Secret\n",
         )],
         expect![[r#"
-            fleet/secrets/s.yaml:1:1: error: secrets/ holds kinds this version of fleet does not support yet; remove the file or upgrade fleet
+            fleet/secrets/s.yaml:1:1: error: the document: missing required field `metadata`
+            fleet/secrets/s.yaml:1:1: error: the document: missing required field `spec`
         "#]],
     );
 }
@@ -1029,7 +1030,7 @@ fn stray_yaml_file_at_the_fleet_root() {
             ("fleet/README.md", "not YAML, ignored"),
         ],
         expect![[r#"
-            fleet/notes.yaml:1:1: error: unexpected file: fleet objects live in fleet.yaml, loadouts/, vms/, tasks/ and hitl/; move or remove it
+            fleet/notes.yaml:1:1: error: unexpected file: fleet objects live in fleet.yaml, loadouts/, vms/, tasks/, secrets/ and hitl/; move or remove it
         "#]],
     );
 }
@@ -1079,6 +1080,148 @@ fn loadout_user_sudo_rule_spanning_lines() {
         )],
         expect![[r#"
             fleet/loadouts/dev.yaml:7:13: error: spec.users[0].sudo: string "ALL=(ALL) ALL\nroot ALL=(ALL) ALL" is not valid; expected one single-line sudoers rule, for example `ALL=(ALL) NOPASSWD:ALL`; no sudo without it
+        "#]],
+    );
+}
+
+const SECRET: &str = "apiVersion: fleet/v1
+kind: Secret
+metadata: {name: api}
+spec:
+  recipients: [age1sve4p6nuq0599zp7p7s02pvfsnqgqnw8aydanew04msp05wadqyskjem93]
+  data:
+    token: |
+      -----BEGIN AGE ENCRYPTED FILE-----
+      YWdlLWVuY3J5cHRpb24ub3JnL3YxCg==
+      -----END AGE ENCRYPTED FILE-----
+";
+
+fn task_with_secrets(refs: &str) -> String {
+    format!(
+        "apiVersion: fleet/v1\nkind: Task\nmetadata: {{name: t}}\nspec:\n  vm: a\n  command: [env]\n  secrets:\n{refs}"
+    )
+}
+
+#[test]
+fn secret_reference_to_a_missing_secret_and_key() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            ("fleet/secrets/api.yaml", SECRET),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with_secrets(
+                    "    - {secret: apii, key: token, env: A}\n    - {secret: api, key: tokn, env: B}\n",
+                ),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:16: error: spec.secrets[0].secret: no Secret named "apii"; defined: api
+            fleet/tasks/t.yaml:9:26: error: spec.secrets[1].key: Secret "api" (fleet/secrets/api.yaml) has no key "tokn"; its keys: token
+        "#]],
+    );
+}
+
+#[test]
+fn secret_reference_with_both_env_and_file_and_one_without_either() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            ("fleet/secrets/api.yaml", SECRET),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with_secrets(
+                    "    - {secret: api, key: token, env: A, file: a}\n    - {secret: api, key: token}\n",
+                ),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:41: error: spec.secrets[0].file: a secret reference sets either `env` or `file`, not both; remove one
+            fleet/tasks/t.yaml:9:7: error: spec.secrets[1]: say where the value goes: `env: VAR` (an environment variable) or `file: PATH` (under /run/fleet/secrets)
+        "#]],
+    );
+}
+
+#[test]
+fn secret_reference_twice_to_one_variable() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            ("fleet/secrets/api.yaml", SECRET),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with_secrets(
+                    "    - {secret: api, key: token, env: A}\n    - {secret: api, key: token, file: x}\n    - {secret: api, key: token, env: A}\n",
+                ),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:10:7: error: spec.secrets[2]: env A is already set by spec.secrets[0]; each variable or file takes one secret
+        "#]],
+    );
+}
+
+#[test]
+fn secret_value_in_the_clear() {
+    check(
+        &[(
+            "fleet/secrets/api.yaml",
+            "apiVersion: fleet/v1\nkind: Secret\nmetadata: {name: api}\nspec:\n  data:\n    token: sk-live-1234\n",
+        )],
+        expect![[r#"
+            fleet/secrets/api.yaml:6:12: error: spec.data.token: not an ASCII-armored age value; encrypt it with `fleet secret set api token` (a value in the clear is never accepted nor repeated here; if one was committed, change it at its source)
+        "#]],
+    );
+}
+
+#[test]
+fn secret_without_recipients_anywhere() {
+    check(
+        &[(
+            "fleet/secrets/api.yaml",
+            SECRET
+                .replace(
+                    "  recipients: [age1sve4p6nuq0599zp7p7s02pvfsnqgqnw8aydanew04msp05wadqyskjem93]\n",
+                    "",
+                )
+                .as_str(),
+        )],
+        expect![[r#"
+            fleet/secrets/api.yaml:5:3: error: spec: no recipients to encrypt to; add `recipients: [age1…]` here or `policy.recipients` in fleet.yaml (age-keygen -y KEYFILE prints yours)
+        "#]],
+    );
+}
+
+#[test]
+fn secret_with_a_bad_recipient_and_key_name() {
+    check(
+        &[(
+            "fleet/secrets/api.yaml",
+            SECRET
+                .replace("age1sve4p6", "age2sve4p6")
+                .replace("    token: |", "    to ken: |")
+                .as_str(),
+        )],
+        expect![[r#"
+            fleet/secrets/api.yaml:5:16: error: spec.recipients[0]: string "age2sve4p6nuq0599zp7p7s02pvfsnqgqnw8aydanew04msp05wadqyskjem…" is not valid; expected an age X25519 recipient, `age1` and 58 Bech32 characters (from `age-keygen -y`)
+            fleet/secrets/api.yaml:7:5: error: spec.data: key "to ken" is not valid; keys use letters, digits, `_`, `.` and `-` (at most 64)
+        "#]],
+    );
+}
+
+#[test]
+fn secret_reference_to_a_file_outside_the_secrets_directory() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            ("fleet/secrets/api.yaml", SECRET),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with_secrets("    - {secret: api, key: token, file: ../etc/passwd}\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:39: error: spec.secrets[0].file: string "../etc/passwd" is not valid; expected a relative path under `/run/fleet/secrets`, for example `git/token`
         "#]],
     );
 }
