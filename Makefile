@@ -7,7 +7,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 IMAGE_DIR := build/image
 DEB_PACKAGES := libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 pkg-config \
-                linux-image-cloud-amd64 busybox-static cpio kmod file git chromium genisoimage cloud-init
+                linux-image-cloud-amd64 busybox-static cpio kmod file git chromium genisoimage cloud-init age
 
 .PHONY: all build deps libvirtd agent image run test lint unit bench clean
 

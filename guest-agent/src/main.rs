@@ -102,11 +102,12 @@ fn serve(
     }
     let failed = Arc::new(AtomicBool::new(false));
     {
-        let (writer, failed, tasks, secrets) = (
+        let (writer, failed, tasks, secrets, boot_id) = (
             writer.clone(),
             failed.clone(),
             tasks.clone(),
             secrets.clone(),
+            boot_id.to_owned(),
         );
         std::thread::spawn(move || {
             let mut lines = BufReader::new(reader).lines();
@@ -129,8 +130,15 @@ fn serve(
                             artifacts,
                             prompt_patterns,
                             secret_env,
+                            boot_id: for_boot,
                             ..
                         }) => {
+                            if for_boot.as_deref().is_some_and(|b| b != boot_id) {
+                                eprintln!(
+                                    "fleet-agent: ignoring {task}: it was sent for an earlier boot"
+                                );
+                                continue;
+                            }
                             // Values come from the secret set, never from the message.
                             let mut missing = None;
                             for (var, path) in secret_env {

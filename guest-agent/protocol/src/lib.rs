@@ -155,6 +155,11 @@ pub enum HostMessage {
         v: u32,
         task: String,
         argv: Vec<String>,
+        /// The guest boot the host believes it talks to: a guest that booted since ignores
+        /// the message (the host learns of the new boot from its hello), so a run is never
+        /// started in a boot the host does not know about.
+        #[serde(default)]
+        boot_id: Option<String>,
         #[serde(default)]
         env: std::collections::BTreeMap<String, String>,
         /// Made if missing.

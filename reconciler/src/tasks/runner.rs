@@ -85,7 +85,7 @@ impl Connection {
     }
 }
 
-fn run_task(task: &DesiredTask, guest_task: &str) -> HostMessage {
+fn run_task(task: &DesiredTask, guest_task: &str, boot_id: &str) -> HostMessage {
     let mut env = task.env.clone();
     env.entry("TERM".into())
         .or_insert_with(|| "xterm-256color".into());
@@ -95,6 +95,7 @@ fn run_task(task: &DesiredTask, guest_task: &str) -> HostMessage {
         v: VERSION,
         task: guest_task.to_owned(),
         argv: task.argv.clone(),
+        boot_id: Some(boot_id.to_owned()),
         env,
         cwd: Some(format!("{GUEST_WORK}/{}", task.name)),
         timeout_secs: Some(task.timeout.as_secs().max(1)),
@@ -172,7 +173,7 @@ impl TaskBook {
                 }
                 conn.attached.insert(name.clone());
                 match state.desired.get(name).filter(|_| current) {
-                    Some(task) => out.push(run_task(task, &record.guest_task())),
+                    Some(task) => out.push(run_task(task, &record.guest_task(), &boot)),
                     None => {
                         conn.cancel_sent.insert(record.guest_task());
                         out.push(HostMessage::Cancel {
@@ -282,7 +283,7 @@ impl TaskBook {
         });
         conn.attached.insert(name.to_owned());
         if let Some(record) = state.records.get(name) {
-            out.push(run_task(&task, &record.guest_task()));
+            out.push(run_task(&task, &record.guest_task(), boot));
             self.event(
                 record,
                 "task.started",

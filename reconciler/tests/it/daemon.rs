@@ -13,32 +13,55 @@ use crate::support::{Repo, fleet_bin};
 pub struct Daemon {
     pub child: Child,
     pub port: u16,
+    /// Everything it wrote to stderr (its logs).
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Daemon {
     pub fn start(repo: &Repo) -> Daemon {
+        Daemon::start_with(repo, &[], &[])
+    }
+
+    /// With extra environment variables and global arguments (before `serve`).
+    pub fn start_with(repo: &Repo, env: &[(&str, &str)], args: &[&str]) -> Daemon {
         let mut child = Command::new(fleet_bin())
             .arg("-C")
             .arg(repo.path())
+            .args(args)
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start fleet serve");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let keep = |line: &str| {
+            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            log.push_str(line);
+            log.push('\n');
+        };
         let port = loop {
             let line = lines
                 .next()
                 .expect("fleet serve printed its address")
                 .expect("utf8");
+            keep(&line);
             if let Some(rest) = line.split_once("status page on http://127.0.0.1:") {
                 break rest.1.trim_end_matches('/').parse().expect("port");
             }
         };
         // Keep draining stderr so the daemon never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Daemon { child, port }
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let mut log = sink.lock().unwrap_or_else(|p| p.into_inner());
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Daemon { child, port, log }
     }
 
     fn url(&self, path: &str) -> String {

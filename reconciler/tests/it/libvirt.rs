@@ -203,6 +203,7 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
         link.send(&HostMessage::RunTask {
             v: VERSION,
             task: "probe".into(),
+            boot_id: None,
             argv: vec![
                 "sh".into(),
                 "-c".into(),

@@ -4,6 +4,7 @@ mod cli;
 mod daemon;
 mod libvirt;
 mod load_corpus;
+mod secrets;
 mod seed;
 mod support;
 mod tasks;

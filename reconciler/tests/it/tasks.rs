@@ -10,32 +10,32 @@ use crate::daemon::{Daemon, read, wait_until};
 use crate::libvirt::{Cleanup, enabled, fleet_yaml_with_policy, vm_yaml};
 use crate::support::Repo;
 
-fn task_yaml(name: &str, vm: &str, spec: &str) -> String {
+pub fn task_yaml(name: &str, vm: &str, spec: &str) -> String {
     format!(
         "apiVersion: fleet/v1\nkind: Task\nmetadata: {{name: {name}}}\nspec:\n  vm: {vm}\n{spec}"
     )
 }
 
 /// A field of a status YAML file (top-level, scalar).
-fn field(text: &str, key: &str) -> Option<String> {
+pub fn field(text: &str, key: &str) -> Option<String> {
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{key}: ")))
         .map(|v| v.trim().trim_matches('\'').trim_matches('"').to_owned())
 }
 
-struct Status(PathBuf);
+pub struct Status(pub PathBuf);
 
 impl Status {
-    fn task(&self, name: &str) -> String {
+    pub fn task(&self, name: &str) -> String {
         read(&self.0.join("tasks").join(format!("{name}.yaml")))
     }
-    fn phase(&self, name: &str) -> Option<String> {
+    pub fn phase(&self, name: &str) -> Option<String> {
         field(&self.task(name), "phase")
     }
-    fn output(&self, name: &str) -> String {
+    pub fn output(&self, name: &str) -> String {
         read(&self.0.join("tasks").join(name).join("output.log"))
     }
-    fn wait_phase(&self, name: &str, phase: &str, timeout: Duration) {
+    pub fn wait_phase(&self, name: &str, phase: &str, timeout: Duration) {
         wait_until(&format!("task {name} is {phase}"), timeout, || {
             self.phase(name).as_deref() == Some(phase)
         });
