@@ -323,7 +323,8 @@ async fn make_plan(
     };
     let drivers = reconcile::drivers_for(&desired, &ws.repo_root);
     let observed = reconcile::observe(&drivers).await;
-    let plan = reconcile::plan_for(ws, &desired, &observed);
+    let vault = ws.open_vault(&desired);
+    let plan = reconcile::plan_for(ws, &desired, &observed, &vault);
     Ok(Ok((desired, plan, drivers)))
 }
 
@@ -405,7 +406,7 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
         eprintln!("journal: {note}");
     }
     let observed = reconcile::observe(&drivers).await;
-    let fresh = reconcile::plan_for(ws, &desired, &observed);
+    let fresh = reconcile::plan_for(ws, &desired, &observed, &ws.open_vault(&desired));
     let plan = match saved {
         Some(saved) => {
             if saved.revision.id != fresh.revision.id {

@@ -31,6 +31,13 @@ impl Workspace {
     /// Opens every secret of `desired` with the workspace's identity and binds its tasks to
     /// the values (see `secrets::Vault::bind`). Problems are in the vault, per value.
     pub fn open_secrets(&self, desired: &mut Desired) -> crate::secrets::Vault {
+        let vault = self.open_vault(desired);
+        vault.bind(desired);
+        vault
+    }
+
+    /// Opens every secret of `desired` (nothing when it has none).
+    pub fn open_vault(&self, desired: &Desired) -> crate::secrets::Vault {
         if desired.secrets.is_empty() {
             return crate::secrets::Vault::default();
         }
@@ -41,10 +48,7 @@ impl Workspace {
                     .to_owned(),
             ),
         };
-        let vault =
-            crate::secrets::Vault::open(&desired.secrets, keyring.as_ref().map_err(String::as_str));
-        vault.bind(desired);
-        vault
+        crate::secrets::Vault::open(&desired.secrets, keyring.as_ref().map_err(String::as_str))
     }
 }
 
@@ -66,9 +70,16 @@ pub fn read_snapshot(ws: &Workspace, choice: &SourceChoice) -> Result<Snapshot, 
 }
 
 /// Plans against what runs, judging drift by what the status directory says was applied.
-pub fn plan_for(ws: &Workspace, desired: &Desired, observed: &Observed) -> Plan {
+pub fn plan_for(
+    ws: &Workspace,
+    desired: &Desired,
+    observed: &Observed,
+    vault: &crate::secrets::Vault,
+) -> Plan {
     let history = status::history(&ws.status.read_vms());
-    crate::plan::plan_with_history(desired, observed, &history)
+    let secrets =
+        crate::plan::secrets::changes(desired, &vault.by_id(), &ws.status.read_secrets_seen());
+    crate::plan::plan_with_history(desired, observed, &history).with_secret_changes(secrets)
 }
 
 /// Loads and resolves a snapshot.

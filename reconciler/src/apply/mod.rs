@@ -417,6 +417,7 @@ mod tests {
             conflicts: vec![],
             drift: vec![],
             errors: vec![],
+            secrets: vec![],
             digest: String::new(),
         };
         let report = run(&plan, &drivers, journal.clone(), Arc::new(Quiet)).await;

@@ -104,6 +104,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         backoff: backoff::Backoff::default(),
         agents: agents::Agents::new(tasks.clone()),
         tasks,
+        vault: Arc::default(),
         next_resync: Instant::now(),
     };
     let mut shutdown = false;
@@ -150,6 +151,8 @@ struct Daemon {
     backoff: backoff::Backoff,
     agents: agents::Agents,
     tasks: Arc<TaskBook>,
+    /// The secret values of `last_good`, opened when it was loaded.
+    vault: Arc<crate::secrets::Vault>,
     next_resync: Instant,
 }
 
@@ -193,7 +196,7 @@ impl Daemon {
             self.next_resync = Instant::now() + desired.policy.resync_interval;
         }
         let observed = reconcile::observe(&self.drivers).await;
-        let plan = reconcile::plan_for(&self.ws, &desired, &observed);
+        let plan = reconcile::plan_for(&self.ws, &desired, &observed, &self.vault);
         let plan = self.without_backed_off_steps(plan);
         let applied = reconcile::apply_and_record(
             &self.ws,
@@ -218,6 +221,10 @@ impl Daemon {
         let running_names = running.iter().map(|(n, _)| n.clone()).collect();
         self.agents.sync(running, &self.tx);
         self.tasks.sync(&desired, &running_names);
+        // Fingerprints only: what the next plan's secret changes are measured against.
+        self.ws
+            .status
+            .write_secrets_seen(&self.vault.seen(&desired))?;
         for result in &applied.report.results {
             self.metrics.count_step(result.action.as_str(), result.ok);
             if result.ok {
@@ -276,7 +283,8 @@ impl Daemon {
                         message: problem.to_owned(),
                     });
                 }
-                self.tasks.set_vault(Arc::new(vault));
+                self.vault = Arc::new(vault);
+                self.tasks.set_vault(self.vault.clone());
                 self.last_good = Some(desired);
                 self.refused = None;
             }

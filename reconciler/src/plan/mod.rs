@@ -8,6 +8,7 @@
 //! Architecture invariant: pure. No I/O, no clock, no randomness.
 
 pub mod render;
+pub mod secrets;
 
 use std::collections::BTreeMap;
 
@@ -141,6 +142,10 @@ pub struct Plan {
     /// Problems that keep part of the fleet from being planned (an unreachable provider).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
+    /// Secret values added, changed, removed or unreadable since fleet last delivered them
+    /// (by keyed fingerprint; never a value), with what each forces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<secrets::SecretChange>,
     /// sha256 over everything above; approvals name it.
     pub digest: String,
 }
@@ -159,6 +164,13 @@ impl Plan {
         copy.digest = String::new();
         let json = serde_json::to_vec(&copy).expect("Plan serialises to JSON");
         hex(&Sha256::digest(json))
+    }
+
+    /// The plan with the revision's secret changes (see `secrets::changes`).
+    pub fn with_secret_changes(mut self, changes: Vec<secrets::SecretChange>) -> Plan {
+        self.secrets = changes;
+        self.digest = self.compute_digest();
+        self
     }
 
     /// True when the digest matches the content (a saved plan was not edited).
@@ -337,6 +349,7 @@ pub fn plan_with_history(desired: &Desired, observed: &Observed, history: &Histo
         conflicts,
         drift,
         errors,
+        secrets: Vec::new(),
         digest: String::new(),
     };
     plan.digest = plan.compute_digest();

@@ -77,6 +77,16 @@ pub fn text(plan: &Plan) -> String {
             let _ = writeln!(out, "  !   {e}");
         }
     }
+    if !plan.secrets.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Secrets (compared by keyed fingerprint; values are never shown):"
+        );
+        for change in &plan.secrets {
+            let _ = writeln!(out, "{}", super::secrets::line(change));
+        }
+    }
     let diffs: Vec<String> = plan.steps.iter().filter_map(step_diff).collect();
     if !diffs.is_empty() {
         let _ = writeln!(out);

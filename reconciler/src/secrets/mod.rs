@@ -273,6 +273,41 @@ impl Vault {
             .map(String::as_str)
     }
 
+    /// Every value by `<secret>/<key>`: its fingerprint, or why it could not be opened.
+    pub fn by_id(&self) -> BTreeMap<String, Result<String, String>> {
+        let ok = self
+            .fingerprints
+            .iter()
+            .map(|((s, k), fp)| (format!("{s}/{k}"), Ok(fp.clone())));
+        let bad = self
+            .problems
+            .iter()
+            .map(|((s, k), why)| (format!("{s}/{k}"), Err(why.clone())));
+        ok.chain(bad).collect()
+    }
+
+    /// What `status/secrets.yaml` records of this vault: fingerprints, never values.
+    pub fn seen(&self, desired: &Desired) -> crate::plan::secrets::SecretsSeen {
+        let source = |s: &str| {
+            desired
+                .secrets
+                .get(s)
+                .map(|d| d.source.clone())
+                .unwrap_or_default()
+        };
+        self.fingerprints
+            .keys()
+            .chain(self.problems.keys())
+            .map(|(s, k)| {
+                let seen = crate::plan::secrets::SecretSeen {
+                    fingerprint: self.fingerprint(s, k).map(str::to_owned),
+                    source: source(s),
+                };
+                (format!("{s}/{k}"), seen)
+            })
+            .collect()
+    }
+
     pub fn problems(&self) -> impl Iterator<Item = &str> {
         self.problems.values().map(String::as_str)
     }

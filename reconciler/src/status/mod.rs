@@ -238,6 +238,24 @@ impl StatusDir {
         write_atomic(&self.root.join("plan.json"), render::json(plan).as_bytes())
     }
 
+    /// The secret fingerprints fleet last delivered from (`secrets.yaml`; never values).
+    pub fn read_secrets_seen(&self) -> crate::plan::secrets::SecretsSeen {
+        std::fs::read_to_string(self.root.join("secrets.yaml"))
+            .ok()
+            .and_then(|text| serde_saphyr::from_str(&text).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn write_secrets_seen(
+        &self,
+        seen: &crate::plan::secrets::SecretsSeen,
+    ) -> std::io::Result<()> {
+        if *seen == self.read_secrets_seen() {
+            return Ok(());
+        }
+        write_atomic(&self.root.join("secrets.yaml"), yaml(seen).as_bytes())
+    }
+
     pub fn read_vms(&self) -> BTreeMap<String, VmStatus> {
         tasks::read_all(&self.root.join("vms"), |vm: &VmStatus| vm.name.clone())
     }

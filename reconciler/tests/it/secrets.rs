@@ -335,14 +335,42 @@ fn a_canary_secret_reaches_the_task_and_nothing_else() {
         );
     }
 
+    // A new value shows in the plan as changed, with what it forces, and never as a value.
+    let committed = read(&repo.path().join("fleet/secrets/canary.yaml"));
+    secret_set(&repo, "canary", "token", "a-new-value-for-the-plan");
+    let plan = repo.fleet(&["--age-identity", &identity_env, "plan", "--worktree"]);
+    assert!(
+        plan.stdout()
+            .contains("~   canary/token: secret value changed → task uses runs again"),
+        "{}",
+        plan.stdout()
+    );
+    assert!(
+        plan.stdout().contains("!   broken/k: cannot be opened"),
+        "{}",
+        plan.stdout()
+    );
+    assert!(!plan.stdout().contains("a-new-value-for-the-plan"));
+    let unchanged = repo.fleet(&["--age-identity", &identity_env, "plan"]);
+    assert!(
+        !unchanged.stdout().contains("canary/token"),
+        "{}",
+        unchanged.stdout()
+    );
+    repo.write("fleet/secrets/canary.yaml", &committed);
+
     // A reset guest gets its secrets again: the rerun reads the file in a new boot.
     let old_boot = field(&status.task("uses"), "bootId").expect("boot id");
     assert!(virsh(&["reset", &vm]).status.success());
     let vm_status = status.0.join("vms").join(format!("{vm}.yaml"));
-    wait_until("the agent greets from its new boot", Duration::from_secs(60), || {
-        let text = read(&vm_status);
-        text.contains("bootId: ") && !text.contains(&old_boot)
-    });
+    wait_until(
+        "the agent greets from its new boot",
+        Duration::from_secs(60),
+        || {
+            let text = read(&vm_status);
+            text.contains("bootId: ") && !text.contains(&old_boot)
+        },
+    );
     repo.write(
         "fleet/tasks/uses.yaml",
         task_yaml("uses", &vm, &format!("{uses}  rerun: 1\n")),
