@@ -48,6 +48,9 @@ impl Workspace {
                     .to_owned(),
             ),
         };
+        if keyring.is_ok() {
+            crate::secrets::no_core_dumps();
+        }
         crate::secrets::Vault::open(&desired.secrets, keyring.as_ref().map_err(String::as_str))
     }
 }

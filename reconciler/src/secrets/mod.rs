@@ -30,6 +30,14 @@ use crate::resolve::{Desired, DesiredSecret};
 /// The largest value `fleet secret set` accepts (and a decrypted value may have).
 pub const MAX_VALUE_BYTES: usize = 32 * 1024;
 
+/// Keeps opened values out of crash dumps: the process is marked not dumpable (no core
+/// file, no ptrace by other users) once it holds an identity. Idempotent.
+pub fn no_core_dumps() {
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!("cannot mark the process not dumpable: {e}");
+    }
+}
+
 /// The host's age identities (X25519), read from one key file.
 pub struct Keyring {
     identities: Vec<age::x25519::Identity>,
@@ -341,13 +349,27 @@ impl Vault {
     }
 }
 
+/// A fresh keyring in a temporary key file, for tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn test_keyring() -> (tempfile::TempDir, Keyring) {
+    let (dir, path) = tests::key_file(0o600);
+    let keyring = Keyring::load(&path).expect("keyring");
+    (dir, keyring)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    #[test]
+    fn a_process_holding_an_identity_is_not_dumpable() {
+        no_core_dumps();
+        assert_eq!(nix::sys::prctl::get_dumpable(), Ok(false));
+    }
+
     /// A fresh identity in a key file of `mode`; returns the directory (keep it alive).
-    fn key_file(mode: u32) -> (tempfile::TempDir, PathBuf) {
+    pub(super) fn key_file(mode: u32) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("age.key");
         let identity = age::x25519::Identity::generate();

@@ -319,3 +319,85 @@ fn a_run_nobody_ends_is_given_up_after_a_second_grace() {
             .is_some_and(|m| m.contains("unreachable"))
     );
 }
+
+#[test]
+fn secrets_are_delivered_once_and_confirmed_before_the_task_starts() {
+    use secrecy::ExposeSecret;
+    let (_keys, keyring) = crate::secrets::test_keyring();
+    let armored =
+        crate::secrets::encrypt(b"v4lue-for-the-guest", &keyring.recipients()).expect("encrypt");
+    let mut desired = crate::resolve::tests_support::desired_with_task_secret(armored);
+    let vault = crate::secrets::Vault::open(&desired.secrets, Ok(&keyring));
+    vault.bind(&mut desired);
+    let value = vault
+        .value("s", "k")
+        .expect("opened")
+        .expose_secret()
+        .to_vec();
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let book = TaskBook::open(
+        StatusDir::new(dir.path().join("status")),
+        dir.path().to_path_buf(),
+    );
+    book.set_vault(std::sync::Arc::new(vault));
+    book.sync(&desired, &BTreeSet::from(["a".to_owned()]));
+    let mut conn = Connection::new("a");
+    conn.greeted("boot-1", None);
+    let (sent, _) = book.tick(&mut conn);
+    let digest = match sent.as_slice() {
+        [HostMessage::Secrets { digest, files, .. }] => {
+            assert_eq!(files.len(), 1);
+            assert_eq!(files[0].path, ".env/s/k");
+            use base64::Engine;
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(&files[0].data)
+                .expect("base64");
+            assert_eq!(data, value);
+            assert!(
+                !format!("{sent:?}").contains(&files[0].data),
+                "Debug never shows a value"
+            );
+            digest.clone()
+        }
+        other => panic!("expected only the secret set, got {other:?}"),
+    };
+    assert!(
+        book.tick(&mut conn).0.is_empty(),
+        "sent once; the task waits"
+    );
+    book.receive(
+        &mut conn,
+        vec![GuestMessage::SecretsStored {
+            v: VERSION,
+            digest: digest.clone(),
+            error: None,
+        }],
+    );
+    let (sent, _) = book.tick(&mut conn);
+    match sent.as_slice() {
+        [
+            HostMessage::RunTask {
+                env, secret_env, ..
+            },
+        ] => {
+            assert_eq!(
+                secret_env.get("TOKEN").map(String::as_str),
+                Some(".env/s/k")
+            );
+            assert!(!env.contains_key("TOKEN"), "values never travel in RunTask");
+        }
+        other => panic!("expected the task to start, got {other:?}"),
+    }
+
+    // A guest that already holds the set (an agent restart, same boot) is not sent it again.
+    let mut again = Connection::new("a");
+    again.greeted("boot-1", Some(&digest));
+    assert!(
+        !book
+            .tick(&mut again)
+            .0
+            .iter()
+            .any(|m| matches!(m, HostMessage::Secrets { .. }))
+    );
+}
