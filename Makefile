@@ -9,7 +9,7 @@ IMAGE_DIR := build/image
 DEB_PACKAGES := libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 pkg-config \
                 linux-image-cloud-amd64 busybox-static cpio kmod file git chromium genisoimage cloud-init age
 
-.PHONY: all build deps libvirtd agent image run test lint unit bench clean
+.PHONY: all build deps libvirtd agent image image-debian run test lint unit bench clean
 
 all: build
 
@@ -41,6 +41,13 @@ agent:
 
 image: agent
 	FLEET_AGENT_BIN=$(CURDIR)/build/fleet-agent guest-agent/image/build-micro.sh $(IMAGE_DIR)
+
+# A full Debian 12 image (systemd, Debian's cloud-init, fleet-agent as a service) where real
+# cloud-init runs the whole seed; slower to build and boot than the micro image. Needs root
+# and a Debian mirror. Use it as an image with disk, kernel, initrd and cmdline: root=/dev/vda rw.
+image-debian: agent
+	@command -v mmdebstrap >/dev/null || (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends mmdebstrap e2fsprogs qemu-utils)
+	FLEET_AGENT_BIN=$(CURDIR)/build/fleet-agent guest-agent/image/build-debian.sh build/image-debian
 
 run: deps libvirtd build image
 	./target/release/fleet apply --auto-approve

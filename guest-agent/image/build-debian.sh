@@ -52,8 +52,12 @@ ln -sf /etc/systemd/system/fleet-agent.service \
 
 # Only the NoCloud seed fleet attaches: cloud-init must not probe cloud metadata services
 # over the network (fleet VMs never talk to anything but the host).
+# The image has no SSH server (fleet reaches guests over the agent link) and no locale data
+# beyond C.UTF-8: skip host keys, and use that locale.
 cat > "$root/etc/cloud/cloud.cfg.d/90-fleet.cfg" <<'EOF'
 datasource_list: [NoCloud, None]
+locale: C.UTF-8
+ssh_genkeytypes: []
 EOF
 echo '/dev/vda / ext4 defaults,errors=remount-ro 0 1' > "$root/etc/fstab"
 echo 'debian' > "$root/etc/hostname"
