@@ -71,8 +71,8 @@ pub struct DesiredTask {
     pub prompt_deadline: std::time::Duration,
     pub on_deadline: OnDeadline,
     pub rerun: u32,
-    /// The loadout's secret references, then the task's own (a task's reference replaces
-    /// the loadout's for the same variable or file).
+    /// The loadout's secret variables, then the task's own references (a task's reference
+    /// replaces the loadout's for the same variable).
     pub secrets: Vec<SecretRef>,
     /// Why the task may not start yet (a secret value it uses could not be opened); set by
     /// `secrets::Vault::bind`.
@@ -118,7 +118,17 @@ fn resolve_task(name: &str, spec: &TaskSpec, vm: Option<&DesiredVm>, source: &st
     };
     let mut env = vm.map(|vm| vm.config.env.clone()).unwrap_or_default();
     env.extend(spec.env.clone());
-    let loadout_secrets = vm.map(|vm| vm.secrets.clone()).unwrap_or_default();
+    // The loadout's variables are given to the task; its files belong to the VM (delivered
+    // with the VM's set), so only the variables are part of what the task runs with.
+    let loadout_secrets: Vec<SecretRef> = vm
+        .map(|vm| {
+            vm.secrets
+                .iter()
+                .filter(|r| r.env.is_some())
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
     let secrets = merge_keyed(loadout_secrets, &spec.secrets, SecretRef::target);
     let prompts = spec.prompts.clone().unwrap_or_default();
     let json = serde_json::to_vec(spec).expect("TaskSpec serialises to JSON");

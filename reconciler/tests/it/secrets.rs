@@ -246,7 +246,15 @@ fn a_canary_secret_reaches_the_task_and_nothing_else() {
             &format!("{{shutdownTimeout: 10s, reconcileInterval: 30s, recipients: [{recipient}]}}"),
         ),
     );
-    repo.write(&format!("fleet/vms/{vm}.yaml"), vm_yaml(&vm, "256Mi"));
+    // The VM's loadout hands the value to every task as a file too.
+    repo.write(
+        &format!("fleet/vms/{vm}.yaml"),
+        vm_yaml(&vm, "256Mi").replace("image: micro,", "image: micro, loadout: keyed,"),
+    );
+    repo.write(
+        "fleet/loadouts/keyed.yaml",
+        "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: keyed}\nspec:\n  secrets: [{secret: canary, key: token, file: loadout/token}]\n",
+    );
     secret_set(&repo, "canary", "token", &canary);
     secret_set(&repo, "broken", "k", "never seen");
     // Tamper with the broken value: one character in the middle of its armor.
@@ -265,7 +273,7 @@ fn a_canary_secret_reaches_the_task_and_nothing_else() {
     tampered[body] = format!("{}{flipped}{}", &line[..at], &line[at + 1..]);
     std::fs::write(&broken_path, tampered.join("\n") + "\n").expect("tamper");
 
-    let uses = "  secrets:\n    - {secret: canary, key: token, env: TOKEN}\n    - {secret: canary, key: token, file: git/token}\n  command:\n    - sh\n    - -c\n    - |\n      echo \"env=$(echo \"$TOKEN\" | tr a-f A-F)\"\n      echo \"file=$(tr a-f A-F < /run/fleet/secrets/git/token)\"\n      ls -l /run/fleet/secrets/git/token\n      echo \"tmpfs=$(grep -c ' /run/fleet/secrets tmpfs ' /proc/mounts)\"\n";
+    let uses = "  secrets:\n    - {secret: canary, key: token, env: TOKEN}\n    - {secret: canary, key: token, file: git/token}\n  command:\n    - sh\n    - -c\n    - |\n      echo \"env=$(echo \"$TOKEN\" | tr a-f A-F)\"\n      echo \"file=$(tr a-f A-F < /run/fleet/secrets/git/token)\"\n      echo \"loadout=$(tr a-f A-F < /run/fleet/secrets/loadout/token)\"\n      ls -l /run/fleet/secrets/git/token\n      echo \"tmpfs=$(grep -c ' /run/fleet/secrets tmpfs ' /proc/mounts)\"\n";
     repo.write("fleet/tasks/uses.yaml", task_yaml("uses", &vm, uses));
     repo.write(
         "fleet/tasks/plain.yaml",
@@ -291,6 +299,7 @@ fn a_canary_secret_reaches_the_task_and_nothing_else() {
     assert_ne!(expected, canary);
     assert!(output.contains(&format!("env={expected}")), "{output}");
     assert!(output.contains(&format!("file={expected}")), "{output}");
+    assert!(output.contains(&format!("loadout={expected}")), "{output}");
     assert!(output.contains("-r-------- "), "mode 0400: {output}");
     assert!(output.contains("tmpfs=1"), "on its own tmpfs: {output}");
 
@@ -400,6 +409,10 @@ fn a_canary_secret_reaches_the_task_and_nothing_else() {
 
     // Without its last reference, the value leaves the guest.
     repo.remove("fleet/tasks/uses.yaml");
+    repo.write(
+        "fleet/loadouts/keyed.yaml",
+        "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: keyed}\nspec: {}\n",
+    );
     repo.write(
         "fleet/tasks/gone.yaml",
         task_yaml(
