@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds fleet's "debian" guest image: a Debian 12 root filesystem (systemd, Debian's
-# cloud-init, the cloud kernel, sudo, fleet-agent as a systemd service) as a qcow2 base disk,
+# cloud-init, the cloud kernel, sudo, OpenSSH for loadout users' keys, fleet-agent as a
+# systemd service) as a qcow2 base disk,
 # plus the kernel and initramfs to boot it directly. Real cloud-init runs the VM's whole seed
 # (packages, write_files, runcmd, users); slower to build (a few minutes) and to boot (tens of
 # seconds under TCG) than the micro image.
@@ -30,7 +31,7 @@ root="$work/root"
 
 # --variant=apt: essential packages plus apt; recommends off keeps the image small.
 mmdebstrap --variant=apt --aptopt='APT::Install-Recommends "false"' \
-  --include=systemd-sysv,udev,cloud-init,linux-image-cloud-amd64,initramfs-tools,sudo,ca-certificates,procps,iproute2 \
+  --include=systemd-sysv,udev,cloud-init,linux-image-cloud-amd64,initramfs-tools,sudo,ca-certificates,procps,iproute2,openssh-server \
   bookworm "$root"
 
 install -m 0755 "$agent" "$root/usr/local/bin/fleet-agent"
@@ -52,12 +53,10 @@ ln -sf /etc/systemd/system/fleet-agent.service \
 
 # Only the NoCloud seed fleet attaches: cloud-init must not probe cloud metadata services
 # over the network (fleet VMs never talk to anything but the host).
-# The image has no SSH server (fleet reaches guests over the agent link) and no locale data
-# beyond C.UTF-8: skip host keys, and use that locale.
+# The image has no locale data beyond C.UTF-8.
 cat > "$root/etc/cloud/cloud.cfg.d/90-fleet.cfg" <<'EOF'
 datasource_list: [NoCloud, None]
 locale: C.UTF-8
-ssh_genkeytypes: []
 EOF
 echo '/dev/vda / ext4 defaults,errors=remount-ro 0 1' > "$root/etc/fstab"
 echo 'debian' > "$root/etc/hostname"
