@@ -31,7 +31,7 @@ root="$work/root"
 
 # --variant=apt: essential packages plus apt; recommends off keeps the image small.
 mmdebstrap --variant=apt --aptopt='APT::Install-Recommends "false"' \
-  --include=systemd-sysv,udev,cloud-init,linux-image-cloud-amd64,initramfs-tools,sudo,ca-certificates,procps,iproute2,openssh-server \
+  --include=systemd-sysv,udev,cloud-init,linux-image-cloud-amd64,initramfs-tools,sudo,ca-certificates,procps,iproute2,openssh-server,e2fsprogs \
   bookworm "$root"
 
 install -m 0755 "$agent" "$root/usr/local/bin/fleet-agent"
