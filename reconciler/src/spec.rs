@@ -521,7 +521,7 @@ pub struct LoadoutSpec {
     /// loadout's user replaces an earlier one of the same name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<GuestUser>,
-    /// Secret values for every task in the VM, over the agent link only (never in the seed).
+    /// Secret values for the VM (files) and its tasks (variables), over the agent link only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<SecretRef>,
     /// Environment for tasks run in the VM.
