@@ -9,7 +9,7 @@ IMAGE_DIR := build/image
 DEB_PACKAGES := libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 pkg-config \
                 linux-image-cloud-amd64 busybox-static cpio kmod file git chromium genisoimage cloud-init age
 
-.PHONY: all build deps libvirtd agent image image-debian run test lint unit bench clean
+.PHONY: all build deps libvirtd agent image image-debian run test lint unit bench fuzz clean
 
 all: build
 
@@ -64,6 +64,12 @@ unit:
 
 test: lint image
 	FLEET_TEST_LIBVIRT=$${FLEET_TEST_LIBVIRT:-1} $(CARGO) test --workspace
+
+# Generated hostile input for the loader and the answer checks, far longer than the 256
+# cases per property that `make test` runs.
+FUZZ_CASES ?= 20000
+fuzz:
+	FLEET_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --release -p fleet --test it fuzz
 
 bench: build image libvirtd
 	./target/release/fleet-bench --libvirt --daemon

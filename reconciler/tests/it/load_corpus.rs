@@ -1225,3 +1225,312 @@ fn secret_reference_to_a_file_outside_the_secrets_directory() {
         "#]],
     );
 }
+
+fn loadout_with(spec: &str) -> String {
+    format!("apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: dev}}\nspec:\n{spec}")
+}
+
+fn answer_with(response_yaml: &str) -> String {
+    format!(
+        "apiVersion: fleet/v1\nkind: Answer\nmetadata: {{name: p-1}}\nspec:\n  response: {response_yaml}\n"
+    )
+}
+
+#[test]
+fn task_timeout_is_not_a_duration() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with("t", "  command: [\"true\"]\n  timeout: forever\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:12: error: spec.timeout: string "forever" is not valid; expected a duration: a whole number with a unit ms, s, m or h (for example 30s or 5m)
+        "#]],
+    );
+}
+
+#[test]
+fn task_timeout_beyond_a_week() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with("t", "  command: [\"true\"]\n  timeout: 200h\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:12: error: spec.timeout: "200h" is out of range; use a duration up to 168h
+        "#]],
+    );
+}
+
+#[test]
+fn task_rerun_is_negative() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with("t", "  command: [\"true\"]\n  rerun: -1\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:10: error: spec.rerun: -1 is too small; the minimum is 0
+        "#]],
+    );
+}
+
+#[test]
+fn task_repository_without_a_url() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with("t", "  command: [\"true\"]\n  repository: {branch: main}\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:15: error: spec.repository: missing required field `url`
+        "#]],
+    );
+}
+
+#[test]
+fn task_agent_without_a_prompt() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with("t", "  agent: {kind: claude}\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:7:10: error: spec.agent: missing required field `prompt`
+        "#]],
+    );
+}
+
+#[test]
+fn task_env_value_is_a_number() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with("t", "  command: [\"true\"]\n  env: {RETRIES: 3}\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:18: error: spec.env.RETRIES: expected a string, found number 3
+        "#]],
+    );
+}
+
+#[test]
+fn task_prompts_with_an_unknown_field() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with("t", "  command: [\"true\"]\n  prompts: {timeout: 1h}\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:13: error: spec.prompts.timeout: unknown field; valid fields: patterns, deadline, onDeadline
+        "#]],
+    );
+}
+
+#[test]
+fn answer_longer_than_four_kib() {
+    let long = format!("\"{}\"", "y".repeat(5000));
+    check(
+        &[("fleet/hitl/p-1.yaml", &answer_with(&long))],
+        expect![[r#"
+            fleet/hitl/p-1.yaml:5:13: error: spec.response: must be at most 4096 characters long
+        "#]],
+    );
+}
+
+#[test]
+fn answer_with_an_escape_sequence() {
+    check(
+        &[("fleet/hitl/p-1.yaml", &answer_with("\"yes\\e[2J\""))],
+        expect![[r#"
+            fleet/hitl/p-1.yaml:5:13: error: spec.response: the answer contains the control character U+001B; answers are one line of plain text (Enter is added)
+        "#]],
+    );
+}
+
+#[test]
+fn loadout_file_with_a_relative_path() {
+    check(
+        &[(
+            "fleet/loadouts/dev.yaml",
+            &loadout_with("  files: [{path: etc/motd, content: hi}]\n"),
+        )],
+        expect![[r#"
+            fleet/loadouts/dev.yaml:5:18: error: spec.files[0].path: string "etc/motd" is not valid; expected absolute path in the guest
+        "#]],
+    );
+}
+
+#[test]
+fn loadout_file_with_a_mode_that_is_not_octal() {
+    check(
+        &[(
+            "fleet/loadouts/dev.yaml",
+            &loadout_with("  files: [{path: /etc/motd, content: hi, mode: \"0999\"}]\n"),
+        )],
+        expect![[r#"
+            fleet/loadouts/dev.yaml:5:48: error: spec.files[0].mode: string "0999" is not valid; expected octal permission bits, for example "0644"
+        "#]],
+    );
+}
+
+#[test]
+fn loadout_file_with_an_owner_field() {
+    check(
+        &[(
+            "fleet/loadouts/dev.yaml",
+            &loadout_with("  files: [{path: /etc/motd, content: hi, owner: root}]\n"),
+        )],
+        expect![[r#"
+            fleet/loadouts/dev.yaml:5:42: error: spec.files[0].owner: unknown field; valid fields: path, content, mode
+        "#]],
+    );
+}
+
+#[test]
+fn loadout_user_with_a_relative_shell() {
+    check(
+        &[(
+            "fleet/loadouts/dev.yaml",
+            &loadout_with("  users: [{name: agent, shell: bash}]\n"),
+        )],
+        expect![[r#"
+            fleet/loadouts/dev.yaml:5:32: error: spec.users[0].shell: string "bash" is not valid; expected login shell, an absolute path
+        "#]],
+    );
+}
+
+#[test]
+fn loadout_secret_reference_to_a_missing_key() {
+    check(
+        &[
+            ("fleet/secrets/api.yaml", SECRET),
+            (
+                "fleet/loadouts/dev.yaml",
+                &loadout_with("  secrets: [{secret: api, key: password, env: PW}]\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/loadouts/dev.yaml:5:32: error: spec.secrets[0].key: Secret "api" (fleet/secrets/api.yaml) has no key "password"; its keys: token
+        "#]],
+    );
+}
+
+#[test]
+fn two_secrets_with_the_same_name() {
+    check(
+        &[
+            ("fleet/secrets/api.yaml", SECRET),
+            ("fleet/secrets/api-copy.yaml", SECRET),
+        ],
+        expect![[r#"
+            fleet/secrets/api.yaml:3:18: error: metadata.name: Secret "api" is already defined at fleet/secrets/api-copy.yaml:3:18; names must be unique, rename one of them
+        "#]],
+    );
+}
+
+#[test]
+fn policy_recipients_is_not_a_list() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &FLEET.replace(
+                "  images:",
+                "  policy: {recipients: age1sve4p6nuq0599zp7p7s02pvfsnqgqnw8aydanew04msp05wadqyskjem93}\n  images:",
+            ),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:10:24: error: spec.policy.recipients: expected a list, found string "age1sve4p6nuq0599zp7p7s02pvfsnqgqnw8aydanew04msp05wadqyskjem…"
+        "#]],
+    );
+}
+
+#[test]
+fn vm_protect_is_a_string() {
+    check(
+        &[("fleet/vms/a.yaml", &format!("{VM}  protect: \"yes\"\n"))],
+        expect![[r#"
+            fleet/vms/a.yaml:8:12: error: spec.protect: expected true or false, found string "yes"
+        "#]],
+    );
+}
+
+#[test]
+fn pool_replicas_written_as_a_word() {
+    check(
+        &[(
+            "fleet/vms/p.yaml",
+            "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {name: p}\nspec:\n  replicas: three\n  template:\n    spec: {provider: local, image: micro}\n",
+        )],
+        expect![[r#"
+            fleet/vms/p.yaml:5:13: error: spec.replicas: expected a whole number, found string "three"
+        "#]],
+    );
+}
+
+#[test]
+fn vm_label_value_is_a_number() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            "apiVersion: fleet/v1\nkind: VM\nmetadata:\n  name: a\n  labels: {tier: 1}\nspec: {provider: local, image: micro}\n",
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:5:18: error: metadata.labels.tier: expected a string, found number 1
+        "#]],
+    );
+}
+
+#[test]
+fn image_with_a_firmware_field() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &FLEET.replace(
+                "      initrd: build/image/initrd.img\n",
+                "      initrd: build/image/initrd.img\n      firmware: uefi\n",
+            ),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:14:7: error: spec.images[0].firmware: unknown field; valid fields: name, kernel, initrd, cmdline, disk
+        "#]],
+    );
+}
+
+#[test]
+fn secret_reference_with_a_variable_name_starting_with_a_digit() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            ("fleet/secrets/api.yaml", SECRET),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with_secrets("    - {secret: api, key: token, env: 1TOKEN}\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:38: error: spec.secrets[0].env: string "1TOKEN" is not valid; expected an environment variable name, for example `ANTHROPIC_API_KEY`
+        "#]],
+    );
+}

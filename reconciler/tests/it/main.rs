@@ -2,6 +2,7 @@
 
 mod cli;
 mod daemon;
+mod fuzz;
 mod libvirt;
 mod load_corpus;
 mod secrets;
