@@ -42,6 +42,8 @@ pub struct Desired {
     pub tasks: BTreeMap<String, DesiredTask>,
     /// Committed answers to prompts, by prompt id.
     pub answers: BTreeMap<String, CommittedAnswer>,
+    /// Committed approvals of held plan steps, by approval id.
+    pub approvals: BTreeMap<String, CommittedApproval>,
     /// Secrets by name, still encrypted.
     pub secrets: BTreeMap<String, DesiredSecret>,
 }
@@ -88,6 +90,14 @@ pub struct DesiredTask {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommittedAnswer {
     pub response: String,
+    pub source: String,
+}
+
+/// An operator's committed approval of held plan steps (`fleet/hitl/<id>.yaml`, `approve`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommittedApproval {
+    /// The approval digest it names.
+    pub digest: String,
     pub source: String,
 }
 
@@ -164,6 +174,18 @@ pub struct ResolvedPolicy {
     #[serde(with = "humantime_serde_secs")]
     pub resync_interval: std::time::Duration,
     pub self_heal: bool,
+    /// Destroys beyond this many in one apply wait for an approval.
+    #[serde(default = "default_max_destroys")]
+    pub max_destroys_per_apply: u32,
+    /// Step kinds that wait for an approval.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approve: Vec<crate::spec::StepKind>,
+}
+
+pub const DEFAULT_MAX_DESTROYS_PER_APPLY: u32 = 5;
+
+fn default_max_destroys() -> u32 {
+    DEFAULT_MAX_DESTROYS_PER_APPLY
 }
 
 mod humantime_serde_secs {
@@ -264,6 +286,11 @@ pub fn resolve(loaded: &LoadedFleet) -> Desired {
         ),
         resync_interval: duration_or(&spec.policy.resync_interval, DEFAULT_RESYNC_INTERVAL),
         self_heal: spec.policy.self_heal.unwrap_or(true),
+        max_destroys_per_apply: spec
+            .policy
+            .max_destroys_per_apply
+            .unwrap_or(DEFAULT_MAX_DESTROYS_PER_APPLY),
+        approve: spec.policy.approve.clone(),
     };
     let mut merged_loadouts: BTreeMap<String, LoadoutSpec> = BTreeMap::new();
     let mut vms = BTreeMap::new();
@@ -314,12 +341,23 @@ pub fn resolve(loaded: &LoadedFleet) -> Desired {
     let answers = loaded
         .answers
         .iter()
-        .map(|(id, o)| {
+        .filter_map(|(id, o)| {
             let answer = CommittedAnswer {
-                response: o.doc.spec.response.clone(),
+                response: o.doc.spec.response.clone()?,
                 source: o.path.clone(),
             };
-            (id.clone(), answer)
+            Some((id.clone(), answer))
+        })
+        .collect();
+    let approvals = loaded
+        .answers
+        .iter()
+        .filter_map(|(id, o)| {
+            let approval = CommittedApproval {
+                digest: o.doc.spec.approve.clone()?,
+                source: o.path.clone(),
+            };
+            Some((id.clone(), approval))
         })
         .collect();
     let secrets = loaded
@@ -355,6 +393,7 @@ pub fn resolve(loaded: &LoadedFleet) -> Desired {
         vms,
         tasks,
         answers,
+        approvals,
         secrets,
     }
 }

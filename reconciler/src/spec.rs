@@ -406,6 +406,40 @@ pub struct Policy {
     /// age recipients every Secret is encrypted to unless it names its own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recipients: Vec<AgeRecipient>,
+    /// Most VMs one apply may destroy; destroys beyond it wait for an approval. Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100000))]
+    pub max_destroys_per_apply: Option<u32>,
+    /// Step kinds that wait for a human's approval (`fleet/hitl/<id>.yaml` with `approve`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approve: Vec<StepKind>,
+}
+
+/// A kind of plan step, as `policy.approve` names it.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum StepKind {
+    Create,
+    Start,
+    Stop,
+    Update,
+    Replace,
+    Destroy,
+}
+
+impl StepKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepKind::Create => "create",
+            StepKind::Start => "start",
+            StepKind::Stop => "stop",
+            StepKind::Update => "update",
+            StepKind::Replace => "replace",
+            StepKind::Destroy => "destroy",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -691,9 +725,14 @@ pub enum OnDeadline {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AnswerSpec {
-    /// The text typed into the task's terminal, followed by Enter.
+    /// The text typed into the task's terminal, followed by Enter (answers a prompt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096))]
-    pub response: String,
+    pub response: Option<String>,
+    /// the 64-hex digest of the held steps it approves, as their approval file shows it
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[0-9a-f]{64}$"))]
+    pub approve: Option<String>,
 }
 
 /// The JSON Schema of each kind, as generated from the types above.

@@ -410,6 +410,8 @@ mod tests {
                 reconcile_interval: Duration::from_secs(60),
                 resync_interval: Duration::from_secs(300),
                 self_heal: true,
+                max_destroys_per_apply: 5,
+                approve: Vec::new(),
             },
             steps: ["broken", "flaky", "ok-1", "stuck", "ok-2"]
                 .map(create_step)
@@ -417,6 +419,8 @@ mod tests {
             conflicts: vec![],
             drift: vec![],
             errors: vec![],
+            held: vec![],
+            approval_digest: None,
             secrets: vec![],
             digest: String::new(),
         };

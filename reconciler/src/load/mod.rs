@@ -424,12 +424,28 @@ fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
         AnyObject::Vm(o) => check_vm_spec(o, "/spec", &o.doc.spec, diags),
         AnyObject::Task(o) => check_task(o, diags),
         AnyObject::Answer(o) => {
-            if let Some(bad) = crate::hitl::answer_problem(&o.doc.spec.response) {
-                diags.push(Diagnostic::new(
+            let spec = &o.doc.spec;
+            match (&spec.response, &spec.approve) {
+                (Some(response), None) => {
+                    if let Some(bad) = crate::hitl::answer_problem(response) {
+                        diags.push(Diagnostic::new(
+                            &o.path,
+                            o.tree.pos_at_pointer("/spec/response", false),
+                            format!("spec.response: {bad}"),
+                        ));
+                    }
+                }
+                (None, Some(_)) => {}
+                (Some(_), Some(_)) => diags.push(Diagnostic::new(
                     &o.path,
-                    o.tree.pos_at_pointer("/spec/response", false),
-                    format!("spec.response: {bad}"),
-                ));
+                    o.tree.pos_at_pointer("/spec/approve", true),
+                    "spec.approve: an Answer either answers a prompt (`response`) or approves held steps (`approve`), not both; remove one".to_owned(),
+                )),
+                (None, None) => diags.push(Diagnostic::new(
+                    &o.path,
+                    o.tree.pos_at_pointer("/spec", false),
+                    "spec: say what the answer is: `response: TEXT` for a prompt, or `approve: DIGEST` for an approval".to_owned(),
+                )),
             }
         }
         AnyObject::VmPool(o) => {

@@ -7,6 +7,7 @@
 //!
 //! Architecture invariant: pure. No I/O, no clock, no randomness.
 
+pub mod guard;
 pub mod render;
 pub mod secrets;
 
@@ -142,6 +143,12 @@ pub struct Plan {
     /// Problems that keep part of the fleet from being planned (an unreachable provider).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
+    /// Steps that wait for an approval (see `guard`); apply never runs them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<guard::HeldStep>,
+    /// What an approval of the held steps names (sha256 over them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_digest: Option<String>,
     /// Secret values added, changed, removed or unreadable since fleet last delivered them
     /// (by keyed fingerprint; never a value), with what each forces.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -152,7 +159,14 @@ pub struct Plan {
 
 impl Plan {
     pub fn has_changes(&self) -> bool {
-        !self.steps.is_empty()
+        !self.steps.is_empty() || !self.held.is_empty()
+    }
+
+    /// The id of the approval file for the held steps (`approval-` and 12 hex digits).
+    pub fn approval_id(&self) -> Option<String> {
+        self.approval_digest
+            .as_ref()
+            .map(|d| format!("approval-{}", &d[..12]))
     }
 
     pub fn count(&self, action: Action) -> usize {
@@ -164,6 +178,21 @@ impl Plan {
         copy.digest = String::new();
         let json = serde_json::to_vec(&copy).expect("Plan serialises to JSON");
         hex(&Sha256::digest(json))
+    }
+
+    /// The plan with its held steps released, when `digest` is their approval digest;
+    /// unchanged (false) otherwise.
+    pub fn approve(&mut self, digest: &str) -> bool {
+        if self.approval_digest.as_deref() != Some(digest) {
+            return false;
+        }
+        self.steps
+            .extend(std::mem::take(&mut self.held).into_iter().map(|h| h.step));
+        self.steps
+            .sort_by(|a, b| (&a.vm, &a.provider).cmp(&(&b.vm, &b.provider)));
+        self.approval_digest = None;
+        self.digest = self.compute_digest();
+        true
     }
 
     /// The plan with the revision's secret changes (see `secrets::changes`).
@@ -339,6 +368,8 @@ pub fn plan_with_history(desired: &Desired, observed: &Observed, history: &Histo
     }
 
     steps.sort_by(|a, b| (&a.vm, &a.provider).cmp(&(&b.vm, &b.provider)));
+    let (steps, held) = guard::hold(desired, observed, steps);
+    let approval_digest = guard::approval_digest(&held);
     let mut plan = Plan {
         format_version: FORMAT_VERSION,
         fleet: desired.fleet.clone(),
@@ -349,6 +380,8 @@ pub fn plan_with_history(desired: &Desired, observed: &Observed, history: &Histo
         conflicts,
         drift,
         errors,
+        held,
+        approval_digest,
         secrets: Vec::new(),
         digest: String::new(),
     };

@@ -19,8 +19,10 @@ pub fn text(plan: &Plan) -> String {
         plan.revision.label,
         short_id(&plan.revision.id)
     );
-    if plan.steps.is_empty() {
+    if plan.steps.is_empty() && plan.held.is_empty() {
         let _ = writeln!(out, "No changes: every VM matches its spec.");
+    } else if plan.steps.is_empty() {
+        let _ = writeln!(out, "Plan: nothing runs without an approval.");
     } else {
         let counts: Vec<String> = [
             Action::Create,
@@ -48,6 +50,25 @@ pub fn text(plan: &Plan) -> String {
                 step.vm,
                 step.provider,
                 reason_text(step)
+            );
+        }
+    }
+    if let (Some(id), Some(digest)) = (plan.approval_id(), &plan.approval_digest) {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Held for approval ({id}; approve with fleet/hitl/{id}.yaml, spec.approve: {digest}):"
+        );
+        for held in &plan.held {
+            let step = &held.step;
+            let _ = writeln!(
+                out,
+                "  {:<3} {:<8} {}  on {}: {}",
+                symbol(step.action),
+                step.action.as_str(),
+                step.vm,
+                step.provider,
+                held.why.join("; ")
             );
         }
     }

@@ -507,3 +507,138 @@ fn a_spec_change_runs_even_when_self_heal_is_off() {
         "the update rewrites the whole definition"
     );
 }
+
+fn desired_with_policy(policy: &str, files: &[(String, String)]) -> Desired {
+    let mut all = vec![(
+        "fleet/fleet.yaml".to_owned(),
+        FLEET.replace("  images:", &format!("  policy: {policy}\n  images:")),
+    )];
+    all.extend(files.iter().cloned());
+    let snapshot = Snapshot {
+        revision: Revision {
+            id: "c0ffee0000000000000000000000000000000000".into(),
+            label: "main@c0ffee000000".into(),
+        },
+        fleet_dir: "fleet".into(),
+        files: all
+            .into_iter()
+            .map(|(path, text)| SourceFile {
+                path,
+                bytes: text.into_bytes(),
+            })
+            .collect(),
+    };
+    let loaded = crate::load::load(&snapshot).unwrap_or_else(|d| panic!("{d:#?}"));
+    crate::resolve::resolve(&loaded)
+}
+
+fn held_lines(p: &Plan) -> Vec<String> {
+    p.held
+        .iter()
+        .map(|h| {
+            format!(
+                "{} {}: {}",
+                h.step.action.as_str(),
+                h.step.vm,
+                h.why.join("; ")
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_protected_vm_deleted_from_fleet_is_held_until_its_digest_is_approved() {
+    let before = desired(&[vm("a", ""), vm("keep", "  protect: true\n")]);
+    let after = desired(&[vm("a", "")]);
+    let o = observed(vec![
+        applied(&before.vms["a"], true),
+        applied(&before.vms["keep"], true),
+    ]);
+    let mut p = plan(&after, &o);
+    assert!(p.steps.is_empty());
+    assert_eq!(
+        held_lines(&p),
+        [
+            "destroy keep: keep is protected (recorded in its stamp): set protect: false and apply that first, or approve"
+        ]
+    );
+    let digest = p.approval_digest.clone().expect("a digest");
+    assert_eq!(p.approval_id(), Some(format!("approval-{}", &digest[..12])));
+    assert!(render::text(&p).contains(&format!("spec.approve: {digest}")));
+    assert_eq!(
+        plan(&after, &o).approval_digest.as_deref(),
+        Some(digest.as_str()),
+        "the same held steps, the same digest"
+    );
+    assert!(
+        !p.approve(&"0".repeat(64)),
+        "another digest releases nothing"
+    );
+    assert!(p.steps.is_empty());
+    assert!(p.approve(&digest));
+    assert_eq!(p.steps.len(), 1);
+    assert!(p.held.is_empty() && p.digest_is_valid());
+}
+
+#[test]
+fn destroys_beyond_the_cap_and_approved_kinds_wait() {
+    let before = desired(&[vm("a", ""), vm("b", ""), vm("c", ""), vm("d", "")]);
+    let o = observed(
+        ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| applied(&before.vms[*n], true))
+            .collect(),
+    );
+    let after = desired_with_policy("{maxDestroysPerApply: 1}", &[vm("d", "")]);
+    let p = plan(&after, &o);
+    assert_eq!(
+        p.steps.iter().map(|s| s.vm.as_str()).collect::<Vec<_>>(),
+        ["a"]
+    );
+    assert_eq!(
+        held_lines(&p),
+        [
+            "destroy b: more than 1 destroys in one apply (policy.maxDestroysPerApply)",
+            "destroy c: more than 1 destroys in one apply (policy.maxDestroysPerApply)",
+        ]
+    );
+
+    let replaced = desired_with_policy(
+        "{approve: [replace]}",
+        &[
+            vm("a", ""),
+            vm("b", ""),
+            vm("c", ""),
+            (
+                "fleet/vms/d.yaml".into(),
+                "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: d}\nspec: {provider: local, image: deb}\n".into(),
+            ),
+        ],
+    );
+    assert_eq!(
+        held_lines(&plan(&replaced, &o)),
+        ["replace d: policy.approve lists replace"]
+    );
+}
+
+#[test]
+fn a_revision_that_empties_a_provider_is_held_whatever_the_cap() {
+    let before = desired(&[vm("a", ""), vm("b", "")]);
+    let o = observed(vec![
+        applied(&before.vms["a"], true),
+        applied(&before.vms["b"], true),
+        foreign("not-ours"),
+    ]);
+    let empty = desired_with_policy("{maxDestroysPerApply: 100}", &[]);
+    let p = plan(&empty, &o);
+    assert!(p.steps.is_empty());
+    assert_eq!(p.held.len(), 2);
+    assert!(
+        p.held[0]
+            .why
+            .iter()
+            .any(|w| w.contains("destroys every VM fleet runs on provider local")),
+        "{:?}",
+        p.held
+    );
+}

@@ -46,10 +46,13 @@ fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
             reconcile_interval: Duration::from_secs(1),
             resync_interval: Duration::from_secs(1),
             self_heal: true,
+            max_destroys_per_apply: 5,
+            approve: Vec::new(),
         },
         vms: Default::default(),
         tasks: [("ask".to_owned(), task)].into(),
         answers: Default::default(),
+        approvals: Default::default(),
         secrets: Default::default(),
     }
 }

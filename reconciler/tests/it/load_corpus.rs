@@ -1017,7 +1017,7 @@ fn answer_without_a_response() {
             "apiVersion: fleet/v1\nkind: Answer\nmetadata: {name: p-1}\nspec: {}\n",
         )],
         expect![[r#"
-            fleet/hitl/p-1.yaml:4:7: error: spec: missing required field `response`
+            fleet/hitl/p-1.yaml:4:7: error: spec: say what the answer is: `response: TEXT` for a prompt, or `approve: DIGEST` for an approval
         "#]],
     );
 }
@@ -1531,6 +1531,51 @@ fn secret_reference_with_a_variable_name_starting_with_a_digit() {
         ],
         expect![[r#"
             fleet/tasks/t.yaml:8:38: error: spec.secrets[0].env: string "1TOKEN" is not valid; expected an environment variable name, for example `ANTHROPIC_API_KEY`
+        "#]],
+    );
+}
+
+#[test]
+fn answer_with_both_a_response_and_an_approval() {
+    check(
+        &[(
+            "fleet/hitl/p-1.yaml",
+            &format!(
+                "apiVersion: fleet/v1\nkind: Answer\nmetadata: {{name: p-1}}\nspec:\n  response: y\n  approve: {}\n",
+                "ab".repeat(32)
+            ),
+        )],
+        expect![[r#"
+            fleet/hitl/p-1.yaml:6:3: error: spec.approve: an Answer either answers a prompt (`response`) or approves held steps (`approve`), not both; remove one
+        "#]],
+    );
+}
+
+#[test]
+fn approval_digest_that_is_not_a_digest() {
+    check(
+        &[(
+            "fleet/hitl/approval-0123456789ab.yaml",
+            "apiVersion: fleet/v1\nkind: Answer\nmetadata: {name: approval-0123456789ab}\nspec: {approve: yes-please}\n",
+        )],
+        expect![[r#"
+            fleet/hitl/approval-0123456789ab.yaml:4:17: error: spec.approve: string "yes-please" is not valid; expected the 64-hex digest of the held steps it approves, as their approval file shows it
+        "#]],
+    );
+}
+
+#[test]
+fn policy_approves_an_unknown_step_kind() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &FLEET.replace(
+                "  images:",
+                "  policy: {approve: [destroy, delete]}\n  images:",
+            ),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:10:31: error: spec.policy.approve[1]: string "delete" is not valid; valid: create, start, stop, update, replace, destroy
         "#]],
     );
 }
