@@ -407,7 +407,7 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     }
     let observed = reconcile::observe(&drivers).await;
     let fresh = reconcile::plan_for(ws, &desired, &observed, &ws.open_vault(&desired));
-    let plan = match saved {
+    let mut plan = match saved {
         Some(saved) => {
             if saved.revision.id != fresh.revision.id {
                 bail!(
@@ -425,8 +425,10 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
         }
         None => fresh,
     };
+    // Held steps run only with an approval of exactly them (a file; see `approvals`).
+    crate::approvals::settle(&ws.status, &desired, &mut plan);
     print!("{}", render::text(&plan));
-    if plan.has_changes() && !args.auto_approve {
+    if !plan.steps.is_empty() && !args.auto_approve {
         if !std::io::stdin().is_terminal() {
             bail!(
                 "refusing to apply without confirmation: stdin is not a terminal; review the plan and pass --auto-approve"
@@ -473,6 +475,13 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
         failed,
         plan.conflicts.len()
     );
+    if let Some(id) = plan.approval_id() {
+        println!(
+            "{} step(s) wait for approval {id}: see {}",
+            plan.held.len(),
+            ws.status.hitl_dir().join(format!("{id}.yaml")).display()
+        );
+    }
     Ok(exit_for(&plan, failed))
 }
 

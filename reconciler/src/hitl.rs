@@ -48,6 +48,28 @@ pub fn list(status: &StatusDir, all: bool) -> String {
         ))
     });
     let mut out = String::new();
+    for a in crate::approvals::read_all(status)
+        .iter()
+        .filter(|a| all || a.state == crate::approvals::ApprovalState::Pending)
+    {
+        out.push_str(
+            &format!(
+                "{}  {:?}  approval of {} held step(s)  since {}\n",
+                a.id,
+                a.state,
+                a.steps.len(),
+                a.created
+            )
+            .to_lowercase(),
+        );
+        for step in &a.steps {
+            out.push_str(&format!("    {step}\n"));
+        }
+        out.push_str(&format!(
+            "    approve: fleet hitl answer {} {}\n",
+            a.id, a.plan_digest
+        ));
+    }
     for p in prompts
         .iter()
         .filter(|p| all || p.state == PromptState::Pending)
@@ -85,6 +107,9 @@ pub fn answer(status: &StatusDir, id: &str, text: &str) -> Result<()> {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     if !valid_id {
         bail!("{id:?} is not a prompt id; `fleet hitl list` shows them");
+    }
+    if id.starts_with(crate::approvals::PREFIX) {
+        return crate::approvals::answer(status, id, text.trim());
     }
     let prompt = status
         .read_prompt(id)

@@ -8,6 +8,7 @@
 
 pub mod agent_link;
 pub mod apply;
+pub mod approvals;
 pub mod cli;
 pub mod daemon;
 pub mod driver;

@@ -196,7 +196,8 @@ impl Daemon {
             self.next_resync = Instant::now() + desired.policy.resync_interval;
         }
         let observed = reconcile::observe(&self.drivers).await;
-        let plan = reconcile::plan_for(&self.ws, &desired, &observed, &self.vault);
+        let mut plan = reconcile::plan_for(&self.ws, &desired, &observed, &self.vault);
+        crate::approvals::settle(&self.ws.status, &desired, &mut plan);
         let plan = self.without_backed_off_steps(plan);
         let applied = reconcile::apply_and_record(
             &self.ws,

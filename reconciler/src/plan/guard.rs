@@ -1,6 +1,7 @@
 //! Steps that wait for a human. A destroy or replace of a VM whose stamp says `protect`
 //! (so deleting or editing its file cannot lift the protection), a step kind listed in
-//! `policy.approve`, destroys beyond `policy.maxDestroysPerApply`, and a revision that would
+//! `policy.approve`, all destroys of a plan with more than `policy.maxDestroysPerApply`, and a
+//! revision that would
 //! destroy every VM fleet runs on a provider (`fleet/` emptied by mistake) are held: apply
 //! never runs them until an approval names the held steps' digest. Pure.
 
@@ -86,14 +87,18 @@ pub fn hold(
             why
         })
         .collect();
-    // The cap counts destroys nothing else holds, in plan order (by VM name).
-    let mut destroys = 0u32;
-    for (step, why) in steps.iter().zip(reasons.iter_mut()) {
-        if step.action == Action::Destroy && why.is_empty() {
-            destroys += 1;
-            if destroys > policy.max_destroys_per_apply {
+    // Over the cap, every destroy waits: running the first few would only spread a mass
+    // destroy over several applies (the daemon applies again within a second).
+    let destroys = steps
+        .iter()
+        .zip(&reasons)
+        .filter(|(s, why)| s.action == Action::Destroy && why.is_empty())
+        .count();
+    if destroys > policy.max_destroys_per_apply as usize {
+        for (step, why) in steps.iter().zip(reasons.iter_mut()) {
+            if step.action == Action::Destroy && why.is_empty() {
                 why.push(format!(
-                    "more than {} destroys in one apply (policy.maxDestroysPerApply)",
+                    "this plan destroys {destroys} VMs, more than policy.maxDestroysPerApply ({})",
                     policy.max_destroys_per_apply
                 ));
             }

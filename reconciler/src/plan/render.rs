@@ -57,7 +57,7 @@ pub fn text(plan: &Plan) -> String {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "Held for approval ({id}; approve with fleet/hitl/{id}.yaml, spec.approve: {digest}):"
+            "Held for approval ({id}; approve with fleet/hitl/{id}.yaml, spec.approve: \"{digest}\"):"
         );
         for held in &plan.held {
             let step = &held.step;

@@ -564,7 +564,7 @@ fn a_protected_vm_deleted_from_fleet_is_held_until_its_digest_is_approved() {
     );
     let digest = p.approval_digest.clone().expect("a digest");
     assert_eq!(p.approval_id(), Some(format!("approval-{}", &digest[..12])));
-    assert!(render::text(&p).contains(&format!("spec.approve: {digest}")));
+    assert!(render::text(&p).contains(&format!("spec.approve: \"{digest}\"")));
     assert_eq!(
         plan(&after, &o).approval_digest.as_deref(),
         Some(digest.as_str()),
@@ -581,7 +581,7 @@ fn a_protected_vm_deleted_from_fleet_is_held_until_its_digest_is_approved() {
 }
 
 #[test]
-fn destroys_beyond_the_cap_and_approved_kinds_wait() {
+fn every_destroy_of_a_plan_over_the_cap_and_approved_kinds_wait() {
     let before = desired(&[vm("a", ""), vm("b", ""), vm("c", ""), vm("d", "")]);
     let o = observed(
         ["a", "b", "c", "d"]
@@ -591,16 +591,26 @@ fn destroys_beyond_the_cap_and_approved_kinds_wait() {
     );
     let after = desired_with_policy("{maxDestroysPerApply: 1}", &[vm("d", "")]);
     let p = plan(&after, &o);
-    assert_eq!(
-        p.steps.iter().map(|s| s.vm.as_str()).collect::<Vec<_>>(),
-        ["a"]
+    assert!(
+        p.steps.is_empty(),
+        "a mass destroy is not spread over applies"
     );
     assert_eq!(
         held_lines(&p),
         [
-            "destroy b: more than 1 destroys in one apply (policy.maxDestroysPerApply)",
-            "destroy c: more than 1 destroys in one apply (policy.maxDestroysPerApply)",
+            "destroy a: this plan destroys 3 VMs, more than policy.maxDestroysPerApply (1)",
+            "destroy b: this plan destroys 3 VMs, more than policy.maxDestroysPerApply (1)",
+            "destroy c: this plan destroys 3 VMs, more than policy.maxDestroysPerApply (1)",
         ]
+    );
+    let one = desired_with_policy(
+        "{maxDestroysPerApply: 1}",
+        &[vm("b", ""), vm("c", ""), vm("d", "")],
+    );
+    assert_eq!(
+        plan(&one, &o).steps.len(),
+        1,
+        "within the cap, destroys run"
     );
 
     let replaced = desired_with_policy(

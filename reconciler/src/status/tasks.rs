@@ -202,8 +202,11 @@ impl StatusDir {
         )
     }
 
+    /// Task prompts (approval records share the directory and are left out).
     pub fn read_prompts(&self) -> BTreeMap<String, PromptRecord> {
-        read_all(&self.hitl_dir(), |r: &PromptRecord| r.id.clone())
+        let mut prompts = read_all(&self.hitl_dir(), |r: &PromptRecord| r.id.clone());
+        prompts.retain(|id, _| !id.starts_with(crate::approvals::PREFIX));
+        prompts
     }
 
     pub fn read_prompt(&self, id: &str) -> Option<PromptRecord> {

@@ -791,6 +791,7 @@ impl TaskBook {
                 .file_name()
                 .and_then(|n| n.to_str())
                 .and_then(|n| n.strip_suffix(".answer"))
+                .filter(|id| !id.starts_with(crate::approvals::PREFIX))
                 .map(str::to_owned)
             else {
                 continue;

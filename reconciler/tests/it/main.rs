@@ -1,5 +1,6 @@
 //! One integration-test binary: the bad-input corpus, CLI behaviour, and real libvirt.
 
+mod approvals;
 mod cli;
 mod daemon;
 mod fuzz;
