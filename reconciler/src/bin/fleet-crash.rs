@@ -1,0 +1,371 @@
+//! Crash safety under faults, on real libvirtd (`make crash-test TRIALS=N`).
+//!
+//! A fleet of up to `--vms` micro VMs (default 20) in a temporary git repository. Each trial
+//! commits a random mix of creates, replaces (a loadout whose runcmd changes) and destroys,
+//! starts `fleet apply --auto-approve`, and after a random delay kills it with SIGKILL — or,
+//! every fourth trial, kills libvirtd and starts it again — then runs `fleet apply` to
+//! completion and checks:
+//! - duplicates: a VM's stamp on more than one domain, or on a domain of another name;
+//! - orphans: storage fleet made (overlays, seed ISOs, console logs) with no domain of its VM;
+//! - converged: the domains are exactly the fleet's VMs, each with the spec hash of its
+//!   revision, and a fresh `fleet plan` has no changes;
+//! - the journal: no intent left unfinished.
+//!
+//! Ends with one line: `trials=N duplicates=D orphans=O converged=C`; exits 1 unless D and O
+//! are 0 and C is N. Needs `make image` and a running libvirtd.
+//!
+//! Usage: fleet-crash [--trials N] [--vms N] [--seed S]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+
+const URI: &str = "qemu:///system";
+
+/// xorshift64*: reproducible from `--seed`, no dependency needed for a test driver.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn arg(name: &str) -> Option<u64> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+}
+
+fn run(cmd: &mut Command) -> Result<std::process::Output> {
+    cmd.output().with_context(|| format!("running {cmd:?}"))
+}
+
+fn virsh(args: &[&str]) -> Result<std::process::Output> {
+    run(Command::new("virsh").arg("-c").arg(URI).args(args))
+}
+
+fn git(repo: &Path, args: &[&str]) -> Result<()> {
+    let out = run(Command::new("git").arg("-C").arg(repo).args(args))?;
+    if !out.status.success() {
+        bail!("git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// The fleet as the trials change it: VM name → loadout variant.
+struct Fleet {
+    repo: PathBuf,
+    name: String,
+    vms: BTreeMap<String, u32>,
+}
+
+impl Fleet {
+    fn write(&self) -> Result<()> {
+        let dir = self.repo.join("fleet/vms");
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        for (vm, variant) in &self.vms {
+            std::fs::write(
+                dir.join(format!("{vm}.yaml")),
+                format!(
+                    "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {vm}}}\nspec: {{provider: local, image: micro, loadout: v{variant}, resources: {{memory: 128Mi}}}}\n"
+                ),
+            )?;
+        }
+        git(&self.repo, &["add", "-A"])?;
+        git(
+            &self.repo,
+            &["commit", "-q", "--allow-empty", "-m", "trial"],
+        )
+    }
+
+    fn fleet(&self) -> Command {
+        let exe = std::env::current_exe().expect("own path");
+        let mut cmd = Command::new(exe.with_file_name("fleet"));
+        cmd.arg("-C").arg(&self.repo);
+        cmd
+    }
+
+    fn domains(&self) -> Result<Vec<String>> {
+        let out = virsh(&["list", "--all", "--name"])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|n| n.starts_with(&format!("{}-", self.name)))
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
+fn setup(vms: usize, rng: &mut Rng) -> Result<Fleet> {
+    let root = std::env::current_dir()?;
+    let (kernel, initrd) = (
+        root.join("build/image/vmlinuz"),
+        root.join("build/image/initrd.img"),
+    );
+    if !kernel.exists() || !initrd.exists() {
+        bail!("no micro image under build/image; run make image");
+    }
+    let repo = std::env::temp_dir().join(format!("fleet-crash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&repo);
+    std::fs::create_dir_all(repo.join("fleet/loadouts"))?;
+    // qemu runs as its own user and writes console logs under the repository.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o755))?;
+    let name = format!("crash{}", std::process::id());
+    std::fs::write(
+        repo.join("fleet/fleet.yaml"),
+        format!(
+            "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: {name}}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, uri: '{URI}', domainType: qemu, storageDir: .fleet/storage}}\n  images:\n    - {{name: micro, kernel: '{}', initrd: '{}', cmdline: quiet}}\n  policy: {{maxParallel: 4, shutdownTimeout: 2s, maxDestroysPerApply: 1000}}\n",
+            kernel.display(),
+            initrd.display()
+        ),
+    )?;
+    for v in [1, 2] {
+        std::fs::write(
+            repo.join(format!("fleet/loadouts/v{v}.yaml")),
+            format!(
+                "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: v{v}}}\nspec:\n  runcmd: [\"echo variant {v}\"]\n"
+            ),
+        )?;
+    }
+    git(&repo, &["init", "-q", "-b", "main"])?;
+    git(&repo, &["config", "user.name", "fleet-crash"])?;
+    git(&repo, &["config", "user.email", "crash@fleet.invalid"])?;
+    let vms = (1..=vms)
+        .filter(|_| rng.below(4) != 0)
+        .map(|i| (format!("{name}-{i:02}"), 1))
+        .collect();
+    let fleet = Fleet { repo, name, vms };
+    fleet.write()?;
+    Ok(fleet)
+}
+
+/// A random mix of creates, replaces and destroys; at least one VM stays.
+fn mutate(fleet: &mut Fleet, slots: usize, rng: &mut Rng) {
+    let changes = 2 + rng.below(6);
+    for _ in 0..changes {
+        let slot = format!("{}-{:02}", fleet.name, 1 + rng.below(slots as u64));
+        match (fleet.vms.get(&slot).copied(), rng.below(3)) {
+            (None, _) => {
+                fleet.vms.insert(slot, 1 + (rng.below(2) as u32));
+            }
+            (Some(v), 0 | 1) => {
+                fleet.vms.insert(slot, 3 - v);
+            }
+            (Some(_), _) if fleet.vms.len() > 1 => {
+                fleet.vms.remove(&slot);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn wait_for_libvirtd() -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if virsh(&["version"]).is_ok_and(|o| o.status.success()) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("libvirtd did not come back")
+}
+
+/// One apply interrupted by a fault: SIGKILL to fleet, or libvirtd killed and restarted.
+/// Returns whether fleet was still applying when the fault hit.
+fn interrupted_apply(fleet: &Fleet, kill_libvirtd: bool, delay: Duration) -> Result<bool> {
+    let mut child = fleet
+        .fleet()
+        .args(["apply", "--auto-approve"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(delay);
+    let mid_apply = child.try_wait()?.is_none();
+    if kill_libvirtd {
+        let _ = run(Command::new("pkill").args(["-9", "-x", "libvirtd"]));
+        std::thread::sleep(Duration::from_millis(300));
+        run(Command::new("libvirtd").arg("-d"))?;
+        wait_for_libvirtd()?;
+    } else {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    Ok(mid_apply)
+}
+
+/// `fleet apply` until it succeeds (a restarted libvirtd may fail the first steps).
+fn recover(fleet: &Fleet) -> Result<()> {
+    for _ in 0..4 {
+        let out = run(fleet.fleet().args(["apply", "--auto-approve"]))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    bail!("fleet apply did not succeed after the fault")
+}
+
+#[derive(Default)]
+struct Findings {
+    duplicates: usize,
+    orphans: usize,
+    converged: bool,
+    notes: Vec<String>,
+}
+
+fn check(fleet: &Fleet) -> Result<Findings> {
+    let mut f = Findings::default();
+    let domains = fleet.domains()?;
+    let mut stamped: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for d in &domains {
+        let xml = virsh(&["dumpxml", "--inactive", d])?;
+        let vm = fleet::driver::libvirt::domain_xml::parse(&String::from_utf8_lossy(&xml.stdout))
+            .map_err(anyhow::Error::msg)?;
+        if let Some(stamp) = &vm.stamp {
+            stamped
+                .entry(stamp.name.clone())
+                .or_default()
+                .push(d.clone());
+        }
+    }
+    for (vm, holders) in &stamped {
+        if holders.len() > 1 || holders.iter().any(|h| h != vm) {
+            f.duplicates += holders.len().saturating_sub(1).max(1);
+            f.notes.push(format!("{vm} is stamped on {holders:?}"));
+        }
+    }
+    let storage = fleet.repo.join(".fleet/storage");
+    let on_disk: BTreeSet<String> = std::fs::read_dir(&storage)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    let domain_set: BTreeSet<String> = domains.iter().cloned().collect();
+    for orphan in on_disk.difference(&domain_set) {
+        f.orphans += 1;
+        f.notes
+            .push(format!("storage of {orphan} without a domain"));
+    }
+    let want: BTreeSet<String> = fleet.vms.keys().cloned().collect();
+    let plan = run(fleet.fleet().args(["plan", "--detailed-exitcode"]))?;
+    let journal =
+        std::fs::read_to_string(fleet.repo.join(".fleet/status/journal.jsonl")).unwrap_or_default();
+    let open = open_intents(&journal);
+    f.converged = domain_set == want && plan.status.code() == Some(0) && open == 0;
+    if !f.converged {
+        f.notes.push(format!(
+            "not converged: domains {:?} vs fleet {:?}; plan exit {:?}; {open} open intent(s)",
+            domain_set.symmetric_difference(&want).collect::<Vec<_>>(),
+            want.len(),
+            plan.status.code()
+        ));
+    }
+    Ok(f)
+}
+
+/// Intents in the journal without an outcome.
+fn open_intents(journal: &str) -> usize {
+    let mut open = BTreeSet::new();
+    for line in journal.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let op = v["op"].as_u64().unwrap_or(0);
+        match v["record"].as_str() {
+            Some("intent") => {
+                open.insert(op);
+            }
+            Some("outcome") => {
+                open.remove(&op);
+            }
+            _ => {}
+        }
+    }
+    open.len()
+}
+
+fn cleanup(fleet: &Fleet) {
+    for d in fleet.domains().unwrap_or_default() {
+        let _ = virsh(&["destroy", &d]);
+        let _ = virsh(&["undefine", &d]);
+    }
+    let _ = std::fs::remove_dir_all(&fleet.repo);
+}
+
+fn main() -> Result<()> {
+    let trials = arg("--trials").unwrap_or(10) as usize;
+    let slots = arg("--vms").unwrap_or(20) as usize;
+    let seed = arg("--seed").unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    eprintln!("fleet-crash: {trials} trial(s) over up to {slots} VMs, seed {seed}");
+    let mut rng = Rng(seed | 1);
+    let mut fleet = setup(slots, &mut rng)?;
+    let result = (|| -> Result<(usize, usize, usize)> {
+        recover(&fleet).context("the first apply")?;
+        let (mut duplicates, mut orphans, mut converged) = (0, 0, 0);
+        for trial in 1..=trials {
+            mutate(&mut fleet, slots, &mut rng);
+            fleet.write()?;
+            let kill_libvirtd = trial % 4 == 0;
+            let delay = Duration::from_millis(rng.below(2500));
+            let mid_apply = interrupted_apply(&fleet, kill_libvirtd, delay)?;
+            let journal = fleet.repo.join(".fleet/status/journal.jsonl");
+            let left_open = open_intents(&std::fs::read_to_string(&journal).unwrap_or_default());
+            recover(&fleet)?;
+            let f = check(&fleet)?;
+            duplicates += f.duplicates;
+            orphans += f.orphans;
+            converged += usize::from(f.converged);
+            eprintln!(
+                "trial {trial}: {} VMs, {} after {delay:?} ({}, {left_open} intent(s) left open); duplicates {} orphans {} converged {}",
+                fleet.vms.len(),
+                if kill_libvirtd {
+                    "libvirtd killed"
+                } else {
+                    "fleet killed"
+                },
+                if mid_apply {
+                    "mid-apply"
+                } else {
+                    "apply had ended"
+                },
+                f.duplicates,
+                f.orphans,
+                f.converged
+            );
+            for note in f.notes {
+                eprintln!("  {note}");
+            }
+        }
+        Ok((duplicates, orphans, converged))
+    })();
+    cleanup(&fleet);
+    let (duplicates, orphans, converged) = result?;
+    println!("trials={trials} duplicates={duplicates} orphans={orphans} converged={converged}");
+    if duplicates > 0 || orphans > 0 || converged != trials {
+        std::process::exit(1);
+    }
+    Ok(())
+}
