@@ -14,13 +14,23 @@ pub const MAX_ANSWER_BYTES: usize = 4096;
 /// Why an answer may not be typed into a terminal, if it may not. Control characters
 /// (escape sequences, Ctrl-C, a second line) would let an answer do more than answer.
 pub fn answer_problem(answer: &str) -> Option<String> {
+    answer_problem_allowing(answer, false)
+}
+
+/// As `answer_problem`, for a prompt whose task allows control characters in answers
+/// (`prompts.allowControl`): then only the length is checked.
+pub fn answer_problem_allowing(answer: &str, allow_control: bool) -> Option<String> {
     if answer.len() > MAX_ANSWER_BYTES {
         return Some(format!(
             "the answer is {} bytes; answers are at most {MAX_ANSWER_BYTES}",
             answer.len()
         ));
     }
-    if let Some(c) = answer.chars().find(|c| c.is_control()) {
+    if let Some(c) = answer
+        .chars()
+        .find(|c| c.is_control())
+        .filter(|_| !allow_control)
+    {
         return Some(format!(
             "the answer contains the control character U+{:04X}; answers are one line of plain text (Enter is added)",
             c as u32
@@ -123,7 +133,7 @@ pub fn answer(status: &StatusDir, id: &str, text: &str) -> Result<()> {
         PromptState::Withdrawn => bail!("prompt {id} was withdrawn: the task went on without it"),
         PromptState::Expired => bail!("prompt {id} expired: its deadline passed"),
     }
-    if let Some(problem) = answer_problem(text) {
+    if let Some(problem) = answer_problem_allowing(text, prompt.allow_control) {
         bail!("{problem}");
     }
     let path = status.answer_path(id);
@@ -149,6 +159,9 @@ mod tests {
         assert!(answer_problem("\u{1b}[2J").is_some());
         assert!(answer_problem("\u{3}").is_some());
         assert!(answer_problem(&"y".repeat(MAX_ANSWER_BYTES + 1)).is_some());
+        // A task that allows control characters gets them; the length still counts.
+        assert_eq!(answer_problem_allowing("\u{1b}[A", true), None);
+        assert!(answer_problem_allowing(&"y".repeat(MAX_ANSWER_BYTES + 1), true).is_some());
         assert_eq!(answer_from_file("y\n"), "y");
         assert_eq!(answer_from_file("y\r\n"), "y");
         assert_eq!(answer_from_file("y\n\n"), "y\n");

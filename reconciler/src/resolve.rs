@@ -72,6 +72,8 @@ pub struct DesiredTask {
     pub prompt_patterns: Vec<String>,
     pub prompt_deadline: std::time::Duration,
     pub on_deadline: OnDeadline,
+    /// Answers may hold control characters (`prompts.allowControl`).
+    pub allow_control: bool,
     pub rerun: u32,
     /// The loadout's secret variables, then the task's own references (a task's reference
     /// replaces the loadout's for the same variable).
@@ -153,6 +155,7 @@ fn resolve_task(name: &str, spec: &TaskSpec, vm: Option<&DesiredVm>, source: &st
         prompt_patterns: prompts.patterns,
         prompt_deadline: duration_or(&prompts.deadline, DEFAULT_PROMPT_DEADLINE),
         on_deadline: prompts.on_deadline,
+        allow_control: prompts.allow_control,
         rerun: spec.rerun,
         secrets,
         held: None,

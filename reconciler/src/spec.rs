@@ -712,6 +712,10 @@ pub struct PromptPolicy {
     /// overdue) or `fail` (the task is cancelled and fails).
     #[serde(default)]
     pub on_deadline: OnDeadline,
+    /// Accept answers with control characters and escape sequences (for a program driven by
+    /// keys rather than lines). Off by default: an answer is one line of plain text.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_control: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

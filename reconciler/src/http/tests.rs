@@ -198,6 +198,7 @@ async fn tasks_and_pending_prompts_show_with_the_output_tail() {
     view.status
         .write_prompt(&PromptRecord {
             id: "build-0123abcd-1".into(),
+            allow_control: false,
             kind: PromptKind::Input,
             task: "build".into(),
             vm: "web-01".into(),

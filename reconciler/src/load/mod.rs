@@ -426,8 +426,9 @@ fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
         AnyObject::Answer(o) => {
             let spec = &o.doc.spec;
             match (&spec.response, &spec.approve) {
+                // Control characters depend on the prompt's task: see `check_answer_text`.
                 (Some(response), None) => {
-                    if let Some(bad) = crate::hitl::answer_problem(response) {
+                    if let Some(bad) = crate::hitl::answer_problem_allowing(response, true) {
                         diags.push(Diagnostic::new(
                             &o.path,
                             o.tree.pos_at_pointer("/spec/response", false),
@@ -822,6 +823,7 @@ fn check_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
     }
 
     check_secret_references(f, diags);
+    check_answer_text(f, diags);
 
     for o in f.tasks.values() {
         let vm = &o.doc.spec.vm.0;
@@ -839,6 +841,28 @@ fn check_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
                 &o.path,
                 o.tree.pos_at_pointer("/spec/vm", false),
                 format!("spec.vm: no VM named {vm:?}; {list}"),
+            ));
+        }
+    }
+}
+
+/// A committed answer holds control characters only when the task of its prompt (the id is
+/// `<task>-<run>-<n>`) allows them (`prompts.allowControl`).
+fn check_answer_text(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
+    for (id, o) in &f.answers {
+        let Some(response) = &o.doc.spec.response else {
+            continue;
+        };
+        let task = id.rsplitn(3, '-').nth(2).unwrap_or_default();
+        let allowed = f
+            .tasks
+            .get(task)
+            .is_some_and(|t| t.doc.spec.prompts.as_ref().is_some_and(|p| p.allow_control));
+        if let Some(bad) = crate::hitl::answer_problem_allowing(response, allowed) {
+            diags.push(Diagnostic::new(
+                &o.path,
+                o.tree.pos_at_pointer("/spec/response", false),
+                format!("spec.response: {bad}"),
             ));
         }
     }

@@ -150,6 +150,9 @@ pub enum PromptKind {
 pub struct PromptRecord {
     pub id: String,
     pub kind: PromptKind,
+    /// Its task accepts control characters in answers (`prompts.allowControl`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_control: bool,
     pub task: String,
     pub vm: String,
     /// The line that read as a question.

@@ -56,6 +56,8 @@ struct BookState {
     vm_secrets: BTreeMap<String, Vec<SecretRef>>,
     /// The opened secret values, replaced by each `set_vault`.
     vault: Arc<Vault>,
+    /// Committed answers already reported as going nowhere (by id and file).
+    reported_answers: BTreeSet<(String, String)>,
 }
 
 /// What one VM's guest should hold under `SECRETS_DIR`, and its digest (over paths and
@@ -176,6 +178,7 @@ impl TaskBook {
             .collect();
         state.answers = desired.answers.clone();
         state.revision = Some(desired.revision.id.clone());
+        self.report_undeliverable_answers(&mut state);
         let names: BTreeSet<String> = state
             .records
             .keys()
@@ -369,6 +372,67 @@ impl TaskBook {
             change(prompt);
             if let Err(e) = self.status.write_prompt(prompt) {
                 tracing::error!(prompt = %id, "cannot write the prompt: {e}");
+            }
+        }
+    }
+
+    /// A committed answer for a prompt that does not exist, or that someone else already
+    /// answered, is reported (once) and never delivered.
+    fn report_undeliverable_answers(&self, state: &mut BookState) {
+        let answers: Vec<(String, CommittedAnswer)> = state
+            .answers
+            .iter()
+            .map(|(id, a)| (id.clone(), a.clone()))
+            .collect();
+        for (id, answer) in answers {
+            let why = match state.prompts.get(&id) {
+                None => format!(
+                    "{} answers {id}, which is no prompt fleet knows; it is not delivered",
+                    answer.source
+                ),
+                Some(p)
+                    if p.state != PromptState::Pending
+                        && !p
+                            .answered_by
+                            .as_deref()
+                            .is_some_and(|by| by.contains(&answer.source)) =>
+                {
+                    format!(
+                        "{} answers {id}, which is {}; it is not delivered",
+                        answer.source,
+                        match &p.answered_by {
+                            Some(by) => format!("already answered by {by}"),
+                            None => format!("{:?}", p.state).to_lowercase(),
+                        }
+                    )
+                }
+                Some(_) => continue,
+            };
+            if !state
+                .reported_answers
+                .insert((id.clone(), answer.source.clone()))
+            {
+                continue;
+            }
+            if state.prompts.contains_key(&id) {
+                self.set_prompt(state, &id, |p| {
+                    if !p.refused.contains(&why) {
+                        p.refused.push(why.clone());
+                    }
+                });
+            }
+            let event = Event {
+                time: now(),
+                kind: "hitl.answer_ignored".to_owned(),
+                vm: None,
+                task: None,
+                provider: None,
+                action: None,
+                revision: state.revision.clone(),
+                message: why,
+            };
+            if let Err(e) = self.status.append_event(&event) {
+                tracing::error!("cannot append an event: {e}");
             }
         }
     }

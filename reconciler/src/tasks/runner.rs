@@ -10,7 +10,7 @@ use base64::Engine;
 use fleet_agent_protocol::{ExitReason, GuestMessage, HostMessage, VERSION};
 
 use super::{BookState, TaskBook, now};
-use crate::hitl::{answer_from_file, answer_problem};
+use crate::hitl::{answer_from_file, answer_problem_allowing};
 use crate::resolve::DesiredTask;
 use crate::spec::{OnDeadline, Repository};
 use crate::status::tasks::{PromptKind, PromptRecord, PromptState, RepositoryAt, TaskPhase};
@@ -481,6 +481,7 @@ impl TaskBook {
                 let prompt = PromptRecord {
                     id: id.clone(),
                     kind: PromptKind::Input,
+                    allow_control: state.desired.get(name).is_some_and(|t| t.allow_control),
                     task: name.to_owned(),
                     vm: record.vm.clone(),
                     text: text.clone(),
@@ -707,7 +708,7 @@ impl TaskBook {
                 ))
             });
             if let Some((response, by, file)) = answer {
-                if let Some(problem) = answer_problem(&response) {
+                if let Some(problem) = answer_problem_allowing(&response, prompt.allow_control) {
                     let note = format!("{by}: {problem}");
                     if !prompt.refused.contains(&note) {
                         self.set_prompt(state, &id, |p| p.refused.push(note.clone()));

@@ -26,6 +26,7 @@ fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
         prompt_patterns: Vec::new(),
         prompt_deadline: deadline,
         on_deadline,
+        allow_control: false,
         rerun: 0,
         secrets: Vec::new(),
         held: None,
@@ -402,5 +403,51 @@ fn secrets_are_delivered_once_and_confirmed_before_the_task_starts() {
             .0
             .iter()
             .any(|m| matches!(m, HostMessage::Secrets { .. }))
+    );
+}
+
+#[test]
+fn committed_answers_for_unknown_or_answered_prompts_are_reported_not_delivered() {
+    let (dir, book, mut conn, task) = started(Duration::from_secs(600), OnDeadline::Wait);
+    book.receive(&mut conn, vec![prompt(&task, 1)]);
+    let id = format!("{task}-1");
+    std::fs::write(book.status.answer_path(&id), "yes\n").expect("write");
+    assert_eq!(book.tick(&mut conn).0.len(), 1, "the host answer is typed");
+
+    let mut desired = desired(Duration::from_secs(600), OnDeadline::Wait);
+    for (to, source) in [
+        (&id, "fleet/hitl/late.yaml"),
+        (&"ask-00000000-9".to_owned(), "fleet/hitl/ghost.yaml"),
+    ] {
+        desired.answers.insert(
+            to.clone(),
+            crate::resolve::CommittedAnswer {
+                response: "no".into(),
+                source: source.into(),
+            },
+        );
+    }
+    book.sync(&desired, &BTreeSet::from(["vm-1".to_owned()]));
+    book.sync(&desired, &BTreeSet::from(["vm-1".to_owned()]));
+    let refused = &book.prompts()[&id].refused;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(
+        refused[0].contains("fleet/hitl/late.yaml answers")
+            && refused[0].contains("already answered by host file")
+    );
+    let events = std::fs::read_to_string(dir.path().join("status/events.jsonl")).expect("events");
+    assert_eq!(
+        events.matches("hitl.answer_ignored").count(),
+        2,
+        "reported once each"
+    );
+    assert!(events.contains("no prompt fleet knows"));
+    assert!(
+        !book
+            .tick(&mut conn)
+            .0
+            .iter()
+            .any(|m| matches!(m, HostMessage::Input { data, .. } if data == "no\r")),
+        "never delivered"
     );
 }

@@ -1343,7 +1343,7 @@ fn task_prompts_with_an_unknown_field() {
             ),
         ],
         expect![[r#"
-            fleet/tasks/t.yaml:8:13: error: spec.prompts.timeout: unknown field; valid fields: patterns, deadline, onDeadline
+            fleet/tasks/t.yaml:8:13: error: spec.prompts.timeout: unknown field; valid fields: patterns, deadline, onDeadline, allowControl
         "#]],
     );
 }
@@ -1576,6 +1576,30 @@ fn policy_approves_an_unknown_step_kind() {
         )],
         expect![[r#"
             fleet/fleet.yaml:10:31: error: spec.policy.approve[1]: string "delete" is not valid; valid: create, start, stop, update, replace, destroy
+        "#]],
+    );
+}
+
+#[test]
+fn an_escape_sequence_answers_a_task_that_allows_control_characters() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/keys.yaml",
+                &task_with("keys", "  command: [vi]\n  prompts: {allowControl: true}\n"),
+            ),
+            (
+                "fleet/hitl/keys-0a1b2c3d-1.yaml",
+                "apiVersion: fleet/v1\nkind: Answer\nmetadata: {name: keys-0a1b2c3d-1}\nspec: {response: \"\\e:wq\"}\n",
+            ),
+            (
+                "fleet/hitl/p-0a1b2c3d-1.yaml",
+                "apiVersion: fleet/v1\nkind: Answer\nmetadata: {name: p-0a1b2c3d-1}\nspec: {response: \"\\e:wq\"}\n",
+            ),
+        ],
+        expect![[r#"
+            fleet/hitl/p-0a1b2c3d-1.yaml:4:18: error: spec.response: the answer contains the control character U+001B; answers are one line of plain text (Enter is added)
         "#]],
     );
 }
