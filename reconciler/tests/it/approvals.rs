@@ -39,6 +39,22 @@ fn held_approval(stdout: &str) -> (String, String) {
     (id, digest)
 }
 
+/// `fleet apply` on a revision that empties the provider: the destroys wait for an approval,
+/// which the host then gives (`fleet hitl answer`), and a second apply runs them.
+pub fn apply_emptying(repo: &Repo) {
+    let run = repo.fleet(&["apply", "--auto-approve"]);
+    run.expect_code(0);
+    assert!(
+        run.stdout()
+            .contains("this revision destroys every VM fleet runs on provider"),
+        "{}",
+        run.stdout()
+    );
+    let (id, digest) = held_approval(&run.stdout());
+    repo.fleet(&["hitl", "answer", &id, &digest]).expect_code(0);
+    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+}
+
 fn approval_yaml(id: &str, digest: &str) -> String {
     format!(
         "apiVersion: fleet/v1\nkind: Answer\nmetadata: {{name: {id}}}\nspec: {{approve: \"{digest}\"}}\n"

@@ -324,7 +324,7 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
     repo.remove(&format!("fleet/vms/{a}.yaml"));
     repo.remove(&format!("fleet/vms/{b}.yaml"));
     repo.commit("empty");
-    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    crate::approvals::apply_emptying(&repo);
     assert!(!domain_exists(&a) && !domain_exists(&b));
     assert!(domain_exists(&clash), "the foreign domain survives");
 }
@@ -432,7 +432,7 @@ fn disk_images_get_overlays_and_a_new_base_disk_replaces_the_vm() {
 
     repo.remove(&format!("fleet/vms/{vm}.yaml"));
     repo.commit("gone");
-    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    crate::approvals::apply_emptying(&repo);
     assert!(!overlay.exists() && !domain_exists(&vm));
     assert!(
         bases.join("one.qcow2").exists() && bases.join("two.qcow2").exists(),
@@ -513,5 +513,5 @@ fn an_interrupted_create_is_recovered_without_a_duplicate() {
     repo.remove(&format!("fleet/vms/{made}.yaml"));
     repo.remove(&format!("fleet/vms/{half}.yaml"));
     repo.commit("empty");
-    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    crate::approvals::apply_emptying(&repo);
 }
