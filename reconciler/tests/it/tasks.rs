@@ -242,11 +242,28 @@ fn tasks_run_ask_for_answers_and_survive_a_restart_of_fleet() {
     let run = repo.fleet(&["hitl", "list"]);
     assert!(run.stdout().contains(&second), "{}", run.stdout());
     assert!(run.stdout().contains("Again? (y/n)"), "{}", run.stdout());
+    // An answer carrying an escape sequence is refused (from the CLI and as a file) and
+    // never typed; the prompt stays pending.
+    repo.fleet(&["hitl", "answer", &second, "y\u{1b}[2J"])
+        .expect_code(1);
+    let smuggled = status.0.join("hitl").join(format!("{second}.answer"));
+    std::fs::write(&smuggled, "y\u{1b}[2J\n").expect("write");
+    wait_until(
+        "the smuggling answer is refused",
+        Duration::from_secs(10),
+        || smuggled.with_extension("answer.refused").exists(),
+    );
+    assert!(status.prompt(&second).contains("control character U+001B"));
+    assert!(status.prompt(&second).contains("state: pending"));
     repo.fleet(&["hitl", "answer", &second, "no"])
         .expect_code(0);
     status.wait_phase("ask", "Succeeded", Duration::from_secs(20));
     let output = status.output("ask");
     assert!(output.contains("second=no"), "{output}");
+    assert!(
+        !output.contains('\u{1b}'),
+        "the escape never reached the terminal"
+    );
     assert_eq!(output.matches("answer=").count(), 1, "{output}");
     assert!(status.prompt(&second).contains("answeredBy: host file"));
 
