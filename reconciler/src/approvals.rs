@@ -145,7 +145,7 @@ pub fn settle(status: &StatusDir, desired: &Desired, plan: &mut Plan) {
         let answer_file = status.hitl_dir().join(format!("{id}.answer"));
         if let Ok(text) = std::fs::read_to_string(&answer_file) {
             offered.push((text.trim().to_owned(), "host file".to_owned()));
-            // Read once: a refused file is renamed, an accepted one is no longer needed.
+            // Read once, accepted or not: the file is kept as `<id>.answer.read`.
             let _ = std::fs::rename(
                 &answer_file,
                 status.hitl_dir().join(format!("{id}.answer.read")),

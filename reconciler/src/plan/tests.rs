@@ -27,9 +27,14 @@ fn vm(name: &str, extra: &str) -> (String, String) {
 }
 
 fn desired(files: &[(String, String)]) -> Desired {
+    desired_from(FLEET, files)
+}
+
+/// The fleet `fleet_yaml` with `files` beside it, loaded and resolved.
+fn desired_from(fleet_yaml: &str, files: &[(String, String)]) -> Desired {
     let mut all = vec![SourceFile {
         path: "fleet/fleet.yaml".into(),
-        bytes: FLEET.as_bytes().to_vec(),
+        bytes: fleet_yaml.as_bytes().to_vec(),
     }];
     all.extend(files.iter().map(|(p, t)| SourceFile {
         path: p.clone(),
@@ -509,27 +514,10 @@ fn a_spec_change_runs_even_when_self_heal_is_off() {
 }
 
 fn desired_with_policy(policy: &str, files: &[(String, String)]) -> Desired {
-    let mut all = vec![(
-        "fleet/fleet.yaml".to_owned(),
-        FLEET.replace("  images:", &format!("  policy: {policy}\n  images:")),
-    )];
-    all.extend(files.iter().cloned());
-    let snapshot = Snapshot {
-        revision: Revision {
-            id: "c0ffee0000000000000000000000000000000000".into(),
-            label: "main@c0ffee000000".into(),
-        },
-        fleet_dir: "fleet".into(),
-        files: all
-            .into_iter()
-            .map(|(path, text)| SourceFile {
-                path,
-                bytes: text.into_bytes(),
-            })
-            .collect(),
-    };
-    let loaded = crate::load::load(&snapshot).unwrap_or_else(|d| panic!("{d:#?}"));
-    crate::resolve::resolve(&loaded)
+    desired_from(
+        &FLEET.replace("  images:", &format!("  policy: {policy}\n  images:")),
+        files,
+    )
 }
 
 fn held_lines(p: &Plan) -> Vec<String> {
