@@ -19,6 +19,8 @@ pub struct Snapshot {
     pub plan_json: Option<serde_json::Value>,
     pub tasks: BTreeMap<String, TaskRecord>,
     pub prompts: BTreeMap<String, PromptRecord>,
+    /// Held plan steps waiting for an approval.
+    pub approvals: Vec<crate::approvals::ApprovalRecord>,
 }
 
 impl Snapshot {
@@ -33,6 +35,10 @@ impl Snapshot {
                 .and_then(|b| serde_json::from_slice(&b).ok()),
             tasks: status.read_task_records(),
             prompts: status.read_prompts(),
+            approvals: crate::approvals::read_all(status)
+                .into_iter()
+                .filter(|a| a.state == crate::approvals::ApprovalState::Pending)
+                .collect(),
         }
     }
 
@@ -107,6 +113,14 @@ pub fn overview(s: &Snapshot) -> String {
                         }
                     }
                 }
+            }
+        }
+        @for a in &s.approvals {
+            h2.bad { "Held for approval: " code { (a.id) } }
+            ul { @for step in &a.steps { li { (step) } } }
+            p.muted {
+                "Approve with a committed fleet/hitl/" (a.id) ".yaml (kind: Answer, spec.approve: \"" (a.plan_digest)
+                "\") or, on the host, fleet hitl answer " (a.id) " " (a.plan_digest) "."
             }
         }
         @let pending: Vec<&PromptRecord> = s.pending_prompts().collect();

@@ -244,3 +244,42 @@ async fn tasks_and_pending_prompts_show_with_the_output_tail() {
     assert_eq!(json["tasks"]["build"]["phase"], "WaitingForInput");
     assert_eq!(json["prompts"]["build-0123abcd-1"]["state"], "pending");
 }
+
+#[tokio::test]
+async fn pending_approvals_show_their_steps_and_how_to_approve() {
+    use crate::approvals::{ApprovalRecord, ApprovalState};
+    let (dir, view) = view_with_status();
+    let record = |id: &str, state| ApprovalRecord {
+        id: id.into(),
+        kind: "approval".into(),
+        plan_digest: "ab".repeat(32),
+        revision: "abc".into(),
+        state,
+        steps: vec!["destroy <db-01> on local: db-01 is protected".into()],
+        plan: String::new(),
+        created: "then".into(),
+        approved_by: None,
+        approved_at: None,
+        refused: Vec::new(),
+    };
+    let hitl = dir.path().join("status/hitl");
+    std::fs::create_dir_all(&hitl).expect("mkdir");
+    for (id, state) in [
+        ("approval-abababababab", ApprovalState::Pending),
+        ("approval-cdcdcdcdcdcd", ApprovalState::Approved),
+    ] {
+        let text = serde_saphyr::to_string(&record(id, state)).expect("yaml");
+        std::fs::write(hitl.join(format!("{id}.yaml")), text).expect("write");
+    }
+    let (_, page) = send(&view, "GET", "/").await;
+    assert!(page.contains("approval-abababababab"), "{page}");
+    assert!(
+        page.contains("destroy &lt;db-01&gt; on local"),
+        "escaped: {page}"
+    );
+    assert!(page.contains(&format!(
+        "fleet hitl answer approval-abababababab {}",
+        "ab".repeat(32)
+    )));
+    assert!(!page.contains("approval-cdcdcdcdcdcd"), "only pending ones");
+}
