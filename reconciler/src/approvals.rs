@@ -69,16 +69,11 @@ fn write(status: &StatusDir, record: &ApprovalRecord) -> std::io::Result<()> {
 }
 
 fn event(status: &StatusDir, desired: &Desired, kind: &str, message: String) {
-    let _ = status.append_event(&Event {
-        time: timestamp(SystemTime::now()),
-        kind: kind.into(),
-        vm: None,
-        task: None,
-        provider: None,
-        action: None,
-        revision: Some(desired.revision.id.clone()),
+    let _ = status.append_event(&Event::fleet(
+        kind,
+        Some(desired.revision.id.clone()),
         message,
-    });
+    ));
 }
 
 /// Writes or updates the approval file of `plan`'s held steps and releases them into its

@@ -273,16 +273,11 @@ impl Daemon {
                 let vault = self.ws.open_secrets(&mut desired);
                 for problem in vault.problems() {
                     tracing::warn!("secret: {problem}");
-                    let _ = self.ws.status.append_event(&crate::status::Event {
-                        time: crate::status::timestamp(SystemTime::now()),
-                        kind: "secret.error".into(),
-                        vm: None,
-                        task: None,
-                        provider: None,
-                        action: None,
-                        revision: Some(desired.revision.id.clone()),
-                        message: problem.to_owned(),
-                    });
+                    let _ = self.ws.status.append_event(&crate::status::Event::fleet(
+                        "secret.error",
+                        Some(desired.revision.id.clone()),
+                        problem.to_owned(),
+                    ));
                 }
                 self.vault = Arc::new(vault);
                 self.tasks.set_vault(self.vault.clone());

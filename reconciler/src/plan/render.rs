@@ -42,15 +42,7 @@ pub fn text(plan: &Plan) -> String {
         let _ = writeln!(out);
         let width = plan.steps.iter().map(|s| s.vm.len()).max().unwrap_or(0);
         for step in &plan.steps {
-            let _ = writeln!(
-                out,
-                "  {:<3} {:<8} {:<width$}  on {}: {}",
-                symbol(step.action),
-                step.action.as_str(),
-                step.vm,
-                step.provider,
-                reason_text(step)
-            );
+            step_line(&mut out, step, width, &reason_text(step));
         }
     }
     if let (Some(id), Some(digest)) = (plan.approval_id(), &plan.approval_digest) {
@@ -60,16 +52,7 @@ pub fn text(plan: &Plan) -> String {
             "Held for approval ({id}; approve with fleet/hitl/{id}.yaml, spec.approve: \"{digest}\"):"
         );
         for held in &plan.held {
-            let step = &held.step;
-            let _ = writeln!(
-                out,
-                "  {:<3} {:<8} {}  on {}: {}",
-                symbol(step.action),
-                step.action.as_str(),
-                step.vm,
-                step.provider,
-                held.why.join("; ")
-            );
+            step_line(&mut out, &held.step, 0, &held.why.join("; "));
         }
     }
     if !plan.conflicts.is_empty() {
@@ -124,6 +107,18 @@ pub fn text(plan: &Plan) -> String {
 /// The machine form (`format_version` 1).
 pub fn json(plan: &Plan) -> String {
     serde_json::to_string_pretty(plan).expect("Plan serialises to JSON") + "\n"
+}
+
+/// One step as a line: symbol, action, VM (padded to `width`), provider, and why.
+fn step_line(out: &mut String, step: &Step, width: usize, why: &str) {
+    let _ = writeln!(
+        out,
+        "  {:<3} {:<8} {:<width$}  on {}: {why}",
+        symbol(step.action),
+        step.action.as_str(),
+        step.vm,
+        step.provider,
+    );
 }
 
 fn symbol(action: Action) -> &'static str {

@@ -63,6 +63,22 @@ pub struct Event {
     pub message: String,
 }
 
+impl Event {
+    /// An event of the fleet as a whole (no VM, task or provider), stamped now.
+    pub fn fleet(kind: &str, revision: Option<String>, message: String) -> Event {
+        Event {
+            time: timestamp(SystemTime::now()),
+            kind: kind.to_owned(),
+            vm: None,
+            task: None,
+            provider: None,
+            action: None,
+            revision,
+            message,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Summary {

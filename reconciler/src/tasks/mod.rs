@@ -61,10 +61,24 @@ struct BookState {
 }
 
 /// What one VM's guest should hold under `SECRETS_DIR`, and its digest (over paths and
-/// fingerprints, never values).
-struct SecretSet {
+/// fingerprints, never values). Values are encoded only when the set is sent.
+struct SecretSet<'a> {
     digest: String,
-    files: Vec<SecretFile>,
+    values: BTreeMap<String, &'a SecretSlice<u8>>,
+}
+
+impl SecretSet<'_> {
+    fn files(&self) -> Vec<SecretFile> {
+        use base64::Engine;
+        use secrecy::ExposeSecret;
+        self.values
+            .iter()
+            .map(|(path, value)| SecretFile {
+                path: path.clone(),
+                data: base64::engine::general_purpose::STANDARD.encode(value.expose_secret()),
+            })
+            .collect()
+    }
 }
 
 /// Where a reference's value lives in the guest, relative to `SECRETS_DIR`: its `file`, or
@@ -78,9 +92,7 @@ fn secret_path(r: &SecretRef) -> String {
 
 /// The VM's set: its loadout's references and those of the tasks that target it, each value
 /// the vault could open (the others hold their tasks back).
-fn secret_set(state: &BookState, vm: &str) -> SecretSet {
-    use base64::Engine;
-    use secrecy::ExposeSecret;
+fn secret_set<'a>(state: &'a BookState, vm: &str) -> SecretSet<'a> {
     let refs = state.vm_secrets.get(vm).into_iter().flatten().chain(
         state
             .desired
@@ -101,17 +113,12 @@ fn secret_set(state: &BookState, vm: &str) -> SecretSet {
             .or_insert((fingerprint, value));
     }
     let mut digest = Sha256::new();
-    let mut files = Vec::new();
-    for (path, (fingerprint, value)) in by_path {
+    for (path, (fingerprint, _)) in &by_path {
         digest.update(format!("{path}\0{fingerprint}\0").as_bytes());
-        files.push(SecretFile {
-            path,
-            data: base64::engine::general_purpose::STANDARD.encode(value.expose_secret()),
-        });
     }
     SecretSet {
         digest: hex(&digest.finalize())[..16].to_owned(),
-        files,
+        values: by_path.into_iter().map(|(p, (_, v))| (p, v)).collect(),
     }
 }
 
@@ -421,16 +428,7 @@ impl TaskBook {
                     }
                 });
             }
-            let event = Event {
-                time: now(),
-                kind: "hitl.answer_ignored".to_owned(),
-                vm: None,
-                task: None,
-                provider: None,
-                action: None,
-                revision: state.revision.clone(),
-                message: why,
-            };
+            let event = Event::fleet("hitl.answer_ignored", state.revision.clone(), why);
             if let Err(e) = self.status.append_event(&event) {
                 tracing::error!("cannot append an event: {e}");
             }

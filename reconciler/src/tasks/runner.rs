@@ -642,15 +642,15 @@ impl TaskBook {
     ) -> bool {
         let set = super::secret_set(state, &conn.vm);
         let held = conn.guest_secrets.as_deref();
-        if held == Some(set.digest.as_str()) || (held.is_none() && set.files.is_empty()) {
+        if held == Some(set.digest.as_str()) || (held.is_none() && set.values.is_empty()) {
             return true;
         }
         if conn.secrets_sent.as_deref() != Some(set.digest.as_str()) {
             conn.secrets_sent = Some(set.digest.clone());
             out.push(HostMessage::Secrets {
                 v: VERSION,
+                files: set.files(),
                 digest: set.digest,
-                files: set.files,
             });
         }
         false

@@ -88,6 +88,17 @@ fn started(
     (dir, book, conn, guest_task)
 }
 
+/// The guest's exit for a run it cancelled.
+fn cancelled(task: String, seq: u64) -> GuestMessage {
+    GuestMessage::Exit {
+        v: VERSION,
+        task,
+        seq,
+        code: None,
+        reason: ExitReason::Cancelled,
+    }
+}
+
 fn prompt(task: &str, seq: u64) -> GuestMessage {
     GuestMessage::Prompt {
         v: VERSION,
@@ -143,16 +154,7 @@ fn a_prompt_past_its_deadline_fails_the_task_when_the_policy_says_so() {
         "{sent:?}"
     );
     assert_eq!(book.prompts()[&id].state, PromptState::Expired);
-    book.receive(
-        &mut conn,
-        vec![GuestMessage::Exit {
-            v: VERSION,
-            task: task.clone(),
-            seq: 2,
-            code: None,
-            reason: ExitReason::Cancelled,
-        }],
-    );
+    book.receive(&mut conn, vec![cancelled(task.clone(), 2)]);
     let record = &book.records()["ask"];
     assert_eq!(record.phase, TaskPhase::Failed);
     assert_eq!(
@@ -268,16 +270,7 @@ fn a_run_the_agent_lets_overrun_is_cancelled_by_fleet_and_ends_timed_out() {
         }]
     );
     assert!(book.tick(&mut conn).0.is_empty(), "one cancel only");
-    book.receive(
-        &mut conn,
-        vec![GuestMessage::Exit {
-            v: VERSION,
-            task,
-            seq: 1,
-            code: None,
-            reason: ExitReason::Cancelled,
-        }],
-    );
+    book.receive(&mut conn, vec![cancelled(task, 1)]);
     let record = &book.records()["ask"];
     assert_eq!(record.phase, TaskPhase::TimedOut);
     assert!(
