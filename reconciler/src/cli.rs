@@ -321,9 +321,9 @@ async fn make_plan(
             return Ok(Err(ExitCode::from(1)));
         }
     };
-    let drivers = reconcile::drivers_for(&desired, &ws.repo_root);
-    let observed = reconcile::observe(&drivers).await;
     let vault = ws.open_vault(&desired);
+    let drivers = reconcile::drivers_for(&desired, &ws.repo_root, &vault);
+    let observed = reconcile::observe(&drivers).await;
     let plan = reconcile::plan_for(ws, &desired, &observed, &vault);
     Ok(Ok((desired, plan, drivers)))
 }
@@ -398,7 +398,8 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    let drivers = reconcile::drivers_for(&desired, &ws.repo_root);
+    let vault = ws.open_vault(&desired);
+    let drivers = reconcile::drivers_for(&desired, &ws.repo_root, &vault);
     let (journal, recovered) = reconcile::open_journal(ws, &drivers)
         .await
         .context("opening the journal")?;
@@ -406,7 +407,7 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
         eprintln!("journal: {note}");
     }
     let observed = reconcile::observe(&drivers).await;
-    let fresh = reconcile::plan_for(ws, &desired, &observed, &ws.open_vault(&desired));
+    let fresh = reconcile::plan_for(ws, &desired, &observed, &vault);
     let mut plan = match saved {
         Some(saved) => {
             if saved.revision.id != fresh.revision.id {

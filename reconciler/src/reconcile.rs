@@ -9,6 +9,7 @@ use std::time::SystemTime;
 use crate::apply::{self, ApplyReport, Drivers, Journal, StepResult};
 use crate::driver::Driver;
 use crate::driver::libvirt::LibvirtDriver;
+use crate::driver::proxmox::ProxmoxDriver;
 use crate::load::{self, Diagnostic};
 use crate::observe::Observed;
 use crate::plan::{Plan, Step};
@@ -90,18 +91,76 @@ pub fn desired(snapshot: &Snapshot) -> Result<Desired, Vec<Diagnostic>> {
     load::load(snapshot).map(|loaded| resolve::resolve(&loaded))
 }
 
-/// One driver per provider of the revision.
-pub fn drivers_for(desired: &Desired, repo_root: &Path) -> Drivers {
+/// One driver per provider of the revision. `vault` opens API tokens kept as Secrets.
+pub fn drivers_for(desired: &Desired, repo_root: &Path, vault: &crate::secrets::Vault) -> Drivers {
     desired
         .providers
         .iter()
         .map(|p| {
             let driver: Arc<dyn Driver> = match p {
                 Provider::Libvirt(l) => Arc::new(LibvirtDriver::new(&desired.fleet, l, repo_root)),
+                Provider::Proxmox(x) => Arc::new(ProxmoxDriver::new(
+                    &desired.fleet,
+                    x,
+                    repo_root,
+                    proxmox_token(&x.token, repo_root, vault),
+                )),
             };
             (p.name().0.clone(), driver)
         })
         .collect()
+}
+
+/// What identifies the credentials drivers were made with: the daemon makes new drivers
+/// when it changes (a rotated token), not only when the providers' specs do.
+pub fn credentials_digest(desired: &Desired, vault: &crate::secrets::Vault) -> String {
+    let mut parts = Vec::new();
+    for p in &desired.providers {
+        if let Provider::Proxmox(x) = p
+            && let Some(r) = &x.token.secret
+        {
+            parts.push(format!(
+                "{}/{}={}",
+                r.secret.0,
+                r.key.0,
+                vault.fingerprint(&r.secret.0, &r.key.0).unwrap_or("-")
+            ));
+        }
+    }
+    parts.join(";")
+}
+
+/// The API token's secret from wherever the provider says it is.
+fn proxmox_token(
+    token: &crate::spec::ProxmoxToken,
+    repo_root: &Path,
+    vault: &crate::secrets::Vault,
+) -> Result<secrecy::SecretString, String> {
+    use secrecy::ExposeSecret;
+    let text = if let Some(r) = &token.secret {
+        let value = vault.value(&r.secret.0, &r.key.0).ok_or_else(|| {
+            vault
+                .problem(&r.secret.0, &r.key.0)
+                .map(|p| format!("API token: {p}"))
+                .unwrap_or_else(|| format!("API token: secret {}/{} is not in this revision", r.secret.0, r.key.0))
+        })?;
+        String::from_utf8(value.expose_secret().to_vec())
+            .map_err(|_| "API token: the secret's value is not UTF-8".to_owned())?
+    } else if let Some(file) = &token.file {
+        let path = repo_root.join(file);
+        crate::secrets::check_private_file(&path).map_err(|e| format!("API token: {e}"))?;
+        std::fs::read_to_string(&path)
+            .map_err(|e| format!("API token: read {}: {e}", path.display()))?
+    } else if let Some(var) = &token.env {
+        std::env::var(var).map_err(|_| format!("API token: environment variable {var} is not set"))?
+    } else {
+        return Err("API token: set one of secret, file and env".into());
+    };
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err("API token: the secret is empty".into());
+    }
+    Ok(secrecy::SecretString::from(trimmed.to_owned()))
 }
 
 /// Observes every provider at once; a provider that cannot be observed is recorded as

@@ -231,6 +231,9 @@ pub struct VmConfig {
     pub loadout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// Proxmox: the node it was placed on by its spec (`None`: the provider's node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     pub cpus: u32,
     #[serde(rename = "memoryMiB")]
     pub memory_mib: u64,
@@ -267,6 +270,9 @@ pub struct ResolvedImage {
     pub cmdline: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
+    /// Proxmox: the template VM it is cloned from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 impl VmConfig {
@@ -435,6 +441,7 @@ fn resolve_vm(
             initrd: i.initrd.clone(),
             cmdline: i.cmdline.clone(),
             disk: i.disk.clone(),
+            template: i.template.clone(),
         })
         .unwrap_or(ResolvedImage {
             name: spec.image.0.clone(),
@@ -442,16 +449,15 @@ fn resolve_vm(
             initrd: None,
             cmdline: None,
             disk: None,
+            template: None,
         });
     let domain_type = fleet_spec
         .providers
         .iter()
         .find(|p| p.name() == &spec.provider)
-        .map(|p| match p {
-            Provider::Libvirt(l) => l.domain_type,
-        })
+        .map(Provider::domain_type)
         .unwrap_or_default();
-    let disk_mib = image.disk.as_ref().map(|_| {
+    let disk_mib = image.disk.as_ref().or(image.template.as_ref()).map(|_| {
         resources
             .disk
             .as_ref()
@@ -465,6 +471,7 @@ fn resolve_vm(
         image,
         loadout: spec.loadout.as_ref().map(|l| l.0.clone()),
         pool: pool.map(str::to_owned),
+        node: spec.node.clone(),
         cpus: resources.cpus.unwrap_or(DEFAULT_CPUS),
         memory_mib: resources
             .memory
@@ -602,9 +609,11 @@ pub(crate) fn example_vm(name: &str, edit: impl FnOnce(&mut VmConfig)) -> Desire
             initrd: None,
             cmdline: None,
             disk: None,
+            template: None,
         },
         loadout: None,
         pool: None,
+        node: None,
         cpus: 1,
         memory_mib: 128,
         disk_mib: None,

@@ -316,14 +316,101 @@ pub struct FleetSpec {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Provider {
     Libvirt(LibvirtProvider),
+    Proxmox(ProxmoxProvider),
 }
 
 impl Provider {
     pub fn name(&self) -> &Name {
         match self {
             Provider::Libvirt(p) => &p.name,
+            Provider::Proxmox(p) => &p.name,
         }
     }
+
+    pub fn domain_type(&self) -> DomainType {
+        match self {
+            Provider::Libvirt(p) => p.domain_type,
+            Provider::Proxmox(p) => p.domain_type,
+        }
+    }
+}
+
+/// A Proxmox VE cluster (one or several nodes) reached over its HTTPS API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProxmoxProvider {
+    pub name: Name,
+    /// The API's base address, for example `https://pve1.example.org:8006`.
+    #[schemars(regex(pattern = "^https://[^/\\s]+/?$"))]
+    pub endpoint: String,
+    /// The node VMs are created on unless a VM names its own `node`.
+    #[schemars(regex(pattern = "^[A-Za-z0-9]([A-Za-z0-9.-]{0,61}[A-Za-z0-9])?$"))]
+    pub node: String,
+    /// The API token fleet authenticates with.
+    pub token: ProxmoxToken,
+    /// A PEM file with the CA that signed the API's certificate, when the system's trust
+    /// store does not have it. Relative paths resolve against the repository root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// Accept any certificate. Dangerous: plans and the status page say it is on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
+    /// Storage for full clones and the cloud-init drive; default `local-lvm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[A-Za-z][A-Za-z0-9_.-]{0,63}$"))]
+    pub storage: Option<String>,
+    /// Bridge of each VM's network card; default `vmbr0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[A-Za-z][A-Za-z0-9_.-]{0,15}$"))]
+    pub bridge: Option<String>,
+    /// Where fleet writes cloud-init user-data snippets (they never hold secrets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snippets: Option<ProxmoxSnippets>,
+    /// `kvm` (default) or `qemu` (software emulation: the VM's `kvm` option off).
+    #[serde(default)]
+    pub domain_type: DomainType,
+}
+
+/// Where the API token comes from: exactly one of `secret`, `file` and `env`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProxmoxToken {
+    /// The token's id, `user@realm!tokenname`.
+    #[schemars(regex(pattern = "^[A-Za-z0-9._-]+@[A-Za-z0-9._-]+![A-Za-z][A-Za-z0-9._-]*$"))]
+    pub id: String,
+    /// The token's secret from a Secret in `fleet/secrets/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<TokenSecretRef>,
+    /// A file on the host holding the token's secret (mode 0600). Relative paths resolve
+    /// against the repository root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// An environment variable of fleet's process holding the token's secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"))]
+    pub env: Option<String>,
+}
+
+/// One value of a Secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TokenSecretRef {
+    pub secret: Name,
+    pub key: SecretKey,
+}
+
+/// A snippet storage fleet can write to directly: the node's own directory when fleet runs
+/// on the node, or a shared mount (the PVE API cannot upload snippets).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProxmoxSnippets {
+    /// The PVE storage id, with content type `snippets`, for example `local`.
+    #[schemars(regex(pattern = "^[A-Za-z][A-Za-z0-9_.-]{0,63}$"))]
+    pub storage: String,
+    /// That storage's `snippets` directory as fleet's host sees it, for example
+    /// `/var/lib/vz/snippets`.
+    #[schemars(length(min = 1))]
+    pub dir: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -377,6 +464,11 @@ pub struct Image {
     /// qcow2 base disk; each VM boots from its own overlay of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
+    /// Proxmox providers: the name of the template VM each VM is cloned from (linked clone
+    /// where the storage allows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[A-Za-z0-9]([A-Za-z0-9.-]{0,61}[A-Za-z0-9])?$"))]
+    pub template: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -587,6 +679,10 @@ pub struct VmSpec {
     pub provider: Name,
     /// Name of an image in fleet.yaml.
     pub image: Name,
+    /// Proxmox providers: the cluster node the VM runs on (default: the provider's `node`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[A-Za-z0-9]([A-Za-z0-9.-]{0,61}[A-Za-z0-9])?$"))]
+    pub node: Option<String>,
     /// Name of a Loadout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loadout: Option<Name>,

@@ -98,6 +98,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         view,
         drivers: BTreeMap::new(),
         providers: Vec::new(),
+        credentials: String::new(),
         journal: None,
         last_good: None,
         refused: None,
@@ -144,6 +145,8 @@ struct Daemon {
     drivers: Drivers,
     /// The provider definitions the drivers were made from (rebuilt when they change).
     providers: Vec<Provider>,
+    /// What `reconcile::credentials_digest` said when the drivers were made.
+    credentials: String,
     journal: Option<Arc<crate::apply::Journal>>,
     last_good: Option<Desired>,
     /// The revision last refused, so it is reported once.
@@ -306,11 +309,19 @@ impl Daemon {
     /// Drivers live as long as their provider's definition is unchanged, so their caches
     /// and event watchers survive from one reconcile to the next.
     async fn ensure_drivers(&mut self, desired: &Desired) -> Result<()> {
-        if self.providers == desired.providers && self.journal.is_some() {
+        let credentials = reconcile::credentials_digest(desired, &self.vault);
+        if self.providers == desired.providers
+            && self.credentials == credentials
+            && self.journal.is_some()
+        {
             return Ok(());
         }
-        self.drivers = reconcile::drivers_for(desired, &self.ws.repo_root);
+        for driver in self.drivers.values() {
+            driver.unwatch();
+        }
+        self.drivers = reconcile::drivers_for(desired, &self.ws.repo_root, &self.vault);
         self.providers = desired.providers.clone();
+        self.credentials = credentials;
         for (name, driver) in &self.drivers {
             let (tx, provider) = (self.tx.clone(), name.clone());
             let on_change: crate::driver::ChangeCallback = Arc::new(move |_vm: Option<&str>| {

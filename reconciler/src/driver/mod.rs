@@ -6,6 +6,7 @@
 //! already made.
 
 pub mod libvirt;
+pub mod proxmox;
 
 use std::time::Duration;
 

@@ -223,6 +223,8 @@ fn field_effect(field: &str) -> FieldEffect {
     match field {
         "provider" => FieldEffect::Replace("a VM cannot move between providers in place"),
         "image.disk" => FieldEffect::Replace("a new base disk needs a new overlay"),
+        "image.template" => FieldEffect::Replace("a VM is cloned from its template when made"),
+        "node" => FieldEffect::Replace("a VM moves to another node by being made there again"),
         "diskMiB" => FieldEffect::Replace("the disk overlay is sized when the VM is created"),
         "packages" | "files" | "runcmd" | "users" => {
             FieldEffect::Replace("cloud-init applies it only at first boot")

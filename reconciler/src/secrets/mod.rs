@@ -67,6 +67,20 @@ pub fn identity_path(
     default.exists().then_some(default)
 }
 
+/// Refuses a file holding a secret that group or others may read, with the fix.
+pub fn check_private_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{shown} is readable by others (mode {mode:04o}); fix it with `chmod 600 {shown}`"
+        ));
+    }
+    Ok(())
+}
+
 impl Keyring {
     /// Reads `AGE-SECRET-KEY-1…` lines (as `age-keygen` writes them). The file must not be
     /// readable by group or others.

@@ -1,0 +1,346 @@
+//! A thin typed client for the few Proxmox VE API calls fleet makes.
+//!
+//! Authentication is an API token (`Authorization: PVEAPIToken=<id>=<secret>`): no ticket to
+//! renew, no CSRF token, and the token's privileges can be limited to fleet's needs. TLS is
+//! always verified (against the system store or a given CA file) unless the provider says
+//! `insecureSkipVerify: true`, which plans and the status page then show.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
+
+use crate::driver::{DriverError, ErrorKind};
+
+/// How long one HTTP request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A Proxmox VE API endpoint with its credentials.
+pub struct PveClient {
+    /// `https://host:port/api2/json`.
+    base: String,
+    /// The whole `Authorization` header value.
+    auth: SecretString,
+    http: reqwest::blocking::Client,
+    calls: AtomicU64,
+}
+
+/// How the client trusts the API's certificate.
+pub enum Trust {
+    /// The system's trust store.
+    System,
+    /// Only the certificates in this PEM bundle.
+    CaPem(Vec<u8>),
+    /// Anything (`insecureSkipVerify: true`).
+    Insecure,
+}
+
+/// A task (UPID) as `GET /nodes/{node}/tasks/{upid}/status` shows it.
+#[derive(Debug, serde::Deserialize)]
+struct TaskStatus {
+    status: String,
+    #[serde(default)]
+    exitstatus: Option<String>,
+}
+
+impl PveClient {
+    pub fn new(
+        endpoint: &str,
+        token_id: &str,
+        token_secret: &SecretString,
+        trust: Trust,
+    ) -> Result<PveClient, String> {
+        // reqwest is built without a default crypto provider (ring is lighter to build than
+        // aws-lc); installing it twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::blocking::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("fleet/", env!("CARGO_PKG_VERSION")))
+            // A proxy from the environment must not see the API token.
+            .no_proxy();
+        builder = match trust {
+            Trust::System => builder,
+            Trust::CaPem(pem) => {
+                let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|e| format!("CA file is not a PEM bundle: {e}"))?;
+                if certs.is_empty() {
+                    return Err("CA file holds no certificate".into());
+                }
+                builder.tls_certs_only(certs)
+            }
+            Trust::Insecure => builder.tls_danger_accept_invalid_certs(true),
+        };
+        let http = builder
+            .build()
+            .map_err(|e| format!("HTTP client for {endpoint}: {e}"))?;
+        Ok(PveClient {
+            base: format!("{}/api2/json", endpoint.trim_end_matches('/')),
+            auth: SecretString::from(format!(
+                "PVEAPIToken={token_id}={}",
+                token_secret.expose_secret()
+            )),
+            http,
+            calls: AtomicU64::new(0),
+        })
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<T, DriverError> {
+        self.send(reqwest::Method::GET, path, query, &[])
+    }
+
+    pub fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        form: &[(&str, String)],
+    ) -> Result<T, DriverError> {
+        self.send(reqwest::Method::POST, path, &[], form)
+    }
+
+    pub fn put<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        form: &[(&str, String)],
+    ) -> Result<T, DriverError> {
+        self.send(reqwest::Method::PUT, path, &[], form)
+    }
+
+    pub fn delete<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<T, DriverError> {
+        self.send(reqwest::Method::DELETE, path, query, &[])
+    }
+
+    fn send<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, String)],
+        form: &[(&str, String)],
+    ) -> Result<T, DriverError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let what = format!("{method} {path}");
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header("Authorization", self.auth.expose_secret());
+        if !query.is_empty() {
+            request = request.query(query);
+        }
+        if !form.is_empty() {
+            request = request.form(form);
+        }
+        let response = request.send().map_err(|e| {
+            // Connection refused or reset, timeouts: the node or the network, worth retrying.
+            DriverError::new(ErrorKind::Transient, format!("{what}: {}", error_chain(&e)))
+        })?;
+        let status = response.status();
+        let body = response.bytes().map_err(|e| {
+            DriverError::new(ErrorKind::Transient, format!("{what}: reading the answer: {e}"))
+        })?;
+        if !status.is_success() {
+            return Err(api_error(&what, status.as_u16(), &body));
+        }
+        #[derive(serde::Deserialize)]
+        struct Envelope<T> {
+            data: T,
+        }
+        serde_json::from_slice::<Envelope<T>>(&body)
+            .map(|e| e.data)
+            .map_err(|e| {
+                DriverError::new(
+                    ErrorKind::Permanent,
+                    format!("{what}: unexpected answer: {e}"),
+                )
+            })
+    }
+
+    /// Waits for a task to end and checks its exit status; a task still running at
+    /// `deadline` is an error (it keeps running on the node; the next attempt finds what it did).
+    pub fn await_task(&self, node: &str, upid: &str, deadline: Duration) -> Result<(), DriverError> {
+        let until = Instant::now() + deadline;
+        let path = format!("/nodes/{node}/tasks/{}/status", encode_segment(upid));
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let task: TaskStatus = self.get(&path, &[])?;
+            if task.status == "stopped" {
+                let exit = task.exitstatus.unwrap_or_default();
+                return if exit == "OK" || exit.starts_with("WARNINGS") {
+                    Ok(())
+                } else {
+                    Err(DriverError::new(
+                        classify_message(&exit),
+                        format!("task {} failed: {exit}", task_kind(upid)),
+                    ))
+                };
+            }
+            if Instant::now() >= until {
+                return Err(DriverError::new(
+                    ErrorKind::Transient,
+                    format!(
+                        "task {} still running after {}s",
+                        task_kind(upid),
+                        deadline.as_secs()
+                    ),
+                ));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+/// The task type of a UPID (`UPID:node:pid:pstart:start:type:id:user:`), for messages.
+fn task_kind(upid: &str) -> String {
+    let parts: Vec<&str> = upid.split(':').collect();
+    match (parts.get(5), parts.get(6)) {
+        (Some(kind), Some(id)) if !id.is_empty() => format!("{kind} {id}"),
+        (Some(kind), _) => (*kind).to_owned(),
+        _ => upid.to_owned(),
+    }
+}
+
+/// A UPID as one path segment (it holds `!` and `@` from the token id).
+pub fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// An error answer: PVE's message (and per-field errors) with a kind apply can act on.
+fn api_error(what: &str, status: u16, body: &[u8]) -> DriverError {
+    #[derive(serde::Deserialize, Default)]
+    struct ErrorBody {
+        #[serde(default)]
+        message: Option<String>,
+        #[serde(default)]
+        errors: Option<std::collections::BTreeMap<String, String>>,
+    }
+    let parsed: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
+    let mut message = parsed
+        .message
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned())
+        .trim()
+        .to_owned();
+    if let Some(errors) = parsed.errors {
+        for (field, why) in errors {
+            message.push_str(&format!("; {field}: {}", why.trim()));
+        }
+    }
+    let kind = match status {
+        401 => ErrorKind::Permanent,
+        403 => ErrorKind::Permanent,
+        400 => ErrorKind::Permanent,
+        // 502/503/504 from a proxy, 595/596: the node cannot be reached.
+        502..=504 | 595 | 596 | 408 | 429 => ErrorKind::Transient,
+        _ => classify_message(&message),
+    };
+    let hint = match status {
+        401 => " (check the provider's token id and secret)",
+        403 => " (the token lacks a privilege; see docs/proxmox.md)",
+        _ => "",
+    };
+    DriverError::new(kind, format!("{what}: HTTP {status}: {message}{hint}"))
+}
+
+/// Classifies PVE's wording of a failure.
+pub fn classify_message(message: &str) -> ErrorKind {
+    let m = message.to_ascii_lowercase();
+    if m.contains("does not exist") || m.contains("no such vm") {
+        ErrorKind::NotFound
+    } else if m.contains("already exists") || m.contains("checksum mismatch") {
+        ErrorKind::Conflict
+    } else if m.contains("can't lock file")
+        || m.contains("got timeout")
+        || m.contains("is locked")
+        || m.contains("no quorum")
+        || m.contains("cluster not ready")
+        || m.contains("temporarily")
+        || m.contains("connection")
+    {
+        ErrorKind::Transient
+    } else {
+        ErrorKind::Permanent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pve_wordings_map_to_kinds() {
+        for (message, kind) in [
+            (
+                "can't lock file '/var/lock/qemu-server/lock-100.conf' - got timeout",
+                ErrorKind::Transient,
+            ),
+            ("VM is locked (backup)", ErrorKind::Transient),
+            (
+                "unable to create VM 100: config file already exists",
+                ErrorKind::Conflict,
+            ),
+            (
+                "checksum mismatch (file change by other user?)",
+                ErrorKind::Conflict,
+            ),
+            (
+                "Configuration file 'nodes/pve1/qemu-server/100.conf' does not exist",
+                ErrorKind::NotFound,
+            ),
+            ("storage 'nope' does not support vm images", ErrorKind::Permanent),
+        ] {
+            assert_eq!(classify_message(message), kind, "{message}");
+        }
+    }
+
+    #[test]
+    fn errors_carry_field_messages_and_hints() {
+        let e = api_error(
+            "PUT /x",
+            400,
+            br#"{"data":null,"message":"Parameter verification failed.\n","errors":{"cores":"value must be at least 1"}}"#,
+        );
+        assert_eq!(e.kind, ErrorKind::Permanent);
+        assert!(e.message.contains("cores: value must be at least 1"), "{}", e.message);
+        let e = api_error("GET /x", 401, br#"{"data":null,"message":"authentication failure\n"}"#);
+        assert!(e.message.contains("token id and secret"), "{}", e.message);
+        assert_eq!(api_error("GET /x", 595, b"").kind, ErrorKind::Transient);
+    }
+
+    #[test]
+    fn upids_are_one_path_segment() {
+        let upid = "UPID:pve1:000003E8:00001B58:6B044E13:qmclone:9000:fleet@pve!ci:";
+        let enc = encode_segment(upid);
+        assert!(!enc.contains('!') && !enc.contains('@') && !enc.contains('/'));
+        assert_eq!(task_kind(upid), "qmclone 9000");
+    }
+}
