@@ -7,9 +7,10 @@ SHELL := /bin/bash
 CARGO ?= cargo
 IMAGE_DIR := build/image
 DEB_PACKAGES := libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 pkg-config \
-                linux-image-cloud-amd64 busybox-static cpio kmod file git chromium genisoimage cloud-init age
+                linux-image-cloud-amd64 busybox-static cpio kmod file git chromium genisoimage cloud-init age \
+                python3-venv
 
-.PHONY: all build deps libvirtd agent image image-debian run test lint unit bench fuzz crash-test clean
+.PHONY: all build deps libvirtd agent image image-debian fakepve run test lint unit bench fuzz crash-test clean
 
 all: build
 
@@ -62,8 +63,18 @@ lint:
 unit:
 	$(CARGO) test --workspace --lib
 
-test: lint image
-	FLEET_TEST_LIBVIRT=$${FLEET_TEST_LIBVIRT:-1} $(CARGO) test --workspace
+test: lint image fakepve
+	FLEET_TEST_LIBVIRT=$${FLEET_TEST_LIBVIRT:-1} FLEET_TEST_PROXMOX=$${FLEET_TEST_PROXMOX:-1} \
+	  $(CARGO) test --workspace
+
+# fakepve (PyPI), the fake Proxmox VE API the Proxmox tests run against, in a venv.
+FAKEPVE_VENV := target/fakepve-venv
+FAKEPVE_VERSION := 0.5.0
+fakepve:
+	@if ! $(FAKEPVE_VENV)/bin/python -c 'import fakepve, cryptography' 2>/dev/null; then \
+	  python3 -m venv $(FAKEPVE_VENV) && \
+	  $(FAKEPVE_VENV)/bin/pip install -q 'fakepve[crypto]==$(FAKEPVE_VERSION)'; \
+	fi
 
 # SIGKILL fleet (or libvirtd) at random points of applies over 20 VMs, recover, and count
 # duplicates, orphans and converged trials. CI runs 10; run 100 or more before a release.

@@ -142,7 +142,12 @@ fn proxmox_token(
             vault
                 .problem(&r.secret.0, &r.key.0)
                 .map(|p| format!("API token: {p}"))
-                .unwrap_or_else(|| format!("API token: secret {}/{} is not in this revision", r.secret.0, r.key.0))
+                .unwrap_or_else(|| {
+                    format!(
+                        "API token: secret {}/{} is not in this revision",
+                        r.secret.0, r.key.0
+                    )
+                })
         })?;
         String::from_utf8(value.expose_secret().to_vec())
             .map_err(|_| "API token: the secret's value is not UTF-8".to_owned())?
@@ -152,7 +157,8 @@ fn proxmox_token(
         std::fs::read_to_string(&path)
             .map_err(|e| format!("API token: read {}: {e}", path.display()))?
     } else if let Some(var) = &token.env {
-        std::env::var(var).map_err(|_| format!("API token: environment variable {var} is not set"))?
+        std::env::var(var)
+            .map_err(|_| format!("API token: environment variable {var} is not set"))?
     } else {
         return Err("API token: set one of secret, file and env".into());
     };

@@ -422,6 +422,7 @@ mod tests {
             held: vec![],
             approval_digest: None,
             secrets: vec![],
+            warnings: Vec::new(),
             digest: String::new(),
         };
         let report = run(&plan, &drivers, journal.clone(), Arc::new(Quiet)).await;

@@ -205,7 +205,8 @@ fn bench_cached_noop(vms: usize) -> anyhow::Result<()> {
     scratch.apply()?;
     let snapshot = fleet::source::from_git(scratch.path(), "fleet", None)?;
     let desired = fleet::reconcile::desired(&snapshot).map_err(|d| anyhow::anyhow!("{d:?}"))?;
-    let drivers = fleet::reconcile::drivers_for(&desired, scratch.path(), &fleet::secrets::Vault::default());
+    let drivers =
+        fleet::reconcile::drivers_for(&desired, scratch.path(), &fleet::secrets::Vault::default());
     let driver = drivers["local"].clone();
     driver.watch(Arc::new(|_| {}))?;
     let runtime = tokio::runtime::Runtime::new()?;

@@ -42,6 +42,16 @@ impl Snapshot {
         }
     }
 
+    /// The last plan's warnings (a provider that skips TLS verification).
+    fn warnings(&self) -> Vec<&str> {
+        self.plan_json
+            .as_ref()
+            .and_then(|p| p.get("warnings"))
+            .and_then(|w| w.as_array())
+            .map(|w| w.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default()
+    }
+
     fn pending_prompts(&self) -> impl Iterator<Item = &PromptRecord> {
         self.prompts
             .values()
@@ -81,6 +91,9 @@ pub fn overview(s: &Snapshot) -> String {
         .unwrap_or("fleet");
     let body = html! {
         h1 { "fleet " (fleet) }
+        @for w in s.warnings() {
+            p.bad { strong { "Warning: " } (w) }
+        }
         dl {
             dt { "Revision applied" }
             dd { (s.summary.as_ref().and_then(|x| x.revision_applied.as_ref()).map(|r| r.label.as_str()).unwrap_or("none yet")) }

@@ -364,6 +364,29 @@ fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
                     diags,
                 );
             }
+            for (i, p) in spec.providers.iter().enumerate() {
+                if let crate::spec::Provider::Proxmox(x) = p {
+                    let sources = [
+                        x.token.secret.is_some(),
+                        x.token.file.is_some(),
+                        x.token.env.is_some(),
+                    ];
+                    if sources.iter().filter(|s| **s).count() != 1 {
+                        diags.push(Diagnostic::new(
+                            &o.path,
+                            o.tree.pos_at_pointer(&format!("/spec/providers/{i}/token"), false),
+                            format!("spec.providers[{i}].token: set exactly one of secret (a Secret in fleet/secrets/), file (a host file, mode 0600) and env (an environment variable)"),
+                        ));
+                    }
+                    if x.insecure_skip_verify && x.ca_file.is_some() {
+                        diags.push(Diagnostic::new(
+                            &o.path,
+                            o.tree.pos_at_pointer(&format!("/spec/providers/{i}/insecureSkipVerify"), false),
+                            format!("spec.providers[{i}].insecureSkipVerify: contradicts caFile; remove insecureSkipVerify to verify against the CA file"),
+                        ));
+                    }
+                }
+            }
             let mut seen = BTreeMap::new();
             for (i, img) in spec.images.iter().enumerate() {
                 let at = format!("/spec/images/{i}");
@@ -375,9 +398,9 @@ fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
                     "image",
                     diags,
                 );
-                if img.kernel.is_none() && img.disk.is_none() {
+                if img.kernel.is_none() && img.disk.is_none() && img.template.is_none() {
                     diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&at, false), format!(
-                        "spec.images[{i}]: image {:?} has neither kernel nor disk; set kernel (and initrd) for direct kernel boot, or disk for a qcow2 base image",
+                        "spec.images[{i}]: image {:?} has neither kernel nor disk nor template; set kernel (and initrd) for direct kernel boot, disk for a qcow2 base image, or template for Proxmox",
                         img.name.0
                     )));
                 }
@@ -708,6 +731,19 @@ fn check_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
         .collect();
     let loadouts: BTreeSet<&str> = f.loadouts.keys().map(String::as_str).collect();
 
+    for o in f.vms.values() {
+        check_placement(f, &o.path, &o.tree, "/spec", &o.doc.spec, diags);
+    }
+    for o in f.pools.values() {
+        check_placement(
+            f,
+            &o.path,
+            &o.tree,
+            "/spec/template/spec",
+            &o.doc.spec.template.spec,
+            diags,
+        );
+    }
     let mut check_ref = |o_path: &str,
                          tree: &Located,
                          pointer: &str,
@@ -870,7 +906,91 @@ fn check_answer_text(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
 
 /// Every reference names a Secret and one of its keys, and every Secret has recipients to
 /// encrypt to. Nothing is decrypted.
+/// A VM's image must suit its provider's kind, and only Proxmox VMs name a node.
+fn check_placement(
+    f: &LoadedFleet,
+    path: &str,
+    tree: &Located,
+    at: &str,
+    spec: &VmSpec,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let fleet = &f.fleet.doc.spec;
+    let Some(provider) = fleet.providers.iter().find(|p| p.name() == &spec.provider) else {
+        return;
+    };
+    let image = fleet.images.iter().find(|i| i.name == spec.image);
+    let proxmox = matches!(provider, crate::spec::Provider::Proxmox(_));
+    if let Some(image) = image {
+        if proxmox && image.template.is_none() {
+            diags.push(Diagnostic::new(
+                path,
+                tree.pos_at_pointer(&format!("{at}/image"), false),
+                format!(
+                    "{}: image {:?} has no template, and VMs on Proxmox provider {:?} are cloned from one; set template on the image in fleet.yaml",
+                    diagnostic::field_path(&format!("{at}/image")),
+                    image.name.0,
+                    provider.name().0
+                ),
+            ));
+        }
+        if !proxmox && image.kernel.is_none() && image.disk.is_none() {
+            diags.push(Diagnostic::new(
+                path,
+                tree.pos_at_pointer(&format!("{at}/image"), false),
+                format!(
+                    "{}: image {:?} has only a Proxmox template, and provider {:?} is libvirt; set kernel or disk on the image",
+                    diagnostic::field_path(&format!("{at}/image")),
+                    image.name.0,
+                    provider.name().0
+                ),
+            ));
+        }
+    }
+    if !proxmox && spec.node.is_some() {
+        diags.push(Diagnostic::new(
+            path,
+            tree.pos_at_pointer(&format!("{at}/node"), true),
+            format!(
+                "{}: only Proxmox providers have nodes, and {:?} is libvirt; remove node",
+                diagnostic::field_path(&format!("{at}/node")),
+                provider.name().0
+            ),
+        ));
+    }
+}
+
 fn check_secret_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
+    for (i, p) in f.fleet.doc.spec.providers.iter().enumerate() {
+        let crate::spec::Provider::Proxmox(x) = p else {
+            continue;
+        };
+        let Some(r) = &x.token.secret else {
+            continue;
+        };
+        let at = format!("/spec/providers/{i}/token/secret");
+        match f.secrets.get(&r.secret.0) {
+            None => diags.push(Diagnostic::new(
+                &f.fleet.path,
+                f.fleet.tree.pos_at_pointer(&format!("{at}/secret"), false),
+                format!(
+                    "spec.providers[{i}].token.secret.secret: no Secret named {:?}; create it with `fleet secret set {} {}`",
+                    r.secret.0, r.secret.0, r.key.0
+                ),
+            )),
+            Some(secret) if !secret.doc.spec.data.contains_key(&r.key) => {
+                diags.push(Diagnostic::new(
+                    &f.fleet.path,
+                    f.fleet.tree.pos_at_pointer(&format!("{at}/key"), false),
+                    format!(
+                        "spec.providers[{i}].token.secret.key: Secret {:?} has no key {:?}; add it with `fleet secret set {} {}`",
+                        r.secret.0, r.key.0, r.secret.0, r.key.0
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
     let uses = f
         .loadouts
         .values()

@@ -153,6 +153,10 @@ pub struct Plan {
     /// (by keyed fingerprint; never a value), with what each forces.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<secrets::SecretChange>,
+    /// Things an operator must know about the revision itself: a provider that accepts
+    /// any TLS certificate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// sha256 over everything above; approvals name it.
     pub digest: String,
 }
@@ -334,7 +338,12 @@ pub fn plan_with_history(desired: &Desired, observed: &Observed, history: &Histo
                                 step.reason = Reason::Drifted { what };
                                 steps.push(step);
                             }
-                            None if heal => steps.push(heal_resources(vm, found, what)),
+                            None if heal => steps.push(heal_resources(
+                                vm,
+                                found,
+                                what,
+                                observes_running_config(desired, provider),
+                            )),
                             _ => {}
                         }
                     }
@@ -385,10 +394,26 @@ pub fn plan_with_history(desired: &Desired, observed: &Observed, history: &Histo
         held,
         approval_digest,
         secrets: Vec::new(),
+        warnings: warnings(desired),
         digest: String::new(),
     };
     plan.digest = plan.compute_digest();
     plan
+}
+
+/// What `Plan::warnings` says of a revision.
+pub fn warnings(desired: &Desired) -> Vec<String> {
+    desired
+        .providers
+        .iter()
+        .filter_map(|p| match p {
+            crate::spec::Provider::Proxmox(x) if x.insecure_skip_verify => Some(format!(
+                "provider {} accepts any TLS certificate (insecureSkipVerify: true): anyone on the path to {} can read its API token and act as the cluster; set caFile instead",
+                x.name.0, x.endpoint
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
 /// How an owned VM differs from what fleet applied to it, if it does: its definition's
@@ -415,9 +440,21 @@ fn owned_drift(vm: &DesiredVm, found: &ObservedVm, history: &History) -> Option<
     (!what.is_empty()).then(|| what.join("; "))
 }
 
-/// An update that rewrites a drifted definition with the desired spec (no restart: the
-/// running VM still has what fleet gave it).
-fn heal_resources(vm: &DesiredVm, found: &ObservedVm, what: String) -> Step {
+/// Whether a provider's observations show what its VMs run with (Proxmox: the current
+/// config, CPUs and memory changing only at boot) rather than what their next boot uses
+/// (libvirt: the persistent definition).
+fn observes_running_config(desired: &Desired, provider: &str) -> bool {
+    desired
+        .providers
+        .iter()
+        .any(|p| p.name().0 == provider && matches!(p, crate::spec::Provider::Proxmox(_)))
+}
+
+/// An update that rewrites a drifted definition with the desired spec. Where observations
+/// show the definition the next boot uses (libvirt), no restart: the running VM still has
+/// what fleet gave it. Where they show what the VM runs with (Proxmox), the drift is in
+/// the running VM, so a running VM restarts to be healed.
+fn heal_resources(vm: &DesiredVm, found: &ObservedVm, what: String, running_config: bool) -> Step {
     let mut changes = Vec::new();
     if found.memory_mib != vm.config.memory_mib {
         changes.push(FieldChange {
@@ -440,7 +477,7 @@ fn heal_resources(vm: &DesiredVm, found: &ObservedVm, what: String) -> Step {
         action: Action::Update,
         reason: Reason::Drifted { what },
         changes,
-        restart: false,
+        restart: running_config && found.running,
         desired: Some(vm.clone()),
         applied: stamp.and_then(|s| s.config.clone()),
         applied_revision: stamp.map(|s| s.revision.clone()),

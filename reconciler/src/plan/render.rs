@@ -19,6 +19,9 @@ pub fn text(plan: &Plan) -> String {
         plan.revision.label,
         short_id(&plan.revision.id)
     );
+    for w in &plan.warnings {
+        let _ = writeln!(out, "WARNING: {w}");
+    }
     if plan.steps.is_empty() && plan.held.is_empty() {
         let _ = writeln!(out, "No changes: every VM matches its spec.");
     } else if plan.steps.is_empty() {

@@ -6,6 +6,8 @@ mod daemon;
 mod fuzz;
 mod libvirt;
 mod load_corpus;
+mod proxmox;
+mod pve;
 mod secrets;
 mod seed;
 mod support;

@@ -22,7 +22,11 @@ pub struct PveClient {
     base: String,
     /// The whole `Authorization` header value.
     auth: SecretString,
-    http: reqwest::blocking::Client,
+    http: reqwest::Client,
+    /// The runtime requests run on: the caller's (driver methods run on blocking threads,
+    /// which may wait on it), or a private one when there is none.
+    runtime: tokio::runtime::Handle,
+    _own_runtime: Option<tokio::runtime::Runtime>,
     calls: AtomicU64,
 }
 
@@ -54,7 +58,7 @@ impl PveClient {
         // reqwest is built without a default crypto provider (ring is lighter to build than
         // aws-lc); installing it twice is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::blocking::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("fleet/", env!("CARGO_PKG_VERSION")))
@@ -75,7 +79,20 @@ impl PveClient {
         let http = builder
             .build()
             .map_err(|e| format!("HTTP client for {endpoint}: {e}"))?;
+        let (runtime, own_runtime) = match tokio::runtime::Handle::try_current() {
+            Ok(handle) => (handle, None),
+            Err(_) => {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("runtime for the API client: {e}"))?;
+                (rt.handle().clone(), Some(rt))
+            }
+        };
         Ok(PveClient {
+            runtime,
+            _own_runtime: own_runtime,
             base: format!("{}/api2/json", endpoint.trim_end_matches('/')),
             auth: SecretString::from(format!(
                 "PVEAPIToken={token_id}={}",
@@ -141,13 +158,20 @@ impl PveClient {
         if !form.is_empty() {
             request = request.form(form);
         }
-        let response = request.send().map_err(|e| {
-            // Connection refused or reset, timeouts: the node or the network, worth retrying.
-            DriverError::new(ErrorKind::Transient, format!("{what}: {}", error_chain(&e)))
-        })?;
-        let status = response.status();
-        let body = response.bytes().map_err(|e| {
-            DriverError::new(ErrorKind::Transient, format!("{what}: reading the answer: {e}"))
+        // Driver methods run on blocking threads, never on the runtime's own workers.
+        let (status, body) = self.runtime.block_on(async {
+            let response = request.send().await.map_err(|e| {
+                // Connection refused or reset, timeouts: the node or the network, worth retrying.
+                DriverError::new(ErrorKind::Transient, format!("{what}: {}", error_chain(&e)))
+            })?;
+            let status = response.status();
+            let body = response.bytes().await.map_err(|e| {
+                DriverError::new(
+                    ErrorKind::Transient,
+                    format!("{what}: reading the answer: {e}"),
+                )
+            })?;
+            Ok::<_, DriverError>((status, body))
         })?;
         if !status.is_success() {
             return Err(api_error(&what, status.as_u16(), &body));
@@ -168,7 +192,12 @@ impl PveClient {
 
     /// Waits for a task to end and checks its exit status; a task still running at
     /// `deadline` is an error (it keeps running on the node; the next attempt finds what it did).
-    pub fn await_task(&self, node: &str, upid: &str, deadline: Duration) -> Result<(), DriverError> {
+    pub fn await_task(
+        &self,
+        node: &str,
+        upid: &str,
+        deadline: Duration,
+    ) -> Result<(), DriverError> {
         let until = Instant::now() + deadline;
         let path = format!("/nodes/{node}/tasks/{}/status", encode_segment(upid));
         let mut pause = Duration::from_millis(50);
@@ -316,7 +345,10 @@ mod tests {
                 "Configuration file 'nodes/pve1/qemu-server/100.conf' does not exist",
                 ErrorKind::NotFound,
             ),
-            ("storage 'nope' does not support vm images", ErrorKind::Permanent),
+            (
+                "storage 'nope' does not support vm images",
+                ErrorKind::Permanent,
+            ),
         ] {
             assert_eq!(classify_message(message), kind, "{message}");
         }
@@ -330,8 +362,16 @@ mod tests {
             br#"{"data":null,"message":"Parameter verification failed.\n","errors":{"cores":"value must be at least 1"}}"#,
         );
         assert_eq!(e.kind, ErrorKind::Permanent);
-        assert!(e.message.contains("cores: value must be at least 1"), "{}", e.message);
-        let e = api_error("GET /x", 401, br#"{"data":null,"message":"authentication failure\n"}"#);
+        assert!(
+            e.message.contains("cores: value must be at least 1"),
+            "{}",
+            e.message
+        );
+        let e = api_error(
+            "GET /x",
+            401,
+            br#"{"data":null,"message":"authentication failure\n"}"#,
+        );
         assert!(e.message.contains("token id and secret"), "{}", e.message);
         assert_eq!(api_error("GET /x", 595, b"").kind, ErrorKind::Transient);
     }

@@ -235,7 +235,10 @@ impl ProxmoxDriver {
                 Err(e) if e.kind == ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            if self.stamp_of(&config).is_some_and(|s| self.is_ours(&s, name)) {
+            if self
+                .stamp_of(&config)
+                .is_some_and(|s| self.is_ours(&s, name))
+            {
                 return Ok(Some(OwnedVm {
                     vmid: r.vmid,
                     node: r.node.clone(),
@@ -405,7 +408,12 @@ impl ProxmoxDriver {
             ("agent", "1".into()),
             (
                 "kvm",
-                if self.domain_type == DomainType::Qemu { "0" } else { "1" }.into(),
+                if self.domain_type == DomainType::Qemu {
+                    "0"
+                } else {
+                    "1"
+                }
+                .into(),
             ),
         ];
         let mut delete = Vec::new();
@@ -418,7 +426,10 @@ impl ProxmoxDriver {
             }
         }
         if let Some((storage, _)) = &self.snippets {
-            wanted.push(("cicustom", format!("user={storage}:snippets/{}", self.snippet_name(&vm.name))));
+            wanted.push((
+                "cicustom",
+                format!("user={storage}:snippets/{}", self.snippet_name(&vm.name)),
+            ));
             if !has_cloudinit_drive(&owned.config) {
                 wanted.push(("ide2", format!("{}:cloudinit", self.storage)));
             }
@@ -511,7 +522,10 @@ impl ProxmoxDriver {
             Ok(()) => Ok(()),
             Err(e) if e.message.contains("not running") => Ok(()),
             Err(e) => {
-                tracing::info!(vmid = owned.vmid, "graceful shutdown did not finish within {grace:?} ({e}); stopping hard");
+                tracing::info!(
+                    vmid = owned.vmid,
+                    "graceful shutdown did not finish within {grace:?} ({e}); stopping hard"
+                );
                 let upid: String = client.post(&format!("{}/status/stop", owned.path()), &[])?;
                 match self.task(&owned.node, upid) {
                     Err(e) if e.message.contains("not running") => Ok(()),
@@ -543,7 +557,10 @@ impl ProxmoxDriver {
         };
         let seed = crate::seed::render(vm, &format!("{}-{}", self.fleet, vm.name));
         // cloud-init wants `#cloud-config` on the first line; fleet's marker follows it.
-        let body = seed.user_data.strip_prefix("#cloud-config").unwrap_or(&seed.user_data);
+        let body = seed
+            .user_data
+            .strip_prefix("#cloud-config")
+            .unwrap_or(&seed.user_data);
         let text = format!(
             "#cloud-config\n{}\n{}",
             stamp::snippet_marker(&self.fleet, &vm.name),
@@ -565,14 +582,13 @@ impl ProxmoxDriver {
         };
         let path = dir.join(self.snippet_name(name));
         match std::fs::read_to_string(&path) {
-            Ok(text) if stamp::snippet_is(&text, &self.fleet, name) => {
-                std::fs::remove_file(&path).map_err(|e| {
+            Ok(text) if stamp::snippet_is(&text, &self.fleet, name) => std::fs::remove_file(&path)
+                .map_err(|e| {
                     DriverError::new(
                         ErrorKind::Transient,
                         format!("remove snippet {}: {e}", path.display()),
                     )
-                })
-            }
+                }),
             _ => Ok(()),
         }
     }
@@ -623,7 +639,9 @@ fn needs_user_data(vm: &DesiredVm) -> bool {
 }
 
 fn has_cloudinit_drive(config: &BTreeMap<String, Value>) -> bool {
-    config.values().any(|v| value_text(v).contains(":cloudinit"))
+    config
+        .values()
+        .any(|v| value_text(v).contains(":cloudinit"))
 }
 
 /// Whether a config value already says what fleet would write.
@@ -639,7 +657,13 @@ fn same_value(key: &str, current: Option<&str>, wanted: &str) -> bool {
             b.sort_unstable();
             a == b
         }
-        "agent" | "kvm" => current.split(',').next().map(|v| v.trim_start_matches("enabled=")) == Some(wanted),
+        "agent" | "kvm" => {
+            current
+                .split(',')
+                .next()
+                .map(|v| v.trim_start_matches("enabled="))
+                == Some(wanted)
+        }
         "description" => current.trim_end() == wanted.trim_end(),
         _ => current == wanted,
     }
@@ -662,7 +686,10 @@ fn boot_disk(config: &BTreeMap<String, Value>) -> Option<(String, Option<u64>)> 
 
 /// `32G`, `512M`, `1T`, `2048K` in MiB.
 fn size_mib(text: &str) -> Option<u64> {
-    let (number, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(text.len()));
+    let (number, unit) = text.split_at(
+        text.find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(text.len()),
+    );
     let n: f64 = number.parse().ok()?;
     let mib = match unit {
         "K" => n / 1024.0,
@@ -734,7 +761,11 @@ impl Driver for ProxmoxDriver {
                         ),
                     )
                 })?;
-                let node = vm.config.node.clone().unwrap_or_else(|| self.default_node.clone());
+                let node = vm
+                    .config
+                    .node
+                    .clone()
+                    .unwrap_or_else(|| self.default_node.clone());
                 let template = self.find_template(template_name, &node)?;
                 self.clone_template(vm, stamp, &template, &node)?;
                 self.require_owned(&vm.name)?
@@ -830,7 +861,10 @@ impl Driver for ProxmoxDriver {
     }
 
     fn resync(&self) {
-        self.stamps.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.stamps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }
 
@@ -860,7 +894,11 @@ mod tests {
     fn unchanged_values_are_not_sent() {
         assert!(same_value("tags", Some("b;fleet-demo"), "fleet-demo;b"));
         assert!(!same_value("tags", Some("b"), "fleet-demo"));
-        assert!(same_value("agent", Some("enabled=1,fstrim_cloned_disks=1"), "1"));
+        assert!(same_value(
+            "agent",
+            Some("enabled=1,fstrim_cloned_disks=1"),
+            "1"
+        ));
         assert!(same_value("memory", Some("512"), "512"));
         assert!(!same_value("memory", None, "512"));
     }
@@ -869,6 +907,9 @@ mod tests {
     fn tags_are_valid_pve_tags() {
         let tag = fleet_tag("Demo-1");
         assert_eq!(tag, "fleet-demo-1");
-        assert!(tag.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_+.".contains(c)));
+        assert!(
+            tag.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_+.".contains(c))
+        );
     }
 }

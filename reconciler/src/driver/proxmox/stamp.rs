@@ -95,7 +95,10 @@ mod tests {
 
     #[test]
     fn snippets_are_recognised_by_their_marker() {
-        let text = format!("#cloud-config\n{}\nruncmd: []\n", snippet_marker("demo", "a"));
+        let text = format!(
+            "#cloud-config\n{}\nruncmd: []\n",
+            snippet_marker("demo", "a")
+        );
         assert!(snippet_is(&text, "demo", "a"));
         assert!(!snippet_is(&text, "demo", "b"));
         assert!(!snippet_is(&text, "other", "a"));

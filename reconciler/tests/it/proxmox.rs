@@ -1,0 +1,297 @@
+//! The Proxmox driver against fakepve: the whole life of a fleet, drift and self-heal,
+//! faults, and foreign VMs. Every request fleet sends is checked against the PVE schema.
+
+use serde_json::json;
+
+use crate::pve::{FakePve, WireRequest, enabled};
+use crate::support::{Repo, set_mode};
+
+/// A fleet repository pointed at `pve`, with the token in a host file.
+pub struct PveFleet {
+    pub repo: Repo,
+    pub host: tempfile::TempDir,
+}
+
+impl PveFleet {
+    pub fn new(pve: &FakePve, fleet: &str, policy: &str) -> PveFleet {
+        let host = tempfile::Builder::new()
+            .prefix("fleet-pve-host-")
+            .tempdir()
+            .expect("tempdir");
+        let token = host.path().join("token");
+        std::fs::write(&token, format!("{}\n", pve.token)).expect("token");
+        set_mode(&token, 0o600);
+        std::fs::create_dir(host.path().join("snippets")).expect("snippets");
+        let repo = Repo::new();
+        repo.write(
+            "fleet/fleet.yaml",
+            format!(
+                "apiVersion: fleet/v1
+kind: Fleet
+metadata: {{name: {fleet}}}
+spec:
+  providers:
+    - name: host
+      type: proxmox
+      endpoint: {url}
+      node: pve1
+      token: {{id: '{id}', file: '{token}'}}
+      caFile: '{ca}'
+      snippets: {{storage: local, dir: '{snippets}'}}
+  images:
+    - {{name: micro, template: debian-tmpl}}
+  policy: {policy}
+",
+                url = pve.url,
+                id = pve.token_id,
+                token = token.display(),
+                ca = pve.ca_file.display(),
+                snippets = host.path().join("snippets").display(),
+            ),
+        );
+        PveFleet { repo, host }
+    }
+
+    pub fn snippet(&self, fleet: &str, vm: &str) -> std::path::PathBuf {
+        self.host
+            .path()
+            .join("snippets")
+            .join(format!("fleet-{fleet}-{vm}.yaml"))
+    }
+}
+
+pub fn vm_yaml(name: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {name}}}\nspec: {{provider: host, image: micro{extra}}}\n"
+    )
+}
+
+/// Checks every request since the last call against the schema; returns them.
+pub fn checked_wire(pve: &mut FakePve, schema: &crate::pve::ApiSchema) -> Vec<WireRequest> {
+    let wire = pve.wire();
+    let refused: Vec<String> = wire.iter().filter_map(|r| schema.check(r).err()).collect();
+    assert!(
+        refused.is_empty(),
+        "requests the PVE schema refuses:\n{}",
+        refused.join("\n")
+    );
+    wire
+}
+
+fn config_of(vm: &serde_json::Value, key: &str) -> String {
+    match &vm["config"][key] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+#[test]
+fn a_fleet_on_proxmox_lives_its_whole_life_through_the_api() {
+    if !enabled() {
+        return;
+    }
+    let mut pve = FakePve::start();
+    let schema = pve.schema();
+    // Foreign VMs: one fleet never heard of, one holding a name the fleet will claim, and
+    // one wearing fleet's tag without a stamp.
+    for (vmid, name, tags) in [
+        (150, "db", ""),
+        (151, "clash", ""),
+        (152, "impostor", "fleet-demo"),
+    ] {
+        pve.control(
+            json!({"op": "add_vm", "vmid": vmid, "name": name, "status": "running",
+            "config": {"cores": 1, "memory": 512, "tags": tags, "description": "not fleet's"}}),
+        );
+    }
+    let foreign_before: Vec<_> = pve
+        .vms()
+        .into_iter()
+        .filter(|v| v["vmid"].as_u64() < Some(200) && v["vmid"].as_u64() >= Some(150))
+        .collect();
+    let f = PveFleet::new(&pve, "demo", "{shutdownTimeout: 5s, stepTimeout: 1m}");
+    f.repo.write(
+        "fleet/vms/web-1.yaml",
+        vm_yaml(
+            "web-1",
+            ", resources: {cpus: 2, memory: 1Gi, disk: 8Gi}, network: {mode: full}",
+        ),
+    );
+    f.repo.write(
+        "fleet/vms/web-2.yaml",
+        vm_yaml("web-2", ", node: pve2, state: stopped"),
+    );
+    f.repo.commit("two VMs");
+
+    let plan = f.repo.fleet(&["plan", "--detailed-exitcode"]);
+    plan.expect_code(2);
+    assert!(
+        plan.stdout().contains("Plan: 2 to create."),
+        "{}",
+        plan.stdout()
+    );
+    checked_wire(&mut pve, &schema);
+
+    f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    let wire = checked_wire(&mut pve, &schema);
+    let web1 = pve.vm_named("web-1").expect("web-1 made");
+    assert_eq!(web1["status"], "running");
+    assert_eq!(web1["node"], "pve1");
+    assert_eq!(config_of(&web1, "cores"), "2");
+    assert_eq!(config_of(&web1, "memory"), "1024");
+    assert_eq!(config_of(&web1, "tags"), "fleet-demo");
+    assert!(config_of(&web1, "description").contains("fleet-stamp: "));
+    assert!(config_of(&web1, "net0").contains("bridge=vmbr0"));
+    assert!(config_of(&web1, "cicustom").contains("local:snippets/fleet-demo-web-1.yaml"));
+    let web2 = pve.vm_named("web-2").expect("web-2 made");
+    assert_eq!(web2["status"], "stopped");
+    assert_eq!(web2["node"], "pve2", "placed on its own node");
+    assert_eq!(config_of(&web2, "net0"), "", "isolated: no network card");
+    // Cloned (linked: no `full`), stamped by the clone itself, the disk grown to 8 GiB.
+    let clones: Vec<&WireRequest> = wire
+        .iter()
+        .filter(|r| r.path.ends_with("/qemu/9000/clone"))
+        .collect();
+    assert_eq!(clones.len(), 2);
+    for c in &clones {
+        let p = c.params();
+        assert!(!p.contains_key("full"), "linked clone: {p:?}");
+        assert!(p["description"].contains("fleet-stamp: "), "{p:?}");
+    }
+    assert_eq!(
+        clones
+            .iter()
+            .filter(|c| c.params().get("target").map(String::as_str) == Some("pve2"))
+            .count(),
+        1
+    );
+    let resize = wire
+        .iter()
+        .find(|r| r.path.ends_with("/resize"))
+        .expect("resize");
+    assert_eq!(resize.params()["size"], "8192M");
+    // Every asynchronous call's task was awaited.
+    assert!(
+        wire.iter()
+            .any(|r| r.path.contains("/tasks/") && r.path.ends_with("/status"))
+    );
+    let snippet = std::fs::read_to_string(f.snippet("demo", "web-1")).expect("snippet");
+    assert!(
+        snippet.starts_with("#cloud-config\n# fleet: demo/web-1"),
+        "{snippet}"
+    );
+
+    // Converged: nothing to do, and the pass is one listing (the stamps are cached... in a
+    // new process they are read once per fleet VM).
+    let plan = f.repo.fleet(&["plan", "--detailed-exitcode"]);
+    plan.expect_code(0);
+    assert!(plan.stdout().contains("No changes"), "{}", plan.stdout());
+    checked_wire(&mut pve, &schema);
+
+    // The claimed name is a conflict, never touched.
+    f.repo.write("fleet/vms/clash.yaml", vm_yaml("clash", ""));
+    f.repo.commit("claim a foreign name");
+    let plan = f.repo.fleet(&["plan"]);
+    assert!(plan.stdout().contains("clash on host"), "{}", plan.stdout());
+    f.repo.fleet(&["apply", "--auto-approve"]);
+    f.repo.remove("fleet/vms/clash.yaml");
+
+    // An update that needs a restart: more CPUs.
+    f.repo.write(
+        "fleet/vms/web-1.yaml",
+        vm_yaml(
+            "web-1",
+            ", resources: {cpus: 4, memory: 1Gi, disk: 8Gi}, network: {mode: full}",
+        ),
+    );
+    f.repo.commit("web-1: 4 CPUs");
+    let plan = f.repo.fleet(&["plan"]);
+    assert!(
+        plan.stdout().contains("Plan: 1 to update."),
+        "{}",
+        plan.stdout()
+    );
+    f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    let wire = checked_wire(&mut pve, &schema);
+    let web1 = pve.vm_named("web-1").expect("web-1");
+    assert_eq!(config_of(&web1, "cores"), "4");
+    assert_eq!(web1["status"], "running");
+    let put = wire
+        .iter()
+        .find(|r| r.method == "PUT" && r.path.ends_with("/config"))
+        .expect("config write");
+    assert!(
+        put.params().contains_key("digest"),
+        "config writes carry the digest: {:?}",
+        put.params()
+    );
+    assert!(
+        wire.iter().any(|r| r.path.ends_with("/status/shutdown")),
+        "restarted gracefully"
+    );
+
+    // Drift: memory changed behind fleet's back, then the VM stopped, then web-2 deleted.
+    let vmid = web1["vmid"].as_u64().expect("vmid");
+    pve.control(json!({"op": "config", "vmid": vmid, "set": {"memory": 4096}}));
+    let plan = f.repo.fleet(&["plan"]);
+    assert!(plan.stdout().contains("Drift"), "{}", plan.stdout());
+    f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    assert_eq!(
+        config_of(&pve.vm_named("web-1").expect("web-1"), "memory"),
+        "1024",
+        "healed"
+    );
+    pve.control(
+        json!({"op": "set", "vmid": vmid, "attrs": {"status": "stopped", "qmpstatus": "stopped"}}),
+    );
+    let web2_id = pve.vm_named("web-2").expect("web-2")["vmid"]
+        .as_u64()
+        .expect("vmid");
+    pve.control(json!({"op": "remove_vm", "vmid": web2_id}));
+    let plan = f.repo.fleet(&["plan"]);
+    assert!(
+        plan.stdout().contains("1 to create") && plan.stdout().contains("1 to start"),
+        "{}",
+        plan.stdout()
+    );
+    f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    assert_eq!(pve.vm_named("web-1").expect("web-1")["status"], "running");
+    assert!(pve.vm_named("web-2").is_some(), "made again");
+    checked_wire(&mut pve, &schema);
+
+    // Destroy: purged, its snippet removed.
+    f.repo.remove("fleet/vms/web-2.yaml");
+    f.repo.commit("drop web-2");
+    f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    let wire = checked_wire(&mut pve, &schema);
+    assert!(pve.vm_named("web-2").is_none());
+    let delete = wire.iter().find(|r| r.method == "DELETE").expect("delete");
+    assert_eq!(delete.params()["purge"], "1");
+    assert!(
+        !f.snippet("demo", "web-2").exists(),
+        "snippet removed with its VM"
+    );
+
+    // A leftover snippet (a destroy cut short) is swept by the next process.
+    let leftover = f.snippet("demo", "gone");
+    std::fs::write(
+        &leftover,
+        "#cloud-config\n# fleet: demo/gone (written by fleet; holds no secret)\n",
+    )
+    .expect("write");
+    let unrelated = f.host.path().join("snippets/operator.yaml");
+    std::fs::write(&unrelated, "#cloud-config\n").expect("write");
+    f.repo.fleet(&["plan"]);
+    assert!(!leftover.exists(), "swept");
+    assert!(unrelated.exists(), "not fleet's: kept");
+
+    // Foreign VMs: never modified, never destroyed; fleet only ever read them in listings.
+    let foreign_after: Vec<_> = pve
+        .vms()
+        .into_iter()
+        .filter(|v| v["vmid"].as_u64() < Some(200) && v["vmid"].as_u64() >= Some(150))
+        .collect();
+    assert_eq!(foreign_before, foreign_after);
+    checked_wire(&mut pve, &schema);
+}
