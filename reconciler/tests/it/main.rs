@@ -1,6 +1,7 @@
 //! One integration-test binary: the bad-input corpus, CLI behaviour, and real libvirt.
 
 mod approvals;
+mod behaviour;
 mod cli;
 mod daemon;
 mod fuzz;

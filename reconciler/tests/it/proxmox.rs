@@ -305,19 +305,24 @@ fn proxmox_faults_are_retried_and_stay_with_their_vm() {
     let schema = pve.schema();
     let f = PveFleet::new(&pve, "faults", "{shutdownTimeout: 2s, stepTimeout: 1m}");
     for vm in ["a", "b", "c"] {
-        f.repo.write(&format!("fleet/vms/{vm}.yaml"), vm_yaml(vm, ""));
+        f.repo
+            .write(&format!("fleet/vms/{vm}.yaml"), vm_yaml(vm, ""));
     }
     f.repo.commit("three VMs");
 
     // Another creator takes the first VMID fleet is offered: the clone tries the next.
-    pve.control(json!({"op": "fail", "method": "POST", "suffix": "/qemu/9000/clone", "status": 500,
-        "message": "unable to create VM 100: config file already exists", "times": 1}));
+    pve.control(
+        json!({"op": "fail", "method": "POST", "suffix": "/qemu/9000/clone", "status": 500,
+        "message": "unable to create VM 100: config file already exists", "times": 1}),
+    );
     // The config lock is busy twice (a backup, a concurrent task): retried.
     pve.control(json!({"op": "fail", "method": "PUT", "suffix": "/config", "status": 500,
         "message": "can't lock file '/var/lock/qemu-server/lock-101.conf' - got timeout", "times": 2}));
     // One VM cannot start at all: its failure is its own.
-    pve.control(json!({"op": "fail", "method": "POST", "suffix": "/status/start", "status": 500,
-        "message": "start failed: QEMU exited with code 1", "times": 1}));
+    pve.control(
+        json!({"op": "fail", "method": "POST", "suffix": "/status/start", "status": 500,
+        "message": "start failed: QEMU exited with code 1", "times": 1}),
+    );
     let apply = f.repo.fleet(&["apply", "--auto-approve"]);
     assert_ne!(apply.code(), 0, "one start failed: {}", apply.stdout());
     let wire = checked_wire(&mut pve, &schema);
@@ -326,9 +331,16 @@ fn proxmox_faults_are_retried_and_stay_with_their_vm() {
         .filter(|r| r.path.ends_with("/clone"))
         .map(|r| r.params()["newid"].clone())
         .collect();
-    assert_eq!(clone_ids.len(), 4, "one clone refused, three made: {clone_ids:?}");
+    assert_eq!(
+        clone_ids.len(),
+        4,
+        "one clone refused, three made: {clone_ids:?}"
+    );
     let vms = pve.vms();
-    let ours: Vec<_> = vms.iter().filter(|v| ["a", "b", "c"].contains(&v["name"].as_str().unwrap_or(""))).collect();
+    let ours: Vec<_> = vms
+        .iter()
+        .filter(|v| ["a", "b", "c"].contains(&v["name"].as_str().unwrap_or("")))
+        .collect();
     assert_eq!(ours.len(), 3, "no VM twice: {ours:?}");
     let running = ours.iter().filter(|v| v["status"] == "running").count();
     assert_eq!(running, 2, "the other two started: {ours:?}");
@@ -336,18 +348,37 @@ fn proxmox_faults_are_retried_and_stay_with_their_vm() {
     assert!(status.contains("QEMU exited with code 1"), "{status}");
     // The next apply finishes the job.
     f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
-    assert!(pve.vms().iter().filter(|v| v["name"] != "debian-tmpl").all(|v| v["status"] == "running"));
+    assert!(
+        pve.vms()
+            .iter()
+            .filter(|v| v["name"] != "debian-tmpl")
+            .all(|v| v["status"] == "running")
+    );
 
     // A concurrent edit between fleet's read and its write: refused by the digest, not
     // overwritten; the next pass plans again.
-    f.repo.write("fleet/vms/a.yaml", vm_yaml("a", ", state: running, resources: {memory: 1Gi}"));
+    f.repo.write(
+        "fleet/vms/a.yaml",
+        vm_yaml("a", ", state: running, resources: {memory: 1Gi}"),
+    );
     f.repo.commit("a: more memory");
-    pve.control(json!({"op": "fail", "method": "PUT", "suffix": "/config", "status": 500,
-        "message": "checksum mismatch (file change by other user?)", "times": 1}));
+    pve.control(
+        json!({"op": "fail", "method": "PUT", "suffix": "/config", "status": 500,
+        "message": "checksum mismatch (file change by other user?)", "times": 1}),
+    );
     let apply = f.repo.fleet(&["apply", "--auto-approve"]);
     assert_ne!(apply.code(), 0);
-    assert!(apply.stdout().contains("changed on host while fleet was updating it") || apply.stderr().contains("changed on host while fleet was updating it"),
-        "{}\n{}", apply.stdout(), apply.stderr());
+    assert!(
+        apply
+            .stdout()
+            .contains("changed on host while fleet was updating it")
+            || apply
+                .stderr()
+                .contains("changed on host while fleet was updating it"),
+        "{}\n{}",
+        apply.stdout(),
+        apply.stderr()
+    );
     f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
     let a = pve.vm_named("a").expect("a");
     assert_eq!(config_of(&a, "memory"), "1024");
@@ -355,13 +386,20 @@ fn proxmox_faults_are_retried_and_stay_with_their_vm() {
     // A guest that ignores the shutdown request: stopped hard once the grace is over.
     let b = pve.vm_named("b").expect("b");
     pve.control(json!({"op": "set", "vmid": b["vmid"], "attrs": {"acpi": false}}));
-    f.repo.write("fleet/vms/b.yaml", vm_yaml("b", ", state: stopped"));
+    f.repo
+        .write("fleet/vms/b.yaml", vm_yaml("b", ", state: stopped"));
     f.repo.commit("stop b");
     checked_wire(&mut pve, &schema);
     f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
     let wire = checked_wire(&mut pve, &schema);
-    assert!(wire.iter().any(|r| r.path.ends_with("/status/shutdown")), "asked first");
-    assert!(wire.iter().any(|r| r.path.ends_with("/status/stop")), "then stopped hard");
+    assert!(
+        wire.iter().any(|r| r.path.ends_with("/status/shutdown")),
+        "asked first"
+    );
+    assert!(
+        wire.iter().any(|r| r.path.ends_with("/status/stop")),
+        "then stopped hard"
+    );
     assert_eq!(pve.vm_named("b").expect("b")["status"], "stopped");
 
     // A flaky network (a fifth of the requests dropped): the plan converges anyway.
@@ -379,6 +417,8 @@ fn proxmox_faults_are_retried_and_stay_with_their_vm() {
     assert!(converged, "did not converge through a flaky network");
     let ds: Vec<_> = pve.vms().into_iter().filter(|v| v["name"] == "d").collect();
     assert_eq!(ds.len(), 1, "made once: {ds:?}");
-    f.repo.fleet(&["plan", "--detailed-exitcode"]).expect_code(0);
+    f.repo
+        .fleet(&["plan", "--detailed-exitcode"])
+        .expect_code(0);
     checked_wire(&mut pve, &schema);
 }
