@@ -283,3 +283,20 @@ async fn pending_approvals_show_their_steps_and_how_to_approve() {
     )));
     assert!(!page.contains("approval-cdcdcdcdcdcd"), "only pending ones");
 }
+
+#[tokio::test]
+async fn the_overview_flags_a_provider_that_skips_tls_verification() {
+    let (dir, view) = view_with_status();
+    let (_, body) = send(&view, "GET", "/").await;
+    assert!(!body.contains("Warning:"), "{body}");
+    std::fs::write(
+        dir.path().join("status/plan.json"),
+        r#"{"warnings": ["provider pve accepts any TLS certificate (insecureSkipVerify: true)"]}"#,
+    )
+    .expect("plan.json");
+    let (_, body) = send(&view, "GET", "/").await;
+    assert!(
+        body.contains("Warning: </strong>provider pve accepts any TLS certificate"),
+        "{body}"
+    );
+}

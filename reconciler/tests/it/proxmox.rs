@@ -422,3 +422,73 @@ fn proxmox_faults_are_retried_and_stay_with_their_vm() {
         .expect_code(0);
     checked_wire(&mut pve, &schema);
 }
+
+#[test]
+fn tls_is_verified_unless_the_provider_says_otherwise_and_then_plans_say_so() {
+    if !enabled() {
+        return;
+    }
+    let mut pve = FakePve::start();
+    let schema = pve.schema();
+    let f = PveFleet::new(&pve, "tls", "{}");
+    f.repo.write("fleet/vms/a.yaml", vm_yaml("a", ""));
+    let fleet_yaml = std::fs::read_to_string(f.repo.path().join("fleet/fleet.yaml")).expect("read");
+    let ca_line = fleet_yaml
+        .lines()
+        .find(|l| l.contains("caFile:"))
+        .expect("caFile")
+        .to_owned();
+
+    // No CA file: the fake's self-signed certificate is refused, nothing is planned.
+    f.repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml.replace(&format!("{ca_line}\n"), ""),
+    );
+    f.repo.commit("system trust");
+    let plan = f.repo.fleet(&["plan"]);
+    assert!(
+        plan.stdout().contains("certificate") || plan.stderr().contains("certificate"),
+        "{}\n{}",
+        plan.stdout(),
+        plan.stderr()
+    );
+    assert!(!plan.stdout().contains("to create"), "{}", plan.stdout());
+    assert!(pve.wire().is_empty() || pve.vms().len() == 1);
+
+    // Explicitly insecure: it works, and every plan says what it costs.
+    f.repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml.replace(&ca_line, "      insecureSkipVerify: true"),
+    );
+    f.repo.commit("insecure");
+    let plan = f.repo.fleet(&["plan"]);
+    assert!(
+        plan.stdout()
+            .contains("WARNING: provider host accepts any TLS certificate"),
+        "{}",
+        plan.stdout()
+    );
+    assert!(plan.stdout().contains("1 to create"), "{}", plan.stdout());
+    checked_wire(&mut pve, &schema);
+
+    // Both at once is refused as a contradiction, naming the field.
+    f.repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml.replace(
+            &ca_line,
+            &format!("{ca_line}\n      insecureSkipVerify: true"),
+        ),
+    );
+    f.repo.commit("both");
+    let plan = f.repo.fleet(&["validate"]);
+    assert!(
+        plan.stderr()
+            .contains("insecureSkipVerify: contradicts caFile")
+            || plan
+                .stdout()
+                .contains("insecureSkipVerify: contradicts caFile"),
+        "{}\n{}",
+        plan.stdout(),
+        plan.stderr()
+    );
+}
