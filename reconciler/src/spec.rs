@@ -316,7 +316,7 @@ pub struct FleetSpec {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Provider {
     Libvirt(LibvirtProvider),
-    Proxmox(ProxmoxProvider),
+    Proxmox(Box<ProxmoxProvider>),
 }
 
 impl Provider {

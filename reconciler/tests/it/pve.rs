@@ -331,10 +331,8 @@ fn check_value(spec: &Value, value: &str) -> Result<(), String> {
                 .parse::<f64>()
                 .map_err(|_| "not a number".to_owned())?;
         }
-        "boolean" => {
-            if !["0", "1", "true", "false"].contains(&value) {
-                return Err("not a boolean".into());
-            }
+        "boolean" if !["0", "1", "true", "false"].contains(&value) => {
+            return Err("not a boolean".into());
         }
         "string" => {
             if let Some(values) = spec["enum"].as_array()
