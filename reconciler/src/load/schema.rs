@@ -498,7 +498,7 @@ mod tests {
         assert_eq!(v[0].pointer, "/spec/providers/0/type");
         assert_eq!(
             v[0].message,
-            "spec.providers[0].type: unsupported value \"vmware\"; valid: libvirt"
+            "spec.providers[0].type: unsupported value \"vmware\"; valid: libvirt, proxmox"
         );
     }
 

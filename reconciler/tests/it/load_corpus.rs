@@ -579,8 +579,8 @@ fn image_without_kernel_or_disk() {
     check(
         &[("fleet/fleet.yaml", &fleet)],
         expect![[r#"
-        fleet/fleet.yaml:14:7: error: spec.images[1]: image "empty" has neither kernel nor disk; set kernel (and initrd) for direct kernel boot, or disk for a qcow2 base image
-    "#]],
+            fleet/fleet.yaml:14:7: error: spec.images[1]: image "empty" has neither kernel nor disk nor template; set kernel (and initrd) for direct kernel boot, disk for a qcow2 base image, or template for Proxmox
+        "#]],
     );
 }
 
@@ -605,7 +605,7 @@ fn unknown_provider_type() {
             &FLEET.replace("type: libvirt", "type: vmware"),
         )],
         expect![[r#"
-            fleet/fleet.yaml:7:7: error: spec.providers[0]: a mapping is not valid; valid: libvirt
+            fleet/fleet.yaml:8:13: error: spec.providers[0].type: unsupported value "vmware"; valid: libvirt, proxmox
         "#]],
     );
 }
@@ -1513,7 +1513,7 @@ fn image_with_a_firmware_field() {
             ),
         )],
         expect![[r#"
-            fleet/fleet.yaml:14:7: error: spec.images[0].firmware: unknown field; valid fields: name, kernel, initrd, cmdline, disk
+            fleet/fleet.yaml:14:7: error: spec.images[0].firmware: unknown field; valid fields: name, kernel, initrd, cmdline, disk, template
         "#]],
     );
 }
