@@ -168,7 +168,7 @@ fn a_fleet_on_proxmox_lives_its_whole_life_through_the_api() {
     );
     let resize = wire
         .iter()
-        .find(|r| r.path.ends_with("/resize"))
+        .find(|r| r.path.ends_with(&format!("/qemu/{}/resize", web1["vmid"])))
         .expect("resize");
     assert_eq!(resize.params()["size"], "8192M");
     // Every asynchronous call's task was awaited.
