@@ -78,6 +78,7 @@ impl Backend for Proxmox {
 
 /// The step, conflict and drift lines of `fleet plan`, with the run's VM prefix removed.
 fn plan_lines(repo: &Repo, prefix: &str) -> Vec<String> {
+    let revision = regex::Regex::new("[0-9a-f]{12}").expect("regex");
     let out = repo.fleet(&["plan"]).stdout();
     out.lines()
         .filter(|l| {
@@ -89,7 +90,6 @@ fn plan_lines(repo: &Repo, prefix: &str) -> Vec<String> {
                 && !t.starts_with("---")
         })
         .map(|l| {
-            let revision = regex::Regex::new("[0-9a-f]{12}").expect("regex");
             let l = revision
                 .replace_all(&l.replace(prefix, ""), "<rev>")
                 .into_owned();

@@ -535,11 +535,17 @@ impl ProxmoxDriver {
         }
     }
 
-    fn ensure_power(&self, vm: &DesiredVm, grace: Duration) -> Result<(), DriverError> {
-        let owned = self.require_owned(&vm.name)?;
+    /// Brings `owned` (as last read; config writes do not change its power) to the spec's
+    /// power state.
+    fn ensure_power(
+        &self,
+        vm: &DesiredVm,
+        owned: &OwnedVm,
+        grace: Duration,
+    ) -> Result<(), DriverError> {
         match vm.state {
-            PowerState::Running => self.power_on(&owned),
-            PowerState::Stopped => self.power_off(&owned, grace),
+            PowerState::Running => self.power_on(owned),
+            PowerState::Stopped => self.power_off(owned, grace),
         }
     }
 
@@ -773,9 +779,9 @@ impl Driver for ProxmoxDriver {
         };
         self.write_config(vm, stamp, &owned)?;
         self.remember(owned.vmid, &vm.name, &owned.node, Some(stamp.clone()));
-        let owned = self.require_owned(&vm.name)?;
+        // The config write changed neither the boot disk nor the power state: no re-read.
         self.resize_disk(vm, &owned)?;
-        self.ensure_power(vm, grace)
+        self.ensure_power(vm, &owned, grace)
     }
 
     fn start(&self, name: &str) -> Result<(), DriverError> {
@@ -798,12 +804,13 @@ impl Driver for ProxmoxDriver {
         let mut owned = self.require_owned(&vm.name)?;
         if restart && owned.running {
             self.power_off(&owned, grace)?;
+            // Fresh digest for the config write: stopping changed the VM's state.
             owned = self.require_owned(&vm.name)?;
         }
         self.write_snippet(vm)?;
         self.write_config(vm, stamp, &owned)?;
         self.remember(owned.vmid, &vm.name, &owned.node, Some(stamp.clone()));
-        self.ensure_power(vm, grace)
+        self.ensure_power(vm, &owned, grace)
     }
 
     fn destroy(&self, name: &str, grace: Duration) -> Result<(), DriverError> {
