@@ -7,7 +7,7 @@
 //! hello again. The port stays open all the time: data the host sends while the guest side is
 //! closed is dropped.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +17,7 @@ use fleet_agent_protocol::{GuestMessage, HostMessage, PORT_NAME, SECRETS_DIR, VE
 
 mod files;
 mod prompt;
+mod relay;
 mod secrets;
 mod task;
 
@@ -27,6 +28,16 @@ fn main() {
         println!("fleet-agent {}", env!("CARGO_PKG_VERSION"));
         return;
     }
+    let mode = std::env::args().nth(1);
+    if mode.as_deref() == Some("exchange") {
+        // One relayed exchange, run by the hypervisor's guest agent: stdin to the relay,
+        // its answer to stdout.
+        if let Err(e) = relay::exchange(Path::new(fleet_agent_protocol::relay::RELAY_SOCKET)) {
+            eprintln!("fleet-agent exchange: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
@@ -35,6 +46,21 @@ fn main() {
         "/run/fleet-agent",
     )));
     let secrets = Arc::new(secrets::Store::new(PathBuf::from(SECRETS_DIR), true));
+    match mode.as_deref() {
+        None => {}
+        Some("relay") => {
+            let error = relay_link(&boot_id, &tasks, &secrets);
+            eprintln!("fleet-agent relay: {error}");
+            std::process::exit(1);
+        }
+        Some(other) => {
+            eprintln!(
+                "fleet-agent: unknown mode {other:?}; use no argument (virtio-serial), \
+                 `relay` (links relayed by qemu-guest-agent) or `exchange`"
+            );
+            std::process::exit(2);
+        }
+    }
     let mut warned = false;
     loop {
         match find_port(Path::new("/sys/class/virtio-ports")) {
@@ -51,6 +77,44 @@ fn main() {
             None => {}
         }
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The link relayed through qemu-guest-agent (Proxmox): the relay listens on its socket and
+/// moves bytes between exchanges and two pipes, which stand in for the port. Returns only
+/// when the link can no longer run.
+fn relay_link(
+    boot_id: &str,
+    tasks: &Arc<task::Tasks>,
+    secrets: &Arc<secrets::Store>,
+) -> std::io::Error {
+    let socket = Path::new(fleet_agent_protocol::relay::RELAY_SOCKET);
+    let listener = match relay::listen(socket) {
+        Ok(l) => l,
+        Err(e) => return std::io::Error::other(format!("{}: {e}", socket.display())),
+    };
+    let (pipes_in, pipes_out) = match (std::io::pipe(), std::io::pipe()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return e,
+    };
+    let (from_host, to_agent) = pipes_in;
+    let (from_agent, to_host) = pipes_out;
+    let relay = Arc::new(relay::Relay::new(boot_id.to_owned()));
+    {
+        let relay = relay.clone();
+        std::thread::spawn(move || relay.pump(from_agent));
+    }
+    {
+        let relay = relay.clone();
+        std::thread::spawn(move || {
+            let e = relay.serve(&listener, to_agent);
+            eprintln!("fleet-agent relay: the relay stopped: {e}");
+            std::process::exit(1);
+        });
+    }
+    match serve_link(from_host, Box::new(to_host), boot_id, tasks, secrets) {
+        Ok(()) => std::io::Error::other("the link ended"),
+        Err(e) => e,
     }
 }
 
@@ -80,7 +144,19 @@ fn serve(
         .write(true)
         .open(dev)?;
     let reader = port.try_clone()?;
-    let writer = Arc::new(Mutex::new(port));
+    serve_link(reader, Box::new(port), boot_id, tasks, secrets)
+}
+
+/// Serves one opening of the link, whatever carries it (the virtio port, or the relay's
+/// pipes).
+fn serve_link(
+    reader: impl Read + Send + 'static,
+    writer: Box<dyn Write + Send>,
+    boot_id: &str,
+    tasks: &Arc<task::Tasks>,
+    secrets: &Arc<secrets::Store>,
+) -> std::io::Result<()> {
+    let writer = Arc::new(Mutex::new(writer));
     let hello = {
         let boot_id = boot_id.to_owned();
         let secrets = secrets.clone();
@@ -238,7 +314,7 @@ fn serve(
     Err(std::io::Error::other("reading from the host failed"))
 }
 
-fn send(port: &Mutex<impl Write>, message: &GuestMessage) -> std::io::Result<()> {
+fn send(port: &Mutex<impl Write + ?Sized>, message: &GuestMessage) -> std::io::Result<()> {
     let mut port = port.lock().unwrap_or_else(|p| p.into_inner());
     port.write_all(message.to_line().as_bytes())?;
     port.flush()

@@ -4,6 +4,7 @@
 //! QEMU accepts one client per port at a time; the guest's writes wait while no client is
 //! connected, so nothing the agent sent before the host connected is lost.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -29,26 +30,38 @@ pub enum LinkError {
     Protocol(String),
     #[error("agent link: {0}")]
     Io(#[from] std::io::Error),
+    #[error("agent link relay: {0}")]
+    Relay(String),
 }
 
 /// An open link to one VM's agent.
 pub struct AgentLink {
-    reader: BufReader<UnixStream>,
-    /// The start of a line whose end has not arrived yet (a read timed out in its middle).
-    partial: Vec<u8>,
+    transport: Transport,
+}
+
+enum Transport {
+    Socket(SocketLink),
+    Relayed(RelayedLink),
 }
 
 impl AgentLink {
     pub fn connect(endpoint: &AgentEndpoint) -> Result<AgentLink, LinkError> {
-        let AgentEndpoint::UnixSocket(path) = endpoint;
-        let stream = UnixStream::connect(path).map_err(|source| LinkError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Ok(AgentLink {
-            reader: BufReader::new(stream),
-            partial: Vec::new(),
-        })
+        let transport = match endpoint {
+            AgentEndpoint::UnixSocket(path) => {
+                let stream = UnixStream::connect(path).map_err(|source| LinkError::Connect {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Transport::Socket(SocketLink {
+                    reader: BufReader::new(stream),
+                    partial: Vec::new(),
+                })
+            }
+            AgentEndpoint::Relayed(exchange) => {
+                Transport::Relayed(RelayedLink::open(exchange.clone())?)
+            }
+        };
+        Ok(AgentLink { transport })
     }
 
     /// Greets the agent, which answers with its hello (also after either side restarted).
@@ -57,52 +70,32 @@ impl AgentLink {
     }
 
     pub fn send(&mut self, message: &HostMessage) -> Result<(), LinkError> {
-        use std::io::Write;
-        let mut stream = self.reader.get_ref();
-        stream.write_all(message.to_line().as_bytes())?;
-        Ok(stream.flush()?)
+        let line = message.to_line();
+        match &mut self.transport {
+            Transport::Socket(link) => {
+                use std::io::Write;
+                let mut stream = link.reader.get_ref();
+                stream.write_all(line.as_bytes())?;
+                Ok(stream.flush()?)
+            }
+            Transport::Relayed(link) => link.send(line.as_bytes()),
+        }
     }
 
     /// The next message, waiting at most `timeout`. A line cut by the timeout is kept and
     /// completed by the next call.
     pub fn next(&mut self, timeout: Duration) -> Result<GuestMessage, LinkError> {
-        self.reader.get_ref().set_read_timeout(Some(timeout))?;
-        let limit = fleet_agent_protocol::MAX_LINE_BYTES as u64 + 1;
-        let room = limit.saturating_sub(self.partial.len() as u64);
-        let read = (&mut self.reader)
-            .take(room)
-            .read_until(b'\n', &mut self.partial);
-        match read {
-            Ok(0) if self.partial.is_empty() => Err(LinkError::Closed),
-            Ok(_) if !self.partial.ends_with(b"\n") => {
-                if self.partial.len() as u64 >= limit {
-                    return Err(LinkError::Protocol(format!(
-                        "a line longer than {} bytes",
-                        fleet_agent_protocol::MAX_LINE_BYTES
-                    )));
-                }
-                Err(LinkError::Closed)
-            }
-            Ok(_) => {
-                let line = std::mem::take(&mut self.partial);
-                let line = String::from_utf8(line)
-                    .map_err(|_| LinkError::Protocol("a line that is not UTF-8".into()))?;
-                let message = GuestMessage::from_line(&line).map_err(LinkError::Protocol)?;
-                if message.version() != VERSION {
-                    return Err(LinkError::Version(message.version()));
-                }
-                Ok(message)
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                Err(LinkError::Timeout(timeout))
-            }
-            Err(e) => Err(e.into()),
+        let line = match &mut self.transport {
+            Transport::Socket(link) => link.next_line(timeout)?,
+            Transport::Relayed(link) => link.next_line(timeout)?,
+        };
+        let line = String::from_utf8(line)
+            .map_err(|_| LinkError::Protocol("a line that is not UTF-8".into()))?;
+        let message = GuestMessage::from_line(&line).map_err(LinkError::Protocol)?;
+        if message.version() != VERSION {
+            return Err(LinkError::Version(message.version()));
         }
+        Ok(message)
     }
 
     /// Waits for the agent's hello (skipping heartbeats), at most `timeout` in all.
@@ -119,4 +112,226 @@ impl AgentLink {
             }
         }
     }
+}
+
+/// The link over a unix socket bound to the VM's virtio-serial port.
+struct SocketLink {
+    reader: BufReader<UnixStream>,
+    /// The start of a line whose end has not arrived yet (a read timed out in its middle).
+    partial: Vec<u8>,
+}
+
+impl SocketLink {
+    fn next_line(&mut self, timeout: Duration) -> Result<Vec<u8>, LinkError> {
+        self.reader.get_ref().set_read_timeout(Some(timeout))?;
+        let limit = fleet_agent_protocol::MAX_LINE_BYTES as u64 + 1;
+        let room = limit.saturating_sub(self.partial.len() as u64);
+        let read = (&mut self.reader)
+            .take(room)
+            .read_until(b'\n', &mut self.partial);
+        match read {
+            Ok(0) if self.partial.is_empty() => Err(LinkError::Closed),
+            Ok(_) if !self.partial.ends_with(b"\n") => {
+                if self.partial.len() as u64 >= limit {
+                    return Err(too_long());
+                }
+                Err(LinkError::Closed)
+            }
+            Ok(_) => Ok(std::mem::take(&mut self.partial)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(LinkError::Timeout(timeout))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn too_long() -> LinkError {
+    LinkError::Protocol(format!(
+        "a line longer than {} bytes",
+        fleet_agent_protocol::MAX_LINE_BYTES
+    ))
+}
+
+/// Exchanges while bytes flow follow each other at once; a quiet link is asked again after
+/// a pause that doubles from the first to the last of these.
+const RELAY_IDLE_FIRST: Duration = Duration::from_millis(100);
+const RELAY_IDLE_MAX: Duration = Duration::from_secs(2);
+/// How long the guest may hold an exchange that carries bytes, so its answer to them comes
+/// back in the same exchange.
+const RELAY_ANSWER_WAIT_MS: u64 = 100;
+/// Host bytes buffered at most before `send` waits for the guest to take some.
+const RELAY_OUTGOING_CAP: usize = 1024 * 1024;
+/// How long `send` waits for the guest to take bytes before the link counts as lost.
+const RELAY_STALL: Duration = Duration::from_secs(35);
+
+/// The link relayed through exchanges (`fleet_agent_protocol::relay`): two byte streams
+/// numbered by offset, so a failed or repeated exchange loses and repeats nothing.
+struct RelayedLink {
+    exchange: std::sync::Arc<dyn crate::driver::GuestExchange>,
+    session: String,
+    /// The guest boot this link talks to; another boot refuses its bytes.
+    boot_id: String,
+    /// Host bytes the guest has not confirmed; `confirmed` is the stream position of the first.
+    outgoing: VecDeque<u8>,
+    confirmed: u64,
+    /// Guest bytes received in all, and those not yet cut into lines.
+    acked: u64,
+    incoming: Vec<u8>,
+    idle: Duration,
+    next_exchange: Instant,
+}
+
+impl RelayedLink {
+    /// Opens a session: the first exchange carries no bytes and learns the guest's boot.
+    fn open(
+        exchange: std::sync::Arc<dyn crate::driver::GuestExchange>,
+    ) -> Result<RelayedLink, LinkError> {
+        let mut link = RelayedLink {
+            exchange,
+            session: session_id(),
+            boot_id: String::new(),
+            outgoing: VecDeque::new(),
+            confirmed: 0,
+            acked: 0,
+            incoming: Vec::new(),
+            idle: Duration::ZERO,
+            next_exchange: Instant::now(),
+        };
+        link.exchange(0)?;
+        Ok(link)
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> Result<(), LinkError> {
+        self.outgoing.extend(bytes);
+        self.next_exchange = Instant::now();
+        // A guest that takes nothing holds the sender back, as a full socket would.
+        let since = Instant::now();
+        while self.outgoing.len() > RELAY_OUTGOING_CAP {
+            if !self.exchange(RELAY_ANSWER_WAIT_MS)? {
+                if since.elapsed() > RELAY_STALL {
+                    return Err(LinkError::Timeout(RELAY_STALL));
+                }
+                std::thread::sleep(RELAY_IDLE_FIRST);
+            }
+        }
+        Ok(())
+    }
+
+    fn next_line(&mut self, timeout: Duration) -> Result<Vec<u8>, LinkError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(end) = self.incoming.iter().position(|&b| b == b'\n') {
+                let rest = self.incoming.split_off(end + 1);
+                return Ok(std::mem::replace(&mut self.incoming, rest));
+            }
+            if self.incoming.len() > fleet_agent_protocol::MAX_LINE_BYTES {
+                return Err(too_long());
+            }
+            let now = Instant::now();
+            if now >= self.next_exchange {
+                let wait = if self.outgoing.is_empty() {
+                    0
+                } else {
+                    RELAY_ANSWER_WAIT_MS
+                };
+                let moved = self.exchange(wait)?;
+                self.idle = if moved {
+                    Duration::ZERO
+                } else {
+                    (self.idle * 2).clamp(RELAY_IDLE_FIRST, RELAY_IDLE_MAX)
+                };
+                self.next_exchange = Instant::now() + self.idle;
+                continue;
+            }
+            if now >= deadline {
+                return Err(LinkError::Timeout(timeout));
+            }
+            std::thread::sleep(self.next_exchange.min(deadline) - now);
+        }
+    }
+
+    /// One exchange: sends what the guest has not confirmed (as much as one request takes)
+    /// and acknowledges what arrived. Returns whether any byte moved.
+    fn exchange(&mut self, wait_ms: u64) -> Result<bool, LinkError> {
+        use fleet_agent_protocol::relay::{self, MAX_REQUEST_BYTES, Reply, Request};
+        let chunk: Vec<u8> = if self.boot_id.is_empty() {
+            Vec::new()
+        } else {
+            self.outgoing
+                .iter()
+                .take(MAX_REQUEST_BYTES)
+                .copied()
+                .collect()
+        };
+        let request = Request {
+            v: VERSION,
+            session: self.session.clone(),
+            boot_id: (!self.boot_id.is_empty()).then(|| self.boot_id.clone()),
+            offset: self.confirmed,
+            acked: self.acked,
+            wait_ms,
+        };
+        let answer = self
+            .exchange
+            .exchange(&relay::encode(&request, &chunk))
+            .map_err(|e| LinkError::Relay(e.to_string()))?;
+        let (reply, bytes) = relay::decode::<Reply>(&answer).map_err(LinkError::Protocol)?;
+        if let Some(why) = reply.error {
+            return Err(LinkError::Protocol(format!(
+                "the guest refused an exchange: {why}"
+            )));
+        }
+        if reply.session != self.session {
+            return Err(LinkError::Closed);
+        }
+        if self.boot_id.is_empty() {
+            self.boot_id = reply.boot_id;
+        } else if reply.boot_id != self.boot_id {
+            return Err(LinkError::Closed);
+        }
+        let end = self.confirmed + chunk.len() as u64;
+        if reply.received < self.confirmed || reply.received > end {
+            return Err(LinkError::Protocol(format!(
+                "the guest has {} of the host's bytes, expected {}..={end}",
+                reply.received, self.confirmed
+            )));
+        }
+        let taken = (reply.received - self.confirmed) as usize;
+        self.outgoing.drain(..taken);
+        self.confirmed = reply.received;
+        if reply.offset > self.acked {
+            return Err(LinkError::Protocol(format!(
+                "the guest skipped its bytes {}..{}",
+                self.acked, reply.offset
+            )));
+        }
+        let seen = (self.acked - reply.offset) as usize;
+        let new = bytes.get(seen..).unwrap_or_default();
+        self.incoming.extend_from_slice(new);
+        self.acked += new.len() as u64;
+        Ok(taken > 0 || !new.is_empty())
+    }
+}
+
+/// A name for a new relayed session, unique enough that two host links never share one.
+fn session_id() -> String {
+    use sha2::Digest as _;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let seed = format!(
+        "{}:{}:{}",
+        std::process::id(),
+        now.as_nanos(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    crate::source::hex(&sha2::Sha256::digest(seed.as_bytes()))[..32].to_owned()
 }

@@ -13,6 +13,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod relay;
+
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
 

@@ -103,10 +103,30 @@ pub trait Driver: Send + Sync {
 }
 
 /// The host side of a VM's agent link.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum AgentEndpoint {
     /// A unix socket bound to the VM's virtio-serial port (libvirt).
     UnixSocket(std::path::PathBuf),
+    /// Exchanges relayed by the hypervisor's own guest agent (Proxmox: qemu-guest-agent),
+    /// see `fleet_agent_protocol::relay`.
+    Relayed(std::sync::Arc<dyn GuestExchange>),
+}
+
+impl std::fmt::Debug for AgentEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentEndpoint::UnixSocket(path) => write!(f, "UnixSocket({})", path.display()),
+            AgentEndpoint::Relayed(exchange) => write!(f, "Relayed({})", exchange.describe()),
+        }
+    }
+}
+
+/// Runs one relayed exchange in a VM: `fleet-agent exchange` in the guest, with `request`
+/// on its stdin; returns its stdout.
+pub trait GuestExchange: Send + Sync {
+    fn exchange(&self, request: &str) -> Result<String, DriverError>;
+    /// Which VM, for messages.
+    fn describe(&self) -> String;
 }
 
 /// Told about changes on a host: a VM's name, or `None` for "anything may have changed".

@@ -14,9 +14,16 @@ import gzip
 import json
 import os
 import secrets
+import shlex
+import signal
+import subprocess
 import sys
+import threading
+import time
+import uuid
 
 from fakepve import FakePve
+from fakepve import agent as fakepve_agent
 from fakepve.certs import make_cert
 
 TOKEN_ID = 'fleet@pve!ci'
@@ -34,6 +41,124 @@ class RecordingPve(FakePve):
                           'body': body.decode('utf-8', 'replace')})
 
 
+class Guests:
+    """Real guests for fakepve's VMs: while a VM runs, a real `fleet-agent relay` runs for it,
+    and qemu-guest-agent's `exec` really runs its command there (stdin from `input-data`,
+    stdout and stderr captured, as qemu-guest-agent does).
+
+    Each guest is a private mount namespace with its own tmpfs on /run and its own boot id
+    (bind-mounted over /proc/sys/kernel/random/boot_id), so the agent keeps its state, its
+    tasks and its secrets where it would in a VM, apart from other guests. A stop kills
+    every process in the namespace, as powering off would; a start is a new boot.
+    """
+
+    def __init__(self, pve, agent_bin, state_dir):
+        self.pve = pve
+        self.agent_bin = agent_bin
+        self.state_dir = state_dir
+        self.running = {}   # vmid -> (started_at, Popen, mount namespace)
+        self.execs = {}     # (vmid, pid) -> finished result, or None while running
+        self.boots = 0
+        original = fakepve_agent.result
+
+        def result(vm, command, values):
+            if vm.vmid in self.running and command in ('exec', 'exec-status'):
+                return self.answer(vm, command, values)
+            return original(vm, command, values)
+        fakepve_agent.result = result
+
+    def answer(self, vm, command, values):
+        if command == 'exec':
+            vm.agent_pid += 1
+            pid = vm.agent_pid
+            argv = list(values['command']) if isinstance(values['command'], list) else [values['command']]
+            self.execs[(vm.vmid, pid)] = None
+            data = values.get('input-data', '')
+            thread = threading.Thread(target=self.run, args=(vm.vmid, pid, argv, data), daemon=True)
+            thread.start()
+            return {'pid': pid}
+        done = self.execs.get((vm.vmid, int(values['pid'])))
+        if done is None:
+            return {'exited': False}
+        del self.execs[(vm.vmid, int(values['pid']))]
+        return done
+
+    def run(self, vmid, pid, argv, data):
+        guest = self.running.get(vmid)
+        if guest is None:
+            self.execs[(vmid, pid)] = {'exited': True, 'exitcode': 127, 'err-data': 'no guest'}
+            return
+        if argv and argv[0] == 'fleet-agent':
+            argv = [self.agent_bin] + argv[1:]
+        try:
+            done = subprocess.run(['nsenter', '-t', str(guest[1].pid), '-m', '--'] + argv,
+                                  input=data.encode(), capture_output=True, timeout=30)
+            result = {'exited': True, 'exitcode': done.returncode,
+                      'out-data': done.stdout.decode('utf-8', 'replace'),
+                      'err-data': done.stderr.decode('utf-8', 'replace')}
+        except (OSError, subprocess.TimeoutExpired) as e:
+            result = {'exited': True, 'exitcode': 1, 'err-data': str(e)}
+        self.execs[(vmid, pid)] = result
+
+    def boot(self, vm):
+        self.boots += 1
+        boot_id = str(uuid.uuid4())
+        log = open(os.path.join(self.state_dir, 'guest-{0}.log'.format(vm.vmid)), 'ab')
+        script = ('mount -t tmpfs -o mode=755 tmpfs /run && echo {0} > /run/.boot_id && '
+                  'mount --bind /run/.boot_id /proc/sys/kernel/random/boot_id && exec {1} relay'
+                  ).format(boot_id, shlex.quote(self.agent_bin))
+        proc = subprocess.Popen(['setpriv', '--pdeathsig', 'KILL', '--', 'unshare', '--mount',
+                                 '--propagation', 'private', '--', 'sh', '-c', script],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        namespace = None
+        for _ in range(50):
+            try:
+                namespace = os.readlink('/proc/{0}/ns/mnt'.format(proc.pid))
+                if namespace != os.readlink('/proc/self/ns/mnt'):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.01)
+        self.running[vm.vmid] = (vm.started_at, proc, namespace)
+        vm.agent = {}
+
+    def power_off(self, vmid):
+        _, proc, namespace = self.running.pop(vmid)
+        for entry in os.listdir('/proc'):
+            if not entry.isdigit():
+                continue
+            try:
+                if os.readlink('/proc/{0}/ns/mnt'.format(entry)) == namespace:
+                    os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                pass
+        proc.kill()
+        proc.wait()
+
+    def sync(self):
+        """Guests follow their VMs' power state (a VM with `agent` enabled has one)."""
+        live = {vm.vmid: vm for vm in self.pve.vms if not vm.template}
+        for vmid in list(self.running):
+            vm = live.get(vmid)
+            if vm is None or vm.status != 'running' or vm.started_at != self.running[vmid][0]:
+                self.power_off(vmid)
+                if vm is not None:
+                    vm.agent = None
+        for vm in live.values():
+            wants_agent = str(vm.config.get('agent', '0')).split(',')[0] in ('1', 'enabled=1')
+            if vm.status == 'running' and wants_agent and vm.vmid not in self.running:
+                self.boot(vm)
+
+    async def follow(self):
+        while True:
+            self.sync()
+            await asyncio.sleep(0.05)
+
+    def close(self):
+        for vmid in list(self.running):
+            self.power_off(vmid)
+
+
 def vm_state(vm):
     return {'vmid': vm.vmid, 'name': vm.name, 'node': vm.node, 'status': vm.status,
             'template': bool(vm.template), 'lock': vm.lock, 'config': vm.config, 'pending': vm.pending}
@@ -43,6 +168,7 @@ class Control:
     def __init__(self, pve, state_dir):
         self.pve = pve
         self.state_dir = state_dir
+        self.guests = None
 
     def vm(self, vmid):
         found = self.pve.vm(int(vmid))
@@ -97,6 +223,16 @@ class Control:
         if op == 'hold_lock':
             await pve.hold_config_lock(int(cmd['vmid']), cmd['secs'])
             return None
+        if op == 'guests':
+            # From now on running VMs with `agent` enabled run a real fleet-agent.
+            self.guests = Guests(pve, cmd['agentBin'], self.state_dir)
+            asyncio.get_running_loop().create_task(self.guests.follow())
+            return None
+        if op == 'agent_requests':
+            vm = self.vm(cmd['vmid'])
+            out, vm.agent_requests = vm.agent_requests, []
+            return [[command, dict((k, v) for k, v in asked.items() if k != 'input-data')]
+                    for command, asked in out]
         if op == 'tasks':
             return [dict((k, v) for k, v in t.items() if k != 'log') for t in pve.tasklog]
         if op == 'bundled_schema':
@@ -140,6 +276,8 @@ async def main():
         except Exception as e:  # noqa: BLE001 - the test reads the error
             reply = {'error': '{0}: {1}'.format(type(e).__name__, e)}
         print(json.dumps(reply), flush=True)
+    if control.guests is not None:
+        control.guests.close()
     await pve.stop()
 
 

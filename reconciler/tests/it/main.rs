@@ -1,4 +1,4 @@
-//! One integration-test binary: the bad-input corpus, CLI behaviour, and real libvirt.
+//! One integration-test binary: the bad-input corpus, CLI behaviour, real libvirt, and fakepve.
 
 mod approvals;
 mod behaviour;
@@ -8,6 +8,7 @@ mod fuzz;
 mod libvirt;
 mod load_corpus;
 mod proxmox;
+mod proxmox_guest;
 mod pve;
 mod secrets;
 mod seed;

@@ -145,28 +145,44 @@ pub struct WireRequest {
 }
 
 impl WireRequest {
-    /// Query and body parameters (form or JSON), values as strings.
+    /// Query and body parameters (form or JSON), values as strings (the last of a
+    /// repeated one).
     pub fn params(&self) -> BTreeMap<String, String> {
-        let mut out: BTreeMap<String, String> = BTreeMap::new();
+        self.param_lists()
+            .into_iter()
+            .filter_map(|(k, mut v)| Some((k, v.pop()?)))
+            .collect()
+    }
+
+    /// Every value of each parameter: a form repeats an array parameter's name.
+    pub fn param_lists(&self) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (k, v) in form_pairs(&self.query) {
-            out.insert(k, v);
+            out.entry(k).or_default().push(v);
         }
         if self.content_type == "application/json" {
             if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&self.body) {
                 for (k, v) in map {
-                    let text = match v {
-                        Value::String(s) => s,
-                        other => other.to_string(),
+                    let values = match v {
+                        Value::Array(items) => items.into_iter().map(json_text).collect(),
+                        other => vec![json_text(other)],
                     };
-                    out.insert(k, text);
+                    out.entry(k).or_default().extend(values);
                 }
             }
         } else {
             for (k, v) in form_pairs(&self.body) {
-                out.insert(k, v);
+                out.entry(k).or_default().push(v);
             }
         }
         out
+    }
+}
+
+fn json_text(v: Value) -> String {
+    match v {
+        Value::String(s) => s,
+        other => other.to_string(),
     }
 }
 
@@ -286,9 +302,9 @@ impl ApiSchema {
             .as_object()
             .cloned()
             .unwrap_or_default();
-        let mut given = request.params();
-        given.extend(captured);
-        for (name, value) in &given {
+        let mut given = request.param_lists();
+        given.extend(captured.into_iter().map(|(k, v)| (k, vec![v])));
+        for (name, values) in &given {
             // Numbered keys (`net0`, `ide2`) are declared once as `net[n]`, `ide[n]`.
             let numbered = format!("{}[n]", name.trim_end_matches(|c: char| c.is_ascii_digit()));
             let spec = properties
@@ -299,7 +315,16 @@ impl ApiSchema {
                         .flatten()
                 })
                 .ok_or_else(|| format!("{what}: parameter {name:?} is not in the schema"))?;
-            check_value(spec, value).map_err(|e| format!("{what}: {name}={value:?}: {e}"))?;
+            let item = if spec["type"] == "array" {
+                &spec["items"]
+            } else if values.len() > 1 {
+                return Err(format!("{what}: {name} given {} times", values.len()));
+            } else {
+                spec
+            };
+            for value in values {
+                check_value(item, value).map_err(|e| format!("{what}: {name}={value:?}: {e}"))?;
+            }
         }
         for (name, spec) in &properties {
             let optional = spec["optional"].as_u64() == Some(1) || spec["optional"] == true;
@@ -396,8 +421,29 @@ fn the_schema_checker_refuses_what_pve_would() {
             "newid=101&name=a",
         ))
         .expect("valid");
+    schema
+        .check(&request(
+            "POST",
+            "/nodes/pve1/qemu/100/agent/exec",
+            "",
+            "command=fleet-agent&command=exchange&input-data=x",
+        ))
+        .expect("valid: an array parameter repeats its name");
     for (bad, why) in [
         (request("GET", "/cluster/resourcez", "", ""), "no such path"),
+        (
+            request("GET", "/cluster/resources", "type=vm&type=vm", ""),
+            "given 2 times",
+        ),
+        (
+            request(
+                "POST",
+                "/nodes/pve1/qemu/100/agent/exec",
+                "",
+                &format!("command=a&input-data={}", "x".repeat(65_537)),
+            ),
+            "longer than 65536",
+        ),
         (
             request("PATCH", "/cluster/resources", "", ""),
             "method not allowed",

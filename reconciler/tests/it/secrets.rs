@@ -14,7 +14,7 @@ use crate::support::Repo;
 use crate::tasks::{Status, field, task_yaml};
 
 /// A new age identity in `dir` (mode 0600); returns its path and recipient.
-fn age_identity(dir: &Path, name: &str) -> (PathBuf, String) {
+pub fn age_identity(dir: &Path, name: &str) -> (PathBuf, String) {
     let path = dir.join(name);
     let out = Command::new("age-keygen")
         .arg("-o")
@@ -42,7 +42,7 @@ fn age_identity(dir: &Path, name: &str) -> (PathBuf, String) {
 }
 
 /// `fleet secret set NAME KEY` with the value on stdin.
-fn secret_set(repo: &Repo, name: &str, key: &str, value: &str) {
+pub fn secret_set(repo: &Repo, name: &str, key: &str, value: &str) {
     use std::io::Write;
     let mut child = Command::new(crate::support::fleet_bin())
         .arg("-C")
@@ -84,7 +84,7 @@ fn armored(secret_file: &str) -> String {
     block.lines().map(str::trim).collect::<Vec<_>>().join("\n") + "\n"
 }
 
-fn random_hex(bytes: usize) -> String {
+pub fn random_hex(bytes: usize) -> String {
     use std::io::Read;
     let mut buf = vec![0u8; bytes];
     std::fs::File::open("/dev/urandom")
@@ -187,7 +187,7 @@ fn the_age_cli_and_fleet_read_each_others_ciphertext() {
 }
 
 /// Every file under `dir` (recursively) that contains `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut hits = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return hits;
@@ -210,7 +210,7 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
 }
 
 /// The uppercase the guest's `tr a-f A-F` makes of a value.
-fn shouted(value: &str) -> String {
+pub fn shouted(value: &str) -> String {
     value
         .chars()
         .map(|c| {

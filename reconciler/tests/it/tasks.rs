@@ -41,7 +41,7 @@ impl Status {
         });
     }
     /// The ids of the prompts of a task, in order.
-    fn prompts(&self, task: &str) -> Vec<String> {
+    pub fn prompts(&self, task: &str) -> Vec<String> {
         let mut ids: Vec<String> = std::fs::read_dir(self.0.join("hitl"))
             .map(|d| {
                 d.flatten()
@@ -54,7 +54,7 @@ impl Status {
         ids.sort_by_key(|id| id.rsplit('-').next().and_then(|n| n.parse::<u32>().ok()));
         ids
     }
-    fn prompt(&self, id: &str) -> String {
+    pub fn prompt(&self, id: &str) -> String {
         read(&self.0.join("hitl").join(format!("{id}.yaml")))
     }
 }

@@ -12,6 +12,7 @@
 //! VMID taken (another creator won the race) tries the next one.
 
 pub mod client;
+mod guest;
 pub mod stamp;
 
 use std::collections::{BTreeMap, HashMap};
@@ -48,7 +49,7 @@ pub struct ProxmoxDriver {
     domain_type: DomainType,
     /// `(storage id, directory)` of the snippet storage, when configured.
     snippets: Option<(String, PathBuf)>,
-    client: Result<PveClient, String>,
+    client: Result<Arc<PveClient>, String>,
     /// Stamps read from descriptions, by VMID, while the VM keeps its name and node.
     stamps: Mutex<HashMap<u64, CachedStamp>>,
     /// Held while allocating a VMID and cloning: fleet's own creates never race each other
@@ -172,14 +173,16 @@ impl ProxmoxDriver {
                 .snippets
                 .as_ref()
                 .map(|s| (s.storage.clone(), repo_root.join(&s.dir))),
-            client: client.map_err(|e| format!("provider {}: {e}", provider.name.0)),
+            client: client
+                .map(Arc::new)
+                .map_err(|e| format!("provider {}: {e}", provider.name.0)),
             stamps: Mutex::new(HashMap::new()),
             clone_lock: Mutex::new(()),
             swept: Mutex::new(false),
         }
     }
 
-    fn client(&self) -> Result<&PveClient, DriverError> {
+    fn client(&self) -> Result<&Arc<PveClient>, DriverError> {
         self.client
             .as_ref()
             .map_err(|e| DriverError::new(ErrorKind::Permanent, e.clone()))
@@ -864,7 +867,27 @@ impl Driver for ProxmoxDriver {
     }
 
     fn calls(&self) -> u64 {
-        self.client.as_ref().map(PveClient::calls).unwrap_or(0)
+        self.client.as_ref().map_or(0, |c| c.calls())
+    }
+
+    /// The link relayed by qemu-guest-agent, pinned to the VMID that carries this fleet's
+    /// stamp for `name` right now (a VMID PVE later gives another VM fails the link's boot
+    /// check, and the next link checks the stamp again).
+    fn agent_endpoint(&self, name: &str) -> Result<Option<super::AgentEndpoint>, DriverError> {
+        let Some(vm) = self.owned(name)? else {
+            return Ok(None);
+        };
+        if !vm.running {
+            return Ok(None);
+        }
+        Ok(Some(super::AgentEndpoint::Relayed(Arc::new(
+            guest::QemuGuestAgent {
+                client: self.client()?.clone(),
+                node: vm.node,
+                vmid: vm.vmid,
+                name: name.to_owned(),
+            },
+        ))))
     }
 
     fn resync(&self) {

@@ -1,0 +1,273 @@
+//! The guest link on Proxmox, end to end: `fleet serve` against fakepve, whose
+//! qemu-guest-agent `exec` runs for real in a guest running the real `fleet-agent relay`
+//! (a private mount namespace per VM; see `tests/fakepve/harness.py`). Tasks with a
+//! repository, artifacts, a prompt answered from the host, a secret as a variable and a file,
+//! fleet killed mid-task and re-attaching, a guest reboot, and the API token itself read
+//! from a Secret. Every request fleet sent is checked against the PVE schema.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::daemon::{Daemon, read, wait_until};
+use crate::proxmox::{PveFleet, checked_wire, vm_yaml};
+use crate::pve::{FakePve, enabled};
+use crate::secrets::{age_identity, files_containing, random_hex, secret_set, shouted};
+use crate::tasks::{Status, field, task_yaml};
+
+/// The guest agent the fake guests run: `make agent` builds it (`make test` does).
+fn agent_bin() -> PathBuf {
+    let path = std::env::var_os("FLEET_AGENT_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/fleet-agent"),
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} is missing: run `make agent` (or set FLEET_AGENT_BIN)",
+        path.display()
+    );
+    path
+}
+
+/// A repository with a file larger than many relayed exchanges carry.
+fn big_repository(dir: &Path) -> String {
+    let big = random_hex(150 * 1024);
+    std::fs::write(dir.join("big.txt"), &big).expect("write");
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.invalid"])
+            .args(args)
+            .output()
+            .expect("git");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    git(&["init", "-q", "-b", "main"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "big"]);
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(big.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn tasks_prompts_and_secrets_reach_a_proxmox_vm_through_its_guest_agent() {
+    if !enabled() {
+        return;
+    }
+    let mut pve = FakePve::start();
+    let schema = pve.schema();
+    pve.control(json!({"op": "guests", "agentBin": agent_bin()}));
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (identity, recipient) = age_identity(keys.path(), "age.key");
+    let canary = format!("fleetcanary{}", random_hex(12));
+    let app = tempfile::tempdir().expect("tempdir");
+    let big_sha = big_repository(app.path());
+
+    let f = PveFleet::new(
+        &pve,
+        "relay",
+        &format!("{{shutdownTimeout: 5s, reconcileInterval: 30s, recipients: [{recipient}]}}"),
+    );
+    // The API token from a Secret, not the host file.
+    let fleet_yaml = read(&f.repo.path().join("fleet/fleet.yaml"));
+    let file_source = format!("file: '{}'", f.host.path().join("token").display());
+    assert!(fleet_yaml.contains(&file_source), "{fleet_yaml}");
+    f.repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml.replace(&file_source, "secret: {secret: pve, key: token}"),
+    );
+    std::fs::remove_file(f.host.path().join("token")).expect("no token file");
+    secret_set(&f.repo, "pve", "token", &pve.token);
+    secret_set(&f.repo, "canary", "token", &canary);
+    f.repo.write("fleet/vms/box.yaml", vm_yaml("box", ""));
+    f.repo.write(
+        "fleet/tasks/build.yaml",
+        task_yaml(
+            "build",
+            "box",
+            &format!(
+                "  repository: {{url: '{}', branch: main}}\n  command: [sh, -c, 'sha256sum big.txt; mkdir -p out; echo made > out/r.txt; exit 3']\n  artifacts: ['out/*']\n",
+                app.path().display()
+            ),
+        ),
+    );
+    f.repo.write(
+        "fleet/tasks/ask.yaml",
+        task_yaml(
+            "ask",
+            "box",
+            "  command: [sh, -c, \"printf 'Deploy now? (y/n) '; read a; echo answer=$a\"]\n",
+        ),
+    );
+    f.repo.write(
+        "fleet/tasks/uses.yaml",
+        task_yaml(
+            "uses",
+            "box",
+            "  secrets:\n    - {secret: canary, key: token, env: TOKEN}\n    - {secret: canary, key: token, file: app/token}\n  command: [sh, -c, 'echo \"env=$(echo \"$TOKEN\" | tr a-f A-F)\"; echo \"file=$(tr a-f A-F < /run/fleet/secrets/app/token)\"']\n",
+        ),
+    );
+    f.repo.write(
+        "fleet/tasks/count.yaml",
+        task_yaml(
+            "count",
+            "box",
+            "  command: [sh, -c, 'echo start >> /run/starts; echo starts=$(wc -l < /run/starts); for i in $(seq 1 12); do echo line-$i; sleep 0.5; done']\n",
+        ),
+    );
+    f.repo
+        .commit("a Proxmox VM and its tasks; the token in a Secret");
+    let identity_env = identity.to_str().expect("utf8").to_owned();
+    let env = [("FLEET_AGE_IDENTITY", identity_env.as_str())];
+    let mut daemon = Daemon::start_with(&f.repo, &env, &["-vv"]);
+    let status = Status(f.repo.path().join(".fleet/status"));
+
+    // The agent's hello arrives through the relay and shows in the VM's status.
+    let vm_status = f.repo.path().join(".fleet/status/vms/box.yaml");
+    wait_until("the agent connects", Duration::from_secs(60), || {
+        read(&vm_status).contains("connected: true")
+    });
+
+    // A repository shipped in many exchanges, an exit code, output and artifacts.
+    status.wait_phase("build", "Failed", Duration::from_secs(60));
+    let build = status.task("build");
+    assert_eq!(field(&build, "exitCode").as_deref(), Some("3"), "{build}");
+    let output = status.output("build");
+    assert!(
+        output.contains(&big_sha),
+        "the repository arrived whole: {output}"
+    );
+    assert_eq!(
+        read(&status.0.join("tasks/build/artifacts/out/r.txt")),
+        "made\n"
+    );
+
+    // The secret reaches the task as a variable and as a file.
+    status.wait_phase("uses", "Succeeded", Duration::from_secs(30));
+    let output = status.output("uses");
+    let expected = shouted(&canary);
+    assert!(output.contains(&format!("env={expected}")), "{output}");
+    assert!(output.contains(&format!("file={expected}")), "{output}");
+
+    // A question becomes a prompt; the host's answer is typed once.
+    wait_until("the prompt file appears", Duration::from_secs(30), || {
+        !status.prompts("ask").is_empty()
+    });
+    let prompt_id = status.prompts("ask")[0].clone();
+    assert!(
+        status
+            .prompt(&prompt_id)
+            .contains("text: Deploy now? (y/n)")
+    );
+    f.repo
+        .fleet(&["hitl", "answer", &prompt_id, "yes"])
+        .expect_code(0);
+    status.wait_phase("ask", "Succeeded", Duration::from_secs(30));
+    let output = status.output("ask");
+    assert_eq!(output.matches("answer=yes").count(), 1, "{output}");
+
+    // fleet killed mid-task: a new fleet opens a new relay session and re-attaches; the
+    // output is complete, in order, and the task ran once.
+    wait_until("count is under way", Duration::from_secs(30), || {
+        status.output("count").contains("line-3")
+    });
+    daemon.child.kill().expect("SIGKILL fleet");
+    daemon.child.wait().expect("reaped");
+    let daemon = Daemon::start_with(&f.repo, &env, &["-vv"]);
+    status.wait_phase("count", "Succeeded", Duration::from_secs(60));
+    let output = status.output("count");
+    assert_eq!(output.matches("starts=1").count(), 1, "{output}");
+    let lines: Vec<&str> = output
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("line-"))
+        .collect();
+    let expected_lines: Vec<String> = (1..=12).map(|i| format!("line-{i}")).collect();
+    assert_eq!(lines, expected_lines, "complete, in order, no repeats");
+
+    // A reboot is a new boot: the link follows it, and the secrets are delivered again
+    // (the guest's tmpfs lost them).
+    let boot_id = |text: String| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix("bootId: ").map(str::to_owned))
+    };
+    let boot_before = boot_id(read(&vm_status));
+    assert!(boot_before.is_some());
+    let vmid = pve.vm_named("box").expect("box")["vmid"].clone();
+    pve.control(json!({"op": "set", "vmid": vmid, "attrs": {"started_at": 1.0}}));
+    f.repo.write(
+        "fleet/tasks/again.yaml",
+        task_yaml(
+            "again",
+            "box",
+            "  secrets: [{secret: canary, key: token, env: TOKEN}]\n  command: [sh, -c, 'echo \"again=$(echo \"$TOKEN\" | tr a-f A-F)\"']\n",
+        ),
+    );
+    f.repo.commit("a task after the reboot");
+    status.wait_phase("again", "Succeeded", Duration::from_secs(60));
+    assert!(
+        status
+            .output("again")
+            .contains(&format!("again={expected}"))
+    );
+    wait_until("the new boot shows", Duration::from_secs(30), || {
+        boot_id(read(&vm_status)).is_some_and(|b| Some(&b) != boot_before.as_ref())
+    });
+
+    // Every request was one the PVE API takes; the guest link used only the agent's
+    // exec and exec-status.
+    let wire = checked_wire(&mut pve, &schema);
+    let agent_calls: Vec<&str> = wire
+        .iter()
+        .filter(|r| r.path.contains("/agent/"))
+        .map(|r| r.path.rsplit('/').next().unwrap_or_default())
+        .collect();
+    assert!(agent_calls.contains(&"exec"), "{agent_calls:?}");
+    eprintln!(
+        "{} API requests, {} of them to the guest agent ({} exchanges)",
+        wire.len(),
+        agent_calls.len(),
+        agent_calls.iter().filter(|c| **c == "exec").count()
+    );
+    assert!(
+        agent_calls
+            .iter()
+            .all(|c| ["exec", "exec-status"].contains(c)),
+        "{agent_calls:?}"
+    );
+    let execs: Vec<_> = wire
+        .iter()
+        .filter(|r| r.path.ends_with("/agent/exec"))
+        .collect();
+    assert!(
+        execs
+            .iter()
+            .all(|r| r.param_lists()["command"] == ["fleet-agent", "exchange"]),
+        "only `fleet-agent exchange` runs in the guest"
+    );
+
+    // The canary in the clear is nowhere on the host side: status, journal, events, logs,
+    // snippets, the VM's config.
+    let log = daemon.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert!(log.contains("agent"), "debug logs were kept");
+    assert!(!log.contains(&canary), "the value is in fleet's logs");
+    drop(daemon);
+    let needle = canary.as_bytes();
+    assert_eq!(
+        files_containing(&f.repo.path().join(".fleet"), needle),
+        Vec::<PathBuf>::new()
+    );
+    assert_eq!(
+        files_containing(f.host.path(), needle),
+        Vec::<PathBuf>::new()
+    );
+    let vm = pve.vm_named("box").expect("box");
+    assert!(!vm.to_string().contains(&canary));
+}
