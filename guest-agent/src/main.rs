@@ -1,4 +1,6 @@
-//! `fleet-agent`: runs inside each VM and talks to the host over a virtio-serial port.
+//! `fleet-agent`: runs inside each VM and talks to the host over a virtio-serial port, or
+//! (`fleet-agent relay`, on Proxmox) through exchanges that qemu-guest-agent runs as
+//! `fleet-agent exchange` (see `relay`).
 //!
 //! It finds the port named `org.fleet.agent.0` (through `/sys/class/virtio-ports`, since the
 //! micro image has no udev), says hello with its version and boot id, and sends a heartbeat

@@ -1,8 +1,9 @@
-//! The host side of the agent link: a connection to a VM's virtio-serial port (a unix
-//! socket libvirt binds), speaking `fleet-agent-protocol`.
-//!
-//! QEMU accepts one client per port at a time; the guest's writes wait while no client is
-//! connected, so nothing the agent sent before the host connected is lost.
+//! The host side of the agent link, speaking `fleet-agent-protocol` over either transport:
+//! - a connection to a VM's virtio-serial port (a unix socket libvirt binds). QEMU accepts one
+//!   client per port at a time; the guest's writes wait while no client is connected, so
+//!   nothing the agent sent before the host connected is lost;
+//! - relayed exchanges (Proxmox: qemu-guest-agent `exec`), two byte streams numbered by
+//!   offset as `fleet_agent_protocol::relay` describes, polled while quiet.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};

@@ -20,6 +20,7 @@ use crate::tasks::TaskBook;
 use crate::tasks::runner::Connection;
 
 const RETRY: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(10);
 /// How often tasks are looked at while the link is quiet.
 const TICK: Duration = Duration::from_millis(250);
 /// Messages recorded in one go at most.
@@ -120,13 +121,16 @@ fn follow(
             let _ = tx.send(Trigger::Agent);
         }
     };
+    // The pause before the next try: RETRY after a link that worked, doubling while none
+    // can be opened (a guest without an agent yet; on Proxmox each try costs API calls).
+    let mut retry = RETRY / 2;
     while !stop.load(Ordering::Relaxed) {
         let link = driver
             .agent_endpoint(vm)
             .ok()
             .flatten()
             .and_then(|endpoint| AgentLink::connect(&endpoint).ok());
-        if let Some(mut link) = link
+        let linked = if let Some(mut link) = link
             && link.greet().is_ok()
         {
             let mut conn = Connection::new(vm);
@@ -134,11 +138,19 @@ fn follow(
                 tracing::debug!(vm, "agent link lost: {e}");
             }
             set(None);
-        }
+            true
+        } else {
+            false
+        };
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        std::thread::sleep(RETRY);
+        retry = if linked {
+            RETRY
+        } else {
+            (retry * 2).min(RETRY_MAX)
+        };
+        std::thread::sleep(retry);
     }
 }
 
