@@ -323,7 +323,7 @@ async fn make_plan(
     };
     let vault = ws.open_vault(&desired);
     let drivers = reconcile::drivers_for(&desired, &ws.repo_root, &vault);
-    let observed = reconcile::observe(&drivers).await;
+    let observed = reconcile::observe_for(&drivers, &desired).await;
     let plan = reconcile::plan_for(ws, &desired, &observed, &vault);
     Ok(Ok((desired, plan, drivers)))
 }
@@ -406,7 +406,7 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     for note in &recovered {
         eprintln!("journal: {note}");
     }
-    let observed = reconcile::observe(&drivers).await;
+    let observed = reconcile::observe_for(&drivers, &desired).await;
     let fresh = reconcile::plan_for(ws, &desired, &observed, &vault);
     let mut plan = match saved {
         Some(saved) => {

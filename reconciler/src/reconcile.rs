@@ -192,6 +192,50 @@ pub async fn observe(drivers: &Drivers) -> Observed {
     observed
 }
 
+/// Observes every provider for a revision: `observe`, then a second look at each VM that
+/// holds the name of one of the revision's VMs and looks foreign. A driver whose observation
+/// finds VMs by an index (Proxmox: fleet's tag) can miss one of its own that a create left
+/// before it was indexed; `Driver::stamp_by_name` reads its stamp, so it is planned as
+/// fleet's (and the create finished) instead of reported as a conflict forever. Read-only.
+pub async fn observe_for(drivers: &Drivers, desired: &Desired) -> Observed {
+    let mut observed = observe(drivers).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for vm in desired.vms.values() {
+        let provider = &vm.config.provider;
+        let (Some(host), Some(driver)) = (observed.hosts.get(provider), drivers.get(provider))
+        else {
+            continue;
+        };
+        let clash = host
+            .vms
+            .iter()
+            .any(|found| found.name == vm.name && !found.owned_by(&desired.fleet));
+        if clash {
+            let (provider, name, driver) = (provider.clone(), vm.name.clone(), driver.clone());
+            tasks.spawn_blocking(move || {
+                let stamp = driver.stamp_by_name(&name);
+                (provider, name, stamp)
+            });
+        }
+    }
+    while let Some(joined) = tasks.join_next().await {
+        let Ok((provider, name, Ok(Some(stamp)))) = joined else {
+            continue;
+        };
+        if stamp.fleet != desired.fleet || stamp.name != name {
+            continue;
+        }
+        if let Some(host) = observed.hosts.get_mut(&provider)
+            && let Some(found) = host.vms.iter_mut().find(|f| f.name == name)
+        {
+            let mut claimed = (**found).clone();
+            claimed.stamp = Some(stamp);
+            *found = std::sync::Arc::new(claimed);
+        }
+    }
+    observed
+}
+
 /// Writes step progress as events, and optionally as lines on stderr.
 pub struct StatusObserver {
     pub status: StatusDir,

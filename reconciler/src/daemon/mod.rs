@@ -198,7 +198,7 @@ impl Daemon {
             }
             self.next_resync = Instant::now() + desired.policy.resync_interval;
         }
-        let observed = reconcile::observe(&self.drivers).await;
+        let observed = reconcile::observe_for(&self.drivers, &desired).await;
         let mut plan = reconcile::plan_for(&self.ws, &desired, &observed, &self.vault);
         crate::approvals::settle(&self.ws.status, &desired, &mut plan);
         let plan = self.without_backed_off_steps(plan);

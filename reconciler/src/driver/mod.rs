@@ -95,6 +95,14 @@ pub trait Driver: Send + Sync {
     /// the hypervisor sends no event for.
     fn resync(&self) {}
 
+    /// The stamp of the VM `name` if it is this fleet's, read directly: for a VM that
+    /// observation showed without one. Drivers whose observation reads every VM's stamp keep
+    /// the default.
+    fn stamp_by_name(&self, name: &str) -> Result<Option<std::sync::Arc<Stamp>>, DriverError> {
+        let _ = name;
+        Ok(None)
+    }
+
     /// Where the host side of a running VM's agent link is, if it has one.
     fn agent_endpoint(&self, name: &str) -> Result<Option<AgentEndpoint>, DriverError> {
         let _ = name;

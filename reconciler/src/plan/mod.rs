@@ -62,6 +62,9 @@ pub enum Reason {
     ReplaceForced { field: String, why: String },
     /// The stamp's copy of the applied configuration is unreadable; rewrite it.
     StampUnreadable,
+    /// fleet's create of this VM stopped before the VM got its configuration (its stamp
+    /// names no spec yet); the create is run again and finishes it.
+    CreateUnfinished,
     /// fleet made this VM but it is no longer in fleet/.
     RemovedFromFleet,
     /// Reality moved away from the applied spec (see the plan's `drift`); the step puts it back.
@@ -503,6 +506,19 @@ fn conflict_message(fleet: &str, found: &ObservedVm) -> String {
 
 fn step_for_owned(vm: &DesiredVm, found: &ObservedVm) -> Option<Step> {
     let stamp = found.stamp.as_ref()?;
+    if stamp.spec_hash.is_empty() {
+        return Some(Step {
+            vm: vm.name.clone(),
+            provider: vm.config.provider.clone(),
+            action: Action::Create,
+            reason: Reason::CreateUnfinished,
+            changes: Vec::new(),
+            restart: false,
+            desired: Some(vm.clone()),
+            applied: None,
+            applied_revision: None,
+        });
+    }
     // The common case, checked before anything is copied: nothing to do.
     if stamp.spec_hash == vm.spec_hash
         && stamp.config.as_ref() == Some(&vm.config)

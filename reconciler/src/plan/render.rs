@@ -169,6 +169,9 @@ pub fn reason_text(step: &Step) -> String {
         Reason::ReplaceForced { field, why } => {
             format!("{field} changed, which forces replacement ({why})")
         }
+        Reason::CreateUnfinished => {
+            "an earlier create stopped before configuring it; finishing it".to_owned()
+        }
         Reason::StampUnreadable => {
             "its ownership stamp has no readable configuration; rewriting it".to_owned()
         }

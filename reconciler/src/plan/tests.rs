@@ -307,6 +307,51 @@ fn a_new_loadout_user_forces_replace_because_cloud_init_runs_once() {
 }
 
 #[test]
+fn a_create_that_stopped_before_configuring_its_vm_is_run_again() {
+    let d = desired(&[vm("a", ""), vm("b", "")]);
+    // The stamp a Proxmox clone carries until its config is written: no spec yet.
+    let mut unfinished = applied(&d.vms["a"], false);
+    unfinished.cpus = 4; // the template's, not the spec's
+    unfinished.stamp = Some(std::sync::Arc::new(Stamp {
+        spec_hash: String::new(),
+        config: None,
+        ..(**unfinished.stamp.as_ref().expect("stamp")).clone()
+    }));
+    let o = observed(vec![unfinished, applied(&d.vms["b"], true)]);
+    let plan = check(
+        &d,
+        &o,
+        expect![[r#"
+            fleet lab at main@c0ffee000000 (c0ffee000000)
+            Plan: 1 to create.
+
+              +   create   a  on local: an earlier create stopped before configuring it; finishing it
+
+            Resolved spec changes:
+            --- a (applied)
+            +++ a (desired)
+            @@ -0,0 +1,10 @@
+            +provider: local
+            +domainType: qemu
+            +image:
+            +  name: micro
+            +  kernel: build/image/vmlinuz
+            +  initrd: build/image/initrd.img
+            +cpus: 1
+            +memoryMiB: 512
+            +network: isolated
+            +protect: false
+
+            Plan digest: [DIGEST]
+        "#]],
+    );
+    assert!(
+        plan.drift.is_empty(),
+        "fleet's own unfinished work is not drift"
+    );
+}
+
+#[test]
 fn power_state_changes_start_and_stop() {
     let d = desired(&[vm("a", ""), vm("b", "  state: stopped\n")]);
     let o = observed(vec![

@@ -233,6 +233,14 @@ class Control:
             out, vm.agent_requests = vm.agent_requests, []
             return [[command, dict((k, v) for k, v in asked.items() if k != 'input-data')]
                     for command, asked in out]
+        if op == 'time_scale':
+            # Real seconds per PVE second: tasks (clone, start, shutdown) take longer or shorter.
+            pve.time_scale = float(cmd['scale'])
+            return None
+        if op == 'latency':
+            # PVE seconds every request waits before it is handled.
+            pve.network['latency'] = float(cmd['secs'])
+            return None
         if op == 'tasks':
             return [dict((k, v) for k, v in t.items() if k != 'log') for t in pve.tasklog]
         if op == 'bundled_schema':

@@ -339,10 +339,18 @@ impl ProxmoxDriver {
             let newid = value_text(&newid).parse::<u64>().map_err(|_| {
                 DriverError::new(ErrorKind::Permanent, format!("nextid answered {newid}"))
             })?;
+            // The clone is fleet's from its first moment, but its stamp names no spec yet:
+            // one create that dies before the config write leaves a VM the next plan finishes,
+            // not one that claims a configuration it never got.
+            let unfinished = Stamp {
+                spec_hash: String::new(),
+                config: None,
+                ..stamp.clone()
+            };
             let mut form = vec![
                 ("newid", newid.to_string()),
                 ("name", vm.name.clone()),
-                ("description", stamp::render(stamp)),
+                ("description", stamp::render(&unfinished)),
             ];
             if node != template.node {
                 form.push(("target", node.to_owned()));
@@ -475,21 +483,24 @@ impl ProxmoxDriver {
     }
 
     /// Grows the boot disk to the spec's size (PVE never shrinks a disk).
-    fn resize_disk(&self, vm: &DesiredVm, owned: &OwnedVm) -> Result<(), DriverError> {
+    /// Grows the boot disk to the spec's size (never shrinks it); returns the VM as it is
+    /// afterwards (a resize changes its config, and so the digest the next write needs).
+    fn resize_disk(&self, vm: &DesiredVm, owned: OwnedVm) -> Result<OwnedVm, DriverError> {
         let Some(want_mib) = vm.config.disk_mib else {
-            return Ok(());
+            return Ok(owned);
         };
         let Some((key, current_mib)) = boot_disk(&owned.config) else {
-            return Ok(());
+            return Ok(owned);
         };
         if current_mib.is_some_and(|c| c >= want_mib) {
-            return Ok(());
+            return Ok(owned);
         }
         let upid: String = self.client()?.put(
             &format!("{}/resize", owned.path()),
             &[("disk", key), ("size", format!("{want_mib}M"))],
         )?;
-        self.task(&owned.node, upid)
+        self.task(&owned.node, upid)?;
+        self.require_owned(&vm.name)
     }
 
     fn power_on(&self, owned: &OwnedVm) -> Result<(), DriverError> {
@@ -780,10 +791,11 @@ impl Driver for ProxmoxDriver {
                 self.require_owned(&vm.name)?
             }
         };
+        // The stamp with the spec goes last but for the power state, in the same write as
+        // the config it describes: whatever a crash interrupts before it is done again.
+        let owned = self.resize_disk(vm, owned)?;
         self.write_config(vm, stamp, &owned)?;
         self.remember(owned.vmid, &vm.name, &owned.node, Some(stamp.clone()));
-        // The config write changed neither the boot disk nor the power state: no re-read.
-        self.resize_disk(vm, &owned)?;
         self.ensure_power(vm, &owned, grace)
     }
 
@@ -811,6 +823,7 @@ impl Driver for ProxmoxDriver {
             owned = self.require_owned(&vm.name)?;
         }
         self.write_snippet(vm)?;
+        let owned = self.resize_disk(vm, owned)?;
         self.write_config(vm, stamp, &owned)?;
         self.remember(owned.vmid, &vm.name, &owned.node, Some(stamp.clone()));
         self.ensure_power(vm, &owned, grace)
@@ -868,6 +881,17 @@ impl Driver for ProxmoxDriver {
 
     fn calls(&self) -> u64 {
         self.client.as_ref().map_or(0, |c| c.calls())
+    }
+
+    /// Observation finds fleet's VMs by their tag; a create that stopped between its clone
+    /// and its config write left one with the stamp but without the tag.
+    fn stamp_by_name(&self, name: &str) -> Result<Option<Arc<Stamp>>, DriverError> {
+        match self.owned(name) {
+            Ok(Some(vm)) => Ok(self.stamp_of(&vm.config).map(Arc::new)),
+            Ok(None) => Ok(None),
+            Err(e) if e.kind == ErrorKind::Conflict => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The link relayed by qemu-guest-agent, pinned to the VMID that carries this fleet's
