@@ -69,33 +69,47 @@ pub fn identity_path(
 
 /// Refuses a file holding a secret that group or others may read, with the fix.
 pub fn check_private_file(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
     let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?;
+    private_file_mode(path).map_err(|problem| match problem {
+        FileProblem::Unreadable(e) => format!("{shown}: {e}"),
+        FileProblem::Exposed(mode) => exposed(&shown.to_string(), mode),
+    })
+}
+
+/// Why a file that must be private cannot be used.
+enum FileProblem {
+    Unreadable(std::io::Error),
+    /// Group or others may read it (its mode).
+    Exposed(u32),
+}
+
+fn private_file_mode(path: &Path) -> Result<(), FileProblem> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(FileProblem::Unreadable)?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(format!(
-            "{shown} is readable by others (mode {mode:04o}); fix it with `chmod 600 {shown}`"
-        ));
+        return Err(FileProblem::Exposed(mode));
     }
     Ok(())
+}
+
+fn exposed(shown: &str, mode: u32) -> String {
+    format!("{shown} is readable by others (mode {mode:04o}); fix it with `chmod 600 {shown}`")
 }
 
 impl Keyring {
     /// Reads `AGE-SECRET-KEY-1…` lines (as `age-keygen` writes them). The file must not be
     /// readable by group or others.
     pub fn load(path: &Path) -> Result<Keyring, String> {
-        use std::os::unix::fs::PermissionsExt;
         let shown = path.display();
-        let meta = std::fs::metadata(path).map_err(|e| {
-            format!("age identity {shown}: {e}; create one with `age-keygen -o {shown}`")
+        private_file_mode(path).map_err(|problem| match problem {
+            FileProblem::Unreadable(e) => {
+                format!("age identity {shown}: {e}; create one with `age-keygen -o {shown}`")
+            }
+            FileProblem::Exposed(mode) => {
+                format!("age identity {}", exposed(&shown.to_string(), mode))
+            }
         })?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "age identity {shown} is readable by others (mode {mode:04o}); fix it with `chmod 600 {shown}`"
-            ));
-        }
         let text = Zeroizing::new(
             std::fs::read_to_string(path).map_err(|e| format!("age identity {shown}: {e}"))?,
         );

@@ -228,11 +228,6 @@ class Control:
             self.guests = Guests(pve, cmd['agentBin'], self.state_dir)
             asyncio.get_running_loop().create_task(self.guests.follow())
             return None
-        if op == 'agent_requests':
-            vm = self.vm(cmd['vmid'])
-            out, vm.agent_requests = vm.agent_requests, []
-            return [[command, dict((k, v) for k, v in asked.items() if k != 'input-data')]
-                    for command, asked in out]
         if op == 'time_scale':
             # Real seconds per PVE second: tasks (clone, start, shutdown) take longer or shorter.
             pve.time_scale = float(cmd['scale'])
