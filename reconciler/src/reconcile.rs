@@ -206,10 +206,13 @@ pub async fn observe_for(drivers: &Drivers, desired: &Desired) -> Observed {
         else {
             continue;
         };
-        let clash = host
-            .vms
-            .iter()
-            .any(|found| found.name == vm.name && !found.owned_by(&desired.fleet));
+        // Only a name held by one VM: of two, planning keeps to the one it can prove is
+        // fleet's, and reports the other.
+        let mut holders = host.vms.iter().filter(|found| found.name == vm.name);
+        let clash = match (holders.next(), holders.next()) {
+            (Some(only), None) => !only.owned_by(&desired.fleet),
+            _ => false,
+        };
         if clash {
             let (provider, name, driver) = (provider.clone(), vm.name.clone(), driver.clone());
             tasks.spawn_blocking(move || {

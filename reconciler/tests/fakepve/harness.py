@@ -58,7 +58,7 @@ class Guests:
         self.state_dir = state_dir
         self.running = {}   # vmid -> (started_at, Popen, mount namespace)
         self.execs = {}     # (vmid, pid) -> finished result, or None while running
-        self.boots = 0
+        self.running_enabled = True
         original = fakepve_agent.result
 
         def result(vm, command, values):
@@ -101,7 +101,6 @@ class Guests:
         self.execs[(vmid, pid)] = result
 
     def boot(self, vm):
-        self.boots += 1
         boot_id = str(uuid.uuid4())
         log = open(os.path.join(self.state_dir, 'guest-{0}.log'.format(vm.vmid)), 'ab')
         script = ('mount -t tmpfs -o mode=755 tmpfs /run && echo {0} > /run/.boot_id && '
@@ -137,6 +136,8 @@ class Guests:
 
     def sync(self):
         """Guests follow their VMs' power state (a VM with `agent` enabled has one)."""
+        if not self.running_enabled:
+            return
         live = {vm.vmid: vm for vm in self.pve.vms if not vm.template}
         for vmid in list(self.running):
             vm = live.get(vmid)
@@ -227,6 +228,12 @@ class Control:
             # From now on running VMs with `agent` enabled run a real fleet-agent.
             self.guests = Guests(pve, cmd['agentBin'], self.state_dir)
             asyncio.get_running_loop().create_task(self.guests.follow())
+            return None
+        if op == 'power_off_guests':
+            # Before the harness is killed: no guest process outlives the test.
+            if self.guests is not None:
+                self.guests.close()
+                self.guests.running_enabled = False
             return None
         if op == 'time_scale':
             # Real seconds per PVE second: tasks (clone, start, shutdown) take longer or shorter.

@@ -129,6 +129,14 @@ impl FakePve {
 
 impl Drop for FakePve {
     fn drop(&mut self) {
+        // Guests (and their tasks) go first; a panicking test must not leave them running.
+        let _ = writeln!(
+            self.stdin,
+            "{}",
+            serde_json::json!({"op": "power_off_guests"})
+        );
+        let mut line = String::new();
+        let _ = self.stdout.read_line(&mut line);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -482,7 +482,6 @@ impl ProxmoxDriver {
         Ok(())
     }
 
-    /// Grows the boot disk to the spec's size (PVE never shrinks a disk).
     /// Grows the boot disk to the spec's size (never shrinks it); returns the VM as it is
     /// afterwards (a resize changes its config, and so the digest the next write needs).
     fn resize_disk(&self, vm: &DesiredVm, owned: OwnedVm) -> Result<OwnedVm, DriverError> {
