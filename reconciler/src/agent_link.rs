@@ -168,6 +168,8 @@ const RELAY_IDLE_MAX: Duration = Duration::from_secs(2);
 const RELAY_ANSWER_WAIT_MS: u64 = 100;
 /// Host bytes buffered at most before `send` waits for the guest to take some.
 const RELAY_OUTGOING_CAP: usize = 1024 * 1024;
+/// Tries of one exchange that fails transiently before the link counts as lost.
+const RELAY_ATTEMPTS: u32 = 4;
 /// How long `send` waits for the guest to take bytes before the link counts as lost.
 const RELAY_STALL: Duration = Duration::from_secs(35);
 
@@ -278,10 +280,24 @@ impl RelayedLink {
             acked: self.acked,
             wait_ms,
         };
-        let answer = self
-            .exchange
-            .exchange(&relay::encode(&request, &chunk))
-            .map_err(|e| LinkError::Relay(e.to_string()))?;
+        // The same request can be sent again whether or not the guest saw it (the offsets
+        // make it idempotent), so a transient failure costs a retry, not the link.
+        let wire = relay::encode(&request, &chunk);
+        let mut attempt = 0;
+        let answer = loop {
+            attempt += 1;
+            match self.exchange.exchange(&wire) {
+                Ok(answer) => break answer,
+                Err(e)
+                    if e.kind == crate::driver::ErrorKind::Transient
+                        && attempt < RELAY_ATTEMPTS =>
+                {
+                    tracing::debug!("relayed exchange failed, sending it again: {}", e.message);
+                    std::thread::sleep(RELAY_IDLE_FIRST * attempt);
+                }
+                Err(e) => return Err(LinkError::Relay(e.to_string())),
+            }
+        };
         let (reply, bytes) = relay::decode::<Reply>(&answer).map_err(LinkError::Protocol)?;
         if let Some(why) = reply.error {
             return Err(LinkError::Protocol(format!(

@@ -221,6 +221,29 @@ fn tasks_prompts_and_secrets_reach_a_proxmox_vm_through_its_guest_agent() {
         boot_id(read(&vm_status)).is_some_and(|b| Some(&b) != boot_before.as_ref())
     });
 
+    // A network that drops a fifth of the requests: exchanges are sent again (their
+    // offsets make that safe), and the output arrives complete, in order, once.
+    pve.control(json!({"op": "flaky", "drop_rate": 0.2, "seed": 11}));
+    f.repo.write(
+        "fleet/tasks/noisy.yaml",
+        task_yaml(
+            "noisy",
+            "box",
+            "  command: [sh, -c, 'for i in $(seq 1 40); do echo n-$i; sleep 0.05; done']\n",
+        ),
+    );
+    f.repo.commit("output through a flaky network");
+    status.wait_phase("noisy", "Succeeded", Duration::from_secs(90));
+    pve.control(json!({"op": "clear_faults"}));
+    let output = status.output("noisy");
+    let noisy: Vec<&str> = output
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("n-"))
+        .collect();
+    let expected_noisy: Vec<String> = (1..=40).map(|i| format!("n-{i}")).collect();
+    assert_eq!(noisy, expected_noisy, "complete, in order, no repeats");
+
     // Every request was one the PVE API takes; the guest link used only the agent's
     // exec and exec-status.
     let wire = checked_wire(&mut pve, &schema);
@@ -258,6 +281,12 @@ fn tasks_prompts_and_secrets_reach_a_proxmox_vm_through_its_guest_agent() {
     let log = daemon.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
     assert!(log.contains("agent"), "debug logs were kept");
     assert!(!log.contains(&canary), "the value is in fleet's logs");
+    let resent = log.matches("sending it again").count();
+    eprintln!(
+        "exchanges sent again: {resent}; links lost: {}",
+        log.matches("agent link lost").count()
+    );
+    assert!(resent > 0, "the flaky network made some exchange fail");
     drop(daemon);
     let needle = canary.as_bytes();
     assert_eq!(

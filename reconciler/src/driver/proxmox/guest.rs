@@ -65,10 +65,18 @@ impl GuestExchange for QemuGuestAgent {
         let mut pause = Duration::from_millis(10);
         loop {
             std::thread::sleep(pause);
-            let status: ExecStatus = self.client.get(
+            // The process runs on whether or not this read gets through: ask again.
+            let status: ExecStatus = match self.client.get(
                 &format!("{base}/exec-status"),
                 &[("pid", started.pid.to_string())],
-            )?;
+            ) {
+                Ok(status) => status,
+                Err(e) if e.kind == ErrorKind::Transient && Instant::now() < until => {
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if truthy(&status.exited) {
                 if status.exitcode != Some(0) {
                     let err = status.err_data.unwrap_or_default();
