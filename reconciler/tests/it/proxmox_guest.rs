@@ -6,7 +6,6 @@
 //! from a Secret. Every request fleet sent is checked against the PVE schema.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
@@ -15,7 +14,7 @@ use crate::daemon::{Daemon, read, wait_until};
 use crate::proxmox::{PveFleet, checked_wire, vm_yaml};
 use crate::pve::{FakePve, enabled};
 use crate::secrets::{age_identity, files_containing, random_hex, secret_set, shouted};
-use crate::tasks::{Status, field, task_yaml};
+use crate::tasks::{Status, field, git_repository, task_yaml};
 
 /// The guest agent the fake guests run: `make agent` builds it (`make test` does).
 fn agent_bin() -> PathBuf {
@@ -31,27 +30,11 @@ fn agent_bin() -> PathBuf {
     path
 }
 
-/// A repository with a file larger than many relayed exchanges carry.
+/// A repository with a file larger than many relayed exchanges carry; returns the file's
+/// SHA-256.
 fn big_repository(dir: &Path) -> String {
     let big = random_hex(150 * 1024);
-    std::fs::write(dir.join("big.txt"), &big).expect("write");
-    let git = |args: &[&str]| {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args(["-c", "user.name=t", "-c", "user.email=t@example.invalid"])
-            .args(args)
-            .output()
-            .expect("git");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    git(&["init", "-q", "-b", "main"]);
-    git(&["add", "."]);
-    git(&["commit", "-q", "-m", "big"]);
+    git_repository(dir, &[("big.txt", big.as_bytes())]);
     let digest = <sha2::Sha256 as sha2::Digest>::digest(big.as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -60,8 +60,15 @@ impl Status {
 }
 
 fn app_repository(dir: &Path) {
+    git_repository(dir, &[("README", b"the app's readme\n")]);
+}
+
+/// A git repository in `dir` with `files` committed on `main`.
+pub fn git_repository(dir: &Path, files: &[(&str, &[u8])]) {
     std::fs::create_dir_all(dir).expect("mkdir");
-    std::fs::write(dir.join("README"), "the app's readme\n").expect("write");
+    for (name, content) in files {
+        std::fs::write(dir.join(name), content).expect("write");
+    }
     for args in [
         &["init", "-q", "-b", "main"][..],
         &["add", "."],
