@@ -310,14 +310,23 @@ pub struct Applied {
     pub vms: BTreeMap<String, status::VmStatus>,
 }
 
-/// Opens the journal and resolves what an interrupted apply left open.
+/// Opens the journal, resolves what an interrupted apply left open, and lets each driver
+/// tidy what such an apply left on its host. The caller holds the status lock.
 pub async fn open_journal(
     ws: &Workspace,
     drivers: &Drivers,
 ) -> std::io::Result<(Arc<Journal>, Vec<String>)> {
     ws.status.ensure()?;
     let journal = Arc::new(Journal::open(&ws.status.journal_path())?);
-    let recovered = apply::recover(&journal, drivers).await?;
+    let mut recovered = apply::recover(&journal, drivers).await?;
+    for (provider, driver) in drivers {
+        let driver = driver.clone();
+        match tokio::task::spawn_blocking(move || driver.tidy()).await {
+            Ok(Ok(removed)) => recovered.extend(removed),
+            Ok(Err(e)) => recovered.push(format!("could not tidy provider {provider}: {e}")),
+            Err(e) => recovered.push(format!("could not tidy provider {provider}: {e}")),
+        }
+    }
     for note in &recovered {
         ws.status.append_event(&Event {
             task: None,

@@ -103,6 +103,14 @@ pub trait Driver: Send + Sync {
         Ok(None)
     }
 
+    /// Removes what a killed apply left on the host outside any VM (files fleet wrote for
+    /// VMs that no longer exist, half-written temp files). Called only by a process holding
+    /// the status lock, after the journal's open intents are settled, so no other writer of
+    /// this fleet is at work. Returns what it removed, for the event log.
+    fn tidy(&self) -> Result<Vec<String>, DriverError> {
+        Ok(Vec::new())
+    }
+
     /// Where the host side of a running VM's agent link is, if it has one.
     fn agent_endpoint(&self, name: &str) -> Result<Option<AgentEndpoint>, DriverError> {
         let _ = name;

@@ -81,11 +81,31 @@ impl StatusLock {
             .map_err(io)?;
         file.sync_data().map_err(io)?;
         let stale = previous.filter(|p| p.pid != me.pid);
+        if stale.is_some() {
+            // The dead holder may have been killed between a temp file and its rename.
+            remove_left_temp_files_under(status_dir, 3);
+        }
         Ok(StatusLock { file, path, stale })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// Removes the temp files a killed holder left in the status directory, `depth` levels
+/// down. Answer files are skipped: `fleet hitl answer` writes them without the lock.
+fn remove_left_temp_files_under(dir: &Path, depth: usize) {
+    for removed in super::remove_left_temp_files(dir, "", |target| target.ends_with(".answer")) {
+        tracing::info!("removed {}, left by a killed writer", removed.display());
+    }
+    if depth == 0 {
+        return;
+    }
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_left_temp_files_under(&entry.path(), depth - 1);
+        }
     }
 }
 
@@ -136,5 +156,48 @@ mod tests {
         .expect("write");
         let lock = StatusLock::acquire(dir.path(), "fleet apply").expect("stale lock is taken");
         assert_eq!(lock.stale, Some(dead));
+    }
+
+    #[test]
+    fn a_dead_holders_temp_files_are_removed_but_not_answers_or_real_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vms = dir.path().join("vms");
+        let hitl = dir.path().join("hitl");
+        std::fs::create_dir_all(&vms).expect("vms");
+        std::fs::create_dir_all(&hitl).expect("hitl");
+        // What a writer killed before its rename leaves, next to files that must stay.
+        let left = [
+            dir.path().join(".summary.yaml.tmp-a1B2c3"),
+            vms.join(".vm-01.yaml.tmp-Zz9Yy8"),
+        ];
+        let kept = [
+            vms.join("vm-01.yaml"),
+            hitl.join(".p-1.answer.tmp-Qq1Ww2"),
+            dir.path().join(".gitignore"),
+        ];
+        for f in left.iter().chain(&kept) {
+            std::fs::write(f, "x").expect("write");
+        }
+        // A cleanly released lock leaves the directory alone...
+        drop(StatusLock::acquire(dir.path(), "fleet apply").expect("first"));
+        assert!(left.iter().all(|f| f.exists()));
+        // ...a dead holder's leftovers go.
+        let dead = Holder {
+            pid: 999_999_999,
+            command: "fleet apply".into(),
+            since: "then".into(),
+        };
+        std::fs::write(
+            dir.path().join("lock"),
+            serde_json::to_vec(&dead).expect("json"),
+        )
+        .expect("write");
+        let _lock = StatusLock::acquire(dir.path(), "fleet apply").expect("stale lock is taken");
+        for f in &left {
+            assert!(!f.exists(), "{} is left", f.display());
+        }
+        for f in &kept {
+            assert!(f.exists(), "{} was removed", f.display());
+        }
     }
 }

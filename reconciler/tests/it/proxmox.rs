@@ -273,18 +273,41 @@ fn a_fleet_on_proxmox_lives_its_whole_life_through_the_api() {
         "snippet removed with its VM"
     );
 
-    // A leftover snippet (a destroy cut short) is swept by the next process.
+    // A leftover snippet (a destroy cut short) and a snippet write's temp file (a kill
+    // before its rename) are swept by the next process that holds the status lock; `plan`,
+    // which may run beside a working daemon, leaves them.
     let leftover = f.snippet("demo", "gone");
     std::fs::write(
         &leftover,
         "#cloud-config\n# fleet: demo/gone (written by fleet; holds no secret)\n",
     )
     .expect("write");
+    let half_written = f
+        .host
+        .path()
+        .join("snippets/.fleet-demo-web-1.yaml.tmp-Ab12Cd");
+    std::fs::write(&half_written, "#cloud-config\n").expect("write");
     let unrelated = f.host.path().join("snippets/operator.yaml");
-    std::fs::write(&unrelated, "#cloud-config\n").expect("write");
+    let unrelated_temp = f.host.path().join("snippets/.operator.yaml.tmp-Ab12Cd");
+    for file in [&unrelated, &unrelated_temp] {
+        std::fs::write(file, "#cloud-config\n").expect("write");
+    }
     f.repo.fleet(&["plan"]);
+    assert!(
+        leftover.exists() && half_written.exists(),
+        "plan changes nothing"
+    );
+    f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
     assert!(!leftover.exists(), "swept");
-    assert!(unrelated.exists(), "not fleet's: kept");
+    assert!(!half_written.exists(), "swept");
+    assert!(
+        f.snippet("demo", "web-1").exists(),
+        "a live VM's snippet stays"
+    );
+    assert!(
+        unrelated.exists() && unrelated_temp.exists(),
+        "not fleet's: kept"
+    );
 
     // Foreign VMs: never modified, never destroyed; fleet only ever read them in listings.
     let foreign_after: Vec<_> = pve

@@ -55,8 +55,6 @@ pub struct ProxmoxDriver {
     /// Held while allocating a VMID and cloning: fleet's own creates never race each other
     /// for an id or for the template's config lock.
     clone_lock: Mutex<()>,
-    /// Whether this process has swept the snippet directory yet.
-    swept: Mutex<bool>,
 }
 
 struct CachedStamp {
@@ -178,7 +176,6 @@ impl ProxmoxDriver {
                 .map_err(|e| format!("provider {}: {e}", provider.name.0)),
             stamps: Mutex::new(HashMap::new()),
             clone_lock: Mutex::new(()),
-            swept: Mutex::new(false),
         }
     }
 
@@ -612,21 +609,27 @@ impl ProxmoxDriver {
         }
     }
 
-    /// Removes fleet's snippets whose VM no longer exists: what a crash between a destroy
-    /// and its cleanup, or a VM deleted by hand, left behind. Runs once per process, on the
-    /// first observation, from what is on disk and in the cluster (not from memory).
-    fn sweep_snippets(&self, host: &ObservedHost) {
+    /// Removes fleet's snippets whose VM no longer exists (a crash between a destroy and
+    /// its cleanup, or a VM deleted by hand), and the temp files of snippet writes a kill
+    /// interrupted. Works from what is on disk and in the cluster, not from memory.
+    fn sweep_snippets(&self, host: &ObservedHost) -> Vec<String> {
         let Some((_, dir)) = &self.snippets else {
-            return;
-        };
-        let mut swept = self.swept.lock().unwrap_or_else(|p| p.into_inner());
-        if *swept {
-            return;
-        }
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
+            return Vec::new();
         };
         let prefix = format!("fleet-{}-", self.fleet);
+        let mut removed: Vec<String> =
+            crate::status::remove_left_temp_files(dir, &prefix, |_| false)
+                .iter()
+                .map(|p| {
+                    format!(
+                        "removed {}, a snippet write that was interrupted",
+                        p.display()
+                    )
+                })
+                .collect();
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return removed;
+        };
         for entry in entries.flatten() {
             let file = entry.file_name().to_string_lossy().into_owned();
             let Some(vm) = file
@@ -639,11 +642,19 @@ impl ProxmoxDriver {
                 .vms
                 .iter()
                 .any(|o| o.name == vm && o.owned_by(&self.fleet));
-            if !alive && let Err(e) = self.remove_snippet(vm) {
-                tracing::warn!("snippet sweep: {e}");
+            if alive {
+                continue;
+            }
+            match self.remove_snippet(vm) {
+                // A file without fleet's marker is not fleet's, and stays.
+                Ok(()) if !entry.path().exists() => removed.push(format!(
+                    "removed the snippet of {vm}, whose VM no longer exists"
+                )),
+                Ok(()) => {}
+                Err(e) => tracing::warn!("snippet sweep: {e}"),
             }
         }
-        *swept = true;
+        removed
     }
 }
 
@@ -759,9 +770,7 @@ impl Driver for ProxmoxDriver {
             }));
         }
         vms.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
-        let host = ObservedHost { vms };
-        self.sweep_snippets(&host);
-        Ok(host)
+        Ok(ObservedHost { vms })
     }
 
     fn create(&self, vm: &DesiredVm, stamp: &Stamp, grace: Duration) -> Result<(), DriverError> {
@@ -880,6 +889,14 @@ impl Driver for ProxmoxDriver {
 
     fn calls(&self) -> u64 {
         self.client.as_ref().map_or(0, |c| c.calls())
+    }
+
+    fn tidy(&self) -> Result<Vec<String>, DriverError> {
+        if self.snippets.is_none() {
+            return Ok(Vec::new());
+        }
+        let host = self.observe()?;
+        Ok(self.sweep_snippets(&host))
     }
 
     /// Observation finds fleet's VMs by their tag; a create that stopped between its clone
