@@ -458,15 +458,23 @@ fn an_interrupted_create_is_recovered_without_a_duplicate() {
     repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
     let uuid_before = virsh_ok(&["domuuid", &made]);
 
-    // Simulate fleet killed in the middle of two creates: one whose domain was defined (the
-    // journal never got its outcome), one that had only made its directory.
+    // Simulate fleet killed in the middle of three creates: one whose domain was defined (the
+    // journal never got its outcome), one that had only made its directory, and one killed
+    // while writing its owner marker, for a VM the new revision no longer has.
+    let dropped = format!("{prefix}dropped");
     repo.write(&format!("fleet/vms/{half}.yaml"), vm_yaml(&half, "192Mi"));
     repo.commit("a second VM");
     let journal = repo.path().join(".fleet/status/journal.jsonl");
-    let intents = format!(
-        "{{\"record\":\"intent\",\"op\":1,\"provider\":\"local\",\"vm\":\"{made}\",\"action\":\"create\",\"revision\":\"x\",\"time\":\"t\"}}\n{{\"record\":\"intent\",\"op\":2,\"provider\":\"local\",\"vm\":\"{half}\",\"action\":\"create\",\"revision\":\"x\",\"time\":\"t\"}}\n"
-    );
+    let intent = |op: u32, vm: &str| {
+        format!(
+            "{{\"record\":\"intent\",\"op\":{op},\"provider\":\"local\",\"vm\":\"{vm}\",\"action\":\"create\",\"revision\":\"x\",\"time\":\"t\"}}\n"
+        )
+    };
+    let intents = intent(1, &made) + &intent(2, &half) + &intent(3, &dropped);
     std::fs::write(&journal, intents).expect("journal");
+    let marker_cut_short = repo.path().join(".fleet/storage").join(&dropped);
+    std::fs::create_dir_all(&marker_cut_short).expect("mkdir");
+    std::fs::write(marker_cut_short.join(".owner.json.tmp-Q1w2E3"), b"{\"fle").expect("temp");
     let leftover = repo.path().join(".fleet/storage").join(&half);
     std::fs::create_dir_all(&leftover).expect("mkdir");
     std::fs::write(
@@ -497,6 +505,10 @@ fn an_interrupted_create_is_recovered_without_a_duplicate() {
     assert!(
         !leftover.join("disk.qcow2").exists(),
         "the half-made file was cleared"
+    );
+    assert!(
+        !marker_cut_short.exists(),
+        "a directory holding only a cut-short marker write is removed"
     );
     let names = virsh_ok(&["list", "--all", "--name"]);
     assert_eq!(

@@ -423,7 +423,9 @@ impl LibvirtDriver {
         let result = if ours {
             std::fs::remove_dir_all(&dir)
         } else {
-            // Not provably ours: remove only an empty directory.
+            // Not provably ours: remove only an empty directory, after the temp file of a
+            // marker write that a kill interrupted (the first thing a create writes here).
+            crate::status::remove_left_temp_files(&dir, OWNER_MARKER, |_| false);
             match std::fs::remove_dir(&dir) {
                 Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => Ok(()),
                 other => other,
