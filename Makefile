@@ -10,7 +10,7 @@ DEB_PACKAGES := libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x8
                 linux-image-cloud-amd64 busybox-static cpio kmod file git chromium genisoimage cloud-init age \
                 python3-venv
 
-.PHONY: all build deps libvirtd agent image image-debian fakepve run test lint unit bench fuzz crash-test clean
+.PHONY: all build deps libvirtd agent image image-debian fakepve run test lint unit bench fuzz crash-test crash-test-proxmox clean
 
 all: build
 
@@ -82,6 +82,12 @@ TRIALS ?= 10
 crash-test: image libvirtd
 	$(CARGO) build -p fleet --bins
 	./target/debug/fleet-crash --trials $(TRIALS)
+
+# The same on the fake Proxmox cluster: SIGKILL fleet apply mid-apply, recover, check for
+# duplicates, orphaned snippets, locks left and convergence.
+crash-test-proxmox: image fakepve
+	FLEET_TEST_PROXMOX=1 FLEET_CRASH_TRIALS=$(TRIALS) $(CARGO) test -p fleet --test it \
+	  proxmox::a_killed_apply_on_proxmox_leaves_no_duplicate_and_no_orphan -- --nocapture
 
 # Generated hostile input for the loader and the answer checks, far longer than the 256
 # cases per property that `make test` runs.

@@ -94,7 +94,8 @@ impl StatusLock {
 }
 
 /// Removes the temp files a killed holder left in the status directory, `depth` levels
-/// down. Answer files are skipped: `fleet hitl answer` writes them without the lock.
+/// down. Answer files are skipped (`fleet hitl answer` writes them without the lock), and
+/// so are task artifacts: they are the guest's files, named as the guest chose.
 fn remove_left_temp_files_under(dir: &Path, depth: usize) {
     for removed in super::remove_left_temp_files(dir, "", |target| target.ends_with(".answer")) {
         tracing::info!("removed {}, left by a killed writer", removed.display());
@@ -103,7 +104,7 @@ fn remove_left_temp_files_under(dir: &Path, depth: usize) {
         return;
     }
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) && entry.file_name() != "artifacts" {
             remove_left_temp_files_under(&entry.path(), depth - 1);
         }
     }
@@ -163,16 +164,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let vms = dir.path().join("vms");
         let hitl = dir.path().join("hitl");
-        std::fs::create_dir_all(&vms).expect("vms");
-        std::fs::create_dir_all(&hitl).expect("hitl");
+        let artifacts = dir.path().join("tasks/t/artifacts");
+        for d in [&vms, &hitl, &artifacts] {
+            std::fs::create_dir_all(d).expect("mkdir");
+        }
         // What a writer killed before its rename leaves, next to files that must stay.
         let left = [
             dir.path().join(".summary.yaml.tmp-a1B2c3"),
             vms.join(".vm-01.yaml.tmp-Zz9Yy8"),
+            dir.path().join("tasks/t/.run.yaml.tmp-Pp0Oo9"),
         ];
         let kept = [
             vms.join("vm-01.yaml"),
             hitl.join(".p-1.answer.tmp-Qq1Ww2"),
+            artifacts.join(".build.log.tmp-guest"),
             dir.path().join(".gitignore"),
         ];
         for f in left.iter().chain(&kept) {
