@@ -142,19 +142,25 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_lock_file_left_by_a_dead_process_is_stale() {
-        let dir = tempfile::tempdir().expect("tempdir");
+    /// Writes the lock file a killed holder leaves (its holder, no lock held).
+    fn leave_dead_holder(status_dir: &Path) -> Holder {
         let dead = Holder {
             pid: 999_999_999,
             command: "fleet serve".into(),
             since: "then".into(),
         };
         std::fs::write(
-            dir.path().join("lock"),
+            status_dir.join("lock"),
             serde_json::to_vec(&dead).expect("json"),
         )
         .expect("write");
+        dead
+    }
+
+    #[test]
+    fn a_lock_file_left_by_a_dead_process_is_stale() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dead = leave_dead_holder(dir.path());
         let lock = StatusLock::acquire(dir.path(), "fleet apply").expect("stale lock is taken");
         assert_eq!(lock.stale, Some(dead));
     }
@@ -187,16 +193,7 @@ mod tests {
         drop(StatusLock::acquire(dir.path(), "fleet apply").expect("first"));
         assert!(left.iter().all(|f| f.exists()));
         // ...a dead holder's leftovers go.
-        let dead = Holder {
-            pid: 999_999_999,
-            command: "fleet apply".into(),
-            since: "then".into(),
-        };
-        std::fs::write(
-            dir.path().join("lock"),
-            serde_json::to_vec(&dead).expect("json"),
-        )
-        .expect("write");
+        leave_dead_holder(dir.path());
         let _lock = StatusLock::acquire(dir.path(), "fleet apply").expect("stale lock is taken");
         for f in &left {
             assert!(!f.exists(), "{} is left", f.display());
