@@ -403,8 +403,8 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     let (journal, recovered) = reconcile::open_journal(ws, &drivers)
         .await
         .context("opening the journal")?;
-    for note in &recovered {
-        eprintln!("journal: {note}");
+    for line in &recovered {
+        eprintln!("{line}");
     }
     let observed = reconcile::observe_for(&drivers, &desired).await;
     let fresh = reconcile::plan_for(ws, &desired, &observed, &vault);

@@ -311,35 +311,48 @@ pub struct Applied {
 }
 
 /// Opens the journal, resolves what an interrupted apply left open, and lets each driver
-/// tidy what such an apply left on its host. The caller holds the status lock.
+/// tidy what such an apply left on its host. The caller holds the status lock. Returns
+/// the journal and one line per thing done, each saying where it came from
+/// (`journal: …`, `tidy <provider>: …`), for the caller to print; each is also an event.
 pub async fn open_journal(
     ws: &Workspace,
     drivers: &Drivers,
 ) -> std::io::Result<(Arc<Journal>, Vec<String>)> {
     ws.status.ensure()?;
     let journal = Arc::new(Journal::open(&ws.status.journal_path())?);
-    let mut recovered = apply::recover(&journal, drivers).await?;
+    let mut events: Vec<(Option<String>, String)> = apply::recover(&journal, drivers)
+        .await?
+        .into_iter()
+        .map(|note| (None, note))
+        .collect();
     for (provider, driver) in drivers {
         let driver = driver.clone();
-        match tokio::task::spawn_blocking(move || driver.tidy()).await {
-            Ok(Ok(removed)) => recovered.extend(removed),
-            Ok(Err(e)) => recovered.push(format!("could not tidy provider {provider}: {e}")),
-            Err(e) => recovered.push(format!("could not tidy provider {provider}: {e}")),
-        }
+        let notes = match tokio::task::spawn_blocking(move || driver.tidy()).await {
+            Ok(Ok(removed)) => removed,
+            Ok(Err(e)) => vec![format!("could not tidy: {e}")],
+            Err(e) => vec![format!("could not tidy: {e}")],
+        };
+        events.extend(notes.into_iter().map(|n| (Some(provider.clone()), n)));
     }
-    for note in &recovered {
+    let mut lines = Vec::new();
+    for (provider, message) in events {
+        let (kind, line) = match &provider {
+            None => ("journal.recovered", format!("journal: {message}")),
+            Some(p) => ("host.tidied", format!("tidy {p}: {message}")),
+        };
         ws.status.append_event(&Event {
             task: None,
             time: timestamp(SystemTime::now()),
-            kind: "journal.recovered".into(),
+            kind: kind.into(),
             vm: None,
-            provider: None,
+            provider,
             action: None,
             revision: None,
-            message: note.clone(),
+            message,
         })?;
+        lines.push(line);
     }
-    Ok((journal, recovered))
+    Ok((journal, lines))
 }
 
 /// What one reconcile pass works from: the revision's desired state, the plan made from

@@ -334,8 +334,8 @@ impl Daemon {
             }
         }
         let (journal, recovered) = reconcile::open_journal(&self.ws, &self.drivers).await?;
-        for note in recovered {
-            tracing::warn!("journal: {note}");
+        for line in recovered {
+            tracing::warn!("{line}");
         }
         self.journal = Some(journal);
         Ok(())

@@ -297,7 +297,18 @@ fn a_fleet_on_proxmox_lives_its_whole_life_through_the_api() {
         leftover.exists() && half_written.exists(),
         "plan changes nothing"
     );
-    f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    let tidied = f.repo.fleet(&["apply", "--auto-approve"]);
+    tidied.expect_code(0);
+    assert!(
+        tidied
+            .stderr()
+            .contains("removed the snippet of gone, whose VM no longer exists")
+            && tidied
+                .stderr()
+                .contains(".fleet-demo-web-1.yaml.tmp-Ab12Cd"),
+        "{}",
+        tidied.stderr()
+    );
     assert!(!leftover.exists(), "swept");
     assert!(!half_written.exists(), "swept");
     assert!(
