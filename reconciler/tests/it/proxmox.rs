@@ -56,7 +56,7 @@ spec:
         self.host
             .path()
             .join("snippets")
-            .join(format!("fleet-{fleet}-{vm}.yaml"))
+            .join(format!("fleet.{fleet}.{vm}.yaml"))
     }
 }
 
@@ -143,7 +143,7 @@ fn a_fleet_on_proxmox_lives_its_whole_life_through_the_api() {
     assert_eq!(config_of(&web1, "tags"), "fleet-demo");
     assert!(config_of(&web1, "description").contains("fleet-stamp: "));
     assert!(config_of(&web1, "net0").contains("bridge=vmbr0"));
-    assert!(config_of(&web1, "cicustom").contains("local:snippets/fleet-demo-web-1.yaml"));
+    assert!(config_of(&web1, "cicustom").contains("local:snippets/fleet.demo.web-1.yaml"));
     let web2 = pve.vm_named("web-2").expect("web-2 made");
     assert_eq!(web2["status"], "stopped");
     assert_eq!(web2["node"], "pve2", "placed on its own node");
@@ -206,6 +206,14 @@ fn a_fleet_on_proxmox_lives_its_whole_life_through_the_api() {
         ),
     );
     f.repo.commit("web-1: 4 CPUs");
+    // Releases before the dotted snippet names wrote `fleet-<fleet>-<vm>.yaml`; a VM's
+    // update moves it to the new name and removes the old file.
+    let legacy = f.host.path().join("snippets/fleet-demo-web-1.yaml");
+    std::fs::write(
+        &legacy,
+        "#cloud-config\n# fleet: demo/web-1 (written by fleet; holds no secret)\n",
+    )
+    .expect("write");
     let plan = f.repo.fleet(&["plan"]);
     assert!(
         plan.stdout().contains("Plan: 1 to update."),
@@ -217,6 +225,8 @@ fn a_fleet_on_proxmox_lives_its_whole_life_through_the_api() {
     let web1 = pve.vm_named("web-1").expect("web-1");
     assert_eq!(config_of(&web1, "cores"), "4");
     assert_eq!(web1["status"], "running");
+    assert!(config_of(&web1, "cicustom").ends_with("snippets/fleet.demo.web-1.yaml"));
+    assert!(!legacy.exists(), "the legacy snippet went with the update");
     let put = wire
         .iter()
         .find(|r| r.method == "PUT" && r.path.ends_with("/config"))
@@ -285,10 +295,22 @@ fn a_fleet_on_proxmox_lives_its_whole_life_through_the_api() {
     let half_written = f
         .host
         .path()
-        .join("snippets/.fleet-demo-web-1.yaml.tmp-Ab12Cd");
+        .join("snippets/.fleet.demo.web-1.yaml.tmp-Ab12Cd");
     std::fs::write(&half_written, "#cloud-config\n").expect("write");
-    let unrelated = f.host.path().join("snippets/operator.yaml");
-    let unrelated_temp = f.host.path().join("snippets/.operator.yaml.tmp-Ab12Cd");
+    // A legacy-named leftover of this fleet goes too; a legacy name this fleet's could be
+    // read into (fleet `demo-x`'s VM `y`) stays: its marker names another fleet.
+    let snippets = f.host.path().join("snippets");
+    let legacy_leftover = snippets.join("fleet-demo-old.yaml");
+    let other_fleets = snippets.join("fleet-demo-x-y.yaml");
+    for (file, owner) in [(&legacy_leftover, "demo/old"), (&other_fleets, "demo-x/y")] {
+        std::fs::write(
+            file,
+            format!("#cloud-config\n# fleet: {owner} (written by fleet; holds no secret)\n"),
+        )
+        .expect("write");
+    }
+    let unrelated = snippets.join("operator.yaml");
+    let unrelated_temp = snippets.join(".operator.yaml.tmp-Ab12Cd");
     for file in [&unrelated, &unrelated_temp] {
         std::fs::write(file, "#cloud-config\n").expect("write");
     }
@@ -305,20 +327,43 @@ fn a_fleet_on_proxmox_lives_its_whole_life_through_the_api() {
             .contains("removed the snippet of gone, whose VM no longer exists")
             && tidied
                 .stderr()
-                .contains(".fleet-demo-web-1.yaml.tmp-Ab12Cd"),
+                .contains(".fleet.demo.web-1.yaml.tmp-Ab12Cd"),
         "{}",
         tidied.stderr()
     );
     assert!(!leftover.exists(), "swept");
     assert!(!half_written.exists(), "swept");
+    assert!(!legacy_leftover.exists(), "swept");
     assert!(
         f.snippet("demo", "web-1").exists(),
         "a live VM's snippet stays"
     );
     assert!(
-        unrelated.exists() && unrelated_temp.exists(),
-        "not fleet's: kept"
+        unrelated.exists() && unrelated_temp.exists() && other_fleets.exists(),
+        "not this fleet's: kept"
     );
+
+    // A file that is not fleet's where a new VM's snippet goes is never overwritten: the
+    // create fails before its clone, with the file named, and the VM's neighbours go on.
+    let squatter = f.snippet("demo", "web-9");
+    std::fs::write(&squatter, "#cloud-config\n# the operator's own\n").expect("write");
+    f.repo.write("fleet/vms/web-9.yaml", vm_yaml("web-9", ""));
+    f.repo.commit("web-9, whose snippet name is taken");
+    let refused = f.repo.fleet(&["apply", "--auto-approve"]);
+    assert_ne!(refused.code(), 0);
+    let said = refused.stdout() + &refused.stderr();
+    assert!(
+        said.contains("fleet.demo.web-9.yaml exists and is not fleet's snippet for demo/web-9"),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&squatter).expect("read"),
+        "#cloud-config\n# the operator's own\n"
+    );
+    assert!(pve.vm_named("web-9").is_none(), "no VM without its snippet");
+    f.repo.remove("fleet/vms/web-9.yaml");
+    f.repo.commit("no web-9");
+    f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
 
     // Foreign VMs: never modified, never destroyed; fleet only ever read them in listings.
     let foreign_after: Vec<_> = pve
@@ -708,7 +753,7 @@ fn a_killed_apply_on_proxmox_leaves_no_duplicate_and_no_orphan() {
         snippets.sort();
         let expected_snippets: Vec<String> = fleet
             .keys()
-            .map(|n| format!("fleet-crash-{n}.yaml"))
+            .map(|n| format!("fleet.crash.{n}.yaml"))
             .collect();
         assert_eq!(
             snippets, expected_snippets,

@@ -561,8 +561,25 @@ impl ProxmoxDriver {
 
     // ---------------------------------------------------------------- snippets
 
+    /// `fleet.<fleet>.<vm>.yaml`: fleet and VM names never hold a dot, so no two fleets'
+    /// VMs share a snippet, even in one snippet directory.
     fn snippet_name(&self, vm: &str) -> String {
-        format!("fleet-{}-{vm}.yaml", self.fleet)
+        format!("{}{vm}.yaml", self.snippet_prefix())
+    }
+
+    fn snippet_prefix(&self) -> String {
+        format!("fleet.{}.", self.fleet)
+    }
+
+    /// Where releases before the dotted names put the VM's snippet. Not unique: fleet `a`
+    /// with VM `b-c` and fleet `a-b` with VM `c` both got `fleet-a-b-c.yaml`, so such a file
+    /// is only ever removed when its marker names this fleet and VM.
+    fn legacy_snippet_name(&self, vm: &str) -> String {
+        format!("{}{vm}.yaml", self.legacy_snippet_prefix())
+    }
+
+    fn legacy_snippet_prefix(&self) -> String {
+        format!("fleet-{}-", self.fleet)
     }
 
     /// Writes the VM's cloud-init user-data snippet. It holds no secret: secret values only
@@ -583,6 +600,21 @@ impl ProxmoxDriver {
             body.trim_start_matches('\n')
         );
         let path = dir.join(self.snippet_name(&vm.name));
+        // Never overwrite a file that is not this VM's snippet: it is someone else's.
+        if let Ok(existing) = std::fs::read_to_string(&path)
+            && !stamp::snippet_is(&existing, &self.fleet, &vm.name)
+        {
+            return Err(DriverError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "{} exists and is not fleet's snippet for {}/{} (its second line is not `{}`); fleet will not overwrite it: move it out of the snippet directory",
+                    path.display(),
+                    self.fleet,
+                    vm.name,
+                    stamp::snippet_marker(&self.fleet, &vm.name)
+                ),
+            ));
+        }
         crate::status::write_atomic(&path, text.as_bytes()).map_err(|e| {
             DriverError::new(
                 ErrorKind::Transient,
@@ -591,21 +623,40 @@ impl ProxmoxDriver {
         })
     }
 
-    /// Removes the VM's snippet if it is fleet's (its marker line says so).
+    /// Removes the VM's snippet, under its name and under its legacy name, where the file's
+    /// marker line says it is this fleet's snippet for this VM.
     fn remove_snippet(&self, name: &str) -> Result<(), DriverError> {
         let Some((_, dir)) = &self.snippets else {
             return Ok(());
         };
-        let path = dir.join(self.snippet_name(name));
-        match std::fs::read_to_string(&path) {
-            Ok(text) if stamp::snippet_is(&text, &self.fleet, name) => std::fs::remove_file(&path)
-                .map_err(|e| {
+        for file in [self.snippet_name(name), self.legacy_snippet_name(name)] {
+            self.remove_if_marked(&dir.join(file), name)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the VM's snippet under its legacy name, once its config points at the new
+    /// one.
+    fn drop_legacy_snippet(&self, name: &str) -> Result<(), DriverError> {
+        if let Some((_, dir)) = &self.snippets {
+            self.remove_if_marked(&dir.join(self.legacy_snippet_name(name)), name)?;
+        }
+        Ok(())
+    }
+
+    /// Removes `path` if its marker says it is this fleet's snippet for `vm`; says whether
+    /// it did.
+    fn remove_if_marked(&self, path: &std::path::Path, vm: &str) -> Result<bool, DriverError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) if stamp::snippet_is(&text, &self.fleet, vm) => {
+                std::fs::remove_file(path).map(|()| true).map_err(|e| {
                     DriverError::new(
                         ErrorKind::Transient,
                         format!("remove snippet {}: {e}", path.display()),
                     )
-                }),
-            _ => Ok(()),
+                })
+            }
+            _ => Ok(false),
         }
     }
 
@@ -616,9 +667,8 @@ impl ProxmoxDriver {
         let Some((_, dir)) = &self.snippets else {
             return Vec::new();
         };
-        let prefix = format!("fleet-{}-", self.fleet);
         let mut removed: Vec<String> =
-            crate::status::remove_left_temp_files(dir, &prefix, |_| false)
+            crate::status::remove_left_temp_files(dir, &self.snippet_prefix(), |_| false)
                 .iter()
                 .map(|p| {
                     format!(
@@ -630,12 +680,13 @@ impl ProxmoxDriver {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return removed;
         };
+        let prefixes = [self.snippet_prefix(), self.legacy_snippet_prefix()];
         for entry in entries.flatten() {
             let file = entry.file_name().to_string_lossy().into_owned();
-            let Some(vm) = file
-                .strip_prefix(&prefix)
-                .and_then(|rest| rest.strip_suffix(".yaml"))
-            else {
+            let Some(vm) = prefixes.iter().find_map(|prefix| {
+                file.strip_prefix(prefix.as_str())
+                    .and_then(|rest| rest.strip_suffix(".yaml"))
+            }) else {
                 continue;
             };
             let alive = host
@@ -645,12 +696,12 @@ impl ProxmoxDriver {
             if alive {
                 continue;
             }
-            match self.remove_snippet(vm) {
-                // A file without fleet's marker is not fleet's, and stays.
-                Ok(()) if !entry.path().exists() => removed.push(format!(
+            // A file without this fleet's marker for `vm` is not its snippet, and stays.
+            match self.remove_if_marked(&entry.path(), vm) {
+                Ok(true) => removed.push(format!(
                     "removed the snippet of {vm}, whose VM no longer exists"
                 )),
-                Ok(()) => {}
+                Ok(false) => {}
                 Err(e) => tracing::warn!("snippet sweep: {e}"),
             }
         }
@@ -803,6 +854,7 @@ impl Driver for ProxmoxDriver {
         // the config it describes: whatever a crash interrupts before it is done again.
         let owned = self.resize_disk(vm, owned)?;
         self.write_config(vm, stamp, &owned)?;
+        self.drop_legacy_snippet(&vm.name)?;
         self.remember(owned.vmid, &vm.name, &owned.node, Some(stamp.clone()));
         self.ensure_power(vm, &owned, grace)
     }
@@ -833,6 +885,7 @@ impl Driver for ProxmoxDriver {
         self.write_snippet(vm)?;
         let owned = self.resize_disk(vm, owned)?;
         self.write_config(vm, stamp, &owned)?;
+        self.drop_legacy_snippet(&vm.name)?;
         self.remember(owned.vmid, &vm.name, &owned.node, Some(stamp.clone()));
         self.ensure_power(vm, &owned, grace)
     }
