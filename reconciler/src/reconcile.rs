@@ -327,11 +327,11 @@ pub async fn open_journal(
         .collect();
     for (provider, driver) in drivers {
         let driver = driver.clone();
-        let notes = match tokio::task::spawn_blocking(move || driver.tidy()).await {
-            Ok(Ok(removed)) => removed,
-            Ok(Err(e)) => vec![format!("could not tidy: {e}")],
-            Err(e) => vec![format!("could not tidy: {e}")],
-        };
+        let notes = tokio::task::spawn_blocking(move || driver.tidy())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|tidied| tidied.map_err(|e| e.to_string()))
+            .unwrap_or_else(|e| vec![format!("could not tidy: {e}")]);
         events.extend(notes.into_iter().map(|n| (Some(provider.clone()), n)));
     }
     let mut lines = Vec::new();
