@@ -5,10 +5,16 @@
 #   make bench   plan, observe and daemon benchmarks (needs libvirtd)
 SHELL := /bin/bash
 CARGO ?= cargo
+# Where cargo builds (CI shares one target directory between the checkout and its clone).
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 IMAGE_DIR := build/image
-DEB_PACKAGES := libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 pkg-config \
+DEB_PACKAGES := libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 qemu-utils pkg-config \
                 linux-image-cloud-amd64 busybox-static cpio kmod file git chromium genisoimage cloud-init age \
                 python3-venv
+# Every command fleet, its image builder and its tests run, checked after installing: one
+# package can remove another's command (a newer qemu-utils gave way to qemu-system-x86's).
+DEB_COMMANDS := libvirtd virtlogd virsh qemu-system-x86_64 qemu-img genisoimage busybox cpio \
+                depmod file git chromium cloud-init age age-keygen python3 pkg-config
 
 .PHONY: all build deps libvirtd agent image image-debian fakepve run test lint unit bench fuzz crash-test crash-test-proxmox clean
 
@@ -17,14 +23,26 @@ all: build
 build:
 	$(CARGO) build --release
 
-# Installs the Debian packages fleet and its tests need, when one is missing.
+# Installs the Debian packages fleet and its tests need, when one is missing, then checks that
+# every command they provide is really there. qemu-utils is pinned to qemu-system-x86's
+# version: a newer qemu-utils (from backports) breaks qemu-system-common, and apt would rather
+# remove it than pick matching versions.
 deps:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if ! command -v qemu-img >/dev/null; then missing="$$missing qemu-utils"; fi; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
+	absent=$$(for c in $(DEB_COMMANDS); do command -v $$c >/dev/null || echo $$c; done); \
+	if [ -n "$$missing$$absent" ]; then \
+	  echo "installing:" $$missing $$absent; \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
+	  apt-get update -qq || exit 1; \
+	  qemu=$$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $$2}'); \
+	  pkgs=$$(echo $(DEB_PACKAGES) | sed "s/qemu-system-x86/qemu-system-x86=$$qemu/; s/qemu-utils/qemu-utils=$$qemu/"); \
+	  apt-get install -y -qq --no-install-recommends --allow-downgrades $$pkgs || exit 1; \
+	fi
+	@absent=$$(for c in $(DEB_COMMANDS); do command -v $$c >/dev/null || echo $$c; done); \
+	if [ -n "$$absent" ]; then \
+	  echo "make deps: still missing after installing:" $$absent >&2; \
+	  echo "  reinstall the package that provides each (apt-get install --reinstall PACKAGE)" >&2; \
+	  exit 1; \
 	fi
 
 # Starts virtlogd and libvirtd when they are not running (no systemd needed).
@@ -35,7 +53,7 @@ libvirtd:
 	  echo "libvirtd did not answer on qemu:///system" >&2; exit 1
 
 # The guest agent, linked statically (the micro image has no C library).
-AGENT_BIN := target/x86_64-unknown-linux-gnu/release/fleet-agent
+AGENT_BIN := $(TARGET_DIR)/x86_64-unknown-linux-gnu/release/fleet-agent
 agent:
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p fleet-agent --target x86_64-unknown-linux-gnu
 	mkdir -p build && strip -o build/fleet-agent $(AGENT_BIN)
@@ -51,9 +69,9 @@ image-debian: agent
 	FLEET_AGENT_BIN=$(CURDIR)/build/fleet-agent guest-agent/image/build-debian.sh build/image-debian
 
 run: deps libvirtd build image
-	./target/release/fleet apply --auto-approve
+	$(TARGET_DIR)/release/fleet apply --auto-approve
 	@sleep 6
-	./target/release/fleet status
+	$(TARGET_DIR)/release/fleet status
 	@for f in .fleet/storage/*/console.log; do grep -h 'userspace reached' $$f || true; done
 
 lint:
@@ -81,7 +99,7 @@ fakepve:
 TRIALS ?= 10
 crash-test: image libvirtd
 	$(CARGO) build -p fleet --bins
-	./target/debug/fleet-crash --trials $(TRIALS)
+	$(TARGET_DIR)/debug/fleet-crash --trials $(TRIALS)
 
 # The same on the fake Proxmox cluster: SIGKILL fleet apply mid-apply, recover, check for
 # duplicates, orphaned snippets, locks left and convergence.
@@ -96,7 +114,7 @@ fuzz:
 	FLEET_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --release -p fleet --test it fuzz
 
 bench: build image libvirtd
-	./target/release/fleet-bench --libvirt --daemon
+	$(TARGET_DIR)/release/fleet-bench --libvirt --daemon
 
 clean:
 	rm -rf build target .fleet

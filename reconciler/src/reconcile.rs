@@ -175,7 +175,7 @@ pub async fn observe(drivers: &Drivers) -> Observed {
     let mut tasks = tokio::task::JoinSet::new();
     for (name, driver) in drivers {
         let (name, driver) = (name.clone(), driver.clone());
-        tasks.spawn_blocking(move || (name, driver.observe()));
+        tasks.spawn_blocking(move || (name, driver.preflight().and_then(|()| driver.observe())));
     }
     let mut observed = Observed::default();
     while let Some(joined) = tasks.join_next().await {

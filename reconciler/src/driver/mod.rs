@@ -48,6 +48,14 @@ pub trait Driver: Send + Sync {
     /// Every VM on the host with its stamp: one list call plus one read per VM.
     fn observe(&self) -> Result<ObservedHost, DriverError>;
 
+    /// Checks, read-only, that the host can run VMs the way this driver makes them (libvirt:
+    /// QEMU's user can reach the storage directory). A failure makes the provider unusable
+    /// for the pass: the plan says why and plans none of its VMs, rather than every start
+    /// failing with the hypervisor's own words.
+    fn preflight(&self) -> Result<(), DriverError> {
+        Ok(())
+    }
+
     /// Makes the VM (files, definition with `stamp`) and starts it when the spec says running.
     /// Idempotent: a VM already made by this fleet under this name is brought to the spec
     /// (stopping it, within `grace`, if the spec says stopped).

@@ -257,7 +257,7 @@ pub fn plan_with_history(desired: &Desired, observed: &Observed, history: &Histo
 
     for (provider, why) in &observed.unreachable {
         errors.push(format!(
-            "provider {provider} could not be observed ({why}); its VMs are not planned"
+            "provider {provider} cannot be used: {why}; its VMs are not planned"
         ));
     }
 

@@ -511,8 +511,17 @@ pub fn history(vms: &BTreeMap<String, VmStatus>) -> crate::plan::History {
     crate::plan::History {
         applied: vms
             .values()
-            .filter(|vm| vm.observed.is_some())
-            .map(|vm| (vm.name.clone(), vm.desired_state))
+            .filter_map(|vm| {
+                // Applied running means seen running: a VM whose start failed was never
+                // running, so finding it stopped is not drift.
+                let seen = vm.observed.as_ref()?;
+                let state = if seen.running {
+                    vm.desired_state
+                } else {
+                    PowerState::Stopped
+                };
+                Some((vm.name.clone(), state))
+            })
             .collect(),
     }
 }
@@ -545,4 +554,47 @@ pub fn counts(vms: &BTreeMap<String, VmStatus>) -> Counts {
 
 pub(crate) fn yaml<T: Serialize>(value: &T) -> String {
     serde_saphyr::to_string(value).expect("status values serialise to YAML")
+}
+
+#[cfg(test)]
+mod history_tests {
+    use super::*;
+
+    fn status(name: &str, desired: PowerState, running: Option<bool>) -> VmStatus {
+        VmStatus {
+            name: name.into(),
+            provider: "local".into(),
+            phase: Phase::Stopped,
+            desired_state: desired,
+            observed: running.map(|running| ObservedResources {
+                uuid: String::new(),
+                running,
+                cpus: 1,
+                memory_mib: 128,
+            }),
+            spec_hash: String::new(),
+            applied_revision: None,
+            source: String::new(),
+            agent: None,
+            conditions: Vec::new(),
+            last_error: None,
+            updated: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_vm_never_seen_running_was_not_applied_running() {
+        let vms: BTreeMap<String, VmStatus> = [
+            status("ran", PowerState::Running, Some(true)),
+            status("failed-to-start", PowerState::Running, Some(false)),
+            status("never-made", PowerState::Running, None),
+        ]
+        .into_iter()
+        .map(|s| (s.name.clone(), s))
+        .collect();
+        let h = history(&vms);
+        assert_eq!(h.applied.get("ran"), Some(&PowerState::Running));
+        assert_eq!(h.applied.get("failed-to-start"), Some(&PowerState::Stopped));
+        assert_eq!(h.applied.get("never-made"), None);
+    }
 }

@@ -14,6 +14,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -26,14 +27,52 @@ import uuid
 from fakepve import FakePve
 from fakepve import agent as fakepve_agent
 from fakepve.certs import make_cert
+from fakepve.qemu import DRIVE_KEY
 
 TOKEN_ID = 'fleet@pve!ci'
 
 
+# Config keys qemu-server guards with VM.Config.Cloudinit (fakepve 0.5.0 asks HWType).
+CLOUDINIT_KEYS = ('cicustom', 'cipassword', 'citype', 'ciuser', 'ciupgrade', 'nameserver',
+                  'searchdomain', 'sshkeys')
+NET_KEY = re.compile(r'net\d+')
+
+
 class RecordingPve(FakePve):
+    """fakepve, recording every request, with the privilege checks of qemu-server that
+    fakepve 0.5.0 leaves out: Cloudinit for cloud-init options, Cloudinit and CDROM for a
+    cloud-init drive, and SDN.Use on a bridge (PVE 8+, on clone and on every net change).
+    Privileges are enforced once a test grants some (op `grant`)."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.wire = []
+
+    def _config_priv(self, key):
+        if key in CLOUDINIT_KEYS or key.startswith('ipconfig'):
+            return 'VM.Config.Cloudinit'
+        return super()._config_priv(key)
+
+    async def _apply_config(self, vm, user, p):
+        path = '/vms/{0}'.format(vm.vmid)
+        deletes = [k for k in str(p.get('delete', '') or '').split(',') if k]
+        for key, value in p.items():
+            if DRIVE_KEY.match(key) and str(value).split(',')[0].endswith(':cloudinit'):
+                self.require(user, path, 'VM.Config.Cloudinit')
+                self.require(user, path, 'VM.Config.CDROM')
+            if NET_KEY.fullmatch(key):
+                self._check_bridge(user, value)
+        for key in deletes + [k for k in p if NET_KEY.fullmatch(k)]:
+            if NET_KEY.fullmatch(key) and vm.config.get(key):
+                self._check_bridge(user, vm.config[key])
+        await super()._apply_config(vm, user, p)
+
+    async def _qm_clone(self, v, user):
+        template = self.vm(int(v['vmid']))
+        for key, value in (template.config.items() if template else ()):
+            if NET_KEY.fullmatch(key):
+                self._check_bridge(user, value)
+        return await super()._qm_clone(v, user)
 
     def _record(self, request, body):
         super()._record(request, body)
@@ -185,6 +224,10 @@ class Control:
         if op == 'wire':
             out, pve.wire = pve.wire, []
             return out
+        if op == 'grant':
+            # From the first grant on, fakepve enforces privileges for every user but root.
+            pve.grant(cmd.get('user', TOKEN_ID.split('!')[0]), cmd.get('path', '/'), *cmd['privs'])
+            return None
         if op == 'add_vm':
             vm = pve.add_vm(int(cmd['vmid']), cmd['name'], node=cmd.get('node', 'pve1'),
                             status=cmd.get('status', 'stopped'), config=cmd.get('config', {}),

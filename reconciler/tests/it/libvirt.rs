@@ -527,3 +527,56 @@ fn an_interrupted_create_is_recovered_without_a_duplicate() {
     repo.commit("empty");
     crate::approvals::apply_emptying(&repo);
 }
+
+/// A repository under a directory QEMU's user cannot enter (a checkout under `/root`, a
+/// `mktemp -d`): plan and apply say so up front, naming the directory, QEMU's user and the
+/// fix; nothing is defined, nothing is retried, and nothing is called drift.
+#[test]
+fn storage_out_of_qemus_reach_is_a_clear_error_not_drift() {
+    if !enabled() {
+        return;
+    }
+    let prefix = "itreach";
+    let _cleanup = Cleanup {
+        prefix: prefix.into(),
+    };
+    let repo = Repo::new();
+    crate::support::set_mode(repo.path(), 0o700);
+    let name = format!("{prefix}-a");
+    repo.write("fleet/fleet.yaml", fleet_yaml(prefix))
+        .write("fleet/vms/a.yaml", vm_yaml(&name, "128Mi"));
+    repo.commit("a VM whose storage QEMU cannot reach");
+
+    let plan = repo.fleet(&["plan"]);
+    let text = format!("{}{}", plan.stdout(), plan.stderr());
+    let private = repo.path().display().to_string();
+    assert!(
+        text.contains(&format!("cannot enter {private} (mode 0700")),
+        "{text}"
+    );
+    assert!(text.contains("QEMU runs as libvirt-qemu"), "{text}");
+    assert!(text.contains(&format!("chmod o+x {private}")), "{text}");
+    assert!(!text.contains("to create"), "nothing is planned: {text}");
+
+    for _ in 0..2 {
+        let apply = repo.fleet(&["apply", "--auto-approve"]);
+        assert_ne!(apply.code(), 0, "{}", apply.stdout());
+    }
+    assert!(!domain_exists(&name), "no domain was defined");
+    let events =
+        std::fs::read_to_string(repo.path().join(".fleet/status/events.jsonl")).unwrap_or_default();
+    assert!(!events.contains("vm.drifted"), "{events}");
+    assert!(!events.contains("outside fleet"), "{events}");
+    assert!(
+        !events.contains("step.failed"),
+        "no step was tried: {events}"
+    );
+
+    // Once QEMU may enter, the same revision converges.
+    crate::support::set_mode(repo.path(), 0o711);
+    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    assert!(domain_exists(&name));
+    repo.remove("fleet/vms/a.yaml");
+    repo.commit("gone");
+    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+}

@@ -777,3 +777,90 @@ fn a_killed_apply_on_proxmox_leaves_no_duplicate_and_no_orphan() {
         "the kills landed mid-apply ({mid_apply} of {trials})"
     );
 }
+
+/// The privileges `docs/proxmox.md` tells operators to give fleet's role.
+fn documented_privileges() -> Vec<String> {
+    let docs = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/proxmox.md"),
+    )
+    .expect("docs/proxmox.md");
+    let line = docs
+        .lines()
+        .find(|l| l.starts_with("pveum role add Fleet -privs "))
+        .expect("the pveum role add line");
+    line.split('"')
+        .nth(1)
+        .expect("quoted privileges")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_token_with_exactly_the_documented_privileges_makes_runs_and_removes_a_vm() {
+    if !enabled() {
+        return;
+    }
+    let privileges = documented_privileges();
+    assert!(privileges.contains(&"VM.Config.HWType".to_owned()));
+    let mut pve = FakePve::start();
+    let schema = pve.schema();
+    let f = PveFleet::new(&pve, "least", "{shutdownTimeout: 5s, stepTimeout: 1m}");
+    // domainType qemu sends `kvm: 0`; a full network sends net0 on the template's bridge;
+    // the disk is grown: every privilege-guarded key fleet ever writes.
+    let fleet_yaml = std::fs::read_to_string(f.repo.path().join("fleet/fleet.yaml")).expect("read");
+    f.repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml.replace(
+            "      node: pve1\n",
+            "      node: pve1\n      domainType: qemu\n",
+        ),
+    );
+    f.repo.write(
+        "fleet/vms/a.yaml",
+        vm_yaml(
+            "a",
+            ", resources: {disk: 8Gi}, network: {mode: full}, loadout: l",
+        ),
+    );
+    // A second VM stays, so removing `a` does not empty the provider (held for approval).
+    f.repo.write("fleet/vms/b.yaml", vm_yaml("b", ""));
+    f.repo.write(
+        "fleet/loadouts/l.yaml",
+        "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: l}\nspec: {runcmd: ['true']}\n",
+    );
+    f.repo.commit("one VM");
+
+    // The role as documented before this test existed (no HWType): PVE refuses the config
+    // write, and says which privilege is missing.
+    let without: Vec<&String> = privileges
+        .iter()
+        .filter(|p| *p != "VM.Config.HWType")
+        .collect();
+    pve.control(json!({"op": "grant", "privs": without}));
+    let refused = f.repo.fleet(&["apply", "--auto-approve"]);
+    assert_ne!(refused.code(), 0, "{}", refused.stdout());
+    assert!(
+        format!("{}{}", refused.stdout(), refused.stderr()).contains("VM.Config.HWType"),
+        "{}\n{}",
+        refused.stdout(),
+        refused.stderr()
+    );
+
+    // Exactly the documented privileges: the create is finished, the VM runs, and it is
+    // destroyed when its file goes.
+    pve.control(json!({"op": "grant", "privs": ["VM.Config.HWType"]}));
+    f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    let vm = pve.vm_named("a").expect("VM a");
+    assert_eq!(vm["status"], "running", "{vm}");
+    assert_eq!(config_of(&vm, "kvm"), "0", "{vm}");
+    assert!(config_of(&vm, "net0").contains("bridge=vmbr0"), "{vm}");
+    f.repo
+        .fleet(&["plan", "--detailed-exitcode"])
+        .expect_code(0);
+    f.repo.remove("fleet/vms/a.yaml");
+    f.repo.commit("gone");
+    f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    assert!(pve.vm_named("a").is_none(), "destroyed");
+    checked_wire(&mut pve, &schema);
+}

@@ -106,17 +106,14 @@ impl FakePve {
         serde_json::from_value(self.control(json!({"op": "wire"}))).expect("wire records")
     }
 
-    /// The schema requests are checked against: `FLEET_PVE_SCHEMA`, else the shared
-    /// official PVE 9.1 schema beside the project, else the copy fakepve bundles.
+    /// The schema requests are checked against: `FLEET_PVE_SCHEMA` (CI points it at the
+    /// official PVE 9.1 schema when one is beside the checkout), else the copy of the same
+    /// published API description that fakepve bundles. Nothing outside the checkout and its
+    /// venv is needed.
     pub fn schema(&mut self) -> ApiSchema {
         let path = std::env::var_os("FLEET_PVE_SCHEMA")
             .map(PathBuf::from)
-            .or_else(|| {
-                let shared = workspace().join("../shared/proxmox/pve-api-schema.json");
-                shared.exists().then_some(shared)
-            })
             .unwrap_or_else(|| {
-                eprintln!("warning: the shared PVE schema is missing; checking against fakepve's bundled copy");
                 PathBuf::from(
                     self.control(json!({"op": "bundled_schema"}))
                         .as_str()
@@ -239,23 +236,38 @@ impl ApiSchema {
         let text = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let tree: Value = serde_json::from_slice(&text).expect("schema JSON");
         let mut methods = Vec::new();
-        fn walk(nodes: &Value, out: &mut Vec<(Vec<String>, String, Value)>) {
+        let split = |path: &str| -> Vec<String> {
+            path.split('/')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        // Two shapes of one published description: PVE's api-viewer tree (`path`, `info`,
+        // `children`), and fakepve's flat `{"paths": {PATH: {METHOD: spec}}}`.
+        fn walk(
+            nodes: &Value,
+            split: &dyn Fn(&str) -> Vec<String>,
+            out: &mut Vec<(Vec<String>, String, Value)>,
+        ) {
             for node in nodes.as_array().into_iter().flatten() {
-                let path = node["path"].as_str().unwrap_or("");
-                let segments: Vec<String> = path
-                    .split('/')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-                    .collect();
+                let segments = split(node["path"].as_str().unwrap_or(""));
                 if let Some(info) = node["info"].as_object() {
                     for (method, spec) in info {
                         out.push((segments.clone(), method.clone(), spec["parameters"].clone()));
                     }
                 }
-                walk(&node["children"], out);
+                walk(&node["children"], split, out);
             }
         }
-        walk(&tree, &mut methods);
+        if let Some(paths) = tree["paths"].as_object() {
+            for (path, info) in paths {
+                for (method, spec) in info.as_object().into_iter().flatten() {
+                    methods.push((split(path), method.clone(), spec["parameters"].clone()));
+                }
+            }
+        } else {
+            walk(&tree, &split, &mut methods);
+        }
         assert!(
             methods.len() > 500,
             "{} holds only {} methods",

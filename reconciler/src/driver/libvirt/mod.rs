@@ -6,6 +6,7 @@
 //! this fleet and VM are ever removed.
 
 pub mod domain_xml;
+pub mod reach;
 
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -49,6 +50,9 @@ pub struct LibvirtDriver {
     fleet: String,
     repo_root: PathBuf,
     storage_dir: PathBuf,
+    domain_type: crate::spec::DomainType,
+    /// Who QEMU runs as (read once from the host's capabilities; `None` inside: no DAC).
+    qemu_user: std::sync::OnceLock<Option<reach::QemuUser>>,
     conn: Mutex<Option<Connect>>,
     calls: AtomicU64,
     /// Observations kept fresh by the event watcher (shared with its thread).
@@ -109,6 +113,8 @@ impl LibvirtDriver {
             fleet: fleet.to_owned(),
             repo_root: repo_root.to_owned(),
             storage_dir,
+            domain_type: provider.domain_type,
+            qemu_user: std::sync::OnceLock::new(),
             conn: Mutex::new(None),
             calls: AtomicU64::new(0),
             cache: Arc::new(Mutex::new(ObservationCache::default())),
@@ -251,24 +257,48 @@ impl LibvirtDriver {
         self.repo_root.join(p)
     }
 
+    /// The user QEMU runs as on this host, read once from libvirt's capabilities.
+    fn qemu_user(&self) -> Result<Option<&reach::QemuUser>, DriverError> {
+        if let Some(user) = self.qemu_user.get() {
+            return Ok(user.as_ref());
+        }
+        let caps = self.call("read host capabilities", |c| c.capabilities())?;
+        let user = reach::QemuUser::from_capabilities(&caps, self.domain_type.as_str());
+        Ok(self.qemu_user.get_or_init(|| user).as_ref())
+    }
+
+    /// Refuses a path QEMU's user cannot reach, naming the directory and the fix.
+    fn check_qemu_reach(&self, path: &Path, need: reach::Need) -> Result<(), DriverError> {
+        match self.qemu_user()? {
+            Some(user) => user
+                .check(path, need)
+                .map_err(|why| DriverError::new(ErrorKind::Permanent, why)),
+            None => Ok(()),
+        }
+    }
+
     fn check_image_file(
         &self,
         vm: &DesiredVm,
         field: &str,
         path: &Path,
     ) -> Result<(), DriverError> {
-        if path.is_file() {
-            Ok(())
-        } else {
-            Err(DriverError::new(
+        if !path.is_file() {
+            return Err(DriverError::new(
                 ErrorKind::Permanent,
                 format!(
                     "image {}: {field} {} does not exist (for the example image run `make image`)",
                     vm.config.image.name,
                     path.display()
                 ),
-            ))
+            ));
         }
+        self.check_qemu_reach(path, reach::Need::Read).map_err(|e| {
+            DriverError::new(
+                e.kind,
+                format!("image {}: {field}: {}", vm.config.image.name, e.message),
+            )
+        })
     }
 
     /// The domain XML for `vm`, checking that its image files exist.
@@ -508,6 +538,13 @@ impl LibvirtDriver {
 }
 
 impl Driver for LibvirtDriver {
+    /// The storage directory must be reachable for QEMU's user: every start would fail
+    /// otherwise, with QEMU's bare "Permission denied".
+    fn preflight(&self) -> Result<(), DriverError> {
+        self.check_qemu_reach(&self.storage_dir, reach::Need::Enter)
+            .map_err(|e| DriverError::new(e.kind, format!("storage directory: {}", e.message)))
+    }
+
     fn observe(&self) -> Result<ObservedHost, DriverError> {
         let domains = self.call("list domains", |c| c.list_all_domains(0))?;
         let mut vms = Vec::with_capacity(domains.len());

@@ -728,7 +728,9 @@ fn has_cloudinit_drive(config: &BTreeMap<String, Value>) -> bool {
 /// Whether a config value already says what fleet would write.
 fn same_value(key: &str, current: Option<&str>, wanted: &str) -> bool {
     let Some(current) = current else {
-        return false;
+        // PVE's default for `kvm` is on: writing it anyway would need VM.Config.HWType for
+        // nothing (only `domainType: qemu` has to send it).
+        return key == "kvm" && wanted == "1";
     };
     match key {
         "tags" => {
