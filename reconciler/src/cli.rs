@@ -33,6 +33,11 @@ pub struct Cli {
     /// ~/.config/fleet/age.key when it exists.
     #[arg(long, value_name = "FILE", env = "FLEET_AGE_IDENTITY", global = true)]
     pub age_identity: Option<PathBuf>,
+    /// The host configuration: providers and how to reach them, image root, allowed
+    /// repositories, recipients, limits. Read only when root (or fleet's user) owns it and
+    /// nobody else can write it.
+    #[arg(long, value_name = "FILE", env = "FLEET_HOST_CONFIG", default_value = crate::host::DEFAULT_PATH, global = true)]
+    pub host_config: PathBuf,
     /// More logs (-v info, -vv debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
@@ -70,14 +75,37 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum SecretCommand {
     /// Encrypt a value (read from stdin, or typed without echo) into
-    /// fleet/secrets/NAME.yaml under KEY, for the Secret's recipients (or policy.recipients).
-    /// The value is never taken from the command line.
-    Set { name: String, key: String },
-    /// Re-encrypt every value (of the named Secrets, or all) to the current recipients; needs
-    /// an identity that can decrypt them.
-    Rotate { names: Vec<String> },
+    /// fleet/secrets/NAME.yaml under KEY, for the host configuration's recipients (or
+    /// --recipients). The value is never taken from the command line.
+    Set {
+        name: String,
+        key: String,
+        #[command(flatten)]
+        recipients: RecipientArgs,
+    },
+    /// Re-encrypt every value (of the named Secrets, or all) to the recipients; needs an
+    /// identity that can decrypt them.
+    Rotate {
+        names: Vec<String>,
+        #[command(flatten)]
+        recipients: RecipientArgs,
+    },
     /// Secret names and keys; values are not decrypted.
     List,
+}
+
+/// Who secrets are encrypted to: the host configuration's `recipients`, unless given here.
+/// Never the repository's say: a commit must not choose who can read every value.
+#[derive(Debug, Args)]
+pub struct RecipientArgs {
+    /// Encrypt to these age recipients (repeat, or separate with commas) instead of the host
+    /// configuration's.
+    #[arg(long = "recipient", value_name = "AGE1…", value_delimiter = ',')]
+    pub recipients: Vec<String>,
+    /// Encrypt to recipients that differ from those the Secret's file was last written for
+    /// without asking (for scripts).
+    #[arg(long)]
+    pub yes: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -235,25 +263,74 @@ pub fn run(cli: Cli) -> ExitCode {
 fn secret_cmd(ws: &Workspace, command: &SecretCommand) -> Result<ExitCode> {
     let files = crate::secrets::files::in_worktree(&ws.repo_root, &ws.fleet_dir);
     match command {
-        SecretCommand::Set { name, key } => {
+        SecretCommand::Set {
+            name,
+            key,
+            recipients,
+        } => {
+            let recipients = secret_recipients(ws, recipients)?;
             let value = crate::secrets::files::read_value()?;
-            let path = files.set(name, key, &value)?;
+            let path = files.set(name, key, &value, &recipients)?;
             println!("{}: {key} encrypted; commit the file", path.display());
         }
-        SecretCommand::Rotate { names } => {
+        SecretCommand::Rotate { names, recipients } => {
+            let recipients = secret_recipients(ws, recipients)?;
             let Some(identity) = &ws.age_identity else {
                 anyhow::bail!(
                     "rotating needs an identity that can decrypt: pass --age-identity FILE, set FLEET_AGE_IDENTITY, or create ~/.config/fleet/age.key"
                 );
             };
             let keyring = crate::secrets::Keyring::load(identity).map_err(anyhow::Error::msg)?;
-            for (path, count) in files.rotate(&keyring, names)? {
+            for (path, count) in files.rotate(&keyring, names, &recipients)? {
                 println!("{}: {count} value(s) re-encrypted", path.display());
             }
         }
         SecretCommand::List => print!("{}", files.list()?),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Who `secret set | rotate` encrypt to: the host configuration's recipients, or those of
+/// `--recipient`. Recipients the host configuration does not list are shown, and used only
+/// after a `yes` (or `--yes`): encrypting to someone is giving them every value.
+fn secret_recipients(ws: &Workspace, args: &RecipientArgs) -> Result<Vec<String>> {
+    let host = match ws.host() {
+        Ok(host) => host.recipients.into_iter().map(|r| r.0).collect(),
+        Err(crate::host::HostError::Missing(_)) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    if args.recipients.is_empty() {
+        if host.is_empty() {
+            bail!(
+                "no recipients to encrypt to: add `recipients: [age1…]` to the host configuration ({}) or pass --recipient AGE1… (age-keygen -y KEYFILE prints yours)",
+                ws.host_config.display()
+            );
+        }
+        return Ok(host);
+    }
+    let strangers: Vec<&String> = args
+        .recipients
+        .iter()
+        .filter(|r| !host.contains(r))
+        .collect();
+    if !strangers.is_empty() && !args.yes {
+        eprintln!("These recipients are not in the host configuration's recipients:");
+        for r in &strangers {
+            eprintln!("  + {r}");
+        }
+        if !std::io::stdin().is_terminal() {
+            bail!(
+                "refusing to encrypt to recipients the host configuration does not list without confirmation; check them and pass --yes"
+            );
+        }
+        eprint!("Encrypt to them? Only 'yes' is accepted: ");
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if answer.trim() != "yes" {
+            bail!("nothing was encrypted");
+        }
+    }
+    Ok(args.recipients.clone())
 }
 
 fn workspace(cli: &Cli) -> Result<Workspace> {
@@ -275,6 +352,7 @@ fn workspace(cli: &Cli) -> Result<Workspace> {
             cli.age_identity.as_deref(),
             home.as_deref(),
         ),
+        host_config: cli.host_config.clone(),
     })
 }
 
@@ -286,18 +364,46 @@ fn print_diagnostics(diags: &[crate::load::Diagnostic]) {
     let _ = writeln!(err, "{} error(s); nothing was applied", diags.len());
 }
 
+/// Checks a revision without contacting anything: no provider, no network, no process.
+/// With the host configuration, under the host's rules; without one, the repository alone
+/// (and says so).
 fn validate(ws: &Workspace, args: &SourceArgs) -> Result<ExitCode> {
     let snapshot = reconcile::read_snapshot(ws, &args.choice())?;
-    match reconcile::desired(&snapshot) {
-        Ok(desired) => {
+    let host = match ws.host() {
+        Ok(host) => Some(host),
+        Err(crate::host::HostError::Missing(path)) => {
+            eprintln!(
+                "note: no host configuration at {}: checking the repository alone, not what the host allows",
+                path.display()
+            );
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let checked = match &host {
+        Some(host) => reconcile::desired(&snapshot, host).map(|d| {
+            (
+                d.vms.len(),
+                d.tasks.len(),
+                d.secrets.len(),
+                d.providers.len(),
+            )
+        }),
+        None => crate::load::load(&snapshot, None).map(|l| {
+            let members: usize = l.pools.values().map(|p| p.doc.spec.replicas as usize).sum();
+            (
+                l.vms.len() + members,
+                l.tasks.len(),
+                l.secrets.len(),
+                l.fleet.doc.spec.providers.len(),
+            )
+        }),
+    };
+    match checked {
+        Ok((vms, tasks, secrets, providers)) => {
             println!(
-                "{}: valid ({} VM(s), {} task(s), {} secret(s), {} provider(s)) at {}",
-                ws.fleet_dir,
-                desired.vms.len(),
-                desired.tasks.len(),
-                desired.secrets.len(),
-                desired.providers.len(),
-                snapshot.revision.label
+                "{}: valid ({vms} VM(s), {tasks} task(s), {secrets} secret(s), {providers} provider(s)) at {}",
+                ws.fleet_dir, snapshot.revision.label
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -313,8 +419,9 @@ async fn make_plan(
     ws: &Workspace,
     source: &SourceArgs,
 ) -> Result<Result<(crate::resolve::Desired, Plan, crate::apply::Drivers), ExitCode>> {
+    let host = ws.host()?;
     let snapshot = reconcile::read_snapshot(ws, &source.choice())?;
-    let desired = match reconcile::desired(&snapshot) {
+    let desired = match reconcile::desired(&snapshot, &host) {
         Ok(d) => d,
         Err(diags) => {
             print_diagnostics(&diags);
@@ -322,7 +429,7 @@ async fn make_plan(
         }
     };
     let vault = ws.open_vault(&desired);
-    let drivers = reconcile::drivers_for(&desired, &ws.repo_root, &vault);
+    let drivers = reconcile::drivers_for(&desired, &host, &vault);
     let observed = reconcile::observe_for(&drivers, &desired).await;
     let plan = reconcile::plan_for(ws, &desired, &observed, &vault);
     Ok(Ok((desired, plan, drivers)))
@@ -384,8 +491,9 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     let saved = args.planfile.as_deref().map(read_saved_plan).transpose()?;
     // Held until apply returns: nothing else may write the status directory meanwhile.
     let _lock = take_lock(ws, "fleet apply")?;
+    let host = ws.host()?;
     let snapshot = reconcile::read_snapshot(ws, &args.source.choice())?;
-    let desired = match reconcile::desired(&snapshot) {
+    let desired = match reconcile::desired(&snapshot, &host) {
         Ok(d) => d,
         Err(diags) => {
             print_diagnostics(&diags);
@@ -399,7 +507,7 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
         }
     };
     let vault = ws.open_vault(&desired);
-    let drivers = reconcile::drivers_for(&desired, &ws.repo_root, &vault);
+    let drivers = reconcile::drivers_for(&desired, &host, &vault);
     let (journal, recovered) = reconcile::open_journal(ws, &drivers)
         .await
         .context("opening the journal")?;
@@ -408,24 +516,28 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     }
     let observed = reconcile::observe_for(&drivers, &desired).await;
     let fresh = reconcile::plan_for(ws, &desired, &observed, &vault);
-    let mut plan = match saved {
-        Some(saved) => {
-            if saved.revision.id != fresh.revision.id {
-                bail!(
-                    "stale plan: it was made from revision {} but the current revision is {}; make a new plan",
-                    saved.revision.label,
-                    fresh.revision.label
-                );
-            }
-            if saved.observed_digest != fresh.observed_digest {
-                bail!(
-                    "stale plan: the VMs changed since it was made (observed state digest differs); make a new plan"
-                );
-            }
-            saved
+    // A saved plan is a claim about what apply will do, never a program: the fresh plan is
+    // what runs, and only when it does exactly what the saved one says.
+    let mut plan = fresh;
+    if let Some(saved) = saved {
+        if saved.revision.id != plan.revision.id {
+            bail!(
+                "stale plan: it was made from revision {} but the current revision is {}; make a new plan",
+                saved.revision.label,
+                plan.revision.label
+            );
         }
-        None => fresh,
-    };
+        if saved.observed_digest != plan.observed_digest {
+            bail!(
+                "stale plan: the VMs changed since it was made (observed state digest differs); make a new plan"
+            );
+        }
+        if !saved.same_work_as(&plan) {
+            bail!(
+                "the saved plan does not match what fleet plans now for the same revision and VMs (its steps, held steps or approvals differ: it was edited or made by another fleet); nothing was applied; make a new plan"
+            );
+        }
+    }
     // Held steps run only with an approval of exactly them (a file; see `approvals`).
     crate::approvals::settle(&ws.status, &desired, &mut plan);
     print!("{}", render::text(&plan));

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod daemon;
 pub mod driver;
 pub mod hitl;
+pub mod host;
 pub mod http;
 pub mod load;
 pub mod observe;

@@ -15,7 +15,7 @@ use crate::observe::Observed;
 use crate::plan::{Plan, Step};
 use crate::resolve::{self, Desired};
 use crate::source::{self, Snapshot, SourceError};
-use crate::spec::Provider;
+use crate::spec::{HostSpec, Provider};
 use crate::status::{self, Event, ReconcileOutcome, StatusDir, Summary, VmOutcome, timestamp};
 
 /// Where things are.
@@ -26,9 +26,16 @@ pub struct Workspace {
     pub status: StatusDir,
     /// The age identity file that opens secrets, if one is configured.
     pub age_identity: Option<PathBuf>,
+    /// The host configuration's file (see `host`).
+    pub host_config: PathBuf,
 }
 
 impl Workspace {
+    /// Reads the host configuration (every command that contacts a provider needs it).
+    pub fn host(&self) -> Result<HostSpec, crate::host::HostError> {
+        crate::host::read(&self.host_config)
+    }
+
     /// Opens every secret of `desired` with the workspace's identity and binds its tasks to
     /// the values (see `secrets::Vault::bind`). Problems are in the vault, per value.
     pub fn open_secrets(&self, desired: &mut Desired) -> crate::secrets::Vault {
@@ -86,27 +93,42 @@ pub fn plan_for(
     crate::plan::plan_with_history(desired, observed, &history).with_secret_changes(secrets)
 }
 
-/// Loads and resolves a snapshot.
-pub fn desired(snapshot: &Snapshot) -> Result<Desired, Vec<Diagnostic>> {
-    load::load(snapshot).map(|loaded| resolve::resolve(&loaded))
+/// Loads and resolves a snapshot under the host's rules: every diagnostic at once, the
+/// host's limits included.
+pub fn desired(snapshot: &Snapshot, host: &HostSpec) -> Result<Desired, Vec<Diagnostic>> {
+    let loaded = load::load(snapshot, Some(host))?;
+    let desired = resolve::resolve(&loaded, host);
+    let over = resolve::check_limits(&desired, host);
+    if over.is_empty() {
+        Ok(desired)
+    } else {
+        Err(over)
+    }
 }
 
-/// One driver per provider of the revision. `vault` opens API tokens kept as Secrets.
-pub fn drivers_for(desired: &Desired, repo_root: &Path, vault: &crate::secrets::Vault) -> Drivers {
+/// One driver per provider of the revision, each made from the host configuration's
+/// definition of it. `vault` opens API tokens kept as Secrets.
+pub fn drivers_for(desired: &Desired, host: &HostSpec, vault: &crate::secrets::Vault) -> Drivers {
+    let image_root = Path::new(host.image_root());
     desired
         .providers
         .iter()
         .map(|p| {
-            let driver: Arc<dyn Driver> = match p {
-                Provider::Libvirt(l) => Arc::new(LibvirtDriver::new(&desired.fleet, l, repo_root)),
+            let driver: Arc<dyn Driver> = match &p.host {
+                Provider::Libvirt(l) => Arc::new(LibvirtDriver::new(
+                    &desired.fleet,
+                    l,
+                    p.domain_type,
+                    image_root,
+                )),
                 Provider::Proxmox(x) => Arc::new(ProxmoxDriver::new(
                     &desired.fleet,
                     x,
-                    repo_root,
-                    proxmox_token(&x.token, repo_root, vault),
+                    p.domain_type,
+                    proxmox_token(&x.token, vault),
                 )),
             };
-            (p.name().0.clone(), driver)
+            (p.name().to_owned(), driver)
         })
         .collect()
 }
@@ -116,7 +138,7 @@ pub fn drivers_for(desired: &Desired, repo_root: &Path, vault: &crate::secrets::
 pub fn credentials_digest(desired: &Desired, vault: &crate::secrets::Vault) -> String {
     let mut parts = Vec::new();
     for p in &desired.providers {
-        if let Provider::Proxmox(x) = p
+        if let Provider::Proxmox(x) = &p.host
             && let Some(r) = &x.token.secret
         {
             parts.push(format!(
@@ -130,10 +152,9 @@ pub fn credentials_digest(desired: &Desired, vault: &crate::secrets::Vault) -> S
     parts.join(";")
 }
 
-/// The API token's secret from wherever the provider says it is.
+/// The API token's secret from wherever the host configuration says it is.
 fn proxmox_token(
     token: &crate::spec::ProxmoxToken,
-    repo_root: &Path,
     vault: &crate::secrets::Vault,
 ) -> Result<secrecy::SecretString, String> {
     use secrecy::ExposeSecret;
@@ -152,9 +173,9 @@ fn proxmox_token(
         String::from_utf8(value.expose_secret().to_vec())
             .map_err(|_| "API token: the secret's value is not UTF-8".to_owned())?
     } else if let Some(file) = &token.file {
-        let path = repo_root.join(file);
-        crate::secrets::check_private_file(&path).map_err(|e| format!("API token: {e}"))?;
-        std::fs::read_to_string(&path)
+        let path = Path::new(file);
+        crate::secrets::check_private_file(path).map_err(|e| format!("API token: {e}"))?;
+        std::fs::read_to_string(path)
             .map_err(|e| format!("API token: read {}: {e}", path.display()))?
     } else if let Some(var) = &token.env {
         std::env::var(var)
@@ -166,6 +187,7 @@ fn proxmox_token(
     if trimmed.is_empty() {
         return Err("API token: the secret is empty".into());
     }
+    crate::secrets::no_core_dumps();
     Ok(secrecy::SecretString::from(trimmed.to_owned()))
 }
 

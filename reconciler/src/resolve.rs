@@ -14,8 +14,9 @@ use sha2::{Digest, Sha256};
 use crate::load::{LoadedFleet, pool_member_names};
 use crate::source::{Revision, hex};
 use crate::spec::{
-    AgentKind, AgentSpec, ArmoredValue, DomainType, GuestFile, GuestUser, LoadoutSpec, NetworkMode,
-    OnDeadline, PowerState, Provider, Repository, Resources, SecretRef, TaskSpec, VmSpec,
+    AgentKind, AgentSpec, ArmoredValue, DomainType, GuestFile, GuestUser, HostSpec, LoadoutSpec,
+    NetworkMode, OnDeadline, PowerState, Provider, ProviderKind, Repository, Resources, SecretRef,
+    TaskSpec, VmSpec,
 };
 
 pub const DEFAULT_CPUS: u32 = 1;
@@ -34,7 +35,7 @@ pub const DEFAULT_PROMPT_DEADLINE: std::time::Duration = std::time::Duration::fr
 pub struct Desired {
     pub fleet: String,
     pub revision: Revision,
-    pub providers: Vec<Provider>,
+    pub providers: Vec<DesiredProvider>,
     pub policy: ResolvedPolicy,
     /// By VM name.
     pub vms: BTreeMap<String, DesiredVm>,
@@ -48,12 +49,27 @@ pub struct Desired {
     pub secrets: BTreeMap<String, DesiredSecret>,
 }
 
+/// A provider as a revision uses it: how the host reaches it (from the host configuration)
+/// and how the revision runs VMs there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredProvider {
+    pub host: Provider,
+    pub domain_type: DomainType,
+}
+
+impl DesiredProvider {
+    pub fn name(&self) -> &str {
+        &self.host.name().0
+    }
+    pub fn kind(&self) -> ProviderKind {
+        self.host.kind()
+    }
+}
+
 /// A Secret as committed: its values stay age ciphertext until `secrets::Vault` opens them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredSecret {
     pub name: String,
-    /// Its own recipients, or else the Fleet's.
-    pub recipients: Vec<String>,
     pub data: BTreeMap<String, ArmoredValue>,
     pub source: String,
 }
@@ -283,7 +299,7 @@ impl VmConfig {
 }
 
 /// Resolves a loaded revision.
-pub fn resolve(loaded: &LoadedFleet) -> Desired {
+pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
     let spec = &loaded.fleet.doc.spec;
     let policy = ResolvedPolicy {
         max_parallel: spec.policy.max_parallel.unwrap_or(DEFAULT_MAX_PARALLEL),
@@ -373,15 +389,8 @@ pub fn resolve(loaded: &LoadedFleet) -> Desired {
         .secrets
         .iter()
         .map(|(name, o)| {
-            let own = &o.doc.spec.recipients;
-            let recipients = if own.is_empty() {
-                &spec.policy.recipients
-            } else {
-                own
-            };
             let secret = DesiredSecret {
                 name: name.clone(),
-                recipients: recipients.iter().map(|r| r.0.clone()).collect(),
                 data: o
                     .doc
                     .spec
@@ -397,7 +406,16 @@ pub fn resolve(loaded: &LoadedFleet) -> Desired {
     Desired {
         fleet: loaded.fleet.doc.metadata.name.0.clone(),
         revision: loaded.revision.clone(),
-        providers: spec.providers.clone(),
+        providers: spec
+            .providers
+            .iter()
+            .filter_map(|p| {
+                Some(DesiredProvider {
+                    host: host.provider(&p.name.0)?.clone(),
+                    domain_type: p.domain_type,
+                })
+            })
+            .collect(),
         policy,
         vms,
         tasks,
@@ -405,6 +423,53 @@ pub fn resolve(loaded: &LoadedFleet) -> Desired {
         approvals,
         secrets,
     }
+}
+
+/// What a revision asks of the host in total, against the host's limits: VMs (pool
+/// members included), vCPUs and memory. Each excess is one diagnostic, at the file of the
+/// VM or pool whose addition crossed the limit.
+pub fn check_limits(desired: &Desired, host: &HostSpec) -> Vec<crate::load::Diagnostic> {
+    let limits = &host.limits;
+    let mut diags = Vec::new();
+    let (mut vms, mut cpus, mut memory) = (0u64, 0u64, 0u64);
+    let (mut vms_over, mut cpus_over, mut memory_over) = (false, false, false);
+    for vm in desired.vms.values() {
+        vms += 1;
+        cpus += u64::from(vm.config.cpus);
+        memory += vm.config.memory_mib;
+        let mut over = |flag: &mut bool, what: String| {
+            if !*flag {
+                *flag = true;
+                diags.push(crate::load::Diagnostic::new(
+                    &vm.source,
+                    crate::load::yaml::Pos::START,
+                    format!("{what} (the host configuration's limits); ask the host's administrator to raise it, or ask for less"),
+                ));
+            }
+        };
+        if vms > u64::from(limits.max_vms()) {
+            over(&mut vms_over, format!(
+                "VM {}: this revision asks for more than {} VMs, limits.maxVms",
+                vm.name,
+                limits.max_vms()
+            ));
+        }
+        if cpus > limits.max_cpus() {
+            over(&mut cpus_over, format!(
+                "VM {}: this revision asks for more than {} vCPUs in total, limits.maxCpus",
+                vm.name,
+                limits.max_cpus()
+            ));
+        }
+        if memory > limits.max_memory_mib() {
+            over(&mut memory_over, format!(
+                "VM {}: this revision asks for more than {} MiB of memory in total, limits.maxMemory",
+                vm.name,
+                limits.max_memory_mib()
+            ));
+        }
+    }
+    diags
 }
 
 fn duration_or(
@@ -454,8 +519,8 @@ fn resolve_vm(
     let domain_type = fleet_spec
         .providers
         .iter()
-        .find(|p| p.name() == &spec.provider)
-        .map(Provider::domain_type)
+        .find(|p| p.name == spec.provider)
+        .map(|p| p.domain_type)
         .unwrap_or_default();
     let disk_mib = image.disk.as_ref().or(image.template.as_ref()).map(|_| {
         resources
@@ -647,10 +712,10 @@ pub(crate) mod tests_support {
     pub(crate) fn desired_with_task_secret(armored: String) -> Desired {
         let indented: String = armored.lines().map(|l| format!("      {l}\n")).collect();
         let files = [
-            ("fleet/fleet.yaml", "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: lab}\nspec:\n  providers: [{name: local, type: libvirt, uri: 'test:///default'}]\n  images: [{name: micro, kernel: k, initrd: i}]\n  policy: {recipients: [age1sve4p6nuq0599zp7p7s02pvfsnqgqnw8aydanew04msp05wadqyskjem93]}\n".to_owned()),
+            ("fleet/fleet.yaml", "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: lab}\nspec:\n  providers: [{name: local, type: libvirt}]\n  images: [{name: micro, kernel: k, initrd: i}]\n".to_owned()),
             ("fleet/vms/a.yaml", "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: a}\nspec: {provider: local, image: micro}\n".to_owned()),
             ("fleet/tasks/t.yaml", "apiVersion: fleet/v1\nkind: Task\nmetadata: {name: t}\nspec:\n  vm: a\n  command: [env]\n  secrets: [{secret: s, key: k, env: TOKEN}]\n".to_owned()),
-            ("fleet/secrets/s.yaml", format!("apiVersion: fleet/v1\nkind: Secret\nmetadata: {{name: s}}\nspec:\n  data:\n    k: |\n{indented}")),
+            ("fleet/secrets/s.yaml", format!("apiVersion: fleet/v1\nkind: Secret\nmetadata: {{name: s}}\nspec:\n  allowed: {{tasks: [t]}}\n  data:\n    k: |\n{indented}")),
         ];
         let snapshot = Snapshot {
             revision: Revision {
@@ -666,8 +731,18 @@ pub(crate) mod tests_support {
                 })
                 .collect(),
         };
-        let loaded = crate::load::load(&snapshot).unwrap_or_else(|d| panic!("{d:#?}"));
-        resolve(&loaded)
+        let host = test_host();
+        let loaded = crate::load::load(&snapshot, Some(&host)).unwrap_or_else(|d| panic!("{d:#?}"));
+        resolve(&loaded, &host)
+    }
+
+    /// A host with one libvirt provider `local` on libvirt's test driver.
+    pub(crate) fn test_host() -> HostSpec {
+        crate::load::load_host(
+            "host.yaml",
+            b"apiVersion: fleet/v1\nkind: Host\nspec:\n  providers: [{name: local, type: libvirt, uri: 'test:///default'}]\n",
+        )
+        .unwrap_or_else(|d| panic!("{d:#?}"))
     }
 }
 

@@ -27,10 +27,12 @@ pub enum Kind {
     Task,
     Answer,
     Secret,
+    /// The host configuration (`/etc/fleet/host.yaml`): never in a repository.
+    Host,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Fleet,
         Kind::Loadout,
         Kind::Vm,
@@ -38,6 +40,7 @@ impl Kind {
         Kind::Task,
         Kind::Answer,
         Kind::Secret,
+        Kind::Host,
     ];
 
     /// The spelling used in `kind:`.
@@ -50,6 +53,7 @@ impl Kind {
             Kind::Task => "Task",
             Kind::Answer => "Answer",
             Kind::Secret => "Secret",
+            Kind::Host => "Host",
         }
     }
 
@@ -67,6 +71,7 @@ impl Kind {
             Kind::Task => "task.schema.json",
             Kind::Answer => "answer.schema.json",
             Kind::Secret => "secret.schema.json",
+            Kind::Host => "host.schema.json",
         }
     }
 }
@@ -225,12 +230,28 @@ document!(
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SecretSpec {
-    /// Who can decrypt: age recipients (`age1…`). Default: the Fleet's `policy.recipients`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub recipients: Vec<AgeRecipient>,
+    /// Who may receive its values. A reference from anything not listed is refused when
+    /// the revision is loaded; without `allowed` the Secret goes to no guest at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed: Option<SecretAllowed>,
     /// Each key (in the clear) and its value, ASCII-armored age ciphertext.
     #[schemars(length(min = 1))]
     pub data: BTreeMap<SecretKey, ArmoredValue>,
+}
+
+/// The loadouts, VMs (a pool's name covers its members) and tasks a Secret may go to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SecretAllowed {
+    /// Loadouts that may reference it (its values then reach every VM using them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loadouts: Vec<Name>,
+    /// VMs or pools whose tasks may reference it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vms: Vec<Name>,
+    /// Tasks that may reference it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<Name>,
 }
 
 /// A key of a Secret: letters, digits, `_`, `.` and `-`, at most 64 characters.
@@ -301,14 +322,45 @@ pub struct SecretRef {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FleetSpec {
-    /// The hosts VMs run on.
+    /// The hosts VMs run on, by the names the host configuration gives them.
     #[schemars(length(min = 1))]
-    pub providers: Vec<Provider>,
+    pub providers: Vec<ProviderRef>,
     /// Boot images VMs may use.
     #[serde(default)]
     pub images: Vec<Image>,
     #[serde(default)]
     pub policy: Policy,
+}
+
+/// A provider the host configuration defines. How to reach it (URI, endpoint, credentials,
+/// storage) is the host's business; a revision only names it and picks how VMs run there.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProviderRef {
+    /// A provider of the host configuration.
+    pub name: Name,
+    /// What the host configuration says it is: `libvirt` or `proxmox`.
+    #[serde(rename = "type")]
+    pub kind: ProviderKind,
+    /// `kvm` (hardware acceleration, default) or `qemu` (software emulation, TCG).
+    #[serde(default)]
+    pub domain_type: DomainType,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Libvirt,
+    Proxmox,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Libvirt => "libvirt",
+            ProviderKind::Proxmox => "proxmox",
+        }
+    }
 }
 
 /// A host (or cluster) VMs run on.
@@ -327,10 +379,10 @@ impl Provider {
         }
     }
 
-    pub fn domain_type(&self) -> DomainType {
+    pub fn kind(&self) -> ProviderKind {
         match self {
-            Provider::Libvirt(p) => p.domain_type,
-            Provider::Proxmox(p) => p.domain_type,
+            Provider::Libvirt(_) => ProviderKind::Libvirt,
+            Provider::Proxmox(_) => ProviderKind::Proxmox,
         }
     }
 }
@@ -349,8 +401,9 @@ pub struct ProxmoxProvider {
     /// The API token fleet authenticates with.
     pub token: ProxmoxToken,
     /// A PEM file with the CA that signed the API's certificate, when the system's trust
-    /// store does not have it. Relative paths resolve against the repository root.
+    /// store does not have it. An absolute path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^/"))]
     pub ca_file: Option<String>,
     /// Accept any certificate. Dangerous: plans and the status page say it is on.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -366,9 +419,6 @@ pub struct ProxmoxProvider {
     /// Where fleet writes cloud-init user-data snippets (they never hold secrets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snippets: Option<ProxmoxSnippets>,
-    /// `kvm` (default) or `qemu` (software emulation: the VM's `kvm` option off).
-    #[serde(default)]
-    pub domain_type: DomainType,
 }
 
 /// Where the API token comes from: exactly one of `secret`, `file` and `env`.
@@ -378,12 +428,13 @@ pub struct ProxmoxToken {
     /// The token's id, `user@realm!tokenname`.
     #[schemars(regex(pattern = "^[A-Za-z0-9._-]+@[A-Za-z0-9._-]+![A-Za-z][A-Za-z0-9._-]*$"))]
     pub id: String,
-    /// The token's secret from a Secret in `fleet/secrets/`.
+    /// The token's secret from a Secret in the fleet's `fleet/secrets/`. That Secret is
+    /// then a provider credential: no loadout or task may take it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<TokenSecretRef>,
-    /// A file on the host holding the token's secret (mode 0600). Relative paths resolve
-    /// against the repository root.
+    /// A file on the host holding the token's secret (mode 0600). An absolute path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^/"))]
     pub file: Option<String>,
     /// An environment variable of fleet's process holding the token's secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -408,8 +459,8 @@ pub struct ProxmoxSnippets {
     #[schemars(regex(pattern = "^[A-Za-z][A-Za-z0-9_.-]{0,63}$"))]
     pub storage: String,
     /// That storage's `snippets` directory as fleet's host sees it, for example
-    /// `/var/lib/vz/snippets`.
-    #[schemars(length(min = 1))]
+    /// `/var/lib/vz/snippets`. An absolute path.
+    #[schemars(regex(pattern = "^/"))]
     pub dir: String,
 }
 
@@ -420,13 +471,119 @@ pub struct LibvirtProvider {
     /// libvirt connection URI, for example `qemu:///system`.
     #[schemars(length(min = 1))]
     pub uri: String,
-    /// `qemu` (software emulation, TCG) or `kvm` (hardware acceleration).
-    #[serde(default)]
-    pub domain_type: DomainType,
-    /// Where fleet keeps the files it makes for each VM (overlays, console logs).
-    /// Relative paths resolve against the repository root. Default: `/var/lib/fleet/<fleet name>`.
+    /// Where fleet keeps the files it makes for each VM (overlays, seeds, console logs):
+    /// `<storageDir>/<fleet>/<vm>/`, each directory made by fleet itself. An absolute path;
+    /// default `/var/lib/fleet/storage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^/"))]
     pub storage_dir: Option<String>,
+}
+
+
+/// `kind: Host` — `/etc/fleet/host.yaml` (or `--host-config`, `FLEET_HOST_CONFIG`): what the
+/// host's administrator allows. Everything that names a host resource or a credential lives
+/// here, never in a repository: a revision names providers and images, and may only ask for
+/// what this file allows. fleet reads it only when root (or fleet's own user) owns it and
+/// nobody else can write it or a directory above it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HostDocument {
+    pub api_version: ApiVersion,
+    pub kind: HostKind,
+    pub spec: HostSpec,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum HostKind {
+    #[serde(rename = "Host")]
+    Kind,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HostSpec {
+    /// The providers revisions may name, with how to reach them.
+    #[serde(default)]
+    pub providers: Vec<Provider>,
+    /// Image files (`kernel`, `initrd`, `disk`) resolve under this directory, and nowhere
+    /// else. An absolute path; default `/var/lib/fleet/images`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^/"))]
+    pub image_root: Option<String>,
+    /// Task repositories a revision may fetch: URL patterns where `*` stands for any run of
+    /// characters but `/` and `**` for any run at all (`https://git.example.org/team/*`).
+    /// Paths inside the fleet's own repository are always allowed; nothing else is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repositories: Vec<RepositoryPattern>,
+    /// age recipients `fleet secret set | rotate` encrypt to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<AgeRecipient>,
+    #[serde(default)]
+    pub limits: HostLimits,
+}
+
+/// A URL pattern for task repositories.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+pub struct RepositoryPattern(
+    #[schemars(regex(pattern = "^(https|ssh|git|file)://[^\\s]+$"), length(max = 1024))] pub String,
+);
+
+/// What one fleet may ask of the host, in total.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HostLimits {
+    /// Most VMs (pool members included). Default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub max_vms: Option<u32>,
+    /// Most vCPUs over all VMs. Default 256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000000))]
+    pub max_cpus: Option<u64>,
+    /// Most memory over all VMs. Default 256Gi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<Size>,
+    /// The shortest `reconcileInterval` and `resyncInterval` a revision may set. Default 5s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_interval: Option<Duration>,
+}
+
+impl HostLimits {
+    pub const DEFAULT_MAX_VMS: u32 = 100;
+    pub const DEFAULT_MAX_CPUS: u64 = 256;
+    pub const DEFAULT_MAX_MEMORY_MIB: u64 = 256 * 1024;
+    pub const DEFAULT_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+    pub fn max_vms(&self) -> u32 {
+        self.max_vms.unwrap_or(Self::DEFAULT_MAX_VMS)
+    }
+    pub fn max_cpus(&self) -> u64 {
+        self.max_cpus.unwrap_or(Self::DEFAULT_MAX_CPUS)
+    }
+    pub fn max_memory_mib(&self) -> u64 {
+        self.max_memory
+            .as_ref()
+            .and_then(Size::mib)
+            .unwrap_or(Self::DEFAULT_MAX_MEMORY_MIB)
+    }
+    pub fn min_interval(&self) -> std::time::Duration {
+        self.min_interval
+            .as_ref()
+            .and_then(Duration::to_std)
+            .unwrap_or(Self::DEFAULT_MIN_INTERVAL)
+    }
+}
+
+impl HostSpec {
+    pub fn provider(&self, name: &str) -> Option<&Provider> {
+        self.providers.iter().find(|p| p.name().0 == name)
+    }
+
+    /// The image root; `/var/lib/fleet/images` unless set.
+    pub fn image_root(&self) -> &str {
+        self.image_root.as_deref().unwrap_or("/var/lib/fleet/images")
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -452,7 +609,8 @@ impl DomainType {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Image {
     pub name: Name,
-    /// Kernel for direct kernel boot. Relative paths resolve against the repository root.
+    /// Kernel for direct kernel boot: a path under the host's image root
+    /// (`imageRoot` in the host configuration), relative and without `..`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
     /// Initial ramdisk for direct kernel boot; needs `kernel`.
@@ -461,7 +619,8 @@ pub struct Image {
     /// Extra kernel command line; fleet always adds `console=ttyS0` and `fleet.vm=<name>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
-    /// qcow2 base disk; each VM boots from its own overlay of it.
+    /// qcow2 base disk, under the host's image root like `kernel`; each VM boots from its own
+    /// overlay of it. Every file of its backing chain must lie under the image root too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
     /// Proxmox providers: the name of the template VM each VM is cloned from (linked clone
@@ -495,9 +654,6 @@ pub struct Policy {
     /// no event for (such as `virsh setmem --config`). Default 5m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync_interval: Option<Duration>,
-    /// age recipients every Secret is encrypted to unless it names its own.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub recipients: Vec<AgeRecipient>,
     /// Most VMs one apply may destroy; destroys beyond it wait for an approval. Default 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(max = 100000))]
@@ -675,7 +831,7 @@ impl PowerState {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct VmSpec {
-    /// Name of a provider in fleet.yaml.
+    /// Name of a provider in fleet.yaml (and in the host configuration).
     pub provider: Name,
     /// Name of an image in fleet.yaml.
     pub image: Name,
@@ -766,7 +922,8 @@ pub struct TaskSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Repository {
-    /// A git URL or a path (relative paths resolve against the repository root).
+    /// A git URL the host configuration allows (`repositories`), or a path inside this
+    /// repository (relative, without `..`).
     #[schemars(length(min = 1, max = 4096))]
     pub url: String,
     /// The branch to check out (default: the remote's HEAD).
@@ -845,6 +1002,7 @@ pub fn schema_for(kind: Kind) -> serde_json::Value {
         Kind::Task => schemars::schema_for!(TaskDocument),
         Kind::Answer => schemars::schema_for!(AnswerDocument),
         Kind::Secret => schemars::schema_for!(SecretDocument),
+        Kind::Host => schemars::schema_for!(HostDocument),
     };
     serde_json::to_value(schema).expect("a generated schema is plain JSON")
 }

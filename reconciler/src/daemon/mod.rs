@@ -27,7 +27,6 @@ use crate::plan::Plan;
 use crate::reconcile::{self, Workspace};
 use crate::resolve::Desired;
 use crate::source::Revision;
-use crate::spec::Provider;
 use crate::status::lock::StatusLock;
 use crate::tasks::TaskBook;
 
@@ -63,6 +62,8 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         );
     }
     ws.status.ensure()?;
+    // Read once: a changed host configuration takes effect when fleet serve restarts.
+    let host = ws.host()?;
     let branch = match &options.branch {
         Some(b) => b.clone(),
         None => current_branch(&ws)?,
@@ -92,6 +93,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
     let tasks = Arc::new(TaskBook::open(ws.status.clone(), ws.repo_root.clone()));
     let mut daemon = Daemon {
         ws,
+        host,
         branch,
         tx,
         metrics,
@@ -138,13 +140,14 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
 
 struct Daemon {
     ws: Workspace,
+    host: crate::spec::HostSpec,
     branch: String,
     tx: mpsc::UnboundedSender<Trigger>,
     metrics: Arc<Metrics>,
     view: Arc<View>,
     drivers: Drivers,
     /// The provider definitions the drivers were made from (rebuilt when they change).
-    providers: Vec<Provider>,
+    providers: Vec<crate::resolve::DesiredProvider>,
     /// What `reconcile::credentials_digest` said when the drivers were made.
     credentials: String,
     journal: Option<Arc<crate::apply::Journal>>,
@@ -267,7 +270,7 @@ impl Daemon {
         {
             return Ok(());
         }
-        match reconcile::desired(&snapshot) {
+        match reconcile::desired(&snapshot, &self.host) {
             Ok(mut desired) => {
                 desired.revision.label = format!("{}@{}", self.branch, &snapshot.revision.id[..12]);
                 tracing::info!(revision = %desired.revision.label, "new revision");
@@ -319,7 +322,7 @@ impl Daemon {
         for driver in self.drivers.values() {
             driver.unwatch();
         }
-        self.drivers = reconcile::drivers_for(desired, &self.ws.repo_root, &self.vault);
+        self.drivers = reconcile::drivers_for(desired, &self.host, &self.vault);
         self.providers = desired.providers.clone();
         self.credentials = credentials;
         for (name, driver) in &self.drivers {

@@ -7,6 +7,7 @@
 //! Architecture invariant: pure. No I/O, no clock; the snapshot is the whole input.
 
 pub mod diagnostic;
+mod host_rules;
 pub mod schema;
 pub mod yaml;
 
@@ -19,8 +20,9 @@ use yaml::{Located, Pos};
 
 use crate::source::{Revision, Snapshot};
 use crate::spec::{
-    AnswerDocument, FleetDocument, Kind, LoadoutDocument, NetworkMode, Resources, SecretDocument,
-    SecretRef, TaskDocument, VmDocument, VmPoolDocument, VmSpec,
+    AnswerDocument, FleetDocument, HostDocument, HostSpec, Kind, LoadoutDocument, NetworkMode,
+    ProviderKind, Resources, SecretDocument, SecretRef, TaskDocument, VmDocument, VmPoolDocument,
+    VmSpec,
 };
 
 /// One object and the file it came from.
@@ -62,10 +64,13 @@ enum AnyObject {
     Task(Object<TaskDocument>),
     Answer(Object<AnswerDocument>),
     Secret(Object<SecretDocument>),
+    Host(Object<HostDocument>),
 }
 
-/// Loads and checks a snapshot.
-pub fn load(snapshot: &Snapshot) -> Result<LoadedFleet, Vec<Diagnostic>> {
+/// Loads and checks a snapshot. With the host configuration, every rule of the host is
+/// checked too (providers it defines, image paths, repositories, intervals, quotas are
+/// checked after resolving); without it, only what the repository says on its own.
+pub fn load(snapshot: &Snapshot, host: Option<&HostSpec>) -> Result<LoadedFleet, Vec<Diagnostic>> {
     let mut diags = Vec::new();
     let mut objects = Vec::new();
     for file in &snapshot.files {
@@ -75,7 +80,14 @@ pub fn load(snapshot: &Snapshot) -> Result<LoadedFleet, Vec<Diagnostic>> {
         if !(rel.ends_with(".yaml") || rel.ends_with(".yml")) {
             continue; // READMEs and the like are not fleet objects.
         }
-        if let Some(obj) = load_file(&file.path, rel, &file.bytes, &mut diags) {
+        let expected = match expected_kinds(rel) {
+            Ok(kinds) => kinds,
+            Err(message) => {
+                diags.push(Diagnostic::new(&file.path, Pos::START, message));
+                continue;
+            }
+        };
+        if let Some(obj) = load_file(&file.path, rel, expected, &file.bytes, &mut diags) {
             objects.push(obj);
         }
     }
@@ -121,6 +133,8 @@ pub fn load(snapshot: &Snapshot) -> Result<LoadedFleet, Vec<Diagnostic>> {
                 |d| &d.metadata.name.0,
                 &mut diags,
             ),
+            // Never expected under the fleet directory: load_file refused it already.
+            AnyObject::Host(_) => {}
         }
     }
     let Some(fleet) = fleet else {
@@ -148,10 +162,23 @@ pub fn load(snapshot: &Snapshot) -> Result<LoadedFleet, Vec<Diagnostic>> {
         secrets,
     };
     check_references(&loaded, &mut diags);
+    if let Some(host) = host {
+        host_rules::check(&loaded, host, &mut diags);
+    }
     if diags.is_empty() {
         Ok(loaded)
     } else {
         Err(sorted(diags))
+    }
+}
+
+/// Parses and checks the host configuration (`kind: Host`), with diagnostics naming `path`.
+pub fn load_host(path: &str, bytes: &[u8]) -> Result<HostSpec, Vec<Diagnostic>> {
+    let mut diags = Vec::new();
+    let object = load_file(path, path, &[Kind::Host], bytes, &mut diags);
+    match object {
+        Some(AnyObject::Host(o)) if diags.is_empty() => Ok(o.doc.spec),
+        _ => Err(sorted(diags)),
     }
 }
 
@@ -205,16 +232,10 @@ fn expected_kinds(rel: &str) -> Result<&'static [Kind], String> {
 fn load_file(
     path: &str,
     rel: &str,
+    expected: &[Kind],
     bytes: &[u8],
     diags: &mut Vec<Diagnostic>,
 ) -> Option<AnyObject> {
-    let expected = match expected_kinds(rel) {
-        Ok(kinds) => kinds,
-        Err(message) => {
-            diags.push(Diagnostic::new(path, Pos::START, message));
-            return None;
-        }
-    };
     if bytes.len() > yaml::MAX_FILE_BYTES {
         diags.push(Diagnostic::new(
             path,
@@ -319,6 +340,7 @@ fn load_file(
         Kind::Task => typed(path, tree, value, diags).map(AnyObject::Task),
         Kind::Answer => typed(path, tree, value, diags).map(AnyObject::Answer),
         Kind::Secret => typed(path, tree, value, diags).map(AnyObject::Secret),
+        Kind::Host => typed(path, tree, value, diags).map(AnyObject::Host),
     }?;
     check_object(&object, diags);
     Some(object)
@@ -348,6 +370,21 @@ fn typed<T: DeserializeOwned>(
     }
 }
 
+/// Why `path` is not a plain relative path (absolute, empty, `.` or `..` parts, a
+/// backslash), if it is not one. Such a path is checked again against the real directory
+/// where it is used: this is the lexical half.
+pub fn relative_path_problem(path: &str) -> Option<&'static str> {
+    if path.starts_with('/') {
+        Some("an absolute path")
+    } else if path.contains('\\') || path.contains('\0') {
+        Some("a backslash or NUL in a path")
+    } else if path.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+        Some("empty, `.` or `..` parts in a path")
+    } else {
+        None
+    }
+}
+
 /// Checks that need only the object itself.
 fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
     match object {
@@ -358,34 +395,11 @@ fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
                 unique_in_list(
                     o,
                     &mut seen,
-                    p.name().0.as_str(),
+                    p.name.0.as_str(),
                     &format!("/spec/providers/{i}/name"),
                     "provider",
                     diags,
                 );
-            }
-            for (i, p) in spec.providers.iter().enumerate() {
-                if let crate::spec::Provider::Proxmox(x) = p {
-                    let sources = [
-                        x.token.secret.is_some(),
-                        x.token.file.is_some(),
-                        x.token.env.is_some(),
-                    ];
-                    if sources.iter().filter(|s| **s).count() != 1 {
-                        diags.push(Diagnostic::new(
-                            &o.path,
-                            o.tree.pos_at_pointer(&format!("/spec/providers/{i}/token"), false),
-                            format!("spec.providers[{i}].token: set exactly one of secret (a Secret in fleet/secrets/), file (a host file, mode 0600) and env (an environment variable)"),
-                        ));
-                    }
-                    if x.insecure_skip_verify && x.ca_file.is_some() {
-                        diags.push(Diagnostic::new(
-                            &o.path,
-                            o.tree.pos_at_pointer(&format!("/spec/providers/{i}/insecureSkipVerify"), false),
-                            format!("spec.providers[{i}].insecureSkipVerify: contradicts caFile; remove insecureSkipVerify to verify against the CA file"),
-                        ));
-                    }
-                }
             }
             let mut seen = BTreeMap::new();
             for (i, img) in spec.images.iter().enumerate() {
@@ -403,6 +417,17 @@ fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
                         "spec.images[{i}]: image {:?} has neither kernel nor disk nor template; set kernel (and initrd) for direct kernel boot, disk for a qcow2 base image, or template for Proxmox",
                         img.name.0
                     )));
+                }
+                for (field, value) in [
+                    ("kernel", &img.kernel),
+                    ("initrd", &img.initrd),
+                    ("disk", &img.disk),
+                ] {
+                    if let Some(problem) = value.as_deref().and_then(relative_path_problem) {
+                        diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&format!("{at}/{field}"), false), format!(
+                            "spec.images[{i}].{field}: {problem}; image files are named relative to the host's image root (imageRoot in the host configuration)"
+                        )));
+                    }
                 }
                 for (field, value) in [("initrd", &img.initrd), ("cmdline", &img.cmdline)] {
                     if value.is_some() && img.kernel.is_none() {
@@ -444,6 +469,7 @@ fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
             check_secret_targets(o, "/spec/secrets", &o.doc.spec.secrets, diags);
         }
         AnyObject::Secret(_) => {}
+        AnyObject::Host(o) => host_rules::check_host_object(o, diags),
         AnyObject::Vm(o) => check_vm_spec(o, "/spec", &o.doc.spec, diags),
         AnyObject::Task(o) => check_task(o, diags),
         AnyObject::Answer(o) => {
@@ -719,7 +745,7 @@ fn check_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
         .spec
         .providers
         .iter()
-        .map(|p| p.name().0.as_str())
+        .map(|p| p.name.0.as_str())
         .collect();
     let images: BTreeSet<&str> = f
         .fleet
@@ -904,8 +930,6 @@ fn check_answer_text(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
     }
 }
 
-/// Every reference names a Secret and one of its keys, and every Secret has recipients to
-/// encrypt to. Nothing is decrypted.
 /// A VM's image must suit its provider's kind, and only Proxmox VMs name a node.
 fn check_placement(
     f: &LoadedFleet,
@@ -916,11 +940,11 @@ fn check_placement(
     diags: &mut Vec<Diagnostic>,
 ) {
     let fleet = &f.fleet.doc.spec;
-    let Some(provider) = fleet.providers.iter().find(|p| p.name() == &spec.provider) else {
+    let Some(provider) = fleet.providers.iter().find(|p| p.name == spec.provider) else {
         return;
     };
     let image = fleet.images.iter().find(|i| i.name == spec.image);
-    let proxmox = matches!(provider, crate::spec::Provider::Proxmox(_));
+    let proxmox = provider.kind == ProviderKind::Proxmox;
     if let Some(image) = image {
         if proxmox && image.template.is_none() {
             diags.push(Diagnostic::new(
@@ -930,7 +954,7 @@ fn check_placement(
                     "{}: image {:?} has no template, and VMs on Proxmox provider {:?} are cloned from one; set template on the image in fleet.yaml",
                     diagnostic::field_path(&format!("{at}/image")),
                     image.name.0,
-                    provider.name().0
+                    provider.name.0
                 ),
             ));
         }
@@ -942,7 +966,7 @@ fn check_placement(
                     "{}: image {:?} has only a Proxmox template, and provider {:?} is libvirt; set kernel or disk on the image",
                     diagnostic::field_path(&format!("{at}/image")),
                     image.name.0,
-                    provider.name().0
+                    provider.name.0
                 ),
             ));
         }
@@ -954,53 +978,38 @@ fn check_placement(
             format!(
                 "{}: only Proxmox providers have nodes, and {:?} is libvirt; remove node",
                 diagnostic::field_path(&format!("{at}/node")),
-                provider.name().0
+                provider.name.0
             ),
         ));
     }
 }
 
+/// Every reference names a Secret and one of its keys, and the Secret allows it (see
+/// `check_secret_allowed`). Nothing is decrypted.
 fn check_secret_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
-    for (i, p) in f.fleet.doc.spec.providers.iter().enumerate() {
-        let crate::spec::Provider::Proxmox(x) = p else {
-            continue;
-        };
-        let Some(r) = &x.token.secret else {
-            continue;
-        };
-        let at = format!("/spec/providers/{i}/token/secret");
-        match f.secrets.get(&r.secret.0) {
-            None => diags.push(Diagnostic::new(
-                &f.fleet.path,
-                f.fleet.tree.pos_at_pointer(&format!("{at}/secret"), false),
-                format!(
-                    "spec.providers[{i}].token.secret.secret: no Secret named {:?}; create it with `fleet secret set {} {}`",
-                    r.secret.0, r.secret.0, r.key.0
-                ),
-            )),
-            Some(secret) if !secret.doc.spec.data.contains_key(&r.key) => {
-                diags.push(Diagnostic::new(
-                    &f.fleet.path,
-                    f.fleet.tree.pos_at_pointer(&format!("{at}/key"), false),
-                    format!(
-                        "spec.providers[{i}].token.secret.key: Secret {:?} has no key {:?}; add it with `fleet secret set {} {}`",
-                        r.secret.0, r.key.0, r.secret.0, r.key.0
-                    ),
-                ))
-            }
-            Some(_) => {}
-        }
-    }
     let uses = f
         .loadouts
         .values()
-        .map(|o| (&o.path, &o.tree, &o.doc.spec.secrets))
-        .chain(
-            f.tasks
-                .values()
-                .map(|o| (&o.path, &o.tree, &o.doc.spec.secrets)),
-        );
-    for (path, tree, refs) in uses {
+        .map(|o| {
+            (
+                &o.path,
+                &o.tree,
+                &o.doc.spec.secrets,
+                SecretUser::Loadout(&o.doc.metadata.name.0),
+            )
+        })
+        .chain(f.tasks.values().map(|o| {
+            (
+                &o.path,
+                &o.tree,
+                &o.doc.spec.secrets,
+                SecretUser::Task {
+                    task: &o.doc.metadata.name.0,
+                    vm: &o.doc.spec.vm.0,
+                },
+            )
+        }));
+    for (path, tree, refs, user) in uses {
         for (i, r) in refs.iter().enumerate() {
             let Some(secret) = f.secrets.get(&r.secret.0) else {
                 let defined: Vec<&str> = f.secrets.keys().map(String::as_str).collect();
@@ -1019,6 +1028,16 @@ fn check_secret_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
                 ));
                 continue;
             };
+            if let Some(refusal) = user.refused_by(f, &secret.doc.spec) {
+                diags.push(Diagnostic::new(
+                    path,
+                    tree.pos_at_pointer(&format!("/spec/secrets/{i}/secret"), false),
+                    format!(
+                        "spec.secrets[{i}].secret: Secret {:?} ({}) {refusal}",
+                        r.secret.0, secret.path
+                    ),
+                ));
+            }
             if !secret.doc.spec.data.contains_key(&r.key) {
                 let keys: Vec<&str> = secret.doc.spec.data.keys().map(|k| k.0.as_str()).collect();
                 diags.push(Diagnostic::new(
@@ -1035,14 +1054,40 @@ fn check_secret_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
             }
         }
     }
-    let fleet_recipients = !f.fleet.doc.spec.policy.recipients.is_empty();
-    for o in f.secrets.values() {
-        if o.doc.spec.recipients.is_empty() && !fleet_recipients {
-            diags.push(Diagnostic::new(
-                &o.path,
-                o.tree.pos_at_pointer("/spec", false),
-                "spec: no recipients to encrypt to; add `recipients: [age1…]` here or `policy.recipients` in fleet.yaml (age-keygen -y KEYFILE prints yours)".to_owned(),
-            ));
+}
+
+/// What takes a Secret: a loadout (for every VM using it) or a task (in its VM).
+enum SecretUser<'a> {
+    Loadout(&'a str),
+    Task { task: &'a str, vm: &'a str },
+}
+
+impl SecretUser<'_> {
+    /// Why the Secret's `allowed` does not cover this user, if it does not.
+    fn refused_by(&self, f: &LoadedFleet, spec: &crate::spec::SecretSpec) -> Option<String> {
+        let default = crate::spec::SecretAllowed::default();
+        let allowed = spec.allowed.as_ref().unwrap_or(&default);
+        let listed = |names: &[crate::spec::Name], name: &str| names.iter().any(|n| n.0 == name);
+        match *self {
+            SecretUser::Loadout(name) if listed(&allowed.loadouts, name) => None,
+            SecretUser::Loadout(name) => Some(format!(
+                "does not allow loadout {name:?}; add it to the Secret's spec.allowed.loadouts"
+            )),
+            SecretUser::Task { task, vm } => {
+                let pool = f
+                    .pools
+                    .iter()
+                    .find(|(pool, o)| {
+                        pool_member_names(pool, o.doc.spec.replicas).any(|m| m == vm)
+                    })
+                    .map(|(pool, _)| pool.as_str());
+                let ok = listed(&allowed.tasks, task)
+                    || listed(&allowed.vms, vm)
+                    || pool.is_some_and(|p| listed(&allowed.vms, p));
+                (!ok).then(|| format!(
+                    "does not allow task {task:?} (in VM {vm:?}); add the task to the Secret's spec.allowed.tasks or its VM to spec.allowed.vms"
+                ))
+            }
         }
     }
 }

@@ -34,6 +34,7 @@ fn committed_schema(kind: Kind) -> &'static str {
         Kind::Task => include_str!("../../../schema/task.schema.json"),
         Kind::Answer => include_str!("../../../schema/answer.schema.json"),
         Kind::Secret => include_str!("../../../schema/secret.schema.json"),
+        Kind::Host => include_str!("../../../schema/host.schema.json"),
     }
 }
 
@@ -98,6 +99,38 @@ fn never_echo_secret_values(instance: &Value, v: &mut Violation) {
     };
 }
 
+/// Fields a repository once held that now belong to the host configuration: a revision
+/// carrying one gets told where it went, not just that it is unknown.
+fn moved_to_host(pointer: &str) -> Option<&'static str> {
+    const CONNECTION: [&str; 10] = [
+        "uri",
+        "storageDir",
+        "endpoint",
+        "node",
+        "token",
+        "caFile",
+        "insecureSkipVerify",
+        "storage",
+        "bridge",
+        "snippets",
+    ];
+    let mut parts = pointer.trim_start_matches('/').split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("spec"), Some("providers"), Some(_), Some(field), None)
+            if CONNECTION.contains(&field) =>
+        {
+            Some(
+                "belongs in the host configuration, not the repository: how to reach a provider, where it stores files and which credentials it uses are the host's to say (fleet.yaml keeps only name, type and domainType); move it to the provider of that name in /etc/fleet/host.yaml",
+            )
+        }
+        (Some("spec"), Some("policy"), Some("recipients"), None, None)
+        | (Some("spec"), Some("recipients"), None, None, None) => Some(
+            "belongs in the host configuration (recipients): a commit must not choose who can read every secret; move it to /etc/fleet/host.yaml",
+        ),
+        _ => None,
+    }
+}
+
 fn explain(schema: &Value, err: &ValidationError<'_>, out: &mut Vec<Violation>) {
     let pointer = err.instance_path().as_str().to_owned();
     let field = field_path(&pointer);
@@ -106,11 +139,14 @@ fn explain(schema: &Value, err: &ValidationError<'_>, out: &mut Vec<Violation>) 
             let valid = valid_properties(schema, err.schema_path().as_str());
             for name in unexpected {
                 let child = format!("{pointer}/{}", name.replace('~', "~0").replace('/', "~1"));
-                let message = format!(
-                    "{}: unknown field; {}",
-                    field_path(&child),
-                    describe_valid_fields(&valid, name)
-                );
+                let message = match moved_to_host(&child) {
+                    Some(hint) => format!("{}: {hint}", field_path(&child)),
+                    None => format!(
+                        "{}: unknown field; {}",
+                        field_path(&child),
+                        describe_valid_fields(&valid, name)
+                    ),
+                };
                 out.push(Violation {
                     pointer: child,
                     at_key: true,
@@ -490,8 +526,8 @@ mod tests {
     #[test]
     fn provider_type_is_explained() {
         let v = validate(
-            Kind::Fleet,
-            &json!({"apiVersion": "fleet/v1", "kind": "Fleet", "metadata": {"name": "a"},
+            Kind::Host,
+            &json!({"apiVersion": "fleet/v1", "kind": "Host",
                     "spec": {"providers": [{"name": "x", "type": "vmware"}]}}),
         );
         assert_eq!(v.len(), 1, "{v:?}");
@@ -505,15 +541,28 @@ mod tests {
     #[test]
     fn errors_inside_a_matching_provider_branch_are_reported() {
         let v = validate(
-            Kind::Fleet,
-            &json!({"apiVersion": "fleet/v1", "kind": "Fleet", "metadata": {"name": "a"},
-                    "spec": {"providers": [{"name": "x", "type": "libvirt", "uri": "qemu:///system", "domainType": "xen"}]}}),
+            Kind::Host,
+            &json!({"apiVersion": "fleet/v1", "kind": "Host",
+                    "spec": {"providers": [{"name": "x", "type": "libvirt", "uri": "qemu:///system", "storageDir": 7}]}}),
         );
         assert_eq!(v.len(), 1, "{v:?}");
-        assert_eq!(v[0].pointer, "/spec/providers/0/domainType");
+        assert_eq!(v[0].pointer, "/spec/providers/0/storageDir");
         assert_eq!(
             v[0].message,
-            "spec.providers[0].domainType: string \"xen\" is not valid; valid: kvm, qemu"
+            "spec.providers[0].storageDir: expected a string, found number 7"
         );
+    }
+
+    #[test]
+    fn connection_details_in_a_revision_are_sent_to_the_host_configuration() {
+        let v = validate(
+            Kind::Fleet,
+            &json!({"apiVersion": "fleet/v1", "kind": "Fleet", "metadata": {"name": "a"},
+                    "spec": {"providers": [{"name": "x", "type": "libvirt", "uri": "qemu+ext:///system?command=/tmp/x"}],
+                             "policy": {"recipients": ["age1x"]}}}),
+        );
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert!(v[0].message.starts_with("spec.policy.recipients: belongs in the host configuration"), "{v:?}");
+        assert!(v[1].message.starts_with("spec.providers[0].uri: belongs in the host configuration"), "{v:?}");
     }
 }

@@ -209,9 +209,18 @@ impl Plan {
         self
     }
 
-    /// True when the digest matches the content (a saved plan was not edited).
+    /// True when the digest matches the content (a saved plan was not edited by accident;
+    /// the digest has no key, so this proves nothing against someone who recomputes it).
     pub fn digest_is_valid(&self) -> bool {
         self.digest == self.compute_digest()
+    }
+
+    /// Whether `fresh` (planned again now) does exactly what this saved plan says: the same
+    /// steps, held steps, approvals, conflicts and errors. Planning is deterministic, so a
+    /// saved plan nobody edited always matches a fresh one of the same inputs, and an edited
+    /// one never does, whatever digest it carries.
+    pub fn same_work_as(&self, fresh: &Plan) -> bool {
+        self.compute_digest() == fresh.compute_digest()
     }
 }
 
@@ -409,7 +418,7 @@ pub fn warnings(desired: &Desired) -> Vec<String> {
     desired
         .providers
         .iter()
-        .filter_map(|p| match p {
+        .filter_map(|p| match &p.host {
             crate::spec::Provider::Proxmox(x) if x.insecure_skip_verify => Some(format!(
                 "provider {} accepts any TLS certificate (insecureSkipVerify: true): anyone on the path to {} can read its API token and act as the cluster; set caFile instead",
                 x.name.0, x.endpoint
@@ -450,7 +459,7 @@ fn observes_running_config(desired: &Desired, provider: &str) -> bool {
     desired
         .providers
         .iter()
-        .any(|p| p.name().0 == provider && matches!(p, crate::spec::Provider::Proxmox(_)))
+        .any(|p| p.name() == provider && p.kind() == crate::spec::ProviderKind::Proxmox)
 }
 
 /// An update that rewrites a drifted definition with the desired spec. Where observations

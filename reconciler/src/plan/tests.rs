@@ -11,10 +11,10 @@ kind: Fleet
 metadata: {name: lab}
 spec:
   providers:
-    - {name: local, type: libvirt, uri: 'qemu:///system', domainType: qemu}
+    - {name: local, type: libvirt, domainType: qemu}
   images:
     - {name: micro, kernel: build/image/vmlinuz, initrd: build/image/initrd.img}
-    - {name: deb, disk: /var/lib/fleet/debian.qcow2}
+    - {name: deb, disk: debian.qcow2}
 ";
 
 fn vm(name: &str, extra: &str) -> (String, String) {
@@ -48,8 +48,9 @@ fn desired_from(fleet_yaml: &str, files: &[(String, String)]) -> Desired {
         fleet_dir: "fleet".into(),
         files: all,
     };
-    let loaded = crate::load::load(&snapshot).unwrap_or_else(|d| panic!("{d:#?}"));
-    crate::resolve::resolve(&loaded)
+    let host = crate::resolve::tests_support::test_host();
+    let loaded = crate::load::load(&snapshot, Some(&host)).unwrap_or_else(|d| panic!("{d:#?}"));
+    crate::resolve::resolve(&loaded, &host)
 }
 
 /// An observed VM exactly as `d` describes it (as if applied at revision "a1").

@@ -10,8 +10,7 @@ use secrecy::{ExposeSecret, SecretSlice};
 
 use super::{Keyring, decrypt, encrypt};
 use crate::spec::{
-    ApiVersion, ArmoredValue, FleetDocument, Metadata, Name, SecretDocument, SecretKey, SecretKind,
-    SecretSpec,
+    ApiVersion, ArmoredValue, Metadata, Name, SecretDocument, SecretKey, SecretKind, SecretSpec,
 };
 
 /// The fleet directory of the working tree.
@@ -22,25 +21,6 @@ pub struct SecretFiles {
 impl SecretFiles {
     fn path(&self, name: &str) -> PathBuf {
         self.fleet_dir.join("secrets").join(format!("{name}.yaml"))
-    }
-
-    fn fleet_recipients(&self) -> Result<Vec<String>> {
-        let path = self.fleet_dir.join("fleet.yaml");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("{}: cannot read the Fleet", path.display()))?;
-        let fleet: FleetDocument = serde_saphyr::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: {e}; fix it (fleet validate --worktree shows where)",
-                path.display()
-            )
-        })?;
-        Ok(fleet
-            .spec
-            .policy
-            .recipients
-            .iter()
-            .map(|r| r.0.clone())
-            .collect())
     }
 
     fn read(&self, name: &str) -> Result<Option<SecretDocument>> {
@@ -71,26 +51,15 @@ impl SecretFiles {
         Ok(path)
     }
 
-    /// The recipients a secret encrypts to: its own, else the Fleet's.
-    fn recipients_for(&self, doc: Option<&SecretDocument>) -> Result<Vec<String>> {
-        let own: Vec<String> = doc
-            .map(|d| d.spec.recipients.iter().map(|r| r.0.clone()).collect())
-            .unwrap_or_default();
-        let recipients = if own.is_empty() {
-            self.fleet_recipients()?
-        } else {
-            own
-        };
-        if recipients.is_empty() {
-            bail!(
-                "no recipients to encrypt to: add `recipients: [age1…]` to policy in fleet.yaml (age-keygen -y KEYFILE prints yours)"
-            );
-        }
-        Ok(recipients)
-    }
-
-    /// Encrypts `value` under `name`/`key`, creating the Secret or replacing that key.
-    pub fn set(&self, name: &str, key: &str, value: &SecretSlice<u8>) -> Result<PathBuf> {
+    /// Encrypts `value` under `name`/`key` to `recipients` (the host's, never the
+    /// repository's), creating the Secret or replacing that key.
+    pub fn set(
+        &self,
+        name: &str,
+        key: &str,
+        value: &SecretSlice<u8>,
+        recipients: &[String],
+    ) -> Result<PathBuf> {
         check_name(name)?;
         if !key_is_valid(key) {
             bail!("key {key:?} is not valid: use letters, digits, `_`, `.` and `-`, at most 64");
@@ -102,8 +71,7 @@ impl SecretFiles {
             );
         }
         let existing = self.read(name)?;
-        let recipients = self.recipients_for(existing.as_ref())?;
-        let armored = encrypt(value.expose_secret(), &recipients).map_err(anyhow::Error::msg)?;
+        let armored = encrypt(value.expose_secret(), recipients).map_err(anyhow::Error::msg)?;
         let mut doc = existing.unwrap_or_else(|| SecretDocument {
             api_version: ApiVersion::V1,
             kind: SecretKind::Kind,
@@ -112,7 +80,7 @@ impl SecretFiles {
                 labels: BTreeMap::new(),
             },
             spec: SecretSpec {
-                recipients: Vec::new(),
+                allowed: None,
                 data: BTreeMap::new(),
             },
         });
@@ -122,9 +90,14 @@ impl SecretFiles {
         self.write(&doc)
     }
 
-    /// Re-encrypts every value of the named Secrets (all when `names` is empty) to their
-    /// current recipients. Returns each file written and how many values it holds.
-    pub fn rotate(&self, keyring: &Keyring, names: &[String]) -> Result<Vec<(PathBuf, usize)>> {
+    /// Re-encrypts every value of the named Secrets (all when `names` is empty) to
+    /// `recipients`. Returns each file written and how many values it holds.
+    pub fn rotate(
+        &self,
+        keyring: &Keyring,
+        names: &[String],
+        recipients: &[String],
+    ) -> Result<Vec<(PathBuf, usize)>> {
         let names = if names.is_empty() {
             self.names()?
         } else {
@@ -140,13 +113,12 @@ impl SecretFiles {
                     self.fleet_dir.join("secrets").display()
                 );
             };
-            let recipients = self.recipients_for(Some(&doc))?;
             for (key, value) in doc.spec.data.iter_mut() {
                 let plain = decrypt(&value.0, keyring).map_err(|e| {
                     anyhow::anyhow!("{} key {}: {e}", self.path(name).display(), key.0)
                 })?;
                 *value = ArmoredValue(
-                    encrypt(plain.expose_secret(), &recipients).map_err(anyhow::Error::msg)?,
+                    encrypt(plain.expose_secret(), recipients).map_err(anyhow::Error::msg)?,
                 );
             }
             rotated.push(doc);
@@ -176,21 +148,37 @@ impl SecretFiles {
         Ok(names)
     }
 
-    /// Names, keys and recipients; never values (nothing is decrypted).
+    /// Names, keys and who may receive them; never values (nothing is decrypted).
     pub fn list(&self) -> Result<String> {
-        let fleet_recipients = self.fleet_recipients().unwrap_or_default();
         let mut out = String::new();
         for name in self.names()? {
             let Some(doc) = self.read(&name)? else {
                 continue;
             };
             let keys: Vec<&str> = doc.spec.data.keys().map(|k| k.0.as_str()).collect();
-            let recipients = if doc.spec.recipients.is_empty() {
-                format!("{} recipient(s) from fleet.yaml", fleet_recipients.len())
-            } else {
-                format!("{} recipient(s) of its own", doc.spec.recipients.len())
+            let allowed = match &doc.spec.allowed {
+                None => "allowed: nothing (no guest receives it)".to_owned(),
+                Some(a) => {
+                    let names = |what: &str, list: &[Name]| {
+                        (!list.is_empty()).then(|| {
+                            format!(
+                                "{what} {}",
+                                list.iter().map(|n| n.0.as_str()).collect::<Vec<_>>().join(" ")
+                            )
+                        })
+                    };
+                    let parts: Vec<String> = [
+                        names("loadouts", &a.loadouts),
+                        names("vms", &a.vms),
+                        names("tasks", &a.tasks),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                    format!("allowed: {}", parts.join("; "))
+                }
             };
-            out.push_str(&format!("{name}\t{}\t{recipients}\n", keys.join(", ")));
+            out.push_str(&format!("{name}\t{}\t{allowed}\n", keys.join(", ")));
         }
         if out.is_empty() {
             out.push_str("no secrets (create one with `fleet secret set NAME KEY`)\n");

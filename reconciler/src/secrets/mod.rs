@@ -419,7 +419,6 @@ mod tests {
             name.to_owned(),
             DesiredSecret {
                 name: name.to_owned(),
-                recipients: Vec::new(),
                 data: BTreeMap::from([(key.to_owned(), crate::spec::ArmoredValue(armored))]),
                 source: format!("fleet/secrets/{name}.yaml"),
             },

@@ -2,8 +2,10 @@
 //!
 //! Identity: domain name = VM name, domain UUID = UUIDv5(UUIDv5(ROOT, fleet), VM name), the
 //! ownership stamp in `<metadata>` under fleet's namespace. Files fleet makes for a VM live in
-//! `<storage dir>/<vm>/` next to an `owner.json` marker; only directories whose marker names
-//! this fleet and VM are ever removed.
+//! `<storage dir>/<fleet>/<vm>/`, a directory fleet makes itself (`mkdir`, never one it finds)
+//! next to an `owner.json` marker. Only the files fleet makes there are ever removed, then
+//! the directory with `rmdir`: anything else found in it stays, and so does the directory.
+//! Image files resolve only under the host's image root, backing chains included.
 
 pub mod domain_xml;
 pub mod reach;
@@ -29,6 +31,11 @@ use crate::spec::{LibvirtProvider, PowerState};
 /// Root namespace for fleet's deterministic domain UUIDs.
 const UUID_ROOT: uuid::Uuid = uuid::uuid!("5e1f3c0a-6b1d-4f57-9a3e-0c2f7d9b8e41");
 const OWNER_MARKER: &str = "owner.json";
+/// The files fleet makes in a VM's directory (libvirt's log daemon writes the console log
+/// and its rotations, `console.log.N`). Nothing else there is fleet's to remove.
+const VM_FILES: [&str; 4] = [OWNER_MARKER, "seed.iso", "disk.qcow2", "console.log"];
+/// Where VM directories go when the host configuration names no `storageDir`.
+pub const DEFAULT_STORAGE_ROOT: &str = "/var/lib/fleet/storage";
 
 /// The domain UUID of VM `name` in fleet `fleet`.
 pub fn domain_uuid(fleet: &str, name: &str) -> uuid::Uuid {
@@ -48,7 +55,9 @@ pub struct LibvirtDriver {
     provider: String,
     uri: String,
     fleet: String,
-    repo_root: PathBuf,
+    /// Image files resolve under it (the host configuration's `imageRoot`).
+    image_root: PathBuf,
+    /// `<storageDir>/<fleet>`: each VM's directory is made in it.
     storage_dir: PathBuf,
     domain_type: crate::spec::DomainType,
     /// Who QEMU runs as (read once from the host's capabilities; `None` inside: no DAC).
@@ -101,19 +110,26 @@ impl ObservationCache {
 impl LibvirtDriver {
     /// Connects lazily: the first call opens the connection, and a dropped connection (a
     /// restarted libvirtd) is reopened on the next call.
-    pub fn new(fleet: &str, provider: &LibvirtProvider, repo_root: &Path) -> LibvirtDriver {
-        let storage_dir = match &provider.storage_dir {
-            Some(dir) => repo_root.join(dir),
-            None => PathBuf::from("/var/lib/fleet").join(fleet),
-        };
+    ///
+    /// `provider` comes from the host configuration, `domain_type` from the revision.
+    pub fn new(
+        fleet: &str,
+        provider: &LibvirtProvider,
+        domain_type: crate::spec::DomainType,
+        image_root: &Path,
+    ) -> LibvirtDriver {
+        let storage_root = provider
+            .storage_dir
+            .as_deref()
+            .unwrap_or(DEFAULT_STORAGE_ROOT);
         virt::error::clear_error_callback();
         LibvirtDriver {
             provider: provider.name.0.clone(),
             uri: provider.uri.clone(),
             fleet: fleet.to_owned(),
-            repo_root: repo_root.to_owned(),
-            storage_dir,
-            domain_type: provider.domain_type,
+            image_root: image_root.to_owned(),
+            storage_dir: Path::new(storage_root).join(fleet),
+            domain_type,
             qemu_user: std::sync::OnceLock::new(),
             conn: Mutex::new(None),
             calls: AtomicU64::new(0),
@@ -126,8 +142,11 @@ impl LibvirtDriver {
         &self.storage_dir
     }
 
-    fn vm_dir(&self, name: &str) -> PathBuf {
-        self.storage_dir.join(name)
+    /// `<storage>/<fleet>/<name>`. The name is checked again here (a saved plan or a bug
+    /// must not turn a name into a path elsewhere).
+    fn vm_dir(&self, name: &str) -> Result<PathBuf, DriverError> {
+        check_name(name)?;
+        Ok(self.storage_dir.join(name))
     }
 
     fn connection(&self) -> Result<Connect, DriverError> {
@@ -253,8 +272,90 @@ impl LibvirtDriver {
         })
     }
 
-    fn resolve_path(&self, p: &str) -> PathBuf {
-        self.repo_root.join(p)
+    /// An image file under the image root: the path as written, resolved through every
+    /// symlink, must still lie under the (resolved) root.
+    fn resolve_path(&self, vm: &DesiredVm, field: &str, p: &str) -> Result<PathBuf, DriverError> {
+        let refuse = |why: String| {
+            DriverError::new(
+                ErrorKind::Permanent,
+                format!("image {}: {field} {p:?}: {why}", vm.config.image.name),
+            )
+        };
+        if let Some(problem) = crate::load::relative_path_problem(p) {
+            return Err(refuse(problem.to_owned()));
+        }
+        let root = std::fs::canonicalize(&self.image_root).map_err(|e| {
+            refuse(format!(
+                "image root {}: {e} (imageRoot in the host configuration; for the example image run `make image`)",
+                self.image_root.display()
+            ))
+        })?;
+        let path = self.image_root.join(p);
+        let real = std::fs::canonicalize(&path).map_err(|e| {
+            refuse(format!(
+                "{}: {e} (for the example image run `make image`)",
+                path.display()
+            ))
+        })?;
+        if !real.starts_with(&root) {
+            return Err(refuse(format!(
+                "resolves to {}, outside the image root {}",
+                real.display(),
+                root.display()
+            )));
+        }
+        Ok(real)
+    }
+
+    /// Refuses a base disk whose backing chain or external data file reaches outside the
+    /// image root: QEMU would open every file of the chain for the guest.
+    fn check_backing_chain(&self, vm: &DesiredVm, base: &Path) -> Result<(), DriverError> {
+        let refuse = |why: String| {
+            DriverError::new(
+                ErrorKind::Permanent,
+                format!("image {}: disk {}: {why}", vm.config.image.name, base.display()),
+            )
+        };
+        let output = std::process::Command::new("qemu-img")
+            .args(["info", "-U", "--backing-chain", "--output=json"])
+            .arg(base)
+            .env_clear()
+            .output()
+            .map_err(|e| refuse(format!("run qemu-img: {e} (install qemu-utils)")))?;
+        if !output.status.success() {
+            return Err(refuse(format!(
+                "qemu-img info: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        let chain: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout)
+            .map_err(|e| refuse(format!("qemu-img info printed no chain: {e}")))?;
+        let root = std::fs::canonicalize(&self.image_root)
+            .map_err(|e| refuse(format!("image root: {e}")))?;
+        for image in &chain {
+            if image["format"] != "qcow2" && image["format"] != "raw" {
+                return Err(refuse(format!("{} images are not accepted", image["format"])));
+            }
+            if !image["format-specific"]["data"]["data-file"].is_null() {
+                return Err(refuse(
+                    "a qcow2 with an external data file is not accepted".to_owned(),
+                ));
+            }
+            let file = image["filename"].as_str().unwrap_or_default();
+            let inside = std::fs::canonicalize(file)
+                .map(|real| real.starts_with(&root))
+                .unwrap_or(false);
+            if !inside {
+                return Err(refuse(format!(
+                    "its backing chain reaches {file:?}, outside the image root {}",
+                    root.display()
+                )));
+            }
+        }
+        if chain.first().is_some_and(|i| i["format"] != "qcow2") {
+            return Err(refuse("a base disk must be qcow2".to_owned()));
+        }
+        Ok(())
     }
 
     /// The user QEMU runs as on this host, read once from libvirt's capabilities.
@@ -303,19 +404,21 @@ impl LibvirtDriver {
 
     /// The domain XML for `vm`, checking that its image files exist.
     fn definition(&self, vm: &DesiredVm, stamp: &Stamp) -> Result<String, DriverError> {
-        let dir = self.vm_dir(&vm.name);
+        let dir = self.vm_dir(&vm.name)?;
         let kernel = vm
             .config
             .image
             .kernel
             .as_deref()
-            .map(|k| self.resolve_path(k));
+            .map(|k| self.resolve_path(vm, "kernel", k))
+            .transpose()?;
         let initrd = vm
             .config
             .image
             .initrd
             .as_deref()
-            .map(|i| self.resolve_path(i));
+            .map(|i| self.resolve_path(vm, "initrd", i))
+            .transpose()?;
         if let Some(k) = &kernel {
             self.check_image_file(vm, "kernel", k)?;
         }
@@ -345,31 +448,73 @@ impl LibvirtDriver {
         ))
     }
 
-    /// Makes `<storage>/<vm>/` with its owner marker, and the disk overlay when the image
-    /// has a disk.
-    fn prepare_files(&self, vm: &DesiredVm) -> Result<(), DriverError> {
-        let dir = self.vm_dir(&vm.name);
-        let io = |what: &str, e: std::io::Error| {
+    /// Makes `<storage>/<fleet>/<vm>/` with its owner marker, or finds the one fleet made
+    /// before (an interrupted create). A directory there that fleet did not make is never
+    /// claimed: the create stops with a conflict naming it.
+    fn ensure_vm_dir(&self, name: &str) -> Result<PathBuf, DriverError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = self.vm_dir(name)?;
+        let io = |what: &str, path: &Path, e: std::io::Error| {
             DriverError::new(
                 ErrorKind::Permanent,
-                format!("{what} {}: {e}", dir.display()),
+                format!("{what} {}: {e}", path.display()),
             )
         };
-        std::fs::create_dir_all(&dir).map_err(|e| io("create", e))?;
-        // qemu runs as its own user and must reach the console log and overlay.
-        set_mode(&dir, 0o755).map_err(|e| io("chmod", e))?;
+        // The storage root and the fleet's directory: made if missing (reachable by QEMU's
+        // user), left as they are if present.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&self.storage_dir)
+            .map_err(|e| io("create", &self.storage_dir, e))?;
+        match std::fs::DirBuilder::new().mode(0o755).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if !self.dir_is_ours(&dir, name) {
+                    return Err(DriverError::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "{} exists and is not a directory fleet made for VM {name:?} (no owner marker of fleet {:?}); fleet never takes over a directory it did not make: move it away",
+                            dir.display(),
+                            self.fleet
+                        ),
+                    ));
+                }
+                return Ok(dir);
+            }
+            Err(e) => return Err(io("create", &dir, e)),
+        }
+        // mkdir applies the umask: QEMU's user must reach the files inside.
+        set_mode(&dir, 0o755).map_err(|e| io("chmod", &dir, e))?;
         let marker = OwnerMarker {
             fleet: self.fleet.clone(),
-            vm: vm.name.clone(),
-            uuid: domain_uuid(&self.fleet, &vm.name).to_string(),
+            vm: name.to_owned(),
+            uuid: domain_uuid(&self.fleet, name).to_string(),
         };
         let marker_json = serde_json::to_vec_pretty(&marker).expect("marker is JSON");
         crate::status::write_atomic(&dir.join(OWNER_MARKER), &marker_json)
-            .map_err(|e| io("write owner marker in", e))?;
+            .map_err(|e| io("write owner marker in", &dir, e))?;
+        Ok(dir)
+    }
+
+    /// A real directory (not a symlink) whose owner marker names this fleet and VM.
+    fn dir_is_ours(&self, dir: &Path, name: &str) -> bool {
+        let is_dir = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir());
+        let marker: Option<OwnerMarker> = std::fs::read(dir.join(OWNER_MARKER))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        is_dir && marker.is_some_and(|m| m.fleet == self.fleet && m.vm == name)
+    }
+
+    /// Makes the VM's directory with its owner marker, its seed, and the disk overlay when
+    /// the image has a disk.
+    fn prepare_files(&self, vm: &DesiredVm) -> Result<(), DriverError> {
+        let dir = self.ensure_vm_dir(&vm.name)?;
         self.write_seed(vm)?;
         if let (Some(base), Some(size_mib)) = (&vm.config.image.disk, vm.config.disk_mib) {
-            let base = self.resolve_path(base);
+            let base = self.resolve_path(vm, "disk", base)?;
             self.check_image_file(vm, "disk", &base)?;
+            self.check_backing_chain(vm, &base)?;
             let overlay = dir.join("disk.qcow2");
             // No domain uses it (create runs only when none exists): a leftover from an
             // interrupted create is replaced.
@@ -379,6 +524,7 @@ impl LibvirtDriver {
                 .arg(&base)
                 .arg(&overlay)
                 .arg(format!("{size_mib}M"))
+                .env_clear()
                 .output()
                 .map_err(|e| {
                     DriverError::new(
@@ -403,7 +549,7 @@ impl LibvirtDriver {
     /// Renders the VM's NoCloud seed and writes it as `seed.iso` (volume label `cidata`),
     /// replacing the previous one atomically.
     fn write_seed(&self, vm: &DesiredVm) -> Result<(), DriverError> {
-        let dir = self.vm_dir(&vm.name);
+        let dir = self.vm_dir(&vm.name)?;
         let seed = crate::seed::render(vm, &domain_uuid(&self.fleet, &vm.name).to_string());
         let fail = |what: &str, e: &dyn std::fmt::Display| {
             DriverError::new(
@@ -428,6 +574,7 @@ impl LibvirtDriver {
             .arg(&iso)
             .args(["user-data", "meta-data", "network-config"])
             .current_dir(staging.path())
+            .env_clear()
             .output()
             .map_err(|e| fail("run genisoimage (install genisoimage)", &e))?;
         if !output.status.success() {
@@ -440,33 +587,69 @@ impl LibvirtDriver {
         std::fs::rename(&iso, dir.join("seed.iso")).map_err(|e| fail("install seed.iso", &e))
     }
 
-    /// Removes `<storage>/<vm>/` if its marker says it is this fleet's VM (or it is empty).
+    /// Removes what fleet made in the VM's directory, then the directory (`rmdir`): only if
+    /// its marker says it is this fleet's VM, or it is empty. Anything else found inside
+    /// stays, and with it the directory (a warning says so).
     fn remove_files(&self, name: &str) -> Result<(), DriverError> {
-        let dir = self.vm_dir(name);
-        if !dir.exists() {
+        let dir = self.vm_dir(name)?;
+        if std::fs::symlink_metadata(&dir).is_err() {
             return Ok(());
         }
-        let marker: Option<OwnerMarker> = std::fs::read(dir.join(OWNER_MARKER))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        let ours = marker.is_some_and(|m| m.fleet == self.fleet && m.vm == name);
-        let result = if ours {
-            std::fs::remove_dir_all(&dir)
-        } else {
-            // Not provably ours: remove only an empty directory, after the temp file of a
-            // marker write that a kill interrupted (the first thing a create writes here).
-            crate::status::remove_left_temp_files(&dir, OWNER_MARKER, |_| false);
-            match std::fs::remove_dir(&dir) {
-                Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => Ok(()),
-                other => other,
-            }
-        };
-        result.map_err(|e| {
+        let fail = |what: &Path, e: std::io::Error| {
             DriverError::new(
                 ErrorKind::Transient,
-                format!("remove {}: {e}", dir.display()),
+                format!("remove {}: {e}", what.display()),
             )
-        })
+        };
+        if self.dir_is_ours(&dir, name) {
+            // The marker goes last: a removal cut short stays recognisably fleet's.
+            let mut files: Vec<PathBuf> = VM_FILES[1..].iter().map(|f| dir.join(f)).collect();
+            for entry in std::fs::read_dir(&dir).map_err(|e| fail(&dir, e))?.flatten() {
+                let file = entry.file_name().to_string_lossy().into_owned();
+                let rotated = file
+                    .strip_prefix("console.log.")
+                    .is_some_and(|n| n.parse::<u32>().is_ok());
+                if rotated {
+                    files.push(entry.path());
+                } else if file.starts_with(".seed-")
+                    && entry.file_type().is_ok_and(|t| t.is_dir())
+                {
+                    // A seed staging directory a kill left behind (tempfile's, fleet's own).
+                    for part in ["user-data", "meta-data", "network-config", "seed.iso"] {
+                        let _ = std::fs::remove_file(entry.path().join(part));
+                    }
+                    let _ = std::fs::remove_dir(entry.path());
+                }
+            }
+            crate::status::remove_left_temp_files(&dir, OWNER_MARKER, |_| false);
+            files.push(dir.join(OWNER_MARKER));
+            for file in files {
+                match std::fs::remove_file(&file) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(fail(&file, e));
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            // Not provably ours: only the temp file of a marker write that a kill cut short
+            // (the first thing a create writes here), then the directory if that leaves it
+            // empty.
+            crate::status::remove_left_temp_files(&dir, OWNER_MARKER, |_| false);
+        }
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+                tracing::warn!(
+                    vm = name,
+                    "{} holds files fleet did not make; fleet removed its own and left the rest",
+                    dir.display()
+                );
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(fail(&dir, e)),
+        }
     }
 
     fn is_active(&self, dom: &Domain, name: &str) -> Result<bool, DriverError> {
@@ -632,12 +815,7 @@ impl Driver for LibvirtDriver {
         if let Some((dom, _)) = self.owned(&vm.name)? {
             // Made before (a retried or interrupted create): bring it to the spec.
             let xml = self.definition(vm, stamp)?;
-            std::fs::create_dir_all(self.vm_dir(&vm.name)).map_err(|e| {
-                DriverError::new(
-                    ErrorKind::Permanent,
-                    format!("create the directory of {}: {e}", vm.name),
-                )
-            })?;
+            self.ensure_vm_dir(&vm.name)?;
             self.write_seed(vm)?;
             self.define(&xml, &vm.name)?;
             if self.is_active(&dom, &vm.name)? {
@@ -812,6 +990,21 @@ fn is_connection_failure(message: &str) -> bool {
     ]
     .iter()
     .any(|needle| m.contains(needle))
+}
+
+/// Defence in depth: every name a driver acts on is a DNS label, whatever handed it over.
+pub(crate) fn check_name(name: &str) -> Result<(), DriverError> {
+    static NAME: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(crate::spec::NAME_PATTERN).expect("the name pattern compiles")
+    });
+    if NAME.is_match(name) {
+        Ok(())
+    } else {
+        Err(DriverError::new(
+            ErrorKind::Permanent,
+            format!("{name:?} is not a VM name (a lower-case DNS label); refusing to act on it"),
+        ))
+    }
 }
 
 fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {

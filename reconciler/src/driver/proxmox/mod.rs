@@ -134,17 +134,19 @@ fn value_text(v: &Value) -> String {
 impl ProxmoxDriver {
     /// No network traffic here: the client connects on the first call. `token` is the API
     /// token's secret, or why it could not be had (every call then fails with that).
+    /// `provider` comes from the host configuration (its paths are absolute); `domain_type`
+    /// from the revision.
     pub fn new(
         fleet: &str,
         provider: &ProxmoxProvider,
-        repo_root: &Path,
+        domain_type: DomainType,
         token: Result<SecretString, String>,
     ) -> ProxmoxDriver {
         let trust = if provider.insecure_skip_verify {
             Ok(Trust::Insecure)
         } else if let Some(ca) = &provider.ca_file {
-            let path = repo_root.join(ca);
-            std::fs::read(&path)
+            let path = Path::new(ca);
+            std::fs::read(path)
                 .map(Trust::CaPem)
                 .map_err(|e| format!("read CA file {}: {e}", path.display()))
         } else {
@@ -166,11 +168,11 @@ impl ProxmoxDriver {
                 .bridge
                 .clone()
                 .unwrap_or_else(|| DEFAULT_BRIDGE.to_owned()),
-            domain_type: provider.domain_type,
+            domain_type,
             snippets: provider
                 .snippets
                 .as_ref()
-                .map(|s| (s.storage.clone(), repo_root.join(&s.dir))),
+                .map(|s| (s.storage.clone(), PathBuf::from(&s.dir))),
             client: client
                 .map(Arc::new)
                 .map_err(|e| format!("provider {}: {e}", provider.name.0)),

@@ -1,0 +1,288 @@
+//! The host's rules, checked against a revision: what a commit may ask of the host.
+//!
+//! A revision names providers and images and describes VMs and tasks; the host
+//! configuration says which providers exist and how to reach them, where image files are,
+//! which repositories tasks may fetch, and how short an interval may be. Anything a revision
+//! asks beyond that is a diagnostic naming the host rule, before anything is contacted.
+
+use super::{Diagnostic, LoadedFleet, Object, diagnostic, relative_path_problem};
+use crate::spec::{HostDocument, HostSpec, Provider, RepositoryPattern};
+
+/// Where diagnostics say the host's rules come from.
+pub const HOST_CONFIG: &str = "the host configuration";
+
+/// Checks of the host configuration that need only itself.
+pub fn check_host_object(o: &Object<HostDocument>, diags: &mut Vec<Diagnostic>) {
+    let mut seen = std::collections::BTreeMap::new();
+    for (i, p) in o.doc.spec.providers.iter().enumerate() {
+        super::unique_in_list(
+            o,
+            &mut seen,
+            p.name().0.as_str(),
+            &format!("/spec/providers/{i}/name"),
+            "provider",
+            diags,
+        );
+        let Provider::Proxmox(x) = p else {
+            continue;
+        };
+        let sources = [
+            x.token.secret.is_some(),
+            x.token.file.is_some(),
+            x.token.env.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() != 1 {
+            diags.push(Diagnostic::new(
+                &o.path,
+                o.tree.pos_at_pointer(&format!("/spec/providers/{i}/token"), false),
+                format!("spec.providers[{i}].token: set exactly one of secret (a Secret in the fleet's fleet/secrets/), file (a host file, mode 0600) and env (an environment variable of fleet's process)"),
+            ));
+        }
+        if x.insecure_skip_verify && x.ca_file.is_some() {
+            diags.push(Diagnostic::new(
+                &o.path,
+                o.tree.pos_at_pointer(&format!("/spec/providers/{i}/insecureSkipVerify"), false),
+                format!("spec.providers[{i}].insecureSkipVerify: contradicts caFile; remove insecureSkipVerify to verify against the CA file"),
+            ));
+        }
+    }
+}
+
+/// Everything a revision asks of the host, against what the host allows.
+pub fn check(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnostic>) {
+    check_providers(f, host, diags);
+    check_intervals(f, host, diags);
+    check_repositories(f, host, diags);
+    check_credentials(f, host, diags);
+}
+
+fn check_providers(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnostic>) {
+    let o = &f.fleet;
+    for (i, p) in o.doc.spec.providers.iter().enumerate() {
+        match host.provider(&p.name.0) {
+            None => {
+                let defined: Vec<String> =
+                    host.providers.iter().map(|h| h.name().0.clone()).collect();
+                let list = if defined.is_empty() {
+                    "it defines none".to_owned()
+                } else {
+                    format!("it defines: {}", defined.join(", "))
+                };
+                diags.push(Diagnostic::new(
+                    &o.path,
+                    o.tree
+                        .pos_at_pointer(&format!("/spec/providers/{i}/name"), false),
+                    format!(
+                        "spec.providers[{i}].name: {HOST_CONFIG} has no provider {:?} ({list}); name one of those, or ask the host's administrator to add it",
+                        p.name.0
+                    ),
+                ));
+            }
+            Some(h) if h.kind() != p.kind => diags.push(Diagnostic::new(
+                &o.path,
+                o.tree
+                    .pos_at_pointer(&format!("/spec/providers/{i}/type"), false),
+                format!(
+                    "spec.providers[{i}].type: provider {:?} is {} in {HOST_CONFIG}, not {}; set type: {}",
+                    p.name.0,
+                    h.kind().as_str(),
+                    p.kind.as_str(),
+                    h.kind().as_str()
+                ),
+            )),
+            Some(_) => {}
+        }
+    }
+}
+
+fn check_intervals(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnostic>) {
+    let o = &f.fleet;
+    let floor = host.limits.min_interval();
+    let policy = &o.doc.spec.policy;
+    for (field, value) in [
+        ("reconcileInterval", &policy.reconcile_interval),
+        ("resyncInterval", &policy.resync_interval),
+    ] {
+        if let Some(d) = value
+            && d.to_std().is_some_and(|d| d < floor)
+        {
+            diags.push(Diagnostic::new(
+                &o.path,
+                o.tree.pos_at_pointer(&format!("/spec/policy/{field}"), false),
+                format!(
+                    "spec.policy.{field}: {} is shorter than {HOST_CONFIG} allows (limits.minInterval {}); use {} or more",
+                    d.0,
+                    humantime::format_duration(floor),
+                    humantime::format_duration(floor)
+                ),
+            ));
+        }
+    }
+}
+
+fn check_repositories(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnostic>) {
+    for o in f.tasks.values() {
+        let Some(repo) = &o.doc.spec.repository else {
+            continue;
+        };
+        let url = repo.url.as_str();
+        let at = o.tree.pos_at_pointer("/spec/repository/url", false);
+        if !url.contains("://") && !url.contains('@') {
+            if let Some(problem) = relative_path_problem(url) {
+                diags.push(Diagnostic::new(
+                    &o.path,
+                    at,
+                    format!(
+                        "spec.repository.url: {problem}; a local repository must be a path inside this repository (or a URL {HOST_CONFIG} allows)"
+                    ),
+                ));
+            }
+            continue;
+        }
+        if !host.repositories.iter().any(|p| pattern_matches(p, url)) {
+            let allowed = if host.repositories.is_empty() {
+                "it allows none".to_owned()
+            } else {
+                format!(
+                    "it allows: {}",
+                    host.repositories
+                        .iter()
+                        .map(|p| p.0.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            diags.push(Diagnostic::new(
+                &o.path,
+                at,
+                format!(
+                    "spec.repository.url: {url:?} is not a repository {HOST_CONFIG} allows ({allowed}); ask the host's administrator to add a pattern to repositories"
+                ),
+            ));
+        }
+    }
+}
+
+/// `*` matches any run of characters but `/`; `**` any run at all; everything else itself.
+/// A URL with `.` or `..` segments or percent-escapes matches nothing: servers normalise
+/// those, so they could lead outside what the pattern names.
+pub fn pattern_matches(pattern: &RepositoryPattern, url: &str) -> bool {
+    if url.contains('%') || url.split('/').any(|part| part == "." || part == "..") {
+        return false;
+    }
+    fn matches(p: &[u8], s: &[u8]) -> bool {
+        match p {
+            [] => s.is_empty(),
+            [b'*', b'*', rest @ ..] => (0..=s.len()).any(|i| matches(rest, &s[i..])),
+            [b'*', rest @ ..] => {
+                let run = s.iter().position(|&c| c == b'/').unwrap_or(s.len());
+                (0..=run).any(|i| matches(rest, &s[i..]))
+            }
+            [c, rest @ ..] => s.first() == Some(c) && matches(rest, &s[1..]),
+        }
+    }
+    matches(pattern.0.as_bytes(), url.as_bytes())
+}
+
+/// A Proxmox API token kept as a Secret is a provider credential: the revision must hold it,
+/// and no loadout or task may take it (it would give a guest the cluster).
+fn check_credentials(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnostic>) {
+    for p in &host.providers {
+        let Provider::Proxmox(x) = p else {
+            continue;
+        };
+        let Some(r) = &x.token.secret else {
+            continue;
+        };
+        let Some(i) = f
+            .fleet
+            .doc
+            .spec
+            .providers
+            .iter()
+            .position(|used| used.name == *p.name())
+        else {
+            continue;
+        };
+        let holds = f
+            .secrets
+            .get(&r.secret.0)
+            .is_some_and(|s| s.doc.spec.data.contains_key(&r.key));
+        if !holds {
+            diags.push(Diagnostic::new(
+                &f.fleet.path,
+                f.fleet
+                    .tree
+                    .pos_at_pointer(&format!("/spec/providers/{i}/name"), false),
+                format!(
+                    "spec.providers[{i}].name: provider {:?} takes its API token from Secret {}/{} ({HOST_CONFIG}), which this revision lacks; create it with `fleet secret set {} {}`",
+                    p.name().0, r.secret.0, r.key.0, r.secret.0, r.key.0
+                ),
+            ));
+        }
+        let uses = f
+            .loadouts
+            .values()
+            .map(|o| (&o.path, &o.tree, &o.doc.spec.secrets))
+            .chain(
+                f.tasks
+                    .values()
+                    .map(|o| (&o.path, &o.tree, &o.doc.spec.secrets)),
+            );
+        for (path, tree, refs) in uses {
+            for (j, used) in refs.iter().enumerate() {
+                if used.secret == r.secret {
+                    let pointer = format!("/spec/secrets/{j}/secret");
+                    diags.push(Diagnostic::new(
+                        path,
+                        tree.pos_at_pointer(&pointer, false),
+                        format!(
+                            "{}: Secret {:?} holds provider {:?}'s API token ({HOST_CONFIG}); a provider credential never goes to a guest",
+                            diagnostic::field_path(&pointer),
+                            r.secret.0,
+                            p.name().0
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_patterns_match_by_segment() {
+        let p = |s: &str| RepositoryPattern(s.to_owned());
+        assert!(pattern_matches(
+            &p("https://git.example.org/team/*"),
+            "https://git.example.org/team/app"
+        ));
+        assert!(!pattern_matches(
+            &p("https://git.example.org/team/*"),
+            "https://git.example.org/team/app/../../other"
+        ));
+        assert!(!pattern_matches(
+            &p("https://git.example.org/team/*"),
+            "https://git.example.org.evil.net/team/app"
+        ));
+        assert!(pattern_matches(
+            &p("https://git.example.org/**"),
+            "https://git.example.org/a/b/c.git"
+        ));
+        assert!(!pattern_matches(
+            &p("https://git.example.org/*"),
+            "https://git.example.org/a/b"
+        ));
+        assert!(!pattern_matches(
+            &p("https://git.example.org/**"),
+            "https://git.example.org/a/../../b"
+        ));
+        assert!(!pattern_matches(
+            &p("https://git.example.org/**"),
+            "https://git.example.org/a/%2e%2e/b"
+        ));
+    }
+}
