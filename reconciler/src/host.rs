@@ -133,7 +133,9 @@ mod tests {
         chmod(&path, 0o644);
 
         chmod(dir.path(), 0o777);
-        let err = read(&path).expect_err("in a directory others write").to_string();
+        let err = read(&path)
+            .expect_err("in a directory others write")
+            .to_string();
         assert!(err.contains(&dir.path().display().to_string()), "{err}");
         chmod(dir.path(), 0o1777);
         read(&path).expect("a sticky directory like /tmp is fine");

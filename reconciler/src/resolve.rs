@@ -448,25 +448,34 @@ pub fn check_limits(desired: &Desired, host: &HostSpec) -> Vec<crate::load::Diag
             }
         };
         if vms > u64::from(limits.max_vms()) {
-            over(&mut vms_over, format!(
-                "VM {}: this revision asks for more than {} VMs, limits.maxVms",
-                vm.name,
-                limits.max_vms()
-            ));
+            over(
+                &mut vms_over,
+                format!(
+                    "VM {}: this revision asks for more than {} VMs, limits.maxVms",
+                    vm.name,
+                    limits.max_vms()
+                ),
+            );
         }
         if cpus > limits.max_cpus() {
-            over(&mut cpus_over, format!(
-                "VM {}: this revision asks for more than {} vCPUs in total, limits.maxCpus",
-                vm.name,
-                limits.max_cpus()
-            ));
+            over(
+                &mut cpus_over,
+                format!(
+                    "VM {}: this revision asks for more than {} vCPUs in total, limits.maxCpus",
+                    vm.name,
+                    limits.max_cpus()
+                ),
+            );
         }
         if memory > limits.max_memory_mib() {
-            over(&mut memory_over, format!(
-                "VM {}: this revision asks for more than {} MiB of memory in total, limits.maxMemory",
-                vm.name,
-                limits.max_memory_mib()
-            ));
+            over(
+                &mut memory_over,
+                format!(
+                    "VM {}: this revision asks for more than {} MiB of memory in total, limits.maxMemory",
+                    vm.name,
+                    limits.max_memory_mib()
+                ),
+            );
         }
     }
     diags

@@ -121,6 +121,23 @@ pub fn from_git(root: &Path, fleet_dir: &str, rev: Option<&str>) -> Result<Snaps
                     return git2::TreeWalkResult::Ok;
                 };
                 let path = format!("{fleet_dir}/{parent}{name}");
+                // The size from the object's header first: a blob that inflates past the
+                // cap is never inflated (a few KiB of zeros can compress a gigabyte). Its
+                // stand-in is as long as the cap, so the loader reports it as too large.
+                match repo.odb().and_then(|odb| odb.read_header(entry.id())) {
+                    Ok((size, _)) if size > READ_CAP => {
+                        files.push(SourceFile {
+                            path,
+                            bytes: vec![0; READ_CAP],
+                        });
+                        return git2::TreeWalkResult::Ok;
+                    }
+                    Ok(_) => {}
+                    Err(source) => {
+                        walk_err = Some(SourceError::Git { path, source });
+                        return git2::TreeWalkResult::Abort;
+                    }
+                }
                 match repo.find_blob(entry.id()) {
                     Ok(blob) => {
                         let content = blob.content();
@@ -155,6 +172,16 @@ pub fn from_git(root: &Path, fleet_dir: &str, rev: Option<&str>) -> Result<Snaps
 pub fn from_worktree(root: &Path, fleet_dir: &str) -> Result<Snapshot, SourceError> {
     let mut files = Vec::new();
     let base = root.join(fleet_dir);
+    // A symlinked fleet directory would have fleet walk (and name in diagnostics) whatever
+    // directory of the host it points at.
+    if std::fs::symlink_metadata(&base).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(SourceError::Io {
+            path: base.display().to_string(),
+            source: std::io::Error::other(
+                "the fleet directory is a symlink; fleet reads only a real directory",
+            ),
+        });
+    }
     if base.is_dir() {
         walk_dir(root, &base, &mut files)?;
     }

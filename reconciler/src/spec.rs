@@ -479,7 +479,6 @@ pub struct LibvirtProvider {
     pub storage_dir: Option<String>,
 }
 
-
 /// `kind: Host` — `/etc/fleet/host.yaml` (or `--host-config`, `FLEET_HOST_CONFIG`): what the
 /// host's administrator allows. Everything that names a host resource or a credential lives
 /// here, never in a repository: a revision names providers and images, and may only ask for
@@ -526,7 +525,11 @@ pub struct HostSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(transparent)]
 pub struct RepositoryPattern(
-    #[schemars(regex(pattern = "^(https|ssh|git|file)://[^\\s]+$"), length(max = 1024))] pub String,
+    #[schemars(
+        regex(pattern = "^(https|ssh|git|file)://[^\\s]+$"),
+        length(max = 1024)
+    )]
+    pub String,
 );
 
 /// What one fleet may ask of the host, in total.
@@ -582,7 +585,9 @@ impl HostSpec {
 
     /// The image root; `/var/lib/fleet/images` unless set.
     pub fn image_root(&self) -> &str {
-        self.image_root.as_deref().unwrap_or("/var/lib/fleet/images")
+        self.image_root
+            .as_deref()
+            .unwrap_or("/var/lib/fleet/images")
     }
 }
 

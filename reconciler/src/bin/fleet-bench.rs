@@ -23,7 +23,7 @@ use fleet::driver::Driver;
 use fleet::driver::libvirt::LibvirtDriver;
 use fleet::observe::{Observed, ObservedHost, ObservedVm, Stamp};
 use fleet::source::{Revision, Snapshot, SourceFile};
-use fleet::spec::{LibvirtProvider, Name};
+use fleet::spec::{HostSpec, LibvirtProvider, Name};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -82,12 +82,23 @@ impl ScratchFleet {
         me.git(&["config", "user.email", "bench@fleet.invalid"])?;
         me.write(
             "fleet/fleet.yaml",
-            &format!("apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: {fleet}}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, uri: 'qemu:///system', domainType: qemu, storageDir: .fleet/storage}}\n  images:\n    - {{name: micro, kernel: '{}'}}\n", kernel.display()),
+            &format!("apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: {fleet}}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, domainType: qemu}}\n  images:\n    - {{name: micro, kernel: vmlinuz}}\n"),
+        )?;
+        std::fs::write(
+            me.host_config(),
+            bench_host_yaml(
+                &kernel.parent().expect("image dir").to_string_lossy(),
+                &me.path().join(".fleet/storage").to_string_lossy(),
+            ),
         )?;
         Ok(me)
     }
     fn path(&self) -> &std::path::Path {
         self.dir.path()
+    }
+    /// Beside the repository's files, outside `fleet/`, as a host's would be.
+    fn host_config(&self) -> std::path::PathBuf {
+        self.path().join("host.yaml")
     }
     fn write(&self, rel: &str, text: &str) -> anyhow::Result<()> {
         let p = self.path().join(rel);
@@ -128,6 +139,7 @@ impl ScratchFleet {
             .arg("-C")
             .arg(self.path())
             .args(["apply", "--auto-approve"])
+            .env("FLEET_HOST_CONFIG", self.host_config())
             .output()?;
         anyhow::ensure!(
             out.status.success(),
@@ -142,6 +154,7 @@ impl ScratchFleet {
             .arg("-C")
             .arg(self.path())
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("FLEET_HOST_CONFIG", self.host_config())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()?)
@@ -204,9 +217,10 @@ fn bench_cached_noop(vms: usize) -> anyhow::Result<()> {
     scratch.commit("pool")?;
     scratch.apply()?;
     let snapshot = fleet::source::from_git(scratch.path(), "fleet", None)?;
-    let desired = fleet::reconcile::desired(&snapshot).map_err(|d| anyhow::anyhow!("{d:?}"))?;
-    let drivers =
-        fleet::reconcile::drivers_for(&desired, scratch.path(), &fleet::secrets::Vault::default());
+    let host = fleet::host::read(&scratch.host_config())?;
+    let desired =
+        fleet::reconcile::desired(&snapshot, &host).map_err(|d| anyhow::anyhow!("{d:?}"))?;
+    let drivers = fleet::reconcile::drivers_for(&desired, &host, &fleet::secrets::Vault::default());
     let driver = drivers["local"].clone();
     driver.watch(Arc::new(|_| {}))?;
     let runtime = tokio::runtime::Runtime::new()?;
@@ -317,10 +331,23 @@ fn bench_idle(vms: usize, seconds: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn snapshot(vms: usize, kernel: &str, state: &str) -> Snapshot {
-    let fleet = format!(
-        "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: bench}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, uri: 'qemu:///system', domainType: qemu, storageDir: .fleet/bench-storage}}\n  images:\n    - {{name: micro, kernel: '{kernel}'}}\n"
-    );
+/// A host configuration for the benchmarks: room for every VM they make.
+fn bench_host_yaml(image_root: &str, storage: &str) -> String {
+    format!(
+        "apiVersion: fleet/v1\nkind: Host\nspec:\n  providers:\n    - {{name: local, type: libvirt, uri: 'qemu:///system', storageDir: '{storage}'}}\n  imageRoot: '{image_root}'\n  limits: {{maxVms: 100000, maxCpus: 1000000, maxMemory: 100Ti, minInterval: 1s}}\n"
+    )
+}
+
+fn bench_host(image_root: &str, storage: &str) -> anyhow::Result<HostSpec> {
+    fleet::load::load_host(
+        "bench host",
+        bench_host_yaml(image_root, storage).as_bytes(),
+    )
+    .map_err(|d| anyhow::anyhow!("{d:?}"))
+}
+
+fn snapshot(vms: usize, state: &str) -> Snapshot {
+    let fleet = "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: bench}\nspec:\n  providers:\n    - {name: local, type: libvirt, domainType: qemu}\n  images:\n    - {name: micro, kernel: vmlinuz}\n".to_owned();
     let pool = format!(
         "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {{name: bench}}\nspec:\n  replicas: {vms}\n  template:\n    spec: {{provider: local, image: micro, state: {state}, resources: {{memory: 128Mi}}}}\n"
     );
@@ -364,10 +391,11 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn bench_plan(vms: usize) -> anyhow::Result<()> {
-    let snap = snapshot(vms, "/boot/vmlinuz", "running");
+    let snap = snapshot(vms, "running");
+    let host = bench_host("/var/lib/fleet/images", "/var/lib/fleet/storage")?;
     // Observed: every VM applied as desired, except one in a hundred with older memory, so
     // the plan has real work to render.
-    let desired = fleet::reconcile::desired(&snap).map_err(|d| anyhow::anyhow!("{d:?}"))?;
+    let desired = fleet::reconcile::desired(&snap, &host).map_err(|d| anyhow::anyhow!("{d:?}"))?;
     let observed_vms: Vec<Arc<ObservedVm>> = desired
         .vms
         .values()
@@ -401,7 +429,7 @@ fn bench_plan(vms: usize) -> anyhow::Result<()> {
     drop(desired);
 
     let started = Instant::now();
-    let desired = fleet::reconcile::desired(&snap).map_err(|d| anyhow::anyhow!("{d:?}"))?;
+    let desired = fleet::reconcile::desired(&snap, &host).map_err(|d| anyhow::anyhow!("{d:?}"))?;
     let loaded = started.elapsed();
     let plan = fleet::plan::plan(&desired, &observed);
     let planned = started.elapsed();
@@ -440,15 +468,22 @@ fn bench_libvirt_observe(vms: usize) -> anyhow::Result<()> {
         "{} is missing: run `make image`",
         kernel.display()
     );
-    let snap = snapshot(vms, &kernel.to_string_lossy(), "stopped");
-    let desired = fleet::reconcile::desired(&snap).map_err(|d| anyhow::anyhow!("{d:?}"))?;
+    let snap = snapshot(vms, "stopped");
+    let storage = repo_root.join(".fleet/bench-storage");
+    let image_root = kernel.parent().expect("image dir");
+    let host = bench_host(&image_root.to_string_lossy(), &storage.to_string_lossy())?;
+    let desired = fleet::reconcile::desired(&snap, &host).map_err(|d| anyhow::anyhow!("{d:?}"))?;
     let provider = LibvirtProvider {
         name: Name("local".into()),
         uri: "qemu:///system".into(),
-        domain_type: fleet::spec::DomainType::Qemu,
-        storage_dir: Some(".fleet/bench-storage".into()),
+        storage_dir: Some(storage.to_string_lossy().into_owned()),
     };
-    let driver = Arc::new(LibvirtDriver::new("bench", &provider, &repo_root));
+    let driver = Arc::new(LibvirtDriver::new(
+        "bench",
+        &provider,
+        fleet::spec::DomainType::Qemu,
+        image_root,
+    ));
 
     // Define the fleet's VMs (stopped: the bench measures observation, not boots).
     let t = Instant::now();

@@ -96,8 +96,15 @@ impl Fleet {
     fn fleet(&self) -> Command {
         let exe = std::env::current_exe().expect("own path");
         let mut cmd = Command::new(exe.with_file_name("fleet"));
-        cmd.arg("-C").arg(&self.repo);
+        cmd.arg("-C")
+            .arg(&self.repo)
+            .env("FLEET_HOST_CONFIG", self.host_config());
         cmd
+    }
+
+    /// The trial's host configuration, beside the repository's files (outside `fleet/`).
+    fn host_config(&self) -> std::path::PathBuf {
+        self.repo.join("host.yaml")
     }
 
     fn domains(&self) -> Result<Vec<String>> {
@@ -129,9 +136,15 @@ fn setup(vms: usize, rng: &mut Rng) -> Result<Fleet> {
     std::fs::write(
         repo.join("fleet/fleet.yaml"),
         format!(
-            "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: {name}}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, uri: '{URI}', domainType: qemu, storageDir: .fleet/storage}}\n  images:\n    - {{name: micro, kernel: '{}', initrd: '{}', cmdline: quiet}}\n  policy: {{maxParallel: 4, shutdownTimeout: 2s, maxDestroysPerApply: 1000}}\n",
-            kernel.display(),
-            initrd.display()
+            "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: {name}}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, domainType: qemu}}\n  images:\n    - {{name: micro, kernel: vmlinuz, initrd: initrd.img, cmdline: quiet}}\n  policy: {{maxParallel: 4, shutdownTimeout: 2s, maxDestroysPerApply: 1000}}\n"
+        ),
+    )?;
+    std::fs::write(
+        repo.join("host.yaml"),
+        format!(
+            "apiVersion: fleet/v1\nkind: Host\nspec:\n  providers:\n    - {{name: local, type: libvirt, uri: '{URI}', storageDir: '{}'}}\n  imageRoot: '{}'\n",
+            repo.join(".fleet/storage").display(),
+            root.join("build/image").display()
         ),
     )?;
     for v in [1, 2] {
@@ -249,7 +262,7 @@ fn check(fleet: &Fleet) -> Result<Findings> {
             f.notes.push(format!("{vm} is stamped on {holders:?}"));
         }
     }
-    let storage = fleet.repo.join(".fleet/storage");
+    let storage = fleet.repo.join(".fleet/storage").join(&fleet.name);
     let on_disk: BTreeSet<String> = std::fs::read_dir(&storage)
         .map(|d| {
             d.flatten()

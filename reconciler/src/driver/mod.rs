@@ -43,6 +43,21 @@ impl DriverError {
     }
 }
 
+/// Defence in depth: every name a driver acts on is a DNS label, whatever handed it over.
+pub fn check_name(name: &str) -> Result<(), DriverError> {
+    static NAME: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(crate::spec::NAME_PATTERN).expect("the name pattern compiles")
+    });
+    if NAME.is_match(name) {
+        Ok(())
+    } else {
+        Err(DriverError::new(
+            ErrorKind::Permanent,
+            format!("{name:?} is not a VM name (a lower-case DNS label); refusing to act on it"),
+        ))
+    }
+}
+
 /// One provider. All methods block; apply runs them off the async runtime.
 pub trait Driver: Send + Sync {
     /// Every VM on the host with its stamp: one list call plus one read per VM.

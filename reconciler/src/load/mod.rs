@@ -378,7 +378,10 @@ pub fn relative_path_problem(path: &str) -> Option<&'static str> {
         Some("an absolute path")
     } else if path.contains('\\') || path.contains('\0') {
         Some("a backslash or NUL in a path")
-    } else if path.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+    } else if path
+        .split('/')
+        .any(|part| part.is_empty() || part == "." || part == "..")
+    {
         Some("empty, `.` or `..` parts in a path")
     } else {
         None
@@ -1077,9 +1080,7 @@ impl SecretUser<'_> {
                 let pool = f
                     .pools
                     .iter()
-                    .find(|(pool, o)| {
-                        pool_member_names(pool, o.doc.spec.replicas).any(|m| m == vm)
-                    })
+                    .find(|(pool, o)| pool_member_names(pool, o.doc.spec.replicas).any(|m| m == vm))
                     .map(|(pool, _)| pool.as_str());
                 let ok = listed(&allowed.tasks, task)
                     || listed(&allowed.vms, vm)

@@ -115,7 +115,13 @@ fn moved_to_host(pointer: &str) -> Option<&'static str> {
         "snippets",
     ];
     let mut parts = pointer.trim_start_matches('/').split('/');
-    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
         (Some("spec"), Some("providers"), Some(_), Some(field), None)
             if CONNECTION.contains(&field) =>
         {
@@ -562,7 +568,15 @@ mod tests {
                              "policy": {"recipients": ["age1x"]}}}),
         );
         assert_eq!(v.len(), 2, "{v:?}");
-        assert!(v[0].message.starts_with("spec.policy.recipients: belongs in the host configuration"), "{v:?}");
-        assert!(v[1].message.starts_with("spec.providers[0].uri: belongs in the host configuration"), "{v:?}");
+        assert!(
+            v[0].message
+                .starts_with("spec.policy.recipients: belongs in the host configuration"),
+            "{v:?}"
+        );
+        assert!(
+            v[1].message
+                .starts_with("spec.providers[0].uri: belongs in the host configuration"),
+            "{v:?}"
+        );
     }
 }

@@ -163,7 +163,10 @@ impl SecretFiles {
                         (!list.is_empty()).then(|| {
                             format!(
                                 "{what} {}",
-                                list.iter().map(|n| n.0.as_str()).collect::<Vec<_>>().join(" ")
+                                list.iter()
+                                    .map(|n| n.0.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(" ")
                             )
                         })
                     };

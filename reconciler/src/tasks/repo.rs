@@ -19,14 +19,28 @@ pub struct Archive {
     pub tar: Vec<u8>,
 }
 
-/// A URL as git2 takes it: URLs as written, paths made absolute against `repo_root`.
-fn resolved_url(repo_root: &Path, url: &str) -> String {
+/// A URL as git2 takes it: URLs as written (the loader checked them against the host's
+/// allowed patterns), paths resolved inside `repo_root` (through symlinks, and refused if
+/// they lead outside it).
+fn resolved_url(repo_root: &Path, url: &str) -> Result<String> {
     let is_url = url.contains("://") || (url.contains('@') && url.contains(':'));
     if is_url {
-        url.to_owned()
-    } else {
-        repo_root.join(url).display().to_string()
+        return Ok(url.to_owned());
     }
+    if let Some(problem) = crate::load::relative_path_problem(url) {
+        anyhow::bail!("repository {url:?}: {problem}; use a path inside the fleet's repository");
+    }
+    let root = std::fs::canonicalize(repo_root)
+        .with_context(|| format!("repository root {}", repo_root.display()))?;
+    let real =
+        std::fs::canonicalize(root.join(url)).with_context(|| format!("repository {url:?}"))?;
+    if !real.starts_with(&root) {
+        anyhow::bail!(
+            "repository {url:?} resolves to {}, outside the fleet's repository; only paths inside it are fetched",
+            real.display()
+        );
+    }
+    Ok(real.display().to_string())
 }
 
 /// Fetches `repository` (its branch, or the remote's HEAD) into a bare cache under
@@ -36,7 +50,7 @@ pub fn fetch_archive(
     repo_root: &Path,
     repository: &Repository,
 ) -> Result<Archive> {
-    let url = resolved_url(repo_root, &repository.url);
+    let url = resolved_url(repo_root, &repository.url)?;
     let cache: PathBuf = cache_dir.join(format!(
         "{}.git",
         &hex(&Sha256::digest(url.as_bytes()))[..16]
@@ -84,11 +98,14 @@ fn archive_tree(repo: &git2::Repository, tree: &git2::Tree<'_>) -> Result<Vec<u8
         }
         let path = format!("{root}{}", entry.name().unwrap_or_default());
         let added = (|| -> Result<()> {
-            let blob = repo.find_blob(entry.id())?;
-            size += blob.content().len();
-            if size > MAX_ARCHIVE_BYTES {
+            // The size from the object's header first: a small compressed blob can inflate
+            // to gigabytes, and `find_blob` inflates it whole.
+            let (declared, _) = repo.odb()?.read_header(entry.id())?;
+            if size + declared > MAX_ARCHIVE_BYTES {
                 anyhow::bail!("the repository's tree is larger than {MAX_ARCHIVE_BYTES} bytes");
             }
+            let blob = repo.find_blob(entry.id())?;
+            size += blob.content().len();
             let mut header = tar::Header::new_gnu();
             header.set_mtime(0);
             if entry.filemode() == 0o120000 {

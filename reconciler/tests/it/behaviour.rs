@@ -3,9 +3,10 @@
 
 use serde_json::json;
 
-use crate::support::{Repo, micro_image};
+use crate::support::{Repo, host_yaml};
 
-/// A provider named `host` of one kind, and a way to make a VM fleet does not own.
+/// A provider named `host` of one kind (the repository's host configuration defines it),
+/// and a way to make a VM fleet does not own.
 trait Backend {
     fn provider_yaml(&self) -> String;
     fn image_yaml(&self) -> String;
@@ -19,18 +20,10 @@ struct Libvirt {
 
 impl Backend for Libvirt {
     fn provider_yaml(&self) -> String {
-        format!(
-            "{{name: host, type: libvirt, uri: '{}', domainType: qemu, storageDir: .fleet/storage}}",
-            crate::libvirt::URI
-        )
+        "{name: host, type: libvirt, domainType: qemu}".into()
     }
     fn image_yaml(&self) -> String {
-        let (kernel, initrd) = micro_image();
-        format!(
-            "{{name: micro, kernel: '{}', initrd: '{}', cmdline: quiet}}",
-            kernel.display(),
-            initrd.display()
-        )
+        "{name: micro, kernel: vmlinuz, initrd: initrd.img, cmdline: quiet}".into()
     }
     fn make_foreign(&mut self, name: &str) {
         let xml = format!(
@@ -51,14 +44,12 @@ impl Backend for Libvirt {
 
 struct Proxmox {
     pve: crate::pve::FakePve,
-    /// The provider block `PveFleet` wrote for the fake.
-    provider: String,
     foreign: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl Backend for Proxmox {
     fn provider_yaml(&self) -> String {
-        self.provider.clone()
+        "{name: host, type: proxmox}".into()
     }
     fn image_yaml(&self) -> String {
         "{name: micro, template: debian-tmpl}".into()
@@ -181,6 +172,14 @@ fn both_drivers_plan_and_apply_alike() {
     let fleet = format!("bh{}", std::process::id());
 
     let libvirt_repo = Repo::new();
+    libvirt_repo.host_config(&host_yaml(
+        &[format!(
+            "{{name: host, type: libvirt, uri: '{}', storageDir: '{}'}}",
+            crate::libvirt::URI,
+            libvirt_repo.path().join(".fleet/storage").display()
+        )],
+        "",
+    ));
     let mut libvirt = Libvirt {
         foreign_xml: Default::default(),
     };
@@ -188,16 +187,11 @@ fn both_drivers_plan_and_apply_alike() {
 
     let mut pve = crate::pve::FakePve::start();
     let schema = pve.schema();
-    // The token file and snippet directory live in `pve_fleet`'s host directory.
+    // The token file and snippet directory live in `pve_fleet`'s host directory, and its
+    // host configuration defines the provider `host`.
     let pve_fleet = crate::proxmox::PveFleet::new(&pve, &fleet, "{}");
-    let text = std::fs::read_to_string(pve_fleet.repo.path().join("fleet/fleet.yaml"))
-        .expect("fleet.yaml");
-    let provider = text
-        [text.find("- name: host").expect("provider") + 2..text.find("  images:").expect("images")]
-        .to_owned();
     let mut proxmox = Proxmox {
         pve,
-        provider,
         foreign: Default::default(),
     };
     let on_proxmox = scenarios(&mut proxmox, &pve_fleet.repo, &fleet, &prefix);

@@ -1,13 +1,9 @@
 //! The CLI on real git repositories. Planning uses libvirt's in-process `test:///default`
 //! driver, so no daemon is needed here (the real-libvirt story is in `libvirt.rs`).
 
-use crate::support::Repo;
+use crate::support::{Repo, host_yaml};
 
-fn fleet_yaml(uri: &str) -> String {
-    format!(
-        "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: clitest}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, uri: '{uri}', domainType: qemu}}\n  images:\n    - {{name: micro, kernel: /boot/vmlinuz, initrd: /boot/initrd.img}}\n"
-    )
-}
+const FLEET_YAML: &str = "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: clitest}\nspec:\n  providers:\n    - {name: local, type: libvirt, domainType: qemu}\n  images:\n    - {name: micro, kernel: vmlinuz, initrd: initrd.img}\n";
 
 fn vm_yaml(name: &str, memory: &str) -> String {
     format!(
@@ -17,7 +13,11 @@ fn vm_yaml(name: &str, memory: &str) -> String {
 
 fn repo_with_fleet() -> Repo {
     let repo = Repo::new();
-    repo.write("fleet/fleet.yaml", fleet_yaml("test:///default"))
+    repo.host_config(&host_yaml(
+        &["{name: local, type: libvirt, uri: 'test:///default'}".to_owned()],
+        "",
+    ));
+    repo.write("fleet/fleet.yaml", FLEET_YAML)
         .write("fleet/vms/a.yaml", vm_yaml("a", "256Mi"))
         .write("fleet/vms/b.yaml", vm_yaml("b", "256Mi"));
     repo.commit("two VMs");

@@ -29,6 +29,7 @@ impl Daemon {
             .arg(repo.path())
             .args(args)
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("FLEET_HOST_CONFIG", repo.host_config_path())
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -19,11 +19,23 @@ kind: Fleet
 metadata: {name: lab}
 spec:
   providers:
-    - {name: local, type: libvirt, uri: 'qemu:///system', domainType: qemu}
+    - {name: local, type: libvirt, domainType: qemu}
   images:
-    - {name: micro, kernel: build/image/vmlinuz, initrd: build/image/initrd.img}
-  policy: {recipients: [age1sve4p6nuq0599zp7p7s02pvfsnqgqnw8aydanew04msp05wadqyskjem93]}
+    - {name: micro, kernel: vmlinuz, initrd: initrd.img}
 ";
+
+const HOST: &str = "apiVersion: fleet/v1
+kind: Host
+spec:
+  providers:
+    - {name: local, type: libvirt, uri: 'qemu:///system'}
+  repositories: ['https://git.example.org/**']
+  limits: {maxVms: 50}
+";
+
+fn host() -> fleet::spec::HostSpec {
+    fleet::load::load_host("host.yaml", HOST.as_bytes()).expect("the fuzz host configuration")
+}
 
 /// Valid files of every kind: the seeds that mutations start from.
 const SEEDS: &[(&str, &str)] = &[
@@ -49,7 +61,7 @@ const SEEDS: &[(&str, &str)] = &[
     ),
     (
         "fleet/secrets/api.yaml",
-        "apiVersion: fleet/v1\nkind: Secret\nmetadata: {name: api}\nspec:\n  data:\n    token: |\n      -----BEGIN AGE ENCRYPTED FILE-----\n      YWdlLWVuY3J5cHRpb24ub3JnL3YxCg==\n      -----END AGE ENCRYPTED FILE-----\n",
+        "apiVersion: fleet/v1\nkind: Secret\nmetadata: {name: api}\nspec:\n  allowed: {loadouts: [dev], tasks: [t]}\n  data:\n    token: |\n      -----BEGIN AGE ENCRYPTED FILE-----\n      YWdlLWVuY3J5cHRpb24ub3JnL3YxCg==\n      -----END AGE ENCRYPTED FILE-----\n",
     ),
 ];
 
@@ -79,9 +91,16 @@ fn snapshot(files: Vec<(String, Vec<u8>)>) -> Snapshot {
 /// Loads and checks the promises every outcome keeps: diagnostics point into files of the
 /// snapshot at a real position; a loaded revision resolves.
 fn load_and_check(snapshot: &Snapshot) -> Result<(), TestCaseError> {
-    match fleet::load::load(snapshot) {
+    let host = host();
+    match fleet::load::load(snapshot, Some(&host)) {
         Ok(loaded) => {
-            let _ = fleet::resolve::resolve(&loaded);
+            let desired = fleet::resolve::resolve(&loaded, &host);
+            for d in fleet::resolve::check_limits(&desired, &host) {
+                prop_assert!(
+                    snapshot.files.iter().any(|f| f.path == d.path),
+                    "limit diagnostic for a file that is not there: {d}"
+                );
+            }
         }
         Err(diags) => {
             prop_assert!(!diags.is_empty(), "an error without a diagnostic");
@@ -152,6 +171,22 @@ proptest! {
     }
 
     #[test]
+    fn the_host_configuration_survives_any_bytes(
+        bytes in prop::collection::vec(any::<u8>(), 0..2048),
+        edits in prop::collection::vec(edit(), 0..12),
+    ) {
+        for input in [bytes, apply(HOST.as_bytes().to_vec(), &edits)] {
+            if let Err(diags) = fleet::load::load_host("/etc/fleet/host.yaml", &input) {
+                prop_assert!(!diags.is_empty(), "an error without a diagnostic");
+                for d in &diags {
+                    prop_assert_eq!(&d.path, "/etc/fleet/host.yaml");
+                    prop_assert!(d.line >= 1 && d.column >= 1, "position 0 in {}", d);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn the_loader_survives_edited_valid_files(
         edits in prop::collection::vec((0..SEEDS.len(), edit()), 1..12),
     ) {
@@ -188,7 +223,7 @@ proptest! {
         );
         let snap = snapshot(vec![("fleet/hitl/p-1.yaml".into(), file.into_bytes())]);
         load_and_check(&snap)?;
-        if let Ok(loaded) = fleet::load::load(&snap) {
+        if let Ok(loaded) = fleet::load::load(&snap, Some(&host())) {
             let got = loaded.answers["p-1"].doc.spec.response.clone().unwrap_or_default();
             prop_assert_eq!(&got, &response);
             prop_assert!(fleet::hitl::answer_problem(&got).is_none());

@@ -60,22 +60,22 @@ impl Drop for Cleanup {
     }
 }
 
-/// A fleet.yaml for real libvirt with the micro image; `policy` is a YAML flow mapping.
+/// A fleet.yaml for real libvirt with the micro image (the test repository's host
+/// configuration defines `local` and the image root); `policy` is a YAML flow mapping.
 pub fn fleet_yaml_with_policy(fleet: &str, policy: &str) -> String {
-    let (kernel, initrd) = micro_image();
+    // Fails early, with the fix, when the image was not built.
+    let _ = micro_image();
     format!(
         "apiVersion: fleet/v1
 kind: Fleet
 metadata: {{name: {fleet}}}
 spec:
   providers:
-    - {{name: local, type: libvirt, uri: '{URI}', domainType: qemu, storageDir: .fleet/storage}}
+    - {{name: local, type: libvirt, domainType: qemu}}
   images:
-    - {{name: micro, kernel: '{}', initrd: '{}', cmdline: quiet}}
+    - {{name: micro, kernel: vmlinuz, initrd: initrd.img, cmdline: quiet}}
   policy: {policy}
-",
-        kernel.display(),
-        initrd.display()
+"
     )
 }
 
@@ -89,10 +89,10 @@ pub fn vm_yaml(name: &str, memory: &str) -> String {
     )
 }
 
-/// Waits until the VM's serial console log shows the guest's userspace marker more than
-/// `since` times.
-fn wait_for_userspace(repo: &Path, vm: &str, since: usize) -> usize {
-    let log = repo.join(".fleet/storage").join(vm).join("console.log");
+/// Waits until the VM's serial console log (in `vm_dir`) shows the guest's userspace marker
+/// more than `since` times.
+fn wait_for_userspace(vm_dir: &Path, vm: &str, since: usize) -> usize {
+    let log = vm_dir.join("console.log");
     let marker = format!("userspace reached (vm={vm} ");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -146,17 +146,12 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
         applied.stdout()
     );
     for vm in [&a, &b, &c] {
-        wait_for_userspace(repo.path(), vm, 0);
+        wait_for_userspace(&repo.vm_dir(&fleet, vm), vm, 0);
         assert_eq!(virsh_ok(&["domstate", vm]).trim(), "running");
         // The guest read its NoCloud seed: the instance id is the domain's UUID.
         let uuid = virsh_ok(&["domuuid", vm]).trim().to_owned();
-        let log = std::fs::read_to_string(
-            repo.path()
-                .join(".fleet/storage")
-                .join(vm)
-                .join("console.log"),
-        )
-        .expect("console log");
+        let log = std::fs::read_to_string(repo.vm_dir(&fleet, vm).join("console.log"))
+            .expect("console log");
         // (The guest names disks in probe order, so the device name is not checked.)
         assert!(log.contains("fleet-guest: seed cidata on /dev/vd"), "{log}");
         assert!(log.contains(&format!("(instance-id={uuid})")), "{log}");
@@ -168,10 +163,10 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
         &fleet::spec::LibvirtProvider {
             name: fleet::spec::Name("local".into()),
             uri: URI.into(),
-            domain_type: fleet::spec::DomainType::Qemu,
-            storage_dir: Some(".fleet/storage".into()),
+            storage_dir: Some(repo.path().join(".fleet/storage").display().to_string()),
         },
-        repo.path(),
+        fleet::spec::DomainType::Qemu,
+        micro_image().0.parent().expect("image dir"),
     );
     let mut boot_ids = Vec::new();
     for vm in [&a, &b, &c] {
@@ -275,10 +270,7 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
     );
     repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
     assert!(!domain_exists(&c), "{c} is gone");
-    assert!(
-        !repo.path().join(".fleet/storage").join(&c).exists(),
-        "its files are gone"
-    );
+    assert!(!repo.vm_dir(&fleet, &c).exists(), "its files are gone");
     for vm in [&a, &b] {
         assert_eq!(
             virsh_ok(&["domstate", vm]).trim(),
@@ -311,7 +303,7 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
         virsh_ok(&["dominfo", &a])
     );
     // The console log is rewritten at each boot: the marker shows the restarted guest.
-    wait_for_userspace(repo.path(), &a, 0);
+    wait_for_userspace(&repo.vm_dir(&fleet, &a), &a, 0);
     repo.fleet(&["plan", "--detailed-exitcode"]).expect_code(0);
 
     // 6. The journal is clean, the foreign domain still untouched.
@@ -368,9 +360,19 @@ fn disk_images_get_overlays_and_a_new_base_disk_replaces_the_vm() {
         prefix: prefix.clone(),
     };
     let vm = format!("{prefix}a");
+    let fleet_name = format!("it{}disk", std::process::id());
     let repo = Repo::new();
-    let bases = repo.path().join("bases");
+    // An image root of the test's own: the micro kernel and initrd beside two base disks.
+    let images = repo.path().join("images");
+    let bases = images.join("bases");
     std::fs::create_dir_all(&bases).expect("mkdir");
+    let (kernel, initrd) = micro_image();
+    std::fs::copy(&kernel, images.join("vmlinuz")).expect("copy kernel");
+    std::fs::copy(&initrd, images.join("initrd.img")).expect("copy initrd");
+    repo.host_config(&crate::support::host_yaml(
+        &[crate::support::local_provider(repo.path())],
+        &format!("  imageRoot: '{}'\n", images.display()),
+    ));
     for base in ["one", "two"] {
         qemu_img(&[
             "create",
@@ -381,15 +383,40 @@ fn disk_images_get_overlays_and_a_new_base_disk_replaces_the_vm() {
             "64M",
         ]);
     }
-    let (kernel, initrd) = micro_image();
+    // A base disk whose backing file lies outside the image root (a host file QEMU would
+    // then read for the guest), and one with an external data file.
+    let outside = repo.path().join("outside.raw");
+    std::fs::write(&outside, vec![0u8; 1 << 20]).expect("outside file");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        outside.to_str().expect("utf8"),
+        bases.join("sneaky.qcow2").to_str().expect("utf8"),
+    ]);
     let fleet = |disk: &str| {
         format!(
-            "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: it{}disk}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, uri: '{URI}', domainType: qemu, storageDir: .fleet/storage}}\n  images:\n    - {{name: micro, kernel: '{}', initrd: '{}', disk: bases/{disk}.qcow2}}\n  policy: {{shutdownTimeout: 15s}}\n",
-            std::process::id(),
-            kernel.display(),
-            initrd.display()
+            "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: {fleet_name}}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, domainType: qemu}}\n  images:\n    - {{name: micro, kernel: vmlinuz, initrd: initrd.img, disk: bases/{disk}.qcow2}}\n  policy: {{shutdownTimeout: 15s}}\n"
         )
     };
+    repo.write("fleet/fleet.yaml", fleet("sneaky"));
+    repo.write(
+        &format!("fleet/vms/{vm}.yaml"),
+        format!("apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {vm}}}\nspec: {{provider: local, image: micro, resources: {{memory: 192Mi, disk: 2Gi}}}}\n"),
+    );
+    repo.commit("a VM on a base disk that reaches outside the image root");
+    let refused = repo.fleet(&["apply", "--auto-approve"]);
+    assert_ne!(refused.code(), 0, "{}", refused.stdout());
+    let said = format!("{}{}", refused.stdout(), refused.stderr());
+    assert!(
+        said.contains("its backing chain reaches") && said.contains("outside.raw"),
+        "{said}"
+    );
+    assert!(!domain_exists(&vm), "no domain was made");
     repo.write("fleet/fleet.yaml", fleet("one"));
     repo.write(
         &format!("fleet/vms/{vm}.yaml"),
@@ -397,18 +424,14 @@ fn disk_images_get_overlays_and_a_new_base_disk_replaces_the_vm() {
     );
     repo.commit("a VM on a disk image");
     repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
-    let overlay = repo
-        .path()
-        .join(".fleet/storage")
-        .join(&vm)
-        .join("disk.qcow2");
+    let overlay = repo.vm_dir(&fleet_name, &vm).join("disk.qcow2");
     assert!(
         backing_file(&overlay).ends_with("bases/one.qcow2"),
         "{}",
         backing_file(&overlay)
     );
     assert!(virsh_ok(&["domblklist", &vm]).contains("disk.qcow2"));
-    wait_for_userspace(repo.path(), &vm, 0);
+    wait_for_userspace(&repo.vm_dir(&fleet_name, &vm), &vm, 0);
 
     repo.write("fleet/fleet.yaml", fleet("two"));
     repo.commit("a new base disk");
@@ -427,7 +450,7 @@ fn disk_images_get_overlays_and_a_new_base_disk_replaces_the_vm() {
         "{}",
         backing_file(&overlay)
     );
-    wait_for_userspace(repo.path(), &vm, 0);
+    wait_for_userspace(&repo.vm_dir(&fleet_name, &vm), &vm, 0);
     repo.fleet(&["plan", "--detailed-exitcode"]).expect_code(0);
 
     repo.remove(&format!("fleet/vms/{vm}.yaml"));
@@ -472,10 +495,10 @@ fn an_interrupted_create_is_recovered_without_a_duplicate() {
     };
     let intents = intent(1, &made) + &intent(2, &half) + &intent(3, &dropped);
     std::fs::write(&journal, intents).expect("journal");
-    let marker_cut_short = repo.path().join(".fleet/storage").join(&dropped);
+    let marker_cut_short = repo.vm_dir(&fleet, &dropped);
     std::fs::create_dir_all(&marker_cut_short).expect("mkdir");
     std::fs::write(marker_cut_short.join(".owner.json.tmp-Q1w2E3"), b"{\"fle").expect("temp");
-    let leftover = repo.path().join(".fleet/storage").join(&half);
+    let leftover = repo.vm_dir(&fleet, &half);
     std::fs::create_dir_all(&leftover).expect("mkdir");
     std::fs::write(
         leftover.join("owner.json"),

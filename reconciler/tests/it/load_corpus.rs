@@ -13,12 +13,32 @@ spec:
   providers:
     - name: local
       type: libvirt
-      uri: qemu:///system
   images:
     - name: micro
-      kernel: build/image/vmlinuz
-      initrd: build/image/initrd.img
+      kernel: micro/vmlinuz
+      initrd: micro/initrd.img
 ";
+
+/// The host configuration every case is loaded under: a libvirt provider `local`, a
+/// Proxmox provider `pve` whose token is the Secret `pve`/`token`, one allowed repository
+/// pattern, and small limits.
+pub const HOST: &str = "apiVersion: fleet/v1
+kind: Host
+spec:
+  providers:
+    - {name: local, type: libvirt, uri: 'qemu:///system'}
+    - name: pve
+      type: proxmox
+      endpoint: https://pve.example.org:8006
+      node: pve1
+      token: {id: 'fleet@pve!fleet', secret: {secret: pve, key: token}}
+  repositories: ['https://git.example.org/team/*']
+  limits: {maxVms: 8, maxCpus: 16, maxMemory: 8Gi}
+";
+
+pub fn host() -> fleet::spec::HostSpec {
+    fleet::load::load_host("/etc/fleet/host.yaml", HOST.as_bytes()).expect("the corpus host")
+}
 
 const VM: &str = "apiVersion: fleet/v1
 kind: VM
@@ -55,8 +75,17 @@ fn snapshot(files: &[(&str, &[u8])], with_fleet: bool) -> Snapshot {
 }
 
 fn diagnostics(snapshot: &Snapshot) -> String {
-    match fleet::load::load(snapshot) {
-        Ok(_) => "loaded without diagnostics\n".to_owned(),
+    let host = host();
+    match fleet::load::load(snapshot, Some(&host)) {
+        Ok(loaded) => {
+            let desired = fleet::resolve::resolve(&loaded, &host);
+            let over = fleet::resolve::check_limits(&desired, &host);
+            if over.is_empty() {
+                "loaded without diagnostics\n".to_owned()
+            } else {
+                over.iter().map(|d| format!("{d}\n")).collect()
+            }
+        }
         Err(diags) => {
             assert!(!diags.is_empty());
             diags.iter().map(|d| format!("{d}\n")).collect()
@@ -563,13 +592,13 @@ fn the_same_vm_name_in_two_files() {
 fn duplicate_provider_names() {
     let fleet = FLEET.replace(
         "  images:",
-        "    - name: local\n      type: libvirt\n      uri: qemu:///session\n  images:",
+        "    - name: local\n      type: libvirt\n  images:",
     );
     check(
         &[("fleet/fleet.yaml", &fleet)],
         expect![[r#"
-        fleet/fleet.yaml:10:13: error: spec.providers[1].name: provider "local" is already defined at line 7; provider names must be unique
-    "#]],
+            fleet/fleet.yaml:9:13: error: spec.providers[1].name: provider "local" is already defined at line 7; provider names must be unique
+        "#]],
     );
 }
 
@@ -579,7 +608,7 @@ fn image_without_kernel_or_disk() {
     check(
         &[("fleet/fleet.yaml", &fleet)],
         expect![[r#"
-            fleet/fleet.yaml:14:7: error: spec.images[1]: image "empty" has neither kernel nor disk nor template; set kernel (and initrd) for direct kernel boot, disk for a qcow2 base image, or template for Proxmox
+            fleet/fleet.yaml:13:7: error: spec.images[1]: image "empty" has neither kernel nor disk nor template; set kernel (and initrd) for direct kernel boot, disk for a qcow2 base image, or template for Proxmox
         "#]],
     );
 }
@@ -592,8 +621,10 @@ fn initrd_without_kernel() {
     check(
         &[("fleet/fleet.yaml", &fleet)],
         expect![[r#"
-        fleet/fleet.yaml:16:7: error: spec.images[1].initrd: only used with direct kernel boot; set kernel as well or remove initrd
-    "#]],
+            fleet/fleet.yaml:14:13: error: spec.images[1].disk: an absolute path; image files are named relative to the host's image root (imageRoot in the host configuration)
+            fleet/fleet.yaml:15:7: error: spec.images[1].initrd: only used with direct kernel boot; set kernel as well or remove initrd
+            fleet/fleet.yaml:15:15: error: spec.images[1].initrd: an absolute path; image files are named relative to the host's image root (imageRoot in the host configuration)
+        "#]],
     );
 }
 
@@ -605,20 +636,20 @@ fn unknown_provider_type() {
             &FLEET.replace("type: libvirt", "type: vmware"),
         )],
         expect![[r#"
-            fleet/fleet.yaml:8:13: error: spec.providers[0].type: unsupported value "vmware"; valid: libvirt, proxmox
+            fleet/fleet.yaml:8:13: error: spec.providers[0].type: string "vmware" is not valid; valid: libvirt, proxmox
         "#]],
     );
 }
 
 #[test]
-fn provider_without_uri() {
+fn provider_without_type() {
     check(
         &[(
             "fleet/fleet.yaml",
-            &FLEET.replace("      uri: qemu:///system\n", ""),
+            &FLEET.replace("      type: libvirt\n", ""),
         )],
         expect![[r#"
-            fleet/fleet.yaml:7:7: error: spec.providers[0]: missing required field `uri`
+            fleet/fleet.yaml:7:7: error: spec.providers[0]: missing required field `type`
         "#]],
     );
 }
@@ -644,7 +675,7 @@ fn bad_duration_in_policy() {
             &format!("{FLEET}  policy:\n    reconcileInterval: 1 minute\n"),
         )],
         expect![[r#"
-            fleet/fleet.yaml:15:24: error: spec.policy.reconcileInterval: string "1 minute" is not valid; expected a duration: a whole number with a unit ms, s, m or h (for example 30s or 5m)
+            fleet/fleet.yaml:14:24: error: spec.policy.reconcileInterval: string "1 minute" is not valid; expected a duration: a whole number with a unit ms, s, m or h (for example 30s or 5m)
         "#]],
     );
 }
@@ -833,7 +864,7 @@ fn a_valid_task_and_answer_load() {
                 "fleet/tasks/agent.yaml",
                 &task_with(
                     "agent",
-                    "  agent: {kind: claude, prompt: 'fix the tests', model: sonnet}\n  repository: {url: ../app, branch: main}\n",
+                    "  agent: {kind: claude, prompt: 'fix the tests', model: sonnet}\n  repository: {url: 'https://git.example.org/team/app', branch: main}\n",
                 ),
             ),
             (
@@ -1088,7 +1119,7 @@ const SECRET: &str = "apiVersion: fleet/v1
 kind: Secret
 metadata: {name: api}
 spec:
-  recipients: [age1sve4p6nuq0599zp7p7s02pvfsnqgqnw8aydanew04msp05wadqyskjem93]
+  allowed: {loadouts: [dev], tasks: [t]}
   data:
     token: |
       -----BEGIN AGE ENCRYPTED FILE-----
@@ -1175,35 +1206,35 @@ fn secret_value_in_the_clear() {
 }
 
 #[test]
-fn secret_without_recipients_anywhere() {
+fn secret_with_recipients_of_its_own() {
     check(
         &[(
             "fleet/secrets/api.yaml",
             SECRET
                 .replace(
+                    "  allowed: {loadouts: [dev], tasks: [t]}\n",
                     "  recipients: [age1sve4p6nuq0599zp7p7s02pvfsnqgqnw8aydanew04msp05wadqyskjem93]\n",
-                    "",
                 )
                 .as_str(),
         )],
         expect![[r#"
-            fleet/secrets/api.yaml:5:3: error: spec: no recipients to encrypt to; add `recipients: [age1…]` here or `policy.recipients` in fleet.yaml (age-keygen -y KEYFILE prints yours)
+            fleet/secrets/api.yaml:5:3: error: spec.recipients: belongs in the host configuration (recipients): a commit must not choose who can read every secret; move it to /etc/fleet/host.yaml
         "#]],
     );
 }
 
 #[test]
-fn secret_with_a_bad_recipient_and_key_name() {
+fn secret_with_a_bad_allowed_name_and_key_name() {
     check(
         &[(
             "fleet/secrets/api.yaml",
             SECRET
-                .replace("age1sve4p6", "age2sve4p6")
+                .replace("loadouts: [dev]", "loadouts: [Dev]")
                 .replace("    token: |", "    to ken: |")
                 .as_str(),
         )],
         expect![[r#"
-            fleet/secrets/api.yaml:5:16: error: spec.recipients[0]: string "age2sve4p6nuq0599zp7p7s02pvfsnqgqnw8aydanew04msp05wadqyskjem…" is not valid; expected an age X25519 recipient, `age1` and 58 Bech32 characters (from `age-keygen -y`)
+            fleet/secrets/api.yaml:5:24: error: spec.allowed.loadouts[0]: string "Dev" is not valid; expected a lower-case DNS label: letters, digits and '-', at most 63 characters, starting and ending with a letter or digit
             fleet/secrets/api.yaml:7:5: error: spec.data: key "to ken" is not valid; keys use letters, digits, `_`, `.` and `-` (at most 64)
         "#]],
     );
@@ -1451,7 +1482,7 @@ fn two_secrets_with_the_same_name() {
 }
 
 #[test]
-fn policy_recipients_is_not_a_list() {
+fn policy_recipients_belong_to_the_host() {
     check(
         &[(
             "fleet/fleet.yaml",
@@ -1461,7 +1492,7 @@ fn policy_recipients_is_not_a_list() {
             ),
         )],
         expect![[r#"
-            fleet/fleet.yaml:10:24: error: spec.policy.recipients: expected a list, found string "age1sve4p6nuq0599zp7p7s02pvfsnqgqnw8aydanew04msp05wadqyskjem…"
+            fleet/fleet.yaml:9:12: error: spec.policy.recipients: belongs in the host configuration (recipients): a commit must not choose who can read every secret; move it to /etc/fleet/host.yaml
         "#]],
     );
 }
@@ -1508,12 +1539,12 @@ fn image_with_a_firmware_field() {
         &[(
             "fleet/fleet.yaml",
             &FLEET.replace(
-                "      initrd: build/image/initrd.img\n",
-                "      initrd: build/image/initrd.img\n      firmware: uefi\n",
+                "      initrd: micro/initrd.img\n",
+                "      initrd: micro/initrd.img\n      firmware: uefi\n",
             ),
         )],
         expect![[r#"
-            fleet/fleet.yaml:14:7: error: spec.images[0].firmware: unknown field; valid fields: name, kernel, initrd, cmdline, disk, template
+            fleet/fleet.yaml:13:7: error: spec.images[0].firmware: unknown field; valid fields: name, kernel, initrd, cmdline, disk, template
         "#]],
     );
 }
@@ -1575,7 +1606,7 @@ fn policy_approves_an_unknown_step_kind() {
             ),
         )],
         expect![[r#"
-            fleet/fleet.yaml:10:31: error: spec.policy.approve[1]: string "delete" is not valid; valid: create, start, stop, update, replace, destroy
+            fleet/fleet.yaml:9:31: error: spec.policy.approve[1]: string "delete" is not valid; valid: create, start, stop, update, replace, destroy
         "#]],
     );
 }

@@ -23,6 +23,7 @@ impl PveFleet {
         set_mode(&token, 0o600);
         std::fs::create_dir(host.path().join("snippets")).expect("snippets");
         let repo = Repo::new();
+        repo.host_config(&Self::host_config(pve, &host, ""));
         repo.write(
             "fleet/fleet.yaml",
             format!(
@@ -31,25 +32,44 @@ kind: Fleet
 metadata: {{name: {fleet}}}
 spec:
   providers:
-    - name: host
-      type: proxmox
-      endpoint: {url}
-      node: pve1
-      token: {{id: '{id}', file: '{token}'}}
-      caFile: '{ca}'
-      snippets: {{storage: local, dir: '{snippets}'}}
+    - {{name: host, type: proxmox}}
   images:
     - {{name: micro, template: debian-tmpl}}
   policy: {policy}
-",
-                url = pve.url,
-                id = pve.token_id,
-                token = token.display(),
-                ca = pve.ca_file.display(),
-                snippets = host.path().join("snippets").display(),
+"
             ),
         );
         PveFleet { repo, host }
+    }
+
+    /// The host configuration with the fake cluster as provider `host`: the token in a host
+    /// file, the fake's CA, the snippet directory; `extra` goes into the provider's mapping
+    /// (`, insecureSkipVerify: true`), or replaces the token with `token: …` when it starts
+    /// with `token:`.
+    pub fn host_config(pve: &FakePve, host: &tempfile::TempDir, extra: &str) -> String {
+        let token = if extra.trim_start_matches([',', ' ']).starts_with("token:") {
+            String::new()
+        } else {
+            format!(
+                ", token: {{id: '{}', file: '{}'}}",
+                pve.token_id,
+                host.path().join("token").display()
+            )
+        };
+        let ca = if extra.contains("insecureSkipVerify") || extra.contains("noCa") {
+            String::new()
+        } else {
+            format!(", caFile: '{}'", pve.ca_file.display())
+        };
+        crate::support::host_yaml(
+            &[format!(
+                "{{name: host, type: proxmox, endpoint: '{}', node: pve1{token}{ca}, snippets: {{storage: local, dir: '{}'}}{}}}",
+                pve.url,
+                host.path().join("snippets").display(),
+                extra.replace("noCa", "")
+            )],
+            "",
+        )
     }
 
     pub fn snippet(&self, fleet: &str, vm: &str) -> std::path::PathBuf {
@@ -513,18 +533,10 @@ fn tls_is_verified_unless_the_provider_says_otherwise_and_then_plans_say_so() {
     let schema = pve.schema();
     let f = PveFleet::new(&pve, "tls", "{}");
     f.repo.write("fleet/vms/a.yaml", vm_yaml("a", ""));
-    let fleet_yaml = std::fs::read_to_string(f.repo.path().join("fleet/fleet.yaml")).expect("read");
-    let ca_line = fleet_yaml
-        .lines()
-        .find(|l| l.contains("caFile:"))
-        .expect("caFile")
-        .to_owned();
 
     // No CA file: the fake's self-signed certificate is refused, nothing is planned.
-    f.repo.write(
-        "fleet/fleet.yaml",
-        fleet_yaml.replace(&format!("{ca_line}\n"), ""),
-    );
+    f.repo
+        .host_config(&PveFleet::host_config(&pve, &f.host, "noCa"));
     f.repo.commit("system trust");
     let plan = f.repo.fleet(&["plan"]);
     assert!(
@@ -537,11 +549,11 @@ fn tls_is_verified_unless_the_provider_says_otherwise_and_then_plans_say_so() {
     assert!(pve.wire().is_empty() || pve.vms().len() == 1);
 
     // Explicitly insecure: it works, and every plan says what it costs.
-    f.repo.write(
-        "fleet/fleet.yaml",
-        fleet_yaml.replace(&ca_line, "      insecureSkipVerify: true"),
-    );
-    f.repo.commit("insecure");
+    f.repo.host_config(&PveFleet::host_config(
+        &pve,
+        &f.host,
+        ", insecureSkipVerify: true",
+    ));
     let plan = f.repo.fleet(&["plan"]);
     assert!(
         plan.stdout()
@@ -552,22 +564,20 @@ fn tls_is_verified_unless_the_provider_says_otherwise_and_then_plans_say_so() {
     assert!(plan.stdout().contains("1 to create"), "{}", plan.stdout());
     checked_wire(&mut pve, &schema);
 
-    // Both at once is refused as a contradiction, naming the field.
-    f.repo.write(
-        "fleet/fleet.yaml",
-        fleet_yaml.replace(
-            &ca_line,
-            &format!("{ca_line}\n      insecureSkipVerify: true"),
+    // Both at once is refused as a contradiction, naming the field of the host
+    // configuration.
+    f.repo.host_config(&PveFleet::host_config(
+        &pve,
+        &f.host,
+        &format!(
+            ", caFile: '{}', insecureSkipVerify: true",
+            pve.ca_file.display()
         ),
-    );
-    f.repo.commit("both");
+    ));
     let plan = f.repo.fleet(&["validate"]);
     assert!(
         plan.stderr()
-            .contains("insecureSkipVerify: contradicts caFile")
-            || plan
-                .stdout()
-                .contains("insecureSkipVerify: contradicts caFile"),
+            .contains("insecureSkipVerify: contradicts caFile"),
         "{}\n{}",
         plan.stdout(),
         plan.stderr()
@@ -683,6 +693,7 @@ fn a_killed_apply_on_proxmox_leaves_no_duplicate_and_no_orphan() {
             .arg("-C")
             .arg(f.repo.path())
             .args(["apply", "--auto-approve"])
+            .env("FLEET_HOST_CONFIG", f.repo.host_config_path())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -812,8 +823,8 @@ fn a_token_with_exactly_the_documented_privileges_makes_runs_and_removes_a_vm() 
     f.repo.write(
         "fleet/fleet.yaml",
         fleet_yaml.replace(
-            "      node: pve1\n",
-            "      node: pve1\n      domainType: qemu\n",
+            "{name: host, type: proxmox}",
+            "{name: host, type: proxmox, domainType: qemu}",
         ),
     );
     f.repo.write(

@@ -56,19 +56,24 @@ fn tasks_prompts_and_secrets_reach_a_proxmox_vm_through_its_guest_agent() {
     let f = PveFleet::new(
         &pve,
         "relay",
-        &format!("{{shutdownTimeout: 5s, reconcileInterval: 30s, recipients: [{recipient}]}}"),
+        "{shutdownTimeout: 5s, reconcileInterval: 30s}",
     );
-    // The API token from a Secret, not the host file.
-    let fleet_yaml = read(&f.repo.path().join("fleet/fleet.yaml"));
-    let file_source = format!("file: '{}'", f.host.path().join("token").display());
-    assert!(fleet_yaml.contains(&file_source), "{fleet_yaml}");
-    f.repo.write(
-        "fleet/fleet.yaml",
-        fleet_yaml.replace(&file_source, "secret: {secret: pve, key: token}"),
-    );
+    // The API token from a Secret, not the host file: the host configuration names it.
+    f.repo.host_config(&format!(
+        "{}  recipients: [{recipient}]\n",
+        PveFleet::host_config(
+            &pve,
+            &f.host,
+            &format!(
+                ", token: {{id: '{}', secret: {{secret: pve, key: token}}}}",
+                pve.token_id
+            )
+        )
+    ));
     std::fs::remove_file(f.host.path().join("token")).expect("no token file");
     secret_set(&f.repo, "pve", "token", &pve.token);
     secret_set(&f.repo, "canary", "token", &canary);
+    f.repo.allow_secret("canary", "{vms: [box]}");
     f.repo.write("fleet/vms/box.yaml", vm_yaml("box", ""));
     f.repo.write(
         "fleet/tasks/build.yaml",
@@ -76,7 +81,7 @@ fn tasks_prompts_and_secrets_reach_a_proxmox_vm_through_its_guest_agent() {
             "build",
             "box",
             &format!(
-                "  repository: {{url: '{}', branch: main}}\n  command: [sh, -c, 'sha256sum big.txt; mkdir -p out; echo made > out/r.txt; exit 3']\n  artifacts: ['out/*']\n",
+                "  repository: {{url: 'file://{}', branch: main}}\n  command: [sh, -c, 'sha256sum big.txt; mkdir -p out; echo made > out/r.txt; exit 3']\n  artifacts: ['out/*']\n",
                 app.path().display()
             ),
         ),

@@ -48,6 +48,7 @@ pub fn secret_set(repo: &Repo, name: &str, key: &str, value: &str) {
         .arg("-C")
         .arg(repo.path())
         .args(["secret", "set", name, key])
+        .env("FLEET_HOST_CONFIG", repo.host_config_path())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -123,10 +124,8 @@ fn the_age_cli_and_fleet_read_each_others_ciphertext() {
 
     // fleet encrypts (`fleet secret set`), age decrypts.
     let repo = Repo::new();
-    repo.write(
-        "fleet/fleet.yaml",
-        fleet_yaml_with_policy("interop", &format!("{{recipients: [{recipient}]}}")),
-    );
+    repo.write("fleet/fleet.yaml", fleet_yaml_with_policy("interop", "{}"));
+    repo.add_host_config(&format!("  recipients: [{recipient}]\n"));
     secret_set(&repo, "api", "token", "from fleet");
     let file = read(&repo.path().join("fleet/secrets/api.yaml"));
     let block = repo.path().join("token.age");
@@ -243,9 +242,10 @@ fn a_canary_secret_reaches_the_task_and_nothing_else() {
         "fleet/fleet.yaml",
         fleet_yaml_with_policy(
             &format!("it{}sec", std::process::id()),
-            &format!("{{shutdownTimeout: 10s, reconcileInterval: 30s, recipients: [{recipient}]}}"),
+            "{shutdownTimeout: 10s, reconcileInterval: 30s}",
         ),
     );
+    repo.add_host_config(&format!("  recipients: [{recipient}]\n"));
     // The VM's loadout hands the value to every task as a file too.
     repo.write(
         &format!("fleet/vms/{vm}.yaml"),
@@ -256,7 +256,9 @@ fn a_canary_secret_reaches_the_task_and_nothing_else() {
         "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: keyed}\nspec:\n  secrets: [{secret: canary, key: token, file: loadout/token}]\n",
     );
     secret_set(&repo, "canary", "token", &canary);
+    repo.allow_secret("canary", "{loadouts: [keyed], tasks: [uses]}");
     secret_set(&repo, "broken", "k", "never seen");
+    repo.allow_secret("broken", &format!("{{vms: [{vm}]}}"));
     // Tamper with the broken value: one character in the middle of its armor.
     let broken_path = repo.path().join("fleet/secrets/broken.yaml");
     let text = read(&broken_path);

@@ -20,7 +20,13 @@ fn example_fleet_with(extra: &[(&str, &str)]) -> fleet::resolve::Desired {
         },
         ..snapshot
     };
-    fleet::reconcile::desired(&snapshot).unwrap_or_else(|d| panic!("{d:#?}"))
+    let host = fleet::load::load_host(
+        "docs/host.example.yaml",
+        &std::fs::read(root.join("docs/host.example.yaml"))
+            .expect("the example host configuration"),
+    )
+    .unwrap_or_else(|d| panic!("{d:#?}"));
+    fleet::reconcile::desired(&snapshot, &host).unwrap_or_else(|d| panic!("{d:#?}"))
 }
 
 #[test]

@@ -3,9 +3,36 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// A git repository in a temporary directory.
+/// A git repository in a temporary directory, with a host configuration of its own beside
+/// it (the libvirt provider `local` on qemu:///system, storage under the repository's
+/// `.fleet/storage`, the micro image's directory as image root).
 pub struct Repo {
     pub dir: tempfile::TempDir,
+    /// Holds `host.yaml`, outside the repository as on a real host.
+    pub host: tempfile::TempDir,
+}
+
+/// A host configuration for tests: `providers` (YAML flow list entries, one per line) and
+/// extra top-level `spec` lines.
+pub fn host_yaml(providers: &[String], extra: &str) -> String {
+    let (kernel, _) = micro_image_or_default();
+    let image_root = kernel.parent().expect("image dir").display().to_string();
+    let mut text = String::from("apiVersion: fleet/v1\nkind: Host\nspec:\n  providers:\n");
+    for p in providers {
+        text.push_str(&format!("    - {p}\n"));
+    }
+    text.push_str(&format!(
+        "  imageRoot: '{image_root}'\n  repositories: ['file:///**']\n  limits: {{minInterval: 1s}}\n{extra}"
+    ));
+    text
+}
+
+/// The default libvirt provider of a test repository.
+pub fn local_provider(repo: &Path) -> String {
+    format!(
+        "{{name: local, type: libvirt, uri: 'qemu:///system', storageDir: '{}'}}",
+        repo.join(".fleet/storage").display()
+    )
 }
 
 impl Repo {
@@ -16,7 +43,12 @@ impl Repo {
             .expect("tempdir");
         // qemu runs as its own user and must reach console logs under the repository.
         set_mode(dir.path(), 0o755);
-        let repo = Repo { dir };
+        let host = tempfile::Builder::new()
+            .prefix("fleet-it-host-")
+            .tempdir()
+            .expect("tempdir");
+        let repo = Repo { dir, host };
+        repo.host_config(&host_yaml(&[local_provider(repo.path())], ""));
         repo.git(&["init", "-q", "-b", "main"]);
         repo.git(&["config", "user.name", "fleet tests"]);
         repo.git(&["config", "user.email", "tests@fleet.invalid"]);
@@ -25,6 +57,48 @@ impl Repo {
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The host configuration fleet is run with.
+    pub fn host_config_path(&self) -> PathBuf {
+        self.host.path().join("host.yaml")
+    }
+
+    /// Replaces the host configuration.
+    pub fn host_config(&self, yaml: &str) -> &Repo {
+        std::fs::write(self.host_config_path(), yaml).expect("write host config");
+        set_mode(&self.host_config_path(), 0o644);
+        self
+    }
+
+    /// Adds top-level `spec` lines to the host configuration (`  recipients: [age1…]\n`).
+    pub fn add_host_config(&self, lines: &str) -> &Repo {
+        let text = std::fs::read_to_string(self.host_config_path()).expect("host config");
+        self.host_config(&format!("{text}{lines}"))
+    }
+
+    /// Lets Secret `name` go where `allowed` (a YAML flow mapping) says.
+    pub fn allow_secret(&self, name: &str, allowed: &str) -> &Repo {
+        let path = self.path().join(format!("fleet/secrets/{name}.yaml"));
+        let text = std::fs::read_to_string(&path).expect("secret file");
+        let text: String = text
+            .lines()
+            .filter(|l| !l.starts_with("  allowed:"))
+            .map(|l| {
+                if l == "spec:" {
+                    format!("spec:\n  allowed: {allowed}\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        std::fs::write(&path, text).expect("write secret file");
+        self
+    }
+
+    /// Where fleet keeps the files of VM `vm` of fleet `fleet` (the default provider).
+    pub fn vm_dir(&self, fleet: &str, vm: &str) -> PathBuf {
+        self.path().join(".fleet/storage").join(fleet).join(vm)
     }
 
     pub fn write(&self, rel: &str, content: impl AsRef<[u8]>) -> &Repo {
@@ -69,6 +143,7 @@ impl Repo {
             .arg(self.path())
             .args(args)
             .env_remove("FLEET_LOG")
+            .env("FLEET_HOST_CONFIG", self.host_config_path())
             .output()
             .expect("run fleet");
         Run(out)
@@ -107,6 +182,14 @@ pub fn fleet_bin() -> PathBuf {
 pub fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// The micro image's files, whether or not `make image` built them (for tests that only
+/// plan).
+pub fn micro_image_or_default() -> (PathBuf, PathBuf) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/image");
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    (dir.join("vmlinuz"), dir.join("initrd.img"))
 }
 
 /// The micro image built by `make image`, as absolute paths.

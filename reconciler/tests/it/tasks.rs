@@ -119,7 +119,7 @@ fn tasks_run_ask_for_answers_and_survive_a_restart_of_fleet() {
             "fail",
             &vm,
             &format!(
-                "  repository: {{url: '{}', branch: main}}\n  command: [sh, -c, 'cat README; echo hello; mkdir -p out; echo result > out/r.txt; exit 3']\n  artifacts: ['out/*']\n",
+                "  repository: {{url: 'file://{}', branch: main}}\n  command: [sh, -c, 'cat README; echo hello; mkdir -p out; echo result > out/r.txt; exit 3']\n  artifacts: ['out/*']\n",
                 app.path().display()
             ),
         ),

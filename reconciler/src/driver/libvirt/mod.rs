@@ -145,7 +145,7 @@ impl LibvirtDriver {
     /// `<storage>/<fleet>/<name>`. The name is checked again here (a saved plan or a bug
     /// must not turn a name into a path elsewhere).
     fn vm_dir(&self, name: &str) -> Result<PathBuf, DriverError> {
-        check_name(name)?;
+        super::check_name(name)?;
         Ok(self.storage_dir.join(name))
     }
 
@@ -313,7 +313,11 @@ impl LibvirtDriver {
         let refuse = |why: String| {
             DriverError::new(
                 ErrorKind::Permanent,
-                format!("image {}: disk {}: {why}", vm.config.image.name, base.display()),
+                format!(
+                    "image {}: disk {}: {why}",
+                    vm.config.image.name,
+                    base.display()
+                ),
             )
         };
         let output = std::process::Command::new("qemu-img")
@@ -334,7 +338,10 @@ impl LibvirtDriver {
             .map_err(|e| refuse(format!("image root: {e}")))?;
         for image in &chain {
             if image["format"] != "qcow2" && image["format"] != "raw" {
-                return Err(refuse(format!("{} images are not accepted", image["format"])));
+                return Err(refuse(format!(
+                    "{} images are not accepted",
+                    image["format"]
+                )));
             }
             if !image["format-specific"]["data"]["data-file"].is_null() {
                 return Err(refuse(
@@ -509,12 +516,19 @@ impl LibvirtDriver {
     /// Makes the VM's directory with its owner marker, its seed, and the disk overlay when
     /// the image has a disk.
     fn prepare_files(&self, vm: &DesiredVm) -> Result<(), DriverError> {
+        // The base disk is checked before anything is made for the VM.
+        let base = match (&vm.config.image.disk, vm.config.disk_mib) {
+            (Some(base), Some(size_mib)) => {
+                let base = self.resolve_path(vm, "disk", base)?;
+                self.check_image_file(vm, "disk", &base)?;
+                self.check_backing_chain(vm, &base)?;
+                Some((base, size_mib))
+            }
+            _ => None,
+        };
         let dir = self.ensure_vm_dir(&vm.name)?;
         self.write_seed(vm)?;
-        if let (Some(base), Some(size_mib)) = (&vm.config.image.disk, vm.config.disk_mib) {
-            let base = self.resolve_path(vm, "disk", base)?;
-            self.check_image_file(vm, "disk", &base)?;
-            self.check_backing_chain(vm, &base)?;
+        if let Some((base, size_mib)) = base {
             let overlay = dir.join("disk.qcow2");
             // No domain uses it (create runs only when none exists): a leftover from an
             // interrupted create is replaced.
@@ -604,15 +618,17 @@ impl LibvirtDriver {
         if self.dir_is_ours(&dir, name) {
             // The marker goes last: a removal cut short stays recognisably fleet's.
             let mut files: Vec<PathBuf> = VM_FILES[1..].iter().map(|f| dir.join(f)).collect();
-            for entry in std::fs::read_dir(&dir).map_err(|e| fail(&dir, e))?.flatten() {
+            for entry in std::fs::read_dir(&dir)
+                .map_err(|e| fail(&dir, e))?
+                .flatten()
+            {
                 let file = entry.file_name().to_string_lossy().into_owned();
                 let rotated = file
                     .strip_prefix("console.log.")
                     .is_some_and(|n| n.parse::<u32>().is_ok());
                 if rotated {
                     files.push(entry.path());
-                } else if file.starts_with(".seed-")
-                    && entry.file_type().is_ok_and(|t| t.is_dir())
+                } else if file.starts_with(".seed-") && entry.file_type().is_ok_and(|t| t.is_dir())
                 {
                     // A seed staging directory a kill left behind (tempfile's, fleet's own).
                     for part in ["user-data", "meta-data", "network-config", "seed.iso"] {
@@ -811,6 +827,7 @@ impl Driver for LibvirtDriver {
     }
 
     fn create(&self, vm: &DesiredVm, stamp: &Stamp, grace: Duration) -> Result<(), DriverError> {
+        super::check_name(&vm.name)?;
         self.invalidate(&vm.name);
         if let Some((dom, _)) = self.owned(&vm.name)? {
             // Made before (a retried or interrupted create): bring it to the spec.
@@ -846,12 +863,14 @@ impl Driver for LibvirtDriver {
     }
 
     fn start(&self, name: &str) -> Result<(), DriverError> {
+        super::check_name(name)?;
         self.invalidate(name);
         let (dom, _) = self.require_owned(name)?;
         self.power_on(&dom, name)
     }
 
     fn stop(&self, name: &str, grace: Duration) -> Result<(), DriverError> {
+        super::check_name(name)?;
         self.invalidate(name);
         let (dom, _) = self.require_owned(name)?;
         self.power_off(&dom, name, grace)
@@ -864,6 +883,7 @@ impl Driver for LibvirtDriver {
         restart: bool,
         grace: Duration,
     ) -> Result<(), DriverError> {
+        super::check_name(&vm.name)?;
         self.invalidate(&vm.name);
         let (dom, _) = self.require_owned(&vm.name)?;
         let xml = self.definition(vm, stamp)?;
@@ -880,6 +900,7 @@ impl Driver for LibvirtDriver {
     }
 
     fn destroy(&self, name: &str, grace: Duration) -> Result<(), DriverError> {
+        super::check_name(name)?;
         self.invalidate(name);
         let Some((dom, _)) = self.owned(name)? else {
             // Already gone: finish what an interrupted destroy started.
@@ -897,6 +918,7 @@ impl Driver for LibvirtDriver {
     }
 
     fn settle(&self, name: &str) -> Result<(), DriverError> {
+        super::check_name(name)?;
         if self.lookup(name)?.is_some() {
             return Ok(());
         }
@@ -990,21 +1012,6 @@ fn is_connection_failure(message: &str) -> bool {
     ]
     .iter()
     .any(|needle| m.contains(needle))
-}
-
-/// Defence in depth: every name a driver acts on is a DNS label, whatever handed it over.
-pub(crate) fn check_name(name: &str) -> Result<(), DriverError> {
-    static NAME: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
-        regex::Regex::new(crate::spec::NAME_PATTERN).expect("the name pattern compiles")
-    });
-    if NAME.is_match(name) {
-        Ok(())
-    } else {
-        Err(DriverError::new(
-            ErrorKind::Permanent,
-            format!("{name:?} is not a VM name (a lower-case DNS label); refusing to act on it"),
-        ))
-    }
 }
 
 fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {

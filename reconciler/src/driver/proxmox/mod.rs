@@ -829,6 +829,7 @@ impl Driver for ProxmoxDriver {
     }
 
     fn create(&self, vm: &DesiredVm, stamp: &Stamp, grace: Duration) -> Result<(), DriverError> {
+        super::check_name(&vm.name)?;
         self.write_snippet(vm)?;
         // Idempotent: a VM this fleet already made under this name (an earlier attempt that
         // died after its clone) is finished rather than made twice.
@@ -864,11 +865,13 @@ impl Driver for ProxmoxDriver {
     }
 
     fn start(&self, name: &str) -> Result<(), DriverError> {
+        super::check_name(name)?;
         let owned = self.require_owned(name)?;
         self.power_on(&owned)
     }
 
     fn stop(&self, name: &str, grace: Duration) -> Result<(), DriverError> {
+        super::check_name(name)?;
         let owned = self.require_owned(name)?;
         self.power_off(&owned, grace)
     }
@@ -880,6 +883,7 @@ impl Driver for ProxmoxDriver {
         restart: bool,
         grace: Duration,
     ) -> Result<(), DriverError> {
+        super::check_name(&vm.name)?;
         let mut owned = self.require_owned(&vm.name)?;
         if restart && owned.running {
             self.power_off(&owned, grace)?;
@@ -895,6 +899,7 @@ impl Driver for ProxmoxDriver {
     }
 
     fn destroy(&self, name: &str, grace: Duration) -> Result<(), DriverError> {
+        super::check_name(name)?;
         let Some(owned) = self.owned(name)? else {
             return self.remove_snippet(name);
         };
@@ -917,6 +922,7 @@ impl Driver for ProxmoxDriver {
     }
 
     fn settle(&self, name: &str) -> Result<(), DriverError> {
+        super::check_name(name)?;
         // A create that died between its clone and its config left a stamped VM without
         // the tag that observation finds fleet's VMs by: tag it, and planning takes over.
         match self.owned(name) {
