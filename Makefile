@@ -16,7 +16,7 @@ DEB_PACKAGES := libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x8
 DEB_COMMANDS := libvirtd virtlogd virsh qemu-system-x86_64 qemu-img genisoimage busybox cpio \
                 depmod file git chromium cloud-init age age-keygen python3 pkg-config
 
-.PHONY: all build deps libvirtd agent image image-debian fakepve run test lint unit bench fuzz crash-test crash-test-proxmox clean
+.PHONY: all build deps libvirtd agent image image-debian install-example fakepve run test lint unit bench fuzz crash-test crash-test-proxmox clean
 
 all: build
 
@@ -68,11 +68,22 @@ image-debian: agent
 	@command -v mmdebstrap >/dev/null || (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends mmdebstrap e2fsprogs qemu-utils)
 	FLEET_AGENT_BIN=$(CURDIR)/build/fleet-agent guest-agent/image/build-debian.sh build/image-debian
 
-run: deps libvirtd build image
-	$(TARGET_DIR)/release/fleet apply --auto-approve
+# The example's host: the micro image under the host's image root, and the example host
+# configuration as /etc/fleet/host.yaml unless the host already has one (it is the host
+# administrator's file; an existing one is never overwritten).
+HOST_CONFIG ?= /etc/fleet/host.yaml
+IMAGE_ROOT := /var/lib/fleet/images
+install-example: image
+	install -d -m 0755 $(IMAGE_ROOT)/micro
+	install -m 0644 $(IMAGE_DIR)/vmlinuz $(IMAGE_DIR)/initrd.img $(IMAGE_ROOT)/micro/
+	@if [ -e $(HOST_CONFIG) ]; then echo "keeping the existing $(HOST_CONFIG)"; \
+	  else install -D -m 0644 docs/host.example.yaml $(HOST_CONFIG) && echo "installed $(HOST_CONFIG)"; fi
+
+run: deps libvirtd build install-example
+	FLEET_HOST_CONFIG=$(HOST_CONFIG) $(TARGET_DIR)/release/fleet apply --auto-approve
 	@sleep 6
-	$(TARGET_DIR)/release/fleet status
-	@for f in .fleet/storage/*/console.log; do grep -h 'userspace reached' $$f || true; done
+	FLEET_HOST_CONFIG=$(HOST_CONFIG) $(TARGET_DIR)/release/fleet status
+	@for f in /var/lib/fleet/storage/example/*/console.log; do grep -h 'userspace reached' $$f || true; done
 
 lint:
 	$(CARGO) fmt --all -- --check

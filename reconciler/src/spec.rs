@@ -100,6 +100,45 @@ impl std::fmt::Display for Name {
     }
 }
 
+/// An absolute path on the host (in the host configuration only: a revision names no host
+/// path).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct HostPath(pub String);
+
+impl JsonSchema for HostPath {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "HostPath".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "an absolute path on the host, for example /var/lib/fleet/images",
+            "type": "string",
+            "pattern": "^/",
+            "maxLength": 4096,
+        })
+    }
+}
+
+impl std::ops::Deref for HostPath {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for HostPath {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_ref()
+    }
+}
+
+impl AsRef<std::path::Path> for HostPath {
+    fn as_ref(&self) -> &std::path::Path {
+        self.0.as_ref()
+    }
+}
+
 /// A memory or disk size such as `512Mi`, `2Gi` or `1Ti`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -403,8 +442,7 @@ pub struct ProxmoxProvider {
     /// A PEM file with the CA that signed the API's certificate, when the system's trust
     /// store does not have it. An absolute path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = "^/"))]
-    pub ca_file: Option<String>,
+    pub ca_file: Option<HostPath>,
     /// Accept any certificate. Dangerous: plans and the status page say it is on.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_skip_verify: bool,
@@ -434,8 +472,7 @@ pub struct ProxmoxToken {
     pub secret: Option<TokenSecretRef>,
     /// A file on the host holding the token's secret (mode 0600). An absolute path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = "^/"))]
-    pub file: Option<String>,
+    pub file: Option<HostPath>,
     /// An environment variable of fleet's process holding the token's secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"))]
@@ -460,8 +497,7 @@ pub struct ProxmoxSnippets {
     pub storage: String,
     /// That storage's `snippets` directory as fleet's host sees it, for example
     /// `/var/lib/vz/snippets`. An absolute path.
-    #[schemars(regex(pattern = "^/"))]
-    pub dir: String,
+    pub dir: HostPath,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -475,8 +511,7 @@ pub struct LibvirtProvider {
     /// `<storageDir>/<fleet>/<vm>/`, each directory made by fleet itself. An absolute path;
     /// default `/var/lib/fleet/storage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = "^/"))]
-    pub storage_dir: Option<String>,
+    pub storage_dir: Option<HostPath>,
 }
 
 /// `kind: Host` — `/etc/fleet/host.yaml` (or `--host-config`, `FLEET_HOST_CONFIG`): what the
@@ -507,8 +542,7 @@ pub struct HostSpec {
     /// Image files (`kernel`, `initrd`, `disk`) resolve under this directory, and nowhere
     /// else. An absolute path; default `/var/lib/fleet/images`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = "^/"))]
-    pub image_root: Option<String>,
+    pub image_root: Option<HostPath>,
     /// Task repositories a revision may fetch: URL patterns where `*` stands for any run of
     /// characters but `/` and `**` for any run at all (`https://git.example.org/team/*`).
     /// Paths inside the fleet's own repository are always allowed; nothing else is.

@@ -476,7 +476,9 @@ fn bench_libvirt_observe(vms: usize) -> anyhow::Result<()> {
     let provider = LibvirtProvider {
         name: Name("local".into()),
         uri: "qemu:///system".into(),
-        storage_dir: Some(storage.to_string_lossy().into_owned()),
+        storage_dir: Some(fleet::spec::HostPath(
+            storage.to_string_lossy().into_owned(),
+        )),
     };
     let driver = Arc::new(LibvirtDriver::new(
         "bench",

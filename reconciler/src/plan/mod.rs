@@ -180,7 +180,7 @@ impl Plan {
         self.steps.iter().filter(|s| s.action == action).count()
     }
 
-    fn compute_digest(&self) -> String {
+    pub fn compute_digest(&self) -> String {
         let mut copy = self.clone();
         copy.digest = String::new();
         let json = serde_json::to_vec(&copy).expect("Plan serialises to JSON");

@@ -163,7 +163,9 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
         &fleet::spec::LibvirtProvider {
             name: fleet::spec::Name("local".into()),
             uri: URI.into(),
-            storage_dir: Some(repo.path().join(".fleet/storage").display().to_string()),
+            storage_dir: Some(fleet::spec::HostPath(
+                repo.path().join(".fleet/storage").display().to_string(),
+            )),
         },
         fleet::spec::DomainType::Qemu,
         micro_image().0.parent().expect("image dir"),

@@ -1634,3 +1634,719 @@ fn an_escape_sequence_answers_a_task_that_allows_control_characters() {
         "#]],
     );
 }
+
+// ---- The host's rules (issue: a commit describes VMs, it never acts as root on the host).
+
+fn check_host(text: &str, expect: Expect) {
+    let out = match fleet::load::load_host("/etc/fleet/host.yaml", text.as_bytes()) {
+        Ok(_) => "loaded without diagnostics\n".to_owned(),
+        Err(diags) => diags.iter().map(|d| format!("{d}\n")).collect(),
+    };
+    expect.assert_eq(&out);
+}
+
+fn host_with(providers: &str, extra: &str) -> String {
+    format!("apiVersion: fleet/v1\nkind: Host\nspec:\n  providers:\n{providers}{extra}")
+}
+
+fn fleet_with_provider(provider: &str) -> String {
+    FLEET.replace("    - name: local\n      type: libvirt\n", provider)
+}
+
+#[test]
+fn host_provider_of_an_unknown_type() {
+    check_host(
+        &host_with("    - {name: x, type: vmware}\n", ""),
+        expect![[r#"
+        /etc/fleet/host.yaml:5:23: error: spec.providers[0].type: unsupported value "vmware"; valid: libvirt, proxmox
+    "#]],
+    );
+}
+
+#[test]
+fn host_libvirt_provider_without_uri() {
+    check_host(
+        &host_with("    - {name: x, type: libvirt}\n", ""),
+        expect![[r#"
+        /etc/fleet/host.yaml:5:7: error: spec.providers[0]: missing required field `uri`
+    "#]],
+    );
+}
+
+#[test]
+fn host_storage_dir_is_relative() {
+    check_host(
+        &host_with(
+            "    - {name: x, type: libvirt, uri: 'qemu:///system', storageDir: .fleet/storage}\n",
+            "",
+        ),
+        expect![[r#"
+            /etc/fleet/host.yaml:5:67: error: spec.providers[0].storageDir: string ".fleet/storage" is not valid; expected an absolute path on the host, for example /var/lib/fleet/images
+        "#]],
+    );
+}
+
+#[test]
+fn host_image_root_is_relative() {
+    check_host(
+        &host_with(
+            "    - {name: x, type: libvirt, uri: 'qemu:///system'}\n",
+            "  imageRoot: build/image\n",
+        ),
+        expect![[r#"
+            /etc/fleet/host.yaml:6:14: error: spec.imageRoot: string "build/image" is not valid; expected an absolute path on the host, for example /var/lib/fleet/images
+        "#]],
+    );
+}
+
+const PVE: &str = "    - name: pve\n      type: proxmox\n      endpoint: https://pve.example.org:8006\n      node: pve1\n";
+
+#[test]
+fn host_proxmox_token_with_two_sources() {
+    check_host(
+        &host_with(
+            &format!("{PVE}      token: {{id: 'a@pve!b', file: /etc/fleet/t, env: PVE_TOKEN}}\n"),
+            "",
+        ),
+        expect![[r#"
+            /etc/fleet/host.yaml:9:14: error: spec.providers[0].token: set exactly one of secret (a Secret in the fleet's fleet/secrets/), file (a host file, mode 0600) and env (an environment variable of fleet's process)
+        "#]],
+    );
+}
+
+#[test]
+fn host_proxmox_token_without_a_source() {
+    check_host(
+        &host_with(&format!("{PVE}      token: {{id: 'a@pve!b'}}\n"), ""),
+        expect![[r#"
+            /etc/fleet/host.yaml:9:14: error: spec.providers[0].token: set exactly one of secret (a Secret in the fleet's fleet/secrets/), file (a host file, mode 0600) and env (an environment variable of fleet's process)
+        "#]],
+    );
+}
+
+#[test]
+fn host_proxmox_insecure_with_a_ca_file() {
+    check_host(
+        &host_with(
+            &format!(
+                "{PVE}      token: {{id: 'a@pve!b', env: T}}\n      caFile: /etc/fleet/ca.pem\n      insecureSkipVerify: true\n"
+            ),
+            "",
+        ),
+        expect![[r#"
+            /etc/fleet/host.yaml:11:27: error: spec.providers[0].insecureSkipVerify: contradicts caFile; remove insecureSkipVerify to verify against the CA file
+        "#]],
+    );
+}
+
+#[test]
+fn host_proxmox_token_file_is_relative() {
+    check_host(
+        &host_with(
+            &format!("{PVE}      token: {{id: 'a@pve!b', file: token}}\n"),
+            "",
+        ),
+        expect![[r#"
+            /etc/fleet/host.yaml:9:36: error: spec.providers[0].token.file: string "token" is not valid; expected an absolute path on the host, for example /var/lib/fleet/images
+        "#]],
+    );
+}
+
+#[test]
+fn host_proxmox_ca_file_is_relative() {
+    check_host(
+        &host_with(
+            &format!("{PVE}      token: {{id: 'a@pve!b', env: T}}\n      caFile: ca.pem\n"),
+            "",
+        ),
+        expect![[r#"
+            /etc/fleet/host.yaml:10:15: error: spec.providers[0].caFile: string "ca.pem" is not valid; expected an absolute path on the host, for example /var/lib/fleet/images
+        "#]],
+    );
+}
+
+#[test]
+fn host_proxmox_snippets_dir_is_relative() {
+    check_host(
+        &host_with(
+            &format!(
+                "{PVE}      token: {{id: 'a@pve!b', env: T}}\n      snippets: {{storage: local, dir: snippets}}\n"
+            ),
+            "",
+        ),
+        expect![[r#"
+            /etc/fleet/host.yaml:10:39: error: spec.providers[0].snippets.dir: string "snippets" is not valid; expected an absolute path on the host, for example /var/lib/fleet/images
+        "#]],
+    );
+}
+
+#[test]
+fn host_duplicate_provider_names() {
+    check_host(
+        &host_with(
+            "    - {name: x, type: libvirt, uri: 'qemu:///system'}\n    - {name: x, type: libvirt, uri: 'qemu:///session'}\n",
+            "",
+        ),
+        expect![[r#"
+            /etc/fleet/host.yaml:6:14: error: spec.providers[1].name: provider "x" is already defined at line 5; provider names must be unique
+        "#]],
+    );
+}
+
+#[test]
+fn host_repository_pattern_is_a_path() {
+    check_host(
+        &host_with("    []\n", "  repositories: ['/etc/*']\n"),
+        expect![[r#"
+        /etc/fleet/host.yaml:6:18: error: spec.repositories[0]: string "/etc/*" is not valid; expected a URL pattern for task repositories
+    "#]],
+    );
+}
+
+#[test]
+fn host_recipient_is_not_an_age_recipient() {
+    check_host(
+        &host_with("    []\n", "  recipients: [ssh-ed25519 AAAA]\n"),
+        expect![[r#"
+        /etc/fleet/host.yaml:6:16: error: spec.recipients[0]: string "ssh-ed25519 AAAA" is not valid; expected an age X25519 recipient, `age1` and 58 Bech32 characters (from `age-keygen -y`)
+    "#]],
+    );
+}
+
+#[test]
+fn host_unknown_field() {
+    check_host(
+        &host_with("    []\n", "  imageRoots: [/var/lib/fleet/images]\n"),
+        expect![[r#"
+        /etc/fleet/host.yaml:6:3: error: spec.imageRoots: unknown field; did you mean `imageRoot`? valid fields: providers, imageRoot, repositories, recipients, limits
+    "#]],
+    );
+}
+
+#[test]
+fn host_file_holding_a_fleet() {
+    check_host(
+        FLEET,
+        expect![[r#"
+        /etc/fleet/host.yaml:2:7: error: kind: Fleet does not belong in /etc/fleet/host.yaml; a file here holds kind Host
+    "#]],
+    );
+}
+
+#[test]
+fn host_limits_out_of_range() {
+    check_host(
+        &host_with(
+            "    []\n",
+            "  limits: {maxVms: -1, maxMemory: 8G, minInterval: 5 seconds}\n",
+        ),
+        expect![[r#"
+            /etc/fleet/host.yaml:6:20: error: spec.limits.maxVms: -1 is too small; the minimum is 0
+            /etc/fleet/host.yaml:6:35: error: spec.limits.maxMemory: string "8G" is not valid; expected a size with a binary unit: Mi, Gi or Ti (for example 512Mi or 2Gi)
+            /etc/fleet/host.yaml:6:52: error: spec.limits.minInterval: string "5 seconds" is not valid; expected a duration: a whole number with a unit ms, s, m or h (for example 30s or 5m)
+        "#]],
+    );
+}
+
+#[test]
+fn host_file_is_a_list() {
+    check_host(
+        "- a\n- b\n",
+        expect![[r#"
+        /etc/fleet/host.yaml:1:1: error: the document must be a mapping with apiVersion, kind, metadata and spec
+    "#]],
+    );
+}
+
+#[test]
+fn committed_libvirt_uri_running_a_command() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &fleet_with_provider(
+                "    - name: local\n      type: libvirt\n      uri: qemu+ext:///system?command=fleet/hook.sh\n",
+            ),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:9:7: error: spec.providers[0].uri: belongs in the host configuration, not the repository: how to reach a provider, where it stores files and which credentials it uses are the host's to say (fleet.yaml keeps only name, type and domainType); move it to the provider of that name in /etc/fleet/host.yaml
+        "#]],
+    );
+}
+
+#[test]
+fn committed_test_driver_uri_reading_a_host_file() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &fleet_with_provider("    - {name: local, type: libvirt, uri: 'test:///etc/shadow'}\n"),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:7:36: error: spec.providers[0].uri: belongs in the host configuration, not the repository: how to reach a provider, where it stores files and which credentials it uses are the host's to say (fleet.yaml keeps only name, type and domainType); move it to the provider of that name in /etc/fleet/host.yaml
+        "#]],
+    );
+}
+
+#[test]
+fn committed_storage_dir() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &fleet_with_provider("    - {name: local, type: libvirt, storageDir: /}\n"),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:7:36: error: spec.providers[0].storageDir: belongs in the host configuration, not the repository: how to reach a provider, where it stores files and which credentials it uses are the host's to say (fleet.yaml keeps only name, type and domainType); move it to the provider of that name in /etc/fleet/host.yaml
+        "#]],
+    );
+}
+
+#[test]
+fn committed_proxmox_endpoint_and_token() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &fleet_with_provider(
+                "    - name: pve\n      type: proxmox\n      endpoint: https://attacker.example\n      token: {id: 'a@pve!b', env: GITHUB_TOKEN}\n      insecureSkipVerify: true\n",
+            ),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:9:7: error: spec.providers[0].endpoint: belongs in the host configuration, not the repository: how to reach a provider, where it stores files and which credentials it uses are the host's to say (fleet.yaml keeps only name, type and domainType); move it to the provider of that name in /etc/fleet/host.yaml
+            fleet/fleet.yaml:10:7: error: spec.providers[0].token: belongs in the host configuration, not the repository: how to reach a provider, where it stores files and which credentials it uses are the host's to say (fleet.yaml keeps only name, type and domainType); move it to the provider of that name in /etc/fleet/host.yaml
+            fleet/fleet.yaml:11:7: error: spec.providers[0].insecureSkipVerify: belongs in the host configuration, not the repository: how to reach a provider, where it stores files and which credentials it uses are the host's to say (fleet.yaml keeps only name, type and domainType); move it to the provider of that name in /etc/fleet/host.yaml
+        "#]],
+    );
+}
+
+#[test]
+fn committed_proxmox_ca_file_node_and_snippets() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &fleet_with_provider(
+                "    - name: pve\n      type: proxmox\n      node: pve1\n      caFile: /etc/ssl/private/key.pem\n      snippets: {storage: local, dir: /etc/netplan}\n      storage: local-lvm\n      bridge: vmbr0\n",
+            ),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:9:7: error: spec.providers[0].node: belongs in the host configuration, not the repository: how to reach a provider, where it stores files and which credentials it uses are the host's to say (fleet.yaml keeps only name, type and domainType); move it to the provider of that name in /etc/fleet/host.yaml
+            fleet/fleet.yaml:10:7: error: spec.providers[0].caFile: belongs in the host configuration, not the repository: how to reach a provider, where it stores files and which credentials it uses are the host's to say (fleet.yaml keeps only name, type and domainType); move it to the provider of that name in /etc/fleet/host.yaml
+            fleet/fleet.yaml:11:7: error: spec.providers[0].snippets: belongs in the host configuration, not the repository: how to reach a provider, where it stores files and which credentials it uses are the host's to say (fleet.yaml keeps only name, type and domainType); move it to the provider of that name in /etc/fleet/host.yaml
+            fleet/fleet.yaml:12:7: error: spec.providers[0].storage: belongs in the host configuration, not the repository: how to reach a provider, where it stores files and which credentials it uses are the host's to say (fleet.yaml keeps only name, type and domainType); move it to the provider of that name in /etc/fleet/host.yaml
+            fleet/fleet.yaml:13:7: error: spec.providers[0].bridge: belongs in the host configuration, not the repository: how to reach a provider, where it stores files and which credentials it uses are the host's to say (fleet.yaml keeps only name, type and domainType); move it to the provider of that name in /etc/fleet/host.yaml
+        "#]],
+    );
+}
+
+#[test]
+fn committed_provider_the_host_does_not_define() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &fleet_with_provider("    - {name: elsewhere, type: libvirt}\n"),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:7:14: error: spec.providers[0].name: the host configuration has no provider "elsewhere" (it defines: local, pve); name one of those, or ask the host's administrator to add it
+        "#]],
+    );
+}
+
+#[test]
+fn committed_provider_of_another_type_than_the_host_says() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &fleet_with_provider("    - {name: local, type: proxmox}\n"),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:7:27: error: spec.providers[0].type: provider "local" is libvirt in the host configuration, not proxmox; set type: libvirt
+        "#]],
+    );
+}
+
+#[test]
+fn image_kernel_is_an_absolute_path() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &FLEET.replace("kernel: micro/vmlinuz", "kernel: /root/.ssh/id_ed25519"),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:11:15: error: spec.images[0].kernel: an absolute path; image files are named relative to the host's image root (imageRoot in the host configuration)
+        "#]],
+    );
+}
+
+#[test]
+fn image_kernel_climbs_out_of_the_root() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &FLEET.replace("kernel: micro/vmlinuz", "kernel: ../../etc/fleet/age.key"),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:11:15: error: spec.images[0].kernel: empty, `.` or `..` parts in a path; image files are named relative to the host's image root (imageRoot in the host configuration)
+        "#]],
+    );
+}
+
+#[test]
+fn image_disk_is_a_block_device() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &format!("{FLEET}    - {{name: raw, disk: /dev/sda}}\n"),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:13:25: error: spec.images[1].disk: an absolute path; image files are named relative to the host's image root (imageRoot in the host configuration)
+        "#]],
+    );
+}
+
+#[test]
+fn image_initrd_with_a_dot_part() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &FLEET.replace("initrd: micro/initrd.img", "initrd: micro/./initrd.img"),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:12:15: error: spec.images[0].initrd: empty, `.` or `..` parts in a path; image files are named relative to the host's image root (imageRoot in the host configuration)
+        "#]],
+    );
+}
+
+#[test]
+fn task_repository_is_a_host_path() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with("t", "  command: [ls]\n  repository: {url: /etc}\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:21: error: spec.repository.url: an absolute path; a local repository must be a path inside this repository (or a URL the host configuration allows)
+        "#]],
+    );
+}
+
+#[test]
+fn task_repository_climbs_out_of_the_repository() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with(
+                    "t",
+                    "  command: [ls]\n  repository: {url: ../../root/.git}\n",
+                ),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:21: error: spec.repository.url: empty, `.` or `..` parts in a path; a local repository must be a path inside this repository (or a URL the host configuration allows)
+        "#]],
+    );
+}
+
+#[test]
+fn task_repository_the_host_does_not_allow() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with(
+                    "t",
+                    "  command: [ls]\n  repository: {url: 'https://evil.example/x.git'}\n",
+                ),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:21: error: spec.repository.url: "https://evil.example/x.git" is not a repository the host configuration allows (it allows: https://git.example.org/team/*); ask the host's administrator to add a pattern to repositories
+        "#]],
+    );
+}
+
+#[test]
+fn task_repository_escaping_an_allowed_pattern() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with(
+                    "t",
+                    "  command: [ls]\n  repository: {url: 'https://git.example.org/team/../other/x'}\n",
+                ),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:21: error: spec.repository.url: "https://git.example.org/team/../other/x" is not a repository the host configuration allows (it allows: https://git.example.org/team/*); ask the host's administrator to add a pattern to repositories
+        "#]],
+    );
+}
+
+#[test]
+fn task_repository_on_the_hosts_disk_by_url() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with("t", "  command: [ls]\n  repository: {url: 'file:///etc'}\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:21: error: spec.repository.url: "file:///etc" is not a repository the host configuration allows (it allows: https://git.example.org/team/*); ask the host's administrator to add a pattern to repositories
+        "#]],
+    );
+}
+
+#[test]
+fn task_repository_allowed_by_the_host() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with(
+                    "t",
+                    "  command: [ls]\n  repository: {url: 'https://git.example.org/team/app'}\n",
+                ),
+            ),
+        ],
+        expect![[r#"
+            loaded without diagnostics
+        "#]],
+    );
+}
+
+#[test]
+fn reconcile_interval_below_the_hosts_floor() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &format!("{FLEET}  policy: {{reconcileInterval: 1ms, resyncInterval: 2s}}\n"),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:13:31: error: spec.policy.reconcileInterval: 1ms is shorter than the host configuration allows (limits.minInterval 5s); use 5s or more
+            fleet/fleet.yaml:13:52: error: spec.policy.resyncInterval: 2s is shorter than the host configuration allows (limits.minInterval 5s); use 5s or more
+        "#]],
+    );
+}
+
+#[test]
+fn secret_without_allowed_goes_nowhere() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/secrets/api.yaml",
+                &SECRET.replace("  allowed: {loadouts: [dev], tasks: [t]}\n", ""),
+            ),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with_secrets("    - {secret: api, key: token, env: A}\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:16: error: spec.secrets[0].secret: Secret "api" (fleet/secrets/api.yaml) does not allow task "t" (in VM "a"); add the task to the Secret's spec.allowed.tasks or its VM to spec.allowed.vms
+        "#]],
+    );
+}
+
+#[test]
+fn secret_allowed_for_another_task() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/secrets/api.yaml",
+                &SECRET.replace("tasks: [t]", "tasks: [deploy]"),
+            ),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with_secrets("    - {secret: api, key: token, env: A}\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:16: error: spec.secrets[0].secret: Secret "api" (fleet/secrets/api.yaml) does not allow task "t" (in VM "a"); add the task to the Secret's spec.allowed.tasks or its VM to spec.allowed.vms
+        "#]],
+    );
+}
+
+#[test]
+fn secret_not_allowed_for_a_loadout() {
+    check(
+        &[
+            (
+                "fleet/loadouts/other.yaml",
+                "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: other}\nspec:\n  secrets: [{secret: api, key: token, file: api}]\n",
+            ),
+            ("fleet/secrets/api.yaml", SECRET),
+        ],
+        expect![[r#"
+            fleet/loadouts/other.yaml:5:22: error: spec.secrets[0].secret: Secret "api" (fleet/secrets/api.yaml) does not allow loadout "other"; add it to the Secret's spec.allowed.loadouts
+        "#]],
+    );
+}
+
+#[test]
+fn secret_allowed_for_the_tasks_vm() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/secrets/api.yaml",
+                &SECRET.replace("tasks: [t]", "vms: [a]"),
+            ),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with_secrets("    - {secret: api, key: token, env: A}\n"),
+            ),
+        ],
+        expect![[r#"
+            loaded without diagnostics
+        "#]],
+    );
+}
+
+#[test]
+fn secret_allowed_for_the_pool_of_the_tasks_vm() {
+    check(
+        &[
+            (
+                "fleet/vms/pool.yaml",
+                "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {name: p}\nspec:\n  replicas: 2\n  template:\n    spec: {provider: local, image: micro}\n",
+            ),
+            (
+                "fleet/secrets/api.yaml",
+                &SECRET.replace("tasks: [t]", "vms: [p]"),
+            ),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with_secrets("    - {secret: api, key: token, env: A}\n")
+                    .replace("vm: a", "vm: p-02"),
+            ),
+        ],
+        expect![[r#"
+            loaded without diagnostics
+        "#]],
+    );
+}
+
+const PVE_TOKEN_SECRET: &str = "apiVersion: fleet/v1
+kind: Secret
+metadata: {name: pve}
+spec:
+  allowed: {tasks: [t]}
+  data:
+    token: |
+      -----BEGIN AGE ENCRYPTED FILE-----
+      YWdlLWVuY3J5cHRpb24ub3JnL3YxCg==
+      -----END AGE ENCRYPTED FILE-----
+";
+
+#[test]
+fn the_proxmox_token_never_goes_to_a_guest() {
+    check(
+        &[
+            (
+                "fleet/fleet.yaml",
+                &FLEET.replace(
+                    "  images:\n",
+                    "    - {name: pve, type: proxmox}\n  images:\n",
+                ),
+            ),
+            ("fleet/vms/a.yaml", VM),
+            ("fleet/secrets/pve.yaml", PVE_TOKEN_SECRET),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with_secrets("    - {secret: pve, key: token, env: PVE}\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:16: error: spec.secrets[0].secret: Secret "pve" holds provider "pve"'s API token (the host configuration); a provider credential never goes to a guest
+        "#]],
+    );
+}
+
+#[test]
+fn the_proxmox_token_secret_is_missing() {
+    check(
+        &[(
+            "fleet/fleet.yaml",
+            &FLEET.replace(
+                "  images:\n",
+                "    - {name: pve, type: proxmox}\n  images:\n",
+            ),
+        )],
+        expect![[r#"
+            fleet/fleet.yaml:9:14: error: spec.providers[1].name: provider "pve" takes its API token from Secret pve/token (the host configuration), which this revision lacks; create it with `fleet secret set pve token`
+        "#]],
+    );
+}
+
+#[test]
+fn a_pool_over_the_hosts_vm_limit() {
+    check(
+        &[(
+            "fleet/vms/pool.yaml",
+            "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {name: p}\nspec:\n  replicas: 9\n  template:\n    spec: {provider: local, image: micro, resources: {memory: 64Mi}}\n",
+        )],
+        expect![[r#"
+            fleet/vms/pool.yaml:1:1: error: VM p-09: this revision asks for more than 8 VMs, limits.maxVms (the host configuration's limits); ask the host's administrator to raise it, or ask for less
+        "#]],
+    );
+}
+
+#[test]
+fn vms_over_the_hosts_cpu_limit() {
+    check(
+        &[
+            (
+                "fleet/vms/a.yaml",
+                &VM.replace(
+                    "  image: micro\n",
+                    "  image: micro\n  resources: {cpus: 12}\n",
+                ),
+            ),
+            (
+                "fleet/vms/b.yaml",
+                &VM.replace("name: a", "name: b").replace(
+                    "  image: micro\n",
+                    "  image: micro\n  resources: {cpus: 8}\n",
+                ),
+            ),
+        ],
+        expect![[r#"
+            fleet/vms/b.yaml:1:1: error: VM b: this revision asks for more than 16 vCPUs in total, limits.maxCpus (the host configuration's limits); ask the host's administrator to raise it, or ask for less
+        "#]],
+    );
+}
+
+#[test]
+fn vms_over_the_hosts_memory_limit() {
+    check(
+        &[(
+            "fleet/vms/a.yaml",
+            &VM.replace(
+                "  image: micro\n",
+                "  image: micro\n  resources: {memory: 9Gi}\n",
+            ),
+        )],
+        expect![[r#"
+            fleet/vms/a.yaml:1:1: error: VM a: this revision asks for more than 8192 MiB of memory in total, limits.maxMemory (the host configuration's limits); ask the host's administrator to raise it, or ask for less
+        "#]],
+    );
+}
+
+#[test]
+fn a_host_configuration_committed_into_the_fleet() {
+    check(
+        &[("fleet/vms/host.yaml", HOST)],
+        expect![[r#"
+            fleet/vms/host.yaml:2:7: error: kind: Host does not belong in vms/host.yaml; a file here holds kind VM or VMPool
+        "#]],
+    );
+}

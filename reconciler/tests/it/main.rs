@@ -14,3 +14,4 @@ mod secrets;
 mod seed;
 mod support;
 mod tasks;
+mod trust;

@@ -256,7 +256,7 @@ fn a_canary_secret_reaches_the_task_and_nothing_else() {
         "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: keyed}\nspec:\n  secrets: [{secret: canary, key: token, file: loadout/token}]\n",
     );
     secret_set(&repo, "canary", "token", &canary);
-    repo.allow_secret("canary", "{loadouts: [keyed], tasks: [uses]}");
+    repo.allow_secret("canary", "{loadouts: [keyed], tasks: [uses, later]}");
     secret_set(&repo, "broken", "k", "never seen");
     repo.allow_secret("broken", &format!("{{vms: [{vm}]}}"));
     // Tamper with the broken value: one character in the middle of its armor.

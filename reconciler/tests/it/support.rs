@@ -21,8 +21,11 @@ pub fn host_yaml(providers: &[String], extra: &str) -> String {
     for p in providers {
         text.push_str(&format!("    - {p}\n"));
     }
+    if !extra.contains("imageRoot:") {
+        text.push_str(&format!("  imageRoot: '{image_root}'\n"));
+    }
     text.push_str(&format!(
-        "  imageRoot: '{image_root}'\n  repositories: ['file:///**']\n  limits: {{minInterval: 1s}}\n{extra}"
+        "  repositories: ['file:///**']\n  limits: {{minInterval: 1s}}\n{extra}"
     ));
     text
 }
