@@ -91,9 +91,15 @@ pub fn list(status: &StatusDir, all: bool) -> String {
             PromptState::Withdrawn => "withdrawn",
             PromptState::Expired => "expired",
         };
+        // The prompt's text comes from the guest: one plain line, whatever it sent.
         out.push_str(&format!(
             "{}  {state}  task {} on {}  since {}  deadline {}\n    {}\n",
-            p.id, p.task, p.vm, p.created, p.deadline, p.text
+            p.id,
+            p.task,
+            p.vm,
+            p.created,
+            p.deadline,
+            crate::terminal::one_line(&p.text, 300)
         ));
         if let Some(by) = &p.answered_by {
             out.push_str(&format!("    answered by {by}\n"));

@@ -26,3 +26,4 @@ pub mod source;
 pub mod spec;
 pub mod status;
 pub mod tasks;
+pub mod terminal;

@@ -239,38 +239,9 @@ pub fn task(s: &Snapshot, t: &TaskRecord, output: Option<&str>) -> String {
             }
         }
         h2 { "Output (last " (OUTPUT_TAIL_BYTES / 1024) " KiB)" }
-        pre { (output.map(strip_terminal_codes).unwrap_or_else(|| "no output yet".into())) }
+        pre { (output.map(|o| crate::terminal::strip_codes(&o)).unwrap_or_else(|| "no output yet".into())) }
     };
     page(&format!("{} · fleet", t.name), body)
-}
-
-/// Terminal output as text: escape sequences dropped, carriage returns before newlines
-/// folded.
-fn strip_terminal_codes(raw: &str) -> String {
-    let mut out = String::with_capacity(raw.len());
-    let mut chars = raw.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\u{1b}' => {
-                // CSI: ESC [ params final-byte; other escapes: ESC and one character.
-                if chars.peek() == Some(&'[') {
-                    chars.next();
-                    while let Some(&n) = chars.peek() {
-                        chars.next();
-                        if ('@'..='~').contains(&n) {
-                            break;
-                        }
-                    }
-                } else {
-                    chars.next();
-                }
-            }
-            '\r' if chars.peek() == Some(&'\n') => {}
-            c if c.is_control() && c != '\n' && c != '\t' => {}
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 fn agent_text(vm: &VmStatus) -> String {

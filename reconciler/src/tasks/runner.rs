@@ -391,14 +391,20 @@ impl TaskBook {
                 }
                 GuestMessage::Hello { .. } | GuestMessage::Heartbeat { .. } => continue,
             };
+            // Only this link's VM, and its current boot: a guest names runs, and must never
+            // reach another VM's (or an earlier boot's) by guessing or learning their names.
             let Some(name) = state
                 .records
                 .values()
-                .find(|r| r.guest_task() == task)
+                .find(|r| {
+                    r.vm == conn.vm
+                        && r.guest_task() == task
+                        && (r.boot_id.is_none() || r.boot_id == conn.boot_id)
+                })
                 .map(|r| r.name.clone())
             else {
-                // A run fleet no longer tracks (replaced by a newer one): let the guest
-                // forget it.
+                // Not one of this VM's runs (or one fleet no longer tracks): the guest may
+                // forget it, and learns nothing about what exists elsewhere.
                 acks.insert(task, seq);
                 continue;
             };

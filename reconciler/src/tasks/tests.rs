@@ -444,3 +444,64 @@ fn committed_answers_for_unknown_or_answered_prompts_are_reported_not_delivered(
         "never delivered"
     );
 }
+
+#[test]
+fn a_guest_cannot_touch_another_vms_run_even_knowing_its_name() {
+    let (_dir, book, mut victim, task) = started(Duration::from_secs(60), OnDeadline::Wait);
+    // Another VM's link, whose guest learned the victim's run name and sequence.
+    let mut hostile = Connection::new("vm-2");
+    hostile.greeted("boot-9", None);
+    let forged = vec![
+        GuestMessage::Output {
+            v: VERSION,
+            task: task.clone(),
+            seq: 1,
+            data: "all tests passed\n".into(),
+        },
+        prompt(&task, 2),
+        GuestMessage::Exit {
+            v: VERSION,
+            task: task.clone(),
+            seq: 3,
+            code: Some(0),
+            reason: ExitReason::Completed,
+        },
+    ];
+    let replies = book.receive(&mut hostile, forged);
+    // Each is acknowledged as sent, as for any name the host does not know here: no gap
+    // greeting that would tell a known name from an unknown one.
+    assert!(
+        replies.iter().all(|m| matches!(m, HostMessage::Ack { .. })),
+        "{replies:?}"
+    );
+    let record = &book.records()["ask"];
+    assert_eq!(record.phase, TaskPhase::Running, "the victim's run goes on");
+    assert_eq!(record.seq, 0, "nothing was recorded for it");
+    assert!(
+        std::fs::read_to_string(book.status.task_output_path("ask"))
+            .unwrap_or_default()
+            .is_empty()
+    );
+    // The victim's own messages still count, from 1.
+    let acks = book.receive(
+        &mut victim,
+        vec![GuestMessage::Output {
+            v: VERSION,
+            task: task.clone(),
+            seq: 1,
+            data: "real\n".into(),
+        }],
+    );
+    assert_eq!(
+        acks,
+        vec![HostMessage::Ack {
+            v: VERSION,
+            task,
+            seq: 1
+        }]
+    );
+    assert_eq!(
+        std::fs::read_to_string(book.status.task_output_path("ask")).expect("log"),
+        "real\n"
+    );
+}

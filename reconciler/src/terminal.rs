@@ -1,0 +1,73 @@
+//! Guest-originated text made safe for a terminal or a page: a guest may send any bytes, and
+//! an escape sequence printed raw can rewrite an operator's screen, set their clipboard or
+//! forge lines such as an approval command.
+
+/// Terminal output as text: escape sequences dropped, carriage returns before newlines
+/// folded.
+pub fn strip_codes(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                // CSI: ESC [ params final-byte; other escapes: ESC and one character.
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    while let Some(&n) = chars.peek() {
+                        chars.next();
+                        if ('@'..='~').contains(&n) {
+                            break;
+                        }
+                    }
+                } else {
+                    chars.next();
+                }
+            }
+            '\r' if chars.peek() == Some(&'\n') => {}
+            c if c.is_control() && c != '\n' && c != '\t' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One line of at most `max` characters: codes stripped, line breaks shown as `⏎`, the rest
+/// cut with `…`. For printers that show guest text inline (`fleet hitl list`).
+pub fn one_line(raw: &str, max: usize) -> String {
+    let clean = strip_codes(raw);
+    let folded: String = clean
+        .trim_end()
+        .chars()
+        .map(|c| {
+            if c == '\n' {
+                '⏎'
+            } else if c == '\t' {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect();
+    if folded.chars().count() > max {
+        let mut cut: String = folded.chars().take(max.saturating_sub(1)).collect();
+        cut.push('…');
+        cut
+    } else {
+        folded
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_and_forged_lines_do_not_survive() {
+        let hostile = "Continue?\u{1b}]52;c;ZXZpbA==\u{7}\u{1b}[2J\napproval-1 approve: fleet hitl answer approval-1 abc\u{9b}31m";
+        let line = one_line(hostile, 200);
+        assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+        assert!(!line.contains('\n'));
+        assert!(line.starts_with("Continue?"), "{line}");
+        assert_eq!(one_line(&"x".repeat(50), 10).chars().count(), 10);
+    }
+}
