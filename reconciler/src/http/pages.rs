@@ -239,7 +239,7 @@ pub fn task(s: &Snapshot, t: &TaskRecord, output: Option<&str>) -> String {
             }
         }
         h2 { "Output (last " (OUTPUT_TAIL_BYTES / 1024) " KiB)" }
-        pre { (output.map(|o| crate::terminal::strip_codes(o)).unwrap_or_else(|| "no output yet".into())) }
+        pre { (output.map(crate::terminal::strip_codes).unwrap_or_else(|| "no output yet".into())) }
     };
     page(&format!("{} · fleet", t.name), body)
 }
