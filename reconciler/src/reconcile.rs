@@ -98,7 +98,7 @@ pub fn plan_for(
 pub fn desired(snapshot: &Snapshot, host: &HostSpec) -> Result<Desired, Vec<Diagnostic>> {
     let loaded = load::load(snapshot, Some(host))?;
     let desired = resolve::resolve(&loaded, host);
-    let over = resolve::check_limits(&desired, host);
+    let over = resolve::check(&desired, host);
     if over.is_empty() {
         Ok(desired)
     } else {

@@ -425,6 +425,57 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
     }
 }
 
+/// The checks that need the resolved fleet (pools expanded, loadouts merged): the host's
+/// limits, and secret files no two references of one VM deliver differently.
+pub fn check(desired: &Desired, host: &HostSpec) -> Vec<crate::load::Diagnostic> {
+    let mut diags = check_limits(desired, host);
+    diags.extend(check_secret_files(desired));
+    diags
+}
+
+/// In one VM, a file under `/run/fleet/secrets` holds one value: a loadout and a task (or
+/// two tasks) naming the same file with different secrets would leave which one the guest
+/// gets to chance. Reported at the later file, naming both.
+pub fn check_secret_files(desired: &Desired) -> Vec<crate::load::Diagnostic> {
+    let mut diags = Vec::new();
+    for vm in desired.vms.values() {
+        let uses = std::iter::once((vm.source.as_str(), &vm.secrets)).chain(
+            desired
+                .tasks
+                .values()
+                .filter(|t| t.vm == vm.name)
+                .map(|t| (t.source.as_str(), &t.secrets)),
+        );
+        let mut by_file: BTreeMap<&str, (&str, &str, &str)> = BTreeMap::new();
+        for (source, refs) in uses {
+            for r in refs {
+                let Some(file) = r.file.as_deref() else {
+                    continue;
+                };
+                match by_file.get(file) {
+                    None => {
+                        by_file.insert(file, (&r.secret.0, &r.key.0, source));
+                    }
+                    Some((secret, key, first)) if (*secret, *key) != (&r.secret.0, &r.key.0) => {
+                        diags.push(crate::load::Diagnostic::new(
+                            source,
+                            crate::load::yaml::Pos::START,
+                            format!(
+                                "VM {}: secret file {file} is {}/{} here but {secret}/{key} in {first}; one path holds one value, use another file name",
+                                vm.name, r.secret.0, r.key.0
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+    }
+    diags.sort();
+    diags.dedup();
+    diags
+}
+
 /// What a revision asks of the host in total, against the host's limits: VMs (pool
 /// members included), vCPUs and memory. Each excess is one diagnostic, at the file of the
 /// VM or pool whose addition crossed the limit.

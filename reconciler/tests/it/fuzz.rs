@@ -95,7 +95,7 @@ fn load_and_check(snapshot: &Snapshot) -> Result<(), TestCaseError> {
     match fleet::load::load(snapshot, Some(&host)) {
         Ok(loaded) => {
             let desired = fleet::resolve::resolve(&loaded, &host);
-            for d in fleet::resolve::check_limits(&desired, &host) {
+            for d in fleet::resolve::check(&desired, &host) {
                 prop_assert!(
                     snapshot.files.iter().any(|f| f.path == d.path),
                     "limit diagnostic for a file that is not there: {d}"

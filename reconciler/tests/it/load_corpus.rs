@@ -79,7 +79,7 @@ fn diagnostics(snapshot: &Snapshot) -> String {
     match fleet::load::load(snapshot, Some(&host)) {
         Ok(loaded) => {
             let desired = fleet::resolve::resolve(&loaded, &host);
-            let over = fleet::resolve::check_limits(&desired, &host);
+            let over = fleet::resolve::check(&desired, &host);
             if over.is_empty() {
                 "loaded without diagnostics\n".to_owned()
             } else {
@@ -2347,6 +2347,32 @@ fn a_host_configuration_committed_into_the_fleet() {
         &[("fleet/vms/host.yaml", HOST)],
         expect![[r#"
             fleet/vms/host.yaml:2:7: error: kind: Host does not belong in vms/host.yaml; a file here holds kind VM or VMPool
+        "#]],
+    );
+}
+
+#[test]
+fn two_references_of_one_vm_deliver_one_file_differently() {
+    let other = SECRET
+        .replace("name: api", "name: other")
+        .replace("tasks: [t]", "tasks: [u]");
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            ("fleet/secrets/api.yaml", SECRET),
+            ("fleet/secrets/other.yaml", &other),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with_secrets("    - {secret: api, key: token, file: git/token}\n"),
+            ),
+            (
+                "fleet/tasks/u.yaml",
+                &task_with_secrets("    - {secret: other, key: token, file: git/token}\n")
+                    .replace("name: t", "name: u"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/u.yaml:1:1: error: VM a: secret file git/token is other/token here but api/token in fleet/tasks/t.yaml; one path holds one value, use another file name
         "#]],
     );
 }
