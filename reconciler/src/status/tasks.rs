@@ -95,6 +95,17 @@ pub struct TaskRecord {
     /// The length of output.log that `seq` accounts for.
     #[serde(default)]
     pub output_bytes: u64,
+    /// Set once the run's output reached the host's cap (`tasks::limits::OUTPUT_BYTES`):
+    /// what came after was acknowledged and dropped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub output_truncated: bool,
+    /// Artifact bytes stored for this run (bounded by `tasks::limits::ARTIFACT_BYTES`).
+    #[serde(default)]
+    pub artifact_bytes: u64,
+    /// What the host refused of the guest's messages for this run, once per kind: the
+    /// status says so rather than silently losing it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
     /// Prompts seen in this run; the next one is numbered `prompts + 1`.
     #[serde(default)]
     pub prompts: u32,
@@ -249,14 +260,16 @@ impl StatusDir {
     }
 
     /// Writes part of an artifact at `offset`. `relative` must stay inside the artifacts
-    /// directory; anything else is refused.
+    /// directory, and `offset` may not be past the end of what is there (no holes: a guest
+    /// cannot make a sparse file of any size); anything else is refused. Returns how many
+    /// bytes the file grew by.
     pub fn write_artifact_part(
         &self,
         task: &str,
         relative: &str,
         offset: u64,
         data: &[u8],
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<u64> {
         let safe = !relative.is_empty()
             && Path::new(relative)
                 .components()
@@ -267,8 +280,19 @@ impl StatusDir {
             )));
         }
         let path = self.tasks_dir().join(task).join("artifacts").join(relative);
+        let before = if offset == 0 {
+            0
+        } else {
+            std::fs::symlink_metadata(&path).map_or(0, |m| m.len())
+        };
+        if offset > before {
+            return Err(std::io::Error::other(format!(
+                "artifact {relative:?}: part at offset {offset} leaves a hole after {before} bytes"
+            )));
+        }
         // The first part starts the file afresh; later parts land at their offsets.
-        write_at(&path, offset, data, (offset == 0).then_some(0))
+        write_at(&path, offset, data, (offset == 0).then_some(0))?;
+        Ok((offset + data.len() as u64).saturating_sub(before))
     }
 
     /// The last `max` bytes of a task's output (from a character boundary).

@@ -82,6 +82,27 @@ impl SecretSet<'_> {
 }
 
 /// Where a reference's value lives in the guest, relative to `SECRETS_DIR`: its `file`, or
+/// What the host keeps of one run, whatever the guest sends: a guest may replace its agent
+/// and send anything, and the honest agent's own limits are no defence. Memory held per
+/// run is bounded by the prompt limits (at most `PROMPTS` prompts of `PROMPT_TEXT_BYTES`
+/// plus `PROMPT_SCREEN_LINES` lines of `PROMPT_LINE_BYTES`), disk by the byte limits.
+pub mod limits {
+    /// Output kept in `output.log`; the rest is acknowledged and dropped, and the status
+    /// says the output was truncated.
+    pub const OUTPUT_BYTES: u64 = 64 * 1024 * 1024;
+    /// Artifact bytes, over all of a run's artifacts.
+    pub const ARTIFACT_BYTES: u64 = 256 * 1024 * 1024;
+    /// Artifacts per run, and the longest artifact path.
+    pub const ARTIFACTS: usize = 1000;
+    pub const ARTIFACT_PATH_BYTES: usize = 1024;
+    /// Prompts per run; later ones are dropped (the task keeps running).
+    pub const PROMPTS: u32 = 100;
+    /// A prompt's text, and the screen context kept with it.
+    pub const PROMPT_TEXT_BYTES: usize = 4096;
+    pub const PROMPT_SCREEN_LINES: usize = 40;
+    pub const PROMPT_LINE_BYTES: usize = 512;
+}
+
 /// for an environment variable a file the agent reads when it starts the task.
 fn secret_path(r: &SecretRef) -> String {
     match &r.file {
@@ -305,6 +326,9 @@ impl TaskBook {
             repository: None,
             seq: 0,
             output_bytes: 0,
+            output_truncated: false,
+            artifact_bytes: 0,
+            refused: Vec::new(),
             prompts: 0,
             pending_prompt: None,
             artifacts: Vec::new(),

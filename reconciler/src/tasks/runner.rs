@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::Engine;
 use fleet_agent_protocol::{ExitReason, GuestMessage, HostMessage, VERSION};
 
-use super::{BookState, TaskBook, now};
+use super::{BookState, TaskBook, limits, now};
 use crate::hitl::{answer_from_file, answer_problem_allowing};
 use crate::resolve::DesiredTask;
 use crate::spec::{OnDeadline, Repository};
@@ -442,6 +442,38 @@ impl TaskBook {
         };
         match message {
             GuestMessage::Output { seq, data, .. } => {
+                let room = limits::OUTPUT_BYTES.saturating_sub(record.output_bytes);
+                if room < data.len() as u64 {
+                    // Keep what fits (on a character boundary), then say it was cut.
+                    let mut keep = room as usize;
+                    while keep > 0 && !data.is_char_boundary(keep) {
+                        keep -= 1;
+                    }
+                    let end = if keep > 0 {
+                        self.status
+                            .append_task_output(name, record.output_bytes, &data.as_bytes()[..keep])
+                            .unwrap_or(record.output_bytes)
+                    } else {
+                        record.output_bytes
+                    };
+                    let first = !record.output_truncated;
+                    self.update(state, name, |r| {
+                        r.seq = seq;
+                        r.output_bytes = end;
+                        r.output_truncated = true;
+                    });
+                    if first {
+                        self.event(
+                            &record,
+                            "task.output.truncated",
+                            format!(
+                                "output of {name} reached {} MiB; the rest is dropped",
+                                limits::OUTPUT_BYTES / (1024 * 1024)
+                            ),
+                        );
+                    }
+                    return;
+                }
                 let end =
                     match self
                         .status
@@ -476,6 +508,23 @@ impl TaskBook {
                     self.update(state, name, |r| r.seq = seq);
                     return;
                 }
+                if record.prompts >= limits::PROMPTS {
+                    self.refuse(state, name, seq, "prompts", || {
+                        format!(
+                            "more than {} prompts; later ones are dropped",
+                            limits::PROMPTS
+                        )
+                    });
+                    return;
+                }
+                let text = cut(&text, limits::PROMPT_TEXT_BYTES);
+                let screen: Vec<String> = screen
+                    .iter()
+                    .rev()
+                    .take(limits::PROMPT_SCREEN_LINES)
+                    .rev()
+                    .map(|l| cut(l, limits::PROMPT_LINE_BYTES))
+                    .collect();
                 let n = record.prompts + 1;
                 let id = format!("{}-{}-{n}", record.name, record.run);
                 let deadline = state
@@ -527,15 +576,44 @@ impl TaskBook {
                 last,
                 ..
             } => {
+                let new_file = !record.artifacts.contains(&path) && offset == 0;
+                let refusal = if path.len() > limits::ARTIFACT_PATH_BYTES {
+                    Some(format!(
+                        "an artifact path longer than {} bytes",
+                        limits::ARTIFACT_PATH_BYTES
+                    ))
+                } else if new_file && record.artifacts.len() >= limits::ARTIFACTS {
+                    Some(format!("more than {} artifacts", limits::ARTIFACTS))
+                } else {
+                    // base64: at most 3 bytes per 4 characters.
+                    let most = (data.len() as u64 / 4 + 1) * 3;
+                    (record.artifact_bytes + most > limits::ARTIFACT_BYTES).then(|| {
+                        format!(
+                            "more than {} MiB of artifacts",
+                            limits::ARTIFACT_BYTES / (1024 * 1024)
+                        )
+                    })
+                };
+                if let Some(why) = refusal {
+                    self.refuse(state, name, seq, "artifacts", || {
+                        format!("{why}; artifact parts past it are dropped")
+                    });
+                    return;
+                }
                 let bytes = base64::engine::general_purpose::STANDARD.decode(data.as_bytes());
                 let written = bytes
                     .map_err(|e| std::io::Error::other(e.to_string()))
                     .and_then(|b| self.status.write_artifact_part(name, &path, offset, &b));
-                if let Err(e) = written {
-                    tracing::warn!(task = name, "artifact {path}: {e}");
-                }
+                let grew = match written {
+                    Ok(grew) => grew,
+                    Err(e) => {
+                        tracing::warn!(task = name, "artifact {path}: {e}");
+                        0
+                    }
+                };
                 self.update(state, name, |r| {
                     r.seq = seq;
+                    r.artifact_bytes += grew;
                     if last && !r.artifacts.contains(&path) {
                         r.artifacts.push(path.clone());
                     }
@@ -587,6 +665,32 @@ impl TaskBook {
             | GuestMessage::Heartbeat { .. }
             | GuestMessage::Stored { .. }
             | GuestMessage::SecretsStored { .. } => {}
+        }
+    }
+
+    /// Drops a message past a host limit: its `seq` counts (so the guest's outbox drains),
+    /// and the run's status says what was refused, once per kind.
+    fn refuse(
+        &self,
+        state: &mut BookState,
+        name: &str,
+        seq: u64,
+        kind: &str,
+        why: impl FnOnce() -> String,
+    ) {
+        let Some(record) = state.records.get(name).cloned() else {
+            return;
+        };
+        let first = !record.refused.iter().any(|r| r.starts_with(kind));
+        let message = first.then(|| format!("{kind}: {}", why()));
+        self.update(state, name, |r| {
+            r.seq = seq;
+            if let Some(m) = &message {
+                r.refused.push(m.clone());
+            }
+        });
+        if let Some(m) = message {
+            self.event(&record, "task.limit", format!("{name}: {m}"));
         }
     }
 
@@ -855,4 +959,16 @@ fn input(guest_task: &str, prompt: &str, response: &str) -> HostMessage {
         data: format!("{response}\r"),
         prompt: Some(prompt.to_owned()),
     }
+}
+
+/// At most `max` bytes of `text`, cut on a character boundary.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }

@@ -505,3 +505,107 @@ fn a_guest_cannot_touch_another_vms_run_even_knowing_its_name() {
         "real\n"
     );
 }
+
+#[test]
+fn a_flooding_guest_is_bounded_on_the_host() {
+    use crate::tasks::limits;
+    let (_dir, book, mut conn, task) = started(Duration::from_secs(60), OnDeadline::Wait);
+    let seq = std::cell::Cell::new(0u64);
+    let next = || {
+        seq.set(seq.get() + 1);
+        seq.get()
+    };
+    // Output: 4 MiB chunks until past the cap; the log stops at it, and the status says so.
+    let chunk = "x".repeat(4 * 1024 * 1024);
+    let chunks = limits::OUTPUT_BYTES / chunk.len() as u64 + 2;
+    for _ in 0..chunks {
+        let s = next();
+        book.receive(
+            &mut conn,
+            vec![GuestMessage::Output {
+                v: VERSION,
+                task: task.clone(),
+                seq: s,
+                data: chunk.clone(),
+            }],
+        );
+    }
+    let log = book.status.task_output_path("ask");
+    assert_eq!(
+        std::fs::metadata(&log).expect("log").len(),
+        limits::OUTPUT_BYTES
+    );
+    let record = &book.records()["ask"];
+    assert!(record.output_truncated);
+    assert_eq!(record.seq, seq.get(), "everything was acknowledged");
+
+    // An artifact part far past the end (a sparse 8 TiB file) is refused.
+    let part = |seq: u64, path: &str, offset: u64| GuestMessage::Artifact {
+        v: VERSION,
+        task: task.clone(),
+        seq,
+        path: path.into(),
+        offset,
+        data: "aGVsbG8=".into(),
+        last: false,
+    };
+    let s = next();
+    book.receive(&mut conn, vec![part(s, "sparse.bin", 1 << 43)]);
+    let artifacts = book
+        .status
+        .task_output_path("ask")
+        .with_file_name("artifacts");
+    assert!(
+        std::fs::metadata(artifacts.join("sparse.bin")).map_or(0, |m| m.len()) < 1024,
+        "no sparse file"
+    );
+    // More artifacts than allowed: the rest are dropped and the status says so.
+    for i in 0..limits::ARTIFACTS + 5 {
+        let s = next();
+        book.receive(
+            &mut conn,
+            vec![GuestMessage::Artifact {
+                v: VERSION,
+                task: task.clone(),
+                seq: s,
+                path: format!("a/{i}"),
+                offset: 0,
+                data: "aGk=".into(),
+                last: true,
+            }],
+        );
+    }
+    let record = &book.records()["ask"];
+    assert_eq!(record.artifacts.len(), limits::ARTIFACTS);
+    assert!(
+        record
+            .refused
+            .iter()
+            .any(|r| r.starts_with("artifacts: more than")),
+        "{:?}",
+        record.refused
+    );
+
+    // Prompts: the text is cut to its bound; past the count, prompts are dropped.
+    let s = next();
+    book.receive(
+        &mut conn,
+        vec![GuestMessage::Prompt {
+            v: VERSION,
+            task: task.clone(),
+            seq: s,
+            text: "?".repeat(1024 * 1024),
+            screen: vec!["line".repeat(1000); 500],
+        }],
+    );
+    let prompts = book.prompts();
+    let prompt = prompts.values().next().expect("one prompt");
+    assert_eq!(prompt.text.len(), limits::PROMPT_TEXT_BYTES);
+    assert_eq!(prompt.context.len(), limits::PROMPT_SCREEN_LINES);
+    assert!(
+        prompt
+            .context
+            .iter()
+            .all(|l| l.len() <= limits::PROMPT_LINE_BYTES)
+    );
+}
