@@ -138,8 +138,11 @@ pub fn settle(status: &StatusDir, desired: &Desired, plan: &mut Plan) {
             ));
         }
         let answer_file = status.hitl_dir().join(format!("{id}.answer"));
-        if let Ok(text) = std::fs::read_to_string(&answer_file) {
-            offered.push((text.trim().to_owned(), "host file".to_owned()));
+        if let Some(read) = crate::status::read_answer_file(&answer_file) {
+            match read {
+                Ok(text) => offered.push((text.trim().to_owned(), "host file".to_owned())),
+                Err(why) => tracing::warn!("{}: refused: {why}", answer_file.display()),
+            }
             // Read once, accepted or not: the file is kept as `<id>.answer.read`.
             let _ = std::fs::rename(
                 &answer_file,

@@ -85,6 +85,55 @@ pub fn remove_left_temp_files(
 }
 
 /// RFC 3339 time, UTC, second precision.
+/// The longest host answer file read: an answer is one line of at most 4 KiB.
+pub const ANSWER_FILE_BYTES: u64 = 4096 + 2;
+
+/// Reads a host answer file (`status/hitl/<id>.answer`), which anyone who may answer can
+/// write, so it is read warily: never through a symlink (a root-only file would be typed
+/// into a guest), never blocking (a FIFO would hang every link), only a regular file owned
+/// by root, fleet's user or the owner of the hitl directory, and at most
+/// `ANSWER_FILE_BYTES`. `None` when there is no such file; `Some(Err(why))` when there is
+/// one that is refused.
+pub fn read_answer_file(path: &Path) -> Option<Result<String, String>> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(Err(format!("cannot be read safely ({e}); a symlink is never followed"))),
+    };
+    let result = (|| {
+        let meta = file.metadata().map_err(|e| e.to_string())?;
+        if !meta.file_type().is_file() {
+            return Err("not a regular file".to_owned());
+        }
+        let me = nix::unistd::geteuid().as_raw();
+        let dir_owner = path
+            .parent()
+            .and_then(|d| std::fs::metadata(d).ok())
+            .map(|m| m.uid());
+        if meta.uid() != 0 && meta.uid() != me && Some(meta.uid()) != dir_owner {
+            return Err(format!("owned by uid {}, who may not answer", meta.uid()));
+        }
+        if meta.len() > ANSWER_FILE_BYTES {
+            return Err(format!(
+                "{} bytes; an answer is one line of at most 4 KiB",
+                meta.len()
+            ));
+        }
+        let mut text = String::new();
+        file.take(ANSWER_FILE_BYTES)
+            .read_to_string(&mut text)
+            .map_err(|e| e.to_string())?;
+        Ok(text)
+    })();
+    Some(result)
+}
+
 pub fn timestamp(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -596,5 +645,46 @@ mod history_tests {
         assert_eq!(h.applied.get("ran"), Some(&PowerState::Running));
         assert_eq!(h.applied.get("failed-to-start"), Some(&PowerState::Stopped));
         assert_eq!(h.applied.get("never-made"), None);
+    }
+}
+
+#[cfg(test)]
+mod answer_file_tests {
+    use super::*;
+
+    #[test]
+    fn answer_files_are_read_only_when_plain_small_and_not_symlinks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = |name: &str| dir.path().join(name);
+        assert!(read_answer_file(&path("missing.answer")).is_none());
+
+        std::fs::write(path("good.answer"), "yes\n").expect("write");
+        assert_eq!(
+            read_answer_file(&path("good.answer")),
+            Some(Ok("yes\n".to_owned()))
+        );
+
+        std::fs::write(path("big.answer"), "y".repeat(1 << 20)).expect("write");
+        let why = read_answer_file(&path("big.answer")).expect("there").expect_err("too big");
+        assert!(why.contains("at most 4 KiB"), "{why}");
+
+        // A secret of the host, linked as an answer: never read through the link.
+        std::os::unix::fs::symlink("/etc/shadow", path("link.answer")).expect("symlink");
+        let why = read_answer_file(&path("link.answer")).expect("there").expect_err("symlink");
+        assert!(why.contains("symlink"), "{why}");
+
+        // /dev/zero would exhaust memory, a FIFO would block: neither is a regular file.
+        std::os::unix::fs::symlink("/dev/zero", path("zero.answer")).expect("symlink");
+        assert!(matches!(read_answer_file(&path("zero.answer")), Some(Err(_))));
+        let fifo = path("fifo.answer");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        let started = std::time::Instant::now();
+        let why = read_answer_file(&fifo).expect("there").expect_err("a FIFO");
+        assert!(why.contains("not a regular file"), "{why}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "did not block");
     }
 }

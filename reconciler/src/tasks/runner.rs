@@ -809,14 +809,34 @@ impl TaskBook {
                 )
             });
             let host_file = self.status.answer_path(&id);
-            let answer = committed.or_else(|| {
-                let text = std::fs::read_to_string(&host_file).ok()?;
-                Some((
-                    answer_from_file(&text).to_owned(),
-                    format!("host file {}", host_file.display()),
-                    Some(host_file.clone()),
-                ))
-            });
+            let answer = match committed {
+                Some(a) => Some(a),
+                None => match crate::status::read_answer_file(&host_file) {
+                    None => None,
+                    Some(Ok(text)) => Some((
+                        answer_from_file(&text).to_owned(),
+                        format!("host file {}", host_file.display()),
+                        Some(host_file.clone()),
+                    )),
+                    Some(Err(why)) => {
+                        let note = format!("host file {}: {why}", host_file.display());
+                        if !prompt.refused.contains(&note) {
+                            self.set_prompt(state, &id, |p| p.refused.push(note.clone()));
+                            self.event(
+                                &record,
+                                "hitl.answer_refused",
+                                format!("answer to {id} refused: {note}"),
+                            );
+                        }
+                        // Moved aside (the name, not what it points at), so it is read once.
+                        let _ = std::fs::rename(
+                            &host_file,
+                            host_file.with_extension("answer.refused"),
+                        );
+                        continue;
+                    }
+                },
+            };
             if let Some((response, by, file)) = answer {
                 if let Some(problem) = answer_problem_allowing(&response, prompt.allow_control) {
                     let note = format!("{by}: {problem}");
