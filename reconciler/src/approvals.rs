@@ -63,7 +63,7 @@ fn read(status: &StatusDir, id: &str) -> Option<ApprovalRecord> {
 }
 
 fn write(status: &StatusDir, record: &ApprovalRecord) -> std::io::Result<()> {
-    std::fs::create_dir_all(status.hitl_dir())?;
+    crate::fsguard::create_private_dirs(&status.hitl_dir())?;
     let text = serde_saphyr::to_string(record).expect("an approval record serialises");
     write_atomic(&path(status, &record.id), text.as_bytes())
 }

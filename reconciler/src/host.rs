@@ -2,7 +2,6 @@
 //! `spec::HostDocument`). Read only from a file nobody but its owner (root, or the user fleet
 //! runs as) can change, so a committer, a pull request or a local user cannot widen it.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::load::Diagnostic;
@@ -54,18 +53,7 @@ pub fn read(path: &Path) -> Result<HostSpec, HostError> {
             "not a regular file (a symlink or something else); point at the file itself".into(),
         ));
     }
-    check_owner_and_mode(path, &meta, false).map_err(untrusted)?;
-    let absolute = std::path::absolute(path).map_err(|source| HostError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    for dir in absolute.ancestors().skip(1) {
-        let meta = std::fs::metadata(dir).map_err(|source| HostError::Io {
-            path: dir.to_owned(),
-            source,
-        })?;
-        check_owner_and_mode(dir, &meta, true).map_err(untrusted)?;
-    }
+    crate::fsguard::check_owned_chain(path).map_err(untrusted)?;
     if meta.len() > MAX_BYTES {
         return Err(untrusted(format!(
             "larger than {} KiB; a host configuration is small",
@@ -77,32 +65,6 @@ pub fn read(path: &Path) -> Result<HostSpec, HostError> {
         source,
     })?;
     crate::load::load_host(&path.display().to_string(), &bytes).map_err(HostError::Invalid)
-}
-
-/// Owned by root or by the user fleet runs as, and writable by nobody else. A directory
-/// others may write is accepted only with the sticky bit (like `/tmp`), where they cannot
-/// replace what they do not own.
-fn check_owner_and_mode(path: &Path, meta: &std::fs::Metadata, dir: bool) -> Result<(), String> {
-    let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != 0 && meta.uid() != me {
-        return Err(format!(
-            "{} is owned by uid {}, neither root nor fleet's user (uid {me}); `chown root {}`",
-            path.display(),
-            meta.uid(),
-            path.display()
-        ));
-    }
-    let writable_by_others = meta.mode() & 0o022 != 0;
-    let sticky = meta.mode() & 0o1000 != 0;
-    if writable_by_others && !(dir && sticky) {
-        return Err(format!(
-            "{} (mode {:04o}) can be written by users other than its owner; `chmod go-w {}`",
-            path.display(),
-            meta.mode() & 0o7777,
-            path.display()
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod approvals;
 pub mod cli;
 pub mod daemon;
 pub mod driver;
+pub mod fsguard;
 pub mod hitl;
 pub mod host;
 pub mod http;

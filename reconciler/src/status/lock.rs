@@ -49,14 +49,21 @@ impl StatusLock {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(status_dir).map_err(io)?;
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io)?;
+        crate::fsguard::check_owned_chain(status_dir)
+            .map_err(|why| io(std::io::Error::other(format!("refusing it: {why}"))))?;
+        crate::fsguard::create_private_dirs(status_dir).map_err(io)?;
+        let mut file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(crate::fsguard::FILE_MODE)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(io)?
+        };
         let mut previous = String::new();
         let _ = file.read_to_string(&mut previous);
         let previous: Option<Holder> = serde_json::from_str(&previous).ok();

@@ -24,9 +24,12 @@ use crate::spec::PowerState;
 
 /// Writes `bytes` to `path` atomically: a temp file in the same directory, fsync, rename,
 /// fsync of the directory.
+/// The file is `fsguard::FILE_MODE` (0640) and a missing directory is made 0750: what fleet
+/// records is for fleet and the operators' group. Renaming over a symlink replaces the link,
+/// never what it points at.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    crate::fsguard::create_private_dirs(dir)?;
     let mut tmp = tempfile::Builder::new()
         .prefix(&temp_prefix(path))
         .tempfile_in(dir)?;
@@ -35,7 +38,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     {
         use std::os::unix::fs::PermissionsExt;
         tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+            .set_permissions(std::fs::Permissions::from_mode(crate::fsguard::FILE_MODE))?;
     }
     tmp.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()
@@ -104,7 +107,11 @@ pub fn read_answer_file(path: &Path) -> Option<Result<String, String>> {
     {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => return Some(Err(format!("cannot be read safely ({e}); a symlink is never followed"))),
+        Err(e) => {
+            return Some(Err(format!(
+                "cannot be read safely ({e}); a symlink is never followed"
+            )));
+        }
     };
     let result = (|| {
         let meta = file.metadata().map_err(|e| e.to_string())?;
@@ -306,8 +313,30 @@ impl StatusDir {
     }
 
     /// Creates the directory, with `.gitignore` files so status never lands in a commit.
+    /// Makes the status directory (0750) and checks that it can be trusted: it and every
+    /// directory above it belong to root or fleet's user and nobody else can write them.
+    /// Otherwise anyone who could would swap a file fleet writes for a link to a host file.
     pub fn ensure(&self) -> std::io::Result<()> {
-        std::fs::create_dir_all(self.root.join("vms"))?;
+        crate::fsguard::check_owned_chain(&self.root).map_err(|why| {
+            std::io::Error::other(format!(
+                "refusing the status directory {}: {why}",
+                self.root.display()
+            ))
+        })?;
+        crate::fsguard::create_private_dirs(&self.root.join("vms"))?;
+        // An older fleet made it world-readable: what the guests wrote is no one else's.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(meta) = std::fs::symlink_metadata(&self.root)
+                && meta.is_dir()
+                && meta.permissions().mode() & 0o007 != 0
+            {
+                std::fs::set_permissions(
+                    &self.root,
+                    std::fs::Permissions::from_mode(crate::fsguard::DIR_MODE),
+                )?;
+            }
+        }
         let ignore = self.root.join(".gitignore");
         if !ignore.exists() {
             write_atomic(&ignore, b"*\n")?;
@@ -326,9 +355,12 @@ impl StatusDir {
     pub fn append_event(&self, event: &Event) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(event).expect("Event is JSON");
         line.push(b'\n');
+        use std::os::unix::fs::OpenOptionsExt;
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(crate::fsguard::FILE_MODE)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(self.root.join("events.jsonl"))?;
         f.write_all(&line)?;
         f.sync_data()
@@ -374,7 +406,7 @@ impl StatusDir {
     /// its `updated` time) is left as it is.
     pub fn write_vms(&self, vms: &BTreeMap<String, VmStatus>) -> std::io::Result<()> {
         let dir = self.root.join("vms");
-        std::fs::create_dir_all(&dir)?;
+        crate::fsguard::create_private_dirs(&dir)?;
         let existing = self.read_vms();
         for vm in vms.values() {
             let unchanged = existing.get(&vm.name).is_some_and(|old| {
@@ -665,17 +697,24 @@ mod answer_file_tests {
         );
 
         std::fs::write(path("big.answer"), "y".repeat(1 << 20)).expect("write");
-        let why = read_answer_file(&path("big.answer")).expect("there").expect_err("too big");
+        let why = read_answer_file(&path("big.answer"))
+            .expect("there")
+            .expect_err("too big");
         assert!(why.contains("at most 4 KiB"), "{why}");
 
         // A secret of the host, linked as an answer: never read through the link.
         std::os::unix::fs::symlink("/etc/shadow", path("link.answer")).expect("symlink");
-        let why = read_answer_file(&path("link.answer")).expect("there").expect_err("symlink");
+        let why = read_answer_file(&path("link.answer"))
+            .expect("there")
+            .expect_err("symlink");
         assert!(why.contains("symlink"), "{why}");
 
         // /dev/zero would exhaust memory, a FIFO would block: neither is a regular file.
         std::os::unix::fs::symlink("/dev/zero", path("zero.answer")).expect("symlink");
-        assert!(matches!(read_answer_file(&path("zero.answer")), Some(Err(_))));
+        assert!(matches!(
+            read_answer_file(&path("zero.answer")),
+            Some(Err(_))
+        ));
         let fifo = path("fifo.answer");
         let made = std::process::Command::new("mkfifo")
             .arg(&fifo)
@@ -685,6 +724,70 @@ mod answer_file_tests {
         let started = std::time::Instant::now();
         let why = read_answer_file(&fifo).expect("there").expect_err("a FIFO");
         assert!(why.contains("not a regular file"), "{why}");
-        assert!(started.elapsed() < std::time::Duration::from_secs(1), "did not block");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "did not block"
+        );
+    }
+}
+
+#[cfg(test)]
+mod hygiene_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    #[test]
+    fn the_status_directory_is_private_and_never_writes_through_a_link() {
+        let top = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let status = StatusDir::new(top.path().join(".fleet/status"));
+        status.ensure().expect("a trusted place");
+        assert_eq!(mode(status.root()), 0o750);
+        assert_eq!(mode(&status.root().join("vms")), 0o750);
+        write_atomic(&status.root().join("summary.yaml"), b"x").expect("write");
+        assert_eq!(mode(&status.root().join("summary.yaml")), 0o640);
+
+        // A link where events.jsonl goes, to a file someone wants written: refused, the
+        // target untouched.
+        let target = top.path().join("victim");
+        std::fs::write(&target, b"before").expect("victim");
+        std::os::unix::fs::symlink(&target, status.root().join("events.jsonl")).expect("link");
+        let event = Event {
+            task: None,
+            time: "t".into(),
+            kind: "k".into(),
+            vm: None,
+            provider: None,
+            action: None,
+            revision: None,
+            message: "$(reboot)".into(),
+        };
+        assert!(status.append_event(&event).is_err());
+        // And where a task's output goes.
+        status.reset_task_files("t").expect("task files");
+        let output = status.task_output_path("t");
+        std::fs::remove_file(&output).expect("rm");
+        std::os::unix::fs::symlink(&target, &output).expect("link");
+        assert!(status.append_task_output("t", 0, b"guest bytes").is_err());
+        assert_eq!(std::fs::read(&target).expect("victim"), b"before");
+
+        // Under a directory anyone may write (and not sticky): refused, naming it.
+        let open = top.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let why = StatusDir::new(open.join("status"))
+            .ensure()
+            .expect_err("a directory others can write")
+            .to_string();
+        assert!(why.contains("chmod go-w"), "{why}");
     }
 }

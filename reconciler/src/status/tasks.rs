@@ -248,8 +248,16 @@ impl StatusDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        std::fs::create_dir_all(&dir)?;
-        std::fs::File::create(dir.join("output.log"))?.sync_all()
+        crate::fsguard::create_private_dirs(&dir)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(crate::fsguard::FILE_MODE)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(dir.join("output.log"))?
+            .sync_all()
     }
 
     /// Appends to the output log, starting at `at` (the length the record accounts for,
@@ -314,14 +322,18 @@ impl StatusDir {
 
 /// Writes `data` at `offset` (making the file and its directory if needed), after cutting
 /// the file to `cut_to` bytes when given, and syncs it.
+/// Never through a symlink: a guest's bytes must not land in a file a link points at.
 fn write_at(path: &Path, offset: u64, data: &[u8], cut_to: Option<u64>) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        crate::fsguard::create_private_dirs(dir)?;
     }
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
         .truncate(false)
+        .mode(crate::fsguard::FILE_MODE)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)?;
     if let Some(len) = cut_to
         && file.metadata()?.len() != len

@@ -829,10 +829,8 @@ impl TaskBook {
                             );
                         }
                         // Moved aside (the name, not what it points at), so it is read once.
-                        let _ = std::fs::rename(
-                            &host_file,
-                            host_file.with_extension("answer.refused"),
-                        );
+                        let _ =
+                            std::fs::rename(&host_file, host_file.with_extension("answer.refused"));
                         continue;
                     }
                 },
