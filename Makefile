@@ -81,9 +81,12 @@ install-example: image
 
 run: deps libvirtd build install-example
 	FLEET_HOST_CONFIG=$(HOST_CONFIG) $(TARGET_DIR)/release/fleet apply --auto-approve
-	@sleep 6
 	FLEET_HOST_CONFIG=$(HOST_CONFIG) $(TARGET_DIR)/release/fleet status
-	@for f in /var/lib/fleet/storage/example/*/console.log; do grep -h 'userspace reached' $$f || true; done
+	@# Each guest says so on its serial console once it reaches userspace (seconds under TCG).
+	@for i in $$(seq 1 60); do \
+	  n=$$(cat /var/lib/fleet/storage/example/*/console.log 2>/dev/null | grep -c 'userspace reached'); \
+	  [ "$$n" -ge 3 ] && break; sleep 1; \
+	done; grep -h 'userspace reached' /var/lib/fleet/storage/example/*/console.log || true
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -133,6 +133,14 @@ pub struct ServeArgs {
     /// Address of the read-only status page.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: std::net::SocketAddr,
+    /// A host name the page answers to besides its address (repeat); requests naming any
+    /// other host are refused.
+    #[arg(long = "allow-host", value_name = "NAME")]
+    pub allow_hosts: Vec<String>,
+    /// A file (mode 0600) with the bearer token the page requires; needed to listen beyond
+    /// loopback.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -245,6 +253,8 @@ pub fn run(cli: Cli) -> ExitCode {
                 crate::daemon::ServeOptions {
                     branch: args.branch.clone(),
                     listen: args.listen,
+                    allow_hosts: args.allow_hosts.clone(),
+                    token_file: args.token_file.clone(),
                 },
             )
             .await

@@ -35,6 +35,37 @@ pub struct ServeOptions {
     /// The branch to follow; default: the branch HEAD points to.
     pub branch: Option<String>,
     pub listen: SocketAddr,
+    /// Host names the page answers to besides its own address (and, on loopback,
+    /// `localhost`).
+    pub allow_hosts: Vec<String>,
+    /// A file (mode 0600) holding the bearer token the page requires; needed when it
+    /// listens beyond loopback.
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+/// The page's bearer token, if it has one. A page beyond loopback without one is refused:
+/// every task's output and prompt would be open to the network.
+fn page_token(options: &ServeOptions) -> Result<Option<secrecy::SecretString>> {
+    let Some(path) = &options.token_file else {
+        if !options.listen.ip().is_loopback() {
+            anyhow::bail!(
+                "the status page would listen on {} without a token: pass --token-file FILE (mode 0600), or listen on 127.0.0.1",
+                options.listen
+            );
+        }
+        return Ok(None);
+    };
+    crate::secrets::check_private_file(path).map_err(anyhow::Error::msg)?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the page token {}", path.display()))?;
+    let token = text.trim();
+    anyhow::ensure!(
+        token.len() >= 16,
+        "the page token in {} is shorter than 16 characters",
+        path.display()
+    );
+    crate::secrets::no_core_dumps();
+    Ok(Some(secrecy::SecretString::from(token.to_owned())))
 }
 
 /// Why the loop woke up. The reconcile does not care which: it converges from any state.
@@ -75,20 +106,25 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
     spawn_signal_handler(tx.clone())?;
 
     let metrics = Arc::new(Metrics::default());
-    let view = Arc::new(View::new(ws.status.clone(), metrics.clone()));
+    let token = page_token(&options)?;
+    crate::http::server::raise_open_file_limit();
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
         .with_context(|| format!("cannot listen on {}", options.listen))?;
     let local = listener.local_addr()?;
+    let access = crate::http::Access::for_listen(local, &options.allow_hosts, token);
+    let view = Arc::new(View::with_access(
+        ws.status.clone(),
+        metrics.clone(),
+        access,
+    ));
     eprintln!("fleet serve: following {branch}, status page on http://{local}/");
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        axum::serve(listener, crate::http::app(view.clone()))
-            .with_graceful_shutdown(async {
-                let _ = http_stopped.await;
-            })
-            .into_future(),
-    );
+    let server = tokio::spawn(crate::http::server::serve(
+        listener,
+        crate::http::app(view.clone()),
+        http_stopped,
+    ));
 
     let tasks = Arc::new(TaskBook::open(ws.status.clone(), ws.repo_root.clone()));
     let mut daemon = Daemon {

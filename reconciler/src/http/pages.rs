@@ -24,6 +24,19 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Nothing to show (a read that could not run).
+    pub fn empty() -> Snapshot {
+        Snapshot {
+            summary: None,
+            vms: BTreeMap::new(),
+            plan_text: None,
+            plan_json: None,
+            tasks: BTreeMap::new(),
+            prompts: BTreeMap::new(),
+            approvals: Vec::new(),
+        }
+    }
+
     pub fn read(status: &StatusDir) -> Snapshot {
         let root = status.root();
         Snapshot {

@@ -303,3 +303,81 @@ async fn the_overview_flags_a_provider_that_skips_tls_verification() {
         "{body}"
     );
 }
+
+async fn send_with(
+    view: &Arc<View>,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, axum::http::HeaderMap) {
+    let mut request = Request::builder().method("GET").uri(uri);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = app(view.clone())
+        .oneshot(request.body(Body::empty()).expect("request"))
+        .await
+        .expect("response");
+    (response.status(), response.headers().clone())
+}
+
+#[tokio::test]
+async fn only_its_own_host_names_and_with_a_token_its_holders_are_answered() {
+    let (_dir, plain) = view_with_status();
+    let listen: std::net::SocketAddr = "127.0.0.1:7070".parse().expect("addr");
+    let view = Arc::new(View::with_access(
+        plain.status.clone(),
+        plain.metrics.clone(),
+        Access::for_listen(listen, &["fleet.internal".to_owned()], None),
+    ));
+    for host in ["localhost:7070", "127.0.0.1:7070", "fleet.internal:7070"] {
+        let (code, headers) = send_with(&view, "/api/v1/status", &[("host", host)]).await;
+        assert_eq!(code, StatusCode::OK, "{host}");
+        assert_eq!(headers["x-frame-options"], "DENY");
+        assert!(
+            headers["content-security-policy"]
+                .to_str()
+                .expect("ascii")
+                .contains("default-src 'none'")
+        );
+    }
+    for host in [
+        "attacker.example",
+        "attacker.example:7070",
+        "localhost:7071",
+    ] {
+        let (code, _) = send_with(&view, "/api/v1/status", &[("host", host)]).await;
+        assert_eq!(code, StatusCode::MISDIRECTED_REQUEST, "{host}");
+    }
+
+    let token = "s3cret-token-for-the-page";
+    let guarded = Arc::new(View::with_access(
+        plain.status.clone(),
+        plain.metrics.clone(),
+        Access::for_listen(
+            "0.0.0.0:7070".parse().expect("addr"),
+            &[],
+            Some(secrecy::SecretString::from(token.to_owned())),
+        ),
+    ));
+    let host = ("host", "0.0.0.0:7070");
+    let (code, _) = send_with(&guarded, "/api/v1/status", &[host]).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    let wrong = format!("Bearer {token}x");
+    let (code, _) = send_with(
+        &guarded,
+        "/api/v1/status",
+        &[host, ("authorization", &wrong)],
+    )
+    .await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    let right = format!("Bearer {token}");
+    let (code, _) = send_with(
+        &guarded,
+        "/api/v1/status",
+        &[host, ("authorization", &right)],
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, _) = send_with(&guarded, "/healthz", &[host]).await;
+    assert_eq!(code, StatusCode::OK, "probes need no token");
+}

@@ -1,7 +1,7 @@
 //! The CLI on real git repositories. Planning uses libvirt's in-process `test:///default`
 //! driver, so no daemon is needed here (the real-libvirt story is in `libvirt.rs`).
 
-use crate::support::{Repo, host_yaml};
+use crate::support::{Repo, host_yaml, test_driver_provider};
 
 const FLEET_YAML: &str = "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: clitest}\nspec:\n  providers:\n    - {name: local, type: libvirt, domainType: qemu}\n  images:\n    - {name: micro, kernel: vmlinuz, initrd: initrd.img}\n";
 
@@ -13,10 +13,7 @@ fn vm_yaml(name: &str, memory: &str) -> String {
 
 fn repo_with_fleet() -> Repo {
     let repo = Repo::new();
-    repo.host_config(&host_yaml(
-        &["{name: local, type: libvirt, uri: 'test:///default'}".to_owned()],
-        "",
-    ));
+    repo.host_config(&host_yaml(&[test_driver_provider(&repo)], ""));
     repo.write("fleet/fleet.yaml", FLEET_YAML)
         .write("fleet/vms/a.yaml", vm_yaml("a", "256Mi"))
         .write("fleet/vms/b.yaml", vm_yaml("b", "256Mi"));

@@ -89,10 +89,20 @@ pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
+/// Sends `request` as it is; returns the response head and body.
+fn raw_request(port: u16, request: &str) -> (String, String) {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (head.to_owned(), body.to_owned())
+}
+
 /// A raw HTTP request (no client library needed): returns the status code and body.
 pub fn http(port: u16, method: &str, path: &str) -> (u16, String) {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    write!(stream, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").expect("send");
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: localhost:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").expect("send");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read");
     let code = response
@@ -284,7 +294,56 @@ fn the_daemon_applies_commits_heals_drift_and_stops_cleanly() {
         "{metrics}"
     );
 
-    // SIGTERM: exit 0, lock released, and no process of its left behind.
+    // DNS rebinding: a request naming a host the page does not serve is refused; every
+    // answer forbids scripts and framing.
+    let (code, _) = raw_request(
+        daemon.port,
+        "GET /api/v1/status HTTP/1.1\r\nHost: attacker.example\r\nConnection: close\r\n\r\n",
+    );
+    assert!(code.starts_with("HTTP/1.1 421"), "{code}");
+    let (head, _) = raw_request(
+        daemon.port,
+        &format!(
+            "GET / HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+            daemon.port
+        ),
+    );
+    let head = head.to_ascii_lowercase();
+    assert!(
+        head.contains("content-security-policy: default-src 'none'"),
+        "{head}"
+    );
+    assert!(head.contains("x-frame-options: deny"), "{head}");
+    assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+
+    // 500 clients that send half a header and wait: a normal request and a reconcile still
+    // go through, and SIGTERM below still ends the daemon within 5 s.
+    let hung: Vec<std::net::TcpStream> = (0..500)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", daemon.port)).expect("connect");
+            s.write_all(b"GET / HTTP/1.1\r\nHost: loc")
+                .expect("half a header");
+            s
+        })
+        .collect();
+    let asked = Instant::now();
+    assert_eq!(http(daemon.port, "GET", "/healthz").0, 200);
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
+    repo.git(&["commit", "-q", "--allow-empty", "-m", "during the flood"]);
+    let flood_rev = String::from_utf8(repo.git(&["rev-parse", "HEAD"]).stdout).expect("utf8");
+    let summary = repo.path().join(".fleet/status/summary.yaml");
+    wait_until(
+        "the commit made during the flood is applied",
+        Duration::from_secs(30),
+        || read(&summary).contains(flood_rev.trim()),
+    );
+
+    // SIGTERM: exit 0 within 5 s (the half-open clients still connected), lock released,
+    // and no process of its left behind.
     let mut daemon = daemon;
     let pid = daemon.child.id();
     // Children are listed per thread that spawned them.
@@ -309,15 +368,19 @@ fn the_daemon_applies_commits_heals_drift_and_stops_cleanly() {
         .status()
         .expect("kill");
     assert!(killed.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(5);
     let code = loop {
         if let Some(status) = daemon.child.try_wait().expect("wait") {
             break status.code();
         }
-        assert!(Instant::now() < deadline, "fleet serve did not stop");
+        assert!(
+            Instant::now() < deadline,
+            "fleet serve did not stop within 5 s of SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(code, Some(0));
+    drop(hung);
     for child in children {
         let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
         assert!(

@@ -30,6 +30,15 @@ pub fn host_yaml(providers: &[String], extra: &str) -> String {
     text
 }
 
+/// A libvirt provider `local` on libvirt's in-process test driver, storing under the
+/// repository (never the host's default storage root).
+pub fn test_driver_provider(repo: &Repo) -> String {
+    format!(
+        "{{name: local, type: libvirt, uri: 'test:///default', storageDir: '{}'}}",
+        repo.path().join(".fleet/storage").display()
+    )
+}
+
 /// The default libvirt provider of a test repository.
 pub fn local_provider(repo: &Path) -> String {
     format!(

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::support::{Repo, host_yaml, set_mode};
+use crate::support::{Repo, host_yaml, set_mode, test_driver_provider};
 
 const VM: &str =
     "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: a}\nspec: {provider: local, image: micro}\n";
@@ -18,10 +18,7 @@ fn fleet_yaml(provider: &str) -> String {
 /// A repository whose host configuration puts `local` on libvirt's in-process test driver.
 fn test_driver_repo() -> Repo {
     let repo = Repo::new();
-    repo.host_config(&host_yaml(
-        &["{name: local, type: libvirt, uri: 'test:///default'}".to_owned()],
-        "",
-    ));
+    repo.host_config(&host_yaml(&[test_driver_provider(&repo)], ""));
     repo
 }
 
@@ -142,7 +139,7 @@ fn image_files_never_leave_the_image_root() {
     std::os::unix::fs::symlink("/etc/hostname", images.join("vmlinuz")).expect("symlink");
     std::fs::write(images.join("initrd.img"), b"initrd").expect("initrd");
     repo.host_config(&host_yaml(
-        &["{name: local, type: libvirt, uri: 'test:///default'}".to_owned()],
+        &[test_driver_provider(&repo)],
         &format!("  imageRoot: '{}'\n", images.display()),
     ));
     repo.write(
