@@ -45,6 +45,9 @@ enum Transport {
     Relayed(RelayedLink),
 }
 
+/// How long one write to a guest's socket may block.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl AgentLink {
     pub fn connect(endpoint: &AgentEndpoint) -> Result<AgentLink, LinkError> {
         let transport = match endpoint {
@@ -53,6 +56,14 @@ impl AgentLink {
                     path: path.display().to_string(),
                     source,
                 })?;
+                // A guest that stops reading must not pin this link's thread forever: a
+                // write that cannot finish in time ends the link (it is opened again).
+                stream
+                    .set_write_timeout(Some(WRITE_TIMEOUT))
+                    .map_err(|source| LinkError::Connect {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
                 Transport::Socket(SocketLink {
                     reader: BufReader::new(stream),
                     partial: Vec::new(),
@@ -186,6 +197,10 @@ struct RelayedLink {
     /// Guest bytes received in all, and those not yet cut into lines.
     acked: u64,
     incoming: Vec<u8>,
+    /// Where the next line starts in `incoming`: lines are taken by moving it, and what was
+    /// read is dropped only once it is half the buffer, so taking lines costs linear time
+    /// however many short lines a reply holds.
+    read_from: usize,
     idle: Duration,
     next_exchange: Instant,
 }
@@ -203,6 +218,7 @@ impl RelayedLink {
             confirmed: 0,
             acked: 0,
             incoming: Vec::new(),
+            read_from: 0,
             idle: Duration::ZERO,
             next_exchange: Instant::now(),
         };
@@ -229,11 +245,20 @@ impl RelayedLink {
     fn next_line(&mut self, timeout: Duration) -> Result<Vec<u8>, LinkError> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(end) = self.incoming.iter().position(|&b| b == b'\n') {
-                let rest = self.incoming.split_off(end + 1);
-                return Ok(std::mem::replace(&mut self.incoming, rest));
+            if let Some(at) = self.incoming[self.read_from..]
+                .iter()
+                .position(|&b| b == b'\n')
+            {
+                let end = self.read_from + at + 1;
+                let line = self.incoming[self.read_from..end].to_vec();
+                self.read_from = end;
+                if self.read_from * 2 > self.incoming.len() {
+                    self.incoming.drain(..self.read_from);
+                    self.read_from = 0;
+                }
+                return Ok(line);
             }
-            if self.incoming.len() > fleet_agent_protocol::MAX_LINE_BYTES {
+            if self.incoming.len() - self.read_from > fleet_agent_protocol::MAX_LINE_BYTES {
                 return Err(too_long());
             }
             let now = Instant::now();

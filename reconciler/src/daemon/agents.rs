@@ -99,6 +99,35 @@ impl Drop for Agents {
     }
 }
 
+/// Boot id changes a guest may make in a minute before it counts as misbehaving.
+const BOOT_CHURN_PER_MINUTE: usize = 3;
+
+#[derive(Default)]
+struct Presence {
+    /// When the boot id changed, over the last minute.
+    boots: std::collections::VecDeque<Instant>,
+    warned: bool,
+}
+
+impl Presence {
+    /// Records a boot id change; true the first time they come too often.
+    fn boot_changed(&mut self) -> bool {
+        let now = Instant::now();
+        self.boots.push_back(now);
+        while self
+            .boots
+            .front()
+            .is_some_and(|at| now.duration_since(*at) > Duration::from_secs(60))
+        {
+            self.boots.pop_front();
+        }
+        let churning = self.boots.len() > BOOT_CHURN_PER_MINUTE;
+        let first = churning && !self.warned;
+        self.warned |= churning;
+        first
+    }
+}
+
 fn follow(
     vm: &str,
     driver: &dyn Driver,
@@ -107,16 +136,36 @@ fn follow(
     tx: &UnboundedSender<Trigger>,
     stop: &AtomicBool,
 ) {
+    // A guest decides when it says hello and with which boot id: one that changes it in
+    // every hello would keep fleet reconciling back to back. The daemon acts on presence
+    // triggers at most once per `AGENT_TRIGGER_GAP` (see `serve`), and a boot id that keeps
+    // changing is reported as misbehaviour.
+    let presence = std::cell::RefCell::new(Presence::default());
     let set = |new: Option<AgentStatus>| {
         let mut all = status.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = match &new {
-            Some(s) => all
-                .insert(vm.to_owned(), s.clone())
-                .is_none_or(|old| old.connected != s.connected || old.boot_id != s.boot_id),
-            None => all
-                .get_mut(vm)
-                .is_some_and(|s| std::mem::replace(&mut s.connected, false)),
+        let (changed, new_boot) = match &new {
+            Some(s) => {
+                let old = all.insert(vm.to_owned(), s.clone());
+                let new_boot = old.as_ref().is_some_and(|o| o.boot_id != s.boot_id);
+                let changed =
+                    old.is_none_or(|o| o.connected != s.connected || o.boot_id != s.boot_id);
+                (changed, new_boot)
+            }
+            None => (
+                all.get_mut(vm)
+                    .is_some_and(|s| std::mem::replace(&mut s.connected, false)),
+                false,
+            ),
         };
+        drop(all);
+        let mut presence = presence.borrow_mut();
+        if new_boot && presence.boot_changed() {
+            tracing::warn!(
+                vm,
+                "the guest changed its boot id {} times in a minute without fleet restarting it; treating it as misbehaving",
+                presence.boots.len()
+            );
+        }
         if changed {
             let _ = tx.send(Trigger::Agent);
         }

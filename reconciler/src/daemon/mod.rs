@@ -68,6 +68,30 @@ fn page_token(options: &ServeOptions) -> Result<Option<secrecy::SecretString>> {
     Ok(Some(secrecy::SecretString::from(token.to_owned())))
 }
 
+/// The least time between the end of a pass and one that only agents' presence starts.
+const AGENT_TRIGGER_GAP: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What woke the loop, drained from the trigger channel.
+#[derive(Default)]
+struct Woken {
+    shutdown: bool,
+    /// Woken by something other than an agent's presence.
+    by_other: bool,
+}
+
+impl Woken {
+    fn note(&mut self, trigger: Option<Trigger>) {
+        match trigger {
+            Some(Trigger::Shutdown) | None => self.shutdown = true,
+            Some(Trigger::Agent) => {}
+            Some(t) => {
+                tracing::debug!(?t, "woken");
+                self.by_other = true;
+            }
+        }
+    }
+}
+
 /// Why the loop woke up. The reconcile does not care which: it converges from any state.
 #[derive(Debug)]
 pub enum Trigger {
@@ -149,20 +173,28 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
     let mut shutdown = false;
     while !shutdown {
         daemon.reconcile().await;
+        let finished = Instant::now();
         let wake = daemon.next_wake();
         // Wait for a trigger or the next deadline, then drain what else is queued.
+        let mut woken = Woken::default();
         tokio::select! {
-            trigger = rx.recv() => match trigger {
-                Some(Trigger::Shutdown) | None => shutdown = true,
-                Some(t) => tracing::debug!(?t, "woken"),
-            },
-            () = tokio::time::sleep_until(wake.into()) => {}
+            trigger = rx.recv() => woken.note(trigger),
+            () = tokio::time::sleep_until(wake.into()) => woken.by_other = true,
         }
         while let Ok(t) = rx.try_recv() {
-            if matches!(t, Trigger::Shutdown) {
-                shutdown = true;
+            woken.note(Some(t));
+        }
+        // Presence (an agent saying hello) is the one trigger a guest controls: a pass it
+        // alone starts waits until AGENT_TRIGGER_GAP after the last one, so a guest that
+        // keeps changing its boot id cannot keep fleet reconciling back to back. A commit,
+        // a host event or a deadline is served at once (and by the same pass).
+        if !woken.shutdown && !woken.by_other && finished.elapsed() < AGENT_TRIGGER_GAP {
+            tokio::time::sleep(AGENT_TRIGGER_GAP - finished.elapsed()).await;
+            while let Ok(t) = rx.try_recv() {
+                woken.note(Some(t));
             }
         }
+        shutdown = woken.shutdown;
     }
     eprintln!("fleet serve: stopping");
     for driver in daemon.drivers.values() {

@@ -51,6 +51,9 @@ impl StatusLock {
         };
         crate::fsguard::check_owned_chain(status_dir)
             .map_err(|why| io(std::io::Error::other(format!("refusing it: {why}"))))?;
+        if let Some(parent) = status_dir.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
         crate::fsguard::create_private_dirs(status_dir).map_err(io)?;
         let mut file = {
             use std::os::unix::fs::OpenOptionsExt;

@@ -323,6 +323,11 @@ impl StatusDir {
                 self.root.display()
             ))
         })?;
+        // Directories above it are not fleet's records (the storage of VMs may live beside
+        // it): only the status directory itself is made private.
+        if let Some(parent) = self.root.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
         crate::fsguard::create_private_dirs(&self.root.join("vms"))?;
         // An older fleet made it world-readable: what the guests wrote is no one else's.
         {

@@ -442,6 +442,10 @@ impl TaskBook {
         };
         match message {
             GuestMessage::Output { seq, data, .. } => {
+                // A value a task prints is blanked before it is stored (a value split across
+                // two chunks is not recognised: the redactor is a net, not a guarantee).
+                let data = String::from_utf8(crate::secrets::redact::redact(data.as_bytes()))
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
                 let room = limits::OUTPUT_BYTES.saturating_sub(record.output_bytes);
                 if room < data.len() as u64 {
                     // Keep what fits (on a character boundary), then say it was cut.
@@ -517,13 +521,17 @@ impl TaskBook {
                     });
                     return;
                 }
-                let text = cut(&text, limits::PROMPT_TEXT_BYTES);
+                let redacted = |t: &str| {
+                    String::from_utf8_lossy(&crate::secrets::redact::redact(t.as_bytes()))
+                        .into_owned()
+                };
+                let text = cut(&redacted(&text), limits::PROMPT_TEXT_BYTES);
                 let screen: Vec<String> = screen
                     .iter()
                     .rev()
                     .take(limits::PROMPT_SCREEN_LINES)
                     .rev()
-                    .map(|l| cut(l, limits::PROMPT_LINE_BYTES))
+                    .map(|l| cut(&redacted(l), limits::PROMPT_LINE_BYTES))
                     .collect();
                 let n = record.prompts + 1;
                 let id = format!("{}-{}-{n}", record.name, record.run);

@@ -609,3 +609,33 @@ fn a_flooding_guest_is_bounded_on_the_host() {
             .all(|l| l.len() <= limits::PROMPT_LINE_BYTES)
     );
 }
+
+#[test]
+fn a_secret_value_a_task_prints_is_blanked_before_it_is_stored() {
+    let (_dir, book, mut conn, task) = started(Duration::from_secs(60), OnDeadline::Wait);
+    crate::secrets::redact::register(b"opened-secret-value-4711");
+    book.receive(
+        &mut conn,
+        vec![
+            GuestMessage::Output {
+                v: VERSION,
+                task: task.clone(),
+                seq: 1,
+                data: "token=opened-secret-value-4711\n".into(),
+            },
+            GuestMessage::Prompt {
+                v: VERSION,
+                task: task.clone(),
+                seq: 2,
+                text: "use opened-secret-value-4711? (y/n)".into(),
+                screen: vec!["opened-secret-value-4711".into()],
+            },
+        ],
+    );
+    let log = std::fs::read_to_string(book.status.task_output_path("ask")).expect("log");
+    assert_eq!(log, "token=[REDACTED]\n");
+    let prompts = book.prompts();
+    let prompt = prompts.values().next().expect("a prompt");
+    assert!(!prompt.text.contains("4711"), "{}", prompt.text);
+    assert!(!prompt.context.concat().contains("4711"));
+}

@@ -15,6 +15,8 @@ use crate::driver::{DriverError, ErrorKind};
 
 /// How long one HTTP request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest API answer read (a cluster of thousands of VMs lists in a few MiB).
+const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
 /// A Proxmox VE API endpoint with its credentials.
 pub struct PveClient {
@@ -165,16 +167,31 @@ impl PveClient {
                 DriverError::new(ErrorKind::Transient, format!("{what}: {}", error_chain(&e)))
             })?;
             let status = response.status();
-            let body = response.bytes().await.map_err(|e| {
+            // Read by chunks and capped: a guest with a replaced qemu-guest-agent decides
+            // how much `exec-status` returns, and nothing is kept past `MAX_BODY_BYTES`.
+            let mut response = response;
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(|e| {
                 DriverError::new(
                     ErrorKind::Transient,
                     format!("{what}: reading the answer: {e}"),
                 )
-            })?;
+            })? {
+                if body.len() + chunk.len() > MAX_BODY_BYTES {
+                    return Err(DriverError::new(
+                        ErrorKind::Permanent,
+                        format!(
+                            "{what}: the answer is larger than {} MiB; refused",
+                            MAX_BODY_BYTES / (1024 * 1024)
+                        ),
+                    ));
+                }
+                body.extend_from_slice(&chunk);
+            }
             Ok::<_, DriverError>((status, body))
         })?;
         if !status.is_success() {
-            return Err(api_error(&what, status.as_u16(), &body));
+            return Err(api_error(&what, status.as_u16(), &body[..]));
         }
         #[derive(serde::Deserialize)]
         struct Envelope<T> {
