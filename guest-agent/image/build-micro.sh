@@ -28,12 +28,15 @@ root="$work/root"
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,run,tmp,etc,lib/modules,usr/bin,usr/sbin,var/log}
 cp "$busybox" "$root/bin/busybox"
 for applet in sh mount umount mkdir cat echo sleep poweroff reboot insmod ls ln uname acpid findfs \
-              hostname ip ifconfig ps kill date head tail grep sed tr cut mknod seq dmesg sync; do
+              hostname ip ifconfig ps kill date head tail grep sed tr cut mknod seq dmesg sync \
+              udhcpc nc timeout printf wc; do
   ln -sf busybox "$root/bin/$applet"
 done
 
 # virtio modules in dependency order (the cloud kernel builds them as modules).
-modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console virtio_blk cdrom isofs evdev button"
+# failover, net_failover and virtio_net give VMs with `network: full` their NIC (isolated
+# VMs have none, and the module finds nothing).
+modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net virtio_console virtio_blk cdrom isofs evdev button"
 for m in $modules; do
   src=$(modinfo -k "$kver" -n "$m")
   case "$src" in
@@ -50,6 +53,7 @@ if [ -x "${FLEET_AGENT_BIN:-}" ]; then
 fi
 
 install -m 0755 "$here/init" "$root/init"
+install -m 0755 "$here/udhcpc.sh" "$root/etc/udhcpc.sh"
 # busybox acpid runs /etc/acpi/PWRF/00000080 when the ACPI power button is pressed, which is
 # how libvirt asks for a graceful shutdown.
 mkdir -p "$root/etc/acpi/PWRF"

@@ -512,6 +512,31 @@ pub struct LibvirtProvider {
     /// default `/var/lib/fleet/storage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_dir: Option<HostPath>,
+    /// The libvirt network VMs with `network: full` join: NAT to the outside, and a
+    /// firewall table that drops everything they send to this host but DHCP (and DNS to
+    /// the network's own dnsmasq). Default: `fleet-full` on bridge `virbr-fleet`,
+    /// 192.168.150.1/24.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_network: Option<FullNetwork>,
+}
+
+/// A NAT network for `network: full` VMs, guarded so they cannot reach the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FullNetwork {
+    /// The libvirt network's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"))]
+    pub name: Option<String>,
+    /// Its bridge (at most 15 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[A-Za-z][A-Za-z0-9_.-]{0,14}$"))]
+    pub bridge: Option<String>,
+    /// The host's address on it with the prefix length, for example `192.168.150.1/24`:
+    /// guests get addresses from the rest of that subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^([0-9]{1,3}\\.){3}[0-9]{1,3}/(1[6-9]|2[0-9])$"))]
+    pub address: Option<String>,
 }
 
 /// `kind: Host` — `/etc/fleet/host.yaml` (or `--host-config`, `FLEET_HOST_CONFIG`): what the

@@ -479,6 +479,7 @@ fn bench_libvirt_observe(vms: usize) -> anyhow::Result<()> {
         storage_dir: Some(fleet::spec::HostPath(
             storage.to_string_lossy().into_owned(),
         )),
+        full_network: None,
     };
     let driver = Arc::new(LibvirtDriver::new(
         "bench",

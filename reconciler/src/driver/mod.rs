@@ -43,6 +43,20 @@ impl DriverError {
     }
 }
 
+/// A host program to run for a driver (qemu-img, genisoimage, nft), with an environment of
+/// its own: nothing of fleet's (a token in a variable, say) reaches it.
+pub fn host_command(program: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(program);
+    command
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("LC_ALL", "C");
+    command
+}
+
 /// Defence in depth: every name a driver acts on is a DNS label, whatever handed it over.
 pub fn check_name(name: &str) -> Result<(), DriverError> {
     static NAME: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {

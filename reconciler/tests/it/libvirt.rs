@@ -166,6 +166,7 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
             storage_dir: Some(fleet::spec::HostPath(
                 repo.path().join(".fleet/storage").display().to_string(),
             )),
+            full_network: None,
         },
         fleet::spec::DomainType::Qemu,
         micro_image().0.parent().expect("image dir"),

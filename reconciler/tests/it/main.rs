@@ -7,6 +7,7 @@ mod daemon;
 mod fuzz;
 mod libvirt;
 mod load_corpus;
+mod netguard;
 mod proxmox;
 mod proxmox_guest;
 mod pve;

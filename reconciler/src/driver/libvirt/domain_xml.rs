@@ -24,6 +24,20 @@ pub struct VmFiles<'a> {
     pub initrd: Option<&'a Path>,
     /// The NoCloud seed (an ISO labelled cidata), attached read-only.
     pub seed_iso: Option<&'a Path>,
+    /// The libvirt network `network: full` VMs join (see `full_network`).
+    pub full_network: &'a str,
+}
+
+/// Whether a definition joins the libvirt network `name` (a `network: full` VM).
+pub fn joins_network(xml: &str, name: &str) -> bool {
+    roxmltree::Document::parse(xml).is_ok_and(|doc| {
+        doc.descendants().any(|n| {
+            n.has_tag_name("interface")
+                && n.attribute("type") == Some("network")
+                && n.children()
+                    .any(|c| c.has_tag_name("source") && c.attribute("network") == Some(name))
+        })
+    })
 }
 
 /// The stamp as the element libvirt stores (without the namespace declaration, which
@@ -108,8 +122,13 @@ pub fn render(vm: &DesiredVm, uuid: &uuid::Uuid, stamp: &Stamp, files: &VmFiles<
     }
     match c.network {
         NetworkMode::Isolated | NetworkMode::Allowlist => {}
+        // Never QEMU's user networking: its gateway is the host's loopback.
         NetworkMode::Full => {
-            x.push_str("    <interface type='user'><model type='virtio'/></interface>\n")
+            let _ = writeln!(
+                x,
+                "    <interface type='network'><source network='{}'/><model type='virtio'/></interface>",
+                escape(files.full_network)
+            );
         }
     }
     let _ = writeln!(
@@ -254,6 +273,7 @@ mod tests {
             kernel: Some(Path::new("/img/vmlinuz")),
             initrd: Some(Path::new("/img/initrd.img")),
             seed_iso: Some(Path::new("/s/vm-1/seed.iso")),
+            full_network: "fleet-full",
         };
         let uuid = uuid::Uuid::nil();
         let xml = render(&vm, &uuid, &stamp, &files);

@@ -8,6 +8,7 @@
 //! Image files resolve only under the host's image root, backing chains included.
 
 pub mod domain_xml;
+pub mod full_network;
 pub mod reach;
 
 use std::collections::HashMap;
@@ -60,6 +61,8 @@ pub struct LibvirtDriver {
     /// `<storageDir>/<fleet>`: each VM's directory is made in it.
     storage_dir: PathBuf,
     domain_type: crate::spec::DomainType,
+    /// The guarded network of `network: full` VMs (or why the host configuration's is wrong).
+    full_network: Result<full_network::GuardedNetwork, String>,
     /// Who QEMU runs as (read once from the host's capabilities; `None` inside: no DAC).
     qemu_user: std::sync::OnceLock<Option<reach::QemuUser>>,
     conn: Mutex<Option<Connect>>,
@@ -130,6 +133,7 @@ impl LibvirtDriver {
             image_root: image_root.to_owned(),
             storage_dir: Path::new(storage_root).join(fleet),
             domain_type,
+            full_network: full_network::GuardedNetwork::from_spec(provider.full_network.as_ref()),
             qemu_user: std::sync::OnceLock::new(),
             conn: Mutex::new(None),
             calls: AtomicU64::new(0),
@@ -320,10 +324,9 @@ impl LibvirtDriver {
                 ),
             )
         };
-        let output = std::process::Command::new("qemu-img")
+        let output = super::host_command("qemu-img")
             .args(["info", "-U", "--backing-chain", "--output=json"])
             .arg(base)
-            .env_clear()
             .output()
             .map_err(|e| refuse(format!("run qemu-img: {e} (install qemu-utils)")))?;
         if !output.status.success() {
@@ -440,12 +443,20 @@ impl LibvirtDriver {
             .disk
             .as_ref()
             .map(|_| dir.join("disk.qcow2"));
+        let full_network = match (&self.full_network, vm.config.network) {
+            (Ok(n), _) => n.name.as_str(),
+            (Err(why), crate::spec::NetworkMode::Full) => {
+                return Err(DriverError::new(ErrorKind::Permanent, why.clone()));
+            }
+            (Err(_), _) => full_network::DEFAULT_NAME,
+        };
         let files = domain_xml::VmFiles {
             console_log: &console_log,
             disk_overlay: overlay.as_deref(),
             kernel: kernel.as_deref(),
             initrd: initrd.as_deref(),
             seed_iso: Some(&seed_iso),
+            full_network,
         };
         Ok(domain_xml::render(
             vm,
@@ -533,12 +544,11 @@ impl LibvirtDriver {
             // No domain uses it (create runs only when none exists): a leftover from an
             // interrupted create is replaced.
             let _ = std::fs::remove_file(&overlay);
-            let output = std::process::Command::new("qemu-img")
+            let output = super::host_command("qemu-img")
                 .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
                 .arg(&base)
                 .arg(&overlay)
                 .arg(format!("{size_mib}M"))
-                .env_clear()
                 .output()
                 .map_err(|e| {
                     DriverError::new(
@@ -583,12 +593,11 @@ impl LibvirtDriver {
             std::fs::write(staging.path().join(name), text).map_err(|e| fail(name, &e))?;
         }
         let iso = staging.path().join("seed.iso");
-        let output = std::process::Command::new("genisoimage")
+        let output = super::host_command("genisoimage")
             .args(["-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"])
             .arg(&iso)
             .args(["user-data", "meta-data", "network-config"])
             .current_dir(staging.path())
-            .env_clear()
             .output()
             .map_err(|e| fail("run genisoimage (install genisoimage)", &e))?;
         if !output.status.success() {
@@ -676,7 +685,39 @@ impl LibvirtDriver {
         if self.is_active(dom, name)? {
             return Ok(());
         }
+        // A `network: full` VM starts only once its network and the host's guard are up.
+        if let Ok(network) = &self.full_network {
+            let xml = self.on_domain(&format!("read {name}"), || {
+                dom.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+            })?;
+            if domain_xml::joins_network(&xml, &network.name) {
+                self.ensure_full_network(network)?;
+            }
+        }
         self.on_domain(&format!("start {name}"), || dom.create().map(|_| ()))
+    }
+
+    /// The guard and the network, on this machine only: the firewall that keeps guests off
+    /// the host must be the libvirt host's own, and fleet can set it only where it runs.
+    fn ensure_full_network(
+        &self,
+        network: &full_network::GuardedNetwork,
+    ) -> Result<(), DriverError> {
+        let local = self.uri.starts_with("qemu:///") || self.uri.starts_with("test:///");
+        if !local {
+            return Err(DriverError::new(
+                ErrorKind::Permanent,
+                format!(
+                    "network: full on {} ({}) needs fleet to run on that host, to guard it from the guests; use isolated there",
+                    self.provider, self.uri
+                ),
+            ));
+        }
+        if self.uri.starts_with("test:///") {
+            return Ok(()); // libvirt's test driver runs no guest.
+        }
+        let conn = self.connection()?;
+        network.ensure(&conn)
     }
 
     /// ACPI shutdown, repeated every 2 s (a guest still booting misses the first press),
