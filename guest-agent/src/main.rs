@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fleet_agent_protocol::{GuestMessage, HostMessage, PORT_NAME, SECRETS_DIR, VERSION};
 
 mod files;
+mod isolate;
 mod prompt;
 mod relay;
 mod secrets;
@@ -31,6 +32,12 @@ fn main() {
         return;
     }
     let mode = std::env::args().nth(1);
+    if mode.as_deref() == Some("launch") {
+        // The first moments of an isolated task (see `isolate`): returns only on failure.
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        eprintln!("fleet-agent launch: {}", isolate::launch(&args));
+        std::process::exit(126);
+    }
     if mode.as_deref() == Some("exchange") {
         // One relayed exchange, run by the hypervisor's guest agent: stdin to the relay,
         // its answer to stdout.
@@ -44,9 +51,19 @@ fn main() {
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
     // Tasks keep running while the link is down and the port is reopened.
-    let tasks = Arc::new(task::Tasks::with_state_dir(PathBuf::from(
-        "/run/fleet-agent",
-    )));
+    let mut tasks = task::Tasks::with_state_dir(PathBuf::from("/run/fleet-agent"));
+    if isolate::enabled() {
+        match std::env::current_exe() {
+            Ok(agent) => {
+                tasks = tasks.isolated(task::Isolation {
+                    agent,
+                    store: PathBuf::from(SECRETS_DIR),
+                });
+            }
+            Err(e) => eprintln!("fleet-agent: tasks run as the agent's user: {e}"),
+        }
+    }
+    let tasks = Arc::new(tasks);
     let secrets = Arc::new(secrets::Store::new(PathBuf::from(SECRETS_DIR), true));
     match mode.as_deref() {
         None => {}
@@ -208,6 +225,7 @@ fn serve_link(
                             artifacts,
                             prompt_patterns,
                             secret_env,
+                            secret_files,
                             boot_id: for_boot,
                             ..
                         }) => {
@@ -236,6 +254,7 @@ fn serve_link(
                                 timeout: timeout_secs.map(Duration::from_secs),
                                 artifacts,
                                 prompt_patterns,
+                                secret_files,
                             };
                             tasks.start(spec);
                         }

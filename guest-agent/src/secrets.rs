@@ -120,7 +120,7 @@ fn is_mount_point(dir: &Path) -> bool {
 }
 
 /// A relative path with plain components only.
-fn safe_relative(path: &str) -> Result<PathBuf, String> {
+pub(crate) fn safe_relative(path: &str) -> Result<PathBuf, String> {
     let p = Path::new(path);
     let plain = !path.is_empty()
         && p.components().all(|c| matches!(c, Component::Normal(_)))

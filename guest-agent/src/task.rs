@@ -47,6 +47,8 @@ pub struct RunSpec {
     pub prompt_patterns: Vec<String>,
     /// Why the task cannot start (a secret it needs is missing); it then exits at once.
     pub start_error: Option<String>,
+    /// The secret files (relative to the store) this run may read.
+    pub secret_files: Vec<String>,
 }
 
 /// Output must pause this long before the screen is scored for a prompt.
@@ -73,6 +75,8 @@ struct TaskState {
     outbox_bytes: usize,
     /// Prompts whose answer has been typed.
     answered: HashSet<String>,
+    /// The user an isolated run runs as, while it runs.
+    uid: Option<u32>,
 }
 
 impl TaskState {
@@ -83,8 +87,17 @@ impl TaskState {
             outbox: VecDeque::new(),
             outbox_bytes: 0,
             answered: HashSet::new(),
+            uid: None,
         }
     }
+}
+
+/// How tasks are isolated from each other: the agent's own executable (which `launch`es
+/// each run as its own user) and the secret store runs get their files from.
+#[derive(Clone, Debug)]
+pub struct Isolation {
+    pub agent: PathBuf,
+    pub store: PathBuf,
 }
 
 /// The task's screen and whether it changed since it was last scored.
@@ -102,6 +115,8 @@ pub struct Tasks {
     sink: Mutex<Option<Sink>>,
     /// Where markers of started tasks are kept (none in unit tests).
     state_dir: Option<PathBuf>,
+    /// Set when the agent runs as root: each run as its own user (see `isolate`).
+    isolation: Option<Isolation>,
 }
 
 impl Tasks {
@@ -109,6 +124,14 @@ impl Tasks {
         Tasks {
             state_dir: Some(dir),
             ..Tasks::default()
+        }
+    }
+
+    /// Runs each task as a user of its own, seeing only its secret files.
+    pub fn isolated(self, isolation: Isolation) -> Tasks {
+        Tasks {
+            isolation: Some(isolation),
+            ..self
         }
     }
 
@@ -189,10 +212,39 @@ impl Tasks {
             Ok(pty) => pty,
             Err(e) => return failed(format!("cannot open a terminal: {e}")),
         };
-        let mut command = CommandBuilder::new(program);
-        command.args(args);
+        let isolated = match &self.isolation {
+            None => None,
+            Some(iso) => {
+                let taken: Vec<u32> = self.lock().values().filter_map(|s| s.uid).collect();
+                let uid = crate::isolate::pick_uid(&spec.task, &taken);
+                match crate::isolate::Run::prepare(
+                    &spec.task,
+                    uid,
+                    &iso.store,
+                    &spec.secret_files,
+                    spec.cwd.as_deref().map(Path::new),
+                ) {
+                    Ok(run) => Some((iso.agent.clone(), run)),
+                    Err(e) => return failed(format!("cannot give the run a user of its own: {e}")),
+                }
+            }
+        };
+        let argv: Vec<String> = match &isolated {
+            Some((agent, run)) => run.wrap(agent, &spec.argv),
+            None => std::iter::once(program.clone())
+                .chain(args.iter().cloned())
+                .collect(),
+        };
+        let mut command = CommandBuilder::new(&argv[0]);
+        command.args(&argv[1..]);
         for (k, v) in &spec.env {
             command.env(k, v);
+        }
+        if let (Some((_, run)), Some(cwd)) = (&isolated, &spec.cwd) {
+            command.env("HOME", cwd);
+            if let Some(state) = self.lock().get_mut(&spec.task) {
+                state.uid = Some(run.uid);
+            }
         }
         if let Some(cwd) = &spec.cwd {
             command.cwd(cwd);
@@ -386,6 +438,9 @@ impl Tasks {
     fn finished(&self, task: &str) {
         let mut all = self.lock();
         if let Some(state) = all.get_mut(task) {
+            if state.uid.take().is_some() {
+                crate::isolate::Run::cleanup(task);
+            }
             state.handle = None;
             if state.outbox.is_empty() {
                 all.remove(task);
@@ -627,6 +682,7 @@ mod tests {
 
     fn spec(argv: &[&str], timeout: Option<Duration>) -> RunSpec {
         RunSpec {
+            secret_files: Vec::new(),
             task: "t".into(),
             argv: argv.iter().map(|a| (*a).to_owned()).collect(),
             env: [("GREETING".to_owned(), "hi".to_owned())].into(),

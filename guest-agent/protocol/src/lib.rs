@@ -179,6 +179,11 @@ pub enum HostMessage {
         /// variable and a path relative to `SECRETS_DIR`. Values never travel in `RunTask`.
         #[serde(default)]
         secret_env: std::collections::BTreeMap<String, String>,
+        /// The secret files (relative to `SECRETS_DIR`) this run may read: its own and its
+        /// VM's loadout's. An agent running as root runs each task as a user of its own and
+        /// shows it only these, at the same paths.
+        #[serde(default)]
+        secret_files: Vec<String>,
     },
     /// Type into a task's terminal. With `prompt`, the answer to that prompt: delivered at
     /// most once however often the host sends it.

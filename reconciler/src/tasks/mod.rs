@@ -111,6 +111,17 @@ fn secret_path(r: &SecretRef) -> String {
     }
 }
 
+/// The file targets of the VM's loadout references: every run of the VM may read them.
+fn vm_secret_files(state: &BookState, vm: &str) -> Vec<String> {
+    state
+        .vm_secrets
+        .get(vm)
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.file.clone())
+        .collect()
+}
+
 /// The VM's set: its loadout's references and those of the tasks that target it, each value
 /// the vault could open (the others hold their tasks back).
 fn secret_set<'a>(state: &'a BookState, vm: &str) -> SecretSet<'a> {

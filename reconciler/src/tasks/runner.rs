@@ -85,7 +85,18 @@ impl Connection {
     }
 }
 
-fn run_task(task: &DesiredTask, guest_task: &str, boot_id: &str) -> HostMessage {
+/// `vm_files`: the file targets of the VM's loadout references, which every run of the VM
+/// may read beside its own.
+fn run_task(
+    task: &DesiredTask,
+    guest_task: &str,
+    boot_id: &str,
+    vm_files: &[String],
+) -> HostMessage {
+    let mut secret_files: Vec<String> = vm_files.to_vec();
+    secret_files.extend(task.secrets.iter().filter_map(|r| r.file.clone()));
+    secret_files.sort();
+    secret_files.dedup();
     let mut env = task.env.clone();
     env.entry("TERM".into())
         .or_insert_with(|| "xterm-256color".into());
@@ -106,6 +117,7 @@ fn run_task(task: &DesiredTask, guest_task: &str, boot_id: &str) -> HostMessage 
             .iter()
             .filter_map(|r| Some((r.env.clone()?, super::secret_path(r))))
             .collect(),
+        secret_files,
     }
 }
 
@@ -173,7 +185,12 @@ impl TaskBook {
                 }
                 conn.attached.insert(name.clone());
                 match state.desired.get(name).filter(|_| current) {
-                    Some(task) => out.push(run_task(task, &record.guest_task(), &boot)),
+                    Some(task) => out.push(run_task(
+                        task,
+                        &record.guest_task(),
+                        &boot,
+                        &super::vm_secret_files(state, &conn.vm),
+                    )),
                     None => {
                         conn.cancel_sent.insert(record.guest_task());
                         out.push(HostMessage::Cancel {
@@ -283,7 +300,12 @@ impl TaskBook {
         });
         conn.attached.insert(name.to_owned());
         if let Some(record) = state.records.get(name) {
-            out.push(run_task(&task, &record.guest_task(), boot));
+            out.push(run_task(
+                &task,
+                &record.guest_task(),
+                boot,
+                &super::vm_secret_files(state, &conn.vm),
+            ));
             self.event(
                 record,
                 "task.started",

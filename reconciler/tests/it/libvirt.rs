@@ -213,6 +213,7 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
             artifacts: Vec::new(),
             prompt_patterns: Vec::new(),
             secret_env: Default::default(),
+            secret_files: Vec::new(),
         })
         .expect("send");
         let mut output = String::new();

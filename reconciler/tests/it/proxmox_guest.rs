@@ -107,7 +107,7 @@ fn tasks_prompts_and_secrets_reach_a_proxmox_vm_through_its_guest_agent() {
         task_yaml(
             "count",
             "box",
-            "  command: [sh, -c, 'echo start >> /run/starts; echo starts=$(wc -l < /run/starts); for i in $(seq 1 12); do echo line-$i; sleep 0.5; done']\n",
+            "  command: [sh, -c, 'echo start >> $HOME/starts; echo starts=$(wc -l < $HOME/starts); for i in $(seq 1 12); do echo line-$i; sleep 0.5; done']\n",
         ),
     );
     f.repo

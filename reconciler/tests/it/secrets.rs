@@ -279,7 +279,13 @@ fn a_canary_secret_reaches_the_task_and_nothing_else() {
     repo.write("fleet/tasks/uses.yaml", task_yaml("uses", &vm, uses));
     repo.write(
         "fleet/tasks/plain.yaml",
-        task_yaml("plain", &vm, "  command: [sh, -c, 'echo plain-ok']\n"),
+        // Another task of the same VM: its own user, and of the VM's secret files it sees
+        // the loadout's only, never the other task's.
+        task_yaml(
+            "plain",
+            &vm,
+            "  command: [sh, -c, 'echo plain-ok; echo \"sees: $(ls -R /run/fleet/secrets | tr \"\\n\" \" \")\"; grep ^Uid: /proc/self/status']\n",
+        ),
     );
     repo.write(
         "fleet/tasks/needs-broken.yaml",
@@ -303,7 +309,20 @@ fn a_canary_secret_reaches_the_task_and_nothing_else() {
     assert!(output.contains(&format!("file={expected}")), "{output}");
     assert!(output.contains(&format!("loadout={expected}")), "{output}");
     assert!(output.contains("-r-------- "), "mode 0400: {output}");
-    assert!(output.contains("tmpfs=1"), "on its own tmpfs: {output}");
+    assert!(!output.contains("tmpfs=0"), "on a tmpfs: {output}");
+    let plain = status.output("plain");
+    assert!(
+        plain.contains("sees: ") && plain.contains("loadout"),
+        "{plain}"
+    );
+    assert!(
+        !plain.contains("git"),
+        "another task's secret file is not in its view: {plain}"
+    );
+    assert!(
+        !plain.contains("Uid:\t0\t"),
+        "tasks do not run as root: {plain}"
+    );
 
     // The task that needs the tampered value waits and says why; the rest went on.
     let held = status.task("needs-broken");

@@ -149,7 +149,7 @@ fn tasks_run_ask_for_answers_and_survive_a_restart_of_fleet() {
         task_yaml(
             "count",
             &vm,
-            "  command: [sh, -c, 'echo start >> /run/starts; echo starts=$(wc -l < /run/starts); for i in $(seq 1 16); do echo line-$i; sleep 0.5; done']\n",
+            "  command: [sh, -c, 'echo start >> $HOME/starts; echo starts=$(wc -l < $HOME/starts); for i in $(seq 1 16); do echo line-$i; sleep 0.5; done']\n",
         ),
     );
     repo.commit("a VM and its tasks");
