@@ -32,6 +32,69 @@ pub fn enabled() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// User ids in the task range that some process still has (a run's leftovers, which
+/// `reap` should have ended): never given to a new run.
+pub fn busy_uids() -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut uids: Vec<u32> = procs
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().next())
+                .and_then(|uid| uid.parse().ok())
+        })
+        .filter(|uid| (FIRST_UID..FIRST_UID + UIDS).contains(uid))
+        .collect();
+    uids.sort_unstable();
+    uids.dedup();
+    uids
+}
+
+/// Ends every process left with the run's user id: a task's background children outlive
+/// its exit otherwise, and could wait for the next run given that id. Runs `fleet-agent
+/// reap UID`, which takes the id and signals all of its processes.
+pub fn reap(agent: &Path, uid: u32) {
+    let _ = std::process::Command::new(agent)
+        .args(["reap", &uid.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+/// `fleet-agent reap UID`: becomes UID and sends SIGKILL to every process of it (but
+/// itself). Returns only on failure.
+pub fn reap_as(args: &[String]) -> Result<(), String> {
+    let [uid] = args else {
+        return Err("usage: fleet-agent reap UID".into());
+    };
+    let uid: u32 = uid
+        .parse()
+        .map_err(|_| format!("{uid:?} is not a user id"))?;
+    if !(FIRST_UID..FIRST_UID + UIDS).contains(&uid) {
+        return Err(format!("{uid} is not a task user id"));
+    }
+    nix::unistd::setgroups(&[])
+        .and_then(|()| nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)))
+        .and_then(|()| nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)))
+        .map_err(|e| format!("cannot become user {uid}: {e}"))?;
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::SIGKILL) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(e) => Err(format!("kill: {e}")),
+    }
+}
+
 /// A user id for `task` that no live run holds: from a hash of the name, then the next free.
 pub fn pick_uid(task: &str, taken: &[u32]) -> u32 {
     let hash = task.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {

@@ -38,6 +38,14 @@ fn main() {
         eprintln!("fleet-agent launch: {}", isolate::launch(&args));
         std::process::exit(126);
     }
+    if mode.as_deref() == Some("reap") {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        if let Err(e) = isolate::reap_as(&args) {
+            eprintln!("fleet-agent reap: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if mode.as_deref() == Some("exchange") {
         // One relayed exchange, run by the hypervisor's guest agent: stdin to the relay,
         // its answer to stdout.

@@ -215,7 +215,8 @@ impl Tasks {
         let isolated = match &self.isolation {
             None => None,
             Some(iso) => {
-                let taken: Vec<u32> = self.lock().values().filter_map(|s| s.uid).collect();
+                let mut taken: Vec<u32> = self.lock().values().filter_map(|s| s.uid).collect();
+                taken.extend(crate::isolate::busy_uids());
                 let uid = crate::isolate::pick_uid(&spec.task, &taken);
                 match crate::isolate::Run::prepare(
                     &spec.task,
@@ -436,15 +437,24 @@ impl Tasks {
 
     /// The task has ended: it is forgotten once its last message is acknowledged.
     fn finished(&self, task: &str) {
-        let mut all = self.lock();
-        if let Some(state) = all.get_mut(task) {
-            if state.uid.take().is_some() {
-                crate::isolate::Run::cleanup(task);
-            }
+        let uid = {
+            let mut all = self.lock();
+            let Some(state) = all.get_mut(task) else {
+                return;
+            };
             state.handle = None;
+            let uid = state.uid.take();
             if state.outbox.is_empty() {
                 all.remove(task);
             }
+            uid
+        };
+        // What the run left running goes with it, and so does its copy of its secrets.
+        if let Some(uid) = uid {
+            if let Some(iso) = &self.isolation {
+                crate::isolate::reap(&iso.agent, uid);
+            }
+            crate::isolate::Run::cleanup(task);
         }
     }
 

@@ -25,6 +25,22 @@ pub fn create_private_dirs(path: &Path) -> std::io::Result<()> {
 /// exist yet are fleet's to make and are not checked. The error names the path and the fix.
 pub fn check_owned_chain(path: &Path) -> Result<(), String> {
     let absolute = std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    check_ancestors(&absolute)?;
+    // And where the links among them lead: `/etc/fleet` may be a link to a directory
+    // another user can write.
+    let existing = absolute
+        .ancestors()
+        .find(|p| std::fs::symlink_metadata(p).is_ok())
+        .unwrap_or(Path::new("/"));
+    if let Ok(real) = std::fs::canonicalize(existing)
+        && real != existing
+    {
+        check_ancestors(&real)?;
+    }
+    Ok(())
+}
+
+fn check_ancestors(absolute: &Path) -> Result<(), String> {
     for part in absolute.ancestors() {
         let meta = match std::fs::symlink_metadata(part) {
             Ok(m) => m,

@@ -59,7 +59,10 @@ impl Workspace {
         if keyring.is_ok() {
             crate::secrets::no_core_dumps();
         }
-        crate::secrets::Vault::open(&desired.secrets, keyring.as_ref().map_err(String::as_str))
+        let mut vault =
+            crate::secrets::Vault::open(&desired.secrets, keyring.as_ref().map_err(String::as_str));
+        vault.withhold_copies_of(&desired.provider_credentials);
+        vault
     }
 }
 
@@ -401,6 +404,14 @@ pub async fn apply_and_record(
         agents,
     } = pass;
     let started = SystemTime::now();
+    for (provider, driver) in drivers {
+        let driver = driver.clone();
+        match tokio::task::spawn_blocking(move || driver.maintain()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(provider, "{e}"),
+            Err(e) => tracing::error!(provider, "maintenance panicked: {e}"),
+        }
+    }
     let previous = ws.status.read_summary().unwrap_or_default();
     let plan_changed = previous
         .last_reconcile

@@ -47,6 +47,10 @@ pub struct Desired {
     pub approvals: BTreeMap<String, CommittedApproval>,
     /// Secrets by name, still encrypted.
     pub secrets: BTreeMap<String, DesiredSecret>,
+    /// (secret, key) of every provider API token the host configuration keeps as a Secret,
+    /// whether this revision uses that provider or not: never delivered to a guest, and no
+    /// other secret holding the same value is either.
+    pub provider_credentials: Vec<(String, String)>,
 }
 
 /// A provider as a revision uses it: how the host reaches it (from the host configuration)
@@ -422,6 +426,15 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
         answers,
         approvals,
         secrets,
+        provider_credentials: host
+            .providers
+            .iter()
+            .filter_map(|p| match p {
+                Provider::Proxmox(x) => x.token.secret.as_ref(),
+                Provider::Libvirt(_) => None,
+            })
+            .map(|r| (r.secret.0.clone(), r.key.0.clone()))
+            .collect(),
     }
 }
 

@@ -60,10 +60,18 @@ pub enum SourceError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "{path} holds more than {MAX_ENTRIES} entries or {} MiB; a fleet is a few hundred small files, remove what does not belong",
+        MAX_SNAPSHOT_BYTES / (1024 * 1024)
+    )]
+    TooLarge { path: String },
 }
 
 /// Files bigger than this are not read at all (the loader reports them); bounds memory.
 const READ_CAP: usize = super::load::yaml::MAX_FILE_BYTES + 1;
+/// The most entries (files and directories) and bytes a revision's fleet directory may hold.
+pub const MAX_ENTRIES: usize = 20_000;
+pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 
 /// Reads `fleet_dir` at `rev` (default `HEAD`) from the repository at `root`.
 pub fn from_git(root: &Path, fleet_dir: &str, rev: Option<&str>) -> Result<Snapshot, SourceError> {
@@ -112,52 +120,64 @@ pub fn from_git(root: &Path, fleet_dir: &str, rev: Option<&str>) -> Result<Snaps
                 source,
             })?;
         let mut walk_err = None;
-        subtree
-            .walk(git2::TreeWalkMode::PreOrder, |parent, entry| {
-                if entry.kind() != Some(git2::ObjectType::Blob) {
+        let (mut entries, mut bytes) = (0usize, 0usize);
+        let walked = subtree.walk(git2::TreeWalkMode::PreOrder, |parent, entry| {
+            // A tree naming one subtree many times over, nested, would make a snapshot
+            // without end: entries and bytes are bounded (trees count too).
+            entries += 1;
+            if entries > MAX_ENTRIES || bytes > MAX_SNAPSHOT_BYTES {
+                walk_err = Some(SourceError::TooLarge {
+                    path: fleet_dir.to_owned(),
+                });
+                return git2::TreeWalkResult::Abort;
+            }
+            if entry.kind() != Some(git2::ObjectType::Blob) {
+                return git2::TreeWalkResult::Ok;
+            }
+            let Ok(name) = entry.name() else {
+                return git2::TreeWalkResult::Ok;
+            };
+            let path = format!("{fleet_dir}/{parent}{name}");
+            // The size from the object's header first: a blob that inflates past the
+            // cap is never inflated (a few KiB of zeros can compress a gigabyte). Its
+            // stand-in is as long as the cap, so the loader reports it as too large.
+            match repo.odb().and_then(|odb| odb.read_header(entry.id())) {
+                Ok((size, _)) if size > READ_CAP => {
+                    bytes += READ_CAP;
+                    files.push(SourceFile {
+                        path,
+                        bytes: vec![0; READ_CAP],
+                    });
                     return git2::TreeWalkResult::Ok;
                 }
-                let Ok(name) = entry.name() else {
-                    return git2::TreeWalkResult::Ok;
-                };
-                let path = format!("{fleet_dir}/{parent}{name}");
-                // The size from the object's header first: a blob that inflates past the
-                // cap is never inflated (a few KiB of zeros can compress a gigabyte). Its
-                // stand-in is as long as the cap, so the loader reports it as too large.
-                match repo.odb().and_then(|odb| odb.read_header(entry.id())) {
-                    Ok((size, _)) if size > READ_CAP => {
-                        files.push(SourceFile {
-                            path,
-                            bytes: vec![0; READ_CAP],
-                        });
-                        return git2::TreeWalkResult::Ok;
-                    }
-                    Ok(_) => {}
-                    Err(source) => {
-                        walk_err = Some(SourceError::Git { path, source });
-                        return git2::TreeWalkResult::Abort;
-                    }
+                Ok(_) => {}
+                Err(source) => {
+                    walk_err = Some(SourceError::Git { path, source });
+                    return git2::TreeWalkResult::Abort;
                 }
-                match repo.find_blob(entry.id()) {
-                    Ok(blob) => {
-                        let content = blob.content();
-                        let bytes = content[..content.len().min(READ_CAP)].to_vec();
-                        files.push(SourceFile { path, bytes });
-                    }
-                    Err(source) => {
-                        walk_err = Some(SourceError::Git { path, source });
-                        return git2::TreeWalkResult::Abort;
-                    }
+            }
+            match repo.find_blob(entry.id()) {
+                Ok(blob) => {
+                    let content = blob.content();
+                    let kept = content[..content.len().min(READ_CAP)].to_vec();
+                    bytes += kept.len();
+                    files.push(SourceFile { path, bytes: kept });
                 }
-                git2::TreeWalkResult::Ok
-            })
-            .map_err(|source| SourceError::Git {
-                path: fleet_dir.to_owned(),
-                source,
-            })?;
+                Err(source) => {
+                    walk_err = Some(SourceError::Git { path, source });
+                    return git2::TreeWalkResult::Abort;
+                }
+            }
+            git2::TreeWalkResult::Ok
+        });
+        // A walk the callback ended says why in `walk_err`, before git's own "user abort".
         if let Some(e) = walk_err {
             return Err(e);
         }
+        walked.map_err(|source| SourceError::Git {
+            path: fleet_dir.to_owned(),
+            source,
+        })?;
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(Snapshot {

@@ -77,6 +77,13 @@ pub trait Driver: Send + Sync {
     /// Every VM on the host with its stamp: one list call plus one read per VM.
     fn observe(&self) -> Result<ObservedHost, DriverError>;
 
+    /// Keeps up what fleet set up on the host for its VMs and a host restart or reload may
+    /// have undone (libvirt: the guard of `network: full` guests). Run by every apply and
+    /// daemon pass, never by `plan`.
+    fn maintain(&self) -> Result<(), DriverError> {
+        Ok(())
+    }
+
     /// Checks, read-only, that the host can run VMs the way this driver makes them (libvirt:
     /// QEMU's user can reach the storage directory). A failure makes the provider unusable
     /// for the pass: the plan says why and plans none of its VMs, rather than every start

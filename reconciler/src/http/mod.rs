@@ -180,8 +180,11 @@ async fn guard(State(view): State<Arc<View>>, request: Request, next: Next) -> R
         .headers()
         .get(header::HOST)
         .map(|h| h.to_str().unwrap_or("").to_ascii_lowercase());
+    // A request without a Host (HTTP/1.0) is refused too when the page checks names.
+    let named_elsewhere =
+        !access.hosts.is_empty() && host.as_ref().is_none_or(|h| !access.hosts.contains(h));
     let mut response = match host {
-        Some(host) if !access.hosts.is_empty() && !access.hosts.contains(&host) => (
+        _ if named_elsewhere => (
             StatusCode::MISDIRECTED_REQUEST,
             "this page does not answer to that host name\n",
         )

@@ -175,6 +175,7 @@ async fn tasks_and_pending_prompts_show_with_the_output_tail() {
         output_bytes: 0,
         output_truncated: false,
         artifact_bytes: 0,
+        artifact_files: 0,
         refused: Vec::new(),
         prompts: 1,
         pending_prompt: Some("build-0123abcd-1".into()),

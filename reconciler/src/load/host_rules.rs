@@ -23,6 +23,18 @@ pub fn check_host_object(o: &Object<HostDocument>, diags: &mut Vec<Diagnostic>) 
             "provider",
             diags,
         );
+        if let Provider::Libvirt(l) = p
+            && let Some(address) = l.full_network.as_ref().and_then(|n| n.address.as_deref())
+            && address
+                .split_once('/')
+                .is_none_or(|(ip, _)| ip.parse::<std::net::Ipv4Addr>().is_err())
+        {
+            diags.push(Diagnostic::new(
+                &o.path,
+                o.tree.pos_at_pointer(&format!("/spec/providers/{i}/fullNetwork/address"), false),
+                format!("spec.providers[{i}].fullNetwork.address: {address:?} is not an IPv4 address with a prefix length, for example 192.168.150.1/24"),
+            ));
+        }
         let Provider::Proxmox(x) = p else {
             continue;
         };
@@ -163,7 +175,8 @@ fn check_repositories(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnost
     }
 }
 
-/// `*` matches any run of characters but `/`; `**` any run at all; everything else itself.
+/// `*` matches any run of characters but `/`, `?`, `#`, `@`, `\\` and `:` (so it never
+/// spans a host, port, query or user part); `**` any run at all; everything else itself.
 /// A URL with `.` or `..` segments or percent-escapes matches nothing: servers normalise
 /// those, so they could lead outside what the pattern names.
 pub fn pattern_matches(pattern: &RepositoryPattern, url: &str) -> bool {
@@ -175,7 +188,10 @@ pub fn pattern_matches(pattern: &RepositoryPattern, url: &str) -> bool {
             [] => s.is_empty(),
             [b'*', b'*', rest @ ..] => (0..=s.len()).any(|i| matches(rest, &s[i..])),
             [b'*', rest @ ..] => {
-                let run = s.iter().position(|&c| c == b'/').unwrap_or(s.len());
+                let run = s
+                    .iter()
+                    .position(|&c| matches!(c, b'/' | b'?' | b'#' | b'@' | b'\\' | b':'))
+                    .unwrap_or(s.len());
                 (0..=run).any(|i| matches(rest, &s[i..]))
             }
             [c, rest @ ..] => s.first() == Some(c) && matches(rest, &s[1..]),
@@ -194,28 +210,33 @@ fn check_credentials(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnosti
         let Some(r) = &x.token.secret else {
             continue;
         };
-        let Some(i) = f
+        let used = f
             .fleet
             .doc
             .spec
             .providers
             .iter()
-            .position(|used| used.name == *p.name())
-        else {
-            continue;
-        };
+            .position(|used| used.name == *p.name());
         let holds = f
             .secrets
             .get(&r.secret.0)
             .is_some_and(|s| s.doc.spec.data.contains_key(&r.key));
+        // Required even when this revision does not use the provider: with the token's own
+        // Secret in the revision, a copy of its ciphertext under another name is recognised
+        // by its value and withheld (`Vault::withhold_copies_of`).
         if !holds {
+            let (pointer, field) = match used {
+                Some(i) => (
+                    format!("/spec/providers/{i}/name"),
+                    format!("spec.providers[{i}].name"),
+                ),
+                None => ("/metadata/name".to_owned(), "metadata.name".to_owned()),
+            };
             diags.push(Diagnostic::new(
                 &f.fleet.path,
-                f.fleet
-                    .tree
-                    .pos_at_pointer(&format!("/spec/providers/{i}/name"), false),
+                f.fleet.tree.pos_at_pointer(&pointer, false),
                 format!(
-                    "spec.providers[{i}].name: provider {:?} takes its API token from Secret {}/{} ({HOST_CONFIG}), which this revision lacks; create it with `fleet secret set {} {}`",
+                    "{field}: provider {:?} takes its API token from Secret {}/{} ({HOST_CONFIG}), which this revision lacks; create it with `fleet secret set {} {}`",
                     p.name().0, r.secret.0, r.key.0, r.secret.0, r.key.0
                 ),
             ));
@@ -283,6 +304,14 @@ mod tests {
         assert!(!pattern_matches(
             &p("https://git.example.org/**"),
             "https://git.example.org/a/%2e%2e/b"
+        ));
+        assert!(!pattern_matches(
+            &p("https://*.example.org/**"),
+            "https://evil.net?.example.org/x"
+        ));
+        assert!(!pattern_matches(
+            &p("https://*.example.org/**"),
+            "https://evil.net@a.example.org/x"
         ));
     }
 }

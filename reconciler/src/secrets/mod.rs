@@ -290,6 +290,37 @@ impl Vault {
         vault
     }
 
+    /// Withholds every value equal to one of `credentials` (a provider's API token) under
+    /// any other secret or key: a committer cannot read the token's ciphertext, but could
+    /// copy it into a Secret a task may take. Such a value becomes a problem, so what needs it
+    /// waits and says why.
+    pub fn withhold_copies_of(&mut self, credentials: &[(String, String)]) {
+        let tokens: Vec<Vec<u8>> = credentials
+            .iter()
+            .filter_map(|id| self.values.get(id))
+            .map(|v| v.expose_secret().to_vec())
+            .collect();
+        let copies: Vec<(String, String)> = self
+            .values
+            .iter()
+            .filter(|(id, v)| {
+                !credentials.contains(id) && tokens.iter().any(|t| t == v.expose_secret())
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in copies {
+            self.values.remove(&id);
+            self.fingerprints.remove(&id);
+            self.problems.insert(
+                id.clone(),
+                format!(
+                    "{}/{}: holds a provider's API token; a provider credential never goes to a guest",
+                    id.0, id.1
+                ),
+            );
+        }
+    }
+
     pub fn value(&self, secret: &str, key: &str) -> Option<&SecretSlice<u8>> {
         self.values.get(&(secret.to_owned(), key.to_owned()))
     }
@@ -500,6 +531,34 @@ mod tests {
             "{problem}"
         );
         assert!(vault.value("api", "token").is_none());
+    }
+
+    #[test]
+    fn a_copy_of_a_provider_token_is_withheld() {
+        let (_dir, path) = key_file(0o600);
+        let keyring = Keyring::load(&path).expect("keyring");
+        let token = encrypt(b"pve-token-value", &keyring.recipients()).expect("encrypt");
+        let mut secrets = secret("pve", "token", token.clone());
+        // The committer cannot read the token, but can copy its ciphertext.
+        secrets.extend(secret("innocent", "value", token));
+        secrets.extend(secret(
+            "other",
+            "value",
+            encrypt(b"something else", &keyring.recipients()).expect("encrypt"),
+        ));
+        let mut vault = Vault::open(&secrets, Ok(&keyring));
+        vault.withhold_copies_of(&[("pve".into(), "token".into())]);
+        assert!(
+            vault.value("pve", "token").is_some(),
+            "the driver still has it"
+        );
+        assert!(vault.value("innocent", "value").is_none());
+        assert!(
+            vault
+                .problem("innocent", "value")
+                .is_some_and(|p| p.contains("holds a provider's API token"))
+        );
+        assert!(vault.value("other", "value").is_some());
     }
 
     #[test]

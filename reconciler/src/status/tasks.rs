@@ -102,6 +102,10 @@ pub struct TaskRecord {
     /// Artifact bytes stored for this run (bounded by `tasks::limits::ARTIFACT_BYTES`).
     #[serde(default)]
     pub artifact_bytes: u64,
+    /// Artifact files begun for this run (a first part, at offset 0), finished or not
+    /// (bounded by `tasks::limits::ARTIFACTS`).
+    #[serde(default)]
+    pub artifact_files: u32,
     /// What the host refused of the guest's messages for this run, once per kind: the
     /// status says so rather than silently losing it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -339,6 +339,7 @@ impl TaskBook {
             output_bytes: 0,
             output_truncated: false,
             artifact_bytes: 0,
+            artifact_files: 0,
             refused: Vec::new(),
             prompts: 0,
             pending_prompt: None,

@@ -12,6 +12,8 @@ use crate::spec::Repository;
 
 /// Archives larger than this are refused (the guest unpacks into a tmpfs).
 pub const MAX_ARCHIVE_BYTES: usize = 256 * 1024 * 1024;
+/// And trees with more files than this: a tree can name one subtree many times over.
+pub const MAX_ARCHIVE_ENTRIES: usize = 200_000;
 
 pub struct Archive {
     pub commit: String,
@@ -40,7 +42,40 @@ fn resolved_url(repo_root: &Path, url: &str) -> Result<String> {
             real.display()
         );
     }
+    confined_git_dir(&real, &root).with_context(|| format!("repository {url:?}"))?;
     Ok(real.display().to_string())
+}
+
+/// A repository's own files can point elsewhere: a `commondir` or `gitdir` file, `objects`
+/// or `refs` as symlinks, or `objects/info/alternates` would have git read another
+/// repository of the host (the host's `/etc/.git`, say) while the path looks inside. Every
+/// such place must resolve under `root`, and alternates are refused.
+fn confined_git_dir(path: &Path, root: &Path) -> Result<()> {
+    let repo = git2::Repository::open(path)?;
+    let git_dir = repo.path().to_owned();
+    let mut places = vec![git_dir.clone(), repo.commondir().to_owned()];
+    for sub in ["objects", "refs"] {
+        places.push(repo.commondir().join(sub));
+    }
+    for place in places {
+        if let Ok(real) = std::fs::canonicalize(&place)
+            && !real.starts_with(root)
+        {
+            anyhow::bail!(
+                "its git directory reaches {}, outside the fleet's repository",
+                real.display()
+            );
+        }
+    }
+    for alternates in [
+        git_dir.join("objects/info/alternates"),
+        repo.commondir().join("objects/info/alternates"),
+    ] {
+        if std::fs::symlink_metadata(&alternates).is_ok() {
+            anyhow::bail!("it borrows objects from elsewhere (objects/info/alternates)");
+        }
+    }
+    Ok(())
 }
 
 /// Fetches `repository` (its branch, or the remote's HEAD) into a bare cache under
@@ -92,11 +127,22 @@ fn archive_tree(repo: &git2::Repository, tree: &git2::Tree<'_>) -> Result<Vec<u8
     let mut builder = tar::Builder::new(Vec::new());
     let mut failure: Option<anyhow::Error> = None;
     let mut size = 0usize;
+    let mut entries = 0usize;
     tree.walk(git2::TreeWalkMode::PreOrder, |root, entry| {
+        // Trees count too: one subtree named many times over, nested, is a walk without end.
+        entries += 1;
+        if entries > MAX_ARCHIVE_ENTRIES {
+            failure = Some(anyhow::anyhow!(
+                "the repository's tree has more than {MAX_ARCHIVE_ENTRIES} entries"
+            ));
+            return git2::TreeWalkResult::Abort;
+        }
         if entry.kind() != Some(git2::ObjectType::Blob) {
             return git2::TreeWalkResult::Ok;
         }
         let path = format!("{root}{}", entry.name().unwrap_or_default());
+        // Each entry costs its tar header too, however small the file.
+        size += 512;
         let added = (|| -> Result<()> {
             // The size from the object's header first: a small compressed blob can inflate
             // to gigabytes, and `find_blob` inflates it whole.
@@ -211,5 +257,53 @@ mod tests {
             branch: Some("nope".into()),
         };
         assert!(fetch_archive(&cache, dir.path(), &missing).is_err());
+    }
+
+    #[test]
+    fn a_committed_bare_repository_cannot_borrow_another_of_the_host() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Another repository of the host, outside the fleet's (etckeeper's /etc, say).
+        let host_repo = dir.path().join("host-etc");
+        std::fs::create_dir_all(&host_repo).expect("mkdir");
+        std::fs::write(host_repo.join("shadow"), "root:secret\n").expect("write");
+        git(&host_repo, &["init", "-q", "-b", "master"]);
+        git(&host_repo, &["add", "."]);
+        git(&host_repo, &["commit", "-qm", "etc"]);
+        // The fleet's repository, holding a bare-looking layout whose objects live elsewhere.
+        let root = dir.path().join("fleet-repo");
+        let fake = root.join("fleet/vendor/r");
+        std::fs::create_dir_all(&fake).expect("mkdir");
+        std::fs::write(fake.join("HEAD"), "ref: refs/heads/master\n").expect("HEAD");
+        std::fs::write(
+            fake.join("commondir"),
+            format!("{}\n", host_repo.join(".git").display()),
+        )
+        .expect("commondir");
+        let repository = Repository {
+            url: "fleet/vendor/r".into(),
+            branch: None,
+        };
+        let refused = fetch_archive(&dir.path().join("cache"), &root, &repository)
+            .err()
+            .map(|e| format!("{e:#}"));
+        let refused = refused.expect("refused");
+        assert!(
+            refused.contains("outside the fleet's repository"),
+            "{refused}"
+        );
+
+        // The same with the objects as a link.
+        std::fs::remove_file(fake.join("commondir")).expect("rm");
+        std::os::unix::fs::symlink(host_repo.join(".git/objects"), fake.join("objects"))
+            .expect("link");
+        std::os::unix::fs::symlink(host_repo.join(".git/refs"), fake.join("refs")).expect("link");
+        let refused = fetch_archive(&dir.path().join("cache"), &root, &repository)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .expect("refused");
+        assert!(
+            refused.contains("outside the fleet's repository"),
+            "{refused}"
+        );
     }
 }

@@ -606,13 +606,14 @@ impl TaskBook {
                 last,
                 ..
             } => {
-                let new_file = !record.artifacts.contains(&path) && offset == 0;
+                // Every first part begins a file (finished or not): that is what is counted.
+                let new_file = offset == 0;
                 let refusal = if path.len() > limits::ARTIFACT_PATH_BYTES {
                     Some(format!(
                         "an artifact path longer than {} bytes",
                         limits::ARTIFACT_PATH_BYTES
                     ))
-                } else if new_file && record.artifacts.len() >= limits::ARTIFACTS {
+                } else if new_file && record.artifact_files as usize >= limits::ARTIFACTS {
                     Some(format!("more than {} artifacts", limits::ARTIFACTS))
                 } else {
                     // base64: at most 3 bytes per 4 characters.
@@ -644,6 +645,9 @@ impl TaskBook {
                 self.update(state, name, |r| {
                     r.seq = seq;
                     r.artifact_bytes += grew;
+                    if new_file {
+                        r.artifact_files += 1;
+                    }
                     if last && !r.artifacts.contains(&path) {
                         r.artifacts.push(path.clone());
                     }

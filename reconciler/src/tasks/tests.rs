@@ -55,6 +55,7 @@ fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
         answers: Default::default(),
         approvals: Default::default(),
         secrets: Default::default(),
+        provider_credentials: Vec::new(),
     }
 }
 
@@ -559,7 +560,8 @@ fn a_flooding_guest_is_bounded_on_the_host() {
         std::fs::metadata(artifacts.join("sparse.bin")).map_or(0, |m| m.len()) < 1024,
         "no sparse file"
     );
-    // More artifacts than allowed: the rest are dropped and the status says so.
+    // More artifacts than allowed, some never finished (no `last` part): the rest are
+    // dropped and the status says so.
     for i in 0..limits::ARTIFACTS + 5 {
         let s = next();
         book.receive(
@@ -571,12 +573,16 @@ fn a_flooding_guest_is_bounded_on_the_host() {
                 path: format!("a/{i}"),
                 offset: 0,
                 data: "aGk=".into(),
-                last: true,
+                last: i % 2 == 0,
             }],
         );
     }
     let record = &book.records()["ask"];
-    assert_eq!(record.artifacts.len(), limits::ARTIFACTS);
+    assert_eq!(record.artifact_files as usize, limits::ARTIFACTS);
+    let on_disk = std::fs::read_dir(artifacts.join("a"))
+        .expect("artifacts")
+        .count();
+    assert_eq!(on_disk, limits::ARTIFACTS, "no file past the limit");
     assert!(
         record
             .refused

@@ -31,13 +31,25 @@ spec:
       type: proxmox
       endpoint: https://pve.example.org:8006
       node: pve1
-      token: {id: 'fleet@pve!fleet', secret: {secret: pve, key: token}}
+      token: {id: 'fleet@pve!fleet', file: /etc/fleet/pve.token}
   repositories: ['https://git.example.org/team/*']
   limits: {maxVms: 8, maxCpus: 16, maxMemory: 8Gi}
 ";
 
 pub fn host() -> fleet::spec::HostSpec {
-    fleet::load::load_host("/etc/fleet/host.yaml", HOST.as_bytes()).expect("the corpus host")
+    host_from(HOST)
+}
+
+fn host_from(text: &str) -> fleet::spec::HostSpec {
+    fleet::load::load_host("/etc/fleet/host.yaml", text.as_bytes()).expect("the corpus host")
+}
+
+/// The corpus host, with the Proxmox token kept as the Secret `pve`/`token`.
+fn token_secret_host() -> fleet::spec::HostSpec {
+    host_from(&HOST.replace(
+        "file: /etc/fleet/pve.token",
+        "secret: {secret: pve, key: token}",
+    ))
 }
 
 const VM: &str = "apiVersion: fleet/v1
@@ -75,7 +87,11 @@ fn snapshot(files: &[(&str, &[u8])], with_fleet: bool) -> Snapshot {
 }
 
 fn diagnostics(snapshot: &Snapshot) -> String {
-    let host = host();
+    diagnostics_under(snapshot, &host())
+}
+
+fn diagnostics_under(snapshot: &Snapshot, host: &fleet::spec::HostSpec) -> String {
+    let host = host.clone();
     match fleet::load::load(snapshot, Some(&host)) {
         Ok(loaded) => {
             let desired = fleet::resolve::resolve(&loaded, &host);
@@ -91,6 +107,14 @@ fn diagnostics(snapshot: &Snapshot) -> String {
             diags.iter().map(|d| format!("{d}\n")).collect()
         }
     }
+}
+
+fn check_under_token_secret_host(files: &[(&str, &str)], expect: Expect) {
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(p, t)| (*p, t.as_bytes())).collect();
+    expect.assert_eq(&diagnostics_under(
+        &snapshot(&files, true),
+        &token_secret_host(),
+    ));
 }
 
 fn check(files: &[(&str, &str)], expect: Expect) {
@@ -2249,7 +2273,7 @@ spec:
 
 #[test]
 fn the_proxmox_token_never_goes_to_a_guest() {
-    check(
+    check_under_token_secret_host(
         &[
             (
                 "fleet/fleet.yaml",
@@ -2273,7 +2297,7 @@ fn the_proxmox_token_never_goes_to_a_guest() {
 
 #[test]
 fn the_proxmox_token_secret_is_missing() {
-    check(
+    check_under_token_secret_host(
         &[(
             "fleet/fleet.yaml",
             &FLEET.replace(
@@ -2374,5 +2398,33 @@ fn two_references_of_one_vm_deliver_one_file_differently() {
         expect![[r#"
             fleet/tasks/u.yaml:1:1: error: VM a: secret file git/token is other/token here but api/token in fleet/tasks/t.yaml; one path holds one value, use another file name
         "#]],
+    );
+}
+
+#[test]
+fn the_proxmox_token_goes_to_no_guest_even_when_its_provider_is_unused() {
+    // The revision does not name `pve`, and a task takes the token's Secret by name.
+    check_under_token_secret_host(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            ("fleet/secrets/pve.yaml", PVE_TOKEN_SECRET),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with_secrets("    - {secret: pve, key: token, env: PVE}\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:16: error: spec.secrets[0].secret: Secret "pve" holds provider "pve"'s API token (the host configuration); a provider credential never goes to a guest
+        "#]],
+    );
+}
+
+#[test]
+fn the_proxmox_token_secret_must_stay_in_the_revision() {
+    check_under_token_secret_host(
+        &[("fleet/vms/a.yaml", VM)],
+        expect![[r#"
+        fleet/fleet.yaml:4:9: error: metadata.name: provider "pve" takes its API token from Secret pve/token (the host configuration), which this revision lacks; create it with `fleet secret set pve token`
+    "#]],
     );
 }

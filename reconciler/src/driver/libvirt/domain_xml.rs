@@ -28,16 +28,21 @@ pub struct VmFiles<'a> {
     pub full_network: &'a str,
 }
 
-/// Whether a definition joins the libvirt network `name` (a `network: full` VM).
-pub fn joins_network(xml: &str, name: &str) -> bool {
-    roxmltree::Document::parse(xml).is_ok_and(|doc| {
-        doc.descendants().any(|n| {
-            n.has_tag_name("interface")
-                && n.attribute("type") == Some("network")
-                && n.children()
-                    .any(|c| c.has_tag_name("source") && c.attribute("network") == Some(name))
+/// The libvirt networks a definition's interfaces join (`<interface type='network'>`).
+pub fn joined_networks(xml: &str) -> Vec<String> {
+    let Ok(doc) = roxmltree::Document::parse(xml) else {
+        return Vec::new();
+    };
+    doc.descendants()
+        .filter(|n| n.has_tag_name("interface") && n.attribute("type") == Some("network"))
+        .map(|n| {
+            n.children()
+                .find(|c| c.has_tag_name("source"))
+                .and_then(|c| c.attribute("network"))
+                .unwrap_or_default()
+                .to_owned()
         })
-    })
+        .collect()
 }
 
 /// The stamp as the element libvirt stores (without the namespace declaration, which

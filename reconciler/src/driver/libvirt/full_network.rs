@@ -130,6 +130,11 @@ impl GuardedNetwork {
         Ok(())
     }
 
+    /// Applies the guard again (it does not survive a firewall reload on the host).
+    pub fn reapply_guard(&self) -> Result<(), DriverError> {
+        self.apply_guard()
+    }
+
     fn apply_guard(&self) -> Result<(), DriverError> {
         let refuse = |why: String| {
             DriverError::new(

@@ -685,14 +685,27 @@ impl LibvirtDriver {
         if self.is_active(dom, name)? {
             return Ok(());
         }
-        // A `network: full` VM starts only once its network and the host's guard are up.
-        if let Ok(network) = &self.full_network {
-            let xml = self.on_domain(&format!("read {name}"), || {
-                dom.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
-            })?;
-            if domain_xml::joins_network(&xml, &network.name) {
-                self.ensure_full_network(network)?;
+        // A `network: full` VM starts only once its network and the host's guard are up,
+        // and only on the guarded network of today's host configuration.
+        let xml = self.on_domain(&format!("read {name}"), || {
+            dom.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+        })?;
+        let joined = domain_xml::joined_networks(&xml);
+        if !joined.is_empty() {
+            let network = self
+                .full_network
+                .as_ref()
+                .map_err(|why| DriverError::new(ErrorKind::Permanent, why.clone()))?;
+            if let Some(other) = joined.iter().find(|n| **n != network.name) {
+                return Err(DriverError::new(
+                    ErrorKind::Permanent,
+                    format!(
+                        "{name} joins network {other:?}, not the guarded network {:?}; it is not started (an update gives it the guarded one)",
+                        network.name
+                    ),
+                ));
             }
+            self.ensure_full_network(network)?;
         }
         self.on_domain(&format!("start {name}"), || dom.create().map(|_| ()))
     }
@@ -778,6 +791,28 @@ impl LibvirtDriver {
 }
 
 impl Driver for LibvirtDriver {
+    /// The guard of `network: full` guests is applied again while their network runs: a
+    /// firewall reload on the host (`nft flush ruleset`) removes it, and guests keep running
+    /// (and rebooting) without fleet starting them.
+    fn maintain(&self) -> Result<(), DriverError> {
+        let Ok(network) = &self.full_network else {
+            return Ok(());
+        };
+        if !self.uri.starts_with("qemu:///") {
+            return Ok(());
+        }
+        let active = self
+            .call("look up the full network", |c| {
+                c.lookup_network_by_name(&network.name)
+            })
+            .ok()
+            .is_some_and(|n| n.is_active().unwrap_or(false));
+        if active {
+            network.reapply_guard()?;
+        }
+        Ok(())
+    }
+
     /// The storage directory must be reachable for QEMU's user: every start would fail
     /// otherwise, with QEMU's bare "Permission denied".
     fn preflight(&self) -> Result<(), DriverError> {
@@ -990,7 +1025,7 @@ fn follow_events(
         c.forget(None);
     };
     while !events.stopping.load(Ordering::Relaxed) {
-        let child = std::process::Command::new("virsh")
+        let child = super::host_command("virsh")
             .args(["-q", "-c", uri, "event", "--all", "--loop"])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
