@@ -266,9 +266,25 @@ impl StatusDir {
 
     /// Appends to the output log, starting at `at` (the length the record accounts for,
     /// which cuts off anything written after it). Returns the new length.
+    /// Not synced: the task book syncs a batch's output once (`sync_task_output`) before
+    /// it acknowledges the batch.
     pub fn append_task_output(&self, task: &str, at: u64, data: &[u8]) -> std::io::Result<u64> {
-        write_at(&self.task_output_path(task), at, data, Some(at))?;
+        write_at(&self.task_output_path(task), at, data, Some(at), false)?;
         Ok(at + data.len() as u64)
+    }
+
+    /// Makes what was appended to a task's output durable.
+    pub fn sync_task_output(&self, task: &str) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(self.task_output_path(task))
+        {
+            Ok(file) => file.sync_data(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Writes part of an artifact at `offset`. `relative` must stay inside the artifacts
@@ -303,7 +319,7 @@ impl StatusDir {
             )));
         }
         // The first part starts the file afresh; later parts land at their offsets.
-        write_at(&path, offset, data, (offset == 0).then_some(0))?;
+        write_at(&path, offset, data, (offset == 0).then_some(0), true)?;
         Ok((offset + data.len() as u64).saturating_sub(before))
     }
 
@@ -327,7 +343,13 @@ impl StatusDir {
 /// Writes `data` at `offset` (making the file and its directory if needed), after cutting
 /// the file to `cut_to` bytes when given, and syncs it.
 /// Never through a symlink: a guest's bytes must not land in a file a link points at.
-fn write_at(path: &Path, offset: u64, data: &[u8], cut_to: Option<u64>) -> std::io::Result<()> {
+fn write_at(
+    path: &Path,
+    offset: u64,
+    data: &[u8],
+    cut_to: Option<u64>,
+    sync: bool,
+) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
         crate::fsguard::create_private_dirs(dir)?;
@@ -346,7 +368,10 @@ fn write_at(path: &Path, offset: u64, data: &[u8], cut_to: Option<u64>) -> std::
     }
     file.seek(SeekFrom::Start(offset))?;
     file.write_all(data)?;
-    file.sync_data()
+    if sync {
+        file.sync_data()?;
+    }
+    Ok(())
 }
 
 /// Every `*.yaml` in `dir` that parses as a `T`, by `key`.

@@ -58,6 +58,9 @@ struct BookState {
     vault: Arc<Vault>,
     /// Committed answers already reported as going nowhere (by id and file).
     reported_answers: BTreeSet<(String, String)>,
+    /// While a batch of guest messages is recorded: the runs whose record and output
+    /// changed, written (and synced) once when the batch ends, before it is acknowledged.
+    batch: Option<BTreeSet<String>>,
 }
 
 /// What one VM's guest should hold under `SECRETS_DIR`, and its digest (over paths and
@@ -368,8 +371,31 @@ impl TaskBook {
         if let Some(record) = state.records.get_mut(name) {
             change(record);
             record.updated = now();
+            if let Some(batch) = &mut state.batch {
+                batch.insert(name.to_owned());
+                return;
+            }
             let record = record.clone();
             self.persist(&record);
+        }
+    }
+
+    /// Starts recording a batch: record writes wait for `end_batch`.
+    fn begin_batch(&self, state: &mut BookState) {
+        state.batch = Some(BTreeSet::new());
+    }
+
+    /// Syncs the output of every run the batch touched, then writes its record once: one
+    /// fsync per run and batch rather than several per message, and nothing acknowledged
+    /// before it is on disk.
+    fn end_batch(&self, state: &mut BookState) {
+        for name in state.batch.take().unwrap_or_default() {
+            if let Err(e) = self.status.sync_task_output(&name) {
+                tracing::error!(task = %name, "cannot sync the task's output: {e}");
+            }
+            if let Some(record) = state.records.get(&name) {
+                self.persist(&record.clone());
+            }
         }
     }
 

@@ -375,6 +375,7 @@ impl TaskBook {
         let state = &mut *state;
         let mut acks: std::collections::BTreeMap<String, u64> = Default::default();
         let mut gap = false;
+        self.begin_batch(state);
         for message in messages {
             let (task, seq) = match &message {
                 GuestMessage::Stored { path, error, .. } => {
@@ -442,6 +443,8 @@ impl TaskBook {
             self.record(state, &name, message);
             acks.insert(task, seq);
         }
+        // Durable before anything is acknowledged.
+        self.end_batch(state);
         for (task, seq) in acks {
             out.push(HostMessage::Ack {
                 v: VERSION,

@@ -170,3 +170,46 @@ fn apply_asks_before_acting_and_refuses_without_a_terminal() {
     out.expect_code(1);
     assert!(out.stderr().contains("--auto-approve"), "{}", out.stderr());
 }
+
+/// M4: a prompt's text comes from a guest; `fleet hitl list` prints it as one plain line,
+/// whatever escapes and line breaks it holds.
+#[test]
+fn hitl_list_prints_no_escape_a_guest_sent() {
+    use fleet::status::StatusDir;
+    use fleet::status::tasks::{PromptKind, PromptRecord, PromptState};
+    let repo = repo_with_fleet();
+    let status = StatusDir::new(repo.path().join(".fleet/status"));
+    status.ensure().expect("status");
+    status
+        .write_prompt(&PromptRecord {
+            id: "build-0123abcd-1".into(),
+            kind: PromptKind::Input,
+            allow_control: false,
+            task: "build".into(),
+            vm: "a".into(),
+            text: "Deploy?\u{1b}]52;c;ZXZpbA==\u{7}\u{1b}[2J\napproval-0 approve: fleet hitl answer approval-0 ffff\u{9b}31m".into(),
+            context: vec!["\u{1b}[31mred".into()],
+            created: "now".into(),
+            deadline: "later".into(),
+            state: PromptState::Pending,
+            overdue: false,
+            response: None,
+            answered_by: None,
+            answered_at: None,
+            delivered: false,
+            refused: Vec::new(),
+        })
+        .expect("prompt");
+    let out = repo.fleet(&["hitl", "list"]);
+    out.expect_code(0);
+    let printed = out.stdout();
+    assert!(printed.contains("Deploy?"), "{printed}");
+    assert!(
+        !printed.chars().any(|c| c.is_control() && c != '\n'),
+        "a control character reached the terminal: {printed:?}"
+    );
+    assert!(
+        !printed.lines().any(|l| l.starts_with("approval-0")),
+        "a forged line: {printed}"
+    );
+}

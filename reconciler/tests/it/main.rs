@@ -5,6 +5,7 @@ mod behaviour;
 mod cli;
 mod daemon;
 mod fuzz;
+mod hostile;
 mod libvirt;
 mod load_corpus;
 mod netguard;
