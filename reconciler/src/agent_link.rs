@@ -82,7 +82,8 @@ impl AgentLink {
     }
 
     pub fn send(&mut self, message: &HostMessage) -> Result<(), LinkError> {
-        let line = message.to_line();
+        // A `Secrets` line carries values (base64): wiped when it is dropped.
+        let line = zeroize::Zeroizing::new(message.to_line());
         match &mut self.transport {
             Transport::Socket(link) => {
                 use std::io::Write;
@@ -288,15 +289,17 @@ impl RelayedLink {
     /// and acknowledges what arrived. Returns whether any byte moved.
     fn exchange(&mut self, wait_ms: u64) -> Result<bool, LinkError> {
         use fleet_agent_protocol::relay::{self, MAX_REQUEST_BYTES, Reply, Request};
-        let chunk: Vec<u8> = if self.boot_id.is_empty() {
-            Vec::new()
-        } else {
-            self.outgoing
-                .iter()
-                .take(MAX_REQUEST_BYTES)
-                .copied()
-                .collect()
-        };
+        // Both copies of the host's bytes (raw and encoded) are wiped when dropped.
+        let chunk: zeroize::Zeroizing<Vec<u8>> =
+            zeroize::Zeroizing::new(if self.boot_id.is_empty() {
+                Vec::new()
+            } else {
+                self.outgoing
+                    .iter()
+                    .take(MAX_REQUEST_BYTES)
+                    .copied()
+                    .collect()
+            });
         let request = Request {
             v: VERSION,
             session: self.session.clone(),
@@ -307,7 +310,7 @@ impl RelayedLink {
         };
         // The same request can be sent again whether or not the guest saw it (the offsets
         // make it idempotent), so a transient failure costs a retry, not the link.
-        let wire = relay::encode(&request, &chunk);
+        let wire = zeroize::Zeroizing::new(relay::encode(&request, &chunk));
         let mut attempt = 0;
         let answer = loop {
             attempt += 1;
@@ -345,6 +348,8 @@ impl RelayedLink {
             )));
         }
         let taken = (reply.received - self.confirmed) as usize;
+        // Wiped before the queue lets the slots go: they may hold secret values.
+        self.outgoing.range_mut(..taken).for_each(|b| *b = 0);
         self.outgoing.drain(..taken);
         self.confirmed = reply.received;
         if reply.offset > self.acked {

@@ -238,11 +238,19 @@ fn converse(
     stop: &AtomicBool,
 ) -> Result<(), LinkError> {
     let send = |link: &mut AgentLink, messages: Vec<HostMessage>| -> Result<(), LinkError> {
-        for m in &messages {
-            link.send(m)?;
+        let sent = messages.iter().try_for_each(|m| link.send(m));
+        if sent.is_ok() {
+            book.sent(&messages);
         }
-        book.sent(&messages);
-        Ok(())
+        // The values a `Secrets` message carried (base64) are wiped, not just freed.
+        for message in messages {
+            if let HostMessage::Secrets { mut files, .. } = message {
+                for file in &mut files {
+                    zeroize::Zeroize::zeroize(&mut file.data);
+                }
+            }
+        }
+        sent
     };
     let mut heard = Instant::now();
     let mut rate = Rate::default();

@@ -273,6 +273,17 @@ impl StatusDir {
         Ok(at + data.len() as u64)
     }
 
+    /// Makes what was written to an artifact durable (`relative` was checked when written).
+    pub fn sync_artifact(&self, task: &str, relative: &str) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.tasks_dir().join(task).join("artifacts").join(relative);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(path)?
+            .sync_data()
+    }
+
     /// Makes what was appended to a task's output durable.
     pub fn sync_task_output(&self, task: &str) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
@@ -319,7 +330,8 @@ impl StatusDir {
             )));
         }
         // The first part starts the file afresh; later parts land at their offsets.
-        write_at(&path, offset, data, (offset == 0).then_some(0), true)?;
+        // Synced by the task book once per batch (`sync_artifact`).
+        write_at(&path, offset, data, (offset == 0).then_some(0), false)?;
         Ok((offset + data.len() as u64).saturating_sub(before))
     }
 

@@ -58,9 +58,18 @@ struct BookState {
     vault: Arc<Vault>,
     /// Committed answers already reported as going nowhere (by id and file).
     reported_answers: BTreeSet<(String, String)>,
-    /// While a batch of guest messages is recorded: the runs whose record and output
-    /// changed, written (and synced) once when the batch ends, before it is acknowledged.
-    batch: Option<BTreeSet<String>>,
+    /// While a batch of guest messages is recorded: what it changed, synced and written
+    /// once when the batch ends, before it is acknowledged.
+    batch: Option<Batch>,
+}
+
+/// What one batch of guest messages changed.
+#[derive(Default)]
+struct Batch {
+    /// Runs whose record (and maybe output) changed.
+    runs: BTreeSet<String>,
+    /// Artifact files written to, by run and path.
+    artifacts: BTreeSet<(String, String)>,
 }
 
 /// What one VM's guest should hold under `SECRETS_DIR`, and its digest (over paths and
@@ -84,7 +93,6 @@ impl SecretSet<'_> {
     }
 }
 
-/// Where a reference's value lives in the guest, relative to `SECRETS_DIR`: its `file`, or
 /// What the host keeps of one run, whatever the guest sends: a guest may replace its agent
 /// and send anything, and the honest agent's own limits are no defence. Memory held per
 /// run is bounded by the prompt limits (at most `PROMPTS` prompts of `PROMPT_TEXT_BYTES`
@@ -106,6 +114,7 @@ pub mod limits {
     pub const PROMPT_LINE_BYTES: usize = 512;
 }
 
+/// Where a reference's value lives in the guest, relative to `SECRETS_DIR`: its `file`, or
 /// for an environment variable a file the agent reads when it starts the task.
 fn secret_path(r: &SecretRef) -> String {
     match &r.file {
@@ -372,7 +381,7 @@ impl TaskBook {
             change(record);
             record.updated = now();
             if let Some(batch) = &mut state.batch {
-                batch.insert(name.to_owned());
+                batch.runs.insert(name.to_owned());
                 return;
             }
             let record = record.clone();
@@ -382,19 +391,28 @@ impl TaskBook {
 
     /// Starts recording a batch: record writes wait for `end_batch`.
     fn begin_batch(&self, state: &mut BookState) {
-        state.batch = Some(BTreeSet::new());
+        state.batch = Some(Batch::default());
     }
 
-    /// Syncs the output of every run the batch touched, then writes its record once: one
-    /// fsync per run and batch rather than several per message, and nothing acknowledged
-    /// before it is on disk.
-    fn end_batch(&self, state: &mut BookState) {
-        for name in state.batch.take().unwrap_or_default() {
-            if let Err(e) = self.status.sync_task_output(&name) {
+    /// Called without the book's lock: syncs the output and artifacts the batch wrote, then
+    /// writes each run's record once (as it is now: the daemon may have changed it
+    /// meanwhile, and an older copy must never overwrite a newer). One sync per file and
+    /// batch rather than several per message, and nothing acknowledged before it is on disk.
+    fn end_batch(&self, batch: Batch) {
+        for name in &batch.runs {
+            if let Err(e) = self.status.sync_task_output(name) {
                 tracing::error!(task = %name, "cannot sync the task's output: {e}");
             }
-            if let Some(record) = state.records.get(&name) {
-                self.persist(&record.clone());
+        }
+        for (name, path) in &batch.artifacts {
+            if let Err(e) = self.status.sync_artifact(name, path) {
+                tracing::warn!(task = %name, "cannot sync artifact {path}: {e}");
+            }
+        }
+        let state = self.lock();
+        for name in &batch.runs {
+            if let Some(record) = state.records.get(name) {
+                self.persist(record);
             }
         }
     }

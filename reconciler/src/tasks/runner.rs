@@ -371,8 +371,8 @@ impl TaskBook {
     /// a staged repository was confirmed).
     pub fn receive(&self, conn: &mut Connection, messages: Vec<GuestMessage>) -> Vec<HostMessage> {
         let mut out = Vec::new();
-        let mut state = self.lock();
-        let state = &mut *state;
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let mut acks: std::collections::BTreeMap<String, u64> = Default::default();
         let mut gap = false;
         self.begin_batch(state);
@@ -443,8 +443,11 @@ impl TaskBook {
             self.record(state, &name, message);
             acks.insert(task, seq);
         }
-        // Durable before anything is acknowledged.
-        self.end_batch(state);
+        // Durable before anything is acknowledged; the syncs run without the book's lock,
+        // so other VMs' links and the daemon are not held up by this one's disk writes.
+        let batch = state.batch.take().unwrap_or_default();
+        drop(guard);
+        self.end_batch(batch);
         for (task, seq) in acks {
             out.push(HostMessage::Ack {
                 v: VERSION,
@@ -638,6 +641,11 @@ impl TaskBook {
                 let written = bytes
                     .map_err(|e| std::io::Error::other(e.to_string()))
                     .and_then(|b| self.status.write_artifact_part(name, &path, offset, &b));
+                if written.is_ok()
+                    && let Some(batch) = &mut state.batch
+                {
+                    batch.artifacts.insert((name.to_owned(), path.clone()));
+                }
                 let grew = match written {
                     Ok(grew) => grew,
                     Err(e) => {
