@@ -713,6 +713,29 @@ impl TaskBook {
         }
     }
 
+    /// Notes a refused answer on its prompt (once) and as an event, and moves a host answer
+    /// file aside (the name, not what it points at), so it is read once.
+    fn refuse_answer(
+        &self,
+        state: &mut BookState,
+        record: &crate::status::tasks::TaskRecord,
+        prompt: &PromptRecord,
+        note: String,
+        file: Option<&std::path::Path>,
+    ) {
+        if !prompt.refused.contains(&note) {
+            self.set_prompt(state, &prompt.id, |p| p.refused.push(note.clone()));
+            self.event(
+                record,
+                "hitl.answer_refused",
+                format!("answer to {} refused: {note}", prompt.id),
+            );
+        }
+        if let Some(file) = file {
+            let _ = std::fs::rename(file, file.with_extension("answer.refused"));
+        }
+    }
+
     /// Drops a message past a host limit: its `seq` counts (so the guest's outbox drains),
     /// and the run's status says what was refused, once per kind.
     fn refuse(
@@ -865,17 +888,7 @@ impl TaskBook {
                     )),
                     Some(Err(why)) => {
                         let note = format!("host file {}: {why}", host_file.display());
-                        if !prompt.refused.contains(&note) {
-                            self.set_prompt(state, &id, |p| p.refused.push(note.clone()));
-                            self.event(
-                                &record,
-                                "hitl.answer_refused",
-                                format!("answer to {id} refused: {note}"),
-                            );
-                        }
-                        // Moved aside (the name, not what it points at), so it is read once.
-                        let _ =
-                            std::fs::rename(&host_file, host_file.with_extension("answer.refused"));
+                        self.refuse_answer(state, &record, &prompt, note, Some(&host_file));
                         continue;
                     }
                 },
@@ -883,17 +896,7 @@ impl TaskBook {
             if let Some((response, by, file)) = answer {
                 if let Some(problem) = answer_problem_allowing(&response, prompt.allow_control) {
                     let note = format!("{by}: {problem}");
-                    if !prompt.refused.contains(&note) {
-                        self.set_prompt(state, &id, |p| p.refused.push(note.clone()));
-                        self.event(
-                            &record,
-                            "hitl.answer_refused",
-                            format!("answer to {id} refused: {note}"),
-                        );
-                    }
-                    if let Some(file) = file {
-                        let _ = std::fs::rename(&file, file.with_extension("answer.refused"));
-                    }
+                    self.refuse_answer(state, &record, &prompt, note, file.as_deref());
                     continue;
                 }
                 self.set_prompt(state, &id, |p| {
