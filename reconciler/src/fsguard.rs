@@ -53,7 +53,7 @@ fn check_ancestors(absolute: &Path) -> Result<(), String> {
 }
 
 /// Owned by root or fleet's user, and writable by no one else (sticky directories aside).
-pub fn check_owner_and_mode(path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
+fn check_owner_and_mode(path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
     let me = nix::unistd::geteuid().as_raw();
     if meta.uid() != 0 && meta.uid() != me {
         return Err(format!(

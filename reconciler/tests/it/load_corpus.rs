@@ -1990,7 +1990,10 @@ fn image_kernel_is_an_absolute_path() {
     check(
         &[(
             "fleet/fleet.yaml",
-            &FLEET.replace("kernel: micro/vmlinuz", "kernel: /root/.ssh/id_ed25519"),
+            &FLEET.replace(
+                "kernel: micro/vmlinuz",
+                "kernel: /etc/ssh/ssh_host_ed25519_key",
+            ),
         )],
         expect![[r#"
             fleet/fleet.yaml:11:15: error: spec.images[0].kernel: an absolute path; image files are named relative to the host's image root (imageRoot in the host configuration)
@@ -2062,7 +2065,7 @@ fn task_repository_climbs_out_of_the_repository() {
                 "fleet/tasks/t.yaml",
                 &task_with(
                     "t",
-                    "  command: [ls]\n  repository: {url: ../../root/.git}\n",
+                    "  command: [ls]\n  repository: {url: ../../srv/other/.git}\n",
                 ),
             ),
         ],

@@ -130,12 +130,9 @@ impl GuardedNetwork {
         Ok(())
     }
 
-    /// Applies the guard again (it does not survive a firewall reload on the host).
-    pub fn reapply_guard(&self) -> Result<(), DriverError> {
-        self.apply_guard()
-    }
-
-    fn apply_guard(&self) -> Result<(), DriverError> {
+    /// Applies (or applies again: it does not survive a firewall reload on the host) the
+    /// guard, replacing the table in one transaction.
+    pub fn apply_guard(&self) -> Result<(), DriverError> {
         let refuse = |why: String| {
             DriverError::new(
                 ErrorKind::Permanent,

@@ -32,9 +32,10 @@ use crate::spec::{LibvirtProvider, PowerState};
 /// Root namespace for fleet's deterministic domain UUIDs.
 const UUID_ROOT: uuid::Uuid = uuid::uuid!("5e1f3c0a-6b1d-4f57-9a3e-0c2f7d9b8e41");
 const OWNER_MARKER: &str = "owner.json";
-/// The files fleet makes in a VM's directory (libvirt's log daemon writes the console log
-/// and its rotations, `console.log.N`). Nothing else there is fleet's to remove.
-const VM_FILES: [&str; 4] = [OWNER_MARKER, "seed.iso", "disk.qcow2", "console.log"];
+/// The files fleet makes in a VM's directory besides its owner marker (libvirt's log daemon
+/// writes the console log and its rotations, `console.log.N`). Nothing else there is
+/// fleet's to remove.
+const VM_FILES: [&str; 3] = ["seed.iso", "disk.qcow2", "console.log"];
 /// Where VM directories go when the host configuration names no `storageDir`.
 pub const DEFAULT_STORAGE_ROOT: &str = "/var/lib/fleet/storage";
 
@@ -626,7 +627,7 @@ impl LibvirtDriver {
         };
         if self.dir_is_ours(&dir, name) {
             // The marker goes last: a removal cut short stays recognisably fleet's.
-            let mut files: Vec<PathBuf> = VM_FILES[1..].iter().map(|f| dir.join(f)).collect();
+            let mut files: Vec<PathBuf> = VM_FILES.iter().map(|f| dir.join(f)).collect();
             for entry in std::fs::read_dir(&dir)
                 .map_err(|e| fail(&dir, e))?
                 .flatten()
@@ -808,7 +809,7 @@ impl Driver for LibvirtDriver {
             .ok()
             .is_some_and(|n| n.is_active().unwrap_or(false));
         if active {
-            network.reapply_guard()?;
+            network.apply_guard()?;
         }
         Ok(())
     }
