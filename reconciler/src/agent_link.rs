@@ -380,5 +380,5 @@ fn session_id() -> String {
         now.as_nanos(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     );
-    crate::source::hex(&sha2::Sha256::digest(seed.as_bytes()))[..32].to_owned()
+    crate::digest::hex(&sha2::Sha256::digest(seed.as_bytes()))[..32].to_owned()
 }

@@ -13,6 +13,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ids::ApprovalId;
 use crate::plan::{Plan, render};
 use crate::resolve::Desired;
 use crate::status::{Event, StatusDir, timestamp, write_atomic};
@@ -51,8 +52,6 @@ pub struct ApprovalRecord {
     pub refused: Vec<String>,
 }
 
-pub const PREFIX: &str = "approval-";
-
 fn path(status: &StatusDir, id: &str) -> std::path::PathBuf {
     status.hitl_dir().join(format!("{id}.yaml"))
 }
@@ -79,7 +78,7 @@ fn event(status: &StatusDir, desired: &Desired, kind: &str, message: String) {
 /// Writes or updates the approval file of `plan`'s held steps and releases them into its
 /// steps when they are approved. Records of approvals no plan holds any more are withdrawn.
 pub fn settle(status: &StatusDir, desired: &Desired, plan: &mut Plan) {
-    let current = plan.approval_id();
+    let current = plan.approval_id().map(|id| id.to_string());
     withdraw_others(status, desired, current.as_deref());
     let (Some(id), Some(digest)) = (current, plan.approval_digest.clone()) else {
         return;
@@ -130,11 +129,7 @@ pub fn settle(status: &StatusDir, desired: &Desired, plan: &mut Plan) {
         if let Some(committed) = desired.approvals.get(&id) {
             offered.push((
                 committed.digest.clone(),
-                format!(
-                    "commit {} ({})",
-                    &desired.revision.id[..desired.revision.id.len().min(12)],
-                    committed.source
-                ),
+                format!("commit {} ({})", desired.revision.short(), committed.source),
             ));
         }
         let answer_file = status.hitl_dir().join(format!("{id}.answer"));
@@ -187,7 +182,7 @@ pub fn read_all(status: &StatusDir) -> Vec<ApprovalRecord> {
         .filter_map(|e| {
             let name = e.file_name();
             let id = name.to_str()?.strip_suffix(".yaml")?;
-            id.starts_with(PREFIX).then(|| read(status, id))?
+            ApprovalId::parse(id).and_then(|_| read(status, id))
         })
         .collect();
     records.sort_by(|a, b| (&a.created, &a.id).cmp(&(&b.created, &b.id)));
@@ -226,7 +221,7 @@ fn withdraw_others(status: &StatusDir, desired: &Desired, keep: Option<&str>) {
         let Some(id) = name
             .to_str()
             .and_then(|n| n.strip_suffix(".yaml"))
-            .filter(|n| n.starts_with(PREFIX))
+            .filter(|n| ApprovalId::parse(n).is_some())
         else {
             continue;
         };

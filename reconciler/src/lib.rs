@@ -6,6 +6,9 @@
 //! (pure), `apply` does it (journaled), and `status` writes what happened.
 //! `reconcile` wires the stages together for `cli`.
 
+// The pure core, re-exported so the shell and its users name one path (`fleet::plan`).
+pub use fleet_core::{answer, digest, ids, load, observe, plan, resolve, seed, snapshot, spec};
+
 pub mod agent_link;
 pub mod apply;
 pub mod approvals;
@@ -16,15 +19,9 @@ pub mod fsguard;
 pub mod hitl;
 pub mod host;
 pub mod http;
-pub mod load;
-pub mod observe;
-pub mod plan;
 pub mod reconcile;
-pub mod resolve;
 pub mod secrets;
-pub mod seed;
 pub mod source;
-pub mod spec;
 pub mod status;
 pub mod tasks;
 pub mod terminal;

@@ -4,46 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use fleet_core::digest::hex;
+pub use fleet_core::snapshot::{Revision, Snapshot, SourceFile};
 use sha2::{Digest, Sha256};
-
-/// Which revision a snapshot holds.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Revision {
-    /// A commit id, or `worktree:<digest of the files>`.
-    pub id: String,
-    /// What the operator would call it: `main@1a2b3c4`, or `worktree`.
-    pub label: String,
-}
-
-impl Revision {
-    /// Short form for status lines.
-    pub fn short(&self) -> &str {
-        if self.id.starts_with("worktree:") {
-            &self.id[..self.id.len().min(21)]
-        } else {
-            &self.id[..self.id.len().min(12)]
-        }
-    }
-}
-
-/// The files of `fleet/` at one revision, with paths relative to the repository root.
-#[derive(Clone, Debug)]
-pub struct Snapshot {
-    pub revision: Revision,
-    /// The fleet directory, relative to the repository root (`fleet`).
-    pub fleet_dir: String,
-    /// Sorted by path.
-    pub files: Vec<SourceFile>,
-}
-
-#[derive(Clone, Debug)]
-pub struct SourceFile {
-    /// Relative to the repository root, `/`-separated.
-    pub path: String,
-    pub bytes: Vec<u8>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -253,15 +216,4 @@ fn walk_dir(root: &Path, dir: &Path, out: &mut Vec<SourceFile>) -> Result<(), So
         }
     }
     Ok(())
-}
-
-/// Lower-case hex of a digest.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }

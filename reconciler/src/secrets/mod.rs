@@ -276,7 +276,7 @@ impl Vault {
                         redact::register(value.expose_secret());
                         vault
                             .fingerprints
-                            .insert(id.clone(), crate::source::hex(&tag)[..16].to_owned());
+                            .insert(id.clone(), crate::digest::hex(&tag)[..16].to_owned());
                         vault.values.insert(id, value);
                     }
                     Err(why) => {
@@ -403,7 +403,7 @@ impl Vault {
                     }
                 }
             }
-            task.spec_hash = crate::source::hex(&h.finalize());
+            task.spec_hash = crate::digest::hex(&h.finalize());
         }
     }
 }

@@ -14,6 +14,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{StatusDir, write_atomic, yaml};
+use crate::ids::ApprovalId;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum TaskPhase {
@@ -131,7 +132,7 @@ pub struct TaskRecord {
 impl TaskRecord {
     /// The task's name in the guest: unique per run, so the guest never confuses runs.
     pub fn guest_task(&self) -> String {
-        format!("{}-{}", self.name, self.run)
+        crate::ids::guest_task(&self.name, &self.run)
     }
 }
 
@@ -223,7 +224,7 @@ impl StatusDir {
     /// Task prompts (approval records share the directory and are left out).
     pub fn read_prompts(&self) -> BTreeMap<String, PromptRecord> {
         let mut prompts = read_all(&self.hitl_dir(), |r: &PromptRecord| r.id.clone());
-        prompts.retain(|id, _| !id.starts_with(crate::approvals::PREFIX));
+        prompts.retain(|id, _| ApprovalId::parse(id).is_none());
         prompts
     }
 

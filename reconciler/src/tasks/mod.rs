@@ -30,9 +30,9 @@ use sha2::{Digest, Sha256};
 use fleet_agent_protocol::SecretFile;
 use secrecy::SecretSlice;
 
+use crate::digest::hex;
 use crate::resolve::{CommittedAnswer, Desired, DesiredTask};
 use crate::secrets::Vault;
-use crate::source::hex;
 use crate::spec::SecretRef;
 use crate::status::tasks::{PromptRecord, PromptState, TaskPhase, TaskRecord};
 use crate::status::{Event, StatusDir, timestamp};

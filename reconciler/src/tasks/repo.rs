@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::source::hex;
+use crate::digest::hex;
 use crate::spec::Repository;
 
 /// Archives larger than this are refused (the guest unpacks into a tmpfs).

@@ -10,7 +10,9 @@ use base64::Engine;
 use fleet_agent_protocol::{ExitReason, GuestMessage, HostMessage, VERSION};
 
 use super::{BookState, TaskBook, limits, now};
-use crate::hitl::{answer_from_file, answer_problem_allowing};
+use crate::answer::answer_problem;
+use crate::hitl::answer_from_file;
+use crate::ids::{ApprovalId, PromptId};
 use crate::resolve::DesiredTask;
 use crate::spec::{OnDeadline, Repository};
 use crate::status::tasks::{PromptKind, PromptRecord, PromptState, RepositoryAt, TaskPhase};
@@ -345,7 +347,7 @@ impl TaskBook {
             });
         });
         let path = format!("{GUEST_STAGE}/{}.tar", job.guest_task);
-        let sha = crate::source::hex(&<sha2::Sha256 as sha2::Digest>::digest(&archive.tar));
+        let sha = crate::digest::hex(&<sha2::Sha256 as sha2::Digest>::digest(&archive.tar));
         let engine = base64::engine::general_purpose::STANDARD;
         let parts: Vec<&[u8]> = if archive.tar.is_empty() {
             vec![&[]]
@@ -562,7 +564,12 @@ impl TaskBook {
                     .map(|l| cut(&redacted(l), limits::PROMPT_LINE_BYTES))
                     .collect();
                 let n = record.prompts + 1;
-                let id = format!("{}-{}-{n}", record.name, record.run);
+                let id = PromptId {
+                    task: record.name.clone(),
+                    run: record.run.clone(),
+                    n,
+                }
+                .to_string();
                 let deadline = state
                     .desired
                     .get(name)
@@ -894,7 +901,7 @@ impl TaskBook {
                 },
             };
             if let Some((response, by, file)) = answer {
-                if let Some(problem) = answer_problem_allowing(&response, prompt.allow_control) {
+                if let Some(problem) = answer_problem(&response, prompt.allow_control) {
                     let note = format!("{by}: {problem}");
                     self.refuse_answer(state, &record, &prompt, note, file.as_deref());
                     continue;
@@ -968,7 +975,7 @@ impl TaskBook {
                 .file_name()
                 .and_then(|n| n.to_str())
                 .and_then(|n| n.strip_suffix(".answer"))
-                .filter(|id| !id.starts_with(crate::approvals::PREFIX))
+                .filter(|id| ApprovalId::parse(id).is_none())
                 .map(str::to_owned)
             else {
                 continue;

@@ -203,7 +203,7 @@ proptest! {
 
     #[test]
     fn an_accepted_answer_is_one_bounded_line_of_plain_text(text in any::<String>()) {
-        match fleet::hitl::answer_problem(&text) {
+        match fleet::answer::answer_problem(&text, false) {
             None => {
                 prop_assert!(text.len() <= 4096);
                 prop_assert!(!text.chars().any(char::is_control), "{text:?}");
@@ -226,7 +226,7 @@ proptest! {
         if let Ok(loaded) = fleet::load::load(&snap, Some(&host())) {
             let got = loaded.answers["p-1"].doc.spec.response.clone().unwrap_or_default();
             prop_assert_eq!(&got, &response);
-            prop_assert!(fleet::hitl::answer_problem(&got).is_none());
+            prop_assert!(fleet::answer::answer_problem(&got, false).is_none());
         }
     }
 }

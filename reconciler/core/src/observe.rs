@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::digest::hex;
 use crate::resolve::VmConfig;
-use crate::source::hex;
 
 /// The ownership stamp fleet writes onto every VM it creates (DESIGN §3).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

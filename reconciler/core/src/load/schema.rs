@@ -27,14 +27,14 @@ struct Compiled {
 
 fn committed_schema(kind: Kind) -> &'static str {
     match kind {
-        Kind::Fleet => include_str!("../../../schema/fleet.schema.json"),
-        Kind::Loadout => include_str!("../../../schema/loadout.schema.json"),
-        Kind::Vm => include_str!("../../../schema/vm.schema.json"),
-        Kind::VmPool => include_str!("../../../schema/vmpool.schema.json"),
-        Kind::Task => include_str!("../../../schema/task.schema.json"),
-        Kind::Answer => include_str!("../../../schema/answer.schema.json"),
-        Kind::Secret => include_str!("../../../schema/secret.schema.json"),
-        Kind::Host => include_str!("../../../schema/host.schema.json"),
+        Kind::Fleet => include_str!("../../../../schema/fleet.schema.json"),
+        Kind::Loadout => include_str!("../../../../schema/loadout.schema.json"),
+        Kind::Vm => include_str!("../../../../schema/vm.schema.json"),
+        Kind::VmPool => include_str!("../../../../schema/vmpool.schema.json"),
+        Kind::Task => include_str!("../../../../schema/task.schema.json"),
+        Kind::Answer => include_str!("../../../../schema/answer.schema.json"),
+        Kind::Secret => include_str!("../../../../schema/secret.schema.json"),
+        Kind::Host => include_str!("../../../../schema/host.schema.json"),
     }
 }
 

@@ -1077,7 +1077,7 @@ mod tests {
 
     #[test]
     fn committed_schemas_match_the_types() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schema");
         for kind in Kind::ALL {
             let generated = serde_json::to_string_pretty(&schema_for(kind)).expect("json") + "\n";
             expect_test::expect_file![dir.join(kind.schema_file())].assert_eq(&generated);

@@ -11,10 +11,10 @@ use serde_json::{Map, Value, json};
 use crate::resolve::DesiredVm;
 use crate::spec::{GuestUser, NetworkMode};
 
-const USER_DATA: &str = include_str!("../../cloud-init/user-data.yaml");
-const META_DATA: &str = include_str!("../../cloud-init/meta-data.yaml");
-const NETWORK_ISOLATED: &str = include_str!("../../cloud-init/network-config-isolated.yaml");
-const NETWORK_FULL: &str = include_str!("../../cloud-init/network-config-full.yaml");
+const USER_DATA: &str = include_str!("../../../cloud-init/user-data.yaml");
+const META_DATA: &str = include_str!("../../../cloud-init/meta-data.yaml");
+const NETWORK_ISOLATED: &str = include_str!("../../../cloud-init/network-config-isolated.yaml");
+const NETWORK_FULL: &str = include_str!("../../../cloud-init/network-config-full.yaml");
 
 /// The three files of a seed.
 #[derive(Clone, Debug, PartialEq, Eq)]

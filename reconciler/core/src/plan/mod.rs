@@ -17,9 +17,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::digest::hex;
+use crate::ids::ApprovalId;
 use crate::observe::{Observed, ObservedVm};
 use crate::resolve::{Desired, DesiredVm, ResolvedPolicy, VmConfig};
-use crate::source::{Revision, hex};
+use crate::snapshot::Revision;
 use crate::spec::PowerState;
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -169,11 +171,12 @@ impl Plan {
         !self.steps.is_empty() || !self.held.is_empty()
     }
 
-    /// The id of the approval file for the held steps (`approval-` and 12 hex digits).
-    pub fn approval_id(&self) -> Option<String> {
+    /// The id of the approval file for the held steps; `None` when nothing is held, or
+    /// when a hand-edited saved plan carries an approval digest too short to name one.
+    pub fn approval_id(&self) -> Option<ApprovalId> {
         self.approval_digest
-            .as_ref()
-            .map(|d| format!("approval-{}", &d[..12]))
+            .as_deref()
+            .and_then(ApprovalId::from_digest)
     }
 
     pub fn count(&self, action: Action) -> usize {

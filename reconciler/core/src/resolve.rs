@@ -11,8 +11,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::digest::hex;
 use crate::load::{LoadedFleet, pool_member_names};
-use crate::source::{Revision, hex};
+use crate::snapshot::Revision;
 use crate::spec::{
     AgentKind, AgentSpec, ArmoredValue, DomainType, GuestFile, GuestUser, HostSpec, LoadoutSpec,
     NetworkMode, OnDeadline, PowerState, Provider, ProviderKind, Repository, Resources, SecretRef,
@@ -736,8 +737,8 @@ fn merge_keyed<T: Clone, K: PartialEq>(
 }
 
 /// A small resolved VM for unit tests: `edit` adjusts its configuration, the hash follows.
-#[cfg(test)]
-pub(crate) fn example_vm(name: &str, edit: impl FnOnce(&mut VmConfig)) -> DesiredVm {
+#[cfg(any(test, feature = "test-support"))]
+pub fn example_vm(name: &str, edit: impl FnOnce(&mut VmConfig)) -> DesiredVm {
     let mut config = VmConfig {
         provider: "local".into(),
         domain_type: DomainType::Qemu,
@@ -775,14 +776,14 @@ pub(crate) fn example_vm(name: &str, edit: impl FnOnce(&mut VmConfig)) -> Desire
     }
 }
 
-#[cfg(test)]
-pub(crate) mod tests_support {
+#[cfg(any(test, feature = "test-support"))]
+pub mod tests_support {
     use super::*;
-    use crate::source::{Snapshot, SourceFile};
+    use crate::snapshot::{Snapshot, SourceFile};
 
     /// A fleet with one VM, one Secret `s` (key `k` holding `armored`) and a task `t` that
     /// takes it as `$TOKEN`.
-    pub(crate) fn desired_with_task_secret(armored: String) -> Desired {
+    pub fn desired_with_task_secret(armored: String) -> Desired {
         let indented: String = armored.lines().map(|l| format!("      {l}\n")).collect();
         let files = [
             ("fleet/fleet.yaml", "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: lab}\nspec:\n  providers: [{name: local, type: libvirt}]\n  images: [{name: micro, kernel: k, initrd: i}]\n".to_owned()),
@@ -810,7 +811,7 @@ pub(crate) mod tests_support {
     }
 
     /// A host with one libvirt provider `local` on libvirt's test driver.
-    pub(crate) fn test_host() -> HostSpec {
+    pub fn test_host() -> HostSpec {
         crate::load::load_host(
             "host.yaml",
             b"apiVersion: fleet/v1\nkind: Host\nspec:\n  providers: [{name: local, type: libvirt, uri: 'test:///default'}]\n",

@@ -18,7 +18,8 @@ use serde::de::DeserializeOwned;
 pub use diagnostic::Diagnostic;
 use yaml::{Located, Pos};
 
-use crate::source::{Revision, Snapshot};
+use crate::ids::PromptId;
+use crate::snapshot::{Revision, Snapshot};
 use crate::spec::{
     AnswerDocument, FleetDocument, HostDocument, HostSpec, Kind, LoadoutDocument, NetworkMode,
     ProviderKind, Resources, SecretDocument, SecretRef, TaskDocument, VmDocument, VmPoolDocument,
@@ -480,7 +481,7 @@ fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
             match (&spec.response, &spec.approve) {
                 // Control characters depend on the prompt's task: see `check_answer_text`.
                 (Some(response), None) => {
-                    if let Some(bad) = crate::hitl::answer_problem_allowing(response, true) {
+                    if let Some(bad) = crate::answer::answer_problem(response, true) {
                         diags.push(Diagnostic::new(
                             &o.path,
                             o.tree.pos_at_pointer("/spec/response", false),
@@ -918,12 +919,12 @@ fn check_answer_text(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
         let Some(response) = &o.doc.spec.response else {
             continue;
         };
-        let task = id.rsplitn(3, '-').nth(2).unwrap_or_default();
+        let task = PromptId::parse(id).map(|p| p.task).unwrap_or_default();
         let allowed = f
             .tasks
-            .get(task)
+            .get(&task)
             .is_some_and(|t| t.doc.spec.prompts.as_ref().is_some_and(|p| p.allow_control));
-        if let Some(bad) = crate::hitl::answer_problem_allowing(response, allowed) {
+        if let Some(bad) = crate::answer::answer_problem(response, allowed) {
             diags.push(Diagnostic::new(
                 &o.path,
                 o.tree.pos_at_pointer("/spec/response", false),

@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{Action, Step};
+use crate::digest::hex;
 use crate::observe::Observed;
 use crate::resolve::Desired;
-use crate::source::hex;
 
 /// A step and every reason it waits for an approval.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
