@@ -5,15 +5,21 @@
 //! `status/hitl/<id>.answer` holding the digest releases exactly those steps; an approval that
 //! names another digest is refused and noted on the record.
 //!
+//! Offers are gathered before planning (`gather`) and are an input of the plan, which
+//! releases held steps only when an offer names their digest; the record is written after
+//! (`record`).
+//!
 //! Invariant: held steps run only when an approval names the digest of exactly the steps the
 //! current plan holds; the approved record is what survives a restart between approving and
 //! applying.
 
+use std::collections::BTreeSet;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
 use crate::ids::ApprovalId;
+use crate::plan::guard::HeldStep;
 use crate::plan::{Plan, render};
 use crate::resolve::Desired;
 use crate::status::{Event, StatusDir, timestamp, write_atomic};
@@ -75,89 +81,167 @@ fn event(status: &StatusDir, desired: &Desired, kind: &str, message: String) {
     ));
 }
 
-/// Writes or updates the approval file of `plan`'s held steps and releases them into its
-/// steps when they are approved. Records of approvals no plan holds any more are withdrawn.
-pub fn settle(status: &StatusDir, desired: &Desired, plan: &mut Plan) {
-    let current = plan.approval_id().map(|id| id.to_string());
-    withdraw_others(status, desired, current.as_deref());
-    let (Some(id), Some(digest)) = (current, plan.approval_digest.clone()) else {
+/// Who offered an approval read from `status/hitl/<id>.answer`.
+const HOST_FILE: &str = "host file";
+
+/// An approval offered: the digest it names and who offered it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Offer {
+    pub digest: String,
+    pub by: String,
+}
+
+/// Every approval on offer before a plan is made, by approval id: committed Answers,
+/// host answer files, and approvals already recorded.
+#[derive(Clone, Debug, Default)]
+pub struct Offers {
+    by_id: std::collections::BTreeMap<String, Vec<Offer>>,
+    recorded: BTreeSet<String>,
+}
+
+impl Offers {
+    /// The digests the planner may treat as approved: those recorded as approved, and those
+    /// offered under the approval id their own digest makes (an Answer or host file for one
+    /// approval never releases another's steps).
+    pub fn digests(&self) -> BTreeSet<String> {
+        let offered = self.by_id.iter().flat_map(|(id, offers)| {
+            offers
+                .iter()
+                .filter(move |o| {
+                    ApprovalId::from_digest(&o.digest).is_some_and(|own| own.as_str() == id)
+                })
+                .map(|o| o.digest.clone())
+        });
+        self.recorded.iter().cloned().chain(offered).collect()
+    }
+}
+
+/// Gathers the approvals on offer. With `take_host_files` (apply and the daemon), each host
+/// answer file is read once, accepted or not, and kept as `<id>.answer.read`; without it
+/// (`fleet plan`) nothing is moved or written.
+pub fn gather(status: &StatusDir, desired: &Desired, take_host_files: bool) -> Offers {
+    let mut offers = Offers::default();
+    for record in read_all(status) {
+        if record.state == ApprovalState::Approved {
+            offers.recorded.insert(record.plan_digest);
+        }
+    }
+    for (id, committed) in &desired.approvals {
+        offers.by_id.entry(id.clone()).or_default().push(Offer {
+            digest: committed.digest.clone(),
+            by: format!("commit {} ({})", desired.revision.short(), committed.source),
+        });
+    }
+    let Ok(entries) = std::fs::read_dir(status.hitl_dir()) else {
+        return offers;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".answer"))
+            .and_then(ApprovalId::parse)
+        else {
+            continue;
+        };
+        let answer_file = entry.path();
+        if let Some(read) = crate::status::read_answer_file(&answer_file) {
+            match read {
+                Ok(text) => offers.by_id.entry(id.to_string()).or_default().push(Offer {
+                    digest: text.trim().to_owned(),
+                    by: HOST_FILE.to_owned(),
+                }),
+                Err(why) => tracing::warn!("{}: refused: {why}", answer_file.display()),
+            }
+            if take_host_files {
+                let _ = std::fs::rename(
+                    &answer_file,
+                    status.hitl_dir().join(format!("{id}.answer.read")),
+                );
+            }
+        }
+    }
+    offers
+}
+
+/// After planning: writes or updates the approval record of the steps `plan` holds (or
+/// released), notes offers that name another digest, and withdraws pending records no plan
+/// holds any more.
+pub fn record(status: &StatusDir, desired: &Desired, plan: &Plan, offers: &Offers) {
+    let current = plan.approval_id();
+    withdraw_others(status, desired, current.as_ref().map(ApprovalId::as_str));
+    let stray = offers
+        .by_id
+        .iter()
+        .filter(|(id, _)| current.as_ref().is_none_or(|c| c.as_str() != id.as_str()));
+    for (id, offer) in stray.flat_map(|(id, o)| o.iter().map(move |o| (id, o))) {
+        if offer.by == HOST_FILE {
+            event(
+                status,
+                desired,
+                "approval.refused",
+                format!("{id}: the host file names an approval this plan does not hold"),
+            );
+        }
+    }
+    let Some(id) = current else {
         return;
     };
+    let (digest, steps) = match (&plan.approval_digest, &plan.approved) {
+        (Some(digest), _) => (
+            digest.clone(),
+            plan.held.iter().map(HeldStep::line).collect::<Vec<_>>(),
+        ),
+        (None, Some(approved)) => (approved.digest.clone(), approved.steps.clone()),
+        (None, None) => return,
+    };
+    let id = id.to_string();
     let mut record = match read(status, &id) {
         Some(r) if r.plan_digest == digest => r,
         _ => {
-            let record = ApprovalRecord {
-                id: id.clone(),
-                kind: "approval".into(),
-                plan_digest: digest.clone(),
-                revision: desired.revision.id.clone(),
-                state: ApprovalState::Pending,
-                steps: plan
-                    .held
-                    .iter()
-                    .map(|h| {
-                        format!(
-                            "{} {} on {}: {}",
-                            h.step.action.as_str(),
-                            h.step.vm,
-                            h.step.provider,
-                            h.why.join("; ")
-                        )
-                    })
-                    .collect(),
-                plan: render::text(plan),
-                created: timestamp(SystemTime::now()),
-                approved_by: None,
-                approved_at: None,
-                refused: Vec::new(),
-            };
             event(
                 status,
                 desired,
                 "approval.requested",
                 format!(
                     "{} step(s) wait for approval {id} (spec.approve: {digest})",
-                    plan.held.len()
+                    steps.len()
                 ),
             );
-            record
+            ApprovalRecord {
+                id: id.clone(),
+                kind: "approval".into(),
+                plan_digest: digest.clone(),
+                revision: desired.revision.id.clone(),
+                state: ApprovalState::Pending,
+                steps,
+                plan: render::text(plan),
+                created: timestamp(SystemTime::now()),
+                approved_by: None,
+                approved_at: None,
+                refused: Vec::new(),
+            }
         }
     };
     let before = record.clone();
     if record.state != ApprovalState::Approved {
-        let mut offered: Vec<(String, String)> = Vec::new();
-        if let Some(committed) = desired.approvals.get(&id) {
-            offered.push((
-                committed.digest.clone(),
-                format!("commit {} ({})", desired.revision.short(), committed.source),
-            ));
-        }
-        let answer_file = status.hitl_dir().join(format!("{id}.answer"));
-        if let Some(read) = crate::status::read_answer_file(&answer_file) {
-            match read {
-                Ok(text) => offered.push((text.trim().to_owned(), "host file".to_owned())),
-                Err(why) => tracing::warn!("{}: refused: {why}", answer_file.display()),
-            }
-            // Read once, accepted or not: the file is kept as `<id>.answer.read`.
-            let _ = std::fs::rename(
-                &answer_file,
-                status.hitl_dir().join(format!("{id}.answer.read")),
-            );
-        }
-        for (named, by) in offered {
-            if named == digest {
+        for offer in offers.by_id.get(&id).into_iter().flatten() {
+            if offer.digest == digest {
                 record.state = ApprovalState::Approved;
-                record.approved_by = Some(by.clone());
+                record.approved_by = Some(offer.by.clone());
                 record.approved_at = Some(timestamp(SystemTime::now()));
                 event(
                     status,
                     desired,
                     "approval.approved",
-                    format!("{id} approved by {by}"),
+                    format!("{id} approved by {}", offer.by),
                 );
                 break;
             }
-            let note = format!("{by} names digest {named:?}, not this plan's {digest}");
+            let note = format!(
+                "{} names digest {:?}, not this plan's {digest}",
+                offer.by, offer.digest
+            );
             if !record.refused.contains(&note) {
                 event(status, desired, "approval.refused", format!("{id}: {note}"));
                 record.refused.push(note);
@@ -166,9 +250,6 @@ pub fn settle(status: &StatusDir, desired: &Desired, plan: &mut Plan) {
     }
     if record != before || !path(status, &id).exists() {
         let _ = write(status, &record);
-    }
-    if record.state == ApprovalState::Approved {
-        plan.approve(&digest);
     }
 }
 

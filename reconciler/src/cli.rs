@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::plan::{self, Plan, render};
+use crate::plan::{Plan, render};
 use crate::reconcile::{self, SourceChoice, Workspace};
 use crate::status::StatusDir;
 
@@ -440,9 +440,16 @@ async fn make_plan(
     };
     let vault = ws.open_vault(&desired);
     let drivers = reconcile::drivers_for(&desired, &host, &vault);
-    let observed = reconcile::observe_for(&drivers, &desired).await;
-    let plan = reconcile::plan_for(ws, &desired, &observed, &vault);
-    Ok(Ok((desired, plan, drivers)))
+    let planned = reconcile::plan_pass(
+        ws,
+        &desired,
+        &drivers,
+        &vault,
+        Default::default(),
+        reconcile::PlanMode::ReadOnly,
+    )
+    .await;
+    Ok(Ok((desired, planned.plan, drivers)))
 }
 
 async fn plan_cmd(ws: &Workspace, args: &PlanArgs) -> Result<ExitCode> {
@@ -477,23 +484,7 @@ async fn plan_cmd(ws: &Workspace, args: &PlanArgs) -> Result<ExitCode> {
 fn read_saved_plan(path: &Path) -> Result<Plan> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the saved plan {}", path.display()))?;
-    let plan: Plan = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a fleet plan", path.display()))?;
-    if plan.format_version != plan::FORMAT_VERSION {
-        bail!(
-            "{} has plan format {}, this fleet reads format {}; make a new plan",
-            path.display(),
-            plan.format_version,
-            plan::FORMAT_VERSION
-        );
-    }
-    if !plan.digest_is_valid() {
-        bail!(
-            "{} was edited after it was made (its digest does not match); make a new plan",
-            path.display()
-        );
-    }
-    Ok(plan)
+    Plan::read_saved(&text).map_err(|e| anyhow::anyhow!("{} {e}", path.display()))
 }
 
 async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
@@ -524,32 +515,21 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     for line in &recovered {
         eprintln!("{line}");
     }
-    let observed = reconcile::observe_for(&drivers, &desired).await;
-    let fresh = reconcile::plan_for(ws, &desired, &observed, &vault);
+    // Held steps run only with an approval of exactly them (a file; see `approvals`).
+    let reconcile::Planned { observed, plan } = reconcile::plan_pass(
+        ws,
+        &desired,
+        &drivers,
+        &vault,
+        Default::default(),
+        reconcile::PlanMode::Recording,
+    )
+    .await;
     // A saved plan is a claim about what apply will do, never a program: the fresh plan is
     // what runs, and only when it does exactly what the saved one says.
-    let mut plan = fresh;
     if let Some(saved) = saved {
-        if saved.revision.id != plan.revision.id {
-            bail!(
-                "stale plan: it was made from revision {} but the current revision is {}; make a new plan",
-                saved.revision.label,
-                plan.revision.label
-            );
-        }
-        if saved.observed_digest != plan.observed_digest {
-            bail!(
-                "stale plan: the VMs changed since it was made (observed state digest differs); make a new plan"
-            );
-        }
-        if !saved.same_work_as(&plan) {
-            bail!(
-                "the saved plan does not match what fleet plans now for the same revision and VMs (its steps, held steps or approvals differ: it was edited or made by another fleet); nothing was applied; make a new plan"
-            );
-        }
+        saved.check_fresh(&plan)?;
     }
-    // Held steps run only with an approval of exactly them (a file; see `approvals`).
-    crate::approvals::settle(&ws.status, &desired, &mut plan);
     print!("{}", render::text(&plan));
     if !plan.steps.is_empty() && !args.auto_approve {
         if !std::io::stdin().is_terminal() {

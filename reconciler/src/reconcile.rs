@@ -1,5 +1,6 @@
 //! The pipeline wired together: source → load → resolve → observe → plan → apply → status.
-//! Used by the CLI commands (and by the daemon later); holds no policy of its own.
+//! `fleet plan`, `fleet apply` and `fleet serve` run the same stages from here
+//! (`desired`, `drivers_for`, `plan_pass`, `apply_and_record`); it holds no policy of its own.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use crate::driver::libvirt::LibvirtDriver;
 use crate::driver::proxmox::ProxmoxDriver;
 use crate::load::{self, Diagnostic};
 use crate::observe::Observed;
-use crate::plan::{Plan, Step};
+use crate::plan::{Plan, PlanInputs, Step};
 use crate::resolve::{self, Desired};
 use crate::source::{self, Snapshot, SourceError};
 use crate::spec::{HostSpec, Provider};
@@ -83,17 +84,49 @@ pub fn read_snapshot(ws: &Workspace, choice: &SourceChoice) -> Result<Snapshot, 
     }
 }
 
-/// Plans against what runs, judging drift by what the status directory says was applied.
-pub fn plan_for(
+/// Whether a planning pass may write: `fleet plan` only reads (CI runs it on untrusted pull
+/// requests); `fleet apply` and `fleet serve` take host approval files and record approvals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanMode {
+    ReadOnly,
+    Recording,
+}
+
+/// What a planning pass saw and decided.
+pub struct Planned {
+    pub observed: Observed,
+    pub plan: Plan,
+}
+
+/// Observes, gathers every input of the plan (what the status directory says was applied,
+/// secret fingerprints, approvals on offer, and the VMs the caller defers) and plans: the
+/// one planning sequence `fleet plan`, `fleet apply` and `fleet serve` share. The plan is
+/// finished when this returns.
+pub async fn plan_pass(
     ws: &Workspace,
     desired: &Desired,
-    observed: &Observed,
+    drivers: &Drivers,
     vault: &crate::secrets::Vault,
-) -> Plan {
-    let history = status::history(&ws.status.read_vms());
-    let secrets =
-        crate::plan::secrets::changes(desired, &vault.by_id(), &ws.status.read_secrets_seen());
-    crate::plan::plan_with_history(desired, observed, &history).with_secret_changes(secrets)
+    deferred: BTreeMap<String, String>,
+    mode: PlanMode,
+) -> Planned {
+    let observed = observe_for(drivers, desired).await;
+    let offers = crate::approvals::gather(&ws.status, desired, mode == PlanMode::Recording);
+    let inputs = PlanInputs {
+        history: status::history(&ws.status.read_vms()),
+        secrets: crate::plan::secrets::changes(
+            desired,
+            &vault.by_id(),
+            &ws.status.read_secrets_seen(),
+        ),
+        deferred,
+        approved: offers.digests(),
+    };
+    let plan = crate::plan::plan(desired, &observed, &inputs);
+    if mode == PlanMode::Recording {
+        crate::approvals::record(&ws.status, desired, &plan, &offers);
+    }
+    Planned { observed, plan }
 }
 
 /// Loads and resolves a snapshot under the host's rules: every diagnostic at once, the

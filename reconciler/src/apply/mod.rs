@@ -421,6 +421,8 @@ mod tests {
             errors: vec![],
             held: vec![],
             approval_digest: None,
+            approved: None,
+            deferred: vec![],
             secrets: vec![],
             warnings: Vec::new(),
             digest: String::new(),

@@ -248,7 +248,7 @@ fn bench_cached_noop(vms: usize) -> anyhow::Result<()> {
         let t = Instant::now();
         let observed = runtime.block_on(fleet::reconcile::observe(&drivers));
         observe_times.push(t.elapsed());
-        let plan = fleet::plan::plan(&desired, &observed);
+        let plan = fleet::plan::plan(&desired, &observed, &Default::default());
         fleet_times.push(t.elapsed());
         calls = driver.calls() - before;
         anyhow::ensure!(
@@ -431,7 +431,7 @@ fn bench_plan(vms: usize) -> anyhow::Result<()> {
     let started = Instant::now();
     let desired = fleet::reconcile::desired(&snap, &host).map_err(|d| anyhow::anyhow!("{d:?}"))?;
     let loaded = started.elapsed();
-    let plan = fleet::plan::plan(&desired, &observed);
+    let plan = fleet::plan::plan(&desired, &observed, &Default::default());
     let planned = started.elapsed();
     let text = fleet::plan::render::text(&plan);
     let json = fleet::plan::render::json(&plan);
@@ -520,7 +520,7 @@ fn bench_libvirt_observe(vms: usize) -> anyhow::Result<()> {
             let before = driver.calls();
             let t = Instant::now();
             let observed = runtime.block_on(fleet::reconcile::observe(&drivers));
-            let plan = fleet::plan::plan(&desired, &observed);
+            let plan = fleet::plan::plan(&desired, &observed, &Default::default());
             fleet_times.push(t.elapsed());
             calls = driver.calls() - before;
             anyhow::ensure!(

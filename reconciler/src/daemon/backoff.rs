@@ -26,9 +26,19 @@ impl Backoff {
         self.waiting.remove(vm);
     }
 
-    /// May the VM's steps run now?
-    pub fn ready(&self, vm: &str, now: Instant) -> bool {
-        self.waiting.get(vm).is_none_or(|(_, until)| *until <= now)
+    /// The VMs that must wait at `now`, each with why and for how long, in words.
+    pub fn deferred(&self, now: Instant) -> std::collections::BTreeMap<String, String> {
+        self.waiting
+            .iter()
+            .filter(|(_, (_, until))| *until > now)
+            .map(|(vm, (failures, until))| {
+                let left = until.duration_since(now).as_secs().max(1);
+                let why = format!(
+                    "its step failed {failures} time(s) in a row; tried again in {left}s (backoff)"
+                );
+                (vm.clone(), why)
+            })
+            .collect()
     }
 
     /// When the first waiting VM may be tried again.
@@ -47,11 +57,18 @@ mod tests {
         let t = Instant::now();
         let delays: Vec<u64> = (0..12).map(|_| b.failed("a", t).as_secs()).collect();
         assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
-        assert!(!b.ready("a", t + Duration::from_secs(299)));
-        assert!(b.ready("a", t + Duration::from_secs(300)));
-        assert!(b.ready("b", t), "other VMs never wait");
+        assert!(b.deferred(t + Duration::from_secs(299)).contains_key("a"));
+        assert!(b.deferred(t + Duration::from_secs(300)).is_empty());
+        assert!(!b.deferred(t).contains_key("b"), "other VMs never wait");
+        let deferred = b.deferred(t + Duration::from_secs(290));
+        assert_eq!(deferred.keys().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(
+            deferred["a"],
+            "its step failed 12 time(s) in a row; tried again in 10s (backoff)"
+        );
+        assert!(b.deferred(t + Duration::from_secs(300)).is_empty());
         b.succeeded("a");
-        assert!(b.ready("a", t));
+        assert!(b.deferred(t).is_empty());
         assert_eq!(
             b.failed("a", t),
             Duration::from_secs(1),

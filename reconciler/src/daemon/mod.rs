@@ -23,7 +23,6 @@ use tokio::sync::mpsc;
 
 use crate::apply::Drivers;
 use crate::http::{Metrics, View};
-use crate::plan::Plan;
 use crate::reconcile::{self, Workspace};
 use crate::resolve::Desired;
 use crate::source::Revision;
@@ -269,10 +268,23 @@ impl Daemon {
             }
             self.next_resync = Instant::now() + desired.policy.resync_interval;
         }
-        let observed = reconcile::observe_for(&self.drivers, &desired).await;
-        let mut plan = reconcile::plan_for(&self.ws, &desired, &observed, &self.vault);
-        crate::approvals::settle(&self.ws.status, &desired, &mut plan);
-        let plan = self.without_backed_off_steps(plan);
+        // A VM in backoff keeps its steps in the plan, as deferred, until its wait is over.
+        let deferred = self.backoff.deferred(Instant::now());
+        let reconcile::Planned { observed, plan } = reconcile::plan_pass(
+            &self.ws,
+            &desired,
+            &self.drivers,
+            &self.vault,
+            deferred,
+            reconcile::PlanMode::Recording,
+        )
+        .await;
+        if !plan.deferred.is_empty() {
+            tracing::info!(
+                "{} step(s) wait for their VM's backoff",
+                plan.deferred.len()
+            );
+        }
         let applied = reconcile::apply_and_record(
             &self.ws,
             reconcile::Pass {
@@ -410,20 +422,6 @@ impl Daemon {
         }
         self.journal = Some(journal);
         Ok(())
-    }
-
-    /// Drops the steps of VMs still in backoff; their turn comes when it runs out.
-    fn without_backed_off_steps(&self, mut plan: Plan) -> Plan {
-        let now = Instant::now();
-        let before = plan.steps.len();
-        plan.steps.retain(|s| self.backoff.ready(&s.vm, now));
-        if plan.steps.len() != before {
-            tracing::info!(
-                "{} step(s) wait for their VM's backoff",
-                before - plan.steps.len()
-            );
-        }
-        plan
     }
 }
 

@@ -102,7 +102,7 @@ fn plan_exit_codes_and_json() {
     let json = repo.fleet(&["plan", "--json"]);
     let value: serde_json::Value =
         serde_json::from_str(&json.stdout()).expect("plan --json is JSON");
-    assert_eq!(value["formatVersion"], 1);
+    assert_eq!(value["formatVersion"], 2);
     let actions: Vec<&str> = value["steps"]
         .as_array()
         .expect("steps")

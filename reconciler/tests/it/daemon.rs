@@ -394,3 +394,41 @@ fn the_daemon_applies_commits_heals_drift_and_stops_cleanly() {
     repo.commit("clean up");
     crate::approvals::apply_emptying(&repo);
 }
+
+/// A VM whose step keeps failing waits out its backoff, and meanwhile the plan the daemon
+/// writes lists its step as deferred, with why; the digest in `plan.json` is the digest of
+/// the file's own content (nothing is dropped from a plan after it is made).
+#[test]
+fn a_vm_in_backoff_is_deferred_in_the_written_plan() {
+    use crate::support::{host_yaml, test_driver_provider};
+    let repo = Repo::new();
+    repo.host_config(&host_yaml(&[test_driver_provider(&repo)], ""));
+    repo.write(
+        "fleet/fleet.yaml",
+        "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: backoff}\nspec:\n  providers:\n    - {name: local, type: libvirt, domainType: qemu}\n  images:\n    - {name: broken, kernel: no-such-vmlinuz, initrd: no-such-initrd.img}\n  policy: {reconcileInterval: 1s}\n",
+    )
+    .write(
+        "fleet/vms/a.yaml",
+        "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: a}\nspec: {provider: local, image: broken}\n",
+    );
+    repo.commit("a VM whose image is missing");
+    let daemon = Daemon::start(&repo);
+    let plan_file = repo.path().join(".fleet/status/plan.json");
+    wait_until(
+        "plan.json defers the failing VM",
+        Duration::from_secs(30),
+        || read(&plan_file).contains("\"deferred\""),
+    );
+    let text = read(&plan_file);
+    let plan = fleet::plan::Plan::read_saved(&text)
+        .unwrap_or_else(|e| panic!("plan.json is a whole plan ({e}):\n{text}"));
+    assert!(plan.steps.is_empty(), "{text}");
+    assert_eq!(plan.deferred.len(), 1, "{text}");
+    let deferred = &plan.deferred[0];
+    assert_eq!(
+        (deferred.step.vm.as_str(), deferred.step.action),
+        ("a", fleet::plan::Action::Create)
+    );
+    assert!(deferred.why.contains("(backoff)"), "{}", deferred.why);
+    drop(daemon);
+}

@@ -23,6 +23,19 @@ pub struct HeldStep {
     pub why: Vec<String>,
 }
 
+impl HeldStep {
+    /// `destroy web-1 on local: why; why`: how approval records and plans list it.
+    pub fn line(&self) -> String {
+        format!(
+            "{} {} on {}: {}",
+            self.step.action.as_str(),
+            self.step.vm,
+            self.step.provider,
+            self.why.join("; ")
+        )
+    }
+}
+
 fn kind(action: Action) -> crate::spec::StepKind {
     use crate::spec::StepKind;
     match action {

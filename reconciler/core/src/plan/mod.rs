@@ -1,9 +1,12 @@
-//! `plan(desired, observed) -> Plan`: what apply must do, and why.
+//! `plan(desired, observed, inputs) -> Plan`: what apply must do, and why.
 //!
-//! A plan is data: a list of steps (one per VM at most), the conflicts fleet refuses to
-//! touch, the revision and observed-state digest it was made from, and its own digest.
-//! It is rendered (`render`), saved, checked for staleness and walked by apply, which never
-//! re-decides.
+//! A plan is data: a list of steps (one per VM at most), the steps held for an approval or
+//! deferred by a backoff, the conflicts fleet refuses to touch, the revision and
+//! observed-state digest it was made from, and its own digest. It is finished when it is
+//! made: everything that decides it (history, secret changes, approvals given, backoffs) is
+//! an input, its digest is computed once, and nothing edits it afterwards. It is rendered
+//! (`render`), saved (`Plan::read_saved`), checked for staleness (`Plan::check_fresh`) and
+//! walked by apply, which never re-decides.
 //!
 //! Architecture invariant: pure. No I/O, no clock, no randomness.
 
@@ -11,7 +14,7 @@ pub mod guard;
 pub mod render;
 pub mod secrets;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -24,7 +27,8 @@ use crate::resolve::{Desired, DesiredVm, ResolvedPolicy, VmConfig};
 use crate::snapshot::Revision;
 use crate::spec::PowerState;
 
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added `deferred` and `approved`.
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -92,6 +96,37 @@ pub struct History {
     pub applied: BTreeMap<String, PowerState>,
 }
 
+/// Everything planning takes besides the desired and observed state, gathered by the shell
+/// before it plans.
+#[derive(Clone, Debug, Default)]
+pub struct PlanInputs {
+    /// What the last apply left; drift is judged against it.
+    pub history: History,
+    /// The revision's secret changes (`secrets::changes`).
+    pub secrets: Vec<secrets::SecretChange>,
+    /// VMs whose steps wait, with why (a failed step's backoff). Their steps are planned and
+    /// shown as deferred, never silently left out.
+    pub deferred: BTreeMap<String, String>,
+    /// Approval digests someone gave (committed Answers, host answer files, recorded
+    /// approvals). Held steps run when their approval digest is among them.
+    pub approved: BTreeSet<String>,
+}
+
+/// A step that waits before it may run; it is planned again when its wait is over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Deferred {
+    pub step: Step,
+    pub why: String,
+}
+
+/// Held steps an approval released: the digest it named and the steps, one line each.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approved {
+    pub digest: String,
+    pub steps: Vec<String>,
+}
+
 /// One field that differs between the applied and the desired configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FieldChange {
@@ -154,6 +189,12 @@ pub struct Plan {
     /// What an approval of the held steps names (sha256 over them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval_digest: Option<String>,
+    /// The approval that released held steps into `steps`, when one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved: Option<Approved>,
+    /// Steps that wait for their VM's backoff; apply does not run them in this pass.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deferred: Vec<Deferred>,
     /// Secret values added, changed, removed or unreadable since fleet last delivered them
     /// (by keyed fingerprint; never a value), with what each forces.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -168,14 +209,14 @@ pub struct Plan {
 
 impl Plan {
     pub fn has_changes(&self) -> bool {
-        !self.steps.is_empty() || !self.held.is_empty()
+        !self.steps.is_empty() || !self.held.is_empty() || !self.deferred.is_empty()
     }
 
-    /// The id of the approval file for the held steps; `None` when nothing is held, or
-    /// when a hand-edited saved plan carries an approval digest too short to name one.
+    /// The id of the approval that holds this plan's held steps, or that released them.
     pub fn approval_id(&self) -> Option<ApprovalId> {
         self.approval_digest
             .as_deref()
+            .or(self.approved.as_ref().map(|a| a.digest.as_str()))
             .and_then(ApprovalId::from_digest)
     }
 
@@ -190,41 +231,79 @@ impl Plan {
         hex(&Sha256::digest(json))
     }
 
-    /// The plan with its held steps released, when `digest` is their approval digest;
-    /// unchanged (false) otherwise.
-    pub fn approve(&mut self, digest: &str) -> bool {
-        if self.approval_digest.as_deref() != Some(digest) {
-            return false;
+    /// Reads a plan saved with `fleet plan -out`: refused when it is not a plan, has another
+    /// format, was edited (its digest does not match; the digest has no key, so this catches
+    /// accidents, and `check_fresh` the rest), or names an approval digest that is not one.
+    pub fn read_saved(json: &str) -> Result<Plan, SavedPlanError> {
+        let plan: Plan = serde_json::from_str(json).map_err(SavedPlanError::NotAPlan)?;
+        if plan.format_version != FORMAT_VERSION {
+            return Err(SavedPlanError::Format {
+                found: plan.format_version,
+            });
         }
-        self.steps
-            .extend(std::mem::take(&mut self.held).into_iter().map(|h| h.step));
-        self.steps
-            .sort_by(|a, b| (&a.vm, &a.provider).cmp(&(&b.vm, &b.provider)));
-        self.approval_digest = None;
-        self.digest = self.compute_digest();
-        true
+        if plan.digest != plan.compute_digest() {
+            return Err(SavedPlanError::Edited);
+        }
+        let approved = plan.approved.as_ref().map(|a| &a.digest);
+        for digest in plan.approval_digest.iter().chain(approved) {
+            if digest.len() != 64 || ApprovalId::from_digest(digest).is_none() {
+                return Err(SavedPlanError::ApprovalDigest(digest.clone()));
+            }
+        }
+        Ok(plan)
     }
 
-    /// The plan with the revision's secret changes (see `secrets::changes`).
-    pub fn with_secret_changes(mut self, changes: Vec<secrets::SecretChange>) -> Plan {
-        self.secrets = changes;
-        self.digest = self.compute_digest();
-        self
+    /// Whether this saved plan still describes what `fresh` (planned again now) does: the
+    /// same revision, the same observations, and the same work. Planning is deterministic,
+    /// so a saved plan nobody edited always matches a fresh one of the same inputs, and an
+    /// edited one never does, whatever digest it carries.
+    pub fn check_fresh(&self, fresh: &Plan) -> Result<(), Stale> {
+        if self.revision.id != fresh.revision.id {
+            return Err(Stale::Revision {
+                saved: self.revision.label.clone(),
+                current: fresh.revision.label.clone(),
+            });
+        }
+        if self.observed_digest != fresh.observed_digest {
+            return Err(Stale::Observed);
+        }
+        if self.compute_digest() != fresh.compute_digest() {
+            return Err(Stale::Work);
+        }
+        Ok(())
     }
+}
 
-    /// True when the digest matches the content (a saved plan was not edited by accident;
-    /// the digest has no key, so this proves nothing against someone who recomputes it).
-    pub fn digest_is_valid(&self) -> bool {
-        self.digest == self.compute_digest()
-    }
+/// Why a saved plan cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SavedPlanError {
+    #[error("is not a fleet plan: {0}")]
+    NotAPlan(serde_json::Error),
+    #[error("has plan format {found}, this fleet reads format {FORMAT_VERSION}; make a new plan")]
+    Format { found: u32 },
+    #[error("was edited after it was made (its digest does not match); make a new plan")]
+    Edited,
+    #[error(
+        "names the approval digest {0:?}, which is not a sha256 digest (64 lower-case hex digits); make a new plan"
+    )]
+    ApprovalDigest(String),
+}
 
-    /// Whether `fresh` (planned again now) does exactly what this saved plan says: the same
-    /// steps, held steps, approvals, conflicts and errors. Planning is deterministic, so a
-    /// saved plan nobody edited always matches a fresh one of the same inputs, and an edited
-    /// one never does, whatever digest it carries.
-    pub fn same_work_as(&self, fresh: &Plan) -> bool {
-        self.compute_digest() == fresh.compute_digest()
-    }
+/// Why a saved plan no longer describes what apply would do.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Stale {
+    #[error(
+        "stale plan: it was made from revision {saved} but the current revision is {current}; make a new plan"
+    )]
+    Revision { saved: String, current: String },
+    #[error(
+        "stale plan: the VMs changed since it was made (observed state digest differs); make a new plan"
+    )]
+    Observed,
+    #[error(
+        "the saved plan does not match what fleet plans now for the same revision and VMs (its steps, held steps or approvals differ: it was edited or made by another fleet); nothing was applied; make a new plan"
+    )]
+    Work,
 }
 
 /// How a changed field can be applied.
@@ -254,13 +333,9 @@ fn field_effect(field: &str) -> FieldEffect {
     }
 }
 
-/// Computes the plan without history (nothing counts as drift but resized definitions).
-pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
-    plan_with_history(desired, observed, &History::default())
-}
-
 /// Computes the plan. Deterministic: the same inputs give the same plan and digest.
-pub fn plan_with_history(desired: &Desired, observed: &Observed, history: &History) -> Plan {
+pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan {
+    let history = &inputs.history;
     let mut steps = Vec::new();
     let mut conflicts = Vec::new();
     let mut errors = Vec::new();
@@ -394,8 +469,28 @@ pub fn plan_with_history(desired: &Desired, observed: &Observed, history: &Histo
     }
 
     steps.sort_by(|a, b| (&a.vm, &a.provider).cmp(&(&b.vm, &b.provider)));
-    let (steps, held) = guard::hold(desired, observed, steps);
-    let approval_digest = guard::approval_digest(&held);
+    let (mut steps, mut held) = guard::hold(desired, observed, steps);
+    let mut approval_digest = guard::approval_digest(&held);
+    let mut approved = None;
+    if let Some(digest) = approval_digest.take_if(|d| inputs.approved.contains(d)) {
+        let lines = held.iter().map(guard::HeldStep::line).collect();
+        steps.extend(std::mem::take(&mut held).into_iter().map(|h| h.step));
+        steps.sort_by(|a, b| (&a.vm, &a.provider).cmp(&(&b.vm, &b.provider)));
+        approved = Some(Approved {
+            digest,
+            steps: lines,
+        });
+    }
+    let (deferred, steps): (Vec<Step>, Vec<Step>) = steps
+        .into_iter()
+        .partition(|s| inputs.deferred.contains_key(&s.vm));
+    let deferred = deferred
+        .into_iter()
+        .map(|step| Deferred {
+            why: inputs.deferred[&step.vm].clone(),
+            step,
+        })
+        .collect();
     let mut plan = Plan {
         format_version: FORMAT_VERSION,
         fleet: desired.fleet.clone(),
@@ -408,7 +503,9 @@ pub fn plan_with_history(desired: &Desired, observed: &Observed, history: &Histo
         errors,
         held,
         approval_digest,
-        secrets: Vec::new(),
+        approved,
+        deferred,
+        secrets: inputs.secrets.clone(),
         warnings: warnings(desired),
         digest: String::new(),
     };

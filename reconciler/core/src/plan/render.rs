@@ -22,8 +22,10 @@ pub fn text(plan: &Plan) -> String {
     for w in &plan.warnings {
         let _ = writeln!(out, "WARNING: {w}");
     }
-    if plan.steps.is_empty() && plan.held.is_empty() {
+    if !plan.has_changes() {
         let _ = writeln!(out, "No changes: every VM matches its spec.");
+    } else if plan.steps.is_empty() && plan.held.is_empty() {
+        let _ = writeln!(out, "Plan: nothing runs in this pass; every step waits.");
     } else if plan.steps.is_empty() {
         let _ = writeln!(out, "Plan: nothing runs without an approval.");
     } else {
@@ -56,6 +58,20 @@ pub fn text(plan: &Plan) -> String {
         );
         for held in &plan.held {
             step_line(&mut out, &held.step, 0, &held.why.join("; "));
+        }
+    }
+    if let (Some(id), Some(approved)) = (plan.approval_id(), &plan.approved) {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Approved ({id}; its steps are in the plan above):");
+        for line in &approved.steps {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    if !plan.deferred.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Deferred (planned again when the wait is over):");
+        for d in &plan.deferred {
+            step_line(&mut out, &d.step, 0, &d.why);
         }
     }
     if !plan.conflicts.is_empty() {
@@ -107,7 +123,7 @@ pub fn text(plan: &Plan) -> String {
     out
 }
 
-/// The machine form (`format_version` 1).
+/// The machine form (`super::FORMAT_VERSION`).
 pub fn json(plan: &Plan) -> String {
     serde_json::to_string_pretty(plan).expect("Plan serialises to JSON") + "\n"
 }

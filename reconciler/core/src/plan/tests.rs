@@ -26,6 +26,19 @@ fn vm(name: &str, extra: &str) -> (String, String) {
     )
 }
 
+/// Plans with nothing but the desired and observed state.
+fn plan(desired: &Desired, observed: &Observed) -> Plan {
+    super::plan(desired, observed, &PlanInputs::default())
+}
+
+fn plan_with_history(desired: &Desired, observed: &Observed, history: &History) -> Plan {
+    let inputs = PlanInputs {
+        history: history.clone(),
+        ..PlanInputs::default()
+    };
+    super::plan(desired, observed, &inputs)
+}
+
 fn desired(files: &[(String, String)]) -> Desired {
     desired_from(FLEET, files)
 }
@@ -153,7 +166,7 @@ fn empty_host_creates_everything() {
             Plan digest: [DIGEST]
         "#]],
     );
-    assert!(p.digest_is_valid());
+    assert_eq!(p.digest, p.compute_digest());
 }
 
 #[test]
@@ -430,7 +443,7 @@ fn plans_are_deterministic_and_digests_detect_edits() {
     assert_eq!(p1, p2);
     let mut edited = p1.clone();
     edited.steps.pop();
-    assert!(!edited.digest_is_valid());
+    assert_ne!(edited.digest, edited.compute_digest());
 }
 
 #[test]
@@ -588,7 +601,7 @@ fn a_protected_vm_deleted_from_fleet_is_held_until_its_digest_is_approved() {
         applied(&before.vms["a"], true),
         applied(&before.vms["keep"], true),
     ]);
-    let mut p = plan(&after, &o);
+    let p = plan(&after, &o);
     assert!(p.steps.is_empty());
     assert_eq!(
         held_lines(&p),
@@ -607,14 +620,107 @@ fn a_protected_vm_deleted_from_fleet_is_held_until_its_digest_is_approved() {
         Some(digest.as_str()),
         "the same held steps, the same digest"
     );
-    assert!(
-        !p.approve(&"0".repeat(64)),
-        "another digest releases nothing"
+    let given = |digest: &str| PlanInputs {
+        approved: [digest.to_owned()].into(),
+        ..PlanInputs::default()
+    };
+    let other = super::plan(&after, &o, &given(&"0".repeat(64)));
+    assert_eq!(other, p, "another digest releases nothing");
+    let released = super::plan(&after, &o, &given(&digest));
+    assert_eq!(released.steps.len(), 1);
+    assert!(released.held.is_empty() && released.approval_digest.is_none());
+    let approved = released.approved.as_ref().expect("approved");
+    assert_eq!(approved.digest, digest);
+    assert_eq!(
+        approved.steps,
+        p.held.iter().map(guard::HeldStep::line).collect::<Vec<_>>()
     );
-    assert!(p.steps.is_empty());
-    assert!(p.approve(&digest));
-    assert_eq!(p.steps.len(), 1);
-    assert!(p.held.is_empty() && p.digest_is_valid());
+    assert_eq!(released.approval_id(), p.approval_id(), "the same approval");
+    assert_eq!(released.digest, released.compute_digest());
+    assert!(
+        render::text(&released).contains(&format!("Approved ({};", p.approval_id().expect("id")))
+    );
+}
+
+/// A VM in backoff keeps its step in the plan, as deferred with why; the digest covers it.
+#[test]
+fn a_deferred_vm_is_in_the_plan_with_its_reason() {
+    let d = desired(&[vm("a", ""), vm("b", "")]);
+    let o = observed(vec![]);
+    let inputs = PlanInputs {
+        deferred: [(
+            "a".to_owned(),
+            "its last step failed; next try in 4s".to_owned(),
+        )]
+        .into(),
+        ..PlanInputs::default()
+    };
+    let p = super::plan(&d, &o, &inputs);
+    assert_eq!(
+        p.steps.iter().map(|s| s.vm.as_str()).collect::<Vec<_>>(),
+        ["b"]
+    );
+    assert_eq!(p.deferred.len(), 1);
+    assert_eq!(
+        (p.deferred[0].step.vm.as_str(), p.deferred[0].step.action),
+        ("a", Action::Create)
+    );
+    assert!(p.has_changes());
+    assert_ne!(
+        p.digest,
+        plan(&d, &o).digest,
+        "the digest says what is deferred"
+    );
+    assert_eq!(p.digest, p.compute_digest());
+    let text = render::text(&p);
+    assert!(
+        text.contains("Deferred (planned again when the wait is over):\n  +   create   a  on local: its last step failed; next try in 4s"),
+        "{text}"
+    );
+}
+
+/// A saved plan is read back only when it is a whole, unedited plan of this format; a short
+/// approval digest (hand-edited, digest recomputed) is a clear error, never a panic.
+#[test]
+fn saved_plans_are_read_back_whole_or_refused_with_why() {
+    let before = desired(&[vm("keep", "  protect: true\n")]);
+    let o = observed(vec![applied(&before.vms["keep"], true)]);
+    let p = plan(&desired(&[vm("other", "")]), &o);
+    assert!(p.approval_digest.is_some());
+    let json = render::json(&p);
+    assert_eq!(Plan::read_saved(&json).expect("reads back"), p);
+    assert!(matches!(
+        Plan::read_saved("{}"),
+        Err(SavedPlanError::NotAPlan(_))
+    ));
+
+    let mut edited = p.clone();
+    edited.steps.clear();
+    assert!(matches!(
+        Plan::read_saved(&render::json(&edited)),
+        Err(SavedPlanError::Edited)
+    ));
+
+    let mut short = p.clone();
+    short.approval_digest = Some("abc".into());
+    short.digest = short.compute_digest();
+    let err = Plan::read_saved(&render::json(&short)).expect_err("short digest");
+    assert!(
+        err.to_string()
+            .contains("\"abc\", which is not a sha256 digest"),
+        "{err}"
+    );
+
+    let mut old = p.clone();
+    old.format_version = 1;
+    old.digest = old.compute_digest();
+    assert!(matches!(
+        Plan::read_saved(&render::json(&old)),
+        Err(SavedPlanError::Format { found: 1 })
+    ));
+
+    assert_eq!(p.check_fresh(&p), Ok(()));
+    assert_eq!(short.check_fresh(&p), Err(Stale::Work));
 }
 
 #[test]
