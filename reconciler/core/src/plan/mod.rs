@@ -10,6 +10,7 @@
 //!
 //! Architecture invariant: pure. No I/O, no clock, no randomness.
 
+pub mod fields;
 pub mod guard;
 pub mod render;
 pub mod secrets;
@@ -17,8 +18,9 @@ pub mod secrets;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+pub use fields::{FieldChange, FieldEffect, VmField};
 
 use crate::digest::hex;
 use crate::ids::ApprovalId;
@@ -63,9 +65,9 @@ pub enum Reason {
     /// The configuration matches; the power state does not.
     PowerState { want: PowerState },
     /// Fields changed that can change in place.
-    SpecChanged { fields: Vec<String> },
+    SpecChanged { fields: Vec<VmField> },
     /// A field changed that cannot change in place.
-    ReplaceForced { field: String, why: String },
+    ReplaceForced { field: VmField, why: String },
     /// The stamp's copy of the applied configuration is unreadable; rewrite it.
     StampUnreadable,
     /// fleet's create of this VM stopped before the VM got its configuration (its stamp
@@ -125,14 +127,6 @@ pub struct Deferred {
 pub struct Approved {
     pub digest: String,
     pub steps: Vec<String>,
-}
-
-/// One field that differs between the applied and the desired configuration.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FieldChange {
-    pub field: String,
-    pub from: Value,
-    pub to: Value,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -304,33 +298,6 @@ pub enum Stale {
         "the saved plan does not match what fleet plans now for the same revision and VMs (its steps, held steps or approvals differ: it was edited or made by another fleet); nothing was applied; make a new plan"
     )]
     Work,
-}
-
-/// How a changed field can be applied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum FieldEffect {
-    /// Rewrites the stamp and definition only.
-    InPlace,
-    /// Takes effect when the VM boots again.
-    NeedsRestart,
-    /// Cannot change on an existing VM.
-    Replace(&'static str),
-}
-
-fn field_effect(field: &str) -> FieldEffect {
-    match field {
-        "provider" => FieldEffect::Replace("a VM cannot move between providers in place"),
-        "image.disk" => FieldEffect::Replace("a new base disk needs a new overlay"),
-        "image.template" => FieldEffect::Replace("a VM is cloned from its template when made"),
-        "node" => FieldEffect::Replace("a VM moves to another node by being made there again"),
-        "diskMiB" => FieldEffect::Replace("the disk overlay is sized when the VM is created"),
-        "packages" | "files" | "runcmd" | "users" => {
-            FieldEffect::Replace("cloud-init applies it only at first boot")
-        }
-        "cpus" | "memoryMiB" | "domainType" | "network" | "image.kernel" | "image.initrd"
-        | "image.cmdline" => FieldEffect::NeedsRestart,
-        _ => FieldEffect::InPlace,
-    }
 }
 
 /// Computes the plan. Deterministic: the same inputs give the same plan and digest.
@@ -570,14 +537,14 @@ fn heal_resources(vm: &DesiredVm, found: &ObservedVm, what: String, running_conf
     let mut changes = Vec::new();
     if found.memory_mib != vm.config.memory_mib {
         changes.push(FieldChange {
-            field: "memoryMiB".into(),
+            field: VmField::MemoryMib,
             from: found.memory_mib.into(),
             to: vm.config.memory_mib.into(),
         });
     }
     if found.cpus != vm.config.cpus {
         changes.push(FieldChange {
-            field: "cpus".into(),
+            field: VmField::Cpus,
             from: found.cpus.into(),
             to: vm.config.cpus.into(),
         });
@@ -664,16 +631,11 @@ fn step_for_owned(vm: &DesiredVm, found: &ObservedVm) -> Option<Step> {
         step.applied = None;
         return Some(step);
     }
-    let changes = diff_configs(applied, &vm.config);
-    step.changes = changes;
-    if let Some((field, why)) = step
-        .changes
-        .iter()
-        .find_map(|c| match field_effect(&c.field) {
-            FieldEffect::Replace(why) => Some((c.field.clone(), why)),
-            _ => None,
-        })
-    {
+    step.changes = fields::diff(applied, &vm.config);
+    if let Some((field, why)) = step.changes.iter().find_map(|c| match c.field.effect() {
+        FieldEffect::Replace(why) => Some((c.field, why)),
+        _ => None,
+    }) {
         step.action = Action::Replace;
         step.reason = Reason::ReplaceForced {
             field,
@@ -682,70 +644,15 @@ fn step_for_owned(vm: &DesiredVm, found: &ObservedVm) -> Option<Step> {
         return Some(step);
     }
     step.reason = Reason::SpecChanged {
-        fields: step.changes.iter().map(|c| c.field.clone()).collect(),
+        fields: step.changes.iter().map(|c| c.field).collect(),
     };
     step.restart = found.running
         && vm.state == PowerState::Running
         && step
             .changes
             .iter()
-            .any(|c| field_effect(&c.field) == FieldEffect::NeedsRestart);
+            .any(|c| c.field.effect() == FieldEffect::NeedsRestart);
     Some(step)
-}
-
-/// Field-level differences: top-level fields of the configuration, and the image's fields.
-pub fn diff_configs(applied: &VmConfig, desired: &VmConfig) -> Vec<FieldChange> {
-    let a = serde_json::to_value(applied).expect("VmConfig is JSON");
-    let d = serde_json::to_value(desired).expect("VmConfig is JSON");
-    let mut out = Vec::new();
-    let keys = |v: &Value| -> Vec<String> {
-        v.as_object()
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default()
-    };
-    let mut all = keys(&a);
-    for k in keys(&d) {
-        if !all.contains(&k) {
-            all.push(k);
-        }
-    }
-    for key in all {
-        let (from, to) = (
-            a.get(&key).cloned().unwrap_or(Value::Null),
-            d.get(&key).cloned().unwrap_or(Value::Null),
-        );
-        if from == to {
-            continue;
-        }
-        if key == "image" {
-            let mut sub = keys(&from);
-            for k in keys(&to) {
-                if !sub.contains(&k) {
-                    sub.push(k);
-                }
-            }
-            for k in sub {
-                let (f, t) = (
-                    from.get(&k).cloned().unwrap_or(Value::Null),
-                    to.get(&k).cloned().unwrap_or(Value::Null),
-                );
-                if f != t {
-                    out.push(FieldChange {
-                        field: format!("image.{k}"),
-                        from: f,
-                        to: t,
-                    });
-                }
-            }
-        } else {
-            out.push(FieldChange {
-                field: key,
-                from,
-                to,
-            });
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The planner as a pure function: desired YAML + observed data in, rendered plan out.
 
 use expect_test::{Expect, expect};
+use serde_json::Value;
 
 use super::*;
 use crate::observe::{ObservedHost, Stamp};
@@ -794,4 +795,128 @@ fn a_revision_that_empties_a_provider_is_held_whatever_the_cap() {
         "{:?}",
         p.held
     );
+}
+
+/// Changes `field`, and nothing else, in `c`.
+fn change(field: VmField, c: &mut VmConfig) {
+    let some = |v: &Option<String>| Some(format!("{}-changed", v.as_deref().unwrap_or("x")));
+    match field {
+        VmField::Provider => c.provider.push_str("-2"),
+        VmField::DomainType => {
+            c.domain_type = match c.domain_type {
+                crate::spec::DomainType::Kvm => crate::spec::DomainType::Qemu,
+                crate::spec::DomainType::Qemu => crate::spec::DomainType::Kvm,
+            }
+        }
+        VmField::ImageName => c.image.name.push_str("-2"),
+        VmField::ImageKernel => c.image.kernel = some(&c.image.kernel),
+        VmField::ImageInitrd => c.image.initrd = some(&c.image.initrd),
+        VmField::ImageCmdline => c.image.cmdline = some(&c.image.cmdline),
+        VmField::ImageDisk => c.image.disk = some(&c.image.disk),
+        VmField::ImageTemplate => c.image.template = some(&c.image.template),
+        VmField::Loadout => c.loadout = some(&c.loadout),
+        VmField::Pool => c.pool = some(&c.pool),
+        VmField::Node => c.node = some(&c.node),
+        VmField::Cpus => c.cpus += 1,
+        VmField::MemoryMib => c.memory_mib += 64,
+        VmField::DiskMib => c.disk_mib = Some(c.disk_mib.unwrap_or(1024) + 1024),
+        VmField::Network => {
+            c.network = match c.network {
+                crate::spec::NetworkMode::Full => crate::spec::NetworkMode::Isolated,
+                _ => crate::spec::NetworkMode::Full,
+            }
+        }
+        VmField::Packages => c.packages.push("git".into()),
+        VmField::Files => c
+            .files
+            .push(serde_json::from_str(r#"{"path":"/etc/motd","content":"hi"}"#).expect("file")),
+        VmField::Runcmd => c.runcmd.push("true".into()),
+        VmField::Users => c
+            .users
+            .push(serde_json::from_str(r#"{"name":"dev"}"#).expect("user")),
+        VmField::Env => {
+            c.env.insert("A".into(), "1".into());
+        }
+        VmField::Labels => {
+            c.labels.insert("team".into(), "infra".into());
+        }
+        VmField::Protect => c.protect = !c.protect,
+    }
+}
+
+/// For every field of a VM's configuration, changing only that field gives exactly the
+/// step its declared effect says: a replace naming it, an update that restarts the running
+/// VM, or an update in place.
+#[test]
+fn every_field_changes_a_running_vm_as_its_effect_declares() {
+    let before = desired(&[vm("a", "")]);
+    let found = applied(&before.vms["a"], true);
+    for field in VmField::ALL {
+        let mut after = before.vms["a"].clone();
+        change(field, &mut after.config);
+        after.spec_hash = after.config.hash();
+        // The decision for a VM fleet owns; a whole plan would also judge the provider move.
+        let step = super::step_for_owned(&after, &found).expect("a step");
+        assert_eq!(
+            step.changes.iter().map(|c| c.field).collect::<Vec<_>>(),
+            [field],
+            "changing {field} changes only {field}"
+        );
+        match field.effect() {
+            FieldEffect::Replace(why) => {
+                assert_eq!(step.action, Action::Replace, "{field}");
+                assert_eq!(
+                    step.reason,
+                    Reason::ReplaceForced {
+                        field,
+                        why: why.to_owned()
+                    }
+                );
+            }
+            FieldEffect::NeedsRestart => {
+                assert_eq!(
+                    (step.action, step.restart),
+                    (Action::Update, true),
+                    "{field}"
+                );
+            }
+            FieldEffect::InPlace => {
+                assert_eq!(
+                    (step.action, step.restart),
+                    (Action::Update, false),
+                    "{field}"
+                );
+            }
+        }
+    }
+}
+
+/// A field's name in plans is its key in the stamp's JSON: a `serde(rename)` that drifts
+/// from `VmField` fails here.
+#[test]
+fn field_names_are_the_configuration_keys() {
+    let mut config = desired(&[vm("a", "")]).vms["a"].config.clone();
+    for field in VmField::ALL {
+        change(field, &mut config);
+    }
+    let json = serde_json::to_value(&config).expect("json");
+    let mut keys: Vec<String> = Vec::new();
+    for (key, value) in json.as_object().expect("object") {
+        match (key.as_str(), value) {
+            ("image", Value::Object(image)) => {
+                keys.extend(image.keys().map(|k| format!("image.{k}")));
+            }
+            _ => keys.push(key.clone()),
+        }
+    }
+    keys.sort();
+    let mut names: Vec<String> = VmField::ALL.iter().map(|f| f.name().to_owned()).collect();
+    names.sort();
+    assert_eq!(keys, names);
+    for field in VmField::ALL {
+        assert_eq!(
+            serde_json::to_value(field).expect("json"),
+            Value::String(field.name().to_owned())
+        );
+    }
 }
