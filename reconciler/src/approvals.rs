@@ -22,7 +22,7 @@ use crate::ids::ApprovalId;
 use crate::plan::guard::HeldStep;
 use crate::plan::{Plan, render};
 use crate::resolve::Desired;
-use crate::status::{Event, StatusDir, timestamp, write_atomic};
+use crate::status::{Event, EventKind, StatusDir, timestamp, write_atomic};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -73,7 +73,7 @@ fn write(status: &StatusDir, record: &ApprovalRecord) -> std::io::Result<()> {
     write_atomic(&path(status, &record.id), text.as_bytes())
 }
 
-fn event(status: &StatusDir, desired: &Desired, kind: &str, message: String) {
+fn event(status: &StatusDir, desired: &Desired, kind: EventKind, message: String) {
     let _ = status.append_event(&Event::fleet(
         kind,
         Some(desired.revision.id.clone()),
@@ -179,7 +179,7 @@ pub fn record(status: &StatusDir, desired: &Desired, plan: &Plan, offers: &Offer
             event(
                 status,
                 desired,
-                "approval.refused",
+                EventKind::ApprovalRefused,
                 format!("{id}: the host file names an approval this plan does not hold"),
             );
         }
@@ -202,7 +202,7 @@ pub fn record(status: &StatusDir, desired: &Desired, plan: &Plan, offers: &Offer
             event(
                 status,
                 desired,
-                "approval.requested",
+                EventKind::ApprovalRequested,
                 format!(
                     "{} step(s) wait for approval {id} (spec.approve: {digest})",
                     steps.len()
@@ -233,7 +233,7 @@ pub fn record(status: &StatusDir, desired: &Desired, plan: &Plan, offers: &Offer
                 event(
                     status,
                     desired,
-                    "approval.approved",
+                    EventKind::ApprovalApproved,
                     format!("{id} approved by {}", offer.by),
                 );
                 break;
@@ -243,7 +243,12 @@ pub fn record(status: &StatusDir, desired: &Desired, plan: &Plan, offers: &Offer
                 offer.by, offer.digest
             );
             if !record.refused.contains(&note) {
-                event(status, desired, "approval.refused", format!("{id}: {note}"));
+                event(
+                    status,
+                    desired,
+                    EventKind::ApprovalRefused,
+                    format!("{id}: {note}"),
+                );
                 record.refused.push(note);
             }
         }
@@ -317,7 +322,7 @@ fn withdraw_others(status: &StatusDir, desired: &Desired, keep: Option<&str>) {
             event(
                 status,
                 desired,
-                "approval.withdrawn",
+                EventKind::ApprovalWithdrawn,
                 format!("{id}: the plan no longer holds these steps"),
             );
         }

@@ -672,7 +672,10 @@ fn status_cmd(ws: &Workspace, args: &StatusArgs) -> Result<ExitCode> {
             .or_else(|| {
                 vm.conditions
                     .iter()
-                    .find(|c| c.kind == "Conflict" || (c.kind == "Drifted" && c.status))
+                    .find(|c| {
+                        use crate::status::ConditionKind::{Conflict, Drifted};
+                        c.kind == Conflict || (c.kind == Drifted && c.status)
+                    })
                     .map(|c| format!("{}: {}", c.kind, c.message))
             })
             .unwrap_or_default();

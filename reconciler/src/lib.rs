@@ -7,7 +7,9 @@
 //! `reconcile` wires the stages together for `cli`.
 
 // The pure core, re-exported so the shell and its users name one path (`fleet::plan`).
-pub use fleet_core::{answer, digest, ids, load, observe, plan, resolve, seed, snapshot, spec};
+pub use fleet_core::{
+    answer, digest, ids, load, observe, plan, resolve, seed, snapshot, spec, time,
+};
 
 pub mod agent_link;
 pub mod apply;

@@ -17,7 +17,9 @@ use crate::plan::{Plan, PlanInputs, Step};
 use crate::resolve::{self, Desired};
 use crate::source::{self, Snapshot, SourceError};
 use crate::spec::{HostSpec, Provider};
-use crate::status::{self, Event, ReconcileOutcome, StatusDir, Summary, VmOutcome, timestamp};
+use crate::status::{
+    self, Event, EventKind, Outcome, ReconcileOutcome, StatusDir, Summary, VmOutcome, timestamp,
+};
 
 /// Where things are.
 #[derive(Clone, Debug)]
@@ -306,27 +308,23 @@ pub struct StatusObserver {
 
 impl apply::Observer for StatusObserver {
     fn step_started(&self, step: &Step) {
-        let _ = self.status.append_event(&Event {
-            task: None,
-            time: timestamp(SystemTime::now()),
-            kind: "step.started".into(),
-            vm: Some(step.vm.clone()),
-            provider: Some(step.provider.clone()),
-            action: Some(step.action),
-            revision: Some(self.revision.clone()),
-            message: format!(
+        let _ = self.status.append_event(&Event::step(
+            EventKind::StepStarted,
+            step,
+            &self.revision,
+            format!(
                 "{} {}: {}",
                 step.action.as_str(),
                 step.vm,
                 crate::plan::render::reason_text(step)
             ),
-        });
+        ));
     }
 
     fn step_finished(&self, step: &Step, result: &StepResult) {
         let (kind, message) = match &result.error {
             None => (
-                "step.succeeded",
+                EventKind::StepSucceeded,
                 format!(
                     "{} {} done in {} ms",
                     step.action.as_str(),
@@ -335,7 +333,7 @@ impl apply::Observer for StatusObserver {
                 ),
             ),
             Some(e) => (
-                "step.failed",
+                EventKind::StepFailed,
                 format!(
                     "{} {} failed after {} attempt(s): {e}",
                     step.action.as_str(),
@@ -347,16 +345,9 @@ impl apply::Observer for StatusObserver {
         if self.print {
             eprintln!("{}", message);
         }
-        let _ = self.status.append_event(&Event {
-            task: None,
-            time: timestamp(SystemTime::now()),
-            kind: kind.into(),
-            vm: Some(step.vm.clone()),
-            provider: Some(step.provider.clone()),
-            action: Some(step.action),
-            revision: Some(self.revision.clone()),
-            message,
-        });
+        let _ = self
+            .status
+            .append_event(&Event::step(kind, step, &self.revision, message));
     }
 }
 
@@ -395,19 +386,11 @@ pub async fn open_journal(
     let mut lines = Vec::new();
     for (provider, message) in events {
         let (kind, line) = match &provider {
-            None => ("journal.recovered", format!("journal: {message}")),
-            Some(p) => ("host.tidied", format!("tidy {p}: {message}")),
+            None => (EventKind::JournalRecovered, format!("journal: {message}")),
+            Some(p) => (EventKind::HostTidied, format!("tidy {p}: {message}")),
         };
-        ws.status.append_event(&Event {
-            task: None,
-            time: timestamp(SystemTime::now()),
-            kind: kind.into(),
-            vm: None,
-            provider,
-            action: None,
-            revision: None,
-            message,
-        })?;
+        ws.status
+            .append_event(&Event::host(kind, provider, message))?;
         lines.push(line);
     }
     Ok((journal, lines))
@@ -455,25 +438,18 @@ pub async fn apply_and_record(
     }
     // Drift is reported before anything heals it.
     for d in &plan.drift {
-        ws.status.append_event(&Event {
-            task: None,
-            time: timestamp(SystemTime::now()),
-            kind: "vm.drifted".into(),
-            vm: Some(d.vm.clone()),
-            provider: Some(d.provider.clone()),
-            action: None,
-            revision: Some(plan.revision.id.clone()),
-            message: format!(
-                "{}: {}; {}",
-                d.vm,
-                d.what,
-                if d.healed {
-                    "healing it"
-                } else {
-                    "reported only (policy.selfHeal: false)"
-                }
-            ),
-        })?;
+        let fix = if d.healed {
+            "healing it"
+        } else {
+            "reported only (policy.selfHeal: false)"
+        };
+        ws.status.append_event(&Event::vm(
+            EventKind::VmDrifted,
+            &d.vm,
+            &d.provider,
+            &plan.revision.id,
+            format!("{}: {}; {fix}", d.vm, d.what),
+        ))?;
     }
     // A no-op pass (the daemon's usual case) neither calls the drivers again nor grows the
     // event log; only status files whose content changed are rewritten.
@@ -505,12 +481,14 @@ pub async fn apply_and_record(
     let vms = status::vm_statuses(desired, &after, &outcomes, agents, finished);
     ws.status.write_vms(&vms)?;
     let failed = report.failed();
-    let outcome = if failed == 0 && plan.conflicts.is_empty() && plan.errors.is_empty() {
-        "converged"
+    // Steps deferred by a backoff are work not done: such a pass has not converged.
+    let settled = plan.conflicts.is_empty() && plan.errors.is_empty() && plan.deferred.is_empty();
+    let outcome = if failed == 0 && settled {
+        Outcome::Converged
     } else if failed < report.results.len() || report.results.is_empty() {
-        "partial"
+        Outcome::Partial
     } else {
-        "failed"
+        Outcome::Failed
     };
     let mut summary = previous;
     summary.fleet = desired.fleet.clone();
@@ -530,7 +508,7 @@ pub async fn apply_and_record(
         succeeded: report.results.len() - failed,
         failed,
         conflicts: plan.conflicts.len(),
-        outcome: outcome.into(),
+        outcome,
     });
     summary.counts = status::counts(&vms);
     ws.status.write_summary(&summary)?;
@@ -541,21 +519,20 @@ pub async fn apply_and_record(
             vms,
         });
     }
-    ws.status.append_event(&Event {
-        task: None,
-        time: timestamp(finished),
-        kind: "apply.finished".into(),
-        vm: None,
-        provider: None,
-        action: None,
-        revision: Some(plan.revision.id.clone()),
-        message: format!(
-            "applied {}: {} step(s), {failed} failed, {} conflict(s): {outcome}",
-            plan.revision.label,
-            report.results.len(),
-            plan.conflicts.len()
-        ),
-    })?;
+    let message = format!(
+        "applied {}: {} step(s), {failed} failed, {} conflict(s): {outcome}",
+        plan.revision.label,
+        report.results.len(),
+        plan.conflicts.len()
+    );
+    ws.status.append_event(
+        &Event::fleet(
+            EventKind::ApplyFinished,
+            Some(plan.revision.id.clone()),
+            message,
+        )
+        .at(finished),
+    )?;
     Ok(Applied {
         report,
         summary,

@@ -19,3 +19,4 @@ pub mod resolve;
 pub mod seed;
 pub mod snapshot;
 pub mod spec;
+pub mod time;

@@ -550,7 +550,7 @@ fn duration_or(
     d: &Option<crate::spec::Duration>,
     default: std::time::Duration,
 ) -> std::time::Duration {
-    d.as_ref().and_then(|d| d.to_std()).unwrap_or(default)
+    d.as_ref().map_or(default, |d| d.to_std())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -600,8 +600,7 @@ fn resolve_vm(
         resources
             .disk
             .as_ref()
-            .and_then(|d| d.mib())
-            .unwrap_or(DEFAULT_DISK_MIB)
+            .map_or(DEFAULT_DISK_MIB, |d| d.mib())
     });
     let secrets = loadout.secrets.clone();
     let config = VmConfig {
@@ -615,8 +614,7 @@ fn resolve_vm(
         memory_mib: resources
             .memory
             .as_ref()
-            .and_then(|m| m.mib())
-            .unwrap_or(DEFAULT_MEMORY_MIB),
+            .map_or(DEFAULT_MEMORY_MIB, |m| m.mib()),
         disk_mib,
         network: spec
             .network
@@ -823,7 +821,7 @@ pub mod tests_support {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{Network, Size};
+    use crate::spec::Network;
 
     fn loadout(extends: &[&str], packages: &[&str], memory: Option<&str>) -> LoadoutSpec {
         LoadoutSpec {
@@ -832,7 +830,7 @@ mod tests {
                 .map(|e| crate::spec::Name((*e).into()))
                 .collect(),
             resources: memory.map(|m| Resources {
-                memory: Some(Size(m.into())),
+                memory: Some(m.parse().expect("a size")),
                 ..Resources::default()
             }),
             packages: packages.iter().map(|p| (*p).to_owned()).collect(),
@@ -856,7 +854,9 @@ mod tests {
         let m = merge(base, &over);
         assert_eq!(m.packages, ["git", "curl", "ripgrep"]);
         assert_eq!(
-            m.resources.and_then(|r| r.memory).map(|s| s.0),
+            m.resources
+                .and_then(|r| r.memory)
+                .map(|s| s.as_str().to_owned()),
             Some("2Gi".into())
         );
         assert_eq!(m.network.map(|n| n.mode), Some(NetworkMode::Full));

@@ -139,25 +139,56 @@ impl AsRef<std::path::Path> for HostPath {
     }
 }
 
-/// A memory or disk size such as `512Mi`, `2Gi` or `1Ti`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Size(pub String);
+/// A memory or disk size such as `512Mi`, `2Gi` or `1Ti`, parsed when read (the schema's
+/// pattern bounds it, so every size it accepts parses).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Size {
+    text: String,
+    mib: u64,
+}
 
 impl Size {
-    /// The size in MiB. Only meaningful after schema validation (which checks the pattern).
-    pub fn mib(&self) -> Option<u64> {
-        let s = self.0.as_str();
-        let (digits, factor) = if let Some(d) = s.strip_suffix("Mi") {
-            (d, 1)
-        } else if let Some(d) = s.strip_suffix("Gi") {
-            (d, 1024)
-        } else if let Some(d) = s.strip_suffix("Ti") {
-            (d, 1024 * 1024)
-        } else {
-            return None;
-        };
-        digits.parse::<u64>().ok()?.checked_mul(factor)
+    /// The size in MiB.
+    pub fn mib(&self) -> u64 {
+        self.mib
+    }
+
+    /// As written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl std::str::FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Size, String> {
+        let (digits, factor) = [("Mi", 1), ("Gi", 1024), ("Ti", 1024 * 1024)]
+            .into_iter()
+            .find_map(|(unit, factor)| Some((s.strip_suffix(unit)?, factor)))
+            .ok_or_else(|| format!("{s:?} is not a size; use Mi, Gi or Ti (512Mi, 2Gi)"))?;
+        let mib = digits
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(factor))
+            .ok_or_else(|| format!("{s:?} is not a size fleet can hold"))?;
+        Ok(Size {
+            text: s.to_owned(),
+            mib,
+        })
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -175,13 +206,47 @@ impl JsonSchema for Size {
 }
 
 /// A duration such as `30s`, `5m` or `2h`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Duration(pub String);
+/// Parsed when read (the schema's pattern bounds it, so every duration it accepts parses).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Duration {
+    text: String,
+    value: std::time::Duration,
+}
 
 impl Duration {
-    pub fn to_std(&self) -> Option<std::time::Duration> {
-        humantime::parse_duration(&self.0).ok()
+    pub fn to_std(&self) -> std::time::Duration {
+        self.value
+    }
+
+    /// As written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl std::str::FromStr for Duration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Duration, String> {
+        let value = humantime::parse_duration(s)
+            .map_err(|e| format!("{s:?} is not a duration (30s, 5m, 2h): {e}"))?;
+        Ok(Duration {
+            text: s.to_owned(),
+            value,
+        })
+    }
+}
+
+impl Serialize for Duration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -626,14 +691,12 @@ impl HostLimits {
     pub fn max_memory_mib(&self) -> u64 {
         self.max_memory
             .as_ref()
-            .and_then(Size::mib)
-            .unwrap_or(Self::DEFAULT_MAX_MEMORY_MIB)
+            .map_or(Self::DEFAULT_MAX_MEMORY_MIB, Size::mib)
     }
     pub fn min_interval(&self) -> std::time::Duration {
         self.min_interval
             .as_ref()
-            .and_then(Duration::to_std)
-            .unwrap_or(Self::DEFAULT_MIN_INTERVAL)
+            .map_or(Self::DEFAULT_MIN_INTERVAL, Duration::to_std)
     }
 }
 
@@ -1086,9 +1149,16 @@ mod tests {
 
     #[test]
     fn sizes_convert_to_mib() {
-        assert_eq!(Size("512Mi".into()).mib(), Some(512));
-        assert_eq!(Size("2Gi".into()).mib(), Some(2048));
-        assert_eq!(Size("1Ti".into()).mib(), Some(1024 * 1024));
-        assert_eq!(Size("2G".into()).mib(), None);
+        let mib = |s: &str| s.parse::<Size>().map(|s| s.mib());
+        assert_eq!(mib("512Mi"), Ok(512));
+        assert_eq!(mib("2Gi"), Ok(2048));
+        assert_eq!(mib("1Ti"), Ok(1024 * 1024));
+        assert!(mib("2G").is_err());
+        assert!(mib("99999999999999999999Ti").is_err());
+        assert!(
+            "5m".parse::<Duration>()
+                .is_ok_and(|d| d.to_std().as_secs() == 300)
+        );
+        assert!("soon".parse::<Duration>().is_err());
     }
 }

@@ -360,7 +360,7 @@ impl Daemon {
                 for problem in vault.problems() {
                     tracing::warn!("secret: {problem}");
                     let _ = self.ws.status.append_event(&crate::status::Event::fleet(
-                        "secret.error",
+                        crate::status::EventKind::SecretError,
                         Some(desired.revision.id.clone()),
                         problem.to_owned(),
                     ));

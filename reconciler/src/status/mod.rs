@@ -5,8 +5,11 @@
 //! Architecture invariant: the only writer of the status directory. Nothing here holds a
 //! secret.
 
+mod event;
 pub mod lock;
 pub mod tasks;
+
+pub use event::{Event, EventKind};
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -17,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::load::Diagnostic;
 use crate::observe::ObservedVm;
-use crate::plan::{Action, Plan, render};
+use crate::plan::{Plan, render};
 use crate::resolve::Desired;
 use crate::source::Revision;
 use crate::spec::PowerState;
@@ -145,41 +148,6 @@ pub fn timestamp(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Event {
-    pub time: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vm: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub task: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub provider: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub action: Option<Action>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revision: Option<String>,
-    pub message: String,
-}
-
-impl Event {
-    /// An event of the fleet as a whole (no VM, task or provider), stamped now.
-    pub fn fleet(kind: &str, revision: Option<String>, message: String) -> Event {
-        Event {
-            time: timestamp(SystemTime::now()),
-            kind: kind.to_owned(),
-            vm: None,
-            task: None,
-            provider: None,
-            action: None,
-            revision,
-            message,
-        }
-    }
-}
-
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Summary {
@@ -212,8 +180,50 @@ pub struct ReconcileOutcome {
     pub succeeded: usize,
     pub failed: usize,
     pub conflicts: usize,
-    /// converged | partial | failed
-    pub outcome: String,
+    pub outcome: Outcome,
+}
+
+/// How a reconcile ended.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Every step ran and nothing conflicts.
+    Converged,
+    /// Some steps failed, or some VMs conflict.
+    Partial,
+    /// Every step failed.
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Converged => "converged",
+            Outcome::Partial => "partial",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a VM's condition is about.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ConditionKind {
+    Ready,
+    Drifted,
+    Conflict,
+    AgentConnected,
+}
+
+impl std::fmt::Display for ConditionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -242,7 +252,7 @@ pub enum Phase {
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: ConditionKind,
     pub status: bool,
     pub reason: String,
     pub message: String,
@@ -457,20 +467,19 @@ impl StatusDir {
             diagnostics: diagnostics.iter().map(ToString::to_string).collect(),
         });
         self.write_summary(&summary)?;
-        self.append_event(&Event {
-            task: None,
-            time: timestamp(now),
-            kind: "revision.refused".into(),
-            vm: None,
-            provider: None,
-            action: None,
-            revision: Some(revision.id.clone()),
-            message: format!(
-                "revision {} refused: {} diagnostic(s); the last good revision stays in force",
-                revision.label,
-                diagnostics.len()
-            ),
-        })
+        let message = format!(
+            "revision {} refused: {} diagnostic(s); the last good revision stays in force",
+            revision.label,
+            diagnostics.len()
+        );
+        self.append_event(
+            &Event::fleet(
+                EventKind::RevisionRefused,
+                Some(revision.id.clone()),
+                message,
+            )
+            .at(now),
+        )
     }
 }
 
@@ -501,7 +510,7 @@ pub fn vm_statuses(
         let mut conditions = Vec::new();
         if let Some((what, healed)) = &outcome.drift {
             conditions.push(Condition {
-                kind: "Drifted".into(),
+                kind: ConditionKind::Drifted,
                 // Healed drift is recorded as resolved; reported-only drift stays true.
                 status: !healed || outcome.error.is_some(),
                 reason: if *healed {
@@ -514,7 +523,7 @@ pub fn vm_statuses(
         }
         if let Some(message) = &outcome.conflict {
             conditions.push(Condition {
-                kind: "Conflict".into(),
+                kind: ConditionKind::Conflict,
                 status: true,
                 reason: "NameTakenByForeignVM".into(),
                 message: message.clone(),
@@ -530,7 +539,7 @@ pub fn vm_statuses(
         let agent = agents.get(&vm.name).cloned();
         if let Some(a) = &agent {
             conditions.push(Condition {
-                kind: "AgentConnected".into(),
+                kind: ConditionKind::AgentConnected,
                 status: a.connected,
                 reason: if a.connected {
                     "Hello".into()
@@ -547,7 +556,7 @@ pub fn vm_statuses(
                 .is_some_and(|s| s.spec_hash == vm.spec_hash);
             let state_ok = f.running == (vm.state == PowerState::Running);
             conditions.push(Condition {
-                kind: "Ready".into(),
+                kind: ConditionKind::Ready,
                 status: in_sync && state_ok && outcome.error.is_none(),
                 reason: if !in_sync {
                     "SpecNotApplied".into()
@@ -624,13 +633,17 @@ pub fn counts(vms: &BTreeMap<String, VmStatus>) -> Counts {
             Phase::Pending | Phase::Provisioning => c.pending += 1,
             Phase::Failed => c.failed += 1,
         }
-        if vm.conditions.iter().any(|k| k.kind == "Conflict") {
+        if vm
+            .conditions
+            .iter()
+            .any(|k| k.kind == ConditionKind::Conflict)
+        {
             c.conflicts += 1;
         }
         if vm
             .conditions
             .iter()
-            .any(|k| k.kind == "Drifted" && k.status)
+            .any(|k| k.kind == ConditionKind::Drifted && k.status)
         {
             c.drifted += 1;
         }
@@ -766,16 +779,7 @@ mod hygiene_tests {
         let target = top.path().join("victim");
         std::fs::write(&target, b"before").expect("victim");
         std::os::unix::fs::symlink(&target, status.root().join("events.jsonl")).expect("link");
-        let event = Event {
-            task: None,
-            time: "t".into(),
-            kind: "k".into(),
-            vm: None,
-            provider: None,
-            action: None,
-            revision: None,
-            message: "$(reboot)".into(),
-        };
+        let event = Event::fleet(EventKind::SecretError, None, "$(reboot)".into());
         assert!(status.append_event(&event).is_err());
         // And where a task's output goes.
         status.reset_task_files("t").expect("task files");

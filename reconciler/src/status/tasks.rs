@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{StatusDir, write_atomic, yaml};
 use crate::ids::ApprovalId;
+use crate::time::Timestamp;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum TaskPhase {
@@ -80,7 +81,7 @@ pub struct TaskRecord {
     pub revision: Option<String>,
     pub created: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started: Option<String>,
+    pub started: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished: Option<String>,
     /// The boot of the guest it runs in; a different boot means the run was lost.
@@ -175,8 +176,8 @@ pub struct PromptRecord {
     pub text: String,
     /// The last lines of the task's screen.
     pub context: Vec<String>,
-    pub created: String,
-    pub deadline: String,
+    pub created: Timestamp,
+    pub deadline: Timestamp,
     pub state: PromptState,
     /// Set once the deadline passed while the prompt kept waiting.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -400,9 +401,13 @@ pub(super) fn read_all<T: serde::de::DeserializeOwned>(
         let path = entry.path();
         if path.extension().is_some_and(|e| e == "yaml")
             && let Ok(text) = std::fs::read_to_string(&path)
-            && let Ok(record) = serde_saphyr::from_str::<T>(&text)
         {
-            out.insert(key(&record), record);
+            match serde_saphyr::from_str::<T>(&text) {
+                Ok(record) => {
+                    out.insert(key(&record), record);
+                }
+                Err(e) => tracing::warn!("{}: unreadable, left alone: {e}", path.display()),
+            }
         }
     }
     out
@@ -411,6 +416,27 @@ pub(super) fn read_all<T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A prompt whose deadline is not a time (a hand edit) is an unreadable record, left
+    /// alone: never a deadline that has long passed (which would cancel its run).
+    #[test]
+    fn a_prompt_with_a_corrupt_deadline_is_not_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = StatusDir::new(dir.path().join("status"));
+        crate::fsguard::create_private_dirs(&status.hitl_dir()).expect("dirs");
+        let good = "id: build-1a2b3c4d-1\nkind: input\ntask: build\nvm: a\ntext: ok?\ncontext: []\ncreated: 2026-11-29T10:00:00Z\ndeadline: 2026-11-29T11:00:00Z\nstate: pending\n";
+        std::fs::write(status.hitl_dir().join("build-1a2b3c4d-1.yaml"), good).expect("write");
+        let bad = good
+            .replace("-1\n", "-2\n")
+            .replace("deadline: 2026-11-29T11:00:00Z", "deadline: tomorrow");
+        std::fs::write(status.hitl_dir().join("build-1a2b3c4d-2.yaml"), bad).expect("write");
+        let prompts = status.read_prompts();
+        assert_eq!(
+            prompts.keys().collect::<Vec<_>>(),
+            ["build-1a2b3c4d-1"],
+            "{prompts:?}"
+        );
+    }
 
     #[test]
     fn output_is_cut_back_to_what_the_record_accounts_for() {

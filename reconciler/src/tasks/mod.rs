@@ -35,7 +35,7 @@ use crate::resolve::{CommittedAnswer, Desired, DesiredTask};
 use crate::secrets::Vault;
 use crate::spec::SecretRef;
 use crate::status::tasks::{PromptRecord, PromptState, TaskPhase, TaskRecord};
-use crate::status::{Event, StatusDir, timestamp};
+use crate::status::{Event, EventKind, StatusDir, timestamp};
 
 pub struct TaskBook {
     status: StatusDir,
@@ -172,7 +172,7 @@ fn now() -> String {
 
 /// How long the run has been going, from its record's `started`.
 fn running_for(record: &TaskRecord) -> Option<std::time::Duration> {
-    let started = humantime::parse_rfc3339(record.started.as_deref()?).ok()?;
+    let started = record.started?.system_time();
     SystemTime::now().duration_since(started).ok()
 }
 
@@ -365,7 +365,7 @@ impl TaskBook {
         }
         self.event(
             &record,
-            "task.pending",
+            EventKind::TaskPending,
             format!(
                 "run {} of task {} is due on {}",
                 record.run, record.name, record.vm
@@ -448,7 +448,7 @@ impl TaskBook {
         if let Some(r) = state.records.get(name) {
             self.event(
                 r,
-                "task.finished",
+                EventKind::TaskFinished,
                 format!("task {name} {}: {message}", phase.as_str()),
             );
         }
@@ -508,24 +508,21 @@ impl TaskBook {
                     }
                 });
             }
-            let event = Event::fleet("hitl.answer_ignored", state.revision.clone(), why);
+            let event = Event::fleet(EventKind::HitlAnswerIgnored, state.revision.clone(), why);
             if let Err(e) = self.status.append_event(&event) {
                 tracing::error!("cannot append an event: {e}");
             }
         }
     }
 
-    fn event(&self, record: &TaskRecord, kind: &str, message: String) {
-        let event = Event {
-            time: now(),
-            kind: kind.to_owned(),
-            vm: Some(record.vm.clone()),
-            task: Some(record.name.clone()),
-            provider: None,
-            action: None,
-            revision: record.revision.clone(),
+    fn event(&self, record: &TaskRecord, kind: EventKind, message: String) {
+        let event = Event::task(
+            kind,
+            Some(&record.name),
+            Some(&record.vm),
+            record.revision.clone(),
             message,
-        };
+        );
         if let Err(e) = self.status.append_event(&event) {
             tracing::error!("cannot append an event: {e}");
         }

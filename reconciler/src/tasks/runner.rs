@@ -16,7 +16,7 @@ use crate::ids::{ApprovalId, PromptId};
 use crate::resolve::DesiredTask;
 use crate::spec::{OnDeadline, Repository};
 use crate::status::tasks::{PromptKind, PromptRecord, PromptState, RepositoryAt, TaskPhase};
-use crate::status::timestamp;
+use crate::status::{Event, EventKind};
 
 /// Where tasks run in the guest, and where their repository archive is put.
 const GUEST_WORK: &str = "/run/fleet/tasks";
@@ -297,7 +297,7 @@ impl TaskBook {
         self.update(state, name, |r| {
             r.phase = TaskPhase::Running;
             r.boot_id = Some(boot.to_owned());
-            r.started = Some(now());
+            r.started = Some(SystemTime::now().into());
             r.message = None;
         });
         conn.attached.insert(name.to_owned());
@@ -310,7 +310,7 @@ impl TaskBook {
             ));
             self.event(
                 record,
-                "task.started",
+                EventKind::TaskStarted,
                 format!("task {name} started on {}", conn.vm),
             );
         }
@@ -499,7 +499,7 @@ impl TaskBook {
                     if first {
                         self.event(
                             &record,
-                            "task.output.truncated",
+                            EventKind::TaskOutputTruncated,
                             format!(
                                 "output of {name} reached {} MiB; the rest is dropped",
                                 limits::OUTPUT_BYTES / (1024 * 1024)
@@ -584,8 +584,8 @@ impl TaskBook {
                     vm: record.vm.clone(),
                     text: text.clone(),
                     context: screen,
-                    created: now(),
-                    deadline: timestamp(SystemTime::now() + deadline),
+                    created: SystemTime::now().into(),
+                    deadline: (SystemTime::now() + deadline).into(),
                     state: PromptState::Pending,
                     overdue: false,
                     response: None,
@@ -607,7 +607,7 @@ impl TaskBook {
                 });
                 self.event(
                     &record,
-                    "hitl.prompt",
+                    EventKind::HitlPrompt,
                     format!("prompt {id} waits for an answer: {text}"),
                 );
             }
@@ -734,7 +734,7 @@ impl TaskBook {
             self.set_prompt(state, &prompt.id, |p| p.refused.push(note.clone()));
             self.event(
                 record,
-                "hitl.answer_refused",
+                EventKind::HitlAnswerRefused,
                 format!("answer to {} refused: {note}", prompt.id),
             );
         }
@@ -765,7 +765,7 @@ impl TaskBook {
             }
         });
         if let Some(m) = message {
-            self.event(&record, "task.limit", format!("{name}: {m}"));
+            self.event(&record, EventKind::TaskLimit, format!("{name}: {m}"));
         }
     }
 
@@ -807,7 +807,7 @@ impl TaskBook {
                 self.update(state, &name, |r| r.host_timeout = true);
                 self.event(
                     &record,
-                    "task.timeout",
+                    EventKind::TaskTimeout,
                     format!("task {name} ran past its timeout without the agent ending it; fleet cancels it"),
                 );
                 out.push(HostMessage::Cancel {
@@ -921,15 +921,13 @@ impl TaskBook {
                 });
                 self.event(
                     &record,
-                    "hitl.answered",
+                    EventKind::HitlAnswered,
                     format!("prompt {id} answered by {by}"),
                 );
                 out.push(input(&record.guest_task(), &id, &response));
                 continue;
             }
-            let deadline =
-                humantime::parse_rfc3339(&prompt.deadline).unwrap_or(SystemTime::UNIX_EPOCH);
-            if SystemTime::now() < deadline {
+            if SystemTime::now() < prompt.deadline.system_time() {
                 continue;
             }
             let policy = state
@@ -944,7 +942,7 @@ impl TaskBook {
                         r.pending_prompt = None;
                         r.fail_on_cancel = Some(why.clone());
                     });
-                    self.event(&record, "hitl.expired", why);
+                    self.event(&record, EventKind::HitlExpired, why);
                     out.push(HostMessage::Cancel {
                         v: VERSION,
                         task: record.guest_task(),
@@ -954,7 +952,7 @@ impl TaskBook {
                     self.set_prompt(state, &id, |p| p.overdue = true);
                     self.event(
                         &record,
-                        "hitl.overdue",
+                        EventKind::HitlOverdue,
                         format!("prompt {id} is past its deadline and keeps waiting"),
                     );
                 }
@@ -998,16 +996,13 @@ impl TaskBook {
             if state.prompts.contains_key(&id) {
                 self.set_prompt(state, &id, |p| p.refused.push(note.clone()));
             }
-            let _ = self.status.append_event(&crate::status::Event {
-                time: now(),
-                kind: "hitl.answer_refused".into(),
-                vm: None,
-                task: state.prompts.get(&id).map(|p| p.task.clone()),
-                provider: None,
-                action: None,
-                revision: None,
-                message: format!("answer to {id} refused: {note}"),
-            });
+            let _ = self.status.append_event(&Event::task(
+                EventKind::HitlAnswerRefused,
+                state.prompts.get(&id).map(|p| p.task.as_str()),
+                None,
+                None,
+                format!("answer to {id} refused: {note}"),
+            ));
         }
     }
 

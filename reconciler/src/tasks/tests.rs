@@ -246,7 +246,7 @@ fn a_new_boot_fails_the_run_and_a_removed_task_is_cancelled() {
 fn backdate(book: &TaskBook, ago: Duration) {
     let mut state = book.lock();
     let record = state.records.get_mut("ask").expect("record");
-    record.started = Some(crate::status::timestamp(std::time::SystemTime::now() - ago));
+    record.started = Some((std::time::SystemTime::now() - ago).into());
 }
 
 #[test]

@@ -116,14 +116,14 @@ fn check_intervals(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnostic>
         ("resyncInterval", &policy.resync_interval),
     ] {
         if let Some(d) = value
-            && d.to_std().is_some_and(|d| d < floor)
+            && d.to_std() < floor
         {
             diags.push(Diagnostic::new(
                 &o.path,
                 o.tree.pos_at_pointer(&format!("/spec/policy/{field}"), false),
                 format!(
                     "spec.policy.{field}: {} is shorter than {HOST_CONFIG} allows (limits.minInterval {}); use {} or more",
-                    d.0,
+                    d.as_str(),
                     humantime::format_duration(floor),
                     humantime::format_duration(floor)
                 ),

@@ -56,6 +56,10 @@ pub const TASK_NAME_MAX: usize = 50;
 /// Memory bounds in MiB, and disk bounds in MiB.
 pub const MEMORY_MIB: (u64, u64) = (64, 1024 * 1024);
 pub const DISK_MIB: (u64, u64) = (1024, 16 * 1024 * 1024);
+/// The longest a policy interval, timeout or task may be.
+const A_WEEK: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+/// The longest a prompt may wait for its answer.
+const A_MONTH: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 enum AnyObject {
     Fleet(Object<FleetDocument>),
@@ -448,7 +452,7 @@ fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
                 ("resyncInterval", &spec.policy.resync_interval),
             ] {
                 if let Some(d) = value
-                    && d.to_std().is_none_or(|d| d.as_secs() > 7 * 24 * 3600)
+                    && d.to_std() > A_WEEK
                 {
                     diags.push(Diagnostic::new(
                         &o.path,
@@ -456,7 +460,7 @@ fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
                             .pos_at_pointer(&format!("/spec/policy/{field}"), false),
                         format!(
                             "spec.policy.{field}: {:?} is out of range; use a duration up to 168h",
-                            d.0
+                            d.as_str()
                         ),
                     ));
                 }
@@ -591,14 +595,14 @@ fn check_task(o: &Object<TaskDocument>, diags: &mut Vec<Diagnostic>) {
         _ => {}
     }
     if let Some(t) = &spec.timeout
-        && t.to_std().is_none_or(|d| d.as_secs() > 7 * 24 * 3600)
+        && t.to_std() > A_WEEK
     {
         say(
             "/spec/timeout",
             false,
             format!(
                 "spec.timeout: {:?} is out of range; use a duration up to 168h",
-                t.0
+                t.as_str()
             ),
         );
     }
@@ -629,14 +633,14 @@ fn check_task(o: &Object<TaskDocument>, diags: &mut Vec<Diagnostic>) {
             }
         }
         if let Some(d) = &prompts.deadline
-            && d.to_std().is_none_or(|d| d.as_secs() > 30 * 24 * 3600)
+            && d.to_std() > A_MONTH
         {
             say(
                 "/spec/prompts/deadline",
                 false,
                 format!(
                     "spec.prompts.deadline: {:?} is out of range; use a duration up to 720h",
-                    d.0
+                    d.as_str()
                 ),
             );
         }
@@ -670,7 +674,7 @@ fn check_resources<T>(
         ("disk", &r.disk, DISK_MIB, "1Gi to 16Ti"),
     ] {
         if let Some(size) = size
-            && size.mib().is_none_or(|m| m < min || m > max)
+            && (size.mib() < min || size.mib() > max)
         {
             let pointer = format!("{at}/{field}");
             diags.push(Diagnostic::new(
@@ -679,7 +683,7 @@ fn check_resources<T>(
                 format!(
                     "{}: {:?} is out of bounds; {field} must be {what}",
                     diagnostic::field_path(&pointer),
-                    size.0
+                    size.as_str()
                 ),
             ));
         }

@@ -1,0 +1,169 @@
+//! `events.jsonl`: what happened, one JSON object per line, appended. Every event is made
+//! by a constructor here and stamped with the time it is made; its kind is an `EventKind`,
+//! whose wire names (`step.started`) are what operators grep for.
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use super::timestamp;
+use crate::plan::{Action, Step};
+
+/// Every kind of event fleet writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    #[serde(rename = "step.started")]
+    StepStarted,
+    #[serde(rename = "step.succeeded")]
+    StepSucceeded,
+    #[serde(rename = "step.failed")]
+    StepFailed,
+    #[serde(rename = "apply.finished")]
+    ApplyFinished,
+    #[serde(rename = "vm.drifted")]
+    VmDrifted,
+    #[serde(rename = "revision.refused")]
+    RevisionRefused,
+    #[serde(rename = "journal.recovered")]
+    JournalRecovered,
+    #[serde(rename = "host.tidied")]
+    HostTidied,
+    #[serde(rename = "secret.error")]
+    SecretError,
+    #[serde(rename = "approval.requested")]
+    ApprovalRequested,
+    #[serde(rename = "approval.approved")]
+    ApprovalApproved,
+    #[serde(rename = "approval.refused")]
+    ApprovalRefused,
+    #[serde(rename = "approval.withdrawn")]
+    ApprovalWithdrawn,
+    #[serde(rename = "task.pending")]
+    TaskPending,
+    #[serde(rename = "task.started")]
+    TaskStarted,
+    #[serde(rename = "task.finished")]
+    TaskFinished,
+    #[serde(rename = "task.timeout")]
+    TaskTimeout,
+    #[serde(rename = "task.limit")]
+    TaskLimit,
+    #[serde(rename = "task.output.truncated")]
+    TaskOutputTruncated,
+    #[serde(rename = "hitl.prompt")]
+    HitlPrompt,
+    #[serde(rename = "hitl.answered")]
+    HitlAnswered,
+    #[serde(rename = "hitl.answer_refused")]
+    HitlAnswerRefused,
+    #[serde(rename = "hitl.answer_ignored")]
+    HitlAnswerIgnored,
+    #[serde(rename = "hitl.overdue")]
+    HitlOverdue,
+    #[serde(rename = "hitl.expired")]
+    HitlExpired,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub time: String,
+    #[serde(rename = "type")]
+    pub kind: EventKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<Action>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    pub message: String,
+}
+
+impl Event {
+    /// An event of the fleet as a whole (no VM, task or provider), stamped now.
+    pub fn fleet(kind: EventKind, revision: Option<String>, message: String) -> Event {
+        Event {
+            time: timestamp(SystemTime::now()),
+            kind,
+            vm: None,
+            task: None,
+            provider: None,
+            action: None,
+            revision,
+            message,
+        }
+    }
+
+    /// An event of one VM on its provider.
+    pub fn vm(kind: EventKind, vm: &str, provider: &str, revision: &str, message: String) -> Event {
+        Event {
+            vm: Some(vm.to_owned()),
+            provider: Some(provider.to_owned()),
+            ..Event::fleet(kind, Some(revision.to_owned()), message)
+        }
+    }
+
+    /// An event of a plan's step.
+    pub fn step(kind: EventKind, step: &Step, revision: &str, message: String) -> Event {
+        Event {
+            action: Some(step.action),
+            ..Event::vm(kind, &step.vm, &step.provider, revision, message)
+        }
+    }
+
+    /// An event of a task (in its VM, when known).
+    pub fn task(
+        kind: EventKind,
+        task: Option<&str>,
+        vm: Option<&str>,
+        revision: Option<String>,
+        message: String,
+    ) -> Event {
+        Event {
+            task: task.map(str::to_owned),
+            vm: vm.map(str::to_owned),
+            ..Event::fleet(kind, revision, message)
+        }
+    }
+
+    /// An event of a provider's host (a tidy), or of none (the journal).
+    pub fn host(kind: EventKind, provider: Option<String>, message: String) -> Event {
+        Event {
+            provider,
+            ..Event::fleet(kind, None, message)
+        }
+    }
+
+    /// The same event, stamped at `time` instead of now.
+    pub fn at(self, time: SystemTime) -> Event {
+        Event {
+            time: timestamp(time),
+            ..self
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_keep_their_wire_names() {
+        let event = Event::task(
+            EventKind::TaskOutputTruncated,
+            Some("build"),
+            Some("a"),
+            None,
+            "m".into(),
+        );
+        let json = serde_json::to_string(&event).expect("json");
+        assert!(
+            json.contains(r#""type":"task.output.truncated","vm":"a","task":"build""#),
+            "{json}"
+        );
+    }
+}
