@@ -203,7 +203,7 @@ pub struct ResolvedPolicy {
     pub max_destroys_per_apply: u32,
     /// Step kinds that wait for an approval.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub approve: Vec<crate::spec::StepKind>,
+    pub approve: Vec<crate::spec::Action>,
 }
 
 pub const DEFAULT_MAX_DESTROYS_PER_APPLY: u32 = 5;

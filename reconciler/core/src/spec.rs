@@ -787,7 +787,7 @@ pub struct Policy {
     pub max_destroys_per_apply: Option<u32>,
     /// Step kinds that wait for a human's approval (`fleet/hitl/<id>.yaml` with `approve`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub approve: Vec<StepKind>,
+    pub approve: Vec<Action>,
 }
 
 /// A kind of plan step, as `policy.approve` names it.
@@ -795,7 +795,8 @@ pub struct Policy {
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
 )]
 #[serde(rename_all = "lowercase")]
-pub enum StepKind {
+#[schemars(rename = "StepKind")]
+pub enum Action {
     Create,
     Start,
     Stop,
@@ -804,15 +805,15 @@ pub enum StepKind {
     Destroy,
 }
 
-impl StepKind {
+impl Action {
     pub fn as_str(self) -> &'static str {
         match self {
-            StepKind::Create => "create",
-            StepKind::Start => "start",
-            StepKind::Stop => "stop",
-            StepKind::Update => "update",
-            StepKind::Replace => "replace",
-            StepKind::Destroy => "destroy",
+            Action::Create => "create",
+            Action::Start => "start",
+            Action::Stop => "stop",
+            Action::Update => "update",
+            Action::Replace => "replace",
+            Action::Destroy => "destroy",
         }
     }
 }

@@ -36,18 +36,6 @@ impl HeldStep {
     }
 }
 
-fn kind(action: Action) -> crate::spec::StepKind {
-    use crate::spec::StepKind;
-    match action {
-        Action::Create => StepKind::Create,
-        Action::Start => StepKind::Start,
-        Action::Stop => StepKind::Stop,
-        Action::Update => StepKind::Update,
-        Action::Replace => StepKind::Replace,
-        Action::Destroy => StepKind::Destroy,
-    }
-}
-
 /// Splits `steps` into those that may run and those held for an approval.
 pub fn hold(
     desired: &Desired,
@@ -88,7 +76,7 @@ pub fn hold(
                     step.vm
                 ));
             }
-            if policy.approve.contains(&kind(step.action)) {
+            if policy.approve.contains(&step.action) {
                 why.push(format!("policy.approve lists {}", step.action.as_str()));
             }
             if step.action == Action::Destroy && emptied.contains(step.provider.as_str()) {

@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use crate::spec::Action;
 pub use fields::{FieldChange, FieldEffect, VmField};
 
 use crate::digest::hex;
@@ -31,30 +32,6 @@ use crate::spec::PowerState;
 
 /// Version 2 added `deferred` and `approved`.
 pub const FORMAT_VERSION: u32 = 2;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    Create,
-    Start,
-    Stop,
-    Update,
-    Replace,
-    Destroy,
-}
-
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Create => "create",
-            Action::Start => "start",
-            Action::Stop => "stop",
-            Action::Update => "update",
-            Action::Replace => "replace",
-            Action::Destroy => "destroy",
-        }
-    }
-}
 
 /// Why a step exists. For people: apply never branches on it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
