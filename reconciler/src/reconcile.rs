@@ -314,7 +314,7 @@ impl apply::Observer for StatusObserver {
             &self.revision,
             format!(
                 "{} {}: {}",
-                step.action.as_str(),
+                step.action().as_str(),
                 step.vm,
                 crate::plan::render::reason_text(step)
             ),
@@ -327,7 +327,7 @@ impl apply::Observer for StatusObserver {
                 EventKind::StepSucceeded,
                 format!(
                     "{} {} done in {} ms",
-                    step.action.as_str(),
+                    step.action().as_str(),
                     step.vm,
                     result.millis
                 ),
@@ -336,7 +336,7 @@ impl apply::Observer for StatusObserver {
                 EventKind::StepFailed,
                 format!(
                     "{} {} failed after {} attempt(s): {e}",
-                    step.action.as_str(),
+                    step.action().as_str(),
                     step.vm,
                     result.attempts
                 ),

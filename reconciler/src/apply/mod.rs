@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 
 use crate::driver::{Driver, DriverError, ErrorKind};
 use crate::observe::Stamp;
-use crate::plan::{Action, Plan, Step};
+use crate::plan::{Action, Change, Plan, Step};
 use crate::resolve::DesiredVm;
 pub use journal::Journal;
 
@@ -101,7 +101,7 @@ pub async fn run(
             let result = StepResult {
                 vm: step.vm.clone(),
                 provider: step.provider.clone(),
-                action: step.action,
+                action: step.action(),
                 ok: outcome.is_ok(),
                 error: outcome.err().map(|e| e.message),
                 attempts,
@@ -144,30 +144,50 @@ fn stamp_for(fleet: &str, revision: &str, vm: &DesiredVm) -> Stamp {
     }
 }
 
+/// One driver call, with what it needs.
+#[derive(Clone)]
+enum DriverCall {
+    Create(DesiredVm),
+    Update { vm: DesiredVm, restart: bool },
+    Start,
+    Stop,
+    Destroy,
+}
+
+impl DriverCall {
+    fn action(&self) -> Action {
+        match self {
+            DriverCall::Create(_) => Action::Create,
+            DriverCall::Update { .. } => Action::Update,
+            DriverCall::Start => Action::Start,
+            DriverCall::Stop => Action::Stop,
+            DriverCall::Destroy => Action::Destroy,
+        }
+    }
+}
+
 /// Runs one step; returns its outcome and how many attempts its calls took in all.
 async fn run_step(ctx: &StepContext, step: &Step) -> (Result<(), DriverError>, u32) {
-    let desired = step.desired.clone();
-    let missing_desired = || {
-        DriverError::new(
-            ErrorKind::Permanent,
-            format!("plan step for {} carries no desired spec", step.vm),
-        )
-    };
-    match step.action {
-        Action::Destroy => call(ctx, step, Action::Destroy, None).await,
-        Action::Create | Action::Start | Action::Stop | Action::Update => match desired {
-            Some(vm) => call(ctx, step, step.action, Some(vm)).await,
-            None => (Err(missing_desired()), 0),
-        },
-        Action::Replace => {
-            let Some(vm) = desired else {
-                return (Err(missing_desired()), 0);
+    match &step.change {
+        Change::Create { desired } => call(ctx, step, DriverCall::Create(desired.clone())).await,
+        Change::Update {
+            desired, restart, ..
+        } => {
+            let update = DriverCall::Update {
+                vm: desired.clone(),
+                restart: *restart,
             };
-            let (destroyed, a1) = call(ctx, step, Action::Destroy, None).await;
+            call(ctx, step, update).await
+        }
+        Change::Start {} => call(ctx, step, DriverCall::Start).await,
+        Change::Stop {} => call(ctx, step, DriverCall::Stop).await,
+        Change::Destroy { .. } => call(ctx, step, DriverCall::Destroy).await,
+        Change::Replace { desired, .. } => {
+            let (destroyed, a1) = call(ctx, step, DriverCall::Destroy).await;
             if destroyed.is_err() {
                 return (destroyed, a1);
             }
-            let (created, a2) = call(ctx, step, Action::Create, Some(vm)).await;
+            let (created, a2) = call(ctx, step, DriverCall::Create(desired.clone())).await;
             (created, a1 + a2)
         }
     }
@@ -175,12 +195,8 @@ async fn run_step(ctx: &StepContext, step: &Step) -> (Result<(), DriverError>, u
 
 /// One journaled driver operation, with a deadline per attempt and retries on transient
 /// errors.
-async fn call(
-    ctx: &StepContext,
-    step: &Step,
-    action: Action,
-    vm: Option<DesiredVm>,
-) -> (Result<(), DriverError>, u32) {
+async fn call(ctx: &StepContext, step: &Step, what: DriverCall) -> (Result<(), DriverError>, u32) {
+    let action = what.action();
     let op = match ctx
         .journal
         .intent(&step.provider, &step.vm, action, &ctx.revision)
@@ -202,21 +218,16 @@ async fn call(
     let result = loop {
         attempt += 1;
         let driver = ctx.driver.clone();
-        let (name, grace, restart) = (step.vm.clone(), ctx.grace, step.restart);
-        let stamp = vm
-            .as_ref()
-            .map(|vm| stamp_for(&ctx.fleet, &ctx.revision, vm));
-        let vm = vm.clone();
-        let work = tokio::task::spawn_blocking(move || match (action, vm, stamp) {
-            (Action::Create, Some(vm), Some(stamp)) => driver.create(&vm, &stamp, grace),
-            (Action::Update, Some(vm), Some(stamp)) => driver.update(&vm, &stamp, restart, grace),
-            (Action::Start, _, _) => driver.start(&name),
-            (Action::Stop, _, _) => driver.stop(&name, grace),
-            (Action::Destroy, _, _) => driver.destroy(&name, grace),
-            _ => Err(DriverError::new(
-                ErrorKind::Permanent,
-                format!("{action:?} of {name} without a spec"),
-            )),
+        let (name, grace, what) = (step.vm.clone(), ctx.grace, what.clone());
+        let (fleet, revision) = (ctx.fleet.clone(), ctx.revision.clone());
+        let work = tokio::task::spawn_blocking(move || match what {
+            DriverCall::Create(vm) => driver.create(&vm, &stamp_for(&fleet, &revision, &vm), grace),
+            DriverCall::Update { vm, restart } => {
+                driver.update(&vm, &stamp_for(&fleet, &revision, &vm), restart, grace)
+            }
+            DriverCall::Start => driver.start(&name),
+            DriverCall::Stop => driver.stop(&name, grace),
+            DriverCall::Destroy => driver.destroy(&name, grace),
         });
         let outcome = match tokio::time::timeout(ctx.timeout, work).await {
             Ok(Ok(r)) => r,
@@ -375,13 +386,10 @@ mod tests {
         Step {
             vm: name.into(),
             provider: "local".into(),
-            action: Action::Create,
+            change: Change::Create {
+                desired: crate::resolve::example_vm(name, |_| {}),
+            },
             reason: Reason::NotFound,
-            changes: vec![],
-            restart: false,
-            desired: Some(crate::resolve::example_vm(name, |_| {})),
-            applied: None,
-            applied_revision: None,
         }
     }
 

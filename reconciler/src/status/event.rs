@@ -110,7 +110,7 @@ impl Event {
     /// An event of a plan's step.
     pub fn step(kind: EventKind, step: &Step, revision: &str, message: String) -> Event {
         Event {
-            action: Some(step.action),
+            action: Some(step.action()),
             ..Event::vm(kind, &step.vm, &step.provider, revision, message)
         }
     }

@@ -426,7 +426,7 @@ fn a_vm_in_backoff_is_deferred_in_the_written_plan() {
     assert_eq!(plan.deferred.len(), 1, "{text}");
     let deferred = &plan.deferred[0];
     assert_eq!(
-        (deferred.step.vm.as_str(), deferred.step.action),
+        (deferred.step.vm.as_str(), deferred.step.action()),
         ("a", fleet::plan::Action::Create)
     );
     assert!(deferred.why.contains("(backoff)"), "{}", deferred.why);

@@ -189,10 +189,9 @@ fn a_tampered_saved_plan_is_refused_and_changes_nothing() {
     // with the plan file can.
     let text = std::fs::read_to_string(&planfile).expect("plan");
     let mut plan: fleet::plan::Plan = serde_json::from_str(&text).expect("a plan");
-    let desired = plan.steps[0]
-        .desired
-        .as_mut()
-        .expect("a create carries its VM");
+    let fleet::plan::Change::Create { desired } = &mut plan.steps[0].change else {
+        panic!("a create carries its VM: {text}");
+    };
     desired.name = "../escaped-by-plan".into();
     plan.steps[0].vm = "../escaped-by-plan".into();
     plan.digest = plan.compute_digest();

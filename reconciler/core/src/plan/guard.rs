@@ -28,7 +28,7 @@ impl HeldStep {
     pub fn line(&self) -> String {
         format!(
             "{} {} on {}: {}",
-            self.step.action.as_str(),
+            self.step.action().as_str(),
             self.step.vm,
             self.step.provider,
             self.why.join("; ")
@@ -69,17 +69,17 @@ pub fn hold(
         .iter()
         .map(|step| {
             let mut why = Vec::new();
-            let dangerous = matches!(step.action, Action::Destroy | Action::Replace);
+            let dangerous = matches!(step.action(), Action::Destroy | Action::Replace);
             if dangerous && protected(step) {
                 why.push(format!(
                     "{} is protected (recorded in its stamp): set protect: false and apply that first, or approve",
                     step.vm
                 ));
             }
-            if policy.approve.contains(&step.action) {
-                why.push(format!("policy.approve lists {}", step.action.as_str()));
+            if policy.approve.contains(&step.action()) {
+                why.push(format!("policy.approve lists {}", step.action().as_str()));
             }
-            if step.action == Action::Destroy && emptied.contains(step.provider.as_str()) {
+            if step.action() == Action::Destroy && emptied.contains(step.provider.as_str()) {
                 why.push(format!(
                     "this revision destroys every VM fleet runs on provider {} (was fleet/ emptied by mistake?)",
                     step.provider
@@ -93,11 +93,11 @@ pub fn hold(
     let destroys = steps
         .iter()
         .zip(&reasons)
-        .filter(|(s, why)| s.action == Action::Destroy && why.is_empty())
+        .filter(|(s, why)| s.action() == Action::Destroy && why.is_empty())
         .count();
     if destroys > policy.max_destroys_per_apply as usize {
         for (step, why) in steps.iter().zip(reasons.iter_mut()) {
-            if step.action == Action::Destroy && why.is_empty() {
+            if step.action() == Action::Destroy && why.is_empty() {
                 why.push(format!(
                     "this plan destroys {destroys} VMs, more than policy.maxDestroysPerApply ({})",
                     policy.max_destroys_per_apply
@@ -125,16 +125,10 @@ pub fn approval_digest(held: &[HeldStep]) -> Option<String> {
     }
     let mut h = Sha256::new();
     for s in held {
-        let applied = s
-            .step
-            .applied
-            .as_ref()
-            .map(|c| c.hash())
-            .unwrap_or_default();
+        let applied = s.step.applied().map(|c| c.hash()).unwrap_or_default();
         let wanted = s
             .step
-            .desired
-            .as_ref()
+            .desired()
             .map(|d| d.spec_hash.clone())
             .unwrap_or_default();
         h.update(
@@ -142,7 +136,7 @@ pub fn approval_digest(held: &[HeldStep]) -> Option<String> {
                 "{}\0{}\0{}\0{applied}\0{wanted}\n",
                 s.step.provider,
                 s.step.vm,
-                s.step.action.as_str()
+                s.step.action().as_str()
             )
             .as_bytes(),
         );

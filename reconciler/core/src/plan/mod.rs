@@ -106,27 +106,117 @@ pub struct Approved {
     pub steps: Vec<String>,
 }
 
+/// One thing apply does to one VM, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
 pub struct Step {
     pub vm: String,
     pub provider: String,
-    pub action: Action,
+    /// The action (`action` in JSON) with exactly the data it needs.
+    #[serde(flatten)]
+    pub change: Change,
     pub reason: Reason,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub changes: Vec<FieldChange>,
-    /// Update only: the running VM is restarted for the change to take effect.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub restart: bool,
-    /// The VM as it should be after the step (all but destroy).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub desired: Option<DesiredVm>,
-    /// The configuration last applied, from the stamp (update, replace, destroy).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub applied: Option<VmConfig>,
-    /// The revision that last applied the VM, from the stamp.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub applied_revision: Option<String>,
+}
+
+/// What a step does. `desired` is the VM as it should be after the step; `applied` the
+/// configuration last applied and `applied_revision` the revision that applied it, both
+/// from the stamp.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    tag = "action",
+    rename_all = "lowercase",
+    rename_all_fields = "camelCase"
+)]
+pub enum Change {
+    Create {
+        desired: DesiredVm,
+    },
+    Start {},
+    Stop {},
+    Update {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        changes: Vec<FieldChange>,
+        /// The running VM is restarted for the change to take effect.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        restart: bool,
+        desired: DesiredVm,
+        /// `None` when the stamp's copy is unreadable (the update rewrites it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        applied: Option<VmConfig>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        applied_revision: Option<String>,
+    },
+    Replace {
+        changes: Vec<FieldChange>,
+        desired: DesiredVm,
+        applied: VmConfig,
+        applied_revision: String,
+    },
+    Destroy {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        applied: Option<VmConfig>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        applied_revision: Option<String>,
+    },
+}
+
+impl Step {
+    pub fn action(&self) -> Action {
+        match self.change {
+            Change::Create { .. } => Action::Create,
+            Change::Start {} => Action::Start,
+            Change::Stop {} => Action::Stop,
+            Change::Update { .. } => Action::Update,
+            Change::Replace { .. } => Action::Replace,
+            Change::Destroy { .. } => Action::Destroy,
+        }
+    }
+
+    /// The VM as it should be after the step (create, update, replace).
+    pub fn desired(&self) -> Option<&DesiredVm> {
+        match &self.change {
+            Change::Create { desired }
+            | Change::Update { desired, .. }
+            | Change::Replace { desired, .. } => Some(desired),
+            Change::Start {} | Change::Stop {} | Change::Destroy { .. } => None,
+        }
+    }
+
+    /// The configuration last applied, when the step acts on it (update, replace, destroy).
+    pub fn applied(&self) -> Option<&VmConfig> {
+        match &self.change {
+            Change::Update { applied, .. } | Change::Destroy { applied, .. } => applied.as_ref(),
+            Change::Replace { applied, .. } => Some(applied),
+            Change::Create { .. } | Change::Start {} | Change::Stop {} => None,
+        }
+    }
+
+    pub fn applied_revision(&self) -> Option<&str> {
+        match &self.change {
+            Change::Update {
+                applied_revision, ..
+            }
+            | Change::Destroy {
+                applied_revision, ..
+            } => applied_revision.as_deref(),
+            Change::Replace {
+                applied_revision, ..
+            } => Some(applied_revision),
+            Change::Create { .. } | Change::Start {} | Change::Stop {} => None,
+        }
+    }
+
+    /// The fields that differ (update, replace).
+    pub fn changes(&self) -> &[FieldChange] {
+        match &self.change {
+            Change::Update { changes, .. } | Change::Replace { changes, .. } => changes,
+            _ => &[],
+        }
+    }
+
+    /// Whether the update restarts the running VM.
+    pub fn restart(&self) -> bool {
+        matches!(self.change, Change::Update { restart: true, .. })
+    }
 }
 
 /// A VM fleet wants but will not touch: another VM holds its name.
@@ -192,7 +282,7 @@ impl Plan {
     }
 
     pub fn count(&self, action: Action) -> usize {
-        self.steps.iter().filter(|s| s.action == action).count()
+        self.steps.iter().filter(|s| s.action() == action).count()
     }
 
     pub fn compute_digest(&self) -> String {
@@ -319,28 +409,22 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                     steps.push(Step {
                         vm: vm.name.clone(),
                         provider: provider.clone(),
-                        action: Action::Create,
+                        change: Change::Create {
+                            desired: vm.clone(),
+                        },
                         reason: Reason::Drifted {
                             what: "the VM was removed outside fleet; recreating it".into(),
                         },
-                        changes: Vec::new(),
-                        restart: false,
-                        desired: Some(vm.clone()),
-                        applied: None,
-                        applied_revision: None,
                     });
                 }
             }
             None => steps.push(Step {
                 vm: vm.name.clone(),
                 provider: provider.clone(),
-                action: Action::Create,
+                change: Change::Create {
+                    desired: vm.clone(),
+                },
                 reason: Reason::NotFound,
-                changes: Vec::new(),
-                restart: false,
-                desired: Some(vm.clone()),
-                applied: None,
-                applied_revision: None,
             }),
             Some(found) if !found.owned_by(&desired.fleet) => {
                 conflicts.push(Conflict {
@@ -358,7 +442,7 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                         // A step the spec itself asks for runs whatever the policy; a step
                         // that only heals drift runs when self-healing is on.
                         let heals_only = step.as_ref().is_none_or(|s| {
-                            matches!(s.reason, Reason::PowerState { .. }) || s.changes.is_empty()
+                            matches!(s.reason, Reason::PowerState { .. }) || s.changes().is_empty()
                         });
                         drift.push(Drift {
                             vm: vm.name.clone(),
@@ -400,13 +484,11 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                 steps.push(Step {
                     vm: found.name.clone(),
                     provider: provider.clone(),
-                    action: Action::Destroy,
+                    change: Change::Destroy {
+                        applied: stamp.and_then(|s| s.config.clone()),
+                        applied_revision: stamp.map(|s| s.revision.clone()),
+                    },
                     reason: Reason::RemovedFromFleet,
-                    changes: Vec::new(),
-                    restart: false,
-                    desired: None,
-                    applied: stamp.and_then(|s| s.config.clone()),
-                    applied_revision: stamp.map(|s| s.revision.clone()),
                 });
             }
         }
@@ -530,13 +612,14 @@ fn heal_resources(vm: &DesiredVm, found: &ObservedVm, what: String, running_conf
     Step {
         vm: vm.name.clone(),
         provider: vm.config.provider.clone(),
-        action: Action::Update,
+        change: Change::Update {
+            changes,
+            restart: running_config && found.running,
+            desired: vm.clone(),
+            applied: stamp.and_then(|s| s.config.clone()),
+            applied_revision: stamp.map(|s| s.revision.clone()),
+        },
         reason: Reason::Drifted { what },
-        changes,
-        restart: running_config && found.running,
-        desired: Some(vm.clone()),
-        applied: stamp.and_then(|s| s.config.clone()),
-        applied_revision: stamp.map(|s| s.revision.clone()),
     }
 }
 
@@ -559,77 +642,74 @@ fn conflict_message(fleet: &str, found: &ObservedVm) -> String {
 
 fn step_for_owned(vm: &DesiredVm, found: &ObservedVm) -> Option<Step> {
     let stamp = found.stamp.as_ref()?;
+    let step = |change: Change, reason: Reason| Step {
+        vm: vm.name.clone(),
+        provider: vm.config.provider.clone(),
+        change,
+        reason,
+    };
     if stamp.spec_hash.is_empty() {
-        return Some(Step {
-            vm: vm.name.clone(),
-            provider: vm.config.provider.clone(),
-            action: Action::Create,
-            reason: Reason::CreateUnfinished,
-            changes: Vec::new(),
-            restart: false,
-            desired: Some(vm.clone()),
-            applied: None,
-            applied_revision: None,
-        });
+        let create = Change::Create {
+            desired: vm.clone(),
+        };
+        return Some(step(create, Reason::CreateUnfinished));
     }
+    let want_running = vm.state == PowerState::Running;
     // The common case, checked before anything is copied: nothing to do.
     if stamp.spec_hash == vm.spec_hash
         && stamp.config.as_ref() == Some(&vm.config)
-        && found.running == (vm.state == PowerState::Running)
+        && found.running == want_running
     {
         return None;
     }
-    let mut step = Step {
-        vm: vm.name.clone(),
-        provider: vm.config.provider.clone(),
-        action: Action::Update,
-        reason: Reason::StampUnreadable,
-        changes: Vec::new(),
-        restart: false,
-        desired: Some(vm.clone()),
-        applied: stamp.config.clone(),
-        applied_revision: Some(stamp.revision.clone()),
-    };
     let Some(applied) = &stamp.config else {
-        step.restart = found.running && vm.state == PowerState::Running;
-        return Some(step);
+        let rewrite = Change::Update {
+            changes: Vec::new(),
+            restart: found.running && want_running,
+            desired: vm.clone(),
+            applied: None,
+            applied_revision: Some(stamp.revision.clone()),
+        };
+        return Some(step(rewrite, Reason::StampUnreadable));
     };
     if stamp.spec_hash == vm.spec_hash && applied == &vm.config {
-        let want_running = vm.state == PowerState::Running;
-        if found.running == want_running {
-            return None;
-        }
-        step.action = if want_running {
-            Action::Start
+        let power = if want_running {
+            Change::Start {}
         } else {
-            Action::Stop
+            Change::Stop {}
         };
-        step.reason = Reason::PowerState { want: vm.state };
-        step.applied = None;
-        return Some(step);
+        return Some(step(power, Reason::PowerState { want: vm.state }));
     }
-    step.changes = fields::diff(applied, &vm.config);
-    if let Some((field, why)) = step.changes.iter().find_map(|c| match c.field.effect() {
+    let changes = fields::diff(applied, &vm.config);
+    if let Some((field, why)) = changes.iter().find_map(|c| match c.field.effect() {
         FieldEffect::Replace(why) => Some((c.field, why)),
         _ => None,
     }) {
-        step.action = Action::Replace;
-        step.reason = Reason::ReplaceForced {
-            field,
-            why: why.to_owned(),
+        let replace = Change::Replace {
+            changes,
+            desired: vm.clone(),
+            applied: applied.clone(),
+            applied_revision: stamp.revision.clone(),
         };
-        return Some(step);
+        let why = why.to_owned();
+        return Some(step(replace, Reason::ReplaceForced { field, why }));
     }
-    step.reason = Reason::SpecChanged {
-        fields: step.changes.iter().map(|c| c.field).collect(),
+    let reason = Reason::SpecChanged {
+        fields: changes.iter().map(|c| c.field).collect(),
     };
-    step.restart = found.running
-        && vm.state == PowerState::Running
-        && step
-            .changes
+    let restart = found.running
+        && want_running
+        && changes
             .iter()
             .any(|c| c.field.effect() == FieldEffect::NeedsRestart);
-    Some(step)
+    let update = Change::Update {
+        changes,
+        restart,
+        desired: vm.clone(),
+        applied: Some(applied.clone()),
+        applied_revision: Some(stamp.revision.clone()),
+    };
+    Some(step(update, reason))
 }
 
 #[cfg(test)]

@@ -133,8 +133,8 @@ fn step_line(out: &mut String, step: &Step, width: usize, why: &str) {
     let _ = writeln!(
         out,
         "  {:<3} {:<8} {:<width$}  on {}: {why}",
-        symbol(step.action),
-        step.action.as_str(),
+        symbol(step.action()),
+        step.action().as_str(),
         step.vm,
         step.provider,
     );
@@ -164,7 +164,7 @@ pub fn reason_text(step: &Step) -> String {
         Reason::PowerState { want } => format!("spec wants it {}", want.as_str()),
         Reason::SpecChanged { .. } => {
             let changes = step
-                .changes
+                .changes()
                 .iter()
                 .map(|c| {
                     format!(
@@ -176,7 +176,7 @@ pub fn reason_text(step: &Step) -> String {
                 })
                 .collect::<Vec<_>>()
                 .join("; ");
-            if step.restart {
+            if step.restart() {
                 format!("{changes} (restarts the running VM)")
             } else {
                 changes
@@ -192,7 +192,7 @@ pub fn reason_text(step: &Step) -> String {
             "its ownership stamp has no readable configuration; rewriting it".to_owned()
         }
         Reason::Drifted { what } => format!("drift: {what}"),
-        Reason::RemovedFromFleet => match &step.applied_revision {
+        Reason::RemovedFromFleet => match &step.applied_revision() {
             Some(rev) => format!("removed from fleet/ (last applied at {})", short_id(rev)),
             None => "removed from fleet/".to_owned(),
         },
@@ -222,15 +222,10 @@ fn config_yaml(config: Option<&VmConfig>) -> String {
 }
 
 fn step_diff(step: &Step) -> Option<String> {
-    let (old, new) = match step.action {
-        Action::Start | Action::Stop => return None,
-        Action::Create => (None, step.desired.as_ref().map(|d| &d.config)),
-        Action::Destroy => (step.applied.as_ref(), None),
-        Action::Update | Action::Replace => (
-            step.applied.as_ref(),
-            step.desired.as_ref().map(|d| &d.config),
-        ),
-    };
+    if matches!(step.action(), Action::Start | Action::Stop) {
+        return None;
+    }
+    let (old, new) = (step.applied(), step.desired().map(|d| &d.config));
     let (old, new) = (config_yaml(old), config_yaml(new));
     if old == new {
         return None;

@@ -275,7 +275,7 @@ fn memory_change_updates_in_place_with_a_restart() {
             Plan digest: [DIGEST]
         "#]],
     );
-    assert!(p.steps[0].restart && !p.steps[1].restart);
+    assert!(p.steps[0].restart() && !p.steps[1].restart());
 }
 
 #[test]
@@ -288,7 +288,7 @@ fn image_disk_change_forces_replace_and_names_the_field() {
     let o = observed(vec![applied(&before.vms["a"], true)]);
     let p = plan(&after, &o);
     assert_eq!(p.steps.len(), 1);
-    assert_eq!(p.steps[0].action, Action::Replace);
+    assert_eq!(p.steps[0].action(), Action::Replace);
     assert_eq!(
         render::reason_text(&p.steps[0]),
         "image.disk changed, which forces replacement (a new base disk needs a new overlay)"
@@ -314,7 +314,7 @@ fn a_new_loadout_user_forces_replace_because_cloud_init_runs_once() {
     let o = observed(vec![applied(&before.vms["a"], true)]);
     let p = plan(&after, &o);
     assert_eq!(p.steps.len(), 1);
-    assert_eq!(p.steps[0].action, Action::Replace);
+    assert_eq!(p.steps[0].action(), Action::Replace);
     assert_eq!(
         render::reason_text(&p.steps[0]),
         "users changed, which forces replacement (cloud-init applies it only at first boot)"
@@ -459,7 +459,7 @@ fn planning_after_applying_the_plan_yields_no_steps() {
     let after: Vec<ObservedVm> = p
         .steps
         .iter()
-        .filter_map(|s| s.desired.as_ref())
+        .filter_map(|s| s.desired())
         .map(|vm| applied(vm, vm.state == PowerState::Running))
         .collect();
     assert!(!plan(&d, &observed(after)).has_changes());
@@ -482,8 +482,8 @@ fn a_resized_definition_is_drift_and_is_healed_in_place() {
         &history(&[("a", PowerState::Running)]),
     );
     assert_eq!(p.steps.len(), 1);
-    assert_eq!(p.steps[0].action, Action::Update);
-    assert!(!p.steps[0].restart);
+    assert_eq!(p.steps[0].action(), Action::Update);
+    assert!(!p.steps[0].restart());
     assert_eq!(
         render::reason_text(&p.steps[0]),
         "drift: memory is 200 MiB, the applied spec says 512 MiB"
@@ -541,7 +541,14 @@ fn stopped_and_missing_vms_are_drift_only_when_they_were_applied_running() {
     let reasons: Vec<String> = p
         .steps
         .iter()
-        .map(|s| format!("{} {}: {}", s.action.as_str(), s.vm, render::reason_text(s)))
+        .map(|s| {
+            format!(
+                "{} {}: {}",
+                s.action().as_str(),
+                s.vm,
+                render::reason_text(s)
+            )
+        })
         .collect();
     assert_eq!(
         reasons,
@@ -566,7 +573,7 @@ fn a_spec_change_runs_even_when_self_heal_is_off() {
         &history(&[("a", PowerState::Running)]),
     );
     assert_eq!(p.steps.len(), 1);
-    assert_eq!(p.steps[0].action, Action::Update);
+    assert_eq!(p.steps[0].action(), Action::Update);
     assert!(
         p.drift[0].healed,
         "the update rewrites the whole definition"
@@ -586,7 +593,7 @@ fn held_lines(p: &Plan) -> Vec<String> {
         .map(|h| {
             format!(
                 "{} {}: {}",
-                h.step.action.as_str(),
+                h.step.action().as_str(),
                 h.step.vm,
                 h.why.join("; ")
             )
@@ -663,7 +670,7 @@ fn a_deferred_vm_is_in_the_plan_with_its_reason() {
     );
     assert_eq!(p.deferred.len(), 1);
     assert_eq!(
-        (p.deferred[0].step.vm.as_str(), p.deferred[0].step.action),
+        (p.deferred[0].step.vm.as_str(), p.deferred[0].step.action()),
         ("a", Action::Create)
     );
     assert!(p.has_changes());
@@ -858,13 +865,13 @@ fn every_field_changes_a_running_vm_as_its_effect_declares() {
         // The decision for a VM fleet owns; a whole plan would also judge the provider move.
         let step = super::step_for_owned(&after, &found).expect("a step");
         assert_eq!(
-            step.changes.iter().map(|c| c.field).collect::<Vec<_>>(),
+            step.changes().iter().map(|c| c.field).collect::<Vec<_>>(),
             [field],
             "changing {field} changes only {field}"
         );
         match field.effect() {
             FieldEffect::Replace(why) => {
-                assert_eq!(step.action, Action::Replace, "{field}");
+                assert_eq!(step.action(), Action::Replace, "{field}");
                 assert_eq!(
                     step.reason,
                     Reason::ReplaceForced {
@@ -875,14 +882,14 @@ fn every_field_changes_a_running_vm_as_its_effect_declares() {
             }
             FieldEffect::NeedsRestart => {
                 assert_eq!(
-                    (step.action, step.restart),
+                    (step.action(), step.restart()),
                     (Action::Update, true),
                     "{field}"
                 );
             }
             FieldEffect::InPlace => {
                 assert_eq!(
-                    (step.action, step.restart),
+                    (step.action(), step.restart()),
                     (Action::Update, false),
                     "{field}"
                 );
