@@ -113,7 +113,7 @@ fakepve:
 # duplicates, orphans and converged trials. CI runs 10; run 100 or more before a release.
 TRIALS ?= 10
 crash-test: image libvirtd
-	$(CARGO) build -p fleet --bins
+	$(CARGO) build -p fleet -p fleet-tools --bins
 	$(TARGET_DIR)/debug/fleet-crash --trials $(TRIALS)
 
 # The same on the fake Proxmox cluster: SIGKILL fleet apply mid-apply, recover, check for
@@ -128,7 +128,8 @@ FUZZ_CASES ?= 20000
 fuzz:
 	FLEET_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --release -p fleet --test it fuzz
 
-bench: build image libvirtd
+bench: image libvirtd
+	$(CARGO) build --release -p fleet -p fleet-tools
 	$(TARGET_DIR)/release/fleet-bench --libvirt --daemon
 
 clean:

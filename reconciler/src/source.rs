@@ -1,6 +1,6 @@
 //! Where a fleet revision comes from: the `fleet/` tree of a git commit, read from git
 //! objects (never half-written working-tree files), or the working directory for
-//! `--worktree`. The only module that uses git2.
+//! `--worktree`. With `tasks::repo`, the only module that uses git2.
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +28,38 @@ pub enum SourceError {
         MAX_SNAPSHOT_BYTES / (1024 * 1024)
     )]
     TooLarge { path: String },
+    #[error("HEAD is detached; pass --branch to say which branch to follow")]
+    Detached,
+    #[error("the current branch's name is not UTF-8")]
+    BranchName,
+}
+
+/// The branch HEAD names (what `fleet serve` follows unless told otherwise).
+pub fn current_branch(root: &Path) -> Result<String, SourceError> {
+    let repo = open(root)?;
+    let head = repo.head().map_err(|source| SourceError::NotARepository {
+        root: root.to_owned(),
+        source,
+    })?;
+    if !head.is_branch() {
+        return Err(SourceError::Detached);
+    }
+    head.shorthand()
+        .map(str::to_owned)
+        .map_err(|_| SourceError::BranchName)
+}
+
+/// The repository's git directory (the common one, for a worktree): what changes when a
+/// commit moves a ref.
+pub fn git_dir(root: &Path) -> Result<PathBuf, SourceError> {
+    Ok(open(root)?.commondir().to_owned())
+}
+
+fn open(root: &Path) -> Result<git2::Repository, SourceError> {
+    git2::Repository::open(root).map_err(|source| SourceError::NotARepository {
+        root: root.to_owned(),
+        source,
+    })
 }
 
 /// Files bigger than this are not read at all (the loader reports them); bounds memory.

@@ -120,7 +120,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
     let host = ws.host()?;
     let branch = match &options.branch {
         Some(b) => b.clone(),
-        None => current_branch(&ws)?,
+        None => crate::source::current_branch(&ws.repo_root)?,
     };
     tracing::info!(branch, "following branch");
 
@@ -423,19 +423,6 @@ impl Daemon {
         self.journal = Some(journal);
         Ok(())
     }
-}
-
-fn current_branch(ws: &Workspace) -> Result<String> {
-    let repo = git2::Repository::open(&ws.repo_root)
-        .with_context(|| format!("{} is not a git repository", ws.repo_root.display()))?;
-    let head = repo.head().context("the repository has no commits yet")?;
-    if !head.is_branch() {
-        anyhow::bail!("HEAD is detached; pass --branch to say which branch to follow");
-    }
-    Ok(head
-        .shorthand()
-        .context("branch name is not UTF-8")?
-        .to_owned())
 }
 
 fn spawn_signal_handler(tx: mpsc::UnboundedSender<Trigger>) -> Result<()> {

@@ -21,10 +21,7 @@ pub fn watch_git(
     repo_root: &Path,
     tx: UnboundedSender<Trigger>,
 ) -> Result<Debouncer<RecommendedWatcher, RecommendedCache>> {
-    let repo = git2::Repository::open(repo_root)
-        .with_context(|| format!("{} is not a git repository", repo_root.display()))?;
-    // `.git` of a normal checkout, or the common dir of a worktree.
-    let git_dir = repo.commondir().to_owned();
+    let git_dir = crate::source::git_dir(repo_root)?;
     let mut debouncer = new_debouncer(
         DEBOUNCE,
         Some(Duration::from_millis(50)),

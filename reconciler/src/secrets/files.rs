@@ -45,6 +45,12 @@ impl SecretFiles {
         let header =
             "# Values are age-encrypted (fleet secret set / rotate); keys are in the clear.\n";
         let tmp = path.with_extension("yaml.tmp");
+        // A file of the operator's repository, with the repository's modes (write_atomic's
+        // 0640 is for the status directory).
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a repository file, not a status file"
+        )]
         std::fs::write(&tmp, format!("{header}{text}"))
             .with_context(|| tmp.display().to_string())?;
         std::fs::rename(&tmp, &path).with_context(|| path.display().to_string())?;

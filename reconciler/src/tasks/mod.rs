@@ -1,8 +1,8 @@
 //! Tasks on the host: which run is due, what each run's record says, and what the guest
 //! reported. `TaskBook` holds every task's record and every prompt, in memory and in the
 //! status directory (`tasks/`, `hitl/`), behind one lock: the daemon's pass (`sync`) and
-//! each VM's agent link (`runner::VmRunner`) change them only through it, so a record is
-//! never written by two hands at once.
+//! each VM's agent link (`daemon::agents`, through `receive` and `tick`) change them only
+//! through it, so a record is never written by two hands at once.
 //!
 //! A task runs once per (name, spec hash): `rerun` is part of the spec, so bumping it is a
 //! new hash. Each run gets a generation and a run id (sha256 of the spec hash and the

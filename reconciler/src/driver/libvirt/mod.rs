@@ -1,11 +1,80 @@
-//! The libvirt driver.
+//! The libvirt driver, over the virt crate (libvirt's own C client, wrapped safely; fleet
+//! itself has no unsafe code).
+//!
+//! **Drivers do, never decide.** The planner chose the step; the driver only carries it out.
+//! Before every mutation it checks the VM name against the name rule again (`check_name`: a
+//! saved plan or a bug must not turn a name into a path elsewhere) and reads the domain's stamp
+//! afresh, refusing with `ErrorKind::Conflict` unless it is this fleet's stamp for this VM.
+//! fleet never modifies, stops or removes a domain it did not make.
 //!
 //! Identity: domain name = VM name, domain UUID = UUIDv5(UUIDv5(ROOT, fleet), VM name), the
-//! ownership stamp in `<metadata>` under fleet's namespace. Files fleet makes for a VM live in
-//! `<storage dir>/<fleet>/<vm>/`, a directory fleet makes itself (`mkdir`, never one it finds)
-//! next to an `owner.json` marker. Only the files fleet makes there are ever removed, then
-//! the directory with `rmdir`: anything else found in it stays, and so does the directory.
-//! Image files resolve only under the host's image root, backing chains included.
+//! ownership stamp in `<metadata>` under fleet's namespace (`urn:fleet:stamp:1`). The stamp
+//! holds fleet, VM name, spec hash, revision, `protect` and the applied `VmConfig` as JSON, so
+//! the planner can diff the applied config field by field from the domain XML alone.
+//! `domain_xml` renders the definition and reads it back into an `ObservedVm`; it is pure.
+//! Because name and UUID are deterministic, a create run again after a crash finds the domain
+//! it made. `create` is idempotent: a domain of that name with this fleet's stamp is brought
+//! to the spec (definition and seed rewritten, the running domain's live stamp updated, power
+//! state set), and a UUID held by a domain of another name is a conflict.
+//!
+//! Observe is one `list_all_domains` call. Name, UUID and id come with each listed domain
+//! (whether it runs is whether it has an id: no call). Each domain the cache cannot answer
+//! costs one more call: its persistent definition (`xml_desc(INACTIVE)`), which gives the
+//! stamp, memory and vCPUs together. The persistent definition is what the next boot uses
+//! and where `virsh setmem --config` and `virsh edit` leave their changes, so that drift is
+//! seen.
+//!
+//! Events: the virt crate does not wrap `virConnectDomainEventRegisterAny` and fleet forbids
+//! unsafe code, so libvirt's own client holds the subscription. `watch` starts a thread that
+//! runs `virsh event --all --loop`; each event line names a domain, whose cached definition
+//! is dropped, and wakes the daemon with that name. The cache is used only while the stream
+//! is connected. When the stream breaks (libvirtd restarted) the cache is emptied and
+//! switched off, the daemon is told anything may have changed, and the stream is reopened a
+//! second later. `resync` empties the cache for changes libvirt sends no event for
+//! (`virsh setmem --config` is one).
+//!
+//! Files fleet makes for a VM live in `<storage dir>/<fleet>/<vm>/` (`storageDir` in the host
+//! configuration, default `/var/lib/fleet/storage`), a directory fleet makes itself (`mkdir`,
+//! never one it finds) next to an `owner.json` marker naming fleet, VM and UUID. A directory
+//! already there without this fleet's marker for this VM is never claimed: the create stops
+//! with a conflict naming it. Inside: `seed.iso` (the NoCloud seed, volume `cidata`, made
+//! with genisoimage, attached read-only, replaced by rename on every update), `disk.qcow2` (a
+//! qcow2 overlay on the image's base disk) and `console.log` with its rotations. Only the
+//! files fleet makes there are ever removed (and a seed staging directory or marker temp file
+//! a kill left), the marker last so a removal cut short stays recognisably fleet's, then the
+//! directory with `rmdir`: anything else found in it stays, and so does the directory. Of a
+//! directory without the marker, only the temp file of an interrupted marker write is
+//! removed, then the directory if that leaves it empty.
+//!
+//! Image files resolve only under the host's image root, through every symlink, backing
+//! chains included: `qemu-img info --backing-chain` must show only qcow2 or raw files under
+//! the root and no external data file, and a base disk must be qcow2. QEMU runs as its own
+//! user and libvirt relabels the files it hands over but never their parent directories, so
+//! `reach` checks up front that QEMU's user can enter the storage directory (`preflight`) and
+//! read each image file, naming the directory, the user and the fix, instead of every start
+//! failing with QEMU's bare "Permission denied".
+//!
+//! Networks: isolated VMs (and, on libvirt for now, allowlist ones) get no network card.
+//! `network: full` VMs join the NAT network of `full_network`, never QEMU's user networking,
+//! whose gateway is the host's loopback. Such a VM is started only once the nftables guard
+//! and the network are up, only when fleet runs on the libvirt host itself (a `qemu:///`
+//! URI), and only on today's guarded network. `maintain` applies the guard again while the
+//! network runs, since a firewall reload on the host removes it.
+//!
+//! Every domain has the virtio-serial channel `org.fleet.agent.0` with no socket path:
+//! libvirt makes the socket where QEMU may create it. `agent_endpoint` checks the stamp and
+//! reads the path from the live XML (`AgentEndpoint::UnixSocket`).
+//!
+//! Stop: ACPI shutdown, pressed again every 2 s (a guest still booting misses the first
+//! press), then power-off once the grace has passed. Destroy: stop, undefine (with managed
+//! save, snapshot metadata and NVRAM), remove the files; a destroy that finds no domain
+//! finishes the file removal. `settle`, after a crash, removes the files of a VM with no
+//! domain and leaves an existing domain to the next observation.
+//!
+//! The connection is opened by the first call. A connection-level error (libvirtd
+//! restarted) drops it and is `ErrorKind::Transient`, so apply retries and the next call
+//! reconnects. `calls` counts libvirt calls, for the benchmarks and the tests that count
+//! them.
 
 pub mod domain_xml;
 pub mod full_network;
@@ -591,6 +660,9 @@ impl LibvirtDriver {
             ("meta-data", &seed.meta_data),
             ("network-config", &seed.network_config),
         ] {
+            // A private staging directory that becomes one ISO: nothing reads these files
+            // but genisoimage, so they need no atomic rename.
+            #[expect(clippy::disallowed_methods, reason = "staging files for genisoimage")]
             std::fs::write(staging.path().join(name), text).map_err(|e| fail(name, &e))?;
         }
         let iso = staging.path().join("seed.iso");
