@@ -1,5 +1,7 @@
 //! One integration-test binary: the bad-input corpus, CLI behaviour, real libvirt, and fakepve.
 
+#![allow(clippy::disallowed_methods)] // fixtures are written however a test likes
+
 mod approvals;
 mod behaviour;
 mod cli;
