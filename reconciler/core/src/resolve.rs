@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::digest::hex;
-use crate::load::{LoadedFleet, pool_member_names};
+use crate::load::LoadedFleet;
 use crate::snapshot::Revision;
+use crate::spec::pool_member_names;
 use crate::spec::{
     AgentKind, AgentSpec, ArmoredValue, DomainType, GuestFile, GuestUser, HostSpec, LoadoutSpec,
     NetworkMode, OnDeadline, PowerState, Provider, ProviderKind, Repository, Resources, SecretRef,

@@ -1135,6 +1135,17 @@ pub fn schema_for(kind: Kind) -> serde_json::Value {
     serde_json::to_value(schema).expect("a generated schema is plain JSON")
 }
 
+/// Digits in a pool member's suffix: the width of the replica count, at least 2.
+pub fn pool_width(replicas: u32) -> usize {
+    replicas.to_string().len().max(2)
+}
+
+/// The names of a pool's VMs.
+pub fn pool_member_names(pool: &str, replicas: u32) -> impl Iterator<Item = String> + '_ {
+    let width = pool_width(replicas);
+    (1..=replicas).map(move |i| format!("{pool}-{i:0width$}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

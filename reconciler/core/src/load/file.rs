@@ -1,0 +1,182 @@
+//! One file of a revision: which kinds its place holds, then bytes → YAML (with positions)
+//! → JSON Schema → a typed object, with every problem located.
+
+use super::objects::check_object;
+use super::*;
+
+/// Which kinds may live where under `fleet/`.
+pub(super) fn expected_kinds(rel: &str) -> Result<&'static [Kind], String> {
+    if rel == "fleet.yaml" {
+        return Ok(&[Kind::Fleet]);
+    }
+    match rel.split('/').next() {
+        Some("loadouts") if rel.contains('/') => Ok(&[Kind::Loadout]),
+        Some("vms") if rel.contains('/') => Ok(&[Kind::Vm, Kind::VmPool]),
+        Some("tasks") if rel.contains('/') => Ok(&[Kind::Task]),
+        Some("hitl") if rel.contains('/') => Ok(&[Kind::Answer]),
+        Some("secrets") if rel.contains('/') => Ok(&[Kind::Secret]),
+        _ => Err(
+            "unexpected file: fleet objects live in fleet.yaml, loadouts/, vms/, tasks/, secrets/ and hitl/; move or remove it"
+                .to_owned(),
+        ),
+    }
+}
+
+pub(super) fn load_file(
+    path: &str,
+    rel: &str,
+    expected: &[Kind],
+    bytes: &[u8],
+    diags: &mut Vec<Diagnostic>,
+) -> Option<AnyObject> {
+    if bytes.len() > yaml::MAX_FILE_BYTES {
+        diags.push(Diagnostic::new(
+            path,
+            Pos::START,
+            format!(
+                "file is larger than {} KiB; fleet objects are small, split it or remove what does not belong",
+                yaml::MAX_FILE_BYTES / 1024
+            ),
+        ));
+        return None;
+    }
+    let text = match std::str::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let valid = &bytes[..e.valid_up_to()];
+            let line = valid.iter().filter(|&&b| b == b'\n').count() as u64 + 1;
+            let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let column = String::from_utf8_lossy(&valid[line_start..])
+                .chars()
+                .count() as u64
+                + 1;
+            diags.push(Diagnostic::new(
+                path,
+                Pos { line, column },
+                "file is not valid UTF-8; save it as UTF-8 text",
+            ));
+            return None;
+        }
+    };
+    let tree = match yaml::parse(text) {
+        Ok(t) => t,
+        Err(e) => {
+            diags.push(Diagnostic::new(path, e.pos, e.message));
+            return None;
+        }
+    };
+    if !matches!(tree.node, yaml::Node::Map(_)) {
+        diags.push(Diagnostic::new(
+            path,
+            tree.pos,
+            "the document must be a mapping with apiVersion, kind, metadata and spec",
+        ));
+        return None;
+    }
+    let kind_names = expected
+        .iter()
+        .map(|k| k.as_str())
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let kind = match tree.get("kind") {
+        None => {
+            diags.push(Diagnostic::new(
+                path,
+                tree.pos,
+                format!("missing required field `kind`; a file here holds kind {kind_names}"),
+            ));
+            return None;
+        }
+        Some(k) => match k.as_str().and_then(Kind::parse) {
+            Some(kind) if expected.contains(&kind) => kind,
+            Some(kind) => {
+                diags.push(Diagnostic::new(
+                    path,
+                    k.pos,
+                    format!(
+                        "kind: {} does not belong in {rel}; a file here holds kind {kind_names}",
+                        kind.as_str()
+                    ),
+                ));
+                return None;
+            }
+            None => {
+                diags.push(Diagnostic::new(
+                    path,
+                    k.pos,
+                    format!(
+                        "kind: {} is not a fleet kind; valid here: {kind_names}",
+                        k.to_json()
+                    ),
+                ));
+                return None;
+            }
+        },
+    };
+    let value = tree.to_json();
+    let violations = schema::validate(kind, &value);
+    if !violations.is_empty() {
+        for v in violations {
+            diags.push(Diagnostic::new(
+                path,
+                tree.pos_at_pointer(&v.pointer, v.at_key),
+                v.message,
+            ));
+        }
+        return None;
+    }
+    let object = match kind {
+        Kind::Fleet => typed(path, tree, value, diags).map(AnyObject::Fleet),
+        Kind::Loadout => typed(path, tree, value, diags).map(AnyObject::Loadout),
+        Kind::Vm => typed(path, tree, value, diags).map(AnyObject::Vm),
+        Kind::VmPool => typed(path, tree, value, diags).map(AnyObject::VmPool),
+        Kind::Task => typed(path, tree, value, diags).map(AnyObject::Task),
+        Kind::Answer => typed(path, tree, value, diags).map(AnyObject::Answer),
+        Kind::Secret => typed(path, tree, value, diags).map(AnyObject::Secret),
+        Kind::Host => typed(path, tree, value, diags).map(AnyObject::Host),
+    }?;
+    check_object(&object, diags);
+    Some(object)
+}
+
+fn typed<T: DeserializeOwned>(
+    path: &str,
+    tree: Located,
+    value: serde_json::Value,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Object<T>> {
+    match serde_json::from_value::<T>(value) {
+        Ok(doc) => Some(Object {
+            path: path.to_owned(),
+            tree,
+            doc,
+        }),
+        Err(e) => {
+            // The schema is generated from these types, so this means they drifted apart.
+            diags.push(Diagnostic::new(
+                path,
+                tree.pos,
+                format!("internal error: the schema accepted this file but fleet could not read it ({e}); please report it"),
+            ));
+            None
+        }
+    }
+}
+
+/// Why `path` is not a plain relative path (absolute, empty, `.` or `..` parts, a
+/// backslash), if it is not one. Such a path is checked again against the real directory
+/// where it is used: this is the lexical half.
+pub fn relative_path_problem(path: &str) -> Option<&'static str> {
+    if path.starts_with('/') {
+        Some("an absolute path")
+    } else if path.contains('\\') || path.contains('\0') {
+        Some("a backslash or NUL in a path")
+    } else if path
+        .split('/')
+        .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        Some("empty, `.` or `..` parts in a path")
+    } else {
+        None
+    }
+}

@@ -1,0 +1,332 @@
+//! Checks of one object on its own: what the schema cannot say (ranges, unique entries,
+//! secret targets, task shapes, networks).
+
+use super::*;
+
+/// Checks that need only the object itself.
+pub(super) fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
+    match object {
+        AnyObject::Fleet(o) => {
+            let spec = &o.doc.spec;
+            let mut seen = BTreeMap::new();
+            for (i, p) in spec.providers.iter().enumerate() {
+                unique_in_list(
+                    o,
+                    &mut seen,
+                    p.name.0.as_str(),
+                    &format!("/spec/providers/{i}/name"),
+                    "provider",
+                    diags,
+                );
+            }
+            let mut seen = BTreeMap::new();
+            for (i, img) in spec.images.iter().enumerate() {
+                let at = format!("/spec/images/{i}");
+                unique_in_list(
+                    o,
+                    &mut seen,
+                    &img.name.0,
+                    &format!("{at}/name"),
+                    "image",
+                    diags,
+                );
+                if img.kernel.is_none() && img.disk.is_none() && img.template.is_none() {
+                    diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&at, false), format!(
+                        "spec.images[{i}]: image {:?} has neither kernel nor disk nor template; set kernel (and initrd) for direct kernel boot, disk for a qcow2 base image, or template for Proxmox",
+                        img.name.0
+                    )));
+                }
+                for (field, value) in [
+                    ("kernel", &img.kernel),
+                    ("initrd", &img.initrd),
+                    ("disk", &img.disk),
+                ] {
+                    if let Some(problem) = value.as_deref().and_then(relative_path_problem) {
+                        diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&format!("{at}/{field}"), false), format!(
+                            "spec.images[{i}].{field}: {problem}; image files are named relative to the host's image root (imageRoot in the host configuration)"
+                        )));
+                    }
+                }
+                for (field, value) in [("initrd", &img.initrd), ("cmdline", &img.cmdline)] {
+                    if value.is_some() && img.kernel.is_none() {
+                        diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&format!("{at}/{field}"), true), format!(
+                            "spec.images[{i}].{field}: only used with direct kernel boot; set kernel as well or remove {field}"
+                        )));
+                    }
+                }
+            }
+            for (field, value) in [
+                ("reconcileInterval", &spec.policy.reconcile_interval),
+                ("stepTimeout", &spec.policy.step_timeout),
+                ("shutdownTimeout", &spec.policy.shutdown_timeout),
+                ("resyncInterval", &spec.policy.resync_interval),
+            ] {
+                if let Some(d) = value
+                    && d.to_std() > A_WEEK
+                {
+                    diags.push(Diagnostic::new(
+                        &o.path,
+                        o.tree
+                            .pos_at_pointer(&format!("/spec/policy/{field}"), false),
+                        format!(
+                            "spec.policy.{field}: {:?} is out of range; use a duration up to 168h",
+                            d.as_str()
+                        ),
+                    ));
+                }
+            }
+        }
+        AnyObject::Loadout(o) => {
+            check_resources(o, "/spec/resources", o.doc.spec.resources.as_ref(), diags);
+            check_network(
+                o,
+                "/spec/network",
+                o.doc.spec.network.as_ref().map(|n| n.mode),
+                diags,
+            );
+            check_secret_targets(o, "/spec/secrets", &o.doc.spec.secrets, diags);
+        }
+        AnyObject::Secret(_) => {}
+        AnyObject::Host(o) => host_rules::check_host_object(o, diags),
+        AnyObject::Vm(o) => check_vm_spec(o, "/spec", &o.doc.spec, diags),
+        AnyObject::Task(o) => check_task(o, diags),
+        AnyObject::Answer(o) => {
+            let spec = &o.doc.spec;
+            match (&spec.response, &spec.approve) {
+                // Control characters depend on the prompt's task: see `check_answer_text`.
+                (Some(response), None) => {
+                    if let Some(bad) = crate::answer::answer_problem(response, true) {
+                        diags.push(o.field_error("/spec/response", format!("{bad}")));
+                    }
+                }
+                (None, Some(_)) => {}
+                (Some(_), Some(_)) => diags.push(Diagnostic::new(
+                    &o.path,
+                    o.tree.pos_at_pointer("/spec/approve", true),
+                    "spec.approve: an Answer either answers a prompt (`response`) or approves held steps (`approve`), not both; remove one".to_owned(),
+                )),
+                (None, None) => diags.push(Diagnostic::new(
+                    &o.path,
+                    o.tree.pos_at_pointer("/spec", false),
+                    "spec: say what the answer is: `response: TEXT` for a prompt, or `approve: DIGEST` for an approval".to_owned(),
+                )),
+            }
+        }
+        AnyObject::VmPool(o) => {
+            check_vm_spec(o, "/spec/template/spec", &o.doc.spec.template.spec, diags);
+            let width = pool_width(o.doc.spec.replicas);
+            let longest = o.doc.metadata.name.0.len() + 1 + width;
+            if longest > 63 {
+                diags.push(o.field_error("/metadata/name", format!("VM names made from this pool ({}-{}) would be {longest} characters; names are at most 63, shorten the pool name",
+                    o.doc.metadata.name.0, "0".repeat(width))));
+            }
+        }
+    }
+}
+
+/// Each reference names exactly one place (`env` or `file`), and no two references of one
+/// list name the same place.
+fn check_secret_targets<T>(
+    o: &Object<T>,
+    at: &str,
+    refs: &[SecretRef],
+    diags: &mut Vec<Diagnostic>,
+) {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, r) in refs.iter().enumerate() {
+        let pointer = format!("{at}/{i}");
+        let target = match (&r.env, &r.file) {
+            (Some(_), Some(_)) => {
+                diags.push(o.key_error(
+                    &format!("{pointer}/file"),
+                    "a secret reference sets either `env` or `file`, not both; remove one",
+                ));
+                continue;
+            }
+            (None, None) => {
+                diags.push(o.field_error(
+                    &pointer,
+                    "say where the value goes: `env: VAR` (an environment variable) or `file: PATH` (under /run/fleet/secrets)",
+                ));
+                continue;
+            }
+            (Some(env), None) => format!("env {env}"),
+            // The schema's pattern keeps paths plain and relative (no `.` or `..`).
+            (None, Some(file)) => format!("file {file}"),
+        };
+        if let Some(first) = seen.insert(target.clone(), i) {
+            diags.push(o.field_error(
+                &pointer,
+                format!(
+                    "{target} is already set by {}[{first}]; each variable or file takes one secret",
+                    diagnostic::field_path(at)
+                ),
+            ));
+        }
+    }
+}
+
+fn check_task(o: &Object<TaskDocument>, diags: &mut Vec<Diagnostic>) {
+    let spec = &o.doc.spec;
+    check_secret_targets(o, "/spec/secrets", &spec.secrets, diags);
+    let mut say = |pointer: &str, at_key: bool, message: String| {
+        diags.push(Diagnostic::new(
+            &o.path,
+            o.tree.pos_at_pointer(pointer, at_key),
+            message,
+        ))
+    };
+    let name = &o.doc.metadata.name.0;
+    if name.len() > TASK_NAME_MAX {
+        say(
+            "/metadata/name",
+            false,
+            format!(
+                "metadata.name: task names are at most {TASK_NAME_MAX} characters (this one has {}), so the prompt ids made from them stay valid names; shorten it",
+                name.len()
+            ),
+        );
+    }
+    match (&spec.command, &spec.agent) {
+        (Some(_), Some(_)) => say(
+            "/spec/agent",
+            true,
+            "spec.agent: a task runs either `command` or `agent`, not both; remove one".into(),
+        ),
+        (None, None) => say(
+            "/spec",
+            false,
+            "spec: a task needs `command` (a program and its arguments) or `agent` (kind and prompt); add one".into(),
+        ),
+        _ => {}
+    }
+    if let Some(t) = &spec.timeout
+        && t.to_std() > A_WEEK
+    {
+        say(
+            "/spec/timeout",
+            false,
+            format!(
+                "spec.timeout: {:?} is out of range; use a duration up to 168h",
+                t.as_str()
+            ),
+        );
+    }
+    for (i, glob) in spec.artifacts.iter().enumerate() {
+        if glob.is_empty() || glob.starts_with('/') || glob.split('/').any(|c| c == "..") {
+            say(
+                &format!("/spec/artifacts/{i}"),
+                false,
+                format!(
+                    "spec.artifacts[{i}]: {glob:?} must be a relative glob inside the task's directory (no leading / and no ..)"
+                ),
+            );
+        }
+    }
+    if let Some(prompts) = &spec.prompts {
+        for (i, pattern) in prompts.patterns.iter().enumerate() {
+            if let Err(e) = regex::RegexBuilder::new(pattern)
+                .size_limit(1 << 20)
+                .build()
+            {
+                let first = e.to_string();
+                let first = first.lines().last().unwrap_or_default().trim().to_owned();
+                say(
+                    &format!("/spec/prompts/patterns/{i}"),
+                    false,
+                    format!("spec.prompts.patterns[{i}]: not a valid regular expression ({first})"),
+                );
+            }
+        }
+        if let Some(d) = &prompts.deadline
+            && d.to_std() > A_MONTH
+        {
+            say(
+                "/spec/prompts/deadline",
+                false,
+                format!(
+                    "spec.prompts.deadline: {:?} is out of range; use a duration up to 720h",
+                    d.as_str()
+                ),
+            );
+        }
+    }
+}
+
+fn check_vm_spec<T>(o: &Object<T>, at: &str, spec: &VmSpec, diags: &mut Vec<Diagnostic>) {
+    check_resources(
+        o,
+        &format!("{at}/resources"),
+        spec.resources.as_ref(),
+        diags,
+    );
+    check_network(
+        o,
+        &format!("{at}/network"),
+        spec.network.as_ref().map(|n| n.mode),
+        diags,
+    );
+}
+
+fn check_resources<T>(
+    o: &Object<T>,
+    at: &str,
+    resources: Option<&Resources>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let Some(r) = resources else { return };
+    for (field, size, (min, max), what) in [
+        ("memory", &r.memory, MEMORY_MIB, "64Mi to 1Ti"),
+        ("disk", &r.disk, DISK_MIB, "1Gi to 16Ti"),
+    ] {
+        if let Some(size) = size
+            && (size.mib() < min || size.mib() > max)
+        {
+            let pointer = format!("{at}/{field}");
+            diags.push(o.field_error(
+                &pointer,
+                format!(
+                    "{:?} is out of bounds; {field} must be {what}",
+                    size.as_str()
+                ),
+            ));
+        }
+    }
+}
+
+fn check_network<T>(
+    o: &Object<T>,
+    at: &str,
+    mode: Option<NetworkMode>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    if mode == Some(NetworkMode::Allowlist) {
+        let pointer = format!("{at}/mode");
+        diags.push(o.field_error(
+            &pointer,
+            "allowlist is not supported by the libvirt provider yet; use isolated or full",
+        ));
+    }
+}
+
+pub(super) fn unique_in_list<T>(
+    o: &Object<T>,
+    seen: &mut BTreeMap<String, Pos>,
+    name: &str,
+    pointer: &str,
+    what: &str,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let pos = o.tree.pos_at_pointer(pointer, false);
+    if let Some(first) = seen.get(name) {
+        diags.push(o.field_error(
+            pointer,
+            format!(
+                "{what} {name:?} is already defined at line {}; {what} names must be unique",
+                first.line
+            ),
+        ));
+    } else {
+        seen.insert(name.to_owned(), pos);
+    }
+}

@@ -1,0 +1,391 @@
+//! Checks across objects: every reference resolves, no `extends` cycles, no name clashes
+//! between VMs and pool members, committed answers and secrets used where they may be.
+
+use super::*;
+
+/// Checks across objects: references resolve, no `extends` cycles, no name clashes
+/// between VMs and pool members.
+pub(super) fn check_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
+    let providers: BTreeSet<&str> = f
+        .fleet
+        .doc
+        .spec
+        .providers
+        .iter()
+        .map(|p| p.name.0.as_str())
+        .collect();
+    let images: BTreeSet<&str> = f
+        .fleet
+        .doc
+        .spec
+        .images
+        .iter()
+        .map(|i| i.name.0.as_str())
+        .collect();
+    let loadouts: BTreeSet<&str> = f.loadouts.keys().map(String::as_str).collect();
+
+    for o in f.vms.values() {
+        check_placement(f, &o.path, &o.tree, "/spec", &o.doc.spec, diags);
+    }
+    for o in f.pools.values() {
+        check_placement(
+            f,
+            &o.path,
+            &o.tree,
+            "/spec/template/spec",
+            &o.doc.spec.template.spec,
+            diags,
+        );
+    }
+    let mut check_ref = |o_path: &str,
+                         tree: &Located,
+                         pointer: &str,
+                         value: &str,
+                         kind: &str,
+                         defined: &BTreeSet<&str>,
+                         where_: &str| {
+        if !defined.contains(value) {
+            let list = if defined.is_empty() {
+                format!("none are defined; add one to {where_}")
+            } else {
+                format!(
+                    "defined: {}",
+                    defined.iter().copied().collect::<Vec<_>>().join(", ")
+                )
+            };
+            diags.push(Diagnostic::new(
+                o_path,
+                tree.pos_at_pointer(pointer, false),
+                format!(
+                    "{}: no {kind} named {value:?}; {list}",
+                    diagnostic::field_path(pointer)
+                ),
+            ));
+        }
+    };
+
+    let vm_specs = f
+        .vms
+        .values()
+        .map(|o| (&o.path, &o.tree, "/spec", &o.doc.spec))
+        .chain(f.pools.values().map(|o| {
+            (
+                &o.path,
+                &o.tree,
+                "/spec/template/spec",
+                &o.doc.spec.template.spec,
+            )
+        }));
+    for (path, tree, at, spec) in vm_specs {
+        check_ref(
+            path,
+            tree,
+            &format!("{at}/provider"),
+            &spec.provider.0,
+            "provider",
+            &providers,
+            "spec.providers in fleet.yaml",
+        );
+        check_ref(
+            path,
+            tree,
+            &format!("{at}/image"),
+            &spec.image.0,
+            "image",
+            &images,
+            "spec.images in fleet.yaml",
+        );
+        if let Some(l) = &spec.loadout {
+            check_ref(
+                path,
+                tree,
+                &format!("{at}/loadout"),
+                &l.0,
+                "Loadout",
+                &loadouts,
+                "fleet/loadouts/",
+            );
+        }
+    }
+    for o in f.loadouts.values() {
+        for (i, parent) in o.doc.spec.extends.iter().enumerate() {
+            check_ref(
+                &o.path,
+                &o.tree,
+                &format!("/spec/extends/{i}"),
+                &parent.0,
+                "Loadout",
+                &loadouts,
+                "fleet/loadouts/",
+            );
+        }
+    }
+
+    // extends cycles: report each cycle once, at the entry that closes it, with the whole cycle.
+    let mut reported: BTreeSet<Vec<String>> = BTreeSet::new();
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    for start in f.loadouts.keys() {
+        if !done.contains(start) {
+            let mut stack = vec![start.clone()];
+            find_cycles(f, &mut stack, &mut done, &mut reported, diags);
+        }
+    }
+
+    // Pool members must not collide with VMs or with other pools' members.
+    let mut owners: BTreeMap<String, (&str, &Located, &str)> = f
+        .vms
+        .iter()
+        .map(|(n, o)| (n.clone(), (o.path.as_str(), &o.tree, "VM")))
+        .collect();
+    for (pool_name, o) in &f.pools {
+        for member in pool_member_names(pool_name, o.doc.spec.replicas) {
+            if let Some((other_path, other_tree, what)) = owners.get(&member) {
+                let other = other_tree.pos_at_pointer("/metadata/name", false);
+                diags.push(o.field_error("/spec/replicas", format!("pool member {member:?} clashes with the {what} defined at {other_path}:{}:{}; rename the pool or that object",
+                    other.line, other.column)));
+            } else {
+                owners.insert(member, (o.path.as_str(), &o.tree, "VMPool member"));
+            }
+        }
+    }
+
+    check_secret_references(f, diags);
+    check_answer_text(f, diags);
+
+    for o in f.tasks.values() {
+        let vm = &o.doc.spec.vm.0;
+        if !owners.contains_key(vm) {
+            let mut names: Vec<&str> = owners.keys().map(String::as_str).take(10).collect();
+            if owners.len() > 10 {
+                names.push("…");
+            }
+            let list = if names.is_empty() {
+                "none are defined; add one to fleet/vms/".to_owned()
+            } else {
+                format!("defined: {}", names.join(", "))
+            };
+            diags.push(o.field_error("/spec/vm", format!("no VM named {vm:?}; {list}")));
+        }
+    }
+}
+
+/// A committed answer holds control characters only when the task of its prompt (the id is
+/// `<task>-<run>-<n>`) allows them (`prompts.allowControl`).
+fn check_answer_text(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
+    for (id, o) in &f.answers {
+        let Some(response) = &o.doc.spec.response else {
+            continue;
+        };
+        let task = PromptId::parse(id).map(|p| p.task).unwrap_or_default();
+        let allowed = f
+            .tasks
+            .get(&task)
+            .is_some_and(|t| t.doc.spec.prompts.as_ref().is_some_and(|p| p.allow_control));
+        if let Some(bad) = crate::answer::answer_problem(response, allowed) {
+            diags.push(o.field_error("/spec/response", format!("{bad}")));
+        }
+    }
+}
+
+/// A VM's image must suit its provider's kind, and only Proxmox VMs name a node.
+fn check_placement(
+    f: &LoadedFleet,
+    path: &str,
+    tree: &Located,
+    at: &str,
+    spec: &VmSpec,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let fleet = &f.fleet.doc.spec;
+    let Some(provider) = fleet.providers.iter().find(|p| p.name == spec.provider) else {
+        return;
+    };
+    let image = fleet.images.iter().find(|i| i.name == spec.image);
+    let proxmox = provider.kind == ProviderKind::Proxmox;
+    if let Some(image) = image {
+        if proxmox && image.template.is_none() {
+            diags.push(Diagnostic::new(
+                path,
+                tree.pos_at_pointer(&format!("{at}/image"), false),
+                format!(
+                    "{}: image {:?} has no template, and VMs on Proxmox provider {:?} are cloned from one; set template on the image in fleet.yaml",
+                    diagnostic::field_path(&format!("{at}/image")),
+                    image.name.0,
+                    provider.name.0
+                ),
+            ));
+        }
+        if !proxmox && image.kernel.is_none() && image.disk.is_none() {
+            diags.push(Diagnostic::new(
+                path,
+                tree.pos_at_pointer(&format!("{at}/image"), false),
+                format!(
+                    "{}: image {:?} has only a Proxmox template, and provider {:?} is libvirt; set kernel or disk on the image",
+                    diagnostic::field_path(&format!("{at}/image")),
+                    image.name.0,
+                    provider.name.0
+                ),
+            ));
+        }
+    }
+    if !proxmox && spec.node.is_some() {
+        diags.push(Diagnostic::new(
+            path,
+            tree.pos_at_pointer(&format!("{at}/node"), true),
+            format!(
+                "{}: only Proxmox providers have nodes, and {:?} is libvirt; remove node",
+                diagnostic::field_path(&format!("{at}/node")),
+                provider.name.0
+            ),
+        ));
+    }
+}
+
+/// Every reference names a Secret and one of its keys, and the Secret allows it (see
+/// `check_secret_allowed`). Nothing is decrypted.
+fn check_secret_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
+    let uses = f
+        .loadouts
+        .values()
+        .map(|o| {
+            (
+                &o.path,
+                &o.tree,
+                &o.doc.spec.secrets,
+                SecretUser::Loadout(&o.doc.metadata.name.0),
+            )
+        })
+        .chain(f.tasks.values().map(|o| {
+            (
+                &o.path,
+                &o.tree,
+                &o.doc.spec.secrets,
+                SecretUser::Task {
+                    task: &o.doc.metadata.name.0,
+                    vm: &o.doc.spec.vm.0,
+                },
+            )
+        }));
+    for (path, tree, refs, user) in uses {
+        for (i, r) in refs.iter().enumerate() {
+            let Some(secret) = f.secrets.get(&r.secret.0) else {
+                let defined: Vec<&str> = f.secrets.keys().map(String::as_str).collect();
+                let list = if defined.is_empty() {
+                    "none are defined; create one with `fleet secret set NAME KEY`".to_owned()
+                } else {
+                    format!("defined: {}", defined.join(", "))
+                };
+                diags.push(Diagnostic::new(
+                    path,
+                    tree.pos_at_pointer(&format!("/spec/secrets/{i}/secret"), false),
+                    format!(
+                        "spec.secrets[{i}].secret: no Secret named {:?}; {list}",
+                        r.secret.0
+                    ),
+                ));
+                continue;
+            };
+            if let Some(refusal) = user.refused_by(f, &secret.doc.spec) {
+                diags.push(Diagnostic::new(
+                    path,
+                    tree.pos_at_pointer(&format!("/spec/secrets/{i}/secret"), false),
+                    format!(
+                        "spec.secrets[{i}].secret: Secret {:?} ({}) {refusal}",
+                        r.secret.0, secret.path
+                    ),
+                ));
+            }
+            if !secret.doc.spec.data.contains_key(&r.key) {
+                let keys: Vec<&str> = secret.doc.spec.data.keys().map(|k| k.0.as_str()).collect();
+                diags.push(Diagnostic::new(
+                    path,
+                    tree.pos_at_pointer(&format!("/spec/secrets/{i}/key"), false),
+                    format!(
+                        "spec.secrets[{i}].key: Secret {:?} ({}) has no key {:?}; its keys: {}",
+                        r.secret.0,
+                        secret.path,
+                        r.key.0,
+                        keys.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// What takes a Secret: a loadout (for every VM using it) or a task (in its VM).
+enum SecretUser<'a> {
+    Loadout(&'a str),
+    Task { task: &'a str, vm: &'a str },
+}
+
+impl SecretUser<'_> {
+    /// Why the Secret's `allowed` does not cover this user, if it does not.
+    fn refused_by(&self, f: &LoadedFleet, spec: &crate::spec::SecretSpec) -> Option<String> {
+        let default = crate::spec::SecretAllowed::default();
+        let allowed = spec.allowed.as_ref().unwrap_or(&default);
+        let listed = |names: &[crate::spec::Name], name: &str| names.iter().any(|n| n.0 == name);
+        match *self {
+            SecretUser::Loadout(name) if listed(&allowed.loadouts, name) => None,
+            SecretUser::Loadout(name) => Some(format!(
+                "does not allow loadout {name:?}; add it to the Secret's spec.allowed.loadouts"
+            )),
+            SecretUser::Task { task, vm } => {
+                let pool = f
+                    .pools
+                    .iter()
+                    .find(|(pool, o)| pool_member_names(pool, o.doc.spec.replicas).any(|m| m == vm))
+                    .map(|(pool, _)| pool.as_str());
+                let ok = listed(&allowed.tasks, task)
+                    || listed(&allowed.vms, vm)
+                    || pool.is_some_and(|p| listed(&allowed.vms, p));
+                (!ok).then(|| format!(
+                    "does not allow task {task:?} (in VM {vm:?}); add the task to the Secret's spec.allowed.tasks or its VM to spec.allowed.vms"
+                ))
+            }
+        }
+    }
+}
+
+fn find_cycles(
+    f: &LoadedFleet,
+    stack: &mut Vec<String>,
+    done: &mut BTreeSet<String>,
+    reported: &mut BTreeSet<Vec<String>>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let current = stack.last().cloned().unwrap_or_default();
+    let Some(o) = f.loadouts.get(&current) else {
+        return;
+    };
+    for (i, parent) in o.doc.spec.extends.iter().enumerate() {
+        let parent = &parent.0;
+        if let Some(at) = stack.iter().position(|n| n == parent) {
+            let cycle: Vec<String> = stack[at..].to_vec();
+            // Canonical form (rotation starting at the smallest name) to report once.
+            let min = cycle
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, n)| *n)
+                .map_or(0, |(i, _)| i);
+            let canonical: Vec<String> =
+                cycle[min..].iter().chain(&cycle[..min]).cloned().collect();
+            if reported.insert(canonical) {
+                let text = cycle
+                    .iter()
+                    .chain(std::iter::once(parent))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" → ");
+                diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&format!("/spec/extends/{i}"), false), format!(
+                    "spec.extends: cycle {text}; a loadout cannot extend itself, directly or through others"
+                )));
+            }
+        } else if f.loadouts.contains_key(parent) && !done.contains(parent) && stack.len() < 256 {
+            stack.push(parent.clone());
+            find_cycles(f, stack, done, reported, diags);
+            stack.pop();
+        }
+    }
+    done.insert(current);
+}
