@@ -96,7 +96,7 @@ pub(super) fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
                 // Control characters depend on the prompt's task: see `check_answer_text`.
                 (Some(response), None) => {
                     if let Some(bad) = crate::answer::answer_problem(response, true) {
-                        diags.push(o.field_error("/spec/response", format!("{bad}")));
+                        diags.push(o.field_error("/spec/response", bad));
                     }
                 }
                 (None, Some(_)) => {}

@@ -182,7 +182,7 @@ fn check_answer_text(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
             .get(&task)
             .is_some_and(|t| t.doc.spec.prompts.as_ref().is_some_and(|p| p.allow_control));
         if let Some(bad) = crate::answer::answer_problem(response, allowed) {
-            diags.push(o.field_error("/spec/response", format!("{bad}")));
+            diags.push(o.field_error("/spec/response", bad));
         }
     }
 }
