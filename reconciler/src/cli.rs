@@ -463,7 +463,7 @@ async fn plan_cmd(ws: &Workspace, args: &PlanArgs) -> Result<ExitCode> {
         print!("{}", render::text(&plan));
     }
     if let Some(out) = &args.out {
-        crate::status::write_atomic(out, render::json(&plan).as_bytes())
+        crate::atomic_file::write_atomic(out, render::json(&plan).as_bytes())
             .with_context(|| format!("writing the plan to {}", out.display()))?;
         eprintln!(
             "Saved the plan to {}; apply it with: fleet apply {}",

@@ -120,7 +120,7 @@ pub fn answer(status: &StatusDir, id: &str, text: &str) -> Result<()> {
             path.display()
         );
     }
-    crate::status::write_atomic(&path, format!("{text}\n").as_bytes())
+    crate::atomic_file::write_atomic(&path, format!("{text}\n").as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))
 }
 

@@ -17,6 +17,7 @@ pub use fleet_core::{
 pub mod agent_link;
 pub mod apply;
 pub mod approvals;
+pub mod atomic_file;
 pub mod cli;
 pub mod daemon;
 pub mod driver;

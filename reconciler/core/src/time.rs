@@ -7,6 +7,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// `t` as the files write it: RFC 3339, UTC, to the second.
+pub fn timestamp(t: SystemTime) -> String {
+    Timestamp::from(t).to_string()
+}
+
 /// A time to the second (what the files hold; more would not survive a round trip).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(SystemTime);

@@ -13,8 +13,9 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::atomic_file::write_atomic;
 use crate::plan::Action;
-use crate::status::{timestamp, write_atomic};
+use crate::time::timestamp;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "record", rename_all = "lowercase")]

@@ -107,7 +107,9 @@ impl StatusLock {
 /// down. Answer files are skipped (`fleet hitl answer` writes them without the lock), and
 /// so are task artifacts: they are the guest's files, named as the guest chose.
 fn remove_left_temp_files_under(dir: &Path, depth: usize) {
-    for removed in super::remove_left_temp_files(dir, "", |target| target.ends_with(".answer")) {
+    for removed in
+        crate::atomic_file::remove_left_temp_files(dir, "", |target| target.ends_with(".answer"))
+    {
         tracing::info!("removed {}, left by a killed writer", removed.display());
     }
     if depth == 0 {

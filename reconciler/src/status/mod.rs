@@ -8,8 +8,12 @@
 mod event;
 pub mod lock;
 pub mod tasks;
+mod view;
 
+pub use crate::atomic_file::write_atomic;
+pub use crate::time::timestamp;
 pub use event::{Event, EventKind};
+pub use view::{VmOutcome, counts, history, vm_statuses};
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -25,72 +29,6 @@ use crate::resolve::Desired;
 use crate::source::Revision;
 use crate::spec::PowerState;
 
-/// Writes `bytes` to `path` atomically: a temp file in the same directory, fsync, rename,
-/// fsync of the directory.
-/// The file is `fsguard::FILE_MODE` (0640) and a missing directory is made 0750: what fleet
-/// records is for fleet and the operators' group. Renaming over a symlink replaces the link,
-/// never what it points at.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    crate::fsguard::create_private_dirs(dir)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&temp_prefix(path))
-        .tempfile_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(crate::fsguard::FILE_MODE))?;
-    }
-    tmp.persist(path).map_err(|e| e.error)?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// The name a temp file of `write_atomic` starts with: `.<file name>.tmp-`. Hidden, and it
-/// says which file it was for, so what a killed writer left can be told apart and removed
-/// by whoever owns that file (`remove_left_temp_files`).
-fn temp_prefix(path: &Path) -> String {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    format!(".{name}{TEMP_MARK}")
-}
-
-const TEMP_MARK: &str = ".tmp-";
-
-/// Removes the temp files `write_atomic` left in `dir` when its process was killed before
-/// the rename, for files whose names start with `name_prefix` and for which `keep` says
-/// no. Only the single writer of those files may call it (a live writer's temp file would
-/// vanish under it). Returns the paths removed.
-pub fn remove_left_temp_files(
-    dir: &Path,
-    name_prefix: &str,
-    keep: impl Fn(&str) -> bool,
-) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut removed = Vec::new();
-    for entry in entries.flatten() {
-        let file = entry.file_name().to_string_lossy().into_owned();
-        let Some((target, _)) = file
-            .strip_prefix('.')
-            .and_then(|rest| rest.rsplit_once(TEMP_MARK))
-        else {
-            continue;
-        };
-        if !target.starts_with(name_prefix) || keep(target) {
-            continue;
-        }
-        if entry.file_type().is_ok_and(|t| t.is_file())
-            && std::fs::remove_file(entry.path()).is_ok()
-        {
-            removed.push(entry.path());
-        }
-    }
-    removed
-}
-
-/// RFC 3339 time, UTC, second precision.
 /// The longest host answer file read: an answer is one line of at most 4 KiB.
 pub const ANSWER_FILE_BYTES: u64 = 4096 + 2;
 
@@ -142,10 +80,6 @@ pub fn read_answer_file(path: &Path) -> Option<Result<String, String>> {
         Ok(text)
     })();
     Some(result)
-}
-
-pub fn timestamp(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -483,219 +417,8 @@ impl StatusDir {
     }
 }
 
-/// What apply learned about each VM, for its status file.
-#[derive(Clone, Debug, Default)]
-pub struct VmOutcome {
-    pub error: Option<String>,
-    pub conflict: Option<String>,
-    /// Drift found this pass, and whether the plan healed it.
-    pub drift: Option<(String, bool)>,
-}
-
-/// Builds every VM's status from the desired state, a fresh observation and apply's
-/// outcomes. Pure.
-pub fn vm_statuses(
-    desired: &Desired,
-    observed: &crate::observe::Observed,
-    outcomes: &BTreeMap<String, VmOutcome>,
-    agents: &BTreeMap<String, AgentStatus>,
-    now: SystemTime,
-) -> BTreeMap<String, VmStatus> {
-    let mut out = BTreeMap::new();
-    for vm in desired.vms.values() {
-        let provider = &vm.config.provider;
-        let found: Option<&ObservedVm> = observed.find(provider, &vm.name);
-        let owned = found.filter(|f| f.owned_by(&desired.fleet));
-        let outcome = outcomes.get(&vm.name).cloned().unwrap_or_default();
-        let mut conditions = Vec::new();
-        if let Some((what, healed)) = &outcome.drift {
-            conditions.push(Condition {
-                kind: ConditionKind::Drifted,
-                // Healed drift is recorded as resolved; reported-only drift stays true.
-                status: !healed || outcome.error.is_some(),
-                reason: if *healed {
-                    "Healed".into()
-                } else {
-                    "SelfHealDisabled".into()
-                },
-                message: what.clone(),
-            });
-        }
-        if let Some(message) = &outcome.conflict {
-            conditions.push(Condition {
-                kind: ConditionKind::Conflict,
-                status: true,
-                reason: "NameTakenByForeignVM".into(),
-                message: message.clone(),
-            });
-        }
-        let phase = match (owned, &outcome.error, &outcome.conflict) {
-            (_, _, Some(_)) => Phase::Failed,
-            (_, Some(_), _) => Phase::Failed,
-            (None, None, None) => Phase::Pending,
-            (Some(f), None, None) if f.running => Phase::Running,
-            (Some(_), None, None) => Phase::Stopped,
-        };
-        let agent = agents.get(&vm.name).cloned();
-        if let Some(a) = &agent {
-            conditions.push(Condition {
-                kind: ConditionKind::AgentConnected,
-                status: a.connected,
-                reason: if a.connected {
-                    "Hello".into()
-                } else {
-                    "LinkLost".into()
-                },
-                message: format!("fleet-agent {} (boot {})", a.agent_version, a.boot_id),
-            });
-        }
-        if let Some(f) = owned {
-            let in_sync = f
-                .stamp
-                .as_ref()
-                .is_some_and(|s| s.spec_hash == vm.spec_hash);
-            let state_ok = f.running == (vm.state == PowerState::Running);
-            conditions.push(Condition {
-                kind: ConditionKind::Ready,
-                status: in_sync && state_ok && outcome.error.is_none(),
-                reason: if !in_sync {
-                    "SpecNotApplied".into()
-                } else if !state_ok {
-                    "PowerStateDiffers".into()
-                } else {
-                    "Converged".into()
-                },
-                message: format!(
-                    "spec {}, {}",
-                    if in_sync { "applied" } else { "not applied" },
-                    if f.running { "running" } else { "stopped" }
-                ),
-            });
-        }
-        out.insert(
-            vm.name.clone(),
-            VmStatus {
-                name: vm.name.clone(),
-                provider: provider.clone(),
-                phase,
-                desired_state: vm.state,
-                observed: owned.map(|f| ObservedResources {
-                    uuid: f.uuid.clone(),
-                    running: f.running,
-                    cpus: f.cpus,
-                    memory_mib: f.memory_mib,
-                }),
-                spec_hash: vm.spec_hash.clone(),
-                applied_revision: owned
-                    .and_then(|f| f.stamp.as_ref())
-                    .map(|s| s.revision.clone()),
-                source: vm.source.clone(),
-                agent,
-                conditions,
-                last_error: outcome.error.clone(),
-                updated: timestamp(now),
-            },
-        );
-    }
-    out
-}
-
-/// What the last apply left, from the status files: VMs that existed and the power state
-/// their spec wanted. The planner judges drift against it.
-pub fn history(vms: &BTreeMap<String, VmStatus>) -> crate::plan::History {
-    crate::plan::History {
-        applied: vms
-            .values()
-            .filter_map(|vm| {
-                // Applied running means seen running: a VM whose start failed was never
-                // running, so finding it stopped is not drift.
-                let seen = vm.observed.as_ref()?;
-                let state = if seen.running {
-                    vm.desired_state
-                } else {
-                    PowerState::Stopped
-                };
-                Some((vm.name.clone(), state))
-            })
-            .collect(),
-    }
-}
-
-pub fn counts(vms: &BTreeMap<String, VmStatus>) -> Counts {
-    let mut c = Counts {
-        vms: vms.len(),
-        ..Counts::default()
-    };
-    for vm in vms.values() {
-        match vm.phase {
-            Phase::Running => c.running += 1,
-            Phase::Stopped => c.stopped += 1,
-            Phase::Pending | Phase::Provisioning => c.pending += 1,
-            Phase::Failed => c.failed += 1,
-        }
-        if vm
-            .conditions
-            .iter()
-            .any(|k| k.kind == ConditionKind::Conflict)
-        {
-            c.conflicts += 1;
-        }
-        if vm
-            .conditions
-            .iter()
-            .any(|k| k.kind == ConditionKind::Drifted && k.status)
-        {
-            c.drifted += 1;
-        }
-    }
-    c
-}
-
 pub(crate) fn yaml<T: Serialize>(value: &T) -> String {
     serde_saphyr::to_string(value).expect("status values serialise to YAML")
-}
-
-#[cfg(test)]
-mod history_tests {
-    use super::*;
-
-    fn status(name: &str, desired: PowerState, running: Option<bool>) -> VmStatus {
-        VmStatus {
-            name: name.into(),
-            provider: "local".into(),
-            phase: Phase::Stopped,
-            desired_state: desired,
-            observed: running.map(|running| ObservedResources {
-                uuid: String::new(),
-                running,
-                cpus: 1,
-                memory_mib: 128,
-            }),
-            spec_hash: String::new(),
-            applied_revision: None,
-            source: String::new(),
-            agent: None,
-            conditions: Vec::new(),
-            last_error: None,
-            updated: String::new(),
-        }
-    }
-
-    #[test]
-    fn a_vm_never_seen_running_was_not_applied_running() {
-        let vms: BTreeMap<String, VmStatus> = [
-            status("ran", PowerState::Running, Some(true)),
-            status("failed-to-start", PowerState::Running, Some(false)),
-            status("never-made", PowerState::Running, None),
-        ]
-        .into_iter()
-        .map(|s| (s.name.clone(), s))
-        .collect();
-        let h = history(&vms);
-        assert_eq!(h.applied.get("ran"), Some(&PowerState::Running));
-        assert_eq!(h.applied.get("failed-to-start"), Some(&PowerState::Stopped));
-        assert_eq!(h.applied.get("never-made"), None);
-    }
 }
 
 #[cfg(test)]

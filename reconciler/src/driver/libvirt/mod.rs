@@ -580,7 +580,7 @@ impl LibvirtDriver {
             uuid: domain_uuid(&self.fleet, name).to_string(),
         };
         let marker_json = serde_json::to_vec_pretty(&marker).expect("marker is JSON");
-        crate::status::write_atomic(&dir.join(OWNER_MARKER), &marker_json)
+        crate::atomic_file::write_atomic(&dir.join(OWNER_MARKER), &marker_json)
             .map_err(|e| io("write owner marker in", &dir, e))?;
         Ok(dir)
     }
@@ -719,7 +719,7 @@ impl LibvirtDriver {
                     let _ = std::fs::remove_dir(entry.path());
                 }
             }
-            crate::status::remove_left_temp_files(&dir, OWNER_MARKER, |_| false);
+            crate::atomic_file::remove_left_temp_files(&dir, OWNER_MARKER, |_| false);
             files.push(dir.join(OWNER_MARKER));
             for file in files {
                 match std::fs::remove_file(&file) {
@@ -733,7 +733,7 @@ impl LibvirtDriver {
             // Not provably ours: only the temp file of a marker write that a kill cut short
             // (the first thing a create writes here), then the directory if that leaves it
             // empty.
-            crate::status::remove_left_temp_files(&dir, OWNER_MARKER, |_| false);
+            crate::atomic_file::remove_left_temp_files(&dir, OWNER_MARKER, |_| false);
         }
         match std::fs::remove_dir(&dir) {
             Ok(()) => Ok(()),
@@ -819,8 +819,12 @@ impl LibvirtDriver {
                     "graceful shutdown took longer than {grace:?}; powering off"
                 );
                 return match self.on_domain(&format!("power off {name}"), || dom.destroy()) {
-                    Err(e) if e.message.contains("not running") => Ok(()),
-                    other => other,
+                    // It stopped by itself meanwhile: asked again, never judged by wording.
+                    Err(e) => match self.is_active(dom, name) {
+                        Ok(false) => Ok(()),
+                        _ => Err(e),
+                    },
+                    ok => ok,
                 };
             }
             if now >= next_press {

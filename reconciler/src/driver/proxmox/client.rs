@@ -18,6 +18,105 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest API answer read (a cluster of thousands of VMs lists in a few MiB).
 const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
+/// What a failed call means, read from PVE's answer here and nowhere else: the driver
+/// decides on these, never on PVE's wording.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PveCondition {
+    /// The VM, config file or task is not there.
+    NotFound,
+    /// The VMID (or another name) is taken.
+    AlreadyExists,
+    /// The config changed since it was read (the `digest` did not match).
+    DigestMismatch,
+    /// A lock, timeout, missing quorum or network trouble: worth another try.
+    Busy,
+    AlreadyRunning,
+    NotRunning,
+    /// The template's storage cannot make linked clones.
+    LinkedCloneUnsupported,
+    /// Refused for a reason fleet does not act on (validation, privileges, …).
+    Other,
+}
+
+impl PveCondition {
+    /// PVE's wording of a failure, classified.
+    pub fn of_message(message: &str) -> PveCondition {
+        let m = message.to_ascii_lowercase();
+        if m.contains("linked clone feature is not supported") {
+            PveCondition::LinkedCloneUnsupported
+        } else if m.contains("already running") {
+            PveCondition::AlreadyRunning
+        } else if m.contains("not running") {
+            PveCondition::NotRunning
+        } else if m.contains("checksum mismatch") {
+            PveCondition::DigestMismatch
+        } else if m.contains("does not exist") || m.contains("no such vm") {
+            PveCondition::NotFound
+        } else if m.contains("already exists") {
+            PveCondition::AlreadyExists
+        } else if m.contains("can't lock file")
+            || m.contains("got timeout")
+            || m.contains("is locked")
+            || m.contains("no quorum")
+            || m.contains("cluster not ready")
+            || m.contains("temporarily")
+            || m.contains("connection")
+        {
+            PveCondition::Busy
+        } else {
+            PveCondition::Other
+        }
+    }
+
+    /// What apply may do about it.
+    pub fn kind(self) -> ErrorKind {
+        match self {
+            PveCondition::NotFound => ErrorKind::NotFound,
+            PveCondition::AlreadyExists | PveCondition::DigestMismatch => ErrorKind::Conflict,
+            PveCondition::Busy => ErrorKind::Transient,
+            PveCondition::AlreadyRunning
+            | PveCondition::NotRunning
+            | PveCondition::LinkedCloneUnsupported
+            | PveCondition::Other => ErrorKind::Permanent,
+        }
+    }
+}
+
+/// A failed API call: what it means, what apply may do about it, and the words for people.
+#[derive(Debug)]
+pub struct PveError {
+    pub condition: PveCondition,
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl PveError {
+    fn new(condition: PveCondition, kind: ErrorKind, message: String) -> PveError {
+        PveError {
+            condition,
+            kind,
+            message,
+        }
+    }
+
+    /// A failure that is not PVE's answer (the network, a refused or unreadable answer).
+    fn local(kind: ErrorKind, message: String) -> PveError {
+        PveError::new(PveCondition::Other, kind, message)
+    }
+}
+
+impl std::fmt::Display for PveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<PveError> for DriverError {
+    fn from(e: PveError) -> DriverError {
+        DriverError::new(e.kind, e.message)
+    }
+}
+
 /// A Proxmox VE API endpoint with its credentials.
 pub struct PveClient {
     /// `https://host:port/api2/json`.
@@ -113,7 +212,7 @@ impl PveClient {
         &self,
         path: &str,
         query: &[(&str, String)],
-    ) -> Result<T, DriverError> {
+    ) -> Result<T, PveError> {
         self.send(reqwest::Method::GET, path, query, &[])
     }
 
@@ -121,7 +220,7 @@ impl PveClient {
         &self,
         path: &str,
         form: &[(&str, String)],
-    ) -> Result<T, DriverError> {
+    ) -> Result<T, PveError> {
         self.send(reqwest::Method::POST, path, &[], form)
     }
 
@@ -129,7 +228,7 @@ impl PveClient {
         &self,
         path: &str,
         form: &[(&str, String)],
-    ) -> Result<T, DriverError> {
+    ) -> Result<T, PveError> {
         self.send(reqwest::Method::PUT, path, &[], form)
     }
 
@@ -137,7 +236,7 @@ impl PveClient {
         &self,
         path: &str,
         query: &[(&str, String)],
-    ) -> Result<T, DriverError> {
+    ) -> Result<T, PveError> {
         self.send(reqwest::Method::DELETE, path, query, &[])
     }
 
@@ -147,7 +246,7 @@ impl PveClient {
         path: &str,
         query: &[(&str, String)],
         form: &[(&str, String)],
-    ) -> Result<T, DriverError> {
+    ) -> Result<T, PveError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         let what = format!("{method} {path}");
         let mut request = self
@@ -164,7 +263,7 @@ impl PveClient {
         let (status, body) = self.runtime.block_on(async {
             let response = request.send().await.map_err(|e| {
                 // Connection refused or reset, timeouts: the node or the network, worth retrying.
-                DriverError::new(ErrorKind::Transient, format!("{what}: {}", error_chain(&e)))
+                PveError::local(ErrorKind::Transient, format!("{what}: {}", error_chain(&e)))
             })?;
             let status = response.status();
             // Read by chunks and capped: a guest with a replaced qemu-guest-agent decides
@@ -172,13 +271,13 @@ impl PveClient {
             let mut response = response;
             let mut body = Vec::new();
             while let Some(chunk) = response.chunk().await.map_err(|e| {
-                DriverError::new(
+                PveError::local(
                     ErrorKind::Transient,
                     format!("{what}: reading the answer: {e}"),
                 )
             })? {
                 if body.len() + chunk.len() > MAX_BODY_BYTES {
-                    return Err(DriverError::new(
+                    return Err(PveError::local(
                         ErrorKind::Permanent,
                         format!(
                             "{what}: the answer is larger than {} MiB; refused",
@@ -188,7 +287,7 @@ impl PveClient {
                 }
                 body.extend_from_slice(&chunk);
             }
-            Ok::<_, DriverError>((status, body))
+            Ok::<_, PveError>((status, body))
         })?;
         if !status.is_success() {
             return Err(api_error(&what, status.as_u16(), &body[..]));
@@ -200,7 +299,7 @@ impl PveClient {
         serde_json::from_slice::<Envelope<T>>(&body)
             .map(|e| e.data)
             .map_err(|e| {
-                DriverError::new(
+                PveError::local(
                     ErrorKind::Permanent,
                     format!("{what}: unexpected answer: {e}"),
                 )
@@ -209,12 +308,7 @@ impl PveClient {
 
     /// Waits for a task to end and checks its exit status; a task still running at
     /// `deadline` is an error (it keeps running on the node; the next attempt finds what it did).
-    pub fn await_task(
-        &self,
-        node: &str,
-        upid: &str,
-        deadline: Duration,
-    ) -> Result<(), DriverError> {
+    pub fn await_task(&self, node: &str, upid: &str, deadline: Duration) -> Result<(), PveError> {
         let until = Instant::now() + deadline;
         let path = format!("/nodes/{node}/tasks/{}/status", encode_segment(upid));
         let mut pause = Duration::from_millis(50);
@@ -225,14 +319,17 @@ impl PveClient {
                 return if exit == "OK" || exit.starts_with("WARNINGS") {
                     Ok(())
                 } else {
-                    Err(DriverError::new(
-                        classify_message(&exit),
+                    let condition = PveCondition::of_message(&exit);
+                    Err(PveError::new(
+                        condition,
+                        condition.kind(),
                         format!("task {} failed: {exit}", task_kind(upid)),
                     ))
                 };
             }
             if Instant::now() >= until {
-                return Err(DriverError::new(
+                return Err(PveError::new(
+                    PveCondition::Busy,
                     ErrorKind::Transient,
                     format!(
                         "task {} still running after {}s",
@@ -282,7 +379,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// An error answer: PVE's message (and per-field errors) with a kind apply can act on.
-fn api_error(what: &str, status: u16, body: &[u8]) -> DriverError {
+fn api_error(what: &str, status: u16, body: &[u8]) -> PveError {
     #[derive(serde::Deserialize, Default)]
     struct ErrorBody {
         #[serde(default)]
@@ -301,41 +398,25 @@ fn api_error(what: &str, status: u16, body: &[u8]) -> DriverError {
             message.push_str(&format!("; {field}: {}", why.trim()));
         }
     }
+    let condition = PveCondition::of_message(&message);
     let kind = match status {
         401 => ErrorKind::Permanent,
         403 => ErrorKind::Permanent,
         400 => ErrorKind::Permanent,
         // 502/503/504 from a proxy, 595/596: the node cannot be reached.
         502..=504 | 595 | 596 | 408 | 429 => ErrorKind::Transient,
-        _ => classify_message(&message),
+        _ => condition.kind(),
     };
     let hint = match status {
         401 => " (check the provider's token id and secret)",
         403 => " (the token lacks a privilege; see docs/proxmox.md)",
         _ => "",
     };
-    DriverError::new(kind, format!("{what}: HTTP {status}: {message}{hint}"))
-}
-
-/// Classifies PVE's wording of a failure.
-pub fn classify_message(message: &str) -> ErrorKind {
-    let m = message.to_ascii_lowercase();
-    if m.contains("does not exist") || m.contains("no such vm") {
-        ErrorKind::NotFound
-    } else if m.contains("already exists") || m.contains("checksum mismatch") {
-        ErrorKind::Conflict
-    } else if m.contains("can't lock file")
-        || m.contains("got timeout")
-        || m.contains("is locked")
-        || m.contains("no quorum")
-        || m.contains("cluster not ready")
-        || m.contains("temporarily")
-        || m.contains("connection")
-    {
-        ErrorKind::Transient
-    } else {
-        ErrorKind::Permanent
-    }
+    PveError::new(
+        condition,
+        kind,
+        format!("{what}: HTTP {status}: {message}{hint}"),
+    )
 }
 
 #[cfg(test)]
@@ -367,7 +448,29 @@ mod tests {
                 ErrorKind::Permanent,
             ),
         ] {
-            assert_eq!(classify_message(message), kind, "{message}");
+            assert_eq!(PveCondition::of_message(message).kind(), kind, "{message}");
+        }
+    }
+
+    #[test]
+    fn the_conditions_the_driver_acts_on_are_recognised() {
+        for (message, condition) in [
+            ("VM 100 already running", PveCondition::AlreadyRunning),
+            ("VM 100 not running", PveCondition::NotRunning),
+            (
+                "Linked clone feature is not supported for drive 'scsi0'",
+                PveCondition::LinkedCloneUnsupported,
+            ),
+            (
+                "checksum mismatch (file change by other user?)",
+                PveCondition::DigestMismatch,
+            ),
+            (
+                "unable to create VM 100: config file already exists",
+                PveCondition::AlreadyExists,
+            ),
+        ] {
+            assert_eq!(PveCondition::of_message(message), condition, "{message}");
         }
     }
 

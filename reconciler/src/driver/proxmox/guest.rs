@@ -75,7 +75,7 @@ impl GuestExchange for QemuGuestAgent {
                     pause = (pause * 2).min(Duration::from_millis(200));
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
             if truthy(&status.exited) {
                 if status.exitcode != Some(0) {

@@ -10,10 +10,23 @@
 //! checks the stamp right before acting, so a VMID fleet once used and PVE gave to someone
 //! else is never touched. New VMIDs come from `/cluster/nextid`; a clone that finds its
 //! VMID taken (another creator won the race) tries the next one.
+//!
+//! Here: the `Driver` implementation, clone and power. `ownership` (tags, stamps, the stamp
+//! cache), `config` (digest-guarded config writes, PVE values), `snippets` (cloud-init
+//! files), `client` (the HTTP API, and `PveCondition`: the only place PVE's wording is
+//! read), `stamp` (the description line), `guest` (the agent link over qemu-guest-agent).
+//! How it all works, step by step: `docs/proxmox.md`.
 
 pub mod client;
+mod config;
 mod guest;
+mod ownership;
+mod snippets;
 pub mod stamp;
+
+pub use ownership::fleet_tag;
+use ownership::{CachedStamp, OwnedVm, Resource, split_tags, value_text};
+use snippets::needs_user_data;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -24,7 +37,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::Value;
 
-use self::client::{PveClient, Trust};
+use self::client::{PveClient, PveCondition, Trust};
 use super::{Driver, DriverError, ErrorKind};
 use crate::observe::{ObservedHost, ObservedVm, Stamp};
 use crate::resolve::DesiredVm;
@@ -55,80 +68,6 @@ pub struct ProxmoxDriver {
     /// Held while allocating a VMID and cloning: fleet's own creates never race each other
     /// for an id or for the template's config lock.
     clone_lock: Mutex<()>,
-}
-
-struct CachedStamp {
-    name: String,
-    node: String,
-    stamp: Option<Arc<Stamp>>,
-}
-
-/// One VM of `/cluster/resources?type=vm`.
-#[derive(Clone, Debug, Deserialize)]
-struct Resource {
-    #[serde(rename = "type")]
-    kind: String,
-    vmid: u64,
-    #[serde(default)]
-    name: Option<String>,
-    node: String,
-    #[serde(default)]
-    status: String,
-    #[serde(default)]
-    template: Option<Value>,
-    #[serde(default)]
-    tags: Option<String>,
-    #[serde(default)]
-    maxcpu: Option<f64>,
-    #[serde(default)]
-    maxmem: Option<u64>,
-}
-
-impl Resource {
-    fn is_template(&self) -> bool {
-        matches!(&self.template, Some(Value::Number(n)) if n.as_u64() == Some(1))
-            || matches!(&self.template, Some(Value::String(s)) if s == "1")
-    }
-
-    fn has_tag(&self, tag: &str) -> bool {
-        self.tags
-            .as_deref()
-            .is_some_and(|t| split_tags(t).any(|t| t == tag))
-    }
-
-    fn name(&self) -> &str {
-        self.name.as_deref().unwrap_or("")
-    }
-}
-
-fn split_tags(tags: &str) -> impl Iterator<Item = &str> {
-    tags.split([';', ',', ' ']).filter(|t| !t.is_empty())
-}
-
-/// A fleet VM located and proven: where it is, its config and the config's digest.
-struct OwnedVm {
-    vmid: u64,
-    node: String,
-    running: bool,
-    config: BTreeMap<String, Value>,
-    digest: String,
-}
-
-impl OwnedVm {
-    fn path(&self) -> String {
-        format!("/nodes/{}/qemu/{}", self.node, self.vmid)
-    }
-
-    fn value(&self, key: &str) -> Option<String> {
-        self.config.get(key).map(value_text)
-    }
-}
-
-fn value_text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 impl ProxmoxDriver {
@@ -187,117 +126,9 @@ impl ProxmoxDriver {
             .map_err(|e| DriverError::new(ErrorKind::Permanent, e.clone()))
     }
 
-    fn resources(&self) -> Result<Vec<Resource>, DriverError> {
-        let all: Vec<Resource> = self
-            .client()?
-            .get("/cluster/resources", &[("type", "vm".into())])?;
-        Ok(all.into_iter().filter(|r| r.kind == "qemu").collect())
-    }
-
-    fn read_config(
-        &self,
-        node: &str,
-        vmid: u64,
-    ) -> Result<(BTreeMap<String, Value>, String), DriverError> {
-        let mut config: BTreeMap<String, Value> = self
-            .client()?
-            .get(&format!("/nodes/{node}/qemu/{vmid}/config"), &[])?;
-        let digest = config
-            .remove("digest")
-            .map(|d| value_text(&d))
-            .unwrap_or_default();
-        Ok((config, digest))
-    }
-
-    fn stamp_of(&self, config: &BTreeMap<String, Value>) -> Option<Stamp> {
-        config
-            .get("description")
-            .and_then(|d| stamp::parse(&value_text(d)))
-    }
-
-    fn is_ours(&self, stamp: &Stamp, name: &str) -> bool {
-        stamp.fleet == self.fleet && stamp.name == name
-    }
-
-    /// The VM `name` if it carries this fleet's stamp for `name`, checked on a fresh read
-    /// of its config. A VM of that name without the stamp is refused as foreign.
-    fn owned(&self, name: &str) -> Result<Option<OwnedVm>, DriverError> {
-        let candidates: Vec<Resource> = self
-            .resources()?
-            .into_iter()
-            .filter(|r| r.name() == name && !r.is_template())
-            .collect();
-        if candidates.is_empty() {
-            return Ok(None);
-        }
-        for r in &candidates {
-            let (config, digest) = match self.read_config(&r.node, r.vmid) {
-                Ok(read) => read,
-                // Gone between the listing and the read.
-                Err(e) if e.kind == ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            };
-            if self
-                .stamp_of(&config)
-                .is_some_and(|s| self.is_ours(&s, name))
-            {
-                return Ok(Some(OwnedVm {
-                    vmid: r.vmid,
-                    node: r.node.clone(),
-                    running: r.status == "running",
-                    config,
-                    digest,
-                }));
-            }
-        }
-        Err(DriverError::new(
-            ErrorKind::Conflict,
-            format!(
-                "VM {name:?} on {} (VMID {}) is not fleet {:?}'s; refusing to touch it",
-                self.provider,
-                candidates
-                    .iter()
-                    .map(|r| r.vmid.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                self.fleet
-            ),
-        ))
-    }
-
-    fn require_owned(&self, name: &str) -> Result<OwnedVm, DriverError> {
-        self.owned(name)?.ok_or_else(|| {
-            DriverError::new(
-                ErrorKind::NotFound,
-                format!("VM {name:?} does not exist on {}", self.provider),
-            )
-        })
-    }
-
     /// Runs an asynchronous call and waits for its task.
     fn task(&self, node: &str, upid: String) -> Result<(), DriverError> {
-        self.client()?.await_task(node, &upid, TASK_DEADLINE)
-    }
-
-    fn remember(&self, vmid: u64, name: &str, node: &str, stamp: Option<Stamp>) {
-        self.stamps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                vmid,
-                CachedStamp {
-                    name: name.to_owned(),
-                    node: node.to_owned(),
-                    stamp: stamp.map(Arc::new),
-                },
-            );
-    }
-
-    fn forget(&self, vmid: u64) {
-        self.stamps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&vmid);
+        Ok(self.client()?.await_task(node, &upid, TASK_DEADLINE)?)
     }
 
     /// The template VM `template` is cloned from: the one on `node` if there is one, else
@@ -360,157 +191,32 @@ impl ProxmoxDriver {
             }
             let path = format!("/nodes/{}/qemu/{}/clone", template.node, template.vmid);
             let started = client.post::<String>(&path, &form);
-            let result = started.and_then(|upid| self.task(&template.node, upid));
+            let result =
+                started.and_then(|upid| client.await_task(&template.node, &upid, TASK_DEADLINE));
             match result {
                 Ok(()) => return Ok(newid),
                 // Another creator took the VMID between nextid and clone.
                 Err(e) if e.kind == ErrorKind::Conflict && attempt < VMID_ATTEMPTS => {
                     tracing::info!(vm = %vm.name, vmid = newid, "VMID taken meanwhile; trying the next one: {e}");
                 }
-                Err(e) if !full && e.message.contains("Linked clone feature is not supported") => {
+                Err(e) if !full && e.condition == PveCondition::LinkedCloneUnsupported => {
                     tracing::info!(vm = %vm.name, "storage cannot make linked clones; making a full clone on {}", self.storage);
                     full = true;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
-    }
-
-    /// The `net0` value for `vm`, keeping the card's MAC address; `None`: no card.
-    fn net0(&self, vm: &DesiredVm, current: Option<&str>) -> Result<Option<String>, DriverError> {
-        let mac = current.and_then(|c| {
-            c.split(',')
-                .find_map(|part| part.strip_prefix("virtio=").map(str::to_owned))
-        });
-        let model = match mac {
-            Some(mac) => format!("virtio={mac}"),
-            None => "virtio".to_owned(),
-        };
-        match vm.config.network {
-            NetworkMode::Isolated => Ok(None),
-            NetworkMode::Full => Ok(Some(format!("{model},bridge={}", self.bridge))),
-            NetworkMode::Allowlist => Err(DriverError::new(
-                ErrorKind::Permanent,
-                format!(
-                    "VM {}: network mode allowlist is not supported on Proxmox yet; use isolated or full",
-                    vm.name
-                ),
-            )),
-        }
-    }
-
-    /// Brings the config of an owned VM to the spec: only keys that differ are sent, with
-    /// the digest of the config they were compared with. A concurrent edit makes PVE refuse
-    /// the write ("checksum mismatch"); the next pass observes again and re-plans.
-    fn write_config(
-        &self,
-        vm: &DesiredVm,
-        stamp: &Stamp,
-        owned: &OwnedVm,
-    ) -> Result<(), DriverError> {
-        let mut wanted: Vec<(&str, String)> = vec![
-            ("cores", vm.config.cpus.to_string()),
-            ("sockets", "1".into()),
-            ("memory", vm.config.memory_mib.to_string()),
-            ("description", stamp::render(stamp)),
-            ("tags", self.tag.clone()),
-            // qemu-guest-agent: how fleet reaches the guest on Proxmox.
-            ("agent", "1".into()),
-            (
-                "kvm",
-                if self.domain_type == DomainType::Qemu {
-                    "0"
-                } else {
-                    "1"
-                }
-                .into(),
-            ),
-        ];
-        let mut delete = Vec::new();
-        match self.net0(vm, owned.value("net0").as_deref())? {
-            Some(net0) => wanted.push(("net0", net0)),
-            None => {
-                if owned.config.contains_key("net0") {
-                    delete.push("net0");
-                }
-            }
-        }
-        if let Some((storage, _)) = &self.snippets {
-            wanted.push((
-                "cicustom",
-                format!("user={storage}:snippets/{}", self.snippet_name(&vm.name)),
-            ));
-            if !has_cloudinit_drive(&owned.config) {
-                wanted.push(("ide2", format!("{}:cloudinit", self.storage)));
-            }
-        } else if needs_user_data(vm) {
-            return Err(DriverError::new(
-                ErrorKind::Permanent,
-                format!(
-                    "VM {}: its loadout sets packages, files, runcmd or users, which need a cloud-init snippet; set snippets on provider {}",
-                    vm.name, self.provider
-                ),
-            ));
-        }
-        let mut form: Vec<(&str, String)> = wanted
-            .into_iter()
-            .filter(|(key, value)| !same_value(key, owned.value(key).as_deref(), value))
-            .collect();
-        if !delete.is_empty() {
-            form.push(("delete", delete.join(",")));
-        }
-        if form.is_empty() {
-            return Ok(());
-        }
-        form.push(("digest", owned.digest.clone()));
-        self.client()?
-            .put::<Value>(&format!("{}/config", owned.path()), &form)
-            .map_err(|e| {
-                if e.message.contains("checksum mismatch") {
-                    DriverError::new(
-                        ErrorKind::Conflict,
-                        format!(
-                            "VM {} changed on {} while fleet was updating it (config digest mismatch); nothing was written, the next pass plans again",
-                            vm.name, self.provider
-                        ),
-                    )
-                } else {
-                    e
-                }
-            })?;
-        Ok(())
-    }
-
-    /// Grows the boot disk to the spec's size (never shrinks it); returns the VM as it is
-    /// afterwards (a resize changes its config, and so the digest the next write needs).
-    fn resize_disk(&self, vm: &DesiredVm, owned: OwnedVm) -> Result<OwnedVm, DriverError> {
-        let Some(want_mib) = vm.config.disk_mib else {
-            return Ok(owned);
-        };
-        let Some((key, current_mib)) = boot_disk(&owned.config) else {
-            return Ok(owned);
-        };
-        if current_mib.is_some_and(|c| c >= want_mib) {
-            return Ok(owned);
-        }
-        let upid: String = self.client()?.put(
-            &format!("{}/resize", owned.path()),
-            &[("disk", key), ("size", format!("{want_mib}M"))],
-        )?;
-        self.task(&owned.node, upid)?;
-        self.require_owned(&vm.name)
     }
 
     fn power_on(&self, owned: &OwnedVm) -> Result<(), DriverError> {
         if owned.running {
             return Ok(());
         }
-        let upid: String = self
-            .client()?
-            .post(&format!("{}/status/start", owned.path()), &[])?;
-        match self.task(&owned.node, upid) {
-            Err(e) if e.message.contains("already running") => Ok(()),
-            other => other,
+        let client = self.client()?;
+        let upid: String = client.post(&format!("{}/status/start", owned.path()), &[])?;
+        match client.await_task(&owned.node, &upid, TASK_DEADLINE) {
+            Err(e) if e.condition == PveCondition::AlreadyRunning => Ok(()),
+            other => Ok(other?),
         }
     }
 
@@ -532,16 +238,16 @@ impl ProxmoxDriver {
             });
         match shutdown {
             Ok(()) => Ok(()),
-            Err(e) if e.message.contains("not running") => Ok(()),
+            Err(e) if e.condition == PveCondition::NotRunning => Ok(()),
             Err(e) => {
                 tracing::info!(
                     vmid = owned.vmid,
                     "graceful shutdown did not finish within {grace:?} ({e}); stopping hard"
                 );
                 let upid: String = client.post(&format!("{}/status/stop", owned.path()), &[])?;
-                match self.task(&owned.node, upid) {
-                    Err(e) if e.message.contains("not running") => Ok(()),
-                    other => other,
+                match client.await_task(&owned.node, &upid, TASK_DEADLINE) {
+                    Err(e) if e.condition == PveCondition::NotRunning => Ok(()),
+                    other => Ok(other?),
                 }
             }
         }
@@ -560,232 +266,9 @@ impl ProxmoxDriver {
             PowerState::Stopped => self.power_off(owned, grace),
         }
     }
-
-    // ---------------------------------------------------------------- snippets
-
-    /// `fleet.<fleet>.<vm>.yaml`: fleet and VM names never hold a dot, so no two fleets'
-    /// VMs share a snippet, even in one snippet directory.
-    fn snippet_name(&self, vm: &str) -> String {
-        format!("{}{vm}.yaml", self.snippet_prefix())
-    }
-
-    fn snippet_prefix(&self) -> String {
-        format!("fleet.{}.", self.fleet)
-    }
-
-    /// Where releases before the dotted names put the VM's snippet. Not unique: fleet `a`
-    /// with VM `b-c` and fleet `a-b` with VM `c` both got `fleet-a-b-c.yaml`, so such a file
-    /// is only ever removed when its marker names this fleet and VM.
-    fn legacy_snippet_name(&self, vm: &str) -> String {
-        format!("{}{vm}.yaml", self.legacy_snippet_prefix())
-    }
-
-    fn legacy_snippet_prefix(&self) -> String {
-        format!("fleet-{}-", self.fleet)
-    }
-
-    /// Writes the VM's cloud-init user-data snippet. It holds no secret: secret values only
-    /// travel over the agent link.
-    fn write_snippet(&self, vm: &DesiredVm) -> Result<(), DriverError> {
-        let Some((_, dir)) = &self.snippets else {
-            return Ok(());
-        };
-        let seed = crate::seed::render(vm, &format!("{}-{}", self.fleet, vm.name));
-        // cloud-init wants `#cloud-config` on the first line; fleet's marker follows it.
-        let body = seed
-            .user_data
-            .strip_prefix("#cloud-config")
-            .unwrap_or(&seed.user_data);
-        let text = format!(
-            "#cloud-config\n{}\n{}",
-            stamp::snippet_marker(&self.fleet, &vm.name),
-            body.trim_start_matches('\n')
-        );
-        let path = dir.join(self.snippet_name(&vm.name));
-        // Never overwrite a file that is not this VM's snippet: it is someone else's.
-        if let Ok(existing) = std::fs::read_to_string(&path)
-            && !stamp::snippet_is(&existing, &self.fleet, &vm.name)
-        {
-            return Err(DriverError::new(
-                ErrorKind::Conflict,
-                format!(
-                    "{} exists and is not fleet's snippet for {}/{} (its second line is not `{}`); fleet will not overwrite it: move it out of the snippet directory",
-                    path.display(),
-                    self.fleet,
-                    vm.name,
-                    stamp::snippet_marker(&self.fleet, &vm.name)
-                ),
-            ));
-        }
-        crate::status::write_atomic(&path, text.as_bytes()).map_err(|e| {
-            DriverError::new(
-                ErrorKind::Transient,
-                format!("write snippet {}: {e}", path.display()),
-            )
-        })
-    }
-
-    /// Removes the VM's snippet, under its name and under its legacy name, where the file's
-    /// marker line says it is this fleet's snippet for this VM.
-    fn remove_snippet(&self, name: &str) -> Result<(), DriverError> {
-        let Some((_, dir)) = &self.snippets else {
-            return Ok(());
-        };
-        for file in [self.snippet_name(name), self.legacy_snippet_name(name)] {
-            self.remove_if_marked(&dir.join(file), name)?;
-        }
-        Ok(())
-    }
-
-    /// Removes the VM's snippet under its legacy name, once its config points at the new
-    /// one.
-    fn drop_legacy_snippet(&self, name: &str) -> Result<(), DriverError> {
-        if let Some((_, dir)) = &self.snippets {
-            self.remove_if_marked(&dir.join(self.legacy_snippet_name(name)), name)?;
-        }
-        Ok(())
-    }
-
-    /// Removes `path` if its marker says it is this fleet's snippet for `vm`; says whether
-    /// it did.
-    fn remove_if_marked(&self, path: &std::path::Path, vm: &str) -> Result<bool, DriverError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) if stamp::snippet_is(&text, &self.fleet, vm) => {
-                std::fs::remove_file(path).map(|()| true).map_err(|e| {
-                    DriverError::new(
-                        ErrorKind::Transient,
-                        format!("remove snippet {}: {e}", path.display()),
-                    )
-                })
-            }
-            _ => Ok(false),
-        }
-    }
-
-    /// Removes fleet's snippets whose VM no longer exists (a crash between a destroy and
-    /// its cleanup, or a VM deleted by hand), and the temp files of snippet writes a kill
-    /// interrupted. Works from what is on disk and in the cluster, not from memory.
-    fn sweep_snippets(&self, host: &ObservedHost) -> Vec<String> {
-        let Some((_, dir)) = &self.snippets else {
-            return Vec::new();
-        };
-        let mut removed: Vec<String> =
-            crate::status::remove_left_temp_files(dir, &self.snippet_prefix(), |_| false)
-                .iter()
-                .map(|p| {
-                    format!(
-                        "removed {}, a snippet write that was interrupted",
-                        p.display()
-                    )
-                })
-                .collect();
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return removed;
-        };
-        let prefixes = [self.snippet_prefix(), self.legacy_snippet_prefix()];
-        for entry in entries.flatten() {
-            let file = entry.file_name().to_string_lossy().into_owned();
-            let Some(vm) = prefixes.iter().find_map(|prefix| {
-                file.strip_prefix(prefix.as_str())
-                    .and_then(|rest| rest.strip_suffix(".yaml"))
-            }) else {
-                continue;
-            };
-            let alive = host
-                .vms
-                .iter()
-                .any(|o| o.name == vm && o.owned_by(&self.fleet));
-            if alive {
-                continue;
-            }
-            // A file without this fleet's marker for `vm` is not its snippet, and stays.
-            match self.remove_if_marked(&entry.path(), vm) {
-                Ok(true) => removed.push(format!(
-                    "removed the snippet of {vm}, whose VM no longer exists"
-                )),
-                Ok(false) => {}
-                Err(e) => tracing::warn!("snippet sweep: {e}"),
-            }
-        }
-        removed
-    }
 }
 
 /// The tag that marks fleet's VMs (PVE tags: lower case, digits, `-_+.`).
-pub fn fleet_tag(fleet: &str) -> String {
-    format!("fleet-{}", fleet.to_ascii_lowercase())
-}
-
-fn needs_user_data(vm: &DesiredVm) -> bool {
-    let c = &vm.config;
-    !(c.packages.is_empty() && c.files.is_empty() && c.runcmd.is_empty() && c.users.is_empty())
-}
-
-fn has_cloudinit_drive(config: &BTreeMap<String, Value>) -> bool {
-    config
-        .values()
-        .any(|v| value_text(v).contains(":cloudinit"))
-}
-
-/// Whether a config value already says what fleet would write.
-fn same_value(key: &str, current: Option<&str>, wanted: &str) -> bool {
-    let Some(current) = current else {
-        // PVE's default for `kvm` is on: writing it anyway would need VM.Config.HWType for
-        // nothing (only `domainType: qemu` has to send it).
-        return key == "kvm" && wanted == "1";
-    };
-    match key {
-        "tags" => {
-            let mut a: Vec<&str> = split_tags(current).collect();
-            let mut b: Vec<&str> = split_tags(wanted).collect();
-            a.sort_unstable();
-            b.sort_unstable();
-            a == b
-        }
-        "agent" | "kvm" => {
-            current
-                .split(',')
-                .next()
-                .map(|v| v.trim_start_matches("enabled="))
-                == Some(wanted)
-        }
-        "description" => current.trim_end() == wanted.trim_end(),
-        _ => current == wanted,
-    }
-}
-
-/// The boot disk's key and size in MiB (when its `size=` says).
-fn boot_disk(config: &BTreeMap<String, Value>) -> Option<(String, Option<u64>)> {
-    BOOT_DISKS.iter().find_map(|key| {
-        let value = value_text(config.get(*key)?);
-        if value.contains("media=cdrom") {
-            return None;
-        }
-        let size = value
-            .split(',')
-            .find_map(|p| p.strip_prefix("size="))
-            .and_then(size_mib);
-        Some(((*key).to_owned(), size))
-    })
-}
-
-/// `32G`, `512M`, `1T`, `2048K` in MiB.
-fn size_mib(text: &str) -> Option<u64> {
-    let (number, unit) = text.split_at(
-        text.find(|c: char| c.is_ascii_alphabetic())
-            .unwrap_or(text.len()),
-    );
-    let n: f64 = number.parse().ok()?;
-    let mib = match unit {
-        "K" => n / 1024.0,
-        "M" => n,
-        "G" | "" => n * 1024.0,
-        "T" => n * 1024.0 * 1024.0,
-        _ => return None,
-    };
-    Some(mib.ceil() as u64)
-}
-
 impl Driver for ProxmoxDriver {
     fn observe(&self) -> Result<ObservedHost, DriverError> {
         let resources = self.resources()?;
@@ -1003,6 +486,7 @@ impl Driver for ProxmoxDriver {
 
 #[cfg(test)]
 mod tests {
+    use super::config::{boot_disk, same_value, size_mib};
     use super::*;
 
     #[test]
