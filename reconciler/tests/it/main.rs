@@ -161,4 +161,5 @@ mod secrets;
 mod seed;
 mod support;
 mod tasks;
+mod tidy;
 mod trust;

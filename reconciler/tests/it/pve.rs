@@ -106,10 +106,10 @@ impl FakePve {
         serde_json::from_value(self.control(json!({"op": "wire"}))).expect("wire records")
     }
 
-    /// The schema requests are checked against: `FLEET_PVE_SCHEMA` (CI points it at the
-    /// official PVE 9.1 schema when one is beside the checkout), else the copy of the same
-    /// published API description that fakepve bundles. Nothing outside the checkout and its
-    /// venv is needed.
+    /// The schema requests are checked against: the file `FLEET_PVE_SCHEMA` names (such as
+    /// the official PVE 9.1 schema, when someone has it), else the copy of the same published
+    /// API description that fakepve bundles. Nothing outside the checkout and its venv is
+    /// needed.
     pub fn schema(&mut self) -> ApiSchema {
         let path = std::env::var_os("FLEET_PVE_SCHEMA")
             .map(PathBuf::from)
