@@ -19,6 +19,7 @@ use fleet_agent_protocol::{GuestMessage, HostMessage, PORT_NAME, SECRETS_DIR, VE
 
 mod files;
 mod isolate;
+mod outbox;
 mod prompt;
 mod relay;
 mod secrets;
@@ -174,8 +175,133 @@ fn serve(
     serve_link(reader, Box::new(port), boot_id, tasks, secrets)
 }
 
+/// What the agent serves the host with: its tasks, its secret set, and the boot it is in.
+struct Link {
+    tasks: Arc<task::Tasks>,
+    secrets: Arc<secrets::Store>,
+    boot_id: String,
+}
+
+/// What one host message leaves to do on the link.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    Nothing,
+    Reply(GuestMessage),
+    /// The host (re)connected: greet it, then send it what it has not acknowledged.
+    Greet(GuestMessage),
+}
+
+impl Link {
+    fn hello(&self) -> GuestMessage {
+        GuestMessage::Hello {
+            v: VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            boot_id: self.boot_id.clone(),
+            secrets: self.secrets.digest(),
+        }
+    }
+
+    /// Serves one message from the host.
+    fn handle(&self, message: HostMessage) -> Answer {
+        match message {
+            HostMessage::Hello { .. } => Answer::Greet(self.hello()),
+            HostMessage::RunTask {
+                task,
+                argv,
+                mut env,
+                cwd,
+                timeout_secs,
+                artifacts,
+                prompt_patterns,
+                secret_env,
+                secret_files,
+                boot_id: for_boot,
+                ..
+            } => {
+                if for_boot.as_deref().is_some_and(|b| b != self.boot_id) {
+                    eprintln!("fleet-agent: ignoring {task}: it was sent for an earlier boot");
+                    return Answer::Nothing;
+                }
+                // Values come from the secret set, never from the message.
+                let mut missing = None;
+                for (var, path) in secret_env {
+                    match self.secrets.read(&path) {
+                        Ok(value) => {
+                            env.insert(var, value.as_str().to_owned());
+                        }
+                        Err(e) => missing = Some(e),
+                    }
+                }
+                self.tasks.start(task::RunSpec {
+                    start_error: missing,
+                    task,
+                    argv,
+                    env,
+                    cwd,
+                    timeout: timeout_secs.map(Duration::from_secs),
+                    artifacts,
+                    prompt_patterns,
+                    secret_files,
+                });
+                Answer::Nothing
+            }
+            HostMessage::Input {
+                task, data, prompt, ..
+            } => {
+                self.tasks.input(&task, &data, prompt.as_deref());
+                Answer::Nothing
+            }
+            HostMessage::PutFile {
+                path,
+                offset,
+                data,
+                sha256,
+                unpack_into,
+                ..
+            } => {
+                let put = files::put(
+                    &path,
+                    offset,
+                    &data,
+                    sha256.as_deref(),
+                    unpack_into.as_deref(),
+                );
+                // A part that is not the last is answered by the next; the last, or a
+                // failure, is answered now.
+                let error = match put {
+                    Ok(false) => return Answer::Nothing,
+                    Ok(true) => None,
+                    Err(e) => Some(e),
+                };
+                Answer::Reply(GuestMessage::Stored {
+                    v: VERSION,
+                    path,
+                    error,
+                })
+            }
+            HostMessage::Secrets { digest, files, .. } => {
+                let error = self.secrets.replace(&digest, &files).err();
+                Answer::Reply(GuestMessage::SecretsStored {
+                    v: VERSION,
+                    digest,
+                    error,
+                })
+            }
+            HostMessage::Cancel { task, .. } => {
+                self.tasks.cancel(&task);
+                Answer::Nothing
+            }
+            HostMessage::Ack { task, seq, .. } => {
+                self.tasks.ack(&task, seq);
+                Answer::Nothing
+            }
+        }
+    }
+}
+
 /// Serves one opening of the link, whatever carries it (the virtio port, or the relay's
-/// pipes).
+/// pipes): hello first, then a heartbeat every 10 s while a reader thread serves what the
+/// host sends (`Link::handle`). Returns when a read or write fails.
 fn serve_link(
     reader: impl Read + Send + 'static,
     writer: Box<dyn Write + Send>,
@@ -184,17 +310,12 @@ fn serve_link(
     secrets: &Arc<secrets::Store>,
 ) -> std::io::Result<()> {
     let writer = Arc::new(Mutex::new(writer));
-    let hello = {
-        let boot_id = boot_id.to_owned();
-        let secrets = secrets.clone();
-        move || GuestMessage::Hello {
-            v: VERSION,
-            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            boot_id: boot_id.clone(),
-            secrets: secrets.digest(),
-        }
+    let link = Link {
+        tasks: tasks.clone(),
+        secrets: secrets.clone(),
+        boot_id: boot_id.to_owned(),
     };
-    send(&writer, &hello())?;
+    send(&writer, &link.hello())?;
     // Task messages go out on this opening of the port (a failed write is resent after the
     // host's next greeting).
     {
@@ -205,123 +326,33 @@ fn serve_link(
     }
     let failed = Arc::new(AtomicBool::new(false));
     {
-        let (writer, failed, tasks, secrets, boot_id) = (
-            writer.clone(),
-            failed.clone(),
-            tasks.clone(),
-            secrets.clone(),
-            boot_id.to_owned(),
-        );
+        let (writer, failed) = (writer.clone(), failed.clone());
         std::thread::spawn(move || {
             let mut lines = BufReader::new(reader).lines();
             loop {
-                match lines.next() {
-                    Some(Ok(line)) => match HostMessage::from_line(&line) {
-                        Ok(HostMessage::Hello { .. }) => {
-                            if send(&writer, &hello()).is_err() {
-                                break;
-                            }
-                            // A host that (re)connected gets what it has not acknowledged.
-                            tasks.resend();
-                        }
-                        Ok(HostMessage::RunTask {
-                            task,
-                            argv,
-                            mut env,
-                            cwd,
-                            timeout_secs,
-                            artifacts,
-                            prompt_patterns,
-                            secret_env,
-                            secret_files,
-                            boot_id: for_boot,
-                            ..
-                        }) => {
-                            if for_boot.as_deref().is_some_and(|b| b != boot_id) {
-                                eprintln!(
-                                    "fleet-agent: ignoring {task}: it was sent for an earlier boot"
-                                );
-                                continue;
-                            }
-                            // Values come from the secret set, never from the message.
-                            let mut missing = None;
-                            for (var, path) in secret_env {
-                                match secrets.read(&path) {
-                                    Ok(value) => {
-                                        env.insert(var, value.as_str().to_owned());
-                                    }
-                                    Err(e) => missing = Some(e),
-                                }
-                            }
-                            let spec = task::RunSpec {
-                                start_error: missing,
-                                task,
-                                argv,
-                                env,
-                                cwd,
-                                timeout: timeout_secs.map(Duration::from_secs),
-                                artifacts,
-                                prompt_patterns,
-                                secret_files,
-                            };
-                            tasks.start(spec);
-                        }
-                        Ok(HostMessage::Input {
-                            task, data, prompt, ..
-                        }) => {
-                            tasks.input(&task, &data, prompt.as_deref());
-                        }
-                        Ok(HostMessage::PutFile {
-                            path,
-                            offset,
-                            data,
-                            sha256,
-                            unpack_into,
-                            ..
-                        }) => {
-                            let put = files::put(
-                                &path,
-                                offset,
-                                &data,
-                                sha256.as_deref(),
-                                unpack_into.as_deref(),
-                            );
-                            let answer = match put {
-                                Ok(false) => None,
-                                Ok(true) => Some(None),
-                                Err(e) => Some(Some(e)),
-                            };
-                            if let Some(error) = answer {
-                                let stored = GuestMessage::Stored {
-                                    v: VERSION,
-                                    path,
-                                    error,
-                                };
-                                if send(&writer, &stored).is_err() {
-                                    break;
-                                }
-                            }
-                        }
-                        Ok(HostMessage::Secrets { digest, files, .. }) => {
-                            let error = secrets.replace(&digest, &files).err();
-                            let stored = GuestMessage::SecretsStored {
-                                v: VERSION,
-                                digest,
-                                error,
-                            };
-                            if send(&writer, &stored).is_err() {
-                                break;
-                            }
-                        }
-                        Ok(HostMessage::Cancel { task, .. }) => {
-                            tasks.cancel(&task);
-                        }
-                        Ok(HostMessage::Ack { task, seq, .. }) => tasks.ack(&task, seq),
-                        Err(e) => eprintln!("fleet-agent: ignoring a line from the host: {e}"),
-                    },
+                let line = match lines.next() {
+                    Some(Ok(line)) => line,
                     // No host connected yet reads as end of file: wait and read on.
-                    None => std::thread::sleep(Duration::from_millis(200)),
+                    None => {
+                        std::thread::sleep(Duration::from_millis(200));
+                        continue;
+                    }
                     Some(Err(_)) => break,
+                };
+                let message = match HostMessage::from_line(&line) {
+                    Ok(message) => message,
+                    Err(e) => {
+                        eprintln!("fleet-agent: ignoring a line from the host: {e}");
+                        continue;
+                    }
+                };
+                let sent = match link.handle(message) {
+                    Answer::Nothing => Ok(()),
+                    Answer::Reply(reply) => send(&writer, &reply),
+                    Answer::Greet(hello) => send(&writer, &hello).map(|()| link.tasks.resend()),
+                };
+                if sent.is_err() {
+                    break;
                 }
             }
             failed.store(true, Ordering::Relaxed);
@@ -365,5 +396,44 @@ mod tests {
         }
         assert_eq!(find_port(&dir), Some(PathBuf::from("/dev/vport1p2")));
         std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    fn link() -> Link {
+        Link {
+            tasks: Arc::new(task::Tasks::default()),
+            secrets: Arc::new(secrets::Store::new(PathBuf::from("/nonexistent"), false)),
+            boot_id: "boot-2".into(),
+        }
+    }
+
+    /// A host that greets gets a hello back, and then what it has not acknowledged.
+    #[test]
+    fn a_greeting_is_answered_with_who_we_are() {
+        let answer = link().handle(HostMessage::Hello { v: VERSION });
+        let Answer::Greet(GuestMessage::Hello { boot_id, .. }) = answer else {
+            panic!("{answer:?}");
+        };
+        assert_eq!(boot_id, "boot-2");
+    }
+
+    /// A run sent for another boot is never started in this one, and nothing is answered.
+    #[test]
+    fn a_run_for_an_earlier_boot_is_ignored() {
+        let link = link();
+        let answer = link.handle(HostMessage::RunTask {
+            v: VERSION,
+            task: "t-1".into(),
+            argv: vec!["true".into()],
+            env: Default::default(),
+            cwd: None,
+            timeout_secs: None,
+            artifacts: Vec::new(),
+            prompt_patterns: Vec::new(),
+            secret_env: Default::default(),
+            secret_files: Vec::new(),
+            boot_id: Some("boot-1".into()),
+        });
+        assert_eq!(answer, Answer::Nothing);
+        assert!(!link.tasks.cancel("t-1"), "no such task was started");
     }
 }

@@ -3,11 +3,9 @@
 //! numbered from 1, input typed into the terminal, and timeout or cancel ending the whole
 //! group.
 //!
-//! Every output chunk and the exit get the task's next sequence number and stay in its
-//! outbox until the host acknowledges them; after the host greets again (a reconnect), the
-//! outboxes are sent again, so nothing is lost and the host drops repeats by `seq`. A task
-//! whose outbox holds more than 8 MiB waits (its terminal fills, so it blocks on output)
-//! until the host catches up.
+//! Every output chunk and the exit go through the task's `Outbox` (sequence numbers, kept
+//! until acknowledged, sent again after a reconnect); a task whose outbox is full waits
+//! (its terminal fills, so it blocks on output) until the host catches up.
 //!
 //! While a task runs, its output also feeds a screen model (`prompt::Detector`); when the
 //! terminal has been quiet for `QUIET` and its last lines read as a question, a `Prompt`
@@ -18,7 +16,7 @@
 //! it lasts as long as the boot). A task the host asks for again after this agent
 //! restarted is not run a second time: it is reported `Lost`.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +28,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use portable_pty::{CommandBuilder, PtySize, native_pty_system};
 
+use crate::outbox::Outbox;
 use crate::prompt::{self, Detector};
 
 /// Where a task's messages go (the agent link).
@@ -58,9 +57,6 @@ const ARTIFACT_PART_BYTES: usize = 192 * 1024;
 /// At most this much of a task's artifacts is sent; the rest is reported, not sent.
 const ARTIFACT_CAP_BYTES: u64 = 64 * 1024 * 1024;
 
-/// Unacknowledged output above this makes the task wait.
-const OUTBOX_CAP_BYTES: usize = 8 * 1024 * 1024;
-
 struct Handle {
     writer: Box<dyn Write + Send>,
     cancelled: Arc<AtomicBool>,
@@ -70,9 +66,7 @@ struct Handle {
 struct TaskState {
     /// `None` once the task has ended.
     handle: Option<Handle>,
-    next_seq: u64,
-    outbox: VecDeque<(u64, GuestMessage)>,
-    outbox_bytes: usize,
+    outbox: Outbox,
     /// Prompts whose answer has been typed.
     answered: HashSet<String>,
     /// The user an isolated run runs as, while it runs.
@@ -83,9 +77,7 @@ impl TaskState {
     fn new() -> TaskState {
         TaskState {
             handle: None,
-            next_seq: 1,
-            outbox: VecDeque::new(),
-            outbox_bytes: 0,
+            outbox: Outbox::default(),
             answered: HashSet::new(),
             uid: None,
         }
@@ -372,7 +364,7 @@ impl Tasks {
             let mut offset = 0u64;
             let mut part = vec![0u8; ARTIFACT_PART_BYTES];
             loop {
-                while self.backlog(task) > OUTBOX_CAP_BYTES {
+                while self.must_wait(task) {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 let n = match read_full(&mut file, &mut part) {
@@ -418,12 +410,7 @@ impl Tasks {
             let Some(state) = all.get_mut(task) else {
                 return;
             };
-            let seq = state.next_seq;
-            state.next_seq += 1;
-            let message = make(seq);
-            state.outbox_bytes += message_bytes(&message);
-            state.outbox.push_back((seq, message.clone()));
-            message
+            state.outbox.push(make)
         };
         self.send(&message);
     }
@@ -464,11 +451,7 @@ impl Tasks {
         let Some(state) = all.get_mut(task) else {
             return;
         };
-        while state.outbox.front().is_some_and(|(s, _)| *s <= seq) {
-            if let Some((_, m)) = state.outbox.pop_front() {
-                state.outbox_bytes -= message_bytes(&m);
-            }
-        }
+        state.outbox.ack(seq);
         if state.handle.is_none() && state.outbox.is_empty() {
             all.remove(task);
         }
@@ -482,7 +465,7 @@ impl Tasks {
             names.sort();
             names
                 .iter()
-                .flat_map(|n| all[*n].outbox.iter().map(|(_, m)| m.clone()))
+                .flat_map(|n| all[*n].outbox.pending().cloned())
                 .collect()
         };
         for message in &pending {
@@ -490,9 +473,9 @@ impl Tasks {
         }
     }
 
-    /// Unacknowledged output of `task`, in bytes.
-    fn backlog(&self, task: &str) -> usize {
-        self.lock().get(task).map_or(0, |s| s.outbox_bytes)
+    /// Whether `task` must wait for the host to acknowledge what it sent.
+    fn must_wait(&self, task: &str) -> bool {
+        self.lock().get(task).is_some_and(|s| s.outbox.is_full())
     }
 
     /// Types `data` into the task's terminal; the answer to `prompt` only the first time.
@@ -557,13 +540,6 @@ impl Tasks {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, TaskState>> {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-fn message_bytes(message: &GuestMessage) -> usize {
-    match message {
-        GuestMessage::Output { data, .. } => data.len(),
-        _ => 64,
     }
 }
 
@@ -644,7 +620,7 @@ fn stream_output(
     };
     loop {
         // Back-pressure: the task waits while the host is far behind.
-        while tasks.backlog(task) > OUTBOX_CAP_BYTES {
+        while tasks.must_wait(task) {
             std::thread::sleep(Duration::from_millis(50));
         }
         // EIO once the last process holding the terminal is gone: the end of the output.
