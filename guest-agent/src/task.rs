@@ -758,6 +758,11 @@ mod tests {
         assert!(tasks.cancel("t"));
         let (_, code, reason, _) = collect(&rx);
         assert_eq!((code, reason), (None, ExitReason::Cancelled));
+        // The exit is sent just before the task is marked finished: wait for the mark.
+        let marked = Instant::now() + Duration::from_secs(2);
+        while tasks.cancel("t") && Instant::now() < marked {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(!tasks.cancel("t"), "a finished task is gone");
 
         // A task the agent never saw is reported cancelled and is not run afterwards.

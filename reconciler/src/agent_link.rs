@@ -38,6 +38,40 @@ pub enum LinkError {
 /// An open link to one VM's agent.
 pub struct AgentLink {
     transport: Transport,
+    /// Ends a wait for the guest early when the host has news (see `Waker`).
+    woken_by: Option<WakeSignal>,
+}
+
+/// Wakes a link that waits for its guest: the host has something for it (a new revision's
+/// tasks, an answer). A link then needs no timer but for real deadlines.
+#[derive(Clone)]
+pub struct Waker(std::sync::Arc<UnixStream>);
+
+/// The link's end of a `Waker`.
+pub struct WakeSignal(UnixStream);
+
+impl Waker {
+    /// A waker and the signal it raises.
+    pub fn pair() -> std::io::Result<(Waker, WakeSignal)> {
+        let (tx, rx) = UnixStream::pair()?;
+        tx.set_nonblocking(true)?;
+        rx.set_nonblocking(true)?;
+        Ok((Waker(std::sync::Arc::new(tx)), WakeSignal(rx)))
+    }
+
+    /// Raises the signal; a signal already raised stays one (a full buffer is fine).
+    pub fn wake(&self) {
+        use std::io::Write;
+        let _ = (&*self.0).write(&[1]);
+    }
+}
+
+impl WakeSignal {
+    /// Lowers the signal (reads whatever wakes are pending).
+    fn drain(&self) {
+        let mut buf = [0u8; 64];
+        while matches!((&self.0).read(&mut buf), Ok(n) if n > 0) {}
+    }
 }
 
 enum Transport {
@@ -73,7 +107,15 @@ impl AgentLink {
                 Transport::Relayed(RelayedLink::open(exchange.clone())?)
             }
         };
-        Ok(AgentLink { transport })
+        Ok(AgentLink {
+            transport,
+            woken_by: None,
+        })
+    }
+
+    /// Lets `signal` end this link's waits early (socket links; relayed ones poll anyway).
+    pub fn wake_on(&mut self, signal: WakeSignal) {
+        self.woken_by = Some(signal);
     }
 
     /// Greets the agent, which answers with its hello (also after either side restarted).
@@ -97,9 +139,15 @@ impl AgentLink {
 
     /// The next message, waiting at most `timeout`. A line cut by the timeout is kept and
     /// completed by the next call.
+    /// A raised wake signal ends the wait early as a timeout.
     pub fn next(&mut self, timeout: Duration) -> Result<GuestMessage, LinkError> {
         let line = match &mut self.transport {
-            Transport::Socket(link) => link.next_line(timeout)?,
+            Transport::Socket(link) => {
+                if !link.ready(self.woken_by.as_ref(), timeout)? {
+                    return Err(LinkError::Timeout(timeout));
+                }
+                link.next_line(timeout)?
+            }
             Transport::Relayed(link) => link.next_line(timeout)?,
         };
         let line = String::from_utf8(line)
@@ -135,6 +183,34 @@ struct SocketLink {
 }
 
 impl SocketLink {
+    /// Waits until the guest has sent something, `timeout` passes (false) or `wake` is
+    /// raised (false, the signal lowered). Bytes already buffered are ready at once.
+    fn ready(&self, wake: Option<&WakeSignal>, timeout: Duration) -> Result<bool, LinkError> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let Some(wake) = wake else {
+            return Ok(true);
+        };
+        if !self.reader.buffer().is_empty() {
+            return Ok(true);
+        }
+        let millis = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [
+            PollFd::new(self.reader.get_ref().as_fd(), PollFlags::POLLIN),
+            PollFd::new(wake.0.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::from(millis)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(std::io::Error::from(e).into()),
+        }
+        let has = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+        if has(&fds[1]) {
+            wake.drain();
+        }
+        // A closed or broken socket reads as ready: the read that follows reports it.
+        Ok(has(&fds[0]))
+    }
+
     fn next_line(&mut self, timeout: Duration) -> Result<Vec<u8>, LinkError> {
         self.reader.get_ref().set_read_timeout(Some(timeout))?;
         let limit = fleet_agent_protocol::MAX_LINE_BYTES as u64 + 1;

@@ -18,6 +18,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::hitl::AnswerError;
 use crate::ids::ApprovalId;
 use crate::plan::guard::HeldStep;
 use crate::plan::{Plan, render};
@@ -277,24 +278,26 @@ pub fn read_all(status: &StatusDir) -> Vec<ApprovalRecord> {
 
 /// `fleet hitl answer approval-… DIGEST`: writes the host answer file for a pending approval
 /// when it names the digest of its held steps.
-pub fn answer(status: &StatusDir, id: &str, digest: &str) -> anyhow::Result<()> {
+pub fn answer(status: &StatusDir, id: &str, digest: &str) -> Result<(), AnswerError> {
     let Some(record) = read(status, id) else {
-        anyhow::bail!("no approval {id}; `fleet hitl list` shows the pending ones");
+        return Err(AnswerError::NoApproval(id.to_owned()));
     };
     if record.state != ApprovalState::Pending {
-        anyhow::bail!("approval {id} is {:?}, not pending", record.state);
+        return Err(AnswerError::NotPending {
+            id: id.to_owned(),
+            state: record.state,
+        });
     }
     if digest != record.plan_digest {
-        anyhow::bail!(
-            "{digest:?} is not the digest of the steps {id} holds; read them in {} and pass its planDigest",
-            path(status, id).display()
-        );
+        return Err(AnswerError::WrongDigest {
+            id: id.to_owned(),
+            digest: digest.to_owned(),
+            record: path(status, id),
+        });
     }
-    write_atomic(
-        &status.hitl_dir().join(format!("{id}.answer")),
-        format!("{digest}\n").as_bytes(),
-    )?;
-    Ok(())
+    let file = status.hitl_dir().join(format!("{id}.answer"));
+    write_atomic(&file, format!("{digest}\n").as_bytes())
+        .map_err(|source| AnswerError::Write { path: file, source })
 }
 
 /// Pending approval records other than `keep` are withdrawn: their steps are no longer held.

@@ -578,7 +578,7 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
         failed,
         plan.conflicts.len()
     );
-    if let Some(id) = plan.approval_id() {
+    if let (Some(id), Some(_)) = (plan.approval_id(), &plan.approval_digest) {
         println!(
             "{} step(s) wait for approval {id}: see {}",
             plan.held.len(),

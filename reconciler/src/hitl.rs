@@ -3,8 +3,6 @@
 //! (`tasks`) in `status/hitl/<id>.yaml`; answers come from a committed
 //! `fleet/hitl/<id>.yaml` (kind Answer) or from `status/hitl/<id>.answer` on the host.
 
-use anyhow::{Context, Result, bail};
-
 use crate::answer::answer_problem;
 use crate::ids::ApprovalId;
 use crate::status::StatusDir;
@@ -86,42 +84,83 @@ pub fn list(status: &StatusDir, all: bool) -> String {
     out
 }
 
-/// `fleet hitl answer ID TEXT`: writes the host-side answer file for a pending prompt.
-pub fn answer(status: &StatusDir, id: &str, text: &str) -> Result<()> {
+/// Why an answer was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    #[error("{0:?} is not a prompt id; `fleet hitl list` shows them")]
+    NotAnId(String),
+    #[error("no prompt {0}; `fleet hitl list` shows the pending ones")]
+    NoPrompt(String),
+    #[error("no approval {0}; `fleet hitl list` shows the pending ones")]
+    NoApproval(String),
+    #[error("prompt {id} was already answered by {by}; a prompt takes one answer")]
+    Answered { id: String, by: String },
+    #[error("prompt {0} was withdrawn: the task went on without it")]
+    Withdrawn(String),
+    #[error("prompt {0} expired: its deadline passed")]
+    Expired(String),
+    #[error("approval {id} is {state:?}, not pending")]
+    NotPending {
+        id: String,
+        state: crate::approvals::ApprovalState,
+    },
+    #[error(
+        "{digest:?} is not the digest of the steps {id} holds; read them in {} and pass its planDigest",
+        record.display()
+    )]
+    WrongDigest {
+        id: String,
+        digest: String,
+        record: std::path::PathBuf,
+    },
+    /// The answer itself may not be typed (see `answer::answer_problem`).
+    #[error("{0}")]
+    Refused(String),
+    #[error("{} already holds an answer that fleet has not taken yet", .0.display())]
+    Waiting(std::path::PathBuf),
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// `fleet hitl answer ID TEXT`: writes the host-side answer file for a pending prompt (or,
+/// for an approval id, approves its held steps when TEXT is their digest).
+pub fn answer(status: &StatusDir, id: &str, text: &str) -> Result<(), AnswerError> {
     let valid_id = !id.is_empty()
         && id
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     if !valid_id {
-        bail!("{id:?} is not a prompt id; `fleet hitl list` shows them");
+        return Err(AnswerError::NotAnId(id.to_owned()));
     }
     if ApprovalId::parse(id).is_some() {
         return crate::approvals::answer(status, id, text.trim());
     }
     let prompt = status
         .read_prompt(id)
-        .with_context(|| format!("no prompt {id}; `fleet hitl list` shows the pending ones"))?;
+        .ok_or_else(|| AnswerError::NoPrompt(id.to_owned()))?;
     match prompt.state {
         PromptState::Pending => {}
-        PromptState::Answered => bail!(
-            "prompt {id} was already answered by {}; a prompt takes one answer",
-            prompt.answered_by.as_deref().unwrap_or("someone")
-        ),
-        PromptState::Withdrawn => bail!("prompt {id} was withdrawn: the task went on without it"),
-        PromptState::Expired => bail!("prompt {id} expired: its deadline passed"),
+        PromptState::Answered => {
+            return Err(AnswerError::Answered {
+                id: id.to_owned(),
+                by: prompt.answered_by.unwrap_or_else(|| "someone".into()),
+            });
+        }
+        PromptState::Withdrawn => return Err(AnswerError::Withdrawn(id.to_owned())),
+        PromptState::Expired => return Err(AnswerError::Expired(id.to_owned())),
     }
     if let Some(problem) = answer_problem(text, prompt.allow_control) {
-        bail!("{problem}");
+        return Err(AnswerError::Refused(problem));
     }
     let path = status.answer_path(id);
     if path.exists() {
-        bail!(
-            "{} already holds an answer that fleet has not taken yet",
-            path.display()
-        );
+        return Err(AnswerError::Waiting(path));
     }
     crate::atomic_file::write_atomic(&path, format!("{text}\n").as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))
+        .map_err(|source| AnswerError::Write { path, source })
 }
 
 #[cfg(test)]

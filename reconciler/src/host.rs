@@ -53,7 +53,7 @@ pub fn read(path: &Path) -> Result<HostSpec, HostError> {
             "not a regular file (a symlink or something else); point at the file itself".into(),
         ));
     }
-    crate::fsguard::check_owned_chain(path).map_err(untrusted)?;
+    crate::fsguard::check_owned_chain(path).map_err(|e| untrusted(e.to_string()))?;
     if meta.len() > MAX_BYTES {
         return Err(untrusted(format!(
             "larger than {} KiB; a host configuration is small",

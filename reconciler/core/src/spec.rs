@@ -159,18 +159,28 @@ impl Size {
     }
 }
 
+/// Text that is not a size or duration fleet can hold (the schema's patterns keep it from
+/// a loaded revision; this is for other callers).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(String);
+
 impl std::str::FromStr for Size {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Size, String> {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Size, ParseError> {
         let (digits, factor) = [("Mi", 1), ("Gi", 1024), ("Ti", 1024 * 1024)]
             .into_iter()
             .find_map(|(unit, factor)| Some((s.strip_suffix(unit)?, factor)))
-            .ok_or_else(|| format!("{s:?} is not a size; use Mi, Gi or Ti (512Mi, 2Gi)"))?;
+            .ok_or_else(|| {
+                ParseError(format!(
+                    "{s:?} is not a size; use Mi, Gi or Ti (512Mi, 2Gi)"
+                ))
+            })?;
         let mib = digits
             .parse::<u64>()
             .ok()
             .and_then(|n| n.checked_mul(factor))
-            .ok_or_else(|| format!("{s:?} is not a size fleet can hold"))?;
+            .ok_or_else(|| ParseError(format!("{s:?} is not a size fleet can hold")))?;
         Ok(Size {
             text: s.to_owned(),
             mib,
@@ -225,10 +235,10 @@ impl Duration {
 }
 
 impl std::str::FromStr for Duration {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Duration, String> {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Duration, ParseError> {
         let value = humantime::parse_duration(s)
-            .map_err(|e| format!("{s:?} is not a duration (30s, 5m, 2h): {e}"))?;
+            .map_err(|e| ParseError(format!("{s:?} is not a duration (30s, 5m, 2h): {e}")))?;
         Ok(Duration {
             text: s.to_owned(),
             value,

@@ -13,7 +13,7 @@ use fleet_agent_protocol::{GuestMessage, HostMessage};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::Trigger;
-use crate::agent_link::{AgentLink, LinkError};
+use crate::agent_link::{AgentLink, LinkError, Waker};
 use crate::driver::Driver;
 use crate::status::{AgentStatus, timestamp};
 use crate::tasks::TaskBook;
@@ -21,8 +21,10 @@ use crate::tasks::runner::Connection;
 
 const RETRY: Duration = Duration::from_secs(2);
 const RETRY_MAX: Duration = Duration::from_secs(10);
-/// How often tasks are looked at while the link is quiet.
-const TICK: Duration = Duration::from_millis(250);
+/// How often tasks are looked at while the link is quiet and nothing wakes it: only for
+/// deadlines (run timeouts, prompt deadlines, staging), which are seconds or more. News from
+/// the host (a revision's tasks, an answer) wakes the link at once (`LinkWakers`).
+const TICK: Duration = Duration::from_secs(1);
 /// Messages recorded in one go at most.
 const BATCH: usize = 256;
 /// Heartbeats come every 10 s; silence this long means the link is gone.
@@ -36,15 +38,39 @@ pub struct Agents {
     threads: HashMap<String, Tracked>,
     status: Arc<Mutex<BTreeMap<String, AgentStatus>>>,
     book: Arc<TaskBook>,
+    wakers: LinkWakers,
+}
+
+/// The wakers of every open link: the host's news reaches each at once.
+#[derive(Clone, Default)]
+pub struct LinkWakers(Arc<Mutex<HashMap<String, Waker>>>);
+
+impl LinkWakers {
+    /// Every link looks at its tasks now.
+    pub fn wake_all(&self) {
+        for waker in self.lock().values() {
+            waker.wake();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waker>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Agents {
-    pub fn new(book: Arc<TaskBook>) -> Agents {
+    pub fn new(book: Arc<TaskBook>, wakers: LinkWakers) -> Agents {
         Agents {
             threads: HashMap::new(),
             status: Arc::default(),
             book,
+            wakers,
         }
+    }
+
+    /// Every link looks at its tasks now (after a pass changed what they should run).
+    pub fn wake_all(&self) {
+        self.wakers.wake_all();
     }
 
     /// Follows exactly the VMs in `running` (name → its driver).
@@ -55,6 +81,9 @@ impl Agents {
             let keep = wanted.contains(name.as_str());
             if !keep {
                 tracked.stop.store(true, Ordering::Relaxed);
+                if let Some(waker) = self.wakers.lock().get(name) {
+                    waker.wake();
+                }
             }
             keep
         });
@@ -67,16 +96,27 @@ impl Agents {
                 continue;
             }
             let stop = Arc::new(AtomicBool::new(false));
-            let (status, book, tx, thread_stop, vm) = (
+            let (status, book, tx, thread_stop, vm, wakers) = (
                 self.status.clone(),
                 self.book.clone(),
                 tx.clone(),
                 stop.clone(),
                 name.clone(),
+                self.wakers.clone(),
             );
             let spawned = std::thread::Builder::new()
                 .name(format!("agent-{name}"))
-                .spawn(move || follow(&vm, driver.as_ref(), &status, &book, &tx, &thread_stop));
+                .spawn(move || {
+                    let link = Follow {
+                        vm: &vm,
+                        status: &status,
+                        book: &book,
+                        tx: &tx,
+                        stop: &thread_stop,
+                        wakers: &wakers,
+                    };
+                    link.follow(driver.as_ref());
+                });
             if spawned.is_ok() {
                 self.threads.insert(name, Tracked { stop });
             }
@@ -128,78 +168,96 @@ impl Presence {
     }
 }
 
-fn follow(
-    vm: &str,
-    driver: &dyn Driver,
-    status: &Mutex<BTreeMap<String, AgentStatus>>,
-    book: &TaskBook,
-    tx: &UnboundedSender<Trigger>,
-    stop: &AtomicBool,
-) {
-    // A guest decides when it says hello and with which boot id: one that changes it in
-    // every hello would keep fleet reconciling back to back. The daemon acts on presence
-    // triggers at most once per `AGENT_TRIGGER_GAP` (see `serve`), and a boot id that keeps
-    // changing is reported as misbehaviour.
-    let presence = std::cell::RefCell::new(Presence::default());
-    let set = |new: Option<AgentStatus>| {
-        let mut all = status.lock().unwrap_or_else(|p| p.into_inner());
-        let (changed, new_boot) = match &new {
-            Some(s) => {
-                let old = all.insert(vm.to_owned(), s.clone());
-                let new_boot = old.as_ref().is_some_and(|o| o.boot_id != s.boot_id);
-                let changed =
-                    old.is_none_or(|o| o.connected != s.connected || o.boot_id != s.boot_id);
-                (changed, new_boot)
+/// What one VM's link thread works with.
+struct Follow<'a> {
+    vm: &'a str,
+    status: &'a Mutex<BTreeMap<String, AgentStatus>>,
+    book: &'a TaskBook,
+    tx: &'a UnboundedSender<Trigger>,
+    stop: &'a AtomicBool,
+    wakers: &'a LinkWakers,
+}
+
+impl Follow<'_> {
+    fn follow(&self, driver: &dyn Driver) {
+        let Follow {
+            vm,
+            status,
+            book,
+            tx,
+            stop,
+            wakers,
+        } = *self;
+        // A guest decides when it says hello and with which boot id: one that changes it in
+        // every hello would keep fleet reconciling back to back. The daemon acts on presence
+        // triggers at most once per `AGENT_TRIGGER_GAP` (see `serve`), and a boot id that keeps
+        // changing is reported as misbehaviour.
+        let presence = std::cell::RefCell::new(Presence::default());
+        let set = |new: Option<AgentStatus>| {
+            let mut all = status.lock().unwrap_or_else(|p| p.into_inner());
+            let (changed, new_boot) = match &new {
+                Some(s) => {
+                    let old = all.insert(vm.to_owned(), s.clone());
+                    let new_boot = old.as_ref().is_some_and(|o| o.boot_id != s.boot_id);
+                    let changed =
+                        old.is_none_or(|o| o.connected != s.connected || o.boot_id != s.boot_id);
+                    (changed, new_boot)
+                }
+                None => (
+                    all.get_mut(vm)
+                        .is_some_and(|s| std::mem::replace(&mut s.connected, false)),
+                    false,
+                ),
+            };
+            drop(all);
+            let mut presence = presence.borrow_mut();
+            if new_boot && presence.boot_changed() {
+                tracing::warn!(
+                    vm,
+                    "the guest changed its boot id {} times in a minute without fleet restarting it; treating it as misbehaving",
+                    presence.boots.len()
+                );
             }
-            None => (
-                all.get_mut(vm)
-                    .is_some_and(|s| std::mem::replace(&mut s.connected, false)),
-                false,
-            ),
-        };
-        drop(all);
-        let mut presence = presence.borrow_mut();
-        if new_boot && presence.boot_changed() {
-            tracing::warn!(
-                vm,
-                "the guest changed its boot id {} times in a minute without fleet restarting it; treating it as misbehaving",
-                presence.boots.len()
-            );
-        }
-        if changed {
-            let _ = tx.send(Trigger::Agent);
-        }
-    };
-    // The pause before the next try: RETRY after a link that worked, doubling while none
-    // can be opened (a guest without an agent yet; on Proxmox each try costs API calls).
-    let mut retry = RETRY / 2;
-    while !stop.load(Ordering::Relaxed) {
-        let link = driver
-            .agent_endpoint(vm)
-            .ok()
-            .flatten()
-            .and_then(|endpoint| AgentLink::connect(&endpoint).ok());
-        let linked = if let Some(mut link) = link
-            && link.greet().is_ok()
-        {
-            let mut conn = Connection::new(vm);
-            if let Err(e) = converse(&mut link, &mut conn, book, &set, stop) {
-                tracing::debug!(vm, "agent link lost: {e}");
+            if changed {
+                let _ = tx.send(Trigger::Agent);
             }
-            set(None);
-            true
-        } else {
-            false
         };
-        if stop.load(Ordering::Relaxed) {
-            return;
+        // The pause before the next try: RETRY after a link that worked, doubling while none
+        // can be opened (a guest without an agent yet; on Proxmox each try costs API calls).
+        let mut retry = RETRY / 2;
+        while !stop.load(Ordering::Relaxed) {
+            let link = driver
+                .agent_endpoint(vm)
+                .ok()
+                .flatten()
+                .and_then(|endpoint| AgentLink::connect(&endpoint).ok());
+            let linked = if let Some(mut link) = link
+                && link.greet().is_ok()
+            {
+                if let Ok((waker, signal)) = Waker::pair() {
+                    link.wake_on(signal);
+                    wakers.lock().insert(vm.to_owned(), waker);
+                }
+                let mut conn = Connection::new(vm);
+                if let Err(e) = converse(&mut link, &mut conn, book, &set, stop) {
+                    tracing::debug!(vm, "agent link lost: {e}");
+                }
+                wakers.lock().remove(vm);
+                set(None);
+                true
+            } else {
+                false
+            };
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            retry = if linked {
+                RETRY
+            } else {
+                (retry * 2).min(RETRY_MAX)
+            };
+            std::thread::sleep(retry);
         }
-        retry = if linked {
-            RETRY
-        } else {
-            (retry * 2).min(RETRY_MAX)
-        };
-        std::thread::sleep(retry);
     }
 }
 

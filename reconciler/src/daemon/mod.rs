@@ -150,6 +150,23 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
     ));
 
     let tasks = Arc::new(TaskBook::open(ws.status.clone(), ws.repo_root.clone()));
+    // Host answer files appear in status/hitl/: one watcher tells every link, instead of
+    // each link listing the directory twice a second.
+    let hitl = ws.status.hitl_dir();
+    let wakers = agents::LinkWakers::default();
+    let _hitl_watch = crate::fsguard::create_private_dirs(&hitl)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| {
+            let (book, wakers) = (tasks.clone(), wakers.clone());
+            watch::watch_dir(&hitl, move || {
+                book.answer_files_changed();
+                wakers.wake_all();
+            })
+        });
+    match &_hitl_watch {
+        Ok(_) => tasks.watching_answer_files(),
+        Err(e) => tracing::warn!("{e:#}; looking for host answer files every 500 ms instead"),
+    }
     let mut daemon = Daemon {
         ws,
         host,
@@ -164,7 +181,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         last_good: None,
         refused: None,
         backoff: backoff::Backoff::default(),
-        agents: agents::Agents::new(tasks.clone()),
+        agents: agents::Agents::new(tasks.clone(), wakers),
         tasks,
         vault: Arc::default(),
         next_resync: Instant::now(),
@@ -308,6 +325,8 @@ impl Daemon {
         let running_names = running.iter().map(|(n, _)| n.clone()).collect();
         self.agents.sync(running, &self.tx);
         self.tasks.sync(&desired, &running_names);
+        // What the links should run may have changed: each looks now, not at its next tick.
+        self.agents.wake_all();
         // Fingerprints only: what the next plan's secret changes are measured against.
         self.ws
             .status

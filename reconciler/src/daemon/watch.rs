@@ -49,3 +49,31 @@ pub fn watch_git(
         .with_context(|| format!("cannot watch {}", refs.display()))?;
     Ok(debouncer)
 }
+
+/// Calls `on_change` when anything in `dir` is written, created, renamed or removed (not
+/// read), debounced; keeps watching while the returned value lives. What the callback
+/// learns is only a hint to look again.
+pub fn watch_dir(
+    dir: &Path,
+    on_change: impl Fn() + Send + 'static,
+) -> Result<Debouncer<RecommendedWatcher, RecommendedCache>> {
+    let mut debouncer = new_debouncer(
+        Duration::from_millis(50),
+        None,
+        move |result: DebounceEventResult| {
+            let wrote = result.is_ok_and(|events| {
+                events
+                    .iter()
+                    .any(|e| !matches!(e.event.kind, EventKind::Access(_)))
+            });
+            if wrote {
+                on_change();
+            }
+        },
+    )
+    .context("cannot start the file watcher")?;
+    debouncer
+        .watch(dir, RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch {}", dir.display()))?;
+    Ok(debouncer)
+}

@@ -29,6 +29,21 @@ use crate::resolve::Desired;
 use crate::source::Revision;
 use crate::spec::PowerState;
 
+/// Why a host answer file is not read.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerFileRefused {
+    #[error("cannot be read safely ({0}); a symlink is never followed")]
+    Unsafe(std::io::Error),
+    #[error("not a regular file")]
+    NotRegular,
+    #[error("owned by uid {0}, who may not answer")]
+    Owner(u32),
+    #[error("{0} bytes; an answer is one line of at most 4 KiB")]
+    TooLarge(u64),
+    #[error("cannot be read: {0}")]
+    Unreadable(std::io::Error),
+}
+
 /// The longest host answer file read: an answer is one line of at most 4 KiB.
 pub const ANSWER_FILE_BYTES: u64 = 4096 + 2;
 
@@ -38,7 +53,7 @@ pub const ANSWER_FILE_BYTES: u64 = 4096 + 2;
 /// by root, fleet's user or the owner of the hitl directory, and at most
 /// `ANSWER_FILE_BYTES`. `None` when there is no such file; `Some(Err(why))` when there is
 /// one that is refused.
-pub fn read_answer_file(path: &Path) -> Option<Result<String, String>> {
+pub fn read_answer_file(path: &Path) -> Option<Result<String, AnswerFileRefused>> {
     use std::io::Read;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let file = match std::fs::OpenOptions::new()
@@ -48,16 +63,12 @@ pub fn read_answer_file(path: &Path) -> Option<Result<String, String>> {
     {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => {
-            return Some(Err(format!(
-                "cannot be read safely ({e}); a symlink is never followed"
-            )));
-        }
+        Err(e) => return Some(Err(AnswerFileRefused::Unsafe(e))),
     };
     let result = (|| {
-        let meta = file.metadata().map_err(|e| e.to_string())?;
+        let meta = file.metadata().map_err(AnswerFileRefused::Unreadable)?;
         if !meta.file_type().is_file() {
-            return Err("not a regular file".to_owned());
+            return Err(AnswerFileRefused::NotRegular);
         }
         let me = nix::unistd::geteuid().as_raw();
         let dir_owner = path
@@ -65,18 +76,15 @@ pub fn read_answer_file(path: &Path) -> Option<Result<String, String>> {
             .and_then(|d| std::fs::metadata(d).ok())
             .map(|m| m.uid());
         if meta.uid() != 0 && meta.uid() != me && Some(meta.uid()) != dir_owner {
-            return Err(format!("owned by uid {}, who may not answer", meta.uid()));
+            return Err(AnswerFileRefused::Owner(meta.uid()));
         }
         if meta.len() > ANSWER_FILE_BYTES {
-            return Err(format!(
-                "{} bytes; an answer is one line of at most 4 KiB",
-                meta.len()
-            ));
+            return Err(AnswerFileRefused::TooLarge(meta.len()));
         }
         let mut text = String::new();
         file.take(ANSWER_FILE_BYTES)
             .read_to_string(&mut text)
-            .map_err(|e| e.to_string())?;
+            .map_err(AnswerFileRefused::Unreadable)?;
         Ok(text)
     })();
     Some(result)
@@ -433,21 +441,23 @@ mod answer_file_tests {
 
         std::fs::write(path("good.answer"), "yes\n").expect("write");
         assert_eq!(
-            read_answer_file(&path("good.answer")),
-            Some(Ok("yes\n".to_owned()))
+            read_answer_file(&path("good.answer")).map(|r| r.ok()),
+            Some(Some("yes\n".to_owned()))
         );
 
         std::fs::write(path("big.answer"), "y".repeat(1 << 20)).expect("write");
         let why = read_answer_file(&path("big.answer"))
             .expect("there")
-            .expect_err("too big");
+            .expect_err("too big")
+            .to_string();
         assert!(why.contains("at most 4 KiB"), "{why}");
 
         // A secret of the host, linked as an answer: never read through the link.
         std::os::unix::fs::symlink("/etc/shadow", path("link.answer")).expect("symlink");
         let why = read_answer_file(&path("link.answer"))
             .expect("there")
-            .expect_err("symlink");
+            .expect_err("symlink")
+            .to_string();
         assert!(why.contains("symlink"), "{why}");
 
         // /dev/zero would exhaust memory, a FIFO would block: neither is a regular file.
@@ -463,7 +473,10 @@ mod answer_file_tests {
             .expect("mkfifo");
         assert!(made.success());
         let started = std::time::Instant::now();
-        let why = read_answer_file(&fifo).expect("there").expect_err("a FIFO");
+        let why = read_answer_file(&fifo)
+            .expect("there")
+            .expect_err("a FIFO")
+            .to_string();
         assert!(why.contains("not a regular file"), "{why}");
         assert!(
             started.elapsed() < std::time::Duration::from_secs(1),

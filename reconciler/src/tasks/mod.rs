@@ -22,8 +22,9 @@ pub mod runner;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -42,6 +43,10 @@ pub struct TaskBook {
     repo_root: PathBuf,
     cache_dir: PathBuf,
     state: Mutex<BookState>,
+    /// Changes the daemon's watcher saw in `status/hitl/` (see `answer_files_changed`).
+    answer_file_changes: AtomicU64,
+    /// Whether a watcher reports them; without one the directory is polled.
+    answer_files_watched: AtomicBool,
 }
 
 #[derive(Default)]
@@ -61,6 +66,8 @@ struct BookState {
     /// While a batch of guest messages is recorded: what it changed, synced and written
     /// once when the batch ends, before it is acknowledged.
     batch: Option<Batch>,
+    /// The last look for stray answer files: the watcher's change count then, and when.
+    stray_scan: Option<(u64, Instant)>,
 }
 
 /// What one batch of guest messages changed.
@@ -194,7 +201,36 @@ impl TaskBook {
             repo_root,
             cache_dir,
             state: Mutex::new(state),
+            answer_file_changes: AtomicU64::new(0),
+            answer_files_watched: AtomicBool::new(false),
         }
+    }
+
+    /// Something changed in `status/hitl/` (the daemon's watcher calls this): the next tick
+    /// of any link looks for answer files nobody asked for.
+    pub fn answer_files_changed(&self) {
+        self.answer_file_changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A watcher reports changes to `status/hitl/` from now on, so the book stops polling it.
+    pub fn watching_answer_files(&self) {
+        self.answer_files_watched.store(true, Ordering::Relaxed);
+        self.answer_files_changed();
+    }
+
+    /// Whether to look for stray answer files now: after a reported change, or (with no
+    /// watcher) `ANSWER_SCAN` after the last look. One look serves every VM's link.
+    fn stray_scan_due(&self, state: &mut BookState) -> bool {
+        let changes = self.answer_file_changes.load(Ordering::Relaxed);
+        let due = match state.stray_scan {
+            None => true,
+            Some((seen, _)) if self.answer_files_watched.load(Ordering::Relaxed) => seen != changes,
+            Some((_, at)) => at.elapsed() >= runner::ANSWER_SCAN,
+        };
+        if due {
+            state.stray_scan = Some((changes, Instant::now()));
+        }
+        due
     }
 
     fn lock(&self) -> MutexGuard<'_, BookState> {

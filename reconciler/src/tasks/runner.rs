@@ -25,8 +25,8 @@ const GUEST_STAGE: &str = "/run/fleet/stage";
 const PUT_PART_BYTES: usize = 512 * 1024;
 /// A repository not confirmed stored by then is shipped again.
 const STAGE_TIMEOUT: Duration = Duration::from_secs(120);
-/// Host answer files are looked at this often.
-const ANSWER_SCAN: Duration = Duration::from_millis(500);
+/// Without a watcher on `status/hitl/`, stray host answer files are looked for this often.
+pub(super) const ANSWER_SCAN: Duration = Duration::from_millis(500);
 /// How long past its timeout a run may go before fleet cancels it itself (the agent enforces
 /// the timeout; this is the safety net for an agent that did not), and again before fleet
 /// gives up on the run when even the cancel is not answered.
@@ -41,7 +41,6 @@ pub struct Connection {
     attached: BTreeSet<String>,
     cancel_sent: BTreeSet<String>,
     staging: Option<Staging>,
-    last_scan: Option<Instant>,
     /// The digest of the secret set the guest holds (from its hello, then its
     /// `SecretsStored`), and of the last set sent on this connection.
     guest_secrets: Option<String>,
@@ -69,7 +68,6 @@ impl Connection {
             attached: BTreeSet::new(),
             cancel_sent: BTreeSet::new(),
             staging: None,
-            last_scan: None,
             guest_secrets: None,
             secrets_sent: None,
         }
@@ -225,9 +223,7 @@ impl TaskBook {
         self.enforce_timeouts(state, conn, &mut out);
         let secrets_ready = self.deliver_secrets(state, conn, &mut out);
         self.answer_prompts(state, conn, &mut out);
-        let scan_due = conn.last_scan.is_none_or(|t| t.elapsed() >= ANSWER_SCAN);
-        if scan_due {
-            conn.last_scan = Some(Instant::now());
+        if self.stray_scan_due(state) {
             self.refuse_stray_answers(state);
         }
 

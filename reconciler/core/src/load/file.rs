@@ -4,21 +4,21 @@
 use super::objects::check_object;
 use super::*;
 
-/// Which kinds may live where under `fleet/`.
-pub(super) fn expected_kinds(rel: &str) -> Result<&'static [Kind], String> {
+/// The message for a YAML file outside the places fleet objects live.
+pub(super) const MISPLACED: &str = "unexpected file: fleet objects live in fleet.yaml, loadouts/, vms/, tasks/, secrets/ and hitl/; move or remove it";
+
+/// Which kinds may live where under `fleet/`; `None` for a place no kind lives.
+pub(super) fn expected_kinds(rel: &str) -> Option<&'static [Kind]> {
     if rel == "fleet.yaml" {
-        return Ok(&[Kind::Fleet]);
+        return Some(&[Kind::Fleet]);
     }
     match rel.split('/').next() {
-        Some("loadouts") if rel.contains('/') => Ok(&[Kind::Loadout]),
-        Some("vms") if rel.contains('/') => Ok(&[Kind::Vm, Kind::VmPool]),
-        Some("tasks") if rel.contains('/') => Ok(&[Kind::Task]),
-        Some("hitl") if rel.contains('/') => Ok(&[Kind::Answer]),
-        Some("secrets") if rel.contains('/') => Ok(&[Kind::Secret]),
-        _ => Err(
-            "unexpected file: fleet objects live in fleet.yaml, loadouts/, vms/, tasks/, secrets/ and hitl/; move or remove it"
-                .to_owned(),
-        ),
+        Some("loadouts") if rel.contains('/') => Some(&[Kind::Loadout]),
+        Some("vms") if rel.contains('/') => Some(&[Kind::Vm, Kind::VmPool]),
+        Some("tasks") if rel.contains('/') => Some(&[Kind::Task]),
+        Some("hitl") if rel.contains('/') => Some(&[Kind::Answer]),
+        Some("secrets") if rel.contains('/') => Some(&[Kind::Secret]),
+        _ => None,
     }
 }
 

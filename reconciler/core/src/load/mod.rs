@@ -121,12 +121,9 @@ pub fn load(snapshot: &Snapshot, host: Option<&HostSpec>) -> Result<LoadedFleet,
         if !(rel.ends_with(".yaml") || rel.ends_with(".yml")) {
             continue; // READMEs and the like are not fleet objects.
         }
-        let expected = match expected_kinds(rel) {
-            Ok(kinds) => kinds,
-            Err(message) => {
-                diags.push(Diagnostic::new(&file.path, Pos::START, message));
-                continue;
-            }
+        let Some(expected) = expected_kinds(rel) else {
+            diags.push(Diagnostic::new(&file.path, Pos::START, file::MISPLACED));
+            continue;
         };
         if let Some(obj) = load_file(&file.path, rel, expected, &file.bytes, &mut diags) {
             objects.push(obj);
