@@ -279,8 +279,14 @@ impl Link {
                     error,
                 })
             }
-            HostMessage::Secrets { digest, files, .. } => {
+            HostMessage::Secrets {
+                digest, mut files, ..
+            } => {
                 let error = self.secrets.replace(&digest, &files).err();
+                // The values (base64) are wiped, not just freed, once they are stored.
+                for file in &mut files {
+                    zeroize::Zeroize::zeroize(&mut file.data);
+                }
                 Answer::Reply(GuestMessage::SecretsStored {
                     v: VERSION,
                     digest,
@@ -330,8 +336,9 @@ fn serve_link(
         std::thread::spawn(move || {
             let mut lines = BufReader::new(reader).lines();
             loop {
+                // A `Secrets` line carries values: wiped when it is dropped.
                 let line = match lines.next() {
-                    Some(Ok(line)) => line,
+                    Some(Ok(line)) => zeroize::Zeroizing::new(line),
                     // No host connected yet reads as end of file: wait and read on.
                     None => {
                         std::thread::sleep(Duration::from_millis(200));

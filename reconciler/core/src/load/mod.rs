@@ -62,12 +62,23 @@ impl<T> Object<T> {
         at_key: bool,
         message: impl std::fmt::Display,
     ) -> Diagnostic {
-        Diagnostic::new(
-            &self.path,
-            self.tree.pos_at_pointer(pointer, at_key),
-            format!("{}: {message}", diagnostic::field_path(pointer)),
-        )
+        field_error_in(&self.path, &self.tree, pointer, at_key, message)
     }
+}
+
+/// `Object::field_error` for code that holds a file's path and tree but not its object.
+fn field_error_in(
+    path: &str,
+    tree: &Located,
+    pointer: &str,
+    at_key: bool,
+    message: impl std::fmt::Display,
+) -> Diagnostic {
+    Diagnostic::new(
+        path,
+        tree.pos_at_pointer(pointer, at_key),
+        format!("{}: {message}", diagnostic::field_path(pointer)),
+    )
 }
 
 /// A revision that passed every check.

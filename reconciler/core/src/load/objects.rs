@@ -31,8 +31,8 @@ pub(super) fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
                     diags,
                 );
                 if img.kernel.is_none() && img.disk.is_none() && img.template.is_none() {
-                    diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&at, false), format!(
-                        "spec.images[{i}]: image {:?} has neither kernel nor disk nor template; set kernel (and initrd) for direct kernel boot, disk for a qcow2 base image, or template for Proxmox",
+                    diags.push(o.field_error(&at, format!(
+                        "image {:?} has neither kernel nor disk nor template; set kernel (and initrd) for direct kernel boot, disk for a qcow2 base image, or template for Proxmox",
                         img.name.0
                     )));
                 }
@@ -42,15 +42,15 @@ pub(super) fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
                     ("disk", &img.disk),
                 ] {
                     if let Some(problem) = value.as_deref().and_then(relative_path_problem) {
-                        diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&format!("{at}/{field}"), false), format!(
-                            "spec.images[{i}].{field}: {problem}; image files are named relative to the host's image root (imageRoot in the host configuration)"
+                        diags.push(o.field_error(&format!("{at}/{field}"), format!(
+                            "{problem}; image files are named relative to the host's image root (imageRoot in the host configuration)"
                         )));
                     }
                 }
                 for (field, value) in [("initrd", &img.initrd), ("cmdline", &img.cmdline)] {
                     if value.is_some() && img.kernel.is_none() {
-                        diags.push(Diagnostic::new(&o.path, o.tree.pos_at_pointer(&format!("{at}/{field}"), true), format!(
-                            "spec.images[{i}].{field}: only used with direct kernel boot; set kernel as well or remove {field}"
+                        diags.push(o.key_error(&format!("{at}/{field}"), format!(
+                            "only used with direct kernel boot; set kernel as well or remove {field}"
                         )));
                     }
                 }
@@ -64,12 +64,10 @@ pub(super) fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
                 if let Some(d) = value
                     && d.to_std() > A_WEEK
                 {
-                    diags.push(Diagnostic::new(
-                        &o.path,
-                        o.tree
-                            .pos_at_pointer(&format!("/spec/policy/{field}"), false),
+                    diags.push(o.field_error(
+                        &format!("/spec/policy/{field}"),
                         format!(
-                            "spec.policy.{field}: {:?} is out of range; use a duration up to 168h",
+                            "{:?} is out of range; use a duration up to 168h",
                             d.as_str()
                         ),
                     ));
@@ -100,15 +98,13 @@ pub(super) fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
                     }
                 }
                 (None, Some(_)) => {}
-                (Some(_), Some(_)) => diags.push(Diagnostic::new(
-                    &o.path,
-                    o.tree.pos_at_pointer("/spec/approve", true),
-                    "spec.approve: an Answer either answers a prompt (`response`) or approves held steps (`approve`), not both; remove one".to_owned(),
+                (Some(_), Some(_)) => diags.push(o.key_error(
+                    "/spec/approve",
+                    "an Answer either answers a prompt (`response`) or approves held steps (`approve`), not both; remove one",
                 )),
-                (None, None) => diags.push(Diagnostic::new(
-                    &o.path,
-                    o.tree.pos_at_pointer("/spec", false),
-                    "spec: say what the answer is: `response: TEXT` for a prompt, or `approve: DIGEST` for an approval".to_owned(),
+                (None, None) => diags.push(o.field_error(
+                    "/spec",
+                    "say what the answer is: `response: TEXT` for a prompt, or `approve: DIGEST` for an approval",
                 )),
             }
         }
@@ -169,58 +165,31 @@ fn check_secret_targets<T>(
 fn check_task(o: &Object<TaskDocument>, diags: &mut Vec<Diagnostic>) {
     let spec = &o.doc.spec;
     check_secret_targets(o, "/spec/secrets", &spec.secrets, diags);
-    let mut say = |pointer: &str, at_key: bool, message: String| {
-        diags.push(Diagnostic::new(
-            &o.path,
-            o.tree.pos_at_pointer(pointer, at_key),
-            message,
-        ))
-    };
     let name = &o.doc.metadata.name.0;
     if name.len() > TASK_NAME_MAX {
-        say(
-            "/metadata/name",
-            false,
-            format!(
-                "metadata.name: task names are at most {TASK_NAME_MAX} characters (this one has {}), so the prompt ids made from them stay valid names; shorten it",
-                name.len()
-            ),
+        diags.push(o.field_error("/metadata/name", format!("task names are at most {TASK_NAME_MAX} characters (this one has {}), so the prompt ids made from them stay valid names; shorten it",
+                name.len())),
         );
     }
     match (&spec.command, &spec.agent) {
-        (Some(_), Some(_)) => say(
-            "/spec/agent",
-            true,
-            "spec.agent: a task runs either `command` or `agent`, not both; remove one".into(),
-        ),
-        (None, None) => say(
-            "/spec",
-            false,
-            "spec: a task needs `command` (a program and its arguments) or `agent` (kind and prompt); add one".into(),
-        ),
+        (Some(_), Some(_)) => diags.push(o.key_error("/spec/agent", "a task runs either `command` or `agent`, not both; remove one")),
+        (None, None) => diags.push(o.field_error("/spec", "a task needs `command` (a program and its arguments) or `agent` (kind and prompt); add one")),
         _ => {}
     }
     if let Some(t) = &spec.timeout
         && t.to_std() > A_WEEK
     {
-        say(
+        diags.push(o.field_error(
             "/spec/timeout",
-            false,
             format!(
-                "spec.timeout: {:?} is out of range; use a duration up to 168h",
+                "{:?} is out of range; use a duration up to 168h",
                 t.as_str()
             ),
-        );
+        ));
     }
     for (i, glob) in spec.artifacts.iter().enumerate() {
         if glob.is_empty() || glob.starts_with('/') || glob.split('/').any(|c| c == "..") {
-            say(
-                &format!("/spec/artifacts/{i}"),
-                false,
-                format!(
-                    "spec.artifacts[{i}]: {glob:?} must be a relative glob inside the task's directory (no leading / and no ..)"
-                ),
-            );
+            diags.push(o.field_error(&format!("/spec/artifacts/{i}"), format!("{glob:?} must be a relative glob inside the task's directory (no leading / and no ..)")));
         }
     }
     if let Some(prompts) = &spec.prompts {
@@ -231,24 +200,22 @@ fn check_task(o: &Object<TaskDocument>, diags: &mut Vec<Diagnostic>) {
             {
                 let first = e.to_string();
                 let first = first.lines().last().unwrap_or_default().trim().to_owned();
-                say(
+                diags.push(o.field_error(
                     &format!("/spec/prompts/patterns/{i}"),
-                    false,
-                    format!("spec.prompts.patterns[{i}]: not a valid regular expression ({first})"),
-                );
+                    format!("not a valid regular expression ({first})"),
+                ));
             }
         }
         if let Some(d) = &prompts.deadline
             && d.to_std() > A_MONTH
         {
-            say(
+            diags.push(o.field_error(
                 "/spec/prompts/deadline",
-                false,
                 format!(
-                    "spec.prompts.deadline: {:?} is out of range; use a duration up to 720h",
+                    "{:?} is out of range; use a duration up to 720h",
                     d.as_str()
                 ),
-            );
+            ));
         }
     }
 }

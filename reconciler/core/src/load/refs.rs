@@ -53,13 +53,12 @@ pub(super) fn check_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
                     defined.iter().copied().collect::<Vec<_>>().join(", ")
                 )
             };
-            diags.push(Diagnostic::new(
+            diags.push(field_error_in(
                 o_path,
-                tree.pos_at_pointer(pointer, false),
-                format!(
-                    "{}: no {kind} named {value:?}; {list}",
-                    diagnostic::field_path(pointer)
-                ),
+                tree,
+                pointer,
+                false,
+                format!("no {kind} named {value:?}; {list}"),
             ));
         }
     };
@@ -204,37 +203,38 @@ fn check_placement(
     let proxmox = provider.kind == ProviderKind::Proxmox;
     if let Some(image) = image {
         if proxmox && image.template.is_none() {
-            diags.push(Diagnostic::new(
+            diags.push(field_error_in(
                 path,
-                tree.pos_at_pointer(&format!("{at}/image"), false),
+                tree,
+                &format!("{at}/image"),
+                false,
                 format!(
-                    "{}: image {:?} has no template, and VMs on Proxmox provider {:?} are cloned from one; set template on the image in fleet.yaml",
-                    diagnostic::field_path(&format!("{at}/image")),
-                    image.name.0,
-                    provider.name.0
+                    "image {:?} has no template, and VMs on Proxmox provider {:?} are cloned from one; set template on the image in fleet.yaml",
+                    image.name.0, provider.name.0
                 ),
             ));
         }
         if !proxmox && image.kernel.is_none() && image.disk.is_none() {
-            diags.push(Diagnostic::new(
+            diags.push(field_error_in(
                 path,
-                tree.pos_at_pointer(&format!("{at}/image"), false),
+                tree,
+                &format!("{at}/image"),
+                false,
                 format!(
-                    "{}: image {:?} has only a Proxmox template, and provider {:?} is libvirt; set kernel or disk on the image",
-                    diagnostic::field_path(&format!("{at}/image")),
-                    image.name.0,
-                    provider.name.0
+                    "image {:?} has only a Proxmox template, and provider {:?} is libvirt; set kernel or disk on the image",
+                    image.name.0, provider.name.0
                 ),
             ));
         }
     }
     if !proxmox && spec.node.is_some() {
-        diags.push(Diagnostic::new(
+        diags.push(field_error_in(
             path,
-            tree.pos_at_pointer(&format!("{at}/node"), true),
+            tree,
+            &format!("{at}/node"),
+            true,
             format!(
-                "{}: only Proxmox providers have nodes, and {:?} is libvirt; remove node",
-                diagnostic::field_path(&format!("{at}/node")),
+                "only Proxmox providers have nodes, and {:?} is libvirt; remove node",
                 provider.name.0
             ),
         ));
@@ -275,33 +275,33 @@ fn check_secret_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
                 } else {
                     format!("defined: {}", defined.join(", "))
                 };
-                diags.push(Diagnostic::new(
+                diags.push(field_error_in(
                     path,
-                    tree.pos_at_pointer(&format!("/spec/secrets/{i}/secret"), false),
-                    format!(
-                        "spec.secrets[{i}].secret: no Secret named {:?}; {list}",
-                        r.secret.0
-                    ),
+                    tree,
+                    &format!("/spec/secrets/{i}/secret"),
+                    false,
+                    format!("no Secret named {:?}; {list}", r.secret.0),
                 ));
                 continue;
             };
             if let Some(refusal) = user.refused_by(f, &secret.doc.spec) {
-                diags.push(Diagnostic::new(
+                diags.push(field_error_in(
                     path,
-                    tree.pos_at_pointer(&format!("/spec/secrets/{i}/secret"), false),
-                    format!(
-                        "spec.secrets[{i}].secret: Secret {:?} ({}) {refusal}",
-                        r.secret.0, secret.path
-                    ),
+                    tree,
+                    &format!("/spec/secrets/{i}/secret"),
+                    false,
+                    format!("Secret {:?} ({}) {refusal}", r.secret.0, secret.path),
                 ));
             }
             if !secret.doc.spec.data.contains_key(&r.key) {
                 let keys: Vec<&str> = secret.doc.spec.data.keys().map(|k| k.0.as_str()).collect();
-                diags.push(Diagnostic::new(
+                diags.push(field_error_in(
                     path,
-                    tree.pos_at_pointer(&format!("/spec/secrets/{i}/key"), false),
+                    tree,
+                    &format!("/spec/secrets/{i}/key"),
+                    false,
                     format!(
-                        "spec.secrets[{i}].key: Secret {:?} ({}) has no key {:?}; its keys: {}",
+                        "Secret {:?} ({}) has no key {:?}; its keys: {}",
                         r.secret.0,
                         secret.path,
                         r.key.0,

@@ -240,6 +240,20 @@ impl PveClient {
         self.send(reqwest::Method::DELETE, path, query, &[])
     }
 
+    /// The token as a header value marked sensitive (kept out of debug output and HTTP/2
+    /// header tables).
+    fn auth_header(&self) -> Result<reqwest::header::HeaderValue, PveError> {
+        let mut value =
+            reqwest::header::HeaderValue::from_str(self.auth.expose_secret()).map_err(|_| {
+                PveError::local(
+                    ErrorKind::Permanent,
+                    "the API token holds characters a header cannot carry".into(),
+                )
+            })?;
+        value.set_sensitive(true);
+        Ok(value)
+    }
+
     fn send<T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
@@ -252,7 +266,7 @@ impl PveClient {
         let mut request = self
             .http
             .request(method, format!("{}{path}", self.base))
-            .header("Authorization", self.auth.expose_secret());
+            .header(reqwest::header::AUTHORIZATION, self.auth_header()?);
         if !query.is_empty() {
             request = request.query(query);
         }
