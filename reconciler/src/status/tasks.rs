@@ -224,9 +224,11 @@ impl StatusDir {
 
     /// Task prompts (approval records share the directory and are left out).
     pub fn read_prompts(&self) -> BTreeMap<String, PromptRecord> {
-        let mut prompts = read_all(&self.hitl_dir(), |r: &PromptRecord| r.id.clone());
-        prompts.retain(|id, _| ApprovalId::parse(id).is_none());
-        prompts
+        read_all_but(
+            &self.hitl_dir(),
+            |stem| ApprovalId::parse(stem).is_some(),
+            |r: &PromptRecord| r.id.clone(),
+        )
     }
 
     pub fn read_prompt(&self, id: &str) -> Option<PromptRecord> {
@@ -393,13 +395,25 @@ pub(super) fn read_all<T: serde::de::DeserializeOwned>(
     dir: &Path,
     key: impl Fn(&T) -> String,
 ) -> BTreeMap<String, T> {
+    read_all_but(dir, |_| false, key)
+}
+
+/// As `read_all`, leaving out the files whose name (without `.yaml`) `skip` picks: records
+/// of another kind that share the directory.
+fn read_all_but<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    skip: impl Fn(&str) -> bool,
+    key: impl Fn(&T) -> String,
+) -> BTreeMap<String, T> {
     let mut out = BTreeMap::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return out;
     };
     for entry in entries.flatten() {
         let path = entry.path();
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
         if path.extension().is_some_and(|e| e == "yaml")
+            && !skip(stem)
             && let Ok(text) = std::fs::read_to_string(&path)
         {
             match serde_saphyr::from_str::<T>(&text) {
