@@ -59,6 +59,11 @@ impl Waker {
         Ok((Waker(std::sync::Arc::new(tx)), WakeSignal(rx)))
     }
 
+    /// Whether both are the same waker (not merely for the same VM).
+    pub fn same(&self, other: &Waker) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// Raises the signal; a signal already raised stays one (a full buffer is fine).
     pub fn wake(&self) {
         use std::io::Write;
@@ -67,10 +72,17 @@ impl Waker {
 }
 
 impl WakeSignal {
-    /// Lowers the signal (reads whatever wakes are pending).
-    fn drain(&self) {
+    /// Lowers the signal (reads whatever wakes are pending); false once every waker is
+    /// gone (end of file), when the signal can never be raised again.
+    fn drain(&self) -> bool {
         let mut buf = [0u8; 64];
-        while matches!((&self.0).read(&mut buf), Ok(n) if n > 0) {}
+        loop {
+            match (&self.0).read(&mut buf) {
+                Ok(0) => return false,
+                Ok(_) => {}
+                Err(_) => return true,
+            }
+        }
     }
 }
 
@@ -113,7 +125,8 @@ impl AgentLink {
         })
     }
 
-    /// Lets `signal` end this link's waits early (socket links; relayed ones poll anyway).
+    /// Lets `signal` end this link's waits early. Only socket links are woken; a relayed link
+    /// keeps its own polling and may take up to one wait to notice.
     pub fn wake_on(&mut self, signal: WakeSignal) {
         self.woken_by = Some(signal);
     }
@@ -143,8 +156,14 @@ impl AgentLink {
     pub fn next(&mut self, timeout: Duration) -> Result<GuestMessage, LinkError> {
         let line = match &mut self.transport {
             Transport::Socket(link) => {
-                if !link.ready(self.woken_by.as_ref(), timeout)? {
-                    return Err(LinkError::Timeout(timeout));
+                match link.ready(self.woken_by.as_ref(), timeout)? {
+                    Ready::Guest => {}
+                    Ready::Woken | Ready::Timeout => return Err(LinkError::Timeout(timeout)),
+                    // No waker is left: wait on the guest alone from now on (never spin).
+                    Ready::WakerGone => {
+                        self.woken_by = None;
+                        return Err(LinkError::Timeout(timeout));
+                    }
                 }
                 link.next_line(timeout)?
             }
@@ -175,6 +194,16 @@ impl AgentLink {
     }
 }
 
+/// What ended a wait on a socket link.
+enum Ready {
+    /// The guest sent something (or the socket closed: the read reports it).
+    Guest,
+    Woken,
+    Timeout,
+    /// Every `Waker` of the link's signal is gone.
+    WakerGone,
+}
+
 /// The link over a unix socket bound to the VM's virtio-serial port.
 struct SocketLink {
     reader: BufReader<UnixStream>,
@@ -183,16 +212,16 @@ struct SocketLink {
 }
 
 impl SocketLink {
-    /// Waits until the guest has sent something, `timeout` passes (false) or `wake` is
-    /// raised (false, the signal lowered). Bytes already buffered are ready at once.
-    fn ready(&self, wake: Option<&WakeSignal>, timeout: Duration) -> Result<bool, LinkError> {
+    /// Waits until the guest has sent something, `timeout` passes or `wake` is raised (the
+    /// signal is lowered). Bytes already buffered are ready at once.
+    fn ready(&self, wake: Option<&WakeSignal>, timeout: Duration) -> Result<Ready, LinkError> {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         use std::os::fd::AsFd;
         let Some(wake) = wake else {
-            return Ok(true);
+            return Ok(Ready::Guest);
         };
         if !self.reader.buffer().is_empty() {
-            return Ok(true);
+            return Ok(Ready::Guest);
         }
         let millis = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
         let mut fds = [
@@ -204,11 +233,18 @@ impl SocketLink {
             Err(e) => return Err(std::io::Error::from(e).into()),
         }
         let has = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
-        if has(&fds[1]) {
-            wake.drain();
-        }
         // A closed or broken socket reads as ready: the read that follows reports it.
-        Ok(has(&fds[0]))
+        if has(&fds[0]) {
+            return Ok(Ready::Guest);
+        }
+        if has(&fds[1]) {
+            return Ok(if wake.drain() {
+                Ready::Woken
+            } else {
+                Ready::WakerGone
+            });
+        }
+        Ok(Ready::Timeout)
     }
 
     fn next_line(&mut self, timeout: Duration) -> Result<Vec<u8>, LinkError> {

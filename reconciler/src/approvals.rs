@@ -18,7 +18,6 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hitl::AnswerError;
 use crate::ids::ApprovalId;
 use crate::plan::guard::HeldStep;
 use crate::plan::{Plan, render};
@@ -82,9 +81,6 @@ fn event(status: &StatusDir, desired: &Desired, kind: EventKind, message: String
     ));
 }
 
-/// Who offered an approval read from `status/hitl/<id>.answer`.
-const HOST_FILE: &str = "host file";
-
 /// An approval offered: the digest it names and who offered it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Offer {
@@ -93,11 +89,13 @@ pub struct Offer {
 }
 
 /// Every approval on offer before a plan is made, by approval id: committed Answers,
-/// host answer files, and approvals already recorded.
+/// host answer files, and approvals already recorded. Gathering reads and never writes.
 #[derive(Clone, Debug, Default)]
 pub struct Offers {
     by_id: std::collections::BTreeMap<String, Vec<Offer>>,
     recorded: BTreeSet<String>,
+    /// Host answer files refused unread (a symlink, a FIFO, too big), by approval id.
+    unreadable: std::collections::BTreeMap<String, String>,
 }
 
 impl Offers {
@@ -117,10 +115,10 @@ impl Offers {
     }
 }
 
-/// Gathers the approvals on offer. With `take_host_files` (apply and the daemon), each host
-/// answer file is read once, accepted or not, and kept as `<id>.answer.read`; without it
-/// (`fleet plan`) nothing is moved or written.
-pub fn gather(status: &StatusDir, desired: &Desired, take_host_files: bool) -> Offers {
+/// Gathers the approvals on offer: recorded approvals, committed Answers and host answer
+/// files. Nothing is moved or written here (`fleet plan` gathers too); `record` takes the
+/// host file of the approval the plan holds.
+pub fn gather(status: &StatusDir, desired: &Desired) -> Offers {
     let mut offers = Offers::default();
     for record in read_all(status) {
         if record.state == ApprovalState::Approved {
@@ -145,46 +143,30 @@ pub fn gather(status: &StatusDir, desired: &Desired, take_host_files: bool) -> O
         else {
             continue;
         };
-        let answer_file = entry.path();
-        if let Some(read) = crate::status::read_answer_file(&answer_file) {
-            match read {
-                Ok(text) => offers.by_id.entry(id.to_string()).or_default().push(Offer {
-                    digest: text.trim().to_owned(),
-                    by: HOST_FILE.to_owned(),
-                }),
-                Err(why) => tracing::warn!("{}: refused: {why}", answer_file.display()),
-            }
-            if take_host_files {
-                let _ = std::fs::rename(
-                    &answer_file,
-                    status.hitl_dir().join(format!("{id}.answer.read")),
-                );
+        match crate::status::read_answer_file(&entry.path()) {
+            None => {}
+            Some(Ok(text)) => offers.by_id.entry(id.to_string()).or_default().push(Offer {
+                digest: text.trim().to_owned(),
+                by: HOST_FILE.to_owned(),
+            }),
+            Some(Err(why)) => {
+                offers.unreadable.insert(id.to_string(), why.to_string());
             }
         }
     }
     offers
 }
 
+/// Who offered an approval read from `status/hitl/<id>.answer`.
+const HOST_FILE: &str = "host file";
+
 /// After planning: writes or updates the approval record of the steps `plan` holds (or
-/// released), notes offers that name another digest, and withdraws pending records no plan
-/// holds any more.
+/// released), notes offers that name another digest, takes the host answer file of that
+/// approval (kept as `<id>.answer.read`, accepted or not), and withdraws pending records no
+/// plan holds any more. A withdrawn record whose steps are held again is pending again.
 pub fn record(status: &StatusDir, desired: &Desired, plan: &Plan, offers: &Offers) {
     let current = plan.approval_id();
     withdraw_others(status, desired, current.as_ref().map(ApprovalId::as_str));
-    let stray = offers
-        .by_id
-        .iter()
-        .filter(|(id, _)| current.as_ref().is_none_or(|c| c.as_str() != id.as_str()));
-    for (id, offer) in stray.flat_map(|(id, o)| o.iter().map(move |o| (id, o))) {
-        if offer.by == HOST_FILE {
-            event(
-                status,
-                desired,
-                EventKind::ApprovalRefused,
-                format!("{id}: the host file names an approval this plan does not hold"),
-            );
-        }
-    }
     let Some(id) = current else {
         return;
     };
@@ -197,8 +179,30 @@ pub fn record(status: &StatusDir, desired: &Desired, plan: &Plan, offers: &Offer
         (None, None) => return,
     };
     let id = id.to_string();
+    let answer_file = status.hitl_dir().join(format!("{id}.answer"));
+    if let Some(why) = offers.unreadable.get(&id) {
+        tracing::warn!("{}: refused: {why}", answer_file.display());
+    }
+    // Read once, accepted or not: the file is kept as `<id>.answer.read`. Only a file that
+    // was gathered (one written since waits for the next pass).
+    let gathered = offers.unreadable.contains_key(&id)
+        || offers
+            .by_id
+            .get(&id)
+            .is_some_and(|o| o.iter().any(|o| o.by == HOST_FILE));
+    if gathered {
+        let _ = std::fs::rename(
+            &answer_file,
+            status.hitl_dir().join(format!("{id}.answer.read")),
+        );
+    }
     let mut record = match read(status, &id) {
-        Some(r) if r.plan_digest == digest => r,
+        Some(mut r) if r.plan_digest == digest => {
+            if r.state == ApprovalState::Withdrawn {
+                r.state = ApprovalState::Pending;
+            }
+            r
+        }
         _ => {
             event(
                 status,
@@ -278,18 +282,18 @@ pub fn read_all(status: &StatusDir) -> Vec<ApprovalRecord> {
 
 /// `fleet hitl answer approval-… DIGEST`: writes the host answer file for a pending approval
 /// when it names the digest of its held steps.
-pub fn answer(status: &StatusDir, id: &str, digest: &str) -> Result<(), AnswerError> {
+pub fn answer(status: &StatusDir, id: &str, digest: &str) -> Result<(), ApprovalRefused> {
     let Some(record) = read(status, id) else {
-        return Err(AnswerError::NoApproval(id.to_owned()));
+        return Err(ApprovalRefused::NoApproval(id.to_owned()));
     };
     if record.state != ApprovalState::Pending {
-        return Err(AnswerError::NotPending {
+        return Err(ApprovalRefused::NotPending {
             id: id.to_owned(),
             state: record.state,
         });
     }
     if digest != record.plan_digest {
-        return Err(AnswerError::WrongDigest {
+        return Err(ApprovalRefused::WrongDigest {
             id: id.to_owned(),
             digest: digest.to_owned(),
             record: path(status, id),
@@ -297,7 +301,30 @@ pub fn answer(status: &StatusDir, id: &str, digest: &str) -> Result<(), AnswerEr
     }
     let file = status.hitl_dir().join(format!("{id}.answer"));
     write_atomic(&file, format!("{digest}\n").as_bytes())
-        .map_err(|source| AnswerError::Write { path: file, source })
+        .map_err(|source| ApprovalRefused::Write { path: file, source })
+}
+
+/// Why `fleet hitl answer` does not approve.
+#[derive(Debug, thiserror::Error)]
+pub enum ApprovalRefused {
+    #[error("no approval {0}; `fleet hitl list` shows the pending ones")]
+    NoApproval(String),
+    #[error("approval {id} is {state:?}, not pending")]
+    NotPending { id: String, state: ApprovalState },
+    #[error(
+        "{digest:?} is not the digest of the steps {id} holds; read them in {} and pass its planDigest",
+        record.display()
+    )]
+    WrongDigest {
+        id: String,
+        digest: String,
+        record: std::path::PathBuf,
+    },
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Pending approval records other than `keep` are withdrawn: their steps are no longer held.

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::plan::{Plan, render};
+use crate::plan::{self, Plan, render};
 use crate::reconcile::{self, SourceChoice, Workspace};
 use crate::status::StatusDir;
 
@@ -440,15 +440,7 @@ async fn make_plan(
     };
     let vault = ws.open_vault(&desired);
     let drivers = reconcile::drivers_for(&desired, &host, &vault);
-    let planned = reconcile::plan_pass(
-        ws,
-        &desired,
-        &drivers,
-        &vault,
-        Default::default(),
-        reconcile::PlanMode::ReadOnly,
-    )
-    .await;
+    let planned = reconcile::plan_pass(ws, &desired, &drivers, &vault, Default::default()).await;
     Ok(Ok((desired, planned.plan, drivers)))
 }
 
@@ -515,21 +507,21 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     for line in &recovered {
         eprintln!("{line}");
     }
-    // Held steps run only with an approval of exactly them (a file; see `approvals`).
-    let reconcile::Planned { observed, plan } = reconcile::plan_pass(
-        ws,
-        &desired,
-        &drivers,
-        &vault,
-        Default::default(),
-        reconcile::PlanMode::Recording,
-    )
-    .await;
+    let planned = reconcile::plan_pass(ws, &desired, &drivers, &vault, Default::default()).await;
     // A saved plan is a claim about what apply will do, never a program: the fresh plan is
-    // what runs, and only when it does exactly what the saved one says.
-    if let Some(saved) = saved {
-        saved.check_fresh(&plan)?;
+    // what runs, and only when it does exactly what the saved one says. Approvals given
+    // since it was saved do not make it stale: it is compared with a plan that counts only
+    // the approval it counted itself, before anything is recorded.
+    if let Some(saved) = &saved {
+        let as_saved = plan::PlanInputs {
+            approved: saved.approved.iter().map(|a| a.digest.clone()).collect(),
+            ..planned.inputs.clone()
+        };
+        saved.check_fresh(&plan::plan(&desired, &planned.observed, &as_saved))?;
     }
+    // Held steps run only with an approval of exactly them (a file; see `approvals`).
+    reconcile::record_approvals(ws, &desired, &planned);
+    let reconcile::Planned { observed, plan, .. } = planned;
     print!("{}", render::text(&plan));
     if !plan.steps.is_empty() && !args.auto_approve {
         if !std::io::stdin().is_terminal() {

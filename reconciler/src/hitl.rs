@@ -91,28 +91,14 @@ pub enum AnswerError {
     NotAnId(String),
     #[error("no prompt {0}; `fleet hitl list` shows the pending ones")]
     NoPrompt(String),
-    #[error("no approval {0}; `fleet hitl list` shows the pending ones")]
-    NoApproval(String),
     #[error("prompt {id} was already answered by {by}; a prompt takes one answer")]
     Answered { id: String, by: String },
     #[error("prompt {0} was withdrawn: the task went on without it")]
     Withdrawn(String),
     #[error("prompt {0} expired: its deadline passed")]
     Expired(String),
-    #[error("approval {id} is {state:?}, not pending")]
-    NotPending {
-        id: String,
-        state: crate::approvals::ApprovalState,
-    },
-    #[error(
-        "{digest:?} is not the digest of the steps {id} holds; read them in {} and pass its planDigest",
-        record.display()
-    )]
-    WrongDigest {
-        id: String,
-        digest: String,
-        record: std::path::PathBuf,
-    },
+    #[error(transparent)]
+    Approval(#[from] crate::approvals::ApprovalRefused),
     /// The answer itself may not be typed (see `answer::answer_problem`).
     #[error("{0}")]
     Refused(String),
@@ -136,7 +122,7 @@ pub fn answer(status: &StatusDir, id: &str, text: &str) -> Result<(), AnswerErro
         return Err(AnswerError::NotAnId(id.to_owned()));
     }
     if ApprovalId::parse(id).is_some() {
-        return crate::approvals::answer(status, id, text.trim());
+        return Ok(crate::approvals::answer(status, id, text.trim())?);
     }
     let prompt = status
         .read_prompt(id)

@@ -86,34 +86,28 @@ pub fn read_snapshot(ws: &Workspace, choice: &SourceChoice) -> Result<Snapshot, 
     }
 }
 
-/// Whether a planning pass may write: `fleet plan` only reads (CI runs it on untrusted pull
-/// requests); `fleet apply` and `fleet serve` take host approval files and record approvals.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PlanMode {
-    ReadOnly,
-    Recording,
-}
-
-/// What a planning pass saw and decided.
+/// What a planning pass saw and decided, and what it decided from.
 pub struct Planned {
     pub observed: Observed,
+    pub inputs: PlanInputs,
+    pub offers: crate::approvals::Offers,
     pub plan: Plan,
 }
 
 /// Observes, gathers every input of the plan (what the status directory says was applied,
 /// secret fingerprints, approvals on offer, and the VMs the caller defers) and plans: the
-/// one planning sequence `fleet plan`, `fleet apply` and `fleet serve` share. The plan is
-/// finished when this returns.
+/// one planning sequence `fleet plan`, `fleet apply` and `fleet serve` share. It writes
+/// nothing (`fleet plan` runs it on untrusted pull requests); `record_approvals` does, for
+/// the passes that apply.
 pub async fn plan_pass(
     ws: &Workspace,
     desired: &Desired,
     drivers: &Drivers,
     vault: &crate::secrets::Vault,
     deferred: BTreeMap<String, String>,
-    mode: PlanMode,
 ) -> Planned {
     let observed = observe_for(drivers, desired).await;
-    let offers = crate::approvals::gather(&ws.status, desired, mode == PlanMode::Recording);
+    let offers = crate::approvals::gather(&ws.status, desired);
     let inputs = PlanInputs {
         history: status::history(&ws.status.read_vms()),
         secrets: crate::plan::secrets::changes(
@@ -125,10 +119,17 @@ pub async fn plan_pass(
         approved: offers.digests(),
     };
     let plan = crate::plan::plan(desired, &observed, &inputs);
-    if mode == PlanMode::Recording {
-        crate::approvals::record(&ws.status, desired, &plan, &offers);
+    Planned {
+        observed,
+        inputs,
+        offers,
+        plan,
     }
-    Planned { observed, plan }
+}
+
+/// Records what the pass's plan holds or released (see `approvals::record`).
+pub fn record_approvals(ws: &Workspace, desired: &Desired, planned: &Planned) {
+    crate::approvals::record(&ws.status, desired, &planned.plan, &planned.offers);
 }
 
 /// Loads and resolves a snapshot under the host's rules: every diagnostic at once, the
@@ -481,8 +482,7 @@ pub async fn apply_and_record(
     let vms = status::vm_statuses(desired, &after, &outcomes, agents, finished);
     ws.status.write_vms(&vms)?;
     let failed = report.failed();
-    // Steps deferred by a backoff are work not done: such a pass has not converged.
-    let settled = plan.conflicts.is_empty() && plan.errors.is_empty() && plan.deferred.is_empty();
+    let settled = plan.conflicts.is_empty() && plan.errors.is_empty();
     let outcome = if failed == 0 && settled {
         Outcome::Converged
     } else if failed < report.results.len() || report.results.is_empty() {

@@ -30,6 +30,8 @@ pub enum SourceError {
     TooLarge { path: String },
     #[error("HEAD is detached; pass --branch to say which branch to follow")]
     Detached,
+    #[error("{} has no commits yet; commit fleet/ first", .0.display())]
+    NoCommits(PathBuf),
     #[error("the current branch's name is not UTF-8")]
     BranchName,
 }
@@ -37,10 +39,9 @@ pub enum SourceError {
 /// The branch HEAD names (what `fleet serve` follows unless told otherwise).
 pub fn current_branch(root: &Path) -> Result<String, SourceError> {
     let repo = open(root)?;
-    let head = repo.head().map_err(|source| SourceError::NotARepository {
-        root: root.to_owned(),
-        source,
-    })?;
+    let head = repo
+        .head()
+        .map_err(|_| SourceError::NoCommits(root.to_owned()))?;
     if !head.is_branch() {
         return Err(SourceError::Detached);
     }

@@ -57,6 +57,13 @@ impl<'de> Deserialize<'de> for Timestamp {
     }
 }
 
+/// Reads an optional time, taking one that does not parse as none: for fields whose loss
+/// costs less than losing the record that holds them (see `status::tasks::TaskRecord`).
+pub fn lenient_option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Timestamp>, D::Error> {
+    let text: Option<String> = Option::deserialize(d)?;
+    Ok(text.and_then(|t| t.parse().ok()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

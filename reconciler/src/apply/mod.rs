@@ -179,8 +179,8 @@ async fn run_step(ctx: &StepContext, step: &Step) -> (Result<(), DriverError>, u
             };
             call(ctx, step, update).await
         }
-        Change::Start {} => call(ctx, step, DriverCall::Start).await,
-        Change::Stop {} => call(ctx, step, DriverCall::Stop).await,
+        Change::Start => call(ctx, step, DriverCall::Start).await,
+        Change::Stop => call(ctx, step, DriverCall::Stop).await,
         Change::Destroy { .. } => call(ctx, step, DriverCall::Destroy).await,
         Change::Replace { desired, .. } => {
             let (destroyed, a1) = call(ctx, step, DriverCall::Destroy).await;

@@ -107,15 +107,15 @@ impl Agents {
             let spawned = std::thread::Builder::new()
                 .name(format!("agent-{name}"))
                 .spawn(move || {
-                    let link = Follow {
-                        vm: &vm,
-                        status: &status,
-                        book: &book,
-                        tx: &tx,
-                        stop: &thread_stop,
-                        wakers: &wakers,
-                    };
-                    link.follow(driver.as_ref());
+                    follow(
+                        &vm,
+                        driver.as_ref(),
+                        &status,
+                        &book,
+                        &tx,
+                        &thread_stop,
+                        &wakers,
+                    )
                 });
             if spawned.is_ok() {
                 self.threads.insert(name, Tracked { stop });
@@ -168,96 +168,91 @@ impl Presence {
     }
 }
 
-/// What one VM's link thread works with.
-struct Follow<'a> {
-    vm: &'a str,
-    status: &'a Mutex<BTreeMap<String, AgentStatus>>,
-    book: &'a TaskBook,
-    tx: &'a UnboundedSender<Trigger>,
-    stop: &'a AtomicBool,
-    wakers: &'a LinkWakers,
-}
-
-impl Follow<'_> {
-    fn follow(&self, driver: &dyn Driver) {
-        let Follow {
-            vm,
-            status,
-            book,
-            tx,
-            stop,
-            wakers,
-        } = *self;
-        // A guest decides when it says hello and with which boot id: one that changes it in
-        // every hello would keep fleet reconciling back to back. The daemon acts on presence
-        // triggers at most once per `AGENT_TRIGGER_GAP` (see `serve`), and a boot id that keeps
-        // changing is reported as misbehaviour.
-        let presence = std::cell::RefCell::new(Presence::default());
-        let set = |new: Option<AgentStatus>| {
-            let mut all = status.lock().unwrap_or_else(|p| p.into_inner());
-            let (changed, new_boot) = match &new {
-                Some(s) => {
-                    let old = all.insert(vm.to_owned(), s.clone());
-                    let new_boot = old.as_ref().is_some_and(|o| o.boot_id != s.boot_id);
-                    let changed =
-                        old.is_none_or(|o| o.connected != s.connected || o.boot_id != s.boot_id);
-                    (changed, new_boot)
-                }
-                None => (
-                    all.get_mut(vm)
-                        .is_some_and(|s| std::mem::replace(&mut s.connected, false)),
-                    false,
-                ),
-            };
-            drop(all);
-            let mut presence = presence.borrow_mut();
-            if new_boot && presence.boot_changed() {
-                tracing::warn!(
-                    vm,
-                    "the guest changed its boot id {} times in a minute without fleet restarting it; treating it as misbehaving",
-                    presence.boots.len()
-                );
+fn follow(
+    vm: &str,
+    driver: &dyn Driver,
+    status: &Mutex<BTreeMap<String, AgentStatus>>,
+    book: &TaskBook,
+    tx: &UnboundedSender<Trigger>,
+    stop: &AtomicBool,
+    wakers: &LinkWakers,
+) {
+    // A guest decides when it says hello and with which boot id: one that changes it in
+    // every hello would keep fleet reconciling back to back. The daemon acts on presence
+    // triggers at most once per `AGENT_TRIGGER_GAP` (see `serve`), and a boot id that keeps
+    // changing is reported as misbehaviour.
+    let presence = std::cell::RefCell::new(Presence::default());
+    let set = |new: Option<AgentStatus>| {
+        let mut all = status.lock().unwrap_or_else(|p| p.into_inner());
+        let (changed, new_boot) = match &new {
+            Some(s) => {
+                let old = all.insert(vm.to_owned(), s.clone());
+                let new_boot = old.as_ref().is_some_and(|o| o.boot_id != s.boot_id);
+                let changed =
+                    old.is_none_or(|o| o.connected != s.connected || o.boot_id != s.boot_id);
+                (changed, new_boot)
             }
-            if changed {
-                let _ = tx.send(Trigger::Agent);
-            }
+            None => (
+                all.get_mut(vm)
+                    .is_some_and(|s| std::mem::replace(&mut s.connected, false)),
+                false,
+            ),
         };
-        // The pause before the next try: RETRY after a link that worked, doubling while none
-        // can be opened (a guest without an agent yet; on Proxmox each try costs API calls).
-        let mut retry = RETRY / 2;
-        while !stop.load(Ordering::Relaxed) {
-            let link = driver
-                .agent_endpoint(vm)
-                .ok()
-                .flatten()
-                .and_then(|endpoint| AgentLink::connect(&endpoint).ok());
-            let linked = if let Some(mut link) = link
-                && link.greet().is_ok()
-            {
-                if let Ok((waker, signal)) = Waker::pair() {
-                    link.wake_on(signal);
-                    wakers.lock().insert(vm.to_owned(), waker);
-                }
-                let mut conn = Connection::new(vm);
-                if let Err(e) = converse(&mut link, &mut conn, book, &set, stop) {
-                    tracing::debug!(vm, "agent link lost: {e}");
-                }
-                wakers.lock().remove(vm);
-                set(None);
-                true
-            } else {
-                false
-            };
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            retry = if linked {
-                RETRY
-            } else {
-                (retry * 2).min(RETRY_MAX)
-            };
-            std::thread::sleep(retry);
+        drop(all);
+        let mut presence = presence.borrow_mut();
+        if new_boot && presence.boot_changed() {
+            tracing::warn!(
+                vm,
+                "the guest changed its boot id {} times in a minute without fleet restarting it; treating it as misbehaving",
+                presence.boots.len()
+            );
         }
+        if changed {
+            let _ = tx.send(Trigger::Agent);
+        }
+    };
+    // The pause before the next try: RETRY after a link that worked, doubling while none
+    // can be opened (a guest without an agent yet; on Proxmox each try costs API calls).
+    let mut retry = RETRY / 2;
+    while !stop.load(Ordering::Relaxed) {
+        let link = driver
+            .agent_endpoint(vm)
+            .ok()
+            .flatten()
+            .and_then(|endpoint| AgentLink::connect(&endpoint).ok());
+        let linked = if let Some(mut link) = link
+            && link.greet().is_ok()
+        {
+            let mine = Waker::pair().ok().map(|(waker, signal)| {
+                link.wake_on(signal);
+                wakers.lock().insert(vm.to_owned(), waker.clone());
+                waker
+            });
+            let mut conn = Connection::new(vm);
+            if let Err(e) = converse(&mut link, &mut conn, book, &set, stop) {
+                tracing::debug!(vm, "agent link lost: {e}");
+            }
+            // Only this link's waker: a newer link of the same VM may have replaced it.
+            if let Some(mine) = mine {
+                let mut all = wakers.lock();
+                if all.get(vm).is_some_and(|w| w.same(&mine)) {
+                    all.remove(vm);
+                }
+            }
+            set(None);
+            true
+        } else {
+            false
+        };
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        retry = if linked {
+            RETRY
+        } else {
+            (retry * 2).min(RETRY_MAX)
+        };
+        std::thread::sleep(retry);
     }
 }
 

@@ -31,10 +31,10 @@ impl Backoff {
         self.waiting
             .iter()
             .filter(|(_, (_, until))| *until > now)
-            .map(|(vm, (failures, until))| {
-                let left = until.duration_since(now).as_secs().max(1);
+            .map(|(vm, (failures, _))| {
+                // No countdown: the plan (and its digest) stays the same while the VM waits.
                 let why = format!(
-                    "its step failed {failures} time(s) in a row; tried again in {left}s (backoff)"
+                    "its step failed {failures} time(s) in a row; tried again when its backoff ends"
                 );
                 (vm.clone(), why)
             })
@@ -64,7 +64,7 @@ mod tests {
         assert_eq!(deferred.keys().collect::<Vec<_>>(), ["a"]);
         assert_eq!(
             deferred["a"],
-            "its step failed 12 time(s) in a row; tried again in 10s (backoff)"
+            "its step failed 12 time(s) in a row; tried again when its backoff ends"
         );
         assert!(b.deferred(t + Duration::from_secs(300)).is_empty());
         b.succeeded("a");

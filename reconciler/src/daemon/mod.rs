@@ -125,7 +125,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
     tracing::info!(branch, "following branch");
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Trigger>();
-    let _git_watch = watch::watch_git(&ws.repo_root, tx.clone())?;
+    let _git_watcher = watch::watch_git(&ws.repo_root, tx.clone())?;
     spawn_signal_handler(tx.clone())?;
 
     let metrics = Arc::new(Metrics::default());
@@ -154,7 +154,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
     // each link listing the directory twice a second.
     let hitl = ws.status.hitl_dir();
     let wakers = agents::LinkWakers::default();
-    let _hitl_watch = crate::fsguard::create_private_dirs(&hitl)
+    let hitl_watcher = crate::fsguard::create_private_dirs(&hitl)
         .map_err(anyhow::Error::from)
         .and_then(|()| {
             let (book, wakers) = (tasks.clone(), wakers.clone());
@@ -163,7 +163,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
                 wakers.wake_all();
             })
         });
-    match &_hitl_watch {
+    match &hitl_watcher {
         Ok(_) => tasks.watching_answer_files(),
         Err(e) => tracing::warn!("{e:#}; looking for host answer files every 500 ms instead"),
     }
@@ -287,15 +287,10 @@ impl Daemon {
         }
         // A VM in backoff keeps its steps in the plan, as deferred, until its wait is over.
         let deferred = self.backoff.deferred(Instant::now());
-        let reconcile::Planned { observed, plan } = reconcile::plan_pass(
-            &self.ws,
-            &desired,
-            &self.drivers,
-            &self.vault,
-            deferred,
-            reconcile::PlanMode::Recording,
-        )
-        .await;
+        let planned =
+            reconcile::plan_pass(&self.ws, &desired, &self.drivers, &self.vault, deferred).await;
+        reconcile::record_approvals(&self.ws, &desired, &planned);
+        let reconcile::Planned { observed, plan, .. } = planned;
         if !plan.deferred.is_empty() {
             tracing::info!(
                 "{} step(s) wait for their VM's backoff",
@@ -371,7 +366,7 @@ impl Daemon {
         }
         match reconcile::desired(&snapshot, &self.host) {
             Ok(mut desired) => {
-                desired.revision.label = format!("{}@{}", self.branch, &snapshot.revision.id[..12]);
+                desired.revision.label = format!("{}@{}", self.branch, snapshot.revision.short());
                 tracing::info!(revision = %desired.revision.label, "new revision");
                 // Values are opened once per revision; what cannot be opened holds only the
                 // tasks that use it.

@@ -1,9 +1,11 @@
-//! The status directory (DESIGN §4): summary.yaml, plan.txt, plan.json, vms/<name>.yaml and
-//! the append-only events.jsonl. Every file is written atomically (temp file, fsync,
-//! rename, fsync of the directory), so a reader never sees half a file.
+//! The status directory: summary.yaml, plan.txt, plan.json, vms/<name>.yaml, the task and
+//! prompt records (`status::tasks`) and the append-only events.jsonl. Records are written
+//! atomically (`atomic_file`), so a reader never sees half a file; task output and artifacts
+//! are written at offsets and cut back to what their record accounts for.
 //!
-//! Architecture invariant: the only writer of the status directory. Nothing here holds a
-//! secret.
+//! `StatusDir` knows every path in it. Besides this module, `approvals` writes approval
+//! records and the task book moves host answer files, each through those paths and under
+//! the status lock. Nothing here holds a secret.
 
 mod event;
 pub mod lock;

@@ -80,7 +80,14 @@ pub struct TaskRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
     pub created: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// A start time that does not parse reads as none: it only serves the host's own
+    /// timeout check (the agent enforces timeouts too), while the record it sits in is
+    /// what keeps a run from running twice, so the record is never dropped for it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::time::lenient_option"
+    )]
     pub started: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished: Option<String>,
@@ -411,7 +418,10 @@ fn read_all_but<T: serde::de::DeserializeOwned>(
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
         if path.extension().is_some_and(|e| e == "yaml")
             && !skip(stem)
             && let Ok(text) = std::fs::read_to_string(&path)

@@ -429,6 +429,6 @@ fn a_vm_in_backoff_is_deferred_in_the_written_plan() {
         (deferred.step.vm.as_str(), deferred.step.action()),
         ("a", fleet::plan::Action::Create)
     );
-    assert!(deferred.why.contains("(backoff)"), "{}", deferred.why);
+    assert!(deferred.why.contains("backoff ends"), "{}", deferred.why);
     drop(daemon);
 }

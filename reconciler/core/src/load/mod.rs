@@ -47,23 +47,22 @@ impl<T> Object<T> {
     /// is prefixed with the field's path (`spec.vm: …`), so every message names its field
     /// the same way.
     fn field_error(&self, pointer: &str, message: impl std::fmt::Display) -> Diagnostic {
-        self.located_error(pointer, false, message)
+        field_error_in(&self.path, &self.tree, pointer, At::Value, message)
     }
 
     /// The same, located at the field's key rather than its value (for a field that should
     /// not be there at all).
     fn key_error(&self, pointer: &str, message: impl std::fmt::Display) -> Diagnostic {
-        self.located_error(pointer, true, message)
+        field_error_in(&self.path, &self.tree, pointer, At::Key, message)
     }
+}
 
-    fn located_error(
-        &self,
-        pointer: &str,
-        at_key: bool,
-        message: impl std::fmt::Display,
-    ) -> Diagnostic {
-        field_error_in(&self.path, &self.tree, pointer, at_key, message)
-    }
+/// Where in a field a diagnostic points: at its value, or at its key (a field that should
+/// not be there at all).
+#[derive(Clone, Copy)]
+enum At {
+    Value,
+    Key,
 }
 
 /// `Object::field_error` for code that holds a file's path and tree but not its object.
@@ -71,12 +70,12 @@ fn field_error_in(
     path: &str,
     tree: &Located,
     pointer: &str,
-    at_key: bool,
+    at: At,
     message: impl std::fmt::Display,
 ) -> Diagnostic {
     Diagnostic::new(
         path,
-        tree.pos_at_pointer(pointer, at_key),
+        tree.pos_at_pointer(pointer, matches!(at, At::Key)),
         format!("{}: {message}", diagnostic::field_path(pointer)),
     )
 }

@@ -57,7 +57,7 @@ pub(super) fn check_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
                 o_path,
                 tree,
                 pointer,
-                false,
+                At::Value,
                 format!("no {kind} named {value:?}; {list}"),
             ));
         }
@@ -207,7 +207,7 @@ fn check_placement(
                 path,
                 tree,
                 &format!("{at}/image"),
-                false,
+                At::Value,
                 format!(
                     "image {:?} has no template, and VMs on Proxmox provider {:?} are cloned from one; set template on the image in fleet.yaml",
                     image.name.0, provider.name.0
@@ -219,7 +219,7 @@ fn check_placement(
                 path,
                 tree,
                 &format!("{at}/image"),
-                false,
+                At::Value,
                 format!(
                     "image {:?} has only a Proxmox template, and provider {:?} is libvirt; set kernel or disk on the image",
                     image.name.0, provider.name.0
@@ -232,7 +232,7 @@ fn check_placement(
             path,
             tree,
             &format!("{at}/node"),
-            true,
+            At::Key,
             format!(
                 "only Proxmox providers have nodes, and {:?} is libvirt; remove node",
                 provider.name.0
@@ -279,7 +279,7 @@ fn check_secret_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
                     path,
                     tree,
                     &format!("/spec/secrets/{i}/secret"),
-                    false,
+                    At::Value,
                     format!("no Secret named {:?}; {list}", r.secret.0),
                 ));
                 continue;
@@ -289,7 +289,7 @@ fn check_secret_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
                     path,
                     tree,
                     &format!("/spec/secrets/{i}/secret"),
-                    false,
+                    At::Value,
                     format!("Secret {:?} ({}) {refusal}", r.secret.0, secret.path),
                 ));
             }
@@ -299,7 +299,7 @@ fn check_secret_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
                     path,
                     tree,
                     &format!("/spec/secrets/{i}/key"),
-                    false,
+                    At::Value,
                     format!(
                         "Secret {:?} ({}) has no key {:?}; its keys: {}",
                         r.secret.0,

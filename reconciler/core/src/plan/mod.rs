@@ -30,7 +30,9 @@ use crate::resolve::{Desired, DesiredVm, ResolvedPolicy, VmConfig};
 use crate::snapshot::Revision;
 use crate::spec::PowerState;
 
-/// Version 2 added `deferred` and `approved`.
+/// Version 2 added `deferred` and `approved`; start and stop steps no longer carry the
+/// configurations they do not use, `reason` follows a step's action data, and field changes
+/// are listed in `VmField` order.
 pub const FORMAT_VERSION: u32 = 2;
 
 /// Why a step exists. For people: apply never branches on it.
@@ -130,8 +132,8 @@ pub enum Change {
     Create {
         desired: DesiredVm,
     },
-    Start {},
-    Stop {},
+    Start,
+    Stop,
     Update {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         changes: Vec<FieldChange>,
@@ -163,8 +165,8 @@ impl Step {
     pub fn action(&self) -> Action {
         match self.change {
             Change::Create { .. } => Action::Create,
-            Change::Start {} => Action::Start,
-            Change::Stop {} => Action::Stop,
+            Change::Start => Action::Start,
+            Change::Stop => Action::Stop,
             Change::Update { .. } => Action::Update,
             Change::Replace { .. } => Action::Replace,
             Change::Destroy { .. } => Action::Destroy,
@@ -177,7 +179,7 @@ impl Step {
             Change::Create { desired }
             | Change::Update { desired, .. }
             | Change::Replace { desired, .. } => Some(desired),
-            Change::Start {} | Change::Stop {} | Change::Destroy { .. } => None,
+            Change::Start | Change::Stop | Change::Destroy { .. } => None,
         }
     }
 
@@ -186,7 +188,7 @@ impl Step {
         match &self.change {
             Change::Update { applied, .. } | Change::Destroy { applied, .. } => applied.as_ref(),
             Change::Replace { applied, .. } => Some(applied),
-            Change::Create { .. } | Change::Start {} | Change::Stop {} => None,
+            Change::Create { .. } | Change::Start | Change::Stop => None,
         }
     }
 
@@ -201,7 +203,7 @@ impl Step {
             Change::Replace {
                 applied_revision, ..
             } => Some(applied_revision),
-            Change::Create { .. } | Change::Start {} | Change::Stop {} => None,
+            Change::Create { .. } | Change::Start | Change::Stop => None,
         }
     }
 
@@ -209,7 +211,7 @@ impl Step {
     pub fn changes(&self) -> &[FieldChange] {
         match &self.change {
             Change::Update { changes, .. } | Change::Replace { changes, .. } => changes,
-            _ => &[],
+            Change::Create { .. } | Change::Start | Change::Stop | Change::Destroy { .. } => &[],
         }
     }
 
@@ -269,8 +271,10 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Whether apply has anything to run or to hold. Deferred steps are not changes of this
+    /// pass: a pass whose only steps wait for a backoff is a no-op (no apply, no event).
     pub fn has_changes(&self) -> bool {
-        !self.steps.is_empty() || !self.held.is_empty() || !self.deferred.is_empty()
+        !self.steps.is_empty() || !self.held.is_empty()
     }
 
     /// The id of the approval that holds this plan's held steps, or that released them.
@@ -307,7 +311,10 @@ impl Plan {
         }
         let approved = plan.approved.as_ref().map(|a| &a.digest);
         for digest in plan.approval_digest.iter().chain(approved) {
-            if digest.len() != 64 || ApprovalId::from_digest(digest).is_none() {
+            let hex = digest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if digest.len() != 64 || !hex {
                 return Err(SavedPlanError::ApprovalDigest(digest.clone()));
             }
         }
@@ -674,9 +681,9 @@ fn step_for_owned(vm: &DesiredVm, found: &ObservedVm) -> Option<Step> {
     };
     if stamp.spec_hash == vm.spec_hash && applied == &vm.config {
         let power = if want_running {
-            Change::Start {}
+            Change::Start
         } else {
-            Change::Stop {}
+            Change::Stop
         };
         return Some(step(power, Reason::PowerState { want: vm.state }));
     }

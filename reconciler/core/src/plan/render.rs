@@ -22,7 +22,7 @@ pub fn text(plan: &Plan) -> String {
     for w in &plan.warnings {
         let _ = writeln!(out, "WARNING: {w}");
     }
-    if !plan.has_changes() {
+    if !plan.has_changes() && plan.deferred.is_empty() {
         let _ = writeln!(out, "No changes: every VM matches its spec.");
     } else if plan.steps.is_empty() && plan.held.is_empty() {
         let _ = writeln!(out, "Plan: nothing runs in this pass; every step waits.");

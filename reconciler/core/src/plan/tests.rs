@@ -673,7 +673,7 @@ fn a_deferred_vm_is_in_the_plan_with_its_reason() {
         (p.deferred[0].step.vm.as_str(), p.deferred[0].step.action()),
         ("a", Action::Create)
     );
-    assert!(p.has_changes());
+    assert!(p.has_changes(), "b is created");
     assert_ne!(
         p.digest,
         plan(&d, &o).digest,

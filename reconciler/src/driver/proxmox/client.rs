@@ -39,19 +39,15 @@ pub enum PveCondition {
 }
 
 impl PveCondition {
-    /// PVE's wording of a failure, classified.
+    /// PVE's wording of a failure, classified. The conditions that decide what apply may do
+    /// (missing, taken, changed, busy) are read first, so a message that also mentions a
+    /// power state keeps the kind it always had.
     pub fn of_message(message: &str) -> PveCondition {
         let m = message.to_ascii_lowercase();
-        if m.contains("linked clone feature is not supported") {
-            PveCondition::LinkedCloneUnsupported
-        } else if m.contains("already running") {
-            PveCondition::AlreadyRunning
-        } else if m.contains("not running") {
-            PveCondition::NotRunning
+        if m.contains("does not exist") || m.contains("no such vm") {
+            PveCondition::NotFound
         } else if m.contains("checksum mismatch") {
             PveCondition::DigestMismatch
-        } else if m.contains("does not exist") || m.contains("no such vm") {
-            PveCondition::NotFound
         } else if m.contains("already exists") {
             PveCondition::AlreadyExists
         } else if m.contains("can't lock file")
@@ -63,6 +59,12 @@ impl PveCondition {
             || m.contains("connection")
         {
             PveCondition::Busy
+        } else if m.contains("linked clone feature is not supported") {
+            PveCondition::LinkedCloneUnsupported
+        } else if m.contains("already running") {
+            PveCondition::AlreadyRunning
+        } else if m.contains("not running") {
+            PveCondition::NotRunning
         } else {
             PveCondition::Other
         }
