@@ -986,12 +986,18 @@ impl TaskBook {
                 },
                 None => "no such prompt".into(),
             };
-            let _ = std::fs::rename(&path, path.with_extension("answer.refused"));
             let note = format!("host file {}: {why}", path.display());
             tracing::warn!("answer refused: {note}");
+            // The note is recorded before the file is moved: whoever sees the file refused
+            // finds why on the prompt.
             if state.prompts.contains_key(&id) {
-                self.set_prompt(state, &id, |p| p.refused.push(note.clone()));
+                self.set_prompt(state, &id, |p| {
+                    if !p.refused.contains(&note) {
+                        p.refused.push(note.clone());
+                    }
+                });
             }
+            let _ = std::fs::rename(&path, path.with_extension("answer.refused"));
             let _ = self.status.append_event(&Event::task(
                 EventKind::HitlAnswerRefused,
                 state.prompts.get(&id).map(|p| p.task.as_str()),
