@@ -183,7 +183,9 @@ impl ScratchFleet {
         }
         Ok(())
     }
-    fn serve(&self) -> anyhow::Result<std::process::Child> {
+    /// `fleet serve` on the scratch fleet, stopped when the returned value is dropped (on
+    /// every path: a daemon left behind would fight the next run over the same VMs).
+    fn serve(&self) -> anyhow::Result<Serving> {
         let fleet = std::env::current_exe()?.with_file_name("fleet");
         Ok(std::process::Command::new(fleet)
             .arg("-C")
@@ -192,10 +194,27 @@ impl ScratchFleet {
             .env("FLEET_HOST_CONFIG", self.host_config())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
-            .spawn()?)
+            .spawn()
+            .map(Serving)?)
     }
     fn events(&self) -> String {
         std::fs::read_to_string(self.path().join(".fleet/status/events.jsonl")).unwrap_or_default()
+    }
+}
+
+/// A running `fleet serve`, killed when dropped.
+struct Serving(std::process::Child);
+
+impl Serving {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -211,7 +230,7 @@ fn bench_commit_latency(commits: usize) -> anyhow::Result<()> {
     let scratch = ScratchFleet::new("benchlatency")?;
     scratch.vm("lat-00")?;
     scratch.commit("first")?;
-    let mut daemon = scratch.serve()?;
+    let daemon = scratch.serve()?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !scratch.events().contains("\"vm\":\"lat-00\"") {
         anyhow::ensure!(
@@ -234,8 +253,7 @@ fn bench_commit_latency(commits: usize) -> anyhow::Result<()> {
         }
         latencies.push(committed.elapsed());
     }
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    drop(daemon);
     latencies.sort();
     println!(
         "daemon: commit to first apply step over {commits} commits: median {:.0} ms, p95 {:.0} ms (target p95 <= 1000 ms, ratio {:.2}; Flux polls every 60 s, Argo CD every 120-180 s)",
@@ -347,7 +365,7 @@ fn bench_idle(vms: usize, running: usize, seconds: u64) -> anyhow::Result<()> {
         scratch.pool_in_state("run", running, "running", "128Mi")?;
     }
     scratch.commit("pool")?;
-    let mut daemon = scratch.serve()?;
+    let daemon = scratch.serve()?;
     let pid = daemon.id();
     let deadline = Instant::now() + Duration::from_secs(240);
     let connected = || {
@@ -363,7 +381,9 @@ fn bench_idle(vms: usize, running: usize, seconds: u64) -> anyhow::Result<()> {
     while !scratch.events().contains("\"type\":\"apply.finished\"") || connected() < running {
         anyhow::ensure!(
             Instant::now() < deadline,
-            "fleet serve did not converge with every agent connected"
+            "fleet serve did not converge with every agent connected (applied: {}, agents connected: {} of {running})",
+            scratch.events().contains("\"type\":\"apply.finished\""),
+            connected()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -374,8 +394,7 @@ fn bench_idle(vms: usize, running: usize, seconds: u64) -> anyhow::Result<()> {
     let (elapsed, c1) = (t0.elapsed().as_secs_f64(), cpu_ticks(pid));
     let cpu_percent = (c1 - c0) as f64 / ticks_per_second / elapsed * 100.0;
     let rss = rss_mib(pid);
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    drop(daemon);
     println!(
         "daemon: idle with {vms} stopped VMs and {running} running ones (agents connected) over {seconds} s: CPU {cpu_percent:.2} % (target < 0.5 %, ratio {:.2}), RSS {rss:.0} MiB (target < 60 MB = 57 MiB, ratio {:.2})",
         cpu_percent / 0.5,
