@@ -2,7 +2,10 @@
 //! reported. `TaskBook` holds every task's record and every prompt, in memory and in the
 //! status directory (`tasks/`, `hitl/`), behind one lock: the daemon's pass (`sync`) and
 //! each VM's agent link (`daemon::agents`, through `receive` and `tick`) change them only
-//! through it, so a record is never written by two hands at once.
+//! through it, so a record is never written by two hands at once. What a holder decides to
+//! write (records, prompts, events, answer files moved) is written when it releases the
+//! lock (`BookGuard`), one writer at a time and never an older copy over a newer one, so
+//! disk I/O holds up no other VM's link.
 //!
 //! A task runs once per (name, spec hash): `rerun` is part of the spec, so bumping it is a
 //! new hash. Each run gets a generation and a run id (sha256 of the spec hash and the
@@ -20,7 +23,7 @@
 pub mod repo;
 pub mod runner;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -47,6 +50,9 @@ pub struct TaskBook {
     answer_file_changes: AtomicU64,
     /// Whether a watcher reports them; without one the directory is polled.
     answer_files_watched: AtomicBool,
+    /// The versions written so far; held while writing, so writes happen one at a time and
+    /// in the order their versions say.
+    written: Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Default)]
@@ -68,6 +74,96 @@ struct BookState {
     batch: Option<Batch>,
     /// The last look for stray answer files: the watcher's change count then, and when.
     stray_scan: Option<(u64, Instant)>,
+    /// What the book decided to write, made when the lock is released (see `BookGuard`).
+    effects: Effects,
+    /// How many times each record (`r:<name>`) and prompt (`p:<id>`) changed: a write of an
+    /// older copy never lands over a newer one.
+    versions: HashMap<String, u64>,
+}
+
+/// Writes decided under the book's lock and made without it: a slow disk holds up only
+/// the link (or pass) whose change it is, never another VM's link or the daemon.
+#[derive(Default)]
+struct Effects {
+    records: BTreeSet<String>,
+    prompts: BTreeSet<String>,
+    events: Vec<Event>,
+    /// Host answer files to move aside (`Some(to)`) or remove (`None`), after the records
+    /// and prompts that say what became of them are written.
+    moves: Vec<(PathBuf, Option<PathBuf>)>,
+}
+
+/// The effects of one hold of the lock, with the copies to write.
+struct Pending {
+    records: Vec<(u64, TaskRecord)>,
+    prompts: Vec<(u64, PromptRecord)>,
+    events: Vec<Event>,
+    moves: Vec<(PathBuf, Option<PathBuf>)>,
+}
+
+/// The book's lock: when it is released, what the holder decided is written (after the
+/// release, before the holder goes on).
+struct BookGuard<'a> {
+    book: &'a TaskBook,
+    state: Option<MutexGuard<'a, BookState>>,
+}
+
+impl std::ops::Deref for BookGuard<'_> {
+    type Target = BookState;
+    fn deref(&self) -> &BookState {
+        self.state.as_deref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for BookGuard<'_> {
+    fn deref_mut(&mut self) -> &mut BookState {
+        self.state.as_deref_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for BookGuard<'_> {
+    fn drop(&mut self) {
+        let pending = self.state.as_deref_mut().map(BookState::take_effects);
+        self.state = None;
+        if let Some(pending) = pending {
+            self.book.flush(pending);
+        }
+    }
+}
+
+impl BookState {
+    fn changed(&mut self, key: String) {
+        *self.versions.entry(key).or_default() += 1;
+    }
+
+    fn record_changed(&mut self, name: &str) {
+        self.changed(format!("r:{name}"));
+        self.effects.records.insert(name.to_owned());
+    }
+
+    fn prompt_changed(&mut self, id: &str) {
+        self.changed(format!("p:{id}"));
+        self.effects.prompts.insert(id.to_owned());
+    }
+
+    fn take_effects(&mut self) -> Pending {
+        let effects = std::mem::take(&mut self.effects);
+        let version = |key: String| self.versions.get(&key).copied().unwrap_or_default();
+        Pending {
+            records: effects
+                .records
+                .iter()
+                .filter_map(|n| Some((version(format!("r:{n}")), self.records.get(n)?.clone())))
+                .collect(),
+            prompts: effects
+                .prompts
+                .iter()
+                .filter_map(|i| Some((version(format!("p:{i}")), self.prompts.get(i)?.clone())))
+                .collect(),
+            events: effects.events,
+            moves: effects.moves,
+        }
+    }
 }
 
 /// What one batch of guest messages changed.
@@ -203,6 +299,53 @@ impl TaskBook {
             state: Mutex::new(state),
             answer_file_changes: AtomicU64::new(0),
             answer_files_watched: AtomicBool::new(false),
+            written: Mutex::default(),
+        }
+    }
+
+    /// Makes what a holder of the lock decided, without the lock: records and prompts
+    /// (each only if nothing newer was written meanwhile), events, then answer files moved.
+    fn flush(&self, pending: Pending) {
+        let Pending {
+            records,
+            prompts,
+            events,
+            moves,
+        } = pending;
+        if records.is_empty() && prompts.is_empty() && events.is_empty() && moves.is_empty() {
+            return;
+        }
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        let mut newer = |key: String, version: u64| {
+            let last = written.entry(key).or_default();
+            let newer = version > *last;
+            *last = (*last).max(version);
+            newer
+        };
+        for (version, record) in records {
+            if newer(format!("r:{}", record.name), version)
+                && let Err(e) = self.status.write_task_record(&record)
+            {
+                tracing::error!(task = %record.name, "cannot write the task's status: {e}");
+            }
+        }
+        for (version, prompt) in prompts {
+            if newer(format!("p:{}", prompt.id), version)
+                && let Err(e) = self.status.write_prompt(&prompt)
+            {
+                tracing::error!(prompt = %prompt.id, "cannot write the prompt: {e}");
+            }
+        }
+        for event in events {
+            if let Err(e) = self.status.append_event(&event) {
+                tracing::error!("cannot append an event: {e}");
+            }
+        }
+        for (from, to) in moves {
+            let _ = match to {
+                Some(to) => std::fs::rename(&from, to),
+                None => std::fs::remove_file(&from),
+            };
         }
     }
 
@@ -233,8 +376,11 @@ impl TaskBook {
         due
     }
 
-    fn lock(&self) -> MutexGuard<'_, BookState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> BookGuard<'_> {
+        BookGuard {
+            book: self,
+            state: Some(self.state.lock().unwrap_or_else(|p| p.into_inner())),
+        }
     }
 
     /// The secret values opened for this revision (before `sync`, so tasks are bound to
@@ -400,6 +546,7 @@ impl TaskBook {
             tracing::warn!(task = %task.name, "cannot reset the task's output: {e}");
         }
         self.event(
+            state,
             &record,
             EventKind::TaskPending,
             format!(
@@ -407,8 +554,8 @@ impl TaskBook {
                 record.run, record.name, record.vm
             ),
         );
-        state.records.insert(task.name.clone(), record.clone());
-        self.persist(&record);
+        state.records.insert(task.name.clone(), record);
+        state.record_changed(&task.name);
     }
 
     /// Changes a record and writes it.
@@ -420,8 +567,7 @@ impl TaskBook {
                 batch.runs.insert(name.to_owned());
                 return;
             }
-            let record = record.clone();
-            self.persist(&record);
+            state.record_changed(name);
         }
     }
 
@@ -445,17 +591,9 @@ impl TaskBook {
                 tracing::warn!(task = %name, "cannot sync artifact {path}: {e}");
             }
         }
-        let state = self.lock();
+        let mut state = self.lock();
         for name in &batch.runs {
-            if let Some(record) = state.records.get(name) {
-                self.persist(record);
-            }
-        }
-    }
-
-    fn persist(&self, record: &TaskRecord) {
-        if let Err(e) = self.status.write_task_record(record) {
-            tracing::error!(task = %record.name, "cannot write the task's status: {e}");
+            state.record_changed(name);
         }
     }
 
@@ -481,9 +619,10 @@ impl TaskBook {
             r.finished = Some(now());
             r.pending_prompt = None;
         });
-        if let Some(r) = state.records.get(name) {
+        if let Some(r) = state.records.get(name).cloned() {
             self.event(
-                r,
+                state,
+                &r,
                 EventKind::TaskFinished,
                 format!("task {name} {}: {message}", phase.as_str()),
             );
@@ -493,9 +632,7 @@ impl TaskBook {
     fn set_prompt(&self, state: &mut BookState, id: &str, change: impl FnOnce(&mut PromptRecord)) {
         if let Some(prompt) = state.prompts.get_mut(id) {
             change(prompt);
-            if let Err(e) = self.status.write_prompt(prompt) {
-                tracing::error!(prompt = %id, "cannot write the prompt: {e}");
-            }
+            state.prompt_changed(id);
         }
     }
 
@@ -545,13 +682,11 @@ impl TaskBook {
                 });
             }
             let event = Event::fleet(EventKind::HitlAnswerIgnored, state.revision.clone(), why);
-            if let Err(e) = self.status.append_event(&event) {
-                tracing::error!("cannot append an event: {e}");
-            }
+            state.effects.events.push(event);
         }
     }
 
-    fn event(&self, record: &TaskRecord, kind: EventKind, message: String) {
+    fn event(&self, state: &mut BookState, record: &TaskRecord, kind: EventKind, message: String) {
         let event = Event::task(
             kind,
             Some(&record.name),
@@ -559,9 +694,7 @@ impl TaskBook {
             record.revision.clone(),
             message,
         );
-        if let Err(e) = self.status.append_event(&event) {
-            tracing::error!("cannot append an event: {e}");
-        }
+        state.effects.events.push(event);
     }
 }
 

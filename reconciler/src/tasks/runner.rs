@@ -297,7 +297,7 @@ impl TaskBook {
             r.message = None;
         });
         conn.attached.insert(name.to_owned());
-        if let Some(record) = state.records.get(name) {
+        if let Some(record) = state.records.get(name).cloned() {
             out.push(run_task(
                 &task,
                 &record.guest_task(),
@@ -305,7 +305,8 @@ impl TaskBook {
                 &super::vm_secret_files(state, &conn.vm),
             ));
             self.event(
-                record,
+                state,
+                &record,
                 EventKind::TaskStarted,
                 format!("task {name} started on {}", conn.vm),
             );
@@ -494,6 +495,7 @@ impl TaskBook {
                     });
                     if first {
                         self.event(
+                            state,
                             &record,
                             EventKind::TaskOutputTruncated,
                             format!(
@@ -590,11 +592,8 @@ impl TaskBook {
                     delivered: false,
                     refused: Vec::new(),
                 };
-                if let Err(e) = self.status.write_prompt(&prompt) {
-                    tracing::error!(prompt = %id, "cannot write the prompt: {e}");
-                    return;
-                }
                 state.prompts.insert(id.clone(), prompt);
+                state.prompt_changed(&id);
                 self.update(state, name, |r| {
                     r.seq = seq;
                     r.prompts = n;
@@ -602,6 +601,7 @@ impl TaskBook {
                     r.phase = TaskPhase::WaitingForInput;
                 });
                 self.event(
+                    state,
                     &record,
                     EventKind::HitlPrompt,
                     format!("prompt {id} waits for an answer: {text}"),
@@ -729,13 +729,15 @@ impl TaskBook {
         if !prompt.refused.contains(&note) {
             self.set_prompt(state, &prompt.id, |p| p.refused.push(note.clone()));
             self.event(
+                state,
                 record,
                 EventKind::HitlAnswerRefused,
                 format!("answer to {} refused: {note}", prompt.id),
             );
         }
         if let Some(file) = file {
-            let _ = std::fs::rename(file, file.with_extension("answer.refused"));
+            let refused = file.with_extension("answer.refused");
+            state.effects.moves.push((file.to_owned(), Some(refused)));
         }
     }
 
@@ -761,7 +763,7 @@ impl TaskBook {
             }
         });
         if let Some(m) = message {
-            self.event(&record, EventKind::TaskLimit, format!("{name}: {m}"));
+            self.event(state, &record, EventKind::TaskLimit, format!("{name}: {m}"));
         }
     }
 
@@ -802,7 +804,7 @@ impl TaskBook {
             if conn.cancel_sent.insert(record.guest_task()) {
                 self.update(state, &name, |r| r.host_timeout = true);
                 self.event(
-                    &record,
+                    state, &record,
                     EventKind::TaskTimeout,
                     format!("task {name} ran past its timeout without the agent ending it; fleet cancels it"),
                 );
@@ -909,13 +911,14 @@ impl TaskBook {
                     p.answered_at = Some(now());
                 });
                 if let Some(file) = file {
-                    let _ = std::fs::remove_file(file);
+                    state.effects.moves.push((file, None));
                 }
                 self.update(state, &prompt.task, |r| {
                     r.pending_prompt = None;
                     r.phase = TaskPhase::Running;
                 });
                 self.event(
+                    state,
                     &record,
                     EventKind::HitlAnswered,
                     format!("prompt {id} answered by {by}"),
@@ -938,7 +941,7 @@ impl TaskBook {
                         r.pending_prompt = None;
                         r.fail_on_cancel = Some(why.clone());
                     });
-                    self.event(&record, EventKind::HitlExpired, why);
+                    self.event(state, &record, EventKind::HitlExpired, why);
                     out.push(HostMessage::Cancel {
                         v: VERSION,
                         task: record.guest_task(),
@@ -947,6 +950,7 @@ impl TaskBook {
                 OnDeadline::Wait if !prompt.overdue => {
                     self.set_prompt(state, &id, |p| p.overdue = true);
                     self.event(
+                        state,
                         &record,
                         EventKind::HitlOverdue,
                         format!("prompt {id} is past its deadline and keeps waiting"),
@@ -974,6 +978,10 @@ impl TaskBook {
             else {
                 continue;
             };
+            // Taken or refused already by this hold of the lock (the move is still to come).
+            if state.effects.moves.iter().any(|(from, _)| from == &path) {
+                continue;
+            }
             let why = match state.prompts.get(&id) {
                 Some(p) if p.state == PromptState::Pending => continue,
                 Some(p) => match p.state {
@@ -988,8 +996,8 @@ impl TaskBook {
             };
             let note = format!("host file {}: {why}", path.display());
             tracing::warn!("answer refused: {note}");
-            // The note is recorded before the file is moved: whoever sees the file refused
-            // finds why on the prompt.
+            // The note is written before the file is moved (effects run in that order):
+            // whoever sees the file refused finds why on the prompt.
             if state.prompts.contains_key(&id) {
                 self.set_prompt(state, &id, |p| {
                     if !p.refused.contains(&note) {
@@ -997,14 +1005,16 @@ impl TaskBook {
                     }
                 });
             }
-            let _ = std::fs::rename(&path, path.with_extension("answer.refused"));
-            let _ = self.status.append_event(&Event::task(
+            let refused = path.with_extension("answer.refused");
+            let event = Event::task(
                 EventKind::HitlAnswerRefused,
                 state.prompts.get(&id).map(|p| p.task.as_str()),
                 None,
                 None,
                 format!("answer to {id} refused: {note}"),
-            ));
+            );
+            state.effects.moves.push((path, Some(refused)));
+            state.effects.events.push(event);
         }
     }
 

@@ -645,3 +645,30 @@ fn a_secret_value_a_task_prints_is_blanked_before_it_is_stored() {
     assert!(!prompt.text.contains("4711"), "{}", prompt.text);
     assert!(!prompt.context.concat().contains("4711"));
 }
+
+/// What the book decides under its lock is written after the lock is released: another
+/// holder gets the lock while a write is still to be made, and an older copy of a record
+/// written late never lands over a newer one.
+#[test]
+fn writes_are_made_without_the_lock_and_never_go_back_in_time() {
+    let (dir, book, _conn, _guest_task) = started(Duration::from_secs(60), OnDeadline::Wait);
+    let file =
+        || std::fs::read_to_string(dir.path().join("status/tasks/ask.yaml")).expect("record");
+    // A change, decided and taken out of the lock but not yet written (a slow disk)...
+    let older = {
+        let mut state = book.lock();
+        book.update(&mut state, "ask", |r| r.message = Some("older".into()));
+        state.take_effects()
+    };
+    // ...does not keep anyone out: the next holder decides a newer change, and its write
+    // lands first.
+    {
+        let mut state = book.lock();
+        book.update(&mut state, "ask", |r| r.message = Some("newer".into()));
+    }
+    assert!(file().contains("message: newer"), "{}", file());
+    // The late write of the older copy is skipped.
+    book.flush(older);
+    assert!(file().contains("message: newer"), "{}", file());
+    assert!(!file().contains("older"));
+}
