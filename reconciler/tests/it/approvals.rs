@@ -220,3 +220,76 @@ fn dangerous_steps_wait_for_an_approval_of_exactly_them() {
     repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
     assert!(domains(&prefix).is_empty());
 }
+
+/// A plan saved while a step was held stays good after the host approves that step: the
+/// saved plan is checked against a plan that counts only the approval it counted, and the
+/// apply then runs the step the approval released. Nothing is taken or recorded before the
+/// check: a saved plan that is stale changes nothing.
+#[test]
+fn a_saved_plan_runs_the_step_approved_after_it_was_saved() {
+    if !enabled() {
+        return;
+    }
+    let prefix = format!("it{}-saved-", std::process::id());
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let vm = format!("{prefix}a");
+    let repo = Repo::new();
+    repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml_with_policy(
+            &format!("it{}saved", std::process::id()),
+            "{shutdownTimeout: 5s, approve: [stop]}",
+        ),
+    );
+    repo.write(&format!("fleet/vms/{vm}.yaml"), vm_yaml(&vm, "128Mi"));
+    repo.commit("one VM");
+    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+
+    repo.write(
+        &format!("fleet/vms/{vm}.yaml"),
+        vm_yaml(&vm, "128Mi").replace("image: micro,", "image: micro, state: stopped,"),
+    );
+    repo.commit("stop it");
+    // The stop waits for an approval; apply writes the record an answer needs.
+    let run = repo.fleet(&["apply", "--auto-approve"]);
+    run.expect_code(0);
+    let (id, digest) = held_approval(&run.stdout());
+    let old_plan = repo.path().join("old-plan.json");
+    repo.fleet(&["plan", "--out", old_plan.to_str().expect("utf8")])
+        .expect_code(0);
+    repo.write("fleet/README.md", "notes\n");
+    repo.commit("an unrelated commit");
+    // Saved while the stop is held, before anyone approved it.
+    let planfile = repo.path().join("plan.json");
+    repo.fleet(&["plan", "--out", planfile.to_str().expect("utf8")])
+        .expect_code(0);
+    repo.fleet(&["hitl", "answer", &id, &digest]).expect_code(0);
+    let answer_file = repo.path().join(format!(".fleet/status/hitl/{id}.answer"));
+
+    // A stale saved plan (another revision) is refused before the host file is taken.
+    let stale = repo.fleet(&["apply", "--auto-approve", old_plan.to_str().expect("utf8")]);
+    stale.expect_code(1);
+    assert!(stale.stderr().contains("stale plan"), "{}", stale.stderr());
+    assert!(
+        answer_file.exists(),
+        "the approval was not taken by a refused apply"
+    );
+
+    // The plan saved while the stop was held runs, and the approval releases the stop.
+    let applied = repo.fleet(&["apply", "--auto-approve", planfile.to_str().expect("utf8")]);
+    applied.expect_code(0);
+    assert!(
+        applied.stdout().contains(&format!("Approved ({id};")),
+        "{}",
+        applied.stdout()
+    );
+    let state = virsh(&["domstate", &vm]);
+    assert!(
+        String::from_utf8_lossy(&state.stdout).contains("shut off"),
+        "{}",
+        String::from_utf8_lossy(&state.stdout)
+    );
+    assert!(!answer_file.exists(), "the host file was read once");
+}
