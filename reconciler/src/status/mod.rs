@@ -186,7 +186,6 @@ pub struct Counts {
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Phase {
     Pending,
-    Provisioning,
     Running,
     Stopped,
     Failed,

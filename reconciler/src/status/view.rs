@@ -154,7 +154,7 @@ pub fn counts(vms: &BTreeMap<String, VmStatus>) -> Counts {
         match vm.phase {
             Phase::Running => c.running += 1,
             Phase::Stopped => c.stopped += 1,
-            Phase::Pending | Phase::Provisioning => c.pending += 1,
+            Phase::Pending => c.pending += 1,
             Phase::Failed => c.failed += 1,
         }
         if vm

@@ -29,11 +29,7 @@ pub fn check_host_object(o: &Object<HostDocument>, diags: &mut Vec<Diagnostic>) 
                 .split_once('/')
                 .is_none_or(|(ip, _)| ip.parse::<std::net::Ipv4Addr>().is_err())
         {
-            diags.push(Diagnostic::new(
-                &o.path,
-                o.tree.pos_at_pointer(&format!("/spec/providers/{i}/fullNetwork/address"), false),
-                format!("spec.providers[{i}].fullNetwork.address: {address:?} is not an IPv4 address with a prefix length, for example 192.168.150.1/24"),
-            ));
+            diags.push(o.field_error(&format!("/spec/providers/{i}/fullNetwork/address"), format!("{address:?} is not an IPv4 address with a prefix length, for example 192.168.150.1/24")));
         }
         let Provider::Proxmox(x) = p else {
             continue;
@@ -44,17 +40,14 @@ pub fn check_host_object(o: &Object<HostDocument>, diags: &mut Vec<Diagnostic>) 
             x.token.env.is_some(),
         ];
         if sources.iter().filter(|s| **s).count() != 1 {
-            diags.push(Diagnostic::new(
-                &o.path,
-                o.tree.pos_at_pointer(&format!("/spec/providers/{i}/token"), false),
-                format!("spec.providers[{i}].token: set exactly one of secret (a Secret in the fleet's fleet/secrets/), file (a host file, mode 0600) and env (an environment variable of fleet's process)"),
-            ));
+            diags.push(o.field_error(&format!("/spec/providers/{i}/token"), format!("set exactly one of secret (a Secret in the fleet's fleet/secrets/), file (a host file, mode 0600) and env (an environment variable of fleet's process)")));
         }
         if x.insecure_skip_verify && x.ca_file.is_some() {
-            diags.push(Diagnostic::new(
-                &o.path,
-                o.tree.pos_at_pointer(&format!("/spec/providers/{i}/insecureSkipVerify"), false),
-                format!("spec.providers[{i}].insecureSkipVerify: contradicts caFile; remove insecureSkipVerify to verify against the CA file"),
+            diags.push(o.field_error(
+                &format!("/spec/providers/{i}/insecureSkipVerify"),
+                format!(
+                    "contradicts caFile; remove insecureSkipVerify to verify against the CA file"
+                ),
             ));
         }
     }
@@ -80,22 +73,13 @@ fn check_providers(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnostic>
                 } else {
                     format!("it defines: {}", defined.join(", "))
                 };
-                diags.push(Diagnostic::new(
-                    &o.path,
-                    o.tree
-                        .pos_at_pointer(&format!("/spec/providers/{i}/name"), false),
-                    format!(
-                        "spec.providers[{i}].name: {HOST_CONFIG} has no provider {:?} ({list}); name one of those, or ask the host's administrator to add it",
-                        p.name.0
-                    ),
-                ));
+                diags.push(o.field_error(&format!("/spec/providers/{i}/name"), format!("{HOST_CONFIG} has no provider {:?} ({list}); name one of those, or ask the host's administrator to add it",
+                        p.name.0)));
             }
-            Some(h) if h.kind() != p.kind => diags.push(Diagnostic::new(
-                &o.path,
-                o.tree
-                    .pos_at_pointer(&format!("/spec/providers/{i}/type"), false),
+            Some(h) if h.kind() != p.kind => diags.push(o.field_error(
+                &format!("/spec/providers/{i}/type"),
                 format!(
-                    "spec.providers[{i}].type: provider {:?} is {} in {HOST_CONFIG}, not {}; set type: {}",
+                    "provider {:?} is {} in {HOST_CONFIG}, not {}; set type: {}",
                     p.name.0,
                     h.kind().as_str(),
                     p.kind.as_str(),
@@ -118,16 +102,10 @@ fn check_intervals(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnostic>
         if let Some(d) = value
             && d.to_std() < floor
         {
-            diags.push(Diagnostic::new(
-                &o.path,
-                o.tree.pos_at_pointer(&format!("/spec/policy/{field}"), false),
-                format!(
-                    "spec.policy.{field}: {} is shorter than {HOST_CONFIG} allows (limits.minInterval {}); use {} or more",
+            diags.push(o.field_error(&format!("/spec/policy/{field}"), format!("{} is shorter than {HOST_CONFIG} allows (limits.minInterval {}); use {} or more",
                     d.as_str(),
                     humantime::format_duration(floor),
-                    humantime::format_duration(floor)
-                ),
-            ));
+                    humantime::format_duration(floor))));
         }
     }
 }

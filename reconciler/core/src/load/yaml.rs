@@ -166,17 +166,6 @@ impl Located {
         }
     }
 
-    /// The position of `key` itself (not its value) in a mapping.
-    pub fn key_pos(&self, key: &str) -> Option<Pos> {
-        match &self.node {
-            Node::Map(entries) => entries
-                .iter()
-                .find(|(_, k, _)| k == key)
-                .map(|(p, _, _)| *p),
-            _ => None,
-        }
-    }
-
     pub fn as_str(&self) -> Option<&str> {
         match &self.node {
             Node::String(s) => Some(s),
