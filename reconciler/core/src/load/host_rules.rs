@@ -40,14 +40,12 @@ pub fn check_host_object(o: &Object<HostDocument>, diags: &mut Vec<Diagnostic>) 
             x.token.env.is_some(),
         ];
         if sources.iter().filter(|s| **s).count() != 1 {
-            diags.push(o.field_error(&format!("/spec/providers/{i}/token"), format!("set exactly one of secret (a Secret in the fleet's fleet/secrets/), file (a host file, mode 0600) and env (an environment variable of fleet's process)")));
+            diags.push(o.field_error(&format!("/spec/providers/{i}/token"), "set exactly one of secret (a Secret in the fleet's fleet/secrets/), file (a host file, mode 0600) and env (an environment variable of fleet's process)"));
         }
         if x.insecure_skip_verify && x.ca_file.is_some() {
             diags.push(o.field_error(
                 &format!("/spec/providers/{i}/insecureSkipVerify"),
-                format!(
-                    "contradicts caFile; remove insecureSkipVerify to verify against the CA file"
-                ),
+                "contradicts caFile; remove insecureSkipVerify to verify against the CA file",
             ));
         }
     }
