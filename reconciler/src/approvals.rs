@@ -85,7 +85,7 @@ fn event(status: &StatusDir, desired: &Desired, kind: EventKind, message: String
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Offer {
     pub digest: String,
-    pub by: String,
+    pub by: OfferedBy,
 }
 
 /// Every approval on offer before a plan is made, by approval id: committed Answers,
@@ -128,7 +128,11 @@ pub fn gather(status: &StatusDir, desired: &Desired) -> Offers {
     for (id, committed) in &desired.approvals {
         offers.by_id.entry(id.clone()).or_default().push(Offer {
             digest: committed.digest.clone(),
-            by: format!("commit {} ({})", desired.revision.short(), committed.source),
+            by: OfferedBy::Commit(format!(
+                "commit {} ({})",
+                desired.revision.short(),
+                committed.source
+            )),
         });
     }
     let Ok(entries) = std::fs::read_dir(status.hitl_dir()) else {
@@ -147,7 +151,7 @@ pub fn gather(status: &StatusDir, desired: &Desired) -> Offers {
             None => {}
             Some(Ok(text)) => offers.by_id.entry(id.to_string()).or_default().push(Offer {
                 digest: text.trim().to_owned(),
-                by: HOST_FILE.to_owned(),
+                by: OfferedBy::HostFile,
             }),
             Some(Err(why)) => {
                 offers.unreadable.insert(id.to_string(), why.to_string());
@@ -157,8 +161,22 @@ pub fn gather(status: &StatusDir, desired: &Desired) -> Offers {
     offers
 }
 
-/// Who offered an approval read from `status/hitl/<id>.answer`.
-const HOST_FILE: &str = "host file";
+/// Who offered an approval: a commit (which, and the Answer's file) or the host's answer
+/// file `status/hitl/<id>.answer`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OfferedBy {
+    Commit(String),
+    HostFile,
+}
+
+impl std::fmt::Display for OfferedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OfferedBy::Commit(which) => f.write_str(which),
+            OfferedBy::HostFile => f.write_str("host file"),
+        }
+    }
+}
 
 /// After planning: writes or updates the approval record of the steps `plan` holds (or
 /// released), notes offers that name another digest, takes the host answer file of that
@@ -189,7 +207,7 @@ pub fn record(status: &StatusDir, desired: &Desired, plan: &Plan, offers: &Offer
         || offers
             .by_id
             .get(&id)
-            .is_some_and(|o| o.iter().any(|o| o.by == HOST_FILE));
+            .is_some_and(|o| o.iter().any(|o| o.by == OfferedBy::HostFile));
     if gathered {
         let _ = std::fs::rename(
             &answer_file,
@@ -233,7 +251,7 @@ pub fn record(status: &StatusDir, desired: &Desired, plan: &Plan, offers: &Offer
         for offer in offers.by_id.get(&id).into_iter().flatten() {
             if offer.digest == digest {
                 record.state = ApprovalState::Approved;
-                record.approved_by = Some(offer.by.clone());
+                record.approved_by = Some(offer.by.to_string());
                 record.approved_at = Some(timestamp(SystemTime::now()));
                 event(
                     status,

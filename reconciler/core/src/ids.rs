@@ -8,6 +8,8 @@
 
 use std::fmt;
 
+use crate::digest::is_lower_hex;
+
 const APPROVAL_PREFIX: &str = "approval-";
 const APPROVAL_DIGEST_CHARS: usize = 12;
 
@@ -76,11 +78,6 @@ impl fmt::Display for PromptId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}-{}-{}", self.task, self.run, self.n)
     }
-}
-
-fn is_lower_hex(s: &str) -> bool {
-    s.bytes()
-        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]

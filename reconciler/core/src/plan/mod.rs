@@ -311,10 +311,7 @@ impl Plan {
         }
         let approved = plan.approved.as_ref().map(|a| &a.digest);
         for digest in plan.approval_digest.iter().chain(approved) {
-            let hex = digest
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-            if digest.len() != 64 || !hex {
+            if digest.len() != 64 || !crate::digest::is_lower_hex(digest) {
                 return Err(SavedPlanError::ApprovalDigest(digest.clone()));
             }
         }
