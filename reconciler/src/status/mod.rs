@@ -53,8 +53,9 @@ pub const ANSWER_FILE_BYTES: u64 = 4096 + 2;
 /// write, so it is read warily: never through a symlink (a root-only file would be typed
 /// into a guest), never blocking (a FIFO would hang every link), only a regular file owned
 /// by root, fleet's user or the owner of the hitl directory, and at most
-/// `ANSWER_FILE_BYTES`. `None` when there is no such file; `Some(Err(why))` when there is
-/// one that is refused.
+/// `ANSWER_FILE_BYTES`. `None` when there is no such file, or it is still empty (a shell's
+/// `echo yes > f` creates the file before it writes the line, and a reader in between must
+/// not take "" for the answer); `Some(Err(why))` when there is one that is refused.
 pub fn read_answer_file(path: &Path) -> Option<Result<String, AnswerFileRefused>> {
     use std::io::Read;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -89,7 +90,10 @@ pub fn read_answer_file(path: &Path) -> Option<Result<String, AnswerFileRefused>
             .map_err(AnswerFileRefused::Unreadable)?;
         Ok(text)
     })();
-    Some(result)
+    match result {
+        Ok(text) if text.is_empty() => None,
+        other => Some(other),
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -445,6 +449,9 @@ mod answer_file_tests {
             read_answer_file(&path("good.answer")).map(|r| r.ok()),
             Some(Some("yes\n".to_owned()))
         );
+        // Created and not yet written: no answer yet, and not an empty one.
+        std::fs::write(path("empty.answer"), "").expect("write");
+        assert!(read_answer_file(&path("empty.answer")).is_none());
 
         std::fs::write(path("big.answer"), "y".repeat(1 << 20)).expect("write");
         let why = read_answer_file(&path("big.answer"))
