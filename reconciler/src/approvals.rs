@@ -22,7 +22,7 @@ use crate::ids::ApprovalId;
 use crate::plan::guard::HeldStep;
 use crate::plan::{Plan, render};
 use crate::resolve::Desired;
-use crate::status::{Event, EventKind, StatusDir, timestamp, write_atomic};
+use crate::status::{Event, EventKind, StatusDir, timestamp};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -63,14 +63,13 @@ fn path(status: &StatusDir, id: &str) -> std::path::PathBuf {
 }
 
 fn read(status: &StatusDir, id: &str) -> Option<ApprovalRecord> {
-    let text = std::fs::read_to_string(path(status, id)).ok()?;
+    let text = status.read_hitl_file(&format!("{id}.yaml")).ok()?;
     serde_saphyr::from_str(&text).ok()
 }
 
 fn write(status: &StatusDir, record: &ApprovalRecord) -> std::io::Result<()> {
-    crate::fsguard::create_private_dirs(&status.hitl_dir())?;
     let text = serde_saphyr::to_string(record).expect("an approval record serialises");
-    write_atomic(&path(status, &record.id), text.as_bytes())
+    status.write_hitl_file(&format!("{}.yaml", record.id), text.as_bytes())
 }
 
 fn event(status: &StatusDir, desired: &Desired, kind: EventKind, message: String) {
@@ -135,19 +134,11 @@ pub fn gather(status: &StatusDir, desired: &Desired) -> Offers {
             )),
         });
     }
-    let Ok(entries) = std::fs::read_dir(status.hitl_dir()) else {
-        return offers;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(id) = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(".answer"))
-            .and_then(ApprovalId::parse)
-        else {
+    for name in status.hitl_file_names() {
+        let Some(id) = name.strip_suffix(".answer").and_then(ApprovalId::parse) else {
             continue;
         };
-        match crate::status::read_answer_file(&entry.path()) {
+        match status.read_answer_file(&name) {
             None => {}
             Some(Ok(text)) => offers.by_id.entry(id.to_string()).or_default().push(Offer {
                 digest: text.trim().to_owned(),
@@ -208,11 +199,11 @@ pub fn record(status: &StatusDir, desired: &Desired, plan: &Plan, offers: &Offer
             .by_id
             .get(&id)
             .is_some_and(|o| o.iter().any(|o| o.by == OfferedBy::HostFile));
-    if gathered {
-        let _ = std::fs::rename(
-            &answer_file,
-            status.hitl_dir().join(format!("{id}.answer.read")),
-        );
+    if gathered
+        && let Err(e) =
+            status.move_hitl_file(&format!("{id}.answer"), Some(&format!("{id}.answer.read")))
+    {
+        tracing::warn!("cannot move {} aside: {e}", answer_file.display());
     }
     let mut record = match read(status, &id) {
         Some(mut r) if r.plan_digest == digest => {
@@ -276,21 +267,18 @@ pub fn record(status: &StatusDir, desired: &Desired, plan: &Plan, offers: &Offer
             }
         }
     }
-    if record != before || !path(status, &id).exists() {
+    if record != before || !status.hitl_file_exists(&format!("{id}.yaml")) {
         let _ = write(status, &record);
     }
 }
 
 /// Every approval record, oldest first.
 pub fn read_all(status: &StatusDir) -> Vec<ApprovalRecord> {
-    let Ok(entries) = std::fs::read_dir(status.hitl_dir()) else {
-        return Vec::new();
-    };
-    let mut records: Vec<ApprovalRecord> = entries
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name();
-            let id = name.to_str()?.strip_suffix(".yaml")?;
+    let mut records: Vec<ApprovalRecord> = status
+        .hitl_file_names()
+        .iter()
+        .filter_map(|name| {
+            let id = name.strip_suffix(".yaml")?;
             ApprovalId::parse(id).and_then(|_| read(status, id))
         })
         .collect();
@@ -317,9 +305,12 @@ pub fn answer(status: &StatusDir, id: &str, digest: &str) -> Result<(), Approval
             record: path(status, id),
         });
     }
-    let file = status.hitl_dir().join(format!("{id}.answer"));
-    write_atomic(&file, format!("{digest}\n").as_bytes())
-        .map_err(|source| ApprovalRefused::Write { path: file, source })
+    status
+        .write_hitl_file(&format!("{id}.answer"), format!("{digest}\n").as_bytes())
+        .map_err(|source| ApprovalRefused::Write {
+            path: status.answer_path(id),
+            source,
+        })
 }
 
 /// Why `fleet hitl answer` does not approve.
@@ -347,14 +338,9 @@ pub enum ApprovalRefused {
 
 /// Pending approval records other than `keep` are withdrawn: their steps are no longer held.
 fn withdraw_others(status: &StatusDir, desired: &Desired, keep: Option<&str>) {
-    let Ok(entries) = std::fs::read_dir(status.hitl_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
+    for name in status.hitl_file_names() {
         let Some(id) = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(".yaml"))
+            .strip_suffix(".yaml")
             .filter(|n| ApprovalId::parse(n).is_some())
         else {
             continue;

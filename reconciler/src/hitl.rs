@@ -142,10 +142,12 @@ pub fn answer(status: &StatusDir, id: &str, text: &str) -> Result<(), AnswerErro
         return Err(AnswerError::Refused(problem));
     }
     let path = status.answer_path(id);
-    if path.exists() {
+    let name = crate::status::tasks::answer_file_name(id);
+    if status.hitl_file_exists(&name) {
         return Err(AnswerError::Waiting(path));
     }
-    crate::atomic_file::write_atomic(&path, format!("{text}\n").as_bytes())
+    status
+        .write_hitl_file(&name, format!("{text}\n").as_bytes())
         .map_err(|source| AnswerError::Write { path, source })
 }
 

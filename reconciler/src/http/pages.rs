@@ -38,14 +38,12 @@ impl Snapshot {
     }
 
     pub fn read(status: &StatusDir) -> Snapshot {
-        let root = status.root();
+        let (plan_text, plan_json) = status.read_plan_files();
         Snapshot {
             summary: status.read_summary(),
             vms: status.read_vms(),
-            plan_text: std::fs::read_to_string(root.join("plan.txt")).ok(),
-            plan_json: std::fs::read(root.join("plan.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok()),
+            plan_text,
+            plan_json: plan_json.and_then(|b| serde_json::from_slice(&b).ok()),
             tasks: status.read_task_records(),
             prompts: status.read_prompts(),
             approvals: crate::approvals::read_all(status)

@@ -185,14 +185,11 @@ async fn tasks_and_pending_prompts_show_with_the_output_tail() {
         updated: "now".into(),
     };
     view.status.reset_task_files("build").expect("reset");
-    let end = view
-        .status
-        .append_task_output(
-            "build",
-            0,
-            b"\x1b[32mcompiling\x1b[0m\r\n<b>Deploy? (y/n)</b> ",
-        )
+    let output = b"\x1b[32mcompiling\x1b[0m\r\n<b>Deploy? (y/n)</b> ";
+    view.status
+        .write_task_output("build", 0, output)
         .expect("output");
+    let end = output.len() as u64;
     view.status
         .write_task_record(&TaskRecord {
             output_bytes: end,

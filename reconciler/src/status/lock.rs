@@ -104,20 +104,34 @@ impl StatusLock {
 }
 
 /// Removes the temp files a killed holder left in the status directory, `depth` levels
-/// down. Answer files are skipped (`fleet hitl answer` writes them without the lock), and
-/// so are task artifacts: they are the guest's files, named as the guest chose.
+/// down (through directory handles: a link is never entered). Answer files are skipped
+/// (`fleet hitl answer` writes them without the lock), and so are task artifacts: they are
+/// the guest's files, named as the guest chose.
 fn remove_left_temp_files_under(dir: &Path, depth: usize) {
+    if let Ok(handle) = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority()) {
+        remove_left_temp_files_in(&handle, dir, depth);
+    }
+}
+
+fn remove_left_temp_files_in(dir: &cap_std::fs::Dir, shown: &Path, depth: usize) {
     for removed in
         crate::atomic_file::remove_left_temp_files(dir, "", |target| target.ends_with(".answer"))
     {
-        tracing::info!("removed {}, left by a killed writer", removed.display());
+        tracing::info!(
+            "removed {}, left by a killed writer",
+            shown.join(removed).display()
+        );
     }
     if depth == 0 {
         return;
     }
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) && entry.file_name() != "artifacts" {
-            remove_left_temp_files_under(&entry.path(), depth - 1);
+    for entry in dir.entries().into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        if entry.file_type().is_ok_and(|t| t.is_dir())
+            && name != "artifacts"
+            && let Ok(sub) = cap_fs_ext::DirExt::open_dir_nofollow(dir, &name)
+        {
+            remove_left_temp_files_in(&sub, &shown.join(&name), depth - 1);
         }
     }
 }

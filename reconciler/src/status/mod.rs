@@ -10,6 +10,7 @@
 mod event;
 pub mod lock;
 pub mod tasks;
+mod tree;
 mod view;
 
 pub use crate::atomic_file::write_atomic;
@@ -48,53 +49,6 @@ pub enum AnswerFileRefused {
 
 /// The longest host answer file read: an answer is one line of at most 4 KiB.
 pub const ANSWER_FILE_BYTES: u64 = 4096 + 2;
-
-/// Reads a host answer file (`status/hitl/<id>.answer`), which anyone who may answer can
-/// write, so it is read warily: never through a symlink (a root-only file would be typed
-/// into a guest), never blocking (a FIFO would hang every link), only a regular file owned
-/// by root, fleet's user or the owner of the hitl directory, and at most
-/// `ANSWER_FILE_BYTES`. `None` when there is no such file, or it is still empty (a shell's
-/// `echo yes > f` creates the file before it writes the line, and a reader in between must
-/// not take "" for the answer); `Some(Err(why))` when there is one that is refused.
-pub fn read_answer_file(path: &Path) -> Option<Result<String, AnswerFileRefused>> {
-    use std::io::Read;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => return Some(Err(AnswerFileRefused::Unsafe(e))),
-    };
-    let result = (|| {
-        let meta = file.metadata().map_err(AnswerFileRefused::Unreadable)?;
-        if !meta.file_type().is_file() {
-            return Err(AnswerFileRefused::NotRegular);
-        }
-        let me = nix::unistd::geteuid().as_raw();
-        let dir_owner = path
-            .parent()
-            .and_then(|d| std::fs::metadata(d).ok())
-            .map(|m| m.uid());
-        if meta.uid() != 0 && meta.uid() != me && Some(meta.uid()) != dir_owner {
-            return Err(AnswerFileRefused::Owner(meta.uid()));
-        }
-        if meta.len() > ANSWER_FILE_BYTES {
-            return Err(AnswerFileRefused::TooLarge(meta.len()));
-        }
-        let mut text = String::new();
-        file.take(ANSWER_FILE_BYTES)
-            .read_to_string(&mut text)
-            .map_err(AnswerFileRefused::Unreadable)?;
-        Ok(text)
-    })();
-    match result {
-        Ok(text) if text.is_empty() => None,
-        other => Some(other),
-    }
-}
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -299,9 +253,8 @@ impl StatusDir {
                 )?;
             }
         }
-        let ignore = self.root.join(".gitignore");
-        if !ignore.exists() {
-            write_atomic(&ignore, b"*\n")?;
+        if self.tree()?.symlink_metadata(".gitignore").is_err() {
+            self.write_file(".gitignore", b"*\n")?;
         }
         if let Some(parent) = self.root.parent()
             && parent.file_name().is_some_and(|n| n == ".fleet")
@@ -314,37 +267,186 @@ impl StatusDir {
         Ok(())
     }
 
+    /// The directory's handle: every file below is reached through it (`tree`).
+    fn tree(&self) -> std::io::Result<cap_std::fs::Dir> {
+        tree::open(&self.root)
+    }
+
+    /// The handle, for a writer: the directory is made (0750) when missing.
+    fn tree_to_write(&self) -> std::io::Result<cap_std::fs::Dir> {
+        match tree::open(&self.root) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                crate::fsguard::create_private_dirs(&self.root)?;
+                tree::open(&self.root)
+            }
+            opened => opened,
+        }
+    }
+
+    fn read_file(&self, relative: &str) -> std::io::Result<String> {
+        tree::read_to_string(&self.tree()?, Path::new(relative))
+    }
+
+    /// Writes `relative` atomically, making its directories (0750) first.
+    fn write_file(&self, relative: &str, bytes: &[u8]) -> std::io::Result<()> {
+        let relative = Path::new(relative);
+        let (Some(parent), Some(name)) = (relative.parent(), relative.file_name()) else {
+            return Err(std::io::Error::other(format!(
+                "{} names no file",
+                relative.display()
+            )));
+        };
+        let root = self.tree_to_write()?;
+        tree::create_dirs(&root, parent)?;
+        let dir = if parent.as_os_str().is_empty() {
+            root
+        } else {
+            root.open_dir(parent)?
+        };
+        crate::atomic_file::write_atomic_in(&dir, Path::new(name), bytes)
+    }
+
+    /// Every `*.yaml` in the directory `relative` that parses as a `T`, by `key`.
+    fn read_all<T: serde::de::DeserializeOwned>(
+        &self,
+        relative: &str,
+        key: impl Fn(&T) -> String,
+    ) -> BTreeMap<String, T> {
+        self.read_all_but(relative, |_| false, key)
+    }
+
+    /// As `read_all`, leaving out the files whose name (without `.yaml`) `skip` picks:
+    /// records of another kind that share the directory.
+    fn read_all_but<T: serde::de::DeserializeOwned>(
+        &self,
+        relative: &str,
+        skip: impl Fn(&str) -> bool,
+        key: impl Fn(&T) -> String,
+    ) -> BTreeMap<String, T> {
+        let mut out = BTreeMap::new();
+        let Ok(dir) = self.tree().and_then(|root| root.open_dir(relative)) else {
+            return out;
+        };
+        let Ok(entries) = dir.entries() else {
+            return out;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = Path::new(&name);
+            let stem = name
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default();
+            if name.extension().is_some_and(|e| e == "yaml")
+                && !skip(stem)
+                && let Ok(text) = tree::read_to_string(&dir, name)
+            {
+                match serde_saphyr::from_str::<T>(&text) {
+                    Ok(record) => {
+                        out.insert(key(&record), record);
+                    }
+                    Err(e) => tracing::warn!(
+                        "{}: unreadable, left alone: {e}",
+                        self.root.join(relative).join(name).display()
+                    ),
+                }
+            }
+        }
+        out
+    }
+
+    /// Reads the host answer file `file_name` in `hitl/`, which anyone who may answer can
+    /// write, so it is read warily: never through a symlink (a root-only file would be
+    /// typed into a guest), never blocking (a FIFO would hang every link), only a regular
+    /// file owned by root, fleet's user or the owner of the hitl directory, and at most
+    /// `ANSWER_FILE_BYTES`. `None` when there is no such file, or it is still empty (a
+    /// shell's `echo yes > f` creates the file before it writes the line, and a reader in
+    /// between must not take "" for the answer); `Some(Err(why))` when there is one that
+    /// is refused.
+    pub fn read_answer_file(&self, file_name: &str) -> Option<Result<String, AnswerFileRefused>> {
+        use cap_std::fs::OpenOptionsExt;
+        use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
+        let hitl = match self.tree().and_then(|root| root.open_dir("hitl")) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => return Some(Err(AnswerFileRefused::Unsafe(e))),
+        };
+        let file = match tree::open_file(
+            &hitl,
+            Path::new(file_name),
+            cap_std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_NONBLOCK),
+        ) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => return Some(Err(AnswerFileRefused::Unsafe(e))),
+        };
+        let result = (|| {
+            let meta = file.metadata().map_err(AnswerFileRefused::Unreadable)?;
+            if !meta.file_type().is_file() {
+                return Err(AnswerFileRefused::NotRegular);
+            }
+            let me = nix::unistd::geteuid().as_raw();
+            let dir_owner = hitl
+                .dir_metadata()
+                .ok()
+                .map(|m| cap_std::fs::MetadataExt::uid(&m));
+            if meta.uid() != 0 && meta.uid() != me && Some(meta.uid()) != dir_owner {
+                return Err(AnswerFileRefused::Owner(meta.uid()));
+            }
+            if meta.len() > ANSWER_FILE_BYTES {
+                return Err(AnswerFileRefused::TooLarge(meta.len()));
+            }
+            let mut text = String::new();
+            file.take(ANSWER_FILE_BYTES)
+                .read_to_string(&mut text)
+                .map_err(AnswerFileRefused::Unreadable)?;
+            Ok(text)
+        })();
+        match result {
+            Ok(text) if text.is_empty() => None,
+            other => Some(other),
+        }
+    }
+
     pub fn append_event(&self, event: &Event) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(event).expect("Event is JSON");
         line.push(b'\n');
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(crate::fsguard::FILE_MODE)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(self.root.join("events.jsonl"))?;
+        let mut f = tree::open_file(
+            &self.tree_to_write()?,
+            Path::new("events.jsonl"),
+            cap_std::fs::OpenOptions::new().create(true).append(true),
+        )?;
         f.write_all(&line)?;
         f.sync_data()
     }
 
     pub fn read_summary(&self) -> Option<Summary> {
-        let text = std::fs::read_to_string(self.root.join("summary.yaml")).ok()?;
+        let text = self.read_file("summary.yaml").ok()?;
         serde_saphyr::from_str(&text).ok()
     }
 
     pub fn write_summary(&self, summary: &Summary) -> std::io::Result<()> {
-        write_atomic(&self.root.join("summary.yaml"), yaml(summary).as_bytes())
+        self.write_file("summary.yaml", yaml(summary).as_bytes())
     }
 
     pub fn write_plan(&self, plan: &Plan) -> std::io::Result<()> {
-        write_atomic(&self.root.join("plan.txt"), render::text(plan).as_bytes())?;
-        write_atomic(&self.root.join("plan.json"), render::json(plan).as_bytes())
+        self.write_file("plan.txt", render::text(plan).as_bytes())?;
+        self.write_file("plan.json", render::json(plan).as_bytes())
+    }
+
+    /// The plan last written (`plan.txt`, `plan.json`), for the page.
+    pub fn read_plan_files(&self) -> (Option<String>, Option<Vec<u8>>) {
+        let text = self.read_file("plan.txt").ok();
+        let json = self.read_file("plan.json").ok().map(String::into_bytes);
+        (text, json)
     }
 
     /// The secret fingerprints fleet last delivered from (`secrets.yaml`; never values).
     pub fn read_secrets_seen(&self) -> crate::plan::secrets::SecretsSeen {
-        std::fs::read_to_string(self.root.join("secrets.yaml"))
+        self.read_file("secrets.yaml")
             .ok()
             .and_then(|text| serde_saphyr::from_str(&text).ok())
             .unwrap_or_default()
@@ -357,18 +459,16 @@ impl StatusDir {
         if *seen == self.read_secrets_seen() {
             return Ok(());
         }
-        write_atomic(&self.root.join("secrets.yaml"), yaml(seen).as_bytes())
+        self.write_file("secrets.yaml", yaml(seen).as_bytes())
     }
 
     pub fn read_vms(&self) -> BTreeMap<String, VmStatus> {
-        tasks::read_all(&self.root.join("vms"), |vm: &VmStatus| vm.name.clone())
+        self.read_all("vms", |vm: &VmStatus| vm.name.clone())
     }
 
     /// Rewrites `vms/` to hold exactly `vms`; a file whose content is unchanged (but for
     /// its `updated` time) is left as it is.
     pub fn write_vms(&self, vms: &BTreeMap<String, VmStatus>) -> std::io::Result<()> {
-        let dir = self.root.join("vms");
-        crate::fsguard::create_private_dirs(&dir)?;
         let existing = self.read_vms();
         for vm in vms.values() {
             let unchanged = existing.get(&vm.name).is_some_and(|old| {
@@ -378,18 +478,20 @@ impl StatusDir {
                 } == *old
             });
             if !unchanged {
-                write_atomic(&dir.join(format!("{}.yaml", vm.name)), yaml(vm).as_bytes())?;
+                self.write_file(&format!("vms/{}.yaml", vm.name), yaml(vm).as_bytes())?;
             }
         }
-        for entry in std::fs::read_dir(&dir)?.flatten() {
-            let path = entry.path();
-            let stem = path
+        let dir = self.tree_to_write()?;
+        tree::create_dirs(&dir, Path::new("vms"))?;
+        for entry in dir.read_dir("vms")?.flatten() {
+            let name = entry.file_name();
+            let name = Path::new(&name);
+            let stem = name
                 .file_stem()
                 .and_then(|s| s.to_str())
-                .unwrap_or_default()
-                .to_owned();
-            if path.extension().is_some_and(|e| e == "yaml") && !vms.contains_key(&stem) {
-                std::fs::remove_file(&path)?;
+                .unwrap_or_default();
+            if name.extension().is_some_and(|e| e == "yaml") && !vms.contains_key(stem) {
+                tree::remove_file(&dir, &Path::new("vms").join(name))?;
             }
         }
         Ok(())
@@ -437,11 +539,19 @@ pub(crate) fn yaml<T: Serialize>(value: &T) -> String {
 #[cfg(test)]
 mod answer_file_tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn answer_files_are_read_only_when_plain_small_and_not_symlinks() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = |name: &str| dir.path().join(name);
+        let status = StatusDir::new(dir.path());
+        let read_answer_file = |path: &Path| {
+            let name = path.file_name().and_then(|n| n.to_str()).expect("a name");
+            status.read_answer_file(name)
+        };
+        assert!(read_answer_file(&dir.path().join("hitl/x.answer")).is_none());
+        crate::fsguard::create_private_dirs(&status.hitl_dir()).expect("hitl");
+        let path = |name: &str| status.hitl_dir().join(name);
         assert!(read_answer_file(&path("missing.answer")).is_none());
 
         std::fs::write(path("good.answer"), "yes\n").expect("write");
@@ -530,8 +640,32 @@ mod hygiene_tests {
         let output = status.task_output_path("t");
         std::fs::remove_file(&output).expect("rm");
         std::os::unix::fs::symlink(&target, &output).expect("link");
-        assert!(status.append_task_output("t", 0, b"guest bytes").is_err());
+        assert!(status.write_task_output("t", 0, b"guest bytes").is_err());
         assert_eq!(std::fs::read(&target).expect("victim"), b"before");
+
+        // A directory on the way swapped for a link out of the status directory: nothing
+        // is written through it either (every path is resolved beneath the directory).
+        let elsewhere = top.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).expect("mkdir");
+        let task_dir = status.root().join("tasks/u");
+        status.reset_task_files("u").expect("task files");
+        std::fs::remove_dir_all(&task_dir).expect("rm");
+        std::os::unix::fs::symlink(&elsewhere, &task_dir).expect("link");
+        assert!(status.write_task_output("u", 0, b"guest bytes").is_err());
+        assert!(
+            status
+                .write_artifact_part("u", "out/a.txt", 0, b"guest bytes")
+                .is_err()
+        );
+        std::fs::remove_file(&task_dir).expect("rm link");
+        std::os::unix::fs::symlink(&elsewhere, status.root().join("hitl")).expect("link");
+        let prompt = status.write_hitl_file("p.yaml", b"guest text");
+        assert!(prompt.is_err(), "written through hitl -> elsewhere");
+        assert_eq!(
+            std::fs::read_dir(&elsewhere).expect("ls").count(),
+            0,
+            "nothing landed outside"
+        );
 
         // Under a directory anyone may write (and not sticky): refused, naming it.
         let open = top.path().join("open");

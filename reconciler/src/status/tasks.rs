@@ -4,8 +4,9 @@
 //!
 //! The output log and the record move together: `outputBytes` in the record is the log's
 //! length after the last output chunk the record counts (`seq`). A log found longer than
-//! that (fleet stopped between appending and recording) is cut back, and the guest sends
-//! the chunks after `seq` again, so the log is complete, in order, and has no repeats.
+//! that when the task book opens (fleet stopped between appending and recording) is cut
+//! back (`cut_task_output`), and the guest sends the chunks after `seq` again, so the log
+//! is complete, in order, and has no repeats.
 
 use std::collections::BTreeMap;
 use std::io::{Seek, SeekFrom, Write};
@@ -13,7 +14,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{StatusDir, write_atomic, yaml};
+use super::{StatusDir, yaml};
 use crate::ids::ApprovalId;
 use crate::time::Timestamp;
 
@@ -206,120 +207,175 @@ pub struct PromptRecord {
 }
 
 impl StatusDir {
-    fn tasks_dir(&self) -> PathBuf {
-        self.root.join("tasks")
-    }
-
     pub fn hitl_dir(&self) -> PathBuf {
         self.root.join("hitl")
     }
 
+    /// Where a task's output log is, for readers (`fleet task logs`, the tests).
     pub fn task_output_path(&self, task: &str) -> PathBuf {
-        self.tasks_dir().join(task).join("output.log")
+        self.root.join(output_log(task))
     }
 
     pub fn read_task_records(&self) -> BTreeMap<String, TaskRecord> {
-        read_all(&self.tasks_dir(), |r: &TaskRecord| r.name.clone())
+        self.read_all("tasks", |r: &TaskRecord| r.name.clone())
     }
 
     pub fn write_task_record(&self, record: &TaskRecord) -> std::io::Result<()> {
-        write_atomic(
-            &self.tasks_dir().join(format!("{}.yaml", record.name)),
+        self.write_file(
+            &format!("tasks/{}.yaml", record.name),
             yaml(record).as_bytes(),
         )
     }
 
     /// Task prompts (approval records share the directory and are left out).
     pub fn read_prompts(&self) -> BTreeMap<String, PromptRecord> {
-        read_all_but(
-            &self.hitl_dir(),
+        self.read_all_but(
+            "hitl",
             |stem| ApprovalId::parse(stem).is_some(),
             |r: &PromptRecord| r.id.clone(),
         )
     }
 
     pub fn read_prompt(&self, id: &str) -> Option<PromptRecord> {
-        let text = std::fs::read_to_string(self.hitl_dir().join(format!("{id}.yaml"))).ok()?;
+        let text = self.read_file(&format!("hitl/{id}.yaml")).ok()?;
         serde_saphyr::from_str(&text).ok()
     }
 
     pub fn write_prompt(&self, prompt: &PromptRecord) -> std::io::Result<()> {
-        write_atomic(
-            &self.hitl_dir().join(format!("{}.yaml", prompt.id)),
-            yaml(prompt).as_bytes(),
-        )
+        self.write_file(&format!("hitl/{}.yaml", prompt.id), yaml(prompt).as_bytes())
     }
 
     /// The host-side answer file of a prompt.
     pub fn answer_path(&self, id: &str) -> PathBuf {
-        self.hitl_dir().join(format!("{id}.answer"))
+        self.hitl_dir().join(answer_file_name(id))
+    }
+
+    /// Renames (or with `to: None` removes) a file in `hitl/`: host answer files taken or
+    /// refused.
+    pub fn move_hitl_file(&self, from: &str, to: Option<&str>) -> std::io::Result<()> {
+        let hitl = self.tree()?.open_dir("hitl")?;
+        match to {
+            Some(to) => hitl.rename(from, &hitl, to),
+            None => super::tree::remove_file(&hitl, Path::new(from)),
+        }
+    }
+
+    /// Reads `hitl/<name>` (a record: never through a link).
+    pub fn read_hitl_file(&self, name: &str) -> std::io::Result<String> {
+        self.read_file(&format!("hitl/{name}"))
+    }
+
+    /// Writes `hitl/<name>` atomically (making `hitl/`).
+    pub fn write_hitl_file(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        self.write_file(&format!("hitl/{name}"), bytes)
+    }
+
+    /// Whether `hitl/<name>` exists (a link counts: it is there, and is not followed).
+    pub fn hitl_file_exists(&self, name: &str) -> bool {
+        self.tree()
+            .is_ok_and(|root| root.symlink_metadata(format!("hitl/{name}")).is_ok())
+    }
+
+    /// The names of the files in `hitl/` (empty when there is none).
+    pub fn hitl_file_names(&self) -> Vec<String> {
+        let Ok(dir) = self.tree().and_then(|root| root.open_dir("hitl")) else {
+            return Vec::new();
+        };
+        let Ok(entries) = dir.entries() else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect()
     }
 
     /// Empties the task's output log and artifacts for a new run.
     pub fn reset_task_files(&self, task: &str) -> std::io::Result<()> {
-        let dir = self.tasks_dir().join(task);
-        match std::fs::remove_dir_all(&dir) {
+        let root = self.tree_to_write()?;
+        let dir = Path::new("tasks").join(task);
+        match root.remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        crate::fsguard::create_private_dirs(&dir)?;
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(crate::fsguard::FILE_MODE)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(dir.join("output.log"))?
-            .sync_all()
+        super::tree::create_dirs(&root, &dir)?;
+        super::tree::open_file(
+            &root,
+            &output_log(task),
+            cap_std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true),
+        )?
+        .sync_all()
     }
 
-    /// Appends to the output log, starting at `at` (the length the record accounts for,
-    /// which cuts off anything written after it). Returns the new length.
-    /// Not synced: the task book syncs a batch's output once (`sync_task_output`) before
-    /// it acknowledges the batch.
-    pub fn append_task_output(&self, task: &str, at: u64, data: &[u8]) -> std::io::Result<u64> {
-        write_at(&self.task_output_path(task), at, data, Some(at), false)?;
-        Ok(at + data.len() as u64)
+    /// Cuts a run's output log back to `len`, the length its record accounts for: what a
+    /// killed fleet appended after its last record is sent again by the guest.
+    pub fn cut_task_output(&self, task: &str, len: u64) -> std::io::Result<()> {
+        let file = match super::tree::open_file(
+            &self.tree()?,
+            &output_log(task),
+            cap_std::fs::OpenOptions::new().write(true),
+        ) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if file.metadata()?.len() > len {
+            file.set_len(len)?;
+            file.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Writes output at `at` (the length the record accounted for when it was decided).
+    /// Parts of one run land at their own offsets, so the order in which batches reach
+    /// the disk does not matter. Not synced: the task book syncs a batch's output once
+    /// (`sync_task_output`) before it acknowledges the batch.
+    pub fn write_task_output(&self, task: &str, at: u64, data: &[u8]) -> std::io::Result<()> {
+        let root = self.tree_to_write()?;
+        write_at(&root, &output_log(task), at, data, None)
     }
 
     /// Makes what was written to an artifact durable (`relative` was checked when written).
     pub fn sync_artifact(&self, task: &str, relative: &str) -> std::io::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = self.tasks_dir().join(task).join("artifacts").join(relative);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(path)?
-            .sync_data()
+        super::tree::open_file(
+            &self.tree()?,
+            &Path::new("tasks")
+                .join(task)
+                .join("artifacts")
+                .join(relative),
+            cap_std::fs::OpenOptions::new().write(true),
+        )?
+        .sync_data()
     }
 
-    /// Makes what was appended to a task's output durable.
+    /// Makes what was written to a task's output durable.
     pub fn sync_task_output(&self, task: &str) -> std::io::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(self.task_output_path(task))
-        {
+        match super::tree::open_file(
+            &self.tree()?,
+            &output_log(task),
+            cap_std::fs::OpenOptions::new().write(true),
+        ) {
             Ok(file) => file.sync_data(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         }
     }
 
-    /// Writes part of an artifact at `offset`. `relative` must stay inside the artifacts
-    /// directory, and `offset` may not be past the end of what is there (no holes: a guest
-    /// cannot make a sparse file of any size); anything else is refused. Returns how many
-    /// bytes the file grew by.
+    /// Writes part of an artifact at `offset` (synced per batch: `sync_artifact`). `relative` must stay
+    /// inside the artifacts directory, and `offset` may not be past the end of what is
+    /// there (no holes: a guest cannot make a sparse file of any size); anything else is
+    /// refused. The first part (offset 0) starts the file afresh.
     pub fn write_artifact_part(
         &self,
         task: &str,
         relative: &str,
         offset: u64,
         data: &[u8],
-    ) -> std::io::Result<u64> {
+    ) -> std::io::Result<()> {
         let safe = !relative.is_empty()
             && Path::new(relative)
                 .components()
@@ -329,27 +385,33 @@ impl StatusDir {
                 "artifact path {relative:?} leaves the artifacts directory"
             )));
         }
-        let path = self.tasks_dir().join(task).join("artifacts").join(relative);
+        let root = self.tree_to_write()?;
+        let path = Path::new("tasks")
+            .join(task)
+            .join("artifacts")
+            .join(relative);
         let before = if offset == 0 {
             0
         } else {
-            std::fs::symlink_metadata(&path).map_or(0, |m| m.len())
+            root.symlink_metadata(&path).map_or(0, |m| m.len())
         };
         if offset > before {
             return Err(std::io::Error::other(format!(
                 "artifact {relative:?}: part at offset {offset} leaves a hole after {before} bytes"
             )));
         }
-        // The first part starts the file afresh; later parts land at their offsets.
-        // Synced by the task book once per batch (`sync_artifact`).
-        write_at(&path, offset, data, (offset == 0).then_some(0), false)?;
-        Ok((offset + data.len() as u64).saturating_sub(before))
+        write_at(&root, &path, offset, data, (offset == 0).then_some(0))
     }
 
     /// The last `max` bytes of a task's output (from a character boundary).
     pub fn task_output_tail(&self, task: &str, max: u64) -> Option<String> {
         use std::io::Read;
-        let mut file = std::fs::File::open(self.task_output_path(task)).ok()?;
+        let mut file = super::tree::open_file(
+            &self.tree().ok()?,
+            &output_log(task),
+            cap_std::fs::OpenOptions::new().read(true),
+        )
+        .ok()?;
         let len = file.metadata().ok()?.len();
         file.seek(SeekFrom::Start(len.saturating_sub(max))).ok()?;
         let mut bytes = Vec::new();
@@ -363,78 +425,44 @@ impl StatusDir {
     }
 }
 
-/// Writes `data` at `offset` (making the file and its directory if needed), after cutting
-/// the file to `cut_to` bytes when given, and syncs it.
+/// A task's output log, relative to the status directory.
+fn output_log(task: &str) -> PathBuf {
+    Path::new("tasks").join(task).join("output.log")
+}
+
+/// The host answer file of a prompt, in `hitl/`.
+pub fn answer_file_name(id: &str) -> String {
+    format!("{id}.answer")
+}
+
+/// Writes `data` at `offset` in `relative` under `root` (making the file and its directory
+/// if needed), after cutting the file to `cut_to` bytes when given, .
 /// Never through a symlink: a guest's bytes must not land in a file a link points at.
 fn write_at(
-    path: &Path,
+    root: &cap_std::fs::Dir,
+    relative: &Path,
     offset: u64,
     data: &[u8],
     cut_to: Option<u64>,
-    sync: bool,
 ) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        crate::fsguard::create_private_dirs(dir)?;
+    if let Some(dir) = relative.parent() {
+        super::tree::create_dirs(root, dir)?;
     }
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(false)
-        .mode(crate::fsguard::FILE_MODE)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)?;
+    let mut file = super::tree::open_file(
+        root,
+        relative,
+        cap_std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false),
+    )?;
     if let Some(len) = cut_to
         && file.metadata()?.len() != len
     {
         file.set_len(len)?;
     }
     file.seek(SeekFrom::Start(offset))?;
-    file.write_all(data)?;
-    if sync {
-        file.sync_data()?;
-    }
-    Ok(())
-}
-
-/// Every `*.yaml` in `dir` that parses as a `T`, by `key`.
-pub(super) fn read_all<T: serde::de::DeserializeOwned>(
-    dir: &Path,
-    key: impl Fn(&T) -> String,
-) -> BTreeMap<String, T> {
-    read_all_but(dir, |_| false, key)
-}
-
-/// As `read_all`, leaving out the files whose name (without `.yaml`) `skip` picks: records
-/// of another kind that share the directory.
-fn read_all_but<T: serde::de::DeserializeOwned>(
-    dir: &Path,
-    skip: impl Fn(&str) -> bool,
-    key: impl Fn(&T) -> String,
-) -> BTreeMap<String, T> {
-    let mut out = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let stem = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default();
-        if path.extension().is_some_and(|e| e == "yaml")
-            && !skip(stem)
-            && let Ok(text) = std::fs::read_to_string(&path)
-        {
-            match serde_saphyr::from_str::<T>(&text) {
-                Ok(record) => {
-                    out.insert(key(&record), record);
-                }
-                Err(e) => tracing::warn!("{}: unreadable, left alone: {e}", path.display()),
-            }
-        }
-    }
-    out
+    file.write_all(data)
 }
 
 #[cfg(test)]
@@ -467,16 +495,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let status = StatusDir::new(dir.path());
         status.reset_task_files("t").expect("reset");
-        let at = status.append_task_output("t", 0, b"one\n").expect("append");
-        // Written but never recorded (fleet stopped before the record was written).
+        status.write_task_output("t", 0, b"one\n").expect("write");
+        // Written but never recorded (fleet stopped before the record was written)...
         status
-            .append_task_output("t", at, b"two\n")
-            .expect("append");
-        // The guest sends "two" again; the record still says `at`.
-        let end = status
-            .append_task_output("t", at, b"two\n")
-            .expect("append");
-        assert_eq!(end, 8);
+            .write_task_output("t", 4, b"two, and more\n")
+            .expect("write");
+        // ... so the book cuts it back to its record when it opens, and the guest sends
+        // the rest again.
+        status.cut_task_output("t", 4).expect("cut");
+        status.write_task_output("t", 4, b"two\n").expect("write");
         let log = std::fs::read_to_string(status.task_output_path("t")).expect("log");
         assert_eq!(log, "one\ntwo\n");
         assert_eq!(status.task_output_tail("t", 4).as_deref(), Some("two\n"));

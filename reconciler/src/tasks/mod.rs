@@ -88,9 +88,9 @@ struct Effects {
     records: BTreeSet<String>,
     prompts: BTreeSet<String>,
     events: Vec<Event>,
-    /// Host answer files to move aside (`Some(to)`) or remove (`None`), after the records
-    /// and prompts that say what became of them are written.
-    moves: Vec<(PathBuf, Option<PathBuf>)>,
+    /// Host answer files (names in `hitl/`) to move aside (`Some(to)`) or remove (`None`),
+    /// after the records and prompts that say what became of them are written.
+    moves: Vec<(String, Option<String>)>,
 }
 
 /// The effects of one hold of the lock, with the copies to write.
@@ -98,7 +98,7 @@ struct Pending {
     records: Vec<(u64, TaskRecord)>,
     prompts: Vec<(u64, PromptRecord)>,
     events: Vec<Event>,
-    moves: Vec<(PathBuf, Option<PathBuf>)>,
+    moves: Vec<(String, Option<String>)>,
 }
 
 /// The book's lock: when it is released, what the holder decided is written (after the
@@ -166,13 +166,37 @@ impl BookState {
     }
 }
 
-/// What one batch of guest messages changed.
+/// What one batch of guest messages changed, and the bytes it decided to write: written
+/// and synced by `end_batch` without the book's lock (so one guest's flood, or a disk in
+/// writeback, holds up no other link), then acknowledged.
 #[derive(Default)]
 struct Batch {
     /// Runs whose record (and maybe output) changed.
     runs: BTreeSet<String>,
-    /// Artifact files written to, by run and path.
-    artifacts: BTreeSet<(String, String)>,
+    /// Output to write: run, offset, bytes.
+    output: Vec<(String, u64, Vec<u8>)>,
+    /// Artifact parts to write: run, path, offset, bytes.
+    artifacts: Vec<(String, String, u64, Vec<u8>)>,
+}
+
+impl BookState {
+    /// Queues output of run `name` for the batch's end.
+    fn write_output(&mut self, name: &str, at: u64, data: &[u8]) {
+        self.batch
+            .get_or_insert_default()
+            .output
+            .push((name.to_owned(), at, data.to_vec()));
+    }
+
+    /// Queues an artifact part of run `name` for the batch's end.
+    fn write_artifact(&mut self, name: &str, path: &str, offset: u64, data: Vec<u8>) {
+        self.batch.get_or_insert_default().artifacts.push((
+            name.to_owned(),
+            path.to_owned(),
+            offset,
+            data,
+        ));
+    }
 }
 
 /// What one VM's guest should hold under `SECRETS_DIR`, and its digest (over paths and
@@ -291,6 +315,13 @@ impl TaskBook {
             prompts: status.read_prompts(),
             ..BookState::default()
         };
+        // Output written after the last record a killed fleet made is cut back: the guest
+        // sends it again, so the log has no repeats.
+        for record in state.records.values().filter(|r| r.phase.is_active()) {
+            if let Err(e) = status.cut_task_output(&record.name, record.output_bytes) {
+                tracing::warn!(task = %record.name, "cannot cut the output back: {e}");
+            }
+        }
         let cache_dir = repo_root.join(".fleet").join("cache").join("repos");
         TaskBook {
             status,
@@ -342,10 +373,9 @@ impl TaskBook {
             }
         }
         for (from, to) in moves {
-            let _ = match to {
-                Some(to) => std::fs::rename(&from, to),
-                None => std::fs::remove_file(&from),
-            };
+            if let Err(e) = self.status.move_hitl_file(&from, to.as_deref()) {
+                tracing::warn!("cannot move the answer file {from}: {e}");
+            }
         }
     }
 
@@ -581,12 +611,30 @@ impl TaskBook {
     /// meanwhile, and an older copy must never overwrite a newer). One sync per file and
     /// batch rather than several per message, and nothing acknowledged before it is on disk.
     fn end_batch(&self, batch: Batch) {
-        for name in &batch.runs {
-            if let Err(e) = self.status.sync_task_output(name) {
-                tracing::error!(task = %name, "cannot sync the task's output: {e}");
+        let mut lost = BTreeSet::new();
+        for (name, at, data) in &batch.output {
+            if let Err(e) = self.status.write_task_output(name, *at, data) {
+                tracing::error!(task = %name, "cannot write the task's output: {e}");
+                lost.insert(name.clone());
             }
         }
-        for (name, path) in &batch.artifacts {
+        let mut artifacts = BTreeSet::new();
+        for (name, path, offset, data) in &batch.artifacts {
+            match self.status.write_artifact_part(name, path, *offset, data) {
+                Ok(()) => {
+                    artifacts.insert((name, path));
+                }
+                Err(e) => tracing::warn!(task = %name, "artifact {path}: {e}"),
+            }
+        }
+        let written: BTreeSet<&String> = batch.output.iter().map(|(name, ..)| name).collect();
+        for name in written {
+            if let Err(e) = self.status.sync_task_output(name) {
+                tracing::error!(task = %name, "cannot sync the task's output: {e}");
+                lost.insert(name.clone());
+            }
+        }
+        for (name, path) in artifacts {
             if let Err(e) = self.status.sync_artifact(name, path) {
                 tracing::warn!(task = %name, "cannot sync artifact {path}: {e}");
             }
@@ -594,6 +642,14 @@ impl TaskBook {
         let mut state = self.lock();
         for name in &batch.runs {
             state.record_changed(name);
+        }
+        // Output the disk refused is gone (the guest has moved on): the status says the
+        // log is incomplete rather than pretend it is whole.
+        for name in lost {
+            if let Some(record) = state.records.get_mut(&name) {
+                record.output_truncated = true;
+                state.record_changed(&name);
+            }
         }
     }
 

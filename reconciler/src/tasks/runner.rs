@@ -15,7 +15,9 @@ use crate::hitl::answer_from_file;
 use crate::ids::{ApprovalId, PromptId};
 use crate::resolve::DesiredTask;
 use crate::spec::{OnDeadline, Repository};
-use crate::status::tasks::{PromptKind, PromptRecord, PromptState, RepositoryAt, TaskPhase};
+use crate::status::tasks::{
+    PromptKind, PromptRecord, PromptState, RepositoryAt, TaskPhase, answer_file_name,
+};
 use crate::status::{Event, EventKind};
 
 /// Where tasks run in the guest, and where their repository archive is put.
@@ -480,13 +482,10 @@ impl TaskBook {
                     while keep > 0 && !data.is_char_boundary(keep) {
                         keep -= 1;
                     }
-                    let end = if keep > 0 {
-                        self.status
-                            .append_task_output(name, record.output_bytes, &data.as_bytes()[..keep])
-                            .unwrap_or(record.output_bytes)
-                    } else {
-                        record.output_bytes
-                    };
+                    if keep > 0 {
+                        state.write_output(name, record.output_bytes, &data.as_bytes()[..keep]);
+                    }
+                    let end = record.output_bytes + keep as u64;
                     let first = !record.output_truncated;
                     self.update(state, name, |r| {
                         r.seq = seq;
@@ -506,17 +505,8 @@ impl TaskBook {
                     }
                     return;
                 }
-                let end =
-                    match self
-                        .status
-                        .append_task_output(name, record.output_bytes, data.as_bytes())
-                    {
-                        Ok(end) => end,
-                        Err(e) => {
-                            tracing::error!(task = name, "cannot write the task's output: {e}");
-                            return; // Not acknowledged: the guest sends it again.
-                        }
-                    };
+                state.write_output(name, record.output_bytes, data.as_bytes());
+                let end = record.output_bytes + data.len() as u64;
                 let withdraw = record
                     .pending_prompt
                     .clone()
@@ -640,25 +630,23 @@ impl TaskBook {
                     });
                     return;
                 }
-                let bytes = base64::engine::general_purpose::STANDARD.decode(data.as_bytes());
-                let written = bytes
-                    .map_err(|e| std::io::Error::other(e.to_string()))
-                    .and_then(|b| self.status.write_artifact_part(name, &path, offset, &b));
-                if written.is_ok()
-                    && let Some(batch) = &mut state.batch
-                {
-                    batch.artifacts.insert((name.to_owned(), path.clone()));
-                }
-                let grew = match written {
-                    Ok(grew) => grew,
-                    Err(e) => {
-                        tracing::warn!(task = name, "artifact {path}: {e}");
-                        0
-                    }
-                };
+                // Every byte received counts against the limit, written over or not: the
+                // count needs no look at the disk, and the disk holds no more than it.
+                let received =
+                    match base64::engine::general_purpose::STANDARD.decode(data.as_bytes()) {
+                        Ok(bytes) => {
+                            let len = bytes.len() as u64;
+                            state.write_artifact(name, &path, offset, bytes);
+                            len
+                        }
+                        Err(e) => {
+                            tracing::warn!(task = name, "artifact {path}: not base64: {e}");
+                            0
+                        }
+                    };
                 self.update(state, name, |r| {
                     r.seq = seq;
-                    r.artifact_bytes += grew;
+                    r.artifact_bytes += received;
                     if new_file {
                         r.artifact_files += 1;
                     }
@@ -724,7 +712,7 @@ impl TaskBook {
         record: &crate::status::tasks::TaskRecord,
         prompt: &PromptRecord,
         note: String,
-        file: Option<&std::path::Path>,
+        file: Option<&str>,
     ) {
         if !prompt.refused.contains(&note) {
             self.set_prompt(state, &prompt.id, |p| p.refused.push(note.clone()));
@@ -736,8 +724,10 @@ impl TaskBook {
             );
         }
         if let Some(file) = file {
-            let refused = file.with_extension("answer.refused");
-            state.effects.moves.push((file.to_owned(), Some(refused)));
+            state
+                .effects
+                .moves
+                .push((file.to_owned(), Some(format!("{file}.refused"))));
         }
     }
 
@@ -881,18 +871,19 @@ impl TaskBook {
                     None,
                 )
             });
-            let host_file = self.status.answer_path(&id);
+            let host_file = answer_file_name(&id);
+            let shown = self.status.answer_path(&id);
             let answer = match committed {
                 Some(a) => Some(a),
-                None => match crate::status::read_answer_file(&host_file) {
+                None => match self.status.read_answer_file(&host_file) {
                     None => None,
                     Some(Ok(text)) => Some((
                         answer_from_file(&text).to_owned(),
-                        format!("host file {}", host_file.display()),
+                        format!("host file {}", shown.display()),
                         Some(host_file.clone()),
                     )),
                     Some(Err(why)) => {
-                        let note = format!("host file {}: {why}", host_file.display());
+                        let note = format!("host file {}: {why}", shown.display());
                         self.refuse_answer(state, &record, &prompt, note, Some(&host_file));
                         continue;
                     }
@@ -964,22 +955,16 @@ impl TaskBook {
     /// Host answer files for prompts that are not pending (or do not exist) are refused:
     /// renamed to `<id>.answer.refused`, and noted on the prompt.
     fn refuse_stray_answers(&self, state: &mut BookState) {
-        let Ok(entries) = std::fs::read_dir(self.status.hitl_dir()) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Some(id) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".answer"))
+        for file in self.status.hitl_file_names() {
+            let Some(id) = file
+                .strip_suffix(".answer")
                 .filter(|id| ApprovalId::parse(id).is_none())
                 .map(str::to_owned)
             else {
                 continue;
             };
             // Taken or refused already by this hold of the lock (the move is still to come).
-            if state.effects.moves.iter().any(|(from, _)| from == &path) {
+            if state.effects.moves.iter().any(|(from, _)| from == &file) {
                 continue;
             }
             let why = match state.prompts.get(&id) {
@@ -994,7 +979,10 @@ impl TaskBook {
                 },
                 None => "no such prompt".into(),
             };
-            let note = format!("host file {}: {why}", path.display());
+            let note = format!(
+                "host file {}: {why}",
+                self.status.answer_path(&id).display()
+            );
             tracing::warn!("answer refused: {note}");
             // The note is written before the file is moved (effects run in that order):
             // whoever sees the file refused finds why on the prompt.
@@ -1005,7 +993,7 @@ impl TaskBook {
                     }
                 });
             }
-            let refused = path.with_extension("answer.refused");
+            let refused = format!("{file}.refused");
             let event = Event::task(
                 EventKind::HitlAnswerRefused,
                 state.prompts.get(&id).map(|p| p.task.as_str()),
@@ -1013,7 +1001,7 @@ impl TaskBook {
                 None,
                 format!("answer to {id} refused: {note}"),
             );
-            state.effects.moves.push((path, Some(refused)));
+            state.effects.moves.push((file, Some(refused)));
             state.effects.events.push(event);
         }
     }

@@ -719,7 +719,7 @@ impl LibvirtDriver {
                     let _ = std::fs::remove_dir(entry.path());
                 }
             }
-            crate::atomic_file::remove_left_temp_files(&dir, OWNER_MARKER, |_| false);
+            crate::atomic_file::remove_left_temp_files_at(&dir, OWNER_MARKER, |_| false);
             files.push(dir.join(OWNER_MARKER));
             for file in files {
                 match std::fs::remove_file(&file) {
@@ -733,7 +733,7 @@ impl LibvirtDriver {
             // Not provably ours: only the temp file of a marker write that a kill cut short
             // (the first thing a create writes here), then the directory if that leaves it
             // empty.
-            crate::atomic_file::remove_left_temp_files(&dir, OWNER_MARKER, |_| false);
+            crate::atomic_file::remove_left_temp_files_at(&dir, OWNER_MARKER, |_| false);
         }
         match std::fs::remove_dir(&dir) {
             Ok(()) => Ok(()),

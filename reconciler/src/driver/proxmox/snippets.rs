@@ -122,7 +122,7 @@ impl ProxmoxDriver {
             return Vec::new();
         };
         let mut removed: Vec<String> =
-            crate::atomic_file::remove_left_temp_files(dir, &self.snippet_prefix(), |_| false)
+            crate::atomic_file::remove_left_temp_files_at(dir, &self.snippet_prefix(), |_| false)
                 .iter()
                 .map(|p| {
                     format!(
