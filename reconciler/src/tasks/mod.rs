@@ -2,10 +2,17 @@
 //! reported. `TaskBook` holds every task's record and every prompt, in memory and in the
 //! status directory (`tasks/`, `hitl/`), behind one lock: the daemon's pass (`sync`) and
 //! each VM's agent link (`daemon::agents`, through `receive` and `tick`) change them only
-//! through it, so a record is never written by two hands at once. What a holder decides to
-//! write (records, prompts, events, answer files moved) is written when it releases the
-//! lock (`BookGuard`), one writer at a time and never an older copy over a newer one, so
-//! disk I/O holds up no other VM's link.
+//! through it, so a record is never written by two hands at once.
+//!
+//! The book decides, an executor does. `BookState` holds the records and makes every
+//! decision from what it is given: a guest message or a tick, the time (`now`, set as the
+//! lock is taken) and the host's answer files (`HostFiles`, read before the lock). It reads
+//! no file and no clock; it queues what to write (`Effects`, and a receive's `Batch` of
+//! guest bytes). `TaskBook` is the executor: it takes the lock, sets the time, calls the
+//! decision, and writes the effects when it releases the lock (`BookGuard`), one writer at
+//! a time and never an older copy over a newer one; a batch's output and artifacts are
+//! written and synced after that, and only then acknowledged. Disk I/O holds up no other
+//! VM's link. `decision_tests` drives `BookState` with no directory and no sleep.
 //!
 //! A task runs once per (name, spec hash): `rerun` is part of the spec, so bumping it is a
 //! new hash. Each run gets a generation and a run id (sha256 of the spec hash and the
@@ -50,6 +57,8 @@ pub struct TaskBook {
     answer_file_changes: AtomicU64,
     /// Whether a watcher reports them; without one the directory is polled.
     answer_files_watched: AtomicBool,
+    /// The last look for stray answer files: the watcher's change count then, and when.
+    stray_scan: Mutex<Option<(u64, Instant)>>,
     /// The versions written so far; held while writing, so writes happen one at a time and
     /// in the order their versions say.
     written: Mutex<HashMap<String, u64>>,
@@ -72,19 +81,45 @@ struct BookState {
     /// While a batch of guest messages is recorded: what it changed, synced and written
     /// once when the batch ends, before it is acknowledged.
     batch: Option<Batch>,
-    /// The last look for stray answer files: the watcher's change count then, and when.
-    stray_scan: Option<(u64, Instant)>,
     /// What the book decided to write, made when the lock is released (see `BookGuard`).
     effects: Effects,
+    /// The time of the decision being made: set by each entry of `TaskBook` as it takes
+    /// the lock, so the decisions themselves never read a clock.
+    now: DecidedAt,
     /// How many times each record (`r:<name>`) and prompt (`p:<id>`) changed: a write of an
     /// older copy never lands over a newer one.
     versions: HashMap<String, u64>,
+}
+
+/// When a decision is made (`BookState::now`); the epoch until an entry sets it.
+#[derive(Clone, Copy)]
+struct DecidedAt(SystemTime);
+
+impl Default for DecidedAt {
+    fn default() -> DecidedAt {
+        DecidedAt(SystemTime::UNIX_EPOCH)
+    }
+}
+
+/// What a link's tick decides from that lives in `status/hitl/`, read by the executor
+/// before it takes the lock (`TaskBook::host_files`).
+#[derive(Default)]
+struct HostFiles {
+    /// `status/hitl/`, to name files in notes.
+    dir: PathBuf,
+    /// The host answer file of each of the VM's open prompts that has one: its text, or
+    /// why it was refused.
+    answers: BTreeMap<String, Result<String, String>>,
+    /// Every name in `status/hitl/`, when a look for stray answer files is due.
+    strays: Option<Vec<String>>,
 }
 
 /// Writes decided under the book's lock and made without it: a slow disk holds up only
 /// the link (or pass) whose change it is, never another VM's link or the daemon.
 #[derive(Default)]
 struct Effects {
+    /// Runs whose output and artifacts are emptied for a new run, before anything else.
+    resets: Vec<String>,
     records: BTreeSet<String>,
     prompts: BTreeSet<String>,
     events: Vec<Event>,
@@ -95,6 +130,7 @@ struct Effects {
 
 /// The effects of one hold of the lock, with the copies to write.
 struct Pending {
+    resets: Vec<String>,
     records: Vec<(u64, TaskRecord)>,
     prompts: Vec<(u64, PromptRecord)>,
     events: Vec<Event>,
@@ -162,6 +198,7 @@ impl BookState {
                 .collect(),
             events: effects.events,
             moves: effects.moves,
+            resets: effects.resets,
         }
     }
 }
@@ -180,6 +217,11 @@ struct Batch {
 }
 
 impl BookState {
+    /// The decision's time, as records write it.
+    fn stamp(&self) -> String {
+        timestamp(self.now.0)
+    }
+
     /// Queues output of run `name` for the batch's end.
     fn write_output(&mut self, name: &str, at: u64, data: &[u8]) {
         self.batch
@@ -293,14 +335,10 @@ fn secret_set<'a>(state: &'a BookState, vm: &str) -> SecretSet<'a> {
     }
 }
 
-fn now() -> String {
-    timestamp(SystemTime::now())
-}
-
-/// How long the run has been going, from its record's `started`.
-fn running_for(record: &TaskRecord) -> Option<std::time::Duration> {
+/// How long the run has been going at `now`, from its record's `started`.
+fn running_for(record: &TaskRecord, now: SystemTime) -> Option<std::time::Duration> {
     let started = record.started?.system_time();
-    SystemTime::now().duration_since(started).ok()
+    now.duration_since(started).ok()
 }
 
 fn run_id(spec_hash: &str, generation: u32) -> String {
@@ -330,6 +368,7 @@ impl TaskBook {
             state: Mutex::new(state),
             answer_file_changes: AtomicU64::new(0),
             answer_files_watched: AtomicBool::new(false),
+            stray_scan: Mutex::default(),
             written: Mutex::default(),
         }
     }
@@ -338,15 +377,26 @@ impl TaskBook {
     /// (each only if nothing newer was written meanwhile), events, then answer files moved.
     fn flush(&self, pending: Pending) {
         let Pending {
+            resets,
             records,
             prompts,
             events,
             moves,
         } = pending;
-        if records.is_empty() && prompts.is_empty() && events.is_empty() && moves.is_empty() {
+        if resets.is_empty()
+            && records.is_empty()
+            && prompts.is_empty()
+            && events.is_empty()
+            && moves.is_empty()
+        {
             return;
         }
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        for task in resets {
+            if let Err(e) = self.status.reset_task_files(&task) {
+                tracing::warn!(task = %task, "cannot reset the task's output: {e}");
+            }
+        }
         let mut newer = |key: String, version: u64| {
             let last = written.entry(key).or_default();
             let newer = version > *last;
@@ -393,17 +443,54 @@ impl TaskBook {
 
     /// Whether to look for stray answer files now: after a reported change, or (with no
     /// watcher) `ANSWER_SCAN` after the last look. One look serves every VM's link.
-    fn stray_scan_due(&self, state: &mut BookState) -> bool {
+    fn stray_scan_due(&self) -> bool {
         let changes = self.answer_file_changes.load(Ordering::Relaxed);
-        let due = match state.stray_scan {
+        let mut last = self.stray_scan.lock().unwrap_or_else(|p| p.into_inner());
+        let due = match *last {
             None => true,
             Some((seen, _)) if self.answer_files_watched.load(Ordering::Relaxed) => seen != changes,
             Some((_, at)) => at.elapsed() >= runner::ANSWER_SCAN,
         };
         if due {
-            state.stray_scan = Some((changes, Instant::now()));
+            *last = Some((changes, Instant::now()));
         }
         due
+    }
+
+    /// What the decisions of a link's tick read from `status/hitl/`, read before the lock
+    /// is taken: the answer files of the VM's open prompts, and (when a look is due) the
+    /// names of every file there.
+    fn host_files(&self, vm: &str) -> HostFiles {
+        let open: Vec<String> = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .prompts
+            .values()
+            .filter(|p| p.vm == vm && p.state == PromptState::Pending)
+            .map(|p| p.id.clone())
+            .collect();
+        let answers = open
+            .into_iter()
+            .filter_map(|id| {
+                let read = self
+                    .status
+                    .read_answer_file(&crate::status::tasks::answer_file_name(&id))?;
+                Some((id, read.map_err(|why| why.to_string())))
+            })
+            .collect();
+        HostFiles {
+            dir: self.status.hitl_dir(),
+            answers,
+            strays: self.stray_scan_due().then(|| self.status.hitl_file_names()),
+        }
+    }
+
+    /// Takes a new desired state (see `BookState::sync`).
+    pub fn sync(&self, desired: &Desired, running: &BTreeSet<String>) {
+        let mut state = self.lock();
+        state.now = DecidedAt(SystemTime::now());
+        state.sync(desired, running);
     }
 
     fn lock(&self) -> BookGuard<'_> {
@@ -425,185 +512,6 @@ impl TaskBook {
 
     pub fn prompts(&self) -> BTreeMap<String, PromptRecord> {
         self.lock().prompts.clone()
-    }
-
-    /// Takes a new desired state: new runs become `Pending`, runs that cannot go on are
-    /// finished. `running` are the VMs that run now. Runs on running VMs whose task was
-    /// removed or changed are cancelled by that VM's runner.
-    pub fn sync(&self, desired: &Desired, running: &BTreeSet<String>) {
-        let mut state = self.lock();
-        state.desired = desired.tasks.clone();
-        state.vm_secrets = desired
-            .vms
-            .values()
-            .filter(|vm| !vm.secrets.is_empty())
-            .map(|vm| (vm.name.clone(), vm.secrets.clone()))
-            .collect();
-        state.answers = desired.answers.clone();
-        state.revision = Some(desired.revision.id.clone());
-        self.report_undeliverable_answers(&mut state);
-        let names: BTreeSet<String> = state
-            .records
-            .keys()
-            .chain(state.desired.keys())
-            .cloned()
-            .collect();
-        for name in names {
-            let want = state.desired.get(&name).cloned();
-            let record = state.records.get(&name).cloned();
-            match (want, record) {
-                (Some(task), None) => self.new_run(&mut state, &task, 1, running),
-                // A task whose secret cannot be opened has no reliable hash: its run stays
-                // as it is (a finished run is not redone, a pending one says why it waits).
-                (Some(task), Some(r)) if task.held.is_some() && r.spec_hash != task.spec_hash => {
-                    if r.phase == TaskPhase::Pending {
-                        let message = waiting_message(&task, running);
-                        if r.message.as_deref() != Some(&message) {
-                            self.update(&mut state, &name, |r| r.message = Some(message));
-                        }
-                    }
-                }
-                // A run that never started takes the new spec in place.
-                (Some(task), Some(r))
-                    if r.spec_hash != task.spec_hash && r.phase == TaskPhase::Pending =>
-                {
-                    self.new_run(&mut state, &task, r.generation, running);
-                }
-                (Some(task), Some(r)) if r.spec_hash != task.spec_hash => {
-                    if r.phase.is_active() && running.contains(&r.vm) {
-                        continue; // The runner cancels it; the new run follows.
-                    }
-                    if !r.phase.is_finished() {
-                        self.finish(
-                            &mut state,
-                            &name,
-                            TaskPhase::Cancelled,
-                            None,
-                            "its spec changed before it finished",
-                        );
-                    }
-                    self.new_run(&mut state, &task, r.generation + 1, running);
-                }
-                (Some(task), Some(r)) => {
-                    if r.phase.is_active() && !running.contains(&r.vm) {
-                        self.finish(
-                            &mut state,
-                            &name,
-                            TaskPhase::Failed,
-                            None,
-                            &format!(
-                                "VM {} stopped while the task ran; bump rerun to run it again",
-                                r.vm
-                            ),
-                        );
-                    } else if r.phase.is_active()
-                        && running_for(&r)
-                            .is_some_and(|t| t > task.timeout + 2 * runner::HOST_TIMEOUT_GRACE)
-                    {
-                        // The link thread cancels overdue runs; this catches runs whose
-                        // agent is not even connected.
-                        self.finish(
-                            &mut state,
-                            &name,
-                            TaskPhase::TimedOut,
-                            None,
-                            "ran past its timeout while its agent was unreachable; fleet stopped tracking it",
-                        );
-                    } else if r.phase == TaskPhase::Pending {
-                        let message = waiting_message(&task, running);
-                        if r.message.as_deref() != Some(&message) {
-                            self.update(&mut state, &name, |r| r.message = Some(message));
-                        }
-                    }
-                }
-                (None, Some(r)) => {
-                    let gone = r.phase == TaskPhase::Pending
-                        || (r.phase.is_active() && !running.contains(&r.vm));
-                    if gone {
-                        self.finish(
-                            &mut state,
-                            &name,
-                            TaskPhase::Cancelled,
-                            None,
-                            "its task file was removed",
-                        );
-                    }
-                }
-                (None, None) => {}
-            }
-        }
-    }
-
-    fn new_run(
-        &self,
-        state: &mut BookState,
-        task: &DesiredTask,
-        generation: u32,
-        running: &BTreeSet<String>,
-    ) {
-        let time = now();
-        let record = TaskRecord {
-            name: task.name.clone(),
-            vm: task.vm.clone(),
-            generation,
-            run: run_id(&task.spec_hash, generation),
-            spec_hash: task.spec_hash.clone(),
-            rerun: task.rerun,
-            phase: TaskPhase::Pending,
-            message: Some(waiting_message(task, running)),
-            source: task.source.clone(),
-            revision: state.revision.clone(),
-            created: time.clone(),
-            started: None,
-            finished: None,
-            boot_id: None,
-            exit_code: None,
-            repository: None,
-            seq: 0,
-            output_bytes: 0,
-            output_truncated: false,
-            artifact_bytes: 0,
-            artifact_files: 0,
-            refused: Vec::new(),
-            prompts: 0,
-            pending_prompt: None,
-            artifacts: Vec::new(),
-            fail_on_cancel: None,
-            host_timeout: false,
-            updated: time,
-        };
-        if let Err(e) = self.status.reset_task_files(&task.name) {
-            tracing::warn!(task = %task.name, "cannot reset the task's output: {e}");
-        }
-        self.event(
-            state,
-            &record,
-            EventKind::TaskPending,
-            format!(
-                "run {} of task {} is due on {}",
-                record.run, record.name, record.vm
-            ),
-        );
-        state.records.insert(task.name.clone(), record);
-        state.record_changed(&task.name);
-    }
-
-    /// Changes a record and writes it.
-    fn update(&self, state: &mut BookState, name: &str, change: impl FnOnce(&mut TaskRecord)) {
-        if let Some(record) = state.records.get_mut(name) {
-            change(record);
-            record.updated = now();
-            if let Some(batch) = &mut state.batch {
-                batch.runs.insert(name.to_owned());
-                return;
-            }
-            state.record_changed(name);
-        }
-    }
-
-    /// Starts recording a batch: record writes wait for `end_batch`.
-    fn begin_batch(&self, state: &mut BookState) {
-        state.batch = Some(Batch::default());
     }
 
     /// Called without the book's lock: syncs the output and artifacts the batch wrote, then
@@ -652,32 +560,192 @@ impl TaskBook {
             }
         }
     }
+}
+
+impl BookState {
+    /// Takes a new desired state: new runs become `Pending`, runs that cannot go on are
+    /// finished. `running` are the VMs that run now. Runs on running VMs whose task was
+    /// removed or changed are cancelled by that VM's runner.
+    fn sync(&mut self, desired: &Desired, running: &BTreeSet<String>) {
+        self.desired = desired.tasks.clone();
+        self.vm_secrets = desired
+            .vms
+            .values()
+            .filter(|vm| !vm.secrets.is_empty())
+            .map(|vm| (vm.name.clone(), vm.secrets.clone()))
+            .collect();
+        self.answers = desired.answers.clone();
+        self.revision = Some(desired.revision.id.clone());
+        self.report_undeliverable_answers();
+        let names: BTreeSet<String> = self
+            .records
+            .keys()
+            .chain(self.desired.keys())
+            .cloned()
+            .collect();
+        for name in names {
+            let want = self.desired.get(&name).cloned();
+            let record = self.records.get(&name).cloned();
+            match (want, record) {
+                (Some(task), None) => self.new_run(&task, 1, running),
+                // A task whose secret cannot be opened has no reliable hash: its run stays
+                // as it is (a finished run is not redone, a pending one says why it waits).
+                (Some(task), Some(r)) if task.held.is_some() && r.spec_hash != task.spec_hash => {
+                    if r.phase == TaskPhase::Pending {
+                        let message = waiting_message(&task, running);
+                        if r.message.as_deref() != Some(&message) {
+                            self.update(&name, |r| r.message = Some(message));
+                        }
+                    }
+                }
+                // A run that never started takes the new spec in place.
+                (Some(task), Some(r))
+                    if r.spec_hash != task.spec_hash && r.phase == TaskPhase::Pending =>
+                {
+                    self.new_run(&task, r.generation, running);
+                }
+                (Some(task), Some(r)) if r.spec_hash != task.spec_hash => {
+                    if r.phase.is_active() && running.contains(&r.vm) {
+                        continue; // The runner cancels it; the new run follows.
+                    }
+                    if !r.phase.is_finished() {
+                        self.finish(
+                            &name,
+                            TaskPhase::Cancelled,
+                            None,
+                            "its spec changed before it finished",
+                        );
+                    }
+                    self.new_run(&task, r.generation + 1, running);
+                }
+                (Some(task), Some(r)) => {
+                    if r.phase.is_active() && !running.contains(&r.vm) {
+                        self.finish(
+                            &name,
+                            TaskPhase::Failed,
+                            None,
+                            &format!(
+                                "VM {} stopped while the task ran; bump rerun to run it again",
+                                r.vm
+                            ),
+                        );
+                    } else if r.phase.is_active()
+                        && running_for(&r, self.now.0)
+                            .is_some_and(|t| t > task.timeout + 2 * runner::HOST_TIMEOUT_GRACE)
+                    {
+                        // The link thread cancels overdue runs; this catches runs whose
+                        // agent is not even connected.
+                        self.finish(&name,
+                            TaskPhase::TimedOut,
+                            None,
+                            "ran past its timeout while its agent was unreachable; fleet stopped tracking it",
+                        );
+                    } else if r.phase == TaskPhase::Pending {
+                        let message = waiting_message(&task, running);
+                        if r.message.as_deref() != Some(&message) {
+                            self.update(&name, |r| r.message = Some(message));
+                        }
+                    }
+                }
+                (None, Some(r)) => {
+                    let gone = r.phase == TaskPhase::Pending
+                        || (r.phase.is_active() && !running.contains(&r.vm));
+                    if gone {
+                        self.finish(
+                            &name,
+                            TaskPhase::Cancelled,
+                            None,
+                            "its task file was removed",
+                        );
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+    }
+
+    fn new_run(&mut self, task: &DesiredTask, generation: u32, running: &BTreeSet<String>) {
+        let time = self.stamp();
+        let record = TaskRecord {
+            name: task.name.clone(),
+            vm: task.vm.clone(),
+            generation,
+            run: run_id(&task.spec_hash, generation),
+            spec_hash: task.spec_hash.clone(),
+            rerun: task.rerun,
+            phase: TaskPhase::Pending,
+            message: Some(waiting_message(task, running)),
+            source: task.source.clone(),
+            revision: self.revision.clone(),
+            created: time.clone(),
+            started: None,
+            finished: None,
+            boot_id: None,
+            exit_code: None,
+            repository: None,
+            seq: 0,
+            output_bytes: 0,
+            output_truncated: false,
+            artifact_bytes: 0,
+            artifact_files: 0,
+            refused: Vec::new(),
+            prompts: 0,
+            pending_prompt: None,
+            artifacts: Vec::new(),
+            fail_on_cancel: None,
+            host_timeout: false,
+            updated: time,
+        };
+        self.effects.resets.push(task.name.clone());
+        self.event(
+            &record,
+            EventKind::TaskPending,
+            format!(
+                "run {} of task {} is due on {}",
+                record.run, record.name, record.vm
+            ),
+        );
+        self.records.insert(task.name.clone(), record);
+        self.record_changed(&task.name);
+    }
+
+    /// Changes a record and writes it.
+    fn update(&mut self, name: &str, change: impl FnOnce(&mut TaskRecord)) {
+        let at = self.stamp();
+        if let Some(record) = self.records.get_mut(name) {
+            change(record);
+            record.updated = at;
+            if let Some(batch) = &mut self.batch {
+                batch.runs.insert(name.to_owned());
+                return;
+            }
+            self.record_changed(name);
+        }
+    }
+
+    /// Starts recording a batch: record writes wait for `end_batch`.
+    fn begin_batch(&mut self) {
+        self.batch = Some(Batch::default());
+    }
 
     /// Ends a run: its phase, exit code and why; a pending prompt is withdrawn.
-    fn finish(
-        &self,
-        state: &mut BookState,
-        name: &str,
-        phase: TaskPhase,
-        exit_code: Option<i32>,
-        message: &str,
-    ) {
-        let Some(record) = state.records.get(name).cloned() else {
+    fn finish(&mut self, name: &str, phase: TaskPhase, exit_code: Option<i32>, message: &str) {
+        let Some(record) = self.records.get(name).cloned() else {
             return;
         };
         if let Some(id) = &record.pending_prompt {
-            self.set_prompt(state, id, |p| p.state = PromptState::Withdrawn);
+            self.set_prompt(id, |p| p.state = PromptState::Withdrawn);
         }
-        self.update(state, name, |r| {
+        let finished = self.stamp();
+        self.update(name, |r| {
             r.phase = phase;
             r.exit_code = exit_code;
             r.message = Some(message.to_owned());
-            r.finished = Some(now());
+            r.finished = Some(finished.clone());
             r.pending_prompt = None;
         });
-        if let Some(r) = state.records.get(name).cloned() {
+        if let Some(r) = self.records.get(name).cloned() {
             self.event(
-                state,
                 &r,
                 EventKind::TaskFinished,
                 format!("task {name} {}: {message}", phase.as_str()),
@@ -685,23 +753,23 @@ impl TaskBook {
         }
     }
 
-    fn set_prompt(&self, state: &mut BookState, id: &str, change: impl FnOnce(&mut PromptRecord)) {
-        if let Some(prompt) = state.prompts.get_mut(id) {
+    fn set_prompt(&mut self, id: &str, change: impl FnOnce(&mut PromptRecord)) {
+        if let Some(prompt) = self.prompts.get_mut(id) {
             change(prompt);
-            state.prompt_changed(id);
+            self.prompt_changed(id);
         }
     }
 
     /// A committed answer for a prompt that does not exist, or that someone else already
     /// answered, is reported (once) and never delivered.
-    fn report_undeliverable_answers(&self, state: &mut BookState) {
-        let answers: Vec<(String, CommittedAnswer)> = state
+    fn report_undeliverable_answers(&mut self) {
+        let answers: Vec<(String, CommittedAnswer)> = self
             .answers
             .iter()
             .map(|(id, a)| (id.clone(), a.clone()))
             .collect();
         for (id, answer) in answers {
-            let why = match state.prompts.get(&id) {
+            let why = match self.prompts.get(&id) {
                 None => format!(
                     "{} answers {id}, which is no prompt fleet knows; it is not delivered",
                     answer.source
@@ -724,25 +792,25 @@ impl TaskBook {
                 }
                 Some(_) => continue,
             };
-            if !state
+            if !self
                 .reported_answers
                 .insert((id.clone(), answer.source.clone()))
             {
                 continue;
             }
-            if state.prompts.contains_key(&id) {
-                self.set_prompt(state, &id, |p| {
+            if self.prompts.contains_key(&id) {
+                self.set_prompt(&id, |p| {
                     if !p.refused.contains(&why) {
                         p.refused.push(why.clone());
                     }
                 });
             }
-            let event = Event::fleet(EventKind::HitlAnswerIgnored, state.revision.clone(), why);
-            state.effects.events.push(event);
+            let event = Event::fleet(EventKind::HitlAnswerIgnored, self.revision.clone(), why);
+            self.effects.events.push(event);
         }
     }
 
-    fn event(&self, state: &mut BookState, record: &TaskRecord, kind: EventKind, message: String) {
+    fn event(&mut self, record: &TaskRecord, kind: EventKind, message: String) {
         let event = Event::task(
             kind,
             Some(&record.name),
@@ -750,7 +818,7 @@ impl TaskBook {
             record.revision.clone(),
             message,
         );
-        state.effects.events.push(event);
+        self.effects.events.push(event);
     }
 }
 
@@ -764,5 +832,7 @@ fn waiting_message(task: &DesiredTask, running: &BTreeSet<String>) -> String {
     }
 }
 
+#[cfg(test)]
+mod decision_tests;
 #[cfg(test)]
 mod tests;

@@ -1,15 +1,17 @@
 //! The part of the task book each VM's agent link drives: dispatch, re-attach, cancel,
 //! answers and deadlines (`tick`), and recording what the guest sends (`receive`).
-//! Methods return the messages to send; the link thread sends them and reports back with
-//! `sent`, so "delivered" is only ever recorded for what reached the link.
+//! The decisions are `BookState`'s; `TaskBook`'s methods of the same names are the
+//! executor's entries (see `tasks`). They return the messages to send; the link thread
+//! sends them and reports back with `sent`, so "delivered" is only ever recorded for what
+//! reached the link.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use fleet_agent_protocol::{ExitReason, GuestMessage, HostMessage, VERSION};
 
-use super::{BookState, TaskBook, limits, now};
+use super::{BookState, DecidedAt, HostFiles, TaskBook, limits};
 use crate::answer::answer_problem;
 use crate::hitl::answer_from_file;
 use crate::ids::{ApprovalId, PromptId};
@@ -52,7 +54,7 @@ pub struct Connection {
 struct Staging {
     task: String,
     path: String,
-    since: Instant,
+    since: SystemTime,
 }
 
 /// A repository to fetch and ship before the task can start (done outside the book's lock).
@@ -124,21 +126,61 @@ fn run_task(
 }
 
 impl TaskBook {
-    /// What to send now; and a repository to stage, if a task needs one.
+    /// What to send now on `conn`, and a repository to stage, if a task needs one (see
+    /// `BookState::tick`). The host's answer files are read first, without the lock.
     pub fn tick(&self, conn: &mut Connection) -> (Vec<HostMessage>, Option<StageJob>) {
+        let files = self.host_files(&conn.vm);
+        let mut state = self.lock();
+        state.now = DecidedAt(SystemTime::now());
+        state.tick(conn, &files)
+    }
+
+    /// Fetches the job's repository (without the lock) and returns the parts to put into
+    /// the guest. A fetch that fails fails the run.
+    pub fn stage(&self, conn: &mut Connection, job: StageJob) -> Vec<HostMessage> {
+        let fetched = super::repo::fetch_archive(&self.cache_dir, &self.repo_root, &job.repository);
+        let mut state = self.lock();
+        state.now = DecidedAt(SystemTime::now());
+        state.staged(conn, job, fetched)
+    }
+
+    /// Records what the guest sent; returns the acknowledgements (and a `RunTask` when a
+    /// staged repository was confirmed) once what they acknowledge is on disk: the batch's
+    /// output and artifacts are written and synced after the lock is released, so other
+    /// VMs' links and the daemon are not held up by this one's disk.
+    pub fn receive(&self, conn: &mut Connection, messages: Vec<GuestMessage>) -> Vec<HostMessage> {
+        let mut state = self.lock();
+        state.now = DecidedAt(SystemTime::now());
+        let (out, batch) = state.receive(conn, messages);
+        drop(state);
+        self.end_batch(batch);
+        out
+    }
+
+    /// The link wrote these messages: answers among them are delivered.
+    pub fn sent(&self, messages: &[HostMessage]) {
+        self.lock().sent(messages);
+    }
+}
+
+impl BookState {
+    /// What to send now; and a repository to stage, if a task needs one.
+    pub(super) fn tick(
+        &mut self,
+        conn: &mut Connection,
+        files: &HostFiles,
+    ) -> (Vec<HostMessage>, Option<StageJob>) {
         let mut out = Vec::new();
         let Some(boot) = conn.boot_id.clone() else {
             return (out, None);
         };
-        let mut state = self.lock();
-        let state = &mut *state;
         // A new run as soon as the previous one of a changed task has ended, without
         // waiting for the daemon's next pass.
-        let renewed: Vec<(DesiredTask, u32)> = state
+        let renewed: Vec<(DesiredTask, u32)> = self
             .desired
             .values()
             .filter(|t| t.vm == conn.vm)
-            .filter_map(|t| match state.records.get(&t.name) {
+            .filter_map(|t| match self.records.get(&t.name) {
                 None => Some((t.clone(), 1)),
                 Some(r)
                     if r.spec_hash != t.spec_hash && r.phase.is_finished() && t.held.is_none() =>
@@ -149,9 +191,9 @@ impl TaskBook {
             })
             .collect();
         for (task, generation) in renewed {
-            self.new_run(state, &task, generation, &BTreeSet::from([conn.vm.clone()]));
+            self.new_run(&task, generation, &BTreeSet::from([conn.vm.clone()]));
         }
-        let ours: Vec<String> = state
+        let ours: Vec<String> = self
             .records
             .values()
             .filter(|r| r.vm == conn.vm)
@@ -159,8 +201,8 @@ impl TaskBook {
             .collect();
 
         for name in &ours {
-            let record = state.records[name].clone();
-            let current = state
+            let record = self.records[name].clone();
+            let current = self
                 .desired
                 .get(name)
                 .is_some_and(|t| t.spec_hash == record.spec_hash && t.vm == conn.vm);
@@ -168,9 +210,7 @@ impl TaskBook {
             if record.phase.is_active() && !conn.attached.contains(name) && !staging_this {
                 // Re-attach after a reconnect, or find the run gone with its boot.
                 if record.boot_id.as_deref() != Some(boot.as_str()) {
-                    self.finish(
-                        state,
-                        name,
+                    self.finish(name,
                         TaskPhase::Failed,
                         None,
                         &format!(
@@ -182,16 +222,16 @@ impl TaskBook {
                     continue;
                 }
                 if record.phase == TaskPhase::Staging {
-                    self.update(state, name, |r| r.phase = TaskPhase::Pending);
+                    self.update(name, |r| r.phase = TaskPhase::Pending);
                     continue;
                 }
                 conn.attached.insert(name.clone());
-                match state.desired.get(name).filter(|_| current) {
+                match self.desired.get(name).filter(|_| current) {
                     Some(task) => out.push(run_task(
                         task,
                         &record.guest_task(),
                         &boot,
-                        &super::vm_secret_files(state, &conn.vm),
+                        &super::vm_secret_files(self, &conn.vm),
                     )),
                     None => {
                         conn.cancel_sent.insert(record.guest_task());
@@ -207,7 +247,6 @@ impl TaskBook {
                 if staging_this {
                     conn.staging = None;
                     self.finish(
-                        state,
                         name,
                         TaskPhase::Cancelled,
                         None,
@@ -222,29 +261,29 @@ impl TaskBook {
             }
         }
 
-        self.enforce_timeouts(state, conn, &mut out);
-        let secrets_ready = self.deliver_secrets(state, conn, &mut out);
-        self.answer_prompts(state, conn, &mut out);
-        if self.stray_scan_due(state) {
-            self.refuse_stray_answers(state);
+        self.enforce_timeouts(conn, &mut out);
+        let secrets_ready = self.deliver_secrets(conn, &mut out);
+        self.answer_prompts(conn, files, &mut out);
+        if let Some(names) = &files.strays {
+            self.refuse_stray_answers(files, names);
         }
 
         // Start the next due task, one a tick, one staging at a time.
         if conn.staging.is_none() {
             let due = ours.iter().find(|name| {
-                let r = &state.records[*name];
+                let r = &self.records[*name];
                 r.phase == TaskPhase::Pending
-                    && state.desired.get(*name).is_some_and(|t| {
+                    && self.desired.get(*name).is_some_and(|t| {
                         t.spec_hash == r.spec_hash
                             && t.held.is_none()
                             && (t.secrets.is_empty() || secrets_ready)
                     })
             });
             if let Some(name) = due.cloned() {
-                let task = state.desired[&name].clone();
-                let guest_task = state.records[&name].guest_task();
+                let task = self.desired[&name].clone();
+                let guest_task = self.records[&name].guest_task();
                 if let Some(repository) = task.repository.clone() {
-                    self.update(state, &name, |r| {
+                    self.update(&name, |r| {
                         r.phase = TaskPhase::Staging;
                         r.boot_id = Some(boot.clone());
                         r.message = Some(format!("shipping {} to the guest", repository.url));
@@ -252,7 +291,7 @@ impl TaskBook {
                     conn.staging = Some(Staging {
                         task: name.clone(),
                         path: format!("{GUEST_STAGE}/{guest_task}.tar"),
-                        since: Instant::now(),
+                        since: self.now.0,
                     });
                     return (
                         out,
@@ -263,15 +302,19 @@ impl TaskBook {
                         }),
                     );
                 }
-                self.start(state, conn, &name, &boot, &mut out);
+                self.start(conn, &name, &boot, &mut out);
             }
         }
         if let Some(staging) = &conn.staging
-            && staging.since.elapsed() > STAGE_TIMEOUT
+            && self
+                .now
+                .0
+                .duration_since(staging.since)
+                .is_ok_and(|waited| waited > STAGE_TIMEOUT)
         {
             let name = staging.task.clone();
             conn.staging = None;
-            self.update(state, &name, |r| {
+            self.update(&name, |r| {
                 r.phase = TaskPhase::Pending;
                 r.message =
                     Some("the guest did not confirm the repository; shipping it again".into());
@@ -281,33 +324,26 @@ impl TaskBook {
     }
 
     /// Records the run as started and returns its `RunTask`.
-    fn start(
-        &self,
-        state: &mut BookState,
-        conn: &mut Connection,
-        name: &str,
-        boot: &str,
-        out: &mut Vec<HostMessage>,
-    ) {
-        let Some(task) = state.desired.get(name).cloned() else {
+    fn start(&mut self, conn: &mut Connection, name: &str, boot: &str, out: &mut Vec<HostMessage>) {
+        let Some(task) = self.desired.get(name).cloned() else {
             return;
         };
-        self.update(state, name, |r| {
+        let started = self.now.0;
+        self.update(name, |r| {
             r.phase = TaskPhase::Running;
             r.boot_id = Some(boot.to_owned());
-            r.started = Some(SystemTime::now().into());
+            r.started = Some(started.into());
             r.message = None;
         });
         conn.attached.insert(name.to_owned());
-        if let Some(record) = state.records.get(name).cloned() {
+        if let Some(record) = self.records.get(name).cloned() {
             out.push(run_task(
                 &task,
                 &record.guest_task(),
                 boot,
-                &super::vm_secret_files(state, &conn.vm),
+                &super::vm_secret_files(self, &conn.vm),
             ));
             self.event(
-                state,
                 &record,
                 EventKind::TaskStarted,
                 format!("task {name} started on {}", conn.vm),
@@ -317,10 +353,12 @@ impl TaskBook {
 
     /// Fetches the job's repository and returns the parts to put into the guest. A fetch
     /// that fails fails the run.
-    pub fn stage(&self, conn: &mut Connection, job: StageJob) -> Vec<HostMessage> {
-        let fetched = super::repo::fetch_archive(&self.cache_dir, &self.repo_root, &job.repository);
-        let mut state = self.lock();
-        let state = &mut *state;
+    pub(super) fn staged(
+        &mut self,
+        conn: &mut Connection,
+        job: StageJob,
+        fetched: anyhow::Result<super::repo::Archive>,
+    ) -> Vec<HostMessage> {
         let still_staging = conn.staging.as_ref().is_some_and(|s| s.task == job.task);
         if !still_staging {
             return Vec::new();
@@ -330,7 +368,6 @@ impl TaskBook {
             Err(e) => {
                 conn.staging = None;
                 self.finish(
-                    state,
                     &job.task,
                     TaskPhase::Failed,
                     None,
@@ -339,7 +376,7 @@ impl TaskBook {
                 return Vec::new();
             }
         };
-        self.update(state, &job.task, |r| {
+        self.update(&job.task, |r| {
             r.repository = Some(RepositoryAt {
                 url: archive.url.clone(),
                 commit: archive.commit.clone(),
@@ -370,13 +407,15 @@ impl TaskBook {
 
     /// Records what the guest sent and returns the acknowledgements (and a `RunTask` when
     /// a staged repository was confirmed).
-    pub fn receive(&self, conn: &mut Connection, messages: Vec<GuestMessage>) -> Vec<HostMessage> {
+    pub(super) fn receive(
+        &mut self,
+        conn: &mut Connection,
+        messages: Vec<GuestMessage>,
+    ) -> (Vec<HostMessage>, super::Batch) {
         let mut out = Vec::new();
-        let mut guard = self.lock();
-        let state = &mut *guard;
         let mut acks: std::collections::BTreeMap<String, u64> = Default::default();
         let mut gap = false;
-        self.begin_batch(state);
+        self.begin_batch();
         for message in messages {
             let (task, seq) = match &message {
                 GuestMessage::Stored { path, error, .. } => {
@@ -385,7 +424,6 @@ impl TaskBook {
                     };
                     match error {
                         Some(e) => self.finish(
-                            state,
                             &staging.task,
                             TaskPhase::Failed,
                             None,
@@ -393,7 +431,7 @@ impl TaskBook {
                         ),
                         None => {
                             let boot = conn.boot_id.clone().unwrap_or_default();
-                            self.start(state, conn, &staging.task, &boot, &mut out);
+                            self.start(conn, &staging.task, &boot, &mut out);
                         }
                     }
                     continue;
@@ -417,7 +455,7 @@ impl TaskBook {
             };
             // Only this link's VM, and its current boot: a guest names runs, and must never
             // reach another VM's (or an earlier boot's) by guessing or learning their names.
-            let Some(name) = state
+            let Some(name) = self
                 .records
                 .values()
                 .find(|r| {
@@ -432,7 +470,7 @@ impl TaskBook {
                 acks.insert(task, seq);
                 continue;
             };
-            let recorded = state.records[&name].seq;
+            let recorded = self.records[&name].seq;
             if seq <= recorded {
                 acks.insert(task, recorded);
                 continue;
@@ -441,14 +479,11 @@ impl TaskBook {
                 gap = true;
                 continue;
             }
-            self.record(state, &name, message);
+            self.record(&name, message);
             acks.insert(task, seq);
         }
-        // Durable before anything is acknowledged; the syncs run without the book's lock,
-        // so other VMs' links and the daemon are not held up by this one's disk writes.
-        let batch = state.batch.take().unwrap_or_default();
-        drop(guard);
-        self.end_batch(batch);
+        // Sent only after the batch is durable (`TaskBook::receive`).
+        let batch = self.batch.take().unwrap_or_default();
         for (task, seq) in acks {
             out.push(HostMessage::Ack {
                 v: VERSION,
@@ -461,12 +496,12 @@ impl TaskBook {
             // everything not acknowledged.
             out.push(HostMessage::Hello { v: VERSION });
         }
-        out
+        (out, batch)
     }
 
     /// Records one message of a run, in order (the caller checked `seq`).
-    fn record(&self, state: &mut BookState, name: &str, message: GuestMessage) {
-        let Some(record) = state.records.get(name).cloned() else {
+    fn record(&mut self, name: &str, message: GuestMessage) {
+        let Some(record) = self.records.get(name).cloned() else {
             return;
         };
         match message {
@@ -483,18 +518,17 @@ impl TaskBook {
                         keep -= 1;
                     }
                     if keep > 0 {
-                        state.write_output(name, record.output_bytes, &data.as_bytes()[..keep]);
+                        self.write_output(name, record.output_bytes, &data.as_bytes()[..keep]);
                     }
                     let end = record.output_bytes + keep as u64;
                     let first = !record.output_truncated;
-                    self.update(state, name, |r| {
+                    self.update(name, |r| {
                         r.seq = seq;
                         r.output_bytes = end;
                         r.output_truncated = true;
                     });
                     if first {
                         self.event(
-                            state,
                             &record,
                             EventKind::TaskOutputTruncated,
                             format!(
@@ -505,16 +539,16 @@ impl TaskBook {
                     }
                     return;
                 }
-                state.write_output(name, record.output_bytes, data.as_bytes());
+                self.write_output(name, record.output_bytes, data.as_bytes());
                 let end = record.output_bytes + data.len() as u64;
                 let withdraw = record
                     .pending_prompt
                     .clone()
                     .filter(|_| !data.trim().is_empty());
                 if let Some(id) = &withdraw {
-                    self.set_prompt(state, id, |p| p.state = PromptState::Withdrawn);
+                    self.set_prompt(id, |p| p.state = PromptState::Withdrawn);
                 }
-                self.update(state, name, |r| {
+                self.update(name, |r| {
                     r.seq = seq;
                     r.output_bytes = end;
                     if withdraw.is_some() {
@@ -527,11 +561,11 @@ impl TaskBook {
                 seq, text, screen, ..
             } => {
                 if record.pending_prompt.is_some() || record.phase.is_finished() {
-                    self.update(state, name, |r| r.seq = seq);
+                    self.update(name, |r| r.seq = seq);
                     return;
                 }
                 if record.prompts >= limits::PROMPTS {
-                    self.refuse(state, name, seq, "prompts", || {
+                    self.refuse(name, seq, "prompts", || {
                         format!(
                             "more than {} prompts; later ones are dropped",
                             limits::PROMPTS
@@ -558,7 +592,7 @@ impl TaskBook {
                     n,
                 }
                 .to_string();
-                let deadline = state
+                let deadline = self
                     .desired
                     .get(name)
                     .map_or(crate::resolve::DEFAULT_PROMPT_DEADLINE, |t| {
@@ -567,13 +601,13 @@ impl TaskBook {
                 let prompt = PromptRecord {
                     id: id.clone(),
                     kind: PromptKind::Input,
-                    allow_control: state.desired.get(name).is_some_and(|t| t.allow_control),
+                    allow_control: self.desired.get(name).is_some_and(|t| t.allow_control),
                     task: name.to_owned(),
                     vm: record.vm.clone(),
                     text: text.clone(),
                     context: screen,
-                    created: SystemTime::now().into(),
-                    deadline: (SystemTime::now() + deadline).into(),
+                    created: self.now.0.into(),
+                    deadline: (self.now.0 + deadline).into(),
                     state: PromptState::Pending,
                     overdue: false,
                     response: None,
@@ -582,16 +616,15 @@ impl TaskBook {
                     delivered: false,
                     refused: Vec::new(),
                 };
-                state.prompts.insert(id.clone(), prompt);
-                state.prompt_changed(&id);
-                self.update(state, name, |r| {
+                self.prompts.insert(id.clone(), prompt);
+                self.prompt_changed(&id);
+                self.update(name, |r| {
                     r.seq = seq;
                     r.prompts = n;
                     r.pending_prompt = Some(id.clone());
                     r.phase = TaskPhase::WaitingForInput;
                 });
                 self.event(
-                    state,
                     &record,
                     EventKind::HitlPrompt,
                     format!("prompt {id} waits for an answer: {text}"),
@@ -625,7 +658,7 @@ impl TaskBook {
                     })
                 };
                 if let Some(why) = refusal {
-                    self.refuse(state, name, seq, "artifacts", || {
+                    self.refuse(name, seq, "artifacts", || {
                         format!("{why}; artifact parts past it are dropped")
                     });
                     return;
@@ -636,7 +669,7 @@ impl TaskBook {
                     match base64::engine::general_purpose::STANDARD.decode(data.as_bytes()) {
                         Ok(bytes) => {
                             let len = bytes.len() as u64;
-                            state.write_artifact(name, &path, offset, bytes);
+                            self.write_artifact(name, &path, offset, bytes);
                             len
                         }
                         Err(e) => {
@@ -644,7 +677,7 @@ impl TaskBook {
                             0
                         }
                     };
-                self.update(state, name, |r| {
+                self.update(name, |r| {
                     r.seq = seq;
                     r.artifact_bytes += received;
                     if new_file {
@@ -694,8 +727,8 @@ impl TaskBook {
                         "the guest agent restarted while it ran; its end is unknown".to_owned(),
                     ),
                 };
-                self.update(state, name, |r| r.seq = seq);
-                self.finish(state, name, phase, code, &message);
+                self.update(name, |r| r.seq = seq);
+                self.finish(name, phase, code, &message);
             }
             GuestMessage::Hello { .. }
             | GuestMessage::Heartbeat { .. }
@@ -707,25 +740,22 @@ impl TaskBook {
     /// Notes a refused answer on its prompt (once) and as an event, and moves a host answer
     /// file aside (the name, not what it points at), so it is read once.
     fn refuse_answer(
-        &self,
-        state: &mut BookState,
+        &mut self,
         record: &crate::status::tasks::TaskRecord,
         prompt: &PromptRecord,
         note: String,
         file: Option<&str>,
     ) {
         if !prompt.refused.contains(&note) {
-            self.set_prompt(state, &prompt.id, |p| p.refused.push(note.clone()));
+            self.set_prompt(&prompt.id, |p| p.refused.push(note.clone()));
             self.event(
-                state,
                 record,
                 EventKind::HitlAnswerRefused,
                 format!("answer to {} refused: {note}", prompt.id),
             );
         }
         if let Some(file) = file {
-            state
-                .effects
+            self.effects
                 .moves
                 .push((file.to_owned(), Some(format!("{file}.refused"))));
         }
@@ -733,58 +763,44 @@ impl TaskBook {
 
     /// Drops a message past a host limit: its `seq` counts (so the guest's outbox drains),
     /// and the run's status says what was refused, once per kind.
-    fn refuse(
-        &self,
-        state: &mut BookState,
-        name: &str,
-        seq: u64,
-        kind: &str,
-        why: impl FnOnce() -> String,
-    ) {
-        let Some(record) = state.records.get(name).cloned() else {
+    fn refuse(&mut self, name: &str, seq: u64, kind: &str, why: impl FnOnce() -> String) {
+        let Some(record) = self.records.get(name).cloned() else {
             return;
         };
         let first = !record.refused.iter().any(|r| r.starts_with(kind));
         let message = first.then(|| format!("{kind}: {}", why()));
-        self.update(state, name, |r| {
+        self.update(name, |r| {
             r.seq = seq;
             if let Some(m) = &message {
                 r.refused.push(m.clone());
             }
         });
         if let Some(m) = message {
-            self.event(state, &record, EventKind::TaskLimit, format!("{name}: {m}"));
+            self.event(&record, EventKind::TaskLimit, format!("{name}: {m}"));
         }
     }
 
     /// The safety net under the agent's own timeout: a run still going `HOST_TIMEOUT_GRACE`
     /// past its timeout is cancelled, and one that outlives a second grace is given up on.
-    fn enforce_timeouts(
-        &self,
-        state: &mut BookState,
-        conn: &mut Connection,
-        out: &mut Vec<HostMessage>,
-    ) {
-        let overdue: Vec<(String, Duration)> = state
+    fn enforce_timeouts(&mut self, conn: &mut Connection, out: &mut Vec<HostMessage>) {
+        let overdue: Vec<(String, Duration)> = self
             .records
             .values()
             .filter(|r| r.vm == conn.vm && r.phase.is_active() && conn.attached.contains(&r.name))
             .filter_map(|r| {
-                let timeout = state
+                let timeout = self
                     .desired
                     .get(&r.name)
                     .filter(|t| t.spec_hash == r.spec_hash)?
                     .timeout;
-                let over = super::running_for(r)?.checked_sub(timeout)?;
+                let over = super::running_for(r, self.now.0)?.checked_sub(timeout)?;
                 (over > HOST_TIMEOUT_GRACE).then(|| (r.name.clone(), over))
             })
             .collect();
         for (name, over) in overdue {
-            let record = state.records[&name].clone();
+            let record = self.records[&name].clone();
             if over > 2 * HOST_TIMEOUT_GRACE {
-                self.finish(
-                    state,
-                    &name,
+                self.finish(&name,
                     TaskPhase::TimedOut,
                     None,
                     "ran past its timeout and the agent answered neither the timeout nor a cancel; fleet stopped tracking it",
@@ -792,9 +808,8 @@ impl TaskBook {
                 continue;
             }
             if conn.cancel_sent.insert(record.guest_task()) {
-                self.update(state, &name, |r| r.host_timeout = true);
-                self.event(
-                    state, &record,
+                self.update(&name, |r| r.host_timeout = true);
+                self.event(&record,
                     EventKind::TaskTimeout,
                     format!("task {name} ran past its timeout without the agent ending it; fleet cancels it"),
                 );
@@ -807,13 +822,8 @@ impl TaskBook {
     }
 
     /// Sends the VM's secret set when the guest does not hold it yet; true once it does.
-    fn deliver_secrets(
-        &self,
-        state: &mut BookState,
-        conn: &mut Connection,
-        out: &mut Vec<HostMessage>,
-    ) -> bool {
-        let set = super::secret_set(state, &conn.vm);
+    fn deliver_secrets(&mut self, conn: &mut Connection, out: &mut Vec<HostMessage>) -> bool {
+        let set = super::secret_set(self, &conn.vm);
         let held = conn.guest_secrets.as_deref();
         if held == Some(set.digest.as_str()) || (held.is_none() && set.values.is_empty()) {
             return true;
@@ -830,8 +840,8 @@ impl TaskBook {
     }
 
     /// Delivers answers to this VM's pending prompts, and applies their deadlines.
-    fn answer_prompts(&self, state: &mut BookState, conn: &Connection, out: &mut Vec<HostMessage>) {
-        let ids: Vec<String> = state
+    fn answer_prompts(&mut self, conn: &Connection, files: &HostFiles, out: &mut Vec<HostMessage>) {
+        let ids: Vec<String> = self
             .prompts
             .values()
             .filter(|p| p.vm == conn.vm)
@@ -842,8 +852,8 @@ impl TaskBook {
             .map(|p| p.id.clone())
             .collect();
         for id in ids {
-            let prompt = state.prompts[&id].clone();
-            let Some(record) = state.records.get(&prompt.task).cloned() else {
+            let prompt = self.prompts[&id].clone();
+            let Some(record) = self.records.get(&prompt.task).cloned() else {
                 continue;
             };
             if !record.phase.is_active() {
@@ -859,8 +869,8 @@ impl TaskBook {
                 ));
                 continue;
             }
-            let committed = state.answers.get(&id).map(|a| {
-                let revision = state.revision.as_deref().unwrap_or_default();
+            let committed = self.answers.get(&id).map(|a| {
+                let revision = self.revision.as_deref().unwrap_or_default();
                 (
                     a.response.clone(),
                     format!(
@@ -872,19 +882,19 @@ impl TaskBook {
                 )
             });
             let host_file = answer_file_name(&id);
-            let shown = self.status.answer_path(&id);
+            let shown = files.dir.join(&host_file);
             let answer = match committed {
                 Some(a) => Some(a),
-                None => match self.status.read_answer_file(&host_file) {
+                None => match files.answers.get(&id) {
                     None => None,
                     Some(Ok(text)) => Some((
-                        answer_from_file(&text).to_owned(),
+                        answer_from_file(text).to_owned(),
                         format!("host file {}", shown.display()),
                         Some(host_file.clone()),
                     )),
                     Some(Err(why)) => {
                         let note = format!("host file {}: {why}", shown.display());
-                        self.refuse_answer(state, &record, &prompt, note, Some(&host_file));
+                        self.refuse_answer(&record, &prompt, note, Some(&host_file));
                         continue;
                     }
                 },
@@ -892,24 +902,24 @@ impl TaskBook {
             if let Some((response, by, file)) = answer {
                 if let Some(problem) = answer_problem(&response, prompt.allow_control) {
                     let note = format!("{by}: {problem}");
-                    self.refuse_answer(state, &record, &prompt, note, file.as_deref());
+                    self.refuse_answer(&record, &prompt, note, file.as_deref());
                     continue;
                 }
-                self.set_prompt(state, &id, |p| {
+                let answered_at = self.stamp();
+                self.set_prompt(&id, |p| {
                     p.state = PromptState::Answered;
                     p.response = Some(response.clone());
                     p.answered_by = Some(by.clone());
-                    p.answered_at = Some(now());
+                    p.answered_at = Some(answered_at.clone());
                 });
                 if let Some(file) = file {
-                    state.effects.moves.push((file, None));
+                    self.effects.moves.push((file, None));
                 }
-                self.update(state, &prompt.task, |r| {
+                self.update(&prompt.task, |r| {
                     r.pending_prompt = None;
                     r.phase = TaskPhase::Running;
                 });
                 self.event(
-                    state,
                     &record,
                     EventKind::HitlAnswered,
                     format!("prompt {id} answered by {by}"),
@@ -917,31 +927,30 @@ impl TaskBook {
                 out.push(input(&record.guest_task(), &id, &response));
                 continue;
             }
-            if SystemTime::now() < prompt.deadline.system_time() {
+            if self.now.0 < prompt.deadline.system_time() {
                 continue;
             }
-            let policy = state
+            let policy = self
                 .desired
                 .get(&prompt.task)
                 .map_or(OnDeadline::Wait, |t| t.on_deadline);
             match policy {
                 OnDeadline::Fail => {
-                    self.set_prompt(state, &id, |p| p.state = PromptState::Expired);
+                    self.set_prompt(&id, |p| p.state = PromptState::Expired);
                     let why = format!("prompt {id} got no answer by its deadline");
-                    self.update(state, &prompt.task, |r| {
+                    self.update(&prompt.task, |r| {
                         r.pending_prompt = None;
                         r.fail_on_cancel = Some(why.clone());
                     });
-                    self.event(state, &record, EventKind::HitlExpired, why);
+                    self.event(&record, EventKind::HitlExpired, why);
                     out.push(HostMessage::Cancel {
                         v: VERSION,
                         task: record.guest_task(),
                     });
                 }
                 OnDeadline::Wait if !prompt.overdue => {
-                    self.set_prompt(state, &id, |p| p.overdue = true);
+                    self.set_prompt(&id, |p| p.overdue = true);
                     self.event(
-                        state,
                         &record,
                         EventKind::HitlOverdue,
                         format!("prompt {id} is past its deadline and keeps waiting"),
@@ -954,8 +963,8 @@ impl TaskBook {
 
     /// Host answer files for prompts that are not pending (or do not exist) are refused:
     /// renamed to `<id>.answer.refused`, and noted on the prompt.
-    fn refuse_stray_answers(&self, state: &mut BookState) {
-        for file in self.status.hitl_file_names() {
+    fn refuse_stray_answers(&mut self, files: &HostFiles, names: &[String]) {
+        for file in names.iter().cloned() {
             let Some(id) = file
                 .strip_suffix(".answer")
                 .filter(|id| ApprovalId::parse(id).is_none())
@@ -964,10 +973,10 @@ impl TaskBook {
                 continue;
             };
             // Taken or refused already by this hold of the lock (the move is still to come).
-            if state.effects.moves.iter().any(|(from, _)| from == &file) {
+            if self.effects.moves.iter().any(|(from, _)| from == &file) {
                 continue;
             }
-            let why = match state.prompts.get(&id) {
+            let why = match self.prompts.get(&id) {
                 Some(p) if p.state == PromptState::Pending => continue,
                 Some(p) => match p.state {
                     PromptState::Answered => format!(
@@ -979,15 +988,12 @@ impl TaskBook {
                 },
                 None => "no such prompt".into(),
             };
-            let note = format!(
-                "host file {}: {why}",
-                self.status.answer_path(&id).display()
-            );
+            let note = format!("host file {}: {why}", files.dir.join(&file).display());
             tracing::warn!("answer refused: {note}");
             // The note is written before the file is moved (effects run in that order):
             // whoever sees the file refused finds why on the prompt.
-            if state.prompts.contains_key(&id) {
-                self.set_prompt(state, &id, |p| {
+            if self.prompts.contains_key(&id) {
+                self.set_prompt(&id, |p| {
                     if !p.refused.contains(&note) {
                         p.refused.push(note.clone());
                     }
@@ -996,25 +1002,24 @@ impl TaskBook {
             let refused = format!("{file}.refused");
             let event = Event::task(
                 EventKind::HitlAnswerRefused,
-                state.prompts.get(&id).map(|p| p.task.as_str()),
+                self.prompts.get(&id).map(|p| p.task.as_str()),
                 None,
                 None,
                 format!("answer to {id} refused: {note}"),
             );
-            state.effects.moves.push((file, Some(refused)));
-            state.effects.events.push(event);
+            self.effects.moves.push((file, Some(refused)));
+            self.effects.events.push(event);
         }
     }
 
     /// The link wrote these messages: answers among them are delivered.
-    pub fn sent(&self, messages: &[HostMessage]) {
-        let mut state = self.lock();
+    pub(super) fn sent(&mut self, messages: &[HostMessage]) {
         for message in messages {
             if let HostMessage::Input {
                 prompt: Some(id), ..
             } = message
             {
-                self.set_prompt(&mut state, id, |p| p.delivered = true);
+                self.set_prompt(id, |p| p.delivered = true);
             }
         }
     }

@@ -14,7 +14,7 @@ use crate::spec::OnDeadline;
 use crate::status::StatusDir;
 use crate::status::tasks::{PromptState, TaskPhase};
 
-fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
+pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
     let task = DesiredTask {
         name: "ask".into(),
         vm: "vm-1".into(),
@@ -657,14 +657,14 @@ fn writes_are_made_without_the_lock_and_never_go_back_in_time() {
     // A change, decided and taken out of the lock but not yet written (a slow disk)...
     let older = {
         let mut state = book.lock();
-        book.update(&mut state, "ask", |r| r.message = Some("older".into()));
+        state.update("ask", |r| r.message = Some("older".into()));
         state.take_effects()
     };
     // ...does not keep anyone out: the next holder decides a newer change, and its write
     // lands first.
     {
         let mut state = book.lock();
-        book.update(&mut state, "ask", |r| r.message = Some("newer".into()));
+        state.update("ask", |r| r.message = Some("newer".into()));
     }
     assert!(file().contains("message: newer"), "{}", file());
     // The late write of the older copy is skipped.

@@ -1,0 +1,196 @@
+//! The task book's decisions alone: `BookState` driven with messages, host files and the
+//! time it is given. No directory, no clock, no sleep: a deadline passes because the test
+//! says it is later, and what would be written is read off the queued effects.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime};
+
+use fleet_agent_protocol::{ExitReason, GuestMessage, HostMessage, VERSION};
+
+use super::runner::Connection;
+use super::tests::desired;
+use super::{BookState, DecidedAt, HostFiles};
+use crate::spec::OnDeadline;
+use crate::status::EventKind;
+use crate::status::tasks::{PromptState, TaskPhase};
+
+const T0: Duration = Duration::from_secs(1_800_000_000);
+
+fn at(seconds: u64) -> DecidedAt {
+    DecidedAt(SystemTime::UNIX_EPOCH + T0 + Duration::from_secs(seconds))
+}
+
+/// A state with task `ask` started on a greeted connection at time 0; the guest's name
+/// for the run.
+fn started(deadline: Duration, on_deadline: OnDeadline) -> (BookState, Connection, String) {
+    let mut state = BookState {
+        now: at(0),
+        ..BookState::default()
+    };
+    state.sync(
+        &desired(deadline, on_deadline),
+        &BTreeSet::from(["vm-1".to_owned()]),
+    );
+    assert_eq!(
+        state.take_effects().resets,
+        ["ask"],
+        "a new run empties its files first"
+    );
+    let mut conn = Connection::new("vm-1");
+    conn.greeted("boot-1", None);
+    let (sent, _) = state.tick(&mut conn, &HostFiles::default());
+    let Some(HostMessage::RunTask { task, .. }) = sent.first() else {
+        panic!("expected a RunTask, got {sent:?}");
+    };
+    let task = task.clone();
+    state.take_effects();
+    (state, conn, task)
+}
+
+fn prompt(task: &str, seq: u64) -> GuestMessage {
+    GuestMessage::Prompt {
+        v: VERSION,
+        task: task.to_owned(),
+        seq,
+        text: "Continue? (y/n)".into(),
+        screen: vec!["Continue? (y/n)".into()],
+    }
+}
+
+#[test]
+fn output_is_decided_under_the_lock_and_written_by_the_batch() {
+    let (mut state, mut conn, task) = started(Duration::from_secs(60), OnDeadline::Wait);
+    let output = |seq, data: &str| GuestMessage::Output {
+        v: VERSION,
+        task: task.clone(),
+        seq,
+        data: data.into(),
+    };
+    let (acks, batch) = state.receive(&mut conn, vec![output(1, "one\n"), output(2, "two\n")]);
+    assert_eq!(
+        acks,
+        [HostMessage::Ack {
+            v: VERSION,
+            task: task.clone(),
+            seq: 2
+        }]
+    );
+    // Each chunk at the offset the record accounted for when it was decided.
+    assert_eq!(
+        batch.output,
+        [
+            ("ask".to_owned(), 0, b"one\n".to_vec()),
+            ("ask".to_owned(), 4, b"two\n".to_vec())
+        ]
+    );
+    assert_eq!(state.records["ask"].output_bytes, 8);
+    assert_eq!(state.records["ask"].seq, 2);
+
+    let exit = GuestMessage::Exit {
+        v: VERSION,
+        task: task.clone(),
+        seq: 3,
+        code: Some(0),
+        reason: ExitReason::Completed,
+    };
+    state.now = at(5);
+    state.receive(&mut conn, vec![exit]);
+    let record = &state.records["ask"];
+    assert_eq!(record.phase, TaskPhase::Succeeded);
+    assert_eq!(
+        record.finished.as_deref(),
+        Some(crate::time::timestamp(at(5).0).as_str())
+    );
+    let effects = state.take_effects();
+    assert!(
+        effects
+            .events
+            .iter()
+            .any(|e| e.kind == EventKind::TaskFinished)
+    );
+}
+
+#[test]
+fn a_deadline_passes_when_the_time_given_says_so() {
+    let (mut state, mut conn, task) = started(Duration::from_secs(60), OnDeadline::Fail);
+    state.receive(&mut conn, vec![prompt(&task, 1)]);
+    let id = state.records["ask"]
+        .pending_prompt
+        .clone()
+        .expect("a prompt");
+
+    state.now = at(59);
+    let (sent, _) = state.tick(&mut conn, &HostFiles::default());
+    assert!(sent.is_empty(), "not yet: {sent:?}");
+    assert_eq!(state.prompts[&id].state, PromptState::Pending);
+
+    state.now = at(61);
+    let (sent, _) = state.tick(&mut conn, &HostFiles::default());
+    assert_eq!(sent, [HostMessage::Cancel { v: VERSION, task }]);
+    assert_eq!(state.prompts[&id].state, PromptState::Expired);
+}
+
+#[test]
+fn a_host_answer_file_is_an_input_and_its_removal_an_effect() {
+    let (mut state, mut conn, task) = started(Duration::from_secs(60), OnDeadline::Wait);
+    state.receive(&mut conn, vec![prompt(&task, 1)]);
+    let id = state.records["ask"]
+        .pending_prompt
+        .clone()
+        .expect("a prompt");
+    state.take_effects();
+
+    let refused = HostFiles {
+        answers: BTreeMap::from([(id.clone(), Ok("y\u{1b}[A\n".to_owned()))]),
+        ..HostFiles::default()
+    };
+    let (sent, _) = state.tick(&mut conn, &refused);
+    assert!(sent.is_empty(), "{sent:?}");
+    let effects = state.take_effects();
+    assert_eq!(
+        effects.moves,
+        [(format!("{id}.answer"), Some(format!("{id}.answer.refused")))]
+    );
+    assert_eq!(state.prompts[&id].state, PromptState::Pending);
+
+    let good = HostFiles {
+        answers: BTreeMap::from([(id.clone(), Ok("yes\n".to_owned()))]),
+        ..HostFiles::default()
+    };
+    let (sent, _) = state.tick(&mut conn, &good);
+    assert_eq!(
+        sent,
+        [HostMessage::Input {
+            v: VERSION,
+            task,
+            data: "yes\r".into(),
+            prompt: Some(id.clone()),
+        }]
+    );
+    assert_eq!(state.take_effects().moves, [(format!("{id}.answer"), None)]);
+    assert_eq!(state.prompts[&id].state, PromptState::Answered);
+}
+
+#[test]
+fn a_stray_answer_file_is_refused_from_the_names_given() {
+    let (mut state, mut conn, _task) = started(Duration::from_secs(60), OnDeadline::Wait);
+    let files = HostFiles {
+        strays: Some(vec!["nobody-0000000-1.answer".into(), "notes.txt".into()]),
+        ..HostFiles::default()
+    };
+    state.tick(&mut conn, &files);
+    let effects = state.take_effects();
+    assert_eq!(
+        effects.moves,
+        [(
+            "nobody-0000000-1.answer".to_owned(),
+            Some("nobody-0000000-1.answer.refused".to_owned())
+        )]
+    );
+    assert!(
+        effects
+            .events
+            .iter()
+            .any(|e| e.kind == EventKind::HitlAnswerRefused)
+    );
+}
