@@ -54,16 +54,12 @@ impl Workspace {
         }
         let keyring = match &self.age_identity {
             Some(path) => crate::secrets::Keyring::load(path),
-            None => Err(
-                "no age identity: pass --age-identity FILE, set FLEET_AGE_IDENTITY, or create ~/.config/fleet/age.key"
-                    .to_owned(),
-            ),
+            None => Err(crate::secrets::SecretError::NoIdentity),
         };
         if keyring.is_ok() {
             crate::secrets::no_core_dumps();
         }
-        let mut vault =
-            crate::secrets::Vault::open(&desired.secrets, keyring.as_ref().map_err(String::as_str));
+        let mut vault = crate::secrets::Vault::open(&desired.secrets, keyring.as_ref());
         vault.withhold_copies_of(&desired.provider_credentials);
         vault
     }

@@ -67,70 +67,117 @@ pub fn identity_path(
     default.exists().then_some(default)
 }
 
+/// Why a secret file, identity or value cannot be used; each says what and the fix, and
+/// none holds plaintext.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("{}: {source}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{} is readable by others (mode {mode:04o}); fix it with `chmod 600 {}`",
+        path.display(),
+        path.display()
+    )]
+    Exposed { path: PathBuf, mode: u32 },
+    #[error(
+        "no age identity: pass --age-identity FILE, set FLEET_AGE_IDENTITY, or create ~/.config/fleet/age.key"
+    )]
+    NoIdentity,
+    #[error("age identity {}: {source}; create one with `age-keygen -o {}`", path.display(), path.display())]
+    IdentityMissing {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("age identity {source}")]
+    IdentityFile { source: Box<SecretError> },
+    #[error("age identity {}:{line}: not an age secret key (AGE-SECRET-KEY-1…); only X25519 keys from age-keygen are supported", path.display())]
+    NotAKey { path: PathBuf, line: usize },
+    #[error("age identity {} holds no key; create one with `age-keygen -o {}`", path.display(), path.display())]
+    NoKey { path: PathBuf },
+    #[error("recipient {recipient:?} is not an age X25519 recipient: {reason}")]
+    Recipient { recipient: String, reason: String },
+    #[error("no recipients to encrypt to")]
+    NoRecipients,
+    #[error("cannot encrypt: {0}")]
+    Encryptor(#[from] age::EncryptError),
+    #[error("cannot encrypt: {0}")]
+    Encrypting(#[from] std::io::Error),
+    #[error("not encrypted to this host's identity ({}, recipient {recipients}); someone who can decrypt it must run `fleet secret rotate` with that recipient listed", identity.display())]
+    NotForThisHost {
+        identity: PathBuf,
+        recipients: String,
+    },
+    #[error(
+        "the ciphertext is damaged or was tampered with ({cause}); set the value again with `fleet secret set`"
+    )]
+    Damaged { cause: String },
+    #[error(
+        "the ciphertext is damaged or was tampered with (or a newer age wrote it); set the value again with `fleet secret set`"
+    )]
+    UnknownFormat,
+    #[error("cannot decrypt: {0}")]
+    Decrypt(age::DecryptError),
+    #[error("the value is larger than {} KiB", MAX_VALUE_BYTES / 1024)]
+    TooLarge,
+}
+
 /// Refuses a file holding a secret that group or others may read, with the fix.
-pub fn check_private_file(path: &Path) -> Result<(), String> {
-    let shown = path.display();
-    private_file_mode(path).map_err(|problem| match problem {
-        FileProblem::Unreadable(e) => format!("{shown}: {e}"),
-        FileProblem::Exposed(mode) => exposed(&shown.to_string(), mode),
-    })
-}
-
-/// Why a file that must be private cannot be used.
-enum FileProblem {
-    Unreadable(std::io::Error),
-    /// Group or others may read it (its mode).
-    Exposed(u32),
-}
-
-fn private_file_mode(path: &Path) -> Result<(), FileProblem> {
+pub fn check_private_file(path: &Path) -> Result<(), SecretError> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(FileProblem::Unreadable)?;
+    let meta = std::fs::metadata(path).map_err(|source| SecretError::Unreadable {
+        path: path.to_owned(),
+        source,
+    })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(FileProblem::Exposed(mode));
+        return Err(SecretError::Exposed {
+            path: path.to_owned(),
+            mode,
+        });
     }
     Ok(())
-}
-
-fn exposed(shown: &str, mode: u32) -> String {
-    format!("{shown} is readable by others (mode {mode:04o}); fix it with `chmod 600 {shown}`")
 }
 
 impl Keyring {
     /// Reads `AGE-SECRET-KEY-1…` lines (as `age-keygen` writes them). The file must not be
     /// readable by group or others.
-    pub fn load(path: &Path) -> Result<Keyring, String> {
-        let shown = path.display();
-        private_file_mode(path).map_err(|problem| match problem {
-            FileProblem::Unreadable(e) => {
-                format!("age identity {shown}: {e}; create one with `age-keygen -o {shown}`")
+    pub fn load(path: &Path) -> Result<Keyring, SecretError> {
+        check_private_file(path).map_err(|problem| match problem {
+            SecretError::Unreadable { path, source } => {
+                SecretError::IdentityMissing { path, source }
             }
-            FileProblem::Exposed(mode) => {
-                format!("age identity {}", exposed(&shown.to_string(), mode))
-            }
+            other => SecretError::IdentityFile {
+                source: Box::new(other),
+            },
         })?;
-        let text = Zeroizing::new(
-            std::fs::read_to_string(path).map_err(|e| format!("age identity {shown}: {e}"))?,
-        );
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+            SecretError::IdentityFile {
+                source: Box::new(SecretError::Unreadable {
+                    path: path.to_owned(),
+                    source,
+                }),
+            }
+        })?);
         let mut identities = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let identity = age::x25519::Identity::from_str(line).map_err(|_| {
-                format!(
-                    "age identity {shown}:{}: not an age secret key (AGE-SECRET-KEY-1…); only X25519 keys from age-keygen are supported",
-                    n + 1
-                )
-            })?;
+            let identity =
+                age::x25519::Identity::from_str(line).map_err(|_| SecretError::NotAKey {
+                    path: path.to_owned(),
+                    line: n + 1,
+                })?;
             identities.push(identity);
         }
         if identities.is_empty() {
-            return Err(format!(
-                "age identity {shown} holds no key; create one with `age-keygen -o {shown}`"
-            ));
+            return Err(SecretError::NoKey {
+                path: path.to_owned(),
+            });
         }
         Ok(Keyring {
             identities,
@@ -163,69 +210,65 @@ impl Keyring {
 }
 
 /// Encrypts `plaintext` to `recipients` as an ASCII-armored age file.
-pub fn encrypt(plaintext: &[u8], recipients: &[String]) -> Result<String, String> {
+pub fn encrypt(plaintext: &[u8], recipients: &[String]) -> Result<String, SecretError> {
     let parsed: Vec<age::x25519::Recipient> = recipients
         .iter()
         .map(|r| {
-            age::x25519::Recipient::from_str(r)
-                .map_err(|e| format!("recipient {r:?} is not an age X25519 recipient: {e}"))
+            age::x25519::Recipient::from_str(r).map_err(|reason| SecretError::Recipient {
+                recipient: r.clone(),
+                reason: reason.to_string(),
+            })
         })
         .collect::<Result<_, _>>()?;
     if parsed.is_empty() {
-        return Err("no recipients to encrypt to".into());
+        return Err(SecretError::NoRecipients);
     }
     let encryptor =
-        age::Encryptor::with_recipients(parsed.iter().map(|r| r as &dyn age::Recipient))
-            .map_err(|e| format!("cannot encrypt: {e}"))?;
+        age::Encryptor::with_recipients(parsed.iter().map(|r| r as &dyn age::Recipient))?;
     let mut out = Vec::new();
-    let armor = age::armor::ArmoredWriter::wrap_output(&mut out, age::armor::Format::AsciiArmor)
-        .map_err(|e| e.to_string())?;
-    let mut writer = encryptor.wrap_output(armor).map_err(|e| e.to_string())?;
-    writer.write_all(plaintext).map_err(|e| e.to_string())?;
-    writer
-        .finish()
-        .and_then(|armor| armor.finish())
-        .map_err(|e| e.to_string())?;
-    String::from_utf8(out).map_err(|e| e.to_string())
+    let armor = age::armor::ArmoredWriter::wrap_output(&mut out, age::armor::Format::AsciiArmor)?;
+    let mut writer = encryptor.wrap_output(armor)?;
+    writer.write_all(plaintext)?;
+    writer.finish().and_then(|armor| armor.finish())?;
+    // The armor is ASCII.
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Decrypts one armored value. Errors say what went wrong without any plaintext.
-pub fn decrypt(armored: &str, keyring: &Keyring) -> Result<SecretSlice<u8>, String> {
+pub fn decrypt(armored: &str, keyring: &Keyring) -> Result<SecretSlice<u8>, SecretError> {
     let reader = age::armor::ArmoredReader::new(armored.as_bytes());
-    let decryptor = age::Decryptor::new(reader).map_err(|e| describe(&e, keyring))?;
+    let decryptor = age::Decryptor::new(reader).map_err(|e| describe(e, keyring))?;
     let mut stream = decryptor
         .decrypt(keyring.identities.iter().map(|i| i as &dyn age::Identity))
-        .map_err(|e| describe(&e, keyring))?;
+        .map_err(|e| describe(e, keyring))?;
     let mut plain = Zeroizing::new(Vec::new());
     let mut limited = (&mut stream).take(MAX_VALUE_BYTES as u64 + 1);
-    limited.read_to_end(&mut plain).map_err(|e| {
-        format!("the ciphertext is damaged or was tampered with ({e}); set the value again")
-    })?;
+    limited
+        .read_to_end(&mut plain)
+        .map_err(|e| SecretError::Damaged {
+            cause: e.to_string(),
+        })?;
     if plain.len() > MAX_VALUE_BYTES {
-        return Err(format!(
-            "the value is larger than {} KiB",
-            MAX_VALUE_BYTES / 1024
-        ));
+        return Err(SecretError::TooLarge);
     }
     Ok(SecretSlice::from(std::mem::take(&mut *plain)))
 }
 
-fn describe(e: &age::DecryptError, keyring: &Keyring) -> String {
+fn describe(e: age::DecryptError, keyring: &Keyring) -> SecretError {
     match e {
-        age::DecryptError::NoMatchingKeys => format!(
-            "not encrypted to this host's identity ({}, recipient {}); someone who can decrypt it must run `fleet secret rotate` with that recipient listed",
-            keyring.path.display(),
-            keyring.recipients().join(", ")
-        ),
+        age::DecryptError::NoMatchingKeys => SecretError::NotForThisHost {
+            identity: keyring.path.clone(),
+            recipients: keyring.recipients().join(", "),
+        },
         age::DecryptError::InvalidMac
         | age::DecryptError::DecryptionFailed
         | age::DecryptError::KeyDecryptionFailed
         | age::DecryptError::InvalidHeader
-        | age::DecryptError::Io(_) => format!(
-            "the ciphertext is damaged or was tampered with ({e}); set the value again with `fleet secret set`"
-        ),
-        age::DecryptError::UnknownFormat => "the ciphertext is damaged or was tampered with (or a newer age wrote it); set the value again with `fleet secret set`".to_owned(),
-        other => format!("cannot decrypt: {other}"),
+        | age::DecryptError::Io(_) => SecretError::Damaged {
+            cause: e.to_string(),
+        },
+        age::DecryptError::UnknownFormat => SecretError::UnknownFormat,
+        other => SecretError::Decrypt(other),
     }
 }
 
@@ -252,7 +295,7 @@ impl Vault {
     /// why (`no_keyring`).
     pub fn open(
         secrets: &BTreeMap<String, DesiredSecret>,
-        keyring: Result<&Keyring, &str>,
+        keyring: Result<&Keyring, &SecretError>,
     ) -> Vault {
         let mut vault = Vault::default();
         let fingerprint_key = keyring.ok().map(Keyring::fingerprint_key);
@@ -260,9 +303,11 @@ impl Vault {
             for (key, armored) in &secret.data {
                 let id = (secret.name.clone(), key.clone());
                 let opened = match (keyring, &fingerprint_key) {
-                    (Ok(k), Some(fk)) => decrypt(&armored.0, k).map(|v| (v, fk)),
-                    (Err(why), _) => Err(why.to_owned()),
-                    (Ok(_), None) => Err("no age identity".to_owned()),
+                    (Ok(k), Some(fk)) => decrypt(&armored.0, k)
+                        .map(|v| (v, fk))
+                        .map_err(|e| e.to_string()),
+                    (Err(why), _) => Err(why.to_string()),
+                    (Ok(_), None) => Err(SecretError::NoIdentity.to_string()),
                 };
                 match opened {
                     Ok((value, fingerprint_key)) => {
@@ -459,7 +504,8 @@ mod tests {
     #[test]
     fn a_key_file_others_can_read_is_refused_with_the_fix() {
         let (_dir, path) = key_file(0o644);
-        let err = Keyring::load(&path).expect_err("refused");
+        let err = Keyring::load(&path).expect_err("refused").to_string();
+        assert!(err.starts_with("age identity "), "{err}");
         assert!(err.contains("readable by others (mode 0644)"), "{err}");
         assert!(err.contains("chmod 600"), "{err}");
         let (_dir, path) = key_file(0o600);
@@ -588,10 +634,7 @@ mod tests {
         let mut desired = crate::resolve::tests_support::desired_with_task_secret(
             encrypt(b"x", &keyring.recipients()).expect("encrypt"),
         );
-        let vault = Vault::open(
-            &desired.secrets,
-            Err("no age identity: pass --age-identity"),
-        );
+        let vault = Vault::open(&desired.secrets, Err(&SecretError::NoIdentity));
         vault.bind(&mut desired);
         let held = desired.tasks["t"].held.clone().expect("held");
         assert!(

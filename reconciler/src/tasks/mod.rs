@@ -109,7 +109,7 @@ struct HostFiles {
     dir: PathBuf,
     /// The host answer file of each of the VM's open prompts that has one: its text, or
     /// why it was refused.
-    answers: BTreeMap<String, Result<String, String>>,
+    answers: BTreeMap<String, Result<String, crate::status::AnswerFileRefused>>,
     /// Every name in `status/hitl/`, when a look for stray answer files is due.
     strays: Option<Vec<String>>,
 }
@@ -476,7 +476,7 @@ impl TaskBook {
                 let read = self
                     .status
                     .read_answer_file(&crate::status::tasks::answer_file_name(&id))?;
-                Some((id, read.map_err(|why| why.to_string())))
+                Some((id, read))
             })
             .collect();
         HostFiles {
