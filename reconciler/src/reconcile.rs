@@ -39,15 +39,8 @@ impl Workspace {
         crate::host::read(&self.host_config)
     }
 
-    /// Opens every secret of `desired` with the workspace's identity and binds its tasks to
-    /// the values (see `secrets::Vault::bind`). Problems are in the vault, per value.
-    pub fn open_secrets(&self, desired: &mut Desired) -> crate::secrets::Vault {
-        let vault = self.open_vault(desired);
-        vault.bind(desired);
-        vault
-    }
-
-    /// Opens every secret of `desired` (nothing when it has none).
+    /// Opens every secret of `desired` with the workspace's identity (nothing when it has
+    /// none). Problems are in the vault, per value.
     pub fn open_vault(&self, desired: &Desired) -> crate::secrets::Vault {
         if desired.secrets.is_empty() {
             return crate::secrets::Vault::default();

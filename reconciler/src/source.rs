@@ -99,7 +99,8 @@ pub fn from_git(root: &Path, fleet_dir: &str, rev: Option<&str>) -> Result<Snaps
             .and_then(|h| h.shorthand().ok().map(str::to_owned))
             .unwrap_or_else(|| "HEAD".to_owned())
     } else {
-        spec.to_owned()
+        // `refs/heads/main` is the branch `main` to whoever reads the label.
+        spec.strip_prefix("refs/heads/").unwrap_or(spec).to_owned()
     };
     let label = format!("{branch}@{}", &id[..12]);
     let tree = commit.tree().map_err(|source| SourceError::Git {

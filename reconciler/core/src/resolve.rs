@@ -100,12 +100,9 @@ pub struct DesiredTask {
     /// The loadout's secret variables, then the task's own references (a task's reference
     /// replaces the loadout's for the same variable).
     pub secrets: Vec<SecretRef>,
-    /// Why the task may not start yet (a secret value it uses could not be opened); set by
-    /// `secrets::Vault::bind`.
-    pub held: Option<String>,
-    /// sha256 of the canonical JSON of the task's spec (`rerun` included): a new hash is a
-    /// new run. `secrets::Vault::bind` folds in the keyed hashes of the task's secret values,
-    /// so a changed value is a new run too.
+    /// sha256 of the canonical JSON of the task's spec (`rerun` included). The task book
+    /// identifies a run by this and the keyed hashes of the task's secret values (the shell's
+    /// `Vault::bind`), so a new spec or a changed value is a new run.
     pub spec_hash: String,
     pub source: String,
 }
@@ -180,7 +177,6 @@ fn resolve_task(name: &str, spec: &TaskSpec, vm: Option<&DesiredVm>, source: &st
         allow_control: prompts.allow_control,
         rerun: spec.rerun,
         secrets,
-        held: None,
         spec_hash: hex(&Sha256::digest(json)),
         source: source.to_owned(),
     }

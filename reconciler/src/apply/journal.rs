@@ -125,9 +125,14 @@ impl Journal {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
+        // In the status directory's root: private to fleet and its operators, and never
+        // written through a link planted in its place.
+        use std::os::unix::fs::OpenOptionsExt;
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(crate::fsguard::FILE_MODE)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&self.path)?;
         f.write_all(&line)?;
         f.sync_data()
@@ -135,7 +140,12 @@ impl Journal {
 }
 
 fn read_records(path: &Path) -> std::io::Result<Vec<Record>> {
-    let file = match std::fs::File::open(path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),

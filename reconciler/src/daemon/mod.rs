@@ -365,12 +365,11 @@ impl Daemon {
             return Ok(());
         }
         match reconcile::desired(&snapshot, &self.host) {
-            Ok(mut desired) => {
-                desired.revision.label = format!("{}@{}", self.branch, snapshot.revision.short());
+            Ok(desired) => {
                 tracing::info!(revision = %desired.revision.label, "new revision");
                 // Values are opened once per revision; what cannot be opened holds only the
-                // tasks that use it.
-                let vault = self.ws.open_secrets(&mut desired);
+                // tasks that use it (the task book binds its tasks to the values).
+                let vault = self.ws.open_vault(&desired);
                 for problem in vault.problems() {
                     tracing::warn!("secret: {problem}");
                     let _ = self.ws.status.append_event(&crate::status::Event::fleet(

@@ -25,7 +25,7 @@ use secrecy::SecretSlice;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::resolve::{Desired, DesiredSecret};
+use crate::resolve::{Desired, DesiredSecret, DesiredTask};
 
 /// The largest value `fleet secret set` accepts (and a decrypted value may have).
 pub const MAX_VALUE_BYTES: usize = 32 * 1024;
@@ -424,33 +424,54 @@ impl Vault {
         self.problems.values().map(String::as_str)
     }
 
-    /// Ties tasks to the values they use: each task's spec hash takes in the fingerprints of
-    /// its secret values (a changed value is a new run), and a task whose value could not be
-    /// opened is held, saying why.
-    pub fn bind(&self, desired: &mut Desired) {
-        for task in desired.tasks.values_mut() {
-            if task.secrets.is_empty() {
-                continue;
-            }
-            let mut h = Sha256::new();
-            h.update(task.spec_hash.as_bytes());
-            for r in &task.secrets {
-                h.update(format!("\0{}/{}/{}=", r.secret.0, r.key.0, r.target()).as_bytes());
-                match self.fingerprint(&r.secret.0, &r.key.0) {
-                    Some(fp) => h.update(fp.as_bytes()),
-                    None => {
-                        let why = self
-                            .problem(&r.secret.0, &r.key.0)
-                            .unwrap_or("the secret is not defined");
-                        task.held.get_or_insert_with(|| {
-                            format!("waiting for secret {}/{}: {why}", r.secret.0, r.key.0)
-                        });
-                    }
+    /// Ties tasks to the values they use, without changing them: each task's run hash is
+    /// its spec hash with the fingerprints of its secret values (a changed value is a new
+    /// run), and a task whose value could not be opened is held, saying why.
+    pub fn bind(&self, tasks: &BTreeMap<String, DesiredTask>) -> BTreeMap<String, BoundTask> {
+        tasks
+            .iter()
+            .map(|(name, task)| (name.clone(), self.bind_one(task)))
+            .collect()
+    }
+
+    fn bind_one(&self, task: &DesiredTask) -> BoundTask {
+        if task.secrets.is_empty() {
+            return BoundTask {
+                run_hash: task.spec_hash.clone(),
+                held: None,
+            };
+        }
+        let mut held = None;
+        let mut h = Sha256::new();
+        h.update(task.spec_hash.as_bytes());
+        for r in &task.secrets {
+            h.update(format!("\0{}/{}/{}=", r.secret.0, r.key.0, r.target()).as_bytes());
+            match self.fingerprint(&r.secret.0, &r.key.0) {
+                Some(fp) => h.update(fp.as_bytes()),
+                None => {
+                    let why = self
+                        .problem(&r.secret.0, &r.key.0)
+                        .unwrap_or("the secret is not defined");
+                    held.get_or_insert_with(|| {
+                        format!("waiting for secret {}/{}: {why}", r.secret.0, r.key.0)
+                    });
                 }
             }
-            task.spec_hash = crate::digest::hex(&h.finalize());
+        }
+        BoundTask {
+            run_hash: crate::digest::hex(&h.finalize()),
+            held,
         }
     }
+}
+
+/// A task as the values it uses make it (`Vault::bind`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BoundTask {
+    /// What identifies a run: the spec hash, and the fingerprints of the task's values.
+    pub run_hash: String,
+    /// Why the task cannot run now (a value that could not be opened).
+    pub held: Option<String>,
 }
 
 /// A fresh keyring in a temporary key file, for tests elsewhere in the crate.
@@ -613,30 +634,30 @@ mod tests {
         let keyring = Keyring::load(&path).expect("keyring");
         let snapshot = |value: &str| {
             let armored = encrypt(value.as_bytes(), &keyring.recipients()).expect("encrypt");
-            let mut desired = crate::resolve::tests_support::desired_with_task_secret(armored);
+            let desired = crate::resolve::tests_support::desired_with_task_secret(armored);
             let vault = Vault::open(&desired.secrets, Ok(&keyring));
-            vault.bind(&mut desired);
-            desired.tasks["t"].clone()
+            let bound = vault.bind(&desired.tasks)["t"].clone();
+            assert_ne!(bound.run_hash, desired.tasks["t"].spec_hash);
+            bound
         };
         let one = snapshot("one");
         assert_eq!(one.held, None);
         assert_eq!(
-            snapshot("one").spec_hash,
-            one.spec_hash,
+            snapshot("one").run_hash,
+            one.run_hash,
             "same value, same run"
         );
         assert_ne!(
-            snapshot("two").spec_hash,
-            one.spec_hash,
+            snapshot("two").run_hash,
+            one.run_hash,
             "a new value is a new run"
         );
 
-        let mut desired = crate::resolve::tests_support::desired_with_task_secret(
+        let desired = crate::resolve::tests_support::desired_with_task_secret(
             encrypt(b"x", &keyring.recipients()).expect("encrypt"),
         );
         let vault = Vault::open(&desired.secrets, Err(&SecretError::NoIdentity));
-        vault.bind(&mut desired);
-        let held = desired.tasks["t"].held.clone().expect("held");
+        let held = vault.bind(&desired.tasks)["t"].held.clone().expect("held");
         assert!(
             held.starts_with("waiting for secret s/k: fleet/secrets/s.yaml key k: no age identity"),
             "{held}"

@@ -331,9 +331,8 @@ impl StatusDir {
     }
 
     /// Writes output at `at` (the length the record accounted for when it was decided).
-    /// Parts of one run land at their own offsets, so the order in which batches reach
-    /// the disk does not matter. Not synced: the task book syncs a batch's output once
-    /// (`sync_task_output`) before it acknowledges the batch.
+    /// Not synced: the task book syncs a hold's output once (`sync_task_output`) before it
+    /// writes the record that counts it and acknowledges it.
     pub fn write_task_output(&self, task: &str, at: u64, data: &[u8]) -> std::io::Result<()> {
         let root = self.tree_to_write()?;
         write_at(&root, &output_log(task), at, data, None)

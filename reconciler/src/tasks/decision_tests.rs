@@ -16,8 +16,13 @@ use crate::status::tasks::{PromptState, TaskPhase};
 
 const T0: Duration = Duration::from_secs(1_800_000_000);
 
+/// `seconds` after the start, on both clocks.
 fn at(seconds: u64) -> DecidedAt {
-    DecidedAt(SystemTime::UNIX_EPOCH + T0 + Duration::from_secs(seconds))
+    let start = DecidedAt::default();
+    DecidedAt {
+        wall: SystemTime::UNIX_EPOCH + T0 + Duration::from_secs(seconds),
+        mono: start.mono + Duration::from_secs(seconds),
+    }
 }
 
 /// A state with task `ask` started on a greeted connection at time 0; the guest's name
@@ -58,7 +63,7 @@ fn prompt(task: &str, seq: u64) -> GuestMessage {
 }
 
 #[test]
-fn output_is_decided_under_the_lock_and_written_by_the_batch() {
+fn output_is_decided_under_the_lock_and_written_in_the_holds_turn() {
     let (mut state, mut conn, task) = started(Duration::from_secs(60), OnDeadline::Wait);
     let output = |seq, data: &str| GuestMessage::Output {
         v: VERSION,
@@ -66,7 +71,7 @@ fn output_is_decided_under_the_lock_and_written_by_the_batch() {
         seq,
         data: data.into(),
     };
-    let (acks, batch) = state.receive(&mut conn, vec![output(1, "one\n"), output(2, "two\n")]);
+    let acks = state.receive(&mut conn, vec![output(1, "one\n"), output(2, "two\n")]);
     assert_eq!(
         acks,
         [HostMessage::Ack {
@@ -75,9 +80,13 @@ fn output_is_decided_under_the_lock_and_written_by_the_batch() {
             seq: 2
         }]
     );
-    // Each chunk at the offset the record accounted for when it was decided.
+    // Each chunk at the offset the record accounted for when it was decided, written before
+    // the record that counts it, in the hold's turn.
+    let effects = state.take_effects();
+    assert_eq!(effects.records.len(), 1);
+    assert!(effects.turn > 0);
     assert_eq!(
-        batch.output,
+        effects.output,
         [
             ("ask".to_owned(), 0, b"one\n".to_vec()),
             ("ask".to_owned(), 4, b"two\n".to_vec())
@@ -99,7 +108,7 @@ fn output_is_decided_under_the_lock_and_written_by_the_batch() {
     assert_eq!(record.phase, TaskPhase::Succeeded);
     assert_eq!(
         record.finished.as_deref(),
-        Some(crate::time::timestamp(at(5).0).as_str())
+        Some(crate::time::timestamp(at(5).wall).as_str())
     );
     let effects = state.take_effects();
     assert!(
@@ -193,4 +202,62 @@ fn a_stray_answer_file_is_refused_from_the_names_given() {
             .iter()
             .any(|e| e.kind == EventKind::HitlAnswerRefused)
     );
+}
+
+#[test]
+fn a_repeat_is_acknowledged_only_in_its_turn() {
+    let (mut state, mut conn, task) = started(Duration::from_secs(60), OnDeadline::Wait);
+    let output = GuestMessage::Output {
+        v: VERSION,
+        task,
+        seq: 1,
+        data: "one\n".into(),
+    };
+    state.receive(&mut conn, vec![output.clone()]);
+    let first = state.take_effects();
+    // Nothing new to write, yet the acknowledgement waits its turn: the first hold's bytes
+    // may still be on their way to the disk.
+    let acks = state.receive(&mut conn, vec![output]);
+    assert_eq!(acks.len(), 1);
+    let second = state.take_effects();
+    assert!(second.output.is_empty() && second.records.is_empty());
+    assert_eq!(second.turn, first.turn + 1);
+}
+
+#[test]
+fn an_unconfirmed_repository_is_shipped_again_on_the_monotonic_clock() {
+    let mut desired = desired(Duration::from_secs(60), OnDeadline::Wait);
+    if let Some(task) = desired.tasks.get_mut("ask") {
+        task.repository = Some(crate::spec::Repository {
+            url: "app".into(),
+            branch: None,
+        });
+    }
+    let mut state = BookState {
+        now: at(0),
+        ..BookState::default()
+    };
+    state.sync(&desired, &BTreeSet::from(["vm-1".to_owned()]));
+    let mut conn = Connection::new("vm-1");
+    conn.greeted("boot-1", None);
+    let (_, job) = state.tick(&mut conn, &HostFiles::default());
+    assert!(job.is_some(), "the repository is to be shipped");
+    assert_eq!(state.records["ask"].phase, TaskPhase::Staging);
+
+    // The wall clock stepped back a day, then forward three: the wait is not measured by it.
+    for wall in [-86_400i64, 3 * 86_400] {
+        let mut later = at(1);
+        later.wall = if wall < 0 {
+            later.wall - Duration::from_secs(wall.unsigned_abs())
+        } else {
+            later.wall + Duration::from_secs(wall.unsigned_abs())
+        };
+        state.now = later;
+        state.tick(&mut conn, &HostFiles::default());
+        assert_eq!(state.records["ask"].phase, TaskPhase::Staging);
+    }
+    // Past the stage timeout on the monotonic clock: shipped again.
+    state.now = at(121);
+    state.tick(&mut conn, &HostFiles::default());
+    assert_eq!(state.records["ask"].phase, TaskPhase::Pending);
 }

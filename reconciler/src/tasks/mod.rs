@@ -7,12 +7,15 @@
 //! The book decides, an executor does. `BookState` holds the records and makes every
 //! decision from what it is given: a guest message or a tick, the time (`now`, set as the
 //! lock is taken) and the host's answer files (`HostFiles`, read before the lock). It reads
-//! no file and no clock; it queues what to write (`Effects`, and a receive's `Batch` of
-//! guest bytes). `TaskBook` is the executor: it takes the lock, sets the time, calls the
-//! decision, and writes the effects when it releases the lock (`BookGuard`), one writer at
-//! a time and never an older copy over a newer one; a batch's output and artifacts are
-//! written and synced after that, and only then acknowledged. Disk I/O holds up no other
-//! VM's link. `decision_tests` drives `BookState` with no directory and no sleep.
+//! no file and no clock; it queues what to write (`Effects`: resets, the guest's bytes,
+//! records, prompts, events, answer files to move). `TaskBook` is the executor: it takes
+//! the lock, sets the time, calls the decision, and makes the effects when it releases the
+//! lock (`BookGuard`). Each hold that queued effects gets a turn, and effects are made one
+//! hold at a time in turn order, so they reach the disk in the order they were decided: a
+//! new run's reset never lands after its first output, a record never before the bytes it
+//! counts, an older copy never after a newer one. A receive's acknowledgements are sent
+//! after its turn is made. Disk I/O holds up no other VM's link, only later turns' writes.
+//! `decision_tests` drives `BookState` with no directory, no clock and no sleep.
 //!
 //! A task runs once per (name, spec hash): `rerun` is part of the spec, so bumping it is a
 //! new hash. Each run gets a generation and a run id (sha256 of the spec hash and the
@@ -30,10 +33,10 @@
 pub mod repo;
 pub mod runner;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -59,14 +62,17 @@ pub struct TaskBook {
     answer_files_watched: AtomicBool,
     /// The last look for stray answer files: the watcher's change count then, and when.
     stray_scan: Mutex<Option<(u64, Instant)>>,
-    /// The versions written so far; held while writing, so writes happen one at a time and
-    /// in the order their versions say.
-    written: Mutex<HashMap<String, u64>>,
+    /// The last hold of the lock whose effects are made (`Pending::turn`); effects are made
+    /// one hold at a time, in the order the holds decided them.
+    made: Mutex<u64>,
+    made_changed: Condvar,
 }
 
 #[derive(Default)]
 struct BookState {
     desired: BTreeMap<String, DesiredTask>,
+    /// Each desired task's run hash and hold, from the vault's values (`Vault::bind`).
+    bound: BTreeMap<String, crate::secrets::BoundTask>,
     answers: BTreeMap<String, CommittedAnswer>,
     /// The commit the desired tasks come from.
     revision: Option<String>,
@@ -78,26 +84,40 @@ struct BookState {
     vault: Arc<Vault>,
     /// Committed answers already reported as going nowhere (by id and file).
     reported_answers: BTreeSet<(String, String)>,
-    /// While a batch of guest messages is recorded: what it changed, synced and written
-    /// once when the batch ends, before it is acknowledged.
-    batch: Option<Batch>,
     /// What the book decided to write, made when the lock is released (see `BookGuard`).
     effects: Effects,
+    /// The holds that queued effects so far: each gets the next turn.
+    turns: u64,
     /// The time of the decision being made: set by each entry of `TaskBook` as it takes
     /// the lock, so the decisions themselves never read a clock.
     now: DecidedAt,
-    /// How many times each record (`r:<name>`) and prompt (`p:<id>`) changed: a write of an
-    /// older copy never lands over a newer one.
-    versions: HashMap<String, u64>,
 }
 
-/// When a decision is made (`BookState::now`); the epoch until an entry sets it.
+/// When a decision is made (`BookState::now`): the wall clock, for what records say and
+/// for deadlines people set, and a monotonic instant, for waits a clock step must not
+/// stretch or cut. The epoch until an entry sets it.
 #[derive(Clone, Copy)]
-struct DecidedAt(SystemTime);
+struct DecidedAt {
+    wall: SystemTime,
+    mono: Instant,
+}
+
+impl DecidedAt {
+    fn now() -> DecidedAt {
+        DecidedAt {
+            wall: SystemTime::now(),
+            mono: Instant::now(),
+        }
+    }
+}
 
 impl Default for DecidedAt {
     fn default() -> DecidedAt {
-        DecidedAt(SystemTime::UNIX_EPOCH)
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        DecidedAt {
+            wall: SystemTime::UNIX_EPOCH,
+            mono: *START.get_or_init(Instant::now),
+        }
     }
 }
 
@@ -114,12 +134,20 @@ struct HostFiles {
     strays: Option<Vec<String>>,
 }
 
-/// Writes decided under the book's lock and made without it: a slow disk holds up only
-/// the link (or pass) whose change it is, never another VM's link or the daemon.
+/// Writes decided under the book's lock and made without it, in the order they are
+/// listed: a slow disk holds up only the link (or pass) whose change it is, never another
+/// VM's link or the daemon.
 #[derive(Default)]
 struct Effects {
     /// Runs whose output and artifacts are emptied for a new run, before anything else.
     resets: Vec<String>,
+    /// Guest output to write (run, offset, bytes) and artifact parts (run, path, offset,
+    /// bytes), synced before the records that count them are written.
+    output: Vec<(String, u64, Vec<u8>)>,
+    artifacts: Vec<(String, String, u64, Vec<u8>)>,
+    /// Whether the hold must wait its turn even with nothing to write: it acknowledges
+    /// guest messages, which earlier holds may still be writing.
+    barrier: bool,
     records: BTreeSet<String>,
     prompts: BTreeSet<String>,
     events: Vec<Event>,
@@ -128,11 +156,15 @@ struct Effects {
     moves: Vec<(String, Option<String>)>,
 }
 
-/// The effects of one hold of the lock, with the copies to write.
+/// The effects of one hold of the lock, with the copies to write, and its turn (0: none,
+/// nothing to do).
 struct Pending {
+    turn: u64,
     resets: Vec<String>,
-    records: Vec<(u64, TaskRecord)>,
-    prompts: Vec<(u64, PromptRecord)>,
+    output: Vec<(String, u64, Vec<u8>)>,
+    artifacts: Vec<(String, String, u64, Vec<u8>)>,
+    records: Vec<TaskRecord>,
+    prompts: Vec<PromptRecord>,
     events: Vec<Event>,
     moves: Vec<(String, Option<String>)>,
 }
@@ -168,76 +200,79 @@ impl Drop for BookGuard<'_> {
 }
 
 impl BookState {
-    fn changed(&mut self, key: String) {
-        *self.versions.entry(key).or_default() += 1;
-    }
-
     fn record_changed(&mut self, name: &str) {
-        self.changed(format!("r:{name}"));
         self.effects.records.insert(name.to_owned());
     }
 
     fn prompt_changed(&mut self, id: &str) {
-        self.changed(format!("p:{id}"));
         self.effects.prompts.insert(id.to_owned());
     }
 
+    /// What this hold decided, with the next turn (or turn 0 when there is nothing to do).
     fn take_effects(&mut self) -> Pending {
         let effects = std::mem::take(&mut self.effects);
-        let version = |key: String| self.versions.get(&key).copied().unwrap_or_default();
+        let idle = !effects.barrier
+            && effects.resets.is_empty()
+            && effects.output.is_empty()
+            && effects.artifacts.is_empty()
+            && effects.records.is_empty()
+            && effects.prompts.is_empty()
+            && effects.events.is_empty()
+            && effects.moves.is_empty();
+        if !idle {
+            self.turns += 1;
+        }
         Pending {
+            turn: if idle { 0 } else { self.turns },
+            resets: effects.resets,
+            output: effects.output,
+            artifacts: effects.artifacts,
             records: effects
                 .records
                 .iter()
-                .filter_map(|n| Some((version(format!("r:{n}")), self.records.get(n)?.clone())))
+                .filter_map(|n| self.records.get(n).cloned())
                 .collect(),
             prompts: effects
                 .prompts
                 .iter()
-                .filter_map(|i| Some((version(format!("p:{i}")), self.prompts.get(i)?.clone())))
+                .filter_map(|i| self.prompts.get(i).cloned())
                 .collect(),
             events: effects.events,
             moves: effects.moves,
-            resets: effects.resets,
         }
     }
-}
 
-/// What one batch of guest messages changed, and the bytes it decided to write: written
-/// and synced by `end_batch` without the book's lock (so one guest's flood, or a disk in
-/// writeback, holds up no other link), then acknowledged.
-#[derive(Default)]
-struct Batch {
-    /// Runs whose record (and maybe output) changed.
-    runs: BTreeSet<String>,
-    /// Output to write: run, offset, bytes.
-    output: Vec<(String, u64, Vec<u8>)>,
-    /// Artifact parts to write: run, path, offset, bytes.
-    artifacts: Vec<(String, String, u64, Vec<u8>)>,
-}
-
-impl BookState {
-    /// The decision's time, as records write it.
-    fn stamp(&self) -> String {
-        timestamp(self.now.0)
-    }
-
-    /// Queues output of run `name` for the batch's end.
+    /// Queues output of run `name`, at `at`.
     fn write_output(&mut self, name: &str, at: u64, data: &[u8]) {
-        self.batch
-            .get_or_insert_default()
+        self.effects
             .output
             .push((name.to_owned(), at, data.to_vec()));
     }
 
-    /// Queues an artifact part of run `name` for the batch's end.
+    /// Queues an artifact part of run `name`.
     fn write_artifact(&mut self, name: &str, path: &str, offset: u64, data: Vec<u8>) {
-        self.batch.get_or_insert_default().artifacts.push((
-            name.to_owned(),
-            path.to_owned(),
-            offset,
-            data,
-        ));
+        self.effects
+            .artifacts
+            .push((name.to_owned(), path.to_owned(), offset, data));
+    }
+}
+
+impl BookState {
+    /// What identifies a run of `task` (see `Vault::bind`).
+    fn run_hash<'a>(&'a self, task: &'a DesiredTask) -> &'a str {
+        self.bound
+            .get(&task.name)
+            .map_or(task.spec_hash.as_str(), |b| b.run_hash.as_str())
+    }
+
+    /// Why `task` cannot run now, if it cannot.
+    fn held(&self, task: &DesiredTask) -> Option<&str> {
+        self.bound.get(&task.name)?.held.as_deref()
+    }
+
+    /// The decision's time, as records write it.
+    fn stamp(&self) -> String {
+        timestamp(self.now.wall)
     }
 }
 
@@ -369,51 +404,109 @@ impl TaskBook {
             answer_file_changes: AtomicU64::new(0),
             answer_files_watched: AtomicBool::new(false),
             stray_scan: Mutex::default(),
-            written: Mutex::default(),
+            made: Mutex::new(0),
+            made_changed: Condvar::new(),
         }
     }
 
-    /// Makes what a holder of the lock decided, without the lock: records and prompts
-    /// (each only if nothing newer was written meanwhile), events, then answer files moved.
+    /// Makes what a holder of the lock decided, without the lock, when its turn comes: one
+    /// hold's effects at a time, in the order the holds decided them (so a new run's reset
+    /// never lands after its first output, and no older copy of a record after a newer
+    /// one). Within a hold: resets, the guest's bytes (synced), records and prompts,
+    /// events, then answer files moved.
     fn flush(&self, pending: Pending) {
+        if pending.turn == 0 {
+            return;
+        }
+        let turn = pending.turn;
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        while *made + 1 < turn {
+            made = self
+                .made_changed
+                .wait(made)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        // Whatever happens below (a panic included), the next turn may go.
+        struct Done<'a> {
+            made: std::sync::MutexGuard<'a, u64>,
+            changed: &'a Condvar,
+            turn: u64,
+        }
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                *self.made = self.turn;
+                self.changed.notify_all();
+            }
+        }
+        let done = Done {
+            made,
+            changed: &self.made_changed,
+            turn,
+        };
+        let lost = self.make(pending);
+        drop(done);
+        if !lost.is_empty() {
+            self.output_lost(lost);
+        }
+    }
+
+    /// Makes one hold's effects; returns the runs whose output could not be written.
+    fn make(&self, pending: Pending) -> BTreeMap<String, (u64, std::io::Error)> {
         let Pending {
+            turn: _,
             resets,
+            output,
+            artifacts,
             records,
             prompts,
             events,
             moves,
         } = pending;
-        if resets.is_empty()
-            && records.is_empty()
-            && prompts.is_empty()
-            && events.is_empty()
-            && moves.is_empty()
-        {
-            return;
-        }
-        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
         for task in resets {
             if let Err(e) = self.status.reset_task_files(&task) {
                 tracing::warn!(task = %task, "cannot reset the task's output: {e}");
             }
         }
-        let mut newer = |key: String, version: u64| {
-            let last = written.entry(key).or_default();
-            let newer = version > *last;
-            *last = (*last).max(version);
-            newer
-        };
-        for (version, record) in records {
-            if newer(format!("r:{}", record.name), version)
-                && let Err(e) = self.status.write_task_record(&record)
-            {
+        let mut lost = BTreeMap::new();
+        for (name, at, data) in &output {
+            if lost.contains_key(name) {
+                continue;
+            }
+            if let Err(e) = self.status.write_task_output(name, *at, data) {
+                lost.insert(name.clone(), (*at, e));
+            }
+        }
+        let mut written = BTreeSet::new();
+        for (name, path, offset, data) in &artifacts {
+            match self.status.write_artifact_part(name, path, *offset, data) {
+                Ok(()) => {
+                    written.insert((name, path));
+                }
+                Err(e) => tracing::warn!(task = %name, "artifact {path}: {e}"),
+            }
+        }
+        let runs: BTreeSet<&String> = output.iter().map(|(name, ..)| name).collect();
+        for name in runs {
+            if let Err(e) = self.status.sync_task_output(name) {
+                let at = output
+                    .iter()
+                    .find(|(n, ..)| n == name)
+                    .map_or(0, |(_, at, _)| *at);
+                lost.entry(name.clone()).or_insert((at, e));
+            }
+        }
+        for (name, path) in written {
+            if let Err(e) = self.status.sync_artifact(name, path) {
+                tracing::warn!(task = %name, "cannot sync artifact {path}: {e}");
+            }
+        }
+        for record in records {
+            if let Err(e) = self.status.write_task_record(&record) {
                 tracing::error!(task = %record.name, "cannot write the task's status: {e}");
             }
         }
-        for (version, prompt) in prompts {
-            if newer(format!("p:{}", prompt.id), version)
-                && let Err(e) = self.status.write_prompt(&prompt)
-            {
+        for prompt in prompts {
+            if let Err(e) = self.status.write_prompt(&prompt) {
                 tracing::error!(prompt = %prompt.id, "cannot write the prompt: {e}");
             }
         }
@@ -426,6 +519,29 @@ impl TaskBook {
             if let Err(e) = self.status.move_hitl_file(&from, to.as_deref()) {
                 tracing::warn!("cannot move the answer file {from}: {e}");
             }
+        }
+        lost
+    }
+
+    /// Output the disk refused (`at`: where the first lost part began) is gone: the guest
+    /// has moved on. The record is cut back to what the log holds and says the output is
+    /// truncated, and the rest of the run's output is dropped, so the log never has a hole.
+    fn output_lost(&self, lost: BTreeMap<String, (u64, std::io::Error)>) {
+        let mut state = self.lock();
+        for (name, (at, e)) in lost {
+            tracing::error!(task = %name, "cannot write the task's output: {e}");
+            let Some(record) = state.records.get(&name).cloned() else {
+                continue;
+            };
+            state.update(&name, |r| {
+                r.output_bytes = r.output_bytes.min(at);
+                r.output_truncated = true;
+            });
+            state.event(
+                &record,
+                EventKind::TaskOutputTruncated,
+                format!("output of {name} could not be written ({e}); the rest is dropped"),
+            );
         }
     }
 
@@ -489,7 +605,7 @@ impl TaskBook {
     /// Takes a new desired state (see `BookState::sync`).
     pub fn sync(&self, desired: &Desired, running: &BTreeSet<String>) {
         let mut state = self.lock();
-        state.now = DecidedAt(SystemTime::now());
+        state.now = DecidedAt::now();
         state.sync(desired, running);
     }
 
@@ -513,53 +629,6 @@ impl TaskBook {
     pub fn prompts(&self) -> BTreeMap<String, PromptRecord> {
         self.lock().prompts.clone()
     }
-
-    /// Called without the book's lock: syncs the output and artifacts the batch wrote, then
-    /// writes each run's record once (as it is now: the daemon may have changed it
-    /// meanwhile, and an older copy must never overwrite a newer). One sync per file and
-    /// batch rather than several per message, and nothing acknowledged before it is on disk.
-    fn end_batch(&self, batch: Batch) {
-        let mut lost = BTreeSet::new();
-        for (name, at, data) in &batch.output {
-            if let Err(e) = self.status.write_task_output(name, *at, data) {
-                tracing::error!(task = %name, "cannot write the task's output: {e}");
-                lost.insert(name.clone());
-            }
-        }
-        let mut artifacts = BTreeSet::new();
-        for (name, path, offset, data) in &batch.artifacts {
-            match self.status.write_artifact_part(name, path, *offset, data) {
-                Ok(()) => {
-                    artifacts.insert((name, path));
-                }
-                Err(e) => tracing::warn!(task = %name, "artifact {path}: {e}"),
-            }
-        }
-        let written: BTreeSet<&String> = batch.output.iter().map(|(name, ..)| name).collect();
-        for name in written {
-            if let Err(e) = self.status.sync_task_output(name) {
-                tracing::error!(task = %name, "cannot sync the task's output: {e}");
-                lost.insert(name.clone());
-            }
-        }
-        for (name, path) in artifacts {
-            if let Err(e) = self.status.sync_artifact(name, path) {
-                tracing::warn!(task = %name, "cannot sync artifact {path}: {e}");
-            }
-        }
-        let mut state = self.lock();
-        for name in &batch.runs {
-            state.record_changed(name);
-        }
-        // Output the disk refused is gone (the guest has moved on): the status says the
-        // log is incomplete rather than pretend it is whole.
-        for name in lost {
-            if let Some(record) = state.records.get_mut(&name) {
-                record.output_truncated = true;
-                state.record_changed(&name);
-            }
-        }
-    }
 }
 
 impl BookState {
@@ -568,6 +637,7 @@ impl BookState {
     /// removed or changed are cancelled by that VM's runner.
     fn sync(&mut self, desired: &Desired, running: &BTreeSet<String>) {
         self.desired = desired.tasks.clone();
+        self.bound = self.vault.bind(&self.desired);
         self.vm_secrets = desired
             .vms
             .values()
@@ -590,9 +660,11 @@ impl BookState {
                 (Some(task), None) => self.new_run(&task, 1, running),
                 // A task whose secret cannot be opened has no reliable hash: its run stays
                 // as it is (a finished run is not redone, a pending one says why it waits).
-                (Some(task), Some(r)) if task.held.is_some() && r.spec_hash != task.spec_hash => {
+                (Some(task), Some(r))
+                    if self.held(&task).is_some() && r.spec_hash != self.run_hash(&task) =>
+                {
                     if r.phase == TaskPhase::Pending {
-                        let message = waiting_message(&task, running);
+                        let message = waiting_message(&task, self.held(&task), running);
                         if r.message.as_deref() != Some(&message) {
                             self.update(&name, |r| r.message = Some(message));
                         }
@@ -600,11 +672,11 @@ impl BookState {
                 }
                 // A run that never started takes the new spec in place.
                 (Some(task), Some(r))
-                    if r.spec_hash != task.spec_hash && r.phase == TaskPhase::Pending =>
+                    if r.spec_hash != self.run_hash(&task) && r.phase == TaskPhase::Pending =>
                 {
                     self.new_run(&task, r.generation, running);
                 }
-                (Some(task), Some(r)) if r.spec_hash != task.spec_hash => {
+                (Some(task), Some(r)) if r.spec_hash != self.run_hash(&task) => {
                     if r.phase.is_active() && running.contains(&r.vm) {
                         continue; // The runner cancels it; the new run follows.
                     }
@@ -630,7 +702,7 @@ impl BookState {
                             ),
                         );
                     } else if r.phase.is_active()
-                        && running_for(&r, self.now.0)
+                        && running_for(&r, self.now.wall)
                             .is_some_and(|t| t > task.timeout + 2 * runner::HOST_TIMEOUT_GRACE)
                     {
                         // The link thread cancels overdue runs; this catches runs whose
@@ -641,7 +713,7 @@ impl BookState {
                             "ran past its timeout while its agent was unreachable; fleet stopped tracking it",
                         );
                     } else if r.phase == TaskPhase::Pending {
-                        let message = waiting_message(&task, running);
+                        let message = waiting_message(&task, self.held(&task), running);
                         if r.message.as_deref() != Some(&message) {
                             self.update(&name, |r| r.message = Some(message));
                         }
@@ -670,11 +742,11 @@ impl BookState {
             name: task.name.clone(),
             vm: task.vm.clone(),
             generation,
-            run: run_id(&task.spec_hash, generation),
-            spec_hash: task.spec_hash.clone(),
+            run: run_id(self.run_hash(task), generation),
+            spec_hash: self.run_hash(task).to_owned(),
             rerun: task.rerun,
             phase: TaskPhase::Pending,
-            message: Some(waiting_message(task, running)),
+            message: Some(waiting_message(task, self.held(task), running)),
             source: task.source.clone(),
             revision: self.revision.clone(),
             created: time.clone(),
@@ -715,17 +787,8 @@ impl BookState {
         if let Some(record) = self.records.get_mut(name) {
             change(record);
             record.updated = at;
-            if let Some(batch) = &mut self.batch {
-                batch.runs.insert(name.to_owned());
-                return;
-            }
             self.record_changed(name);
         }
-    }
-
-    /// Starts recording a batch: record writes wait for `end_batch`.
-    fn begin_batch(&mut self) {
-        self.batch = Some(Batch::default());
     }
 
     /// Ends a run: its phase, exit code and why; a pending prompt is withdrawn.
@@ -822,9 +885,9 @@ impl BookState {
     }
 }
 
-fn waiting_message(task: &DesiredTask, running: &BTreeSet<String>) -> String {
-    if let Some(held) = &task.held {
-        held.clone()
+fn waiting_message(task: &DesiredTask, held: Option<&str>, running: &BTreeSet<String>) -> String {
+    if let Some(held) = held {
+        held.to_owned()
     } else if running.contains(&task.vm) {
         format!("waiting for the agent in VM {}", task.vm)
     } else {

@@ -6,7 +6,7 @@
 //! reached the link.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use fleet_agent_protocol::{ExitReason, GuestMessage, HostMessage, VERSION};
@@ -54,7 +54,7 @@ pub struct Connection {
 struct Staging {
     task: String,
     path: String,
-    since: SystemTime,
+    since: Instant,
 }
 
 /// A repository to fetch and ship before the task can start (done outside the book's lock).
@@ -131,7 +131,7 @@ impl TaskBook {
     pub fn tick(&self, conn: &mut Connection) -> (Vec<HostMessage>, Option<StageJob>) {
         let files = self.host_files(&conn.vm);
         let mut state = self.lock();
-        state.now = DecidedAt(SystemTime::now());
+        state.now = DecidedAt::now();
         state.tick(conn, &files)
     }
 
@@ -140,20 +140,20 @@ impl TaskBook {
     pub fn stage(&self, conn: &mut Connection, job: StageJob) -> Vec<HostMessage> {
         let fetched = super::repo::fetch_archive(&self.cache_dir, &self.repo_root, &job.repository);
         let mut state = self.lock();
-        state.now = DecidedAt(SystemTime::now());
+        state.now = DecidedAt::now();
         state.staged(conn, job, fetched)
     }
 
     /// Records what the guest sent; returns the acknowledgements (and a `RunTask` when a
-    /// staged repository was confirmed) once what they acknowledge is on disk: the batch's
-    /// output and artifacts are written and synced after the lock is released, so other
-    /// VMs' links and the daemon are not held up by this one's disk.
+    /// staged repository was confirmed) once what they acknowledge is on disk: the output
+    /// and artifacts are written and synced after the lock is released (so other VMs'
+    /// links and the daemon are not held up by this one's disk), in this hold's turn,
+    /// which comes after every earlier hold's.
     pub fn receive(&self, conn: &mut Connection, messages: Vec<GuestMessage>) -> Vec<HostMessage> {
         let mut state = self.lock();
-        state.now = DecidedAt(SystemTime::now());
-        let (out, batch) = state.receive(conn, messages);
+        state.now = DecidedAt::now();
+        let out = state.receive(conn, messages);
         drop(state);
-        self.end_batch(batch);
         out
     }
 
@@ -183,7 +183,9 @@ impl BookState {
             .filter_map(|t| match self.records.get(&t.name) {
                 None => Some((t.clone(), 1)),
                 Some(r)
-                    if r.spec_hash != t.spec_hash && r.phase.is_finished() && t.held.is_none() =>
+                    if r.spec_hash != self.run_hash(t)
+                        && r.phase.is_finished()
+                        && self.held(t).is_none() =>
                 {
                     Some((t.clone(), r.generation + 1))
                 }
@@ -205,7 +207,7 @@ impl BookState {
             let current = self
                 .desired
                 .get(name)
-                .is_some_and(|t| t.spec_hash == record.spec_hash && t.vm == conn.vm);
+                .is_some_and(|t| self.run_hash(t) == record.spec_hash && t.vm == conn.vm);
             let staging_this = conn.staging.as_ref().is_some_and(|s| &s.task == name);
             if record.phase.is_active() && !conn.attached.contains(name) && !staging_this {
                 // Re-attach after a reconnect, or find the run gone with its boot.
@@ -274,8 +276,8 @@ impl BookState {
                 let r = &self.records[*name];
                 r.phase == TaskPhase::Pending
                     && self.desired.get(*name).is_some_and(|t| {
-                        t.spec_hash == r.spec_hash
-                            && t.held.is_none()
+                        self.run_hash(t) == r.spec_hash
+                            && self.held(t).is_none()
                             && (t.secrets.is_empty() || secrets_ready)
                     })
             });
@@ -291,7 +293,7 @@ impl BookState {
                     conn.staging = Some(Staging {
                         task: name.clone(),
                         path: format!("{GUEST_STAGE}/{guest_task}.tar"),
-                        since: self.now.0,
+                        since: self.now.mono,
                     });
                     return (
                         out,
@@ -306,11 +308,7 @@ impl BookState {
             }
         }
         if let Some(staging) = &conn.staging
-            && self
-                .now
-                .0
-                .duration_since(staging.since)
-                .is_ok_and(|waited| waited > STAGE_TIMEOUT)
+            && self.now.mono.saturating_duration_since(staging.since) > STAGE_TIMEOUT
         {
             let name = staging.task.clone();
             conn.staging = None;
@@ -328,7 +326,7 @@ impl BookState {
         let Some(task) = self.desired.get(name).cloned() else {
             return;
         };
-        let started = self.now.0;
+        let started = self.now.wall;
         self.update(name, |r| {
             r.phase = TaskPhase::Running;
             r.boot_id = Some(boot.to_owned());
@@ -411,11 +409,13 @@ impl BookState {
         &mut self,
         conn: &mut Connection,
         messages: Vec<GuestMessage>,
-    ) -> (Vec<HostMessage>, super::Batch) {
+    ) -> Vec<HostMessage> {
         let mut out = Vec::new();
         let mut acks: std::collections::BTreeMap<String, u64> = Default::default();
         let mut gap = false;
-        self.begin_batch();
+        // Even acknowledgements of messages recorded before wait for the earlier holds'
+        // writes (another link of this VM may still be writing them).
+        self.effects.barrier = true;
         for message in messages {
             let (task, seq) = match &message {
                 GuestMessage::Stored { path, error, .. } => {
@@ -482,8 +482,7 @@ impl BookState {
             self.record(&name, message);
             acks.insert(task, seq);
         }
-        // Sent only after the batch is durable (`TaskBook::receive`).
-        let batch = self.batch.take().unwrap_or_default();
+        // Sent only after the effects are made (`TaskBook::receive`).
         for (task, seq) in acks {
             out.push(HostMessage::Ack {
                 v: VERSION,
@@ -496,7 +495,7 @@ impl BookState {
             // everything not acknowledged.
             out.push(HostMessage::Hello { v: VERSION });
         }
-        (out, batch)
+        out
     }
 
     /// Records one message of a run, in order (the caller checked `seq`).
@@ -510,7 +509,13 @@ impl BookState {
                 // two chunks is not recognised: the redactor is a net, not a guarantee).
                 let data = String::from_utf8(crate::secrets::redact::redact(data.as_bytes()))
                     .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-                let room = limits::OUTPUT_BYTES.saturating_sub(record.output_bytes);
+                // Once output was cut (the limit, or a disk that refused it), the rest is
+                // dropped: the log never has a hole.
+                let room = if record.output_truncated {
+                    0
+                } else {
+                    limits::OUTPUT_BYTES.saturating_sub(record.output_bytes)
+                };
                 if room < data.len() as u64 {
                     // Keep what fits (on a character boundary), then say it was cut.
                     let mut keep = room as usize;
@@ -606,8 +611,8 @@ impl BookState {
                     vm: record.vm.clone(),
                     text: text.clone(),
                     context: screen,
-                    created: self.now.0.into(),
-                    deadline: (self.now.0 + deadline).into(),
+                    created: self.now.wall.into(),
+                    deadline: (self.now.wall + deadline).into(),
                     state: PromptState::Pending,
                     overdue: false,
                     response: None,
@@ -791,9 +796,9 @@ impl BookState {
                 let timeout = self
                     .desired
                     .get(&r.name)
-                    .filter(|t| t.spec_hash == r.spec_hash)?
+                    .filter(|t| self.run_hash(t) == r.spec_hash)?
                     .timeout;
-                let over = super::running_for(r, self.now.0)?.checked_sub(timeout)?;
+                let over = super::running_for(r, self.now.wall)?.checked_sub(timeout)?;
                 (over > HOST_TIMEOUT_GRACE).then(|| (r.name.clone(), over))
             })
             .collect();
@@ -927,7 +932,7 @@ impl BookState {
                 out.push(input(&record.guest_task(), &id, &response));
                 continue;
             }
-            if self.now.0 < prompt.deadline.system_time() {
+            if self.now.wall < prompt.deadline.system_time() {
                 continue;
             }
             let policy = self

@@ -29,7 +29,6 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
         allow_control: false,
         rerun: 0,
         secrets: Vec::new(),
-        held: None,
         spec_hash: "h1".into(),
         source: "fleet/tasks/ask.yaml".into(),
     };
@@ -324,9 +323,8 @@ fn secrets_are_delivered_once_and_confirmed_before_the_task_starts() {
     let (_keys, keyring) = crate::secrets::test_keyring();
     let armored =
         crate::secrets::encrypt(b"v4lue-for-the-guest", &keyring.recipients()).expect("encrypt");
-    let mut desired = crate::resolve::tests_support::desired_with_task_secret(armored);
+    let desired = crate::resolve::tests_support::desired_with_task_secret(armored);
     let vault = crate::secrets::Vault::open(&desired.secrets, Ok(&keyring));
-    vault.bind(&mut desired);
     let value = vault
         .value("s", "k")
         .expect("opened")
@@ -652,8 +650,9 @@ fn a_secret_value_a_task_prints_is_blanked_before_it_is_stored() {
 #[test]
 fn writes_are_made_without_the_lock_and_never_go_back_in_time() {
     let (dir, book, _conn, _guest_task) = started(Duration::from_secs(60), OnDeadline::Wait);
+    let book = std::sync::Arc::new(book);
     let file =
-        || std::fs::read_to_string(dir.path().join("status/tasks/ask.yaml")).expect("record");
+        move || std::fs::read_to_string(dir.path().join("status/tasks/ask.yaml")).expect("record");
     // A change, decided and taken out of the lock but not yet written (a slow disk)...
     let older = {
         let mut state = book.lock();
@@ -661,14 +660,20 @@ fn writes_are_made_without_the_lock_and_never_go_back_in_time() {
         state.take_effects()
     };
     // ...does not keep anyone out: the next holder decides a newer change, and its write
-    // lands first.
-    {
-        let mut state = book.lock();
-        state.update("ask", |r| r.message = Some("newer".into()));
-    }
-    assert!(file().contains("message: newer"), "{}", file());
-    // The late write of the older copy is skipped.
+    // waits for its turn, after the older one.
+    let newer = std::thread::spawn({
+        let book = book.clone();
+        move || {
+            let mut state = book.lock();
+            state.update("ask", |r| r.message = Some("newer".into()));
+        }
+    });
+    assert!(
+        book.lock().records["ask"].message.is_some(),
+        "the lock is free"
+    );
+    assert!(!file().contains("newer"), "{}", file());
     book.flush(older);
+    newer.join().expect("the newer holder");
     assert!(file().contains("message: newer"), "{}", file());
-    assert!(!file().contains("older"));
 }
