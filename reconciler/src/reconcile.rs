@@ -11,6 +11,7 @@ use crate::apply::{self, ApplyReport, Drivers, Journal, StepResult};
 use crate::driver::Driver;
 use crate::driver::libvirt::LibvirtDriver;
 use crate::driver::proxmox::ProxmoxDriver;
+use crate::driver::proxmox::client::TokenError;
 use crate::load::{self, Diagnostic};
 use crate::observe::Observed;
 use crate::plan::{Plan, PlanInputs, Step};
@@ -184,36 +185,34 @@ pub fn credentials_digest(desired: &Desired, vault: &crate::secrets::Vault) -> S
 fn proxmox_token(
     token: &crate::spec::ProxmoxToken,
     vault: &crate::secrets::Vault,
-) -> Result<secrecy::SecretString, String> {
+) -> Result<secrecy::SecretString, TokenError> {
     use secrecy::ExposeSecret;
     let text = if let Some(r) = &token.secret {
         let value = vault.value(&r.secret.0, &r.key.0).ok_or_else(|| {
-            vault
-                .problem(&r.secret.0, &r.key.0)
-                .map(|p| format!("API token: {p}"))
-                .unwrap_or_else(|| {
-                    format!(
-                        "API token: secret {}/{} is not in this revision",
-                        r.secret.0, r.key.0
-                    )
-                })
+            match vault.problem(&r.secret.0, &r.key.0) {
+                Some(problem) => TokenError::Secret(problem.to_owned()),
+                None => TokenError::NotInRevision {
+                    secret: r.secret.0.clone(),
+                    key: r.key.0.clone(),
+                },
+            }
         })?;
-        String::from_utf8(value.expose_secret().to_vec())
-            .map_err(|_| "API token: the secret's value is not UTF-8".to_owned())?
+        String::from_utf8(value.expose_secret().to_vec()).map_err(|_| TokenError::NotUtf8)?
     } else if let Some(file) = &token.file {
         let path = Path::new(file);
-        crate::secrets::check_private_file(path).map_err(|e| format!("API token: {e}"))?;
-        std::fs::read_to_string(path)
-            .map_err(|e| format!("API token: read {}: {e}", path.display()))?
+        crate::secrets::check_private_file(path)?;
+        std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+            path: path.to_owned(),
+            source,
+        })?
     } else if let Some(var) = &token.env {
-        std::env::var(var)
-            .map_err(|_| format!("API token: environment variable {var} is not set"))?
+        std::env::var(var).map_err(|_| TokenError::Env(var.clone()))?
     } else {
-        return Err("API token: set one of secret, file and env".into());
+        return Err(TokenError::Unset);
     };
     let trimmed = text.trim();
     if trimmed.is_empty() {
-        return Err("API token: the secret is empty".into());
+        return Err(TokenError::Empty);
     }
     crate::secrets::no_core_dumps();
     Ok(secrecy::SecretString::from(trimmed.to_owned()))

@@ -386,15 +386,16 @@ impl Vault {
     }
 
     /// Every value by `<secret>/<key>`: its fingerprint, or why it could not be opened.
-    pub fn by_id(&self) -> BTreeMap<String, Result<String, String>> {
+    pub fn by_id(&self) -> BTreeMap<String, crate::plan::secrets::ValueNow> {
+        use crate::plan::secrets::ValueNow;
         let ok = self
             .fingerprints
             .iter()
-            .map(|((s, k), fp)| (format!("{s}/{k}"), Ok(fp.clone())));
+            .map(|((s, k), fp)| (format!("{s}/{k}"), ValueNow::Opened(fp.clone())));
         let bad = self
             .problems
             .iter()
-            .map(|((s, k), why)| (format!("{s}/{k}"), Err(why.clone())));
+            .map(|((s, k), why)| (format!("{s}/{k}"), ValueNow::Unreadable(why.clone())));
         ok.chain(bad).collect()
     }
 

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::digest::hex;
@@ -14,6 +13,58 @@ use crate::spec::Repository;
 pub const MAX_ARCHIVE_BYTES: usize = 256 * 1024 * 1024;
 /// And trees with more files than this: a tree can name one subtree many times over.
 pub const MAX_ARCHIVE_ENTRIES: usize = 200_000;
+
+/// Why a task's repository cannot be shipped; each names the repository.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("repository {url:?}: {problem}; use a path inside the fleet's repository")]
+    NotAPath { url: String, problem: String },
+    #[error("repository root {}: {source}", path.display())]
+    Root {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("repository {url:?}: {source}")]
+    Missing { url: String, source: std::io::Error },
+    #[error(
+        "repository {url:?} resolves to {}, outside the fleet's repository; only paths inside it are fetched",
+        real.display()
+    )]
+    Outside { url: String, real: PathBuf },
+    #[error("repository {url:?}: its git directory reaches {}, outside the fleet's repository", reaches.display())]
+    GitDirOutside { url: String, reaches: PathBuf },
+    #[error("repository {url:?}: it borrows objects from elsewhere (objects/info/alternates)")]
+    Alternates { url: String },
+    #[error("repository {url:?}: {source}")]
+    Open { url: String, source: git2::Error },
+    #[error("cannot make the repository cache {}: {source}", path.display())]
+    Cache { path: PathBuf, source: git2::Error },
+    #[error("cannot fetch {reference} from {url}: {source}")]
+    Fetch {
+        reference: String,
+        url: String,
+        source: git2::Error,
+    },
+    #[error("{url} has no {reference}: {source}")]
+    NoReference {
+        reference: String,
+        url: String,
+        source: git2::Error,
+    },
+    #[error("the repository's tree has more than {MAX_ARCHIVE_ENTRIES} entries")]
+    TooManyEntries,
+    #[error("archiving {path}: the repository's tree is larger than {MAX_ARCHIVE_BYTES} bytes")]
+    TooLarge { path: String },
+    #[error("archiving {path}: {source}")]
+    Git { path: String, source: git2::Error },
+    #[error("archiving {path}: {source}")]
+    Tar {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, RepoError>;
 
 pub struct Archive {
     pub commit: String,
@@ -30,19 +81,26 @@ fn resolved_url(repo_root: &Path, url: &str) -> Result<String> {
         return Ok(url.to_owned());
     }
     if let Some(problem) = crate::load::relative_path_problem(url) {
-        anyhow::bail!("repository {url:?}: {problem}; use a path inside the fleet's repository");
+        return Err(RepoError::NotAPath {
+            url: url.to_owned(),
+            problem: problem.to_string(),
+        });
     }
-    let root = std::fs::canonicalize(repo_root)
-        .with_context(|| format!("repository root {}", repo_root.display()))?;
-    let real =
-        std::fs::canonicalize(root.join(url)).with_context(|| format!("repository {url:?}"))?;
+    let root = std::fs::canonicalize(repo_root).map_err(|source| RepoError::Root {
+        path: repo_root.to_owned(),
+        source,
+    })?;
+    let real = std::fs::canonicalize(root.join(url)).map_err(|source| RepoError::Missing {
+        url: url.to_owned(),
+        source,
+    })?;
     if !real.starts_with(&root) {
-        anyhow::bail!(
-            "repository {url:?} resolves to {}, outside the fleet's repository; only paths inside it are fetched",
-            real.display()
-        );
+        return Err(RepoError::Outside {
+            url: url.to_owned(),
+            real,
+        });
     }
-    confined_git_dir(&real, &root).with_context(|| format!("repository {url:?}"))?;
+    confined_git_dir(url, &real, &root)?;
     Ok(real.display().to_string())
 }
 
@@ -50,8 +108,11 @@ fn resolved_url(repo_root: &Path, url: &str) -> Result<String> {
 /// or `refs` as symlinks, or `objects/info/alternates` would have git read another
 /// repository of the host (the host's `/etc/.git`, say) while the path looks inside. Every
 /// such place must resolve under `root`, and alternates are refused.
-fn confined_git_dir(path: &Path, root: &Path) -> Result<()> {
-    let repo = git2::Repository::open(path)?;
+fn confined_git_dir(url: &str, path: &Path, root: &Path) -> Result<()> {
+    let repo = git2::Repository::open(path).map_err(|source| RepoError::Open {
+        url: url.to_owned(),
+        source,
+    })?;
     let git_dir = repo.path().to_owned();
     let mut places = vec![git_dir.clone(), repo.commondir().to_owned()];
     for sub in ["objects", "refs"] {
@@ -61,10 +122,10 @@ fn confined_git_dir(path: &Path, root: &Path) -> Result<()> {
         if let Ok(real) = std::fs::canonicalize(&place)
             && !real.starts_with(root)
         {
-            anyhow::bail!(
-                "its git directory reaches {}, outside the fleet's repository",
-                real.display()
-            );
+            return Err(RepoError::GitDirOutside {
+                url: url.to_owned(),
+                reaches: real,
+            });
         }
     }
     for alternates in [
@@ -72,7 +133,9 @@ fn confined_git_dir(path: &Path, root: &Path) -> Result<()> {
         repo.commondir().join("objects/info/alternates"),
     ] {
         if std::fs::symlink_metadata(&alternates).is_ok() {
-            anyhow::bail!("it borrows objects from elsewhere (objects/info/alternates)");
+            return Err(RepoError::Alternates {
+                url: url.to_owned(),
+            });
         }
     }
     Ok(())
@@ -92,8 +155,10 @@ pub fn fetch_archive(
     ));
     let repo = match git2::Repository::open_bare(&cache) {
         Ok(r) => r,
-        Err(_) => git2::Repository::init_bare(&cache)
-            .with_context(|| format!("cannot make the repository cache {}", cache.display()))?,
+        Err(_) => git2::Repository::init_bare(&cache).map_err(|source| RepoError::Cache {
+            path: cache.clone(),
+            source,
+        })?,
     };
     let source = match &repository.branch {
         Some(b) => format!("refs/heads/{b}"),
@@ -101,20 +166,36 @@ pub fn fetch_archive(
     };
     let target = "refs/fleet/fetched";
     // A fetch that finds no such branch updates nothing: drop the previous result first.
+    let cache_error = |source| RepoError::Cache {
+        path: cache.clone(),
+        source,
+    };
     if let Ok(mut previous) = repo.find_reference(target) {
-        previous.delete()?;
+        previous.delete().map_err(cache_error)?;
     }
     let mut remote = repo
         .remote_anonymous(&url)
-        .with_context(|| format!("repository {url}"))?;
+        .map_err(|source| RepoError::Open {
+            url: url.clone(),
+            source,
+        })?;
     remote
         .fetch(&[format!("+{source}:{target}")], None, None)
-        .with_context(|| format!("cannot fetch {source} from {url}"))?;
+        .map_err(|e| RepoError::Fetch {
+            reference: source.clone(),
+            url: url.clone(),
+            source: e,
+        })?;
     let commit = repo
         .find_reference(target)
         .and_then(|r| r.peel_to_commit())
-        .with_context(|| format!("{url} has no {source}"))?;
-    let tar = archive_tree(&repo, &commit.tree()?)?;
+        .map_err(|e| RepoError::NoReference {
+            reference: source.clone(),
+            url: url.clone(),
+            source: e,
+        })?;
+    let tree = commit.tree().map_err(cache_error)?;
+    let tar = archive_tree(&repo, &tree)?;
     Ok(Archive {
         commit: commit.id().to_string(),
         url: repository.url.clone(),
@@ -125,16 +206,14 @@ pub fn fetch_archive(
 /// The tree as a tar archive: regular files (executables keep their bit) and symlinks.
 fn archive_tree(repo: &git2::Repository, tree: &git2::Tree<'_>) -> Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
-    let mut failure: Option<anyhow::Error> = None;
+    let mut failure: Option<RepoError> = None;
     let mut size = 0usize;
     let mut entries = 0usize;
     tree.walk(git2::TreeWalkMode::PreOrder, |root, entry| {
         // Trees count too: one subtree named many times over, nested, is a walk without end.
         entries += 1;
         if entries > MAX_ARCHIVE_ENTRIES {
-            failure = Some(anyhow::anyhow!(
-                "the repository's tree has more than {MAX_ARCHIVE_ENTRIES} entries"
-            ));
+            failure = Some(RepoError::TooManyEntries);
             return git2::TreeWalkResult::Abort;
         }
         if entry.kind() != Some(git2::ObjectType::Blob) {
@@ -143,14 +222,25 @@ fn archive_tree(repo: &git2::Repository, tree: &git2::Tree<'_>) -> Result<Vec<u8
         let path = format!("{root}{}", entry.name().unwrap_or_default());
         // Each entry costs its tar header too, however small the file.
         size += 512;
+        let git = |source| RepoError::Git {
+            path: path.clone(),
+            source,
+        };
+        let tar = |source| RepoError::Tar {
+            path: path.clone(),
+            source,
+        };
         let added = (|| -> Result<()> {
             // The size from the object's header first: a small compressed blob can inflate
             // to gigabytes, and `find_blob` inflates it whole.
-            let (declared, _) = repo.odb()?.read_header(entry.id())?;
+            let (declared, _) = repo
+                .odb()
+                .and_then(|odb| odb.read_header(entry.id()))
+                .map_err(git)?;
             if size + declared > MAX_ARCHIVE_BYTES {
-                anyhow::bail!("the repository's tree is larger than {MAX_ARCHIVE_BYTES} bytes");
+                return Err(RepoError::TooLarge { path: path.clone() });
             }
-            let blob = repo.find_blob(entry.id())?;
+            let blob = repo.find_blob(entry.id()).map_err(git)?;
             size += blob.content().len();
             let mut header = tar::Header::new_gnu();
             header.set_mtime(0);
@@ -159,7 +249,9 @@ fn archive_tree(repo: &git2::Repository, tree: &git2::Tree<'_>) -> Result<Vec<u8
                 header.set_size(0);
                 header.set_mode(0o777);
                 let target = String::from_utf8_lossy(blob.content()).into_owned();
-                builder.append_link(&mut header, &path, target)?;
+                builder
+                    .append_link(&mut header, &path, target)
+                    .map_err(tar)?;
             } else {
                 header.set_size(blob.content().len() as u64);
                 header.set_mode(if entry.filemode() == 0o100755 {
@@ -167,14 +259,16 @@ fn archive_tree(repo: &git2::Repository, tree: &git2::Tree<'_>) -> Result<Vec<u8
                 } else {
                     0o644
                 });
-                builder.append_data(&mut header, &path, blob.content())?;
+                builder
+                    .append_data(&mut header, &path, blob.content())
+                    .map_err(tar)?;
             }
             Ok(())
         })();
         match added {
             Ok(()) => git2::TreeWalkResult::Ok,
             Err(e) => {
-                failure = Some(e.context(format!("archiving {path}")));
+                failure = Some(e);
                 git2::TreeWalkResult::Abort
             }
         }
@@ -183,7 +277,10 @@ fn archive_tree(repo: &git2::Repository, tree: &git2::Tree<'_>) -> Result<Vec<u8
     if let Some(e) = failure {
         return Err(e);
     }
-    Ok(builder.into_inner()?)
+    builder.into_inner().map_err(|source| RepoError::Tar {
+        path: "the archive".into(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -355,7 +355,7 @@ impl BookState {
         &mut self,
         conn: &mut Connection,
         job: StageJob,
-        fetched: anyhow::Result<super::repo::Archive>,
+        fetched: Result<super::repo::Archive, super::repo::RepoError>,
     ) -> Vec<HostMessage> {
         let still_staging = conn.staging.as_ref().is_some_and(|s| s.task == job.task);
         if !still_staging {

@@ -21,6 +21,15 @@ pub struct SecretSeen {
 /// `status/secrets.yaml`: by `<secret>/<key>`.
 pub type SecretsSeen = BTreeMap<String, SecretSeen>;
 
+/// One value of this revision, as the vault opened it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ValueNow {
+    /// Opened; its keyed fingerprint.
+    Opened(String),
+    /// Not opened, and why (naming the file and key).
+    Unreadable(String),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum SecretChangeKind {
@@ -41,23 +50,24 @@ pub struct SecretChange {
     pub forces: Vec<String>,
 }
 
-/// The changes from `seen` to the revision's values (`now`: fingerprint, or why it could not
-/// be opened, by `<secret>/<key>`).
+/// The changes from `seen` to the revision's values (`now`, by `<secret>/<key>`).
 pub fn changes(
     desired: &Desired,
-    now: &BTreeMap<String, Result<String, String>>,
+    now: &BTreeMap<String, ValueNow>,
     seen: &SecretsSeen,
 ) -> Vec<SecretChange> {
     let mut out = Vec::new();
     let ids: BTreeSet<&String> = now.keys().chain(seen.keys()).collect();
     for id in ids {
         let change = match (now.get(id), seen.get(id)) {
-            (Some(Err(why)), _) => SecretChangeKind::Unreadable(why.clone()),
-            (Some(Ok(_)), None) => SecretChangeKind::Added,
-            (Some(Ok(fp)), Some(old)) if old.fingerprint.as_deref() != Some(fp.as_str()) => {
+            (Some(ValueNow::Unreadable(why)), _) => SecretChangeKind::Unreadable(why.clone()),
+            (Some(ValueNow::Opened(_)), None) => SecretChangeKind::Added,
+            (Some(ValueNow::Opened(fp)), Some(old))
+                if old.fingerprint.as_deref() != Some(fp.as_str()) =>
+            {
                 SecretChangeKind::ValueChanged
             }
-            (Some(Ok(_)), Some(_)) => continue,
+            (Some(ValueNow::Opened(_)), Some(_)) => continue,
             (None, Some(_)) => SecretChangeKind::Removed,
             (None, None) => continue,
         };
@@ -135,10 +145,10 @@ mod tests {
             ),
         ]);
         let now = BTreeMap::from([
-            ("s/k".to_owned(), Ok("bbbb".to_owned())),
+            ("s/k".to_owned(), ValueNow::Opened("bbbb".to_owned())),
             (
                 "n/k".to_owned(),
-                Err("fleet/secrets/n.yaml key k: tampered".to_owned()),
+                ValueNow::Unreadable("fleet/secrets/n.yaml key k: tampered".to_owned()),
             ),
         ]);
         let lines: Vec<String> = changes(&desired, &now, &seen).iter().map(line).collect();
@@ -150,7 +160,7 @@ mod tests {
                 "  ~   s/k: secret value changed → task t runs again",
             ]
         );
-        let same = BTreeMap::from([("s/k".to_owned(), Ok("aaaa".to_owned()))]);
+        let same = BTreeMap::from([("s/k".to_owned(), ValueNow::Opened("aaaa".to_owned()))]);
         let seen_one = SecretsSeen::from([("s/k".to_owned(), seen["s/k"].clone())]);
         assert!(changes(&desired, &same, &seen_one).is_empty());
     }

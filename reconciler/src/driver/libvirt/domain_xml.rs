@@ -154,9 +154,18 @@ pub fn render(vm: &DesiredVm, uuid: &uuid::Uuid, stamp: &Stamp, files: &VmFiles<
     x
 }
 
+/// Why a domain's XML could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DomainXmlError {
+    #[error("unreadable domain XML: {0}")]
+    Unreadable(#[from] roxmltree::Error),
+    #[error("domain XML without <name>")]
+    NoName,
+}
+
 /// Reads what fleet needs from a domain's XML (live XML for running domains).
-pub fn parse(xml: &str) -> Result<ObservedVm, String> {
-    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("unreadable domain XML: {e}"))?;
+pub fn parse(xml: &str) -> Result<ObservedVm, DomainXmlError> {
+    let doc = roxmltree::Document::parse(xml)?;
     let root = doc.root_element();
     let child_text = |parent: roxmltree::Node<'_, '_>, name: &str| {
         parent
@@ -166,7 +175,7 @@ pub fn parse(xml: &str) -> Result<ObservedVm, String> {
             .map(str::trim)
             .map(str::to_owned)
     };
-    let name = child_text(root, "name").ok_or("domain XML without <name>")?;
+    let name = child_text(root, "name").ok_or(DomainXmlError::NoName)?;
     let uuid = child_text(root, "uuid").unwrap_or_default();
     // libvirt adds id='N' to active domains only.
     let running = root.attribute("id").is_some_and(|id| id != "-1");

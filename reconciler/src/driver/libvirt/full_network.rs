@@ -33,14 +33,34 @@ pub struct GuardedNetwork {
     pub prefix: u8,
 }
 
+/// A `fullNetwork.address` that is not an IPv4 network fleet can hand out addresses in.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "fullNetwork.address {address:?}: {problem}; write it as IPv4/PREFIX with a prefix from 8 to 30, such as {DEFAULT_ADDRESS}"
+)]
+pub struct BadAddress {
+    address: String,
+    problem: String,
+}
+
 impl GuardedNetwork {
-    pub fn from_spec(spec: Option<&FullNetwork>) -> Result<GuardedNetwork, String> {
+    pub fn from_spec(spec: Option<&FullNetwork>) -> Result<GuardedNetwork, BadAddress> {
         let address = spec
             .and_then(|s| s.address.as_deref())
             .unwrap_or(DEFAULT_ADDRESS);
+        let bad = |problem: String| BadAddress {
+            address: address.to_owned(),
+            problem,
+        };
         let (ip, prefix) = address
             .split_once('/')
-            .ok_or_else(|| format!("fullNetwork.address {address:?}: expected IP/PREFIX"))?;
+            .ok_or_else(|| bad("no /PREFIX".into()))?;
+        let host_ip = ip.parse().map_err(|e| bad(format!("{e}")))?;
+        let prefix: u8 = prefix.parse().map_err(|e| bad(format!("{e}")))?;
+        // A narrower network has no address for a guest; a wider one is not a LAN.
+        if !(8..=30).contains(&prefix) {
+            return Err(bad(format!("prefix {prefix}")));
+        }
         Ok(GuardedNetwork {
             name: spec
                 .and_then(|s| s.name.clone())
@@ -48,12 +68,8 @@ impl GuardedNetwork {
             bridge: spec
                 .and_then(|s| s.bridge.clone())
                 .unwrap_or_else(|| DEFAULT_BRIDGE.to_owned()),
-            host_ip: ip
-                .parse()
-                .map_err(|e| format!("fullNetwork.address {address:?}: {e}"))?,
-            prefix: prefix
-                .parse()
-                .map_err(|e| format!("fullNetwork.address {address:?}: {e}"))?,
+            host_ip,
+            prefix,
         })
     }
 

@@ -132,7 +132,7 @@ pub struct LibvirtDriver {
     storage_dir: PathBuf,
     domain_type: crate::spec::DomainType,
     /// The guarded network of `network: full` VMs (or why the host configuration's is wrong).
-    full_network: Result<full_network::GuardedNetwork, String>,
+    full_network: Result<full_network::GuardedNetwork, full_network::BadAddress>,
     /// Who QEMU runs as (read once from the host's capabilities; `None` inside: no DAC).
     qemu_user: std::sync::OnceLock<Option<reach::QemuUser>>,
     conn: Mutex<Option<Connect>>,
@@ -453,7 +453,7 @@ impl LibvirtDriver {
         match self.qemu_user()? {
             Some(user) => user
                 .check(path, need)
-                .map_err(|why| DriverError::new(ErrorKind::Permanent, why)),
+                .map_err(|why| DriverError::new(ErrorKind::Permanent, why.to_string())),
             None => Ok(()),
         }
     }
@@ -516,7 +516,7 @@ impl LibvirtDriver {
         let full_network = match (&self.full_network, vm.config.network) {
             (Ok(n), _) => n.name.as_str(),
             (Err(why), crate::spec::NetworkMode::Full) => {
-                return Err(DriverError::new(ErrorKind::Permanent, why.clone()));
+                return Err(DriverError::new(ErrorKind::Permanent, why.to_string()));
             }
             (Err(_), _) => full_network::DEFAULT_NAME,
         };
@@ -768,7 +768,7 @@ impl LibvirtDriver {
             let network = self
                 .full_network
                 .as_ref()
-                .map_err(|why| DriverError::new(ErrorKind::Permanent, why.clone()))?;
+                .map_err(|why| DriverError::new(ErrorKind::Permanent, why.to_string()))?;
             if let Some(other) = joined.iter().find(|n| **n != network.name) {
                 return Err(DriverError::new(
                     ErrorKind::Permanent,

@@ -7,7 +7,25 @@
 //! and what to change.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// A path QEMU's user cannot reach: which directory stops it, and the fix.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "QEMU runs as {user} and cannot {verb} {} (mode {mode:04o}, owner uid {owner}), so {} is out of its reach; \
+     move it somewhere QEMU's user can reach (such as under /var/lib/fleet) or run `{fix}`",
+    blocked.display(),
+    path.display()
+)]
+pub struct OutOfReach {
+    user: String,
+    verb: &'static str,
+    blocked: PathBuf,
+    mode: u32,
+    owner: u32,
+    path: PathBuf,
+    fix: String,
+}
 
 /// The user and groups QEMU runs as, from libvirt's DAC security model.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,7 +87,7 @@ impl QemuUser {
 
     /// Checks every existing directory from `/` down to `path`, and `path` itself for
     /// `need`. A part that does not exist yet is fleet's to make, and is not checked.
-    pub fn check(&self, path: &Path, need: Need) -> Result<(), String> {
+    pub fn check(&self, path: &Path, need: Need) -> Result<(), OutOfReach> {
         if self.uid == 0 {
             return Ok(());
         }
@@ -108,8 +126,13 @@ impl QemuUser {
         mode & (bit << shift) != 0
     }
 
-    fn refusal(&self, path: &Path, blocked: &Path, meta: &std::fs::Metadata, verb: &str) -> String {
-        let mode = meta.mode() & 0o7777;
+    fn refusal(
+        &self,
+        path: &Path,
+        blocked: &Path,
+        meta: &std::fs::Metadata,
+        verb: &'static str,
+    ) -> OutOfReach {
         let fix = if blocked == path {
             format!(
                 "chmod o+{} {}",
@@ -119,14 +142,15 @@ impl QemuUser {
         } else {
             format!("chmod o+x {}", blocked.display())
         };
-        format!(
-            "QEMU runs as {} and cannot {verb} {} (mode {mode:04o}, owner uid {}), so {} is out of its reach; \
-             move it somewhere QEMU's user can reach (such as under /var/lib/fleet) or run `{fix}`",
-            self.name,
-            blocked.display(),
-            meta.uid(),
-            path.display(),
-        )
+        OutOfReach {
+            user: self.name.clone(),
+            verb,
+            blocked: blocked.to_owned(),
+            mode: meta.mode() & 0o7777,
+            owner: meta.uid(),
+            path: path.to_owned(),
+            fix,
+        }
     }
 }
 
@@ -167,7 +191,10 @@ mod tests {
         if std::fs::metadata(top.path()).expect("meta").uid() == qemu.uid {
             return;
         }
-        let why = qemu.check(&storage, Need::Enter).expect_err("0700 parent");
+        let why = qemu
+            .check(&storage, Need::Enter)
+            .expect_err("0700 parent")
+            .to_string();
         assert!(
             why.contains(&format!("cannot enter {}", top.path().display())),
             "{why}"
@@ -185,7 +212,10 @@ mod tests {
         let file = top.path().join("kernel");
         std::fs::write(&file, b"k").expect("write");
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        let why = qemu.check(&file, Need::Read).expect_err("unreadable file");
+        let why = qemu
+            .check(&file, Need::Read)
+            .expect_err("unreadable file")
+            .to_string();
         assert!(why.contains("cannot read"), "{why}");
         assert!(
             user(0).check(&file, Need::Read).is_ok(),

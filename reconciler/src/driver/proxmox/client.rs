@@ -151,13 +151,60 @@ struct TaskStatus {
     exitstatus: Option<String>,
 }
 
+/// Why fleet has no client for a Proxmox provider (before any request is made).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("API token: {0}")]
+    Token(#[from] TokenError),
+    #[error("read CA file {}: {source}", path.display())]
+    CaFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("CA file is not a PEM bundle: {0}")]
+    CaPem(reqwest::Error),
+    #[error("CA file holds no certificate")]
+    NoCertificate,
+    #[error("HTTP client for {endpoint}: {source}")]
+    Http {
+        endpoint: String,
+        source: reqwest::Error,
+    },
+    #[error("runtime for the API client: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Why the API token's secret could not be had from where the host configuration says.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("{0}")]
+    Secret(String),
+    #[error("secret {secret}/{key} is not in this revision")]
+    NotInRevision { secret: String, key: String },
+    #[error("the secret's value is not UTF-8")]
+    NotUtf8,
+    #[error(transparent)]
+    File(#[from] crate::secrets::SecretError),
+    #[error("read {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("environment variable {0} is not set")]
+    Env(String),
+    #[error("set one of secret, file and env")]
+    Unset,
+    #[error("the secret is empty")]
+    Empty,
+}
+
 impl PveClient {
     pub fn new(
         endpoint: &str,
         token_id: &str,
         token_secret: &SecretString,
         trust: Trust,
-    ) -> Result<PveClient, String> {
+    ) -> Result<PveClient, ClientError> {
         // reqwest is built without a default crypto provider (ring is lighter to build than
         // aws-lc); installing it twice is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -170,18 +217,19 @@ impl PveClient {
         builder = match trust {
             Trust::System => builder,
             Trust::CaPem(pem) => {
-                let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                    .map_err(|e| format!("CA file is not a PEM bundle: {e}"))?;
+                let certs =
+                    reqwest::Certificate::from_pem_bundle(&pem).map_err(ClientError::CaPem)?;
                 if certs.is_empty() {
-                    return Err("CA file holds no certificate".into());
+                    return Err(ClientError::NoCertificate);
                 }
                 builder.tls_certs_only(certs)
             }
             Trust::Insecure => builder.tls_danger_accept_invalid_certs(true),
         };
-        let http = builder
-            .build()
-            .map_err(|e| format!("HTTP client for {endpoint}: {e}"))?;
+        let http = builder.build().map_err(|source| ClientError::Http {
+            endpoint: endpoint.to_owned(),
+            source,
+        })?;
         let (runtime, own_runtime) = match tokio::runtime::Handle::try_current() {
             Ok(handle) => (handle, None),
             Err(_) => {
@@ -189,7 +237,7 @@ impl PveClient {
                     .worker_threads(1)
                     .enable_all()
                     .build()
-                    .map_err(|e| format!("runtime for the API client: {e}"))?;
+                    .map_err(ClientError::Runtime)?;
                 (rt.handle().clone(), Some(rt))
             }
         };

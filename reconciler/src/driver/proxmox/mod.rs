@@ -37,7 +37,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::Value;
 
-use self::client::{PveClient, PveCondition, Trust};
+use self::client::{ClientError, PveClient, PveCondition, TokenError, Trust};
 use super::{Driver, DriverError, ErrorKind};
 use crate::observe::{ObservedHost, ObservedVm, Stamp};
 use crate::resolve::DesiredVm;
@@ -62,7 +62,8 @@ pub struct ProxmoxDriver {
     domain_type: DomainType,
     /// `(storage id, directory)` of the snippet storage, when configured.
     snippets: Option<(String, PathBuf)>,
-    client: Result<Arc<PveClient>, String>,
+    /// The client, or why there is none (every call then fails saying so).
+    client: Result<Arc<PveClient>, ClientError>,
     /// Stamps read from descriptions, by VMID, while the VM keeps its name and node.
     stamps: Mutex<HashMap<u64, CachedStamp>>,
     /// Held while allocating a VMID and cloning: fleet's own creates never race each other
@@ -79,7 +80,7 @@ impl ProxmoxDriver {
         fleet: &str,
         provider: &ProxmoxProvider,
         domain_type: DomainType,
-        token: Result<SecretString, String>,
+        token: Result<SecretString, TokenError>,
     ) -> ProxmoxDriver {
         let trust = if provider.insecure_skip_verify {
             Ok(Trust::Insecure)
@@ -87,11 +88,14 @@ impl ProxmoxDriver {
             let path = Path::new(ca);
             std::fs::read(path)
                 .map(Trust::CaPem)
-                .map_err(|e| format!("read CA file {}: {e}", path.display()))
+                .map_err(|source| ClientError::CaFile {
+                    path: path.to_owned(),
+                    source,
+                })
         } else {
             Ok(Trust::System)
         };
-        let client = token.and_then(|secret| {
+        let client = token.map_err(ClientError::from).and_then(|secret| {
             PveClient::new(&provider.endpoint, &provider.token.id, &secret, trust?)
         });
         ProxmoxDriver {
@@ -112,18 +116,19 @@ impl ProxmoxDriver {
                 .snippets
                 .as_ref()
                 .map(|s| (s.storage.clone(), PathBuf::from(&s.dir))),
-            client: client
-                .map(Arc::new)
-                .map_err(|e| format!("provider {}: {e}", provider.name.0)),
+            client: client.map(Arc::new),
             stamps: Mutex::new(HashMap::new()),
             clone_lock: Mutex::new(()),
         }
     }
 
     fn client(&self) -> Result<&Arc<PveClient>, DriverError> {
-        self.client
-            .as_ref()
-            .map_err(|e| DriverError::new(ErrorKind::Permanent, e.clone()))
+        self.client.as_ref().map_err(|e| {
+            DriverError::new(
+                ErrorKind::Permanent,
+                format!("provider {}: {e}", self.provider),
+            )
+        })
     }
 
     /// Runs an asynchronous call and waits for its task.
