@@ -211,4 +211,26 @@ mod tests {
             "{rules}"
         );
     }
+
+    #[test]
+    /// The host schema allows prefixes 16 to 29 only; the driver does not rely on it.
+    fn an_address_without_room_for_guests_is_refused_not_a_panic() {
+        for address in [
+            "10.0.0.1/0",
+            "10.0.0.1/31",
+            "10.0.0.1/33",
+            "10.0.0.1",
+            "x/24",
+        ] {
+            let spec = FullNetwork {
+                name: None,
+                bridge: None,
+                address: Some(address.into()),
+            };
+            let why = GuardedNetwork::from_spec(Some(&spec))
+                .expect_err(address)
+                .to_string();
+            assert!(why.contains("IPv4/PREFIX"), "{why}");
+        }
+    }
 }
