@@ -29,16 +29,19 @@ pub(super) fn load_file(
     bytes: &[u8],
     diags: &mut Vec<Diagnostic>,
 ) -> Option<AnyObject> {
+    // Problems of the file as a whole name no field: they point at a place in it.
+    let mut refuse = |pos: Pos, message: String| {
+        diags.push(Diagnostic::new(path, pos, message));
+        None
+    };
     if bytes.len() > yaml::MAX_FILE_BYTES {
-        diags.push(Diagnostic::new(
-            path,
+        return refuse(
             Pos::START,
             format!(
                 "file is larger than {} KiB; fleet objects are small, split it or remove what does not belong",
                 yaml::MAX_FILE_BYTES / 1024
             ),
-        ));
-        return None;
+        );
     }
     let text = match std::str::from_utf8(bytes) {
         Ok(t) => t,
@@ -50,28 +53,21 @@ pub(super) fn load_file(
                 .chars()
                 .count() as u64
                 + 1;
-            diags.push(Diagnostic::new(
-                path,
+            return refuse(
                 Pos { line, column },
-                "file is not valid UTF-8; save it as UTF-8 text",
-            ));
-            return None;
+                "file is not valid UTF-8; save it as UTF-8 text".into(),
+            );
         }
     };
     let tree = match yaml::parse(text) {
         Ok(t) => t,
-        Err(e) => {
-            diags.push(Diagnostic::new(path, e.pos, e.message));
-            return None;
-        }
+        Err(e) => return refuse(e.pos, e.message),
     };
     if !matches!(tree.node, yaml::Node::Map(_)) {
-        diags.push(Diagnostic::new(
-            path,
+        return refuse(
             tree.pos,
-            "the document must be a mapping with apiVersion, kind, metadata and spec",
-        ));
-        return None;
+            "the document must be a mapping with apiVersion, kind, metadata and spec".into(),
+        );
     }
     let kind_names = expected
         .iter()
@@ -80,36 +76,30 @@ pub(super) fn load_file(
         .join(" or ");
     let kind = match tree.get("kind") {
         None => {
-            diags.push(Diagnostic::new(
-                path,
+            return refuse(
                 tree.pos,
                 format!("missing required field `kind`; a file here holds kind {kind_names}"),
-            ));
-            return None;
+            );
         }
         Some(k) => match k.as_str().and_then(Kind::parse) {
             Some(kind) if expected.contains(&kind) => kind,
             Some(kind) => {
-                diags.push(Diagnostic::new(
-                    path,
+                return refuse(
                     k.pos,
                     format!(
                         "kind: {} does not belong in {rel}; a file here holds kind {kind_names}",
                         kind.as_str()
                     ),
-                ));
-                return None;
+                );
             }
             None => {
-                diags.push(Diagnostic::new(
-                    path,
+                return refuse(
                     k.pos,
                     format!(
                         "kind: {} is not a fleet kind; valid here: {kind_names}",
                         k.to_json()
                     ),
-                ));
-                return None;
+                );
             }
         },
     };

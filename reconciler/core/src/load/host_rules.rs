@@ -5,7 +5,7 @@
 //! which repositories tasks may fetch, and how short an interval may be. Anything a revision
 //! asks beyond that is a diagnostic naming the host rule, before anything is contacted.
 
-use super::{Diagnostic, LoadedFleet, Object, diagnostic, relative_path_problem};
+use super::{Diagnostic, LoadedFleet, Object, relative_path_problem};
 use crate::spec::{HostDocument, HostSpec, Provider, RepositoryPattern};
 
 /// Where diagnostics say the host's rules come from.
@@ -114,14 +114,13 @@ fn check_repositories(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnost
             continue;
         };
         let url = repo.url.as_str();
-        let at = o.tree.pos_at_pointer("/spec/repository/url", false);
+        let at = "/spec/repository/url";
         if !url.contains("://") && !url.contains('@') {
             if let Some(problem) = relative_path_problem(url) {
-                diags.push(Diagnostic::new(
-                    &o.path,
+                diags.push(o.field_error(
                     at,
                     format!(
-                        "spec.repository.url: {problem}; a local repository must be a path inside this repository (or a URL {HOST_CONFIG} allows)"
+                        "{problem}; a local repository must be a path inside this repository (or a URL {HOST_CONFIG} allows)"
                     ),
                 ));
             }
@@ -140,11 +139,10 @@ fn check_repositories(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnost
                         .join(", ")
                 )
             };
-            diags.push(Diagnostic::new(
-                &o.path,
+            diags.push(o.field_error(
                 at,
                 format!(
-                    "spec.repository.url: {url:?} is not a repository {HOST_CONFIG} allows ({allowed}); ask the host's administrator to add a pattern to repositories"
+                    "{url:?} is not a repository {HOST_CONFIG} allows ({allowed}); ask the host's administrator to add a pattern to repositories"
                 ),
             ));
         }
@@ -201,18 +199,14 @@ fn check_credentials(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnosti
         // Secret in the revision, a copy of its ciphertext under another name is recognised
         // by its value and withheld (`Vault::withhold_copies_of`).
         if !holds {
-            let (pointer, field) = match used {
-                Some(i) => (
-                    format!("/spec/providers/{i}/name"),
-                    format!("spec.providers[{i}].name"),
-                ),
-                None => ("/metadata/name".to_owned(), "metadata.name".to_owned()),
+            let pointer = match used {
+                Some(i) => format!("/spec/providers/{i}/name"),
+                None => "/metadata/name".to_owned(),
             };
-            diags.push(Diagnostic::new(
-                &f.fleet.path,
-                f.fleet.tree.pos_at_pointer(&pointer, false),
+            diags.push(f.fleet.field_error(
+                &pointer,
                 format!(
-                    "{field}: provider {:?} takes its API token from Secret {}/{} ({HOST_CONFIG}), which this revision lacks; create it with `fleet secret set {} {}`",
+                    "provider {:?} takes its API token from Secret {}/{} ({HOST_CONFIG}), which this revision lacks; create it with `fleet secret set {} {}`",
                     p.name().0, r.secret.0, r.key.0, r.secret.0, r.key.0
                 ),
             ));
@@ -229,13 +223,13 @@ fn check_credentials(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnosti
         for (path, tree, refs) in uses {
             for (j, used) in refs.iter().enumerate() {
                 if used.secret == r.secret {
-                    let pointer = format!("/spec/secrets/{j}/secret");
-                    diags.push(Diagnostic::new(
+                    diags.push(super::field_error_in(
                         path,
-                        tree.pos_at_pointer(&pointer, false),
+                        tree,
+                        &format!("/spec/secrets/{j}/secret"),
+                        super::At::Value,
                         format!(
-                            "{}: Secret {:?} holds provider {:?}'s API token ({HOST_CONFIG}); a provider credential never goes to a guest",
-                            diagnostic::field_path(&pointer),
+                            "Secret {:?} holds provider {:?}'s API token ({HOST_CONFIG}); a provider credential never goes to a guest",
                             r.secret.0,
                             p.name().0
                         ),
