@@ -179,10 +179,10 @@ pub fn record(status: &StatusDir, desired: &Desired, plan: &Plan, offers: &Offer
     let Some(id) = current else {
         return;
     };
-    let (digest, steps) = match (&plan.approval_digest, &plan.approved) {
+    let (digest, steps) = match (plan.approval_digest(), plan.approved()) {
         (Some(digest), _) => (
-            digest.clone(),
-            plan.held.iter().map(HeldStep::line).collect::<Vec<_>>(),
+            digest.to_owned(),
+            plan.held().iter().map(HeldStep::line).collect::<Vec<_>>(),
         ),
         (None, Some(approved)) => (approved.digest.clone(), approved.steps.clone()),
         (None, None) => return,

@@ -463,7 +463,7 @@ async fn plan_cmd(ws: &Workspace, args: &PlanArgs) -> Result<ExitCode> {
             out.display()
         );
     }
-    if !plan.conflicts.is_empty() || !plan.errors.is_empty() {
+    if !plan.conflicts().is_empty() || !plan.errors().is_empty() {
         return Ok(ExitCode::from(1));
     }
     Ok(if args.detailed_exitcode && plan.has_changes() {
@@ -514,7 +514,7 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     // the approval it counted itself, before anything is recorded.
     if let Some(saved) = &saved {
         let as_saved = plan::PlanInputs {
-            approved: saved.approved.iter().map(|a| a.digest.clone()).collect(),
+            approved: saved.approved().iter().map(|a| a.digest.clone()).collect(),
             ..planned.inputs.clone()
         };
         saved.check_fresh(&plan::plan(&desired, &planned.observed, &as_saved))?;
@@ -523,7 +523,7 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     reconcile::record_approvals(ws, &desired, &planned);
     let reconcile::Planned { observed, plan, .. } = planned;
     print!("{}", render::text(&plan));
-    if !plan.steps.is_empty() && !args.auto_approve {
+    if !plan.steps().is_empty() && !args.auto_approve {
         if !std::io::stdin().is_terminal() {
             bail!(
                 "refusing to apply without confirmation: stdin is not a terminal; review the plan and pass --auto-approve"
@@ -531,7 +531,7 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
         }
         eprint!(
             "\nApply these {} step(s)? Only 'yes' is accepted: ",
-            plan.steps.len()
+            plan.steps().len()
         );
         let mut answer = String::new();
         std::io::stdin().read_line(&mut answer)?;
@@ -568,12 +568,12 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
         "\nApply finished: {} step(s), {} failed, {} conflict(s): {last}.",
         applied.report.results.len(),
         failed,
-        plan.conflicts.len()
+        plan.conflicts().len()
     );
-    if let (Some(id), Some(_)) = (plan.approval_id(), &plan.approval_digest) {
+    if let (Some(id), Some(_)) = (plan.approval_id(), &plan.approval_digest()) {
         println!(
             "{} step(s) wait for approval {id}: see {}",
-            plan.held.len(),
+            plan.held().len(),
             ws.status.hitl_dir().join(format!("{id}.yaml")).display()
         );
     }
@@ -593,7 +593,7 @@ fn take_lock(ws: &Workspace, command: &str) -> Result<crate::status::lock::Statu
 }
 
 fn exit_for(plan: &Plan, failed: usize) -> ExitCode {
-    if failed > 0 || !plan.conflicts.is_empty() || !plan.errors.is_empty() {
+    if failed > 0 || !plan.conflicts().is_empty() || !plan.errors().is_empty() {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

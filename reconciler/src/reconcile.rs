@@ -421,12 +421,12 @@ pub async fn apply_and_record(
     let plan_changed = previous
         .last_reconcile
         .as_ref()
-        .is_none_or(|r| r.plan_digest != plan.digest);
+        .is_none_or(|r| r.plan_digest != plan.digest());
     if plan.has_changes() || plan_changed {
         ws.status.write_plan(plan)?;
     }
     // Drift is reported before anything heals it.
-    for d in &plan.drift {
+    for d in plan.drift() {
         let fix = if d.healed {
             "healing it"
         } else {
@@ -436,7 +436,7 @@ pub async fn apply_and_record(
             EventKind::VmDrifted,
             &d.vm,
             &d.provider,
-            &plan.revision.id,
+            &plan.revision().id,
             format!("{}: {}; {fix}", d.vm, d.what),
         ))?;
     }
@@ -445,7 +445,7 @@ pub async fn apply_and_record(
     let (report, after) = if plan.has_changes() {
         let observer = Arc::new(StatusObserver {
             status: ws.status.clone(),
-            revision: plan.revision.id.clone(),
+            revision: plan.revision().id.clone(),
             print: print_progress,
         });
         let report = apply::run(plan, drivers, journal.clone(), observer).await;
@@ -460,17 +460,17 @@ pub async fn apply_and_record(
             outcomes.entry(r.vm.clone()).or_default().error = Some(e.clone());
         }
     }
-    for c in &plan.conflicts {
+    for c in plan.conflicts() {
         outcomes.entry(c.vm.clone()).or_default().conflict = Some(c.message.clone());
     }
-    for d in &plan.drift {
+    for d in plan.drift() {
         outcomes.entry(d.vm.clone()).or_default().drift = Some((d.what.clone(), d.healed));
     }
     let finished = SystemTime::now();
     let vms = status::vm_statuses(desired, &after, &outcomes, agents, finished);
     ws.status.write_vms(&vms)?;
     let failed = report.failed();
-    let settled = plan.conflicts.is_empty() && plan.errors.is_empty();
+    let settled = plan.conflicts().is_empty() && plan.errors().is_empty();
     let outcome = if failed == 0 && settled {
         Outcome::Converged
     } else if failed < report.results.len() || report.results.is_empty() {
@@ -480,22 +480,22 @@ pub async fn apply_and_record(
     };
     let mut summary = previous;
     summary.fleet = desired.fleet.clone();
-    summary.revision_applied = Some(plan.revision.clone());
+    summary.revision_applied = Some(plan.revision().clone());
     if summary
         .revision_refused
         .as_ref()
-        .is_some_and(|r| r.revision.id == plan.revision.id)
+        .is_some_and(|r| r.revision.id == plan.revision().id)
     {
         summary.revision_refused = None;
     }
     summary.last_reconcile = Some(ReconcileOutcome {
         started: timestamp(started),
         finished: timestamp(finished),
-        plan_digest: plan.digest.clone(),
+        plan_digest: plan.digest().to_owned(),
         steps: report.results.len(),
         succeeded: report.results.len() - failed,
         failed,
-        conflicts: plan.conflicts.len(),
+        conflicts: plan.conflicts().len(),
         outcome,
     });
     summary.counts = status::counts(&vms);
@@ -509,14 +509,14 @@ pub async fn apply_and_record(
     }
     let message = format!(
         "applied {}: {} step(s), {failed} failed, {} conflict(s): {outcome}",
-        plan.revision.label,
+        plan.revision().label,
         report.results.len(),
-        plan.conflicts.len()
+        plan.conflicts().len()
     );
     ws.status.append_event(
         &Event::fleet(
             EventKind::ApplyFinished,
-            Some(plan.revision.id.clone()),
+            Some(plan.revision().id.clone()),
             message,
         )
         .at(finished),

@@ -69,9 +69,9 @@ pub async fn run(
     journal: Arc<Journal>,
     observer: Arc<dyn Observer>,
 ) -> ApplyReport {
-    let permits = Arc::new(Semaphore::new(plan.policy.max_parallel.max(1) as usize));
+    let permits = Arc::new(Semaphore::new(plan.policy().max_parallel.max(1) as usize));
     let mut tasks = tokio::task::JoinSet::new();
-    for (index, step) in plan.steps.iter().enumerate() {
+    for (index, step) in plan.steps().iter().enumerate() {
         let Some(driver) = drivers.get(&step.provider).cloned() else {
             continue;
         };
@@ -79,9 +79,9 @@ pub async fn run(
         let permits = permits.clone();
         let journal = journal.clone();
         let observer = observer.clone();
-        let revision = plan.revision.id.clone();
-        let fleet = plan.fleet.clone();
-        let policy = plan.policy.clone();
+        let revision = plan.revision().id.clone();
+        let fleet = plan.fleet().to_owned();
+        let policy = plan.policy().clone();
         tasks.spawn(async move {
             let _permit = permits
                 .acquire_owned()
@@ -320,7 +320,6 @@ mod tests {
     use crate::observe::ObservedHost;
     use crate::plan::Reason;
     use crate::resolve::ResolvedPolicy;
-    use crate::source::Revision;
 
     /// A driver whose creates fail as told: by VM name, a permanent error, N transient
     /// errors before success, or a hang longer than any deadline.
@@ -403,15 +402,8 @@ mod tests {
         });
         let drivers: Drivers =
             BTreeMap::from([("local".to_owned(), driver.clone() as Arc<dyn Driver>)]);
-        let plan = Plan {
-            format_version: 1,
-            fleet: "lab".into(),
-            revision: Revision {
-                id: "r".into(),
-                label: "r".into(),
-            },
-            observed_digest: String::new(),
-            policy: ResolvedPolicy {
+        let plan = Plan::of_steps(
+            ResolvedPolicy {
                 max_parallel: 2,
                 step_timeout: Duration::from_millis(800),
                 shutdown_timeout: Duration::from_secs(1),
@@ -421,20 +413,10 @@ mod tests {
                 max_destroys_per_apply: 5,
                 approve: Vec::new(),
             },
-            steps: ["broken", "flaky", "ok-1", "stuck", "ok-2"]
+            ["broken", "flaky", "ok-1", "stuck", "ok-2"]
                 .map(create_step)
                 .to_vec(),
-            conflicts: vec![],
-            drift: vec![],
-            errors: vec![],
-            held: vec![],
-            approval_digest: None,
-            approved: None,
-            deferred: vec![],
-            secrets: vec![],
-            warnings: Vec::new(),
-            digest: String::new(),
-        };
+        );
         let report = run(&plan, &drivers, journal.clone(), Arc::new(Quiet)).await;
         let by_vm: BTreeMap<&str, &StepResult> =
             report.results.iter().map(|r| (r.vm.as_str(), r)).collect();

@@ -291,10 +291,10 @@ impl Daemon {
             reconcile::plan_pass(&self.ws, &desired, &self.drivers, &self.vault, deferred).await;
         reconcile::record_approvals(&self.ws, &desired, &planned);
         let reconcile::Planned { observed, plan, .. } = planned;
-        if !plan.deferred.is_empty() {
+        if !plan.deferred().is_empty() {
             tracing::info!(
                 "{} step(s) wait for their VM's backoff",
-                plan.deferred.len()
+                plan.deferred().len()
             );
         }
         let applied = reconcile::apply_and_record(

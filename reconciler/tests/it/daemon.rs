@@ -422,9 +422,9 @@ fn a_vm_in_backoff_is_deferred_in_the_written_plan() {
     let text = read(&plan_file);
     let plan = fleet::plan::Plan::read_saved(&text)
         .unwrap_or_else(|e| panic!("plan.json is a whole plan ({e}):\n{text}"));
-    assert!(plan.steps.is_empty(), "{text}");
-    assert_eq!(plan.deferred.len(), 1, "{text}");
-    let deferred = &plan.deferred[0];
+    assert!(plan.steps().is_empty(), "{text}");
+    assert_eq!(plan.deferred().len(), 1, "{text}");
+    let deferred = &plan.deferred()[0];
     assert_eq!(
         (deferred.step.vm.as_str(), deferred.step.action()),
         ("a", fleet::plan::Action::Create)

@@ -232,42 +232,141 @@ pub struct Conflict {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Plan {
-    pub format_version: u32,
-    pub fleet: String,
-    pub revision: Revision,
-    pub observed_digest: String,
-    pub policy: ResolvedPolicy,
-    pub steps: Vec<Step>,
+    pub(crate) format_version: u32,
+    pub(crate) fleet: String,
+    pub(crate) revision: Revision,
+    pub(crate) observed_digest: String,
+    pub(crate) policy: ResolvedPolicy,
+    pub(crate) steps: Vec<Step>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conflicts: Vec<Conflict>,
+    pub(crate) conflicts: Vec<Conflict>,
     /// Drift found, healed by a step or (with `selfHeal: false`) only reported.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub drift: Vec<Drift>,
+    pub(crate) drift: Vec<Drift>,
     /// Problems that keep part of the fleet from being planned (an unreachable provider).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub errors: Vec<String>,
+    pub(crate) errors: Vec<String>,
     /// Steps that wait for an approval (see `guard`); apply never runs them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub held: Vec<guard::HeldStep>,
+    pub(crate) held: Vec<guard::HeldStep>,
     /// What an approval of the held steps names (sha256 over them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub approval_digest: Option<String>,
+    pub(crate) approval_digest: Option<String>,
     /// The approval that released held steps into `steps`, when one was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub approved: Option<Approved>,
+    pub(crate) approved: Option<Approved>,
     /// Steps that wait for their VM's backoff; apply does not run them in this pass.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub deferred: Vec<Deferred>,
+    pub(crate) deferred: Vec<Deferred>,
     /// Secret values added, changed, removed or unreadable since fleet last delivered them
     /// (by keyed fingerprint; never a value), with what each forces.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub secrets: Vec<secrets::SecretChange>,
+    pub(crate) secrets: Vec<secrets::SecretChange>,
     /// Things an operator must know about the revision itself: a provider that accepts
     /// any TLS certificate.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
     /// sha256 over everything above; approvals name it.
-    pub digest: String,
+    pub(crate) digest: String,
+}
+
+/// A plan of exactly `steps` under `policy`, for tests of apply that need a plan no
+/// revision would make (a stuck VM beside a broken one).
+#[cfg(any(test, feature = "test-support"))]
+impl Plan {
+    pub fn of_steps(policy: ResolvedPolicy, steps: Vec<Step>) -> Plan {
+        let mut plan = Plan {
+            format_version: FORMAT_VERSION,
+            fleet: "lab".into(),
+            revision: Revision {
+                id: "r".into(),
+                label: "r".into(),
+            },
+            observed_digest: String::new(),
+            policy,
+            steps,
+            conflicts: Vec::new(),
+            drift: Vec::new(),
+            errors: Vec::new(),
+            held: Vec::new(),
+            approval_digest: None,
+            approved: None,
+            deferred: Vec::new(),
+            secrets: Vec::new(),
+            warnings: Vec::new(),
+            digest: String::new(),
+        };
+        plan.digest = plan.compute_digest();
+        plan
+    }
+}
+
+/// Read access: a plan is made by `plan` (or read back by `Plan::read_saved`) and never
+/// edited after, so its digest covers what apply does.
+impl Plan {
+    pub fn format_version(&self) -> u32 {
+        self.format_version
+    }
+
+    pub fn fleet(&self) -> &str {
+        &self.fleet
+    }
+
+    pub fn revision(&self) -> &Revision {
+        &self.revision
+    }
+
+    pub fn observed_digest(&self) -> &str {
+        &self.observed_digest
+    }
+
+    pub fn policy(&self) -> &ResolvedPolicy {
+        &self.policy
+    }
+
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    pub fn conflicts(&self) -> &[Conflict] {
+        &self.conflicts
+    }
+
+    pub fn drift(&self) -> &[Drift] {
+        &self.drift
+    }
+
+    pub fn errors(&self) -> &[String] {
+        &self.errors
+    }
+
+    pub fn held(&self) -> &[guard::HeldStep] {
+        &self.held
+    }
+
+    pub fn approval_digest(&self) -> Option<&str> {
+        self.approval_digest.as_deref()
+    }
+
+    pub fn approved(&self) -> Option<&Approved> {
+        self.approved.as_ref()
+    }
+
+    pub fn deferred(&self) -> &[Deferred] {
+        &self.deferred
+    }
+
+    pub fn secrets(&self) -> &[secrets::SecretChange] {
+        &self.secrets
+    }
+
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
 }
 
 impl Plan {

@@ -307,7 +307,7 @@ fn bench_cached_noop(vms: usize) -> anyhow::Result<()> {
         anyhow::ensure!(
             !plan.has_changes(),
             "the no-op plan has {} steps",
-            plan.steps.len()
+            plan.steps().len()
         );
     }
     fleet_times.sort();
@@ -511,7 +511,7 @@ fn bench_plan(vms: usize) -> anyhow::Result<()> {
     let rss = peak_rss_mib();
     println!(
         "plan: {vms} VMs, {} steps: load+resolve {:.0} ms, plan {:.0} ms, render {:.0} ms ({} KiB text, {} KiB json)",
-        plan.steps.len(),
+        plan.steps().len(),
         ms(loaded),
         ms(planned - loaded),
         ms(total - planned),
@@ -598,7 +598,7 @@ fn bench_libvirt_observe(vms: usize) -> anyhow::Result<()> {
             anyhow::ensure!(
                 !plan.has_changes(),
                 "the no-op plan has {} steps",
-                plan.steps.len()
+                plan.steps().len()
             );
 
             let conn = virt::connect::Connect::open(Some("qemu:///system"))?;
