@@ -72,6 +72,22 @@ impl Waker {
 }
 
 impl WakeSignal {
+    /// Waits at most `timeout` for the signal; true when it was raised (and is lowered
+    /// again). With every waker gone it cannot be raised: the wait is a plain sleep.
+    fn wait(&mut self, timeout: Duration) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let millis = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
+        let raised = matches!(poll(&mut fds, PollTimeout::from(millis)), Ok(n) if n > 0);
+        if raised && !self.drain() {
+            // End of file: nobody can wake this link any more; sleep out the wait.
+            std::thread::sleep(timeout);
+            return false;
+        }
+        raised
+    }
+
     /// Lowers the signal (reads whatever wakes are pending); false once every waker is
     /// gone (end of file), when the signal can never be raised again.
     fn drain(&self) -> bool {
@@ -125,8 +141,8 @@ impl AgentLink {
         })
     }
 
-    /// Lets `signal` end this link's waits early. Only socket links are woken; a relayed link
-    /// keeps its own polling and may take up to one wait to notice.
+    /// Lets `signal` end this link's waits early: a socket link's wait for the guest, a
+    /// relayed link's pause between exchanges (its next exchange is then made at once).
     pub fn wake_on(&mut self, signal: WakeSignal) {
         self.woken_by = Some(signal);
     }
@@ -167,7 +183,7 @@ impl AgentLink {
                 }
                 link.next_line(timeout)?
             }
-            Transport::Relayed(link) => link.next_line(timeout)?,
+            Transport::Relayed(link) => link.next_line(timeout, self.woken_by.as_mut())?,
         };
         let line = String::from_utf8(line)
             .map_err(|_| LinkError::Protocol("a line that is not UTF-8".into()))?;
@@ -355,7 +371,13 @@ impl RelayedLink {
         Ok(())
     }
 
-    fn next_line(&mut self, timeout: Duration) -> Result<Vec<u8>, LinkError> {
+    /// The next line, exchanging as the idle backoff says; between exchanges the wait
+    /// ends early when `wake` is raised (a timeout, as on a socket link).
+    fn next_line(
+        &mut self,
+        timeout: Duration,
+        mut wake: Option<&mut WakeSignal>,
+    ) -> Result<Vec<u8>, LinkError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(at) = self.incoming[self.read_from..]
@@ -393,7 +415,18 @@ impl RelayedLink {
             if now >= deadline {
                 return Err(LinkError::Timeout(timeout));
             }
-            std::thread::sleep(self.next_exchange.min(deadline) - now);
+            let pause = self.next_exchange.min(deadline) - now;
+            match wake.as_deref_mut() {
+                Some(signal) => {
+                    if signal.wait(pause) {
+                        // The host has news: exchange now, whatever the idle backoff said.
+                        self.next_exchange = Instant::now();
+                        self.idle = Duration::ZERO;
+                        return Err(LinkError::Timeout(timeout));
+                    }
+                }
+                None => std::thread::sleep(pause),
+            }
         }
     }
 
@@ -493,4 +526,53 @@ fn session_id() -> String {
         COUNTER.fetch_add(1, Ordering::Relaxed)
     );
     crate::digest::hex(&sha2::Sha256::digest(seed.as_bytes()))[..32].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_agent_protocol::relay::{self, Reply, Request};
+
+    /// A guest that takes every byte and never has any to send.
+    struct QuietGuest;
+
+    impl crate::driver::GuestExchange for QuietGuest {
+        fn exchange(&self, request: &str) -> Result<String, crate::driver::DriverError> {
+            let (request, bytes) = relay::decode::<Request>(request).map_err(|e| {
+                crate::driver::DriverError::new(crate::driver::ErrorKind::Permanent, e)
+            })?;
+            let reply = Reply {
+                v: VERSION,
+                session: request.session,
+                boot_id: "boot-1".into(),
+                received: request.offset + bytes.len() as u64,
+                offset: request.acked,
+                error: None,
+            };
+            Ok(relay::encode(&reply, &[]))
+        }
+
+        fn describe(&self) -> String {
+            "a quiet guest".into()
+        }
+    }
+
+    #[test]
+    fn a_relayed_link_is_woken_between_exchanges() {
+        let endpoint = AgentEndpoint::Relayed(std::sync::Arc::new(QuietGuest));
+        let mut link = AgentLink::connect(&endpoint).expect("a session");
+        let (waker, signal) = Waker::pair().expect("a waker");
+        link.wake_on(signal);
+        // Raised before the wait: the link's first pause ends at once, where it would
+        // otherwise sit out the whole wait (nothing comes from this guest).
+        waker.wake();
+        let started = Instant::now();
+        let waited = link.next(Duration::from_secs(30));
+        assert!(matches!(waited, Err(LinkError::Timeout(_))), "{waited:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "woken, not timed out: {:?}",
+            started.elapsed()
+        );
+    }
 }
