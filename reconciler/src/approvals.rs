@@ -18,11 +18,13 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::time::Timestamp;
+
 use crate::ids::ApprovalId;
 use crate::plan::guard::HeldStep;
 use crate::plan::{Plan, render};
 use crate::resolve::Desired;
-use crate::status::{Event, EventKind, StatusDir, timestamp};
+use crate::status::{Event, EventKind, StatusDir};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -48,11 +50,20 @@ pub struct ApprovalRecord {
     pub steps: Vec<String>,
     /// The whole plan, as `fleet plan` prints it.
     pub plan: String,
-    pub created: String,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::time::lenient_option"
+    )]
+    pub created: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approved_by: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub approved_at: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::time::lenient_option"
+    )]
+    pub approved_at: Option<Timestamp>,
     /// Approvals that were refused (another digest), with where they came from.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<String>,
@@ -230,7 +241,7 @@ pub fn record(status: &StatusDir, desired: &Desired, plan: &Plan, offers: &Offer
                 state: ApprovalState::Pending,
                 steps,
                 plan: render::text(plan),
-                created: timestamp(SystemTime::now()),
+                created: Some(SystemTime::now().into()),
                 approved_by: None,
                 approved_at: None,
                 refused: Vec::new(),
@@ -243,7 +254,7 @@ pub fn record(status: &StatusDir, desired: &Desired, plan: &Plan, offers: &Offer
             if offer.digest == digest {
                 record.state = ApprovalState::Approved;
                 record.approved_by = Some(offer.by.to_string());
-                record.approved_at = Some(timestamp(SystemTime::now()));
+                record.approved_at = Some(SystemTime::now().into());
                 event(
                     status,
                     desired,

@@ -586,7 +586,9 @@ fn take_lock(ws: &Workspace, command: &str) -> Result<crate::status::lock::Statu
     if let Some(dead) = &lock.stale {
         eprintln!(
             "note: took over a stale lock left by PID {} ({}, since {}), which is no longer running",
-            dead.pid, dead.command, dead.since
+            dead.pid,
+            dead.command,
+            crate::time::shown(dead.since)
         );
     }
     Ok(lock)
@@ -633,7 +635,8 @@ fn status_cmd(ws: &Workspace, args: &StatusArgs) -> Result<ExitCode> {
         if let Some(refused) = &summary.revision_refused {
             println!(
                 "revision refused {} at {}:",
-                refused.revision.label, refused.at
+                refused.revision.label,
+                crate::time::shown(refused.at)
             );
             for d in &refused.diagnostics {
                 println!("  {d}");
@@ -642,7 +645,10 @@ fn status_cmd(ws: &Workspace, args: &StatusArgs) -> Result<ExitCode> {
         if let Some(r) = &summary.last_reconcile {
             println!(
                 "last reconcile {}: {} ({} step(s), {} failed)",
-                r.finished, r.outcome, r.steps, r.failed
+                crate::time::shown(r.finished),
+                r.outcome,
+                r.steps,
+                r.failed
             );
         }
         println!();

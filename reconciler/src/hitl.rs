@@ -37,7 +37,7 @@ pub fn list(status: &StatusDir, all: bool) -> String {
                 a.id,
                 a.state,
                 a.steps.len(),
-                a.created
+                crate::time::shown(a.created)
             )
             .to_lowercase(),
         );

@@ -19,7 +19,7 @@ use crate::resolve::{self, Desired};
 use crate::source::{self, Snapshot, SourceError};
 use crate::spec::{HostSpec, Provider};
 use crate::status::{
-    self, Event, EventKind, Outcome, ReconcileOutcome, StatusDir, Summary, VmOutcome, timestamp,
+    self, Event, EventKind, Outcome, ReconcileOutcome, StatusDir, Summary, VmOutcome,
 };
 
 /// Where things are.
@@ -489,8 +489,8 @@ pub async fn apply_and_record(
         summary.revision_refused = None;
     }
     summary.last_reconcile = Some(ReconcileOutcome {
-        started: timestamp(started),
-        finished: timestamp(finished),
+        started: Some(started.into()),
+        finished: Some(finished.into()),
         plan_digest: plan.digest().to_owned(),
         steps: report.results.len(),
         succeeded: report.results.len() - failed,

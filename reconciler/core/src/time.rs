@@ -57,6 +57,11 @@ impl<'de> Deserialize<'de> for Timestamp {
     }
 }
 
+/// A time a record may lack (one that did not parse), for messages and pages.
+pub fn shown(t: Option<Timestamp>) -> String {
+    t.map_or_else(|| "an unknown time".to_owned(), |t| t.to_string())
+}
+
 /// Reads an optional time, taking one that does not parse as none: for fields whose loss
 /// costs less than losing the record that holds them (see `status::tasks::TaskRecord`).
 pub fn lenient_option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Timestamp>, D::Error> {

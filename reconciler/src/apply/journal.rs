@@ -39,6 +39,8 @@ pub struct Intent {
     /// a destroy and a create).
     pub action: Action,
     pub revision: String,
+    /// For people reading the journal. Kept as text: recovery reads every intent back, and
+    /// a time that does not parse must never make an intent unreadable.
     pub time: String,
 }
 

@@ -15,7 +15,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::Trigger;
 use crate::agent_link::{AgentLink, LinkError, Waker};
 use crate::driver::Driver;
-use crate::status::{AgentStatus, timestamp};
+use crate::status::AgentStatus;
 use crate::tasks::TaskBook;
 use crate::tasks::runner::Connection;
 
@@ -351,7 +351,7 @@ fn converse(
                         connected: true,
                         agent_version,
                         boot_id,
-                        since: timestamp(SystemTime::now()),
+                        since: Some(SystemTime::now().into()),
                     }));
                 }
                 GuestMessage::Heartbeat { .. } => {}

@@ -111,13 +111,13 @@ pub fn overview(s: &Snapshot) -> String {
             @if let Some(refused) = s.summary.as_ref().and_then(|x| x.revision_refused.as_ref()) {
                 dt.bad { "Revision refused" }
                 dd {
-                    span.bad { (refused.revision.label) } " at " (refused.at)
+                    span.bad { (refused.revision.label) } " at " (crate::time::shown(refused.at))
                     pre { @for d in &refused.diagnostics { (d) "\n" } }
                 }
             }
             @if let Some(r) = s.summary.as_ref().and_then(|x| x.last_reconcile.as_ref()) {
                 dt { "Last reconcile" }
-                dd { (r.finished) ": " (r.outcome) " (" (r.steps) " steps, " (r.failed) " failed, " (r.conflicts) " conflicts)" }
+                dd { (crate::time::shown(r.finished)) ": " (r.outcome) " (" (r.steps) " steps, " (r.failed) " failed, " (r.conflicts) " conflicts)" }
             }
         }
         h2 { "VMs (" (s.vms.len()) ")" }
@@ -206,10 +206,10 @@ pub fn vm(s: &Snapshot, vm: &VmStatus) -> String {
                 dt { "Observed" } dd { (if o.running { "running" } else { "stopped" }) ", " (o.cpus) " vCPUs, " (o.memory_mib) " MiB, UUID " (o.uuid) }
             }
             @if let Some(a) = &vm.agent {
-                dt { "Agent" } dd { (agent_text(vm)) ", boot " (a.boot_id) ", hello at " (a.since) }
+                dt { "Agent" } dd { (agent_text(vm)) ", boot " (a.boot_id) ", hello at " (crate::time::shown(a.since)) }
             }
             @if let Some(e) = &vm.last_error { dt.bad { "Last error" } dd.bad { (e) } }
-            dt { "Updated" } dd { (vm.updated) }
+            dt { "Updated" } dd { (crate::time::shown(vm.updated)) }
         }
         h2 { "Conditions" }
         ul { @for c in &vm.conditions { li { b { (c.kind) } " " (c.status) " (" (c.reason) "): " (c.message) } } }
@@ -233,7 +233,7 @@ pub fn task(s: &Snapshot, t: &TaskRecord, output: Option<&str>) -> String {
             @if let Some(c) = t.exit_code { dt { "Exit code" } dd { (c) } }
             dt { "Defined in" } dd { (t.source) }
             @if let Some(r) = &t.repository { dt { "Repository" } dd { (r.url) " at " code { (r.commit) } } }
-            dt { "Created" } dd { (t.created) }
+            dt { "Created" } dd { (crate::time::shown(t.created)) }
             @if let Some(x) = &t.started { dt { "Started" } dd { (x) } }
             @if let Some(x) = &t.finished { dt { "Finished" } dd { (x) } }
             @if !t.artifacts.is_empty() { dt { "Artifacts" } dd { @for a in &t.artifacts { code { (a) } " " } } }

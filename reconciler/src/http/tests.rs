@@ -45,7 +45,7 @@ fn view_with_status() -> (tempfile::TempDir, Arc<View>) {
             message: "<script>alert(1)</script>".into(),
         }],
         last_error: None,
-        updated: "now".into(),
+        updated: None,
     };
     status
         .write_vms(&[("web-01".to_owned(), vm)].into())
@@ -165,7 +165,7 @@ async fn tasks_and_pending_prompts_show_with_the_output_tail() {
         message: None,
         source: "fleet/tasks/build.yaml".into(),
         revision: None,
-        created: "then".into(),
+        created: None,
         started: Some(std::time::SystemTime::UNIX_EPOCH.into()),
         finished: None,
         boot_id: Some("b".into()),
@@ -182,7 +182,7 @@ async fn tasks_and_pending_prompts_show_with_the_output_tail() {
         artifacts: Vec::new(),
         fail_on_cancel: None,
         host_timeout: false,
-        updated: "now".into(),
+        updated: None,
     };
     view.status.reset_task_files("build").expect("reset");
     let output = b"\x1b[32mcompiling\x1b[0m\r\n<b>Deploy? (y/n)</b> ";
@@ -258,7 +258,7 @@ async fn pending_approvals_show_their_steps_and_how_to_approve() {
         state,
         steps: vec!["destroy <db-01> on local: db-01 is protected".into()],
         plan: String::new(),
-        created: "then".into(),
+        created: None,
         approved_by: None,
         approved_at: None,
         refused: Vec::new(),

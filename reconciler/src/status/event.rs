@@ -6,7 +6,8 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::timestamp;
+use crate::time::Timestamp;
+
 use crate::plan::{Action, Step};
 
 /// Every kind of event fleet writes.
@@ -67,7 +68,7 @@ pub enum EventKind {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Event {
-    pub time: String,
+    pub time: Timestamp,
     #[serde(rename = "type")]
     pub kind: EventKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -87,7 +88,7 @@ impl Event {
     /// An event of the fleet as a whole (no VM, task or provider), stamped now.
     pub fn fleet(kind: EventKind, revision: Option<String>, message: String) -> Event {
         Event {
-            time: timestamp(SystemTime::now()),
+            time: SystemTime::now().into(),
             kind,
             vm: None,
             task: None,
@@ -141,7 +142,7 @@ impl Event {
     /// The same event, stamped at `time` instead of now.
     pub fn at(self, time: SystemTime) -> Event {
         Event {
-            time: timestamp(time),
+            time: time.into(),
             ..self
         }
     }

@@ -9,11 +9,18 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::time::Timestamp;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Holder {
     pub pid: u32,
     pub command: String,
-    pub since: String,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::time::lenient_option"
+    )]
+    pub since: Option<Timestamp>,
 }
 
 /// The held lock; dropping it releases the lock.
@@ -29,7 +36,7 @@ pub struct StatusLock {
 pub enum LockError {
     #[error(
         "{path} is held by PID {pid} ({command}, since {since}); only one fleet process may change a status directory. Stop that process (for `fleet serve`: systemctl stop fleet, or kill {pid}) or use another --status-dir",
-        path = .path.display(), pid = .holder.pid, command = .holder.command, since = .holder.since
+        path = .path.display(), pid = .holder.pid, command = .holder.command, since = crate::time::shown(.holder.since)
     )]
     Held { path: PathBuf, holder: Holder },
     #[error("{path} is locked by another process; only one fleet process may change a status directory", path = .path.display())]
@@ -83,7 +90,7 @@ impl StatusLock {
         let me = Holder {
             pid: std::process::id(),
             command: command.to_owned(),
-            since: super::timestamp(std::time::SystemTime::now()),
+            since: Some(std::time::SystemTime::now().into()),
         };
         file.set_len(0).map_err(io)?;
         file.rewind().map_err(io)?;
@@ -173,7 +180,7 @@ mod tests {
         let dead = Holder {
             pid: 999_999_999,
             command: "fleet serve".into(),
-            since: "then".into(),
+            since: None,
         };
         std::fs::write(
             status_dir.join("lock"),

@@ -25,6 +25,8 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::time::Timestamp;
+
 use crate::load::Diagnostic;
 use crate::observe::ObservedVm;
 use crate::plan::{Plan, render};
@@ -67,7 +69,12 @@ pub struct Summary {
 #[serde(rename_all = "camelCase")]
 pub struct RefusedRevision {
     pub revision: Revision,
-    pub at: String,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::time::lenient_option"
+    )]
+    pub at: Option<Timestamp>,
     /// `path:line:column: error: message` lines.
     pub diagnostics: Vec<String>,
 }
@@ -75,8 +82,18 @@ pub struct RefusedRevision {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ReconcileOutcome {
-    pub started: String,
-    pub finished: String,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::time::lenient_option"
+    )]
+    pub started: Option<Timestamp>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::time::lenient_option"
+    )]
+    pub finished: Option<Timestamp>,
     pub plan_digest: String,
     pub steps: usize,
     pub succeeded: usize,
@@ -179,7 +196,12 @@ pub struct VmStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    pub updated: String,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::time::lenient_option"
+    )]
+    pub updated: Option<Timestamp>,
 }
 
 /// The guest agent of a VM, as the daemon's link to it last saw it.
@@ -191,7 +213,12 @@ pub struct AgentStatus {
     /// Changes at every boot of the guest.
     pub boot_id: String,
     /// When the agent last said hello.
-    pub since: String,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::time::lenient_option"
+    )]
+    pub since: Option<Timestamp>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -473,7 +500,7 @@ impl StatusDir {
         for vm in vms.values() {
             let unchanged = existing.get(&vm.name).is_some_and(|old| {
                 VmStatus {
-                    updated: old.updated.clone(),
+                    updated: old.updated,
                     ..vm.clone()
                 } == *old
             });
@@ -512,7 +539,7 @@ impl StatusDir {
         }
         summary.revision_refused = Some(RefusedRevision {
             revision: revision.clone(),
-            at: timestamp(now),
+            at: Some(now.into()),
             diagnostics: diagnostics.iter().map(ToString::to_string).collect(),
         });
         self.write_summary(&summary)?;

@@ -80,7 +80,12 @@ pub struct TaskRecord {
     pub source: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
-    pub created: String,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::time::lenient_option"
+    )]
+    pub created: Option<Timestamp>,
     /// A start time that does not parse reads as none: it only serves the host's own
     /// timeout check (the agent enforces timeouts too), while the record it sits in is
     /// what keeps a run from running twice, so the record is never dropped for it.
@@ -90,8 +95,12 @@ pub struct TaskRecord {
         deserialize_with = "crate::time::lenient_option"
     )]
     pub started: Option<Timestamp>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::time::lenient_option"
+    )]
+    pub finished: Option<Timestamp>,
     /// The boot of the guest it runs in; a different boot means the run was lost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
@@ -135,7 +144,12 @@ pub struct TaskRecord {
     /// ended it: the run then ends `TimedOut`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub host_timeout: bool,
-    pub updated: String,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::time::lenient_option"
+    )]
+    pub updated: Option<Timestamp>,
 }
 
 impl TaskRecord {
@@ -196,8 +210,12 @@ pub struct PromptRecord {
     /// Who answered: `commit <id> (<file>)` or `host file <path>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answered_by: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub answered_at: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::time::lenient_option"
+    )]
+    pub answered_at: Option<Timestamp>,
     /// The answer was typed into the task's terminal.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub delivered: bool,

@@ -117,7 +117,7 @@ pub fn vm_statuses(
                 agent,
                 conditions,
                 last_error: outcome.error.clone(),
-                updated: timestamp(now),
+                updated: Some(now.into()),
             },
         );
     }
@@ -197,7 +197,7 @@ mod history_tests {
             agent: None,
             conditions: Vec::new(),
             last_error: None,
-            updated: String::new(),
+            updated: None,
         }
     }
 

@@ -106,10 +106,7 @@ fn output_is_decided_under_the_lock_and_written_in_the_holds_turn() {
     state.receive(&mut conn, vec![exit]);
     let record = &state.records["ask"];
     assert_eq!(record.phase, TaskPhase::Succeeded);
-    assert_eq!(
-        record.finished.as_deref(),
-        Some(crate::time::timestamp(at(5).wall).as_str())
-    );
+    assert_eq!(record.finished, Some(at(5).wall.into()));
     let effects = state.take_effects();
     assert!(
         effects

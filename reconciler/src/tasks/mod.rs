@@ -49,7 +49,8 @@ use crate::resolve::{CommittedAnswer, Desired, DesiredTask};
 use crate::secrets::Vault;
 use crate::spec::SecretRef;
 use crate::status::tasks::{PromptRecord, PromptState, TaskPhase, TaskRecord};
-use crate::status::{Event, EventKind, StatusDir, timestamp};
+use crate::status::{Event, EventKind, StatusDir};
+use crate::time::Timestamp;
 
 pub struct TaskBook {
     status: StatusDir,
@@ -270,9 +271,9 @@ impl BookState {
         self.bound.get(&task.name)?.held.as_deref()
     }
 
-    /// The decision's time, as records write it.
-    fn stamp(&self) -> String {
-        timestamp(self.now.wall)
+    /// The decision's time, as records hold it.
+    fn stamp(&self) -> Option<Timestamp> {
+        Some(self.now.wall.into())
     }
 }
 
@@ -749,7 +750,7 @@ impl BookState {
             message: Some(waiting_message(task, self.held(task), running)),
             source: task.source.clone(),
             revision: self.revision.clone(),
-            created: time.clone(),
+            created: time,
             started: None,
             finished: None,
             boot_id: None,
@@ -804,7 +805,7 @@ impl BookState {
             r.phase = phase;
             r.exit_code = exit_code;
             r.message = Some(message.to_owned());
-            r.finished = Some(finished.clone());
+            r.finished = finished;
             r.pending_prompt = None;
         });
         if let Some(r) = self.records.get(name).cloned() {

@@ -915,7 +915,7 @@ impl BookState {
                     p.state = PromptState::Answered;
                     p.response = Some(response.clone());
                     p.answered_by = Some(by.clone());
-                    p.answered_at = Some(answered_at.clone());
+                    p.answered_at = answered_at;
                 });
                 if let Some(file) = file {
                     self.effects.moves.push((file, None));
