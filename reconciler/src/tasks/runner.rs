@@ -18,7 +18,7 @@ use crate::ids::{ApprovalId, PromptId};
 use crate::resolve::DesiredTask;
 use crate::spec::{OnDeadline, Repository};
 use crate::status::tasks::{
-    PromptKind, PromptRecord, PromptState, RepositoryAt, TaskPhase, answer_file_name,
+    PromptKind, PromptRecord, PromptState, RepositoryAt, TaskPhase, TaskRecord, answer_file_name,
 };
 use crate::status::{Event, EventKind};
 
@@ -504,137 +504,10 @@ impl BookState {
             return;
         };
         match message {
-            GuestMessage::Output { seq, data, .. } => {
-                // A value a task prints is blanked before it is stored (a value split across
-                // two chunks is not recognised: the redactor is a net, not a guarantee).
-                let data = String::from_utf8(crate::secrets::redact::redact(data.as_bytes()))
-                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-                // Once output was cut (the limit, or a disk that refused it), the rest is
-                // dropped: the log never has a hole.
-                let room = if record.output_truncated {
-                    0
-                } else {
-                    limits::OUTPUT_BYTES.saturating_sub(record.output_bytes)
-                };
-                if room < data.len() as u64 {
-                    // Keep what fits (on a character boundary), then say it was cut.
-                    let mut keep = room as usize;
-                    while keep > 0 && !data.is_char_boundary(keep) {
-                        keep -= 1;
-                    }
-                    if keep > 0 {
-                        self.write_output(name, record.output_bytes, &data.as_bytes()[..keep]);
-                    }
-                    let end = record.output_bytes + keep as u64;
-                    let first = !record.output_truncated;
-                    self.update(name, |r| {
-                        r.seq = seq;
-                        r.output_bytes = end;
-                        r.output_truncated = true;
-                    });
-                    if first {
-                        self.event(
-                            &record,
-                            EventKind::TaskOutputTruncated,
-                            format!(
-                                "output of {name} reached {} MiB; the rest is dropped",
-                                limits::OUTPUT_BYTES / (1024 * 1024)
-                            ),
-                        );
-                    }
-                    return;
-                }
-                self.write_output(name, record.output_bytes, data.as_bytes());
-                let end = record.output_bytes + data.len() as u64;
-                let withdraw = record
-                    .pending_prompt
-                    .clone()
-                    .filter(|_| !data.trim().is_empty());
-                if let Some(id) = &withdraw {
-                    self.set_prompt(id, |p| p.state = PromptState::Withdrawn);
-                }
-                self.update(name, |r| {
-                    r.seq = seq;
-                    r.output_bytes = end;
-                    if withdraw.is_some() {
-                        r.pending_prompt = None;
-                        r.phase = TaskPhase::Running;
-                    }
-                });
-            }
+            GuestMessage::Output { seq, data, .. } => self.record_output(&record, seq, data),
             GuestMessage::Prompt {
                 seq, text, screen, ..
-            } => {
-                if record.pending_prompt.is_some() || record.phase.is_finished() {
-                    self.update(name, |r| r.seq = seq);
-                    return;
-                }
-                if record.prompts >= limits::PROMPTS {
-                    self.refuse(name, seq, "prompts", || {
-                        format!(
-                            "more than {} prompts; later ones are dropped",
-                            limits::PROMPTS
-                        )
-                    });
-                    return;
-                }
-                let redacted = |t: &str| {
-                    String::from_utf8_lossy(&crate::secrets::redact::redact(t.as_bytes()))
-                        .into_owned()
-                };
-                let text = cut(&redacted(&text), limits::PROMPT_TEXT_BYTES);
-                let screen: Vec<String> = screen
-                    .iter()
-                    .rev()
-                    .take(limits::PROMPT_SCREEN_LINES)
-                    .rev()
-                    .map(|l| cut(&redacted(l), limits::PROMPT_LINE_BYTES))
-                    .collect();
-                let n = record.prompts + 1;
-                let id = PromptId {
-                    task: record.name.clone(),
-                    run: record.run.clone(),
-                    n,
-                }
-                .to_string();
-                let deadline = self
-                    .desired
-                    .get(name)
-                    .map_or(crate::resolve::DEFAULT_PROMPT_DEADLINE, |t| {
-                        t.prompt_deadline
-                    });
-                let prompt = PromptRecord {
-                    id: id.clone(),
-                    kind: PromptKind::Input,
-                    allow_control: self.desired.get(name).is_some_and(|t| t.allow_control),
-                    task: name.to_owned(),
-                    vm: record.vm.clone(),
-                    text: text.clone(),
-                    context: screen,
-                    created: self.now.wall.into(),
-                    deadline: (self.now.wall + deadline).into(),
-                    state: PromptState::Pending,
-                    overdue: false,
-                    response: None,
-                    answered_by: None,
-                    answered_at: None,
-                    delivered: false,
-                    refused: Vec::new(),
-                };
-                self.prompts.insert(id.clone(), prompt);
-                self.prompt_changed(&id);
-                self.update(name, |r| {
-                    r.seq = seq;
-                    r.prompts = n;
-                    r.pending_prompt = Some(id.clone());
-                    r.phase = TaskPhase::WaitingForInput;
-                });
-                self.event(
-                    &record,
-                    EventKind::HitlPrompt,
-                    format!("prompt {id} waits for an answer: {text}"),
-                );
-            }
+            } => self.record_prompt(&record, seq, &text, &screen),
             GuestMessage::Artifact {
                 seq,
                 path,
@@ -642,104 +515,260 @@ impl BookState {
                 data,
                 last,
                 ..
-            } => {
-                // Every first part begins a file (finished or not): that is what is counted.
-                let new_file = offset == 0;
-                let refusal = if path.len() > limits::ARTIFACT_PATH_BYTES {
-                    Some(format!(
-                        "an artifact path longer than {} bytes",
-                        limits::ARTIFACT_PATH_BYTES
-                    ))
-                } else if new_file && record.artifact_files as usize >= limits::ARTIFACTS {
-                    Some(format!("more than {} artifacts", limits::ARTIFACTS))
-                } else {
-                    // base64: at most 3 bytes per 4 characters.
-                    let most = (data.len() as u64 / 4 + 1) * 3;
-                    (record.artifact_bytes + most > limits::ARTIFACT_BYTES).then(|| {
-                        format!(
-                            "more than {} MiB of artifacts",
-                            limits::ARTIFACT_BYTES / (1024 * 1024)
-                        )
-                    })
-                };
-                if let Some(why) = refusal {
-                    self.refuse(name, seq, "artifacts", || {
-                        format!("{why}; artifact parts past it are dropped")
-                    });
-                    return;
-                }
-                // Every byte received counts against the limit, written over or not: the
-                // count needs no look at the disk, and the disk holds no more than it.
-                let received =
-                    match base64::engine::general_purpose::STANDARD.decode(data.as_bytes()) {
-                        Ok(bytes) => {
-                            let len = bytes.len() as u64;
-                            self.write_artifact(name, &path, offset, bytes);
-                            len
-                        }
-                        Err(e) => {
-                            tracing::warn!(task = name, "artifact {path}: not base64: {e}");
-                            0
-                        }
-                    };
-                self.update(name, |r| {
-                    r.seq = seq;
-                    r.artifact_bytes += received;
-                    if new_file {
-                        r.artifact_files += 1;
-                    }
-                    if last && !r.artifacts.contains(&path) {
-                        r.artifacts.push(path.clone());
-                    }
-                });
-            }
+            } => self.record_artifact(&record, seq, path, offset, &data, last),
             GuestMessage::Exit {
                 seq, code, reason, ..
-            } => {
-                let (phase, message) = match reason {
-                    ExitReason::Completed if code == Some(0) => {
-                        (TaskPhase::Succeeded, "exited with code 0".to_owned())
-                    }
-                    ExitReason::Completed => (
-                        TaskPhase::Failed,
-                        match code {
-                            Some(c) => format!("exited with code {c}"),
-                            None => "ended by a signal".to_owned(),
-                        },
-                    ),
-                    ExitReason::TimedOut => (
-                        TaskPhase::TimedOut,
-                        "ran longer than its timeout; its processes were killed".to_owned(),
-                    ),
-                    ExitReason::Cancelled if record.host_timeout => (
-                        TaskPhase::TimedOut,
-                        "ran past its timeout without the agent ending it; fleet cancelled it"
-                            .to_owned(),
-                    ),
-                    ExitReason::Cancelled => match &record.fail_on_cancel {
-                        Some(why) => (TaskPhase::Failed, why.clone()),
-                        None => (
-                            TaskPhase::Cancelled,
-                            "cancelled: its task file was removed or changed".to_owned(),
-                        ),
-                    },
-                    ExitReason::FailedToStart => (
-                        TaskPhase::Failed,
-                        "could not be started (see output.log)".to_owned(),
-                    ),
-                    ExitReason::Lost => (
-                        TaskPhase::Failed,
-                        "the guest agent restarted while it ran; its end is unknown".to_owned(),
-                    ),
-                };
-                self.update(name, |r| r.seq = seq);
-                self.finish(name, phase, code, &message);
-            }
+            } => self.record_exit(&record, seq, code, reason),
             GuestMessage::Hello { .. }
             | GuestMessage::Heartbeat { .. }
             | GuestMessage::Stored { .. }
             | GuestMessage::SecretsStored { .. } => {}
         }
+    }
+
+    /// Output: redacted, kept up to the run's limit, written at the record's length; output
+    /// after a prompt withdraws the prompt (the task moved on).
+    fn record_output(&mut self, record: &TaskRecord, seq: u64, data: String) {
+        let name = record.name.as_str();
+        // A value a task prints is blanked before it is stored (a value split across
+        // two chunks is not recognised: the redactor is a net, not a guarantee).
+        let data = String::from_utf8(crate::secrets::redact::redact(data.as_bytes()))
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        // Once output was cut (the limit, or a disk that refused it), the rest is
+        // dropped: the log never has a hole.
+        let room = if record.output_truncated {
+            0
+        } else {
+            limits::OUTPUT_BYTES.saturating_sub(record.output_bytes)
+        };
+        if room < data.len() as u64 {
+            // Keep what fits (on a character boundary), then say it was cut.
+            let mut keep = room as usize;
+            while keep > 0 && !data.is_char_boundary(keep) {
+                keep -= 1;
+            }
+            if keep > 0 {
+                self.write_output(name, record.output_bytes, &data.as_bytes()[..keep]);
+            }
+            let end = record.output_bytes + keep as u64;
+            let first = !record.output_truncated;
+            self.update(name, |r| {
+                r.seq = seq;
+                r.output_bytes = end;
+                r.output_truncated = true;
+            });
+            if first {
+                self.event(
+                    record,
+                    EventKind::TaskOutputTruncated,
+                    format!(
+                        "output of {name} reached {} MiB; the rest is dropped",
+                        limits::OUTPUT_BYTES / (1024 * 1024)
+                    ),
+                );
+            }
+            return;
+        }
+        self.write_output(name, record.output_bytes, data.as_bytes());
+        let end = record.output_bytes + data.len() as u64;
+        let withdraw = record
+            .pending_prompt
+            .clone()
+            .filter(|_| !data.trim().is_empty());
+        if let Some(id) = &withdraw {
+            self.set_prompt(id, |p| p.state = PromptState::Withdrawn);
+        }
+        self.update(name, |r| {
+            r.seq = seq;
+            r.output_bytes = end;
+            if withdraw.is_some() {
+                r.pending_prompt = None;
+                r.phase = TaskPhase::Running;
+            }
+        });
+    }
+
+    /// A prompt: at most one pending per run and `limits::PROMPTS` in all; its text and
+    /// screen redacted and cut; it waits for an answer until its deadline.
+    fn record_prompt(&mut self, record: &TaskRecord, seq: u64, text: &str, screen: &[String]) {
+        let name = record.name.as_str();
+        if record.pending_prompt.is_some() || record.phase.is_finished() {
+            self.update(name, |r| r.seq = seq);
+            return;
+        }
+        if record.prompts >= limits::PROMPTS {
+            self.refuse(name, seq, "prompts", || {
+                format!(
+                    "more than {} prompts; later ones are dropped",
+                    limits::PROMPTS
+                )
+            });
+            return;
+        }
+        let redacted = |t: &str| {
+            String::from_utf8_lossy(&crate::secrets::redact::redact(t.as_bytes())).into_owned()
+        };
+        let text = cut(&redacted(text), limits::PROMPT_TEXT_BYTES);
+        let screen: Vec<String> = screen
+            .iter()
+            .rev()
+            .take(limits::PROMPT_SCREEN_LINES)
+            .rev()
+            .map(|l| cut(&redacted(l), limits::PROMPT_LINE_BYTES))
+            .collect();
+        let n = record.prompts + 1;
+        let id = PromptId {
+            task: record.name.clone(),
+            run: record.run.clone(),
+            n,
+        }
+        .to_string();
+        let deadline = self
+            .desired
+            .get(name)
+            .map_or(crate::resolve::DEFAULT_PROMPT_DEADLINE, |t| {
+                t.prompt_deadline
+            });
+        let prompt = PromptRecord {
+            id: id.clone(),
+            kind: PromptKind::Input,
+            allow_control: self.desired.get(name).is_some_and(|t| t.allow_control),
+            task: name.to_owned(),
+            vm: record.vm.clone(),
+            text: text.clone(),
+            context: screen,
+            created: self.now.wall.into(),
+            deadline: (self.now.wall + deadline).into(),
+            state: PromptState::Pending,
+            overdue: false,
+            response: None,
+            answered_by: None,
+            answered_at: None,
+            delivered: false,
+            refused: Vec::new(),
+        };
+        self.prompts.insert(id.clone(), prompt);
+        self.prompt_changed(&id);
+        self.update(name, |r| {
+            r.seq = seq;
+            r.prompts = n;
+            r.pending_prompt = Some(id.clone());
+            r.phase = TaskPhase::WaitingForInput;
+        });
+        self.event(
+            record,
+            EventKind::HitlPrompt,
+            format!("prompt {id} waits for an answer: {text}"),
+        );
+    }
+
+    /// An artifact part, within the run's limits (count, path length, bytes).
+    fn record_artifact(
+        &mut self,
+        record: &TaskRecord,
+        seq: u64,
+        path: String,
+        offset: u64,
+        data: &str,
+        last: bool,
+    ) {
+        let name = record.name.as_str();
+        // Every first part begins a file (finished or not): that is what is counted.
+        let new_file = offset == 0;
+        let refusal = if path.len() > limits::ARTIFACT_PATH_BYTES {
+            Some(format!(
+                "an artifact path longer than {} bytes",
+                limits::ARTIFACT_PATH_BYTES
+            ))
+        } else if new_file && record.artifact_files as usize >= limits::ARTIFACTS {
+            Some(format!("more than {} artifacts", limits::ARTIFACTS))
+        } else {
+            // base64: at most 3 bytes per 4 characters.
+            let most = (data.len() as u64 / 4 + 1) * 3;
+            (record.artifact_bytes + most > limits::ARTIFACT_BYTES).then(|| {
+                format!(
+                    "more than {} MiB of artifacts",
+                    limits::ARTIFACT_BYTES / (1024 * 1024)
+                )
+            })
+        };
+        if let Some(why) = refusal {
+            self.refuse(name, seq, "artifacts", || {
+                format!("{why}; artifact parts past it are dropped")
+            });
+            return;
+        }
+        // Every byte received counts against the limit, written over or not: the
+        // count needs no look at the disk, and the disk holds no more than it.
+        let received = match base64::engine::general_purpose::STANDARD.decode(data.as_bytes()) {
+            Ok(bytes) => {
+                let len = bytes.len() as u64;
+                self.write_artifact(name, &path, offset, bytes);
+                len
+            }
+            Err(e) => {
+                tracing::warn!(task = name, "artifact {path}: not base64: {e}");
+                0
+            }
+        };
+        self.update(name, |r| {
+            r.seq = seq;
+            r.artifact_bytes += received;
+            if new_file {
+                r.artifact_files += 1;
+            }
+            if last && !r.artifacts.contains(&path) {
+                r.artifacts.push(path.clone());
+            }
+        });
+    }
+
+    /// The run's end: its phase and why, from how it exited and what fleet asked of it.
+    fn record_exit(
+        &mut self,
+        record: &TaskRecord,
+        seq: u64,
+        code: Option<i32>,
+        reason: ExitReason,
+    ) {
+        let name = record.name.as_str();
+        let (phase, message) = match reason {
+            ExitReason::Completed if code == Some(0) => {
+                (TaskPhase::Succeeded, "exited with code 0".to_owned())
+            }
+            ExitReason::Completed => (
+                TaskPhase::Failed,
+                match code {
+                    Some(c) => format!("exited with code {c}"),
+                    None => "ended by a signal".to_owned(),
+                },
+            ),
+            ExitReason::TimedOut => (
+                TaskPhase::TimedOut,
+                "ran longer than its timeout; its processes were killed".to_owned(),
+            ),
+            ExitReason::Cancelled if record.host_timeout => (
+                TaskPhase::TimedOut,
+                "ran past its timeout without the agent ending it; fleet cancelled it".to_owned(),
+            ),
+            ExitReason::Cancelled => match &record.fail_on_cancel {
+                Some(why) => (TaskPhase::Failed, why.clone()),
+                None => (
+                    TaskPhase::Cancelled,
+                    "cancelled: its task file was removed or changed".to_owned(),
+                ),
+            },
+            ExitReason::FailedToStart => (
+                TaskPhase::Failed,
+                "could not be started (see output.log)".to_owned(),
+            ),
+            ExitReason::Lost => (
+                TaskPhase::Failed,
+                "the guest agent restarted while it ran; its end is unknown".to_owned(),
+            ),
+        };
+        self.update(name, |r| r.seq = seq);
+        self.finish(name, phase, code, &message);
     }
 
     /// Notes a refused answer on its prompt (once) and as an event, and moves a host answer
