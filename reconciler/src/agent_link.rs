@@ -77,7 +77,7 @@ impl WakeSignal {
     fn wait(&mut self, timeout: Duration) -> bool {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         use std::os::fd::AsFd;
-        let millis = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let millis = poll_millis(timeout);
         let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
         let raised = matches!(poll(&mut fds, PollTimeout::from(millis)), Ok(n) if n > 0);
         if raised && !self.drain() {
@@ -100,6 +100,13 @@ impl WakeSignal {
             }
         }
     }
+}
+
+/// `timeout` as poll's milliseconds, rounded up: a wait under a millisecond must not become
+/// a poll that returns at once (a spin until the deadline).
+fn poll_millis(timeout: Duration) -> u16 {
+    let millis = timeout.as_micros().div_ceil(1000);
+    u16::try_from(millis).unwrap_or(u16::MAX)
 }
 
 enum Transport {
@@ -239,7 +246,7 @@ impl SocketLink {
         if !self.reader.buffer().is_empty() {
             return Ok(Ready::Guest);
         }
-        let millis = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let millis = poll_millis(timeout);
         let mut fds = [
             PollFd::new(self.reader.get_ref().as_fd(), PollFlags::POLLIN),
             PollFd::new(wake.0.as_fd(), PollFlags::POLLIN),

@@ -319,7 +319,8 @@ impl Daemon {
             .collect();
         let running_names = running.iter().map(|(n, _)| n.clone()).collect();
         self.agents.sync(running, &self.tx);
-        self.tasks.sync(&desired, &running_names);
+        self.tasks
+            .sync(&desired, self.vault.clone(), &running_names);
         // What the links should run may have changed: each looks now, not at its next tick.
         self.agents.wake_all();
         // Fingerprints only: what the next plan's secret changes are measured against.
@@ -379,7 +380,6 @@ impl Daemon {
                     ));
                 }
                 self.vault = Arc::new(vault);
-                self.tasks.set_vault(self.vault.clone());
                 self.last_good = Some(desired);
                 self.refused = None;
             }

@@ -36,9 +36,8 @@ fn started(deadline: Duration, on_deadline: OnDeadline) -> (BookState, Connectio
         &desired(deadline, on_deadline),
         &BTreeSet::from(["vm-1".to_owned()]),
     );
-    assert_eq!(
-        state.take_effects().resets,
-        ["ask"],
+    assert!(
+        state.take_effects()["ask"].reset,
         "a new run empties its files first"
     );
     let mut conn = Connection::new("vm-1");
@@ -81,17 +80,13 @@ fn output_is_decided_under_the_lock_and_written_in_the_holds_turn() {
         }]
     );
     // Each chunk at the offset the record accounted for when it was decided, written before
-    // the record that counts it, in the hold's turn.
+    // the record that counts it, in the task's next turn; nothing for any other task.
     let effects = state.take_effects();
-    assert_eq!(effects.records.len(), 1);
-    assert!(effects.turn > 0);
-    assert_eq!(
-        effects.output,
-        [
-            ("ask".to_owned(), 0, b"one\n".to_vec()),
-            ("ask".to_owned(), 4, b"two\n".to_vec())
-        ]
-    );
+    assert_eq!(effects.keys().collect::<Vec<_>>(), ["ask"]);
+    let ask = &effects["ask"];
+    assert!(ask.record.is_some());
+    assert!(ask.turn > 0);
+    assert_eq!(ask.output, [(0, b"one\n".to_vec()), (4, b"two\n".to_vec())]);
     assert_eq!(state.records["ask"].output_bytes, 8);
     assert_eq!(state.records["ask"].seq, 2);
 
@@ -109,7 +104,7 @@ fn output_is_decided_under_the_lock_and_written_in_the_holds_turn() {
     assert_eq!(record.finished, Some(at(5).wall.into()));
     let effects = state.take_effects();
     assert!(
-        effects
+        effects["ask"]
             .events
             .iter()
             .any(|e| e.kind == EventKind::TaskFinished)
@@ -152,9 +147,10 @@ fn a_host_answer_file_is_an_input_and_its_removal_an_effect() {
     };
     let (sent, _) = state.tick(&mut conn, &refused);
     assert!(sent.is_empty(), "{sent:?}");
+    // Moved in the task's turn, after the prompt record that says why.
     let effects = state.take_effects();
     assert_eq!(
-        effects.moves,
+        effects["ask"].moves,
         [(format!("{id}.answer"), Some(format!("{id}.answer.refused")))]
     );
     assert_eq!(state.prompts[&id].state, PromptState::Pending);
@@ -173,7 +169,10 @@ fn a_host_answer_file_is_an_input_and_its_removal_an_effect() {
             prompt: Some(id.clone()),
         }]
     );
-    assert_eq!(state.take_effects().moves, [(format!("{id}.answer"), None)]);
+    assert_eq!(
+        state.take_effects()["ask"].moves,
+        [(format!("{id}.answer"), None)]
+    );
     assert_eq!(state.prompts[&id].state, PromptState::Answered);
 }
 
@@ -185,16 +184,17 @@ fn a_stray_answer_file_is_refused_from_the_names_given() {
         ..HostFiles::default()
     };
     state.tick(&mut conn, &files);
+    // No prompt, so no task: the fleet-wide turn ("").
     let effects = state.take_effects();
     assert_eq!(
-        effects.moves,
+        effects[""].moves,
         [(
             "nobody-0000000-1.answer".to_owned(),
             Some("nobody-0000000-1.answer.refused".to_owned())
         )]
     );
     assert!(
-        effects
+        effects[""]
             .events
             .iter()
             .any(|e| e.kind == EventKind::HitlAnswerRefused)
@@ -217,8 +217,8 @@ fn a_repeat_is_acknowledged_only_in_its_turn() {
     let acks = state.receive(&mut conn, vec![output]);
     assert_eq!(acks.len(), 1);
     let second = state.take_effects();
-    assert!(second.output.is_empty() && second.records.is_empty());
-    assert_eq!(second.turn, first.turn + 1);
+    assert!(second["ask"].output.is_empty() && second["ask"].record.is_none());
+    assert_eq!(second["ask"].turn, first["ask"].turn + 1);
 }
 
 #[test]

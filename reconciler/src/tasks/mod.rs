@@ -10,11 +10,13 @@
 //! no file and no clock; it queues what to write (`Effects`: resets, the guest's bytes,
 //! records, prompts, events, answer files to move). `TaskBook` is the executor: it takes
 //! the lock, sets the time, calls the decision, and makes the effects when it releases the
-//! lock (`BookGuard`). Each hold that queued effects gets a turn, and effects are made one
-//! hold at a time in turn order, so they reach the disk in the order they were decided: a
-//! new run's reset never lands after its first output, a record never before the bytes it
-//! counts, an older copy never after a newer one. A receive's acknowledgements are sent
-//! after its turn is made. Disk I/O holds up no other VM's link, only later turns' writes.
+//! lock (`BookGuard`). Each task a hold touched gets that task's next turn, and a task's
+//! effects are made one hold at a time in turn order, so they reach the disk in the order
+//! they were decided: a new run's reset never lands after its first output, a record never
+//! before the bytes it counts, an older copy never after a newer one. A receive's
+//! acknowledgements are sent after its turns are made. A slow write holds up only the holds
+//! that wrote the same task after it (a flooding guest slows its own link, and a daemon
+//! pass only if that pass changes one of the guest's runs), never another task's writes.
 //! `decision_tests` drives `BookState` with no directory, no clock and no sleep.
 //!
 //! A task runs once per (name, spec hash): `rerun` is part of the spec, so bumping it is a
@@ -33,7 +35,7 @@
 pub mod repo;
 pub mod runner;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -63,9 +65,9 @@ pub struct TaskBook {
     answer_files_watched: AtomicBool,
     /// The last look for stray answer files: the watcher's change count then, and when.
     stray_scan: Mutex<Option<(u64, Instant)>>,
-    /// The last hold of the lock whose effects are made (`Pending::turn`); effects are made
-    /// one hold at a time, in the order the holds decided them.
-    made: Mutex<u64>,
+    /// Each task's last turn whose effects are made (`Pending::turn`): a task's effects are
+    /// made one hold at a time, in the order the holds decided them.
+    made: Mutex<HashMap<String, u64>>,
     made_changed: Condvar,
 }
 
@@ -81,14 +83,14 @@ struct BookState {
     prompts: BTreeMap<String, PromptRecord>,
     /// Each VM's loadout secret references.
     vm_secrets: BTreeMap<String, Vec<SecretRef>>,
-    /// The opened secret values, replaced by each `set_vault`.
+    /// The opened secret values, replaced by each `sync` with the tasks bound to them.
     vault: Arc<Vault>,
     /// Committed answers already reported as going nowhere (by id and file).
     reported_answers: BTreeSet<(String, String)>,
     /// What the book decided to write, made when the lock is released (see `BookGuard`).
     effects: Effects,
-    /// The holds that queued effects so far: each gets the next turn.
-    turns: u64,
+    /// Each task's holds that queued effects so far: each gets the task's next turn.
+    turns: HashMap<String, u64>,
     /// The time of the decision being made: set by each entry of `TaskBook` as it takes
     /// the lock, so the decisions themselves never read a clock.
     now: DecidedAt,
@@ -135,9 +137,10 @@ struct HostFiles {
     strays: Option<Vec<String>>,
 }
 
-/// Writes decided under the book's lock and made without it, in the order they are
-/// listed: a slow disk holds up only the link (or pass) whose change it is, never another
-/// VM's link or the daemon.
+/// Writes decided under the book's lock and made without it. They are made per task, in
+/// the order the holds decided them (`Turns`), and within a hold in the order listed: one
+/// task's slow disk holds up only later writes of the same task, never another task's, a
+/// VM's link, or the daemon.
 #[derive(Default)]
 struct Effects {
     /// Runs whose output and artifacts are emptied for a new run, before anything else.
@@ -146,9 +149,9 @@ struct Effects {
     /// bytes), synced before the records that count them are written.
     output: Vec<(String, u64, Vec<u8>)>,
     artifacts: Vec<(String, String, u64, Vec<u8>)>,
-    /// Whether the hold must wait its turn even with nothing to write: it acknowledges
-    /// guest messages, which earlier holds may still be writing.
-    barrier: bool,
+    /// Tasks whose turn the hold must wait for even with nothing of theirs to write: it
+    /// acknowledges their guest messages, which earlier holds may still be writing.
+    barrier: BTreeSet<String>,
     records: BTreeSet<String>,
     prompts: BTreeSet<String>,
     events: Vec<Event>,
@@ -157,17 +160,25 @@ struct Effects {
     moves: Vec<(String, Option<String>)>,
 }
 
-/// The effects of one hold of the lock, with the copies to write, and its turn (0: none,
-/// nothing to do).
+/// The effects of one hold of the lock for one task (or, under the key "", for the fleet
+/// as a whole), with the copies to write, and its turn among that task's holds.
+#[derive(Default)]
 struct Pending {
     turn: u64,
-    resets: Vec<String>,
-    output: Vec<(String, u64, Vec<u8>)>,
-    artifacts: Vec<(String, String, u64, Vec<u8>)>,
-    records: Vec<TaskRecord>,
+    reset: bool,
+    output: Vec<(u64, Vec<u8>)>,
+    artifacts: Vec<(String, u64, Vec<u8>)>,
+    record: Option<TaskRecord>,
     prompts: Vec<PromptRecord>,
     events: Vec<Event>,
     moves: Vec<(String, Option<String>)>,
+}
+
+/// Output the disk refused: of which run, where the refused part began, and why.
+struct LostOutput {
+    run: Option<String>,
+    at: u64,
+    error: std::io::Error,
 }
 
 /// The book's lock: when it is released, what the holder decided is written (after the
@@ -192,11 +203,13 @@ impl std::ops::DerefMut for BookGuard<'_> {
 
 impl Drop for BookGuard<'_> {
     fn drop(&mut self) {
-        let pending = self.state.as_deref_mut().map(BookState::take_effects);
+        let pending = self
+            .state
+            .as_deref_mut()
+            .map(BookState::take_effects)
+            .unwrap_or_default();
         self.state = None;
-        if let Some(pending) = pending {
-            self.book.flush(pending);
-        }
+        self.book.flush(pending);
     }
 }
 
@@ -209,38 +222,62 @@ impl BookState {
         self.effects.prompts.insert(id.to_owned());
     }
 
-    /// What this hold decided, with the next turn (or turn 0 when there is nothing to do).
-    fn take_effects(&mut self) -> Pending {
+    /// What this hold decided, by task, each with that task's next turn.
+    fn take_effects(&mut self) -> BTreeMap<String, Pending> {
         let effects = std::mem::take(&mut self.effects);
-        let idle = !effects.barrier
-            && effects.resets.is_empty()
-            && effects.output.is_empty()
-            && effects.artifacts.is_empty()
-            && effects.records.is_empty()
-            && effects.prompts.is_empty()
-            && effects.events.is_empty()
-            && effects.moves.is_empty();
-        if !idle {
-            self.turns += 1;
+        let mut by_task: BTreeMap<String, Pending> = BTreeMap::new();
+        for task in effects.barrier {
+            by_task.entry(task).or_default();
         }
-        Pending {
-            turn: if idle { 0 } else { self.turns },
-            resets: effects.resets,
-            output: effects.output,
-            artifacts: effects.artifacts,
-            records: effects
-                .records
-                .iter()
-                .filter_map(|n| self.records.get(n).cloned())
-                .collect(),
-            prompts: effects
-                .prompts
-                .iter()
-                .filter_map(|i| self.prompts.get(i).cloned())
-                .collect(),
-            events: effects.events,
-            moves: effects.moves,
+        for task in effects.resets {
+            by_task.entry(task).or_default().reset = true;
         }
+        for (task, at, data) in effects.output {
+            by_task.entry(task).or_default().output.push((at, data));
+        }
+        for (task, path, offset, data) in effects.artifacts {
+            by_task
+                .entry(task)
+                .or_default()
+                .artifacts
+                .push((path, offset, data));
+        }
+        for name in effects.records {
+            if let Some(record) = self.records.get(&name) {
+                by_task.entry(name).or_default().record = Some(record.clone());
+            }
+        }
+        for id in effects.prompts {
+            if let Some(prompt) = self.prompts.get(&id) {
+                by_task
+                    .entry(prompt.task.clone())
+                    .or_default()
+                    .prompts
+                    .push(prompt.clone());
+            }
+        }
+        for event in effects.events {
+            by_task
+                .entry(event.task.clone().unwrap_or_default())
+                .or_default()
+                .events
+                .push(event);
+        }
+        for (file, to) in effects.moves {
+            // After the prompt record that says what became of it: its task's turn.
+            let task = file
+                .strip_suffix(".answer")
+                .and_then(|id| self.prompts.get(id))
+                .map(|p| p.task.clone())
+                .unwrap_or_default();
+            by_task.entry(task).or_default().moves.push((file, to));
+        }
+        for (task, pending) in &mut by_task {
+            let turn = self.turns.entry(task.clone()).or_default();
+            *turn += 1;
+            pending.turn = *turn;
+        }
+        by_task
     }
 
     /// Queues output of run `name`, at `at`.
@@ -405,106 +442,116 @@ impl TaskBook {
             answer_file_changes: AtomicU64::new(0),
             answer_files_watched: AtomicBool::new(false),
             stray_scan: Mutex::default(),
-            made: Mutex::new(0),
+            made: Mutex::default(),
             made_changed: Condvar::new(),
         }
     }
 
-    /// Makes what a holder of the lock decided, without the lock, when its turn comes: one
-    /// hold's effects at a time, in the order the holds decided them (so a new run's reset
-    /// never lands after its first output, and no older copy of a record after a newer
-    /// one). Within a hold: resets, the guest's bytes (synced), records and prompts,
+    /// Makes what a holder of the lock decided, without the lock: for each task it touched,
+    /// when that task's turn comes (one hold at a time, in the order the holds decided), so
+    /// a new run's reset never lands after its first output, a record never before the bytes
+    /// it counts, an older copy never after a newer one. Tasks wait only for their own
+    /// earlier writes. Within a task: reset, the guest's bytes (synced), record, prompts,
     /// events, then answer files moved.
-    fn flush(&self, pending: Pending) {
-        if pending.turn == 0 {
-            return;
-        }
-        let turn = pending.turn;
-        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
-        while *made + 1 < turn {
-            made = self
-                .made_changed
-                .wait(made)
-                .unwrap_or_else(|p| p.into_inner());
-        }
-        // Whatever happens below (a panic included), the next turn may go.
-        struct Done<'a> {
-            made: std::sync::MutexGuard<'a, u64>,
-            changed: &'a Condvar,
-            turn: u64,
-        }
-        impl Drop for Done<'_> {
-            fn drop(&mut self) {
-                *self.made = self.turn;
-                self.changed.notify_all();
+    fn flush(&self, pending: BTreeMap<String, Pending>) {
+        for (task, part) in pending {
+            let turn = part.turn;
+            let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+            while made.get(&task).copied().unwrap_or_default() + 1 < turn {
+                made = self
+                    .made_changed
+                    .wait(made)
+                    .unwrap_or_else(|p| p.into_inner());
             }
-        }
-        let done = Done {
-            made,
-            changed: &self.made_changed,
-            turn,
-        };
-        let lost = self.make(pending);
-        drop(done);
-        if !lost.is_empty() {
-            self.output_lost(lost);
+            drop(made);
+            // Whatever happens below (a panic included), the task's next turn may go.
+            struct Done<'a> {
+                book: &'a TaskBook,
+                task: &'a str,
+                turn: u64,
+            }
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    let mut made = self.book.made.lock().unwrap_or_else(|p| p.into_inner());
+                    made.insert(self.task.to_owned(), self.turn);
+                    self.book.made_changed.notify_all();
+                }
+            }
+            let done = Done {
+                book: self,
+                task: &task,
+                turn,
+            };
+            let lost = self.make(&task, part);
+            drop(done);
+            if let Some(lost) = lost {
+                self.output_lost(&task, lost);
+            }
         }
     }
 
-    /// Makes one hold's effects; returns the runs whose output could not be written.
-    fn make(&self, pending: Pending) -> BTreeMap<String, (u64, std::io::Error)> {
+    /// Makes one task's part of a hold; returns the output the disk refused, if any.
+    fn make(&self, task: &str, part: Pending) -> Option<LostOutput> {
         let Pending {
             turn: _,
-            resets,
+            reset,
             output,
             artifacts,
-            records,
+            mut record,
             prompts,
             events,
             moves,
-        } = pending;
-        for task in resets {
-            if let Err(e) = self.status.reset_task_files(&task) {
-                tracing::warn!(task = %task, "cannot reset the task's output: {e}");
+        } = part;
+        if reset && let Err(e) = self.status.reset_task_files(task) {
+            tracing::warn!(task, "cannot reset the task's output: {e}");
+        }
+        let mut lost = None;
+        for (at, data) in &output {
+            if let Err(error) = self.status.write_task_output(task, *at, data) {
+                lost = Some((*at, error));
+                break;
             }
         }
-        let mut lost = BTreeMap::new();
-        for (name, at, data) in &output {
-            if lost.contains_key(name) {
-                continue;
-            }
-            if let Err(e) = self.status.write_task_output(name, *at, data) {
-                lost.insert(name.clone(), (*at, e));
-            }
+        if !output.is_empty()
+            && lost.is_none()
+            && let Err(error) = self.status.sync_task_output(task)
+        {
+            lost = Some((output[0].0, error));
         }
+        let lost = lost.map(|(at, error)| {
+            // The log holds what it held before the refused part; the record written now
+            // says so, so no crash leaves a record counting bytes the log lacks.
+            if let Err(e) = self.status.cut_task_output(task, at) {
+                tracing::warn!(task, "cannot cut the output back: {e}");
+            }
+            if let Some(record) = &mut record {
+                record.output_bytes = record.output_bytes.min(at);
+                record.output_truncated = true;
+            }
+            LostOutput {
+                run: record.as_ref().map(|r| r.run.clone()),
+                at,
+                error,
+            }
+        });
         let mut written = BTreeSet::new();
-        for (name, path, offset, data) in &artifacts {
-            match self.status.write_artifact_part(name, path, *offset, data) {
+        for (path, offset, data) in &artifacts {
+            match self.status.write_artifact_part(task, path, *offset, data) {
                 Ok(()) => {
-                    written.insert((name, path));
+                    written.insert(path);
                 }
-                Err(e) => tracing::warn!(task = %name, "artifact {path}: {e}"),
+                Err(e) => tracing::warn!(task, "artifact {path}: {e}"),
             }
         }
-        let runs: BTreeSet<&String> = output.iter().map(|(name, ..)| name).collect();
-        for name in runs {
-            if let Err(e) = self.status.sync_task_output(name) {
-                let at = output
-                    .iter()
-                    .find(|(n, ..)| n == name)
-                    .map_or(0, |(_, at, _)| *at);
-                lost.entry(name.clone()).or_insert((at, e));
+        for path in written {
+            if let Err(e) = self.status.sync_artifact(task, path) {
+                tracing::warn!(task, "cannot sync artifact {path}: {e}");
             }
         }
-        for (name, path) in written {
-            if let Err(e) = self.status.sync_artifact(name, path) {
-                tracing::warn!(task = %name, "cannot sync artifact {path}: {e}");
-            }
-        }
-        for record in records {
-            if let Err(e) = self.status.write_task_record(&record) {
-                tracing::error!(task = %record.name, "cannot write the task's status: {e}");
-            }
+        if let Some(record) = record
+            && let Err(e) = self.status.write_task_record(&record)
+        {
+            tracing::error!(task = %record.name, "cannot write the task's status: {e}");
         }
         for prompt in prompts {
             if let Err(e) = self.status.write_prompt(&prompt) {
@@ -524,26 +571,31 @@ impl TaskBook {
         lost
     }
 
-    /// Output the disk refused (`at`: where the first lost part began) is gone: the guest
-    /// has moved on. The record is cut back to what the log holds and says the output is
-    /// truncated, and the rest of the run's output is dropped, so the log never has a hole.
-    fn output_lost(&self, lost: BTreeMap<String, (u64, std::io::Error)>) {
+    /// Output the disk refused is gone (the guest has moved on): the run's record says the
+    /// log is truncated where the refused part began, and the rest of the run's output is
+    /// dropped, so the log never has a hole. Only the run that lost it: a new run of the
+    /// task made meanwhile keeps its own output.
+    fn output_lost(&self, task: &str, lost: LostOutput) {
         let mut state = self.lock();
-        for (name, (at, e)) in lost {
-            tracing::error!(task = %name, "cannot write the task's output: {e}");
-            let Some(record) = state.records.get(&name).cloned() else {
-                continue;
-            };
-            state.update(&name, |r| {
-                r.output_bytes = r.output_bytes.min(at);
-                r.output_truncated = true;
-            });
-            state.event(
-                &record,
-                EventKind::TaskOutputTruncated,
-                format!("output of {name} could not be written ({e}); the rest is dropped"),
-            );
-        }
+        let Some(record) = state
+            .records
+            .get(task)
+            .filter(|r| Some(&r.run) == lost.run.as_ref())
+            .cloned()
+        else {
+            return;
+        };
+        let LostOutput { at, error, .. } = lost;
+        tracing::error!(task, "cannot write the task's output: {error}");
+        state.update(task, |r| {
+            r.output_bytes = r.output_bytes.min(at);
+            r.output_truncated = true;
+        });
+        state.event(
+            &record,
+            EventKind::TaskOutputTruncated,
+            format!("output of {task} could not be written ({error}); the rest is dropped"),
+        );
     }
 
     /// Something changed in `status/hitl/` (the daemon's watcher calls this): the next tick
@@ -603,10 +655,13 @@ impl TaskBook {
         }
     }
 
-    /// Takes a new desired state (see `BookState::sync`).
-    pub fn sync(&self, desired: &Desired, running: &BTreeSet<String>) {
+    /// Takes a new desired state and the secret values opened for it, together: tasks are
+    /// bound to the values they will be given, and the values change only with the binding
+    /// (see `BookState::sync`).
+    pub fn sync(&self, desired: &Desired, vault: Arc<Vault>, running: &BTreeSet<String>) {
         let mut state = self.lock();
         state.now = DecidedAt::now();
+        state.vault = vault;
         state.sync(desired, running);
     }
 
@@ -615,12 +670,6 @@ impl TaskBook {
             book: self,
             state: Some(self.state.lock().unwrap_or_else(|p| p.into_inner())),
         }
-    }
-
-    /// The secret values opened for this revision (before `sync`, so tasks are bound to
-    /// the values they will be given).
-    pub fn set_vault(&self, vault: Arc<Vault>) {
-        self.lock().vault = vault;
     }
 
     pub fn records(&self) -> BTreeMap<String, TaskRecord> {

@@ -14,7 +14,8 @@ pub const MAX_ARCHIVE_BYTES: usize = 256 * 1024 * 1024;
 /// And trees with more files than this: a tree can name one subtree many times over.
 pub const MAX_ARCHIVE_ENTRIES: usize = 200_000;
 
-/// Why a task's repository cannot be shipped; each names the repository.
+/// Why a task's repository cannot be shipped: what fleet was doing, with which repository
+/// or file, and the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
     #[error("repository {url:?}: {problem}; use a path inside the fleet's repository")]
@@ -39,6 +40,12 @@ pub enum RepoError {
     Open { url: String, source: git2::Error },
     #[error("cannot make the repository cache {}: {source}", path.display())]
     Cache { path: PathBuf, source: git2::Error },
+    #[error("repository cache {}: cannot {doing}: {source}", path.display())]
+    CacheUse {
+        path: PathBuf,
+        doing: &'static str,
+        source: git2::Error,
+    },
     #[error("cannot fetch {reference} from {url}: {source}")]
     Fetch {
         reference: String,
@@ -166,12 +173,18 @@ pub fn fetch_archive(
     };
     let target = "refs/fleet/fetched";
     // A fetch that finds no such branch updates nothing: drop the previous result first.
-    let cache_error = |source| RepoError::Cache {
-        path: cache.clone(),
-        source,
+    let cache_error = |doing| {
+        let path = cache.clone();
+        move |source| RepoError::CacheUse {
+            path,
+            doing,
+            source,
+        }
     };
     if let Ok(mut previous) = repo.find_reference(target) {
-        previous.delete().map_err(cache_error)?;
+        previous
+            .delete()
+            .map_err(cache_error("drop the previous fetch"))?;
     }
     let mut remote = repo
         .remote_anonymous(&url)
@@ -194,7 +207,9 @@ pub fn fetch_archive(
             url: url.clone(),
             source: e,
         })?;
-    let tree = commit.tree().map_err(cache_error)?;
+    let tree = commit
+        .tree()
+        .map_err(cache_error("read the fetched commit's tree"))?;
     let tar = archive_tree(&repo, &tree)?;
     Ok(Archive {
         commit: commit.id().to_string(),
@@ -278,7 +293,7 @@ fn archive_tree(repo: &git2::Repository, tree: &git2::Tree<'_>) -> Result<Vec<u8
         return Err(e);
     }
     builder.into_inner().map_err(|source| RepoError::Tar {
-        path: "the archive".into(),
+        path: "the end of the archive".into(),
         source,
     })
 }

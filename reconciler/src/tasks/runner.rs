@@ -413,9 +413,6 @@ impl BookState {
         let mut out = Vec::new();
         let mut acks: std::collections::BTreeMap<String, u64> = Default::default();
         let mut gap = false;
-        // Even acknowledgements of messages recorded before wait for the earlier holds'
-        // writes (another link of this VM may still be writing them).
-        self.effects.barrier = true;
         for message in messages {
             let (task, seq) = match &message {
                 GuestMessage::Stored { path, error, .. } => {
@@ -470,6 +467,9 @@ impl BookState {
                 acks.insert(task, seq);
                 continue;
             };
+            // Even the acknowledgement of a message recorded before waits for the task's
+            // earlier writes (another link of this VM may still be making them).
+            self.effects.barrier.insert(name.clone());
             let recorded = self.records[&name].seq;
             if seq <= recorded {
                 acks.insert(task, recorded);

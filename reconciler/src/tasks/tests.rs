@@ -70,6 +70,7 @@ fn started(
     );
     book.sync(
         &desired(deadline, on_deadline),
+        Default::default(),
         &BTreeSet::from(["vm-1".to_owned()]),
     );
     let mut conn = Connection::new("vm-1");
@@ -233,11 +234,11 @@ fn a_new_boot_fails_the_run_and_a_removed_task_is_cancelled() {
     // A rerun (new spec hash) is due at once; removing its file before it starts cancels it.
     let mut next = desired(Duration::from_secs(600), OnDeadline::Wait);
     next.tasks.get_mut("ask").expect("task").spec_hash = "h2".into();
-    book.sync(&next, &BTreeSet::new());
+    book.sync(&next, Default::default(), &BTreeSet::new());
     assert_eq!(book.records()["ask"].phase, TaskPhase::Pending);
     assert_eq!(book.records()["ask"].generation, 2);
     next.tasks.clear();
-    book.sync(&next, &BTreeSet::new());
+    book.sync(&next, Default::default(), &BTreeSet::new());
     assert_eq!(book.records()["ask"].phase, TaskPhase::Cancelled);
 }
 
@@ -305,6 +306,7 @@ fn a_run_nobody_ends_is_given_up_after_a_second_grace() {
     );
     book.sync(
         &desired(Duration::from_secs(60), OnDeadline::Wait),
+        Default::default(),
         &BTreeSet::from(["vm-1".to_owned()]),
     );
     let record = &book.records()["ask"];
@@ -336,8 +338,11 @@ fn secrets_are_delivered_once_and_confirmed_before_the_task_starts() {
         StatusDir::new(dir.path().join("status")),
         dir.path().to_path_buf(),
     );
-    book.set_vault(std::sync::Arc::new(vault));
-    book.sync(&desired, &BTreeSet::from(["a".to_owned()]));
+    book.sync(
+        &desired,
+        std::sync::Arc::new(vault),
+        &BTreeSet::from(["a".to_owned()]),
+    );
     let mut conn = Connection::new("a");
     conn.greeted("boot-1", None);
     let (sent, _) = book.tick(&mut conn);
@@ -419,8 +424,16 @@ fn committed_answers_for_unknown_or_answered_prompts_are_reported_not_delivered(
             },
         );
     }
-    book.sync(&desired, &BTreeSet::from(["vm-1".to_owned()]));
-    book.sync(&desired, &BTreeSet::from(["vm-1".to_owned()]));
+    book.sync(
+        &desired,
+        Default::default(),
+        &BTreeSet::from(["vm-1".to_owned()]),
+    );
+    book.sync(
+        &desired,
+        Default::default(),
+        &BTreeSet::from(["vm-1".to_owned()]),
+    );
     let refused = &book.prompts()[&id].refused;
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert!(
@@ -676,4 +689,26 @@ fn writes_are_made_without_the_lock_and_never_go_back_in_time() {
     book.flush(older);
     newer.join().expect("the newer holder");
     assert!(file().contains("message: newer"), "{}", file());
+}
+
+#[test]
+fn one_tasks_unmade_writes_hold_up_no_other_task() {
+    let (dir, book, _conn, _guest_task) = started(Duration::from_secs(60), OnDeadline::Wait);
+    // A change of `ask`, decided and not yet made (a slow disk)...
+    let older = {
+        let mut state = book.lock();
+        state.update("ask", |r| r.message = Some("older".into()));
+        state.take_effects()
+    };
+    // ...does not hold up another task's writes: they are made at once, in this thread.
+    {
+        let mut state = book.lock();
+        let mut other = state.records["ask"].clone();
+        other.name = "other".into();
+        state.records.insert("other".into(), other);
+        state.record_changed("other");
+    }
+    let written = dir.path().join("status/tasks/other.yaml");
+    assert!(written.exists(), "{} is written", written.display());
+    book.flush(older);
 }
