@@ -11,6 +11,7 @@
 
 pub mod answer;
 pub mod digest;
+pub mod egress;
 pub mod ids;
 pub mod load;
 pub mod observe;

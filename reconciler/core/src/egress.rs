@@ -1,0 +1,484 @@
+//! Egress rules for brokered VMs: which destinations a task's traffic may reach through the
+//! host's broker, and why not when it may not. Pure: a request's target in, a decision
+//! with its reason out; resolving names and dialing are the broker's, in the shell.
+//!
+//! The guest is hostile, so everything it names is checked here as bytes, never trusted:
+//! a host name is normalised (lower case, one trailing dot dropped) and refused unless it
+//! is a plain DNS name; a path is refused when an upstream could read it as another path
+//! (`..` or `.` segments, encoded dots, slashes or backslashes), so a prefix rule cannot be
+//! walked out of. An address the guest names directly, or one a public name resolves to
+//! that lies inside a private, loopback, link-local or otherwise internal range, is
+//! refused unless a rule names that very address: a public name must never become a way
+//! into the host's own services (SSRF).
+//!
+//! Not wired yet: this is the policy half of brokered egress (issue 18); the loader, the
+//! broker and the guest's proxy come next.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// The port a rule allows when it names none.
+pub const DEFAULT_PORT: u16 = 443;
+
+/// One allow rule, as the loader checked it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub host: HostPattern,
+    /// Ports allowed; `[DEFAULT_PORT]` when the rule names none.
+    pub ports: Vec<u16>,
+    /// For plain HTTP only: path prefixes allowed (on segment boundaries); none = any.
+    pub path_prefixes: Vec<String>,
+    /// Where the rule was written (`file:line`), for refusals and events.
+    pub source: String,
+}
+
+/// What a rule's `host` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostPattern {
+    /// One name: `api.example.com`.
+    Name(String),
+    /// Every name below a domain, not the domain itself: `*.example.com`.
+    Below(String),
+    /// An address written as such: the only way an internal address is ever reached.
+    Address(IpAddr),
+}
+
+impl HostPattern {
+    /// Reads a rule's `host`; the error says what is wrong and what is valid.
+    pub fn parse(text: &str) -> Result<HostPattern, String> {
+        if let Ok(ip) = text.trim_matches(['[', ']']).parse::<IpAddr>() {
+            return Ok(HostPattern::Address(ip));
+        }
+        if let Some(domain) = text.strip_prefix("*.") {
+            let domain = name(domain).ok_or_else(|| bad_pattern(text))?;
+            if !domain.contains('.') {
+                return Err(format!(
+                    "{text:?} allows every name under a top-level domain; name a domain you mean, such as *.example.com"
+                ));
+            }
+            return Ok(HostPattern::Below(domain));
+        }
+        name(text)
+            .map(HostPattern::Name)
+            .ok_or_else(|| bad_pattern(text))
+    }
+
+    fn matches(&self, target: &Target) -> bool {
+        match (self, target) {
+            (HostPattern::Name(n), Target::Name(t)) => n == t,
+            (HostPattern::Below(d), Target::Name(t)) => t
+                .strip_suffix(d.as_str())
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+            (HostPattern::Address(a), Target::Address(t)) => a == t,
+            _ => false,
+        }
+    }
+}
+
+fn bad_pattern(text: &str) -> String {
+    format!(
+        "{text:?} is not a host name, *.domain or IP address; write a name such as api.example.com, *.example.com, or an address such as 10.0.0.5"
+    )
+}
+
+/// A request's host as the broker checks it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Name(String),
+    Address(IpAddr),
+}
+
+impl Target {
+    /// Reads a host the guest named (from a CONNECT line or a URL); `None` when it is
+    /// neither a plain DNS name nor an address.
+    pub fn parse(host: &str) -> Option<Target> {
+        let bare = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if let Ok(ip) = bare.parse::<IpAddr>() {
+            return Some(Target::Address(ip));
+        }
+        name(host).map(Target::Name)
+    }
+}
+
+/// A DNS name, lower-cased, without its trailing dot: labels of letters, digits and
+/// hyphens (not at either end), at most 63 bytes each and 253 in all.
+fn name(text: &str) -> Option<String> {
+    let text = text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase();
+    let fine = !text.is_empty()
+        && text.len() <= 253
+        && text.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        // All digits is an address in disguise (`2130706433`, `0x7f.1`), never a name.
+        && !text
+            .split('.')
+            .all(|label| label.bytes().all(|b| b.is_ascii_digit()) || label.starts_with("0x"));
+    fine.then_some(text)
+}
+
+/// What a rule decided, or why none allowed the request, and how to allow it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed by `rules[rule]`.
+    Allowed {
+        rule: usize,
+    },
+    Refused(Refusal),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub why: String,
+    /// What to add to the loadout or task to allow it.
+    pub fix: String,
+}
+
+/// Whether `rules` allow a request to `host:port` (and, for plain HTTP, `path`).
+pub fn decide(rules: &[Rule], host: &str, port: u16, path: Option<&str>) -> Decision {
+    let Some(target) = Target::parse(host) else {
+        return Decision::Refused(Refusal {
+            why: format!("{host:?} is not a host name or address"),
+            fix: "use a DNS name".into(),
+        });
+    };
+    if let Some(path) = path
+        && let Some(why) = ambiguous_path(path)
+    {
+        return Decision::Refused(Refusal {
+            why: format!("the path {path:?} {why}"),
+            fix: "send the path in its plain form".into(),
+        });
+    }
+    let for_host: Vec<(usize, &Rule)> = rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.host.matches(&target))
+        .collect();
+    if for_host.is_empty() {
+        let (why, fix) = match &target {
+            Target::Name(n) => (
+                format!("no egress rule allows {n}"),
+                format!("add `{{host: {n}, ports: [{port}]}}` to egress.allow"),
+            ),
+            Target::Address(a) => (
+                format!(
+                    "no egress rule names the address {a} (an address is reached only when a rule names it)"
+                ),
+                format!("add `{{host: '{a}', ports: [{port}]}}` to egress.allow"),
+            ),
+        };
+        return Decision::Refused(Refusal { why, fix });
+    }
+    let on_port: Vec<&(usize, &Rule)> = for_host
+        .iter()
+        .filter(|(_, r)| allowed_ports(r).contains(&port))
+        .collect();
+    let Some(first) = on_port.first() else {
+        let (_, rule) = for_host[0];
+        return Decision::Refused(Refusal {
+            why: format!(
+                "the rule for {host} at {} allows port(s) {:?}, not {port}",
+                rule.source,
+                allowed_ports(rule)
+            ),
+            fix: format!("add {port} to that rule's ports"),
+        });
+    };
+    let Some(path) = path else {
+        return Decision::Allowed { rule: first.0 };
+    };
+    match on_port
+        .iter()
+        .find(|(_, r)| r.path_prefixes.is_empty() || r.path_prefixes.iter().any(|p| under(path, p)))
+    {
+        Some((i, _)) => Decision::Allowed { rule: *i },
+        None => Decision::Refused(Refusal {
+            why: format!(
+                "the rule for {host} at {} allows the paths {:?}, not {path}",
+                first.1.source, first.1.path_prefixes
+            ),
+            fix: "add the path's prefix to that rule's paths".into(),
+        }),
+    }
+}
+
+fn allowed_ports(rule: &Rule) -> Vec<u16> {
+    if rule.ports.is_empty() {
+        vec![DEFAULT_PORT]
+    } else {
+        rule.ports.clone()
+    }
+}
+
+/// Whether `path` lies under `prefix` on a segment boundary (`/repos/a` is under `/repos/`
+/// and `/repos`, not under `/rep`).
+fn under(path: &str, prefix: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// Why an upstream might read `path` as a different path than a prefix check does.
+fn ambiguous_path(path: &str) -> Option<&'static str> {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    if !path.starts_with('/') {
+        return Some("does not start with /");
+    }
+    if path.contains('\\') || path.contains("//") {
+        return Some("holds a backslash or an empty segment");
+    }
+    if path.split('/').any(|s| s == "." || s == "..") {
+        return Some("holds a . or .. segment");
+    }
+    let lower = path.to_ascii_lowercase();
+    if ["%2e", "%2f", "%5c", "%00"]
+        .iter()
+        .any(|e| lower.contains(e))
+    {
+        return Some("holds an encoded dot, slash, backslash or NUL");
+    }
+    None
+}
+
+/// After resolving a name `rules[rule]` allowed: every address must be public, unless the
+/// rule names that very address. (A name that resolves to 127.0.0.1 must not reach the
+/// host's own services.)
+pub fn check_resolved(rule: &Rule, addresses: &[IpAddr]) -> Result<(), Refusal> {
+    for address in addresses {
+        let named = rule.host == HostPattern::Address(*address);
+        if is_internal(address) && !named {
+            return Err(Refusal {
+                why: format!(
+                    "it resolves to {address}, an internal address, and the rule at {} does not name that address",
+                    rule.source
+                ),
+                fix: format!("if this is meant, add a rule with host: '{address}'"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Loopback, private, link-local, shared (CGNAT), unspecified, multicast, broadcast,
+/// reserved and documentation ranges, and IPv6 forms of them (mapped, NAT64).
+pub fn is_internal(address: &IpAddr) -> bool {
+    match address {
+        IpAddr::V4(v4) => internal_v4(v4),
+        IpAddr::V6(v6) => internal_v6(v6),
+    }
+}
+
+fn internal_v4(ip: &Ipv4Addr) -> bool {
+    let [a, b, c, _] = ip.octets();
+    ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_multicast()
+        || ip.is_broadcast()
+        || ip.is_documentation()
+        || a == 0
+        || (a == 100 && (64..128).contains(&b))
+        || (a == 192 && b == 0 && c == 0)
+        || (a == 198 && (b == 18 || b == 19))
+        || a >= 240
+}
+
+fn internal_v6(ip: &Ipv6Addr) -> bool {
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return internal_v4(&v4);
+    }
+    let s = ip.segments();
+    // NAT64 (64:ff9b::/96) reaches the IPv4 address in its last 32 bits.
+    if s[0] == 0x64 && s[1] == 0xff9b && s[2..6].iter().all(|&x| x == 0) {
+        return internal_v4(&Ipv4Addr::new(
+            (s[6] >> 8) as u8,
+            s[6] as u8,
+            (s[7] >> 8) as u8,
+            s[7] as u8,
+        ));
+    }
+    ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || ip.is_unique_local()
+        || ip.is_unicast_link_local()
+        || (s[0] == 0x2001 && s[1] == 0x0db8)
+        // IPv4-compatible (deprecated) and the rest of ::/96.
+        || s[..6].iter().all(|&x| x == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(host: &str, ports: &[u16], paths: &[&str]) -> Rule {
+        Rule {
+            host: HostPattern::parse(host).expect("a pattern"),
+            ports: ports.to_vec(),
+            path_prefixes: paths.iter().map(|p| (*p).to_owned()).collect(),
+            source: "fleet/loadouts/agent.yaml:7".into(),
+        }
+    }
+
+    fn allowed(rules: &[Rule], host: &str, port: u16, path: Option<&str>) -> bool {
+        matches!(decide(rules, host, port, path), Decision::Allowed { .. })
+    }
+
+    #[test]
+    fn names_match_exactly_and_wildcards_only_below_their_domain() {
+        let rules = [
+            rule("api.example.com", &[], &[]),
+            rule("*.github.com", &[443, 22], &[]),
+        ];
+        assert!(allowed(&rules, "api.example.com", 443, None));
+        assert!(
+            allowed(&rules, "API.Example.COM.", 443, None),
+            "case and the root dot"
+        );
+        assert!(
+            !allowed(&rules, "api.example.com", 80, None),
+            "443 unless a rule says"
+        );
+        assert!(!allowed(&rules, "x.api.example.com", 443, None));
+        assert!(!allowed(&rules, "example.com", 443, None));
+        assert!(allowed(&rules, "codeload.github.com", 22, None));
+        assert!(
+            !allowed(&rules, "github.com", 443, None),
+            "the domain itself is not below it"
+        );
+        assert!(!allowed(&rules, "evilgithub.com", 443, None));
+        assert!(!allowed(&rules, "github.com.evil.net", 443, None));
+    }
+
+    #[test]
+    fn what_the_guest_names_is_checked_as_bytes() {
+        let rules = [rule("*.example.com", &[], &[])];
+        for host in [
+            "a.example.com\0",
+            "a b.example.com",
+            "a.example.com:443",
+            "",
+            "ä.example.com",
+            "-a.example.com",
+        ] {
+            assert!(!allowed(&rules, host, 443, None), "{host:?}");
+        }
+        // Numeric names are addresses in disguise.
+        assert_eq!(Target::parse("2130706433"), None);
+        assert_eq!(Target::parse("0x7f.0.0.1"), None);
+    }
+
+    #[test]
+    fn an_address_is_reached_only_when_a_rule_names_it() {
+        let rules = [
+            rule("*.example.com", &[], &[]),
+            rule("10.0.0.5", &[8080], &[]),
+        ];
+        assert!(!allowed(&rules, "127.0.0.1", 443, None));
+        assert!(!allowed(&rules, "[::1]", 443, None));
+        assert!(allowed(&rules, "10.0.0.5", 8080, None));
+        let Decision::Refused(r) = decide(&rules, "10.0.0.6", 8080, None) else {
+            panic!("refused");
+        };
+        assert!(
+            r.why.contains("no egress rule names the address 10.0.0.6"),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn a_public_name_resolving_inside_is_refused_unless_that_address_is_named() {
+        let public = rule("registry.example.com", &[], &[]);
+        assert!(check_resolved(&public, &["93.184.216.34".parse().expect("ip")]).is_ok());
+        for inside in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "169.254.169.254",
+            "100.64.0.1",
+            "::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "64:ff9b::a00:1",
+            "0.0.0.0",
+        ] {
+            let why = check_resolved(&public, &[inside.parse().expect("ip")])
+                .expect_err(inside)
+                .why;
+            assert!(why.contains("internal address"), "{why}");
+        }
+        let named = rule("10.0.0.5", &[], &[]);
+        assert!(check_resolved(&named, &["10.0.0.5".parse().expect("ip")]).is_ok());
+    }
+
+    #[test]
+    fn path_prefixes_hold_on_segment_boundaries_and_cannot_be_walked_out_of() {
+        let rules = [rule("git.example.com", &[80], &["/repos/team/"])];
+        assert!(allowed(
+            &rules,
+            "git.example.com",
+            80,
+            Some("/repos/team/app.git/info/refs?service=x")
+        ));
+        assert!(!allowed(
+            &rules,
+            "git.example.com",
+            80,
+            Some("/repos/teamwork/x")
+        ));
+        for walk in [
+            "/repos/team/../other/x",
+            "/repos/team/%2e%2e/other",
+            "/repos/team/..%2Fother",
+            "/repos/team//x",
+            "/repos/team/.\\x",
+            "repos/team/x",
+        ] {
+            assert!(
+                !allowed(&rules, "git.example.com", 80, Some(walk)),
+                "{walk}"
+            );
+        }
+        let open = [rule("git.example.com", &[80], &[])];
+        assert!(allowed(&open, "git.example.com", 80, Some("/anything")));
+    }
+
+    #[test]
+    fn a_refusal_names_the_rule_and_the_fix() {
+        let rules = [rule("api.example.com", &[], &[])];
+        let Decision::Refused(r) = decide(&rules, "api.example.com", 8443, None) else {
+            panic!("refused");
+        };
+        assert!(r.why.contains("fleet/loadouts/agent.yaml:7"), "{r:?}");
+        assert!(r.fix.contains("8443"), "{r:?}");
+        let Decision::Refused(r) = decide(&rules, "pypi.org", 443, None) else {
+            panic!("refused");
+        };
+        assert_eq!(
+            r.fix,
+            "add `{host: pypi.org, ports: [443]}` to egress.allow"
+        );
+    }
+
+    #[test]
+    fn patterns_that_would_allow_too_much_or_nothing_are_refused() {
+        assert!(HostPattern::parse("*.com").is_err());
+        assert!(HostPattern::parse("*").is_err());
+        assert!(HostPattern::parse("api.*.com").is_err());
+        assert!(HostPattern::parse("http://api.example.com").is_err());
+        assert_eq!(
+            HostPattern::parse("[fd00::5]"),
+            Ok(HostPattern::Address("fd00::5".parse().expect("ip")))
+        );
+    }
+}
