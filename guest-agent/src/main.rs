@@ -301,6 +301,11 @@ impl Link {
                 self.tasks.ack(&task, seq);
                 Answer::Nothing
             }
+            // This agent opens no streams yet (brokered egress is being built): there is
+            // nothing the host's bytes could belong to.
+            HostMessage::StreamData { .. }
+            | HostMessage::StreamCredit { .. }
+            | HostMessage::StreamClose { .. } => Answer::Nothing,
         }
     }
 }

@@ -14,6 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod relay;
+pub mod stream;
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
@@ -101,6 +102,32 @@ pub enum GuestMessage {
         code: Option<i32>,
         reason: ExitReason,
     },
+    /// A task's connection to the guest's egress proxy: its bytes follow as `StreamData`
+    /// (see `stream`). The guest names the stream; the host refuses an id in use.
+    StreamOpen {
+        v: u32,
+        stream: u32,
+    },
+    /// Bytes of a stream, base64, at most `stream::CHUNK_BYTES` before encoding, within
+    /// the credit the other side granted.
+    StreamData {
+        v: u32,
+        stream: u32,
+        data: String,
+    },
+    /// The sender passed `bytes` more of the stream on: that many more may come.
+    StreamCredit {
+        v: u32,
+        stream: u32,
+        bytes: u64,
+    },
+    /// The stream is over (with why, when it failed).
+    StreamClose {
+        v: u32,
+        stream: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,7 +152,11 @@ impl GuestMessage {
             | GuestMessage::Artifact { v, .. }
             | GuestMessage::Stored { v, .. }
             | GuestMessage::SecretsStored { v, .. }
-            | GuestMessage::Exit { v, .. } => *v,
+            | GuestMessage::Exit { v, .. }
+            | GuestMessage::StreamOpen { v, .. }
+            | GuestMessage::StreamData { v, .. }
+            | GuestMessage::StreamCredit { v, .. }
+            | GuestMessage::StreamClose { v, .. } => *v,
         }
     }
 
@@ -149,7 +180,9 @@ impl GuestMessage {
 )]
 pub enum HostMessage {
     /// Sent when the host connects; the guest answers with its own hello.
-    Hello { v: u32 },
+    Hello {
+        v: u32,
+    },
     /// Run `argv` in a pseudo-terminal, killing its process group after `timeout_secs`.
     /// A task the agent already knows is not started again (the host re-attaches by asking
     /// again after a reconnect).
@@ -216,10 +249,34 @@ pub enum HostMessage {
         files: Vec<SecretFile>,
     },
     /// Stop a task (its whole process group).
-    Cancel { v: u32, task: String },
+    Cancel {
+        v: u32,
+        task: String,
+    },
     /// The host has stored a task's messages up to and including `seq`; the guest may forget
     /// them. Everything after it is sent again when the host greets after a reconnect.
-    Ack { v: u32, task: String, seq: u64 },
+    Ack {
+        v: u32,
+        task: String,
+        seq: u64,
+    },
+    /// Bytes of a stream the guest opened (see `GuestMessage::StreamOpen`).
+    StreamData {
+        v: u32,
+        stream: u32,
+        data: String,
+    },
+    StreamCredit {
+        v: u32,
+        stream: u32,
+        bytes: u64,
+    },
+    StreamClose {
+        v: u32,
+        stream: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
 
 /// One secret file: `path` relative to `SECRETS_DIR`, `data` base64. Its `Debug` never shows

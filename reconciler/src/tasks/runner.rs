@@ -449,6 +449,19 @@ impl BookState {
                     continue;
                 }
                 GuestMessage::Hello { .. } | GuestMessage::Heartbeat { .. } => continue,
+                // No VM has brokered egress yet (issue 18 builds it): every stream is
+                // refused as it opens, and bytes for streams that are not open are dropped.
+                GuestMessage::StreamOpen { stream, .. } => {
+                    out.push(HostMessage::StreamClose {
+                        v: VERSION,
+                        stream: *stream,
+                        error: Some("this VM has no brokered egress".into()),
+                    });
+                    continue;
+                }
+                GuestMessage::StreamData { .. }
+                | GuestMessage::StreamCredit { .. }
+                | GuestMessage::StreamClose { .. } => continue,
             };
             // Only this link's VM, and its current boot: a guest names runs, and must never
             // reach another VM's (or an earlier boot's) by guessing or learning their names.
@@ -522,7 +535,11 @@ impl BookState {
             GuestMessage::Hello { .. }
             | GuestMessage::Heartbeat { .. }
             | GuestMessage::Stored { .. }
-            | GuestMessage::SecretsStored { .. } => {}
+            | GuestMessage::SecretsStored { .. }
+            | GuestMessage::StreamOpen { .. }
+            | GuestMessage::StreamData { .. }
+            | GuestMessage::StreamCredit { .. }
+            | GuestMessage::StreamClose { .. } => {}
         }
     }
 
