@@ -11,6 +11,9 @@
 //! refused unless a rule names that very address: a public name must never become a way
 //! into the host's own services (SSRF).
 //!
+//! `parse_proxy_request` reads what a task asked the guest's proxy for (CONNECT, or a
+//! plain-HTTP request in absolute form) from the connection's first bytes, on the host.
+//!
 //! Not wired yet: this is the policy half of brokered egress (issue 18); the loader, the
 //! broker and the guest's proxy come next.
 
@@ -318,6 +321,146 @@ fn internal_v6(ip: &Ipv6Addr) -> bool {
         || s[..6].iter().all(|&x| x == 0)
 }
 
+/// The most bytes a proxy request's head (request line and headers) may take.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// What a task asked the guest's proxy for, read from the head of its request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyRequest {
+    /// The host as the client wrote it (checked by `decide`).
+    pub host: String,
+    pub port: u16,
+    pub kind: ProxyKind,
+    /// How many bytes of the input the head took; what follows is the request's body (or,
+    /// after a CONNECT, the tunnel's first bytes).
+    pub head_len: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProxyKind {
+    /// `CONNECT host:port`: a tunnel (TLS, usually); the broker sees no path.
+    Connect,
+    /// A plain-HTTP request in absolute form; `head` is the request to send upstream, in
+    /// origin form (`GET /path HTTP/1.1`), with `Host` set to the target and the proxy's
+    /// own headers (`Proxy-Authorization`, `Proxy-Connection`) left out.
+    Http { path: String, head: Vec<u8> },
+}
+
+/// Why a proxy request is refused before any rule is asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BadRequest {
+    /// The head has not ended yet and is within `MAX_HEAD_BYTES`: read more.
+    Incomplete,
+    /// Anything else, with why (the body of the 400 the client gets).
+    Refused(String),
+}
+
+/// Reads a proxy request's head from the start of a connection's bytes.
+pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    let head_len = match request.parse(bytes) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if bytes.len() < MAX_HEAD_BYTES => {
+            return Err(BadRequest::Incomplete);
+        }
+        Ok(httparse::Status::Partial) => {
+            return Err(refused(format!(
+                "the request's head is longer than {MAX_HEAD_BYTES} bytes"
+            )));
+        }
+        Err(e) => return Err(refused(format!("not an HTTP request ({e})"))),
+    };
+    let (Some(method), Some(target)) = (request.method, request.path) else {
+        return Err(refused("no request line".into()));
+    };
+    if method == "CONNECT" {
+        let (host, port) = authority(target, None)?;
+        return Ok(ProxyRequest {
+            host,
+            port,
+            kind: ProxyKind::Connect,
+            head_len,
+        });
+    }
+    let Some(rest) = target.strip_prefix("http://") else {
+        return Err(refused(if target.starts_with("https://") {
+            "an https:// URL is asked for with CONNECT, not sent to the proxy in the clear".into()
+        } else {
+            format!("{target:?} is not an absolute http:// URL; this is a proxy")
+        }));
+    };
+    let (authority_part, path) = match rest.find(['/', '?']) {
+        Some(at) if rest[at..].starts_with('/') => (&rest[..at], &rest[at..]),
+        Some(at) => (&rest[..at], &rest[at..]),
+        None => (rest, "/"),
+    };
+    let path = if path.starts_with('?') {
+        format!("/{path}")
+    } else {
+        path.to_owned()
+    };
+    let (host, port) = authority(authority_part, Some(80))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\n").into_bytes();
+    let host_header = if port == 80 {
+        host.clone()
+    } else {
+        format!("{host}:{port}")
+    };
+    head.extend_from_slice(format!("Host: {host_header}\r\n").as_bytes());
+    for header in request.headers.iter() {
+        let name = header.name.to_ascii_lowercase();
+        if matches!(
+            name.as_str(),
+            "host" | "proxy-authorization" | "proxy-connection"
+        ) {
+            continue;
+        }
+        head.extend_from_slice(header.name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(header.value);
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    Ok(ProxyRequest {
+        host,
+        port,
+        kind: ProxyKind::Http { path, head },
+        head_len,
+    })
+}
+
+fn refused(why: String) -> BadRequest {
+    BadRequest::Refused(why)
+}
+
+/// `host:port` (or `[v6]:port`), the port required unless `default` says.
+fn authority(text: &str, default: Option<u16>) -> Result<(String, u16), BadRequest> {
+    if text.contains('@') {
+        return Err(refused(format!(
+            "{text:?} carries credentials; the broker adds them"
+        )));
+    }
+    let (host, port) = match text.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !port.contains(']') => {
+            let port = port
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| refused(format!("{text:?} names no valid port")))?;
+            (host, port)
+        }
+        _ => match default {
+            Some(port) => (text, port),
+            None => return Err(refused(format!("{text:?} is not host:port"))),
+        },
+    };
+    if host.is_empty() {
+        return Err(refused(format!("{text:?} names no host")));
+    }
+    Ok((host.to_owned(), port))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,5 +623,74 @@ mod tests {
             HostPattern::parse("[fd00::5]"),
             Ok(HostPattern::Address("fd00::5".parse().expect("ip")))
         );
+    }
+
+    #[test]
+    fn a_connect_names_its_host_and_port() {
+        let head =
+            b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n\x16\x03";
+        let request = parse_proxy_request(head).expect("a request");
+        assert_eq!(request.host, "api.example.com");
+        assert_eq!(request.port, 443);
+        assert_eq!(request.kind, ProxyKind::Connect);
+        assert_eq!(
+            &head[request.head_len..],
+            b"\x16\x03",
+            "the tunnel's first bytes follow"
+        );
+        let v6 = parse_proxy_request(b"CONNECT [fd00::5]:8443 HTTP/1.1\r\n\r\n").expect("v6");
+        assert_eq!((v6.host.as_str(), v6.port), ("[fd00::5]", 8443));
+        assert_eq!(
+            decide(&[], &v6.host, v6.port, None),
+            Decision::Refused(Refusal {
+                why: "no egress rule names the address fd00::5 (an address is reached only when a rule names it)".into(),
+                fix: "add `{host: 'fd00::5', ports: [8443]}` to egress.allow".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn a_plain_request_goes_upstream_in_origin_form_without_the_proxys_headers() {
+        let head = b"GET http://git.example.com/repos/team/x?y=1 HTTP/1.1\r\nHost: evil.example\r\nProxy-Authorization: Basic eA==\r\nAccept: */*\r\n\r\n";
+        let request = parse_proxy_request(head).expect("a request");
+        assert_eq!(
+            (request.host.as_str(), request.port),
+            ("git.example.com", 80)
+        );
+        let ProxyKind::Http { path, head } = request.kind else {
+            panic!("plain HTTP");
+        };
+        assert_eq!(path, "/repos/team/x?y=1");
+        assert_eq!(
+            String::from_utf8(head).expect("text"),
+            "GET /repos/team/x?y=1 HTTP/1.1\r\nHost: git.example.com\r\nAccept: */*\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn what_is_not_a_proxy_request_is_refused_or_waited_for() {
+        assert_eq!(
+            parse_proxy_request(b"CONNECT a.example.com:443 HTTP/1.1\r\n"),
+            Err(BadRequest::Incomplete)
+        );
+        for bad in [
+            &b"GET /relative HTTP/1.1\r\n\r\n"[..],
+            b"GET https://a.example.com/ HTTP/1.1\r\n\r\n",
+            b"CONNECT a.example.com HTTP/1.1\r\n\r\n",
+            b"CONNECT user:pw@a.example.com:443 HTTP/1.1\r\n\r\n",
+            b"CONNECT a.example.com:0 HTTP/1.1\r\n\r\n",
+            b"\x16\x03\x01 TLS without CONNECT",
+        ] {
+            assert!(
+                matches!(parse_proxy_request(bad), Err(BadRequest::Refused(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let endless = [b'a'; MAX_HEAD_BYTES + 1];
+        assert!(matches!(
+            parse_proxy_request(&endless),
+            Err(BadRequest::Refused(_))
+        ));
     }
 }
