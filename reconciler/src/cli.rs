@@ -12,10 +12,13 @@ use crate::plan::{self, Plan, render};
 use crate::reconcile::{self, SourceChoice, Workspace};
 use crate::status::StatusDir;
 
+/// `fleet --version`: the release and the git revision it was built from (see `build.rs`).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("FLEET_REVISION"), ")");
+
 /// GitOps for agent-sandbox VMs: validate, plan and apply the fleet/ directory of a git
 /// repository against libvirt.
 #[derive(Debug, Parser)]
-#[command(name = "fleet", version, about)]
+#[command(name = "fleet", version = VERSION, about)]
 pub struct Cli {
     /// Repository root.
     #[arg(short = 'C', value_name = "DIR", default_value = ".", global = true)]

@@ -213,3 +213,32 @@ fn hitl_list_prints_no_escape_a_guest_sent() {
         "a forged line: {printed}"
     );
 }
+
+/// `fleet --version` names the git revision it was built from, so a bug report says which.
+#[test]
+fn the_version_names_the_revision_it_was_built_from() {
+    let out = std::process::Command::new(crate::support::fleet_bin())
+        .arg("--version")
+        .output()
+        .expect("fleet runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.starts_with(&format!("fleet {} (", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace");
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(workspace)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    match head {
+        // Built from this checkout: its commit (perhaps `-dirty`).
+        Some(head) => assert!(text.contains(&format!("({head}")), "{text} names {head}"),
+        None => assert!(text.contains("(unknown revision)"), "{text}"),
+    }
+}
