@@ -67,6 +67,8 @@ pub enum Command {
     /// Keep the fleet converged: apply each new commit of the tracked branch, heal drift,
     /// and serve a read-only status page.
     Serve(ServeArgs),
+    /// The event log: steps, drift, refusals, tasks and prompts, oldest first.
+    Events(EventsArgs),
     /// Prompts waiting for a human, and answering them from the host.
     #[command(subcommand)]
     Hitl(HitlCommand),
@@ -193,6 +195,28 @@ pub struct ApplyArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Only events this recent (such as 30m, 2h, 1d).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub since: Option<std::time::Duration>,
+    /// Only events of this kind (such as step.failed); repeat for several.
+    #[arg(long = "kind", value_name = "KIND", value_parser = crate::events::parse_kind)]
+    pub kinds: Vec<crate::status::EventKind>,
+    /// Only events about this VM.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Only events about this task.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Each event as the JSON line fleet wrote.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep printing events as they are written.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct StatusArgs {
     /// One VM.
     pub name: Option<String>,
@@ -241,6 +265,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Plan(args) => plan_cmd(&ws, args).await,
             Command::Apply(args) => apply_cmd(&ws, args).await,
             Command::Status(args) => status_cmd(&ws, args),
+            Command::Events(args) => events_cmd(&ws, args),
             Command::Hitl(HitlCommand::List { all }) => {
                 print!("{}", crate::hitl::list(&ws.status, *all));
                 Ok(ExitCode::SUCCESS)
@@ -603,6 +628,48 @@ fn exit_for(plan: &Plan, failed: usize) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+fn events_cmd(ws: &Workspace, args: &EventsArgs) -> Result<ExitCode> {
+    let filter = crate::events::Filter {
+        since: args.since.map(|d| std::time::SystemTime::now() - d),
+        kinds: args.kinds.clone(),
+        vm: args.vm.clone(),
+        task: args.task.clone(),
+    };
+    let file = match ws.status.open_events() {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !args.follow => {
+            eprintln!("no events yet in {}", ws.status.root().display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "reading {}",
+                    ws.status.root().join("events.jsonl").display()
+                )
+            });
+        }
+    };
+    let mut reader = std::io::BufReader::new(file);
+    let mut out = std::io::stdout().lock();
+    if args.follow {
+        crate::events::follow(
+            &mut reader,
+            &filter,
+            args.json,
+            &mut out,
+            std::time::Duration::from_millis(250),
+            || false,
+        )?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let skipped = crate::events::print(&mut reader, &filter, args.json, &mut out)?;
+    if skipped > 0 {
+        eprintln!("note: {skipped} line(s) of events.jsonl are not events and were skipped");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn status_cmd(ws: &Workspace, args: &StatusArgs) -> Result<ExitCode> {

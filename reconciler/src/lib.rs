@@ -21,6 +21,7 @@ pub mod atomic_file;
 pub mod cli;
 pub mod daemon;
 pub mod driver;
+pub mod events;
 pub mod fsguard;
 pub mod hitl;
 pub mod host;

@@ -10,59 +10,48 @@ use crate::time::Timestamp;
 
 use crate::plan::{Action, Step};
 
-/// Every kind of event fleet writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum EventKind {
-    #[serde(rename = "step.started")]
-    StepStarted,
-    #[serde(rename = "step.succeeded")]
-    StepSucceeded,
-    #[serde(rename = "step.failed")]
-    StepFailed,
-    #[serde(rename = "apply.finished")]
-    ApplyFinished,
-    #[serde(rename = "vm.drifted")]
-    VmDrifted,
-    #[serde(rename = "revision.refused")]
-    RevisionRefused,
-    #[serde(rename = "journal.recovered")]
-    JournalRecovered,
-    #[serde(rename = "host.tidied")]
-    HostTidied,
-    #[serde(rename = "secret.error")]
-    SecretError,
-    #[serde(rename = "approval.requested")]
-    ApprovalRequested,
-    #[serde(rename = "approval.approved")]
-    ApprovalApproved,
-    #[serde(rename = "approval.refused")]
-    ApprovalRefused,
-    #[serde(rename = "approval.withdrawn")]
-    ApprovalWithdrawn,
-    #[serde(rename = "task.pending")]
-    TaskPending,
-    #[serde(rename = "task.started")]
-    TaskStarted,
-    #[serde(rename = "task.finished")]
-    TaskFinished,
-    #[serde(rename = "task.timeout")]
-    TaskTimeout,
-    #[serde(rename = "task.limit")]
-    TaskLimit,
-    #[serde(rename = "task.output.truncated")]
-    TaskOutputTruncated,
-    #[serde(rename = "hitl.prompt")]
-    HitlPrompt,
-    #[serde(rename = "hitl.answered")]
-    HitlAnswered,
-    #[serde(rename = "hitl.answer_refused")]
-    HitlAnswerRefused,
-    #[serde(rename = "hitl.answer_ignored")]
-    HitlAnswerIgnored,
-    #[serde(rename = "hitl.overdue")]
-    HitlOverdue,
-    #[serde(rename = "hitl.expired")]
-    HitlExpired,
+/// Defines `EventKind` and `EventKind::ALL` from one list, so the list is always whole.
+macro_rules! event_kinds {
+    ($($kind:ident = $name:literal,)*) => {
+        /// Every kind of event fleet writes.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum EventKind {
+            $(#[serde(rename = $name)] $kind,)*
+        }
+
+        impl EventKind {
+            /// Every kind (`fleet events --kind`).
+            pub const ALL: &[EventKind] = &[$(EventKind::$kind,)*];
+        }
+    };
+}
+
+event_kinds! {
+    StepStarted = "step.started",
+    StepSucceeded = "step.succeeded",
+    StepFailed = "step.failed",
+    ApplyFinished = "apply.finished",
+    VmDrifted = "vm.drifted",
+    RevisionRefused = "revision.refused",
+    JournalRecovered = "journal.recovered",
+    HostTidied = "host.tidied",
+    SecretError = "secret.error",
+    ApprovalRequested = "approval.requested",
+    ApprovalApproved = "approval.approved",
+    ApprovalRefused = "approval.refused",
+    ApprovalWithdrawn = "approval.withdrawn",
+    TaskPending = "task.pending",
+    TaskStarted = "task.started",
+    TaskFinished = "task.finished",
+    TaskTimeout = "task.timeout",
+    TaskLimit = "task.limit",
+    TaskOutputTruncated = "task.output.truncated",
+    HitlPrompt = "hitl.prompt",
+    HitlAnswered = "hitl.answered",
+    HitlAnswerRefused = "hitl.answer_refused",
+    HitlAnswerIgnored = "hitl.answer_ignored",
+    HitlOverdue = "hitl.overdue",
+    HitlExpired = "hitl.expired",
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -450,6 +450,15 @@ impl StatusDir {
         f.sync_data()
     }
 
+    /// The event log, for reading (`fleet events`); never through a link.
+    pub fn open_events(&self) -> std::io::Result<std::fs::File> {
+        tree::open_file(
+            &self.tree()?,
+            Path::new("events.jsonl"),
+            cap_std::fs::OpenOptions::new().read(true),
+        )
+    }
+
     pub fn read_summary(&self) -> Option<Summary> {
         let text = self.read_file("summary.yaml").ok()?;
         serde_saphyr::from_str(&text).ok()

@@ -242,3 +242,40 @@ fn the_version_names_the_revision_it_was_built_from() {
         None => assert!(text.contains("(unknown revision)"), "{text}"),
     }
 }
+
+/// `fleet events`: the log filtered by kind and VM, as text made safe or as the JSON lines
+/// fleet wrote; an unknown kind lists the known ones.
+#[test]
+fn events_are_listed_filtered_and_safe_to_print() {
+    use fleet::status::{Event, EventKind, StatusDir};
+    let repo = repo_with_fleet();
+    let status = StatusDir::new(repo.path().join(".fleet/status"));
+    status.ensure().expect("status directory");
+    let mut failed = Event::fleet(
+        EventKind::StepFailed,
+        None,
+        "create a failed: \u{1b}[2Jboom".into(),
+    );
+    failed.vm = Some("a".into());
+    let mut other = Event::fleet(EventKind::StepSucceeded, None, "create b".into());
+    other.vm = Some("b".into());
+    for event in [&failed, &other] {
+        status.append_event(event).expect("append");
+    }
+
+    let run = repo.fleet(&["events", "--kind", "step.failed"]);
+    run.expect_code(0);
+    let text = run.stdout();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains("step.failed") && text.contains("create a failed: boom"), "{text}");
+    assert!(!text.contains('\u{1b}'), "no escape reaches the terminal: {text:?}");
+
+    let run = repo.fleet(&["events", "--vm", "b", "--json"]);
+    run.expect_code(0);
+    let back: Event = serde_json::from_str(run.stdout().trim()).expect("one JSON event");
+    assert_eq!(back.message, "create b");
+
+    let run = repo.fleet(&["events", "--kind", "step.exploded"]);
+    run.expect_code(2);
+    assert!(run.stderr().contains("step.failed"), "{}", run.stderr());
+}
