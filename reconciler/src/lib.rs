@@ -11,13 +11,14 @@
 
 // The pure core, re-exported so the shell and its users name one path (`fleet::plan`).
 pub use fleet_core::{
-    answer, digest, ids, load, observe, plan, resolve, seed, snapshot, spec, time,
+    answer, digest, egress, ids, load, observe, plan, resolve, seed, snapshot, spec, time,
 };
 
 pub mod agent_link;
 pub mod apply;
 pub mod approvals;
 pub mod atomic_file;
+pub mod broker;
 pub mod cli;
 pub mod daemon;
 pub mod driver;

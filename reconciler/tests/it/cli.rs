@@ -267,8 +267,14 @@ fn events_are_listed_filtered_and_safe_to_print() {
     run.expect_code(0);
     let text = run.stdout();
     assert_eq!(text.lines().count(), 1, "{text}");
-    assert!(text.contains("step.failed") && text.contains("create a failed: boom"), "{text}");
-    assert!(!text.contains('\u{1b}'), "no escape reaches the terminal: {text:?}");
+    assert!(
+        text.contains("step.failed") && text.contains("create a failed: boom"),
+        "{text}"
+    );
+    assert!(
+        !text.contains('\u{1b}'),
+        "no escape reaches the terminal: {text:?}"
+    );
 
     let run = repo.fleet(&["events", "--vm", "b", "--json"]);
     run.expect_code(0);

@@ -1,0 +1,294 @@
+//! The broker driven as a link thread drives it, against upstreams on loopback.
+
+use std::net::TcpListener;
+use std::time::Instant;
+
+use super::*;
+use crate::egress::HostPattern;
+
+fn rule(host: &str, ports: &[u16]) -> Rule {
+    Rule {
+        host: HostPattern::parse(host).expect("a pattern"),
+        ports: ports.to_vec(),
+        path_prefixes: Vec::new(),
+        source: "fleet/loadouts/agent.yaml:9".into(),
+    }
+}
+
+/// A resolver with a fixed table (no lookup leaves the machine).
+fn table(entries: &[(&str, &str)]) -> Resolve {
+    let entries: Vec<(String, std::net::IpAddr)> = entries
+        .iter()
+        .map(|(n, ip)| ((*n).to_owned(), ip.parse().expect("ip")))
+        .collect();
+    Arc::new(move |host, port| {
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        Ok(entries
+            .iter()
+            .filter(|(n, _)| n == host)
+            .map(|(_, ip)| SocketAddr::new(*ip, port))
+            .collect())
+    })
+}
+
+struct Guest {
+    broker: Broker,
+    denied: Arc<Mutex<Vec<String>>>,
+}
+
+impl Guest {
+    fn new(rules: Option<Vec<Rule>>, resolve: Resolve) -> Guest {
+        let denied = Arc::new(Mutex::new(Vec::new()));
+        let sink = denied.clone();
+        Guest {
+            broker: Broker::new(
+                rules.map(Into::into),
+                resolve,
+                Arc::new(move |why| sink.lock().expect("lock").push(why)),
+                Outbox::new(None),
+            ),
+            denied,
+        }
+    }
+
+    fn send(&mut self, message: GuestMessage) {
+        self.broker.on_guest(&message);
+    }
+
+    fn data(&mut self, stream: u32, bytes: &[u8]) {
+        self.send(GuestMessage::StreamData {
+            v: VERSION,
+            stream,
+            data: base64::engine::general_purpose::STANDARD.encode(bytes),
+        });
+    }
+
+    /// What the host sent on `stream` until it closed it (or `wait` passed): the bytes,
+    /// and the close's error.
+    fn read_until_closed(&mut self, stream: u32, wait: Duration) -> (Vec<u8>, Option<String>) {
+        let deadline = Instant::now() + wait;
+        let mut bytes = Vec::new();
+        while Instant::now() < deadline {
+            for message in self.broker.outgoing() {
+                match message {
+                    HostMessage::StreamData {
+                        stream: s, data, ..
+                    } if s == stream => bytes.extend(
+                        base64::engine::general_purpose::STANDARD
+                            .decode(data)
+                            .expect("b64"),
+                    ),
+                    HostMessage::StreamClose {
+                        stream: s, error, ..
+                    } if s == stream => {
+                        return (bytes, error);
+                    }
+                    _ => {}
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (bytes, Some("still open".into()))
+    }
+
+    /// The bytes the host sent on `stream` until `want` of them arrived (or 10 s passed).
+    fn read(&mut self, stream: u32, want: usize) -> Vec<u8> {
+        self.read_for(stream, want, Duration::from_secs(10))
+    }
+
+    fn read_for(&mut self, stream: u32, want: usize, wait: Duration) -> Vec<u8> {
+        let deadline = Instant::now() + wait;
+        let mut bytes = Vec::new();
+        while bytes.len() < want && Instant::now() < deadline {
+            for message in self.broker.outgoing() {
+                if let HostMessage::StreamData {
+                    stream: s, data, ..
+                } = message
+                    && s == stream
+                {
+                    bytes.extend(
+                        base64::engine::general_purpose::STANDARD
+                            .decode(data)
+                            .expect("b64"),
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        bytes
+    }
+}
+
+/// An upstream that answers every connection with what it is sent, upper-cased.
+fn upstream() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n].to_ascii_uppercase()).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_vm_without_brokered_egress_has_every_stream_refused() {
+    let mut guest = Guest::new(None, system_resolver());
+    guest.send(GuestMessage::StreamOpen {
+        v: VERSION,
+        stream: 1,
+    });
+    let (_, error) = guest.read_until_closed(1, Duration::from_secs(5));
+    assert_eq!(error.as_deref(), Some("this VM has no brokered egress"));
+}
+
+#[test]
+fn an_allowed_connect_is_tunnelled_both_ways() {
+    let port = upstream();
+    let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system_resolver());
+    guest.send(GuestMessage::StreamOpen {
+        v: VERSION,
+        stream: 3,
+    });
+    guest.data(
+        3,
+        format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\nhello").as_bytes(),
+    );
+    let established = b"HTTP/1.1 200 Connection established\r\n\r\n";
+    let got = guest.read(3, established.len() + 5);
+    assert_eq!(&got[..established.len()], established);
+    assert_eq!(
+        &got[established.len()..],
+        b"HELLO",
+        "the bytes after the head went up"
+    );
+    guest.data(3, b" again");
+    assert_eq!(guest.read(3, 6), b" AGAIN");
+    guest.send(GuestMessage::StreamClose {
+        v: VERSION,
+        stream: 3,
+        error: None,
+    });
+}
+
+#[test]
+fn a_destination_no_rule_allows_gets_a_403_naming_the_fix() {
+    let port = upstream();
+    let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system_resolver());
+    guest.send(GuestMessage::StreamOpen {
+        v: VERSION,
+        stream: 5,
+    });
+    guest.data(5, b"CONNECT pypi.org:443 HTTP/1.1\r\n\r\n");
+    let (body, _) = guest.read_until_closed(5, Duration::from_secs(5));
+    let body = String::from_utf8(body).expect("text");
+    assert!(body.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{body}");
+    assert!(
+        body.contains("add `{host: pypi.org, ports: [443]}` to egress.allow"),
+        "{body}"
+    );
+    let denied = guest.denied.lock().expect("lock").clone();
+    assert_eq!(denied.len(), 1);
+    assert!(denied[0].starts_with("CONNECT pypi.org:443"), "{denied:?}");
+}
+
+#[test]
+fn a_public_name_resolving_to_loopback_is_refused() {
+    let port = upstream();
+    let mut guest = Guest::new(
+        Some(vec![rule("api.example.test", &[port])]),
+        table(&[("api.example.test", "127.0.0.1")]),
+    );
+    guest.send(GuestMessage::StreamOpen {
+        v: VERSION,
+        stream: 7,
+    });
+    guest.data(
+        7,
+        format!("CONNECT api.example.test:{port} HTTP/1.1\r\n\r\n").as_bytes(),
+    );
+    let (body, _) = guest.read_until_closed(7, Duration::from_secs(5));
+    let body = String::from_utf8(body).expect("text");
+    assert!(body.starts_with("HTTP/1.1 403"), "{body}");
+    assert!(body.contains("internal address"), "{body}");
+}
+
+#[test]
+fn garbage_gets_a_400_and_too_many_streams_are_refused() {
+    let mut guest = Guest::new(Some(Vec::new()), system_resolver());
+    guest.send(GuestMessage::StreamOpen {
+        v: VERSION,
+        stream: 9,
+    });
+    // A head that never ends: refused once it passes the limit, not buffered forever.
+    guest.data(9, &vec![b'a'; egress::MAX_HEAD_BYTES + 1]);
+    let (body, _) = guest.read_until_closed(9, Duration::from_secs(5));
+    let body = String::from_utf8(body).expect("text");
+    assert!(body.starts_with("HTTP/1.1 400 Bad Request"), "{body}");
+    // Bytes past the guest's credit end the stream at once (the link thread checks them).
+    guest.send(GuestMessage::StreamOpen {
+        v: VERSION,
+        stream: 10,
+    });
+    guest.data(10, &vec![b'a'; stream::CHUNK_BYTES + 1]);
+    let (_, error) = guest.read_until_closed(10, Duration::from_secs(5));
+    assert_eq!(error.as_deref(), Some("a malformed StreamData"));
+    for id in 100..100 + stream::MAX_STREAMS as u32 + 1 {
+        guest.send(GuestMessage::StreamOpen {
+            v: VERSION,
+            stream: id,
+        });
+    }
+    let last = 100 + stream::MAX_STREAMS as u32;
+    let (_, error) = guest.read_until_closed(last, Duration::from_secs(5));
+    assert!(
+        error
+            .as_deref()
+            .is_some_and(|e| e.contains("connections at once")),
+        "{error:?}"
+    );
+}
+
+#[test]
+fn a_large_download_waits_for_the_guests_credit() {
+    // An upstream that sends 1 MiB as soon as it is connected.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        if let Ok((mut conn, _)) = listener.accept() {
+            let _ = conn.write_all(&vec![b'x'; 1 << 20]);
+        }
+    });
+    let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system_resolver());
+    guest.send(GuestMessage::StreamOpen {
+        v: VERSION,
+        stream: 11,
+    });
+    guest.data(
+        11,
+        format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n").as_bytes(),
+    );
+    // Without credit back, exactly one window reaches the guest, and no more.
+    let window = stream::WINDOW_BYTES as usize;
+    let first = guest.read(11, window);
+    let more = guest.read_for(11, 1, Duration::from_millis(300));
+    assert_eq!(first.len() + more.len(), window, "one window, then nothing");
+    // Half a window of credit lets half a window more through.
+    let half = stream::WINDOW_BYTES / 2;
+    guest.send(GuestMessage::StreamCredit {
+        v: VERSION,
+        stream: 11,
+        bytes: half,
+    });
+    assert_eq!(guest.read(11, half as usize).len(), half as usize);
+}
