@@ -21,11 +21,15 @@ mod files;
 mod isolate;
 mod outbox;
 mod prompt;
+mod proxy;
 mod relay;
 mod secrets;
 mod task;
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// The egress proxy, one per agent, whatever link is open (see `proxy`).
+static PROXY: std::sync::OnceLock<proxy::Proxy> = std::sync::OnceLock::new();
 
 fn main() {
     if std::env::args().any(|a| a == "--version" || a == "-V") {
@@ -74,6 +78,15 @@ fn main() {
     }
     let tasks = Arc::new(tasks);
     let secrets = Arc::new(secrets::Store::new(PathBuf::from(SECRETS_DIR), true));
+    match proxy::Proxy::start(fleet_agent_protocol::stream::PROXY_ADDRESS) {
+        Ok(proxy) => {
+            let _ = PROXY.set(proxy);
+        }
+        Err(e) => eprintln!(
+            "fleet-agent: no egress proxy on {}: {e}",
+            fleet_agent_protocol::stream::PROXY_ADDRESS
+        ),
+    }
     match mode.as_deref() {
         None => {}
         Some("relay") => {
@@ -301,11 +314,14 @@ impl Link {
                 self.tasks.ack(&task, seq);
                 Answer::Nothing
             }
-            // This agent opens no streams yet (brokered egress is being built): there is
-            // nothing the host's bytes could belong to.
             HostMessage::StreamData { .. }
             | HostMessage::StreamCredit { .. }
-            | HostMessage::StreamClose { .. } => Answer::Nothing,
+            | HostMessage::StreamClose { .. } => {
+                if let Some(proxy) = PROXY.get() {
+                    proxy.handle(&message);
+                }
+                Answer::Nothing
+            }
         }
     }
 }
@@ -335,6 +351,22 @@ fn serve_link(
             let _ = send(&writer, &m);
         }));
     }
+    // The proxy's streams go out on this opening too, and end with it.
+    struct Streams;
+    impl Drop for Streams {
+        fn drop(&mut self) {
+            if let Some(proxy) = PROXY.get() {
+                proxy.set_sink(None);
+            }
+        }
+    }
+    let _streams = PROXY.get().map(|proxy| {
+        let writer = writer.clone();
+        proxy.set_sink(Some(Arc::new(move |m| {
+            let _ = send(&writer, &m);
+        })));
+        Streams
+    });
     let failed = Arc::new(AtomicBool::new(false));
     {
         let (writer, failed) = (writer.clone(), failed.clone());

@@ -11,6 +11,10 @@
 //! Streams do not survive a reconnect of the link (they are not in the outbox): both sides
 //! drop them when the link goes, and the task's client sees its connection reset.
 
+/// Where the guest's proxy listens; tasks of brokered VMs find it in `HTTPS_PROXY` and
+/// `HTTP_PROXY`.
+pub const PROXY_ADDRESS: &str = "127.0.0.1:3128";
+
 /// Bytes each side may send on a stream before the other grants more.
 pub const WINDOW_BYTES: u64 = 256 * 1024;
 /// The most bytes one `StreamData` carries (before base64).
