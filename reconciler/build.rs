@@ -1,11 +1,13 @@
 //! Stamps the build with the git revision it was made from, for `fleet --version`: the
 //! `FLEET_REVISION` environment variable when a packager sets it (a tarball has no .git),
-//! otherwise `git rev-parse` of the checkout, with `-dirty` when the tree has changes.
+//! otherwise `git rev-parse` of this checkout (never of a repository around it), with
+//! `-dirty` when tracked files have changes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=FLEET_REVISION");
     let revision = std::env::var("FLEET_REVISION")
         .ok()
@@ -17,18 +19,9 @@ fn main() {
 
 fn git_revision() -> Option<String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
-    let git = root.join(".git");
-    // A new commit or checkout changes these; nothing else needs a rebuild for the stamp.
-    for watched in ["HEAD", "index", "packed-refs"] {
-        println!("cargo:rerun-if-changed={}", git.join(watched).display());
-    }
-    if let Ok(head) = std::fs::read_to_string(git.join("HEAD"))
-        && let Some(reference) = head.trim().strip_prefix("ref: ")
-    {
-        println!("cargo:rerun-if-changed={}", git.join(reference).display());
-    }
     let run = |args: &[&str]| {
         Command::new("git")
+            .arg("--no-optional-locks")
             .args(args)
             .current_dir(root)
             .output()
@@ -36,8 +29,30 @@ fn git_revision() -> Option<String> {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
     };
+    // Only this checkout: not a repository that happens to hold an unpacked tarball.
+    let top = PathBuf::from(run(&["rev-parse", "--show-toplevel"])?);
+    if top.canonicalize().ok()? != root.canonicalize().ok()? {
+        return None;
+    }
+    // A new commit or checkout changes these; watching only files that exist, since a
+    // missing one would rerun this script on every build.
+    for watched in ["HEAD", "index", "packed-refs"] {
+        watch(run(&["rev-parse", "--git-path", watched]), root);
+    }
+    if let Some(reference) = run(&["symbolic-ref", "-q", "HEAD"]) {
+        watch(run(&["rev-parse", "--git-path", &reference]), root);
+    }
     let id = run(&["rev-parse", "--short=12", "HEAD"])?;
     let dirty = run(&["status", "--porcelain", "--untracked-files=no"])
         .is_some_and(|changes| !changes.is_empty());
     Some(if dirty { format!("{id}-dirty") } else { id })
+}
+
+fn watch(path: Option<String>, root: &Path) {
+    if let Some(path) = path {
+        let path = root.join(path);
+        if path.exists() {
+            println!("cargo:rerun-if-changed={}", path.display());
+        }
+    }
 }

@@ -632,24 +632,34 @@ fn exit_for(plan: &Plan, failed: usize) -> ExitCode {
 
 fn events_cmd(ws: &Workspace, args: &EventsArgs) -> Result<ExitCode> {
     let filter = crate::events::Filter {
-        since: args.since.map(|d| std::time::SystemTime::now() - d),
+        since: args.since.map(|d| {
+            std::time::SystemTime::now()
+                .checked_sub(d)
+                .unwrap_or(std::time::UNIX_EPOCH)
+        }),
         kinds: args.kinds.clone(),
         vm: args.vm.clone(),
         task: args.task.clone(),
     };
-    let file = match ws.status.open_events() {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !args.follow => {
-            eprintln!("no events yet in {}", ws.status.root().display());
-            return Ok(ExitCode::SUCCESS);
-        }
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "reading {}",
-                    ws.status.root().join("events.jsonl").display()
-                )
-            });
+    let file = loop {
+        match ws.status.open_events() {
+            Ok(file) => break file,
+            // Following a fleet that has written nothing yet: wait for its first event.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && args.follow => {
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!("no events yet in {}", ws.status.root().display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "reading {}",
+                        ws.status.root().join("events.jsonl").display()
+                    )
+                });
+            }
         }
     };
     let mut reader = std::io::BufReader::new(file);

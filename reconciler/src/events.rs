@@ -75,6 +75,22 @@ pub fn line(event: &Event) -> String {
     )
 }
 
+/// An event's JSON line as fleet wrote it, but with the characters a terminal would act on
+/// escaped (`\u007f`, C1 controls, bidirectional overrides): JSON escapes only U+0000 to
+/// U+001F, and these appear only inside strings, so the line stays the same JSON.
+fn json_line(line: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(line);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c == '\u{7f}' || ('\u{80}'..='\u{9f}').contains(&c) || crate::terminal::reorders(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out.into_bytes()
+}
+
 /// Prints the events `reader` holds that `filter` admits; returns how many lines were not
 /// events. A last line without its newline is still being written and is not printed.
 pub fn print(
@@ -99,8 +115,7 @@ pub fn print(
             continue;
         }
         if json {
-            // As fleet wrote it, newline included.
-            out.write_all(&buf)?;
+            out.write_all(&json_line(&buf))?;
         } else {
             writeln!(out, "{}", line(&event))?;
         }
@@ -148,7 +163,7 @@ pub fn follow(
             && filter.admits(&event)
         {
             if json {
-                out.write_all(&carry)?;
+                out.write_all(&json_line(&carry))?;
             } else {
                 writeln!(out, "{}", line(&event))?;
             }
@@ -224,6 +239,20 @@ mod tests {
         let text = line(&e);
         assert!(!text.chars().any(|c| c.is_control()), "{text:?}");
         assert!(!text.contains('\n'));
+        // As JSON: still the same event, with nothing a terminal would act on.
+        let bidi = event(EventKind::HitlPrompt, None, "a\u{202E}b\u{9b}2Jc\u{7f}", 0);
+        let raw = serde_json::to_vec(&bidi).expect("json");
+        let shown = json_line(&raw);
+        let text = String::from_utf8(shown.clone()).expect("text");
+        assert!(
+            !text
+                .chars()
+                .any(|c| c.is_control() || crate::terminal::reorders(c)),
+            "{text:?}"
+        );
+        let back: Event = serde_json::from_slice(&shown).expect("the same JSON");
+        assert_eq!(back.message, bidi.message);
+        assert_eq!(crate::terminal::one_line(&bidi.message, 100), "ab2Jc");
     }
 
     #[test]

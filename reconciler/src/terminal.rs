@@ -25,10 +25,21 @@ pub fn strip_codes(raw: &str) -> String {
             }
             '\r' if chars.peek() == Some(&'\n') => {}
             c if c.is_control() && c != '\n' && c != '\t' => {}
+            c if reorders(c) => {}
             c => out.push(c),
         }
     }
     out
+}
+
+/// Characters that change how a line reads without showing themselves: bidirectional
+/// overrides and isolates (which can make a line display in another order than it is),
+/// zero-width characters and the byte-order mark.
+pub fn reorders(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}'
+    )
 }
 
 /// One line of at most `max` characters: codes stripped, line breaks shown as `⏎`, the rest

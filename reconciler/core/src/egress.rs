@@ -196,7 +196,18 @@ pub fn decide(rules: &[Rule], host: &str, port: u16, path: Option<&str>) -> Deci
         });
     };
     let Some(path) = path else {
-        return Decision::Allowed { rule: first.0 };
+        // A tunnel carries any path: only a rule without path limits allows one.
+        return match on_port.iter().find(|(_, r)| r.path_prefixes.is_empty()) {
+            Some((i, _)) => Decision::Allowed { rule: *i },
+            None => Decision::Refused(Refusal {
+                why: format!(
+                    "the rule for {host} at {} allows only some paths, and a tunnel (CONNECT) carries any",
+                    first.1.source
+                ),
+                fix: "send the request as plain HTTP through the proxy, or drop the rule's paths"
+                    .into(),
+            }),
+        };
     };
     match on_port
         .iter()
@@ -224,7 +235,7 @@ fn allowed_ports(rule: &Rule) -> Vec<u16> {
 /// Whether `path` lies under `prefix` on a segment boundary (`/repos/a` is under `/repos/`
 /// and `/repos`, not under `/rep`).
 fn under(path: &str, prefix: &str) -> bool {
-    let path = path.split(['?', '#']).next().unwrap_or_default();
+    let path = path.split('?').next().unwrap_or_default();
     match path.strip_prefix(prefix) {
         Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
         None => false,
@@ -232,8 +243,16 @@ fn under(path: &str, prefix: &str) -> bool {
 }
 
 /// Why an upstream might read `path` as a different path than a prefix check does.
-fn ambiguous_path(path: &str) -> Option<&'static str> {
-    let path = path.split(['?', '#']).next().unwrap_or_default();
+fn ambiguous_path(target: &str) -> Option<&'static str> {
+    // Servers differ on what ends a path (`#`, `;` parameters) and how they fold
+    // non-ASCII: the whole target must read the same everywhere.
+    if !target.is_ascii() || target.bytes().any(|b| b.is_ascii_control()) {
+        return Some("holds bytes other than printable ASCII");
+    }
+    if target.contains(['#', ';']) {
+        return Some("holds a # or ; (read differently by different servers)");
+    }
+    let path = target.split('?').next().unwrap_or_default();
     if !path.starts_with('/') {
         return Some("does not start with /");
     }
@@ -302,7 +321,8 @@ fn internal_v6(ip: &Ipv6Addr) -> bool {
         return internal_v4(&v4);
     }
     let s = ip.segments();
-    // NAT64 (64:ff9b::/96) reaches the IPv4 address in its last 32 bits.
+    // NAT64 (64:ff9b::/96) reaches the IPv4 address in its last 32 bits, 6to4
+    // (2002::/16) the one in bits 16-47; local-use NAT64 (64:ff9b:1::/48) is the site's.
     if s[0] == 0x64 && s[1] == 0xff9b && s[2..6].iter().all(|&x| x == 0) {
         return internal_v4(&Ipv4Addr::new(
             (s[6] >> 8) as u8,
@@ -310,6 +330,21 @@ fn internal_v6(ip: &Ipv6Addr) -> bool {
             (s[7] >> 8) as u8,
             s[7] as u8,
         ));
+    }
+    if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+        return true;
+    }
+    if s[0] == 0x2002 {
+        return internal_v4(&Ipv4Addr::new(
+            (s[1] >> 8) as u8,
+            s[1] as u8,
+            (s[2] >> 8) as u8,
+            s[2] as u8,
+        ));
+    }
+    // Site-local (deprecated, fec0::/10).
+    if s[0] & 0xffc0 == 0xfec0 {
+        return true;
     }
     ip.is_unspecified()
         || ip.is_loopback()
@@ -360,7 +395,12 @@ pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut request = httparse::Request::new(&mut headers);
     let head_len = match request.parse(bytes) {
-        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD_BYTES => n,
+        Ok(httparse::Status::Complete(_)) => {
+            return Err(refused(format!(
+                "the request's head is longer than {MAX_HEAD_BYTES} bytes"
+            )));
+        }
         Ok(httparse::Status::Partial) if bytes.len() < MAX_HEAD_BYTES => {
             return Err(BadRequest::Incomplete);
         }
@@ -401,19 +441,53 @@ pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
         path.to_owned()
     };
     let (host, port) = authority(authority_part, Some(80))?;
+    // One request per connection, checked: nothing may turn it into a tunnel (Upgrade), a
+    // second request (keep-alive, pipelining) or a body whose end two parsers read apart
+    // (Transfer-Encoding beside Content-Length).
+    let named = |name: &str| {
+        request
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case(name))
+    };
+    if named("upgrade") || named("transfer-encoding") {
+        return Err(refused(
+            "an Upgrade or Transfer-Encoding request is not brokered as plain HTTP; use https:// (CONNECT)"
+                .into(),
+        ));
+    }
+    let by_connection: Vec<String> = request
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| {
+            String::from_utf8_lossy(h.value)
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .collect();
     let mut head = format!("{method} {path} HTTP/1.1\r\n").into_bytes();
     let host_header = if port == 80 {
         host.clone()
     } else {
         format!("{host}:{port}")
     };
-    head.extend_from_slice(format!("Host: {host_header}\r\n").as_bytes());
+    head.extend_from_slice(format!("Host: {host_header}\r\nConnection: close\r\n").as_bytes());
     for header in request.headers.iter() {
         let name = header.name.to_ascii_lowercase();
-        if matches!(
+        let hop_by_hop = matches!(
             name.as_str(),
-            "host" | "proxy-authorization" | "proxy-connection"
-        ) {
+            "host"
+                | "connection"
+                | "keep-alive"
+                | "proxy-authorization"
+                | "proxy-authenticate"
+                | "proxy-connection"
+                | "te"
+                | "trailer"
+        );
+        if hop_by_hop || by_connection.contains(&name) {
             continue;
         }
         head.extend_from_slice(header.name.as_bytes());
@@ -554,6 +628,9 @@ mod tests {
             "::ffff:127.0.0.1",
             "64:ff9b::a00:1",
             "0.0.0.0",
+            "2002:7f00:1::",
+            "64:ff9b:1::5",
+            "fec0::1",
         ] {
             let why = check_resolved(&public, &[inside.parse().expect("ip")])
                 .expect_err(inside)
@@ -586,6 +663,9 @@ mod tests {
             "/repos/team//x",
             "/repos/team/.\\x",
             "repos/team/x",
+            "/repos/team#/../../admin",
+            "/repos/team/..;/admin",
+            "/repos/team/\u{ff0e}\u{ff0e}/admin",
         ] {
             assert!(
                 !allowed(&rules, "git.example.com", 80, Some(walk)),
@@ -594,6 +674,9 @@ mod tests {
         }
         let open = [rule("git.example.com", &[80], &[])];
         assert!(allowed(&open, "git.example.com", 80, Some("/anything")));
+        // A tunnel carries any path: a path-limited rule never allows one.
+        assert!(!allowed(&rules, "git.example.com", 80, None));
+        assert!(allowed(&open, "git.example.com", 80, None));
     }
 
     #[test]
@@ -663,7 +746,17 @@ mod tests {
         assert_eq!(path, "/repos/team/x?y=1");
         assert_eq!(
             String::from_utf8(head).expect("text"),
-            "GET /repos/team/x?y=1 HTTP/1.1\r\nHost: git.example.com\r\nAccept: */*\r\n\r\n"
+            "GET /repos/team/x?y=1 HTTP/1.1\r\nHost: git.example.com\r\nConnection: close\r\nAccept: */*\r\n\r\n"
+        );
+        // Hop-by-hop headers, and those the client's Connection names, stay behind.
+        let head = b"GET http://a.example.com/ HTTP/1.1\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: 5\r\nX-Secret: s\r\nAccept: */*\r\n\r\n";
+        let ProxyKind::Http { head, .. } = parse_proxy_request(head).expect("a request").kind
+        else {
+            panic!("plain HTTP");
+        };
+        assert_eq!(
+            String::from_utf8(head).expect("text"),
+            "GET / HTTP/1.1\r\nHost: a.example.com\r\nConnection: close\r\nAccept: */*\r\n\r\n"
         );
     }
 
@@ -680,6 +773,8 @@ mod tests {
             b"CONNECT user:pw@a.example.com:443 HTTP/1.1\r\n\r\n",
             b"CONNECT a.example.com:0 HTTP/1.1\r\n\r\n",
             b"\x16\x03\x01 TLS without CONNECT",
+            b"GET http://a.example.com/ HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            b"POST http://a.example.com/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
         ] {
             assert!(
                 matches!(parse_proxy_request(bad), Err(BadRequest::Refused(_))),

@@ -444,8 +444,21 @@ impl StatusDir {
         let mut f = tree::open_file(
             &self.tree_to_write()?,
             Path::new("events.jsonl"),
-            cap_std::fs::OpenOptions::new().create(true).append(true),
+            cap_std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .read(true),
         )?;
+        // A line a killed writer left torn is ended first, so it does not swallow this one.
+        let len = f.metadata()?.len();
+        if len > 0 {
+            use std::os::unix::fs::FileExt;
+            let mut last = [0u8];
+            f.read_exact_at(&mut last, len - 1)?;
+            if last[0] != b'\n' {
+                line.insert(0, b'\n');
+            }
+        }
         f.write_all(&line)?;
         f.sync_data()
     }

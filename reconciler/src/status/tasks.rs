@@ -369,6 +369,19 @@ impl StatusDir {
         .sync_data()
     }
 
+    /// How long a task's output log is now (0 when it has none).
+    pub fn task_output_len(&self, task: &str) -> std::io::Result<u64> {
+        match super::tree::open_file(
+            &self.tree()?,
+            &output_log(task),
+            cap_std::fs::OpenOptions::new().read(true),
+        ) {
+            Ok(file) => Ok(file.metadata()?.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Makes what was written to a task's output durable.
     pub fn sync_task_output(&self, task: &str) -> std::io::Result<()> {
         match super::tree::open_file(

@@ -454,40 +454,52 @@ impl TaskBook {
     /// earlier writes. Within a task: reset, the guest's bytes (synced), record, prompts,
     /// events, then answer files moved.
     fn flush(&self, pending: BTreeMap<String, Pending>) {
-        for (task, part) in pending {
-            let turn = part.turn;
-            let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
-            while made.get(&task).copied().unwrap_or_default() + 1 < turn {
-                made = self
-                    .made_changed
-                    .wait(made)
-                    .unwrap_or_else(|p| p.into_inner());
-            }
-            drop(made);
-            // Whatever happens below (a panic included), the task's next turn may go.
-            struct Done<'a> {
-                book: &'a TaskBook,
-                task: &'a str,
-                turn: u64,
-            }
-            impl Drop for Done<'_> {
-                fn drop(&mut self) {
-                    let mut made = self.book.made.lock().unwrap_or_else(|p| p.into_inner());
-                    made.insert(self.task.to_owned(), self.turn);
-                    self.book.made_changed.notify_all();
+        // Whatever happens below (a panic included), every turn this hold took is marked
+        // made in its order, so no later hold of these tasks waits forever.
+        struct Unmade<'a> {
+            book: &'a TaskBook,
+            left: Vec<(String, u64)>,
+        }
+        impl Drop for Unmade<'_> {
+            fn drop(&mut self) {
+                for (task, turn) in self.left.drain(..) {
+                    self.book.wait_turn(&task, turn);
+                    self.book.mark_made(&task, turn);
                 }
             }
-            let done = Done {
-                book: self,
-                task: &task,
-                turn,
-            };
+        }
+        let mut unmade = Unmade {
+            book: self,
+            left: pending.iter().map(|(t, p)| (t.clone(), p.turn)).collect(),
+        };
+        for (task, part) in pending {
+            let turn = part.turn;
+            self.wait_turn(&task, turn);
             let lost = self.make(&task, part);
-            drop(done);
+            self.mark_made(&task, turn);
+            unmade.left.retain(|(t, _)| *t != task);
             if let Some(lost) = lost {
                 self.output_lost(&task, lost);
             }
         }
+    }
+
+    /// Waits until every earlier turn of `task` is made.
+    fn wait_turn(&self, task: &str, turn: u64) {
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        while made.get(task).copied().unwrap_or_default() + 1 < turn {
+            made = self
+                .made_changed
+                .wait(made)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn mark_made(&self, task: &str, turn: u64) {
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        let last = made.entry(task.to_owned()).or_default();
+        *last = (*last).max(turn);
+        self.made_changed.notify_all();
     }
 
     /// Makes one task's part of a hold; returns the output the disk refused, if any.
@@ -506,11 +518,22 @@ impl TaskBook {
             tracing::warn!(task, "cannot reset the task's output: {e}");
         }
         let mut lost = None;
+        // Never past the log's end: a part lost by an earlier hold (cut back, and decided
+        // before that hold found out) would leave a hole.
+        let mut end = match output.first() {
+            Some(_) => self.status.task_output_len(task).unwrap_or(0),
+            None => 0,
+        };
         for (at, data) in &output {
+            if *at > end {
+                lost = Some((end, std::io::Error::other("an earlier part was lost")));
+                break;
+            }
             if let Err(error) = self.status.write_task_output(task, *at, data) {
                 lost = Some((*at, error));
                 break;
             }
+            end = at + data.len() as u64;
         }
         if !output.is_empty()
             && lost.is_none()
