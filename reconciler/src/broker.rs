@@ -11,8 +11,7 @@
 //! holds at most `stream::MAX_STREAMS`.
 //!
 //! This first slice tunnels `CONNECT` only (TLS, which is what agents and git use); a
-//! plain-HTTP request is refused with a 403 saying so. Not wired to any link yet: brokered
-//! VMs, their rules and the guest's proxy come next (issue 18).
+//! plain-HTTP request is refused with a 403 saying so.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -39,6 +38,10 @@ pub type Resolve = Arc<dyn Fn(&str, u16) -> std::io::Result<Vec<SocketAddr>> + S
 pub fn system_resolver() -> Resolve {
     Arc::new(|host, port| Ok((host, port).to_socket_addrs()?.collect()))
 }
+
+/// The VM's egress rules as they are now (`None`: it has no brokered egress), asked for
+/// as each stream opens, so a new revision's rules apply without touching the VM.
+pub type Rules = Arc<dyn Fn() -> Option<Arc<[Rule]>> + Send + Sync>;
 
 /// What the broker tells the rest of the host: a refused destination (for the
 /// `egress.denied` event), with the stream's request and why.
@@ -111,8 +114,8 @@ struct StreamHandle {
 
 /// One link's streams.
 pub struct Broker {
-    /// The VM's rules; `None` when it has no brokered egress (every stream is refused).
-    rules: Option<Arc<[Rule]>>,
+    /// The VM's rules now; `None` when it has no brokered egress (every stream is refused).
+    rules: Rules,
     resolve: Resolve,
     on_denied: OnDenied,
     streams: HashMap<u32, StreamHandle>,
@@ -121,7 +124,7 @@ pub struct Broker {
 
 impl Broker {
     pub fn new(
-        rules: Option<Arc<[Rule]>>,
+        rules: Rules,
         resolve: Resolve,
         on_denied: OnDenied,
         outbox: Outbox,
@@ -179,7 +182,7 @@ impl Broker {
     }
 
     fn open(&mut self, id: u32) {
-        let Some(rules) = self.rules.clone() else {
+        let Some(rules) = (self.rules)() else {
             return self
                 .outbox
                 .close(id, Some("this VM has no brokered egress".into()));

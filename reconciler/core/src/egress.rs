@@ -242,6 +242,11 @@ fn under(path: &str, prefix: &str) -> bool {
     }
 }
 
+/// Why `path` cannot be a rule's prefix (or a request's path), if it cannot.
+pub fn path_problem(path: &str) -> Option<&'static str> {
+    ambiguous_path(path)
+}
+
 /// Why an upstream might read `path` as a different path than a prefix check does.
 fn ambiguous_path(target: &str) -> Option<&'static str> {
     // Servers differ on what ends a path (`#`, `;` parameters) and how they fold

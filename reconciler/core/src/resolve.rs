@@ -53,6 +53,10 @@ pub struct Desired {
     /// whether this revision uses that provider or not: never delivered to a guest, and no
     /// other secret holding the same value is either.
     pub provider_credentials: Vec<(String, String)>,
+    /// The egress rules of each brokered VM (`network.mode: brokered`), by VM name. Not part
+    /// of a VM's configuration: the host's broker applies a change at once, without
+    /// touching the VM.
+    pub egress: BTreeMap<String, Vec<crate::egress::Rule>>,
 }
 
 /// A provider as a revision uses it: how the host reaches it (from the host configuration)
@@ -357,6 +361,20 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
             vms.insert(member, vm);
         }
     }
+    let egress = vms
+        .values()
+        .filter(|vm| vm.config.network == NetworkMode::Brokered)
+        .map(|vm| {
+            let rules = vm
+                .config
+                .loadout
+                .as_ref()
+                .and_then(|l| Some((l, merged_loadouts.get(l)?.egress.as_ref()?)))
+                .map(|(l, e)| egress_rules(l, e))
+                .unwrap_or_default();
+            (vm.name.clone(), rules)
+        })
+        .collect();
     let tasks = loaded
         .tasks
         .iter()
@@ -424,6 +442,7 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
         answers,
         approvals,
         secrets,
+        egress,
         provider_credentials: host
             .providers
             .iter()
@@ -637,6 +656,24 @@ fn resolve_vm(
     }
 }
 
+/// A loadout's `egress.allow`, as the broker checks it (the loader refused what does not
+/// parse).
+fn egress_rules(loadout: &str, egress: &crate::spec::Egress) -> Vec<crate::egress::Rule> {
+    egress
+        .allow
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| {
+            Some(crate::egress::Rule {
+                host: crate::egress::HostPattern::parse(&a.host).ok()?,
+                ports: a.ports.iter().map(|p| p.0).collect(),
+                path_prefixes: a.paths.clone(),
+                source: format!("loadout {loadout} egress.allow[{i}]"),
+            })
+        })
+        .collect()
+}
+
 /// A loadout with its `extends` chain merged in, memoised.
 fn merged_loadout(
     loaded: &LoadedFleet,
@@ -683,6 +720,7 @@ pub fn merge(base: LoadoutSpec, over: &LoadoutSpec) -> LoadoutSpec {
         extends: Vec::new(),
         resources: Some(merge_resources(base.resources, over.resources.clone())),
         network: over.network.clone().or(base.network),
+        egress: over.egress.clone().or(base.egress),
         packages: union(base.packages, &over.packages),
         files: merge_keyed(base.files, &over.files, |f| f.path.clone()),
         runcmd: union(base.runcmd, &over.runcmd),

@@ -855,7 +855,43 @@ pub enum NetworkMode {
     Allowlist,
     /// Outbound network through the host (user-mode networking).
     Full,
+    /// No network device: the agent's proxy carries the tasks' connections to the host,
+    /// which dials only what the loadout's `egress.allow` names.
+    Brokered,
 }
+
+/// What the tasks of a brokered VM (`network.mode: brokered`) may reach, through the host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Egress {
+    /// Destinations allowed; every other one is refused with a 403 that names the rule to
+    /// add.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<EgressAllow>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EgressAllow {
+    /// A host name (`api.example.com`), every name below a domain (`*.example.com`), or
+    /// an IP address. An internal address (loopback, private, link-local) is reached only
+    /// when a rule names it as an address.
+    #[schemars(length(min = 1, max = 255))]
+    pub host: String,
+    /// Ports allowed (default 443).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<EgressPort>,
+    /// For plain HTTP only: path prefixes allowed (default: any). A rule with paths never
+    /// allows a tunnel (`CONNECT`), which carries any path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+}
+
+/// A TCP port, 1 to 65535.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+pub struct EgressPort(#[schemars(range(min = 1, max = 65535))] pub u16);
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -929,6 +965,9 @@ pub struct LoadoutSpec {
     pub resources: Option<Resources>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<Network>,
+    /// For `network.mode: brokered`: what its tasks may reach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Egress>,
     /// Packages cloud-init installs at first boot.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub packages: Vec<String>,

@@ -44,7 +44,10 @@ impl Guest {
         let sink = denied.clone();
         Guest {
             broker: Broker::new(
-                rules.map(Into::into),
+                {
+                    let rules: Option<Arc<[Rule]>> = rules.map(Into::into);
+                    Arc::new(move || rules.clone())
+                },
                 resolve,
                 Arc::new(move |why| sink.lock().expect("lock").push(why)),
                 Outbox::new(None),

@@ -172,7 +172,7 @@ fn follow(
     vm: &str,
     driver: &dyn Driver,
     status: &Mutex<BTreeMap<String, AgentStatus>>,
-    book: &TaskBook,
+    book: &Arc<TaskBook>,
     tx: &UnboundedSender<Trigger>,
     stop: &AtomicBool,
     wakers: &LinkWakers,
@@ -229,7 +229,19 @@ fn follow(
                 waker
             });
             let mut conn = Connection::new(vm);
-            if let Err(e) = converse(&mut link, &mut conn, book, &set, stop) {
+            // This link's streams (brokered egress): the VM's rules as they are when each
+            // opens; a refusal is an event.
+            let mut broker = {
+                let (rules_book, denied_book) = (book.clone(), book.clone());
+                let (rules_vm, denied_vm) = (vm.to_owned(), vm.to_owned());
+                crate::broker::Broker::new(
+                    Arc::new(move || rules_book.egress_rules(&rules_vm)),
+                    crate::broker::system_resolver(),
+                    Arc::new(move |why| denied_book.egress_denied(&denied_vm, why)),
+                    crate::broker::Outbox::new(mine.clone()),
+                )
+            };
+            if let Err(e) = converse(&mut link, &mut conn, book, &mut broker, &set, stop) {
                 tracing::debug!(vm, "agent link lost: {e}");
             }
             // Only this link's waker: a newer link of the same VM may have replaced it.
@@ -287,6 +299,7 @@ fn converse(
     link: &mut AgentLink,
     conn: &mut Connection,
     book: &TaskBook,
+    broker: &mut crate::broker::Broker,
     set: &dyn Fn(Option<AgentStatus>),
     stop: &AtomicBool,
 ) -> Result<(), LinkError> {
@@ -310,6 +323,7 @@ fn converse(
     while !stop.load(Ordering::Relaxed) {
         let (messages, job) = book.tick(conn);
         send(link, messages)?;
+        send(link, broker.outgoing())?;
         if let Some(job) = job {
             let parts = book.stage(conn, job);
             send(link, parts)?;
@@ -355,6 +369,10 @@ fn converse(
                     }));
                 }
                 GuestMessage::Heartbeat { .. } => {}
+                GuestMessage::StreamOpen { .. }
+                | GuestMessage::StreamData { .. }
+                | GuestMessage::StreamCredit { .. }
+                | GuestMessage::StreamClose { .. } => broker.on_guest(&message),
                 other => task_messages.push(other),
             }
         }

@@ -52,6 +52,7 @@ event_kinds! {
     HitlAnswerIgnored = "hitl.answer_ignored",
     HitlOverdue = "hitl.overdue",
     HitlExpired = "hitl.expired",
+    EgressDenied = "egress.denied",
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -258,30 +258,3 @@ fn an_unconfirmed_repository_is_shipped_again_on_the_monotonic_clock() {
     state.tick(&mut conn, &HostFiles::default());
     assert_eq!(state.records["ask"].phase, TaskPhase::Pending);
 }
-
-#[test]
-fn a_stream_is_refused_as_it_opens_while_no_vm_has_brokered_egress() {
-    let (mut state, mut conn, _task) = started(Duration::from_secs(60), OnDeadline::Wait);
-    let sent = state.receive(
-        &mut conn,
-        vec![
-            GuestMessage::StreamOpen {
-                v: VERSION,
-                stream: 7,
-            },
-            GuestMessage::StreamData {
-                v: VERSION,
-                stream: 7,
-                data: "Q09OTkVDVA==".into(),
-            },
-        ],
-    );
-    assert_eq!(
-        sent,
-        [HostMessage::StreamClose {
-            v: VERSION,
-            stream: 7,
-            error: Some("this VM has no brokered egress".into()),
-        }]
-    );
-}

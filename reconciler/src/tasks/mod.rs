@@ -74,6 +74,8 @@ pub struct TaskBook {
 #[derive(Default)]
 struct BookState {
     desired: BTreeMap<String, DesiredTask>,
+    /// Each brokered VM's egress rules (`broker`), by VM name.
+    egress: BTreeMap<String, Arc<[crate::egress::Rule]>>,
     /// Each desired task's run hash and hold, from the vault's values (`Vault::bind`).
     bound: BTreeMap<String, crate::secrets::BoundTask>,
     answers: BTreeMap<String, CommittedAnswer>,
@@ -695,6 +697,24 @@ impl TaskBook {
         }
     }
 
+    /// The egress rules of `vm` now, or `None` when it has no brokered egress.
+    pub fn egress_rules(&self, vm: &str) -> Option<Arc<[crate::egress::Rule]>> {
+        self.lock().egress.get(vm).cloned()
+    }
+
+    /// The broker refused a destination of `vm`'s: an `egress.denied` event.
+    pub fn egress_denied(&self, vm: &str, message: String) {
+        let mut state = self.lock();
+        let revision = state.revision.clone();
+        state.effects.events.push(Event::task(
+            EventKind::EgressDenied,
+            None,
+            Some(vm),
+            revision,
+            format!("{vm}: {message}"),
+        ));
+    }
+
     pub fn records(&self) -> BTreeMap<String, TaskRecord> {
         self.lock().records.clone()
     }
@@ -710,6 +730,11 @@ impl BookState {
     /// removed or changed are cancelled by that VM's runner.
     fn sync(&mut self, desired: &Desired, running: &BTreeSet<String>) {
         self.desired = desired.tasks.clone();
+        self.egress = desired
+            .egress
+            .iter()
+            .map(|(vm, rules)| (vm.clone(), rules.clone().into()))
+            .collect();
         self.bound = self.vault.bind(&self.desired);
         self.vm_secrets = desired
             .vms

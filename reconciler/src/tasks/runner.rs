@@ -96,6 +96,7 @@ fn run_task(
     guest_task: &str,
     boot_id: &str,
     vm_files: &[String],
+    brokered: bool,
 ) -> HostMessage {
     let mut secret_files: Vec<String> = vm_files.to_vec();
     secret_files.extend(task.secrets.iter().filter_map(|r| r.file.clone()));
@@ -106,6 +107,20 @@ fn run_task(
         .or_insert_with(|| "xterm-256color".into());
     env.insert("FLEET_TASK".into(), task.name.clone());
     env.insert("FLEET_VM".into(), task.vm.clone());
+    if brokered {
+        // Every connection goes through the agent's proxy to the host's broker; the VM has
+        // no other way out.
+        let proxy = format!(
+            "http://{}",
+            fleet_agent_protocol::stream::PROXY_ADDRESS
+        );
+        for name in ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"] {
+            env.insert(name.into(), proxy.clone());
+        }
+        for name in ["NO_PROXY", "no_proxy"] {
+            env.insert(name.into(), "localhost,127.0.0.1,::1".into());
+        }
+    }
     HostMessage::RunTask {
         v: VERSION,
         task: guest_task.to_owned(),
@@ -234,6 +249,7 @@ impl BookState {
                         &record.guest_task(),
                         &boot,
                         &super::vm_secret_files(self, &conn.vm),
+                        self.egress.contains_key(&conn.vm),
                     )),
                     None => {
                         conn.cancel_sent.insert(record.guest_task());
@@ -340,6 +356,7 @@ impl BookState {
                 &record.guest_task(),
                 boot,
                 &super::vm_secret_files(self, &conn.vm),
+                self.egress.contains_key(&conn.vm),
             ));
             self.event(
                 &record,
@@ -449,17 +466,9 @@ impl BookState {
                     continue;
                 }
                 GuestMessage::Hello { .. } | GuestMessage::Heartbeat { .. } => continue,
-                // No VM has brokered egress yet (issue 18 builds it): every stream is
-                // refused as it opens, and bytes for streams that are not open are dropped.
-                GuestMessage::StreamOpen { stream, .. } => {
-                    out.push(HostMessage::StreamClose {
-                        v: VERSION,
-                        stream: *stream,
-                        error: Some("this VM has no brokered egress".into()),
-                    });
-                    continue;
-                }
-                GuestMessage::StreamData { .. }
+                // Streams are the broker's (`daemon::agents` routes them there).
+                GuestMessage::StreamOpen { .. }
+                | GuestMessage::StreamData { .. }
                 | GuestMessage::StreamCredit { .. }
                 | GuestMessage::StreamClose { .. } => continue,
             };

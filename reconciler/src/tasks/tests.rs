@@ -55,6 +55,7 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
         approvals: Default::default(),
         secrets: Default::default(),
         provider_credentials: Vec::new(),
+        egress: Default::default(),
     }
 }
 

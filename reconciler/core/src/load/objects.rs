@@ -83,6 +83,9 @@ pub(super) fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
                 diags,
             );
             check_secret_targets(o, "/spec/secrets", &o.doc.spec.secrets, diags);
+            if let Some(egress) = &o.doc.spec.egress {
+                check_egress(o, egress, diags);
+            }
         }
         AnyObject::Secret(_) => {}
         AnyObject::Host(o) => host_rules::check_host_object(o, diags),
@@ -257,6 +260,24 @@ fn check_resources<T>(
                     size.as_str()
                 ),
             ));
+        }
+    }
+}
+
+/// Each rule's host is a name, `*.domain` or address; each path one a prefix check reads
+/// as the upstream does.
+fn check_egress<T>(o: &Object<T>, egress: &crate::spec::Egress, diags: &mut Vec<Diagnostic>) {
+    for (i, rule) in egress.allow.iter().enumerate() {
+        if let Err(why) = crate::egress::HostPattern::parse(&rule.host) {
+            diags.push(o.field_error(&format!("/spec/egress/allow/{i}/host"), why));
+        }
+        for (j, path) in rule.paths.iter().enumerate() {
+            if let Some(why) = crate::egress::path_problem(path) {
+                diags.push(o.field_error(
+                    &format!("/spec/egress/allow/{i}/paths/{j}"),
+                    format!("{path:?} {why}; write a plain prefix such as /repos/team/"),
+                ));
+            }
         }
     }
 }

@@ -20,7 +20,7 @@ impl ProxmoxDriver {
             None => "virtio".to_owned(),
         };
         match vm.config.network {
-            NetworkMode::Isolated => Ok(None),
+            NetworkMode::Isolated | NetworkMode::Brokered => Ok(None),
             NetworkMode::Full => Ok(Some(format!("{model},bridge={}", self.bridge))),
             NetworkMode::Allowlist => Err(DriverError::new(
                 ErrorKind::Permanent,
