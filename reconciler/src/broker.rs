@@ -123,12 +123,7 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(
-        rules: Rules,
-        resolve: Resolve,
-        on_denied: OnDenied,
-        outbox: Outbox,
-    ) -> Broker {
+    pub fn new(rules: Rules, resolve: Resolve, on_denied: OnDenied, outbox: Outbox) -> Broker {
         Broker {
             rules,
             resolve,

@@ -110,10 +110,7 @@ fn run_task(
     if brokered {
         // Every connection goes through the agent's proxy to the host's broker; the VM has
         // no other way out.
-        let proxy = format!(
-            "http://{}",
-            fleet_agent_protocol::stream::PROXY_ADDRESS
-        );
+        let proxy = format!("http://{}", fleet_agent_protocol::stream::PROXY_ADDRESS);
         for name in ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"] {
             env.insert(name.into(), proxy.clone());
         }

@@ -149,6 +149,7 @@ mod approvals;
 mod behaviour;
 mod cli;
 mod daemon;
+mod egress;
 mod fuzz;
 mod hostile;
 mod libvirt;
