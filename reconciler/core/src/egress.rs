@@ -13,9 +13,7 @@
 //!
 //! `parse_proxy_request` reads what a task asked the guest's proxy for (CONNECT, or a
 //! plain-HTTP request in absolute form) from the connection's first bytes, on the host.
-//!
-//! Not wired yet: this is the policy half of brokered egress (issue 18); the loader, the
-//! broker and the guest's proxy come next.
+
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
