@@ -14,7 +14,6 @@
 //! `parse_proxy_request` reads what a task asked the guest's proxy for (CONNECT, or a
 //! plain-HTTP request in absolute form) from the connection's first bytes, on the host.
 
-
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The port a rule allows when it names none.

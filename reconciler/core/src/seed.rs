@@ -100,7 +100,7 @@ pub fn render(vm: &DesiredVm, instance_id: &str) -> Seed {
     meta.insert("local-hostname".into(), json!(vm.name));
     let network = match config.network {
         NetworkMode::Full => NETWORK_FULL,
-        NetworkMode::Isolated | NetworkMode::Allowlist | NetworkMode::Brokered => NETWORK_ISOLATED,
+        NetworkMode::Isolated | NetworkMode::Brokered => NETWORK_ISOLATED,
     };
     Seed {
         user_data: format!("#cloud-config\n{}", yaml(&Value::Object(user))),

@@ -851,8 +851,6 @@ pub enum NetworkMode {
     /// No network device at all; the guest talks to the host over virtio-serial only.
     #[default]
     Isolated,
-    /// Outbound traffic limited to an allow list (not supported by the libvirt provider yet).
-    Allowlist,
     /// Outbound network through the host (user-mode networking).
     Full,
     /// No network device: the agent's proxy carries the tasks' connections to the host,

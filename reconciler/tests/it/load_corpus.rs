@@ -503,20 +503,36 @@ fn unknown_network_mode() {
     check(
         &[("fleet/vms/a.yaml", &vm_with("  network: {mode: bridged}\n"))],
         expect![[r#"
-            fleet/vms/a.yaml:8:19: error: spec.network.mode: string "bridged" is not valid; valid: isolated, allowlist, full
+            fleet/vms/a.yaml:8:19: error: spec.network.mode: string "bridged" is not valid; valid: isolated, full, brokered
         "#]],
     );
 }
 
 #[test]
-fn allowlist_network_is_not_supported_yet() {
+fn allowlist_is_not_a_network_mode() {
     check(
         &[(
             "fleet/vms/a.yaml",
             &vm_with("  network: {mode: allowlist}\n"),
         )],
         expect![[r#"
-            fleet/vms/a.yaml:8:19: error: spec.network.mode: allowlist is not supported by the libvirt provider yet; use isolated or full
+            fleet/vms/a.yaml:8:19: error: spec.network.mode: string "allowlist" is not valid; valid: isolated, full, brokered
+        "#]],
+    );
+}
+
+#[test]
+fn egress_rules_are_checked_and_need_the_brokered_mode() {
+    check(
+        &[(
+            "fleet/loadouts/dev.yaml",
+            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: dev}\nspec:\n  network: {mode: full}\n  egress:\n    allow:\n      - {host: '*.com'}\n      - {host: 'api.example.com', paths: ['/a/../b']}\n      - {host: 'http://x.example.com'}\n",
+        )],
+        expect![[r#"
+            fleet/loadouts/dev.yaml:6:3: error: spec.egress: egress rules take effect only with network.mode: brokered; set it, or remove them
+            fleet/loadouts/dev.yaml:8:16: error: spec.egress.allow[0].host: "*.com" allows every name under a top-level domain; name a domain you mean, such as *.example.com
+            fleet/loadouts/dev.yaml:9:43: error: spec.egress.allow[1].paths[0]: "/a/../b" holds a . or .. segment; write a plain prefix such as /repos/team/
+            fleet/loadouts/dev.yaml:10:16: error: spec.egress.allow[2].host: "http://x.example.com" is not a host name, *.domain or IP address; write a name such as api.example.com, *.example.com, or an address such as 10.0.0.5
         "#]],
     );
 }

@@ -76,15 +76,16 @@ pub(super) fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
         }
         AnyObject::Loadout(o) => {
             check_resources(o, "/spec/resources", o.doc.spec.resources.as_ref(), diags);
-            check_network(
-                o,
-                "/spec/network",
-                o.doc.spec.network.as_ref().map(|n| n.mode),
-                diags,
-            );
             check_secret_targets(o, "/spec/secrets", &o.doc.spec.secrets, diags);
             if let Some(egress) = &o.doc.spec.egress {
                 check_egress(o, egress, diags);
+                let mode = o.doc.spec.network.as_ref().map(|n| n.mode);
+                if mode.is_some_and(|m| m != NetworkMode::Brokered) {
+                    diags.push(o.key_error(
+                        "/spec/egress",
+                        "egress rules take effect only with network.mode: brokered; set it, or remove them",
+                    ));
+                }
             }
         }
         AnyObject::Secret(_) => {}
@@ -230,12 +231,6 @@ fn check_vm_spec<T>(o: &Object<T>, at: &str, spec: &VmSpec, diags: &mut Vec<Diag
         spec.resources.as_ref(),
         diags,
     );
-    check_network(
-        o,
-        &format!("{at}/network"),
-        spec.network.as_ref().map(|n| n.mode),
-        diags,
-    );
 }
 
 fn check_resources<T>(
@@ -279,21 +274,6 @@ fn check_egress<T>(o: &Object<T>, egress: &crate::spec::Egress, diags: &mut Vec<
                 ));
             }
         }
-    }
-}
-
-fn check_network<T>(
-    o: &Object<T>,
-    at: &str,
-    mode: Option<NetworkMode>,
-    diags: &mut Vec<Diagnostic>,
-) {
-    if mode == Some(NetworkMode::Allowlist) {
-        let pointer = format!("{at}/mode");
-        diags.push(o.field_error(
-            &pointer,
-            "allowlist is not supported by the libvirt provider yet; use isolated or full",
-        ));
     }
 }
 

@@ -126,7 +126,7 @@ pub fn render(vm: &DesiredVm, uuid: &uuid::Uuid, stamp: &Stamp, files: &VmFiles<
         );
     }
     match c.network {
-        NetworkMode::Isolated | NetworkMode::Allowlist | NetworkMode::Brokered => {}
+        NetworkMode::Isolated | NetworkMode::Brokered => {}
         // Never QEMU's user networking: its gateway is the host's loopback.
         NetworkMode::Full => {
             let _ = writeln!(

@@ -54,7 +54,7 @@
 //! read each image file, naming the directory, the user and the fix, instead of every start
 //! failing with QEMU's bare "Permission denied".
 //!
-//! Networks: isolated VMs (and, on libvirt for now, allowlist ones) get no network card.
+//! Networks: isolated and brokered VMs get no network card.
 //! `network: full` VMs join the NAT network of `full_network`, never QEMU's user networking,
 //! whose gateway is the host's loopback. Such a VM is started only once the nftables guard
 //! and the network are up, only when fleet runs on the libvirt host itself (a `qemu:///`

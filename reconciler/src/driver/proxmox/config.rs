@@ -22,13 +22,6 @@ impl ProxmoxDriver {
         match vm.config.network {
             NetworkMode::Isolated | NetworkMode::Brokered => Ok(None),
             NetworkMode::Full => Ok(Some(format!("{model},bridge={}", self.bridge))),
-            NetworkMode::Allowlist => Err(DriverError::new(
-                ErrorKind::Permanent,
-                format!(
-                    "VM {}: network mode allowlist is not supported on Proxmox yet; use isolated or full",
-                    vm.name
-                ),
-            )),
         }
     }
 
