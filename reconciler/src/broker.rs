@@ -27,8 +27,10 @@ use fleet_agent_protocol::{GuestMessage, HostMessage, VERSION};
 use crate::agent_link::Waker;
 use crate::egress::{self, BadRequest, Decision, ProxyKind, Rule};
 
-/// How long dialing an upstream may take.
+/// How long dialing an upstream may take (all its addresses together).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one write to an upstream may block before the stream is given up.
+const UPSTREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Resolves a host and port to addresses; the system resolver in production, a table in
 /// tests (no traffic may leave the machine).
@@ -98,11 +100,27 @@ impl Outbox {
     }
 }
 
-/// What the link thread passes a stream's worker.
+/// What the link thread passes a stream's worker: the guest's bytes (bounded by the
+/// credit the link thread checks) or the end.
 enum Inbound {
     Data(Vec<u8>),
-    Credit(u64),
     Close,
+}
+
+/// The credit the guest gave this side, and whether the stream is over: shared by the
+/// link thread (which adds credit), the worker and the reader (which wait for it).
+#[derive(Default)]
+struct Credit {
+    window: SendWindow,
+    closed: bool,
+}
+
+type SharedCredit = Arc<(Mutex<Credit>, Condvar)>;
+
+/// Ends a stream's waits: whoever waits for credit sees the end.
+fn close_credit(credit: &SharedCredit) {
+    credit.0.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+    credit.1.notify_all();
 }
 
 struct StreamHandle {
@@ -110,7 +128,12 @@ struct StreamHandle {
     /// The guest's credit on this stream: checked by the link thread as bytes arrive,
     /// returned by the worker as it writes them upstream.
     recv: Arc<Mutex<RecvWindow>>,
+    credit: SharedCredit,
 }
+
+/// The most `egress.denied` events one link writes a minute; the rest are counted, and
+/// the count is said with the next one (a guest cannot flood the event log).
+const DENIED_EVENTS_PER_MINUTE: usize = 10;
 
 /// One link's streams.
 pub struct Broker {
@@ -120,6 +143,8 @@ pub struct Broker {
     on_denied: OnDenied,
     streams: HashMap<u32, StreamHandle>,
     outbox: Outbox,
+    /// Streams whose threads still run, closed or not: what `MAX_STREAMS` bounds.
+    live: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Broker {
@@ -127,9 +152,10 @@ impl Broker {
         Broker {
             rules,
             resolve,
-            on_denied,
+            on_denied: limit_denials(on_denied),
             streams: HashMap::new(),
             outbox,
+            live: Arc::default(),
         }
     }
 
@@ -147,7 +173,7 @@ impl Broker {
                     return; // Closed already: the guest learns from our StreamClose.
                 };
                 let bytes = match base64::engine::general_purpose::STANDARD.decode(data) {
-                    Ok(b) if b.len() <= stream::CHUNK_BYTES => b,
+                    Ok(b) if !b.is_empty() && b.len() <= stream::CHUNK_BYTES => b,
                     _ => return self.fail(*stream, "a malformed StreamData".into()),
                 };
                 let within = handle
@@ -163,12 +189,23 @@ impl Broker {
                 }
             }
             GuestMessage::StreamCredit { stream, bytes, .. } => {
-                if let Some(handle) = self.streams.get(stream) {
-                    let _ = handle.inbound.send(Inbound::Credit(*bytes));
+                let Some(handle) = self.streams.get(stream) else {
+                    return;
+                };
+                let (credit, changed) = &*handle.credit;
+                let fair = credit
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .window
+                    .granted(*bytes);
+                changed.notify_all();
+                if let Err(e) = fair {
+                    self.fail(*stream, format!("flow control: {e}"));
                 }
             }
             GuestMessage::StreamClose { stream, .. } => {
                 if let Some(handle) = self.streams.remove(stream) {
+                    close_credit(&handle.credit);
                     let _ = handle.inbound.send(Inbound::Close);
                 }
             }
@@ -185,7 +222,8 @@ impl Broker {
         if self.streams.contains_key(&id) {
             return self.fail(id, format!("stream {id} is open already"));
         }
-        if self.streams.len() >= stream::MAX_STREAMS {
+        let live = self.live.load(std::sync::atomic::Ordering::Relaxed);
+        if self.streams.len() >= stream::MAX_STREAMS || live >= stream::MAX_STREAMS {
             return self.outbox.close(
                 id,
                 Some(format!(
@@ -196,6 +234,7 @@ impl Broker {
         }
         let (inbound, rx) = channel();
         let recv = Arc::new(Mutex::new(RecvWindow::default()));
+        let credit: SharedCredit = Arc::default();
         let worker = Worker {
             id,
             ended: inbound.clone(),
@@ -204,15 +243,44 @@ impl Broker {
             on_denied: self.on_denied.clone(),
             outbox: self.outbox.clone(),
             recv: recv.clone(),
-            send: Arc::new((Mutex::new(SendWindow::default()), Condvar::new())),
+            send: credit.clone(),
         };
-        std::thread::spawn(move || worker.run(rx));
-        self.streams.insert(id, StreamHandle { inbound, recv });
+        let live = self.live.clone();
+        live.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let spawned = std::thread::Builder::new()
+            .name(format!("egress-{id}"))
+            .spawn(move || {
+                // Counted down however the worker ends (a panic included).
+                struct Live(Arc<std::sync::atomic::AtomicUsize>);
+                impl Drop for Live {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                let _live = Live(live);
+                worker.run(rx);
+            });
+        if spawned.is_err() {
+            self.live.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            return self.outbox.close(
+                id,
+                Some("the host cannot take another connection now".into()),
+            );
+        }
+        self.streams.insert(
+            id,
+            StreamHandle {
+                inbound,
+                recv,
+                credit,
+            },
+        );
     }
 
     /// Ends a stream the guest misused.
     fn fail(&mut self, id: u32, why: String) {
         if let Some(handle) = self.streams.remove(&id) {
+            close_credit(&handle.credit);
             let _ = handle.inbound.send(Inbound::Close);
         }
         self.outbox.close(id, Some(why));
@@ -223,6 +291,7 @@ impl Drop for Broker {
     /// The link is gone: every stream ends with it.
     fn drop(&mut self) {
         for (_, handle) in self.streams.drain() {
+            close_credit(&handle.credit);
             let _ = handle.inbound.send(Inbound::Close);
         }
     }
@@ -238,8 +307,8 @@ struct Worker {
     on_denied: OnDenied,
     outbox: Outbox,
     recv: Arc<Mutex<RecvWindow>>,
-    /// Credit to send to the guest, shared with the reader thread.
-    send: Arc<(Mutex<SendWindow>, Condvar)>,
+    /// Credit to send to the guest, shared with the link thread and the reader.
+    send: SharedCredit,
 }
 
 impl Worker {
@@ -258,7 +327,6 @@ impl Worker {
                         }
                     }
                 }
-                Ok(Inbound::Credit(n)) => self.granted(n),
                 Ok(Inbound::Close) | Err(_) => return,
             }
         };
@@ -292,13 +360,29 @@ impl Worker {
             (self.on_denied)(format!("CONNECT {}:{}: {text}", request.host, request.port));
             return self.respond(403, "Forbidden", &text, None);
         }
-        let upstream = match TcpStream::connect_timeout(&addresses[0], CONNECT_TIMEOUT) {
+        let upstream = match dial(&addresses) {
             Ok(s) => s,
             Err(e) => {
                 return self.respond(502, "Bad Gateway", &format!("cannot connect: {e}"), None);
             }
         };
+        // A connection to one of the host's own addresses (its public one, a bridge's) is
+        // one the kernel answers from that same address: the host's own services are
+        // never reached, whatever name led there, unless a rule names the address.
+        if let (Ok(local), Ok(peer)) = (upstream.local_addr(), upstream.peer_addr())
+            && local.ip() == peer.ip()
+            && rule.host != egress::HostPattern::Address(peer.ip())
+        {
+            let _ = upstream.shutdown(std::net::Shutdown::Both);
+            let text = format!(
+                "{} is an address of this host, and the rule does not name it",
+                peer.ip()
+            );
+            (self.on_denied)(format!("CONNECT {}:{}: {text}", request.host, request.port));
+            return self.respond(403, "Forbidden", &text, None);
+        }
         let _ = upstream.set_nodelay(true);
+        let _ = upstream.set_write_timeout(Some(UPSTREAM_WRITE_TIMEOUT));
         self.send_to_guest(b"HTTP/1.1 200 Connection established\r\n\r\n");
         let mut writer = upstream;
         let Ok(reader) = writer.try_clone() else {
@@ -312,26 +396,29 @@ impl Worker {
         let reading = {
             let (id, outbox, send) = (self.id, self.outbox.clone(), self.send.clone());
             let ended = self.ended.clone();
-            std::thread::spawn(move || {
-                upstream_to_guest(id, reader, &outbox, &send);
-                let _ = ended.send(Inbound::Close);
-            })
+            std::thread::Builder::new()
+                .name(format!("egress-{id}-in"))
+                .spawn(move || {
+                    upstream_to_guest(id, reader, &outbox, &send);
+                    let _ = ended.send(Inbound::Close);
+                })
         };
-        loop {
-            match rx.recv() {
-                Ok(Inbound::Data(bytes)) => {
-                    if writer.write_all(&bytes).is_err() {
-                        break;
-                    }
-                    self.consumed(bytes.len());
-                }
-                Ok(Inbound::Credit(n)) => self.granted(n),
-                Ok(Inbound::Close) | Err(_) => break,
+        let Ok(reading) = reading else {
+            let _ = writer.shutdown(std::net::Shutdown::Both);
+            return self.outbox.close(
+                self.id,
+                Some("the host cannot take another connection now".into()),
+            );
+        };
+        while let Ok(Inbound::Data(bytes)) = rx.recv() {
+            if writer.write_all(&bytes).is_err() {
+                break;
             }
+            self.consumed(bytes.len());
         }
         let _ = writer.shutdown(std::net::Shutdown::Both);
-        // Wake a reader waiting for credit, so it sees the end.
-        self.send.1.notify_all();
+        // A reader waiting for credit sees the end at once.
+        close_credit(&self.send);
         let _ = reading.join();
     }
 
@@ -351,24 +438,11 @@ impl Worker {
         }
     }
 
-    fn granted(&self, n: u64) {
-        let (window, changed) = &*self.send;
-        let fair = window.lock().unwrap_or_else(|p| p.into_inner()).granted(n);
-        if fair.is_err() {
-            self.outbox.close(
-                self.id,
-                Some("flow control: credit beyond one window".into()),
-            );
-        }
-        changed.notify_all();
-    }
-
     /// Sends `bytes` to the guest within its credit (small replies fit the first window).
     fn send_to_guest(&self, bytes: &[u8]) {
-        let (window, _) = &*self.send;
-        let mut window = window.lock().unwrap_or_else(|p| p.into_inner());
-        let n = window.allowance(bytes.len());
-        window.sent(n);
+        let mut credit = self.send.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = credit.window.allowance(bytes.len());
+        credit.window.sent(n);
         self.outbox.data(self.id, &bytes[..n]);
     }
 
@@ -385,13 +459,8 @@ impl Worker {
 }
 
 /// Copies what the upstream sends to the guest, within the guest's credit, then ends the
-/// stream.
-fn upstream_to_guest(
-    id: u32,
-    mut upstream: TcpStream,
-    outbox: &Outbox,
-    send: &(Mutex<SendWindow>, Condvar),
-) {
+/// stream. Returns at once when the stream is closed, whatever it was waiting for.
+fn upstream_to_guest(id: u32, mut upstream: TcpStream, outbox: &Outbox, credit: &SharedCredit) {
     let mut buf = vec![0u8; stream::CHUNK_BYTES];
     loop {
         let n = match upstream.read(&mut buf) {
@@ -400,29 +469,78 @@ fn upstream_to_guest(
         };
         let mut at = 0;
         while at < n {
-            let (window, changed) = send;
-            let mut window = window.lock().unwrap_or_else(|p| p.into_inner());
-            let mut allowed = window.allowance(n - at);
-            while allowed == 0 {
+            let (state, changed) = &**credit;
+            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut allowed = state.window.allowance(n - at);
+            while allowed == 0 && !state.closed {
                 let (next, timeout) = changed
-                    .wait_timeout(window, Duration::from_secs(60))
+                    .wait_timeout(state, Duration::from_secs(60))
                     .unwrap_or_else(|p| p.into_inner());
-                window = next;
-                allowed = window.allowance(n - at);
+                state = next;
+                allowed = state.window.allowance(n - at);
                 if allowed == 0 && timeout.timed_out() {
                     // A guest that takes nothing for a minute: the stream is dropped.
-                    drop(window);
+                    drop(state);
                     let _ = upstream.shutdown(std::net::Shutdown::Both);
                     return outbox.close(id, Some("the guest stopped reading".into()));
                 }
             }
-            window.sent(allowed);
-            drop(window);
+            if state.closed {
+                return;
+            }
+            state.window.sent(allowed);
+            drop(state);
             outbox.data(id, &buf[at..at + allowed]);
             at += allowed;
         }
     }
     outbox.close(id, None);
+}
+
+/// Dials the checked addresses in turn within one `CONNECT_TIMEOUT`.
+fn dial(addresses: &[SocketAddr]) -> std::io::Result<TcpStream> {
+    let deadline = std::time::Instant::now() + CONNECT_TIMEOUT;
+    let mut last = std::io::Error::other("no address");
+    for address in addresses {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match TcpStream::connect_timeout(address, left) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// At most `DENIED_EVENTS_PER_MINUTE` refusals a minute reach `on_denied`; the next one
+/// after a quiet spell says how many were left out.
+fn limit_denials(on_denied: OnDenied) -> OnDenied {
+    let window = Mutex::new((std::time::Instant::now(), 0usize, 0usize));
+    Arc::new(move |why: String| {
+        let mut w = window.lock().unwrap_or_else(|p| p.into_inner());
+        let (since, sent, dropped) = &mut *w;
+        if since.elapsed() >= Duration::from_secs(60) {
+            *since = std::time::Instant::now();
+            *sent = 0;
+        }
+        if *sent >= DENIED_EVENTS_PER_MINUTE {
+            *dropped += 1;
+            return;
+        }
+        *sent += 1;
+        let why: String = why.chars().take(512).collect();
+        let note = std::mem::take(dropped);
+        drop(w);
+        if note > 0 {
+            on_denied(format!(
+                "{why} (and {note} more refusal(s) not recorded one by one)"
+            ));
+        } else {
+            on_denied(why);
+        }
+    })
 }
 
 #[cfg(test)]

@@ -144,8 +144,9 @@ pub struct Refusal {
 /// Whether `rules` allow a request to `host:port` (and, for plain HTTP, `path`).
 pub fn decide(rules: &[Rule], host: &str, port: u16, path: Option<&str>) -> Decision {
     let Some(target) = Target::parse(host) else {
+        let shown: String = host.chars().take(64).collect();
         return Decision::Refused(Refusal {
-            why: format!("{host:?} is not a host name or address"),
+            why: format!("{shown:?} is not a host name or address"),
             fix: "use a DNS name".into(),
         });
     };
@@ -315,6 +316,7 @@ fn internal_v4(ip: &Ipv4Addr) -> bool {
         || (a == 100 && (64..128).contains(&b))
         || (a == 192 && b == 0 && c == 0)
         || (a == 198 && (b == 18 || b == 19))
+        || (a == 192 && b == 88 && c == 99)
         || a >= 240
 }
 
@@ -344,8 +346,16 @@ fn internal_v6(ip: &Ipv6Addr) -> bool {
             s[2] as u8,
         ));
     }
-    // Site-local (deprecated, fec0::/10).
-    if s[0] & 0xffc0 == 0xfec0 {
+    // Site-local (deprecated, fec0::/10), IPv4-translated (::ffff:0:0:0/96), Teredo
+    // (2001::/32), discard (100::/64), benchmarking (2001:2::/48) and documentation
+    // (3fff::/20): none is a destination a task needs.
+    if s[0] & 0xffc0 == 0xfec0
+        || (s[..4].iter().all(|&x| x == 0) && s[4] == 0xffff && s[5] == 0)
+        || (s[0] == 0x2001 && s[1] == 0)
+        || (s[0] == 0x100 && s[1..4].iter().all(|&x| x == 0))
+        || (s[0] == 0x2001 && s[1] == 2 && s[2] == 0)
+        || (s[0] & 0xfff0 == 0x3ff0)
+    {
         return true;
     }
     ip.is_unspecified()

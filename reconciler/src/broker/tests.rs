@@ -295,3 +295,42 @@ fn a_large_download_waits_for_the_guests_credit() {
     });
     assert_eq!(guest.read(11, half as usize).len(), half as usize);
 }
+
+#[test]
+fn a_stream_closed_while_its_reader_waits_for_credit_ends_at_once() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        if let Ok((mut conn, _)) = listener.accept() {
+            let _ = conn.write_all(&vec![b'x'; 1 << 20]);
+            std::thread::sleep(Duration::from_secs(30));
+        }
+    });
+    let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system_resolver());
+    guest.send(GuestMessage::StreamOpen {
+        v: VERSION,
+        stream: 12,
+    });
+    guest.data(
+        12,
+        format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n").as_bytes(),
+    );
+    let window = stream::WINDOW_BYTES as usize;
+    assert_eq!(guest.read(12, window).len(), window);
+    assert_eq!(
+        guest.broker.live.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // The reader waits for credit that never comes; the guest closes instead. Its threads
+    // end now, not when the reader's minute runs out, and free the stream's slot.
+    guest.send(GuestMessage::StreamClose {
+        v: VERSION,
+        stream: 12,
+        error: None,
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while guest.broker.live.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+        assert!(Instant::now() < deadline, "the stream's threads still run");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
