@@ -10,8 +10,9 @@
 //! within the guest's credit. Every stream's buffers are bounded by its window, and a link
 //! holds at most `stream::MAX_STREAMS`.
 //!
-//! This first slice tunnels `CONNECT` only (TLS, which is what agents and git use); a
-//! plain-HTTP request is refused with a 403 saying so.
+//! A `CONNECT` is a tunnel (TLS, which is what agents and git use). A plain-HTTP request
+//! is checked with its path too, and goes upstream alone (`Connection: close`, its body and
+//! nothing after it), so a second request on the connection is never sent unchecked.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -330,19 +331,19 @@ impl Worker {
                 Ok(Inbound::Close) | Err(_) => return,
             }
         };
-        if !matches!(request.kind, ProxyKind::Connect) {
-            return self.respond(
-                403,
-                "Forbidden",
-                "plain HTTP is not brokered yet; use https:// (CONNECT)",
-                None,
-            );
-        }
-        let rule = match egress::decide(&self.rules, &request.host, request.port, None) {
+        let (what, path) = match &request.kind {
+            ProxyKind::Connect => (format!("CONNECT {}:{}", request.host, request.port), None),
+            ProxyKind::Http { path, .. } => (
+                format!("http://{}:{}{}", request.host, request.port, path),
+                Some(path.as_str()),
+            ),
+        };
+        let what: String = what.chars().take(300).collect();
+        let rule = match egress::decide(&self.rules, &request.host, request.port, path) {
             Decision::Allowed { rule } => &self.rules[rule],
             Decision::Refused(refusal) => {
                 let text = format!("{}; to allow it, {}", refusal.why, refusal.fix);
-                (self.on_denied)(format!("CONNECT {}:{}: {text}", request.host, request.port));
+                (self.on_denied)(format!("{what}: {text}"));
                 return self.respond(403, "Forbidden", &text, None);
             }
         };
@@ -357,7 +358,7 @@ impl Worker {
         let ips: Vec<_> = addresses.iter().map(SocketAddr::ip).collect();
         if let Err(refusal) = egress::check_resolved(rule, &ips) {
             let text = format!("{}; {}", refusal.why, refusal.fix);
-            (self.on_denied)(format!("CONNECT {}:{}: {text}", request.host, request.port));
+            (self.on_denied)(format!("{what}: {text}"));
             return self.respond(403, "Forbidden", &text, None);
         }
         let upstream = match dial(&addresses) {
@@ -378,21 +379,43 @@ impl Worker {
                 "{} is an address of this host, and the rule does not name it",
                 peer.ip()
             );
-            (self.on_denied)(format!("CONNECT {}:{}: {text}", request.host, request.port));
+            (self.on_denied)(format!("{what}: {text}"));
             return self.respond(403, "Forbidden", &text, None);
         }
         let _ = upstream.set_nodelay(true);
         let _ = upstream.set_write_timeout(Some(UPSTREAM_WRITE_TIMEOUT));
-        self.send_to_guest(b"HTTP/1.1 200 Connection established\r\n\r\n");
         let mut writer = upstream;
         let Ok(reader) = writer.try_clone() else {
             return self
                 .outbox
                 .close(self.id, Some("cannot copy the connection".into()));
         };
-        if writer.write_all(&head[request.head_len..]).is_err() {
+        // What may still go upstream after the head: a tunnel anything, a plain request
+        // its body and no more (one request per connection, the one that was checked).
+        let mut left = match &request.kind {
+            ProxyKind::Connect => {
+                self.send_to_guest(b"HTTP/1.1 200 Connection established\r\n\r\n");
+                u64::MAX
+            }
+            ProxyKind::Http {
+                head: upstream_head,
+                body_len,
+                ..
+            } => {
+                if writer.write_all(upstream_head).is_err() {
+                    return self.outbox.close(self.id, None);
+                }
+                *body_len
+            }
+        };
+        let after_head = &head[request.head_len..];
+        let first = &after_head[..after_head
+            .len()
+            .min(usize::try_from(left).unwrap_or(usize::MAX))];
+        if writer.write_all(first).is_err() {
             return self.outbox.close(self.id, None);
         }
+        left -= first.len() as u64;
         let reading = {
             let (id, outbox, send) = (self.id, self.outbox.clone(), self.send.clone());
             let ended = self.ended.clone();
@@ -411,9 +434,12 @@ impl Worker {
             );
         };
         while let Ok(Inbound::Data(bytes)) = rx.recv() {
-            if writer.write_all(&bytes).is_err() {
+            let n = bytes.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            if writer.write_all(&bytes[..n]).is_err() {
                 break;
             }
+            left -= n as u64;
+            // Bytes past a plain request's body are dropped, but still count as passed on.
             self.consumed(bytes.len());
         }
         let _ = writer.shutdown(std::net::Shutdown::Both);

@@ -390,7 +390,13 @@ pub enum ProxyKind {
     /// A plain-HTTP request in absolute form; `head` is the request to send upstream, in
     /// origin form (`GET /path HTTP/1.1`), with `Host` set to the target and the proxy's
     /// own headers (`Proxy-Authorization`, `Proxy-Connection`) left out.
-    Http { path: String, head: Vec<u8> },
+    Http {
+        path: String,
+        head: Vec<u8>,
+        /// The request's body length (`Content-Length`, 0 without one): what follows the
+        /// head up to it goes upstream, and nothing after it.
+        body_len: u64,
+    },
 }
 
 /// Why a proxy request is refused before any rule is asked.
@@ -468,6 +474,20 @@ pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
                 .into(),
         ));
     }
+    let lengths: Vec<&[u8]> = request
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map(|h| h.value)
+        .collect();
+    let body_len = match lengths.as_slice() {
+        [] => 0,
+        [one] => std::str::from_utf8(one)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| refused("a Content-Length that is not a number".into()))?,
+        _ => return Err(refused("more than one Content-Length".into())),
+    };
     let by_connection: Vec<String> = request
         .headers
         .iter()
@@ -511,7 +531,11 @@ pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
     Ok(ProxyRequest {
         host,
         port,
-        kind: ProxyKind::Http { path, head },
+        kind: ProxyKind::Http {
+            path,
+            head,
+            body_len,
+        },
         head_len,
     })
 }
@@ -752,7 +776,7 @@ mod tests {
             (request.host.as_str(), request.port),
             ("git.example.com", 80)
         );
-        let ProxyKind::Http { path, head } = request.kind else {
+        let ProxyKind::Http { path, head, .. } = request.kind else {
             panic!("plain HTTP");
         };
         assert_eq!(path, "/repos/team/x?y=1");

@@ -334,3 +334,106 @@ fn a_stream_closed_while_its_reader_waits_for_credit_ends_at_once() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// An HTTP upstream that answers each request with its request line and Host header,
+/// and records whatever else the connection carried after the head.
+fn http_upstream() -> (u16, Arc<Mutex<Vec<u8>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let extra = Arc::new(Mutex::new(Vec::new()));
+    let seen = extra.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut conn = conn;
+            let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            let text = String::from_utf8_lossy(&got).into_owned();
+            let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            seen.lock()
+                .expect("lock")
+                .extend_from_slice(rest.as_bytes());
+            let line = head.lines().next().unwrap_or_default();
+            let host = head
+                .lines()
+                .find(|l| l.to_ascii_lowercase().starts_with("host:"))
+                .unwrap_or_default();
+            let body = format!("{line}\n{host}\n");
+            let _ = conn.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+    });
+    (port, extra)
+}
+
+#[test]
+fn a_plain_request_goes_upstream_alone_and_only_under_its_paths() {
+    let (port, extra) = http_upstream();
+    let rules = vec![Rule {
+        path_prefixes: vec!["/ok/".into()],
+        ..rule("127.0.0.1", &[port])
+    }];
+    let mut guest = Guest::new(Some(rules), system_resolver());
+    guest.send(GuestMessage::StreamOpen {
+        v: VERSION,
+        stream: 20,
+    });
+    guest.data(
+        20,
+        format!(
+            "POST http://127.0.0.1:{port}/ok/x HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 4\r\n\r\nbodyGET /admin HTTP/1.1\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    let (answer, _) = guest.read_until_closed(20, Duration::from_secs(5));
+    let answer = String::from_utf8(answer).expect("text");
+    assert!(answer.contains("POST /ok/x HTTP/1.1"), "{answer}");
+    assert!(
+        answer.contains(&format!("Host: 127.0.0.1:{port}")),
+        "{answer}"
+    );
+    assert_eq!(
+        extra.lock().expect("lock").as_slice(),
+        b"body",
+        "the body went up, the smuggled second request did not"
+    );
+
+    guest.send(GuestMessage::StreamOpen {
+        v: VERSION,
+        stream: 21,
+    });
+    guest.data(
+        21,
+        format!("GET http://127.0.0.1:{port}/admin HTTP/1.1\r\n\r\n").as_bytes(),
+    );
+    let (answer, _) = guest.read_until_closed(21, Duration::from_secs(5));
+    let answer = String::from_utf8(answer).expect("text");
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(
+        answer.contains("allows the paths [\"/ok/\"], not /admin"),
+        "{answer}"
+    );
+
+    // A tunnel would carry any path: the path-limited rule does not allow one.
+    guest.send(GuestMessage::StreamOpen {
+        v: VERSION,
+        stream: 22,
+    });
+    guest.data(
+        22,
+        format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n").as_bytes(),
+    );
+    let (answer, _) = guest.read_until_closed(22, Duration::from_secs(5));
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 403"));
+}

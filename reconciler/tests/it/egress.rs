@@ -34,6 +34,38 @@ fn shouting_upstream() -> u16 {
     port
 }
 
+/// An HTTP upstream on 127.0.0.1 that answers every request with its request line.
+fn http_upstream() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut conn = conn;
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&got).into_owned();
+            let body = format!(
+                "upstream saw: {}\n",
+                text.lines().next().unwrap_or_default()
+            );
+            let _ = conn.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+    });
+    port
+}
+
 /// A task that opens a tunnel to 127.0.0.1:`port` through the proxy and says "ping".
 fn tunnel_task(name: &str, vm: &str, port: u16) -> String {
     task_yaml(
@@ -57,6 +89,7 @@ fn a_brokered_vm_reaches_only_what_its_loadout_allows() {
     let vm = format!("{prefix}a");
     let allowed = shouting_upstream();
     let other = shouting_upstream();
+    let web = http_upstream();
     let repo = Repo::new();
     repo.write(
         "fleet/fleet.yaml",
@@ -68,7 +101,7 @@ fn a_brokered_vm_reaches_only_what_its_loadout_allows() {
     repo.write(
         "fleet/loadouts/agent.yaml",
         format!(
-            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: agent}}\nspec:\n  network: {{mode: brokered}}\n  egress:\n    allow:\n      - {{host: '127.0.0.1', ports: [{allowed}]}}\n"
+            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: agent}}\nspec:\n  network: {{mode: brokered}}\n  egress:\n    allow:\n      - {{host: '127.0.0.1', ports: [{allowed}]}}\n      - {{host: '127.0.0.1', ports: [{web}], paths: [/ok/]}}\n"
         ),
     );
     repo.write(
@@ -84,6 +117,18 @@ fn a_brokered_vm_reaches_only_what_its_loadout_allows() {
     repo.write(
         "fleet/tasks/refused.yaml",
         tunnel_task("refused", &vm, other),
+    );
+    // Plain HTTP through the proxy the task's environment names (busybox wget), under the
+    // rule's path and outside it.
+    repo.write(
+        "fleet/tasks/web.yaml",
+        task_yaml(
+            "web",
+            &vm,
+            &format!(
+                "  command: [sh, -c, \"unset NO_PROXY no_proxy; busybox wget -q -O- http://127.0.0.1:{web}/ok/hello; busybox wget -q -O- http://127.0.0.1:{web}/admin 2>&1; echo done\"]\n"
+            ),
+        ),
     );
     repo.commit("a brokered VM and two tunnels");
     crate::support::Run(repo.fleet(&["validate"]).0).expect_code(0);
@@ -111,6 +156,17 @@ fn a_brokered_vm_reaches_only_what_its_loadout_allows() {
     assert!(
         !output.contains("PING"),
         "nothing reached the other upstream: {output}"
+    );
+    status.wait_phase("web", "Succeeded", Duration::from_secs(60));
+    let output = status.output("web");
+    assert!(
+        output.contains("upstream saw: GET /ok/hello HTTP/1.1"),
+        "the allowed path reached the upstream: {output}"
+    );
+    assert!(!output.contains("upstream saw: GET /admin"), "{output}");
+    assert!(
+        output.contains("403"),
+        "the other path was refused: {output}"
     );
     let events = read(&status.0.join("events.jsonl"));
     assert!(
