@@ -266,11 +266,11 @@ fn ambiguous_path(target: &str) -> Option<&'static str> {
         return Some("holds a . or .. segment");
     }
     let lower = path.to_ascii_lowercase();
-    if ["%2e", "%2f", "%5c", "%00"]
+    if ["%2e", "%2f", "%5c", "%00", "%25"]
         .iter()
         .any(|e| lower.contains(e))
     {
-        return Some("holds an encoded dot, slash, backslash or NUL");
+        return Some("holds an encoded dot, slash, backslash, NUL or percent sign");
     }
     None
 }
@@ -480,14 +480,24 @@ pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
         .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
         .map(|h| h.value)
         .collect();
+    // Digits only: a sign, spaces or another kind of digit would be read differently
+    // upstream, and the bytes after the body it then sees would be a request no rule saw.
     let body_len = match lengths.as_slice() {
         [] => 0,
-        [one] => std::str::from_utf8(one)
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .ok_or_else(|| refused("a Content-Length that is not a number".into()))?,
+        [one] if !one.is_empty() && one.len() <= 18 && one.iter().all(u8::is_ascii_digit) => {
+            std::str::from_utf8(one)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| refused("a Content-Length that is not a number".into()))?
+        }
+        [_] => return Err(refused("a Content-Length that is not plain digits".into())),
         _ => return Err(refused("more than one Content-Length".into())),
     };
+    if request.headers.iter().any(|h| h.name.contains('_')) {
+        return Err(refused(
+            "a header name with an underscore (some servers read it as another header)".into(),
+        ));
+    }
     let by_connection: Vec<String> = request
         .headers
         .iter()
@@ -506,11 +516,19 @@ pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
         format!("{host}:{port}")
     };
     head.extend_from_slice(format!("Host: {host_header}\r\nConnection: close\r\n").as_bytes());
+    // The length the broker forwards by, written by the broker: no header of the client's
+    // can remove or restate it.
+    if !lengths.is_empty() {
+        head.extend_from_slice(format!("Content-Length: {body_len}\r\n").as_bytes());
+    }
     for header in request.headers.iter() {
         let name = header.name.to_ascii_lowercase();
+        // Hop-by-hop headers, the ones the broker writes itself, and those some servers
+        // route by instead of the request line (which the rule was checked against).
         let hop_by_hop = matches!(
             name.as_str(),
             "host"
+                | "content-length"
                 | "connection"
                 | "keep-alive"
                 | "proxy-authorization"
@@ -518,6 +536,15 @@ pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
                 | "proxy-connection"
                 | "te"
                 | "trailer"
+                | "forwarded"
+                | "x-forwarded-host"
+                | "x-forwarded-for"
+                | "x-forwarded-proto"
+                | "x-original-url"
+                | "x-rewrite-url"
+                | "x-http-method-override"
+                | "x-http-method"
+                | "x-method-override"
         );
         if hop_by_hop || by_connection.contains(&name) {
             continue;
@@ -567,6 +594,11 @@ fn authority(text: &str, default: Option<u16>) -> Result<(String, u16), BadReque
     };
     if host.is_empty() {
         return Err(refused(format!("{text:?} names no host")));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(refused(format!(
+            "{text:?}: an IPv6 address is written in brackets, [address]:port"
+        )));
     }
     Ok((host.to_owned(), port))
 }
@@ -811,6 +843,9 @@ mod tests {
             b"\x16\x03\x01 TLS without CONNECT",
             b"GET http://a.example.com/ HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
             b"POST http://a.example.com/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            b"POST http://a.example.com/ HTTP/1.1\r\nContent-Length: +40\r\n\r\n",
+            b"POST http://a.example.com/ HTTP/1.1\r\nContent_Length: 40\r\n\r\n",
+            b"GET http://fd00::5:80/ HTTP/1.1\r\n\r\n",
         ] {
             assert!(
                 matches!(parse_proxy_request(bad), Err(BadRequest::Refused(_))),
@@ -822,6 +857,27 @@ mod tests {
         assert!(matches!(
             parse_proxy_request(&endless),
             Err(BadRequest::Refused(_))
+        ));
+    }
+
+    #[test]
+    fn no_header_of_the_clients_can_change_what_was_checked() {
+        let head = b"POST http://a.example.com/ok/x HTTP/1.1\r\nConnection: content-length, host\r\nContent-Length: 4\r\nX-Original-URL: /admin\r\nForwarded: host=evil\r\n\r\nbody";
+        let request = parse_proxy_request(head).expect("a request");
+        let ProxyKind::Http { head, body_len, .. } = request.kind else {
+            panic!("plain HTTP");
+        };
+        assert_eq!(body_len, 4);
+        assert_eq!(
+            String::from_utf8(head).expect("text"),
+            "POST /ok/x HTTP/1.1\r\nHost: a.example.com\r\nConnection: close\r\nContent-Length: 4\r\n\r\n"
+        );
+        let rules = [rule("a.example.com", &[80], &["/ok/"])];
+        assert!(!allowed(
+            &rules,
+            "a.example.com",
+            80,
+            Some("/ok/%252e%252e/admin")
         ));
     }
 }
