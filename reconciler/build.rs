@@ -19,6 +19,18 @@ fn main() {
 
 fn git_revision() -> Option<String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+    // Watched before anything can fail, so a stamp that could not be made (git missing or
+    // busy) is made again at the next commit or checkout. Only files that exist: a missing
+    // one would rerun this script on every build.
+    let git_dir = root.join(".git");
+    for watched in ["HEAD", "index", "packed-refs"] {
+        watch(git_dir.join(watched));
+    }
+    if let Ok(head) = std::fs::read_to_string(git_dir.join("HEAD"))
+        && let Some(reference) = head.trim().strip_prefix("ref: ")
+    {
+        watch(git_dir.join(reference));
+    }
     let run = |args: &[&str]| {
         Command::new("git")
             .arg("--no-optional-locks")
@@ -34,25 +46,14 @@ fn git_revision() -> Option<String> {
     if top.canonicalize().ok()? != root.canonicalize().ok()? {
         return None;
     }
-    // A new commit or checkout changes these; watching only files that exist, since a
-    // missing one would rerun this script on every build.
-    for watched in ["HEAD", "index", "packed-refs"] {
-        watch(run(&["rev-parse", "--git-path", watched]), root);
-    }
-    if let Some(reference) = run(&["symbolic-ref", "-q", "HEAD"]) {
-        watch(run(&["rev-parse", "--git-path", &reference]), root);
-    }
     let id = run(&["rev-parse", "--short=12", "HEAD"])?;
     let dirty = run(&["status", "--porcelain", "--untracked-files=no"])
         .is_some_and(|changes| !changes.is_empty());
     Some(if dirty { format!("{id}-dirty") } else { id })
 }
 
-fn watch(path: Option<String>, root: &Path) {
-    if let Some(path) = path {
-        let path = root.join(path);
-        if path.exists() {
-            println!("cargo:rerun-if-changed={}", path.display());
-        }
+fn watch(path: PathBuf) {
+    if path.exists() {
+        println!("cargo:rerun-if-changed={}", path.display());
     }
 }
