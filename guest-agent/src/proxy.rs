@@ -12,11 +12,11 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{Sender, channel};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use fleet_agent_protocol::stream::{self, RecvWindow, SendWindow};
+use fleet_agent_protocol::stream::{self, Credit, RecvWindow, Take};
 use fleet_agent_protocol::{GuestMessage, HostMessage, VERSION};
 
 /// Where this side's messages go: the current opening of the link.
@@ -39,7 +39,7 @@ struct Stream {
     /// Bytes for the client, written by the stream's writer thread.
     to_client: Sender<Vec<u8>>,
     recv: Arc<Mutex<RecvWindow>>,
-    send: Arc<(Mutex<SendWindow>, Condvar)>,
+    send: Arc<Credit>,
 }
 
 impl Proxy {
@@ -61,6 +61,7 @@ impl Proxy {
         *self.inner.sink.lock().unwrap_or_else(|p| p.into_inner()) = sink;
         let closed: Vec<Stream> = self.streams().drain().map(|(_, s)| s).collect();
         for stream in closed {
+            stream.send.close();
             let _ = stream.socket.shutdown(Shutdown::Both);
         }
     }
@@ -90,7 +91,7 @@ impl Proxy {
         };
         let (to_client, from_host) = channel::<Vec<u8>>();
         let recv = Arc::new(Mutex::new(RecvWindow::default()));
-        let send = Arc::new((Mutex::new(SendWindow::default()), Condvar::new()));
+        let send = Arc::new(Credit::default());
         self.streams().insert(
             id,
             Stream {
@@ -170,12 +171,7 @@ impl Proxy {
             }
             HostMessage::StreamCredit { stream, bytes, .. } => {
                 if let Some(s) = self.streams().get(stream) {
-                    let (window, changed) = &*s.send;
-                    let _ = window
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .granted(*bytes);
-                    changed.notify_all();
+                    let _ = s.send.grant(*bytes);
                 }
             }
             HostMessage::StreamClose { stream, .. } => {
@@ -185,7 +181,7 @@ impl Proxy {
                 let removed = self.streams().remove(stream);
                 if let Some(s) = removed {
                     let _ = s.socket.shutdown(Shutdown::Read);
-                    s.send.1.notify_all();
+                    s.send.close();
                     if let Some(sink) = self.sink() {
                         sink(GuestMessage::StreamClose {
                             v: VERSION,
@@ -202,12 +198,7 @@ impl Proxy {
 
 /// Copies what the client sends to the host, within the host's credit; returns at the
 /// client's end (or when the stream is closed under it).
-fn client_to_host(
-    id: u32,
-    mut client: TcpStream,
-    send: &(Mutex<SendWindow>, Condvar),
-    sink: &Sink,
-) {
+fn client_to_host(id: u32, mut client: TcpStream, send: &Credit, sink: &Sink) {
     let mut buf = vec![0u8; stream::CHUNK_BYTES];
     loop {
         let n = match client.read(&mut buf) {
@@ -216,21 +207,9 @@ fn client_to_host(
         };
         let mut at = 0;
         while at < n {
-            let (window, changed) = send;
-            let mut window = window.lock().unwrap_or_else(|p| p.into_inner());
-            let mut allowed = window.allowance(n - at);
-            while allowed == 0 {
-                let (next, timeout) = changed
-                    .wait_timeout(window, Duration::from_secs(60))
-                    .unwrap_or_else(|p| p.into_inner());
-                window = next;
-                allowed = window.allowance(n - at);
-                if allowed == 0 && timeout.timed_out() {
-                    return;
-                }
-            }
-            window.sent(allowed);
-            drop(window);
+            let Take::Bytes(allowed) = send.take(n - at, Duration::from_secs(60)) else {
+                return; // Closed, or a host that took nothing for a minute.
+            };
             sink(GuestMessage::StreamData {
                 v: VERSION,
                 stream: id,

@@ -18,11 +18,11 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use fleet_agent_protocol::stream::{self, RecvWindow, SendWindow};
+use fleet_agent_protocol::stream::{self, Credit, RecvWindow, Take};
 use fleet_agent_protocol::{GuestMessage, HostMessage, VERSION};
 
 use crate::agent_link::Waker;
@@ -108,21 +108,7 @@ enum Inbound {
     Close,
 }
 
-/// The credit the guest gave this side, and whether the stream is over: shared by the
-/// link thread (which adds credit), the worker and the reader (which wait for it).
-#[derive(Default)]
-struct Credit {
-    window: SendWindow,
-    closed: bool,
-}
-
-type SharedCredit = Arc<(Mutex<Credit>, Condvar)>;
-
-/// Ends a stream's waits: whoever waits for credit sees the end.
-fn close_credit(credit: &SharedCredit) {
-    credit.0.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
-    credit.1.notify_all();
-}
+type SharedCredit = Arc<Credit>;
 
 struct StreamHandle {
     inbound: Sender<Inbound>,
@@ -193,20 +179,13 @@ impl Broker {
                 let Some(handle) = self.streams.get(stream) else {
                     return;
                 };
-                let (credit, changed) = &*handle.credit;
-                let fair = credit
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .window
-                    .granted(*bytes);
-                changed.notify_all();
-                if let Err(e) = fair {
+                if let Err(e) = handle.credit.grant(*bytes) {
                     self.fail(*stream, format!("flow control: {e}"));
                 }
             }
             GuestMessage::StreamClose { stream, .. } => {
                 if let Some(handle) = self.streams.remove(stream) {
-                    close_credit(&handle.credit);
+                    handle.credit.close();
                     let _ = handle.inbound.send(Inbound::Close);
                 }
             }
@@ -281,7 +260,7 @@ impl Broker {
     /// Ends a stream the guest misused.
     fn fail(&mut self, id: u32, why: String) {
         if let Some(handle) = self.streams.remove(&id) {
-            close_credit(&handle.credit);
+            handle.credit.close();
             let _ = handle.inbound.send(Inbound::Close);
         }
         self.outbox.close(id, Some(why));
@@ -292,7 +271,7 @@ impl Drop for Broker {
     /// The link is gone: every stream ends with it.
     fn drop(&mut self) {
         for (_, handle) in self.streams.drain() {
-            close_credit(&handle.credit);
+            handle.credit.close();
             let _ = handle.inbound.send(Inbound::Close);
         }
     }
@@ -444,7 +423,7 @@ impl Worker {
         }
         let _ = writer.shutdown(std::net::Shutdown::Both);
         // A reader waiting for credit sees the end at once.
-        close_credit(&self.send);
+        self.send.close();
         let _ = reading.join();
     }
 
@@ -466,9 +445,10 @@ impl Worker {
 
     /// Sends `bytes` to the guest within its credit (small replies fit the first window).
     fn send_to_guest(&self, bytes: &[u8]) {
-        let mut credit = self.send.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = credit.window.allowance(bytes.len());
-        credit.window.sent(n);
+        let n = match self.send.take(bytes.len(), Duration::ZERO) {
+            Take::Bytes(n) => n,
+            Take::Closed | Take::Stalled => 0,
+        };
         self.outbox.data(self.id, &bytes[..n]);
     }
 
@@ -486,7 +466,7 @@ impl Worker {
 
 /// Copies what the upstream sends to the guest, within the guest's credit, then ends the
 /// stream. Returns at once when the stream is closed, whatever it was waiting for.
-fn upstream_to_guest(id: u32, mut upstream: TcpStream, outbox: &Outbox, credit: &SharedCredit) {
+fn upstream_to_guest(id: u32, mut upstream: TcpStream, outbox: &Outbox, credit: &Credit) {
     let mut buf = vec![0u8; stream::CHUNK_BYTES];
     loop {
         let n = match upstream.read(&mut buf) {
@@ -495,29 +475,18 @@ fn upstream_to_guest(id: u32, mut upstream: TcpStream, outbox: &Outbox, credit: 
         };
         let mut at = 0;
         while at < n {
-            let (state, changed) = &**credit;
-            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-            let mut allowed = state.window.allowance(n - at);
-            while allowed == 0 && !state.closed {
-                let (next, timeout) = changed
-                    .wait_timeout(state, Duration::from_secs(60))
-                    .unwrap_or_else(|p| p.into_inner());
-                state = next;
-                allowed = state.window.allowance(n - at);
-                if allowed == 0 && timeout.timed_out() {
-                    // A guest that takes nothing for a minute: the stream is dropped.
-                    drop(state);
+            match credit.take(n - at, Duration::from_secs(60)) {
+                Take::Bytes(allowed) => {
+                    outbox.data(id, &buf[at..at + allowed]);
+                    at += allowed;
+                }
+                Take::Closed => return,
+                // A guest that takes nothing for a minute: the stream is dropped.
+                Take::Stalled => {
                     let _ = upstream.shutdown(std::net::Shutdown::Both);
                     return outbox.close(id, Some("the guest stopped reading".into()));
                 }
             }
-            if state.closed {
-                return;
-            }
-            state.window.sent(allowed);
-            drop(state);
-            outbox.data(id, &buf[at..at + allowed]);
-            at += allowed;
         }
     }
     outbox.close(id, None);

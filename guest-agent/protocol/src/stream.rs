@@ -128,6 +128,70 @@ impl RecvWindow {
     }
 }
 
+/// A stream's send credit, shared by whoever grants it (the thread reading the link) and
+/// whoever spends it (the thread copying bytes to the link), and whether the stream is over:
+/// closing wakes a sender waiting for credit at once.
+#[derive(Default)]
+pub struct Credit {
+    state: std::sync::Mutex<(SendWindow, bool)>,
+    changed: std::sync::Condvar,
+}
+
+/// What a sender may do now (`Credit::take`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Take {
+    /// Send this many bytes (at least one; the credit is spent).
+    Bytes(usize),
+    /// The stream is over.
+    Closed,
+    /// No credit came within the wait: the peer stopped reading.
+    Stalled,
+}
+
+impl Credit {
+    fn state(&self) -> std::sync::MutexGuard<'_, (SendWindow, bool)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The peer granted `n` more bytes.
+    pub fn grant(&self, n: u64) -> Result<(), FlowError> {
+        let granted = self.state().0.granted(n);
+        self.changed.notify_all();
+        granted
+    }
+
+    /// The stream is over: every wait ends.
+    pub fn close(&self) {
+        self.state().1 = true;
+        self.changed.notify_all();
+    }
+
+    /// Spends credit for up to `want` bytes, waiting at most `patience` for some.
+    pub fn take(&self, want: usize, patience: std::time::Duration) -> Take {
+        let deadline = std::time::Instant::now() + patience;
+        let mut state = self.state();
+        loop {
+            if state.1 {
+                return Take::Closed;
+            }
+            let allowed = state.0.allowance(want);
+            if allowed > 0 {
+                state.0.sent(allowed);
+                return Take::Bytes(allowed);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Take::Stalled;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,5 +242,30 @@ mod tests {
         send.sent(100);
         send.granted(100)
             .expect("what was sent may be granted back");
+    }
+
+    #[test]
+    fn a_sender_waits_for_credit_and_a_close_ends_the_wait() {
+        let credit = std::sync::Arc::new(Credit::default());
+        assert_eq!(
+            credit.take(usize::MAX, std::time::Duration::ZERO),
+            Take::Bytes(CHUNK_BYTES)
+        );
+        while let Take::Bytes(_) = credit.take(CHUNK_BYTES, std::time::Duration::ZERO) {}
+        assert_eq!(
+            credit.take(1, std::time::Duration::from_millis(10)),
+            Take::Stalled
+        );
+        let closer = credit.clone();
+        let waiter = std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let taken = closer.take(1, std::time::Duration::from_secs(60));
+            (taken, started.elapsed())
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        credit.close();
+        let (taken, waited) = waiter.join().expect("the waiter");
+        assert_eq!(taken, Take::Closed);
+        assert!(waited < std::time::Duration::from_secs(10), "{waited:?}");
     }
 }

@@ -304,6 +304,9 @@ fn converse(
     stop: &AtomicBool,
 ) -> Result<(), LinkError> {
     let send = |link: &mut AgentLink, messages: Vec<HostMessage>| -> Result<(), LinkError> {
+        if messages.is_empty() {
+            return Ok(()); // Most turns of the loop: nothing to send, no lock to take.
+        }
         let sent = messages.iter().try_for_each(|m| link.send(m));
         if sent.is_ok() {
             book.sent(&messages);

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use fleet_agent_protocol::{ExitReason, GuestMessage, HostMessage, VERSION};
 
 use super::runner::Connection;
-use super::tests::desired;
+use super::tests::{desired, prompt};
 use super::{BookState, DecidedAt, HostFiles};
 use crate::spec::OnDeadline;
 use crate::status::EventKind;
@@ -49,16 +49,6 @@ fn started(deadline: Duration, on_deadline: OnDeadline) -> (BookState, Connectio
     let task = task.clone();
     state.take_effects();
     (state, conn, task)
-}
-
-fn prompt(task: &str, seq: u64) -> GuestMessage {
-    GuestMessage::Prompt {
-        v: VERSION,
-        task: task.to_owned(),
-        seq,
-        text: "Continue? (y/n)".into(),
-        screen: vec!["Continue? (y/n)".into()],
-    }
 }
 
 #[test]

@@ -101,7 +101,7 @@ fn cancelled(task: String, seq: u64) -> GuestMessage {
     }
 }
 
-fn prompt(task: &str, seq: u64) -> GuestMessage {
+pub(super) fn prompt(task: &str, seq: u64) -> GuestMessage {
     GuestMessage::Prompt {
         v: VERSION,
         task: task.to_owned(),
