@@ -222,13 +222,16 @@ impl BookState {
                 .is_some_and(|t| self.run_hash(t) == record.spec_hash && t.vm == conn.vm);
             let staging_this = conn.staging.as_ref().is_some_and(|s| &s.task == name);
             if record.phase.is_active() && !conn.attached.contains(name) && !staging_this {
-                // Re-attach after a reconnect, or find the run gone with its boot.
+                // Re-attach after a reconnect, or find the run gone with its boot. A run
+                // started just as the VM rebooted (before the link noticed) may never have
+                // reached the guest; nothing tells the two apart, so neither is run again
+                // unasked.
                 if record.boot_id.as_deref() != Some(boot.as_str()) {
                     self.finish(name,
                         TaskPhase::Failed,
                         None,
                         &format!(
-                            "VM {} restarted while the task ran (boot {} → {boot}); bump rerun to run it again",
+                            "VM {} restarted after the task was started on it (boot {} → {boot}), so it may not have run to its end; bump rerun to run it again",
                             conn.vm,
                             record.boot_id.as_deref().unwrap_or("unknown")
                         ),

@@ -35,10 +35,17 @@ impl Status {
     pub fn output(&self, name: &str) -> String {
         read(&self.0.join("tasks").join(name).join("output.log"))
     }
+    /// Waits for the task's record to show `phase`; a timeout shows the record as it is.
     pub fn wait_phase(&self, name: &str, phase: &str, timeout: Duration) {
-        wait_until(&format!("task {name} is {phase}"), timeout, || {
-            self.phase(name).as_deref() == Some(phase)
-        });
+        let deadline = std::time::Instant::now() + timeout;
+        while self.phase(name).as_deref() != Some(phase) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting until task {name} is {phase}; its record:\n{}",
+                self.task(name)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
     /// The ids of the prompts of a task, in order.
     pub fn prompts(&self, task: &str) -> Vec<String> {
