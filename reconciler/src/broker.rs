@@ -14,9 +14,9 @@
 //! is checked with its path too, and goes upstream alone (`Connection: close`, its body and
 //! nothing after it), so a second request on the connection is never sent unchecked.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,25 +26,112 @@ use fleet_agent_protocol::stream::{self, Credit, RecvWindow, Take};
 use fleet_agent_protocol::{GuestMessage, HostMessage, VERSION};
 
 use crate::agent_link::Waker;
-use crate::egress::{self, BadRequest, Decision, ProxyKind, Rule};
+use crate::egress::{self, BadRequest, Credential, Decision, Policy, ProxyKind, Scheme};
+use zeroize::Zeroizing;
 
 /// How long dialing an upstream may take (all its addresses together).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one write to an upstream may block before the stream is given up.
 const UPSTREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a brokered API may stay silent (a model thinking before its first token).
+const API_READ_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Where a name leads.
+pub struct Resolved {
+    pub addresses: Vec<SocketAddr>,
+    /// The host's administrator pinned these addresses (`egress.hosts` of the host
+    /// configuration): they are dialed even when internal.
+    pub pinned: bool,
+}
 
 /// Resolves a host and port to addresses; the system resolver in production, a table in
 /// tests (no traffic may leave the machine).
-pub type Resolve = Arc<dyn Fn(&str, u16) -> std::io::Result<Vec<SocketAddr>> + Send + Sync>;
+pub type Resolve = Arc<dyn Fn(&str, u16) -> std::io::Result<Resolved> + Send + Sync>;
 
-/// The system resolver.
-pub fn system_resolver() -> Resolve {
-    Arc::new(|host, port| Ok((host, port).to_socket_addrs()?.collect()))
+/// The system resolver, with the host configuration's pinned names first.
+pub fn system_resolver(pinned: BTreeMap<String, IpAddr>) -> Resolve {
+    Arc::new(move |host, port| {
+        let key = host.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(ip) = pinned.get(&key) {
+            return Ok(Resolved {
+                addresses: vec![SocketAddr::new(*ip, port)],
+                pinned: true,
+            });
+        }
+        Ok(Resolved {
+            addresses: (host, port).to_socket_addrs()?.collect(),
+            pinned: false,
+        })
+    })
 }
 
-/// The VM's egress rules as they are now (`None`: it has no brokered egress), asked for
+/// How the broker reaches upstreams: names, and whom it trusts for TLS. One per daemon.
+#[derive(Clone)]
+pub struct Upstreams {
+    pub resolve: Resolve,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+impl Upstreams {
+    /// From the host configuration: its pinned names, and the system's certificate store
+    /// with its extra authorities.
+    pub fn from_host(egress: &crate::spec::HostEgress) -> anyhow::Result<Upstreams> {
+        use anyhow::Context;
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for e in &native.errors {
+            tracing::warn!("the system's certificate store: {e}");
+        }
+        let (_, ignored) = roots.add_parsable_certificates(native.certs);
+        if ignored > 0 {
+            tracing::debug!("{ignored} certificates of the system's store could not be used");
+        }
+        for file in &egress.ca_files {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&file.0)
+                .and_then(Iterator::collect)
+                .with_context(|| {
+                    format!("cannot read the certificate authorities in {}", file.0)
+                })?;
+            if certs.is_empty() {
+                anyhow::bail!("{} holds no PEM certificate", file.0);
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .with_context(|| format!("a certificate in {} cannot be used", file.0))?;
+            }
+        }
+        Ok(Upstreams {
+            resolve: system_resolver(
+                egress
+                    .hosts
+                    .iter()
+                    .map(|(h, ip)| (h.trim_end_matches('.').to_ascii_lowercase(), *ip))
+                    .collect(),
+            ),
+            tls: Arc::new(tls_config(roots)?),
+        })
+    }
+}
+
+/// A TLS client that verifies upstreams against `roots` (ring, TLS 1.2 and 1.3).
+pub fn tls_config(roots: rustls::RootCertStore) -> anyhow::Result<rustls::ClientConfig> {
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
+}
+
+/// The VM's egress policy as it is now (`None`: it has no brokered egress), asked for
 /// as each stream opens, so a new revision's rules apply without touching the VM.
-pub type Rules = Arc<dyn Fn() -> Option<Arc<[Rule]>> + Send + Sync>;
+pub type PolicyNow = Arc<dyn Fn() -> Option<Arc<Policy>> + Send + Sync>;
+
+/// The value of one of the VM's credentials now (wiped when dropped), or why there is none.
+pub type CredentialValue =
+    Arc<dyn Fn(&Credential) -> Result<Zeroizing<Vec<u8>>, String> + Send + Sync>;
 
 /// What the broker tells the rest of the host: a refused destination (for the
 /// `egress.denied` event), with the stream's request and why.
@@ -124,9 +211,10 @@ const DENIED_EVENTS_PER_MINUTE: usize = 10;
 
 /// One link's streams.
 pub struct Broker {
-    /// The VM's rules now; `None` when it has no brokered egress (every stream is refused).
-    rules: Rules,
-    resolve: Resolve,
+    /// The VM's policy now; `None` when it has no brokered egress (every stream is refused).
+    policy: PolicyNow,
+    credential: CredentialValue,
+    upstreams: Upstreams,
     on_denied: OnDenied,
     streams: HashMap<u32, StreamHandle>,
     outbox: Outbox,
@@ -135,10 +223,17 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(rules: Rules, resolve: Resolve, on_denied: OnDenied, outbox: Outbox) -> Broker {
+    pub fn new(
+        policy: PolicyNow,
+        credential: CredentialValue,
+        upstreams: Upstreams,
+        on_denied: OnDenied,
+        outbox: Outbox,
+    ) -> Broker {
         Broker {
-            rules,
-            resolve,
+            policy,
+            credential,
+            upstreams,
             on_denied: limit_denials(on_denied),
             streams: HashMap::new(),
             outbox,
@@ -194,7 +289,7 @@ impl Broker {
     }
 
     fn open(&mut self, id: u32) {
-        let Some(rules) = (self.rules)() else {
+        let Some(policy) = (self.policy)() else {
             return self
                 .outbox
                 .close(id, Some("this VM has no brokered egress".into()));
@@ -218,8 +313,9 @@ impl Broker {
         let worker = Worker {
             id,
             ended: inbound.clone(),
-            rules,
-            resolve: self.resolve.clone(),
+            policy,
+            credential: self.credential.clone(),
+            upstreams: self.upstreams.clone(),
             on_denied: self.on_denied.clone(),
             outbox: self.outbox.clone(),
             recv: recv.clone(),
@@ -282,8 +378,9 @@ struct Worker {
     id: u32,
     /// Tells the worker the upstream ended (the reader thread sends `Close`).
     ended: Sender<Inbound>,
-    rules: Arc<[Rule]>,
-    resolve: Resolve,
+    policy: Arc<Policy>,
+    credential: CredentialValue,
+    upstreams: Upstreams,
     on_denied: OnDenied,
     outbox: Outbox,
     recv: Arc<Mutex<RecvWindow>>,
@@ -316,52 +413,27 @@ impl Worker {
                 format!("http://{}:{}{}", request.host, request.port, path),
                 Some(path.as_str()),
             ),
+            ProxyKind::Credentialed { method, path, .. } => {
+                let what: String = format!("{method} https://{}{path}", request.host)
+                    .chars()
+                    .take(300)
+                    .collect();
+                return self.to_api(&request, &head[request.head_len..], what, rx);
+            }
         };
         let what: String = what.chars().take(300).collect();
-        let rule = match egress::decide(&self.rules, &request.host, request.port, path) {
-            Decision::Allowed { rule } => &self.rules[rule],
+        let rules = &self.policy.rules;
+        let rule = match egress::decide(rules, &request.host, request.port, path) {
+            Decision::Allowed { rule } => &rules[rule],
             Decision::Refused(refusal) => {
                 let text = format!("{}; to allow it, {}", refusal.why, refusal.fix);
                 (self.on_denied)(format!("{what}: {text}"));
                 return self.respond(403, "Forbidden", &text, None);
             }
         };
-        let host = request.host.trim_matches(['[', ']']);
-        let addresses = match (self.resolve)(host, request.port) {
-            Ok(a) if !a.is_empty() => a,
-            Ok(_) => return self.respond(502, "Bad Gateway", "the name has no address", None),
-            Err(e) => {
-                return self.respond(502, "Bad Gateway", &format!("cannot resolve: {e}"), None);
-            }
+        let Some(upstream) = self.connect(rule, &request.host, request.port, &what) else {
+            return;
         };
-        let ips: Vec<_> = addresses.iter().map(SocketAddr::ip).collect();
-        if let Err(refusal) = egress::check_resolved(rule, &ips) {
-            let text = format!("{}; {}", refusal.why, refusal.fix);
-            (self.on_denied)(format!("{what}: {text}"));
-            return self.respond(403, "Forbidden", &text, None);
-        }
-        let upstream = match dial(&addresses) {
-            Ok(s) => s,
-            Err(e) => {
-                return self.respond(502, "Bad Gateway", &format!("cannot connect: {e}"), None);
-            }
-        };
-        // A connection to one of the host's own addresses (its public one, a bridge's) is
-        // one the kernel answers from that same address: the host's own services are
-        // never reached, whatever name led there, unless a rule names the address.
-        if let (Ok(local), Ok(peer)) = (upstream.local_addr(), upstream.peer_addr())
-            && local.ip() == peer.ip()
-            && rule.host != egress::HostPattern::Address(peer.ip())
-        {
-            let _ = upstream.shutdown(std::net::Shutdown::Both);
-            let text = format!(
-                "{} is an address of this host, and the rule does not name it",
-                peer.ip()
-            );
-            (self.on_denied)(format!("{what}: {text}"));
-            return self.respond(403, "Forbidden", &text, None);
-        }
-        let _ = upstream.set_nodelay(true);
         let _ = upstream.set_write_timeout(Some(UPSTREAM_WRITE_TIMEOUT));
         let mut writer = upstream;
         let Ok(reader) = writer.try_clone() else {
@@ -386,6 +458,8 @@ impl Worker {
                 }
                 *body_len
             }
+            // Went to `to_api` above.
+            ProxyKind::Credentialed { .. } => return,
         };
         let after_head = &head[request.head_len..];
         let first = &after_head[..after_head
@@ -427,6 +501,183 @@ impl Worker {
         let _ = reading.join();
     }
 
+    /// Resolves and dials `host:port` as `rule` allows, or answers the guest why not.
+    fn connect(&self, rule: &egress::Rule, host: &str, port: u16, what: &str) -> Option<TcpStream> {
+        let host = host.trim_matches(['[', ']']);
+        let resolved = match (self.upstreams.resolve)(host, port) {
+            Ok(r) if !r.addresses.is_empty() => r,
+            Ok(_) => {
+                self.respond(502, "Bad Gateway", "the name has no address", None);
+                return None;
+            }
+            Err(e) => {
+                self.respond(502, "Bad Gateway", &format!("cannot resolve: {e}"), None);
+                return None;
+            }
+        };
+        let ips: Vec<_> = resolved.addresses.iter().map(SocketAddr::ip).collect();
+        if !resolved.pinned
+            && let Err(refusal) = egress::check_resolved(rule, &ips)
+        {
+            let text = format!("{}; {}", refusal.why, refusal.fix);
+            (self.on_denied)(format!("{what}: {text}"));
+            self.respond(403, "Forbidden", &text, None);
+            return None;
+        }
+        let upstream = match dial(&resolved.addresses) {
+            Ok(s) => s,
+            Err(e) => {
+                self.respond(502, "Bad Gateway", &format!("cannot connect: {e}"), None);
+                return None;
+            }
+        };
+        // A connection to one of the host's own addresses (its public one, a bridge's) is
+        // one the kernel answers from that same address: the host's own services are
+        // never reached, whatever name led there, unless a rule or the host pins the
+        // address.
+        if let (Ok(local), Ok(peer)) = (upstream.local_addr(), upstream.peer_addr())
+            && local.ip() == peer.ip()
+            && !resolved.pinned
+            && rule.host != egress::HostPattern::Address(peer.ip())
+        {
+            let _ = upstream.shutdown(std::net::Shutdown::Both);
+            let text = format!(
+                "{} is an address of this host, and the rule does not name it",
+                peer.ip()
+            );
+            (self.on_denied)(format!("{what}: {text}"));
+            self.respond(403, "Forbidden", &text, None);
+            return None;
+        }
+        let _ = upstream.set_nodelay(true);
+        Some(upstream)
+    }
+
+    /// A request to a brokered API: its credential is written on the host, the request
+    /// goes over verified TLS, and the answer comes back to the guest in plain HTTP.
+    /// `after_head` is what the guest sent past the head (the start of its body).
+    fn to_api(
+        &self,
+        request: &egress::ProxyRequest,
+        after_head: &[u8],
+        what: String,
+        rx: Receiver<Inbound>,
+    ) {
+        let ProxyKind::Credentialed {
+            method,
+            path,
+            headers,
+            body_len,
+        } = &request.kind
+        else {
+            return;
+        };
+        let Some(credential) = self.policy.credential(&request.host) else {
+            let shown: String = request.host.chars().take(64).collect();
+            let text = format!(
+                "no egress credential is for {shown:?}; add `{{host: {shown}, secret: {{secret: NAME, key: KEY}}}}` to egress.credentials, or send the request to the proxy as a proxy (absolute URL or CONNECT)"
+            );
+            (self.on_denied)(format!("{what}: {text}"));
+            return self.respond(403, "Forbidden", &text, None);
+        };
+        if let Some(why) = egress::path_problem(path) {
+            return self.respond(400, "Bad Request", &format!("the path {why}"), None);
+        }
+        let value = match (self.credential)(credential) {
+            Ok(v) => v,
+            Err(why) => {
+                let text = format!(
+                    "the credential at {} cannot be used: {why}",
+                    credential.source
+                );
+                return self.respond(503, "Service Unavailable", &text, None);
+            }
+        };
+        let header_value: Zeroizing<Vec<u8>> = Zeroizing::new(match &credential.scheme {
+            Scheme::Plain => value.to_vec(),
+            Scheme::Bearer => [b"Bearer ".as_slice(), &value].concat(),
+            Scheme::Basic { username } => {
+                let pair = Zeroizing::new([username.as_bytes(), b":", &value].concat());
+                let encoded =
+                    Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*pair));
+                [b"Basic ".as_slice(), encoded.as_bytes()].concat()
+            }
+        });
+        drop(value);
+        let Some(tcp) = self.connect(
+            &credential.as_rule(),
+            &credential.host,
+            credential.port,
+            &what,
+        ) else {
+            return;
+        };
+        let _ = tcp.set_write_timeout(Some(UPSTREAM_WRITE_TIMEOUT));
+        let _ = tcp.set_read_timeout(Some(API_READ_TIMEOUT));
+        let Ok(name) = rustls::pki_types::ServerName::try_from(credential.host.clone()) else {
+            return self.respond(502, "Bad Gateway", "the API's host is not a TLS name", None);
+        };
+        let tls = match rustls::ClientConnection::new(self.upstreams.tls.clone(), name) {
+            Ok(c) => c,
+            Err(e) => return self.respond(502, "Bad Gateway", &format!("TLS: {e}"), None),
+        };
+        let mut upstream = rustls::StreamOwned::new(tls, tcp);
+        let head = Zeroizing::new(egress::credentialed_head(
+            method,
+            path,
+            headers,
+            *body_len,
+            credential,
+            &header_value,
+        ));
+        drop(header_value);
+        // The head, then exactly the body's length of what the guest sends.
+        let mut left = *body_len;
+        let first = &after_head[..after_head
+            .len()
+            .min(usize::try_from(left).unwrap_or(usize::MAX))];
+        let sent = upstream
+            .write_all(&head)
+            .and_then(|()| upstream.write_all(first));
+        drop(head);
+        if let Err(e) = sent {
+            return self.respond(502, "Bad Gateway", &tls_problem(&e), None);
+        }
+        left -= first.len() as u64;
+        while left > 0 {
+            match rx.recv() {
+                Ok(Inbound::Data(bytes)) => {
+                    let n = bytes.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    if let Err(e) = upstream.write_all(&bytes[..n]) {
+                        return self.respond(502, "Bad Gateway", &tls_problem(&e), None);
+                    }
+                    left -= n as u64;
+                    self.consumed(bytes.len());
+                }
+                Ok(Inbound::Close) | Err(_) => return,
+            }
+        }
+        if let Err(e) = upstream.flush() {
+            return self.respond(502, "Bad Gateway", &tls_problem(&e), None);
+        }
+        // The answer, within the guest's credit, until the API closes (the request said
+        // `Connection: close`). Some servers close without TLS's close_notify: that ends
+        // the answer too.
+        match copy_to_guest(self.id, &mut upstream, &self.outbox, &self.send) {
+            Copied::Ended | Copied::Failed { sent: true, .. } => self.outbox.close(self.id, None),
+            Copied::Failed { error, .. } if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+                self.outbox.close(self.id, None);
+            }
+            Copied::Failed { error, .. } => {
+                self.respond(502, "Bad Gateway", &tls_problem(&error), None);
+            }
+            Copied::GuestClosed => {}
+            Copied::GuestStalled => self
+                .outbox
+                .close(self.id, Some("the guest stopped reading".into())),
+        }
+    }
+
     /// `n` bytes of the guest's were passed on: grant credit back when a batch is due.
     fn consumed(&self, n: usize) {
         let grant = self
@@ -464,15 +715,30 @@ impl Worker {
     }
 }
 
-/// Copies what the upstream sends to the guest, within the guest's credit, then ends the
-/// stream. Returns at once when the stream is closed, whatever it was waiting for.
-fn upstream_to_guest(id: u32, mut upstream: TcpStream, outbox: &Outbox, credit: &Credit) {
+/// How a copy to the guest ended.
+enum Copied {
+    /// The upstream ended its side.
+    Ended,
+    /// Reading the upstream failed; `sent` says whether any byte had reached the guest.
+    Failed { error: std::io::Error, sent: bool },
+    /// The stream was closed (by the guest, or the link went).
+    GuestClosed,
+    /// The guest took nothing for a minute.
+    GuestStalled,
+}
+
+/// Copies what `upstream` sends to the guest, within the guest's credit. Returns at once
+/// when the stream is closed, whatever it was waiting for.
+fn copy_to_guest(id: u32, upstream: &mut impl Read, outbox: &Outbox, credit: &Credit) -> Copied {
     let mut buf = vec![0u8; stream::CHUNK_BYTES];
+    let mut sent = false;
     loop {
         let n = match upstream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => return Copied::Ended,
             Ok(n) => n,
+            Err(error) => return Copied::Failed { error, sent },
         };
+        sent = true;
         let mut at = 0;
         while at < n {
             match credit.take(n - at, Duration::from_secs(60)) {
@@ -480,16 +746,30 @@ fn upstream_to_guest(id: u32, mut upstream: TcpStream, outbox: &Outbox, credit: 
                     outbox.data(id, &buf[at..at + allowed]);
                     at += allowed;
                 }
-                Take::Closed => return,
-                // A guest that takes nothing for a minute: the stream is dropped.
-                Take::Stalled => {
-                    let _ = upstream.shutdown(std::net::Shutdown::Both);
-                    return outbox.close(id, Some("the guest stopped reading".into()));
-                }
+                Take::Closed => return Copied::GuestClosed,
+                Take::Stalled => return Copied::GuestStalled,
             }
         }
     }
-    outbox.close(id, None);
+}
+
+/// A tunnel's upstream half: what the upstream sends goes to the guest, then the stream
+/// ends.
+fn upstream_to_guest(id: u32, mut upstream: TcpStream, outbox: &Outbox, credit: &Credit) {
+    match copy_to_guest(id, &mut upstream, outbox, credit) {
+        Copied::Ended | Copied::Failed { .. } => outbox.close(id, None),
+        Copied::GuestClosed => {}
+        Copied::GuestStalled => {
+            let _ = upstream.shutdown(std::net::Shutdown::Both);
+            outbox.close(id, Some("the guest stopped reading".into()));
+        }
+    }
+}
+
+/// What the guest is told when the API could not be reached over TLS (a certificate the
+/// host does not trust, most often).
+fn tls_problem(e: &std::io::Error) -> String {
+    format!("cannot talk to the API over TLS: {e}")
 }
 
 /// Dials the checked addresses in turn within one `CONNECT_TIMEOUT`.

@@ -31,6 +31,128 @@ pub struct Rule {
     pub source: String,
 }
 
+/// What one brokered VM may reach: its allow rules, and the APIs whose credential the
+/// broker adds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub rules: Vec<Rule>,
+    pub credentials: Vec<Credential>,
+}
+
+impl Policy {
+    /// The credential for requests to `api` (a host name as the task wrote it in the path).
+    pub fn credential(&self, api: &str) -> Option<&Credential> {
+        let api = api.strip_suffix('.').unwrap_or(api);
+        self.credentials
+            .iter()
+            .find(|c| c.host.eq_ignore_ascii_case(api))
+    }
+}
+
+/// A credential the broker adds for one API (`egress.credentials`), as the loader checked it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credential {
+    /// The API's host name, lower case.
+    pub host: String,
+    pub port: u16,
+    /// The header it goes in, lower case.
+    pub header: String,
+    pub scheme: Scheme,
+    /// The Secret and key holding the value.
+    pub secret: String,
+    pub key: String,
+    /// Where it was written, for refusals.
+    pub source: String,
+}
+
+/// How a credential's value is written into its header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    /// The value as it is.
+    Plain,
+    /// `Bearer VALUE`.
+    Bearer,
+    /// `Basic base64(username:VALUE)`.
+    Basic { username: String },
+}
+
+impl Credential {
+    /// The scheme a credential without one uses: `bearer` in `authorization`, else `plain`.
+    pub fn default_scheme(header: &str) -> Scheme {
+        if header.eq_ignore_ascii_case("authorization") {
+            Scheme::Bearer
+        } else {
+            Scheme::Plain
+        }
+    }
+
+    /// The rule its upstream's addresses are checked by (`check_resolved`): its own host and
+    /// port, nothing else.
+    pub fn as_rule(&self) -> Rule {
+        Rule {
+            host: HostPattern::parse(&self.host).unwrap_or(HostPattern::Name(self.host.clone())),
+            ports: vec![self.port],
+            path_prefixes: Vec::new(),
+            source: self.source.clone(),
+        }
+    }
+
+    /// Where a task of the VM reaches this API: the guest proxy's address and the host.
+    pub fn base_url(&self) -> String {
+        format!("http://{PROXY_HOST_PORT}/{}", self.host)
+    }
+}
+
+/// The guest's proxy, as tasks address it (`fleet_agent_protocol::stream::PROXY_ADDRESS`).
+pub const PROXY_HOST_PORT: &str = "127.0.0.1:3128";
+
+/// What a task's clients send where the real key would go: every agent CLI wants some key,
+/// and the broker replaces it.
+pub const PLACEHOLDER_KEY: &str = "fleet-brokered-placeholder";
+
+/// The variables that point the agent CLIs fleet knows at a brokered API, with placeholder
+/// keys; and `FLEET_API_<HOST>` (the base URL) for every credential.
+pub fn api_environment(credentials: &[Credential]) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    for c in credentials {
+        let base = c.base_url();
+        let var: String = c
+            .host
+            .chars()
+            .map(|ch| {
+                if ch.is_ascii_alphanumeric() {
+                    ch.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        env.push((format!("FLEET_API_{var}"), base.clone()));
+        let known: &[(&str, String)] = match c.host.as_str() {
+            // Claude Code and the Anthropic SDKs.
+            "api.anthropic.com" => &[
+                ("ANTHROPIC_BASE_URL", base.clone()),
+                ("ANTHROPIC_API_KEY", PLACEHOLDER_KEY.into()),
+            ],
+            // Codex and the OpenAI SDKs (their base URL carries /v1); aider reads the
+            // older name.
+            "api.openai.com" => &[
+                ("OPENAI_BASE_URL", format!("{base}/v1")),
+                ("OPENAI_API_BASE", format!("{base}/v1")),
+                ("OPENAI_API_KEY", PLACEHOLDER_KEY.into()),
+            ],
+            // Gemini CLI.
+            "generativelanguage.googleapis.com" => &[
+                ("GOOGLE_GEMINI_BASE_URL", base.clone()),
+                ("GEMINI_API_KEY", PLACEHOLDER_KEY.into()),
+            ],
+            _ => &[],
+        };
+        env.extend(known.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+    }
+    env
+}
+
 /// What a rule's `host` names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HostPattern {
@@ -374,7 +496,8 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// What a task asked the guest's proxy for, read from the head of its request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxyRequest {
-    /// The host as the client wrote it (checked by `decide`).
+    /// The host as the client wrote it (checked by `decide`), or the API's host for a
+    /// `Credentialed` request (whose port is then its credential's).
     pub host: String,
     pub port: u16,
     pub kind: ProxyKind,
@@ -395,6 +518,15 @@ pub enum ProxyKind {
         head: Vec<u8>,
         /// The request's body length (`Content-Length`, 0 without one): what follows the
         /// head up to it goes upstream, and nothing after it.
+        body_len: u64,
+    },
+    /// A request to a brokered API, sent to the proxy as to a server (`/<host>/<path>`):
+    /// `host` names the API, whose credential the broker adds (`credentialed_head`) before
+    /// forwarding over TLS. `headers` are the checked ones that may go upstream.
+    Credentialed {
+        method: String,
+        path: String,
+        headers: Vec<(String, Vec<u8>)>,
         body_len: u64,
     },
 }
@@ -441,6 +573,35 @@ pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
             head_len,
         });
     }
+    if let Some(origin) = target.strip_prefix('/') {
+        // The credential endpoint: `/<api host>/<path>`, sent to the proxy as to a server.
+        let (api, path) = match origin.find(['/', '?']) {
+            Some(at) => (&origin[..at], &origin[at..]),
+            None => (origin, "/"),
+        };
+        if api.is_empty() {
+            return Err(refused(
+                "a request to the proxy itself names the API first: /<host>/<path>".into(),
+            ));
+        }
+        let path = if path.starts_with('?') {
+            format!("/{path}")
+        } else {
+            path.to_owned()
+        };
+        let checked = checked_headers(request.headers)?;
+        return Ok(ProxyRequest {
+            host: api.to_owned(),
+            port: DEFAULT_PORT,
+            kind: ProxyKind::Credentialed {
+                method: method.to_owned(),
+                path,
+                headers: checked.forwarded,
+                body_len: checked.body_len,
+            },
+            head_len,
+        });
+    }
     let Some(rest) = target.strip_prefix("http://") else {
         return Err(refused(if target.starts_with("https://") {
             "an https:// URL is asked for with CONNECT, not sent to the proxy in the clear".into()
@@ -449,7 +610,6 @@ pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
         }));
     };
     let (authority_part, path) = match rest.find(['/', '?']) {
-        Some(at) if rest[at..].starts_with('/') => (&rest[..at], &rest[at..]),
         Some(at) => (&rest[..at], &rest[at..]),
         None => (rest, "/"),
     };
@@ -459,23 +619,91 @@ pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
         path.to_owned()
     };
     let (host, port) = authority(authority_part, Some(80))?;
-    // One request per connection, checked: nothing may turn it into a tunnel (Upgrade), a
-    // second request (keep-alive, pipelining) or a body whose end two parsers read apart
-    // (Transfer-Encoding beside Content-Length).
-    let named = |name: &str| {
-        request
-            .headers
-            .iter()
-            .any(|h| h.name.eq_ignore_ascii_case(name))
+    let checked = checked_headers(request.headers)?;
+    let host_header = if port == 80 {
+        host.clone()
+    } else {
+        format!("{host}:{port}")
     };
+    let head = upstream_head(
+        method,
+        &path,
+        &host_header,
+        checked.had_length.then_some(checked.body_len),
+        None,
+        &checked.forwarded,
+    );
+    Ok(ProxyRequest {
+        host,
+        port,
+        kind: ProxyKind::Http {
+            path,
+            head,
+            body_len: checked.body_len,
+        },
+        head_len,
+    })
+}
+
+/// Headers that carry an API credential: never forwarded to a brokered API, whose real
+/// credential the broker adds.
+const CREDENTIAL_HEADERS: [&str; 4] = ["authorization", "x-api-key", "api-key", "x-goog-api-key"];
+
+/// The head of a request to a brokered API (`ProxyKind::Credentialed`), with `credential`'s
+/// header set to `value` (written by the broker: the real key, never seen by the guest).
+/// Any header of the request's that could carry a credential is left out.
+pub fn credentialed_head(
+    method: &str,
+    path: &str,
+    headers: &[(String, Vec<u8>)],
+    body_len: u64,
+    credential: &Credential,
+    value: &[u8],
+) -> Vec<u8> {
+    let kept: Vec<(String, Vec<u8>)> = headers
+        .iter()
+        .filter(|(name, _)| {
+            let name = name.to_ascii_lowercase();
+            name != credential.header && !CREDENTIAL_HEADERS.contains(&name.as_str())
+        })
+        .cloned()
+        .collect();
+    let host_header = if credential.port == DEFAULT_PORT {
+        credential.host.clone()
+    } else {
+        format!("{}:{}", credential.host, credential.port)
+    };
+    upstream_head(
+        method,
+        path,
+        &host_header,
+        Some(body_len),
+        Some((&credential.header, value)),
+        &kept,
+    )
+}
+
+/// A request's headers once checked: what may go upstream, and its body's length.
+struct CheckedHeaders {
+    forwarded: Vec<(String, Vec<u8>)>,
+    body_len: u64,
+    had_length: bool,
+}
+
+/// One request per connection, checked: nothing may turn it into a tunnel (Upgrade), a
+/// second request (keep-alive, pipelining) or a body whose end two parsers read apart
+/// (Transfer-Encoding beside Content-Length). Hop-by-hop headers, the ones the broker
+/// writes itself, and those some servers route by instead of the request line (which the
+/// rule was checked against) are not forwarded.
+fn checked_headers(headers: &[httparse::Header<'_>]) -> Result<CheckedHeaders, BadRequest> {
+    let named = |name: &str| headers.iter().any(|h| h.name.eq_ignore_ascii_case(name));
     if named("upgrade") || named("transfer-encoding") {
         return Err(refused(
             "an Upgrade or Transfer-Encoding request is not brokered as plain HTTP; use https:// (CONNECT)"
                 .into(),
         ));
     }
-    let lengths: Vec<&[u8]> = request
-        .headers
+    let lengths: Vec<&[u8]> = headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
         .map(|h| h.value)
@@ -493,13 +721,12 @@ pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
         [_] => return Err(refused("a Content-Length that is not plain digits".into())),
         _ => return Err(refused("more than one Content-Length".into())),
     };
-    if request.headers.iter().any(|h| h.name.contains('_')) {
+    if headers.iter().any(|h| h.name.contains('_')) {
         return Err(refused(
             "a header name with an underscore (some servers read it as another header)".into(),
         ));
     }
-    let by_connection: Vec<String> = request
-        .headers
+    let by_connection: Vec<String> = headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
         .flat_map(|h| {
@@ -509,62 +736,70 @@ pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
                 .collect::<Vec<_>>()
         })
         .collect();
-    let mut head = format!("{method} {path} HTTP/1.1\r\n").into_bytes();
-    let host_header = if port == 80 {
-        host.clone()
-    } else {
-        format!("{host}:{port}")
-    };
-    head.extend_from_slice(format!("Host: {host_header}\r\nConnection: close\r\n").as_bytes());
-    // The length the broker forwards by, written by the broker: no header of the client's
-    // can remove or restate it.
-    if !lengths.is_empty() {
-        head.extend_from_slice(format!("Content-Length: {body_len}\r\n").as_bytes());
+    let forwarded = headers
+        .iter()
+        .filter(|h| {
+            let name = h.name.to_ascii_lowercase();
+            let hop_by_hop = matches!(
+                name.as_str(),
+                "host"
+                    | "content-length"
+                    | "connection"
+                    | "keep-alive"
+                    | "proxy-authorization"
+                    | "proxy-authenticate"
+                    | "proxy-connection"
+                    | "te"
+                    | "trailer"
+                    | "forwarded"
+                    | "x-forwarded-host"
+                    | "x-forwarded-for"
+                    | "x-forwarded-proto"
+                    | "x-original-url"
+                    | "x-rewrite-url"
+                    | "x-http-method-override"
+                    | "x-http-method"
+                    | "x-method-override"
+            );
+            !hop_by_hop && !by_connection.contains(&name)
+        })
+        .map(|h| (h.name.to_owned(), h.value.to_vec()))
+        .collect();
+    Ok(CheckedHeaders {
+        forwarded,
+        body_len,
+        had_length: !lengths.is_empty(),
+    })
+}
+
+/// A request's head as the broker sends it upstream: origin form, `Host`, `Connection:
+/// close`, the length the broker forwards by (written by the broker: no header of the
+/// client's can remove or restate it), an added header, then `headers`.
+fn upstream_head(
+    method: &str,
+    path: &str,
+    host_header: &str,
+    body_len: Option<u64>,
+    added: Option<(&str, &[u8])>,
+    headers: &[(String, Vec<u8>)],
+) -> Vec<u8> {
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n")
+            .into_bytes();
+    if let Some(len) = body_len {
+        head.extend_from_slice(format!("Content-Length: {len}\r\n").as_bytes());
     }
-    for header in request.headers.iter() {
-        let name = header.name.to_ascii_lowercase();
-        // Hop-by-hop headers, the ones the broker writes itself, and those some servers
-        // route by instead of the request line (which the rule was checked against).
-        let hop_by_hop = matches!(
-            name.as_str(),
-            "host"
-                | "content-length"
-                | "connection"
-                | "keep-alive"
-                | "proxy-authorization"
-                | "proxy-authenticate"
-                | "proxy-connection"
-                | "te"
-                | "trailer"
-                | "forwarded"
-                | "x-forwarded-host"
-                | "x-forwarded-for"
-                | "x-forwarded-proto"
-                | "x-original-url"
-                | "x-rewrite-url"
-                | "x-http-method-override"
-                | "x-http-method"
-                | "x-method-override"
-        );
-        if hop_by_hop || by_connection.contains(&name) {
-            continue;
-        }
-        head.extend_from_slice(header.name.as_bytes());
+    for (name, value) in added
+        .into_iter()
+        .chain(headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())))
+    {
+        head.extend_from_slice(name.as_bytes());
         head.extend_from_slice(b": ");
-        head.extend_from_slice(header.value);
+        head.extend_from_slice(value);
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    Ok(ProxyRequest {
-        host,
-        port,
-        kind: ProxyKind::Http {
-            path,
-            head,
-            body_len,
-        },
-        head_len,
-    })
+    head
 }
 
 fn refused(why: String) -> BadRequest {
@@ -835,7 +1070,7 @@ mod tests {
             Err(BadRequest::Incomplete)
         );
         for bad in [
-            &b"GET /relative HTTP/1.1\r\n\r\n"[..],
+            &b"GET relative HTTP/1.1\r\n\r\n"[..],
             b"GET https://a.example.com/ HTTP/1.1\r\n\r\n",
             b"CONNECT a.example.com HTTP/1.1\r\n\r\n",
             b"CONNECT user:pw@a.example.com:443 HTTP/1.1\r\n\r\n",
@@ -879,5 +1114,85 @@ mod tests {
             80,
             Some("/ok/%252e%252e/admin")
         ));
+    }
+
+    #[test]
+    fn a_request_to_the_proxy_itself_names_a_brokered_api_and_loses_its_credentials() {
+        let request = parse_proxy_request(
+            b"POST /api.anthropic.com/v1/messages HTTP/1.1\r\nHost: 127.0.0.1:3128\r\nX-Api-Key: placeholder\r\nAuthorization: Bearer x\r\nx-goog-api-key: y\r\nanthropic-version: 2023-06-01\r\nContent-Length: 2\r\n\r\n{}",
+        )
+        .expect("a request");
+        assert_eq!(request.host, "api.anthropic.com");
+        let ProxyKind::Credentialed {
+            method,
+            path,
+            headers,
+            body_len,
+        } = request.kind
+        else {
+            panic!("a credentialed request");
+        };
+        assert_eq!(
+            (method.as_str(), path.as_str(), body_len),
+            ("POST", "/v1/messages", 2)
+        );
+        let credential = Credential {
+            host: "api.anthropic.com".into(),
+            port: 443,
+            header: "x-api-key".into(),
+            scheme: Scheme::Plain,
+            secret: "anthropic".into(),
+            key: "api_key".into(),
+            source: "loadout agent egress.credentials[0]".into(),
+        };
+        let head = credentialed_head(&method, &path, &headers, body_len, &credential, b"REAL");
+        assert_eq!(
+            String::from_utf8(head).expect("text"),
+            "POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\nContent-Length: 2\r\nx-api-key: REAL\r\nanthropic-version: 2023-06-01\r\n\r\n"
+        );
+        // The API's name comes first; the proxy's own root names none.
+        for bad in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"GET /?x HTTP/1.1\r\n\r\n"] {
+            assert!(matches!(
+                parse_proxy_request(bad),
+                Err(BadRequest::Refused(_))
+            ));
+        }
+        let bare = parse_proxy_request(b"GET /api.openai.com HTTP/1.1\r\n\r\n").expect("ok");
+        assert!(matches!(bare.kind, ProxyKind::Credentialed { ref path, .. } if path == "/"));
+    }
+
+    #[test]
+    fn agents_are_pointed_at_their_brokered_api_with_a_placeholder_key() {
+        let credential = |host: &str| Credential {
+            host: host.into(),
+            port: 443,
+            header: "authorization".into(),
+            scheme: Scheme::Bearer,
+            secret: "s".into(),
+            key: "k".into(),
+            source: String::new(),
+        };
+        let env: std::collections::BTreeMap<String, String> = api_environment(&[
+            credential("api.anthropic.com"),
+            credential("api.openai.com"),
+            credential("git.example.org"),
+        ])
+        .into_iter()
+        .collect();
+        assert_eq!(
+            env["ANTHROPIC_BASE_URL"],
+            "http://127.0.0.1:3128/api.anthropic.com"
+        );
+        assert_eq!(env["ANTHROPIC_API_KEY"], PLACEHOLDER_KEY);
+        assert_eq!(
+            env["OPENAI_BASE_URL"],
+            "http://127.0.0.1:3128/api.openai.com/v1"
+        );
+        assert_eq!(env["OPENAI_API_KEY"], PLACEHOLDER_KEY);
+        assert_eq!(
+            env["FLEET_API_GIT_EXAMPLE_ORG"],
+            "http://127.0.0.1:3128/git.example.org"
+        );
+        assert!(!env.contains_key("GEMINI_API_KEY"));
     }
 }

@@ -53,10 +53,10 @@ pub struct Desired {
     /// whether this revision uses that provider or not: never delivered to a guest, and no
     /// other secret holding the same value is either.
     pub provider_credentials: Vec<(String, String)>,
-    /// The egress rules of each brokered VM (`network.mode: brokered`), by VM name. Not part
-    /// of a VM's configuration: the host's broker applies a change at once, without
+    /// The egress policy of each brokered VM (`network.mode: brokered`), by VM name. Not
+    /// part of a VM's configuration: the host's broker applies a change at once, without
     /// touching the VM.
-    pub egress: BTreeMap<String, Vec<crate::egress::Rule>>,
+    pub egress: BTreeMap<String, crate::egress::Policy>,
 }
 
 /// A provider as a revision uses it: how the host reaches it (from the host configuration)
@@ -365,14 +365,14 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
         .values()
         .filter(|vm| vm.config.network == NetworkMode::Brokered)
         .map(|vm| {
-            let rules = vm
+            let policy = vm
                 .config
                 .loadout
                 .as_ref()
                 .and_then(|l| Some((l, merged_loadouts.get(l)?.egress.as_ref()?)))
-                .map(|(l, e)| egress_rules(l, e))
+                .map(|(l, e)| egress_policy(l, e))
                 .unwrap_or_default();
-            (vm.name.clone(), rules)
+            (vm.name.clone(), policy)
         })
         .collect();
     let tasks = loaded
@@ -656,8 +656,44 @@ fn resolve_vm(
     }
 }
 
-/// A loadout's `egress.allow`, as the broker checks it (the loader refused what does not
-/// parse).
+/// A loadout's `egress`, as the broker checks it (the loader refused what does not parse).
+fn egress_policy(loadout: &str, egress: &crate::spec::Egress) -> crate::egress::Policy {
+    use crate::egress::{Credential, DEFAULT_PORT, Scheme};
+    use crate::spec::CredentialScheme;
+    let credentials = egress
+        .credentials
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let header = c
+                .header
+                .as_deref()
+                .unwrap_or("authorization")
+                .to_ascii_lowercase();
+            Credential {
+                host: c.host.trim_end_matches('.').to_ascii_lowercase(),
+                port: c.port.map_or(DEFAULT_PORT, |p| p.0),
+                scheme: match c.scheme {
+                    Some(CredentialScheme::Plain) => Scheme::Plain,
+                    Some(CredentialScheme::Bearer) => Scheme::Bearer,
+                    Some(CredentialScheme::Basic) => Scheme::Basic {
+                        username: c.username.clone().unwrap_or_default(),
+                    },
+                    None => Credential::default_scheme(&header),
+                },
+                header,
+                secret: c.secret.secret.0.clone(),
+                key: c.secret.key.0.clone(),
+                source: format!("loadout {loadout} egress.credentials[{i}]"),
+            }
+        })
+        .collect();
+    crate::egress::Policy {
+        rules: egress_rules(loadout, egress),
+        credentials,
+    }
+}
+
 fn egress_rules(loadout: &str, egress: &crate::spec::Egress) -> Vec<crate::egress::Rule> {
     egress
         .allow

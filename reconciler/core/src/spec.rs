@@ -366,6 +366,10 @@ pub struct SecretAllowed {
     /// Tasks that may reference it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tasks: Vec<Name>,
+    /// API hosts the host's broker may send its values to (`egress.credentials`); the
+    /// values then never reach a guest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
 }
 
 /// A key of a Secret: letters, digits, `_`, `.` and `-`, at most 64 characters.
@@ -653,6 +657,30 @@ pub struct HostSpec {
     pub recipients: Vec<AgeRecipient>,
     #[serde(default)]
     pub limits: HostLimits,
+    /// How the broker of brokered VMs reaches upstreams.
+    #[serde(default, skip_serializing_if = "HostEgress::is_empty")]
+    pub egress: HostEgress,
+}
+
+/// The host's side of brokered egress.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HostEgress {
+    /// Names the broker resolves to the address given here instead of asking DNS (an
+    /// internal registry, a split horizon, a test upstream). An address pinned here is
+    /// dialed even when internal: the administrator named it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hosts: BTreeMap<String, std::net::IpAddr>,
+    /// PEM files of certificate authorities the broker trusts for upstream TLS besides the
+    /// system's store. Absolute paths.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca_files: Vec<HostPath>,
+}
+
+impl HostEgress {
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty() && self.ca_files.is_empty()
+    }
 }
 
 /// A URL pattern for task repositories.
@@ -866,6 +894,55 @@ pub struct Egress {
     /// add.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<EgressAllow>,
+    /// API keys the broker adds to requests on the host, so they never enter the VM. A
+    /// task reaches such an API in plain HTTP at `http://127.0.0.1:3128/<host>/...` (fleet
+    /// sets the base-URL variables of the agents it knows); the broker replaces whatever
+    /// credential the request carries with the real one and forwards it over verified TLS.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<EgressCredential>,
+}
+
+/// One API's credential, added by the broker (`egress.credentials`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EgressCredential {
+    /// The API's host name (`api.anthropic.com`): exact, no wildcard.
+    #[schemars(length(min = 1, max = 253))]
+    pub host: String,
+    /// Its HTTPS port (default 443).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<EgressPort>,
+    /// The header that carries the credential (default `authorization`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[A-Za-z0-9-]{1,64}$"))]
+    pub header: Option<String>,
+    /// How the value is written: `bearer` (`Bearer VALUE`, the default for
+    /// `authorization`), `basic` (`Basic base64(username:VALUE)`, for git hosts), or
+    /// `plain` (the value as it is, the default for any other header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<CredentialScheme>,
+    /// The user name of `basic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[A-Za-z0-9._@+-]{1,128}$"))]
+    pub username: Option<String>,
+    /// The value: one key of a Secret whose `allowed.hosts` lists this host.
+    pub secret: CredentialSecret,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CredentialScheme {
+    Plain,
+    Bearer,
+    Basic,
+}
+
+/// A Secret's key, taken by the host's broker (never sent to a guest).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CredentialSecret {
+    pub secret: Name,
+    pub key: SecretKey,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

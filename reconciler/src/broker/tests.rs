@@ -4,7 +4,7 @@ use std::net::TcpListener;
 use std::time::Instant;
 
 use super::*;
-use crate::egress::HostPattern;
+use crate::egress::{HostPattern, Rule};
 
 fn rule(host: &str, ports: &[u16]) -> Rule {
     Rule {
@@ -15,22 +15,44 @@ fn rule(host: &str, ports: &[u16]) -> Rule {
     }
 }
 
-/// A resolver with a fixed table (no lookup leaves the machine).
-fn table(entries: &[(&str, &str)]) -> Resolve {
+/// A resolver with a fixed table (no lookup leaves the machine); `pinned` says whether
+/// its answers count as the host configuration's.
+fn table_with(entries: &[(&str, &str)], pinned: bool) -> Resolve {
     let entries: Vec<(String, std::net::IpAddr)> = entries
         .iter()
         .map(|(n, ip)| ((*n).to_owned(), ip.parse().expect("ip")))
         .collect();
     Arc::new(move |host, port| {
         if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-            return Ok(vec![SocketAddr::new(ip, port)]);
+            return Ok(Resolved {
+                addresses: vec![SocketAddr::new(ip, port)],
+                pinned: false,
+            });
         }
-        Ok(entries
-            .iter()
-            .filter(|(n, _)| n == host)
-            .map(|(_, ip)| SocketAddr::new(*ip, port))
-            .collect())
+        Ok(Resolved {
+            addresses: entries
+                .iter()
+                .filter(|(n, _)| n == host)
+                .map(|(_, ip)| SocketAddr::new(*ip, port))
+                .collect(),
+            pinned,
+        })
     })
+}
+
+fn table(entries: &[(&str, &str)]) -> Resolve {
+    table_with(entries, false)
+}
+
+fn system() -> Resolve {
+    system_resolver(BTreeMap::new())
+}
+
+fn upstreams(resolve: Resolve, roots: rustls::RootCertStore) -> Upstreams {
+    Upstreams {
+        resolve,
+        tls: Arc::new(tls_config(roots).expect("tls")),
+    }
 }
 
 struct Guest {
@@ -40,15 +62,26 @@ struct Guest {
 
 impl Guest {
     fn new(rules: Option<Vec<Rule>>, resolve: Resolve) -> Guest {
+        let policy = rules.map(|rules| Policy {
+            rules,
+            credentials: Vec::new(),
+        });
+        Guest::with(
+            policy,
+            upstreams(resolve, rustls::RootCertStore::empty()),
+            Arc::new(|_| Err("no credentials here".into())),
+        )
+    }
+
+    fn with(policy: Option<Policy>, upstreams: Upstreams, credential: CredentialValue) -> Guest {
         let denied = Arc::new(Mutex::new(Vec::new()));
         let sink = denied.clone();
+        let policy = policy.map(Arc::new);
         Guest {
             broker: Broker::new(
-                {
-                    let rules: Option<Arc<[Rule]>> = rules.map(Into::into);
-                    Arc::new(move || rules.clone())
-                },
-                resolve,
+                Arc::new(move || policy.clone()),
+                credential,
+                upstreams,
                 Arc::new(move |why| sink.lock().expect("lock").push(why)),
                 Outbox::new(None),
             ),
@@ -146,7 +179,7 @@ fn upstream() -> u16 {
 
 #[test]
 fn a_vm_without_brokered_egress_has_every_stream_refused() {
-    let mut guest = Guest::new(None, system_resolver());
+    let mut guest = Guest::new(None, system());
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 1,
@@ -158,7 +191,7 @@ fn a_vm_without_brokered_egress_has_every_stream_refused() {
 #[test]
 fn an_allowed_connect_is_tunnelled_both_ways() {
     let port = upstream();
-    let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system_resolver());
+    let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system());
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 3,
@@ -187,7 +220,7 @@ fn an_allowed_connect_is_tunnelled_both_ways() {
 #[test]
 fn a_destination_no_rule_allows_gets_a_403_naming_the_fix() {
     let port = upstream();
-    let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system_resolver());
+    let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system());
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 5,
@@ -228,7 +261,7 @@ fn a_public_name_resolving_to_loopback_is_refused() {
 
 #[test]
 fn garbage_gets_a_400_and_too_many_streams_are_refused() {
-    let mut guest = Guest::new(Some(Vec::new()), system_resolver());
+    let mut guest = Guest::new(Some(Vec::new()), system());
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 9,
@@ -272,7 +305,7 @@ fn a_large_download_waits_for_the_guests_credit() {
             let _ = conn.write_all(&vec![b'x'; 1 << 20]);
         }
     });
-    let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system_resolver());
+    let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system());
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 11,
@@ -306,7 +339,7 @@ fn a_stream_closed_while_its_reader_waits_for_credit_ends_at_once() {
             std::thread::sleep(Duration::from_secs(30));
         }
     });
-    let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system_resolver());
+    let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system());
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 12,
@@ -384,7 +417,7 @@ fn a_plain_request_goes_upstream_alone_and_only_under_its_paths() {
         path_prefixes: vec!["/ok/".into()],
         ..rule("127.0.0.1", &[port])
     }];
-    let mut guest = Guest::new(Some(rules), system_resolver());
+    let mut guest = Guest::new(Some(rules), system());
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 20,
@@ -436,4 +469,265 @@ fn a_plain_request_goes_upstream_alone_and_only_under_its_paths() {
     );
     let (answer, _) = guest.read_until_closed(22, Duration::from_secs(5));
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 403"));
+}
+
+/// A test authority, and an API on loopback serving `name` over TLS with a certificate it
+/// signed: each request (head and body, as text) goes to `seen`, and is answered `answer`.
+struct TlsApi {
+    port: u16,
+    roots: rustls::RootCertStore,
+    seen: std::sync::mpsc::Receiver<String>,
+}
+
+fn tls_api(name: &str, answer: &'static str) -> TlsApi {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("ca");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("cert");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).expect("root");
+    let server = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .expect("server config"),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().flatten() {
+            let Ok(conn) = rustls::ServerConnection::new(server.clone()) else {
+                continue;
+            };
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            let complete = |got: &[u8]| {
+                let text = String::from_utf8_lossy(got);
+                let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                    return false;
+                };
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+                body.len() >= len
+            };
+            while !complete(&got) {
+                match tls.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            if got.is_empty() {
+                continue;
+            }
+            let _ = tx.send(String::from_utf8_lossy(&got).into_owned());
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+            let _ = tls.write_all(reply.as_bytes());
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+        }
+    });
+    TlsApi { port, roots, seen }
+}
+
+fn credential(host: &str, port: u16, header: &str, scheme: Scheme) -> Credential {
+    Credential {
+        host: host.into(),
+        port,
+        header: header.into(),
+        scheme,
+        secret: "model".into(),
+        key: "api_key".into(),
+        source: "loadout agent egress.credentials[0]".into(),
+    }
+}
+
+/// A guest whose policy has `credentials`, reaching the API through a resolver that
+/// pins `api.example.test` to loopback (as the host configuration's `egress.hosts` does).
+fn credentialed_guest(credentials: Vec<Credential>, roots: rustls::RootCertStore) -> Guest {
+    Guest::with(
+        Some(Policy {
+            rules: Vec::new(),
+            credentials,
+        }),
+        upstreams(
+            table_with(&[("api.example.test", "127.0.0.1")], true),
+            roots,
+        ),
+        Arc::new(|c: &Credential| {
+            assert_eq!((c.secret.as_str(), c.key.as_str()), ("model", "api_key"));
+            Ok(Zeroizing::new(b"sk-real-1234".to_vec()))
+        }),
+    )
+}
+
+fn request_to_api(guest: &mut Guest, stream: u32, request: &[u8]) -> (String, Option<String>) {
+    guest.send(GuestMessage::StreamOpen { v: VERSION, stream });
+    guest.data(stream, request);
+    let (bytes, error) = guest.read_until_closed(stream, Duration::from_secs(10));
+    (String::from_utf8_lossy(&bytes).into_owned(), error)
+}
+
+#[test]
+fn a_request_to_a_brokered_api_carries_the_real_key_and_never_the_guests() {
+    let api = tls_api("api.example.test", "{\"ok\":true}");
+    let mut guest = credentialed_guest(
+        vec![credential(
+            "api.example.test",
+            api.port,
+            "x-api-key",
+            Scheme::Plain,
+        )],
+        api.roots.clone(),
+    );
+    let (answer, error) = request_to_api(
+        &mut guest,
+        1,
+        b"POST /api.example.test/v1/messages?beta=true HTTP/1.1\r\nHost: 127.0.0.1:3128\r\nx-api-key: placeholder\r\nAuthorization: Bearer guessed\r\nContent-Length: 11\r\n\r\n{\"hi\":true}",
+    );
+    assert_eq!(error, None);
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(answer.ends_with("{\"ok\":true}"), "{answer}");
+    let seen = api
+        .seen
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a request");
+    assert!(
+        seen.starts_with("POST /v1/messages?beta=true HTTP/1.1\r\n"),
+        "{seen}"
+    );
+    assert!(
+        seen.contains(&format!("\r\nHost: api.example.test:{}\r\n", api.port)),
+        "{seen}"
+    );
+    assert!(seen.contains("\r\nx-api-key: sk-real-1234\r\n"), "{seen}");
+    assert!(!seen.contains("placeholder"), "{seen}");
+    assert!(
+        !seen.to_ascii_lowercase().contains("authorization"),
+        "{seen}"
+    );
+    assert!(seen.ends_with("\r\n\r\n{\"hi\":true}"), "{seen}");
+}
+
+#[test]
+fn bearer_and_basic_credentials_are_written_as_their_schemes_say() {
+    for (scheme, expected) in [
+        (
+            Scheme::Bearer,
+            "authorization: Bearer sk-real-1234".to_owned(),
+        ),
+        (
+            Scheme::Basic {
+                username: "x-access-token".into(),
+            },
+            format!(
+                "authorization: Basic {}",
+                base64::engine::general_purpose::STANDARD.encode("x-access-token:sk-real-1234")
+            ),
+        ),
+    ] {
+        let api = tls_api("api.example.test", "fine");
+        let mut guest = credentialed_guest(
+            vec![credential(
+                "api.example.test",
+                api.port,
+                "authorization",
+                scheme,
+            )],
+            api.roots.clone(),
+        );
+        let (answer, _) = request_to_api(
+            &mut guest,
+            1,
+            b"GET /api.example.test/info.git/refs HTTP/1.1\r\nauthorization: Basic Z3Vlc3M=\r\n\r\n",
+        );
+        assert!(answer.ends_with("fine"), "{answer}");
+        let seen = api
+            .seen
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a request");
+        assert!(seen.contains(&format!("\r\n{expected}\r\n")), "{seen}");
+        assert_eq!(seen.matches("authorization").count(), 1, "{seen}");
+    }
+}
+
+#[test]
+fn an_api_without_a_credential_or_with_a_certificate_the_host_does_not_trust_is_refused() {
+    let api = tls_api("api.example.test", "fine");
+    // No credential for the host named in the path: 403, and the denial is an event.
+    let mut guest = credentialed_guest(
+        vec![credential(
+            "api.example.test",
+            api.port,
+            "x-api-key",
+            Scheme::Plain,
+        )],
+        api.roots.clone(),
+    );
+    let (answer, _) = request_to_api(&mut guest, 1, b"GET /api.other.test/v1 HTTP/1.1\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("egress.credentials"), "{answer}");
+    assert_eq!(guest.denied.lock().expect("lock").len(), 1);
+
+    // A certificate from an authority the host does not trust: 502, and nothing (the key
+    // least of all) was sent.
+    let mut guest = credentialed_guest(
+        vec![credential(
+            "api.example.test",
+            api.port,
+            "x-api-key",
+            Scheme::Plain,
+        )],
+        rustls::RootCertStore::empty(),
+    );
+    let (answer, _) = request_to_api(&mut guest, 2, b"GET /api.example.test/v1 HTTP/1.1\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    assert!(answer.contains("TLS"), "{answer}");
+    assert!(api.seen.recv_timeout(Duration::from_millis(500)).is_err());
+}
+
+#[test]
+fn a_brokered_api_whose_name_resolves_inside_is_refused_unless_the_host_pins_it() {
+    let api = tls_api("api.example.test", "fine");
+    let mut guest = Guest::with(
+        Some(Policy {
+            rules: Vec::new(),
+            credentials: vec![credential(
+                "api.example.test",
+                api.port,
+                "x-api-key",
+                Scheme::Plain,
+            )],
+        }),
+        // Resolved by "DNS" (not pinned) to loopback.
+        upstreams(
+            table(&[("api.example.test", "127.0.0.1")]),
+            api.roots.clone(),
+        ),
+        Arc::new(|_| Ok(Zeroizing::new(b"sk-real-1234".to_vec()))),
+    );
+    let (answer, _) = request_to_api(&mut guest, 1, b"GET /api.example.test/v1 HTTP/1.1\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("internal address"), "{answer}");
+    assert!(api.seen.recv_timeout(Duration::from_millis(300)).is_err());
 }

@@ -36,9 +36,17 @@ struct Tracked {
 
 pub struct Agents {
     threads: HashMap<String, Tracked>,
+    shared: Shared,
+}
+
+/// What every link thread shares with the daemon.
+#[derive(Clone)]
+struct Shared {
     status: Arc<Mutex<BTreeMap<String, AgentStatus>>>,
     book: Arc<TaskBook>,
     wakers: LinkWakers,
+    /// How the links' brokers reach upstreams.
+    upstreams: crate::broker::Upstreams,
 }
 
 /// The wakers of every open link: the host's news reaches each at once.
@@ -59,18 +67,25 @@ impl LinkWakers {
 }
 
 impl Agents {
-    pub fn new(book: Arc<TaskBook>, wakers: LinkWakers) -> Agents {
+    pub fn new(
+        book: Arc<TaskBook>,
+        wakers: LinkWakers,
+        upstreams: crate::broker::Upstreams,
+    ) -> Agents {
         Agents {
             threads: HashMap::new(),
-            status: Arc::default(),
-            book,
-            wakers,
+            shared: Shared {
+                status: Arc::default(),
+                book,
+                wakers,
+                upstreams,
+            },
         }
     }
 
     /// Every link looks at its tasks now (after a pass changed what they should run).
     pub fn wake_all(&self) {
-        self.wakers.wake_all();
+        self.shared.wakers.wake_all();
     }
 
     /// Follows exactly the VMs in `running` (name → its driver).
@@ -81,13 +96,14 @@ impl Agents {
             let keep = wanted.contains(name.as_str());
             if !keep {
                 tracked.stop.store(true, Ordering::Relaxed);
-                if let Some(waker) = self.wakers.lock().get(name) {
+                if let Some(waker) = self.shared.wakers.lock().get(name) {
                     waker.wake();
                 }
             }
             keep
         });
-        self.status
+        self.shared
+            .status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|name, _| wanted.contains(name.as_str()));
@@ -96,27 +112,11 @@ impl Agents {
                 continue;
             }
             let stop = Arc::new(AtomicBool::new(false));
-            let (status, book, tx, thread_stop, vm, wakers) = (
-                self.status.clone(),
-                self.book.clone(),
-                tx.clone(),
-                stop.clone(),
-                name.clone(),
-                self.wakers.clone(),
-            );
+            let (shared, tx, thread_stop, vm) =
+                (self.shared.clone(), tx.clone(), stop.clone(), name.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("agent-{name}"))
-                .spawn(move || {
-                    follow(
-                        &vm,
-                        driver.as_ref(),
-                        &status,
-                        &book,
-                        &tx,
-                        &thread_stop,
-                        &wakers,
-                    )
-                });
+                .spawn(move || follow(&vm, driver.as_ref(), &shared, &tx, &thread_stop));
             if spawned.is_ok() {
                 self.threads.insert(name, Tracked { stop });
             }
@@ -124,7 +124,8 @@ impl Agents {
     }
 
     pub fn snapshot(&self) -> BTreeMap<String, AgentStatus> {
-        self.status
+        self.shared
+            .status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -171,12 +172,16 @@ impl Presence {
 fn follow(
     vm: &str,
     driver: &dyn Driver,
-    status: &Mutex<BTreeMap<String, AgentStatus>>,
-    book: &Arc<TaskBook>,
+    shared: &Shared,
     tx: &UnboundedSender<Trigger>,
     stop: &AtomicBool,
-    wakers: &LinkWakers,
 ) {
+    let Shared {
+        status,
+        book,
+        wakers,
+        upstreams,
+    } = shared;
     // A guest decides when it says hello and with which boot id: one that changes it in
     // every hello would keep fleet reconciling back to back. The daemon acts on presence
     // triggers at most once per `AGENT_TRIGGER_GAP` (see `serve`), and a boot id that keeps
@@ -229,14 +234,17 @@ fn follow(
                 waker
             });
             let mut conn = Connection::new(vm);
-            // This link's streams (brokered egress): the VM's rules as they are when each
+            // This link's streams (brokered egress): the VM's policy as it is when each
             // opens; a refusal is an event.
             let mut broker = {
-                let (rules_book, denied_book) = (book.clone(), book.clone());
-                let (rules_vm, denied_vm) = (vm.to_owned(), vm.to_owned());
+                let (policy_book, credential_book, denied_book) =
+                    (book.clone(), book.clone(), book.clone());
+                let (policy_vm, credential_vm, denied_vm) =
+                    (vm.to_owned(), vm.to_owned(), vm.to_owned());
                 crate::broker::Broker::new(
-                    Arc::new(move || rules_book.egress_rules(&rules_vm)),
-                    crate::broker::system_resolver(),
+                    Arc::new(move || policy_book.egress_policy(&policy_vm)),
+                    Arc::new(move |c| credential_book.egress_credential(&credential_vm, c)),
+                    upstreams.clone(),
                     Arc::new(move |why| denied_book.egress_denied(&denied_vm, why)),
                     crate::broker::Outbox::new(mine.clone()),
                 )

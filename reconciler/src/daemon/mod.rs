@@ -149,6 +149,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         http_stopped,
     ));
 
+    let upstreams = crate::broker::Upstreams::from_host(&host.egress)?;
     let tasks = Arc::new(TaskBook::open(ws.status.clone(), ws.repo_root.clone()));
     // Host answer files appear in status/hitl/: one watcher tells every link, instead of
     // each link listing the directory twice a second.
@@ -181,7 +182,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         last_good: None,
         refused: None,
         backoff: backoff::Backoff::default(),
-        agents: agents::Agents::new(tasks.clone(), wakers),
+        agents: agents::Agents::new(tasks.clone(), wakers, upstreams),
         tasks,
         vault: Arc::default(),
         next_resync: Instant::now(),

@@ -74,8 +74,8 @@ pub struct TaskBook {
 #[derive(Default)]
 struct BookState {
     desired: BTreeMap<String, DesiredTask>,
-    /// Each brokered VM's egress rules (`broker`), by VM name.
-    egress: BTreeMap<String, Arc<[crate::egress::Rule]>>,
+    /// Each brokered VM's egress policy (`broker`), by VM name.
+    egress: BTreeMap<String, Arc<crate::egress::Policy>>,
     /// Each desired task's run hash and hold, from the vault's values (`Vault::bind`).
     bound: BTreeMap<String, crate::secrets::BoundTask>,
     answers: BTreeMap<String, CommittedAnswer>,
@@ -697,9 +697,42 @@ impl TaskBook {
         }
     }
 
-    /// The egress rules of `vm` now, or `None` when it has no brokered egress.
-    pub fn egress_rules(&self, vm: &str) -> Option<Arc<[crate::egress::Rule]>> {
+    /// The egress policy of `vm` now, or `None` when it has no brokered egress.
+    pub fn egress_policy(&self, vm: &str) -> Option<Arc<crate::egress::Policy>> {
         self.lock().egress.get(vm).cloned()
+    }
+
+    /// The value of `credential` (of `vm`'s policy now), for the broker to write upstream;
+    /// or why there is none. It never leaves the host's memory, and is wiped when dropped.
+    pub fn egress_credential(
+        &self,
+        vm: &str,
+        credential: &crate::egress::Credential,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+        use secrecy::ExposeSecret;
+        let state = self.lock();
+        let current = state
+            .egress
+            .get(vm)
+            .is_some_and(|p| p.credentials.contains(credential));
+        if !current {
+            return Err("the VM's egress credentials changed".into());
+        }
+        match state.vault.value(&credential.secret, &credential.key) {
+            Some(value) => Ok(zeroize::Zeroizing::new(value.expose_secret().to_vec())),
+            None => Err(state
+                .vault
+                .problem(&credential.secret, &credential.key)
+                .map_or_else(
+                    || {
+                        format!(
+                            "secret {}/{} is not defined",
+                            credential.secret, credential.key
+                        )
+                    },
+                    str::to_owned,
+                )),
+        }
     }
 
     /// The broker refused a destination of `vm`'s: an `egress.denied` event.
@@ -733,7 +766,7 @@ impl BookState {
         self.egress = desired
             .egress
             .iter()
-            .map(|(vm, rules)| (vm.clone(), rules.clone().into()))
+            .map(|(vm, policy)| (vm.clone(), Arc::new(policy.clone())))
             .collect();
         self.bound = self.vault.bind(&self.desired);
         self.vm_secrets = desired

@@ -96,7 +96,7 @@ fn run_task(
     guest_task: &str,
     boot_id: &str,
     vm_files: &[String],
-    brokered: bool,
+    egress: Option<&crate::egress::Policy>,
 ) -> HostMessage {
     let mut secret_files: Vec<String> = vm_files.to_vec();
     secret_files.extend(task.secrets.iter().filter_map(|r| r.file.clone()));
@@ -107,9 +107,13 @@ fn run_task(
         .or_insert_with(|| "xterm-256color".into());
     env.insert("FLEET_TASK".into(), task.name.clone());
     env.insert("FLEET_VM".into(), task.vm.clone());
-    if brokered {
+    if let Some(policy) = egress {
         // Every connection goes through the agent's proxy to the host's broker; the VM has
-        // no other way out.
+        // no other way out. APIs whose key the broker adds are reached in plain HTTP at the
+        // proxy, with placeholder keys (the task's own settings win).
+        for (name, value) in crate::egress::api_environment(&policy.credentials) {
+            env.entry(name).or_insert(value);
+        }
         let proxy = format!("http://{}", fleet_agent_protocol::stream::PROXY_ADDRESS);
         for name in ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"] {
             env.insert(name.into(), proxy.clone());
@@ -249,7 +253,7 @@ impl BookState {
                         &record.guest_task(),
                         &boot,
                         &super::vm_secret_files(self, &conn.vm),
-                        self.egress.contains_key(&conn.vm),
+                        self.egress.get(&conn.vm).map(|p| &**p),
                     )),
                     None => {
                         conn.cancel_sent.insert(record.guest_task());
@@ -356,7 +360,7 @@ impl BookState {
                 &record.guest_task(),
                 boot,
                 &super::vm_secret_files(self, &conn.vm),
-                self.egress.contains_key(&conn.vm),
+                self.egress.get(&conn.vm).map(|p| &**p),
             ));
             self.event(
                 &record,

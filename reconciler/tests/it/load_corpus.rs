@@ -538,6 +538,37 @@ fn egress_rules_are_checked_and_need_the_brokered_mode() {
 }
 
 #[test]
+fn egress_credentials_are_checked_and_go_only_where_their_secret_allows() {
+    check(
+        &[
+            (
+                "fleet/loadouts/dev.yaml",
+                "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: dev}\nspec:\n  network: {mode: brokered}\n  egress:\n    credentials:\n      - {host: api.example.com, header: x-api-key, secret: {secret: api, key: token}}\n      - {host: '*.example.com', secret: {secret: api, key: token}}\n      - {host: git.example.com, scheme: basic, header: content-length, secret: {secret: api, key: nope}}\n      - {host: api.example.com, username: me, secret: {secret: none, key: token}}\n",
+            ),
+            (
+                "fleet/secrets/api.yaml",
+                &SECRET.replace(
+                    "tasks: [t]}",
+                    "tasks: [t], hosts: [api.example.com, '*.x.com']}",
+                ),
+            ),
+        ],
+        expect![[r#"
+            fleet/loadouts/dev.yaml:9:16: error: spec.egress.credentials[1].host: "*.example.com": a credential is for one API host; write its exact name
+            fleet/loadouts/dev.yaml:9:50: error: spec.egress.credentials[1].secret.secret: Secret "api" (fleet/secrets/api.yaml) may not be sent to *.example.com; add it to the Secret's spec.allowed.hosts
+            fleet/loadouts/dev.yaml:10:9: error: spec.egress.credentials[2]: scheme basic needs a username (for example x-access-token for a git host's token)
+            fleet/loadouts/dev.yaml:10:56: error: spec.egress.credentials[2].header: "content-length" is a header the broker writes itself; credentials go in authorization, x-api-key or a header of the API's own
+            fleet/loadouts/dev.yaml:10:89: error: spec.egress.credentials[2].secret.secret: Secret "api" (fleet/secrets/api.yaml) may not be sent to git.example.com; add it to the Secret's spec.allowed.hosts
+            fleet/loadouts/dev.yaml:10:99: error: spec.egress.credentials[2].secret.key: Secret "api" (fleet/secrets/api.yaml) has no key "nope"; its keys: token
+            fleet/loadouts/dev.yaml:11:16: error: spec.egress.credentials[3].host: credential host "api.example.com" is already defined at line 8; credential host names must be unique
+            fleet/loadouts/dev.yaml:11:43: error: spec.egress.credentials[3].username: a username is used only with scheme: basic; set that, or remove it
+            fleet/loadouts/dev.yaml:11:64: error: spec.egress.credentials[3].secret.secret: no Secret named "none"; create one with `fleet secret set none KEY`
+            fleet/secrets/api.yaml:5:67: error: spec.allowed.hosts[1]: "*.x.com" is not a host name; write the API's exact name, for example api.anthropic.com
+        "#]],
+    );
+}
+
+#[test]
 fn unknown_provider() {
     check(
         &[(

@@ -88,7 +88,21 @@ pub(super) fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
                 }
             }
         }
-        AnyObject::Secret(_) => {}
+        AnyObject::Secret(o) => {
+            let hosts = o.doc.spec.allowed.iter().flat_map(|a| a.hosts.iter());
+            for (i, host) in hosts.enumerate() {
+                if !matches!(
+                    crate::egress::HostPattern::parse(host),
+                    Ok(crate::egress::HostPattern::Name(_)
+                        | crate::egress::HostPattern::Address(_))
+                ) {
+                    diags.push(o.field_error(
+                        &format!("/spec/allowed/hosts/{i}"),
+                        format!("{host:?} is not a host name; write the API's exact name, for example api.anthropic.com"),
+                    ));
+                }
+            }
+        }
         AnyObject::Host(o) => host_rules::check_host_object(o, diags),
         AnyObject::Vm(o) => check_vm_spec(o, "/spec", &o.doc.spec, diags),
         AnyObject::Task(o) => check_task(o, diags),
@@ -275,7 +289,61 @@ fn check_egress<T>(o: &Object<T>, egress: &crate::spec::Egress, diags: &mut Vec<
             }
         }
     }
+    let mut hosts = BTreeMap::new();
+    for (i, c) in egress.credentials.iter().enumerate() {
+        let at = |field: &str| format!("/spec/egress/credentials/{i}/{field}");
+        match crate::egress::HostPattern::parse(&c.host) {
+            Ok(crate::egress::HostPattern::Below(_)) => diags.push(o.field_error(
+                &at("host"),
+                format!(
+                    "{:?}: a credential is for one API host; write its exact name",
+                    c.host
+                ),
+            )),
+            Err(why) => diags.push(o.field_error(&at("host"), why)),
+            Ok(_) => unique_in_list(
+                o,
+                &mut hosts,
+                &c.host.trim_end_matches('.').to_ascii_lowercase(),
+                &at("host"),
+                "credential host",
+                diags,
+            ),
+        }
+        if let Some(header) = &c.header
+            && BROKER_HEADERS.contains(&header.to_ascii_lowercase().as_str())
+        {
+            diags.push(o.field_error(
+                &at("header"),
+                format!(
+                    "{header:?} is a header the broker writes itself; credentials go in authorization, x-api-key or a header of the API's own"
+                ),
+            ));
+        }
+        let basic = c.scheme == Some(crate::spec::CredentialScheme::Basic);
+        match (basic, &c.username) {
+            (true, None) => diags.push(o.key_error(
+                &format!("/spec/egress/credentials/{i}"),
+                "scheme basic needs a username (for example x-access-token for a git host's token)",
+            )),
+            (false, Some(_)) => diags.push(o.field_error(
+                &at("username"),
+                "a username is used only with scheme: basic; set that, or remove it",
+            )),
+            _ => {}
+        }
+    }
 }
+
+/// Headers a credential cannot go in: the broker writes them from the request it checked.
+const BROKER_HEADERS: [&str; 6] = [
+    "host",
+    "content-length",
+    "connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+];
 
 pub(super) fn unique_in_list<T>(
     o: &Object<T>,

@@ -149,6 +149,7 @@ pub(super) fn check_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
     }
 
     check_secret_references(f, diags);
+    check_credential_references(f, diags);
     check_answer_text(f, diags);
 
     for o in f.tasks.values() {
@@ -306,6 +307,67 @@ fn check_secret_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
                         secret.path,
                         r.key.0,
                         keys.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// Every credential of a loadout's `egress.credentials` names a Secret's key, and the
+/// Secret lists the credential's host in `allowed.hosts`: whoever writes the Secret decides
+/// where its value may be sent, not only whoever writes the loadout.
+fn check_credential_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
+    for o in f.loadouts.values() {
+        let Some(egress) = &o.doc.spec.egress else {
+            continue;
+        };
+        for (i, c) in egress.credentials.iter().enumerate() {
+            let at = format!("/spec/egress/credentials/{i}/secret");
+            let error = |field: &str, message: String| {
+                field_error_in(
+                    &o.path,
+                    &o.tree,
+                    &format!("{at}/{field}"),
+                    At::Value,
+                    message,
+                )
+            };
+            let Some(secret) = f.secrets.get(&c.secret.secret.0) else {
+                diags.push(error(
+                    "secret",
+                    format!(
+                        "no Secret named {:?}; create one with `fleet secret set {} KEY`",
+                        c.secret.secret.0, c.secret.secret.0
+                    ),
+                ));
+                continue;
+            };
+            if !secret.doc.spec.data.contains_key(&c.secret.key) {
+                let keys: Vec<&str> = secret.doc.spec.data.keys().map(|k| k.0.as_str()).collect();
+                diags.push(error(
+                    "key",
+                    format!(
+                        "Secret {:?} ({}) has no key {:?}; its keys: {}",
+                        c.secret.secret.0,
+                        secret.path,
+                        c.secret.key.0,
+                        keys.join(", ")
+                    ),
+                ));
+            }
+            let host = c.host.trim_end_matches('.');
+            let allowed = secret.doc.spec.allowed.as_ref().is_some_and(|a| {
+                a.hosts
+                    .iter()
+                    .any(|h| h.trim_end_matches('.').eq_ignore_ascii_case(host))
+            });
+            if !allowed {
+                diags.push(error(
+                    "secret",
+                    format!(
+                        "Secret {:?} ({}) may not be sent to {host}; add it to the Secret's spec.allowed.hosts",
+                        c.secret.secret.0, secret.path
                     ),
                 ));
             }
