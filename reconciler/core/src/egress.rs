@@ -573,6 +573,12 @@ pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
             head_len,
         });
     }
+    // A client that ignores NO_PROXY sends a request for the proxy's own address to the
+    // proxy in absolute form: it is meant for the credential endpoint all the same.
+    let target = ["http://127.0.0.1:3128/", "http://localhost:3128/"]
+        .iter()
+        .find(|own| target.starts_with(*own))
+        .map_or(target, |own| &target[own.len() - 1..]);
     if let Some(origin) = target.strip_prefix('/') {
         // The credential endpoint: `/<api host>/<path>`, sent to the proxy as to a server.
         let (api, path) = match origin.find(['/', '?']) {
@@ -1157,6 +1163,17 @@ mod tests {
                 Err(BadRequest::Refused(_))
             ));
         }
+        let absolute = parse_proxy_request(
+            b"GET http://127.0.0.1:3128/api.openai.com/v1/models HTTP/1.1\r\n\r\n",
+        )
+        .expect("ok");
+        assert_eq!(absolute.host, "api.openai.com");
+        assert!(
+            matches!(absolute.kind, ProxyKind::Credentialed { ref path, .. } if path == "/v1/models")
+        );
+        let other_port =
+            parse_proxy_request(b"GET http://127.0.0.1:31289/x HTTP/1.1\r\n\r\n").expect("ok");
+        assert!(matches!(other_port.kind, ProxyKind::Http { .. }));
         let bare = parse_proxy_request(b"GET /api.openai.com HTTP/1.1\r\n\r\n").expect("ok");
         assert!(matches!(bare.kind, ProxyKind::Credentialed { ref path, .. } if path == "/"));
     }

@@ -174,3 +174,189 @@ fn a_brokered_vm_reaches_only_what_its_loadout_allows() {
         "the refusal is an event: {events}"
     );
 }
+
+/// A test authority (its PEM) and an API on loopback serving `name` over TLS with a
+/// certificate it signed. Each request's head goes to `seen`; the answer says only whether
+/// `x-api-key` was `key`, never the key.
+fn tls_api(name: &str, key: String) -> (u16, String, std::sync::mpsc::Receiver<String>) {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use std::sync::Arc;
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("ca");
+    let server_key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+        .expect("params")
+        .signed_by(&server_key, &ca)
+        .expect("cert");
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
+        )
+        .expect("server config"),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().flatten() {
+            let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                continue;
+            };
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tls.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&got).into_owned();
+            let real = head
+                .lines()
+                .any(|l| l.eq_ignore_ascii_case(&format!("x-api-key: {key}")));
+            let body = if real {
+                "api: the real key\n"
+            } else {
+                "api: a wrong key\n"
+            };
+            let _ = tx.send(head);
+            let _ = tls.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+        }
+    });
+    (port, ca.pem(), seen)
+}
+
+#[test]
+fn a_brokered_api_gets_the_real_key_and_the_guest_only_a_placeholder() {
+    if !enabled() {
+        return;
+    }
+    use crate::secrets::{age_identity, files_containing, random_hex, secret_set};
+    let prefix = format!("it{}-cred-", std::process::id());
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let vm = format!("{prefix}a");
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (identity, recipient) = age_identity(keys.path(), "age.key");
+    let canary = format!("fleetcanary{}", random_hex(12));
+    // The API plays api.anthropic.com on loopback: the host configuration pins the name
+    // there and trusts the test authority, so nothing leaves the machine.
+    let (port, ca_pem, seen) = tls_api("api.anthropic.com", canary.clone());
+    let ca_file = keys.path().join("test-ca.pem");
+    std::fs::write(&ca_file, ca_pem).expect("write CA");
+
+    let repo = Repo::new();
+    repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml_with_policy(
+            &format!("it{}cred", std::process::id()),
+            "{shutdownTimeout: 10s, reconcileInterval: 30s}",
+        ),
+    );
+    repo.add_host_config(&format!(
+        "  recipients: [{recipient}]\n  egress:\n    hosts: {{api.anthropic.com: 127.0.0.1}}\n    caFiles: [{}]\n",
+        ca_file.display()
+    ));
+    secret_set(&repo, "anthropic", "api_key", &canary);
+    repo.allow_secret("anthropic", "{hosts: [api.anthropic.com]}");
+    repo.write(
+        "fleet/loadouts/agent.yaml",
+        format!(
+            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: agent}}\nspec:\n  network: {{mode: brokered}}\n  egress:\n    credentials:\n      - {{host: api.anthropic.com, port: {port}, header: x-api-key, secret: {{secret: anthropic, key: api_key}}}}\n"
+        ),
+    );
+    repo.write(
+        &format!("fleet/vms/{vm}.yaml"),
+        format!(
+            "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {vm}}}\nspec: {{provider: local, image: micro, loadout: agent, resources: {{memory: 256Mi}}}}\n"
+        ),
+    );
+    // The task calls the API the way an agent would (base URL and key from its
+    // environment), then looks for the key everywhere a process in the VM could: every
+    // process's environment and arguments, and the files under /run, /tmp, /etc and
+    // /root. It is given the key rot13'd, so its own command line never holds it.
+    let rot13: String = canary
+        .chars()
+        .map(|c| match c {
+            'a'..='m' => (c as u8 + 13) as char,
+            'n'..='z' => (c as u8 - 13) as char,
+            other => other,
+        })
+        .collect();
+    let script = format!(
+        "busybox wget -q -O- --header 'x-api-key: from-the-guest' \"$ANTHROPIC_BASE_URL/v1/models\"\necho \"base=$ANTHROPIC_BASE_URL key=$ANTHROPIC_API_KEY\"\nc=$(echo {rot13} | tr a-z n-za-m)\nn=0\nfor f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; do (tr '\\0' '\\n' < $f | grep -qF \"$c\" && echo \"FOUND in $f\") 2>/dev/null; [ -r $f ] && n=$((n+1)); done\necho \"read=$n\"\nbusybox find /run /tmp /etc /root -type f 2>/dev/null | while read -r f; do grep -qF \"$c\" \"$f\" 2>/dev/null && echo \"FOUND in $f\"; done\necho scanned\n"
+    );
+    let indented: String = script.lines().map(|l| format!("      {l}\n")).collect();
+    repo.write(
+        "fleet/tasks/call.yaml",
+        task_yaml(
+            "call",
+            &vm,
+            &format!("  command:\n    - sh\n    - -c\n    - |\n{indented}"),
+        ),
+    );
+    repo.commit("a brokered API with its key on the host");
+    let identity_env = identity.to_str().expect("utf8").to_owned();
+    let daemon = Daemon::start_with(&repo, &[("FLEET_AGE_IDENTITY", &identity_env)], &["-vv"]);
+    let status = Status(repo.path().join(".fleet/status"));
+    status.wait_phase("call", "Succeeded", Duration::from_secs(180));
+    let output = status.output("call");
+    assert!(
+        output.contains("api: the real key"),
+        "{output}\nevents: {}",
+        read(&status.0.join("events.jsonl"))
+    );
+    // Of its own processes (the others' are not its to read) at least the shell's.
+    let scanned: u32 = output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("read="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(scanned >= 2, "{output}");
+    assert!(
+        output.contains(&format!(
+            "base=http://127.0.0.1:3128/api.anthropic.com key={}",
+            fleet::egress::PLACEHOLDER_KEY
+        )),
+        "{output}"
+    );
+    assert!(output.contains("scanned"), "{output}");
+    assert!(
+        !output.contains("FOUND"),
+        "the key is in the guest: {output}"
+    );
+    let head = seen
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a request");
+    assert!(head.starts_with("GET /v1/models HTTP/1.1\r\n"), "{head}");
+    assert!(!head.contains("from-the-guest"), "{head}");
+
+    // The key in the clear is nowhere on the host side but the broker's memory: status,
+    // journal, events, the daemon's logs.
+    let log = daemon.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    drop(daemon);
+    assert!(!log.contains(&canary), "the key is in fleet's logs");
+    assert_eq!(
+        files_containing(&repo.path().join(".fleet"), canary.as_bytes()),
+        Vec::<std::path::PathBuf>::new()
+    );
+}
