@@ -86,7 +86,8 @@ class Guests:
     and qemu-guest-agent's `exec` really runs its command there (stdin from `input-data`,
     stdout and stderr captured, as qemu-guest-agent does).
 
-    Each guest is a private mount namespace with its own tmpfs on /run and its own boot id
+    Each guest is a private mount and network namespace (loopback only) with its own tmpfs
+    on /run and its own boot id
     (bind-mounted over /proc/sys/kernel/random/boot_id), so the agent keeps its state, its
     tasks and its secrets where it would in a VM, apart from other guests. A stop kills
     every process in the namespace, as powering off would; a start is a new boot.
@@ -131,7 +132,7 @@ class Guests:
         if argv and argv[0] == 'fleet-agent':
             argv = [self.agent_bin] + argv[1:]
         try:
-            done = subprocess.run(['nsenter', '-t', str(guest[1].pid), '-m', '--'] + argv,
+            done = subprocess.run(['nsenter', '-t', str(guest[1].pid), '-m', '-n', '--'] + argv,
                                   input=data.encode(), capture_output=True, timeout=30)
             result = {'exited': True, 'exitcode': done.returncode,
                       'out-data': done.stdout.decode('utf-8', 'replace'),
@@ -143,10 +144,13 @@ class Guests:
     def boot(self, vm):
         boot_id = str(uuid.uuid4())
         log = open(os.path.join(self.state_dir, 'guest-{0}.log'.format(vm.vmid)), 'ab')
-        script = ('mount -t tmpfs -o mode=755 tmpfs /run && echo {0} > /run/.boot_id && '
+        # A network namespace of its own with only loopback, as a VM without a NIC: the
+        # agent's egress proxy listens there, and nothing in the guest reaches the host's.
+        script = ('ip link set lo up && '
+                  'mount -t tmpfs -o mode=755 tmpfs /run && echo {0} > /run/.boot_id && '
                   'mount --bind /run/.boot_id /proc/sys/kernel/random/boot_id && exec {1} relay'
                   ).format(boot_id, shlex.quote(self.agent_bin))
-        proc = subprocess.Popen(['setpriv', '--pdeathsig', 'KILL', '--', 'unshare', '--mount',
+        proc = subprocess.Popen(['setpriv', '--pdeathsig', 'KILL', '--', 'unshare', '--mount', '--net',
                                  '--propagation', 'private', '--', 'sh', '-c', script],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         namespace = None

@@ -15,7 +15,7 @@ use crate::tasks::{Status, task_yaml};
 
 /// An upstream on 127.0.0.1 that answers each connection with what it is sent,
 /// upper-cased.
-fn shouting_upstream() -> u16 {
+pub fn shouting_upstream() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     std::thread::spawn(move || {
@@ -178,7 +178,7 @@ fn a_brokered_vm_reaches_only_what_its_loadout_allows() {
 /// A test authority (its PEM) and an API on loopback serving `name` over TLS with a
 /// certificate it signed. Each request's head goes to `seen`; the answer says only whether
 /// `x-api-key` was `key`, never the key.
-fn tls_api(name: &str, key: String) -> (u16, String, std::sync::mpsc::Receiver<String>) {
+pub fn tls_api(name: &str, key: String) -> (u16, String, std::sync::mpsc::Receiver<String>) {
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
     use std::sync::Arc;
     let ca_key = rcgen::KeyPair::generate().expect("key");

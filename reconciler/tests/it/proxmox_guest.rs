@@ -298,3 +298,100 @@ fn tasks_prompts_and_secrets_reach_a_proxmox_vm_through_its_guest_agent() {
     let vm = pve.vm_named("box").expect("box");
     assert!(!vm.to_string().contains(&canary));
 }
+
+/// Brokered egress on Proxmox: the streams ride the guest-agent relay. The fake guest has
+/// a network namespace of its own with loopback only (a VM without a NIC): a tunnel the
+/// loadout allows and a brokered API reach the host's upstreams through the broker, and
+/// nothing reaches them directly.
+#[test]
+fn brokered_egress_and_a_brokered_api_work_over_the_relay() {
+    if !enabled() {
+        return;
+    }
+    use crate::egress::{shouting_upstream, tls_api};
+    let mut pve = FakePve::start();
+    let schema = pve.schema();
+    pve.control(json!({"op": "guests", "agentBin": agent_bin()}));
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (identity, recipient) = age_identity(keys.path(), "age.key");
+    let canary = format!("fleetcanary{}", random_hex(12));
+    let allowed = shouting_upstream();
+    let (api_port, ca_pem, seen) = tls_api("api.anthropic.com", canary.clone());
+    let ca_file = keys.path().join("test-ca.pem");
+    std::fs::write(&ca_file, ca_pem).expect("write CA");
+
+    let f = PveFleet::new(
+        &pve,
+        "brokered",
+        "{shutdownTimeout: 5s, reconcileInterval: 30s}",
+    );
+    f.repo.add_host_config(&format!(
+        "  recipients: [{recipient}]\n  egress:\n    hosts: {{api.anthropic.com: 127.0.0.1}}\n    caFiles: [{}]\n",
+        ca_file.display()
+    ));
+    secret_set(&f.repo, "anthropic", "api_key", &canary);
+    f.repo
+        .allow_secret("anthropic", "{hosts: [api.anthropic.com]}");
+    f.repo.write(
+        "fleet/loadouts/agent.yaml",
+        format!(
+            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: agent}}\nspec:\n  network: {{mode: brokered}}\n  egress:\n    allow:\n      - {{host: '127.0.0.1', ports: [{allowed}]}}\n    credentials:\n      - {{host: api.anthropic.com, port: {api_port}, header: x-api-key, secret: {{secret: anthropic, key: api_key}}}}\n"
+        ),
+    );
+    f.repo
+        .write("fleet/vms/box.yaml", vm_yaml("box", ", loadout: agent"));
+    f.repo.write(
+        "fleet/tasks/tunnel.yaml",
+        task_yaml(
+            "tunnel",
+            "box",
+            &format!(
+                "  command: [sh, -c, \"(printf 'CONNECT 127.0.0.1:{allowed} HTTP/1.1\\\\r\\\\n\\\\r\\\\nping\\\\n'; sleep 3) | busybox nc 127.0.0.1 3128; busybox nc -w 2 127.0.0.1 {allowed} < /dev/null && echo direct-reached || echo direct-refused\"]\n"
+            ),
+        ),
+    );
+    f.repo.write(
+        "fleet/tasks/call.yaml",
+        task_yaml(
+            "call",
+            "box",
+            "  command: [sh, -c, \"busybox wget -q -O- --header 'x-api-key: guest' $ANTHROPIC_BASE_URL/v1/models; echo key=$ANTHROPIC_API_KEY\"]\n",
+        ),
+    );
+    f.repo.commit("a brokered VM on Proxmox");
+    let identity_env = identity.to_str().expect("utf8").to_owned();
+    let daemon = Daemon::start_with(&f.repo, &[("FLEET_AGE_IDENTITY", &identity_env)], &[]);
+    let status = Status(f.repo.path().join(".fleet/status"));
+
+    status.wait_phase("tunnel", "Succeeded", Duration::from_secs(120));
+    let output = status.output("tunnel");
+    assert!(output.contains("200 Connection established"), "{output}");
+    assert!(output.contains("PING"), "{output}");
+    assert!(output.contains("direct-refused"), "{output}");
+    status.wait_phase("call", "Succeeded", Duration::from_secs(60));
+    let output = status.output("call");
+    assert!(output.contains("api: the real key"), "{output}");
+    assert!(
+        output.contains(&format!("key={}", fleet::egress::PLACEHOLDER_KEY)),
+        "{output}"
+    );
+    let head = seen
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a request");
+    assert!(!head.contains("x-api-key: guest"), "{head}");
+
+    // The VM has no network device, and every request was one the PVE API takes.
+    let vm = pve.vm_named("box").expect("box");
+    assert!(
+        vm["config"]
+            .as_object()
+            .is_some_and(|c| !c.keys().any(|k| k.starts_with("net"))),
+        "{vm}"
+    );
+    checked_wire(&mut pve, &schema);
+    drop(daemon);
+    assert_eq!(
+        files_containing(&f.repo.path().join(".fleet"), canary.as_bytes()),
+        Vec::<PathBuf>::new()
+    );
+}
