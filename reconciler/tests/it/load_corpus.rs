@@ -1889,8 +1889,8 @@ fn host_unknown_field() {
     check_host(
         &host_with("    []\n", "  imageRoots: [/var/lib/fleet/images]\n"),
         expect![[r#"
-        /etc/fleet/host.yaml:6:3: error: spec.imageRoots: unknown field; did you mean `imageRoot`? valid fields: providers, imageRoot, repositories, recipients, limits
-    "#]],
+            /etc/fleet/host.yaml:6:3: error: spec.imageRoots: unknown field; did you mean `imageRoot`? valid fields: providers, imageRoot, repositories, recipients, limits, egress
+        "#]],
     );
 }
 
