@@ -78,7 +78,11 @@ fn main() {
     }
     let tasks = Arc::new(tasks);
     let secrets = Arc::new(secrets::Store::new(PathBuf::from(SECRETS_DIR), true));
-    match proxy::Proxy::start(fleet_agent_protocol::stream::PROXY_ADDRESS) {
+    let owner: proxy::Owner = {
+        let tasks = tasks.clone();
+        Arc::new(move |uid| tasks.task_of_uid(uid))
+    };
+    match proxy::Proxy::start(fleet_agent_protocol::stream::PROXY_ADDRESS, Some(owner)) {
         Ok(proxy) => {
             let _ = PROXY.set(proxy);
         }

@@ -22,6 +22,9 @@ use fleet_agent_protocol::{GuestMessage, HostMessage, VERSION};
 /// Where this side's messages go: the current opening of the link.
 pub type Sink = Arc<dyn Fn(GuestMessage) + Send + Sync>;
 
+/// The task a user id runs, if any (see `Tasks::task_of_uid`).
+pub type Owner = Arc<dyn Fn(u32) -> Option<String> + Send + Sync>;
+
 #[derive(Clone, Default)]
 pub struct Proxy {
     inner: Arc<Inner>,
@@ -29,6 +32,8 @@ pub struct Proxy {
 
 #[derive(Default)]
 struct Inner {
+    /// Names the task behind a connection, from its socket's user.
+    owner: Option<Owner>,
     sink: Mutex<Option<Sink>>,
     streams: Mutex<HashMap<u32, Stream>>,
     next: AtomicU32,
@@ -44,9 +49,14 @@ struct Stream {
 
 impl Proxy {
     /// Listens on `address` and serves connections for as long as the agent runs.
-    pub fn start(address: &str) -> std::io::Result<Proxy> {
+    pub fn start(address: &str, owner: Option<Owner>) -> std::io::Result<Proxy> {
         let listener = TcpListener::bind(address)?;
-        let proxy = Proxy::default();
+        let proxy = Proxy {
+            inner: Arc::new(Inner {
+                owner,
+                ..Inner::default()
+            }),
+        };
         let serving = proxy.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
@@ -85,6 +95,10 @@ impl Proxy {
         if self.streams().len() >= stream::MAX_STREAMS {
             return;
         }
+        let task = self.inner.owner.as_ref().and_then(|owner| {
+            let (client, proxy) = (conn.peer_addr().ok()?, conn.local_addr().ok()?);
+            owner(socket_uid(client, proxy)?)
+        });
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let (Ok(reader), Ok(mut writer)) = (conn.try_clone(), conn.try_clone()) else {
             return;
@@ -104,6 +118,7 @@ impl Proxy {
         sink(GuestMessage::StreamOpen {
             v: VERSION,
             stream: id,
+            task,
         });
         // The host's bytes to the client; credit goes back as they are written.
         {
@@ -196,6 +211,30 @@ impl Proxy {
     }
 }
 
+/// The user that owns the client end of a loopback connection to the proxy: the line of
+/// `/proc/net/tcp` whose local address is the client's and remote the proxy's.
+fn socket_uid(client: std::net::SocketAddr, proxy: std::net::SocketAddr) -> Option<u32> {
+    let (std::net::SocketAddr::V4(client), std::net::SocketAddr::V4(proxy)) = (client, proxy)
+    else {
+        return None;
+    };
+    let hex = |a: std::net::SocketAddrV4| {
+        format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(a.ip().octets()),
+            a.port()
+        )
+    };
+    let (local, remote) = (hex(client), hex(proxy));
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str()))
+            .then(|| fields.get(7)?.parse().ok())
+            .flatten()
+    })
+}
+
 /// Copies what the client sends to the host, within the host's credit; returns at the
 /// client's end (or when the stream is closed under it).
 fn client_to_host(id: u32, mut client: TcpStream, send: &Credit, sink: &Sink) {
@@ -226,10 +265,14 @@ mod tests {
     use std::sync::mpsc::Receiver;
 
     fn proxy_with_sink() -> (Proxy, String, Receiver<GuestMessage>) {
+        proxy_owned_by(None)
+    }
+
+    fn proxy_owned_by(owner: Option<Owner>) -> (Proxy, String, Receiver<GuestMessage>) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let address = listener.local_addr().expect("addr").to_string();
         drop(listener);
-        let proxy = Proxy::start(&address).expect("listen");
+        let proxy = Proxy::start(&address, owner).expect("listen");
         let (tx, rx) = channel();
         let tx = Mutex::new(tx);
         proxy.set_sink(Some(Arc::new(move |m| {
@@ -240,6 +283,18 @@ mod tests {
 
     fn next(rx: &Receiver<GuestMessage>) -> GuestMessage {
         rx.recv_timeout(Duration::from_secs(5)).expect("a message")
+    }
+
+    #[test]
+    fn a_stream_names_the_task_whose_user_opened_it() {
+        let me = nix::unistd::getuid().as_raw();
+        let owner: Owner = Arc::new(move |uid| (uid == me).then(|| "build-3".to_owned()));
+        let (_proxy, address, rx) = proxy_owned_by(Some(owner));
+        let _client = TcpStream::connect(&address).expect("connect");
+        let GuestMessage::StreamOpen { task, .. } = next(&rx) else {
+            panic!("a stream opens");
+        };
+        assert_eq!(task.as_deref(), Some("build-3"));
     }
 
     #[test]

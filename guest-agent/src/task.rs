@@ -142,6 +142,14 @@ impl Tasks {
     }
 
     /// Sends through `sink` from now on.
+    /// The task whose run runs as `uid` now (runs are isolated by user).
+    pub fn task_of_uid(&self, uid: u32) -> Option<String> {
+        self.lock()
+            .iter()
+            .find(|(_, state)| state.uid == Some(uid))
+            .map(|(name, _)| name.clone())
+    }
+
     pub fn set_sink(&self, sink: Sink) {
         *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
     }

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +35,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const UPSTREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a brokered API may stay silent (a model thinking before its first token).
 const API_READ_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a TLS handshake with a brokered API may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a request's body may pause before the request is given up.
+const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where a name leads.
 pub struct Resolved {
@@ -584,7 +588,14 @@ impl Worker {
             return self.respond(400, "Bad Request", &format!("the path {why}"), None);
         }
         let value = match (self.credential)(credential) {
-            Ok(v) => v,
+            Ok(v) if egress::value_fits_header(&v) => v,
+            Ok(_) => {
+                let text = format!(
+                    "the credential at {} holds bytes a header cannot carry (only visible ASCII)",
+                    credential.source
+                );
+                return self.respond(503, "Service Unavailable", &text, None);
+            }
             Err(why) => {
                 let text = format!(
                     "the credential at {} cannot be used: {why}",
@@ -600,6 +611,8 @@ impl Worker {
                 let pair = Zeroizing::new([username.as_bytes(), b":", &value].concat());
                 let encoded =
                     Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*pair));
+                // Should an API echo it, the encoded form is kept out of logs and output too.
+                crate::secrets::redact::register(encoded.as_bytes());
                 [b"Basic ".as_slice(), encoded.as_bytes()].concat()
             }
         });
@@ -613,14 +626,23 @@ impl Worker {
             return;
         };
         let _ = tcp.set_write_timeout(Some(UPSTREAM_WRITE_TIMEOUT));
-        let _ = tcp.set_read_timeout(Some(API_READ_TIMEOUT));
+        let _ = tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
         let Ok(name) = rustls::pki_types::ServerName::try_from(credential.host.clone()) else {
             return self.respond(502, "Bad Gateway", "the API's host is not a TLS name", None);
         };
-        let tls = match rustls::ClientConnection::new(self.upstreams.tls.clone(), name) {
+        let mut tls = match rustls::ClientConnection::new(self.upstreams.tls.clone(), name) {
             Ok(c) => c,
             Err(e) => return self.respond(502, "Bad Gateway", &format!("TLS: {e}"), None),
         };
+        // The handshake first, within its own deadline: nothing is written to an API whose
+        // certificate the host does not trust.
+        let mut tcp = tcp;
+        while tls.is_handshaking() {
+            if let Err(e) = tls.complete_io(&mut tcp) {
+                return self.respond(502, "Bad Gateway", &tls_problem(&e), None);
+            }
+        }
+        let _ = tcp.set_read_timeout(Some(API_READ_TIMEOUT));
         let mut upstream = rustls::StreamOwned::new(tls, tcp);
         let head = Zeroizing::new(egress::credentialed_head(
             method,
@@ -645,7 +667,7 @@ impl Worker {
         }
         left -= first.len() as u64;
         while left > 0 {
-            match rx.recv() {
+            match rx.recv_timeout(BODY_IDLE_TIMEOUT) {
                 Ok(Inbound::Data(bytes)) => {
                     let n = bytes.len().min(usize::try_from(left).unwrap_or(usize::MAX));
                     if let Err(e) = upstream.write_all(&bytes[..n]) {
@@ -654,7 +676,11 @@ impl Worker {
                     left -= n as u64;
                     self.consumed(bytes.len());
                 }
-                Ok(Inbound::Close) | Err(_) => return,
+                Ok(Inbound::Close) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => {
+                    let text = "the request's body stopped coming";
+                    return self.respond(408, "Request Timeout", text, None);
+                }
             }
         }
         if let Err(e) = upstream.flush() {

@@ -107,6 +107,11 @@ pub enum GuestMessage {
     StreamOpen {
         v: u32,
         stream: u32,
+        /// The task whose process opened the connection (the guest task name), when the
+        /// agent can tell: it says, and the host believes it only as far as the task is one
+        /// of this VM's (accounting, not a security boundary).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        task: Option<String>,
     },
     /// Bytes of a stream, base64, at most `stream::CHUNK_BYTES` before encoding, within
     /// the credit the other side granted.

@@ -595,6 +595,14 @@ pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
         } else {
             path.to_owned()
         };
+        // Only methods that act on the API: TRACE (which echoes the request, the key with
+        // it), CONNECT and the like never carry a credential.
+        if !API_METHODS.contains(&method) {
+            return Err(refused(format!(
+                "{method} is not sent to a brokered API; use one of {}",
+                API_METHODS.join(", ")
+            )));
+        }
         let checked = checked_headers(request.headers)?;
         return Ok(ProxyRequest {
             host: api.to_owned(),
@@ -651,9 +659,33 @@ pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
     })
 }
 
-/// Headers that carry an API credential: never forwarded to a brokered API, whose real
-/// credential the broker adds.
-const CREDENTIAL_HEADERS: [&str; 4] = ["authorization", "x-api-key", "api-key", "x-goog-api-key"];
+/// An entry of a Secret's `allowed.hosts`: `host` (port 443) or `host:port`, lower case
+/// without a trailing dot; the port is `None` when it does not parse.
+pub fn allowed_host(entry: &str) -> (String, Option<u16>) {
+    let (host, port) = match entry.rsplit_once(':') {
+        Some((host, port)) => (host, port.parse::<u16>().ok().filter(|p| *p != 0)),
+        None => (entry, Some(DEFAULT_PORT)),
+    };
+    (host.trim_end_matches('.').to_ascii_lowercase(), port)
+}
+
+/// The methods a request to a brokered API may use.
+pub const API_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+/// The headers a credential may go in, and that are never forwarded from the guest to a
+/// brokered API: headers an API reads a key from, never ones a server might echo back.
+pub const CREDENTIAL_HEADERS: [&str; 4] =
+    ["authorization", "x-api-key", "api-key", "x-goog-api-key"];
+
+/// Headers of the guest's that never go to a brokered API besides the credential ones:
+/// `max-forwards` would let a TRACE-like echo stop at a proxy on the way.
+const NOT_TO_APIS: [&str; 1] = ["max-forwards"];
+
+/// Whether a credential's value can go into a header as it is: visible ASCII only, so no
+/// value can end the header or start another.
+pub fn value_fits_header(value: &[u8]) -> bool {
+    !value.is_empty() && value.iter().all(|b| (0x21..=0x7e).contains(b))
+}
 
 /// The head of a request to a brokered API (`ProxyKind::Credentialed`), with `credential`'s
 /// header set to `value` (written by the broker: the real key, never seen by the guest).
@@ -670,7 +702,9 @@ pub fn credentialed_head(
         .iter()
         .filter(|(name, _)| {
             let name = name.to_ascii_lowercase();
-            name != credential.header && !CREDENTIAL_HEADERS.contains(&name.as_str())
+            name != credential.header
+                && !CREDENTIAL_HEADERS.contains(&name.as_str())
+                && !NOT_TO_APIS.contains(&name.as_str())
         })
         .cloned()
         .collect();
@@ -789,16 +823,25 @@ fn upstream_head(
     added: Option<(&str, &[u8])>,
     headers: &[(String, Vec<u8>)],
 ) -> Vec<u8> {
-    let mut head =
-        format!("{method} {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n")
-            .into_bytes();
-    if let Some(len) = body_len {
-        head.extend_from_slice(format!("Content-Length: {len}\r\n").as_bytes());
+    let start = format!("{method} {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n");
+    let length = body_len.map(|len| format!("Content-Length: {len}\r\n"));
+    let fields = || {
+        added
+            .into_iter()
+            .chain(headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())))
+    };
+    // Sized once: the added header may be a credential, and a buffer that grew would
+    // leave copies of it behind in memory nobody wipes.
+    let size = start.len()
+        + length.as_ref().map_or(0, String::len)
+        + fields().map(|(n, v)| n.len() + v.len() + 4).sum::<usize>()
+        + 2;
+    let mut head = Vec::with_capacity(size);
+    head.extend_from_slice(start.as_bytes());
+    if let Some(length) = length {
+        head.extend_from_slice(length.as_bytes());
     }
-    for (name, value) in added
-        .into_iter()
-        .chain(headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())))
-    {
+    for (name, value) in fields() {
         head.extend_from_slice(name.as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(value);
@@ -1156,6 +1199,29 @@ mod tests {
             String::from_utf8(head).expect("text"),
             "POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\nContent-Length: 2\r\nx-api-key: REAL\r\nanthropic-version: 2023-06-01\r\n\r\n"
         );
+        // Only methods that act on an API: TRACE would echo the key back.
+        for method in ["TRACE", "CONNECT", "PROPFIND"] {
+            let line = format!("{method} /api.anthropic.com/ HTTP/1.1\r\n\r\n");
+            assert!(
+                matches!(
+                    parse_proxy_request(line.as_bytes()),
+                    Err(BadRequest::Refused(_))
+                ),
+                "{method}"
+            );
+        }
+        assert!(!value_fits_header(b"sk-1\r\nx-evil: 1"));
+        assert!(!value_fits_header(b""));
+        assert!(value_fits_header(b"sk-ant-api03_AbC-9"));
+        assert_eq!(
+            allowed_host("API.example.com."),
+            ("api.example.com".into(), Some(443))
+        );
+        assert_eq!(
+            allowed_host("api.example.com:8443"),
+            ("api.example.com".into(), Some(8443))
+        );
+        assert_eq!(allowed_host("api.example.com:x").1, None);
         // The API's name comes first; the proxy's own root names none.
         for bad in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"GET /?x HTTP/1.1\r\n\r\n"] {
             assert!(matches!(

@@ -366,8 +366,9 @@ pub struct SecretAllowed {
     /// Tasks that may reference it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tasks: Vec<Name>,
-    /// API hosts the host's broker may send its values to (`egress.credentials`); the
-    /// values then never reach a guest.
+    /// API hosts (`name`, or `name:port` unless 443) the host's broker may send its values
+    /// to, for the loadouts listed (`egress.credentials`). Such a Secret never goes into a
+    /// guest: a `secrets:` reference to it is refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
 }

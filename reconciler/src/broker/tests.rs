@@ -183,6 +183,7 @@ fn a_vm_without_brokered_egress_has_every_stream_refused() {
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 1,
+        task: None,
     });
     let (_, error) = guest.read_until_closed(1, Duration::from_secs(5));
     assert_eq!(error.as_deref(), Some("this VM has no brokered egress"));
@@ -195,6 +196,7 @@ fn an_allowed_connect_is_tunnelled_both_ways() {
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 3,
+        task: None,
     });
     guest.data(
         3,
@@ -224,6 +226,7 @@ fn a_destination_no_rule_allows_gets_a_403_naming_the_fix() {
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 5,
+        task: None,
     });
     guest.data(5, b"CONNECT pypi.org:443 HTTP/1.1\r\n\r\n");
     let (body, _) = guest.read_until_closed(5, Duration::from_secs(5));
@@ -248,6 +251,7 @@ fn a_public_name_resolving_to_loopback_is_refused() {
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 7,
+        task: None,
     });
     guest.data(
         7,
@@ -265,6 +269,7 @@ fn garbage_gets_a_400_and_too_many_streams_are_refused() {
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 9,
+        task: None,
     });
     // A head that never ends: refused once it passes the limit, not buffered forever.
     guest.data(9, &vec![b'a'; egress::MAX_HEAD_BYTES + 1]);
@@ -275,6 +280,7 @@ fn garbage_gets_a_400_and_too_many_streams_are_refused() {
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 10,
+        task: None,
     });
     guest.data(10, &vec![b'a'; stream::CHUNK_BYTES + 1]);
     let (_, error) = guest.read_until_closed(10, Duration::from_secs(5));
@@ -283,6 +289,7 @@ fn garbage_gets_a_400_and_too_many_streams_are_refused() {
         guest.send(GuestMessage::StreamOpen {
             v: VERSION,
             stream: id,
+            task: None,
         });
     }
     let last = 100 + stream::MAX_STREAMS as u32;
@@ -309,6 +316,7 @@ fn a_large_download_waits_for_the_guests_credit() {
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 11,
+        task: None,
     });
     guest.data(
         11,
@@ -343,6 +351,7 @@ fn a_stream_closed_while_its_reader_waits_for_credit_ends_at_once() {
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 12,
+        task: None,
     });
     guest.data(
         12,
@@ -421,6 +430,7 @@ fn a_plain_request_goes_upstream_alone_and_only_under_its_paths() {
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 20,
+        task: None,
     });
     guest.data(
         20,
@@ -445,6 +455,7 @@ fn a_plain_request_goes_upstream_alone_and_only_under_its_paths() {
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 21,
+        task: None,
     });
     guest.data(
         21,
@@ -462,6 +473,7 @@ fn a_plain_request_goes_upstream_alone_and_only_under_its_paths() {
     guest.send(GuestMessage::StreamOpen {
         v: VERSION,
         stream: 22,
+        task: None,
     });
     guest.data(
         22,
@@ -582,7 +594,11 @@ fn credentialed_guest(credentials: Vec<Credential>, roots: rustls::RootCertStore
 }
 
 fn request_to_api(guest: &mut Guest, stream: u32, request: &[u8]) -> (String, Option<String>) {
-    guest.send(GuestMessage::StreamOpen { v: VERSION, stream });
+    guest.send(GuestMessage::StreamOpen {
+        v: VERSION,
+        stream,
+        task: None,
+    });
     guest.data(stream, request);
     let (bytes, error) = guest.read_until_closed(stream, Duration::from_secs(10));
     (String::from_utf8_lossy(&bytes).into_owned(), error)
@@ -729,5 +745,30 @@ fn a_brokered_api_whose_name_resolves_inside_is_refused_unless_the_host_pins_it(
     let (answer, _) = request_to_api(&mut guest, 1, b"GET /api.example.test/v1 HTTP/1.1\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     assert!(answer.contains("internal address"), "{answer}");
+    assert!(api.seen.recv_timeout(Duration::from_millis(300)).is_err());
+}
+
+#[test]
+fn a_credential_value_that_could_end_its_header_is_never_sent() {
+    let api = tls_api("api.example.test", "fine");
+    let mut guest = Guest::with(
+        Some(Policy {
+            rules: Vec::new(),
+            credentials: vec![credential(
+                "api.example.test",
+                api.port,
+                "x-api-key",
+                Scheme::Plain,
+            )],
+        }),
+        upstreams(
+            table_with(&[("api.example.test", "127.0.0.1")], true),
+            api.roots.clone(),
+        ),
+        Arc::new(|_| Ok(Zeroizing::new(b"sk-1\r\nx-evil: 1".to_vec()))),
+    );
+    let (answer, _) = request_to_api(&mut guest, 1, b"GET /api.example.test/v1 HTTP/1.1\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("visible ASCII"), "{answer}");
     assert!(api.seen.recv_timeout(Duration::from_millis(300)).is_err());
 }

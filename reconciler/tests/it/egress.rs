@@ -277,7 +277,10 @@ fn a_brokered_api_gets_the_real_key_and_the_guest_only_a_placeholder() {
         ca_file.display()
     ));
     secret_set(&repo, "anthropic", "api_key", &canary);
-    repo.allow_secret("anthropic", "{hosts: [api.anthropic.com]}");
+    repo.allow_secret(
+        "anthropic",
+        &format!("{{hosts: ['api.anthropic.com:{port}'], loadouts: [agent]}}"),
+    );
     repo.write(
         "fleet/loadouts/agent.yaml",
         format!(

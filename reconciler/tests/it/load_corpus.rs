@@ -546,6 +546,10 @@ fn egress_credentials_are_checked_and_go_only_where_their_secret_allows() {
                 "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: dev}\nspec:\n  network: {mode: brokered}\n  egress:\n    credentials:\n      - {host: api.example.com, header: x-api-key, secret: {secret: api, key: token}}\n      - {host: '*.example.com', secret: {secret: api, key: token}}\n      - {host: git.example.com, scheme: basic, header: content-length, secret: {secret: api, key: nope}}\n      - {host: api.example.com, username: me, secret: {secret: none, key: token}}\n",
             ),
             (
+                "fleet/loadouts/other.yaml",
+                "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: other}\nspec:\n  network: {mode: brokered}\n  secrets: [{secret: api, key: token, env: KEY}]\n  egress:\n    credentials:\n      - {host: api.example.com, port: 8443, secret: {secret: api, key: token}}\n",
+            ),
+            (
                 "fleet/secrets/api.yaml",
                 &SECRET.replace(
                     "tasks: [t]}",
@@ -554,16 +558,19 @@ fn egress_credentials_are_checked_and_go_only_where_their_secret_allows() {
             ),
         ],
         expect![[r#"
-            fleet/loadouts/dev.yaml:9:16: error: spec.egress.credentials[1].host: "*.example.com": a credential is for one API host; write its exact name
-            fleet/loadouts/dev.yaml:9:50: error: spec.egress.credentials[1].secret.secret: Secret "api" (fleet/secrets/api.yaml) may not be sent to *.example.com; add it to the Secret's spec.allowed.hosts
+            fleet/loadouts/dev.yaml:9:16: error: spec.egress.credentials[1].host: "*.example.com": a credential is for one API host name (its TLS certificate names it); write its exact name
+            fleet/loadouts/dev.yaml:9:50: error: spec.egress.credentials[1].secret.secret: Secret "api" (fleet/secrets/api.yaml) may not be sent to *.example.com; add *.example.com to the Secret's spec.allowed.hosts
             fleet/loadouts/dev.yaml:10:9: error: spec.egress.credentials[2]: scheme basic needs a username (for example x-access-token for a git host's token)
-            fleet/loadouts/dev.yaml:10:56: error: spec.egress.credentials[2].header: "content-length" is a header the broker writes itself; credentials go in authorization, x-api-key or a header of the API's own
-            fleet/loadouts/dev.yaml:10:89: error: spec.egress.credentials[2].secret.secret: Secret "api" (fleet/secrets/api.yaml) may not be sent to git.example.com; add it to the Secret's spec.allowed.hosts
+            fleet/loadouts/dev.yaml:10:56: error: spec.egress.credentials[2].header: "content-length" cannot carry a credential (a server might echo it back); use one of authorization, x-api-key, api-key, x-goog-api-key
+            fleet/loadouts/dev.yaml:10:89: error: spec.egress.credentials[2].secret.secret: Secret "api" (fleet/secrets/api.yaml) may not be sent to git.example.com; add git.example.com to the Secret's spec.allowed.hosts
             fleet/loadouts/dev.yaml:10:99: error: spec.egress.credentials[2].secret.key: Secret "api" (fleet/secrets/api.yaml) has no key "nope"; its keys: token
             fleet/loadouts/dev.yaml:11:16: error: spec.egress.credentials[3].host: credential host "api.example.com" is already defined at line 8; credential host names must be unique
             fleet/loadouts/dev.yaml:11:43: error: spec.egress.credentials[3].username: a username is used only with scheme: basic; set that, or remove it
             fleet/loadouts/dev.yaml:11:64: error: spec.egress.credentials[3].secret.secret: no Secret named "none"; create one with `fleet secret set none KEY`
-            fleet/secrets/api.yaml:5:67: error: spec.allowed.hosts[1]: "*.x.com" is not a host name; write the API's exact name, for example api.anthropic.com
+            fleet/loadouts/other.yaml:6:22: error: spec.secrets[0].secret: Secret "api" (fleet/secrets/api.yaml) lists allowed.hosts: its values go only to those APIs, through the host's broker, never into a guest; use it in egress.credentials
+            fleet/loadouts/other.yaml:9:62: error: spec.egress.credentials[0].secret.secret: Secret "api" (fleet/secrets/api.yaml) does not allow loadout "other"; add it to the Secret's spec.allowed.loadouts
+            fleet/loadouts/other.yaml:9:62: error: spec.egress.credentials[0].secret.secret: Secret "api" (fleet/secrets/api.yaml) may not be sent to api.example.com:8443; add api.example.com:8443 to the Secret's spec.allowed.hosts
+            fleet/secrets/api.yaml:5:67: error: spec.allowed.hosts[1]: "*.x.com" is not an API host; write its exact name, with :port unless it is 443, for example api.anthropic.com
         "#]],
     );
 }

@@ -330,8 +330,10 @@ fn brokered_egress_and_a_brokered_api_work_over_the_relay() {
         ca_file.display()
     ));
     secret_set(&f.repo, "anthropic", "api_key", &canary);
-    f.repo
-        .allow_secret("anthropic", "{hosts: [api.anthropic.com]}");
+    f.repo.allow_secret(
+        "anthropic",
+        &format!("{{hosts: ['api.anthropic.com:{api_port}'], loadouts: [agent]}}"),
+    );
     f.repo.write(
         "fleet/loadouts/agent.yaml",
         format!(

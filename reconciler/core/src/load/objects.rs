@@ -91,14 +91,16 @@ pub(super) fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
         AnyObject::Secret(o) => {
             let hosts = o.doc.spec.allowed.iter().flat_map(|a| a.hosts.iter());
             for (i, host) in hosts.enumerate() {
-                if !matches!(
-                    crate::egress::HostPattern::parse(host),
-                    Ok(crate::egress::HostPattern::Name(_)
-                        | crate::egress::HostPattern::Address(_))
-                ) {
+                let (name, port) = crate::egress::allowed_host(host);
+                if port.is_none()
+                    || !matches!(
+                        crate::egress::HostPattern::parse(&name),
+                        Ok(crate::egress::HostPattern::Name(_))
+                    )
+                {
                     diags.push(o.field_error(
                         &format!("/spec/allowed/hosts/{i}"),
-                        format!("{host:?} is not a host name; write the API's exact name, for example api.anthropic.com"),
+                        format!("{host:?} is not an API host; write its exact name, with :port unless it is 443, for example api.anthropic.com"),
                     ));
                 }
             }
@@ -293,13 +295,15 @@ fn check_egress<T>(o: &Object<T>, egress: &crate::spec::Egress, diags: &mut Vec<
     for (i, c) in egress.credentials.iter().enumerate() {
         let at = |field: &str| format!("/spec/egress/credentials/{i}/{field}");
         match crate::egress::HostPattern::parse(&c.host) {
-            Ok(crate::egress::HostPattern::Below(_)) => diags.push(o.field_error(
-                &at("host"),
-                format!(
-                    "{:?}: a credential is for one API host; write its exact name",
-                    c.host
-                ),
-            )),
+            Ok(crate::egress::HostPattern::Below(_) | crate::egress::HostPattern::Address(_)) => {
+                diags.push(o.field_error(
+                    &at("host"),
+                    format!(
+                        "{:?}: a credential is for one API host name (its TLS certificate names it); write its exact name",
+                        c.host
+                    ),
+                ));
+            }
             Err(why) => diags.push(o.field_error(&at("host"), why)),
             Ok(_) => unique_in_list(
                 o,
@@ -311,12 +315,13 @@ fn check_egress<T>(o: &Object<T>, egress: &crate::spec::Egress, diags: &mut Vec<
             ),
         }
         if let Some(header) = &c.header
-            && BROKER_HEADERS.contains(&header.to_ascii_lowercase().as_str())
+            && !crate::egress::CREDENTIAL_HEADERS.contains(&header.to_ascii_lowercase().as_str())
         {
             diags.push(o.field_error(
                 &at("header"),
                 format!(
-                    "{header:?} is a header the broker writes itself; credentials go in authorization, x-api-key or a header of the API's own"
+                    "{header:?} cannot carry a credential (a server might echo it back); use one of {}",
+                    crate::egress::CREDENTIAL_HEADERS.join(", ")
                 ),
             ));
         }
@@ -334,16 +339,6 @@ fn check_egress<T>(o: &Object<T>, egress: &crate::spec::Egress, diags: &mut Vec<
         }
     }
 }
-
-/// Headers a credential cannot go in: the broker writes them from the request it checked.
-const BROKER_HEADERS: [&str; 6] = [
-    "host",
-    "content-length",
-    "connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-];
 
 pub(super) fn unique_in_list<T>(
     o: &Object<T>,

@@ -285,6 +285,25 @@ fn check_secret_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
                 ));
                 continue;
             };
+            if secret
+                .doc
+                .spec
+                .allowed
+                .as_ref()
+                .is_some_and(|a| !a.hosts.is_empty())
+            {
+                diags.push(field_error_in(
+                    path,
+                    tree,
+                    &format!("/spec/secrets/{i}/secret"),
+                    At::Value,
+                    format!(
+                        "Secret {:?} ({}) lists allowed.hosts: its values go only to those APIs, through the host's broker, never into a guest; use it in egress.credentials",
+                        r.secret.0, secret.path
+                    ),
+                ));
+                continue;
+            }
             if let Some(refusal) = user.refused_by(f, &secret.doc.spec) {
                 diags.push(field_error_in(
                     path,
@@ -357,16 +376,33 @@ fn check_credential_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
                 ));
             }
             let host = c.host.trim_end_matches('.');
-            let allowed = secret.doc.spec.allowed.as_ref().is_some_and(|a| {
-                a.hosts
-                    .iter()
-                    .any(|h| h.trim_end_matches('.').eq_ignore_ascii_case(host))
+            let port = c.port.map_or(crate::egress::DEFAULT_PORT, |p| p.0);
+            let default = crate::spec::SecretAllowed::default();
+            let allowed = secret.doc.spec.allowed.as_ref().unwrap_or(&default);
+            let to_host = allowed.hosts.iter().any(|entry| {
+                let (h, p) = crate::egress::allowed_host(entry);
+                h.eq_ignore_ascii_case(host) && p == Some(port)
             });
-            if !allowed {
+            let shown = if port == crate::egress::DEFAULT_PORT {
+                host.to_owned()
+            } else {
+                format!("{host}:{port}")
+            };
+            if !to_host {
                 diags.push(error(
                     "secret",
                     format!(
-                        "Secret {:?} ({}) may not be sent to {host}; add it to the Secret's spec.allowed.hosts",
+                        "Secret {:?} ({}) may not be sent to {shown}; add {shown} to the Secret's spec.allowed.hosts",
+                        c.secret.secret.0, secret.path
+                    ),
+                ));
+            }
+            let loadout = &o.doc.metadata.name.0;
+            if !allowed.loadouts.iter().any(|l| &l.0 == loadout) {
+                diags.push(error(
+                    "secret",
+                    format!(
+                        "Secret {:?} ({}) does not allow loadout {loadout:?}; add it to the Secret's spec.allowed.loadouts",
                         c.secret.secret.0, secret.path
                     ),
                 ));
