@@ -141,6 +141,95 @@ pub type CredentialValue =
 /// `egress.denied` event), with the stream's request and why.
 pub type OnDenied = Arc<dyn Fn(String) + Send + Sync>;
 
+/// What one connection used, reported when it ends (for the task's `egress.jsonl` and its
+/// totals).
+#[derive(Clone, Debug)]
+pub struct Used {
+    /// The guest task the guest said opened it (its word; the book checks it is the VM's).
+    pub task: Option<String>,
+    /// What was asked for: `CONNECT host:port`, a URL, or `METHOD https://api/path`.
+    pub destination: String,
+    /// Where the rule or credential that allowed it was written; `None` when refused.
+    pub rule: Option<String>,
+    /// The broker's own answer (403, 502, ...), the upstream's status for plain HTTP and
+    /// brokered APIs, 200 for an established tunnel.
+    pub status: Option<u16>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub started: std::time::SystemTime,
+    pub duration: Duration,
+}
+
+pub type OnUsed = Arc<dyn Fn(Used) + Send + Sync>;
+
+/// A connection's use so far, shared by its worker and reader threads.
+struct Usage {
+    task: Option<String>,
+    started: (std::time::SystemTime, std::time::Instant),
+    destination: Mutex<String>,
+    rule: Mutex<Option<String>>,
+    status: Mutex<Option<u16>>,
+    /// Whether the first bytes to the guest are an HTTP response whose status to read.
+    answered_upstream: std::sync::atomic::AtomicBool,
+    up: std::sync::atomic::AtomicU64,
+    down: std::sync::atomic::AtomicU64,
+    on_used: OnUsed,
+}
+
+impl Usage {
+    fn up(&self, n: usize) {
+        self.up
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `bytes` went to the guest; the first of an upstream's answer carry its status.
+    fn down(&self, bytes: &[u8]) {
+        let before = self
+            .down
+            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if before == 0
+            && self
+                .answered_upstream
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let code = bytes
+                .strip_prefix(b"HTTP/1.")
+                .and_then(|rest| rest.get(2..5))
+                .and_then(|code| std::str::from_utf8(code).ok()?.parse().ok());
+            *lock(&self.status) = code;
+        }
+    }
+
+    fn set<T>(&self, field: &Mutex<T>, value: T) {
+        *lock(field) = value;
+    }
+}
+
+impl Drop for Usage {
+    /// The connection ended (both threads are done with it): reported, unless it never
+    /// asked for anything.
+    fn drop(&mut self) {
+        let destination = std::mem::take(&mut *lock(&self.destination));
+        if destination.is_empty() {
+            return;
+        }
+        (self.on_used)(Used {
+            task: self.task.take(),
+            destination,
+            rule: lock(&self.rule).take(),
+            status: *lock(&self.status),
+            bytes_up: *self.up.get_mut(),
+            bytes_down: *self.down.get_mut(),
+            started: self.started.0,
+            duration: self.started.1.elapsed(),
+        });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Messages for the guest, queued by stream threads and sent by the link thread.
 #[derive(Clone, Default)]
 pub struct Outbox {
@@ -220,6 +309,7 @@ pub struct Broker {
     credential: CredentialValue,
     upstreams: Upstreams,
     on_denied: OnDenied,
+    on_used: OnUsed,
     streams: HashMap<u32, StreamHandle>,
     outbox: Outbox,
     /// Streams whose threads still run, closed or not: what `MAX_STREAMS` bounds.
@@ -232,6 +322,7 @@ impl Broker {
         credential: CredentialValue,
         upstreams: Upstreams,
         on_denied: OnDenied,
+        on_used: OnUsed,
         outbox: Outbox,
     ) -> Broker {
         Broker {
@@ -239,6 +330,7 @@ impl Broker {
             credential,
             upstreams,
             on_denied: limit_denials(on_denied),
+            on_used,
             streams: HashMap::new(),
             outbox,
             live: Arc::default(),
@@ -253,7 +345,7 @@ impl Broker {
     /// A stream message from the guest (others are ignored). Never blocks.
     pub fn on_guest(&mut self, message: &GuestMessage) {
         match message {
-            GuestMessage::StreamOpen { stream, .. } => self.open(*stream),
+            GuestMessage::StreamOpen { stream, task, .. } => self.open(*stream, task.clone()),
             GuestMessage::StreamData { stream, data, .. } => {
                 let Some(handle) = self.streams.get(stream) else {
                     return; // Closed already: the guest learns from our StreamClose.
@@ -292,7 +384,7 @@ impl Broker {
         }
     }
 
-    fn open(&mut self, id: u32) {
+    fn open(&mut self, id: u32, task: Option<String>) {
         let Some(policy) = (self.policy)() else {
             return self
                 .outbox
@@ -324,6 +416,18 @@ impl Broker {
             outbox: self.outbox.clone(),
             recv: recv.clone(),
             send: credit.clone(),
+            usage: Arc::new(Usage {
+                // A name no task could have is never believed.
+                task: task.filter(|t| t.len() <= 128),
+                started: (std::time::SystemTime::now(), std::time::Instant::now()),
+                destination: Mutex::default(),
+                rule: Mutex::default(),
+                status: Mutex::default(),
+                answered_upstream: std::sync::atomic::AtomicBool::new(false),
+                up: std::sync::atomic::AtomicU64::new(0),
+                down: std::sync::atomic::AtomicU64::new(0),
+                on_used: self.on_used.clone(),
+            }),
         };
         let live = self.live.clone();
         live.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -390,6 +494,8 @@ struct Worker {
     recv: Arc<Mutex<RecvWindow>>,
     /// Credit to send to the guest, shared with the link thread and the reader.
     send: SharedCredit,
+    /// What the connection used, reported when the last thread lets it go.
+    usage: Arc<Usage>,
 }
 
 impl Worker {
@@ -404,6 +510,8 @@ impl Worker {
                         Ok(request) => break request,
                         Err(BadRequest::Incomplete) => {}
                         Err(BadRequest::Refused(why)) => {
+                            self.usage
+                                .set(&self.usage.destination, "a malformed request".into());
                             return self.respond(400, "Bad Request", &why, None);
                         }
                     }
@@ -422,13 +530,19 @@ impl Worker {
                     .chars()
                     .take(300)
                     .collect();
+                self.usage.set(&self.usage.destination, what.clone());
                 return self.to_api(&request, &head[request.head_len..], what, rx);
             }
         };
         let what: String = what.chars().take(300).collect();
+        self.usage.set(&self.usage.destination, what.clone());
         let rules = &self.policy.rules;
         let rule = match egress::decide(rules, &request.host, request.port, path) {
-            Decision::Allowed { rule } => &rules[rule],
+            Decision::Allowed { rule } => {
+                self.usage
+                    .set(&self.usage.rule, Some(rules[rule].source.clone()));
+                &rules[rule]
+            }
             Decision::Refused(refusal) => {
                 let text = format!("{}; to allow it, {}", refusal.why, refusal.fix);
                 (self.on_denied)(format!("{what}: {text}"));
@@ -449,6 +563,7 @@ impl Worker {
         // its body and no more (one request per connection, the one that was checked).
         let mut left = match &request.kind {
             ProxyKind::Connect => {
+                self.usage.set(&self.usage.status, Some(200));
                 self.send_to_guest(b"HTTP/1.1 200 Connection established\r\n\r\n");
                 u64::MAX
             }
@@ -460,6 +575,10 @@ impl Worker {
                 if writer.write_all(upstream_head).is_err() {
                     return self.outbox.close(self.id, None);
                 }
+                self.usage.up(upstream_head.len());
+                self.usage
+                    .answered_upstream
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 *body_len
             }
             // Went to `to_api` above.
@@ -472,14 +591,15 @@ impl Worker {
         if writer.write_all(first).is_err() {
             return self.outbox.close(self.id, None);
         }
+        self.usage.up(first.len());
         left -= first.len() as u64;
         let reading = {
             let (id, outbox, send) = (self.id, self.outbox.clone(), self.send.clone());
-            let ended = self.ended.clone();
+            let (ended, usage) = (self.ended.clone(), self.usage.clone());
             std::thread::Builder::new()
                 .name(format!("egress-{id}-in"))
                 .spawn(move || {
-                    upstream_to_guest(id, reader, &outbox, &send);
+                    upstream_to_guest(id, reader, &outbox, &send, &usage);
                     let _ = ended.send(Inbound::Close);
                 })
         };
@@ -495,6 +615,7 @@ impl Worker {
             if writer.write_all(&bytes[..n]).is_err() {
                 break;
             }
+            self.usage.up(n);
             left -= n as u64;
             // Bytes past a plain request's body are dropped, but still count as passed on.
             self.consumed(bytes.len());
@@ -577,6 +698,7 @@ impl Worker {
             return;
         };
         let Some(credential) = self.policy.credential(&request.host) else {
+            // (Refused: no rule to name.)
             let shown: String = request.host.chars().take(64).collect();
             let text = format!(
                 "no egress credential is for {shown:?}; add `{{host: {shown}, secret: {{secret: NAME, key: KEY}}}}` to egress.credentials, or send the request to the proxy as a proxy (absolute URL or CONNECT)"
@@ -584,6 +706,8 @@ impl Worker {
             (self.on_denied)(format!("{what}: {text}"));
             return self.respond(403, "Forbidden", &text, None);
         };
+        self.usage
+            .set(&self.usage.rule, Some(credential.source.clone()));
         if let Some(why) = egress::path_problem(path) {
             return self.respond(400, "Bad Request", &format!("the path {why}"), None);
         }
@@ -661,6 +785,7 @@ impl Worker {
         let sent = upstream
             .write_all(&head)
             .and_then(|()| upstream.write_all(first));
+        self.usage.up(head.len() + first.len());
         drop(head);
         if let Err(e) = sent {
             return self.respond(502, "Bad Gateway", &tls_problem(&e), None);
@@ -673,6 +798,7 @@ impl Worker {
                     if let Err(e) = upstream.write_all(&bytes[..n]) {
                         return self.respond(502, "Bad Gateway", &tls_problem(&e), None);
                     }
+                    self.usage.up(n);
                     left -= n as u64;
                     self.consumed(bytes.len());
                 }
@@ -689,7 +815,16 @@ impl Worker {
         // The answer, within the guest's credit, until the API closes (the request said
         // `Connection: close`). Some servers close without TLS's close_notify: that ends
         // the answer too.
-        match copy_to_guest(self.id, &mut upstream, &self.outbox, &self.send) {
+        self.usage
+            .answered_upstream
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        match copy_to_guest(
+            self.id,
+            &mut upstream,
+            &self.outbox,
+            &self.send,
+            &self.usage,
+        ) {
             Copied::Ended | Copied::Failed { sent: true, .. } => self.outbox.close(self.id, None),
             Copied::Failed { error, .. } if error.kind() == std::io::ErrorKind::UnexpectedEof => {
                 self.outbox.close(self.id, None);
@@ -726,11 +861,13 @@ impl Worker {
             Take::Bytes(n) => n,
             Take::Closed | Take::Stalled => 0,
         };
+        self.usage.down(&bytes[..n]);
         self.outbox.data(self.id, &bytes[..n]);
     }
 
     /// An HTTP answer from the broker itself, then the end of the stream.
     fn respond(&self, code: u16, reason: &str, body: &str, error: Option<String>) {
+        self.usage.set(&self.usage.status, Some(code));
         let body = format!("fleet egress: {body}\n");
         let reply = format!(
             "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -755,7 +892,13 @@ enum Copied {
 
 /// Copies what `upstream` sends to the guest, within the guest's credit. Returns at once
 /// when the stream is closed, whatever it was waiting for.
-fn copy_to_guest(id: u32, upstream: &mut impl Read, outbox: &Outbox, credit: &Credit) -> Copied {
+fn copy_to_guest(
+    id: u32,
+    upstream: &mut impl Read,
+    outbox: &Outbox,
+    credit: &Credit,
+    usage: &Usage,
+) -> Copied {
     let mut buf = vec![0u8; stream::CHUNK_BYTES];
     let mut sent = false;
     loop {
@@ -769,6 +912,7 @@ fn copy_to_guest(id: u32, upstream: &mut impl Read, outbox: &Outbox, credit: &Cr
         while at < n {
             match credit.take(n - at, Duration::from_secs(60)) {
                 Take::Bytes(allowed) => {
+                    usage.down(&buf[at..at + allowed]);
                     outbox.data(id, &buf[at..at + allowed]);
                     at += allowed;
                 }
@@ -781,8 +925,14 @@ fn copy_to_guest(id: u32, upstream: &mut impl Read, outbox: &Outbox, credit: &Cr
 
 /// A tunnel's upstream half: what the upstream sends goes to the guest, then the stream
 /// ends.
-fn upstream_to_guest(id: u32, mut upstream: TcpStream, outbox: &Outbox, credit: &Credit) {
-    match copy_to_guest(id, &mut upstream, outbox, credit) {
+fn upstream_to_guest(
+    id: u32,
+    mut upstream: TcpStream,
+    outbox: &Outbox,
+    credit: &Credit,
+    usage: &Usage,
+) {
+    match copy_to_guest(id, &mut upstream, outbox, credit, usage) {
         Copied::Ended | Copied::Failed { .. } => outbox.close(id, None),
         Copied::GuestClosed => {}
         Copied::GuestStalled => {

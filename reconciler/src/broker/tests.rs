@@ -58,6 +58,8 @@ fn upstreams(resolve: Resolve, roots: rustls::RootCertStore) -> Upstreams {
 struct Guest {
     broker: Broker,
     denied: Arc<Mutex<Vec<String>>>,
+    /// What each finished connection reported.
+    used: Arc<Mutex<Vec<Used>>>,
 }
 
 impl Guest {
@@ -76,6 +78,8 @@ impl Guest {
     fn with(policy: Option<Policy>, upstreams: Upstreams, credential: CredentialValue) -> Guest {
         let denied = Arc::new(Mutex::new(Vec::new()));
         let sink = denied.clone();
+        let used = Arc::new(Mutex::new(Vec::new()));
+        let used_sink = used.clone();
         let policy = policy.map(Arc::new);
         Guest {
             broker: Broker::new(
@@ -83,9 +87,11 @@ impl Guest {
                 credential,
                 upstreams,
                 Arc::new(move |why| sink.lock().expect("lock").push(why)),
+                Arc::new(move |u| used_sink.lock().expect("lock").push(u)),
                 Outbox::new(None),
             ),
             denied,
+            used,
         }
     }
 
@@ -217,6 +223,68 @@ fn an_allowed_connect_is_tunnelled_both_ways() {
         stream: 3,
         error: None,
     });
+}
+
+impl Guest {
+    /// What finished connections reported, once `n` of them have (or 5 s passed).
+    fn used(&self, n: usize) -> Vec<Used> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.used.lock().expect("lock").len() < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.used.lock().expect("lock").clone()
+    }
+}
+
+#[test]
+fn every_connection_reports_what_it_used_and_for_which_task() {
+    let port = upstream();
+    let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system());
+    let open = |guest: &mut Guest, stream: u32| {
+        guest.send(GuestMessage::StreamOpen {
+            v: VERSION,
+            stream,
+            task: Some("build-0123abcd".into()),
+        });
+    };
+    open(&mut guest, 1);
+    guest.data(
+        1,
+        format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\nhello").as_bytes(),
+    );
+    assert_eq!(guest.read(1, 44).len(), 44);
+    guest.send(GuestMessage::StreamClose {
+        v: VERSION,
+        stream: 1,
+        error: None,
+    });
+    open(&mut guest, 2);
+    guest.data(2, b"CONNECT pypi.org:443 HTTP/1.1\r\n\r\n");
+    guest.read_until_closed(2, Duration::from_secs(5));
+    let used = guest.used(2);
+    assert_eq!(used.len(), 2, "{used:?}");
+    let tunnel = used
+        .iter()
+        .find(|u| u.destination == format!("CONNECT 127.0.0.1:{port}"))
+        .expect("the tunnel");
+    assert_eq!(tunnel.task.as_deref(), Some("build-0123abcd"));
+    assert_eq!(tunnel.rule.as_deref(), Some("fleet/loadouts/agent.yaml:9"));
+    assert_eq!(tunnel.status, Some(200));
+    assert_eq!((tunnel.bytes_up, tunnel.bytes_down), (5, 44));
+    let refused = used
+        .iter()
+        .find(|u| u.destination == "CONNECT pypi.org:443")
+        .expect("the refusal");
+    assert_eq!((refused.rule.as_deref(), refused.status), (None, Some(403)));
+    // A stream that never asked for anything reports nothing.
+    open(&mut guest, 3);
+    guest.send(GuestMessage::StreamClose {
+        v: VERSION,
+        stream: 3,
+        error: None,
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(guest.used.lock().expect("lock").len(), 2);
 }
 
 #[test]
@@ -643,6 +711,13 @@ fn a_request_to_a_brokered_api_carries_the_real_key_and_never_the_guests() {
         "{seen}"
     );
     assert!(seen.ends_with("\r\n\r\n{\"hi\":true}"), "{seen}");
+    let used = guest.used(1);
+    assert_eq!(used[0].status, Some(200), "the API's status: {used:?}");
+    assert_eq!(
+        used[0].rule.as_deref(),
+        Some("loadout agent egress.credentials[0]")
+    );
+    assert_eq!(used[0].bytes_down, answer.len() as u64);
 }
 
 #[test]

@@ -177,6 +177,7 @@ async fn tasks_and_pending_prompts_show_with_the_output_tail() {
         artifact_bytes: 0,
         artifact_files: 0,
         refused: Vec::new(),
+        egress: None,
         prompts: 1,
         pending_prompt: Some("build-0123abcd-1".into()),
         artifacts: Vec::new(),

@@ -61,6 +61,40 @@ impl TaskPhase {
 }
 
 /// `tasks/<name>.yaml`: the latest run of a task.
+/// What a run's connections through the broker used: the sums of its `egress.jsonl`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressUse {
+    pub connections: u64,
+    /// Connections no rule or credential allowed.
+    pub refused: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// Connections past `tasks::limits::EGRESS_LINES`, counted here but not logged.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub not_logged: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// One connection, as a line of `tasks/<name>/egress.jsonl`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressLine {
+    pub time: Timestamp,
+    pub destination: String,
+    /// Where the rule or credential that allowed it was written; absent when refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub millis: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskRecord {
@@ -129,6 +163,9 @@ pub struct TaskRecord {
     /// status says so rather than silently losing it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<String>,
+    /// What this run's connections through the broker used (brokered VMs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressUse>,
     /// Prompts seen in this run; the next one is numbered `prompts + 1`.
     #[serde(default)]
     pub prompts: u32,
@@ -306,6 +343,18 @@ impl StatusDir {
             .flatten()
             .filter_map(|e| e.file_name().into_string().ok())
             .collect()
+    }
+
+    /// Appends connection lines (`EgressLine`, one JSON object a line) to the task's
+    /// `egress.jsonl`, and makes them durable.
+    pub fn append_task_egress(&self, task: &str, lines: &[u8]) -> std::io::Result<()> {
+        let mut file = super::tree::open_file(
+            &self.tree_to_write()?,
+            &Path::new("tasks").join(task).join("egress.jsonl"),
+            cap_std::fs::OpenOptions::new().create(true).append(true),
+        )?;
+        std::io::Write::write_all(&mut file, lines)?;
+        file.sync_data()
     }
 
     /// Empties the task's output log and artifacts for a new run.

@@ -248,3 +248,63 @@ fn an_unconfirmed_repository_is_shipped_again_on_the_monotonic_clock() {
     state.tick(&mut conn, &HostFiles::default());
     assert_eq!(state.records["ask"].phase, TaskPhase::Pending);
 }
+
+#[test]
+fn a_connection_counts_for_the_run_the_guest_named_only_on_its_own_vm() {
+    let (mut state, _conn, task) = started(Duration::from_secs(60), OnDeadline::Wait);
+    let used = |vm: &str, task: Option<&str>, rule: Option<&str>, status| {
+        (
+            vm.to_owned(),
+            crate::broker::Used {
+                task: task.map(str::to_owned),
+                destination: "CONNECT api.example.com:443".into(),
+                rule: rule.map(str::to_owned),
+                status: Some(status),
+                bytes_up: 100,
+                bytes_down: 2000,
+                started: SystemTime::UNIX_EPOCH + T0,
+                duration: Duration::from_millis(1500),
+            },
+        )
+    };
+    for (vm, u) in [
+        used(
+            "vm-1",
+            Some(&task),
+            Some("loadout agent egress.allow[0]"),
+            200,
+        ),
+        used("vm-1", Some(&task), None, 403),
+        // Another VM's guest naming this run, and a connection naming none: neither counts.
+        used(
+            "vm-2",
+            Some(&task),
+            Some("loadout agent egress.allow[0]"),
+            200,
+        ),
+        used("vm-1", None, Some("loadout agent egress.allow[0]"), 200),
+    ] {
+        state.egress_used(&vm, u);
+    }
+    let sums = state.records["ask"].egress.clone().expect("counted");
+    assert_eq!(
+        (
+            sums.connections,
+            sums.refused,
+            sums.bytes_up,
+            sums.bytes_down
+        ),
+        (2, 1, 200, 4000)
+    );
+    let effects = state.take_effects();
+    let lines = String::from_utf8(effects["ask"].egress.clone()).expect("text");
+    assert_eq!(lines.lines().count(), 2, "{lines}");
+    let first: crate::status::tasks::EgressLine =
+        serde_json::from_str(lines.lines().next().expect("a line")).expect("JSON");
+    assert_eq!(first.rule.as_deref(), Some("loadout agent egress.allow[0]"));
+    assert_eq!((first.status, first.millis), (Some(200), 1500));
+    assert!(
+        effects["ask"].record.is_some(),
+        "the record with its totals"
+    );
+}

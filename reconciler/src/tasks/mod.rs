@@ -151,6 +151,9 @@ struct Effects {
     /// bytes), synced before the records that count them are written.
     output: Vec<(String, u64, Vec<u8>)>,
     artifacts: Vec<(String, String, u64, Vec<u8>)>,
+    /// Connection lines for a run's `egress.jsonl` (written before the record counting
+    /// them).
+    egress: Vec<(String, Vec<u8>)>,
     /// Tasks whose turn the hold must wait for even with nothing of theirs to write: it
     /// acknowledges their guest messages, which earlier holds may still be writing.
     barrier: BTreeSet<String>,
@@ -170,6 +173,7 @@ struct Pending {
     reset: bool,
     output: Vec<(u64, Vec<u8>)>,
     artifacts: Vec<(String, u64, Vec<u8>)>,
+    egress: Vec<u8>,
     record: Option<TaskRecord>,
     prompts: Vec<PromptRecord>,
     events: Vec<Event>,
@@ -243,6 +247,13 @@ impl BookState {
                 .or_default()
                 .artifacts
                 .push((path, offset, data));
+        }
+        for (task, line) in effects.egress {
+            by_task
+                .entry(task)
+                .or_default()
+                .egress
+                .extend_from_slice(&line);
         }
         for name in effects.records {
             if let Some(record) = self.records.get(&name) {
@@ -356,6 +367,9 @@ pub mod limits {
     pub const PROMPT_TEXT_BYTES: usize = 4096;
     pub const PROMPT_SCREEN_LINES: usize = 40;
     pub const PROMPT_LINE_BYTES: usize = 512;
+    /// Connections logged in a run's `egress.jsonl` (about 200 bytes each); later ones are
+    /// counted in its totals only.
+    pub const EGRESS_LINES: u64 = 20_000;
 }
 
 /// Where a reference's value lives in the guest, relative to `SECRETS_DIR`: its `file`, or
@@ -511,6 +525,7 @@ impl TaskBook {
             reset,
             output,
             artifacts,
+            egress,
             mut record,
             prompts,
             events,
@@ -572,6 +587,11 @@ impl TaskBook {
             if let Err(e) = self.status.sync_artifact(task, path) {
                 tracing::warn!(task, "cannot sync artifact {path}: {e}");
             }
+        }
+        if !egress.is_empty()
+            && let Err(e) = self.status.append_task_egress(task, &egress)
+        {
+            tracing::warn!(task, "cannot log the run's connections: {e}");
         }
         if let Some(record) = record
             && let Err(e) = self.status.write_task_record(&record)
@@ -735,6 +755,14 @@ impl TaskBook {
         }
     }
 
+    /// A connection of `vm`'s ended: it goes into the run of the task the guest named (if
+    /// that is a run of this VM's), its `egress.jsonl` and its totals.
+    pub fn egress_used(&self, vm: &str, used: crate::broker::Used) {
+        let mut state = self.lock();
+        state.now = DecidedAt::now();
+        state.egress_used(vm, used);
+    }
+
     /// The broker refused a destination of `vm`'s: an `egress.denied` event.
     pub fn egress_denied(&self, vm: &str, message: String) {
         let mut state = self.lock();
@@ -758,6 +786,45 @@ impl TaskBook {
 }
 
 impl BookState {
+    fn egress_used(&mut self, vm: &str, used: crate::broker::Used) {
+        let Some(guest_task) = &used.task else {
+            return;
+        };
+        let Some(name) = self
+            .records
+            .values()
+            .find(|r| r.vm == vm && &r.guest_task() == guest_task)
+            .map(|r| r.name.clone())
+        else {
+            tracing::debug!(vm, "a connection named no task of this VM's");
+            return;
+        };
+        let line = crate::status::tasks::EgressLine {
+            time: used.started.into(),
+            destination: used.destination,
+            rule: used.rule,
+            status: used.status,
+            bytes_up: used.bytes_up,
+            bytes_down: used.bytes_down,
+            millis: u64::try_from(used.duration.as_millis()).unwrap_or(u64::MAX),
+        };
+        let mut logged = true;
+        self.update(&name, |r| {
+            let sums = r.egress.get_or_insert_with(Default::default);
+            logged = sums.connections < limits::EGRESS_LINES;
+            sums.connections += 1;
+            sums.refused += u64::from(line.rule.is_none());
+            sums.bytes_up += line.bytes_up;
+            sums.bytes_down += line.bytes_down;
+            sums.not_logged += u64::from(!logged);
+        });
+        if logged {
+            let mut bytes = serde_json::to_vec(&line).expect("an egress line is JSON");
+            bytes.push(b'\n');
+            self.effects.egress.push((name, bytes));
+        }
+    }
+
     /// Takes a new desired state: new runs become `Pending`, runs that cannot go on are
     /// finished. `running` are the VMs that run now. Runs on running VMs whose task was
     /// removed or changed are cancelled by that VM's runner.
@@ -892,6 +959,7 @@ impl BookState {
             artifact_bytes: 0,
             artifact_files: 0,
             refused: Vec::new(),
+            egress: None,
             prompts: 0,
             pending_prompt: None,
             artifacts: Vec::new(),

@@ -143,6 +143,17 @@ fn a_brokered_vm_reaches_only_what_its_loadout_allows() {
         "the upstream's answer came back: {output}"
     );
     assert!(output.contains("proxy=http://127.0.0.1:3128"), "{output}");
+    // The guest's proxy named the task (its user), so the connection is in its log and
+    // its totals.
+    let log = read(&status.0.join("tasks/allowed/egress.jsonl"));
+    assert!(
+        log.contains(&format!("\"destination\":\"CONNECT 127.0.0.1:{allowed}\""))
+            && log.contains("\"status\":200")
+            && log.contains("\"rule\":\"loadout agent egress.allow[0]\""),
+        "{log}"
+    );
+    let record = status.task("allowed");
+    assert!(record.contains("connections: 1"), "{record}");
 
     status.wait_phase("refused", "Succeeded", Duration::from_secs(60));
     let output = status.output("refused");
@@ -156,6 +167,11 @@ fn a_brokered_vm_reaches_only_what_its_loadout_allows() {
     assert!(
         !output.contains("PING"),
         "nothing reached the other upstream: {output}"
+    );
+    let log = read(&status.0.join("tasks/refused/egress.jsonl"));
+    assert!(
+        log.contains("\"status\":403") && !log.contains("\"rule\""),
+        "{log}"
     );
     status.wait_phase("web", "Succeeded", Duration::from_secs(60));
     let output = status.output("web");
