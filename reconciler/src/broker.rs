@@ -156,6 +156,8 @@ pub struct Used {
     pub status: Option<u16>,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// For a brokered API: the tokens its answer reported, or why they could not be read.
+    pub tokens: Option<Result<crate::tokens::Tokens, &'static str>>,
     pub started: std::time::SystemTime,
     pub duration: Duration,
 }
@@ -173,6 +175,8 @@ struct Usage {
     answered_upstream: std::sync::atomic::AtomicBool,
     up: std::sync::atomic::AtomicU64,
     down: std::sync::atomic::AtomicU64,
+    /// Reads a brokered API's answer for its token usage.
+    meter: Mutex<Option<crate::tokens::ResponseMeter>>,
     on_used: OnUsed,
 }
 
@@ -184,6 +188,9 @@ impl Usage {
 
     /// `bytes` went to the guest; the first of an upstream's answer carry its status.
     fn down(&self, bytes: &[u8]) {
+        if let Some(meter) = lock(&self.meter).as_mut() {
+            meter.feed(bytes);
+        }
         let before = self
             .down
             .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -220,6 +227,10 @@ impl Drop for Usage {
             status: *lock(&self.status),
             bytes_up: *self.up.get_mut(),
             bytes_down: *self.down.get_mut(),
+            tokens: lock(&self.meter).take().map(|meter| match meter.finish() {
+                (tokens, None) => Ok(tokens),
+                (_, Some(why)) => Err(why),
+            }),
             started: self.started.0,
             duration: self.started.1.elapsed(),
         });
@@ -426,6 +437,7 @@ impl Broker {
                 answered_upstream: std::sync::atomic::AtomicBool::new(false),
                 up: std::sync::atomic::AtomicU64::new(0),
                 down: std::sync::atomic::AtomicU64::new(0),
+                meter: Mutex::default(),
                 on_used: self.on_used.clone(),
             }),
         };
@@ -818,6 +830,7 @@ impl Worker {
         self.usage
             .answered_upstream
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        *lock(&self.usage.meter) = Some(crate::tokens::ResponseMeter::new());
         match copy_to_guest(
             self.id,
             &mut upstream,

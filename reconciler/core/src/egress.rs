@@ -678,8 +678,10 @@ pub const CREDENTIAL_HEADERS: [&str; 4] =
     ["authorization", "x-api-key", "api-key", "x-goog-api-key"];
 
 /// Headers of the guest's that never go to a brokered API besides the credential ones:
-/// `max-forwards` would let a TRACE-like echo stop at a proxy on the way.
-const NOT_TO_APIS: [&str; 1] = ["max-forwards"];
+/// `max-forwards` would let a TRACE-like echo stop at a proxy on the way, and without
+/// `accept-encoding` the answer comes uncompressed, so the broker can read its token usage
+/// (`tokens`).
+const NOT_TO_APIS: [&str; 2] = ["max-forwards", "accept-encoding"];
 
 /// Whether a credential's value can go into a header as it is: visible ASCII only, so no
 /// value can end the header or start another.

@@ -21,3 +21,4 @@ pub mod seed;
 pub mod snapshot;
 pub mod spec;
 pub mod time;
+pub mod tokens;

@@ -847,3 +847,42 @@ fn a_credential_value_that_could_end_its_header_is_never_sent() {
     assert!(answer.contains("visible ASCII"), "{answer}");
     assert!(api.seen.recv_timeout(Duration::from_millis(300)).is_err());
 }
+
+#[test]
+fn a_brokered_apis_answer_is_read_for_its_tokens_uncompressed() {
+    let api = tls_api(
+        "api.example.test",
+        r#"{"usage":{"input_tokens":30,"cache_read_input_tokens":70,"output_tokens":12}}"#,
+    );
+    let mut guest = credentialed_guest(
+        vec![credential(
+            "api.example.test",
+            api.port,
+            "x-api-key",
+            Scheme::Plain,
+        )],
+        api.roots.clone(),
+    );
+    let (answer, _) = request_to_api(
+        &mut guest,
+        1,
+        b"POST /api.example.test/v1/messages HTTP/1.1\r\nAccept-Encoding: gzip, br\r\nContent-Length: 2\r\n\r\n{}",
+    );
+    assert!(answer.contains("output_tokens"), "{answer}");
+    let seen = api
+        .seen
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a request");
+    assert!(
+        !seen.to_ascii_lowercase().contains("accept-encoding"),
+        "{seen}"
+    );
+    let used = guest.used(1);
+    assert_eq!(
+        used[0].tokens,
+        Some(Ok(crate::tokens::Tokens {
+            input: 100,
+            output: 12
+        }))
+    );
+}

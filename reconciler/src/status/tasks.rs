@@ -70,6 +70,15 @@ pub struct EgressUse {
     pub refused: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Model tokens the brokered APIs reported, input (cache reads and writes included)
+    /// and output.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tokens_in: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tokens_out: u64,
+    /// Answers of brokered APIs whose usage could not be read (not counted in tokens).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tokens_unread: u64,
     /// Connections past `tasks::limits::EGRESS_LINES`, counted here but not logged.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub not_logged: u64,
@@ -92,6 +101,14 @@ pub struct EgressLine {
     pub status: Option<u16>,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// For a brokered API: the tokens its answer reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_in: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_out: Option<u64>,
+    /// For a brokered API whose answer's usage could not be read: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_unread: Option<String>,
     pub millis: u64,
 }
 

@@ -262,6 +262,10 @@ fn a_connection_counts_for_the_run_the_guest_named_only_on_its_own_vm() {
                 status: Some(status),
                 bytes_up: 100,
                 bytes_down: 2000,
+                tokens: (status == 200).then_some(Ok(crate::tokens::Tokens {
+                    input: 10,
+                    output: 5,
+                })),
                 started: SystemTime::UNIX_EPOCH + T0,
                 duration: Duration::from_millis(1500),
             },
@@ -296,6 +300,7 @@ fn a_connection_counts_for_the_run_the_guest_named_only_on_its_own_vm() {
         ),
         (2, 1, 200, 4000)
     );
+    assert_eq!((sums.tokens_in, sums.tokens_out), (10, 5));
     let effects = state.take_effects();
     let lines = String::from_utf8(effects["ask"].egress.clone()).expect("text");
     assert_eq!(lines.lines().count(), 2, "{lines}");

@@ -806,6 +806,9 @@ impl BookState {
             status: used.status,
             bytes_up: used.bytes_up,
             bytes_down: used.bytes_down,
+            tokens_in: used.tokens.and_then(|t| t.ok()).map(|t| t.input),
+            tokens_out: used.tokens.and_then(|t| t.ok()).map(|t| t.output),
+            tokens_unread: used.tokens.and_then(|t| t.err()).map(str::to_owned),
             millis: u64::try_from(used.duration.as_millis()).unwrap_or(u64::MAX),
         };
         let mut logged = true;
@@ -816,6 +819,9 @@ impl BookState {
             sums.refused += u64::from(line.rule.is_none());
             sums.bytes_up += line.bytes_up;
             sums.bytes_down += line.bytes_down;
+            sums.tokens_in += line.tokens_in.unwrap_or(0);
+            sums.tokens_out += line.tokens_out.unwrap_or(0);
+            sums.tokens_unread += u64::from(line.tokens_unread.is_some());
             sums.not_logged += u64::from(!logged);
         });
         if logged {
