@@ -3,7 +3,7 @@
 //! otherwise `git rev-parse` of this checkout (never of a repository around it), with
 //! `-dirty` when tracked files have changes.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
@@ -18,7 +18,11 @@ fn main() {
 }
 
 fn git_revision() -> Option<String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+    // Read when the script runs, not when it was compiled: cargo reuses one compiled
+    // script for every checkout that shares a target directory (its hash does not depend
+    // on where the checkout is).
+    let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR")?);
+    let root = manifest_dir.parent()?;
     // Watched before anything can fail, so a stamp that could not be made (git missing or
     // busy) is made again at the next commit or checkout. Only files that exist: a missing
     // one would rerun this script on every build.

@@ -129,17 +129,27 @@ pub fn tls_config(roots: rustls::RootCertStore) -> anyhow::Result<rustls::Client
     .with_no_client_auth())
 }
 
-/// The VM's egress policy as it is now (`None`: it has no brokered egress), asked for
-/// as each stream opens, so a new revision's rules apply without touching the VM.
-pub type PolicyNow = Arc<dyn Fn() -> Option<Arc<Policy>> + Send + Sync>;
-
-/// The value of one of the VM's credentials now (wiped when dropped), or why there is none.
-pub type CredentialValue =
-    Arc<dyn Fn(&Credential) -> Result<Zeroizing<Vec<u8>>, String> + Send + Sync>;
+/// What the broker asks of the rest of the host, for one VM's link.
+pub trait Host: Send + Sync {
+    /// The VM's egress policy now (`None`: it has no brokered egress), asked as each stream
+    /// opens, so a new revision's rules apply without touching the VM.
+    fn policy(&self) -> Option<Arc<Policy>>;
+    /// The value of one of the VM's credentials now (wiped when dropped), or why there is
+    /// none.
+    fn credential(&self, credential: &Credential) -> Result<Zeroizing<Vec<u8>>, String>;
+    /// Whether a connection the guest says run `task` made may go ahead (its budget), or
+    /// why not (the 429's body).
+    fn admit(&self, task: Option<&str>) -> Result<(), String>;
+    /// A refused destination, with the request and why (the `egress.denied` event); at
+    /// most `DENIED_EVENTS_PER_MINUTE` a minute reach it.
+    fn denied(&self, why: String);
+    /// What a connection used, once it ended.
+    fn used(&self, used: Used);
+}
 
 /// What the broker tells the rest of the host: a refused destination (for the
 /// `egress.denied` event), with the stream's request and why.
-pub type OnDenied = Arc<dyn Fn(String) + Send + Sync>;
+type OnDenied = Arc<dyn Fn(String) + Send + Sync>;
 
 /// What one connection used, reported when it ends (for the task's `egress.jsonl` and its
 /// totals).
@@ -162,8 +172,6 @@ pub struct Used {
     pub duration: Duration,
 }
 
-pub type OnUsed = Arc<dyn Fn(Used) + Send + Sync>;
-
 /// A connection's use so far, shared by its worker and reader threads.
 struct Usage {
     task: Option<String>,
@@ -177,7 +185,7 @@ struct Usage {
     down: std::sync::atomic::AtomicU64,
     /// Reads a brokered API's answer for its token usage.
     meter: Mutex<Option<crate::tokens::ResponseMeter>>,
-    on_used: OnUsed,
+    host: Arc<dyn Host>,
 }
 
 impl Usage {
@@ -220,7 +228,7 @@ impl Drop for Usage {
         if destination.is_empty() {
             return;
         }
-        (self.on_used)(Used {
+        self.host.used(Used {
             task: self.task.take(),
             destination,
             rule: lock(&self.rule).take(),
@@ -315,12 +323,10 @@ const DENIED_EVENTS_PER_MINUTE: usize = 10;
 
 /// One link's streams.
 pub struct Broker {
-    /// The VM's policy now; `None` when it has no brokered egress (every stream is refused).
-    policy: PolicyNow,
-    credential: CredentialValue,
+    host: Arc<dyn Host>,
     upstreams: Upstreams,
+    /// `host.denied`, at most `DENIED_EVENTS_PER_MINUTE` a minute.
     on_denied: OnDenied,
-    on_used: OnUsed,
     streams: HashMap<u32, StreamHandle>,
     outbox: Outbox,
     /// Streams whose threads still run, closed or not: what `MAX_STREAMS` bounds.
@@ -328,20 +334,15 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(
-        policy: PolicyNow,
-        credential: CredentialValue,
-        upstreams: Upstreams,
-        on_denied: OnDenied,
-        on_used: OnUsed,
-        outbox: Outbox,
-    ) -> Broker {
+    pub fn new(host: Arc<dyn Host>, upstreams: Upstreams, outbox: Outbox) -> Broker {
+        let on_denied = {
+            let host = host.clone();
+            limit_denials(Arc::new(move |why| host.denied(why)))
+        };
         Broker {
-            policy,
-            credential,
+            host,
             upstreams,
-            on_denied: limit_denials(on_denied),
-            on_used,
+            on_denied,
             streams: HashMap::new(),
             outbox,
             live: Arc::default(),
@@ -396,7 +397,7 @@ impl Broker {
     }
 
     fn open(&mut self, id: u32, task: Option<String>) {
-        let Some(policy) = (self.policy)() else {
+        let Some(policy) = self.host.policy() else {
             return self
                 .outbox
                 .close(id, Some("this VM has no brokered egress".into()));
@@ -421,7 +422,7 @@ impl Broker {
             id,
             ended: inbound.clone(),
             policy,
-            credential: self.credential.clone(),
+            host: self.host.clone(),
             upstreams: self.upstreams.clone(),
             on_denied: self.on_denied.clone(),
             outbox: self.outbox.clone(),
@@ -438,7 +439,7 @@ impl Broker {
                 up: std::sync::atomic::AtomicU64::new(0),
                 down: std::sync::atomic::AtomicU64::new(0),
                 meter: Mutex::default(),
-                on_used: self.on_used.clone(),
+                host: self.host.clone(),
             }),
         };
         let live = self.live.clone();
@@ -499,7 +500,7 @@ struct Worker {
     /// Tells the worker the upstream ended (the reader thread sends `Close`).
     ended: Sender<Inbound>,
     policy: Arc<Policy>,
-    credential: CredentialValue,
+    host: Arc<dyn Host>,
     upstreams: Upstreams,
     on_denied: OnDenied,
     outbox: Outbox,
@@ -531,23 +532,18 @@ impl Worker {
                 Ok(Inbound::Close) | Err(_) => return,
             }
         };
-        let (what, path) = match &request.kind {
-            ProxyKind::Connect => (format!("CONNECT {}:{}", request.host, request.port), None),
-            ProxyKind::Http { path, .. } => (
-                format!("http://{}:{}{}", request.host, request.port, path),
-                Some(path.as_str()),
-            ),
-            ProxyKind::Credentialed { method, path, .. } => {
-                let what: String = format!("{method} https://{}{path}", request.host)
-                    .chars()
-                    .take(300)
-                    .collect();
-                self.usage.set(&self.usage.destination, what.clone());
+        let what = request.describe();
+        self.usage.set(&self.usage.destination, what.clone());
+        if let Err(why) = self.host.admit(self.usage.task.as_deref()) {
+            return self.respond(429, "Too Many Requests", &why, None);
+        }
+        let path = match &request.kind {
+            ProxyKind::Connect => None,
+            ProxyKind::Http { path, .. } => Some(path.as_str()),
+            ProxyKind::Credentialed { .. } => {
                 return self.to_api(&request, &head[request.head_len..], what, rx);
             }
         };
-        let what: String = what.chars().take(300).collect();
-        self.usage.set(&self.usage.destination, what.clone());
         let rules = &self.policy.rules;
         let rule = match egress::decide(rules, &request.host, request.port, path) {
             Decision::Allowed { rule } => {
@@ -723,7 +719,7 @@ impl Worker {
         if let Some(why) = egress::path_problem(path) {
             return self.respond(400, "Bad Request", &format!("the path {why}"), None);
         }
-        let value = match (self.credential)(credential) {
+        let value = match self.host.credential(credential) {
             Ok(v) if egress::value_fits_header(&v) => v,
             Ok(_) => {
                 let text = format!(

@@ -37,6 +37,60 @@ pub struct Rule {
 pub struct Policy {
     pub rules: Vec<Rule>,
     pub credentials: Vec<Credential>,
+    /// What each task run may use (`None`: no limit).
+    pub budget: Option<Budget>,
+}
+
+/// A run's egress budget: connections, bytes both ways, model tokens (each optional).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Budget {
+    pub requests: Option<u64>,
+    pub bytes: Option<u64>,
+    pub tokens: Option<u64>,
+}
+
+/// What a run has used, as the budget counts it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Spent {
+    pub requests: u64,
+    pub bytes: u64,
+    pub tokens: u64,
+}
+
+/// One limit of a budget a run has reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exhausted {
+    /// `connections`, `bytes` or `tokens`.
+    pub what: &'static str,
+    pub used: u64,
+    /// The limit with the grants so far.
+    pub allowed: u64,
+    /// What one more grant adds.
+    pub step: u64,
+}
+
+impl Budget {
+    /// The first limit `spent` has reached, when the budget was granted `grants` more
+    /// times over (each grant adds the budget once more).
+    pub fn exhausted(&self, spent: Spent, grants: u32) -> Option<Exhausted> {
+        let times = 1 + u64::from(grants);
+        [
+            ("connections", spent.requests, self.requests),
+            ("bytes", spent.bytes, self.bytes),
+            ("tokens", spent.tokens, self.tokens),
+        ]
+        .into_iter()
+        .find_map(|(what, used, limit)| {
+            let step = limit?;
+            let allowed = step.saturating_mul(times);
+            (used >= allowed).then_some(Exhausted {
+                what,
+                used,
+                allowed,
+                step,
+            })
+        })
+    }
 }
 
 impl Policy {
@@ -504,6 +558,22 @@ pub struct ProxyRequest {
     /// How many bytes of the input the head took; what follows is the request's body (or,
     /// after a CONNECT, the tunnel's first bytes).
     pub head_len: usize,
+}
+
+impl ProxyRequest {
+    /// What was asked for, for logs and refusals (at most 300 characters).
+    pub fn describe(&self) -> String {
+        let text = match &self.kind {
+            ProxyKind::Connect => format!("CONNECT {}:{}", self.host, self.port),
+            ProxyKind::Http { path, .. } => {
+                format!("http://{}:{}{}", self.host, self.port, path)
+            }
+            ProxyKind::Credentialed { method, path, .. } => {
+                format!("{method} https://{}{path}", self.host)
+            }
+        };
+        text.chars().take(300).collect()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -691,6 +691,14 @@ fn egress_policy(loadout: &str, egress: &crate::spec::Egress) -> crate::egress::
     crate::egress::Policy {
         rules: egress_rules(loadout, egress),
         credentials,
+        budget: egress.budget.as_ref().map(|b| crate::egress::Budget {
+            requests: b.requests,
+            bytes: b
+                .bytes
+                .as_ref()
+                .map(|s| s.mib().saturating_mul(1024 * 1024)),
+            tokens: b.tokens,
+        }),
     }
 }
 

@@ -901,6 +901,27 @@ pub struct Egress {
     /// credential the request carries with the real one and forwards it over verified TLS.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub credentials: Vec<EgressCredential>,
+    /// What each task run may use through the broker. Past it, requests get 429 and a
+    /// prompt asks a human to allow as much again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<EgressBudget>,
+}
+
+/// Limits on one task run's brokered egress; each is optional.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EgressBudget {
+    /// Connections (tunnels and requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub requests: Option<u64>,
+    /// Bytes moved, both ways together (`500Mi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<Size>,
+    /// Model tokens, input and output, that brokered APIs reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub tokens: Option<u64>,
 }
 
 /// One API's credential, added by the broker (`egress.credentials`).

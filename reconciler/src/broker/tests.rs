@@ -55,8 +55,43 @@ fn upstreams(resolve: Resolve, roots: rustls::RootCertStore) -> Upstreams {
     }
 }
 
+type CredentialValue = Arc<dyn Fn(&Credential) -> Result<Zeroizing<Vec<u8>>, String> + Send + Sync>;
+
+/// The host as a test plays it: a fixed policy and credential, everything it is told kept.
+struct TestHost {
+    policy: Option<Arc<Policy>>,
+    credential: CredentialValue,
+    /// Why connections are refused for their budget, when they are.
+    over_budget: Mutex<Option<String>>,
+    denied: Arc<Mutex<Vec<String>>>,
+    used: Arc<Mutex<Vec<Used>>>,
+}
+
+impl Host for TestHost {
+    fn policy(&self) -> Option<Arc<Policy>> {
+        self.policy.clone()
+    }
+    fn credential(&self, credential: &Credential) -> Result<Zeroizing<Vec<u8>>, String> {
+        (self.credential)(credential)
+    }
+    fn admit(&self, _task: Option<&str>) -> Result<(), String> {
+        self.over_budget
+            .lock()
+            .expect("lock")
+            .clone()
+            .map_or(Ok(()), Err)
+    }
+    fn denied(&self, why: String) {
+        self.denied.lock().expect("lock").push(why);
+    }
+    fn used(&self, used: Used) {
+        self.used.lock().expect("lock").push(used);
+    }
+}
+
 struct Guest {
     broker: Broker,
+    host: Arc<TestHost>,
     denied: Arc<Mutex<Vec<String>>>,
     /// What each finished connection reported.
     used: Arc<Mutex<Vec<Used>>>,
@@ -66,7 +101,7 @@ impl Guest {
     fn new(rules: Option<Vec<Rule>>, resolve: Resolve) -> Guest {
         let policy = rules.map(|rules| Policy {
             rules,
-            credentials: Vec::new(),
+            ..Policy::default()
         });
         Guest::with(
             policy,
@@ -76,22 +111,18 @@ impl Guest {
     }
 
     fn with(policy: Option<Policy>, upstreams: Upstreams, credential: CredentialValue) -> Guest {
-        let denied = Arc::new(Mutex::new(Vec::new()));
-        let sink = denied.clone();
-        let used = Arc::new(Mutex::new(Vec::new()));
-        let used_sink = used.clone();
-        let policy = policy.map(Arc::new);
+        let host = Arc::new(TestHost {
+            policy: policy.map(Arc::new),
+            credential,
+            over_budget: Mutex::default(),
+            denied: Arc::default(),
+            used: Arc::default(),
+        });
         Guest {
-            broker: Broker::new(
-                Arc::new(move || policy.clone()),
-                credential,
-                upstreams,
-                Arc::new(move |why| sink.lock().expect("lock").push(why)),
-                Arc::new(move |u| used_sink.lock().expect("lock").push(u)),
-                Outbox::new(None),
-            ),
-            denied,
-            used,
+            broker: Broker::new(host.clone(), upstreams, Outbox::new(None)),
+            denied: host.denied.clone(),
+            used: host.used.clone(),
+            host,
         }
     }
 
@@ -647,8 +678,8 @@ fn credential(host: &str, port: u16, header: &str, scheme: Scheme) -> Credential
 fn credentialed_guest(credentials: Vec<Credential>, roots: rustls::RootCertStore) -> Guest {
     Guest::with(
         Some(Policy {
-            rules: Vec::new(),
             credentials,
+            ..Policy::default()
         }),
         upstreams(
             table_with(&[("api.example.test", "127.0.0.1")], true),
@@ -802,13 +833,13 @@ fn a_brokered_api_whose_name_resolves_inside_is_refused_unless_the_host_pins_it(
     let api = tls_api("api.example.test", "fine");
     let mut guest = Guest::with(
         Some(Policy {
-            rules: Vec::new(),
             credentials: vec![credential(
                 "api.example.test",
                 api.port,
                 "x-api-key",
                 Scheme::Plain,
             )],
+            ..Policy::default()
         }),
         // Resolved by "DNS" (not pinned) to loopback.
         upstreams(
@@ -828,13 +859,13 @@ fn a_credential_value_that_could_end_its_header_is_never_sent() {
     let api = tls_api("api.example.test", "fine");
     let mut guest = Guest::with(
         Some(Policy {
-            rules: Vec::new(),
             credentials: vec![credential(
                 "api.example.test",
                 api.port,
                 "x-api-key",
                 Scheme::Plain,
             )],
+            ..Policy::default()
         }),
         upstreams(
             table_with(&[("api.example.test", "127.0.0.1")], true),
@@ -884,5 +915,32 @@ fn a_brokered_apis_answer_is_read_for_its_tokens_uncompressed() {
             input: 100,
             output: 12
         }))
+    );
+}
+
+#[test]
+fn a_run_over_its_budget_gets_429_and_nothing_is_dialed() {
+    let port = upstream();
+    let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system());
+    *guest.host.over_budget.lock().expect("lock") =
+        Some("task t has used 5 connections of its budget of 5".into());
+    guest.send(GuestMessage::StreamOpen {
+        v: VERSION,
+        stream: 1,
+        task: Some("t-0123abcd".into()),
+    });
+    guest.data(
+        1,
+        format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\nhello").as_bytes(),
+    );
+    let (body, _) = guest.read_until_closed(1, Duration::from_secs(5));
+    let body = String::from_utf8(body).expect("text");
+    assert!(body.starts_with("HTTP/1.1 429 Too Many Requests"), "{body}");
+    assert!(body.contains("of its budget of 5"), "{body}");
+    assert!(!body.contains("HELLO"), "{body}");
+    let used = guest.used(1);
+    assert_eq!(
+        (used[0].status, used[0].rule.as_deref(), used[0].bytes_up),
+        (Some(429), None, 0)
     );
 }

@@ -237,17 +237,12 @@ fn follow(
             // This link's streams (brokered egress): the VM's policy as it is when each
             // opens; a refusal is an event.
             let mut broker = {
-                let book_for = |vm: &str| (book.clone(), vm.to_owned());
-                let (policy_book, policy_vm) = book_for(vm);
-                let (credential_book, credential_vm) = book_for(vm);
-                let (denied_book, denied_vm) = book_for(vm);
-                let (used_book, used_vm) = book_for(vm);
                 crate::broker::Broker::new(
-                    Arc::new(move || policy_book.egress_policy(&policy_vm)),
-                    Arc::new(move |c| credential_book.egress_credential(&credential_vm, c)),
+                    Arc::new(crate::tasks::VmEgress {
+                        book: book.clone(),
+                        vm: vm.to_owned(),
+                    }),
                     upstreams.clone(),
-                    Arc::new(move |why| denied_book.egress_denied(&denied_vm, why)),
-                    Arc::new(move |used| used_book.egress_used(&used_vm, used)),
                     crate::broker::Outbox::new(mine.clone()),
                 )
             };

@@ -66,7 +66,8 @@ impl TaskPhase {
 #[serde(rename_all = "camelCase")]
 pub struct EgressUse {
     pub connections: u64,
-    /// Connections no rule or credential allowed.
+    /// Connections the broker refused (no rule or credential allowed them, or the budget
+    /// was spent); their bytes are not counted.
     pub refused: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
@@ -79,12 +80,25 @@ pub struct EgressUse {
     /// Answers of brokered APIs whose usage could not be read (not counted in tokens).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub tokens_unread: u64,
+    /// Times a human allowed the budget once more (`PromptKind::Budget`).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub grants: u32,
+    /// The budget prompt waiting for an answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_prompt: Option<String>,
+    /// A budget prompt was answered no: the run's connections stay refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub budget_refused: bool,
     /// Connections past `tasks::limits::EGRESS_LINES`, counted here but not logged.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub not_logged: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_zero_u32(n: &u32) -> bool {
     *n == 0
 }
 
@@ -234,7 +248,11 @@ pub enum PromptState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum PromptKind {
+    /// A question on the task's terminal: the answer is typed into it.
     Input,
+    /// The run spent its egress budget: `yes` allows as much again, anything else keeps
+    /// its connections refused.
+    Budget,
 }
 
 /// `hitl/<id>.yaml`: one prompt waiting for (or given) a human's answer.

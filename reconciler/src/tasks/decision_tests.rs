@@ -298,7 +298,8 @@ fn a_connection_counts_for_the_run_the_guest_named_only_on_its_own_vm() {
             sums.bytes_up,
             sums.bytes_down
         ),
-        (2, 1, 200, 4000)
+        // The refused connection moved only the broker's answer: counted, not its bytes.
+        (2, 1, 100, 2000)
     );
     assert_eq!((sums.tokens_in, sums.tokens_out), (10, 5));
     let effects = state.take_effects();
@@ -311,5 +312,125 @@ fn a_connection_counts_for_the_run_the_guest_named_only_on_its_own_vm() {
     assert!(
         effects["ask"].record.is_some(),
         "the record with its totals"
+    );
+}
+
+#[test]
+fn a_spent_budget_refuses_connections_and_asks_a_human_once() {
+    let mut state = BookState {
+        now: at(0),
+        ..BookState::default()
+    };
+    let mut wanted = desired(Duration::from_secs(60), OnDeadline::Wait);
+    wanted.egress.insert(
+        "vm-1".into(),
+        crate::egress::Policy {
+            budget: Some(crate::egress::Budget {
+                tokens: Some(100),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    state.sync(&wanted, &BTreeSet::from(["vm-1".to_owned()]));
+    let mut conn = Connection::new("vm-1");
+    conn.greeted("boot-1", None);
+    let (sent, _) = state.tick(&mut conn, &HostFiles::default());
+    let Some(HostMessage::RunTask { task, .. }) = sent.first() else {
+        panic!("expected a RunTask, got {sent:?}");
+    };
+    let task = task.clone();
+    let spend = |state: &mut BookState, tokens: u64| {
+        state.egress_used(
+            "vm-1",
+            crate::broker::Used {
+                task: Some(task.clone()),
+                destination: "POST https://api.anthropic.com/v1/messages".into(),
+                rule: Some("loadout agent egress.credentials[0]".into()),
+                status: Some(200),
+                bytes_up: 10,
+                bytes_down: 10,
+                tokens: Some(Ok(crate::tokens::Tokens {
+                    input: tokens,
+                    output: 0,
+                })),
+                started: SystemTime::UNIX_EPOCH + T0,
+                duration: Duration::from_millis(5),
+            },
+        );
+    };
+    assert_eq!(state.egress_admit("vm-1", Some(&task)), Ok(()));
+    // Connections that name no run of this VM are refused while a budget applies.
+    assert!(state.egress_admit("vm-1", None).is_err());
+    assert!(state.egress_admit("vm-1", Some("other-0000")).is_err());
+
+    spend(&mut state, 120);
+    let refused = state.egress_admit("vm-1", Some(&task)).expect_err("spent");
+    assert!(
+        refused
+            .starts_with("task ask has used 120 tokens of its budget of 100; answer prompt ask-"),
+        "{refused}"
+    );
+    // One prompt, however many connections are refused meanwhile.
+    assert_eq!(
+        state.egress_admit("vm-1", Some(&task)),
+        Err(refused.clone())
+    );
+    let budget_prompts: Vec<_> = state
+        .prompts
+        .values()
+        .filter(|p| p.kind == crate::status::tasks::PromptKind::Budget)
+        .cloned()
+        .collect();
+    assert_eq!(budget_prompts.len(), 1);
+    let id = budget_prompts[0].id.clone();
+    assert!(
+        budget_prompts[0]
+            .text
+            .ends_with("allow 100 more tokens? (yes/no)")
+    );
+
+    // A host answer of yes allows as much again; nothing is typed into the task.
+    let answered = HostFiles {
+        answers: BTreeMap::from([(id.clone(), Ok("yes\n".to_owned()))]),
+        ..HostFiles::default()
+    };
+    let (sent, _) = state.tick(&mut conn, &answered);
+    assert!(
+        !sent.iter().any(|m| matches!(m, HostMessage::Input { .. })),
+        "{sent:?}"
+    );
+    assert_eq!(state.prompts[&id].state, PromptState::Answered);
+    assert_eq!(state.egress_admit("vm-1", Some(&task)), Ok(()));
+
+    // Spent again: a new prompt; a no keeps the connections refused, with no more prompts.
+    spend(&mut state, 100);
+    let refused = state.egress_admit("vm-1", Some(&task)).expect_err("spent");
+    assert!(refused.contains("of its budget of 200"), "{refused}");
+    let second = state.records["ask"]
+        .egress
+        .as_ref()
+        .and_then(|e| e.budget_prompt.clone())
+        .expect("a second prompt");
+    assert_ne!(second, id);
+    let declined = HostFiles {
+        answers: BTreeMap::from([(second.clone(), Ok("no".to_owned()))]),
+        ..HostFiles::default()
+    };
+    state.tick(&mut conn, &declined);
+    let refused = state
+        .egress_admit("vm-1", Some(&task))
+        .expect_err("declined");
+    assert!(
+        refused.ends_with("a human declined to allow more"),
+        "{refused}"
+    );
+    assert_eq!(
+        state
+            .prompts
+            .values()
+            .filter(|p| p.state == PromptState::Pending)
+            .count(),
+        0
     );
 }

@@ -755,6 +755,14 @@ impl TaskBook {
         }
     }
 
+    /// Whether a connection `vm`'s guest says run `guest_task` made may go ahead: its run's
+    /// budget (`BookState::egress_admit`).
+    pub fn egress_admit(&self, vm: &str, guest_task: Option<&str>) -> Result<(), String> {
+        let mut state = self.lock();
+        state.now = DecidedAt::now();
+        state.egress_admit(vm, guest_task)
+    }
+
     /// A connection of `vm`'s ended: it goes into the run of the task the guest named (if
     /// that is a run of this VM's), its `egress.jsonl` and its totals.
     pub fn egress_used(&self, vm: &str, used: crate::broker::Used) {
@@ -785,17 +793,136 @@ impl TaskBook {
     }
 }
 
+/// One VM's side of the book, as its link's broker asks for it.
+pub struct VmEgress {
+    pub book: Arc<TaskBook>,
+    pub vm: String,
+}
+
+impl crate::broker::Host for VmEgress {
+    fn policy(&self) -> Option<Arc<crate::egress::Policy>> {
+        self.book.egress_policy(&self.vm)
+    }
+    fn credential(
+        &self,
+        credential: &crate::egress::Credential,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+        self.book.egress_credential(&self.vm, credential)
+    }
+    fn admit(&self, task: Option<&str>) -> Result<(), String> {
+        self.book.egress_admit(&self.vm, task)
+    }
+    fn denied(&self, why: String) {
+        self.book.egress_denied(&self.vm, why);
+    }
+    fn used(&self, used: crate::broker::Used) {
+        self.book.egress_used(&self.vm, used);
+    }
+}
+
 impl BookState {
-    fn egress_used(&mut self, vm: &str, used: crate::broker::Used) {
-        let Some(guest_task) = &used.task else {
-            return;
-        };
-        let Some(name) = self
-            .records
+    /// The run of `vm` the guest calls `guest_task`.
+    fn run_named(&self, vm: &str, guest_task: &str) -> Option<String> {
+        self.records
             .values()
-            .find(|r| r.vm == vm && &r.guest_task() == guest_task)
+            .find(|r| r.vm == vm && r.guest_task() == guest_task)
             .map(|r| r.name.clone())
-        else {
+    }
+
+    /// A connection may go ahead unless the VM's runs have a budget and the run it names
+    /// spent it (or it names none). The first refusal of a spent run asks a human, with a
+    /// budget prompt, whether to allow as much again.
+    fn egress_admit(&mut self, vm: &str, guest_task: Option<&str>) -> Result<(), String> {
+        let Some(budget) = self.egress.get(vm).and_then(|p| p.budget) else {
+            return Ok(());
+        };
+        let Some(name) = guest_task.and_then(|t| self.run_named(vm, t)) else {
+            return Err(format!(
+                "the runs of VM {vm} have an egress budget, and this connection names none of them (the agent names a run by the user its process runs as)"
+            ));
+        };
+        let sums = self.records[&name].egress.clone().unwrap_or_default();
+        let spent = crate::egress::Spent {
+            requests: sums.connections - sums.refused,
+            bytes: sums.bytes_up.saturating_add(sums.bytes_down),
+            tokens: sums.tokens_in.saturating_add(sums.tokens_out),
+        };
+        let Some(over) = budget.exhausted(spent, sums.grants) else {
+            return Ok(());
+        };
+        let used = format!(
+            "task {name} has used {} {} of its budget of {}",
+            over.used, over.what, over.allowed
+        );
+        if sums.budget_refused {
+            return Err(format!("{used}; a human declined to allow more"));
+        }
+        let id = match sums.budget_prompt {
+            Some(id) => id,
+            None => self.ask_for_budget(&name, &used, &over),
+        };
+        Err(format!(
+            "{used}; answer prompt {id} with yes to allow {} more",
+            over.step
+        ))
+    }
+
+    /// Raises the budget prompt of run `name`; returns its id.
+    fn ask_for_budget(
+        &mut self,
+        name: &str,
+        used: &str,
+        over: &crate::egress::Exhausted,
+    ) -> String {
+        let record = self.records[name].clone();
+        let n = record.prompts + 1;
+        let id = crate::ids::PromptId {
+            task: record.name.clone(),
+            run: record.run.clone(),
+            n,
+        }
+        .to_string();
+        let deadline = self
+            .desired
+            .get(name)
+            .map_or(crate::resolve::DEFAULT_PROMPT_DEADLINE, |t| {
+                t.prompt_deadline
+            });
+        let text = format!("{used}; allow {} more {}? (yes/no)", over.step, over.what);
+        let prompt = PromptRecord {
+            id: id.clone(),
+            kind: crate::status::tasks::PromptKind::Budget,
+            allow_control: false,
+            task: name.to_owned(),
+            vm: record.vm.clone(),
+            text: text.clone(),
+            context: Vec::new(),
+            created: self.now.wall.into(),
+            deadline: (self.now.wall + deadline).into(),
+            state: PromptState::Pending,
+            overdue: false,
+            response: None,
+            answered_by: None,
+            answered_at: None,
+            delivered: false,
+            refused: Vec::new(),
+        };
+        self.prompts.insert(id.clone(), prompt);
+        self.prompt_changed(&id);
+        self.update(name, |r| {
+            r.prompts = n;
+            r.egress.get_or_insert_with(Default::default).budget_prompt = Some(id.clone());
+        });
+        self.event(
+            &record,
+            EventKind::HitlPrompt,
+            format!("prompt {id} waits for an answer: {text}"),
+        );
+        id
+    }
+
+    fn egress_used(&mut self, vm: &str, used: crate::broker::Used) {
+        let Some(name) = used.task.as_deref().and_then(|t| self.run_named(vm, t)) else {
             tracing::debug!(vm, "a connection named no task of this VM's");
             return;
         };
@@ -816,13 +943,18 @@ impl BookState {
             let sums = r.egress.get_or_insert_with(Default::default);
             logged = sums.connections < limits::EGRESS_LINES;
             sums.connections += 1;
-            sums.refused += u64::from(line.rule.is_none());
+            sums.not_logged += u64::from(!logged);
+            // What the broker refused (no rule, or over budget) moved only its answer, and
+            // counts against no budget.
+            if line.rule.is_none() {
+                sums.refused += 1;
+                return;
+            }
             sums.bytes_up += line.bytes_up;
             sums.bytes_down += line.bytes_down;
             sums.tokens_in += line.tokens_in.unwrap_or(0);
             sums.tokens_out += line.tokens_out.unwrap_or(0);
             sums.tokens_unread += u64::from(line.tokens_unread.is_some());
-            sums.not_logged += u64::from(!logged);
         });
         if logged {
             let mut bytes = serde_json::to_vec(&line).expect("an egress line is JSON");
@@ -1001,7 +1133,11 @@ impl BookState {
         let Some(record) = self.records.get(name).cloned() else {
             return;
         };
-        if let Some(id) = &record.pending_prompt {
+        let budget_prompt = record
+            .egress
+            .as_ref()
+            .and_then(|e| e.budget_prompt.as_ref());
+        for id in record.pending_prompt.iter().chain(budget_prompt) {
             self.set_prompt(id, |p| p.state = PromptState::Withdrawn);
         }
         let finished = self.stamp();
@@ -1011,6 +1147,9 @@ impl BookState {
             r.message = Some(message.to_owned());
             r.finished = finished;
             r.pending_prompt = None;
+            if let Some(egress) = &mut r.egress {
+                egress.budget_prompt = None;
+            }
         });
         if let Some(r) = self.records.get(name).cloned() {
             self.event(

@@ -904,6 +904,86 @@ impl BookState {
     }
 
     /// Delivers answers to this VM's pending prompts, and applies their deadlines.
+    /// The answer to `prompt`: committed, or in a host file (refused and `None` when the
+    /// file cannot be read); with who gave it and the host file to remove once used.
+    fn answer_to(
+        &mut self,
+        record: &TaskRecord,
+        prompt: &PromptRecord,
+        files: &HostFiles,
+    ) -> Option<(String, String, Option<String>)> {
+        if let Some(a) = self.answers.get(&prompt.id) {
+            let revision = self.revision.as_deref().unwrap_or_default();
+            return Some((
+                a.response.clone(),
+                format!(
+                    "commit {} ({})",
+                    &revision[..revision.len().min(12)],
+                    a.source
+                ),
+                None,
+            ));
+        }
+        let host_file = answer_file_name(&prompt.id);
+        let shown = files.dir.join(&host_file);
+        match files.answers.get(&prompt.id)? {
+            Ok(text) => Some((
+                answer_from_file(text).to_owned(),
+                format!("host file {}", shown.display()),
+                Some(host_file),
+            )),
+            Err(why) => {
+                let note = format!("host file {}: {why}", shown.display());
+                self.refuse_answer(record, prompt, note, Some(&host_file));
+                None
+            }
+        }
+    }
+
+    /// A budget prompt answered: `yes` allows the run its budget once more, anything else
+    /// keeps its connections refused. Nothing is typed into the task.
+    fn answer_budget(
+        &mut self,
+        record: &TaskRecord,
+        prompt: &PromptRecord,
+        (response, by, file): (String, String, Option<String>),
+    ) {
+        let allow = matches!(
+            response.trim().to_ascii_lowercase().as_str(),
+            "yes" | "y" | "allow"
+        );
+        let answered_at = self.stamp();
+        self.set_prompt(&prompt.id, |p| {
+            p.state = PromptState::Answered;
+            p.response = Some(response.clone());
+            p.answered_by = Some(by.clone());
+            p.answered_at = answered_at;
+            p.delivered = true;
+        });
+        if let Some(file) = file {
+            self.effects.moves.push((file, None));
+        }
+        self.update(&record.name, |r| {
+            let sums = r.egress.get_or_insert_with(Default::default);
+            sums.budget_prompt = None;
+            if allow {
+                sums.grants += 1;
+            } else {
+                sums.budget_refused = true;
+            }
+        });
+        let outcome = if allow {
+            "its budget is allowed once more"
+        } else {
+            "its connections stay refused"
+        };
+        self.event(
+            record,
+            EventKind::HitlAnswered,
+            format!("prompt {} answered by {by}: {outcome}", prompt.id),
+        );
+    }
+
     fn answer_prompts(&mut self, conn: &Connection, files: &HostFiles, out: &mut Vec<HostMessage>) {
         let ids: Vec<String> = self
             .prompts
@@ -933,36 +1013,15 @@ impl BookState {
                 ));
                 continue;
             }
-            let committed = self.answers.get(&id).map(|a| {
-                let revision = self.revision.as_deref().unwrap_or_default();
-                (
-                    a.response.clone(),
-                    format!(
-                        "commit {} ({})",
-                        &revision[..revision.len().min(12)],
-                        a.source
-                    ),
-                    None,
-                )
-            });
-            let host_file = answer_file_name(&id);
-            let shown = files.dir.join(&host_file);
-            let answer = match committed {
-                Some(a) => Some(a),
-                None => match files.answers.get(&id) {
-                    None => None,
-                    Some(Ok(text)) => Some((
-                        answer_from_file(text).to_owned(),
-                        format!("host file {}", shown.display()),
-                        Some(host_file.clone()),
-                    )),
-                    Some(Err(why)) => {
-                        let note = format!("host file {}: {why}", shown.display());
-                        self.refuse_answer(&record, &prompt, note, Some(&host_file));
-                        continue;
-                    }
-                },
-            };
+            let answer = self.answer_to(&record, &prompt, files);
+            if prompt.kind == PromptKind::Budget {
+                if let Some(answer) = answer {
+                    self.answer_budget(&record, &prompt, answer);
+                }
+                // A budget prompt waits as long as it takes: the run's connections are
+                // refused meanwhile, and the run's own timeout still applies.
+                continue;
+            }
             if let Some((response, by, file)) = answer {
                 if let Some(problem) = answer_problem(&response, prompt.allow_control) {
                     let note = format!("{by}: {problem}");
