@@ -192,8 +192,9 @@ fn a_brokered_vm_reaches_only_what_its_loadout_allows() {
 }
 
 /// A test authority (its PEM) and an API on loopback serving `name` over TLS with a
-/// certificate it signed. Each request's head goes to `seen`; the answer says only whether
-/// `x-api-key` was `key`, never the key.
+/// certificate it signed. Each request's head goes to `seen`; the answer is a stream of
+/// server-sent events, as a model API's, that reports 30 input and 20 output tokens and
+/// says only whether `x-api-key` was `key`, never the key.
 pub fn tls_api(name: &str, key: String) -> (u16, String, std::sync::mpsc::Receiver<String>) {
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
     use std::sync::Arc;
@@ -240,15 +241,18 @@ pub fn tls_api(name: &str, key: String) -> (u16, String, std::sync::mpsc::Receiv
             let real = head
                 .lines()
                 .any(|l| l.eq_ignore_ascii_case(&format!("x-api-key: {key}")));
-            let body = if real {
-                "api: the real key\n"
+            let verdict = if real {
+                "api: the real key"
             } else {
-                "api: a wrong key\n"
+                "api: a wrong key"
             };
+            let body = format!(
+                "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"usage\":{{\"input_tokens\":30,\"output_tokens\":1}}}}}}\n\nevent: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"delta\":{{\"text\":\"{verdict}\"}}}}\n\nevent: message_delta\ndata: {{\"type\":\"message_delta\",\"usage\":{{\"output_tokens\":20}}}}\n\n"
+            );
             let _ = tx.send(head);
             let _ = tls.write_all(
                 format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
                 )
                 .as_bytes(),
@@ -300,7 +304,7 @@ fn a_brokered_api_gets_the_real_key_and_the_guest_only_a_placeholder() {
     repo.write(
         "fleet/loadouts/agent.yaml",
         format!(
-            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: agent}}\nspec:\n  network: {{mode: brokered}}\n  egress:\n    credentials:\n      - {{host: api.anthropic.com, port: {port}, header: x-api-key, secret: {{secret: anthropic, key: api_key}}}}\n"
+            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: agent}}\nspec:\n  network: {{mode: brokered}}\n  egress:\n    budget: {{tokens: 50}}\n    credentials:\n      - {{host: api.anthropic.com, port: {port}, header: x-api-key, secret: {{secret: anthropic, key: api_key}}}}\n"
         ),
     );
     repo.write(
@@ -310,7 +314,9 @@ fn a_brokered_api_gets_the_real_key_and_the_guest_only_a_placeholder() {
         ),
     );
     // The task calls the API the way an agent would (base URL and key from its
-    // environment), then looks for the key everywhere a process in the VM could: every
+    // environment): the first answer spends the run's 50 tokens, so the second gets a 429
+    // and a budget prompt, and the third goes through once a human allows more. Then it
+    // looks for the key everywhere a process in the VM could: every
     // process's environment and arguments, and the files under /run, /tmp, /etc and
     // /root. It is given the key rot13'd, so its own command line never holds it.
     let rot13: String = canary
@@ -322,7 +328,7 @@ fn a_brokered_api_gets_the_real_key_and_the_guest_only_a_placeholder() {
         })
         .collect();
     let script = format!(
-        "busybox wget -q -O- --header 'x-api-key: from-the-guest' \"$ANTHROPIC_BASE_URL/v1/models\"\necho \"base=$ANTHROPIC_BASE_URL key=$ANTHROPIC_API_KEY\"\nc=$(echo {rot13} | tr a-z n-za-m)\nn=0\nfor f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; do (tr '\\0' '\\n' < $f | grep -qF \"$c\" && echo \"FOUND in $f\") 2>/dev/null; [ -r $f ] && n=$((n+1)); done\necho \"read=$n\"\nbusybox find /run /tmp /etc /root -type f 2>/dev/null | while read -r f; do grep -qF \"$c\" \"$f\" 2>/dev/null && echo \"FOUND in $f\"; done\necho scanned\n"
+        "call() {{ busybox wget -q -O- --header 'x-api-key: from-the-guest' \"$ANTHROPIC_BASE_URL/v1/models\"; }}\ncall\ncall 2>&1 | head -1\ni=0\nuntil call > /tmp/third 2>&1; do i=$((i+1)); [ $i -gt 120 ] && break; sleep 1; done\ncat /tmp/third\necho \"tries=$i\"\necho \"base=$ANTHROPIC_BASE_URL key=$ANTHROPIC_API_KEY\"\nc=$(echo {rot13} | tr a-z n-za-m)\nn=0\nfor f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; do (tr '\\0' '\\n' < $f | grep -qF \"$c\" && echo \"FOUND in $f\") 2>/dev/null; [ -r $f ] && n=$((n+1)); done\necho \"read=$n\"\nbusybox find /run /tmp /etc /root -type f 2>/dev/null | while read -r f; do grep -qF \"$c\" \"$f\" 2>/dev/null && echo \"FOUND in $f\"; done\necho scanned\n"
     );
     let indented: String = script.lines().map(|l| format!("      {l}\n")).collect();
     repo.write(
@@ -337,7 +343,22 @@ fn a_brokered_api_gets_the_real_key_and_the_guest_only_a_placeholder() {
     let identity_env = identity.to_str().expect("utf8").to_owned();
     let daemon = Daemon::start_with(&repo, &[("FLEET_AGE_IDENTITY", &identity_env)], &["-vv"]);
     let status = Status(repo.path().join(".fleet/status"));
-    status.wait_phase("call", "Succeeded", Duration::from_secs(180));
+    crate::daemon::wait_until("a budget prompt", Duration::from_secs(180), || {
+        status
+            .prompts("call")
+            .iter()
+            .any(|id| status.prompt(id).contains("kind: budget"))
+    });
+    let prompt = status.prompts("call")[0].clone();
+    let text = status.prompt(&prompt);
+    assert!(
+        text.contains(
+            "task call has used 50 tokens of its budget of 50; allow 50 more tokens? (yes/no)"
+        ),
+        "{text}"
+    );
+    crate::support::Run(repo.fleet(&["hitl", "answer", &prompt, "yes"]).0).expect_code(0);
+    status.wait_phase("call", "Succeeded", Duration::from_secs(120));
     let output = status.output("call");
     assert!(
         output.contains("api: the real key"),
@@ -359,6 +380,22 @@ fn a_brokered_api_gets_the_real_key_and_the_guest_only_a_placeholder() {
         "{output}"
     );
     assert!(output.contains("scanned"), "{output}");
+    assert!(output.contains("429 Too Many Requests"), "{output}");
+    assert_eq!(output.matches("api: the real key").count(), 2, "{output}");
+    // Counted exactly, from the API's own figures: two answers of 30 in and 20 out; the
+    // refused one counts for nothing.
+    let record = status.task("call");
+    for line in ["tokensIn: 60", "tokensOut: 40", "grants: 1"] {
+        assert!(record.contains(line), "{line}: {record}");
+    }
+    // The task asks again while the prompt waits: each of those is refused too.
+    let count = |key: &str| {
+        crate::tasks::field(&record.replace("  ", ""), key)
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    assert!(count("refused") >= 1, "{record}");
+    assert_eq!(count("connections"), 2 + count("refused"), "{record}");
     assert!(
         !output.contains("FOUND"),
         "the key is in the guest: {output}"
