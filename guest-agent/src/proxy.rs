@@ -212,26 +212,42 @@ impl Proxy {
 }
 
 /// The user that owns the client end of a loopback connection to the proxy: the line of
-/// `/proc/net/tcp` whose local address is the client's and remote the proxy's.
+/// `/proc/net/tcp` whose local address is the client's and remote the proxy's, or of
+/// `/proc/net/tcp6` for a client on an IPv6 socket (addresses mapped, `::ffff:127.0.0.1`).
 fn socket_uid(client: std::net::SocketAddr, proxy: std::net::SocketAddr) -> Option<u32> {
     let (std::net::SocketAddr::V4(client), std::net::SocketAddr::V4(proxy)) = (client, proxy)
     else {
         return None;
     };
-    let hex = |a: std::net::SocketAddrV4| {
+    // The kernel prints each 32-bit word of an address in the machine's byte order, and
+    // the port as a number.
+    let words = |octets: &[u8]| -> String {
+        octets
+            .chunks(4)
+            .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+            .collect()
+    };
+    let v4 = |a: std::net::SocketAddrV4| format!("{}:{:04X}", words(&a.ip().octets()), a.port());
+    let v6 = |a: std::net::SocketAddrV4| {
         format!(
-            "{:08X}:{:04X}",
-            u32::from_ne_bytes(a.ip().octets()),
+            "{}:{:04X}",
+            words(&a.ip().to_ipv6_mapped().octets()),
             a.port()
         )
     };
-    let (local, remote) = (hex(client), hex(proxy));
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    table.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        (fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str()))
-            .then(|| fields.get(7)?.parse().ok())
-            .flatten()
+    [
+        ("/proc/net/tcp", v4(client), v4(proxy)),
+        ("/proc/net/tcp6", v6(client), v6(proxy)),
+    ]
+    .into_iter()
+    .find_map(|(table, local, remote)| {
+        let text = std::fs::read_to_string(table).ok()?;
+        text.lines().skip(1).find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str()))
+                .then(|| fields.get(7)?.parse().ok())
+                .flatten()
+        })
     })
 }
 
@@ -295,6 +311,21 @@ mod tests {
             panic!("a stream opens");
         };
         assert_eq!(task.as_deref(), Some("build-3"));
+    }
+
+    #[test]
+    fn a_client_on_an_ipv6_socket_is_named_too() {
+        let me = nix::unistd::getuid().as_raw();
+        let owner: Owner = Arc::new(move |uid| (uid == me).then(|| "build-6".to_owned()));
+        let (_proxy, address, rx) = proxy_owned_by(Some(owner));
+        let port = address.rsplit(':').next().expect("port");
+        let Ok(_client) = TcpStream::connect(format!("[::ffff:127.0.0.1]:{port}")) else {
+            return; // No IPv6 here: nothing to check.
+        };
+        let GuestMessage::StreamOpen { task, .. } = next(&rx) else {
+            panic!("a stream opens");
+        };
+        assert_eq!(task.as_deref(), Some("build-6"));
     }
 
     #[test]

@@ -141,7 +141,6 @@ impl Tasks {
         true
     }
 
-    /// Sends through `sink` from now on.
     /// The task whose run runs as `uid` now (runs are isolated by user).
     pub fn task_of_uid(&self, uid: u32) -> Option<String> {
         self.lock()
@@ -150,6 +149,7 @@ impl Tasks {
             .map(|(name, _)| name.clone())
     }
 
+    /// Sends through `sink` from now on.
     pub fn set_sink(&self, sink: Sink) {
         *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
     }

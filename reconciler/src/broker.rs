@@ -166,8 +166,12 @@ pub struct Used {
     pub status: Option<u16>,
     pub bytes_up: u64,
     pub bytes_down: u64,
-    /// For a brokered API: the tokens its answer reported, or why they could not be read.
-    pub tokens: Option<Result<crate::tokens::Tokens, &'static str>>,
+    /// For a brokered API: the tokens its answer reported (as far as it could be read),
+    /// and why not all of it could be read, if it could not.
+    pub tokens: Option<(crate::tokens::Tokens, Option<&'static str>)>,
+    /// The host admitted it (`Host::admit`): it counted against the run's budget while
+    /// open.
+    pub admitted: bool,
     pub started: std::time::SystemTime,
     pub duration: Duration,
 }
@@ -185,6 +189,9 @@ struct Usage {
     down: std::sync::atomic::AtomicU64,
     /// Reads a brokered API's answer for its token usage.
     meter: Mutex<Option<crate::tokens::ResponseMeter>>,
+    admitted: std::sync::atomic::AtomicBool,
+    /// The first bytes of an upstream's answer, until its status code is read.
+    status_line: Mutex<Vec<u8>>,
     host: Arc<dyn Host>,
 }
 
@@ -202,16 +209,21 @@ impl Usage {
         let before = self
             .down
             .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        if before == 0
+        // `HTTP/1.1 200`: the first 12 bytes, however the guest's credit splits them.
+        if before < 12
             && self
                 .answered_upstream
                 .load(std::sync::atomic::Ordering::Relaxed)
         {
-            let code = bytes
-                .strip_prefix(b"HTTP/1.")
-                .and_then(|rest| rest.get(2..5))
-                .and_then(|code| std::str::from_utf8(code).ok()?.parse().ok());
-            *lock(&self.status) = code;
+            let mut line = lock(&self.status_line);
+            let wanted = 12usize.saturating_sub(line.len());
+            line.extend_from_slice(&bytes[..bytes.len().min(wanted)]);
+            if line.len() >= 12 {
+                *lock(&self.status) = line
+                    .strip_prefix(b"HTTP/1.")
+                    .and_then(|rest| rest.get(2..5))
+                    .and_then(|code| std::str::from_utf8(code).ok()?.parse().ok());
+            }
         }
     }
 
@@ -235,10 +247,10 @@ impl Drop for Usage {
             status: *lock(&self.status),
             bytes_up: *self.up.get_mut(),
             bytes_down: *self.down.get_mut(),
-            tokens: lock(&self.meter).take().map(|meter| match meter.finish() {
-                (tokens, None) => Ok(tokens),
-                (_, Some(why)) => Err(why),
-            }),
+            tokens: lock(&self.meter)
+                .take()
+                .map(crate::tokens::ResponseMeter::finish),
+            admitted: *self.admitted.get_mut(),
             started: self.started.0,
             duration: self.started.1.elapsed(),
         });
@@ -439,6 +451,8 @@ impl Broker {
                 up: std::sync::atomic::AtomicU64::new(0),
                 down: std::sync::atomic::AtomicU64::new(0),
                 meter: Mutex::default(),
+                admitted: std::sync::atomic::AtomicBool::new(false),
+                status_line: Mutex::default(),
                 host: self.host.clone(),
             }),
         };
@@ -537,6 +551,9 @@ impl Worker {
         if let Err(why) = self.host.admit(self.usage.task.as_deref()) {
             return self.respond(429, "Too Many Requests", &why, None);
         }
+        self.usage
+            .admitted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let path = match &request.kind {
             ProxyKind::Connect => None,
             ProxyKind::Http { path, .. } => Some(path.as_str()),

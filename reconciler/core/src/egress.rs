@@ -44,52 +44,136 @@ pub struct Policy {
 /// A run's egress budget: connections, bytes both ways, model tokens (each optional).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Budget {
-    pub requests: Option<u64>,
+    pub connections: Option<u64>,
     pub bytes: Option<u64>,
     pub tokens: Option<u64>,
 }
 
-/// What a run has used, as the budget counts it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What a run has used, as its budget counts it; and, as `Granted`, what humans allowed
+/// beyond the budget (each limit is the budget's plus the grant's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Spent {
-    pub requests: u64,
+    #[serde(default)]
+    pub connections: u64,
+    #[serde(default)]
     pub bytes: u64,
+    #[serde(default)]
     pub tokens: u64,
+    /// Answers of brokered APIs whose token usage could not be read: under a token budget
+    /// each one is a limit reached (fail closed), until a human allows it.
+    #[serde(default)]
+    pub unread: u64,
 }
 
-/// One limit of a budget a run has reached.
+pub type Granted = Spent;
+
+/// Which limit of a budget a run reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Connections,
+    Bytes,
+    Tokens,
+    /// An answer's token usage could not be read.
+    UnreadUsage,
+}
+
+/// The limit a run reached, with what it used and may use.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exhausted {
-    /// `connections`, `bytes` or `tokens`.
-    pub what: &'static str,
+    pub limit: Limit,
     pub used: u64,
-    /// The limit with the grants so far.
+    /// The limit with what was granted so far.
     pub allowed: u64,
-    /// What one more grant adds.
+    /// What a grant adds.
     pub step: u64,
 }
 
+impl Exhausted {
+    /// For people: "task t has used 120 tokens of its budget of 100".
+    pub fn describe(&self, task: &str) -> String {
+        match self.limit {
+            Limit::UnreadUsage => format!(
+                "task {task} has a token budget, and {} answer(s) of a brokered API did not say how many tokens they used",
+                self.used
+            ),
+            limit => format!(
+                "task {task} has used {} {} of its budget of {}",
+                self.used,
+                limit.unit(),
+                self.allowed
+            ),
+        }
+    }
+
+    /// What answering yes allows: "100 more tokens".
+    pub fn offer(&self) -> String {
+        match self.limit {
+            Limit::UnreadUsage => "those answers, and as many tokens again".into(),
+            limit => format!("{} more {}", self.step, limit.unit()),
+        }
+    }
+}
+
+impl Limit {
+    fn unit(self) -> &'static str {
+        match self {
+            Limit::Connections => "connections",
+            Limit::Bytes => "bytes",
+            Limit::Tokens | Limit::UnreadUsage => "tokens",
+        }
+    }
+}
+
 impl Budget {
-    /// The first limit `spent` has reached, when the budget was granted `grants` more
-    /// times over (each grant adds the budget once more).
-    pub fn exhausted(&self, spent: Spent, grants: u32) -> Option<Exhausted> {
-        let times = 1 + u64::from(grants);
+    /// The first limit `spent` has reached, with `granted` allowed beyond the budget.
+    pub fn exhausted(&self, spent: Spent, granted: Granted) -> Option<Exhausted> {
+        if self.tokens.is_some() && spent.unread > granted.unread {
+            return Some(Exhausted {
+                limit: Limit::UnreadUsage,
+                used: spent.unread - granted.unread,
+                allowed: 0,
+                step: 0,
+            });
+        }
         [
-            ("connections", spent.requests, self.requests),
-            ("bytes", spent.bytes, self.bytes),
-            ("tokens", spent.tokens, self.tokens),
+            (
+                Limit::Connections,
+                spent.connections,
+                self.connections,
+                granted.connections,
+            ),
+            (Limit::Bytes, spent.bytes, self.bytes, granted.bytes),
+            (Limit::Tokens, spent.tokens, self.tokens, granted.tokens),
         ]
         .into_iter()
-        .find_map(|(what, used, limit)| {
-            let step = limit?;
-            let allowed = step.saturating_mul(times);
+        .find_map(|(limit, used, step, granted)| {
+            let step = step?;
+            let allowed = step.saturating_add(granted);
             (used >= allowed).then_some(Exhausted {
-                what,
+                limit,
                 used,
                 allowed,
                 step,
             })
         })
+    }
+
+    /// What is granted after a human allows more: every limit reached moves to what was
+    /// used (an answer may overshoot) plus its step, and unread answers so far are
+    /// forgiven. One yes always allows something.
+    pub fn grant(&self, spent: Spent, granted: Granted) -> Granted {
+        let raise = |step: Option<u64>, used: u64, granted: u64| match step {
+            // The new limit, budget plus grant, is what was used plus one step.
+            Some(step) if used >= step.saturating_add(granted) => used,
+            _ => granted,
+        };
+        Granted {
+            connections: raise(self.connections, spent.connections, granted.connections),
+            bytes: raise(self.bytes, spent.bytes, granted.bytes),
+            tokens: raise(self.tokens, spent.tokens, granted.tokens),
+            unread: spent.unread,
+        }
     }
 }
 
@@ -748,10 +832,10 @@ pub const CREDENTIAL_HEADERS: [&str; 4] =
     ["authorization", "x-api-key", "api-key", "x-goog-api-key"];
 
 /// Headers of the guest's that never go to a brokered API besides the credential ones:
-/// `max-forwards` would let a TRACE-like echo stop at a proxy on the way, and without
+/// `max-forwards` would let a TRACE-like echo stop at a proxy on the way; without
 /// `accept-encoding` the answer comes uncompressed, so the broker can read its token usage
-/// (`tokens`).
-const NOT_TO_APIS: [&str; 2] = ["max-forwards", "accept-encoding"];
+/// (`tokens`), and without `expect` it comes without an interim answer first.
+const NOT_TO_APIS: [&str; 3] = ["max-forwards", "accept-encoding", "expect"];
 
 /// Whether a credential's value can go into a header as it is: visible ASCII only, so no
 /// value can end the header or start another.

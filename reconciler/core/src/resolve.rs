@@ -692,7 +692,7 @@ fn egress_policy(loadout: &str, egress: &crate::spec::Egress) -> crate::egress::
         rules: egress_rules(loadout, egress),
         credentials,
         budget: egress.budget.as_ref().map(|b| crate::egress::Budget {
-            requests: b.requests,
+            connections: b.connections,
             bytes: b
                 .bytes
                 .as_ref()

@@ -901,8 +901,9 @@ pub struct Egress {
     /// credential the request carries with the real one and forwards it over verified TLS.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub credentials: Vec<EgressCredential>,
-    /// What each task run may use through the broker. Past it, requests get 429 and a
-    /// prompt asks a human to allow as much again.
+    /// What each task run may use through the broker. A connection that opens past it gets
+    /// 429 and a prompt asks a human to allow more. Checked as connections open: those
+    /// already open finish, so a run can go past its bytes and tokens by what they move.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<EgressBudget>,
 }
@@ -914,7 +915,7 @@ pub struct EgressBudget {
     /// Connections (tunnels and requests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
-    pub requests: Option<u64>,
+    pub connections: Option<u64>,
     /// Bytes moved, both ways together (`500Mi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<Size>,

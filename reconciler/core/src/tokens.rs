@@ -15,10 +15,13 @@
 
 use serde_json::Value;
 
-/// The largest JSON body read for its usage; a larger one is not counted (`unreadable`).
-pub const MAX_JSON_BODY: usize = 8 * 1024 * 1024;
-/// The longest line of an event stream read.
-const MAX_LINE: usize = 1024 * 1024;
+/// The largest JSON body kept whole; of a larger one only its last `TAIL` bytes are kept,
+/// and the last `"usage"` object in them is read (the APIs put it at the end).
+pub const MAX_JSON_BODY: usize = 256 * 1024;
+/// The longest event line kept whole; of a longer one (an event carrying a whole answer),
+/// its last `TAIL` bytes are kept and read the same way.
+const MAX_LINE: usize = 256 * 1024;
+const TAIL: usize = 64 * 1024;
 /// The longest head read.
 const MAX_HEAD: usize = 64 * 1024;
 
@@ -70,15 +73,60 @@ enum Chunk {
     End(u8),
     /// The last chunk was read.
     Done,
+    /// A size line that is not one.
+    Broken,
 }
 
 #[derive(Debug)]
 enum Kind {
     /// Server-sent events: the current line.
-    Events(Vec<u8>),
-    Json(Vec<u8>),
+    Events(Tail),
+    Json(Tail),
     /// A body with no usage to read (an error page, a compressed body).
     Skip,
+}
+
+/// Bytes kept whole up to a cap, then only their last `TAIL` bytes.
+#[derive(Debug, Default)]
+struct Tail {
+    bytes: Vec<u8>,
+    /// Bytes were dropped from the front.
+    cut: bool,
+}
+
+impl Tail {
+    fn push(&mut self, more: &[u8], cap: usize) {
+        self.bytes.extend_from_slice(more);
+        if self.bytes.len() > cap {
+            let drop = self.bytes.len() - TAIL;
+            self.bytes.drain(..drop);
+            self.cut = true;
+        }
+    }
+
+    /// The usage objects in what was kept: the whole JSON value, or (after a cut) the last
+    /// `"usage"` object found in the tail.
+    fn values(&self) -> Vec<Value> {
+        if !self.cut {
+            return serde_json::from_slice::<Value>(self.bytes.trim_ascii())
+                .into_iter()
+                .collect();
+        }
+        let Some(at) = self.bytes.windows(7).rposition(|w| w == b"\"usage\"") else {
+            return Vec::new();
+        };
+        let after = &self.bytes[at + 7..];
+        let Some(colon) = after.iter().position(|&b| b == b':') else {
+            return Vec::new();
+        };
+        serde_json::Deserializer::from_slice(&after[colon + 1..])
+            .into_iter::<Value>()
+            .next()
+            .and_then(Result::ok)
+            .map(|usage| serde_json::json!({ "usage": usage }))
+            .into_iter()
+            .collect()
+    }
 }
 
 impl ResponseMeter {
@@ -88,10 +136,11 @@ impl ResponseMeter {
 
     /// The next bytes of the answer.
     pub fn feed(&mut self, mut bytes: &[u8]) {
-        if self.body.is_none() {
+        while self.body.is_none() {
             let before = self.head.len();
             self.head.extend_from_slice(bytes);
-            let Some(end) = find(&self.head, b"\r\n\r\n") else {
+            let from = before.saturating_sub(3);
+            let Some(end) = find(&self.head[from..], b"\r\n\r\n").map(|at| from + at) else {
                 if self.head.len() > MAX_HEAD {
                     self.give_up("a head longer than 64 KiB");
                     self.body = Some(Body {
@@ -102,8 +151,13 @@ impl ResponseMeter {
                 return;
             };
             let body_starts = end + 4;
-            self.body = Some(self.read_head(body_starts));
             bytes = &bytes[(body_starts - before).min(bytes.len())..];
+            // An interim answer (100 Continue, 103 Early Hints) comes before the real one.
+            if interim(&self.head[..body_starts]) {
+                self.head.clear();
+                continue;
+            }
+            self.body = Some(self.read_head(body_starts));
         }
         let Some(mut body) = self.body.take() else {
             return;
@@ -116,6 +170,9 @@ impl ResponseMeter {
                 break;
             }
         }
+        if matches!(body.framing, Framing::Chunked(Chunk::Broken)) {
+            self.give_up("a chunk size that is not one");
+        }
         self.body = Some(body);
     }
 
@@ -125,11 +182,14 @@ impl ResponseMeter {
             kind: Kind::Json(body),
             ..
         }) = self.body.take()
+            && !body.bytes.trim_ascii().is_empty()
         {
-            match serde_json::from_slice::<Value>(&body) {
-                Ok(value) => self.usage(&value),
-                Err(_) if body.is_empty() => {}
-                Err(_) => self.give_up("a JSON body that does not parse"),
+            let values = body.values();
+            if values.is_empty() && !body.cut {
+                self.give_up("a JSON body that does not parse");
+            }
+            for value in values {
+                self.usage(&value);
             }
         }
         (self.tokens, self.unreadable)
@@ -141,7 +201,7 @@ impl ResponseMeter {
 
     /// How the body comes, and what it is, from the head ending before `body_starts`.
     fn read_head(&mut self, body_starts: usize) -> Body {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut headers = [httparse::EMPTY_HEADER; 128];
         let mut response = httparse::Response::new(&mut headers);
         if !matches!(
             response.parse(&self.head[..body_starts]),
@@ -172,9 +232,9 @@ impl ResponseMeter {
             self.give_up("a compressed body");
             Kind::Skip
         } else if header("content-type").is_some_and(|t| t.starts_with("text/event-stream")) {
-            Kind::Events(Vec::new())
+            Kind::Events(Tail::default())
         } else {
-            Kind::Json(Vec::new())
+            Kind::Json(Tail::default())
         };
         self.head = Vec::new();
         Body { framing, kind }
@@ -183,23 +243,11 @@ impl ResponseMeter {
     fn payload(&mut self, kind: &mut Kind, bytes: &[u8]) {
         match kind {
             Kind::Skip => {}
-            Kind::Json(body) => {
-                if body.len() + bytes.len() > MAX_JSON_BODY {
-                    self.give_up("a JSON body larger than 8 MiB");
-                    *kind = Kind::Skip;
-                } else {
-                    body.extend_from_slice(bytes);
-                }
-            }
+            Kind::Json(body) => body.push(bytes, MAX_JSON_BODY),
             Kind::Events(line) => {
                 for piece in bytes.split_inclusive(|&b| b == b'\n') {
-                    if line.len() + piece.len() <= MAX_LINE {
-                        line.extend_from_slice(piece);
-                    } else {
-                        self.give_up("an event line longer than 1 MiB");
-                        line.clear();
-                    }
-                    if line.ends_with(b"\n") {
+                    line.push(piece, MAX_LINE);
+                    if piece.ends_with(b"\n") {
                         let text = std::mem::take(line);
                         self.event_line(&text);
                     }
@@ -208,8 +256,15 @@ impl ResponseMeter {
         }
     }
 
-    fn event_line(&mut self, line: &[u8]) {
-        let Some(data) = line.strip_prefix(b"data:") else {
+    fn event_line(&mut self, line: &Tail) {
+        if line.cut {
+            // Too long to keep: its start (`data:`) is gone, its usage is near its end.
+            for value in line.values() {
+                self.usage(&value);
+            }
+            return;
+        }
+        let Some(data) = line.bytes.strip_prefix(b"data:") else {
             return;
         };
         if let Ok(value) = serde_json::from_slice::<Value>(data.trim_ascii()) {
@@ -260,7 +315,10 @@ impl Framing {
     }
 
     fn done(&self) -> bool {
-        matches!(self, Framing::Length(0) | Framing::Chunked(Chunk::Done))
+        matches!(
+            self,
+            Framing::Length(0) | Framing::Chunked(Chunk::Done | Chunk::Broken)
+        )
     }
 }
 
@@ -279,8 +337,10 @@ impl Chunk {
                 let text = String::from_utf8_lossy(line);
                 let size = text.split(';').next().unwrap_or_default().trim();
                 *self = match u64::from_str_radix(size, 16) {
-                    Ok(0) | Err(_) => Chunk::Done,
+                    Ok(0) => Chunk::Done,
                     Ok(n) => Chunk::Data(n),
+                    // Not a size: what follows cannot be read as chunks.
+                    Err(_) => Chunk::Broken,
                 };
                 (&[], &bytes[at + 1..])
             }
@@ -302,9 +362,19 @@ impl Chunk {
                 }
                 (&[], &bytes[n..])
             }
-            Chunk::Done => (&[], &[]),
+            Chunk::Done | Chunk::Broken => (&[], &[]),
         }
     }
+}
+
+/// Whether `head` is an interim answer (1xx but 101, which switches protocols).
+fn interim(head: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut response = httparse::Response::new(&mut headers);
+    matches!(response.parse(head), Ok(httparse::Status::Complete(_)))
+        && response
+            .code
+            .is_some_and(|c| (100..200).contains(&c) && c != 101)
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -413,5 +483,73 @@ mod tests {
         // Bytes past the body (a second answer, trailing garbage) are not read.
         let past = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}{\"usage\":{\"input_tokens\":5}}";
         assert_eq!(meter(past), (Tokens::default(), None));
+    }
+
+    #[test]
+    fn an_interim_answer_is_skipped_and_a_large_answer_read_at_its_end() {
+        let body = r#"{"usage":{"input_tokens":9,"output_tokens":1}}"#;
+        let answer = format!(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        assert_eq!(
+            meter(&answer),
+            (
+                Tokens {
+                    input: 9,
+                    output: 1
+                },
+                None
+            )
+        );
+
+        // A body far past what is kept whole: its usage, at the end, is still read.
+        let text = "x".repeat(MAX_JSON_BODY * 3);
+        let big = format!(
+            r#"{{"content":[{{"text":"{text}"}}],"usage":{{"input_tokens":1000,"output_tokens":64000}}}}"#
+        );
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{big}",
+            big.len()
+        );
+        let mut meter = ResponseMeter::new();
+        for part in answer.as_bytes().chunks(16 * 1024) {
+            meter.feed(part);
+        }
+        assert_eq!(
+            meter.finish(),
+            (
+                Tokens {
+                    input: 1000,
+                    output: 64000
+                },
+                None
+            )
+        );
+
+        // The same for one event carrying a whole answer (OpenAI's response.completed).
+        let event = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: {{\"response\":{{\"instructions\":\"{text}\",\"usage\":{{\"input_tokens\":70000,\"output_tokens\":5}}}}}}\n\n"
+        );
+        let mut meter = ResponseMeter::new();
+        for part in event.as_bytes().chunks(16 * 1024) {
+            meter.feed(part);
+        }
+        assert_eq!(
+            meter.finish(),
+            (
+                Tokens {
+                    input: 70000,
+                    output: 5
+                },
+                None
+            )
+        );
+    }
+
+    #[test]
+    fn a_chunk_size_that_is_not_one_says_so() {
+        let answer = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n";
+        assert_eq!(meter(answer).1, Some("a chunk size that is not one"));
     }
 }

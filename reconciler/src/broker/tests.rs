@@ -911,10 +911,13 @@ fn a_brokered_apis_answer_is_read_for_its_tokens_uncompressed() {
     let used = guest.used(1);
     assert_eq!(
         used[0].tokens,
-        Some(Ok(crate::tokens::Tokens {
-            input: 100,
-            output: 12
-        }))
+        Some((
+            crate::tokens::Tokens {
+                input: 100,
+                output: 12
+            },
+            None
+        ))
     );
 }
 

@@ -60,7 +60,6 @@ impl TaskPhase {
     }
 }
 
-/// `tasks/<name>.yaml`: the latest run of a task.
 /// What a run's connections through the broker used: the sums of its `egress.jsonl`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -80,9 +79,12 @@ pub struct EgressUse {
     /// Answers of brokered APIs whose usage could not be read (not counted in tokens).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub tokens_unread: u64,
-    /// Times a human allowed the budget once more (`PromptKind::Budget`).
+    /// Times a human allowed more (`PromptKind::Budget`), and what in all, beyond the
+    /// budget.
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub grants: u32,
+    #[serde(default, skip_serializing_if = "is_nothing")]
+    pub granted: crate::egress::Granted,
     /// The budget prompt waiting for an answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_prompt: Option<String>,
@@ -100,6 +102,10 @@ fn is_zero(n: &u64) -> bool {
 
 fn is_zero_u32(n: &u32) -> bool {
     *n == 0
+}
+
+fn is_nothing(granted: &crate::egress::Granted) -> bool {
+    *granted == crate::egress::Granted::default()
 }
 
 /// One connection, as a line of `tasks/<name>/egress.jsonl`.
@@ -126,6 +132,7 @@ pub struct EgressLine {
     pub millis: u64,
 }
 
+/// `tasks/<name>.yaml`: the latest run of a task.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskRecord {

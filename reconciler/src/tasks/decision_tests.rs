@@ -262,10 +262,14 @@ fn a_connection_counts_for_the_run_the_guest_named_only_on_its_own_vm() {
                 status: Some(status),
                 bytes_up: 100,
                 bytes_down: 2000,
-                tokens: (status == 200).then_some(Ok(crate::tokens::Tokens {
-                    input: 10,
-                    output: 5,
-                })),
+                tokens: (status == 200).then_some((
+                    crate::tokens::Tokens {
+                        input: 10,
+                        output: 5,
+                    },
+                    None,
+                )),
+                admitted: false,
                 started: SystemTime::UNIX_EPOCH + T0,
                 duration: Duration::from_millis(1500),
             },
@@ -350,10 +354,14 @@ fn a_spent_budget_refuses_connections_and_asks_a_human_once() {
                 status: Some(200),
                 bytes_up: 10,
                 bytes_down: 10,
-                tokens: Some(Ok(crate::tokens::Tokens {
-                    input: tokens,
-                    output: 0,
-                })),
+                tokens: Some((
+                    crate::tokens::Tokens {
+                        input: tokens,
+                        output: 0,
+                    },
+                    None,
+                )),
+                admitted: true,
                 started: SystemTime::UNIX_EPOCH + T0,
                 duration: Duration::from_millis(5),
             },
@@ -406,7 +414,11 @@ fn a_spent_budget_refuses_connections_and_asks_a_human_once() {
     // Spent again: a new prompt; a no keeps the connections refused, with no more prompts.
     spend(&mut state, 100);
     let refused = state.egress_admit("vm-1", Some(&task)).expect_err("spent");
-    assert!(refused.contains("of its budget of 200"), "{refused}");
+    // The yes moved the limit to what was used (120) plus the budget once more.
+    assert!(
+        refused.contains("has used 220 tokens of its budget of 220"),
+        "{refused}"
+    );
     let second = state.records["ask"]
         .egress
         .as_ref()
@@ -432,5 +444,100 @@ fn a_spent_budget_refuses_connections_and_asks_a_human_once() {
             .filter(|p| p.state == PromptState::Pending)
             .count(),
         0
+    );
+}
+
+#[test]
+fn open_connections_count_unread_answers_fail_closed_and_finished_runs_take_none() {
+    let mut state = BookState {
+        now: at(0),
+        ..BookState::default()
+    };
+    let mut wanted = desired(Duration::from_secs(60), OnDeadline::Wait);
+    wanted.egress.insert(
+        "vm-1".into(),
+        crate::egress::Policy {
+            budget: Some(crate::egress::Budget {
+                connections: Some(2),
+                tokens: Some(1000),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    state.sync(&wanted, &BTreeSet::from(["vm-1".to_owned()]));
+    let mut conn = Connection::new("vm-1");
+    conn.greeted("boot-1", None);
+    let (sent, _) = state.tick(&mut conn, &HostFiles::default());
+    let Some(HostMessage::RunTask { task, .. }) = sent.first() else {
+        panic!("expected a RunTask, got {sent:?}");
+    };
+    let task = task.clone();
+    // Two connections open at once use up a budget of two: a third waits for neither.
+    assert_eq!(state.egress_admit("vm-1", Some(&task)), Ok(()));
+    assert_eq!(state.egress_admit("vm-1", Some(&task)), Ok(()));
+    let refused = state
+        .egress_admit("vm-1", Some(&task))
+        .expect_err("two open");
+    assert!(
+        refused.contains("has used 2 connections of its budget of 2"),
+        "{refused}"
+    );
+    // An answer whose usage could not be read counts as the token budget reached.
+    let ended = |unread: Option<&'static str>| crate::broker::Used {
+        task: Some(task.clone()),
+        destination: "POST https://api.anthropic.com/v1/messages".into(),
+        rule: Some("loadout agent egress.credentials[0]".into()),
+        status: Some(200),
+        bytes_up: 1,
+        bytes_down: 1,
+        tokens: Some((
+            crate::tokens::Tokens {
+                input: 5,
+                output: 0,
+            },
+            unread,
+        )),
+        admitted: true,
+        started: SystemTime::UNIX_EPOCH + T0,
+        duration: Duration::from_millis(1),
+    };
+    state.egress_used("vm-1", ended(Some("a compressed body")));
+    let refused = state.egress_admit("vm-1", Some(&task)).expect_err("unread");
+    assert!(
+        refused.contains("did not say how many tokens they used"),
+        "{refused}"
+    );
+    assert_eq!(
+        state.records["ask"].egress.as_ref().map(|e| e.tokens_in),
+        Some(5)
+    );
+
+    // Once the run has ended, nothing names it: no admission, no prompt, no counting.
+    state.egress_used("vm-1", ended(None));
+    state.finish(
+        "ask",
+        crate::status::tasks::TaskPhase::Succeeded,
+        Some(0),
+        "done",
+    );
+    let prompts = state.prompts.len();
+    assert!(state.egress_admit("vm-1", Some(&task)).is_err());
+    assert_eq!(state.prompts.len(), prompts);
+    let before = state.records["ask"].egress.clone();
+    state.egress_used(
+        "vm-1",
+        crate::broker::Used {
+            admitted: false,
+            ..ended(None)
+        },
+    );
+    assert_eq!(state.records["ask"].egress, before);
+    assert!(
+        state
+            .prompts
+            .values()
+            .all(|p| p.state != PromptState::Pending),
+        "the run's end withdrew its budget prompt"
     );
 }

@@ -76,6 +76,8 @@ struct BookState {
     desired: BTreeMap<String, DesiredTask>,
     /// Each brokered VM's egress policy (`broker`), by VM name.
     egress: BTreeMap<String, Arc<crate::egress::Policy>>,
+    /// Connections admitted under a budget and not yet ended, by run (task name).
+    egress_open: BTreeMap<String, u64>,
     /// Each desired task's run hash and hold, from the vault's values (`Vault::bind`).
     bound: BTreeMap<String, crate::secrets::BoundTask>,
     answers: BTreeMap<String, CommittedAnswer>,
@@ -821,60 +823,76 @@ impl crate::broker::Host for VmEgress {
 }
 
 impl BookState {
-    /// The run of `vm` the guest calls `guest_task`.
-    fn run_named(&self, vm: &str, guest_task: &str) -> Option<String> {
+    /// The run of `vm` the guest calls `guest_task`, and whether it is still running.
+    fn run_named(&self, vm: &str, guest_task: &str) -> Option<(String, bool)> {
         self.records
             .values()
             .find(|r| r.vm == vm && r.guest_task() == guest_task)
-            .map(|r| r.name.clone())
+            .map(|r| (r.name.clone(), r.phase.is_active()))
+    }
+
+    /// What run `name` has used as its budget counts it: its finished connections, those
+    /// admitted and still open, bytes, tokens and unread answers.
+    fn spent(&self, name: &str) -> crate::egress::Spent {
+        let sums = self.records[name].egress.clone().unwrap_or_default();
+        let open = self.egress_open.get(name).copied().unwrap_or(0);
+        crate::egress::Spent {
+            connections: (sums.connections - sums.refused).saturating_add(open),
+            bytes: sums.bytes_up.saturating_add(sums.bytes_down),
+            tokens: sums.tokens_in.saturating_add(sums.tokens_out),
+            unread: sums.tokens_unread,
+        }
     }
 
     /// A connection may go ahead unless the VM's runs have a budget and the run it names
-    /// spent it (or it names none). The first refusal of a spent run asks a human, with a
-    /// budget prompt, whether to allow as much again.
+    /// has spent it (or it names no running run). The first refusal of a spent run asks
+    /// a human, with a budget prompt, whether to allow more. An admitted connection
+    /// counts against the connection budget while it is open.
     fn egress_admit(&mut self, vm: &str, guest_task: Option<&str>) -> Result<(), String> {
         let Some(budget) = self.egress.get(vm).and_then(|p| p.budget) else {
             return Ok(());
         };
-        let Some(name) = guest_task.and_then(|t| self.run_named(vm, t)) else {
+        let Some((name, true)) = guest_task.and_then(|t| self.run_named(vm, t)) else {
             return Err(format!(
-                "the runs of VM {vm} have an egress budget, and this connection names none of them (the agent names a run by the user its process runs as)"
+                "the runs of VM {vm} have an egress budget, and this connection names none of them that runs (the agent names a run by the user its process runs as)"
             ));
         };
         let sums = self.records[&name].egress.clone().unwrap_or_default();
-        let spent = crate::egress::Spent {
-            requests: sums.connections - sums.refused,
-            bytes: sums.bytes_up.saturating_add(sums.bytes_down),
-            tokens: sums.tokens_in.saturating_add(sums.tokens_out),
-        };
-        let Some(over) = budget.exhausted(spent, sums.grants) else {
+        let Some(over) = budget.exhausted(self.spent(&name), sums.granted) else {
+            *self.egress_open.entry(name).or_default() += 1;
             return Ok(());
         };
-        let used = format!(
-            "task {name} has used {} {} of its budget of {}",
-            over.used, over.what, over.allowed
-        );
+        let used = over.describe(&name);
         if sums.budget_refused {
             return Err(format!("{used}; a human declined to allow more"));
         }
-        let id = match sums.budget_prompt {
-            Some(id) => id,
-            None => self.ask_for_budget(&name, &used, &over),
-        };
-        Err(format!(
-            "{used}; answer prompt {id} with yes to allow {} more",
-            over.step
-        ))
+        match sums
+            .budget_prompt
+            .or_else(|| self.ask_for_budget(&name, &used, &over))
+        {
+            Some(id) => Err(format!(
+                "{used}; answer prompt {id} with yes to allow {}",
+                over.offer()
+            )),
+            None => Err(format!(
+                "{used}; the run has had {} prompts, the most it may",
+                limits::PROMPTS
+            )),
+        }
     }
 
-    /// Raises the budget prompt of run `name`; returns its id.
+    /// Raises the budget prompt of run `name`; returns its id, or `None` when the run has
+    /// had `limits::PROMPTS` prompts already.
     fn ask_for_budget(
         &mut self,
         name: &str,
         used: &str,
         over: &crate::egress::Exhausted,
-    ) -> String {
+    ) -> Option<String> {
         let record = self.records[name].clone();
+        if record.prompts >= limits::PROMPTS {
+            return None;
+        }
         let n = record.prompts + 1;
         let id = crate::ids::PromptId {
             task: record.name.clone(),
@@ -882,13 +900,7 @@ impl BookState {
             n,
         }
         .to_string();
-        let deadline = self
-            .desired
-            .get(name)
-            .map_or(crate::resolve::DEFAULT_PROMPT_DEADLINE, |t| {
-                t.prompt_deadline
-            });
-        let text = format!("{used}; allow {} more {}? (yes/no)", over.step, over.what);
+        let text = format!("{used}; allow {}? (yes/no)", over.offer());
         let prompt = PromptRecord {
             id: id.clone(),
             kind: crate::status::tasks::PromptKind::Budget,
@@ -898,7 +910,9 @@ impl BookState {
             text: text.clone(),
             context: Vec::new(),
             created: self.now.wall.into(),
-            deadline: (self.now.wall + deadline).into(),
+            // Never enforced: the run's connections are refused while it waits, and its
+            // own timeout still applies.
+            deadline: self.now.wall.into(),
             state: PromptState::Pending,
             overdue: false,
             response: None,
@@ -918,13 +932,25 @@ impl BookState {
             EventKind::HitlPrompt,
             format!("prompt {id} waits for an answer: {text}"),
         );
-        id
+        Some(id)
     }
 
+    /// A connection ended: it counts for the run it names if that run is still running,
+    /// or was when the connection was admitted.
     fn egress_used(&mut self, vm: &str, used: crate::broker::Used) {
-        let Some(name) = used.task.as_deref().and_then(|t| self.run_named(vm, t)) else {
-            tracing::debug!(vm, "a connection named no task of this VM's");
+        let named = used.task.as_deref().and_then(|t| self.run_named(vm, t));
+        let Some((name, _)) = named.filter(|(_, running)| *running || used.admitted) else {
+            tracing::debug!(vm, "a connection named no running task of this VM's");
             return;
+        };
+        if used.admitted
+            && let Some(open) = self.egress_open.get_mut(&name)
+        {
+            *open = open.saturating_sub(1);
+        }
+        let (tokens, unread) = match used.tokens {
+            Some((tokens, why)) => (Some(tokens), why),
+            None => (None, None),
         };
         let line = crate::status::tasks::EgressLine {
             time: used.started.into(),
@@ -933,16 +959,16 @@ impl BookState {
             status: used.status,
             bytes_up: used.bytes_up,
             bytes_down: used.bytes_down,
-            tokens_in: used.tokens.and_then(|t| t.ok()).map(|t| t.input),
-            tokens_out: used.tokens.and_then(|t| t.ok()).map(|t| t.output),
-            tokens_unread: used.tokens.and_then(|t| t.err()).map(str::to_owned),
+            tokens_in: tokens.map(|t| t.input),
+            tokens_out: tokens.map(|t| t.output),
+            tokens_unread: unread.map(str::to_owned),
             millis: u64::try_from(used.duration.as_millis()).unwrap_or(u64::MAX),
         };
         let mut logged = true;
         self.update(&name, |r| {
             let sums = r.egress.get_or_insert_with(Default::default);
             logged = sums.connections < limits::EGRESS_LINES;
-            sums.connections += 1;
+            sums.connections = sums.connections.saturating_add(1);
             sums.not_logged += u64::from(!logged);
             // What the broker refused (no rule, or over budget) moved only its answer, and
             // counts against no budget.
@@ -950,10 +976,10 @@ impl BookState {
                 sums.refused += 1;
                 return;
             }
-            sums.bytes_up += line.bytes_up;
-            sums.bytes_down += line.bytes_down;
-            sums.tokens_in += line.tokens_in.unwrap_or(0);
-            sums.tokens_out += line.tokens_out.unwrap_or(0);
+            sums.bytes_up = sums.bytes_up.saturating_add(line.bytes_up);
+            sums.bytes_down = sums.bytes_down.saturating_add(line.bytes_down);
+            sums.tokens_in = sums.tokens_in.saturating_add(line.tokens_in.unwrap_or(0));
+            sums.tokens_out = sums.tokens_out.saturating_add(line.tokens_out.unwrap_or(0));
             sums.tokens_unread += u64::from(line.tokens_unread.is_some());
         });
         if logged {

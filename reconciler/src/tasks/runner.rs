@@ -903,7 +903,6 @@ impl BookState {
         false
     }
 
-    /// Delivers answers to this VM's pending prompts, and applies their deadlines.
     /// The answer to `prompt`: committed, or in a host file (refused and `None` when the
     /// file cannot be read); with who gave it and the host file to remove once used.
     fn answer_to(
@@ -963,17 +962,21 @@ impl BookState {
         if let Some(file) = file {
             self.effects.moves.push((file, None));
         }
+        let budget = self.egress.get(&record.vm).and_then(|p| p.budget);
+        let spent = self.spent(&record.name);
         self.update(&record.name, |r| {
             let sums = r.egress.get_or_insert_with(Default::default);
             sums.budget_prompt = None;
-            if allow {
-                sums.grants += 1;
-            } else {
-                sums.budget_refused = true;
+            match budget {
+                Some(budget) if allow => {
+                    sums.grants += 1;
+                    sums.granted = budget.grant(spent, sums.granted);
+                }
+                _ => sums.budget_refused = true,
             }
         });
-        let outcome = if allow {
-            "its budget is allowed once more"
+        let outcome = if allow && budget.is_some() {
+            "it may use more"
         } else {
             "its connections stay refused"
         };
@@ -984,6 +987,7 @@ impl BookState {
         );
     }
 
+    /// Delivers answers to this VM's pending prompts, and applies their deadlines.
     fn answer_prompts(&mut self, conn: &Connection, files: &HostFiles, out: &mut Vec<HostMessage>) {
         let ids: Vec<String> = self
             .prompts
