@@ -47,6 +47,7 @@ struct Shared {
     wakers: LinkWakers,
     /// How the links' brokers reach upstreams.
     upstreams: crate::broker::Upstreams,
+    metrics: Arc<crate::http::metrics::Metrics>,
 }
 
 /// The wakers of every open link: the host's news reaches each at once.
@@ -71,6 +72,7 @@ impl Agents {
         book: Arc<TaskBook>,
         wakers: LinkWakers,
         upstreams: crate::broker::Upstreams,
+        metrics: Arc<crate::http::metrics::Metrics>,
     ) -> Agents {
         Agents {
             threads: HashMap::new(),
@@ -79,6 +81,7 @@ impl Agents {
                 book,
                 wakers,
                 upstreams,
+                metrics,
             },
         }
     }
@@ -181,6 +184,7 @@ fn follow(
         book,
         wakers,
         upstreams,
+        metrics,
     } = shared;
     // A guest decides when it says hello and with which boot id: one that changes it in
     // every hello would keep fleet reconciling back to back. The daemon acts on presence
@@ -241,6 +245,7 @@ fn follow(
                     Arc::new(crate::tasks::VmEgress {
                         book: book.clone(),
                         vm: vm.to_owned(),
+                        metrics: Some(metrics.clone()),
                     }),
                     upstreams.clone(),
                     crate::broker::Outbox::new(mine.clone()),

@@ -168,6 +168,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         Ok(_) => tasks.watching_answer_files(),
         Err(e) => tracing::warn!("{e:#}; looking for host answer files every 500 ms instead"),
     }
+    let agents = agents::Agents::new(tasks.clone(), wakers, upstreams, metrics.clone());
     let mut daemon = Daemon {
         ws,
         host,
@@ -182,7 +183,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         last_good: None,
         refused: None,
         backoff: backoff::Backoff::default(),
-        agents: agents::Agents::new(tasks.clone(), wakers, upstreams),
+        agents,
         tasks,
         vault: Arc::default(),
         next_resync: Instant::now(),

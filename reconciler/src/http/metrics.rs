@@ -1,5 +1,6 @@
 //! Prometheus metrics: reconcile duration, VMs by phase, drifted VMs, apply steps by
-//! outcome, and when the last revision was applied.
+//! outcome, when the last revision was applied, and brokered egress by VM (connections by
+//! outcome, bytes by direction, model tokens by kind).
 
 use std::sync::Mutex;
 
@@ -21,6 +22,13 @@ struct StepLabel {
     outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EgressLabel {
+    vm: String,
+    /// `allowed`/`refused`, `up`/`down` or `input`/`output`.
+    kind: String,
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     reconcile_seconds: Histogram,
@@ -28,6 +36,9 @@ pub struct Metrics {
     drifted: Gauge,
     steps: Family<StepLabel, Counter>,
     last_applied: Gauge,
+    egress_connections: Family<EgressLabel, Counter>,
+    egress_bytes: Family<EgressLabel, Counter>,
+    egress_tokens: Family<EgressLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -61,8 +72,29 @@ impl Default for Metrics {
             "Unix time at which the last revision was applied",
             last_applied.clone(),
         );
+        let egress_connections = Family::<EgressLabel, Counter>::default();
+        let egress_bytes = Family::<EgressLabel, Counter>::default();
+        let egress_tokens = Family::<EgressLabel, Counter>::default();
+        registry.register(
+            "egress_connections",
+            "Brokered connections by VM, allowed or refused",
+            egress_connections.clone(),
+        );
+        registry.register(
+            "egress_bytes",
+            "Bytes brokered connections moved by VM, up or down",
+            egress_bytes.clone(),
+        );
+        registry.register(
+            "egress_tokens",
+            "Model tokens brokered APIs reported by VM, input or output",
+            egress_tokens.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
+            egress_connections,
+            egress_bytes,
+            egress_tokens,
             reconcile_seconds,
             vms,
             drifted,
@@ -105,6 +137,34 @@ impl Metrics {
 
     pub fn set_last_applied(&self, unix_seconds: i64) {
         self.last_applied.set(unix_seconds);
+    }
+
+    /// One brokered connection of `vm` ended.
+    pub fn count_egress(&self, vm: &str, used: &crate::broker::Used) {
+        let label = |kind: &str| EgressLabel {
+            vm: vm.to_owned(),
+            kind: kind.to_owned(),
+        };
+        let outcome = if used.rule.is_some() {
+            "allowed"
+        } else {
+            "refused"
+        };
+        self.egress_connections.get_or_create(&label(outcome)).inc();
+        self.egress_bytes
+            .get_or_create(&label("up"))
+            .inc_by(used.bytes_up);
+        self.egress_bytes
+            .get_or_create(&label("down"))
+            .inc_by(used.bytes_down);
+        if let Some((tokens, _)) = &used.tokens {
+            self.egress_tokens
+                .get_or_create(&label("input"))
+                .inc_by(tokens.input);
+            self.egress_tokens
+                .get_or_create(&label("output"))
+                .inc_by(tokens.output);
+        }
     }
 
     /// The Prometheus (OpenMetrics) text form.

@@ -237,6 +237,7 @@ pub fn task(s: &Snapshot, t: &TaskRecord, output: Option<&str>) -> String {
             @if let Some(x) = &t.started { dt { "Started" } dd { (x) } }
             @if let Some(x) = &t.finished { dt { "Finished" } dd { (x) } }
             @if !t.artifacts.is_empty() { dt { "Artifacts" } dd { @for a in &t.artifacts { code { (a) } " " } } }
+            @if let Some(e) = &t.egress { dt { "Egress" } dd { (egress_text(e)) } }
         }
         @if !prompts.is_empty() {
             h2 { "Prompts" }
@@ -253,6 +254,41 @@ pub fn task(s: &Snapshot, t: &TaskRecord, output: Option<&str>) -> String {
         pre { (output.map(crate::terminal::strip_codes).unwrap_or_else(|| "no output yet".into())) }
     };
     page(&format!("{} · fleet", t.name), body)
+}
+
+/// A run's brokered egress in one line: "12 connections (1 refused), 3.1 KiB up, 2.0 MiB
+/// down, 1200 tokens in, 300 out".
+fn egress_text(e: &crate::status::tasks::EgressUse) -> String {
+    let size = |bytes: u64| {
+        let mut value = bytes as f64;
+        for unit in ["B", "KiB", "MiB", "GiB"] {
+            if value < 1024.0 || unit == "GiB" {
+                return if unit == "B" {
+                    format!("{bytes} B")
+                } else {
+                    format!("{value:.1} {unit}")
+                };
+            }
+            value /= 1024.0;
+        }
+        unreachable!("the loop returns at GiB")
+    };
+    let mut text = format!(
+        "{} connections ({} refused), {} up, {} down",
+        e.connections,
+        e.refused,
+        size(e.bytes_up),
+        size(e.bytes_down)
+    );
+    if e.tokens_in + e.tokens_out > 0 {
+        text += &format!(", {} tokens in, {} out", e.tokens_in, e.tokens_out);
+    }
+    if let Some(id) = &e.budget_prompt {
+        text += &format!("; budget spent, prompt {id} waits");
+    } else if e.budget_refused {
+        text += "; budget spent, more was declined";
+    }
+    text
 }
 
 fn agent_text(vm: &VmStatus) -> String {

@@ -131,6 +131,27 @@ async fn api_metrics_and_probes() {
 
     view.metrics.observe_reconcile(0.2);
     view.metrics.count_step("create", true);
+    view.metrics.count_egress(
+        "vm-1",
+        &crate::broker::Used {
+            task: None,
+            destination: "POST https://api.anthropic.com/v1/messages".into(),
+            rule: Some("loadout agent egress.credentials[0]".into()),
+            status: Some(200),
+            bytes_up: 100,
+            bytes_down: 900,
+            tokens: Some((
+                crate::tokens::Tokens {
+                    input: 40,
+                    output: 2,
+                },
+                None,
+            )),
+            admitted: true,
+            started: std::time::SystemTime::UNIX_EPOCH,
+            duration: std::time::Duration::from_millis(3),
+        },
+    );
     let (_, metrics) = send(&view, "GET", "/metrics").await;
     assert!(
         metrics.contains("fleet_reconcile_duration_seconds_count 1"),
@@ -140,6 +161,13 @@ async fn api_metrics_and_probes() {
         metrics.contains("fleet_apply_steps_total{action=\"create\",outcome=\"succeeded\"} 1"),
         "{metrics}"
     );
+    for line in [
+        "fleet_egress_connections_total{vm=\"vm-1\",kind=\"allowed\"} 1",
+        "fleet_egress_bytes_total{vm=\"vm-1\",kind=\"down\"} 900",
+        "fleet_egress_tokens_total{vm=\"vm-1\",kind=\"input\"} 40",
+    ] {
+        assert!(metrics.contains(line), "{line}: {metrics}");
+    }
 
     assert_eq!(send(&view, "GET", "/healthz").await.0, StatusCode::OK);
     assert_eq!(
@@ -177,7 +205,15 @@ async fn tasks_and_pending_prompts_show_with_the_output_tail() {
         artifact_bytes: 0,
         artifact_files: 0,
         refused: Vec::new(),
-        egress: None,
+        egress: Some(crate::status::tasks::EgressUse {
+            connections: 12,
+            refused: 1,
+            bytes_up: 3200,
+            bytes_down: 2 * 1024 * 1024,
+            tokens_in: 1200,
+            tokens_out: 300,
+            ..Default::default()
+        }),
         prompts: 1,
         pending_prompt: Some("build-0123abcd-1".into()),
         artifacts: Vec::new(),
@@ -232,6 +268,12 @@ async fn tasks_and_pending_prompts_show_with_the_output_tail() {
         "{page}"
     );
     assert!(!page.contains('\u{1b}'), "terminal codes are dropped");
+    assert!(
+        page.contains(
+            "12 connections (1 refused), 3.1 KiB up, 2.0 MiB down, 1200 tokens in, 300 out"
+        ),
+        "{page}"
+    );
     assert_eq!(
         send(&view, "GET", "/tasks/nope").await.0,
         StatusCode::NOT_FOUND

@@ -799,6 +799,8 @@ impl TaskBook {
 pub struct VmEgress {
     pub book: Arc<TaskBook>,
     pub vm: String,
+    /// Where connections are counted for `/metrics`, when there is a page.
+    pub metrics: Option<Arc<crate::http::metrics::Metrics>>,
 }
 
 impl crate::broker::Host for VmEgress {
@@ -818,6 +820,9 @@ impl crate::broker::Host for VmEgress {
         self.book.egress_denied(&self.vm, why);
     }
     fn used(&self, used: crate::broker::Used) {
+        if let Some(metrics) = &self.metrics {
+            metrics.count_egress(&self.vm, &used);
+        }
         self.book.egress_used(&self.vm, used);
     }
 }
