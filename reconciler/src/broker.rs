@@ -137,14 +137,22 @@ pub trait Host: Send + Sync {
     /// The value of one of the VM's credentials now (wiped when dropped), or why there is
     /// none.
     fn credential(&self, credential: &Credential) -> Result<Zeroizing<Vec<u8>>, String>;
-    /// Whether a connection the guest says run `task` made may go ahead (its budget), or
-    /// why not (the 429's body).
-    fn admit(&self, task: Option<&str>) -> Result<(), String>;
+    /// Whether a connection the guest says run `task` made may go ahead (its budget), and
+    /// what its task narrows the VM's rules to; or why not (the 429's body).
+    fn admit(&self, task: Option<&str>) -> Result<Admitted, String>;
     /// A refused destination, with the request and why (the `egress.denied` event); at
     /// most `DENIED_EVENTS_PER_MINUTE` a minute reach it.
     fn denied(&self, why: String);
     /// What a connection used, once it ended.
     fn used(&self, used: Used);
+}
+
+/// A connection the host let go ahead.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Admitted {
+    /// Its task's own rules (`TaskSpec::egress`): when not empty, a destination must be
+    /// allowed by these as well as by the VM's.
+    pub narrowed: Vec<egress::Rule>,
 }
 
 /// What the broker tells the rest of the host: a refused destination (for the
@@ -548,9 +556,10 @@ impl Worker {
         };
         let what = request.describe();
         self.usage.set(&self.usage.destination, what.clone());
-        if let Err(why) = self.host.admit(self.usage.task.as_deref()) {
-            return self.respond(429, "Too Many Requests", &why, None);
-        }
+        let admitted = match self.host.admit(self.usage.task.as_deref()) {
+            Ok(admitted) => admitted,
+            Err(why) => return self.respond(429, "Too Many Requests", &why, None),
+        };
         self.usage
             .admitted
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -558,7 +567,7 @@ impl Worker {
             ProxyKind::Connect => None,
             ProxyKind::Http { path, .. } => Some(path.as_str()),
             ProxyKind::Credentialed { .. } => {
-                return self.to_api(&request, &head[request.head_len..], what, rx);
+                return self.to_api(&request, &head[request.head_len..], what, &admitted, rx);
             }
         };
         let rules = &self.policy.rules;
@@ -574,6 +583,11 @@ impl Worker {
                 return self.respond(403, "Forbidden", &text, None);
             }
         };
+        if let Err(text) = narrowed_to(&admitted, &request.host, request.port, path) {
+            self.usage.set(&self.usage.rule, None);
+            (self.on_denied)(format!("{what}: {text}"));
+            return self.respond(403, "Forbidden", &text, None);
+        }
         let Some(upstream) = self.connect(rule, &request.host, request.port, &what) else {
             return;
         };
@@ -711,6 +725,7 @@ impl Worker {
         request: &egress::ProxyRequest,
         after_head: &[u8],
         what: String,
+        admitted: &Admitted,
         rx: Receiver<Inbound>,
     ) {
         let ProxyKind::Credentialed {
@@ -735,6 +750,11 @@ impl Worker {
             .set(&self.usage.rule, Some(credential.source.clone()));
         if let Some(why) = egress::path_problem(path) {
             return self.respond(400, "Bad Request", &format!("the path {why}"), None);
+        }
+        if let Err(text) = narrowed_to(admitted, &credential.host, credential.port, Some(path)) {
+            self.usage.set(&self.usage.rule, None);
+            (self.on_denied)(format!("{what}: {text}"));
+            return self.respond(403, "Forbidden", &text, None);
         }
         let value = match self.host.credential(credential) {
             Ok(v) if egress::value_fits_header(&v) => v,
@@ -965,6 +985,26 @@ fn upstream_to_guest(
             let _ = upstream.shutdown(std::net::Shutdown::Both);
             outbox.close(id, Some("the guest stopped reading".into()));
         }
+    }
+}
+
+/// Whether a destination the VM's rules allow is within what the connection's task
+/// narrows them to (nothing to check when it narrows nothing); the refusal's text if not.
+fn narrowed_to(
+    admitted: &Admitted,
+    host: &str,
+    port: u16,
+    path: Option<&str>,
+) -> Result<(), String> {
+    if admitted.narrowed.is_empty() {
+        return Ok(());
+    }
+    match egress::decide(&admitted.narrowed, host, port, path) {
+        Decision::Allowed { .. } => Ok(()),
+        Decision::Refused(refusal) => Err(format!(
+            "the task narrows its VM's egress, and {}; to allow it, {} in the task's file",
+            refusal.why, refusal.fix
+        )),
     }
 }
 

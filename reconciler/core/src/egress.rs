@@ -41,6 +41,15 @@ pub struct Policy {
     pub budget: Option<Budget>,
 }
 
+/// What a task narrows its loadout's egress to (`TaskSpec::egress`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Narrowing {
+    /// When not empty, a destination must be allowed by these too (a brokered API's host
+    /// and port included).
+    pub rules: Vec<Rule>,
+    pub budget: Option<Budget>,
+}
+
 /// A run's egress budget: connections, bytes both ways, model tokens (each optional).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Budget {
@@ -126,6 +135,22 @@ impl Limit {
 }
 
 impl Budget {
+    /// Each limit the smaller of the two (a task narrows its loadout's budget).
+    pub fn narrowed(loadout: Option<Budget>, task: Option<Budget>) -> Option<Budget> {
+        let smaller = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match (loadout, task) {
+            (Some(l), Some(t)) => Some(Budget {
+                connections: smaller(l.connections, t.connections),
+                bytes: smaller(l.bytes, t.bytes),
+                tokens: smaller(l.tokens, t.tokens),
+            }),
+            (l, t) => l.or(t),
+        }
+    }
+
     /// The first limit `spent` has reached, with `granted` allowed beyond the budget.
     pub fn exhausted(&self, spent: Spent, granted: Granted) -> Option<Exhausted> {
         if self.tokens.is_some() && spent.unread > granted.unread {

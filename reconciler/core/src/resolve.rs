@@ -104,7 +104,11 @@ pub struct DesiredTask {
     /// The loadout's secret variables, then the task's own references (a task's reference
     /// replaces the loadout's for the same variable).
     pub secrets: Vec<SecretRef>,
-    /// sha256 of the canonical JSON of the task's spec (`rerun` included). The task book
+    /// What narrows the loadout's egress for this task (`TaskSpec::egress`): not part of
+    /// `spec_hash`, so a change applies to the running run.
+    pub egress: Option<crate::egress::Narrowing>,
+    /// sha256 of the canonical JSON of the task's spec (`rerun` included, `egress` not).
+    /// The task book
     /// identifies a run by this and the keyed hashes of the task's secret values (the shell's
     /// `Vault::bind`), so a new spec or a changed value is a new run.
     pub spec_hash: String,
@@ -166,7 +170,27 @@ fn resolve_task(name: &str, spec: &TaskSpec, vm: Option<&DesiredVm>, source: &st
         .unwrap_or_default();
     let secrets = merge_keyed(loadout_secrets, &spec.secrets, SecretRef::target);
     let prompts = spec.prompts.clone().unwrap_or_default();
-    let json = serde_json::to_vec(spec).expect("TaskSpec serialises to JSON");
+    let hashed = TaskSpec {
+        egress: None,
+        ..spec.clone()
+    };
+    let json = serde_json::to_vec(&hashed).expect("TaskSpec serialises to JSON");
+    let egress = spec.egress.as_ref().map(|e| crate::egress::Narrowing {
+        rules: e
+            .allow
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| {
+                Some(crate::egress::Rule {
+                    host: crate::egress::HostPattern::parse(&a.host).ok()?,
+                    ports: a.ports.iter().map(|p| p.0).collect(),
+                    path_prefixes: a.paths.clone(),
+                    source: format!("task {name} egress.allow[{i}]"),
+                })
+            })
+            .collect(),
+        budget: e.budget.as_ref().map(budget),
+    });
     DesiredTask {
         name: name.to_owned(),
         vm: spec.vm.0.clone(),
@@ -181,6 +205,7 @@ fn resolve_task(name: &str, spec: &TaskSpec, vm: Option<&DesiredVm>, source: &st
         allow_control: prompts.allow_control,
         rerun: spec.rerun,
         secrets,
+        egress,
         spec_hash: hex(&Sha256::digest(json)),
         source: source.to_owned(),
     }
@@ -691,14 +716,18 @@ fn egress_policy(loadout: &str, egress: &crate::spec::Egress) -> crate::egress::
     crate::egress::Policy {
         rules: egress_rules(loadout, egress),
         credentials,
-        budget: egress.budget.as_ref().map(|b| crate::egress::Budget {
-            connections: b.connections,
-            bytes: b
-                .bytes
-                .as_ref()
-                .map(|s| s.mib().saturating_mul(1024 * 1024)),
-            tokens: b.tokens,
-        }),
+        budget: egress.budget.as_ref().map(budget),
+    }
+}
+
+fn budget(b: &crate::spec::EgressBudget) -> crate::egress::Budget {
+    crate::egress::Budget {
+        connections: b.connections,
+        bytes: b
+            .bytes
+            .as_ref()
+            .map(|s| s.mib().saturating_mul(1024 * 1024)),
+        tokens: b.tokens,
     }
 }
 
@@ -915,6 +944,36 @@ mod tests {
             packages: packages.iter().map(|p| (*p).to_owned()).collect(),
             ..LoadoutSpec::default()
         }
+    }
+
+    #[test]
+    fn a_tasks_egress_is_not_part_of_its_run() {
+        let spec: TaskSpec = serde_json::from_value(serde_json::json!({
+            "vm": "box",
+            "command": ["true"],
+        }))
+        .expect("a task");
+        let narrowed = TaskSpec {
+            egress: Some(crate::spec::TaskEgress {
+                allow: vec![crate::spec::EgressAllow {
+                    host: "api.example.com".into(),
+                    ports: Vec::new(),
+                    paths: Vec::new(),
+                }],
+                budget: None,
+            }),
+            ..spec.clone()
+        };
+        let (plain, narrowed) = (
+            resolve_task("t", &spec, None, "fleet/tasks/t.yaml"),
+            resolve_task("t", &narrowed, None, "fleet/tasks/t.yaml"),
+        );
+        assert_eq!(
+            plain.spec_hash, narrowed.spec_hash,
+            "no new run for new rules"
+        );
+        let rules = narrowed.egress.expect("narrowed").rules;
+        assert_eq!(rules[0].source, "task t egress.allow[0]");
     }
 
     #[test]

@@ -1192,6 +1192,21 @@ pub struct TaskSpec {
     /// How prompts waiting for a human are found and how long they may wait.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompts: Option<PromptPolicy>,
+    /// Narrows the brokered egress of its VM's loadout for this task's runs: a connection
+    /// must be allowed by both (`allow`), and each budget limit is the smaller of the two.
+    /// Applied to a running run at once, without running it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<TaskEgress>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TaskEgress {
+    /// Destinations this task's connections may reach, within its loadout's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<EgressAllow>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<EgressBudget>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -63,6 +63,8 @@ struct TestHost {
     credential: CredentialValue,
     /// Why connections are refused for their budget, when they are.
     over_budget: Mutex<Option<String>>,
+    /// The task's own rules, when it narrows the VM's.
+    narrowed: Mutex<Vec<Rule>>,
     denied: Arc<Mutex<Vec<String>>>,
     used: Arc<Mutex<Vec<Used>>>,
 }
@@ -74,12 +76,13 @@ impl Host for TestHost {
     fn credential(&self, credential: &Credential) -> Result<Zeroizing<Vec<u8>>, String> {
         (self.credential)(credential)
     }
-    fn admit(&self, _task: Option<&str>) -> Result<(), String> {
-        self.over_budget
-            .lock()
-            .expect("lock")
-            .clone()
-            .map_or(Ok(()), Err)
+    fn admit(&self, _task: Option<&str>) -> Result<Admitted, String> {
+        match self.over_budget.lock().expect("lock").clone() {
+            Some(why) => Err(why),
+            None => Ok(Admitted {
+                narrowed: self.narrowed.lock().expect("lock").clone(),
+            }),
+        }
     }
     fn denied(&self, why: String) {
         self.denied.lock().expect("lock").push(why);
@@ -115,6 +118,7 @@ impl Guest {
             policy: policy.map(Arc::new),
             credential,
             over_budget: Mutex::default(),
+            narrowed: Mutex::default(),
             denied: Arc::default(),
             used: Arc::default(),
         });
@@ -945,5 +949,37 @@ fn a_run_over_its_budget_gets_429_and_nothing_is_dialed() {
     assert_eq!(
         (used[0].status, used[0].rule.as_deref(), used[0].bytes_up),
         (Some(429), None, 0)
+    );
+}
+
+#[test]
+fn a_task_that_narrows_its_vms_rules_reaches_only_what_both_allow() {
+    let (port, other) = (upstream(), upstream());
+    let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port, other])]), system());
+    *guest.host.narrowed.lock().expect("lock") = vec![Rule {
+        source: "task build egress.allow[0]".into(),
+        ..rule("127.0.0.1", &[port])
+    }];
+    let connect = |guest: &mut Guest, stream: u32, to: u16| {
+        guest.send(GuestMessage::StreamOpen {
+            v: VERSION,
+            stream,
+            task: Some("build-0123abcd".into()),
+        });
+        guest.data(
+            stream,
+            format!("CONNECT 127.0.0.1:{to} HTTP/1.1\r\n\r\n").as_bytes(),
+        );
+    };
+    connect(&mut guest, 1, port);
+    let established = b"HTTP/1.1 200 Connection established\r\n\r\n";
+    assert_eq!(guest.read(1, established.len()), established);
+    connect(&mut guest, 2, other);
+    let (body, _) = guest.read_until_closed(2, Duration::from_secs(5));
+    let body = String::from_utf8(body).expect("text");
+    assert!(body.starts_with("HTTP/1.1 403"), "{body}");
+    assert!(
+        body.contains("the task narrows its VM's egress") && body.contains("in the task's file"),
+        "{body}"
     );
 }

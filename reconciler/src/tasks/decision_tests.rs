@@ -367,7 +367,10 @@ fn a_spent_budget_refuses_connections_and_asks_a_human_once() {
             },
         );
     };
-    assert_eq!(state.egress_admit("vm-1", Some(&task)), Ok(()));
+    assert_eq!(
+        state.egress_admit("vm-1", Some(&task)),
+        Ok(Default::default())
+    );
     // Connections that name no run of this VM are refused while a budget applies.
     assert!(state.egress_admit("vm-1", None).is_err());
     assert!(state.egress_admit("vm-1", Some("other-0000")).is_err());
@@ -409,7 +412,10 @@ fn a_spent_budget_refuses_connections_and_asks_a_human_once() {
         "{sent:?}"
     );
     assert_eq!(state.prompts[&id].state, PromptState::Answered);
-    assert_eq!(state.egress_admit("vm-1", Some(&task)), Ok(()));
+    assert_eq!(
+        state.egress_admit("vm-1", Some(&task)),
+        Ok(Default::default())
+    );
 
     // Spent again: a new prompt; a no keeps the connections refused, with no more prompts.
     spend(&mut state, 100);
@@ -474,8 +480,14 @@ fn open_connections_count_unread_answers_fail_closed_and_finished_runs_take_none
     };
     let task = task.clone();
     // Two connections open at once use up a budget of two: a third waits for neither.
-    assert_eq!(state.egress_admit("vm-1", Some(&task)), Ok(()));
-    assert_eq!(state.egress_admit("vm-1", Some(&task)), Ok(()));
+    assert_eq!(
+        state.egress_admit("vm-1", Some(&task)),
+        Ok(Default::default())
+    );
+    assert_eq!(
+        state.egress_admit("vm-1", Some(&task)),
+        Ok(Default::default())
+    );
     let refused = state
         .egress_admit("vm-1", Some(&task))
         .expect_err("two open");
@@ -539,5 +551,61 @@ fn open_connections_count_unread_answers_fail_closed_and_finished_runs_take_none
             .values()
             .all(|p| p.state != PromptState::Pending),
         "the run's end withdrew its budget prompt"
+    );
+}
+
+#[test]
+fn a_task_narrows_its_loadouts_rules_and_budget_for_its_own_runs() {
+    let mut state = BookState {
+        now: at(0),
+        ..BookState::default()
+    };
+    let mut wanted = desired(Duration::from_secs(60), OnDeadline::Wait);
+    wanted.egress.insert(
+        "vm-1".into(),
+        crate::egress::Policy {
+            budget: Some(crate::egress::Budget {
+                connections: Some(10),
+                tokens: Some(1000),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    let rule = crate::egress::Rule {
+        host: crate::egress::HostPattern::parse("api.example.com").expect("pattern"),
+        ports: vec![443],
+        path_prefixes: Vec::new(),
+        source: "task ask egress.allow[0]".into(),
+    };
+    wanted.tasks.get_mut("ask").expect("ask").egress = Some(crate::egress::Narrowing {
+        rules: vec![rule.clone()],
+        budget: Some(crate::egress::Budget {
+            connections: Some(1),
+            ..Default::default()
+        }),
+    });
+    state.sync(&wanted, &BTreeSet::from(["vm-1".to_owned()]));
+    let mut conn = Connection::new("vm-1");
+    conn.greeted("boot-1", None);
+    let (sent, _) = state.tick(&mut conn, &HostFiles::default());
+    let Some(HostMessage::RunTask { task, .. }) = sent.first() else {
+        panic!("expected a RunTask, got {sent:?}");
+    };
+    let task = task.clone();
+    // The task's rules come with the admission; its budget of one connection is the
+    // smaller, and the loadout's token limit still applies.
+    let admitted = state.egress_admit("vm-1", Some(&task)).expect("admitted");
+    assert_eq!(admitted.narrowed, [rule]);
+    let refused = state
+        .egress_admit("vm-1", Some(&task))
+        .expect_err("one open");
+    assert!(
+        refused.contains("1 connections of its budget of 1"),
+        "{refused}"
+    );
+    assert_eq!(
+        state.budget_of("vm-1", "ask").and_then(|b| b.tokens),
+        Some(1000)
     );
 }

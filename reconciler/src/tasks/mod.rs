@@ -759,7 +759,11 @@ impl TaskBook {
 
     /// Whether a connection `vm`'s guest says run `guest_task` made may go ahead: its run's
     /// budget (`BookState::egress_admit`).
-    pub fn egress_admit(&self, vm: &str, guest_task: Option<&str>) -> Result<(), String> {
+    pub fn egress_admit(
+        &self,
+        vm: &str,
+        guest_task: Option<&str>,
+    ) -> Result<crate::broker::Admitted, String> {
         let mut state = self.lock();
         state.now = DecidedAt::now();
         state.egress_admit(vm, guest_task)
@@ -813,7 +817,7 @@ impl crate::broker::Host for VmEgress {
     ) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
         self.book.egress_credential(&self.vm, credential)
     }
-    fn admit(&self, task: Option<&str>) -> Result<(), String> {
+    fn admit(&self, task: Option<&str>) -> Result<crate::broker::Admitted, String> {
         self.book.egress_admit(&self.vm, task)
     }
     fn denied(&self, why: String) {
@@ -849,15 +853,48 @@ impl BookState {
         }
     }
 
-    /// A connection may go ahead unless the VM's runs have a budget and the run it names
-    /// has spent it (or it names no running run). The first refusal of a spent run asks
-    /// a human, with a budget prompt, whether to allow more. An admitted connection
-    /// counts against the connection budget while it is open.
-    fn egress_admit(&mut self, vm: &str, guest_task: Option<&str>) -> Result<(), String> {
-        let Some(budget) = self.egress.get(vm).and_then(|p| p.budget) else {
-            return Ok(());
+    /// The budget of run `name` of `vm`: its loadout's, narrowed by its task's.
+    fn budget_of(&self, vm: &str, name: &str) -> Option<crate::egress::Budget> {
+        crate::egress::Budget::narrowed(
+            self.egress.get(vm).and_then(|p| p.budget),
+            self.desired
+                .get(name)
+                .and_then(|t| t.egress.as_ref())
+                .and_then(|n| n.budget),
+        )
+    }
+
+    /// A connection may go ahead unless its run's budget is spent, or a budget applies and
+    /// it names no running run of the VM. The first refusal of a spent run asks a human,
+    /// with a budget prompt, whether to allow more. An admitted connection counts against
+    /// the connection budget while it is open, and is checked against its task's own
+    /// rules too (a connection that names no run is held to the VM's rules only: a task's
+    /// rules narrow what an honest agent does, the VM's bound what any process can).
+    fn egress_admit(
+        &mut self,
+        vm: &str,
+        guest_task: Option<&str>,
+    ) -> Result<crate::broker::Admitted, String> {
+        let run = guest_task
+            .and_then(|t| self.run_named(vm, t))
+            .filter(|(_, running)| *running)
+            .map(|(name, _)| name);
+        let admitted = crate::broker::Admitted {
+            narrowed: run
+                .as_ref()
+                .and_then(|name| self.desired.get(name))
+                .and_then(|t| t.egress.as_ref())
+                .map(|n| n.rules.clone())
+                .unwrap_or_default(),
         };
-        let Some((name, true)) = guest_task.and_then(|t| self.run_named(vm, t)) else {
+        let budget = match &run {
+            Some(name) => self.budget_of(vm, name),
+            None => self.egress.get(vm).and_then(|p| p.budget),
+        };
+        let Some(budget) = budget else {
+            return Ok(admitted);
+        };
+        let Some(name) = run else {
             return Err(format!(
                 "the runs of VM {vm} have an egress budget, and this connection names none of them that runs (the agent names a run by the user its process runs as)"
             ));
@@ -865,7 +902,7 @@ impl BookState {
         let sums = self.records[&name].egress.clone().unwrap_or_default();
         let Some(over) = budget.exhausted(self.spent(&name), sums.granted) else {
             *self.egress_open.entry(name).or_default() += 1;
-            return Ok(());
+            return Ok(admitted);
         };
         let used = over.describe(&name);
         if sums.budget_refused {

@@ -962,7 +962,7 @@ impl BookState {
         if let Some(file) = file {
             self.effects.moves.push((file, None));
         }
-        let budget = self.egress.get(&record.vm).and_then(|p| p.budget);
+        let budget = self.budget_of(&record.vm, &record.name);
         let spent = self.spent(&record.name);
         self.update(&record.name, |r| {
             let sums = r.egress.get_or_insert_with(Default::default);

@@ -29,6 +29,7 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
         allow_control: false,
         rerun: 0,
         secrets: Vec::new(),
+        egress: None,
         spec_hash: "h1".into(),
         source: "fleet/tasks/ask.yaml".into(),
     };

@@ -185,6 +185,14 @@ fn check_secret_targets<T>(
 fn check_task(o: &Object<TaskDocument>, diags: &mut Vec<Diagnostic>) {
     let spec = &o.doc.spec;
     check_secret_targets(o, "/spec/secrets", &spec.secrets, diags);
+    if let Some(egress) = &spec.egress {
+        // The same checks as a loadout's rules, at the same places in the file.
+        let rules = crate::spec::Egress {
+            allow: egress.allow.clone(),
+            ..Default::default()
+        };
+        check_egress(o, &rules, diags);
+    }
     let name = &o.doc.metadata.name.0;
     if name.len() > TASK_NAME_MAX {
         diags.push(o.field_error("/metadata/name", format!("task names are at most {TASK_NAME_MAX} characters (this one has {}), so the prompt ids made from them stay valid names; shorten it",
