@@ -12,10 +12,16 @@
 //!    the event-fed cache next to the one bare list call it needs; the daemon's idle CPU and
 //!    RSS over 60 s with 100 stopped VMs and 10 running ones whose agents are connected.
 //!
+//! 4. broker: brokered egress in one process (`broker_bench`): a 64 MiB download through a
+//!    tunnel and short requests, each next to the same made directly on the host.
+//!
 //! Usage: fleet-bench [--vms N] [--libvirt] [--libvirt-vms N] [--daemon] [--idle-seconds N]
-//!        [--skip-latency] [--skip-noop] [--skip-idle]
+//!        [--skip-latency] [--skip-noop] [--skip-idle] [--only-broker]
 
 #![allow(clippy::disallowed_methods)] // a tool writes scratch files freely
+
+#[path = "../broker_bench.rs"]
+mod broker_bench;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,6 +44,9 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(default)
     };
     let vms = number("--vms", 10_000);
+    if args.iter().any(|a| a == "--only-broker") {
+        return broker_bench::bench_broker();
+    }
     bench_plan(vms)?;
     if args.iter().any(|a| a == "--libvirt") {
         bench_libvirt_observe(number("--libvirt-vms", 1_000))?;
@@ -57,7 +66,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         println!("daemon: skipped (pass --daemon to measure fleet serve)");
     }
-    Ok(())
+    broker_bench::bench_broker()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
