@@ -983,3 +983,53 @@ fn a_task_that_narrows_its_vms_rules_reaches_only_what_both_allow() {
         "{body}"
     );
 }
+
+#[test]
+fn a_flooding_guest_gets_its_own_streams_refused_and_another_vm_goes_on() {
+    let port = upstream();
+    let rules = || Some(vec![rule("127.0.0.1", &[port])]);
+    let mut flooding = Guest::new(rules(), system());
+    let mut other = Guest::new(rules(), system());
+    // A thousand tunnels opened at once, none of them ever read.
+    for stream in 0..1000 {
+        flooding.send(GuestMessage::StreamOpen {
+            v: VERSION,
+            stream,
+            task: None,
+        });
+        flooding.data(
+            stream,
+            format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\nping").as_bytes(),
+        );
+    }
+    let refused = flooding
+        .broker
+        .outgoing()
+        .into_iter()
+        .filter(|m| {
+            matches!(m, HostMessage::StreamClose { error: Some(e), .. }
+                if e.contains("more than 64 connections at once"))
+        })
+        .count();
+    assert_eq!(refused, 1000 - stream::MAX_STREAMS, "beyond the cap");
+    assert!(
+        flooding
+            .broker
+            .live
+            .load(std::sync::atomic::Ordering::Relaxed)
+            <= stream::MAX_STREAMS
+    );
+    // Another VM's link is its own broker: its tunnel works as if nothing happened.
+    other.send(GuestMessage::StreamOpen {
+        v: VERSION,
+        stream: 1,
+        task: None,
+    });
+    other.data(
+        1,
+        format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\nhello").as_bytes(),
+    );
+    let established = b"HTTP/1.1 200 Connection established\r\n\r\n";
+    let got = other.read(1, established.len() + 5);
+    assert_eq!(&got[established.len()..], b"HELLO");
+}
