@@ -5,14 +5,23 @@
 //!
 //! One `Broker` per agent link. The link thread hands it the guest's stream messages
 //! (`on_guest`, never blocking) and sends what it queued (`outgoing`); each stream has a
-//! worker thread that reads the proxy request, decides, resolves, dials and then copies
-//! the guest's bytes upstream, and a reader thread that copies the upstream's bytes back
-//! within the guest's credit. Every stream's buffers are bounded by its window, and a link
-//! holds at most `stream::MAX_STREAMS`.
+//! worker thread that reads the proxy request, asks the rest of the host whether the run
+//! may connect (`Host::admit`: its budget, its task's own rules), decides, resolves, dials
+//! and copies the guest's bytes upstream; a tunnel or plain request also has a reader
+//! thread that copies the upstream's bytes back within the guest's credit. Every stream's
+//! buffers are bounded by its window, and a link holds at most `stream::MAX_STREAMS`.
 //!
-//! A `CONNECT` is a tunnel (TLS, which is what agents and git use). A plain-HTTP request
-//! is checked with its path too, and goes upstream alone (`Connection: close`, its body and
-//! nothing after it), so a second request on the connection is never sent unchecked.
+//! Three kinds of request:
+//! - a `CONNECT` is a tunnel (TLS, which is what agents and git use);
+//! - a plain-HTTP request is checked with its path too, and goes upstream alone
+//!   (`Connection: close`, its body and nothing after it), so a second request on the
+//!   connection is never sent unchecked;
+//! - a request to a brokered API (`/<host>/<path>` at the proxy) gets the API's credential,
+//!   written here from the vault and never sent to the guest, and goes over verified TLS;
+//!   its answer is metered for tokens (`tokens`).
+//!
+//! When a stream ends, what it used (`Used`) goes to `Host::used`: the run's
+//! `egress.jsonl`, its totals and `/metrics`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -55,7 +64,7 @@ pub type Resolve = Arc<dyn Fn(&str, u16) -> std::io::Result<Resolved> + Send + S
 /// The system resolver, with the host configuration's pinned names first.
 pub fn system_resolver(pinned: BTreeMap<String, IpAddr>) -> Resolve {
     Arc::new(move |host, port| {
-        let key = host.trim_end_matches('.').to_ascii_lowercase();
+        let key = egress::normalize_host(host);
         if let Some(ip) = pinned.get(&key) {
             return Ok(Resolved {
                 addresses: vec![SocketAddr::new(*ip, port)],
@@ -111,7 +120,7 @@ impl Upstreams {
                 egress
                     .hosts
                     .iter()
-                    .map(|(h, ip)| (h.trim_end_matches('.').to_ascii_lowercase(), *ip))
+                    .map(|(h, ip)| (egress::normalize_host(h), *ip))
                     .collect(),
             ),
             tls: Arc::new(tls_config(roots)?),
@@ -176,12 +185,19 @@ pub struct Used {
     pub bytes_down: u64,
     /// For a brokered API: the tokens its answer reported (as far as it could be read),
     /// and why not all of it could be read, if it could not.
-    pub tokens: Option<(crate::tokens::Tokens, Option<&'static str>)>,
+    pub tokens: Option<crate::tokens::Metered>,
     /// The host admitted it (`Host::admit`): it counted against the run's budget while
     /// open.
     pub admitted: bool,
     pub started: std::time::SystemTime,
     pub duration: Duration,
+}
+
+impl Used {
+    /// A rule or credential allowed it (the broker did not refuse it).
+    pub fn allowed(&self) -> bool {
+        self.rule.is_some()
+    }
 }
 
 /// A connection's use so far, shared by its worker and reader threads.
@@ -547,7 +563,7 @@ impl Worker {
                         Err(BadRequest::Refused(why)) => {
                             self.usage
                                 .set(&self.usage.destination, "a malformed request".into());
-                            return self.respond(400, "Bad Request", &why, None);
+                            return self.respond(400, "Bad Request", &why);
                         }
                     }
                 }
@@ -558,7 +574,7 @@ impl Worker {
         self.usage.set(&self.usage.destination, what.clone());
         let admitted = match self.host.admit(self.usage.task.as_deref()) {
             Ok(admitted) => admitted,
-            Err(why) => return self.respond(429, "Too Many Requests", &why, None),
+            Err(why) => return self.respond(429, "Too Many Requests", &why),
         };
         self.usage
             .admitted
@@ -579,14 +595,12 @@ impl Worker {
             }
             Decision::Refused(refusal) => {
                 let text = format!("{}; to allow it, {}", refusal.why, refusal.fix);
-                (self.on_denied)(format!("{what}: {text}"));
-                return self.respond(403, "Forbidden", &text, None);
+                return self.refuse(&what, &text);
             }
         };
         if let Err(text) = narrowed_to(&admitted, &request.host, request.port, path) {
             self.usage.set(&self.usage.rule, None);
-            (self.on_denied)(format!("{what}: {text}"));
-            return self.respond(403, "Forbidden", &text, None);
+            return self.refuse(&what, &text);
         }
         let Some(upstream) = self.connect(rule, &request.host, request.port, &what) else {
             return;
@@ -671,11 +685,11 @@ impl Worker {
         let resolved = match (self.upstreams.resolve)(host, port) {
             Ok(r) if !r.addresses.is_empty() => r,
             Ok(_) => {
-                self.respond(502, "Bad Gateway", "the name has no address", None);
+                self.respond(502, "Bad Gateway", "the name has no address");
                 return None;
             }
             Err(e) => {
-                self.respond(502, "Bad Gateway", &format!("cannot resolve: {e}"), None);
+                self.respond(502, "Bad Gateway", &format!("cannot resolve: {e}"));
                 return None;
             }
         };
@@ -684,14 +698,13 @@ impl Worker {
             && let Err(refusal) = egress::check_resolved(rule, &ips)
         {
             let text = format!("{}; {}", refusal.why, refusal.fix);
-            (self.on_denied)(format!("{what}: {text}"));
-            self.respond(403, "Forbidden", &text, None);
+            self.refuse(what, &text);
             return None;
         }
         let upstream = match dial(&resolved.addresses) {
             Ok(s) => s,
             Err(e) => {
-                self.respond(502, "Bad Gateway", &format!("cannot connect: {e}"), None);
+                self.respond(502, "Bad Gateway", &format!("cannot connect: {e}"));
                 return None;
             }
         };
@@ -709,8 +722,7 @@ impl Worker {
                 "{} is an address of this host, and the rule does not name it",
                 peer.ip()
             );
-            (self.on_denied)(format!("{what}: {text}"));
-            self.respond(403, "Forbidden", &text, None);
+            self.refuse(what, &text);
             return None;
         }
         let _ = upstream.set_nodelay(true);
@@ -743,18 +755,16 @@ impl Worker {
             let text = format!(
                 "no egress credential is for {shown:?}; add `{{host: {shown}, secret: {{secret: NAME, key: KEY}}}}` to egress.credentials, or send the request to the proxy as a proxy (absolute URL or CONNECT)"
             );
-            (self.on_denied)(format!("{what}: {text}"));
-            return self.respond(403, "Forbidden", &text, None);
+            return self.refuse(&what, &text);
         };
         self.usage
             .set(&self.usage.rule, Some(credential.source.clone()));
         if let Some(why) = egress::path_problem(path) {
-            return self.respond(400, "Bad Request", &format!("the path {why}"), None);
+            return self.respond(400, "Bad Request", &format!("the path {why}"));
         }
         if let Err(text) = narrowed_to(admitted, &credential.host, credential.port, Some(path)) {
             self.usage.set(&self.usage.rule, None);
-            (self.on_denied)(format!("{what}: {text}"));
-            return self.respond(403, "Forbidden", &text, None);
+            return self.refuse(&what, &text);
         }
         let value = match self.host.credential(credential) {
             Ok(v) if egress::value_fits_header(&v) => v,
@@ -763,14 +773,14 @@ impl Worker {
                     "the credential at {} holds bytes a header cannot carry (only visible ASCII)",
                     credential.source
                 );
-                return self.respond(503, "Service Unavailable", &text, None);
+                return self.respond(503, "Service Unavailable", &text);
             }
             Err(why) => {
                 let text = format!(
                     "the credential at {} cannot be used: {why}",
                     credential.source
                 );
-                return self.respond(503, "Service Unavailable", &text, None);
+                return self.respond(503, "Service Unavailable", &text);
             }
         };
         let header_value: Zeroizing<Vec<u8>> = Zeroizing::new(match &credential.scheme {
@@ -797,18 +807,18 @@ impl Worker {
         let _ = tcp.set_write_timeout(Some(UPSTREAM_WRITE_TIMEOUT));
         let _ = tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
         let Ok(name) = rustls::pki_types::ServerName::try_from(credential.host.clone()) else {
-            return self.respond(502, "Bad Gateway", "the API's host is not a TLS name", None);
+            return self.respond(502, "Bad Gateway", "the API's host is not a TLS name");
         };
         let mut tls = match rustls::ClientConnection::new(self.upstreams.tls.clone(), name) {
             Ok(c) => c,
-            Err(e) => return self.respond(502, "Bad Gateway", &format!("TLS: {e}"), None),
+            Err(e) => return self.respond(502, "Bad Gateway", &format!("TLS: {e}")),
         };
         // The handshake first, within its own deadline: nothing is written to an API whose
         // certificate the host does not trust.
         let mut tcp = tcp;
         while tls.is_handshaking() {
             if let Err(e) = tls.complete_io(&mut tcp) {
-                return self.respond(502, "Bad Gateway", &tls_problem(&e), None);
+                return self.respond(502, "Bad Gateway", &tls_problem(&e));
             }
         }
         let _ = tcp.set_read_timeout(Some(API_READ_TIMEOUT));
@@ -833,7 +843,7 @@ impl Worker {
         self.usage.up(head.len() + first.len());
         drop(head);
         if let Err(e) = sent {
-            return self.respond(502, "Bad Gateway", &tls_problem(&e), None);
+            return self.respond(502, "Bad Gateway", &tls_problem(&e));
         }
         left -= first.len() as u64;
         while left > 0 {
@@ -841,7 +851,7 @@ impl Worker {
                 Ok(Inbound::Data(bytes)) => {
                     let n = bytes.len().min(usize::try_from(left).unwrap_or(usize::MAX));
                     if let Err(e) = upstream.write_all(&bytes[..n]) {
-                        return self.respond(502, "Bad Gateway", &tls_problem(&e), None);
+                        return self.respond(502, "Bad Gateway", &tls_problem(&e));
                     }
                     self.usage.up(n);
                     left -= n as u64;
@@ -850,12 +860,12 @@ impl Worker {
                 Ok(Inbound::Close) | Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => {
                     let text = "the request's body stopped coming";
-                    return self.respond(408, "Request Timeout", text, None);
+                    return self.respond(408, "Request Timeout", text);
                 }
             }
         }
         if let Err(e) = upstream.flush() {
-            return self.respond(502, "Bad Gateway", &tls_problem(&e), None);
+            return self.respond(502, "Bad Gateway", &tls_problem(&e));
         }
         // The answer, within the guest's credit, until the API closes (the request said
         // `Connection: close`). Some servers close without TLS's close_notify: that ends
@@ -876,7 +886,7 @@ impl Worker {
                 self.outbox.close(self.id, None);
             }
             Copied::Failed { error, .. } => {
-                self.respond(502, "Bad Gateway", &tls_problem(&error), None);
+                self.respond(502, "Bad Gateway", &tls_problem(&error));
             }
             Copied::GuestClosed => {}
             Copied::GuestStalled => self
@@ -912,7 +922,7 @@ impl Worker {
     }
 
     /// An HTTP answer from the broker itself, then the end of the stream.
-    fn respond(&self, code: u16, reason: &str, body: &str, error: Option<String>) {
+    fn respond(&self, code: u16, reason: &str, body: &str) {
         self.usage.set(&self.usage.status, Some(code));
         let body = format!("fleet egress: {body}\n");
         let reply = format!(
@@ -920,7 +930,14 @@ impl Worker {
             body.len()
         );
         self.send_to_guest(reply.as_bytes());
-        self.outbox.close(self.id, error);
+        self.outbox.close(self.id, None);
+    }
+
+    /// A destination refused by a rule (or the lack of one): the `egress.denied` event and
+    /// the 403, both saying why and how to allow it.
+    fn refuse(&self, what: &str, why: &str) {
+        (self.on_denied)(format!("{what}: {why}"));
+        self.respond(403, "Forbidden", why);
     }
 }
 

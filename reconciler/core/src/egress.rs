@@ -3,7 +3,7 @@
 //! with its reason out; resolving names and dialing are the broker's, in the shell.
 //!
 //! The guest is hostile, so everything it names is checked here as bytes, never trusted:
-//! a host name is normalised (lower case, one trailing dot dropped) and refused unless it
+//! a host name is normalised (lower case, trailing dots dropped) and refused unless it
 //! is a plain DNS name; a path is refused when an upstream could read it as another path
 //! (`..` or `.` segments, encoded dots, slashes or backslashes), so a prefix rule cannot be
 //! walked out of. An address the guest names directly, or one a public name resolves to
@@ -11,8 +11,11 @@
 //! refused unless a rule names that very address: a public name must never become a way
 //! into the host's own services (SSRF).
 //!
-//! `parse_proxy_request` reads what a task asked the guest's proxy for (CONNECT, or a
-//! plain-HTTP request in absolute form) from the connection's first bytes, on the host.
+//! `parse_proxy_request` reads what a task asked the guest's proxy for (CONNECT, a
+//! plain-HTTP request in absolute form, or a request to a brokered API at the proxy itself,
+//! `/<host>/<path>`) from the connection's first bytes, on the host. A VM's `Policy` holds
+//! its rules, its brokered APIs' `Credential`s and its runs' `Budget`; a task's `Narrowing`
+//! only narrows them.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -205,10 +208,8 @@ impl Budget {
 impl Policy {
     /// The credential for requests to `api` (a host name as the task wrote it in the path).
     pub fn credential(&self, api: &str) -> Option<&Credential> {
-        let api = api.strip_suffix('.').unwrap_or(api);
-        self.credentials
-            .iter()
-            .find(|c| c.host.eq_ignore_ascii_case(api))
+        let api = normalize_host(api);
+        self.credentials.iter().find(|c| c.host == api)
     }
 }
 
@@ -754,10 +755,12 @@ pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
     }
     // A client that ignores NO_PROXY sends a request for the proxy's own address to the
     // proxy in absolute form: it is meant for the credential endpoint all the same.
-    let target = ["http://127.0.0.1:3128/", "http://localhost:3128/"]
+    let own_port = PROXY_HOST_PORT.rsplit(':').next().unwrap_or_default();
+    let target = [PROXY_HOST_PORT.to_owned(), format!("localhost:{own_port}")]
         .iter()
-        .find(|own| target.starts_with(*own))
-        .map_or(target, |own| &target[own.len() - 1..]);
+        .find_map(|own| target.strip_prefix("http://")?.strip_prefix(own.as_str()))
+        .filter(|rest| rest.starts_with('/'))
+        .unwrap_or(target);
     if let Some(origin) = target.strip_prefix('/') {
         // The credential endpoint: `/<api host>/<path>`, sent to the proxy as to a server.
         let (api, path) = match origin.find(['/', '?']) {
@@ -838,6 +841,12 @@ pub fn parse_proxy_request(bytes: &[u8]) -> Result<ProxyRequest, BadRequest> {
     })
 }
 
+/// A host name as rules, credentials, Secrets and the host's pins compare it: lower case,
+/// without its trailing dots.
+pub fn normalize_host(host: &str) -> String {
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
 /// An entry of a Secret's `allowed.hosts`: `host` (port 443) or `host:port`, lower case
 /// without a trailing dot; the port is `None` when it does not parse.
 pub fn allowed_host(entry: &str) -> (String, Option<u16>) {
@@ -845,7 +854,7 @@ pub fn allowed_host(entry: &str) -> (String, Option<u16>) {
         Some((host, port)) => (host, port.parse::<u16>().ok().filter(|p| *p != 0)),
         None => (entry, Some(DEFAULT_PORT)),
     };
-    (host.trim_end_matches('.').to_ascii_lowercase(), port)
+    (normalize_host(host), port)
 }
 
 /// The methods a request to a brokered API may use.

@@ -696,7 +696,7 @@ fn egress_policy(loadout: &str, egress: &crate::spec::Egress) -> crate::egress::
                 .unwrap_or("authorization")
                 .to_ascii_lowercase();
             Credential {
-                host: c.host.trim_end_matches('.').to_ascii_lowercase(),
+                host: crate::egress::normalize_host(&c.host),
                 port: c.port.map_or(DEFAULT_PORT, |p| p.0),
                 scheme: match c.scheme {
                     Some(CredentialScheme::Plain) => Scheme::Plain,

@@ -32,6 +32,14 @@ pub struct Tokens {
     pub output: u64,
 }
 
+/// What an answer used, as far as it could be read, and why not all of it could be.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Metered {
+    pub tokens: Tokens,
+    /// Why the usage could not be read (compressed, malformed, ...), if it could not.
+    pub unreadable: Option<&'static str>,
+}
+
 impl Tokens {
     pub fn total(&self) -> u64 {
         self.input.saturating_add(self.output)
@@ -177,7 +185,7 @@ impl ResponseMeter {
     }
 
     /// What the answer used, as far as it was read; call once it has ended.
-    pub fn finish(mut self) -> (Tokens, Option<&'static str>) {
+    pub fn finish(mut self) -> Metered {
         if let Some(Body {
             kind: Kind::Json(body),
             ..
@@ -192,7 +200,10 @@ impl ResponseMeter {
                 self.usage(&value);
             }
         }
-        (self.tokens, self.unreadable)
+        Metered {
+            tokens: self.tokens,
+            unreadable: self.unreadable,
+        }
     }
 
     fn give_up(&mut self, why: &'static str) {
@@ -394,11 +405,13 @@ mod tests {
             for part in answer.as_bytes().chunks(piece) {
                 meter.feed(part);
             }
-            results.push(meter.finish());
+            let m = meter.finish();
+            results.push((m.tokens, m.unreadable));
         }
         let mut whole = ResponseMeter::new();
         whole.feed(answer.as_bytes());
-        let expected = whole.finish();
+        let whole = whole.finish();
+        let expected = (whole.tokens, whole.unreadable);
         assert!(results.iter().all(|r| *r == expected), "{results:?}");
         expected
     }
@@ -517,7 +530,10 @@ mod tests {
             meter.feed(part);
         }
         assert_eq!(
-            meter.finish(),
+            {
+                let m = meter.finish();
+                (m.tokens, m.unreadable)
+            },
             (
                 Tokens {
                     input: 1000,
@@ -536,7 +552,10 @@ mod tests {
             meter.feed(part);
         }
         assert_eq!(
-            meter.finish(),
+            {
+                let m = meter.finish();
+                (m.tokens, m.unreadable)
+            },
             (
                 Tokens {
                     input: 70000,

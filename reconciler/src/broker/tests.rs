@@ -915,13 +915,13 @@ fn a_brokered_apis_answer_is_read_for_its_tokens_uncompressed() {
     let used = guest.used(1);
     assert_eq!(
         used[0].tokens,
-        Some((
-            crate::tokens::Tokens {
+        Some(crate::tokens::Metered {
+            tokens: crate::tokens::Tokens {
                 input: 100,
                 output: 12
             },
-            None
-        ))
+            unreadable: None,
+        })
     );
 }
 
@@ -1032,4 +1032,12 @@ fn a_flooding_guest_gets_its_own_streams_refused_and_another_vm_goes_on() {
     let established = b"HTTP/1.1 200 Connection established\r\n\r\n";
     let got = other.read(1, established.len() + 5);
     assert_eq!(&got[established.len()..], b"HELLO");
+}
+
+#[test]
+fn the_proxy_address_tasks_are_given_is_the_one_the_agent_listens_on() {
+    assert_eq!(
+        crate::egress::PROXY_HOST_PORT,
+        fleet_agent_protocol::stream::PROXY_ADDRESS
+    );
 }

@@ -23,10 +23,24 @@ struct StepLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct EgressLabel {
+struct OutcomeLabel {
     vm: String,
-    /// `allowed`/`refused`, `up`/`down` or `input`/`output`.
-    kind: String,
+    /// `allowed` or `refused`.
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    vm: String,
+    /// `up` (to the upstream) or `down` (to the guest).
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabel {
+    vm: String,
+    /// `input` or `output`.
+    token: String,
 }
 
 pub struct Metrics {
@@ -36,9 +50,9 @@ pub struct Metrics {
     drifted: Gauge,
     steps: Family<StepLabel, Counter>,
     last_applied: Gauge,
-    egress_connections: Family<EgressLabel, Counter>,
-    egress_bytes: Family<EgressLabel, Counter>,
-    egress_tokens: Family<EgressLabel, Counter>,
+    egress_connections: Family<OutcomeLabel, Counter>,
+    egress_bytes: Family<DirectionLabel, Counter>,
+    egress_tokens: Family<TokenLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -72,9 +86,9 @@ impl Default for Metrics {
             "Unix time at which the last revision was applied",
             last_applied.clone(),
         );
-        let egress_connections = Family::<EgressLabel, Counter>::default();
-        let egress_bytes = Family::<EgressLabel, Counter>::default();
-        let egress_tokens = Family::<EgressLabel, Counter>::default();
+        let egress_connections = Family::<OutcomeLabel, Counter>::default();
+        let egress_bytes = Family::<DirectionLabel, Counter>::default();
+        let egress_tokens = Family::<TokenLabel, Counter>::default();
         registry.register(
             "egress_connections",
             "Brokered connections by VM, allowed or refused",
@@ -139,31 +153,37 @@ impl Metrics {
         self.last_applied.set(unix_seconds);
     }
 
-    /// One brokered connection of `vm` ended.
+    /// One brokered connection of `vm` ended. A refused one is counted, not its bytes
+    /// (as in the task's totals: it moved only the broker's answer).
     pub fn count_egress(&self, vm: &str, used: &crate::broker::Used) {
-        let label = |kind: &str| EgressLabel {
-            vm: vm.to_owned(),
-            kind: kind.to_owned(),
-        };
-        let outcome = if used.rule.is_some() {
-            "allowed"
-        } else {
-            "refused"
-        };
-        self.egress_connections.get_or_create(&label(outcome)).inc();
-        self.egress_bytes
-            .get_or_create(&label("up"))
-            .inc_by(used.bytes_up);
-        self.egress_bytes
-            .get_or_create(&label("down"))
-            .inc_by(used.bytes_down);
-        if let Some((tokens, _)) = &used.tokens {
-            self.egress_tokens
-                .get_or_create(&label("input"))
-                .inc_by(tokens.input);
-            self.egress_tokens
-                .get_or_create(&label("output"))
-                .inc_by(tokens.output);
+        let vm = vm.to_owned();
+        let outcome = if used.allowed() { "allowed" } else { "refused" };
+        self.egress_connections
+            .get_or_create(&OutcomeLabel {
+                vm: vm.clone(),
+                outcome: outcome.into(),
+            })
+            .inc();
+        if !used.allowed() {
+            return;
+        }
+        for (direction, bytes) in [("up", used.bytes_up), ("down", used.bytes_down)] {
+            self.egress_bytes
+                .get_or_create(&DirectionLabel {
+                    vm: vm.clone(),
+                    direction: direction.into(),
+                })
+                .inc_by(bytes);
+        }
+        if let Some(crate::tokens::Metered { tokens, .. }) = &used.tokens {
+            for (token, count) in [("input", tokens.input), ("output", tokens.output)] {
+                self.egress_tokens
+                    .get_or_create(&TokenLabel {
+                        vm: vm.clone(),
+                        token: token.into(),
+                    })
+                    .inc_by(count);
+            }
         }
     }
 

@@ -140,13 +140,13 @@ async fn api_metrics_and_probes() {
             status: Some(200),
             bytes_up: 100,
             bytes_down: 900,
-            tokens: Some((
-                crate::tokens::Tokens {
+            tokens: Some(crate::tokens::Metered {
+                tokens: crate::tokens::Tokens {
                     input: 40,
                     output: 2,
                 },
-                None,
-            )),
+                unreadable: None,
+            }),
             admitted: true,
             started: std::time::SystemTime::UNIX_EPOCH,
             duration: std::time::Duration::from_millis(3),
@@ -162,9 +162,9 @@ async fn api_metrics_and_probes() {
         "{metrics}"
     );
     for line in [
-        "fleet_egress_connections_total{vm=\"vm-1\",kind=\"allowed\"} 1",
-        "fleet_egress_bytes_total{vm=\"vm-1\",kind=\"down\"} 900",
-        "fleet_egress_tokens_total{vm=\"vm-1\",kind=\"input\"} 40",
+        "fleet_egress_connections_total{vm=\"vm-1\",outcome=\"allowed\"} 1",
+        "fleet_egress_bytes_total{vm=\"vm-1\",direction=\"down\"} 900",
+        "fleet_egress_tokens_total{vm=\"vm-1\",token=\"input\"} 40",
     ] {
         assert!(metrics.contains(line), "{line}: {metrics}");
     }

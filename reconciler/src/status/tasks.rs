@@ -76,7 +76,8 @@ pub struct EgressUse {
     pub tokens_in: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub tokens_out: u64,
-    /// Answers of brokered APIs whose usage could not be read (not counted in tokens).
+    /// Answers of brokered APIs whose usage could not be read in full (their tokens up to
+    /// the problem are counted; under a token budget each one reaches the limit).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub tokens_unread: u64,
     /// Times a human allowed more (`PromptKind::Budget`), and what in all, beyond the

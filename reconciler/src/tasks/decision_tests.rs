@@ -262,13 +262,13 @@ fn a_connection_counts_for_the_run_the_guest_named_only_on_its_own_vm() {
                 status: Some(status),
                 bytes_up: 100,
                 bytes_down: 2000,
-                tokens: (status == 200).then_some((
-                    crate::tokens::Tokens {
+                tokens: (status == 200).then_some(crate::tokens::Metered {
+                    tokens: crate::tokens::Tokens {
                         input: 10,
                         output: 5,
                     },
-                    None,
-                )),
+                    unreadable: None,
+                }),
                 admitted: false,
                 started: SystemTime::UNIX_EPOCH + T0,
                 duration: Duration::from_millis(1500),
@@ -354,13 +354,13 @@ fn a_spent_budget_refuses_connections_and_asks_a_human_once() {
                 status: Some(200),
                 bytes_up: 10,
                 bytes_down: 10,
-                tokens: Some((
-                    crate::tokens::Tokens {
+                tokens: Some(crate::tokens::Metered {
+                    tokens: crate::tokens::Tokens {
                         input: tokens,
                         output: 0,
                     },
-                    None,
-                )),
+                    unreadable: None,
+                }),
                 admitted: true,
                 started: SystemTime::UNIX_EPOCH + T0,
                 duration: Duration::from_millis(5),
@@ -503,13 +503,13 @@ fn open_connections_count_unread_answers_fail_closed_and_finished_runs_take_none
         status: Some(200),
         bytes_up: 1,
         bytes_down: 1,
-        tokens: Some((
-            crate::tokens::Tokens {
+        tokens: Some(crate::tokens::Metered {
+            tokens: crate::tokens::Tokens {
                 input: 5,
                 output: 0,
             },
-            unread,
-        )),
+            unreadable: unread,
+        }),
         admitted: true,
         started: SystemTime::UNIX_EPOCH + T0,
         duration: Duration::from_millis(1),

@@ -942,6 +942,12 @@ impl BookState {
             n,
         }
         .to_string();
+        let deadline = self
+            .desired
+            .get(name)
+            .map_or(crate::resolve::DEFAULT_PROMPT_DEADLINE, |t| {
+                t.prompt_deadline
+            });
         let text = format!("{used}; allow {}? (yes/no)", over.offer());
         let prompt = PromptRecord {
             id: id.clone(),
@@ -952,9 +958,9 @@ impl BookState {
             text: text.clone(),
             context: Vec::new(),
             created: self.now.wall.into(),
-            // Never enforced: the run's connections are refused while it waits, and its
-            // own timeout still applies.
-            deadline: self.now.wall.into(),
+            // Shown, never enforced: the run's connections are refused while it waits, and
+            // its own timeout still applies.
+            deadline: (self.now.wall + deadline).into(),
             state: PromptState::Pending,
             overdue: false,
             response: None,
@@ -990,10 +996,9 @@ impl BookState {
         {
             *open = open.saturating_sub(1);
         }
-        let (tokens, unread) = match used.tokens {
-            Some((tokens, why)) => (Some(tokens), why),
-            None => (None, None),
-        };
+        let used_allowed = used.allowed();
+        let tokens = used.tokens.map(|m| m.tokens);
+        let unread = used.tokens.and_then(|m| m.unreadable);
         let line = crate::status::tasks::EgressLine {
             time: used.started.into(),
             destination: used.destination,
@@ -1014,7 +1019,7 @@ impl BookState {
             sums.not_logged += u64::from(!logged);
             // What the broker refused (no rule, or over budget) moved only its answer, and
             // counts against no budget.
-            if line.rule.is_none() {
+            if !used_allowed {
                 sums.refused += 1;
                 return;
             }

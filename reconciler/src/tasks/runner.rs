@@ -972,13 +972,15 @@ impl BookState {
                     sums.grants += 1;
                     sums.granted = budget.grant(spent, sums.granted);
                 }
-                _ => sums.budget_refused = true,
+                Some(_) => sums.budget_refused = true,
+                // The budget was removed since: nothing is refused, nothing to allow.
+                None => {}
             }
         });
-        let outcome = if allow && budget.is_some() {
-            "it may use more"
-        } else {
-            "its connections stay refused"
+        let outcome = match (budget, allow) {
+            (None, _) => "it has no budget any more",
+            (Some(_), true) => "it may use more",
+            (Some(_), false) => "its connections stay refused",
         };
         self.event(
             record,

@@ -103,9 +103,12 @@ fn brokered(broker: &mut Broker, stream: u32, port: u16) -> (Duration, usize) {
     );
     let mut window = RecvWindow::default();
     let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
+        // The link thread waits on the outbox's waker; polling briefly stands in for it.
         let messages = broker.outgoing();
         if messages.is_empty() {
+            assert!(Instant::now() < deadline, "the broker stopped answering");
             std::thread::sleep(Duration::from_micros(50));
             continue;
         }
@@ -175,7 +178,7 @@ pub fn bench_broker() -> anyhow::Result<()> {
     );
     let mib_s = |d: Duration| TOTAL as f64 / (1024.0 * 1024.0) / d.as_secs_f64();
     println!(
-        "broker: 64 MiB through a tunnel: {:.0} MiB/s brokered (wire form and credit included, no channel), {:.0} MiB/s direct on the host (ratio {:.2}; goal >= 0.70 of the raw channel)",
+        "broker: 64 MiB through a tunnel: {:.0} MiB/s brokered (wire form and credit included, no channel), {:.0} MiB/s direct on the host (ratio {:.2}; the goal, 0.70 of the raw channel's throughput, is measured against the channel, not this)",
         mib_s(broker_time),
         mib_s(direct_time),
         mib_s(broker_time) / mib_s(direct_time)

@@ -316,7 +316,7 @@ fn check_egress<T>(o: &Object<T>, egress: &crate::spec::Egress, diags: &mut Vec<
             Ok(_) => unique_in_list(
                 o,
                 &mut hosts,
-                &c.host.trim_end_matches('.').to_ascii_lowercase(),
+                &crate::egress::normalize_host(&c.host),
                 &at("host"),
                 "credential host",
                 diags,

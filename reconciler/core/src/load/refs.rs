@@ -375,13 +375,13 @@ fn check_credential_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
                     ),
                 ));
             }
-            let host = c.host.trim_end_matches('.');
+            let host = crate::egress::normalize_host(&c.host);
             let port = c.port.map_or(crate::egress::DEFAULT_PORT, |p| p.0);
             let default = crate::spec::SecretAllowed::default();
             let allowed = secret.doc.spec.allowed.as_ref().unwrap_or(&default);
             let to_host = allowed.hosts.iter().any(|entry| {
                 let (h, p) = crate::egress::allowed_host(entry);
-                h.eq_ignore_ascii_case(host) && p == Some(port)
+                h == host && p == Some(port)
             });
             let shown = if port == crate::egress::DEFAULT_PORT {
                 host.to_owned()
