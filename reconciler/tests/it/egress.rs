@@ -416,3 +416,159 @@ fn a_brokered_api_gets_the_real_key_and_the_guest_only_a_placeholder() {
         Vec::<std::path::PathBuf>::new()
     );
 }
+
+/// An HTTP upstream on 127.0.0.1 that answers every request with `bytes` bytes.
+fn bulk_upstream(bytes: u64) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let block = vec![b'z'; 64 * 1024];
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn({
+                let block = block.clone();
+                move || {
+                    let mut conn = conn;
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {bytes}\r\n\r\n");
+                    if conn.write_all(head.as_bytes()).is_err() {
+                        return;
+                    }
+                    let mut left = bytes;
+                    while left > 0 {
+                        let n = left.min(block.len() as u64) as usize;
+                        if conn.write_all(&block[..n]).is_err() {
+                            return;
+                        }
+                        left -= n as u64;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Flow control on a real VM: a large download through the broker while another task of
+/// the same VM streams a line every 100 ms. The download cannot starve the output: the
+/// largest gap between output arrivals on the host is measured (and printed) and stays
+/// bounded, and every line arrives, in order. `FLEET_TEST_DOWNLOAD_MIB` sets the size (the
+/// issue's 200 MB; CI uses less under TCG).
+#[test]
+fn a_large_download_does_not_starve_another_tasks_output() {
+    if !enabled() {
+        return;
+    }
+    let mib: u64 = std::env::var("FLEET_TEST_DOWNLOAD_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let prefix = format!("it{}-flow-", std::process::id());
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let vm = format!("{prefix}a");
+    let port = bulk_upstream(mib * 1024 * 1024);
+    let repo = Repo::new();
+    repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml_with_policy(
+            &format!("it{}flow", std::process::id()),
+            "{shutdownTimeout: 10s, reconcileInterval: 30s}",
+        ),
+    );
+    repo.write(
+        "fleet/loadouts/agent.yaml",
+        format!(
+            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: agent}}\nspec:\n  network: {{mode: brokered}}\n  egress:\n    allow:\n      - {{host: '127.0.0.1', ports: [{port}]}}\n"
+        ),
+    );
+    repo.write(
+        &format!("fleet/vms/{vm}.yaml"),
+        format!(
+            "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {vm}}}\nspec: {{provider: local, image: micro, loadout: agent, resources: {{memory: 256Mi}}}}\n"
+        ),
+    );
+    repo.write(
+        "fleet/tasks/download.yaml",
+        task_yaml(
+            "download",
+            &vm,
+            &format!(
+                "  timeout: 20m\n  command: [sh, -c, \"sleep 5; unset NO_PROXY no_proxy; busybox wget -q -O - http://127.0.0.1:{port}/big | busybox wc -c\"]\n"
+            ),
+        ),
+    );
+    repo.write(
+        "fleet/tasks/ticks.yaml",
+        task_yaml(
+            "ticks",
+            &vm,
+            "  timeout: 20m\n  command: [sh, -c, 'i=0; while [ ! -e /tmp/stop ] && [ $i -lt 6000 ]; do i=$((i+1)); echo tick-$i; sleep 0.1; done']\n",
+        ),
+    );
+    repo.commit("a download and a ticking task");
+    let _daemon = Daemon::start(&repo);
+    let status = Status(repo.path().join(".fleet/status"));
+    crate::daemon::wait_until("both tasks run", Duration::from_secs(180), || {
+        status.phase("download").as_deref() == Some("Running")
+            && status.output("ticks").contains("tick-")
+    });
+    // While the download runs (it waits 5 s for the ticks to begin), note when the tick
+    // log grows.
+    let started = std::time::Instant::now();
+    let mut last_growth = std::time::Instant::now();
+    let mut last_len = status.output("ticks").len();
+    let mut worst = Duration::ZERO;
+    let mut growths = 0;
+    while status.phase("download").as_deref() == Some("Running") {
+        assert!(
+            started.elapsed() < Duration::from_secs(1200),
+            "the download never ended"
+        );
+        let len = status.output("ticks").len();
+        if len != last_len {
+            growths += 1;
+            worst = worst.max(last_growth.elapsed());
+            last_growth = std::time::Instant::now();
+            last_len = len;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Roughly: the task waited 5 s before it began.
+    let took = started.elapsed().saturating_sub(Duration::from_secs(5));
+    status.wait_phase("download", "Succeeded", Duration::from_secs(30));
+    let output = status.output("download");
+    assert!(
+        output.contains(&(mib * 1024 * 1024).to_string()),
+        "every byte arrived: {output}"
+    );
+    eprintln!(
+        "flow: {mib} MiB through the broker in about {:.1} s ({:.1} MiB/s over virtio-serial under TCG); the ticking task's output never waited more than {} ms (a line every 100 ms)",
+        took.as_secs_f64(),
+        mib as f64 / took.as_secs_f64(),
+        worst.as_millis()
+    );
+    assert!(
+        growths >= 20,
+        "the ticks ran alongside the download: {growths}"
+    );
+    assert!(
+        worst < Duration::from_secs(3),
+        "the download starved the other task's output for {} ms",
+        worst.as_millis()
+    );
+    let ticks: Vec<u32> = status
+        .output("ticks")
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("tick-")?.parse().ok())
+        .collect();
+    let expected: Vec<u32> = (1..=ticks.len() as u32).collect();
+    assert_eq!(ticks, expected, "every line, in order, once");
+}
