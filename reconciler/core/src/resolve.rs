@@ -57,6 +57,9 @@ pub struct Desired {
     /// part of a VM's configuration: the host's broker applies a change at once, without
     /// touching the VM.
     pub egress: BTreeMap<String, crate::egress::Policy>,
+    /// Egress a VM's loadout declares although the VM's network mode (set by the loadout
+    /// it extends, or by the VM) is not brokered: it has no effect, and the plan warns.
+    pub egress_unused: Vec<String>,
 }
 
 /// A provider as a revision uses it: how the host reaches it (from the host configuration)
@@ -400,6 +403,22 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
             (vm.name.clone(), policy)
         })
         .collect();
+    let egress_unused = vms
+        .values()
+        .filter(|vm| vm.config.network != NetworkMode::Brokered)
+        .filter_map(|vm| {
+            let loadout = vm.config.loadout.as_ref()?;
+            merged_loadouts.get(loadout)?.egress.as_ref()?;
+            Some(format!(
+                "VM {} uses loadout {loadout}, whose egress rules take effect only with network.mode: brokered, and its mode is {}",
+                vm.name,
+                serde_json::to_value(vm.config.network)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            ))
+        })
+        .collect();
     let tasks = loaded
         .tasks
         .iter()
@@ -468,6 +487,7 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
         approvals,
         secrets,
         egress,
+        egress_unused,
         provider_credentials: host
             .providers
             .iter()

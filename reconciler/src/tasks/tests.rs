@@ -57,6 +57,7 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
         secrets: Default::default(),
         provider_credentials: Vec::new(),
         egress: Default::default(),
+        egress_unused: Vec::new(),
     }
 }
 

@@ -300,3 +300,42 @@ fn events_are_listed_filtered_and_safe_to_print() {
     run.expect_code(2);
     assert!(run.stderr().contains("step.failed"), "{}", run.stderr());
 }
+
+#[test]
+fn the_plan_warns_of_egress_rules_that_can_have_no_effect() {
+    let repo = repo_with_fleet();
+    // The mode comes from the loadout it extends, so the loader cannot see the mismatch in
+    // one file: the plan says it.
+    repo.write(
+        "fleet/loadouts/base.yaml",
+        "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: base}\nspec:\n  network: {mode: full}\n",
+    );
+    repo.write(
+        "fleet/loadouts/agent.yaml",
+        "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: agent}\nspec:\n  extends: [base]\n  egress:\n    allow: [{host: api.example.com}]\n",
+    );
+    repo.write(
+        "fleet/vms/a.yaml",
+        vm_yaml("a", "256Mi").replace("image: micro,", "image: micro, loadout: agent,"),
+    );
+    repo.write(
+        "fleet/tasks/t.yaml",
+        "apiVersion: fleet/v1\nkind: Task\nmetadata: {name: t}\nspec:\n  vm: a\n  command: ['true']\n  egress:\n    allow: [{host: api.example.com}]\n",
+    );
+    repo.commit("egress on a VM that is not brokered");
+    let plan = repo.fleet(&["plan"]);
+    let out = plan.stdout();
+    assert!(
+        out.contains(
+            "WARNING: VM a uses loadout agent, whose egress rules take effect only with network.mode: brokered, and its mode is full"
+        ),
+        "{out}\n{}",
+        plan.stderr()
+    );
+    assert!(
+        out.contains(
+            "WARNING: task t (fleet/tasks/t.yaml) narrows its VM's egress, but VM a is not brokered"
+        ),
+        "{out}"
+    );
+}

@@ -642,18 +642,29 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
     plan
 }
 
-/// What `Plan::warnings` says of a revision.
+/// What `Plan::warnings` says of a revision: providers that trust any certificate, and
+/// egress rules that can have no effect.
 pub fn warnings(desired: &Desired) -> Vec<String> {
-    desired
-        .providers
-        .iter()
-        .filter_map(|p| match &p.host {
-            crate::spec::Provider::Proxmox(x) if x.insecure_skip_verify => Some(format!(
-                "provider {} accepts any TLS certificate (insecureSkipVerify: true): anyone on the path to {} can read its API token and act as the cluster; set caFile instead",
-                x.name.0, x.endpoint
-            )),
-            _ => None,
-        })
+    let insecure = desired.providers.iter().filter_map(|p| match &p.host {
+        crate::spec::Provider::Proxmox(x) if x.insecure_skip_verify => Some(format!(
+            "provider {} accepts any TLS certificate (insecureSkipVerify: true): anyone on the path to {} can read its API token and act as the cluster; set caFile instead",
+            x.name.0, x.endpoint
+        )),
+        _ => None,
+    });
+    let unbrokered_tasks = desired
+        .tasks
+        .values()
+        .filter(|t| t.egress.is_some() && !desired.egress.contains_key(&t.vm))
+        .map(|t| {
+            format!(
+                "task {} ({}) narrows its VM's egress, but VM {} is not brokered (network.mode: brokered): its rules have no effect",
+                t.name, t.source, t.vm
+            )
+        });
+    insecure
+        .chain(desired.egress_unused.iter().cloned())
+        .chain(unbrokered_tasks)
         .collect()
 }
 
