@@ -179,19 +179,7 @@ fn resolve_task(name: &str, spec: &TaskSpec, vm: Option<&DesiredVm>, source: &st
     };
     let json = serde_json::to_vec(&hashed).expect("TaskSpec serialises to JSON");
     let egress = spec.egress.as_ref().map(|e| crate::egress::Narrowing {
-        rules: e
-            .allow
-            .iter()
-            .enumerate()
-            .filter_map(|(i, a)| {
-                Some(crate::egress::Rule {
-                    host: crate::egress::HostPattern::parse(&a.host).ok()?,
-                    ports: a.ports.iter().map(|p| p.0).collect(),
-                    path_prefixes: a.paths.clone(),
-                    source: format!("task {name} egress.allow[{i}]"),
-                })
-            })
-            .collect(),
+        rules: egress_rules(&format!("task {name}"), &e.allow),
         budget: e.budget.as_ref().map(budget),
     });
     DesiredTask {
@@ -734,7 +722,7 @@ fn egress_policy(loadout: &str, egress: &crate::spec::Egress) -> crate::egress::
         })
         .collect();
     crate::egress::Policy {
-        rules: egress_rules(loadout, egress),
+        rules: egress_rules(&format!("loadout {loadout}"), &egress.allow),
         credentials,
         budget: egress.budget.as_ref().map(budget),
     }
@@ -751,9 +739,10 @@ fn budget(b: &crate::spec::EgressBudget) -> crate::egress::Budget {
     }
 }
 
-fn egress_rules(loadout: &str, egress: &crate::spec::Egress) -> Vec<crate::egress::Rule> {
-    egress
-        .allow
+/// `allow` rules as the broker checks them; `owner` (`loadout agent`, `task build`) names
+/// where they were written.
+fn egress_rules(owner: &str, allow: &[crate::spec::EgressAllow]) -> Vec<crate::egress::Rule> {
+    allow
         .iter()
         .enumerate()
         .filter_map(|(i, a)| {
@@ -761,7 +750,7 @@ fn egress_rules(loadout: &str, egress: &crate::spec::Egress) -> Vec<crate::egres
                 host: crate::egress::HostPattern::parse(&a.host).ok()?,
                 ports: a.ports.iter().map(|p| p.0).collect(),
                 path_prefixes: a.paths.clone(),
-                source: format!("loadout {loadout} egress.allow[{i}]"),
+                source: format!("{owner} egress.allow[{i}]"),
             })
         })
         .collect()

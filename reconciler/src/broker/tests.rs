@@ -680,18 +680,30 @@ fn credential(host: &str, port: u16, header: &str, scheme: Scheme) -> Credential
 /// A guest whose policy has `credentials`, reaching the API through a resolver that
 /// pins `api.example.test` to loopback (as the host configuration's `egress.hosts` does).
 fn credentialed_guest(credentials: Vec<Credential>, roots: rustls::RootCertStore) -> Guest {
+    credentialed_guest_with(
+        credentials,
+        table_with(&[("api.example.test", "127.0.0.1")], true),
+        roots,
+        b"sk-real-1234",
+    )
+}
+
+/// The same with a resolver of the test's and the credential's value.
+fn credentialed_guest_with(
+    credentials: Vec<Credential>,
+    resolve: Resolve,
+    roots: rustls::RootCertStore,
+    value: &'static [u8],
+) -> Guest {
     Guest::with(
         Some(Policy {
             credentials,
             ..Policy::default()
         }),
-        upstreams(
-            table_with(&[("api.example.test", "127.0.0.1")], true),
-            roots,
-        ),
-        Arc::new(|c: &Credential| {
+        upstreams(resolve, roots),
+        Arc::new(move |c: &Credential| {
             assert_eq!((c.secret.as_str(), c.key.as_str()), ("model", "api_key"));
-            Ok(Zeroizing::new(b"sk-real-1234".to_vec()))
+            Ok(Zeroizing::new(value.to_vec()))
         }),
     )
 }
@@ -835,22 +847,17 @@ fn an_api_without_a_credential_or_with_a_certificate_the_host_does_not_trust_is_
 #[test]
 fn a_brokered_api_whose_name_resolves_inside_is_refused_unless_the_host_pins_it() {
     let api = tls_api("api.example.test", "fine");
-    let mut guest = Guest::with(
-        Some(Policy {
-            credentials: vec![credential(
-                "api.example.test",
-                api.port,
-                "x-api-key",
-                Scheme::Plain,
-            )],
-            ..Policy::default()
-        }),
+    let mut guest = credentialed_guest_with(
+        vec![credential(
+            "api.example.test",
+            api.port,
+            "x-api-key",
+            Scheme::Plain,
+        )],
         // Resolved by "DNS" (not pinned) to loopback.
-        upstreams(
-            table(&[("api.example.test", "127.0.0.1")]),
-            api.roots.clone(),
-        ),
-        Arc::new(|_| Ok(Zeroizing::new(b"sk-real-1234".to_vec()))),
+        table(&[("api.example.test", "127.0.0.1")]),
+        api.roots.clone(),
+        b"sk-real-1234",
     );
     let (answer, _) = request_to_api(&mut guest, 1, b"GET /api.example.test/v1 HTTP/1.1\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
@@ -861,21 +868,16 @@ fn a_brokered_api_whose_name_resolves_inside_is_refused_unless_the_host_pins_it(
 #[test]
 fn a_credential_value_that_could_end_its_header_is_never_sent() {
     let api = tls_api("api.example.test", "fine");
-    let mut guest = Guest::with(
-        Some(Policy {
-            credentials: vec![credential(
-                "api.example.test",
-                api.port,
-                "x-api-key",
-                Scheme::Plain,
-            )],
-            ..Policy::default()
-        }),
-        upstreams(
-            table_with(&[("api.example.test", "127.0.0.1")], true),
-            api.roots.clone(),
-        ),
-        Arc::new(|_| Ok(Zeroizing::new(b"sk-1\r\nx-evil: 1".to_vec()))),
+    let mut guest = credentialed_guest_with(
+        vec![credential(
+            "api.example.test",
+            api.port,
+            "x-api-key",
+            Scheme::Plain,
+        )],
+        table_with(&[("api.example.test", "127.0.0.1")], true),
+        api.roots.clone(),
+        b"sk-1\r\nx-evil: 1",
     );
     let (answer, _) = request_to_api(&mut guest, 1, b"GET /api.example.test/v1 HTTP/1.1\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");

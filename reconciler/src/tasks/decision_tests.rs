@@ -28,14 +28,16 @@ fn at(seconds: u64) -> DecidedAt {
 /// A state with task `ask` started on a greeted connection at time 0; the guest's name
 /// for the run.
 fn started(deadline: Duration, on_deadline: OnDeadline) -> (BookState, Connection, String) {
+    started_with(&desired(deadline, on_deadline))
+}
+
+/// The same with the desired state `wanted` (task `ask` on `vm-1`).
+fn started_with(wanted: &crate::resolve::Desired) -> (BookState, Connection, String) {
     let mut state = BookState {
         now: at(0),
         ..BookState::default()
     };
-    state.sync(
-        &desired(deadline, on_deadline),
-        &BTreeSet::from(["vm-1".to_owned()]),
-    );
+    state.sync(wanted, &BTreeSet::from(["vm-1".to_owned()]));
     assert!(
         state.take_effects()["ask"].reset,
         "a new run empties its files first"
@@ -321,10 +323,6 @@ fn a_connection_counts_for_the_run_the_guest_named_only_on_its_own_vm() {
 
 #[test]
 fn a_spent_budget_refuses_connections_and_asks_a_human_once() {
-    let mut state = BookState {
-        now: at(0),
-        ..BookState::default()
-    };
     let mut wanted = desired(Duration::from_secs(60), OnDeadline::Wait);
     wanted.egress.insert(
         "vm-1".into(),
@@ -336,14 +334,7 @@ fn a_spent_budget_refuses_connections_and_asks_a_human_once() {
             ..Default::default()
         },
     );
-    state.sync(&wanted, &BTreeSet::from(["vm-1".to_owned()]));
-    let mut conn = Connection::new("vm-1");
-    conn.greeted("boot-1", None);
-    let (sent, _) = state.tick(&mut conn, &HostFiles::default());
-    let Some(HostMessage::RunTask { task, .. }) = sent.first() else {
-        panic!("expected a RunTask, got {sent:?}");
-    };
-    let task = task.clone();
+    let (mut state, mut conn, task) = started_with(&wanted);
     let spend = |state: &mut BookState, tokens: u64| {
         state.egress_used(
             "vm-1",
@@ -455,10 +446,6 @@ fn a_spent_budget_refuses_connections_and_asks_a_human_once() {
 
 #[test]
 fn open_connections_count_unread_answers_fail_closed_and_finished_runs_take_none() {
-    let mut state = BookState {
-        now: at(0),
-        ..BookState::default()
-    };
     let mut wanted = desired(Duration::from_secs(60), OnDeadline::Wait);
     wanted.egress.insert(
         "vm-1".into(),
@@ -471,14 +458,7 @@ fn open_connections_count_unread_answers_fail_closed_and_finished_runs_take_none
             ..Default::default()
         },
     );
-    state.sync(&wanted, &BTreeSet::from(["vm-1".to_owned()]));
-    let mut conn = Connection::new("vm-1");
-    conn.greeted("boot-1", None);
-    let (sent, _) = state.tick(&mut conn, &HostFiles::default());
-    let Some(HostMessage::RunTask { task, .. }) = sent.first() else {
-        panic!("expected a RunTask, got {sent:?}");
-    };
-    let task = task.clone();
+    let (mut state, _conn, task) = started_with(&wanted);
     // Two connections open at once use up a budget of two: a third waits for neither.
     assert_eq!(
         state.egress_admit("vm-1", Some(&task)),
@@ -556,10 +536,6 @@ fn open_connections_count_unread_answers_fail_closed_and_finished_runs_take_none
 
 #[test]
 fn a_task_narrows_its_loadouts_rules_and_budget_for_its_own_runs() {
-    let mut state = BookState {
-        now: at(0),
-        ..BookState::default()
-    };
     let mut wanted = desired(Duration::from_secs(60), OnDeadline::Wait);
     wanted.egress.insert(
         "vm-1".into(),
@@ -585,14 +561,7 @@ fn a_task_narrows_its_loadouts_rules_and_budget_for_its_own_runs() {
             ..Default::default()
         }),
     });
-    state.sync(&wanted, &BTreeSet::from(["vm-1".to_owned()]));
-    let mut conn = Connection::new("vm-1");
-    conn.greeted("boot-1", None);
-    let (sent, _) = state.tick(&mut conn, &HostFiles::default());
-    let Some(HostMessage::RunTask { task, .. }) = sent.first() else {
-        panic!("expected a RunTask, got {sent:?}");
-    };
-    let task = task.clone();
+    let (mut state, _conn, task) = started_with(&wanted);
     // The task's rules come with the admission; its budget of one connection is the
     // smaller, and the loadout's token limit still applies.
     let admitted = state.egress_admit("vm-1", Some(&task)).expect("admitted");

@@ -923,6 +923,58 @@ impl BookState {
         }
     }
 
+    /// Records a new pending prompt of `record`'s run (counted in its `prompts`), with the
+    /// deadline its task gives, and its event; returns its id. The caller checks
+    /// `limits::PROMPTS` and says what the prompt holds up.
+    fn raise_prompt(
+        &mut self,
+        record: &TaskRecord,
+        kind: crate::status::tasks::PromptKind,
+        text: String,
+        context: Vec<String>,
+    ) -> String {
+        let n = record.prompts + 1;
+        let id = crate::ids::PromptId {
+            task: record.name.clone(),
+            run: record.run.clone(),
+            n,
+        }
+        .to_string();
+        let task = self.desired.get(&record.name);
+        let deadline = task.map_or(crate::resolve::DEFAULT_PROMPT_DEADLINE, |t| {
+            t.prompt_deadline
+        });
+        let prompt = PromptRecord {
+            id: id.clone(),
+            kind,
+            // Only what is typed into the task's terminal may hold control characters.
+            allow_control: kind == crate::status::tasks::PromptKind::Input
+                && task.is_some_and(|t| t.allow_control),
+            task: record.name.clone(),
+            vm: record.vm.clone(),
+            text: text.clone(),
+            context,
+            created: self.now.wall.into(),
+            deadline: (self.now.wall + deadline).into(),
+            state: PromptState::Pending,
+            overdue: false,
+            response: None,
+            answered_by: None,
+            answered_at: None,
+            delivered: false,
+            refused: Vec::new(),
+        };
+        self.prompts.insert(id.clone(), prompt);
+        self.prompt_changed(&id);
+        self.update(&record.name, |r| r.prompts = n);
+        self.event(
+            record,
+            EventKind::HitlPrompt,
+            format!("prompt {id} waits for an answer: {text}"),
+        );
+        id
+    }
+
     /// Raises the budget prompt of run `name`; returns its id, or `None` when the run has
     /// had `limits::PROMPTS` prompts already.
     fn ask_for_budget(
@@ -935,51 +987,18 @@ impl BookState {
         if record.prompts >= limits::PROMPTS {
             return None;
         }
-        let n = record.prompts + 1;
-        let id = crate::ids::PromptId {
-            task: record.name.clone(),
-            run: record.run.clone(),
-            n,
-        }
-        .to_string();
-        let deadline = self
-            .desired
-            .get(name)
-            .map_or(crate::resolve::DEFAULT_PROMPT_DEADLINE, |t| {
-                t.prompt_deadline
-            });
         let text = format!("{used}; allow {}? (yes/no)", over.offer());
-        let prompt = PromptRecord {
-            id: id.clone(),
-            kind: crate::status::tasks::PromptKind::Budget,
-            allow_control: false,
-            task: name.to_owned(),
-            vm: record.vm.clone(),
-            text: text.clone(),
-            context: Vec::new(),
-            created: self.now.wall.into(),
-            // Shown, never enforced: the run's connections are refused while it waits, and
-            // its own timeout still applies.
-            deadline: (self.now.wall + deadline).into(),
-            state: PromptState::Pending,
-            overdue: false,
-            response: None,
-            answered_by: None,
-            answered_at: None,
-            delivered: false,
-            refused: Vec::new(),
-        };
-        self.prompts.insert(id.clone(), prompt);
-        self.prompt_changed(&id);
+        // Its deadline is shown, never enforced: the run's connections are refused while it
+        // waits, and its own timeout still applies.
+        let id = self.raise_prompt(
+            &record,
+            crate::status::tasks::PromptKind::Budget,
+            text,
+            Vec::new(),
+        );
         self.update(name, |r| {
-            r.prompts = n;
             r.egress.get_or_insert_with(Default::default).budget_prompt = Some(id.clone());
         });
-        self.event(
-            &record,
-            EventKind::HitlPrompt,
-            format!("prompt {id} waits for an answer: {text}"),
-        );
         Some(id)
     }
 

@@ -14,7 +14,7 @@ use fleet_agent_protocol::{ExitReason, GuestMessage, HostMessage, VERSION};
 use super::{BookState, DecidedAt, HostFiles, TaskBook, limits};
 use crate::answer::answer_problem;
 use crate::hitl::answer_from_file;
-use crate::ids::{ApprovalId, PromptId};
+use crate::ids::ApprovalId;
 use crate::resolve::DesiredTask;
 use crate::spec::{OnDeadline, Repository};
 use crate::status::tasks::{
@@ -646,50 +646,12 @@ impl BookState {
             .rev()
             .map(|l| cut(&redacted(l), limits::PROMPT_LINE_BYTES))
             .collect();
-        let n = record.prompts + 1;
-        let id = PromptId {
-            task: record.name.clone(),
-            run: record.run.clone(),
-            n,
-        }
-        .to_string();
-        let deadline = self
-            .desired
-            .get(name)
-            .map_or(crate::resolve::DEFAULT_PROMPT_DEADLINE, |t| {
-                t.prompt_deadline
-            });
-        let prompt = PromptRecord {
-            id: id.clone(),
-            kind: PromptKind::Input,
-            allow_control: self.desired.get(name).is_some_and(|t| t.allow_control),
-            task: name.to_owned(),
-            vm: record.vm.clone(),
-            text: text.clone(),
-            context: screen,
-            created: self.now.wall.into(),
-            deadline: (self.now.wall + deadline).into(),
-            state: PromptState::Pending,
-            overdue: false,
-            response: None,
-            answered_by: None,
-            answered_at: None,
-            delivered: false,
-            refused: Vec::new(),
-        };
-        self.prompts.insert(id.clone(), prompt);
-        self.prompt_changed(&id);
+        let id = self.raise_prompt(record, PromptKind::Input, text, screen);
         self.update(name, |r| {
             r.seq = seq;
-            r.prompts = n;
             r.pending_prompt = Some(id.clone());
             r.phase = TaskPhase::WaitingForInput;
         });
-        self.event(
-            record,
-            EventKind::HitlPrompt,
-            format!("prompt {id} waits for an answer: {text}"),
-        );
     }
 
     /// An artifact part, within the run's limits (count, path length, bytes).
