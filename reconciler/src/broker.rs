@@ -82,15 +82,16 @@ pub fn system_resolver(pinned: BTreeMap<String, IpAddr>) -> Resolve {
 #[derive(Clone)]
 pub struct Upstreams {
     pub resolve: Resolve,
+    /// Trust for every API host without its own authorities.
     pub tls: Arc<rustls::ClientConfig>,
+    /// Hosts (normalized) whose authorities the host configuration names: trusted alone.
+    pub tls_by_host: BTreeMap<String, Arc<rustls::ClientConfig>>,
 }
 
 impl Upstreams {
     /// From the host configuration: its pinned names, and the system's certificate store
     /// with its extra authorities.
     pub fn from_host(egress: &crate::spec::HostEgress) -> anyhow::Result<Upstreams> {
-        use anyhow::Context;
-        use rustls::pki_types::{CertificateDer, pem::PemObject};
         let mut roots = rustls::RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
         for e in &native.errors {
@@ -101,19 +102,13 @@ impl Upstreams {
             tracing::debug!("{ignored} certificates of the system's store could not be used");
         }
         for file in &egress.ca_files {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&file.0)
-                .and_then(Iterator::collect)
-                .with_context(|| {
-                    format!("cannot read the certificate authorities in {}", file.0)
-                })?;
-            if certs.is_empty() {
-                anyhow::bail!("{} holds no PEM certificate", file.0);
-            }
-            for cert in certs {
-                roots
-                    .add(cert)
-                    .with_context(|| format!("a certificate in {} cannot be used", file.0))?;
-            }
+            add_pem_authorities(&mut roots, &file.0)?;
+        }
+        let mut tls_by_host = BTreeMap::new();
+        for (host, file) in &egress.host_ca_files {
+            let mut own = rustls::RootCertStore::empty();
+            add_pem_authorities(&mut own, &file.0)?;
+            tls_by_host.insert(egress::normalize_host(host), Arc::new(tls_config(own)?));
         }
         Ok(Upstreams {
             resolve: system_resolver(
@@ -124,8 +119,36 @@ impl Upstreams {
                     .collect(),
             ),
             tls: Arc::new(tls_config(roots)?),
+            tls_by_host,
         })
     }
+
+    /// Whom the broker trusts for `host`'s certificate.
+    pub fn tls_for(&self, host: &str) -> Arc<rustls::ClientConfig> {
+        self.tls_by_host
+            .get(&egress::normalize_host(host))
+            .unwrap_or(&self.tls)
+            .clone()
+    }
+}
+
+/// Adds every certificate of the PEM file at `path` to `roots`; a file without one is an
+/// error (a wrong path should not silently trust nothing more).
+fn add_pem_authorities(roots: &mut rustls::RootCertStore, path: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .and_then(Iterator::collect)
+        .with_context(|| format!("cannot read the certificate authorities in {path}"))?;
+    if certs.is_empty() {
+        anyhow::bail!("{path} holds no PEM certificate");
+    }
+    for cert in certs {
+        roots
+            .add(cert)
+            .with_context(|| format!("a certificate in {path} cannot be used"))?;
+    }
+    Ok(())
 }
 
 /// A TLS client that verifies upstreams against `roots` (ring, TLS 1.2 and 1.3).
@@ -809,10 +832,11 @@ impl Worker {
         let Ok(name) = rustls::pki_types::ServerName::try_from(credential.host.clone()) else {
             return self.respond(502, "Bad Gateway", "the API's host is not a TLS name");
         };
-        let mut tls = match rustls::ClientConnection::new(self.upstreams.tls.clone(), name) {
-            Ok(c) => c,
-            Err(e) => return self.respond(502, "Bad Gateway", &format!("TLS: {e}")),
-        };
+        let mut tls =
+            match rustls::ClientConnection::new(self.upstreams.tls_for(&credential.host), name) {
+                Ok(c) => c,
+                Err(e) => return self.respond(502, "Bad Gateway", &format!("TLS: {e}")),
+            };
         // The handshake first, within its own deadline: nothing is written to an API whose
         // certificate the host does not trust.
         let mut tcp = tcp;

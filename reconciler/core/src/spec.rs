@@ -676,11 +676,16 @@ pub struct HostEgress {
     /// system's store. Absolute paths.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ca_files: Vec<HostPath>,
+    /// A PEM file of certificate authorities per credentialed API host (an internal
+    /// registry with its own CA): for that name the broker trusts these alone, not the
+    /// system's store nor `caFiles`, and no other name is trusted through them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub host_ca_files: BTreeMap<String, HostPath>,
 }
 
 impl HostEgress {
     pub fn is_empty(&self) -> bool {
-        self.hosts.is_empty() && self.ca_files.is_empty()
+        self.hosts.is_empty() && self.ca_files.is_empty() && self.host_ca_files.is_empty()
     }
 }
 

@@ -52,6 +52,7 @@ fn upstreams(resolve: Resolve, roots: rustls::RootCertStore) -> Upstreams {
     Upstreams {
         resolve,
         tls: Arc::new(tls_config(roots).expect("tls")),
+        tls_by_host: BTreeMap::new(),
     }
 }
 
@@ -591,6 +592,8 @@ fn a_plain_request_goes_upstream_alone_and_only_under_its_paths() {
 struct TlsApi {
     port: u16,
     roots: rustls::RootCertStore,
+    /// The authority, as a host configuration's PEM file holds it.
+    ca_pem: String,
     seen: std::sync::mpsc::Receiver<String>,
 }
 
@@ -607,6 +610,7 @@ fn tls_api(name: &str, answer: &'static str) -> TlsApi {
         .expect("cert");
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone()).expect("root");
+    let ca_pem = ca.pem();
     let server = Arc::new(
         rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -662,7 +666,12 @@ fn tls_api(name: &str, answer: &'static str) -> TlsApi {
             let _ = tls.flush();
         }
     });
-    TlsApi { port, roots, seen }
+    TlsApi {
+        port,
+        roots,
+        ca_pem,
+        seen,
+    }
 }
 
 fn credential(host: &str, port: u16, header: &str, scheme: Scheme) -> Credential {
@@ -842,6 +851,59 @@ fn an_api_without_a_credential_or_with_a_certificate_the_host_does_not_trust_is_
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
     assert!(answer.contains("TLS"), "{answer}");
     assert!(api.seen.recv_timeout(Duration::from_millis(500)).is_err());
+}
+
+#[test]
+fn a_hosts_own_authority_is_trusted_for_that_name_alone() {
+    let api = tls_api("api.example.test", "fine");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = dir.path().join("registry-ca.pem");
+    std::fs::write(&ca_file, &api.ca_pem).expect("write");
+    let host_egress = |name: &str| crate::spec::HostEgress {
+        hosts: BTreeMap::from([(
+            "api.example.test".to_owned(),
+            "127.0.0.1".parse().expect("ip"),
+        )]),
+        host_ca_files: BTreeMap::from([(
+            name.to_owned(),
+            crate::spec::HostPath(ca_file.to_string_lossy().into_owned()),
+        )]),
+        ..Default::default()
+    };
+    let guest_trusting = |name: &str| {
+        Guest::with(
+            Some(Policy {
+                credentials: vec![credential(
+                    "api.example.test",
+                    api.port,
+                    "x-api-key",
+                    Scheme::Plain,
+                )],
+                ..Policy::default()
+            }),
+            Upstreams::from_host(&host_egress(name)).expect("upstreams"),
+            Arc::new(|_: &Credential| Ok(Zeroizing::new(b"sk-real-1234".to_vec()))),
+        )
+    };
+    // The authority named for this host: its certificate is trusted.
+    let mut guest = guest_trusting("API.example.test");
+    let (answer, _) = request_to_api(&mut guest, 1, b"GET /api.example.test/v1 HTTP/1.1\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("fine"), "{answer}");
+    // The same authority named for another host only: not trusted here.
+    let mut guest = guest_trusting("registry.example.test");
+    let (answer, _) = request_to_api(&mut guest, 2, b"GET /api.example.test/v1 HTTP/1.1\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    assert!(answer.contains("TLS"), "{answer}");
+    // A file that holds no certificate is an error when the daemon starts, not silence.
+    std::fs::write(&ca_file, "not a certificate").expect("write");
+    let error = Upstreams::from_host(&host_egress("api.example.test"))
+        .err()
+        .expect("refused");
+    assert!(
+        error.to_string().contains("no PEM certificate"),
+        "{error:#}"
+    );
 }
 
 #[test]
