@@ -130,7 +130,7 @@ fuzz:
 
 bench: image libvirtd
 	$(CARGO) build --release -p fleet -p fleet-tools
-	$(TARGET_DIR)/release/fleet-bench --libvirt --daemon
+	$(TARGET_DIR)/release/fleet-bench --libvirt --daemon --egress
 
 clean:
 	rm -rf build target .fleet

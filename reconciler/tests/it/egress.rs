@@ -418,7 +418,7 @@ fn a_brokered_api_gets_the_real_key_and_the_guest_only_a_placeholder() {
 }
 
 /// An HTTP upstream on 127.0.0.1 that answers every request with `bytes` bytes.
-fn bulk_upstream(bytes: u64) -> u16 {
+pub fn bulk_upstream(bytes: u64) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     std::thread::spawn(move || {

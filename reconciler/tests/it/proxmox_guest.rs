@@ -308,7 +308,13 @@ fn brokered_egress_and_a_brokered_api_work_over_the_relay() {
     if !enabled() {
         return;
     }
-    use crate::egress::{shouting_upstream, tls_api};
+    use crate::egress::{bulk_upstream, shouting_upstream, tls_api};
+    // The relay's throughput, printed: `FLEET_TEST_RELAY_MIB` (make bench) sets the size.
+    let relay_mib: u64 = std::env::var("FLEET_TEST_RELAY_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let bulk = bulk_upstream(relay_mib * 1024 * 1024);
     let mut pve = FakePve::start();
     let schema = pve.schema();
     pve.control(json!({"op": "guests", "agentBin": agent_bin()}));
@@ -337,7 +343,7 @@ fn brokered_egress_and_a_brokered_api_work_over_the_relay() {
     f.repo.write(
         "fleet/loadouts/agent.yaml",
         format!(
-            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: agent}}\nspec:\n  network: {{mode: brokered}}\n  egress:\n    allow:\n      - {{host: '127.0.0.1', ports: [{allowed}]}}\n    credentials:\n      - {{host: api.anthropic.com, port: {api_port}, header: x-api-key, secret: {{secret: anthropic, key: api_key}}}}\n"
+            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: agent}}\nspec:\n  network: {{mode: brokered}}\n  egress:\n    allow:\n      - {{host: '127.0.0.1', ports: [{allowed}, {bulk}]}}\n    credentials:\n      - {{host: api.anthropic.com, port: {api_port}, header: x-api-key, secret: {{secret: anthropic, key: api_key}}}}\n"
         ),
     );
     f.repo
@@ -358,6 +364,16 @@ fn brokered_egress_and_a_brokered_api_work_over_the_relay() {
             "call",
             "box",
             "  command: [sh, -c, \"busybox wget -q -O- --header 'x-api-key: guest' $ANTHROPIC_BASE_URL/v1/models; echo key=$ANTHROPIC_API_KEY\"]\n",
+        ),
+    );
+    f.repo.write(
+        "fleet/tasks/bulk.yaml",
+        task_yaml(
+            "bulk",
+            "box",
+            &format!(
+                "  timeout: 20m\n  command: [sh, -c, \"unset NO_PROXY no_proxy; a=$(cut -d' ' -f1 /proc/uptime); busybox wget -q -O - http://127.0.0.1:{bulk}/big | busybox wc -c; echo took $a $(cut -d' ' -f1 /proc/uptime)\"]\n"
+            ),
         ),
     );
     f.repo.commit("a brokered VM on Proxmox");
@@ -390,6 +406,24 @@ fn brokered_egress_and_a_brokered_api_work_over_the_relay() {
         .recv_timeout(Duration::from_secs(5))
         .expect("a request");
     assert!(!head.contains("x-api-key: guest"), "{head}");
+
+    status.wait_phase("bulk", "Succeeded", Duration::from_secs(1200));
+    let output = status.output("bulk");
+    assert!(
+        output.contains(&(relay_mib * 1024 * 1024).to_string()),
+        "every byte came over the relay: {output}"
+    );
+    if let Some((a, b)) = output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("took "))
+        .and_then(|t| t.split_once(' '))
+        .and_then(|(a, b)| Some((a.parse::<f64>().ok()?, b.parse::<f64>().ok()?)))
+    {
+        eprintln!(
+            "egress on the Proxmox relay (fakepve): {relay_mib} MiB brokered at {:.2} MiB/s",
+            relay_mib as f64 / (b - a).max(0.01)
+        );
+    }
 
     // The VM has no network device, and every request was one the PVE API takes.
     let vm = pve.vm_named("box").expect("box");

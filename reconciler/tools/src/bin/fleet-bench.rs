@@ -15,13 +15,20 @@
 //! 4. broker: brokered egress in one process (`broker_bench`): a 64 MiB download through a
 //!    tunnel and short requests, each next to the same made directly on the host.
 //!
+//! 5. egress on a real VM (needs libvirtd and the micro image, `--egress`,
+//!    `vm_egress_bench`): a download through a brokered VM's proxy next to a plain copy over
+//!    the same kind of virtio-serial port, and the time of a short request in the guest.
+//!
 //! Usage: fleet-bench [--vms N] [--libvirt] [--libvirt-vms N] [--daemon] [--idle-seconds N]
-//!        [--skip-latency] [--skip-noop] [--skip-idle] [--only-broker]
+//!        [--skip-latency] [--skip-noop] [--skip-idle] [--egress] [--egress-mib N]
+//!        [--only-broker] [--only-egress]
 
 #![allow(clippy::disallowed_methods)] // a tool writes scratch files freely
 
 #[path = "../broker_bench.rs"]
 mod broker_bench;
+#[path = "../vm_egress_bench.rs"]
+mod vm_egress_bench;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -47,6 +54,11 @@ fn main() -> anyhow::Result<()> {
     if args.iter().any(|a| a == "--only-broker") {
         return broker_bench::bench_broker();
     }
+    let egress_mib = number("--egress-mib", 32) as u64;
+    if args.iter().any(|a| a == "--only-egress") {
+        vm_egress_bench::bench_vm_egress(egress_mib)?;
+        return broker_bench::bench_broker();
+    }
     bench_plan(vms)?;
     if args.iter().any(|a| a == "--libvirt") {
         bench_libvirt_observe(number("--libvirt-vms", 1_000))?;
@@ -65,6 +77,11 @@ fn main() -> anyhow::Result<()> {
         }
     } else {
         println!("daemon: skipped (pass --daemon to measure fleet serve)");
+    }
+    if args.iter().any(|a| a == "--egress") {
+        vm_egress_bench::bench_vm_egress(egress_mib)?;
+    } else {
+        println!("egress on a VM: skipped (pass --egress to measure a brokered VM)");
     }
     broker_bench::bench_broker()
 }
@@ -229,7 +246,9 @@ impl Drop for Serving {
 
 impl Drop for ScratchFleet {
     fn drop(&mut self) {
-        // Empty the fleet and apply, so every domain it made is removed.
+        // Empty the fleet and apply, so every domain it made is removed (tasks first: a
+        // task naming a VM that is gone is an invalid revision).
+        let _ = std::fs::remove_dir_all(self.path().join("fleet/tasks"));
         let _ = std::fs::remove_dir_all(self.path().join("fleet/vms"));
         let _ = self.commit("empty").and_then(|()| self.apply_approving());
     }
