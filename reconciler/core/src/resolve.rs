@@ -96,6 +96,9 @@ pub struct DesiredTask {
     /// The VM's loadout environment, then the task's own.
     pub env: BTreeMap<String, String>,
     pub repository: Option<Repository>,
+    /// Who commits in the checkout of `repository` are by (`git.author`, or a default
+    /// naming the task).
+    pub git_author: crate::spec::GitIdentity,
     pub timeout: std::time::Duration,
     pub artifacts: Vec<String>,
     pub prompt_patterns: Vec<String>,
@@ -188,6 +191,14 @@ fn resolve_task(name: &str, spec: &TaskSpec, vm: Option<&DesiredVm>, source: &st
         argv,
         env,
         repository: spec.repository.clone(),
+        git_author: spec
+            .git
+            .as_ref()
+            .map(|g| g.author.clone())
+            .unwrap_or_else(|| crate::spec::GitIdentity {
+                name: format!("fleet task {name}"),
+                email: format!("{name}@fleet.invalid"),
+            }),
         timeout: duration_or(&spec.timeout, DEFAULT_TASK_TIMEOUT),
         artifacts: spec.artifacts.clone(),
         prompt_patterns: prompts.patterns,

@@ -1202,6 +1202,27 @@ pub struct TaskSpec {
     /// Applied to a running run at once, without running it again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<TaskEgress>,
+    /// The git checkout of `repository` in the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git: Option<TaskGit>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TaskGit {
+    /// Author and committer of the commits made in the checkout (default `fleet task
+    /// NAME <NAME@fleet.invalid>`).
+    pub author: GitIdentity,
+}
+
+/// A name and an email address, as git writes them in a commit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GitIdentity {
+    #[schemars(length(min = 1, max = 256), regex(pattern = "^[^<>\\r\\n]+$"))]
+    pub name: String,
+    #[schemars(length(min = 3, max = 256), regex(pattern = "^[^<>\\s]+@[^<>\\s]+$"))]
+    pub email: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

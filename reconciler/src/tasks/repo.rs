@@ -1,6 +1,7 @@
 //! A task's repository, fetched on the host with git2 into a bare cache and shipped to the
-//! guest as a tar archive of one commit's tree, so the guest needs neither network nor git
-//! credentials.
+//! guest as a tar archive of one commit's tree and a shallow `.git` holding that commit on
+//! the branch `fleet/<task>`, so the guest needs neither network nor git credentials, and an
+//! agent in it can commit as it would on a laptop.
 
 use std::path::{Path, PathBuf};
 
@@ -79,6 +80,13 @@ pub struct Archive {
     pub tar: Vec<u8>,
 }
 
+/// The guest's checkout: the branch its `.git` is on, and who commits there.
+#[derive(Clone, Debug)]
+pub struct Checkout {
+    pub branch: String,
+    pub author: crate::spec::GitIdentity,
+}
+
 /// A URL as git2 takes it: URLs as written (the loader checked them against the host's
 /// allowed patterns), paths resolved inside `repo_root` (through symlinks, and refused if
 /// they lead outside it).
@@ -149,11 +157,12 @@ fn confined_git_dir(url: &str, path: &Path, root: &Path) -> Result<()> {
 }
 
 /// Fetches `repository` (its branch, or the remote's HEAD) into a bare cache under
-/// `cache_dir` and archives the commit's tree.
+/// `cache_dir` and archives the commit's tree with a `.git` for `checkout`.
 pub fn fetch_archive(
     cache_dir: &Path,
     repo_root: &Path,
     repository: &Repository,
+    checkout: &Checkout,
 ) -> Result<Archive> {
     let url = resolved_url(repo_root, &repository.url)?;
     let cache: PathBuf = cache_dir.join(format!(
@@ -210,7 +219,13 @@ pub fn fetch_archive(
     let tree = commit
         .tree()
         .map_err(cache_error("read the fetched commit's tree"))?;
-    let tar = archive_tree(&repo, &tree)?;
+    let mut builder = tar::Builder::new(Vec::new());
+    let size = add_git_dir(&mut builder, &repo, &commit, checkout)?;
+    archive_tree(&mut builder, &repo, &tree, size)?;
+    let tar = builder.into_inner().map_err(|source| RepoError::Tar {
+        path: "the end of the archive".into(),
+        source,
+    })?;
     Ok(Archive {
         commit: commit.id().to_string(),
         url: repository.url.clone(),
@@ -218,11 +233,141 @@ pub fn fetch_archive(
     })
 }
 
-/// The tree as a tar archive: regular files (executables keep their bit) and symlinks.
-fn archive_tree(repo: &git2::Repository, tree: &git2::Tree<'_>) -> Result<Vec<u8>> {
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut failure: Option<RepoError> = None;
+/// Adds a `.git` to the archive: a shallow repository whose one commit (with its tree, in one
+/// pack) is the tip of `checkout.branch`, checked out (an index of the tree), with
+/// `checkout.author` as `user.name` and `user.email`. Built in a scratch directory with
+/// git2; returns the bytes it added.
+fn add_git_dir(
+    builder: &mut tar::Builder<Vec<u8>>,
+    cache: &git2::Repository,
+    commit: &git2::Commit<'_>,
+    checkout: &Checkout,
+) -> Result<usize> {
+    let failed = |doing: &'static str| {
+        move |source| RepoError::CacheUse {
+            path: cache.path().to_owned(),
+            doing,
+            source,
+        }
+    };
+    let scratch = tempfile::tempdir().map_err(|source| RepoError::Tar {
+        path: ".git".into(),
+        source,
+    })?;
+    let repo =
+        git2::Repository::init(scratch.path()).map_err(failed("make the checkout's .git"))?;
+    let mut pack = git2::Buf::new();
+    {
+        let mut builder = cache
+            .packbuilder()
+            .map_err(failed("pack the fetched commit"))?;
+        builder
+            .insert_commit(commit.id())
+            .map_err(failed("pack the fetched commit"))?;
+        builder
+            .write_buf(&mut pack)
+            .map_err(failed("pack the fetched commit"))?;
+    }
+    if pack.len() > MAX_ARCHIVE_BYTES {
+        return Err(RepoError::TooLarge {
+            path: ".git".into(),
+        });
+    }
+    {
+        use std::io::Write;
+        let odb = repo.odb().map_err(failed("store the checkout's pack"))?;
+        let mut writer = odb
+            .packwriter()
+            .map_err(failed("store the checkout's pack"))?;
+        writer.write_all(&pack).map_err(|source| RepoError::Tar {
+            path: ".git/objects/pack".into(),
+            source,
+        })?;
+        writer
+            .commit()
+            .map_err(failed("store the checkout's pack"))?;
+    }
+    let git_dir = repo.path().to_owned();
+    std::fs::write(git_dir.join("shallow"), format!("{}\n", commit.id())).map_err(|source| {
+        RepoError::Tar {
+            path: ".git/shallow".into(),
+            source,
+        }
+    })?;
+    let reference = format!("refs/heads/{}", checkout.branch);
+    repo.reference(&reference, commit.id(), true, "fleet: the fetched commit")
+        .map_err(failed("name the checkout's branch"))?;
+    repo.set_head(&reference)
+        .map_err(failed("name the checkout's branch"))?;
+    let mut config = repo
+        .config()
+        .map_err(failed("write the checkout's config"))?;
+    config
+        .set_str("user.name", &checkout.author.name)
+        .and_then(|()| config.set_str("user.email", &checkout.author.email))
+        .map_err(failed("write the checkout's config"))?;
+    let tree = repo
+        .find_commit(commit.id())
+        .and_then(|c| c.tree())
+        .map_err(failed("read the checkout's tree"))?;
+    let mut index = repo.index().map_err(failed("write the checkout's index"))?;
+    index
+        .read_tree(&tree)
+        .and_then(|()| index.write())
+        .map_err(failed("write the checkout's index"))?;
     let mut size = 0usize;
+    for entry in walkdir_files(&git_dir)? {
+        let relative = entry
+            .strip_prefix(&git_dir)
+            .expect("under the git directory");
+        let path = Path::new(".git").join(relative);
+        let tar = |source| RepoError::Tar {
+            path: path.display().to_string(),
+            source,
+        };
+        let data = std::fs::read(&entry).map_err(tar)?;
+        size += 512 + data.len();
+        let mut header = tar::Header::new_gnu();
+        header.set_mtime(0);
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        builder
+            .append_data(&mut header, &path, data.as_slice())
+            .map_err(tar)?;
+    }
+    Ok(size)
+}
+
+/// Every regular file under `dir`, depth first (a scratch `.git`: no links).
+fn walkdir_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(at) = pending.pop() {
+        let entries = std::fs::read_dir(&at).map_err(|source| RepoError::Tar {
+            path: at.display().to_string(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => pending.push(entry.path()),
+                Ok(t) if t.is_file() => files.push(entry.path()),
+                _ => {}
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Adds the tree to the archive: regular files (executables keep their bit) and symlinks;
+/// `size` bytes are in it already.
+fn archive_tree(
+    builder: &mut tar::Builder<Vec<u8>>,
+    repo: &git2::Repository,
+    tree: &git2::Tree<'_>,
+    mut size: usize,
+) -> Result<()> {
+    let mut failure: Option<RepoError> = None;
     let mut entries = 0usize;
     tree.walk(git2::TreeWalkMode::PreOrder, |root, entry| {
         // Trees count too: one subtree named many times over, nested, is a walk without end.
@@ -231,10 +376,16 @@ fn archive_tree(repo: &git2::Repository, tree: &git2::Tree<'_>) -> Result<Vec<u8
             failure = Some(RepoError::TooManyEntries);
             return git2::TreeWalkResult::Abort;
         }
+        // A tree may name a `.git` of its own (git refuses to check one out): it would
+        // replace the checkout's, so it is left out, as git leaves it.
+        let name = entry.name().unwrap_or_default();
+        if name.eq_ignore_ascii_case(".git") {
+            return git2::TreeWalkResult::Skip;
+        }
         if entry.kind() != Some(git2::ObjectType::Blob) {
             return git2::TreeWalkResult::Ok;
         }
-        let path = format!("{root}{}", entry.name().unwrap_or_default());
+        let path = format!("{root}{name}");
         // Each entry costs its tar header too, however small the file.
         size += 512;
         let git = |source| RepoError::Git {
@@ -289,13 +440,10 @@ fn archive_tree(repo: &git2::Repository, tree: &git2::Tree<'_>) -> Result<Vec<u8
         }
     })
     .ok();
-    if let Some(e) = failure {
-        return Err(e);
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    builder.into_inner().map_err(|source| RepoError::Tar {
-        path: "the end of the archive".into(),
-        source,
-    })
 }
 
 #[cfg(test)]
@@ -311,6 +459,79 @@ mod tests {
             .expect("git runs")
             .success();
         assert!(ok, "git {args:?}");
+    }
+
+    fn checkout() -> Checkout {
+        Checkout {
+            branch: "fleet/fix".into(),
+            author: crate::spec::GitIdentity {
+                name: "Ada Agent".into(),
+                email: "ada@example.org".into(),
+            },
+        }
+    }
+
+    fn git_out(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("git runs");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    #[test]
+    fn the_guest_gets_a_shallow_checkout_on_the_tasks_branch_that_commits_as_its_author() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("app");
+        std::fs::create_dir_all(&src).expect("mkdir");
+        std::fs::write(src.join("README"), "one\n").expect("write");
+        git(&src, &["init", "-q", "-b", "main"]);
+        git(&src, &["add", "."]);
+        git(&src, &["commit", "-qm", "one"]);
+        std::fs::write(src.join("README"), "two\n").expect("write");
+        git(&src, &["commit", "-qam", "two"]);
+        let repository = Repository {
+            url: "app".into(),
+            branch: Some("main".into()),
+        };
+        let archive = fetch_archive(
+            &dir.path().join("cache"),
+            dir.path(),
+            &repository,
+            &checkout(),
+        )
+        .expect("fetched");
+        // Unpacked as the guest's agent unpacks it, the real git sees a clean checkout.
+        let guest = dir.path().join("guest");
+        tar::Archive::new(archive.tar.as_slice())
+            .unpack(&guest)
+            .expect("unpack");
+        assert_eq!(git_out(&guest, &["rev-parse", "HEAD"]), archive.commit);
+        assert_eq!(
+            git_out(&guest, &["rev-parse", "--abbrev-ref", "HEAD"]),
+            "fleet/fix"
+        );
+        assert_eq!(
+            git_out(&guest, &["rev-parse", "--is-shallow-repository"]),
+            "true"
+        );
+        assert_eq!(git_out(&guest, &["status", "--porcelain"]), "");
+        assert_eq!(git_out(&guest, &["log", "--format=%s"]), "two");
+        git_out(&guest, &["fsck", "--no-progress"]);
+        // A commit there is by the task's author, on top of the fetched commit.
+        std::fs::write(guest.join("README"), "three\n").expect("write");
+        git_out(&guest, &["commit", "-qam", "three"]);
+        assert_eq!(
+            git_out(&guest, &["log", "-1", "--format=%an <%ae> / %cn <%ce>"]),
+            "Ada Agent <ada@example.org> / Ada Agent <ada@example.org>"
+        );
+        assert_eq!(git_out(&guest, &["rev-parse", "HEAD~1"]), archive.commit);
     }
 
     #[test]
@@ -329,7 +550,7 @@ mod tests {
             url: "app".into(),
             branch: Some("main".into()),
         };
-        let archive = fetch_archive(&cache, dir.path(), &repository).expect("fetched");
+        let archive = fetch_archive(&cache, dir.path(), &repository, &checkout()).expect("fetched");
         assert_eq!(archive.commit.len(), 40);
         let mut entries = Vec::new();
         for entry in tar::Archive::new(archive.tar.as_slice())
@@ -337,6 +558,9 @@ mod tests {
             .expect("tar")
         {
             let mut entry = entry.expect("entry");
+            if entry.path().expect("path").starts_with(".git") {
+                continue; // The checkout's own test looks at it.
+            }
             let mut text = String::new();
             std::io::Read::read_to_string(&mut entry, &mut text).expect("read");
             let mode = entry.header().mode().expect("mode");
@@ -359,7 +583,7 @@ mod tests {
             branch: None,
         };
         assert_eq!(
-            fetch_archive(&cache, dir.path(), &head)
+            fetch_archive(&cache, dir.path(), &head, &checkout())
                 .expect("fetched")
                 .commit,
             archive.commit
@@ -368,7 +592,7 @@ mod tests {
             url: "app".into(),
             branch: Some("nope".into()),
         };
-        assert!(fetch_archive(&cache, dir.path(), &missing).is_err());
+        assert!(fetch_archive(&cache, dir.path(), &missing, &checkout()).is_err());
     }
 
     #[test]
@@ -395,7 +619,7 @@ mod tests {
             url: "fleet/vendor/r".into(),
             branch: None,
         };
-        let refused = fetch_archive(&dir.path().join("cache"), &root, &repository)
+        let refused = fetch_archive(&dir.path().join("cache"), &root, &repository, &checkout())
             .err()
             .map(|e| format!("{e:#}"));
         let refused = refused.expect("refused");
@@ -409,7 +633,7 @@ mod tests {
         std::os::unix::fs::symlink(host_repo.join(".git/objects"), fake.join("objects"))
             .expect("link");
         std::os::unix::fs::symlink(host_repo.join(".git/refs"), fake.join("refs")).expect("link");
-        let refused = fetch_archive(&dir.path().join("cache"), &root, &repository)
+        let refused = fetch_archive(&dir.path().join("cache"), &root, &repository, &checkout())
             .err()
             .map(|e| format!("{e:#}"))
             .expect("refused");

@@ -62,6 +62,7 @@ pub struct StageJob {
     task: String,
     guest_task: String,
     repository: Repository,
+    checkout: super::repo::Checkout,
 }
 
 impl Connection {
@@ -154,7 +155,12 @@ impl TaskBook {
     /// Fetches the job's repository (without the lock) and returns the parts to put into
     /// the guest. A fetch that fails fails the run.
     pub fn stage(&self, conn: &mut Connection, job: StageJob) -> Vec<HostMessage> {
-        let fetched = super::repo::fetch_archive(&self.cache_dir, &self.repo_root, &job.repository);
+        let fetched = super::repo::fetch_archive(
+            &self.cache_dir,
+            &self.repo_root,
+            &job.repository,
+            &job.checkout,
+        );
         let mut state = self.lock();
         state.now = DecidedAt::now();
         state.staged(conn, job, fetched)
@@ -318,6 +324,10 @@ impl BookState {
                     return (
                         out,
                         Some(StageJob {
+                            checkout: super::repo::Checkout {
+                                branch: format!("fleet/{name}"),
+                                author: task.git_author.clone(),
+                            },
                             task: name,
                             guest_task,
                             repository,

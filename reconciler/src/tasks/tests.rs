@@ -21,6 +21,10 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
         argv: vec!["sh".into()],
         env: Default::default(),
         repository: None,
+        git_author: crate::spec::GitIdentity {
+            name: "fleet task ask".into(),
+            email: "ask@fleet.invalid".into(),
+        },
         timeout: Duration::from_secs(60),
         artifacts: Vec::new(),
         prompt_patterns: Vec::new(),

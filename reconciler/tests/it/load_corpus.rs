@@ -942,7 +942,7 @@ fn a_valid_task_and_answer_load() {
                 "fleet/tasks/agent.yaml",
                 &task_with(
                     "agent",
-                    "  agent: {kind: claude, prompt: 'fix the tests', model: sonnet}\n  repository: {url: 'https://git.example.org/team/app', branch: main}\n",
+                    "  agent: {kind: claude, prompt: 'fix the tests', model: sonnet}\n  repository: {url: 'https://git.example.org/team/app', branch: main}\n  git: {author: {name: Ada Agent, email: ada@example.org}}\n",
                 ),
             ),
             (
@@ -1016,6 +1016,26 @@ fn task_with_an_unknown_agent_kind() {
         ],
         expect![[r#"
             fleet/tasks/t.yaml:7:17: error: spec.agent.kind: string "clippy" is not valid; valid: claude, codex, gemini, aider
+        "#]],
+    );
+}
+
+#[test]
+fn task_with_a_git_author_git_could_not_write() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with(
+                    "t",
+                    "  command: [make]\n  git: {author: {name: \"Eve <root@host>\", email: nobody}}\n",
+                ),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:8:24: error: spec.git.author.name: string "Eve <root@host>" is not valid; it must match ^[^<>\r\n]+$
+            fleet/tasks/t.yaml:8:50: error: spec.git.author.email: string "nobody" is not valid; it must match ^[^<>\s]+@[^<>\s]+$
         "#]],
     );
 }

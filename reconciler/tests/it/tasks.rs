@@ -126,7 +126,7 @@ fn tasks_run_ask_for_answers_and_survive_a_restart_of_fleet() {
             "fail",
             &vm,
             &format!(
-                "  repository: {{url: 'file://{}', branch: main}}\n  command: [sh, -c, 'cat README; echo hello; mkdir -p out; echo result > out/r.txt; exit 3']\n  artifacts: ['out/*']\n",
+                "  repository: {{url: 'file://{}', branch: main}}\n  command: [sh, -c, 'cat README; cat .git/HEAD .git/shallow; echo hello; mkdir -p out; echo result > out/r.txt; exit 3']\n  artifacts: ['out/*']\n",
                 app.path().display()
             ),
         ),
@@ -186,9 +186,18 @@ fn tasks_run_ask_for_answers_and_survive_a_restart_of_fleet() {
     let output = status.output("fail");
     assert!(output.contains("the app's readme"), "{output}");
     assert!(output.contains("hello"), "{output}");
+    // A checkout of the fetched commit, on the task's branch.
     assert!(
-        fail.contains("commit: "),
-        "the repository's commit is recorded: {fail}"
+        output.contains("ref: refs/heads/fleet/fail"),
+        "the checkout is on the task's branch: {output}"
+    );
+    let commit = fail
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("commit: "))
+        .unwrap_or_else(|| panic!("the repository's commit is recorded: {fail}"));
+    assert!(
+        output.contains(commit.trim_matches('"')),
+        "the checkout holds the recorded commit: {output}"
     );
     assert_eq!(
         read(&status.0.join("tasks/fail/artifacts/out/r.txt")),
