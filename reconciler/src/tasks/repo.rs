@@ -288,6 +288,10 @@ fn add_git_dir(
             .map_err(failed("store the checkout's pack"))?;
     }
     let git_dir = repo.path().to_owned();
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a scratch directory, archived and removed"
+    )]
     std::fs::write(git_dir.join("shallow"), format!("{}\n", commit.id())).map_err(|source| {
         RepoError::Tar {
             path: ".git/shallow".into(),
