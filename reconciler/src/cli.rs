@@ -473,7 +473,7 @@ async fn make_plan(
 }
 
 async fn plan_cmd(ws: &Workspace, args: &PlanArgs) -> Result<ExitCode> {
-    let (_, plan, _) = match make_plan(ws, &args.source).await? {
+    let (desired, plan, _) = match make_plan(ws, &args.source).await? {
         Ok(p) => p,
         Err(code) => return Ok(code),
     };
@@ -481,6 +481,7 @@ async fn plan_cmd(ws: &Workspace, args: &PlanArgs) -> Result<ExitCode> {
         print!("{}", render::json(&plan));
     } else {
         print!("{}", render::text(&plan));
+        print!("{}", task_runs_text(ws, &desired));
     }
     if let Some(out) = &args.out {
         crate::atomic_file::write_atomic(out, render::json(&plan).as_bytes())
@@ -499,6 +500,27 @@ async fn plan_cmd(ws: &Workspace, args: &PlanArgs) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The task runs the revision starts, runs again or cancels, against the runs the status
+/// directory records (none, for a pull request planned in CI: every task starts).
+fn task_runs_text(ws: &Workspace, desired: &crate::resolve::Desired) -> String {
+    use crate::plan::task_runs::{self, RecordedRun};
+    let recorded = ws
+        .status
+        .read_task_records()
+        .into_iter()
+        .map(|(name, r)| {
+            let run = RecordedRun {
+                vm: r.vm,
+                task_hash: r.task_hash,
+                run_hash: r.spec_hash,
+                active: r.phase.is_active() || r.phase == crate::status::tasks::TaskPhase::Pending,
+            };
+            (name, run)
+        })
+        .collect();
+    task_runs::render(&task_runs::task_runs(&desired.tasks, &recorded))
 }
 
 fn read_saved_plan(path: &Path) -> Result<Plan> {

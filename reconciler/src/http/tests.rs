@@ -188,6 +188,7 @@ async fn tasks_and_pending_prompts_show_with_the_output_tail() {
         generation: 1,
         run: "0123abcd".into(),
         spec_hash: "h".into(),
+        task_hash: None,
         rerun: 0,
         phase: TaskPhase::WaitingForInput,
         message: None,

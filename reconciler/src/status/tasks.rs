@@ -144,6 +144,10 @@ pub struct TaskRecord {
     /// Identifies this run: 8 hex digits of sha256(spec hash, generation).
     pub run: String,
     pub spec_hash: String,
+    /// The spec hash of the task alone (`spec_hash` adds its secret values' keyed hashes
+    /// when it has secrets): what `fleet plan` compares a revision's task with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_hash: Option<String>,
     pub rerun: u32,
     pub phase: TaskPhase,
     /// Why it is in this phase, in words (waiting for what, failed how).

@@ -1172,6 +1172,7 @@ impl BookState {
             generation,
             run: run_id(self.run_hash(task), generation),
             spec_hash: self.run_hash(task).to_owned(),
+            task_hash: Some(task.spec_hash.clone()),
             rerun: task.rerun,
             phase: TaskPhase::Pending,
             message: Some(waiting_message(task, self.held(task), running)),

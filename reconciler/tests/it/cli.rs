@@ -339,3 +339,28 @@ fn the_plan_warns_of_egress_rules_that_can_have_no_effect() {
         "{out}"
     );
 }
+
+#[test]
+fn the_plan_shows_the_task_runs_a_revision_starts() {
+    let repo = repo_with_fleet();
+    repo.write("fleet/vms/a.yaml", vm_yaml("a", "256Mi"));
+    repo.write(
+        "fleet/tasks/fix.yaml",
+        "apiVersion: fleet/v1\nkind: Task\nmetadata: {name: fix}\nspec:\n  vm: a\n  agent: {kind: claude, prompt: 'fix the failing test'}\n  repository: {url: app, branch: main}\n",
+    );
+    repo.commit("an agent task");
+    let plan = repo.fleet(&["plan"]);
+    let out = plan.stdout();
+    assert!(
+        out.contains("Task runs: 1 to start, 0 to run again, 0 to restart, 0 to cancel."),
+        "{out}\n{}",
+        plan.stderr()
+    );
+    assert!(out.contains("  + start task fix on VM a\n"), "{out}");
+    assert!(out.contains("      runs: claude "), "{out}");
+    assert!(out.contains("'fix the failing test'"), "{out}");
+    assert!(
+        out.contains("      on:   app@main (checked out as fleet/fix in the guest)"),
+        "{out}"
+    );
+}

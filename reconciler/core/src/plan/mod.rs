@@ -14,6 +14,7 @@ pub mod fields;
 pub mod guard;
 pub mod render;
 pub mod secrets;
+pub mod task_runs;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,0 +1,305 @@
+//! The task runs a revision starts, runs again or cancels, as `fleet plan` shows them: a
+//! reviewer of a pull request sees that merging it starts a coding agent, where, on what.
+//!
+//! Pure: the revision's tasks against what the status directory records of their runs.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::resolve::DesiredTask;
+
+/// What the status directory records of a task's latest run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedRun {
+    pub vm: String,
+    /// The spec hash of the task the run is of (`DesiredTask::spec_hash`); absent in
+    /// records written before it was kept, which are then compared by `run_hash`.
+    pub task_hash: Option<String>,
+    /// The hash that identifies the run (the spec's, with its secret values' when it has
+    /// secrets).
+    pub run_hash: String,
+    /// Pending, staging, running or waiting for input.
+    pub active: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunChange {
+    /// A task with no run yet.
+    Start,
+    /// A finished run whose task changed: a new run.
+    RunAgain,
+    /// A run under way whose task changed: it is cancelled and a new one starts.
+    Restart,
+    /// A run under way whose task file is gone.
+    Cancel,
+}
+
+impl RunChange {
+    fn symbol(self) -> &'static str {
+        match self {
+            RunChange::Start => "+",
+            RunChange::RunAgain => "~",
+            RunChange::Restart => "-/+",
+            RunChange::Cancel => "-",
+        }
+    }
+}
+
+/// One task run the revision changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskRun {
+    pub task: String,
+    pub vm: String,
+    pub change: RunChange,
+    /// The command, shortened (an agent's is its CLI and prompt).
+    pub command: String,
+    /// `url@branch` (or `url`, the remote's HEAD).
+    pub repository: Option<String>,
+    /// Where the checkout's commits are made in the guest.
+    pub branch: Option<String>,
+}
+
+/// The longest command shown; the file holds the rest.
+const COMMAND_CHARS: usize = 100;
+
+/// The runs `tasks` start, run again or cancel, given the `recorded` latest runs (by task).
+/// A task whose run is recorded by its run hash only, and that has secrets, is left out:
+/// without reading secret values a plan cannot tell whether it changed.
+pub fn task_runs(
+    tasks: &BTreeMap<String, DesiredTask>,
+    recorded: &BTreeMap<String, RecordedRun>,
+) -> Vec<TaskRun> {
+    let mut runs = Vec::new();
+    for (name, task) in tasks {
+        let change = match recorded.get(name) {
+            None => Some(RunChange::Start),
+            Some(run) => {
+                let same = match &run.task_hash {
+                    Some(hash) => *hash == task.spec_hash,
+                    None => task.secrets.is_empty() && run.run_hash == task.spec_hash,
+                } || (run.task_hash.is_none() && !task.secrets.is_empty());
+                match (same, run.active) {
+                    (true, _) => None,
+                    (false, true) => Some(RunChange::Restart),
+                    (false, false) => Some(RunChange::RunAgain),
+                }
+            }
+        };
+        if let Some(change) = change {
+            runs.push(TaskRun {
+                task: name.clone(),
+                vm: task.vm.clone(),
+                change,
+                command: shortened(&task.argv),
+                repository: task.repository.as_ref().map(|r| match &r.branch {
+                    Some(b) => format!("{}@{b}", r.url),
+                    None => r.url.clone(),
+                }),
+                branch: task.repository.as_ref().map(|_| format!("fleet/{name}")),
+            });
+        }
+    }
+    for (name, run) in recorded {
+        if run.active && !tasks.contains_key(name) {
+            runs.push(TaskRun {
+                task: name.clone(),
+                vm: run.vm.clone(),
+                change: RunChange::Cancel,
+                command: String::new(),
+                repository: None,
+                branch: None,
+            });
+        }
+    }
+    runs.sort_by(|a, b| a.task.cmp(&b.task));
+    runs
+}
+
+/// The command line as a reader would type it, cut at `COMMAND_CHARS`.
+fn shortened(argv: &[String]) -> String {
+    let line = argv
+        .iter()
+        .map(|a| {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:@%+,".contains(c))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let line: String = line
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    match line.char_indices().nth(COMMAND_CHARS) {
+        Some((at, _)) => format!("{}…", &line[..at]),
+        None => line,
+    }
+}
+
+/// The section `fleet plan` prints after the VMs' steps; empty when no run changes.
+pub fn render(runs: &[TaskRun]) -> String {
+    if runs.is_empty() {
+        return String::new();
+    }
+    let mut out = String::new();
+    let count = |c: RunChange| runs.iter().filter(|r| r.change == c).count();
+    let _ = writeln!(
+        out,
+        "\nTask runs: {} to start, {} to run again, {} to restart, {} to cancel.",
+        count(RunChange::Start),
+        count(RunChange::RunAgain),
+        count(RunChange::Restart),
+        count(RunChange::Cancel)
+    );
+    for run in runs {
+        let (verb, why) = match run.change {
+            RunChange::Start => ("start", ""),
+            RunChange::RunAgain => ("run again", " (its spec changed)"),
+            RunChange::Restart => (
+                "restart",
+                " (its spec changed: the run under way is cancelled)",
+            ),
+            RunChange::Cancel => ("cancel", " (its file is gone; the run under way stops)"),
+        };
+        let _ = writeln!(
+            out,
+            "  {} {verb} task {} on VM {}{why}",
+            run.change.symbol(),
+            run.task,
+            run.vm
+        );
+        if !run.command.is_empty() {
+            let _ = writeln!(out, "      runs: {}", run.command);
+        }
+        if let (Some(repository), Some(branch)) = (&run.repository, &run.branch) {
+            let _ = writeln!(
+                out,
+                "      on:   {repository} (checked out as {branch} in the guest)"
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{GitIdentity, Repository};
+
+    fn task(name: &str, argv: &[&str], hash: &str) -> DesiredTask {
+        DesiredTask {
+            name: name.into(),
+            vm: "agent-1".into(),
+            argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+            env: BTreeMap::new(),
+            repository: None,
+            git_author: GitIdentity {
+                name: "fleet".into(),
+                email: "f@fleet.invalid".into(),
+            },
+            timeout: std::time::Duration::from_secs(60),
+            artifacts: Vec::new(),
+            prompt_patterns: Vec::new(),
+            prompt_deadline: std::time::Duration::from_secs(60),
+            on_deadline: Default::default(),
+            allow_control: false,
+            rerun: 0,
+            secrets: Vec::new(),
+            egress: None,
+            spec_hash: hash.into(),
+            source: format!("fleet/tasks/{name}.yaml"),
+        }
+    }
+
+    fn recorded(hash: &str, active: bool) -> RecordedRun {
+        RecordedRun {
+            vm: "agent-1".into(),
+            task_hash: Some(hash.into()),
+            run_hash: hash.into(),
+            active,
+        }
+    }
+
+    #[test]
+    fn a_plan_names_each_run_a_revision_starts_reruns_restarts_or_cancels() {
+        let mut fix = task(
+            "fix",
+            &["claude", "-p", "fix the failing test, then commit"],
+            "h-fix",
+        );
+        fix.repository = Some(Repository {
+            url: "https://git.example.org/team/app".into(),
+            branch: Some("main".into()),
+        });
+        let tasks = BTreeMap::from([
+            ("fix".to_owned(), fix),
+            (
+                "build".to_owned(),
+                task("build", &["make", "test"], "h-build-2"),
+            ),
+            (
+                "lint".to_owned(),
+                task("lint", &["make", "lint"], "h-lint-2"),
+            ),
+            ("same".to_owned(), task("same", &["true"], "h-same")),
+        ]);
+        let records = BTreeMap::from([
+            ("build".to_owned(), recorded("h-build-1", false)),
+            ("lint".to_owned(), recorded("h-lint-1", true)),
+            ("same".to_owned(), recorded("h-same", true)),
+            ("old".to_owned(), recorded("h-old", true)),
+            ("done".to_owned(), recorded("h-done", false)),
+        ]);
+        let text = render(&task_runs(&tasks, &records));
+        expect_test::expect![[r#"
+
+            Task runs: 1 to start, 1 to run again, 1 to restart, 1 to cancel.
+              ~ run again task build on VM agent-1 (its spec changed)
+                  runs: make test
+              + start task fix on VM agent-1
+                  runs: claude -p 'fix the failing test, then commit'
+                  on:   https://git.example.org/team/app@main (checked out as fleet/fix in the guest)
+              -/+ restart task lint on VM agent-1 (its spec changed: the run under way is cancelled)
+                  runs: make lint
+              - cancel task old on VM agent-1 (its file is gone; the run under way stops)
+        "#]]
+        .assert_eq(&text);
+    }
+
+    #[test]
+    fn nothing_changes_nothing_is_printed_and_long_commands_are_cut() {
+        let tasks = BTreeMap::from([("same".to_owned(), task("same", &["true"], "h"))]);
+        let records = BTreeMap::from([("same".to_owned(), recorded("h", false))]);
+        assert_eq!(render(&task_runs(&tasks, &records)), "");
+        let long = "x".repeat(300);
+        let line = shortened(&["echo".into(), long, "a\nb".into()]);
+        assert_eq!(line.chars().count(), COMMAND_CHARS + 1);
+        assert!(line.ends_with('…'));
+        assert!(!shortened(&["a\nb".into()]).contains('\n'));
+    }
+
+    #[test]
+    fn an_old_record_of_a_task_with_secrets_is_not_claimed_to_change() {
+        let mut with_secret = task("s", &["true"], "h-spec");
+        with_secret.secrets = vec![crate::spec::SecretRef {
+            secret: crate::spec::Name("model".into()),
+            key: crate::spec::SecretKey("api_key".into()),
+            env: Some("KEY".into()),
+            file: None,
+        }];
+        let old = RecordedRun {
+            vm: "agent-1".into(),
+            task_hash: None,
+            run_hash: "h-run-with-secret-values".into(),
+            active: false,
+        };
+        let tasks = BTreeMap::from([("s".to_owned(), with_secret)]);
+        let records = BTreeMap::from([("s".to_owned(), old)]);
+        assert!(task_runs(&tasks, &records).is_empty());
+    }
+}
