@@ -106,9 +106,22 @@ impl Upstreams {
         }
         let mut tls_by_host = BTreeMap::new();
         for (host, file) in &egress.host_ca_files {
+            // A key that could never match an API host would fall back to the system's
+            // store without a word: refused instead.
+            let name = egress::normalize_host(host);
+            if name.is_empty() || name.contains(':') || name.parse::<IpAddr>().is_ok() {
+                anyhow::bail!(
+                    "egress.hostCaFiles: {host:?} is not a host name (credentials name hosts, without a port)"
+                );
+            }
             let mut own = rustls::RootCertStore::empty();
             add_pem_authorities(&mut own, &file.0)?;
-            tls_by_host.insert(egress::normalize_host(host), Arc::new(tls_config(own)?));
+            if tls_by_host
+                .insert(name, Arc::new(tls_config(own)?))
+                .is_some()
+            {
+                anyhow::bail!("egress.hostCaFiles names {host:?} twice");
+            }
         }
         Ok(Upstreams {
             resolve: system_resolver(

@@ -515,7 +515,8 @@ fn task_runs_text(ws: &Workspace, desired: &crate::resolve::Desired) -> String {
                 vm: r.vm,
                 task_hash: r.task_hash,
                 run_hash: r.spec_hash,
-                active: r.phase.is_active() || r.phase == crate::status::tasks::TaskPhase::Pending,
+                // A pending run is replaced in place, not cancelled.
+                active: r.phase.is_active(),
             };
             (name, run)
         })

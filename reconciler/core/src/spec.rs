@@ -1244,6 +1244,10 @@ pub struct Repository {
     pub url: String,
     /// The branch to check out (default: the remote's HEAD).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 255),
+        regex(pattern = "^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
+    )]
     pub branch: Option<String>,
 }
 

@@ -895,6 +895,13 @@ fn a_hosts_own_authority_is_trusted_for_that_name_alone() {
     let (answer, _) = request_to_api(&mut guest, 2, b"GET /api.example.test/v1 HTTP/1.1\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
     assert!(answer.contains("TLS"), "{answer}");
+    // A key that names no host (a port, an address) is refused, not ignored.
+    for key in ["api.example.test:443", "127.0.0.1"] {
+        let error = Upstreams::from_host(&host_egress(key))
+            .err()
+            .expect("refused");
+        assert!(error.to_string().contains("not a host name"), "{error:#}");
+    }
     // A file that holds no certificate is an error when the daemon starts, not silence.
     std::fs::write(&ca_file, "not a certificate").expect("write");
     let error = Upstreams::from_host(&host_egress("api.example.test"))

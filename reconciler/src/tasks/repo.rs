@@ -219,9 +219,12 @@ pub fn fetch_archive(
     let tree = commit
         .tree()
         .map_err(cache_error("read the fetched commit's tree"))?;
+    // The tree first: its walk is what bounds the work (entries, sizes from object
+    // headers) before git2 packs and indexes the same tree for the `.git`, and the `.git`
+    // written last in the archive is the one the guest unpacks, whatever the tree holds.
     let mut builder = tar::Builder::new(Vec::new());
-    let size = add_git_dir(&mut builder, &repo, &commit, checkout)?;
-    archive_tree(&mut builder, &repo, &tree, size)?;
+    let size = archive_tree(&mut builder, &repo, &tree, 0)?;
+    add_git_dir(&mut builder, &repo, &commit, checkout, size)?;
     let tar = builder.into_inner().map_err(|source| RepoError::Tar {
         path: "the end of the archive".into(),
         source,
@@ -236,13 +239,15 @@ pub fn fetch_archive(
 /// Adds a `.git` to the archive: a shallow repository whose one commit (with its tree, in one
 /// pack) is the tip of `checkout.branch`, checked out (an index of the tree), with
 /// `checkout.author` as `user.name` and `user.email`. Built in a scratch directory with
-/// git2; returns the bytes it added.
+/// git2, without the host's templates; `size` bytes are in the archive already (the tree,
+/// whose walk bounded what packing it costs).
 fn add_git_dir(
     builder: &mut tar::Builder<Vec<u8>>,
     cache: &git2::Repository,
     commit: &git2::Commit<'_>,
     checkout: &Checkout,
-) -> Result<usize> {
+    mut size: usize,
+) -> Result<()> {
     let failed = |doing: &'static str| {
         move |source| RepoError::CacheUse {
             path: cache.path().to_owned(),
@@ -254,8 +259,21 @@ fn add_git_dir(
         path: ".git".into(),
         source,
     })?;
-    let repo =
-        git2::Repository::init(scratch.path()).map_err(failed("make the checkout's .git"))?;
+    // No template directory: nothing of the host's (its hooks, its `info/exclude`) is shipped.
+    let repo = git2::Repository::init_opts(
+        scratch.path(),
+        git2::RepositoryInitOptions::new().external_template(false),
+    )
+    .map_err(failed("make the checkout's .git"))?;
+    // The identity first: the branch's reflog names who made it, and that is the task's
+    // author, never the host user's.
+    let mut config = repo
+        .config()
+        .map_err(failed("write the checkout's config"))?;
+    config
+        .set_str("user.name", &checkout.author.name)
+        .and_then(|()| config.set_str("user.email", &checkout.author.email))
+        .map_err(failed("write the checkout's config"))?;
     let mut pack = git2::Buf::new();
     {
         let mut builder = cache
@@ -268,7 +286,7 @@ fn add_git_dir(
             .write_buf(&mut pack)
             .map_err(failed("pack the fetched commit"))?;
     }
-    if pack.len() > MAX_ARCHIVE_BYTES {
+    if size + pack.len() > MAX_ARCHIVE_BYTES {
         return Err(RepoError::TooLarge {
             path: ".git".into(),
         });
@@ -303,13 +321,6 @@ fn add_git_dir(
         .map_err(failed("name the checkout's branch"))?;
     repo.set_head(&reference)
         .map_err(failed("name the checkout's branch"))?;
-    let mut config = repo
-        .config()
-        .map_err(failed("write the checkout's config"))?;
-    config
-        .set_str("user.name", &checkout.author.name)
-        .and_then(|()| config.set_str("user.email", &checkout.author.email))
-        .map_err(failed("write the checkout's config"))?;
     let tree = repo
         .find_commit(commit.id())
         .and_then(|c| c.tree())
@@ -319,7 +330,6 @@ fn add_git_dir(
         .read_tree(&tree)
         .and_then(|()| index.write())
         .map_err(failed("write the checkout's index"))?;
-    let mut size = 0usize;
     for entry in walkdir_files(&git_dir)? {
         let relative = entry
             .strip_prefix(&git_dir)
@@ -331,6 +341,11 @@ fn add_git_dir(
         };
         let data = std::fs::read(&entry).map_err(tar)?;
         size += 512 + data.len();
+        if size > MAX_ARCHIVE_BYTES {
+            return Err(RepoError::TooLarge {
+                path: path.display().to_string(),
+            });
+        }
         let mut header = tar::Header::new_gnu();
         header.set_mtime(0);
         header.set_size(data.len() as u64);
@@ -339,7 +354,7 @@ fn add_git_dir(
             .append_data(&mut header, &path, data.as_slice())
             .map_err(tar)?;
     }
-    Ok(size)
+    Ok(())
 }
 
 /// Every regular file under `dir`, depth first (a scratch `.git`: no links).
@@ -364,13 +379,13 @@ fn walkdir_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Adds the tree to the archive: regular files (executables keep their bit) and symlinks;
-/// `size` bytes are in it already.
+/// `size` bytes are in it already. Returns the bytes in it after.
 fn archive_tree(
     builder: &mut tar::Builder<Vec<u8>>,
     repo: &git2::Repository,
     tree: &git2::Tree<'_>,
     mut size: usize,
-) -> Result<()> {
+) -> Result<usize> {
     let mut failure: Option<RepoError> = None;
     let mut entries = 0usize;
     tree.walk(git2::TreeWalkMode::PreOrder, |root, entry| {
@@ -446,7 +461,7 @@ fn archive_tree(
     .ok();
     match failure {
         Some(e) => Err(e),
-        None => Ok(()),
+        None => Ok(size),
     }
 }
 
@@ -528,6 +543,15 @@ mod tests {
         assert_eq!(git_out(&guest, &["status", "--porcelain"]), "");
         assert_eq!(git_out(&guest, &["log", "--format=%s"]), "two");
         git_out(&guest, &["fsck", "--no-progress"]);
+        // Nothing of the host's templates came along: no hook but libgit2's own README.
+        let hooks: Vec<String> = std::fs::read_dir(guest.join(".git/hooks"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(hooks.iter().all(|h| h == "README.sample"), "{hooks:?}");
         // A commit there is by the task's author, on top of the fetched commit.
         std::fs::write(guest.join("README"), "three\n").expect("write");
         git_out(&guest, &["commit", "-qam", "three"]);

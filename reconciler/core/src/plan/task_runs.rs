@@ -92,8 +92,8 @@ pub fn task_runs(
                 change,
                 command: shortened(&task.argv),
                 repository: task.repository.as_ref().map(|r| match &r.branch {
-                    Some(b) => format!("{}@{b}", r.url),
-                    None => r.url.clone(),
+                    Some(b) => format!("{}@{}", shown(&r.url), shown(b)),
+                    None => shown(&r.url),
                 }),
                 branch: task.repository.as_ref().map(|_| format!("fleet/{name}")),
             });
@@ -131,14 +131,32 @@ fn shortened(argv: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ");
-    let line: String = line
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let line = shown(&line);
     match line.char_indices().nth(COMMAND_CHARS) {
         Some((at, _)) => format!("{}…", &line[..at]),
         None => line,
     }
+}
+
+/// `text` as a plan may print what a pull request wrote: control characters (a newline
+/// would forge a plan line, an escape sequence rewrite the terminal) and the invisible
+/// formatting ones (bidirectional overrides and isolates, zero-width characters, which make
+/// a command read as another) are written as `\u{…}`.
+fn shown(text: &str) -> String {
+    let invisible = |c: char| {
+        matches!(c, '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}')
+    };
+    text.chars()
+        .map(|c| {
+            if c.is_control() || invisible(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// The section `fleet plan` prints after the VMs' steps; empty when no run changes.
@@ -280,7 +298,10 @@ mod tests {
         let line = shortened(&["echo".into(), long, "a\nb".into()]);
         assert_eq!(line.chars().count(), COMMAND_CHARS + 1);
         assert!(line.ends_with('…'));
-        assert!(!shortened(&["a\nb".into()]).contains('\n'));
+        // What a pull request writes cannot forge a line, move the cursor or hide text.
+        assert_eq!(shortened(&["a\nb".into()]), "'a\\u{a}b'");
+        assert_eq!(shortened(&["\u{1b}[2Kok".into()]), "'\\u{1b}[2Kok'");
+        assert_eq!(shown("rm\u{202e}txt.sh"), "rm\\u{202e}txt.sh");
     }
 
     #[test]
