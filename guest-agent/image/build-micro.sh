@@ -48,6 +48,16 @@ for m in $modules; do
 done
 echo "$modules" > "$root/lib/modules/order"
 
+# git, for task checkouts: a run's commits go back to the host as a bundle. The host's
+# binary with the libraries it links and their loader (the image has no C library of its
+# own otherwise).
+mkdir -p "$root/usr/bin"
+cp /usr/bin/git "$root/usr/bin/git"
+for lib in $(ldd /usr/bin/git | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
+  mkdir -p "$root$(dirname "$lib")"
+  cp -L "$lib" "$root$lib"
+done
+
 if [ -x "${FLEET_AGENT_BIN:-}" ]; then
   cp "$FLEET_AGENT_BIN" "$root/usr/bin/fleet-agent"
 fi

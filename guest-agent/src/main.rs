@@ -23,6 +23,7 @@ mod outbox;
 mod prompt;
 mod proxy;
 mod relay;
+mod results;
 mod secrets;
 mod task;
 
@@ -232,6 +233,7 @@ impl Link {
                 prompt_patterns,
                 secret_env,
                 secret_files,
+                results,
                 boot_id: for_boot,
                 ..
             } => {
@@ -259,6 +261,7 @@ impl Link {
                     artifacts,
                     prompt_patterns,
                     secret_files,
+                    results,
                 });
                 Answer::Nothing
             }
@@ -479,6 +482,7 @@ mod tests {
             prompt_patterns: Vec::new(),
             secret_env: Default::default(),
             secret_files: Vec::new(),
+            results: None,
             boot_id: Some("boot-1".into()),
         });
         assert_eq!(answer, Answer::Nothing);

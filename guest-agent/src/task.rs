@@ -48,6 +48,8 @@ pub struct RunSpec {
     pub start_error: Option<String>,
     /// The secret files (relative to the store) this run may read.
     pub secret_files: Vec<String>,
+    /// Whether (and how) the run's changes to its checkout go back as a bundle.
+    pub results: Option<fleet_agent_protocol::RunResults>,
 }
 
 /// Output must pause this long before the screen is scored for a prompt.
@@ -317,6 +319,9 @@ impl Tasks {
                 None
             };
             let task = spec.task.clone();
+            if let (Some(dir), Some(results)) = (&spec.cwd, &spec.results) {
+                tasks.send_results(&task, Path::new(dir), results);
+            }
             if let Some(dir) = &spec.cwd {
                 tasks.send_artifacts(&task, Path::new(dir), &spec.artifacts);
             }
@@ -352,6 +357,21 @@ impl Tasks {
         }
     }
 
+    /// Commits what the run left in its checkout and sends the commits after the base as
+    /// the artifact `RESULTS_ARTIFACT`; what went wrong is a line of the task's output.
+    fn send_results(&self, task: &str, dir: &Path, results: &fleet_agent_protocol::RunResults) {
+        let uid = self.lock().get(task).and_then(|s| s.uid);
+        match crate::results::bundle(dir, results, uid) {
+            Ok(Some(bytes)) => self.send_parts(
+                task,
+                fleet_agent_protocol::RESULTS_ARTIFACT,
+                &mut bytes.as_slice(),
+            ),
+            Ok(None) => self.note(task, "the run changed nothing in its checkout"),
+            Err(e) => self.note(task, &format!("cannot send the run's results: {e}")),
+        }
+    }
+
     /// Sends the files under `dir` that match `globs`, in parts, up to `ARTIFACT_CAP_BYTES`.
     fn send_artifacts(&self, task: &str, dir: &Path, globs: &[String]) {
         let mut budget = ARTIFACT_CAP_BYTES;
@@ -369,33 +389,39 @@ impl Tasks {
                     continue;
                 }
             };
-            let mut offset = 0u64;
-            let mut part = vec![0u8; ARTIFACT_PART_BYTES];
-            loop {
-                while self.must_wait(task) {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                let n = match read_full(&mut file, &mut part) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        self.note(task, &format!("cannot read artifact {relative}: {e}"));
-                        break;
-                    }
-                };
-                let last = n < part.len();
-                self.emit(task, |seq| GuestMessage::Artifact {
-                    v: VERSION,
-                    task: task.to_owned(),
-                    seq,
-                    path: relative.clone(),
-                    offset,
-                    data: base64_encode(&part[..n]),
-                    last,
-                });
-                offset += n as u64;
-                if last {
+            self.send_parts(task, &relative, &mut file);
+        }
+    }
+
+    /// Sends what `reader` holds as the artifact `relative`, in parts, each when the task's
+    /// outbox has room.
+    fn send_parts(&self, task: &str, relative: &str, reader: &mut impl Read) {
+        let mut offset = 0u64;
+        let mut part = vec![0u8; ARTIFACT_PART_BYTES];
+        loop {
+            while self.must_wait(task) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let n = match read_full(reader, &mut part) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.note(task, &format!("cannot read artifact {relative}: {e}"));
                     break;
                 }
+            };
+            let last = n < part.len();
+            self.emit(task, |seq| GuestMessage::Artifact {
+                v: VERSION,
+                task: task.to_owned(),
+                seq,
+                path: relative.to_owned(),
+                offset,
+                data: base64_encode(&part[..n]),
+                last,
+            });
+            offset += n as u64;
+            if last {
+                break;
             }
         }
     }
@@ -677,6 +703,7 @@ mod tests {
     fn spec(argv: &[&str], timeout: Option<Duration>) -> RunSpec {
         RunSpec {
             secret_files: Vec::new(),
+            results: None,
             task: "t".into(),
             argv: argv.iter().map(|a| (*a).to_owned()).collect(),
             env: [("GREETING".to_owned(), "hi".to_owned())].into(),

@@ -86,6 +86,8 @@ pub struct Upstreams {
     pub tls: Arc<rustls::ClientConfig>,
     /// Hosts (normalized) whose authorities the host configuration names: trusted alone.
     pub tls_by_host: BTreeMap<String, Arc<rustls::ClientConfig>>,
+    /// Internal addresses a rule that names them may reach (`egress.allowInternal`).
+    pub allow_internal: Vec<ipnet::IpNet>,
 }
 
 impl Upstreams {
@@ -123,7 +125,22 @@ impl Upstreams {
                 anyhow::bail!("egress.hostCaFiles names {host:?} twice");
             }
         }
+        let allow_internal = egress
+            .allow_internal
+            .iter()
+            .map(|entry| {
+                entry
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| entry.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "egress.allowInternal: {entry:?} is neither an address nor a CIDR range (10.0.0.0/8)"
+                        )
+                    })
+            })
+            .collect::<anyhow::Result<_>>()?;
         Ok(Upstreams {
+            allow_internal,
             resolve: system_resolver(
                 egress
                     .hosts
@@ -134,6 +151,16 @@ impl Upstreams {
             tls: Arc::new(tls_config(roots)?),
             tls_by_host,
         })
+    }
+
+    /// Whether the host configuration lets a rule that names `ip` (an internal address)
+    /// reach it.
+    pub fn internal_allowed(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.allow_internal.iter().any(|net| net.contains(&ip))
     }
 
     /// Whom the broker trusts for `host`'s certificate.
@@ -737,6 +764,16 @@ impl Worker {
             self.refuse(what, &text);
             return None;
         }
+        // A rule may name an internal address; the host's administrator decides whether
+        // any rule may reach it.
+        if !resolved.pinned
+            && let Some(ip) = ips
+                .iter()
+                .find(|ip| egress::is_internal(ip) && !self.upstreams.internal_allowed(**ip))
+        {
+            self.refuse(what, &internal_refused(*ip));
+            return None;
+        }
         let upstream = match dial(&resolved.addresses) {
             Ok(s) => s,
             Err(e) => {
@@ -751,15 +788,22 @@ impl Worker {
         if let (Ok(local), Ok(peer)) = (upstream.local_addr(), upstream.peer_addr())
             && local.ip() == peer.ip()
             && !resolved.pinned
-            && rule.host != egress::HostPattern::Address(peer.ip())
         {
-            let _ = upstream.shutdown(std::net::Shutdown::Both);
-            let text = format!(
-                "{} is an address of this host, and the rule does not name it",
-                peer.ip()
-            );
-            self.refuse(what, &text);
-            return None;
+            let text = if rule.host != egress::HostPattern::Address(peer.ip()) {
+                Some(format!(
+                    "{} is an address of this host, and the rule does not name it",
+                    peer.ip()
+                ))
+            } else if !self.upstreams.internal_allowed(peer.ip()) {
+                Some(internal_refused(peer.ip()))
+            } else {
+                None
+            };
+            if let Some(text) = text {
+                let _ = upstream.shutdown(std::net::Shutdown::Both);
+                self.refuse(what, &text);
+                return None;
+            }
         }
         let _ = upstream.set_nodelay(true);
         Some(upstream)
@@ -1060,6 +1104,13 @@ fn narrowed_to(
             refusal.why, refusal.fix
         )),
     }
+}
+
+/// Why a rule naming an internal address (or one of this host's) does not reach it.
+fn internal_refused(ip: IpAddr) -> String {
+    format!(
+        "{ip} is an internal address (or one of this host's), and the host configuration does not let rules reach it; its administrator can, with egress.allowInternal: ['{ip}']"
+    )
 }
 
 /// What the guest is told when the API could not be reached over TLS (a certificate the

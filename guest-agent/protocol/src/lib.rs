@@ -26,6 +26,10 @@ pub const PORT_NAME: &str = "org.fleet.agent.0";
 /// holds them (the seed, the disk and the task's argv never do).
 pub const SECRETS_DIR: &str = "/run/fleet/secrets";
 
+/// The artifact name a run's results travel under: the git bundle of the commits the run
+/// added to its checkout's branch (`RunTask::results`).
+pub const RESULTS_ARTIFACT: &str = ".fleet/results.bundle";
+
 /// Longest line either side accepts; longer input is a protocol error, not an allocation.
 pub const MAX_LINE_BYTES: usize = 1024 * 1024;
 
@@ -176,6 +180,17 @@ impl GuestMessage {
     }
 }
 
+/// What `RunTask::results` asks of the guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunResults {
+    /// The commit the checkout was shipped at.
+    pub base: String,
+    /// The checkout's branch (`fleet/<task>`).
+    pub branch: String,
+    /// The message of the commit of what the run left uncommitted.
+    pub message: String,
+}
+
 /// What the host sends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(
@@ -222,6 +237,11 @@ pub enum HostMessage {
         /// shows it only these, at the same paths.
         #[serde(default)]
         secret_files: Vec<String>,
+        /// Send what the run changes in its checkout back: when it ends, what is left
+        /// uncommitted is committed, and the commits after `base` on `branch` come back as
+        /// the artifact `RESULTS_ARTIFACT` (a git bundle).
+        #[serde(default)]
+        results: Option<RunResults>,
     },
     /// Type into a task's terminal. With `prompt`, the answer to that prompt: delivered at
     /// most once however often the host sends it.

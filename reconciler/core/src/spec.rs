@@ -681,11 +681,20 @@ pub struct HostEgress {
     /// system's store nor `caFiles`, and no other name is trusted through them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub host_ca_files: BTreeMap<String, HostPath>,
+    /// Internal addresses (loopback, private, link-local, this host's own), each an address
+    /// or a CIDR range, that a committed rule naming them may reach. Without an entry, no
+    /// rule reaches inside whatever it names: a committer must never reach the host's own
+    /// services or its network through a guest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_internal: Vec<String>,
 }
 
 impl HostEgress {
     pub fn is_empty(&self) -> bool {
-        self.hosts.is_empty() && self.ca_files.is_empty() && self.host_ca_files.is_empty()
+        self.hosts.is_empty()
+            && self.ca_files.is_empty()
+            && self.host_ca_files.is_empty()
+            && self.allow_internal.is_empty()
     }
 }
 

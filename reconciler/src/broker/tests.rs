@@ -53,6 +53,8 @@ fn upstreams(resolve: Resolve, roots: rustls::RootCertStore) -> Upstreams {
         resolve,
         tls: Arc::new(tls_config(roots).expect("tls")),
         tls_by_host: BTreeMap::new(),
+        // The tests' upstreams are on loopback, as a host's administrator could allow.
+        allow_internal: vec!["127.0.0.0/8".parse().expect("net")],
     }
 }
 
@@ -365,6 +367,45 @@ fn a_public_name_resolving_to_loopback_is_refused() {
     let body = String::from_utf8(body).expect("text");
     assert!(body.starts_with("HTTP/1.1 403"), "{body}");
     assert!(body.contains("internal address"), "{body}");
+}
+
+#[test]
+fn a_rule_naming_an_internal_address_reaches_it_only_where_the_host_allows() {
+    let port = upstream();
+    let open = |allow_internal: Vec<ipnet::IpNet>| {
+        let mut upstreams = upstreams(table(&[]), rustls::RootCertStore::empty());
+        upstreams.allow_internal = allow_internal;
+        let mut guest = Guest::with(
+            Some(Policy {
+                rules: vec![rule("127.0.0.1", &[port])],
+                ..Policy::default()
+            }),
+            upstreams,
+            Arc::new(|_| Err("no credentials here".into())),
+        );
+        guest.send(GuestMessage::StreamOpen {
+            v: VERSION,
+            stream: 1,
+            task: None,
+        });
+        guest.data(
+            1,
+            format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n").as_bytes(),
+        );
+        let (body, _) = guest.read_until_closed(1, Duration::from_secs(5));
+        String::from_utf8(body).expect("text")
+    };
+    // The committed rule names the address, but the host's administrator allowed no
+    // internal address: refused, and the answer says who can change that.
+    let body = open(Vec::new());
+    assert!(body.starts_with("HTTP/1.1 403"), "{body}");
+    assert!(body.contains("egress.allowInternal"), "{body}");
+    // Allowed elsewhere inside only: still refused.
+    let body = open(vec!["10.0.0.0/8".parse().expect("net")]);
+    assert!(body.starts_with("HTTP/1.1 403"), "{body}");
+    // Allowed: the tunnel opens.
+    let body = open(vec!["127.0.0.1/32".parse().expect("net")]);
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
 }
 
 #[test]

@@ -200,6 +200,7 @@ async fn tasks_and_pending_prompts_show_with_the_output_tail() {
         boot_id: Some("b".into()),
         exit_code: None,
         repository: None,
+        results: None,
         seq: 2,
         output_bytes: 0,
         output_truncated: false,

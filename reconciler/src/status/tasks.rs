@@ -185,6 +185,10 @@ pub struct TaskRecord {
     pub exit_code: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository: Option<RepositoryAt>,
+    /// What the run changed in its checkout, once the host checked the guest's bundle
+    /// (`tasks::results`); `changes.patch` beside the record shows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results: Option<RunChanges>,
     /// The last message from the guest recorded (output, prompt, artifact or exit).
     #[serde(default)]
     pub seq: u64,
@@ -244,6 +248,22 @@ impl TaskRecord {
 pub struct RepositoryAt {
     pub url: String,
     pub commit: String,
+}
+
+/// What a run changed in its checkout.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunChanges {
+    /// The branch's tip after the run (a commit in the host's repository cache).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<String>,
+    pub commits: usize,
+    pub files_changed: usize,
+    pub insertions: usize,
+    pub deletions: usize,
+    /// Why the guest's bundle was refused (nothing of it was used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -527,6 +547,33 @@ impl StatusDir {
             )));
         }
         write_at(&root, &path, offset, data, (offset == 0).then_some(0))
+    }
+
+    /// A task's artifact, whole, if it is at most `max` bytes.
+    pub fn read_artifact(&self, task: &str, relative: &str, max: u64) -> std::io::Result<Vec<u8>> {
+        use std::io::Read;
+        let path = Path::new("tasks")
+            .join(task)
+            .join("artifacts")
+            .join(relative);
+        let file = super::tree::open_file(
+            &self.tree()?,
+            &path,
+            cap_std::fs::OpenOptions::new().read(true),
+        )?;
+        let mut bytes = Vec::new();
+        file.take(max + 1).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > max {
+            return Err(std::io::Error::other(format!(
+                "artifact {relative:?} is larger than {max} bytes"
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// `status/tasks/NAME/changes.patch`: what the task's run changed in its checkout.
+    pub fn write_changes_patch(&self, task: &str, patch: &[u8]) -> std::io::Result<()> {
+        self.write_file(&format!("tasks/{task}/changes.patch"), patch)
     }
 
     /// The last `max` bytes of a task's output (from a character boundary).

@@ -33,6 +33,7 @@
 //!   after it is recorded.
 
 pub mod repo;
+pub mod results;
 pub mod runner;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -93,6 +94,9 @@ struct BookState {
     reported_answers: BTreeSet<(String, String)>,
     /// What the book decided to write, made when the lock is released (see `BookGuard`).
     effects: Effects,
+    /// Runs that ended with a results bundle the host has not checked yet
+    /// (`TaskBook::collect_results`, after the lock).
+    results_due: Vec<String>,
     /// Each task's holds that queued effects so far: each gets the task's next turn.
     turns: HashMap<String, u64>,
     /// The time of the decision being made: set by each entry of `TaskBook` as it takes
@@ -1184,6 +1188,7 @@ impl BookState {
             boot_id: None,
             exit_code: None,
             repository: None,
+            results: None,
             seq: 0,
             output_bytes: 0,
             output_truncated: false,

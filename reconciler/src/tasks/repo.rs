@@ -156,6 +156,20 @@ fn confined_git_dir(url: &str, path: &Path, root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The bare repository under `cache_dir` that caches `url` (as `resolved_url` gives it).
+fn cache_of(cache_dir: &Path, url: &str) -> PathBuf {
+    cache_dir.join(format!(
+        "{}.git",
+        &hex(&Sha256::digest(url.as_bytes()))[..16]
+    ))
+}
+
+/// The cache a task's repository was fetched into, opened (where its results go too).
+pub fn open_cache(cache_dir: &Path, repo_root: &Path, url: &str) -> Result<git2::Repository> {
+    let path = cache_of(cache_dir, &resolved_url(repo_root, url)?);
+    git2::Repository::open_bare(&path).map_err(|source| RepoError::Cache { path, source })
+}
+
 /// Fetches `repository` (its branch, or the remote's HEAD) into a bare cache under
 /// `cache_dir` and archives the commit's tree with a `.git` for `checkout`.
 pub fn fetch_archive(
@@ -165,10 +179,7 @@ pub fn fetch_archive(
     checkout: &Checkout,
 ) -> Result<Archive> {
     let url = resolved_url(repo_root, &repository.url)?;
-    let cache: PathBuf = cache_dir.join(format!(
-        "{}.git",
-        &hex(&Sha256::digest(url.as_bytes()))[..16]
-    ));
+    let cache = cache_of(cache_dir, &url);
     let repo = match git2::Repository::open_bare(&cache) {
         Ok(r) => r,
         Err(_) => git2::Repository::init_bare(&cache).map_err(|source| RepoError::Cache {

@@ -94,7 +94,7 @@ impl Connection {
 /// may read beside its own.
 fn run_task(
     task: &DesiredTask,
-    guest_task: &str,
+    record: &TaskRecord,
     boot_id: &str,
     vm_files: &[String],
     egress: Option<&crate::egress::Policy>,
@@ -123,9 +123,18 @@ fn run_task(
             env.insert(name.into(), "localhost,127.0.0.1,::1".into());
         }
     }
+    // A run on a checkout sends back what it changed there (`tasks::results`).
+    let results = record
+        .repository
+        .as_ref()
+        .map(|at| fleet_agent_protocol::RunResults {
+            base: at.commit.clone(),
+            branch: format!("fleet/{}", task.name),
+            message: format!("fleet: what task {} left in its checkout", task.name),
+        });
     HostMessage::RunTask {
         v: VERSION,
-        task: guest_task.to_owned(),
+        task: record.guest_task(),
         argv: task.argv.clone(),
         boot_id: Some(boot_id.to_owned()),
         env,
@@ -139,6 +148,7 @@ fn run_task(
             .filter_map(|r| Some((r.env.clone()?, super::secret_path(r))))
             .collect(),
         secret_files,
+        results,
     }
 }
 
@@ -175,8 +185,72 @@ impl TaskBook {
         let mut state = self.lock();
         state.now = DecidedAt::now();
         let out = state.receive(conn, messages);
+        let due = std::mem::take(&mut state.results_due);
         drop(state);
+        // The bundles are on disk now (the hold's effects are made when it ends).
+        for name in due {
+            self.collect_results(&name);
+        }
         out
+    }
+
+    /// Checks the bundle a run sent back, without the lock (`tasks::results`): its
+    /// commits go into the repository's cache, the change into `changes.patch`, and a
+    /// summary (or why it was refused) into the run's record.
+    fn collect_results(&self, name: &str) {
+        use crate::status::tasks::RunChanges;
+        let Some(at) = self
+            .lock()
+            .records
+            .get(name)
+            .and_then(|r| r.repository.clone())
+        else {
+            return;
+        };
+        let collected = (|| -> Result<RunChanges, String> {
+            let bundle = self
+                .status
+                .read_artifact(
+                    name,
+                    fleet_agent_protocol::RESULTS_ARTIFACT,
+                    super::results::MAX_BUNDLE_BYTES as u64,
+                )
+                .map_err(|e| format!("cannot read the run's bundle: {e}"))?;
+            let cache = super::repo::open_cache(&self.cache_dir, &self.repo_root, &at.url)
+                .map_err(|e| e.to_string())?;
+            let (accepted, change) = match super::results::collect(
+                &cache,
+                &bundle,
+                &at.commit,
+                &format!("fleet/{name}"),
+            ) {
+                Ok(collected) => collected,
+                Err(refused) => {
+                    return Ok(RunChanges {
+                        refused: Some(refused),
+                        ..RunChanges::default()
+                    });
+                }
+            };
+            self.status
+                .write_changes_patch(name, &change.patch)
+                .map_err(|e| format!("cannot write changes.patch: {e}"))?;
+            Ok(RunChanges {
+                head: Some(accepted.tip.to_string()),
+                commits: accepted.commits,
+                files_changed: change.files_changed,
+                insertions: change.insertions,
+                deletions: change.deletions,
+                refused: None,
+            })
+        })();
+        let changes = collected.unwrap_or_else(|why| RunChanges {
+            refused: Some(why),
+            ..RunChanges::default()
+        });
+        let mut state = self.lock();
+        state.now = DecidedAt::now();
+        state.update(name, |r| r.results = Some(changes));
     }
 
     /// The link wrote these messages: answers among them are delivered.
@@ -256,7 +330,7 @@ impl BookState {
                 match self.desired.get(name).filter(|_| current) {
                     Some(task) => out.push(run_task(
                         task,
-                        &record.guest_task(),
+                        &record,
                         &boot,
                         &super::vm_secret_files(self, &conn.vm),
                         self.egress.get(&conn.vm).map(|p| &**p),
@@ -367,7 +441,7 @@ impl BookState {
         if let Some(record) = self.records.get(name).cloned() {
             out.push(run_task(
                 &task,
-                &record.guest_task(),
+                &record,
                 boot,
                 &super::vm_secret_files(self, &conn.vm),
                 self.egress.get(&conn.vm).map(|p| &**p),
@@ -771,6 +845,15 @@ impl BookState {
         };
         self.update(name, |r| r.seq = seq);
         self.finish(name, phase, code, &message);
+        let bundled = self.records.get(name).is_some_and(|r| {
+            r.repository.is_some()
+                && r.artifacts
+                    .iter()
+                    .any(|a| a == fleet_agent_protocol::RESULTS_ARTIFACT)
+        });
+        if bundled {
+            self.results_due.push(name.to_owned());
+        }
     }
 
     /// Notes a refused answer on its prompt (once) and as an event, and moves a host answer

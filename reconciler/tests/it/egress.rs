@@ -104,6 +104,9 @@ fn a_brokered_vm_reaches_only_what_its_loadout_allows() {
             "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: agent}}\nspec:\n  network: {{mode: brokered}}\n  egress:\n    allow:\n      - {{host: '127.0.0.1', ports: [{allowed}]}}\n      - {{host: '127.0.0.1', ports: [{web}], paths: [/ok/]}}\n"
         ),
     );
+    // The upstreams play the outside on loopback: the host's administrator lets rules
+    // naming it through (no rule reaches inside otherwise).
+    repo.add_host_config("  egress:\n    allowInternal: ['127.0.0.1']\n");
     repo.write(
         &format!("fleet/vms/{vm}.yaml"),
         format!(
@@ -293,7 +296,7 @@ fn a_brokered_api_gets_the_real_key_and_the_guest_only_a_placeholder() {
         ),
     );
     repo.add_host_config(&format!(
-        "  recipients: [{recipient}]\n  egress:\n    hosts: {{api.anthropic.com: 127.0.0.1}}\n    caFiles: [{}]\n",
+        "  recipients: [{recipient}]\n  egress:\n    hosts: {{api.anthropic.com: 127.0.0.1}}\n    caFiles: [{}]\n    allowInternal: ['127.0.0.1']\n",
         ca_file.display()
     ));
     secret_set(&repo, "anthropic", "api_key", &canary);
@@ -489,6 +492,7 @@ fn a_large_download_does_not_starve_another_tasks_output() {
             "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: agent}}\nspec:\n  network: {{mode: brokered}}\n  egress:\n    allow:\n      - {{host: '127.0.0.1', ports: [{port}]}}\n"
         ),
     );
+    repo.add_host_config("  egress:\n    allowInternal: ['127.0.0.1']\n");
     repo.write(
         &format!("fleet/vms/{vm}.yaml"),
         format!(

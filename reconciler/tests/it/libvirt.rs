@@ -214,6 +214,7 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
             prompt_patterns: Vec::new(),
             secret_env: Default::default(),
             secret_files: Vec::new(),
+            results: None,
         })
         .expect("send");
         let mut output = String::new();

@@ -332,7 +332,7 @@ fn brokered_egress_and_a_brokered_api_work_over_the_relay() {
         "{shutdownTimeout: 5s, reconcileInterval: 30s}",
     );
     f.repo.add_host_config(&format!(
-        "  recipients: [{recipient}]\n  egress:\n    hosts: {{api.anthropic.com: 127.0.0.1}}\n    caFiles: [{}]\n",
+        "  recipients: [{recipient}]\n  egress:\n    hosts: {{api.anthropic.com: 127.0.0.1}}\n    caFiles: [{}]\n    allowInternal: ['127.0.0.1']\n",
         ca_file.display()
     ));
     secret_set(&f.repo, "anthropic", "api_key", &canary);

@@ -203,6 +203,20 @@ fn tasks_run_ask_for_answers_and_survive_a_restart_of_fleet() {
         read(&status.0.join("tasks/fail/artifacts/out/r.txt")),
         "result\n"
     );
+    // What the run left in its checkout came back as a commit on its branch, checked on
+    // the host, with the change as a patch.
+    wait_until(
+        "the run's results are checked",
+        Duration::from_secs(30),
+        || status.task("fail").contains("results:"),
+    );
+    let fail = status.task("fail");
+    assert!(fail.contains("commits: 1"), "{fail}");
+    assert!(fail.contains("filesChanged: 1"), "{fail}");
+    assert!(!fail.contains("refused"), "{fail}");
+    let patch = read(&status.0.join("tasks/fail/changes.patch"));
+    assert!(patch.contains("+++ b/out/r.txt"), "{patch}");
+    assert!(patch.contains("\n+result\n"), "{patch}");
 
     // Kill fleet while `count` runs; a new fleet re-attaches: complete output, one start.
     wait_until("count is under way", Duration::from_secs(30), || {

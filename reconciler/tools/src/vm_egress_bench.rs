@@ -146,6 +146,13 @@ fn brokered(mib: u64) -> anyhow::Result<(f64, f64)> {
             "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: agent}}\nspec:\n  network: {{mode: brokered}}\n  egress:\n    allow:\n      - {{host: '127.0.0.1', ports: [{port}]}}\n"
         ),
     )?;
+    // The upstream plays the outside on loopback, which rules reach only where the host
+    // configuration allows.
+    let host = std::fs::read_to_string(scratch.host_config())?;
+    std::fs::write(
+        scratch.host_config(),
+        format!("{host}  egress:\n    allowInternal: ['127.0.0.1']\n"),
+    )?;
     scratch.write(
         "fleet/vms/egress.yaml",
         "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: egress}\nspec: {provider: local, image: micro, loadout: agent, resources: {memory: 256Mi, cpus: 2}}\n",
