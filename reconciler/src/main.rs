@@ -3,6 +3,14 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // The daemon's own child that checks a guest's results bundle under limits
+    // (`tasks::results::check_isolated`); not a command for people.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "__check-bundle")
+    {
+        return fleet::tasks::results::check_bundle_command();
+    }
     let cli = fleet::cli::Cli::parse();
     fleet::cli::init_logging(&cli);
     fleet::cli::run(cli)

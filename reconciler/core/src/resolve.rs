@@ -99,6 +99,8 @@ pub struct DesiredTask {
     /// Who commits in the checkout of `repository` are by (`git.author`, or a default
     /// naming the task).
     pub git_author: crate::spec::GitIdentity,
+    /// Where the commits a run makes go (`results.push`, its URL defaulted).
+    pub results_push: Option<PushTarget>,
     pub timeout: std::time::Duration,
     pub artifacts: Vec<String>,
     pub prompt_patterns: Vec<String>,
@@ -119,6 +121,14 @@ pub struct DesiredTask {
     /// `Vault::bind`), so a new spec or a changed value is a new run.
     pub spec_hash: String,
     pub source: String,
+}
+
+/// A results push: the URL (the loader checked it against the host's `pushes`) and the
+/// branch (`None`: `fleet/<task>/<run>`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushTarget {
+    pub url: String,
+    pub branch: Option<String>,
 }
 
 /// An operator's committed answer (`fleet/hitl/<id>.yaml`).
@@ -198,6 +208,19 @@ fn resolve_task(name: &str, spec: &TaskSpec, vm: Option<&DesiredVm>, source: &st
             .unwrap_or_else(|| crate::spec::GitIdentity {
                 name: format!("fleet task {name}"),
                 email: format!("{name}@fleet.invalid"),
+            }),
+        results_push: spec
+            .results
+            .as_ref()
+            .and_then(|r| r.push.as_ref())
+            .and_then(|p| {
+                Some(PushTarget {
+                    url: p
+                        .url
+                        .clone()
+                        .or_else(|| Some(spec.repository.as_ref()?.url.clone()))?,
+                    branch: p.branch.clone(),
+                })
             }),
         timeout: duration_or(&spec.timeout, DEFAULT_TASK_TIMEOUT),
         artifacts: spec.artifacts.clone(),

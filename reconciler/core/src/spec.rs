@@ -653,6 +653,11 @@ pub struct HostSpec {
     /// Paths inside the fleet's own repository are always allowed; nothing else is.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub repositories: Vec<RepositoryPattern>,
+    /// Repositories a task's results may be pushed to (`results.push`), as patterns like
+    /// `repositories`. None unless listed: fetching from a repository does not allow
+    /// writing to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pushes: Vec<RepositoryPattern>,
     /// age recipients `fleet secret set | rotate` encrypt to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recipients: Vec<AgeRecipient>,
@@ -1214,6 +1219,35 @@ pub struct TaskSpec {
     /// The git checkout of `repository` in the guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git: Option<TaskGit>,
+    /// What becomes of the commits a run makes in its checkout (they always come back
+    /// to the host, checked, as `changes.patch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results: Option<TaskResults>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TaskResults {
+    /// Push them to a branch: the host configuration must allow the URL (`pushes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<ResultsPush>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ResultsPush {
+    /// Where to (default: the task's repository).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub url: Option<String>,
+    /// The branch (default `fleet/<task>/<run>`); never forced, so a push never
+    /// overwrites what is there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 255),
+        regex(pattern = "^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
+    )]
+    pub branch: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

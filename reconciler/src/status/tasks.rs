@@ -264,6 +264,12 @@ pub struct RunChanges {
     /// Why the guest's bundle was refused (nothing of it was used).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
+    /// Where the commits were pushed (`URL BRANCH`), or why the push failed (the bundle
+    /// stays in the run's artifacts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_error: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

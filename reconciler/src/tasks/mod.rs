@@ -96,7 +96,7 @@ struct BookState {
     effects: Effects,
     /// Runs that ended with a results bundle the host has not checked yet
     /// (`TaskBook::collect_results`, after the lock).
-    results_due: Vec<String>,
+    results_due: Vec<(String, String)>,
     /// Each task's holds that queued effects so far: each gets the task's next turn.
     turns: HashMap<String, u64>,
     /// The time of the decision being made: set by each entry of `TaskBook` as it takes

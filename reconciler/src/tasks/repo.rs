@@ -33,6 +33,11 @@ pub enum RepoError {
         real.display()
     )]
     Outside { url: String, real: PathBuf },
+    #[error(
+        "results push {url:?} resolves to {}, inside the fleet's own repository; results go elsewhere",
+        real.display()
+    )]
+    PushInside { url: String, real: PathBuf },
     #[error("repository {url:?}: its git directory reaches {}, outside the fleet's repository", reaches.display())]
     GitDirOutside { url: String, reaches: PathBuf },
     #[error("repository {url:?}: it borrows objects from elsewhere (objects/info/alternates)")]
@@ -164,10 +169,44 @@ fn cache_of(cache_dir: &Path, url: &str) -> PathBuf {
     ))
 }
 
-/// The cache a task's repository was fetched into, opened (where its results go too).
-pub fn open_cache(cache_dir: &Path, repo_root: &Path, url: &str) -> Result<git2::Repository> {
+/// The bare repository a task's repository was fetched into (whose objects its results'
+/// check borrows).
+pub fn open_cache(cache_dir: &Path, repo_root: &Path, url: &str) -> Result<PathBuf> {
     let path = cache_of(cache_dir, &resolved_url(repo_root, url)?);
-    git2::Repository::open_bare(&path).map_err(|source| RepoError::Cache { path, source })
+    git2::Repository::open_bare(&path).map_err(|source| RepoError::Cache {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
+}
+
+/// Where a results push may go: a URL (the loader checked it against the host's
+/// `pushes`), and for `file://` never into the fleet's own repository (its work tree, its
+/// `.git`, the caches and status under `.fleet`), whatever a pattern allows.
+pub fn push_url(repo_root: &Path, url: &str) -> Result<String> {
+    if !url.contains("://") {
+        return Err(RepoError::NotAPath {
+            url: url.to_owned(),
+            problem: "results are pushed to a URL, never to a path".into(),
+        });
+    }
+    if let Some(path) = url.strip_prefix("file://") {
+        let root = std::fs::canonicalize(repo_root).map_err(|source| RepoError::Root {
+            path: repo_root.to_owned(),
+            source,
+        })?;
+        let real = std::fs::canonicalize(path).map_err(|source| RepoError::Missing {
+            url: url.to_owned(),
+            source,
+        })?;
+        if real.starts_with(&root) {
+            return Err(RepoError::PushInside {
+                url: url.to_owned(),
+                real,
+            });
+        }
+    }
+    Ok(url.to_owned())
 }
 
 /// Fetches `repository` (its branch, or the remote's HEAD) into a bare cache under

@@ -1,14 +1,29 @@
 //! A task's work coming back: the guest's agent commits what the task left in its checkout
 //! and sends the new commits as a git bundle; the host checks the bundle before anything of
-//! it is used, with git2 in its own cache repository (no git process, hook or filter ever
-//! runs on the host), then writes the change as a patch and pushes it.
+//! it is used, then writes the change as a patch and pushes it.
 //!
 //! What a bundle must be: version 2 (or 3 with SHA-1 only); its one prerequisite the
 //! fetched commit, its one ref the task's branch; a pack that indexes (every object's hash
-//! checked) within `MAX_BUNDLE_BYTES`; a tip that descends from the fetched commit.
+//! and every link checked) within `MAX_BUNDLE_BYTES`; a tip that descends from the fetched
+//! commit.
+//!
+//! Where it is checked: in a scratch repository that borrows the repository cache's objects
+//! (the cache itself is never written, so a refused bundle leaves nothing and two tasks
+//! never share a ref), with git2 only (no git process, hook or filter runs on the host), and
+//! in a child process of its own (`fleet __check-bundle`) that caps its own memory and CPU
+//! and is killed after `CHECK_TIMEOUT`: a small pack can inflate to far more than it weighs.
+
+use std::path::Path;
 
 /// The largest bundle the host takes.
 pub const MAX_BUNDLE_BYTES: usize = 64 * 1024 * 1024;
+/// How long the check of one bundle (and its push) may take before its process is killed.
+pub const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// The address space and CPU seconds the checking process allows itself.
+const CHECK_MEMORY_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+const CHECK_CPU_SECONDS: u64 = 60;
+/// Blobs larger than this are summed up as binary in the patch, not diffed.
+const DIFF_MAX_BLOB_BYTES: i64 = 1024 * 1024;
 /// The largest `changes.patch` written; a larger change is summed up, not shown.
 pub const MAX_PATCH_BYTES: usize = 8 * 1024 * 1024;
 
@@ -112,10 +127,8 @@ pub struct Accepted {
     pub commits: usize,
 }
 
-/// Checks `bundle` and, when it is sound, stores its objects in `cache` (the repository the
-/// task's checkout was fetched into) and returns the tip. Nothing is stored from a bundle
-/// whose header is refused; a pack that indexes but whose tip is refused leaves objects
-/// no ref names, which git's own maintenance removes.
+/// Checks `bundle` and, when it is sound, stores its objects in `repo` (a scratch repository
+/// that borrows the cache's objects, `check`) and returns the tip.
 pub fn accept_bundle(
     cache: &git2::Repository,
     bundle: &[u8],
@@ -144,11 +157,15 @@ pub fn accept_bundle(
     {
         use std::io::Write;
         let odb = cache.odb().map_err(bad_pack)?;
-        let mut writer = odb.packwriter().map_err(bad_pack)?;
-        writer
+        // Verified: every object a tree or commit of the pack names must exist.
+        let mut indexer =
+            git2::Indexer::new(Some(&odb), &cache.path().join("objects/pack"), 0o444, true)
+                .map_err(bad_pack)?;
+        indexer
             .write_all(pack)
             .map_err(|e| BundleRefused::BadPack(e.to_string()))?;
-        writer.commit().map_err(bad_pack)?;
+        indexer.commit().map_err(bad_pack)?;
+        odb.refresh().map_err(bad_pack)?;
     }
     if tip != base {
         let descends =
@@ -187,7 +204,10 @@ pub fn change(
     tip: git2::Oid,
 ) -> Result<Change, git2::Error> {
     let tree = |oid| cache.find_commit(oid).and_then(|c| c.tree());
-    let diff = cache.diff_tree_to_tree(Some(&tree(base)?), Some(&tree(tip)?), None)?;
+    let mut options = git2::DiffOptions::new();
+    options.max_size(DIFF_MAX_BLOB_BYTES);
+    let diff =
+        cache.diff_tree_to_tree(Some(&tree(base)?), Some(&tree(tip)?), Some(&mut options))?;
     let stats = diff.stats()?;
     let mut change = Change {
         files_changed: stats.files_changed(),
@@ -221,14 +241,23 @@ pub fn change(
 /// Pushes `tip` to `branch` of `url`, without force: a branch already at `tip` is left as
 /// it is (a retry pushes nothing twice), one elsewhere is an error.
 pub fn push(
-    cache: &git2::Repository,
+    repo: &git2::Repository,
+    url: &str,
+    tip: git2::Oid,
+    branch: &str,
+) -> Result<(), String> {
+    push_ref(repo, url, tip, branch).map_err(|e| e.message().to_owned())
+}
+
+fn push_ref(
+    repo: &git2::Repository,
     url: &str,
     tip: git2::Oid,
     branch: &str,
 ) -> Result<(), git2::Error> {
-    let local = format!("refs/fleet/results/{branch}");
-    cache.reference(&local, tip, true, "fleet: a task's results")?;
-    let mut remote = cache.remote_anonymous(url)?;
+    let local = "refs/fleet/results";
+    repo.reference(local, tip, true, "fleet: a task's results")?;
+    let mut remote = repo.remote_anonymous(url)?;
     let mut rejected: Option<String> = None;
     let mut callbacks = git2::RemoteCallbacks::new();
     callbacks.push_update_reference(|name, status| {
@@ -252,19 +281,211 @@ pub fn push(
     }
 }
 
-/// A run's bundle checked against `base` (hex) for `branch` and stored in `cache`, and the
-/// change it makes: what the task book records. `Err` says why nothing of it was used.
-pub fn collect(
-    cache: &git2::Repository,
+/// Where a checked run's commits go.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PushTo {
+    pub url: String,
+    pub branch: String,
+}
+
+/// What the check of a bundle found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Checked {
+    /// Why nothing of the bundle was used.
+    pub refused: Option<String>,
+    pub head: Option<String>,
+    pub commits: usize,
+    pub files_changed: usize,
+    pub insertions: usize,
+    pub deletions: usize,
+    pub patch: String,
+    pub patch_truncated: bool,
+    pub pushed: Option<String>,
+    pub push_error: Option<String>,
+}
+
+/// Checks `bundle` in a scratch repository borrowing the objects of the cache at
+/// `cache_dir` (a bare repository), against `base` for `branch`, and pushes it to `push`.
+pub fn check(
+    cache_dir: &Path,
     bundle: &[u8],
     base: &str,
     branch: &str,
-) -> Result<(Accepted, Change), String> {
+    push_to: Option<&PushTo>,
+) -> Result<Checked, String> {
+    let scratch = tempfile::Builder::new()
+        .prefix("fleet-bundle-")
+        .tempdir()
+        .map_err(|e| format!("a scratch repository: {e}"))?;
+    let repo = git2::Repository::init_opts(
+        scratch.path(),
+        git2::RepositoryInitOptions::new()
+            .bare(true)
+            .external_template(false),
+    )
+    .map_err(|e| format!("a scratch repository: {e}"))?;
+    let objects = std::fs::canonicalize(cache_dir.join("objects"))
+        .map_err(|e| format!("the repository cache {}: {e}", cache_dir.display()))?;
+    let info = repo.path().join("objects/info");
+    std::fs::create_dir_all(&info).map_err(|e| format!("a scratch repository: {e}"))?;
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a scratch repository, removed after"
+    )]
+    std::fs::write(info.join("alternates"), format!("{}\n", objects.display()))
+        .map_err(|e| format!("a scratch repository: {e}"))?;
+    let repo = git2::Repository::open_bare(repo.path()).map_err(|e| e.message().to_owned())?;
     let base = git2::Oid::from_str(base).map_err(|e| format!("the fetched commit: {e}"))?;
-    let accepted = accept_bundle(cache, bundle, base, branch).map_err(|e| e.to_string())?;
+    let accepted = match accept_bundle(&repo, bundle, base, branch) {
+        Ok(a) => a,
+        Err(refused) => {
+            return Ok(Checked {
+                refused: Some(refused.to_string()),
+                ..Checked::default()
+            });
+        }
+    };
     let change =
-        change(cache, base, accepted.tip).map_err(|e| format!("cannot read the change: {e}"))?;
-    Ok((accepted, change))
+        change(&repo, base, accepted.tip).map_err(|e| format!("cannot read the change: {e}"))?;
+    let mut checked = Checked {
+        head: Some(accepted.tip.to_string()),
+        commits: accepted.commits,
+        files_changed: change.files_changed,
+        insertions: change.insertions,
+        deletions: change.deletions,
+        patch: String::from_utf8_lossy(&change.patch).into_owned(),
+        patch_truncated: change.patch_truncated,
+        ..Checked::default()
+    };
+    if let Some(to) = push_to.filter(|_| accepted.commits > 0) {
+        match push(&repo, &to.url, accepted.tip, &to.branch) {
+            Ok(()) => checked.pushed = Some(format!("{} {}", to.url, to.branch)),
+            Err(why) => {
+                checked.push_error = Some(format!(
+                    "cannot push to {} {}: {why}; the bundle stays in the run's artifacts",
+                    to.url, to.branch
+                ))
+            }
+        }
+    }
+    Ok(checked)
+}
+
+/// What `fleet __check-bundle` is asked, on its stdin after the bundle's length line.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct CheckRequest {
+    pub cache_dir: std::path::PathBuf,
+    pub base: String,
+    pub branch: String,
+    pub push: Option<PushTo>,
+}
+
+/// `check` in a child process of this same binary (`program`), killed after
+/// `CHECK_TIMEOUT`: the request as a JSON line, then the bundle, on its stdin; `Checked`
+/// as JSON on its stdout.
+pub fn check_isolated(
+    program: &Path,
+    request: &CheckRequest,
+    bundle: &[u8],
+) -> Result<Checked, String> {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(program)
+        .arg("__check-bundle")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the bundle check: {e}"))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let line = serde_json::to_string(request).map_err(|e| e.to_string())?;
+    let feed = {
+        let bundle = bundle.to_vec();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(line.as_bytes());
+            let _ = stdin.write_all(b"\n");
+            let _ = stdin.write_all(&bundle);
+        })
+    };
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = (&mut stdout).take(64 * 1024 * 1024).read_to_end(&mut out);
+        out
+    });
+    let started = std::time::Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() < CHECK_TIMEOUT => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "the bundle's check took longer than {} s and was stopped",
+                    CHECK_TIMEOUT.as_secs()
+                ));
+            }
+        }
+    };
+    let _ = feed.join();
+    let out = reader.join().unwrap_or_default();
+    if !status.success() {
+        return Err(format!(
+            "the bundle's check failed ({status}): it took more memory or CPU than it may, or could not run"
+        ));
+    }
+    serde_json::from_slice(&out).map_err(|e| format!("the bundle's check answered nonsense: {e}"))
+}
+
+/// `fleet __check-bundle`: the child side of `check_isolated`. It caps its own address
+/// space and CPU time first.
+pub fn check_bundle_command() -> std::process::ExitCode {
+    use nix::sys::resource::{Resource, setrlimit};
+    use std::io::{BufRead, Read, Write};
+    let limited = setrlimit(Resource::RLIMIT_AS, CHECK_MEMORY_BYTES, CHECK_MEMORY_BYTES)
+        .and_then(|()| setrlimit(Resource::RLIMIT_CPU, CHECK_CPU_SECONDS, CHECK_CPU_SECONDS));
+    if limited.is_err() {
+        return std::process::ExitCode::from(3);
+    }
+    let mut input = std::io::stdin().lock();
+    let mut line = String::new();
+    if input.read_line(&mut line).is_err() {
+        return std::process::ExitCode::from(2);
+    }
+    let Ok(request) = serde_json::from_str::<CheckRequest>(&line) else {
+        return std::process::ExitCode::from(2);
+    };
+    let mut bundle = Vec::new();
+    if input
+        .take(MAX_BUNDLE_BYTES as u64 + 1)
+        .read_to_end(&mut bundle)
+        .is_err()
+    {
+        return std::process::ExitCode::from(2);
+    }
+    let checked = check(
+        &request.cache_dir,
+        &bundle,
+        &request.base,
+        &request.branch,
+        request.push.as_ref(),
+    )
+    .unwrap_or_else(|why| Checked {
+        refused: Some(why),
+        ..Checked::default()
+    });
+    let Ok(json) = serde_json::to_vec(&checked) else {
+        return std::process::ExitCode::from(2);
+    };
+    let mut out = std::io::stdout().lock();
+    if out.write_all(&json).and_then(|()| out.flush()).is_err() {
+        return std::process::ExitCode::from(2);
+    }
+    std::process::ExitCode::SUCCESS
 }
 
 #[cfg(test)]

@@ -188,24 +188,28 @@ impl TaskBook {
         let due = std::mem::take(&mut state.results_due);
         drop(state);
         // The bundles are on disk now (the hold's effects are made when it ends).
-        for name in due {
-            self.collect_results(&name);
+        for (name, run) in due {
+            self.collect_results(&name, &run);
         }
         out
     }
 
-    /// Checks the bundle a run sent back, without the lock (`tasks::results`): its
-    /// commits go into the repository's cache, the change into `changes.patch`, and a
-    /// summary (or why it was refused) into the run's record.
-    fn collect_results(&self, name: &str) {
+    /// Checks the bundle a run sent back, without the lock (`tasks::results`, in a child
+    /// process under limits): the change goes into `changes.patch`, a summary (or why it
+    /// was refused) into the run's record, and the commits where `results.push` says.
+    /// Only the run that sent it, and once: a new run or a second exit changes nothing.
+    fn collect_results(&self, name: &str, run: &str) {
         use crate::status::tasks::RunChanges;
-        let Some(at) = self
-            .lock()
-            .records
-            .get(name)
-            .and_then(|r| r.repository.clone())
-        else {
-            return;
+        let (at, push) = {
+            let state = self.lock();
+            let Some(record) = state.records.get(name).filter(|r| r.run == run) else {
+                return;
+            };
+            let Some(at) = record.repository.clone() else {
+                return;
+            };
+            let push = state.desired.get(name).and_then(|t| t.results_push.clone());
+            (at, push)
         };
         let collected = (|| -> Result<RunChanges, String> {
             let bundle = self
@@ -218,30 +222,39 @@ impl TaskBook {
                 .map_err(|e| format!("cannot read the run's bundle: {e}"))?;
             let cache = super::repo::open_cache(&self.cache_dir, &self.repo_root, &at.url)
                 .map_err(|e| e.to_string())?;
-            let (accepted, change) = match super::results::collect(
-                &cache,
-                &bundle,
-                &at.commit,
-                &format!("fleet/{name}"),
-            ) {
-                Ok(collected) => collected,
-                Err(refused) => {
-                    return Ok(RunChanges {
-                        refused: Some(refused),
-                        ..RunChanges::default()
-                    });
-                }
+            let push = match push {
+                Some(target) => Some(super::results::PushTo {
+                    url: super::repo::push_url(&self.repo_root, &target.url)
+                        .map_err(|e| e.to_string())?,
+                    branch: target
+                        .branch
+                        .unwrap_or_else(|| format!("fleet/{name}/{run}")),
+                }),
+                None => None,
             };
-            self.status
-                .write_changes_patch(name, &change.patch)
-                .map_err(|e| format!("cannot write changes.patch: {e}"))?;
+            let request = super::results::CheckRequest {
+                cache_dir: cache,
+                base: at.commit.clone(),
+                branch: format!("fleet/{name}"),
+                push,
+            };
+            let program = std::env::current_exe()
+                .map_err(|e| format!("cannot find fleet's own program: {e}"))?;
+            let checked = super::results::check_isolated(&program, &request, &bundle)?;
+            if checked.refused.is_none() {
+                self.status
+                    .write_changes_patch(name, checked.patch.as_bytes())
+                    .map_err(|e| format!("cannot write changes.patch: {e}"))?;
+            }
             Ok(RunChanges {
-                head: Some(accepted.tip.to_string()),
-                commits: accepted.commits,
-                files_changed: change.files_changed,
-                insertions: change.insertions,
-                deletions: change.deletions,
-                refused: None,
+                head: checked.head,
+                commits: checked.commits,
+                files_changed: checked.files_changed,
+                insertions: checked.insertions,
+                deletions: checked.deletions,
+                refused: checked.refused,
+                pushed: checked.pushed,
+                push_error: checked.push_error,
             })
         })();
         let changes = collected.unwrap_or_else(|why| RunChanges {
@@ -250,7 +263,9 @@ impl TaskBook {
         });
         let mut state = self.lock();
         state.now = DecidedAt::now();
-        state.update(name, |r| r.results = Some(changes));
+        if state.records.get(name).is_some_and(|r| r.run == run) {
+            state.update(name, |r| r.results = Some(changes));
+        }
     }
 
     /// The link wrote these messages: answers among them are delivered.
@@ -843,16 +858,21 @@ impl BookState {
                 "the guest agent restarted while it ran; its end is unknown".to_owned(),
             ),
         };
+        // Only the exit that ends the run: a guest that says it again changes nothing.
+        if !record.phase.is_active() {
+            self.update(name, |r| r.seq = seq);
+            return;
+        }
         self.update(name, |r| r.seq = seq);
         self.finish(name, phase, code, &message);
-        let bundled = self.records.get(name).is_some_and(|r| {
+        let bundled = self.records.get(name).filter(|r| {
             r.repository.is_some()
                 && r.artifacts
                     .iter()
                     .any(|a| a == fleet_agent_protocol::RESULTS_ARTIFACT)
         });
-        if bundled {
-            self.results_due.push(name.to_owned());
+        if let Some(r) = bundled {
+            self.results_due.push((name.to_owned(), r.run.clone()));
         }
     }
 

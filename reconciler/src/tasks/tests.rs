@@ -25,6 +25,7 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
             name: "fleet task ask".into(),
             email: "ask@fleet.invalid".into(),
         },
+        results_push: None,
         timeout: Duration::from_secs(60),
         artifacts: Vec::new(),
         prompt_patterns: Vec::new(),

@@ -147,7 +147,15 @@ fn a_brokered_vm_reaches_only_what_its_loadout_allows() {
     );
     assert!(output.contains("proxy=http://127.0.0.1:3128"), "{output}");
     // The guest's proxy named the task (its user), so the connection is in its log and
-    // its totals.
+    // its totals (written when the broker lets the connection go, maybe after the exit).
+    crate::daemon::wait_until(
+        "the connection's egress line",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(status.0.join("tasks/allowed/egress.jsonl"))
+                .is_ok_and(|log| log.contains("\"status\":200"))
+        },
+    );
     let log = read(&status.0.join("tasks/allowed/egress.jsonl"));
     assert!(
         log.contains(&format!("\"destination\":\"CONNECT 127.0.0.1:{allowed}\""))

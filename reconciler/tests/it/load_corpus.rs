@@ -1041,6 +1041,30 @@ fn task_with_a_git_author_git_could_not_write() {
 }
 
 #[test]
+fn task_results_pushed_where_the_host_does_not_allow() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with(
+                    "t",
+                    "  command: [make]\n  repository: {url: app}\n  results: {push: {branch: review/t}}\n",
+                ),
+            ),
+            (
+                "fleet/tasks/u.yaml",
+                &task_with("u", "  command: [make]\n  results:\n    push: {}\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:9:19: error: spec.results.push: "app" is not a repository the host configuration lets results be pushed to (pushes); ask the host's administrator to add a pattern to pushes
+            fleet/tasks/u.yaml:9:11: error: spec.results.push: a task without a repository has no commits to push; add repository, or remove results.push
+        "#]],
+    );
+}
+
+#[test]
 fn task_with_an_empty_command() {
     check(
         &[
@@ -1916,7 +1940,7 @@ fn host_unknown_field() {
     check_host(
         &host_with("    []\n", "  imageRoots: [/var/lib/fleet/images]\n"),
         expect![[r#"
-            /etc/fleet/host.yaml:6:3: error: spec.imageRoots: unknown field; did you mean `imageRoot`? valid fields: providers, imageRoot, repositories, recipients, limits, egress
+            /etc/fleet/host.yaml:6:3: error: spec.imageRoots: unknown field; did you mean `imageRoot`? valid fields: providers, imageRoot, repositories, pushes, recipients, limits, egress
         "#]],
     );
 }

@@ -112,6 +112,14 @@ fn tasks_run_ask_for_answers_and_survive_a_restart_of_fleet() {
     let repo = Repo::new();
     let app = tempfile::tempdir().expect("tempdir");
     app_repository(app.path());
+    // Where the run's commits are pushed for review (libgit2 pushes to bare repositories).
+    let review = tempfile::tempdir().expect("tempdir");
+    let init = std::process::Command::new("git")
+        .args(["init", "-q", "--bare"])
+        .arg(review.path())
+        .status()
+        .expect("git");
+    assert!(init.success());
     repo.write(
         "fleet/fleet.yaml",
         fleet_yaml_with_policy(
@@ -120,14 +128,17 @@ fn tasks_run_ask_for_answers_and_survive_a_restart_of_fleet() {
         ),
     );
     repo.write(&format!("fleet/vms/{vm}.yaml"), vm_yaml(&vm, "256Mi"));
+    // Results go back to the task's repository, which the host lets them be pushed to.
+    repo.add_host_config("  pushes: ['file:///**']\n");
     repo.write(
         "fleet/tasks/fail.yaml",
         task_yaml(
             "fail",
             &vm,
             &format!(
-                "  repository: {{url: 'file://{}', branch: main}}\n  command: [sh, -c, 'cat README; cat .git/HEAD .git/shallow; echo hello; mkdir -p out; echo result > out/r.txt; exit 3']\n  artifacts: ['out/*']\n",
-                app.path().display()
+                "  repository: {{url: 'file://{}', branch: main}}\n  results: {{push: {{url: 'file://{}'}}}}\n  command: [sh, -c, 'cat README; cat .git/HEAD .git/shallow; echo hello; mkdir -p out; echo result > out/r.txt; exit 3']\n  artifacts: ['out/*']\n",
+                app.path().display(),
+                review.path().display()
             ),
         ),
     );
@@ -217,6 +228,30 @@ fn tasks_run_ask_for_answers_and_survive_a_restart_of_fleet() {
     let patch = read(&status.0.join("tasks/fail/changes.patch"));
     assert!(patch.contains("+++ b/out/r.txt"), "{patch}");
     assert!(patch.contains("\n+result\n"), "{patch}");
+    // Pushed to the review repository, on the run's own branch, as the guest committed it.
+    let field = |name: &str| {
+        fail.lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{name}: ")))
+            .map(|v| v.trim_matches('"').to_owned())
+            .unwrap_or_else(|| panic!("{name} in {fail}"))
+    };
+    let (run, head) = (field("run"), field("head"));
+    assert!(fail.contains("pushed: "), "{fail}");
+    let pushed = std::process::Command::new("git")
+        .args(["rev-parse", &format!("refs/heads/fleet/fail/{run}")])
+        .current_dir(review.path())
+        .output()
+        .expect("git");
+    assert_eq!(String::from_utf8_lossy(&pushed.stdout).trim(), head);
+    let author = std::process::Command::new("git")
+        .args(["log", "-1", "--format=%an <%ae>", &head])
+        .current_dir(review.path())
+        .output()
+        .expect("git");
+    assert_eq!(
+        String::from_utf8_lossy(&author.stdout).trim(),
+        "fleet task fail <fail@fleet.invalid>"
+    );
 
     // Kill fleet while `count` runs; a new fleet re-attaches: complete output, one start.
     wait_until("count is under way", Duration::from_secs(30), || {

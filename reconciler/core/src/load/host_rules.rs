@@ -110,6 +110,7 @@ fn check_intervals(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnostic>
 
 fn check_repositories(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnostic>) {
     for o in f.tasks.values() {
+        check_push(o, host, diags);
         let Some(repo) = &o.doc.spec.repository else {
             continue;
         };
@@ -146,6 +147,33 @@ fn check_repositories(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnost
                 ),
             ));
         }
+    }
+}
+
+/// A results push goes to a URL the host configuration's `pushes` allows: never into a
+/// path of the fleet's own repository, never anywhere by default.
+fn check_push(o: &Object<crate::spec::TaskDocument>, host: &HostSpec, diags: &mut Vec<Diagnostic>) {
+    let Some(push) = o.doc.spec.results.as_ref().and_then(|r| r.push.as_ref()) else {
+        return;
+    };
+    let (url, at) = match (&push.url, &o.doc.spec.repository) {
+        (Some(url), _) => (url.as_str(), "/spec/results/push/url"),
+        (None, Some(repo)) => (repo.url.as_str(), "/spec/results/push"),
+        (None, None) => {
+            diags.push(o.field_error(
+                "/spec/results/push",
+                "a task without a repository has no commits to push; add repository, or remove results.push".to_owned(),
+            ));
+            return;
+        }
+    };
+    if !host.pushes.iter().any(|p| pattern_matches(p, url)) {
+        diags.push(o.field_error(
+            at,
+            format!(
+                "{url:?} is not a repository {HOST_CONFIG} lets results be pushed to (pushes); ask the host's administrator to add a pattern to pushes"
+            ),
+        ));
     }
 }
 

@@ -220,6 +220,7 @@ mod tests {
                 name: "fleet".into(),
                 email: "f@fleet.invalid".into(),
             },
+            results_push: None,
             timeout: std::time::Duration::from_secs(60),
             artifacts: Vec::new(),
             prompt_patterns: Vec::new(),

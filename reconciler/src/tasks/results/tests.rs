@@ -223,3 +223,60 @@ fn a_bundle_that_asks_for_a_filter_or_a_hook_runs_nothing_on_the_host() {
     push(&s.cache, &target.to_string_lossy(), tip, "fleet/t/r").expect("pushed");
     assert!(!marker.exists(), "something ran on the host");
 }
+
+#[test]
+fn a_check_leaves_the_cache_as_it_was_and_pushes_from_its_scratch_repository() {
+    let s = Setup::new();
+    let packs = |s: &Setup| {
+        let mut names: Vec<String> = std::fs::read_dir(s.cache.path().join("objects/pack"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let before = packs(&s);
+    let tip = s.commit("README", "changed\n");
+    let bundle = s.bundle(&format!("{}..fleet/t", s.base));
+    let target = s.dir.path().join("target.git");
+    git2::Repository::init_bare(&target).expect("target");
+    let to = PushTo {
+        url: target.to_string_lossy().into_owned(),
+        branch: "fleet/t/r1".into(),
+    };
+    let checked = check(
+        s.cache.path(),
+        &bundle,
+        &s.base.to_string(),
+        "fleet/t",
+        Some(&to),
+    )
+    .expect("checked");
+    assert_eq!(checked.refused, None);
+    assert_eq!(checked.head, Some(tip.to_string()));
+    assert_eq!((checked.commits, checked.files_changed), (1, 1));
+    assert!(checked.patch.contains("+changed"), "{}", checked.patch);
+    assert_eq!(checked.pushed, Some(format!("{} fleet/t/r1", to.url)));
+    assert_eq!(
+        git(&target, &["rev-parse", "refs/heads/fleet/t/r1"]),
+        tip.to_string()
+    );
+    // A refused bundle too: nothing of either reached the cache.
+    let refused = check(
+        s.cache.path(),
+        b"# v2 git bundle\n\n",
+        &s.base.to_string(),
+        "fleet/t",
+        None,
+    )
+    .expect("checked");
+    assert!(refused.refused.is_some());
+    assert_eq!(packs(&s), before);
+    assert!(
+        s.cache.find_commit(tip).is_err(),
+        "the cache never holds a run's commits"
+    );
+}
