@@ -8,14 +8,27 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use std::time::{Duration, Instant};
+
 use fleet_agent_protocol::RunResults;
 
 /// The largest bundle sent (the host refuses larger ones too).
 pub const MAX_BUNDLE_BYTES: u64 = 64 * 1024 * 1024;
+/// How long each git command may take: a run's exit (and its user's clean-up) waits for
+/// them, so a filter that never ends must not hold it back.
+const GIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn git(dir: &Path, uid: Option<u32>, args: &[&str]) -> Command {
     let mut command = Command::new("git");
+    // No hooks and no file-system monitor: the commit is the agent's, not the task's
+    // (filters the checkout names still run, as the task's user, within the timeout).
     command
+        .args([
+            "-c",
+            "core.hooksPath=/dev/null",
+            "-c",
+            "core.fsmonitor=false",
+        ])
         .args(args)
         .current_dir(dir)
         .env_clear()
@@ -31,10 +44,35 @@ fn git(dir: &Path, uid: Option<u32>, args: &[&str]) -> Command {
     command
 }
 
+/// Runs git to its end, or kills it at `GIT_TIMEOUT`; its output is small (the commands
+/// here print little), read after it ends.
 fn run(dir: &Path, uid: Option<u32>, args: &[&str]) -> Result<std::process::Output, String> {
-    git(dir, uid, args)
-        .output()
-        .map_err(|e| format!("cannot run git {}: {e}", args.join(" ")))
+    let mut child = git(dir, uid, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run git {}: {e}", args.join(" ")))?;
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if started.elapsed() < GIT_TIMEOUT => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "git {} took longer than {} s",
+                    args.join(" "),
+                    GIT_TIMEOUT.as_secs()
+                ));
+            }
+        }
+    }
+    child
+        .wait_with_output()
+        .map_err(|e| format!("git {}: {e}", args.join(" ")))
 }
 
 fn ok(output: &std::process::Output, what: &str) -> Result<String, String> {
@@ -80,33 +118,59 @@ pub fn bundle(
         return Ok(None);
     }
     let range = format!("{}..{branch}", results.base);
+    // Its stdout is read as it comes (a bundle is larger than a pipe holds), its stderr
+    // dropped (unread, it could fill and stall git), and the whole within `GIT_TIMEOUT`.
     let mut child = git(dir, uid, &["bundle", "create", "-q", "-", &range])
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot run git bundle: {e}"))?;
-    let mut bytes = Vec::new();
     let stdout = child.stdout.take().expect("piped");
-    let read = stdout
-        .take(MAX_BUNDLE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("reading the bundle: {e}"));
-    if bytes.len() as u64 > MAX_BUNDLE_BYTES {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(format!(
-            "the run's commits make a bundle larger than {MAX_BUNDLE_BYTES} bytes"
-        ));
-    }
-    let output = child
-        .wait_with_output()
-        .map_err(|e| format!("git bundle: {e}"))?;
-    read?;
-    if !output.status.success() {
-        return Err(format!(
-            "git bundle failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
+    let reader = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let read = stdout.take(MAX_BUNDLE_BYTES + 1).read_to_end(&mut bytes);
+        (bytes, read)
+    });
+    let over = |bytes: &Vec<u8>| bytes.len() as u64 > MAX_BUNDLE_BYTES;
+    let started = Instant::now();
+    let mut reader = Some(reader);
+    let mut read: Option<(Vec<u8>, std::io::Result<usize>)> = None;
+    let status = loop {
+        if reader.as_ref().is_some_and(|r| r.is_finished()) {
+            let done = reader
+                .take()
+                .expect("checked")
+                .join()
+                .map_err(|_| "reading the bundle failed".to_owned())?;
+            // Over its cap, git waits on a full pipe: it is stopped, not waited for.
+            if over(&done.0) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "the run's commits make a bundle larger than {MAX_BUNDLE_BYTES} bytes"
+                ));
+            }
+            read = Some(done);
+        }
+        match child.try_wait() {
+            Ok(Some(status)) if reader.is_none() => break status,
+            Ok(_) if started.elapsed() < GIT_TIMEOUT => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "git bundle took longer than {} s",
+                    GIT_TIMEOUT.as_secs()
+                ));
+            }
+        }
+    };
+    let (bytes, result) = read.expect("read before the loop ends");
+    result.map_err(|e| format!("reading the bundle: {e}"))?;
+    if !status.success() {
+        return Err(format!("git bundle failed ({status})"));
     }
     Ok(Some(bytes))
 }

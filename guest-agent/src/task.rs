@@ -361,6 +361,11 @@ impl Tasks {
     /// the artifact `RESULTS_ARTIFACT`; what went wrong is a line of the task's output.
     fn send_results(&self, task: &str, dir: &Path, results: &fleet_agent_protocol::RunResults) {
         let uid = self.lock().get(task).and_then(|s| s.uid);
+        // What the run left running goes first: nothing of it may change the checkout
+        // while it is committed, or outlive the run inside git's hooks.
+        if let (Some(uid), Some(iso)) = (uid, &self.isolation) {
+            crate::isolate::reap(&iso.agent, uid);
+        }
         match crate::results::bundle(dir, results, uid) {
             Ok(Some(bytes)) => self.send_parts(
                 task,

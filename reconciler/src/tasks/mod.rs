@@ -443,11 +443,27 @@ fn run_id(spec_hash: &str, generation: u32) -> String {
 impl TaskBook {
     /// Reads the records and prompts the status directory holds.
     pub fn open(status: StatusDir, repo_root: PathBuf) -> TaskBook {
-        let state = BookState {
+        let mut state = BookState {
             records: status.read_task_records(),
             prompts: status.read_prompts(),
             ..BookState::default()
         };
+        // A run that ended with a bundle fleet did not get to check (it was killed between
+        // the exit and the check): checked at the first sync.
+        state.results_due = state
+            .records
+            .values()
+            .filter(|r| {
+                !r.phase.is_active()
+                    && r.phase != TaskPhase::Pending
+                    && r.repository.is_some()
+                    && r.results.is_none()
+                    && r.artifacts
+                        .iter()
+                        .any(|a| a == fleet_agent_protocol::RESULTS_ARTIFACT)
+            })
+            .map(|r| (r.name.clone(), r.run.clone()))
+            .collect();
         // Output written after the last record a killed fleet made is cut back: the guest
         // sends it again, so the log has no repeats.
         for record in state.records.values().filter(|r| r.phase.is_active()) {
@@ -714,6 +730,13 @@ impl TaskBook {
         state.now = DecidedAt::now();
         state.vault = vault;
         state.sync(desired, running);
+        // Results a killed fleet had not checked yet (queued by `open`), now that the
+        // tasks' pushes are known.
+        let due = std::mem::take(&mut state.results_due);
+        drop(state);
+        for (name, run) in due {
+            self.collect_results(&name, &run);
+        }
     }
 
     fn lock(&self) -> BookGuard<'_> {

@@ -198,7 +198,7 @@ impl TaskBook {
     /// process under limits): the change goes into `changes.patch`, a summary (or why it
     /// was refused) into the run's record, and the commits where `results.push` says.
     /// Only the run that sent it, and once: a new run or a second exit changes nothing.
-    fn collect_results(&self, name: &str, run: &str) {
+    pub(super) fn collect_results(&self, name: &str, run: &str) {
         use crate::status::tasks::RunChanges;
         let (at, push) = {
             let state = self.lock();

@@ -720,3 +720,46 @@ fn one_tasks_unmade_writes_hold_up_no_other_task() {
     assert!(written.exists(), "{} is written", written.display());
     book.flush(older);
 }
+
+/// A run that ended with a bundle a killed fleet never checked is checked at the first
+/// sync after a restart, once, and only for that run.
+#[test]
+fn results_a_killed_fleet_left_unchecked_are_checked_after_a_restart() {
+    let (_dir, book, _conn, _) = started(Duration::from_secs(60), OnDeadline::Wait);
+    let mut record = book.records()["ask"].clone();
+    record.phase = TaskPhase::Failed;
+    record.repository = Some(crate::status::tasks::RepositoryAt {
+        url: "app".into(),
+        commit: "a".repeat(40),
+    });
+    record.artifacts = vec![fleet_agent_protocol::RESULTS_ARTIFACT.to_owned()];
+    record.results = None;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let status = StatusDir::new(dir.path().join("status"));
+    status.write_task_record(&record).expect("record");
+    status
+        .write_artifact_part(
+            "ask",
+            fleet_agent_protocol::RESULTS_ARTIFACT,
+            0,
+            b"# v2 git bundle\n",
+        )
+        .expect("artifact");
+    let book = TaskBook::open(status, dir.path().to_path_buf());
+    assert_eq!(
+        book.records()["ask"].results,
+        None,
+        "checked at the sync, not before"
+    );
+    book.sync(
+        &desired(Duration::from_secs(60), OnDeadline::Wait),
+        Default::default(),
+        &BTreeSet::new(),
+    );
+    // Its repository was never fetched here, so the check says why it could not be made.
+    let results = book.records()["ask"].results.clone().expect("checked");
+    let why = results.refused.expect("refused");
+    assert!(why.contains("app"), "{why}");
+    assert_eq!(results.head, None);
+}
