@@ -238,6 +238,7 @@ pub fn task(s: &Snapshot, t: &TaskRecord, output: Option<&str>) -> String {
             @if let Some(x) = &t.finished { dt { "Finished" } dd { (x) } }
             @if !t.artifacts.is_empty() { dt { "Artifacts" } dd { @for a in &t.artifacts { code { (a) } " " } } }
             @if let Some(e) = &t.egress { dt { "Egress" } dd { (egress_text(e)) } }
+            @if let Some(c) = &t.results { dt { "Changes" } dd { (changes_text(c)) } }
         }
         @if !prompts.is_empty() {
             h2 { "Prompts" }
@@ -254,6 +255,33 @@ pub fn task(s: &Snapshot, t: &TaskRecord, output: Option<&str>) -> String {
         pre { (output.map(crate::terminal::strip_codes).unwrap_or_else(|| "no output yet".into())) }
     };
     page(&format!("{} · fleet", t.name), body)
+}
+
+/// What a run changed in its checkout, in one line: "2 commits, 3 files changed, +10 -2,
+/// head 1a2b3c4d5e6f; pushed to URL BRANCH" (the patch is `changes.patch` in the task's
+/// status directory).
+fn changes_text(c: &crate::status::tasks::RunChanges) -> String {
+    if let Some(why) = &c.refused {
+        return format!("refused: {why}");
+    }
+    let plural =
+        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let mut text = format!(
+        "{}, {}, +{} -{}",
+        plural(c.commits, "commit", "commits"),
+        plural(c.files_changed, "file changed", "files changed"),
+        c.insertions,
+        c.deletions
+    );
+    if let Some(head) = &c.head {
+        text += &format!(", head {}", &head[..head.len().min(12)]);
+    }
+    if let Some(to) = &c.pushed {
+        text += &format!("; pushed to {to}");
+    } else if let Some(e) = &c.push_error {
+        text += &format!("; {e}");
+    }
+    text
 }
 
 /// A run's brokered egress in one line: "12 connections (1 refused), 3.1 KiB up, 2.0 MiB

@@ -200,7 +200,15 @@ async fn tasks_and_pending_prompts_show_with_the_output_tail() {
         boot_id: Some("b".into()),
         exit_code: None,
         repository: None,
-        results: None,
+        results: Some(crate::status::tasks::RunChanges {
+            head: Some("1a2b3c4d5e6f7a8b9c0d".into()),
+            commits: 2,
+            files_changed: 1,
+            insertions: 10,
+            deletions: 2,
+            pushed: Some("https://git.example.org/app fleet/build/0123abcd".into()),
+            ..Default::default()
+        }),
         seq: 2,
         output_bytes: 0,
         output_truncated: false,
@@ -273,6 +281,12 @@ async fn tasks_and_pending_prompts_show_with_the_output_tail() {
     assert!(
         page.contains(
             "12 connections (1 refused), 3.1 KiB up, 2.0 MiB down, 1200 tokens in, 300 out"
+        ),
+        "{page}"
+    );
+    assert!(
+        page.contains(
+            "2 commits, 1 file changed, +10 -2, head 1a2b3c4d5e6f; pushed to https://git.example.org/app fleet/build/0123abcd"
         ),
         "{page}"
     );
