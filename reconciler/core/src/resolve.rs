@@ -146,21 +146,43 @@ pub struct CommittedApproval {
     pub source: String,
 }
 
-/// The command line of a coding agent run non-interactively.
+/// The command line of a coding agent run non-interactively, as today's CLIs take it
+/// (Claude Code 2.1, Codex 0.171, checked against their `--help`; Gemini CLI and aider by
+/// their documentation). The VM is the sandbox, so each may act without asking: a
+/// permission question nobody can answer would only stall the run. Claude Code streams
+/// its events as JSON lines (its plain output comes only at the end); the prompt follows
+/// `--`, so one that starts with `-` is never read as a flag.
 pub fn agent_command(agent: &AgentSpec) -> Vec<String> {
-    let prompt = agent.prompt.clone();
-    let mut argv: Vec<String> = match agent.kind {
-        AgentKind::Claude => vec!["claude".into(), "-p".into(), prompt],
-        AgentKind::Codex => vec!["codex".into(), "exec".into(), prompt],
-        AgentKind::Gemini => vec!["gemini".into(), "-p".into(), prompt],
-        AgentKind::Aider => vec!["aider".into(), "--message".into(), prompt],
+    let words = |w: &[&str]| w.iter().map(|w| (*w).to_owned()).collect::<Vec<String>>();
+    let mut argv = match agent.kind {
+        AgentKind::Claude => words(&[
+            "claude",
+            "--print",
+            "--dangerously-skip-permissions",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--no-session-persistence",
+        ]),
+        AgentKind::Codex => words(&[
+            "codex",
+            "exec",
+            "--dangerously-bypass-approvals-and-sandbox",
+            "--skip-git-repo-check",
+        ]),
+        AgentKind::Gemini => words(&["gemini", "--yolo"]),
+        AgentKind::Aider => words(&["aider", "--yes-always"]),
     };
     if let Some(model) = &agent.model {
-        let flag = match agent.kind {
-            AgentKind::Gemini => "-m",
-            _ => "--model",
-        };
-        argv.extend([flag.to_owned(), model.clone()]);
+        argv.extend(["--model".to_owned(), model.clone()]);
+    }
+    match agent.kind {
+        // aider takes its one-shot prompt as an option's value.
+        AgentKind::Aider => argv.extend(["--message".to_owned(), agent.prompt.clone()]),
+        AgentKind::Gemini => argv.extend(["--prompt".to_owned(), agent.prompt.clone()]),
+        AgentKind::Claude | AgentKind::Codex => {
+            argv.extend(["--".to_owned(), agent.prompt.clone()])
+        }
     }
     argv
 }
@@ -973,6 +995,34 @@ pub mod tests_support {
 mod tests {
     use super::*;
     use crate::spec::Network;
+
+    #[test]
+    fn each_agent_runs_without_asking_and_its_prompt_is_never_a_flag() {
+        let run = |kind, model: Option<&str>| {
+            agent_command(&AgentSpec {
+                kind,
+                prompt: "--fix the tests".into(),
+                model: model.map(str::to_owned),
+            })
+            .join(" ")
+        };
+        assert_eq!(
+            run(AgentKind::Claude, Some("sonnet")),
+            "claude --print --dangerously-skip-permissions --output-format stream-json --verbose --no-session-persistence --model sonnet -- --fix the tests"
+        );
+        assert_eq!(
+            run(AgentKind::Codex, None),
+            "codex exec --dangerously-bypass-approvals-and-sandbox --skip-git-repo-check -- --fix the tests"
+        );
+        assert_eq!(
+            run(AgentKind::Gemini, Some("gemini-2.5-pro")),
+            "gemini --yolo --model gemini-2.5-pro --prompt --fix the tests"
+        );
+        assert_eq!(
+            run(AgentKind::Aider, None),
+            "aider --yes-always --message --fix the tests"
+        );
+    }
 
     fn loadout(extends: &[&str], packages: &[&str], memory: Option<&str>) -> LoadoutSpec {
         LoadoutSpec {
