@@ -93,6 +93,8 @@ pub struct DesiredTask {
     pub name: String,
     pub vm: String,
     pub argv: Vec<String>,
+    /// The coding agent `argv` runs, when the task names one (what a plan shows of it).
+    pub agent: Option<AgentSpec>,
     /// The VM's loadout environment, then the task's own.
     pub env: BTreeMap<String, String>,
     pub repository: Option<Repository>,
@@ -221,6 +223,7 @@ fn resolve_task(name: &str, spec: &TaskSpec, vm: Option<&DesiredVm>, source: &st
         name: name.to_owned(),
         vm: spec.vm.0.clone(),
         argv,
+        agent: spec.agent.clone(),
         env,
         repository: spec.repository.clone(),
         git_author: spec

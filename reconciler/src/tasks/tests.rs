@@ -19,6 +19,7 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
         name: "ask".into(),
         vm: "vm-1".into(),
         argv: vec!["sh".into()],
+        agent: None,
         env: Default::default(),
         repository: None,
         git_author: crate::spec::GitIdentity {

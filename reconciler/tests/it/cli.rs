@@ -357,8 +357,10 @@ fn the_plan_shows_the_task_runs_a_revision_starts() {
         plan.stderr()
     );
     assert!(out.contains("  + start task fix on VM a\n"), "{out}");
-    assert!(out.contains("      runs: claude "), "{out}");
-    assert!(out.contains("'fix the failing test'"), "{out}");
+    assert!(
+        out.contains("      runs: claude agent: \"fix the failing test\"\n"),
+        "{out}"
+    );
     assert!(
         out.contains("      on:   app@main (checked out as fleet/fix in the guest)"),
         "{out}"

@@ -61,6 +61,8 @@ pub struct TaskRun {
 
 /// The longest command shown; the file holds the rest.
 const COMMAND_CHARS: usize = 100;
+/// The longest agent prompt shown.
+const PROMPT_CHARS: usize = 200;
 
 /// The runs `tasks` start, run again or cancel, given the `recorded` latest runs (by task).
 /// A task whose run is recorded by its run hash only, and that has secrets, is left out:
@@ -90,7 +92,10 @@ pub fn task_runs(
                 task: name.clone(),
                 vm: task.vm.clone(),
                 change,
-                command: shortened(&task.argv),
+                command: match &task.agent {
+                    Some(agent) => agent_line(agent),
+                    None => shortened(&task.argv),
+                },
                 repository: task.repository.as_ref().map(|r| match &r.branch {
                     Some(b) => format!("{}@{}", shown(&r.url), shown(b)),
                     None => shown(&r.url),
@@ -113,6 +118,26 @@ pub fn task_runs(
     }
     runs.sort_by(|a, b| a.task.cmp(&b.task));
     runs
+}
+
+/// A coding agent as a reviewer wants to read it: which, with which model, on what prompt
+/// (cut at `PROMPT_CHARS`; the file holds the rest).
+fn agent_line(agent: &crate::spec::AgentSpec) -> String {
+    let kind = serde_json::to_value(agent.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let model = agent
+        .model
+        .as_deref()
+        .map(|m| format!(" (model {})", shown(m)))
+        .unwrap_or_default();
+    let prompt = shown(&agent.prompt);
+    let prompt = match prompt.char_indices().nth(PROMPT_CHARS) {
+        Some((at, _)) => format!("{}…", &prompt[..at]),
+        None => prompt,
+    };
+    format!("{kind} agent{model}: \"{prompt}\"")
 }
 
 /// The command line as a reader would type it, cut at `COMMAND_CHARS`.
@@ -214,6 +239,7 @@ mod tests {
             name: name.into(),
             vm: "agent-1".into(),
             argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+            agent: None,
             env: BTreeMap::new(),
             repository: None,
             git_author: GitIdentity {
@@ -246,11 +272,12 @@ mod tests {
 
     #[test]
     fn a_plan_names_each_run_a_revision_starts_reruns_restarts_or_cancels() {
-        let mut fix = task(
-            "fix",
-            &["claude", "-p", "fix the failing test, then commit"],
-            "h-fix",
-        );
+        let mut fix = task("fix", &["claude", "--print"], "h-fix");
+        fix.agent = Some(crate::spec::AgentSpec {
+            kind: crate::spec::AgentKind::Claude,
+            prompt: "fix the failing test,\nthen commit".into(),
+            model: Some("sonnet".into()),
+        });
         fix.repository = Some(Repository {
             url: "https://git.example.org/team/app".into(),
             branch: Some("main".into()),
@@ -281,7 +308,7 @@ mod tests {
               ~ run again task build on VM agent-1 (its spec changed)
                   runs: make test
               + start task fix on VM agent-1
-                  runs: claude -p 'fix the failing test, then commit'
+                  runs: claude agent (model sonnet): "fix the failing test,\u{a}then commit"
                   on:   https://git.example.org/team/app@main (checked out as fleet/fix in the guest)
               -/+ restart task lint on VM agent-1 (its spec changed: the run under way is cancelled)
                   runs: make lint
