@@ -17,7 +17,7 @@ DEB_COMMANDS := libvirtd virtlogd virsh qemu-system-x86_64 qemu-img genisoimage 
                 depmod file git chromium cloud-init age age-keygen python3 pkg-config \
                 dnsmasq nft iptables ip
 
-.PHONY: all build deps libvirtd agent image image-debian install-example fakepve run test lint unit bench fuzz crash-test crash-test-proxmox clean
+.PHONY: all build deps libvirtd agent image image-debian image-agent install-example fakepve run test lint unit bench fuzz crash-test crash-test-proxmox clean
 
 all: build
 
@@ -68,6 +68,17 @@ image: agent
 image-debian: agent
 	@command -v mmdebstrap >/dev/null || (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends mmdebstrap e2fsprogs qemu-utils)
 	FLEET_AGENT_BIN=$(CURDIR)/build/fleet-agent guest-agent/image/build-debian.sh build/image-debian
+
+# The agent image: image-debian plus git, curl, ripgrep, Node.js and the real agent CLIs
+# from the npm registry, pinned (bump these to change what agents run). About 1.2 GB.
+CLAUDE_CODE_VERSION ?= 2.1.332
+CODEX_VERSION ?= 0.171.0
+image-agent: agent
+	@command -v mmdebstrap >/dev/null || (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends mmdebstrap e2fsprogs qemu-utils)
+	@command -v npm >/dev/null || (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends npm)
+	FLEET_AGENT_BIN=$(CURDIR)/build/fleet-agent FLEET_DEBIAN_DISK_SIZE=4G \
+	  FLEET_AGENT_CLIS="@anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION) @openai/codex@$(CODEX_VERSION)" \
+	  guest-agent/image/build-debian.sh build/image-agent
 
 # The example's host: the micro image under the host's image root, and the example host
 # configuration as /etc/fleet/host.yaml unless the host already has one (it is the host

@@ -9,6 +9,10 @@
 # Usage: FLEET_AGENT_BIN=path build-debian.sh OUT_DIR
 #        (needs mmdebstrap, e2fsprogs, qemu-utils and a reachable Debian mirror; run as root)
 #
+# With FLEET_AGENT_CLIS="@anthropic-ai/claude-code@X @openai/codex@Y" (make image-agent) it is
+# the agent image: git, curl, ripgrep and Node.js from Debian, and those npm packages, pinned,
+# installed with the build host's npm under /opt/fleet-agents with their commands on PATH.
+#
 # Use it from fleet.yaml:
 #   images:
 #     - name: debian
@@ -21,6 +25,12 @@ set -euo pipefail
 out=${1:?usage: build-debian.sh OUT_DIR}
 agent=${FLEET_AGENT_BIN:?build-debian: set FLEET_AGENT_BIN to a static fleet-agent (make agent)}
 size=${FLEET_DEBIAN_DISK_SIZE:-2G}
+clis=${FLEET_AGENT_CLIS:-}
+extra=""
+if [ -n "$clis" ]; then
+  command -v npm >/dev/null || { echo "build-debian: npm is not installed (the agent CLIs come from the npm registry)" >&2; exit 1; }
+  extra=",git,curl,ripgrep,nodejs,less"
+fi
 for tool in mmdebstrap mke2fs qemu-img; do
   command -v "$tool" >/dev/null || { echo "build-debian: $tool is not installed" >&2; exit 1; }
 done
@@ -31,10 +41,29 @@ root="$work/root"
 
 # --variant=apt: essential packages plus apt; recommends off keeps the image small.
 mmdebstrap --variant=apt --aptopt='APT::Install-Recommends "false"' \
-  --include=systemd-sysv,udev,cloud-init,linux-image-cloud-amd64,initramfs-tools,sudo,ca-certificates,procps,iproute2,openssh-server,e2fsprogs \
+  --include="systemd-sysv,udev,cloud-init,linux-image-cloud-amd64,initramfs-tools,sudo,ca-certificates,procps,iproute2,openssh-server,e2fsprogs$extra" \
   bookworm "$root"
 
 install -m 0755 "$agent" "$root/usr/local/bin/fleet-agent"
+
+if [ -n "$clis" ]; then
+  # Exact versions only: an image is rebuilt to change what agents run, never by chance.
+  for pkg in $clis; do
+    case "$pkg" in
+      @*/*@[0-9]*|[a-z]*@[0-9]*) ;;
+      *) echo "build-debian: $pkg is not pinned to a version (name@X.Y.Z)" >&2; exit 1 ;;
+    esac
+  done
+  # shellcheck disable=SC2086 # one word per package
+  npm install --prefix "$root/opt/fleet-agents" --no-audit --no-fund --no-update-notifier $clis
+  for bin in "$root"/opt/fleet-agents/node_modules/.bin/*; do
+    ln -sf "/opt/fleet-agents/node_modules/.bin/$(basename "$bin")" "$root/usr/local/bin/$(basename "$bin")"
+  done
+  # The commands must run, not just be there (the CLIs ship native binaries per platform).
+  for bin in "$root"/opt/fleet-agents/node_modules/.bin/*; do
+    echo "build-debian: $(basename "$bin") $("$bin" --version 2>&1 | head -n 1)"
+  done
+fi
 cat > "$root/etc/systemd/system/fleet-agent.service" <<'EOF'
 [Unit]
 Description=fleet guest agent (virtio-serial port org.fleet.agent.0)
