@@ -8,7 +8,7 @@ use quick_xml::escape::escape;
 
 use crate::observe::{ObservedVm, Stamp};
 use crate::resolve::DesiredVm;
-use crate::spec::NetworkMode;
+use crate::spec::{DomainType, NetworkMode};
 
 /// fleet's XML namespace for the stamp inside `<metadata>`.
 pub const STAMP_NS: &str = "urn:fleet:stamp:1";
@@ -85,6 +85,12 @@ pub fn render(vm: &DesiredVm, uuid: &uuid::Uuid, stamp: &Stamp, files: &VmFiles<
     let _ = writeln!(x, "  <metadata>{}</metadata>", stamp_element(stamp, true));
     let _ = writeln!(x, "  <memory unit='MiB'>{}</memory>", c.memory_mib);
     let _ = writeln!(x, "  <vcpu>{}</vcpu>", c.cpus);
+    // Under TCG, every instruction set QEMU emulates: QEMU's default model lacks AVX2,
+    // and programs built for today's CPUs (Claude Code's native binary) die of an illegal
+    // instruction without it.
+    if c.domain_type == DomainType::Qemu {
+        x.push_str("  <cpu mode='maximum' check='none'/>\n");
+    }
     x.push_str("  <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n");
     if let Some(kernel) = files.kernel {
         let _ = writeln!(
@@ -297,6 +303,12 @@ mod tests {
         assert_eq!((observed.cpus, observed.memory_mib), (2, 768));
         assert_eq!(observed.stamp.as_deref(), Some(&stamp));
         assert!(xml.contains("<cmdline>console=ttyS0 fleet.vm=vm-1 quiet</cmdline>"));
+        // Under TCG the guest gets every instruction set QEMU emulates (AVX2 included).
+        assert_eq!(vm.config.domain_type, DomainType::Qemu);
+        assert!(xml.contains("<cpu mode='maximum' check='none'/>"), "{xml}");
+        let mut kvm = desired();
+        kvm.config.domain_type = DomainType::Kvm;
+        assert!(!render(&kvm, &uuid, &stamp, &files).contains("<cpu "));
     }
 
     #[test]
