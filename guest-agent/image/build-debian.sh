@@ -54,6 +54,8 @@ if [ -n "$clis" ]; then
       *) echo "build-debian: $pkg is not pinned to a version (name@X.Y.Z)" >&2; exit 1 ;;
     esac
   done
+  # Their install scripts run (Claude Code's puts its native binary in place): they are the
+  # pinned versions the host's administrator chose, in the image's own tree.
   # shellcheck disable=SC2086 # one word per package
   npm install --prefix "$root/opt/fleet-agents" --no-audit --no-fund --no-update-notifier $clis
   for bin in "$root"/opt/fleet-agents/node_modules/.bin/*; do
@@ -61,7 +63,11 @@ if [ -n "$clis" ]; then
   done
   # The commands must run, not just be there (the CLIs ship native binaries per platform).
   for bin in "$root"/opt/fleet-agents/node_modules/.bin/*; do
-    echo "build-debian: $(basename "$bin") $("$bin" --version 2>&1 | head -n 1)"
+    if ! version=$("$bin" --version 2>&1); then
+      echo "build-debian: $(basename "$bin") does not run: $version" >&2
+      exit 1
+    fi
+    echo "build-debian: $(basename "$bin") $(echo "$version" | head -n 1)"
   done
 fi
 cat > "$root/etc/systemd/system/fleet-agent.service" <<'EOF'

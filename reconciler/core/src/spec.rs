@@ -1243,12 +1243,13 @@ pub struct ResultsPush {
     /// The branch (default `fleet/<task>/<run>`); never forced, so a push never
     /// overwrites what is there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(min = 1, max = 255),
-        regex(pattern = "^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
-    )]
+    #[schemars(length(min = 1, max = 255), regex(pattern = BRANCH_PATTERN))]
     pub branch: Option<String>,
 }
+
+/// What a branch a task names may look like: a ref-like name, never an option, a path
+/// out of `refs/heads/` or text a plan could not print as it is.
+const BRANCH_PATTERN: &str = "^[A-Za-z0-9_][A-Za-z0-9._/-]*$";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -1287,10 +1288,7 @@ pub struct Repository {
     pub url: String,
     /// The branch to check out (default: the remote's HEAD).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(min = 1, max = 255),
-        regex(pattern = "^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
-    )]
+    #[schemars(length(min = 1, max = 255), regex(pattern = BRANCH_PATTERN))]
     pub branch: Option<String>,
 }
 

@@ -396,22 +396,21 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
+    /// What the meter reads of `answer` fed in pieces of `piece` bytes.
+    fn meter_in(answer: &str, piece: usize) -> (Tokens, Option<&'static str>) {
+        let mut meter = ResponseMeter::new();
+        for part in answer.as_bytes().chunks(piece) {
+            meter.feed(part);
+        }
+        let m = meter.finish();
+        (m.tokens, m.unreadable)
+    }
+
     /// Feeds `answer` in pieces of every size from 1 to 7 bytes: the result may not
     /// depend on where the pieces break.
     fn meter(answer: &str) -> (Tokens, Option<&'static str>) {
-        let mut results = Vec::new();
-        for piece in 1..=7 {
-            let mut meter = ResponseMeter::new();
-            for part in answer.as_bytes().chunks(piece) {
-                meter.feed(part);
-            }
-            let m = meter.finish();
-            results.push((m.tokens, m.unreadable));
-        }
-        let mut whole = ResponseMeter::new();
-        whole.feed(answer.as_bytes());
-        let whole = whole.finish();
-        let expected = (whole.tokens, whole.unreadable);
+        let results: Vec<_> = (1..=7).map(|piece| meter_in(answer, piece)).collect();
+        let expected = meter_in(answer, answer.len().max(1));
         assert!(results.iter().all(|r| *r == expected), "{results:?}");
         expected
     }
@@ -525,15 +524,8 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{big}",
             big.len()
         );
-        let mut meter = ResponseMeter::new();
-        for part in answer.as_bytes().chunks(16 * 1024) {
-            meter.feed(part);
-        }
         assert_eq!(
-            {
-                let m = meter.finish();
-                (m.tokens, m.unreadable)
-            },
+            meter_in(&answer, 16 * 1024),
             (
                 Tokens {
                     input: 1000,
@@ -547,15 +539,8 @@ mod tests {
         let event = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: {{\"response\":{{\"instructions\":\"{text}\",\"usage\":{{\"input_tokens\":70000,\"output_tokens\":5}}}}}}\n\n"
         );
-        let mut meter = ResponseMeter::new();
-        for part in event.as_bytes().chunks(16 * 1024) {
-            meter.feed(part);
-        }
         assert_eq!(
-            {
-                let m = meter.finish();
-                (m.tokens, m.unreadable)
-            },
+            meter_in(&event, 16 * 1024),
             (
                 Tokens {
                     input: 70000,

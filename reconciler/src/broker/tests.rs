@@ -137,6 +137,17 @@ impl Guest {
         self.broker.on_guest(&message);
     }
 
+    /// Opens `stream` (naming no task) and sends its first bytes, as the guest's proxy does
+    /// for a new connection.
+    fn open(&mut self, stream: u32, first: &[u8]) {
+        self.send(GuestMessage::StreamOpen {
+            v: VERSION,
+            stream,
+            task: None,
+        });
+        self.data(stream, first);
+    }
+
     fn data(&mut self, stream: u32, bytes: &[u8]) {
         self.send(GuestMessage::StreamData {
             v: VERSION,
@@ -237,12 +248,7 @@ fn a_vm_without_brokered_egress_has_every_stream_refused() {
 fn an_allowed_connect_is_tunnelled_both_ways() {
     let port = upstream();
     let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system());
-    guest.send(GuestMessage::StreamOpen {
-        v: VERSION,
-        stream: 3,
-        task: None,
-    });
-    guest.data(
+    guest.open(
         3,
         format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\nhello").as_bytes(),
     );
@@ -329,12 +335,7 @@ fn every_connection_reports_what_it_used_and_for_which_task() {
 fn a_destination_no_rule_allows_gets_a_403_naming_the_fix() {
     let port = upstream();
     let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system());
-    guest.send(GuestMessage::StreamOpen {
-        v: VERSION,
-        stream: 5,
-        task: None,
-    });
-    guest.data(5, b"CONNECT pypi.org:443 HTTP/1.1\r\n\r\n");
+    guest.open(5, b"CONNECT pypi.org:443 HTTP/1.1\r\n\r\n");
     let (body, _) = guest.read_until_closed(5, Duration::from_secs(5));
     let body = String::from_utf8(body).expect("text");
     assert!(body.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{body}");
@@ -354,12 +355,7 @@ fn a_public_name_resolving_to_loopback_is_refused() {
         Some(vec![rule("api.example.test", &[port])]),
         table(&[("api.example.test", "127.0.0.1")]),
     );
-    guest.send(GuestMessage::StreamOpen {
-        v: VERSION,
-        stream: 7,
-        task: None,
-    });
-    guest.data(
+    guest.open(
         7,
         format!("CONNECT api.example.test:{port} HTTP/1.1\r\n\r\n").as_bytes(),
     );
@@ -383,12 +379,7 @@ fn a_rule_naming_an_internal_address_reaches_it_only_where_the_host_allows() {
             upstreams,
             Arc::new(|_| Err("no credentials here".into())),
         );
-        guest.send(GuestMessage::StreamOpen {
-            v: VERSION,
-            stream: 1,
-            task: None,
-        });
-        guest.data(
+        guest.open(
             1,
             format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n").as_bytes(),
         );
@@ -411,23 +402,13 @@ fn a_rule_naming_an_internal_address_reaches_it_only_where_the_host_allows() {
 #[test]
 fn garbage_gets_a_400_and_too_many_streams_are_refused() {
     let mut guest = Guest::new(Some(Vec::new()), system());
-    guest.send(GuestMessage::StreamOpen {
-        v: VERSION,
-        stream: 9,
-        task: None,
-    });
     // A head that never ends: refused once it passes the limit, not buffered forever.
-    guest.data(9, &vec![b'a'; egress::MAX_HEAD_BYTES + 1]);
+    guest.open(9, &vec![b'a'; egress::MAX_HEAD_BYTES + 1]);
     let (body, _) = guest.read_until_closed(9, Duration::from_secs(5));
     let body = String::from_utf8(body).expect("text");
     assert!(body.starts_with("HTTP/1.1 400 Bad Request"), "{body}");
     // Bytes past the guest's credit end the stream at once (the link thread checks them).
-    guest.send(GuestMessage::StreamOpen {
-        v: VERSION,
-        stream: 10,
-        task: None,
-    });
-    guest.data(10, &vec![b'a'; stream::CHUNK_BYTES + 1]);
+    guest.open(10, &vec![b'a'; stream::CHUNK_BYTES + 1]);
     let (_, error) = guest.read_until_closed(10, Duration::from_secs(5));
     assert_eq!(error.as_deref(), Some("a malformed StreamData"));
     for id in 100..100 + stream::MAX_STREAMS as u32 + 1 {
@@ -458,12 +439,7 @@ fn a_large_download_waits_for_the_guests_credit() {
         }
     });
     let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system());
-    guest.send(GuestMessage::StreamOpen {
-        v: VERSION,
-        stream: 11,
-        task: None,
-    });
-    guest.data(
+    guest.open(
         11,
         format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n").as_bytes(),
     );
@@ -493,12 +469,7 @@ fn a_stream_closed_while_its_reader_waits_for_credit_ends_at_once() {
         }
     });
     let mut guest = Guest::new(Some(vec![rule("127.0.0.1", &[port])]), system());
-    guest.send(GuestMessage::StreamOpen {
-        v: VERSION,
-        stream: 12,
-        task: None,
-    });
-    guest.data(
+    guest.open(
         12,
         format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n").as_bytes(),
     );
@@ -572,18 +543,10 @@ fn a_plain_request_goes_upstream_alone_and_only_under_its_paths() {
         ..rule("127.0.0.1", &[port])
     }];
     let mut guest = Guest::new(Some(rules), system());
-    guest.send(GuestMessage::StreamOpen {
-        v: VERSION,
-        stream: 20,
-        task: None,
-    });
-    guest.data(
-        20,
-        format!(
+    guest.open(20, format!(
             "POST http://127.0.0.1:{port}/ok/x HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 4\r\n\r\nbodyGET /admin HTTP/1.1\r\n\r\n"
         )
-        .as_bytes(),
-    );
+        .as_bytes());
     let (answer, _) = guest.read_until_closed(20, Duration::from_secs(5));
     let answer = String::from_utf8(answer).expect("text");
     assert!(answer.contains("POST /ok/x HTTP/1.1"), "{answer}");
@@ -597,12 +560,7 @@ fn a_plain_request_goes_upstream_alone_and_only_under_its_paths() {
         "the body went up, the smuggled second request did not"
     );
 
-    guest.send(GuestMessage::StreamOpen {
-        v: VERSION,
-        stream: 21,
-        task: None,
-    });
-    guest.data(
+    guest.open(
         21,
         format!("GET http://127.0.0.1:{port}/admin HTTP/1.1\r\n\r\n").as_bytes(),
     );
@@ -615,12 +573,7 @@ fn a_plain_request_goes_upstream_alone_and_only_under_its_paths() {
     );
 
     // A tunnel would carry any path: the path-limited rule does not allow one.
-    guest.send(GuestMessage::StreamOpen {
-        v: VERSION,
-        stream: 22,
-        task: None,
-    });
-    guest.data(
+    guest.open(
         22,
         format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n").as_bytes(),
     );
@@ -759,12 +712,7 @@ fn credentialed_guest_with(
 }
 
 fn request_to_api(guest: &mut Guest, stream: u32, request: &[u8]) -> (String, Option<String>) {
-    guest.send(GuestMessage::StreamOpen {
-        v: VERSION,
-        stream,
-        task: None,
-    });
-    guest.data(stream, request);
+    guest.open(stream, request);
     let (bytes, error) = guest.read_until_closed(stream, Duration::from_secs(10));
     (String::from_utf8_lossy(&bytes).into_owned(), error)
 }
@@ -1132,12 +1080,7 @@ fn a_flooding_guest_gets_its_own_streams_refused_and_another_vm_goes_on() {
             <= stream::MAX_STREAMS
     );
     // Another VM's link is its own broker: its tunnel works as if nothing happened.
-    other.send(GuestMessage::StreamOpen {
-        v: VERSION,
-        stream: 1,
-        task: None,
-    });
-    other.data(
+    other.open(
         1,
         format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\nhello").as_bytes(),
     );

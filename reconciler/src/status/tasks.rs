@@ -261,6 +261,9 @@ pub struct RunChanges {
     pub files_changed: usize,
     pub insertions: usize,
     pub deletions: usize,
+    /// `changes.patch` stops at its size limit (the counts above are whole).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub patch_truncated: bool,
     /// Why the guest's bundle was refused (nothing of it was used).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,

@@ -1360,6 +1360,27 @@ fn waiting_message(task: &DesiredTask, held: Option<&str>, running: &BTreeSet<St
     }
 }
 
+/// For the tests: the real git in `dir`, with `config` (`key=value` pairs, as `-c`), which
+/// must succeed; its output, trimmed.
+#[cfg(test)]
+fn run_git(dir: &std::path::Path, config: &[&str], args: &[&str]) -> String {
+    let mut command = std::process::Command::new("git");
+    for pair in config {
+        command.args(["-c", pair]);
+    }
+    let out = command
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 #[cfg(test)]
 mod decision_tests;
 #[cfg(test)]

@@ -519,15 +519,9 @@ fn archive_tree(
 mod tests {
     use super::*;
 
+    /// git as the source repositories' author.
     fn git(dir: &Path, args: &[&str]) {
-        let ok = std::process::Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
-            .args(args)
-            .current_dir(dir)
-            .status()
-            .expect("git runs")
-            .success();
-        assert!(ok, "git {args:?}");
+        super::super::run_git(dir, &["user.name=t", "user.email=t@example.org"], args);
     }
 
     fn checkout() -> Checkout {
@@ -540,18 +534,10 @@ mod tests {
         }
     }
 
+    /// git with nothing but the repository's own configuration (the checkout's identity
+    /// is under test).
     fn git_out(dir: &Path, args: &[&str]) -> String {
-        let out = std::process::Command::new("git")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("git runs");
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        super::super::run_git(dir, &[], args)
     }
 
     #[test]

@@ -15,6 +15,8 @@
 
 use std::path::Path;
 
+use crate::status::tasks::RunChanges;
+
 /// The largest bundle the host takes.
 pub const MAX_BUNDLE_BYTES: usize = 64 * 1024 * 1024;
 /// How long the check of one bundle (and its push) may take before its process is killed.
@@ -288,21 +290,23 @@ pub struct PushTo {
     pub branch: String,
 }
 
-/// What the check of a bundle found.
+/// What the check of a bundle found: what the run's record keeps, and the patch.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
 pub struct Checked {
-    /// Why nothing of the bundle was used.
-    pub refused: Option<String>,
-    pub head: Option<String>,
-    pub commits: usize,
-    pub files_changed: usize,
-    pub insertions: usize,
-    pub deletions: usize,
+    pub changes: RunChanges,
     pub patch: String,
-    pub patch_truncated: bool,
-    pub pushed: Option<String>,
-    pub push_error: Option<String>,
+}
+
+impl Checked {
+    fn refused(why: String) -> Checked {
+        Checked {
+            changes: RunChanges {
+                refused: Some(why),
+                ..RunChanges::default()
+            },
+            patch: String::new(),
+        }
+    }
 }
 
 /// Checks `bundle` in a scratch repository borrowing the objects of the cache at
@@ -339,30 +343,27 @@ pub fn check(
     let base = git2::Oid::from_str(base).map_err(|e| format!("the fetched commit: {e}"))?;
     let accepted = match accept_bundle(&repo, bundle, base, branch) {
         Ok(a) => a,
-        Err(refused) => {
-            return Ok(Checked {
-                refused: Some(refused.to_string()),
-                ..Checked::default()
-            });
-        }
+        Err(refused) => return Ok(Checked::refused(refused.to_string())),
     };
     let change =
         change(&repo, base, accepted.tip).map_err(|e| format!("cannot read the change: {e}"))?;
     let mut checked = Checked {
-        head: Some(accepted.tip.to_string()),
-        commits: accepted.commits,
-        files_changed: change.files_changed,
-        insertions: change.insertions,
-        deletions: change.deletions,
+        changes: RunChanges {
+            head: Some(accepted.tip.to_string()),
+            commits: accepted.commits,
+            files_changed: change.files_changed,
+            insertions: change.insertions,
+            deletions: change.deletions,
+            patch_truncated: change.patch_truncated,
+            ..RunChanges::default()
+        },
         patch: String::from_utf8_lossy(&change.patch).into_owned(),
-        patch_truncated: change.patch_truncated,
-        ..Checked::default()
     };
     if let Some(to) = push_to.filter(|_| accepted.commits > 0) {
         match push(&repo, &to.url, accepted.tip, &to.branch) {
-            Ok(()) => checked.pushed = Some(format!("{} {}", to.url, to.branch)),
+            Ok(()) => checked.changes.pushed = Some(format!("{} {}", to.url, to.branch)),
             Err(why) => {
-                checked.push_error = Some(format!(
+                checked.changes.push_error = Some(format!(
                     "cannot push to {} {}: {why}; the bundle stays in the run's artifacts",
                     to.url, to.branch
                 ))
@@ -372,7 +373,7 @@ pub fn check(
     Ok(checked)
 }
 
-/// What `fleet __check-bundle` is asked, on its stdin after the bundle's length line.
+/// What `fleet __check-bundle` is asked: a JSON line on its stdin, the bundle after it.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct CheckRequest {
     pub cache_dir: std::path::PathBuf,
@@ -474,10 +475,7 @@ pub fn check_bundle_command() -> std::process::ExitCode {
         &request.branch,
         request.push.as_ref(),
     )
-    .unwrap_or_else(|why| Checked {
-        refused: Some(why),
-        ..Checked::default()
-    });
+    .unwrap_or_else(Checked::refused);
     let Ok(json) = serde_json::to_vec(&checked) else {
         return std::process::ExitCode::from(2);
     };

@@ -241,21 +241,12 @@ impl TaskBook {
             let program = std::env::current_exe()
                 .map_err(|e| format!("cannot find fleet's own program: {e}"))?;
             let checked = super::results::check_isolated(&program, &request, &bundle)?;
-            if checked.refused.is_none() {
+            if checked.changes.refused.is_none() {
                 self.status
                     .write_changes_patch(name, checked.patch.as_bytes())
                     .map_err(|e| format!("cannot write changes.patch: {e}"))?;
             }
-            Ok(RunChanges {
-                head: checked.head,
-                commits: checked.commits,
-                files_changed: checked.files_changed,
-                insertions: checked.insertions,
-                deletions: checked.deletions,
-                refused: checked.refused,
-                pushed: checked.pushed,
-                push_error: checked.push_error,
-            })
+            Ok(checked.changes)
         })();
         let changes = collected.unwrap_or_else(|why| RunChanges {
             refused: Some(why),

@@ -4,24 +4,16 @@ use super::*;
 use std::path::{Path, PathBuf};
 
 fn git(dir: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("git")
-        .args(["-c", "user.name=Ada", "-c", "user.email=ada@example.org"])
-        .args([
-            "-c",
+    crate::tasks::run_git(
+        dir,
+        &[
+            "user.name=Ada",
+            "user.email=ada@example.org",
             "init.defaultBranch=main",
-            "-c",
             "protocol.file.allow=always",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        ],
+        args,
+    )
 }
 
 /// A repository with one commit (the fetched one), the host's cache holding it, and a
@@ -255,11 +247,17 @@ fn a_check_leaves_the_cache_as_it_was_and_pushes_from_its_scratch_repository() {
         Some(&to),
     )
     .expect("checked");
-    assert_eq!(checked.refused, None);
-    assert_eq!(checked.head, Some(tip.to_string()));
-    assert_eq!((checked.commits, checked.files_changed), (1, 1));
+    assert_eq!(checked.changes.refused, None);
+    assert_eq!(checked.changes.head, Some(tip.to_string()));
+    assert_eq!(
+        (checked.changes.commits, checked.changes.files_changed),
+        (1, 1)
+    );
     assert!(checked.patch.contains("+changed"), "{}", checked.patch);
-    assert_eq!(checked.pushed, Some(format!("{} fleet/t/r1", to.url)));
+    assert_eq!(
+        checked.changes.pushed,
+        Some(format!("{} fleet/t/r1", to.url))
+    );
     assert_eq!(
         git(&target, &["rev-parse", "refs/heads/fleet/t/r1"]),
         tip.to_string()
@@ -273,7 +271,7 @@ fn a_check_leaves_the_cache_as_it_was_and_pushes_from_its_scratch_repository() {
         None,
     )
     .expect("checked");
-    assert!(refused.refused.is_some());
+    assert!(refused.changes.refused.is_some());
     assert_eq!(packs(&s), before);
     assert!(
         s.cache.find_commit(tip).is_err(),
