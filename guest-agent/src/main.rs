@@ -28,6 +28,9 @@ mod secrets;
 mod task;
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
+/// What one read from the link takes at most: a stream's chunk (base64) in a few reads, not
+/// one per 8 KiB (a read is a costly exit of the VM under TCG).
+const LINK_READ_BYTES: usize = 256 * 1024;
 
 /// The egress proxy, one per agent, whatever link is open (see `proxy`).
 static PROXY: std::sync::OnceLock<proxy::Proxy> = std::sync::OnceLock::new();
@@ -378,7 +381,7 @@ fn serve_link(
     {
         let (writer, failed) = (writer.clone(), failed.clone());
         std::thread::spawn(move || {
-            let mut lines = BufReader::new(reader).lines();
+            let mut lines = BufReader::with_capacity(LINK_READ_BYTES, reader).lines();
             loop {
                 // A `Secrets` line carries values: wiped when it is dropped.
                 let line = match lines.next() {

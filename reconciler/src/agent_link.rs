@@ -271,6 +271,9 @@ impl SocketLink {
     }
 
     fn next_line(&mut self, timeout: Duration) -> Result<Vec<u8>, LinkError> {
+        // A zero timeout asks for what has arrived; the socket takes no zero (it means
+        // "block"), and one millisecond finishes a line already on its way.
+        let timeout = timeout.max(Duration::from_millis(1));
         self.reader.get_ref().set_read_timeout(Some(timeout))?;
         let limit = fleet_agent_protocol::MAX_LINE_BYTES as u64 + 1;
         let room = limit.saturating_sub(self.partial.len() as u64);

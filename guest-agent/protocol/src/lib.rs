@@ -152,6 +152,17 @@ pub enum ExitReason {
 }
 
 impl GuestMessage {
+    /// A message of brokered egress's streams (the broker's, not the task book's).
+    pub fn is_stream(&self) -> bool {
+        matches!(
+            self,
+            GuestMessage::StreamOpen { .. }
+                | GuestMessage::StreamData { .. }
+                | GuestMessage::StreamCredit { .. }
+                | GuestMessage::StreamClose { .. }
+        )
+    }
+
     pub fn version(&self) -> u32 {
         match self {
             GuestMessage::Hello { v, .. }

@@ -196,6 +196,18 @@ impl Credit {
 mod tests {
     use super::*;
 
+    /// Both sides of a link must agree on these: an agent built with another window closes
+    /// streams mid-transfer when the host sends past what it expects. They belong to the
+    /// protocol's `VERSION`, which the host checks on every message: change one, bump it.
+    #[test]
+    fn the_window_and_the_chunk_belong_to_the_protocol_version() {
+        assert_eq!(
+            (crate::VERSION, WINDOW_BYTES, CHUNK_BYTES),
+            (1, 256 * 1024, 32 * 1024),
+            "a stream's window or chunk changed: bump fleet_agent_protocol::VERSION with it"
+        );
+    }
+
     #[test]
     fn a_sender_stops_at_its_credit_and_goes_on_when_granted() {
         let mut send = SendWindow::default();

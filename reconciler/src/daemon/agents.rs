@@ -348,9 +348,16 @@ fn converse(
         };
         heard = Instant::now();
         // Take what else has arrived, so a burst of output is recorded in one write.
+        // Stream messages wait for nothing: a credit that waited here would stall its stream
+        // for the wait, every window.
         let mut batch = vec![first];
         while batch.len() < BATCH {
-            match link.next(Duration::from_millis(5)) {
+            let wait = if batch.iter().all(GuestMessage::is_stream) {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(5)
+            };
+            match link.next(wait) {
                 Ok(m) => batch.push(m),
                 Err(LinkError::Timeout(_)) => break,
                 Err(e) => return Err(e),
