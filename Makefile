@@ -17,7 +17,7 @@ DEB_COMMANDS := libvirtd virtlogd virsh qemu-system-x86_64 qemu-img genisoimage 
                 depmod file git chromium cloud-init age age-keygen python3 pkg-config \
                 dnsmasq nft iptables ip
 
-.PHONY: all build deps libvirtd agent image image-debian image-agent install-example fakepve run test lint unit bench fuzz crash-test crash-test-proxmox clean
+.PHONY: all build deps libvirtd agent image image-debian image-agent install-example fakepve run test test-agent lint unit bench fuzz crash-test crash-test-proxmox clean
 
 all: build
 
@@ -110,6 +110,11 @@ unit:
 test: lint image fakepve
 	FLEET_TEST_LIBVIRT=$${FLEET_TEST_LIBVIRT:-1} FLEET_TEST_PROXMOX=$${FLEET_TEST_PROXMOX:-1} \
 	  $(CARGO) test --workspace
+
+# The real coding agent end to end: Claude Code from the agent image, in a VM under TCG,
+# against a scripted model API on loopback (`make test` skips it without the image).
+test-agent: image-agent libvirtd
+	FLEET_TEST_LIBVIRT=1 FLEET_TEST_AGENT=1 $(CARGO) test -p fleet --test it real_agent
 
 # fakepve (PyPI), the fake Proxmox VE API the Proxmox tests run against, in a venv.
 FAKEPVE_VENV := target/fakepve-venv

@@ -24,6 +24,10 @@ pub struct Run {
     pub uid: u32,
     /// The run's copy of its secret files, bound over `SECRETS_DIR` for it.
     pub secrets: PathBuf,
+    /// The run's `HOME`, empty at its start and gone at its end: what tools keep there
+    /// (an agent CLI's settings, shell snapshots, caches) stays out of the checkout, so it
+    /// is never committed with the run's results.
+    pub home: PathBuf,
 }
 
 /// Whether tasks are isolated: only an agent running as root can give them users of their
@@ -155,11 +159,16 @@ impl Run {
                     .map_err(|e| format!("{}: {e}", to.display()))?;
             }
         }
+        let home = dir.join("home");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&home)
+            .map_err(|e| format!("{}: {e}", home.display()))?;
         hand_over(&dir, uid)?;
         if let Some(cwd) = cwd {
             hand_over(cwd, uid)?;
         }
-        Ok(Run { uid, secrets })
+        Ok(Run { uid, secrets, home })
     }
 
     /// Removes the run's copy of its secrets.

@@ -243,8 +243,8 @@ impl Tasks {
         for (k, v) in &spec.env {
             command.env(k, v);
         }
-        if let (Some((_, run)), Some(cwd)) = (&isolated, &spec.cwd) {
-            command.env("HOME", cwd);
+        if let Some((_, run)) = &isolated {
+            command.env("HOME", &run.home);
             if let Some(state) = self.lock().get_mut(&spec.task) {
                 state.uid = Some(run.uid);
             }

@@ -294,9 +294,12 @@ pub fn api_environment(credentials: &[Credential]) -> Vec<(String, String)> {
         env.push((format!("FLEET_API_{var}"), base.clone()));
         let known: &[(&str, String)] = match c.host.as_str() {
             // Claude Code and the Anthropic SDKs.
+            // Claude Code's telemetry, error reports and update checks would each be
+            // refused (and an event): it is told not to try.
             "api.anthropic.com" => &[
                 ("ANTHROPIC_BASE_URL", base.clone()),
                 ("ANTHROPIC_API_KEY", PLACEHOLDER_KEY.into()),
+                ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1".into()),
             ],
             // Codex and the OpenAI SDKs (their base URL carries /v1); aider reads the
             // older name.

@@ -202,13 +202,10 @@ fn a_brokered_vm_reaches_only_what_its_loadout_allows() {
     );
 }
 
-/// A test authority (its PEM) and an API on loopback serving `name` over TLS with a
-/// certificate it signed. Each request's head goes to `seen`; the answer is a stream of
-/// server-sent events, as a model API's, that reports 30 input and 20 output tokens and
-/// says only whether `x-api-key` was `key`, never the key.
-pub fn tls_api(name: &str, key: String) -> (u16, String, std::sync::mpsc::Receiver<String>) {
+/// A server configuration for `name` with a certificate signed by a test authority made
+/// for it, and that authority's PEM (for the host configuration's `caFiles`).
+pub fn test_tls(name: &str) -> (std::sync::Arc<rustls::ServerConfig>, String) {
     use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-    use std::sync::Arc;
     let ca_key = rcgen::KeyPair::generate().expect("key");
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -218,19 +215,26 @@ pub fn tls_api(name: &str, key: String) -> (u16, String, std::sync::mpsc::Receiv
         .expect("params")
         .signed_by(&server_key, &ca)
         .expect("cert");
-    let config = Arc::new(
-        rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
-        )
-        .expect("server config"),
-    );
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
+    )
+    .expect("server config");
+    (std::sync::Arc::new(config), ca.pem())
+}
+
+/// A test authority (its PEM) and an API on loopback serving `name` over TLS with a
+/// certificate it signed. Each request's head goes to `seen`; the answer is a stream of
+/// server-sent events, as a model API's, that reports 30 input and 20 output tokens and
+/// says only whether `x-api-key` was `key`, never the key.
+pub fn tls_api(name: &str, key: String) -> (u16, String, std::sync::mpsc::Receiver<String>) {
+    let (config, ca_pem) = test_tls(name);
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let (tx, seen) = std::sync::mpsc::channel();
@@ -272,7 +276,7 @@ pub fn tls_api(name: &str, key: String) -> (u16, String, std::sync::mpsc::Receiv
             let _ = tls.flush();
         }
     });
-    (port, ca.pem(), seen)
+    (port, ca_pem, seen)
 }
 
 #[test]

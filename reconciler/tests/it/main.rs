@@ -158,6 +158,7 @@ mod netguard;
 mod proxmox;
 mod proxmox_guest;
 mod pve;
+mod real_agent;
 mod secrets;
 mod seed;
 mod support;

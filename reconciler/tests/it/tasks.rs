@@ -66,7 +66,7 @@ impl Status {
     }
 }
 
-fn app_repository(dir: &Path) {
+pub fn app_repository(dir: &Path) {
     git_repository(dir, &[("README", b"the app's readme\n")]);
 }
 
