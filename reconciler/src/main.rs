@@ -11,6 +11,13 @@ fn main() -> std::process::ExitCode {
     {
         return fleet::tasks::results::check_bundle_command();
     }
+    // git's credential helper while fleet fetches a task repository over https.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "__credential")
+    {
+        return fleet::tasks::remote::credential_helper_command();
+    }
     let cli = fleet::cli::Cli::parse();
     fleet::cli::init_logging(&cli);
     fleet::cli::run(cli)

@@ -666,6 +666,30 @@ pub struct HostSpec {
     /// How the broker of brokered VMs reaches upstreams.
     #[serde(default, skip_serializing_if = "HostEgress::is_empty")]
     pub egress: HostEgress,
+    /// How fleet reaches task repositories over https and ssh.
+    #[serde(default, skip_serializing_if = "HostGit::is_empty")]
+    pub git: HostGit,
+}
+
+/// The host's side of fetching repositories over the network.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HostGit {
+    /// The ssh host keys fleet trusts (an OpenSSH `known_hosts` file, as `ssh-keyscan`
+    /// prints). Without it no `ssh://` repository is fetched: a server's key is never
+    /// trusted on first use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_hosts: Option<HostPath>,
+    /// A PEM file of the certificate authorities trusted for `https://` repositories
+    /// instead of the system's store (an internal git server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<HostPath>,
+}
+
+impl HostGit {
+    pub fn is_empty(&self) -> bool {
+        self.known_hosts.is_none() && self.ca_file.is_none()
+    }
 }
 
 /// The host's side of brokered egress.
@@ -1290,6 +1314,29 @@ pub struct Repository {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 255), regex(pattern = BRANCH_PATTERN))]
     pub branch: Option<String>,
+    /// The commit to check out, pinned: 40 hex digits, on `branch` (else on any branch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[0-9a-f]{40}$"))]
+    pub rev: Option<String>,
+    /// What fetching an `https://` or `ssh://` URL takes, used on the host only (the guest
+    /// gets the fetched files, never the credential).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<RepositoryCredentials>,
+}
+
+/// A repository's credential: one key of a Secret whose `allowed.hosts` lists the URL's
+/// host (with `:PORT` unless 443) and whose `allowed.tasks` lists the task. For https the
+/// value is a password or token (sent as HTTP basic auth); for ssh, an OpenSSH private key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RepositoryCredentials {
+    pub secret: Name,
+    pub key: SecretKey,
+    /// The https user name (default: the URL's, else `git`). Unused for ssh, which logs in
+    /// as the URL's user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[A-Za-z0-9._@+-]{1,128}$"))]
+    pub username: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

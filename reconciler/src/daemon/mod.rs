@@ -150,7 +150,9 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
     ));
 
     let upstreams = crate::broker::Upstreams::from_host(&host.egress)?;
-    let tasks = Arc::new(TaskBook::open(ws.status.clone(), ws.repo_root.clone()));
+    let tasks = Arc::new(
+        TaskBook::open(ws.status.clone(), ws.repo_root.clone()).with_git(host.git.clone()),
+    );
     // Host answer files appear in status/hitl/: one watcher tells every link, instead of
     // each link listing the directory twice a second.
     let hitl = ws.status.hitl_dir();

@@ -220,6 +220,8 @@ fn an_unconfirmed_repository_is_shipped_again_on_the_monotonic_clock() {
         task.repository = Some(crate::spec::Repository {
             url: "app".into(),
             branch: None,
+            rev: None,
+            credentials: None,
         });
     }
     let mut state = BookState {

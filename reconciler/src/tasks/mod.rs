@@ -32,6 +32,7 @@
 //! - Guest messages are recorded in `seq` order, each once; a message is acknowledged only
 //!   after it is recorded.
 
+pub mod remote;
 pub mod repo;
 pub mod results;
 pub mod runner;
@@ -59,6 +60,10 @@ pub struct TaskBook {
     status: StatusDir,
     repo_root: PathBuf,
     cache_dir: PathBuf,
+    /// The host's settings for fetching repositories over https and ssh.
+    git: crate::spec::HostGit,
+    /// This binary: git's credential helper when fetching over https.
+    fleet_exe: PathBuf,
     state: Mutex<BookState>,
     /// Changes the daemon's watcher saw in `status/hitl/` (see `answer_files_changed`).
     answer_file_changes: AtomicU64,
@@ -441,6 +446,12 @@ fn run_id(spec_hash: &str, generation: u32) -> String {
 }
 
 impl TaskBook {
+    /// How repositories over https and ssh are reached (the host configuration's `git`).
+    pub fn with_git(mut self, git: crate::spec::HostGit) -> TaskBook {
+        self.git = git;
+        self
+    }
+
     /// Reads the records and prompts the status directory holds.
     pub fn open(status: StatusDir, repo_root: PathBuf) -> TaskBook {
         let mut state = BookState {
@@ -476,6 +487,8 @@ impl TaskBook {
             status,
             repo_root,
             cache_dir,
+            git: crate::spec::HostGit::default(),
+            fleet_exe: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("fleet")),
             state: Mutex::new(state),
             answer_file_changes: AtomicU64::new(0),
             answer_files_watched: AtomicBool::new(false),

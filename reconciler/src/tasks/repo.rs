@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::digest::hex;
+use crate::load::Endpoint;
 use crate::spec::Repository;
 
 /// Archives larger than this are refused (the guest unpacks into a tmpfs).
@@ -57,6 +58,22 @@ pub enum RepoError {
         reference: String,
         url: String,
         source: git2::Error,
+    },
+    #[error("repository {url:?}: its credential cannot be read: {problem}")]
+    Credential { url: String, problem: String },
+    #[error("cannot fetch {reference} from {url}: {message}")]
+    Remote {
+        reference: String,
+        url: String,
+        message: String,
+    },
+    #[error(
+        "{url}: rev {rev} is not on {reference}; pin a commit of that branch, or name the branch it is on"
+    )]
+    NotOnBranch {
+        rev: String,
+        reference: String,
+        url: String,
     },
     #[error("{url} has no {reference}: {source}")]
     NoReference {
@@ -209,13 +226,25 @@ pub fn push_url(repo_root: &Path, url: &str) -> Result<String> {
     Ok(url.to_owned())
 }
 
-/// Fetches `repository` (its branch, or the remote's HEAD) into a bare cache under
-/// `cache_dir` and archives the commit's tree with a `.git` for `checkout`.
+/// How a repository is reached: its credential (already read from the vault) and the
+/// host's settings for https and ssh.
+pub struct Access<'a> {
+    pub credential: Option<&'a super::remote::Credential>,
+    pub git: &'a crate::spec::HostGit,
+    /// The `fleet` binary, which git runs as its credential helper (`fleet __credential`).
+    pub fleet: &'a Path,
+}
+
+/// Fetches `repository` (its branch, or the remote's HEAD; every branch when only `rev`
+/// pins it) into a bare cache under `cache_dir` and archives the commit (the tip, or
+/// `rev`, which must be on what was fetched) with a `.git` for `checkout`. Paths and
+/// `file://` URLs are fetched by git2; `https://` and `ssh://` by `tasks::remote`.
 pub fn fetch_archive(
     cache_dir: &Path,
     repo_root: &Path,
     repository: &Repository,
     checkout: &Checkout,
+    access: &Access,
 ) -> Result<Archive> {
     let url = resolved_url(repo_root, &repository.url)?;
     let cache = cache_of(cache_dir, &url);
@@ -226,12 +255,11 @@ pub fn fetch_archive(
             source,
         })?,
     };
-    let source = match &repository.branch {
-        Some(b) => format!("refs/heads/{b}"),
-        None => "HEAD".to_owned(),
+    let (source, target) = match (&repository.branch, &repository.rev) {
+        (Some(b), _) => (format!("refs/heads/{b}"), "refs/fleet/fetched".to_owned()),
+        (None, Some(_)) => ("refs/heads/*".to_owned(), "refs/fleet/heads/*".to_owned()),
+        (None, None) => ("HEAD".to_owned(), "refs/fleet/fetched".to_owned()),
     };
-    let target = "refs/fleet/fetched";
-    // A fetch that finds no such branch updates nothing: drop the previous result first.
     let cache_error = |doing| {
         let path = cache.clone();
         move |source| RepoError::CacheUse {
@@ -240,32 +268,54 @@ pub fn fetch_archive(
             source,
         }
     };
-    if let Ok(mut previous) = repo.find_reference(target) {
-        previous
-            .delete()
-            .map_err(cache_error("drop the previous fetch"))?;
+    // A fetch that finds no such branch updates nothing, and a branch gone from the
+    // remote must not pin a rev: drop what the previous fetch left first.
+    let previous: Vec<String> = repo
+        .references_glob("refs/fleet/*")
+        .map_err(cache_error("list the previous fetch"))?
+        .names()
+        .filter_map(|n| n.ok().map(str::to_owned))
+        .collect();
+    for name in previous {
+        if let Ok(mut r) = repo.find_reference(&name) {
+            r.delete().map_err(cache_error("drop the previous fetch"))?;
+        }
     }
-    let mut remote = repo
-        .remote_anonymous(&url)
-        .map_err(|source| RepoError::Open {
-            url: url.clone(),
-            source,
+    let refspec = format!("+{source}:{target}");
+    if Endpoint::parse(&url).is_some() {
+        super::remote::fetch(&cache, &url, &[refspec], access).map_err(|message| {
+            RepoError::Remote {
+                reference: source.clone(),
+                url: url.clone(),
+                message,
+            }
         })?;
-    remote
-        .fetch(&[format!("+{source}:{target}")], None, None)
-        .map_err(|e| RepoError::Fetch {
-            reference: source.clone(),
-            url: url.clone(),
-            source: e,
-        })?;
-    let commit = repo
-        .find_reference(target)
-        .and_then(|r| r.peel_to_commit())
-        .map_err(|e| RepoError::NoReference {
-            reference: source.clone(),
-            url: url.clone(),
-            source: e,
-        })?;
+    } else {
+        let mut remote = repo
+            .remote_anonymous(&url)
+            .map_err(|source| RepoError::Open {
+                url: url.clone(),
+                source,
+            })?;
+        remote
+            .fetch(&[refspec], None, None)
+            .map_err(|e| RepoError::Fetch {
+                reference: source.clone(),
+                url: url.clone(),
+                source: e,
+            })?;
+    }
+    let commit = match &repository.rev {
+        None => repo
+            .find_reference(&target)
+            .and_then(|r| r.peel_to_commit())
+            .map_err(|e| RepoError::NoReference {
+                reference: source.clone(),
+                url: url.clone(),
+                source: e,
+            })?,
+        Some(rev) => pinned(&repo, rev, &url, &source)?,
+    };
     let tree = commit
         .tree()
         .map_err(cache_error("read the fetched commit's tree"))?;
@@ -284,6 +334,33 @@ pub fn fetch_archive(
         url: repository.url.clone(),
         tar,
     })
+}
+
+/// The commit `rev` names, when what was just fetched (`refs/fleet/`) reaches it.
+fn pinned<'r>(
+    repo: &'r git2::Repository,
+    rev: &str,
+    url: &str,
+    source: &str,
+) -> Result<git2::Commit<'r>> {
+    let not_on = || RepoError::NotOnBranch {
+        rev: rev.to_owned(),
+        reference: source.to_owned(),
+        url: url.to_owned(),
+    };
+    let id = git2::Oid::from_str(rev).map_err(|_| not_on())?;
+    let tips: Vec<git2::Oid> = repo
+        .references_glob("refs/fleet/*")
+        .map_err(|_| not_on())?
+        .filter_map(|r| r.ok()?.peel_to_commit().ok().map(|c| c.id()))
+        .collect();
+    let reached = tips
+        .iter()
+        .any(|&tip| tip == id || repo.graph_descendant_of(tip, id).unwrap_or(false));
+    if !reached {
+        return Err(not_on());
+    }
+    repo.find_commit(id).map_err(|_| not_on())
 }
 
 /// Adds a `.git` to the archive: a shallow repository whose one commit (with its tree, in one
@@ -524,6 +601,19 @@ mod tests {
         super::super::run_git(dir, &["user.name=t", "user.email=t@example.org"], args);
     }
 
+    /// Paths and `file://` URLs need no credential, host settings or helper.
+    fn local() -> Access<'static> {
+        const NONE: crate::spec::HostGit = crate::spec::HostGit {
+            known_hosts: None,
+            ca_file: None,
+        };
+        Access {
+            credential: None,
+            git: &NONE,
+            fleet: Path::new("fleet"),
+        }
+    }
+
     fn checkout() -> Checkout {
         Checkout {
             branch: "fleet/fix".into(),
@@ -554,12 +644,15 @@ mod tests {
         let repository = Repository {
             url: "app".into(),
             branch: Some("main".into()),
+            rev: None,
+            credentials: None,
         };
         let archive = fetch_archive(
             &dir.path().join("cache"),
             dir.path(),
             &repository,
             &checkout(),
+            &local(),
         )
         .expect("fetched");
         // Unpacked as the guest's agent unpacks it, the real git sees a clean checkout.
@@ -613,8 +706,11 @@ mod tests {
         let repository = Repository {
             url: "app".into(),
             branch: Some("main".into()),
+            rev: None,
+            credentials: None,
         };
-        let archive = fetch_archive(&cache, dir.path(), &repository, &checkout()).expect("fetched");
+        let archive =
+            fetch_archive(&cache, dir.path(), &repository, &checkout(), &local()).expect("fetched");
         assert_eq!(archive.commit.len(), 40);
         let mut entries = Vec::new();
         for entry in tar::Archive::new(archive.tar.as_slice())
@@ -645,9 +741,11 @@ mod tests {
         let head = Repository {
             url: "app".into(),
             branch: None,
+            rev: None,
+            credentials: None,
         };
         assert_eq!(
-            fetch_archive(&cache, dir.path(), &head, &checkout())
+            fetch_archive(&cache, dir.path(), &head, &checkout(), &local())
                 .expect("fetched")
                 .commit,
             archive.commit
@@ -655,8 +753,55 @@ mod tests {
         let missing = Repository {
             url: "app".into(),
             branch: Some("nope".into()),
+            rev: None,
+            credentials: None,
         };
-        assert!(fetch_archive(&cache, dir.path(), &missing, &checkout()).is_err());
+        assert!(fetch_archive(&cache, dir.path(), &missing, &checkout(), &local()).is_err());
+    }
+
+    #[test]
+    fn a_pinned_rev_is_checked_out_only_when_a_branch_reaches_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("app");
+        std::fs::create_dir_all(&src).expect("mkdir");
+        std::fs::write(src.join("README"), "one\n").expect("write");
+        git(&src, &["init", "-q", "-b", "main"]);
+        git(&src, &["add", "."]);
+        git(&src, &["commit", "-qm", "one"]);
+        let first = git_out(&src, &["rev-parse", "HEAD"]);
+        std::fs::write(src.join("README"), "two\n").expect("write");
+        git(&src, &["commit", "-qam", "two"]);
+        // A commit on a branch of its own, and one no branch reaches.
+        git(&src, &["checkout", "-q", "-b", "side", &first]);
+        std::fs::write(src.join("README"), "side\n").expect("write");
+        git(&src, &["commit", "-qam", "side"]);
+        let side = git_out(&src, &["rev-parse", "HEAD"]);
+        git(&src, &["checkout", "-q", "--detach", &first]);
+        std::fs::write(src.join("README"), "loose\n").expect("write");
+        git(&src, &["commit", "-qam", "loose"]);
+        let loose = git_out(&src, &["rev-parse", "HEAD"]);
+        let cache = dir.path().join("cache");
+        let at = |branch: Option<&str>, rev: &str| Repository {
+            url: "app".into(),
+            branch: branch.map(str::to_owned),
+            rev: Some(rev.to_owned()),
+            credentials: None,
+        };
+        let fetch = |r: &Repository| fetch_archive(&cache, dir.path(), r, &checkout(), &local());
+        // An older commit of main, pinned: exactly it, not the tip.
+        assert_eq!(
+            fetch(&at(Some("main"), &first)).expect("fetched").commit,
+            first
+        );
+        // Without a branch, any branch that reaches it will do.
+        assert_eq!(fetch(&at(None, &side)).expect("fetched").commit, side);
+        // Not on the branch named, or on no branch at all: refused, with the fix.
+        let refused = fetch(&at(Some("main"), &side))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(refused.contains("is not on refs/heads/main"), "{refused}");
+        assert!(fetch(&at(None, &loose)).is_err());
     }
 
     #[test]
@@ -682,10 +827,18 @@ mod tests {
         let repository = Repository {
             url: "fleet/vendor/r".into(),
             branch: None,
+            rev: None,
+            credentials: None,
         };
-        let refused = fetch_archive(&dir.path().join("cache"), &root, &repository, &checkout())
-            .err()
-            .map(|e| format!("{e:#}"));
+        let refused = fetch_archive(
+            &dir.path().join("cache"),
+            &root,
+            &repository,
+            &checkout(),
+            &local(),
+        )
+        .err()
+        .map(|e| format!("{e:#}"));
         let refused = refused.expect("refused");
         assert!(
             refused.contains("outside the fleet's repository"),
@@ -697,10 +850,16 @@ mod tests {
         std::os::unix::fs::symlink(host_repo.join(".git/objects"), fake.join("objects"))
             .expect("link");
         std::os::unix::fs::symlink(host_repo.join(".git/refs"), fake.join("refs")).expect("link");
-        let refused = fetch_archive(&dir.path().join("cache"), &root, &repository, &checkout())
-            .err()
-            .map(|e| format!("{e:#}"))
-            .expect("refused");
+        let refused = fetch_archive(
+            &dir.path().join("cache"),
+            &root,
+            &repository,
+            &checkout(),
+            &local(),
+        )
+        .err()
+        .map(|e| format!("{e:#}"))
+        .expect("refused");
         assert!(
             refused.contains("outside the fleet's repository"),
             "{refused}"

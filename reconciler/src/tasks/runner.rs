@@ -165,15 +165,49 @@ impl TaskBook {
     /// Fetches the job's repository (without the lock) and returns the parts to put into
     /// the guest. A fetch that fails fails the run.
     pub fn stage(&self, conn: &mut Connection, job: StageJob) -> Vec<HostMessage> {
-        let fetched = super::repo::fetch_archive(
-            &self.cache_dir,
-            &self.repo_root,
-            &job.repository,
-            &job.checkout,
-        );
+        let fetched = self
+            .repository_credential(&job.repository)
+            .and_then(|credential| {
+                super::repo::fetch_archive(
+                    &self.cache_dir,
+                    &self.repo_root,
+                    &job.repository,
+                    &job.checkout,
+                    &super::repo::Access {
+                        credential: credential.as_ref(),
+                        git: &self.git,
+                        fleet: &self.fleet_exe,
+                    },
+                )
+            });
         let mut state = self.lock();
         state.now = DecidedAt::now();
         state.staged(conn, job, fetched)
+    }
+
+    /// The value of a repository's `credentials`, from the vault (a copy wiped on drop).
+    fn repository_credential(
+        &self,
+        repository: &Repository,
+    ) -> Result<Option<super::remote::Credential>, super::repo::RepoError> {
+        use secrecy::ExposeSecret;
+        let Some(c) = &repository.credentials else {
+            return Ok(None);
+        };
+        let state = self.lock();
+        match state.vault.value(&c.secret.0, &c.key.0) {
+            Some(value) => Ok(Some(super::remote::Credential {
+                username: c.username.clone(),
+                secret: zeroize::Zeroizing::new(value.expose_secret().to_vec()),
+            })),
+            None => Err(super::repo::RepoError::Credential {
+                url: repository.url.clone(),
+                problem: state.vault.problem(&c.secret.0, &c.key.0).map_or_else(
+                    || format!("secret {}/{} is not defined", c.secret.0, c.key.0),
+                    str::to_owned,
+                ),
+            }),
+        }
     }
 
     /// Records what the guest sent; returns the acknowledgements (and a `RunTask` when a

@@ -1940,7 +1940,7 @@ fn host_unknown_field() {
     check_host(
         &host_with("    []\n", "  imageRoots: [/var/lib/fleet/images]\n"),
         expect![[r#"
-            /etc/fleet/host.yaml:6:3: error: spec.imageRoots: unknown field; did you mean `imageRoot`? valid fields: providers, imageRoot, repositories, pushes, recipients, limits, egress
+            /etc/fleet/host.yaml:6:3: error: spec.imageRoots: unknown field; did you mean `imageRoot`? valid fields: providers, imageRoot, repositories, pushes, recipients, limits, egress, git
         "#]],
     );
 }
@@ -2527,5 +2527,55 @@ fn the_proxmox_token_secret_must_stay_in_the_revision() {
         expect![[r#"
         fleet/fleet.yaml:4:9: error: metadata.name: provider "pve" takes its API token from Secret pve/token (the host configuration), which this revision lacks; create it with `fleet secret set pve token`
     "#]],
+    );
+}
+
+#[test]
+fn repository_credentials_go_only_to_the_host_and_task_their_secret_allows() {
+    check(
+        &[
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with(
+                    "t",
+                    "  command: ['true']\n  repository:\n    url: https://git.example.org/team/app\n    rev: 0123456789abcdef0123456789abcdef01234567\n    credentials: {secret: api, key: token}\n",
+                ),
+            ),
+            (
+                "fleet/tasks/u.yaml",
+                &task_with(
+                    "u",
+                    "  command: ['true']\n  repository:\n    url: https://git.example.org:8443/team/app\n    credentials: {secret: api, key: nope, username: me}\n",
+                ),
+            ),
+            (
+                "fleet/tasks/v.yaml",
+                &task_with(
+                    "v",
+                    "  command: ['true']\n  repository: {url: app, credentials: {secret: api, key: token}}\n",
+                ),
+            ),
+            (
+                "fleet/secrets/api.yaml",
+                &SECRET.replace("tasks: [t]}", "tasks: [t], hosts: [git.example.org]}"),
+            ),
+            (
+                "fleet/tasks/w.yaml",
+                &task_with(
+                    "w",
+                    "  command: ['true']\n  repository: {url: 'https://git.example.org/team/app', rev: main}\n",
+                ),
+            ),
+            ("fleet/app/README", "app\n"),
+        ],
+        expect![[r#"
+            fleet/tasks/u.yaml:9:10: error: spec.repository.url: "https://git.example.org:8443/team/app" is not a repository the host configuration allows (it allows: https://git.example.org/team/*); ask the host's administrator to add a pattern to repositories
+            fleet/tasks/u.yaml:10:27: error: spec.repository.credentials.secret: Secret "api" (fleet/secrets/api.yaml) does not allow task "u"; add it to the Secret's spec.allowed.tasks
+            fleet/tasks/u.yaml:10:27: error: spec.repository.credentials.secret: Secret "api" (fleet/secrets/api.yaml) may not be sent to git.example.org:8443; add git.example.org:8443 to the Secret's spec.allowed.hosts
+            fleet/tasks/u.yaml:10:37: error: spec.repository.credentials.key: Secret "api" (fleet/secrets/api.yaml) has no key "nope"; its keys: token
+            fleet/tasks/v.yaml:8:39: error: spec.repository.credentials: credentials are for https:// and ssh:// repositories, and "app" is neither; remove credentials
+            fleet/tasks/w.yaml:8:62: error: spec.repository.rev: string "main" is not valid; expected the commit to check out, pinned: 40 hex digits, on `branch` (else on any branch)
+        "#]],
     );
 }

@@ -151,6 +151,7 @@ mod cli;
 mod daemon;
 mod egress;
 mod fuzz;
+mod git_remote;
 mod hostile;
 mod libvirt;
 mod load_corpus;

@@ -120,7 +120,7 @@ pub(super) fn load_file(
         Kind::Loadout => typed(path, tree, value, diags).map(AnyObject::Loadout),
         Kind::Vm => typed(path, tree, value, diags).map(AnyObject::Vm),
         Kind::VmPool => typed(path, tree, value, diags).map(AnyObject::VmPool),
-        Kind::Task => typed(path, tree, value, diags).map(AnyObject::Task),
+        Kind::Task => typed(path, tree, value, diags).map(|o| AnyObject::Task(Box::new(o))),
         Kind::Answer => typed(path, tree, value, diags).map(AnyObject::Answer),
         Kind::Secret => typed(path, tree, value, diags).map(AnyObject::Secret),
         Kind::Host => typed(path, tree, value, diags).map(AnyObject::Host),

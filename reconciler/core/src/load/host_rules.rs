@@ -150,6 +150,60 @@ fn check_repositories(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnost
     }
 }
 
+/// Where a network repository URL leads: its scheme, user, host and port (the scheme's
+/// default when absent). `None` for a path, a `file://` URL or the `user@host:path` form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub scheme: String,
+    pub user: Option<String>,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Endpoint {
+    pub fn parse(url: &str) -> Option<Endpoint> {
+        let (scheme, rest) = url.split_once("://")?;
+        let default_port = match scheme {
+            "https" => 443,
+            "ssh" => 22,
+            "git" => 9418,
+            _ => return None,
+        };
+        let authority = rest.split(['/', '?', '#']).next()?;
+        let (user, host_port) = match authority.rsplit_once('@') {
+            Some((user, hp)) => (Some(user.to_owned()), hp),
+            None => (None, authority),
+        };
+        let (host, port) = match host_port.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                (h, p.parse::<u16>().ok().filter(|p| *p != 0)?)
+            }
+            _ => (host_port, default_port),
+        };
+        if host.is_empty() || host.starts_with('-') {
+            return None;
+        }
+        Some(Endpoint {
+            scheme: scheme.to_owned(),
+            user,
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    /// As a Secret's `allowed.hosts` names it: the host, with `:PORT` unless 443.
+    pub fn allowed_name(&self) -> String {
+        if self.port == 443 {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
 /// A results push goes to a URL the host configuration's `pushes` allows: never into a
 /// path of the fleet's own repository, never anywhere by default.
 fn check_push(o: &Object<crate::spec::TaskDocument>, host: &HostSpec, diags: &mut Vec<Diagnostic>) {

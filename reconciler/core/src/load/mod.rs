@@ -16,6 +16,7 @@ pub mod yaml;
 
 pub use file::relative_path_problem;
 use file::{expected_kinds, load_file};
+pub use host_rules::Endpoint;
 use objects::unique_in_list;
 use refs::check_references;
 
@@ -112,7 +113,8 @@ enum AnyObject {
     Loadout(Object<LoadoutDocument>),
     Vm(Object<VmDocument>),
     VmPool(Object<VmPoolDocument>),
-    Task(Object<TaskDocument>),
+    /// Boxed: a task is the largest document by far.
+    Task(Box<Object<TaskDocument>>),
     Answer(Object<AnswerDocument>),
     Secret(Object<SecretDocument>),
     Host(Object<HostDocument>),
@@ -165,7 +167,7 @@ pub fn load(snapshot: &Snapshot, host: Option<&HostSpec>) -> Result<LoadedFleet,
                 insert_unique(&mut pools, o, "VMPool", |d| &d.metadata.name.0, &mut diags)
             }
             AnyObject::Task(o) => {
-                insert_unique(&mut tasks, o, "Task", |d| &d.metadata.name.0, &mut diags)
+                insert_unique(&mut tasks, *o, "Task", |d| &d.metadata.name.0, &mut diags)
             }
             AnyObject::Answer(o) => insert_unique(
                 &mut answers,

@@ -53,7 +53,8 @@ pub struct TaskRun {
     pub change: RunChange,
     /// The command, shortened (an agent's is its CLI and prompt).
     pub command: String,
-    /// `url@branch` (or `url`, the remote's HEAD).
+    /// `url@branch`, `url@branch@rev` when pinned (or `url`, the remote's HEAD), and the
+    /// credential it is fetched with.
     pub repository: Option<String>,
     /// Where the checkout's commits are made in the guest.
     pub branch: Option<String>,
@@ -96,9 +97,17 @@ pub fn task_runs(
                     Some(agent) => agent_line(agent),
                     None => shortened(&task.argv),
                 },
-                repository: task.repository.as_ref().map(|r| match &r.branch {
-                    Some(b) => format!("{}@{}", shown(&r.url), shown(b)),
-                    None => shown(&r.url),
+                repository: task.repository.as_ref().map(|r| {
+                    // `url@branch`, pinned `url@branch@rev`; a credential is named, never
+                    // shown (its value is not here to show).
+                    let mut at = shown(&r.url);
+                    for part in [&r.branch, &r.rev].into_iter().flatten() {
+                        at = format!("{at}@{}", shown(part));
+                    }
+                    if let Some(c) = &r.credentials {
+                        at = format!("{at} (credential {}/{})", c.secret.0, c.key.0);
+                    }
+                    at
                 }),
                 branch: task.repository.as_ref().map(|_| format!("fleet/{name}")),
             });
@@ -281,6 +290,12 @@ mod tests {
         fix.repository = Some(Repository {
             url: "https://git.example.org/team/app".into(),
             branch: Some("main".into()),
+            rev: Some("0123456789abcdef0123456789abcdef01234567".into()),
+            credentials: Some(crate::spec::RepositoryCredentials {
+                secret: crate::spec::Name("gitea".into()),
+                key: crate::spec::SecretKey("token".into()),
+                username: None,
+            }),
         });
         let tasks = BTreeMap::from([
             ("fix".to_owned(), fix),
@@ -309,7 +324,7 @@ mod tests {
                   runs: make test
               + start task fix on VM agent-1
                   runs: claude agent (model sonnet): "fix the failing test,\u{a}then commit"
-                  on:   https://git.example.org/team/app@main (checked out as fleet/fix in the guest)
+                  on:   https://git.example.org/team/app@main@0123456789abcdef0123456789abcdef01234567 (credential gitea/token) (checked out as fleet/fix in the guest)
               -/+ restart task lint on VM agent-1 (its spec changed: the run under way is cancelled)
                   runs: make lint
               - cancel task old on VM agent-1 (its file is gone; the run under way stops)
