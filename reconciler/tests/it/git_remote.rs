@@ -421,3 +421,103 @@ fn a_repository_over_ssh_is_fetched_with_its_key_and_only_from_a_known_host() {
         .to_string();
     assert!(refused.contains("git.knownHosts"), "{refused}");
 }
+
+/// Through the daemon, with the token in a Secret: the task with the right key gets the
+/// repository in its VM; the one with a wrong key fails alone, saying why, and neither
+/// token is anywhere under the status directory or in fleet's log.
+#[test]
+fn a_wrong_repository_credential_fails_that_task_alone() {
+    use crate::daemon::Daemon;
+    use crate::libvirt::{Cleanup, enabled, fleet_yaml_with_policy, vm_yaml};
+    use crate::secrets::{age_identity, files_containing, random_hex, secret_set};
+    use crate::support::Repo;
+    use crate::tasks::{Status, task_yaml};
+    if !enabled() {
+        return;
+    }
+    let prefix = format!("it{}-gitnet-", std::process::id());
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let vm = format!("{prefix}a");
+    let served = tempfile::tempdir().expect("tempdir");
+    let commit = served_repository(served.path());
+    let token = format!("tok{}", random_hex(10));
+    let wrong = format!("bad{}", random_hex(10));
+    let (port, ca_pem) = https_git_server(served.path().to_owned(), "ci-bot", &token);
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (identity, recipient) = age_identity(keys.path(), "age.key");
+    let ca = keys.path().join("git-ca.pem");
+    std::fs::write(&ca, ca_pem).expect("write");
+
+    let repo = Repo::new();
+    repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml_with_policy(
+            &format!("it{}gitnet", std::process::id()),
+            "{shutdownTimeout: 10s, reconcileInterval: 30s}",
+        ),
+    );
+    let host = crate::support::host_yaml(
+        &[crate::support::local_provider(repo.path())],
+        &format!(
+            "  recipients: [{recipient}]\n  git: {{caFile: '{}'}}\n",
+            ca.display()
+        ),
+    );
+    repo.host_config(&host.replace(
+        "repositories: ['file:///**']",
+        "repositories: ['https://localhost:*/**']",
+    ));
+    secret_set(&repo, "git", "token", &token);
+    secret_set(&repo, "git", "wrong", &wrong);
+    repo.allow_secret(
+        "git",
+        &format!("{{hosts: ['localhost:{port}'], tasks: [good, bad]}}"),
+    );
+    repo.write(&format!("fleet/vms/{vm}.yaml"), vm_yaml(&vm, "256Mi"));
+    let url = format!("https://localhost:{port}/app.git");
+    for (task, key) in [("good", "token"), ("bad", "wrong")] {
+        repo.write(
+            &format!("fleet/tasks/{task}.yaml"),
+            task_yaml(
+                task,
+                &vm,
+                &format!(
+                    "  repository: {{url: '{url}', branch: main, credentials: {{secret: git, key: {key}, username: ci-bot}}}}\n  command: [cat, README]\n"
+                ),
+            ),
+        );
+    }
+    repo.commit("two tasks on a repository behind https");
+    crate::support::Run(repo.fleet(&["validate"]).0).expect_code(0);
+    let identity_env = identity.to_str().expect("utf8").to_owned();
+    let daemon = Daemon::start_with(&repo, &[("FLEET_AGE_IDENTITY", &identity_env)], &[]);
+    let status = Status(repo.path().join(".fleet/status"));
+    status.wait_phase("good", "Succeeded", std::time::Duration::from_secs(180));
+    status.wait_phase("bad", "Failed", std::time::Duration::from_secs(60));
+    assert!(
+        status.output("good").contains("served over the network"),
+        "{}",
+        status.output("good")
+    );
+    let good = status.task("good");
+    assert!(
+        good.contains(&commit),
+        "the fetched commit is recorded: {good}"
+    );
+    let bad = status.task("bad");
+    assert!(
+        bad.contains("cannot fetch the repository") && bad.contains("Authentication failed"),
+        "{bad}"
+    );
+    let log = daemon.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    drop(daemon);
+    for value in [&token, &wrong] {
+        assert!(!log.contains(value.as_str()), "a token is in fleet's log");
+        assert_eq!(
+            files_containing(&repo.path().join(".fleet"), value.as_bytes()),
+            Vec::<PathBuf>::new()
+        );
+    }
+}
