@@ -131,6 +131,7 @@ pub struct DesiredTask {
 pub struct PushTarget {
     pub url: String,
     pub branch: Option<String>,
+    pub credentials: Option<crate::spec::RepositoryCredentials>,
 }
 
 /// An operator's committed answer (`fleet/hitl/<id>.yaml`).
@@ -239,12 +240,19 @@ fn resolve_task(name: &str, spec: &TaskSpec, vm: Option<&DesiredVm>, source: &st
             .as_ref()
             .and_then(|r| r.push.as_ref())
             .and_then(|p| {
-                Some(PushTarget {
-                    url: p
-                        .url
-                        .clone()
-                        .or_else(|| Some(spec.repository.as_ref()?.url.clone()))?,
-                    branch: p.branch.clone(),
+                let own = spec.repository.as_ref();
+                Some(match &p.url {
+                    Some(url) => PushTarget {
+                        url: url.clone(),
+                        branch: p.branch.clone(),
+                        credentials: p.credentials.clone(),
+                    },
+                    // The task's own repository, with its credential unless one is named.
+                    None => PushTarget {
+                        url: own?.url.clone(),
+                        branch: p.branch.clone(),
+                        credentials: p.credentials.clone().or_else(|| own?.credentials.clone()),
+                    },
                 })
             }),
         timeout: duration_or(&spec.timeout, DEFAULT_TASK_TIMEOUT),

@@ -1269,6 +1269,10 @@ pub struct ResultsPush {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 255), regex(pattern = BRANCH_PATTERN))]
     pub branch: Option<String>,
+    /// What pushing to an `https://` or `ssh://` URL takes (default, when pushing to the
+    /// task's own repository: its `repository.credentials`), as there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<RepositoryCredentials>,
 }
 
 /// What a branch a task names may look like: a ref-like name, never an option, a path

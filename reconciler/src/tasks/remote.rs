@@ -25,7 +25,7 @@ use zeroize::Zeroizing;
 
 use crate::load::Endpoint;
 
-/// How long one fetch may take.
+/// How long one fetch or push may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
 /// The environment variable naming the socket the credential helper asks.
 const SOCKET_VAR: &str = "FLEET_CREDENTIAL_SOCKET";
@@ -42,6 +42,49 @@ pub fn fetch(
     cache: &Path,
     url: &str,
     refspecs: &[String],
+    access: &super::repo::Access,
+) -> Result<(), String> {
+    let mut args: Vec<String> = [
+        "fetch",
+        "--quiet",
+        "--no-tags",
+        "--no-write-fetch-head",
+        "--no-recurse-submodules",
+        "--",
+        url,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend_from_slice(refspecs);
+    run_git(cache, url, &args, access)
+}
+
+/// Pushes the commit `tip` of the repository at `git_dir` to the branch `branch` of `url`,
+/// never forced: a branch that moved elsewhere is refused, and the same commit again is a
+/// no-op, so a retry never pushes twice.
+pub fn push(
+    git_dir: &Path,
+    url: &str,
+    tip: &str,
+    branch: &str,
+    access: &super::repo::Access,
+) -> Result<(), String> {
+    let args = [
+        "push".to_owned(),
+        "--quiet".to_owned(),
+        "--no-verify".to_owned(),
+        "--".to_owned(),
+        url.to_owned(),
+        format!("{tip}:refs/heads/{branch}"),
+    ];
+    run_git(git_dir, url, &args, access)
+}
+
+/// Runs `git --git-dir GIT_DIR ARGS` for `url` with the access it needs.
+fn run_git(
+    git_dir: &Path,
+    url: &str,
+    args: &[String],
     access: &super::repo::Access,
 ) -> Result<(), String> {
     let (credential, host) = (access.credential, access.git);
@@ -62,7 +105,7 @@ pub fn fetch(
         .env("GIT_PROTOCOL_FROM_USER", "0")
         .env("LC_ALL", "C")
         .arg("--git-dir")
-        .arg(cache)
+        .arg(git_dir)
         .args([
             "-c",
             "core.hooksPath=/dev/null",
@@ -122,19 +165,10 @@ pub fn fetch(
             git.env("GIT_SSH_COMMAND", ssh);
         }
     }
-    git.args([
-        "fetch",
-        "--quiet",
-        "--no-tags",
-        "--no-write-fetch-head",
-        "--no-recurse-submodules",
-        "--",
-        url,
-    ])
-    .args(refspecs)
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    git.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let child = git
         .spawn()
         .map_err(|e| format!("cannot run git (is it installed?): {e}"))?;
@@ -142,19 +176,21 @@ pub fn fetch(
     if status {
         return Ok(());
     }
-    // git's last lines say why; its advice after an ssh refusal says nothing more.
+    // git's last lines say why; its hints and its advice after an ssh refusal say
+    // nothing more.
     let said: Vec<&str> = stderr
         .lines()
         .filter(|l| {
             let l = l.trim();
             !l.is_empty()
+                && !l.starts_with("hint:")
                 && !l.starts_with("Please make sure you have the correct access rights")
                 && l != "and the repository exists."
         })
         .collect();
     let tail = said[said.len().saturating_sub(3)..].join("; ");
     Err(if tail.is_empty() {
-        "git fetch failed".to_owned()
+        format!("git {} failed", args.first().map_or("", String::as_str))
     } else {
         crate::terminal::one_line(&tail, 500)
     })
@@ -178,10 +214,7 @@ fn wait_bounded(mut child: Child, timeout: Duration) -> Result<(bool, String), S
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "git fetch took longer than {} s",
-                    timeout.as_secs()
-                ));
+                return Err(format!("git took longer than {} s", timeout.as_secs()));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(format!("waiting for git: {e}")),

@@ -288,6 +288,51 @@ fn push_ref(
 pub struct PushTo {
     pub url: String,
     pub branch: String,
+    /// For an `https://` or `ssh://` URL.
+    pub credential: Option<PushCredential>,
+}
+
+/// A push's credential on its way to the check's child process (on its stdin, never in
+/// its arguments or environment): the value base64, wiped on drop, never in `Debug`.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PushCredential {
+    pub username: Option<String>,
+    pub secret: String,
+}
+
+impl PushCredential {
+    pub fn new(username: Option<String>, secret: &[u8]) -> PushCredential {
+        use base64::Engine;
+        PushCredential {
+            username,
+            secret: base64::engine::general_purpose::STANDARD.encode(secret),
+        }
+    }
+
+    fn credential(&self) -> Result<super::remote::Credential, String> {
+        use base64::Engine;
+        let secret = base64::engine::general_purpose::STANDARD
+            .decode(&self.secret)
+            .map_err(|_| "the push credential is not base64".to_owned())?;
+        Ok(super::remote::Credential {
+            username: self.username.clone(),
+            secret: zeroize::Zeroizing::new(secret),
+        })
+    }
+}
+
+impl Drop for PushCredential {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.secret);
+    }
+}
+
+impl std::fmt::Debug for PushCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushCredential")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the check of a bundle found: what the run's record keeps, and the patch.
@@ -317,6 +362,7 @@ pub fn check(
     base: &str,
     branch: &str,
     push_to: Option<&PushTo>,
+    git: &crate::spec::HostGit,
 ) -> Result<Checked, String> {
     let scratch = tempfile::Builder::new()
         .prefix("fleet-bundle-")
@@ -360,7 +406,26 @@ pub fn check(
         patch: String::from_utf8_lossy(&change.patch).into_owned(),
     };
     if let Some(to) = push_to.filter(|_| accepted.commits > 0) {
-        match push(&repo, &to.url, accepted.tip, &to.branch) {
+        let pushed = if crate::load::Endpoint::parse(&to.url).is_some() {
+            // Over the network: the system's git, as for fetching (`tasks::remote`).
+            let credential = to.credential.as_ref().map(PushCredential::credential);
+            let credential = credential.transpose()?;
+            let fleet = std::env::current_exe().map_err(|e| format!("fleet's own path: {e}"))?;
+            super::remote::push(
+                repo.path(),
+                &to.url,
+                &accepted.tip.to_string(),
+                &to.branch,
+                &super::repo::Access {
+                    credential: credential.as_ref(),
+                    git,
+                    fleet: &fleet,
+                },
+            )
+        } else {
+            push(&repo, &to.url, accepted.tip, &to.branch)
+        };
+        match pushed {
             Ok(()) => checked.changes.pushed = Some(format!("{} {}", to.url, to.branch)),
             Err(why) => {
                 checked.changes.push_error = Some(format!(
@@ -380,6 +445,9 @@ pub struct CheckRequest {
     pub base: String,
     pub branch: String,
     pub push: Option<PushTo>,
+    /// The host's settings for pushing over https and ssh.
+    #[serde(default)]
+    pub git: crate::spec::HostGit,
 }
 
 /// `check` in a child process of this same binary (`program`), killed after
@@ -400,7 +468,8 @@ pub fn check_isolated(
         .spawn()
         .map_err(|e| format!("cannot start the bundle check: {e}"))?;
     let mut stdin = child.stdin.take().expect("piped");
-    let line = serde_json::to_string(request).map_err(|e| e.to_string())?;
+    // It may carry a push credential: wiped once written.
+    let line = zeroize::Zeroizing::new(serde_json::to_string(request).map_err(|e| e.to_string())?);
     let feed = {
         let bundle = bundle.to_vec();
         std::thread::spawn(move || {
@@ -453,7 +522,7 @@ pub fn check_bundle_command() -> std::process::ExitCode {
         return std::process::ExitCode::from(3);
     }
     let mut input = std::io::stdin().lock();
-    let mut line = String::new();
+    let mut line = zeroize::Zeroizing::new(String::new());
     if input.read_line(&mut line).is_err() {
         return std::process::ExitCode::from(2);
     }
@@ -474,6 +543,7 @@ pub fn check_bundle_command() -> std::process::ExitCode {
         &request.base,
         &request.branch,
         request.push.as_ref(),
+        &request.git,
     )
     .unwrap_or_else(Checked::refused);
     let Ok(json) = serde_json::to_vec(&checked) else {

@@ -190,8 +190,17 @@ impl TaskBook {
         &self,
         repository: &Repository,
     ) -> Result<Option<super::remote::Credential>, super::repo::RepoError> {
+        self.git_credential(&repository.url, repository.credentials.as_ref())
+    }
+
+    /// The value of the credential `c` for `url`, from the vault.
+    fn git_credential(
+        &self,
+        url: &str,
+        c: Option<&crate::spec::RepositoryCredentials>,
+    ) -> Result<Option<super::remote::Credential>, super::repo::RepoError> {
         use secrecy::ExposeSecret;
-        let Some(c) = &repository.credentials else {
+        let Some(c) = c else {
             return Ok(None);
         };
         let state = self.lock();
@@ -201,7 +210,7 @@ impl TaskBook {
                 secret: zeroize::Zeroizing::new(value.expose_secret().to_vec()),
             })),
             None => Err(super::repo::RepoError::Credential {
-                url: repository.url.clone(),
+                url: url.to_owned(),
                 problem: state.vault.problem(&c.secret.0, &c.key.0).map_or_else(
                     || format!("secret {}/{} is not defined", c.secret.0, c.key.0),
                     str::to_owned,
@@ -260,6 +269,10 @@ impl TaskBook {
                 Some(target) => Some(super::results::PushTo {
                     url: super::repo::push_url(&self.repo_root, &target.url)
                         .map_err(|e| e.to_string())?,
+                    credential: self
+                        .git_credential(&target.url, target.credentials.as_ref())
+                        .map_err(|e| e.to_string())?
+                        .map(|c| super::results::PushCredential::new(c.username, &c.secret)),
                     branch: target
                         .branch
                         .unwrap_or_else(|| format!("fleet/{name}/{run}")),
@@ -271,6 +284,7 @@ impl TaskBook {
                 base: at.commit.clone(),
                 branch: format!("fleet/{name}"),
                 push,
+                git: self.git.clone(),
             };
             let program = std::env::current_exe()
                 .map_err(|e| format!("cannot find fleet's own program: {e}"))?;

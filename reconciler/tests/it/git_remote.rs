@@ -50,6 +50,37 @@ fn served_repository(root: &Path) -> String {
     git(&work, &["rev-parse", "HEAD"])
 }
 
+/// A commit on top of what `served_repository` made, in its work tree: its id.
+fn a_run_commit(root: &Path, text: &str) -> String {
+    let work = root.join("work");
+    std::fs::write(work.join("README"), text).expect("write");
+    git(
+        &work,
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@fleet.invalid",
+            "commit",
+            "-qam",
+            text.trim(),
+        ],
+    );
+    git(&work, &["rev-parse", "HEAD"])
+}
+
+/// Pushes `tip` from the work tree of `served_repository` to `branch` of `url`, as the
+/// results check does.
+fn push_from(
+    root: &Path,
+    url: &str,
+    tip: &str,
+    branch: &str,
+    access: &Access,
+) -> Result<(), String> {
+    fleet::tasks::remote::push(&root.join("work/.git"), url, tip, branch, access)
+}
+
 fn checkout() -> Checkout {
     Checkout {
         branch: "fleet/net".into(),
@@ -263,6 +294,57 @@ fn a_repository_over_https_is_fetched_with_its_token_and_a_wrong_one_fails_clear
     let refused = fetch(None).err().expect("refused").to_string();
     assert!(refused.contains(&url), "{refused}");
 
+    // A run's commit goes back the same way, with the same token; again is a no-op; a
+    // commit that does not descend is refused (never forced); a wrong token is refused.
+    let fleet = crate::support::fleet_bin();
+    let access = |credential| Access {
+        credential,
+        git: &host,
+        fleet: &fleet,
+    };
+    let tip = a_run_commit(dir.path(), "changed by a run\n");
+    push_from(
+        dir.path(),
+        &url,
+        &tip,
+        "fleet/net/r1",
+        &access(Some(&right)),
+    )
+    .expect("pushed");
+    assert_eq!(
+        git(
+            &dir.path().join("app.git"),
+            &["rev-parse", "refs/heads/fleet/net/r1"]
+        ),
+        tip
+    );
+    push_from(
+        dir.path(),
+        &url,
+        &tip,
+        "fleet/net/r1",
+        &access(Some(&right)),
+    )
+    .expect("again");
+    let refused = push_from(
+        dir.path(),
+        &url,
+        &commit,
+        "fleet/net/r1",
+        &access(Some(&right)),
+    )
+    .expect_err("not forced");
+    assert!(refused.contains("rejected"), "{refused}");
+    let refused = push_from(
+        dir.path(),
+        &url,
+        &tip,
+        "fleet/net/r2",
+        &access(Some(&wrong)),
+    )
+    .expect_err("refused");
+    assert!(refused.contains("Authentication failed"), "{refused}");
+
     // The host's authority is the only one trusted: without it, the server's certificate is
     // not.
     let untrusted = fetch_archive(
@@ -388,6 +470,28 @@ fn a_repository_over_ssh_is_fetched_with_its_key_and_only_from_a_known_host() {
     let archive = with(&host, Some(&right)).expect("fetched over ssh");
     assert_eq!(archive.commit, commit);
 
+    // A run's commit goes back over ssh with the same key.
+    let tip = a_run_commit(dir.path(), "changed over ssh\n");
+    push_from(
+        dir.path(),
+        &url,
+        &tip,
+        "fleet/net/r1",
+        &Access {
+            credential: Some(&right),
+            git: &host,
+            fleet: &crate::support::fleet_bin(),
+        },
+    )
+    .expect("pushed over ssh");
+    assert_eq!(
+        git(
+            &dir.path().join("app.git"),
+            &["rev-parse", "refs/heads/fleet/net/r1"]
+        ),
+        tip
+    );
+
     // Another key is refused by the server; text that is no key, by ssh-add.
     let other = dir.path().join("other_key");
     keygen(&other);
@@ -461,7 +565,7 @@ fn a_wrong_repository_credential_fails_that_task_alone() {
     let host = crate::support::host_yaml(
         &[crate::support::local_provider(repo.path())],
         &format!(
-            "  recipients: [{recipient}]\n  git: {{caFile: '{}'}}\n",
+            "  recipients: [{recipient}]\n  pushes: ['https://localhost:*/**']\n  git: {{caFile: '{}'}}\n",
             ca.display()
         ),
     );
@@ -484,7 +588,7 @@ fn a_wrong_repository_credential_fails_that_task_alone() {
                 task,
                 &vm,
                 &format!(
-                    "  repository: {{url: '{url}', branch: main, credentials: {{secret: git, key: {key}, username: ci-bot}}}}\n  command: [cat, README]\n"
+                    "  repository: {{url: '{url}', branch: main, credentials: {{secret: git, key: {key}, username: ci-bot}}}}\n  results: {{push: {{}}}}\n  command: [sh, -c, 'cat README; echo from the run > out.txt']\n"
                 ),
             ),
         );
@@ -505,6 +609,21 @@ fn a_wrong_repository_credential_fails_that_task_alone() {
     assert!(
         good.contains(&commit),
         "the fetched commit is recorded: {good}"
+    );
+    // Its commit went back to the same repository, with the same credential.
+    crate::daemon::wait_until(
+        "the run's results are pushed",
+        std::time::Duration::from_secs(60),
+        || status.task("good").contains("pushed: "),
+    );
+    let good = status.task("good");
+    let run = crate::tasks::field(&good, "run").expect("a run");
+    assert_eq!(
+        git(
+            &served.path().join("app.git"),
+            &["show", &format!("fleet/good/{run}:out.txt")]
+        ),
+        "from the run"
     );
     let bad = status.task("bad");
     assert!(

@@ -2567,6 +2567,13 @@ fn repository_credentials_go_only_to_the_host_and_task_their_secret_allows() {
                     "  command: ['true']\n  repository: {url: 'https://git.example.org/team/app', rev: main}\n",
                 ),
             ),
+            (
+                "fleet/tasks/x.yaml",
+                &task_with(
+                    "x",
+                    "  command: ['true']\n  repository: {url: app}\n  results: {push: {url: 'ssh://git@git.example.org/team/app', credentials: {secret: api, key: token}}}\n",
+                ),
+            ),
             ("fleet/app/README", "app\n"),
         ],
         expect![[r#"
@@ -2576,6 +2583,9 @@ fn repository_credentials_go_only_to_the_host_and_task_their_secret_allows() {
             fleet/tasks/u.yaml:10:37: error: spec.repository.credentials.key: Secret "api" (fleet/secrets/api.yaml) has no key "nope"; its keys: token
             fleet/tasks/v.yaml:8:39: error: spec.repository.credentials: credentials are for https:// and ssh:// repositories, and "app" is neither; remove credentials
             fleet/tasks/w.yaml:8:62: error: spec.repository.rev: string "main" is not valid; expected the commit to check out, pinned: 40 hex digits, on `branch` (else on any branch)
+            fleet/tasks/x.yaml:9:25: error: spec.results.push.url: "ssh://git@git.example.org/team/app" is not a repository the host configuration lets results be pushed to (pushes); ask the host's administrator to add a pattern to pushes
+            fleet/tasks/x.yaml:9:85: error: spec.results.push.credentials.secret: Secret "api" (fleet/secrets/api.yaml) does not allow task "x"; add it to the Secret's spec.allowed.tasks
+            fleet/tasks/x.yaml:9:85: error: spec.results.push.credentials.secret: Secret "api" (fleet/secrets/api.yaml) may not be sent to git.example.org:22; add git.example.org:22 to the Secret's spec.allowed.hosts
         "#]],
     );
 }

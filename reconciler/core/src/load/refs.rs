@@ -418,73 +418,89 @@ fn check_credential_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
 /// theirs without also editing the Secret, which its review shows.
 fn check_repository_credentials(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
     for o in f.tasks.values() {
-        let Some(repo) = &o.doc.spec.repository else {
-            continue;
-        };
-        let Some(c) = &repo.credentials else {
-            continue;
-        };
-        let at = "/spec/repository/credentials";
-        let endpoint = super::host_rules::Endpoint::parse(&repo.url).filter(|e| e.scheme != "git");
-        let Some(endpoint) = endpoint else {
-            diags.push(o.field_error(
-                at,
-                format!(
-                    "credentials are for https:// and ssh:// repositories, and {:?} is neither; remove credentials",
-                    repo.url
-                ),
-            ));
-            continue;
-        };
-        let Some(secret) = f.secrets.get(&c.secret.0) else {
-            diags.push(o.field_error(
-                &format!("{at}/secret"),
-                format!(
-                    "no Secret named {:?}; create one with `fleet secret set {} KEY`",
-                    c.secret.0, c.secret.0
-                ),
-            ));
-            continue;
-        };
-        if !secret.doc.spec.data.contains_key(&c.key) {
-            let keys: Vec<&str> = secret.doc.spec.data.keys().map(|k| k.0.as_str()).collect();
-            diags.push(o.field_error(
-                &format!("{at}/key"),
-                format!(
-                    "Secret {:?} ({}) has no key {:?}; its keys: {}",
-                    c.secret.0,
-                    secret.path,
-                    c.key.0,
-                    keys.join(", ")
-                ),
-            ));
+        let repository = o.doc.spec.repository.as_ref();
+        if let Some(repo) = repository
+            && let Some(c) = &repo.credentials
+        {
+            check_git_credential(f, o, "/spec/repository/credentials", &repo.url, c, diags);
         }
-        let default = crate::spec::SecretAllowed::default();
-        let allowed = secret.doc.spec.allowed.as_ref().unwrap_or(&default);
-        let to_host = allowed.hosts.iter().any(|entry| {
-            let (h, p) = crate::egress::allowed_host(entry);
-            h == endpoint.host && p == Some(endpoint.port)
-        });
-        let shown = endpoint.allowed_name();
-        if !to_host {
-            diags.push(o.field_error(
-                &format!("{at}/secret"),
-                format!(
-                    "Secret {:?} ({}) may not be sent to {shown}; add {shown} to the Secret's spec.allowed.hosts",
-                    c.secret.0, secret.path
-                ),
-            ));
+        let push = o.doc.spec.results.as_ref().and_then(|r| r.push.as_ref());
+        if let Some(push) = push
+            && let Some(c) = &push.credentials
+            && let Some(url) = push.url.as_ref().or(repository.map(|r| &r.url))
+        {
+            check_git_credential(f, o, "/spec/results/push/credentials", url, c, diags);
         }
-        let task = &o.doc.metadata.name.0;
-        if !allowed.tasks.iter().any(|t| &t.0 == task) {
-            diags.push(o.field_error(
-                &format!("{at}/secret"),
-                format!(
-                    "Secret {:?} ({}) does not allow task {task:?}; add it to the Secret's spec.allowed.tasks",
-                    c.secret.0, secret.path
-                ),
-            ));
-        }
+    }
+}
+
+/// One credential of a task for `url`, at `at`.
+fn check_git_credential(
+    f: &LoadedFleet,
+    o: &Object<crate::spec::TaskDocument>,
+    at: &str,
+    url: &str,
+    c: &crate::spec::RepositoryCredentials,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let endpoint = super::host_rules::Endpoint::parse(url).filter(|e| e.scheme != "git");
+    let Some(endpoint) = endpoint else {
+        diags.push(o.field_error(
+            at,
+            format!(
+                "credentials are for https:// and ssh:// repositories, and {url:?} is neither; remove credentials"
+            ),
+        ));
+        return;
+    };
+    let Some(secret) = f.secrets.get(&c.secret.0) else {
+        diags.push(o.field_error(
+            &format!("{at}/secret"),
+            format!(
+                "no Secret named {:?}; create one with `fleet secret set {} KEY`",
+                c.secret.0, c.secret.0
+            ),
+        ));
+        return;
+    };
+    if !secret.doc.spec.data.contains_key(&c.key) {
+        let keys: Vec<&str> = secret.doc.spec.data.keys().map(|k| k.0.as_str()).collect();
+        diags.push(o.field_error(
+            &format!("{at}/key"),
+            format!(
+                "Secret {:?} ({}) has no key {:?}; its keys: {}",
+                c.secret.0,
+                secret.path,
+                c.key.0,
+                keys.join(", ")
+            ),
+        ));
+    }
+    let default = crate::spec::SecretAllowed::default();
+    let allowed = secret.doc.spec.allowed.as_ref().unwrap_or(&default);
+    let to_host = allowed.hosts.iter().any(|entry| {
+        let (h, p) = crate::egress::allowed_host(entry);
+        h == endpoint.host && p == Some(endpoint.port)
+    });
+    let shown = endpoint.allowed_name();
+    if !to_host {
+        diags.push(o.field_error(
+            &format!("{at}/secret"),
+            format!(
+                "Secret {:?} ({}) may not be sent to {shown}; add {shown} to the Secret's spec.allowed.hosts",
+                c.secret.0, secret.path
+            ),
+        ));
+    }
+    let task = &o.doc.metadata.name.0;
+    if !allowed.tasks.iter().any(|t| &t.0 == task) {
+        diags.push(o.field_error(
+            &format!("{at}/secret"),
+            format!(
+                "Secret {:?} ({}) does not allow task {task:?}; add it to the Secret's spec.allowed.tasks",
+                c.secret.0, secret.path
+            ),
+        ));
     }
 }
 

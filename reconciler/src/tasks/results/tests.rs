@@ -238,6 +238,7 @@ fn a_check_leaves_the_cache_as_it_was_and_pushes_from_its_scratch_repository() {
     let to = PushTo {
         url: target.to_string_lossy().into_owned(),
         branch: "fleet/t/r1".into(),
+        credential: None,
     };
     let checked = check(
         s.cache.path(),
@@ -245,6 +246,7 @@ fn a_check_leaves_the_cache_as_it_was_and_pushes_from_its_scratch_repository() {
         &s.base.to_string(),
         "fleet/t",
         Some(&to),
+        &crate::spec::HostGit::default(),
     )
     .expect("checked");
     assert_eq!(checked.changes.refused, None);
@@ -269,6 +271,7 @@ fn a_check_leaves_the_cache_as_it_was_and_pushes_from_its_scratch_repository() {
         &s.base.to_string(),
         "fleet/t",
         None,
+        &crate::spec::HostGit::default(),
     )
     .expect("checked");
     assert!(refused.changes.refused.is_some());
