@@ -375,7 +375,9 @@ impl Agent {
         let mut add = Command::new("ssh-add")
             .env_clear()
             .env("SSH_AUTH_SOCK", &agent.socket)
-            .args(["-q", "-"])
+            // A lifetime, so the key goes even if this process is killed before it can
+            // stop the agent (the results check's child is, after 2 minutes).
+            .args(["-q", "-t", "660", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
