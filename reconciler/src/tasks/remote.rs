@@ -17,6 +17,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -123,7 +124,19 @@ fn run_git(
             "fetch.recurseSubmodules=false",
             "-c",
             "gc.auto=0",
-        ]);
+            "-c",
+            "maintenance.auto=false",
+            "-c",
+            "transfer.fsckObjects=true",
+            // A server that trickles is dropped rather than holding the VM's link.
+            "-c",
+            "http.lowSpeedLimit=1024",
+            "-c",
+            "http.lowSpeedTime=60",
+        ])
+        // Its own process group: a timeout stops git's helpers too (remote-https,
+        // index-pack, ssh), not git alone.
+        .process_group(0);
     // Held until git is done: the helper's socket, or the agent holding the key.
     let mut _helper = None;
     let mut _agent = None;
@@ -148,7 +161,7 @@ fn run_git(
                 "the host configuration names no git.knownHosts: fleet never trusts an ssh server's key on first use; put the server's key (ssh-keyscan) in a file and name it in git.knownHosts".to_owned()
             })?;
             let mut ssh = format!(
-                "ssh -F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={} -o GlobalKnownHostsFile=/dev/null -o IdentityFile=none -o ProxyCommand=none -o ProxyJump=none -o ControlMaster=no -o PermitLocalCommand=no -o ConnectTimeout=30",
+                "ssh -F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={} -o GlobalKnownHostsFile=/dev/null -o IdentityFile=none -o ProxyCommand=none -o ProxyJump=none -o ControlMaster=no -o PermitLocalCommand=no -o ConnectTimeout=30 -o ServerAliveInterval=15 -o ServerAliveCountMax=4",
                 shell_quote(Path::new(&known.0))?
             );
             match credential {
@@ -212,6 +225,12 @@ fn wait_bounded(mut child: Child, timeout: Duration) -> Result<(bool, String), S
         match child.try_wait() {
             Ok(Some(status)) => break status,
             Ok(None) if Instant::now() >= deadline => {
+                if let Ok(group) = i32::try_from(child.id()) {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(group),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(format!("git took longer than {} s", timeout.as_secs()));
@@ -257,14 +276,23 @@ impl CredentialServer {
             .clone()
             .or_else(|| endpoint.user.clone())
             .unwrap_or_else(|| "git".to_owned());
-        // The helper must answer for this host alone (a git that asked for another, after
-        // some redirect, gets nothing).
-        let host = if endpoint.port == 443 {
-            endpoint.host.clone()
-        } else {
-            format!("{}:{}", endpoint.host, endpoint.port)
-        };
-        let mut answer = Zeroizing::new(format!("username={user}\npassword=").into_bytes());
+        // The helper answers for this server alone, named as git names it (a git that
+        // asked for another gets nothing).
+        let host = endpoint.written.clone();
+        // git's credential protocol is lines: a value with a line break would be read in
+        // part and the rest printed in a warning, which ends up in the task's record.
+        if !crate::egress::value_fits_header(&credential.secret) {
+            return Err(
+                "an https credential must be one line of visible characters (a token or password)"
+                    .into(),
+            );
+        }
+        let prefix = format!("username={user}\npassword=");
+        // Sized once: a buffer that grew would leave copies of the value behind.
+        let mut answer = Zeroizing::new(Vec::with_capacity(
+            prefix.len() + credential.secret.len() + 1,
+        ));
+        answer.extend_from_slice(prefix.as_bytes());
         answer.extend_from_slice(&credential.secret);
         answer.extend_from_slice(b"\n");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -337,7 +365,7 @@ pub fn credential_helper_command() -> std::process::ExitCode {
     if conn.write_all(request.as_bytes()).is_err() || conn.write_all(b"\n").is_err() {
         return std::process::ExitCode::FAILURE;
     }
-    let mut answer = Zeroizing::new(Vec::new());
+    let mut answer = Zeroizing::new(Vec::with_capacity(64 * 1024 + 1));
     let _ = (&mut conn).take(64 * 1024).read_to_end(&mut answer);
     if std::io::stdout().write_all(&answer).is_err() {
         return std::process::ExitCode::FAILURE;
@@ -375,6 +403,9 @@ impl Agent {
         let mut add = Command::new("ssh-add")
             .env_clear()
             .env("SSH_AUTH_SOCK", &agent.socket)
+            // A key with a passphrase fails at once instead of asking a terminal.
+            .env("SSH_ASKPASS", "/bin/false")
+            .env("SSH_ASKPASS_REQUIRE", "force")
             // A lifetime, so the key goes even if this process is killed before it can
             // stop the agent (the results check's child is, after 2 minutes).
             .args(["-q", "-t", "660", "-"])
@@ -389,8 +420,21 @@ impl Agent {
                 let _ = stdin.write_all(b"\n");
             }
         }
-        let added = add.wait().map_err(|e| format!("ssh-add: {e}"))?;
-        if !added.success() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let added = loop {
+            match add.try_wait() {
+                Ok(Some(status)) => break status.success(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                _ => {
+                    let _ = add.kill();
+                    let _ = add.wait();
+                    break false;
+                }
+            }
+        };
+        if !added {
             return Err(
                 "the credential is not an OpenSSH private key without a passphrase (ssh-add refused it)"
                     .into(),

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::digest::hex;
-use crate::load::Endpoint;
 use crate::spec::Repository;
 
 /// Archives larger than this are refused (the guest unpacks into a tmpfs).
@@ -248,6 +247,9 @@ pub fn fetch_archive(
 ) -> Result<Archive> {
     let url = resolved_url(repo_root, &repository.url)?;
     let cache = cache_of(cache_dir, &url);
+    // One fetch of a cache at a time (VMs stage on threads of their own): the refs a
+    // fetch writes are the ones it reads back, never another task's branch.
+    let _one_at_a_time = lock_cache(&cache)?;
     let repo = match git2::Repository::open_bare(&cache) {
         Ok(r) => r,
         Err(_) => git2::Repository::init_bare(&cache).map_err(|source| RepoError::Cache {
@@ -282,7 +284,10 @@ pub fn fetch_archive(
         }
     }
     let refspec = format!("+{source}:{target}");
-    if Endpoint::parse(&url).is_some() {
+    let network = ["https://", "ssh://", "git://"]
+        .iter()
+        .any(|scheme| url.starts_with(scheme));
+    if network {
         super::remote::fetch(&cache, &url, &[refspec], access).map_err(|message| {
             RepoError::Remote {
                 reference: source.clone(),
@@ -334,6 +339,26 @@ pub fn fetch_archive(
         url: repository.url.clone(),
         tar,
     })
+}
+
+/// Holds `<cache>.lock` exclusively until dropped (the kernel releases it if fleet dies).
+fn lock_cache(cache: &Path) -> Result<std::fs::File> {
+    let path = cache.with_extension("lock");
+    let failed = |source| RepoError::Root {
+        path: path.clone(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(failed)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(failed)?;
+    file.lock().map_err(failed)?;
+    Ok(file)
 }
 
 /// The commit `rev` names, when what was just fetched (`refs/fleet/`) reaches it.

@@ -291,6 +291,14 @@ fn a_repository_over_https_is_fetched_with_its_token_and_a_wrong_one_fails_clear
     let refused = fetch(Some(&wrong)).err().expect("refused").to_string();
     assert!(refused.contains("Authentication failed"), "{refused}");
     assert!(!refused.contains("tok-wrong-77aa"), "{refused}");
+    // A value on more than one line would be half read by git and half printed.
+    let two_lines = credential(Some("ci-bot"), b"tok-first-line\nsecond-line-9c1");
+    let refused = fetch(Some(&two_lines)).err().expect("refused").to_string();
+    assert!(
+        refused.contains("one line of visible characters"),
+        "{refused}"
+    );
+    assert!(!refused.contains("second-line-9c1"), "{refused}");
     let refused = fetch(None).err().expect("refused").to_string();
     assert!(refused.contains(&url), "{refused}");
 

@@ -2397,6 +2397,44 @@ fn the_proxmox_token_never_goes_to_a_guest() {
 }
 
 #[test]
+fn the_proxmox_token_is_never_sent_to_a_git_host_or_an_api() {
+    check_under_token_secret_host(
+        &[
+            (
+                "fleet/fleet.yaml",
+                &FLEET.replace(
+                    "  images:\n",
+                    "    - {name: pve, type: proxmox}\n  images:\n",
+                ),
+            ),
+            ("fleet/vms/a.yaml", VM),
+            (
+                "fleet/secrets/pve.yaml",
+                &PVE_TOKEN_SECRET.replace(
+                    "allowed: {tasks: [t]}",
+                    "allowed: {tasks: [t], loadouts: [dev], hosts: [git.example.org, api.example.com]}",
+                ),
+            ),
+            (
+                "fleet/tasks/t.yaml",
+                &task_with(
+                    "t",
+                    "  command: ['true']\n  repository: {url: 'https://git.example.org/team/app', credentials: {secret: pve, key: token}}\n",
+                ),
+            ),
+            (
+                "fleet/loadouts/dev.yaml",
+                "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: dev}\nspec:\n  network: {mode: brokered}\n  egress:\n    credentials:\n      - {host: api.example.com, secret: {secret: pve, key: token}}\n",
+            ),
+        ],
+        expect![[r#"
+            fleet/loadouts/dev.yaml:8:50: error: spec.egress.credentials[0].secret.secret: Secret "pve" holds provider "pve"'s API token (the host configuration); a provider credential is never sent anywhere but to its provider
+            fleet/tasks/t.yaml:8:79: error: spec.repository.credentials.secret: Secret "pve" holds provider "pve"'s API token (the host configuration); a provider credential is never sent anywhere but to its provider
+        "#]],
+    );
+}
+
+#[test]
 fn the_proxmox_token_secret_is_missing() {
     check_under_token_secret_host(
         &[(

@@ -127,6 +127,10 @@ fn check_repositories(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnost
             }
             continue;
         }
+        if let Some(problem) = network_url_problem(url) {
+            diags.push(o.field_error(at, problem));
+            continue;
+        }
         if !host.repositories.iter().any(|p| pattern_matches(p, url)) {
             let allowed = if host.repositories.is_empty() {
                 "it allows none".to_owned()
@@ -158,6 +162,9 @@ pub struct Endpoint {
     pub user: Option<String>,
     pub host: String,
     pub port: u16,
+    /// `host` or `host:port` as the URL writes it (lower-case): how git's credential
+    /// protocol names the server.
+    pub written: String,
 }
 
 impl Endpoint {
@@ -174,23 +181,44 @@ impl Endpoint {
             Some((user, hp)) => (Some(user.to_owned()), hp),
             None => (None, authority),
         };
-        let (host, port) = match host_port.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                (h, p.parse::<u16>().ok().filter(|p| *p != 0)?)
+        // Strictly a name or a bracketed IPv6 address, then an optional port: git reads
+        // `[a]b` as the host `a`, so anything looser could name one host to fleet's checks
+        // and another to git.
+        let (host, port) = match host_port.strip_prefix('[') {
+            Some(v6) => {
+                let (address, after) = v6.split_once(']')?;
+                address.parse::<std::net::Ipv6Addr>().ok()?;
+                (format!("[{address}]"), after)
             }
-            _ => (host_port, default_port),
+            None => {
+                let end = host_port.find(':').unwrap_or(host_port.len());
+                (host_port[..end].to_ascii_lowercase(), &host_port[end..])
+            }
         };
-        if host.is_empty() || host.starts_with('-') {
+        let port = match port {
+            "" => default_port,
+            explicit => explicit
+                .strip_prefix(':')?
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)?,
+        };
+        let name_ok = host.starts_with('[')
+            || (!host.is_empty()
+                && !host.starts_with(['-', '.'])
+                && !host.ends_with('.')
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
+        if !name_ok {
             return None;
         }
         Some(Endpoint {
             scheme: scheme.to_owned(),
             user,
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_ascii_lowercase(),
+            host,
             port,
+            written: host_port.to_ascii_lowercase(),
         })
     }
 
@@ -221,6 +249,10 @@ fn check_push(o: &Object<crate::spec::TaskDocument>, host: &HostSpec, diags: &mu
             return;
         }
     };
+    if let Some(problem) = network_url_problem(url) {
+        diags.push(o.field_error(at, problem));
+        return;
+    }
     if !host.pushes.iter().any(|p| pattern_matches(p, url)) {
         diags.push(o.field_error(
             at,
@@ -231,8 +263,21 @@ fn check_push(o: &Object<crate::spec::TaskDocument>, host: &HostSpec, diags: &mu
     }
 }
 
-/// `*` matches any run of characters but `/`, `?`, `#`, `@`, `\\` and `:` (so it never
-/// spans a host, port, query or user part); `**` any run at all; everything else itself.
+/// Why an `https://`, `ssh://` or `git://` URL is not one fleet reaches, if it is not.
+fn network_url_problem(url: &str) -> Option<String> {
+    let network = ["https://", "ssh://", "git://"]
+        .iter()
+        .any(|scheme| url.starts_with(scheme));
+    (network && Endpoint::parse(url).is_none()).then(|| {
+        format!(
+            "{url:?}: the server must be a host name (letters, digits, dots, hyphens) or a bracketed IPv6 address, with an optional port"
+        )
+    })
+}
+
+/// `*` matches any run of characters but `/`, `?`, `#`, `@`, `\\`, `:`, `[` and `]` (so it
+/// never spans a host, port, query or user part, nor makes git read another host); `**`
+/// any run at all; everything else itself.
 /// A URL with `.` or `..` segments or percent-escapes matches nothing: servers normalise
 /// those, so they could lead outside what the pattern names.
 pub fn pattern_matches(pattern: &RepositoryPattern, url: &str) -> bool {
@@ -246,7 +291,9 @@ pub fn pattern_matches(pattern: &RepositoryPattern, url: &str) -> bool {
             [b'*', rest @ ..] => {
                 let run = s
                     .iter()
-                    .position(|&c| matches!(c, b'/' | b'?' | b'#' | b'@' | b'\\' | b':'))
+                    .position(|&c| {
+                        matches!(c, b'/' | b'?' | b'#' | b'@' | b'\\' | b':' | b'[' | b']')
+                    })
                     .unwrap_or(s.len());
                 (0..=run).any(|i| matches(rest, &s[i..]))
             }
@@ -319,6 +366,56 @@ fn check_credentials(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnosti
                 }
             }
         }
+        // Nor to any server: an API behind the broker, a git host.
+        let sent = f
+            .loadouts
+            .values()
+            .flat_map(|o| {
+                let credentials = o.doc.spec.egress.iter().flat_map(|e| &e.credentials);
+                credentials.enumerate().map(move |(j, c)| {
+                    (
+                        o.path.as_str(),
+                        &o.tree,
+                        format!("/spec/egress/credentials/{j}/secret/secret"),
+                        &c.secret.secret,
+                    )
+                })
+            })
+            .chain(f.tasks.values().flat_map(|o| {
+                let fetch = o
+                    .doc
+                    .spec
+                    .repository
+                    .as_ref()
+                    .and_then(|r| r.credentials.as_ref())
+                    .map(|c| ("/spec/repository/credentials/secret", &c.secret));
+                let push = o
+                    .doc
+                    .spec
+                    .results
+                    .as_ref()
+                    .and_then(|r| r.push.as_ref()?.credentials.as_ref())
+                    .map(|c| ("/spec/results/push/credentials/secret", &c.secret));
+                fetch
+                    .into_iter()
+                    .chain(push)
+                    .map(move |(at, secret)| (o.path.as_str(), &o.tree, at.to_owned(), secret))
+            }));
+        for (path, tree, at, secret) in sent {
+            if *secret == r.secret {
+                diags.push(super::field_error_in(
+                    path,
+                    tree,
+                    &at,
+                    super::At::Value,
+                    format!(
+                        "Secret {:?} holds provider {:?}'s API token ({HOST_CONFIG}); a provider credential is never sent anywhere but to its provider",
+                        r.secret.0,
+                        p.name().0
+                    ),
+                ));
+            }
+        }
     }
 }
 
@@ -365,5 +462,49 @@ mod tests {
             &p("https://*.example.org/**"),
             "https://evil.net@a.example.org/x"
         ));
+        // git reads `[github.com]x.example.org` as the host github.com.
+        assert!(!pattern_matches(
+            &p("ssh://git@*.example.org/**"),
+            "ssh://git@[github.com]x.example.org/org/repo"
+        ));
+    }
+
+    #[test]
+    fn an_endpoint_is_a_plain_host_name_or_a_bracketed_ipv6_address() {
+        let e = |url: &str| Endpoint::parse(url).map(|e| (e.host, e.port, e.written));
+        assert_eq!(
+            e("https://Git.Example.org/team/app"),
+            Some(("git.example.org".into(), 443, "git.example.org".into()))
+        );
+        assert_eq!(
+            e("https://git.example.org:443/x"),
+            Some(("git.example.org".into(), 443, "git.example.org:443".into()))
+        );
+        assert_eq!(
+            e("ssh://git@git.example.org/x"),
+            Some(("git.example.org".into(), 22, "git.example.org".into()))
+        );
+        assert_eq!(
+            e("ssh://root@127.0.0.1:2222/srv/app.git"),
+            Some(("127.0.0.1".into(), 2222, "127.0.0.1:2222".into()))
+        );
+        assert_eq!(
+            e("https://[::1]:8443/r"),
+            Some(("[::1]".into(), 8443, "[::1]:8443".into()))
+        );
+        assert_eq!(e("https://[::1]/r").map(|x| x.1), Some(443));
+        for refused in [
+            "ssh://git@[github.com]x.example.org/org/repo",
+            "https://[::1]x/r",
+            "https://host./r",
+            "ssh://-oProxyCommand=x/r",
+            "https://host:0/r",
+            "https://host:99999/r",
+            "https://ho_st/r",
+            "file:///srv/app.git",
+            "git@host:app.git",
+        ] {
+            assert_eq!(Endpoint::parse(refused), None, "{refused}");
+        }
     }
 }
