@@ -146,7 +146,7 @@ fuzz:
 
 bench: image libvirtd
 	$(CARGO) build --release -p fleet -p fleet-tools
-	$(TARGET_DIR)/release/fleet-bench --libvirt --daemon --egress
+	$(TARGET_DIR)/release/fleet-bench --libvirt --daemon --egress --results
 
 clean:
 	rm -rf build target .fleet

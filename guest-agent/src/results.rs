@@ -28,6 +28,10 @@ fn git(dir: &Path, uid: Option<u32>, args: &[&str]) -> Command {
             "core.hooksPath=/dev/null",
             "-c",
             "core.fsmonitor=false",
+            // The guest's CPU is the slow part of bringing a run back (under emulation
+            // more so): the fastest compression, which the host does not pay for again.
+            "-c",
+            "core.compression=1",
         ])
         .args(args)
         .current_dir(dir)

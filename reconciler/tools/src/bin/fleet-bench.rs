@@ -19,14 +19,20 @@
 //!    `vm_egress_bench`): a download through a brokered VM's proxy next to a plain copy over
 //!    the same kind of virtio-serial port, and the time of a short request in the guest.
 //!
+//! 6. results (`--results`, `results_bench`; the VM half needs libvirtd and the micro
+//!    image): a run's 10 MiB change checked and pushed on the host alone, and end to end
+//!    from a real VM's last line of output to the pushed branch.
+//!
 //! Usage: fleet-bench [--vms N] [--libvirt] [--libvirt-vms N] [--daemon] [--idle-seconds N]
 //!        [--skip-latency] [--skip-noop] [--skip-idle] [--egress] [--egress-mib N]
-//!        [--only-broker] [--only-egress]
+//!        [--results] [--only-broker] [--only-egress] [--only-results]
 
 #![allow(clippy::disallowed_methods)] // a tool writes scratch files freely
 
 #[path = "../broker_bench.rs"]
 mod broker_bench;
+#[path = "../results_bench.rs"]
+mod results_bench;
 #[path = "../vm_egress_bench.rs"]
 mod vm_egress_bench;
 
@@ -55,6 +61,9 @@ fn main() -> anyhow::Result<()> {
         return broker_bench::bench_broker();
     }
     let egress_mib = number("--egress-mib", 32) as u64;
+    if args.iter().any(|a| a == "--only-results") {
+        return results_bench::bench_results();
+    }
     if args.iter().any(|a| a == "--only-egress") {
         vm_egress_bench::bench_vm_egress(egress_mib)?;
         return broker_bench::bench_broker();
@@ -82,6 +91,11 @@ fn main() -> anyhow::Result<()> {
         vm_egress_bench::bench_vm_egress(egress_mib)?;
     } else {
         println!("egress on a VM: skipped (pass --egress to measure a brokered VM)");
+    }
+    if args.iter().any(|a| a == "--results") {
+        results_bench::bench_results()?;
+    } else {
+        println!("results: skipped (pass --results to measure a run's change coming back)");
     }
     broker_bench::bench_broker()
 }
