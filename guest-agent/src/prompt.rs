@@ -39,6 +39,7 @@ pub struct Detector {
     screen: vt100::Parser,
     strong: Vec<Regex>,
     weak: Vec<Regex>,
+    option: Regex,
 }
 
 /// A prompt found on the screen.
@@ -46,7 +47,16 @@ pub struct Detector {
 pub struct Found {
     pub text: String,
     pub screen: Vec<String>,
+    /// The choices of a numbered menu under the question (`1. Yes`, `2. No`), in order,
+    /// without their numbers; empty for a question answered by typing.
+    pub options: Vec<String>,
 }
+
+/// Most choices a menu may have.
+const MAX_OPTIONS: usize = 9;
+
+/// A menu's line: an optional box edge and selection marker, a number, its label.
+const OPTION: &str = r"^\s*[│|]?\s*(?:[❯>›→▶]\s*)?(\d)[.)]\s+(\S.*?)\s*[│|]?\s*$";
 
 impl Detector {
     /// `extra` are the task's own patterns, as strong as the built-in ones; one that is not
@@ -78,6 +88,7 @@ impl Detector {
             ),
             strong,
             weak,
+            option: compile(OPTION)?,
         })
     }
 
@@ -99,9 +110,49 @@ impl Detector {
         lines
     }
 
+    /// A numbered menu near the bottom of the screen under a question (a coding agent's
+    /// permission dialog): the question and the choices. The choices must be numbered
+    /// from 1 on consecutive lines, and the nearest line above them must read as a question,
+    /// so a numbered list in ordinary output is not one.
+    fn menu(&self, lines: &[String]) -> Option<(String, Vec<String>)> {
+        let tail = lines.len().saturating_sub(16);
+        let option = |line: &str| {
+            let c = self.option.captures(line)?;
+            Some((c[1].parse::<usize>().ok()?, c[2].to_owned()))
+        };
+        let last = (tail..lines.len())
+            .rev()
+            .find(|&i| option(&lines[i]).is_some())?;
+        let (n, _) = option(&lines[last])?;
+        let first = last.checked_sub(n - 1)?;
+        let mut options = Vec::new();
+        for (k, line) in lines[first..=last].iter().enumerate() {
+            let (number, label) = option(line)?;
+            if number != k + 1 {
+                return None;
+            }
+            options.push(label);
+        }
+        if !(2..=MAX_OPTIONS).contains(&options.len()) {
+            return None;
+        }
+        let question = lines[..first].iter().rev().find(|l| !l.trim().is_empty())?;
+        let reads_as_one = |set: &[Regex]| set.iter().any(|r| r.is_match(question));
+        let text = question.trim().trim_matches(['│', '|']).trim().to_owned();
+        (reads_as_one(&self.strong) || reads_as_one(&self.weak)).then_some((text, options))
+    }
+
     /// The prompt on screen now, if the last lines score as one.
     pub fn detect(&self) -> Option<Found> {
         let lines = self.lines();
+        let context = || lines[lines.len().saturating_sub(CONTEXT_LINES)..].to_vec();
+        if let Some((text, options)) = self.menu(&lines) {
+            return Some(Found {
+                text,
+                screen: context(),
+                options,
+            });
+        }
         let recent: Vec<&String> = lines
             .iter()
             .rev()
@@ -118,10 +169,10 @@ impl Detector {
                 .find(|l| matches(&self.strong, l))
                 .map(|l| (*l).clone())
         }?;
-        let context = lines[lines.len().saturating_sub(CONTEXT_LINES)..].to_vec();
         Some(Found {
             text: hit.trim().to_owned(),
-            screen: context,
+            screen: context(),
+            options: Vec::new(),
         })
     }
 }
@@ -155,6 +206,45 @@ mod tests {
             ),
         ] {
             assert_eq!(detect(output).as_deref(), Some(text), "{output:?}");
+        }
+    }
+
+    #[test]
+    fn a_coding_agents_permission_menu_is_a_prompt_with_its_choices() {
+        let output = concat!(
+            "╭────────────────────────────────────╮\r\n",
+            "│ Bash command                       │\r\n",
+            "│   printf 'hi' > hello.txt          │\r\n",
+            "│ Do you want to proceed?            │\r\n",
+            "│ ❯ 1. Yes                           │\r\n",
+            "│   2. Yes, and don't ask again      │\r\n",
+            "│   3. No, and tell Claude (esc)     │\r\n",
+            "╰────────────────────────────────────╯\r\n",
+            "  Esc to cancel",
+        );
+        let mut d = Detector::new(&[]).expect("patterns compile");
+        d.feed(output.as_bytes());
+        let found = d.detect().expect("a prompt");
+        assert_eq!(found.text, "Do you want to proceed?");
+        assert_eq!(
+            found.options,
+            vec![
+                "Yes",
+                "Yes, and don't ask again",
+                "No, and tell Claude (esc)"
+            ]
+        );
+        // A numbered list in ordinary output is no menu, nor one that skips a number.
+        for output in [
+            "Steps done:\r\n1. fetch\r\n2. build\r\n",
+            "Pick one?\r\n1. a\r\n3. c\r\n",
+        ] {
+            let mut d = Detector::new(&[]).expect("patterns compile");
+            d.feed(output.as_bytes());
+            assert!(
+                d.detect().is_none_or(|f| f.options.is_empty()),
+                "{output:?}"
+            );
         }
     }
 

@@ -353,6 +353,7 @@ impl Tasks {
                 seq,
                 text: found.text,
                 screen: found.screen,
+                options: found.options,
             });
         }
     }

@@ -70,6 +70,13 @@ pub fn list(status: &StatusDir, all: bool) -> String {
             p.deadline,
             crate::terminal::one_line(&p.text, 300)
         ));
+        for (i, option) in p.options.iter().enumerate() {
+            out.push_str(&format!(
+                "    {}. {}\n",
+                i + 1,
+                crate::terminal::one_line(option, 120)
+            ));
+        }
         if let Some(by) = &p.answered_by {
             out.push_str(&format!("    answered by {by}\n"));
         }
@@ -177,6 +184,7 @@ mod routing {
             vm: "a".into(),
             text: "Deploy? (y/n)".into(),
             context: Vec::new(),
+            options: Vec::new(),
             created: "2026-11-29T10:00:00Z".parse().expect("time"),
             deadline: "2026-11-30T10:00:00Z".parse().expect("time"),
             state: PromptState::Pending,

@@ -71,6 +71,9 @@ pub enum GuestMessage {
         seq: u64,
         text: String,
         screen: Vec<String>,
+        /// The choices of a menu under the question, in order (answered by number).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        options: Vec<String>,
     },
     /// Part of a file the task left that matches one of its artifact globs (`path` relative
     /// to the task's directory; `data` base64, written at `offset`; `last` on the final

@@ -252,6 +252,7 @@ async fn tasks_and_pending_prompts_show_with_the_output_tail() {
             vm: "web-01".into(),
             text: "<b>Deploy? (y/n)</b>".into(),
             context: vec!["compiling".into()],
+            options: Vec::new(),
             created: std::time::SystemTime::UNIX_EPOCH.into(),
             deadline: std::time::SystemTime::UNIX_EPOCH.into(),
             state: PromptState::Pending,

@@ -311,6 +311,10 @@ pub struct PromptRecord {
     pub text: String,
     /// The last lines of the task's screen.
     pub context: Vec<String>,
+    /// The choices of a menu under the question, in order: an answer is one of their
+    /// numbers or labels (`1`, `yes`), and its number is what the task is sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
     pub created: Timestamp,
     pub deadline: Timestamp,
     pub state: PromptState,

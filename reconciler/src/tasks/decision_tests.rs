@@ -169,6 +169,57 @@ fn a_host_answer_file_is_an_input_and_its_removal_an_effect() {
 }
 
 #[test]
+fn a_menus_answer_is_a_choice_sent_as_its_digit_and_anything_else_is_refused() {
+    let (mut state, mut conn, task) = started(Duration::from_secs(60), OnDeadline::Wait);
+    let menu = GuestMessage::Prompt {
+        v: VERSION,
+        task: task.clone(),
+        seq: 1,
+        text: "Do you want to proceed?".into(),
+        screen: vec!["Do you want to proceed?".into(), "❯ 1. Yes".into()],
+        options: vec![
+            "Yes".into(),
+            "Yes, and don't ask again".into(),
+            "No, and tell Claude what to do differently (esc)".into(),
+        ],
+    };
+    state.receive(&mut conn, vec![menu]);
+    let id = state.records["ask"]
+        .pending_prompt
+        .clone()
+        .expect("a prompt");
+    assert_eq!(state.prompts[&id].options.len(), 3);
+    state.take_effects();
+    let answer = |text: &str| HostFiles {
+        answers: BTreeMap::from([(id.clone(), Ok(format!("{text}\n")))]),
+        ..HostFiles::default()
+    };
+    // Not one of the options: refused, saying which are.
+    let (sent, _) = state.tick(&mut conn, &answer("maybe"));
+    assert!(sent.is_empty(), "{sent:?}");
+    let refused = &state.prompts[&id].refused;
+    assert!(
+        refused
+            .iter()
+            .any(|r| r.contains("answer with one of 1 (Yes), 2 (Yes, and don't ask again)")),
+        "{refused:?}"
+    );
+    state.take_effects();
+    // A label names its option (the first it begins, any case): its digit, no Enter.
+    let (sent, _) = state.tick(&mut conn, &answer("no"));
+    assert_eq!(
+        sent,
+        [HostMessage::Input {
+            v: VERSION,
+            task,
+            data: "3".into(),
+            prompt: Some(id.clone()),
+        }]
+    );
+    assert_eq!(state.prompts[&id].response.as_deref(), Some("no"));
+}
+
+#[test]
 fn a_stray_answer_file_is_refused_from_the_names_given() {
     let (mut state, mut conn, _task) = started(Duration::from_secs(60), OnDeadline::Wait);
     let files = HostFiles {

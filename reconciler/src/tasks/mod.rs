@@ -972,6 +972,7 @@ impl BookState {
         kind: crate::status::tasks::PromptKind,
         text: String,
         context: Vec<String>,
+        options: Vec<String>,
     ) -> String {
         let n = record.prompts + 1;
         let id = crate::ids::PromptId {
@@ -994,6 +995,7 @@ impl BookState {
             vm: record.vm.clone(),
             text: text.clone(),
             context,
+            options,
             created: self.now.wall.into(),
             deadline: (self.now.wall + deadline).into(),
             state: PromptState::Pending,
@@ -1034,6 +1036,7 @@ impl BookState {
             &record,
             crate::status::tasks::PromptKind::Budget,
             text,
+            Vec::new(),
             Vec::new(),
         );
         self.update(name, |r| {

@@ -670,8 +670,12 @@ impl BookState {
         match message {
             GuestMessage::Output { seq, data, .. } => self.record_output(&record, seq, data),
             GuestMessage::Prompt {
-                seq, text, screen, ..
-            } => self.record_prompt(&record, seq, &text, &screen),
+                seq,
+                text,
+                screen,
+                options,
+                ..
+            } => self.record_prompt(&record, seq, &text, &screen, &options),
             GuestMessage::Artifact {
                 seq,
                 path,
@@ -758,7 +762,14 @@ impl BookState {
 
     /// A prompt: at most one pending per run and `limits::PROMPTS` in all; its text and
     /// screen redacted and cut; it waits for an answer until its deadline.
-    fn record_prompt(&mut self, record: &TaskRecord, seq: u64, text: &str, screen: &[String]) {
+    fn record_prompt(
+        &mut self,
+        record: &TaskRecord,
+        seq: u64,
+        text: &str,
+        screen: &[String],
+        options: &[String],
+    ) {
         let name = record.name.as_str();
         if record.pending_prompt.is_some() || record.phase.is_finished() {
             self.update(name, |r| r.seq = seq);
@@ -784,7 +795,13 @@ impl BookState {
             .rev()
             .map(|l| cut(&redacted(l), limits::PROMPT_LINE_BYTES))
             .collect();
-        let id = self.raise_prompt(record, PromptKind::Input, text, screen);
+        // A menu's choices, as many as a digit can pick.
+        let options: Vec<String> = options
+            .iter()
+            .take(9)
+            .map(|o| cut(&redacted(o), limits::PROMPT_LINE_BYTES))
+            .collect();
+        let id = self.raise_prompt(record, PromptKind::Input, text, screen, options);
         self.update(name, |r| {
             r.seq = seq;
             r.pending_prompt = Some(id.clone());
@@ -1126,11 +1143,8 @@ impl BookState {
             if prompt.state == PromptState::Answered {
                 // Answered but not known to have reached the guest: send it again (the
                 // guest types an answer to a prompt at most once).
-                out.push(input(
-                    &record.guest_task(),
-                    &id,
-                    prompt.response.as_deref().unwrap_or_default(),
-                ));
+                let response = prompt.response.as_deref().unwrap_or_default();
+                out.push(input(&record.guest_task(), &id, &keys(&prompt, response)));
                 continue;
             }
             let answer = self.answer_to(&record, &prompt, files);
@@ -1143,7 +1157,22 @@ impl BookState {
                 continue;
             }
             if let Some((response, by, file)) = answer {
-                if let Some(problem) = answer_problem(&response, prompt.allow_control) {
+                let problem = answer_problem(&response, prompt.allow_control).or_else(|| {
+                    (!prompt.options.is_empty() && choice(&prompt.options, &response).is_none())
+                        .then(|| {
+                            let listed: Vec<String> = prompt
+                                .options
+                                .iter()
+                                .enumerate()
+                                .map(|(i, o)| format!("{} ({o})", i + 1))
+                                .collect();
+                            format!(
+                                "{response:?} is none of the prompt's options; answer with one of {}",
+                                listed.join(", ")
+                            )
+                        })
+                });
+                if let Some(problem) = problem {
                     let note = format!("{by}: {problem}");
                     self.refuse_answer(&record, &prompt, note, file.as_deref());
                     continue;
@@ -1167,7 +1196,7 @@ impl BookState {
                     EventKind::HitlAnswered,
                     format!("prompt {id} answered by {by}"),
                 );
-                out.push(input(&record.guest_task(), &id, &response));
+                out.push(input(&record.guest_task(), &id, &keys(&prompt, &response)));
                 continue;
             }
             if self.now.wall < prompt.deadline.system_time() {
@@ -1268,11 +1297,44 @@ impl BookState {
     }
 }
 
-fn input(guest_task: &str, prompt: &str, response: &str) -> HostMessage {
+/// What the task's terminal is sent for `response`: a menu's choice is its digit alone
+/// (a menu takes a key, and an Enter after it would go to whatever comes next); any other
+/// answer is typed, then Enter.
+fn keys(prompt: &PromptRecord, response: &str) -> String {
+    match choice(&prompt.options, response) {
+        Some(n) if !prompt.options.is_empty() => n.to_string(),
+        _ => format!("{response}\r"),
+    }
+}
+
+/// The number (from 1) of the option `response` names: its number, its label, or the
+/// first label it begins (`yes` for `Yes, and don't ask again`), any case.
+fn choice(options: &[String], response: &str) -> Option<usize> {
+    let wanted = response.trim().to_lowercase();
+    if let Ok(n) = wanted.parse::<usize>() {
+        return (1..=options.len()).contains(&n).then_some(n);
+    }
+    if wanted.is_empty() {
+        return None;
+    }
+    let labels: Vec<String> = options.iter().map(|o| o.to_lowercase()).collect();
+    labels
+        .iter()
+        .position(|l| *l == wanted)
+        .or_else(|| {
+            labels.iter().position(|l| {
+                l.strip_prefix(&wanted)
+                    .is_some_and(|rest| !rest.starts_with(char::is_alphanumeric))
+            })
+        })
+        .map(|i| i + 1)
+}
+
+fn input(guest_task: &str, prompt: &str, data: &str) -> HostMessage {
     HostMessage::Input {
         v: VERSION,
         task: guest_task.to_owned(),
-        data: format!("{response}\r"),
+        data: data.to_owned(),
         prompt: Some(prompt.to_owned()),
     }
 }

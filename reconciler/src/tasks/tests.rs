@@ -116,6 +116,7 @@ pub(super) fn prompt(task: &str, seq: u64) -> GuestMessage {
         seq,
         text: "Continue? (y/n)".into(),
         screen: vec!["Continue? (y/n)".into()],
+        options: Vec::new(),
     }
 }
 
@@ -622,6 +623,7 @@ fn a_flooding_guest_is_bounded_on_the_host() {
             seq: s,
             text: "?".repeat(1024 * 1024),
             screen: vec!["line".repeat(1000); 500],
+            options: Vec::new(),
         }],
     );
     let prompts = book.prompts();
@@ -655,6 +657,7 @@ fn a_secret_value_a_task_prints_is_blanked_before_it_is_stored() {
                 seq: 2,
                 text: "use opened-secret-value-4711? (y/n)".into(),
                 screen: vec!["opened-secret-value-4711".into()],
+                options: Vec::new(),
             },
         ],
     );
