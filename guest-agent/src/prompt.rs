@@ -142,6 +142,11 @@ impl Detector {
         (reads_as_one(&self.strong) || reads_as_one(&self.weak)).then_some((text, options))
     }
 
+    /// Whether a line of the screen still shows `text` (a prompt's question).
+    pub fn shows(&self, text: &str) -> bool {
+        self.lines().iter().any(|l| l.contains(text))
+    }
+
     /// The prompt on screen now, if the last lines score as one.
     pub fn detect(&self) -> Option<Found> {
         let lines = self.lines();

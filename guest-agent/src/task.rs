@@ -62,6 +62,9 @@ const ARTIFACT_CAP_BYTES: u64 = 64 * 1024 * 1024;
 struct Handle {
     writer: Box<dyn Write + Send>,
     cancelled: Arc<AtomicBool>,
+    /// The task's screen: an answer typed ends its prompt (the same question asked again
+    /// is a new prompt).
+    screen: Arc<Mutex<Screen>>,
 }
 
 /// A task, running or finished, whose messages are not all acknowledged yet.
@@ -99,6 +102,8 @@ struct Screen {
     detector: Detector,
     last_output: Instant,
     unscored: bool,
+    /// The question of the last prompt sent, while the screen still shows it.
+    asked: Option<String>,
 }
 
 /// The tasks the host has not finished with, by name.
@@ -268,18 +273,20 @@ impl Tasks {
         // The child leads its own session: its process id is its group's id.
         let group = child.process_id().map_or(0, |p| p as i32);
         let cancelled = Arc::new(AtomicBool::new(false));
-        if let Some(state) = self.lock().get_mut(&spec.task) {
-            state.handle = Some(Handle {
-                writer,
-                cancelled: cancelled.clone(),
-            });
-        }
-
         let screen = Arc::new(Mutex::new(Screen {
             detector,
             last_output: Instant::now(),
             unscored: false,
+            asked: None,
         }));
+        if let Some(state) = self.lock().get_mut(&spec.task) {
+            state.handle = Some(Handle {
+                writer,
+                cancelled: cancelled.clone(),
+                screen: screen.clone(),
+            });
+        }
+
         let output = {
             let (tasks, task, screen) = (self.clone(), spec.task.clone(), screen.clone());
             std::thread::spawn(move || stream_output(reader, &task, &tasks, &screen))
@@ -347,6 +354,23 @@ impl Tasks {
             screen.detector.detect()
         };
         if let Some(found) = found {
+            let before = screen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .asked
+                .replace(found.text.clone());
+            match before {
+                // Still the question the host has: nothing new to say.
+                Some(asked) if asked == found.text => return,
+                // Another question took its place (an agent's dialog over its input box):
+                // the host withdraws the first before it hears the second.
+                Some(_) => self.emit(task, |seq| GuestMessage::PromptGone {
+                    v: VERSION,
+                    task: task.to_owned(),
+                    seq,
+                }),
+                None => {}
+            }
             self.emit(task, |seq| GuestMessage::Prompt {
                 v: VERSION,
                 task: task.to_owned(),
@@ -530,14 +554,22 @@ impl Tasks {
         {
             return false;
         }
-        match state.handle.as_mut() {
-            Some(handle) => handle
-                .writer
-                .write_all(data.as_bytes())
-                .and_then(|()| handle.writer.flush())
-                .is_ok(),
-            None => false,
+        let Some(handle) = state.handle.as_mut() else {
+            return false;
+        };
+        let typed = handle
+            .writer
+            .write_all(data.as_bytes())
+            .and_then(|()| handle.writer.flush())
+            .is_ok();
+        if typed && prompt.is_some() {
+            handle
+                .screen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .asked = None;
         }
+        typed
     }
 
     /// Ends the task's whole process group. A task this agent does not know ends at once:
@@ -668,23 +700,38 @@ fn stream_output(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        {
+        let gone = {
             let mut screen = screen.lock().unwrap_or_else(|p| p.into_inner());
             screen.detector.feed(&buf[..n]);
             screen.last_output = Instant::now();
             screen.unscored = true;
-        }
+            let gone = screen
+                .asked
+                .as_ref()
+                .is_some_and(|q| !screen.detector.shows(q));
+            if gone {
+                screen.asked = None;
+            }
+            gone
+        };
         pending.extend_from_slice(&buf[..n]);
         let valid = match std::str::from_utf8(&pending) {
             Ok(s) => s.len(),
             Err(e) if e.error_len().is_none() => e.valid_up_to(),
             Err(_) => pending.len(),
         };
-        if valid == 0 {
-            continue;
+        if valid > 0 {
+            chunk(String::from_utf8_lossy(&pending[..valid]).into_owned());
+            pending.drain(..valid);
         }
-        chunk(String::from_utf8_lossy(&pending[..valid]).into_owned());
-        pending.drain(..valid);
+        // After the output that took the question off the screen.
+        if gone {
+            tasks.emit(task, |seq| GuestMessage::PromptGone {
+                v: VERSION,
+                task: task.to_owned(),
+                seq,
+            });
+        }
     }
     if !pending.is_empty() {
         chunk(String::from_utf8_lossy(&pending).into_owned());

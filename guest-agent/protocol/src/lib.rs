@@ -75,6 +75,15 @@ pub enum GuestMessage {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         options: Vec<String>,
     },
+    /// The question of the task's last `Prompt` is no longer on its screen: the task went
+    /// on without an answer (a program that gave up waiting, an agent's dialog closed), so
+    /// the prompt is withdrawn. Output alone never withdraws one: an agent's interface
+    /// redraws while it waits.
+    PromptGone {
+        v: u32,
+        task: String,
+        seq: u64,
+    },
     /// Part of a file the task left that matches one of its artifact globs (`path` relative
     /// to the task's directory; `data` base64, written at `offset`; `last` on the final
     /// part). Sent after the process ended and before the exit.
@@ -172,6 +181,7 @@ impl GuestMessage {
             | GuestMessage::Heartbeat { v, .. }
             | GuestMessage::Output { v, .. }
             | GuestMessage::Prompt { v, .. }
+            | GuestMessage::PromptGone { v, .. }
             | GuestMessage::Artifact { v, .. }
             | GuestMessage::Stored { v, .. }
             | GuestMessage::SecretsStored { v, .. }

@@ -156,6 +156,9 @@ pub struct CommittedApproval {
 /// its events as JSON lines (its plain output comes only at the end); the prompt follows
 /// `--`, so one that starts with `-` is never read as a flag.
 pub fn agent_command(agent: &AgentSpec) -> Vec<String> {
+    if agent.interactive {
+        return interactive_agent_command(agent);
+    }
     let words = |w: &[&str]| w.iter().map(|w| (*w).to_owned()).collect::<Vec<String>>();
     let mut argv = match agent.kind {
         AgentKind::Claude => words(&[
@@ -183,6 +186,49 @@ pub fn agent_command(agent: &AgentSpec) -> Vec<String> {
         // aider takes its one-shot prompt as an option's value.
         AgentKind::Aider => argv.extend(["--message".to_owned(), agent.prompt.clone()]),
         AgentKind::Gemini => argv.extend(["--prompt".to_owned(), agent.prompt.clone()]),
+        AgentKind::Claude | AgentKind::Codex => {
+            argv.extend(["--".to_owned(), agent.prompt.clone()])
+        }
+    }
+    argv
+}
+
+/// What Claude Code's first start asks once per user and directory (its onboarding, the
+/// folder's trust, whether to use the API key in the environment), answered beforehand in
+/// the run's own empty `HOME`: the run's questions are the agent's about its work. The key
+/// approved is the brokered placeholder, by its last 20 characters, as Claude Code keeps it.
+fn claude_first_start() -> String {
+    let placeholder = crate::egress::PLACEHOLDER_KEY;
+    let suffix = &placeholder[placeholder.len().saturating_sub(20)..];
+    format!(
+        "printf '{{\"hasCompletedOnboarding\":true,\"theme\":\"dark\",\"customApiKeyResponses\":{{\"approved\":[\"{suffix}\"],\"rejected\":[]}},\"projects\":{{\"%s\":{{\"hasTrustDialogAccepted\":true,\"hasCompletedProjectOnboarding\":true}}}}}}' \"$PWD\" > \"$HOME/.claude.json\"; exec \"$@\""
+    )
+}
+
+/// The agent's own terminal interface, started on the prompt: it asks before it acts.
+fn interactive_agent_command(agent: &AgentSpec) -> Vec<String> {
+    let mut argv: Vec<String> = match agent.kind {
+        AgentKind::Claude => vec![
+            "sh".into(),
+            "-c".into(),
+            claude_first_start(),
+            "sh".into(),
+            "claude".into(),
+            // Its default is now to decide permissions itself ("auto"): asked, it asks.
+            "--permission-mode".into(),
+            "default".into(),
+        ],
+        AgentKind::Codex => vec!["codex".into()],
+        AgentKind::Gemini => vec!["gemini".into()],
+        // Refused by the loader: aider's interface starts without a prompt.
+        AgentKind::Aider => vec!["aider".into()],
+    };
+    if let Some(model) = &agent.model {
+        argv.extend(["--model".to_owned(), model.clone()]);
+    }
+    match agent.kind {
+        AgentKind::Gemini => argv.extend(["--prompt-interactive".into(), agent.prompt.clone()]),
+        AgentKind::Aider => {}
         AgentKind::Claude | AgentKind::Codex => {
             argv.extend(["--".to_owned(), agent.prompt.clone()])
         }
@@ -1014,6 +1060,7 @@ mod tests {
                 kind,
                 prompt: "--fix the tests".into(),
                 model: model.map(str::to_owned),
+                interactive: false,
             })
             .join(" ")
         };
@@ -1032,6 +1079,50 @@ mod tests {
         assert_eq!(
             run(AgentKind::Aider, None),
             "aider --yes-always --message --fix the tests"
+        );
+    }
+
+    #[test]
+    fn an_interactive_agent_runs_its_own_interface_on_the_prompt() {
+        let argv = |kind| {
+            agent_command(&AgentSpec {
+                kind,
+                prompt: "--fix the tests".into(),
+                model: Some("m".into()),
+                interactive: true,
+            })
+        };
+        // Claude Code's first-start questions are answered in the run's HOME first; the
+        // command itself follows the script as its arguments, never inside it.
+        let claude = argv(AgentKind::Claude);
+        assert_eq!(claude[..2], ["sh", "-c"]);
+        assert!(
+            claude[2].contains("\"hasCompletedOnboarding\":true"),
+            "{}",
+            claude[2]
+        );
+        assert!(claude[2].contains("\"approved\":[\"brokered-placeholder\"]"));
+        assert!(claude[2].ends_with("exec \"$@\""));
+        assert_eq!(
+            claude[3..],
+            [
+                "sh",
+                "claude",
+                "--permission-mode",
+                "default",
+                "--model",
+                "m",
+                "--",
+                "--fix the tests"
+            ]
+        );
+        assert_eq!(
+            argv(AgentKind::Codex).join(" "),
+            "codex --model m -- --fix the tests"
+        );
+        assert_eq!(
+            argv(AgentKind::Gemini).join(" "),
+            "gemini --model m --prompt-interactive --fix the tests"
         );
     }
 

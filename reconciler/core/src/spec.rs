@@ -1351,6 +1351,11 @@ pub struct AgentSpec {
     pub prompt: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// Run the agent's own terminal interface, which asks before it acts: its questions
+    /// become prompts (a menu's choices listed) answered by a commit or `fleet hitl
+    /// answer`. Claude, Codex and Gemini; default false (the agent acts without asking).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interactive: bool,
 }
 
 /// Coding agents fleet knows the non-interactive command line of.

@@ -594,6 +594,7 @@ impl BookState {
                 }
                 GuestMessage::Output { task, seq, .. }
                 | GuestMessage::Prompt { task, seq, .. }
+                | GuestMessage::PromptGone { task, seq, .. }
                 | GuestMessage::Artifact { task, seq, .. }
                 | GuestMessage::Exit { task, seq, .. } => (task.clone(), *seq),
                 GuestMessage::SecretsStored { digest, error, .. } => {
@@ -676,6 +677,7 @@ impl BookState {
                 options,
                 ..
             } => self.record_prompt(&record, seq, &text, &screen, &options),
+            GuestMessage::PromptGone { seq, .. } => self.record_prompt_gone(&record, seq),
             GuestMessage::Artifact {
                 seq,
                 path,
@@ -743,20 +745,10 @@ impl BookState {
         }
         self.write_output(name, record.output_bytes, data.as_bytes());
         let end = record.output_bytes + data.len() as u64;
-        let withdraw = record
-            .pending_prompt
-            .clone()
-            .filter(|_| !data.trim().is_empty());
-        if let Some(id) = &withdraw {
-            self.set_prompt(id, |p| p.state = PromptState::Withdrawn);
-        }
+        // Output leaves a prompt pending: the guest says when its question is gone.
         self.update(name, |r| {
             r.seq = seq;
             r.output_bytes = end;
-            if withdraw.is_some() {
-                r.pending_prompt = None;
-                r.phase = TaskPhase::Running;
-            }
         });
     }
 
@@ -806,6 +798,20 @@ impl BookState {
             r.seq = seq;
             r.pending_prompt = Some(id.clone());
             r.phase = TaskPhase::WaitingForInput;
+        });
+    }
+
+    /// The pending prompt's question left the task's screen unanswered: withdrawn, and
+    /// an answer that comes later is not delivered.
+    fn record_prompt_gone(&mut self, record: &TaskRecord, seq: u64) {
+        if let Some(id) = &record.pending_prompt {
+            self.set_prompt(id, |p| p.state = PromptState::Withdrawn);
+        }
+        self.update(&record.name, |r| {
+            r.seq = seq;
+            if r.pending_prompt.take().is_some() {
+                r.phase = TaskPhase::Running;
+            }
         });
     }
 

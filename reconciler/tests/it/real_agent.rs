@@ -226,94 +226,173 @@ fn git(dir: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A fleet with one VM booted from the agent image, brokered, whose loadout injects the
+/// key of the scripted model API, and the task `hello` (its `agent` spec given) on a
+/// checkout of a repository on the host, its results pushed to a bare repository.
+struct AgentFleet {
+    repo: Repo,
+    daemon: Daemon,
+    status: Status,
+    requests: Receiver<ModelRequest>,
+    canary: String,
+    review: tempfile::TempDir,
+    _keys: tempfile::TempDir,
+    _app: tempfile::TempDir,
+    _cleanup: Cleanup,
+}
+
+impl AgentFleet {
+    /// `None` when the test cannot run here (no libvirt, or no agent image).
+    fn start(name: &str, agent: &str) -> Option<AgentFleet> {
+        if !enabled() {
+            return None;
+        }
+        let Some(image) = agent_image() else {
+            eprintln!(
+                "skipped: no agent image (make image-agent, or FLEET_TEST_AGENT=1 to require it)"
+            );
+            return None;
+        };
+        use crate::secrets::{age_identity, random_hex, secret_set};
+        let prefix = format!("it{}-{name}-", std::process::id());
+        let cleanup = Cleanup {
+            prefix: prefix.clone(),
+        };
+        let vm = format!("{prefix}a");
+        let keys = tempfile::tempdir().expect("tempdir");
+        let (identity, recipient) = age_identity(keys.path(), "age.key");
+        let canary = format!("fleetcanary{}", random_hex(12));
+        let (port, ca_pem, requests) = fake_anthropic(canary.clone());
+        let ca_file = keys.path().join("test-ca.pem");
+        std::fs::write(&ca_file, ca_pem).expect("write CA");
+
+        // The repository the agent works on, and the bare one its branch is pushed to.
+        let app = tempfile::tempdir().expect("tempdir");
+        crate::tasks::app_repository(app.path());
+        let review = tempfile::tempdir().expect("tempdir");
+        git(review.path(), &["init", "-q", "--bare"]);
+
+        let repo = Repo::new();
+        repo.host_config(&host_yaml(
+            &[local_provider(repo.path())],
+            &format!(
+                "  imageRoot: '{}'\n  pushes: ['file:///**']\n  recipients: [{recipient}]\n  egress:\n    hosts: {{api.anthropic.com: 127.0.0.1}}\n    caFiles: [{}]\n    allowInternal: ['127.0.0.1']\n",
+                image.parent().expect("build").display(),
+                ca_file.display()
+            ),
+        ));
+        repo.write(
+            "fleet/fleet.yaml",
+            format!(
+                "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: it{}{name}}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, domainType: qemu}}\n  images:\n    - {{name: agent, disk: image-agent/debian.qcow2, kernel: image-agent/vmlinuz, initrd: image-agent/initrd.img, cmdline: 'root=/dev/vda rw console=ttyS0'}}\n  policy: {{shutdownTimeout: 10s, reconcileInterval: 30s, stepTimeout: 5m}}\n",
+                std::process::id()
+            ),
+        );
+        secret_set(&repo, "anthropic", "api_key", &canary);
+        repo.allow_secret(
+            "anthropic",
+            &format!("{{hosts: ['api.anthropic.com:{port}'], loadouts: [coder]}}"),
+        );
+        repo.write(
+            "fleet/loadouts/coder.yaml",
+            format!(
+                "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: coder}}\nspec:\n  network: {{mode: brokered}}\n  egress:\n    credentials:\n      - {{host: api.anthropic.com, port: {port}, header: x-api-key, secret: {{secret: anthropic, key: api_key}}}}\n"
+            ),
+        );
+        repo.write(
+            &format!("fleet/vms/{vm}.yaml"),
+            format!(
+                "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {vm}}}\nspec: {{provider: local, image: agent, loadout: coder, resources: {{memory: 2Gi, cpus: 2}}}}\n"
+            ),
+        );
+        repo.write(
+            "fleet/tasks/hello.yaml",
+            task_yaml(
+                "hello",
+                &vm,
+                &format!(
+                    "  agent: {agent}\n  repository: {{url: 'file://{}', branch: main}}\n  git: {{author: {{name: Fleet Coder, email: coder@fleet.invalid}}}}\n  results: {{push: {{url: 'file://{}'}}}}\n  timeout: 20m\n",
+                    app.path().display(),
+                    review.path().display()
+                ),
+            ),
+        );
+        repo.commit("a coding agent with its key on the host");
+        crate::support::Run(repo.fleet(&["validate"]).0).expect_code(0);
+        let identity_env = identity.to_str().expect("utf8").to_owned();
+        let daemon = Daemon::start_with(&repo, &[("FLEET_AGE_IDENTITY", &identity_env)], &["-v"]);
+        let status = Status(repo.path().join(".fleet/status"));
+        Some(AgentFleet {
+            repo,
+            daemon,
+            status,
+            requests,
+            canary,
+            review,
+            _keys: keys,
+            _app: app,
+            _cleanup: cleanup,
+        })
+    }
+
+    /// What the run's results brought back: the branch's `hello.txt` and author.
+    fn pushed(&self) -> (String, String) {
+        wait_until(
+            "the run's results are pushed",
+            Duration::from_secs(90),
+            || self.status.task("hello").contains("pushed: "),
+        );
+        let record = self.status.task("hello");
+        let run = crate::tasks::field(&record, "run").expect("a run");
+        let branch = format!("fleet/hello/{run}");
+        (
+            git(
+                self.review.path(),
+                &["show", &format!("{branch}:hello.txt")],
+            ),
+            git(
+                self.review.path(),
+                &["log", "-1", "--format=%an <%ae>", &branch],
+            )
+            .trim()
+            .to_owned(),
+        )
+    }
+
+    /// Neither fleet's log nor anything under `.fleet` holds the key.
+    fn key_stayed_in_memory(self) {
+        let log = self
+            .daemon
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let dot_fleet = self.repo.path().join(".fleet");
+        drop(self.daemon);
+        assert!(!log.contains(&self.canary), "the key is in fleet's logs");
+        assert_eq!(
+            crate::secrets::files_containing(&dot_fleet, self.canary.as_bytes()),
+            Vec::<PathBuf>::new()
+        );
+    }
+}
+
 #[test]
 fn claude_code_edits_a_checkout_in_a_vm_and_its_commit_comes_back_as_a_branch() {
-    if !enabled() {
-        return;
-    }
-    let Some(image) = agent_image() else {
-        eprintln!(
-            "skipped: no agent image (make image-agent, or FLEET_TEST_AGENT=1 to require it)"
-        );
+    let Some(fleet) = AgentFleet::start(
+        "agent",
+        &format!("{{kind: claude, prompt: 'Write hello.txt ({MARKER}).'}}"),
+    ) else {
         return;
     };
-    use crate::secrets::{age_identity, files_containing, random_hex, secret_set};
-    let prefix = format!("it{}-agent-", std::process::id());
-    let _cleanup = Cleanup {
-        prefix: prefix.clone(),
-    };
-    let vm = format!("{prefix}a");
-    let keys = tempfile::tempdir().expect("tempdir");
-    let (identity, recipient) = age_identity(keys.path(), "age.key");
-    let canary = format!("fleetcanary{}", random_hex(12));
-    let (port, ca_pem, requests) = fake_anthropic(canary.clone());
-    let ca_file = keys.path().join("test-ca.pem");
-    std::fs::write(&ca_file, ca_pem).expect("write CA");
-
-    // The repository the agent works on, and the bare one its branch is pushed to.
-    let app = tempfile::tempdir().expect("tempdir");
-    crate::tasks::app_repository(app.path());
-    let review = tempfile::tempdir().expect("tempdir");
-    git(review.path(), &["init", "-q", "--bare"]);
-
-    let repo = Repo::new();
-    repo.host_config(&host_yaml(
-        &[local_provider(repo.path())],
-        &format!(
-            "  imageRoot: '{}'\n  pushes: ['file:///**']\n  recipients: [{recipient}]\n  egress:\n    hosts: {{api.anthropic.com: 127.0.0.1}}\n    caFiles: [{}]\n    allowInternal: ['127.0.0.1']\n",
-            image.parent().expect("build").display(),
-            ca_file.display()
-        ),
-    ));
-    repo.write(
-        "fleet/fleet.yaml",
-        format!(
-            "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: it{}agent}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, domainType: qemu}}\n  images:\n    - {{name: agent, disk: image-agent/debian.qcow2, kernel: image-agent/vmlinuz, initrd: image-agent/initrd.img, cmdline: 'root=/dev/vda rw console=ttyS0'}}\n  policy: {{shutdownTimeout: 10s, reconcileInterval: 30s, stepTimeout: 5m}}\n",
-            std::process::id()
-        ),
-    );
-    secret_set(&repo, "anthropic", "api_key", &canary);
-    repo.allow_secret(
-        "anthropic",
-        &format!("{{hosts: ['api.anthropic.com:{port}'], loadouts: [coder]}}"),
-    );
-    repo.write(
-        "fleet/loadouts/coder.yaml",
-        format!(
-            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: coder}}\nspec:\n  network: {{mode: brokered}}\n  egress:\n    credentials:\n      - {{host: api.anthropic.com, port: {port}, header: x-api-key, secret: {{secret: anthropic, key: api_key}}}}\n"
-        ),
-    );
-    repo.write(
-        &format!("fleet/vms/{vm}.yaml"),
-        format!(
-            "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {vm}}}\nspec: {{provider: local, image: agent, loadout: coder, resources: {{memory: 2Gi, cpus: 2}}}}\n"
-        ),
-    );
-    repo.write(
-        "fleet/tasks/hello.yaml",
-        task_yaml(
-            "hello",
-            &vm,
-            &format!(
-                "  agent: {{kind: claude, prompt: 'Write hello.txt ({MARKER}).'}}\n  repository: {{url: 'file://{}', branch: main}}\n  git: {{author: {{name: Fleet Coder, email: coder@fleet.invalid}}}}\n  results: {{push: {{url: 'file://{}'}}}}\n  timeout: 20m\n",
-                app.path().display(),
-                review.path().display()
-            ),
-        ),
-    );
-    repo.commit("a coding agent with its key on the host");
-    crate::support::Run(repo.fleet(&["validate"]).0).expect_code(0);
-    let identity_env = identity.to_str().expect("utf8").to_owned();
-    let daemon = Daemon::start_with(&repo, &[("FLEET_AGE_IDENTITY", &identity_env)], &["-v"]);
-    let status = Status(repo.path().join(".fleet/status"));
-
+    let status = &fleet.status;
     // A Debian boot and Claude Code's start, both under emulation: minutes.
     wait_until("the agent's task ends", Duration::from_secs(900), || {
         status.task("hello").contains("exitCode:")
     });
     let record = status.task("hello");
     let output = status.output("hello");
-    let seen: Vec<ModelRequest> = requests.try_iter().collect();
+    let seen: Vec<ModelRequest> = fleet.requests.try_iter().collect();
     eprintln!(
         "the model was asked: {:?}\nthe agent printed: {output}",
         seen.iter().map(|r| &r.line).collect::<Vec<_>>()
@@ -337,37 +416,153 @@ fn claude_code_edits_a_checkout_in_a_vm_and_its_commit_comes_back_as_a_branch() 
     // placeholder.
     assert!(seen.iter().all(|r| r.real_key), "{seen:#?}");
     assert!(
-        !output.contains(&canary),
+        !output.contains(&fleet.canary),
         "the key reached the guest: {output}"
     );
 
     // The edit came back as a commit on the run's branch, by the task's author.
-    wait_until(
-        "the run's results are pushed",
-        Duration::from_secs(60),
-        || status.task("hello").contains("pushed: "),
-    );
-    let record = status.task("hello");
-    let run = crate::tasks::field(&record, "run").expect("a run");
-    let branch = format!("fleet/hello/{run}");
-    assert_eq!(
-        git(review.path(), &["show", &format!("{branch}:hello.txt")]),
-        "hello from claude\n"
-    );
-    assert_eq!(
-        git(review.path(), &["log", "-1", "--format=%an <%ae>", &branch]).trim(),
-        "Fleet Coder <coder@fleet.invalid>"
-    );
+    let (hello, author) = fleet.pushed();
+    assert_eq!(hello, "hello from claude\n");
+    assert_eq!(author, "Fleet Coder <coder@fleet.invalid>");
     // Only the agent's edit: what the CLI keeps in its home stays out of the checkout.
+    let record = status.task("hello");
     assert!(record.contains("filesChanged: 1"), "{record}");
     let patch = read(&status.0.join("tasks/hello/changes.patch"));
     assert!(patch.contains("+hello from claude"), "{patch}");
+    fleet.key_stayed_in_memory();
+}
 
-    let log = daemon.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    drop(daemon);
-    assert!(!log.contains(&canary), "the key is in fleet's logs");
-    assert_eq!(
-        files_containing(&repo.path().join(".fleet"), canary.as_bytes()),
-        Vec::<PathBuf>::new()
+/// A terminal interface's output as text, without escape sequences or white space (it
+/// moves the cursor between words rather than printing spaces).
+fn squeezed(raw: &str) -> String {
+    let mut out = String::new();
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => match chars.next() {
+                // CSI: parameters, then one final byte.
+                Some('[') => {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                // OSC: to BEL or ESC \.
+                Some(']') => {
+                    while let Some(c) = chars.next() {
+                        if c == '\u{7}' || (c == '\u{1b}' && chars.next_if_eq(&'\\').is_some()) {
+                            break;
+                        }
+                    }
+                }
+                Some('(' | ')') => {
+                    chars.next();
+                }
+                _ => {}
+            },
+            c if c.is_whitespace() || c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[test]
+fn claude_codes_own_interface_asks_and_a_committed_answer_lets_it_act() {
+    let Some(fleet) = AgentFleet::start(
+        "tui",
+        &format!("{{kind: claude, interactive: true, prompt: 'Write hello.txt ({MARKER}).'}}"),
+    ) else {
+        return;
+    };
+    let status = &fleet.status;
+    let dump = || {
+        format!(
+            "record: {}\noutput: {}\nevents: {}",
+            status.task("hello"),
+            status.output("hello"),
+            read(&status.0.join("events.jsonl"))
+        )
+    };
+    // Its permission question for the tool call, as a prompt with the menu's choices.
+    let deadline = std::time::Instant::now() + Duration::from_secs(900);
+    let asked = loop {
+        let found = status
+            .prompts("hello")
+            .into_iter()
+            .find(|id| status.prompt(id).contains("Do you want to proceed?"));
+        if let Some(id) = found {
+            break id;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no permission prompt: {}",
+            dump()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let prompt = status.prompt(&asked);
+    assert!(prompt.contains("options:"), "{prompt}");
+    assert!(
+        prompt.contains("- 'Yes'") || prompt.contains("- Yes"),
+        "{prompt}"
     );
+    assert!(
+        !squeezed(&status.output("hello")).contains("Wrotehello.txt."),
+        "it acted before it was answered: {}",
+        dump()
+    );
+    // A committed Answer choosing yes lets it run the command.
+    fleet.repo.write(
+        &format!("fleet/hitl/{asked}.yaml"),
+        format!(
+            "apiVersion: fleet/v1\nkind: Answer\nmetadata: {{name: {asked}}}\nspec: {{response: 'yes'}}\n"
+        ),
+    );
+    fleet.repo.commit("yes, write hello.txt");
+    let went_on = std::time::Instant::now() + Duration::from_secs(300);
+    while !squeezed(&status.output("hello")).contains("Wrotehello.txt.") {
+        assert!(
+            std::time::Instant::now() < went_on,
+            "the agent did not go on: {}\nthe prompt: {}",
+            dump(),
+            status.prompt(&asked)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The prompt took its answer; a second one is refused.
+    let again = crate::support::Run(fleet.repo.fleet(&["hitl", "answer", &asked, "no"]).0);
+    assert_ne!(again.code(), 0, "a second answer was taken");
+    assert!(
+        again.stderr().contains("already answered"),
+        "{}",
+        again.stderr()
+    );
+    // Its interface waits for the next instruction: told to exit, it ends, and the edit
+    // comes back as a branch.
+    let idle = loop {
+        let found = status
+            .prompts("hello")
+            .into_iter()
+            .find(|id| id != &asked && status.prompt(id).contains("state: pending"));
+        if let Some(id) = found {
+            break id;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no idle prompt: {}",
+            dump()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    crate::support::Run(fleet.repo.fleet(&["hitl", "answer", &idle, "/exit"]).0).expect_code(0);
+    wait_until("the agent exits", Duration::from_secs(120), || {
+        status.task("hello").contains("exitCode:")
+    });
+    let (hello, _) = fleet.pushed();
+    assert_eq!(hello, "hello from claude\n");
+    let seen: Vec<ModelRequest> = fleet.requests.try_iter().collect();
+    assert!(seen.iter().all(|r| r.real_key), "{seen:#?}");
+    fleet.key_stayed_in_memory();
 }

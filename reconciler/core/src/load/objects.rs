@@ -204,6 +204,12 @@ fn check_task(o: &Object<TaskDocument>, diags: &mut Vec<Diagnostic>) {
         (None, None) => diags.push(o.field_error("/spec", "a task needs `command` (a program and its arguments) or `agent` (kind and prompt); add one")),
         _ => {}
     }
+    if let Some(agent) = &spec.agent
+        && agent.interactive
+        && agent.kind == crate::spec::AgentKind::Aider
+    {
+        diags.push(o.field_error("/spec/agent/interactive", "aider's own interface starts without a prompt, so fleet cannot start it on this one; use claude, codex or gemini, or remove interactive".to_owned()));
+    }
     if let Some(t) = &spec.timeout
         && t.to_std() > A_WEEK
     {

@@ -146,7 +146,12 @@ fn agent_line(agent: &crate::spec::AgentSpec) -> String {
         Some((at, _)) => format!("{}…", &prompt[..at]),
         None => prompt,
     };
-    format!("{kind} agent{model}: \"{prompt}\"")
+    let how = if agent.interactive {
+        "interactive, asking before it acts"
+    } else {
+        "acting without asking"
+    };
+    format!("{kind} agent{model}, {how}: \"{prompt}\"")
 }
 
 /// The command line as a reader would type it, cut at `COMMAND_CHARS`.
@@ -286,6 +291,7 @@ mod tests {
             kind: crate::spec::AgentKind::Claude,
             prompt: "fix the failing test,\nthen commit".into(),
             model: Some("sonnet".into()),
+            interactive: false,
         });
         fix.repository = Some(Repository {
             url: "https://git.example.org/team/app".into(),
@@ -323,7 +329,7 @@ mod tests {
               ~ run again task build on VM agent-1 (its spec changed)
                   runs: make test
               + start task fix on VM agent-1
-                  runs: claude agent (model sonnet): "fix the failing test,\u{a}then commit"
+                  runs: claude agent (model sonnet), acting without asking: "fix the failing test,\u{a}then commit"
                   on:   https://git.example.org/team/app@main@0123456789abcdef0123456789abcdef01234567 (credential gitea/token) (checked out as fleet/fix in the guest)
               -/+ restart task lint on VM agent-1 (its spec changed: the run under way is cancelled)
                   runs: make lint
