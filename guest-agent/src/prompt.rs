@@ -56,7 +56,7 @@ pub struct Found {
 const MAX_OPTIONS: usize = 9;
 
 /// A menu's line: an optional box edge and selection marker, a number, its label.
-const OPTION: &str = r"^\s*[│|]?\s*(?:[❯>›→▶]\s*)?(\d)[.)]\s+(\S.*?)\s*[│|]?\s*$";
+const OPTION: &str = r"^\s*[│|]?\s*([❯>›→▶]\s*)?(\d)[.)]\s+(\S.*?)\s*[│|]?\s*$";
 
 impl Detector {
     /// `extra` are the task's own patterns, as strong as the built-in ones; one that is not
@@ -110,28 +110,39 @@ impl Detector {
         lines
     }
 
-    /// A numbered menu near the bottom of the screen under a question (a coding agent's
-    /// permission dialog): the question and the choices. The choices must be numbered
-    /// from 1 on consecutive lines, and the nearest line above them must read as a question,
-    /// so a numbered list in ordinary output is not one.
+    /// A selection menu near the bottom of the screen under a question (a coding agent's
+    /// permission dialog, picked with a key): the question and the choices. The choices
+    /// must be numbered from 1 on consecutive lines, one of them under a selection marker
+    /// (`❯ 1. Yes`), the last within a few lines of the bottom, and the nearest line above
+    /// them must read as a question. A numbered list in output, or a line-based menu that
+    /// is answered by typing a number and Enter, is not one.
     fn menu(&self, lines: &[String]) -> Option<(String, Vec<String>)> {
-        let tail = lines.len().saturating_sub(16);
+        let tail = lines.len().saturating_sub(6);
         let option = |line: &str| {
             let c = self.option.captures(line)?;
-            Some((c[1].parse::<usize>().ok()?, c[2].to_owned()))
+            Some((
+                c.get(1).is_some(),
+                c[2].parse::<usize>().ok()?,
+                c[3].to_owned(),
+            ))
         };
         let last = (tail..lines.len())
             .rev()
             .find(|&i| option(&lines[i]).is_some())?;
-        let (n, _) = option(&lines[last])?;
-        let first = last.checked_sub(n - 1)?;
+        let (_, n, _) = option(&lines[last])?;
+        let first = last.checked_sub(n.checked_sub(1)?)?;
         let mut options = Vec::new();
+        let mut selected = false;
         for (k, line) in lines[first..=last].iter().enumerate() {
-            let (number, label) = option(line)?;
+            let (marked, number, label) = option(line)?;
             if number != k + 1 {
                 return None;
             }
+            selected |= marked;
             options.push(label);
+        }
+        if !selected {
+            return None;
         }
         if !(2..=MAX_OPTIONS).contains(&options.len()) {
             return None;
@@ -239,10 +250,15 @@ mod tests {
                 "No, and tell Claude (esc)"
             ]
         );
-        // A numbered list in ordinary output is no menu, nor one that skips a number.
+        // A numbered list in ordinary output is no menu, nor one that skips a number, nor
+        // a line-based menu without a selection marker (answered by typing), nor a list
+        // high above the bottom.
         for output in [
             "Steps done:\r\n1. fetch\r\n2. build\r\n",
-            "Pick one?\r\n1. a\r\n3. c\r\n",
+            "Pick one?\r\n❯ 1. a\r\n3. c\r\n",
+            "Which env?\r\n1) dev\r\n2) prod\r\nChoice: ",
+            "Which approach?\r\n❯ 1. a\r\n2. b\r\n\r\n.\r\n.\r\n.\r\n.\r\n.\r\n> ",
+            "Exit?\r\n❯ 0. exit\r\n",
         ] {
             let mut d = Detector::new(&[]).expect("patterns compile");
             d.feed(output.as_bytes());

@@ -360,8 +360,10 @@ impl Tasks {
                 .asked
                 .replace(found.text.clone());
             match before {
-                // Still the question the host has: nothing new to say.
-                Some(asked) if asked == found.text => return,
+                // Still the menu the host has (an interface redrew it): nothing new. A
+                // plain question is sent again: the same text may be asked anew, and the
+                // host ignores it while the first is pending.
+                Some(asked) if asked == found.text && !found.options.is_empty() => return,
                 // Another question took its place (an agent's dialog over its input box):
                 // the host withdraws the first before it hears the second.
                 Some(_) => self.emit(task, |seq| GuestMessage::PromptGone {

@@ -227,7 +227,8 @@ fn interactive_agent_command(agent: &AgentSpec) -> Vec<String> {
         argv.extend(["--model".to_owned(), model.clone()]);
     }
     match agent.kind {
-        AgentKind::Gemini => argv.extend(["--prompt-interactive".into(), agent.prompt.clone()]),
+        // In the option's own word, so a prompt that starts with `-` is never a flag.
+        AgentKind::Gemini => argv.push(format!("--prompt-interactive={}", agent.prompt)),
         AgentKind::Aider => {}
         AgentKind::Claude | AgentKind::Codex => {
             argv.extend(["--".to_owned(), agent.prompt.clone()])
@@ -1122,7 +1123,7 @@ mod tests {
         );
         assert_eq!(
             argv(AgentKind::Gemini).join(" "),
-            "gemini --model m --prompt-interactive --fix the tests"
+            "gemini --model m --prompt-interactive=--fix the tests"
         );
     }
 

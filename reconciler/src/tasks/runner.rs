@@ -745,10 +745,22 @@ impl BookState {
         }
         self.write_output(name, record.output_bytes, data.as_bytes());
         let end = record.output_bytes + data.len() as u64;
-        // Output leaves a prompt pending: the guest says when its question is gone.
+        // A plain question is over once the task prints on (it went on without an answer);
+        // a menu stays while an interface redraws around it, until the guest says it is
+        // gone (`PromptGone`).
+        let withdraw = record.pending_prompt.clone().filter(|id| {
+            !data.trim().is_empty() && self.prompts.get(id).is_some_and(|p| p.options.is_empty())
+        });
+        if let Some(id) = &withdraw {
+            self.set_prompt(id, |p| p.state = PromptState::Withdrawn);
+        }
         self.update(name, |r| {
             r.seq = seq;
             r.output_bytes = end;
+            if withdraw.is_some() {
+                r.pending_prompt = None;
+                r.phase = TaskPhase::Running;
+            }
         });
     }
 

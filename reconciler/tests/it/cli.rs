@@ -359,7 +359,7 @@ fn the_plan_shows_the_task_runs_a_revision_starts() {
     );
     assert!(out.contains("  + start task fix on VM a\n"), "{out}");
     assert!(
-        out.contains("      runs: claude agent: \"fix the failing test\"\n"),
+        out.contains("      runs: claude agent, acting without asking: \"fix the failing test\"\n"),
         "{out}"
     );
     assert!(
