@@ -142,47 +142,16 @@ fn https_git_server(root: PathBuf, user: &str, password: &str) -> (u16, String) 
 
 /// One request, answered by `git http-backend` (CGI) when its credentials are right.
 fn serve_cgi(conn: &mut impl BufRead, root: &Path, expected: &str) -> Option<Vec<u8>> {
-    let mut head = Vec::new();
-    loop {
-        let mut line = String::new();
-        if conn.read_line(&mut line).ok()? == 0 {
-            return None;
-        }
-        if line == "\r\n" {
-            break;
-        }
-        head.push(line.trim_end().to_owned());
-    }
-    let header = |name: &str| {
-        head.iter().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
-        })
-    };
-    let mut body = Vec::new();
-    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        loop {
-            let mut size = String::new();
-            conn.read_line(&mut size).ok()?;
-            let size = usize::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
-            let mut chunk = vec![0u8; size + 2];
-            conn.read_exact(&mut chunk).ok()?;
-            if size == 0 {
-                break;
-            }
-            body.extend_from_slice(&chunk[..size]);
-        }
-    } else if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        body.resize(len, 0);
-        conn.read_exact(&mut body).ok()?;
-    }
+    let request = crate::support::HttpRequest::read(conn)?;
+    let header = |name: &str| request.header(name);
+    let body = request.body.clone();
     if header("authorization").as_deref() != Some(expected) {
         return Some(
             b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                 .to_vec(),
         );
     }
-    let mut parts = head.first()?.split(' ');
+    let mut parts = request.line.split(' ');
     let (method, target) = (parts.next()?, parts.next()?);
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let mut cgi = Command::new("git");

@@ -83,47 +83,13 @@ fn fake_anthropic(key: String) -> (u16, String, Receiver<ModelRequest>) {
     (port, ca_pem, requests)
 }
 
-/// One request: its head, and its body by `Content-Length` or chunked.
+/// One request to the model API, and whether it carried `key`.
 fn read_request(conn: &mut impl BufRead, key: &str) -> Option<ModelRequest> {
-    let mut head = Vec::new();
-    loop {
-        let mut line = String::new();
-        if conn.read_line(&mut line).ok()? == 0 {
-            return None;
-        }
-        if line == "\r\n" {
-            break;
-        }
-        head.push(line.trim_end().to_owned());
-    }
-    let header = |name: &str| {
-        head.iter().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
-        })
-    };
-    let mut body = Vec::new();
-    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        loop {
-            let mut size = String::new();
-            conn.read_line(&mut size).ok()?;
-            let size = usize::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
-            let mut chunk = vec![0u8; size + 2];
-            conn.read_exact(&mut chunk).ok()?;
-            if size == 0 {
-                break;
-            }
-            body.extend_from_slice(&chunk[..size]);
-        }
-    } else if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        body.resize(len, 0);
-        conn.read_exact(&mut body).ok()?;
-    }
-    let line = head.first()?.rsplit_once(' ')?.0.to_owned();
+    let request = crate::support::HttpRequest::read(conn)?;
     Some(ModelRequest {
-        real_key: header("x-api-key").as_deref() == Some(key),
-        line,
-        body: String::from_utf8_lossy(&body).into_owned(),
+        real_key: request.header("x-api-key").as_deref() == Some(key),
+        line: request.line.rsplit_once(' ')?.0.to_owned(),
+        body: String::from_utf8_lossy(&request.body).into_owned(),
     })
 }
 

@@ -211,3 +211,65 @@ pub fn micro_image() -> (PathBuf, PathBuf) {
         .unwrap_or_else(|_| panic!("{} is missing: run `make image`", dir.display()));
     (dir.join("vmlinuz"), dir.join("initrd.img"))
 }
+
+/// One HTTP/1.1 request as a test server reads it: the request line, the headers, and the
+/// body (by `Content-Length`, or chunked).
+pub struct HttpRequest {
+    /// `METHOD TARGET VERSION`.
+    pub line: String,
+    headers: Vec<String>,
+    pub body: Vec<u8>,
+}
+
+impl HttpRequest {
+    /// `None` when the connection ends or breaks before a whole request.
+    pub fn read(conn: &mut impl std::io::BufRead) -> Option<HttpRequest> {
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            if conn.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push(line.trim_end().to_owned());
+        }
+        let mut request = HttpRequest {
+            line: head.first()?.clone(),
+            headers: head.split_off(1),
+            body: Vec::new(),
+        };
+        let chunked = request
+            .header("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        if chunked {
+            loop {
+                let mut size = String::new();
+                conn.read_line(&mut size).ok()?;
+                let size = usize::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
+                let mut chunk = vec![0u8; size + 2];
+                conn.read_exact(&mut chunk).ok()?;
+                if size == 0 {
+                    break;
+                }
+                request.body.extend_from_slice(&chunk[..size]);
+            }
+        } else if let Some(len) = request
+            .header("content-length")
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            request.body.resize(len, 0);
+            conn.read_exact(&mut request.body).ok()?;
+        }
+        Some(request)
+    }
+
+    /// A header's value, its name in any case.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.iter().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    }
+}
