@@ -17,7 +17,7 @@ DEB_COMMANDS := libvirtd virtlogd virsh qemu-system-x86_64 qemu-img genisoimage 
                 depmod file git chromium cloud-init age age-keygen python3 pkg-config \
                 dnsmasq nft iptables ip ssh ssh-agent ssh-add sshd
 
-.PHONY: all build deps libvirtd agent image image-debian image-agent install-example fakepve run test test-agent lint unit bench fuzz crash-test crash-test-proxmox clean
+.PHONY: all build deps libvirtd agent image image-debian image-agent install-example fakepve run test test-agent lint unit bench bench-agent fuzz crash-test crash-test-proxmox clean
 
 all: build
 
@@ -115,6 +115,11 @@ test: lint image fakepve
 # against a scripted model API on loopback (`make test` skips it without the image).
 test-agent: image-agent libvirtd
 	FLEET_TEST_LIBVIRT=1 FLEET_TEST_AGENT=1 $(CARGO) test -p fleet --test it real_agent
+
+# Where a real agent's time goes: commit to dispatch, dispatch to its first API request,
+# its exit to the pushed branch (the real Claude Code in a VM booted from the agent image).
+bench-agent: image-agent libvirtd
+	FLEET_TEST_LIBVIRT=1 FLEET_TEST_AGENT=1 $(CARGO) test -p fleet --test it real_agent::bench -- --ignored --nocapture
 
 # fakepve (PyPI), the fake Proxmox VE API the Proxmox tests run against, in a venv.
 FAKEPVE_VENV := target/fakepve-venv

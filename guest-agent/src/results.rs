@@ -29,9 +29,15 @@ fn git(dir: &Path, uid: Option<u32>, args: &[&str]) -> Command {
             "-c",
             "core.fsmonitor=false",
             // The guest's CPU is the slow part of bringing a run back (under emulation
-            // more so): the fastest compression, which the host does not pay for again.
+            // more so): the fastest compression, which the host does not pay for again,
+            // and files over 1 MiB streamed into a pack by `add`, which `bundle` then
+            // copies as they are instead of inflating and deflating them again (such a
+            // file travels whole, not as a delta of its last version). Measured with
+            // `fleet-bench --results`: a 10 MiB change comes back in 2.2 s, not 5.6 s.
             "-c",
             "core.compression=1",
+            "-c",
+            "core.bigFileThreshold=1m",
         ])
         .args(args)
         .current_dir(dir)
@@ -61,7 +67,7 @@ fn run(dir: &Path, uid: Option<u32>, args: &[&str]) -> Result<std::process::Outp
         match child.try_wait() {
             Ok(Some(_)) => break,
             Ok(None) if started.elapsed() < GIT_TIMEOUT => {
-                std::thread::sleep(Duration::from_millis(20))
+                std::thread::sleep(Duration::from_millis(5))
             }
             _ => {
                 let _ = child.kill();
@@ -159,7 +165,7 @@ pub fn bundle(
         match child.try_wait() {
             Ok(Some(status)) if reader.is_none() => break status,
             Ok(_) if started.elapsed() < GIT_TIMEOUT => {
-                std::thread::sleep(Duration::from_millis(20))
+                std::thread::sleep(Duration::from_millis(5))
             }
             _ => {
                 let _ = child.kill();

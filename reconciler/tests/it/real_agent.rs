@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -39,6 +39,8 @@ struct ModelRequest {
     /// Whether `x-api-key` was the real key.
     real_key: bool,
     body: String,
+    /// When its head arrived.
+    at: Instant,
 }
 
 /// The marker in the task's prompt that makes the scripted model act.
@@ -86,7 +88,9 @@ fn fake_anthropic(key: String) -> (u16, String, Receiver<ModelRequest>) {
 /// One request to the model API, and whether it carried `key`.
 fn read_request(conn: &mut impl BufRead, key: &str) -> Option<ModelRequest> {
     let request = crate::support::HttpRequest::read(conn)?;
+    let at = Instant::now();
     Some(ModelRequest {
+        at,
         real_key: request.header("x-api-key").as_deref() == Some(key),
         line: request.line.rsplit_once(' ')?.0.to_owned(),
         body: String::from_utf8_lossy(&request.body).into_owned(),
@@ -530,5 +534,54 @@ fn claude_codes_own_interface_asks_and_a_committed_answer_lets_it_act() {
     assert_eq!(hello, "hello from claude\n");
     let seen: Vec<ModelRequest> = fleet.requests.try_iter().collect();
     assert!(seen.iter().all(|r| r.real_key), "{seen:#?}");
+    fleet.key_stayed_in_memory();
+}
+
+/// Not a test: `make bench-agent` runs it to print where the time goes between a commit and
+/// the real agent's branch (the daemon and tests are debug builds; the guest's side runs
+/// under emulation, which dominates).
+#[test]
+#[ignore = "a benchmark: make bench-agent"]
+fn bench_dispatch_to_first_request_and_exit_to_pushed_branch() {
+    let started = Instant::now();
+    let Some(fleet) = AgentFleet::start(
+        "bench",
+        &format!("{{kind: claude, prompt: 'Write hello.txt ({MARKER}).'}}"),
+    ) else {
+        return;
+    };
+    let status = &fleet.status;
+    let phase = || status.phase("hello").unwrap_or_default();
+    let moment = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(900);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Instant::now()
+    };
+    // Staging: the VM's agent is up and the checkout is on its way.
+    let dispatched = moment("the task is dispatched", &|| {
+        !matches!(phase().as_str(), "" | "Pending")
+    });
+    let first = fleet
+        .requests
+        .recv_timeout(Duration::from_secs(600))
+        .expect("the agent asks the model");
+    // Its last line: the record's exit code is written with the results, not before.
+    let exited = moment("the agent's last line", &|| {
+        status.output("hello").contains("Wrote hello.txt.")
+    });
+    let pushed = moment("its branch is pushed", &|| {
+        status.task("hello").contains("pushed: ")
+    });
+    assert!(status.task("hello").contains("phase: Succeeded"));
+    let s = |d: Duration| d.as_secs_f64();
+    println!(
+        "real agent on libvirt (TCG, agent image): commit to dispatch (VM created and booted) {:.1} s; dispatch to Claude Code's first API request {:.1} s; its last line to its pushed branch {:.2} s (status files polled every 20 ms)",
+        s(dispatched - started),
+        s(first.at.saturating_duration_since(dispatched)),
+        s(pushed - exited),
+    );
     fleet.key_stayed_in_memory();
 }
