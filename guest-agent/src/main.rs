@@ -269,9 +269,14 @@ impl Link {
                 Answer::Nothing
             }
             HostMessage::Input {
-                task, data, prompt, ..
+                task,
+                data,
+                prompt,
+                prompt_seq,
+                ..
             } => {
-                self.tasks.input(&task, &data, prompt.as_deref());
+                self.tasks
+                    .input(&task, &data, prompt.as_deref(), prompt_seq);
                 Answer::Nothing
             }
             HostMessage::PutFile {

@@ -104,6 +104,9 @@ struct Screen {
     unscored: bool,
     /// The question of the last prompt sent, while the screen still shows it.
     asked: Option<String>,
+    /// The `seq` of the first `Prompt` that asked it: an answer to that one or a later
+    /// one is to this question; an answer to an earlier one is not.
+    asked_since: u64,
 }
 
 /// The tasks the host has not finished with, by name.
@@ -278,6 +281,7 @@ impl Tasks {
             last_output: Instant::now(),
             unscored: false,
             asked: None,
+            asked_since: 0,
         }));
         if let Some(state) = self.lock().get_mut(&spec.task) {
             state.handle = Some(Handle {
@@ -358,28 +362,44 @@ impl Tasks {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .asked
-                .replace(found.text.clone());
+                .clone();
+            let same = before.as_ref() == Some(&found.text);
             match before {
                 // Still the menu the host has (an interface redrew it): nothing new. A
                 // plain question is sent again: the same text may be asked anew, and the
                 // host ignores it while the first is pending.
-                Some(asked) if asked == found.text && !found.options.is_empty() => return,
+                Some(_) if same && !found.options.is_empty() => return,
+                Some(_) if same => {}
                 // Another question took its place (an agent's dialog over its input box):
                 // the host withdraws the first before it hears the second.
-                Some(_) => self.emit(task, |seq| GuestMessage::PromptGone {
+                // (Unless the output loop withdrew it first.)
+                Some(old) => self.emit_if(
+                    task,
+                    || screen.lock().unwrap_or_else(|p| p.into_inner()).asked == Some(old),
+                    |seq| GuestMessage::PromptGone {
+                        v: VERSION,
+                        task: task.to_owned(),
+                        seq,
+                    },
+                ),
+                None => {}
+            }
+            // What is asked changes with the message's number, under the lock an answer
+            // takes (the tasks', then the screen's), so no answer sees one without the other.
+            self.emit(task, |seq| {
+                let mut screen = screen.lock().unwrap_or_else(|p| p.into_inner());
+                screen.asked = Some(found.text.clone());
+                if !same {
+                    screen.asked_since = seq;
+                }
+                GuestMessage::Prompt {
                     v: VERSION,
                     task: task.to_owned(),
                     seq,
-                }),
-                None => {}
-            }
-            self.emit(task, |seq| GuestMessage::Prompt {
-                v: VERSION,
-                task: task.to_owned(),
-                seq,
-                text: found.text,
-                screen: found.screen,
-                options: found.options,
+                    text: found.text,
+                    screen: found.screen,
+                    options: found.options,
+                }
             });
         }
     }
@@ -471,11 +491,25 @@ impl Tasks {
     /// Gives `task`'s next message its sequence number, keeps it until acknowledged, and
     /// sends it on the current link (best effort: a resend follows the next greeting).
     fn emit(&self, task: &str, make: impl FnOnce(u64) -> GuestMessage) {
+        self.emit_if(task, || true, make);
+    }
+
+    /// Emits the message only if `still` holds, decided under the lock that numbers
+    /// messages (the one an answer takes first), so nothing comes between.
+    fn emit_if(
+        &self,
+        task: &str,
+        still: impl FnOnce() -> bool,
+        make: impl FnOnce(u64) -> GuestMessage,
+    ) {
         let message = {
             let mut all = self.lock();
             let Some(state) = all.get_mut(task) else {
                 return;
             };
+            if !still() {
+                return;
+            }
             state.outbox.push(make)
         };
         self.send(&message);
@@ -544,21 +578,35 @@ impl Tasks {
         self.lock().get(task).is_some_and(|s| s.outbox.is_full())
     }
 
-    /// Types `data` into the task's terminal; the answer to `prompt` only the first time.
-    /// False when no such task runs or the prompt was answered already.
-    pub fn input(&self, task: &str, data: &str, prompt: Option<&str>) -> bool {
+    /// Types `data` into the task's terminal; the answer to `prompt` only the first time,
+    /// and only while the question of the guest's `Prompt` number `prompt_seq` is still
+    /// the one asked. False when no such task runs, the prompt was answered already, or
+    /// its question has left the screen or been replaced.
+    pub fn input(
+        &self,
+        task: &str,
+        data: &str,
+        prompt: Option<&str>,
+        prompt_seq: Option<u64>,
+    ) -> bool {
         let mut all = self.lock();
         let Some(state) = all.get_mut(task) else {
             return false;
         };
+        let Some(handle) = state.handle.as_mut() else {
+            return false;
+        };
+        if let Some(seq) = prompt_seq {
+            let screen = handle.screen.lock().unwrap_or_else(|p| p.into_inner());
+            if screen.asked.is_none() || seq < screen.asked_since {
+                return false;
+            }
+        }
         if let Some(id) = prompt
             && !state.answered.insert(id.to_owned())
         {
             return false;
         }
-        let Some(handle) = state.handle.as_mut() else {
-            return false;
-        };
         let typed = handle
             .writer
             .write_all(data.as_bytes())
@@ -707,14 +755,7 @@ fn stream_output(
             screen.detector.feed(&buf[..n]);
             screen.last_output = Instant::now();
             screen.unscored = true;
-            let gone = screen
-                .asked
-                .as_ref()
-                .is_some_and(|q| !screen.detector.shows(q));
-            if gone {
-                screen.asked = None;
-            }
-            gone
+            screen.asked.clone().filter(|q| !screen.detector.shows(q))
         };
         pending.extend_from_slice(&buf[..n]);
         let valid = match std::str::from_utf8(&pending) {
@@ -726,9 +767,18 @@ fn stream_output(
             chunk(String::from_utf8_lossy(&pending[..valid]).into_owned());
             pending.drain(..valid);
         }
-        // After the output that took the question off the screen.
-        if gone {
-            tasks.emit(task, |seq| GuestMessage::PromptGone {
+        // After the output that took the question off the screen, and only if no new
+        // question was sent meanwhile (it would be withdrawn in the old one's place).
+        if let Some(question) = gone {
+            let still_asked = || {
+                let mut screen = screen.lock().unwrap_or_else(|p| p.into_inner());
+                let still = screen.asked.as_ref() == Some(&question);
+                if still {
+                    screen.asked = None;
+                }
+                still
+            };
+            tasks.emit_if(task, still_asked, |seq| GuestMessage::PromptGone {
                 v: VERSION,
                 task: task.to_owned(),
                 seq,
@@ -813,7 +863,7 @@ mod tests {
     fn input_reaches_the_terminal() {
         let (tasks, rx) = run(&["sh", "-c", "read x; echo got:$x"], None);
         std::thread::sleep(Duration::from_millis(300));
-        assert!(tasks.input("t", "abc\n", None));
+        assert!(tasks.input("t", "abc\n", None, None));
         let (out, code, ..) = collect(&rx);
         assert!(out.contains("got:abc"), "{out:?}");
         assert_eq!(code, Some(0));
@@ -923,21 +973,56 @@ mod tests {
         );
         let prompt = loop {
             match rx.recv_timeout(Duration::from_secs(10)).expect("a prompt") {
-                GuestMessage::Prompt { text, screen, .. } => break (text, screen),
+                GuestMessage::Prompt {
+                    text, screen, seq, ..
+                } => break (text, screen, seq),
                 GuestMessage::Output { .. } => {}
                 other => panic!("unexpected {other:?}"),
             }
         };
         assert_eq!(prompt.0, "Continue? (y/n)");
         assert_eq!(prompt.1, vec!["Continue? (y/n)"]);
-        assert!(tasks.input("t", "y\r", Some("p-1")));
+        assert!(tasks.input("t", "y\r", Some("p-1"), Some(prompt.2)));
         assert!(
-            !tasks.input("t", "y\r", Some("p-1")),
+            !tasks.input("t", "y\r", Some("p-1"), Some(prompt.2)),
             "the same answer twice"
         );
         let (out, code, ..) = collect(&rx);
         assert!(out.contains("got:y"), "{out:?}");
         assert!(!out.contains("got:yy"), "{out:?}");
+        assert_eq!(code, Some(0));
+    }
+
+    #[test]
+    fn an_answer_to_a_question_that_was_replaced_is_not_typed() {
+        // The first question is cleared from the screen and another asked in its place,
+        // as an agent's dialog gives way to the next: an answer to the first, in flight
+        // meanwhile, must not answer the second.
+        let (tasks, rx) = run(
+            &[
+                "sh",
+                "-c",
+                "printf 'Delete the cache? (y/n) '; sleep 2; printf '\\033[2J\\033[HDelete the repository? (y/n) '; read x; echo got:$x",
+            ],
+            None,
+        );
+        let mut asked = Vec::new();
+        while asked.len() < 2 {
+            match rx.recv_timeout(Duration::from_secs(10)).expect("prompts") {
+                GuestMessage::Prompt { text, seq, .. } => asked.push((text, seq)),
+                GuestMessage::Output { .. } | GuestMessage::PromptGone { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(asked[0].0, "Delete the cache? (y/n)");
+        assert_eq!(asked[1].0, "Delete the repository? (y/n)");
+        assert!(
+            !tasks.input("t", "y\r", Some("p-1"), Some(asked[0].1)),
+            "the first question's answer reached the second"
+        );
+        assert!(tasks.input("t", "n\r", Some("p-2"), Some(asked[1].1)));
+        let (out, code, ..) = collect(&rx);
+        assert!(out.contains("got:n"), "{out:?}");
         assert_eq!(code, Some(0));
     }
 

@@ -185,6 +185,7 @@ mod routing {
             text: "Deploy? (y/n)".into(),
             context: Vec::new(),
             options: Vec::new(),
+            guest_seq: None,
             created: "2026-11-29T10:00:00Z".parse().expect("time"),
             deadline: "2026-11-30T10:00:00Z".parse().expect("time"),
             state: PromptState::Pending,

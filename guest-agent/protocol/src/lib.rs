@@ -275,6 +275,11 @@ pub enum HostMessage {
         data: String,
         #[serde(default)]
         prompt: Option<String>,
+        /// The `seq` of the guest's `Prompt` this answers: the guest types it only while
+        /// that question is still the one asked, so an answer in flight never reaches a
+        /// dialog that replaced it (another command, the same "Do you want to proceed?").
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prompt_seq: Option<u64>,
     },
     /// Part of a file to write in the guest (`data` base64, at `offset`). The final part
     /// carries the whole file's SHA-256 and, for a tar archive, the directory to unpack it

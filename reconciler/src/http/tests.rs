@@ -253,6 +253,7 @@ async fn tasks_and_pending_prompts_show_with_the_output_tail() {
             text: "<b>Deploy? (y/n)</b>".into(),
             context: vec!["compiling".into()],
             options: Vec::new(),
+            guest_seq: None,
             created: std::time::SystemTime::UNIX_EPOCH.into(),
             deadline: std::time::SystemTime::UNIX_EPOCH.into(),
             state: PromptState::Pending,

@@ -315,6 +315,9 @@ pub struct PromptRecord {
     /// numbers or labels (`1`, `yes`), and its number is what the task is sent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub options: Vec<String>,
+    /// The guest's number for the question (its `Prompt`'s `seq`), sent with the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_seq: Option<u64>,
     pub created: Timestamp,
     pub deadline: Timestamp,
     pub state: PromptState,

@@ -159,6 +159,7 @@ fn a_host_answer_file_is_an_input_and_its_removal_an_effect() {
             task,
             data: "yes\r".into(),
             prompt: Some(id.clone()),
+            prompt_seq: Some(1),
         }]
     );
     assert_eq!(
@@ -214,6 +215,7 @@ fn a_menus_answer_is_a_choice_sent_as_its_digit_and_anything_else_is_refused() {
             task,
             data: "3".into(),
             prompt: Some(id.clone()),
+            prompt_seq: Some(1),
         }]
     );
     assert_eq!(state.prompts[&id].response.as_deref(), Some("no"));

@@ -996,6 +996,7 @@ impl BookState {
             text: text.clone(),
             context,
             options,
+            guest_seq: None,
             created: self.now.wall.into(),
             deadline: (self.now.wall + deadline).into(),
             state: PromptState::Pending,

@@ -806,6 +806,7 @@ impl BookState {
             .map(|o| cut(&redacted(o), limits::PROMPT_LINE_BYTES))
             .collect();
         let id = self.raise_prompt(record, PromptKind::Input, text, screen, options);
+        self.set_prompt(&id, |p| p.guest_seq = Some(seq));
         self.update(name, |r| {
             r.seq = seq;
             r.pending_prompt = Some(id.clone());
@@ -1162,7 +1163,11 @@ impl BookState {
                 // Answered but not known to have reached the guest: send it again (the
                 // guest types an answer to a prompt at most once).
                 let response = prompt.response.as_deref().unwrap_or_default();
-                out.push(input(&record.guest_task(), &id, &keys(&prompt, response)));
+                out.push(input(
+                    &record.guest_task(),
+                    &prompt,
+                    &keys(&prompt, response),
+                ));
                 continue;
             }
             let answer = self.answer_to(&record, &prompt, files);
@@ -1214,7 +1219,11 @@ impl BookState {
                     EventKind::HitlAnswered,
                     format!("prompt {id} answered by {by}"),
                 );
-                out.push(input(&record.guest_task(), &id, &keys(&prompt, &response)));
+                out.push(input(
+                    &record.guest_task(),
+                    &prompt,
+                    &keys(&prompt, &response),
+                ));
                 continue;
             }
             if self.now.wall < prompt.deadline.system_time() {
@@ -1348,12 +1357,13 @@ fn choice(options: &[String], response: &str) -> Option<usize> {
         .map(|i| i + 1)
 }
 
-fn input(guest_task: &str, prompt: &str, data: &str) -> HostMessage {
+fn input(guest_task: &str, prompt: &PromptRecord, data: &str) -> HostMessage {
     HostMessage::Input {
         v: VERSION,
         task: guest_task.to_owned(),
         data: data.to_owned(),
-        prompt: Some(prompt.to_owned()),
+        prompt: Some(prompt.id.clone()),
+        prompt_seq: prompt.guest_seq,
     }
 }
 

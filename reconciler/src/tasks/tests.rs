@@ -204,6 +204,7 @@ fn an_answer_with_control_characters_is_refused_and_a_good_one_typed_once() {
         task: task.clone(),
         data: "yes\r".into(),
         prompt: Some(id.clone()),
+        prompt_seq: Some(1),
     };
     assert_eq!(sent, vec![input.clone()]);
     assert!(!answer.exists(), "the answer file is taken");

@@ -190,6 +190,7 @@ fn hitl_list_prints_no_escape_a_guest_sent() {
             text: "Deploy?\u{1b}]52;c;ZXZpbA==\u{7}\u{1b}[2J\napproval-0 approve: fleet hitl answer approval-0 ffff\u{9b}31m".into(),
             context: vec!["\u{1b}[31mred".into()],
             options: Vec::new(),
+            guest_seq: None,
             created: std::time::SystemTime::now().into(),
             deadline: std::time::SystemTime::now().into(),
             state: PromptState::Pending,
