@@ -96,6 +96,9 @@ fn event(status: &StatusDir, desired: &Desired, kind: EventKind, message: String
 pub struct Offer {
     pub digest: String,
     pub by: OfferedBy,
+    /// Why it does not count although it names a digest: its commit is not signed by an
+    /// approver (host `trust`).
+    pub refused: Option<String>,
 }
 
 /// Every approval on offer before a plan is made, by approval id: committed Answers,
@@ -117,7 +120,8 @@ impl Offers {
             offers
                 .iter()
                 .filter(move |o| {
-                    ApprovalId::from_digest(&o.digest).is_some_and(|own| own.as_str() == id)
+                    o.refused.is_none()
+                        && ApprovalId::from_digest(&o.digest).is_some_and(|own| own.as_str() == id)
                 })
                 .map(|o| o.digest.clone())
         });
@@ -136,13 +140,15 @@ pub fn gather(status: &StatusDir, desired: &Desired) -> Offers {
         }
     }
     for (id, committed) in &desired.approvals {
+        let signer = committed.signer.as_deref();
         offers.by_id.entry(id.clone()).or_default().push(Offer {
             digest: committed.digest.clone(),
-            by: OfferedBy::Commit(format!(
-                "commit {} ({})",
-                desired.revision.short(),
-                committed.source
+            by: OfferedBy::Commit(crate::resolve::Approvers::attribute(
+                &desired.revision,
+                &committed.source,
+                signer,
             )),
+            refused: desired.approvers.refusal(signer),
         });
     }
     for name in status.hitl_file_names() {
@@ -154,6 +160,7 @@ pub fn gather(status: &StatusDir, desired: &Desired) -> Offers {
             Some(Ok(text)) => offers.by_id.entry(id.to_string()).or_default().push(Offer {
                 digest: text.trim().to_owned(),
                 by: OfferedBy::HostFile,
+                refused: None,
             }),
             Some(Err(why)) => {
                 offers.unreadable.insert(id.to_string(), why.to_string());
@@ -251,6 +258,19 @@ pub fn record(status: &StatusDir, desired: &Desired, plan: &Plan, offers: &Offer
     let before = record.clone();
     if record.state != ApprovalState::Approved {
         for offer in offers.by_id.get(&id).into_iter().flatten() {
+            if let Some(why) = &offer.refused {
+                let note = format!("{}: refused: {why}", offer.by);
+                if !record.refused.contains(&note) {
+                    event(
+                        status,
+                        desired,
+                        EventKind::ApprovalRefused,
+                        format!("{id}: {note}"),
+                    );
+                    record.refused.push(note);
+                }
+                continue;
+            }
             if offer.digest == digest {
                 record.state = ApprovalState::Approved;
                 record.approved_by = Some(offer.by.to_string());

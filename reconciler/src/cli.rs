@@ -458,7 +458,13 @@ async fn make_plan(
     source: &SourceArgs,
 ) -> Result<Result<(crate::resolve::Desired, Plan, crate::apply::Drivers), ExitCode>> {
     let host = ws.host()?;
-    let snapshot = reconcile::read_snapshot(ws, &source.choice())?;
+    let mut snapshot = reconcile::read_snapshot(ws, &source.choice())?;
+    // A plan is read-only (CI runs it on pull requests): an unsigned revision is planned,
+    // with a warning, as if none of its Answers were signed.
+    let verifier = crate::trust::Verifier::new(&host.trust);
+    if let Err(e) = reconcile::verify(ws, verifier.as_ref(), &mut snapshot) {
+        eprintln!("warning: {e}; fleet serve and fleet apply refuse this revision");
+    }
     let desired = match reconcile::desired(&snapshot, &host) {
         Ok(d) => d,
         Err(diags) => {
@@ -536,15 +542,27 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     // Held until apply returns: nothing else may write the status directory meanwhile.
     let _lock = take_lock(ws, "fleet apply")?;
     let host = ws.host()?;
-    let snapshot = reconcile::read_snapshot(ws, &args.source.choice())?;
+    let mut snapshot = reconcile::read_snapshot(ws, &args.source.choice())?;
+    let verifier = crate::trust::Verifier::new(&host.trust);
+    if let Err(e) = reconcile::verify(ws, verifier.as_ref(), &mut snapshot) {
+        eprintln!("error: {e}");
+        ws.status.record_refused(
+            "",
+            &snapshot.revision,
+            &[e.to_string()],
+            std::time::SystemTime::now(),
+        )?;
+        return Ok(ExitCode::from(1));
+    }
     let desired = match reconcile::desired(&snapshot, &host) {
         Ok(d) => d,
         Err(diags) => {
             print_diagnostics(&diags);
+            let reasons: Vec<String> = diags.iter().map(ToString::to_string).collect();
             ws.status.record_refused(
                 "",
                 &snapshot.revision,
-                &diags,
+                &reasons,
                 std::time::SystemTime::now(),
             )?;
             return Ok(ExitCode::from(1));

@@ -33,3 +33,4 @@ pub mod source;
 pub mod status;
 pub mod tasks;
 pub mod terminal;
+pub mod trust;

@@ -76,6 +76,19 @@ pub fn read_snapshot(ws: &Workspace, choice: &SourceChoice) -> Result<Snapshot, 
     }
 }
 
+/// Checks a snapshot's signature when the host verifies them (`trust`): refused unless a
+/// trusted principal signed its commit; its committed Answers attributed to their signers.
+pub fn verify(
+    ws: &Workspace,
+    verifier: Option<&crate::trust::Verifier>,
+    snapshot: &mut Snapshot,
+) -> Result<(), crate::trust::Unverified> {
+    match verifier {
+        Some(v) => v.sign_snapshot(&ws.repo_root, snapshot),
+        None => Ok(()),
+    }
+}
+
 /// What a planning pass saw and decided, and what it decided from.
 pub struct Planned {
     pub observed: Observed,

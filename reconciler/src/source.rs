@@ -178,9 +178,14 @@ pub fn from_git(root: &Path, fleet_dir: &str, rev: Option<&str>) -> Result<Snaps
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(Snapshot {
-        revision: Revision { id, label },
+        revision: Revision {
+            id,
+            label,
+            signed_by: None,
+        },
         fleet_dir: fleet_dir.to_owned(),
         files,
+        signers: Default::default(),
     })
 }
 
@@ -215,9 +220,11 @@ pub fn from_worktree(root: &Path, fleet_dir: &str) -> Result<Snapshot, SourceErr
         revision: Revision {
             id: format!("worktree:{digest}"),
             label: "worktree".to_owned(),
+            signed_by: None,
         },
         fleet_dir: fleet_dir.to_owned(),
         files,
+        signers: Default::default(),
     })
 }
 
@@ -250,4 +257,68 @@ fn walk_dir(root: &Path, dir: &Path, out: &mut Vec<SourceFile>) -> Result<(), So
         }
     }
     Ok(())
+}
+
+/// A commit's signature (`gpgsig`) and the bytes it signs.
+#[derive(Clone, Debug)]
+pub struct CommitSignature {
+    pub signature: Vec<u8>,
+    pub signed: Vec<u8>,
+}
+
+/// The signature `commit` carries, if any.
+pub fn commit_signature(root: &Path, commit: &str) -> Result<Option<CommitSignature>, SourceError> {
+    let repo = open(root)?;
+    let oid = git2::Oid::from_str(commit).map_err(|source| SourceError::UnknownRevision {
+        rev: commit.to_owned(),
+        source,
+    })?;
+    match repo.extract_signature(&oid, None) {
+        Ok((signature, signed)) => Ok(Some(CommitSignature {
+            signature: signature.to_vec(),
+            signed: signed.to_vec(),
+        })),
+        Err(e) if e.code() == git2::ErrorCode::NotFound => Ok(None),
+        Err(source) => Err(SourceError::Git {
+            path: commit.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// How many commits `last_change` walks back before it gives up on a file.
+const MAX_WALK: usize = 10_000;
+
+/// The commit that last changed `path` as seen from `tip`: the newest commit whose
+/// content of `path` differs from every parent's, following a parent with the same
+/// content (as `git log -1 -- PATH` does through merges). `None` when the walk ends
+/// without finding one within `MAX_WALK` commits.
+pub fn last_change(root: &Path, tip: &str, path: &str) -> Result<Option<String>, SourceError> {
+    let repo = open(root)?;
+    let git = |source| SourceError::Git {
+        path: path.to_owned(),
+        source,
+    };
+    let entry_at = |commit: &git2::Commit| -> Option<git2::Oid> {
+        commit
+            .tree()
+            .ok()?
+            .get_path(Path::new(path))
+            .ok()
+            .map(|e| e.id())
+    };
+    let mut commit = repo
+        .find_commit(git2::Oid::from_str(tip).map_err(git)?)
+        .map_err(git)?;
+    for _ in 0..MAX_WALK {
+        let here = entry_at(&commit);
+        let same = commit
+            .parents()
+            .find(|parent| entry_at(parent) == here && here.is_some());
+        match same {
+            Some(parent) => commit = parent,
+            None => return Ok(here.map(|_| commit.id().to_string())),
+        }
+    }
+    Ok(None)
 }

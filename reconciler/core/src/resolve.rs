@@ -47,6 +47,8 @@ pub struct Desired {
     pub answers: BTreeMap<String, CommittedAnswer>,
     /// Committed approvals of held plan steps, by approval id.
     pub approvals: BTreeMap<String, CommittedApproval>,
+    /// Whose committed answers and approvals count.
+    pub approvers: Approvers,
     /// Secrets by name, still encrypted.
     pub secrets: BTreeMap<String, DesiredSecret>,
     /// (secret, key) of every provider API token the host configuration keeps as a Secret,
@@ -139,6 +141,8 @@ pub struct PushTarget {
 pub struct CommittedAnswer {
     pub response: String,
     pub source: String,
+    /// Who signed the commit that last changed the file, when the host verifies.
+    pub signer: Option<String>,
 }
 
 /// An operator's committed approval of held plan steps (`fleet/hitl/<id>.yaml`, `approve`).
@@ -147,6 +151,52 @@ pub struct CommittedApproval {
     /// The approval digest it names.
     pub digest: String,
     pub source: String,
+    /// Who signed the commit that last changed the file, when the host verifies.
+    pub signer: Option<String>,
+}
+
+/// Whose committed answers and approvals count (the host's `trust`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Approvers {
+    /// The host verifies no signatures: a committed answer counts as the commit's.
+    #[default]
+    Unverified,
+    /// Only an answer whose last change is signed by one of these principals counts; by
+    /// any verified signer when the list is empty.
+    Signers(Vec<String>),
+}
+
+impl Approvers {
+    pub fn from_host(trust: &crate::spec::HostTrust) -> Approvers {
+        if trust.verifies() {
+            Approvers::Signers(trust.approvers.clone())
+        } else {
+            Approvers::Unverified
+        }
+    }
+
+    /// Why an answer whose last change `signer` signed does not count, if it does not.
+    pub fn refusal(&self, signer: Option<&str>) -> Option<String> {
+        match (self, signer) {
+            (Approvers::Unverified, _) => None,
+            (Approvers::Signers(_), None) => Some(
+                "the commit that last changed it is not signed by an allowed signer (host trust.allowedSigners); sign it with git commit -S"
+                    .into(),
+            ),
+            (Approvers::Signers(list), Some(who)) if list.is_empty() || list.iter().any(|a| a == who) => None,
+            (Approvers::Signers(_), Some(who)) => Some(format!(
+                "signed by {who}, who is not an approver (host trust.approvers)"
+            )),
+        }
+    }
+
+    /// How an answer's origin reads in a record: `commit <c> (<file>)`, and its signer.
+    pub fn attribute(revision: &Revision, source: &str, signer: Option<&str>) -> String {
+        match signer {
+            Some(who) => format!("{who} (commit {}, {source})", revision.short()),
+            None => format!("commit {} ({source})", revision.short()),
+        }
+    }
 }
 
 /// The command line of a coding agent run non-interactively, as today's CLIs take it
@@ -536,6 +586,7 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
             let answer = CommittedAnswer {
                 response: o.doc.spec.response.clone()?,
                 source: o.path.clone(),
+                signer: loaded.signers.get(&o.path).cloned(),
             };
             Some((id.clone(), answer))
         })
@@ -547,6 +598,7 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
             let approval = CommittedApproval {
                 digest: o.doc.spec.approve.clone()?,
                 source: o.path.clone(),
+                signer: loaded.signers.get(&o.path).cloned(),
             };
             Some((id.clone(), approval))
         })
@@ -587,6 +639,7 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
         tasks,
         answers,
         approvals,
+        approvers: Approvers::from_host(&host.trust),
         secrets,
         egress,
         egress_unused,
@@ -1024,6 +1077,7 @@ pub mod tests_support {
             revision: Revision {
                 id: "0".repeat(40),
                 label: "t".into(),
+                signed_by: None,
             },
             fleet_dir: "fleet".into(),
             files: files
@@ -1033,6 +1087,7 @@ pub mod tests_support {
                     bytes: t.as_bytes().to_vec(),
                 })
                 .collect(),
+            signers: Default::default(),
         };
         let host = test_host();
         let loaded = crate::load::load(&snapshot, Some(&host)).unwrap_or_else(|d| panic!("{d:#?}"));

@@ -11,6 +11,10 @@ pub struct Revision {
     pub id: String,
     /// What the operator would call it: `main@1a2b3c4`, or `worktree`.
     pub label: String,
+    /// The principal whose signature on the commit the host verified (host `trust`);
+    /// `None` when the host verifies none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
 }
 
 impl Revision {
@@ -32,6 +36,10 @@ pub struct Snapshot {
     pub fleet_dir: String,
     /// Sorted by path.
     pub files: Vec<SourceFile>,
+    /// For the files an approver must have written (committed Answers), the principal
+    /// whose verified signature is on the commit that last changed each, by path. Empty
+    /// when the host verifies no signatures; a file absent was changed by no verified one.
+    pub signers: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug)]

@@ -669,6 +669,41 @@ pub struct HostSpec {
     /// How fleet reaches task repositories over https and ssh.
     #[serde(default, skip_serializing_if = "HostGit::is_empty")]
     pub git: HostGit,
+    /// Whose signed commits fleet applies, and whose may approve and answer.
+    #[serde(default, skip_serializing_if = "HostTrust::is_empty")]
+    pub trust: HostTrust,
+}
+
+/// Signed commits. With trust roots, a revision is applied only when its commit carries
+/// a signature they verify, and a committed Answer counts only when the commit that last
+/// changed it does (and, with `approvers`, by one of them). The revision cannot turn
+/// this off: it is the host's to decide.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HostTrust {
+    /// An OpenSSH allowed-signers file (`ssh-keygen -Y verify` format: principals, then
+    /// a key), for commits signed with `gpg.format=ssh`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_signers: Option<HostPath>,
+    /// An OpenPGP keyring (`gpg --export KEY... > FILE`) of the keys whose signatures
+    /// are trusted; a key's principal is the email of the user id that signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openpgp_keyring: Option<HostPath>,
+    /// The principals who may approve held steps and answer prompts by committing an
+    /// Answer. Empty: any allowed signer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvers: Vec<String>,
+}
+
+impl HostTrust {
+    pub fn is_empty(&self) -> bool {
+        *self == HostTrust::default()
+    }
+
+    /// Whether the host verifies signatures at all.
+    pub fn verifies(&self) -> bool {
+        self.allowed_signers.is_some() || self.openpgp_keyring.is_some()
+    }
 }
 
 /// The host's side of fetching repositories over the network.

@@ -171,6 +171,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         Err(e) => tracing::warn!("{e:#}; looking for host answer files every 500 ms instead"),
     }
     let agents = agents::Agents::new(tasks.clone(), wakers, upstreams, metrics.clone());
+    let verifier = crate::trust::Verifier::new(&host.trust);
     let mut daemon = Daemon {
         ws,
         host,
@@ -188,6 +189,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         agents,
         tasks,
         vault: Arc::default(),
+        verifier,
         next_resync: Instant::now(),
     };
     let mut shutdown = false;
@@ -247,6 +249,8 @@ struct Daemon {
     tasks: Arc<TaskBook>,
     /// The secret values of `last_good`, opened when it was loaded.
     vault: Arc<crate::secrets::Vault>,
+    /// The host's trust roots, when it applies only signed commits.
+    verifier: Option<crate::trust::Verifier>,
     next_resync: Instant,
 }
 
@@ -354,7 +358,8 @@ impl Daemon {
     /// Reads the branch tip; keeps the last good revision when the new one does not load.
     fn load_revision(&mut self) -> Result<()> {
         let rev = format!("refs/heads/{}", self.branch);
-        let snapshot = crate::source::from_git(&self.ws.repo_root, &self.ws.fleet_dir, Some(&rev))?;
+        let mut snapshot =
+            crate::source::from_git(&self.ws.repo_root, &self.ws.fleet_dir, Some(&rev))?;
         if self
             .last_good
             .as_ref()
@@ -367,6 +372,25 @@ impl Daemon {
             .as_ref()
             .is_some_and(|r| r.id == snapshot.revision.id)
         {
+            return Ok(());
+        }
+        let fleet = self
+            .last_good
+            .as_ref()
+            .map(|d| d.fleet.clone())
+            .unwrap_or_default();
+        if let Err(e) = reconcile::verify(&self.ws, self.verifier.as_ref(), &mut snapshot) {
+            tracing::warn!(revision = %snapshot.revision.label, "revision refused: {e}");
+            self.ws.status.record_refused(
+                &fleet,
+                &snapshot.revision,
+                &[e.to_string()],
+                SystemTime::now(),
+            )?;
+            // A verifier that could not run is asked again at the next pass.
+            if !matches!(e, crate::trust::Unverified::Failed { .. }) {
+                self.refused = Some(snapshot.revision);
+            }
             return Ok(());
         }
         match reconcile::desired(&snapshot, &self.host) {
@@ -388,16 +412,12 @@ impl Daemon {
                 self.refused = None;
             }
             Err(diags) => {
-                let fleet = self
-                    .last_good
-                    .as_ref()
-                    .map(|d| d.fleet.as_str())
-                    .unwrap_or("");
                 tracing::warn!(revision = %snapshot.revision.label, "revision refused with {} diagnostic(s)", diags.len());
+                let reasons: Vec<String> = diags.iter().map(ToString::to_string).collect();
                 self.ws.status.record_refused(
-                    fleet,
+                    &fleet,
                     &snapshot.revision,
-                    &diags,
+                    &reasons,
                     SystemTime::now(),
                 )?;
                 self.refused = Some(snapshot.revision);

@@ -19,6 +19,7 @@ fn view_with_status() -> (tempfile::TempDir, Arc<View>) {
             revision_applied: Some(Revision {
                 id: "abc".into(),
                 label: "main@abc123".into(),
+                signed_by: None,
             }),
             ..Summary::default()
         })

@@ -27,7 +27,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::time::Timestamp;
 
-use crate::load::Diagnostic;
 use crate::observe::ObservedVm;
 use crate::plan::{Plan, render};
 use crate::resolve::Desired;
@@ -551,7 +550,7 @@ impl StatusDir {
         &self,
         fleet_hint: &str,
         revision: &Revision,
-        diagnostics: &[Diagnostic],
+        reasons: &[String],
         now: SystemTime,
     ) -> std::io::Result<()> {
         self.ensure()?;
@@ -562,13 +561,17 @@ impl StatusDir {
         summary.revision_refused = Some(RefusedRevision {
             revision: revision.clone(),
             at: Some(now.into()),
-            diagnostics: diagnostics.iter().map(ToString::to_string).collect(),
+            diagnostics: reasons.to_vec(),
         });
         self.write_summary(&summary)?;
         let message = format!(
-            "revision {} refused: {} diagnostic(s); the last good revision stays in force",
+            "revision {} refused: {}{}; the last good revision stays in force",
             revision.label,
-            diagnostics.len()
+            reasons.first().map_or("", String::as_str),
+            match reasons.len() {
+                0 | 1 => String::new(),
+                n => format!(" (and {} more)", n - 1),
+            }
         );
         self.append_event(
             &Event::fleet(

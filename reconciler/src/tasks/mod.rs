@@ -87,6 +87,8 @@ struct BookState {
     /// Each desired task's run hash and hold, from the vault's values (`Vault::bind`).
     bound: BTreeMap<String, crate::secrets::BoundTask>,
     answers: BTreeMap<String, CommittedAnswer>,
+    /// Whose committed answers count.
+    approvers: crate::resolve::Approvers,
     /// The commit the desired tasks come from.
     revision: Option<String>,
     records: BTreeMap<String, TaskRecord>,
@@ -1117,6 +1119,7 @@ impl BookState {
             .map(|vm| (vm.name.clone(), vm.secrets.clone()))
             .collect();
         self.answers = desired.answers.clone();
+        self.approvers = desired.approvers.clone();
         self.revision = Some(desired.revision.id.clone());
         self.report_undeliverable_answers();
         let names: BTreeSet<String> = self

@@ -1061,17 +1061,18 @@ impl BookState {
         prompt: &PromptRecord,
         files: &HostFiles,
     ) -> Option<(String, String, Option<String>)> {
-        if let Some(a) = self.answers.get(&prompt.id) {
+        if let Some(a) = self.answers.get(&prompt.id).cloned() {
             let revision = self.revision.as_deref().unwrap_or_default();
-            return Some((
-                a.response.clone(),
-                format!(
-                    "commit {} ({})",
-                    &revision[..revision.len().min(12)],
-                    a.source
-                ),
-                None,
-            ));
+            let commit = &revision[..revision.len().min(12)];
+            let by = match &a.signer {
+                Some(who) => format!("{who} (commit {commit}, {})", a.source),
+                None => format!("commit {commit} ({})", a.source),
+            };
+            match self.approvers.refusal(a.signer.as_deref()) {
+                None => return Some((a.response, by, None)),
+                // Noted once; a host answer may still come.
+                Some(why) => self.refuse_answer(record, prompt, format!("{by}: {why}"), None),
+            }
         }
         let host_file = answer_file_name(&prompt.id);
         let shown = files.dir.join(&host_file);

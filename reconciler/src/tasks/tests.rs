@@ -44,8 +44,10 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
         revision: Revision {
             id: "c".repeat(40),
             label: "main".into(),
+            signed_by: None,
         },
         providers: Vec::new(),
+        approvers: crate::resolve::Approvers::Unverified,
         policy: ResolvedPolicy {
             max_parallel: 1,
             step_timeout: Duration::from_secs(1),
@@ -432,6 +434,7 @@ fn committed_answers_for_unknown_or_answered_prompts_are_reported_not_delivered(
             crate::resolve::CommittedAnswer {
                 response: "no".into(),
                 source: source.into(),
+                signer: None,
             },
         );
     }
@@ -465,6 +468,65 @@ fn committed_answers_for_unknown_or_answered_prompts_are_reported_not_delivered(
             .iter()
             .any(|m| matches!(m, HostMessage::Input { data, .. } if data == "no\r")),
         "never delivered"
+    );
+}
+
+#[test]
+fn a_committed_answer_is_typed_only_when_an_approver_signed_it() {
+    let (_dir, book, mut conn, task) = started(Duration::from_secs(600), OnDeadline::Wait);
+    book.receive(&mut conn, vec![prompt(&task, 1)]);
+    let id = format!("{task}-1");
+    let mut desired = desired(Duration::from_secs(600), OnDeadline::Wait);
+    desired.approvers = crate::resolve::Approvers::Signers(vec!["alice@example.org".into()]);
+    let answer = |signer: Option<&str>| crate::resolve::CommittedAnswer {
+        response: "yes".into(),
+        source: "fleet/hitl/ask.yaml".into(),
+        signer: signer.map(str::to_owned),
+    };
+    let running = BTreeSet::from(["vm-1".to_owned()]);
+    // Unsigned, then signed by someone who is no approver: noted, never typed.
+    for (signer, why) in [
+        (None, "not signed by an allowed signer"),
+        (
+            Some("bob@example.org"),
+            "bob@example.org, who is not an approver",
+        ),
+    ] {
+        desired.answers.insert(id.clone(), answer(signer));
+        book.sync(&desired, Default::default(), &running);
+        let (sent, _) = book.tick(&mut conn);
+        assert!(
+            !sent.iter().any(|m| matches!(m, HostMessage::Input { .. })),
+            "{sent:?}"
+        );
+        let prompt = &book.prompts()[&id];
+        assert_eq!(prompt.state, PromptState::Pending);
+        assert!(
+            prompt.refused.iter().any(|r| r.contains(why)),
+            "{:?}",
+            prompt.refused
+        );
+    }
+    // Signed by an approver: typed, and the record names her.
+    desired
+        .answers
+        .insert(id.clone(), answer(Some("alice@example.org")));
+    book.sync(&desired, Default::default(), &running);
+    let (sent, _) = book.tick(&mut conn);
+    assert!(
+        sent.iter()
+            .any(|m| matches!(m, HostMessage::Input { data, .. } if data == "yes\r")),
+        "{sent:?}"
+    );
+    let prompt = &book.prompts()[&id];
+    assert_eq!(prompt.state, PromptState::Answered);
+    assert!(
+        prompt
+            .answered_by
+            .as_deref()
+            .is_some_and(|by| by.starts_with("alice@example.org (commit ")),
+        "{:?}",
+        prompt.answered_by
     );
 }
 

@@ -82,9 +82,11 @@ fn snapshot(files: Vec<(String, Vec<u8>)>) -> Snapshot {
         revision: Revision {
             id: "0".repeat(40),
             label: "fuzz".into(),
+            signed_by: None,
         },
         fleet_dir: "fleet".into(),
         files: all,
+        signers: Default::default(),
     }
 }
 

@@ -80,9 +80,11 @@ fn snapshot(files: &[(&str, &[u8])], with_fleet: bool) -> Snapshot {
         revision: Revision {
             id: "0".repeat(40),
             label: "test".into(),
+            signed_by: None,
         },
         fleet_dir: "fleet".into(),
         files: all,
+        signers: Default::default(),
     }
 }
 

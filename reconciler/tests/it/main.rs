@@ -162,6 +162,7 @@ mod pve;
 mod real_agent;
 mod secrets;
 mod seed;
+mod signed;
 mod support;
 mod tasks;
 mod tidy;

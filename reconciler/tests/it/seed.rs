@@ -17,6 +17,7 @@ fn example_fleet_with(extra: &[(&str, &str)]) -> fleet::resolve::Desired {
         revision: Revision {
             id: "t".into(),
             label: "t".into(),
+            signed_by: None,
         },
         ..snapshot
     };

@@ -13,6 +13,13 @@ pub const HOST_CONFIG: &str = "the host configuration";
 
 /// Checks of the host configuration that need only itself.
 pub fn check_host_object(o: &Object<HostDocument>, diags: &mut Vec<Diagnostic>) {
+    let trust = &o.doc.spec.trust;
+    if !trust.approvers.is_empty() && !trust.verifies() {
+        diags.push(o.field_error(
+            "/spec/trust/approvers",
+            "approvers are principals of signed commits: set trust.allowedSigners (an OpenSSH allowed-signers file) or trust.openpgpKeyring too",
+        ));
+    }
     let mut seen = std::collections::BTreeMap::new();
     for (i, p) in o.doc.spec.providers.iter().enumerate() {
         super::unique_in_list(

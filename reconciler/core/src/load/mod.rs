@@ -94,6 +94,8 @@ pub struct LoadedFleet {
     pub answers: BTreeMap<String, Object<AnswerDocument>>,
     /// Secrets, still encrypted: loading never decrypts anything.
     pub secrets: BTreeMap<String, Object<SecretDocument>>,
+    /// Who signed the commit that last changed each Answer (`Snapshot::signers`).
+    pub signers: BTreeMap<String, String>,
 }
 
 /// Task names leave room for the prompt ids made from them (`<task>-<run>-<n>`), which
@@ -210,6 +212,7 @@ pub fn load(snapshot: &Snapshot, host: Option<&HostSpec>) -> Result<LoadedFleet,
         tasks,
         answers,
         secrets,
+        signers: snapshot.signers.clone(),
     };
     check_references(&loaded, &mut diags);
     if let Some(host) = host {

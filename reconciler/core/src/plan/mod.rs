@@ -282,6 +282,7 @@ impl Plan {
             revision: Revision {
                 id: "r".into(),
                 label: "r".into(),
+                signed_by: None,
             },
             observed_digest: String::new(),
             policy,

@@ -58,9 +58,11 @@ fn desired_from(fleet_yaml: &str, files: &[(String, String)]) -> Desired {
         revision: Revision {
             id: "c0ffee0000000000000000000000000000000000".into(),
             label: "main@c0ffee000000".into(),
+            signed_by: None,
         },
         fleet_dir: "fleet".into(),
         files: all,
+        signers: Default::default(),
     };
     let host = crate::resolve::tests_support::test_host();
     let loaded = crate::load::load(&snapshot, Some(&host)).unwrap_or_else(|d| panic!("{d:#?}"));

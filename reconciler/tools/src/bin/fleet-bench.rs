@@ -469,6 +469,7 @@ fn snapshot(vms: usize, state: &str) -> Snapshot {
         revision: Revision {
             id: "b".repeat(40),
             label: "bench".into(),
+            signed_by: None,
         },
         fleet_dir: "fleet".into(),
         files: vec![
@@ -481,6 +482,7 @@ fn snapshot(vms: usize, state: &str) -> Snapshot {
                 bytes: pool.into_bytes(),
             },
         ],
+        signers: Default::default(),
     }
 }
 
