@@ -67,6 +67,17 @@ pub enum Command {
     /// Keep the fleet converged: apply each new commit of the tracked branch, heal drift,
     /// and serve a read-only status page.
     Serve(ServeArgs),
+    /// Tell the running `fleet serve` to fetch its source and reconcile now.
+    Reconcile,
+    /// Stop every change to VMs from the host, for emergencies: fleet serve keeps observing
+    /// and reporting drift, and applies nothing until `fleet resume`.
+    Suspend {
+        /// Why (shown in the summary, the page and the event).
+        #[arg(long, default_value = "no reason given")]
+        reason: String,
+    },
+    /// Lift `fleet suspend`.
+    Resume,
     /// The event log: steps, drift, refusals, tasks and prompts, oldest first.
     Events(EventsArgs),
     /// Prompts waiting for a human, and answering them from the host.
@@ -132,9 +143,14 @@ pub enum HitlCommand {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// The branch to follow (default: the branch HEAD points to).
+    /// The branch to follow (default: the branch HEAD points to, or the host source's).
     #[arg(long)]
     pub branch: Option<String>,
+    /// Follow this remote repository (https://, ssh:// or file://) instead of the local
+    /// one: fleet fetches it into a mirror under .fleet/source (host `source` sets the
+    /// poll interval and the credential file).
+    #[arg(long, value_name = "URL")]
+    pub source: Option<String>,
     /// Address of the read-only status page.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: std::net::SocketAddr,
@@ -276,10 +292,29 @@ pub fn run(cli: Cli) -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Secret(command) => secret_cmd(&ws, command),
+            Command::Reconcile => reconcile_cmd(&ws),
+            Command::Suspend { reason } => {
+                let who = crate::hitl::local_user();
+                ws.status
+                    .set_host_suspension(Some(&format!("by {who}: {reason}")))?;
+                println!("suspended: fleet applies nothing until `fleet resume`");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Resume => {
+                if ws.status.host_suspension().is_none() {
+                    println!("fleet was not suspended from the host");
+                } else {
+                    ws.status.set_host_suspension(None)?;
+                    let _ = signal_serve(&ws);
+                    println!("resumed");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Serve(args) => crate::daemon::serve(
                 ws.clone(),
                 crate::daemon::ServeOptions {
                     branch: args.branch.clone(),
+                    source: args.source.clone(),
                     listen: args.listen,
                     allow_hosts: args.allow_hosts.clone(),
                     token_file: args.token_file.clone(),
@@ -530,6 +565,37 @@ fn task_runs_text(ws: &Workspace, desired: &crate::resolve::Desired) -> String {
     task_runs::render(&task_runs::task_runs(&desired.tasks, &recorded))
 }
 
+/// Signals the running `fleet serve` of this status directory (SIGUSR1): fetch and
+/// reconcile now. Its PID is the lock's holder's.
+fn signal_serve(ws: &Workspace) -> Result<u32> {
+    let holder = crate::status::lock::StatusLock::holder(ws.status.root()).with_context(|| {
+        format!(
+            "no fleet serve holds {}; `fleet apply` reconciles once",
+            ws.status.root().display()
+        )
+    })?;
+    anyhow::ensure!(
+        holder.command == "fleet serve",
+        "{} is held by {} (PID {}), not fleet serve",
+        ws.status.root().display(),
+        holder.command,
+        holder.pid
+    );
+    let pid = i32::try_from(holder.pid).context("the lock names no valid PID")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .with_context(|| format!("signalling fleet serve (PID {pid})"))?;
+    Ok(holder.pid)
+}
+
+fn reconcile_cmd(ws: &Workspace) -> Result<ExitCode> {
+    let pid = signal_serve(ws)?;
+    println!("told fleet serve (PID {pid}) to fetch and reconcile now");
+    Ok(ExitCode::SUCCESS)
+}
+
 fn read_saved_plan(path: &Path) -> Result<Plan> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the saved plan {}", path.display()))?;
@@ -539,6 +605,11 @@ fn read_saved_plan(path: &Path) -> Result<Plan> {
 async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     // A saved plan names the revision and observation it was made from; both must still hold.
     let saved = args.planfile.as_deref().map(read_saved_plan).transpose()?;
+    if let Some(why) = ws.status.host_suspension() {
+        anyhow::bail!(
+            "fleet is suspended from the host ({why}): nothing is applied; `fleet resume` lifts it"
+        );
+    }
     // Held until apply returns: nothing else may write the status directory meanwhile.
     let _lock = take_lock(ws, "fleet apply")?;
     let host = ws.host()?;
@@ -568,6 +639,12 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
+    if desired.policy.suspend {
+        anyhow::bail!(
+            "{} sets policy.suspend: nothing is applied (fleet plan shows what would be)",
+            desired.revision.label
+        );
+    }
     let vault = ws.open_vault(&desired);
     let drivers = reconcile::drivers_for(&desired, &host, &vault);
     let (journal, recovered) = reconcile::open_journal(ws, &drivers)

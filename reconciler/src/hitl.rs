@@ -16,6 +16,25 @@ pub fn answer_from_file(text: &str) -> &str {
         .unwrap_or(text)
 }
 
+/// Who runs this command on the host, for records: the user `sudo` ran it for, or the
+/// real user's name (its uid when it has none).
+pub fn local_user() -> String {
+    let uid = nix::unistd::getuid();
+    if uid.is_root()
+        && let Ok(user) = std::env::var("SUDO_USER")
+        && !user.is_empty()
+        && user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return format!("{user} (through sudo)");
+    }
+    nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map_or_else(|| format!("uid {uid}"), |u| u.name)
+}
+
 /// `fleet hitl list`: prompts, pending first.
 pub fn list(status: &StatusDir, all: bool) -> String {
     let mut prompts: Vec<PromptRecord> = status.read_prompts().into_values().collect();

@@ -322,3 +322,50 @@ pub fn last_change(root: &Path, tip: &str, path: &str) -> Result<Option<String>,
     }
     Ok(None)
 }
+
+/// Opens the bare repository at `path`, making it first when it does not exist (the mirror
+/// `fleet serve` keeps of a remote source).
+pub fn open_mirror(path: &Path) -> Result<(), SourceError> {
+    if git2::Repository::open_bare(path).is_ok() {
+        return Ok(());
+    }
+    git2::Repository::init_bare(path)
+        .map(|_| ())
+        .map_err(|source| SourceError::NotARepository {
+            root: path.to_owned(),
+            source,
+        })
+}
+
+/// The commit `refs/heads/<branch>` points to, if the branch exists.
+pub fn branch_tip(root: &Path, branch: &str) -> Result<Option<String>, SourceError> {
+    let repo = open(root)?;
+    let tip = repo
+        .find_reference(&format!("refs/heads/{branch}"))
+        .and_then(|r| r.peel_to_commit());
+    Ok(tip.ok().map(|c| c.id().to_string()))
+}
+
+/// Fetches `refspec` from the repository at the local `url` (a path or `file://`) into
+/// `root`, with libgit2 (no process, no hook).
+pub fn fetch_local(root: &Path, url: &str, refspec: &str) -> Result<(), SourceError> {
+    let repo = open(root)?;
+    let git = |source| SourceError::Git {
+        path: url.to_owned(),
+        source,
+    };
+    let mut remote = repo.remote_anonymous(url).map_err(git)?;
+    remote.fetch(&[refspec], None, None).map_err(git)
+}
+
+/// Whether `commit` is `ancestor` or descends from it (false when either is unknown).
+pub fn descends(root: &Path, commit: &str, ancestor: &str) -> bool {
+    let (Ok(repo), Ok(commit), Ok(ancestor)) = (
+        open(root),
+        git2::Oid::from_str(commit),
+        git2::Oid::from_str(ancestor),
+    ) else {
+        return false;
+    };
+    commit == ancestor || repo.graph_descendant_of(commit, ancestor).unwrap_or(false)
+}

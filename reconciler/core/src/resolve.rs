@@ -385,6 +385,12 @@ pub struct ResolvedPolicy {
     /// Step kinds that wait for an approval.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approve: Vec<crate::spec::Action>,
+    /// A tip that does not descend from the revision in force may be applied.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_rollback: bool,
+    /// Nothing is applied while set (`policy.suspend`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
 }
 
 pub const DEFAULT_MAX_DESTROYS_PER_APPLY: u32 = 5;
@@ -502,6 +508,8 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
             .max_destroys_per_apply
             .unwrap_or(DEFAULT_MAX_DESTROYS_PER_APPLY),
         approve: spec.policy.approve.clone(),
+        allow_rollback: spec.policy.allow_rollback.unwrap_or(false),
+        suspend: spec.policy.suspend.unwrap_or(false),
     };
     let mut merged_loadouts: BTreeMap<String, LoadoutSpec> = BTreeMap::new();
     let mut vms = BTreeMap::new();

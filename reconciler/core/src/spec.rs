@@ -672,6 +672,33 @@ pub struct HostSpec {
     /// Whose signed commits fleet applies, and whose may approve and answer.
     #[serde(default, skip_serializing_if = "HostTrust::is_empty")]
     pub trust: HostTrust,
+    /// The repository `fleet serve` follows, when it is not the local one: fleet keeps a
+    /// bare mirror of it and fetches its branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<HostSource>,
+}
+
+/// A remote repository to follow (`fleet serve` fetches its branch into a mirror of its own).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HostSource {
+    /// `https://`, `ssh://` or `file://`.
+    #[schemars(regex(pattern = r"^(https|ssh|file)://"))]
+    pub url: String,
+    /// The branch applied. Default `main`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// How often the remote's branch is compared with the mirror's (one round trip when
+    /// nothing changed). Default 15s; `fleet reconcile` and the webhook fetch at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_interval: Option<Duration>,
+    /// A file (mode 0600) holding the https token or the ssh deploy key (OpenSSH private
+    /// key) fleet fetches with. Never from the repository itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_file: Option<HostPath>,
+    /// The https user sent with the token. Default `fleet`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
 }
 
 /// Signed commits. With trust roots, a revision is applied only when its commit carries
@@ -905,6 +932,15 @@ pub struct Policy {
     /// Step kinds that wait for a human's approval (`fleet/hitl/<id>.yaml` with `approve`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approve: Vec<Action>,
+    /// Apply a branch tip that does not descend from the revision in force (a force-push,
+    /// a reset). The revision in force decides, not the new one. Default false: such a tip
+    /// is refused and reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_rollback: Option<bool>,
+    /// Make no change to any VM: observe, report drift and plan, but apply nothing (tasks
+    /// already running go on). `fleet suspend` does the same from the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend: Option<bool>,
 }
 
 /// A kind of plan step, as `policy.approve` names it.

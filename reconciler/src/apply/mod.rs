@@ -412,6 +412,8 @@ mod tests {
                 self_heal: true,
                 max_destroys_per_apply: 5,
                 approve: Vec::new(),
+                allow_rollback: false,
+                suspend: false,
             },
             ["broken", "flaky", "ok-1", "stuck", "ok-2"]
                 .map(create_step)

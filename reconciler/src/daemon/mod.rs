@@ -10,6 +10,7 @@
 
 mod agents;
 mod backoff;
+pub mod follow;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -31,8 +32,11 @@ use crate::tasks::TaskBook;
 
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
-    /// The branch to follow; default: the branch HEAD points to.
+    /// The branch to follow; default: the branch HEAD points to (or, following a remote,
+    /// the host `source`'s branch).
     pub branch: Option<String>,
+    /// A remote to follow instead of the local repository (host `source.url` otherwise).
+    pub source: Option<String>,
     pub listen: SocketAddr,
     /// Host names the page answers to besides its own address (and, on loopback,
     /// `localhost`).
@@ -76,6 +80,8 @@ struct Woken {
     shutdown: bool,
     /// Woken by something other than an agent's presence.
     by_other: bool,
+    /// Told to fetch the followed remote now.
+    fetch: bool,
 }
 
 impl Woken {
@@ -83,6 +89,10 @@ impl Woken {
         match trigger {
             Some(Trigger::Shutdown) | None => self.shutdown = true,
             Some(Trigger::Agent) => {}
+            Some(Trigger::Fetch) => {
+                self.fetch = true;
+                self.by_other = true;
+            }
             Some(t) => {
                 tracing::debug!(?t, "woken");
                 self.by_other = true;
@@ -102,7 +112,42 @@ pub enum Trigger {
     },
     /// A guest agent connected, disconnected or rebooted.
     Agent,
+    /// `fleet reconcile` (SIGUSR1) or a webhook: fetch the followed remote and reconcile now.
+    Fetch,
     Shutdown,
+}
+
+/// The remote `fleet serve` follows, if any: `--source`, else the host's `source`; the
+/// branch from `--branch`, else the source's.
+fn followed_source(
+    options: &ServeOptions,
+    host: &crate::spec::HostSpec,
+) -> Result<Option<crate::spec::HostSource>> {
+    let mut source = match (&options.source, &host.source) {
+        (None, None) => return Ok(None),
+        (Some(url), configured) => {
+            anyhow::ensure!(
+                ["https://", "ssh://", "file://"]
+                    .iter()
+                    .any(|scheme| url.starts_with(scheme)),
+                "--source {url:?}: follow an https://, ssh:// or file:// URL"
+            );
+            let mut source = configured.clone().unwrap_or(crate::spec::HostSource {
+                url: String::new(),
+                branch: None,
+                poll_interval: None,
+                credential_file: None,
+                username: None,
+            });
+            source.url = url.clone();
+            source
+        }
+        (None, Some(configured)) => configured.clone(),
+    };
+    if let Some(branch) = &options.branch {
+        source.branch = Some(branch.clone());
+    }
+    Ok(Some(source))
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -118,11 +163,31 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
     ws.status.ensure()?;
     // Read once: a changed host configuration takes effect when fleet serve restarts.
     let host = ws.host()?;
-    let branch = match &options.branch {
-        Some(b) => b.clone(),
-        None => crate::source::current_branch(&ws.repo_root)?,
+    let mut ws = ws;
+    // Following a remote, the repository read is fleet's own mirror of it.
+    let follow = match followed_source(&options, &host)? {
+        Some(source) => {
+            let dir = ws
+                .status
+                .root()
+                .parent()
+                .unwrap_or(ws.status.root())
+                .join("source");
+            let follow = follow::Follow::open(&source, &dir, &host.git)?;
+            ws.repo_root = follow.mirror.clone();
+            Some(Arc::new(follow))
+        }
+        None => None,
     };
-    tracing::info!(branch, "following branch");
+    let branch = match (&follow, &options.branch) {
+        (Some(f), _) => f.branch.clone(),
+        (None, Some(b)) => b.clone(),
+        (None, None) => crate::source::current_branch(&ws.repo_root)?,
+    };
+    match &follow {
+        Some(f) => tracing::info!(branch, url = %f.url, "following a remote"),
+        None => tracing::info!(branch, "following branch"),
+    }
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Trigger>();
     let _git_watcher = watch::watch_git(&ws.repo_root, tx.clone())?;
@@ -172,6 +237,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
     }
     let agents = agents::Agents::new(tasks.clone(), wakers, upstreams, metrics.clone());
     let verifier = crate::trust::Verifier::new(&host.trust);
+    let baseline = baseline(&ws, &host);
     let mut daemon = Daemon {
         ws,
         host,
@@ -191,9 +257,19 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         vault: Arc::default(),
         verifier,
         next_resync: Instant::now(),
+        follow,
+        next_fetch: Instant::now(),
+        fetch_error: None,
+        baseline,
+        suspended: None,
+        suspended_plan: None,
     };
     let mut shutdown = false;
+    let mut fetch_now = true;
     while !shutdown {
+        if fetch_now || Instant::now() >= daemon.next_fetch {
+            daemon.fetch().await;
+        }
         daemon.reconcile().await;
         let finished = Instant::now();
         let wake = daemon.next_wake();
@@ -217,6 +293,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
             }
         }
         shutdown = woken.shutdown;
+        fetch_now = woken.fetch;
     }
     eprintln!("fleet serve: stopping");
     for driver in daemon.drivers.values() {
@@ -252,6 +329,32 @@ struct Daemon {
     /// The host's trust roots, when it applies only signed commits.
     verifier: Option<crate::trust::Verifier>,
     next_resync: Instant,
+    /// The remote followed, if any, and when it is fetched next.
+    follow: Option<Arc<follow::Follow>>,
+    next_fetch: Instant,
+    /// The last fetch's error, reported once while it repeats.
+    fetch_error: Option<String>,
+    /// The revision in force, and whether it lets a tip that does not descend from it be
+    /// applied (`policy.allowRollback`).
+    baseline: Option<(String, bool)>,
+    /// Why nothing is applied, as last written to the summary.
+    suspended: Option<String>,
+    /// The digest of the plan last reported while suspended.
+    suspended_plan: Option<String>,
+}
+
+/// The revision the status directory says is in force, for judging the first tip after a
+/// restart: its id and its `policy.allowRollback` (false when it cannot be read).
+fn baseline(ws: &Workspace, host: &crate::spec::HostSpec) -> Option<(String, bool)> {
+    let applied = ws.status.read_summary()?.revision_applied?;
+    if applied.id.starts_with("worktree:") {
+        return None;
+    }
+    let allow = crate::source::from_git(&ws.repo_root, &ws.fleet_dir, Some(&applied.id))
+        .ok()
+        .and_then(|snapshot| reconcile::desired(&snapshot, host).ok())
+        .is_some_and(|d| d.policy.allow_rollback);
+    Some((applied.id, allow))
 }
 
 impl Daemon {
@@ -265,9 +368,113 @@ impl Daemon {
             });
         let tick = Instant::now() + interval;
         let soonest_retry = self.backoff.next_due();
-        soonest_retry
+        let wake = soonest_retry
             .map_or(tick, |r| r.min(tick))
-            .min(self.next_resync)
+            .min(self.next_resync);
+        match &self.follow {
+            Some(_) => wake.min(self.next_fetch),
+            None => wake,
+        }
+    }
+
+    /// Writes a change of suspension to the summary (and, for `policy.suspend`, an event;
+    /// the host's own commands write theirs).
+    fn note_suspension(&mut self, now: &Option<String>, revision: &crate::source::Revision) {
+        let mut summary = self.ws.status.read_summary().unwrap_or_default();
+        if summary.suspended != *now {
+            summary.suspended = now.clone();
+            let _ = self.ws.status.write_summary(&summary);
+        }
+        if self.suspended == *now {
+            return;
+        }
+        let by_policy = |s: &Option<String>| s.as_deref().is_some_and(|s| s.starts_with("policy."));
+        if by_policy(now) || by_policy(&self.suspended) {
+            let (kind, message) = match now {
+                Some(why) => (
+                    crate::status::EventKind::Suspended,
+                    format!("suspended: {why}"),
+                ),
+                None => (
+                    crate::status::EventKind::Resumed,
+                    "resumed: the revision no longer sets policy.suspend".to_owned(),
+                ),
+            };
+            let _ = self.ws.status.append_event(&crate::status::Event::fleet(
+                kind,
+                Some(revision.id.clone()),
+                message,
+            ));
+        }
+        match now {
+            Some(why) => tracing::warn!("{why}"),
+            None => tracing::info!("resumed"),
+        }
+        self.suspended = now.clone();
+    }
+
+    /// Fetches the followed remote (off the async threads), records what it found in the
+    /// summary, and reports a failure once while it repeats; the last good revision stays.
+    async fn fetch(&mut self) {
+        let Some(follow) = self.follow.clone() else {
+            return;
+        };
+        self.next_fetch = Instant::now() + follow.interval;
+        let started = Instant::now();
+        let fetched = tokio::task::spawn_blocking({
+            let follow = follow.clone();
+            move || follow.fetch()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("the fetch panicked: {e}"))
+        .and_then(|r| r);
+        self.metrics.observe_fetch(started.elapsed().as_secs_f64());
+        let mut summary = self.ws.status.read_summary().unwrap_or_default();
+        let state = summary.source.get_or_insert_with(Default::default);
+        state.url = follow.url.clone();
+        state.branch = follow.branch.clone();
+        match fetched {
+            Ok(found) => {
+                let tip = match &found {
+                    follow::Fetched::Same(tip) | follow::Fetched::Moved { to: tip, .. } => tip,
+                };
+                state.tip = Some(tip.clone());
+                state.fetched = Some(SystemTime::now().into());
+                state.error = None;
+                self.fetch_error = None;
+                if let follow::Fetched::Moved { from, to } = &found {
+                    let message = match from {
+                        Some(from) => format!(
+                            "{} moved from {} to {}",
+                            follow.branch,
+                            &from[..from.len().min(12)],
+                            &to[..to.len().min(12)]
+                        ),
+                        None => format!("{} is at {}", follow.branch, &to[..to.len().min(12)]),
+                    };
+                    tracing::info!("{message}");
+                    let _ = self.ws.status.append_event(&crate::status::Event::fleet(
+                        crate::status::EventKind::SourceFetched,
+                        Some(to.clone()),
+                        message,
+                    ));
+                }
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                state.error = Some(why.clone());
+                if self.fetch_error.as_ref() != Some(&why) {
+                    tracing::warn!("{why}");
+                    let _ = self.ws.status.append_event(&crate::status::Event::fleet(
+                        crate::status::EventKind::SourceFetchFailed,
+                        None,
+                        why.clone(),
+                    ));
+                    self.fetch_error = Some(why);
+                }
+            }
+        }
+        let _ = self.ws.status.write_summary(&summary);
     }
 
     async fn reconcile(&mut self) {
@@ -297,6 +504,39 @@ impl Daemon {
         let deferred = self.backoff.deferred(Instant::now());
         let planned =
             reconcile::plan_pass(&self.ws, &desired, &self.drivers, &self.vault, deferred).await;
+        let suspended = self
+            .ws
+            .status
+            .host_suspension()
+            .map(|why| format!("suspended from the host ({why}); fleet resume lifts it"))
+            .or_else(|| {
+                desired.policy.suspend.then(|| {
+                    format!(
+                        "policy.suspend in {}; a revision without it lifts it",
+                        desired.revision.label
+                    )
+                })
+            });
+        self.note_suspension(&suspended, &desired.revision);
+        if suspended.is_some() {
+            // Observed and planned, drift reported; nothing applied, no task started.
+            let plan = planned.plan;
+            if self.suspended_plan.as_deref() != Some(plan.digest()) {
+                self.ws.status.write_plan(&plan)?;
+                for d in plan.drift() {
+                    self.ws.status.append_event(&crate::status::Event::vm(
+                        crate::status::EventKind::VmDrifted,
+                        &d.vm,
+                        &d.provider,
+                        &plan.revision().id,
+                        format!("{}: {}; not healed while suspended", d.vm, d.what),
+                    ))?;
+                }
+                self.suspended_plan = Some(plan.digest().to_owned());
+            }
+            return Ok(());
+        }
+        self.suspended_plan = None;
         reconcile::record_approvals(&self.ws, &desired, &planned);
         let reconcile::Planned { observed, plan, .. } = planned;
         if !plan.deferred().is_empty() {
@@ -393,9 +633,41 @@ impl Daemon {
             }
             return Ok(());
         }
+        // A tip that does not descend from the revision in force (a force-push, a reset)
+        // is applied only when that revision allows it.
+        if let Some((base, allow)) = &self.baseline
+            && !crate::source::descends(&self.ws.repo_root, &snapshot.revision.id, base)
+        {
+            let message = format!(
+                "the branch moved backwards: {} does not descend from {}, the revision in force",
+                snapshot.revision.label,
+                &base[..base.len().min(12)]
+            );
+            let _ = self.ws.status.append_event(&crate::status::Event::fleet(
+                crate::status::EventKind::SourceRewound,
+                Some(snapshot.revision.id.clone()),
+                message.clone(),
+            ));
+            if !allow {
+                let why = format!(
+                    "{message}; the revision in force sets no policy.allowRollback: true, so it stays (push a descendant of it, or allow rollback in it first)"
+                );
+                tracing::warn!("{why}");
+                self.ws.status.record_refused(
+                    &fleet,
+                    &snapshot.revision,
+                    &[why],
+                    SystemTime::now(),
+                )?;
+                self.refused = Some(snapshot.revision);
+                return Ok(());
+            }
+            tracing::warn!("{message}; applied, as policy.allowRollback allows");
+        }
         match reconcile::desired(&snapshot, &self.host) {
             Ok(desired) => {
                 tracing::info!(revision = %desired.revision.label, "new revision");
+                self.baseline = Some((desired.revision.id.clone(), desired.policy.allow_rollback));
                 // Values are opened once per revision; what cannot be opened holds only the
                 // tasks that use it (the task book binds its tasks to the values).
                 let vault = self.ws.open_vault(&desired);
@@ -466,10 +738,17 @@ fn spawn_signal_handler(tx: mpsc::UnboundedSender<Trigger>) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // `fleet reconcile`: fetch and reconcile now.
+    let mut usr1 = signal(SignalKind::user_defined1())?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = usr1.recv() => {
+                    let _ = tx.send(Trigger::Fetch);
+                }
+            }
         }
         let _ = tx.send(Trigger::Shutdown);
     });

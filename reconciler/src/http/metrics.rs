@@ -46,6 +46,7 @@ struct TokenLabel {
 pub struct Metrics {
     registry: Mutex<Registry>,
     reconcile_seconds: Histogram,
+    fetch_seconds: Histogram,
     vms: Family<PhaseLabel, Gauge>,
     drifted: Gauge,
     steps: Family<StepLabel, Counter>,
@@ -61,6 +62,14 @@ impl Default for Metrics {
         let reconcile_seconds = Histogram::new([
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
         ]);
+        let fetch_seconds = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ]);
+        registry.register(
+            "source_fetch_duration_seconds",
+            "Time one fetch of the followed remote took",
+            fetch_seconds.clone(),
+        );
         let vms = Family::<PhaseLabel, Gauge>::default();
         let drifted = Gauge::default();
         let steps = Family::<StepLabel, Counter>::default();
@@ -110,6 +119,7 @@ impl Default for Metrics {
             egress_bytes,
             egress_tokens,
             reconcile_seconds,
+            fetch_seconds,
             vms,
             drifted,
             steps,
@@ -121,6 +131,10 @@ impl Default for Metrics {
 impl Metrics {
     pub fn observe_reconcile(&self, seconds: f64) {
         self.reconcile_seconds.observe(seconds);
+    }
+
+    pub fn observe_fetch(&self, seconds: f64) {
+        self.fetch_seconds.observe(seconds);
     }
 
     pub fn set_phases(&self, counts: &crate::status::Counts) {

@@ -53,6 +53,11 @@ event_kinds! {
     HitlOverdue = "hitl.overdue",
     HitlExpired = "hitl.expired",
     EgressDenied = "egress.denied",
+    SourceFetched = "source.fetched",
+    SourceFetchFailed = "source.fetch_failed",
+    SourceRewound = "source.rewound",
+    Suspended = "fleet.suspended",
+    Resumed = "fleet.resumed",
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -108,6 +108,23 @@ impl StatusLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Who holds the lock of `status_dir` now (`None` when nobody does), without taking it.
+    pub fn holder(status_dir: &Path) -> Option<Holder> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(status_dir.join("lock"))
+            .ok()?;
+        let mut text = String::new();
+        file.read_to_string(&mut text).ok()?;
+        match file.try_lock_shared() {
+            // Nobody holds it (the shared lock ends when the file is closed).
+            Ok(()) => None,
+            Err(_) => serde_json::from_str(&text).ok(),
+        }
+    }
 }
 
 /// Removes the temp files a killed holder left in the status directory, `depth` levels

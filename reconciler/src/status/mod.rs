@@ -62,6 +62,69 @@ pub struct Summary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reconcile: Option<ReconcileOutcome>,
     pub counts: Counts,
+    /// Why nothing is applied: `policy.suspend`, or `fleet suspend` on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended: Option<String>,
+    /// The followed remote (host `source`), when fleet serve follows one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceState>,
+}
+
+/// The followed remote as the last fetch saw it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceState {
+    pub url: String,
+    pub branch: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tip: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::time::lenient_option"
+    )]
+    pub fetched: Option<Timestamp>,
+    /// Why the last fetch failed, while it keeps failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The host's suspension (`fleet suspend`): `status/suspended` holds who and why.
+impl StatusDir {
+    pub fn suspended_path(&self) -> PathBuf {
+        self.root.join("suspended")
+    }
+
+    /// Why the host suspended fleet, if it did.
+    pub fn host_suspension(&self) -> Option<String> {
+        self.read_file("suspended")
+            .ok()
+            .map(|text| text.trim().to_owned())
+    }
+
+    /// Records (or, with `None`, lifts) the host's suspension, with its event.
+    pub fn set_host_suspension(&self, reason: Option<&str>) -> std::io::Result<()> {
+        self.ensure()?;
+        let message = match reason {
+            Some(reason) => {
+                self.write_file("suspended", format!("{reason}\n").as_bytes())?;
+                format!("suspended from the host: {reason}; nothing is applied until fleet resume")
+            }
+            None => {
+                match std::fs::remove_file(self.suspended_path()) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+                "resumed from the host".to_owned()
+            }
+        };
+        let kind = if reason.is_some() {
+            EventKind::Suspended
+        } else {
+            EventKind::Resumed
+        };
+        self.append_event(&Event::fleet(kind, None, message))
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

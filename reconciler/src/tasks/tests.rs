@@ -57,6 +57,8 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
             self_heal: true,
             max_destroys_per_apply: 5,
             approve: Vec::new(),
+            allow_rollback: false,
+            suspend: false,
         },
         vms: Default::default(),
         tasks: [("ask".to_owned(), task)].into(),

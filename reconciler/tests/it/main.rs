@@ -150,6 +150,7 @@ mod behaviour;
 mod cli;
 mod daemon;
 mod egress;
+mod follow;
 mod fuzz;
 mod git_remote;
 mod hostile;
