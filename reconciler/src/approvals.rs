@@ -148,7 +148,11 @@ pub fn gather(status: &StatusDir, desired: &Desired) -> Offers {
                 &committed.source,
                 signer,
             )),
-            refused: desired.approvers.refusal(signer),
+            // Without the commit: one note per file, however many revisions repeat it.
+            refused: desired
+                .approvers
+                .refusal(signer)
+                .map(|why| format!("{}: {why}", committed.source)),
         });
     }
     for name in status.hitl_file_names() {
@@ -259,7 +263,7 @@ pub fn record(status: &StatusDir, desired: &Desired, plan: &Plan, offers: &Offer
     if record.state != ApprovalState::Approved {
         for offer in offers.by_id.get(&id).into_iter().flatten() {
             if let Some(why) = &offer.refused {
-                let note = format!("{}: refused: {why}", offer.by);
+                let note = format!("refused: {why}");
                 if !record.refused.contains(&note) {
                     event(
                         status,

@@ -2,6 +2,7 @@
 //! objects (never half-written working-tree files), or the working directory for
 //! `--worktree`. With `tasks::repo`, the only module that uses git2.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use fleet_core::digest::hex;
@@ -28,6 +29,8 @@ pub enum SourceError {
         MAX_SNAPSHOT_BYTES / (1024 * 1024)
     )]
     TooLarge { path: String },
+    #[error("{path}: {why}; git fsck shows such objects, which git itself never writes")]
+    Malformed { path: String, why: String },
     #[error("HEAD is detached; pass --branch to say which branch to follow")]
     Detached,
     #[error("{} has no commits yet; commit fleet/ first", .0.display())]
@@ -135,6 +138,15 @@ pub fn from_git(root: &Path, fleet_dir: &str, rev: Option<&str>) -> Result<Snaps
                 return git2::TreeWalkResult::Ok;
             };
             let path = format!("{fleet_dir}/{parent}{name}");
+            // A crafted tree may name an entry `a/b` or `..`: it would stand for a file
+            // that is not where its path says.
+            if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+                walk_err = Some(SourceError::Malformed {
+                    path,
+                    why: "a tree entry whose name is no file name".into(),
+                });
+                return git2::TreeWalkResult::Abort;
+            }
             // The size from the object's header first: a blob that inflates past the
             // cap is never inflated (a few KiB of zeros can compress a gigabyte). Its
             // stand-in is as long as the cap, so the loader reports it as too large.
@@ -177,6 +189,14 @@ pub fn from_git(root: &Path, fleet_dir: &str, rev: Option<&str>) -> Result<Snaps
         })?;
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
+    // A crafted tree may hold two entries of one name: one file for the loader, another
+    // for whoever looks the path up.
+    if let Some(twice) = files.windows(2).find(|w| w[0].path == w[1].path) {
+        return Err(SourceError::Malformed {
+            path: twice[0].path.clone(),
+            why: "a tree holds two entries of this name".into(),
+        });
+    }
     Ok(Snapshot {
         revision: Revision {
             id,
@@ -286,20 +306,39 @@ pub fn commit_signature(root: &Path, commit: &str) -> Result<Option<CommitSignat
     }
 }
 
-/// How many commits `last_change` walks back before it gives up on a file.
+/// How many commits `last_changes` walks back before it gives up.
 const MAX_WALK: usize = 10_000;
 
-/// The commit that last changed `path` as seen from `tip`: the newest commit whose
-/// content of `path` differs from every parent's, following a parent with the same
-/// content (as `git log -1 -- PATH` does through merges). `None` when the walk ends
-/// without finding one within `MAX_WALK` commits.
-pub fn last_change(root: &Path, tip: &str, path: &str) -> Result<Option<String>, SourceError> {
+/// For each of `paths` (all under `dir`), the commit that last changed it as seen from
+/// `tip`, along first parents only: the newest commit whose content of the path differs
+/// from its first parent's (so a file a merge brought in is the merge's, never the side
+/// branch's, whose commits a merge can pick freely). A path the walk does not settle within
+/// `MAX_WALK` commits, or in a shallow repository (whose oldest commit looks like a root),
+/// is missing from the answer.
+pub fn last_changes(
+    root: &Path,
+    tip: &str,
+    dir: &str,
+    paths: &[String],
+) -> Result<BTreeMap<String, String>, SourceError> {
     let repo = open(root)?;
     let git = |source| SourceError::Git {
-        path: path.to_owned(),
+        path: dir.to_owned(),
         source,
     };
-    let entry_at = |commit: &git2::Commit| -> Option<git2::Oid> {
+    let mut found = BTreeMap::new();
+    if repo.is_shallow() {
+        return Ok(found);
+    }
+    let subtree = |commit: &git2::Commit| -> Option<git2::Oid> {
+        commit
+            .tree()
+            .ok()?
+            .get_path(Path::new(dir))
+            .ok()
+            .map(|e| e.id())
+    };
+    let entry = |commit: &git2::Commit, path: &str| -> Option<git2::Oid> {
         commit
             .tree()
             .ok()?
@@ -307,20 +346,36 @@ pub fn last_change(root: &Path, tip: &str, path: &str) -> Result<Option<String>,
             .ok()
             .map(|e| e.id())
     };
+    let mut open: Vec<&String> = paths.iter().collect();
     let mut commit = repo
         .find_commit(git2::Oid::from_str(tip).map_err(git)?)
         .map_err(git)?;
     for _ in 0..MAX_WALK {
-        let here = entry_at(&commit);
-        let same = commit
-            .parents()
-            .find(|parent| entry_at(parent) == here && here.is_some());
-        match same {
-            Some(parent) => commit = parent,
-            None => return Ok(here.map(|_| commit.id().to_string())),
+        if open.is_empty() {
+            break;
+        }
+        let parent = commit.parent(0).ok();
+        // Most commits leave the whole directory as it was: nothing to look at.
+        let unchanged = parent
+            .as_ref()
+            .is_some_and(|p| subtree(p).is_some() && subtree(p) == subtree(&commit));
+        if !unchanged {
+            open.retain(|path| {
+                let here = entry(&commit, path);
+                let settled =
+                    here.is_none() || parent.as_ref().is_none_or(|p| entry(p, path) != here);
+                if settled && here.is_some() {
+                    found.insert((*path).clone(), commit.id().to_string());
+                }
+                !settled
+            });
+        }
+        match parent {
+            Some(p) => commit = p,
+            None => break,
         }
     }
-    Ok(None)
+    Ok(found)
 }
 
 /// Opens the bare repository at `path`, making it first when it does not exist (the mirror

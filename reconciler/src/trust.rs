@@ -49,8 +49,12 @@ pub enum Unverified {
 pub struct Verifier {
     allowed_signers: Option<PathBuf>,
     openpgp_keyring: Option<PathBuf>,
-    verified: Mutex<HashMap<String, Result<String, Unverified>>>,
+    /// Verdicts by commit and the digest of the trust roots they were reached under, so
+    /// a key removed from a root stops counting at once.
+    verified: Mutex<VerdictCache>,
 }
+
+type VerdictCache = HashMap<(String, String), Result<String, Unverified>>;
 
 impl Verifier {
     /// `None` when the host verifies no signatures.
@@ -64,7 +68,8 @@ impl Verifier {
 
     /// The trusted principal who signed `commit` in the repository at `root`.
     pub fn signer(&self, root: &Path, commit: &str) -> Result<String, Unverified> {
-        if let Some(known) = self.lock().get(commit) {
+        let key = (commit.to_owned(), self.roots_digest());
+        if let Some(known) = self.lock().get(&key) {
             return known.clone();
         }
         let verdict = match source::commit_signature(root, commit) {
@@ -79,12 +84,34 @@ impl Verifier {
         };
         // A tool that failed is asked again next time; a verdict is kept.
         if !matches!(verdict, Err(Unverified::Failed { .. })) {
-            self.lock().insert(commit.to_owned(), verdict.clone());
+            let mut cache = self.lock();
+            // Bounded: a long-lived daemon sees new commits for ever.
+            if cache.len() >= 4096 {
+                cache.clear();
+            }
+            cache.insert(key, verdict.clone());
         }
         verdict
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Result<String, Unverified>>> {
+    /// What the trust roots hold now (files missing or unreadable digest as such).
+    fn roots_digest(&self) -> String {
+        use sha2::Digest;
+        let mut hash = sha2::Sha256::new();
+        for root in [&self.allowed_signers, &self.openpgp_keyring] {
+            match root.as_ref().map(std::fs::read) {
+                Some(Ok(bytes)) => {
+                    hash.update((bytes.len() as u64).to_le_bytes());
+                    hash.update(&bytes);
+                }
+                Some(Err(_)) => hash.update(b"unreadable"),
+                None => hash.update(b"none"),
+            }
+        }
+        fleet_core::digest::hex(&hash.finalize())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VerdictCache> {
         self.verified.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -96,22 +123,24 @@ impl Verifier {
             return Err(Unverified::Worktree);
         }
         snapshot.revision.signed_by = Some(self.signer(root, &tip)?);
-        let answers = format!("{}/hitl/", snapshot.fleet_dir);
-        let mut signers = BTreeMap::new();
-        for file in snapshot
+        let dir = format!("{}/hitl", snapshot.fleet_dir);
+        let answers: Vec<String> = snapshot
             .files
             .iter()
-            .filter(|f| f.path.starts_with(&answers))
-        {
-            let by = source::last_change(root, &tip, &file.path)
-                .ok()
-                .flatten()
-                .and_then(|commit| self.signer(root, &commit).ok());
-            if let Some(principal) = by {
-                signers.insert(file.path.clone(), principal);
+            .filter(|f| f.path.starts_with(&format!("{dir}/")))
+            .map(|f| f.path.clone())
+            .collect();
+        let changed_by = match source::last_changes(root, &tip, &dir, &answers) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!("committed answers are credited to no one: {e}");
+                BTreeMap::new()
             }
-        }
-        snapshot.signers = signers;
+        };
+        snapshot.signers = changed_by
+            .into_iter()
+            .filter_map(|(path, commit)| Some((path, self.signer(root, &commit).ok()?)))
+            .collect();
         Ok(())
     }
 
@@ -210,6 +239,7 @@ fn ssh_signer(allowed: &Path, sig: &Path, signed: &[u8]) -> Result<String, ToolE
             "by a key no principal of trust.allowedSigners has".into(),
         ));
     }
+    let mut said = String::new();
     for principal in found
         .stdout
         .lines()
@@ -229,15 +259,20 @@ fn ssh_signer(allowed: &Path, sig: &Path, signed: &[u8]) -> Result<String, ToolE
         if verified.ok {
             return Ok(principal.to_owned());
         }
+        said = verified.stderr;
     }
-    Err(ToolError::Refused(
-        "the signature does not verify for the principal its key belongs to (trust.allowedSigners)"
-            .into(),
-    ))
+    Err(ToolError::Refused(format!(
+        "the signature does not verify for the principal its key belongs to (trust.allowedSigners){}",
+        match crate::terminal::one_line(said.trim(), 200) {
+            s if s.is_empty() => String::new(),
+            s => format!(": ssh-keygen says {s}"),
+        }
+    )))
 }
 
-/// `gpgv` against the host's keyring; the principal is the email of the user id that
-/// signed (the whole user id when it has none).
+/// `gpgv` against the host's keyring; the principal is the primary key's fingerprint
+/// (`openpgp:<FINGERPRINT>`): a user id is whatever the key's owner wrote, and two keys
+/// may claim the same email. Exactly one signature, good and valid.
 fn openpgp_signer(
     keyring: &Path,
     home: &Path,
@@ -258,20 +293,32 @@ fn openpgp_signer(
             .arg("-"),
         signed,
     )?;
-    let good = out
+    let status: Vec<&str> = out
         .stdout
         .lines()
-        .find_map(|l| l.strip_prefix("[GNUPG:] GOODSIG "))
-        .and_then(|rest| rest.split_once(' ').map(|(_, uid)| uid.trim().to_owned()));
-    let valid = out
-        .stdout
-        .lines()
-        .any(|l| l.starts_with("[GNUPG:] VALIDSIG "));
-    match (out.ok, good, valid) {
-        (true, Some(uid), true) => Ok(uid
-            .rsplit_once('<')
-            .and_then(|(_, rest)| rest.strip_suffix('>'))
-            .map_or(uid.clone(), str::to_owned)),
+        .filter_map(|l| l.strip_prefix("[GNUPG:] "))
+        .collect();
+    let count = |word: &str| {
+        status
+            .iter()
+            .filter(|l| l.split(' ').next() == Some(word))
+            .count()
+    };
+    // VALIDSIG <fpr> <date> <time> <expire> <ver> <reserved> <pubalgo> <hashalgo> <class>
+    // <primary key's fpr>
+    let primary = status
+        .iter()
+        .find_map(|l| l.strip_prefix("VALIDSIG "))
+        .and_then(|rest| rest.split(' ').nth(9))
+        .filter(|fpr| fpr.len() >= 40 && fpr.chars().all(|c| c.is_ascii_hexdigit()));
+    match (
+        out.ok,
+        count("NEWSIG"),
+        count("GOODSIG"),
+        count("VALIDSIG"),
+        primary,
+    ) {
+        (true, 1, 1, 1, Some(fpr)) => Ok(format!("openpgp:{}", fpr.to_ascii_uppercase())),
         _ => Err(ToolError::Refused(
             "not by a key of trust.openpgpKeyring, or the signature does not verify".into(),
         )),
@@ -281,6 +328,7 @@ fn openpgp_signer(
 struct ToolOutput {
     ok: bool,
     stdout: String,
+    stderr: String,
 }
 
 /// Runs a verifier with an empty environment, `input` on stdin, within `TOOL_TIMEOUT`.
@@ -291,7 +339,7 @@ fn run_tool(command: &mut Command, input: &[u8]) -> Result<ToolOutput, ToolError
         .env("PATH", "/usr/bin:/bin")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| ToolError::Failed(format!("cannot run {program}: {e}")))?;
     let mut stdin = child.stdin.take().expect("piped");
@@ -299,13 +347,16 @@ fn run_tool(command: &mut Command, input: &[u8]) -> Result<ToolOutput, ToolError
     let writer = std::thread::spawn(move || {
         let _ = stdin.write_all(&input);
     });
-    let mut stdout = child.stdout.take().expect("piped");
-    let reader = std::thread::spawn(move || {
-        let mut text = Vec::new();
-        let _ = (&mut stdout).take(64 * 1024).read_to_end(&mut text);
-        let _ = std::io::copy(&mut stdout, &mut std::io::sink());
-        String::from_utf8_lossy(&text).into_owned()
-    });
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            let _ = (&mut pipe).take(64 * 1024).read_to_end(&mut text);
+            let _ = std::io::copy(&mut pipe, &mut std::io::sink());
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let reader = drain(Box::new(child.stdout.take().expect("piped")));
+    let errors = drain(Box::new(child.stderr.take().expect("piped")));
     let deadline = Instant::now() + TOOL_TIMEOUT;
     let status = loop {
         match child.try_wait() {
@@ -325,5 +376,6 @@ fn run_tool(command: &mut Command, input: &[u8]) -> Result<ToolOutput, ToolError
     Ok(ToolOutput {
         ok: status.success(),
         stdout: reader.join().unwrap_or_default(),
+        stderr: errors.join().unwrap_or_default(),
     })
 }

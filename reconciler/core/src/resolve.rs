@@ -180,7 +180,7 @@ impl Approvers {
         match (self, signer) {
             (Approvers::Unverified, _) => None,
             (Approvers::Signers(_), None) => Some(
-                "the commit that last changed it is not signed by an allowed signer (host trust.allowedSigners); sign it with git commit -S"
+                "no trusted signature is on the commit that last changed it (along first parents: a file a merge brings in is the merge's); sign that commit with git commit -S (a shallow clone credits no one)"
                     .into(),
             ),
             (Approvers::Signers(list), Some(who)) if list.is_empty() || list.iter().any(|a| a == who) => None,

@@ -1071,7 +1071,10 @@ impl BookState {
             match self.approvers.refusal(a.signer.as_deref()) {
                 None => return Some((a.response, by, None)),
                 // Noted once; a host answer may still come.
-                Some(why) => self.refuse_answer(record, prompt, format!("{by}: {why}"), None),
+                // Without the commit: one note per file, however many revisions repeat it.
+                Some(why) => {
+                    self.refuse_answer(record, prompt, format!("{}: {why}", a.source), None)
+                }
             }
         }
         let host_file = answer_file_name(&prompt.id);

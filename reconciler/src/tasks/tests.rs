@@ -488,7 +488,7 @@ fn a_committed_answer_is_typed_only_when_an_approver_signed_it() {
     let running = BTreeSet::from(["vm-1".to_owned()]);
     // Unsigned, then signed by someone who is no approver: noted, never typed.
     for (signer, why) in [
-        (None, "not signed by an allowed signer"),
+        (None, "no trusted signature is on the commit"),
         (
             Some("bob@example.org"),
             "bob@example.org, who is not an approver",

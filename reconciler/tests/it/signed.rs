@@ -250,7 +250,23 @@ struct OpenPgpSigner {
 }
 
 impl OpenPgpSigner {
+    /// Its primary key's fingerprint.
+    fn fingerprint(&self) -> String {
+        let out =
+            String::from_utf8(self.gpg(&["--with-colons", "--list-secret-keys"])).expect("utf8");
+        out.lines()
+            .find_map(|l| l.strip_prefix("fpr:"))
+            .and_then(|rest| rest.trim_matches(':').rsplit(':').next())
+            .expect("a fingerprint")
+            .to_owned()
+    }
+
     fn new(email: &str) -> OpenPgpSigner {
+        OpenPgpSigner::with_user_id(email, &format!("Carol <{email}>"))
+    }
+
+    /// A key whose user id says anything its owner likes.
+    fn with_user_id(email: &str, user_id: &str) -> OpenPgpSigner {
         let home = tempfile::Builder::new()
             .prefix("g")
             .tempdir_in("/tmp")
@@ -259,13 +275,7 @@ impl OpenPgpSigner {
             home,
             email: email.to_owned(),
         };
-        signer.gpg(&[
-            "--quick-gen-key",
-            &format!("Carol <{email}>"),
-            "ed25519",
-            "sign",
-            "never",
-        ]);
+        signer.gpg(&["--quick-gen-key", user_id, "ed25519", "sign", "never"]);
         signer
     }
 
@@ -292,7 +302,7 @@ impl OpenPgpSigner {
                 "-c",
                 "gpg.format=openpgp",
                 "-c",
-                &format!("user.signingkey={}", self.email),
+                &format!("user.signingkey={}", self.fingerprint()),
                 "commit",
                 "-q",
                 "-S",
@@ -340,10 +350,195 @@ fn an_openpgp_signature_is_verified_against_the_hosts_keyring() {
     carol.commit(&repo, "signed by carol");
     let run = repo.fleet(&["apply", "--auto-approve"]);
     run.expect_code(0);
+    // The principal is the key, not the user id its owner chose.
     assert!(
-        summary(&repo).contains("signedBy: carol@example.org"),
+        summary(&repo).contains(&format!("signedBy: openpgp:{}", carol.fingerprint())),
         "{}",
         summary(&repo)
+    );
+}
+
+#[test]
+fn an_openpgp_key_claiming_an_approvers_email_is_not_the_approver() {
+    let (alice, bob) = (
+        SshSigner::new("alice@example.org"),
+        SshSigner::new("bob@example.org"),
+    );
+    // Mallory's key is trusted to sign revisions, and says it is alice's.
+    let mallory = OpenPgpSigner::with_user_id("m@example.org", "Alice <alice@example.org>");
+    let keyring_dir = tempfile::tempdir().expect("tempdir");
+    let keyring = keyring_dir.path().join("trusted.gpg");
+    std::fs::write(&keyring, mallory.gpg(&["--export"])).expect("keyring");
+    let repo = trusting_repo(&[&alice, &bob], Some(&keyring), &["alice@example.org"]);
+    bob.commit(&repo, "a VM, whose creation waits");
+    let run = repo.fleet(&["apply", "--auto-approve"]);
+    let (id, digest) = held(&run.stdout());
+    repo.write(&format!("fleet/hitl/{id}.yaml"), answer_yaml(&id, &digest));
+    mallory.commit(&repo, "approved, as 'alice'");
+    let run = repo.fleet(&["apply", "--auto-approve"]);
+    run.expect_code(0);
+    assert!(
+        run.stdout().contains("Held for approval"),
+        "{}",
+        run.stdout()
+    );
+    let record = std::fs::read_to_string(repo.path().join(format!(".fleet/status/hitl/{id}.yaml")))
+        .expect("record");
+    assert!(record.contains("not an approver"), "{record}");
+}
+
+fn answer_yaml(id: &str, digest: &str) -> String {
+    format!(
+        "apiVersion: fleet/v1\nkind: Answer\nmetadata: {{name: {id}}}\nspec: {{approve: \"{digest}\"}}\n"
+    )
+}
+
+/// bob (no approver) and alice (one), and a held creation whose approval is `(id, digest)`.
+fn held_repo() -> (SshSigner, SshSigner, Repo, String, String) {
+    let (alice, bob) = (
+        SshSigner::new("alice@example.org"),
+        SshSigner::new("bob@example.org"),
+    );
+    let repo = trusting_repo(&[&alice, &bob], None, &["alice@example.org"]);
+    bob.commit(&repo, "a VM, whose creation waits");
+    let run = repo.fleet(&["apply", "--auto-approve"]);
+    let (id, digest) = held(&run.stdout());
+    (alice, bob, repo, id, digest)
+}
+
+fn still_held(repo: &Repo) -> bool {
+    let run = repo.fleet(&["apply", "--auto-approve"]);
+    run.stdout().contains("Held for approval")
+}
+
+#[test]
+fn a_merge_cannot_borrow_an_approvers_answer_from_a_side_branch() {
+    let (alice, bob, repo, id, digest) = held_repo();
+    // Alice once wrote the approval on a branch she then abandoned.
+    repo.git(&["checkout", "-q", "-b", "draft"]);
+    repo.write(&format!("fleet/hitl/{id}.yaml"), answer_yaml(&id, &digest));
+    alice.commit(&repo, "alice's draft approval, never merged");
+    repo.git(&["checkout", "-q", "main"]);
+    // Bob merges her draft himself: the file comes in through his merge, and is his.
+    repo.git(&[
+        "-c",
+        "gpg.format=ssh",
+        "-c",
+        &format!("user.signingkey={}", bob.key.display()),
+        "merge",
+        "-q",
+        "-S",
+        "--no-ff",
+        "-m",
+        "bob merges alice's draft",
+        "draft",
+    ]);
+    assert!(still_held(&repo), "bob's merge approved with alice's name");
+    let record = std::fs::read_to_string(repo.path().join(format!(".fleet/status/hitl/{id}.yaml")))
+        .expect("record");
+    assert!(
+        record.contains("bob@example.org, who is not an approver"),
+        "{record}"
+    );
+}
+
+#[test]
+fn a_tree_with_two_entries_of_one_name_is_refused() {
+    let (alice, _bob, repo, id, digest) = held_repo();
+    // Alice approved; bob then crafts a tree whose hitl directory holds her file twice,
+    // the second entry his own Answer for something else.
+    repo.write(&format!("fleet/hitl/{id}.yaml"), answer_yaml(&id, &digest));
+    alice.commit(&repo, "alice approves");
+    let git_out = |args: &[&str], input: Option<&str>| -> String {
+        use std::io::Write;
+        let mut child = Command::new("git")
+            .args(args)
+            .current_dir(repo.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("git");
+        if let Some(input) = input {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("write");
+        }
+        let out = child.wait_with_output().expect("git");
+        assert!(out.status.success(), "git {args:?}");
+        String::from_utf8(out.stdout)
+            .expect("utf8")
+            .trim()
+            .to_owned()
+    };
+    let hitl = git_out(&["rev-parse", "HEAD:fleet/hitl"], None);
+    let listing = git_out(&["ls-tree", &hitl], None);
+    let blob = git_out(
+        &["hash-object", "-w", "--stdin"],
+        Some(
+            "apiVersion: fleet/v1\nkind: Answer\nmetadata: {name: other}\nspec: {response: yes}\n",
+        ),
+    );
+    let doubled = format!(
+        "{listing}\n{}\n",
+        listing.replace(
+            &git_out(&["rev-parse", &format!("HEAD:fleet/hitl/{id}.yaml")], None),
+            &blob
+        )
+    );
+    let new_hitl = git_out(&["mktree"], Some(&doubled));
+    let fleet = git_out(&["rev-parse", "HEAD:fleet"], None);
+    let fleet_listing = git_out(&["ls-tree", &fleet], None).replace(&hitl, &new_hitl);
+    let new_fleet = git_out(&["mktree"], Some(&format!("{fleet_listing}\n")));
+    let top = git_out(&["ls-tree", "HEAD"], None).replace(&fleet, &new_fleet);
+    let tree = git_out(&["mktree"], Some(&format!("{top}\n")));
+    let commit = git_out(
+        &["commit-tree", tree.as_str(), "-p", "HEAD", "-m", "crafted"],
+        None,
+    );
+    repo.git(&["update-ref", "refs/heads/main", &commit]);
+    let run = repo.fleet(&["apply", "--auto-approve"]);
+    run.expect_code(1);
+    assert!(
+        run.stderr()
+            .contains("a tree holds two entries of this name"),
+        "{}",
+        run.stderr()
+    );
+}
+
+#[test]
+fn a_shallow_clone_credits_no_answer_to_its_oldest_commit() {
+    let (alice, _bob, repo, id, digest) = held_repo();
+    repo.write(&format!("fleet/hitl/{id}.yaml"), answer_yaml(&id, &digest));
+    repo.git(&["add", "-A"]);
+    // Bob's (unsigned) approval, then alice's signed commit of something else on top.
+    repo.git(&["commit", "-q", "-m", "bob approves, unsigned"]);
+    repo.write("README.md", "alice\n");
+    alice.commit(&repo, "alice commits something else");
+    // A depth-1 clone makes alice's commit look like the one that added everything.
+    let clone = tempfile::tempdir().expect("tempdir");
+    let out = Command::new("git")
+        .args(["clone", "-q", "--depth", "1"])
+        .arg(format!("file://{}", repo.path().display()))
+        .arg(clone.path().join("c"))
+        .output()
+        .expect("clone");
+    assert!(out.status.success(), "{out:?}");
+    let run = Command::new(crate::support::fleet_bin())
+        .arg("-C")
+        .arg(clone.path().join("c"))
+        .args(["apply", "--auto-approve"])
+        .env("FLEET_HOST_CONFIG", repo.host_config_path())
+        .output()
+        .expect("fleet");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        stdout.contains("Held for approval"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
     );
 }
 
@@ -381,10 +576,14 @@ fn fleet_serve_keeps_the_last_signed_revision_when_an_unsigned_one_follows() {
         applied.contains(&good) && !applied.contains(&unsigned),
         "{text}"
     );
-    let events =
-        std::fs::read_to_string(repo.path().join(".fleet/status/events.jsonl")).unwrap_or_default();
-    assert!(
-        events.contains("revision.refused") && events.contains("is not signed"),
-        "{events}"
+    // The event follows the summary.
+    crate::daemon::wait_until(
+        "the refusal's event",
+        std::time::Duration::from_secs(10),
+        || {
+            let events = std::fs::read_to_string(repo.path().join(".fleet/status/events.jsonl"))
+                .unwrap_or_default();
+            events.contains("revision.refused") && events.contains("is not signed")
+        },
     );
 }
