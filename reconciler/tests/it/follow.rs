@@ -228,3 +228,117 @@ fn nothing_changes_while_suspended_from_the_host_or_by_policy() {
         || vm_record(&host, "c"),
     );
 }
+
+/// The team's repository as a server holds it: `origin`'s history in a bare repository
+/// under `dir`, which `push` updates.
+fn bare_of(origin: &Repo, dir: &std::path::Path) -> std::path::PathBuf {
+    let bare = dir.join("fleet.git");
+    let out = std::process::Command::new("git")
+        .args(["clone", "-q", "--bare"])
+        .arg(origin.path())
+        .arg(&bare)
+        .output()
+        .expect("git clone");
+    assert!(out.status.success(), "{out:?}");
+    bare
+}
+
+fn push(origin: &Repo, bare: &std::path::Path) {
+    origin.git(&["push", "-q", "--force", &bare.display().to_string(), "main"]);
+}
+
+/// A private file (mode 0600) holding `bytes`.
+fn private_file(path: &std::path::Path, bytes: &[u8]) {
+    std::fs::write(path, bytes).expect("write");
+    crate::support::set_mode(path, 0o600);
+}
+
+#[test]
+fn a_remote_over_ssh_is_followed_with_a_deploy_key_from_a_host_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (origin, host) = remote_and_host("1s");
+    let bare = bare_of(&origin, dir.path());
+    let key = dir.path().join("deploy_key");
+    crate::git_remote::keygen(&key);
+    let authorized = std::fs::read_to_string(dir.path().join("deploy_key.pub")).expect("pub");
+    let sshd_dir = dir.path().join("sshd");
+    std::fs::create_dir_all(&sshd_dir).expect("mkdir");
+    let (port, known, child) = crate::git_remote::sshd(&sshd_dir, &authorized);
+    let _sshd = crate::git_remote::Killed(child);
+    let known_hosts = dir.path().join("known_hosts");
+    std::fs::write(&known_hosts, known).expect("write");
+    crate::support::set_mode(&key, 0o600);
+    host.host_config(&host_yaml(
+        &[test_driver_provider(&host)],
+        &format!(
+            "  git: {{knownHosts: '{}'}}\n  source: {{url: 'ssh://root@127.0.0.1:{port}{}', branch: main, pollInterval: 1s, credentialFile: '{}'}}\n",
+            known_hosts.display(),
+            bare.display(),
+            key.display()
+        ),
+    ));
+    let _daemon = Daemon::start(&host);
+    let first = String::from_utf8_lossy(&origin.git(&["rev-parse", "HEAD"]).stdout)
+        .trim()
+        .to_owned();
+    wait_until(
+        "the remote's tip is applied over ssh",
+        Duration::from_secs(30),
+        || applied(&host).contains(&first),
+    );
+    origin.write("fleet/vms/b.yaml", vm("b"));
+    let pushed = origin.commit("a second VM");
+    push(&origin, &bare);
+    wait_until(
+        "the push is applied over ssh",
+        Duration::from_secs(15),
+        || applied(&host).contains(&pushed),
+    );
+    assert!(vm_record(&host, "b"));
+}
+
+#[test]
+fn a_remote_over_https_is_followed_with_a_token_and_a_wrong_one_is_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (origin, host) = remote_and_host("1s");
+    let bare = bare_of(&origin, dir.path());
+    let (port, ca_pem) =
+        crate::git_remote::https_git_server(dir.path().to_owned(), "deploy", "s3cret-token");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ca_pem).expect("write");
+    let token = dir.path().join("token");
+    private_file(&token, b"wrong-token\n");
+    host.host_config(&host_yaml(
+        &[test_driver_provider(&host)],
+        &format!(
+            "  git: {{caFile: '{}'}}\n  source: {{url: 'https://localhost:{port}/fleet.git', branch: main, pollInterval: 1s, credentialFile: '{}', username: deploy}}\n",
+            ca.display(),
+            token.display()
+        ),
+    ));
+    let _ = bare;
+    let _daemon = Daemon::start(&host);
+    // A wrong token: the fetch fails, once in the events, and the summary says why.
+    wait_until(
+        "the failed fetch is reported",
+        Duration::from_secs(20),
+        || summary(&host).contains("error:"),
+    );
+    assert!(
+        events(&host).contains("source.fetch_failed"),
+        "{}",
+        events(&host)
+    );
+    assert!(!summary(&host).contains("s3cret-token"));
+    // The right one, read at the next fetch: applied.
+    private_file(&token, b"s3cret-token\n");
+    let first = String::from_utf8_lossy(&origin.git(&["rev-parse", "HEAD"]).stdout)
+        .trim()
+        .to_owned();
+    wait_until(
+        "the remote's tip is applied over https",
+        Duration::from_secs(20),
+        || applied(&host).contains(&first),
+    );
+    assert!(!summary(&host).contains("error:"), "{}", summary(&host));
+}

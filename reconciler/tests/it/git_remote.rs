@@ -110,7 +110,7 @@ fn credential(user: Option<&str>, secret: &[u8]) -> Credential {
 /// `git http-backend` serving `root` over HTTPS on loopback (a certificate for
 /// `localhost` from a test authority, whose PEM is returned), for the user `user` with
 /// the password `password` alone; everything else gets 401.
-fn https_git_server(root: PathBuf, user: &str, password: &str) -> (u16, String) {
+pub(crate) fn https_git_server(root: PathBuf, user: &str, password: &str) -> (u16, String) {
     let (config, ca_pem) = crate::egress::test_tls("localhost");
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
@@ -343,7 +343,7 @@ fn a_repository_over_https_is_fetched_with_its_token_and_a_wrong_one_fails_clear
 
 /// An `sshd` on loopback that lets in whoever holds `authorized` (as root, the only user
 /// this test can count on), its host key as a `known_hosts` line, and its process.
-fn sshd(dir: &Path, authorized: &str) -> (u16, String, std::process::Child) {
+pub(crate) fn sshd(dir: &Path, authorized: &str) -> (u16, String, std::process::Child) {
     let host_key = dir.join("host_key");
     keygen(&host_key);
     let authorized_keys = dir.join("authorized_keys");
@@ -386,7 +386,7 @@ fn sshd(dir: &Path, authorized: &str) -> (u16, String, std::process::Child) {
     (port, known, child)
 }
 
-fn keygen(path: &Path) {
+pub(crate) fn keygen(path: &Path) {
     let ok = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", "fleet-test", "-f"])
         .arg(path)
@@ -396,7 +396,7 @@ fn keygen(path: &Path) {
     assert!(ok);
 }
 
-struct Killed(std::process::Child);
+pub(crate) struct Killed(pub std::process::Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
