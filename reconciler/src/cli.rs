@@ -151,6 +151,14 @@ pub struct ServeArgs {
     /// poll interval and the credential file).
     #[arg(long, value_name = "URL")]
     pub source: Option<String>,
+    /// Listen for push webhooks (GitHub, Gitea/Forgejo, GitLab) on this address: a request
+    /// signed with the shared secret makes fleet fetch its source now. Needs
+    /// --webhook-secret-file.
+    #[arg(long, value_name = "ADDR", requires = "webhook_secret_file")]
+    pub webhook_listen: Option<std::net::SocketAddr>,
+    /// A file (mode 0600) with the webhook's shared secret (16 characters or more).
+    #[arg(long, value_name = "FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
     /// Address of the read-only status page.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: std::net::SocketAddr,
@@ -315,6 +323,9 @@ pub fn run(cli: Cli) -> ExitCode {
                 crate::daemon::ServeOptions {
                     branch: args.branch.clone(),
                     source: args.source.clone(),
+                    webhook: args
+                        .webhook_listen
+                        .map(|a| (a, args.webhook_secret_file.clone().unwrap_or_default())),
                     listen: args.listen,
                     allow_hosts: args.allow_hosts.clone(),
                     token_file: args.token_file.clone(),

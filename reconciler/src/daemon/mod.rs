@@ -44,6 +44,22 @@ pub struct ServeOptions {
     /// A file (mode 0600) holding the bearer token the page requires; needed when it
     /// listens beyond loopback.
     pub token_file: Option<std::path::PathBuf>,
+    /// Where the webhook listener listens, if anywhere, and its shared secret's file.
+    pub webhook: Option<(SocketAddr, std::path::PathBuf)>,
+}
+
+/// The webhook's shared secret: a host file (mode 0600) of at least 16 characters.
+fn webhook_secret(path: &std::path::Path) -> Result<secrecy::SecretString> {
+    crate::secrets::check_private_file(path).map_err(anyhow::Error::msg)?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the webhook secret {}", path.display()))?;
+    let secret = text.trim();
+    anyhow::ensure!(
+        secret.len() >= 16,
+        "the webhook secret in {} is shorter than 16 characters",
+        path.display()
+    );
+    Ok(secrecy::SecretString::from(secret.to_owned()))
 }
 
 /// The page's bearer token, if it has one. A page beyond loopback without one is refused:
@@ -213,6 +229,34 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         crate::http::app(view.clone()),
         http_stopped,
     ));
+    // The webhook listener: its own address, and it only ever asks for a fetch.
+    let (stop_hook, hook_stopped) = tokio::sync::oneshot::channel::<()>();
+    let hook_server = match &options.webhook {
+        Some((address, secret_file)) => {
+            anyhow::ensure!(
+                follow.is_some(),
+                "--webhook-listen needs a remote to follow (host source, or --source)"
+            );
+            let secret = webhook_secret(secret_file)?;
+            let hook_listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen for webhooks on {address}"))?;
+            eprintln!(
+                "fleet serve: webhook on http://{}/",
+                hook_listener.local_addr()?
+            );
+            let trigger = tx.clone();
+            let notify: crate::http::webhook::Notify = Arc::new(move || {
+                let _ = trigger.send(Trigger::Fetch);
+            });
+            Some(tokio::spawn(crate::http::server::serve(
+                hook_listener,
+                crate::http::webhook::app(secret, ws.status.clone(), notify),
+                hook_stopped,
+            )))
+        }
+        None => None,
+    };
 
     let upstreams = crate::broker::Upstreams::from_host(&host.egress)?;
     let tasks = Arc::new(
@@ -301,6 +345,10 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
     }
     let _ = stop_http.send(());
     let _ = server.await;
+    let _ = stop_hook.send(());
+    if let Some(hook) = hook_server {
+        let _ = hook.await;
+    }
     drop(lock);
     Ok(())
 }

@@ -15,6 +15,7 @@
 pub mod metrics;
 mod pages;
 pub mod server;
+pub mod webhook;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

@@ -58,6 +58,7 @@ event_kinds! {
     SourceRewound = "source.rewound",
     Suspended = "fleet.suspended",
     Resumed = "fleet.resumed",
+    WebhookRefused = "webhook.refused",
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -24,11 +24,22 @@ impl Daemon {
 
     /// With extra environment variables and global arguments (before `serve`).
     pub fn start_with(repo: &Repo, env: &[(&str, &str)], args: &[&str]) -> Daemon {
+        Daemon::start_serving(repo, env, args, &[])
+    }
+
+    /// With `serve_args` after `serve`, too.
+    pub fn start_serving(
+        repo: &Repo,
+        env: &[(&str, &str)],
+        args: &[&str],
+        serve_args: &[&str],
+    ) -> Daemon {
         let mut child = Command::new(fleet_bin())
             .arg("-C")
             .arg(repo.path())
             .args(args)
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(serve_args)
             .env("FLEET_HOST_CONFIG", repo.host_config_path())
             .envs(env.iter().copied())
             .stdout(Stdio::null())

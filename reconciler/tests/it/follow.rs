@@ -342,3 +342,110 @@ fn a_remote_over_https_is_followed_with_a_token_and_a_wrong_one_is_reported() {
     );
     assert!(!summary(&host).contains("error:"), "{}", summary(&host));
 }
+
+/// POSTs `body` with `headers` to the webhook at `port`; the status code.
+fn post(port: u16, headers: &[(&str, String)], body: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut request = format!(
+        "POST /hooks/git HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    conn.write_all(request.as_bytes()).expect("write");
+    let mut reply = String::new();
+    let _ = conn.read_to_string(&mut reply);
+    reply
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_signed_webhook_fetches_now_and_a_bad_signature_gets_401() {
+    use hmac::Mac;
+    let (origin, host) = remote_and_host("1h");
+    let secret_file = host.host.path().join("webhook.secret");
+    private_file(&secret_file, b"a-webhook-secret-of-32-characters\n");
+    let daemon = Daemon::start_serving(
+        &host,
+        &[],
+        &[],
+        &[
+            "--webhook-listen",
+            "127.0.0.1:0",
+            "--webhook-secret-file",
+            &secret_file.display().to_string(),
+        ],
+    );
+    let first = String::from_utf8_lossy(&origin.git(&["rev-parse", "HEAD"]).stdout)
+        .trim()
+        .to_owned();
+    wait_until(
+        "the remote's tip is applied",
+        Duration::from_secs(20),
+        || applied(&host).contains(&first),
+    );
+    let port: u16 = {
+        let log = daemon.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        log.split_once("webhook on http://127.0.0.1:")
+            .and_then(|(_, rest)| rest.split('/').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no webhook address in:\n{log}"))
+    };
+    origin.write("fleet/vms/b.yaml", vm("b"));
+    let pushed = origin.commit("a second VM");
+    // The payload is never read: it may say anything.
+    let body = r#"{"ref":"refs/heads/evil","after":"0000000000000000000000000000000000000000"}"#;
+
+    // A wrong signature: 401, an event, no fetch.
+    let code = post(
+        port,
+        &[("X-Hub-Signature-256", format!("sha256={}", "0".repeat(64)))],
+        body,
+    );
+    assert_eq!(code, 401);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!applied(&host).contains(&pushed), "a forged hook fetched");
+    assert!(
+        events(&host).contains("webhook.refused"),
+        "{}",
+        events(&host)
+    );
+
+    // GitHub's signature of the body with the shared secret: 202, fetched and applied now.
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"a-webhook-secret-of-32-characters")
+        .expect("key");
+    mac.update(body.as_bytes());
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let at = Instant::now();
+    let code = post(
+        port,
+        &[("X-Hub-Signature-256", format!("sha256={hex}"))],
+        body,
+    );
+    assert_eq!(code, 202);
+    wait_until("the push is applied", Duration::from_secs(10), || {
+        applied(&host).contains(&pushed)
+    });
+    eprintln!("webhook to applied: {:?}", at.elapsed());
+    // GitLab's token works too (and a body too large is refused unread).
+    assert_eq!(
+        post(
+            port,
+            &[("X-Gitlab-Token", "a-webhook-secret-of-32-characters".into())],
+            "{}"
+        ),
+        202
+    );
+    assert_eq!(post(port, &[], &"x".repeat(2 * 1024 * 1024)), 413);
+}
