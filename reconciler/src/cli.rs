@@ -196,15 +196,26 @@ impl SourceArgs {
 pub struct PlanArgs {
     #[command(flatten)]
     pub source: SourceArgs,
-    /// Print the plan as JSON.
-    #[arg(long)]
+    /// Print the plan as JSON (the same as --format json).
+    #[arg(long, conflicts_with = "format")]
     pub json: bool,
+    /// How to print the plan: text for people, json for machines, markdown for a
+    /// pull-request comment.
+    #[arg(long, value_enum)]
+    pub format: Option<PlanFormat>,
     /// Save the plan (JSON) for `fleet apply PLANFILE`.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// Exit 2 when the plan has changes, 0 when it has none, 1 on error.
     #[arg(long)]
     pub detailed_exitcode: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PlanFormat {
+    Text,
+    Json,
+    Markdown,
 }
 
 #[derive(Debug, Args)]
@@ -529,11 +540,17 @@ async fn plan_cmd(ws: &Workspace, args: &PlanArgs) -> Result<ExitCode> {
         Ok(p) => p,
         Err(code) => return Ok(code),
     };
-    if args.json {
-        print!("{}", render::json(&plan));
-    } else {
-        print!("{}", render::text(&plan));
-        print!("{}", task_runs_text(ws, &desired));
+    let format = match (args.json, args.format) {
+        (true, _) => PlanFormat::Json,
+        (false, format) => format.unwrap_or(PlanFormat::Text),
+    };
+    match format {
+        PlanFormat::Json => print!("{}", render::json(&plan)),
+        PlanFormat::Markdown => print!("{}", render::markdown(&plan, &task_runs_of(ws, &desired))),
+        PlanFormat::Text => {
+            print!("{}", render::text(&plan));
+            print!("{}", task_runs_text(ws, &desired));
+        }
     }
     if let Some(out) = &args.out {
         crate::atomic_file::write_atomic(out, render::json(&plan).as_bytes())
@@ -557,6 +574,14 @@ async fn plan_cmd(ws: &Workspace, args: &PlanArgs) -> Result<ExitCode> {
 /// The task runs the revision starts, runs again or cancels, against the runs the status
 /// directory records (none, for a pull request planned in CI: every task starts).
 fn task_runs_text(ws: &Workspace, desired: &crate::resolve::Desired) -> String {
+    crate::plan::task_runs::render(&task_runs_of(ws, desired))
+}
+
+/// The task runs `desired` starts, runs again or cancels, against the recorded runs.
+fn task_runs_of(
+    ws: &Workspace,
+    desired: &crate::resolve::Desired,
+) -> Vec<crate::plan::task_runs::TaskRun> {
     use crate::plan::task_runs::{self, RecordedRun};
     let recorded = ws
         .status
@@ -573,7 +598,7 @@ fn task_runs_text(ws: &Workspace, desired: &crate::resolve::Desired) -> String {
             (name, run)
         })
         .collect();
-    task_runs::render(&task_runs::task_runs(&desired.tasks, &recorded))
+    task_runs::task_runs(&desired.tasks, &recorded)
 }
 
 /// Signals the running `fleet serve` of this status directory (SIGUSR1): fetch and

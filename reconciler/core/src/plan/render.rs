@@ -241,3 +241,195 @@ fn step_diff(step: &Step) -> Option<String> {
         .to_string();
     Some(rendered)
 }
+
+/// The pull-request form: a Markdown comment (summary, steps with reasons, what waits for
+/// approval and why, the task runs a merge starts, warnings, and each VM's resolved change
+/// folded away). Everything a revision wrote is escaped, so a committed name or value
+/// cannot add links, images, mentions or HTML to the comment.
+pub fn markdown(plan: &Plan, runs: &[super::task_runs::TaskRun]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "### fleet plan: {} at `{}`\n",
+        md(&plan.fleet),
+        short_id(&plan.revision.id)
+    );
+    let counts: Vec<String> = [
+        Action::Create,
+        Action::Start,
+        Action::Stop,
+        Action::Update,
+        Action::Replace,
+        Action::Destroy,
+    ]
+    .into_iter()
+    .filter_map(|a| {
+        let n = plan.count(a);
+        (n > 0).then(|| format!("{n} to {}", a.as_str()))
+    })
+    .collect();
+    let mut summary = if counts.is_empty() {
+        vec!["no VM changes".to_owned()]
+    } else {
+        vec![counts.join(", ")]
+    };
+    if !plan.held.is_empty() {
+        summary.push(format!("{} held for approval", plan.held.len()));
+    }
+    let starting = runs
+        .iter()
+        .filter(|r| r.change != super::task_runs::RunChange::Cancel)
+        .count();
+    if starting > 0 {
+        summary.push(format!("{starting} task run(s) to start"));
+    }
+    if !plan.drift.is_empty() {
+        summary.push(format!("{} drifted", plan.drift.len()));
+    }
+    let _ = writeln!(out, "**{}**\n", summary.join(" · "));
+    for w in &plan.warnings {
+        let _ = writeln!(out, "> [!WARNING]\n> {}\n", md(w));
+    }
+    for e in &plan.errors {
+        let _ = writeln!(out, "> [!CAUTION]\n> {}\n", md(e));
+    }
+    let table = |out: &mut String, rows: Vec<(&Step, String)>| {
+        let _ = writeln!(
+            out,
+            "| | action | VM | provider | why |\n|---|---|---|---|---|"
+        );
+        for (step, why) in rows {
+            let _ = writeln!(
+                out,
+                "| `{}` | {} | {} | {} | {} |",
+                symbol(step.action()),
+                step.action().as_str(),
+                md(&step.vm),
+                md(&step.provider),
+                md(&why)
+            );
+        }
+        out.push('\n');
+    };
+    if !plan.steps.is_empty() {
+        table(
+            &mut out,
+            plan.steps.iter().map(|s| (s, reason_text(s))).collect(),
+        );
+    }
+    if let (Some(id), Some(digest)) = (plan.approval_id(), &plan.approval_digest) {
+        let _ = writeln!(
+            out,
+            "#### Held for approval\n\nApprove by committing `fleet/hitl/{id}.yaml` with `spec.approve: \"{digest}\"` (or `fleet hitl answer {id} {digest}` on the host).\n"
+        );
+        table(
+            &mut out,
+            plan.held
+                .iter()
+                .map(|h| (&h.step, h.why.join("; ")))
+                .collect(),
+        );
+    }
+    if !plan.deferred.is_empty() {
+        let _ = writeln!(out, "#### Deferred\n");
+        table(
+            &mut out,
+            plan.deferred
+                .iter()
+                .map(|d| (&d.step, d.why.clone()))
+                .collect(),
+        );
+    }
+    if !runs.is_empty() {
+        let _ = writeln!(out, "#### Task runs\n");
+        for run in runs {
+            let verb = match run.change {
+                super::task_runs::RunChange::Start => "start",
+                super::task_runs::RunChange::RunAgain => "run again",
+                super::task_runs::RunChange::Restart => "restart",
+                super::task_runs::RunChange::Cancel => "cancel",
+            };
+            let _ = write!(
+                out,
+                "- `{}` {verb} task **{}** on VM **{}**",
+                run.change.symbol(),
+                md(&run.task),
+                md(&run.vm)
+            );
+            if !run.command.is_empty() {
+                let _ = write!(out, ": {}", md(&run.command));
+            }
+            if let (Some(repository), Some(branch)) = (&run.repository, &run.branch) {
+                let _ = write!(
+                    out,
+                    " (on {}, as {} in the guest)",
+                    md(repository),
+                    md(branch)
+                );
+            }
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    let notes: Vec<String> = plan
+        .conflicts
+        .iter()
+        .map(|c| format!("conflict: {} on {}: {}", c.vm, c.provider, c.message))
+        .chain(plan.drift.iter().map(|d| {
+            let fix = if d.healed {
+                "healed by this plan"
+            } else {
+                "reported only"
+            };
+            format!("drift: {} on {}: {}; {fix}", d.vm, d.provider, d.what)
+        }))
+        .chain(plan.secrets.iter().map(super::secrets::line))
+        .collect();
+    if !notes.is_empty() {
+        let _ = writeln!(out, "#### Notes\n");
+        for note in notes {
+            let _ = writeln!(out, "- {}", md(note.trim()));
+        }
+        out.push('\n');
+    }
+    for step in &plan.steps {
+        if let Some(diff) = step_diff(step) {
+            let fence = "`".repeat(longest_run(&diff, '`').max(2) + 1);
+            let _ = writeln!(
+                out,
+                "<details><summary>{} {}</summary>\n\n{fence}diff\n{diff}{fence}\n\n</details>\n",
+                step.action().as_str(),
+                md(&step.vm)
+            );
+        }
+    }
+    let _ = writeln!(out, "<sub>plan digest `{}`</sub>", plan.digest);
+    out
+}
+
+/// Text a revision wrote, safe in Markdown and in a table cell: its punctuation escaped,
+/// line breaks and HTML-significant characters made inert, mentions broken.
+fn md(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' | '`' | '*' | '_' | '{' | '}' | '[' | ']' | '(' | ')' | '#' | '+' | '-' | '.'
+            | '!' | '|' | '~' | '>' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '<' => out.push_str("&lt;"),
+            '&' => out.push_str("&amp;"),
+            '@' => out.push_str("@\u{200b}"),
+            '\n' | '\r' => out.push(' '),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The longest run of `c` in `text`.
+fn longest_run(text: &str, c: char) -> usize {
+    text.split(|x| x != c).map(str::len).max().unwrap_or(0)
+}

@@ -35,7 +35,7 @@ pub enum RunChange {
 }
 
 impl RunChange {
-    fn symbol(self) -> &'static str {
+    pub(crate) fn symbol(self) -> &'static str {
         match self {
             RunChange::Start => "+",
             RunChange::RunAgain => "~",

@@ -929,3 +929,74 @@ fn field_names_are_the_configuration_keys() {
         );
     }
 }
+
+#[test]
+fn the_markdown_plan_is_a_pull_request_comment_nothing_committed_can_inject_into() {
+    use super::task_runs::{RunChange, TaskRun};
+    let before = desired(&[vm("keep", "  protect: true\n")]);
+    let after = desired(&[vm("a", "")]);
+    let o = observed(vec![applied(&before.vms["keep"], true)]);
+    let p = plan(&after, &o);
+    let runs = vec![TaskRun {
+        task: "hello".into(),
+        vm: "a".into(),
+        change: RunChange::Start,
+        command: "claude agent: [click](https://x.invalid) @team <img src=x> | `rm`\n# heading"
+            .into(),
+        repository: Some("https://git.example.org/app@main".into()),
+        branch: Some("fleet/hello".into()),
+    }];
+    let digest = p.approval_digest.clone().expect("held");
+    let text = render::markdown(&p, &runs)
+        .replace(&p.digest, "[DIGEST]")
+        .replace(&digest, "[APPROVAL]")
+        .replace(&digest[..12], "[ID]")
+        .replace('\u{200b}', "[ZWSP]");
+    expect![[r####"
+        ### fleet plan: lab at `c0ffee000000`
+
+        **1 to create · 1 held for approval · 1 task run(s) to start**
+
+        | | action | VM | provider | why |
+        |---|---|---|---|---|
+        | `+` | create | a | local | not found on the provider |
+
+        #### Held for approval
+
+        Approve by committing `fleet/hitl/approval-[ID].yaml` with `spec.approve: "[APPROVAL]"` (or `fleet hitl answer approval-[ID] [APPROVAL]` on the host).
+
+        | | action | VM | provider | why |
+        |---|---|---|---|---|
+        | `-` | destroy | keep | local | keep is protected \(recorded in its stamp\): set protect: false and apply that first, or approve |
+
+        #### Task runs
+
+        - `+` start task **hello** on VM **a**: claude agent: \[click\]\(https://x\.invalid\) @[ZWSP]team &lt;img src=x\> \| \`rm\` \# heading (on https://git\.example\.org/app@[ZWSP]main, as fleet/hello in the guest)
+
+        <details><summary>create a</summary>
+
+        ```diff
+        --- a (applied)
+        +++ a (desired)
+        @@ -0,0 +1,10 @@
+        +provider: local
+        +domainType: qemu
+        +image:
+        +  name: micro
+        +  kernel: build/image/vmlinuz
+        +  initrd: build/image/initrd.img
+        +cpus: 1
+        +memoryMiB: 512
+        +network: isolated
+        +protect: false
+        ```
+
+        </details>
+
+        <sub>plan digest `[DIGEST]`</sub>
+    "####]].assert_eq(&text);
+    // Nothing committed became a link, an image, a mention or a tag.
+    for made in ["](https", "<img", "@team", "\n# heading"] {
+        assert!(!text.contains(made), "{made:?} in:\n{text}");
+    }
+}
