@@ -546,7 +546,10 @@ async fn plan_cmd(ws: &Workspace, args: &PlanArgs) -> Result<ExitCode> {
     };
     match format {
         PlanFormat::Json => print!("{}", render::json(&plan)),
-        PlanFormat::Markdown => print!("{}", render::markdown(&plan, &task_runs_of(ws, &desired))),
+        PlanFormat::Markdown => print!(
+            "{}",
+            render::markdown(&plan, &reconcile::task_runs(ws, &desired))
+        ),
         PlanFormat::Text => {
             print!("{}", render::text(&plan));
             print!("{}", task_runs_text(ws, &desired));
@@ -574,31 +577,7 @@ async fn plan_cmd(ws: &Workspace, args: &PlanArgs) -> Result<ExitCode> {
 /// The task runs the revision starts, runs again or cancels, against the runs the status
 /// directory records (none, for a pull request planned in CI: every task starts).
 fn task_runs_text(ws: &Workspace, desired: &crate::resolve::Desired) -> String {
-    crate::plan::task_runs::render(&task_runs_of(ws, desired))
-}
-
-/// The task runs `desired` starts, runs again or cancels, against the recorded runs.
-fn task_runs_of(
-    ws: &Workspace,
-    desired: &crate::resolve::Desired,
-) -> Vec<crate::plan::task_runs::TaskRun> {
-    use crate::plan::task_runs::{self, RecordedRun};
-    let recorded = ws
-        .status
-        .read_task_records()
-        .into_iter()
-        .map(|(name, r)| {
-            let run = RecordedRun {
-                vm: r.vm,
-                task_hash: r.task_hash,
-                run_hash: r.spec_hash,
-                // A pending run is replaced in place, not cancelled.
-                active: r.phase.is_active(),
-            };
-            (name, run)
-        })
-        .collect();
-    task_runs::task_runs(&desired.tasks, &recorded)
+    crate::plan::task_runs::render(&reconcile::task_runs(ws, desired))
 }
 
 /// Signals the running `fleet serve` of this status directory (SIGUSR1): fetch and

@@ -89,6 +89,30 @@ pub fn verify(
     }
 }
 
+/// The task runs `desired` starts, runs again or cancels, against the recorded runs.
+pub fn task_runs(
+    ws: &Workspace,
+    desired: &crate::resolve::Desired,
+) -> Vec<crate::plan::task_runs::TaskRun> {
+    use crate::plan::task_runs::{self, RecordedRun};
+    let recorded = ws
+        .status
+        .read_task_records()
+        .into_iter()
+        .map(|(name, r)| {
+            let run = RecordedRun {
+                vm: r.vm,
+                task_hash: r.task_hash,
+                run_hash: r.spec_hash,
+                // A pending run is replaced in place, not cancelled.
+                active: r.phase.is_active(),
+            };
+            (name, run)
+        })
+        .collect();
+    task_runs::task_runs(&desired.tasks, &recorded)
+}
+
 /// What a planning pass saw and decided, and what it decided from.
 pub struct Planned {
     pub observed: Observed,

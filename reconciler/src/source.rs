@@ -403,14 +403,34 @@ pub fn branch_tip(root: &Path, branch: &str) -> Result<Option<String>, SourceErr
 
 /// Fetches `refspec` from the repository at the local `url` (a path or `file://`) into
 /// `root`, with libgit2 (no process, no hook).
-pub fn fetch_local(root: &Path, url: &str, refspec: &str) -> Result<(), SourceError> {
+pub fn fetch_local(root: &Path, url: &str, refspecs: &[String]) -> Result<(), SourceError> {
     let repo = open(root)?;
     let git = |source| SourceError::Git {
         path: url.to_owned(),
         source,
     };
     let mut remote = repo.remote_anonymous(url).map_err(git)?;
-    remote.fetch(&[refspec], None, None).map_err(git)
+    remote.fetch(refspecs, None, None).map_err(git)
+}
+
+/// The refs of the repository at `root` matching `patterns` (`refs/pull/*/head`), with
+/// the commit each points to, by name.
+pub fn refs_matching(root: &Path, patterns: &[String]) -> BTreeMap<String, String> {
+    let Ok(repo) = open(root) else {
+        return BTreeMap::new();
+    };
+    let mut found = BTreeMap::new();
+    for pattern in patterns {
+        let Ok(refs) = repo.references_glob(pattern) else {
+            continue;
+        };
+        for r in refs.flatten() {
+            if let (Ok(name), Ok(commit)) = (r.name().map(str::to_owned), r.peel_to_commit()) {
+                found.insert(name, commit.id().to_string());
+            }
+        }
+    }
+    found
 }
 
 /// Whether `commit` is `ancestor` or descends from it (false when either is unknown).

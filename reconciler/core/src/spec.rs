@@ -699,6 +699,10 @@ pub struct HostSource {
     /// The https user sent with the token. Default `fleet`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
+    /// Refs fleet also fetches and plans read-only, publishing each plan under
+    /// `status/previews/` (`refs/pull/*/head`, `refs/heads/proposed/*`): at most one `*`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preview_refs: Vec<String>,
 }
 
 /// Signed commits. With trust roots, a revision is applied only when its commit carries

@@ -36,6 +36,8 @@ pub struct Follow {
     credential_file: Option<PathBuf>,
     username: Option<String>,
     git: HostGit,
+    /// Refs fetched and planned read-only (`source.previewRefs`).
+    pub preview_refs: Vec<String>,
 }
 
 impl Follow {
@@ -56,6 +58,7 @@ impl Follow {
             credential_file: source.credential_file.as_ref().map(|p| PathBuf::from(&p.0)),
             username: source.username.clone(),
             git: git.clone(),
+            preview_refs: source.preview_refs.clone(),
         })
     }
 
@@ -63,9 +66,10 @@ impl Follow {
     /// daemon against the revision in force). Blocking: run it off the async threads.
     pub fn fetch(&self) -> Result<Fetched> {
         let before = crate::source::branch_tip(&self.mirror, &self.branch)?;
-        let refspec = format!("+refs/heads/{b}:refs/heads/{b}", b = self.branch);
+        let mut refspecs = vec![format!("+refs/heads/{b}:refs/heads/{b}", b = self.branch)];
+        refspecs.extend(self.preview_refs.iter().map(|p| format!("+{p}:{p}")));
         if self.url.starts_with("file://") {
-            crate::source::fetch_local(&self.mirror, &self.url, &refspec)?;
+            crate::source::fetch_local(&self.mirror, &self.url, &refspecs)?;
         } else {
             let credential = self.credential()?;
             let fleet = std::env::current_exe().context("locating the fleet binary")?;
@@ -74,7 +78,7 @@ impl Follow {
                 git: &self.git,
                 fleet: &fleet,
             };
-            crate::tasks::remote::fetch(&self.mirror, &self.url, &[refspec], &access).map_err(
+            crate::tasks::remote::fetch(&self.mirror, &self.url, &refspecs, &access).map_err(
                 |why| anyhow::anyhow!("fetching {} from {}: {why}", self.branch, self.url),
             )?;
         }

@@ -154,6 +154,7 @@ fn followed_source(
                 poll_interval: None,
                 credential_file: None,
                 username: None,
+                preview_refs: Vec::new(),
             });
             source.url = url.clone();
             source
@@ -307,6 +308,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         baseline,
         suspended: None,
         suspended_plan: None,
+        previewed: BTreeMap::new(),
     };
     let mut shutdown = false;
     let mut fetch_now = true;
@@ -315,6 +317,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
             daemon.fetch().await;
         }
         daemon.reconcile().await;
+        daemon.previews().await;
         let finished = Instant::now();
         let wake = daemon.next_wake();
         // Wait for a trigger or the next deadline, then drain what else is queued.
@@ -387,6 +390,8 @@ struct Daemon {
     baseline: Option<(String, bool)>,
     /// Why nothing is applied, as last written to the summary.
     suspended: Option<String>,
+    /// The commit each preview ref was last planned at.
+    previewed: BTreeMap<String, String>,
     /// The digest of the plan last reported while suspended.
     suspended_plan: Option<String>,
 }
@@ -423,6 +428,135 @@ impl Daemon {
             Some(_) => wake.min(self.next_fetch),
             None => wake,
         }
+    }
+
+    /// Plans each preview ref (`source.previewRefs`) whose commit changed, read-only, and
+    /// publishes the plan under `status/previews/<ref>/`. Nothing is applied, recorded as
+    /// approved, or decrypted: a preview is a pull request's `fleet plan`, made where the
+    /// hypervisors can be seen.
+    async fn previews(&mut self) {
+        let Some(follow) = self.follow.clone() else {
+            return;
+        };
+        if follow.preview_refs.is_empty() {
+            return;
+        }
+        let refs = crate::source::refs_matching(&self.ws.repo_root, &follow.preview_refs);
+        self.previewed.retain(|name, _| refs.contains_key(name));
+        for (name, commit) in refs {
+            if self.previewed.get(&name) == Some(&commit) {
+                continue;
+            }
+            self.previewed.insert(name.clone(), commit.clone());
+            let (markdown, json, summary) = self.preview(&name).await;
+            let slug: String = name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .collect();
+            if let Err(e) = self.ws.status.write_preview(&slug, &markdown, &json) {
+                tracing::warn!("cannot publish the preview of {name}: {e}");
+                continue;
+            }
+            let _ = self.ws.status.append_event(&crate::status::Event::fleet(
+                crate::status::EventKind::PreviewPlanned,
+                Some(commit.clone()),
+                format!(
+                    "{name} at {} planned: {summary} (status/previews/{slug}/plan.md)",
+                    &commit[..commit.len().min(12)]
+                ),
+            ));
+        }
+    }
+
+    /// The preview of `reference`: Markdown, JSON and a one-line summary.
+    async fn preview(&self, reference: &str) -> (String, String, String) {
+        let mut snapshot = match crate::source::from_git(
+            &self.ws.repo_root,
+            &self.ws.fleet_dir,
+            Some(reference),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                let why = e.to_string();
+                return (
+                    format!(
+                        "### fleet plan: {reference}
+
+Not readable: `{why}`
+"
+                    ),
+                    serde_json::json!({ "error": why }).to_string(),
+                    "not readable".into(),
+                );
+            }
+        };
+        let unsigned = reconcile::verify(&self.ws, self.verifier.as_ref(), &mut snapshot).err();
+        let desired = match reconcile::desired(&snapshot, &self.host) {
+            Ok(d) => d,
+            Err(diags) => {
+                let lines: Vec<String> = diags.iter().map(ToString::to_string).collect();
+                let fence = "`".repeat(
+                    lines
+                        .iter()
+                        .flat_map(|l| l.split(|c| c != '`'))
+                        .map(str::len)
+                        .max()
+                        .unwrap_or(0)
+                        .max(2)
+                        + 1,
+                );
+                return (
+                    format!(
+                        "### fleet plan: {reference}
+
+**{} diagnostic(s): fleet would refuse this revision**
+
+{fence}
+{}
+{fence}
+",
+                        lines.len(),
+                        lines.join(
+                            "
+"
+                        )
+                    ),
+                    serde_json::json!({ "diagnostics": lines }).to_string(),
+                    format!("{} diagnostic(s)", lines.len()),
+                );
+            }
+        };
+        let planned = reconcile::plan_pass(
+            &self.ws,
+            &desired,
+            &self.drivers,
+            &crate::secrets::Vault::default(),
+            BTreeMap::new(),
+        )
+        .await;
+        let runs = reconcile::task_runs(&self.ws, &desired);
+        let mut markdown = crate::plan::render::markdown(&planned.plan, &runs);
+        if let Some(why) = unsigned {
+            markdown = format!(
+                "> [!WARNING]
+> fleet serve would refuse this revision: {}
+
+{markdown}",
+                why.to_string().replace(['\n', '<', '>'], " ")
+            );
+        }
+        let summary = markdown
+            .lines()
+            .find_map(|l| l.strip_prefix("**").and_then(|l| l.strip_suffix("**")))
+            .unwrap_or("planned")
+            .to_owned();
+        (markdown, crate::plan::render::json(&planned.plan), summary)
     }
 
     /// Writes a change of suspension to the summary (and, for `policy.suspend`, an event;

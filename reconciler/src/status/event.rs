@@ -59,6 +59,7 @@ event_kinds! {
     Suspended = "fleet.suspended",
     Resumed = "fleet.resumed",
     WebhookRefused = "webhook.refused",
+    PreviewPlanned = "preview.planned",
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -548,6 +548,12 @@ impl StatusDir {
         self.write_file("plan.json", render::json(plan).as_bytes())
     }
 
+    /// Publishes the plan of a preview ref (`previews/<slug>/plan.md`, `plan.json`).
+    pub fn write_preview(&self, slug: &str, markdown: &str, json: &str) -> std::io::Result<()> {
+        self.write_file(&format!("previews/{slug}/plan.md"), markdown.as_bytes())?;
+        self.write_file(&format!("previews/{slug}/plan.json"), json.as_bytes())
+    }
+
     /// The plan last written (`plan.txt`, `plan.json`), for the page.
     pub fn read_plan_files(&self) -> (Option<String>, Option<Vec<u8>>) {
         let text = self.read_file("plan.txt").ok();

@@ -449,3 +449,46 @@ fn a_signed_webhook_fetches_now_and_a_bad_signature_gets_401() {
     );
     assert_eq!(post(port, &[], &"x".repeat(2 * 1024 * 1024)), 413);
 }
+
+#[test]
+fn a_proposed_branch_is_planned_read_only_and_published() {
+    let (origin, host) = remote_and_host("1h");
+    let text = std::fs::read_to_string(host.host_config_path()).expect("host config");
+    host.host_config(&text.replace(
+        "pollInterval: 1h}",
+        "pollInterval: 1h, previewRefs: ['refs/heads/proposed/*']}",
+    ));
+    let _daemon = Daemon::start(&host);
+    let first = String::from_utf8_lossy(&origin.git(&["rev-parse", "HEAD"]).stdout)
+        .trim()
+        .to_owned();
+    wait_until("the remote's tip is applied", Duration::from_secs(20), || {
+        applied(&host).contains(&first)
+    });
+    // A proposal adds VM p and destroys a: planned, never applied.
+    origin.git(&["checkout", "-q", "-b", "proposed/more"]);
+    origin.remove("fleet/vms/a.yaml");
+    origin.write("fleet/vms/p.yaml", vm("p"));
+    origin.commit("a proposal");
+    origin.git(&["checkout", "-q", "main"]);
+    host.fleet(&["reconcile"]).expect_code(0);
+    let published = host
+        .path()
+        .join(".fleet/status/previews/refs-heads-proposed-more/plan.md");
+    wait_until("the preview is published", Duration::from_secs(10), || {
+        published.exists()
+    });
+    let markdown = std::fs::read_to_string(&published).expect("plan.md");
+    assert!(markdown.contains("1 to create, 1 to destroy"), "{markdown}");
+    assert!(markdown.contains("| create | p |"), "{markdown}");
+    assert!(
+        host.path()
+            .join(".fleet/status/previews/refs-heads-proposed-more/plan.json")
+            .exists()
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(!vm_record(&host, "p"), "a preview created a VM");
+    assert!(vm_record(&host, "a"), "a preview destroyed a VM");
+    assert!(applied(&host).contains(&first), "{}", summary(&host));
+    assert!(events(&host).contains("preview.planned"), "{}", events(&host));
+}

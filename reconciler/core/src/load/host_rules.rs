@@ -20,6 +20,21 @@ pub fn check_host_object(o: &Object<HostDocument>, diags: &mut Vec<Diagnostic>) 
             "approvers are principals of signed commits: set trust.allowedSigners (an OpenSSH allowed-signers file) or trust.openpgpKeyring too",
         ));
     }
+    if let Some(source) = &o.doc.spec.source {
+        for (i, pattern) in source.preview_refs.iter().enumerate() {
+            let valid = pattern.starts_with("refs/")
+                && pattern.matches('*').count() <= 1
+                && !pattern.contains("..")
+                && !pattern.contains("//")
+                && !pattern.ends_with('/')
+                && pattern
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "/*-_.".contains(c));
+            if !valid {
+                diags.push(o.field_error(&format!("/spec/source/previewRefs/{i}"), format!("{pattern:?} is not a ref pattern: write refs/… with letters, digits, / - _ . and at most one *, as refs/pull/*/head")));
+            }
+        }
+    }
     let mut seen = std::collections::BTreeMap::new();
     for (i, p) in o.doc.spec.providers.iter().enumerate() {
         super::unique_in_list(
