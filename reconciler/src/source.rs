@@ -29,6 +29,8 @@ pub enum SourceError {
         MAX_SNAPSHOT_BYTES / (1024 * 1024)
     )]
     TooLarge { path: String },
+    #[error("pushing to {url}: {source}")]
+    Push { url: String, source: git2::Error },
     #[error("{path}: {why}; git fsck shows such objects, which git itself never writes")]
     Malformed { path: String, why: String },
     #[error("HEAD is detached; pass --branch to say which branch to follow")]
@@ -443,4 +445,33 @@ pub fn descends(root: &Path, commit: &str, ancestor: &str) -> bool {
         return false;
     };
     commit == ancestor || repo.graph_descendant_of(commit, ancestor).unwrap_or(false)
+}
+
+/// The notes ref fleet writes what became of each applied commit to.
+pub const NOTES_REF: &str = "refs/notes/fleet";
+
+/// Writes (or replaces) `text` as the `NOTES_REF` note on `commit`.
+pub fn write_note(root: &Path, commit: &str, text: &str) -> Result<(), SourceError> {
+    let repo = open(root)?;
+    let git = |source| SourceError::Git {
+        path: NOTES_REF.to_owned(),
+        source,
+    };
+    let oid = git2::Oid::from_str(commit).map_err(git)?;
+    let signature = git2::Signature::now("fleet", "fleet@localhost").map_err(git)?;
+    repo.note(&signature, &signature, Some(NOTES_REF), oid, text, true)
+        .map(|_| ())
+        .map_err(git)
+}
+
+/// Pushes `refspec` from `root` to the local repository at `url` (a path or `file://`),
+/// with libgit2 (no hook of the target runs).
+pub fn push_local(root: &Path, url: &str, refspec: &str) -> Result<(), SourceError> {
+    let repo = open(root)?;
+    let git = |source| SourceError::Push {
+        url: url.to_owned(),
+        source,
+    };
+    let mut remote = repo.remote_anonymous(url).map_err(git)?;
+    remote.push(&[refspec], None).map_err(git)
 }

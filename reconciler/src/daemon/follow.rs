@@ -94,6 +94,25 @@ impl Follow {
         })
     }
 
+    /// Pushes fleet's notes (`source::NOTES_REF`) to the source, never forced: notes
+    /// another writer added first make it fail, and the next push tries again.
+    pub fn push_notes(&self) -> Result<()> {
+        let refspec = format!("{r}:{r}", r = crate::source::NOTES_REF);
+        if self.url.starts_with("file://") {
+            crate::source::push_local(&self.mirror, &self.url, &refspec)?;
+            return Ok(());
+        }
+        let credential = self.credential()?;
+        let fleet = std::env::current_exe().context("locating the fleet binary")?;
+        let access = crate::tasks::repo::Access {
+            credential: credential.as_ref(),
+            git: &self.git,
+            fleet: &fleet,
+        };
+        crate::tasks::remote::push_refspec(&self.mirror, &self.url, &refspec, &access)
+            .map_err(|why| anyhow::anyhow!("pushing fleet's notes to {}: {why}", self.url))
+    }
+
     /// The credential file's contents, read for each fetch (a rotated key is used at once).
     fn credential(&self) -> Result<Option<Credential>> {
         let Some(path) = &self.credential_file else {

@@ -87,6 +87,9 @@ fn page_token(options: &ServeOptions) -> Result<Option<secrecy::SecretString>> {
     Ok(Some(secrecy::SecretString::from(token.to_owned())))
 }
 
+/// The least time between the starts of two fetches of the followed remote.
+const MIN_FETCH_GAP: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The least time between the end of a pass and one that only agents' presence starts.
 const AGENT_TRIGGER_GAP: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -98,6 +101,15 @@ struct Woken {
     by_other: bool,
     /// Told to fetch the followed remote now.
     fetch: bool,
+    /// Fetches that finished.
+    fetched: Vec<FetchOutcome>,
+}
+
+/// What a background fetch of the followed remote found, and how long it took.
+#[derive(Debug)]
+pub struct FetchOutcome {
+    result: std::result::Result<follow::Fetched, String>,
+    took: std::time::Duration,
 }
 
 impl Woken {
@@ -107,6 +119,10 @@ impl Woken {
             Some(Trigger::Agent) => {}
             Some(Trigger::Fetch) => {
                 self.fetch = true;
+                self.by_other = true;
+            }
+            Some(Trigger::Fetched(outcome)) => {
+                self.fetched.push(*outcome);
                 self.by_other = true;
             }
             Some(t) => {
@@ -130,6 +146,8 @@ pub enum Trigger {
     Agent,
     /// `fleet reconcile` (SIGUSR1) or a webhook: fetch the followed remote and reconcile now.
     Fetch,
+    /// A fetch of the followed remote finished.
+    Fetched(Box<FetchOutcome>),
     Shutdown,
 }
 
@@ -304,17 +322,21 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         next_resync: Instant::now(),
         follow,
         next_fetch: Instant::now(),
+        fetching: false,
+        fetch_again: false,
+        fetch_started: None,
         fetch_error: None,
         baseline,
         suspended: None,
         suspended_plan: None,
         previewed: BTreeMap::new(),
+        noted: None,
     };
     let mut shutdown = false;
     let mut fetch_now = true;
     while !shutdown {
         if fetch_now || Instant::now() >= daemon.next_fetch {
-            daemon.fetch().await;
+            daemon.start_fetch(fetch_now);
         }
         daemon.reconcile().await;
         daemon.previews().await;
@@ -341,6 +363,9 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         }
         shutdown = woken.shutdown;
         fetch_now = woken.fetch;
+        for outcome in woken.fetched {
+            fetch_now |= daemon.record_fetch(outcome);
+        }
     }
     eprintln!("fleet serve: stopping");
     for driver in daemon.drivers.values() {
@@ -383,6 +408,11 @@ struct Daemon {
     /// The remote followed, if any, and when it is fetched next.
     follow: Option<Arc<follow::Follow>>,
     next_fetch: Instant,
+    /// A fetch runs (in the background: a slow remote never holds a pass back), and
+    /// whether another was asked for meanwhile.
+    fetching: bool,
+    fetch_again: bool,
+    fetch_started: Option<Instant>,
     /// The last fetch's error, reported once while it repeats.
     fetch_error: Option<String>,
     /// The revision in force, and whether it lets a tip that does not descend from it be
@@ -392,6 +422,8 @@ struct Daemon {
     suspended: Option<String>,
     /// The commit each preview ref was last planned at.
     previewed: BTreeMap<String, String>,
+    /// The commit last given a git note.
+    noted: Option<String>,
     /// The digest of the plan last reported while suspended.
     suspended_plan: Option<String>,
 }
@@ -427,6 +459,45 @@ impl Daemon {
         match &self.follow {
             Some(_) => wake.min(self.next_fetch),
             None => wake,
+        }
+    }
+
+    /// Writes what became of the applied commit as a git note (`refs/notes/fleet`), when
+    /// its revision is new or the pass changed something, and pushes the notes to the
+    /// followed remote in the background.
+    fn note(&mut self, desired: &Desired, plan: &crate::plan::Plan, applied: &reconcile::Applied) {
+        let commit = &desired.revision.id;
+        if commit.starts_with("worktree:")
+            || (self.noted.as_deref() == Some(commit.as_str()) && !plan.has_changes())
+        {
+            return;
+        }
+        let Some(outcome) = &applied.summary.last_reconcile else {
+            return;
+        };
+        let text = format!(
+            "fleet: {}\noutcome: {:?}\nplan: {}\nsteps: {} done, {} failed, {} held\nat: {}\nby: fleet {}\n",
+            desired.fleet,
+            outcome.outcome,
+            plan.digest(),
+            outcome.succeeded,
+            outcome.failed,
+            plan.held().len(),
+            crate::time::Timestamp::from(SystemTime::now()),
+            env!("CARGO_PKG_VERSION"),
+        )
+        .to_lowercase();
+        if let Err(e) = crate::source::write_note(&self.ws.repo_root, commit, &text) {
+            tracing::warn!("cannot write the git note on {commit}: {e}");
+            return;
+        }
+        self.noted = Some(commit.clone());
+        if let Some(follow) = self.follow.clone() {
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = follow.push_notes() {
+                    tracing::warn!("{e:#}");
+                }
+            });
         }
     }
 
@@ -595,27 +666,57 @@ Not readable: `{why}`
         self.suspended = now.clone();
     }
 
-    /// Fetches the followed remote (off the async threads), records what it found in the
-    /// summary, and reports a failure once while it repeats; the last good revision stays.
-    async fn fetch(&mut self) {
+    /// Starts a fetch of the followed remote in the background, unless one runs (then,
+    /// when `asked` by `fleet reconcile` or a webhook, it runs again when that one ends). Fetches start at least `MIN_FETCH_GAP` apart, so a
+    /// flood of triggers (a replayed webhook) costs at most one a second.
+    fn start_fetch(&mut self, asked: bool) {
         let Some(follow) = self.follow.clone() else {
             return;
         };
+        if self.fetching {
+            // A poll that comes due meanwhile is the fetch under way.
+            self.fetch_again |= asked;
+            return;
+        }
+        if let Some(last) = self.fetch_started
+            && last.elapsed() < MIN_FETCH_GAP
+        {
+            self.next_fetch = last + MIN_FETCH_GAP;
+            return;
+        }
+        self.fetching = true;
+        self.fetch_started = Some(Instant::now());
         self.next_fetch = Instant::now() + follow.interval;
-        let started = Instant::now();
-        let fetched = tokio::task::spawn_blocking({
-            let follow = follow.clone();
-            move || follow.fetch()
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("the fetch panicked: {e}"))
-        .and_then(|r| r);
-        self.metrics.observe_fetch(started.elapsed().as_secs_f64());
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = tokio::task::spawn_blocking(move || follow.fetch())
+                .await
+                .map_err(|e| anyhow::anyhow!("the fetch panicked: {e}"))
+                .and_then(|r| r)
+                .map_err(|e| format!("{e:#}"));
+            let _ = tx.send(Trigger::Fetched(Box::new(FetchOutcome {
+                result,
+                took: started.elapsed(),
+            })));
+        });
+    }
+
+    /// Records what a fetch found in the summary (a failure reported once while it
+    /// repeats; the last good revision stays). True when another fetch was asked for
+    /// while it ran.
+    fn record_fetch(&mut self, outcome: FetchOutcome) -> bool {
+        self.fetching = false;
+        let again = std::mem::take(&mut self.fetch_again);
+        let Some(follow) = self.follow.clone() else {
+            return again;
+        };
+        self.metrics.observe_fetch(outcome.took.as_secs_f64());
         let mut summary = self.ws.status.read_summary().unwrap_or_default();
         let state = summary.source.get_or_insert_with(Default::default);
         state.url = follow.url.clone();
         state.branch = follow.branch.clone();
-        match fetched {
+        match outcome.result {
             Ok(found) => {
                 let tip = match &found {
                     follow::Fetched::Same(tip) | follow::Fetched::Moved { to: tip, .. } => tip,
@@ -642,8 +743,7 @@ Not readable: `{why}`
                     ));
                 }
             }
-            Err(e) => {
-                let why = format!("{e:#}");
+            Err(why) => {
                 state.error = Some(why.clone());
                 if self.fetch_error.as_ref() != Some(&why) {
                     tracing::warn!("{why}");
@@ -657,6 +757,7 @@ Not readable: `{why}`
             }
         }
         let _ = self.ws.status.write_summary(&summary);
+        again
     }
 
     async fn reconcile(&mut self) {
@@ -766,6 +867,7 @@ Not readable: `{why}`
                 tracing::warn!(vm = %result.vm, "step failed; next try in {delay:?}");
             }
         }
+        self.note(&desired, &plan, &applied);
         self.metrics.set_phases(&applied.summary.counts);
         if plan.has_changes() {
             let now = SystemTime::now()
@@ -780,6 +882,12 @@ Not readable: `{why}`
     /// Reads the branch tip; keeps the last good revision when the new one does not load.
     fn load_revision(&mut self) -> Result<()> {
         let rev = format!("refs/heads/{}", self.branch);
+        // Following a remote, the mirror has no branch until the first fetch ends.
+        if self.follow.is_some()
+            && crate::source::branch_tip(&self.ws.repo_root, &self.branch)?.is_none()
+        {
+            return Ok(());
+        }
         let mut snapshot =
             crate::source::from_git(&self.ws.repo_root, &self.ws.fleet_dir, Some(&rev))?;
         if self

@@ -81,6 +81,25 @@ pub fn push(
     run_git(git_dir, url, &args, access)
 }
 
+/// Pushes `refspec` (never forced unless it says `+`) from the repository at `git_dir`
+/// to `url`.
+pub fn push_refspec(
+    git_dir: &Path,
+    url: &str,
+    refspec: &str,
+    access: &super::repo::Access,
+) -> Result<(), String> {
+    let args = [
+        "push".to_owned(),
+        "--quiet".to_owned(),
+        "--no-verify".to_owned(),
+        "--".to_owned(),
+        url.to_owned(),
+        refspec.to_owned(),
+    ];
+    run_git(git_dir, url, &args, access)
+}
+
 /// Runs `git --git-dir GIT_DIR ARGS` for `url` with the access it needs.
 fn run_git(
     git_dir: &Path,

@@ -462,9 +462,11 @@ fn a_proposed_branch_is_planned_read_only_and_published() {
     let first = String::from_utf8_lossy(&origin.git(&["rev-parse", "HEAD"]).stdout)
         .trim()
         .to_owned();
-    wait_until("the remote's tip is applied", Duration::from_secs(20), || {
-        applied(&host).contains(&first)
-    });
+    wait_until(
+        "the remote's tip is applied",
+        Duration::from_secs(20),
+        || applied(&host).contains(&first),
+    );
     // A proposal adds VM p and destroys a: planned, never applied.
     origin.git(&["checkout", "-q", "-b", "proposed/more"]);
     origin.remove("fleet/vms/a.yaml");
@@ -490,5 +492,47 @@ fn a_proposed_branch_is_planned_read_only_and_published() {
     assert!(!vm_record(&host, "p"), "a preview created a VM");
     assert!(vm_record(&host, "a"), "a preview destroyed a VM");
     assert!(applied(&host).contains(&first), "{}", summary(&host));
-    assert!(events(&host).contains("preview.planned"), "{}", events(&host));
+    assert!(
+        events(&host).contains("preview.planned"),
+        "{}",
+        events(&host)
+    );
+}
+
+#[test]
+fn each_applied_commit_gets_a_git_note_pushed_back_to_the_source() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (origin, host) = remote_and_host("1s");
+    let bare = bare_of(&origin, dir.path());
+    let text = std::fs::read_to_string(host.host_config_path()).expect("host config");
+    host.host_config(&text.replace(
+        &format!("file://{}", origin.path().display()),
+        &format!("file://{}", bare.display()),
+    ));
+    let _daemon = Daemon::start(&host);
+    origin.write("fleet/vms/b.yaml", vm("b"));
+    let pushed = origin.commit("a second VM");
+    push(&origin, &bare);
+    wait_until("the push is applied", Duration::from_secs(15), || {
+        applied(&host).contains(&pushed)
+    });
+    let note = || {
+        std::process::Command::new("git")
+            .args(["--git-dir", &bare.display().to_string()])
+            .args(["notes", "--ref=fleet", "show", &pushed])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    wait_until(
+        "the note reaches the source",
+        Duration::from_secs(10),
+        || note().is_some(),
+    );
+    let note = note().expect("a note");
+    assert!(
+        note.contains("outcome: converged") && note.contains("steps: 1 done, 0 failed, 0 held"),
+        "{note}"
+    );
 }
