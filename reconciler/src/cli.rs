@@ -316,6 +316,8 @@ pub fn run(cli: Cli) -> ExitCode {
                 let who = crate::hitl::local_user();
                 ws.status
                     .set_host_suspension(Some(&format!("by {who}: {reason}")))?;
+                // A running fleet serve says so at once (none running is fine).
+                let _ = signal_serve(&ws);
                 println!("suspended: fleet applies nothing until `fleet resume`");
                 Ok(ExitCode::SUCCESS)
             }
@@ -583,12 +585,31 @@ fn task_runs_text(ws: &Workspace, desired: &crate::resolve::Desired) -> String {
 /// Signals the running `fleet serve` of this status directory (SIGUSR1): fetch and
 /// reconcile now. Its PID is the lock's holder's.
 fn signal_serve(ws: &Workspace) -> Result<u32> {
+    // The lock names the PID to signal: it must be a file only its owner (or root) wrote,
+    // and the PID a fleet process, or a signal could reach anything.
+    crate::fsguard::check_owned_chain(&ws.status.root().join("lock"))
+        .map_err(|e| anyhow::anyhow!("not signalling: {e}"))?;
     let holder = crate::status::lock::StatusLock::holder(ws.status.root()).with_context(|| {
         format!(
             "no fleet serve holds {}; `fleet apply` reconciles once",
             ws.status.root().display()
         )
     })?;
+    let exe = std::fs::read_link(format!("/proc/{}/exe", holder.pid)).unwrap_or_default();
+    let ours = std::env::current_exe().unwrap_or_default();
+    let name = |p: &std::path::Path| {
+        p.file_name().map(|n| {
+            n.to_string_lossy()
+                .trim_end_matches(" (deleted)")
+                .to_owned()
+        })
+    };
+    anyhow::ensure!(
+        name(&exe).is_some() && name(&exe) == name(&ours),
+        "PID {} (from {}) is not a fleet process; not signalling it",
+        holder.pid,
+        ws.status.root().join("lock").display()
+    );
     anyhow::ensure!(
         holder.command == "fleet serve",
         "{} is held by {} (PID {}), not fleet serve",

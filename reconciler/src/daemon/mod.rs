@@ -166,6 +166,10 @@ fn followed_source(
                     .any(|scheme| url.starts_with(scheme)),
                 "--source {url:?}: follow an https://, ssh:// or file:// URL"
             );
+            anyhow::ensure!(
+                !crate::load::url_has_password(url),
+                "--source: a password in the URL would be shown in logs and status files; put the token in the host source's credentialFile"
+            );
             let mut source = configured.clone().unwrap_or(crate::spec::HostSource {
                 url: String::new(),
                 branch: None,
@@ -187,6 +191,10 @@ fn followed_source(
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
+    // Signals are handled before the lock names this process: `fleet reconcile` signals
+    // the lock's holder, and SIGUSR1's default would end it.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Trigger>();
+    spawn_signal_handler(tx.clone())?;
     let lock = StatusLock::acquire(ws.status.root(), "fleet serve")?;
     if let Some(dead) = &lock.stale {
         tracing::warn!(
@@ -224,9 +232,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         None => tracing::info!(branch, "following branch"),
     }
 
-    let (tx, mut rx) = mpsc::unbounded_channel::<Trigger>();
     let _git_watcher = watch::watch_git(&ws.repo_root, tx.clone())?;
-    spawn_signal_handler(tx.clone())?;
 
     let metrics = Arc::new(Metrics::default());
     let token = page_token(&options)?;
@@ -431,6 +437,10 @@ struct Daemon {
 /// The revision the status directory says is in force, for judging the first tip after a
 /// restart: its id and its `policy.allowRollback` (false when it cannot be read).
 fn baseline(ws: &Workspace, host: &crate::spec::HostSpec) -> Option<(String, bool)> {
+    if let Some(recorded) = ws.status.read_in_force() {
+        return Some(recorded);
+    }
+    // A status directory from before in-force.json: the revision last applied.
     let applied = ws.status.read_summary()?.revision_applied?;
     if applied.id.starts_with("worktree:") {
         return None;
@@ -775,18 +785,6 @@ Not readable: `{why}`
         let Some(desired) = self.last_good.clone() else {
             return Ok(());
         };
-        self.ensure_drivers(&desired).await?;
-        let journal = self.journal.clone().context("journal not open")?;
-        if Instant::now() >= self.next_resync {
-            for driver in self.drivers.values() {
-                driver.resync();
-            }
-            self.next_resync = Instant::now() + desired.policy.resync_interval;
-        }
-        // A VM in backoff keeps its steps in the plan, as deferred, until its wait is over.
-        let deferred = self.backoff.deferred(Instant::now());
-        let planned =
-            reconcile::plan_pass(&self.ws, &desired, &self.drivers, &self.vault, deferred).await;
         let suspended = self
             .ws
             .status
@@ -800,6 +798,19 @@ Not readable: `{why}`
                     )
                 })
             });
+        self.tasks.set_suspended(suspended.is_some());
+        // Suspended, the journal is not opened: recovering it would change VMs.
+        self.ensure_drivers(&desired, suspended.is_some()).await?;
+        if Instant::now() >= self.next_resync {
+            for driver in self.drivers.values() {
+                driver.resync();
+            }
+            self.next_resync = Instant::now() + desired.policy.resync_interval;
+        }
+        // A VM in backoff keeps its steps in the plan, as deferred, until its wait is over.
+        let deferred = self.backoff.deferred(Instant::now());
+        let planned =
+            reconcile::plan_pass(&self.ws, &desired, &self.drivers, &self.vault, deferred).await;
         self.note_suspension(&suspended, &desired.revision);
         if suspended.is_some() {
             // Observed and planned, drift reported; nothing applied, no task started.
@@ -820,6 +831,7 @@ Not readable: `{why}`
             return Ok(());
         }
         self.suspended_plan = None;
+        let journal = self.journal.clone().context("journal not open")?;
         reconcile::record_approvals(&self.ws, &desired, &planned);
         let reconcile::Planned { observed, plan, .. } = planned;
         if !plan.deferred().is_empty() {
@@ -958,6 +970,11 @@ Not readable: `{why}`
             Ok(desired) => {
                 tracing::info!(revision = %desired.revision.label, "new revision");
                 self.baseline = Some((desired.revision.id.clone(), desired.policy.allow_rollback));
+                if !desired.revision.id.starts_with("worktree:") {
+                    self.ws
+                        .status
+                        .write_in_force(&desired.revision.id, desired.policy.allow_rollback)?;
+                }
                 // Values are opened once per revision; what cannot be opened holds only the
                 // tasks that use it (the task book binds its tasks to the values).
                 let vault = self.ws.open_vault(&desired);
@@ -990,13 +1007,14 @@ Not readable: `{why}`
 
     /// Drivers live as long as their provider's definition is unchanged, so their caches
     /// and event watchers survive from one reconcile to the next.
-    async fn ensure_drivers(&mut self, desired: &Desired) -> Result<()> {
+    async fn ensure_drivers(&mut self, desired: &Desired, suspended: bool) -> Result<()> {
         let credentials = reconcile::credentials_digest(desired, &self.vault);
-        if self.providers == desired.providers
-            && self.credentials == credentials
-            && self.journal.is_some()
-        {
+        let unchanged = self.providers == desired.providers && self.credentials == credentials;
+        if unchanged && (self.journal.is_some() || suspended) {
             return Ok(());
+        }
+        if unchanged && !self.drivers.is_empty() {
+            return self.open_journal().await;
         }
         for driver in self.drivers.values() {
             driver.unwatch();
@@ -1015,6 +1033,16 @@ Not readable: `{why}`
                 tracing::warn!(provider = %name, "no event stream ({e}); relying on periodic reconciles");
             }
         }
+        self.journal = None;
+        if suspended {
+            return Ok(());
+        }
+        self.open_journal().await
+    }
+
+    /// Opens the journal: what an interrupted apply left open is finished, and each driver
+    /// tidies its host.
+    async fn open_journal(&mut self) -> Result<()> {
         let (journal, recovered) = reconcile::open_journal(&self.ws, &self.drivers).await?;
         for line in recovered {
             tracing::warn!("{line}");

@@ -6,14 +6,17 @@
 //! URL. A request counts only when it proves the shared secret (a host file): GitHub's
 //! `X-Hub-Signature-256: sha256=<HMAC-SHA256 of the body>`, Gitea's `X-Gitea-Signature`
 //! (the same HMAC, bare hex), or GitLab's `X-Gitlab-Token` (the secret itself), compared in
-//! constant time. Anything else gets 401 and an event; bodies over 1 MiB get 413, and more
-//! than `MAX_PER_MINUTE` requests a minute get 429.
+//! constant time. Anything else gets 401 and an event (one a minute at most); a body over
+//! 1 MiB gets 413, one that takes over 10 s to arrive 408, and once `MAX_FAILURES_PER_MINUTE`
+//! requests failed in a minute, further ones get 429 until it ends (valid ones too: a
+//! flood of guesses must not buy time for guessing). Valid requests only ask for a fetch,
+//! and the daemon starts at most one a second, however many arrive.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
@@ -25,8 +28,10 @@ use crate::status::{Event, EventKind, StatusDir};
 
 /// The largest body read (push payloads of big pushes are a few hundred KiB).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-/// Requests served a minute, valid or not; the rest get 429.
-pub const MAX_PER_MINUTE: u32 = 120;
+/// Failed requests a minute before every request gets 429 for the rest of it.
+pub const MAX_FAILURES_PER_MINUTE: u32 = 60;
+/// How long a body may take to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a valid notification does: tell the daemon to fetch now.
 pub type Notify = Arc<dyn Fn() + Send + Sync>;
@@ -35,7 +40,7 @@ struct Hook {
     secret: SecretString,
     notify: Notify,
     status: StatusDir,
-    /// The current minute's start and how many requests it has seen.
+    /// The current minute's start and how many requests failed in it.
     window: Mutex<(Instant, u32)>,
     /// When a refusal was last written as an event (at most one a minute).
     reported: Mutex<Option<Instant>>,
@@ -57,21 +62,38 @@ pub fn app(secret: SecretString, status: StatusDir, notify: Notify) -> Router {
         .with_state(hook)
 }
 
-async fn receive(State(hook): State<Arc<Hook>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+async fn receive(State(hook): State<Arc<Hook>>, headers: HeaderMap, body: Body) -> StatusCode {
+    let failed = || {
+        let mut window = hook.window.lock().unwrap_or_else(|p| p.into_inner());
+        window.1 += 1;
+    };
     {
         let mut window = hook.window.lock().unwrap_or_else(|p| p.into_inner());
         if window.0.elapsed() >= Duration::from_secs(60) {
             *window = (Instant::now(), 0);
         }
-        window.1 += 1;
-        if window.1 > MAX_PER_MINUTE {
+        if window.1 >= MAX_FAILURES_PER_MINUTE {
             return StatusCode::TOO_MANY_REQUESTS;
         }
     }
+    let body = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES))
+        .await
+    {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            failed();
+            return StatusCode::PAYLOAD_TOO_LARGE;
+        }
+        Err(_) => {
+            failed();
+            return StatusCode::REQUEST_TIMEOUT;
+        }
+    };
     if proves_secret(hook.secret.expose_secret().as_bytes(), &headers, &body) {
         (hook.notify)();
         return StatusCode::ACCEPTED;
     }
+    failed();
     let report = {
         let mut last = hook.reported.lock().unwrap_or_else(|p| p.into_inner());
         let due = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
@@ -109,7 +131,10 @@ fn proves_secret(secret: &[u8], headers: &HeaderMap, body: &[u8]) -> bool {
         return same(&signature.to_ascii_lowercase(), &mac());
     }
     if let Some(token) = header("x-gitlab-token") {
-        return same(token, &String::from_utf8_lossy(secret));
+        // Digests, so the comparison's time says nothing about the secret's length either.
+        use sha2::Digest;
+        let digest = |b: &[u8]| fleet_core::digest::hex(&sha2::Sha256::digest(b));
+        return same(&digest(token.as_bytes()), &digest(secret));
     }
     false
 }

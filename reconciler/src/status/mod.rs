@@ -95,11 +95,14 @@ impl StatusDir {
         self.root.join("suspended")
     }
 
-    /// Why the host suspended fleet, if it did.
+    /// Why the host suspended fleet, if it did. A file that cannot be read suspends too:
+    /// an emergency stop must not be lifted by a permission gone wrong.
     pub fn host_suspension(&self) -> Option<String> {
-        self.read_file("suspended")
-            .ok()
-            .map(|text| text.trim().to_owned())
+        match self.read_file("suspended") {
+            Ok(text) => Some(text.trim().to_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => Some(format!("status/suspended is there but cannot be read: {e}")),
+        }
     }
 
     /// Records (or, with `None`, lifts) the host's suspension, with its event.
@@ -546,6 +549,24 @@ impl StatusDir {
     pub fn write_plan(&self, plan: &Plan) -> std::io::Result<()> {
         self.write_file("plan.txt", render::text(plan).as_bytes())?;
         self.write_file("plan.json", render::json(plan).as_bytes())
+    }
+
+    /// Records the revision in force (the last one loaded) and whether it allows a tip
+    /// that does not descend from it (`in-force.json`): what the rollback check of the
+    /// next `fleet serve` starts from, whether or not that revision was applied yet.
+    pub fn write_in_force(&self, commit: &str, allow_rollback: bool) -> std::io::Result<()> {
+        let json = serde_json::json!({ "revision": commit, "allowRollback": allow_rollback });
+        self.write_file("in-force.json", json.to_string().as_bytes())
+    }
+
+    /// What `write_in_force` recorded.
+    pub fn read_in_force(&self) -> Option<(String, bool)> {
+        let json: serde_json::Value =
+            serde_json::from_str(&self.read_file("in-force.json").ok()?).ok()?;
+        Some((
+            json.get("revision")?.as_str()?.to_owned(),
+            json.get("allowRollback")?.as_bool()?,
+        ))
     }
 
     /// Publishes the plan of a preview ref (`previews/<slug>/plan.md`, `plan.json`).

@@ -89,6 +89,8 @@ struct BookState {
     answers: BTreeMap<String, CommittedAnswer>,
     /// Whose committed answers count.
     approvers: crate::resolve::Approvers,
+    /// fleet is suspended: no run starts.
+    suspended: bool,
     /// The commit the desired tasks come from.
     revision: Option<String>,
     records: BTreeMap<String, TaskRecord>,
@@ -740,6 +742,12 @@ impl TaskBook {
     /// Takes a new desired state and the secret values opened for it, together: tasks are
     /// bound to the values they will be given, and the values change only with the binding
     /// (see `BookState::sync`).
+    /// Stops (or lets again) every run from starting, for `fleet suspend` and
+    /// `policy.suspend`; runs under way go on.
+    pub fn set_suspended(&self, suspended: bool) {
+        self.lock().suspended = suspended;
+    }
+
     pub fn sync(&self, desired: &Desired, vault: Arc<Vault>, running: &BTreeSet<String>) {
         let mut state = self.lock();
         state.now = DecidedAt::now();

@@ -325,11 +325,11 @@ impl BookState {
             return (out, None);
         };
         // A new run as soon as the previous one of a changed task has ended, without
-        // waiting for the daemon's next pass.
+        // waiting for the daemon's next pass (not while suspended).
         let renewed: Vec<(DesiredTask, u32)> = self
             .desired
             .values()
-            .filter(|t| t.vm == conn.vm)
+            .filter(|t| t.vm == conn.vm && !self.suspended)
             .filter_map(|t| match self.records.get(&t.name) {
                 None => Some((t.clone(), 1)),
                 Some(r)
@@ -424,8 +424,9 @@ impl BookState {
             self.refuse_stray_answers(files, names);
         }
 
-        // Start the next due task, one a tick, one staging at a time.
-        if conn.staging.is_none() {
+        // Start the next due task, one a tick, one staging at a time; none while fleet is
+        // suspended (runs under way go on).
+        if conn.staging.is_none() && !self.suspended {
             let due = ours.iter().find(|name| {
                 let r = &self.records[*name];
                 r.phase == TaskPhase::Pending

@@ -102,6 +102,31 @@ fn started(
     (dir, book, conn, guest_task)
 }
 
+#[test]
+fn no_run_starts_while_fleet_is_suspended() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let book = TaskBook::open(
+        StatusDir::new(dir.path().join("status")),
+        dir.path().to_path_buf(),
+    );
+    book.set_suspended(true);
+    book.sync(
+        &desired(Duration::from_secs(60), OnDeadline::Wait),
+        Default::default(),
+        &BTreeSet::from(["vm-1".to_owned()]),
+    );
+    let mut conn = Connection::new("vm-1");
+    conn.greeted("boot-1", None);
+    let (sent, job) = book.tick(&mut conn);
+    assert!(sent.is_empty() && job.is_none(), "{sent:?}");
+    book.set_suspended(false);
+    let (sent, _) = book.tick(&mut conn);
+    assert!(
+        matches!(sent.as_slice(), [HostMessage::RunTask { .. }]),
+        "{sent:?}"
+    );
+}
+
 /// The guest's exit for a run it cancelled.
 fn cancelled(task: String, seq: u64) -> GuestMessage {
     GuestMessage::Exit {

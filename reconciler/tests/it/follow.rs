@@ -536,3 +536,63 @@ fn each_applied_commit_gets_a_git_note_pushed_back_to_the_source() {
         "{note}"
     );
 }
+
+#[test]
+fn a_task_cannot_push_its_results_onto_the_followed_branch() {
+    let (origin, host) = remote_and_host("1h");
+    let url = format!("file://{}", origin.path().display());
+    host.add_host_config("  pushes: ['file:///**']\n");
+    host.write("fleet/fleet.yaml", fleet_yaml(""))
+        .write("fleet/vms/a.yaml", vm("a"));
+    for (branch, refused) in [("main", true), ("fleet/agent/out", false)] {
+        host.write(
+            "fleet/tasks/t.yaml",
+            format!(
+                "apiVersion: fleet/v1\nkind: Task\nmetadata: {{name: t}}\nspec:\n  vm: a\n  command: ['true']\n  repository: {{url: '{url}', branch: main}}\n  results: {{push: {{url: '{url}/', branch: {branch}}}}}\n"
+            ),
+        );
+        host.commit("a task pushing to the followed repository");
+        let run = host.fleet(&["validate"]);
+        assert_eq!(run.code() != 0, refused, "{branch}: {}", run.stderr());
+        if refused {
+            assert!(
+                run.stderr().contains("is the repository"),
+                "{}",
+                run.stderr()
+            );
+        }
+    }
+}
+
+#[test]
+fn after_a_restart_the_revision_in_force_is_the_last_loaded_not_the_last_applied() {
+    let (origin, host) = remote_and_host("1h");
+    let initial = String::from_utf8_lossy(&origin.git(&["rev-parse", "HEAD"]).stdout)
+        .trim()
+        .to_owned();
+    origin.write("fleet/fleet.yaml", fleet_yaml(", allowRollback: true"));
+    let allowing = origin.commit("A: rollbacks allowed");
+    let daemon = Daemon::start(&host);
+    wait_until("A is applied", Duration::from_secs(20), || {
+        applied(&host).contains(&allowing)
+    });
+    // B takes the permission away; suspended, it is loaded but never applied.
+    host.fleet(&["suspend", "--reason", "maintenance"])
+        .expect_code(0);
+    origin.write("fleet/fleet.yaml", fleet_yaml(""));
+    let forbidding = origin.commit("B: no rollbacks");
+    host.fleet(&["reconcile"]).expect_code(0);
+    wait_until("B is in force", Duration::from_secs(10), || {
+        std::fs::read_to_string(host.path().join(".fleet/status/in-force.json"))
+            .is_ok_and(|t| t.contains(&forbidding))
+    });
+    drop(daemon);
+    // History rewritten from before A: B, in force, forbids it, even after a restart.
+    origin.git(&["reset", "-q", "--hard", &initial]);
+    origin.write("fleet/vms/c.yaml", vm("c"));
+    origin.commit("C: history rewritten");
+    let _daemon = Daemon::start(&host);
+    wait_until("the rewrite is refused", Duration::from_secs(20), || {
+        summary(&host).contains("moved backwards")
+    });
+}

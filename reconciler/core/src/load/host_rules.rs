@@ -21,6 +21,9 @@ pub fn check_host_object(o: &Object<HostDocument>, diags: &mut Vec<Diagnostic>) 
         ));
     }
     if let Some(source) = &o.doc.spec.source {
+        if url_has_password(&source.url) {
+            diags.push(o.field_error("/spec/source/url", "a password in the URL would be shown in logs and status files: put the token in credentialFile (mode 0600)"));
+        }
         for (i, pattern) in source.preview_refs.iter().enumerate() {
             let valid = pattern.starts_with("refs/")
                 && pattern.matches('*').count() <= 1
@@ -283,6 +286,47 @@ fn check_push(o: &Object<crate::spec::TaskDocument>, host: &HostSpec, diags: &mu
             ),
         ));
     }
+    // The repository fleet follows takes a guest's commits only on fleet/ branches: on the
+    // followed branch they would be applied as the next revision.
+    if let (Some(source), Some(branch)) = (&host.source, &push.branch)
+        && same_repository(&source.url, url)
+        && !branch.starts_with("fleet/")
+    {
+        diags.push(o.field_error(
+            "/spec/results/push/branch",
+            format!(
+                "{url:?} is the repository {HOST_CONFIG} follows (source): a task's results go there only on a branch under fleet/ (the default, fleet/<task>/<run>)"
+            ),
+        ));
+    }
+}
+
+/// Whether `url` carries a password (`https://user:token@host/…`).
+pub fn url_has_password(url: &str) -> bool {
+    url.split_once("://")
+        .map(|(_, rest)| rest.split('/').next().unwrap_or(rest))
+        .and_then(|authority| authority.rsplit_once('@'))
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
+
+/// Whether two URLs name the same repository: compared without user, default port, case of
+/// the host, trailing slash or `.git`.
+fn same_repository(a: &str, b: &str) -> bool {
+    fn key(url: &str) -> Option<String> {
+        let (scheme, rest) = url.split_once("://")?;
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let host = host.to_ascii_lowercase();
+        let host = match (scheme, host.rsplit_once(':')) {
+            ("https", Some((h, "443"))) | ("ssh", Some((h, "22"))) => h.to_owned(),
+            _ => host,
+        };
+        let path: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        let path = path.join("/");
+        let path = path.strip_suffix(".git").unwrap_or(&path);
+        Some(format!("{host}/{path}"))
+    }
+    matches!((key(a), key(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// Why an `https://`, `ssh://` or `git://` URL is not one fleet reaches, if it is not.
@@ -444,6 +488,27 @@ fn check_credentials(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnosti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repository_is_the_same_under_another_user_port_case_or_suffix() {
+        let same = |a, b| same_repository(a, b);
+        assert!(same(
+            "ssh://git@Git.Example.org:22/ops/fleet.git",
+            "https://git.example.org/ops/fleet"
+        ));
+        assert!(same(
+            "https://git.example.org:443//ops/fleet/",
+            "https://token@git.example.org/ops/fleet.git"
+        ));
+        assert!(!same(
+            "https://git.example.org/ops/fleet",
+            "https://git.example.org/ops/app"
+        ));
+        assert!(!same(
+            "https://git.example.org:8443/ops/fleet",
+            "https://git.example.org/ops/fleet"
+        ));
+    }
 
     #[test]
     fn repository_patterns_match_by_segment() {

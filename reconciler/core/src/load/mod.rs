@@ -16,7 +16,7 @@ pub mod yaml;
 
 pub use file::relative_path_problem;
 use file::{expected_kinds, load_file};
-pub use host_rules::Endpoint;
+pub use host_rules::{Endpoint, url_has_password};
 use objects::unique_in_list;
 use refs::check_references;
 
