@@ -27,6 +27,7 @@ pub mod fsguard;
 pub mod hitl;
 pub mod host;
 pub mod http;
+pub mod notify;
 pub mod reconcile;
 pub mod secrets;
 pub mod source;

@@ -676,6 +676,46 @@ pub struct HostSpec {
     /// bare mirror of it and fetches its branch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<HostSource>,
+    /// Where `fleet serve` sends events as they happen: webhooks and host commands. The
+    /// host's to name, never a revision's (a revision could point them anywhere).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<HostNotify>,
+}
+
+/// One notification sink: a webhook (`url`) or a host command (`exec`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HostNotify {
+    /// Its name in the delivery log.
+    pub name: String,
+    /// An `https://` URL (or `http://` on loopback) each event is POSTed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `json` (the event; default) or `slack` (`{"text": …}`, for Slack-compatible hooks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<NotifyFormat>,
+    /// A file (mode 0600) with the key of the `X-Fleet-Signature-256: sha256=<HMAC-SHA256
+    /// of the body>` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<HostPath>,
+    /// Certificate authorities (PEM) for the URL instead of the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<HostPath>,
+    /// A host command (argv, no shell) run for each event, the event's JSON on stdin.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exec: Vec<String>,
+    /// The event kinds sent (`revision.refused`, `step.failed`, …). Default: what needs a
+    /// person: applied and refused revisions, failed steps, drift, prompts and approvals
+    /// waiting, finished tasks, planned previews, suspension.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyFormat {
+    Json,
+    Slack,
 }
 
 /// A remote repository to follow (`fleet serve` fetches its branch into a mirror of its own).

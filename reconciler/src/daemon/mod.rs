@@ -207,6 +207,11 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
     // Read once: a changed host configuration takes effect when fleet serve restarts.
     let host = ws.host()?;
     let mut ws = ws;
+    // Every event written from here on (by any clone of the status directory) is also
+    // sent to the host's notification sinks.
+    if let Some(listener) = crate::notify::start(&host.notify, &ws.status)? {
+        ws.status = ws.status.with_listener(listener);
+    }
     // Following a remote, the repository read is fleet's own mirror of it.
     let follow = match followed_source(&options, &host)? {
         Some(source) => {

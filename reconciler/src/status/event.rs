@@ -22,6 +22,13 @@ macro_rules! event_kinds {
         impl EventKind {
             /// Every kind (`fleet events --kind`).
             pub const ALL: &[EventKind] = &[$(EventKind::$kind,)*];
+
+            /// Its wire name (`step.started`).
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(EventKind::$kind => $name,)*
+                }
+            }
         }
     };
 }

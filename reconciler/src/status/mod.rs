@@ -300,11 +300,58 @@ pub struct ObservedResources {
 #[derive(Clone, Debug)]
 pub struct StatusDir {
     root: PathBuf,
+    /// Told of every event appended (`notify`), when `fleet serve` sends them on.
+    listener: Option<EventListener>,
+}
+
+/// What `StatusDir::append_event` tells of each event, after it is written.
+#[derive(Clone)]
+pub struct EventListener(pub std::sync::Arc<dyn Fn(&Event) + Send + Sync>);
+
+impl std::fmt::Debug for EventListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventListener")
+    }
 }
 
 impl StatusDir {
     pub fn new(root: impl Into<PathBuf>) -> StatusDir {
-        StatusDir { root: root.into() }
+        StatusDir {
+            root: root.into(),
+            listener: None,
+        }
+    }
+
+    /// This directory, telling `listener` of each event appended through it (or a clone).
+    pub fn with_listener(mut self, listener: EventListener) -> StatusDir {
+        self.listener = Some(listener);
+        self
+    }
+
+    /// Appends one JSON line to `name` (a log under the directory), ending a line a killed
+    /// writer left torn first.
+    pub fn append_line(&self, name: &str, value: &impl Serialize) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut f = tree::open_file(
+            &self.tree_to_write()?,
+            Path::new(name),
+            cap_std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .read(true),
+        )?;
+        let len = f.metadata()?.len();
+        if len > 0 {
+            use std::os::unix::fs::FileExt;
+            let mut last = [0u8];
+            f.read_exact_at(&mut last, len - 1)?;
+            if last[0] != b'\n' {
+                line.insert(0, b'\n');
+            }
+        }
+        f.write_all(&line)?;
+        f.sync_data()
     }
 
     pub fn root(&self) -> &Path {
@@ -504,28 +551,11 @@ impl StatusDir {
     }
 
     pub fn append_event(&self, event: &Event) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(event).expect("Event is JSON");
-        line.push(b'\n');
-        let mut f = tree::open_file(
-            &self.tree_to_write()?,
-            Path::new("events.jsonl"),
-            cap_std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .read(true),
-        )?;
-        // A line a killed writer left torn is ended first, so it does not swallow this one.
-        let len = f.metadata()?.len();
-        if len > 0 {
-            use std::os::unix::fs::FileExt;
-            let mut last = [0u8];
-            f.read_exact_at(&mut last, len - 1)?;
-            if last[0] != b'\n' {
-                line.insert(0, b'\n');
-            }
+        self.append_line("events.jsonl", event)?;
+        if let Some(listener) = &self.listener {
+            (listener.0)(event);
         }
-        f.write_all(&line)?;
-        f.sync_data()
+        Ok(())
     }
 
     /// The event log, for reading (`fleet events`); never through a link.

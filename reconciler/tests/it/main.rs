@@ -157,6 +157,7 @@ mod hostile;
 mod libvirt;
 mod load_corpus;
 mod netguard;
+mod notify;
 mod proxmox;
 mod proxmox_guest;
 mod pve;

@@ -123,7 +123,7 @@ pub(super) fn load_file(
         Kind::Task => typed(path, tree, value, diags).map(|o| AnyObject::Task(Box::new(o))),
         Kind::Answer => typed(path, tree, value, diags).map(AnyObject::Answer),
         Kind::Secret => typed(path, tree, value, diags).map(AnyObject::Secret),
-        Kind::Host => typed(path, tree, value, diags).map(AnyObject::Host),
+        Kind::Host => typed(path, tree, value, diags).map(|o| AnyObject::Host(Box::new(o))),
     }?;
     check_object(&object, diags);
     Some(object)

@@ -20,6 +20,28 @@ pub fn check_host_object(o: &Object<HostDocument>, diags: &mut Vec<Diagnostic>) 
             "approvers are principals of signed commits: set trust.allowedSigners (an OpenSSH allowed-signers file) or trust.openpgpKeyring too",
         ));
     }
+    for (i, sink) in o.doc.spec.notify.iter().enumerate() {
+        let at = format!("/spec/notify/{i}");
+        match (&sink.url, sink.exec.is_empty()) {
+            (Some(_), false) | (None, true) => diags.push(o.field_error(
+                &at,
+                "set exactly one of url (a webhook) and exec (a host command)",
+            )),
+            (Some(url), true) => {
+                let loopback = ["http://127.", "http://[::1]", "http://localhost"]
+                    .iter()
+                    .any(|p| url.starts_with(p));
+                if !(url.starts_with("https://") || loopback) || url_has_password(url) {
+                    diags.push(o.field_error(&format!("{at}/url"), format!("{url:?}: a webhook is an https:// URL (http:// only on loopback), without a password (sign with secretFile)")));
+                }
+            }
+            (None, false) => {
+                if !sink.exec[0].starts_with('/') {
+                    diags.push(o.field_error(&format!("{at}/exec/0"), "the command is an absolute path (no shell runs it, and no PATH is searched)"));
+                }
+            }
+        }
+    }
     if let Some(source) = &o.doc.spec.source {
         if url_has_password(&source.url) {
             diags.push(o.field_error("/spec/source/url", "a password in the URL would be shown in logs and status files: put the token in credentialFile (mode 0600)"));

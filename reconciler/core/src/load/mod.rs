@@ -119,7 +119,8 @@ enum AnyObject {
     Task(Box<Object<TaskDocument>>),
     Answer(Object<AnswerDocument>),
     Secret(Object<SecretDocument>),
-    Host(Object<HostDocument>),
+    /// Boxed: the host configuration is large too.
+    Host(Box<Object<HostDocument>>),
 }
 
 /// Loads and checks a snapshot. With the host configuration, every rule of the host is
@@ -230,7 +231,7 @@ pub fn load_host(path: &str, bytes: &[u8]) -> Result<HostSpec, Vec<Diagnostic>> 
     let mut diags = Vec::new();
     let object = load_file(path, path, &[Kind::Host], bytes, &mut diags);
     match object {
-        Some(AnyObject::Host(o)) if diags.is_empty() => Ok(o.doc.spec),
+        Some(AnyObject::Host(o)) if diags.is_empty() => Ok(o.doc.spec.clone()),
         _ => Err(sorted(diags)),
     }
 }
