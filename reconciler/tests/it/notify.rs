@@ -14,9 +14,12 @@ use crate::support::{HttpRequest, Repo, host_yaml, set_mode, test_driver_provide
 
 const SECRET: &str = "a-notification-key-for-tests";
 
+/// What a receiver took: each event's kind, and whether its signature was right.
+type Taken = Arc<Mutex<Vec<(String, bool)>>>;
+
 /// A webhook receiver: fails its first request with 500, then takes each; what it took
 /// (event kind, whether the signature was right), in order.
-fn receiver() -> (u16, Arc<Mutex<Vec<(String, bool)>>>) {
+fn receiver() -> (u16, Taken) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let seen = Arc::new(Mutex::new(Vec::new()));
