@@ -151,7 +151,7 @@ fuzz:
 
 bench: image libvirtd
 	$(CARGO) build --release -p fleet -p fleet-tools
-	$(TARGET_DIR)/release/fleet-bench --libvirt --daemon --egress --results
+	$(TARGET_DIR)/release/fleet-bench --libvirt --daemon --egress --results --source
 
 clean:
 	rm -rf build target .fleet

@@ -88,7 +88,7 @@ fn page_token(options: &ServeOptions) -> Result<Option<secrecy::SecretString>> {
 }
 
 /// The least time between the starts of two fetches of the followed remote.
-const MIN_FETCH_GAP: std::time::Duration = std::time::Duration::from_secs(1);
+const MIN_FETCH_GAP: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The least time between the end of a pass and one that only agents' presence starts.
 const AGENT_TRIGGER_GAP: std::time::Duration = std::time::Duration::from_secs(1);
@@ -683,7 +683,7 @@ Not readable: `{why}`
 
     /// Starts a fetch of the followed remote in the background, unless one runs (then,
     /// when `asked` by `fleet reconcile` or a webhook, it runs again when that one ends). Fetches start at least `MIN_FETCH_GAP` apart, so a
-    /// flood of triggers (a replayed webhook) costs at most one a second.
+    /// flood of triggers (a replayed webhook) costs at most four fetches a second.
     fn start_fetch(&mut self, asked: bool) {
         let Some(follow) = self.follow.clone() else {
             return;

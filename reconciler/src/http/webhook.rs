@@ -10,7 +10,7 @@
 //! 1 MiB gets 413, one that takes over 10 s to arrive 408, and once `MAX_FAILURES_PER_MINUTE`
 //! requests failed in a minute, further ones get 429 until it ends (valid ones too: a
 //! flood of guesses must not buy time for guessing). Valid requests only ask for a fetch,
-//! and the daemon starts at most one a second, however many arrive.
+//! and the daemon starts at most four a second, however many arrive.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

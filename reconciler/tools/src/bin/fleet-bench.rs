@@ -23,9 +23,13 @@
 //!    image): a run's 10 MiB change checked and pushed on the host alone, and end to end
 //!    from a real VM's last line of output to the pushed branch.
 //!
+//! 7. source (`--source`, `source_bench`; libvirt's test driver): push-to-apply latency of
+//!    a followed remote with polling next to `fleet reconcile`, and an idle poll's cost.
+//!
 //! Usage: fleet-bench [--vms N] [--libvirt] [--libvirt-vms N] [--daemon] [--idle-seconds N]
 //!        [--skip-latency] [--skip-noop] [--skip-idle] [--egress] [--egress-mib N]
-//!        [--results] [--only-broker] [--only-egress] [--only-results]
+//!        [--results] [--source] [--only-broker] [--only-egress] [--only-results]
+//!        [--only-source]
 
 #![allow(clippy::disallowed_methods)] // a tool writes scratch files freely
 
@@ -33,6 +37,8 @@
 mod broker_bench;
 #[path = "../results_bench.rs"]
 mod results_bench;
+#[path = "../source_bench.rs"]
+mod source_bench;
 #[path = "../vm_egress_bench.rs"]
 mod vm_egress_bench;
 
@@ -63,6 +69,9 @@ fn main() -> anyhow::Result<()> {
     let egress_mib = number("--egress-mib", 32) as u64;
     if args.iter().any(|a| a == "--only-results") {
         return results_bench::bench_results();
+    }
+    if args.iter().any(|a| a == "--only-source") {
+        return source_bench::bench_source(20);
     }
     if args.iter().any(|a| a == "--only-egress") {
         vm_egress_bench::bench_vm_egress(egress_mib)?;
@@ -96,6 +105,11 @@ fn main() -> anyhow::Result<()> {
         results_bench::bench_results()?;
     } else {
         println!("results: skipped (pass --results to measure a run's change coming back)");
+    }
+    if args.iter().any(|a| a == "--source") {
+        source_bench::bench_source(20)?;
+    } else {
+        println!("source: skipped (pass --source to measure following a remote)");
     }
     broker_bench::bench_broker()
 }
