@@ -161,11 +161,14 @@ pub fn gather(status: &StatusDir, desired: &Desired) -> Offers {
         };
         match status.read_answer_file(&name) {
             None => {}
-            Some(Ok(text)) => offers.by_id.entry(id.to_string()).or_default().push(Offer {
-                digest: text.trim().to_owned(),
-                by: OfferedBy::HostFile,
-                refused: None,
-            }),
+            Some(Ok(text)) => {
+                let (digest, author) = crate::hitl::answer_and_author(&text);
+                offers.by_id.entry(id.to_string()).or_default().push(Offer {
+                    digest: digest.trim().to_owned(),
+                    by: OfferedBy::HostFile(author.map(str::to_owned)),
+                    refused: None,
+                })
+            }
             Some(Err(why)) => {
                 offers.unreadable.insert(id.to_string(), why.to_string());
             }
@@ -179,14 +182,16 @@ pub fn gather(status: &StatusDir, desired: &Desired) -> Offers {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OfferedBy {
     Commit(String),
-    HostFile,
+    /// With who wrote it, when `fleet hitl answer` did.
+    HostFile(Option<String>),
 }
 
 impl std::fmt::Display for OfferedBy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             OfferedBy::Commit(which) => f.write_str(which),
-            OfferedBy::HostFile => f.write_str("host file"),
+            OfferedBy::HostFile(None) => f.write_str("host file"),
+            OfferedBy::HostFile(Some(who)) => write!(f, "{who} (host file)"),
         }
     }
 }
@@ -220,7 +225,7 @@ pub fn record(status: &StatusDir, desired: &Desired, plan: &Plan, offers: &Offer
         || offers
             .by_id
             .get(&id)
-            .is_some_and(|o| o.iter().any(|o| o.by == OfferedBy::HostFile));
+            .is_some_and(|o| o.iter().any(|o| matches!(o.by, OfferedBy::HostFile(_))));
     if gathered
         && let Err(e) =
             status.move_hitl_file(&format!("{id}.answer"), Some(&format!("{id}.answer.read")))
@@ -341,7 +346,10 @@ pub fn answer(status: &StatusDir, id: &str, digest: &str) -> Result<(), Approval
         });
     }
     status
-        .write_hitl_file(&format!("{id}.answer"), format!("{digest}\n").as_bytes())
+        .write_hitl_file(
+            &format!("{id}.answer"),
+            format!("{digest}\n# answered by {}\n", crate::hitl::local_user()).as_bytes(),
+        )
         .map_err(|source| ApprovalRefused::Write {
             path: status.answer_path(id),
             source,

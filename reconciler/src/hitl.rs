@@ -8,6 +8,21 @@ use crate::ids::ApprovalId;
 use crate::status::StatusDir;
 use crate::status::tasks::{PromptRecord, PromptState};
 
+/// The line `fleet hitl answer` ends an answer file with: who wrote it.
+const BY_MARKER: &str = "# answered by ";
+
+/// An answer file's text and who wrote it: `fleet hitl answer` adds a last line naming the
+/// local user; a file written by hand has none.
+pub fn answer_and_author(text: &str) -> (&str, Option<&str>) {
+    if let Some(body) = text.strip_suffix('\n')
+        && let Some((answer, last)) = body.rsplit_once('\n')
+        && let Some(who) = last.strip_prefix(BY_MARKER)
+    {
+        return (answer, Some(who));
+    }
+    (answer_from_file(text), None)
+}
+
 /// An answer file's text: one line; a single trailing newline is the editor's, not the
 /// operator's.
 pub fn answer_from_file(text: &str) -> &str {
@@ -173,13 +188,29 @@ pub fn answer(status: &StatusDir, id: &str, text: &str) -> Result<(), AnswerErro
         return Err(AnswerError::Waiting(path));
     }
     status
-        .write_hitl_file(&name, format!("{text}\n").as_bytes())
+        .write_hitl_file(
+            &name,
+            format!("{text}\n{BY_MARKER}{}\n", local_user()).as_bytes(),
+        )
         .map_err(|source| AnswerError::Write { path, source })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_file_may_name_who_wrote_it() {
+        assert_eq!(
+            answer_and_author("yes\n# answered by alice\n"),
+            ("yes", Some("alice"))
+        );
+        assert_eq!(answer_and_author("yes\n"), ("yes", None));
+        assert_eq!(
+            answer_and_author("# answered by x\n"),
+            ("# answered by x", None)
+        );
+    }
 
     #[test]
     fn an_answer_file_loses_one_line_end() {
@@ -236,6 +267,10 @@ mod routing {
         );
         answer(&status, id, "y").expect("answered as a prompt");
         let written = std::fs::read_to_string(status.answer_path(id)).expect("answer file");
-        assert_eq!(written, "y\n");
+        assert_eq!(
+            answer_and_author(&written),
+            ("y", Some(local_user().as_str())),
+            "{written:?}"
+        );
     }
 }

@@ -13,7 +13,7 @@ use fleet_agent_protocol::{ExitReason, GuestMessage, HostMessage, VERSION};
 
 use super::{BookState, DecidedAt, HostFiles, TaskBook, limits};
 use crate::answer::answer_problem;
-use crate::hitl::answer_from_file;
+use crate::hitl::answer_and_author;
 use crate::ids::ApprovalId;
 use crate::resolve::DesiredTask;
 use crate::spec::{OnDeadline, Repository};
@@ -1081,11 +1081,14 @@ impl BookState {
         let host_file = answer_file_name(&prompt.id);
         let shown = files.dir.join(&host_file);
         match files.answers.get(&prompt.id)? {
-            Ok(text) => Some((
-                answer_from_file(text).to_owned(),
-                format!("host file {}", shown.display()),
-                Some(host_file),
-            )),
+            Ok(text) => {
+                let (answer, author) = answer_and_author(text);
+                let by = match author {
+                    Some(who) => format!("{who} (host file {})", shown.display()),
+                    None => format!("host file {}", shown.display()),
+                };
+                Some((answer.to_owned(), by, Some(host_file)))
+            }
             Err(why) => {
                 let note = format!("host file {}: {why}", shown.display());
                 self.refuse_answer(record, prompt, note, Some(&host_file));

@@ -172,7 +172,10 @@ fn dangerous_steps_wait_for_an_approval_of_exactly_them() {
     assert_eq!(domains(&prefix), [name("c")]);
     let record = crate::daemon::read(&repo.path().join(format!(".fleet/status/hitl/{id}.yaml")));
     assert!(record.contains("state: approved"), "{record}");
-    assert!(record.contains("approvedBy: host file"), "{record}");
+    assert!(
+        record.contains("(host file)"),
+        "who approved, from the host: {record}"
+    );
 
     // policy.approve holds a stop; a committed approval releases it.
     repo.write(

@@ -337,7 +337,10 @@ fn tasks_run_ask_for_answers_and_survive_a_restart_of_fleet() {
         "the escape never reached the terminal"
     );
     assert_eq!(output.matches("answer=").count(), 1, "{output}");
-    assert!(status.prompt(&second).contains("answeredBy: host file"));
+    assert!(
+        status.prompt(&second).contains("(host file "),
+        "who answered, from the host"
+    );
 
     // A second answer to the same prompt is refused, from the CLI and as a file.
     let again = repo.fleet(&["hitl", "answer", &first, "no"]);
