@@ -108,6 +108,19 @@ pub fn overview(s: &Snapshot) -> String {
         dl {
             dt { "Revision applied" }
             dd { (s.summary.as_ref().and_then(|x| x.revision_applied.as_ref()).map(|r| r.label.as_str()).unwrap_or("none yet")) }
+            @if let Some(why) = s.summary.as_ref().and_then(|x| x.suspended.as_ref()) {
+                dt.bad { "Suspended" }
+                dd { span.bad { "nothing is applied: " } (why) }
+            }
+            @if let Some(source) = s.summary.as_ref().and_then(|x| x.source.as_ref()) {
+                dt { "Source" }
+                dd {
+                    (source.url) " " (source.branch)
+                    @if let Some(tip) = &source.tip { " at " (&tip[..tip.len().min(12)]) }
+                    ", fetched " (crate::time::shown(source.fetched))
+                    @if let Some(error) = &source.error { br; span.bad { "fetch failing: " (error) } }
+                }
+            }
             @if let Some(refused) = s.summary.as_ref().and_then(|x| x.revision_refused.as_ref()) {
                 dt.bad { "Revision refused" }
                 dd {

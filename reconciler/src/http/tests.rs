@@ -89,6 +89,33 @@ async fn the_overview_shows_vms_and_the_revision_escaped() {
 }
 
 #[tokio::test]
+async fn the_overview_says_when_fleet_is_suspended_and_where_it_fetches_from() {
+    let (dir, view) = view_with_status();
+    let status = StatusDir::new(dir.path().join("status"));
+    let mut summary = status.read_summary().expect("summary");
+    summary.suspended = Some("suspended from the host (by alice: <incident>)".into());
+    summary.source = Some(crate::status::SourceState {
+        url: "https://git.example.org/ops/fleet.git".into(),
+        branch: "main".into(),
+        tip: Some("0123456789abcdef".into()),
+        fetched: None,
+        error: Some("fetching main: HTTP 401".into()),
+    });
+    status.write_summary(&summary).expect("summary");
+    let (_, body) = send(&view, "GET", "/").await;
+    assert!(body.contains("Suspended"), "{body}");
+    assert!(body.contains("&lt;incident&gt;"), "escaped: {body}");
+    assert!(
+        body.contains("https://git.example.org/ops/fleet.git main at 0123456789ab"),
+        "{body}"
+    );
+    assert!(
+        body.contains("fetch failing: fetching main: HTTP 401"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
 async fn every_method_but_get_and_head_is_refused() {
     let (_dir, view) = view_with_status();
     for method in ["POST", "PUT", "DELETE", "PATCH"] {
