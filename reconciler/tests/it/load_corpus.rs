@@ -1942,7 +1942,7 @@ fn host_unknown_field() {
     check_host(
         &host_with("    []\n", "  imageRoots: [/var/lib/fleet/images]\n"),
         expect![[r#"
-            /etc/fleet/host.yaml:6:3: error: spec.imageRoots: unknown field; did you mean `imageRoot`? valid fields: providers, imageRoot, repositories, pushes, recipients, limits, egress, git
+            /etc/fleet/host.yaml:6:3: error: spec.imageRoots: unknown field; did you mean `imageRoot`? valid fields: providers, imageRoot, repositories, pushes, recipients, limits, egress, git, trust, source, notify
         "#]],
     );
 }
