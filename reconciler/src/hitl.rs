@@ -17,6 +17,7 @@ pub fn answer_and_author(text: &str) -> (&str, Option<&str>) {
     if let Some(body) = text.strip_suffix('\n')
         && let Some((answer, last)) = body.rsplit_once('\n')
         && let Some(who) = last.strip_prefix(BY_MARKER)
+        && plain_name(who)
     {
         return (answer, Some(who));
     }
@@ -31,16 +32,28 @@ pub fn answer_from_file(text: &str) -> &str {
         .unwrap_or(text)
 }
 
-/// Who runs this command on the host, for records: the user `sudo` ran it for, or the
-/// real user's name (its uid when it has none).
+/// Whether `who` is a name a record may show: letters, digits, `._-()` and spaces,
+/// nothing that could reorder or hide text, at most 80 characters.
+fn plain_name(who: &str) -> bool {
+    !who.is_empty()
+        && who.len() <= 80
+        && who
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-() ".contains(c))
+}
+
+/// Who runs this command on the host, for records: the user `sudo` ran it for (as root or
+/// as fleet's user), or the real user's name (its uid when it has none).
 pub fn local_user() -> String {
     let uid = nix::unistd::getuid();
-    if uid.is_root()
+    let through_sudo = std::env::var("SUDO_UID")
+        .ok()
+        .and_then(|u| u.parse::<u32>().ok())
+        .is_some_and(|sudo_uid| sudo_uid != uid.as_raw());
+    if through_sudo
         && let Ok(user) = std::env::var("SUDO_USER")
-        && !user.is_empty()
-        && user
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        && !user.contains(' ')
+        && plain_name(&user)
     {
         return format!("{user} (through sudo)");
     }

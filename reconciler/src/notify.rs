@@ -170,7 +170,7 @@ async fn deliver(
             Target::Webhook {
                 format: NotifyFormat::Slack,
                 ..
-            } => json!({ "text": format!("fleet {fleet}: [{}] {}", event.kind.as_str(), event.message) }),
+            } => json!({ "text": slack_escaped(&format!("fleet {fleet}: [{}] {}", event.kind.as_str(), event.message)) }),
             _ => payload,
         }
         .to_string();
@@ -210,6 +210,14 @@ async fn deliver(
     }
 }
 
+/// Text Slack shows as written: its three control characters escaped, so an event's text
+/// (a guest's prompt, a ref name) cannot mention a channel or make a link.
+fn slack_escaped(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
 async fn post(
     http: &reqwest::Client,
     url: &str,
@@ -237,7 +245,8 @@ async fn post(
     match request.send().await {
         Ok(reply) if reply.status().is_success() => Ok(()),
         Ok(reply) => Err(format!("HTTP {}", reply.status().as_u16())),
-        Err(e) => Err(format!("{e}")),
+        // Without the URL: a webhook's URL is often its secret (Slack's is).
+        Err(e) => Err(format!("{}", e.without_url())),
     }
 }
 
@@ -245,6 +254,7 @@ async fn post(
 async fn run(argv: Vec<String>, body: String) -> Result<(), String> {
     tokio::task::spawn_blocking(move || {
         use std::io::Write;
+        use std::os::unix::process::CommandExt;
         let mut child = std::process::Command::new(&argv[0])
             .args(&argv[1..])
             .env_clear()
@@ -252,10 +262,15 @@ async fn run(argv: Vec<String>, body: String) -> Result<(), String> {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
+            // Its own group: a timeout ends what it started too.
+            .process_group(0)
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", argv[0]))?;
+        // Written aside: a command that never reads its stdin must not hold the worker.
         if let Some(mut stdin) = child.stdin.take() {
-            let _ = stdin.write_all(body.as_bytes());
+            std::thread::spawn(move || {
+                let _ = stdin.write_all(body.as_bytes());
+            });
         }
         let started = std::time::Instant::now();
         loop {
@@ -266,6 +281,12 @@ async fn run(argv: Vec<String>, body: String) -> Result<(), String> {
                     std::thread::sleep(Duration::from_millis(20))
                 }
                 _ => {
+                    if let Ok(group) = i32::try_from(child.id()) {
+                        let _ = nix::sys::signal::killpg(
+                            nix::unistd::Pid::from_raw(group),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
                     let _ = child.kill();
                     let _ = child.wait();
                     return Err(format!(
@@ -279,4 +300,17 @@ async fn run(argv: Vec<String>, body: String) -> Result<(), String> {
     })
     .await
     .map_err(|e| format!("the command panicked: {e}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slack_text_cannot_mention_or_link() {
+        assert_eq!(
+            slack_escaped("refs/heads/<!channel> & <https://x|y>"),
+            "refs/heads/&lt;!channel&gt; &amp; &lt;https://x|y&gt;"
+        );
+    }
 }

@@ -66,7 +66,13 @@ impl Follow {
     /// daemon against the revision in force). Blocking: run it off the async threads.
     pub fn fetch(&self) -> Result<Fetched> {
         let before = crate::source::branch_tip(&self.mirror, &self.branch)?;
-        let mut refspecs = vec![format!("+refs/heads/{b}:refs/heads/{b}", b = self.branch)];
+        let mut refspecs = vec![
+            format!("+refs/heads/{b}:refs/heads/{b}", b = self.branch),
+            // Notes others pushed (another host following the same repository) are built
+            // on, so fleet's next notes push is a fast-forward.
+            // (a glob: a remote without notes is no error)
+            "+refs/notes/*:refs/notes/*".to_owned(),
+        ];
         refspecs.extend(self.preview_refs.iter().map(|p| format!("+{p}:{p}")));
         if self.url.starts_with("file://") {
             crate::source::fetch_local(&self.mirror, &self.url, &refspecs)?;

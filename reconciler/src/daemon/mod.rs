@@ -87,6 +87,30 @@ fn page_token(options: &ServeOptions) -> Result<Option<secrecy::SecretString>> {
     Ok(Some(secrecy::SecretString::from(token.to_owned())))
 }
 
+/// The most preview refs considered, and planned in one pass.
+const MAX_PREVIEW_REFS: usize = 200;
+const PREVIEWS_PER_PASS: usize = 4;
+
+/// A preview's directory under `status/previews/`: the ref's name made safe (`/` and
+/// anything unusual become `-`), then a digest of the whole name, so two refs never
+/// share one.
+fn preview_slug(name: &str) -> String {
+    use sha2::Digest;
+    let readable: String = name
+        .chars()
+        .take(80)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let digest = fleet_core::digest::hex(&sha2::Sha256::digest(name.as_bytes()));
+    format!("{readable}-{}", &digest[..8])
+}
+
 /// The least time between the starts of two fetches of the followed remote.
 const MIN_FETCH_GAP: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -340,7 +364,6 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         baseline,
         suspended: None,
         suspended_plan: None,
-        previewed: BTreeMap::new(),
         noted: None,
     };
     let mut shutdown = false;
@@ -431,10 +454,8 @@ struct Daemon {
     baseline: Option<(String, bool)>,
     /// Why nothing is applied, as last written to the summary.
     suspended: Option<String>,
-    /// The commit each preview ref was last planned at.
-    previewed: BTreeMap<String, String>,
-    /// The commit last given a git note.
-    noted: Option<String>,
+    /// The commit last given a git note, and what the note said but its time.
+    noted: Option<(String, String)>,
     /// The digest of the plan last reported while suspended.
     suspended_plan: Option<String>,
 }
@@ -482,31 +503,37 @@ impl Daemon {
     /// followed remote in the background.
     fn note(&mut self, desired: &Desired, plan: &crate::plan::Plan, applied: &reconcile::Applied) {
         let commit = &desired.revision.id;
-        if commit.starts_with("worktree:")
-            || (self.noted.as_deref() == Some(commit.as_str()) && !plan.has_changes())
-        {
+        if commit.starts_with("worktree:") || (self.noted.is_some() && !plan.has_changes()) {
             return;
         }
         let Some(outcome) = &applied.summary.last_reconcile else {
             return;
         };
-        let text = format!(
-            "fleet: {}\noutcome: {:?}\nplan: {}\nsteps: {} done, {} failed, {} held\nat: {}\nby: fleet {}\n",
+        let what = format!(
+            "fleet: {}\noutcome: {:?}\nplan: {}\nsteps: {} done, {} failed, {} held\n",
             desired.fleet,
             outcome.outcome,
             plan.digest(),
             outcome.succeeded,
             outcome.failed,
             plan.held().len(),
-            crate::time::Timestamp::from(SystemTime::now()),
-            env!("CARGO_PKG_VERSION"),
         )
         .to_lowercase();
+        // The same outcome again (a step that keeps failing) is no new note, nor a push.
+        let noted = (commit.clone(), what.clone());
+        if self.noted.as_ref() == Some(&noted) {
+            return;
+        }
+        let text = format!(
+            "{what}at: {}\nby: fleet {}\n",
+            crate::time::Timestamp::from(SystemTime::now()),
+            env!("CARGO_PKG_VERSION")
+        );
         if let Err(e) = crate::source::write_note(&self.ws.repo_root, commit, &text) {
             tracing::warn!("cannot write the git note on {commit}: {e}");
             return;
         }
-        self.noted = Some(commit.clone());
+        self.noted = Some(noted);
         if let Some(follow) = self.follow.clone() {
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = follow.push_notes() {
@@ -519,7 +546,10 @@ impl Daemon {
     /// Plans each preview ref (`source.previewRefs`) whose commit changed, read-only, and
     /// publishes the plan under `status/previews/<ref>/`. Nothing is applied, recorded as
     /// approved, or decrypted: a preview is a pull request's `fleet plan`, made where the
-    /// hypervisors can be seen.
+    /// hypervisors can be seen. Anyone may open a pull request, so a pass plans at most
+    /// `PREVIEWS_PER_PASS` (the rest wait for the next), of at most `MAX_PREVIEW_REFS`
+    /// refs, and the commit each was planned at is kept with its plan, so a restart plans
+    /// (and announces) nothing again.
     async fn previews(&mut self) {
         let Some(follow) = self.follow.clone() else {
             return;
@@ -528,24 +558,30 @@ impl Daemon {
             return;
         }
         let refs = crate::source::refs_matching(&self.ws.repo_root, &follow.preview_refs);
-        self.previewed.retain(|name, _| refs.contains_key(name));
-        for (name, commit) in refs {
-            if self.previewed.get(&name) == Some(&commit) {
+        if refs.len() > MAX_PREVIEW_REFS {
+            tracing::warn!(
+                "{} refs match source.previewRefs; only the first {MAX_PREVIEW_REFS} (by name) are planned",
+                refs.len()
+            );
+        }
+        let mut planned = 0;
+        for (name, commit) in refs.into_iter().take(MAX_PREVIEW_REFS) {
+            let slug = preview_slug(&name);
+            if self.ws.status.preview_commit(&slug).as_deref() == Some(commit.as_str()) {
                 continue;
             }
-            self.previewed.insert(name.clone(), commit.clone());
+            if planned == PREVIEWS_PER_PASS {
+                // The rest at the next pass, which comes soon.
+                self.next_fetch = self.next_fetch.min(Instant::now() + MIN_FETCH_GAP);
+                break;
+            }
+            planned += 1;
             let (markdown, json, summary) = self.preview(&name).await;
-            let slug: String = name
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                        c
-                    } else {
-                        '-'
-                    }
-                })
-                .collect();
-            if let Err(e) = self.ws.status.write_preview(&slug, &markdown, &json) {
+            if let Err(e) = self
+                .ws
+                .status
+                .write_preview(&slug, &commit, &markdown, &json)
+            {
                 tracing::warn!("cannot publish the preview of {name}: {e}");
                 continue;
             }
@@ -560,37 +596,35 @@ impl Daemon {
         }
     }
 
-    /// The preview of `reference`: Markdown, JSON and a one-line summary.
+    /// The preview of `reference`: Markdown, JSON and a one-line summary. What a pull
+    /// request wrote is escaped; what only the host knows (paths, errors of its own) is
+    /// not published.
     async fn preview(&self, reference: &str) -> (String, String, String) {
-        let mut snapshot = match crate::source::from_git(
-            &self.ws.repo_root,
-            &self.ws.fleet_dir,
-            Some(reference),
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                let why = e.to_string();
-                return (
-                    format!(
-                        "### fleet plan: {reference}
-
-Not readable: `{why}`
-"
-                    ),
-                    serde_json::json!({ "error": why }).to_string(),
-                    "not readable".into(),
-                );
-            }
+        use crate::plan::render::md;
+        let title = format!("### fleet plan: {}\n\n", md(reference));
+        let refused = |why: &str, summary: &str| {
+            (
+                format!("{title}**{}**\n", md(why)),
+                serde_json::json!({ "refused": why }).to_string(),
+                summary.to_owned(),
+            )
         };
-        let unsigned = reconcile::verify(&self.ws, self.verifier.as_ref(), &mut snapshot).err();
+        let Ok(mut snapshot) =
+            crate::source::from_git(&self.ws.repo_root, &self.ws.fleet_dir, Some(reference))
+        else {
+            return refused(
+                "its fleet directory cannot be read (see fleet serve's log)",
+                "not readable",
+            );
+        };
+        let unsigned = reconcile::verify(&self.ws, self.verifier.as_ref(), &mut snapshot).is_err();
         let desired = match reconcile::desired(&snapshot, &self.host) {
             Ok(d) => d,
             Err(diags) => {
                 let lines: Vec<String> = diags.iter().map(ToString::to_string).collect();
+                let text = lines.join("\n");
                 let fence = "`".repeat(
-                    lines
-                        .iter()
-                        .flat_map(|l| l.split(|c| c != '`'))
+                    text.split(|c| c != '`')
                         .map(str::len)
                         .max()
                         .unwrap_or(0)
@@ -599,25 +633,27 @@ Not readable: `{why}`
                 );
                 return (
                     format!(
-                        "### fleet plan: {reference}
-
-**{} diagnostic(s): fleet would refuse this revision**
-
-{fence}
-{}
-{fence}
-",
-                        lines.len(),
-                        lines.join(
-                            "
-"
-                        )
+                        "{title}**{} diagnostic(s): fleet would refuse this revision**\n\n{fence}\n{text}\n{fence}\n",
+                        lines.len()
                     ),
                     serde_json::json!({ "diagnostics": lines }).to_string(),
                     format!("{} diagnostic(s)", lines.len()),
                 );
             }
         };
+        // Ownership is decided by the fleet's name: a preview under another name would
+        // read that fleet's VMs and publish their configuration.
+        if let Some(current) = &self.last_good
+            && current.fleet != desired.fleet
+        {
+            return refused(
+                &format!(
+                    "it names the fleet {:?}, not {:?}, the fleet this host runs; not planned",
+                    desired.fleet, current.fleet
+                ),
+                "another fleet's name",
+            );
+        }
         let planned = reconcile::plan_pass(
             &self.ws,
             &desired,
@@ -628,13 +664,9 @@ Not readable: `{why}`
         .await;
         let runs = reconcile::task_runs(&self.ws, &desired);
         let mut markdown = crate::plan::render::markdown(&planned.plan, &runs);
-        if let Some(why) = unsigned {
+        if unsigned {
             markdown = format!(
-                "> [!WARNING]
-> fleet serve would refuse this revision: {}
-
-{markdown}",
-                why.to_string().replace(['\n', '<', '>'], " ")
+                "> [!WARNING]\n> fleet serve would refuse this revision: its commit is not signed by a key the host trusts\n\n{markdown}"
             );
         }
         let summary = markdown
@@ -645,8 +677,8 @@ Not readable: `{why}`
         (markdown, crate::plan::render::json(&planned.plan), summary)
     }
 
-    /// Writes a change of suspension to the summary (and, for `policy.suspend`, an event;
-    /// the host's own commands write theirs).
+    /// Writes a change of suspension to the summary and as an event (the daemon's, so the
+    /// notification sinks hear of `fleet suspend` and `fleet resume` too).
     fn note_suspension(&mut self, now: &Option<String>, revision: &crate::source::Revision) {
         let mut summary = self.ws.status.read_summary().unwrap_or_default();
         if summary.suspended != *now {
@@ -656,24 +688,24 @@ Not readable: `{why}`
         if self.suspended == *now {
             return;
         }
-        let by_policy = |s: &Option<String>| s.as_deref().is_some_and(|s| s.starts_with("policy."));
-        if by_policy(now) || by_policy(&self.suspended) {
-            let (kind, message) = match now {
-                Some(why) => (
-                    crate::status::EventKind::Suspended,
-                    format!("suspended: {why}"),
+        let (kind, message) = match now {
+            Some(why) => (
+                crate::status::EventKind::Suspended,
+                format!("suspended: {why}"),
+            ),
+            None => (
+                crate::status::EventKind::Resumed,
+                format!(
+                    "resumed; it was {}",
+                    self.suspended.as_deref().unwrap_or("suspended")
                 ),
-                None => (
-                    crate::status::EventKind::Resumed,
-                    "resumed: the revision no longer sets policy.suspend".to_owned(),
-                ),
-            };
-            let _ = self.ws.status.append_event(&crate::status::Event::fleet(
-                kind,
-                Some(revision.id.clone()),
-                message,
-            ));
-        }
+            ),
+        };
+        let _ = self.ws.status.append_event(&crate::status::Event::fleet(
+            kind,
+            Some(revision.id.clone()),
+            message,
+        ));
         match now {
             Some(why) => tracing::warn!("{why}"),
             None => tracing::info!("resumed"),
@@ -1076,4 +1108,26 @@ fn spawn_signal_handler(tx: mpsc::UnboundedSender<Trigger>) -> Result<()> {
         let _ = tx.send(Trigger::Shutdown);
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_refs_never_share_a_preview_directory() {
+        let (a, b) = (
+            preview_slug("refs/heads/proposed/a/b"),
+            preview_slug("refs/heads/proposed/a-b"),
+        );
+        assert_ne!(a, b);
+        assert!(a.starts_with("refs-heads-proposed-a-b-"), "{a}");
+        let odd = preview_slug("refs/heads/../<img src=x>/é");
+        assert!(
+            odd.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+            "{odd}"
+        );
+        assert!(!odd.starts_with('.'), "{odd}");
+    }
 }

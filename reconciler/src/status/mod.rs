@@ -105,28 +105,17 @@ impl StatusDir {
         }
     }
 
-    /// Records (or, with `None`, lifts) the host's suspension, with its event.
+    /// Records (or, with `None`, lifts) the host's suspension. `fleet serve` writes the
+    /// event when it sees the change (and its notification sinks hear of it).
     pub fn set_host_suspension(&self, reason: Option<&str>) -> std::io::Result<()> {
         self.ensure()?;
-        let message = match reason {
-            Some(reason) => {
-                self.write_file("suspended", format!("{reason}\n").as_bytes())?;
-                format!("suspended from the host: {reason}; nothing is applied until fleet resume")
-            }
-            None => {
-                match std::fs::remove_file(self.suspended_path()) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                    _ => {}
-                }
-                "resumed from the host".to_owned()
-            }
-        };
-        let kind = if reason.is_some() {
-            EventKind::Suspended
-        } else {
-            EventKind::Resumed
-        };
-        self.append_event(&Event::fleet(kind, None, message))
+        match reason {
+            Some(reason) => self.write_file("suspended", format!("{reason}\n").as_bytes()),
+            None => match std::fs::remove_file(self.suspended_path()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        }
     }
 }
 
@@ -599,10 +588,24 @@ impl StatusDir {
         ))
     }
 
-    /// Publishes the plan of a preview ref (`previews/<slug>/plan.md`, `plan.json`).
-    pub fn write_preview(&self, slug: &str, markdown: &str, json: &str) -> std::io::Result<()> {
+    /// Publishes the plan of a preview ref at `commit` (`previews/<slug>/plan.md`,
+    /// `plan.json`, and `commit` last, so a plan is never taken as made for a commit it
+    /// was not made for).
+    pub fn write_preview(
+        &self,
+        slug: &str,
+        commit: &str,
+        markdown: &str,
+        json: &str,
+    ) -> std::io::Result<()> {
         self.write_file(&format!("previews/{slug}/plan.md"), markdown.as_bytes())?;
-        self.write_file(&format!("previews/{slug}/plan.json"), json.as_bytes())
+        self.write_file(&format!("previews/{slug}/plan.json"), json.as_bytes())?;
+        self.write_file(&format!("previews/{slug}/commit"), commit.as_bytes())
+    }
+
+    /// The commit the preview `slug` was last planned at.
+    pub fn preview_commit(&self, slug: &str) -> Option<String> {
+        self.read_file(&format!("previews/{slug}/commit")).ok()
     }
 
     /// The plan last written (`plan.txt`, `plan.json`), for the page.

@@ -474,20 +474,25 @@ fn a_proposed_branch_is_planned_read_only_and_published() {
     origin.commit("a proposal");
     origin.git(&["checkout", "-q", "main"]);
     host.fleet(&["reconcile"]).expect_code(0);
-    let published = host
-        .path()
-        .join(".fleet/status/previews/refs-heads-proposed-more/plan.md");
+    let previews = host.path().join(".fleet/status/previews");
+    let dir = || {
+        std::fs::read_dir(&previews)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("refs-heads-proposed-more-"))
+            })
+    };
     wait_until("the preview is published", Duration::from_secs(10), || {
-        published.exists()
+        dir().is_some_and(|d| d.join("commit").exists())
     });
-    let markdown = std::fs::read_to_string(&published).expect("plan.md");
+    let published = dir().expect("the preview's directory");
+    let markdown = std::fs::read_to_string(published.join("plan.md")).expect("plan.md");
     assert!(markdown.contains("1 to create, 1 to destroy"), "{markdown}");
     assert!(markdown.contains("| create | p |"), "{markdown}");
-    assert!(
-        host.path()
-            .join(".fleet/status/previews/refs-heads-proposed-more/plan.json")
-            .exists()
-    );
+    assert!(published.join("plan.json").exists());
     std::thread::sleep(Duration::from_millis(1000));
     assert!(!vm_record(&host, "p"), "a preview created a VM");
     assert!(vm_record(&host, "a"), "a preview destroyed a VM");

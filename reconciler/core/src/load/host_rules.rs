@@ -28,10 +28,7 @@ pub fn check_host_object(o: &Object<HostDocument>, diags: &mut Vec<Diagnostic>) 
                 "set exactly one of url (a webhook) and exec (a host command)",
             )),
             (Some(url), true) => {
-                let loopback = ["http://127.", "http://[::1]", "http://localhost"]
-                    .iter()
-                    .any(|p| url.starts_with(p));
-                if !(url.starts_with("https://") || loopback) || url_has_password(url) {
+                if !(url.starts_with("https://") || loopback_http(url)) || url_has_password(url) {
                     diags.push(o.field_error(&format!("{at}/url"), format!("{url:?}: a webhook is an https:// URL (http:// only on loopback), without a password (sign with secretFile)")));
                 }
             }
@@ -323,12 +320,48 @@ fn check_push(o: &Object<crate::spec::TaskDocument>, host: &HostSpec, diags: &mu
     }
 }
 
-/// Whether `url` carries a password (`https://user:token@host/…`).
+/// Whether `url` carries a credential: a password (`https://user:token@host/…`), or for
+/// https any user at all (a token is often passed as the user name). ssh's `git@` is a user.
 pub fn url_has_password(url: &str) -> bool {
-    url.split_once("://")
-        .map(|(_, rest)| rest.split('/').next().unwrap_or(rest))
-        .and_then(|authority| authority.rsplit_once('@'))
-        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or(rest);
+    match authority.rsplit_once('@') {
+        Some((userinfo, _)) => scheme != "ssh" || userinfo.contains(':'),
+        None => false,
+    }
+}
+
+/// Whether `url` is plain HTTP to this host itself: `http://` then exactly `localhost`,
+/// an address of 127.0.0.0/8 or `[::1]`, then a port, a path or nothing (no user).
+fn loopback_http(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    if authority.contains('@') {
+        return false;
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((addr, "")) => (addr, None),
+            Some((addr, port)) => match port.strip_prefix(':') {
+                Some(port) => (addr, Some(port)),
+                None => return false,
+            },
+            None => return false,
+        },
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    port.is_none_or(|p| p.parse::<u16>().is_ok())
+        && (host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback()))
 }
 
 /// Whether two URLs name the same repository: compared without user, default port, case of
@@ -510,6 +543,33 @@ fn check_credentials(f: &LoadedFleet, host: &HostSpec, diags: &mut Vec<Diagnosti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_this_host_is_loopback_and_no_https_url_carries_a_user() {
+        for yes in [
+            "http://127.0.0.1:8080/hook",
+            "http://localhost/",
+            "http://[::1]:9/x",
+            "http://127.1.2.3",
+        ] {
+            assert!(loopback_http(yes), "{yes}");
+        }
+        for no in [
+            "http://127.0.0.1.evil.com/",
+            "http://localhost.evil.com/",
+            "http://localhost@evil.com/",
+            "http://[::1].evil.com/",
+            "http://10.0.0.1/",
+            "https://127.0.0.1/",
+        ] {
+            assert!(!loopback_http(no), "{no}");
+        }
+        assert!(url_has_password("https://ghp_token@github.com/o/r"));
+        assert!(url_has_password("https://u:p@github.com/o/r"));
+        assert!(!url_has_password("ssh://git@github.com/o/r"));
+        assert!(url_has_password("ssh://git:p@github.com/o/r"));
+        assert!(!url_has_password("https://github.com/o/r@main"));
+    }
 
     #[test]
     fn a_repository_is_the_same_under_another_user_port_case_or_suffix() {

@@ -409,12 +409,12 @@ pub fn markdown(plan: &Plan, runs: &[super::task_runs::TaskRun]) -> String {
 
 /// Text a revision wrote, safe in Markdown and in a table cell: its punctuation escaped,
 /// line breaks and HTML-significant characters made inert, mentions broken.
-fn md(text: &str) -> String {
+pub fn md(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
             '\\' | '`' | '*' | '_' | '{' | '}' | '[' | ']' | '(' | ')' | '#' | '+' | '-' | '.'
-            | '!' | '|' | '~' | '>' => {
+            | '!' | '|' | '~' | '>' | '$' => {
                 out.push('\\');
                 out.push(c);
             }
@@ -422,7 +422,10 @@ fn md(text: &str) -> String {
             '&' => out.push_str("&amp;"),
             '@' => out.push_str("@\u{200b}"),
             '\n' | '\r' => out.push(' '),
-            c if c.is_control() => {}
+            // Control characters, and the invisible ones that reorder or hide text.
+            c if c.is_control()
+                || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}') =>
+                {}
             c => out.push(c),
         }
     }

@@ -1000,3 +1000,10 @@ fn the_markdown_plan_is_a_pull_request_comment_nothing_committed_can_inject_into
         assert!(!text.contains(made), "{made:?} in:\n{text}");
     }
 }
+
+#[test]
+fn markdown_text_is_inert_math_and_invisible_characters_included() {
+    assert_eq!(render::md("$x$ \u{202e}gpj.exe"), "\\$x\\$ gpj\\.exe");
+    assert_eq!(render::md("a\u{200b}b\u{feff}"), "ab");
+    assert_eq!(render::md("<img> [l](u)"), "&lt;img\\> \\[l\\]\\(u\\)");
+}
