@@ -730,6 +730,7 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
             plan: &plan,
             observed: &observed,
             agents: &Default::default(),
+            crash_loops: &Default::default(),
         },
         &drivers,
         journal,

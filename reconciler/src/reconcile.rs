@@ -429,6 +429,8 @@ pub struct Pass<'a> {
     pub plan: &'a Plan,
     pub observed: &'a Observed,
     pub agents: &'a BTreeMap<String, status::AgentStatus>,
+    /// VMs in a crash loop, with the evidence (`fleet serve` keeps count).
+    pub crash_loops: &'a BTreeMap<String, String>,
 }
 
 /// Runs `plan`, then observes again and writes every status file.
@@ -444,6 +446,7 @@ pub async fn apply_and_record(
         plan,
         observed: observed_before,
         agents,
+        crash_loops,
     } = pass;
     let started = SystemTime::now();
     for (provider, driver) in drivers {
@@ -502,6 +505,9 @@ pub async fn apply_and_record(
     }
     for d in plan.drift() {
         outcomes.entry(d.vm.clone()).or_default().drift = Some((d.what.clone(), d.healed));
+    }
+    for (vm, evidence) in crash_loops {
+        outcomes.entry(vm.clone()).or_default().crash_loop = Some(evidence.clone());
     }
     let finished = SystemTime::now();
     let vms = status::vm_statuses(desired, &after, &outcomes, agents, finished);

@@ -87,3 +87,139 @@ mod tests {
         assert_eq!(b.next_due(), Some(t + Duration::from_secs(1)));
     }
 }
+
+/// How many restarts of a VM that stopped on its own, within `LOOP_WINDOW`, make a crash
+/// loop.
+pub const LOOP_RESTARTS: usize = 3;
+pub const LOOP_WINDOW: Duration = Duration::from_secs(600);
+/// The first wait before restarting a crash-looping VM, doubling to `LOOP_MAX`.
+const LOOP_FIRST: Duration = Duration::from_secs(10);
+const LOOP_MAX: Duration = Duration::from_secs(600);
+
+/// VMs that keep stopping on their own (a guest that crashes or powers itself off): fleet
+/// heals such drift by starting them again, but the `LOOP_RESTARTS`th restart within
+/// `LOOP_WINDOW` makes the next one wait 10 s, then 20 s, … up to 10 min, instead of
+/// restarting on every pass. A VM that stays up for the window is forgiven.
+#[derive(Debug, Default)]
+pub struct CrashLoops {
+    vms: HashMap<String, CrashState>,
+}
+
+#[derive(Debug, Default)]
+struct CrashState {
+    restarts: std::collections::VecDeque<Instant>,
+    /// Restarts made while looping, and when the next may be made.
+    level: u32,
+    until: Option<Instant>,
+}
+
+impl CrashLoops {
+    /// fleet restarted `vm`, which had stopped on its own; how long its next restart waits,
+    /// when it is now in a crash loop.
+    pub fn restarted(&mut self, vm: &str, now: Instant) -> Option<Duration> {
+        let state = self.vms.entry(vm.to_owned()).or_default();
+        state
+            .restarts
+            .retain(|t| now.saturating_duration_since(*t) < LOOP_WINDOW);
+        if state.restarts.is_empty() {
+            state.level = 0;
+        }
+        state.restarts.push_back(now);
+        if state.restarts.len() < LOOP_RESTARTS {
+            return None;
+        }
+        let delay = LOOP_FIRST
+            .saturating_mul(1 << state.level.min(16))
+            .min(LOOP_MAX);
+        state.level += 1;
+        state.until = Some(now + delay);
+        Some(delay)
+    }
+
+    /// Whether `vm` was restarted within the window before `now`.
+    pub fn recent(&self, vm: &str, now: Instant) -> bool {
+        self.vms.get(vm).is_some_and(|s| {
+            s.restarts
+                .iter()
+                .any(|t| now.saturating_duration_since(*t) < LOOP_WINDOW)
+        })
+    }
+
+    /// The VMs in a crash loop at `now`, with the evidence in words.
+    pub fn looping(&self, now: Instant) -> std::collections::BTreeMap<String, String> {
+        self.vms
+            .iter()
+            .filter_map(|(vm, s)| {
+                let recent = s
+                    .restarts
+                    .iter()
+                    .filter(|t| now.saturating_duration_since(**t) < LOOP_WINDOW)
+                    .count();
+                (recent >= LOOP_RESTARTS).then(|| {
+                    (
+                        vm.clone(),
+                        format!(
+                            "it stopped on its own and was started again {recent} times in the last {} min; restarts back off (10 s doubling to 10 min)",
+                            LOOP_WINDOW.as_secs() / 60
+                        ),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// The crash-looping VMs whose next restart must wait at `now`.
+    pub fn deferred(&self, now: Instant) -> std::collections::BTreeMap<String, String> {
+        self.vms
+            .iter()
+            .filter(|(_, s)| s.until.is_some_and(|until| until > now))
+            .map(|(vm, s)| {
+                (
+                    vm.clone(),
+                    format!(
+                        "it is in a crash loop ({} restarts in {} min); started again when its backoff ends",
+                        s.restarts.len(),
+                        LOOP_WINDOW.as_secs() / 60
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    /// When the first waiting restart is due.
+    pub fn next_due(&self, now: Instant) -> Option<Instant> {
+        self.vms
+            .values()
+            .filter_map(|s| s.until.filter(|until| *until > now))
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod crash_loop_tests {
+    use super::*;
+
+    #[test]
+    fn the_third_restart_in_ten_minutes_backs_off_and_an_hour_up_forgives() {
+        let mut c = CrashLoops::default();
+        let t = Instant::now();
+        let at = |s: u64| t + Duration::from_secs(s);
+        assert_eq!(c.restarted("a", at(0)), None);
+        assert_eq!(c.restarted("a", at(5)), None);
+        assert!(c.looping(at(6)).is_empty());
+        assert_eq!(c.restarted("a", at(10)), Some(Duration::from_secs(10)));
+        assert!(c.looping(at(11)).contains_key("a"));
+        assert!(c.deferred(at(19)).contains_key("a"));
+        assert!(c.deferred(at(20)).is_empty(), "the wait is over");
+        assert_eq!(c.next_due(at(11)), Some(at(20)));
+        assert_eq!(c.restarted("a", at(21)), Some(Duration::from_secs(20)));
+        assert_eq!(c.restarted("a", at(42)), Some(Duration::from_secs(40)));
+        assert!(
+            c.deferred(at(42)).keys().all(|vm| vm == "a"),
+            "only a waits"
+        );
+        // Up for longer than the window: forgiven, and a new stop restarts at once.
+        assert_eq!(c.restarted("a", at(42 + 700)), None);
+        assert!(c.looping(at(42 + 701)).is_empty());
+    }
+}

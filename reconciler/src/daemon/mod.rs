@@ -350,6 +350,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         last_good: None,
         refused: None,
         backoff: backoff::Backoff::default(),
+        crash: backoff::CrashLoops::default(),
         agents,
         tasks,
         vault: Arc::default(),
@@ -432,6 +433,8 @@ struct Daemon {
     /// The revision last refused, so it is reported once.
     refused: Option<Revision>,
     backoff: backoff::Backoff,
+    /// VMs that keep stopping on their own.
+    crash: backoff::CrashLoops,
     agents: agents::Agents,
     tasks: Arc<TaskBook>,
     /// The secret values of `last_good`, opened when it was loaded.
@@ -488,7 +491,10 @@ impl Daemon {
                 d.policy.reconcile_interval
             });
         let tick = Instant::now() + interval;
-        let soonest_retry = self.backoff.next_due();
+        let soonest_retry = match (self.backoff.next_due(), self.crash.next_due(Instant::now())) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let wake = soonest_retry
             .map_or(tick, |r| r.min(tick))
             .min(self.next_resync);
@@ -844,8 +850,14 @@ impl Daemon {
             }
             self.next_resync = Instant::now() + desired.policy.resync_interval;
         }
-        // A VM in backoff keeps its steps in the plan, as deferred, until its wait is over.
-        let deferred = self.backoff.deferred(Instant::now());
+        // A VM in backoff keeps its steps in the plan, as deferred, until its wait is over;
+        // so does a crash-looping one until its next restart is due.
+        let now = Instant::now();
+        let mut deferred = self.backoff.deferred(now);
+        for (vm, why) in self.crash.deferred(now) {
+            deferred.entry(vm).or_insert(why);
+        }
+        let crash_loops = self.crash.looping(now);
         let planned =
             reconcile::plan_pass(&self.ws, &desired, &self.drivers, &self.vault, deferred).await;
         self.note_suspension(&suspended, &desired.revision);
@@ -884,6 +896,7 @@ impl Daemon {
                 plan: &plan,
                 observed: &observed,
                 agents: &self.agents.snapshot(),
+                crash_loops: &crash_loops,
             },
             &self.drivers,
             journal,
@@ -907,6 +920,46 @@ impl Daemon {
         self.ws
             .status
             .write_secrets_seen(&self.vault.seen(&desired))?;
+        // Starts that healed a VM stopping on its own: counted, and the third within the
+        // window makes a crash loop.
+        // (After a deferred restart the status says the VM is stopped, so its start reads
+        // as the spec wanting it running: counted too while the VM has recent restarts.)
+        let now = Instant::now();
+        let restarted: Vec<&str> = plan
+            .steps()
+            .iter()
+            .filter(|s| {
+                s.action() == crate::plan::Action::Start
+                    && match s.reason {
+                        crate::plan::Reason::Drifted { .. } => true,
+                        crate::plan::Reason::PowerState { .. } => self.crash.recent(&s.vm, now),
+                        _ => false,
+                    }
+            })
+            .map(|s| s.vm.as_str())
+            .collect();
+        for result in applied.report.results.iter().filter(|r| r.ok) {
+            if !restarted.contains(&result.vm.as_str()) {
+                continue;
+            }
+            if let Some(wait) = self.crash.restarted(&result.vm, now) {
+                let message = format!(
+                    "{} keeps stopping on its own ({} restarts in {} min): its next restart waits {} s",
+                    result.vm,
+                    backoff::LOOP_RESTARTS,
+                    backoff::LOOP_WINDOW.as_secs() / 60,
+                    wait.as_secs()
+                );
+                tracing::warn!("{message}");
+                let _ = self.ws.status.append_event(&crate::status::Event::vm(
+                    crate::status::EventKind::VmCrashLooping,
+                    &result.vm,
+                    &result.provider,
+                    &desired.revision.id,
+                    message,
+                ));
+            }
+        }
         for result in &applied.report.results {
             self.metrics.count_step(result.action.as_str(), result.ok);
             if result.ok {

@@ -39,6 +39,7 @@ event_kinds! {
     StepFailed = "step.failed",
     ApplyFinished = "apply.finished",
     VmDrifted = "vm.drifted",
+    VmCrashLooping = "vm.crash_looping",
     RevisionRefused = "revision.refused",
     JournalRecovered = "journal.recovered",
     HostTidied = "host.tidied",

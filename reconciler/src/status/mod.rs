@@ -191,6 +191,8 @@ pub enum ConditionKind {
     Drifted,
     Conflict,
     AgentConnected,
+    /// It keeps stopping on its own, and its restarts back off.
+    CrashLooping,
 }
 
 impl std::fmt::Display for ConditionKind {

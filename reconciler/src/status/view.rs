@@ -14,6 +14,8 @@ pub struct VmOutcome {
     pub conflict: Option<String>,
     /// Drift found this pass, and whether the plan healed it.
     pub drift: Option<(String, bool)>,
+    /// It is in a crash loop: the evidence.
+    pub crash_loop: Option<String>,
 }
 
 /// Builds every VM's status from the desired state, a fresh observation and apply's
@@ -43,6 +45,14 @@ pub fn vm_statuses(
                     "SelfHealDisabled".into()
                 },
                 message: what.clone(),
+            });
+        }
+        if let Some(evidence) = &outcome.crash_loop {
+            conditions.push(Condition {
+                kind: ConditionKind::CrashLooping,
+                status: true,
+                reason: "StoppedOnItsOwn".into(),
+                message: evidence.clone(),
             });
         }
         if let Some(message) = &outcome.conflict {

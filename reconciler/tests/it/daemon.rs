@@ -443,3 +443,65 @@ fn a_vm_in_backoff_is_deferred_in_the_written_plan() {
     assert!(deferred.why.contains("backoff ends"), "{}", deferred.why);
     drop(daemon);
 }
+
+/// A guest that keeps stopping (here `virsh destroy` whenever it runs, as a guest powering
+/// itself off would look): after three restarts in ten minutes fleet backs off instead of
+/// restarting it on every pass, and says so.
+#[test]
+fn a_vm_that_keeps_stopping_is_a_crash_loop_and_its_restarts_back_off() {
+    if !enabled() {
+        return;
+    }
+    let prefix = format!("it{}-loop-", std::process::id());
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let vm = format!("{prefix}a");
+    let repo = Repo::new();
+    repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml_with_policy(
+            &format!("it{}loop", std::process::id()),
+            "{shutdownTimeout: 5s, reconcileInterval: 30s, resyncInterval: 2s}",
+        ),
+    )
+    .write(&format!("fleet/vms/{vm}.yaml"), vm_yaml(&vm, "192Mi"));
+    repo.commit("one VM");
+    let _daemon = Daemon::start(&repo);
+    let running = || String::from_utf8_lossy(&virsh(&["domstate", &vm]).stdout).trim() == "running";
+    wait_until("the VM runs", Duration::from_secs(30), running);
+    let status = repo.path().join(".fleet/status");
+    let starts = || {
+        read(&status.join("events.jsonl"))
+            .lines()
+            .filter(|l| {
+                l.contains("\"type\":\"step.started\"")
+                    && l.contains("\"action\":\"start\"")
+                    && l.contains(&vm)
+            })
+            .count()
+    };
+    // 40 s of a guest that stops as soon as it runs.
+    let until = Instant::now() + Duration::from_secs(40);
+    while Instant::now() < until {
+        if running() {
+            let _ = virsh(&["destroy", &vm]);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let restarts = starts();
+    eprintln!(
+        "restarts in 40 s of a crash loop: {restarts}\n{}",
+        read(&status.join("events.jsonl"))
+    );
+    // Without the backoff it was restarted about every two seconds; with it, three at once,
+    // then after 10 s and 20 s more.
+    assert!((3..=6).contains(&restarts), "{restarts} restarts");
+    let events = read(&status.join("events.jsonl"));
+    assert!(events.contains("vm.crash_looping"), "{events}");
+    wait_until(
+        "the VM's status says it is crash looping",
+        Duration::from_secs(30),
+        || read(&status.join("vms").join(format!("{vm}.yaml"))).contains("CrashLooping"),
+    );
+}
