@@ -531,6 +531,17 @@ async fn make_plan(
             return Ok(Err(ExitCode::from(1)));
         }
     };
+    let over = reconcile::capacity_problems(&desired, &host);
+    if !over.is_empty() {
+        for why in &over {
+            eprintln!("error: {why}");
+        }
+        eprintln!(
+            "{} error(s); fleet serve and fleet apply refuse this revision",
+            over.len()
+        );
+        return Ok(Err(ExitCode::from(1)));
+    }
     let vault = ws.open_vault(&desired);
     let drivers = reconcile::drivers_for(&desired, &host, &vault);
     let planned = reconcile::plan_pass(ws, &desired, &drivers, &vault, Default::default()).await;
@@ -675,6 +686,15 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
+    let over = reconcile::capacity_problems(&desired, &host);
+    if !over.is_empty() {
+        for why in &over {
+            eprintln!("error: {why}");
+        }
+        ws.status
+            .record_refused("", &desired.revision, &over, std::time::SystemTime::now())?;
+        return Ok(ExitCode::from(1));
+    }
     if desired.policy.suspend {
         anyhow::bail!(
             "{} sets policy.suspend: nothing is applied (fleet plan shows what would be)",

@@ -199,6 +199,20 @@ pub fn drivers_for(desired: &Desired, host: &HostSpec, vault: &crate::secrets::V
         .collect()
 }
 
+/// Why the running VMs of `desired` would not fit their hosts (`policy.overcommit`), asked
+/// of each provider's host now; a provider that cannot tell is not checked.
+pub fn capacity_problems(desired: &Desired, host: &HostSpec) -> Vec<String> {
+    let drivers = drivers_for(desired, host, &crate::secrets::Vault::default());
+    let capacities = drivers
+        .iter()
+        .filter_map(|(name, driver)| match driver.capacity() {
+            Ok(Some(capacity)) => Some((name.clone(), capacity)),
+            _ => None,
+        })
+        .collect();
+    resolve::capacity_problems(desired, &capacities)
+}
+
 /// What identifies the credentials drivers were made with: the daemon makes new drivers
 /// when it changes (a rotated token), not only when the providers' specs do.
 pub fn credentials_digest(desired: &Desired, vault: &crate::secrets::Vault) -> String {

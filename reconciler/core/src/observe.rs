@@ -52,6 +52,14 @@ impl ObservedVm {
     }
 }
 
+/// What a provider's host can run: its memory and CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Capacity {
+    pub memory_mib: u64,
+    pub cpus: u32,
+}
+
 /// One provider's view.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

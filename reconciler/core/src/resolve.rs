@@ -155,6 +155,46 @@ pub struct CommittedApproval {
     pub signer: Option<String>,
 }
 
+/// The default `policy.overcommit`: memory as the host has it, CPUs four times over.
+pub const DEFAULT_OVERCOMMIT: (f64, f64) = (1.0, 4.0);
+
+/// Why the running VMs of `desired` would not fit the hosts, by what each provider's host
+/// has (`capacities`; a provider missing there is not checked) and `policy.overcommit`.
+pub fn capacity_problems(
+    desired: &Desired,
+    capacities: &BTreeMap<String, crate::observe::Capacity>,
+) -> Vec<String> {
+    let (memory_ratio, cpu_ratio) = desired.policy.overcommit;
+    let mut problems = Vec::new();
+    for (provider, capacity) in capacities {
+        let running = desired.vms.values().filter(|vm| {
+            vm.config.provider == *provider && vm.state == crate::spec::PowerState::Running
+        });
+        let (memory, cpus, count) = running.fold((0u64, 0u64, 0usize), |(m, c, n), vm| {
+            (
+                m + vm.config.memory_mib,
+                c + u64::from(vm.config.cpus),
+                n + 1,
+            )
+        });
+        let memory_cap = (capacity.memory_mib as f64 * memory_ratio) as u64;
+        let cpu_cap = (f64::from(capacity.cpus) * cpu_ratio) as u64;
+        if memory > memory_cap {
+            problems.push(format!(
+                "provider {provider}: its {count} running VMs ask for {memory} MiB of memory; the host has {} MiB and policy.overcommit.memory is {memory_ratio}, so at most {memory_cap} MiB: stop or shrink VMs, or raise policy.overcommit.memory",
+                capacity.memory_mib
+            ));
+        }
+        if cpus > cpu_cap {
+            problems.push(format!(
+                "provider {provider}: its {count} running VMs ask for {cpus} CPUs; the host has {} and policy.overcommit.cpu is {cpu_ratio}, so at most {cpu_cap}: stop or shrink VMs, or raise policy.overcommit.cpu",
+                capacity.cpus
+            ));
+        }
+    }
+    problems
+}
+
 /// Whose committed answers and approvals count (the host's `trust`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Approvers {
@@ -391,6 +431,20 @@ pub struct ResolvedPolicy {
     /// Nothing is applied while set (`policy.suspend`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspend: bool,
+    /// How far running VMs may exceed a host's memory and CPUs (`policy.overcommit`).
+    #[serde(
+        default = "default_overcommit",
+        skip_serializing_if = "is_default_overcommit"
+    )]
+    pub overcommit: (f64, f64),
+}
+
+fn default_overcommit() -> (f64, f64) {
+    DEFAULT_OVERCOMMIT
+}
+
+fn is_default_overcommit(o: &(f64, f64)) -> bool {
+    *o == DEFAULT_OVERCOMMIT
 }
 
 pub const DEFAULT_MAX_DESTROYS_PER_APPLY: u32 = 5;
@@ -510,6 +564,18 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
         approve: spec.policy.approve.clone(),
         allow_rollback: spec.policy.allow_rollback.unwrap_or(false),
         suspend: spec.policy.suspend.unwrap_or(false),
+        overcommit: (
+            spec.policy
+                .overcommit
+                .as_ref()
+                .and_then(|o| o.memory)
+                .unwrap_or(DEFAULT_OVERCOMMIT.0),
+            spec.policy
+                .overcommit
+                .as_ref()
+                .and_then(|o| o.cpu)
+                .unwrap_or(DEFAULT_OVERCOMMIT.1),
+        ),
     };
     let mut merged_loadouts: BTreeMap<String, LoadoutSpec> = BTreeMap::new();
     let mut vms = BTreeMap::new();

@@ -985,6 +985,23 @@ pub struct Policy {
     /// already running go on). `fleet suspend` does the same from the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspend: Option<bool>,
+    /// How far the running VMs of a revision may exceed a libvirt host's memory and CPUs
+    /// (the host's own figures, read when a revision is loaded). Default memory 1.0, CPU
+    /// 4.0; a revision asking for more is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overcommit: Option<Overcommit>,
+}
+
+/// Ratios of what running VMs may ask to what a host has.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Overcommit {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.1, max = 100.0))]
+    pub memory: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.1, max = 100.0))]
+    pub cpu: Option<f64>,
 }
 
 /// A kind of plan step, as `policy.approve` names it.

@@ -414,6 +414,7 @@ mod tests {
                 approve: Vec::new(),
                 allow_rollback: false,
                 suspend: false,
+                overcommit: crate::resolve::DEFAULT_OVERCOMMIT,
             },
             ["broken", "flaky", "ok-1", "stuck", "ok-2"]
                 .map(create_step)

@@ -1056,7 +1056,19 @@ impl Daemon {
             }
             tracing::warn!("{message}; applied, as policy.allowRollback allows");
         }
-        match reconcile::desired(&snapshot, &self.host) {
+        let loaded = reconcile::desired(&snapshot, &self.host)
+            .map_err(|diags| diags.iter().map(ToString::to_string).collect::<Vec<_>>())
+            .and_then(|desired| {
+                // A revision whose running VMs would not fit their hosts is refused like
+                // an invalid one, before anything of it is applied.
+                let over = reconcile::capacity_problems(&desired, &self.host);
+                if over.is_empty() {
+                    Ok(desired)
+                } else {
+                    Err(over)
+                }
+            });
+        match loaded {
             Ok(desired) => {
                 tracing::info!(revision = %desired.revision.label, "new revision");
                 self.baseline = Some((desired.revision.id.clone(), desired.policy.allow_rollback));
@@ -1080,9 +1092,8 @@ impl Daemon {
                 self.last_good = Some(desired);
                 self.refused = None;
             }
-            Err(diags) => {
-                tracing::warn!(revision = %snapshot.revision.label, "revision refused with {} diagnostic(s)", diags.len());
-                let reasons: Vec<String> = diags.iter().map(ToString::to_string).collect();
+            Err(reasons) => {
+                tracing::warn!(revision = %snapshot.revision.label, "revision refused: {}", reasons.join("; "));
                 self.ws.status.record_refused(
                     &fleet,
                     &snapshot.revision,

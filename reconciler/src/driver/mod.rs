@@ -92,6 +92,11 @@ pub trait Driver: Send + Sync {
         Ok(())
     }
 
+    /// What the host has (memory and CPUs), when the driver can tell; read-only.
+    fn capacity(&self) -> Result<Option<crate::observe::Capacity>, DriverError> {
+        Ok(None)
+    }
+
     /// Makes the VM (files, definition with `stamp`) and starts it when the spec says running.
     /// Idempotent: a VM already made by this fleet under this name is brought to the spec
     /// (stopping it, within `grace`, if the spec says stopped).

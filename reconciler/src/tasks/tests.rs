@@ -59,6 +59,7 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
             approve: Vec::new(),
             allow_rollback: false,
             suspend: false,
+            overcommit: crate::resolve::DEFAULT_OVERCOMMIT,
         },
         vms: Default::default(),
         tasks: [("ask".to_owned(), task)].into(),

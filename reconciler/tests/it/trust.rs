@@ -443,3 +443,44 @@ fn storage_directories_fleet_did_not_make_are_never_taken() {
     repo.commit("empty");
     crate::approvals::apply_emptying(&repo);
 }
+
+/// Capacity (`policy.overcommit`): a revision whose running VMs ask for more memory than
+/// the host has is refused before anything of it is applied, with the host's figures.
+#[test]
+fn a_revision_that_does_not_fit_its_host_is_refused() {
+    let repo = test_driver_repo();
+    // libvirt's test driver has 3 GiB and 16 CPUs.
+    let vm = |name: &str, memory: &str, state: &str| {
+        format!(
+            "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {name}}}\nspec: {{provider: local, image: micro, state: {state}, resources: {{memory: {memory}}}}}\n"
+        )
+    };
+    repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml("{name: local, type: libvirt}"),
+    )
+    .write("fleet/vms/a.yaml", vm("a", "2Gi", "running"))
+    .write("fleet/vms/b.yaml", vm("b", "2Gi", "running"));
+    repo.commit("4 GiB of running VMs on a 3 GiB host");
+    for command in [&["plan"][..], &["apply", "--auto-approve"]] {
+        let run = repo.fleet(command);
+        run.expect_code(1);
+        assert!(
+            run.stderr()
+                .contains("its 2 running VMs ask for 4096 MiB of memory; the host has 3072 MiB"),
+            "{command:?}: {}",
+            run.stderr()
+        );
+    }
+    // Stopped VMs take nothing; and an operator may allow overcommitting memory.
+    repo.write("fleet/vms/b.yaml", vm("b", "2Gi", "stopped"));
+    repo.commit("one of them stopped");
+    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    repo.write("fleet/vms/b.yaml", vm("b", "2Gi", "running"))
+        .write(
+            "fleet/fleet.yaml",
+            fleet_yaml("{name: local, type: libvirt}") + "  policy: {overcommit: {memory: 1.5}}\n",
+        );
+    repo.commit("memory overcommitted on purpose");
+    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+}

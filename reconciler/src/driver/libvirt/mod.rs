@@ -897,6 +897,17 @@ impl Driver for LibvirtDriver {
             .map_err(|e| DriverError::new(e.kind, format!("storage directory: {}", e.message)))
     }
 
+    fn capacity(&self) -> Result<Option<crate::observe::Capacity>, DriverError> {
+        let info = self
+            .connection()?
+            .node_info()
+            .map_err(|e| DriverError::new(ErrorKind::Transient, format!("node info: {e}")))?;
+        Ok(Some(crate::observe::Capacity {
+            memory_mib: info.memory / 1024,
+            cpus: info.cpus,
+        }))
+    }
+
     fn observe(&self) -> Result<ObservedHost, DriverError> {
         let domains = self.call("list domains", |c| c.list_all_domains(0))?;
         let mut vms = Vec::with_capacity(domains.len());

@@ -141,7 +141,7 @@ impl ScratchFleet {
         me.git(&["config", "user.email", "bench@fleet.invalid"])?;
         me.write(
             "fleet/fleet.yaml",
-            &format!("apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: {fleet}}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, domainType: qemu}}\n  images:\n    - {{name: micro, kernel: vmlinuz, initrd: initrd.img}}\n"),
+            &format!("apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: {fleet}}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, domainType: qemu}}\n  images:\n    - {{name: micro, kernel: vmlinuz, initrd: initrd.img}}\n  policy: {{overcommit: {{cpu: 32}}}}\n"),
         )?;
         std::fs::write(
             me.host_config(),

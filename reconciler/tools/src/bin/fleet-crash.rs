@@ -138,7 +138,7 @@ fn setup(vms: usize, rng: &mut Rng) -> Result<Fleet> {
     std::fs::write(
         repo.join("fleet/fleet.yaml"),
         format!(
-            "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: {name}}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, domainType: qemu}}\n  images:\n    - {{name: micro, kernel: vmlinuz, initrd: initrd.img, cmdline: quiet}}\n  policy: {{maxParallel: 4, shutdownTimeout: 2s, maxDestroysPerApply: 1000}}\n"
+            "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: {name}}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, domainType: qemu}}\n  images:\n    - {{name: micro, kernel: vmlinuz, initrd: initrd.img, cmdline: quiet}}\n  policy: {{maxParallel: 4, shutdownTimeout: 2s, maxDestroysPerApply: 1000, overcommit: {{cpu: 32}}}}\n"
         ),
     )?;
     std::fs::write(
