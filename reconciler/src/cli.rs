@@ -83,6 +83,9 @@ pub enum Command {
     /// Prompts waiting for a human, and answering them from the host.
     #[command(subcommand)]
     Hitl(HitlCommand),
+    /// Task runs and their output.
+    #[command(subcommand)]
+    Task(TaskCommand),
     /// Secrets in fleet/secrets/: age-encrypted values, keys in the clear.
     #[command(subcommand)]
     Secret(SecretCommand),
@@ -122,6 +125,18 @@ pub struct RecipientArgs {
     /// without asking (for scripts).
     #[arg(long)]
     pub yes: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Every task's latest run: VM, phase, run, start and result.
+    List,
+    /// A task's output (its escape sequences removed); with --follow, until the run ends.
+    Logs {
+        name: String,
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -311,6 +326,14 @@ pub fn run(cli: Cli) -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Secret(command) => secret_cmd(&ws, command),
+            Command::Task(TaskCommand::List) => {
+                print!("{}", crate::task_view::list(&ws.status));
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Task(TaskCommand::Logs { name, follow }) => {
+                crate::task_view::logs(&ws.status, name, *follow, &mut std::io::stdout().lock())?;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Reconcile => reconcile_cmd(&ws),
             Command::Suspend { reason } => {
                 let who = crate::hitl::local_user();

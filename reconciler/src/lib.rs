@@ -32,6 +32,7 @@ pub mod reconcile;
 pub mod secrets;
 pub mod source;
 pub mod status;
+pub mod task_view;
 pub mod tasks;
 pub mod terminal;
 pub mod trust;

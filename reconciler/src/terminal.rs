@@ -10,17 +10,34 @@ pub fn strip_codes(raw: &str) -> String {
     while let Some(c) = chars.next() {
         match c {
             '\u{1b}' => {
-                // CSI: ESC [ params final-byte; other escapes: ESC and one character.
-                if chars.peek() == Some(&'[') {
-                    chars.next();
-                    while let Some(&n) = chars.peek() {
+                // CSI: ESC [ params final-byte; OSC, DCS and the like: ESC ] (P, X, ^, _)
+                // up to BEL or ESC \ (a title, a clipboard write: their text is dropped too);
+                // other escapes: ESC and one character.
+                match chars.peek() {
+                    Some(&'[') => {
                         chars.next();
-                        if ('@'..='~').contains(&n) {
-                            break;
+                        while let Some(&n) = chars.peek() {
+                            chars.next();
+                            if ('@'..='~').contains(&n) {
+                                break;
+                            }
                         }
                     }
-                } else {
-                    chars.next();
+                    Some(&(']' | 'P' | 'X' | '^' | '_')) => {
+                        chars.next();
+                        while let Some(n) = chars.next() {
+                            if n == '\u{7}' {
+                                break;
+                            }
+                            if n == '\u{1b}' {
+                                chars.next_if_eq(&'\\');
+                                break;
+                            }
+                        }
+                    }
+                    _ => {
+                        chars.next();
+                    }
                 }
             }
             '\r' if chars.peek() == Some(&'\n') => {}

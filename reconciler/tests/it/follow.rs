@@ -44,12 +44,16 @@ fn summary(host: &Repo) -> String {
     std::fs::read_to_string(host.path().join(".fleet/status/summary.yaml")).unwrap_or_default()
 }
 
+/// The summary's `revisionApplied` block alone (the source's tip is a commit id too).
 fn applied(host: &Repo) -> String {
-    summary(host)
-        .split("revisionRefused:")
-        .next()
-        .unwrap_or_default()
-        .to_owned()
+    let text = summary(host);
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.starts_with("revisionApplied:"));
+    let head = lines.next().unwrap_or_default().to_owned();
+    lines
+        .take_while(|l| l.starts_with(' '))
+        .fold(head, |all, l| all + "\n" + l)
 }
 
 fn events(host: &Repo) -> String {
