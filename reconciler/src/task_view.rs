@@ -84,6 +84,10 @@ pub fn logs(status: &StatusDir, name: &str, follow: bool, stdout: &mut impl Writ
             }
         }
         if last {
+            // A last partial character is shown as what it is.
+            if !pending.is_empty() {
+                stdout.write_all(String::from_utf8_lossy(&pending).as_bytes())?;
+            }
             return Ok(());
         }
         let now = status.read_task_records();
@@ -123,7 +127,7 @@ mod tests {
         std::fs::create_dir_all(log.parent().expect("dir")).expect("mkdir");
         std::fs::write(
             &log,
-            "compiling\r\n\u{1b}]52;c;cGF3bmVk\u{7}done \u{1b}[31mred\u{1b}[0m\r\n",
+            "compiling\r\n\u{1b}]52;c;cGF3bmVk\u{7}done \u{1b}[31mred\u{1b}[0m\r\n\u{1b}]0;no end\nafter\n",
         )
         .expect("log");
         let listed = list(&status);
@@ -137,7 +141,7 @@ mod tests {
         let mut out = Vec::new();
         logs(&status, "build", true, &mut out).expect("logs");
         let text = String::from_utf8(out).expect("utf8");
-        assert_eq!(text, "compiling\ndone red\n");
+        assert_eq!(text, "compiling\ndone red\n\nafter\n");
         assert!(matches!(record.phase, TaskPhase::Succeeded));
         assert!(logs(&status, "nope", false, &mut Vec::new()).is_err());
     }

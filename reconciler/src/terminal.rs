@@ -25,7 +25,15 @@ pub fn strip_codes(raw: &str) -> String {
                     }
                     Some(&(']' | 'P' | 'X' | '^' | '_')) => {
                         chars.next();
-                        while let Some(n) = chars.next() {
+                        // An unterminated one ends at the line's end (or 4096 characters),
+                        // so it cannot hide the rest of the output.
+                        let mut taken = 0;
+                        while let Some(&n) = chars.peek() {
+                            if n == '\n' || taken == 4096 {
+                                break;
+                            }
+                            chars.next();
+                            taken += 1;
                             if n == '\u{7}' {
                                 break;
                             }

@@ -99,7 +99,8 @@ const LOOP_MAX: Duration = Duration::from_secs(600);
 /// VMs that keep stopping on their own (a guest that crashes or powers itself off): fleet
 /// heals such drift by starting them again, but the `LOOP_RESTARTS`th restart within
 /// `LOOP_WINDOW` makes the next one wait 10 s, then 20 s, … up to 10 min, instead of
-/// restarting on every pass. A VM that stays up for the window is forgiven.
+/// restarting on every pass. A VM that stays up for the window after its last wait ended
+/// is forgiven.
 #[derive(Debug, Default)]
 pub struct CrashLoops {
     vms: HashMap<String, CrashState>,
@@ -107,25 +108,44 @@ pub struct CrashLoops {
 
 #[derive(Debug, Default)]
 struct CrashState {
+    /// Restarts before a loop was found, within the window.
     restarts: std::collections::VecDeque<Instant>,
-    /// Restarts made while looping, and when the next may be made.
+    /// When fleet last started it (a create or a start).
+    started: Option<Instant>,
+    /// Waits imposed since the loop was found, and when the next restart may be made.
     level: u32,
     until: Option<Instant>,
 }
 
+impl CrashState {
+    /// In a loop: a wait was imposed, and the VM has not stayed up for the window since it
+    /// ended.
+    fn looping(&self, now: Instant) -> bool {
+        self.level > 0 && self.until.is_some_and(|u| now < u + LOOP_WINDOW)
+    }
+}
+
 impl CrashLoops {
+    /// fleet started `vm` (created running, or started it): a stop soon after is its own.
+    pub fn started(&mut self, vm: &str, now: Instant) {
+        self.vms.entry(vm.to_owned()).or_default().started = Some(now);
+    }
+
     /// fleet restarted `vm`, which had stopped on its own; how long its next restart waits,
     /// when it is now in a crash loop.
     pub fn restarted(&mut self, vm: &str, now: Instant) -> Option<Duration> {
         let state = self.vms.entry(vm.to_owned()).or_default();
+        if state.level > 0 && !state.looping(now) {
+            // Up for the window after its last wait: forgiven.
+            state.level = 0;
+            state.until = None;
+            state.restarts.clear();
+        }
         state
             .restarts
             .retain(|t| now.saturating_duration_since(*t) < LOOP_WINDOW);
-        if state.restarts.is_empty() {
-            state.level = 0;
-        }
         state.restarts.push_back(now);
-        if state.restarts.len() < LOOP_RESTARTS {
+        if state.level == 0 && state.restarts.len() < LOOP_RESTARTS {
             return None;
         }
         let delay = LOOP_FIRST
@@ -136,12 +156,13 @@ impl CrashLoops {
         Some(delay)
     }
 
-    /// Whether `vm` was restarted within the window before `now`.
+    /// Whether a stop of `vm` now follows fleet's own start (or restart) of it within the
+    /// window, or falls in a loop: then a start that heals it is a restart.
     pub fn recent(&self, vm: &str, now: Instant) -> bool {
         self.vms.get(vm).is_some_and(|s| {
-            s.restarts
-                .iter()
-                .any(|t| now.saturating_duration_since(*t) < LOOP_WINDOW)
+            s.looping(now)
+                || s.started
+                    .is_some_and(|t| now.saturating_duration_since(t) < LOOP_WINDOW)
         })
     }
 
@@ -149,21 +170,16 @@ impl CrashLoops {
     pub fn looping(&self, now: Instant) -> std::collections::BTreeMap<String, String> {
         self.vms
             .iter()
-            .filter_map(|(vm, s)| {
-                let recent = s
-                    .restarts
-                    .iter()
-                    .filter(|t| now.saturating_duration_since(**t) < LOOP_WINDOW)
-                    .count();
-                (recent >= LOOP_RESTARTS).then(|| {
-                    (
-                        vm.clone(),
-                        format!(
-                            "it stopped on its own and was started again {recent} times in the last {} min; restarts back off (10 s doubling to 10 min)",
-                            LOOP_WINDOW.as_secs() / 60
-                        ),
-                    )
-                })
+            .filter(|(_, s)| s.looping(now))
+            .map(|(vm, s)| {
+                (
+                    vm.clone(),
+                    format!(
+                        "it keeps stopping on its own: started again {} times within {} min of each other; restarts back off (10 s doubling to 10 min)",
+                        s.restarts.len(),
+                        LOOP_WINDOW.as_secs() / 60
+                    ),
+                )
             })
             .collect()
     }
@@ -173,14 +189,10 @@ impl CrashLoops {
         self.vms
             .iter()
             .filter(|(_, s)| s.until.is_some_and(|until| until > now))
-            .map(|(vm, s)| {
+            .map(|(vm, _)| {
                 (
                     vm.clone(),
-                    format!(
-                        "it is in a crash loop ({} restarts in {} min); started again when its backoff ends",
-                        s.restarts.len(),
-                        LOOP_WINDOW.as_secs() / 60
-                    ),
+                    "it is in a crash loop; started again when its backoff ends".to_owned(),
                 )
             })
             .collect()
@@ -193,6 +205,11 @@ impl CrashLoops {
             .filter_map(|s| s.until.filter(|until| *until > now))
             .min()
     }
+
+    /// Forgets VMs no longer desired.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.vms.retain(|vm, _| keep(vm));
+    }
 }
 
 #[cfg(test)]
@@ -200,7 +217,7 @@ mod crash_loop_tests {
     use super::*;
 
     #[test]
-    fn the_third_restart_in_ten_minutes_backs_off_and_an_hour_up_forgives() {
+    fn the_third_restart_in_ten_minutes_backs_off_and_only_staying_up_forgives() {
         let mut c = CrashLoops::default();
         let t = Instant::now();
         let at = |s: u64| t + Duration::from_secs(s);
@@ -212,14 +229,36 @@ mod crash_loop_tests {
         assert!(c.deferred(at(19)).contains_key("a"));
         assert!(c.deferred(at(20)).is_empty(), "the wait is over");
         assert_eq!(c.next_due(at(11)), Some(at(20)));
-        assert_eq!(c.restarted("a", at(21)), Some(Duration::from_secs(20)));
-        assert_eq!(c.restarted("a", at(42)), Some(Duration::from_secs(40)));
+        // Waits double to 10 min, and a 10-minute wait does not forgive the loop.
+        let mut now = 21;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            let wait = c.restarted("a", at(now)).expect("still looping");
+            waits.push(wait.as_secs());
+            now += wait.as_secs() + 1;
+        }
+        assert_eq!(waits, [20, 40, 80, 160, 320, 600, 600, 600]);
         assert!(
-            c.deferred(at(42)).keys().all(|vm| vm == "a"),
-            "only a waits"
+            c.looping(at(now)).contains_key("a"),
+            "still a loop after long waits"
         );
-        // Up for longer than the window: forgiven, and a new stop restarts at once.
-        assert_eq!(c.restarted("a", at(42 + 700)), None);
-        assert!(c.looping(at(42 + 701)).is_empty());
+        assert!(c.deferred(at(now)).is_empty());
+        // Up for the window after its last wait ended: forgiven; a stop restarts at once.
+        let later = now + 601 + 600;
+        assert!(c.looping(at(later)).is_empty());
+        assert_eq!(c.restarted("a", at(later)), None);
+        assert!(c.deferred(at(later)).keys().all(|vm| vm == "a"));
+    }
+
+    #[test]
+    fn a_stop_soon_after_fleet_started_it_counts() {
+        let mut c = CrashLoops::default();
+        let t = Instant::now();
+        assert!(!c.recent("a", t));
+        c.started("a", t);
+        assert!(c.recent("a", t + Duration::from_secs(30)));
+        assert!(!c.recent("a", t + Duration::from_secs(601)));
+        c.retain(|vm| vm != "a");
+        assert!(!c.recent("a", t));
     }
 }

@@ -921,30 +921,33 @@ impl Daemon {
             .status
             .write_secrets_seen(&self.vault.seen(&desired))?;
         // Starts that healed a VM stopping on its own: counted, and the third within the
-        // window makes a crash loop.
-        // (After a deferred restart the status says the VM is stopped, so its start reads
-        // as the spec wanting it running: counted too while the VM has recent restarts.)
+        // window makes a crash loop. A stop soon after fleet itself started the VM is the
+        // guest's too, whatever the plan calls the start (drift, or the spec wanting it
+        // running when the VM stopped before fleet saw it run).
         let now = Instant::now();
-        let restarted: Vec<&str> = plan
+        let restarts: Vec<&str> = plan
             .steps()
             .iter()
             .filter(|s| {
                 s.action() == crate::plan::Action::Start
-                    && match s.reason {
-                        crate::plan::Reason::Drifted { .. } => true,
-                        crate::plan::Reason::PowerState { .. } => self.crash.recent(&s.vm, now),
-                        _ => false,
-                    }
+                    && (matches!(s.reason, crate::plan::Reason::Drifted { .. })
+                        || self.crash.recent(&s.vm, now))
             })
             .map(|s| s.vm.as_str())
             .collect();
         for result in applied.report.results.iter().filter(|r| r.ok) {
-            if !restarted.contains(&result.vm.as_str()) {
+            if matches!(
+                result.action,
+                crate::plan::Action::Create | crate::plan::Action::Start
+            ) {
+                self.crash.started(&result.vm, now);
+            }
+            if !restarts.contains(&result.vm.as_str()) {
                 continue;
             }
             if let Some(wait) = self.crash.restarted(&result.vm, now) {
                 let message = format!(
-                    "{} keeps stopping on its own ({} restarts in {} min): its next restart waits {} s",
+                    "{} keeps stopping on its own (started again {} times within {} min): its next restart waits {} s",
                     result.vm,
                     backoff::LOOP_RESTARTS,
                     backoff::LOOP_WINDOW.as_secs() / 60,
@@ -960,6 +963,7 @@ impl Daemon {
                 ));
             }
         }
+        self.crash.retain(|vm| desired.vms.contains_key(vm));
         for result in &applied.report.results {
             self.metrics.count_step(result.action.as_str(), result.ok);
             if result.ok {
@@ -1060,9 +1064,22 @@ impl Daemon {
             .map_err(|diags| diags.iter().map(ToString::to_string).collect::<Vec<_>>())
             .and_then(|desired| {
                 // A revision whose running VMs would not fit their hosts is refused like
-                // an invalid one, before anything of it is applied.
+                // an invalid one, before anything of it is applied. Not the revision in
+                // force (a restart must not leave fleet managing nothing), nor one that
+                // follows a revision already over (it may be what brings the fleet back).
+                let in_force = self
+                    .baseline
+                    .as_ref()
+                    .is_some_and(|(id, _)| *id == desired.revision.id);
                 let over = reconcile::capacity_problems(&desired, &self.host);
-                if over.is_empty() {
+                let already_over = self
+                    .last_good
+                    .as_ref()
+                    .is_some_and(|d| !reconcile::capacity_problems(d, &self.host).is_empty());
+                if over.is_empty() || in_force || already_over {
+                    for why in &over {
+                        tracing::warn!("over capacity, applied anyway: {why}");
+                    }
                     Ok(desired)
                 } else {
                     Err(over)
