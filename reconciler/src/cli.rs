@@ -86,6 +86,18 @@ pub enum Command {
     /// Task runs and their output.
     #[command(subcommand)]
     Task(TaskCommand),
+    /// Wait, for scripts and CI, until VMs are ready, the fleet converged or tasks
+    /// succeeded: exit 0 then, 1 with what is missing on timeout (or at once when a task
+    /// ended otherwise).
+    Wait {
+        /// VMs (for ready, converged) or tasks (for succeeded); none: every VM.
+        names: Vec<String>,
+        #[arg(long = "for", value_enum, default_value = "converged")]
+        condition: crate::wait::Condition,
+        /// How long to wait (such as 30s, 5m).
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Secrets in fleet/secrets/: age-encrypted values, keys in the clear.
     #[command(subcommand)]
     Secret(SecretCommand),
@@ -326,6 +338,17 @@ pub fn run(cli: Cli) -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Secret(command) => secret_cmd(&ws, command),
+            Command::Wait {
+                names,
+                condition,
+                timeout,
+            } => match crate::wait::wait(&ws.status, names, *condition, *timeout) {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(why) => {
+                    eprintln!("fleet wait: {why}");
+                    Ok(ExitCode::from(1))
+                }
+            },
             Command::Task(TaskCommand::List) => {
                 print!("{}", crate::task_view::list(&ws.status));
                 Ok(ExitCode::SUCCESS)

@@ -36,3 +36,4 @@ pub mod task_view;
 pub mod tasks;
 pub mod terminal;
 pub mod trust;
+pub mod wait;

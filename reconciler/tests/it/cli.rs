@@ -368,3 +368,20 @@ fn the_plan_shows_the_task_runs_a_revision_starts() {
         "{out}"
     );
 }
+
+#[test]
+fn fleet_wait_returns_when_a_vm_is_ready_and_says_what_is_missing_on_timeout() {
+    let repo = repo_with_fleet();
+    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    repo.fleet(&["wait", "a", "--for", "ready", "--timeout", "5s"])
+        .expect_code(0);
+    repo.fleet(&["wait", "--timeout", "5s"]).expect_code(0);
+    let run = repo.fleet(&["wait", "ghost", "--for", "ready", "--timeout", "1s"]);
+    run.expect_code(1);
+    assert!(
+        run.stderr()
+            .contains("timed out after 1s: VM ghost has no status yet"),
+        "{}",
+        run.stderr()
+    );
+}
