@@ -70,15 +70,7 @@ pub fn push(
     branch: &str,
     access: &super::repo::Access,
 ) -> Result<(), String> {
-    let args = [
-        "push".to_owned(),
-        "--quiet".to_owned(),
-        "--no-verify".to_owned(),
-        "--".to_owned(),
-        url.to_owned(),
-        format!("{tip}:refs/heads/{branch}"),
-    ];
-    run_git(git_dir, url, &args, access)
+    push_refspec(git_dir, url, &format!("{tip}:refs/heads/{branch}"), access)
 }
 
 /// Pushes `refspec` (never forced unless it says `+`) from the repository at `git_dir`

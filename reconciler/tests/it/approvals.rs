@@ -18,7 +18,7 @@ fn domains(prefix: &str) -> Vec<String> {
 }
 
 /// The approval id and digest `fleet apply` printed for held steps.
-fn held_approval(stdout: &str) -> (String, String) {
+pub fn held_approval(stdout: &str) -> (String, String) {
     let line = stdout
         .lines()
         .find(|l| l.starts_with("Held for approval ("))

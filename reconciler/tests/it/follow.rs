@@ -70,8 +70,7 @@ fn vm_record(host: &Repo, name: &str) -> bool {
 fn a_push_to_the_followed_remote_is_applied_within_the_poll_interval() {
     let (origin, host) = remote_and_host("1s");
     let _daemon = Daemon::start(&host);
-    let first = origin.git(&["rev-parse", "HEAD"]).stdout;
-    let first = String::from_utf8_lossy(&first).trim().to_owned();
+    let first = origin.head();
     wait_until(
         "the remote's tip is applied",
         Duration::from_secs(20),
@@ -104,9 +103,7 @@ fn a_push_to_the_followed_remote_is_applied_within_the_poll_interval() {
 fn fleet_reconcile_fetches_now_and_a_rewritten_branch_is_refused() {
     let (origin, host) = remote_and_host("1h");
     let _daemon = Daemon::start(&host);
-    let first = String::from_utf8_lossy(&origin.git(&["rev-parse", "HEAD"]).stdout)
-        .trim()
-        .to_owned();
+    let first = origin.head();
     wait_until(
         "the remote's tip is applied",
         Duration::from_secs(20),
@@ -173,9 +170,7 @@ fn fleet_reconcile_fetches_now_and_a_rewritten_branch_is_refused() {
 fn nothing_changes_while_suspended_from_the_host_or_by_policy() {
     let (origin, host) = remote_and_host("1h");
     let _daemon = Daemon::start(&host);
-    let first = String::from_utf8_lossy(&origin.git(&["rev-parse", "HEAD"]).stdout)
-        .trim()
-        .to_owned();
+    let first = origin.head();
     wait_until(
         "the remote's tip is applied",
         Duration::from_secs(20),
@@ -282,9 +277,7 @@ fn a_remote_over_ssh_is_followed_with_a_deploy_key_from_a_host_file() {
         ),
     ));
     let _daemon = Daemon::start(&host);
-    let first = String::from_utf8_lossy(&origin.git(&["rev-parse", "HEAD"]).stdout)
-        .trim()
-        .to_owned();
+    let first = origin.head();
     wait_until(
         "the remote's tip is applied over ssh",
         Duration::from_secs(30),
@@ -336,9 +329,7 @@ fn a_remote_over_https_is_followed_with_a_token_and_a_wrong_one_is_reported() {
     assert!(!summary(&host).contains("s3cret-token"));
     // The right one, read at the next fetch: applied.
     private_file(&token, b"s3cret-token\n");
-    let first = String::from_utf8_lossy(&origin.git(&["rev-parse", "HEAD"]).stdout)
-        .trim()
-        .to_owned();
+    let first = origin.head();
     wait_until(
         "the remote's tip is applied over https",
         Duration::from_secs(20),
@@ -387,9 +378,7 @@ fn a_signed_webhook_fetches_now_and_a_bad_signature_gets_401() {
             &secret_file.display().to_string(),
         ],
     );
-    let first = String::from_utf8_lossy(&origin.git(&["rev-parse", "HEAD"]).stdout)
-        .trim()
-        .to_owned();
+    let first = origin.head();
     wait_until(
         "the remote's tip is applied",
         Duration::from_secs(20),
@@ -463,9 +452,7 @@ fn a_proposed_branch_is_planned_read_only_and_published() {
         "pollInterval: 1h, previewRefs: ['refs/heads/proposed/*']}",
     ));
     let _daemon = Daemon::start(&host);
-    let first = String::from_utf8_lossy(&origin.git(&["rev-parse", "HEAD"]).stdout)
-        .trim()
-        .to_owned();
+    let first = origin.head();
     wait_until(
         "the remote's tip is applied",
         Duration::from_secs(20),
@@ -576,9 +563,7 @@ fn a_task_cannot_push_its_results_onto_the_followed_branch() {
 #[test]
 fn after_a_restart_the_revision_in_force_is_the_last_loaded_not_the_last_applied() {
     let (origin, host) = remote_and_host("1h");
-    let initial = String::from_utf8_lossy(&origin.git(&["rev-parse", "HEAD"]).stdout)
-        .trim()
-        .to_owned();
+    let initial = origin.head();
     origin.write("fleet/fleet.yaml", fleet_yaml(", allowRollback: true"));
     let allowing = origin.commit("A: rollbacks allowed");
     let daemon = Daemon::start(&host);

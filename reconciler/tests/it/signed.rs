@@ -55,15 +55,8 @@ impl SshSigner {
             "-m",
             message,
         ]);
-        head(repo)
+        repo.head()
     }
-}
-
-fn head(repo: &Repo) -> String {
-    String::from_utf8(repo.git(&["rev-parse", "HEAD"]).stdout)
-        .expect("utf8")
-        .trim()
-        .to_owned()
 }
 
 fn fleet_yaml() -> String {
@@ -95,27 +88,6 @@ fn trusting_repo(signers: &[&SshSigner], keyring: Option<&Path>, approvers: &[&s
 
 fn summary(repo: &Repo) -> String {
     std::fs::read_to_string(repo.path().join(".fleet/status/summary.yaml")).unwrap_or_default()
-}
-
-/// The approval id and digest `fleet apply` printed for held steps.
-fn held(stdout: &str) -> (String, String) {
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("Held for approval ("))
-        .unwrap_or_else(|| panic!("no held steps in:\n{stdout}"));
-    let id = line["Held for approval (".len()..]
-        .split(';')
-        .next()
-        .expect("id")
-        .to_owned();
-    let digest = line
-        .rsplit("spec.approve: ")
-        .next()
-        .expect("digest")
-        .trim_end_matches("):")
-        .trim_matches('"')
-        .to_owned();
-    (id, digest)
 }
 
 #[test]
@@ -182,7 +154,7 @@ fn an_approval_counts_only_when_an_approver_signed_it() {
     bob.commit(&repo, "a VM, whose creation waits for approval");
     let run = repo.fleet(&["apply", "--auto-approve"]);
     run.expect_code(0);
-    let (id, digest) = held(&run.stdout());
+    let (id, digest) = crate::approvals::held_approval(&run.stdout());
     let answer = format!("fleet/hitl/{id}.yaml");
     let record = repo.path().join(format!(".fleet/status/hitl/{id}.yaml"));
 
@@ -372,7 +344,7 @@ fn an_openpgp_key_claiming_an_approvers_email_is_not_the_approver() {
     let repo = trusting_repo(&[&alice, &bob], Some(&keyring), &["alice@example.org"]);
     bob.commit(&repo, "a VM, whose creation waits");
     let run = repo.fleet(&["apply", "--auto-approve"]);
-    let (id, digest) = held(&run.stdout());
+    let (id, digest) = crate::approvals::held_approval(&run.stdout());
     repo.write(&format!("fleet/hitl/{id}.yaml"), answer_yaml(&id, &digest));
     mallory.commit(&repo, "approved, as 'alice'");
     let run = repo.fleet(&["apply", "--auto-approve"]);
@@ -402,7 +374,7 @@ fn held_repo() -> (SshSigner, SshSigner, Repo, String, String) {
     let repo = trusting_repo(&[&alice, &bob], None, &["alice@example.org"]);
     bob.commit(&repo, "a VM, whose creation waits");
     let run = repo.fleet(&["apply", "--auto-approve"]);
-    let (id, digest) = held(&run.stdout());
+    let (id, digest) = crate::approvals::held_approval(&run.stdout());
     (alice, bob, repo, id, digest)
 }
 

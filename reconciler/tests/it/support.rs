@@ -134,6 +134,14 @@ impl Repo {
             .to_owned()
     }
 
+    /// The commit HEAD points to.
+    pub fn head(&self) -> String {
+        String::from_utf8(self.git(&["rev-parse", "HEAD"]).stdout)
+            .expect("utf8")
+            .trim()
+            .to_owned()
+    }
+
     pub fn git(&self, args: &[&str]) -> Output {
         let out = Command::new("git")
             .args(args)

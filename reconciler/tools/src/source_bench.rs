@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use fleet::daemon::follow::Follow;
 
+use crate::{ms, percentile};
+
 fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("git").args(args).current_dir(dir).output()?;
     anyhow::ensure!(
@@ -153,15 +155,6 @@ impl Remote {
         let _ = daemon.wait();
         result
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 pub fn bench_source(pushes: usize) -> anyhow::Result<()> {

@@ -29,20 +29,7 @@ pub fn text(plan: &Plan) -> String {
     } else if plan.steps.is_empty() {
         let _ = writeln!(out, "Plan: nothing runs without an approval.");
     } else {
-        let counts: Vec<String> = [
-            Action::Create,
-            Action::Start,
-            Action::Stop,
-            Action::Update,
-            Action::Replace,
-            Action::Destroy,
-        ]
-        .into_iter()
-        .filter_map(|a| {
-            let n = plan.count(a);
-            (n > 0).then(|| format!("{n} to {}", a.as_str()))
-        })
-        .collect();
+        let counts = step_counts(plan);
         let _ = writeln!(out, "Plan: {}.", counts.join(", "));
         let _ = writeln!(out);
         let width = plan.steps.iter().map(|s| s.vm.len()).max().unwrap_or(0);
@@ -126,6 +113,24 @@ pub fn text(plan: &Plan) -> String {
 /// The machine form (`super::FORMAT_VERSION`).
 pub fn json(plan: &Plan) -> String {
     serde_json::to_string_pretty(plan).expect("Plan serialises to JSON") + "\n"
+}
+
+/// "2 to create, 1 to destroy": how many steps of each kind the plan runs.
+fn step_counts(plan: &Plan) -> Vec<String> {
+    [
+        Action::Create,
+        Action::Start,
+        Action::Stop,
+        Action::Update,
+        Action::Replace,
+        Action::Destroy,
+    ]
+    .into_iter()
+    .filter_map(|a| {
+        let n = plan.count(a);
+        (n > 0).then(|| format!("{n} to {}", a.as_str()))
+    })
+    .collect()
 }
 
 /// One step as a line: symbol, action, VM (padded to `width`), provider, and why.
@@ -254,20 +259,7 @@ pub fn markdown(plan: &Plan, runs: &[super::task_runs::TaskRun]) -> String {
         md(&plan.fleet),
         short_id(&plan.revision.id)
     );
-    let counts: Vec<String> = [
-        Action::Create,
-        Action::Start,
-        Action::Stop,
-        Action::Update,
-        Action::Replace,
-        Action::Destroy,
-    ]
-    .into_iter()
-    .filter_map(|a| {
-        let n = plan.count(a);
-        (n > 0).then(|| format!("{n} to {}", a.as_str()))
-    })
-    .collect();
+    let counts = step_counts(plan);
     let mut summary = if counts.is_empty() {
         vec!["no VM changes".to_owned()]
     } else {
