@@ -590,7 +590,10 @@ async fn make_plan(
     }
     let vault = ws.open_vault(&desired);
     let drivers = reconcile::drivers_for(&desired, &host, &vault);
-    let planned = reconcile::plan_pass(ws, &desired, &drivers, &vault, Default::default()).await;
+    let runs = reconcile::recorded_fresh_runs(ws);
+    let planned =
+        reconcile::plan_pass(ws, &desired, &drivers, &vault, Default::default(), &runs).await;
+    let desired = planned.with_members.unwrap_or(desired);
     Ok(Ok((desired, planned.plan, drivers)))
 }
 
@@ -755,7 +758,10 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     for line in &recovered {
         eprintln!("{line}");
     }
-    let planned = reconcile::plan_pass(ws, &desired, &drivers, &vault, Default::default()).await;
+    let runs = reconcile::recorded_fresh_runs(ws);
+    let mut planned =
+        reconcile::plan_pass(ws, &desired, &drivers, &vault, Default::default(), &runs).await;
+    let desired = planned.with_members.take().unwrap_or(desired);
     // A saved plan is a claim about what apply will do, never a program: the fresh plan is
     // what runs, and only when it does exactly what the saved one says. Approvals given
     // since it was saved do not make it stale: it is compared with a plan that counts only

@@ -11,7 +11,8 @@
 
 // The pure core, re-exported so the shell and its users name one path (`fleet::plan`).
 pub use fleet_core::{
-    answer, digest, egress, ids, load, observe, plan, resolve, seed, snapshot, spec, time, tokens,
+    answer, digest, egress, ids, lifecycle, load, observe, plan, resolve, seed, snapshot, spec,
+    time, tokens,
 };
 
 pub mod agent_link;

@@ -119,6 +119,27 @@ pub struct Planned {
     pub inputs: PlanInputs,
     pub offers: crate::approvals::Offers,
     pub plan: Plan,
+    /// The fresh members the pass wants (`lifecycle::members`), and the desired state with
+    /// them added: what was planned, applied and handed to the task book.
+    pub members: crate::lifecycle::Members,
+    pub with_members: Option<Desired>,
+}
+
+impl Planned {
+    /// The desired state the plan was made for: `desired` with the fresh members, if any.
+    pub fn desired<'a>(&'a self, desired: &'a Desired) -> &'a Desired {
+        self.with_members.as_ref().unwrap_or(desired)
+    }
+}
+
+/// The fresh runs the status directory records (for the commands; the daemon asks its
+/// task book).
+pub fn recorded_fresh_runs(ws: &Workspace) -> Vec<crate::lifecycle::FreshRun> {
+    ws.status
+        .read_task_records()
+        .values()
+        .filter_map(crate::status::tasks::TaskRecord::fresh_run)
+        .collect()
 }
 
 /// Observes, gathers every input of the plan (what the status directory says was applied,
@@ -132,8 +153,18 @@ pub async fn plan_pass(
     drivers: &Drivers,
     vault: &crate::secrets::Vault,
     deferred: BTreeMap<String, String>,
+    fresh_runs: &[crate::lifecycle::FreshRun],
 ) -> Planned {
     let observed = observe_for(drivers, desired).await;
+    let (members, with_members) = if desired.fresh_pools.is_empty() {
+        Default::default()
+    } else {
+        let now = crate::time::Timestamp::from(SystemTime::now());
+        let members = crate::lifecycle::members(desired, fresh_runs, &observed, now);
+        let with = members.add_to(desired);
+        (members, Some(with))
+    };
+    let desired = with_members.as_ref().unwrap_or(desired);
     let offers = crate::approvals::gather(&ws.status, desired);
     let inputs = PlanInputs {
         history: status::history(&ws.status.read_vms()),
@@ -151,11 +182,14 @@ pub async fn plan_pass(
         inputs,
         offers,
         plan,
+        members,
+        with_members,
     }
 }
 
 /// Records what the pass's plan holds or released (see `approvals::record`).
 pub fn record_approvals(ws: &Workspace, desired: &Desired, planned: &Planned) {
+    let desired = planned.desired(desired);
     crate::approvals::record(&ws.status, desired, &planned.plan, &planned.offers);
 }
 

@@ -62,6 +62,8 @@ pub struct Desired {
     /// Egress a VM's loadout declares although the VM's network mode (set by the loadout
     /// it extends, or by the VM) is not brokered: it has no effect, and the plan warns.
     pub egress_unused: Vec<String>,
+    /// The pools that make fresh members for task runs (`lifecycle`), by pool name.
+    pub fresh_pools: BTreeMap<String, crate::lifecycle::FreshPool>,
 }
 
 /// A provider as a revision uses it: how the host reaches it (from the host configuration)
@@ -93,7 +95,11 @@ pub struct DesiredSecret {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredTask {
     pub name: String,
+    /// The VM it runs in. A fresh task's (`fresh`) is the pool's name until the task book
+    /// gives its run a member, then the member's.
     pub vm: String,
+    /// `vm: {pool, fresh: true}`: each run gets a member of its own.
+    pub fresh: Option<FreshTarget>,
     pub argv: Vec<String>,
     /// The coding agent `argv` runs, when the task names one (what a plan shows of it).
     pub agent: Option<AgentSpec>,
@@ -125,6 +131,13 @@ pub struct DesiredTask {
     /// `Vault::bind`), so a new spec or a changed value is a new run.
     pub spec_hash: String,
     pub source: String,
+}
+
+/// Where a fresh task's runs get their members, and how long a member outlives its run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FreshTarget {
+    pub pool: String,
+    pub keep_for: std::time::Duration,
 }
 
 /// A results push: the URL (the loader checked it against the host's `pushes`) and the
@@ -359,7 +372,17 @@ fn resolve_task(name: &str, spec: &TaskSpec, vm: Option<&DesiredVm>, source: &st
     });
     DesiredTask {
         name: name.to_owned(),
-        vm: spec.vm.0.clone(),
+        vm: spec.vm.name().to_owned(),
+        fresh: match &spec.vm {
+            crate::spec::TaskVm::Fresh(f) => Some(FreshTarget {
+                pool: f.pool.0.clone(),
+                keep_for: f
+                    .keep_for
+                    .as_ref()
+                    .map_or(std::time::Duration::ZERO, |d| d.to_std()),
+            }),
+            crate::spec::TaskVm::Named(_) => None,
+        },
         argv,
         agent: spec.agent.clone(),
         env,
@@ -516,6 +539,10 @@ pub struct VmConfig {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     pub protect: bool,
+    /// A member made for task runs (`<pool>-f<N>`, see `lifecycle`): recorded in the stamp,
+    /// so its destroy once no run holds it is known for what it is.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fresh: bool,
 }
 
 /// An image as a VM uses it. Paths are as written in fleet.yaml (relative ones resolve
@@ -591,6 +618,8 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
         );
         vms.insert(name.clone(), vm);
     }
+    let fresh_names = crate::load::refs::fresh_pools(loaded);
+    let mut fresh_pools = BTreeMap::new();
     for (pool, o) in &loaded.pools {
         let labels = o
             .doc
@@ -613,6 +642,42 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
                 &o.path,
             );
             vms.insert(member, vm);
+        }
+        if fresh_names.contains(pool.as_str()) {
+            let mut template = resolve_vm(
+                loaded,
+                &mut merged_loadouts,
+                pool,
+                &labels_with_pool,
+                &o.doc.spec.template.spec,
+                Some(pool),
+                &o.path,
+            );
+            template.config.fresh = true;
+            // Made for runs: a member runs while a run holds it, whatever the template says.
+            template.state = PowerState::Running;
+            template.spec_hash = template.config.hash();
+            let settings = o.doc.spec.fresh.clone().unwrap_or_default();
+            let fresh = crate::lifecycle::FreshPool {
+                max: settings.max.unwrap_or(crate::lifecycle::DEFAULT_MAX),
+                warm: settings.warm.unwrap_or(0),
+                template,
+                egress: None,
+            };
+            fresh_pools.insert(pool.clone(), fresh);
+        }
+    }
+    let egress_of = |vm: &DesiredVm| {
+        vm.config
+            .loadout
+            .as_ref()
+            .and_then(|l| Some((l, merged_loadouts.get(l)?.egress.as_ref()?)))
+            .map(|(l, e)| egress_policy(l, e))
+            .unwrap_or_default()
+    };
+    for pool in fresh_pools.values_mut() {
+        if pool.template.config.network == NetworkMode::Brokered {
+            pool.egress = Some(egress_of(&pool.template));
         }
     }
     let egress = vms
@@ -649,7 +714,10 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
         .tasks
         .iter()
         .map(|(name, o)| {
-            let vm = vms.get(&o.doc.spec.vm.0);
+            let vm = match &o.doc.spec.vm {
+                crate::spec::TaskVm::Named(n) => vms.get(&n.0),
+                crate::spec::TaskVm::Fresh(f) => fresh_pools.get(&f.pool.0).map(|p| &p.template),
+            };
             (name.clone(), resolve_task(name, &o.doc.spec, vm, &o.path))
         })
         .collect();
@@ -717,6 +785,7 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
         secrets,
         egress,
         egress_unused,
+        fresh_pools,
         provider_credentials: host
             .providers
             .iter()
@@ -919,6 +988,7 @@ fn resolve_vm(
         env: loadout.env,
         labels: labels.clone(),
         protect: spec.protect,
+        fresh: false,
     };
     DesiredVm {
         name: name.to_owned(),
@@ -1120,6 +1190,7 @@ pub fn example_vm(name: &str, edit: impl FnOnce(&mut VmConfig)) -> DesiredVm {
         env: BTreeMap::new(),
         labels: BTreeMap::new(),
         protect: false,
+        fresh: false,
     };
     edit(&mut config);
     DesiredVm {
@@ -1147,6 +1218,30 @@ pub mod tests_support {
             ("fleet/tasks/t.yaml", "apiVersion: fleet/v1\nkind: Task\nmetadata: {name: t}\nspec:\n  vm: a\n  command: [env]\n  secrets: [{secret: s, key: k, env: TOKEN}]\n".to_owned()),
             ("fleet/secrets/s.yaml", format!("apiVersion: fleet/v1\nkind: Secret\nmetadata: {{name: s}}\nspec:\n  allowed: {{tasks: [t]}}\n  data:\n    k: |\n{indented}")),
         ];
+        let snapshot = Snapshot {
+            revision: Revision {
+                id: "0".repeat(40),
+                label: "t".into(),
+                signed_by: None,
+            },
+            fleet_dir: "fleet".into(),
+            files: files
+                .iter()
+                .map(|(p, t)| SourceFile {
+                    path: (*p).into(),
+                    bytes: t.as_bytes().to_vec(),
+                })
+                .collect(),
+            signers: Default::default(),
+        };
+        let host = test_host();
+        let loaded = crate::load::load(&snapshot, Some(&host)).unwrap_or_else(|d| panic!("{d:#?}"));
+        resolve(&loaded, &host)
+    }
+
+    /// `files` (paths under `fleet/`, with `fleet.yaml`) loaded under `test_host` and
+    /// resolved.
+    pub fn desired_of(files: &[(&str, &str)]) -> Desired {
         let snapshot = Snapshot {
             revision: Revision {
                 id: "0".repeat(40),

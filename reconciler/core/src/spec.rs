@@ -1329,13 +1329,67 @@ pub struct VmPoolSpec {
     #[schemars(range(min = 0, max = 10000))]
     pub replicas: u32,
     pub template: VmTemplate,
+    /// Members made for one task run each (tasks with `vm: {pool: NAME, fresh: true}`),
+    /// named `<name>-f<N>`, beside the replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fresh: Option<FreshPool>,
+}
+
+/// How a pool serves tasks that want a fresh VM each run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FreshPool {
+    /// At most this many runs hold a member at once (default 4); later runs wait, pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max: Option<u32>,
+    /// Members kept booted and idle (default 0), so a run starts without waiting for a
+    /// boot; one handed to a run is replaced in the background.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub warm: Option<u32>,
+}
+
+/// Where a task runs: a VM (or pool member) by name, or a fresh member of a pool per run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum TaskVm {
+    Named(Name),
+    Fresh(FreshVm),
+}
+
+impl TaskVm {
+    /// The VM's or the pool's name.
+    pub fn name(&self) -> &str {
+        match self {
+            TaskVm::Named(n) => &n.0,
+            TaskVm::Fresh(f) => &f.pool.0,
+        }
+    }
+}
+
+/// `vm: {pool: sandbox, fresh: true}`: each run gets a member of its own, made for it and
+/// destroyed when the run has ended (or `keepFor` after, for a look inside).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FreshVm {
+    /// A VMPool's name.
+    pub pool: Name,
+    /// Must be `true`: each run gets a VM of its own.
+    #[schemars(extend("const" = true))]
+    pub fresh: bool,
+    /// How long the member outlives its run (default 0: destroyed once the run ended and
+    /// its results are in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_for: Option<Duration>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct TaskSpec {
-    /// The VM to run in (a VM's or a pool member's name).
-    pub vm: Name,
+    /// The VM to run in: a VM's or a pool member's name, or `{pool: NAME, fresh: true}`
+    /// for a member of that pool made for each run.
+    pub vm: TaskVm,
     /// Fetched on the host and unpacked into the task's directory in the guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository: Option<Repository>,

@@ -141,6 +141,7 @@ impl Woken {
         match trigger {
             Some(Trigger::Shutdown) | None => self.shutdown = true,
             Some(Trigger::Agent) => {}
+            Some(Trigger::Members) => self.by_other = true,
             Some(Trigger::Fetch) => {
                 self.fetch = true;
                 self.by_other = true;
@@ -172,6 +173,8 @@ pub enum Trigger {
     Fetch,
     /// A fetch of the followed remote finished.
     Fetched(Box<FetchOutcome>),
+    /// A fresh task run was given a member or let its member go.
+    Members,
     Shutdown,
 }
 
@@ -316,6 +319,11 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
     let tasks = Arc::new(
         TaskBook::open(ws.status.clone(), ws.repo_root.clone()).with_git(host.git.clone()),
     );
+    // A fresh run that got or let go of a member is planned for at once.
+    let trigger = tx.clone();
+    tasks.on_members_changed(move || {
+        let _ = trigger.send(Trigger::Members);
+    });
     // Host answer files appear in status/hitl/: one watcher tells every link, instead of
     // each link listing the directory twice a second.
     let hitl = ws.status.hitl_dir();
@@ -666,6 +674,7 @@ impl Daemon {
             &self.drivers,
             &crate::secrets::Vault::default(),
             BTreeMap::new(),
+            &self.tasks.fresh_runs(),
         )
         .await;
         let runs = reconcile::task_runs(&self.ws, &desired);
@@ -858,8 +867,16 @@ impl Daemon {
             deferred.entry(vm).or_insert(why);
         }
         let crash_loops = self.crash.looping(now);
-        let planned =
-            reconcile::plan_pass(&self.ws, &desired, &self.drivers, &self.vault, deferred).await;
+        let runs = self.tasks.fresh_runs();
+        let planned = reconcile::plan_pass(
+            &self.ws,
+            &desired,
+            &self.drivers,
+            &self.vault,
+            deferred,
+            &runs,
+        )
+        .await;
         self.note_suspension(&suspended, &desired.revision);
         if suspended.is_some() {
             // Observed and planned, drift reported; nothing applied, no task started.
@@ -882,7 +899,15 @@ impl Daemon {
         self.suspended_plan = None;
         let journal = self.journal.clone().context("journal not open")?;
         reconcile::record_approvals(&self.ws, &desired, &planned);
-        let reconcile::Planned { observed, plan, .. } = planned;
+        let reconcile::Planned {
+            observed,
+            plan,
+            members,
+            with_members,
+            ..
+        } = planned;
+        // From here on, the fresh members are part of what fleet wants.
+        let desired = with_members.unwrap_or(desired);
         if !plan.deferred().is_empty() {
             tracing::info!(
                 "{} step(s) wait for their VM's backoff",
@@ -912,6 +937,7 @@ impl Daemon {
             .collect();
         let running_names = running.iter().map(|(n, _)| n.clone()).collect();
         self.agents.sync(running, &self.tx);
+        self.tasks.set_members(&members);
         self.tasks
             .sync(&desired, self.vault.clone(), &running_names);
         // What the links should run may have changed: each looks now, not at its next tick.

@@ -234,9 +234,39 @@ pub struct TaskRecord {
         deserialize_with = "crate::time::lenient_option"
     )]
     pub updated: Option<Timestamp>,
+    /// A fresh run (`vm: {pool, fresh: true}`): its pool and how long its member outlives
+    /// it. `vm` is the member it was given, empty while it waits for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fresh: Option<FreshRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FreshRecord {
+    pub pool: String,
+    pub keep_for_secs: u64,
 }
 
 impl TaskRecord {
+    /// The run as `lifecycle` reads it, when it is a fresh run.
+    pub fn fresh_run(&self) -> Option<crate::lifecycle::FreshRun> {
+        let fresh = self.fresh.as_ref()?;
+        Some(crate::lifecycle::FreshRun {
+            task: self.name.clone(),
+            pool: fresh.pool.clone(),
+            member: (!self.vm.is_empty()).then(|| self.vm.clone()),
+            // A finished run whose end time was lost ended long ago.
+            finished: match self.phase.is_finished() {
+                true => Some(
+                    self.finished
+                        .unwrap_or(Timestamp::from(std::time::UNIX_EPOCH)),
+                ),
+                false => None,
+            },
+            keep_for: std::time::Duration::from_secs(fresh.keep_for_secs),
+        })
+    }
+
     /// The task's name in the guest: unique per run, so the guest never confuses runs.
     pub fn guest_task(&self) -> String {
         crate::ids::guest_task(&self.name, &self.run)

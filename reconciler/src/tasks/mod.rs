@@ -75,6 +75,8 @@ pub struct TaskBook {
     /// made one hold at a time, in the order the holds decided them.
     made: Mutex<HashMap<String, u64>>,
     made_changed: Condvar,
+    /// Called when a fresh run got or let go of a member, after the records are written.
+    members_changed: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 #[derive(Default)]
@@ -91,6 +93,9 @@ struct BookState {
     approvers: crate::resolve::Approvers,
     /// fleet is suspended: no run starts.
     suspended: bool,
+    /// The pools that make fresh members, and what the last pass left of them to hand out.
+    fresh_pools: BTreeMap<String, crate::lifecycle::FreshPool>,
+    members: crate::lifecycle::Members,
     /// The commit the desired tasks come from.
     revision: Option<String>,
     records: BTreeMap<String, TaskRecord>,
@@ -178,6 +183,9 @@ struct Effects {
     /// Host answer files (names in `hitl/`) to move aside (`Some(to)`) or remove (`None`),
     /// after the records and prompts that say what became of them are written.
     moves: Vec<(String, Option<String>)>,
+    /// A fresh run was given a member or let its member go: the daemon plans again once
+    /// the records saying so are written (`TaskBook::on_members_changed`).
+    members_changed: bool,
 }
 
 /// The effects of one hold of the lock for one task (or, under the key "", for the fleet
@@ -224,6 +232,10 @@ impl std::ops::DerefMut for BookGuard<'_> {
 
 impl Drop for BookGuard<'_> {
     fn drop(&mut self) {
+        let members_changed = self
+            .state
+            .as_deref_mut()
+            .is_some_and(|s| std::mem::take(&mut s.effects.members_changed));
         let pending = self
             .state
             .as_deref_mut()
@@ -231,6 +243,16 @@ impl Drop for BookGuard<'_> {
             .unwrap_or_default();
         self.state = None;
         self.book.flush(pending);
+        if members_changed {
+            let notify = self
+                .book
+                .members_changed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(notify) = notify.as_ref() {
+                notify();
+            }
+        }
     }
 }
 
@@ -499,7 +521,26 @@ impl TaskBook {
             stray_scan: Mutex::default(),
             made: Mutex::default(),
             made_changed: Condvar::new(),
+            members_changed: Mutex::default(),
         }
+    }
+
+    /// What to call when a fresh run got a member or let one go (the daemon plans again).
+    pub fn on_members_changed(&self, notify: impl Fn() + Send + Sync + 'static) {
+        *self
+            .members_changed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Box::new(notify));
+    }
+
+    /// The fresh runs the book records, for `lifecycle::members`.
+    pub fn fresh_runs(&self) -> Vec<crate::lifecycle::FreshRun> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state
+            .records
+            .values()
+            .filter_map(TaskRecord::fresh_run)
+            .collect()
     }
 
     /// Makes what a holder of the lock decided, without the lock: for each task it touched,
@@ -739,15 +780,21 @@ impl TaskBook {
         }
     }
 
-    /// Takes a new desired state and the secret values opened for it, together: tasks are
-    /// bound to the values they will be given, and the values change only with the binding
-    /// (see `BookState::sync`).
     /// Stops (or lets again) every run from starting, for `fleet suspend` and
     /// `policy.suspend`; runs under way go on.
     pub fn set_suspended(&self, suspended: bool) {
         self.lock().suspended = suspended;
     }
 
+    /// What the pass left of the fresh pools to give new runs (`lifecycle::members`): the
+    /// next `sync` hands them out.
+    pub fn set_members(&self, members: &crate::lifecycle::Members) {
+        self.lock().members = members.clone();
+    }
+
+    /// Takes a new desired state and the secret values opened for it, together: tasks are
+    /// bound to the values they will be given, and the values change only with the binding
+    /// (see `BookState::sync`).
     pub fn sync(&self, desired: &Desired, vault: Arc<Vault>, running: &BTreeSet<String>) {
         let mut state = self.lock();
         state.now = DecidedAt::now();
@@ -1114,6 +1161,8 @@ impl BookState {
     /// removed or changed are cancelled by that VM's runner.
     fn sync(&mut self, desired: &Desired, running: &BTreeSet<String>) {
         self.desired = desired.tasks.clone();
+        self.fresh_pools = desired.fresh_pools.clone();
+        self.place_fresh_tasks();
         self.egress = desired
             .egress
             .iter()
@@ -1217,13 +1266,113 @@ impl BookState {
                 (None, None) => {}
             }
         }
+        self.assign_waiting_members();
+        self.place_fresh_tasks();
+    }
+
+    /// Points each fresh task at the member its current run holds (or its pool's name while
+    /// the run waits for one), so everything that matches a task to a VM's link sees it.
+    fn place_fresh_tasks(&mut self) {
+        for task in self.desired.values_mut() {
+            let Some(fresh) = &task.fresh else { continue };
+            task.vm = self
+                .records
+                .get(&task.name)
+                .filter(|r| r.fresh.is_some() && !r.vm.is_empty())
+                .map_or_else(|| fresh.pool.clone(), |r| r.vm.clone());
+        }
+    }
+
+    /// A member for a new fresh run: an idle warm one, a new one, or why it waits.
+    fn member_for(&mut self, pool: &str) -> Result<String, String> {
+        let Some(settings) = self.fresh_pools.get(pool) else {
+            return Err(format!(
+                "waiting for pool {pool}, which this revision does not define"
+            ));
+        };
+        let runs: Vec<crate::lifecycle::FreshRun> = self
+            .records
+            .values()
+            .filter_map(TaskRecord::fresh_run)
+            .collect();
+        let idle = self.members.idle.entry(pool.to_owned()).or_default();
+        // Never a member a record still names (a kept or ended run's).
+        idle.retain(|m| !runs.iter().any(|r| r.member.as_deref() == Some(m)));
+        let seen = runs
+            .iter()
+            .filter_map(|r| crate::lifecycle::member_seq(pool, r.member.as_deref()?))
+            .max()
+            .map_or(1, |s| s + 1);
+        let next = self.members.next.entry(pool.to_owned()).or_insert(1);
+        *next = (*next).max(seen);
+        crate::lifecycle::assign(pool, settings, &runs, idle, next)
+    }
+
+    /// Fresh runs waiting for a member get one, oldest first, as places free up.
+    fn assign_waiting_members(&mut self) {
+        let mut waiting: Vec<(Option<Timestamp>, String, String)> = self
+            .records
+            .values()
+            .filter(|r| r.phase == TaskPhase::Pending && r.vm.is_empty())
+            .filter_map(|r| Some((r.created, r.name.clone(), r.fresh.as_ref()?.pool.clone())))
+            .collect();
+        if self.suspended {
+            waiting.clear();
+        }
+        waiting.sort();
+        for (_, name, pool) in waiting {
+            match self.member_for(&pool) {
+                Ok(member) => {
+                    let message = format!("waiting for VM {member} to run");
+                    self.update(&name, |r| {
+                        r.vm = member;
+                        r.message = Some(message);
+                    });
+                    self.effects.members_changed = true;
+                    if let Some(r) = self.records.get(&name).cloned() {
+                        let text = format!(
+                            "run {} of task {} was given the fresh member {}",
+                            r.run, r.name, r.vm
+                        );
+                        self.event(&r, EventKind::TaskPending, text);
+                    }
+                }
+                Err(why) => {
+                    if self
+                        .records
+                        .get(&name)
+                        .is_some_and(|r| r.message.as_deref() != Some(&why))
+                    {
+                        self.update(&name, |r| r.message = Some(why));
+                    }
+                }
+            }
+        }
     }
 
     fn new_run(&mut self, task: &DesiredTask, generation: u32, running: &BTreeSet<String>) {
         let time = self.stamp();
+        // A fresh run waits (`vm` empty) until `assign_waiting_members` gives it a member;
+        // a pending run taking a new spec keeps the member it was given.
+        let vm = match &task.fresh {
+            Some(_) => self
+                .records
+                .get(&task.name)
+                .filter(|r| r.phase == TaskPhase::Pending && r.fresh.is_some())
+                .map(|r| r.vm.clone())
+                .unwrap_or_default(),
+            None => task.vm.clone(),
+        };
         let record = TaskRecord {
             name: task.name.clone(),
-            vm: task.vm.clone(),
+            vm,
+            fresh: task
+                .fresh
+                .as_ref()
+                .map(|f| crate::status::tasks::FreshRecord {
+                    pool: f.pool.clone(),
+                    keep_for_secs: f.keep_for.as_secs(),
+                }),
             generation,
             run: run_id(self.run_hash(task), generation),
             spec_hash: self.run_hash(task).to_owned(),
@@ -1290,6 +1439,9 @@ impl BookState {
             self.set_prompt(id, |p| p.state = PromptState::Withdrawn);
         }
         let finished = self.stamp();
+        if record.fresh.is_some() && !record.vm.is_empty() {
+            self.effects.members_changed = true;
+        }
         self.update(name, |r| {
             r.phase = phase;
             r.exit_code = exit_code;
@@ -1381,6 +1533,8 @@ impl BookState {
 fn waiting_message(task: &DesiredTask, held: Option<&str>, running: &BTreeSet<String>) -> String {
     if let Some(held) = held {
         held.to_owned()
+    } else if let Some(fresh) = task.fresh.as_ref().filter(|f| f.pool == task.vm) {
+        format!("waiting for a fresh member of pool {}", fresh.pool)
     } else if running.contains(&task.vm) {
         format!("waiting for the agent in VM {}", task.vm)
     } else {

@@ -329,7 +329,8 @@ impl BookState {
         let renewed: Vec<(DesiredTask, u32)> = self
             .desired
             .values()
-            .filter(|t| t.vm == conn.vm && !self.suspended)
+            // A fresh task's next run gets a member of its own from the daemon's pass.
+            .filter(|t| t.vm == conn.vm && t.fresh.is_none() && !self.suspended)
             .filter_map(|t| match self.records.get(&t.name) {
                 None => Some((t.clone(), 1)),
                 Some(r)

@@ -18,6 +18,7 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
     let task = DesiredTask {
         name: "ask".into(),
         vm: "vm-1".into(),
+        fresh: None,
         argv: vec!["sh".into()],
         agent: None,
         env: Default::default(),
@@ -69,6 +70,7 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
         provider_credentials: Vec::new(),
         egress: Default::default(),
         egress_unused: Vec::new(),
+        fresh_pools: Default::default(),
     }
 }
 

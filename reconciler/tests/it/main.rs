@@ -151,6 +151,7 @@ mod cli;
 mod daemon;
 mod egress;
 mod follow;
+mod fresh;
 mod fuzz;
 mod git_remote;
 mod hostile;

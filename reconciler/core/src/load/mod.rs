@@ -10,7 +10,7 @@ pub mod diagnostic;
 mod file;
 mod host_rules;
 mod objects;
-mod refs;
+pub(crate) mod refs;
 pub mod schema;
 pub mod yaml;
 

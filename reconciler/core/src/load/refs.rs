@@ -153,8 +153,44 @@ pub(super) fn check_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
     check_repository_credentials(f, diags);
     check_answer_text(f, diags);
 
+    // A fresh member's name (`<pool>-f<N>`) is never another object's.
+    for pool in fresh_pools(f) {
+        for (name, (path, tree, what)) in &owners {
+            if crate::lifecycle::member_seq(pool, name).is_some() {
+                diags.push(Diagnostic::new(
+                    *path,
+                    tree.pos_at_pointer("/metadata/name", false),
+                    format!(
+                        "metadata.name: the {what} {name:?} has the name of a fresh member of pool {pool:?} (<pool>-f<N>); rename it"
+                    ),
+                ));
+            }
+        }
+    }
+
     for o in f.tasks.values() {
-        let vm = &o.doc.spec.vm.0;
+        if let crate::spec::TaskVm::Fresh(fresh) = &o.doc.spec.vm {
+            if !f.pools.contains_key(&fresh.pool.0) {
+                let pools: Vec<&str> = f.pools.keys().map(String::as_str).take(10).collect();
+                let list = if pools.is_empty() {
+                    "none are defined; add one to fleet/pools/".to_owned()
+                } else {
+                    format!("defined: {}", pools.join(", "))
+                };
+                diags.push(o.field_error(
+                    "/spec/vm/pool",
+                    format!("no VMPool named {:?}; {list}", fresh.pool.0),
+                ));
+            }
+            if !fresh.fresh {
+                diags.push(o.field_error(
+                    "/spec/vm/fresh",
+                    "must be true (a task names a pool only to get a fresh member per run; name a member to share one)".to_owned(),
+                ));
+            }
+            continue;
+        }
+        let vm = o.doc.spec.vm.name();
         if !owners.contains_key(vm) {
             let mut names: Vec<&str> = owners.keys().map(String::as_str).take(10).collect();
             if owners.len() > 10 {
@@ -264,7 +300,7 @@ fn check_secret_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
                 &o.doc.spec.secrets,
                 SecretUser::Task {
                     task: &o.doc.metadata.name.0,
-                    vm: &o.doc.spec.vm.0,
+                    vm: o.doc.spec.vm.name(),
                 },
             )
         }));
@@ -579,4 +615,19 @@ fn find_cycles(
         }
     }
     done.insert(current);
+}
+
+/// The pools whose fresh members may exist: those with a `fresh` section and those a task
+/// asks for a fresh member of.
+pub(crate) fn fresh_pools(f: &LoadedFleet) -> std::collections::BTreeSet<&str> {
+    let asked = f.tasks.values().filter_map(|o| match &o.doc.spec.vm {
+        crate::spec::TaskVm::Fresh(fresh) => Some(fresh.pool.0.as_str()),
+        crate::spec::TaskVm::Named(_) => None,
+    });
+    f.pools
+        .iter()
+        .filter(|(_, o)| o.doc.spec.fresh.is_some())
+        .map(|(name, _)| name.as_str())
+        .chain(asked)
+        .collect()
 }

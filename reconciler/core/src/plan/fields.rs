@@ -69,11 +69,13 @@ pub enum VmField {
     Labels,
     #[serde(rename = "protect")]
     Protect,
+    #[serde(rename = "fresh")]
+    Fresh,
 }
 
 impl VmField {
     /// Every field, in the order plans list changes.
-    pub const ALL: [VmField; 22] = [
+    pub const ALL: [VmField; 23] = [
         VmField::Provider,
         VmField::DomainType,
         VmField::ImageName,
@@ -96,6 +98,7 @@ impl VmField {
         VmField::Env,
         VmField::Labels,
         VmField::Protect,
+        VmField::Fresh,
     ];
 
     /// What changing the field on an existing VM takes.
@@ -106,6 +109,7 @@ impl VmField {
             VmField::ImageDisk => Replace("a new base disk needs a new overlay"),
             VmField::ImageTemplate => Replace("a VM is cloned from its template when made"),
             VmField::Node => Replace("a VM moves to another node by being made there again"),
+            VmField::Fresh => Replace("a fresh member is made for a task run, never converted"),
             VmField::DiskMib => Replace("the disk overlay is sized when the VM is created"),
             VmField::Packages | VmField::Files | VmField::Runcmd | VmField::Users => {
                 Replace("cloud-init applies it only at first boot")
@@ -151,6 +155,7 @@ impl VmField {
             VmField::Env => "env",
             VmField::Labels => "labels",
             VmField::Protect => "protect",
+            VmField::Fresh => "fresh",
         }
     }
 
@@ -184,6 +189,7 @@ impl VmField {
             VmField::Env => json(&c.env),
             VmField::Labels => json(&c.labels),
             VmField::Protect => json(&c.protect),
+            VmField::Fresh => json(&c.fresh),
         };
         // An empty list or map is as unset as `None`: stamps leave all three out.
         match value {
@@ -241,6 +247,7 @@ fn every_field_is_named(config: &VmConfig) {
         env: _,
         labels: _,
         protect: _,
+        fresh: _,
     } = config;
     let ResolvedImage {
         name: _,

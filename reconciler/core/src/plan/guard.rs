@@ -36,6 +36,10 @@ impl HeldStep {
     }
 }
 
+fn released(step: &Step) -> bool {
+    matches!(step.reason, super::Reason::FreshMemberReleased { .. })
+}
+
 /// Splits `steps` into those that may run and those held for an approval.
 pub fn hold(
     desired: &Desired,
@@ -76,6 +80,11 @@ pub fn hold(
                     step.vm
                 ));
             }
+            // A fresh member is made for one run and goes when no run holds it: that is
+            // what the pool asked for, so only its protection holds it.
+            if released(step) {
+                return why;
+            }
             if policy.approve.contains(&step.action()) {
                 why.push(format!("policy.approve lists {}", step.action().as_str()));
             }
@@ -93,11 +102,11 @@ pub fn hold(
     let destroys = steps
         .iter()
         .zip(&reasons)
-        .filter(|(s, why)| s.action() == Action::Destroy && why.is_empty())
+        .filter(|(s, why)| s.action() == Action::Destroy && why.is_empty() && !released(s))
         .count();
     if destroys > policy.max_destroys_per_apply as usize {
         for (step, why) in steps.iter().zip(reasons.iter_mut()) {
-            if step.action() == Action::Destroy && why.is_empty() {
+            if step.action() == Action::Destroy && why.is_empty() && !released(step) {
                 why.push(format!(
                     "this plan destroys {destroys} VMs, more than policy.maxDestroysPerApply ({})",
                     policy.max_destroys_per_apply

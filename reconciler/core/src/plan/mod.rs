@@ -57,6 +57,11 @@ pub enum Reason {
     RemovedFromFleet,
     /// Reality moved away from the applied spec (see the plan's `drift`); the step puts it back.
     Drifted { what: String },
+    /// A fresh member of a pool (`lifecycle`): made for a task run, or kept warm for one.
+    FreshMember { pool: String },
+    /// A fresh member no run holds any longer, beyond the pool's warm ones. Not held by
+    /// `policy.approve` nor counted against `maxDestroysPerApply`: fleet made it for one run.
+    FreshMemberReleased { pool: String },
 }
 
 /// Where reality differs from what fleet applied.
@@ -529,7 +534,10 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                 change: Change::Create {
                     desired: vm.clone(),
                 },
-                reason: Reason::NotFound,
+                reason: match (&vm.config.pool, vm.config.fresh) {
+                    (Some(pool), true) => Reason::FreshMember { pool: pool.clone() },
+                    _ => Reason::NotFound,
+                },
             }),
             Some(found) if !found.owned_by(&desired.fleet) => {
                 conflicts.push(Conflict {
@@ -586,14 +594,23 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                 .is_some_and(|vm| &vm.config.provider == provider);
             if !wanted_here {
                 let stamp = found.stamp.as_ref();
+                let applied = stamp.and_then(|s| s.config.clone());
+                let reason = match applied
+                    .as_ref()
+                    .filter(|c| c.fresh)
+                    .and_then(|c| c.pool.clone())
+                {
+                    Some(pool) => Reason::FreshMemberReleased { pool },
+                    None => Reason::RemovedFromFleet,
+                };
                 steps.push(Step {
                     vm: found.name.clone(),
                     provider: provider.clone(),
                     change: Change::Destroy {
-                        applied: stamp.and_then(|s| s.config.clone()),
+                        applied,
                         applied_revision: stamp.map(|s| s.revision.clone()),
                     },
-                    reason: Reason::RemovedFromFleet,
+                    reason,
                 });
             }
         }

@@ -197,6 +197,12 @@ pub fn reason_text(step: &Step) -> String {
             "its ownership stamp has no readable configuration; rewriting it".to_owned()
         }
         Reason::Drifted { what } => format!("drift: {what}"),
+        Reason::FreshMember { pool } => {
+            format!("a fresh member of pool {pool}, for a task run or kept warm for one")
+        }
+        Reason::FreshMemberReleased { pool } => {
+            format!("a fresh member of pool {pool} that no task run holds any longer")
+        }
         Reason::RemovedFromFleet => match &step.applied_revision() {
             Some(rev) => format!("removed from fleet/ (last applied at {})", short_id(rev)),
             None => "removed from fleet/".to_owned(),
@@ -343,9 +349,14 @@ pub fn markdown(plan: &Plan, runs: &[super::task_runs::TaskRun]) -> String {
             };
             let _ = write!(
                 out,
-                "- `{}` {verb} task **{}** on VM **{}**",
+                "- `{}` {verb} task **{}** on {} **{}**",
                 run.change.symbol(),
                 md(&run.task),
+                if run.fresh {
+                    "a fresh member of pool"
+                } else {
+                    "VM"
+                },
                 md(&run.vm)
             );
             if !run.command.is_empty() {

@@ -49,7 +49,9 @@ impl RunChange {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TaskRun {
     pub task: String,
+    /// The VM, or for a fresh task (`fresh`) the pool whose member each run gets.
     pub vm: String,
+    pub fresh: bool,
     pub change: RunChange,
     /// The command, shortened (an agent's is its CLI and prompt).
     pub command: String,
@@ -58,6 +60,17 @@ pub struct TaskRun {
     pub repository: Option<String>,
     /// Where the checkout's commits are made in the guest.
     pub branch: Option<String>,
+}
+
+impl TaskRun {
+    /// Where it runs, in words.
+    pub fn target(&self) -> String {
+        if self.fresh {
+            format!("a fresh member of pool {}", self.vm)
+        } else {
+            format!("VM {}", self.vm)
+        }
+    }
 }
 
 /// The longest command shown; the file holds the rest.
@@ -92,6 +105,7 @@ pub fn task_runs(
             runs.push(TaskRun {
                 task: name.clone(),
                 vm: task.vm.clone(),
+                fresh: task.fresh.is_some(),
                 change,
                 command: match &task.agent {
                     Some(agent) => agent_line(agent),
@@ -118,6 +132,7 @@ pub fn task_runs(
             runs.push(TaskRun {
                 task: name.clone(),
                 vm: run.vm.clone(),
+                fresh: false,
                 change: RunChange::Cancel,
                 command: String::new(),
                 repository: None,
@@ -225,10 +240,10 @@ pub fn render(runs: &[TaskRun]) -> String {
         };
         let _ = writeln!(
             out,
-            "  {} {verb} task {} on VM {}{why}",
+            "  {} {verb} task {} on {}{why}",
             run.change.symbol(),
             run.task,
-            run.vm
+            run.target()
         );
         if !run.command.is_empty() {
             let _ = writeln!(out, "      runs: {}", run.command);
@@ -252,6 +267,7 @@ mod tests {
         DesiredTask {
             name: name.into(),
             vm: "agent-1".into(),
+            fresh: None,
             argv: argv.iter().map(|a| (*a).to_owned()).collect(),
             agent: None,
             env: BTreeMap::new(),

@@ -850,6 +850,7 @@ fn change(field: VmField, c: &mut VmConfig) {
             c.labels.insert("team".into(), "infra".into());
         }
         VmField::Protect => c.protect = !c.protect,
+        VmField::Fresh => c.fresh = !c.fresh,
     }
 }
 
@@ -940,6 +941,7 @@ fn the_markdown_plan_is_a_pull_request_comment_nothing_committed_can_inject_into
     let runs = vec![TaskRun {
         task: "hello".into(),
         vm: "a".into(),
+        fresh: false,
         change: RunChange::Start,
         command: "claude agent: [click](https://x.invalid) @team <img src=x> | `rm`\n# heading"
             .into(),
@@ -1006,4 +1008,88 @@ fn markdown_text_is_inert_math_and_invisible_characters_included() {
     assert_eq!(render::md("$x$ \u{202e}gpj.exe"), "\\$x\\$ gpj\\.exe");
     assert_eq!(render::md("a\u{200b}b\u{feff}"), "ab");
     assert_eq!(render::md("<img> [l](u)"), "&lt;img\\> \\[l\\]\\(u\\)");
+}
+
+/// A pool whose tasks get fresh members, under `policy`.
+fn fresh_pool(policy: &str) -> Desired {
+    desired_with_policy(
+        policy,
+        &[
+            (
+                "fleet/vms/sandbox.yaml".into(),
+                "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {name: sandbox}\nspec:\n  replicas: 0\n  fresh: {warm: 1}\n  template:\n    spec: {provider: local, image: micro}\n".into(),
+            ),
+        ],
+    )
+}
+
+#[test]
+fn fresh_members_are_made_and_let_go_without_an_approval_unless_protected() {
+    let d = fresh_pool("{approve: [destroy], maxDestroysPerApply: 1}");
+    let pool = &d.fresh_pools["sandbox"];
+    let members = ["sandbox-f1", "sandbox-f2", "sandbox-f3", "sandbox-f4"];
+    let o = observed(
+        members
+            .iter()
+            .map(|n| applied(&pool.instance(n), true))
+            .collect(),
+    );
+    let wanted = crate::lifecycle::members(
+        &d,
+        &[],
+        &o,
+        crate::time::Timestamp::from(std::time::UNIX_EPOCH),
+    );
+    let p = plan(&wanted.add_to(&d), &o);
+    assert!(p.held.is_empty(), "{:?}", held_lines(&p));
+    assert_eq!(
+        step_lines(&p),
+        [
+            "destroy sandbox-f2: a fresh member of pool sandbox that no task run holds any longer",
+            "destroy sandbox-f3: a fresh member of pool sandbox that no task run holds any longer",
+            "destroy sandbox-f4: a fresh member of pool sandbox that no task run holds any longer",
+        ]
+    );
+    // Nothing observed yet: the warm member is made, with its reason.
+    let empty = observed(Vec::new());
+    let wanted = crate::lifecycle::members(
+        &d,
+        &[],
+        &empty,
+        crate::time::Timestamp::from(std::time::UNIX_EPOCH),
+    );
+    assert_eq!(
+        step_lines(&plan(&wanted.add_to(&d), &empty)),
+        ["create sandbox-f1: a fresh member of pool sandbox, for a task run or kept warm for one"]
+    );
+    // A protected member is still held.
+    let mut protected = applied(&pool.instance("sandbox-f2"), true);
+    if let Some(stamp) = protected.stamp.as_mut() {
+        std::sync::Arc::make_mut(stamp).protect = true;
+    }
+    let o = observed(vec![applied(&pool.instance("sandbox-f1"), true), protected]);
+    let p = plan(&d.clone(), &o);
+    assert_eq!(p.held.len(), 1, "{:?}", held_lines(&p));
+    // A declared VM's destroy is still held by the policy.
+    let before = desired(&[vm("a", "")]);
+    let o = observed(vec![applied(&before.vms["a"], true)]);
+    let held = held_lines(&plan(&d, &o));
+    assert!(
+        held[0].starts_with("destroy a: policy.approve lists destroy"),
+        "{held:?}"
+    );
+}
+
+fn step_lines(p: &Plan) -> Vec<String> {
+    p.steps
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {}: {}",
+                s.action().as_str(),
+                s.vm,
+                render::reason_text(s)
+            )
+        })
+        .collect()
 }
