@@ -183,9 +183,14 @@ pub fn members(
                     None => pool.instance(name),
                 });
         }
+        // A member a run was given is that run's: never warm again, whatever became of it.
+        let given: BTreeSet<&str> = runs_here
+            .iter()
+            .filter_map(|r| r.member.as_deref())
+            .collect();
         let mut idle: Vec<(bool, u64, String)> = existing
             .iter()
-            .filter(|(_, name, _)| !held.contains(name))
+            .filter(|(_, name, _)| !given.contains(name))
             .take(pool.warm as usize)
             .map(|(seq, name, running)| (!running, *seq, (*name).to_owned()))
             .collect();
@@ -352,6 +357,10 @@ mod tests {
         );
         // Past keepFor, b's member is no longer wanted: the plan destroys it.
         assert_eq!(names(&members(&d, &runs, &o, at(160))), ["sandbox-f1"]);
+        // With a warm member wanted, an ended run's member is not it: a new one is made.
+        let d = desired(1, 4);
+        let m = members(&d, &runs, &o, at(160));
+        assert_eq!(names(&m), ["sandbox-f1", "sandbox-f3"]);
     }
 
     #[test]
