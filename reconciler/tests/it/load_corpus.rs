@@ -2629,3 +2629,40 @@ fn repository_credentials_go_only_to_the_host_and_task_their_secret_allows() {
         "#]],
     );
 }
+
+fn fresh_task(vm: &str) -> String {
+    format!(
+        "apiVersion: fleet/v1\nkind: Task\nmetadata: {{name: t}}\nspec:\n  vm: {vm}\n  command: [\"true\"]\n"
+    )
+}
+
+#[test]
+fn fresh_task_names_no_pool_or_is_not_fresh_or_a_vm_takes_a_members_name() {
+    check(
+        &[
+            (
+                "fleet/vms/w.yaml",
+                &pool("w", "0").replace("  template:", "  fresh: {warm: 1}\n  template:"),
+            ),
+            ("fleet/vms/w-f2.yaml", &VM.replace("name: a", "name: w-f2")),
+            (
+                "fleet/tasks/t.yaml",
+                &fresh_task("{pool: nowhere, fresh: true}"),
+            ),
+            (
+                "fleet/tasks/u.yaml",
+                &fresh_task("{pool: w, fresh: false}").replace("name: t", "name: u"),
+            ),
+            (
+                "fleet/tasks/v.yaml",
+                &fresh_task("{pool: w, fresh: true, keepFor: soon}").replace("name: t", "name: v"),
+            ),
+        ],
+        expect![[r#"
+            fleet/tasks/t.yaml:5:14: error: spec.vm.pool: no VMPool named "nowhere"; defined: w
+            fleet/tasks/u.yaml:5:24: error: spec.vm.fresh: boolean false is not valid; expected true
+            fleet/tasks/v.yaml:5:39: error: spec.vm.keepFor: string "soon" is not valid; expected a duration: a whole number with a unit ms, s, m or h (for example 30s or 5m)
+            fleet/vms/w-f2.yaml:4:9: error: metadata.name: the VM "w-f2" has the name of a fresh member of pool "w" (<pool>-f<N>); rename it
+        "#]],
+    );
+}

@@ -190,8 +190,20 @@ fn explain(schema: &Value, err: &ValidationError<'_>, out: &mut Vec<Violation>) 
             )
         }
         ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context } => {
-            // Tagged unions (providers): report the branch whose tag matched, if any.
-            let matching = context.iter().find(|branch| {
+            // Tagged unions (providers): report the branch whose tag matched, if any. A
+            // branch of another type than the value (a task's `vm` is a name or a mapping)
+            // is never the one meant.
+            let of_its_type = |branch: &&Vec<_>| {
+                !branch.iter().any(|e: &jsonschema::ValidationError| {
+                    e.instance_path() == err.instance_path()
+                        && matches!(e.kind(), ValidationErrorKind::Type { .. })
+                })
+            };
+            let mut candidates: Vec<&Vec<_>> = context.iter().filter(of_its_type).collect();
+            if candidates.is_empty() {
+                candidates = context.iter().collect();
+            }
+            let matching = candidates.into_iter().find(|branch| {
                 !branch.iter().any(|e| {
                     e.instance_path().as_str().ends_with("/type")
                         && matches!(
