@@ -11,10 +11,18 @@
 //!   revision, and a fresh `fleet plan` has no changes;
 //! - the journal: no intent left unfinished.
 //!
-//! Ends with one line: `trials=N duplicates=D orphans=O converged=C`; exits 1 unless D and O
-//! are 0 and C is N. Needs `make image` and a running libvirtd.
+//! Then `--fresh-trials` (default 3) trials of fresh task runs under `fleet serve`: a pool
+//! with one warm member, a task that wants a fresh member per run; each trial bumps the
+//! task's `rerun`, starts `fleet serve`, kills it with SIGKILL after a random delay, starts
+//! it again and waits for the run to succeed, then checks the same duplicates and orphans,
+//! and that the run's member is gone, exactly one warm member runs, and `fleet plan` is
+//! empty.
 //!
-//! Usage: fleet-crash [--trials N] [--vms N] [--seed S]
+//! Ends with one line: `trials=N duplicates=D orphans=O converged=C`; exits 1 unless D and O
+//! are 0 and C is N (apply and fresh trials together). Needs `make image` and a running
+//! libvirtd.
+//!
+//! Usage: fleet-crash [--trials N] [--fresh-trials N] [--vms N] [--seed S]
 
 #![allow(clippy::disallowed_methods)] // a tool writes scratch files freely
 
@@ -71,6 +79,8 @@ struct Fleet {
     repo: PathBuf,
     name: String,
     vms: BTreeMap<String, u32>,
+    /// The fresh trials' pool and task, with the task's `rerun`.
+    fresh: Option<u32>,
 }
 
 impl Fleet {
@@ -88,11 +98,32 @@ impl Fleet {
                 ),
             )?;
         }
+        if let Some(rerun) = self.fresh {
+            std::fs::write(
+                dir.join("pool.yaml"),
+                format!(
+                    "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {{name: {}}}\nspec:\n  replicas: 0\n  fresh: {{warm: 1, max: 2}}\n  template:\n    spec: {{provider: local, image: micro, resources: {{memory: 128Mi}}}}\n",
+                    self.pool()
+                ),
+            )?;
+            std::fs::create_dir_all(self.repo.join("fleet/tasks"))?;
+            std::fs::write(
+                self.repo.join("fleet/tasks/job.yaml"),
+                format!(
+                    "apiVersion: fleet/v1\nkind: Task\nmetadata: {{name: job}}\nspec:\n  vm: {{pool: {}, fresh: true}}\n  command: [sh, -c, 'echo run {rerun} in $FLEET_VM; sleep 1']\n  rerun: {rerun}\n",
+                    self.pool()
+                ),
+            )?;
+        }
         git(&self.repo, &["add", "-A"])?;
         git(
             &self.repo,
             &["commit", "-q", "--allow-empty", "-m", "trial"],
         )
+    }
+
+    fn pool(&self) -> String {
+        format!("{}-p", self.name)
     }
 
     fn fleet(&self) -> Command {
@@ -164,7 +195,12 @@ fn setup(vms: usize, rng: &mut Rng) -> Result<Fleet> {
         .filter(|_| rng.below(4) != 0)
         .map(|i| (format!("{name}-{i:02}"), 1))
         .collect();
-    let fleet = Fleet { repo, name, vms };
+    let fleet = Fleet {
+        repo,
+        name,
+        vms,
+        fresh: None,
+    };
     fleet.write()?;
     Ok(fleet)
 }
@@ -243,8 +279,8 @@ struct Findings {
     notes: Vec<String>,
 }
 
-fn check(fleet: &Fleet) -> Result<Findings> {
-    let mut f = Findings::default();
+/// Duplicates and orphans among the fleet's domains; the domains.
+fn integrity(fleet: &Fleet, f: &mut Findings) -> Result<BTreeSet<String>> {
     let domains = fleet.domains()?;
     let mut stamped: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for d in &domains {
@@ -280,6 +316,12 @@ fn check(fleet: &Fleet) -> Result<Findings> {
         f.notes
             .push(format!("storage of {orphan} without a domain"));
     }
+    Ok(domain_set)
+}
+
+fn check(fleet: &Fleet) -> Result<Findings> {
+    let mut f = Findings::default();
+    let domain_set = integrity(fleet, &mut f)?;
     let want: BTreeSet<String> = fleet.vms.keys().cloned().collect();
     let plan = run(fleet.fleet().args(["plan", "--detailed-exitcode"]))?;
     let journal =
@@ -291,6 +333,75 @@ fn check(fleet: &Fleet) -> Result<Findings> {
             "not converged: domains {:?} vs fleet {:?}; plan exit {:?}; {open} open intent(s)",
             domain_set.symmetric_difference(&want).collect::<Vec<_>>(),
             want.len(),
+            plan.status.code()
+        ));
+    }
+    Ok(f)
+}
+
+/// `fleet serve` on the trial's repository, its output dropped.
+fn serve(fleet: &Fleet) -> Result<std::process::Child> {
+    Ok(fleet
+        .fleet()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+/// A top-level scalar of a status YAML file.
+fn status_field(text: &str, key: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}: ")))
+        .map(|v| v.trim().trim_matches('\'').to_owned())
+}
+
+/// One fresh trial: a new run of the task, `fleet serve` killed `delay` after it starts and
+/// started again; then the run must succeed on a member that is gone afterwards, with one
+/// warm member left and nothing else to do.
+fn fresh_trial(fleet: &Fleet, rerun: u32, delay: Duration) -> Result<Findings> {
+    let mut daemon = serve(fleet)?;
+    std::thread::sleep(delay);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let mut daemon = serve(fleet)?;
+    let record_path = fleet.repo.join(".fleet/status/tasks/job.yaml");
+    let members = || -> Result<Vec<String>> {
+        let prefix = format!("{}-f", fleet.pool());
+        Ok(fleet
+            .domains()?
+            .into_iter()
+            .filter(|d| d.starts_with(&prefix))
+            .collect())
+    };
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut settled = false;
+    while Instant::now() < deadline {
+        let record = std::fs::read_to_string(&record_path).unwrap_or_default();
+        let done = status_field(&record, "rerun") == Some(rerun.to_string())
+            && status_field(&record, "phase").as_deref() == Some("Succeeded");
+        let member = status_field(&record, "vm").unwrap_or_default();
+        let now = members()?;
+        if done && now.len() == 1 && !now.contains(&member) {
+            settled = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let mut f = Findings::default();
+    integrity(fleet, &mut f)?;
+    let plan = run(fleet.fleet().args(["plan", "--detailed-exitcode"]))?;
+    let journal =
+        std::fs::read_to_string(fleet.repo.join(".fleet/status/journal.jsonl")).unwrap_or_default();
+    let open = open_intents(&journal);
+    f.converged = settled && plan.status.code() == Some(0) && open == 0;
+    if !f.converged {
+        let record = std::fs::read_to_string(&record_path).unwrap_or_default();
+        f.notes.push(format!(
+            "not converged: settled {settled}, members {:?}, plan exit {:?}, {open} open intent(s); record:\n{record}",
+            members()?,
             plan.status.code()
         ));
     }
@@ -328,6 +439,7 @@ fn cleanup(fleet: &Fleet) {
 
 fn main() -> Result<()> {
     let trials = arg("--trials").unwrap_or(10) as usize;
+    let fresh_trials = arg("--fresh-trials").unwrap_or(3) as u32;
     let slots = arg("--vms").unwrap_or(20) as usize;
     let seed = arg("--seed").unwrap_or_else(|| {
         SystemTime::now()
@@ -374,10 +486,27 @@ fn main() -> Result<()> {
                 eprintln!("  {note}");
             }
         }
+        for rerun in 1..=fresh_trials {
+            fleet.fresh = Some(rerun);
+            fleet.write()?;
+            let delay = Duration::from_millis(rng.below(4000));
+            let f = fresh_trial(&fleet, rerun, delay)?;
+            duplicates += f.duplicates;
+            orphans += f.orphans;
+            converged += usize::from(f.converged);
+            eprintln!(
+                "fresh trial {rerun}: fleet serve killed after {delay:?}; duplicates {} orphans {} converged {}",
+                f.duplicates, f.orphans, f.converged
+            );
+            for note in f.notes {
+                eprintln!("  {note}");
+            }
+        }
         Ok((duplicates, orphans, converged))
     })();
     cleanup(&fleet);
     let (duplicates, orphans, converged) = result?;
+    let trials = trials + fresh_trials as usize;
     println!("trials={trials} duplicates={duplicates} orphans={orphans} converged={converged}");
     if duplicates > 0 || orphans > 0 || converged != trials {
         std::process::exit(1);
