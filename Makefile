@@ -17,7 +17,7 @@ DEB_COMMANDS := libvirtd virtlogd virsh qemu-system-x86_64 qemu-img genisoimage 
                 depmod file git chromium cloud-init age age-keygen python3 pkg-config \
                 dnsmasq nft iptables ip ssh ssh-agent ssh-add sshd
 
-.PHONY: all build deps libvirtd agent image image-debian image-agent install-example fakepve run test test-agent lint unit bench bench-agent fuzz crash-test crash-test-proxmox clean
+.PHONY: all build deps libvirtd agent image image-debian image-agent install-example fakepve run test test-agent lint unit bench bench-agent bench-fresh fuzz crash-test crash-test-proxmox clean
 
 all: build
 
@@ -120,6 +120,10 @@ test-agent: image-agent libvirtd
 # its exit to the pushed branch (the real Claude Code in a VM booted from the agent image).
 bench-agent: image-agent libvirtd
 	FLEET_TEST_LIBVIRT=1 FLEET_TEST_AGENT=1 $(CARGO) test -p fleet --test it real_agent::bench -- --ignored --nocapture
+
+# A fresh run's commit-to-success with a warm member ready and with none, side by side.
+bench-fresh: image libvirtd
+	FLEET_TEST_LIBVIRT=1 $(CARGO) test -p fleet --test it fresh::bench -- --ignored --nocapture
 
 # fakepve (PyPI), the fake Proxmox VE API the Proxmox tests run against, in a venv.
 FAKEPVE_VENV := target/fakepve-venv

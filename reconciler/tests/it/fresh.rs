@@ -175,3 +175,81 @@ fn fresh_runs_get_members_of_their_own_warm_ones_first_and_leave_none_behind() {
     );
     drop(daemon);
 }
+
+/// `make bench-fresh`: commit → a fresh run succeeded, with a warm member ready and with
+/// none (the member made and booted for the run), side by side; prints both and the ratio.
+#[test]
+#[ignore = "a benchmark: make bench-fresh"]
+fn bench_fresh_run_warm_against_cold() {
+    if !enabled() {
+        return;
+    }
+    let prefix = format!("it{}-fb-", std::process::id());
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let mut results = Vec::new();
+    for (label, warm) in [("cold", 0), ("warm", 1)] {
+        let pool = format!("{prefix}{label}");
+        let repo = Repo::new();
+        repo.write(
+            "fleet/fleet.yaml",
+            fleet_yaml_with_policy(
+                &format!("it{}fb{label}", std::process::id()),
+                "{shutdownTimeout: 5s, reconcileInterval: 30s}",
+            ),
+        );
+        repo.write(
+            "fleet/vms/pool.yaml",
+            pool_yaml(&pool, &format!("{{warm: {warm}}}")),
+        );
+        repo.commit("the pool");
+        let _daemon = Daemon::start(&repo);
+        let status = Status(repo.path().join(".fleet/status"));
+        if warm > 0 {
+            wait_until(
+                "the warm member is linked",
+                Duration::from_secs(120),
+                || linked(&repo, &format!("{pool}-f1")),
+            );
+        } else {
+            // The daemon's first pass is done: nothing is waiting for it.
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        let mut times = Vec::new();
+        for run in 1..=3 {
+            repo.write(
+                "fleet/tasks/job.yaml",
+                fresh_task("job", &pool, "", "echo hello")
+                    .replace("  command:", &format!("  rerun: {run}\n  command:")),
+            );
+            repo.commit("a run");
+            let committed = Instant::now();
+            wait_until("the run succeeded", Duration::from_secs(120), || {
+                let record = status.task("job");
+                field(&record, "rerun") == Some(run.to_string())
+                    && field(&record, "phase").as_deref() == Some("Succeeded")
+            });
+            times.push(committed.elapsed());
+            // The next run starts from the same state: a warm member ready again.
+            if warm > 0 {
+                wait_until(
+                    "a warm member is linked again",
+                    Duration::from_secs(120),
+                    || {
+                        domains(&pool).iter().any(|m| {
+                            Some(m.clone()) != field(&status.task("job"), "vm") && linked(&repo, m)
+                        })
+                    },
+                );
+            }
+        }
+        times.sort();
+        results.push((label, times[1]));
+    }
+    let (cold, warm) = (results[0].1, results[1].1);
+    println!(
+        "fresh run, commit → succeeded (median of 3): cold {cold:?}, warm {warm:?}; warm is {:.1}× faster",
+        cold.as_secs_f64() / warm.as_secs_f64()
+    );
+}
