@@ -138,7 +138,7 @@ pub fn recorded_fresh_runs(ws: &Workspace) -> Vec<crate::lifecycle::FreshRun> {
     ws.status
         .read_task_records()
         .values()
-        .filter_map(crate::status::tasks::TaskRecord::fresh_run)
+        .flat_map(crate::status::tasks::TaskRecord::fresh_runs)
         .collect()
 }
 

@@ -80,9 +80,10 @@ impl FreshRun {
         }
     }
 
-    /// Whether the run counts against its pool's `max` (it has a member and has not ended).
-    fn running(&self) -> bool {
-        self.member.is_some() && self.finished.is_none()
+    /// Whether the run counts against its pool's `max`: it holds a member (kept ones
+    /// included, so `max + warm` bounds the pool's members).
+    fn counts(&self, now: Timestamp) -> bool {
+        self.member.is_some() && self.holds(now)
     }
 }
 
@@ -120,9 +121,26 @@ impl Members {
     }
 }
 
+/// Whether `vm` is a fresh member of `pool` that this fleet made: its stamp says so, not
+/// only its name.
+pub fn is_member_of(vm: &crate::observe::ObservedVm, fleet: &str, pool: &str) -> bool {
+    vm.owned_by(fleet)
+        && member_seq(pool, &vm.name).is_some()
+        && vm
+            .stamp
+            .as_ref()
+            .and_then(|s| s.config.as_ref())
+            .is_some_and(|c| c.fresh && c.pool.as_deref() == Some(pool))
+}
+
 /// The members `desired`'s pools should have at `now`: each run's that still holds one,
 /// then, per pool, `warm` idle members (those that exist first, lowest numbers first; new
 /// ones numbered past everything seen).
+///
+/// A held member stays where and as it was made (found on any provider by its stamp), so a
+/// template change, a pool moved to another provider or a pool removed never replaces or
+/// destroys a member under its run. An ended run's member (kept for `keepFor`) is held
+/// only while it exists: it is never made again.
 pub fn members(
     desired: &Desired,
     runs: &[FreshRun],
@@ -130,20 +148,54 @@ pub fn members(
     now: Timestamp,
 ) -> Members {
     let mut out = Members::default();
+    let find_member = |pool: &str, name: &str| {
+        observed
+            .hosts
+            .values()
+            .flat_map(|h| h.vms.iter())
+            .find(|vm| vm.name == name && is_member_of(vm, &desired.fleet, pool))
+    };
+    // Held members of pools this revision no longer makes fresh members in: kept as they
+    // are until their runs let them go.
+    for run in runs
+        .iter()
+        .filter(|r| !desired.fresh_pools.contains_key(&r.pool))
+    {
+        let Some(name) = run.member.as_deref().filter(|_| run.holds(now)) else {
+            continue;
+        };
+        if let Some(made) = find_member(&run.pool, name).and_then(|vm| as_made(vm)) {
+            out.vms.push(made);
+        }
+    }
     for (pool_name, pool) in &desired.fresh_pools {
         let runs_here: Vec<&FreshRun> = runs.iter().filter(|r| &r.pool == pool_name).collect();
-        let held: BTreeSet<&str> = runs_here
-            .iter()
-            .filter(|r| r.holds(now))
-            .filter_map(|r| r.member.as_deref())
-            .collect();
-        // Members on the pool's provider: (number, name, running).
+        for run in runs_here.iter().filter(|r| r.holds(now)) {
+            let Some(name) = run.member.as_deref() else {
+                continue;
+            };
+            match find_member(pool_name, name) {
+                // A held member keeps what it was made with: a template change is for the
+                // members made after it, never a replace under a run.
+                Some(vm) => out.vms.push(match as_made(vm) {
+                    Some(made) => DesiredVm {
+                        config: made.config,
+                        spec_hash: made.spec_hash,
+                        ..pool.instance(name)
+                    },
+                    None => pool.instance(name),
+                }),
+                None if run.finished.is_none() => out.vms.push(pool.instance(name)),
+                None => {}
+            }
+        }
+        // Idle candidates: this pool's members on its provider, by number.
         let mut existing: Vec<(u64, &str, bool)> = observed
             .hosts
             .get(&pool.template.config.provider)
             .into_iter()
             .flat_map(|h| h.vms.iter())
-            .filter(|vm| vm.owned_by(&desired.fleet))
+            .filter(|vm| is_member_of(vm, &desired.fleet, pool_name))
             .filter_map(|vm| {
                 Some((
                     member_seq(pool_name, &vm.name)?,
@@ -153,41 +205,20 @@ pub fn members(
             })
             .collect();
         existing.sort();
-        let seen = existing
-            .iter()
-            .map(|(seq, ..)| *seq)
+        // Every number in sight, whoever's VM bears it, is taken.
+        let seen = observed
+            .hosts
+            .values()
+            .flat_map(|h| h.vms.iter())
+            .filter_map(|vm| member_seq(pool_name, &vm.name))
             .chain(
-                runs_here
-                    .iter()
+                runs.iter()
                     .filter_map(|r| member_seq(pool_name, r.member.as_deref()?)),
             )
             .max();
         let mut next = seen.map_or(1, |s| s + 1);
-        // A held member keeps what it was made with: a template change is for the members
-        // made after it, never a replace under a run.
-        for name in &held {
-            let made = existing
-                .iter()
-                .any(|(_, n, _)| n == name)
-                .then(|| observed.find(&pool.template.config.provider, name))
-                .flatten()
-                .and_then(|vm| vm.stamp.as_ref())
-                .filter(|stamp| !stamp.spec_hash.is_empty());
-            out.vms
-                .push(match made.and_then(|s| Some((s, s.config.clone()?))) {
-                    Some((stamp, config)) => DesiredVm {
-                        config,
-                        spec_hash: stamp.spec_hash.clone(),
-                        ..pool.instance(name)
-                    },
-                    None => pool.instance(name),
-                });
-        }
         // A member a run was given is that run's: never warm again, whatever became of it.
-        let given: BTreeSet<&str> = runs_here
-            .iter()
-            .filter_map(|r| r.member.as_deref())
-            .collect();
+        let given: BTreeSet<&str> = runs.iter().filter_map(|r| r.member.as_deref()).collect();
         let mut idle: Vec<(bool, u64, String)> = existing
             .iter()
             .filter(|(_, name, _)| !given.contains(name))
@@ -207,6 +238,20 @@ pub fn members(
     out
 }
 
+/// A member as its stamp says it was made (`None` when the stamp has no configuration).
+fn as_made(vm: &crate::observe::ObservedVm) -> Option<DesiredVm> {
+    let stamp = vm.stamp.as_ref().filter(|s| !s.spec_hash.is_empty())?;
+    let config = stamp.config.clone()?;
+    Some(DesiredVm {
+        name: vm.name.clone(),
+        state: crate::spec::PowerState::Running,
+        secrets: Vec::new(),
+        spec_hash: stamp.spec_hash.clone(),
+        source: String::new(),
+        config,
+    })
+}
+
 /// What a new run of `pool` gets: an idle warm member (taken off `idle`), a new member
 /// numbered `next` (which is then advanced), or why it waits.
 pub fn assign(
@@ -215,14 +260,15 @@ pub fn assign(
     runs: &[FreshRun],
     idle: &mut Vec<String>,
     next: &mut u64,
+    now: Timestamp,
 ) -> Result<String, String> {
-    let running = runs
+    let holding = runs
         .iter()
-        .filter(|r| r.pool == pool_name && r.running())
+        .filter(|r| r.pool == pool_name && r.counts(now))
         .count();
-    if running >= pool.max as usize {
+    if holding >= pool.max as usize {
         return Err(format!(
-            "waiting for a member of pool {pool_name}: {running} runs hold one (fresh.max is {})",
+            "waiting for a member of pool {pool_name}: {holding} runs hold one, kept ones included (fresh.max is {})",
             pool.max
         ));
     }
@@ -403,6 +449,49 @@ mod tests {
     }
 
     #[test]
+    fn only_stamped_members_are_members_and_every_name_in_sight_is_taken() {
+        let d = desired(1, 4);
+        // f1: a declared VM of this fleet that merely has a member's name; f2: a foreign VM.
+        let mut o = observed(&d, &[("sandbox-f1", true), ("sandbox-f2", true)]);
+        let host = o.hosts.values_mut().next().expect("host");
+        let declared = Arc::make_mut(&mut host.vms[0]);
+        if let Some(stamp) = declared.stamp.as_mut() {
+            let stamp = Arc::make_mut(stamp);
+            if let Some(config) = stamp.config.as_mut() {
+                config.fresh = false;
+            }
+        }
+        Arc::make_mut(&mut host.vms[1]).stamp = None;
+        let m = members(&d, &[], &o, at(0));
+        assert_eq!(
+            m.idle["sandbox"],
+            ["sandbox-f3"],
+            "neither is warm; both numbers are taken"
+        );
+    }
+
+    #[test]
+    fn a_held_member_outlives_its_pool_and_an_ended_runs_gone_member_is_not_made_again() {
+        let d = desired(0, 4);
+        let o = observed(&d, &[("sandbox-f1", true)]);
+        let runs = [
+            run("a", Some("sandbox-f1"), None, 0),
+            run("b", Some("sandbox-f2"), Some(0), 3600),
+        ];
+        // b's member is gone (an operator removed it): kept, but never made again.
+        assert_eq!(names(&members(&d, &runs, &o, at(10))), ["sandbox-f1"]);
+        // The pool is removed while a runs: its member stays, as it was made.
+        let mut without = d.clone();
+        without.fresh_pools.clear();
+        let m = members(&without, &runs, &o, at(10));
+        assert_eq!(names(&m), ["sandbox-f1"]);
+        assert!(m.vms[0].config.fresh);
+        // Once a has ended, nothing holds it.
+        let ended = [run("a", Some("sandbox-f1"), Some(5), 0)];
+        assert!(members(&without, &ended, &o, at(10)).vms.is_empty());
+    }
+
+    #[test]
     fn members_beyond_warm_that_no_run_holds_are_not_wanted() {
         let d = desired(1, 4);
         let o = observed(
@@ -424,17 +513,23 @@ mod tests {
         let mut next = 2;
         let mut runs = Vec::new();
         for task in ["a", "b"] {
-            let member = assign("sandbox", pool, &runs, &mut idle, &mut next).expect("member");
+            let member =
+                assign("sandbox", pool, &runs, &mut idle, &mut next, at(0)).expect("member");
             runs.push(run(task, Some(&member), None, 0));
         }
         assert_eq!(runs[0].member.as_deref(), Some("sandbox-f1"));
         assert_eq!(runs[1].member.as_deref(), Some("sandbox-f2"));
-        let why = assign("sandbox", pool, &runs, &mut idle, &mut next).expect_err("full");
-        assert!(why.contains("2 runs hold one (fresh.max is 2)"), "{why}");
-        // An ended run (kept or not) frees its place.
+        let why = assign("sandbox", pool, &runs, &mut idle, &mut next, at(0)).expect_err("full");
+        assert!(
+            why.contains("2 runs hold one, kept ones included (fresh.max is 2)"),
+            "{why}"
+        );
+        // A kept member holds its place until keepFor is over.
         runs[0].finished = Some(at(5));
+        runs[0].keep_for = Duration::from_secs(10);
+        assert!(assign("sandbox", pool, &runs, &mut idle, &mut next, at(14)).is_err());
         assert_eq!(
-            assign("sandbox", pool, &runs, &mut idle, &mut next).as_deref(),
+            assign("sandbox", pool, &runs, &mut idle, &mut next, at(15)).as_deref(),
             Ok("sandbox-f3")
         );
     }

@@ -190,17 +190,30 @@ pub fn capacity_problems(
                 n + 1,
             )
         });
+        // A fresh pool may run `max` held members and `warm` idle ones at once.
+        let (memory, cpus, count) = desired
+            .fresh_pools
+            .values()
+            .filter(|p| p.template.config.provider == *provider)
+            .fold((memory, cpus, count), |(m, c, n), p| {
+                let members = u64::from(p.max) + u64::from(p.warm);
+                (
+                    m + members * p.template.config.memory_mib,
+                    c + members * u64::from(p.template.config.cpus),
+                    n + members as usize,
+                )
+            });
         let memory_cap = (capacity.memory_mib as f64 * memory_ratio) as u64;
         let cpu_cap = (f64::from(capacity.cpus) * cpu_ratio) as u64;
         if memory > memory_cap {
             problems.push(format!(
-                "provider {provider}: its {count} running VMs ask for {memory} MiB of memory; the host has {} MiB and policy.overcommit.memory is {memory_ratio}, so at most {memory_cap} MiB: stop or shrink VMs, or raise policy.overcommit.memory",
+                "provider {provider}: its {count} running VMs (fresh pools at fresh.max + fresh.warm) ask for {memory} MiB of memory; the host has {} MiB and policy.overcommit.memory is {memory_ratio}, so at most {memory_cap} MiB: stop or shrink VMs, or raise policy.overcommit.memory",
                 capacity.memory_mib
             ));
         }
         if cpus > cpu_cap {
             problems.push(format!(
-                "provider {provider}: its {count} running VMs ask for {cpus} CPUs; the host has {} and policy.overcommit.cpu is {cpu_ratio}, so at most {cpu_cap}: stop or shrink VMs, or raise policy.overcommit.cpu",
+                "provider {provider}: its {count} running VMs (fresh pools at fresh.max + fresh.warm) ask for {cpus} CPUs; the host has {} and policy.overcommit.cpu is {cpu_ratio}, so at most {cpu_cap}: stop or shrink VMs, or raise policy.overcommit.cpu",
                 capacity.cpus
             ));
         }

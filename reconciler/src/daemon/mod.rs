@@ -505,11 +505,24 @@ impl Daemon {
         };
         let wake = soonest_retry
             .map_or(tick, |r| r.min(tick))
-            .min(self.next_resync);
+            .min(self.next_resync)
+            .min(self.members_released_at().unwrap_or(tick));
         match &self.follow {
             Some(_) => wake.min(self.next_fetch),
             None => wake,
         }
+    }
+
+    /// When the next kept fresh member's `keepFor` is over (its destroy is planned then).
+    fn members_released_at(&self) -> Option<Instant> {
+        let now = SystemTime::now();
+        self.tasks
+            .fresh_runs()
+            .iter()
+            .filter_map(|r| Some(r.finished?.system_time() + r.keep_for))
+            .filter(|until| *until > now)
+            .min()
+            .map(|until| Instant::now() + until.duration_since(now).unwrap_or_default())
     }
 
     /// Writes what became of the applied commit as a git note (`refs/notes/fleet`), when

@@ -259,6 +259,7 @@ async fn tasks_and_pending_prompts_show_with_the_output_tail() {
         host_timeout: false,
         updated: None,
         fresh: None,
+        earlier_members: Vec::new(),
     };
     view.status.reset_task_files("build").expect("reset");
     let output = b"\x1b[32mcompiling\x1b[0m\r\n<b>Deploy? (y/n)</b> ";

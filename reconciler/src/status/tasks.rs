@@ -238,6 +238,18 @@ pub struct TaskRecord {
     /// it. `vm` is the member it was given, empty while it waits for one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fresh: Option<FreshRecord>,
+    /// Members earlier runs of this task were given, until when each is held: a member a
+    /// run had is never warm again, and its `keepFor` outlives the next run's start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier_members: Vec<EarlierMember>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EarlierMember {
+    pub pool: String,
+    pub name: String,
+    pub until: Timestamp,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,6 +277,21 @@ impl TaskRecord {
             },
             keep_for: std::time::Duration::from_secs(fresh.keep_for_secs),
         })
+    }
+
+    /// This run's member and the earlier runs' (each an ended run held until its time).
+    pub fn fresh_runs(&self) -> impl Iterator<Item = crate::lifecycle::FreshRun> + '_ {
+        let earlier = self
+            .earlier_members
+            .iter()
+            .map(|m| crate::lifecycle::FreshRun {
+                task: self.name.clone(),
+                pool: m.pool.clone(),
+                member: Some(m.name.clone()),
+                finished: Some(m.until),
+                keep_for: std::time::Duration::ZERO,
+            });
+        self.fresh_run().into_iter().chain(earlier)
     }
 
     /// The task's name in the guest: unique per run, so the guest never confuses runs.

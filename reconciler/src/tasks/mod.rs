@@ -539,7 +539,7 @@ impl TaskBook {
         state
             .records
             .values()
-            .filter_map(TaskRecord::fresh_run)
+            .flat_map(TaskRecord::fresh_runs)
             .collect()
     }
 
@@ -1293,7 +1293,7 @@ impl BookState {
         let runs: Vec<crate::lifecycle::FreshRun> = self
             .records
             .values()
-            .filter_map(TaskRecord::fresh_run)
+            .flat_map(TaskRecord::fresh_runs)
             .collect();
         let idle = self.members.idle.entry(pool.to_owned()).or_default();
         // Never a member a record still names (a kept or ended run's).
@@ -1305,7 +1305,8 @@ impl BookState {
             .map_or(1, |s| s + 1);
         let next = self.members.next.entry(pool.to_owned()).or_insert(1);
         *next = (*next).max(seen);
-        crate::lifecycle::assign(pool, settings, &runs, idle, next)
+        let now = Timestamp::from(self.now.wall);
+        crate::lifecycle::assign(pool, settings, &runs, idle, next, now)
     }
 
     /// Fresh runs waiting for a member get one, oldest first, as places free up.
@@ -1314,6 +1315,12 @@ impl BookState {
             .records
             .values()
             .filter(|r| r.phase == TaskPhase::Pending && r.vm.is_empty())
+            // A run that cannot start (a secret that does not open) takes no place.
+            .filter(|r| {
+                self.desired
+                    .get(&r.name)
+                    .is_none_or(|t| self.held(t).is_none())
+            })
             .filter_map(|r| Some((r.created, r.name.clone(), r.fresh.as_ref()?.pool.clone())))
             .collect();
         if self.suspended {
@@ -1354,15 +1361,17 @@ impl BookState {
         let time = self.stamp();
         // A fresh run waits (`vm` empty) until `assign_waiting_members` gives it a member;
         // a pending run taking a new spec keeps the member it was given.
-        let vm = match &task.fresh {
-            Some(_) => self
-                .records
-                .get(&task.name)
-                .filter(|r| r.phase == TaskPhase::Pending && r.fresh.is_some())
-                .map(|r| r.vm.clone())
-                .unwrap_or_default(),
-            None => task.vm.clone(),
+        let previous = self.records.get(&task.name);
+        let kept = previous.filter(|r| {
+            r.phase == TaskPhase::Pending
+                && r.fresh.as_ref().map(|f| &f.pool) == task.fresh.as_ref().map(|f| &f.pool)
+        });
+        let vm = match (&task.fresh, kept) {
+            (Some(_), Some(r)) => r.vm.clone(),
+            (Some(_), None) => String::new(),
+            (None, _) => task.vm.clone(),
         };
+        let earlier_members = earlier_members(previous, kept.is_some(), self.now.wall);
         let record = TaskRecord {
             name: task.name.clone(),
             vm,
@@ -1373,6 +1382,7 @@ impl BookState {
                     pool: f.pool.clone(),
                     keep_for_secs: f.keep_for.as_secs(),
                 }),
+            earlier_members,
             generation,
             run: run_id(self.run_hash(task), generation),
             spec_hash: self.run_hash(task).to_owned(),
@@ -1528,6 +1538,43 @@ impl BookState {
         );
         self.effects.events.push(event);
     }
+}
+
+/// The members earlier runs of a task hold or held, for its new run's record: the
+/// previous run's (unless the new run keeps it) until its `keepFor` is over, and the ones
+/// its record carried, for a day past their time (so a member whose destroy is late is
+/// still never taken for a warm one), at most `EARLIER_MEMBERS`.
+fn earlier_members(
+    previous: Option<&TaskRecord>,
+    kept: bool,
+    now: SystemTime,
+) -> Vec<crate::status::tasks::EarlierMember> {
+    const EARLIER_MEMBERS: usize = 8;
+    let Some(previous) = previous else {
+        return Vec::new();
+    };
+    let day_ago = now - std::time::Duration::from_secs(24 * 3600);
+    let mut earlier: Vec<_> = previous
+        .earlier_members
+        .iter()
+        .filter(|m| m.until.system_time() > day_ago)
+        .cloned()
+        .collect();
+    if let Some(run) = previous.fresh_run().filter(|_| !kept)
+        && let Some(name) = run.member
+    {
+        let ended = run.finished.map_or(now, |t| t.system_time());
+        earlier.insert(
+            0,
+            crate::status::tasks::EarlierMember {
+                pool: run.pool,
+                name,
+                until: Timestamp::from(ended + run.keep_for),
+            },
+        );
+    }
+    earlier.truncate(EARLIER_MEMBERS);
+    earlier
 }
 
 fn waiting_message(task: &DesiredTask, held: Option<&str>, running: &BTreeSet<String>) -> String {

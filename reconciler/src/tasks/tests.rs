@@ -860,3 +860,46 @@ fn results_a_killed_fleet_left_unchecked_are_checked_after_a_restart() {
     assert!(why.contains("app"), "{why}");
     assert_eq!(results.head, None);
 }
+
+/// A fresh run's member is carried into the next run's record (a rerun, an edit, a move to
+/// another pool or to a named VM), held until its `keepFor` is over and never warm again;
+/// a pending run keeps its member only within the same pool.
+#[test]
+fn a_new_run_carries_the_previous_runs_member_until_its_keep_for_is_over() {
+    use crate::status::tasks::TaskRecord;
+    let record = |phase: &str, extra: &str| -> TaskRecord {
+        serde_saphyr::from_str(&format!(
+            "name: t\nvm: sandbox-f3\ngeneration: 1\nrun: 0123abcd\nspecHash: h\nrerun: 0\nphase: {phase}\nsource: fleet/tasks/t.yaml\nfresh: {{pool: sandbox, keepForSecs: 3600}}\n{extra}"
+        ))
+        .expect("a record")
+    };
+    let now = std::time::UNIX_EPOCH + Duration::from_secs(10_000);
+    let ended = record("Succeeded", "finished: 1970-01-01T02:00:00Z\n");
+    let earlier = super::earlier_members(Some(&ended), false, now);
+    assert_eq!(earlier.len(), 1);
+    assert_eq!(earlier[0].name, "sandbox-f3");
+    assert_eq!(
+        earlier[0].until.to_string(),
+        "1970-01-01T03:00:00Z",
+        "its end plus keepFor"
+    );
+    // Kept by the new run (pending, same pool): not an earlier member.
+    assert!(super::earlier_members(Some(&record("Pending", "")), true, now).is_empty());
+    // Carried on, and dropped a day past its time.
+    let mut next = record("Succeeded", "finished: 1970-01-01T02:30:00Z\n");
+    next.vm = "sandbox-f4".into();
+    next.earlier_members = earlier;
+    let carried = super::earlier_members(Some(&next), false, now);
+    let names: Vec<&str> = carried.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["sandbox-f4", "sandbox-f3"]);
+    let later = now + Duration::from_secs(2 * 24 * 3600);
+    let names: Vec<String> = super::earlier_members(Some(&next), false, later)
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(names, ["sandbox-f4"]);
+    // The record's runs, as lifecycle reads them: this one's and the earlier one's.
+    let runs: Vec<_> = next.fresh_runs().collect();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[1].member.as_deref(), Some("sandbox-f3"));
+}

@@ -109,14 +109,14 @@ fn fresh_runs_get_members_of_their_own_warm_ones_first_and_leave_none_behind() {
     );
 
     // Two runs at once with max 1: the older (then by name: kept) takes the warm member,
-    // the other waits for its place, then gets the warm member made meanwhile. kept's
-    // member stays for an hour after it ends; fleet is killed during later's run.
+    // the other waits for its place, which kept holds until 5 s after it ended (keepFor),
+    // then gets the warm member made meanwhile. fleet is killed during later's run.
     repo.write(
         "fleet/tasks/kept.yaml",
         fresh_task(
             "kept",
             &pool,
-            ", keepFor: 1h",
+            ", keepFor: 5s",
             "test ! -e /tmp/mark && echo clean; sleep 2",
         ),
     );
@@ -145,10 +145,20 @@ fn fresh_runs_get_members_of_their_own_warm_ones_first_and_leave_none_behind() {
         status.output("kept").contains("clean"),
         "a fresh member carries nothing over"
     );
+    let ended = Instant::now();
+    assert!(
+        domains(&prefix).contains(&member(2)),
+        "kept for 5 s after its run"
+    );
     wait_until(
         "later runs on a member of its own",
         Duration::from_secs(120),
         || status.output("later").contains("later started"),
+    );
+    assert!(
+        ended.elapsed() >= Duration::from_secs(4),
+        "later waited for kept's keepFor: {:?}",
+        ended.elapsed()
     );
     let later_member = field(&status.task("later"), "vm").expect("member");
     assert_eq!(
@@ -166,12 +176,12 @@ fn fresh_runs_get_members_of_their_own_warm_ones_first_and_leave_none_behind() {
         Some(later_member.clone())
     );
 
-    // Settled: kept's member stays, later's is gone, one new warm member runs; no name
+    // Settled: kept's and later's members are gone, one new warm member runs; no name
     // was used twice.
     wait_until(
-        "only kept's member and one warm member remain",
+        "only one warm member remains",
         Duration::from_secs(120),
-        || domains(&prefix) == [member(2), member(4)] && linked(&repo, &member(4)),
+        || domains(&prefix) == [member(4)] && linked(&repo, &member(4)),
     );
     drop(daemon);
 }

@@ -2666,3 +2666,19 @@ fn fresh_task_names_no_pool_or_is_not_fresh_or_a_vm_takes_a_members_name() {
         "#]],
     );
 }
+
+#[test]
+fn a_fresh_pool_protects_no_member() {
+    check(
+        &[(
+            "fleet/vms/w.yaml",
+            &pool("w", "0").replace(
+                "  template:\n    spec: {provider: local, image: micro}",
+                "  fresh: {}\n  template:\n    spec: {provider: local, image: micro, protect: true}",
+            ),
+        )],
+        expect![[r#"
+            fleet/vms/w.yaml:8:52: error: spec.template.spec.protect: pool w makes fresh members for task runs, which go when their run is over; remove protect, or make the long-lived VMs replicas of another pool
+        "#]],
+    );
+}

@@ -153,8 +153,17 @@ pub(super) fn check_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
     check_repository_credentials(f, diags);
     check_answer_text(f, diags);
 
-    // A fresh member's name (`<pool>-f<N>`) is never another object's.
+    // A fresh member's name (`<pool>-f<N>`) is never another object's, and a member is
+    // never protected: it goes when its run is over, or members would pile up.
     for pool in fresh_pools(f) {
+        if let Some(o) = f.pools.get(pool)
+            && o.doc.spec.template.spec.protect
+        {
+            diags.push(o.field_error(
+                "/spec/template/spec/protect",
+                format!("pool {pool} makes fresh members for task runs, which go when their run is over; remove protect, or make the long-lived VMs replicas of another pool"),
+            ));
+        }
         for (name, (path, tree, what)) in &owners {
             if crate::lifecycle::member_seq(pool, name).is_some() {
                 diags.push(Diagnostic::new(

@@ -61,10 +61,11 @@ pub fn hold(
         .iter()
         .filter(|(provider, host)| {
             host.vms.iter().any(|vm| vm.owned_by(&desired.fleet))
+                // Fresh members do not count: a warm pool must not hide an emptied fleet/.
                 && !desired
                     .vms
                     .values()
-                    .any(|vm| &vm.config.provider == *provider)
+                    .any(|vm| &vm.config.provider == *provider && !vm.config.fresh)
         })
         .map(|(provider, _)| provider.as_str())
         .collect();

@@ -595,11 +595,19 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
             if !wanted_here {
                 let stamp = found.stamp.as_ref();
                 let applied = stamp.and_then(|s| s.config.clone());
-                let reason = match applied
+                // Released without an approval only by a pool this revision still makes
+                // fresh members in, on this provider; anything else goes the usual way.
+                let released = applied
                     .as_ref()
                     .filter(|c| c.fresh)
                     .and_then(|c| c.pool.clone())
-                {
+                    .filter(|pool| {
+                        desired.fresh_pools.get(pool).is_some_and(|p| {
+                            &p.template.config.provider == provider
+                                && crate::lifecycle::is_member_of(found, &desired.fleet, pool)
+                        })
+                    });
+                let reason = match released {
                     Some(pool) => Reason::FreshMemberReleased { pool },
                     None => Reason::RemovedFromFleet,
                 };
