@@ -492,6 +492,23 @@ mod tests {
     }
 
     #[test]
+    fn capacity_counts_a_fresh_pool_at_max_plus_warm() {
+        let d = desired(2, 4);
+        let host = crate::observe::Capacity {
+            memory_mib: 2048,
+            cpus: 64,
+        };
+        let problems =
+            crate::resolve::capacity_problems(&d, &BTreeMap::from([("local".to_owned(), host)]));
+        assert!(
+            problems[0].contains(
+                "its 6 running VMs (fresh pools counted at fresh.max + fresh.warm) ask for 3072 MiB"
+            ),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
     fn members_beyond_warm_that_no_run_holds_are_not_wanted() {
         let d = desired(1, 4);
         let o = observed(

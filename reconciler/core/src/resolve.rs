@@ -203,17 +203,26 @@ pub fn capacity_problems(
                     n + members as usize,
                 )
             });
+        let counted = if desired
+            .fresh_pools
+            .values()
+            .any(|p| p.template.config.provider == *provider)
+        {
+            " (fresh pools counted at fresh.max + fresh.warm)"
+        } else {
+            ""
+        };
         let memory_cap = (capacity.memory_mib as f64 * memory_ratio) as u64;
         let cpu_cap = (f64::from(capacity.cpus) * cpu_ratio) as u64;
         if memory > memory_cap {
             problems.push(format!(
-                "provider {provider}: its {count} running VMs (fresh pools at fresh.max + fresh.warm) ask for {memory} MiB of memory; the host has {} MiB and policy.overcommit.memory is {memory_ratio}, so at most {memory_cap} MiB: stop or shrink VMs, or raise policy.overcommit.memory",
+                "provider {provider}: its {count} running VMs{counted} ask for {memory} MiB of memory; the host has {} MiB and policy.overcommit.memory is {memory_ratio}, so at most {memory_cap} MiB: stop or shrink VMs, or raise policy.overcommit.memory",
                 capacity.memory_mib
             ));
         }
         if cpus > cpu_cap {
             problems.push(format!(
-                "provider {provider}: its {count} running VMs (fresh pools at fresh.max + fresh.warm) ask for {cpus} CPUs; the host has {} and policy.overcommit.cpu is {cpu_ratio}, so at most {cpu_cap}: stop or shrink VMs, or raise policy.overcommit.cpu",
+                "provider {provider}: its {count} running VMs{counted} ask for {cpus} CPUs; the host has {} and policy.overcommit.cpu is {cpu_ratio}, so at most {cpu_cap}: stop or shrink VMs, or raise policy.overcommit.cpu",
                 capacity.cpus
             ));
         }
