@@ -156,10 +156,15 @@ pub async fn plan_pass(
     fresh_runs: &[crate::lifecycle::FreshRun],
 ) -> Planned {
     let observed = observe_for(drivers, desired).await;
-    let (members, with_members) = if desired.fresh_pools.is_empty() {
+    let now = crate::time::Timestamp::from(SystemTime::now());
+    // Held members outlive their pool: looked at while any run holds one.
+    let (members, with_members) = if desired.fresh_pools.is_empty()
+        && !fresh_runs
+            .iter()
+            .any(|r| r.member.is_some() && r.holds(now))
+    {
         Default::default()
     } else {
-        let now = crate::time::Timestamp::from(SystemTime::now());
         let members = crate::lifecycle::members(desired, fresh_runs, &observed, now);
         let with = members.add_to(desired);
         (members, Some(with))

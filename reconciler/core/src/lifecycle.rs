@@ -29,7 +29,8 @@ pub fn member_name(pool: &str, seq: u64) -> String {
 /// without leading zeros).
 pub fn member_seq(pool: &str, name: &str) -> Option<u64> {
     let digits = name.strip_prefix(pool)?.strip_prefix("-f")?;
-    let canonical = !digits.is_empty()
+    // At most 9 digits: numbers never overflow, whatever names are in sight.
+    let canonical = (1..=9).contains(&digits.len())
         && digits.bytes().all(|b| b.is_ascii_digit())
         && (digits == "0" || !digits.starts_with('0'));
     canonical.then(|| digits.parse().ok()).flatten()
@@ -376,6 +377,7 @@ mod tests {
     fn member_names_round_trip_and_nothing_else_is_a_member() {
         assert_eq!(member_seq("sandbox", &member_name("sandbox", 12)), Some(12));
         for other in [
+            "sandbox-f1234567890",
             "sandbox-01",
             "sandbox-f",
             "sandbox-f01",

@@ -1542,8 +1542,9 @@ impl BookState {
 
 /// The members earlier runs of a task hold or held, for its new run's record: the
 /// previous run's (unless the new run keeps it) until its `keepFor` is over, and the ones
-/// its record carried, for a day past their time (so a member whose destroy is late is
-/// still never taken for a warm one), at most `EARLIER_MEMBERS`.
+/// its record carried: every one still held, and the latest `EARLIER_MEMBERS` of the
+/// others for a day past their time (so a member whose destroy is late is still never
+/// taken for a warm one).
 fn earlier_members(
     previous: Option<&TaskRecord>,
     kept: bool,
@@ -1554,16 +1555,23 @@ fn earlier_members(
         return Vec::new();
     };
     let day_ago = now - std::time::Duration::from_secs(24 * 3600);
-    let mut earlier: Vec<_> = previous
+    // Held ones are always carried; of those whose time is over, the latest few, for a day.
+    let (held, over): (Vec<_>, Vec<_>) = previous
         .earlier_members
         .iter()
         .filter(|m| m.until.system_time() > day_ago)
         .cloned()
-        .collect();
+        .partition(|m| m.until.system_time() > now);
+    let mut earlier = held;
+    earlier.extend(over.into_iter().take(EARLIER_MEMBERS));
     if let Some(run) = previous.fresh_run().filter(|_| !kept)
         && let Some(name) = run.member
     {
-        let ended = run.finished.map_or(now, |t| t.system_time());
+        // A run that never started leaves its member unused: it holds no place.
+        let ended = match previous.phase {
+            TaskPhase::Pending => now - run.keep_for,
+            _ => run.finished.map_or(now, |t| t.system_time()),
+        };
         earlier.insert(
             0,
             crate::status::tasks::EarlierMember {
@@ -1573,7 +1581,6 @@ fn earlier_members(
             },
         );
     }
-    earlier.truncate(EARLIER_MEMBERS);
     earlier
 }
 
