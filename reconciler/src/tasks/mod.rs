@@ -1244,7 +1244,10 @@ impl BookState {
                             None,
                             "ran past its timeout while its agent was unreachable; fleet stopped tracking it",
                         );
-                    } else if r.phase == TaskPhase::Pending {
+                    } else if r.phase == TaskPhase::Pending
+                        // A fresh run waiting for a member: `assign_waiting_members` says why.
+                        && !(r.fresh.is_some() && r.vm.is_empty() && self.held(&task).is_none())
+                    {
                         let message = waiting_message(&task, self.held(&task), running);
                         if r.message.as_deref() != Some(&message) {
                             self.update(&name, |r| r.message = Some(message));
