@@ -1240,25 +1240,8 @@ pub mod tests_support {
             ("fleet/tasks/t.yaml", "apiVersion: fleet/v1\nkind: Task\nmetadata: {name: t}\nspec:\n  vm: a\n  command: [env]\n  secrets: [{secret: s, key: k, env: TOKEN}]\n".to_owned()),
             ("fleet/secrets/s.yaml", format!("apiVersion: fleet/v1\nkind: Secret\nmetadata: {{name: s}}\nspec:\n  allowed: {{tasks: [t]}}\n  data:\n    k: |\n{indented}")),
         ];
-        let snapshot = Snapshot {
-            revision: Revision {
-                id: "0".repeat(40),
-                label: "t".into(),
-                signed_by: None,
-            },
-            fleet_dir: "fleet".into(),
-            files: files
-                .iter()
-                .map(|(p, t)| SourceFile {
-                    path: (*p).into(),
-                    bytes: t.as_bytes().to_vec(),
-                })
-                .collect(),
-            signers: Default::default(),
-        };
-        let host = test_host();
-        let loaded = crate::load::load(&snapshot, Some(&host)).unwrap_or_else(|d| panic!("{d:#?}"));
-        resolve(&loaded, &host)
+        let files: Vec<(&str, &str)> = files.iter().map(|(p, t)| (*p, t.as_str())).collect();
+        desired_of(&files)
     }
 
     /// `files` (paths under `fleet/`, with `fleet.yaml`) loaded under `test_host` and

@@ -1314,6 +1314,9 @@ impl BookState {
 
     /// Fresh runs waiting for a member get one, oldest first, as places free up.
     fn assign_waiting_members(&mut self) {
+        if self.suspended {
+            return;
+        }
         let mut waiting: Vec<(Option<Timestamp>, String, String)> = self
             .records
             .values()
@@ -1326,9 +1329,6 @@ impl BookState {
             })
             .filter_map(|r| Some((r.created, r.name.clone(), r.fresh.as_ref()?.pool.clone())))
             .collect();
-        if self.suspended {
-            waiting.clear();
-        }
         waiting.sort();
         for (_, name, pool) in waiting {
             match self.member_for(&pool) {

@@ -3,19 +3,8 @@
 //! revision that empties the provider waits; an approval naming another digest is refused and
 //! noted, and the right digest (committed, or as a host file) releases exactly the held steps.
 
-use crate::libvirt::{Cleanup, enabled, fleet_yaml_with_policy, virsh, vm_yaml};
+use crate::libvirt::{Cleanup, domains, enabled, fleet_yaml_with_policy, virsh, vm_yaml};
 use crate::support::Repo;
-
-fn domains(prefix: &str) -> Vec<String> {
-    let out = virsh(&["list", "--all", "--name"]);
-    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|n| n.starts_with(prefix))
-        .map(str::to_owned)
-        .collect();
-    names.sort();
-    names
-}
 
 /// The approval id and digest `fleet apply` printed for held steps.
 pub fn held_approval(stdout: &str) -> (String, String) {

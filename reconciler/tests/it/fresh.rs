@@ -6,21 +6,9 @@
 use std::time::{Duration, Instant};
 
 use crate::daemon::{Daemon, read, wait_until};
-use crate::libvirt::{Cleanup, enabled, fleet_yaml_with_policy, virsh};
+use crate::libvirt::{Cleanup, domains, enabled, fleet_yaml_with_policy};
 use crate::support::Repo;
 use crate::tasks::{Status, field, task_yaml};
-
-/// The domains whose names start with `prefix`, running or not, sorted.
-fn domains(prefix: &str) -> Vec<String> {
-    let out = virsh(&["list", "--all", "--name"]);
-    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|n| n.starts_with(prefix))
-        .map(str::to_owned)
-        .collect();
-    names.sort();
-    names
-}
 
 fn linked(repo: &Repo, vm: &str) -> bool {
     let file = repo.path().join(format!(".fleet/status/vms/{vm}.yaml"));

@@ -44,6 +44,18 @@ fn domain_exists(name: &str) -> bool {
 }
 
 /// Removes every domain whose name starts with the test's prefix, even when a test fails.
+/// The domains whose names start with `prefix`, running or not, sorted.
+pub fn domains(prefix: &str) -> Vec<String> {
+    let out = virsh(&["list", "--all", "--name"]);
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names
+}
+
 pub struct Cleanup {
     pub prefix: String,
 }

@@ -540,18 +540,7 @@ fn stopped_and_missing_vms_are_drift_only_when_they_were_applied_running() {
             ("c", PowerState::Running),
         ]),
     );
-    let reasons: Vec<String> = p
-        .steps
-        .iter()
-        .map(|s| {
-            format!(
-                "{} {}: {}",
-                s.action().as_str(),
-                s.vm,
-                render::reason_text(s)
-            )
-        })
-        .collect();
+    let reasons = step_lines(&p);
     assert_eq!(
         reasons,
         [
