@@ -86,6 +86,9 @@ pub enum Command {
     /// Task runs and their output.
     #[command(subcommand)]
     Task(TaskCommand),
+    /// VM leases (`lease:` in a VM's file).
+    #[command(subcommand)]
+    Lease(LeaseCommand),
     /// Wait, for scripts and CI, until VMs are ready, the fleet converged or tasks
     /// succeeded: exit 0 then, 1 with what is missing on timeout (or at once when a task
     /// ended otherwise).
@@ -148,6 +151,18 @@ pub enum TaskCommand {
         name: String,
         #[arg(long, short = 'f')]
         follow: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Renew a VM's lease from now, for its ttl or --for; a VM stopped or destroyed at its
+    /// lease's end is started or made again.
+    Renew {
+        name: String,
+        /// How long from now (such as 30m, 4h; default: the lease's ttl).
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        length: Option<std::time::Duration>,
     },
 }
 
@@ -355,6 +370,15 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             Command::Task(TaskCommand::Logs { name, follow }) => {
                 crate::task_view::logs(&ws.status, name, *follow, &mut std::io::stdout().lock())?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Lease(LeaseCommand::Renew { name, length }) => {
+                let who = crate::hitl::local_user();
+                let now = std::time::SystemTime::now();
+                let ends = crate::leases::renew(&ws.status, name, *length, &who, now)?;
+                // A running fleet serve counts it at once (none running: the next pass).
+                let _ = signal_serve(&ws);
+                println!("renewed: the lease of {name} ends at {ends}");
                 Ok(ExitCode::SUCCESS)
             }
             Command::Reconcile => reconcile_cmd(&ws),
@@ -774,8 +798,13 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
         saved.check_fresh(&plan::plan(&desired, &planned.observed, &as_saved))?;
     }
     // Held steps run only with an approval of exactly them (a file; see `approvals`).
-    reconcile::record_approvals(ws, &desired, &planned);
-    let reconcile::Planned { observed, plan, .. } = planned;
+    reconcile::record_decisions(ws, &desired, &planned);
+    let reconcile::Planned {
+        observed,
+        plan,
+        inputs,
+        ..
+    } = planned;
     print!("{}", render::text(&plan));
     if !plan.steps().is_empty() && !args.auto_approve {
         if !std::io::stdin().is_terminal() {
@@ -803,6 +832,7 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
             observed: &observed,
             agents: &Default::default(),
             crash_loops: &Default::default(),
+            leases: &inputs.leases,
         },
         &drivers,
         journal,
@@ -983,6 +1013,7 @@ fn status_cmd(ws: &Workspace, args: &StatusArgs) -> Result<ExitCode> {
                     })
                     .map(|c| format!("{}: {}", c.kind, c.message))
             })
+            .or_else(|| Some(vm.lease.as_ref()?.describe(std::time::SystemTime::now())))
             .unwrap_or_default();
         println!(
             "{:<width$}  {:<10} {:<12} {:>4} {:>7}  {}",

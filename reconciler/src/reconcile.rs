@@ -171,7 +171,10 @@ pub async fn plan_pass(
     };
     let desired = with_members.as_ref().unwrap_or(desired);
     let offers = crate::approvals::gather(&ws.status, desired);
+    let leases = lease_records(ws, desired, &observed, now);
     let inputs = PlanInputs {
+        now: Some(now),
+        leases,
         history: status::history(&ws.status.read_vms()),
         secrets: crate::plan::secrets::changes(
             desired,
@@ -192,10 +195,44 @@ pub async fn plan_pass(
     }
 }
 
-/// Records what the pass's plan holds or released (see `approvals::record`).
-pub fn record_approvals(ws: &Workspace, desired: &Desired, planned: &Planned) {
+/// Records what the pass decided from: what its plan holds or released (see
+/// `approvals::record`) and the leases as it counted them (a renewal is counted once).
+pub fn record_decisions(ws: &Workspace, desired: &Desired, planned: &Planned) {
     let desired = planned.desired(desired);
     crate::approvals::record(&ws.status, desired, &planned.plan, &planned.offers);
+    if let Err(e) = ws.status.write_leases(&planned.inputs.leases) {
+        tracing::error!("cannot record leases: {e}");
+    }
+}
+
+/// Each leased VM's record after this pass (`lease::advance`): from what the status
+/// directory remembers, what the provider shows and the host's renewal.
+fn lease_records(
+    ws: &Workspace,
+    desired: &Desired,
+    observed: &Observed,
+    now: crate::time::Timestamp,
+) -> BTreeMap<String, crate::lease::LeaseRecord> {
+    let previous = ws.status.read_leases();
+    desired
+        .leases
+        .iter()
+        .filter_map(|(name, lease)| {
+            let vm = desired.vms.get(name)?;
+            let seen = match observed.find(&vm.config.provider, name) {
+                Some(found) if found.owned_by(&desired.fleet) => crate::lease::Seen::Present {
+                    created: found.stamp.as_ref().and_then(|s| s.created),
+                },
+                // Another's VM under the name: fleet's lease has nothing to count.
+                Some(_) => return None,
+                None => crate::lease::Seen::Absent,
+            };
+            let host = ws.status.read_host_renewal(name);
+            let record =
+                crate::lease::advance(lease, previous.get(name), seen, host.as_ref(), now)?;
+            Some((name.clone(), record))
+        })
+        .collect()
 }
 
 /// Loads and resolves a snapshot under the host's rules: every diagnostic at once, the
@@ -484,6 +521,8 @@ pub struct Pass<'a> {
     pub agents: &'a BTreeMap<String, status::AgentStatus>,
     /// VMs in a crash loop, with the evidence (`fleet serve` keeps count).
     pub crash_loops: &'a BTreeMap<String, String>,
+    /// What the pass remembered of each lease (its plan's input).
+    pub leases: &'a BTreeMap<String, crate::lease::LeaseRecord>,
 }
 
 /// Runs `plan`, then observes again and writes every status file.
@@ -500,6 +539,7 @@ pub async fn apply_and_record(
         observed: observed_before,
         agents,
         crash_loops,
+        leases,
     } = pass;
     let started = SystemTime::now();
     for (provider, driver) in drivers {
@@ -561,6 +601,15 @@ pub async fn apply_and_record(
     }
     for (vm, evidence) in crash_loops {
         outcomes.entry(vm.clone()).or_default().crash_loop = Some(evidence.clone());
+    }
+    for (vm, state) in crate::lease::states(desired, &after, leases) {
+        let ttl_seconds = desired.leases.get(&vm).map_or(0, |l| l.ttl.as_secs());
+        outcomes.entry(vm).or_default().lease = Some(status::LeaseStatus {
+            started: state.started,
+            ends: state.ends,
+            on_expiry: state.on_expiry,
+            ttl_seconds,
+        });
     }
     let finished = SystemTime::now();
     let vms = status::vm_statuses(desired, &after, &outcomes, agents, finished);

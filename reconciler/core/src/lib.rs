@@ -13,6 +13,7 @@ pub mod answer;
 pub mod digest;
 pub mod egress;
 pub mod ids;
+pub mod lease;
 pub mod lifecycle;
 pub mod load;
 pub mod observe;

@@ -344,6 +344,7 @@ mod tests {
                         revision: "r".into(),
                         protect: false,
                         config: Some(vm.config.clone()),
+                        created: None,
                     })),
                 })
             })

@@ -25,6 +25,21 @@ pub struct Stamp {
     /// The configuration last applied; `None` when the stamp's copy could not be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<VmConfig>,
+    /// When fleet created the VM (its lease starts then); kept by every later write of the
+    /// stamp. `None` on VMs made before stamps recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<crate::time::Timestamp>,
+}
+
+impl Stamp {
+    /// This stamp, written over `earlier` (the VM's stamp now): the VM keeps its creation
+    /// time, so an update or a finished create never restarts its lease.
+    pub fn over(&self, earlier: Option<&Stamp>) -> Stamp {
+        Stamp {
+            created: earlier.and_then(|e| e.created).or(self.created),
+            ..self.clone()
+        }
+    }
 }
 
 /// One VM (domain) on a host, fleet's or not.

@@ -64,6 +64,9 @@ pub struct Desired {
     pub egress_unused: Vec<String>,
     /// The pools that make fresh members for task runs (`lifecycle`), by pool name.
     pub fresh_pools: BTreeMap<String, crate::lifecycle::FreshPool>,
+    /// The leases of declared VMs and pool replicas (`lease`), by VM name. Not part of a
+    /// VM's configuration: a lease changes when the VM lives, not what it is.
+    pub leases: BTreeMap<String, crate::lease::Lease>,
 }
 
 /// A provider as a revision uses it: how the host reaches it (from the host configuration)
@@ -808,6 +811,7 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
         egress,
         egress_unused,
         fresh_pools,
+        leases: leases(loaded),
         provider_credentials: host
             .providers
             .iter()
@@ -935,6 +939,26 @@ fn duration_or(
 }
 
 #[allow(clippy::too_many_arguments)]
+/// Each declared VM's and pool replica's lease, by VM name.
+fn leases(loaded: &LoadedFleet) -> BTreeMap<String, crate::lease::Lease> {
+    let declared = loaded
+        .vms
+        .iter()
+        .filter_map(|(name, o)| Some((name.clone(), o.doc.spec.lease.as_ref()?.into())));
+    let replicas = loaded.pools.iter().flat_map(|(pool, o)| {
+        let spec = &o.doc.spec;
+        let lease = spec
+            .template
+            .spec
+            .lease
+            .as_ref()
+            .map(crate::lease::Lease::from);
+        pool_member_names(pool, spec.replicas)
+            .filter_map(move |member| Some((member, lease.clone()?)))
+    });
+    declared.chain(replicas).collect()
+}
+
 fn resolve_vm(
     loaded: &LoadedFleet,
     merged_loadouts: &mut BTreeMap<String, LoadoutSpec>,

@@ -1305,6 +1305,49 @@ pub struct VmSpec {
     /// without an approval, even after its file is deleted.
     #[serde(default)]
     pub protect: bool,
+    /// How long the VM may live: from its creation (recorded in its stamp) or its last
+    /// renewal, then stopped or destroyed. Not for fresh members, which live for their runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+}
+
+/// `lease: {ttl: 8h, onExpiry: stop}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Lease {
+    /// How long the VM lives from its creation, or from a renewal (at least 10s).
+    pub ttl: Duration,
+    /// What happens when it ends: `stop` (default; a renewal starts it again) or `destroy`
+    /// (held by protection, `policy.approve` and `maxDestroysPerApply` like any destroy; a
+    /// renewal makes it again).
+    #[serde(default)]
+    pub on_expiry: LeaseExpiry,
+    /// A counter: a commit that changes it renews the lease for `ttl` from the moment fleet
+    /// sees the change (`fleet lease renew VM` does the same from the host).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub renewals: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// What a lease's end does to its VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseExpiry {
+    #[default]
+    Stop,
+    Destroy,
+}
+
+impl LeaseExpiry {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseExpiry::Stop => "stop",
+            LeaseExpiry::Destroy => "destroy",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

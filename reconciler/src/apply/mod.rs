@@ -133,6 +133,8 @@ struct StepContext {
     timeout: Duration,
 }
 
+/// The stamp a create or update writes. `created` is now: drivers keep the VM's own
+/// (`Stamp::over`) when it already has one, so only a new VM starts a new lease.
 fn stamp_for(fleet: &str, revision: &str, vm: &DesiredVm) -> Stamp {
     Stamp {
         fleet: fleet.to_owned(),
@@ -141,6 +143,7 @@ fn stamp_for(fleet: &str, revision: &str, vm: &DesiredVm) -> Stamp {
         revision: revision.to_owned(),
         protect: vm.config.protect,
         config: Some(vm.config.clone()),
+        created: Some(crate::time::Timestamp::from(std::time::SystemTime::now())),
     }
 }
 

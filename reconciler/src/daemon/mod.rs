@@ -364,6 +364,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         vault: Arc::default(),
         verifier,
         next_resync: Instant::now(),
+        next_lease_end: None,
         follow,
         next_fetch: Instant::now(),
         fetching: false,
@@ -450,6 +451,8 @@ struct Daemon {
     /// The host's trust roots, when it applies only signed commits.
     verifier: Option<crate::trust::Verifier>,
     next_resync: Instant,
+    /// When the soonest lease ends (a pass stops or destroys its VM then).
+    next_lease_end: Option<SystemTime>,
     /// The remote followed, if any, and when it is fetched next.
     follow: Option<Arc<follow::Follow>>,
     next_fetch: Instant,
@@ -506,7 +509,10 @@ impl Daemon {
         let wake = soonest_retry
             .map_or(tick, |r| r.min(tick))
             .min(self.next_resync)
-            .min(self.members_released_at().unwrap_or(tick));
+            .min(self.members_released_at().unwrap_or(tick))
+            .min(self.next_lease_end.map_or(tick, |end| {
+                Instant::now() + end.duration_since(SystemTime::now()).unwrap_or_default()
+            }));
         match &self.follow {
             Some(_) => wake.min(self.next_fetch),
             None => wake,
@@ -890,9 +896,23 @@ impl Daemon {
             &runs,
         )
         .await;
+        self.next_lease_end = crate::lease::next_end(
+            crate::lease::states(
+                planned.desired(&desired),
+                &planned.observed,
+                &planned.inputs.leases,
+            )
+            .values(),
+            crate::time::Timestamp::from(SystemTime::now()),
+        )
+        .map(|t| t.system_time());
         self.note_suspension(&suspended, &desired.revision);
         if suspended.is_some() {
-            // Observed and planned, drift reported; nothing applied, no task started.
+            // Observed and planned, drift reported; nothing applied, no task started. A
+            // renewal is still counted when it is seen.
+            if let Err(e) = self.ws.status.write_leases(&planned.inputs.leases) {
+                tracing::error!("cannot record leases: {e}");
+            }
             let plan = planned.plan;
             if self.suspended_plan.as_deref() != Some(plan.digest()) {
                 self.ws.status.write_plan(&plan)?;
@@ -911,12 +931,13 @@ impl Daemon {
         }
         self.suspended_plan = None;
         let journal = self.journal.clone().context("journal not open")?;
-        reconcile::record_approvals(&self.ws, &desired, &planned);
+        reconcile::record_decisions(&self.ws, &desired, &planned);
         let reconcile::Planned {
             observed,
             plan,
             members,
             with_members,
+            inputs,
             ..
         } = planned;
         // From here on, the fresh members are part of what fleet wants.
@@ -935,6 +956,7 @@ impl Daemon {
                 observed: &observed,
                 agents: &self.agents.snapshot(),
                 crash_loops: &crash_loops,
+                leases: &inputs.leases,
             },
             &self.drivers,
             journal,

@@ -221,6 +221,9 @@ pub fn vm(s: &Snapshot, vm: &VmStatus) -> String {
             @if let Some(a) = &vm.agent {
                 dt { "Agent" } dd { (agent_text(vm)) ", boot " (a.boot_id) ", hello at " (crate::time::shown(a.since)) }
             }
+            @if let Some(l) = &vm.lease {
+                dt { "Lease" } dd { (l.describe(std::time::SystemTime::now())) "; began " (l.started) ", ends " (l.ends) }
+            }
             @if let Some(e) = &vm.last_error { dt.bad { "Last error" } dd.bad { (e) } }
             dt { "Updated" } dd { (crate::time::shown(vm.updated)) }
         }
@@ -346,6 +349,9 @@ fn conditions_text(vm: &VmStatus) -> String {
         .iter()
         .map(|c| format!("{}={} ({})", c.kind, c.status, c.reason))
         .collect();
+    if let Some(lease) = &vm.lease {
+        parts.push(lease.describe(std::time::SystemTime::now()));
+    }
     if let Some(e) = &vm.last_error {
         parts.push(format!("error: {e}"));
     }

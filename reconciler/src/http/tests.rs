@@ -39,6 +39,7 @@ fn view_with_status() -> (tempfile::TempDir, Arc<View>) {
         applied_revision: Some("abc".into()),
         source: "fleet/vms/web-01.yaml".into(),
         agent: None,
+        lease: None,
         conditions: vec![Condition {
             kind: crate::status::ConditionKind::Drifted,
             status: false,

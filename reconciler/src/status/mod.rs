@@ -250,6 +250,9 @@ pub struct VmStatus {
     pub agent: Option<AgentStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Its lease (`lease`), as the last pass judged it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     #[serde(
@@ -258,6 +261,48 @@ pub struct VmStatus {
         deserialize_with = "crate::time::lenient_option"
     )]
     pub updated: Option<Timestamp>,
+}
+
+/// A VM's lease: when it began and ends, and what its end does.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseStatus {
+    pub started: Timestamp,
+    pub ends: Timestamp,
+    pub on_expiry: crate::lease::LeaseExpiry,
+    /// What `fleet lease renew` gives without `--for`: the lease's `ttl`, in seconds.
+    pub ttl_seconds: u64,
+}
+
+impl LeaseStatus {
+    /// `1h 12m left (then stop)` or `ended 12m ago: stopped until renewed`, at `now`.
+    pub fn describe(&self, now: std::time::SystemTime) -> String {
+        let ends = self.ends.system_time();
+        let minutes = |d: std::time::Duration| {
+            // To the second under a minute, else to the minute: "12m", not "12m 3s".
+            let secs = if d.as_secs() < 60 {
+                d.as_secs()
+            } else {
+                d.as_secs() / 60 * 60
+            };
+            humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+        };
+        match ends.duration_since(now) {
+            Ok(left) if !left.is_zero() => format!(
+                "lease: {} left (then {})",
+                minutes(left),
+                self.on_expiry.as_str()
+            ),
+            _ => {
+                let ago = now.duration_since(ends).unwrap_or_default();
+                let what = match self.on_expiry {
+                    crate::lease::LeaseExpiry::Stop => "stopped",
+                    crate::lease::LeaseExpiry::Destroy => "destroyed",
+                };
+                format!("lease ended {} ago: {what} until renewed", minutes(ago))
+            }
+        }
+    }
 }
 
 /// The guest agent of a VM, as the daemon's link to it last saw it.
@@ -633,6 +678,47 @@ impl StatusDir {
             return Ok(());
         }
         self.write_file("secrets.yaml", yaml(seen).as_bytes())
+    }
+
+    /// What fleet remembers of each VM's lease (`leases.yaml`; see `lease`).
+    pub fn read_leases(&self) -> BTreeMap<String, crate::lease::LeaseRecord> {
+        self.read_file("leases.yaml")
+            .ok()
+            .and_then(|text| serde_saphyr::from_str(&text).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn write_leases(
+        &self,
+        leases: &BTreeMap<String, crate::lease::LeaseRecord>,
+    ) -> std::io::Result<()> {
+        if *leases == self.read_leases() {
+            return Ok(());
+        }
+        self.write_file("leases.yaml", yaml(leases).as_bytes())
+    }
+
+    /// The renewal of `vm`'s lease given from the host (`lease-renewals/<vm>.yaml`, written
+    /// by `fleet lease renew`; a file of its own, so the command and a running fleet serve
+    /// never overwrite each other's).
+    pub fn read_host_renewal(&self, vm: &str) -> Option<crate::lease::Renewal> {
+        crate::driver::check_name(vm).ok()?;
+        self.read_file(&format!("lease-renewals/{vm}.yaml"))
+            .ok()
+            .and_then(|text| serde_saphyr::from_str(&text).ok())
+    }
+
+    pub fn write_host_renewal(
+        &self,
+        vm: &str,
+        renewal: &crate::lease::Renewal,
+    ) -> std::io::Result<()> {
+        crate::driver::check_name(vm).map_err(|e| std::io::Error::other(e.message))?;
+        self.ensure()?;
+        self.write_file(
+            &format!("lease-renewals/{vm}.yaml"),
+            yaml(renewal).as_bytes(),
+        )
     }
 
     pub fn read_vms(&self) -> BTreeMap<String, VmStatus> {

@@ -16,6 +16,8 @@ pub struct VmOutcome {
     pub drift: Option<(String, bool)>,
     /// It is in a crash loop: the evidence.
     pub crash_loop: Option<String>,
+    /// Its lease, as the pass judged it.
+    pub lease: Option<super::LeaseStatus>,
 }
 
 /// Builds every VM's status from the desired state, a fresh observation and apply's
@@ -83,6 +85,10 @@ pub fn vm_statuses(
                 message: format!("fleet-agent {} (boot {})", a.agent_version, a.boot_id),
             });
         }
+        let lease_ended = outcome
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.ends.system_time() <= now);
         if let Some(f) = owned {
             let in_sync = f
                 .stamp
@@ -91,8 +97,10 @@ pub fn vm_statuses(
             let state_ok = f.running == (vm.state == PowerState::Running);
             conditions.push(Condition {
                 kind: ConditionKind::Ready,
-                status: in_sync && state_ok && outcome.error.is_none(),
-                reason: if !in_sync {
+                status: in_sync && state_ok && outcome.error.is_none() && !lease_ended,
+                reason: if lease_ended {
+                    "LeaseEnded".into()
+                } else if !in_sync {
                     "SpecNotApplied".into()
                 } else if !state_ok {
                     "PowerStateDiffers".into()
@@ -126,6 +134,7 @@ pub fn vm_statuses(
                 source: vm.source.clone(),
                 agent,
                 conditions,
+                lease: outcome.lease.clone(),
                 last_error: outcome.error.clone(),
                 updated: Some(now.into()),
             },
@@ -206,6 +215,7 @@ mod history_tests {
             source: String::new(),
             agent: None,
             conditions: Vec::new(),
+            lease: None,
             last_error: None,
             updated: None,
         }

@@ -71,6 +71,7 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
         egress: Default::default(),
         egress_unused: Vec::new(),
         fresh_pools: Default::default(),
+        leases: Default::default(),
     }
 }
 

@@ -2682,3 +2682,36 @@ fn a_fresh_pool_protects_no_member() {
         "#]],
     );
 }
+
+#[test]
+fn a_lease_lasts_from_10s_to_a_year_and_ends_in_stop_or_destroy() {
+    let lease = |name: &str, lease: &str| {
+        VM.replace("name: a", &format!("name: {name}")).replace(
+            "  image: micro\n",
+            &format!("  image: micro\n  lease: {lease}\n"),
+        )
+    };
+    check(
+        &[
+            ("fleet/vms/a.yaml", &lease("a", "{ttl: 5s}")),
+            ("fleet/vms/b.yaml", &lease("b", "{ttl: 9000h}")),
+            (
+                "fleet/vms/c.yaml",
+                &lease("c", "{ttl: 1h, onExpiry: pause}"),
+            ),
+            ("fleet/vms/d.yaml", &lease("d", "{ttl: 1h, renewals: -1}")),
+            ("fleet/vms/e.yaml", &lease("e", "{onExpiry: stop}")),
+            (
+                "fleet/vms/f.yaml",
+                &lease("f", "{ttl: 8h, onExpiry: destroy, renewals: 2}"),
+            ),
+        ],
+        expect![[r#"
+            fleet/vms/a.yaml:8:16: error: spec.lease.ttl: "5s" is out of range; a lease lasts from 10s to 8784h (a year)
+            fleet/vms/b.yaml:8:16: error: spec.lease.ttl: "9000h" is out of range; a lease lasts from 10s to 8784h (a year)
+            fleet/vms/c.yaml:8:30: error: spec.lease.onExpiry: string "pause" is not valid; valid: stop, destroy
+            fleet/vms/d.yaml:8:30: error: spec.lease.renewals: -1 is too small; the minimum is 0
+            fleet/vms/e.yaml:8:10: error: spec.lease: missing required field `ttl`
+        "#]],
+    );
+}

@@ -43,6 +43,9 @@
 //!   artifact files, 150 prompts of 200 KiB) and stops reading. The other run keeps its own
 //!   output and exit, a new task on the other VM still runs meanwhile, the flooded run is cut
 //!   to its bounds and says so, and `fleet serve`'s peak RSS stays under the test's bound.
+//! - `leases` (libvirt): `fleet serve` stops a VM at its lease's end and destroys another
+//!   (files included), keeps them so across a pass, and brings them back on a renewal from
+//!   the host (`fleet lease renew`) and from a commit (`lease.renewals`).
 //! - `libvirt` (libvirt): the foundation as one story. A 3-VM fleet boots to userspace and
 //!   converges; a foreign name clash is reported and never touched; deleting a file destroys
 //!   exactly that VM and its files; a memory change updates in place with a restart; each
@@ -155,6 +158,7 @@ mod fresh;
 mod fuzz;
 mod git_remote;
 mod hostile;
+mod leases;
 mod libvirt;
 mod load_corpus;
 mod netguard;

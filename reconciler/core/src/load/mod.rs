@@ -109,6 +109,8 @@ pub const DISK_MIB: (u64, u64) = (1024, 16 * 1024 * 1024);
 const A_WEEK: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 /// The longest a prompt may wait for its answer.
 const A_MONTH: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+/// The longest a lease (or a renewal from the host) may last.
+pub const A_YEAR: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
 
 enum AnyObject {
     Fleet(Object<FleetDocument>),

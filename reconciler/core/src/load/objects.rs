@@ -261,6 +261,18 @@ fn check_vm_spec<T>(o: &Object<T>, at: &str, spec: &VmSpec, diags: &mut Vec<Diag
         spec.resources.as_ref(),
         diags,
     );
+    if let Some(lease) = &spec.lease {
+        let ttl = lease.ttl.to_std();
+        if ttl < crate::lease::MIN_TTL || ttl > A_YEAR {
+            diags.push(o.field_error(
+                &format!("{at}/lease/ttl"),
+                format!(
+                    "{:?} is out of range; a lease lasts from 10s to 8784h (a year)",
+                    lease.ttl.as_str()
+                ),
+            ));
+        }
+    }
 }
 
 fn check_resources<T>(

@@ -26,10 +26,12 @@ pub use fields::{FieldChange, FieldEffect, VmField};
 
 use crate::digest::hex;
 use crate::ids::ApprovalId;
+use crate::lease::{LeaseExpiry, LeaseRecord};
 use crate::observe::{Observed, ObservedVm};
 use crate::resolve::{Desired, DesiredVm, ResolvedPolicy, VmConfig};
 use crate::snapshot::Revision;
 use crate::spec::PowerState;
+use crate::time::Timestamp;
 
 /// Version 2 added `deferred` and `approved`; start and stop steps no longer carry the
 /// configurations they do not use, `reason` follows a step's action data, and field changes
@@ -62,6 +64,23 @@ pub enum Reason {
     /// A fresh member no run holds any longer, beyond the pool's warm ones. Not held by
     /// `policy.approve` nor counted against `maxDestroysPerApply`: fleet made it for one run.
     FreshMemberReleased { pool: String },
+    /// The VM's lease (`lease`) ended at `ended`: it is stopped or destroyed as it says.
+    LeaseEnded {
+        ended: Timestamp,
+        #[serde(rename = "onExpiry")]
+        on_expiry: LeaseExpiry,
+    },
+}
+
+/// A VM whose lease has ended: stopped or gone until a renewal (a changed
+/// `lease.renewals`, or `fleet lease renew`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseEnded {
+    pub vm: String,
+    pub provider: String,
+    pub ended: Timestamp,
+    pub on_expiry: LeaseExpiry,
 }
 
 /// Where reality differs from what fleet applied.
@@ -97,6 +116,11 @@ pub struct PlanInputs {
     /// Approval digests someone gave (committed Answers, host answer files, recorded
     /// approvals). Held steps run when their approval digest is among them.
     pub approved: BTreeSet<String>,
+    /// The time of the pass: leases are judged against it (`None`: leases never end, as
+    /// for a plan of a revision alone).
+    pub now: Option<Timestamp>,
+    /// What fleet remembers of each VM's lease (`lease::advance`), by VM name.
+    pub leases: BTreeMap<String, LeaseRecord>,
 }
 
 /// A step that waits before it may run; it is planned again when its wait is over.
@@ -272,6 +296,9 @@ pub struct Plan {
     /// any TLS certificate.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) warnings: Vec<String>,
+    /// VMs whose lease has ended, stopped or destroyed (by this plan or before it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) leases_ended: Vec<LeaseEnded>,
     /// sha256 over everything above; approvals name it.
     pub(crate) digest: String,
 }
@@ -301,6 +328,7 @@ impl Plan {
             deferred: Vec::new(),
             secrets: Vec::new(),
             warnings: Vec::new(),
+            leases_ended: Vec::new(),
             digest: String::new(),
         };
         plan.digest = plan.compute_digest();
@@ -369,6 +397,10 @@ impl Plan {
 
     pub fn warnings(&self) -> &[String] {
         &self.warnings
+    }
+
+    pub fn leases_ended(&self) -> &[LeaseEnded] {
+        &self.leases_ended
     }
 
     pub fn digest(&self) -> &str {
@@ -484,6 +516,7 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
     let mut conflicts = Vec::new();
     let mut errors = Vec::new();
     let mut drift = Vec::new();
+    let mut leases_ended = Vec::new();
     let heal = desired.policy.self_heal;
 
     for (provider, why) in &observed.unreachable {
@@ -507,7 +540,32 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
         if !observed.hosts.contains_key(provider) {
             continue; // unreachable: never create what we cannot see
         }
-        match index.get(&(provider.as_str(), vm.name.as_str())).copied() {
+        let found = index.get(&(provider.as_str(), vm.name.as_str())).copied();
+        let stopped_by_lease;
+        let mut vm = vm;
+        let first_step = steps.len();
+        if let Some(ended) = lease_ended(desired, inputs, vm, found) {
+            leases_ended.push(ended.clone());
+            match found {
+                // Not made again until a renewal.
+                None => continue,
+                Some(found) if found.owned_by(&desired.fleet) => match ended.on_expiry {
+                    LeaseExpiry::Destroy => {
+                        steps.push(destroy(provider, found, lease_reason(&ended)));
+                        continue;
+                    }
+                    LeaseExpiry::Stop => {
+                        stopped_by_lease = DesiredVm {
+                            state: PowerState::Stopped,
+                            ..vm.clone()
+                        };
+                        vm = &stopped_by_lease;
+                    }
+                },
+                Some(_) => {} // another's VM: the conflict below
+            }
+        }
+        match found {
             None if history.applied.contains_key(&vm.name) => {
                 drift.push(Drift {
                     vm: vm.name.clone(),
@@ -581,6 +639,13 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                 }
             }
         }
+        if let Some(ended) = leases_ended.last().filter(|e| e.vm == vm.name) {
+            for step in &mut steps[first_step..] {
+                if step.action() == Action::Stop {
+                    step.reason = lease_reason(ended);
+                }
+            }
+        }
     }
 
     for (provider, host) in &observed.hosts {
@@ -593,12 +658,10 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                 .get(&found.name)
                 .is_some_and(|vm| &vm.config.provider == provider);
             if !wanted_here {
-                let stamp = found.stamp.as_ref();
-                let applied = stamp.and_then(|s| s.config.clone());
+                let applied = found.stamp.as_ref().and_then(|s| s.config.as_ref());
                 // Released without an approval only by a pool this revision still makes
                 // fresh members in, on this provider; anything else goes the usual way.
                 let released = applied
-                    .as_ref()
                     .filter(|c| c.fresh)
                     .and_then(|c| c.pool.clone())
                     .filter(|pool| {
@@ -611,15 +674,7 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                     Some(pool) => Reason::FreshMemberReleased { pool },
                     None => Reason::RemovedFromFleet,
                 };
-                steps.push(Step {
-                    vm: found.name.clone(),
-                    provider: provider.clone(),
-                    change: Change::Destroy {
-                        applied,
-                        applied_revision: stamp.map(|s| s.revision.clone()),
-                    },
-                    reason,
-                });
+                steps.push(destroy(provider, found, reason));
             }
         }
     }
@@ -663,10 +718,54 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
         deferred,
         secrets: inputs.secrets.clone(),
         warnings: warnings(desired),
+        leases_ended,
         digest: String::new(),
     };
     plan.digest = plan.compute_digest();
     plan
+}
+
+/// A destroy of an owned VM, with what its stamp says was applied.
+fn destroy(provider: &str, found: &ObservedVm, reason: Reason) -> Step {
+    let stamp = found.stamp.as_ref();
+    Step {
+        vm: found.name.clone(),
+        provider: provider.to_owned(),
+        change: Change::Destroy {
+            applied: stamp.and_then(|s| s.config.clone()),
+            applied_revision: stamp.map(|s| s.revision.clone()),
+        },
+        reason,
+    }
+}
+
+/// The VM's lease, when it has one that ended by the pass's time.
+fn lease_ended(
+    desired: &Desired,
+    inputs: &PlanInputs,
+    vm: &DesiredVm,
+    found: Option<&ObservedVm>,
+) -> Option<LeaseEnded> {
+    let lease = desired.leases.get(&vm.name)?;
+    let now = inputs.now?;
+    // As `lease::states` judges it.
+    let created = found
+        .filter(|f| f.owned_by(&desired.fleet))
+        .and_then(|f| f.stamp.as_ref()?.created);
+    let state = crate::lease::state(lease, inputs.leases.get(&vm.name), created)?;
+    state.ended(now).then(|| LeaseEnded {
+        vm: vm.name.clone(),
+        provider: vm.config.provider.clone(),
+        ended: state.ends,
+        on_expiry: state.on_expiry,
+    })
+}
+
+fn lease_reason(ended: &LeaseEnded) -> Reason {
+    Reason::LeaseEnded {
+        ended: ended.ended,
+        on_expiry: ended.on_expiry,
+    }
 }
 
 /// What `Plan::warnings` says of a revision: providers that trust any certificate, and

@@ -61,6 +61,24 @@ pub fn text(plan: &Plan) -> String {
             step_line(&mut out, &d.step, 0, &d.why);
         }
     }
+    if !plan.leases_ended.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Leases ended (renew with a change of lease.renewals, or fleet lease renew VM):"
+        );
+        for l in &plan.leases_ended {
+            let what = match l.on_expiry {
+                super::LeaseExpiry::Stop => "kept stopped",
+                super::LeaseExpiry::Destroy => "destroyed, not made again",
+            };
+            let _ = writeln!(
+                out,
+                "  x   {} on {}: ended at {}; {what} until renewed",
+                l.vm, l.provider, l.ended
+            );
+        }
+    }
     if !plan.conflicts.is_empty() {
         let _ = writeln!(out);
         let _ = writeln!(out, "Conflicts (fleet does not touch these VMs):");
@@ -202,6 +220,12 @@ pub fn reason_text(step: &Step) -> String {
         }
         Reason::FreshMemberReleased { pool } => {
             format!("a fresh member of pool {pool} that no task run holds any longer")
+        }
+        Reason::LeaseEnded { ended, on_expiry } => {
+            format!(
+                "its lease ended at {ended} (onExpiry: {})",
+                on_expiry.as_str()
+            )
         }
         Reason::RemovedFromFleet => match &step.applied_revision() {
             Some(rev) => format!("removed from fleet/ (last applied at {})", short_id(rev)),

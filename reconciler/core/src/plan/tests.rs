@@ -84,6 +84,7 @@ fn applied(d: &DesiredVm, running: bool) -> ObservedVm {
             revision: "a1a1a1a1a1a1a1a1".into(),
             protect: d.config.protect,
             config: Some(d.config.clone()),
+            created: None,
         })),
     }
 }
@@ -1081,4 +1082,121 @@ fn step_lines(p: &Plan) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// A plan of `d` against `vms` with lease records, at `now` (seconds on the test clock).
+fn lease_plan(
+    d: &Desired,
+    vms: Vec<ObservedVm>,
+    records: &[(&str, LeaseRecord)],
+    now: u64,
+) -> Plan {
+    let inputs = PlanInputs {
+        now: Some(at(now)),
+        leases: records
+            .iter()
+            .map(|(n, r)| ((*n).to_owned(), r.clone()))
+            .collect(),
+        ..PlanInputs::default()
+    };
+    super::plan(d, &observed(vms), &inputs)
+}
+
+fn at(secs: u64) -> Timestamp {
+    Timestamp::from(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000 + secs))
+}
+
+fn created_at(mut vm: ObservedVm, secs: u64) -> ObservedVm {
+    let stamp = vm.stamp.as_ref().expect("stamped");
+    vm.stamp = Some(std::sync::Arc::new(Stamp {
+        created: Some(at(secs)),
+        ..(**stamp).clone()
+    }));
+    vm
+}
+
+#[test]
+fn a_lease_stops_or_destroys_its_vm_at_its_end_and_keeps_it_so_until_renewed() {
+    let d = desired(&[
+        vm("a", "  lease: {ttl: 60s}\n"),
+        vm("b", "  lease: {ttl: 60s, onExpiry: destroy}\n"),
+        vm("c", ""),
+    ]);
+    let vms = || {
+        vec![
+            created_at(applied(&d.vms["a"], true), 100),
+            created_at(applied(&d.vms["b"], true), 100),
+            applied(&d.vms["c"], true),
+        ]
+    };
+    // Before the end: nothing to do.
+    assert!(!lease_plan(&d, vms(), &[], 159).has_changes());
+    // Without a clock (a plan of a revision alone) leases never end.
+    assert!(!plan(&d, &observed(vms())).has_changes());
+    let p = lease_plan(&d, vms(), &[], 160);
+    assert_eq!(
+        step_lines(&p),
+        [
+            "stop a: its lease ended at 2027-01-15T08:02:40Z (onExpiry: stop)",
+            "destroy b: its lease ended at 2027-01-15T08:02:40Z (onExpiry: destroy)",
+        ]
+    );
+    assert!(render::text(&p).contains("Leases ended"));
+    // Once stopped and gone, they stay so: nothing is started or made again.
+    let after = vec![
+        created_at(applied(&d.vms["a"], false), 100),
+        applied(&d.vms["c"], true),
+    ];
+    let record = LeaseRecord {
+        started: at(100),
+        renewals: 0,
+        renewed: None,
+    };
+    let records = [("a", record.clone()), ("b", record.clone())];
+    let p = lease_plan(&d, after.clone(), &records, 500);
+    assert!(!p.has_changes(), "{}", render::text(&p));
+    assert_eq!(
+        p.leases_ended()
+            .iter()
+            .map(|l| l.vm.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    // A renewal brings both back: a is started, b made again.
+    let renewed = LeaseRecord {
+        renewed: Some(crate::lease::Renewal {
+            at: at(490),
+            until: at(600),
+            by: "commit".into(),
+        }),
+        ..record
+    };
+    let records = [("a", renewed.clone()), ("b", renewed)];
+    let p = lease_plan(&d, after, &records, 500);
+    assert_eq!(
+        step_lines(&p),
+        [
+            "start a: spec wants it running",
+            "create b: not found on the provider"
+        ]
+    );
+}
+
+#[test]
+fn a_destroy_at_a_leases_end_is_held_by_protection_and_approval_like_any() {
+    let d = desired_with_policy(
+        "{approve: [destroy]}",
+        &[vm(
+            "a",
+            "  protect: true\n  lease: {ttl: 60s, onExpiry: destroy}\n",
+        )],
+    );
+    let p = lease_plan(&d, vec![created_at(applied(&d.vms["a"], true), 0)], &[], 61);
+    assert!(p.steps().is_empty());
+    assert_eq!(
+        held_lines(&p),
+        [
+            "destroy a: a is protected (recorded in its stamp): set protect: false and apply that first, or approve; policy.approve lists destroy"
+        ]
+    );
 }

@@ -59,8 +59,12 @@ pub fn stamp_element(stamp: &Stamp, with_ns: bool) -> String {
         String::new()
     };
     let p = STAMP_PREFIX;
+    let created = stamp
+        .created
+        .map(|t| format!("<{p}:created>{t}</{p}:created>"))
+        .unwrap_or_default();
     format!(
-        "<{p}:vm{ns}><{p}:fleet>{}</{p}:fleet><{p}:name>{}</{p}:name><{p}:specHash>{}</{p}:specHash><{p}:revision>{}</{p}:revision><{p}:protect>{}</{p}:protect><{p}:config>{}</{p}:config></{p}:vm>",
+        "<{p}:vm{ns}><{p}:fleet>{}</{p}:fleet><{p}:name>{}</{p}:name><{p}:specHash>{}</{p}:specHash><{p}:revision>{}</{p}:revision><{p}:protect>{}</{p}:protect>{created}<{p}:config>{}</{p}:config></{p}:vm>",
         escape(stamp.fleet.as_str()),
         escape(stamp.name.as_str()),
         escape(stamp.spec_hash.as_str()),
@@ -243,6 +247,7 @@ fn parse_stamp(node: roxmltree::Node<'_, '_>) -> Option<Stamp> {
         revision: field("revision").unwrap_or_default(),
         protect: field("protect").is_some_and(|p| p == "true"),
         config: field("config").and_then(|c| serde_json::from_str(&c).ok()),
+        created: field("created").and_then(|t| t.parse().ok()),
     })
 }
 
@@ -286,6 +291,7 @@ mod tests {
             revision: "abc".into(),
             protect: true,
             config: Some(vm.config.clone()),
+            created: Some("2026-12-03T10:00:00Z".parse().expect("a time")),
         };
         let files = VmFiles {
             console_log: Path::new("/s/vm-1/console.log"),

@@ -993,8 +993,9 @@ impl Driver for LibvirtDriver {
     fn create(&self, vm: &DesiredVm, stamp: &Stamp, grace: Duration) -> Result<(), DriverError> {
         super::check_name(&vm.name)?;
         self.invalidate(&vm.name);
-        if let Some((dom, _)) = self.owned(&vm.name)? {
+        if let Some((dom, found)) = self.owned(&vm.name)? {
             // Made before (a retried or interrupted create): bring it to the spec.
+            let stamp = &stamp.over(found.stamp.as_deref());
             let xml = self.definition(vm, stamp)?;
             self.ensure_vm_dir(&vm.name)?;
             self.write_seed(vm)?;
@@ -1049,7 +1050,8 @@ impl Driver for LibvirtDriver {
     ) -> Result<(), DriverError> {
         super::check_name(&vm.name)?;
         self.invalidate(&vm.name);
-        let (dom, _) = self.require_owned(&vm.name)?;
+        let (dom, found) = self.require_owned(&vm.name)?;
+        let stamp = &stamp.over(found.stamp.as_deref());
         let xml = self.definition(vm, stamp)?;
         self.write_seed(vm)?;
         self.define(&xml, &vm.name)?;

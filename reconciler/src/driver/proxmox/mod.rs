@@ -345,6 +345,7 @@ impl Driver for ProxmoxDriver {
         };
         // The stamp with the spec goes last but for the power state, in the same write as
         // the config it describes: whatever a crash interrupts before it is done again.
+        let stamp = &stamp.over(self.stamp_of(&owned.config).as_ref());
         let owned = self.resize_disk(vm, owned)?;
         self.write_config(vm, stamp, &owned)?;
         self.drop_legacy_snippet(&vm.name)?;
@@ -379,6 +380,7 @@ impl Driver for ProxmoxDriver {
             owned = self.require_owned(&vm.name)?;
         }
         self.write_snippet(vm)?;
+        let stamp = &stamp.over(self.stamp_of(&owned.config).as_ref());
         let owned = self.resize_disk(vm, owned)?;
         self.write_config(vm, stamp, &owned)?;
         self.drop_legacy_snippet(&vm.name)?;

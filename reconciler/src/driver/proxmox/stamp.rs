@@ -67,6 +67,7 @@ mod tests {
             revision: "abc".into(),
             protect: true,
             config: Some(vm.config),
+            created: None,
         }
     }
 

@@ -548,6 +548,7 @@ fn bench_plan(vms: usize) -> anyhow::Result<()> {
                     revision: "a".repeat(40),
                     protect: false,
                     config: Some(config),
+                    created: None,
                 })),
             })
         })
@@ -628,6 +629,7 @@ fn bench_libvirt_observe(vms: usize) -> anyhow::Result<()> {
             revision: desired.revision.id.clone(),
             protect: false,
             config: Some(vm.config.clone()),
+            created: None,
         };
         driver
             .create(vm, &stamp, Duration::from_secs(5))
