@@ -48,9 +48,10 @@ pub fn renew(
         until: Timestamp::from(now + length),
         by: by.to_owned(),
     };
-    // One file per VM: keep whichever host renewal lasts longer, as the pass would.
+    // One file per VM: keep whichever host renewal of this lease lasts longer, as the pass
+    // would (one given before the lease began is not this lease's).
     let kept = match status.read_host_renewal(vm) {
-        Some(earlier) if earlier.until > renewal.until => earlier,
+        Some(earlier) if earlier.until > renewal.until && earlier.at >= lease.started => earlier,
         _ => renewal,
     };
     status.write_host_renewal(vm, &kept)?;
@@ -77,6 +78,7 @@ mod tests {
             agent: None,
             conditions: Vec::new(),
             lease,
+            started: None,
             last_error: None,
             updated: None,
         };
@@ -111,6 +113,22 @@ mod tests {
         )
         .expect("ok");
         assert_eq!(status.read_host_renewal("web-1").expect("kept").by, "alice");
+        // A longer renewal given before this lease began is not kept over a new one.
+        let stale = crate::lease::Renewal {
+            at: Timestamp::from(now - Duration::from_secs(500)),
+            until: Timestamp::from(now + Duration::from_secs(9000)),
+            by: "old".into(),
+        };
+        status.write_host_renewal("web-1", &stale).expect("write");
+        renew(
+            &status,
+            "web-1",
+            Some(Duration::from_secs(30)),
+            "carol",
+            now,
+        )
+        .expect("ok");
+        assert_eq!(status.read_host_renewal("web-1").expect("new").by, "carol");
         assert!(matches!(
             renew(&status, "web-1", Some(Duration::from_secs(1)), "x", now),
             Err(RenewError::OutOfRange(_))

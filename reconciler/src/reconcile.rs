@@ -175,6 +175,7 @@ pub async fn plan_pass(
     let inputs = PlanInputs {
         now: Some(now),
         leases,
+        activity: activity(ws, desired, &observed, now),
         history: status::history(&ws.status.read_vms()),
         secrets: crate::plan::secrets::changes(
             desired,
@@ -205,6 +206,64 @@ pub fn record_decisions(ws: &Workspace, desired: &Desired, planned: &Planned) {
     }
 }
 
+/// What each VM with an `idle` rule did (`idle::Activity`): the task runs the status
+/// directory records on it and those the revision starts there, and when a pass last saw
+/// it start (now, for one running that no pass saw running: it just started, as far as
+/// fleet knows).
+fn activity(
+    ws: &Workspace,
+    desired: &Desired,
+    observed: &Observed,
+    now: crate::time::Timestamp,
+) -> BTreeMap<String, crate::idle::Activity> {
+    use crate::plan::task_runs::RunChange;
+    use crate::status::tasks::TaskPhase;
+    if desired.idle.is_empty() {
+        return BTreeMap::new();
+    }
+    let records = ws.status.read_task_records();
+    let vms = ws.status.read_vms();
+    let due = task_runs(ws, desired);
+    desired
+        .idle
+        .keys()
+        .map(|name| {
+            let seen = vms.get(name);
+            let seen_running = seen
+                .and_then(|v| v.observed.as_ref())
+                .is_some_and(|o| o.running);
+            let running = desired.vms.get(name).is_some_and(|vm| {
+                observed
+                    .find(&vm.config.provider, name)
+                    .is_some_and(|f| f.running)
+            });
+            let started = match seen.and_then(|v| v.started) {
+                Some(started) if seen_running || !running => Some(started),
+                _ if running => Some(now),
+                _ => None,
+            };
+            let mut activity = crate::idle::Activity {
+                busy: None,
+                last: started,
+            };
+            for r in records.values().filter(|r| &r.vm == name) {
+                if r.phase == TaskPhase::Pending || r.phase.is_active() {
+                    activity.busy = Some(r.name.clone());
+                }
+                let times = [r.created, r.started, r.finished].into_iter().flatten();
+                activity.last = activity.last.into_iter().chain(times).max();
+            }
+            if let Some(run) = due
+                .iter()
+                .find(|r| !r.fresh && &r.vm == name && r.change != RunChange::Cancel)
+            {
+                activity.busy = Some(run.task.clone());
+            }
+            (name.clone(), activity)
+        })
+        .collect()
+}
+
 /// Each leased VM's record after this pass (`lease::advance`): from what the status
 /// directory remembers, what the provider shows and the host's renewal.
 fn lease_records(
@@ -214,25 +273,27 @@ fn lease_records(
     now: crate::time::Timestamp,
 ) -> BTreeMap<String, crate::lease::LeaseRecord> {
     let previous = ws.status.read_leases();
-    desired
-        .leases
+    // A VM still in the revision keeps its record while its lease is taken away, so a
+    // lease put back is the same lease, renewals included.
+    let kept = previous
         .iter()
-        .filter_map(|(name, lease)| {
-            let vm = desired.vms.get(name)?;
-            let seen = match observed.find(&vm.config.provider, name) {
-                Some(found) if found.owned_by(&desired.fleet) => crate::lease::Seen::Present {
-                    created: found.stamp.as_ref().and_then(|s| s.created),
-                },
-                // Another's VM under the name: fleet's lease has nothing to count.
-                Some(_) => return None,
-                None => crate::lease::Seen::Absent,
-            };
-            let host = ws.status.read_host_renewal(name);
-            let record =
-                crate::lease::advance(lease, previous.get(name), seen, host.as_ref(), now)?;
-            Some((name.clone(), record))
-        })
-        .collect()
+        .filter(|(name, _)| desired.vms.contains_key(*name) && !desired.leases.contains_key(*name))
+        .map(|(name, record)| (name.clone(), record.clone()));
+    let leased = desired.leases.iter().filter_map(|(name, lease)| {
+        let vm = desired.vms.get(name)?;
+        let seen = match observed.find(&vm.config.provider, name) {
+            Some(found) if found.owned_by(&desired.fleet) => crate::lease::Seen::Present {
+                created: found.stamp.as_ref().and_then(|s| s.created),
+            },
+            // Another's VM under the name: fleet's lease has nothing to count.
+            Some(_) => return None,
+            None => crate::lease::Seen::Absent,
+        };
+        let host = ws.status.read_host_renewal(name);
+        let record = crate::lease::advance(lease, previous.get(name), seen, host.as_ref(), now)?;
+        Some((name.clone(), record))
+    });
+    kept.chain(leased).collect()
 }
 
 /// Loads and resolves a snapshot under the host's rules: every diagnostic at once, the
@@ -611,8 +672,12 @@ pub async fn apply_and_record(
             ttl_seconds,
         });
     }
+    for i in plan.idle() {
+        outcomes.entry(i.vm.clone()).or_default().idle = Some(i.since);
+    }
     let finished = SystemTime::now();
-    let vms = status::vm_statuses(desired, &after, &outcomes, agents, finished);
+    let before = ws.status.read_vms();
+    let vms = status::vm_statuses(desired, &after, &outcomes, agents, &before, finished);
     ws.status.write_vms(&vms)?;
     let failed = report.failed();
     let settled = plan.conflicts().is_empty() && plan.errors().is_empty();

@@ -7,8 +7,11 @@
 //! `Reason::LeaseEnded`; a VM whose lease ended is not started or made again until a renewal.
 //!
 //! What fleet remembers between passes is a `LeaseRecord` per VM (the status directory's
-//! `leases.json`, kept by `advance`); a renewal from the host is a `Renewal` of its own
-//! (written by the command, read by the pass), so neither writer overwrites the other.
+//! `leases.yaml`, kept by `advance`); a renewal from the host is a `Renewal` of its own
+//! (written by the command, read by the pass), so neither writer overwrites the other. The
+//! record decides once it exists: a VM replaced, or made again after a renewal, keeps its
+//! lease (only renewals extend it); the stamp's `created` is where a record starts, so a
+//! lost status directory, or `fleet plan` with none, still counts from the VM's creation.
 //!
 //! Architecture invariant: pure. The clock is an argument.
 
@@ -103,14 +106,14 @@ fn after(t: Timestamp, d: Duration) -> Timestamp {
 }
 
 /// The lease of a VM whose stamp records `created` (`None`: not on its provider, or made
-/// before stamps recorded it), given what fleet remembers. `None`: it has not started (a
-/// VM not made yet).
+/// before stamps recorded it), given what fleet remembers (which decides when there is a
+/// record). `None`: it has not started (a VM not made yet).
 pub fn state(
     lease: &Lease,
     record: Option<&LeaseRecord>,
     created: Option<Timestamp>,
 ) -> Option<LeaseState> {
-    let started = created.or(record.map(|r| r.started))?;
+    let started = record.map(|r| r.started).or(created)?;
     let renewed = record
         .and_then(|r| r.renewed.as_ref())
         .filter(|r| r.at >= started)
@@ -123,9 +126,10 @@ pub fn state(
     })
 }
 
-/// The record after a pass at `now`: the lease restarts with a new VM (a new `created`),
-/// a changed `renewals` counter renews it for `ttl` from now, and a host renewal given since
-/// the lease began counts. `None`: nothing to remember (no VM was made under it yet).
+/// The record after a pass at `now`: it starts at the VM's creation (or now, for a VM made
+/// before stamps recorded it) and keeps that start whatever becomes of the VM; a changed
+/// `renewals` counter renews it for `ttl` from now, and a host renewal given since the lease
+/// began counts. `None`: nothing to remember (no VM was made under it yet).
 pub fn advance(
     lease: &Lease,
     previous: Option<&LeaseRecord>,
@@ -133,12 +137,10 @@ pub fn advance(
     host: Option<&Renewal>,
     now: Timestamp,
 ) -> Option<LeaseRecord> {
-    let started = match seen {
-        Seen::Present {
-            created: Some(created),
-        } => created,
-        Seen::Present { created: None } => previous.map_or(now, |p| p.started),
-        Seen::Absent => previous?.started,
+    let started = match (previous, seen) {
+        (Some(previous), _) => previous.started,
+        (None, Seen::Present { created }) => created.unwrap_or(now),
+        (None, Seen::Absent) => return None,
     };
     let mut record = LeaseRecord {
         started,
@@ -308,7 +310,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_vm_starts_a_new_lease_and_drops_the_old_renewal() {
+    fn a_vm_made_again_keeps_its_lease_and_its_renewal() {
         let l = lease(60);
         let old = LeaseRecord {
             started: t(100),
@@ -319,10 +321,12 @@ mod tests {
                 by: "commit".into(),
             }),
         };
-        let new = advance(&l, Some(&old), present(500), None, t(501)).expect("r");
-        assert_eq!(new.started, t(500));
-        assert_eq!(new.renewed, None);
-        assert_eq!(state(&l, Some(&new), Some(t(500))).expect("s").ends, t(560));
+        // Replaced (an image change) or made again: only a renewal extends a lease.
+        let new = advance(&l, Some(&old), present(300), None, t(301)).expect("r");
+        assert_eq!(new, old);
+        assert_eq!(state(&l, Some(&new), Some(t(300))).expect("s").ends, t(400));
+        // With no record (a lost status directory), the stamp's creation counts.
+        assert_eq!(state(&l, None, Some(t(300))).expect("s").ends, t(360));
     }
 
     #[test]
@@ -334,12 +338,18 @@ mod tests {
         let gone = advance(&l, Some(&record), Seen::Absent, None, t(200)).expect("r");
         let s = state(&l, Some(&gone), None).expect("s");
         assert!(s.ended(t(200)));
-        // A commit renews it: it lasts again, so the plan makes the VM again.
+        // A commit renews it: it lasts again, so the plan makes the VM again, and the VM
+        // made lasts as long as the renewal said, not ttl from its creation.
         l.renewals = 1;
         let renewed = advance(&l, Some(&gone), Seen::Absent, None, t(300)).expect("r");
         let s = state(&l, Some(&renewed), None).expect("s");
         assert!(!s.ended(t(300)));
         assert_eq!(s.ends, t(360));
+        let made = advance(&l, Some(&renewed), present(330), None, t(331)).expect("r");
+        assert_eq!(
+            state(&l, Some(&made), Some(t(330))).expect("s").ends,
+            t(360)
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@
 pub mod answer;
 pub mod digest;
 pub mod egress;
+pub mod idle;
 pub mod ids;
 pub mod lease;
 pub mod lifecycle;

@@ -33,10 +33,10 @@ pub struct Stamp {
 
 impl Stamp {
     /// This stamp, written over `earlier` (the VM's stamp now): the VM keeps its creation
-    /// time, so an update or a finished create never restarts its lease.
+    /// time (none, for a VM made before stamps recorded it: a rewrite is not a creation).
     pub fn over(&self, earlier: Option<&Stamp>) -> Stamp {
         Stamp {
-            created: earlier.and_then(|e| e.created).or(self.created),
+            created: earlier.map_or(self.created, |e| e.created),
             ..self.clone()
         }
     }

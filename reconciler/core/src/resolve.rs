@@ -67,6 +67,8 @@ pub struct Desired {
     /// The leases of declared VMs and pool replicas (`lease`), by VM name. Not part of a
     /// VM's configuration: a lease changes when the VM lives, not what it is.
     pub leases: BTreeMap<String, crate::lease::Lease>,
+    /// `idle.stopAfter` of declared VMs and pool replicas (`idle`), by VM name.
+    pub idle: BTreeMap<String, std::time::Duration>,
 }
 
 /// A provider as a revision uses it: how the host reaches it (from the host configuration)
@@ -811,7 +813,8 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
         egress,
         egress_unused,
         fresh_pools,
-        leases: leases(loaded),
+        leases: per_vm(loaded, |spec| spec.lease.as_ref().map(Into::into)),
+        idle: per_vm(loaded, |spec| Some(spec.idle.as_ref()?.stop_after.to_std())),
         provider_credentials: host
             .providers
             .iter()
@@ -938,27 +941,25 @@ fn duration_or(
     d.as_ref().map_or(default, |d| d.to_std())
 }
 
-#[allow(clippy::too_many_arguments)]
-/// Each declared VM's and pool replica's lease, by VM name.
-fn leases(loaded: &LoadedFleet) -> BTreeMap<String, crate::lease::Lease> {
+/// What `of` takes from each declared VM's and pool replica's spec, by VM name (fresh
+/// members have none: they live for their runs).
+fn per_vm<T: Clone>(
+    loaded: &LoadedFleet,
+    of: impl Fn(&VmSpec) -> Option<T>,
+) -> BTreeMap<String, T> {
     let declared = loaded
         .vms
         .iter()
-        .filter_map(|(name, o)| Some((name.clone(), o.doc.spec.lease.as_ref()?.into())));
+        .filter_map(|(name, o)| Some((name.clone(), of(&o.doc.spec)?)));
     let replicas = loaded.pools.iter().flat_map(|(pool, o)| {
-        let spec = &o.doc.spec;
-        let lease = spec
-            .template
-            .spec
-            .lease
-            .as_ref()
-            .map(crate::lease::Lease::from);
-        pool_member_names(pool, spec.replicas)
-            .filter_map(move |member| Some((member, lease.clone()?)))
+        let value = of(&o.doc.spec.template.spec);
+        pool_member_names(pool, o.doc.spec.replicas)
+            .filter_map(move |member| Some((member, value.clone()?)))
     });
     declared.chain(replicas).collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn resolve_vm(
     loaded: &LoadedFleet,
     merged_loadouts: &mut BTreeMap<String, LoadoutSpec>,

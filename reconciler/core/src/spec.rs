@@ -1309,6 +1309,19 @@ pub struct VmSpec {
     /// renewal, then stopped or destroyed. Not for fresh members, which live for their runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<Lease>,
+    /// Stop the VM when it has been idle this long, and start it again when a task run is
+    /// due on it: `state: running` then means "allowed to run". Not for fresh members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<Idle>,
+}
+
+/// `idle: {stopAfter: 30m}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Idle {
+    /// How long with no task run under way or due, no prompt waiting and no run starting
+    /// or ending, counted from the VM's start or its last such activity (10s to 168h).
+    pub stop_after: Duration,
 }
 
 /// `lease: {ttl: 8h, onExpiry: stop}`.

@@ -364,7 +364,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         vault: Arc::default(),
         verifier,
         next_resync: Instant::now(),
-        next_lease_end: None,
+        next_deadline: None,
         follow,
         next_fetch: Instant::now(),
         fetching: false,
@@ -451,8 +451,8 @@ struct Daemon {
     /// The host's trust roots, when it applies only signed commits.
     verifier: Option<crate::trust::Verifier>,
     next_resync: Instant,
-    /// When the soonest lease ends (a pass stops or destroys its VM then).
-    next_lease_end: Option<SystemTime>,
+    /// When the soonest lease ends or VM may become idle (a pass decides then).
+    next_deadline: Option<SystemTime>,
     /// The remote followed, if any, and when it is fetched next.
     follow: Option<Arc<follow::Follow>>,
     next_fetch: Instant,
@@ -492,6 +492,31 @@ fn baseline(ws: &Workspace, host: &crate::spec::HostSpec) -> Option<(String, boo
     Some((applied.id, allow))
 }
 
+/// When the next pass must run for a lease's end or a VM becoming idle (`lease`, `idle`).
+fn lifecycle_deadline(planned: &reconcile::Planned, desired: &Desired) -> Option<SystemTime> {
+    let now = crate::time::Timestamp::from(SystemTime::now());
+    let leases = crate::lease::states(desired, &planned.observed, &planned.inputs.leases);
+    let lease_end = crate::lease::next_end(leases.values(), now);
+    // A lease not started yet starts with a create in this pass: look again within its ttl.
+    let unstarted = desired
+        .leases
+        .iter()
+        .filter(|(vm, _)| !leases.contains_key(*vm))
+        .map(|(_, lease)| crate::time::Timestamp::from(now.system_time() + lease.ttl))
+        .min();
+    let idle = desired
+        .idle
+        .iter()
+        .filter_map(|(vm, after)| Some((*after, planned.inputs.activity.get(vm)?)));
+    let idle_at = crate::idle::next_idle(idle, now);
+    lease_end
+        .into_iter()
+        .chain(unstarted)
+        .chain(idle_at)
+        .min()
+        .map(|t| t.system_time())
+}
+
 impl Daemon {
     /// When to wake without a trigger: the periodic tick, or a backoff running out.
     fn next_wake(&self) -> Instant {
@@ -510,9 +535,13 @@ impl Daemon {
             .map_or(tick, |r| r.min(tick))
             .min(self.next_resync)
             .min(self.members_released_at().unwrap_or(tick))
-            .min(self.next_lease_end.map_or(tick, |end| {
-                Instant::now() + end.duration_since(SystemTime::now()).unwrap_or_default()
-            }));
+            .min(
+                // One already past (a pass that failed since) waits for the tick: never a
+                // tight loop.
+                self.next_deadline
+                    .and_then(|end| end.duration_since(SystemTime::now()).ok())
+                    .map_or(tick, |left| Instant::now() + left),
+            );
         match &self.follow {
             Some(_) => wake.min(self.next_fetch),
             None => wake,
@@ -896,16 +925,7 @@ impl Daemon {
             &runs,
         )
         .await;
-        self.next_lease_end = crate::lease::next_end(
-            crate::lease::states(
-                planned.desired(&desired),
-                &planned.observed,
-                &planned.inputs.leases,
-            )
-            .values(),
-            crate::time::Timestamp::from(SystemTime::now()),
-        )
-        .map(|t| t.system_time());
+        self.next_deadline = lifecycle_deadline(&planned, planned.desired(&desired));
         self.note_suspension(&suspended, &desired.revision);
         if suspended.is_some() {
             // Observed and planned, drift reported; nothing applied, no task started. A

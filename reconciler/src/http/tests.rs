@@ -40,6 +40,7 @@ fn view_with_status() -> (tempfile::TempDir, Arc<View>) {
         source: "fleet/vms/web-01.yaml".into(),
         agent: None,
         lease: None,
+        started: None,
         conditions: vec![Condition {
             kind: crate::status::ConditionKind::Drifted,
             status: false,

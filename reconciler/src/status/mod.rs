@@ -253,6 +253,14 @@ pub struct VmStatus {
     /// Its lease (`lease`), as the last pass judged it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<LeaseStatus>,
+    /// When a pass last saw it start running (kept while it is stopped): where its idle
+    /// time counts from when no task run is more recent (`idle`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::time::lenient_option"
+    )]
+    pub started: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     #[serde(

@@ -18,6 +18,9 @@ pub struct VmOutcome {
     pub crash_loop: Option<String>,
     /// Its lease, as the pass judged it.
     pub lease: Option<super::LeaseStatus>,
+    /// Kept stopped for idleness (`idle`): since when (`None` inside: never seen doing
+    /// anything).
+    pub idle: Option<Option<crate::time::Timestamp>>,
 }
 
 /// Builds every VM's status from the desired state, a fresh observation and apply's
@@ -27,6 +30,7 @@ pub fn vm_statuses(
     observed: &crate::observe::Observed,
     outcomes: &BTreeMap<String, VmOutcome>,
     agents: &BTreeMap<String, AgentStatus>,
+    previous: &BTreeMap<String, VmStatus>,
     now: SystemTime,
 ) -> BTreeMap<String, VmStatus> {
     let mut out = BTreeMap::new();
@@ -89,6 +93,17 @@ pub fn vm_statuses(
             .lease
             .as_ref()
             .is_some_and(|l| l.ends.system_time() <= now);
+        let before = previous.get(&vm.name);
+        let was_running = before
+            .and_then(|b| b.observed.as_ref())
+            .is_some_and(|o| o.running);
+        let started = match owned {
+            Some(f) if f.running && was_running => {
+                before.and_then(|b| b.started).or(Some(now.into()))
+            }
+            Some(f) if f.running => Some(now.into()),
+            _ => before.and_then(|b| b.started),
+        };
         if let Some(f) = owned {
             let in_sync = f
                 .stamp
@@ -97,9 +112,15 @@ pub fn vm_statuses(
             let state_ok = f.running == (vm.state == PowerState::Running);
             conditions.push(Condition {
                 kind: ConditionKind::Ready,
-                status: in_sync && state_ok && outcome.error.is_none() && !lease_ended,
+                status: in_sync
+                    && state_ok
+                    && outcome.error.is_none()
+                    && !lease_ended
+                    && outcome.idle.is_none(),
                 reason: if lease_ended {
                     "LeaseEnded".into()
+                } else if outcome.idle.is_some() && !f.running {
+                    "Idle".into()
                 } else if !in_sync {
                     "SpecNotApplied".into()
                 } else if !state_ok {
@@ -110,7 +131,12 @@ pub fn vm_statuses(
                 message: format!(
                     "spec {}, {}",
                     if in_sync { "applied" } else { "not applied" },
-                    if f.running { "running" } else { "stopped" }
+                    match (f.running, &outcome.idle) {
+                        (true, _) => "running".to_owned(),
+                        (false, Some(Some(since))) => format!("stopped: idle since {since}"),
+                        (false, Some(None)) => "stopped: idle".to_owned(),
+                        (false, None) => "stopped".to_owned(),
+                    }
                 ),
             });
         }
@@ -135,6 +161,7 @@ pub fn vm_statuses(
                 agent,
                 conditions,
                 lease: outcome.lease.clone(),
+                started,
                 last_error: outcome.error.clone(),
                 updated: Some(now.into()),
             },
@@ -216,6 +243,7 @@ mod history_tests {
             agent: None,
             conditions: Vec::new(),
             lease: None,
+            started: None,
             last_error: None,
             updated: None,
         }

@@ -72,6 +72,7 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
         egress_unused: Vec::new(),
         fresh_pools: Default::default(),
         leases: Default::default(),
+        idle: Default::default(),
     }
 }
 

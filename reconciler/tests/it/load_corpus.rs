@@ -2684,7 +2684,7 @@ fn a_fresh_pool_protects_no_member() {
 }
 
 #[test]
-fn a_lease_lasts_from_10s_to_a_year_and_ends_in_stop_or_destroy() {
+fn leases_and_idle_rules_are_bounded_and_only_for_vms_that_can_have_them() {
     let lease = |name: &str, lease: &str| {
         VM.replace("name: a", &format!("name: {name}")).replace(
             "  image: micro\n",
@@ -2705,6 +2705,18 @@ fn a_lease_lasts_from_10s_to_a_year_and_ends_in_stop_or_destroy() {
                 "fleet/vms/f.yaml",
                 &lease("f", "{ttl: 8h, onExpiry: destroy, renewals: 2}"),
             ),
+            (
+                "fleet/vms/g.yaml",
+                &VM.replace("name: a", "name: g")
+                    .replace("  image: micro\n", "  image: micro\n  idle: {stopAfter: 2s}\n"),
+            ),
+            (
+                "fleet/vms/w.yaml",
+                &pool("w", "0").replace(
+                    "  template:\n    spec: {provider: local, image: micro}",
+                    "  fresh: {}\n  template:\n    spec: {provider: local, image: micro, lease: {ttl: 1h}, idle: {stopAfter: 5m}}",
+                ),
+            ),
         ],
         expect![[r#"
             fleet/vms/a.yaml:8:16: error: spec.lease.ttl: "5s" is out of range; a lease lasts from 10s to 8784h (a year)
@@ -2712,6 +2724,9 @@ fn a_lease_lasts_from_10s_to_a_year_and_ends_in_stop_or_destroy() {
             fleet/vms/c.yaml:8:30: error: spec.lease.onExpiry: string "pause" is not valid; valid: stop, destroy
             fleet/vms/d.yaml:8:30: error: spec.lease.renewals: -1 is too small; the minimum is 0
             fleet/vms/e.yaml:8:10: error: spec.lease: missing required field `ttl`
+            fleet/vms/g.yaml:8:21: error: spec.idle.stopAfter: "2s" is out of range; use a duration from 10s to 168h
+            fleet/vms/w.yaml:8:43: error: spec.template.spec.lease: applies to the pool's replicas, and it has none (fresh members live for their runs); remove lease, or set replicas
+            fleet/vms/w.yaml:8:61: error: spec.template.spec.idle: applies to the pool's replicas, and it has none (fresh members live for their runs); remove idle, or set replicas
         "#]],
     );
 }

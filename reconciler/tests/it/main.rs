@@ -43,9 +43,6 @@
 //!   artifact files, 150 prompts of 200 KiB) and stops reading. The other run keeps its own
 //!   output and exit, a new task on the other VM still runs meanwhile, the flooded run is cut
 //!   to its bounds and says so, and `fleet serve`'s peak RSS stays under the test's bound.
-//! - `leases` (libvirt): `fleet serve` stops a VM at its lease's end and destroys another
-//!   (files included), keeps them so across a pass, and brings them back on a renewal from
-//!   the host (`fleet lease renew`) and from a commit (`lease.renewals`).
 //! - `libvirt` (libvirt): the foundation as one story. A 3-VM fleet boots to userspace and
 //!   converges; a foreign name clash is reported and never touched; deleting a file destroys
 //!   exactly that VM and its files; a memory change updates in place with a restart; each
@@ -54,6 +51,11 @@
 //!   interrupted create (open intents, half-made files) is recovered without a duplicate;
 //!   storage QEMU's user cannot reach is a clear error up front, not drift. Also holds the
 //!   helpers other libvirt tests use (`enabled`, `Cleanup`, `virsh`).
+//! - `lifecycle` (libvirt): leases and idle stop under `fleet serve`. A VM is stopped at its
+//!   lease's end and another destroyed (files included), both kept so across a pass, and
+//!   brought back by a renewal from the host (`fleet lease renew`) and from a commit
+//!   (`lease.renewals`). An idle VM is stopped after `stopAfter` with no run, and a new
+//!   task wakes it and runs.
 //! - `load_corpus` (nothing): about 150 bad (and a few good) inputs, each a small `fleet/`
 //!   tree with the exact diagnostics it must give, many of them the host's rules (connection
 //!   fields and recipients in a revision, unknown providers, image paths, repositories,
@@ -158,8 +160,8 @@ mod fresh;
 mod fuzz;
 mod git_remote;
 mod hostile;
-mod leases;
 mod libvirt;
+mod lifecycle;
 mod load_corpus;
 mod netguard;
 mod notify;

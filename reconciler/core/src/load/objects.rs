@@ -129,7 +129,20 @@ pub(super) fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
             }
         }
         AnyObject::VmPool(o) => {
-            check_vm_spec(o, "/spec/template/spec", &o.doc.spec.template.spec, diags);
+            let template = &o.doc.spec.template.spec;
+            check_vm_spec(o, "/spec/template/spec", template, diags);
+            // Fresh members live for their runs: a lease or idle rule is for replicas.
+            for (field, set) in [
+                ("lease", template.lease.is_some()),
+                ("idle", template.idle.is_some()),
+            ] {
+                if set && o.doc.spec.replicas == 0 {
+                    diags.push(o.key_error(
+                        &format!("/spec/template/spec/{field}"),
+                        format!("applies to the pool's replicas, and it has none (fresh members live for their runs); remove {field}, or set replicas"),
+                    ));
+                }
+            }
             let width = pool_width(o.doc.spec.replicas);
             let longest = o.doc.metadata.name.0.len() + 1 + width;
             if longest > 63 {
@@ -269,6 +282,18 @@ fn check_vm_spec<T>(o: &Object<T>, at: &str, spec: &VmSpec, diags: &mut Vec<Diag
                 format!(
                     "{:?} is out of range; a lease lasts from 10s to 8784h (a year)",
                     lease.ttl.as_str()
+                ),
+            ));
+        }
+    }
+    if let Some(idle) = &spec.idle {
+        let after = idle.stop_after.to_std();
+        if after < crate::idle::MIN_STOP_AFTER || after > A_WEEK {
+            diags.push(o.field_error(
+                &format!("{at}/idle/stopAfter"),
+                format!(
+                    "{:?} is out of range; use a duration from 10s to 168h",
+                    idle.stop_after.as_str()
                 ),
             ));
         }

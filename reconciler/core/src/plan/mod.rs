@@ -64,12 +64,27 @@ pub enum Reason {
     /// A fresh member no run holds any longer, beyond the pool's warm ones. Not held by
     /// `policy.approve` nor counted against `maxDestroysPerApply`: fleet made it for one run.
     FreshMemberReleased { pool: String },
+    /// The VM has been idle since `since` (`idle`; `None`: it never did anything fleet
+    /// saw): it is stopped until a task run is due on it.
+    Idle { since: Option<Timestamp> },
+    /// A task run is due on a VM stopped for idleness: it is started for it.
+    Woken { task: String },
     /// The VM's lease (`lease`) ended at `ended`: it is stopped or destroyed as it says.
     LeaseEnded {
         ended: Timestamp,
         #[serde(rename = "onExpiry")]
         on_expiry: LeaseExpiry,
     },
+}
+
+/// A VM kept stopped for idleness until a task run is due on it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdleVm {
+    pub vm: String,
+    pub provider: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Timestamp>,
 }
 
 /// A VM whose lease has ended: stopped or gone until a renewal (a changed
@@ -121,6 +136,9 @@ pub struct PlanInputs {
     pub now: Option<Timestamp>,
     /// What fleet remembers of each VM's lease (`lease::advance`), by VM name.
     pub leases: BTreeMap<String, LeaseRecord>,
+    /// What each VM with an `idle` rule did (`idle::Activity`), by VM name; a VM without
+    /// an entry is never judged idle.
+    pub activity: BTreeMap<String, crate::idle::Activity>,
 }
 
 /// A step that waits before it may run; it is planned again when its wait is over.
@@ -299,6 +317,9 @@ pub struct Plan {
     /// VMs whose lease has ended, stopped or destroyed (by this plan or before it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) leases_ended: Vec<LeaseEnded>,
+    /// VMs kept stopped because they are idle (`idle`), stopped by this plan or before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) idle: Vec<IdleVm>,
     /// sha256 over everything above; approvals name it.
     pub(crate) digest: String,
 }
@@ -329,6 +350,7 @@ impl Plan {
             secrets: Vec::new(),
             warnings: Vec::new(),
             leases_ended: Vec::new(),
+            idle: Vec::new(),
             digest: String::new(),
         };
         plan.digest = plan.compute_digest();
@@ -401,6 +423,10 @@ impl Plan {
 
     pub fn leases_ended(&self) -> &[LeaseEnded] {
         &self.leases_ended
+    }
+
+    pub fn idle(&self) -> &[IdleVm] {
+        &self.idle
     }
 
     pub fn digest(&self) -> &str {
@@ -517,6 +543,7 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
     let mut errors = Vec::new();
     let mut drift = Vec::new();
     let mut leases_ended = Vec::new();
+    let mut idle = Vec::new();
     let heal = desired.policy.self_heal;
 
     for (provider, why) in &observed.unreachable {
@@ -541,30 +568,48 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
             continue; // unreachable: never create what we cannot see
         }
         let found = index.get(&(provider.as_str(), vm.name.as_str())).copied();
-        let stopped_by_lease;
-        let mut vm = vm;
-        let first_step = steps.len();
+        let owned = found.filter(|f| f.owned_by(&desired.fleet));
+        // Why a VM git wants running is kept stopped (its lease ended, or it is idle), or
+        // started (a run woke it): the reason its power step gives.
+        let mut kept_stopped = None;
+        let mut woken = None;
         if let Some(ended) = lease_ended(desired, inputs, vm, found) {
             leases_ended.push(ended.clone());
-            match found {
+            match (found, owned) {
                 // Not made again until a renewal.
-                None => continue,
-                Some(found) if found.owned_by(&desired.fleet) => match ended.on_expiry {
-                    LeaseExpiry::Destroy => {
-                        steps.push(destroy(provider, found, lease_reason(&ended)));
-                        continue;
-                    }
-                    LeaseExpiry::Stop => {
-                        stopped_by_lease = DesiredVm {
-                            state: PowerState::Stopped,
-                            ..vm.clone()
-                        };
-                        vm = &stopped_by_lease;
-                    }
-                },
-                Some(_) => {} // another's VM: the conflict below
+                (None, _) => continue,
+                (_, Some(found)) if ended.on_expiry == LeaseExpiry::Destroy => {
+                    steps.push(destroy(provider, found, lease_reason(&ended)));
+                    continue;
+                }
+                (_, Some(_)) => kept_stopped = Some(lease_reason(&ended)),
+                _ => {} // another's VM: the conflict below
+            }
+        } else if let Some(verdict) = owned.and_then(|_| idle_verdict(desired, inputs, vm)) {
+            match verdict {
+                crate::idle::Verdict::Idle { since } => {
+                    idle.push(IdleVm {
+                        vm: vm.name.clone(),
+                        provider: provider.clone(),
+                        since,
+                    });
+                    kept_stopped = Some(Reason::Idle { since });
+                }
+                crate::idle::Verdict::Busy { task } => woken = Some(Reason::Woken { task }),
+                crate::idle::Verdict::Awake => {}
             }
         }
+        let kept_stopped_vm;
+        let vm = match kept_stopped {
+            Some(_) => {
+                kept_stopped_vm = DesiredVm {
+                    state: PowerState::Stopped,
+                    ..vm.clone()
+                };
+                &kept_stopped_vm
+            }
+            None => vm,
+        };
         match found {
             None if history.applied.contains_key(&vm.name) => {
                 drift.push(Drift {
@@ -606,20 +651,36 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
             }
             Some(found) => {
                 let found_drift = owned_drift(vm, found, history);
-                let step = step_for_owned(vm, found);
+                // A power step a lease or idleness asks for says so (and runs whatever
+                // the drift policy).
+                let mut lifecycle = false;
+                let step = step_for_owned(vm, found).map(|mut step| {
+                    let why = match step.action() {
+                        Action::Stop => &kept_stopped,
+                        Action::Start => &woken,
+                        _ => &None,
+                    };
+                    if let Some(why) = why {
+                        step.reason = why.clone();
+                        lifecycle = true;
+                    }
+                    step
+                });
                 match (found_drift, step) {
                     (None, step) => steps.extend(step),
                     (Some(what), step) => {
                         // A step the spec itself asks for runs whatever the policy; a step
                         // that only heals drift runs when self-healing is on.
-                        let heals_only = step.as_ref().is_none_or(|s| {
-                            matches!(s.reason, Reason::PowerState { .. }) || s.changes().is_empty()
-                        });
+                        let heals_only = !lifecycle
+                            && step.as_ref().is_none_or(|s| {
+                                matches!(s.reason, Reason::PowerState { .. })
+                                    || s.changes().is_empty()
+                            });
                         drift.push(Drift {
                             vm: vm.name.clone(),
                             provider: provider.clone(),
                             what: what.clone(),
-                            healed: heal || !heals_only,
+                            healed: heal || (!heals_only && !lifecycle),
                         });
                         match step {
                             Some(step) if !heals_only => steps.push(step),
@@ -636,13 +697,6 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                             _ => {}
                         }
                     }
-                }
-            }
-        }
-        if let Some(ended) = leases_ended.last().filter(|e| e.vm == vm.name) {
-            for step in &mut steps[first_step..] {
-                if step.action() == Action::Stop {
-                    step.reason = lease_reason(ended);
                 }
             }
         }
@@ -692,6 +746,22 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
             steps: lines,
         });
     }
+    // A destroy at a lease's end that waits for an approval stops the VM meanwhile: the
+    // lease is over either way.
+    for held in &held {
+        let waits = matches!(held.step.reason, Reason::LeaseEnded { .. })
+            && held.step.action() == Action::Destroy
+            && index
+                .get(&(held.step.provider.as_str(), held.step.vm.as_str()))
+                .is_some_and(|vm| vm.running);
+        if waits {
+            steps.push(Step {
+                change: Change::Stop,
+                ..held.step.clone()
+            });
+        }
+    }
+    steps.sort_by(|a, b| (&a.vm, &a.provider).cmp(&(&b.vm, &b.provider)));
     let (deferred, steps): (Vec<Step>, Vec<Step>) = steps
         .into_iter()
         .partition(|s| inputs.deferred.contains_key(&s.vm));
@@ -719,6 +789,7 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
         secrets: inputs.secrets.clone(),
         warnings: warnings(desired),
         leases_ended,
+        idle,
         digest: String::new(),
     };
     plan.digest = plan.compute_digest();
@@ -759,6 +830,21 @@ fn lease_ended(
         ended: state.ends,
         on_expiry: state.on_expiry,
     })
+}
+
+/// What idleness makes of a VM git wants running, when it has an `idle` rule and the
+/// shell said what it did.
+fn idle_verdict(
+    desired: &Desired,
+    inputs: &PlanInputs,
+    vm: &DesiredVm,
+) -> Option<crate::idle::Verdict> {
+    if vm.state != PowerState::Running {
+        return None;
+    }
+    let stop_after = desired.idle.get(&vm.name)?;
+    let activity = inputs.activity.get(&vm.name)?;
+    Some(crate::idle::verdict(*stop_after, activity, inputs.now?))
 }
 
 fn lease_reason(ended: &LeaseEnded) -> Reason {

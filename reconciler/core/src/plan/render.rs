@@ -79,6 +79,18 @@ pub fn text(plan: &Plan) -> String {
             );
         }
     }
+    if !plan.idle.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Idle (kept stopped until a task run is due on them):");
+        for i in &plan.idle {
+            let since = i
+                .since
+                .map_or("with no task run or start seen".to_owned(), |t| {
+                    format!("since {t}")
+                });
+            let _ = writeln!(out, "  z   {} on {}: idle {since}", i.vm, i.provider);
+        }
+    }
     if !plan.conflicts.is_empty() {
         let _ = writeln!(out);
         let _ = writeln!(out, "Conflicts (fleet does not touch these VMs):");
@@ -221,6 +233,9 @@ pub fn reason_text(step: &Step) -> String {
         Reason::FreshMemberReleased { pool } => {
             format!("a fresh member of pool {pool} that no task run holds any longer")
         }
+        Reason::Idle { since: Some(since) } => format!("idle since {since}"),
+        Reason::Idle { since: None } => "idle: no task run or start seen".to_owned(),
+        Reason::Woken { task } => format!("task {task} has a run due on it"),
         Reason::LeaseEnded { ended, on_expiry } => {
             format!(
                 "its lease ended at {ended} (onExpiry: {})",

@@ -1192,11 +1192,98 @@ fn a_destroy_at_a_leases_end_is_held_by_protection_and_approval_like_any() {
         )],
     );
     let p = lease_plan(&d, vec![created_at(applied(&d.vms["a"], true), 0)], &[], 61);
-    assert!(p.steps().is_empty());
+    // Meanwhile it is stopped: its lease is over either way.
+    assert_eq!(
+        step_lines(&p),
+        ["stop a: its lease ended at 2027-01-15T08:01:00Z (onExpiry: destroy)"]
+    );
     assert_eq!(
         held_lines(&p),
         [
             "destroy a: a is protected (recorded in its stamp): set protect: false and apply that first, or approve; policy.approve lists destroy"
         ]
     );
+}
+
+#[test]
+fn an_idle_vm_is_stopped_kept_so_and_woken_by_a_run_due_on_it() {
+    let d = desired(&[
+        vm("a", "  idle: {stopAfter: 60s}\n"),
+        vm("b", "  idle: {stopAfter: 60s}\n"),
+        vm("c", "  idle: {stopAfter: 60s}\n  state: stopped\n"),
+    ]);
+    let quiet = |last: u64| crate::idle::Activity {
+        busy: None,
+        last: Some(at(last)),
+    };
+    let with = |vms: Vec<ObservedVm>, a: crate::idle::Activity, now: u64| {
+        let inputs = PlanInputs {
+            now: Some(at(now)),
+            activity: [
+                ("a".to_owned(), a),
+                ("b".to_owned(), quiet(now)),
+                ("c".to_owned(), quiet(0)),
+            ]
+            .into(),
+            ..PlanInputs::default()
+        };
+        super::plan(&d, &observed(vms), &inputs)
+    };
+    let running = || {
+        vec![
+            applied(&d.vms["a"], true),
+            applied(&d.vms["b"], true),
+            applied(&d.vms["c"], false),
+        ]
+    };
+    assert!(!with(running(), quiet(100), 159).has_changes());
+    let p = with(running(), quiet(100), 160);
+    assert_eq!(step_lines(&p), ["stop a: idle since 2027-01-15T08:02:40Z"]);
+    assert!(render::text(&p).contains("Idle (kept stopped"));
+    // Stopped, it stays so while nothing is due; a run due wakes it.
+    let stopped = || {
+        vec![
+            applied(&d.vms["a"], false),
+            applied(&d.vms["b"], true),
+            applied(&d.vms["c"], false),
+        ]
+    };
+    let p = with(stopped(), quiet(100), 500);
+    assert!(!p.has_changes(), "{}", render::text(&p));
+    assert_eq!(p.idle().len(), 1);
+    let due = crate::idle::Activity {
+        busy: Some("build".into()),
+        last: Some(at(100)),
+    };
+    let p = with(stopped(), due, 500);
+    assert_eq!(step_lines(&p), ["start a: task build has a run due on it"]);
+    // Without what the VM did, idleness decides nothing.
+    let p = super::plan(&d, &observed(stopped()), &PlanInputs::default());
+    assert_eq!(step_lines(&p), ["start a: spec wants it running"]);
+}
+
+#[test]
+fn a_lease_ends_whatever_the_drift_policy_and_the_record_outlives_a_replace() {
+    let d = desired_with_policy("{selfHeal: false}", &[vm("a", "  lease: {ttl: 60s}\n")]);
+    let mut resized = created_at(applied(&d.vms["a"], true), 0);
+    resized.memory_mib += 64; // drift, only reported under selfHeal: false
+    let p = lease_plan(&d, vec![resized], &[], 61);
+    assert_eq!(
+        step_lines(&p),
+        ["stop a: its lease ended at 2027-01-15T08:01:00Z (onExpiry: stop)"]
+    );
+    assert!(
+        !p.drift()[0].healed,
+        "the stop does not heal the memory drift"
+    );
+    // A VM made later (a replace) under the same record keeps the lease's end.
+    let record = LeaseRecord {
+        started: at(0),
+        renewals: 0,
+        renewed: None,
+    };
+    let replaced = created_at(applied(&d.vms["a"], false), 50);
+    let p = lease_plan(&d, vec![replaced], &[("a", record)], 61);
+    assert!(!p.has_changes(), "{}", render::text(&p));
+    assert_eq!(p.leases_ended().len(), 1);
 }

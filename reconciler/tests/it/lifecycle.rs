@@ -1,12 +1,14 @@
-//! Leases on real libvirt: at a lease's end `fleet serve` stops its VM (`onExpiry: stop`)
-//! or destroys it and its files (`destroy`), keeps it so, and brings it back on a renewal
-//! from the host (`fleet lease renew`) or from a commit (`lease.renewals`).
+//! A VM's life under `fleet serve` on real libvirt. Leases: at a lease's end its VM is
+//! stopped (`onExpiry: stop`) or destroyed with its files (`destroy`), kept so, and brought
+//! back by a renewal from the host (`fleet lease renew`) or a commit (`lease.renewals`).
+//! Idle stop: a VM with no run for `stopAfter` is stopped, and a task due on it wakes it.
 
 use std::time::{Duration, Instant};
 
 use crate::daemon::{Daemon, read, wait_until};
 use crate::libvirt::{Cleanup, domains, enabled, fleet_yaml_with_policy, virsh};
 use crate::support::Repo;
+use crate::tasks::{Status, task_yaml};
 
 fn leased_vm(name: &str, lease: &str) -> String {
     format!(
@@ -112,6 +114,76 @@ fn a_lease_stops_or_destroys_its_vm_at_its_end_and_a_renewal_brings_it_back() {
         refused.stderr().contains("no status for VM"),
         "{}",
         refused.stderr()
+    );
+    drop(daemon);
+}
+
+#[test]
+fn an_idle_vm_stops_after_its_window_and_a_new_task_wakes_it_and_runs() {
+    if !enabled() {
+        return;
+    }
+    let prefix = format!("it{}-idle-", std::process::id());
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let vm = format!("{prefix}a");
+    let repo = Repo::new();
+    repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml_with_policy(
+            &format!("it{}idle", std::process::id()),
+            "{shutdownTimeout: 5s, reconcileInterval: 10m}",
+        ),
+    )
+    .write(
+        &format!("fleet/vms/{vm}.yaml"),
+        format!(
+            "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {vm}}}\nspec:\n  provider: local\n  image: micro\n  resources: {{memory: 192Mi}}\n  idle: {{stopAfter: 15s}}\n"
+        ),
+    )
+    .write(
+        "fleet/tasks/first.yaml",
+        task_yaml("first", &vm, "  command: [sh, -c, 'echo first']\n"),
+    );
+    repo.commit("an idle-stopping VM and a task");
+    let daemon = Daemon::start(&repo);
+    let status = Status(repo.path().join(".fleet/status"));
+    status.wait_phase("first", "Succeeded", Duration::from_secs(90));
+    let finished = Instant::now();
+    assert_eq!(state(&vm), "running");
+
+    // 15 s after its run ended, with nothing else to do, it is stopped; the daemon wakes
+    // for it (the periodic pass is 10 minutes away).
+    wait_until("the idle VM is stopped", Duration::from_secs(60), || {
+        state(&vm) == "shut off"
+    });
+    let idle_after = finished.elapsed();
+    eprintln!("stopped {idle_after:?} after its run ended");
+    assert!(idle_after >= Duration::from_secs(14), "{idle_after:?}");
+    let vm_status = repo.path().join(format!(".fleet/status/vms/{vm}.yaml"));
+    wait_until("its status says idle", Duration::from_secs(10), || {
+        read(&vm_status).contains("stopped: idle since")
+    });
+    let events = read(&repo.path().join(".fleet/status/events.jsonl"));
+    assert!(events.contains("idle since"), "{events}");
+    // It stays stopped: `running` in git means allowed to run.
+    repo.fleet(&["reconcile"]).expect_code(0);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(state(&vm), "shut off");
+
+    // A new task wakes it and runs.
+    repo.write(
+        "fleet/tasks/second.yaml",
+        task_yaml("second", &vm, "  command: [sh, -c, 'echo second']\n"),
+    );
+    repo.commit("a second task");
+    status.wait_phase("second", "Succeeded", Duration::from_secs(90));
+    assert!(status.output("second").contains("second"));
+    let events = read(&repo.path().join(".fleet/status/events.jsonl"));
+    assert!(
+        events.contains("task second has a run due on it"),
+        "{events}"
     );
     drop(daemon);
 }
