@@ -69,6 +69,45 @@ pub struct Desired {
     pub leases: BTreeMap<String, crate::lease::Lease>,
     /// `idle.stopAfter` of declared VMs and pool replicas (`idle`), by VM name.
     pub idle: BTreeMap<String, std::time::Duration>,
+    /// `policy.quota`, in order.
+    pub quotas: Vec<ResolvedQuota>,
+}
+
+/// A quota (`policy.quota`): which VMs it counts, its caps, and where it is written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResolvedQuota {
+    pub pool: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub vms: Option<u32>,
+    pub memory_mib: Option<u64>,
+    /// The fleet file, and the rule's place in it, for its diagnostics.
+    pub source: String,
+    pub pos: crate::load::yaml::Pos,
+    pub index: usize,
+}
+
+impl ResolvedQuota {
+    /// Whether it counts a VM with these labels, of this pool.
+    fn counts(&self, labels: &BTreeMap<String, String>, pool: Option<&str>) -> bool {
+        match &self.pool {
+            Some(p) => pool == Some(p.as_str()),
+            None => self.labels.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        }
+    }
+
+    fn what(&self) -> String {
+        match &self.pool {
+            Some(pool) => format!("pool {pool}"),
+            None => {
+                let labels: Vec<String> = self
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                format!("labels {}", labels.join(","))
+            }
+        }
+    }
 }
 
 /// A provider as a revision uses it: how the host reaches it (from the host configuration)
@@ -815,6 +854,24 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
         fresh_pools,
         leases: per_vm(loaded, |spec| spec.lease.as_ref().map(Into::into)),
         idle: per_vm(loaded, |spec| Some(spec.idle.as_ref()?.stop_after.to_std())),
+        quotas: spec
+            .policy
+            .quota
+            .iter()
+            .enumerate()
+            .map(|(index, q)| ResolvedQuota {
+                pool: q.pool.as_ref().map(|p| p.0.clone()),
+                labels: q.labels.clone(),
+                vms: q.vms,
+                memory_mib: q.memory.as_ref().map(crate::spec::Size::mib),
+                source: loaded.fleet.path.clone(),
+                pos: loaded
+                    .fleet
+                    .tree
+                    .pos_at_pointer(&format!("/spec/policy/quota/{index}"), false),
+                index,
+            })
+            .collect(),
         provider_credentials: host
             .providers
             .iter()
@@ -832,6 +889,54 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
 pub fn check(desired: &Desired, host: &HostSpec) -> Vec<crate::load::Diagnostic> {
     let mut diags = check_limits(desired, host);
     diags.extend(check_secret_files(desired));
+    diags.extend(check_quotas(desired));
+    diags
+}
+
+/// Each quota against the VMs it counts: declared VMs and replicas (memory of those that
+/// run), and each fresh pool at `fresh.max + fresh.warm` members, all running.
+pub fn check_quotas(desired: &Desired) -> Vec<crate::load::Diagnostic> {
+    let mut diags = Vec::new();
+    for q in &desired.quotas {
+        let (mut vms, mut memory) = (0u64, 0u64);
+        for vm in desired.vms.values().filter(|vm| !vm.config.fresh) {
+            if q.counts(&vm.config.labels, vm.config.pool.as_deref()) {
+                vms += 1;
+                if vm.state == PowerState::Running {
+                    memory += vm.config.memory_mib;
+                }
+            }
+        }
+        let mut fresh = false;
+        for (name, pool) in &desired.fresh_pools {
+            if q.counts(&pool.template.config.labels, Some(name)) {
+                let members = u64::from(pool.max) + u64::from(pool.warm);
+                vms += members;
+                memory += members * pool.template.config.memory_mib;
+                fresh = true;
+            }
+        }
+        let counted = if fresh {
+            " (fresh pools counted at fresh.max + fresh.warm)"
+        } else {
+            ""
+        };
+        let field = format!("spec.policy.quota[{}] ({})", q.index, q.what());
+        if let Some(cap) = q.vms.filter(|cap| vms > u64::from(*cap)) {
+            diags.push(crate::load::Diagnostic::new(
+                &q.source,
+                q.pos,
+                format!("{field}: the revision has {vms} such VMs{counted}, the quota allows {cap}: remove some, or raise vms"),
+            ));
+        }
+        if let Some(cap) = q.memory_mib.filter(|cap| memory > *cap) {
+            diags.push(crate::load::Diagnostic::new(
+                &q.source,
+                q.pos,
+                format!("{field}: its running VMs{counted} ask for {memory} MiB of memory, the quota allows {cap} MiB: stop or shrink some, or raise memory"),
+            ));
+        }
+    }
     diags
 }
 

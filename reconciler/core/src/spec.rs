@@ -990,6 +990,31 @@ pub struct Policy {
     /// 4.0; a revision asking for more is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overcommit: Option<Overcommit>,
+    /// Caps on the VMs of a pool, or of the VMs carrying some labels: a revision over one
+    /// is refused, naming the rule.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quota: Vec<Quota>,
+}
+
+/// One quota: which VMs it counts (`pool` or `labels`, exactly one) and its caps (at least
+/// one of `vms` and `memory`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Quota {
+    /// A VMPool: its replicas, and its fresh members counted at `fresh.max + fresh.warm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<Name>,
+    /// Labels a VM carries (its own, or its pool's and template's): every VM with all of
+    /// them, fresh pools' members included.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Most VMs, in any state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub vms: Option<u32>,
+    /// Most memory of those that run (`state: running`), such as 32Gi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Size>,
 }
 
 /// Ratios of what running VMs may ask to what a host has.

@@ -73,6 +73,7 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
         fresh_pools: Default::default(),
         leases: Default::default(),
         idle: Default::default(),
+        quotas: Vec::new(),
     }
 }
 

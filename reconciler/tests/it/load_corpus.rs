@@ -2730,3 +2730,59 @@ fn leases_and_idle_rules_are_bounded_and_only_for_vms_that_can_have_them() {
         "#]],
     );
 }
+
+#[test]
+fn a_quota_names_a_pool_or_labels_and_caps_something() {
+    check(
+        &[
+            (
+                "fleet/fleet.yaml",
+                &format!(
+                    "{FLEET}  policy:\n    quota:\n      - {{pool: nowhere, vms: 1}}\n      - {{pool: w, labels: {{team: ml}}, vms: 1}}\n      - {{labels: {{team: ml}}}}\n      - {{vms: 2}}\n"
+                ),
+            ),
+            ("fleet/vms/w.yaml", &pool("w", "1")),
+        ],
+        expect![[r#"
+            fleet/fleet.yaml:15:16: error: spec.policy.quota[0].pool: no VMPool named "nowhere"; defined: w
+            fleet/fleet.yaml:16:9: error: spec.policy.quota[1]: counts the VMs of a pool or those with some labels: set exactly one of pool and labels
+            fleet/fleet.yaml:17:9: error: spec.policy.quota[2]: caps nothing: set vms, memory or both
+            fleet/fleet.yaml:18:9: error: spec.policy.quota[3]: counts the VMs of a pool or those with some labels: set exactly one of pool and labels
+        "#]],
+    );
+}
+
+#[test]
+fn a_revision_over_a_quota_is_refused_naming_the_rule() {
+    let labelled = |name: &str, memory: &str| {
+        VM.replace("name: a", &format!("name: {name}\n  labels: {{team: ml}}"))
+            .replace(
+                "  image: micro\n",
+                &format!("  image: micro\n  resources: {{memory: {memory}}}\n"),
+            )
+    };
+    check(
+        &[
+            (
+                "fleet/fleet.yaml",
+                &format!(
+                    "{FLEET}  policy:\n    quota:\n      - {{pool: w, vms: 4}}\n      - {{labels: {{team: ml}}, vms: 5, memory: 1Gi}}\n"
+                ),
+            ),
+            (
+                "fleet/vms/w.yaml",
+                &pool("w", "2").replace("  template:", "  fresh: {max: 2, warm: 1}\n  template:"),
+            ),
+            ("fleet/vms/m1.yaml", &labelled("m1", "768Mi")),
+            ("fleet/vms/m2.yaml", &labelled("m2", "512Mi")),
+            (
+                "fleet/vms/m3.yaml",
+                &format!("{}  state: stopped\n", labelled("m3", "4Gi")),
+            ),
+        ],
+        expect![[r#"
+            fleet/fleet.yaml:15:9: error: spec.policy.quota[0] (pool w): the revision has 5 such VMs (fresh pools counted at fresh.max + fresh.warm), the quota allows 4: remove some, or raise vms
+            fleet/fleet.yaml:16:9: error: spec.policy.quota[1] (labels team=ml): its running VMs ask for 1280 MiB of memory, the quota allows 1024 MiB: stop or shrink some, or raise memory
+        "#]],
+    );
+}

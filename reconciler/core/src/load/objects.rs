@@ -8,6 +8,22 @@ pub(super) fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
     match object {
         AnyObject::Fleet(o) => {
             let spec = &o.doc.spec;
+            for (i, quota) in spec.policy.quota.iter().enumerate() {
+                let at = format!("/spec/policy/quota/{i}");
+                let selectors =
+                    usize::from(quota.pool.is_some()) + usize::from(!quota.labels.is_empty());
+                if selectors != 1 {
+                    diags.push(o.field_error(
+                        &at,
+                        "counts the VMs of a pool or those with some labels: set exactly one of pool and labels".to_owned(),
+                    ));
+                }
+                if quota.vms.is_none() && quota.memory.is_none() {
+                    diags.push(
+                        o.field_error(&at, "caps nothing: set vms, memory or both".to_owned()),
+                    );
+                }
+            }
             let mut seen = BTreeMap::new();
             for (i, p) in spec.providers.iter().enumerate() {
                 unique_in_list(

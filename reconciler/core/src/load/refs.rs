@@ -177,6 +177,26 @@ pub(super) fn check_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
         }
     }
 
+    for (i, quota) in f.fleet.doc.spec.policy.quota.iter().enumerate() {
+        if let Some(pool) = &quota.pool
+            && !f.pools.contains_key(&pool.0)
+        {
+            let pools: Vec<&str> = f.pools.keys().map(String::as_str).take(10).collect();
+            diags.push(f.fleet.field_error(
+                &format!("/spec/policy/quota/{i}/pool"),
+                format!(
+                    "no VMPool named {:?}; defined: {}",
+                    pool.0,
+                    if pools.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        pools.join(", ")
+                    }
+                ),
+            ));
+        }
+    }
+
     for o in f.tasks.values() {
         if let crate::spec::TaskVm::Fresh(fresh) = &o.doc.spec.vm {
             if !f.pools.contains_key(&fresh.pool.0) {
