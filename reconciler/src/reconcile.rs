@@ -176,6 +176,7 @@ pub async fn plan_pass(
         now: Some(now),
         leases,
         activity: activity(ws, desired, &observed, now),
+        resets: resets_due(ws, desired),
         history: status::history(&ws.status.read_vms()),
         secrets: crate::plan::secrets::changes(
             desired,
@@ -260,6 +261,26 @@ fn activity(
                 activity.busy = Some(run.task.clone());
             }
             (name.clone(), activity)
+        })
+        .collect()
+}
+
+/// The VMs with `reset: beforeEachTask` a reset is due for (`reset::due`), with the task
+/// whose run waits.
+fn resets_due(ws: &Workspace, desired: &Desired) -> BTreeMap<String, String> {
+    if !desired.vms.values().any(|vm| vm.config.reset) {
+        return BTreeMap::new();
+    }
+    let records = ws.status.read_task_records();
+    desired
+        .vms
+        .values()
+        .filter(|vm| vm.config.reset)
+        .filter_map(|vm| {
+            let runs = crate::status::tasks::reset_facts(records.values(), &vm.name);
+            let last = ws.status.read_last_reset(&vm.name);
+            let task = crate::reset::due(&runs, last)?;
+            Some((vm.name.clone(), task.to_owned()))
         })
         .collect()
 }
@@ -499,6 +520,13 @@ impl apply::Observer for StatusObserver {
     }
 
     fn step_finished(&self, step: &Step, result: &StepResult) {
+        if result.ok && step.action() == crate::plan::Action::Reset {
+            // When it began: every run the task book dispatches after it is on the clean VM.
+            let began = SystemTime::now() - std::time::Duration::from_millis(result.millis as u64);
+            if let Err(e) = self.status.write_last_reset(&step.vm, began.into()) {
+                tracing::error!(vm = step.vm, "cannot record the reset: {e}");
+            }
+        }
         let (kind, message) = match &result.error {
             None => (
                 EventKind::StepSucceeded,

@@ -19,6 +19,7 @@ pub mod lifecycle;
 pub mod load;
 pub mod observe;
 pub mod plan;
+pub mod reset;
 pub mod resolve;
 pub mod seed;
 pub mod snapshot;

@@ -609,6 +609,10 @@ pub struct VmConfig {
     /// so its destroy once no run holds it is known for what it is.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fresh: bool,
+    /// `reset: beforeEachTask`: the VM returns to the state it was made in before each task
+    /// run (see `reset`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
 }
 
 /// An image as a VM uses it. Paths are as written in fleet.yaml (relative ones resolve
@@ -1141,6 +1145,7 @@ fn resolve_vm(
         labels: labels.clone(),
         protect: spec.protect,
         fresh: false,
+        reset: spec.reset.or(loadout.reset).is_some(),
     };
     DesiredVm {
         name: name.to_owned(),
@@ -1266,6 +1271,7 @@ pub fn merge(base: LoadoutSpec, over: &LoadoutSpec) -> LoadoutSpec {
         resources: Some(merge_resources(base.resources, over.resources.clone())),
         network: over.network.clone().or(base.network),
         egress: over.egress.clone().or(base.egress),
+        reset: over.reset.or(base.reset),
         packages: union(base.packages, &over.packages),
         files: merge_keyed(base.files, &over.files, |f| f.path.clone()),
         runcmd: union(base.runcmd, &over.runcmd),
@@ -1343,6 +1349,7 @@ pub fn example_vm(name: &str, edit: impl FnOnce(&mut VmConfig)) -> DesiredVm {
         labels: BTreeMap::new(),
         protect: false,
         fresh: false,
+        reset: false,
     };
     edit(&mut config);
     DesiredVm {

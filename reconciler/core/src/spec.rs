@@ -1042,6 +1042,8 @@ pub enum Action {
     Update,
     Replace,
     Destroy,
+    /// Return a VM to the state it was made in (`reset: beforeEachTask`).
+    Reset,
 }
 
 impl Action {
@@ -1053,6 +1055,7 @@ impl Action {
             Action::Update => "update",
             Action::Replace => "replace",
             Action::Destroy => "destroy",
+            Action::Reset => "reset",
         }
     }
 }
@@ -1284,6 +1287,18 @@ pub struct LoadoutSpec {
     /// Environment for tasks run in the VM.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// `beforeEachTask`: its VMs return to the state they were made in before each task run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset: Option<Reset>,
+}
+
+/// When a VM returns to the state it was made in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Reset {
+    /// Before each task run but the first after it was made (or last reset): one run at a
+    /// time, each on a clean disk, its secrets delivered again.
+    BeforeEachTask,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -1338,6 +1353,9 @@ pub struct VmSpec {
     /// due on it: `state: running` then means "allowed to run". Not for fresh members.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle: Option<Idle>,
+    /// Overrides the loadout's `reset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset: Option<Reset>,
 }
 
 /// `idle: {stopAfter: 30m}`.

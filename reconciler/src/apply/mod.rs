@@ -155,6 +155,7 @@ enum DriverCall {
     Start,
     Stop,
     Destroy,
+    Reset(DesiredVm),
 }
 
 impl DriverCall {
@@ -165,6 +166,7 @@ impl DriverCall {
             DriverCall::Start => Action::Start,
             DriverCall::Stop => Action::Stop,
             DriverCall::Destroy => Action::Destroy,
+            DriverCall::Reset(_) => Action::Reset,
         }
     }
 }
@@ -185,6 +187,7 @@ async fn run_step(ctx: &StepContext, step: &Step) -> (Result<(), DriverError>, u
         Change::Start => call(ctx, step, DriverCall::Start).await,
         Change::Stop => call(ctx, step, DriverCall::Stop).await,
         Change::Destroy { .. } => call(ctx, step, DriverCall::Destroy).await,
+        Change::Reset { desired } => call(ctx, step, DriverCall::Reset(desired.clone())).await,
         Change::Replace { desired, .. } => {
             let (destroyed, a1) = call(ctx, step, DriverCall::Destroy).await;
             if destroyed.is_err() {
@@ -231,6 +234,7 @@ async fn call(ctx: &StepContext, step: &Step, what: DriverCall) -> (Result<(), D
             DriverCall::Start => driver.start(&name),
             DriverCall::Stop => driver.stop(&name, grace),
             DriverCall::Destroy => driver.destroy(&name, grace),
+            DriverCall::Reset(vm) => driver.reset(&vm),
         });
         let outcome = match tokio::time::timeout(ctx.timeout, work).await {
             Ok(Ok(r)) => r,
@@ -368,6 +372,9 @@ mod tests {
             Ok(())
         }
         fn destroy(&self, _: &str, _: Duration) -> Result<(), DriverError> {
+            Ok(())
+        }
+        fn reset(&self, _: &DesiredVm) -> Result<(), DriverError> {
             Ok(())
         }
         fn settle(&self, _: &str) -> Result<(), DriverError> {

@@ -319,9 +319,10 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
     let tasks = Arc::new(
         TaskBook::open(ws.status.clone(), ws.repo_root.clone()).with_git(host.git.clone()),
     );
-    // A fresh run that got or let go of a member is planned for at once.
+    // A fresh run that got or let go of a member, or a run made or ended on a VM that
+    // resets before each run, is planned for at once.
     let trigger = tx.clone();
-    tasks.on_members_changed(move || {
+    tasks.on_plan_again(move || {
         let _ = trigger.send(Trigger::Members);
     });
     // Host answer files appear in status/hitl/: one watcher tells every link, instead of

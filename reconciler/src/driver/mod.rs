@@ -121,6 +121,10 @@ pub trait Driver: Send + Sync {
     /// Stops the VM, removes its definition and every file fleet made for it.
     fn destroy(&self, name: &str, grace: Duration) -> Result<(), DriverError>;
 
+    /// Returns the VM to the state it was made in (`reset: beforeEachTask`) and starts it:
+    /// whatever its guest wrote is gone. Powered off at once: nothing in it is kept.
+    fn reset(&self, vm: &DesiredVm) -> Result<(), DriverError>;
+
     /// After a crash: if no VM `name` exists, removes the files a half-finished create or
     /// destroy left behind. Never touches a VM that exists.
     fn settle(&self, name: &str) -> Result<(), DriverError>;

@@ -729,6 +729,22 @@ impl StatusDir {
         )
     }
 
+    /// When `vm` was last reset (`reset`; `resets/<vm>`, one file a VM, written by apply
+    /// when a reset has run: steps of several VMs finish at once).
+    pub fn read_last_reset(&self, vm: &str) -> Option<Timestamp> {
+        crate::driver::check_name(vm).ok()?;
+        self.read_file(&format!("resets/{vm}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    pub fn write_last_reset(&self, vm: &str, at: Timestamp) -> std::io::Result<()> {
+        crate::driver::check_name(vm).map_err(|e| std::io::Error::other(e.message))?;
+        self.write_file(&format!("resets/{vm}"), format!("{at}\n").as_bytes())
+    }
+
     pub fn read_vms(&self) -> BTreeMap<String, VmStatus> {
         self.read_all("vms", |vm: &VmStatus| vm.name.clone())
     }

@@ -279,6 +279,22 @@ impl TaskRecord {
         })
     }
 
+    /// This run as `reset` sees it.
+    pub fn reset_facts(&self) -> crate::reset::RunFacts {
+        use crate::reset::RunState;
+        crate::reset::RunFacts {
+            task: self.name.clone(),
+            state: if self.phase == TaskPhase::Pending {
+                RunState::Pending
+            } else if self.phase.is_active() {
+                RunState::Active
+            } else {
+                RunState::Finished
+            },
+            started: self.started,
+        }
+    }
+
     /// This run's member and the earlier runs' (each an ended run held until its time).
     pub fn fresh_runs(&self) -> impl Iterator<Item = crate::lifecycle::FreshRun> + '_ {
         let earlier = self
@@ -709,6 +725,16 @@ fn write_at(
     }
     file.seek(SeekFrom::Start(offset))?;
     file.write_all(data)
+}
+
+/// The runs on `vm` among `records`, as `reset` sees them, oldest first.
+pub fn reset_facts<'a>(
+    records: impl IntoIterator<Item = &'a TaskRecord>,
+    vm: &str,
+) -> Vec<crate::reset::RunFacts> {
+    let mut runs: Vec<&TaskRecord> = records.into_iter().filter(|r| r.vm == vm).collect();
+    runs.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+    runs.into_iter().map(TaskRecord::reset_facts).collect()
 }
 
 #[cfg(test)]

@@ -76,7 +76,7 @@ pub struct TaskBook {
     made: Mutex<HashMap<String, u64>>,
     made_changed: Condvar,
     /// Called when a fresh run got or let go of a member, after the records are written.
-    members_changed: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    plan_again: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 #[derive(Default)]
@@ -93,6 +93,8 @@ struct BookState {
     approvers: crate::resolve::Approvers,
     /// fleet is suspended: no run starts.
     suspended: bool,
+    /// The VMs with `reset: beforeEachTask`, and when each was last reset.
+    resets: BTreeMap<String, Option<crate::time::Timestamp>>,
     /// The pools that make fresh members, and what the last pass left of them to hand out.
     fresh_pools: BTreeMap<String, crate::lifecycle::FreshPool>,
     members: crate::lifecycle::Members,
@@ -183,9 +185,10 @@ struct Effects {
     /// Host answer files (names in `hitl/`) to move aside (`Some(to)`) or remove (`None`),
     /// after the records and prompts that say what became of them are written.
     moves: Vec<(String, Option<String>)>,
-    /// A fresh run was given a member or let its member go: the daemon plans again once
-    /// the records saying so are written (`TaskBook::on_members_changed`).
-    members_changed: bool,
+    /// The daemon plans again once the records saying so are written
+    /// (`TaskBook::on_plan_again`): a fresh run was given a member or let its member go, or
+    /// a run was made or ended on a VM that resets before each run.
+    plan_again: bool,
 }
 
 /// The effects of one hold of the lock for one task (or, under the key "", for the fleet
@@ -232,10 +235,10 @@ impl std::ops::DerefMut for BookGuard<'_> {
 
 impl Drop for BookGuard<'_> {
     fn drop(&mut self) {
-        let members_changed = self
+        let plan_again = self
             .state
             .as_deref_mut()
-            .is_some_and(|s| std::mem::take(&mut s.effects.members_changed));
+            .is_some_and(|s| std::mem::take(&mut s.effects.plan_again));
         let pending = self
             .state
             .as_deref_mut()
@@ -243,10 +246,10 @@ impl Drop for BookGuard<'_> {
             .unwrap_or_default();
         self.state = None;
         self.book.flush(pending);
-        if members_changed {
+        if plan_again {
             let notify = self
                 .book
-                .members_changed
+                .plan_again
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             if let Some(notify) = notify.as_ref() {
@@ -257,6 +260,15 @@ impl Drop for BookGuard<'_> {
 }
 
 impl BookState {
+    /// Whether a run may be dispatched to `vm` now: always, unless it resets before each
+    /// run and was used since its last reset, or runs one now (`reset::may_dispatch`).
+    fn may_dispatch_on(&self, vm: &str) -> bool {
+        self.resets.get(vm).is_none_or(|last| {
+            let runs = crate::status::tasks::reset_facts(self.records.values(), vm);
+            crate::reset::may_dispatch(&runs, *last)
+        })
+    }
+
     fn record_changed(&mut self, name: &str) {
         self.effects.records.insert(name.to_owned());
     }
@@ -521,16 +533,14 @@ impl TaskBook {
             stray_scan: Mutex::default(),
             made: Mutex::default(),
             made_changed: Condvar::new(),
-            members_changed: Mutex::default(),
+            plan_again: Mutex::default(),
         }
     }
 
-    /// What to call when a fresh run got a member or let one go (the daemon plans again).
-    pub fn on_members_changed(&self, notify: impl Fn() + Send + Sync + 'static) {
-        *self
-            .members_changed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(Box::new(notify));
+    /// What to call when the daemon should plan again: a fresh run got a member or let one
+    /// go, or a run was made or ended on a VM that resets before each run.
+    pub fn on_plan_again(&self, notify: impl Fn() + Send + Sync + 'static) {
+        *self.plan_again.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(notify));
     }
 
     /// The fresh runs the book records, for `lifecycle::members`.
@@ -796,7 +806,15 @@ impl TaskBook {
     /// bound to the values they will be given, and the values change only with the binding
     /// (see `BookState::sync`).
     pub fn sync(&self, desired: &Desired, vault: Arc<Vault>, running: &BTreeSet<String>) {
+        // Read before the lock: apply records a reset's time when it has run.
+        let resets = desired
+            .vms
+            .values()
+            .filter(|vm| vm.config.reset)
+            .map(|vm| (vm.name.clone(), self.status.read_last_reset(&vm.name)))
+            .collect();
         let mut state = self.lock();
+        state.resets = resets;
         state.now = DecidedAt::now();
         state.vault = vault;
         state.sync(desired, running);
@@ -1338,7 +1356,7 @@ impl BookState {
                         r.vm = member;
                         r.message = Some(message);
                     });
-                    self.effects.members_changed = true;
+                    self.effects.plan_again = true;
                     if let Some(r) = self.records.get(&name).cloned() {
                         let text = format!(
                             "run {} of task {} was given the fresh member {}",
@@ -1417,6 +1435,9 @@ impl BookState {
             updated: time,
         };
         self.effects.resets.push(task.name.clone());
+        if self.resets.contains_key(&record.vm) {
+            self.effects.plan_again = true;
+        }
         self.event(
             &record,
             EventKind::TaskPending,
@@ -1452,8 +1473,9 @@ impl BookState {
             self.set_prompt(id, |p| p.state = PromptState::Withdrawn);
         }
         let finished = self.stamp();
-        if record.fresh.is_some() && !record.vm.is_empty() {
-            self.effects.members_changed = true;
+        if (record.fresh.is_some() && !record.vm.is_empty()) || self.resets.contains_key(&record.vm)
+        {
+            self.effects.plan_again = true;
         }
         self.update(name, |r| {
             r.phase = phase;

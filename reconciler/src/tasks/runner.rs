@@ -427,7 +427,7 @@ impl BookState {
 
         // Start the next due task, one a tick, one staging at a time; none while fleet is
         // suspended (runs under way go on).
-        if conn.staging.is_none() && !self.suspended {
+        if conn.staging.is_none() && !self.suspended && self.may_dispatch_on(&conn.vm) {
             let due = ours.iter().find(|name| {
                 let r = &self.records[*name];
                 r.phase == TaskPhase::Pending

@@ -2,6 +2,8 @@
 //! stopped (`onExpiry: stop`) or destroyed with its files (`destroy`), kept so, and brought
 //! back by a renewal from the host (`fleet lease renew`) or a commit (`lease.renewals`).
 //! Idle stop: a VM with no run for `stopAfter` is stopped, and a task due on it wakes it.
+//! Clean resets: a VM with `reset: beforeEachTask` loses what one run wrote before the next
+//! and has its secrets again.
 
 use std::time::{Duration, Instant};
 
@@ -185,5 +187,85 @@ fn an_idle_vm_stops_after_its_window_and_a_new_task_wakes_it_and_runs() {
         events.contains("task second has a run due on it"),
         "{events}"
     );
+    drop(daemon);
+}
+
+#[test]
+fn a_vm_that_resets_before_each_run_loses_what_a_run_wrote_and_keeps_its_secrets() {
+    if !enabled() {
+        return;
+    }
+    let prefix = format!("it{}-reset-", std::process::id());
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let vm = format!("{prefix}a");
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (identity, recipient) = crate::secrets::age_identity(keys.path(), "age.key");
+    let repo = Repo::new();
+    repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml_with_policy(
+            &format!("it{}reset", std::process::id()),
+            "{shutdownTimeout: 5s, reconcileInterval: 10m}",
+        ),
+    );
+    repo.add_host_config(&format!("  recipients: [{recipient}]\n"));
+    repo.write(
+        &format!("fleet/vms/{vm}.yaml"),
+        format!(
+            "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {vm}}}\nspec: {{provider: local, image: micro, loadout: clean, resources: {{memory: 192Mi}}}}\n"
+        ),
+    )
+    .write(
+        "fleet/loadouts/clean.yaml",
+        "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: clean}\nspec:\n  reset: beforeEachTask\n  secrets: [{secret: key, key: value, file: vm/key}]\n",
+    );
+    crate::secrets::secret_set(&repo, "key", "value", "s3cret-value");
+    repo.allow_secret("key", "{loadouts: [clean]}");
+    let probe = "  command: [sh, -c, 'test -e /tmp/mark && echo dirty || echo clean; echo one > /tmp/mark; echo key=$(tr a-z A-Z < /run/fleet/secrets/vm/key); echo boot=$(cat /proc/sys/kernel/random/boot_id)']\n";
+    repo.write("fleet/tasks/one.yaml", task_yaml("one", &vm, probe))
+        .write("fleet/tasks/two.yaml", task_yaml("two", &vm, probe));
+    repo.commit("a VM that resets before each run, and two runs");
+    let identity = identity.to_str().expect("utf8").to_owned();
+    let daemon = Daemon::start_with(&repo, &[("FLEET_AGE_IDENTITY", &identity)], &[]);
+    let status = Status(repo.path().join(".fleet/status"));
+    status.wait_phase("one", "Succeeded", Duration::from_secs(90));
+    status.wait_phase("two", "Succeeded", Duration::from_secs(90));
+    let boot = |task: &str| {
+        status
+            .output(task)
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("boot=").map(str::to_owned))
+            .unwrap_or_default()
+    };
+    for task in ["one", "two"] {
+        let out = status.output(task);
+        assert!(out.contains("clean"), "{task} ran on a clean VM: {out}");
+        assert!(!out.contains("dirty"), "{task}: {out}");
+        // Shown changed: output never carries a secret's value as it is.
+        assert!(
+            out.contains("key=S3CRET-VALUE"),
+            "{task} has its secret: {out}"
+        );
+    }
+    assert_ne!(boot("one"), boot("two"), "the second run is on a new boot");
+    let events = read(&repo.path().join(".fleet/status/events.jsonl"));
+    assert!(events.contains("reset: beforeEachTask"), "{events}");
+    assert_eq!(
+        events.matches(&format!("reset {vm} done")).count(),
+        1,
+        "one reset, between the two runs (the first ran on the VM as made): {events}"
+    );
+    // A third run, committed later, gets its own reset too.
+    repo.write("fleet/tasks/three.yaml", task_yaml("three", &vm, probe));
+    repo.commit("a third run");
+    status.wait_phase("three", "Succeeded", Duration::from_secs(90));
+    assert!(
+        status.output("three").contains("clean"),
+        "{}",
+        status.output("three")
+    );
+    assert_ne!(boot("two"), boot("three"));
     drop(daemon);
 }

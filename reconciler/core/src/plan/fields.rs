@@ -71,11 +71,13 @@ pub enum VmField {
     Protect,
     #[serde(rename = "fresh")]
     Fresh,
+    #[serde(rename = "reset")]
+    Reset,
 }
 
 impl VmField {
     /// Every field, in the order plans list changes.
-    pub const ALL: [VmField; 23] = [
+    pub const ALL: [VmField; 24] = [
         VmField::Provider,
         VmField::DomainType,
         VmField::ImageName,
@@ -99,6 +101,7 @@ impl VmField {
         VmField::Labels,
         VmField::Protect,
         VmField::Fresh,
+        VmField::Reset,
     ];
 
     /// What changing the field on an existing VM takes.
@@ -110,6 +113,7 @@ impl VmField {
             VmField::ImageTemplate => Replace("a VM is cloned from its template when made"),
             VmField::Node => Replace("a VM moves to another node by being made there again"),
             VmField::Fresh => Replace("a fresh member is made for a task run, never converted"),
+            VmField::Reset => Replace("the state a reset returns to is taken when the VM is made"),
             VmField::DiskMib => Replace("the disk overlay is sized when the VM is created"),
             VmField::Packages | VmField::Files | VmField::Runcmd | VmField::Users => {
                 Replace("cloud-init applies it only at first boot")
@@ -156,6 +160,7 @@ impl VmField {
             VmField::Labels => "labels",
             VmField::Protect => "protect",
             VmField::Fresh => "fresh",
+            VmField::Reset => "reset",
         }
     }
 
@@ -190,6 +195,7 @@ impl VmField {
             VmField::Labels => json(&c.labels),
             VmField::Protect => json(&c.protect),
             VmField::Fresh => json(&c.fresh),
+            VmField::Reset => json(&c.reset),
         };
         // An empty list or map is as unset as `None`: stamps leave all three out.
         match value {
@@ -248,6 +254,7 @@ fn every_field_is_named(config: &VmConfig) {
         labels: _,
         protect: _,
         fresh: _,
+        reset: _,
     } = config;
     let ResolvedImage {
         name: _,

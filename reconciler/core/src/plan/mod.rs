@@ -69,6 +69,9 @@ pub enum Reason {
     Idle { since: Option<Timestamp> },
     /// A task run is due on a VM stopped for idleness: it is started for it.
     Woken { task: String },
+    /// A run of `task` waits on a VM with `reset: beforeEachTask` that ran something since
+    /// it was made or last reset.
+    ResetBeforeRun { task: String },
     /// The VM's lease (`lease`) ended at `ended`: it is stopped or destroyed as it says.
     LeaseEnded {
         ended: Timestamp,
@@ -139,6 +142,9 @@ pub struct PlanInputs {
     /// What each VM with an `idle` rule did (`idle::Activity`), by VM name; a VM without
     /// an entry is never judged idle.
     pub activity: BTreeMap<String, crate::idle::Activity>,
+    /// VMs with `reset: beforeEachTask` a reset is due for (`reset::due`), with the task
+    /// whose run waits.
+    pub resets: BTreeMap<String, String>,
 }
 
 /// A step that waits before it may run; it is planned again when its wait is over.
@@ -207,6 +213,10 @@ pub enum Change {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         applied_revision: Option<String>,
     },
+    /// Back to the state it was made in, and booted (`reset`).
+    Reset {
+        desired: DesiredVm,
+    },
 }
 
 impl Step {
@@ -218,6 +228,7 @@ impl Step {
             Change::Update { .. } => Action::Update,
             Change::Replace { .. } => Action::Replace,
             Change::Destroy { .. } => Action::Destroy,
+            Change::Reset { .. } => Action::Reset,
         }
     }
 
@@ -226,7 +237,8 @@ impl Step {
         match &self.change {
             Change::Create { desired }
             | Change::Update { desired, .. }
-            | Change::Replace { desired, .. } => Some(desired),
+            | Change::Replace { desired, .. }
+            | Change::Reset { desired } => Some(desired),
             Change::Start | Change::Stop | Change::Destroy { .. } => None,
         }
     }
@@ -236,7 +248,7 @@ impl Step {
         match &self.change {
             Change::Update { applied, .. } | Change::Destroy { applied, .. } => applied.as_ref(),
             Change::Replace { applied, .. } => Some(applied),
-            Change::Create { .. } | Change::Start | Change::Stop => None,
+            Change::Create { .. } | Change::Start | Change::Stop | Change::Reset { .. } => None,
         }
     }
 
@@ -251,7 +263,7 @@ impl Step {
             Change::Replace {
                 applied_revision, ..
             } => Some(applied_revision),
-            Change::Create { .. } | Change::Start | Change::Stop => None,
+            Change::Create { .. } | Change::Start | Change::Stop | Change::Reset { .. } => None,
         }
     }
 
@@ -259,7 +271,11 @@ impl Step {
     pub fn changes(&self) -> &[FieldChange] {
         match &self.change {
             Change::Update { changes, .. } | Change::Replace { changes, .. } => changes,
-            Change::Create { .. } | Change::Start | Change::Stop | Change::Destroy { .. } => &[],
+            Change::Create { .. }
+            | Change::Start
+            | Change::Stop
+            | Change::Destroy { .. }
+            | Change::Reset { .. } => &[],
         }
     }
 
@@ -666,6 +682,29 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                     }
                     step
                 });
+                // A run waits on a used VM that resets before each run: the reset (which
+                // boots it) comes before anything but a change of its configuration.
+                let step = match (inputs.resets.get(&vm.name), step) {
+                    (
+                        Some(task),
+                        None
+                        | Some(Step {
+                            change: Change::Start,
+                            ..
+                        }),
+                    ) if vm.config.reset && vm.state == PowerState::Running => {
+                        lifecycle = true;
+                        Some(Step {
+                            vm: vm.name.clone(),
+                            provider: provider.clone(),
+                            change: Change::Reset {
+                                desired: vm.clone(),
+                            },
+                            reason: Reason::ResetBeforeRun { task: task.clone() },
+                        })
+                    }
+                    (_, step) => step,
+                };
                 match (found_drift, step) {
                     (None, step) => steps.extend(step),
                     (Some(what), step) => {

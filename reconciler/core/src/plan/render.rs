@@ -154,6 +154,7 @@ fn step_counts(plan: &Plan) -> Vec<String> {
         Action::Update,
         Action::Replace,
         Action::Destroy,
+        Action::Reset,
     ]
     .into_iter()
     .filter_map(|a| {
@@ -183,6 +184,7 @@ fn symbol(action: Action) -> &'static str {
         Action::Update => "~",
         Action::Replace => "-/+",
         Action::Destroy => "-",
+        Action::Reset => "*",
     }
 }
 
@@ -236,6 +238,9 @@ pub fn reason_text(step: &Step) -> String {
         Reason::Idle { since: Some(since) } => format!("idle since {since}"),
         Reason::Idle { since: None } => "idle: no task run or start seen".to_owned(),
         Reason::Woken { task } => format!("task {task} has a run due on it"),
+        Reason::ResetBeforeRun { task } => format!(
+            "a run of task {task} waits, and the VM ran something since it was made or last reset (reset: beforeEachTask)"
+        ),
         Reason::LeaseEnded { ended, on_expiry } => {
             format!(
                 "its lease ended at {ended} (onExpiry: {})",

@@ -841,6 +841,7 @@ fn change(field: VmField, c: &mut VmConfig) {
         }
         VmField::Protect => c.protect = !c.protect,
         VmField::Fresh => c.fresh = !c.fresh,
+        VmField::Reset => c.reset = !c.reset,
     }
 }
 

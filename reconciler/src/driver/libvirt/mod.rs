@@ -598,44 +598,61 @@ impl LibvirtDriver {
     /// the image has a disk.
     fn prepare_files(&self, vm: &DesiredVm) -> Result<(), DriverError> {
         // The base disk is checked before anything is made for the VM.
-        let base = match (&vm.config.image.disk, vm.config.disk_mib) {
+        let base = self.checked_base(vm)?;
+        let dir = self.ensure_vm_dir(&vm.name)?;
+        self.write_seed(vm)?;
+        if let Some((base, size_mib)) = base {
+            self.new_overlay(vm, &dir, &base, size_mib)?;
+        }
+        Ok(())
+    }
+
+    /// The VM's base disk and overlay size, checked (under the image root, a chain QEMU may
+    /// read), when its image has a disk.
+    fn checked_base(&self, vm: &DesiredVm) -> Result<Option<(PathBuf, u64)>, DriverError> {
+        match (&vm.config.image.disk, vm.config.disk_mib) {
             (Some(base), Some(size_mib)) => {
                 let base = self.resolve_path(vm, "disk", base)?;
                 self.check_image_file(vm, "disk", &base)?;
                 self.check_backing_chain(vm, &base)?;
-                Some((base, size_mib))
+                Ok(Some((base, size_mib)))
             }
-            _ => None,
-        };
-        let dir = self.ensure_vm_dir(&vm.name)?;
-        self.write_seed(vm)?;
-        if let Some((base, size_mib)) = base {
-            let overlay = dir.join("disk.qcow2");
-            // No domain uses it (create runs only when none exists): a leftover from an
-            // interrupted create is replaced.
-            let _ = std::fs::remove_file(&overlay);
-            let output = super::host_command("qemu-img")
-                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-                .arg(&base)
-                .arg(&overlay)
-                .arg(format!("{size_mib}M"))
-                .output()
-                .map_err(|e| {
-                    DriverError::new(
-                        ErrorKind::Permanent,
-                        format!("run qemu-img: {e} (install qemu-utils)"),
-                    )
-                })?;
-            if !output.status.success() {
-                return Err(DriverError::new(
+            _ => Ok(None),
+        }
+    }
+
+    /// A new, empty overlay on `base`, in place of any there was. Only while no running
+    /// domain uses it (a create before the domain exists, a reset while it is off).
+    fn new_overlay(
+        &self,
+        vm: &DesiredVm,
+        dir: &Path,
+        base: &Path,
+        size_mib: u64,
+    ) -> Result<(), DriverError> {
+        let overlay = dir.join("disk.qcow2");
+        let _ = std::fs::remove_file(&overlay);
+        let output = super::host_command("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(base)
+            .arg(&overlay)
+            .arg(format!("{size_mib}M"))
+            .output()
+            .map_err(|e| {
+                DriverError::new(
                     ErrorKind::Permanent,
-                    format!(
-                        "qemu-img create overlay for {}: {}",
-                        vm.name,
-                        String::from_utf8_lossy(&output.stderr).trim()
-                    ),
-                ));
-            }
+                    format!("run qemu-img: {e} (install qemu-utils)"),
+                )
+            })?;
+        if !output.status.success() {
+            return Err(DriverError::new(
+                ErrorKind::Permanent,
+                format!(
+                    "qemu-img create overlay for {}: {}",
+                    vm.name,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
+            ));
         }
         Ok(())
     }
@@ -1063,6 +1080,21 @@ impl Driver for LibvirtDriver {
             }
         }
         self.ensure_power(&dom, vm, grace)
+    }
+
+    fn reset(&self, vm: &DesiredVm) -> Result<(), DriverError> {
+        super::check_name(&vm.name)?;
+        self.invalidate(&vm.name);
+        let (dom, _) = self.require_owned(&vm.name)?;
+        let base = self.checked_base(vm)?;
+        self.power_off(&dom, &vm.name, Duration::ZERO)?;
+        // A disk image gets a new overlay on the same base; a kernel and initrd image has
+        // nothing its guest wrote that outlives the power-off.
+        if let Some((base, size_mib)) = base {
+            let dir = self.vm_dir(&vm.name)?;
+            self.new_overlay(vm, &dir, &base, size_mib)?;
+        }
+        self.power_on(&dom, &vm.name)
     }
 
     fn destroy(&self, name: &str, grace: Duration) -> Result<(), DriverError> {

@@ -273,6 +273,34 @@ impl ProxmoxDriver {
     }
 }
 
+/// The snapshot a VM with `reset: beforeEachTask` returns to, taken when it was made.
+const CLEAN_SNAPSHOT: &str = "fleet-clean";
+
+impl ProxmoxDriver {
+    /// Takes `CLEAN_SNAPSHOT` of `owned` unless it has one (a create run again).
+    fn take_clean_snapshot(&self, owned: &OwnedVm) -> Result<(), DriverError> {
+        let client = self.client()?;
+        let snapshots: Vec<Value> = client.get(&format!("{}/snapshot", owned.path()), &[])?;
+        let taken = snapshots
+            .iter()
+            .any(|s| s.get("name").and_then(Value::as_str) == Some(CLEAN_SNAPSHOT));
+        if taken {
+            return Ok(());
+        }
+        let upid: String = client.post(
+            &format!("{}/snapshot", owned.path()),
+            &[
+                ("snapname", CLEAN_SNAPSHOT.to_owned()),
+                (
+                    "description",
+                    "fleet: the state reset: beforeEachTask returns to".to_owned(),
+                ),
+            ],
+        )?;
+        self.task(&owned.node, upid)
+    }
+}
+
 /// The tag that marks fleet's VMs (PVE tags: lower case, digits, `-_+.`).
 impl Driver for ProxmoxDriver {
     fn observe(&self) -> Result<ObservedHost, DriverError> {
@@ -350,7 +378,35 @@ impl Driver for ProxmoxDriver {
         self.write_config(vm, stamp, &owned)?;
         self.drop_legacy_snippet(&vm.name)?;
         self.remember(owned.vmid, &vm.name, &owned.node, Some(stamp.clone()));
+        if vm.config.reset {
+            // Before its first boot: the state a reset returns to.
+            self.take_clean_snapshot(&owned)?;
+        }
         self.ensure_power(vm, &owned, grace)
+    }
+
+    fn reset(&self, vm: &DesiredVm) -> Result<(), DriverError> {
+        super::check_name(&vm.name)?;
+        let owned = self.require_owned(&vm.name)?;
+        let stamp = self.stamp_of(&owned.config).ok_or_else(|| {
+            DriverError::new(
+                ErrorKind::Permanent,
+                format!("{}: its stamp is unreadable; not reset", vm.name),
+            )
+        })?;
+        self.power_off(&owned, Duration::ZERO)?;
+        let client = self.client()?;
+        let upid: String = client.post(
+            &format!("{}/snapshot/{CLEAN_SNAPSHOT}/rollback", owned.path()),
+            &[],
+        )?;
+        self.task(&owned.node, upid)?;
+        // The rollback also put back the config of that moment: the spec and stamp of now
+        // go back on before it boots.
+        let owned = self.require_owned(&vm.name)?;
+        self.write_config(vm, &stamp, &owned)?;
+        let owned = self.require_owned(&vm.name)?;
+        self.power_on(&owned)
     }
 
     fn start(&self, name: &str) -> Result<(), DriverError> {
