@@ -238,8 +238,11 @@ fn activity(
                     .find(&vm.config.provider, name)
                     .is_some_and(|f| f.running)
             });
+            // A pass that could not see the VM (its provider unreachable) knows nothing
+            // of a start: the last known one stands.
+            let unseen = seen.is_some_and(|v| v.observed.is_none());
             let started = match seen.and_then(|v| v.started) {
-                Some(started) if seen_running || !running => Some(started),
+                Some(started) if seen_running || !running || unseen => Some(started),
                 _ if running => Some(now),
                 _ => None,
             };

@@ -35,8 +35,7 @@ pub enum Verdict {
     Awake,
     /// A run is due or under way on it: it runs (`task` wakes it when stopped).
     Busy { task: String },
-    /// Idle since `since` (its last activity plus `stopAfter`; `None`: it never did anything
-    /// fleet saw): stopped, and kept so.
+    /// Idle since `since` (its last activity plus `stopAfter`): stopped, and kept so.
     Idle { since: Option<Timestamp> },
 }
 
@@ -45,28 +44,25 @@ pub fn verdict(stop_after: Duration, activity: &Activity, now: Timestamp) -> Ver
         return Verdict::Busy { task: task.clone() };
     }
     match activity.last {
+        // Never seen running nor used (a create whose start failed, a VM git just let
+        // run): it gets its start, and its idle time counts from there.
+        None => Verdict::Awake,
         Some(last) if now.system_time() < last.system_time() + stop_after => Verdict::Awake,
-        last => Verdict::Idle {
-            since: last.map(|l| Timestamp::from(l.system_time() + stop_after)),
+        Some(last) => Verdict::Idle {
+            since: Some(Timestamp::from(last.system_time() + stop_after)),
         },
     }
 }
 
-/// When to look again, after `now`: the soonest time one of these VMs may become idle. A
-/// busy VM may not before `stopAfter` from now (its run may end any moment), so a run's
-/// end needs no pass of its own to be counted.
+/// When to look again, after `now`: the soonest time one of these VMs becomes idle. A busy
+/// VM has none: the end of its run is planned for when it comes (the task book asks).
 pub fn next_idle<'a>(
     vms: impl IntoIterator<Item = (Duration, &'a Activity)>,
     now: Timestamp,
 ) -> Option<Timestamp> {
     vms.into_iter()
-        .filter_map(|(after, a)| {
-            let from = match a.busy {
-                Some(_) => now,
-                None => a.last?,
-            };
-            Some(Timestamp::from(from.system_time() + after))
-        })
+        .filter(|(_, a)| a.busy.is_none())
+        .filter_map(|(after, a)| Some(Timestamp::from(a.last?.system_time() + after)))
         .filter(|t| *t > now)
         .min()
 }
@@ -103,16 +99,13 @@ mod tests {
                 task: "build".into()
             }
         );
-        // Never seen doing anything: idle, since no known time.
-        assert_eq!(
-            verdict(after, &Activity::default(), t(0)),
-            Verdict::Idle { since: None }
-        );
+        // Never seen running nor used: it gets its start first.
+        assert_eq!(verdict(after, &Activity::default(), t(0)), Verdict::Awake);
         assert_eq!(
             next_idle([(after, &quiet), (after, &due)], t(120)),
             Some(t(160))
         );
         assert_eq!(next_idle([(after, &quiet)], t(160)), None);
-        assert_eq!(next_idle([(after, &due)], t(160)), Some(t(220)));
+        assert_eq!(next_idle([(after, &due)], t(160)), None);
     }
 }

@@ -1011,7 +1011,9 @@ impl Daemon {
             .steps()
             .iter()
             .filter(|s| {
+                // A start for a run due on a VM fleet stopped itself (idle) is no restart.
                 s.action() == crate::plan::Action::Start
+                    && !matches!(s.reason, crate::plan::Reason::Woken { .. })
                     && (matches!(s.reason, crate::plan::Reason::Drifted { .. })
                         || self.crash.recent(&s.vm, now))
             })

@@ -97,8 +97,10 @@ pub fn vm_statuses(
         let was_running = before
             .and_then(|b| b.observed.as_ref())
             .is_some_and(|o| o.running);
+        // A pass that did not see it (its provider unreachable) knows nothing of a start.
+        let unseen = before.is_some_and(|b| b.observed.is_none());
         let started = match owned {
-            Some(f) if f.running && was_running => {
+            Some(f) if f.running && (was_running || unseen) => {
                 before.and_then(|b| b.started).or(Some(now.into()))
             }
             Some(f) if f.running => Some(now.into()),

@@ -95,6 +95,9 @@ struct BookState {
     suspended: bool,
     /// The VMs with `reset: beforeEachTask`, and when each was last reset.
     resets: BTreeMap<String, Option<crate::time::Timestamp>>,
+    /// The VMs with an `idle` rule: a run made or ended on one is planned for at once (a
+    /// stopped one is woken, a free one's idle time counts from then).
+    idle: BTreeSet<String>,
     /// The pools that make fresh members, and what the last pass left of them to hand out.
     fresh_pools: BTreeMap<String, crate::lifecycle::FreshPool>,
     members: crate::lifecycle::Members,
@@ -815,6 +818,7 @@ impl TaskBook {
             .collect();
         let mut state = self.lock();
         state.resets = resets;
+        state.idle = desired.idle.keys().cloned().collect();
         state.now = DecidedAt::now();
         state.vault = vault;
         state.sync(desired, running);
@@ -1435,7 +1439,7 @@ impl BookState {
             updated: time,
         };
         self.effects.resets.push(task.name.clone());
-        if self.resets.contains_key(&record.vm) {
+        if self.resets.contains_key(&record.vm) || self.idle.contains(&record.vm) {
             self.effects.plan_again = true;
         }
         self.event(
@@ -1473,7 +1477,9 @@ impl BookState {
             self.set_prompt(id, |p| p.state = PromptState::Withdrawn);
         }
         let finished = self.stamp();
-        if (record.fresh.is_some() && !record.vm.is_empty()) || self.resets.contains_key(&record.vm)
+        if (record.fresh.is_some() && !record.vm.is_empty())
+            || self.resets.contains_key(&record.vm)
+            || self.idle.contains(&record.vm)
         {
             self.effects.plan_again = true;
         }

@@ -787,7 +787,10 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
     }
     // A destroy at a lease's end that waits for an approval stops the VM meanwhile: the
     // lease is over either way.
-    for held in &held {
+    for held in held
+        .iter()
+        .filter(|_| !desired.policy.approve.contains(&Action::Stop))
+    {
         let waits = matches!(held.step.reason, Reason::LeaseEnded { .. })
             && held.step.action() == Action::Destroy
             && index
