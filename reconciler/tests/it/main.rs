@@ -68,8 +68,9 @@
 //! - `proxmox` (fakepve): the driver through the whole life of a fleet (create, drift and
 //!   heal, restart on resize, destroy, snippet sweeping and legacy names, foreign VMs never
 //!   touched), faults retried and kept to their VM, TLS verified unless the provider says
-//!   otherwise, and a token with exactly the privileges `docs/proxmox.md` lists. Also the
-//!   Proxmox crash test, below.
+//!   otherwise, a token with exactly the privileges `docs/proxmox.md` lists, and a VM with
+//!   `reset: beforeEachTask` snapshotted before its first boot, rolled back before a run
+//!   with today's config written back. Also the Proxmox crash test, below.
 //! - `proxmox_guest` (fakepve, and `make agent`): the guest link end to end. The harness runs
 //!   `agent/exec` for real (stdin, stdout, exit code, as qemu-guest-agent does) in a private
 //!   mount namespace per running VM, each with its own tmpfs `/run` and boot id, running the

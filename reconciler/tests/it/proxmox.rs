@@ -875,3 +875,99 @@ fn a_token_with_exactly_the_documented_privileges_makes_runs_and_removes_a_vm() 
     assert!(pve.vm_named("a").is_none(), "destroyed");
     checked_wire(&mut pve, &schema);
 }
+
+/// A task record for `vm` as the task book writes it, with only what resets look at.
+fn task_record(name: &str, vm: &str, phase: &str, started: Option<&str>) -> String {
+    let started = started
+        .map(|t| format!("started: {t}\n"))
+        .unwrap_or_default();
+    format!(
+        "name: {name}\nvm: {vm}\ngeneration: 1\nrun: 0000000{}\nspecHash: h\nrerun: 0\nphase: {phase}\nsource: fleet/tasks/{name}.yaml\ncreated: 2026-01-01T00:00:00Z\n{started}",
+        name.len()
+    )
+}
+
+#[test]
+fn a_proxmox_vm_that_resets_before_each_run_rolls_back_to_the_snapshot_taken_when_made() {
+    if !enabled() {
+        return;
+    }
+    let mut pve = FakePve::start();
+    let schema = pve.schema();
+    let f = PveFleet::new(&pve, "clean", "{shutdownTimeout: 5s, stepTimeout: 1m}");
+    f.repo.write(
+        "fleet/vms/box.yaml",
+        "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: box}\nspec: {provider: host, image: micro, reset: beforeEachTask, resources: {memory: 1Gi}}\n",
+    );
+    f.repo.commit("a VM that resets before each run");
+    f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    let wire = checked_wire(&mut pve, &schema);
+    let snapshot = wire
+        .iter()
+        .position(|r| r.method == "POST" && r.path.ends_with("/snapshot"))
+        .expect("a snapshot is taken when the VM is made");
+    assert_eq!(wire[snapshot].params()["snapname"], "fleet-clean");
+    let start = wire
+        .iter()
+        .position(|r| r.path.ends_with("/status/start"))
+        .expect("started");
+    assert!(
+        snapshot < start,
+        "the snapshot is of the VM before its first boot"
+    );
+    // Resized since: the snapshot still holds 1 GiB.
+    f.repo.write(
+        "fleet/vms/box.yaml",
+        "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: box}\nspec: {provider: host, image: micro, reset: beforeEachTask, resources: {memory: 2Gi}}\n",
+    );
+    f.repo.commit("more memory");
+    f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    checked_wire(&mut pve, &schema);
+
+    // A run ended on it and another waits: the plan resets it first.
+    let tasks = f.repo.path().join(".fleet/status/tasks");
+    std::fs::create_dir_all(&tasks).expect("tasks dir");
+    std::fs::write(
+        tasks.join("done.yaml"),
+        task_record("done", "box", "Succeeded", Some("2026-01-01T00:00:01Z")),
+    )
+    .expect("record");
+    std::fs::write(
+        tasks.join("next.yaml"),
+        task_record("next", "box", "Pending", None),
+    )
+    .expect("record");
+    let plan = f.repo.fleet(&["plan"]);
+    assert!(
+        plan.stdout().contains("reset    box")
+            && plan.stdout().contains("a run of task next waits"),
+        "{}",
+        plan.stdout()
+    );
+    // The rollback brings back the snapshot's config too; the config of now goes back on.
+    f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    let wire = checked_wire(&mut pve, &schema);
+    let rollback = wire
+        .iter()
+        .position(|r| r.method == "POST" && r.path.ends_with("/snapshot/fleet-clean/rollback"))
+        .expect("rolled back");
+    let rewrite = wire
+        .iter()
+        .position(|r| r.method == "PUT" && r.path.ends_with("/config"))
+        .expect("config written back");
+    let boot = wire
+        .iter()
+        .rposition(|r| r.path.ends_with("/status/start"))
+        .expect("booted again");
+    assert!(rollback < rewrite && rewrite < boot, "{wire:#?}");
+    let vm = pve.vm_named("box").expect("box");
+    assert_eq!(vm["status"], "running");
+    assert_eq!(config_of(&vm, "memory"), "2048");
+    assert!(
+        f.repo.path().join(".fleet/status/resets/box").exists(),
+        "the reset's time is recorded"
+    );
+    // Recorded: the waiting run now finds the VM clean, and nothing more is planned.
+    let again = f.repo.fleet(&["plan", "--detailed-exitcode"]);
+    again.expect_code(0);
+}

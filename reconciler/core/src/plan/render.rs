@@ -277,7 +277,7 @@ fn config_yaml(config: Option<&VmConfig>) -> String {
 }
 
 fn step_diff(step: &Step) -> Option<String> {
-    if matches!(step.action(), Action::Start | Action::Stop) {
+    if matches!(step.action(), Action::Start | Action::Stop | Action::Reset) {
         return None;
     }
     let (old, new) = (step.applied(), step.desired().map(|d| &d.config));
