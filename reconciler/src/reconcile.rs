@@ -364,13 +364,21 @@ pub fn drivers_for(desired: &Desired, host: &HostSpec, vault: &crate::secrets::V
 /// of each provider's host now; a provider that cannot tell is not checked.
 pub fn capacity_problems(desired: &Desired, host: &HostSpec) -> Vec<String> {
     let drivers = drivers_for(desired, host, &crate::secrets::Vault::default());
-    let capacities = drivers
-        .iter()
-        .filter_map(|(name, driver)| match driver.capacity() {
-            Ok(Some(capacity)) => Some((name.clone(), capacity)),
-            _ => None,
-        })
-        .collect();
+    // Asked on threads of their own: a driver's calls block (Proxmox's client runs its own
+    // runtime), and callers may be on the async runtime.
+    let capacities = std::thread::scope(|scope| {
+        let asked: Vec<_> = drivers
+            .iter()
+            .map(|(name, driver)| (name, scope.spawn(|| driver.capacity())))
+            .collect();
+        asked
+            .into_iter()
+            .filter_map(|(name, answer)| match answer.join() {
+                Ok(Ok(Some(capacity))) => Some((name.clone(), capacity)),
+                _ => None,
+            })
+            .collect()
+    });
     resolve::capacity_problems(desired, &capacities)
 }
 

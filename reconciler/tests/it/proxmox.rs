@@ -971,3 +971,39 @@ fn a_proxmox_vm_that_resets_before_each_run_rolls_back_to_the_snapshot_taken_whe
     let again = f.repo.fleet(&["plan", "--detailed-exitcode"]);
     again.expect_code(0);
 }
+
+#[test]
+fn a_revision_over_the_clusters_memory_is_refused_by_plan() {
+    if !enabled() {
+        return;
+    }
+    let mut pve = FakePve::start();
+    let schema = pve.schema();
+    let f = PveFleet::new(&pve, "big", "{shutdownTimeout: 5s}");
+    f.repo.write(
+        "fleet/vms/pool.yaml",
+        "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {name: w}\nspec:\n  replicas: 40\n  template:\n    spec: {provider: host, image: micro, resources: {memory: 1Gi}}\n",
+    );
+    f.repo.commit("more VMs than the cluster holds");
+    let plan = f.repo.fleet(&["plan"]);
+    assert_eq!(plan.code(), 1, "{}{}", plan.stdout(), plan.stderr());
+    assert!(
+        plan.stderr()
+            .contains("provider host: its 40 running VMs ask for 40960 MiB of memory"),
+        "{}",
+        plan.stderr()
+    );
+    checked_wire(&mut pve, &schema);
+    // Within the cluster's memory (overcommitted on purpose), it plans.
+    f.repo.write(
+        "fleet/fleet.yaml",
+        std::fs::read_to_string(f.repo.path().join("fleet/fleet.yaml"))
+            .expect("fleet.yaml")
+            .replace(
+                "{shutdownTimeout: 5s}",
+                "{shutdownTimeout: 5s, overcommit: {memory: 10, cpu: 20}}",
+            ),
+    );
+    f.repo.commit("overcommit");
+    f.repo.fleet(&["plan"]).expect_code(0);
+}

@@ -301,8 +301,33 @@ impl ProxmoxDriver {
     }
 }
 
-/// The tag that marks fleet's VMs (PVE tags: lower case, digits, `-_+.`).
 impl Driver for ProxmoxDriver {
+    /// The cluster's online nodes together (`GET /nodes`: `maxmem`, `maxcpu`); `None` when a
+    /// node's figures are not shown (a token without `Sys.Audit` sees none).
+    fn capacity(&self) -> Result<Option<crate::observe::Capacity>, DriverError> {
+        let nodes: Vec<Value> = self.client()?.get("/nodes", &[])?;
+        let mut total = crate::observe::Capacity {
+            memory_mib: 0,
+            cpus: 0,
+        };
+        for node in nodes
+            .iter()
+            .filter(|n| n.get("status").and_then(Value::as_str) == Some("online"))
+        {
+            let (Some(memory), Some(cpus)) = (
+                node.get("maxmem").and_then(Value::as_u64),
+                node.get("maxcpu").and_then(Value::as_u64),
+            ) else {
+                return Ok(None);
+            };
+            total.memory_mib = total.memory_mib.saturating_add(memory / (1024 * 1024));
+            total.cpus = total
+                .cpus
+                .saturating_add(u32::try_from(cpus).unwrap_or(u32::MAX));
+        }
+        Ok((total.cpus > 0).then_some(total))
+    }
+
     fn observe(&self) -> Result<ObservedHost, DriverError> {
         let resources = self.resources()?;
         let mut vms = Vec::with_capacity(resources.len());
