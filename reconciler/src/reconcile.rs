@@ -281,8 +281,7 @@ fn resets_due(ws: &Workspace, desired: &Desired) -> BTreeMap<String, String> {
         .filter(|vm| vm.config.reset)
         .filter_map(|vm| {
             let runs = crate::status::tasks::reset_facts(records.values(), &vm.name);
-            let last = ws.status.read_last_reset(&vm.name);
-            let task = crate::reset::due(&runs, last)?;
+            let task = crate::reset::due(&runs, ws.status.is_used(&vm.name))?;
             Some((vm.name.clone(), task.to_owned()))
         })
         .collect()
@@ -531,12 +530,19 @@ impl apply::Observer for StatusObserver {
     }
 
     fn step_finished(&self, step: &Step, result: &StepResult) {
-        if result.ok && step.action() == crate::plan::Action::Reset {
-            // When it began: every run the task book dispatches after it is on the clean VM.
-            let began = SystemTime::now() - std::time::Duration::from_millis(result.millis as u64);
-            if let Err(e) = self.status.write_last_reset(&step.vm, began.into()) {
-                tracing::error!(vm = step.vm, "cannot record the reset: {e}");
-            }
+        // A VM reset, made or made again is clean: the task book may dispatch to it (`reset`).
+        let clean = matches!(
+            step.action(),
+            crate::plan::Action::Reset
+                | crate::plan::Action::Create
+                | crate::plan::Action::Replace
+                | crate::plan::Action::Destroy
+        );
+        if result.ok
+            && clean
+            && let Err(e) = self.status.clear_used(&step.vm)
+        {
+            tracing::error!(vm = step.vm, "cannot record that it is clean: {e}");
         }
         let (kind, message) = match &result.error {
             None => (

@@ -994,6 +994,17 @@ impl Daemon {
         let running_names = running.iter().map(|(n, _)| n.clone()).collect();
         self.agents.sync(running, &self.tx);
         self.tasks.set_members(&members);
+        self.tasks.cleaned(
+            applied
+                .report
+                .results
+                .iter()
+                .filter(|r| {
+                    use crate::plan::Action::{Create, Destroy, Replace, Reset};
+                    r.ok && matches!(r.action, Reset | Create | Replace | Destroy)
+                })
+                .map(|r| r.vm.clone()),
+        );
         self.tasks
             .sync(&desired, self.vault.clone(), &running_names);
         // What the links should run may have changed: each looks now, not at its next tick.

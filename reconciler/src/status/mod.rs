@@ -729,20 +729,34 @@ impl StatusDir {
         )
     }
 
-    /// When `vm` was last reset (`reset`; `resets/<vm>`, one file a VM, written by apply
-    /// when a reset has run: steps of several VMs finish at once).
-    pub fn read_last_reset(&self, vm: &str) -> Option<Timestamp> {
-        crate::driver::check_name(vm).ok()?;
-        self.read_file(&format!("resets/{vm}"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+    /// Whether a run was dispatched to `vm` since it was made or last reset (`reset`;
+    /// `used/<vm>`, marked by the task book before the run reaches the guest, cleared by
+    /// apply once a reset, create or replace of the VM has run). A mark that cannot be read
+    /// counts as there: one reset too many, never a run on a used disk.
+    pub fn is_used(&self, vm: &str) -> bool {
+        if crate::driver::check_name(vm).is_err() {
+            return true;
+        }
+        match self.read_file(&format!("used/{vm}")) {
+            Ok(_) => true,
+            Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+        }
     }
 
-    pub fn write_last_reset(&self, vm: &str, at: Timestamp) -> std::io::Result<()> {
+    pub fn mark_used(&self, vm: &str) -> std::io::Result<()> {
         crate::driver::check_name(vm).map_err(|e| std::io::Error::other(e.message))?;
-        self.write_file(&format!("resets/{vm}"), format!("{at}\n").as_bytes())
+        self.write_file(
+            &format!("used/{vm}"),
+            b"a run was dispatched since its last reset\n",
+        )
+    }
+
+    pub fn clear_used(&self, vm: &str) -> std::io::Result<()> {
+        crate::driver::check_name(vm).map_err(|e| std::io::Error::other(e.message))?;
+        match std::fs::remove_file(self.root.join("used").join(vm)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     pub fn read_vms(&self) -> BTreeMap<String, VmStatus> {

@@ -291,7 +291,6 @@ impl TaskRecord {
             } else {
                 RunState::Finished
             },
-            started: self.started,
         }
     }
 

@@ -633,3 +633,59 @@ fn a_task_narrows_its_loadouts_rules_and_budget_for_its_own_runs() {
         Some(1000)
     );
 }
+
+#[test]
+fn a_vm_that_resets_gets_one_run_a_reset_even_of_the_same_task_again() {
+    let mut wanted = desired(Duration::from_secs(60), OnDeadline::Wait);
+    let mut state = BookState {
+        now: at(0),
+        ..BookState::default()
+    };
+    state.resets = BTreeMap::from([("vm-1".to_owned(), false)]);
+    state.sync(&wanted, &BTreeSet::from(["vm-1".to_owned()]));
+    state.take_effects();
+    let mut conn = Connection::new("vm-1");
+    conn.greeted("boot-1", None);
+    // Clean: the run goes, and the VM is marked used before the guest hears of it.
+    let (sent, _) = state.tick(&mut conn, &HostFiles::default());
+    let Some(HostMessage::RunTask { task, .. }) = sent.first() else {
+        panic!("expected a RunTask, got {sent:?}");
+    };
+    assert_eq!(std::mem::take(&mut state.effects.used), ["vm-1"]);
+    let exit = GuestMessage::Exit {
+        v: VERSION,
+        task: task.clone(),
+        seq: 1,
+        code: Some(0),
+        reason: ExitReason::Completed,
+    };
+    state.now = at(5);
+    state.receive(&mut conn, vec![exit]);
+    assert!(
+        state.effects.plan_again,
+        "a run ended on it: plan (its reset) now"
+    );
+    state.take_effects();
+    // The same task runs again: its new record holds no sign the VM was used, the mark
+    // does, so the run waits for the reset.
+    wanted.tasks.get_mut("ask").expect("task").spec_hash = "h2".into();
+    state.sync(&wanted, &BTreeSet::from(["vm-1".to_owned()]));
+    assert_eq!(state.records["ask"].phase, TaskPhase::Pending);
+    let (sent, _) = state.tick(&mut conn, &HostFiles::default());
+    assert!(
+        !sent
+            .iter()
+            .any(|m| matches!(m, HostMessage::RunTask { .. })),
+        "{sent:?}"
+    );
+    // Reset (`TaskBook::cleaned` after apply): on the new boot, it goes.
+    state.resets.insert("vm-1".into(), false);
+    let mut conn = Connection::new("vm-1");
+    conn.greeted("boot-2", None);
+    let (sent, _) = state.tick(&mut conn, &HostFiles::default());
+    assert!(
+        sent.iter()
+            .any(|m| matches!(m, HostMessage::RunTask { .. })),
+        "{sent:?}"
+    );
+}

@@ -93,8 +93,11 @@ struct BookState {
     approvers: crate::resolve::Approvers,
     /// fleet is suspended: no run starts.
     suspended: bool,
-    /// The VMs with `reset: beforeEachTask`, and when each was last reset.
-    resets: BTreeMap<String, Option<crate::time::Timestamp>>,
+    /// The VMs with `reset: beforeEachTask`, and whether each was used (a run dispatched
+    /// to it) since it was made or last reset. Set when a run is dispatched (and marked on
+    /// disk, `status/used/<vm>`, for the plan), cleared only by `TaskBook::cleaned` after
+    /// apply reset, made or made again the VM.
+    resets: BTreeMap<String, bool>,
     /// The VMs with an `idle` rule: a run made or ended on one is planned for at once (a
     /// stopped one is woken, a free one's idle time counts from then).
     idle: BTreeSet<String>,
@@ -188,6 +191,9 @@ struct Effects {
     /// Host answer files (names in `hitl/`) to move aside (`Some(to)`) or remove (`None`),
     /// after the records and prompts that say what became of them are written.
     moves: Vec<(String, Option<String>)>,
+    /// VMs that reset before each run and were just given a run: marked used on disk
+    /// before the lock is released (`BookState::mark_used`).
+    used: Vec<String>,
     /// The daemon plans again once the records saying so are written
     /// (`TaskBook::on_plan_again`): a fresh run was given a member or let its member go, or
     /// a run was made or ended on a VM that resets before each run.
@@ -242,6 +248,11 @@ impl Drop for BookGuard<'_> {
             .state
             .as_deref_mut()
             .is_some_and(|s| std::mem::take(&mut s.effects.plan_again));
+        let used = self
+            .state
+            .as_deref_mut()
+            .map(|s| std::mem::take(&mut s.effects.used))
+            .unwrap_or_default();
         let pending = self
             .state
             .as_deref_mut()
@@ -249,6 +260,14 @@ impl Drop for BookGuard<'_> {
             .unwrap_or_default();
         self.state = None;
         self.book.flush(pending);
+        // After the run's record (a pass reading the mark then finds the run under way,
+        // never a used VM with a run waiting), before the guest hears (the caller sends).
+        // The book itself remembers in memory; the mark is for the plan and a restart.
+        for vm in used {
+            if let Err(e) = self.book.status.mark_used(&vm) {
+                tracing::error!(vm, "cannot mark the VM used on disk: {e}");
+            }
+        }
         if plan_again {
             let notify = self
                 .book
@@ -266,10 +285,19 @@ impl BookState {
     /// Whether a run may be dispatched to `vm` now: always, unless it resets before each
     /// run and was used since its last reset, or runs one now (`reset::may_dispatch`).
     fn may_dispatch_on(&self, vm: &str) -> bool {
-        self.resets.get(vm).is_none_or(|last| {
+        self.resets.get(vm).is_none_or(|used| {
             let runs = crate::status::tasks::reset_facts(self.records.values(), vm);
-            crate::reset::may_dispatch(&runs, *last)
+            crate::reset::may_dispatch(&runs, *used)
         })
+    }
+
+    /// A run is being dispatched to `vm`: on a VM that resets before each run, it is used
+    /// from now on (marked on disk before the lock is released, so before the guest hears).
+    fn mark_used(&mut self, vm: &str) {
+        if let Some(used) = self.resets.get_mut(vm) {
+            *used = true;
+            self.effects.used.push(vm.to_owned());
+        }
     }
 
     fn record_changed(&mut self, name: &str) {
@@ -809,14 +837,18 @@ impl TaskBook {
     /// bound to the values they will be given, and the values change only with the binding
     /// (see `BookState::sync`).
     pub fn sync(&self, desired: &Desired, vault: Arc<Vault>, running: &BTreeSet<String>) {
-        // Read before the lock: apply records a reset's time when it has run.
+        let mut state = self.lock();
+        // Used when the book says so (only `cleaned` clears it) or the mark does (a run
+        // dispatched before a restart of fleet).
         let resets = desired
             .vms
             .values()
             .filter(|vm| vm.config.reset)
-            .map(|vm| (vm.name.clone(), self.status.read_last_reset(&vm.name)))
+            .map(|vm| {
+                let known = state.resets.get(&vm.name).copied().unwrap_or(false);
+                (vm.name.clone(), known || self.status.is_used(&vm.name))
+            })
             .collect();
-        let mut state = self.lock();
         state.resets = resets;
         state.idle = desired.idle.keys().cloned().collect();
         state.now = DecidedAt::now();
@@ -835,6 +867,17 @@ impl TaskBook {
         BookGuard {
             book: self,
             state: Some(self.state.lock().unwrap_or_else(|p| p.into_inner())),
+        }
+    }
+
+    /// Apply reset, made or made again these VMs: a VM that resets before each run is
+    /// clean again (called before `sync`).
+    pub fn cleaned(&self, vms: impl IntoIterator<Item = String>) {
+        let mut state = self.lock();
+        for vm in vms {
+            if let Some(used) = state.resets.get_mut(&vm) {
+                *used = false;
+            }
         }
     }
 

@@ -419,7 +419,14 @@ impl BookState {
         }
 
         self.enforce_timeouts(conn, &mut out);
-        let secrets_ready = self.deliver_secrets(conn, &mut out);
+        // A VM that resets before each run, used and with no run under way, is sent no
+        // secret: whatever the last run left in it would hear the next run's values. They
+        // go on the clean boot's hello.
+        let used_and_free = self.resets.get(&conn.vm) == Some(&true)
+            && !ours
+                .iter()
+                .any(|n| self.records.get(n).is_some_and(|r| r.phase.is_active()));
+        let secrets_ready = !used_and_free && self.deliver_secrets(conn, &mut out);
         self.answer_prompts(conn, files, &mut out);
         if let Some(names) = &files.strays {
             self.refuse_stray_answers(files, names);
@@ -440,6 +447,7 @@ impl BookState {
             if let Some(name) = due.cloned() {
                 let task = self.desired[&name].clone();
                 let guest_task = self.records[&name].guest_task();
+                self.mark_used(&conn.vm);
                 if let Some(repository) = task.repository.clone() {
                     self.update(&name, |r| {
                         r.phase = TaskPhase::Staging;

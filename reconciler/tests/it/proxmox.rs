@@ -937,6 +937,14 @@ fn a_proxmox_vm_that_resets_before_each_run_rolls_back_to_the_snapshot_taken_whe
         task_record("next", "box", "Pending", None),
     )
     .expect("record");
+    // As the task book marks a VM it dispatched a run to.
+    let used = f.repo.path().join(".fleet/status/used");
+    std::fs::create_dir_all(&used).expect("used dir");
+    std::fs::write(
+        used.join("box"),
+        "a run was dispatched since its last reset\n",
+    )
+    .expect("mark");
     let plan = f.repo.fleet(&["plan"]);
     assert!(
         plan.stdout().contains("reset    box")
@@ -963,10 +971,7 @@ fn a_proxmox_vm_that_resets_before_each_run_rolls_back_to_the_snapshot_taken_whe
     let vm = pve.vm_named("box").expect("box");
     assert_eq!(vm["status"], "running");
     assert_eq!(config_of(&vm, "memory"), "2048");
-    assert!(
-        f.repo.path().join(".fleet/status/resets/box").exists(),
-        "the reset's time is recorded"
-    );
+    assert!(!used.join("box").exists(), "the reset cleared the mark");
     // Recorded: the waiting run now finds the VM clean, and nothing more is planned.
     let again = f.repo.fleet(&["plan", "--detailed-exitcode"]);
     again.expect_code(0);

@@ -399,14 +399,16 @@ impl Driver for ProxmoxDriver {
         // The stamp with the spec goes last but for the power state, in the same write as
         // the config it describes: whatever a crash interrupts before it is done again.
         let stamp = &stamp.over(self.stamp_of(&owned.config).as_ref());
-        let owned = self.resize_disk(vm, owned)?;
+        let mut owned = self.resize_disk(vm, owned)?;
+        if vm.config.reset {
+            // Before its first boot, and before the stamp that says the create is done: a
+            // VM that resets is never made without the state it returns to.
+            self.take_clean_snapshot(&owned)?;
+            owned = self.require_owned(&vm.name)?;
+        }
         self.write_config(vm, stamp, &owned)?;
         self.drop_legacy_snippet(&vm.name)?;
         self.remember(owned.vmid, &vm.name, &owned.node, Some(stamp.clone()));
-        if vm.config.reset {
-            // Before its first boot: the state a reset returns to.
-            self.take_clean_snapshot(&owned)?;
-        }
         self.ensure_power(vm, &owned, grace)
     }
 
@@ -419,16 +421,24 @@ impl Driver for ProxmoxDriver {
                 format!("{}: its stamp is unreadable; not reset", vm.name),
             )
         })?;
-        self.power_off(&owned, Duration::ZERO)?;
         let client = self.client()?;
+        if owned.running {
+            // Nothing in it is kept: stopped hard, no shutdown to wait for.
+            let upid: String = client.post(&format!("{}/status/stop", owned.path()), &[])?;
+            match client.await_task(&owned.node, &upid, TASK_DEADLINE) {
+                Err(e) if e.condition == PveCondition::NotRunning => {}
+                other => other?,
+            }
+        }
         let upid: String = client.post(
             &format!("{}/snapshot/{CLEAN_SNAPSHOT}/rollback", owned.path()),
             &[],
         )?;
         self.task(&owned.node, upid)?;
-        // The rollback also put back the config of that moment: the spec and stamp of now
-        // go back on before it boots.
+        // The rollback also put back the disk and config of that moment: the spec's disk
+        // size, config and stamp of now go back on before it boots.
         let owned = self.require_owned(&vm.name)?;
+        let owned = self.resize_disk(vm, owned)?;
         self.write_config(vm, &stamp, &owned)?;
         let owned = self.require_owned(&vm.name)?;
         self.power_on(&owned)
