@@ -601,7 +601,8 @@ async fn make_plan(
             return Ok(Err(ExitCode::from(1)));
         }
     };
-    let over = reconcile::capacity_problems(&desired, &host);
+    let vault = ws.open_vault(&desired);
+    let over = reconcile::capacity_problems(&desired, &host, &vault);
     if !over.is_empty() {
         for why in &over {
             eprintln!("error: {why}");
@@ -612,7 +613,6 @@ async fn make_plan(
         );
         return Ok(Err(ExitCode::from(1)));
     }
-    let vault = ws.open_vault(&desired);
     let drivers = reconcile::drivers_for(&desired, &host, &vault);
     let runs = reconcile::recorded_fresh_runs(ws);
     let planned =
@@ -759,7 +759,7 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    let over = reconcile::capacity_problems(&desired, &host);
+    let over = reconcile::capacity_problems(&desired, &host, &ws.open_vault(&desired));
     if !over.is_empty() {
         for why in &over {
             eprintln!("error: {why}");

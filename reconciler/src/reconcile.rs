@@ -361,8 +361,13 @@ pub fn drivers_for(desired: &Desired, host: &HostSpec, vault: &crate::secrets::V
 
 /// Why the running VMs of `desired` would not fit their hosts (`policy.overcommit`), asked
 /// of each provider's host now; a provider that cannot tell is not checked.
-pub fn capacity_problems(desired: &Desired, host: &HostSpec) -> Vec<String> {
-    let drivers = drivers_for(desired, host, &crate::secrets::Vault::default());
+pub fn capacity_problems(
+    desired: &Desired,
+    host: &HostSpec,
+    vault: &crate::secrets::Vault,
+) -> Vec<String> {
+    // The revision's own values: a Proxmox token kept as a Secret opens the API too.
+    let drivers = drivers_for(desired, host, vault);
     // Asked on threads of their own: a driver's calls block (Proxmox's client runs its own
     // runtime), and callers may be on the async runtime.
     let capacities = std::thread::scope(|scope| {

@@ -1166,11 +1166,11 @@ impl Daemon {
                     .baseline
                     .as_ref()
                     .is_some_and(|(id, _)| *id == desired.revision.id);
-                let over = reconcile::capacity_problems(&desired, &self.host);
-                let already_over = self
-                    .last_good
-                    .as_ref()
-                    .is_some_and(|d| !reconcile::capacity_problems(d, &self.host).is_empty());
+                let values = self.ws.open_vault(&desired);
+                let over = reconcile::capacity_problems(&desired, &self.host, &values);
+                let already_over = self.last_good.as_ref().is_some_and(|d| {
+                    !reconcile::capacity_problems(d, &self.host, &self.vault).is_empty()
+                });
                 if over.is_empty() || in_force || already_over {
                     for why in &over {
                         tracing::warn!("over capacity, applied anyway: {why}");
