@@ -80,7 +80,13 @@ fn a_push_to_the_followed_remote_is_applied_within_the_poll_interval() {
         host.path().join(".fleet/source/mirror.git").is_dir(),
         "fleet keeps a mirror of its own"
     );
-    assert!(summary(&host).contains("source:"), "{}", summary(&host));
+    // The fetch's outcome is recorded in the summary once it is handled, which may come
+    // just after the apply of what it found.
+    wait_until(
+        "the summary shows the source",
+        Duration::from_secs(10),
+        || summary(&host).contains("source:"),
+    );
 
     origin.write("fleet/vms/b.yaml", vm("b"));
     let pushed = origin.commit("a second VM");
