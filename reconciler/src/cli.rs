@@ -759,7 +759,8 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    let over = reconcile::capacity_problems(&desired, &host, &ws.open_vault(&desired));
+    let vault = ws.open_vault(&desired);
+    let over = reconcile::capacity_problems(&desired, &host, &vault);
     if !over.is_empty() {
         for why in &over {
             eprintln!("error: {why}");
@@ -774,7 +775,6 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
             desired.revision.label
         );
     }
-    let vault = ws.open_vault(&desired);
     let drivers = reconcile::drivers_for(&desired, &host, &vault);
     let (journal, recovered) = reconcile::open_journal(ws, &drivers)
         .await

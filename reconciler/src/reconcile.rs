@@ -274,15 +274,21 @@ fn resets_due(ws: &Workspace, desired: &Desired) -> BTreeMap<String, String> {
     if !desired.vms.values().any(|vm| vm.config.reset) {
         return BTreeMap::new();
     }
-    let records = ws.status.read_task_records();
-    desired
+    // The marks before the records: the task book writes a run's record, then its VM's
+    // mark, so a mark seen here has its run's record on disk (a run under way is never
+    // taken for one waiting on a used VM).
+    let used: BTreeMap<&str, bool> = desired
         .vms
         .values()
         .filter(|vm| vm.config.reset)
-        .filter_map(|vm| {
-            let runs = crate::status::tasks::reset_facts(records.values(), &vm.name);
-            let task = crate::reset::due(&runs, ws.status.is_used(&vm.name))?;
-            Some((vm.name.clone(), task.to_owned()))
+        .map(|vm| (vm.name.as_str(), ws.status.is_used(&vm.name)))
+        .collect();
+    let records = ws.status.read_task_records();
+    used.into_iter()
+        .filter_map(|(vm, used)| {
+            let runs = crate::status::tasks::reset_facts(records.values(), vm);
+            let task = crate::reset::due(&runs, used)?;
+            Some((vm.to_owned(), task.to_owned()))
         })
         .collect()
 }

@@ -5,8 +5,8 @@
 //! its agent says hello. Runs on such a VM go one at a time.
 //!
 //! A VM is used once a run is dispatched to it: the task book marks it (`status/used/<vm>`)
-//! before the run reaches the guest, and apply clears the mark when a reset, a create or a
-//! replace of the VM has run. The plan resets a used VM when a run waits on it and none is
+//! after the run's record and before the run reaches the guest, and apply clears the mark
+//! when a reset, create, replace or destroy of the VM has run. The plan resets a used VM when a run waits on it and none is
 //! under way (`Reason::ResetBeforeRun`); the task book dispatches a run only to an unused
 //! VM with none under way (`may_dispatch`). Both read the same mark, so they agree without
 //! talking, and a crash anywhere costs at most one reset more, never a run on a used disk.

@@ -994,17 +994,6 @@ impl Daemon {
         let running_names = running.iter().map(|(n, _)| n.clone()).collect();
         self.agents.sync(running, &self.tx);
         self.tasks.set_members(&members);
-        self.tasks.cleaned(
-            applied
-                .report
-                .results
-                .iter()
-                .filter(|r| {
-                    use crate::plan::Action::{Create, Destroy, Replace, Reset};
-                    r.ok && matches!(r.action, Reset | Create | Replace | Destroy)
-                })
-                .map(|r| r.vm.clone()),
-        );
         self.tasks
             .sync(&desired, self.vault.clone(), &running_names);
         // What the links should run may have changed: each looks now, not at its next tick.
@@ -1166,6 +1155,8 @@ impl Daemon {
                     .baseline
                     .as_ref()
                     .is_some_and(|(id, _)| *id == desired.revision.id);
+                // Values are opened once per revision (a Proxmox token kept as a Secret
+                // is asked for the capacity too).
                 let values = self.ws.open_vault(&desired);
                 let over = reconcile::capacity_problems(&desired, &self.host, &values);
                 let already_over = self.last_good.as_ref().is_some_and(|d| {
@@ -1175,13 +1166,13 @@ impl Daemon {
                     for why in &over {
                         tracing::warn!("over capacity, applied anyway: {why}");
                     }
-                    Ok(desired)
+                    Ok((desired, values))
                 } else {
                     Err(over)
                 }
             });
         match loaded {
-            Ok(desired) => {
+            Ok((desired, vault)) => {
                 tracing::info!(revision = %desired.revision.label, "new revision");
                 self.baseline = Some((desired.revision.id.clone(), desired.policy.allow_rollback));
                 if !desired.revision.id.starts_with("worktree:") {
@@ -1189,9 +1180,8 @@ impl Daemon {
                         .status
                         .write_in_force(&desired.revision.id, desired.policy.allow_rollback)?;
                 }
-                // Values are opened once per revision; what cannot be opened holds only the
-                // tasks that use it (the task book binds its tasks to the values).
-                let vault = self.ws.open_vault(&desired);
+                // What cannot be opened holds only the tasks that use it (the task book
+                // binds its tasks to the values).
                 for problem in vault.problems() {
                     tracing::warn!("secret: {problem}");
                     let _ = self.ws.status.append_event(&crate::status::Event::fleet(

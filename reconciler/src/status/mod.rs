@@ -730,8 +730,9 @@ impl StatusDir {
     }
 
     /// Whether a run was dispatched to `vm` since it was made or last reset (`reset`;
-    /// `used/<vm>`, marked by the task book before the run reaches the guest, cleared by
-    /// apply once a reset, create or replace of the VM has run). A mark that cannot be read
+    /// `used/<vm>`, marked by the task book after the run's record and before the run
+    /// reaches the guest, cleared by apply once a reset, create, replace or destroy of the
+    /// VM has run). A mark that cannot be read
     /// counts as there: one reset too many, never a run on a used disk.
     pub fn is_used(&self, vm: &str) -> bool {
         if crate::driver::check_name(vm).is_err() {
@@ -753,10 +754,7 @@ impl StatusDir {
 
     pub fn clear_used(&self, vm: &str) -> std::io::Result<()> {
         crate::driver::check_name(vm).map_err(|e| std::io::Error::other(e.message))?;
-        match std::fs::remove_file(self.root.join("used").join(vm)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        tree::remove_file(&self.tree_to_write()?, &Path::new("used").join(vm))
     }
 
     pub fn read_vms(&self) -> BTreeMap<String, VmStatus> {

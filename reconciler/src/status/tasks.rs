@@ -726,14 +726,16 @@ fn write_at(
     file.write_all(data)
 }
 
-/// The runs on `vm` among `records`, as `reset` sees them, oldest first.
+/// The runs on `vm` among `records`, as `reset` sees them.
 pub fn reset_facts<'a>(
     records: impl IntoIterator<Item = &'a TaskRecord>,
     vm: &str,
 ) -> Vec<crate::reset::RunFacts> {
-    let mut runs: Vec<&TaskRecord> = records.into_iter().filter(|r| r.vm == vm).collect();
-    runs.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
-    runs.into_iter().map(TaskRecord::reset_facts).collect()
+    records
+        .into_iter()
+        .filter(|r| r.vm == vm)
+        .map(TaskRecord::reset_facts)
+        .collect()
 }
 
 #[cfg(test)]

@@ -641,7 +641,7 @@ fn a_vm_that_resets_gets_one_run_a_reset_even_of_the_same_task_again() {
         now: at(0),
         ..BookState::default()
     };
-    state.resets = BTreeMap::from([("vm-1".to_owned(), false)]);
+    state.used_since_reset = BTreeMap::from([("vm-1".to_owned(), false)]);
     state.sync(&wanted, &BTreeSet::from(["vm-1".to_owned()]));
     state.take_effects();
     let mut conn = Connection::new("vm-1");
@@ -678,8 +678,8 @@ fn a_vm_that_resets_gets_one_run_a_reset_even_of_the_same_task_again() {
             .any(|m| matches!(m, HostMessage::RunTask { .. })),
         "{sent:?}"
     );
-    // Reset (`TaskBook::cleaned` after apply): on the new boot, it goes.
-    state.resets.insert("vm-1".into(), false);
+    // Reset (apply cleared the mark; the next sync reads it): on the new boot, it goes.
+    state.used_since_reset.insert("vm-1".into(), false);
     let mut conn = Connection::new("vm-1");
     conn.greeted("boot-2", None);
     let (sent, _) = state.tick(&mut conn, &HostFiles::default());

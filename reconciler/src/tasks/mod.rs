@@ -94,10 +94,10 @@ struct BookState {
     /// fleet is suspended: no run starts.
     suspended: bool,
     /// The VMs with `reset: beforeEachTask`, and whether each was used (a run dispatched
-    /// to it) since it was made or last reset. Set when a run is dispatched (and marked on
-    /// disk, `status/used/<vm>`, for the plan), cleared only by `TaskBook::cleaned` after
-    /// apply reset, made or made again the VM.
-    resets: BTreeMap<String, bool>,
+    /// to it) since it was made or last reset: set when a run is dispatched, and read again
+    /// by `TaskBook::sync` from the VM's mark on disk (`status/used/<vm>`, which apply
+    /// clears) or a run under way on it.
+    used_since_reset: BTreeMap<String, bool>,
     /// The VMs with an `idle` rule: a run made or ended on one is planned for at once (a
     /// stopped one is woken, a free one's idle time counts from then).
     idle: BTreeSet<String>,
@@ -191,8 +191,8 @@ struct Effects {
     /// Host answer files (names in `hitl/`) to move aside (`Some(to)`) or remove (`None`),
     /// after the records and prompts that say what became of them are written.
     moves: Vec<(String, Option<String>)>,
-    /// VMs that reset before each run and were just given a run: marked used on disk
-    /// before the lock is released (`BookState::mark_used`).
+    /// VMs just given a run: marked used on disk after the run's record is written and
+    /// before the guest hears (`BookState::mark_used`).
     used: Vec<String>,
     /// The daemon plans again once the records saying so are written
     /// (`TaskBook::on_plan_again`): a fresh run was given a member or let its member go, or
@@ -285,19 +285,20 @@ impl BookState {
     /// Whether a run may be dispatched to `vm` now: always, unless it resets before each
     /// run and was used since its last reset, or runs one now (`reset::may_dispatch`).
     fn may_dispatch_on(&self, vm: &str) -> bool {
-        self.resets.get(vm).is_none_or(|used| {
+        self.used_since_reset.get(vm).is_none_or(|used| {
             let runs = crate::status::tasks::reset_facts(self.records.values(), vm);
             crate::reset::may_dispatch(&runs, *used)
         })
     }
 
-    /// A run is being dispatched to `vm`: on a VM that resets before each run, it is used
-    /// from now on (marked on disk before the lock is released, so before the guest hears).
+    /// A run is being dispatched to `vm`: it is used from now on. Every VM is marked, not
+    /// only those the book knows to reset: a revision that just turned `reset` on may not
+    /// have reached the book yet.
     fn mark_used(&mut self, vm: &str) {
-        if let Some(used) = self.resets.get_mut(vm) {
+        if let Some(used) = self.used_since_reset.get_mut(vm) {
             *used = true;
-            self.effects.used.push(vm.to_owned());
         }
+        self.effects.used.push(vm.to_owned());
     }
 
     fn record_changed(&mut self, name: &str) {
@@ -838,18 +839,21 @@ impl TaskBook {
     /// (see `BookState::sync`).
     pub fn sync(&self, desired: &Desired, vault: Arc<Vault>, running: &BTreeSet<String>) {
         let mut state = self.lock();
-        // Used when the book says so (only `cleaned` clears it) or the mark does (a run
-        // dispatched before a restart of fleet).
-        let resets = desired
+        // Read under the lock: used when the mark says so, or a run is under way on it (its
+        // mark may be on its way to disk; a mark is written right after its run's record).
+        let used = desired
             .vms
             .values()
             .filter(|vm| vm.config.reset)
             .map(|vm| {
-                let known = state.resets.get(&vm.name).copied().unwrap_or(false);
-                (vm.name.clone(), known || self.status.is_used(&vm.name))
+                let running = state
+                    .records
+                    .values()
+                    .any(|r| r.vm == vm.name && r.phase.is_active());
+                (vm.name.clone(), running || self.status.is_used(&vm.name))
             })
             .collect();
-        state.resets = resets;
+        state.used_since_reset = used;
         state.idle = desired.idle.keys().cloned().collect();
         state.now = DecidedAt::now();
         state.vault = vault;
@@ -867,17 +871,6 @@ impl TaskBook {
         BookGuard {
             book: self,
             state: Some(self.state.lock().unwrap_or_else(|p| p.into_inner())),
-        }
-    }
-
-    /// Apply reset, made or made again these VMs: a VM that resets before each run is
-    /// clean again (called before `sync`).
-    pub fn cleaned(&self, vms: impl IntoIterator<Item = String>) {
-        let mut state = self.lock();
-        for vm in vms {
-            if let Some(used) = state.resets.get_mut(&vm) {
-                *used = false;
-            }
         }
     }
 
@@ -1482,7 +1475,7 @@ impl BookState {
             updated: time,
         };
         self.effects.resets.push(task.name.clone());
-        if self.resets.contains_key(&record.vm) || self.idle.contains(&record.vm) {
+        if self.used_since_reset.contains_key(&record.vm) || self.idle.contains(&record.vm) {
             self.effects.plan_again = true;
         }
         self.event(
@@ -1521,7 +1514,7 @@ impl BookState {
         }
         let finished = self.stamp();
         if (record.fresh.is_some() && !record.vm.is_empty())
-            || self.resets.contains_key(&record.vm)
+            || self.used_since_reset.contains_key(&record.vm)
             || self.idle.contains(&record.vm)
         {
             self.effects.plan_again = true;

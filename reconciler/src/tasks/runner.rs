@@ -382,6 +382,9 @@ impl BookState {
                     continue;
                 }
                 conn.attached.insert(name.clone());
+                // Marked again: a fleet killed between the run's record and its mark left
+                // none, and the run is on the VM all the same.
+                self.mark_used(&conn.vm);
                 match self.desired.get(name).filter(|_| current) {
                     Some(task) => out.push(run_task(
                         task,
@@ -421,8 +424,8 @@ impl BookState {
         self.enforce_timeouts(conn, &mut out);
         // A VM that resets before each run, used and with no run under way, is sent no
         // secret: whatever the last run left in it would hear the next run's values. They
-        // go on the clean boot's hello.
-        let used_and_free = self.resets.get(&conn.vm) == Some(&true)
+        // go once the book knows it was reset (the pass's sync after the reset).
+        let used_and_free = self.used_since_reset.get(&conn.vm) == Some(&true)
             && !ours
                 .iter()
                 .any(|n| self.records.get(n).is_some_and(|r| r.phase.is_active()));
