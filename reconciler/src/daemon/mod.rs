@@ -494,7 +494,7 @@ fn baseline(ws: &Workspace, host: &crate::spec::HostSpec) -> Option<(String, boo
 }
 
 /// When the next pass must run for a lease's end or a VM becoming idle (`lease`, `idle`).
-fn lifecycle_deadline(planned: &reconcile::Planned, desired: &Desired) -> Option<SystemTime> {
+fn lease_or_idle_deadline(planned: &reconcile::Planned, desired: &Desired) -> Option<SystemTime> {
     let now = crate::time::Timestamp::from(SystemTime::now());
     let leases = crate::lease::states(desired, &planned.observed, &planned.inputs.leases);
     let lease_end = crate::lease::next_end(leases.values(), now);
@@ -926,7 +926,7 @@ impl Daemon {
             &runs,
         )
         .await;
-        self.next_deadline = lifecycle_deadline(&planned, planned.desired(&desired));
+        self.next_deadline = lease_or_idle_deadline(&planned, planned.desired(&desired));
         self.note_suspension(&suspended, &desired.revision);
         if suspended.is_some() {
             // Observed and planned, drift reported; nothing applied, no task started. A

@@ -584,36 +584,33 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
             continue; // unreachable: never create what we cannot see
         }
         let found = index.get(&(provider.as_str(), vm.name.as_str())).copied();
-        let owned = found.filter(|f| f.owned_by(&desired.fleet));
         // Why a VM git wants running is kept stopped (its lease ended, or it is idle), or
         // started (a run woke it): the reason its power step gives.
-        let mut kept_stopped = None;
-        let mut woken = None;
-        if let Some(ended) = lease_ended(desired, inputs, vm, found) {
-            leases_ended.push(ended.clone());
-            match (found, owned) {
-                // Not made again until a renewal.
-                (None, _) => continue,
-                (_, Some(found)) if ended.on_expiry == LeaseExpiry::Destroy => {
-                    steps.push(destroy(provider, found, lease_reason(&ended)));
-                    continue;
-                }
-                (_, Some(_)) => kept_stopped = Some(lease_reason(&ended)),
-                _ => {} // another's VM: the conflict below
+        let (mut kept_stopped, mut woken) = (None, None);
+        match power_override(desired, inputs, vm, found) {
+            PowerOverride::None => {}
+            PowerOverride::NotMade(ended) => {
+                leases_ended.push(ended);
+                continue;
             }
-        } else if let Some(verdict) = owned.and_then(|_| idle_verdict(desired, inputs, vm)) {
-            match verdict {
-                crate::idle::Verdict::Idle { since } => {
-                    idle.push(IdleVm {
-                        vm: vm.name.clone(),
-                        provider: provider.clone(),
-                        since,
-                    });
-                    kept_stopped = Some(Reason::Idle { since });
-                }
-                crate::idle::Verdict::Busy { task } => woken = Some(Reason::Woken { task }),
-                crate::idle::Verdict::Awake => {}
+            PowerOverride::Destroyed(ended, found) => {
+                steps.push(destroy(provider, found, lease_reason(&ended)));
+                leases_ended.push(ended);
+                continue;
             }
+            PowerOverride::LeaseEnded(ended) => {
+                kept_stopped = Some(lease_reason(&ended));
+                leases_ended.push(ended);
+            }
+            PowerOverride::Idle(since) => {
+                idle.push(IdleVm {
+                    vm: vm.name.clone(),
+                    provider: provider.clone(),
+                    since,
+                });
+                kept_stopped = Some(Reason::Idle { since });
+            }
+            PowerOverride::Woken(task) => woken = Some(Reason::Woken { task }),
         }
         let kept_stopped_vm;
         let vm = match kept_stopped {
@@ -669,7 +666,7 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                 let found_drift = owned_drift(vm, found, history);
                 // A power step a lease or idleness asks for says so (and runs whatever
                 // the drift policy).
-                let mut lifecycle = false;
+                let mut overridden = false;
                 let step = step_for_owned(vm, found).map(|mut step| {
                     let why = match step.action() {
                         Action::Stop => &kept_stopped,
@@ -678,7 +675,7 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                     };
                     if let Some(why) = why {
                         step.reason = why.clone();
-                        lifecycle = true;
+                        overridden = true;
                     }
                     step
                 });
@@ -693,7 +690,7 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                             ..
                         }),
                     ) if vm.config.reset && vm.state == PowerState::Running => {
-                        lifecycle = true;
+                        overridden = true;
                         Some(Step {
                             vm: vm.name.clone(),
                             provider: provider.clone(),
@@ -710,7 +707,7 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                     (Some(what), step) => {
                         // A step the spec itself asks for runs whatever the policy; a step
                         // that only heals drift runs when self-healing is on.
-                        let heals_only = !lifecycle
+                        let heals_only = !overridden
                             && step.as_ref().is_none_or(|s| {
                                 matches!(s.reason, Reason::PowerState { .. })
                                     || s.changes().is_empty()
@@ -719,7 +716,7 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                             vm: vm.name.clone(),
                             provider: provider.clone(),
                             what: what.clone(),
-                            healed: heal || (!heals_only && !lifecycle),
+                            healed: heal || (!heals_only && !overridden),
                         });
                         match step {
                             Some(step) if !heals_only => steps.push(step),
@@ -849,6 +846,46 @@ fn destroy(provider: &str, found: &ObservedVm, reason: Reason) -> Step {
             applied_revision: stamp.map(|s| s.revision.clone()),
         },
         reason,
+    }
+}
+
+/// What a VM's lease or idleness makes of what git asks for it.
+enum PowerOverride<'a> {
+    None,
+    /// Its lease ended and it is not on its provider: not made again until a renewal.
+    NotMade(LeaseEnded),
+    /// Its lease ended with `onExpiry: destroy`.
+    Destroyed(LeaseEnded, &'a ObservedVm),
+    /// Its lease ended with `onExpiry: stop`: kept stopped.
+    LeaseEnded(LeaseEnded),
+    /// Idle since then: kept stopped.
+    Idle(Option<Timestamp>),
+    /// A run of this task is due on it: it runs.
+    Woken(String),
+}
+
+fn power_override<'a>(
+    desired: &Desired,
+    inputs: &PlanInputs,
+    vm: &DesiredVm,
+    found: Option<&'a ObservedVm>,
+) -> PowerOverride<'a> {
+    let owned = found.filter(|f| f.owned_by(&desired.fleet));
+    if let Some(ended) = lease_ended(desired, inputs, vm, found) {
+        return match (found, owned) {
+            (None, _) => PowerOverride::NotMade(ended),
+            (_, Some(found)) if ended.on_expiry == LeaseExpiry::Destroy => {
+                PowerOverride::Destroyed(ended, found)
+            }
+            (_, Some(_)) => PowerOverride::LeaseEnded(ended),
+            // Another's VM under its name: the conflict is planned as usual.
+            _ => PowerOverride::None,
+        };
+    }
+    match owned.and_then(|_| idle_verdict(desired, inputs, vm)) {
+        Some(crate::idle::Verdict::Idle { since }) => PowerOverride::Idle(since),
+        Some(crate::idle::Verdict::Busy { task }) => PowerOverride::Woken(task),
+        Some(crate::idle::Verdict::Awake) | None => PowerOverride::None,
     }
 }
 
