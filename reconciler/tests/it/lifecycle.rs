@@ -56,11 +56,15 @@ fn a_lease_stops_or_destroys_its_vm_at_its_end_and_a_renewal_brings_it_back() {
     wait_until("both VMs run", Duration::from_secs(60), || {
         state(&stop) == "running" && state(&gone) == "running"
     });
-    let listed = repo.fleet(&["status"]);
-    assert!(
-        listed.stdout().contains("left (then stop)"),
-        "{}",
-        listed.stdout()
+    // The status is written once the pass that made them has observed them again.
+    wait_until(
+        "fleet status shows the time left",
+        Duration::from_secs(15),
+        || {
+            repo.fleet(&["status"])
+                .stdout()
+                .contains("left (then stop)")
+        },
     );
 
     // At the end: one stopped, the other destroyed with its files.
