@@ -75,7 +75,8 @@ pub struct TaskBook {
     /// made one hold at a time, in the order the holds decided them.
     made: Mutex<HashMap<String, u64>>,
     made_changed: Condvar,
-    /// Called when a fresh run got or let go of a member, after the records are written.
+    /// Called when the daemon should plan again (`on_plan_again`), after the records are
+    /// written.
     plan_again: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
@@ -196,7 +197,7 @@ struct Effects {
     used: Vec<String>,
     /// The daemon plans again once the records saying so are written
     /// (`TaskBook::on_plan_again`): a fresh run was given a member or let its member go, or
-    /// a run was made or ended on a VM that resets before each run.
+    /// a run was made or ended on a VM that resets before each run or has an idle rule.
     plan_again: bool,
 }
 
@@ -570,7 +571,8 @@ impl TaskBook {
     }
 
     /// What to call when the daemon should plan again: a fresh run got a member or let one
-    /// go, or a run was made or ended on a VM that resets before each run.
+    /// go, or a run was made or ended on a VM that resets before each run or has an idle
+    /// rule (its reset, wake or idle time follows from it).
     pub fn on_plan_again(&self, notify: impl Fn() + Send + Sync + 'static) {
         *self.plan_again.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(notify));
     }
