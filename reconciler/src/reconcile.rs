@@ -590,6 +590,9 @@ pub struct Applied {
     pub summary: Summary,
     /// Every VM's status as written.
     pub vms: BTreeMap<String, status::VmStatus>,
+    /// Providers the last observation could not reach: what their VMs do is unknown, not
+    /// stopped.
+    pub unreachable: std::collections::BTreeSet<String>,
 }
 
 /// Opens the journal, resolves what an interrupted apply left open, and lets each driver
@@ -704,6 +707,7 @@ pub async fn apply_and_record(
     } else {
         (ApplyReport::default(), observed_before.clone())
     };
+    let unreachable = after.unreachable.keys().cloned().collect();
     let mut outcomes: BTreeMap<String, VmOutcome> = BTreeMap::new();
     for r in &report.results {
         if let Some(e) = &r.error {
@@ -771,6 +775,7 @@ pub async fn apply_and_record(
             report,
             summary,
             vms,
+            unreachable,
         });
     }
     let message = format!(
@@ -791,5 +796,6 @@ pub async fn apply_and_record(
         report,
         summary,
         vms,
+        unreachable,
     })
 }

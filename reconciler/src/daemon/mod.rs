@@ -984,11 +984,16 @@ impl Daemon {
             false,
         )
         .await?;
-        // Follow the agent of every VM that runs now (and only those).
+        // Follow the agent of every VM that runs now (and only those). A VM on a provider
+        // the last look could not reach is not known to have stopped: its link and its
+        // runs go on (a flaky API must not fail every task under way).
         let running: Vec<(String, Arc<dyn crate::driver::Driver>)> = applied
             .vms
             .values()
-            .filter(|vm| vm.phase == crate::status::Phase::Running)
+            .filter(|vm| {
+                vm.phase == crate::status::Phase::Running
+                    || applied.unreachable.contains(&vm.provider)
+            })
             .filter_map(|vm| Some((vm.name.clone(), self.drivers.get(&vm.provider)?.clone())))
             .collect();
         let running_names = running.iter().map(|(n, _)| n.clone()).collect();
