@@ -291,28 +291,39 @@ fn check_vm_spec<T>(o: &Object<T>, at: &str, spec: &VmSpec, diags: &mut Vec<Diag
         diags,
     );
     if let Some(lease) = &spec.lease {
-        let ttl = lease.ttl.to_std();
-        if ttl < crate::lease::MIN_TTL || ttl > A_YEAR {
-            diags.push(o.field_error(
-                &format!("{at}/lease/ttl"),
-                format!(
-                    "{:?} is out of range; a lease lasts from 10s to 8784h (a year)",
-                    lease.ttl.as_str()
-                ),
-            ));
-        }
+        let why = "a lease lasts from 10s to 8784h (a year)";
+        let range = (crate::lease::MIN_TTL, A_YEAR);
+        check_duration(o, &format!("{at}/lease/ttl"), &lease.ttl, range, why, diags);
     }
     if let Some(idle) = &spec.idle {
-        let after = idle.stop_after.to_std();
-        if after < crate::idle::MIN_STOP_AFTER || after > A_WEEK {
-            diags.push(o.field_error(
-                &format!("{at}/idle/stopAfter"),
-                format!(
-                    "{:?} is out of range; use a duration from 10s to 168h",
-                    idle.stop_after.as_str()
-                ),
-            ));
-        }
+        let why = "use a duration from 10s to 168h";
+        let range = (crate::idle::MIN_STOP_AFTER, A_WEEK);
+        check_duration(
+            o,
+            &format!("{at}/idle/stopAfter"),
+            &idle.stop_after,
+            range,
+            why,
+            diags,
+        );
+    }
+}
+
+/// A duration at `pointer` within `(min, max)`, or a diagnostic saying `why` not.
+fn check_duration<T>(
+    o: &Object<T>,
+    pointer: &str,
+    value: &crate::spec::Duration,
+    (min, max): (std::time::Duration, std::time::Duration),
+    why: &str,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let d = value.to_std();
+    if d < min || d > max {
+        diags.push(o.field_error(
+            pointer,
+            format!("{:?} is out of range; {why}", value.as_str()),
+        ));
     }
 }
 
