@@ -15,9 +15,9 @@ DEB_PACKAGES := libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x8
 # package can remove another's command (a newer qemu-utils gave way to qemu-system-x86's).
 DEB_COMMANDS := libvirtd virtlogd virsh qemu-system-x86_64 qemu-img genisoimage busybox cpio \
                 depmod file git chromium cloud-init age age-keygen python3 pkg-config \
-                dnsmasq nft iptables ip ssh ssh-agent ssh-add sshd
+                dnsmasq nft iptables ip ssh ssh-agent ssh-add sshd promtool
 
-.PHONY: all build deps libvirtd agent image image-debian image-agent install-example fakepve run test test-agent lint unit bench bench-agent bench-fresh fuzz crash-test crash-test-proxmox clean
+.PHONY: all build deps promtool libvirtd agent image image-debian image-agent install-example fakepve run test test-agent lint unit bench bench-agent bench-fresh fuzz crash-test crash-test-proxmox clean
 
 all: build
 
@@ -39,12 +39,22 @@ deps:
 	  pkgs=$$(echo $(DEB_PACKAGES) | sed "s/qemu-system-x86/qemu-system-x86=$$qemu/; s/qemu-utils/qemu-utils=$$qemu/"); \
 	  apt-get install -y -qq --no-install-recommends --allow-downgrades $$pkgs || exit 1; \
 	fi
+	@command -v promtool >/dev/null || $(MAKE) --no-print-directory promtool
 	@absent=$$(for c in $(DEB_COMMANDS); do command -v $$c >/dev/null || echo $$c; done); \
 	if [ -n "$$absent" ]; then \
 	  echo "make deps: still missing after installing:" $$absent >&2; \
 	  echo "  reinstall the package that provides each (apt-get install --reinstall PACKAGE)" >&2; \
 	  exit 1; \
 	fi
+
+# promtool (the metrics and alert-rule checker the tests run), taken out of Debian's
+# prometheus package: installing the package would also install and start a Prometheus.
+promtool:
+	@tmp=$$(mktemp -d) && chmod 0755 $$tmp && cd $$tmp && \
+	  { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus; }; } && \
+	  dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > /usr/local/bin/promtool && \
+	  chmod 0755 /usr/local/bin/promtool && cd / && rm -rf $$tmp
+	@promtool --version | head -1
 
 # Starts virtlogd and libvirtd when they are not running (no systemd needed).
 libvirtd:

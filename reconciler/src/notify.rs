@@ -10,6 +10,7 @@
 //! so neither does a payload.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -18,6 +19,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use crate::http::Metrics;
 use crate::spec::{HostNotify, NotifyFormat};
 use crate::status::{Event, EventKind, EventListener, StatusDir};
 
@@ -61,7 +63,11 @@ struct Sink {
 
 /// Starts a worker per sink and returns the listener that feeds them (`None` without
 /// sinks). Errors name the sink and what is wrong with it.
-pub fn start(sinks: &[HostNotify], status: &StatusDir) -> Result<Option<EventListener>> {
+pub fn start(
+    sinks: &[HostNotify],
+    status: &StatusDir,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<EventListener>> {
     if sinks.is_empty() {
         return Ok(None);
     }
@@ -88,7 +94,13 @@ pub fn start(sinks: &[HostNotify], status: &StatusDir) -> Result<Option<EventLis
         };
         let target = target(sink)?;
         let (queue, receiver) = mpsc::channel(QUEUE);
-        tokio::spawn(deliver(sink.name.clone(), target, receiver, status.clone()));
+        tokio::spawn(deliver(
+            sink.name.clone(),
+            target,
+            receiver,
+            status.clone(),
+            metrics.clone(),
+        ));
         fed.push(Sink {
             name: sink.name.clone(),
             kinds,
@@ -96,21 +108,21 @@ pub fn start(sinks: &[HostNotify], status: &StatusDir) -> Result<Option<EventLis
         });
     }
     let status = status.clone();
-    Ok(Some(EventListener(std::sync::Arc::new(
-        move |event: &Event| {
-            for sink in &fed {
-                if !sink.kinds.contains(&event.kind) {
-                    continue;
-                }
-                if sink.queue.try_send(event.clone()).is_err() {
-                    let _ = status.append_line(
+    let metrics = metrics.clone();
+    Ok(Some(EventListener(Arc::new(move |event: &Event| {
+        for sink in &fed {
+            if !sink.kinds.contains(&event.kind) {
+                continue;
+            }
+            if sink.queue.try_send(event.clone()).is_err() {
+                metrics.count_delivery(&sink.name, "dropped");
+                let _ = status.append_line(
                     "notifications.jsonl",
                     &json!({"time": event.time, "sink": sink.name, "event": event.kind.as_str(), "outcome": "dropped", "why": "its queue is full"}),
                 );
-                }
             }
-        },
-    ))))
+        }
+    }))))
 }
 
 fn target(sink: &HostNotify) -> Result<Target> {
@@ -160,6 +172,7 @@ async fn deliver(
     target: Target,
     mut queue: mpsc::Receiver<Event>,
     status: StatusDir,
+    metrics: Arc<Metrics>,
 ) {
     while let Some(event) = queue.recv().await {
         // The fleet's name as the status says now (a first revision names it).
@@ -183,6 +196,12 @@ async fn deliver(
                 Target::Exec(argv) => run(argv.clone(), body.clone()).await,
             };
             let done = outcome.is_ok();
+            let verdict = match (&outcome, attempt) {
+                (Ok(()), _) => "delivered",
+                (Err(_), a) if a < ATTEMPTS => "retrying",
+                _ => "failed",
+            };
+            metrics.count_delivery(&name, verdict);
             let _ = status.append_line(
                 "notifications.jsonl",
                 &json!({
@@ -191,11 +210,7 @@ async fn deliver(
                     "event": event.kind.as_str(),
                     "eventTime": event.time,
                     "attempt": attempt,
-                    "outcome": match (&outcome, attempt) {
-                        (Ok(()), _) => "delivered",
-                        (Err(_), a) if a < ATTEMPTS => "retrying",
-                        _ => "failed",
-                    },
+                    "outcome": verdict,
                     "why": outcome.err(),
                 }),
             );

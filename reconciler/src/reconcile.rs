@@ -768,6 +768,9 @@ pub async fn apply_and_record(
         conflicts: plan.conflicts().len(),
         outcome,
     });
+    if plan.has_changes() {
+        summary.last_applied = Some(finished.into());
+    }
     summary.counts = status::counts(&vms);
     ws.status.write_summary(&summary)?;
     if !plan.has_changes() {

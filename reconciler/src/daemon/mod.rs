@@ -236,7 +236,8 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
     let mut ws = ws;
     // Every event written from here on (by any clone of the status directory) is also
     // sent to the host's notification sinks.
-    if let Some(listener) = crate::notify::start(&host.notify, &ws.status)? {
+    let metrics = Arc::new(Metrics::default());
+    if let Some(listener) = crate::notify::start(&host.notify, &ws.status, &metrics)? {
         ws.status = ws.status.with_listener(listener);
     }
     // Following a remote, the repository read is fleet's own mirror of it.
@@ -266,7 +267,6 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
 
     let _git_watcher = watch::watch_git(&ws.repo_root, tx.clone())?;
 
-    let metrics = Arc::new(Metrics::default());
     let token = page_token(&options)?;
     crate::http::server::raise_open_file_limit();
     let listener = tokio::net::TcpListener::bind(options.listen)
@@ -1064,13 +1064,6 @@ impl Daemon {
         }
         self.note(&desired, &plan, &applied);
         self.metrics.set_phases(&applied.summary.counts);
-        if plan.has_changes() {
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            self.metrics
-                .set_last_applied(i64::try_from(now).unwrap_or(i64::MAX));
-        }
         Ok(())
     }
 
@@ -1106,12 +1099,7 @@ impl Daemon {
             .unwrap_or_default();
         if let Err(e) = reconcile::verify(&self.ws, self.verifier.as_ref(), &mut snapshot) {
             tracing::warn!(revision = %snapshot.revision.label, "revision refused: {e}");
-            self.ws.status.record_refused(
-                &fleet,
-                &snapshot.revision,
-                &[e.to_string()],
-                SystemTime::now(),
-            )?;
+            self.refuse(&fleet, &snapshot.revision, &[e.to_string()])?;
             // A verifier that could not run is asked again at the next pass.
             if !matches!(e, crate::trust::Unverified::Failed { .. }) {
                 self.refused = Some(snapshot.revision);
@@ -1138,12 +1126,7 @@ impl Daemon {
                     "{message}; the revision in force sets no policy.allowRollback: true, so it stays (push a descendant of it, or allow rollback in it first)"
                 );
                 tracing::warn!("{why}");
-                self.ws.status.record_refused(
-                    &fleet,
-                    &snapshot.revision,
-                    &[why],
-                    SystemTime::now(),
-                )?;
+                self.refuse(&fleet, &snapshot.revision, &[why])?;
                 self.refused = Some(snapshot.revision);
                 return Ok(());
             }
@@ -1201,15 +1184,19 @@ impl Daemon {
             }
             Err(reasons) => {
                 tracing::warn!(revision = %snapshot.revision.label, "revision refused: {}", reasons.join("; "));
-                self.ws.status.record_refused(
-                    &fleet,
-                    &snapshot.revision,
-                    &reasons,
-                    SystemTime::now(),
-                )?;
+                self.refuse(&fleet, &snapshot.revision, &reasons)?;
                 self.refused = Some(snapshot.revision);
             }
         }
+        Ok(())
+    }
+
+    /// Records a refused revision (the last good one stays in force) and counts it.
+    fn refuse(&self, fleet: &str, revision: &Revision, reasons: &[String]) -> Result<()> {
+        self.metrics.count_refused_revision();
+        self.ws
+            .status
+            .record_refused(fleet, revision, reasons, SystemTime::now())?;
         Ok(())
     }
 

@@ -63,7 +63,7 @@ impl Snapshot {
             .unwrap_or_default()
     }
 
-    fn pending_prompts(&self) -> impl Iterator<Item = &PromptRecord> {
+    pub fn pending_prompts(&self) -> impl Iterator<Item = &PromptRecord> {
         self.prompts
             .values()
             .filter(|p| p.state == PromptState::Pending)

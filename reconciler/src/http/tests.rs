@@ -198,6 +198,79 @@ async fn api_metrics_and_probes() {
     ] {
         assert!(metrics.contains(line), "{line}: {metrics}");
     }
+}
+
+/// Every kind of series, filled in, passes `promtool check metrics` (HELP and TYPE for
+/// each, counters named by their samples); the status-file ones follow the files.
+#[tokio::test]
+async fn metrics_pass_promtool_and_follow_the_status_files() {
+    let (_dir, view) = view_with_status();
+    let mut summary = view.status.read_summary().expect("summary");
+    summary.last_applied = Some(crate::time::Timestamp::from(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+    ));
+    view.status.write_summary(&summary).expect("summary");
+    view.metrics.observe_reconcile(0.2);
+    view.metrics.observe_fetch(0.1);
+    view.metrics.count_step("create", false);
+    view.metrics.count_refused_revision();
+    view.metrics.count_delivery("ops", "delivered");
+    view.metrics
+        .set_phases(&crate::status::counts(&view.status.read_vms()));
+    let (status, metrics) = send(&view, "GET", "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    for line in [
+        "fleet_last_applied_revision_timestamp_seconds 1700000000",
+        "fleet_vm_info{vm=\"web-01\",phase=\"Running\",provider=\"local\",revision=\"abc\"} 1",
+        "fleet_revisions_refused_total 1",
+        "fleet_notification_deliveries_total{sink=\"ops\",outcome=\"delivered\"} 1",
+        "fleet_task_runs{phase=\"Running\"} 0",
+        "fleet_agent_links_connected 0",
+        "fleet_revision_refused 0",
+    ] {
+        assert!(metrics.contains(line), "{line}: {metrics}");
+    }
+    assert!(metrics.contains("fleet_build_info{version=\""), "{metrics}");
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool (make deps installs it)");
+    {
+        use std::io::Write as _;
+        let mut stdin = promtool.stdin.take().expect("stdin");
+        stdin.write_all(metrics.as_bytes()).expect("write");
+    }
+    let out = promtool.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{metrics}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A VM gone from the status files leaves no series behind.
+    view.status
+        .write_vms(&std::collections::BTreeMap::new())
+        .expect("vms");
+    *view.cache.lock().await = None;
+    let (_, metrics) = send(&view, "GET", "/metrics").await;
+    assert!(!metrics.contains("fleet_vm_info{"), "{metrics}");
+    // A scraper that asks for OpenMetrics gets it.
+    let response = app(view.clone())
+        .oneshot(
+            Request::get("/metrics")
+                .header("accept", "application/openmetrics-text; version=1.0.0")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    assert!(String::from_utf8_lossy(&body).ends_with("# EOF\n"));
 
     assert_eq!(send(&view, "GET", "/healthz").await.0, StatusCode::OK);
     assert_eq!(

@@ -61,6 +61,13 @@ pub struct Summary {
     pub revision_refused: Option<RefusedRevision>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reconcile: Option<ReconcileOutcome>,
+    /// When a pass last applied a change (a plan with steps), kept across restarts.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::time::lenient_option"
+    )]
+    pub last_applied: Option<Timestamp>,
     pub counts: Counts,
     /// Why nothing is applied: `policy.suspend`, or `fleet suspend` on the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -220,6 +227,17 @@ pub enum Phase {
     Running,
     Stopped,
     Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Running => "Running",
+            Phase::Stopped => "Stopped",
+            Phase::Failed => "Failed",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

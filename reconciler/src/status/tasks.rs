@@ -31,6 +31,17 @@ pub enum TaskPhase {
 }
 
 impl TaskPhase {
+    pub const ALL: [TaskPhase; 8] = [
+        TaskPhase::Pending,
+        TaskPhase::Staging,
+        TaskPhase::Running,
+        TaskPhase::WaitingForInput,
+        TaskPhase::Succeeded,
+        TaskPhase::Failed,
+        TaskPhase::TimedOut,
+        TaskPhase::Cancelled,
+    ];
+
     pub fn is_finished(self) -> bool {
         matches!(
             self,
