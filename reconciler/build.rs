@@ -1,7 +1,9 @@
 //! Stamps the build with the git revision it was made from, for `fleet --version`: the
 //! `FLEET_REVISION` environment variable when a packager sets it (a tarball has no .git),
 //! otherwise `git rev-parse` of this checkout (never of a repository around it), with
-//! `-dirty` when tracked files have changes.
+//! `-dirty` when tracked files have changes. And with its build date (UTC): that of
+//! `SOURCE_DATE_EPOCH` when a packager sets it (reproducible builds), otherwise the day this
+//! script last ran (it runs again at each commit or checkout, not at every build).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -15,6 +17,15 @@ fn main() {
         .or_else(git_revision)
         .unwrap_or_else(|| "unknown revision".to_owned());
     println!("cargo:rustc-env=FLEET_REVISION={revision}");
+    println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
+    let built = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map_or_else(std::time::SystemTime::now, |secs| {
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+        });
+    let date = humantime::format_rfc3339_seconds(built).to_string();
+    println!("cargo:rustc-env=FLEET_BUILD_DATE={}", &date[..10]);
 }
 
 fn git_revision() -> Option<String> {

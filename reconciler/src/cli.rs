@@ -7,13 +7,22 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap_complete::engine::ArgValueCandidates;
 
 use crate::plan::{self, Plan, render};
 use crate::reconcile::{self, SourceChoice, Workspace};
 use crate::status::StatusDir;
 
-/// `fleet --version`: the release and the git revision it was built from (see `build.rs`).
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("FLEET_REVISION"), ")");
+/// `fleet --version`: the release, the git revision it was built from and when (see
+/// `build.rs`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("FLEET_REVISION"),
+    ", built ",
+    env!("FLEET_BUILD_DATE"),
+    ")"
+);
 
 /// GitOps for agent-sandbox VMs: validate, plan and apply the fleet/ directory of a git
 /// repository against libvirt.
@@ -94,6 +103,7 @@ pub enum Command {
     /// ended otherwise).
     Wait {
         /// VMs (for ready, converged) or tasks (for succeeded); none: every VM.
+        #[arg(add = ArgValueCandidates::new(crate::completion::vm_and_task_names))]
         names: Vec<String>,
         #[arg(long = "for", value_enum, default_value = "converged")]
         condition: crate::wait::Condition,
@@ -104,6 +114,16 @@ pub enum Command {
     /// Secrets in fleet/secrets/: age-encrypted values, keys in the clear.
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Print the shell completion script: `fleet completion bash >
+    /// /etc/bash_completion.d/fleet`, or `source <(fleet completion bash)`. VM, task and
+    /// prompt names complete from the status files under the current directory.
+    Completion {
+        #[arg(value_enum)]
+        shell: crate::completion::Shell,
+    },
+    /// Write the man pages (fleet.1 and one per subcommand) into DIR.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -148,6 +168,7 @@ pub enum TaskCommand {
     List,
     /// A task's output (its escape sequences removed); with --follow, until the run ends.
     Logs {
+        #[arg(add = ArgValueCandidates::new(crate::completion::task_names))]
         name: String,
         #[arg(long, short = 'f')]
         follow: bool,
@@ -159,6 +180,7 @@ pub enum LeaseCommand {
     /// Renew a VM's lease from now, for its ttl or --for; a VM stopped or destroyed at its
     /// lease's end is started or made again.
     Renew {
+        #[arg(add = ArgValueCandidates::new(crate::completion::vm_names))]
         name: String,
         /// How long from now (such as 30m, 4h; default: the lease's ttl).
         #[arg(long = "for", value_parser = humantime::parse_duration)]
@@ -177,6 +199,7 @@ pub enum HitlCommand {
     /// the task's terminal (followed by Enter), once.
     Answer {
         /// The prompt's id, as `fleet hitl list` shows it.
+        #[arg(add = ArgValueCandidates::new(crate::completion::prompt_ids))]
         id: String,
         /// The answer: one line of plain text.
         text: String,
@@ -280,10 +303,10 @@ pub struct EventsArgs {
     #[arg(long = "kind", value_name = "KIND", value_parser = crate::events::parse_kind)]
     pub kinds: Vec<crate::status::EventKind>,
     /// Only events about this VM.
-    #[arg(long)]
+    #[arg(long, add = ArgValueCandidates::new(crate::completion::vm_names))]
     pub vm: Option<String>,
     /// Only events about this task.
-    #[arg(long)]
+    #[arg(long, add = ArgValueCandidates::new(crate::completion::task_names))]
     pub task: Option<String>,
     /// Each event as the JSON line fleet wrote.
     #[arg(long)]
@@ -296,6 +319,7 @@ pub struct EventsArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// One VM.
+    #[arg(add = ArgValueCandidates::new(crate::completion::vm_names))]
     pub name: Option<String>,
     #[arg(long)]
     pub json: bool,
@@ -319,6 +343,24 @@ pub fn init_logging(cli: &Cli) {
 }
 
 pub fn run(cli: Cli) -> ExitCode {
+    // Neither needs a repository.
+    let generated = match &cli.command {
+        Command::Completion { shell } => Some(crate::completion::write_script(
+            *shell,
+            &mut std::io::stdout().lock(),
+        )),
+        Command::Man { dir } => Some(crate::completion::write_man_pages(dir)),
+        _ => None,
+    };
+    if let Some(result) = generated {
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -401,6 +443,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Completion { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS),
             Command::Serve(args) => crate::daemon::serve(
                 ws.clone(),
                 crate::daemon::ServeOptions {

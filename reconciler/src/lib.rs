@@ -21,6 +21,7 @@ pub mod approvals;
 pub mod atomic_file;
 pub mod broker;
 pub mod cli;
+pub mod completion;
 pub mod daemon;
 pub mod driver;
 pub mod events;

@@ -18,6 +18,8 @@ fn main() -> std::process::ExitCode {
     {
         return fleet::tasks::remote::credential_helper_command();
     }
+    // A shell asking for completion candidates (`fleet completion`'s script).
+    fleet::completion::answer_shell();
     let cli = fleet::cli::Cli::parse();
     fleet::cli::init_logging(&cli);
     fleet::cli::run(cli)

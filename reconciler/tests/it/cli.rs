@@ -239,11 +239,16 @@ fn the_version_names_the_revision_it_was_built_from() {
             .ok()
             .filter(|o| o.status.success())
     };
-    let revision = text
+    let (revision, built) = text
         .split_once(" (")
         .and_then(|(_, r)| r.split_once(')'))
-        .map(|(r, _)| r.trim_end_matches("-dirty").to_owned())
-        .expect("a revision in parentheses");
+        .and_then(|(r, _)| r.split_once(", built "))
+        .map(|(r, d)| (r.trim_end_matches("-dirty").to_owned(), d.to_owned()))
+        .expect("a revision and a build date in parentheses");
+    assert!(
+        built.len() == 10 && built.as_bytes()[4] == b'-' && built[..4].parse::<u32>().is_ok(),
+        "a build date: {text}"
+    );
     if git(&["rev-parse", "HEAD"]).is_some() {
         // Built from this checkout: one of its commits (HEAD when it was built; a commit made
         // since is fine).

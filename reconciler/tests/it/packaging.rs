@@ -1,0 +1,147 @@
+//! What an operator installs beside the binary: shell completions that work in a real bash,
+//! man pages that render without warnings, and the example alert rules, checked by
+//! promtool.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::support::{Repo, fleet_bin, host_yaml, test_driver_provider};
+
+/// Completes `line` (the cursor at its end) as bash would on TAB, in `dir`, with fleet's
+/// own completion script loaded; returns the candidates.
+fn bash_complete(dir: &Path, line: &str) -> Vec<String> {
+    let bin_dir = fleet_bin().parent().expect("bin dir").to_path_buf();
+    let script = format!(
+        r#"source <(fleet completion bash) || exit 9
+COMP_LINE={line:?}
+COMP_POINT=${{#COMP_LINE}}
+read -ra COMP_WORDS <<< "$COMP_LINE"
+[[ "$COMP_LINE" == *" " ]] && COMP_WORDS+=("")
+COMP_CWORD=$(( ${{#COMP_WORDS[@]}} - 1 ))
+COMP_TYPE=9
+_clap_complete_fleet fleet "${{COMP_WORDS[COMP_CWORD]}}" "${{COMP_WORDS[COMP_CWORD-1]}}"
+printf '%s\n' "${{COMPREPLY[@]}}""#
+    );
+    let out = Command::new("bash")
+        .args(["--norc", "--noprofile", "-c", &script])
+        .current_dir(dir)
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin_dir.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .output()
+        .expect("run bash");
+    assert!(
+        out.status.success(),
+        "bash: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+#[test]
+fn bash_completes_subcommands_and_vm_names() {
+    let repo = Repo::new();
+    repo.host_config(&host_yaml(&[test_driver_provider(&repo)], ""));
+    repo.write(
+        "fleet/fleet.yaml",
+        "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: comptest}\nspec:\n  providers:\n    - {name: local, type: libvirt, domainType: qemu}\n  images:\n    - {name: micro, kernel: vmlinuz, initrd: initrd.img}\n",
+    );
+    for vm in ["web-01", "web-02"] {
+        repo.write(
+            &format!("fleet/vms/{vm}.yaml"),
+            format!("apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {vm}}}\nspec: {{provider: local, image: micro, resources: {{memory: 256Mi}}}}\n"),
+        );
+    }
+    repo.commit("two VMs");
+    // Creates may fail without the micro image; the VMs have a status either way.
+    repo.fleet(&["apply", "--auto-approve"]);
+
+    assert_eq!(bash_complete(repo.path(), "fleet ta"), ["task"]);
+    let task = bash_complete(repo.path(), "fleet task ");
+    assert_eq!(task[..3], ["list", "logs", "help"], "{task:?}");
+    assert_eq!(
+        bash_complete(repo.path(), "fleet status web-0"),
+        ["web-01", "web-02"]
+    );
+    let renew = bash_complete(repo.path(), "fleet lease renew ");
+    assert_eq!(renew[..2], ["web-01", "web-02"], "{renew:?}");
+    // Flags come from the same definition.
+    assert!(
+        bash_complete(repo.path(), "fleet plan --det").contains(&"--detailed-exitcode".to_owned())
+    );
+}
+
+#[test]
+fn man_pages_render_without_warnings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(fleet_bin())
+        .args(["man"])
+        .arg(dir.path())
+        .output()
+        .expect("fleet man");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut pages: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("read")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    for expected in [
+        "fleet.1",
+        "fleet-plan.1",
+        "fleet-task-logs.1",
+        "fleet-completion.1",
+    ] {
+        assert!(
+            pages.iter().any(|p| p == expected),
+            "{expected} in {pages:?}"
+        );
+    }
+    assert!(
+        !pages.iter().any(|p| p == "fleet-man.1"),
+        "the hidden command has no page"
+    );
+    for page in &pages {
+        let rendered = Command::new("man")
+            .args(["--warnings", "-E", "UTF-8", "-l"])
+            .arg(dir.path().join(page))
+            .env("MANWIDTH", "80")
+            .env("MAN_KEEP_FORMATTING", "0")
+            .output()
+            .expect("run man (apt-get install man-db)");
+        let warnings = String::from_utf8_lossy(&rendered.stderr);
+        assert!(
+            rendered.status.success() && warnings.trim().is_empty(),
+            "{page}: {warnings}"
+        );
+        assert!(!rendered.stdout.is_empty(), "{page} renders to nothing");
+    }
+}
+
+#[test]
+fn the_example_alert_rules_pass_promtool() {
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/alerts.yaml");
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("run promtool (make deps installs it)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
