@@ -11,6 +11,7 @@
 mod agents;
 mod backoff;
 pub mod follow;
+mod systemd;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -379,12 +380,21 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
     };
     let mut shutdown = false;
     let mut fetch_now = true;
+    let mut told_ready = false;
+    systemd::spawn_watchdog();
     while !shutdown {
         if fetch_now || Instant::now() >= daemon.next_fetch {
             daemon.start_fetch(fetch_now);
         }
         daemon.reconcile().await;
         daemon.previews().await;
+        let line = daemon.status_line();
+        if told_ready {
+            systemd::status(&line);
+        } else {
+            systemd::ready(&line);
+            told_ready = true;
+        }
         let finished = Instant::now();
         let wake = daemon.next_wake();
         // Wait for a trigger or the next deadline, then drain what else is queued.
@@ -413,6 +423,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         }
     }
     eprintln!("fleet serve: stopping");
+    systemd::stopping();
     for driver in daemon.drivers.values() {
         driver.unwatch();
     }
@@ -869,6 +880,23 @@ impl Daemon {
         }
         let _ = self.ws.status.write_summary(&summary);
         again
+    }
+
+    /// One line for `systemctl status`: the revision in force and how the last pass ended.
+    fn status_line(&self) -> String {
+        let summary = self.ws.status.read_summary().unwrap_or_default();
+        let revision = self
+            .last_good
+            .as_ref()
+            .map_or("no revision yet", |d| d.revision.label.as_str());
+        match summary.last_reconcile {
+            Some(r) => format!(
+                "{revision}: {}, {} VM(s) running",
+                r.outcome.as_str(),
+                summary.counts.running
+            ),
+            None => revision.to_owned(),
+        }
     }
 
     async fn reconcile(&mut self) {

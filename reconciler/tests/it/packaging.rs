@@ -145,3 +145,60 @@ fn the_example_alert_rules_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Under systemd's `Type=notify`: READY=1 after the first reconcile, with a status line;
+/// watchdog pings at half of `WATCHDOG_USEC`; STOPPING=1 on SIGTERM.
+#[test]
+fn fleet_serve_speaks_the_systemd_notify_protocol() {
+    let repo = Repo::new();
+    repo.host_config(&host_yaml(&[test_driver_provider(&repo)], ""));
+    repo.write(
+        "fleet/fleet.yaml",
+        "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: notifytest}\nspec:\n  providers:\n    - {name: local, type: libvirt, domainType: qemu}\n",
+    );
+    repo.commit("an empty fleet");
+    let socket_dir = tempfile::tempdir().expect("tempdir");
+    let socket_path = socket_dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind");
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    let mut daemon = crate::daemon::Daemon::start_with(
+        &repo,
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().expect("utf8")),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+        &[],
+    );
+    let mut received = Vec::new();
+    let mut next = || {
+        let mut buf = [0u8; 4096];
+        let n = socket.recv(&mut buf).expect("a notification within 30 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    while !received.iter().any(|m: &String| m.contains("READY=1")) {
+        received.push(next());
+    }
+    let ready = received.iter().find(|m| m.contains("READY=1")).expect("ready");
+    assert!(ready.contains("STATUS=main@"), "{ready}");
+    let pings = (0..20)
+        .map(|_| next())
+        .filter(|m| m.contains("WATCHDOG=1"))
+        .count();
+    assert!(pings >= 2, "watchdog pings: {pings}");
+    let killed = Command::new("kill")
+        .args(["-TERM", &daemon.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let mut stopping = false;
+    for _ in 0..50 {
+        if next().contains("STOPPING=1") {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "STOPPING=1 on SIGTERM");
+    assert_eq!(daemon.child.wait().expect("wait").code(), Some(0));
+}

@@ -26,6 +26,10 @@
 //! 7. source (`--source`, `source_bench`; libvirt's test driver): push-to-apply latency of
 //!    a followed remote with polling next to `fleet reconcile`, and an idle poll's cost.
 //!
+//! Every bench that makes domains on qemu:///system stamps them with a fleet name of its own
+//! and removes exactly those (`OwnDomains`), on every path; the run then fails, naming them,
+//! unless the host's domains are the same as before it (`same_domains`).
+//!
 //! Usage: fleet-bench [--vms N] [--libvirt] [--libvirt-vms N] [--daemon] [--idle-seconds N]
 //!        [--skip-latency] [--skip-noop] [--skip-idle] [--egress] [--egress-mib N]
 //!        [--results] [--source] [--only-broker] [--only-egress] [--only-results]
@@ -42,7 +46,7 @@ mod source_bench;
 #[path = "../vm_egress_bench.rs"]
 mod vm_egress_bench;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,8 +57,74 @@ use fleet::observe::{Observed, ObservedHost, ObservedVm, Stamp};
 use fleet::source::{Revision, Snapshot, SourceFile};
 use fleet::spec::{HostSpec, LibvirtProvider, Name};
 
+/// The flags whose benches make domains on qemu:///system.
+const ON_LIBVIRT: [&str; 6] = [
+    "--libvirt",
+    "--daemon",
+    "--egress",
+    "--results",
+    "--only-egress",
+    "--only-results",
+];
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if !ON_LIBVIRT.iter().any(|flag| args.iter().any(|a| a == flag)) {
+        return run(&args);
+    }
+    // A benchmark leaves the host as it found it, whatever it measured: checked after every
+    // run, failed or not, so a cleanup that did not work fails `make bench`.
+    let before = domain_names()?;
+    let result = run(&args);
+    if let Err(changed) = domain_names().and_then(|after| same_domains(&before, &after)) {
+        if let Err(e) = &result {
+            eprintln!("fleet-bench: {e:#}");
+        }
+        return Err(changed);
+    }
+    result
+}
+
+/// The names of the domains defined on qemu:///system, running or not.
+fn domain_names() -> anyhow::Result<BTreeSet<String>> {
+    let conn = virt::connect::Connect::open(Some("qemu:///system"))?;
+    let names: BTreeSet<String> = conn
+        .list_all_domains(0)?
+        .iter()
+        .map(virt::domain::Domain::name)
+        .collect::<Result<_, _>>()?;
+    Ok(names)
+}
+
+/// Fails, naming them, when domains defined after the benchmarks were not before (left
+/// behind) or the other way round (removed by a bench that should not have touched them).
+fn same_domains(before: &BTreeSet<String>, after: &BTreeSet<String>) -> anyhow::Result<()> {
+    let left: Vec<&str> = after.difference(before).map(String::as_str).collect();
+    let gone: Vec<&str> = before.difference(after).map(String::as_str).collect();
+    let mut changes = Vec::new();
+    if !left.is_empty() {
+        changes.push(format!(
+            "{} domain(s) left defined: {}",
+            left.len(),
+            left.join(", ")
+        ));
+    }
+    if !gone.is_empty() {
+        changes.push(format!(
+            "{} domain(s) defined before are gone: {}",
+            gone.len(),
+            gone.join(", ")
+        ));
+    }
+    anyhow::ensure!(
+        changes.is_empty(),
+        "the benchmarks did not leave qemu:///system as they found it: {}",
+        changes.join("; ")
+    );
+    Ok(())
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
     let number = |flag: &str, default: usize| {
         args.iter()
             .position(|a| a == flag)
@@ -119,8 +189,108 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// The domains stamped with one bench's fleet name on qemu:///system: those the bench made.
+/// Removed when dropped, on every path (a measurement that fails midway must leave the host
+/// as it found it too), and only they: the driver's destroy refuses a domain stamped
+/// otherwise. No fleet apply: emptying the fleet is held by the destroy-everything guard,
+/// rightly, and a revision that no longer loads would leave everything behind.
+struct OwnDomains {
+    fleet: String,
+    driver: Arc<LibvirtDriver>,
+}
+
+impl OwnDomains {
+    /// The libvirt driver of fleet `name`, with VM files under `storage` as its host
+    /// configuration says. Refused while domains already carry that name (an earlier run's,
+    /// or someone else's): removing them at the end would touch domains this run did not make.
+    fn claim(
+        name: &str,
+        storage: &std::path::Path,
+        image_root: &std::path::Path,
+    ) -> anyhow::Result<OwnDomains> {
+        let provider = LibvirtProvider {
+            name: Name("local".into()),
+            uri: "qemu:///system".into(),
+            storage_dir: Some(fleet::spec::HostPath(
+                storage.to_string_lossy().into_owned(),
+            )),
+            full_network: None,
+        };
+        let driver = LibvirtDriver::new(
+            name,
+            &provider,
+            fleet::spec::DomainType::Qemu,
+            image_root,
+        );
+        let already = stamped(&driver, name)?;
+        anyhow::ensure!(
+            already.is_empty(),
+            "{} domain(s) on qemu:///system already carry fleet {name}'s stamp: {}; the bench removes only the domains it makes, so remove these first (virsh destroy, virsh undefine)",
+            already.len(),
+            already.join(", ")
+        );
+        Ok(OwnDomains {
+            fleet: name.to_owned(),
+            driver: Arc::new(driver),
+        })
+    }
+
+    /// Destroys them now (powered off at once: a bench's VM holds nothing worth a graceful
+    /// shutdown), with their disks and seeds. Idempotent.
+    fn remove(&self) -> anyhow::Result<()> {
+        let mut failed = Vec::new();
+        // Looked at again after each round: a `fleet serve` killed mid-create can have its
+        // definition land after the first look.
+        for _ in 0..3 {
+            let names = stamped(&self.driver, &self.fleet)?;
+            if names.is_empty() {
+                return Ok(());
+            }
+            failed = names
+                .iter()
+                .filter_map(|vm| {
+                    let destroyed = self.driver.destroy(vm, Duration::ZERO);
+                    destroyed.err().map(|e| format!("destroy {vm}: {e}"))
+                })
+                .collect();
+        }
+        let left = stamped(&self.driver, &self.fleet)?;
+        anyhow::ensure!(
+            left.is_empty(),
+            "{} domain(s) of fleet {} are still defined: {} ({})",
+            left.len(),
+            self.fleet,
+            left.join(", "),
+            failed.join("; ")
+        );
+        Ok(())
+    }
+}
+
+impl Drop for OwnDomains {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove() {
+            eprintln!("cleanup: {e:#}");
+        }
+    }
+}
+
+/// The domains on the driver's host whose stamp names `fleet` (and their own name).
+fn stamped(driver: &LibvirtDriver, fleet: &str) -> anyhow::Result<Vec<String>> {
+    Ok(driver
+        .observe()?
+        .vms
+        .iter()
+        .filter(|vm| vm.owned_by(fleet))
+        .map(|vm| vm.name.clone())
+        .collect())
+}
+
 /// A scratch git repository with a fleet of stopped VMs (defined, not booted).
 struct ScratchFleet {
+    /// Before `dir`, so dropped first (fields drop in order): the domains go while their
+    /// files are still there for the driver to remove.
+    domains: OwnDomains,
     dir: tempfile::TempDir,
 }
 
@@ -135,7 +305,10 @@ impl ScratchFleet {
             "{} is missing: run `make image`",
             kernel.display()
         );
-        let me = ScratchFleet { dir };
+        let image_root = kernel.parent().expect("image dir");
+        let storage = dir.path().join(".fleet/storage");
+        let domains = OwnDomains::claim(fleet, &storage, image_root)?;
+        let me = ScratchFleet { domains, dir };
         me.git(&["init", "-q", "-b", "main"])?;
         me.git(&["config", "user.name", "bench"])?;
         me.git(&["config", "user.email", "bench@fleet.invalid"])?;
@@ -145,10 +318,7 @@ impl ScratchFleet {
         )?;
         std::fs::write(
             me.host_config(),
-            bench_host_yaml(
-                &kernel.parent().expect("image dir").to_string_lossy(),
-                &me.path().join(".fleet/storage").to_string_lossy(),
-            ),
+            bench_host_yaml(&image_root.to_string_lossy(), &storage.to_string_lossy()),
         )?;
         Ok(me)
     }
@@ -219,26 +389,10 @@ impl ScratchFleet {
     fn apply(&self) -> anyhow::Result<()> {
         self.fleet(&["apply", "--auto-approve"]).map(|_| ())
     }
-    /// Applies, approving what the plan holds (emptying the provider is held): how a
-    /// benchmark removes every VM it made.
-    fn apply_approving(&self) -> anyhow::Result<()> {
-        let out = self.fleet(&["apply", "--auto-approve"])?;
-        let held = out
-            .lines()
-            .find_map(|l| l.strip_prefix("Held for approval ("))
-            .and_then(|rest| {
-                let id = rest.split(';').next()?;
-                let digest = rest.rsplit("spec.approve: \"").next()?.split('"').next()?;
-                Some((id.to_owned(), digest.to_owned()))
-            });
-        if let Some((id, digest)) = held {
-            self.fleet(&["hitl", "answer", &id, &digest])?;
-            self.apply()?;
-        }
-        Ok(())
-    }
     /// `fleet serve` on the scratch fleet, stopped when the returned value is dropped (on
-    /// every path: a daemon left behind would fight the next run over the same VMs).
+    /// every path: a daemon left behind would fight the next run over the same VMs). Held
+    /// in a variable declared after the scratch fleet, so it is stopped before the fleet's
+    /// domains are removed (it would make them again).
     fn serve(&self) -> anyhow::Result<Serving> {
         let fleet = std::env::current_exe()?.with_file_name("fleet");
         Ok(std::process::Command::new(fleet)
@@ -269,16 +423,6 @@ impl Drop for Serving {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-impl Drop for ScratchFleet {
-    fn drop(&mut self) {
-        // Empty the fleet and apply, so every domain it made is removed (tasks first: a
-        // task naming a VM that is gone is an invalid revision).
-        let _ = std::fs::remove_dir_all(self.path().join("fleet/tasks"));
-        let _ = std::fs::remove_dir_all(self.path().join("fleet/vms"));
-        let _ = self.commit("empty").and_then(|()| self.apply_approving());
     }
 }
 
@@ -604,43 +748,32 @@ fn bench_libvirt_observe(vms: usize) -> anyhow::Result<()> {
     let image_root = kernel.parent().expect("image dir");
     let host = bench_host(&image_root.to_string_lossy(), &storage.to_string_lossy())?;
     let desired = fleet::reconcile::desired(&snap, &host).map_err(|d| anyhow::anyhow!("{d:?}"))?;
-    let provider = LibvirtProvider {
-        name: Name("local".into()),
-        uri: "qemu:///system".into(),
-        storage_dir: Some(fleet::spec::HostPath(
-            storage.to_string_lossy().into_owned(),
-        )),
-        full_network: None,
-    };
-    let driver = Arc::new(LibvirtDriver::new(
-        "bench",
-        &provider,
-        fleet::spec::DomainType::Qemu,
-        image_root,
-    ));
+    let domains = OwnDomains::claim(&desired.fleet, &storage, image_root)?;
+    let driver = domains.driver.clone();
 
-    // Define the fleet's VMs (stopped: the bench measures observation, not boots).
-    let t = Instant::now();
-    for vm in desired.vms.values() {
-        let stamp = Stamp {
-            fleet: "bench".into(),
-            name: vm.name.clone(),
-            spec_hash: vm.spec_hash.clone(),
-            revision: desired.revision.id.clone(),
-            protect: false,
-            config: Some(vm.config.clone()),
-            created: None,
-        };
-        driver
-            .create(vm, &stamp, Duration::from_secs(5))
-            .map_err(|e| anyhow::anyhow!("create {}: {e}", vm.name))?;
-    }
-    println!(
-        "observe: defined {vms} stopped VMs in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-
+    // Inside, so a create that fails midway is cleaned up too.
     let result = (|| -> anyhow::Result<()> {
+        // Define the fleet's VMs (stopped: the bench measures observation, not boots).
+        let t = Instant::now();
+        for vm in desired.vms.values() {
+            let stamp = Stamp {
+                fleet: desired.fleet.clone(),
+                name: vm.name.clone(),
+                spec_hash: vm.spec_hash.clone(),
+                revision: desired.revision.id.clone(),
+                protect: false,
+                config: Some(vm.config.clone()),
+                created: None,
+            };
+            driver
+                .create(vm, &stamp, Duration::from_secs(5))
+                .map_err(|e| anyhow::anyhow!("create {}: {e}", vm.name))?;
+        }
+        println!(
+            "observe: defined {vms} stopped VMs in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+
         let runtime = tokio::runtime::Runtime::new()?;
         let drivers: Drivers =
             BTreeMap::from([("local".to_owned(), driver.clone() as Arc<dyn Driver>)]);
@@ -683,15 +816,44 @@ fn bench_libvirt_observe(vms: usize) -> anyhow::Result<()> {
     })();
 
     let t = Instant::now();
-    for vm in desired.vms.values() {
-        if let Err(e) = driver.destroy(&vm.name, Duration::from_secs(5)) {
-            eprintln!("cleanup: destroy {}: {e}", vm.name);
-        }
+    let removed = domains.remove();
+    if removed.is_ok() {
+        // Kept otherwise: the files of domains still defined.
+        let _ = std::fs::remove_dir_all(&storage);
+        println!(
+            "observe: removed the {vms} VMs in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
     }
-    let _ = std::fs::remove_dir_all(repo_root.join(".fleet/bench-storage"));
-    println!(
-        "observe: removed the {vms} VMs in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    result
+    result.and(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_domain_left_behind_or_gone_fails_the_run_by_name() {
+        let before = names(&["mine", "theirs"]);
+        assert!(same_domains(&before, &names(&["theirs", "mine"])).is_ok());
+
+        let left = same_domains(&before, &names(&["mine", "noop-0001", "theirs", "idle-001"]))
+            .expect_err("domains were left behind");
+        assert!(
+            left.to_string()
+                .contains("2 domain(s) left defined: idle-001, noop-0001"),
+            "{left}"
+        );
+
+        let gone = same_domains(&before, &names(&["mine"])).expect_err("a domain is gone");
+        assert!(
+            gone.to_string()
+                .contains("1 domain(s) defined before are gone: theirs"),
+            "{gone}"
+        );
+    }
 }
