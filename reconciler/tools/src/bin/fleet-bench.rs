@@ -216,12 +216,7 @@ impl OwnDomains {
             )),
             full_network: None,
         };
-        let driver = LibvirtDriver::new(
-            name,
-            &provider,
-            fleet::spec::DomainType::Qemu,
-            image_root,
-        );
+        let driver = LibvirtDriver::new(name, &provider, fleet::spec::DomainType::Qemu, image_root);
         let already = stamped(&driver, name)?;
         anyhow::ensure!(
             already.is_empty(),
@@ -255,15 +250,20 @@ impl OwnDomains {
                 .collect();
         }
         let left = stamped(&self.driver, &self.fleet)?;
-        anyhow::ensure!(
-            left.is_empty(),
+        if left.is_empty() {
+            return Ok(());
+        }
+        if failed.is_empty() {
+            // The last round removed them all: something made them again.
+            failed.push("made again after each removal".into());
+        }
+        anyhow::bail!(
             "{} domain(s) of fleet {} are still defined: {} ({})",
             left.len(),
             self.fleet,
             left.join(", "),
             failed.join("; ")
-        );
-        Ok(())
+        )
     }
 }
 
@@ -275,7 +275,7 @@ impl Drop for OwnDomains {
     }
 }
 
-/// The domains on the driver's host whose stamp names `fleet` (and their own name).
+/// The domains on the driver's host whose stamp names `fleet`, and each its own name.
 fn stamped(driver: &LibvirtDriver, fleet: &str) -> anyhow::Result<Vec<String>> {
     Ok(driver
         .observe()?
@@ -288,9 +288,9 @@ fn stamped(driver: &LibvirtDriver, fleet: &str) -> anyhow::Result<Vec<String>> {
 
 /// A scratch git repository with a fleet of stopped VMs (defined, not booted).
 struct ScratchFleet {
-    /// Before `dir`, so dropped first (fields drop in order): the domains go while their
+    /// Held to be dropped, before `dir` (fields drop in order): the domains go while their
     /// files are still there for the driver to remove.
-    domains: OwnDomains,
+    _domains: OwnDomains,
     dir: tempfile::TempDir,
 }
 
@@ -308,7 +308,10 @@ impl ScratchFleet {
         let image_root = kernel.parent().expect("image dir");
         let storage = dir.path().join(".fleet/storage");
         let domains = OwnDomains::claim(fleet, &storage, image_root)?;
-        let me = ScratchFleet { domains, dir };
+        let me = ScratchFleet {
+            _domains: domains,
+            dir,
+        };
         me.git(&["init", "-q", "-b", "main"])?;
         me.git(&["config", "user.name", "bench"])?;
         me.git(&["config", "user.email", "bench@fleet.invalid"])?;
@@ -841,8 +844,11 @@ mod tests {
         let before = names(&["mine", "theirs"]);
         assert!(same_domains(&before, &names(&["theirs", "mine"])).is_ok());
 
-        let left = same_domains(&before, &names(&["mine", "noop-0001", "theirs", "idle-001"]))
-            .expect_err("domains were left behind");
+        let left = same_domains(
+            &before,
+            &names(&["mine", "noop-0001", "theirs", "idle-001"]),
+        )
+        .expect_err("domains were left behind");
         assert!(
             left.to_string()
                 .contains("2 domain(s) left defined: idle-001, noop-0001"),
