@@ -10,19 +10,75 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 IMAGE_DIR := build/image
 DEB_PACKAGES := libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 qemu-utils pkg-config \
                 linux-image-cloud-amd64 busybox-static cpio kmod file git chromium genisoimage cloud-init age \
-                python3-venv dnsmasq-base nftables iptables iproute2 openssh-client openssh-server man-db
+                python3-venv dnsmasq-base nftables iptables iproute2 openssh-client openssh-server man-db systemd adduser
 # Every command fleet, its image builder and its tests run, checked after installing: one
 # package can remove another's command (a newer qemu-utils gave way to qemu-system-x86's).
 DEB_COMMANDS := libvirtd virtlogd virsh qemu-system-x86_64 qemu-img genisoimage busybox cpio \
                 depmod file git chromium cloud-init age age-keygen python3 pkg-config \
-                dnsmasq nft iptables ip ssh ssh-agent ssh-add sshd promtool man
+                dnsmasq nft iptables ip ssh ssh-agent ssh-add sshd promtool man systemd-analyze adduser
 
-.PHONY: all build deps promtool libvirtd agent image image-debian image-agent install-example fakepve run test test-agent lint unit bench bench-agent bench-fresh fuzz crash-test crash-test-proxmox clean
+.PHONY: all build deps promtool dist-extras install uninstall deb test-package libvirtd agent image image-debian image-agent install-example fakepve run test test-agent lint unit bench bench-agent bench-fresh fuzz crash-test crash-test-proxmox clean
 
 all: build
 
 build:
 	$(CARGO) build --release
+
+# `make install` (PREFIX=/usr/local, DESTDIR for staging): the fleet binary, its shell
+# completions and man pages (generated from the binary's own CLI definition), the systemd
+# unit (pointed at the installed binary) and the README. As root without DESTDIR it also
+# creates the `fleet` system user the unit runs as. The bench and crash-test tools are not
+# installed. `make deb` builds the same as a Debian package (cargo-deb).
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+DATADIR ?= $(PREFIX)/share
+UNITDIR ?= $(if $(filter /usr,$(PREFIX)),/lib/systemd/system,/etc/systemd/system)
+DIST := build/dist
+FLEET_BIN := $(TARGET_DIR)/release/fleet
+
+dist-extras:
+	$(CARGO) build --release -p fleet
+	rm -rf $(DIST) && mkdir -p $(DIST)/completions $(DIST)/man
+	$(FLEET_BIN) completion bash > $(DIST)/completions/fleet
+	$(FLEET_BIN) completion zsh > $(DIST)/completions/_fleet
+	$(FLEET_BIN) completion fish > $(DIST)/completions/fleet.fish
+	$(FLEET_BIN) man $(DIST)/man
+	gzip -9n $(DIST)/man/*.1
+	sed -e 's|/usr/local/bin/fleet|$(BINDIR)/fleet|' -e 's|/usr/share/doc/fleet|$(DATADIR)/doc/fleet|' \
+	  docs/fleet.service > $(DIST)/fleet.service
+
+install: dist-extras
+	install -D -m 0755 $(FLEET_BIN) $(DESTDIR)$(BINDIR)/fleet
+	install -D -m 0644 $(DIST)/completions/fleet $(DESTDIR)$(DATADIR)/bash-completion/completions/fleet
+	install -D -m 0644 $(DIST)/completions/_fleet $(DESTDIR)$(DATADIR)/zsh/site-functions/_fleet
+	install -D -m 0644 $(DIST)/completions/fleet.fish $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/fleet.fish
+	install -d $(DESTDIR)$(DATADIR)/man/man1
+	install -m 0644 $(DIST)/man/*.1.gz $(DESTDIR)$(DATADIR)/man/man1/
+	install -D -m 0644 $(DIST)/fleet.service $(DESTDIR)$(UNITDIR)/fleet.service
+	install -D -m 0644 README.md $(DESTDIR)$(DATADIR)/doc/fleet/README.md
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ] && ! getent passwd fleet >/dev/null; then \
+	  useradd --system --user-group --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin fleet && \
+	  echo "created the system user fleet"; fi
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ] && getent group libvirt >/dev/null; then usermod -a -G libvirt fleet; fi
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/fleet $(DESTDIR)$(DATADIR)/bash-completion/completions/fleet \
+	  $(DESTDIR)$(DATADIR)/zsh/site-functions/_fleet $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/fleet.fish \
+	  $(DESTDIR)$(DATADIR)/man/man1/fleet.1.gz $(DESTDIR)$(DATADIR)/man/man1/fleet-*.1.gz \
+	  $(DESTDIR)$(UNITDIR)/fleet.service $(DESTDIR)$(DATADIR)/doc/fleet/README.md
+	-rmdir $(DESTDIR)$(DATADIR)/doc/fleet 2>/dev/null
+
+# The Debian package, in target/debian/. cargo-deb is installed (with cargo) when missing.
+deb:
+	@command -v cargo-deb >/dev/null || $(CARGO) install --locked cargo-deb
+	$(MAKE) --no-print-directory dist-extras PREFIX=/usr
+	$(CARGO) deb -p fleet --no-build
+
+# The package on this machine: make install into a staging root, the .deb built, checked
+# (lintian-free essentials: files, unit, user), installed, started without systemd, and
+# removed leaving nothing behind.
+test-package: deb
+	reconciler/debian/test-package.sh
 
 # Installs the Debian packages fleet and its tests need, when one is missing, then checks that
 # every command they provide is really there. qemu-utils is pinned to qemu-system-x86's

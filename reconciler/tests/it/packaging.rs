@@ -180,7 +180,10 @@ fn fleet_serve_speaks_the_systemd_notify_protocol() {
     while !received.iter().any(|m: &String| m.contains("READY=1")) {
         received.push(next());
     }
-    let ready = received.iter().find(|m| m.contains("READY=1")).expect("ready");
+    let ready = received
+        .iter()
+        .find(|m| m.contains("READY=1"))
+        .expect("ready");
     assert!(ready.contains("STATUS=main@"), "{ready}");
     let pings = (0..20)
         .map(|_| next())
