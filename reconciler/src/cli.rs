@@ -25,7 +25,7 @@ const VERSION: &str = concat!(
 );
 
 /// GitOps for agent-sandbox VMs: validate, plan and apply the fleet/ directory of a git
-/// repository against libvirt.
+/// repository against libvirt and Proxmox.
 #[derive(Debug, Parser)]
 #[command(name = "fleet", version = VERSION, about)]
 pub struct Cli {

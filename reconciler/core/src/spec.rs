@@ -985,9 +985,10 @@ pub struct Policy {
     /// already running go on). `fleet suspend` does the same from the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspend: Option<bool>,
-    /// How far the running VMs of a revision may exceed a libvirt host's memory and CPUs
-    /// (the host's own figures, read when a revision is loaded). Default memory 1.0, CPU
-    /// 4.0; a revision asking for more is refused.
+    /// How far the running VMs of a revision may exceed a provider's memory and CPUs (a
+    /// libvirt host's own figures, or a Proxmox cluster's online nodes together, read when
+    /// a revision is loaded). Default memory 1.0, CPU 4.0; a revision asking for more is
+    /// refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overcommit: Option<Overcommit>,
     /// Caps on the VMs of a pool, or of the VMs carrying some labels: a revision over one
@@ -1083,7 +1084,8 @@ pub enum NetworkMode {
     /// No network device at all; the guest talks to the host over virtio-serial only.
     #[default]
     Isolated,
-    /// Outbound network through the host (user-mode networking).
+    /// Outbound network through the host: a libvirt NAT network (a Proxmox bridge), with
+    /// on libvirt the host's own addresses fenced off by fleet's nftables guard.
     Full,
     /// No network device: the agent's proxy carries the tasks' connections to the host,
     /// which dials only what the loadout's `egress.allow` names.
