@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use clap_complete::engine::ArgValueCandidates;
 
+use crate::output::Output;
 use crate::plan::{self, Plan, render};
 use crate::reconcile::{self, SourceChoice, Workspace};
 use crate::status::StatusDir;
@@ -53,6 +54,10 @@ pub struct Cli {
     /// More logs (-v info, -vv debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// How commands that print state print it: text for people, json or yaml for scripts
+    /// (status, events, task list, hitl list, secret list, plan, doctor).
+    #[arg(short = 'o', long, value_enum, default_value = "text", global = true)]
+    pub output: Output,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -280,6 +285,7 @@ pub struct PlanArgs {
 pub enum PlanFormat {
     Text,
     Json,
+    Yaml,
     Markdown,
 }
 
@@ -381,12 +387,15 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = runtime.block_on(async {
         match &cli.command {
             Command::Validate(args) => validate(&ws, args),
-            Command::Plan(args) => plan_cmd(&ws, args).await,
+            Command::Plan(args) => plan_cmd(&ws, args, cli.output).await,
             Command::Apply(args) => apply_cmd(&ws, args).await,
-            Command::Status(args) => status_cmd(&ws, args),
-            Command::Events(args) => events_cmd(&ws, args),
+            Command::Status(args) => status_cmd(&ws, args, cli.output),
+            Command::Events(args) => events_cmd(&ws, args, cli.output),
             Command::Hitl(HitlCommand::List { all }) => {
-                print!("{}", crate::hitl::list(&ws.status, *all));
+                match cli.output.render(&crate::hitl::records(&ws.status, *all))? {
+                    Some(text) => print!("{text}"),
+                    None => print!("{}", crate::hitl::list(&ws.status, *all)),
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Command::Hitl(HitlCommand::Answer { id, text }) => {
@@ -394,7 +403,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 println!("answer to {id} written; fleet serve delivers it");
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Secret(command) => secret_cmd(&ws, command),
+            Command::Secret(command) => secret_cmd(&ws, command, cli.output),
             Command::Wait {
                 names,
                 condition,
@@ -407,7 +416,10 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             },
             Command::Task(TaskCommand::List) => {
-                print!("{}", crate::task_view::list(&ws.status));
+                match cli.output.render(&ws.status.read_task_records())? {
+                    Some(text) => print!("{text}"),
+                    None => print!("{}", crate::task_view::list(&ws.status)),
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Command::Task(TaskCommand::Logs { name, follow }) => {
@@ -470,7 +482,7 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn secret_cmd(ws: &Workspace, command: &SecretCommand) -> Result<ExitCode> {
+fn secret_cmd(ws: &Workspace, command: &SecretCommand, output: Output) -> Result<ExitCode> {
     let files = crate::secrets::files::in_worktree(&ws.repo_root, &ws.fleet_dir);
     match command {
         SecretCommand::Set {
@@ -495,7 +507,10 @@ fn secret_cmd(ws: &Workspace, command: &SecretCommand) -> Result<ExitCode> {
                 println!("{}: {count} value(s) re-encrypted", path.display());
             }
         }
-        SecretCommand::List => print!("{}", files.list()?),
+        SecretCommand::List => match output.render(&files.summaries()?)? {
+            Some(text) => print!("{text}"),
+            None => print!("{}", files.list()?),
+        },
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -664,16 +679,21 @@ async fn make_plan(
     Ok(Ok((desired, planned.plan, drivers)))
 }
 
-async fn plan_cmd(ws: &Workspace, args: &PlanArgs) -> Result<ExitCode> {
+async fn plan_cmd(ws: &Workspace, args: &PlanArgs, output: Output) -> Result<ExitCode> {
     let (desired, plan, _) = match make_plan(ws, &args.source).await? {
         Ok(p) => p,
         Err(code) => return Ok(code),
     };
-    let format = match (args.json, args.format) {
-        (true, _) => PlanFormat::Json,
-        (false, format) => format.unwrap_or(PlanFormat::Text),
+    let format = match (args.json, args.format, output) {
+        (true, _, _) | (false, None, Output::Json) => PlanFormat::Json,
+        (false, None, Output::Yaml) => PlanFormat::Yaml,
+        (false, format, _) => format.unwrap_or(PlanFormat::Text),
     };
     match format {
+        PlanFormat::Yaml => {
+            let value: serde_json::Value = serde_json::from_str(&render::json(&plan))?;
+            print!("{}", serde_saphyr::to_string(&value)?);
+        }
         PlanFormat::Json => print!("{}", render::json(&plan)),
         PlanFormat::Markdown => print!(
             "{}",
@@ -930,7 +950,8 @@ fn exit_for(plan: &Plan, failed: usize) -> ExitCode {
     }
 }
 
-fn events_cmd(ws: &Workspace, args: &EventsArgs) -> Result<ExitCode> {
+fn events_cmd(ws: &Workspace, args: &EventsArgs, output: Output) -> Result<ExitCode> {
+    let format = output.or_json(args.json);
     let filter = crate::events::Filter {
         since: args.since.map(|d| {
             std::time::SystemTime::now()
@@ -968,21 +989,21 @@ fn events_cmd(ws: &Workspace, args: &EventsArgs) -> Result<ExitCode> {
         crate::events::follow(
             &mut reader,
             &filter,
-            args.json,
+            format,
             &mut out,
             std::time::Duration::from_millis(250),
             || false,
         )?;
         return Ok(ExitCode::SUCCESS);
     }
-    let skipped = crate::events::print(&mut reader, &filter, args.json, &mut out)?;
+    let skipped = crate::events::print(&mut reader, &filter, format, &mut out)?;
     if skipped > 0 {
         eprintln!("note: {skipped} line(s) of events.jsonl are not events and were skipped");
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn status_cmd(ws: &Workspace, args: &StatusArgs) -> Result<ExitCode> {
+fn status_cmd(ws: &Workspace, args: &StatusArgs, output: Output) -> Result<ExitCode> {
     let summary = ws.status.read_summary();
     let mut vms = ws.status.read_vms();
     if let Some(name) = &args.name {
@@ -994,9 +1015,9 @@ fn status_cmd(ws: &Workspace, args: &StatusArgs) -> Result<ExitCode> {
             );
         }
     }
-    if args.json {
-        let value = serde_json::json!({ "summary": summary, "vms": vms });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+    let value = serde_json::json!({ "summary": summary, "vms": vms });
+    if let Some(text) = output.or_json(args.json).render(&value)? {
+        print!("{text}");
         return Ok(ExitCode::SUCCESS);
     }
     let Some(summary) = summary else {

@@ -8,6 +8,7 @@
 use std::io::{BufRead, Write};
 use std::time::{Duration, SystemTime};
 
+use crate::output::Output;
 use crate::status::{Event, EventKind};
 
 /// Which events to show.
@@ -96,7 +97,7 @@ fn json_line(line: &[u8]) -> Vec<u8> {
 pub fn print(
     reader: &mut impl BufRead,
     filter: &Filter,
-    json: bool,
+    format: Output,
     out: &mut impl Write,
 ) -> std::io::Result<usize> {
     let mut skipped = 0;
@@ -114,11 +115,25 @@ pub fn print(
         if !filter.admits(&event) {
             continue;
         }
-        if json {
-            out.write_all(&json_line(&buf))?;
-        } else {
-            writeln!(out, "{}", line(&event))?;
+        write_event(out, format, &buf, &event)?;
+    }
+}
+
+/// One event as `format` says: for JSON the line fleet wrote (re-encoded only if it was
+/// not plain), for YAML a document, for text a line for people.
+fn write_event(
+    out: &mut impl Write,
+    format: Output,
+    raw: &[u8],
+    event: &Event,
+) -> std::io::Result<()> {
+    match format {
+        Output::Json => out.write_all(&json_line(raw)),
+        Output::Yaml => {
+            let doc = format.record(event).map_err(std::io::Error::other)?;
+            out.write_all(doc.unwrap_or_default().as_bytes())
         }
+        Output::Text => writeln!(out, "{}", line(event)),
     }
 }
 
@@ -138,7 +153,7 @@ fn read_whole_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Res
 pub fn follow(
     reader: &mut impl BufRead,
     filter: &Filter,
-    json: bool,
+    format: Output,
     out: &mut impl Write,
     every: Duration,
     stop: impl Fn() -> bool,
@@ -162,11 +177,7 @@ pub fn follow(
         if let Ok(event) = serde_json::from_slice::<Event>(&carry)
             && filter.admits(&event)
         {
-            if json {
-                out.write_all(&json_line(&carry))?;
-            } else {
-                writeln!(out, "{}", line(&event))?;
-            }
+            write_event(out, format, &carry, &event)?;
         }
         carry.clear();
     }
@@ -206,7 +217,7 @@ mod tests {
             ..Filter::default()
         };
         let mut out = Vec::new();
-        let skipped = print(&mut &log[..], &filter, false, &mut out).expect("print");
+        let skipped = print(&mut &log[..], &filter, Output::Text, &mut out).expect("print");
         let text = String::from_utf8(out).expect("text");
         assert_eq!(text.lines().count(), 1, "{text}");
         assert!(
@@ -223,7 +234,7 @@ mod tests {
             vm: Some("b".into()),
             ..Filter::default()
         };
-        print(&mut &log[..], &only_b, true, &mut json).expect("print");
+        print(&mut &log[..], &only_b, Output::Json, &mut json).expect("print");
         let back: Event = serde_json::from_slice(&json).expect("one event as written");
         assert_eq!(back.message, "create b failed");
     }
@@ -277,7 +288,7 @@ mod tests {
         follow(
             &mut reader,
             &Filter::default(),
-            false,
+            Output::Text,
             &mut out,
             Duration::ZERO,
             || {

@@ -63,6 +63,28 @@ pub fn local_user() -> String {
         .map_or_else(|| format!("uid {uid}"), |u| u.name)
 }
 
+/// What `fleet hitl list -o json|yaml` prints: the status files' own records, pending
+/// ones only unless `all`.
+#[derive(serde::Serialize)]
+pub struct Waiting {
+    pub prompts: Vec<PromptRecord>,
+    pub approvals: Vec<crate::approvals::ApprovalRecord>,
+}
+
+pub fn records(status: &StatusDir, all: bool) -> Waiting {
+    Waiting {
+        prompts: status
+            .read_prompts()
+            .into_values()
+            .filter(|p| all || p.state == PromptState::Pending)
+            .collect(),
+        approvals: crate::approvals::read_all(status)
+            .into_iter()
+            .filter(|a| all || a.state == crate::approvals::ApprovalState::Pending)
+            .collect(),
+    }
+}
+
 /// `fleet hitl list`: prompts, pending first.
 pub fn list(status: &StatusDir, all: bool) -> String {
     let mut prompts: Vec<PromptRecord> = status.read_prompts().into_values().collect();

@@ -31,6 +31,7 @@ pub mod host;
 pub mod http;
 pub mod leases;
 pub mod notify;
+pub mod output;
 pub mod reconcile;
 pub mod secrets;
 pub mod source;

@@ -154,6 +154,23 @@ impl SecretFiles {
         Ok(names)
     }
 
+    /// For `-o json|yaml`: each Secret's name, keys and who may receive it; never values.
+    pub fn summaries(&self) -> Result<Vec<serde_json::Value>> {
+        let mut out = Vec::new();
+        for name in self.names()? {
+            let Some(doc) = self.read(&name)? else {
+                continue;
+            };
+            let keys: Vec<&str> = doc.spec.data.keys().map(|k| k.0.as_str()).collect();
+            out.push(serde_json::json!({
+                "name": name,
+                "keys": keys,
+                "allowed": doc.spec.allowed,
+            }));
+        }
+        Ok(out)
+    }
+
     /// Names, keys and who may receive them; never values (nothing is decrypted).
     pub fn list(&self) -> Result<String> {
         let mut out = String::new();

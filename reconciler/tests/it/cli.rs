@@ -390,3 +390,45 @@ fn fleet_wait_returns_when_a_vm_is_ready_and_says_what_is_missing_on_timeout() {
         run.stderr()
     );
 }
+
+/// `-o json|yaml` prints the status files' own fields, the same in both, for every command
+/// that prints state.
+#[test]
+fn state_prints_as_json_or_yaml() {
+    let repo = repo_with_fleet();
+    let plan_yaml = repo.fleet(&["plan", "-o", "yaml"]).stdout();
+    let plan_json = repo.fleet(&["plan", "-o", "json"]).stdout();
+    let from_yaml: serde_json::Value = serde_saphyr::from_str(&plan_yaml).expect("plan yaml");
+    let from_json: serde_json::Value = serde_json::from_str(&plan_json).expect("plan json");
+    assert_eq!(from_yaml, from_json);
+    repo.fleet(&["apply", "--auto-approve"]);
+    for args in [
+        &["status", "-o"][..],
+        &["task", "list", "-o"],
+        &["hitl", "list", "-o"],
+        &["secret", "list", "-o"],
+    ] {
+        let json = repo.fleet(&[args, &["json"]].concat()).stdout();
+        let yaml = repo.fleet(&[args, &["yaml"]].concat()).stdout();
+        let json: serde_json::Value =
+            serde_json::from_str(&json).unwrap_or_else(|e| panic!("{args:?} json: {e}: {json}"));
+        let yaml: serde_json::Value =
+            serde_saphyr::from_str(&yaml).unwrap_or_else(|e| panic!("{args:?} yaml: {e}: {yaml}"));
+        assert_eq!(json, yaml, "{args:?}");
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(&repo.fleet(&["status", "-o", "json"]).stdout()).expect("json");
+    assert_eq!(status["summary"]["fleet"], "clitest");
+    assert!(status["vms"]["a"].is_object(), "{status}");
+    // Events: a JSON line or a YAML document each.
+    let events = repo.fleet(&["events", "-o", "yaml"]).stdout();
+    let docs: Vec<&str> = events
+        .split("---\n")
+        .filter(|d| !d.trim().is_empty())
+        .collect();
+    assert!(!docs.is_empty(), "{events}");
+    for doc in docs {
+        let event: serde_json::Value = serde_saphyr::from_str(doc).expect("an event");
+        assert!(event["type"].is_string(), "{doc}");
+    }
+}

@@ -172,7 +172,7 @@ fn fleet_serve_speaks_the_systemd_notify_protocol() {
         &[],
     );
     let mut received = Vec::new();
-    let mut next = || {
+    let next = || {
         let mut buf = [0u8; 4096];
         let n = socket.recv(&mut buf).expect("a notification within 30 s");
         String::from_utf8_lossy(&buf[..n]).into_owned()
