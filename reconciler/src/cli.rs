@@ -171,6 +171,13 @@ pub struct RecipientArgs {
 pub enum TaskCommand {
     /// Every task's latest run: VM, phase, run, start and result.
     List,
+    /// Stop a task's run under way (or not yet started) from the host; it ends Cancelled,
+    /// saying who cancelled it. The committed task file still decides what runs next: a
+    /// change of it, or of its `rerun`, starts a new run.
+    Cancel {
+        #[arg(add = ArgValueCandidates::new(crate::completion::task_names))]
+        name: String,
+    },
     /// A task's output (its escape sequences removed); with --follow, until the run ends.
     Logs {
         #[arg(add = ArgValueCandidates::new(crate::completion::task_names))]
@@ -420,6 +427,17 @@ pub fn run(cli: Cli) -> ExitCode {
                     Some(text) => print!("{text}"),
                     None => print!("{}", crate::task_view::list(&ws.status)),
                 }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Task(TaskCommand::Cancel { name }) => {
+                let who = crate::hitl::local_user();
+                let run =
+                    crate::task_view::cancel(&ws.status, name, &who, std::time::SystemTime::now())?;
+                // A running fleet serve stops it at once (none running: when it starts).
+                let _ = signal_serve(&ws);
+                println!(
+                    "cancel of task {name} (run {run}) written; fleet serve stops it. Its task file still decides what runs next: change it or bump its rerun to run it again"
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Command::Task(TaskCommand::Logs { name, follow }) => {

@@ -11,6 +11,36 @@ use anyhow::{Context, Result};
 use crate::status::StatusDir;
 
 /// One line per task: name, VM, phase, run, when it started, and its exit or message.
+/// `fleet task cancel NAME`: asks fleet serve to stop the task's run under way (or not
+/// yet started), as `by`. Returns the run. The committed task file still decides what runs
+/// next: a change of it or of its `rerun` starts a new run.
+pub fn cancel(
+    status: &StatusDir,
+    name: &str,
+    by: &str,
+    now: std::time::SystemTime,
+) -> anyhow::Result<String> {
+    let record = status.read_task_records().remove(name).ok_or_else(|| {
+        anyhow::anyhow!("task {name:?} has no run (`fleet task list` shows those that do)")
+    })?;
+    if record.phase.is_finished() {
+        anyhow::bail!(
+            "run {} of task {name} already ended ({}): nothing to cancel",
+            record.run,
+            record.phase.as_str()
+        );
+    }
+    status.write_task_cancel(
+        name,
+        &crate::status::tasks::HostCancel {
+            run: record.run.clone(),
+            by: by.to_owned(),
+            at: now.into(),
+        },
+    )?;
+    Ok(record.run)
+}
+
 pub fn list(status: &StatusDir) -> String {
     let records = status.read_task_records();
     if records.is_empty() {

@@ -331,6 +331,7 @@ async fn tasks_and_pending_prompts_show_with_the_output_tail() {
         pending_prompt: Some("build-0123abcd-1".into()),
         artifacts: Vec::new(),
         fail_on_cancel: None,
+        cancelled_by: None,
         host_timeout: false,
         updated: None,
         fresh: None,

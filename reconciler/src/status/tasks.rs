@@ -18,6 +18,17 @@ use super::{StatusDir, yaml};
 use crate::ids::ApprovalId;
 use crate::time::Timestamp;
 
+/// A cancel of one run from the host: a file of its own (`task-cancels/<task>.yaml`), so
+/// the command and a running `fleet serve` never write the same file. It names the run, so
+/// it never reaches a later one: the committed task file still decides what runs next.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HostCancel {
+    pub run: String,
+    pub by: String,
+    pub at: Timestamp,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum TaskPhase {
     Pending,
@@ -235,6 +246,10 @@ pub struct TaskRecord {
     /// deadline passed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fail_on_cancel: Option<String>,
+    /// Who cancelled the run from the host (`fleet task cancel`): it is being stopped, and
+    /// ends `Cancelled` saying so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled_by: Option<String>,
     /// Set when fleet cancelled the run because it outlived its timeout and the agent had not
     /// ended it: the run then ends `TimedOut`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -428,6 +443,24 @@ pub struct PromptRecord {
 }
 
 impl StatusDir {
+    /// The host's cancel of `task`'s run (`fleet task cancel`), if any; one that cannot
+    /// be read is none.
+    pub fn read_task_cancel(&self, task: &str) -> Option<HostCancel> {
+        crate::driver::check_name(task).ok()?;
+        self.read_file(&format!("task-cancels/{task}.yaml"))
+            .ok()
+            .and_then(|text| serde_saphyr::from_str(&text).ok())
+    }
+
+    pub fn write_task_cancel(&self, task: &str, cancel: &HostCancel) -> std::io::Result<()> {
+        crate::driver::check_name(task).map_err(|e| std::io::Error::other(e.message))?;
+        self.ensure()?;
+        self.write_file(
+            &format!("task-cancels/{task}.yaml"),
+            yaml(cancel).as_bytes(),
+        )
+    }
+
     pub fn hitl_dir(&self) -> PathBuf {
         self.root.join("hitl")
     }

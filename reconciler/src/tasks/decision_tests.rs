@@ -689,3 +689,89 @@ fn a_vm_that_resets_gets_one_run_a_reset_even_of_the_same_task_again() {
         "{sent:?}"
     );
 }
+
+/// `fleet task cancel`: the run it names is stopped and ends Cancelled saying who; a cancel
+/// naming another run (an earlier one) changes nothing.
+#[test]
+fn a_host_cancel_stops_the_run_it_names_and_no_other() {
+    let (mut state, mut conn, task) = started(Duration::from_secs(60), OnDeadline::Wait);
+    let run = state.records["ask"].run.clone();
+    let cancel = |run: &str| HostFiles {
+        cancels: BTreeMap::from([(
+            "ask".to_owned(),
+            crate::status::tasks::HostCancel {
+                run: run.to_owned(),
+                by: "alice".into(),
+                at: at(3).wall.into(),
+            },
+        )]),
+        ..HostFiles::default()
+    };
+    let (sent, _) = state.tick(&mut conn, &cancel("0badc0de"));
+    assert!(sent.is_empty(), "another run's cancel: {sent:?}");
+    assert_eq!(state.records["ask"].cancelled_by, None);
+
+    let (sent, _) = state.tick(&mut conn, &cancel(&run));
+    assert_eq!(
+        sent,
+        [HostMessage::Cancel {
+            v: VERSION,
+            task: task.clone()
+        }]
+    );
+    // Sent once, however often the cancel is read again.
+    let (sent, _) = state.tick(&mut conn, &cancel(&run));
+    assert!(sent.is_empty(), "{sent:?}");
+    state.receive(
+        &mut conn,
+        vec![GuestMessage::Exit {
+            v: VERSION,
+            task,
+            seq: 1,
+            code: None,
+            reason: ExitReason::Cancelled,
+        }],
+    );
+    let record = &state.records["ask"];
+    assert_eq!(record.phase, TaskPhase::Cancelled);
+    let message = record.message.as_deref().unwrap_or_default();
+    assert!(
+        message.contains("cancelled from the host by alice"),
+        "{message}"
+    );
+    // The same task file starts no new run: it already ran for this spec.
+    let (sent, _) = state.tick(&mut conn, &HostFiles::default());
+    assert!(sent.is_empty(), "{sent:?}");
+}
+
+/// A run that has not started ends at once, without reaching any guest.
+#[test]
+fn a_host_cancel_of_a_pending_run_ends_it_at_once() {
+    let mut state = BookState {
+        now: at(0),
+        ..BookState::default()
+    };
+    // The VM is not running: the run waits.
+    state.sync(
+        &desired(Duration::from_secs(60), OnDeadline::Wait),
+        &BTreeSet::new(),
+    );
+    assert_eq!(state.records["ask"].phase, TaskPhase::Pending);
+    let run = state.records["ask"].run.clone();
+    state.apply_host_cancels(&BTreeMap::from([(
+        "ask".to_owned(),
+        crate::status::tasks::HostCancel {
+            run,
+            by: "bob".into(),
+            at: at(1).wall.into(),
+        },
+    )]));
+    assert_eq!(state.records["ask"].phase, TaskPhase::Cancelled);
+    let mut conn = Connection::new("vm-1");
+    conn.greeted("boot-1", None);
+    let (sent, _) = state.tick(&mut conn, &HostFiles::default());
+    assert!(
+        sent.is_empty(),
+        "a cancelled run is never dispatched: {sent:?}"
+    );
+}

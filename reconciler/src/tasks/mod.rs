@@ -52,7 +52,7 @@ use crate::digest::hex;
 use crate::resolve::{CommittedAnswer, Desired, DesiredTask};
 use crate::secrets::Vault;
 use crate::spec::SecretRef;
-use crate::status::tasks::{PromptRecord, PromptState, TaskPhase, TaskRecord};
+use crate::status::tasks::{HostCancel, PromptRecord, PromptState, TaskPhase, TaskRecord};
 use crate::status::{Event, EventKind, StatusDir};
 use crate::time::Timestamp;
 
@@ -166,6 +166,8 @@ struct HostFiles {
     answers: BTreeMap<String, Result<String, crate::status::AnswerFileRefused>>,
     /// Every name in `status/hitl/`, when a look for stray answer files is due.
     strays: Option<Vec<String>>,
+    /// The host's cancels of the VM's runs (`status/task-cancels/`).
+    cancels: BTreeMap<String, HostCancel>,
 }
 
 /// Writes decided under the book's lock and made without it. They are made per task, in
@@ -808,6 +810,7 @@ impl TaskBook {
             .filter(|p| p.vm == vm && p.state == PromptState::Pending)
             .map(|p| p.id.clone())
             .collect();
+        let cancels = self.host_cancels(Some(vm));
         let answers = open
             .into_iter()
             .filter_map(|id| {
@@ -821,7 +824,27 @@ impl TaskBook {
             dir: self.status.hitl_dir(),
             answers,
             strays: self.stray_scan_due().then(|| self.status.hitl_file_names()),
+            cancels,
         }
+    }
+
+    /// The host's cancels (`fleet task cancel`) of runs not yet ended or being stopped, on
+    /// `vm` or anywhere; read without the lock.
+    fn host_cancels(&self, vm: Option<&str>) -> BTreeMap<String, HostCancel> {
+        let open: Vec<String> = self
+            .lock()
+            .records
+            .values()
+            .filter(|r| vm.is_none_or(|vm| r.vm == vm))
+            .filter(|r| !r.phase.is_finished() && r.cancelled_by.is_none())
+            .map(|r| r.name.clone())
+            .collect();
+        open.into_iter()
+            .filter_map(|task| {
+                let cancel = self.status.read_task_cancel(&task)?;
+                Some((task, cancel))
+            })
+            .collect()
     }
 
     /// Stops (or lets again) every run from starting, for `fleet suspend` and
@@ -840,7 +863,10 @@ impl TaskBook {
     /// bound to the values they will be given, and the values change only with the binding
     /// (see `BookState::sync`).
     pub fn sync(&self, desired: &Desired, vault: Arc<Vault>, running: &BTreeSet<String>) {
+        let cancels = self.host_cancels(None);
         let mut state = self.lock();
+        state.now = DecidedAt::now();
+        state.apply_host_cancels(&cancels);
         // Read under the lock: used when the mark says so, or a run is under way on it (its
         // mark may be on its way to disk; a mark is written right after its run's record).
         let used = desired
@@ -1473,6 +1499,7 @@ impl BookState {
             pending_prompt: None,
             artifacts: Vec::new(),
             fail_on_cancel: None,
+            cancelled_by: None,
             host_timeout: false,
             updated: time,
         };
@@ -1503,6 +1530,33 @@ impl BookState {
     }
 
     /// Ends a run: its phase, exit code and why; a pending prompt is withdrawn.
+    /// Cancels from the host (`fleet task cancel`): a run that has not started ends at once;
+    /// one under way is marked, and its link stops it (`tick`), ending it `Cancelled`.
+    fn apply_host_cancels(&mut self, cancels: &BTreeMap<String, HostCancel>) {
+        for (task, cancel) in cancels {
+            let Some(record) = self.records.get(task) else {
+                continue;
+            };
+            if record.run != cancel.run
+                || record.phase.is_finished()
+                || record.cancelled_by.is_some()
+            {
+                continue;
+            }
+            let by = format!("{} at {}", cancel.by, cancel.at);
+            if record.phase == TaskPhase::Pending {
+                self.finish(
+                    task,
+                    TaskPhase::Cancelled,
+                    None,
+                    &format!("cancelled from the host by {by}"),
+                );
+            } else {
+                self.update(task, |r| r.cancelled_by = Some(by));
+            }
+        }
+    }
+
     fn finish(&mut self, name: &str, phase: TaskPhase, exit_code: Option<i32>, message: &str) {
         let Some(record) = self.records.get(name).cloned() else {
             return;

@@ -321,6 +321,7 @@ impl BookState {
         files: &HostFiles,
     ) -> (Vec<HostMessage>, Option<StageJob>) {
         let mut out = Vec::new();
+        self.apply_host_cancels(&files.cancels);
         let Some(boot) = conn.boot_id.clone() else {
             return (out, None);
         };
@@ -355,10 +356,13 @@ impl BookState {
 
         for name in &ours {
             let record = self.records[name].clone();
-            let current = self
-                .desired
-                .get(name)
-                .is_some_and(|t| self.run_hash(t) == record.spec_hash && t.vm == conn.vm);
+            // A run cancelled from the host is not current: it is stopped like one whose
+            // file changed.
+            let current = record.cancelled_by.is_none()
+                && self
+                    .desired
+                    .get(name)
+                    .is_some_and(|t| self.run_hash(t) == record.spec_hash && t.vm == conn.vm);
             let staging_this = conn.staging.as_ref().is_some_and(|s| &s.task == name);
             if record.phase.is_active() && !conn.attached.contains(name) && !staging_this {
                 // Re-attach after a reconnect, or find the run gone with its boot. A run
@@ -378,7 +382,15 @@ impl BookState {
                     continue;
                 }
                 if record.phase == TaskPhase::Staging {
-                    self.update(name, |r| r.phase = TaskPhase::Pending);
+                    match &record.cancelled_by {
+                        Some(by) => self.finish(
+                            name,
+                            TaskPhase::Cancelled,
+                            None,
+                            &format!("cancelled from the host by {by} before it started"),
+                        ),
+                        None => self.update(name, |r| r.phase = TaskPhase::Pending),
+                    }
                     continue;
                 }
                 conn.attached.insert(name.clone());
@@ -406,12 +418,11 @@ impl BookState {
             if record.phase.is_active() && !current {
                 if staging_this {
                     conn.staging = None;
-                    self.finish(
-                        name,
-                        TaskPhase::Cancelled,
-                        None,
-                        "its task file was removed or changed before it started",
-                    );
+                    let why = match &record.cancelled_by {
+                        Some(by) => format!("cancelled from the host by {by} before it started"),
+                        None => "its task file was removed or changed before it started".into(),
+                    };
+                    self.finish(name, TaskPhase::Cancelled, None, &why);
                 } else if conn.cancel_sent.insert(record.guest_task()) {
                     out.push(HostMessage::Cancel {
                         v: VERSION,
@@ -929,6 +940,13 @@ impl BookState {
             ExitReason::Cancelled if record.host_timeout => (
                 TaskPhase::TimedOut,
                 "ran past its timeout without the agent ending it; fleet cancelled it".to_owned(),
+            ),
+            ExitReason::Cancelled if record.cancelled_by.is_some() => (
+                TaskPhase::Cancelled,
+                format!(
+                    "cancelled from the host by {}",
+                    record.cancelled_by.as_deref().unwrap_or_default()
+                ),
             ),
             ExitReason::Cancelled => match &record.fail_on_cancel {
                 Some(why) => (TaskPhase::Failed, why.clone()),

@@ -1,7 +1,8 @@
 //! Tasks and prompts on a real VM (real libvirtd, the micro image, the real agent):
 //! exit codes, output and artifacts, a repository shipped from the host, prompts answered
 //! by a commit and from the host (once each), timeouts that leave no process behind,
-//! cancellation by deleting the file, and a fleet killed mid-task that re-attaches.
+//! cancellation by deleting the file and from the host (`fleet task cancel`), and a fleet
+//! killed mid-task that re-attaches.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -293,6 +294,32 @@ fn tasks_run_ask_for_answers_and_survive_a_restart_of_fleet() {
     status.wait_phase("forever", "Cancelled", Duration::from_secs(30));
     status.wait_phase("check", "Succeeded", Duration::from_secs(30));
     assert!(status.output("check").contains("clean"));
+
+    // Cancelled from the host: the run stops, says who stopped it, and is not run again.
+    repo.write(
+        "fleet/tasks/stopme.yaml",
+        task_yaml(
+            "stopme",
+            &vm,
+            "  command: [sh, -c, 'echo started; sleep 1003']\n",
+        ),
+    );
+    repo.commit("stopme");
+    wait_until("stopme is under way", Duration::from_secs(30), || {
+        status.output("stopme").contains("started")
+    });
+    let cancelled = repo.fleet(&["task", "cancel", "stopme"]);
+    cancelled.expect_code(0);
+    status.wait_phase("stopme", "Cancelled", Duration::from_secs(30));
+    let record = status.task("stopme");
+    assert!(record.contains("cancelled from the host by"), "{record}");
+    let again = repo.fleet(&["task", "cancel", "stopme"]);
+    again.expect_code(1);
+    assert!(
+        again.stderr().contains("already ended"),
+        "{}",
+        again.stderr()
+    );
     wait_until(
         "the committed answer arrives",
         Duration::from_secs(20),
