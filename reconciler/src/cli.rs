@@ -1001,8 +1001,17 @@ fn events_cmd(ws: &Workspace, args: &EventsArgs, output: Output) -> Result<ExitC
             }
         }
     };
-    let mut reader = std::io::BufReader::new(file);
     let mut out = std::io::stdout().lock();
+    // The rotated files first, oldest first: `--since` and `--kind` reach back through them.
+    let mut skipped = 0;
+    for older in ws.status.open_rotated_events() {
+        let mut reader = std::io::BufReader::new(older);
+        skipped += crate::events::print(&mut reader, &filter, format, &mut out)?;
+    }
+    let status = ws.status.clone();
+    let mut reader = std::io::BufReader::new(crate::events::RotatingLog::new(file, move || {
+        status.open_events()
+    }));
     if args.follow {
         crate::events::follow(
             &mut reader,
@@ -1014,7 +1023,7 @@ fn events_cmd(ws: &Workspace, args: &EventsArgs, output: Output) -> Result<ExitC
         )?;
         return Ok(ExitCode::SUCCESS);
     }
-    let skipped = crate::events::print(&mut reader, &filter, format, &mut out)?;
+    skipped += crate::events::print(&mut reader, &filter, format, &mut out)?;
     if skipped > 0 {
         eprintln!("note: {skipped} line(s) of events.jsonl are not events and were skipped");
     }

@@ -147,6 +147,43 @@ fn read_whole_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Res
     Ok(n)
 }
 
+/// The current event log read across its rotations (`policy.retention.logSize`): at its
+/// end, when its path names a new file, reading drains the old one and goes on in the new.
+pub struct RotatingLog<F> {
+    file: std::fs::File,
+    reopen: F,
+}
+
+impl<F: FnMut() -> std::io::Result<std::fs::File>> RotatingLog<F> {
+    pub fn new(file: std::fs::File, reopen: F) -> RotatingLog<F> {
+        RotatingLog { file, reopen }
+    }
+}
+
+impl<F: FnMut() -> std::io::Result<std::fs::File>> std::io::Read for RotatingLog<F> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read(buf)?;
+        if n > 0 || buf.is_empty() {
+            return Ok(n);
+        }
+        use std::os::unix::fs::MetadataExt;
+        let Ok(next) = (self.reopen)() else {
+            return Ok(0);
+        };
+        let (old, new) = (self.file.metadata()?, next.metadata()?);
+        if (old.dev(), old.ino()) == (new.dev(), new.ino()) {
+            return Ok(0);
+        }
+        // Rotated: what was appended to the old file before the rename comes first.
+        let n = self.file.read(buf)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        self.file = next;
+        self.file.read(buf)
+    }
+}
+
 /// `--follow`: prints what `reader` holds and then what is appended, checking every
 /// `every`, until `stop` says so (the command runs until interrupted). A line is printed
 /// once it is whole.

@@ -526,6 +526,50 @@ pub struct ResolvedPolicy {
         skip_serializing_if = "is_default_overcommit"
     )]
     pub overcommit: (f64, f64),
+    /// What the status directory keeps (`policy.retention`); not part of any plan.
+    #[serde(skip)]
+    pub retention: ResolvedRetention,
+}
+
+/// `policy.retention` with its defaults filled in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResolvedRetention {
+    pub finished_tasks: u32,
+    pub finished_task_age: std::time::Duration,
+    pub log_bytes: u64,
+    pub log_files: u32,
+}
+
+impl Default for ResolvedRetention {
+    fn default() -> ResolvedRetention {
+        ResolvedRetention {
+            finished_tasks: 100,
+            finished_task_age: std::time::Duration::from_secs(30 * 24 * 3600),
+            log_bytes: 16 << 20,
+            log_files: 5,
+        }
+    }
+}
+
+impl ResolvedRetention {
+    fn from_spec(spec: Option<&crate::spec::Retention>) -> ResolvedRetention {
+        let default = ResolvedRetention::default();
+        let Some(spec) = spec else {
+            return default;
+        };
+        ResolvedRetention {
+            finished_tasks: spec.finished_tasks.unwrap_or(default.finished_tasks),
+            finished_task_age: spec
+                .finished_task_age
+                .as_ref()
+                .map_or(default.finished_task_age, |d| d.to_std()),
+            log_bytes: spec
+                .log_size
+                .as_ref()
+                .map_or(default.log_bytes, |s| s.mib() << 20),
+            log_files: spec.log_files.unwrap_or(default.log_files),
+        }
+    }
 }
 
 fn default_overcommit() -> (f64, f64) {
@@ -673,6 +717,7 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
                 .and_then(|o| o.cpu)
                 .unwrap_or(DEFAULT_OVERCOMMIT.1),
         ),
+        retention: ResolvedRetention::from_spec(spec.policy.retention.as_ref()),
     };
     let mut merged_loadouts: BTreeMap<String, LoadoutSpec> = BTreeMap::new();
     let mut vms = BTreeMap::new();

@@ -995,6 +995,32 @@ pub struct Policy {
     /// is refused, naming the rule.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quota: Vec<Quota>,
+    /// What fleet keeps of its own records in the status directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+}
+
+/// How much of its history fleet keeps; `fleet serve` prunes the rest.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Retention {
+    /// Finished runs of tasks no longer in the revision (record, output, artifacts,
+    /// prompts): the newest this many are kept. Default 100. A task still in the revision
+    /// keeps its record whatever its age: it is what stops the task running again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100000))]
+    pub finished_tasks: Option<u32>,
+    /// ... and none that finished longer ago than this. Default 720h (30 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_task_age: Option<Duration>,
+    /// `events.jsonl` and `notifications.jsonl` start a new file past this size (the old
+    /// one becomes `.1`, `.1` becomes `.2`, …). Default 16Mi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_size: Option<Size>,
+    /// Older files kept of each log. Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub log_files: Option<u32>,
 }
 
 /// One quota: which VMs it counts (`pool` or `labels`, exactly one) and its caps (at least

@@ -425,6 +425,7 @@ mod tests {
                 allow_rollback: false,
                 suspend: false,
                 overcommit: crate::resolve::DEFAULT_OVERCOMMIT,
+                retention: Default::default(),
             },
             ["broken", "flaky", "ok-1", "stuck", "ok-2"]
                 .map(create_step)

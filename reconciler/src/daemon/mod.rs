@@ -1031,6 +1031,18 @@ impl Daemon {
             .sync(&desired, self.vault.clone(), &running_names);
         // What the links should run may have changed: each looks now, not at its next tick.
         self.agents.wake_all();
+        let retention = desired.policy.retention;
+        self.ws
+            .status
+            .set_log_rotation(retention.log_bytes, retention.log_files);
+        let pruned = self.tasks.prune(retention, SystemTime::now());
+        if !pruned.is_empty() {
+            tracing::info!(
+                "pruned the finished runs of {} task(s) no longer in the revision (policy.retention): {}",
+                pruned.len(),
+                pruned.join(", ")
+            );
+        }
         // Fingerprints only: what the next plan's secret changes are measured against.
         self.ws
             .status

@@ -364,7 +364,31 @@ pub struct StatusDir {
     root: PathBuf,
     /// Told of every event appended (`notify`), when `fleet serve` sends them on.
     listener: Option<EventListener>,
+    /// When the logs (`append_line`) start a new file, shared by every clone.
+    rotation: std::sync::Arc<LogRotation>,
 }
+
+/// `policy.retention`'s log size and file count: a log past `bytes` becomes `NAME.1` (and
+/// `.1` becomes `.2`, … up to `files`) before a line is appended.
+#[derive(Debug)]
+struct LogRotation {
+    bytes: std::sync::atomic::AtomicU64,
+    files: std::sync::atomic::AtomicU32,
+}
+
+impl Default for LogRotation {
+    fn default() -> LogRotation {
+        let defaults = crate::resolve::ResolvedRetention::default();
+        LogRotation {
+            bytes: defaults.log_bytes.into(),
+            files: defaults.log_files.into(),
+        }
+    }
+}
+
+/// Appends and rotations of this process, one at a time: two writers past the size must
+/// not both rotate.
+static APPENDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// What `StatusDir::append_event` tells of each event, after it is written.
 #[derive(Clone)]
@@ -381,7 +405,45 @@ impl StatusDir {
         StatusDir {
             root: root.into(),
             listener: None,
+            rotation: Default::default(),
         }
+    }
+
+    /// Logs start a new file past `bytes`, keeping `files` older ones (every clone of this
+    /// directory follows).
+    pub fn set_log_rotation(&self, bytes: u64, files: u32) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.rotation.bytes.store(bytes.max(1), Relaxed);
+        self.rotation.files.store(files.max(1), Relaxed);
+    }
+
+    /// `name`, then `name.1`, … `name.N`: what is there of a log, newest first.
+    pub fn log_files(&self, name: &str) -> Vec<String> {
+        let files = self
+            .rotation
+            .files
+            .load(std::sync::atomic::Ordering::Relaxed);
+        std::iter::once(name.to_owned())
+            .chain((1..=files).map(|i| format!("{name}.{i}")))
+            .collect()
+    }
+
+    /// Shifts `name.K` to `name.K+1` (the last one goes) and `name` to `name.1`.
+    fn rotate(&self, dir: &cap_std::fs::Dir, name: &str) -> std::io::Result<()> {
+        let names = self.log_files(name);
+        if let Some(last) = names.last() {
+            match dir.remove_file(last) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        for pair in names.windows(2).rev() {
+            match dir.rename(&pair[0], dir, &pair[1]) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// This directory, telling `listener` of each event appended through it (or a clone).
@@ -395,15 +457,30 @@ impl StatusDir {
     pub fn append_line(&self, name: &str, value: &impl Serialize) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
         line.push(b'\n');
-        let mut f = tree::open_file(
-            &self.tree_to_write()?,
-            Path::new(name),
-            cap_std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .read(true),
-        )?;
-        let len = f.metadata()?.len();
+        let _one_at_a_time = APPENDING.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = self.tree_to_write()?;
+        let open = || {
+            tree::open_file(
+                &dir,
+                Path::new(name),
+                cap_std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .read(true),
+            )
+        };
+        let mut f = open()?;
+        let mut len = f.metadata()?.len();
+        let limit = self
+            .rotation
+            .bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if len > 0 && len + line.len() as u64 > limit {
+            drop(f);
+            self.rotate(&dir, name)?;
+            f = open()?;
+            len = f.metadata()?.len();
+        }
         if len > 0 {
             use std::os::unix::fs::FileExt;
             let mut last = [0u8];
@@ -627,6 +704,27 @@ impl StatusDir {
             Path::new("events.jsonl"),
             cap_std::fs::OpenOptions::new().read(true),
         )
+    }
+
+    /// The event log's older files (rotated by size), oldest first; the current file is
+    /// `open_events`.
+    pub fn open_rotated_events(&self) -> Vec<std::fs::File> {
+        let Ok(dir) = self.tree() else {
+            return Vec::new();
+        };
+        // Up to the first gap: this process may not know the policy's file count.
+        let mut files: Vec<std::fs::File> = (1..=100)
+            .map_while(|i| {
+                tree::open_file(
+                    &dir,
+                    Path::new(&format!("events.jsonl.{i}")),
+                    cap_std::fs::OpenOptions::new().read(true),
+                )
+                .ok()
+            })
+            .collect();
+        files.reverse();
+        files
     }
 
     pub fn read_summary(&self) -> Option<Summary> {
@@ -993,5 +1091,84 @@ mod hygiene_tests {
             .expect_err("a directory others can write")
             .to_string();
         assert!(why.contains("chmod go-w"), "{why}");
+    }
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::*;
+    use std::io::Read as _;
+
+    fn event(i: usize) -> Event {
+        Event::fleet(
+            EventKind::ApplyFinished,
+            None,
+            format!("event number {i:04}"),
+        )
+    }
+
+    fn messages(text: &str) -> Vec<String> {
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Event>(l).ok())
+            .map(|e| e.message)
+            .collect()
+    }
+
+    /// Past the size a log starts a new file; the newest lines are all kept, in order,
+    /// across the current file and the rotated ones, and no more files than the policy's.
+    #[test]
+    fn logs_rotate_by_size_keeping_the_newest_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = StatusDir::new(dir.path().join("status"));
+        status.set_log_rotation(1000, 2);
+        for i in 0..60 {
+            status.append_event(&event(i)).expect("append");
+        }
+        let root = dir.path().join("status");
+        assert!(root.join("events.jsonl.2").exists());
+        assert!(!root.join("events.jsonl.3").exists());
+        for name in ["events.jsonl", "events.jsonl.1", "events.jsonl.2"] {
+            let len = std::fs::metadata(root.join(name)).expect("file").len();
+            assert!(len <= 1000, "{name}: {len} bytes");
+        }
+        let mut all = String::new();
+        for mut file in status.open_rotated_events() {
+            file.read_to_string(&mut all).expect("read");
+        }
+        status
+            .open_events()
+            .expect("current")
+            .read_to_string(&mut all)
+            .expect("read");
+        let kept = messages(&all);
+        let newest: Vec<String> = (60 - kept.len()..60)
+            .map(|i| format!("event number {i:04}"))
+            .collect();
+        assert_eq!(kept, newest, "the newest events, each once, in order");
+        assert!(kept.len() >= 10, "{} kept", kept.len());
+    }
+
+    /// `fleet events --follow` goes on in the new file after a rotation, missing nothing.
+    #[test]
+    fn a_followed_log_carries_on_across_a_rotation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = StatusDir::new(dir.path().join("status"));
+        status.set_log_rotation(600, 3);
+        status.append_event(&event(0)).expect("append");
+        let reopen = {
+            let status = status.clone();
+            move || status.open_events()
+        };
+        let mut log = crate::events::RotatingLog::new(status.open_events().expect("open"), reopen);
+        let mut seen = String::new();
+        for i in 1..12 {
+            status.append_event(&event(i)).expect("append");
+            let mut chunk = String::new();
+            log.read_to_string(&mut chunk).expect("read");
+            seen.push_str(&chunk);
+        }
+        assert!(dir.path().join("status/events.jsonl.1").exists());
+        let expected: Vec<String> = (0..12).map(|i| format!("event number {i:04}")).collect();
+        assert_eq!(messages(&seen), expected);
     }
 }

@@ -474,6 +474,26 @@ impl StatusDir {
         self.read_all("tasks", |r: &TaskRecord| r.name.clone())
     }
 
+    /// Removes everything of a task's last run: its record, output, artifacts, its
+    /// prompts' records and answer files, and a host cancel (retention pruning).
+    pub fn remove_task(&self, task: &str, prompts: &[String]) -> std::io::Result<()> {
+        crate::driver::check_name(task).map_err(|e| std::io::Error::other(e.message))?;
+        let root = self.tree_to_write()?;
+        let gone = |r: std::io::Result<()>| match r {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+        gone(root.remove_dir_all(Path::new("tasks").join(task)))?;
+        for id in prompts {
+            gone(root.remove_file(format!("hitl/{id}.yaml")))?;
+            gone(root.remove_file(format!("hitl/{}", answer_file_name(id))))?;
+        }
+        gone(root.remove_file(format!("task-cancels/{task}.yaml")))?;
+        // The record last: while it is there, a crash leaves the run listed, never a
+        // record-less run's files.
+        gone(root.remove_file(format!("tasks/{task}.yaml")))
+    }
+
     pub fn write_task_record(&self, record: &TaskRecord) -> std::io::Result<()> {
         self.write_file(
             &format!("tasks/{}.yaml", record.name),

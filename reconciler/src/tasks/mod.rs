@@ -847,6 +847,76 @@ impl TaskBook {
             .collect()
     }
 
+    /// Prunes finished runs of tasks no longer in the revision, per `policy.retention`:
+    /// the newest `finished_tasks` of those within `finished_task_age` stay. A run that
+    /// ended less than 10 s ago stays whatever the policy (its last writes may still be on
+    /// their way to disk). Returns the tasks removed.
+    pub fn prune(
+        &self,
+        retention: crate::resolve::ResolvedRetention,
+        now: std::time::SystemTime,
+    ) -> Vec<String> {
+        let doomed: Vec<(String, Vec<String>)> = {
+            let mut state = self.lock();
+            // Before its first revision the book knows no task: every record would look gone.
+            if state.revision.is_none() {
+                return Vec::new();
+            }
+            let mut gone: Vec<(&TaskRecord, std::time::SystemTime)> = state
+                .records
+                .values()
+                .filter(|r| r.phase.is_finished() && !state.desired.contains_key(&r.name))
+                .map(|r| {
+                    let ended = r
+                        .finished
+                        .map_or(std::time::UNIX_EPOCH, |t| t.system_time());
+                    (r, ended)
+                })
+                .collect();
+            gone.sort_by_key(|g| std::cmp::Reverse(g.1));
+            let settled = |ended: std::time::SystemTime| {
+                now.duration_since(ended)
+                    .is_ok_and(|age| age >= std::time::Duration::from_secs(10))
+            };
+            let names: Vec<String> = gone
+                .iter()
+                .enumerate()
+                .filter(|(i, (_, ended))| {
+                    let too_many = *i >= retention.finished_tasks as usize;
+                    let too_old = now
+                        .duration_since(*ended)
+                        .is_ok_and(|age| age > retention.finished_task_age);
+                    (too_many || too_old) && settled(*ended)
+                })
+                .map(|(_, (r, _))| r.name.clone())
+                .collect();
+            names
+                .into_iter()
+                .map(|name| {
+                    state.records.remove(&name);
+                    let prompts: Vec<String> = state
+                        .prompts
+                        .values()
+                        .filter(|p| p.task == name)
+                        .map(|p| p.id.clone())
+                        .collect();
+                    for id in &prompts {
+                        state.prompts.remove(id);
+                    }
+                    (name, prompts)
+                })
+                .collect()
+        };
+        let mut removed = Vec::new();
+        for (task, prompts) in doomed {
+            match self.status.remove_task(&task, &prompts) {
+                Ok(()) => removed.push(task),
+                Err(e) => tracing::warn!(task, "pruning its finished run: {e}"),
+            }
+        }
+        removed
+    }
+
     /// Stops (or lets again) every run from starting, for `fleet suspend` and
     /// `policy.suspend`; runs under way go on.
     pub fn set_suspended(&self, suspended: bool) {

@@ -61,6 +61,7 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
             allow_rollback: false,
             suspend: false,
             overcommit: crate::resolve::DEFAULT_OVERCOMMIT,
+            retention: Default::default(),
         },
         vms: Default::default(),
         tasks: [("ask".to_owned(), task)].into(),
@@ -905,4 +906,62 @@ fn a_new_run_carries_the_previous_runs_member_until_its_keep_for_is_over() {
     let runs: Vec<_> = next.fresh_runs().collect();
     assert_eq!(runs.len(), 2);
     assert_eq!(runs[1].member.as_deref(), Some("sandbox-f3"));
+}
+
+/// `policy.retention`: a finished run of a task gone from the revision is pruned (record,
+/// output, prompts) once past the count or age, never in its first 10 s; a task still in
+/// the revision keeps its record whatever its age.
+#[test]
+fn finished_runs_of_removed_tasks_are_pruned_per_the_retention_policy() {
+    let (dir, book, mut conn, task) = started(Duration::from_secs(600), OnDeadline::Wait);
+    book.receive(
+        &mut conn,
+        vec![prompt(&task, 1), cancelled(task.clone(), 2)],
+    );
+    let record = book.records()["ask"].clone();
+    assert!(record.phase.is_finished(), "{record:?}");
+    let status = dir.path().join("status");
+    assert!(status.join("tasks/ask.yaml").exists());
+    assert!(status.join("tasks/ask/output.log").exists());
+    let ended = record.finished.expect("finished").system_time();
+    let none_kept = crate::resolve::ResolvedRetention {
+        finished_tasks: 0,
+        ..Default::default()
+    };
+    // Still in the revision: kept, whatever the policy.
+    assert!(
+        book.prune(none_kept, ended + Duration::from_secs(3600))
+            .is_empty()
+    );
+
+    let mut gone = desired(Duration::from_secs(600), OnDeadline::Wait);
+    gone.tasks.clear();
+    book.sync(
+        &gone,
+        Default::default(),
+        &BTreeSet::from(["vm-1".to_owned()]),
+    );
+    // Within the default count and age: kept.
+    let defaults = crate::resolve::ResolvedRetention::default();
+    assert!(
+        book.prune(defaults, ended + Duration::from_secs(3600))
+            .is_empty()
+    );
+    // Its first seconds: kept whatever the policy.
+    assert!(
+        book.prune(none_kept, ended + Duration::from_secs(5))
+            .is_empty()
+    );
+    // Over the count: pruned, files and all.
+    assert_eq!(
+        book.prune(none_kept, ended + Duration::from_secs(120)),
+        ["ask"]
+    );
+    assert!(!book.records().contains_key("ask"));
+    assert!(!status.join("tasks/ask.yaml").exists());
+    assert!(!status.join("tasks/ask").exists());
+    let prompts: Vec<_> = std::fs::read_dir(status.join("hitl"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(prompts.is_empty(), "{prompts:?}");
 }

@@ -273,3 +273,101 @@ fn a_vm_that_resets_before_each_run_loses_what_a_run_wrote_and_keeps_its_secrets
     assert_ne!(boot("two"), boot("three"));
     drop(daemon);
 }
+
+/// `policy.retention` under `fleet serve`: the event log past its size starts a new file
+/// (the old one kept as `.1`, still read by `fleet events`), and finished runs of tasks
+/// gone from the revision are pruned down to the count, the newest kept, while a task
+/// still in the revision keeps its record.
+#[test]
+fn a_tiny_retention_policy_rotates_events_and_prunes_old_task_runs() {
+    if !enabled() {
+        return;
+    }
+    let prefix = format!("it{}-keep-", std::process::id());
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let vm = format!("{prefix}a");
+    let repo = Repo::new();
+    repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml_with_policy(
+            &format!("it{}keep", std::process::id()),
+            "{shutdownTimeout: 5s, reconcileInterval: 3s, retention: {finishedTasks: 1, logSize: 1Mi, logFiles: 2}}",
+        ),
+    )
+    .write(
+        &format!("fleet/vms/{vm}.yaml"),
+        format!(
+            "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {vm}}}\nspec:\n  provider: local\n  image: micro\n  resources: {{memory: 192Mi}}\n"
+        ),
+    );
+    for task in ["one", "two", "three"] {
+        repo.write(
+            &format!("fleet/tasks/{task}.yaml"),
+            task_yaml(task, &vm, &format!("  command: [sh, -c, 'echo {task}']\n")),
+        );
+    }
+    repo.commit("a VM and three tasks");
+    // An event log already past 1 MiB, as a busy fleet's would be.
+    let status_dir = repo.path().join(".fleet/status");
+    std::fs::create_dir_all(&status_dir).expect("status dir");
+    let old = r#"{"time":"2026-01-01T00:00:00Z","type":"apply.finished","revision":"0","message":"an old event"}"#;
+    let filler: String =
+        std::iter::repeat_n(format!("{old}\n"), (1 << 20) / old.len() + 10).collect();
+    std::fs::write(status_dir.join("events.jsonl"), &filler).expect("events");
+
+    let daemon = Daemon::start(&repo);
+    let status = Status(status_dir.clone());
+    for task in ["one", "two", "three"] {
+        status.wait_phase(task, "Succeeded", Duration::from_secs(120));
+    }
+    // Rotated at the first append: the old events are `.1`, the new file starts small.
+    let rotated = read(&status_dir.join("events.jsonl.1"));
+    assert!(rotated.starts_with(old), "the old log became .1");
+    let current = std::fs::metadata(status_dir.join("events.jsonl"))
+        .expect("current")
+        .len();
+    assert!(current < 1 << 20, "a new file: {current} bytes");
+    let events = repo.fleet(&["events"]).stdout();
+    assert!(
+        events.contains("an old event"),
+        "fleet events reads the rotated file"
+    );
+    assert!(
+        events.lines().any(|l| !l.contains("an old event")),
+        "and the new one"
+    );
+
+    // Two tasks leave the revision: of their finished runs only the newest stays.
+    let finished =
+        |task: &str| crate::tasks::field(&status.task(task), "finished").unwrap_or_default();
+    let ended = [("one", finished("one")), ("two", finished("two"))];
+    repo.remove("fleet/tasks/one.yaml")
+        .remove("fleet/tasks/two.yaml");
+    repo.commit("one and two go");
+    let left = || {
+        ["one", "two"]
+            .into_iter()
+            .filter(|t| status_dir.join(format!("tasks/{t}.yaml")).exists())
+            .collect::<Vec<_>>()
+    };
+    wait_until(
+        "one removed task's run is pruned",
+        Duration::from_secs(60),
+        || left().len() == 1,
+    );
+    let kept = left()[0];
+    let (pruned, pruned_end) = ended.iter().find(|(t, _)| *t != kept).expect("the other");
+    let kept_end = &ended.iter().find(|(t, _)| *t == kept).expect("kept").1;
+    assert!(kept_end >= pruned_end, "the newest is kept: {ended:?}");
+    assert!(
+        !status_dir.join(format!("tasks/{pruned}")).exists(),
+        "its output went too"
+    );
+    assert!(
+        status_dir.join("tasks/three.yaml").exists(),
+        "a task in the revision stays"
+    );
+    drop(daemon);
+}

@@ -24,6 +24,23 @@ pub(super) fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
                     );
                 }
             }
+            if let Some(age) = spec
+                .policy
+                .retention
+                .as_ref()
+                .and_then(|r| r.finished_task_age.as_ref())
+            {
+                let range = (std::time::Duration::from_secs(60), A_YEAR);
+                let why = "use a duration from 1m to 8784h";
+                check_duration(
+                    o,
+                    "/spec/policy/retention/finishedTaskAge",
+                    age,
+                    range,
+                    why,
+                    diags,
+                );
+            }
             let mut seen = BTreeMap::new();
             for (i, p) in spec.providers.iter().enumerate() {
                 unique_in_list(
