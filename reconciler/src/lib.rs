@@ -32,6 +32,7 @@ pub mod http;
 pub mod leases;
 pub mod notify;
 pub mod output;
+pub mod progress;
 pub mod reconcile;
 pub mod secrets;
 pub mod source;

@@ -522,11 +522,15 @@ pub async fn observe_for(drivers: &Drivers, desired: &Desired) -> Observed {
 pub struct StatusObserver {
     pub status: StatusDir,
     pub revision: String,
-    pub print: bool,
+    /// `fleet apply`'s spinners or heartbeats and step outcomes; none for `fleet serve`.
+    pub progress: Option<Arc<crate::progress::Progress>>,
 }
 
 impl apply::Observer for StatusObserver {
     fn step_started(&self, step: &Step) {
+        if let Some(progress) = &self.progress {
+            progress.started(step);
+        }
         let _ = self.status.append_event(&Event::step(
             EventKind::StepStarted,
             step,
@@ -575,8 +579,8 @@ impl apply::Observer for StatusObserver {
                 ),
             ),
         };
-        if self.print {
-            eprintln!("{}", message);
+        if let Some(progress) = &self.progress {
+            progress.finished(step, &message);
         }
         let _ = self
             .status
@@ -699,7 +703,7 @@ pub async fn apply_and_record(
         let observer = Arc::new(StatusObserver {
             status: ws.status.clone(),
             revision: plan.revision().id.clone(),
-            print: print_progress,
+            progress: print_progress.then(crate::progress::Progress::on_stderr),
         });
         let report = apply::run(plan, drivers, journal.clone(), observer).await;
         journal.compact()?;

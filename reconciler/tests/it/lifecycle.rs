@@ -371,3 +371,60 @@ fn a_tiny_retention_policy_rotates_events_and_prunes_old_task_runs() {
     );
     drop(daemon);
 }
+
+/// `fleet apply` without a terminal: a step still going says so at each heartbeat (10 s;
+/// 1 s here, through `FLEET_HEARTBEAT_INTERVAL`, for a stop waiting on its guest).
+#[test]
+fn a_slow_step_prints_a_heartbeat_without_a_terminal() {
+    if !enabled() {
+        return;
+    }
+    let prefix = format!("it{}-beat-", std::process::id());
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let vm = format!("{prefix}a");
+    let repo = Repo::new();
+    let fleet = format!("it{}beat", std::process::id());
+    let vm_file = |state: &str| {
+        format!(
+            "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {vm}}}\nspec:\n  provider: local\n  image: micro\n  state: {state}\n  resources: {{memory: 192Mi}}\n"
+        )
+    };
+    repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml_with_policy(&fleet, "{shutdownTimeout: 25s}"),
+    )
+    .write(&format!("fleet/vms/{vm}.yaml"), vm_file("running"));
+    repo.commit("a VM");
+    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    repo.write(&format!("fleet/vms/{vm}.yaml"), vm_file("stopped"));
+    repo.commit("stop it");
+    let started = Instant::now();
+    let stopped = std::process::Command::new(crate::support::fleet_bin())
+        .arg("-C")
+        .arg(repo.path())
+        .args(["apply", "--auto-approve"])
+        .env("FLEET_HOST_CONFIG", repo.host_config_path())
+        .env("FLEET_HEARTBEAT_INTERVAL", "1s")
+        .output()
+        .expect("fleet apply");
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert!(stopped.status.success(), "{stderr}");
+    assert!(
+        took >= Duration::from_secs(3),
+        "a slow stop: {took:?}\n{stderr}"
+    );
+    for beat in [1, 2] {
+        assert!(
+            stderr.contains(&format!("still stopping {vm} ({beat} s)")),
+            "{stderr}"
+        );
+    }
+    assert!(stderr.contains(&format!("stop {vm} done in")), "{stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no terminal, no escape sequences: {stderr}"
+    );
+}
