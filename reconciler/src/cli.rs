@@ -119,6 +119,11 @@ pub enum Command {
     /// Secrets in fleet/secrets/: age-encrypted values, keys in the clear.
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Check that this host can run the fleet: the host configuration, the revision,
+    /// libvirtd, QEMU and KVM, images, Proxmox reachability, token privileges and clock,
+    /// the age identity, the status directory and disk space. Exit 1 when anything fails;
+    /// each problem comes with its fix.
+    Doctor,
     /// Print the shell completion script: `fleet completion bash >
     /// /etc/bash_completion.d/fleet`, or `source <(fleet completion bash)`. VM, task and
     /// prompt names complete from the status files under the current directory.
@@ -472,6 +477,22 @@ pub fn run(cli: Cli) -> ExitCode {
                     println!("resumed");
                 }
                 Ok(ExitCode::SUCCESS)
+            }
+            Command::Doctor => {
+                let findings =
+                    tokio::task::block_in_place(|| crate::doctor::run(&ws));
+                match cli.output.render(&findings)? {
+                    Some(text) => print!("{text}"),
+                    None => print!("{}", crate::doctor::render(&findings)),
+                }
+                let failed = findings
+                    .iter()
+                    .any(|f| f.verdict == crate::doctor::Verdict::Fail);
+                Ok(if failed {
+                    ExitCode::from(1)
+                } else {
+                    ExitCode::SUCCESS
+                })
             }
             Command::Completion { .. } | Command::Man { .. } => Ok(ExitCode::SUCCESS),
             Command::Serve(args) => crate::daemon::serve(

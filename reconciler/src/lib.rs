@@ -23,6 +23,7 @@ pub mod broker;
 pub mod cli;
 pub mod completion;
 pub mod daemon;
+pub mod doctor;
 pub mod driver;
 pub mod events;
 pub mod fsguard;

@@ -412,7 +412,7 @@ pub fn credentials_digest(desired: &Desired, vault: &crate::secrets::Vault) -> S
 }
 
 /// The API token's secret from wherever the host configuration says it is.
-fn proxmox_token(
+pub fn proxmox_token(
     token: &crate::spec::ProxmoxToken,
     vault: &crate::secrets::Vault,
 ) -> Result<secrecy::SecretString, TokenError> {

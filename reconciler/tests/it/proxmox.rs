@@ -1012,3 +1012,128 @@ fn a_revision_over_the_clusters_memory_is_refused_by_plan() {
     f.repo.commit("overcommit");
     f.repo.fleet(&["plan"]).expect_code(0);
 }
+
+/// `fleet doctor`: with libvirtd out of reach, a world-readable age identity and a token
+/// lacking a privilege it names each problem with its fix and exits 1; fixed, it exits 0.
+#[test]
+fn fleet_doctor_names_each_problem_and_its_fix() {
+    if !enabled() || !crate::libvirt::enabled() {
+        return;
+    }
+    let mut pve = FakePve::start();
+    let f = PveFleet::new(&pve, "doctor", "{}");
+    f.repo.write("fleet/vms/a.yaml", vm_yaml("a", ""));
+    f.repo.commit("a VM");
+    let identity = f.host.path().join("age.key");
+    std::fs::write(
+        &identity,
+        "AGE-SECRET-KEY-1QQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQ\n",
+    )
+    .expect("identity");
+    let storage = f.repo.path().join(".fleet/storage");
+    let pve_provider = format!(
+        "{{name: host, type: proxmox, endpoint: '{}', node: pve1, token: {{id: '{}', file: '{}'}}, caFile: '{}'}}",
+        pve.url,
+        pve.token_id,
+        f.host.path().join("token").display(),
+        pve.ca_file.display()
+    );
+    let with_libvirt = |uri: &str| {
+        crate::support::host_yaml(
+            &[
+                pve_provider.clone(),
+                format!(
+                    "{{name: local, type: libvirt, uri: '{uri}', storageDir: '{}'}}",
+                    storage.display()
+                ),
+            ],
+            "",
+        )
+    };
+    let doctor = || {
+        let out = std::process::Command::new(crate::support::fleet_bin())
+            .arg("-C")
+            .arg(f.repo.path())
+            .arg("doctor")
+            .env("FLEET_HOST_CONFIG", f.repo.host_config_path())
+            .env("FLEET_AGE_IDENTITY", &identity)
+            .output()
+            .expect("fleet doctor");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+
+    // Broken three ways: libvirtd not answering on that socket, the identity readable by
+    // all, the token without VM.Config.HWType.
+    f.repo.host_config(&with_libvirt(
+        "qemu:///system?socket=/nonexistent/libvirt-sock",
+    ));
+    set_mode(&identity, 0o644);
+    let without: Vec<String> = documented_privileges()
+        .into_iter()
+        .filter(|p| p != "VM.Config.HWType")
+        .collect();
+    pve.control(json!({"op": "grant", "privs": without}));
+    let (code, report) = doctor();
+    assert_eq!(code, Some(1), "{report}");
+    for expected in [
+        "FAIL  libvirt",
+        "start libvirtd",
+        "FAIL  age identity",
+        &format!("chmod 600 {}", identity.display()),
+        "FAIL  proxmox",
+        "the token lacks VM.Config.HWType",
+        "pveum role modify Fleet -append 1 -privs \"VM.Config.HWType\"",
+    ] {
+        assert!(report.contains(expected), "{expected:?} in:\n{report}");
+    }
+
+    // Each fixed: nothing fails.
+    f.repo.host_config(&with_libvirt("qemu:///system"));
+    set_mode(&identity, 0o600);
+    pve.control(json!({"op": "grant", "privs": ["VM.Config.HWType"]}));
+    let (code, report) = doctor();
+    assert_eq!(code, Some(0), "{report}");
+    for expected in [
+        "ok    libvirt",
+        "ok    proxmox",
+        "every privilege fleet needs",
+        "ok    age identity",
+        "ok    revision",
+    ] {
+        assert!(report.contains(expected), "{expected:?} in:\n{report}");
+    }
+    // The same as JSON, for scripts.
+    let json = std::process::Command::new(crate::support::fleet_bin())
+        .arg("-C")
+        .arg(f.repo.path())
+        .args(["doctor", "-o", "json"])
+        .env("FLEET_HOST_CONFIG", f.repo.host_config_path())
+        .env("FLEET_AGE_IDENTITY", &identity)
+        .output()
+        .expect("fleet doctor");
+    let findings: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
+    assert!(
+        findings
+            .as_array()
+            .expect("a list")
+            .iter()
+            .any(|f| f["check"] == "proxmox" && f["verdict"] == "ok"),
+        "{findings}"
+    );
+}
+
+/// `docs/proxmox.md`'s role and the driver's list (what `fleet doctor` checks) agree.
+#[test]
+fn the_documented_role_is_what_the_driver_needs() {
+    let mut documented = documented_privileges();
+    documented.sort();
+    let mut needed: Vec<String> = fleet::driver::proxmox::REQUIRED_PRIVILEGES
+        .iter()
+        .map(|p| (*p).to_owned())
+        .collect();
+    needed.sort();
+    assert_eq!(documented, needed);
+}

@@ -288,3 +288,17 @@ fn the_doc_check_catches_a_type_that_is_gone() {
         "//! The book (`TaskBook`) and its runner (`runner::VmRunner`), in `tasks`.\nfn f() {}\n";
     assert_eq!(unknown_doc_types(doc, &known), ["runner::VmRunner"]);
 }
+
+/// `docs/troubleshooting.md` has a section for every check `fleet doctor` runs, and no
+/// section for a check it no longer runs.
+#[test]
+fn troubleshooting_covers_every_doctor_check() {
+    let text = std::fs::read_to_string(workspace().join("docs/troubleshooting.md"))
+        .expect("docs/troubleshooting.md");
+    let sections: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("## ")).collect();
+    assert_eq!(
+        sections,
+        fleet::doctor::CHECKS,
+        "one section per check, in order"
+    );
+}

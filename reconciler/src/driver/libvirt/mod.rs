@@ -223,6 +223,17 @@ impl LibvirtDriver {
         Ok(self.storage_dir.join(name))
     }
 
+    /// For `fleet doctor`: the daemon's libvirt version and the hypervisor's, as
+    /// `(libvirt, hypervisor)` in libvirt's major.minor.micro form, or why `uri` cannot be
+    /// reached. Opens a connection of its own (closed when dropped).
+    pub fn versions(uri: &str) -> Result<(String, String), String> {
+        let c = Connect::open(Some(uri)).map_err(|e| e.message().to_owned())?;
+        let dotted = |v: u32| format!("{}.{}.{}", v / 1_000_000, v / 1000 % 1000, v % 1000);
+        c.lib_version()
+            .and_then(|lib| Ok((dotted(lib), dotted(c.hyp_version()?))))
+            .map_err(|e| e.message().to_owned())
+    }
+
     fn connection(&self) -> Result<Connect, DriverError> {
         let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = guard.as_ref() {

@@ -276,6 +276,81 @@ impl ProxmoxDriver {
 /// The snapshot a VM with `reset: beforeEachTask` returns to, taken when it was made.
 const CLEAN_SNAPSHOT: &str = "fleet-clean";
 
+/// The privileges fleet's token needs, as `docs/proxmox.md` lists them for its role (a test
+/// keeps the two the same); `fleet doctor` compares the token's own with these.
+pub const REQUIRED_PRIVILEGES: [&str; 15] = [
+    "VM.Audit",
+    "VM.Allocate",
+    "VM.Clone",
+    "VM.PowerMgmt",
+    "VM.Config.CPU",
+    "VM.Config.Memory",
+    "VM.Config.Options",
+    "VM.Config.HWType",
+    "VM.Config.Network",
+    "VM.Config.Disk",
+    "VM.Config.Cloudinit",
+    "VM.Config.CDROM",
+    "VM.GuestAgent.Unrestricted",
+    "Datastore.AllocateSpace",
+    "SDN.Use",
+];
+
+/// What `fleet doctor` learns of a cluster through the provider's token.
+#[derive(Debug)]
+pub struct PveHealth {
+    pub version: String,
+    /// `REQUIRED_PRIVILEGES` the token holds on no path.
+    pub missing: Vec<&'static str>,
+    /// The first online node's clock minus this host's, in seconds, or why it is unknown.
+    pub skew: Result<i64, String>,
+}
+
+impl ProxmoxDriver {
+    /// Asks the cluster its version, the token's privileges (`/access/permissions`) and a
+    /// node's time. Reads only.
+    pub fn health(&self) -> Result<PveHealth, DriverError> {
+        let client = self.client()?;
+        let version: Value = client.get("/version", &[])?;
+        let held: BTreeMap<String, BTreeMap<String, Value>> =
+            client.get("/access/permissions", &[])?;
+        let privileges: std::collections::BTreeSet<&str> = held
+            .values()
+            .flat_map(|privs| privs.keys().map(String::as_str))
+            .collect();
+        let missing = REQUIRED_PRIVILEGES
+            .into_iter()
+            .filter(|p| !privileges.contains(p))
+            .collect();
+        let skew = (|| -> Result<i64, String> {
+            let nodes: Vec<Value> = client.get("/nodes", &[]).map_err(|e| e.to_string())?;
+            let node = nodes
+                .iter()
+                .find(|n| n["status"] == "online")
+                .and_then(|n| n["node"].as_str())
+                .ok_or("no node is online")?;
+            let time: Value = client
+                .get(
+                    &format!("/nodes/{}/time", client::encode_segment(node)),
+                    &[],
+                )
+                .map_err(|e| e.to_string())?;
+            let theirs = time["time"]
+                .as_i64()
+                .ok_or_else(|| format!("node {node} gave no time"))?;
+            let ours = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            Ok(theirs - ours)
+        })();
+        Ok(PveHealth {
+            version: value_text(&version["version"]),
+            missing,
+            skew,
+        })
+    }
+}
+
 impl ProxmoxDriver {
     /// Takes `CLEAN_SNAPSHOT` of `owned` unless it has one (a create run again).
     fn take_clean_snapshot(&self, owned: &OwnedVm) -> Result<(), DriverError> {
