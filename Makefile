@@ -10,12 +10,12 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 IMAGE_DIR := build/image
 DEB_PACKAGES := libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 qemu-utils pkg-config \
                 linux-image-cloud-amd64 busybox-static cpio kmod file git chromium genisoimage cloud-init age \
-                python3-venv dnsmasq-base nftables iptables iproute2 openssh-client openssh-server man-db systemd adduser
+                python3-venv dnsmasq-base nftables iptables iproute2 openssh-client openssh-server man-db systemd adduser tmux
 # Every command fleet, its image builder and its tests run, checked after installing: one
 # package can remove another's command (a newer qemu-utils gave way to qemu-system-x86's).
 DEB_COMMANDS := libvirtd virtlogd virsh qemu-system-x86_64 qemu-img genisoimage busybox cpio \
                 depmod file git chromium cloud-init age age-keygen python3 pkg-config \
-                dnsmasq nft iptables ip ssh ssh-agent ssh-add sshd promtool man systemd-analyze adduser
+                dnsmasq nft iptables ip ssh ssh-agent ssh-add sshd promtool man systemd-analyze adduser tmux
 
 .PHONY: all build deps promtool dist-extras install uninstall deb test-package libvirtd agent image image-debian image-agent install-example fakepve run test test-agent lint unit bench bench-agent bench-fresh fuzz crash-test crash-test-proxmox clean
 

@@ -65,9 +65,11 @@
 //!   test makes (the stand-in for the outside; a fence drops anything else it forwards) and
 //!   none of the host's own addresses or loopback. With the guard's rejects removed, the same
 //!   test fails.
-//! - `packaging` (nothing; bash, man-db and promtool): `fleet completion bash` completes
+//! - `packaging` (nothing; bash, man-db, tmux and promtool): `fleet completion bash` completes
 //!   subcommands, flags and VM names in a real bash; every man page renders with `man -l`
-//!   without a warning; `docs/alerts.yaml` passes `promtool check rules`.
+//!   without a warning; `docs/alerts.yaml` passes `promtool check rules`; `fleet serve`
+//!   speaks systemd's notify protocol; `fleet events --follow` in tmux shows a new event
+//!   within a second.
 //! - `proxmox` (fakepve): the driver through the whole life of a fleet (create, drift and
 //!   heal, restart on resize, destroy, snippet sweeping and legacy names, foreign VMs never
 //!   touched), faults retried and kept to their VM, TLS verified unless the provider says

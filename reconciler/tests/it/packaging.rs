@@ -205,3 +205,73 @@ fn fleet_serve_speaks_the_systemd_notify_protocol() {
     assert!(stopping, "STOPPING=1 on SIGTERM");
     assert_eq!(daemon.child.wait().expect("wait").code(), Some(0));
 }
+
+/// `fleet events --follow` in a real terminal (tmux) shows an event within a second of it
+/// being written.
+#[test]
+fn events_follow_shows_a_new_event_within_a_second() {
+    let repo = Repo::new();
+    let status = repo.path().join(".fleet/status");
+    std::fs::create_dir_all(&status).expect("status");
+    let line = |message: &str| {
+        format!(
+            "{{\"time\":\"2026-12-04T00:00:00Z\",\"type\":\"apply.finished\",\"revision\":\"0\",\"message\":\"{message}\"}}\n"
+        )
+    };
+    std::fs::write(status.join("events.jsonl"), line("the first event")).expect("events");
+    let session = format!("fleet-events-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &session])
+            .args(args)
+            .output()
+            .expect("run tmux (apt-get install tmux)")
+    };
+    let command = format!(
+        "{} -C {} events --follow",
+        fleet_bin().display(),
+        repo.path().display()
+    );
+    assert!(
+        tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            &session,
+            "-x",
+            "160",
+            "-y",
+            "20",
+            &command
+        ])
+        .status
+        .success()
+    );
+    struct Kill<'a>(&'a dyn Fn(&[&str]) -> std::process::Output);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            (self.0)(&["kill-server"]);
+        }
+    }
+    let _kill = Kill(&tmux);
+    let screen = || String::from_utf8_lossy(&tmux(&["capture-pane", "-p"]).stdout).into_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !screen().contains("the first event") {
+        assert!(std::time::Instant::now() < deadline, "{}", screen());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(status.join("events.jsonl"))
+        .expect("open");
+    std::io::Write::write_all(&mut log, line("a new event").as_bytes()).expect("append");
+    let written = std::time::Instant::now();
+    while !screen().contains("a new event") {
+        assert!(
+            written.elapsed() < std::time::Duration::from_secs(1),
+            "not shown within 1 s:\n{}",
+            screen()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
