@@ -21,6 +21,7 @@ pub mod observe;
 pub mod plan;
 pub mod reset;
 pub mod resolve;
+pub mod schema_doc;
 pub mod seed;
 pub mod snapshot;
 pub mod spec;

@@ -275,3 +275,50 @@ fn events_follow_shows_a_new_event_within_a_second() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// `.pre-commit-hooks.yaml` names a hook whose command works on a fleet repository, and
+/// fails on a broken one.
+#[test]
+fn the_pre_commit_hook_runs_fleet_validate() {
+    let hooks: serde_json::Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.pre-commit-hooks.yaml"),
+        )
+        .expect("read"),
+    )
+    .expect("yaml");
+    let hook = &hooks[0];
+    assert_eq!(hook["id"], "fleet-validate");
+    assert_eq!(hook["language"], "system");
+    let entry: Vec<&str> = hook["entry"]
+        .as_str()
+        .expect("entry")
+        .split_whitespace()
+        .collect();
+    assert_eq!(entry[0], "fleet");
+    let repo = Repo::new();
+    repo.write(
+        "fleet/fleet.yaml",
+        "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: hooked}\nspec:\n  providers:\n    - {name: local, type: libvirt}\n",
+    );
+    let run = || {
+        Command::new(fleet_bin())
+            .args(&entry[1..])
+            .current_dir(repo.path())
+            .env("FLEET_HOST_CONFIG", repo.path().join("no-host.yaml"))
+            .output()
+            .expect("the hook's command")
+    };
+    assert!(
+        run().status.success(),
+        "{}",
+        String::from_utf8_lossy(&run().stderr)
+    );
+    repo.write(
+        "fleet/vms/bad.yaml",
+        "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: Bad}\n",
+    );
+    let refused = run();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("fleet/vms/bad.yaml:"));
+}
