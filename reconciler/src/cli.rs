@@ -119,6 +119,22 @@ pub enum Command {
     /// Secrets in fleet/secrets/: age-encrypted values, keys in the clear.
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// Bring a VM fleet did not make under management. Without --approve: write its file
+    /// (fleet/vms/VM.yaml, from what the hypervisor reports) and say what fleet would
+    /// change; the VM is not touched. With --approve, once that file is committed: stamp
+    /// the VM as this fleet's. Never automatic.
+    Adopt {
+        /// The provider (of fleet.yaml) the VM runs on.
+        provider: String,
+        /// The VM's (domain's) name.
+        vm: String,
+        /// The image fleet would remake it from (default: fleet.yaml's only image).
+        #[arg(long)]
+        image: Option<String>,
+        /// Stamp it, once its file is committed.
+        #[arg(long)]
+        approve: bool,
+    },
     /// Check that this host can run the fleet: the host configuration, the revision,
     /// libvirtd, QEMU and KVM, images, Proxmox reachability, token privileges and clock,
     /// the age identity, the status directory and disk space. Exit 1 when anything fails;
@@ -476,6 +492,24 @@ pub fn run(cli: Cli) -> ExitCode {
                     let _ = signal_serve(&ws);
                     println!("resumed");
                 }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Adopt {
+                provider,
+                vm,
+                image,
+                approve,
+            } => {
+                let request = crate::adopt::Request {
+                    provider,
+                    vm,
+                    image: image.as_deref(),
+                    approve: *approve,
+                };
+                print!(
+                    "{}",
+                    tokio::task::block_in_place(|| crate::adopt::run(&ws, &request))?
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Command::Doctor => {

@@ -15,6 +15,7 @@ pub use fleet_core::{
     snapshot, spec, time, tokens,
 };
 
+pub mod adopt;
 pub mod agent_link;
 pub mod apply;
 pub mod approvals;

@@ -345,6 +345,7 @@ mod tests {
                         protect: false,
                         config: Some(vm.config.clone()),
                         created: None,
+                        adopted: false,
                     })),
                 })
             })

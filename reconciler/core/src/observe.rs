@@ -29,6 +29,10 @@ pub struct Stamp {
     /// stamp. `None` on VMs made before stamps recorded it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<crate::time::Timestamp>,
+    /// Brought under management by `fleet adopt` rather than made by fleet: its disks and
+    /// definition are not fleet's, so a change of it remakes it rather than editing it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopted: bool,
 }
 
 impl Stamp {

@@ -144,6 +144,7 @@ fn stamp_for(fleet: &str, revision: &str, vm: &DesiredVm) -> Stamp {
         protect: vm.config.protect,
         config: Some(vm.config.clone()),
         created: Some(crate::time::Timestamp::from(std::time::SystemTime::now())),
+        adopted: false,
     }
 }
 

@@ -129,6 +129,17 @@ pub trait Driver: Send + Sync {
     /// destroy left behind. Never touches a VM that exists.
     fn settle(&self, name: &str) -> Result<(), DriverError>;
 
+    /// `fleet adopt --approve`: writes `stamp` onto `name`, a VM no fleet made (it carries
+    /// no stamp at all), changing nothing else about it. Refused with a conflict when it
+    /// carries any stamp.
+    fn adopt(&self, name: &str, stamp: &Stamp) -> Result<(), DriverError> {
+        let _ = stamp;
+        Err(DriverError::new(
+            ErrorKind::Permanent,
+            format!("adopting {name}: this provider's driver cannot adopt VMs yet (libvirt can)"),
+        ))
+    }
+
     /// Hypervisor calls made so far (for benchmarks and tests of the O(hosts) promise).
     fn calls(&self) -> u64;
 

@@ -40,6 +40,7 @@ event_kinds! {
     ApplyFinished = "apply.finished",
     VmDrifted = "vm.drifted",
     VmCrashLooping = "vm.crash_looping",
+    VmAdopted = "vm.adopted",
     RevisionRefused = "revision.refused",
     JournalRecovered = "journal.recovered",
     HostTidied = "host.tidied",

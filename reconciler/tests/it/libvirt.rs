@@ -620,3 +620,98 @@ fn storage_out_of_qemus_reach_is_a_clear_error_not_drift() {
     repo.commit("gone");
     repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
 }
+
+/// `fleet adopt`: a domain fleet did not make gets a VM file that validates, the domain
+/// untouched; once the file is committed, `--approve` stamps it and the plan is empty; a
+/// change of its file then remakes it (an adopted VM's disks are not fleet's to edit),
+/// held by `protect`.
+#[test]
+fn a_foreign_domain_is_adopted_only_when_approved() {
+    if !enabled() {
+        return;
+    }
+    let prefix = format!("it{}-adopt-", std::process::id());
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let legacy = format!("{prefix}legacy");
+    let xml = format!(
+        "<domain type='qemu'><name>{legacy}</name><memory unit='MiB'>128</memory><vcpu>2</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os></domain>"
+    );
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), &xml).expect("write");
+    virsh_ok(&["define", file.path().to_str().expect("utf8")]);
+    let before = virsh_ok(&["dumpxml", "--inactive", &legacy]);
+
+    let repo = Repo::new();
+    repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml(&format!("it{}adopt", std::process::id())),
+    );
+    repo.commit("a fleet with no VM yet");
+    // Another fleet's or a missing domain is refused.
+    repo.fleet(&["adopt", "local", &format!("{prefix}none")])
+        .expect_code(1);
+
+    let proposed = repo.fleet(&["adopt", "local", &legacy]);
+    proposed.expect_code(0);
+    assert!(
+        proposed
+            .stdout()
+            .contains("fleet would change nothing about it"),
+        "{}",
+        proposed.stdout()
+    );
+    let written = std::fs::read_to_string(repo.path().join(format!("fleet/vms/{legacy}.yaml")))
+        .expect("the VM file");
+    assert!(
+        written.contains("resources: {cpus: 2, memory: 128Mi}"),
+        "{written}"
+    );
+    assert!(written.contains("state: stopped") && written.contains("protect: true"));
+    repo.fleet(&["validate", "--worktree"]).expect_code(0);
+    assert_eq!(
+        virsh_ok(&["dumpxml", "--inactive", &legacy]),
+        before,
+        "untouched before approval"
+    );
+    // Approving before the file is committed is refused, and touches nothing.
+    repo.fleet(&["adopt", "local", &legacy, "--approve"])
+        .expect_code(1);
+    assert_eq!(virsh_ok(&["dumpxml", "--inactive", &legacy]), before);
+    // Uncommitted, the plan calls it a conflict.
+    repo.commit("adopt legacy");
+    let approved = repo.fleet(&["adopt", "local", &legacy, "--approve"]);
+    approved.expect_code(0);
+    let stamped = virsh_ok(&["dumpxml", "--inactive", &legacy]);
+    assert!(
+        stamped.contains("<fleet:adopted>true</fleet:adopted>"),
+        "{stamped}"
+    );
+    // The event made `.fleet` private (0750); this test keeps VM storage under it, where
+    // QEMU's user must pass.
+    crate::support::set_mode(&repo.path().join(".fleet"), 0o755);
+    repo.fleet(&["plan", "--detailed-exitcode"]).expect_code(0);
+    assert!(repo.fleet(&["events"]).stdout().contains("adopted by"));
+    // Adopted already: a second adopt says so.
+    repo.fleet(&["adopt", "local", &legacy]).expect_code(1);
+
+    // A change remakes it from its image, and protect holds that for an approval.
+    repo.write(
+        &format!("fleet/vms/{legacy}.yaml"),
+        written.replace("memory: 128Mi", "memory: 192Mi"),
+    );
+    repo.commit("more memory");
+    let plan = repo.fleet(&["plan"]).stdout();
+    assert!(
+        plan.contains(&format!("replace  {legacy}")) && plan.contains("is protected"),
+        "{plan}"
+    );
+    let applied = repo.fleet(&["apply", "--auto-approve"]);
+    assert!(
+        virsh_ok(&["dumpxml", "--inactive", &legacy])
+            .contains("<fleet:adopted>true</fleet:adopted>"),
+        "held, not replaced: {}",
+        applied.stdout()
+    );
+}

@@ -50,6 +50,9 @@ pub enum Reason {
     SpecChanged { fields: Vec<VmField> },
     /// A field changed that cannot change in place.
     ReplaceForced { field: VmField, why: String },
+    /// A VM `fleet adopt` brought under management changed: fleet did not make its disks
+    /// or definition, so it is made again from its image (its old disk stays on the host).
+    AdoptedChanged { fields: Vec<VmField> },
     /// The stamp's copy of the applied configuration is unreadable; rewrite it.
     StampUnreadable,
     /// fleet's create of this VM stopped before the VM got its configuration (its stamp
@@ -1086,6 +1089,17 @@ fn step_for_owned(vm: &DesiredVm, found: &ObservedVm) -> Option<Step> {
         return Some(step(power, Reason::PowerState { want: vm.state }));
     }
     let changes = fields::diff(applied, &vm.config);
+    // An adopted VM's definition and disks are not fleet's to edit: any change remakes it.
+    if stamp.adopted {
+        let replace = Change::Replace {
+            changes: changes.clone(),
+            desired: vm.clone(),
+            applied: applied.clone(),
+            applied_revision: stamp.revision.clone(),
+        };
+        let fields = changes.iter().map(|c| c.field).collect();
+        return Some(step(replace, Reason::AdoptedChanged { fields }));
+    }
     if let Some((field, why)) = changes.iter().find_map(|c| match c.field.effect() {
         FieldEffect::Replace(why) => Some((c.field, why)),
         _ => None,

@@ -222,6 +222,20 @@ pub fn reason_text(step: &Step) -> String {
         Reason::ReplaceForced { field, why } => {
             format!("{field} changed, which forces replacement ({why})")
         }
+        Reason::AdoptedChanged { fields } => {
+            let changed = if fields.is_empty() {
+                "its spec".to_owned()
+            } else {
+                fields
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            format!(
+                "{changed} changed on an adopted VM: fleet did not make its disks, so it is made again from its image (the old disk stays on the host)"
+            )
+        }
         Reason::CreateUnfinished => {
             "an earlier create stopped before configuring it; finishing it".to_owned()
         }

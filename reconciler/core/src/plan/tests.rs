@@ -85,6 +85,7 @@ fn applied(d: &DesiredVm, running: bool) -> ObservedVm {
             protect: d.config.protect,
             config: Some(d.config.clone()),
             created: None,
+            adopted: false,
         })),
     }
 }
@@ -1287,4 +1288,28 @@ fn a_lease_ends_whatever_the_drift_policy_and_the_record_outlives_a_replace() {
     let p = lease_plan(&d, vec![replaced], &[("a", record)], 61);
     assert!(!p.has_changes(), "{}", render::text(&p));
     assert_eq!(p.leases_ended().len(), 1);
+}
+
+/// A VM `fleet adopt` stamped is never edited in place: a change that would update any
+/// other VM remakes it from its image, saying why.
+#[test]
+fn a_change_to_an_adopted_vm_remakes_it() {
+    let before = desired(&[vm("a", "")]);
+    let after = desired(&[vm("a", "  resources: {memory: 1Gi}\n")]);
+    let mut found = applied(&before.vms["a"], true);
+    let mut stamp = (**found.stamp.as_ref().expect("stamp")).clone();
+    stamp.adopted = true;
+    found.stamp = Some(std::sync::Arc::new(stamp));
+    let p = plan(&after, &observed(vec![found]));
+    let [step] = p.steps() else {
+        panic!("one step: {:?}", p.steps());
+    };
+    assert_eq!(step.action(), Action::Replace);
+    assert_eq!(
+        step.reason,
+        Reason::AdoptedChanged {
+            fields: vec![VmField::MemoryMib]
+        }
+    );
+    assert!(render::reason_text(step).contains("adopted VM"));
 }

@@ -45,26 +45,35 @@ pub fn joined_networks(xml: &str) -> Vec<String> {
         .collect()
 }
 
-/// The stamp as the element libvirt stores (without the namespace declaration, which
-/// libvirt adds from `STAMP_NS`).
-pub fn stamp_element(stamp: &Stamp, with_ns: bool) -> String {
+/// The stamp as an element: inside a domain definition (`in_definition`) prefixed and with
+/// its namespace declared; for `virDomainSetMetadata`, bare, since libvirt puts its own
+/// prefix (`STAMP_PREFIX`) on the element and every child (a prefixed element would come
+/// out as `fleet:fleet:vm`, which is nobody's stamp).
+pub fn stamp_element(stamp: &Stamp, in_definition: bool) -> String {
     let config = stamp
         .config
         .as_ref()
         .map(|c| serde_json::to_string(c).expect("VmConfig is JSON"))
         .unwrap_or_default();
-    let ns = if with_ns {
-        format!(" xmlns:{STAMP_PREFIX}=\"{STAMP_NS}\"")
+    let (ns, p) = if in_definition {
+        (
+            format!(" xmlns:{STAMP_PREFIX}=\"{STAMP_NS}\""),
+            format!("{STAMP_PREFIX}:"),
+        )
+    } else {
+        (String::new(), String::new())
+    };
+    let created = stamp
+        .created
+        .map(|t| format!("<{p}created>{t}</{p}created>"))
+        .unwrap_or_default();
+    let adopted = if stamp.adopted {
+        format!("<{p}adopted>true</{p}adopted>")
     } else {
         String::new()
     };
-    let p = STAMP_PREFIX;
-    let created = stamp
-        .created
-        .map(|t| format!("<{p}:created>{t}</{p}:created>"))
-        .unwrap_or_default();
     format!(
-        "<{p}:vm{ns}><{p}:fleet>{}</{p}:fleet><{p}:name>{}</{p}:name><{p}:specHash>{}</{p}:specHash><{p}:revision>{}</{p}:revision><{p}:protect>{}</{p}:protect>{created}<{p}:config>{}</{p}:config></{p}:vm>",
+        "<{p}vm{ns}><{p}fleet>{}</{p}fleet><{p}name>{}</{p}name><{p}specHash>{}</{p}specHash><{p}revision>{}</{p}revision><{p}protect>{}</{p}protect>{created}{adopted}<{p}config>{}</{p}config></{p}vm>",
         escape(stamp.fleet.as_str()),
         escape(stamp.name.as_str()),
         escape(stamp.spec_hash.as_str()),
@@ -248,6 +257,7 @@ fn parse_stamp(node: roxmltree::Node<'_, '_>) -> Option<Stamp> {
         protect: field("protect").is_some_and(|p| p == "true"),
         config: field("config").and_then(|c| serde_json::from_str(&c).ok()),
         created: field("created").and_then(|t| t.parse().ok()),
+        adopted: field("adopted").is_some_and(|a| a == "true"),
     })
 }
 
@@ -292,6 +302,7 @@ mod tests {
             protect: true,
             config: Some(vm.config.clone()),
             created: Some("2026-12-03T10:00:00Z".parse().expect("a time")),
+            adopted: false,
         };
         let files = VmFiles {
             console_log: Path::new("/s/vm-1/console.log"),

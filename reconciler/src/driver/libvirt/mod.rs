@@ -896,6 +896,42 @@ impl LibvirtDriver {
 }
 
 impl Driver for LibvirtDriver {
+    fn adopt(&self, name: &str, stamp: &Stamp) -> Result<(), DriverError> {
+        super::check_name(name)?;
+        let dom = self.lookup(name)?.ok_or_else(|| {
+            DriverError::new(
+                ErrorKind::NotFound,
+                format!("VM {name:?} does not exist on {}", self.provider),
+            )
+        })?;
+        let observed = self.read(&dom, name)?;
+        if let Some(theirs) = &observed.stamp {
+            return Err(DriverError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "VM {name:?} on {} already carries fleet {:?}'s stamp (as {:?}); only a VM no fleet made can be adopted",
+                    self.provider, theirs.fleet, theirs.name
+                ),
+            ));
+        }
+        let element = domain_xml::stamp_element(stamp, false);
+        let mut flags = virt::sys::VIR_DOMAIN_AFFECT_CONFIG;
+        if observed.running {
+            flags |= virt::sys::VIR_DOMAIN_AFFECT_LIVE;
+        }
+        self.on_domain(&format!("stamp {name}"), || {
+            dom.set_metadata(
+                virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(&element),
+                Some(domain_xml::STAMP_PREFIX),
+                Some(domain_xml::STAMP_NS),
+                flags,
+            )
+        })?;
+        self.invalidate(name);
+        Ok(())
+    }
+
     /// The guard of `network: full` guests is applied again while their network runs: a
     /// firewall reload on the host (`nft flush ruleset`) removes it, and guests keep running
     /// (and rebooting) without fleet starting them.

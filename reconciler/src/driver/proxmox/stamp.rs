@@ -68,6 +68,7 @@ mod tests {
             protect: true,
             config: Some(vm.config),
             created: None,
+            adopted: false,
         }
     }
 

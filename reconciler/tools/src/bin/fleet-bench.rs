@@ -696,6 +696,7 @@ fn bench_plan(vms: usize) -> anyhow::Result<()> {
                     protect: false,
                     config: Some(config),
                     created: None,
+                    adopted: false,
                 })),
             })
         })
@@ -767,6 +768,7 @@ fn bench_libvirt_observe(vms: usize) -> anyhow::Result<()> {
                 protect: false,
                 config: Some(vm.config.clone()),
                 created: None,
+                adopted: false,
             };
             driver
                 .create(vm, &stamp, Duration::from_secs(5))
