@@ -1,7 +1,7 @@
 //! Shell completions and man pages, both generated from the CLI definition (clap).
 //!
 //! `fleet completion bash|zsh|fish` prints a script that asks `fleet` itself for candidates
-//! at each TAB (`COMPLETE=<shell> fleet -- <words>`, handled first thing in `main`), so
+//! at each TAB (`_FLEET_COMPLETE=<shell> fleet -- <words>`, handled first thing in `main`), so
 //! subcommands and flags never drift from the binary, and VM, task and prompt names
 //! complete from the status files of the repository in the current directory.
 
@@ -15,8 +15,9 @@ use clap_complete::env::EnvCompleter;
 use crate::cli::Cli;
 use crate::status::StatusDir;
 
-/// The variable the script sets when it asks `fleet` for candidates.
-pub const VAR: &str = "COMPLETE";
+/// The variable the script sets when it asks `fleet` for candidates: a name of fleet's own,
+/// so a `COMPLETE` in some CI environment does not turn every command into a completer.
+pub const VAR: &str = "_FLEET_COMPLETE";
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum Shell {
@@ -57,8 +58,14 @@ fn status() -> StatusDir {
     StatusDir::new(Path::new(".fleet/status").to_path_buf())
 }
 
+/// Names as candidates; only valid names (a status file in a checkout someone else made
+/// could hold anything, and the shell inserts a candidate as typed).
 fn candidates(names: impl IntoIterator<Item = String>) -> Vec<CompletionCandidate> {
-    names.into_iter().map(CompletionCandidate::new).collect()
+    names
+        .into_iter()
+        .filter(|n| crate::driver::check_name(n).is_ok())
+        .map(CompletionCandidate::new)
+        .collect()
 }
 
 /// VMs fleet has a status for.

@@ -772,7 +772,9 @@ pub async fn apply_and_record(
         conflicts: plan.conflicts().len(),
         outcome,
     });
-    if plan.has_changes() {
+    // A change was applied when a step succeeded (a plan of held or failed steps changed
+    // nothing).
+    if report.results.iter().any(|r| r.ok) {
         summary.last_applied = Some(finished.into());
     }
     summary.counts = status::counts(&vms);

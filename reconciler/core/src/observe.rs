@@ -105,12 +105,19 @@ impl Observed {
     /// Each VM contributes its identity, power state, resources and stamp fields; a stamp's
     /// config is covered by its spec hash, so it is not serialised again (this runs on every
     /// daemon pass).
-    pub fn digest(&self) -> String {
+    ///
+    /// Only the VMs the plan is about count: `fleet`'s own and those named `concerned`. A
+    /// foreign VM coming or going elsewhere on the host (another team's, another test's) does
+    /// not make a saved plan stale.
+    pub fn digest(&self, fleet: &str, concerned: impl Fn(&str) -> bool) -> String {
         let mut h = Sha256::new();
         for (provider, host) in &self.hosts {
             h.update(provider.as_bytes());
             h.update([0xff]);
-            for vm in &host.vms {
+            let relevant = host.vms.iter().filter(|vm| {
+                concerned(&vm.name) || vm.stamp.as_ref().is_some_and(|s| s.fleet == fleet)
+            });
+            for vm in relevant {
                 for part in [vm.name.as_str(), vm.uuid.as_str()] {
                     h.update(part.as_bytes());
                     h.update([0]);

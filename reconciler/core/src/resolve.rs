@@ -566,7 +566,7 @@ impl ResolvedRetention {
             log_bytes: spec
                 .log_size
                 .as_ref()
-                .map_or(default.log_bytes, |s| s.mib() << 20),
+                .map_or(default.log_bytes, |s| s.mib().saturating_mul(1 << 20)),
             log_files: spec.log_files.unwrap_or(default.log_files),
         }
     }

@@ -380,7 +380,10 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
     };
     let mut shutdown = false;
     let mut fetch_now = true;
-    let mut told_ready = false;
+    // Ready once it holds the lock and serves the page: the first pass may take as long as
+    // its applies (creates under TCG, stops waiting out their grace), far past a start
+    // timeout. `systemctl status` follows each pass's outcome.
+    systemd::ready("starting: the first reconcile is under way");
     systemd::spawn_watchdog();
     while !shutdown {
         if fetch_now || Instant::now() >= daemon.next_fetch {
@@ -388,13 +391,7 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         }
         daemon.reconcile().await;
         daemon.previews().await;
-        let line = daemon.status_line();
-        if told_ready {
-            systemd::status(&line);
-        } else {
-            systemd::ready(&line);
-            told_ready = true;
-        }
+        systemd::status(&daemon.status_line());
         let finished = Instant::now();
         let wake = daemon.next_wake();
         // Wait for a trigger or the next deadline, then drain what else is queued.

@@ -1,7 +1,8 @@
-//! The systemd side of `fleet serve` under `Type=notify`: READY=1 once the first reconcile
-//! has finished (so `systemctl start` returns when the fleet has been looked at), the
-//! watchdog's pings while the runtime answers, STOPPING=1 at shutdown. Outside systemd
-//! (no `NOTIFY_SOCKET`) each is a no-op.
+//! The systemd side of `fleet serve` under `Type=notify`: READY=1 once it holds the status
+//! lock and serves its page (not after the first reconcile, whose applies may outlast any
+//! start timeout), a status line after every pass (`systemctl status`), the watchdog's
+//! pings while the runtime answers, STOPPING=1 at shutdown. Outside systemd (no
+//! `NOTIFY_SOCKET`) each is a no-op.
 
 use std::time::Duration;
 

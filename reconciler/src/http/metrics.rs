@@ -277,9 +277,23 @@ impl Metrics {
             .inc();
     }
 
+    /// What the status files say, then every series, under one lock: two scrapes at once
+    /// never see a family half rebuilt. OpenMetrics, or the Prometheus text format.
+    pub fn encode_observed(&self, snapshot: &super::pages::Snapshot, openmetrics: bool) -> String {
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        self.observe_status(snapshot);
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        if openmetrics {
+            out
+        } else {
+            prometheus_text(&out)
+        }
+    }
+
     /// Sets what the status files say: read at each scrape, so it survives a restart and
     /// a VM that went away leaves no series behind.
-    pub fn observe_status(&self, snapshot: &super::pages::Snapshot) {
+    fn observe_status(&self, snapshot: &super::pages::Snapshot) {
         let summary = snapshot.summary.as_ref();
         let applied = summary
             .and_then(|s| s.last_applied)

@@ -293,22 +293,16 @@ async fn api_status(State(view): State<Arc<View>>) -> Json<serde_json::Value> {
 /// The Prometheus text format, or OpenMetrics when the scraper asks for it.
 async fn metrics_text(State(view): State<Arc<View>>, headers: header::HeaderMap) -> Response {
     let snapshot = view.snapshot().await;
-    view.metrics.observe_status(&snapshot);
     let openmetrics = headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains("application/openmetrics-text"));
-    let (content_type, body) = if openmetrics {
-        (
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            view.metrics.encode(),
-        )
+    let body = view.metrics.encode_observed(&snapshot, openmetrics);
+    let content_type = if openmetrics {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
     } else {
-        (
-            "text/plain; version=0.0.4; charset=utf-8",
-            view.metrics.encode_prometheus(),
-        )
+        "text/plain; version=0.0.4; charset=utf-8"
     };
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }

@@ -374,6 +374,9 @@ pub struct StatusDir {
 struct LogRotation {
     bytes: std::sync::atomic::AtomicU64,
     files: std::sync::atomic::AtomicU32,
+    /// Set by this process (`fleet serve`, from the policy); otherwise what it last wrote
+    /// to `ROTATION_FILE` is used.
+    set: std::sync::atomic::AtomicBool,
 }
 
 impl Default for LogRotation {
@@ -382,9 +385,13 @@ impl Default for LogRotation {
         LogRotation {
             bytes: defaults.log_bytes.into(),
             files: defaults.log_files.into(),
+            set: false.into(),
         }
     }
 }
+
+/// The rotation `fleet serve` follows, for other fleet processes writing the same logs.
+const ROTATION_FILE: &str = "log-rotation.json";
 
 /// Appends and rotations of this process, one at a time: two writers past the size must
 /// not both rotate.
@@ -409,28 +416,57 @@ impl StatusDir {
         }
     }
 
-    /// Logs start a new file past `bytes`, keeping `files` older ones (every clone of this
-    /// directory follows).
+    /// Logs start a new file past `bytes`, keeping `files` older ones: for every clone of
+    /// this directory, and (through `log-rotation.json`, written when it changes) for every
+    /// other fleet process writing it.
     pub fn set_log_rotation(&self, bytes: u64, files: u32) {
         use std::sync::atomic::Ordering::Relaxed;
-        self.rotation.bytes.store(bytes.max(1), Relaxed);
-        self.rotation.files.store(files.max(1), Relaxed);
+        let (bytes, files) = (bytes.max(1), files.max(1));
+        let before = (
+            self.rotation.bytes.swap(bytes, Relaxed),
+            self.rotation.files.swap(files, Relaxed),
+        );
+        self.rotation.set.store(true, Relaxed);
+        if before != (bytes, files) || self.read_file(ROTATION_FILE).is_err() {
+            let settings = serde_json::json!({"bytes": bytes, "files": files});
+            let _ = self.write_file(ROTATION_FILE, settings.to_string().as_bytes());
+        }
+    }
+
+    /// `(bytes, files)`: as set in this process, or as the daemon last wrote them, or the
+    /// defaults.
+    fn rotation(&self, dir: &cap_std::fs::Dir) -> (u64, u32) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let own = (
+            self.rotation.bytes.load(Relaxed),
+            self.rotation.files.load(Relaxed),
+        );
+        if self.rotation.set.load(Relaxed) {
+            return own;
+        }
+        tree::read_to_string(dir, Path::new(ROTATION_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| {
+                let bytes = v["bytes"].as_u64().filter(|b| *b > 0)?;
+                let files = u32::try_from(v["files"].as_u64()?)
+                    .ok()
+                    .filter(|f| (1..=100).contains(f))?;
+                Some((bytes, files))
+            })
+            .unwrap_or(own)
     }
 
     /// `name`, then `name.1`, … `name.N`: what is there of a log, newest first.
-    pub fn log_files(&self, name: &str) -> Vec<String> {
-        let files = self
-            .rotation
-            .files
-            .load(std::sync::atomic::Ordering::Relaxed);
+    pub fn log_files(&self, name: &str, files: u32) -> Vec<String> {
         std::iter::once(name.to_owned())
             .chain((1..=files).map(|i| format!("{name}.{i}")))
             .collect()
     }
 
     /// Shifts `name.K` to `name.K+1` (the last one goes) and `name` to `name.1`.
-    fn rotate(&self, dir: &cap_std::fs::Dir, name: &str) -> std::io::Result<()> {
-        let names = self.log_files(name);
+    fn rotate(&self, dir: &cap_std::fs::Dir, name: &str, files: u32) -> std::io::Result<()> {
+        let names = self.log_files(name, files);
         if let Some(last) = names.last() {
             match dir.remove_file(last) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -455,30 +491,51 @@ impl StatusDir {
     /// Appends one JSON line to `name` (a log under the directory), ending a line a killed
     /// writer left torn first.
     pub fn append_line(&self, name: &str, value: &impl Serialize) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
         let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let _one_at_a_time = APPENDING.lock().unwrap_or_else(|p| p.into_inner());
         let dir = self.tree_to_write()?;
-        let open = || {
-            tree::open_file(
+        let (limit, files) = self.rotation(&dir);
+        // Other processes append too (a one-shot `fleet apply`, `fleet hitl answer`): an
+        // exclusive flock on the log covers the size check, a rotation and the append. A
+        // lock won on a file another process has since rotated away is let go and the
+        // log's new file locked instead.
+        let mut f = loop {
+            let file = tree::open_file(
                 &dir,
                 Path::new(name),
                 cap_std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .read(true),
-            )
+            )?;
+            let locked = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, errno)| std::io::Error::from(errno))?;
+            let current = {
+                use cap_fs_ext::OsMetadataExt;
+                let m = dir.symlink_metadata(name)?;
+                (m.dev(), m.ino())
+            };
+            let held = locked.metadata()?;
+            if (held.dev(), held.ino()) == current {
+                break locked;
+            }
         };
-        let mut f = open()?;
         let mut len = f.metadata()?.len();
-        let limit = self
-            .rotation
-            .bytes
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if len > 0 && len + line.len() as u64 > limit {
-            drop(f);
-            self.rotate(&dir, name)?;
-            f = open()?;
+        if len > 0 && len.saturating_add(line.len() as u64) > limit {
+            self.rotate(&dir, name, files)?;
+            // Still holding the old file's lock: a writer waiting on it will find it gone.
+            let fresh = tree::open_file(
+                &dir,
+                Path::new(name),
+                cap_std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .read(true),
+            )?;
+            f = nix::fcntl::Flock::lock(fresh, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, errno)| std::io::Error::from(errno))?;
             len = f.metadata()?.len();
         }
         if len > 0 {
@@ -1146,6 +1203,29 @@ mod rotation_tests {
             .collect();
         assert_eq!(kept, newest, "the newest events, each once, in order");
         assert!(kept.len() >= 10, "{} kept", kept.len());
+    }
+
+    /// Another fleet process (a one-shot command, its own `StatusDir`) rotates as the
+    /// daemon's policy says, read from the directory, not by the defaults.
+    #[test]
+    fn other_processes_rotate_by_the_daemons_settings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let daemon = StatusDir::new(dir.path().join("status"));
+        daemon.set_log_rotation(800, 1);
+        let command = StatusDir::new(dir.path().join("status"));
+        for i in 0..40 {
+            command.append_event(&event(i)).expect("append");
+        }
+        let root = dir.path().join("status");
+        assert!(root.join("events.jsonl.1").exists());
+        assert!(
+            !root.join("events.jsonl.2").exists(),
+            "one older file, as set"
+        );
+        let len = std::fs::metadata(root.join("events.jsonl"))
+            .expect("file")
+            .len();
+        assert!(len <= 800, "{len}");
     }
 
     /// `fleet events --follow` goes on in the new file after a rotation, missing nothing.

@@ -503,11 +503,30 @@ impl BookState {
         (out, None)
     }
 
+    /// Whether the host cancelled the run (`fleet task cancel`) before it started; if so it
+    /// is ended, `Cancelled`, here.
+    fn cancelled_before_start(&mut self, name: &str) -> bool {
+        let Some(by) = self.records.get(name).and_then(|r| r.cancelled_by.clone()) else {
+            return false;
+        };
+        self.finish(
+            name,
+            TaskPhase::Cancelled,
+            None,
+            &format!("cancelled from the host by {by} before it started"),
+        );
+        true
+    }
+
     /// Records the run as started and returns its `RunTask`.
     fn start(&mut self, conn: &mut Connection, name: &str, boot: &str, out: &mut Vec<HostMessage>) {
         let Some(task) = self.desired.get(name).cloned() else {
             return;
         };
+        // Cancelled from the host while it was being staged: it never starts.
+        if self.cancelled_before_start(name) {
+            return;
+        }
         let started = self.now.wall;
         self.update(name, |r| {
             r.phase = TaskPhase::Running;
@@ -542,6 +561,10 @@ impl BookState {
     ) -> Vec<HostMessage> {
         let still_staging = conn.staging.as_ref().is_some_and(|s| s.task == job.task);
         if !still_staging {
+            return Vec::new();
+        }
+        if self.cancelled_before_start(&job.task) {
+            conn.staging = None;
             return Vec::new();
         }
         let archive = match fetched {

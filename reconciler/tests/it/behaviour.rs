@@ -123,6 +123,10 @@ fn scenarios(
                 out.stdout(),
                 out.stderr()
             );
+            if out.code() != 0 {
+                // Shown when the comparison below fails: why this driver's apply did.
+                eprintln!("apply exited {}: {}", out.code(), out.stderr());
+            }
             lines.push(format!("apply exited {}", out.code()));
         }
         plans.push(lines);

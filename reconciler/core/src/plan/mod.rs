@@ -818,7 +818,7 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
         format_version: FORMAT_VERSION,
         fleet: desired.fleet.clone(),
         revision: desired.revision.clone(),
-        observed_digest: observed.digest(),
+        observed_digest: observed.digest(&desired.fleet, |name| desired.vms.contains_key(name)),
         policy: desired.policy.clone(),
         steps,
         conflicts,

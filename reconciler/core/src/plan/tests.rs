@@ -1313,3 +1313,22 @@ fn a_change_to_an_adopted_vm_remakes_it() {
     );
     assert!(render::reason_text(step).contains("adopted VM"));
 }
+
+/// A saved plan goes stale when what it is about changes, not when another VM on the same
+/// host comes or goes.
+#[test]
+fn the_observed_digest_covers_only_what_the_plan_is_about() {
+    let d = desired(&[vm("a", "")]);
+    let mine = applied(&d.vms["a"], true);
+    let before = plan(&d, &observed(vec![mine.clone()]));
+    let with_stranger = plan(&d, &observed(vec![mine.clone(), foreign("someone-else")]));
+    assert_eq!(before.observed_digest(), with_stranger.observed_digest());
+    let mut stopped = mine;
+    stopped.running = false;
+    assert_ne!(
+        before.observed_digest(),
+        plan(&d, &observed(vec![stopped])).observed_digest()
+    );
+    let clash = plan(&d, &observed(vec![foreign("a")]));
+    assert_ne!(before.observed_digest(), clash.observed_digest());
+}
