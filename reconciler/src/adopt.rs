@@ -27,7 +27,17 @@ pub struct Request<'a> {
 pub fn run(ws: &Workspace, request: &Request<'_>) -> Result<String> {
     crate::driver::check_name(request.vm).map_err(|e| anyhow::anyhow!(e.message))?;
     let host = ws.host()?;
-    let snapshot = reconcile::read_snapshot(ws, &SourceChoice::Head)?;
+    let mut snapshot = reconcile::read_snapshot(ws, &SourceChoice::Head)?;
+    if request.approve {
+        // What is stamped comes from the commit: signed as the host requires, as for apply.
+        let verifier = crate::trust::Verifier::new(&host.trust);
+        reconcile::verify(ws, verifier.as_ref(), &mut snapshot)?;
+        if let Some(why) = ws.status.host_suspension() {
+            bail!(
+                "fleet is suspended from the host ({why}): nothing is adopted until `fleet resume`"
+            );
+        }
+    }
     let desired = reconcile::desired(&snapshot, &host).map_err(|diags| {
         anyhow::anyhow!(
             "the committed revision does not validate ({} diagnostic(s); fleet validate lists them): adopt adds to a valid one",
@@ -214,6 +224,30 @@ fn approve(
             request.vm,
             vm.config.provider,
             request.provider
+        );
+    }
+    if desired.policy.suspend {
+        bail!(
+            "{} sets policy.suspend: nothing is adopted",
+            desired.revision.label
+        );
+    }
+    // Only what `fleet adopt` writes: a VM fleet did not make must stay protected, and is
+    // never reset, pooled or given a network fleet would have to build.
+    let c = &vm.config;
+    let unlike = [
+        (!c.protect, "protect: true"),
+        (c.reset, "no reset"),
+        (c.pool.is_some() || c.fresh, "no pool"),
+        (
+            c.network != crate::spec::NetworkMode::Isolated,
+            "no network",
+        ),
+    ];
+    if let Some((_, wanted)) = unlike.iter().find(|(differs, _)| *differs) {
+        bail!(
+            "the committed file of {} must say {wanted}, as `fleet adopt` writes it: an adopted VM is stamped only as fleet describes it",
+            request.vm
         );
     }
     let changes = differences(vm, found);

@@ -82,22 +82,10 @@ fn check_ancestors(absolute: &Path) -> Result<(), GuardError> {
     Ok(())
 }
 
-/// The system user the packaged unit runs `fleet serve` as: root may read what it owns
-/// (`sudo fleet status`, `sudo fleet doctor` on a packaged host).
-const SERVICE_USER: &str = "fleet";
-
-/// Owned by root or fleet's user (as root, also the `fleet` service user), and writable by
-/// no one else (sticky directories aside).
+/// Owned by root or fleet's user, and writable by no one else (sticky directories aside).
 fn check_owner_and_mode(path: &Path, meta: &std::fs::Metadata) -> Result<(), GuardError> {
     let me = nix::unistd::geteuid().as_raw();
-    let service_user = || {
-        me == 0
-            && nix::unistd::User::from_name(SERVICE_USER)
-                .ok()
-                .flatten()
-                .is_some_and(|u| u.uid.as_raw() == meta.uid())
-    };
-    if meta.uid() != 0 && meta.uid() != me && !service_user() {
+    if meta.uid() != 0 && meta.uid() != me {
         return Err(GuardError::Owner {
             path: path.to_owned(),
             uid: meta.uid(),

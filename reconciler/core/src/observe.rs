@@ -41,6 +41,8 @@ impl Stamp {
     pub fn over(&self, earlier: Option<&Stamp>) -> Stamp {
         Stamp {
             created: earlier.map_or(self.created, |e| e.created),
+            // An adopted VM stays adopted however its stamp is rewritten.
+            adopted: self.adopted || earlier.is_some_and(|e| e.adopted),
             ..self.clone()
         }
     }

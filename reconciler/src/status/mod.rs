@@ -393,6 +393,33 @@ impl Default for LogRotation {
 /// The rotation `fleet serve` follows, for other fleet processes writing the same logs.
 const ROTATION_FILE: &str = "log-rotation.json";
 
+/// How long an append waits for a log's lock before appending without it.
+const LOG_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// An exclusive flock on `file` (through a duplicate of its descriptor, which shares the
+/// lock), or `None` when it cannot be had within `LOG_LOCK_WAIT`.
+fn lock_log(file: &std::fs::File) -> std::io::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    let deadline = std::time::Instant::now() + LOG_LOCK_WAIT;
+    loop {
+        match nix::fcntl::Flock::lock(
+            file.try_clone()?,
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        ) {
+            Ok(lock) => return Ok(Some(lock)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                tracing::warn!(
+                    "a log's lock is held elsewhere for over {LOG_LOCK_WAIT:?}; appending without it"
+                );
+                return Ok(None);
+            }
+            Err((_, errno)) => return Err(errno.into()),
+        }
+    }
+}
+
 /// Appends and rotations of this process, one at a time: two writers past the size must
 /// not both rotate.
 static APPENDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -500,43 +527,50 @@ impl StatusDir {
         // Other processes append too (a one-shot `fleet apply`, `fleet hitl answer`): an
         // exclusive flock on the log covers the size check, a rotation and the append. A
         // lock won on a file another process has since rotated away is let go and the
-        // log's new file locked instead.
-        let mut f = loop {
-            let file = tree::open_file(
+        // log's new file locked instead. A lock not had within `LOG_LOCK_WAIT` (someone
+        // who may read the log holds it) is done without: the line is appended, unrotated.
+        let open = || {
+            tree::open_file(
                 &dir,
                 Path::new(name),
                 cap_std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .read(true),
-            )?;
-            let locked = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-                .map_err(|(_, errno)| std::io::Error::from(errno))?;
+            )
+        };
+        let (mut f, mut lock) = loop {
+            let file = open()?;
+            let Some(lock) = lock_log(&file)? else {
+                break (file, None);
+            };
             let current = {
                 use cap_fs_ext::OsMetadataExt;
-                let m = dir.symlink_metadata(name)?;
-                (m.dev(), m.ino())
+                match dir.symlink_metadata(name) {
+                    Ok(m) => (m.dev(), m.ino()),
+                    // Rotated away, the new file not made yet: open it.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
             };
-            let held = locked.metadata()?;
+            let held = file.metadata()?;
             if (held.dev(), held.ino()) == current {
-                break locked;
+                break (file, Some(lock));
             }
         };
         let mut len = f.metadata()?.len();
-        if len > 0 && len.saturating_add(line.len() as u64) > limit {
-            self.rotate(&dir, name, files)?;
-            // Still holding the old file's lock: a writer waiting on it will find it gone.
-            let fresh = tree::open_file(
-                &dir,
-                Path::new(name),
-                cap_std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .read(true),
-            )?;
-            f = nix::fcntl::Flock::lock(fresh, nix::fcntl::FlockArg::LockExclusive)
-                .map_err(|(_, errno)| std::io::Error::from(errno))?;
-            len = f.metadata()?.len();
+        if lock.is_some() && len > 0 && len.saturating_add(line.len() as u64) > limit {
+            match self.rotate(&dir, name, files) {
+                Ok(()) => {
+                    // Still holding the old file's lock: a writer waiting on it will find
+                    // it gone and come to the new one.
+                    f = open()?;
+                    lock = lock_log(&f)?;
+                    len = f.metadata()?.len();
+                }
+                // The line goes into the file it has; the next append tries again.
+                Err(e) => tracing::warn!("cannot rotate {name}: {e}"),
+            }
         }
         if len > 0 {
             use std::os::unix::fs::FileExt;
@@ -547,7 +581,9 @@ impl StatusDir {
             }
         }
         f.write_all(&line)?;
-        f.sync_data()
+        f.sync_data()?;
+        drop(lock);
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {

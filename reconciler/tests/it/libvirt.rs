@@ -679,7 +679,21 @@ fn a_foreign_domain_is_adopted_only_when_approved() {
     repo.fleet(&["adopt", "local", &legacy, "--approve"])
         .expect_code(1);
     assert_eq!(virsh_ok(&["dumpxml", "--inactive", &legacy]), before);
-    // Uncommitted, the plan calls it a conflict.
+    // A committed file that would stamp it unprotected is refused.
+    repo.write(
+        &format!("fleet/vms/{legacy}.yaml"),
+        written.replace("protect: true", "protect: false"),
+    );
+    repo.commit("adopt legacy, unprotected");
+    let unprotected = repo.fleet(&["adopt", "local", &legacy, "--approve"]);
+    unprotected.expect_code(1);
+    assert!(
+        unprotected.stderr().contains("protect: true"),
+        "{}",
+        unprotected.stderr()
+    );
+    assert_eq!(virsh_ok(&["dumpxml", "--inactive", &legacy]), before);
+    repo.write(&format!("fleet/vms/{legacy}.yaml"), &written);
     repo.commit("adopt legacy");
     let approved = repo.fleet(&["adopt", "local", &legacy, "--approve"]);
     approved.expect_code(0);

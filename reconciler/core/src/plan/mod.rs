@@ -715,11 +715,19 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                                 matches!(s.reason, Reason::PowerState { .. })
                                     || s.changes().is_empty()
                             });
+                        // An adopted VM's definition is not fleet's to rewrite: drift in
+                        // its resources is reported, never healed in place.
+                        let adopted = found.stamp.as_ref().is_some_and(|s| s.adopted);
+                        let heals_resources = heal && !adopted;
                         drift.push(Drift {
                             vm: vm.name.clone(),
                             provider: provider.clone(),
                             what: what.clone(),
-                            healed: heal || (!heals_only && !overridden),
+                            healed: if step.is_none() {
+                                heals_resources
+                            } else {
+                                heal || (!heals_only && !overridden)
+                            },
                         });
                         match step {
                             Some(step) if !heals_only => steps.push(step),
@@ -727,7 +735,7 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                                 step.reason = Reason::Drifted { what };
                                 steps.push(step);
                             }
-                            None if heal => steps.push(heal_resources(
+                            None if heals_resources => steps.push(heal_resources(
                                 vm,
                                 found,
                                 what,

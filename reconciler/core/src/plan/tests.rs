@@ -1332,3 +1332,21 @@ fn the_observed_digest_covers_only_what_the_plan_is_about() {
     let clash = plan(&d, &observed(vec![foreign("a")]));
     assert_ne!(before.observed_digest(), clash.observed_digest());
 }
+
+/// Drift in an adopted VM's resources is reported, never healed in place (its definition
+/// is not fleet's to rewrite); a VM fleet made is healed.
+#[test]
+fn drift_on_an_adopted_vm_is_reported_not_healed() {
+    let d = desired(&[vm("a", "")]);
+    let mut found = applied(&d.vms["a"], true);
+    found.memory_mib += 256;
+    let healed = plan(&d, &observed(vec![found.clone()]));
+    assert_eq!(healed.steps().len(), 1, "{:?}", healed.steps());
+    let mut stamp = (**found.stamp.as_ref().expect("stamp")).clone();
+    stamp.adopted = true;
+    found.stamp = Some(std::sync::Arc::new(stamp));
+    let p = plan(&d, &observed(vec![found]));
+    assert!(p.steps().is_empty(), "{:?}", p.steps());
+    assert_eq!(p.drift().len(), 1);
+    assert!(!p.drift()[0].healed);
+}

@@ -895,6 +895,21 @@ impl LibvirtDriver {
     }
 }
 
+/// An adopted VM's definition and disks are not fleet's: it is never rewritten or reset
+/// (the plan replaces it instead; this guards against a plan that would not).
+fn refuse_adopted(found: &ObservedVm, what: &str) -> Result<(), DriverError> {
+    if found.stamp.as_ref().is_some_and(|s| s.adopted) {
+        return Err(DriverError::new(
+            ErrorKind::Conflict,
+            format!(
+                "{} was adopted (fleet did not make its definition or disks): it is not {what}",
+                found.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Driver for LibvirtDriver {
     fn adopt(&self, name: &str, stamp: &Stamp) -> Result<(), DriverError> {
         super::check_name(name)?;
@@ -1059,6 +1074,7 @@ impl Driver for LibvirtDriver {
         self.invalidate(&vm.name);
         if let Some((dom, found)) = self.owned(&vm.name)? {
             // Made before (a retried or interrupted create): bring it to the spec.
+            refuse_adopted(&found, "redefined by a create")?;
             let stamp = &stamp.over(found.stamp.as_deref());
             let xml = self.definition(vm, stamp)?;
             self.ensure_vm_dir(&vm.name)?;
@@ -1115,6 +1131,7 @@ impl Driver for LibvirtDriver {
         super::check_name(&vm.name)?;
         self.invalidate(&vm.name);
         let (dom, found) = self.require_owned(&vm.name)?;
+        refuse_adopted(&found, "updated in place")?;
         let stamp = &stamp.over(found.stamp.as_deref());
         let xml = self.definition(vm, stamp)?;
         self.write_seed(vm)?;
@@ -1132,7 +1149,8 @@ impl Driver for LibvirtDriver {
     fn reset(&self, vm: &DesiredVm) -> Result<(), DriverError> {
         super::check_name(&vm.name)?;
         self.invalidate(&vm.name);
-        let (dom, _) = self.require_owned(&vm.name)?;
+        let (dom, found) = self.require_owned(&vm.name)?;
+        refuse_adopted(&found, "reset")?;
         let base = self.checked_base(vm)?;
         self.power_off(&dom, &vm.name, Duration::ZERO)?;
         // A disk image gets a new overlay on the same base; a kernel and initrd image has
