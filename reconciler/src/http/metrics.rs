@@ -374,19 +374,6 @@ impl Metrics {
             }
         }
     }
-
-    /// The OpenMetrics text form.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-        out
-    }
-
-    /// The Prometheus text format (0.0.4).
-    pub fn encode_prometheus(&self) -> String {
-        prometheus_text(&self.encode())
-    }
 }
 
 /// OpenMetrics → the Prometheus text format. They differ, for what fleet exports, in two
@@ -427,7 +414,8 @@ mod tests {
     fn counters_are_named_by_their_samples_in_the_prometheus_format() {
         let metrics = Metrics::default();
         metrics.count_step("create", true);
-        let text = metrics.encode_prometheus();
+        let snapshot = crate::http::pages::Snapshot::empty();
+        let text = metrics.encode_observed(&snapshot, false);
         assert!(
             text.contains("# HELP fleet_apply_steps_total Apply steps"),
             "{text}"
@@ -445,7 +433,7 @@ mod tests {
         assert!(text.contains("# TYPE fleet_vms_drifted gauge"));
         assert!(
             metrics
-                .encode()
+                .encode_observed(&snapshot, true)
                 .contains("# TYPE fleet_apply_steps counter")
         );
     }

@@ -453,8 +453,10 @@ impl StatusDir {
             self.rotation.bytes.swap(bytes, Relaxed),
             self.rotation.files.swap(files, Relaxed),
         );
-        self.rotation.set.store(true, Relaxed);
-        if before != (bytes, files) || self.read_file(ROTATION_FILE).is_err() {
+        // Written the first time this process sets it and when it changes: not read back
+        // on every pass.
+        let first = !self.rotation.set.swap(true, Relaxed);
+        if first || before != (bytes, files) {
             let settings = serde_json::json!({"bytes": bytes, "files": files});
             let _ = self.write_file(ROTATION_FILE, settings.to_string().as_bytes());
         }
