@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleet_agent_protocol::{GuestMessage, HostMessage, PORT_NAME, SECRETS_DIR, VERSION};
 
+mod exec;
 mod files;
 mod isolate;
 mod outbox;
@@ -199,6 +200,8 @@ fn serve(
 /// What the agent serves the host with: its tasks, its secret set, and the boot it is in.
 struct Link {
     tasks: Arc<task::Tasks>,
+    /// The operator's sessions on this opening of the link.
+    execs: Arc<exec::Execs>,
     secrets: Arc<secrets::Store>,
     boot_id: String,
 }
@@ -337,6 +340,14 @@ impl Link {
                 }
                 Answer::Nothing
             }
+            HostMessage::Exec { .. }
+            | HostMessage::ExecInput { .. }
+            | HostMessage::ExecResize { .. }
+            | HostMessage::ExecCredit { .. }
+            | HostMessage::ExecKill { .. } => {
+                self.execs.handle(message);
+                Answer::Nothing
+            }
         }
     }
 }
@@ -352,7 +363,22 @@ fn serve_link(
     secrets: &Arc<secrets::Store>,
 ) -> std::io::Result<()> {
     let writer = Arc::new(Mutex::new(writer));
+    let execs = {
+        let writer = writer.clone();
+        exec::Execs::new(Arc::new(move |m| {
+            let _ = send(&writer, &m);
+        }))
+    };
+    // The operator's sessions end with this opening of the link.
+    struct EndSessions(Arc<exec::Execs>);
+    impl Drop for EndSessions {
+        fn drop(&mut self) {
+            self.0.end_all();
+        }
+    }
+    let _sessions = EndSessions(execs.clone());
     let link = Link {
+        execs,
         tasks: tasks.clone(),
         secrets: secrets.clone(),
         boot_id: boot_id.to_owned(),
@@ -459,6 +485,7 @@ mod tests {
 
     fn link() -> Link {
         Link {
+            execs: exec::Execs::new(Arc::new(|_| {})),
             tasks: Arc::new(task::Tasks::default()),
             secrets: Arc::new(secrets::Store::new(PathBuf::from("/nonexistent"), false)),
             boot_id: "boot-2".into(),

@@ -135,6 +135,20 @@ pub enum Command {
         #[arg(long)]
         approve: bool,
     },
+    /// Run a command in a VM over its agent link (isolated and brokered VMs too), through
+    /// the running `fleet serve`: input, output and error pass through, and fleet exits
+    /// with the command's code. With --tty, an interactive terminal. Each exec is recorded
+    /// in the events (who, when, which command; never its output).
+    Exec {
+        #[arg(add = ArgValueCandidates::new(crate::completion::vm_names))]
+        vm: String,
+        /// An interactive terminal, whose size follows yours.
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Check that this host can run the fleet: the host configuration, the revision,
     /// libvirtd, QEMU and KVM, images, Proxmox reachability, token privileges and clock,
     /// the age identity, the status directory and disk space. Exit 1 when anything fails;
@@ -511,6 +525,12 @@ pub fn run(cli: Cli) -> ExitCode {
                     tokio::task::block_in_place(|| crate::adopt::run(&ws, &request))?
                 );
                 Ok(ExitCode::SUCCESS)
+            }
+            Command::Exec { vm, tty, command } => {
+                let code = tokio::task::block_in_place(|| {
+                    crate::exec::client::run(&ws.status, vm, command.clone(), *tty)
+                })?;
+                Ok(ExitCode::from(code))
             }
             Command::Doctor => {
                 let findings =

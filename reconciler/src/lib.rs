@@ -27,6 +27,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod driver;
 pub mod events;
+pub mod exec;
 pub mod fsguard;
 pub mod hitl;
 pub mod host;

@@ -13,6 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod exec;
 pub mod relay;
 pub mod stream;
 
@@ -149,6 +150,34 @@ pub enum GuestMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// Output of an exec session (see `exec`): base64, at most `stream::CHUNK_BYTES`
+    /// before encoding, within the host's credit. A terminal session's output is all
+    /// `stdout`.
+    ExecOutput {
+        v: u32,
+        exec: u32,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        stderr: bool,
+        data: String,
+    },
+    /// The command read `bytes` more of what the host typed: that many more may come.
+    ExecCredit {
+        v: u32,
+        exec: u32,
+        bytes: u64,
+    },
+    /// The session is over: its command exited with `code`, was killed by `signal`, or
+    /// could not run (`error`). Nothing of the session follows it.
+    ExecExit {
+        v: u32,
+        exec: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +204,16 @@ impl GuestMessage {
         )
     }
 
+    /// A message of an exec session (see `exec`).
+    pub fn is_exec(&self) -> bool {
+        matches!(
+            self,
+            GuestMessage::ExecOutput { .. }
+                | GuestMessage::ExecCredit { .. }
+                | GuestMessage::ExecExit { .. }
+        )
+    }
+
     pub fn version(&self) -> u32 {
         match self {
             GuestMessage::Hello { v, .. }
@@ -189,7 +228,10 @@ impl GuestMessage {
             | GuestMessage::StreamOpen { v, .. }
             | GuestMessage::StreamData { v, .. }
             | GuestMessage::StreamCredit { v, .. }
-            | GuestMessage::StreamClose { v, .. } => *v,
+            | GuestMessage::StreamClose { v, .. }
+            | GuestMessage::ExecOutput { v, .. }
+            | GuestMessage::ExecCredit { v, .. }
+            | GuestMessage::ExecExit { v, .. } => *v,
         }
     }
 
@@ -330,6 +372,46 @@ pub enum HostMessage {
         stream: u32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
+    },
+    /// Start a command for an operator (`fleet exec`, see `exec`): as root, in `/root`,
+    /// with a clean environment; with `tty`, in a pseudo-terminal of that size (its own
+    /// session and process group either way). `exec` names the session; the guest refuses
+    /// an id in use or more than `exec::MAX_SESSIONS`, with an `ExecExit` carrying the error.
+    Exec {
+        v: u32,
+        exec: u32,
+        argv: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tty: Option<exec::TermSize>,
+        /// The operator's `TERM`, for a terminal session (see `exec::term_name`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        term: Option<String>,
+    },
+    /// Bytes for the session's standard input (base64, at most `stream::CHUNK_BYTES`
+    /// before encoding, within the guest's credit); `eof` closes it after them.
+    ExecInput {
+        v: u32,
+        exec: u32,
+        data: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        eof: bool,
+    },
+    /// The operator's terminal changed size.
+    ExecResize {
+        v: u32,
+        exec: u32,
+        size: exec::TermSize,
+    },
+    /// The host passed `bytes` more of the session's output on.
+    ExecCredit {
+        v: u32,
+        exec: u32,
+        bytes: u64,
+    },
+    /// End the session: its process group is killed.
+    ExecKill {
+        v: u32,
+        exec: u32,
     },
 }
 

@@ -48,6 +48,8 @@ struct Shared {
     /// How the links' brokers reach upstreams.
     upstreams: crate::broker::Upstreams,
     metrics: Arc<crate::http::metrics::Metrics>,
+    /// Where `fleet exec` finds each open link.
+    exec: crate::exec::link::Routes,
 }
 
 /// The wakers of every open link: the host's news reaches each at once.
@@ -73,6 +75,7 @@ impl Agents {
         wakers: LinkWakers,
         upstreams: crate::broker::Upstreams,
         metrics: Arc<crate::http::metrics::Metrics>,
+        exec: crate::exec::link::Routes,
     ) -> Agents {
         Agents {
             threads: HashMap::new(),
@@ -82,6 +85,7 @@ impl Agents {
                 wakers,
                 upstreams,
                 metrics,
+                exec,
             },
         }
     }
@@ -185,6 +189,7 @@ fn follow(
         wakers,
         upstreams,
         metrics,
+        exec,
     } = shared;
     // A guest decides when it says hello and with which boot id: one that changes it in
     // every hello would keep fleet reconciling back to back. The daemon acts on presence
@@ -251,7 +256,17 @@ fn follow(
                     crate::broker::Outbox::new(mine.clone()),
                 )
             };
-            if let Err(e) = converse(&mut link, &mut conn, book, &mut broker, &set, stop) {
+            // This link's exec sessions (`fleet exec`), which end with it.
+            let mut sessions = exec.open(vm, mine.clone());
+            if let Err(e) = converse(
+                &mut link,
+                &mut conn,
+                book,
+                &mut broker,
+                &mut sessions,
+                &set,
+                stop,
+            ) {
                 tracing::debug!(vm, "agent link lost: {e}");
             }
             // Only this link's waker: a newer link of the same VM may have replaced it.
@@ -310,6 +325,7 @@ fn converse(
     conn: &mut Connection,
     book: &TaskBook,
     broker: &mut crate::broker::Broker,
+    sessions: &mut crate::exec::link::LinkSessions,
     set: &dyn Fn(Option<AgentStatus>),
     stop: &AtomicBool,
 ) -> Result<(), LinkError> {
@@ -337,6 +353,7 @@ fn converse(
         let (messages, job) = book.tick(conn);
         send(link, messages)?;
         send(link, broker.outgoing())?;
+        send(link, sessions.outgoing())?;
         if let Some(job) = job {
             let parts = book.stage(conn, job);
             send(link, parts)?;
@@ -348,11 +365,11 @@ fn converse(
         };
         heard = Instant::now();
         // Take what else has arrived, so a burst of output is recorded in one write.
-        // Stream messages wait for nothing: a credit that waited here would stall its stream
-        // for the wait, every window.
+        // Stream and exec messages wait for nothing: a credit that waited here would stall
+        // its stream for the wait, every window, and a keystroke's echo would lag.
         let mut batch = vec![first];
         while batch.len() < BATCH {
-            let wait = if batch.iter().all(GuestMessage::is_stream) {
+            let wait = if batch.iter().all(|m| m.is_stream() || m.is_exec()) {
                 Duration::ZERO
             } else {
                 Duration::from_millis(5)
@@ -393,6 +410,10 @@ fn converse(
                 | GuestMessage::StreamData { .. }
                 | GuestMessage::StreamCredit { .. }
                 | GuestMessage::StreamClose { .. } => broker.on_guest(&message),
+                message if message.is_exec() => {
+                    let replies = sessions.on_guest(message);
+                    send(link, replies)?;
+                }
                 other => task_messages.push(other),
             }
         }

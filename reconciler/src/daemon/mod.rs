@@ -343,7 +343,17 @@ pub async fn serve(ws: Workspace, options: ServeOptions) -> Result<()> {
         Ok(_) => tasks.watching_answer_files(),
         Err(e) => tracing::warn!("{e:#}; looking for host answer files every 500 ms instead"),
     }
-    let agents = agents::Agents::new(tasks.clone(), wakers, upstreams, metrics.clone());
+    // `fleet exec` reaches the guests through the links this process holds.
+    let exec_routes = crate::exec::link::Routes::default();
+    let exec_socket = crate::exec::server::start(&ws.status, exec_routes.clone())?;
+    tracing::info!(socket = %exec_socket.display(), "taking exec requests");
+    let agents = agents::Agents::new(
+        tasks.clone(),
+        wakers,
+        upstreams,
+        metrics.clone(),
+        exec_routes,
+    );
     let verifier = crate::trust::Verifier::new(&host.trust);
     let baseline = baseline(&ws, &host);
     let mut daemon = Daemon {

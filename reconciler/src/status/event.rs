@@ -69,6 +69,8 @@ event_kinds! {
     Resumed = "fleet.resumed",
     WebhookRefused = "webhook.refused",
     PreviewPlanned = "preview.planned",
+    ExecStarted = "exec.started",
+    ExecEnded = "exec.ended",
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -87,6 +89,9 @@ pub struct Event {
     pub action: Option<Action>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// Who did it, when a person did (`fleet exec`: the user and who they said they were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
     pub message: String,
 }
 
@@ -101,6 +106,7 @@ impl Event {
             provider: None,
             action: None,
             revision,
+            by: None,
             message,
         }
     }

@@ -660,7 +660,10 @@ impl BookState {
                 GuestMessage::StreamOpen { .. }
                 | GuestMessage::StreamData { .. }
                 | GuestMessage::StreamCredit { .. }
-                | GuestMessage::StreamClose { .. } => continue,
+                | GuestMessage::StreamClose { .. }
+                | GuestMessage::ExecOutput { .. }
+                | GuestMessage::ExecCredit { .. }
+                | GuestMessage::ExecExit { .. } => continue,
             };
             // Only this link's VM, and its current boot: a guest names runs, and must never
             // reach another VM's (or an earlier boot's) by guessing or learning their names.
@@ -743,7 +746,10 @@ impl BookState {
             | GuestMessage::StreamOpen { .. }
             | GuestMessage::StreamData { .. }
             | GuestMessage::StreamCredit { .. }
-            | GuestMessage::StreamClose { .. } => {}
+            | GuestMessage::StreamClose { .. }
+            | GuestMessage::ExecOutput { .. }
+            | GuestMessage::ExecCredit { .. }
+            | GuestMessage::ExecExit { .. } => {}
         }
     }
 

@@ -13,6 +13,11 @@
 //! the test rather than skipping it, so a broken host cannot pass as green. Libvirt tests name
 //! their domains with a prefix of their own and remove them on drop, even when they fail.
 //!
+//! - `access` (libvirt, tmux): getting into a VM under `fleet serve`. `fleet exec` passes
+//!   output, errors, input and exit codes (a signal as 128 + it, a missing program as 255)
+//!   through the agent link, 3 MiB of output within the link's credit; `--tty` under tmux
+//!   types into a guest shell and follows a resize; a VM fleet does not manage is refused;
+//!   events say who ran what, never its output.
 //! - `approvals` (libvirt): destroy safety through `fleet apply`. A protected VM survives the
 //!   deletion of its file; destroys beyond `maxDestroysPerApply` wait; `policy.approve` holds
 //!   a step kind; a revision that empties a provider waits. An approval naming another digest
@@ -156,6 +161,7 @@
 
 #![allow(clippy::disallowed_methods)] // fixtures are written however a test likes
 
+mod access;
 mod approvals;
 mod behaviour;
 mod cli;

@@ -1,0 +1,250 @@
+//! `fleet exec`: connects to the daemon's exec socket, passes standard input up (within
+//! the guest's credit) and the guest's output down, and exits as the command did (its
+//! code, 128 + the signal that killed it, or 255 when it could not run, as ssh does).
+//! With `--tty` the operator's terminal is raw for the session, and its size follows
+//! SIGWINCH.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use fleet_agent_protocol::exec::TermSize;
+use fleet_agent_protocol::stream::{CHUNK_BYTES, Credit, Take};
+use fleet_agent_protocol::{GuestMessage, HostMessage, VERSION};
+
+use super::Request;
+use crate::status::StatusDir;
+
+/// What exits the client when the command could not run (as ssh does).
+const COULD_NOT_RUN: u8 = 255;
+
+/// The operator's terminal in raw mode, restored when dropped.
+struct RawTerminal {
+    saved: rustix::termios::Termios,
+}
+
+impl RawTerminal {
+    fn enter() -> anyhow::Result<RawTerminal> {
+        let stdin = std::io::stdin();
+        let saved =
+            rustix::termios::tcgetattr(&stdin).context("cannot read the terminal's mode")?;
+        let mut raw = saved.clone();
+        raw.make_raw();
+        rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &raw)
+            .context("cannot put the terminal in raw mode")?;
+        Ok(RawTerminal { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = rustix::termios::tcsetattr(
+            std::io::stdin(),
+            rustix::termios::OptionalActions::Now,
+            &self.saved,
+        );
+    }
+}
+
+fn terminal_size() -> Option<TermSize> {
+    let size = rustix::termios::tcgetwinsize(std::io::stdout())
+        .or_else(|_| rustix::termios::tcgetwinsize(std::io::stdin()))
+        .ok()?;
+    (size.ws_row > 0 && size.ws_col > 0).then_some(TermSize {
+        rows: size.ws_row,
+        cols: size.ws_col,
+    })
+}
+
+type Writer = Arc<Mutex<UnixStream>>;
+
+fn send(writer: &Writer, message: &HostMessage) -> std::io::Result<()> {
+    writer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .write_all(message.to_line().as_bytes())
+}
+
+/// Runs `argv` in `vm` through the daemon serving `status`; the exit code to leave with.
+pub fn run(status: &StatusDir, vm: &str, argv: Vec<String>, tty: bool) -> anyhow::Result<u8> {
+    if !status.read_vms().contains_key(vm) {
+        bail!(
+            "fleet does not manage a VM named {vm} (no status for it in {}); fleet only execs into VMs it made",
+            status.root().display()
+        );
+    }
+    if tty && !rustix::termios::isatty(std::io::stdin()) {
+        bail!("--tty needs a terminal on standard input; leave it out to pipe input");
+    }
+    let path = super::server::socket_path(status.root());
+    let conn = UnixStream::connect(&path).with_context(|| {
+        format!(
+            "cannot reach fleet serve at {}: exec goes through the agent links it holds, so it must be running for this status directory (systemctl start fleet)",
+            path.display()
+        )
+    })?;
+    let request = Request {
+        vm: vm.to_owned(),
+        argv,
+        tty: if tty {
+            Some(terminal_size().unwrap_or(TermSize { rows: 24, cols: 80 }))
+        } else {
+            None
+        },
+        term: tty.then(|| std::env::var("TERM").ok()).flatten(),
+        operator: std::env::var("SUDO_USER")
+            .or_else(|_| std::env::var("USER"))
+            .ok(),
+    };
+    let writer: Writer = Arc::new(Mutex::new(conn.try_clone()?));
+    {
+        let mut line = serde_json::to_string(&request)?;
+        line.push('\n');
+        writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(line.as_bytes())?;
+    }
+    let raw = if tty {
+        Some(RawTerminal::enter()?)
+    } else {
+        None
+    };
+    let credit = Arc::new(Credit::default());
+    {
+        let (writer, credit) = (writer.clone(), credit.clone());
+        std::thread::spawn(move || pass_input(&writer, &credit, tty));
+    }
+    if tty {
+        let writer = writer.clone();
+        let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGWINCH])?;
+        std::thread::spawn(move || {
+            for _ in signals.forever() {
+                if let Some(size) = terminal_size() {
+                    let _ = send(
+                        &writer,
+                        &HostMessage::ExecResize {
+                            v: VERSION,
+                            exec: 0,
+                            size,
+                        },
+                    );
+                }
+            }
+        });
+    }
+    let code = pass_output(conn, &writer, &credit);
+    credit.close();
+    drop(raw);
+    code
+}
+
+/// Standard input to the session, within the guest's credit; its end closes the
+/// command's input (a terminal's end of file is a byte the guest's terminal reads).
+fn pass_input(writer: &Writer, credit: &Credit, tty: bool) {
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut sent = 0;
+        while sent < n {
+            match credit.take(n - sent, Duration::from_secs(3600)) {
+                Take::Bytes(k) => {
+                    let message = HostMessage::ExecInput {
+                        v: VERSION,
+                        exec: 0,
+                        data: base64::engine::general_purpose::STANDARD
+                            .encode(&buf[sent..sent + k]),
+                        eof: false,
+                    };
+                    if send(writer, &message).is_err() {
+                        return;
+                    }
+                    sent += k;
+                }
+                Take::Stalled => {}
+                Take::Closed => return,
+            }
+        }
+    }
+    if !tty {
+        let _ = send(
+            writer,
+            &HostMessage::ExecInput {
+                v: VERSION,
+                exec: 0,
+                data: String::new(),
+                eof: true,
+            },
+        );
+    }
+}
+
+/// The guest's output to ours, each chunk reported back once written (the guest's credit);
+/// returns the exit code.
+fn pass_output(conn: UnixStream, writer: &Writer, credit: &Credit) -> anyhow::Result<u8> {
+    let mut lines = BufReader::new(conn);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if lines.read_line(&mut line)? == 0 {
+            eprintln!(
+                "fleet exec: the session ended without an exit status (did fleet serve stop?)"
+            );
+            return Ok(COULD_NOT_RUN);
+        }
+        let message = GuestMessage::from_line(&line).map_err(anyhow::Error::msg)?;
+        match message {
+            GuestMessage::ExecOutput { stderr, data, .. } => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(data)
+                    .context("output that is not base64")?;
+                let written = if stderr {
+                    let mut err = std::io::stderr().lock();
+                    err.write_all(&bytes).and_then(|()| err.flush())
+                } else {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&bytes).and_then(|()| out.flush())
+                };
+                // Output nobody reads any more (a closed pipe) ends the session.
+                if written.is_err() {
+                    return Ok(COULD_NOT_RUN);
+                }
+                let _ = send(
+                    writer,
+                    &HostMessage::ExecCredit {
+                        v: VERSION,
+                        exec: 0,
+                        bytes: bytes.len() as u64,
+                    },
+                );
+            }
+            GuestMessage::ExecCredit { bytes, .. } => {
+                let _ = credit.grant(bytes);
+            }
+            GuestMessage::ExecExit {
+                code,
+                signal,
+                error,
+                ..
+            } => {
+                return Ok(match (code, signal, error) {
+                    (_, _, Some(e)) => {
+                        eprintln!("fleet exec: {e}");
+                        COULD_NOT_RUN
+                    }
+                    (_, Some(s), _) => 128u8.saturating_add(u8::try_from(s).unwrap_or(127)),
+                    (Some(c), _, _) => u8::try_from(c & 0xff).unwrap_or(COULD_NOT_RUN),
+                    _ => COULD_NOT_RUN,
+                });
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! Getting into a VM (libvirt, the micro image, the real agent, `fleet serve`): `fleet exec`
+//! through the daemon's agent link, with output, errors, exit codes and input passed
+//! through, a large output kept to the link's credit, a terminal under tmux that follows a
+//! resize, refusals for VMs fleet does not manage, and events that say who ran what and
+//! never what it printed.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::daemon::{Daemon, read, wait_until};
+use crate::libvirt::{Cleanup, enabled, fleet_yaml_with_policy, vm_yaml};
+use crate::support::{Repo, fleet_bin};
+
+/// `fleet exec` with `stdin` fed to it: (code, stdout, stderr).
+fn exec(repo: &Repo, args: &[&str], stdin: &[u8]) -> (i32, Vec<u8>, String) {
+    let mut child = Command::new(fleet_bin())
+        .arg("-C")
+        .arg(repo.path())
+        .arg("exec")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fleet exec");
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let out = child.wait_with_output().expect("wait");
+    let _ = feeder.join();
+    (
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn fleet_exec_runs_commands_in_a_guest_over_its_link() {
+    if !enabled() {
+        return;
+    }
+    let prefix = format!("it{}-exec-", std::process::id());
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let vm = format!("{prefix}a");
+    let repo = Repo::new();
+    repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml_with_policy(
+            &format!("it{}exec", std::process::id()),
+            "{shutdownTimeout: 10s}",
+        ),
+    );
+    repo.write(&format!("fleet/vms/{vm}.yaml"), vm_yaml(&vm, "256Mi"));
+    repo.commit("a VM");
+    let _daemon = Daemon::start(&repo);
+    let status = repo.path().join(".fleet/status");
+    wait_until("the agent says hello", Duration::from_secs(120), || {
+        read(&status.join(format!("vms/{vm}.yaml"))).contains("connected: true")
+    });
+
+    // Output, errors and the exit code pass through.
+    let (code, out, err) = exec(
+        &repo,
+        &[&vm, "--", "sh", "-c", "echo hi; echo oops >&2; exit 3"],
+        b"",
+    );
+    assert_eq!(code, 3, "{err}");
+    assert_eq!(String::from_utf8_lossy(&out), "hi\n");
+    assert!(err.contains("oops"), "{err}");
+
+    // Input reaches the command, and its end closes the command's input.
+    let (code, out, err) = exec(
+        &repo,
+        &[&vm, "--", "sh", "-c", "cat; echo done"],
+        b"typed in\n",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(String::from_utf8_lossy(&out), "typed in\ndone\n");
+
+    // More output than the link's window: every byte arrives, in order.
+    let total = 3 * 1024 * 1024;
+    let (code, out, err) = exec(
+        &repo,
+        &[
+            &vm,
+            "--",
+            "sh",
+            "-c",
+            &format!("head -c {total} /dev/zero | tr '\\0' x"),
+        ],
+        b"",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.len(), total);
+    assert!(out.iter().all(|b| *b == b'x'));
+
+    // A command killed by a signal exits as a shell reports it.
+    let (code, _, err) = exec(&repo, &[&vm, "--", "sh", "-c", "kill -TERM $$"], b"");
+    assert_eq!(code, 128 + 15, "{err}");
+    // A program that does not exist: ssh's 255 and the guest's reason.
+    let (code, _, err) = exec(&repo, &[&vm, "--", "/no/such/program"], b"");
+    assert_eq!(code, 255);
+    assert!(err.contains("cannot start /no/such/program"), "{err}");
+
+    // VMs fleet does not manage are refused before anything is sent.
+    let foreign = format!("{prefix}foreign");
+    let (code, _, err) = exec(&repo, &[&foreign, "--", "true"], b"");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&format!("fleet does not manage a VM named {foreign}")),
+        "{err}"
+    );
+
+    // A terminal: typing works, and a resize reaches the guest.
+    let session = format!("fleet-exec-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &session])
+            .args(args)
+            .output()
+            .expect("run tmux (apt-get install tmux)")
+    };
+    struct Kill<'a>(&'a dyn Fn(&[&str]) -> std::process::Output);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            (self.0)(&["kill-server"]);
+        }
+    }
+    let _kill = Kill(&tmux);
+    let command = format!(
+        "{} -C {} exec --tty {vm} -- sh; echo exec-exited-$?; sleep 600",
+        fleet_bin().display(),
+        repo.path().display()
+    );
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "120",
+        "-y",
+        "30",
+        &command,
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    let screen = || String::from_utf8_lossy(&tmux(&["capture-pane", "-p"]).stdout).into_owned();
+    let shows = |what: &str, timeout: Duration| {
+        let deadline = Instant::now() + timeout;
+        while !screen().contains(what) {
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} on the screen:\n{}",
+                screen()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let keys = |text: &str| {
+        assert!(
+            tmux(&["send-keys", "-t", &session, "-l", text])
+                .status
+                .success()
+        );
+        assert!(
+            tmux(&["send-keys", "-t", &session, "Enter"])
+                .status
+                .success()
+        );
+    };
+    keys("echo $((6 * 7))-answer");
+    shows("42-answer", Duration::from_secs(20));
+    keys("stty size");
+    shows("30 120", Duration::from_secs(20));
+    assert!(
+        tmux(&["resize-window", "-t", &session, "-x", "100", "-y", "25"])
+            .status
+            .success()
+    );
+    // The new size is sent on SIGWINCH; give it a moment to arrive before asking.
+    std::thread::sleep(Duration::from_millis(500));
+    keys("stty size");
+    shows("25 100", Duration::from_secs(20));
+    keys("exit 7");
+    shows("exec-exited-7", Duration::from_secs(20));
+
+    // Each exec is an event: who, which command, how it ended; never its output.
+    let events = read(&status.join("events.jsonl"));
+    let started: Vec<&str> = events
+        .lines()
+        .filter(|l| l.contains("\"exec.started\""))
+        .collect();
+    assert_eq!(started.len(), 6, "{events}");
+    assert!(
+        started
+            .iter()
+            .any(|l| l.contains("sh -c 'echo hi; echo oops >&2; exit 3'")
+                && l.contains("\"by\":")
+                && l.contains(&format!("\"vm\":\"{vm}\""))),
+        "{events}"
+    );
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("\"exec.ended\"") && l.contains("exited 3")),
+        "{events}"
+    );
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("\"exec.ended\"") && l.contains("exited 7")),
+        "{events}"
+    );
+    assert!(
+        !events.contains("typed in") && !events.contains("42-answer"),
+        "{events}"
+    );
+}
