@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleet_agent_protocol::{GuestMessage, HostMessage, PORT_NAME, SECRETS_DIR, VERSION};
 
+mod addresses;
 mod exec;
 mod files;
 mod isolate;
@@ -29,6 +30,8 @@ mod secrets;
 mod task;
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
+/// How often the interfaces are looked at (a DHCP lease comes seconds after boot).
+const ADDRESS_CHECK: Duration = Duration::from_secs(2);
 /// What one read from the link takes at most: a stream's chunk (base64) in a few reads, not
 /// one per 8 KiB (a read is a costly exit of the VM under TCG).
 const LINK_READ_BYTES: usize = 256 * 1024;
@@ -434,7 +437,9 @@ fn serve_link(
                 let sent = match link.handle(message) {
                     Answer::Nothing => Ok(()),
                     Answer::Reply(reply) => send(&writer, &reply),
-                    Answer::Greet(hello) => send(&writer, &hello).map(|()| link.tasks.resend()),
+                    Answer::Greet(hello) => send(&writer, &hello)
+                        .and_then(|()| send(&writer, &addresses_message(addresses::read())))
+                        .map(|()| link.tasks.resend()),
                 };
                 if sent.is_err() {
                     break;
@@ -443,8 +448,20 @@ fn serve_link(
             failed.store(true, Ordering::Relaxed);
         });
     }
+    let mut interfaces = addresses::read();
+    send(&writer, &addresses_message(interfaces.clone()))?;
+    let mut last_heartbeat = std::time::Instant::now();
     while !failed.load(Ordering::Relaxed) {
-        std::thread::sleep(HEARTBEAT);
+        std::thread::sleep(ADDRESS_CHECK);
+        let now = addresses::read();
+        if now != interfaces {
+            send(&writer, &addresses_message(now.clone()))?;
+            interfaces = now;
+        }
+        if last_heartbeat.elapsed() < HEARTBEAT {
+            continue;
+        }
+        last_heartbeat = std::time::Instant::now();
         let unix_time = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -457,6 +474,13 @@ fn serve_link(
         )?;
     }
     Err(std::io::Error::other("reading from the host failed"))
+}
+
+fn addresses_message(interfaces: Vec<fleet_agent_protocol::Interface>) -> GuestMessage {
+    GuestMessage::Addresses {
+        v: VERSION,
+        interfaces,
+    }
 }
 
 fn send(port: &Mutex<impl Write + ?Sized>, message: &GuestMessage) -> std::io::Result<()> {

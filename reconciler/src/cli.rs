@@ -1158,8 +1158,8 @@ fn status_cmd(ws: &Workspace, args: &StatusArgs, output: Output) -> Result<ExitC
     }
     let width = vms.keys().map(String::len).max().unwrap_or(4).max(4);
     println!(
-        "{:<width$}  {:<10} {:<12} {:>4} {:>7}  NOTES",
-        "NAME", "PROVIDER", "PHASE", "CPUS", "MEMORY"
+        "{:<width$}  {:<10} {:<12} {:>4} {:>7}  {:<18}  NOTES",
+        "NAME", "PROVIDER", "PHASE", "CPUS", "MEMORY", "ADDRESS"
     );
     for vm in vms.values() {
         let (cpus, mem) = vm
@@ -1181,13 +1181,19 @@ fn status_cmd(ws: &Workspace, args: &StatusArgs, output: Output) -> Result<ExitC
             })
             .or_else(|| Some(vm.lease.as_ref()?.describe(std::time::SystemTime::now())))
             .unwrap_or_default();
+        // The first reachable address (the page and `-o yaml` show them all).
+        let address = vm
+            .reachable_addresses()
+            .first()
+            .map_or("-", |a| a.split('/').next().unwrap_or(a));
         println!(
-            "{:<width$}  {:<10} {:<12} {:>4} {:>7}  {}",
+            "{:<width$}  {:<10} {:<12} {:>4} {:>7}  {:<18}  {}",
             vm.name,
             vm.provider,
             format!("{:?}", vm.phase),
             cpus,
             mem,
+            address,
             notes
         );
     }

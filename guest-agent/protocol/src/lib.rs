@@ -56,6 +56,13 @@ pub enum GuestMessage {
         v: u32,
         unix_time: u64,
     },
+    /// The guest's network interfaces and their addresses, loopback left out: sent after
+    /// each hello and whenever they change. The host shows them (a VM with a NIC gets its
+    /// address by DHCP, which only the guest knows); it bounds and checks what it keeps.
+    Addresses {
+        v: u32,
+        interfaces: Vec<Interface>,
+    },
     /// Terminal output of a task; `seq` counts chunks from 1 so the host can tell a gap or
     /// a repeat.
     Output {
@@ -218,6 +225,7 @@ impl GuestMessage {
         match self {
             GuestMessage::Hello { v, .. }
             | GuestMessage::Heartbeat { v, .. }
+            | GuestMessage::Addresses { v, .. }
             | GuestMessage::Output { v, .. }
             | GuestMessage::Prompt { v, .. }
             | GuestMessage::PromptGone { v, .. }
@@ -244,6 +252,18 @@ impl GuestMessage {
     pub fn from_line(line: &str) -> Result<GuestMessage, String> {
         parse_line(line)
     }
+}
+
+/// A network interface of the guest (`GuestMessage::Addresses`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Interface {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Each as `address/prefix` (`192.168.150.23/24`, `fe80::1/64`).
+    #[serde(default)]
+    pub addresses: Vec<String>,
 }
 
 /// What `RunTask::results` asks of the guest.

@@ -202,8 +202,11 @@ fn follow(
             Some(s) => {
                 let old = all.insert(vm.to_owned(), s.clone());
                 let new_boot = old.as_ref().is_some_and(|o| o.boot_id != s.boot_id);
-                let changed =
-                    old.is_none_or(|o| o.connected != s.connected || o.boot_id != s.boot_id);
+                let changed = old.is_none_or(|o| {
+                    o.connected != s.connected
+                        || o.boot_id != s.boot_id
+                        || o.interfaces != s.interfaces
+                });
                 (changed, new_boot)
             }
             None => (
@@ -349,6 +352,8 @@ fn converse(
     };
     let mut heard = Instant::now();
     let mut rate = Rate::default();
+    // What the guest said of itself on this connection (its hello, then its addresses).
+    let mut presence: Option<AgentStatus> = None;
     while !stop.load(Ordering::Relaxed) {
         let (messages, job) = book.tick(conn);
         send(link, messages)?;
@@ -398,12 +403,28 @@ fn converse(
                     let replies = book.receive(conn, std::mem::take(&mut task_messages));
                     send(link, replies)?;
                     conn.greeted(&boot_id, secrets.as_deref());
-                    set(Some(AgentStatus {
+                    // A guest reports its addresses after each hello; until then, those
+                    // it reported in this boot stand.
+                    let interfaces = presence
+                        .take()
+                        .filter(|p| p.boot_id == boot_id)
+                        .map(|p| p.interfaces)
+                        .unwrap_or_default();
+                    let status = AgentStatus {
                         connected: true,
                         agent_version,
                         boot_id,
                         since: Some(SystemTime::now().into()),
-                    }));
+                        interfaces,
+                    };
+                    set(Some(status.clone()));
+                    presence = Some(status);
+                }
+                GuestMessage::Addresses { interfaces, .. } => {
+                    if let Some(status) = presence.as_mut() {
+                        status.interfaces = crate::status::GuestInterface::from_guest(&interfaces);
+                        set(Some(status.clone()));
+                    }
                 }
                 GuestMessage::Heartbeat { .. } => {}
                 GuestMessage::StreamOpen { .. }

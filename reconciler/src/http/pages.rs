@@ -136,7 +136,7 @@ pub fn overview(s: &Snapshot) -> String {
         h2 { "VMs (" (s.vms.len()) ")" }
         div.scroll {
             table {
-                thead { tr { th { "Name" } th { "Phase" } th { "Provider" } th { "CPUs" } th { "Memory" } th { "Agent" } th { "Conditions" } } }
+                thead { tr { th { "Name" } th { "Phase" } th { "Provider" } th { "CPUs" } th { "Memory" } th { "Agent" } th { "Addresses" } th { "Conditions" } } }
                 tbody {
                     @for vm in s.vms.values() {
                         tr {
@@ -146,6 +146,7 @@ pub fn overview(s: &Snapshot) -> String {
                             td { (vm.observed.as_ref().map(|o| o.cpus.to_string()).unwrap_or_else(|| "-".into())) }
                             td { (vm.observed.as_ref().map(|o| format!("{} MiB", o.memory_mib)).unwrap_or_else(|| "-".into())) }
                             td { (agent_text(vm)) }
+                            td { (reachable_addresses(vm)) }
                             td { (conditions_text(vm)) }
                         }
                     }
@@ -220,6 +221,9 @@ pub fn vm(s: &Snapshot, vm: &VmStatus) -> String {
             }
             @if let Some(a) = &vm.agent {
                 dt { "Agent" } dd { (agent_text(vm)) ", boot " (a.boot_id) ", hello at " (crate::time::shown(a.since)) }
+                @if !a.interfaces.is_empty() {
+                    dt { "Addresses" } dd { (addresses_text(a)) }
+                }
             }
             @if let Some(l) = &vm.lease {
                 dt { "Lease" } dd { (l.describe(std::time::SystemTime::now())) "; began " (l.started) ", ends " (l.ends) }
@@ -333,6 +337,36 @@ fn egress_text(e: &crate::status::tasks::EgressUse) -> String {
         text += "; budget spent, more was declined";
     }
     text
+}
+
+/// The addresses an operator can reach the guest at, or `-`.
+fn reachable_addresses(vm: &VmStatus) -> String {
+    let addresses = vm.reachable_addresses();
+    if addresses.is_empty() {
+        "-".to_owned()
+    } else {
+        addresses.join(", ")
+    }
+}
+
+/// The guest's addresses by interface: `eth0 192.168.150.23/24 (52:54:00:…)`.
+fn addresses_text(agent: &crate::status::AgentStatus) -> String {
+    agent
+        .interfaces
+        .iter()
+        .map(|i| {
+            let mac = i
+                .mac
+                .as_deref()
+                .map(|m| format!(" ({m})"))
+                .unwrap_or_default();
+            match i.addresses.is_empty() {
+                true => format!("{}: no address{mac}", i.name),
+                false => format!("{} {}{mac}", i.name, i.addresses.join(", ")),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn agent_text(vm: &VmStatus) -> String {

@@ -346,6 +346,90 @@ pub struct AgentStatus {
         deserialize_with = "crate::time::lenient_option"
     )]
     pub since: Option<Timestamp>,
+    /// The guest's network interfaces and addresses, as its agent last reported them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<GuestInterface>,
+}
+
+impl VmStatus {
+    /// The addresses its agent reported that an operator can reach it at.
+    pub fn reachable_addresses(&self) -> Vec<&str> {
+        self.agent
+            .as_ref()
+            .map(AgentStatus::reachable_addresses)
+            .unwrap_or_default()
+    }
+}
+
+impl AgentStatus {
+    /// The addresses the guest reported that an operator can reach it at (link-local ones
+    /// left out).
+    pub fn reachable_addresses(&self) -> Vec<&str> {
+        self.interfaces
+            .iter()
+            .flat_map(|i| &i.addresses)
+            .map(String::as_str)
+            .filter(|a| !a.starts_with("fe80:") && !a.starts_with("169.254."))
+            .collect()
+    }
+}
+
+/// A network interface of a guest, as its agent reported it, checked: a guest may send
+/// anything, and what is kept is at most `MAX_INTERFACES` interfaces of `MAX_ADDRESSES`
+/// addresses each, with a plain name, a MAC in its usual form and parsed addresses.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestInterface {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+impl GuestInterface {
+    pub const MAX_INTERFACES: usize = 16;
+    pub const MAX_ADDRESSES: usize = 16;
+
+    /// What of the guest's report is kept: interfaces whose name is a plain interface name
+    /// (at most 15 characters, as Linux allows), addresses that parse (written canonically),
+    /// a MAC only in `aa:bb:cc:dd:ee:ff` form.
+    pub fn from_guest(reported: &[fleet_agent_protocol::Interface]) -> Vec<GuestInterface> {
+        reported
+            .iter()
+            .filter(|i| {
+                !i.name.is_empty()
+                    && i.name.len() <= 15
+                    && i.name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
+            })
+            .take(Self::MAX_INTERFACES)
+            .map(|i| GuestInterface {
+                name: i.name.clone(),
+                mac: i.mac.as_ref().filter(|m| plain_mac(m)).cloned(),
+                addresses: i
+                    .addresses
+                    .iter()
+                    .filter_map(|a| {
+                        a.parse::<ipnet::IpNet>()
+                            .map(|n| n.to_string())
+                            .or_else(|_| a.parse::<std::net::IpAddr>().map(|ip| ip.to_string()))
+                            .ok()
+                    })
+                    .take(Self::MAX_ADDRESSES)
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+fn plain_mac(mac: &str) -> bool {
+    mac.len() == 17
+        && mac.split(':').count() == 6
+        && mac
+            .split(':')
+            .all(|b| b.len() == 2 && b.bytes().all(|c| c.is_ascii_hexdigit()))
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -1044,6 +1128,72 @@ impl StatusDir {
 
 pub(crate) fn yaml<T: Serialize>(value: &T) -> String {
     serde_saphyr::to_string(value).expect("status values serialise to YAML")
+}
+
+#[cfg(test)]
+mod interface_tests {
+    use super::*;
+    use fleet_agent_protocol::Interface;
+
+    fn reported(name: &str, mac: Option<&str>, addresses: &[&str]) -> Interface {
+        Interface {
+            name: name.to_owned(),
+            mac: mac.map(str::to_owned),
+            addresses: addresses.iter().map(|a| (*a).to_owned()).collect(),
+        }
+    }
+
+    /// A guest's report is kept only as far as it is plain: names, MACs and addresses that
+    /// parse, a bounded number of each.
+    #[test]
+    fn what_a_guest_reports_is_checked_and_bounded() {
+        let many: Vec<String> = (0..40).map(|i| format!("10.0.0.{i}/24")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let mut report = vec![
+            reported(
+                "eth0",
+                Some("52:54:00:ab:cd:ef"),
+                &[
+                    "192.168.150.23/24",
+                    "fe80::5054:ff:feab:cdef/64",
+                    "not-an-address",
+                    "10.1.2.3",
+                ],
+            ),
+            reported("eth1\u{1b}[2J", None, &["10.9.9.9/8"]),
+            reported("eth2", Some("<script>"), &many),
+            reported("", None, &[]),
+        ];
+        report.extend((0..40).map(|i| reported(&format!("dummy{i}"), None, &[])));
+        let kept = GuestInterface::from_guest(&report);
+        assert_eq!(kept.len(), GuestInterface::MAX_INTERFACES);
+        assert_eq!(
+            kept[0],
+            GuestInterface {
+                name: "eth0".into(),
+                mac: Some("52:54:00:ab:cd:ef".into()),
+                addresses: vec![
+                    "192.168.150.23/24".into(),
+                    "fe80::5054:ff:feab:cdef/64".into(),
+                    "10.1.2.3".into()
+                ],
+            }
+        );
+        assert_eq!(kept[1].name, "eth2", "a name with an escape is dropped");
+        assert_eq!(kept[1].mac, None);
+        assert_eq!(kept[1].addresses.len(), GuestInterface::MAX_ADDRESSES);
+        let agent = AgentStatus {
+            connected: true,
+            agent_version: "0.1.0".into(),
+            boot_id: "b".into(),
+            since: None,
+            interfaces: kept,
+        };
+        assert_eq!(
+            agent.reachable_addresses()[..2],
+            ["192.168.150.23/24", "10.1.2.3"]
+        );
+    }
 }
 
 #[cfg(test)]

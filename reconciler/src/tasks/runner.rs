@@ -655,7 +655,9 @@ impl BookState {
                     }
                     continue;
                 }
-                GuestMessage::Hello { .. } | GuestMessage::Heartbeat { .. } => continue,
+                GuestMessage::Hello { .. }
+                | GuestMessage::Heartbeat { .. }
+                | GuestMessage::Addresses { .. } => continue,
                 // Streams are the broker's (`daemon::agents` routes them there).
                 GuestMessage::StreamOpen { .. }
                 | GuestMessage::StreamData { .. }
@@ -741,6 +743,7 @@ impl BookState {
             } => self.record_exit(&record, seq, code, reason),
             GuestMessage::Hello { .. }
             | GuestMessage::Heartbeat { .. }
+            | GuestMessage::Addresses { .. }
             | GuestMessage::Stored { .. }
             | GuestMessage::SecretsStored { .. }
             | GuestMessage::StreamOpen { .. }

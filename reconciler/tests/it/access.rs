@@ -2,13 +2,14 @@
 //! through the daemon's agent link, with output, errors, exit codes and input passed
 //! through, a large output kept to the link's credit, a terminal under tmux that follows a
 //! resize, refusals for VMs fleet does not manage, and events that say who ran what and
-//! never what it printed.
+//! never what it printed. A VM with a NIC shows the address its agent reports (status file,
+//! `fleet status`, the page); one without shows none.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::daemon::{Daemon, read, wait_until};
+use crate::daemon::{Daemon, http, read, wait_until};
 use crate::libvirt::{Cleanup, enabled, fleet_yaml_with_policy, vm_yaml};
 use crate::support::{Repo, fleet_bin};
 
@@ -57,12 +58,45 @@ fn fleet_exec_runs_commands_in_a_guest_over_its_link() {
         ),
     );
     repo.write(&format!("fleet/vms/{vm}.yaml"), vm_yaml(&vm, "256Mi"));
-    repo.commit("a VM");
-    let _daemon = Daemon::start(&repo);
+    // A VM with a NIC, on fleet's NAT network: its agent reports the address DHCP gave it.
+    let wired = format!("{prefix}b");
+    repo.write(
+        &format!("fleet/vms/{wired}.yaml"),
+        vm_yaml(&wired, "256Mi").replace("image: micro,", "image: micro, network: {mode: full},"),
+    );
+    repo.commit("two VMs");
+    let daemon = Daemon::start(&repo);
     let status = repo.path().join(".fleet/status");
     wait_until("the agent says hello", Duration::from_secs(120), || {
         read(&status.join(format!("vms/{vm}.yaml"))).contains("connected: true")
     });
+    wait_until(
+        "the wired VM's address shows in its status",
+        Duration::from_secs(120),
+        || read(&status.join(format!("vms/{wired}.yaml"))).contains("192.168.150."),
+    );
+    let wired_status = read(&status.join(format!("vms/{wired}.yaml")));
+    let address = wired_status
+        .split("192.168.150.")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .map(|host| format!("192.168.150.{host}"))
+        .expect("an address");
+    assert!(wired_status.contains("mac: 52:54:00:"), "{wired_status}");
+    let listed = repo.fleet(&["status"]).stdout();
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&wired) && l.contains(&address)),
+        "{listed}"
+    );
+    let (code, page) = http(daemon.port, "GET", &format!("/vms/{wired}"));
+    assert_eq!(code, 200);
+    assert!(page.contains(&address), "{page}");
+    assert!(
+        !read(&status.join(format!("vms/{vm}.yaml"))).contains("192.168.150."),
+        "an isolated VM has no address"
+    );
 
     // Output, errors and the exit code pass through.
     let (code, out, err) = exec(
