@@ -149,6 +149,18 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// A VM's serial console, interactive (leave with Ctrl-]); with --follow, its log,
+    /// read-only. Works without an agent or fleet serve.
+    Console {
+        #[arg(add = ArgValueCandidates::new(crate::completion::vm_names))]
+        vm: String,
+        /// Print the console's log as it is written, read-only, until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Take the console from another client holding it.
+        #[arg(long, conflicts_with = "follow")]
+        force: bool,
+    },
     /// Check that this host can run the fleet: the host configuration, the revision,
     /// libvirtd, QEMU and KVM, images, Proxmox reachability, token privileges and clock,
     /// the age identity, the status directory and disk space. Exit 1 when anything fails;
@@ -531,6 +543,16 @@ pub fn run(cli: Cli) -> ExitCode {
                     crate::exec::client::run(&ws.status, vm, command.clone(), *tty)
                 })?;
                 Ok(ExitCode::from(code))
+            }
+            Command::Console { vm, follow, force } => {
+                tokio::task::block_in_place(|| {
+                    if *follow {
+                        crate::console::follow(&ws, vm)
+                    } else {
+                        crate::console::interactive(&ws, vm, *force)
+                    }
+                })?;
+                Ok(ExitCode::SUCCESS)
             }
             Command::Doctor => {
                 let findings =

@@ -23,6 +23,7 @@ pub mod atomic_file;
 pub mod broker;
 pub mod cli;
 pub mod completion;
+pub mod console;
 pub mod daemon;
 pub mod doctor;
 pub mod driver;

@@ -180,6 +180,31 @@ pub trait Driver: Send + Sync {
         let _ = name;
         Ok(None)
     }
+
+    /// The serial console of this fleet's running VM `name` (`fleet console`); `force`
+    /// takes it from another client that holds it.
+    fn console(&self, name: &str, force: bool) -> Result<Box<dyn Console>, DriverError> {
+        let _ = (name, force);
+        Err(DriverError::new(
+            ErrorKind::Permanent,
+            "this provider's driver has no interactive console yet",
+        ))
+    }
+
+    /// The file this fleet's VM `name`'s serial console is logged to, on this machine.
+    fn console_log(&self, name: &str) -> Result<Option<std::path::PathBuf>, DriverError> {
+        let _ = name;
+        Ok(None)
+    }
+}
+
+/// An interactive serial console of a running VM.
+pub trait Console: Send + Sync {
+    /// Waits for the console's output; `Ok(0)` once it closed (the VM stopped, or another
+    /// client took the console).
+    fn recv(&self, buf: &mut [u8]) -> Result<usize, DriverError>;
+    /// Types `data` into the console.
+    fn send(&self, data: &[u8]) -> Result<(), DriverError>;
 }
 
 /// The host side of a VM's agent link.

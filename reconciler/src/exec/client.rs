@@ -22,12 +22,12 @@ use crate::status::StatusDir;
 const COULD_NOT_RUN: u8 = 255;
 
 /// The operator's terminal in raw mode, restored when dropped.
-struct RawTerminal {
+pub struct RawTerminal {
     saved: rustix::termios::Termios,
 }
 
 impl RawTerminal {
-    fn enter() -> anyhow::Result<RawTerminal> {
+    pub fn enter() -> anyhow::Result<RawTerminal> {
         let stdin = std::io::stdin();
         let saved =
             rustix::termios::tcgetattr(&stdin).context("cannot read the terminal's mode")?;

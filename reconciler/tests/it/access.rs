@@ -2,7 +2,8 @@
 //! through the daemon's agent link, with output, errors, exit codes and input passed
 //! through, a large output kept to the link's credit, a terminal under tmux that follows a
 //! resize, refusals for VMs fleet does not manage, and events that say who ran what and
-//! never what it printed. A VM with a NIC shows the address its agent reports (status file,
+//! never what it printed. `fleet console` under tmux shows the guest's shell prompt, types
+//! into it and leaves with Ctrl-]; `--follow` prints the log without escape sequences. A VM with a NIC shows the address its agent reports (status file,
 //! `fleet status`, the page); one without shows none.
 
 use std::io::Write;
@@ -223,6 +224,83 @@ fn fleet_exec_runs_commands_in_a_guest_over_its_link() {
     shows("25 100", Duration::from_secs(20));
     keys("exit 7");
     shows("exec-exited-7", Duration::from_secs(20));
+    assert!(tmux(&["kill-session", "-t", &session]).status.success());
+
+    // The serial console: a shell prompt, typing, and Ctrl-] to leave.
+    let command = format!(
+        "FLEET_HOST_CONFIG={} {} -C {} console {vm}; echo console-exited-$?; sleep 600",
+        repo.host_config_path().display(),
+        fleet_bin().display(),
+        repo.path().display()
+    );
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "120",
+        "-y",
+        "30",
+        &command,
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    shows("Connected to the console", Duration::from_secs(20));
+    assert!(
+        tmux(&["send-keys", "-t", &session, "Enter"])
+            .status
+            .success()
+    );
+    shows(&format!("{vm}:/#"), Duration::from_secs(20));
+    keys("echo $((6 * 7))-console");
+    shows("42-console", Duration::from_secs(20));
+    assert!(tmux(&["send-keys", "-t", &session, "C-]"]).status.success());
+    shows("console-exited-0", Duration::from_secs(20));
+    assert!(
+        screen().contains(&format!("left the console of {vm}")),
+        "{}",
+        screen()
+    );
+    // Its log, read-only, followed: what was typed shows, escape sequences do not.
+    let mut follow = Command::new(fleet_bin())
+        .arg("-C")
+        .arg(repo.path())
+        .args(["console", "--follow", &vm])
+        .env("FLEET_HOST_CONFIG", repo.host_config_path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("fleet console --follow");
+    let mut stdout = follow.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("42-console") {
+            match std::io::Read::read(&mut stdout, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !reader.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let followed = reader.join().expect("reader");
+    assert!(followed.contains("42-console"), "{followed}");
+    assert!(!followed.contains('\u{1b}'), "{followed:?}");
+    // A VM fleet does not manage has no console for fleet.
+    let refused = repo.fleet(&["console", &foreign]);
+    assert_ne!(refused.code(), 0);
+    assert!(
+        refused
+            .stderr()
+            .contains(&format!("fleet does not manage a VM named {foreign}")),
+        "{}",
+        refused.stderr()
+    );
 
     // Each exec is an event: who, which command, how it ended; never its output.
     let events = read(&status.join("events.jsonl"));

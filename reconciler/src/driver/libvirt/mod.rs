@@ -1060,6 +1060,41 @@ impl Driver for LibvirtDriver {
         self.lock_cache().forget(None);
     }
 
+    fn console(&self, name: &str, force: bool) -> Result<Box<dyn super::Console>, DriverError> {
+        let (dom, _) = self.require_owned(name)?;
+        if dom.id().is_none() {
+            return Err(DriverError::new(
+                ErrorKind::Conflict,
+                format!("{name} is not running: its console opens once it runs"),
+            ));
+        }
+        let conn = self.connection()?;
+        let stream = self.on_domain(&format!("open a stream for {name}'s console"), || {
+            virt::stream::Stream::new(&conn, 0)
+        })?;
+        let flags = if force {
+            virt::sys::VIR_DOMAIN_CONSOLE_FORCE
+        } else {
+            0
+        };
+        self.on_domain(&format!("open {name}'s console"), || {
+            dom.open_console(None, &stream, flags)
+        })
+        .map_err(|e| DriverError {
+            message: format!(
+                "{} (another client may hold it: --force takes it over)",
+                e.message
+            ),
+            ..e
+        })?;
+        Ok(Box::new(LibvirtConsole(stream)))
+    }
+
+    fn console_log(&self, name: &str) -> Result<Option<PathBuf>, DriverError> {
+        self.require_owned(name)?;
+        Ok(Some(self.vm_dir(name)?.join("console.log")))
+    }
+
     fn agent_endpoint(&self, name: &str) -> Result<Option<super::AgentEndpoint>, DriverError> {
         let (dom, _) = self.require_owned(name)?;
         if dom.id().is_none() {
@@ -1260,6 +1295,31 @@ fn event_domain(line: &str) -> Option<&str> {
     let rest = line.split_once(" for domain '")?.1;
     let end = rest.rfind("': ")?;
     Some(&rest[..end])
+}
+
+/// A domain's console as a libvirt stream: one thread may wait in `recv` while another
+/// sends (libvirt's client passes the connection between them).
+struct LibvirtConsole(virt::stream::Stream);
+
+impl super::Console for LibvirtConsole {
+    fn recv(&self, buf: &mut [u8]) -> Result<usize, DriverError> {
+        self.0
+            .recv(buf)
+            .map(|n| usize::try_from(n).unwrap_or(0))
+            .map_err(|e| DriverError::new(ErrorKind::Transient, e.message().to_owned()))
+    }
+
+    fn send(&self, data: &[u8]) -> Result<(), DriverError> {
+        let mut sent = 0;
+        while sent < data.len() {
+            let n = self
+                .0
+                .send(&data[sent..])
+                .map_err(|e| DriverError::new(ErrorKind::Transient, e.message().to_owned()))?;
+            sent += usize::try_from(n).unwrap_or(0).max(1);
+        }
+        Ok(())
+    }
 }
 
 fn is_connection_failure(message: &str) -> bool {

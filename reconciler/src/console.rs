@@ -1,0 +1,161 @@
+//! `fleet console VM`: the VM's serial console, interactive, left with Ctrl-] (as with
+//! `virsh console`); `--follow` tails the console's log read-only, its escape sequences
+//! dropped. Only VMs fleet manages: the VM must have a status file and carry this fleet's
+//! stamp (the driver checks before it opens anything).
+//!
+//! The console is the hypervisor's, not the agent link: it works with no agent, no
+//! `fleet serve`, and on a guest that hangs before its agent starts.
+
+use std::io::{Read, Seek, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::driver::{Console, Driver};
+use crate::reconcile::{self, SourceChoice, Workspace};
+
+/// The byte that leaves the console: Ctrl-].
+pub const ESCAPE: u8 = 0x1d;
+
+/// How much of the log `--follow` shows before what comes next.
+const TAIL_BYTES: u64 = 16 * 1024;
+
+/// The driver of the provider fleet's status says `vm` runs on.
+fn driver_of(ws: &Workspace, vm: &str) -> Result<Arc<dyn Driver>> {
+    crate::driver::check_name(vm).map_err(|e| anyhow::anyhow!(e.message))?;
+    let Some(status) = ws.status.read_vms().remove(vm) else {
+        bail!(
+            "fleet does not manage a VM named {vm} (no status for it in {}); fleet only opens the consoles of VMs it made",
+            ws.status.root().display()
+        );
+    };
+    let host = ws.host()?;
+    let snapshot = reconcile::read_snapshot(ws, &SourceChoice::Head)?;
+    let desired = reconcile::desired(&snapshot, &host).map_err(|diags| {
+        anyhow::anyhow!(
+            "the committed revision does not validate ({} diagnostic(s); fleet validate lists them)",
+            diags.len()
+        )
+    })?;
+    let vault = ws.open_vault(&desired);
+    let drivers = reconcile::drivers_for(&desired, &host, &vault);
+    drivers.get(&status.provider).cloned().with_context(|| {
+        format!(
+            "{vm} runs on provider {:?}, which the committed revision no longer has",
+            status.provider
+        )
+    })
+}
+
+/// The interactive console; returns when the operator leaves it or it closes.
+pub fn interactive(ws: &Workspace, vm: &str, force: bool) -> Result<()> {
+    let driver = driver_of(ws, vm)?;
+    let console: Arc<dyn Console> = Arc::from(driver.console(vm, force)?);
+    let terminal = rustix::termios::isatty(std::io::stdin());
+    eprint!("Connected to the console of {vm}; leave with Ctrl-]\r\n");
+    let raw = if terminal {
+        Some(crate::exec::client::RawTerminal::enter()?)
+    } else {
+        None
+    };
+    let closed = Arc::new(AtomicBool::new(false));
+    {
+        let (console, closed) = (console.clone(), closed.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            let mut out = std::io::stdout();
+            while let Ok(n) = console.recv(&mut buf) {
+                if n == 0 || out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+                    break;
+                }
+            }
+            closed.store(true, Ordering::Relaxed);
+        });
+    }
+    let why = type_into(console.as_ref(), &closed);
+    drop(raw);
+    eprint!("\r\n{why} the console of {vm}\r\n");
+    Ok(())
+}
+
+/// Passes what the operator types to the console until the escape, the end of input, or
+/// the console closing; says which.
+fn type_into(console: &dyn Console, closed: &AtomicBool) -> &'static str {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let stdin = std::io::stdin();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        if closed.load(Ordering::Relaxed) {
+            return "lost";
+        }
+        let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(200u16)) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return "left",
+        }
+        let n = match stdin.lock().read(&mut buf) {
+            Ok(0) | Err(_) => return "left",
+            Ok(n) => n,
+        };
+        let (typed, leave) = match buf[..n].iter().position(|b| *b == ESCAPE) {
+            Some(i) => (&buf[..i], true),
+            None => (&buf[..n], false),
+        };
+        if !typed.is_empty() && console.send(typed).is_err() {
+            return "lost";
+        }
+        if leave {
+            return "left";
+        }
+    }
+}
+
+/// Prints the end of the console's log, then what is written to it, each line without its
+/// escape sequences, until interrupted. A log that shrinks was started again (a boot).
+pub fn follow(ws: &Workspace, vm: &str) -> Result<()> {
+    let driver = driver_of(ws, vm)?;
+    let Some(path) = driver.console_log(vm)? else {
+        bail!("{vm}'s provider keeps no console log fleet can read; use fleet console {vm}");
+    };
+    let mut file = std::fs::File::open(&path)
+        .with_context(|| format!("cannot read {vm}'s console log {}", path.display()))?;
+    let len = file.metadata()?.len();
+    let mut offset = len.saturating_sub(TAIL_BYTES);
+    let mut partial: Vec<u8> = Vec::new();
+    let mut first = offset > 0;
+    let mut out = std::io::stdout();
+    loop {
+        let len = file.metadata()?.len();
+        if len < offset {
+            offset = 0;
+            partial.clear();
+        }
+        if len > offset {
+            file.seek(std::io::SeekFrom::Start(offset))?;
+            let mut chunk = Vec::new();
+            (&mut file).take(len - offset).read_to_end(&mut chunk)?;
+            offset += chunk.len() as u64;
+            partial.extend_from_slice(&chunk);
+            // The first read starts mid-log: its first, partial line is dropped.
+            if std::mem::take(&mut first) {
+                let cut = partial
+                    .iter()
+                    .position(|b| *b == b'\n')
+                    .map_or(0, |i| i + 1);
+                partial.drain(..cut);
+            }
+            while let Some(end) = partial.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = partial.drain(..=end).collect();
+                let text = crate::terminal::strip_codes(&String::from_utf8_lossy(&line));
+                out.write_all(text.as_bytes())?;
+            }
+            out.flush()?;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
