@@ -103,6 +103,9 @@ pub enum Command {
     /// VM leases (`lease:` in a VM's file).
     #[command(subcommand)]
     Lease(LeaseCommand),
+    /// Snapshots of a VM: take, list, revert to (a planned step), delete.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Wait, for scripts and CI, until VMs are ready, the fleet converged or tasks
     /// succeeded: exit 0 then, 1 with what is missing on timeout (or at once when a task
     /// ended otherwise).
@@ -231,6 +234,36 @@ pub enum TaskCommand {
         name: String,
         #[arg(long, short = 'f')]
         follow: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot of a VM now (a running VM's memory too, on libvirt).
+    Create {
+        #[arg(add = ArgValueCandidates::new(crate::completion::vm_names))]
+        vm: String,
+        /// Its name (default: s and the UTC time).
+        name: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// A VM's snapshots, oldest first.
+    List {
+        #[arg(add = ArgValueCandidates::new(crate::completion::vm_names))]
+        vm: String,
+    },
+    /// Put a VM back to a snapshot: asked for here, planned and run by the next pass
+    /// (fleet serve at once; or fleet apply), as a journaled step.
+    Revert {
+        #[arg(add = ArgValueCandidates::new(crate::completion::vm_names))]
+        vm: String,
+        name: String,
+    },
+    Delete {
+        #[arg(add = ArgValueCandidates::new(crate::completion::vm_names))]
+        vm: String,
+        name: String,
     },
 }
 
@@ -500,6 +533,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 println!("renewed: the lease of {name} ends at {ends}");
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Snapshot(command) => tokio::task::block_in_place(|| snapshot_cmd(&ws, command, cli.output)),
             Command::Reconcile => reconcile_cmd(&ws),
             Command::Suspend { reason } => {
                 let who = crate::hitl::local_user();
@@ -846,6 +880,44 @@ fn task_runs_text(ws: &Workspace, desired: &crate::resolve::Desired) -> String {
 
 /// Signals the running `fleet serve` of this status directory (SIGUSR1): fetch and
 /// reconcile now. Its PID is the lock's holder's.
+fn snapshot_cmd(ws: &Workspace, command: &SnapshotCommand, output: Output) -> Result<ExitCode> {
+    match command {
+        SnapshotCommand::Create {
+            vm,
+            name,
+            description,
+        } => {
+            let name = crate::snapshots::create(ws, vm, name.as_deref(), description)?;
+            println!("took snapshot {name} of {vm}");
+        }
+        SnapshotCommand::List { vm } => {
+            let snapshots = crate::snapshots::list(ws, vm)?;
+            match output.render(&snapshots)? {
+                Some(text) => print!("{text}"),
+                None => print!("{}", crate::snapshots::render(&snapshots)),
+            }
+        }
+        SnapshotCommand::Revert { vm, name } => {
+            crate::snapshots::revert(ws, vm, name)?;
+            // A running fleet serve plans it at once (none running: the next fleet apply).
+            let served = signal_serve(ws).is_ok();
+            println!(
+                "asked for {vm} to go back to snapshot {name}: {}",
+                if served {
+                    "fleet serve runs it now (fleet events --follow shows it)"
+                } else {
+                    "the next fleet apply runs it"
+                }
+            );
+        }
+        SnapshotCommand::Delete { vm, name } => {
+            crate::snapshots::delete(ws, vm, name)?;
+            println!("deleted snapshot {name} of {vm}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn signal_serve(ws: &Workspace) -> Result<u32> {
     // The lock names the PID to signal: it must be a file only its owner (or root) wrote,
     // and the PID a fleet process, or a signal could reach anything.

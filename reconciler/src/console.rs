@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::driver::{Console, Driver};
-use crate::reconcile::{self, SourceChoice, Workspace};
+use crate::driver::Console;
+use crate::reconcile::{self, Workspace};
 
 /// The byte that leaves the console: Ctrl-].
 pub const ESCAPE: u8 = 0x1d;
@@ -22,36 +22,9 @@ pub const ESCAPE: u8 = 0x1d;
 /// How much of the log `--follow` shows before what comes next.
 const TAIL_BYTES: u64 = 16 * 1024;
 
-/// The driver of the provider fleet's status says `vm` runs on.
-fn driver_of(ws: &Workspace, vm: &str) -> Result<Arc<dyn Driver>> {
-    crate::driver::check_name(vm).map_err(|e| anyhow::anyhow!(e.message))?;
-    let Some(status) = ws.status.read_vms().remove(vm) else {
-        bail!(
-            "fleet does not manage a VM named {vm} (no status for it in {}); fleet only opens the consoles of VMs it made",
-            ws.status.root().display()
-        );
-    };
-    let host = ws.host()?;
-    let snapshot = reconcile::read_snapshot(ws, &SourceChoice::Head)?;
-    let desired = reconcile::desired(&snapshot, &host).map_err(|diags| {
-        anyhow::anyhow!(
-            "the committed revision does not validate ({} diagnostic(s); fleet validate lists them)",
-            diags.len()
-        )
-    })?;
-    let vault = ws.open_vault(&desired);
-    let drivers = reconcile::drivers_for(&desired, &host, &vault);
-    drivers.get(&status.provider).cloned().with_context(|| {
-        format!(
-            "{vm} runs on provider {:?}, which the committed revision no longer has",
-            status.provider
-        )
-    })
-}
-
 /// The interactive console; returns when the operator leaves it or it closes.
 pub fn interactive(ws: &Workspace, vm: &str, force: bool) -> Result<()> {
-    let driver = driver_of(ws, vm)?;
+    let driver = reconcile::driver_of_vm(ws, vm)?;
     let console: Arc<dyn Console> = Arc::from(driver.console(vm, force)?);
     let terminal = rustix::termios::isatty(std::io::stdin());
     eprint!("Connected to the console of {vm}; leave with Ctrl-]\r\n");
@@ -118,7 +91,7 @@ fn type_into(console: &dyn Console, closed: &AtomicBool) -> &'static str {
 /// Prints the end of the console's log, then what is written to it, each line without its
 /// escape sequences, until interrupted. A log that shrinks was started again (a boot).
 pub fn follow(ws: &Workspace, vm: &str) -> Result<()> {
-    let driver = driver_of(ws, vm)?;
+    let driver = reconcile::driver_of_vm(ws, vm)?;
     let Some(path) = driver.console_log(vm)? else {
         bail!("{vm}'s provider keeps no console log fleet can read; use fleet console {vm}");
     };

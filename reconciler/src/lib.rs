@@ -39,6 +39,7 @@ pub mod output;
 pub mod progress;
 pub mod reconcile;
 pub mod secrets;
+pub mod snapshots;
 pub mod source;
 pub mod status;
 pub mod task_view;

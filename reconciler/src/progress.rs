@@ -46,6 +46,7 @@ pub fn doing(action: Action) -> &'static str {
         Action::Replace => "replacing",
         Action::Destroy => "destroying",
         Action::Reset => "resetting",
+        Action::Revert => "reverting",
     }
 }
 

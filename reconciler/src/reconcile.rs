@@ -177,6 +177,18 @@ pub async fn plan_pass(
         leases,
         activity: activity(ws, desired, &observed, now),
         resets: resets_due(ws, desired),
+        reverts: ws
+            .status
+            .read_reverts()
+            .into_iter()
+            .map(|(vm, r)| {
+                let request = crate::plan::RevertRequest {
+                    snapshot: r.snapshot,
+                    by: r.by,
+                };
+                (vm, request)
+            })
+            .collect(),
         history: status::history(&ws.status.read_vms()),
         secrets: crate::plan::secrets::changes(
             desired,
@@ -336,6 +348,34 @@ pub fn desired(snapshot: &Snapshot, host: &HostSpec) -> Result<Desired, Vec<Diag
     } else {
         Err(over)
     }
+}
+
+/// The driver of the provider fleet's status says `vm` runs on (`fleet console`,
+/// `fleet snapshot`): refused for a VM fleet keeps no status of.
+pub fn driver_of_vm(ws: &Workspace, vm: &str) -> anyhow::Result<Arc<dyn Driver>> {
+    crate::driver::check_name(vm).map_err(|e| anyhow::anyhow!(e.message))?;
+    let Some(status) = ws.status.read_vms().remove(vm) else {
+        anyhow::bail!(
+            "fleet does not manage a VM named {vm} (no status for it in {}); fleet only acts on VMs it made",
+            ws.status.root().display()
+        );
+    };
+    let host = ws.host()?;
+    let snapshot = read_snapshot(ws, &SourceChoice::Head)?;
+    let desired = desired(&snapshot, &host).map_err(|diags| {
+        anyhow::anyhow!(
+            "the committed revision does not validate ({} diagnostic(s); fleet validate lists them)",
+            diags.len()
+        )
+    })?;
+    let vault = ws.open_vault(&desired);
+    let drivers = drivers_for(&desired, &host, &vault);
+    drivers.get(&status.provider).cloned().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{vm} runs on provider {:?}, which the committed revision no longer has",
+            status.provider
+        )
+    })
 }
 
 /// One driver per provider of the revision, each made from the host configuration's
@@ -558,6 +598,13 @@ impl apply::Observer for StatusObserver {
             && let Err(e) = self.status.clear_used(&step.vm)
         {
             tracing::error!(vm = step.vm, "cannot record that it is clean: {e}");
+        }
+        // A revert that ran is not asked for again. (A crash before this line reverts
+        // once more, to the same snapshot.)
+        if let (true, crate::plan::Change::Revert { snapshot }) = (result.ok, &step.change)
+            && let Err(e) = self.status.clear_revert(&step.vm, snapshot)
+        {
+            tracing::error!(vm = step.vm, "cannot remove the revert's request: {e}");
         }
         let (kind, message) = match &result.error {
             None => (

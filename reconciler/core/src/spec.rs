@@ -1071,6 +1071,8 @@ pub enum Action {
     Destroy,
     /// Return a VM to the state it was made in (`reset: beforeEachTask`).
     Reset,
+    /// Return a VM to one of its snapshots (`fleet snapshot revert`).
+    Revert,
 }
 
 impl Action {
@@ -1083,6 +1085,7 @@ impl Action {
             Action::Replace => "replace",
             Action::Destroy => "destroy",
             Action::Reset => "reset",
+            Action::Revert => "revert",
         }
     }
 }

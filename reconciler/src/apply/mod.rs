@@ -157,6 +157,7 @@ enum DriverCall {
     Stop,
     Destroy,
     Reset(DesiredVm),
+    Revert(String),
 }
 
 impl DriverCall {
@@ -168,6 +169,7 @@ impl DriverCall {
             DriverCall::Stop => Action::Stop,
             DriverCall::Destroy => Action::Destroy,
             DriverCall::Reset(_) => Action::Reset,
+            DriverCall::Revert(_) => Action::Revert,
         }
     }
 }
@@ -189,6 +191,7 @@ async fn run_step(ctx: &StepContext, step: &Step) -> (Result<(), DriverError>, u
         Change::Stop => call(ctx, step, DriverCall::Stop).await,
         Change::Destroy { .. } => call(ctx, step, DriverCall::Destroy).await,
         Change::Reset { desired } => call(ctx, step, DriverCall::Reset(desired.clone())).await,
+        Change::Revert { snapshot } => call(ctx, step, DriverCall::Revert(snapshot.clone())).await,
         Change::Replace { desired, .. } => {
             let (destroyed, a1) = call(ctx, step, DriverCall::Destroy).await;
             if destroyed.is_err() {
@@ -236,6 +239,7 @@ async fn call(ctx: &StepContext, step: &Step, what: DriverCall) -> (Result<(), D
             DriverCall::Stop => driver.stop(&name, grace),
             DriverCall::Destroy => driver.destroy(&name, grace),
             DriverCall::Reset(vm) => driver.reset(&vm),
+            DriverCall::Revert(snapshot) => driver.snapshot_revert(&name, &snapshot),
         });
         let outcome = match tokio::time::timeout(ctx.timeout, work).await {
             Ok(Ok(r)) => r,

@@ -191,11 +191,87 @@ pub trait Driver: Send + Sync {
         ))
     }
 
+    /// This fleet's VM `name`'s snapshots, oldest first.
+    fn snapshots(&self, name: &str) -> Result<Vec<SnapshotInfo>, DriverError> {
+        let _ = name;
+        Err(no_snapshots())
+    }
+
+    /// Takes snapshot `snapshot` of this fleet's VM `name` (a running VM's memory too,
+    /// where the hypervisor can).
+    fn snapshot_create(
+        &self,
+        name: &str,
+        snapshot: &str,
+        description: &str,
+    ) -> Result<(), DriverError> {
+        let _ = (name, snapshot, description);
+        Err(no_snapshots())
+    }
+
+    /// Returns this fleet's VM `name` to `snapshot`.
+    fn snapshot_revert(&self, name: &str, snapshot: &str) -> Result<(), DriverError> {
+        let _ = (name, snapshot);
+        Err(no_snapshots())
+    }
+
+    fn snapshot_delete(&self, name: &str, snapshot: &str) -> Result<(), DriverError> {
+        let _ = (name, snapshot);
+        Err(no_snapshots())
+    }
+
     /// The file this fleet's VM `name`'s serial console is logged to, on this machine.
     fn console_log(&self, name: &str) -> Result<Option<std::path::PathBuf>, DriverError> {
         let _ = name;
         Ok(None)
     }
+}
+
+fn no_snapshots() -> DriverError {
+    DriverError::new(
+        ErrorKind::Permanent,
+        "this provider's driver takes no snapshots",
+    )
+}
+
+/// A snapshot of a VM, as its hypervisor lists it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotInfo {
+    pub name: String,
+    /// Seconds since the epoch, when the hypervisor says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created: Option<i64>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// It holds the running VM's memory: a revert resumes it where it was.
+    pub with_memory: bool,
+}
+
+/// Whether `name` may name a snapshot an operator makes: 2 to 40 letters, digits, `-` and
+/// `_`, starting with a letter (what Proxmox accepts too), and not beginning `fleet-`,
+/// which fleet keeps for its own (`fleet-clean`).
+pub fn check_snapshot_name(name: &str) -> Result<(), DriverError> {
+    let plain = (2..=40).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !plain {
+        return Err(DriverError::new(
+            ErrorKind::Permanent,
+            format!(
+                "{name:?} cannot name a snapshot: use 2 to 40 letters, digits, '-' and '_', starting with a letter"
+            ),
+        ));
+    }
+    if name.starts_with("fleet-") {
+        return Err(DriverError::new(
+            ErrorKind::Permanent,
+            format!("{name:?}: snapshot names beginning 'fleet-' are fleet's own; choose another"),
+        ));
+    }
+    Ok(())
 }
 
 /// An interactive serial console of a running VM.

@@ -71,6 +71,9 @@ event_kinds! {
     PreviewPlanned = "preview.planned",
     ExecStarted = "exec.started",
     ExecEnded = "exec.ended",
+    SnapshotCreated = "snapshot.created",
+    SnapshotDeleted = "snapshot.deleted",
+    SnapshotRevertAsked = "snapshot.revert_asked",
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -331,6 +331,17 @@ impl LeaseStatus {
     }
 }
 
+/// A revert to a snapshot asked for from the host (`fleet snapshot revert`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HostRevert {
+    pub vm: String,
+    pub snapshot: String,
+    pub by: String,
+    #[serde(default, deserialize_with = "crate::time::lenient_option")]
+    pub asked: Option<Timestamp>,
+}
+
 /// The guest agent of a VM, as the daemon's link to it last saw it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -1022,6 +1033,43 @@ impl StatusDir {
             &format!("lease-renewals/{vm}.yaml"),
             yaml(renewal).as_bytes(),
         )
+    }
+
+    /// The reverts to a snapshot the host asked for (`snapshot-reverts/<vm>.yaml`, written
+    /// by `fleet snapshot revert`, removed once the revert ran), by VM.
+    pub fn read_reverts(&self) -> BTreeMap<String, HostRevert> {
+        self.read_all("snapshot-reverts", |r: &HostRevert| r.vm.clone())
+            .into_iter()
+            .filter(|(vm, _)| crate::driver::check_name(vm).is_ok())
+            .collect()
+    }
+
+    pub fn write_revert(&self, revert: &HostRevert) -> std::io::Result<()> {
+        crate::driver::check_name(&revert.vm).map_err(|e| std::io::Error::other(e.message))?;
+        self.ensure()?;
+        self.write_file(
+            &format!("snapshot-reverts/{}.yaml", revert.vm),
+            yaml(revert).as_bytes(),
+        )
+    }
+
+    /// The revert of `vm` to `snapshot` ran: its request goes (unless a newer one, to
+    /// another snapshot, replaced it meanwhile).
+    pub fn clear_revert(&self, vm: &str, snapshot: &str) -> std::io::Result<()> {
+        if self
+            .read_reverts()
+            .get(vm)
+            .is_none_or(|r| r.snapshot != snapshot)
+        {
+            return Ok(());
+        }
+        match self
+            .tree_to_write()?
+            .remove_file(format!("snapshot-reverts/{vm}.yaml"))
+        {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Whether a run was dispatched to `vm` since it was made or last reset (`reset`;

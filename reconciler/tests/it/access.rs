@@ -334,3 +334,132 @@ fn fleet_exec_runs_commands_in_a_guest_over_its_link() {
         "{events}"
     );
 }
+
+/// Snapshots on a real VM with a disk under `fleet serve`: one taken while a file says
+/// "one", the file changed to "two", a revert (a planned, journaled step run by the daemon)
+/// brings "one" back, memory included; names fleet keeps, unknown snapshots and VMs fleet
+/// does not manage are refused; a delete leaves none.
+#[test]
+fn a_snapshot_revert_brings_a_running_vm_back() {
+    if !enabled() {
+        return;
+    }
+    let prefix = format!("it{}-snap-", std::process::id());
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let vm = format!("{prefix}a");
+    let repo = Repo::new();
+    // Snapshots live in a VM's own qcow2 overlay: the VM boots the micro kernel with a disk.
+    let images = repo.path().join("images");
+    std::fs::create_dir_all(&images).expect("mkdir");
+    let (kernel, initrd) = crate::support::micro_image();
+    std::fs::copy(&kernel, images.join("vmlinuz")).expect("copy kernel");
+    std::fs::copy(&initrd, images.join("initrd.img")).expect("copy initrd");
+    crate::libvirt::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        images.join("base.qcow2").to_str().expect("utf8"),
+        "64M",
+    ]);
+    repo.host_config(&crate::support::host_yaml(
+        &[crate::support::local_provider(repo.path())],
+        &format!("  imageRoot: '{}'\n", images.display()),
+    ));
+    let fleet = format!("it{}snap", std::process::id());
+    repo.write(
+        "fleet/fleet.yaml",
+        format!("apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: {fleet}}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, domainType: qemu}}\n  images:\n    - {{name: micro, kernel: vmlinuz, initrd: initrd.img, disk: base.qcow2}}\n  policy: {{shutdownTimeout: 10s}}\n"),
+    );
+    repo.write(
+        &format!("fleet/vms/{vm}.yaml"),
+        format!("apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {vm}}}\nspec: {{provider: local, image: micro, resources: {{memory: 192Mi, disk: 1Gi}}}}\n"),
+    );
+    repo.commit("a VM with a disk");
+    let _daemon = Daemon::start(&repo);
+    let status = repo.path().join(".fleet/status");
+    wait_until("the agent says hello", Duration::from_secs(120), || {
+        read(&status.join(format!("vms/{vm}.yaml"))).contains("connected: true")
+    });
+    let sh = |script: &str| exec(&repo, &[&vm, "--", "sh", "-c", script], b"");
+    assert_eq!(sh("echo one > /tmp/f").0, 0);
+
+    repo.fleet(&[
+        "snapshot",
+        "create",
+        &vm,
+        "before-two",
+        "--description",
+        "f says one",
+    ])
+    .expect_code(0);
+    let listed = repo.fleet(&["snapshot", "list", &vm]).stdout();
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("before-two") && l.contains("yes") && l.contains("f says one")),
+        "{listed}"
+    );
+    assert_eq!(sh("echo two > /tmp/f").0, 0);
+    assert_eq!(String::from_utf8_lossy(&sh("cat /tmp/f").1), "two\n");
+
+    // Refused: fleet's own names, bad names, an unknown snapshot, a VM fleet does not manage.
+    for (args, says) in [
+        (
+            vec!["snapshot", "create", &vm, "fleet-clean"],
+            "fleet's own",
+        ),
+        (
+            vec!["snapshot", "create", &vm, "../x"],
+            "cannot name a snapshot",
+        ),
+        (
+            vec!["snapshot", "revert", &vm, "never-taken"],
+            "has no snapshot named never-taken",
+        ),
+        (
+            vec!["snapshot", "list", "not-fleets"],
+            "fleet does not manage a VM named not-fleets",
+        ),
+    ] {
+        let run = repo.fleet(&args);
+        assert_ne!(run.code(), 0, "{args:?}");
+        assert!(run.stderr().contains(says), "{args:?}: {}", run.stderr());
+    }
+
+    // The revert: asked for, planned and run by the daemon as a step, then forgotten.
+    let asked = repo.fleet(&["snapshot", "revert", &vm, "before-two"]);
+    asked.expect_code(0);
+    assert!(
+        asked.stdout().contains("fleet serve runs it now"),
+        "{}",
+        asked.stdout()
+    );
+    wait_until("the revert step succeeds", Duration::from_secs(60), || {
+        read(&status.join("events.jsonl")).lines().any(|l| {
+            l.contains("\"step.succeeded\"")
+                && l.contains("\"action\":\"revert\"")
+                && l.contains(&vm)
+        })
+    });
+    assert!(!status.join(format!("snapshot-reverts/{vm}.yaml")).exists());
+    let events = read(&status.join("events.jsonl"));
+    assert!(
+        events.contains("\"snapshot.created\"") && events.contains("\"snapshot.revert_asked\""),
+        "{events}"
+    );
+    // The guest is back where the snapshot was: its memory, and so the file, say "one".
+    wait_until("the file says one again", Duration::from_secs(60), || {
+        String::from_utf8_lossy(&sh("cat /tmp/f").1) == "one\n"
+    });
+
+    repo.fleet(&["snapshot", "delete", &vm, "before-two"])
+        .expect_code(0);
+    let listed = repo.fleet(&["snapshot", "list", &vm]).stdout();
+    assert_eq!(listed, "no snapshots\n");
+    // Reverted exactly once: no step left to plan.
+    let plan = repo.fleet(&["plan", "--detailed-exitcode"]);
+    assert_eq!(plan.code(), 0, "{}", plan.stdout());
+}

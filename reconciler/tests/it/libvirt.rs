@@ -338,7 +338,7 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
     assert!(domain_exists(&clash), "the foreign domain survives");
 }
 
-fn qemu_img(args: &[&str]) -> String {
+pub fn qemu_img(args: &[&str]) -> String {
     let out = Command::new("qemu-img")
         .args(args)
         .output()

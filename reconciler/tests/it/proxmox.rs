@@ -977,6 +977,96 @@ fn a_proxmox_vm_that_resets_before_each_run_rolls_back_to_the_snapshot_taken_whe
     again.expect_code(0);
 }
 
+/// `fleet snapshot` through the snapshot API: taken, listed, a revert planned and run by
+/// `fleet apply` as a step (stop, rollback, boot again), deleted; every request checked
+/// against the PVE schema.
+#[test]
+fn snapshots_on_proxmox_go_through_the_snapshot_api() {
+    if !enabled() {
+        return;
+    }
+    let mut pve = FakePve::start();
+    let schema = pve.schema();
+    let f = PveFleet::new(&pve, "snaps", "{shutdownTimeout: 5s, stepTimeout: 1m}");
+    f.repo.write("fleet/vms/box.yaml", vm_yaml("box", ""));
+    f.repo.commit("a VM");
+    f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    checked_wire(&mut pve, &schema);
+
+    f.repo
+        .fleet(&[
+            "snapshot",
+            "create",
+            "box",
+            "s1",
+            "--description",
+            "the first",
+        ])
+        .expect_code(0);
+    let wire = checked_wire(&mut pve, &schema);
+    let taken = wire
+        .iter()
+        .find(|r| r.method == "POST" && r.path.ends_with("/snapshot"))
+        .expect("a snapshot is taken");
+    assert_eq!(taken.params()["snapname"], "s1");
+    let listed = f.repo.fleet(&["snapshot", "list", "box"]).stdout();
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("s1") && l.contains("the first")),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains("current"),
+        "PVE's 'current' is not a snapshot: {listed}"
+    );
+
+    // No fleet serve: the revert waits for the next apply, which plans and runs it.
+    let asked = f.repo.fleet(&["snapshot", "revert", "box", "s1"]);
+    asked.expect_code(0);
+    assert!(
+        asked.stdout().contains("the next fleet apply runs it"),
+        "{}",
+        asked.stdout()
+    );
+    let plan = f.repo.fleet(&["plan"]).stdout();
+    assert!(plan.contains("revert   box"), "{plan}");
+    f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    let wire = checked_wire(&mut pve, &schema);
+    let at = |what: &str| {
+        wire.iter()
+            .position(|r| r.method == "POST" && r.path.ends_with(what))
+            .unwrap_or_else(|| panic!("no {what} in {wire:#?}"))
+    };
+    assert!(at("/status/stop") < at("/snapshot/s1/rollback"));
+    assert!(at("/snapshot/s1/rollback") < at("/status/start"));
+    assert_eq!(pve.vm_named("box").expect("box")["status"], "running");
+    assert!(
+        !f.repo
+            .path()
+            .join(".fleet/status/snapshot-reverts/box.yaml")
+            .exists(),
+        "a revert that ran is not asked for again"
+    );
+    f.repo
+        .fleet(&["plan", "--detailed-exitcode"])
+        .expect_code(0);
+
+    f.repo
+        .fleet(&["snapshot", "delete", "box", "s1"])
+        .expect_code(0);
+    let wire = checked_wire(&mut pve, &schema);
+    assert!(
+        wire.iter()
+            .any(|r| r.method == "DELETE" && r.path.ends_with("/snapshot/s1")),
+        "{wire:#?}"
+    );
+    assert_eq!(
+        f.repo.fleet(&["snapshot", "list", "box"]).stdout(),
+        "no snapshots\n"
+    );
+}
+
 #[test]
 fn a_revision_over_the_clusters_memory_is_refused_by_plan() {
     if !enabled() {

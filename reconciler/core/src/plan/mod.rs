@@ -75,6 +75,8 @@ pub enum Reason {
     /// A run of `task` waits on a VM with `reset: beforeEachTask` that ran something since
     /// it was made or last reset.
     ResetBeforeRun { task: String },
+    /// The host asked for the VM to go back to `snapshot` (`fleet snapshot revert`).
+    RevertAsked { snapshot: String, by: String },
     /// The VM's lease (`lease`) ended at `ended`: it is stopped or destroyed as it says.
     LeaseEnded {
         ended: Timestamp,
@@ -148,6 +150,17 @@ pub struct PlanInputs {
     /// VMs with `reset: beforeEachTask` a reset is due for (`reset::due`), with the task
     /// whose run waits.
     pub resets: BTreeMap<String, String>,
+    /// Reverts to a snapshot the host asked for (`fleet snapshot revert`), by VM name.
+    pub reverts: BTreeMap<String, RevertRequest>,
+}
+
+/// A revert of a VM to one of its snapshots, asked for from the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevertRequest {
+    pub snapshot: String,
+    /// Who asked (the host user, and who they said they were).
+    pub by: String,
 }
 
 /// A step that waits before it may run; it is planned again when its wait is over.
@@ -220,6 +233,10 @@ pub enum Change {
     Reset {
         desired: DesiredVm,
     },
+    /// Back to one of its snapshots (`fleet snapshot revert`).
+    Revert {
+        snapshot: String,
+    },
 }
 
 impl Step {
@@ -232,6 +249,7 @@ impl Step {
             Change::Replace { .. } => Action::Replace,
             Change::Destroy { .. } => Action::Destroy,
             Change::Reset { .. } => Action::Reset,
+            Change::Revert { .. } => Action::Revert,
         }
     }
 
@@ -242,7 +260,7 @@ impl Step {
             | Change::Update { desired, .. }
             | Change::Replace { desired, .. }
             | Change::Reset { desired } => Some(desired),
-            Change::Start | Change::Stop | Change::Destroy { .. } => None,
+            Change::Start | Change::Stop | Change::Destroy { .. } | Change::Revert { .. } => None,
         }
     }
 
@@ -251,7 +269,11 @@ impl Step {
         match &self.change {
             Change::Update { applied, .. } | Change::Destroy { applied, .. } => applied.as_ref(),
             Change::Replace { applied, .. } => Some(applied),
-            Change::Create { .. } | Change::Start | Change::Stop | Change::Reset { .. } => None,
+            Change::Create { .. }
+            | Change::Start
+            | Change::Stop
+            | Change::Reset { .. }
+            | Change::Revert { .. } => None,
         }
     }
 
@@ -266,7 +288,11 @@ impl Step {
             Change::Replace {
                 applied_revision, ..
             } => Some(applied_revision),
-            Change::Create { .. } | Change::Start | Change::Stop | Change::Reset { .. } => None,
+            Change::Create { .. }
+            | Change::Start
+            | Change::Stop
+            | Change::Reset { .. }
+            | Change::Revert { .. } => None,
         }
     }
 
@@ -278,7 +304,8 @@ impl Step {
             | Change::Start
             | Change::Stop
             | Change::Destroy { .. }
-            | Change::Reset { .. } => &[],
+            | Change::Reset { .. }
+            | Change::Revert { .. } => &[],
         }
     }
 
@@ -701,6 +728,33 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                                 desired: vm.clone(),
                             },
                             reason: Reason::ResetBeforeRun { task: task.clone() },
+                        })
+                    }
+                    (_, step) => step,
+                };
+                // A revert the host asked for comes before a power step (it sets the power
+                // state itself); a change of configuration goes first, and the revert
+                // after it, on a later pass.
+                let step = match (inputs.reverts.get(&vm.name), step) {
+                    (
+                        Some(revert),
+                        None
+                        | Some(Step {
+                            change: Change::Start | Change::Stop,
+                            ..
+                        }),
+                    ) => {
+                        overridden = true;
+                        Some(Step {
+                            vm: vm.name.clone(),
+                            provider: provider.clone(),
+                            change: Change::Revert {
+                                snapshot: revert.snapshot.clone(),
+                            },
+                            reason: Reason::RevertAsked {
+                                snapshot: revert.snapshot.clone(),
+                                by: revert.by.clone(),
+                            },
                         })
                     }
                     (_, step) => step,

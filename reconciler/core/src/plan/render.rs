@@ -155,6 +155,7 @@ fn step_counts(plan: &Plan) -> Vec<String> {
         Action::Replace,
         Action::Destroy,
         Action::Reset,
+        Action::Revert,
     ]
     .into_iter()
     .filter_map(|a| {
@@ -185,6 +186,7 @@ fn symbol(action: Action) -> &'static str {
         Action::Replace => "-/+",
         Action::Destroy => "-",
         Action::Reset => "*",
+        Action::Revert => "<",
     }
 }
 
@@ -255,6 +257,9 @@ pub fn reason_text(step: &Step) -> String {
         Reason::ResetBeforeRun { task } => format!(
             "a run of task {task} waits, and the VM ran something since it was made or last reset (reset: beforeEachTask)"
         ),
+        Reason::RevertAsked { snapshot, by } => {
+            format!("back to its snapshot {snapshot}, as {by} asked (fleet snapshot revert)")
+        }
         Reason::LeaseEnded { ended, on_expiry } => {
             format!(
                 "its lease ended at {ended} (onExpiry: {})",
@@ -291,7 +296,10 @@ fn config_yaml(config: Option<&VmConfig>) -> String {
 }
 
 fn step_diff(step: &Step) -> Option<String> {
-    if matches!(step.action(), Action::Start | Action::Stop | Action::Reset) {
+    if matches!(
+        step.action(),
+        Action::Start | Action::Stop | Action::Reset | Action::Revert
+    ) {
         return None;
     }
     let (old, new) = (step.applied(), step.desired().map(|d| &d.config));

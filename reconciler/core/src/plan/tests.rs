@@ -1350,3 +1350,43 @@ fn drift_on_an_adopted_vm_is_reported_not_healed() {
     assert_eq!(p.drift().len(), 1);
     assert!(!p.drift()[0].healed);
 }
+
+/// A revert the host asked for is a step of its own, before a power step and after a
+/// change of configuration (which runs first; the revert waits for a later pass).
+#[test]
+fn a_revert_from_the_host_is_planned_as_its_own_step() {
+    let before = desired(&[vm("a", ""), vm("b", "")]);
+    let after = desired(&[vm("a", ""), vm("b", "  resources: {memory: 1Gi}\n")]);
+    // `a` is stopped outside fleet: the revert comes instead of the start.
+    let o = observed(vec![
+        applied(&before.vms["a"], false),
+        applied(&before.vms["b"], true),
+    ]);
+    let asked = |snapshot: &str| RevertRequest {
+        snapshot: snapshot.to_owned(),
+        by: "alice".to_owned(),
+    };
+    let inputs = PlanInputs {
+        reverts: [
+            ("a".to_owned(), asked("before-upgrade")),
+            ("b".to_owned(), asked("s1")),
+        ]
+        .into_iter()
+        .collect(),
+        ..PlanInputs::default()
+    };
+    let p = super::plan(&after, &o, &inputs);
+    let text = render::text(&p);
+    assert!(
+        text.contains(
+            "<   revert   a  on local: back to its snapshot before-upgrade, as alice asked (fleet snapshot revert)"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("~   update   b"), "{text}");
+    assert_eq!(p.steps.len(), 2, "{text}");
+    assert!(
+        matches!(&p.steps[0].change, Change::Revert { snapshot } if snapshot == "before-upgrade")
+    );
+    assert_eq!(p.count(Action::Revert), 1);
+}

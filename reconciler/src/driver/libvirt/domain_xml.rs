@@ -225,6 +225,42 @@ pub fn parse(xml: &str) -> Result<ObservedVm, DomainXmlError> {
     })
 }
 
+/// The XML that asks for a snapshot (internal: in the VM's own qcow2 overlay; with the
+/// memory of a running VM).
+pub fn snapshot_definition(name: &str, description: &str) -> String {
+    format!(
+        "<domainsnapshot><name>{}</name><description>{}</description></domainsnapshot>",
+        escape(name),
+        escape(description)
+    )
+}
+
+/// What `fleet snapshot list` shows of a snapshot's XML.
+pub fn snapshot_info(xml: &str) -> Result<crate::driver::SnapshotInfo, crate::driver::DriverError> {
+    let unreadable = |e: String| {
+        crate::driver::DriverError::new(
+            crate::driver::ErrorKind::Permanent,
+            format!("unreadable snapshot XML: {e}"),
+        )
+    };
+    let doc = roxmltree::Document::parse(xml).map_err(|e| unreadable(e.to_string()))?;
+    let root = doc.root_element();
+    let text = |name: &str| {
+        root.children()
+            .find(|n| n.has_tag_name(name))
+            .and_then(|n| n.text())
+            .map(|t| t.trim().to_owned())
+    };
+    Ok(crate::driver::SnapshotInfo {
+        name: text("name").ok_or_else(|| unreadable("no <name>".into()))?,
+        created: text("creationTime").and_then(|t| t.parse().ok()),
+        description: text("description").unwrap_or_default(),
+        // A snapshot of a running domain holds its memory ("running"); one of a stopped
+        // domain, or disks alone, does not.
+        with_memory: text("state").as_deref() == Some("running"),
+    })
+}
+
 /// The host-side socket of the agent channel in a running domain's (live) XML.
 pub fn agent_socket(xml: &str) -> Option<std::path::PathBuf> {
     let doc = roxmltree::Document::parse(xml).ok()?;

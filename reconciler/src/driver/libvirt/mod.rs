@@ -348,6 +348,20 @@ impl LibvirtDriver {
         Ok(Some((dom, observed)))
     }
 
+    /// Drops libvirt's records of `dom`'s snapshots (before its overlay, which holds them,
+    /// is made again).
+    fn forget_snapshots(&self, dom: &Domain, name: &str) -> Result<(), DriverError> {
+        let all = self.on_domain(&format!("list {name}'s snapshots"), || {
+            dom.list_all_snapshots(0)
+        })?;
+        for snapshot in all {
+            self.on_domain(&format!("forget a snapshot of {name}"), || {
+                snapshot.delete(virt::sys::VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+            })?;
+        }
+        Ok(())
+    }
+
     fn require_owned(&self, name: &str) -> Result<(Domain, ObservedVm), DriverError> {
         self.owned(name)?.ok_or_else(|| {
             DriverError::new(
@@ -1090,6 +1104,78 @@ impl Driver for LibvirtDriver {
         Ok(Box::new(LibvirtConsole(stream)))
     }
 
+    fn snapshots(&self, name: &str) -> Result<Vec<super::SnapshotInfo>, DriverError> {
+        super::check_name(name)?;
+        let (dom, _) = self.require_owned(name)?;
+        let all = self.on_domain(&format!("list {name}'s snapshots"), || {
+            dom.list_all_snapshots(0)
+        })?;
+        let mut infos = Vec::new();
+        for snapshot in all {
+            let xml = self.on_domain(&format!("read a snapshot of {name}"), || {
+                snapshot.xml_desc(0)
+            })?;
+            infos.push(domain_xml::snapshot_info(&xml)?);
+        }
+        infos.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        Ok(infos)
+    }
+
+    fn snapshot_create(
+        &self,
+        name: &str,
+        snapshot: &str,
+        description: &str,
+    ) -> Result<(), DriverError> {
+        super::check_name(name)?;
+        super::check_snapshot_name(snapshot)?;
+        let (dom, found) = self.require_owned(name)?;
+        refuse_adopted(&found, "snapshotted")?;
+        // Internal snapshots live in the VM's own overlay: a VM booted from a kernel and
+        // initrd alone has none to hold them.
+        if !self.vm_dir(name)?.join("disk.qcow2").exists() {
+            return Err(DriverError::new(
+                ErrorKind::Permanent,
+                format!(
+                    "{name} has no disk of its own (its image has no `disk`): there is nothing to snapshot"
+                ),
+            ));
+        }
+        let xml = domain_xml::snapshot_definition(snapshot, description);
+        self.on_domain(&format!("snapshot {name} as {snapshot}"), || {
+            dom.create_snapshot_xml(&xml, 0)
+        })?;
+        Ok(())
+    }
+
+    fn snapshot_revert(&self, name: &str, snapshot: &str) -> Result<(), DriverError> {
+        super::check_name(name)?;
+        super::check_snapshot_name(snapshot)?;
+        self.invalidate(name);
+        let (dom, found) = self.require_owned(name)?;
+        refuse_adopted(&found, "reverted")?;
+        let taken = self.on_domain(&format!("find {name}'s snapshot {snapshot}"), || {
+            Domain::lookup_snapshot_by_name(&dom, snapshot, 0)
+        })?;
+        // The snapshot's definition comes back with it (its stamp included): the next pass
+        // brings the configuration back to the revision.
+        self.on_domain(&format!("revert {name} to {snapshot}"), || {
+            taken.revert(virt::sys::VIR_DOMAIN_SNAPSHOT_REVERT_FORCE)
+        })
+    }
+
+    fn snapshot_delete(&self, name: &str, snapshot: &str) -> Result<(), DriverError> {
+        super::check_name(name)?;
+        super::check_snapshot_name(snapshot)?;
+        let (dom, _) = self.require_owned(name)?;
+        let taken = self.on_domain(&format!("find {name}'s snapshot {snapshot}"), || {
+            Domain::lookup_snapshot_by_name(&dom, snapshot, 0)
+        })?;
+        self.on_domain(&format!("delete {name}'s snapshot {snapshot}"), || {
+            taken.delete(0)
+        })
+    }
+
     fn console_log(&self, name: &str) -> Result<Option<PathBuf>, DriverError> {
         self.require_owned(name)?;
         Ok(Some(self.vm_dir(name)?.join("console.log")))
@@ -1191,6 +1277,8 @@ impl Driver for LibvirtDriver {
         // A disk image gets a new overlay on the same base; a kernel and initrd image has
         // nothing its guest wrote that outlives the power-off.
         if let Some((base, size_mib)) = base {
+            // The snapshots lived in the old overlay: their records go with it.
+            self.forget_snapshots(&dom, &vm.name)?;
             let dir = self.vm_dir(&vm.name)?;
             self.new_overlay(vm, &dir, &base, size_mib)?;
         }

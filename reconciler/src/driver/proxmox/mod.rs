@@ -525,6 +525,96 @@ impl Driver for ProxmoxDriver {
         self.power_on(&owned)
     }
 
+    fn snapshots(&self, name: &str) -> Result<Vec<super::SnapshotInfo>, DriverError> {
+        super::check_name(name)?;
+        let owned = self.require_owned(name)?;
+        let listed: Vec<Value> = self
+            .client()?
+            .get(&format!("{}/snapshot", owned.path()), &[])?;
+        let mut infos: Vec<super::SnapshotInfo> = listed
+            .iter()
+            // PVE lists where the VM is now as a snapshot named "current".
+            .filter(|s| s["name"].as_str().is_some_and(|n| n != "current"))
+            .map(|s| super::SnapshotInfo {
+                name: value_text(&s["name"]),
+                created: s["snaptime"].as_i64(),
+                description: s["description"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
+                with_memory: s["vmstate"].as_i64() == Some(1) || s["vmstate"] == true,
+            })
+            .collect();
+        infos.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        Ok(infos)
+    }
+
+    fn snapshot_create(
+        &self,
+        name: &str,
+        snapshot: &str,
+        description: &str,
+    ) -> Result<(), DriverError> {
+        super::check_name(name)?;
+        super::check_snapshot_name(snapshot)?;
+        let owned = self.require_owned(name)?;
+        let upid: String = self.client()?.post(
+            &format!("{}/snapshot", owned.path()),
+            &[
+                ("snapname", snapshot.to_owned()),
+                ("description", description.to_owned()),
+            ],
+        )?;
+        self.task(&owned.node, upid)
+    }
+
+    /// Rolls back to `snapshot` (its disks and config; PVE stops the VM for it) and boots
+    /// the VM again if it ran. The next pass brings its configuration back to the revision.
+    fn snapshot_revert(&self, name: &str, snapshot: &str) -> Result<(), DriverError> {
+        super::check_name(name)?;
+        super::check_snapshot_name(snapshot)?;
+        let owned = self.require_owned(name)?;
+        let was_running = owned.running;
+        let client = self.client()?;
+        if was_running {
+            let upid: String = client.post(&format!("{}/status/stop", owned.path()), &[])?;
+            match client.await_task(&owned.node, &upid, TASK_DEADLINE) {
+                Err(e) if e.condition == PveCondition::NotRunning => {}
+                other => other?,
+            }
+        }
+        let upid: String = client.post(
+            &format!(
+                "{}/snapshot/{}/rollback",
+                owned.path(),
+                client::encode_segment(snapshot)
+            ),
+            &[],
+        )?;
+        self.task(&owned.node, upid)?;
+        if was_running {
+            let owned = self.require_owned(name)?;
+            self.power_on(&owned)?;
+        }
+        Ok(())
+    }
+
+    fn snapshot_delete(&self, name: &str, snapshot: &str) -> Result<(), DriverError> {
+        super::check_name(name)?;
+        super::check_snapshot_name(snapshot)?;
+        let owned = self.require_owned(name)?;
+        let upid: String = self.client()?.delete(
+            &format!(
+                "{}/snapshot/{}",
+                owned.path(),
+                client::encode_segment(snapshot)
+            ),
+            &[],
+        )?;
+        self.task(&owned.node, upid)
+    }
+
     fn stop(&self, name: &str, grace: Duration) -> Result<(), DriverError> {
         super::check_name(name)?;
         let owned = self.require_owned(name)?;

@@ -1,0 +1,156 @@
+//! `fleet snapshot create|list|revert|delete VM [NAME]`: snapshots of fleet's VMs on their
+//! hypervisor (libvirt: internal snapshots in the VM's qcow2 overlay, with a running VM's
+//! memory; Proxmox: the snapshot API, disks and config).
+//!
+//! Taking, listing and deleting act at once, through the VM's driver, and are events. A
+//! revert changes what runs, so it is a step of a plan like any other: the command writes
+//! the request (`status/snapshot-reverts/<vm>.yaml`), the next pass plans
+//! `revert VM` (`Reason::RevertAsked`), apply journals and runs it, and the request goes
+//! once it ran. A snapshot lives with the VM's disk: a replace or a reset of the VM, which
+//! makes its disk again, loses them.
+
+use anyhow::{Context, Result, bail};
+
+use crate::driver::{SnapshotInfo, check_snapshot_name};
+use crate::reconcile::{Workspace, driver_of_vm};
+use crate::status::{Event, EventKind, HostRevert};
+
+fn event(ws: &Workspace, kind: EventKind, vm: &str, by: &str, message: String) {
+    let mut event = Event::task(kind, None, Some(vm), None, message);
+    event.by = Some(by.to_owned());
+    if let Err(e) = ws.status.append_event(&event) {
+        eprintln!("fleet snapshot: cannot record the event: {e}");
+    }
+}
+
+/// A name for a snapshot the operator did not name: `s` and the UTC time.
+pub fn default_name(now: std::time::SystemTime) -> String {
+    let time = crate::time::Timestamp::from(now).to_string();
+    let digits: String = time.chars().filter(char::is_ascii_digit).take(14).collect();
+    format!("s{digits}")
+}
+
+pub fn create(ws: &Workspace, vm: &str, name: Option<&str>, description: &str) -> Result<String> {
+    let name = name.map_or_else(|| default_name(std::time::SystemTime::now()), str::to_owned);
+    check_snapshot_name(&name).map_err(|e| anyhow::anyhow!(e.message))?;
+    let driver = driver_of_vm(ws, vm)?;
+    let who = crate::hitl::local_user();
+    driver
+        .snapshot_create(vm, &name, description)
+        .with_context(|| format!("cannot snapshot {vm}"))?;
+    event(
+        ws,
+        EventKind::SnapshotCreated,
+        vm,
+        &who,
+        format!("{who} took snapshot {name} of {vm}"),
+    );
+    Ok(name)
+}
+
+pub fn list(ws: &Workspace, vm: &str) -> Result<Vec<SnapshotInfo>> {
+    let driver = driver_of_vm(ws, vm)?;
+    Ok(driver.snapshots(vm)?)
+}
+
+/// The snapshots as a table.
+pub fn render(snapshots: &[SnapshotInfo]) -> String {
+    if snapshots.is_empty() {
+        return "no snapshots\n".to_owned();
+    }
+    let width = snapshots
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut out = format!(
+        "{:<width$}  {:<20}  {:<6}  DESCRIPTION\n",
+        "NAME", "TAKEN", "MEMORY"
+    );
+    for s in snapshots {
+        let taken = s
+            .created
+            .and_then(|t| u64::try_from(t).ok())
+            .map(|t| {
+                crate::time::Timestamp::from(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+                )
+                .to_string()
+            })
+            .unwrap_or_else(|| "-".into());
+        let description = crate::terminal::strip_codes(&s.description);
+        out.push_str(&format!(
+            "{:<width$}  {:<20}  {:<6}  {}\n",
+            s.name,
+            taken,
+            if s.with_memory { "yes" } else { "no" },
+            description.lines().next().unwrap_or_default()
+        ));
+    }
+    out
+}
+
+/// Asks for a revert: the snapshot must exist now; the next pass runs it.
+pub fn revert(ws: &Workspace, vm: &str, name: &str) -> Result<()> {
+    check_snapshot_name(name).map_err(|e| anyhow::anyhow!(e.message))?;
+    let driver = driver_of_vm(ws, vm)?;
+    if !driver.snapshots(vm)?.iter().any(|s| s.name == name) {
+        bail!("{vm} has no snapshot named {name} (fleet snapshot list {vm} shows its snapshots)");
+    }
+    let who = crate::hitl::local_user();
+    ws.status.write_revert(&HostRevert {
+        vm: vm.to_owned(),
+        snapshot: name.to_owned(),
+        by: who.clone(),
+        asked: Some(std::time::SystemTime::now().into()),
+    })?;
+    event(
+        ws,
+        EventKind::SnapshotRevertAsked,
+        vm,
+        &who,
+        format!("{who} asked for {vm} to go back to snapshot {name}"),
+    );
+    Ok(())
+}
+
+pub fn delete(ws: &Workspace, vm: &str, name: &str) -> Result<()> {
+    check_snapshot_name(name).map_err(|e| anyhow::anyhow!(e.message))?;
+    let driver = driver_of_vm(ws, vm)?;
+    let who = crate::hitl::local_user();
+    driver
+        .snapshot_delete(vm, name)
+        .with_context(|| format!("cannot delete {vm}'s snapshot {name}"))?;
+    event(
+        ws,
+        EventKind::SnapshotDeleted,
+        vm,
+        &who,
+        format!("{who} deleted snapshot {name} of {vm}"),
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unnamed_snapshot_is_named_by_its_time_and_the_name_is_valid() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_000_000);
+        let name = default_name(at);
+        assert_eq!(name, "s20261218195320");
+        check_snapshot_name(&name).expect("a valid name");
+        for bad in [
+            "fleet-clean",
+            "../x",
+            "a",
+            "1abc",
+            "with space",
+            &"x".repeat(41),
+        ] {
+            assert!(check_snapshot_name(bad).is_err(), "{bad}");
+        }
+    }
+}
