@@ -33,6 +33,21 @@ pub fn interactive(ws: &Workspace, vm: &str, force: bool) -> Result<()> {
     } else {
         None
     };
+    if terminal {
+        // The console's terminal follows the operator's (where it has a size at all).
+        if let Some(size) = crate::exec::client::terminal_size() {
+            let _ = console.resize(size.cols, size.rows);
+        }
+        let console = console.clone();
+        let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGWINCH])?;
+        std::thread::spawn(move || {
+            for _ in signals.forever() {
+                if let Some(size) = crate::exec::client::terminal_size() {
+                    let _ = console.resize(size.cols, size.rows);
+                }
+            }
+        });
+    }
     let closed = Arc::new(AtomicBool::new(false));
     {
         let (console, closed) = (console.clone(), closed.clone());

@@ -281,6 +281,12 @@ pub trait Console: Send + Sync {
     fn recv(&self, buf: &mut [u8]) -> Result<usize, DriverError>;
     /// Types `data` into the console.
     fn send(&self, data: &[u8]) -> Result<(), DriverError>;
+    /// The operator's terminal is now `cols` by `rows` (a serial line has no size: most
+    /// consoles ignore it).
+    fn resize(&self, cols: u16, rows: u16) -> Result<(), DriverError> {
+        let _ = (cols, rows);
+        Ok(())
+    }
 }
 
 /// The host side of a VM's agent link.

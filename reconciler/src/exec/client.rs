@@ -49,7 +49,7 @@ impl Drop for RawTerminal {
     }
 }
 
-fn terminal_size() -> Option<TermSize> {
+pub fn terminal_size() -> Option<TermSize> {
     let size = rustix::termios::tcgetwinsize(std::io::stdout())
         .or_else(|_| rustix::termios::tcgetwinsize(std::io::stdin()))
         .ok()?;

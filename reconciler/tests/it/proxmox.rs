@@ -1067,6 +1067,76 @@ fn snapshots_on_proxmox_go_through_the_snapshot_api() {
     );
 }
 
+/// `fleet console` on Proxmox: a termproxy ticket for serial0, the API's websocket, the
+/// termproxy protocol (typed text comes back from the fake's echo), Ctrl-] to leave.
+#[test]
+fn the_console_of_a_proxmox_vm_goes_through_termproxy() {
+    use std::io::{Read, Write};
+    if !enabled() {
+        return;
+    }
+    let mut pve = FakePve::start();
+    let schema = pve.schema();
+    let f = PveFleet::new(&pve, "console", "{shutdownTimeout: 5s, stepTimeout: 1m}");
+    f.repo.write("fleet/vms/box.yaml", vm_yaml("box", ""));
+    f.repo.commit("a VM");
+    f.repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    checked_wire(&mut pve, &schema);
+    let mut console = std::process::Command::new(crate::support::fleet_bin())
+        .arg("-C")
+        .arg(f.repo.path())
+        .args(["console", "box"])
+        .env("FLEET_HOST_CONFIG", f.repo.host_config_path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("fleet console");
+    let mut input = console.stdin.take().expect("stdin");
+    let mut output = console.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = output.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    input.write_all("echo héllo\n".as_bytes()).expect("type");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    input.write_all(&[0x1d]).expect("escape");
+    let status = console.wait().expect("wait");
+    let seen = reader.join().expect("reader");
+    let mut stderr = String::new();
+    console
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("stderr");
+    assert!(status.success(), "{stderr}");
+    assert!(seen.contains("starting serial terminal"), "{seen:?}");
+    assert!(
+        seen.contains("echo héllo"),
+        "the fake echoes what was typed: {seen:?}"
+    );
+    assert!(stderr.contains("left the console of box"), "{stderr}");
+    let wire = checked_wire(&mut pve, &schema);
+    let proxy = wire
+        .iter()
+        .find(|r| r.method == "POST" && r.path.ends_with("/termproxy"))
+        .expect("a termproxy ticket");
+    assert_eq!(proxy.params()["serial"], "serial0");
+    assert!(
+        wire.iter().any(|r| r.path.ends_with("/vncwebsocket")),
+        "{wire:#?}"
+    );
+}
+
 #[test]
 fn a_revision_over_the_clusters_memory_is_refused_by_plan() {
     if !enabled() {

@@ -119,6 +119,15 @@ impl From<PveError> for DriverError {
     }
 }
 
+/// A websocket upgraded from an API request (a console).
+pub type WebSocket = tokio_tungstenite::WebSocketStream<reqwest::Upgraded>;
+
+/// Random bytes for a websocket key (it need not be secret, only fresh).
+fn rand_bytes() -> [u8; 16] {
+    let id = uuid::Uuid::new_v4();
+    *id.as_bytes()
+}
+
 /// A Proxmox VE API endpoint with its credentials.
 pub struct PveClient {
     /// `https://host:port/api2/json`.
@@ -368,6 +377,53 @@ impl PveClient {
                     format!("{what}: unexpected answer: {e}"),
                 )
             })
+    }
+
+    /// Opens a websocket at `path` (`vncwebsocket`), through the same client, trust and
+    /// token as every request; the upgraded connection and the runtime it runs on.
+    pub fn websocket(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<(WebSocket, tokio::runtime::Handle), PveError> {
+        use base64::Engine;
+        use reqwest::header;
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let what = format!("websocket {path}");
+        let key: [u8; 16] = rand_bytes();
+        let request = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .query(query)
+            .header(header::AUTHORIZATION, self.auth_header()?)
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::UPGRADE, "websocket")
+            .header(header::SEC_WEBSOCKET_VERSION, "13")
+            .header(
+                header::SEC_WEBSOCKET_KEY,
+                base64::engine::general_purpose::STANDARD.encode(key),
+            )
+            .header(header::SEC_WEBSOCKET_PROTOCOL, "binary");
+        let socket = self.runtime.block_on(async {
+            let response = request.send().await.map_err(|e| {
+                PveError::local(ErrorKind::Transient, format!("{what}: {}", error_chain(&e)))
+            })?;
+            let status = response.status();
+            if status != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+                let body = response.bytes().await.unwrap_or_default();
+                return Err(api_error(&what, status.as_u16(), &body[..]));
+            }
+            let upgraded = response.upgrade().await.map_err(|e| {
+                PveError::local(ErrorKind::Transient, format!("{what}: {}", error_chain(&e)))
+            })?;
+            Ok(tokio_tungstenite::WebSocketStream::from_raw_socket(
+                upgraded,
+                tokio_tungstenite::tungstenite::protocol::Role::Client,
+                None,
+            )
+            .await)
+        })?;
+        Ok((socket, self.runtime.clone()))
     }
 
     /// Waits for a task to end and checks its exit status; a task still running at

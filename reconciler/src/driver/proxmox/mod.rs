@@ -19,6 +19,7 @@
 
 pub mod client;
 mod config;
+mod console;
 mod guest;
 mod ownership;
 mod snippets;
@@ -273,6 +274,23 @@ impl ProxmoxDriver {
     }
 }
 
+/// A console shared with its keepalive thread.
+struct SharedConsole(Arc<console::PveConsole>);
+
+impl super::Console for SharedConsole {
+    fn recv(&self, buf: &mut [u8]) -> Result<usize, DriverError> {
+        self.0.recv(buf)
+    }
+
+    fn send(&self, data: &[u8]) -> Result<(), DriverError> {
+        self.0.send(data)
+    }
+
+    fn resize(&self, cols: u16, rows: u16) -> Result<(), DriverError> {
+        self.0.resize(cols, rows)
+    }
+}
+
 /// The snapshot a VM with `reset: beforeEachTask` returns to, taken when it was made.
 const CLEAN_SNAPSHOT: &str = "fleet-clean";
 
@@ -523,6 +541,21 @@ impl Driver for ProxmoxDriver {
         super::check_name(name)?;
         let owned = self.require_owned(name)?;
         self.power_on(&owned)
+    }
+
+    fn console(&self, name: &str, force: bool) -> Result<Box<dyn super::Console>, DriverError> {
+        // A termproxy session is one client's; PVE gives each its own: nothing to take over.
+        let _ = force;
+        super::check_name(name)?;
+        let owned = self.require_owned(name)?;
+        if !owned.running {
+            return Err(DriverError::new(
+                ErrorKind::Conflict,
+                format!("{name} is not running: its console opens once it runs"),
+            ));
+        }
+        let console = console::open(self.client()?, &owned.path())?;
+        Ok(Box::new(SharedConsole(console)))
     }
 
     fn snapshots(&self, name: &str) -> Result<Vec<super::SnapshotInfo>, DriverError> {
