@@ -1,15 +1,21 @@
 //! Commands an operator runs in the guest (`fleet exec`, `fleet_agent_protocol::exec`):
-//! each session is a process group of its own, as root, with a clean environment, in a
-//! pseudo-terminal when the host asks for one. Output goes to the host within its credit;
-//! what the host types is written by a thread of the session's own, so a command that
-//! does not read its input never stalls the link. Sessions belong to one opening of the
-//! link and end with it (`Execs::end_all`).
+//! each session is a process group of its own (a terminal session, a session of its own),
+//! as root, with a clean environment, in a pseudo-terminal when the host asks for one.
+//! Output goes to the host within its credit; what the host types is written by a thread
+//! of the session's own, so a command that does not read its input never stalls the link.
+//! Sessions belong to one opening of the link and end with it, or when the host greets
+//! again (`Execs::end_all`).
+//!
+//! Ending a session kills every process of its group (or terminal session: a shell's jobs
+//! are groups of their own), found in `/proc`, while the leader is a zombie not yet reaped
+//! (`waitid` with `WNOWAIT`), so its id cannot have been reused by then.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fleet_agent_protocol::exec::{MAX_ARGV_BYTES, MAX_SESSIONS, TermSize, term_name};
 use fleet_agent_protocol::stream::{CHUNK_BYTES, Credit, RecvWindow, Take};
@@ -36,32 +42,85 @@ pub struct Execs {
 struct Session {
     /// The output credit the host grants.
     credit: Arc<Credit>,
-    /// What the host typed, to the session's writer thread (gone after `eof`).
+    /// What the host typed, to the session's writer thread (gone after `eof` or the end).
     input: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
     /// Checks the host keeps to the input credit the guest grants.
-    input_window: Mutex<RecvWindow>,
+    input_window: Arc<Mutex<RecvWindow>>,
     /// The terminal, for resizes (terminal sessions only).
     terminal: Option<Mutex<Box<dyn MasterPty + Send>>>,
-    /// The session's process group.
-    group: i32,
+    /// The command's process id: its group's id and, with a terminal, its session's.
+    leader: i32,
 }
 
 impl Session {
+    /// Kills what the session started and lets go of its input.
     fn kill(&self) {
-        if self.group > 0 {
-            let _ = killpg(Pid::from_raw(self.group), Signal::SIGKILL);
-        }
+        kill_members(self.leader, self.terminal.is_some());
         self.credit.close();
+        *self.input.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 
-/// A started command: its output readers, how to wait for it, where its input goes.
+/// SIGKILL to every process in `leader`'s process group and, with `by_session`, its
+/// session (a shell's jobs are groups of their own).
+fn kill_members(leader: i32, by_session: bool) {
+    if leader <= 0 {
+        return;
+    }
+    let _ = killpg(Pid::from_raw(leader), Signal::SIGKILL);
+    if !by_session {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // After the command's name (which may hold spaces and parentheses): state, ppid,
+        // pgrp, session.
+        let session = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(3))
+            .and_then(|s| s.parse::<i32>().ok());
+        if session == Some(leader) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Waits for `pid` to end without reaping it (its ids stay taken until it is reaped):
+/// its exit code, or the signal that ended it.
+fn wait_unreaped(pid: i32) -> (Option<i32>, Option<i32>) {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+    loop {
+        match waitid(
+            Id::Pid(Pid::from_raw(pid)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        ) {
+            Ok(WaitStatus::Exited(_, code)) => return (Some(code), None),
+            Ok(WaitStatus::Signaled(_, signal, _)) => return (None, Some(signal as i32)),
+            Err(nix::errno::Errno::EINTR) | Ok(_) => continue,
+            Err(_) => return (None, None),
+        }
+    }
+}
+
+/// A started command: its output readers, where its input goes, and how to reap it.
 struct Started {
     outputs: Vec<(bool, Box<dyn Read + Send>)>,
     input: Box<dyn Write + Send>,
     terminal: Option<Box<dyn MasterPty + Send>>,
-    group: i32,
-    wait: Box<dyn FnOnce() -> (Option<i32>, Option<i32>) + Send>,
+    leader: i32,
+    reap: Box<dyn FnOnce() + Send>,
 }
 
 impl Execs {
@@ -158,7 +217,8 @@ impl Execs {
         session.kill();
     }
 
-    /// Every session ends (the link they belong to is gone).
+    /// Every session ends (the link they belong to is gone, or the host greeted again: a
+    /// host that reconnected holds none of them).
     pub fn end_all(&self) {
         let sessions: Vec<Arc<Session>> = self.lock().drain().map(|(_, s)| s).collect();
         for session in sessions {
@@ -204,13 +264,15 @@ impl Execs {
         let session = Arc::new(Session {
             credit: Arc::new(Credit::default()),
             input: Mutex::new(Some(input_tx)),
-            input_window: Mutex::default(),
+            input_window: Arc::default(),
             terminal: started.terminal.map(Mutex::new),
-            group: started.group,
+            leader: started.leader,
         });
         self.lock().insert(exec, session.clone());
         {
-            let (execs, session) = (self.clone(), session.clone());
+            // The writer holds the window, not the session: it ends when the session
+            // lets go of its input (an end of input, a kill, the end of the session).
+            let (sink, window) = (self.sink.clone(), session.input_window.clone());
             let mut input = started.input;
             std::thread::spawn(move || {
                 for bytes in input_rx {
@@ -221,44 +283,56 @@ impl Execs {
                     {
                         break;
                     }
-                    let grant = session
-                        .input_window
+                    let grant = window
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .consumed(bytes.len());
                     if let Some(bytes) = grant {
-                        (execs.sink)(GuestMessage::ExecCredit {
+                        sink(GuestMessage::ExecCredit {
                             v: VERSION,
                             exec,
                             bytes,
                         });
                     }
                 }
-                // A terminal's writer stays open until the session ends (dropping it
-                // types an end of file); a pipe closes here.
             });
         }
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let readers = started.outputs.len();
+        // Readers waiting for the host's credit, not for the command: the drain's clock
+        // does not run for them.
+        let waiting = Arc::new(AtomicUsize::new(0));
         for (stderr, reader) in started.outputs {
-            let (execs, credit, done) = (self.clone(), session.credit.clone(), done_tx.clone());
+            let (execs, credit, done, waiting) = (
+                self.clone(),
+                session.credit.clone(),
+                done_tx.clone(),
+                waiting.clone(),
+            );
             std::thread::spawn(move || {
-                execs.send_output(exec, stderr, reader, &credit);
+                execs.send_output(exec, stderr, reader, &credit, &waiting);
                 let _ = done.send(());
             });
         }
         drop(done_tx);
-        let (execs, wait) = (self.clone(), started.wait);
+        let (execs, leader, reap) = (self.clone(), started.leader, started.reap);
         std::thread::spawn(move || {
-            let (code, signal) = wait();
-            let deadline = Instant::now() + DRAIN;
-            for _ in 0..readers {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if done_rx.recv_timeout(left).is_err() {
-                    break;
+            let (code, signal) = wait_unreaped(leader);
+            let tick = Duration::from_millis(50);
+            let (mut drained, mut finished) = (Duration::ZERO, 0);
+            while finished < readers && drained < DRAIN {
+                match done_rx.recv_timeout(tick) {
+                    Ok(()) => finished += 1,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if waiting.load(Ordering::Relaxed) == 0 {
+                            drained += tick;
+                        }
+                    }
                 }
             }
-            // Whatever still holds the output open is ended with the session.
+            // Whatever still holds the output open is ended with the session, while the
+            // leader is unreaped (its ids cannot be reused yet); then it is reaped.
             let ours = {
                 let mut sessions = execs.lock();
                 let ours = sessions
@@ -270,6 +344,7 @@ impl Execs {
                 ours
             };
             session.kill();
+            reap();
             if ours {
                 execs.exit(exec, code, signal, None);
             }
@@ -283,6 +358,7 @@ impl Execs {
         stderr: bool,
         mut reader: Box<dyn Read + Send>,
         credit: &Credit,
+        waiting: &AtomicUsize,
     ) {
         let mut buf = vec![0u8; CHUNK_BYTES];
         loop {
@@ -293,7 +369,10 @@ impl Execs {
             };
             let mut sent = 0;
             while sent < n {
-                match credit.take(n - sent, Duration::from_secs(60)) {
+                waiting.fetch_add(1, Ordering::Relaxed);
+                let taken = credit.take(n - sent, Duration::from_secs(60));
+                waiting.fetch_sub(1, Ordering::Relaxed);
+                match taken {
                     Take::Bytes(k) => {
                         (self.sink)(GuestMessage::ExecOutput {
                             v: VERSION,
@@ -359,7 +438,7 @@ fn spawn_in_terminal(argv: &[String], size: TermSize, term: &str) -> Result<Star
     // The terminal's other end belongs to the command now.
     drop(pty.slave);
     // The command leads its own session: its process id is its group's.
-    let group = child.process_id().map_or(0, |p| p as i32);
+    let leader = child.process_id().map_or(0, |p| p as i32);
     let (reader, writer) = match (pty.master.try_clone_reader(), pty.master.take_writer()) {
         (Ok(r), Ok(w)) => (r, w),
         (Err(e), _) | (_, Err(e)) => {
@@ -371,19 +450,15 @@ fn spawn_in_terminal(argv: &[String], size: TermSize, term: &str) -> Result<Star
         outputs: vec![(false, reader)],
         input: writer,
         terminal: Some(pty.master),
-        group,
-        wait: Box::new(move || match child.wait() {
-            Ok(status) => (
-                Some(i32::try_from(status.exit_code()).unwrap_or(i32::MAX)),
-                None,
-            ),
-            Err(_) => (None, None),
+        leader,
+        reap: Box::new(move || {
+            let _ = child.wait();
         }),
     })
 }
 
 fn spawn_piped(argv: &[String]) -> Result<Started, String> {
-    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
@@ -396,7 +471,7 @@ fn spawn_piped(argv: &[String]) -> Result<Started, String> {
         .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", argv[0]))?;
-    let group = i32::try_from(child.id()).unwrap_or(0);
+    let leader = i32::try_from(child.id()).unwrap_or(0);
     let (Some(stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
@@ -407,10 +482,9 @@ fn spawn_piped(argv: &[String]) -> Result<Started, String> {
         outputs: vec![(false, Box::new(stdout)), (true, Box::new(stderr))],
         input: Box::new(stdin),
         terminal: None,
-        group,
-        wait: Box::new(move || match child.wait() {
-            Ok(status) => (status.code(), status.signal()),
-            Err(_) => (None, None),
+        leader,
+        reap: Box::new(move || {
+            let _ = child.wait();
         }),
     })
 }
@@ -529,11 +603,11 @@ mod tests {
             Some(size),
         );
         // The first size is printed before the resize is sent.
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let mut seen = Vec::new();
         while !String::from_utf8_lossy(&seen).contains("30 100") {
             assert!(
-                Instant::now() < deadline,
+                std::time::Instant::now() < deadline,
                 "{}",
                 String::from_utf8_lossy(&seen)
             );
@@ -579,6 +653,57 @@ mod tests {
             ),
             "{exit:?}"
         );
+    }
+
+    /// A terminal session killed says so by its signal, and its shell's jobs (process
+    /// groups of their own in its session) go with it.
+    #[test]
+    fn a_killed_terminal_session_ends_its_jobs_and_reports_the_signal() {
+        let (execs, rx) = execs();
+        let size = TermSize { rows: 24, cols: 80 };
+        start(
+            &execs,
+            8,
+            &["sh", "-c", "set -m; sleep 1003 & sleep 1004"],
+            Some(size),
+        );
+        let running = |what: &str| {
+            std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| {
+                    std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                        String::from_utf8_lossy(&c).replace('\0', " ").trim() == what
+                    })
+                })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !running("sleep 1003") {
+            assert!(std::time::Instant::now() < deadline, "the job started");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        execs.handle(HostMessage::ExecKill {
+            v: VERSION,
+            exec: 8,
+        });
+        let (_, _, exit) = collect(&rx, 8);
+        assert!(
+            matches!(
+                exit,
+                GuestMessage::ExecExit {
+                    signal: Some(9),
+                    code: None,
+                    ..
+                }
+            ),
+            "{exit:?}"
+        );
+        assert!(
+            !running("sleep 1003"),
+            "the job in its own group was killed too"
+        );
+        assert!(!running("sleep 1004"));
     }
 
     #[test]

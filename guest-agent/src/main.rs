@@ -225,13 +225,19 @@ impl Link {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             boot_id: self.boot_id.clone(),
             secrets: self.secrets.digest(),
+            instance: Some(instance().to_owned()),
         }
     }
 
     /// Serves one message from the host.
     fn handle(&self, message: HostMessage) -> Answer {
         match message {
-            HostMessage::Hello { .. } => Answer::Greet(self.hello()),
+            HostMessage::Hello { .. } => {
+                // A host that greets has (re)connected: it holds none of the sessions
+                // before, so they end rather than run on unseen.
+                self.execs.end_all();
+                Answer::Greet(self.hello())
+            }
             HostMessage::RunTask {
                 task,
                 argv,
@@ -474,6 +480,16 @@ fn serve_link(
         )?;
     }
     Err(std::io::Error::other("reading from the host failed"))
+}
+
+/// This start of the agent (a random id, read once).
+fn instance() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| format!("pid-{}", std::process::id()))
+    })
 }
 
 fn addresses_message(interfaces: Vec<fleet_agent_protocol::Interface>) -> GuestMessage {

@@ -51,6 +51,10 @@ pub enum GuestMessage {
         /// sends the set again only when its own digest differs.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         secrets: Option<String>,
+        /// Changes each time the agent starts: a hello with another one (or another boot)
+        /// on an open link means the agent's exec sessions are gone.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        instance: Option<String>,
     },
     Heartbeat {
         v: u32,
@@ -491,6 +495,7 @@ mod tests {
             agent_version: "0.1.0".into(),
             boot_id: "b-1".into(),
             secrets: None,
+            instance: None,
         };
         let line = hello.to_line();
         assert_eq!(

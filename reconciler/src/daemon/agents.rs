@@ -354,6 +354,8 @@ fn converse(
     let mut rate = Rate::default();
     // What the guest said of itself on this connection (its hello, then its addresses).
     let mut presence: Option<AgentStatus> = None;
+    // The boot and agent start of the last hello.
+    let mut last_agent: Option<(String, Option<String>)> = None;
     while !stop.load(Ordering::Relaxed) {
         let (messages, job) = book.tick(conn);
         send(link, messages)?;
@@ -397,12 +399,22 @@ fn converse(
                     agent_version,
                     boot_id,
                     secrets,
+                    instance,
                     ..
                 } => {
                     // Record what came before the greeting first.
                     let replies = book.receive(conn, std::mem::take(&mut task_messages));
                     send(link, replies)?;
                     conn.greeted(&boot_id, secrets.as_deref());
+                    // Another agent (or boot) than the last hello's: the exec sessions the
+                    // old one ran are gone. (A hello answering a greeting is the same one.)
+                    let agent = (boot_id.clone(), instance);
+                    if last_agent
+                        .replace(agent.clone())
+                        .is_some_and(|last| last != agent)
+                    {
+                        sessions.guest_restarted();
+                    }
                     // A guest reports its addresses after each hello; until then, those
                     // it reported in this boot stand.
                     let interfaces = presence

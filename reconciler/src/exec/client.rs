@@ -1,8 +1,9 @@
 //! `fleet exec`: connects to the daemon's exec socket, passes standard input up (within
 //! the guest's credit) and the guest's output down, and exits as the command did (its
 //! code, 128 + the signal that killed it, or 255 when it could not run, as ssh does).
-//! With `--tty` the operator's terminal is raw for the session, and its size follows
-//! SIGWINCH.
+//! With `--tty` the operator's terminal is raw for the session (and restored on SIGTERM
+//! or SIGHUP too), its size follows SIGWINCH, and Ctrl-] ends the session from this side
+//! (as it leaves `fleet console`), whatever the guest does.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -21,10 +22,14 @@ use crate::status::StatusDir;
 /// What exits the client when the command could not run (as ssh does).
 const COULD_NOT_RUN: u8 = 255;
 
-/// The operator's terminal in raw mode, restored when dropped.
+/// The operator's terminal in raw mode, restored when dropped, or by SIGTERM or SIGHUP
+/// (which then end the process).
 pub struct RawTerminal {
     saved: rustix::termios::Termios,
 }
+
+/// The byte that ends a terminal session from this side: Ctrl-].
+const ESCAPE: u8 = crate::console::ESCAPE;
 
 impl RawTerminal {
     pub fn enter() -> anyhow::Result<RawTerminal> {
@@ -35,6 +40,23 @@ impl RawTerminal {
         raw.make_raw();
         rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &raw)
             .context("cannot put the terminal in raw mode")?;
+        {
+            let saved = saved.clone();
+            let mut signals = signal_hook::iterator::Signals::new([
+                signal_hook::consts::SIGTERM,
+                signal_hook::consts::SIGHUP,
+            ])?;
+            std::thread::spawn(move || {
+                if let Some(signal) = signals.forever().next() {
+                    let _ = rustix::termios::tcsetattr(
+                        std::io::stdin(),
+                        rustix::termios::OptionalActions::Now,
+                        &saved,
+                    );
+                    std::process::exit(128 + signal);
+                }
+            });
+        }
         Ok(RawTerminal { saved })
     }
 }
@@ -136,10 +158,15 @@ pub fn run(status: &StatusDir, vm: &str, argv: Vec<String>, tty: bool) -> anyhow
             }
         });
     }
-    let code = pass_output(conn, &writer, &credit);
+    let ended = pass_output(conn, &writer, &credit);
     credit.close();
+    // The terminal first: what is said after it reads as plain lines.
     drop(raw);
-    code
+    let (code, said) = ended?;
+    if let Some(said) = said {
+        eprintln!("fleet exec: {said}");
+    }
+    Ok(code)
 }
 
 /// Standard input to the session, within the guest's credit; its end closes the
@@ -148,10 +175,17 @@ fn pass_input(writer: &Writer, credit: &Credit, tty: bool) {
     let mut stdin = std::io::stdin().lock();
     let mut buf = vec![0u8; CHUNK_BYTES];
     loop {
-        let n = match stdin.read(&mut buf) {
+        let mut n = match stdin.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        // Ctrl-] on a terminal: what came before it goes, then the session ends.
+        let escape = tty
+            .then(|| buf[..n].iter().position(|b| *b == ESCAPE))
+            .flatten();
+        if let Some(at) = escape {
+            n = at;
+        }
         let mut sent = 0;
         while sent < n {
             match credit.take(n - sent, Duration::from_secs(3600)) {
@@ -172,6 +206,16 @@ fn pass_input(writer: &Writer, credit: &Credit, tty: bool) {
                 Take::Closed => return,
             }
         }
+        if escape.is_some() {
+            let _ = send(
+                writer,
+                &HostMessage::ExecKill {
+                    v: VERSION,
+                    exec: 0,
+                },
+            );
+            return;
+        }
     }
     if !tty {
         let _ = send(
@@ -187,17 +231,19 @@ fn pass_input(writer: &Writer, credit: &Credit, tty: bool) {
 }
 
 /// The guest's output to ours, each chunk reported back once written (the guest's credit);
-/// returns the exit code.
-fn pass_output(conn: UnixStream, writer: &Writer, credit: &Credit) -> anyhow::Result<u8> {
+/// returns the exit code and what to tell the operator (once the terminal is restored).
+fn pass_output(
+    conn: UnixStream,
+    writer: &Writer,
+    credit: &Credit,
+) -> anyhow::Result<(u8, Option<String>)> {
     let mut lines = BufReader::new(conn);
     let mut line = String::new();
     loop {
         line.clear();
         if lines.read_line(&mut line)? == 0 {
-            eprintln!(
-                "fleet exec: the session ended without an exit status (did fleet serve stop?)"
-            );
-            return Ok(COULD_NOT_RUN);
+            let why = "the session ended without an exit status (did fleet serve stop?)";
+            return Ok((COULD_NOT_RUN, Some(why.to_owned())));
         }
         let message = GuestMessage::from_line(&line).map_err(anyhow::Error::msg)?;
         match message {
@@ -214,7 +260,7 @@ fn pass_output(conn: UnixStream, writer: &Writer, credit: &Credit) -> anyhow::Re
                 };
                 // Output nobody reads any more (a closed pipe) ends the session.
                 if written.is_err() {
-                    return Ok(COULD_NOT_RUN);
+                    return Ok((COULD_NOT_RUN, None));
                 }
                 let _ = send(
                     writer,
@@ -235,13 +281,11 @@ fn pass_output(conn: UnixStream, writer: &Writer, credit: &Credit) -> anyhow::Re
                 ..
             } => {
                 return Ok(match (code, signal, error) {
-                    (_, _, Some(e)) => {
-                        eprintln!("fleet exec: {e}");
-                        COULD_NOT_RUN
-                    }
-                    (_, Some(s), _) => 128u8.saturating_add(u8::try_from(s).unwrap_or(127)),
-                    (Some(c), _, _) => u8::try_from(c & 0xff).unwrap_or(COULD_NOT_RUN),
-                    _ => COULD_NOT_RUN,
+                    // The guest's words, or the daemon's about it: one plain line.
+                    (_, _, Some(e)) => (COULD_NOT_RUN, Some(crate::terminal::one_line(&e, 300))),
+                    (_, Some(s), _) => (128u8.saturating_add(u8::try_from(s).unwrap_or(127)), None),
+                    (Some(c), _, _) => (u8::try_from(c & 0xff).unwrap_or(COULD_NOT_RUN), None),
+                    _ => (COULD_NOT_RUN, None),
                 });
             }
             _ => {}

@@ -6,6 +6,7 @@
 //! output in the daemon, however slow the operator's terminal.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 
@@ -14,6 +15,10 @@ use fleet_agent_protocol::stream::RecvWindow;
 use fleet_agent_protocol::{GuestMessage, HostMessage, VERSION};
 
 use crate::agent_link::Waker;
+
+/// Messages waiting for one session's client at most: a guest that sends while the client
+/// does not read is stopped here, whatever the messages' size (an empty output, a credit).
+pub const MAX_QUEUED: usize = 16 * 1024;
 
 /// What the socket's side sends a link thread.
 pub enum ToLink {
@@ -24,6 +29,9 @@ pub enum ToLink {
         term: Option<String>,
         /// Where the session's messages from the guest go.
         to_client: Sender<GuestMessage>,
+        /// Messages sent to the client and not yet written to it (the socket's side
+        /// takes one off for each it writes).
+        queued: Arc<AtomicUsize>,
     },
     /// A message of the client's for the guest (its `exec` is the session's).
     Message(Box<HostMessage>),
@@ -67,7 +75,7 @@ impl Routes {
     /// dropped). Without a waker the link takes no sessions.
     pub fn open(&self, vm: &str, waker: Option<Waker>) -> LinkSessions {
         static OPENED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let id = OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = OPENED.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = channel();
         if let Some(waker) = waker {
             self.lock().insert(
@@ -91,8 +99,12 @@ impl Routes {
 
 struct Session {
     to_client: Sender<GuestMessage>,
+    queued: Arc<AtomicUsize>,
     /// The output credit this side granted the guest.
     output: RecvWindow,
+    /// Output bytes passed to the client that it has not reported written: what it may
+    /// report, at most.
+    unreported: u64,
 }
 
 /// One link's sessions.
@@ -115,8 +127,20 @@ fn ended(exec: u32, error: String) -> GuestMessage {
     }
 }
 
+/// The session a message of the client's is for.
+fn session_of(message: &HostMessage) -> Option<u32> {
+    match message {
+        HostMessage::ExecInput { exec, .. }
+        | HostMessage::ExecResize { exec, .. }
+        | HostMessage::ExecCredit { exec, .. }
+        | HostMessage::ExecKill { exec, .. } => Some(*exec),
+        _ => None,
+    }
+}
+
 impl LinkSessions {
-    /// What the clients sent since the last look, for the guest.
+    /// What the clients sent since the last look, for the guest. Only messages of
+    /// sessions this link holds go (never one the guest might know by an older id).
     pub fn outgoing(&mut self) -> Vec<HostMessage> {
         let mut out = Vec::new();
         while let Ok(message) = self.rx.try_recv() {
@@ -127,8 +151,9 @@ impl LinkSessions {
                     tty,
                     term,
                     to_client,
+                    queued,
                 } => {
-                    if self.sessions.len() >= MAX_SESSIONS {
+                    if self.sessions.len() >= MAX_SESSIONS || self.sessions.contains_key(&exec) {
                         let _ = to_client.send(ended(
                             exec,
                             format!(
@@ -142,7 +167,9 @@ impl LinkSessions {
                         exec,
                         Session {
                             to_client,
+                            queued,
                             output: RecvWindow::default(),
+                            unreported: 0,
                         },
                     );
                     out.push(HostMessage::Exec {
@@ -153,22 +180,31 @@ impl LinkSessions {
                         term,
                     });
                 }
-                ToLink::Message(message) => match *message {
-                    // The client reports what it wrote; credit goes back by half windows.
-                    HostMessage::ExecCredit { exec, bytes, .. } => {
-                        if let Some(session) = self.sessions.get_mut(&exec)
-                            && let Some(grant) =
+                ToLink::Message(message) => {
+                    let Some(session) = session_of(&message)
+                        .and_then(|exec| self.sessions.get_mut(&exec).map(|s| (exec, s)))
+                    else {
+                        continue;
+                    };
+                    match (*message, session) {
+                        // The client reports what it wrote (never more than it was given);
+                        // credit goes back by half windows.
+                        (HostMessage::ExecCredit { bytes, .. }, (exec, session)) => {
+                            let bytes = bytes.min(session.unreported);
+                            session.unreported -= bytes;
+                            if let Some(grant) =
                                 session.output.consumed(usize::try_from(bytes).unwrap_or(0))
-                        {
-                            out.push(HostMessage::ExecCredit {
-                                v: VERSION,
-                                exec,
-                                bytes: grant,
-                            });
+                            {
+                                out.push(HostMessage::ExecCredit {
+                                    v: VERSION,
+                                    exec,
+                                    bytes: grant,
+                                });
+                            }
                         }
+                        (message, _) => out.push(message),
                     }
-                    message => out.push(message),
-                },
+                }
                 ToLink::Gone { exec } => {
                     if self.sessions.remove(&exec).is_some() {
                         out.push(HostMessage::ExecKill { v: VERSION, exec });
@@ -179,8 +215,20 @@ impl LinkSessions {
         out
     }
 
+    /// The guest greeted again (its agent restarted, or it rebooted): the sessions it ran
+    /// are gone with its old self, and their clients are told.
+    pub fn guest_restarted(&mut self) {
+        for (exec, session) in self.sessions.drain() {
+            let _ = session.to_client.send(ended(
+                exec,
+                format!("the agent in {} restarted; the session ended", self.vm),
+            ));
+        }
+    }
+
     /// Passes one of the guest's exec messages to its session's client; what to tell the
-    /// guest back (a session that broke its credit, or whose client is gone, is killed).
+    /// guest back (a session that broke its credit, or whose client is gone or not
+    /// reading, is killed).
     pub fn on_guest(&mut self, message: GuestMessage) -> Vec<HostMessage> {
         let exec = match &message {
             GuestMessage::ExecOutput { exec, .. }
@@ -193,21 +241,34 @@ impl LinkSessions {
         let Some(session) = self.sessions.get_mut(&exec) else {
             return Vec::new();
         };
-        if let GuestMessage::ExecOutput { data, .. } = &message {
-            let bytes = decoded_len(data);
-            let within = bytes
-                .ok_or_else(|| "output that is not base64".to_owned())
-                .and_then(|n| session.output.received(n).map_err(|e| e.to_string()));
-            if let Err(e) = within {
-                tracing::warn!(vm = self.vm, exec, "the guest broke an exec session: {e}");
-                let _ = session
-                    .to_client
-                    .send(ended(exec, format!("the guest broke the session: {e}")));
-                self.sessions.remove(&exec);
-                return vec![HostMessage::ExecKill { v: VERSION, exec }];
-            }
+        let broken = match &message {
+            GuestMessage::ExecOutput { data, .. } => match decoded_len(data) {
+                None => Some("output that is not base64".to_owned()),
+                Some(0) => Some("empty output".to_owned()),
+                Some(n) => match session.output.received(n) {
+                    Ok(()) => {
+                        session.unreported += n as u64;
+                        None
+                    }
+                    Err(e) => Some(e.to_string()),
+                },
+            },
+            _ => None,
+        }
+        .or_else(|| {
+            (session.queued.load(Ordering::Relaxed) >= MAX_QUEUED)
+                .then(|| format!("{MAX_QUEUED} messages wait for a client that does not read them"))
+        });
+        if let Some(e) = broken {
+            tracing::warn!(vm = self.vm, exec, "exec session ended: {e}");
+            let _ = session
+                .to_client
+                .send(ended(exec, format!("the session was ended: {e}")));
+            self.sessions.remove(&exec);
+            return vec![HostMessage::ExecKill { v: VERSION, exec }];
         }
         let last = matches!(message, GuestMessage::ExecExit { .. });
+        session.queued.fetch_add(1, Ordering::Relaxed);
         let delivered = session.to_client.send(message).is_ok();
         if last || !delivered {
             self.sessions.remove(&exec);
@@ -269,6 +330,7 @@ mod tests {
             tty: None,
             term: None,
             to_client,
+            queued: Arc::default(),
         }));
         from_link
     }
@@ -345,7 +407,7 @@ mod tests {
         );
         let last = client.try_iter().last();
         assert!(
-            matches!(&last, Some(GuestMessage::ExecExit { error: Some(e), .. }) if e.contains("broke")),
+            matches!(&last, Some(GuestMessage::ExecExit { error: Some(e), .. }) if e.contains("granted")),
             "{last:?}"
         );
     }
@@ -379,5 +441,95 @@ mod tests {
         let _new = routes.open("vm-1", Some(w2));
         drop(old);
         assert!(routes.get("vm-1").is_some());
+    }
+
+    /// What a client sends for a session this link does not hold never reaches the guest
+    /// (a guest session left over under the same id would get the keystrokes).
+    #[test]
+    fn only_the_links_own_sessions_get_the_clients_messages() {
+        let routes = Routes::default();
+        let (waker, _signal) = Waker::pair().expect("waker");
+        let mut link = routes.open("vm-1", Some(waker));
+        let route = routes.get("vm-1").expect("route");
+        route.send(ToLink::Message(Box::new(HostMessage::ExecInput {
+            v: VERSION,
+            exec: 5,
+            data: "ZWNobyBoaQo=".into(),
+            eof: false,
+        })));
+        assert!(link.outgoing().is_empty());
+    }
+
+    /// A guest that greets again ran its sessions in an earlier self: they end.
+    #[test]
+    fn a_guest_restart_ends_every_session() {
+        let routes = Routes::default();
+        let (waker, _signal) = Waker::pair().expect("waker");
+        let mut link = routes.open("vm-1", Some(waker));
+        let client = open(&routes, 1);
+        link.outgoing();
+        link.guest_restarted();
+        assert!(matches!(
+            client.try_recv(),
+            Ok(GuestMessage::ExecExit { error: Some(e), .. }) if e.contains("restarted")
+        ));
+        assert!(
+            link.on_guest(output(1, 3)).is_empty(),
+            "the session is gone"
+        );
+    }
+
+    /// Empty outputs, or anything while the client does not read, cannot pile up.
+    #[test]
+    fn a_guest_cannot_queue_without_bound() {
+        let routes = Routes::default();
+        let (waker, _signal) = Waker::pair().expect("waker");
+        let mut link = routes.open("vm-1", Some(waker));
+        let _client = open(&routes, 1);
+        link.outgoing();
+        let kill = link.on_guest(output(1, 0));
+        assert!(
+            matches!(kill.as_slice(), [HostMessage::ExecKill { exec: 1, .. }]),
+            "{kill:?}"
+        );
+
+        let _client = open(&routes, 2);
+        link.outgoing();
+        let credit = |exec| GuestMessage::ExecCredit {
+            v: VERSION,
+            exec,
+            bytes: 1,
+        };
+        for _ in 0..MAX_QUEUED {
+            assert!(link.on_guest(credit(2)).is_empty());
+        }
+        let kill = link.on_guest(credit(2));
+        assert!(
+            matches!(kill.as_slice(), [HostMessage::ExecKill { exec: 2, .. }]),
+            "{kill:?}"
+        );
+    }
+
+    /// A client reports at most what it was given: a huge report grants nothing extra.
+    #[test]
+    fn a_clients_credit_report_is_clamped() {
+        let routes = Routes::default();
+        let (waker, _signal) = Waker::pair().expect("waker");
+        let mut link = routes.open("vm-1", Some(waker));
+        let _client = open(&routes, 1);
+        link.outgoing();
+        assert!(link.on_guest(output(1, 10)).is_empty());
+        routes
+            .get("vm-1")
+            .expect("route")
+            .send(ToLink::Message(Box::new(HostMessage::ExecCredit {
+                v: VERSION,
+                exec: 1,
+                bytes: u64::MAX,
+            })));
+        assert!(
+            link.outgoing().is_empty(),
+            "10 bytes are less than half a window"
+        );
     }
 }

@@ -2,8 +2,9 @@
 //! thread that reads its request and then writes what the guest sends, and one that
 //! passes what the client sends to the link.
 //!
-//! Who may connect: the socket is 0600 in the status directory, and a peer whose user is
-//! neither the daemon's nor root is refused on its credentials, whatever the file's mode.
+//! Who may connect: the socket is in a 0700 directory of the status directory
+//! (`<status>/exec/exec.sock`), and a peer whose user is neither the daemon's nor root is
+//! refused on its credentials, whatever the file's mode.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -11,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
+
+use std::os::unix::fs::DirBuilderExt;
 
 use anyhow::Context;
 use fleet_agent_protocol::exec::MAX_ARGV_BYTES;
@@ -29,7 +32,17 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Binds `<status>/exec.sock` and serves it on threads of its own for the life of the
 /// process. A socket file left there is stale (this process holds the status lock).
 pub fn start(status: &StatusDir, routes: Routes) -> anyhow::Result<PathBuf> {
-    let path = status.root().join(SOCKET);
+    let path = socket_path(status.root());
+    let dir = path.parent().unwrap_or(status.root());
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(e).with_context(|| format!("cannot make {}", dir.display()));
+        }
+        _ => {}
+    }
+    // Only this user reaches the socket, whatever mode it is bound with.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .with_context(|| format!("cannot make {} private", dir.display()))?;
     match std::fs::symlink_metadata(&path) {
         Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
             std::fs::remove_file(&path)
@@ -58,14 +71,17 @@ pub fn start(status: &StatusDir, routes: Routes) -> anyhow::Result<PathBuf> {
 
 fn accept(listener: &UnixListener, status: &StatusDir, routes: &Routes) {
     let clients = Arc::new(AtomicUsize::new(0));
-    let next = Arc::new(AtomicU32::new(1));
+    // Session ids start anywhere: a guest session left from an earlier daemon never
+    // shares one with a new session (and the link forwards only its own sessions').
+    let first = uuid::Uuid::new_v4().as_u128() as u32;
+    let next = Arc::new(AtomicU32::new(first));
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         while clients.load(Ordering::Relaxed) >= MAX_CLIENTS {
             std::thread::sleep(Duration::from_millis(100));
         }
         clients.fetch_add(1, Ordering::Relaxed);
-        let (status, routes, clients, next) = (
+        let (status, routes, served, next) = (
             status.clone(),
             routes.clone(),
             clients.clone(),
@@ -77,9 +93,10 @@ fn accept(listener: &UnixListener, status: &StatusDir, routes: &Routes) {
                 if let Err(e) = serve_client(conn, &status, &routes, &next) {
                     tracing::debug!("exec client: {e}");
                 }
-                clients.fetch_sub(1, Ordering::Relaxed);
+                served.fetch_sub(1, Ordering::Relaxed);
             });
         if spawned.is_err() {
+            clients.fetch_sub(1, Ordering::Relaxed);
             tracing::warn!("cannot start a thread for an exec client");
         }
     }
@@ -194,12 +211,14 @@ fn serve_client(
         }
     };
     let (to_client, from_link) = std::sync::mpsc::channel();
+    let queued = Arc::new(AtomicUsize::new(0));
     if !route.send(ToLink::Open {
         exec,
         argv: request.argv.clone(),
         tty: request.tty,
         term: request.term.clone(),
         to_client,
+        queued: queued.clone(),
     }) {
         return refuse(
             &mut conn,
@@ -255,6 +274,7 @@ fn serve_client(
     }
     let mut ended = None;
     for message in from_link {
+        queued.fetch_sub(1, Ordering::Relaxed);
         let last = match &message {
             GuestMessage::ExecExit {
                 code,
@@ -262,7 +282,8 @@ fn serve_client(
                 error,
                 ..
             } => Some(match (code, signal, error) {
-                (_, _, Some(e)) => format!("failed: {e}"),
+                // The guest's words: one short line in the events.
+                (_, _, Some(e)) => format!("failed: {}", crate::terminal::one_line(e, 200)),
                 (_, Some(s), _) => format!("killed by signal {s}"),
                 (Some(c), _, _) => format!("exited {c}"),
                 _ => "ended".to_owned(),
@@ -293,5 +314,5 @@ fn serve_client(
 
 /// The socket of the status directory at `root`.
 pub fn socket_path(root: &Path) -> PathBuf {
-    root.join(SOCKET)
+    root.join("exec").join(SOCKET)
 }

@@ -225,6 +225,28 @@ fn fleet_exec_runs_commands_in_a_guest_over_its_link() {
     keys("exit 7");
     shows("exec-exited-7", Duration::from_secs(20));
     assert!(tmux(&["kill-session", "-t", &session]).status.success());
+    // Ctrl-] ends a terminal session from this side, whatever runs in it.
+    let command = format!(
+        "{} -C {} exec --tty {vm} -- sleep 1000; echo exec-exited-$?; sleep 600",
+        fleet_bin().display(),
+        repo.path().display()
+    );
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "120",
+        "-y",
+        "30",
+        &command,
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(tmux(&["send-keys", "-t", &session, "C-]"]).status.success());
+    shows("exec-exited-137", Duration::from_secs(20));
+    assert!(tmux(&["kill-session", "-t", &session]).status.success());
 
     // The serial console: a shell prompt, typing, and Ctrl-] to leave.
     let command = format!(
@@ -308,7 +330,7 @@ fn fleet_exec_runs_commands_in_a_guest_over_its_link() {
         .lines()
         .filter(|l| l.contains("\"exec.started\""))
         .collect();
-    assert_eq!(started.len(), 6, "{events}");
+    assert_eq!(started.len(), 7, "{events}");
     assert!(
         started
             .iter()
