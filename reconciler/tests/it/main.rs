@@ -16,8 +16,13 @@
 //! - `access` (libvirt, tmux): getting into a VM under `fleet serve`. `fleet exec` passes
 //!   output, errors, input and exit codes (a signal as 128 + it, a missing program as 255)
 //!   through the agent link, 3 MiB of output within the link's credit; `--tty` under tmux
-//!   types into a guest shell and follows a resize; a VM fleet does not manage is refused;
-//!   events say who ran what, never its output.
+//!   types into a guest shell and follows a resize, and Ctrl-] ends it from this side; a VM
+//!   fleet does not manage is refused; events say who ran what, never its output. A VM with
+//!   a NIC shows the address its agent reports (status file, `fleet status`, the page).
+//!   `fleet console` under tmux reaches the guest's shell and leaves with Ctrl-]; `--follow`
+//!   prints the log without escapes. Snapshots of a running VM with a disk: a revert, planned
+//!   and journaled by `fleet serve`, brings back a file's earlier content; bad and reserved
+//!   names, unknown snapshots and foreign VMs are refused.
 //! - `approvals` (libvirt): destroy safety through `fleet apply`. A protected VM survives the
 //!   deletion of its file; destroys beyond `maxDestroysPerApply` wait; `policy.approve` holds
 //!   a step kind; a revision that empties a provider waits. An approval naming another digest
@@ -80,7 +85,9 @@
 //!   touched), faults retried and kept to their VM, TLS verified unless the provider says
 //!   otherwise, a token with exactly the privileges `docs/proxmox.md` lists, and a VM with
 //!   `reset: beforeEachTask` snapshotted before its first boot, rolled back before a run
-//!   with today's config written back. Also the Proxmox crash test, below.
+//!   with today's config written back. `fleet snapshot` through the snapshot API (a revert
+//!   planned and run by `fleet apply`: stop, rollback, boot), and `fleet console` through
+//!   termproxy and the API's websocket. Also the Proxmox crash test, below.
 //! - `proxmox_guest` (fakepve, and `make agent`): the guest link end to end. The harness runs
 //!   `agent/exec` for real (stdin, stdout, exit code, as qemu-guest-agent does) in a private
 //!   mount namespace per running VM, each with its own tmpfs `/run` and boot id, running the
@@ -88,7 +95,8 @@
 //!   artifacts; a prompt answered from the host; a secret as a variable and as a file; fleet
 //!   killed mid-task and re-attaching with complete output; output through a network that
 //!   drops a fifth of the requests (complete, in order, once); a reboot, after which secrets
-//!   are delivered again; the API token read from a Secret; the canary nowhere on the host.
+//!   are delivered again; the API token read from a Secret; the canary nowhere on the host;
+//!   `fleet exec` over the relayed link.
 //! - `pve` (fakepve): the harness. fakepve runs in-process under `tests/fakepve/harness.py`
 //!   (`FLEET_FAKEPVE_PYTHON` overrides the venv's Python), driven over stdin (add VMs, edit
 //!   behind fleet's back, inject failures and latency, a flaky network, grant privileges) and

@@ -123,6 +123,19 @@ fn tasks_prompts_and_secrets_reach_a_proxmox_vm_through_its_guest_agent() {
         read(&vm_status).contains("connected: true")
     });
 
+    // fleet exec over the relayed link: output, errors and the exit code.
+    let exec = f.repo.fleet(&[
+        "exec",
+        "box",
+        "--",
+        "sh",
+        "-c",
+        "echo hi; echo oops >&2; exit 3",
+    ]);
+    assert_eq!(exec.code(), 3, "{}", exec.stderr());
+    assert_eq!(exec.stdout(), "hi\n");
+    assert!(exec.stderr().contains("oops"), "{}", exec.stderr());
+
     // A repository shipped in many exchanges, an exit code, output and artifacts.
     status.wait_phase("build", "Failed", Duration::from_secs(60));
     let build = status.task("build");
