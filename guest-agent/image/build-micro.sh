@@ -29,7 +29,7 @@ mkdir -p "$root"/{bin,sbin,dev,proc,sys,run,tmp,etc,lib/modules,usr/bin,usr/sbin
 cp "$busybox" "$root/bin/busybox"
 for applet in sh mount umount mkdir cat echo sleep poweroff reboot insmod ls ln uname acpid findfs \
               hostname ip ifconfig ps kill date head tail grep sed tr cut mknod seq dmesg sync \
-              udhcpc nc timeout printf wc dd setsid stty; do
+              udhcpc nc timeout printf wc dd setsid stty mke2fs; do
   ln -sf busybox "$root/bin/$applet"
 done
 

@@ -21,6 +21,7 @@ mod addresses;
 mod exec;
 mod files;
 mod isolate;
+mod mounts;
 mod outbox;
 mod prompt;
 mod proxy;
@@ -216,6 +217,24 @@ enum Answer {
     Reply(GuestMessage),
     /// The host (re)connected: greet it, then send it what it has not acknowledged.
     Greet(GuestMessage),
+    /// Work that may take a while (making a filesystem): done on a thread of its own,
+    /// whose answer goes to the host when it is done.
+    Later(Work),
+}
+
+/// A piece of `Answer::Later` work.
+struct Work(Box<dyn FnOnce() -> GuestMessage + Send>);
+
+impl std::fmt::Debug for Work {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Work(..)")
+    }
+}
+
+impl PartialEq for Work {
+    fn eq(&self, _: &Work) -> bool {
+        false
+    }
 }
 
 impl Link {
@@ -333,6 +352,19 @@ impl Link {
                     error,
                 })
             }
+            HostMessage::Mounts { digest, mounts, .. } => {
+                Answer::Later(Work(Box::new(move || {
+                    let errors = mounts::apply(&mounts);
+                    for e in &errors {
+                        eprintln!("fleet-agent: workspace {e}");
+                    }
+                    GuestMessage::Mounted {
+                        v: VERSION,
+                        digest,
+                        errors,
+                    }
+                })))
+            }
             HostMessage::Cancel { task, .. } => {
                 self.tasks.cancel(&task);
                 Answer::Nothing
@@ -443,6 +475,13 @@ fn serve_link(
                 let sent = match link.handle(message) {
                     Answer::Nothing => Ok(()),
                     Answer::Reply(reply) => send(&writer, &reply),
+                    Answer::Later(work) => {
+                        let writer = writer.clone();
+                        std::thread::spawn(move || {
+                            let _ = send(&writer, &(work.0)());
+                        });
+                        Ok(())
+                    }
                     Answer::Greet(hello) => send(&writer, &hello)
                         .and_then(|()| send(&writer, &addresses_message(addresses::read())))
                         .map(|()| link.tasks.resend()),

@@ -336,6 +336,9 @@ impl Tasks {
             if let Some(dir) = &spec.cwd {
                 tasks.send_artifacts(&task, Path::new(dir), &spec.artifacts);
             }
+            // What the run wrote is on disk before the host hears it ended: a workspace
+            // keeps it whatever happens to the VM next (a replace, a hard stop).
+            nix::unistd::sync();
             tasks.emit(&task, |seq| GuestMessage::Exit {
                 v: VERSION,
                 task: task.clone(),

@@ -47,6 +47,7 @@ pub fn doing(action: Action) -> &'static str {
         Action::Destroy => "destroying",
         Action::Reset => "resetting",
         Action::Revert => "reverting",
+        Action::DestroyWorkspace => "destroying",
     }
 }
 

@@ -115,6 +115,13 @@ pub enum GuestMessage {
         path: String,
         error: Option<String>,
     },
+    /// The answer to `Mounts`: the set with `digest` is mounted, but for `errors`.
+    Mounted {
+        v: u32,
+        digest: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        errors: Vec<String>,
+    },
     /// The answer to `Secrets`: the set with `digest` is in place (or `error` says why not).
     SecretsStored {
         v: u32,
@@ -236,6 +243,7 @@ impl GuestMessage {
             | GuestMessage::Artifact { v, .. }
             | GuestMessage::Stored { v, .. }
             | GuestMessage::SecretsStored { v, .. }
+            | GuestMessage::Mounted { v, .. }
             | GuestMessage::Exit { v, .. }
             | GuestMessage::StreamOpen { v, .. }
             | GuestMessage::StreamData { v, .. }
@@ -368,6 +376,14 @@ pub enum HostMessage {
         digest: String,
         files: Vec<SecretFile>,
     },
+    /// The workspaces to mount (each a disk known by its serial), as a set with `digest`:
+    /// a disk with no filesystem gets one (ext, with the label), then it is mounted at its
+    /// path. Mounting one already mounted there is nothing. Answered with `Mounted`.
+    Mounts {
+        v: u32,
+        digest: String,
+        mounts: Vec<Mount>,
+    },
     /// Stop a task (its whole process group).
     Cancel {
         v: u32,
@@ -437,6 +453,18 @@ pub enum HostMessage {
         v: u32,
         exec: u32,
     },
+}
+
+/// A workspace to mount (`HostMessage::Mounts`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Mount {
+    /// The disk's serial (`/sys/block/*/serial`).
+    pub serial: String,
+    /// An absolute path in the guest.
+    pub path: String,
+    /// The filesystem's label when one is made.
+    pub label: String,
 }
 
 /// One secret file: `path` relative to `SECRETS_DIR`, `data` base64. Its `Debug` never shows

@@ -356,7 +356,13 @@ mod tests {
             .provider
             .clone();
         Observed {
-            hosts: BTreeMap::from([(provider, ObservedHost { vms })]),
+            hosts: BTreeMap::from([(
+                provider,
+                ObservedHost {
+                    vms,
+                    ..Default::default()
+                },
+            )]),
             unreachable: BTreeMap::new(),
         }
     }

@@ -82,11 +82,27 @@ pub struct Capacity {
 }
 
 /// One provider's view.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ObservedHost {
     /// Sorted by name. Shared, so a driver can hand out cached observations without copying.
     pub vms: Vec<std::sync::Arc<ObservedVm>>,
+    /// This fleet's workspaces on the provider (volumes it made), sorted by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workspaces: Vec<ObservedWorkspace>,
+}
+
+/// A workspace fleet made on a provider, as found there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedWorkspace {
+    pub name: String,
+    #[serde(rename = "sizeMiB")]
+    pub size_mib: u64,
+    /// The VMs whose definitions attach it (one, or none; two only if something outside
+    /// fleet attached it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attached_to: Vec<String>,
 }
 
 /// Every provider's view at one moment.

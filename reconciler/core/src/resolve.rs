@@ -71,6 +71,35 @@ pub struct Desired {
     pub idle: BTreeMap<String, std::time::Duration>,
     /// `policy.quota`, in order.
     pub quotas: Vec<ResolvedQuota>,
+    /// Workspaces (`fleet/workspaces/`), by name.
+    pub workspaces: BTreeMap<String, DesiredWorkspace>,
+}
+
+/// A workspace as the revision wants it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredWorkspace {
+    pub name: String,
+    pub provider: String,
+    #[serde(rename = "sizeMiB")]
+    pub size_mib: u64,
+    pub label: String,
+    /// The VM that mounts it, if one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    pub source: String,
+}
+
+/// A workspace as a VM mounts it: part of the VM's configuration (and stamp), so a change
+/// of where, or of the workspace's size, is a change of the VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedMount {
+    pub name: String,
+    pub mount_path: String,
+    #[serde(rename = "sizeMiB")]
+    pub size_mib: u64,
+    pub label: String,
 }
 
 /// A quota (`policy.quota`): which VMs it counts, its caps, and where it is written.
@@ -657,6 +686,9 @@ pub struct VmConfig {
     /// run (see `reset`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reset: bool,
+    /// The workspaces it mounts, in the order its file lists them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workspaces: Vec<ResolvedMount>,
 }
 
 /// An image as a VM uses it. Paths are as written in fleet.yaml (relative ones resolve
@@ -903,6 +935,27 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
         fresh_pools,
         leases: per_vm(loaded, |spec| spec.lease.as_ref().map(Into::into)),
         idle: per_vm(loaded, |spec| Some(spec.idle.as_ref()?.stop_after.to_std())),
+        workspaces: loaded
+            .workspaces
+            .values()
+            .map(|o| {
+                let name = o.doc.metadata.name.0.clone();
+                let vm = loaded
+                    .vms
+                    .values()
+                    .find(|v| v.doc.spec.workspaces.iter().any(|m| m.name.0 == name))
+                    .map(|v| v.doc.metadata.name.0.clone());
+                let workspace = DesiredWorkspace {
+                    provider: o.doc.spec.provider.0.clone(),
+                    size_mib: o.doc.spec.size.mib(),
+                    label: workspace_label(&o.doc),
+                    vm,
+                    source: o.path.clone(),
+                    name: name.clone(),
+                };
+                (name, workspace)
+            })
+            .collect(),
         quotas: spec
             .policy
             .quota
@@ -1114,6 +1167,22 @@ fn per_vm<T: Clone>(
 }
 
 #[allow(clippy::too_many_arguments)]
+/// The serial a workspace's disk carries, by which the guest finds it: `fws` and 16 hex
+/// digits of its name's SHA-256 (a virtio disk's serial is at most 20 bytes).
+pub fn workspace_serial(name: &str) -> String {
+    use sha2::Digest;
+    let digest = crate::digest::hex(&sha2::Sha256::digest(name.as_bytes()));
+    format!("fws{}", &digest[..16])
+}
+
+/// A workspace's filesystem label: its own, or its name cut to 16 characters.
+fn workspace_label(doc: &crate::spec::WorkspaceDocument) -> String {
+    match &doc.spec.label {
+        Some(label) => label.0.clone(),
+        None => doc.metadata.name.0.chars().take(16).collect(),
+    }
+}
+
 fn resolve_vm(
     loaded: &LoadedFleet,
     merged_loadouts: &mut BTreeMap<String, LoadoutSpec>,
@@ -1191,6 +1260,19 @@ fn resolve_vm(
         protect: spec.protect,
         fresh: false,
         reset: spec.reset.or(loadout.reset).is_some(),
+        workspaces: spec
+            .workspaces
+            .iter()
+            .filter_map(|m| {
+                let w = loaded.workspaces.get(&m.name.0)?;
+                Some(ResolvedMount {
+                    name: m.name.0.clone(),
+                    mount_path: m.mount_path.0.trim_end_matches('/').to_owned(),
+                    size_mib: w.doc.spec.size.mib(),
+                    label: workspace_label(&w.doc),
+                })
+            })
+            .collect(),
     };
     DesiredVm {
         name: name.to_owned(),
@@ -1395,6 +1477,7 @@ pub fn example_vm(name: &str, edit: impl FnOnce(&mut VmConfig)) -> DesiredVm {
         protect: false,
         fresh: false,
         reset: false,
+        workspaces: vec![],
     };
     edit(&mut config);
     DesiredVm {

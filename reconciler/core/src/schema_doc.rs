@@ -19,6 +19,7 @@ fn location(kind: Kind) -> &'static str {
         Kind::Task => "`fleet/tasks/*.yaml`",
         Kind::Answer => "`fleet/hitl/*.yaml`",
         Kind::Secret => "`fleet/secrets/*.yaml`",
+        Kind::Workspace => "`fleet/workspaces/*.yaml`",
         Kind::Host => "`/etc/fleet/host.yaml`, on the host, never in a repository",
     }
 }

@@ -27,12 +27,13 @@ pub enum Kind {
     Task,
     Answer,
     Secret,
+    Workspace,
     /// The host configuration (`/etc/fleet/host.yaml`): never in a repository.
     Host,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Fleet,
         Kind::Loadout,
         Kind::Vm,
@@ -40,6 +41,7 @@ impl Kind {
         Kind::Task,
         Kind::Answer,
         Kind::Secret,
+        Kind::Workspace,
         Kind::Host,
     ];
 
@@ -53,6 +55,7 @@ impl Kind {
             Kind::Task => "Task",
             Kind::Answer => "Answer",
             Kind::Secret => "Secret",
+            Kind::Workspace => "Workspace",
             Kind::Host => "Host",
         }
     }
@@ -71,6 +74,7 @@ impl Kind {
             Kind::Task => "task.schema.json",
             Kind::Answer => "answer.schema.json",
             Kind::Secret => "secret.schema.json",
+            Kind::Workspace => "workspace.schema.json",
             Kind::Host => "host.schema.json",
         }
     }
@@ -339,6 +343,81 @@ document!(
     /// clear. `fleet secret set` writes these files.
     SecretDocument, SecretKind, "Secret", SecretSpec
 );
+
+document!(
+    /// `kind: Workspace` — `fleet/workspaces/<name>.yaml`: a persistent volume on a provider
+    /// that outlives the VMs it is attached to (`workspaces:` in a VM).
+    WorkspaceDocument, WorkspaceKind, "Workspace", WorkspaceSpec
+);
+
+/// A named volume: made once, grown in place, kept when its VM is replaced, made again or
+/// destroyed; deleting its file is a destroy that always waits for an approval.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkspaceSpec {
+    /// Name of a provider in fleet.yaml (the VM it is attached to runs there too).
+    pub provider: Name,
+    /// Its size (16Mi to 16Ti). It may grow; shrinking is refused.
+    pub size: Size,
+    /// The filesystem's label when the guest makes it (default: the workspace's name, cut
+    /// to 16 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<FsLabel>,
+}
+
+/// An ext filesystem label: letters, digits, `-` and `_`, at most 16.
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(transparent)]
+pub struct FsLabel(#[schemars(regex(pattern = "^[A-Za-z0-9_-]{1,16}$"))] pub String);
+
+/// A workspace attached to a VM, and where the guest mounts it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkspaceMount {
+    /// Name of a Workspace.
+    pub name: Name,
+    /// An absolute path in the guest, not `/` and not under the system's own directories
+    /// (`/proc`, `/sys`, `/dev`, `/run`, `/boot`, `/etc`, `/bin`, `/sbin`, `/lib`, `/usr`).
+    pub mount_path: MountPath,
+}
+
+/// Why `path` cannot be a workspace's mount path, if it cannot: it must be absolute and
+/// plain (no `.` or `..` part, no empty part), and leave the guest's own directories alone.
+pub fn mount_path_problem(path: &str) -> Option<String> {
+    const SYSTEM: [&str; 11] = [
+        "proc", "sys", "dev", "run", "boot", "etc", "bin", "sbin", "lib", "lib64", "usr",
+    ];
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    if !path.starts_with('/') || parts.is_empty() || parts == [""] {
+        return Some(format!(
+            "{path:?} cannot be a mount path: use an absolute directory other than /, such as /work"
+        ));
+    }
+    if parts
+        .iter()
+        .any(|p| p.is_empty() || *p == "." || *p == "..")
+    {
+        return Some(format!(
+            "{path:?} is not a plain path (no empty, . or .. parts); write it as /work/repo"
+        ));
+    }
+    if SYSTEM.contains(&parts[0]) {
+        return Some(format!(
+            "{path:?} is in /{}, which the guest's system owns; mount workspaces elsewhere, such as /work",
+            parts[0]
+        ));
+    }
+    None
+}
+
+/// An absolute guest path: `/` and letters, digits, `.`, `_`, `-`, at most 255 bytes.
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(transparent)]
+pub struct MountPath(#[schemars(regex(pattern = "^/[A-Za-z0-9._/-]{1,254}$"))] pub String);
 
 /// The values of one secret, each encrypted on its own so keys can change independently.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -1073,6 +1152,8 @@ pub enum Action {
     Reset,
     /// Return a VM to one of its snapshots (`fleet snapshot revert`).
     Revert,
+    /// Delete a workspace (its file was removed): always held for an approval.
+    DestroyWorkspace,
 }
 
 impl Action {
@@ -1086,6 +1167,7 @@ impl Action {
             Action::Destroy => "destroy",
             Action::Reset => "reset",
             Action::Revert => "revert",
+            Action::DestroyWorkspace => "destroyWorkspace",
         }
     }
 }
@@ -1384,6 +1466,10 @@ pub struct VmSpec {
     /// due on it: `state: running` then means "allowed to run". Not for fresh members.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle: Option<Idle>,
+    /// Workspaces attached to the VM and mounted at boot (at most 8). A workspace belongs
+    /// to one VM at a time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workspaces: Vec<WorkspaceMount>,
     /// Overrides the loadout's `reset`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reset: Option<Reset>,
@@ -1735,6 +1821,7 @@ pub fn schema_for(kind: Kind) -> serde_json::Value {
         Kind::Task => schemars::schema_for!(TaskDocument),
         Kind::Answer => schemars::schema_for!(AnswerDocument),
         Kind::Secret => schemars::schema_for!(SecretDocument),
+        Kind::Workspace => schemars::schema_for!(WorkspaceDocument),
         Kind::Host => schemars::schema_for!(HostDocument),
     };
     serde_json::to_value(schema).expect("a generated schema is plain JSON")

@@ -158,6 +158,7 @@ enum DriverCall {
     Destroy,
     Reset(DesiredVm),
     Revert(String),
+    DestroyWorkspace(String),
 }
 
 impl DriverCall {
@@ -170,6 +171,7 @@ impl DriverCall {
             DriverCall::Destroy => Action::Destroy,
             DriverCall::Reset(_) => Action::Reset,
             DriverCall::Revert(_) => Action::Revert,
+            DriverCall::DestroyWorkspace(_) => Action::DestroyWorkspace,
         }
     }
 }
@@ -192,6 +194,9 @@ async fn run_step(ctx: &StepContext, step: &Step) -> (Result<(), DriverError>, u
         Change::Destroy { .. } => call(ctx, step, DriverCall::Destroy).await,
         Change::Reset { desired } => call(ctx, step, DriverCall::Reset(desired.clone())).await,
         Change::Revert { snapshot } => call(ctx, step, DriverCall::Revert(snapshot.clone())).await,
+        Change::DestroyWorkspace { workspace } => {
+            call(ctx, step, DriverCall::DestroyWorkspace(workspace.clone())).await
+        }
         Change::Replace { desired, .. } => {
             let (destroyed, a1) = call(ctx, step, DriverCall::Destroy).await;
             if destroyed.is_err() {
@@ -240,6 +245,7 @@ async fn call(ctx: &StepContext, step: &Step, what: DriverCall) -> (Result<(), D
             DriverCall::Destroy => driver.destroy(&name, grace),
             DriverCall::Reset(vm) => driver.reset(&vm),
             DriverCall::Revert(snapshot) => driver.snapshot_revert(&name, &snapshot),
+            DriverCall::DestroyWorkspace(workspace) => driver.destroy_workspace(&workspace),
         });
         let outcome = match tokio::time::timeout(ctx.timeout, work).await {
             Ok(Ok(r)) => r,
@@ -295,6 +301,15 @@ pub async fn recover(journal: &Journal, drivers: &Drivers) -> std::io::Result<Ve
             ));
             continue;
         };
+        // A workspace's delete is one libvirt call: whether it happened, the next plan sees.
+        if intent.action == Action::DestroyWorkspace {
+            journal.outcome(
+                intent.op,
+                true,
+                "settled: the next plan sees the workspace or not",
+            )?;
+            continue;
+        }
         let name = intent.vm.clone();
         let settled = tokio::task::spawn_blocking(move || driver.settle(&name)).await;
         match settled {
@@ -343,7 +358,7 @@ mod tests {
 
     impl Driver for FaultyDriver {
         fn observe(&self) -> Result<ObservedHost, DriverError> {
-            Ok(ObservedHost { vms: vec![] })
+            Ok(ObservedHost::default())
         }
         fn create(&self, vm: &DesiredVm, _: &Stamp, _: Duration) -> Result<(), DriverError> {
             match vm.name.as_str() {

@@ -220,6 +220,15 @@ pub trait Driver: Send + Sync {
         Err(no_snapshots())
     }
 
+    /// Deletes this fleet's workspace `name` (its volume), refused while a VM attaches it.
+    fn destroy_workspace(&self, name: &str) -> Result<(), DriverError> {
+        let _ = name;
+        Err(DriverError::new(
+            ErrorKind::Permanent,
+            "this provider's driver keeps no workspaces",
+        ))
+    }
+
     /// The file this fleet's VM `name`'s serial console is logged to, on this machine.
     fn console_log(&self, name: &str) -> Result<Option<std::path::PathBuf>, DriverError> {
         let _ = name;

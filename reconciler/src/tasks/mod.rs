@@ -111,6 +111,8 @@ struct BookState {
     prompts: BTreeMap<String, PromptRecord>,
     /// Each VM's loadout secret references.
     vm_secrets: BTreeMap<String, Vec<SecretRef>>,
+    /// Each VM's workspaces to mount, and the set's digest.
+    vm_mounts: BTreeMap<String, (String, Vec<fleet_agent_protocol::Mount>)>,
     /// The opened secret values, replaced by each `sync` with the tasks bound to them.
     vault: Arc<Vault>,
     /// Committed answers already reported as going nowhere (by id and file).
@@ -1325,6 +1327,27 @@ impl BookState {
             .map(|(vm, policy)| (vm.clone(), Arc::new(policy.clone())))
             .collect();
         self.bound = self.vault.bind(&self.desired);
+        self.vm_mounts = desired
+            .vms
+            .values()
+            .filter(|vm| !vm.config.workspaces.is_empty())
+            .map(|vm| {
+                let mounts: Vec<fleet_agent_protocol::Mount> = vm
+                    .config
+                    .workspaces
+                    .iter()
+                    .map(|m| fleet_agent_protocol::Mount {
+                        serial: crate::resolve::workspace_serial(&m.name),
+                        path: m.mount_path.clone(),
+                        label: m.label.clone(),
+                    })
+                    .collect();
+                let digest = crate::digest::hex(&<sha2::Sha256 as sha2::Digest>::digest(
+                    serde_json::to_vec(&mounts).unwrap_or_default(),
+                ));
+                (vm.name.clone(), (digest, mounts))
+            })
+            .collect();
         self.vm_secrets = desired
             .vms
             .values()

@@ -49,6 +49,10 @@ pub struct Connection {
     /// `SecretsStored`), and of the last set sent on this connection.
     guest_secrets: Option<String>,
     secrets_sent: Option<String>,
+    /// The digest of the workspace set the guest mounted on this connection, and of the
+    /// last set sent.
+    guest_mounts: Option<String>,
+    mounts_sent: Option<String>,
 }
 
 struct Staging {
@@ -75,6 +79,8 @@ impl Connection {
             staging: None,
             guest_secrets: None,
             secrets_sent: None,
+            guest_mounts: None,
+            mounts_sent: None,
         }
     }
 
@@ -87,6 +93,9 @@ impl Connection {
         self.staging = None;
         self.guest_secrets = secrets.map(str::to_owned);
         self.secrets_sent = None;
+        // Sent again after every hello: mounting what is mounted is nothing.
+        self.guest_mounts = None;
+        self.mounts_sent = None;
     }
 }
 
@@ -441,6 +450,7 @@ impl BookState {
                 .iter()
                 .any(|n| self.records.get(n).is_some_and(|r| r.phase.is_active()));
         let secrets_ready = !used_and_free && self.deliver_secrets(conn, &mut out);
+        let mounts_ready = self.deliver_mounts(conn, &mut out);
         self.answer_prompts(conn, files, &mut out);
         if let Some(names) = &files.strays {
             self.refuse_stray_answers(files, names);
@@ -456,6 +466,7 @@ impl BookState {
                         self.run_hash(t) == r.spec_hash
                             && self.held(t).is_none()
                             && (t.secrets.is_empty() || secrets_ready)
+                            && mounts_ready
                     })
             });
             if let Some(name) = due.cloned() {
@@ -644,6 +655,21 @@ impl BookState {
                 | GuestMessage::PromptGone { task, seq, .. }
                 | GuestMessage::Artifact { task, seq, .. }
                 | GuestMessage::Exit { task, seq, .. } => (task.clone(), *seq),
+                GuestMessage::Mounted { digest, errors, .. } => {
+                    if errors.is_empty() {
+                        conn.guest_mounts = Some(digest.clone());
+                    } else {
+                        // Runs wait; the next connection tries again.
+                        for e in errors {
+                            tracing::warn!(
+                                vm = %conn.vm,
+                                "a workspace could not be mounted: {}",
+                                crate::terminal::one_line(e, 200)
+                            );
+                        }
+                    }
+                    continue;
+                }
                 GuestMessage::SecretsStored { digest, error, .. } => {
                     match error {
                         None => conn.guest_secrets = Some(digest.clone()),
@@ -744,6 +770,7 @@ impl BookState {
             GuestMessage::Hello { .. }
             | GuestMessage::Heartbeat { .. }
             | GuestMessage::Addresses { .. }
+            | GuestMessage::Mounted { .. }
             | GuestMessage::Stored { .. }
             | GuestMessage::SecretsStored { .. }
             | GuestMessage::StreamOpen { .. }
@@ -1096,6 +1123,26 @@ impl BookState {
                 });
             }
         }
+    }
+
+    /// Sends the VM's workspaces to mount when the guest has not mounted them on this
+    /// connection; true once it has (or there are none): runs wait for their workspaces.
+    fn deliver_mounts(&mut self, conn: &mut Connection, out: &mut Vec<HostMessage>) -> bool {
+        let Some((digest, mounts)) = self.vm_mounts.get(&conn.vm) else {
+            return true;
+        };
+        if conn.guest_mounts.as_deref() == Some(digest.as_str()) {
+            return true;
+        }
+        if conn.mounts_sent.as_deref() != Some(digest.as_str()) {
+            conn.mounts_sent = Some(digest.clone());
+            out.push(HostMessage::Mounts {
+                v: VERSION,
+                digest: digest.clone(),
+                mounts: mounts.clone(),
+            });
+        }
+        false
     }
 
     /// Sends the VM's secret set when the guest does not hold it yet; true once it does.

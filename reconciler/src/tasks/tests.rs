@@ -75,6 +75,7 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
         leases: Default::default(),
         idle: Default::default(),
         quotas: Vec::new(),
+        workspaces: Default::default(),
     }
 }
 

@@ -2786,3 +2786,89 @@ fn a_revision_over_a_quota_is_refused_naming_the_rule() {
         "#]],
     );
 }
+
+const WORKSPACE: &str = "apiVersion: fleet/v1\nkind: Workspace\nmetadata: {name: notes}\nspec: {provider: local, size: 1Gi}\n";
+
+#[test]
+fn workspaces_mount_paths_the_schema_refuses() {
+    check(
+        &[
+            ("fleet/workspaces/notes.yaml", WORKSPACE),
+            (
+                "fleet/workspaces/big.yaml",
+                "apiVersion: fleet/v1\nkind: Workspace\nmetadata: {name: big}\nspec: {provider: local, size: 1Gi, label: 'bad label'}\n",
+            ),
+            (
+                "fleet/vms/a.yaml",
+                &vm_with(
+                    "  workspaces:\n    - {name: notes, mountPath: /}\n    - {name: big, mountPath: '/work; rm'}\n    - {name: big, mountPath: relative}\n",
+                ),
+            ),
+        ],
+        expect![[r#"
+            fleet/vms/a.yaml:9:32: error: spec.workspaces[0].mountPath: string "/" is not valid; expected an absolute guest path: `/` and letters, digits, `.`, `_`, `-`, at most 255 bytes
+            fleet/vms/a.yaml:10:30: error: spec.workspaces[1].mountPath: string "/work; rm" is not valid; expected an absolute guest path: `/` and letters, digits, `.`, `_`, `-`, at most 255 bytes
+            fleet/vms/a.yaml:11:30: error: spec.workspaces[2].mountPath: string "relative" is not valid; expected an absolute guest path: `/` and letters, digits, `.`, `_`, `-`, at most 255 bytes
+            fleet/workspaces/big.yaml:4:43: error: spec.label: string "bad label" is not valid; expected an ext filesystem label: letters, digits, `-` and `_`, at most 16
+        "#]],
+    );
+}
+
+#[test]
+fn workspaces_hostile_mounts_sizes_and_sharing() {
+    check(
+        &[
+            ("fleet/workspaces/notes.yaml", WORKSPACE),
+            (
+                "fleet/workspaces/tiny.yaml",
+                "apiVersion: fleet/v1\nkind: Workspace\nmetadata: {name: tiny}\nspec: {provider: local, size: 8Mi}\n",
+            ),
+            (
+                "fleet/vms/a.yaml",
+                &vm_with(
+                    "  workspaces:\n    - {name: notes, mountPath: /work/../etc}\n    - {name: notes, mountPath: /proc/x}\n    - {name: nope, mountPath: /work}\n    - {name: tiny, mountPath: /data}\n    - {name: tiny, mountPath: /data/}\n    - {name: notes, mountPath: /usr}\n",
+                ),
+            ),
+            (
+                "fleet/vms/b.yaml",
+                "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: b}\nspec:\n  provider: local\n  image: micro\n  workspaces: [{name: notes, mountPath: /work}]\n",
+            ),
+            (
+                "fleet/vms/pool.yaml",
+                "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {name: pool}\nspec:\n  replicas: 2\n  template:\n    spec:\n      provider: local\n      image: micro\n      workspaces: [{name: notes, mountPath: /work}]\n",
+            ),
+        ],
+        expect![[r#"
+            fleet/vms/a.yaml:9:32: error: spec.workspaces[0].mountPath: "/work/../etc" is not a plain path (no empty, . or .. parts); write it as /work/repo
+            fleet/vms/a.yaml:10:14: error: spec.workspaces[1].name: workspace "notes" is mounted twice in this VM; mount it once
+            fleet/vms/a.yaml:10:32: error: spec.workspaces[1].mountPath: "/proc/x" is in /proc, which the guest's system owns; mount workspaces elsewhere, such as /work
+            fleet/vms/a.yaml:11:14: error: spec.workspaces[2].name: no Workspace named "nope"; add fleet/workspaces/nope.yaml, or remove the mount
+            fleet/vms/a.yaml:13:14: error: spec.workspaces[4].name: workspace "tiny" is mounted twice in this VM; mount it once
+            fleet/vms/a.yaml:13:31: error: spec.workspaces[4].mountPath: "/data/" is mounted twice; give each workspace its own path
+            fleet/vms/a.yaml:14:14: error: spec.workspaces[5].name: workspace "notes" is mounted twice in this VM; mount it once
+            fleet/vms/a.yaml:14:32: error: spec.workspaces[5].mountPath: "/usr" is in /usr, which the guest's system owns; mount workspaces elsewhere, such as /work
+            fleet/vms/b.yaml:7:23: error: spec.workspaces[0].name: workspace "notes" is attached to VM "a" already; a workspace belongs to one VM at a time
+            fleet/vms/pool.yaml:10:7: error: spec.template.spec.workspaces: a workspace belongs to one VM, and a pool's members would share it; attach workspaces to VMs of their own
+            fleet/workspaces/tiny.yaml:4:31: error: spec.size: "8Mi" is out of bounds; a workspace is 16Mi to 16Ti
+        "#]],
+    );
+}
+
+#[test]
+fn a_workspace_on_proxmox_or_another_provider_is_refused() {
+    let fleet = "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: lab}\nspec:\n  providers:\n    - {name: local, type: libvirt}\n    - {name: pve, type: proxmox}\n  images:\n    - {name: micro, kernel: micro/vmlinuz, initrd: micro/initrd.img, template: tmpl}\n";
+    let workspace = "apiVersion: fleet/v1\nkind: Workspace\nmetadata: {name: notes}\nspec: {provider: pve, size: 1Gi}\n";
+    let vm = vm_with("  workspaces: [{name: notes, mountPath: /work}]\n");
+    check_bytes(
+        &[
+            ("fleet/fleet.yaml", fleet.as_bytes()),
+            ("fleet/workspaces/notes.yaml", workspace.as_bytes()),
+            ("fleet/vms/a.yaml", vm.as_bytes()),
+        ],
+        false,
+        expect![[r#"
+            fleet/vms/a.yaml:8:23: error: spec.workspaces[0].name: workspace "notes" lives on provider "pve" and this VM runs on "local"; a workspace is attached on its own provider
+            fleet/workspaces/notes.yaml:4:18: error: spec.provider: "pve" is a Proxmox provider, and workspaces live on libvirt providers for now; use a libvirt provider
+        "#]],
+    );
+}

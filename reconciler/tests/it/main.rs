@@ -97,6 +97,9 @@
 //!   drops a fifth of the requests (complete, in order, once); a reboot, after which secrets
 //!   are delivered again; the API token read from a Secret; the canary nowhere on the host;
 //!   `fleet exec` over the relayed link.
+//! - `workspaces` (libvirt): a task writes into a workspace; its VM is replaced, destroyed
+//!   and made again, and a later task reads the file back; deleting the Workspace's file
+//!   waits for an approval, and the approved destroy removes its volume only.
 //! - `pve` (fakepve): the harness. fakepve runs in-process under `tests/fakepve/harness.py`
 //!   (`FLEET_FAKEPVE_PYTHON` overrides the venv's Python), driven over stdin (add VMs, edit
 //!   behind fleet's back, inject failures and latency, a flaky network, grant privileges) and
@@ -197,3 +200,4 @@ mod support;
 mod tasks;
 mod tidy;
 mod trust;
+mod workspaces;

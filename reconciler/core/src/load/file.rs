@@ -5,7 +5,7 @@ use super::objects::check_object;
 use super::*;
 
 /// The message for a YAML file outside the places fleet objects live.
-pub(super) const MISPLACED: &str = "unexpected file: fleet objects live in fleet.yaml, loadouts/, vms/, tasks/, secrets/ and hitl/; move or remove it";
+pub(super) const MISPLACED: &str = "unexpected file: fleet objects live in fleet.yaml, loadouts/, vms/, tasks/, secrets/, workspaces/ and hitl/; move or remove it";
 
 /// Which kinds may live where under `fleet/`; `None` for a place no kind lives.
 pub(super) fn expected_kinds(rel: &str) -> Option<&'static [Kind]> {
@@ -18,6 +18,7 @@ pub(super) fn expected_kinds(rel: &str) -> Option<&'static [Kind]> {
         Some("tasks") if rel.contains('/') => Some(&[Kind::Task]),
         Some("hitl") if rel.contains('/') => Some(&[Kind::Answer]),
         Some("secrets") if rel.contains('/') => Some(&[Kind::Secret]),
+        Some("workspaces") if rel.contains('/') => Some(&[Kind::Workspace]),
         _ => None,
     }
 }
@@ -123,6 +124,7 @@ pub(super) fn load_file(
         Kind::Task => typed(path, tree, value, diags).map(|o| AnyObject::Task(Box::new(o))),
         Kind::Answer => typed(path, tree, value, diags).map(AnyObject::Answer),
         Kind::Secret => typed(path, tree, value, diags).map(AnyObject::Secret),
+        Kind::Workspace => typed(path, tree, value, diags).map(AnyObject::Workspace),
         Kind::Host => typed(path, tree, value, diags).map(|o| AnyObject::Host(Box::new(o))),
     }?;
     check_object(&object, diags);

@@ -32,7 +32,7 @@ use crate::snapshot::{Revision, Snapshot};
 use crate::spec::{
     AnswerDocument, FleetDocument, HostDocument, HostSpec, Kind, LoadoutDocument, NetworkMode,
     ProviderKind, Resources, SecretDocument, SecretRef, TaskDocument, VmDocument, VmPoolDocument,
-    VmSpec, pool_member_names, pool_width,
+    VmSpec, WorkspaceDocument, pool_member_names, pool_width,
 };
 
 /// One object and the file it came from.
@@ -94,6 +94,7 @@ pub struct LoadedFleet {
     pub answers: BTreeMap<String, Object<AnswerDocument>>,
     /// Secrets, still encrypted: loading never decrypts anything.
     pub secrets: BTreeMap<String, Object<SecretDocument>>,
+    pub workspaces: BTreeMap<String, Object<WorkspaceDocument>>,
     /// Who signed the commit that last changed each Answer (`Snapshot::signers`).
     pub signers: BTreeMap<String, String>,
 }
@@ -101,6 +102,11 @@ pub struct LoadedFleet {
 /// Task names leave room for the prompt ids made from them (`<task>-<run>-<n>`), which
 /// must stay DNS labels.
 pub const TASK_NAME_MAX: usize = 50;
+
+/// A workspace's size bounds in MiB.
+pub const WORKSPACE_MIB: (u64, u64) = (16, 16 * 1024 * 1024);
+/// The most workspaces one VM mounts.
+pub const WORKSPACES_PER_VM: usize = 8;
 
 /// Memory bounds in MiB, and disk bounds in MiB.
 pub const MEMORY_MIB: (u64, u64) = (64, 1024 * 1024);
@@ -121,6 +127,7 @@ enum AnyObject {
     Task(Box<Object<TaskDocument>>),
     Answer(Object<AnswerDocument>),
     Secret(Object<SecretDocument>),
+    Workspace(Object<WorkspaceDocument>),
     /// Boxed: the host configuration is large too.
     Host(Box<Object<HostDocument>>),
 }
@@ -155,6 +162,7 @@ pub fn load(snapshot: &Snapshot, host: Option<&HostSpec>) -> Result<LoadedFleet,
     let mut tasks = BTreeMap::new();
     let mut answers = BTreeMap::new();
     let mut secrets = BTreeMap::new();
+    let mut workspaces = BTreeMap::new();
     for obj in objects {
         match obj {
             AnyObject::Fleet(o) => fleet = Some(o),
@@ -188,6 +196,13 @@ pub fn load(snapshot: &Snapshot, host: Option<&HostSpec>) -> Result<LoadedFleet,
                 |d| &d.metadata.name.0,
                 &mut diags,
             ),
+            AnyObject::Workspace(o) => insert_unique(
+                &mut workspaces,
+                o,
+                "Workspace",
+                |d| &d.metadata.name.0,
+                &mut diags,
+            ),
             // Never expected under the fleet directory: load_file refused it already.
             AnyObject::Host(_) => {}
         }
@@ -215,6 +230,7 @@ pub fn load(snapshot: &Snapshot, host: Option<&HostSpec>) -> Result<LoadedFleet,
         tasks,
         answers,
         secrets,
+        workspaces,
         signers: snapshot.signers.clone(),
     };
     check_references(&loaded, &mut diags);

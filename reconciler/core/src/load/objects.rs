@@ -140,6 +140,19 @@ pub(super) fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
         }
         AnyObject::Host(o) => host_rules::check_host_object(o, diags),
         AnyObject::Vm(o) => check_vm_spec(o, "/spec", &o.doc.spec, diags),
+        AnyObject::Workspace(o) => {
+            let size = &o.doc.spec.size;
+            let (min, max) = super::WORKSPACE_MIB;
+            if size.mib() < min || size.mib() > max {
+                diags.push(o.field_error(
+                    "/spec/size",
+                    format!(
+                        "{:?} is out of bounds; a workspace is 16Mi to 16Ti",
+                        size.as_str()
+                    ),
+                ));
+            }
+        }
         AnyObject::Task(o) => check_task(o, diags),
         AnyObject::Answer(o) => {
             let spec = &o.doc.spec;
@@ -164,6 +177,12 @@ pub(super) fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
         AnyObject::VmPool(o) => {
             let template = &o.doc.spec.template.spec;
             check_vm_spec(o, "/spec/template/spec", template, diags);
+            if !template.workspaces.is_empty() {
+                diags.push(o.key_error(
+                    "/spec/template/spec/workspaces",
+                    "a workspace belongs to one VM, and a pool's members would share it; attach workspaces to VMs of their own",
+                ));
+            }
             // Fresh members live for their runs: a lease or idle rule is for replicas.
             for (field, set) in [
                 ("lease", template.lease.is_some()),
@@ -307,6 +326,29 @@ fn check_vm_spec<T>(o: &Object<T>, at: &str, spec: &VmSpec, diags: &mut Vec<Diag
         spec.resources.as_ref(),
         diags,
     );
+    if spec.workspaces.len() > super::WORKSPACES_PER_VM {
+        diags.push(o.field_error(
+            &format!("{at}/workspaces"),
+            format!(
+                "{} workspaces; a VM mounts at most {}",
+                spec.workspaces.len(),
+                super::WORKSPACES_PER_VM
+            ),
+        ));
+    }
+    let mut paths = std::collections::BTreeSet::new();
+    for (i, mount) in spec.workspaces.iter().enumerate() {
+        let pointer = format!("{at}/workspaces/{i}/mountPath");
+        let path = &mount.mount_path.0;
+        if let Some(why) = crate::spec::mount_path_problem(path) {
+            diags.push(o.field_error(&pointer, why));
+        } else if !paths.insert(path.trim_end_matches('/')) {
+            diags.push(o.field_error(
+                &pointer,
+                format!("{path:?} is mounted twice; give each workspace its own path"),
+            ));
+        }
+    }
     if let Some(lease) = &spec.lease {
         let why = "a lease lasts from 10s to 8784h (a year)";
         let range = (crate::lease::MIN_TTL, A_YEAR);

@@ -27,6 +27,7 @@ pub(super) fn check_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
     for o in f.vms.values() {
         check_placement(f, &o.path, &o.tree, "/spec", &o.doc.spec, diags);
     }
+    check_workspaces(f, diags);
     for o in f.pools.values() {
         check_placement(
             f,
@@ -305,6 +306,94 @@ fn check_placement(
                 provider.name.0
             ),
         ));
+    }
+}
+
+/// Each VM's workspaces exist, live on its provider (a libvirt one, for now), and no
+/// workspace is attached to two VMs.
+fn check_workspaces(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
+    let providers = &f.fleet.doc.spec.providers;
+    for o in f.workspaces.values() {
+        let provider = &o.doc.spec.provider;
+        match providers.iter().find(|p| &p.name == provider) {
+            None => diags.push(field_error_in(
+                &o.path,
+                &o.tree,
+                "/spec/provider",
+                At::Value,
+                format!(
+                    "no provider named {:?}; name one of spec.providers in fleet.yaml",
+                    provider.0
+                ),
+            )),
+            Some(p) if p.kind == ProviderKind::Proxmox => diags.push(field_error_in(
+                &o.path,
+                &o.tree,
+                "/spec/provider",
+                At::Value,
+                format!(
+                    "{:?} is a Proxmox provider, and workspaces live on libvirt providers for now; use a libvirt provider",
+                    provider.0
+                ),
+            )),
+            Some(_) => {}
+        }
+    }
+    let mut attached: BTreeMap<&str, &str> = BTreeMap::new();
+    for o in f.vms.values() {
+        let vm = o.doc.metadata.name.0.as_str();
+        let mut mine = BTreeSet::new();
+        for (i, mount) in o.doc.spec.workspaces.iter().enumerate() {
+            let pointer = format!("/spec/workspaces/{i}/name");
+            let name = mount.name.0.as_str();
+            if !mine.insert(name) {
+                diags.push(field_error_in(
+                    &o.path,
+                    &o.tree,
+                    &pointer,
+                    At::Value,
+                    format!("workspace {name:?} is mounted twice in this VM; mount it once"),
+                ));
+                continue;
+            }
+            let Some(workspace) = f.workspaces.get(name) else {
+                diags.push(field_error_in(
+                    &o.path,
+                    &o.tree,
+                    &pointer,
+                    At::Value,
+                    format!(
+                        "no Workspace named {name:?}; add fleet/workspaces/{name}.yaml, or remove the mount"
+                    ),
+                ));
+                continue;
+            };
+            if workspace.doc.spec.provider != o.doc.spec.provider {
+                diags.push(field_error_in(
+                    &o.path,
+                    &o.tree,
+                    &pointer,
+                    At::Value,
+                    format!(
+                        "workspace {name:?} lives on provider {:?} and this VM runs on {:?}; a workspace is attached on its own provider",
+                        workspace.doc.spec.provider.0, o.doc.spec.provider.0
+                    ),
+                ));
+            }
+            if let Some(first) = attached.insert(name, vm)
+                && first != vm
+            {
+                diags.push(field_error_in(
+                    &o.path,
+                    &o.tree,
+                    &pointer,
+                    At::Value,
+                    format!(
+                        "workspace {name:?} is attached to VM {first:?} already; a workspace belongs to one VM at a time"
+                    ),
+                ));
+            }
+        }
     }
 }
 

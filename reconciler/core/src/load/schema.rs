@@ -34,6 +34,7 @@ fn committed_schema(kind: Kind) -> &'static str {
         Kind::Task => include_str!("../../../../schema/task.schema.json"),
         Kind::Answer => include_str!("../../../../schema/answer.schema.json"),
         Kind::Secret => include_str!("../../../../schema/secret.schema.json"),
+        Kind::Workspace => include_str!("../../../../schema/workspace.schema.json"),
         Kind::Host => include_str!("../../../../schema/host.schema.json"),
     }
 }

@@ -73,11 +73,13 @@ pub enum VmField {
     Fresh,
     #[serde(rename = "reset")]
     Reset,
+    #[serde(rename = "workspaces")]
+    Workspaces,
 }
 
 impl VmField {
     /// Every field, in the order plans list changes.
-    pub const ALL: [VmField; 24] = [
+    pub const ALL: [VmField; 25] = [
         VmField::Provider,
         VmField::DomainType,
         VmField::ImageName,
@@ -102,6 +104,7 @@ impl VmField {
         VmField::Protect,
         VmField::Fresh,
         VmField::Reset,
+        VmField::Workspaces,
     ];
 
     /// What changing the field on an existing VM takes.
@@ -125,6 +128,8 @@ impl VmField {
             | VmField::ImageKernel
             | VmField::ImageInitrd
             | VmField::ImageCmdline => NeedsRestart,
+            // Attached, detached or grown while the VM is down; mounted at its next boot.
+            VmField::Workspaces => NeedsRestart,
             VmField::ImageName
             | VmField::Loadout
             | VmField::Pool
@@ -161,6 +166,7 @@ impl VmField {
             VmField::Protect => "protect",
             VmField::Fresh => "fresh",
             VmField::Reset => "reset",
+            VmField::Workspaces => "workspaces",
         }
     }
 
@@ -196,6 +202,7 @@ impl VmField {
             VmField::Protect => json(&c.protect),
             VmField::Fresh => json(&c.fresh),
             VmField::Reset => json(&c.reset),
+            VmField::Workspaces => json(&c.workspaces),
         };
         // An empty list or map is as unset as `None`: stamps leave all three out.
         match value {
@@ -255,6 +262,7 @@ fn every_field_is_named(config: &VmConfig) {
         protect: _,
         fresh: _,
         reset: _,
+        workspaces: _,
     } = config;
     let ResolvedImage {
         name: _,

@@ -86,6 +86,12 @@ pub fn hold(
             if released(step) {
                 return why;
             }
+            if step.action() == Action::DestroyWorkspace {
+                why.push(
+                    "a workspace's destroy always waits for an approval: its data goes with it"
+                        .to_owned(),
+                );
+            }
             if policy.approve.contains(&step.action()) {
                 why.push(format!("policy.approve lists {}", step.action().as_str()));
             }

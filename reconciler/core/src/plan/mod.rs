@@ -237,6 +237,10 @@ pub enum Change {
     Revert {
         snapshot: String,
     },
+    /// A workspace's volume is deleted (the step's `vm` is `workspace:<name>`).
+    DestroyWorkspace {
+        workspace: String,
+    },
 }
 
 impl Step {
@@ -250,6 +254,7 @@ impl Step {
             Change::Destroy { .. } => Action::Destroy,
             Change::Reset { .. } => Action::Reset,
             Change::Revert { .. } => Action::Revert,
+            Change::DestroyWorkspace { .. } => Action::DestroyWorkspace,
         }
     }
 
@@ -260,7 +265,11 @@ impl Step {
             | Change::Update { desired, .. }
             | Change::Replace { desired, .. }
             | Change::Reset { desired } => Some(desired),
-            Change::Start | Change::Stop | Change::Destroy { .. } | Change::Revert { .. } => None,
+            Change::Start
+            | Change::Stop
+            | Change::Destroy { .. }
+            | Change::Revert { .. }
+            | Change::DestroyWorkspace { .. } => None,
         }
     }
 
@@ -273,7 +282,8 @@ impl Step {
             | Change::Start
             | Change::Stop
             | Change::Reset { .. }
-            | Change::Revert { .. } => None,
+            | Change::Revert { .. }
+            | Change::DestroyWorkspace { .. } => None,
         }
     }
 
@@ -292,7 +302,8 @@ impl Step {
             | Change::Start
             | Change::Stop
             | Change::Reset { .. }
-            | Change::Revert { .. } => None,
+            | Change::Revert { .. }
+            | Change::DestroyWorkspace { .. } => None,
         }
     }
 
@@ -305,7 +316,8 @@ impl Step {
             | Change::Stop
             | Change::Destroy { .. }
             | Change::Reset { .. }
-            | Change::Revert { .. } => &[],
+            | Change::Revert { .. }
+            | Change::DestroyWorkspace { .. } => &[],
         }
     }
 
@@ -834,6 +846,7 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
         }
     }
 
+    let mut waiting = workspace_steps(desired, observed, &mut steps, &mut conflicts);
     steps.sort_by(|a, b| (&a.vm, &a.provider).cmp(&(&b.vm, &b.provider)));
     let (mut steps, mut held) = guard::hold(desired, observed, steps);
     let mut approval_digest = guard::approval_digest(&held);
@@ -869,12 +882,18 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
     let (deferred, steps): (Vec<Step>, Vec<Step>) = steps
         .into_iter()
         .partition(|s| inputs.deferred.contains_key(&s.vm));
+    let (waits, steps): (Vec<Step>, Vec<Step>) =
+        steps.into_iter().partition(|s| waiting.contains_key(&s.vm));
     let deferred = deferred
         .into_iter()
         .map(|step| Deferred {
             why: inputs.deferred[&step.vm].clone(),
             step,
         })
+        .chain(waits.into_iter().map(|step| Deferred {
+            why: waiting.remove(&step.vm).unwrap_or_default(),
+            step,
+        }))
         .collect();
     let mut plan = Plan {
         format_version: FORMAT_VERSION,
@@ -1191,6 +1210,82 @@ fn step_for_owned(vm: &DesiredVm, found: &ObservedVm) -> Option<Step> {
         applied_revision: Some(stamp.revision.clone()),
     };
     Some(step(update, reason))
+}
+
+/// The step name of a workspace (`workspace:<name>`): never a VM's, since VM names are
+/// DNS labels.
+pub fn workspace_step_name(workspace: &str) -> String {
+    format!("workspace:{workspace}")
+}
+
+/// Workspaces' part of the plan: a destroy (held by the guard, always) for each of this
+/// fleet's workspaces the revision no longer has, waiting while a VM still attaches it; a
+/// VM whose workspace would shrink is a conflict, not a step; a VM that mounts a workspace
+/// another VM still attaches waits for it to be let go. Returns the steps that wait, and why.
+fn workspace_steps(
+    desired: &Desired,
+    observed: &Observed,
+    steps: &mut Vec<Step>,
+    conflicts: &mut Vec<Conflict>,
+) -> BTreeMap<String, String> {
+    let mut waiting = BTreeMap::new();
+    for (provider, host) in &observed.hosts {
+        for found in &host.workspaces {
+            let wanted = desired
+                .workspaces
+                .get(&found.name)
+                .is_some_and(|w| &w.provider == provider);
+            if wanted {
+                continue;
+            }
+            let step = Step {
+                vm: workspace_step_name(&found.name),
+                provider: provider.clone(),
+                change: Change::DestroyWorkspace {
+                    workspace: found.name.clone(),
+                },
+                reason: Reason::RemovedFromFleet,
+            };
+            if let Some(vm) = found.attached_to.first() {
+                waiting.insert(
+                    step.vm.clone(),
+                    format!("VM {vm} still attaches it; it is destroyed once no VM does"),
+                );
+            }
+            steps.push(step);
+        }
+    }
+    for vm in desired.vms.values() {
+        let Some(host) = observed.hosts.get(&vm.config.provider) else {
+            continue;
+        };
+        for mount in &vm.config.workspaces {
+            let Some(found) = host.workspaces.iter().find(|w| w.name == mount.name) else {
+                continue;
+            };
+            if mount.size_mib < found.size_mib {
+                conflicts.push(Conflict {
+                    vm: vm.name.clone(),
+                    provider: vm.config.provider.clone(),
+                    message: format!(
+                        "workspace {} is {} MiB and the revision asks for {} MiB: a workspace only grows (its data would not fit); keep its size",
+                        mount.name, found.size_mib, mount.size_mib
+                    ),
+                });
+                steps.retain(|s| s.vm != vm.name);
+            }
+            if let Some(other) = found.attached_to.iter().find(|a| **a != vm.name) {
+                waiting.insert(
+                    vm.name.clone(),
+                    format!(
+                        "workspace {} is still attached to VM {other}; it moves once {other} lets it go",
+                        mount.name
+                    ),
+                );
+            }
+        }
+    }
+    waiting
 }
 
 #[cfg(test)]

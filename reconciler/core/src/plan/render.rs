@@ -156,6 +156,7 @@ fn step_counts(plan: &Plan) -> Vec<String> {
         Action::Destroy,
         Action::Reset,
         Action::Revert,
+        Action::DestroyWorkspace,
     ]
     .into_iter()
     .filter_map(|a| {
@@ -187,6 +188,7 @@ fn symbol(action: Action) -> &'static str {
         Action::Destroy => "-",
         Action::Reset => "*",
         Action::Revert => "<",
+        Action::DestroyWorkspace => "-",
     }
 }
 

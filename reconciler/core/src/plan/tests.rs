@@ -109,6 +109,7 @@ fn observed(vms: Vec<ObservedVm>) -> Observed {
             "local".to_owned(),
             ObservedHost {
                 vms: vms.into_iter().map(std::sync::Arc::new).collect(),
+                ..Default::default()
             },
         )]
         .into(),
@@ -843,6 +844,12 @@ fn change(field: VmField, c: &mut VmConfig) {
         VmField::Protect => c.protect = !c.protect,
         VmField::Fresh => c.fresh = !c.fresh,
         VmField::Reset => c.reset = !c.reset,
+        VmField::Workspaces => c.workspaces.push(crate::resolve::ResolvedMount {
+            name: "notes".into(),
+            mount_path: "/work".into(),
+            size_mib: 64,
+            label: "notes".into(),
+        }),
     }
 }
 
@@ -1389,4 +1396,79 @@ fn a_revert_from_the_host_is_planned_as_its_own_step() {
         matches!(&p.steps[0].change, Change::Revert { snapshot } if snapshot == "before-upgrade")
     );
     assert_eq!(p.count(Action::Revert), 1);
+}
+
+/// A workspace whose file is gone is destroyed only with an approval, and not while a VM
+/// attaches it; a workspace never shrinks (a conflict, no step).
+#[test]
+fn workspaces_are_destroyed_only_when_approved_and_let_go_and_never_shrink() {
+    let ws = |name: &str, size: &str| {
+        (
+            format!("fleet/workspaces/{name}.yaml"),
+            format!(
+                "apiVersion: fleet/v1\nkind: Workspace\nmetadata: {{name: {name}}}\nspec: {{provider: local, size: {size}}}\n"
+            ),
+        )
+    };
+    let before = desired(&[
+        vm("a", "  workspaces: [{name: notes, mountPath: /work}]\n"),
+        ws("notes", "2Gi"),
+    ]);
+    let found = |name: &str, mib: u64, attached: &[&str]| crate::observe::ObservedWorkspace {
+        name: name.into(),
+        size_mib: mib,
+        attached_to: attached.iter().map(|s| (*s).to_owned()).collect(),
+    };
+    let mut o = observed(vec![applied(&before.vms["a"], true)]);
+    let host = o.hosts.get_mut("local").expect("local");
+    host.workspaces = vec![
+        found("notes", 2048, &["a"]),
+        found("old", 64, &[]),
+        found("kept", 64, &["gone"]),
+    ];
+
+    // Smaller than it is: refused, and `a` gets no step.
+    let smaller = desired(&[
+        vm("a", "  workspaces: [{name: notes, mountPath: /work}]\n"),
+        ws("notes", "1Gi"),
+    ]);
+    let p = super::plan(&smaller, &o, &PlanInputs::default());
+    assert!(
+        p.conflicts
+            .iter()
+            .any(|c| c.vm == "a" && c.message.contains("only grows")),
+        "{:?}",
+        p.conflicts
+    );
+    assert!(p.steps.iter().all(|s| s.vm != "a"), "{:?}", p.steps);
+
+    // `old` and `kept` are not in the revision: both held; `kept` also waits for `gone`.
+    let p = super::plan(&before, &o, &PlanInputs::default());
+    let held: Vec<&str> = p.held.iter().map(|h| h.step.vm.as_str()).collect();
+    assert_eq!(held, ["workspace:kept", "workspace:old"], "{:?}", p.held);
+    assert!(
+        p.held[0]
+            .why
+            .iter()
+            .any(|w| w.contains("always waits for an approval"))
+    );
+    let digest = p.approval_digest.clone().expect("an approval digest");
+    let approved = PlanInputs {
+        approved: [digest].into_iter().collect(),
+        ..PlanInputs::default()
+    };
+    let p = super::plan(&before, &o, &approved);
+    let run: Vec<&str> = p.steps.iter().map(|s| s.vm.as_str()).collect();
+    assert_eq!(run, ["workspace:old"], "{p:?}");
+    assert_eq!(p.deferred.len(), 1);
+    assert!(
+        p.deferred[0].why.contains("VM gone still attaches it"),
+        "{:?}",
+        p.deferred
+    );
+    assert!(
+        render::text(&p).contains("destroyWorkspace workspace:old"),
+        "{}",
+        render::text(&p)
+    );
 }

@@ -26,6 +26,13 @@ pub struct VmFiles<'a> {
     pub seed_iso: Option<&'a Path>,
     /// The libvirt network `network: full` VMs join (see `full_network`).
     pub full_network: &'a str,
+    /// The storage pool of the fleet's workspaces, for the VM's mounts.
+    pub workspace_pool: &'a str,
+}
+
+/// The volume a workspace is in its pool.
+pub fn workspace_volume(workspace: &str) -> String {
+    format!("{workspace}.qcow2")
 }
 
 /// The libvirt networks a definition's interfaces join (`<interface type='network'>`).
@@ -135,6 +142,18 @@ pub fn render(vm: &DesiredVm, uuid: &uuid::Uuid, stamp: &Stamp, files: &VmFiles<
             x,
             "    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
             escape(disk.to_string_lossy().as_ref())
+        );
+    }
+    // Workspaces after the VM's own disks (vdc onwards), each known in the guest by its
+    // serial (`resolve::workspace_serial`), whatever name the guest gives it.
+    for (i, mount) in c.workspaces.iter().enumerate() {
+        let letter = char::from(b'c' + u8::try_from(i).unwrap_or(0).min(23));
+        let _ = writeln!(
+            x,
+            "    <disk type='volume' device='disk'><driver name='qemu' type='qcow2'/><source pool='{}' volume='{}'/><target dev='vd{letter}' bus='virtio'/><serial>{}</serial></disk>",
+            escape(files.workspace_pool),
+            escape(workspace_volume(&mount.name).as_str()),
+            crate::resolve::workspace_serial(&mount.name)
         );
     }
     if let Some(seed) = files.seed_iso {
@@ -347,6 +366,7 @@ mod tests {
             initrd: Some(Path::new("/img/initrd.img")),
             seed_iso: Some(Path::new("/s/vm-1/seed.iso")),
             full_network: "fleet-full",
+            workspace_pool: "fleet-ws-test",
         };
         let uuid = uuid::Uuid::nil();
         let xml = render(&vm, &uuid, &stamp, &files);

@@ -348,6 +348,142 @@ impl LibvirtDriver {
         Ok(Some((dom, observed)))
     }
 
+    /// The storage pool of this fleet's workspaces: a directory pool fleet defines, in its
+    /// storage directory (`.workspaces`, a name no VM's directory can have).
+    fn workspace_pool_name(&self) -> String {
+        format!("fleet-ws-{}", self.fleet)
+    }
+
+    /// The workspace pool, active; made (defined, built, started, autostarted) when
+    /// `make` and missing. `None` when it does not exist and need not.
+    fn workspace_pool(
+        &self,
+        make: bool,
+    ) -> Result<Option<virt::storage_pool::StoragePool>, DriverError> {
+        let name = self.workspace_pool_name();
+        let dir = self.storage_dir.join(".workspaces");
+        let found = match self.call("find the workspace pool", |c| {
+            c.lookup_storage_pool_by_name(&name)
+        }) {
+            Ok(pool) => Some(pool),
+            Err(_) if !make => return Ok(None),
+            Err(_) => None,
+        };
+        let pool = match found {
+            Some(pool) => {
+                // Only the pool fleet would define: its directory, in fleet's storage.
+                let xml = self.call("read the workspace pool", |_| pool.xml_desc(0))?;
+                if !xml.contains(&format!("<path>{}</path>", dir.display())) {
+                    return Err(DriverError::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "storage pool {name} exists and is not fleet's (its directory is not {}); rename or remove it",
+                            dir.display()
+                        ),
+                    ));
+                }
+                pool
+            }
+            None => {
+                let xml = format!(
+                    "<pool type='dir'><name>{}</name><target><path>{}</path><permissions><mode>0711</mode></permissions></target></pool>",
+                    quick_xml::escape::escape(name.as_str()),
+                    quick_xml::escape::escape(dir.to_string_lossy().as_ref())
+                );
+                let pool = self.call("define the workspace pool", |c| {
+                    c.define_storage_pool_xml(&xml, 0)
+                })?;
+                self.call("build the workspace pool", |_| pool.build(0))?;
+                let _ = pool.set_autostart(true);
+                pool
+            }
+        };
+        if !self.call("look at the workspace pool", |_| pool.is_active())? {
+            self.call("start the workspace pool", |_| pool.create(0))?;
+        }
+        Ok(Some(pool))
+    }
+
+    /// Makes the volumes of `vm`'s workspaces that do not exist yet, and, with `grow`,
+    /// grows those smaller than the revision asks (only while the VM is down: QEMU holds
+    /// an attached image). A volume is never made smaller (the plan refuses that).
+    fn ensure_workspaces(&self, vm: &DesiredVm, grow: bool) -> Result<(), DriverError> {
+        if vm.config.workspaces.is_empty() {
+            return Ok(());
+        }
+        let Some(pool) = self.workspace_pool(true)? else {
+            return Ok(());
+        };
+        for mount in &vm.config.workspaces {
+            let volume = domain_xml::workspace_volume(&mount.name);
+            let bytes = mount.size_mib * 1024 * 1024;
+            match pool.lookup_storage_vol_by_name(&volume) {
+                Ok(found) => {
+                    let capacity = self
+                        .call(&format!("read workspace {}", mount.name), |_| found.info())?
+                        .capacity;
+                    if grow && capacity < bytes {
+                        self.call(&format!("grow workspace {}", mount.name), |_| {
+                            found.resize(bytes, 0)
+                        })?;
+                    }
+                }
+                Err(_) => {
+                    let xml = format!(
+                        "<volume><name>{}</name><capacity unit='bytes'>{bytes}</capacity><target><format type='qcow2'/></target></volume>",
+                        quick_xml::escape::escape(volume.as_str())
+                    );
+                    self.call(&format!("make workspace {}", mount.name), |_| {
+                        virt::storage_vol::StorageVol::create_xml(&pool, &xml, 0)
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// This fleet's workspaces on the host: the volumes in its pool named as workspaces
+    /// (anything else there is left alone), with the VMs whose stamps attach them.
+    fn observe_workspaces(
+        &self,
+        vms: &[Arc<ObservedVm>],
+    ) -> Result<Vec<crate::observe::ObservedWorkspace>, DriverError> {
+        let Some(pool) = self.workspace_pool(false)? else {
+            return Ok(Vec::new());
+        };
+        let _ = pool.refresh(0);
+        let volumes = self.call("list workspaces", |_| pool.list_all_volumes(0))?;
+        let mut found = Vec::new();
+        for volume in volumes {
+            let Ok(file) = volume.name() else { continue };
+            let Some(name) = file.strip_suffix(".qcow2") else {
+                continue;
+            };
+            if super::check_name(name).is_err() {
+                continue;
+            }
+            let capacity = self.call("read a workspace", |_| volume.info())?.capacity;
+            let attached_to = vms
+                .iter()
+                .filter(|vm| vm.owned_by(&self.fleet))
+                .filter(|vm| {
+                    vm.stamp
+                        .as_ref()
+                        .and_then(|s| s.config.as_ref())
+                        .is_some_and(|c| c.workspaces.iter().any(|m| m.name == name))
+                })
+                .map(|vm| vm.name.clone())
+                .collect();
+            found.push(crate::observe::ObservedWorkspace {
+                name: name.to_owned(),
+                size_mib: capacity / (1024 * 1024),
+                attached_to,
+            });
+        }
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(found)
+    }
+
     /// Drops libvirt's records of `dom`'s snapshots (before its overlay, which holds them,
     /// is made again).
     fn forget_snapshots(&self, dom: &Domain, name: &str) -> Result<(), DriverError> {
@@ -552,6 +688,7 @@ impl LibvirtDriver {
             initrd: initrd.as_deref(),
             seed_iso: Some(&seed_iso),
             full_network,
+            workspace_pool: &self.workspace_pool_name(),
         };
         Ok(domain_xml::render(
             vm,
@@ -1043,7 +1180,8 @@ impl Driver for LibvirtDriver {
             });
         }
         drop(cache);
-        Ok(ObservedHost { vms })
+        let workspaces = self.observe_workspaces(&vms)?;
+        Ok(ObservedHost { vms, workspaces })
     }
 
     fn watch(&self, on_change: ChangeCallback) -> Result<(), DriverError> {
@@ -1176,6 +1314,38 @@ impl Driver for LibvirtDriver {
         })
     }
 
+    /// Deletes a workspace's volume, never while any domain on the host (fleet's or not)
+    /// attaches it.
+    fn destroy_workspace(&self, name: &str) -> Result<(), DriverError> {
+        super::check_name(name)?;
+        let Some(pool) = self.workspace_pool(false)? else {
+            return Ok(());
+        };
+        let volume = domain_xml::workspace_volume(name);
+        let Ok(found) = pool.lookup_storage_vol_by_name(&volume) else {
+            return Ok(()); // Gone already: a destroy run again.
+        };
+        let pool_name = self.workspace_pool_name();
+        let domains = self.call("list domains", |c| c.list_all_domains(0))?;
+        for dom in &domains {
+            let xml = self.on_domain("read a domain", || {
+                dom.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+            })?;
+            let attaches = xml.contains(&format!("pool='{pool_name}'"))
+                && xml.contains(&format!("volume='{volume}'"));
+            if attaches {
+                return Err(DriverError::new(
+                    ErrorKind::Transient,
+                    format!(
+                        "workspace {name} is attached to domain {}; it is destroyed once no domain attaches it",
+                        dom.name().unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        self.call(&format!("delete workspace {name}"), |_| found.delete(0))
+    }
+
     fn console_log(&self, name: &str) -> Result<Option<PathBuf>, DriverError> {
         self.require_owned(name)?;
         Ok(Some(self.vm_dir(name)?.join("console.log")))
@@ -1200,8 +1370,10 @@ impl Driver for LibvirtDriver {
             let xml = self.definition(vm, stamp)?;
             self.ensure_vm_dir(&vm.name)?;
             self.write_seed(vm)?;
+            let active = self.is_active(&dom, &vm.name)?;
+            self.ensure_workspaces(vm, !active)?;
             self.define(&xml, &vm.name)?;
-            if self.is_active(&dom, &vm.name)? {
+            if active {
                 self.set_live_stamp(&dom, stamp, &vm.name)?;
             }
             return self.ensure_power(&dom, vm, grace);
@@ -1221,6 +1393,8 @@ impl Driver for LibvirtDriver {
         }
         let xml = self.definition(vm, stamp)?;
         self.prepare_files(vm)?;
+        // The workspaces before the definition that attaches them.
+        self.ensure_workspaces(vm, true)?;
         let dom = self.define(&xml, &vm.name)?;
         if vm.state == PowerState::Running {
             self.power_on(&dom, &vm.name)?;
@@ -1256,6 +1430,9 @@ impl Driver for LibvirtDriver {
         let stamp = &stamp.over(found.stamp.as_deref());
         let xml = self.definition(vm, stamp)?;
         self.write_seed(vm)?;
+        // New workspaces first (the definition attaches them); a grown one is grown once
+        // the VM is down.
+        self.ensure_workspaces(vm, false)?;
         self.define(&xml, &vm.name)?;
         if self.is_active(&dom, &vm.name)? {
             if restart {
@@ -1263,6 +1440,9 @@ impl Driver for LibvirtDriver {
             } else {
                 self.set_live_stamp(&dom, stamp, &vm.name)?;
             }
+        }
+        if !self.is_active(&dom, &vm.name)? {
+            self.ensure_workspaces(vm, true)?;
         }
         self.ensure_power(&dom, vm, grace)
     }

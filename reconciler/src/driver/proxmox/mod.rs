@@ -459,7 +459,10 @@ impl Driver for ProxmoxDriver {
             }));
         }
         vms.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
-        Ok(ObservedHost { vms })
+        Ok(ObservedHost {
+            vms,
+            ..Default::default()
+        })
     }
 
     fn create(&self, vm: &DesiredVm, stamp: &Stamp, grace: Duration) -> Result<(), DriverError> {

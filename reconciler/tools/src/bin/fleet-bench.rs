@@ -702,7 +702,13 @@ fn bench_plan(vms: usize) -> anyhow::Result<()> {
         })
         .collect();
     let observed = Observed {
-        hosts: BTreeMap::from([("local".to_owned(), ObservedHost { vms: observed_vms })]),
+        hosts: BTreeMap::from([(
+            "local".to_owned(),
+            ObservedHost {
+                vms: observed_vms,
+                ..Default::default()
+            },
+        )]),
         unreachable: BTreeMap::new(),
     };
     drop(desired);

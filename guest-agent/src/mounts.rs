@@ -1,0 +1,132 @@
+//! Workspaces (`HostMessage::Mounts`): each a disk the host attached, known by its serial.
+//! A disk without a filesystem gets one (`mke2fs`, with the workspace's label, its top
+//! directory mode 1777 so that every task's user may write there); then it is mounted at
+//! its path, made if missing. Mounting what is already mounted there is
+//! nothing, so the host may send the set after every hello.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use fleet_agent_protocol::Mount;
+
+/// Mounts each of `mounts`; what went wrong, one line per workspace.
+pub fn apply(mounts: &[Mount]) -> Vec<String> {
+    mounts
+        .iter()
+        .filter_map(|m| mount_one(m).err().map(|e| format!("{}: {e}", m.path)))
+        .collect()
+}
+
+fn mount_one(m: &Mount) -> Result<(), String> {
+    if !m.path.starts_with('/') || m.path.split('/').any(|p| p == "..") {
+        return Err("not an absolute, plain path".into());
+    }
+    let dev = device_with_serial(Path::new("/sys/block"), &m.serial)
+        .ok_or_else(|| format!("no disk with serial {} (is it attached?)", m.serial))?;
+    if mounted_at(&m.path).is_some() {
+        return Ok(());
+    }
+    let fresh =
+        !has_ext_filesystem(&dev).map_err(|e| format!("cannot read {}: {e}", dev.display()))?;
+    if fresh {
+        let made = std::process::Command::new("mke2fs")
+            .args(["-q", "-L", &m.label])
+            .arg(&dev)
+            .output()
+            .map_err(|e| format!("cannot run mke2fs: {e}"))?;
+        if !made.status.success() {
+            return Err(format!(
+                "mke2fs failed: {}",
+                String::from_utf8_lossy(&made.stderr).trim()
+            ));
+        }
+    }
+    std::fs::create_dir_all(&m.path).map_err(|e| format!("cannot make the directory: {e}"))?;
+    nix::mount::mount(
+        Some(&dev),
+        Path::new(&m.path),
+        Some("ext4"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| format!("cannot mount {}: {e}", dev.display()))?;
+    // A new filesystem's top is open to every task's user, as /tmp is (an isolating agent
+    // runs each task as a user of its own); later changes of its mode are the guest's.
+    if fresh {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&m.path, std::fs::Permissions::from_mode(0o1777))
+            .map_err(|e| format!("cannot open the workspace to tasks: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The `/dev` node of the block device whose serial is `serial`.
+fn device_with_serial(sys_block: &Path, serial: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(sys_block).ok()?.flatten() {
+        let found = std::fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
+        if found.trim() == serial {
+            return Some(Path::new("/dev").join(entry.file_name()));
+        }
+    }
+    None
+}
+
+/// What is mounted at `path`, from `/proc/mounts`.
+fn mounted_at(path: &str) -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut fields = l.split_whitespace();
+        let (dev, at) = (fields.next()?, fields.next()?);
+        (at == path.trim_end_matches('/')).then(|| dev.to_owned())
+    })
+}
+
+/// Whether `dev` holds an ext2/3/4 filesystem (its superblock's magic, 0xEF53 at 1080).
+fn has_ext_filesystem(dev: &Path) -> std::io::Result<bool> {
+    let mut file = std::fs::File::open(dev)?;
+    file.seek(SeekFrom::Start(1080))?;
+    let mut magic = [0u8; 2];
+    file.read_exact(&mut magic)?;
+    Ok(magic == [0x53, 0xEF])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disk_is_found_by_its_serial_and_an_ext_magic_is_read() {
+        let dir = tempfile_dir("mounts");
+        for (disk, serial) in [("vda", ""), ("vdc", "fws0123456789abcdef")] {
+            std::fs::create_dir_all(dir.join(disk)).expect("mkdir");
+            std::fs::write(dir.join(disk).join("serial"), format!("{serial}\n")).expect("serial");
+        }
+        assert_eq!(
+            device_with_serial(&dir, "fws0123456789abcdef"),
+            Some(PathBuf::from("/dev/vdc"))
+        );
+        assert_eq!(device_with_serial(&dir, "other"), None);
+        let image = dir.join("image");
+        let mut bytes = vec![0u8; 4096];
+        std::fs::write(&image, &bytes).expect("blank");
+        assert!(!has_ext_filesystem(&image).expect("read"));
+        bytes[1080] = 0x53;
+        bytes[1081] = 0xEF;
+        std::fs::write(&image, &bytes).expect("ext");
+        assert!(has_ext_filesystem(&image).expect("read"));
+        let refused = apply(&[Mount {
+            serial: "x".into(),
+            path: "/work/../etc".into(),
+            label: "w".into(),
+        }]);
+        assert_eq!(refused.len(), 1);
+        assert!(refused[0].contains("plain path"), "{refused:?}");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    fn tempfile_dir(what: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("fleet-agent-{what}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        dir
+    }
+}

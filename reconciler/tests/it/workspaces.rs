@@ -1,0 +1,193 @@
+//! Workspaces on real libvirt under `fleet serve` (the micro image, the real agent): a task
+//! writes into a workspace; the VM is replaced, then destroyed and made again, and a later
+//! task reads the file back. Deleting the Workspace's file waits for an approval; the
+//! approved destroy removes its volume and only it (a volume fleet did not make, in the
+//! same pool, is untouched).
+
+use std::time::Duration;
+
+use crate::approvals::held_approval;
+use crate::daemon::{Daemon, read, wait_until};
+use crate::libvirt::{Cleanup, enabled, fleet_yaml_with_policy, virsh};
+use crate::support::Repo;
+use crate::tasks::{Status, task_yaml};
+
+fn vm_yaml(name: &str) -> String {
+    format!(
+        "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {name}}}\nspec:\n  provider: local\n  image: micro\n  loadout: base\n  resources: {{memory: 256Mi}}\n  workspaces: [{{name: notes, mountPath: /work}}]\n"
+    )
+}
+
+fn loadout(runcmd: &str) -> String {
+    format!(
+        "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: base}}\nspec: {{runcmd: ['{runcmd}']}}\n"
+    )
+}
+
+fn volumes(pool: &str) -> String {
+    String::from_utf8_lossy(&virsh(&["vol-list", pool]).stdout).into_owned()
+}
+
+#[test]
+fn a_workspace_outlives_its_vm_and_goes_only_when_approved() {
+    if !enabled() {
+        return;
+    }
+    let pid = std::process::id();
+    let prefix = format!("it{pid}-ws-");
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let fleet = format!("it{pid}ws");
+    let pool = format!("fleet-ws-{fleet}");
+    struct DropPool(String);
+    impl Drop for DropPool {
+        fn drop(&mut self) {
+            for vol in ["notes.qcow2", "foreign.raw"] {
+                let _ = virsh(&["vol-delete", vol, "--pool", &self.0]);
+            }
+            let _ = virsh(&["pool-destroy", &self.0]);
+            let _ = virsh(&["pool-undefine", &self.0]);
+        }
+    }
+    let _pool = DropPool(pool.clone());
+    let vm = format!("{prefix}a");
+    let repo = Repo::new();
+    repo.write(
+        "fleet/fleet.yaml",
+        fleet_yaml_with_policy(&fleet, "{shutdownTimeout: 10s, reconcileInterval: 30s}"),
+    );
+    repo.write(
+        "fleet/workspaces/notes.yaml",
+        "apiVersion: fleet/v1\nkind: Workspace\nmetadata: {name: notes}\nspec: {provider: local, size: 64Mi}\n",
+    );
+    repo.write("fleet/loadouts/base.yaml", loadout("true"));
+    repo.write(&format!("fleet/vms/{vm}.yaml"), vm_yaml(&vm));
+    // Another VM stays throughout, so removing the first never empties the provider (a
+    // destroy that would is held for an approval of its own).
+    repo.write(
+        &format!("fleet/vms/{prefix}keep.yaml"),
+        crate::libvirt::vm_yaml(&format!("{prefix}keep"), "128Mi"),
+    );
+    repo.write(
+        "fleet/tasks/write.yaml",
+        task_yaml(
+            "write",
+            &vm,
+            "  command: [sh, -c, 'echo kept-across-vms > /work/f && grep \" /work \" /proc/mounts']\n",
+        ),
+    );
+    repo.commit("a VM with a workspace, and a task writing into it");
+    let _daemon = Daemon::start(&repo);
+    let status = Status(repo.path().join(".fleet/status"));
+    status.wait_phase("write", "Succeeded", Duration::from_secs(120));
+    assert!(
+        status.output("write").contains("/work"),
+        "{}",
+        status.output("write")
+    );
+    assert!(volumes(&pool).contains("notes.qcow2"), "{}", volumes(&pool));
+    // The guest made an ext filesystem on it (its superblock's magic, 0xEF53 at 1080).
+    let path =
+        String::from_utf8_lossy(&virsh(&["vol-path", "notes.qcow2", "--pool", &pool]).stdout)
+            .trim()
+            .to_owned();
+    let raw = repo.path().join("notes.raw");
+    crate::libvirt::qemu_img(&[
+        "convert",
+        "-U",
+        "-O",
+        "raw",
+        &path,
+        raw.to_str().expect("utf8"),
+    ]);
+    let bytes = std::fs::read(&raw).expect("raw");
+    assert_eq!(&bytes[1080..1082], &[0x53, 0xEF], "an ext filesystem");
+    assert!(
+        bytes.windows(15).any(|w| w == b"kept-across-vms"),
+        "the file's content is on the volume"
+    );
+    // A volume fleet did not make, in fleet's pool: never touched.
+    let made = virsh(&["vol-create-as", &pool, "foreign.raw", "1M"]);
+    assert!(made.status.success(), "{made:?}");
+
+    // Replaced (a loadout change cloud-init applies at first boot only).
+    repo.write("fleet/loadouts/base.yaml", loadout("echo again"));
+    repo.commit("a new first-boot command: the VM is made again");
+    let events = repo.path().join(".fleet/status/events.jsonl");
+    wait_until("the replace ran", Duration::from_secs(120), || {
+        read(&events).lines().any(|l| {
+            l.contains("\"step.succeeded\"")
+                && l.contains("\"action\":\"replace\"")
+                && l.contains(&vm)
+        })
+    });
+    // Destroyed, then made again.
+    repo.remove(&format!("fleet/vms/{vm}.yaml"));
+    repo.remove("fleet/tasks/write.yaml");
+    repo.commit("the VM goes");
+    wait_until("the VM is destroyed", Duration::from_secs(120), || {
+        !String::from_utf8_lossy(&virsh(&["list", "--all", "--name"]).stdout).contains(&vm)
+    });
+    assert!(
+        volumes(&pool).contains("notes.qcow2"),
+        "the workspace stays: {}",
+        volumes(&pool)
+    );
+    repo.write(&format!("fleet/vms/{vm}.yaml"), vm_yaml(&vm));
+    repo.write(
+        "fleet/tasks/read.yaml",
+        task_yaml(
+            "read",
+            &vm,
+            "  command: [sh, -c, 'grep \" /work \" /proc/mounts; ls -la /work; cat /work/f']\n",
+        ),
+    );
+    repo.commit("the VM again, and a task reading the workspace");
+    wait_until("read ends", Duration::from_secs(120), || {
+        matches!(
+            status.phase("read").as_deref(),
+            Some("Succeeded" | "Failed")
+        )
+    });
+    assert!(
+        status.output("read").contains("kept-across-vms"),
+        "{}",
+        status.output("read")
+    );
+
+    // The Workspace's file goes (and its VM): the VM is destroyed, the workspace waits.
+    repo.remove(&format!("fleet/vms/{vm}.yaml"));
+    repo.remove("fleet/tasks/read.yaml");
+    repo.remove("fleet/workspaces/notes.yaml");
+    repo.commit("the VM and its workspace go");
+    wait_until(
+        "the VM is destroyed again",
+        Duration::from_secs(120),
+        || !String::from_utf8_lossy(&virsh(&["list", "--all", "--name"]).stdout).contains(&vm),
+    );
+    let plan = repo.fleet(&["plan"]);
+    assert!(
+        plan.stdout().contains("destroyWorkspace workspace:notes")
+            && plan.stdout().contains("always waits for an approval"),
+        "{}",
+        plan.stdout()
+    );
+    assert!(
+        volumes(&pool).contains("notes.qcow2"),
+        "held: {}",
+        volumes(&pool)
+    );
+    let (id, digest) = held_approval(&plan.stdout());
+    repo.fleet(&["hitl", "answer", &id, &digest]).expect_code(0);
+    wait_until(
+        "the approved destroy removes the volume",
+        Duration::from_secs(60),
+        || !volumes(&pool).contains("notes.qcow2"),
+    );
+    assert!(
+        volumes(&pool).contains("foreign.raw"),
+        "only its own: {}",
+        volumes(&pool)
+    );
+}
