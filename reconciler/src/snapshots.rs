@@ -140,7 +140,7 @@ mod tests {
     fn an_unnamed_snapshot_is_named_by_its_time_and_the_name_is_valid() {
         let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_000_000);
         let name = default_name(at);
-        assert_eq!(name, "s20261218195320");
+        assert_eq!(name, "s20261130005320");
         check_snapshot_name(&name).expect("a valid name");
         for bad in [
             "fleet-clean",
