@@ -9,25 +9,50 @@ use std::path::{Path, PathBuf};
 
 use fleet_agent_protocol::Mount;
 
+/// One `Mounts` at a time: two must never race to make a filesystem.
+static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Mounts each of `mounts`; what went wrong, one line per workspace.
 pub fn apply(mounts: &[Mount]) -> Vec<String> {
+    let _one = MOUNTING.lock().unwrap_or_else(|p| p.into_inner());
     mounts
         .iter()
         .filter_map(|m| mount_one(m).err().map(|e| format!("{}: {e}", m.path)))
         .collect()
 }
 
+/// How much of a disk must read as zeros before a filesystem is made on it: a disk with
+/// anything else on it (another filesystem, a partition table, encrypted data) is never
+/// formatted.
+const BLANK_BYTES: usize = 1024 * 1024;
+
 fn mount_one(m: &Mount) -> Result<(), String> {
-    if !m.path.starts_with('/') || m.path.split('/').any(|p| p == "..") {
+    if !m.path.starts_with('/') || m.path.split('/').any(|p| p == ".." || p == ".") {
         return Err("not an absolute, plain path".into());
     }
     let dev = device_with_serial(Path::new("/sys/block"), &m.serial)
         .ok_or_else(|| format!("no disk with serial {} (is it attached?)", m.serial))?;
-    if mounted_at(&m.path).is_some() {
-        return Ok(());
+    no_links_on_the_way(Path::new(&m.path))?;
+    match mounted_at(&m.path) {
+        Some(found) if Path::new(&found) == dev => return Ok(()),
+        Some(found) => {
+            return Err(format!(
+                "{found} is mounted there already; the workspace is not mounted over it"
+            ));
+        }
+        None => {}
     }
-    let fresh =
-        !has_ext_filesystem(&dev).map_err(|e| format!("cannot read {}: {e}", dev.display()))?;
+    let fresh = match has_ext_filesystem(&dev) {
+        Ok(true) => false,
+        Ok(false) if is_blank(&dev).unwrap_or(false) => true,
+        Ok(false) => {
+            return Err(format!(
+                "{} holds data that is not an ext filesystem; fleet formats only a blank disk",
+                dev.display()
+            ));
+        }
+        Err(e) => return Err(format!("cannot read {}: {e}", dev.display())),
+    };
     if fresh {
         let made = std::process::Command::new("mke2fs")
             .args(["-q", "-L", &m.label])
@@ -42,14 +67,24 @@ fn mount_one(m: &Mount) -> Result<(), String> {
         }
     }
     std::fs::create_dir_all(&m.path).map_err(|e| format!("cannot make the directory: {e}"))?;
+    no_links_on_the_way(Path::new(&m.path))?;
+    use nix::mount::MsFlags;
     nix::mount::mount(
         Some(&dev),
         Path::new(&m.path),
         Some("ext4"),
-        nix::mount::MsFlags::empty(),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         None::<&str>,
     )
     .map_err(|e| format!("cannot mount {}: {e}", dev.display()))?;
+    // A grown volume: the filesystem follows where the guest can (resize2fs).
+    if !fresh {
+        let _ = std::process::Command::new("resize2fs")
+            .arg(&dev)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
     // A new filesystem's top is open to every task's user, as /tmp is (an isolating agent
     // runs each task as a user of its own); later changes of its mode are the guest's.
     if fresh {
@@ -58,6 +93,40 @@ fn mount_one(m: &Mount) -> Result<(), String> {
             .map_err(|e| format!("cannot open the workspace to tasks: {e}"))?;
     }
     Ok(())
+}
+
+/// Refuses a path any of whose existing parts is a symbolic link (a task could have put one
+/// there to turn the mount, or the chmod after it, elsewhere).
+fn no_links_on_the_way(path: &Path) -> Result<(), String> {
+    let mut at = std::path::PathBuf::from("/");
+    for part in path.components().skip(1) {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(format!(
+                    "{} is a symbolic link; not mounting there",
+                    at.display()
+                ));
+            }
+            Ok(_) => {}
+            Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+/// Whether the first `BLANK_BYTES` of `dev` are zeros.
+fn is_blank(dev: &Path) -> std::io::Result<bool> {
+    let mut file = std::fs::File::open(dev)?;
+    let mut buf = vec![0u8; BLANK_BYTES];
+    let mut read = 0;
+    while read < buf.len() {
+        match file.read(&mut buf[read..])? {
+            0 => break,
+            n => read += n,
+        }
+    }
+    Ok(buf[..read].iter().all(|b| *b == 0))
 }
 
 /// The `/dev` node of the block device whose serial is `serial`.
@@ -121,6 +190,15 @@ mod tests {
         }]);
         assert_eq!(refused.len(), 1);
         assert!(refused[0].contains("plain path"), "{refused:?}");
+        assert!(
+            is_blank(&dir.join("image")).is_ok_and(|b| !b),
+            "it holds the magic"
+        );
+        std::fs::write(dir.join("zeros"), vec![0u8; 8192]).expect("zeros");
+        assert!(is_blank(&dir.join("zeros")).expect("read"));
+        std::os::unix::fs::symlink("/etc", dir.join("link")).expect("link");
+        assert!(no_links_on_the_way(&dir.join("link").join("x")).is_err());
+        assert!(no_links_on_the_way(&dir.join("plain")).is_ok());
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 

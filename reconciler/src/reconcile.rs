@@ -599,9 +599,11 @@ impl apply::Observer for StatusObserver {
         {
             tracing::error!(vm = step.vm, "cannot record that it is clean: {e}");
         }
-        // A revert that ran is not asked for again. (A crash before this line reverts
-        // once more, to the same snapshot.)
-        if let (true, crate::plan::Change::Revert { snapshot }) = (result.ok, &step.change)
+        // A revert is tried once per request (apply retries what is worth retrying
+        // within the step): one that ran, or failed, is not asked for again, so a
+        // snapshot that is gone never holds the VM's other steps back. (A crash before
+        // this line reverts once more, to the same snapshot.)
+        if let crate::plan::Change::Revert { snapshot } = &step.change
             && let Err(e) = self.status.clear_revert(&step.vm, snapshot)
         {
             tracing::error!(vm = step.vm, "cannot remove the revert's request: {e}");

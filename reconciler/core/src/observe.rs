@@ -103,6 +103,10 @@ pub struct ObservedWorkspace {
     /// fleet attached it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attached_to: Vec<String>,
+    /// What tells this volume from another of the same name (libvirt: its change time):
+    /// an approval to destroy it is for this one only.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub identity: String,
 }
 
 /// Every provider's view at one moment.

@@ -409,6 +409,16 @@ pub fn mount_path_problem(path: &str) -> Option<String> {
             parts[0]
         ));
     }
+    // Directories any user may write to: a task could put a link where the mount goes.
+    let shared = [["tmp", ""], ["var", "tmp"], ["var", "run"], ["var", "lock"]];
+    if shared
+        .iter()
+        .any(|[a, b]| parts[0] == *a && (b.is_empty() || parts.get(1) == Some(b)))
+    {
+        return Some(format!(
+            "{path:?} is in a directory every user of the guest may write to; mount workspaces elsewhere, such as /work"
+        ));
+    }
     None
 }
 

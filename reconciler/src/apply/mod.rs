@@ -194,7 +194,7 @@ async fn run_step(ctx: &StepContext, step: &Step) -> (Result<(), DriverError>, u
         Change::Destroy { .. } => call(ctx, step, DriverCall::Destroy).await,
         Change::Reset { desired } => call(ctx, step, DriverCall::Reset(desired.clone())).await,
         Change::Revert { snapshot } => call(ctx, step, DriverCall::Revert(snapshot.clone())).await,
-        Change::DestroyWorkspace { workspace } => {
+        Change::DestroyWorkspace { workspace, .. } => {
             call(ctx, step, DriverCall::DestroyWorkspace(workspace.clone())).await
         }
         Change::Replace { desired, .. } => {

@@ -1185,7 +1185,7 @@ fn stray_yaml_file_at_the_fleet_root() {
             ("fleet/README.md", "not YAML, ignored"),
         ],
         expect![[r#"
-            fleet/notes.yaml:1:1: error: unexpected file: fleet objects live in fleet.yaml, loadouts/, vms/, tasks/, secrets/ and hitl/; move or remove it
+            fleet/notes.yaml:1:1: error: unexpected file: fleet objects live in fleet.yaml, loadouts/, vms/, tasks/, secrets/, workspaces/ and hitl/; move or remove it
         "#]],
     );
 }
@@ -2826,7 +2826,7 @@ fn workspaces_hostile_mounts_sizes_and_sharing() {
             (
                 "fleet/vms/a.yaml",
                 &vm_with(
-                    "  workspaces:\n    - {name: notes, mountPath: /work/../etc}\n    - {name: notes, mountPath: /proc/x}\n    - {name: nope, mountPath: /work}\n    - {name: tiny, mountPath: /data}\n    - {name: tiny, mountPath: /data/}\n    - {name: notes, mountPath: /usr}\n",
+                    "  workspaces:\n    - {name: notes, mountPath: /work/../etc}\n    - {name: notes, mountPath: /proc/x}\n    - {name: nope, mountPath: /work}\n    - {name: tiny, mountPath: /data}\n    - {name: tiny, mountPath: /data/}\n    - {name: notes, mountPath: /usr}\n    - {name: tiny, mountPath: /tmp/w}\n    - {name: tiny, mountPath: /var/run/x}\n    - {name: tiny, mountPath: /data/inner}\n",
                 ),
             ),
             (
@@ -2839,6 +2839,7 @@ fn workspaces_hostile_mounts_sizes_and_sharing() {
             ),
         ],
         expect![[r#"
+            fleet/vms/a.yaml:9:5: error: spec.workspaces: 9 workspaces; a VM mounts at most 8
             fleet/vms/a.yaml:9:32: error: spec.workspaces[0].mountPath: "/work/../etc" is not a plain path (no empty, . or .. parts); write it as /work/repo
             fleet/vms/a.yaml:10:14: error: spec.workspaces[1].name: workspace "notes" is mounted twice in this VM; mount it once
             fleet/vms/a.yaml:10:32: error: spec.workspaces[1].mountPath: "/proc/x" is in /proc, which the guest's system owns; mount workspaces elsewhere, such as /work
@@ -2847,6 +2848,12 @@ fn workspaces_hostile_mounts_sizes_and_sharing() {
             fleet/vms/a.yaml:13:31: error: spec.workspaces[4].mountPath: "/data/" is mounted twice; give each workspace its own path
             fleet/vms/a.yaml:14:14: error: spec.workspaces[5].name: workspace "notes" is mounted twice in this VM; mount it once
             fleet/vms/a.yaml:14:32: error: spec.workspaces[5].mountPath: "/usr" is in /usr, which the guest's system owns; mount workspaces elsewhere, such as /work
+            fleet/vms/a.yaml:15:14: error: spec.workspaces[6].name: workspace "tiny" is mounted twice in this VM; mount it once
+            fleet/vms/a.yaml:15:31: error: spec.workspaces[6].mountPath: "/tmp/w" is in a directory every user of the guest may write to; mount workspaces elsewhere, such as /work
+            fleet/vms/a.yaml:16:14: error: spec.workspaces[7].name: workspace "tiny" is mounted twice in this VM; mount it once
+            fleet/vms/a.yaml:16:31: error: spec.workspaces[7].mountPath: "/var/run/x" is in a directory every user of the guest may write to; mount workspaces elsewhere, such as /work
+            fleet/vms/a.yaml:17:14: error: spec.workspaces[8].name: workspace "tiny" is mounted twice in this VM; mount it once
+            fleet/vms/a.yaml:17:31: error: spec.workspaces[8].mountPath: "/data/inner" and "/data" nest: one workspace would hide part of the other; mount them side by side
             fleet/vms/b.yaml:7:23: error: spec.workspaces[0].name: workspace "notes" is attached to VM "a" already; a workspace belongs to one VM at a time
             fleet/vms/pool.yaml:10:7: error: spec.template.spec.workspaces: a workspace belongs to one VM, and a pool's members would share it; attach workspaces to VMs of their own
             fleet/workspaces/tiny.yaml:4:31: error: spec.size: "8Mi" is out of bounds; a workspace is 16Mi to 16Ti

@@ -347,6 +347,22 @@ fn check_vm_spec<T>(o: &Object<T>, at: &str, spec: &VmSpec, diags: &mut Vec<Diag
                 &pointer,
                 format!("{path:?} is mounted twice; give each workspace its own path"),
             ));
+        } else if let Some(other) = spec.workspaces[..i].iter().find(|m| {
+            crate::spec::mount_path_problem(&m.mount_path.0).is_none() && {
+                let (a, b) = (
+                    m.mount_path.0.trim_end_matches('/'),
+                    path.trim_end_matches('/'),
+                );
+                a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
+            }
+        }) {
+            diags.push(o.field_error(
+                &pointer,
+                format!(
+                    "{path:?} and {:?} nest: one workspace would hide part of the other; mount them side by side",
+                    other.mount_path.0
+                ),
+            ));
         }
     }
     if let Some(lease) = &spec.lease {

@@ -142,11 +142,14 @@ pub fn approval_digest(held: &[HeldStep]) -> Option<String> {
     let mut h = Sha256::new();
     for s in held {
         let applied = s.step.applied().map(|c| c.hash()).unwrap_or_default();
-        let wanted = s
-            .step
-            .desired()
-            .map(|d| d.spec_hash.clone())
-            .unwrap_or_default();
+        let wanted = match &s.step.change {
+            super::Change::DestroyWorkspace { identity, .. } => identity.clone(),
+            _ => s
+                .step
+                .desired()
+                .map(|d| d.spec_hash.clone())
+                .unwrap_or_default(),
+        };
         h.update(
             format!(
                 "{}\0{}\0{}\0{applied}\0{wanted}\n",

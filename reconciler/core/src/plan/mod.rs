@@ -240,6 +240,10 @@ pub enum Change {
     /// A workspace's volume is deleted (the step's `vm` is `workspace:<name>`).
     DestroyWorkspace {
         workspace: String,
+        /// The volume's identity as observed (`ObservedWorkspace::identity`): part of the
+        /// approval's digest, so an approval never carries over to another volume.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        identity: String,
     },
 }
 
@@ -744,15 +748,16 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
                     }
                     (_, step) => step,
                 };
-                // A revert the host asked for comes before a power step (it sets the power
-                // state itself); a change of configuration goes first, and the revert
-                // after it, on a later pass.
+                // A revert the host asked for comes before a power step the spec asks for
+                // (it sets the power state itself); a change of configuration goes first,
+                // and a lease's or idleness's stop too, and the revert after them.
                 let step = match (inputs.reverts.get(&vm.name), step) {
                     (
                         Some(revert),
                         None
                         | Some(Step {
                             change: Change::Start | Change::Stop,
+                            reason: Reason::PowerState { .. },
                             ..
                         }),
                     ) => {
@@ -1243,6 +1248,7 @@ fn workspace_steps(
                 provider: provider.clone(),
                 change: Change::DestroyWorkspace {
                     workspace: found.name.clone(),
+                    identity: found.identity.clone(),
                 },
                 reason: Reason::RemovedFromFleet,
             };

@@ -1418,6 +1418,7 @@ fn workspaces_are_destroyed_only_when_approved_and_let_go_and_never_shrink() {
         name: name.into(),
         size_mib: mib,
         attached_to: attached.iter().map(|s| (*s).to_owned()).collect(),
+        identity: format!("{name}-1"),
     };
     let mut o = observed(vec![applied(&before.vms["a"], true)]);
     let host = o.hosts.get_mut("local").expect("local");

@@ -399,6 +399,10 @@ impl LibvirtDriver {
             }
         };
         if !self.call("look at the workspace pool", |_| pool.is_active())? {
+            // Only a change makes it start: observing reads, never starts anything.
+            if !make {
+                return Ok(None);
+            }
             self.call("start the workspace pool", |_| pool.create(0))?;
         }
         Ok(Some(pool))
@@ -416,9 +420,40 @@ impl LibvirtDriver {
         };
         for mount in &vm.config.workspaces {
             let volume = domain_xml::workspace_volume(&mount.name);
+            // Never two VMs on one workspace: not while another domain has it, running or
+            // defined (whatever its stamp says: a crash can leave a running VM holding a
+            // workspace its saved definition let go).
+            let holders = self.domains_attaching(&volume, &vm.name)?;
+            if !holders.is_empty() {
+                return Err(DriverError::new(
+                    ErrorKind::Transient,
+                    format!(
+                        "workspace {} is still attached to {}; {} gets it once that lets it go",
+                        mount.name,
+                        holders.join(", "),
+                        vm.name
+                    ),
+                ));
+            }
             let bytes = mount.size_mib * 1024 * 1024;
             match pool.lookup_storage_vol_by_name(&volume) {
                 Ok(found) => {
+                    // Only what fleet makes: qcow2 with no backing file (a backing file
+                    // would show the guest a host file).
+                    let xml = self.call(&format!("read workspace {}", mount.name), |_| {
+                        found.xml_desc(0)
+                    })?;
+                    if !xml.contains("<format type='qcow2'/>")
+                        || xml.contains("<backingStore><path>")
+                    {
+                        return Err(DriverError::new(
+                            ErrorKind::Conflict,
+                            format!(
+                                "{volume} in pool {} is not a volume fleet made (not a plain qcow2); move it away",
+                                self.workspace_pool_name()
+                            ),
+                        ));
+                    }
                     let capacity = self
                         .call(&format!("read workspace {}", mount.name), |_| found.info())?
                         .capacity;
@@ -463,6 +498,15 @@ impl LibvirtDriver {
                 continue;
             }
             let capacity = self.call("read a workspace", |_| volume.info())?.capacity;
+            let identity = volume
+                .xml_desc(0)
+                .ok()
+                .and_then(|xml| {
+                    let at = xml.find("<ctime>")? + "<ctime>".len();
+                    let end = xml[at..].find('<')? + at;
+                    Some(xml[at..end].trim().to_owned())
+                })
+                .unwrap_or_default();
             let attached_to = vms
                 .iter()
                 .filter(|vm| vm.owned_by(&self.fleet))
@@ -478,9 +522,65 @@ impl LibvirtDriver {
                 name: name.to_owned(),
                 size_mib: capacity / (1024 * 1024),
                 attached_to,
+                identity,
             });
         }
         found.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(found)
+    }
+
+    /// Refuses to snapshot or revert a domain that attaches a workspace (now, or in its
+    /// saved definition): an internal snapshot would take the workspace too, and a revert
+    /// would roll it back, or attach it again after it moved to another VM.
+    fn refuse_with_workspaces(
+        &self,
+        dom: &Domain,
+        name: &str,
+        what: &str,
+    ) -> Result<(), DriverError> {
+        let pool = format!("pool='{}'", self.workspace_pool_name());
+        for flags in [0, virt::sys::VIR_DOMAIN_XML_INACTIVE] {
+            let xml = self.on_domain(&format!("read {name}"), || dom.xml_desc(flags))?;
+            if xml.contains(&pool) {
+                return Err(DriverError::new(
+                    ErrorKind::Permanent,
+                    format!(
+                        "{name} has workspaces attached: it is not {what} (a snapshot would hold its workspaces too, and a revert roll them back)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The domains other than `except` that attach `volume` of the workspace pool, in their
+    /// running definition or their saved one.
+    fn domains_attaching(&self, volume: &str, except: &str) -> Result<Vec<String>, DriverError> {
+        let (pool, volume) = (
+            format!("pool='{}'", self.workspace_pool_name()),
+            format!("volume='{volume}'"),
+        );
+        let domains = self.call("list domains", |c| c.list_all_domains(0))?;
+        let mut found = Vec::new();
+        for dom in &domains {
+            let name = dom.name().unwrap_or_default();
+            if name == except {
+                continue;
+            }
+            let mut flags = vec![virt::sys::VIR_DOMAIN_XML_INACTIVE];
+            if dom.id().is_some() {
+                flags.push(0);
+            }
+            for flag in flags {
+                let Ok(xml) = dom.xml_desc(flag) else {
+                    continue;
+                };
+                if xml.contains(&pool) && xml.contains(&volume) {
+                    found.push(name.clone());
+                    break;
+                }
+            }
+        }
         Ok(found)
     }
 
@@ -1180,7 +1280,11 @@ impl Driver for LibvirtDriver {
             });
         }
         drop(cache);
-        let workspaces = self.observe_workspaces(&vms)?;
+        // A pool fleet cannot read hides its workspaces, never its VMs.
+        let workspaces = self.observe_workspaces(&vms).unwrap_or_else(|e| {
+            tracing::warn!(provider = %self.provider, "workspaces not observed: {e}");
+            Vec::new()
+        });
         Ok(ObservedHost { vms, workspaces })
     }
 
@@ -1271,6 +1375,7 @@ impl Driver for LibvirtDriver {
         refuse_adopted(&found, "snapshotted")?;
         // Internal snapshots live in the VM's own overlay: a VM booted from a kernel and
         // initrd alone has none to hold them.
+        self.refuse_with_workspaces(&dom, name, "snapshotted")?;
         if !self.vm_dir(name)?.join("disk.qcow2").exists() {
             return Err(DriverError::new(
                 ErrorKind::Permanent,
@@ -1292,6 +1397,7 @@ impl Driver for LibvirtDriver {
         self.invalidate(name);
         let (dom, found) = self.require_owned(name)?;
         refuse_adopted(&found, "reverted")?;
+        self.refuse_with_workspaces(&dom, name, "reverted")?;
         let taken = self.on_domain(&format!("find {name}'s snapshot {snapshot}"), || {
             Domain::lookup_snapshot_by_name(&dom, snapshot, 0)
         })?;
@@ -1325,23 +1431,15 @@ impl Driver for LibvirtDriver {
         let Ok(found) = pool.lookup_storage_vol_by_name(&volume) else {
             return Ok(()); // Gone already: a destroy run again.
         };
-        let pool_name = self.workspace_pool_name();
-        let domains = self.call("list domains", |c| c.list_all_domains(0))?;
-        for dom in &domains {
-            let xml = self.on_domain("read a domain", || {
-                dom.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
-            })?;
-            let attaches = xml.contains(&format!("pool='{pool_name}'"))
-                && xml.contains(&format!("volume='{volume}'"));
-            if attaches {
-                return Err(DriverError::new(
-                    ErrorKind::Transient,
-                    format!(
-                        "workspace {name} is attached to domain {}; it is destroyed once no domain attaches it",
-                        dom.name().unwrap_or_default()
-                    ),
-                ));
-            }
+        let holders = self.domains_attaching(&volume, "")?;
+        if !holders.is_empty() {
+            return Err(DriverError::new(
+                ErrorKind::Transient,
+                format!(
+                    "workspace {name} is attached to {}; it is destroyed once no domain attaches it",
+                    holders.join(", ")
+                ),
+            ));
         }
         self.call(&format!("delete workspace {name}"), |_| found.delete(0))
     }

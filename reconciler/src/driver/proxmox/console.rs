@@ -25,6 +25,9 @@ pub struct PveConsole {
     stream: Mutex<SplitStream<WebSocket>>,
     /// Output received and not yet taken (a frame larger than the reader's buffer).
     pending: Mutex<Vec<u8>>,
+    /// Typed bytes that end in the middle of a UTF-8 character, kept for the next send
+    /// (the protocol carries text).
+    typed: Mutex<Vec<u8>>,
     closed: AtomicBool,
 }
 
@@ -73,6 +76,7 @@ pub fn open(client: &PveClient, vm_path: &str) -> Result<Arc<PveConsole>, Driver
         sink: Mutex::new(sink),
         stream: Mutex::new(stream),
         pending: Mutex::default(),
+        typed: Mutex::default(),
         closed: AtomicBool::new(false),
     });
     {
@@ -135,8 +139,23 @@ impl Console for PveConsole {
     }
 
     fn send(&self, data: &[u8]) -> Result<(), DriverError> {
-        // The protocol carries text: its length is in bytes of UTF-8.
-        let text = String::from_utf8_lossy(data);
+        // The protocol carries text (its length in bytes of UTF-8): a character split
+        // across two reads waits for its rest; bytes that are no UTF-8 at all go as U+FFFD.
+        let text = {
+            let mut typed = self.typed.lock().unwrap_or_else(|p| p.into_inner());
+            typed.extend_from_slice(data);
+            let whole = match std::str::from_utf8(&typed) {
+                Ok(s) => s.len(),
+                Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                Err(_) => typed.len(),
+            };
+            let text = String::from_utf8_lossy(&typed[..whole]).into_owned();
+            typed.drain(..whole);
+            text
+        };
+        if text.is_empty() {
+            return Ok(());
+        }
         self.frame(format!("0:{}:{text}", text.len()))
     }
 }
