@@ -30,7 +30,8 @@ use crate::task::{Sink, base64_encode};
 /// process may hold the output open for ever).
 const DRAIN: Duration = Duration::from_secs(1);
 
-/// The environment a session starts with: nothing of the agent's own.
+/// The `PATH` a session starts with (see `base_env`: nothing of the agent's own
+/// environment reaches a session).
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The exec sessions of one opening of the link.
@@ -114,9 +115,16 @@ fn wait_unreaped(pid: i32) -> (Option<i32>, Option<i32>) {
     }
 }
 
+/// Which of a command's outputs a reader copies (a terminal's is all `Stdout`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
 /// A started command: its output readers, where its input goes, and how to reap it.
 struct Started {
-    outputs: Vec<(bool, Box<dyn Read + Send>)>,
+    outputs: Vec<(Stream, Box<dyn Read + Send>)>,
     input: Box<dyn Write + Send>,
     terminal: Option<Box<dyn MasterPty + Send>>,
     leader: i32,
@@ -302,7 +310,7 @@ impl Execs {
         // Readers waiting for the host's credit, not for the command: the drain's clock
         // does not run for them.
         let waiting = Arc::new(AtomicUsize::new(0));
-        for (stderr, reader) in started.outputs {
+        for (stream, reader) in started.outputs {
             let (execs, credit, done, waiting) = (
                 self.clone(),
                 session.credit.clone(),
@@ -310,7 +318,7 @@ impl Execs {
                 waiting.clone(),
             );
             std::thread::spawn(move || {
-                execs.send_output(exec, stderr, reader, &credit, &waiting);
+                execs.send_output(exec, stream, reader, &credit, &waiting);
                 let _ = done.send(());
             });
         }
@@ -355,7 +363,7 @@ impl Execs {
     fn send_output(
         &self,
         exec: u32,
-        stderr: bool,
+        stream: Stream,
         mut reader: Box<dyn Read + Send>,
         credit: &Credit,
         waiting: &AtomicUsize,
@@ -377,7 +385,7 @@ impl Execs {
                         (self.sink)(GuestMessage::ExecOutput {
                             v: VERSION,
                             exec,
-                            stderr,
+                            stderr: stream == Stream::Stderr,
                             data: base64_encode(&buf[sent..sent + k]),
                         });
                         sent += k;
@@ -447,7 +455,7 @@ fn spawn_in_terminal(argv: &[String], size: TermSize, term: &str) -> Result<Star
         }
     };
     Ok(Started {
-        outputs: vec![(false, reader)],
+        outputs: vec![(Stream::Stdout, reader)],
         input: writer,
         terminal: Some(pty.master),
         leader,
@@ -479,7 +487,10 @@ fn spawn_piped(argv: &[String]) -> Result<Started, String> {
         return Err("cannot attach to the command's input and output".to_owned());
     };
     Ok(Started {
-        outputs: vec![(false, Box::new(stdout)), (true, Box::new(stderr))],
+        outputs: vec![
+            (Stream::Stdout, Box::new(stdout)),
+            (Stream::Stderr, Box::new(stderr)),
+        ],
         input: Box::new(stdin),
         terminal: None,
         leader,

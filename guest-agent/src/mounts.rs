@@ -1,7 +1,8 @@
 //! Workspaces (`HostMessage::Mounts`): each a disk the host attached, known by its serial.
-//! A disk without a filesystem gets one (`mke2fs`, with the workspace's label, its top
-//! directory mode 1777 so that every task's user may write there); then it is mounted at
-//! its path, made if missing. Mounting what is already mounted there is
+//! A blank disk (its first MiB zeros) gets a filesystem (`mke2fs`: ext2 from busybox,
+//! ext2 or ext4 from e2fsprogs, all mounted by the kernel's ext4 driver), its top directory
+//! mode 1777 so that every task's user may write there; a disk holding anything else is
+//! never formatted. Then it is mounted at its path, made if missing (`nosuid,nodev`). Mounting what is already mounted there is
 //! nothing, so the host may send the set after every hello.
 
 use std::io::{Read, Seek, SeekFrom};
@@ -77,20 +78,20 @@ fn mount_one(m: &Mount) -> Result<(), String> {
         None::<&str>,
     )
     .map_err(|e| format!("cannot mount {}: {e}", dev.display()))?;
-    // A grown volume: the filesystem follows where the guest can (resize2fs).
-    if !fresh {
+    if fresh {
+        // A new filesystem's top is open to every task's user, as /tmp is (an isolating
+        // agent runs each task as a user of its own); later changes of its mode are the
+        // guest's.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&m.path, std::fs::Permissions::from_mode(0o1777))
+            .map_err(|e| format!("cannot open the workspace to tasks: {e}"))?;
+    } else {
+        // A grown volume: the filesystem follows where the guest can (resize2fs).
         let _ = std::process::Command::new("resize2fs")
             .arg(&dev)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status();
-    }
-    // A new filesystem's top is open to every task's user, as /tmp is (an isolating agent
-    // runs each task as a user of its own); later changes of its mode are the guest's.
-    if fresh {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&m.path, std::fs::Permissions::from_mode(0o1777))
-            .map_err(|e| format!("cannot open the workspace to tasks: {e}"))?;
     }
     Ok(())
 }

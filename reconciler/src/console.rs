@@ -16,9 +16,6 @@ use anyhow::{Context, Result, bail};
 use crate::driver::Console;
 use crate::reconcile::{self, Workspace};
 
-/// The byte that leaves the console: Ctrl-].
-pub const ESCAPE: u8 = 0x1d;
-
 /// How much of the log `--follow` shows before what comes next.
 const TAIL_BYTES: u64 = 16 * 1024;
 
@@ -26,27 +23,22 @@ const TAIL_BYTES: u64 = 16 * 1024;
 pub fn interactive(ws: &Workspace, vm: &str, force: bool) -> Result<()> {
     let driver = reconcile::driver_of_vm(ws, vm)?;
     let console: Arc<dyn Console> = Arc::from(driver.console(vm, force)?);
-    let terminal = rustix::termios::isatty(std::io::stdin());
+    let terminal = crate::tty::is_terminal();
     eprint!("Connected to the console of {vm}; leave with Ctrl-]\r\n");
     let raw = if terminal {
-        Some(crate::exec::client::RawTerminal::enter()?)
+        Some(crate::tty::RawTerminal::enter()?)
     } else {
         None
     };
     if terminal {
         // The console's terminal follows the operator's (where it has a size at all).
-        if let Some(size) = crate::exec::client::terminal_size() {
+        if let Some(size) = crate::tty::size() {
             let _ = console.resize(size.cols, size.rows);
         }
         let console = console.clone();
-        let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGWINCH])?;
-        std::thread::spawn(move || {
-            for _ in signals.forever() {
-                if let Some(size) = crate::exec::client::terminal_size() {
-                    let _ = console.resize(size.cols, size.rows);
-                }
-            }
-        });
+        crate::tty::on_resize(move |size| {
+            let _ = console.resize(size.cols, size.rows);
+        })?;
     }
     let closed = Arc::new(AtomicBool::new(false));
     {
@@ -90,10 +82,7 @@ fn type_into(console: &dyn Console, closed: &AtomicBool) -> &'static str {
             Ok(0) | Err(_) => return "left",
             Ok(n) => n,
         };
-        let (typed, leave) = match buf[..n].iter().position(|b| *b == ESCAPE) {
-            Some(i) => (&buf[..i], true),
-            None => (&buf[..n], false),
-        };
+        let (typed, leave) = crate::tty::split_at_escape(&buf[..n]);
         if !typed.is_empty() && console.send(typed).is_err() {
             return "lost";
         }

@@ -46,4 +46,5 @@ pub mod task_view;
 pub mod tasks;
 pub mod terminal;
 pub mod trust;
+pub mod tty;
 pub mod wait;

@@ -350,16 +350,22 @@ pub fn desired(snapshot: &Snapshot, host: &HostSpec) -> Result<Desired, Vec<Diag
     }
 }
 
+/// The status of `vm`, a VM fleet manages, or why there is none: the commands that reach
+/// into one VM (`exec`, `console`, `snapshot`) refuse any other.
+pub fn managed_vm(status: &StatusDir, vm: &str) -> anyhow::Result<status::VmStatus> {
+    crate::driver::check_name(vm).map_err(|e| anyhow::anyhow!(e.message))?;
+    status.read_vms().remove(vm).ok_or_else(|| {
+        anyhow::anyhow!(
+            "fleet does not manage a VM named {vm} (no status for it in {}); fleet only acts on VMs it made",
+            status.root().display()
+        )
+    })
+}
+
 /// The driver of the provider fleet's status says `vm` runs on (`fleet console`,
 /// `fleet snapshot`): refused for a VM fleet keeps no status of.
 pub fn driver_of_vm(ws: &Workspace, vm: &str) -> anyhow::Result<Arc<dyn Driver>> {
-    crate::driver::check_name(vm).map_err(|e| anyhow::anyhow!(e.message))?;
-    let Some(status) = ws.status.read_vms().remove(vm) else {
-        anyhow::bail!(
-            "fleet does not manage a VM named {vm} (no status for it in {}); fleet only acts on VMs it made",
-            ws.status.root().display()
-        );
-    };
+    let status = managed_vm(&ws.status, vm)?;
     let host = ws.host()?;
     let snapshot = read_snapshot(ws, &SourceChoice::Head)?;
     let desired = desired(&snapshot, &host).map_err(|diags| {

@@ -6,7 +6,7 @@
 //! revert changes what runs, so it is a step of a plan like any other: the command writes
 //! the request (`status/snapshot-reverts/<vm>.yaml`), the next pass plans
 //! `revert VM` (`Reason::RevertAsked`), apply journals and runs it, and the request goes
-//! once it ran. A snapshot lives with the VM's disk: a replace or a reset of the VM, which
+//! once it ran or failed (ask again). A snapshot lives with the VM's disk: a replace or a reset of the VM, which
 //! makes its disk again, loses them.
 
 use anyhow::{Context, Result, bail};
@@ -16,8 +16,7 @@ use crate::reconcile::{Workspace, driver_of_vm};
 use crate::status::{Event, EventKind, HostRevert};
 
 fn event(ws: &Workspace, kind: EventKind, vm: &str, by: &str, message: String) {
-    let mut event = Event::task(kind, None, Some(vm), None, message);
-    event.by = Some(by.to_owned());
+    let event = Event::by_operator(kind, vm, by, message);
     if let Err(e) = ws.status.append_event(&event) {
         eprintln!("fleet snapshot: cannot record the event: {e}");
     }

@@ -243,6 +243,21 @@ fn no_snapshots() -> DriverError {
     )
 }
 
+/// A console shared (with a keepalive thread, say) is a console.
+impl<C: Console + ?Sized> Console for std::sync::Arc<C> {
+    fn recv(&self, buf: &mut [u8]) -> Result<usize, DriverError> {
+        (**self).recv(buf)
+    }
+
+    fn send(&self, data: &[u8]) -> Result<(), DriverError> {
+        (**self).send(data)
+    }
+
+    fn resize(&self, cols: u16, rows: u16) -> Result<(), DriverError> {
+        (**self).resize(cols, rows)
+    }
+}
+
 /// A snapshot of a VM, as its hypervisor lists it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -22,65 +22,6 @@ use crate::status::StatusDir;
 /// What exits the client when the command could not run (as ssh does).
 const COULD_NOT_RUN: u8 = 255;
 
-/// The operator's terminal in raw mode, restored when dropped, or by SIGTERM or SIGHUP
-/// (which then end the process).
-pub struct RawTerminal {
-    saved: rustix::termios::Termios,
-}
-
-/// The byte that ends a terminal session from this side: Ctrl-].
-const ESCAPE: u8 = crate::console::ESCAPE;
-
-impl RawTerminal {
-    pub fn enter() -> anyhow::Result<RawTerminal> {
-        let stdin = std::io::stdin();
-        let saved =
-            rustix::termios::tcgetattr(&stdin).context("cannot read the terminal's mode")?;
-        let mut raw = saved.clone();
-        raw.make_raw();
-        rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &raw)
-            .context("cannot put the terminal in raw mode")?;
-        {
-            let saved = saved.clone();
-            let mut signals = signal_hook::iterator::Signals::new([
-                signal_hook::consts::SIGTERM,
-                signal_hook::consts::SIGHUP,
-            ])?;
-            std::thread::spawn(move || {
-                if let Some(signal) = signals.forever().next() {
-                    let _ = rustix::termios::tcsetattr(
-                        std::io::stdin(),
-                        rustix::termios::OptionalActions::Now,
-                        &saved,
-                    );
-                    std::process::exit(128 + signal);
-                }
-            });
-        }
-        Ok(RawTerminal { saved })
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        let _ = rustix::termios::tcsetattr(
-            std::io::stdin(),
-            rustix::termios::OptionalActions::Now,
-            &self.saved,
-        );
-    }
-}
-
-pub fn terminal_size() -> Option<TermSize> {
-    let size = rustix::termios::tcgetwinsize(std::io::stdout())
-        .or_else(|_| rustix::termios::tcgetwinsize(std::io::stdin()))
-        .ok()?;
-    (size.ws_row > 0 && size.ws_col > 0).then_some(TermSize {
-        rows: size.ws_row,
-        cols: size.ws_col,
-    })
-}
-
 type Writer = Arc<Mutex<UnixStream>>;
 
 fn send(writer: &Writer, message: &HostMessage) -> std::io::Result<()> {
@@ -92,13 +33,8 @@ fn send(writer: &Writer, message: &HostMessage) -> std::io::Result<()> {
 
 /// Runs `argv` in `vm` through the daemon serving `status`; the exit code to leave with.
 pub fn run(status: &StatusDir, vm: &str, argv: Vec<String>, tty: bool) -> anyhow::Result<u8> {
-    if !status.read_vms().contains_key(vm) {
-        bail!(
-            "fleet does not manage a VM named {vm} (no status for it in {}); fleet only execs into VMs it made",
-            status.root().display()
-        );
-    }
-    if tty && !rustix::termios::isatty(std::io::stdin()) {
+    crate::reconcile::managed_vm(status, vm)?;
+    if tty && !crate::tty::is_terminal() {
         bail!("--tty needs a terminal on standard input; leave it out to pipe input");
     }
     let path = super::server::socket_path(status.root());
@@ -112,7 +48,7 @@ pub fn run(status: &StatusDir, vm: &str, argv: Vec<String>, tty: bool) -> anyhow
         vm: vm.to_owned(),
         argv,
         tty: if tty {
-            Some(terminal_size().unwrap_or(TermSize { rows: 24, cols: 80 }))
+            Some(crate::tty::size().unwrap_or(TermSize { rows: 24, cols: 80 }))
         } else {
             None
         },
@@ -131,7 +67,7 @@ pub fn run(status: &StatusDir, vm: &str, argv: Vec<String>, tty: bool) -> anyhow
             .write_all(line.as_bytes())?;
     }
     let raw = if tty {
-        Some(RawTerminal::enter()?)
+        Some(crate::tty::RawTerminal::enter()?)
     } else {
         None
     };
@@ -142,21 +78,14 @@ pub fn run(status: &StatusDir, vm: &str, argv: Vec<String>, tty: bool) -> anyhow
     }
     if tty {
         let writer = writer.clone();
-        let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGWINCH])?;
-        std::thread::spawn(move || {
-            for _ in signals.forever() {
-                if let Some(size) = terminal_size() {
-                    let _ = send(
-                        &writer,
-                        &HostMessage::ExecResize {
-                            v: VERSION,
-                            exec: 0,
-                            size,
-                        },
-                    );
-                }
-            }
-        });
+        crate::tty::on_resize(move |size| {
+            let resize = HostMessage::ExecResize {
+                v: VERSION,
+                exec: 0,
+                size,
+            };
+            let _ = send(&writer, &resize);
+        })?;
     }
     let ended = pass_output(conn, &writer, &credit);
     credit.close();
@@ -175,17 +104,16 @@ fn pass_input(writer: &Writer, credit: &Credit, tty: bool) {
     let mut stdin = std::io::stdin().lock();
     let mut buf = vec![0u8; CHUNK_BYTES];
     loop {
-        let mut n = match stdin.read(&mut buf) {
+        let read = match stdin.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         // Ctrl-] on a terminal: what came before it goes, then the session ends.
-        let escape = tty
-            .then(|| buf[..n].iter().position(|b| *b == ESCAPE))
-            .flatten();
-        if let Some(at) = escape {
-            n = at;
-        }
+        let (typed, escaped) = match tty {
+            true => crate::tty::split_at_escape(&buf[..read]),
+            false => (&buf[..read], false),
+        };
+        let n = typed.len();
         let mut sent = 0;
         while sent < n {
             match credit.take(n - sent, Duration::from_secs(3600)) {
@@ -206,7 +134,7 @@ fn pass_input(writer: &Writer, credit: &Credit, tty: bool) {
                 Take::Closed => return,
             }
         }
-        if escape.is_some() {
+        if escaped {
             let _ = send(
                 writer,
                 &HostMessage::ExecKill {

@@ -153,14 +153,18 @@ impl LinkSessions {
                     to_client,
                     queued,
                 } => {
-                    if self.sessions.len() >= MAX_SESSIONS || self.sessions.contains_key(&exec) {
-                        let _ = to_client.send(ended(
-                            exec,
-                            format!(
-                                "{MAX_SESSIONS} exec sessions are open on {} already; end one first",
-                                self.vm
-                            ),
-                        ));
+                    let refused = if self.sessions.contains_key(&exec) {
+                        Some(format!("session {exec} is open on {} already", self.vm))
+                    } else if self.sessions.len() >= MAX_SESSIONS {
+                        Some(format!(
+                            "{MAX_SESSIONS} exec sessions are open on {} already; end one first",
+                            self.vm
+                        ))
+                    } else {
+                        None
+                    };
+                    if let Some(why) = refused {
+                        let _ = to_client.send(ended(exec, why));
                         continue;
                     }
                     self.sessions.insert(
@@ -218,11 +222,14 @@ impl LinkSessions {
     /// The guest greeted again (its agent restarted, or it rebooted): the sessions it ran
     /// are gone with its old self, and their clients are told.
     pub fn guest_restarted(&mut self) {
+        let why = format!("the agent in {} restarted; the session ended", self.vm);
+        self.end_all(&why);
+    }
+
+    /// Every session ends, and its client hears `why`.
+    fn end_all(&mut self, why: &str) {
         for (exec, session) in self.sessions.drain() {
-            let _ = session.to_client.send(ended(
-                exec,
-                format!("the agent in {} restarted; the session ended", self.vm),
-            ));
+            let _ = session.to_client.send(ended(exec, why.to_owned()));
         }
     }
 
@@ -293,12 +300,8 @@ fn decoded_len(data: &str) -> Option<usize> {
 impl Drop for LinkSessions {
     /// The link is gone, and its sessions with it (the guest ends them too).
     fn drop(&mut self) {
-        for (exec, session) in self.sessions.drain() {
-            let _ = session.to_client.send(ended(
-                exec,
-                format!("the agent link to {} dropped", self.vm),
-            ));
-        }
+        let why = format!("the agent link to {} dropped", self.vm);
+        self.end_all(&why);
         // Only this link's route: a newer link of the same VM may have replaced it.
         let mut routes = self.routes.lock();
         if routes.get(&self.vm).is_some_and(|r| r.link == self.id) {

@@ -2,9 +2,9 @@
 //! brokered VMs, which have no network, are reachable too).
 //!
 //! The link belongs to `fleet serve` (QEMU accepts one client per port), so the command
-//! goes through it: the client connects to the daemon's socket `<status>/exec.sock`
-//! (mode 0600, and the daemon checks the peer is its own user or root: exec needs the
-//! status directory owner's permissions), sends a `Request`, then speaks the link's own
+//! goes through it: the client connects to the daemon's socket `<status>/exec/exec.sock`
+//! (in a 0700 directory, and the daemon checks the peer is its own user or root: exec needs
+//! the status directory owner's permissions), sends a `Request`, then speaks the link's own
 //! exec messages (`fleet_agent_protocol::exec`): `HostMessage::ExecInput`, `ExecResize`,
 //! `ExecCredit`, `ExecKill` up, `GuestMessage::ExecOutput`, `ExecCredit`, `ExecExit`
 //! down, one JSON line each. The daemon names the session on the link, checks the guest
@@ -22,7 +22,7 @@ pub mod server;
 use fleet_agent_protocol::exec::TermSize;
 use serde::{Deserialize, Serialize};
 
-/// The socket's name in the status directory.
+/// The socket's name, in the status directory's `exec/` (see `server::socket_path`).
 pub const SOCKET: &str = "exec.sock";
 
 /// What a client asks for, its first line on the daemon's socket.

@@ -1,4 +1,4 @@
-//! The daemon's exec socket, `<status>/exec.sock`: one thread accepts; each client gets a
+//! The daemon's exec socket, `<status>/exec/exec.sock`: one thread accepts; each client gets a
 //! thread that reads its request and then writes what the guest sends, and one that
 //! passes what the client sends to the link.
 //!
@@ -29,7 +29,7 @@ const MAX_CLIENTS: usize = 64;
 /// How long a client has to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Binds `<status>/exec.sock` and serves it on threads of its own for the life of the
+/// Binds `<status>/exec/exec.sock` and serves it on threads of its own for the life of the
 /// process. A socket file left there is stale (this process holds the status lock).
 pub fn start(status: &StatusDir, routes: Routes) -> anyhow::Result<PathBuf> {
     let path = socket_path(status.root());
@@ -204,8 +204,7 @@ fn serve_client(
     };
     let command = shell_words(&request.argv);
     let log = |kind: EventKind, message: String| {
-        let mut event = Event::task(kind, None, Some(&request.vm), None, message);
-        event.by = Some(by.clone());
+        let event = Event::by_operator(kind, &request.vm, &by, message);
         if let Err(e) = status.append_event(&event) {
             tracing::warn!("cannot record an exec event: {e}");
         }

@@ -92,7 +92,8 @@ pub struct Event {
     pub action: Option<Action>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
-    /// Who did it, when a person did (`fleet exec`: the user and who they said they were).
+    /// Who did it, when a person on the host did (`fleet exec`, `fleet snapshot`: the user,
+    /// and who they said they were).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
     pub message: String,
@@ -143,6 +144,16 @@ impl Event {
             task: task.map(str::to_owned),
             vm: vm.map(str::to_owned),
             ..Event::fleet(kind, revision, message)
+        }
+    }
+
+    /// An event of one VM that an operator on the host caused (`fleet exec`, `fleet
+    /// snapshot`), naming them.
+    pub fn by_operator(kind: EventKind, vm: &str, by: &str, message: String) -> Event {
+        Event {
+            vm: Some(vm.to_owned()),
+            by: Some(by.to_owned()),
+            ..Event::fleet(kind, None, message)
         }
     }
 

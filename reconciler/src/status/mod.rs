@@ -1036,7 +1036,7 @@ impl StatusDir {
     }
 
     /// The reverts to a snapshot the host asked for (`snapshot-reverts/<vm>.yaml`, written
-    /// by `fleet snapshot revert`, removed once the revert ran), by VM.
+    /// by `fleet snapshot revert`, removed once the revert ran or failed), by VM.
     pub fn read_reverts(&self) -> BTreeMap<String, HostRevert> {
         self.read_all("snapshot-reverts", |r: &HostRevert| r.vm.clone())
             .into_iter()
@@ -1053,7 +1053,7 @@ impl StatusDir {
         )
     }
 
-    /// The revert of `vm` to `snapshot` ran: its request goes (unless a newer one, to
+    /// The revert of `vm` to `snapshot` ran or failed: its request goes (unless a newer one, to
     /// another snapshot, replaced it meanwhile).
     pub fn clear_revert(&self, vm: &str, snapshot: &str) -> std::io::Result<()> {
         if self

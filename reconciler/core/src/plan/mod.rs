@@ -181,6 +181,8 @@ pub struct Approved {
 /// One thing apply does to one VM, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Step {
+    /// The VM the step acts on, or for a workspace's destroy `workspace:<name>`
+    /// (`workspace_step_name`: never a VM's name, which is a DNS label).
     pub vm: String,
     pub provider: String,
     /// The action (`action` in JSON) with exactly the data it needs.

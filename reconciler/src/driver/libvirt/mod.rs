@@ -1373,9 +1373,9 @@ impl Driver for LibvirtDriver {
         super::check_snapshot_name(snapshot)?;
         let (dom, found) = self.require_owned(name)?;
         refuse_adopted(&found, "snapshotted")?;
+        self.refuse_with_workspaces(&dom, name, "snapshotted")?;
         // Internal snapshots live in the VM's own overlay: a VM booted from a kernel and
         // initrd alone has none to hold them.
-        self.refuse_with_workspaces(&dom, name, "snapshotted")?;
         if !self.vm_dir(name)?.join("disk.qcow2").exists() {
             return Err(DriverError::new(
                 ErrorKind::Permanent,

@@ -103,14 +103,14 @@ impl PveConsole {
             .block_on(sink.send(Message::text(text)))
             .map_err(lost)
     }
-
-    /// The terminal's size is now `cols` by `rows`.
-    pub fn resize(&self, cols: u16, rows: u16) -> Result<(), DriverError> {
-        self.frame(format!("1:{cols}:{rows}:"))
-    }
 }
 
 impl Console for PveConsole {
+    /// The terminal's size is now `cols` by `rows`.
+    fn resize(&self, cols: u16, rows: u16) -> Result<(), DriverError> {
+        self.frame(format!("1:{cols}:{rows}:"))
+    }
+
     fn recv(&self, buf: &mut [u8]) -> Result<usize, DriverError> {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         while pending.is_empty() {

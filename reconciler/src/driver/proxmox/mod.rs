@@ -274,23 +274,6 @@ impl ProxmoxDriver {
     }
 }
 
-/// A console shared with its keepalive thread.
-struct SharedConsole(Arc<console::PveConsole>);
-
-impl super::Console for SharedConsole {
-    fn recv(&self, buf: &mut [u8]) -> Result<usize, DriverError> {
-        self.0.recv(buf)
-    }
-
-    fn send(&self, data: &[u8]) -> Result<(), DriverError> {
-        self.0.send(data)
-    }
-
-    fn resize(&self, cols: u16, rows: u16) -> Result<(), DriverError> {
-        self.0.resize(cols, rows)
-    }
-}
-
 /// The snapshot a VM with `reset: beforeEachTask` returns to, taken when it was made.
 const CLEAN_SNAPSHOT: &str = "fleet-clean";
 
@@ -557,8 +540,7 @@ impl Driver for ProxmoxDriver {
                 format!("{name} is not running: its console opens once it runs"),
             ));
         }
-        let console = console::open(self.client()?, &owned.path())?;
-        Ok(Box::new(SharedConsole(console)))
+        Ok(Box::new(console::open(self.client()?, &owned.path())?))
     }
 
     fn snapshots(&self, name: &str) -> Result<Vec<super::SnapshotInfo>, DriverError> {
