@@ -186,7 +186,7 @@ mod tests {
         assert!(has_ext_filesystem(&image).expect("read"));
         let refused = apply(&[Mount {
             serial: "x".into(),
-            path: "/work/../etc".into(),
+            path: "/workspace/../etc".into(),
             label: "w".into(),
         }]);
         assert_eq!(refused.len(), 1);

@@ -392,7 +392,7 @@ pub fn mount_path_problem(path: &str) -> Option<String> {
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     if !path.starts_with('/') || parts.is_empty() || parts == [""] {
         return Some(format!(
-            "{path:?} cannot be a mount path: use an absolute directory other than /, such as /work"
+            "{path:?} cannot be a mount path: use an absolute directory other than /, such as /workspace"
         ));
     }
     if parts
@@ -400,12 +400,12 @@ pub fn mount_path_problem(path: &str) -> Option<String> {
         .any(|p| p.is_empty() || *p == "." || *p == "..")
     {
         return Some(format!(
-            "{path:?} is not a plain path (no empty, . or .. parts); write it as /work/repo"
+            "{path:?} is not a plain path (no empty, . or .. parts); write it as /workspace/repo"
         ));
     }
     if SYSTEM.contains(&parts[0]) {
         return Some(format!(
-            "{path:?} is in /{}, which the guest's system owns; mount workspaces elsewhere, such as /work",
+            "{path:?} is in /{}, which the guest's system owns; mount workspaces elsewhere, such as /workspace",
             parts[0]
         ));
     }
@@ -416,7 +416,7 @@ pub fn mount_path_problem(path: &str) -> Option<String> {
         .any(|[a, b]| parts[0] == *a && (b.is_empty() || parts.get(1) == Some(b)))
     {
         return Some(format!(
-            "{path:?} is in a directory every user of the guest may write to; mount workspaces elsewhere, such as /work"
+            "{path:?} is in a directory every user of the guest may write to; mount workspaces elsewhere, such as /workspace"
         ));
     }
     None

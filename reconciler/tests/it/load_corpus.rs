@@ -2801,13 +2801,13 @@ fn workspaces_mount_paths_the_schema_refuses() {
             (
                 "fleet/vms/a.yaml",
                 &vm_with(
-                    "  workspaces:\n    - {name: notes, mountPath: /}\n    - {name: big, mountPath: '/work; rm'}\n    - {name: big, mountPath: relative}\n",
+                    "  workspaces:\n    - {name: notes, mountPath: /}\n    - {name: big, mountPath: '/workspace; rm'}\n    - {name: big, mountPath: relative}\n",
                 ),
             ),
         ],
         expect![[r#"
             fleet/vms/a.yaml:9:32: error: spec.workspaces[0].mountPath: string "/" is not valid; expected an absolute guest path: `/` and letters, digits, `.`, `_`, `-`, at most 255 bytes
-            fleet/vms/a.yaml:10:30: error: spec.workspaces[1].mountPath: string "/work; rm" is not valid; expected an absolute guest path: `/` and letters, digits, `.`, `_`, `-`, at most 255 bytes
+            fleet/vms/a.yaml:10:30: error: spec.workspaces[1].mountPath: string "/workspace; rm" is not valid; expected an absolute guest path: `/` and letters, digits, `.`, `_`, `-`, at most 255 bytes
             fleet/vms/a.yaml:11:30: error: spec.workspaces[2].mountPath: string "relative" is not valid; expected an absolute guest path: `/` and letters, digits, `.`, `_`, `-`, at most 255 bytes
             fleet/workspaces/big.yaml:4:43: error: spec.label: string "bad label" is not valid; expected an ext filesystem label: letters, digits, `-` and `_`, at most 16
         "#]],
@@ -2826,32 +2826,32 @@ fn workspaces_hostile_mounts_sizes_and_sharing() {
             (
                 "fleet/vms/a.yaml",
                 &vm_with(
-                    "  workspaces:\n    - {name: notes, mountPath: /work/../etc}\n    - {name: notes, mountPath: /proc/x}\n    - {name: nope, mountPath: /work}\n    - {name: tiny, mountPath: /data}\n    - {name: tiny, mountPath: /data/}\n    - {name: notes, mountPath: /usr}\n    - {name: tiny, mountPath: /tmp/w}\n    - {name: tiny, mountPath: /var/run/x}\n    - {name: tiny, mountPath: /data/inner}\n",
+                    "  workspaces:\n    - {name: notes, mountPath: /workspace/../etc}\n    - {name: notes, mountPath: /proc/x}\n    - {name: nope, mountPath: /workspace}\n    - {name: tiny, mountPath: /data}\n    - {name: tiny, mountPath: /data/}\n    - {name: notes, mountPath: /usr}\n    - {name: tiny, mountPath: /tmp/w}\n    - {name: tiny, mountPath: /var/run/x}\n    - {name: tiny, mountPath: /data/inner}\n",
                 ),
             ),
             (
                 "fleet/vms/b.yaml",
-                "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: b}\nspec:\n  provider: local\n  image: micro\n  workspaces: [{name: notes, mountPath: /work}]\n",
+                "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: b}\nspec:\n  provider: local\n  image: micro\n  workspaces: [{name: notes, mountPath: /workspace}]\n",
             ),
             (
                 "fleet/vms/pool.yaml",
-                "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {name: pool}\nspec:\n  replicas: 2\n  template:\n    spec:\n      provider: local\n      image: micro\n      workspaces: [{name: notes, mountPath: /work}]\n",
+                "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {name: pool}\nspec:\n  replicas: 2\n  template:\n    spec:\n      provider: local\n      image: micro\n      workspaces: [{name: notes, mountPath: /workspace}]\n",
             ),
         ],
         expect![[r#"
             fleet/vms/a.yaml:9:5: error: spec.workspaces: 9 workspaces; a VM mounts at most 8
-            fleet/vms/a.yaml:9:32: error: spec.workspaces[0].mountPath: "/work/../etc" is not a plain path (no empty, . or .. parts); write it as /work/repo
+            fleet/vms/a.yaml:9:32: error: spec.workspaces[0].mountPath: "/workspace/../etc" is not a plain path (no empty, . or .. parts); write it as /workspace/repo
             fleet/vms/a.yaml:10:14: error: spec.workspaces[1].name: workspace "notes" is mounted twice in this VM; mount it once
-            fleet/vms/a.yaml:10:32: error: spec.workspaces[1].mountPath: "/proc/x" is in /proc, which the guest's system owns; mount workspaces elsewhere, such as /work
+            fleet/vms/a.yaml:10:32: error: spec.workspaces[1].mountPath: "/proc/x" is in /proc, which the guest's system owns; mount workspaces elsewhere, such as /workspace
             fleet/vms/a.yaml:11:14: error: spec.workspaces[2].name: no Workspace named "nope"; add fleet/workspaces/nope.yaml, or remove the mount
             fleet/vms/a.yaml:13:14: error: spec.workspaces[4].name: workspace "tiny" is mounted twice in this VM; mount it once
             fleet/vms/a.yaml:13:31: error: spec.workspaces[4].mountPath: "/data/" is mounted twice; give each workspace its own path
             fleet/vms/a.yaml:14:14: error: spec.workspaces[5].name: workspace "notes" is mounted twice in this VM; mount it once
-            fleet/vms/a.yaml:14:32: error: spec.workspaces[5].mountPath: "/usr" is in /usr, which the guest's system owns; mount workspaces elsewhere, such as /work
+            fleet/vms/a.yaml:14:32: error: spec.workspaces[5].mountPath: "/usr" is in /usr, which the guest's system owns; mount workspaces elsewhere, such as /workspace
             fleet/vms/a.yaml:15:14: error: spec.workspaces[6].name: workspace "tiny" is mounted twice in this VM; mount it once
-            fleet/vms/a.yaml:15:31: error: spec.workspaces[6].mountPath: "/tmp/w" is in a directory every user of the guest may write to; mount workspaces elsewhere, such as /work
+            fleet/vms/a.yaml:15:31: error: spec.workspaces[6].mountPath: "/tmp/w" is in a directory every user of the guest may write to; mount workspaces elsewhere, such as /workspace
             fleet/vms/a.yaml:16:14: error: spec.workspaces[7].name: workspace "tiny" is mounted twice in this VM; mount it once
-            fleet/vms/a.yaml:16:31: error: spec.workspaces[7].mountPath: "/var/run/x" is in a directory every user of the guest may write to; mount workspaces elsewhere, such as /work
+            fleet/vms/a.yaml:16:31: error: spec.workspaces[7].mountPath: "/var/run/x" is in a directory every user of the guest may write to; mount workspaces elsewhere, such as /workspace
             fleet/vms/a.yaml:17:14: error: spec.workspaces[8].name: workspace "tiny" is mounted twice in this VM; mount it once
             fleet/vms/a.yaml:17:31: error: spec.workspaces[8].mountPath: "/data/inner" and "/data" nest: one workspace would hide part of the other; mount them side by side
             fleet/vms/b.yaml:7:23: error: spec.workspaces[0].name: workspace "notes" is attached to VM "a" already; a workspace belongs to one VM at a time
@@ -2865,7 +2865,7 @@ fn workspaces_hostile_mounts_sizes_and_sharing() {
 fn a_workspace_on_proxmox_or_another_provider_is_refused() {
     let fleet = "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: lab}\nspec:\n  providers:\n    - {name: local, type: libvirt}\n    - {name: pve, type: proxmox}\n  images:\n    - {name: micro, kernel: micro/vmlinuz, initrd: micro/initrd.img, template: tmpl}\n";
     let workspace = "apiVersion: fleet/v1\nkind: Workspace\nmetadata: {name: notes}\nspec: {provider: pve, size: 1Gi}\n";
-    let vm = vm_with("  workspaces: [{name: notes, mountPath: /work}]\n");
+    let vm = vm_with("  workspaces: [{name: notes, mountPath: /workspace}]\n");
     check_bytes(
         &[
             ("fleet/fleet.yaml", fleet.as_bytes()),

@@ -14,7 +14,7 @@ use crate::tasks::{Status, task_yaml};
 
 fn vm_yaml(name: &str) -> String {
     format!(
-        "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {name}}}\nspec:\n  provider: local\n  image: micro\n  loadout: base\n  resources: {{memory: 256Mi}}\n  workspaces: [{{name: notes, mountPath: /work}}]\n"
+        "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {name}}}\nspec:\n  provider: local\n  image: micro\n  loadout: base\n  resources: {{memory: 256Mi}}\n  workspaces: [{{name: notes, mountPath: /workspace}}]\n"
     )
 }
 
@@ -74,7 +74,7 @@ fn a_workspace_outlives_its_vm_and_goes_only_when_approved() {
         task_yaml(
             "write",
             &vm,
-            "  command: [sh, -c, 'echo kept-across-vms > /work/f && grep \" /work \" /proc/mounts']\n",
+            "  command: [sh, -c, 'echo kept-across-vms > /workspace/f && grep \" /workspace \" /proc/mounts']\n",
         ),
     );
     repo.commit("a VM with a workspace, and a task writing into it");
@@ -82,7 +82,7 @@ fn a_workspace_outlives_its_vm_and_goes_only_when_approved() {
     let status = Status(repo.path().join(".fleet/status"));
     status.wait_phase("write", "Succeeded", Duration::from_secs(120));
     assert!(
-        status.output("write").contains("/work"),
+        status.output("write").contains("/workspace"),
         "{}",
         status.output("write")
     );
@@ -140,7 +140,7 @@ fn a_workspace_outlives_its_vm_and_goes_only_when_approved() {
         task_yaml(
             "read",
             &vm,
-            "  command: [sh, -c, 'grep \" /work \" /proc/mounts; ls -la /work; cat /work/f']\n",
+            "  command: [sh, -c, 'grep \" /workspace \" /proc/mounts; ls -la /workspace; cat /workspace/f']\n",
         ),
     );
     repo.commit("the VM again, and a task reading the workspace");

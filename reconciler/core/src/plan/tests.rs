@@ -846,7 +846,7 @@ fn change(field: VmField, c: &mut VmConfig) {
         VmField::Reset => c.reset = !c.reset,
         VmField::Workspaces => c.workspaces.push(crate::resolve::ResolvedMount {
             name: "notes".into(),
-            mount_path: "/work".into(),
+            mount_path: "/workspace".into(),
             size_mib: 64,
             label: "notes".into(),
         }),
@@ -1411,7 +1411,7 @@ fn workspaces_are_destroyed_only_when_approved_and_let_go_and_never_shrink() {
         )
     };
     let before = desired(&[
-        vm("a", "  workspaces: [{name: notes, mountPath: /work}]\n"),
+        vm("a", "  workspaces: [{name: notes, mountPath: /workspace}]\n"),
         ws("notes", "2Gi"),
     ]);
     let found = |name: &str, mib: u64, attached: &[&str]| crate::observe::ObservedWorkspace {
@@ -1430,7 +1430,7 @@ fn workspaces_are_destroyed_only_when_approved_and_let_go_and_never_shrink() {
 
     // Smaller than it is: refused, and `a` gets no step.
     let smaller = desired(&[
-        vm("a", "  workspaces: [{name: notes, mountPath: /work}]\n"),
+        vm("a", "  workspaces: [{name: notes, mountPath: /workspace}]\n"),
         ws("notes", "1Gi"),
     ]);
     let p = super::plan(&smaller, &o, &PlanInputs::default());
