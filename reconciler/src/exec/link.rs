@@ -325,6 +325,14 @@ mod tests {
         }
     }
 
+    /// Routes with one open link, `vm-1`'s (and the signal its waker raises).
+    fn linked() -> (Routes, LinkSessions, crate::agent_link::WakeSignal) {
+        let routes = Routes::default();
+        let (waker, signal) = Waker::pair().expect("waker");
+        let link = routes.open("vm-1", Some(waker));
+        (routes, link, signal)
+    }
+
     fn open(routes: &Routes, exec: u32) -> Receiver<GuestMessage> {
         let (to_client, from_link) = channel();
         assert!(routes.get("vm-1").expect("a route").send(ToLink::Open {
@@ -340,9 +348,7 @@ mod tests {
 
     #[test]
     fn a_session_goes_to_the_guest_and_its_output_to_its_client_only() {
-        let routes = Routes::default();
-        let (waker, _signal) = Waker::pair().expect("waker");
-        let mut link = routes.open("vm-1", Some(waker));
+        let (routes, mut link, _signal) = linked();
         let (a, b) = (open(&routes, 1), open(&routes, 2));
         let sent = link.outgoing();
         assert!(
@@ -374,9 +380,7 @@ mod tests {
 
     #[test]
     fn output_past_the_granted_credit_ends_the_session() {
-        let routes = Routes::default();
-        let (waker, _signal) = Waker::pair().expect("waker");
-        let mut link = routes.open("vm-1", Some(waker));
+        let (routes, mut link, _signal) = linked();
         let client = open(&routes, 1);
         link.outgoing();
         let mut sent = 0;
@@ -417,9 +421,7 @@ mod tests {
 
     #[test]
     fn a_client_that_leaves_kills_its_session() {
-        let routes = Routes::default();
-        let (waker, _signal) = Waker::pair().expect("waker");
-        let mut link = routes.open("vm-1", Some(waker));
+        let (routes, mut link, _signal) = linked();
         let client = open(&routes, 1);
         link.outgoing();
         drop(client);
@@ -450,9 +452,7 @@ mod tests {
     /// (a guest session left over under the same id would get the keystrokes).
     #[test]
     fn only_the_links_own_sessions_get_the_clients_messages() {
-        let routes = Routes::default();
-        let (waker, _signal) = Waker::pair().expect("waker");
-        let mut link = routes.open("vm-1", Some(waker));
+        let (routes, mut link, _signal) = linked();
         let route = routes.get("vm-1").expect("route");
         route.send(ToLink::Message(Box::new(HostMessage::ExecInput {
             v: VERSION,
@@ -466,9 +466,7 @@ mod tests {
     /// A guest that greets again ran its sessions in an earlier self: they end.
     #[test]
     fn a_guest_restart_ends_every_session() {
-        let routes = Routes::default();
-        let (waker, _signal) = Waker::pair().expect("waker");
-        let mut link = routes.open("vm-1", Some(waker));
+        let (routes, mut link, _signal) = linked();
         let client = open(&routes, 1);
         link.outgoing();
         link.guest_restarted();
@@ -485,9 +483,7 @@ mod tests {
     /// Empty outputs, or anything while the client does not read, cannot pile up.
     #[test]
     fn a_guest_cannot_queue_without_bound() {
-        let routes = Routes::default();
-        let (waker, _signal) = Waker::pair().expect("waker");
-        let mut link = routes.open("vm-1", Some(waker));
+        let (routes, mut link, _signal) = linked();
         let _client = open(&routes, 1);
         link.outgoing();
         let kill = link.on_guest(output(1, 0));
@@ -516,9 +512,7 @@ mod tests {
     /// A client reports at most what it was given: a huge report grants nothing extra.
     #[test]
     fn a_clients_credit_report_is_clamped() {
-        let routes = Routes::default();
-        let (waker, _signal) = Waker::pair().expect("waker");
-        let mut link = routes.open("vm-1", Some(waker));
+        let (routes, mut link, _signal) = linked();
         let _client = open(&routes, 1);
         link.outgoing();
         assert!(link.on_guest(output(1, 10)).is_empty());

@@ -1411,7 +1411,10 @@ fn workspaces_are_destroyed_only_when_approved_and_let_go_and_never_shrink() {
         )
     };
     let before = desired(&[
-        vm("a", "  workspaces: [{name: notes, mountPath: /workspace}]\n"),
+        vm(
+            "a",
+            "  workspaces: [{name: notes, mountPath: /workspace}]\n",
+        ),
         ws("notes", "2Gi"),
     ]);
     let found = |name: &str, mib: u64, attached: &[&str]| crate::observe::ObservedWorkspace {
@@ -1430,7 +1433,10 @@ fn workspaces_are_destroyed_only_when_approved_and_let_go_and_never_shrink() {
 
     // Smaller than it is: refused, and `a` gets no step.
     let smaller = desired(&[
-        vm("a", "  workspaces: [{name: notes, mountPath: /workspace}]\n"),
+        vm(
+            "a",
+            "  workspaces: [{name: notes, mountPath: /workspace}]\n",
+        ),
         ws("notes", "1Gi"),
     ]);
     let p = super::plan(&smaller, &o, &PlanInputs::default());
