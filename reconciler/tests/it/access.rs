@@ -168,23 +168,27 @@ fn fleet_exec_runs_commands_in_a_guest_over_its_link() {
         }
     }
     let _kill = Kill(&tmux);
+    // A 120x30 terminal running `command`.
+    let start_in_tmux = |command: &str| {
+        let started = tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            &session,
+            "-x",
+            "120",
+            "-y",
+            "30",
+            command,
+        ]);
+        assert!(started.status.success(), "{started:?}");
+    };
     let command = format!(
         "{} -C {} exec --tty {vm} -- sh; echo exec-exited-$?; sleep 600",
         fleet_bin().display(),
         repo.path().display()
     );
-    let started = tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "120",
-        "-y",
-        "30",
-        &command,
-    ]);
-    assert!(started.status.success(), "{started:?}");
+    start_in_tmux(&command);
     let screen = || String::from_utf8_lossy(&tmux(&["capture-pane", "-p"]).stdout).into_owned();
     let shows = |what: &str, timeout: Duration| {
         let deadline = Instant::now() + timeout;
@@ -231,18 +235,7 @@ fn fleet_exec_runs_commands_in_a_guest_over_its_link() {
         fleet_bin().display(),
         repo.path().display()
     );
-    let started = tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "120",
-        "-y",
-        "30",
-        &command,
-    ]);
-    assert!(started.status.success(), "{started:?}");
+    start_in_tmux(&command);
     std::thread::sleep(Duration::from_secs(1));
     assert!(tmux(&["send-keys", "-t", &session, "C-]"]).status.success());
     shows("exec-exited-137", Duration::from_secs(20));
@@ -255,18 +248,7 @@ fn fleet_exec_runs_commands_in_a_guest_over_its_link() {
         fleet_bin().display(),
         repo.path().display()
     );
-    let started = tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        &session,
-        "-x",
-        "120",
-        "-y",
-        "30",
-        &command,
-    ]);
-    assert!(started.status.success(), "{started:?}");
+    start_in_tmux(&command);
     shows("Connected to the console", Duration::from_secs(20));
     assert!(
         tmux(&["send-keys", "-t", &session, "Enter"])
