@@ -200,8 +200,10 @@ fakepve:
 	  $(FAKEPVE_VENV)/bin/pip install -q 'fakepve[crypto]==$(FAKEPVE_VERSION)'; \
 	fi
 
-# SIGKILL fleet (or libvirtd) at random points of applies over 20 VMs, recover, and count
-# duplicates, orphans and converged trials. CI runs 10; run 100 or more before a release.
+# SIGKILL fleet (or libvirtd) at random points of applies over 20 VMs, and of applies that
+# move workspaces between VMs; recover, and count duplicates (VMs, or workspaces attached
+# twice), orphans, workspaces lost and converged trials. CI runs 10; run 100 or more before
+# a release.
 TRIALS ?= 10
 crash-test: image libvirtd
 	$(CARGO) build -p fleet -p fleet-tools --bins

@@ -1527,20 +1527,28 @@ impl Driver for LibvirtDriver {
         refuse_adopted(&found, "updated in place")?;
         let stamp = &stamp.over(found.stamp.as_deref());
         let xml = self.definition(vm, stamp)?;
-        self.write_seed(vm)?;
-        // New workspaces first (the definition attaches them); a grown one is grown once
-        // the VM is down.
-        self.ensure_workspaces(vm, false)?;
-        self.define(&xml, &vm.name)?;
-        if self.is_active(&dom, &vm.name)? {
-            if restart {
-                self.power_off(&dom, &vm.name, grace)?;
-            } else {
-                self.set_live_stamp(&dom, stamp, &vm.name)?;
-            }
+        // Down before the new definition is saved, never after: a crash between the two
+        // then leaves a stopped VM with its old definition, which the next pass updates
+        // and starts. The other order left a running VM on a definition it never booted
+        // (holding a workspace its saved definition let go), and no plan could see it.
+        let stopped_here = restart && self.is_active(&dom, &vm.name)?;
+        if stopped_here {
+            self.power_off(&dom, &vm.name, grace)?;
         }
-        if !self.is_active(&dom, &vm.name)? {
-            self.ensure_workspaces(vm, true)?;
+        self.write_seed(vm)?;
+        let down = !self.is_active(&dom, &vm.name)?;
+        // New workspaces before the definition that attaches them; a grown one only while
+        // the VM is down.
+        self.ensure_workspaces(vm, down)?;
+        if let Err(e) = self.define(&xml, &vm.name) {
+            if stopped_here {
+                // Back to what ran before, on the definition it still has.
+                let _ = self.power_on(&dom, &vm.name);
+            }
+            return Err(e);
+        }
+        if !down {
+            self.set_live_stamp(&dom, stamp, &vm.name)?;
         }
         self.ensure_power(&dom, vm, grace)
     }

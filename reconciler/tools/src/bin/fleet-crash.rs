@@ -18,11 +18,19 @@
 //! and that the run's member is gone, exactly one warm member runs, and `fleet plan` is
 //! empty.
 //!
-//! Ends with one line: `trials=N duplicates=D orphans=O converged=C`; exits 1 unless D and O
-//! are 0 and C is N (apply and fresh trials together). Needs `make image` and a running
+//! Then `--workspace-trials` (default 4) trials that move workspaces: three workspaces, each
+//! trial attaches, detaches or moves them between VMs and replaces or destroys the VMs
+//! holding them, then kills fleet (or libvirtd) mid-apply as above. Right after the fault
+//! and again after recovery it checks that no workspace is attached to two domains (saved
+//! or running definition), and after recovery that every workspace is the volume it was
+//! (same file, never remade) and attached exactly where the revision says.
+//!
+//! Ends with one line: `trials=N duplicates=D orphans=O converged=C lost=L`; exits 1 unless
+//! D, O and L are 0 and C is N (all trials together). A workspace attached to two domains
+//! counts as a duplicate; one lost or remade counts in L. Needs `make image` and a running
 //! libvirtd.
 //!
-//! Usage: fleet-crash [--trials N] [--fresh-trials N] [--vms N] [--seed S]
+//! Usage: fleet-crash [--trials N] [--fresh-trials N] [--workspace-trials N] [--vms N] [--seed S]
 
 #![allow(clippy::disallowed_methods)] // a tool writes scratch files freely
 
@@ -81,6 +89,8 @@ struct Fleet {
     vms: BTreeMap<String, u32>,
     /// The fresh trials' pool and task, with the task's `rerun`.
     fresh: Option<u32>,
+    /// The workspace trials' workspaces: name → the VM it is attached to, if any.
+    workspaces: BTreeMap<String, Option<String>>,
 }
 
 impl Fleet {
@@ -91,12 +101,28 @@ impl Fleet {
         }
         std::fs::create_dir_all(&dir)?;
         for (vm, variant) in &self.vms {
+            let mounts = match self.workspace_of(vm) {
+                Some(ws) => format!(", workspaces: [{{name: {ws}, mountPath: /workspace}}]"),
+                None => String::new(),
+            };
             std::fs::write(
                 dir.join(format!("{vm}.yaml")),
                 format!(
-                    "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {vm}}}\nspec: {{provider: local, image: micro, loadout: v{variant}, resources: {{memory: 128Mi}}}}\n"
+                    "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {vm}}}\nspec: {{provider: local, image: micro, loadout: v{variant}, resources: {{memory: 128Mi}}{mounts}}}\n"
                 ),
             )?;
+        }
+        if !self.workspaces.is_empty() {
+            let dir = self.repo.join("fleet/workspaces");
+            std::fs::create_dir_all(&dir)?;
+            for ws in self.workspaces.keys() {
+                std::fs::write(
+                    dir.join(format!("{ws}.yaml")),
+                    format!(
+                        "apiVersion: fleet/v1\nkind: Workspace\nmetadata: {{name: {ws}}}\nspec: {{provider: local, size: 64Mi}}\n"
+                    ),
+                )?;
+            }
         }
         if let Some(rerun) = self.fresh {
             std::fs::write(
@@ -120,6 +146,23 @@ impl Fleet {
             &self.repo,
             &["commit", "-q", "--allow-empty", "-m", "trial"],
         )
+    }
+
+    /// The workspace attached to `vm` (a VM holds at most one in these trials).
+    fn workspace_of(&self, vm: &str) -> Option<&str> {
+        self.workspaces
+            .iter()
+            .find(|(_, holder)| holder.as_deref() == Some(vm))
+            .map(|(ws, _)| ws.as_str())
+    }
+
+    /// Where libvirt keeps a workspace's volume (fleet's pool for the fleet).
+    fn workspace_volume(&self, ws: &str) -> PathBuf {
+        self.repo
+            .join(".fleet/storage")
+            .join(&self.name)
+            .join(".workspaces")
+            .join(format!("{ws}.qcow2"))
     }
 
     fn pool(&self) -> String {
@@ -200,6 +243,7 @@ fn setup(vms: usize, rng: &mut Rng) -> Result<Fleet> {
         name,
         vms,
         fresh: None,
+        workspaces: BTreeMap::new(),
     };
     fleet.write()?;
     Ok(fleet)
@@ -223,6 +267,139 @@ fn mutate(fleet: &mut Fleet, slots: usize, rng: &mut Rng) {
             _ => {}
         }
     }
+}
+
+/// Moves the workspaces about: each is attached to a VM holding none, detached, has its
+/// VM replaced or destroyed, or goes to a new VM. A VM that held a workspace when the trial
+/// began never receives one in it: two VMs swapping workspaces in one commit wait for each
+/// other (each attach waits until no other domain has the volume), which is documented.
+fn mutate_workspaces(fleet: &mut Fleet, slots: usize, rng: &mut Rng) {
+    let held: BTreeSet<String> = fleet.workspaces.values().flatten().cloned().collect();
+    let mut targeted = BTreeSet::new();
+    let names: Vec<String> = fleet.workspaces.keys().cloned().collect();
+    for ws in names {
+        let holder = fleet.workspaces[&ws].clone();
+        // Attaching and replacing weigh twice: detaching is what most other moves do too.
+        match rng.below(7) {
+            0 | 1 => {
+                let free: Vec<String> = fleet
+                    .vms
+                    .keys()
+                    .filter(|vm| !held.contains(*vm) && !targeted.contains(*vm))
+                    .cloned()
+                    .collect();
+                if !free.is_empty() {
+                    let to = free[rng.below(free.len() as u64) as usize].clone();
+                    targeted.insert(to.clone());
+                    fleet.workspaces.insert(ws, Some(to));
+                }
+            }
+            2 => {
+                fleet.workspaces.insert(ws, None);
+            }
+            3 | 4 => {
+                if let Some(vm) = holder
+                    && let Some(variant) = fleet.vms.get_mut(&vm)
+                {
+                    *variant = 3 - *variant;
+                }
+            }
+            5 => {
+                if let Some(vm) = holder
+                    && fleet.vms.len() > 1
+                    && !targeted.contains(&vm)
+                {
+                    fleet.vms.remove(&vm);
+                    fleet.workspaces.insert(ws, None);
+                }
+            }
+            _ => {
+                let slot = format!("{}-{:02}", fleet.name, 1 + rng.below(slots as u64));
+                if !fleet.vms.contains_key(&slot) {
+                    fleet.vms.insert(slot.clone(), 1 + (rng.below(2) as u32));
+                    targeted.insert(slot.clone());
+                    fleet.workspaces.insert(ws, Some(slot));
+                }
+            }
+        }
+    }
+}
+
+/// The fleet's domains whose definitions (saved or running) attach each workspace.
+fn workspace_holders(fleet: &Fleet) -> Result<BTreeMap<String, BTreeSet<String>>> {
+    let mut holders: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for d in fleet.domains()? {
+        let saved = virsh(&["dumpxml", "--inactive", &d])?;
+        let running = virsh(&["dumpxml", &d])?;
+        for ws in fleet.workspaces.keys() {
+            // A workspace disk is a volume of fleet's pool: `<source pool=… volume='ws1.qcow2'/>`.
+            let path = format!("volume='{ws}.qcow2'");
+            if [&saved.stdout, &running.stdout]
+                .iter()
+                .any(|xml| String::from_utf8_lossy(xml).contains(&path))
+            {
+                holders.entry(ws.clone()).or_default().insert(d.clone());
+            }
+        }
+    }
+    Ok(holders)
+}
+
+/// Workspaces attached to two domains at once, as duplicates.
+fn attached_twice(fleet: &Fleet, when: &str, f: &mut Findings) -> Result<()> {
+    for (ws, domains) in workspace_holders(fleet)? {
+        if domains.len() > 1 {
+            f.duplicates += domains.len() - 1;
+            f.notes
+                .push(format!("{when}: workspace {ws} is attached to {domains:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// Each workspace's volume by inode: a workspace lost, or remade empty, has none or another.
+fn workspace_inodes(fleet: &Fleet) -> BTreeMap<String, Option<u64>> {
+    use std::os::unix::fs::MetadataExt;
+    fleet
+        .workspaces
+        .keys()
+        .map(|ws| {
+            let inode = std::fs::metadata(fleet.workspace_volume(ws))
+                .ok()
+                .map(|m| m.ino());
+            (ws.clone(), inode)
+        })
+        .collect()
+}
+
+/// After recovery: every workspace is the volume it was, attached where the revision says.
+fn workspaces_kept(
+    fleet: &Fleet,
+    first: &BTreeMap<String, Option<u64>>,
+    f: &mut Findings,
+) -> Result<usize> {
+    let mut lost = 0;
+    for (ws, inode) in workspace_inodes(fleet) {
+        if inode.is_none() || first.get(&ws) != Some(&inode) {
+            lost += 1;
+            f.notes.push(format!(
+                "workspace {ws}: volume inode {inode:?}, first {:?}",
+                first.get(&ws)
+            ));
+        }
+    }
+    let holders = workspace_holders(fleet)?;
+    for (ws, want) in &fleet.workspaces {
+        let have = holders.get(ws).cloned().unwrap_or_default();
+        let want: BTreeSet<String> = want.iter().cloned().collect();
+        if have != want {
+            f.converged = false;
+            f.notes.push(format!(
+                "workspace {ws} is attached to {have:?}, and the revision says {want:?}"
+            ));
+        }
+    }
+    Ok(lost)
 }
 
 fn wait_for_libvirtd() -> Result<()> {
@@ -261,14 +438,29 @@ fn interrupted_apply(fleet: &Fleet, kill_libvirtd: bool, delay: Duration) -> Res
 
 /// `fleet apply` until it succeeds (a restarted libvirtd may fail the first steps).
 fn recover(fleet: &Fleet) -> Result<()> {
+    let mut last = String::new();
     for _ in 0..4 {
         let out = run(fleet.fleet().args(["apply", "--auto-approve"]))?;
         if out.status.success() {
             return Ok(());
         }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
         std::thread::sleep(Duration::from_secs(1));
     }
-    bail!("fleet apply did not succeed after the fault")
+    bail!("fleet apply did not succeed after the fault:\n{last}")
+}
+
+/// `recover`, again while the plan has steps: a VM that receives a workspace another VM
+/// let go of in the same apply waits for the next pass (one `fleet apply` each here).
+fn recover_moves(fleet: &Fleet) -> Result<()> {
+    for _ in 0..3 {
+        recover(fleet)?;
+        let plan = run(fleet.fleet().args(["plan", "--detailed-exitcode"]))?;
+        if plan.status.code() == Some(0) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 #[derive(Default)]
@@ -429,17 +621,83 @@ fn open_intents(journal: &str) -> usize {
     open.len()
 }
 
+/// The workspace trials (see the top): returns duplicates, orphans, converged trials and
+/// workspaces lost.
+fn workspace_trials(
+    fleet: &mut Fleet,
+    trials: usize,
+    slots: usize,
+    rng: &mut Rng,
+) -> Result<(usize, usize, usize, usize)> {
+    if trials == 0 {
+        return Ok((0, 0, 0, 0));
+    }
+    let vms: Vec<String> = fleet.vms.keys().cloned().collect();
+    for (i, ws) in ["ws1", "ws2", "ws3"].into_iter().enumerate() {
+        fleet.workspaces.insert(ws.to_owned(), vms.get(i).cloned());
+    }
+    fleet.write()?;
+    recover_moves(fleet).context("the apply that makes the workspaces")?;
+    let first = workspace_inodes(fleet);
+    let (mut duplicates, mut orphans, mut converged, mut lost) = (0, 0, 0, 0);
+    for trial in 1..=trials {
+        mutate_workspaces(fleet, slots, rng);
+        fleet.write()?;
+        let kill_libvirtd = trial % 2 == 0;
+        let delay = Duration::from_millis(rng.below(3000));
+        let mut f = Findings::default();
+        let mid_apply = interrupted_apply(fleet, kill_libvirtd, delay)?;
+        attached_twice(fleet, "after the fault", &mut f)?;
+        recover_moves(fleet)?;
+        let mut after = check(fleet)?;
+        attached_twice(fleet, "after recovery", &mut after)?;
+        let gone = workspaces_kept(fleet, &first, &mut after)?;
+        f.duplicates += after.duplicates;
+        f.orphans += after.orphans;
+        f.notes.append(&mut after.notes);
+        duplicates += f.duplicates;
+        orphans += f.orphans;
+        lost += gone;
+        converged += usize::from(after.converged);
+        eprintln!(
+            "workspace trial {trial}: {:?}, {} after {delay:?} ({}); duplicates {} orphans {} lost {gone} converged {}",
+            fleet.workspaces,
+            if kill_libvirtd {
+                "libvirtd killed"
+            } else {
+                "fleet killed"
+            },
+            if mid_apply {
+                "mid-apply"
+            } else {
+                "apply had ended"
+            },
+            f.duplicates,
+            f.orphans,
+            after.converged
+        );
+        for note in f.notes {
+            eprintln!("  {note}");
+        }
+    }
+    Ok((duplicates, orphans, converged, lost))
+}
+
 fn cleanup(fleet: &Fleet) {
     for d in fleet.domains().unwrap_or_default() {
         let _ = virsh(&["destroy", &d]);
         let _ = virsh(&["undefine", &d]);
     }
+    let pool = format!("fleet-ws-{}", fleet.name);
+    let _ = virsh(&["pool-destroy", &pool]);
+    let _ = virsh(&["pool-undefine", &pool]);
     let _ = std::fs::remove_dir_all(&fleet.repo);
 }
 
 fn main() -> Result<()> {
     let trials = arg("--trials").unwrap_or(10) as usize;
     let fresh_trials = arg("--fresh-trials").unwrap_or(3) as u32;
+    let workspace_trials_n = arg("--workspace-trials").unwrap_or(4) as usize;
     let slots = arg("--vms").unwrap_or(20) as usize;
     let seed = arg("--seed").unwrap_or_else(|| {
         SystemTime::now()
@@ -449,7 +707,7 @@ fn main() -> Result<()> {
     eprintln!("fleet-crash: {trials} trial(s) over up to {slots} VMs, seed {seed}");
     let mut rng = Rng(seed | 1);
     let mut fleet = setup(slots, &mut rng)?;
-    let result = (|| -> Result<(usize, usize, usize)> {
+    let result = (|| -> Result<(usize, usize, usize, usize)> {
         recover(&fleet).context("the first apply")?;
         let (mut duplicates, mut orphans, mut converged) = (0, 0, 0);
         for trial in 1..=trials {
@@ -486,6 +744,11 @@ fn main() -> Result<()> {
                 eprintln!("  {note}");
             }
         }
+        let ws_trials = workspace_trials(&mut fleet, workspace_trials_n, slots, &mut rng)?;
+        duplicates += ws_trials.0;
+        orphans += ws_trials.1;
+        converged += ws_trials.2;
+        let lost = ws_trials.3;
         for rerun in 1..=fresh_trials {
             fleet.fresh = Some(rerun);
             fleet.write()?;
@@ -502,13 +765,15 @@ fn main() -> Result<()> {
                 eprintln!("  {note}");
             }
         }
-        Ok((duplicates, orphans, converged))
+        Ok((duplicates, orphans, converged, lost))
     })();
     cleanup(&fleet);
-    let (duplicates, orphans, converged) = result?;
-    let trials = trials + fresh_trials as usize;
-    println!("trials={trials} duplicates={duplicates} orphans={orphans} converged={converged}");
-    if duplicates > 0 || orphans > 0 || converged != trials {
+    let (duplicates, orphans, converged, lost) = result?;
+    let trials = trials + fresh_trials as usize + workspace_trials_n;
+    println!(
+        "trials={trials} duplicates={duplicates} orphans={orphans} converged={converged} lost={lost}"
+    );
+    if duplicates > 0 || orphans > 0 || lost > 0 || converged != trials {
         std::process::exit(1);
     }
     Ok(())
