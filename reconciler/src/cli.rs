@@ -237,6 +237,8 @@ pub enum TaskCommand {
     },
 }
 
+/// `VM` is a VM's name, or `workspace:NAME` for a workspace (taken, reverted and deleted at
+/// once, while no VM runs with it).
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
     /// Take a snapshot of a VM now (a running VM's memory too, on libvirt).
@@ -248,7 +250,7 @@ pub enum SnapshotCommand {
         #[arg(long, default_value = "")]
         description: String,
     },
-    /// A VM's snapshots, oldest first.
+    /// A VM's (or workspace:NAME's) snapshots, oldest first.
     List {
         #[arg(add = ArgValueCandidates::new(crate::completion::vm_names))]
         vm: String,
@@ -881,24 +883,29 @@ fn task_runs_text(ws: &Workspace, desired: &crate::resolve::Desired) -> String {
 /// Signals the running `fleet serve` of this status directory (SIGUSR1): fetch and
 /// reconcile now. Its PID is the lock's holder's.
 fn snapshot_cmd(ws: &Workspace, command: &SnapshotCommand, output: Output) -> Result<ExitCode> {
+    use crate::snapshots::Target;
     match command {
         SnapshotCommand::Create {
             vm,
             name,
             description,
         } => {
-            let name = crate::snapshots::create(ws, vm, name.as_deref(), description)?;
+            let name =
+                crate::snapshots::create(ws, &Target::parse(vm), name.as_deref(), description)?;
             println!("took snapshot {name} of {vm}");
         }
         SnapshotCommand::List { vm } => {
-            let snapshots = crate::snapshots::list(ws, vm)?;
+            let snapshots = crate::snapshots::list(ws, &Target::parse(vm))?;
             match output.render(&snapshots)? {
                 Some(text) => print!("{text}"),
                 None => print!("{}", crate::snapshots::render(&snapshots)),
             }
         }
         SnapshotCommand::Revert { vm, name } => {
-            crate::snapshots::revert(ws, vm, name)?;
+            if crate::snapshots::revert(ws, &Target::parse(vm), name)? {
+                println!("{vm} is back to snapshot {name}");
+                return Ok(ExitCode::SUCCESS);
+            }
             // A running fleet serve plans it at once (none running: the next fleet apply).
             let served = signal_serve(ws).is_ok();
             println!(
@@ -911,7 +918,7 @@ fn snapshot_cmd(ws: &Workspace, command: &SnapshotCommand, output: Output) -> Re
             );
         }
         SnapshotCommand::Delete { vm, name } => {
-            crate::snapshots::delete(ws, vm, name)?;
+            crate::snapshots::delete(ws, &Target::parse(vm), name)?;
             println!("deleted snapshot {name} of {vm}");
         }
     }

@@ -366,6 +366,33 @@ pub fn managed_vm(status: &StatusDir, vm: &str) -> anyhow::Result<status::VmStat
 /// `fleet snapshot`): refused for a VM fleet keeps no status of.
 pub fn driver_of_vm(ws: &Workspace, vm: &str) -> anyhow::Result<Arc<dyn Driver>> {
     let status = managed_vm(&ws.status, vm)?;
+    let (_, drivers) = committed_drivers(ws)?;
+    drivers.get(&status.provider).cloned().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{vm} runs on provider {:?}, which the committed revision no longer has",
+            status.provider
+        )
+    })
+}
+
+/// The driver of the provider the committed revision keeps workspace `name` on.
+pub fn driver_of_workspace(ws: &Workspace, name: &str) -> anyhow::Result<Arc<dyn Driver>> {
+    let (desired, drivers) = committed_drivers(ws)?;
+    let workspace = desired.workspaces.get(name).ok_or_else(|| {
+        anyhow::anyhow!(
+            "the committed revision has no Workspace named {name:?} (fleet/workspaces/)"
+        )
+    })?;
+    drivers.get(&workspace.provider).cloned().ok_or_else(|| {
+        anyhow::anyhow!(
+            "workspace {name} lives on provider {:?}, which has no driver",
+            workspace.provider
+        )
+    })
+}
+
+/// The committed revision's desired state and its providers' drivers.
+fn committed_drivers(ws: &Workspace) -> anyhow::Result<(Desired, Drivers)> {
     let host = ws.host()?;
     let snapshot = read_snapshot(ws, &SourceChoice::Head)?;
     let desired = desired(&snapshot, &host).map_err(|diags| {
@@ -376,12 +403,7 @@ pub fn driver_of_vm(ws: &Workspace, vm: &str) -> anyhow::Result<Arc<dyn Driver>>
     })?;
     let vault = ws.open_vault(&desired);
     let drivers = drivers_for(&desired, &host, &vault);
-    drivers.get(&status.provider).cloned().ok_or_else(|| {
-        anyhow::anyhow!(
-            "{vm} runs on provider {:?}, which the committed revision no longer has",
-            status.provider
-        )
-    })
+    Ok((desired, drivers))
 }
 
 /// One driver per provider of the revision, each made from the host configuration's

@@ -8,12 +8,42 @@
 //! `revert VM` (`Reason::RevertAsked`), apply journals and runs it, and the request goes
 //! once it ran or failed (ask again). A snapshot lives with the VM's disk: a replace or a reset of the VM, which
 //! makes its disk again, loses them.
+//!
+//! `workspace:NAME` in place of the VM names a workspace (libvirt: internal snapshots in
+//! its qcow2 volume). Those are taken, reverted and deleted at once, and only while no VM
+//! runs with the workspace: a workspace's revert changes no VM, so there is no step to
+//! order, and qemu's image lock keeps a VM from starting on it meanwhile. fleet takes its
+//! own (`fleet-replace-…`, `fleet-reset-…`) by a VM's `snapshots:` policy; operators may
+//! revert to and delete those, and never name their own so.
 
 use anyhow::{Context, Result, bail};
 
-use crate::driver::{SnapshotInfo, check_snapshot_name};
-use crate::reconcile::{Workspace, driver_of_vm};
+use crate::driver::{SnapshotInfo, SnapshotOp, check_snapshot_charset, check_snapshot_name};
+use crate::reconcile::{Workspace, driver_of_vm, driver_of_workspace};
 use crate::status::{Event, EventKind, HostRevert};
+
+/// What `fleet snapshot` acts on: a VM, or `workspace:NAME`.
+pub enum Target<'a> {
+    Vm(&'a str),
+    Workspace(&'a str),
+}
+
+impl<'a> Target<'a> {
+    pub fn parse(target: &'a str) -> Target<'a> {
+        match target.strip_prefix("workspace:") {
+            Some(name) => Target::Workspace(name),
+            None => Target::Vm(target),
+        }
+    }
+}
+
+/// The events' subject for a workspace (its step name in plans).
+fn subject(target: &Target<'_>) -> String {
+    match target {
+        Target::Vm(vm) => (*vm).to_owned(),
+        Target::Workspace(name) => crate::plan::workspace_step_name(name),
+    }
+}
 
 fn event(ws: &Workspace, kind: EventKind, vm: &str, by: &str, message: String) {
     let event = Event::by_operator(kind, vm, by, message);
@@ -29,27 +59,38 @@ pub fn default_name(now: std::time::SystemTime) -> String {
     format!("s{digits}")
 }
 
-pub fn create(ws: &Workspace, vm: &str, name: Option<&str>, description: &str) -> Result<String> {
+pub fn create(
+    ws: &Workspace,
+    target: &Target<'_>,
+    name: Option<&str>,
+    description: &str,
+) -> Result<String> {
     let name = name.map_or_else(|| default_name(std::time::SystemTime::now()), str::to_owned);
     check_snapshot_name(&name).map_err(|e| anyhow::anyhow!(e.message))?;
-    let driver = driver_of_vm(ws, vm)?;
     let who = crate::hitl::local_user();
-    driver
-        .snapshot_create(vm, &name, description)
-        .with_context(|| format!("cannot snapshot {vm}"))?;
+    let of = subject(target);
+    match target {
+        Target::Vm(vm) => driver_of_vm(ws, vm)?.snapshot_create(vm, &name, description),
+        Target::Workspace(w) => {
+            driver_of_workspace(ws, w)?.workspace_snapshot(w, SnapshotOp::Create, &name)
+        }
+    }
+    .with_context(|| format!("cannot snapshot {of}"))?;
     event(
         ws,
         EventKind::SnapshotCreated,
-        vm,
+        &of,
         &who,
-        format!("{who} took snapshot {name} of {vm}"),
+        format!("{who} took snapshot {name} of {of}"),
     );
     Ok(name)
 }
 
-pub fn list(ws: &Workspace, vm: &str) -> Result<Vec<SnapshotInfo>> {
-    let driver = driver_of_vm(ws, vm)?;
-    Ok(driver.snapshots(vm)?)
+pub fn list(ws: &Workspace, target: &Target<'_>) -> Result<Vec<SnapshotInfo>> {
+    Ok(match target {
+        Target::Vm(vm) => driver_of_vm(ws, vm)?.snapshots(vm)?,
+        Target::Workspace(w) => driver_of_workspace(ws, w)?.workspace_snapshots(w)?,
+    })
 }
 
 /// The snapshots as a table.
@@ -90,8 +131,39 @@ pub fn render(snapshots: &[SnapshotInfo]) -> String {
     out
 }
 
-/// Asks for a revert: the snapshot must exist now; the next pass runs it.
-pub fn revert(ws: &Workspace, vm: &str, name: &str) -> Result<()> {
+/// A VM's revert is asked for (the snapshot must exist now; the next pass runs it); a
+/// workspace's is done at once. Returns whether it was done.
+pub fn revert(ws: &Workspace, target: &Target<'_>, name: &str) -> Result<bool> {
+    match target {
+        Target::Vm(vm) => ask_revert(ws, vm, name).map(|()| false),
+        Target::Workspace(w) => {
+            workspace_op(ws, w, SnapshotOp::Revert, name)?;
+            Ok(true)
+        }
+    }
+}
+
+/// A workspace's revert or delete, at once, with its event.
+fn workspace_op(ws: &Workspace, workspace: &str, op: SnapshotOp, name: &str) -> Result<()> {
+    check_snapshot_charset(name).map_err(|e| anyhow::anyhow!(e.message))?;
+    let of = subject(&Target::Workspace(workspace));
+    let who = crate::hitl::local_user();
+    driver_of_workspace(ws, workspace)?
+        .workspace_snapshot(workspace, op, name)
+        .with_context(|| format!("cannot use {of}'s snapshot {name}"))?;
+    let (kind, what) = match op {
+        SnapshotOp::Revert => (EventKind::SnapshotReverted, "reverted"),
+        _ => (EventKind::SnapshotDeleted, "deleted"),
+    };
+    let message = match op {
+        SnapshotOp::Revert => format!("{who} {what} {of} to snapshot {name}"),
+        _ => format!("{who} {what} snapshot {name} of {of}"),
+    };
+    event(ws, kind, &of, &who, message);
+    Ok(())
+}
+
+fn ask_revert(ws: &Workspace, vm: &str, name: &str) -> Result<()> {
     check_snapshot_name(name).map_err(|e| anyhow::anyhow!(e.message))?;
     let driver = driver_of_vm(ws, vm)?;
     if !driver.snapshots(vm)?.iter().any(|s| s.name == name) {
@@ -114,7 +186,11 @@ pub fn revert(ws: &Workspace, vm: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn delete(ws: &Workspace, vm: &str, name: &str) -> Result<()> {
+pub fn delete(ws: &Workspace, target: &Target<'_>, name: &str) -> Result<()> {
+    let vm = match target {
+        Target::Vm(vm) => *vm,
+        Target::Workspace(w) => return workspace_op(ws, w, SnapshotOp::Delete, name),
+    };
     check_snapshot_name(name).map_err(|e| anyhow::anyhow!(e.message))?;
     let driver = driver_of_vm(ws, vm)?;
     let who = crate::hitl::local_user();

@@ -689,6 +689,17 @@ pub struct VmConfig {
     /// The workspaces it mounts, in the order its file lists them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workspaces: Vec<ResolvedMount>,
+    /// Snapshots of its workspaces fleet takes before its risky steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<crate::spec::SnapshotPolicy>,
+}
+
+impl VmConfig {
+    /// The workspaces to snapshot before `step` (replace or reset), by the VM's policy.
+    pub fn snapshot_before(&self, step: crate::spec::SnapshotBefore) -> Option<u32> {
+        let policy = self.snapshots.as_ref()?;
+        (policy.before.contains(&step) && !self.workspaces.is_empty()).then_some(policy.keep)
+    }
 }
 
 /// An image as a VM uses it. Paths are as written in fleet.yaml (relative ones resolve
@@ -1273,6 +1284,7 @@ fn resolve_vm(
                 })
             })
             .collect(),
+        snapshots: spec.snapshots.clone(),
     };
     DesiredVm {
         name: name.to_owned(),
@@ -1478,6 +1490,7 @@ pub fn example_vm(name: &str, edit: impl FnOnce(&mut VmConfig)) -> DesiredVm {
         fresh: false,
         reset: false,
         workspaces: vec![],
+        snapshots: None,
     };
     edit(&mut config);
     DesiredVm {

@@ -1480,9 +1480,49 @@ pub struct VmSpec {
     /// to one VM at a time.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workspaces: Vec<WorkspaceMount>,
+    /// Snapshots of the VM's workspaces that fleet takes by itself before the VM's risky
+    /// steps, keeping the newest `keep` of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<SnapshotPolicy>,
     /// Overrides the loadout's `reset`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reset: Option<Reset>,
+}
+
+/// `snapshots: {before: [replace, reset], keep: 5}`: before each such step of the VM, once
+/// it is down, fleet snapshots each of its workspaces (`fleet-replace-<time>`,
+/// `fleet-reset-<time>`) and deletes the oldest of its own beyond `keep`. Operators' own
+/// snapshots are never counted or deleted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SnapshotPolicy {
+    /// The steps a snapshot is taken before.
+    #[schemars(length(min = 1), extend("uniqueItems" = true))]
+    pub before: Vec<SnapshotBefore>,
+    /// How many of fleet's own snapshots each workspace keeps (1 to 50).
+    #[schemars(range(min = 1, max = 50))]
+    pub keep: u32,
+}
+
+/// A VM step a snapshot policy acts before.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum SnapshotBefore {
+    /// The VM is made again (a new image, a first-boot change).
+    Replace,
+    /// The VM returns to the state it was made in (`reset: beforeEachTask`).
+    Reset,
+}
+
+impl SnapshotBefore {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotBefore::Replace => "replace",
+            SnapshotBefore::Reset => "reset",
+        }
+    }
 }
 
 /// `idle: {stopAfter: 30m}`.

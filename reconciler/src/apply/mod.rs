@@ -23,6 +23,7 @@ use crate::driver::{Driver, DriverError, ErrorKind};
 use crate::observe::Stamp;
 use crate::plan::{Action, Change, Plan, Step};
 use crate::resolve::DesiredVm;
+use crate::spec::SnapshotBefore;
 pub use journal::Journal;
 
 /// How many times a transient failure is tried in all.
@@ -152,13 +153,22 @@ fn stamp_for(fleet: &str, revision: &str, vm: &DesiredVm) -> Stamp {
 #[derive(Clone)]
 enum DriverCall {
     Create(DesiredVm),
-    Update { vm: DesiredVm, restart: bool },
+    Update {
+        vm: DesiredVm,
+        restart: bool,
+    },
     Start,
     Stop,
     Destroy,
     Reset(DesiredVm),
     Revert(String),
     DestroyWorkspace(String),
+    /// The VM's `snapshots:` policy, before its replace or reset (journaled as that step).
+    SnapshotWorkspaces {
+        vm: DesiredVm,
+        before: SnapshotBefore,
+        keep: u32,
+    },
 }
 
 impl DriverCall {
@@ -172,6 +182,10 @@ impl DriverCall {
             DriverCall::Reset(_) => Action::Reset,
             DriverCall::Revert(_) => Action::Revert,
             DriverCall::DestroyWorkspace(_) => Action::DestroyWorkspace,
+            DriverCall::SnapshotWorkspaces { before, .. } => match before {
+                SnapshotBefore::Replace => Action::Replace,
+                SnapshotBefore::Reset => Action::Reset,
+            },
         }
     }
 }
@@ -192,20 +206,51 @@ async fn run_step(ctx: &StepContext, step: &Step) -> (Result<(), DriverError>, u
         Change::Start => call(ctx, step, DriverCall::Start).await,
         Change::Stop => call(ctx, step, DriverCall::Stop).await,
         Change::Destroy { .. } => call(ctx, step, DriverCall::Destroy).await,
-        Change::Reset { desired } => call(ctx, step, DriverCall::Reset(desired.clone())).await,
+        Change::Reset { desired } => {
+            let (snapshots, a1) = snapshot_first(ctx, step, desired, SnapshotBefore::Reset).await;
+            if snapshots.is_err() {
+                return (snapshots, a1);
+            }
+            let (reset, a2) = call(ctx, step, DriverCall::Reset(desired.clone())).await;
+            (reset, a1 + a2)
+        }
         Change::Revert { snapshot } => call(ctx, step, DriverCall::Revert(snapshot.clone())).await,
         Change::DestroyWorkspace { workspace, .. } => {
             call(ctx, step, DriverCall::DestroyWorkspace(workspace.clone())).await
         }
         Change::Replace { desired, .. } => {
+            let (snapshots, a0) = snapshot_first(ctx, step, desired, SnapshotBefore::Replace).await;
+            if snapshots.is_err() {
+                return (snapshots, a0);
+            }
             let (destroyed, a1) = call(ctx, step, DriverCall::Destroy).await;
             if destroyed.is_err() {
-                return (destroyed, a1);
+                return (destroyed, a0 + a1);
             }
             let (created, a2) = call(ctx, step, DriverCall::Create(desired.clone())).await;
-            (created, a1 + a2)
+            (created, a0 + a1 + a2)
         }
     }
+}
+
+/// The snapshots a VM's policy takes of its workspaces before a replace or reset; nothing
+/// when it has no policy for that step. A snapshot that cannot be taken fails the step:
+/// what the policy keeps is worth more than the step's speed.
+async fn snapshot_first(
+    ctx: &StepContext,
+    step: &Step,
+    desired: &DesiredVm,
+    before: SnapshotBefore,
+) -> (Result<(), DriverError>, u32) {
+    let Some(keep) = desired.config.snapshot_before(before) else {
+        return (Ok(()), 0);
+    };
+    let snapshot = DriverCall::SnapshotWorkspaces {
+        vm: desired.clone(),
+        before,
+        keep,
+    };
+    call(ctx, step, snapshot).await
 }
 
 /// One journaled driver operation, with a deadline per attempt and retries on transient
@@ -246,6 +291,19 @@ async fn call(ctx: &StepContext, step: &Step, what: DriverCall) -> (Result<(), D
             DriverCall::Reset(vm) => driver.reset(&vm),
             DriverCall::Revert(snapshot) => driver.snapshot_revert(&name, &snapshot),
             DriverCall::DestroyWorkspace(workspace) => driver.destroy_workspace(&workspace),
+            DriverCall::SnapshotWorkspaces { vm, before, keep } => {
+                // A reset powers off at once (nothing in the VM is kept but its
+                // workspaces, which its agent synced when its last run ended).
+                let grace = match before {
+                    SnapshotBefore::Replace => grace,
+                    SnapshotBefore::Reset => Duration::ZERO,
+                };
+                driver
+                    .snapshot_workspaces(&vm, before, keep, grace)
+                    .map(|taken| {
+                        tracing::info!(vm = %vm.name, "took {} before {}", taken.join(", "), before.as_str());
+                    })
+            }
         });
         let outcome = match tokio::time::timeout(ctx.timeout, work).await {
             Ok(Ok(r)) => r,

@@ -220,13 +220,43 @@ pub trait Driver: Send + Sync {
         Err(no_snapshots())
     }
 
+    /// This fleet's workspace `workspace`'s snapshots, oldest first.
+    fn workspace_snapshots(&self, workspace: &str) -> Result<Vec<SnapshotInfo>, DriverError> {
+        let _ = workspace;
+        Err(no_workspaces())
+    }
+
+    /// Takes, reverts to or deletes `snapshot` of this fleet's workspace `workspace`, only
+    /// while no running VM has it.
+    fn workspace_snapshot(
+        &self,
+        workspace: &str,
+        op: SnapshotOp,
+        snapshot: &str,
+    ) -> Result<(), DriverError> {
+        let _ = (workspace, op, snapshot);
+        Err(no_workspaces())
+    }
+
+    /// Before `step` of this fleet's VM `vm` (its `snapshots:` policy): stops the VM
+    /// (gracefully, within `grace`) if it runs, snapshots each of its workspaces that
+    /// exists, and deletes fleet's own snapshots of them beyond the newest `keep`. Returns
+    /// the snapshots taken, as `workspace/snapshot`.
+    fn snapshot_workspaces(
+        &self,
+        vm: &DesiredVm,
+        step: crate::spec::SnapshotBefore,
+        keep: u32,
+        grace: Duration,
+    ) -> Result<Vec<String>, DriverError> {
+        let _ = (vm, step, keep, grace);
+        Err(no_workspaces())
+    }
+
     /// Deletes this fleet's workspace `name` (its volume), refused while a VM attaches it.
     fn destroy_workspace(&self, name: &str) -> Result<(), DriverError> {
         let _ = name;
-        Err(DriverError::new(
-            ErrorKind::Permanent,
-            "this provider's driver keeps no workspaces",
-        ))
+        Err(no_workspaces())
     }
 
     /// The file this fleet's VM `name`'s serial console is logged to, on this machine.
@@ -234,6 +264,21 @@ pub trait Driver: Send + Sync {
         let _ = name;
         Ok(None)
     }
+}
+
+fn no_workspaces() -> DriverError {
+    DriverError::new(
+        ErrorKind::Permanent,
+        "this provider's driver keeps no workspaces",
+    )
+}
+
+/// What to do with one snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotOp {
+    Create,
+    Revert,
+    Delete,
 }
 
 fn no_snapshots() -> DriverError {
@@ -276,6 +321,19 @@ pub struct SnapshotInfo {
 /// `_`, starting with a letter (what Proxmox accepts too), and not beginning `fleet-`,
 /// which fleet keeps for its own (`fleet-clean`).
 pub fn check_snapshot_name(name: &str) -> Result<(), DriverError> {
+    check_snapshot_charset(name)?;
+    if name.starts_with("fleet-") {
+        return Err(DriverError::new(
+            ErrorKind::Permanent,
+            format!("{name:?}: snapshot names beginning 'fleet-' are fleet's own; choose another"),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `name` is a snapshot name at all (fleet's own included): 2 to 40 letters, digits,
+/// `-` and `_`, starting with a letter.
+pub fn check_snapshot_charset(name: &str) -> Result<(), DriverError> {
     let plain = (2..=40).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_alphabetic())
         && name
@@ -287,12 +345,6 @@ pub fn check_snapshot_name(name: &str) -> Result<(), DriverError> {
             format!(
                 "{name:?} cannot name a snapshot: use 2 to 40 letters, digits, '-' and '_', starting with a letter"
             ),
-        ));
-    }
-    if name.starts_with("fleet-") {
-        return Err(DriverError::new(
-            ErrorKind::Permanent,
-            format!("{name:?}: snapshot names beginning 'fleet-' are fleet's own; choose another"),
         ));
     }
     Ok(())

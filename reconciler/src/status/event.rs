@@ -74,6 +74,7 @@ event_kinds! {
     SnapshotCreated = "snapshot.created",
     SnapshotDeleted = "snapshot.deleted",
     SnapshotRevertAsked = "snapshot.revert_asked",
+    SnapshotReverted = "snapshot.reverted",
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -2879,3 +2879,34 @@ fn a_workspace_on_proxmox_or_another_provider_is_refused() {
         "#]],
     );
 }
+
+#[test]
+fn a_snapshot_policy_needs_workspaces_and_sane_bounds() {
+    check(
+        &[
+            ("fleet/workspaces/notes.yaml", WORKSPACE),
+            (
+                "fleet/vms/a.yaml",
+                &vm_with("  snapshots: {before: [replace], keep: 3}\n"),
+            ),
+            (
+                "fleet/vms/b.yaml",
+                &vm_with(
+                    "  workspaces: [{name: notes, mountPath: /workspace}]\n  snapshots: {before: [replace, replace, destroy], keep: 0}\n",
+                ),
+            ),
+            (
+                "fleet/vms/c.yaml",
+                &vm_with("  snapshots: {before: [], keep: 51}\n"),
+            ),
+        ],
+        expect![[r#"
+            fleet/vms/a.yaml:8:14: error: spec.snapshots: snapshots are of the VM's workspaces, and it has none: add workspaces, or remove snapshots
+            fleet/vms/b.yaml:9:23: error: spec.snapshots.before: ["replace","replace","destroy"] has non-unique elements
+            fleet/vms/b.yaml:9:42: error: spec.snapshots.before[2]: string "destroy" is not valid; valid: replace, reset
+            fleet/vms/b.yaml:9:58: error: spec.snapshots.keep: 0 is too small; the minimum is 1
+            fleet/vms/c.yaml:8:23: error: spec.snapshots.before: needs at least 1 item(s)
+            fleet/vms/c.yaml:8:33: error: spec.snapshots.keep: 51 is too large; the maximum is 50
+        "#]],
+    );
+}

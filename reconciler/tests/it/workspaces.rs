@@ -2,7 +2,9 @@
 //! writes into a workspace; the VM is replaced, then destroyed and made again, and a later
 //! task reads the file back. Deleting the Workspace's file waits for an approval; the
 //! approved destroy removes its volume and only it (a volume fleet did not make, in the
-//! same pool, is untouched).
+//! same pool, is untouched). The VM's `snapshots:` policy snapshots the workspace before
+//! the replace; once no VM runs with it, `fleet snapshot revert workspace:notes` brings
+//! back what the replace snapshot held.
 
 use std::time::Duration;
 
@@ -14,7 +16,7 @@ use crate::tasks::{Status, task_yaml};
 
 fn vm_yaml(name: &str) -> String {
     format!(
-        "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {name}}}\nspec:\n  provider: local\n  image: micro\n  loadout: base\n  resources: {{memory: 256Mi}}\n  workspaces: [{{name: notes, mountPath: /workspace}}]\n"
+        "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {name}}}\nspec:\n  provider: local\n  image: micro\n  loadout: base\n  resources: {{memory: 256Mi}}\n  workspaces: [{{name: notes, mountPath: /workspace}}]\n  snapshots: {{before: [replace], keep: 1}}\n"
     )
 }
 
@@ -122,9 +124,56 @@ fn a_workspace_outlives_its_vm_and_goes_only_when_approved() {
                 && l.contains(&vm)
         })
     });
+    // The step said what its policy does first, and took one snapshot of the workspace
+    // once the old VM was down.
+    assert!(
+        read(&events).lines().any(|l| l.contains("\"step.started\"")
+            && l.contains("snapshots workspace(s) notes first (keeps 1)")),
+        "{}",
+        read(&events)
+    );
+    let listed = repo.fleet(&["snapshot", "list", "workspace:notes"]);
+    listed.expect_code(0);
+    let before_replace = listed
+        .stdout()
+        .split_whitespace()
+        .find(|w| w.starts_with("fleet-replace-"))
+        .unwrap_or_else(|| panic!("a replace snapshot: {}", listed.stdout()))
+        .to_owned();
+    // While its VM runs, a workspace's snapshots are refused, with what to do instead.
+    let refused = repo.fleet(&["snapshot", "create", "workspace:notes", "mine"]);
+    assert!(
+        refused.code() != 0 && refused.stderr().contains("in use by"),
+        "{}",
+        refused.stderr()
+    );
+    for (target, why) in [
+        ("workspace:nothere", "no Workspace named"),
+        ("workspace:../notes", "no Workspace named"),
+    ] {
+        let bad = repo.fleet(&["snapshot", "list", target]);
+        assert!(
+            bad.code() != 0 && bad.stderr().contains(why),
+            "{target}: {}",
+            bad.stderr()
+        );
+    }
+    // The new VM's task adds a file (a file of its own: each task runs as a user of its
+    // own, and the workspace's top directory is sticky).
+    repo.write(
+        "fleet/tasks/change.yaml",
+        task_yaml(
+            "change",
+            &vm,
+            "  command: [sh, -c, 'echo changed-after-replace > /workspace/g']\n",
+        ),
+    );
+    repo.commit("a task changes the workspace's file");
+    status.wait_phase("change", "Succeeded", Duration::from_secs(120));
     // Destroyed, then made again.
     repo.remove(&format!("fleet/vms/{vm}.yaml"));
     repo.remove("fleet/tasks/write.yaml");
+    repo.remove("fleet/tasks/change.yaml");
     repo.commit("the VM goes");
     wait_until("the VM is destroyed", Duration::from_secs(120), || {
         !String::from_utf8_lossy(&virsh(&["list", "--all", "--name"]).stdout).contains(&vm)
@@ -134,13 +183,32 @@ fn a_workspace_outlives_its_vm_and_goes_only_when_approved() {
         "the workspace stays: {}",
         volumes(&pool)
     );
+    // No VM runs with it now: an operator's snapshot, a revert to the policy's, a delete.
+    repo.fleet(&["snapshot", "create", "workspace:notes", "mine"])
+        .expect_code(0);
+    repo.fleet(&["snapshot", "revert", "workspace:notes", &before_replace])
+        .expect_code(0);
+    repo.fleet(&["snapshot", "delete", "workspace:notes", "mine"])
+        .expect_code(0);
+    let listed = repo
+        .fleet(&["snapshot", "list", "workspace:notes"])
+        .stdout();
+    assert!(
+        listed.contains(&before_replace) && !listed.contains("mine"),
+        "{listed}"
+    );
+    let events_text = read(&events);
+    assert!(
+        events_text.contains("\"snapshot.reverted\"") && events_text.contains("workspace:notes"),
+        "{events_text}"
+    );
     repo.write(&format!("fleet/vms/{vm}.yaml"), vm_yaml(&vm));
     repo.write(
         "fleet/tasks/read.yaml",
         task_yaml(
             "read",
             &vm,
-            "  command: [sh, -c, 'grep \" /workspace \" /proc/mounts; ls -la /workspace; cat /workspace/f']\n",
+            "  command: [sh, -c, 'grep \" /workspace \" /proc/mounts; ls -la /workspace; cat /workspace/f; test -e /workspace/g && echo g-is-there || echo g-is-gone']\n",
         ),
     );
     repo.commit("the VM again, and a task reading the workspace");
@@ -150,8 +218,10 @@ fn a_workspace_outlives_its_vm_and_goes_only_when_approved() {
             Some("Succeeded" | "Failed")
         )
     });
+    // What the replace snapshot held, not what the later task wrote.
     assert!(
-        status.output("read").contains("kept-across-vms"),
+        status.output("read").contains("kept-across-vms")
+            && status.output("read").contains("g-is-gone"),
         "{}",
         status.output("read")
     );

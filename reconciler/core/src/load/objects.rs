@@ -365,6 +365,12 @@ fn check_vm_spec<T>(o: &Object<T>, at: &str, spec: &VmSpec, diags: &mut Vec<Diag
             ));
         }
     }
+    if spec.snapshots.is_some() && spec.workspaces.is_empty() {
+        diags.push(o.field_error(
+            &format!("{at}/snapshots"),
+            "snapshots are of the VM's workspaces, and it has none: add workspaces, or remove snapshots",
+        ));
+    }
     if let Some(lease) = &spec.lease {
         let why = "a lease lasts from 10s to 8784h (a year)";
         let range = (crate::lease::MIN_TTL, A_YEAR);

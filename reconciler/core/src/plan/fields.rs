@@ -75,11 +75,13 @@ pub enum VmField {
     Reset,
     #[serde(rename = "workspaces")]
     Workspaces,
+    #[serde(rename = "snapshots")]
+    Snapshots,
 }
 
 impl VmField {
     /// Every field, in the order plans list changes.
-    pub const ALL: [VmField; 25] = [
+    pub const ALL: [VmField; 26] = [
         VmField::Provider,
         VmField::DomainType,
         VmField::ImageName,
@@ -105,6 +107,7 @@ impl VmField {
         VmField::Fresh,
         VmField::Reset,
         VmField::Workspaces,
+        VmField::Snapshots,
     ];
 
     /// What changing the field on an existing VM takes.
@@ -135,7 +138,8 @@ impl VmField {
             | VmField::Pool
             | VmField::Env
             | VmField::Labels
-            | VmField::Protect => InPlace,
+            | VmField::Protect
+            | VmField::Snapshots => InPlace,
         }
     }
 
@@ -167,6 +171,7 @@ impl VmField {
             VmField::Fresh => "fresh",
             VmField::Reset => "reset",
             VmField::Workspaces => "workspaces",
+            VmField::Snapshots => "snapshots",
         }
     }
 
@@ -203,6 +208,7 @@ impl VmField {
             VmField::Fresh => json(&c.fresh),
             VmField::Reset => json(&c.reset),
             VmField::Workspaces => json(&c.workspaces),
+            VmField::Snapshots => json(&c.snapshots),
         };
         // An empty list or map is as unset as `None`: stamps leave all three out.
         match value {
@@ -263,6 +269,7 @@ fn every_field_is_named(config: &VmConfig) {
         fresh: _,
         reset: _,
         workspaces: _,
+        snapshots: _,
     } = config;
     let ResolvedImage {
         name: _,

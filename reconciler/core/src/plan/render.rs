@@ -6,8 +6,9 @@ use std::fmt::Write;
 
 use serde_json::Value;
 
-use super::{Action, Plan, Reason, Step};
+use super::{Action, Change, Plan, Reason, Step};
 use crate::resolve::VmConfig;
+use crate::spec::SnapshotBefore;
 
 /// The human form.
 pub fn text(plan: &Plan) -> String {
@@ -200,6 +201,31 @@ fn short_id(id: &str) -> &str {
 
 /// The reason in words.
 pub fn reason_text(step: &Step) -> String {
+    let why = why_text(step);
+    // The VM's `snapshots:` policy acts first: say so where the step is shown.
+    let before = match &step.change {
+        Change::Replace { desired, .. } => Some((desired, SnapshotBefore::Replace)),
+        Change::Reset { desired } => Some((desired, SnapshotBefore::Reset)),
+        _ => None,
+    };
+    match before.and_then(|(vm, before)| Some((vm, vm.config.snapshot_before(before)?))) {
+        Some((vm, keep)) => {
+            let names: Vec<&str> = vm
+                .config
+                .workspaces
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect();
+            format!(
+                "{why}; snapshots workspace(s) {} first (keeps {keep})",
+                names.join(", ")
+            )
+        }
+        None => why,
+    }
+}
+
+fn why_text(step: &Step) -> String {
     match &step.reason {
         Reason::NotFound => "not found on the provider".to_owned(),
         Reason::PowerState { want } => format!("spec wants it {}", want.as_str()),

@@ -850,6 +850,12 @@ fn change(field: VmField, c: &mut VmConfig) {
             size_mib: 64,
             label: "notes".into(),
         }),
+        VmField::Snapshots => {
+            c.snapshots = Some(crate::spec::SnapshotPolicy {
+                before: vec![crate::spec::SnapshotBefore::Replace],
+                keep: 3,
+            });
+        }
     }
 }
 

@@ -79,6 +79,7 @@
 pub mod domain_xml;
 pub mod full_network;
 pub mod reach;
+mod volume_snapshots;
 
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -464,8 +465,14 @@ impl LibvirtDriver {
                     }
                 }
                 Err(_) => {
+                    // Owned by fleet's own user, not libvirtd's: `qemu-img` takes its
+                    // snapshots while it is offline (qemu gets it while a VM runs).
+                    let (uid, gid) = (
+                        rustix::process::geteuid().as_raw(),
+                        rustix::process::getegid().as_raw(),
+                    );
                     let xml = format!(
-                        "<volume><name>{}</name><capacity unit='bytes'>{bytes}</capacity><target><format type='qcow2'/></target></volume>",
+                        "<volume><name>{}</name><capacity unit='bytes'>{bytes}</capacity><target><format type='qcow2'/><permissions><owner>{uid}</owner><group>{gid}</group><mode>0600</mode></permissions></target></volume>",
                         quick_xml::escape::escape(volume.as_str())
                     );
                     self.call(&format!("make workspace {}", mount.name), |_| {
@@ -582,6 +589,39 @@ impl LibvirtDriver {
             }
         }
         Ok(found)
+    }
+
+    /// The running domains (fleet's or not) whose live definitions attach `volume` of the
+    /// workspace pool.
+    fn running_domains_attaching(&self, volume: &str) -> Result<Vec<String>, DriverError> {
+        let (pool, volume) = (
+            format!("pool='{}'", self.workspace_pool_name()),
+            format!("volume='{volume}'"),
+        );
+        let domains = self.call("list running domains", |c| {
+            c.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        })?;
+        Ok(domains
+            .iter()
+            .filter(|dom| {
+                dom.xml_desc(0)
+                    .is_ok_and(|xml| xml.contains(&pool) && xml.contains(&volume))
+            })
+            .map(|dom| dom.name().unwrap_or_default())
+            .collect())
+    }
+
+    /// Where workspace `name`'s volume is on the host; `None` when fleet has not made it.
+    fn workspace_path(&self, name: &str) -> Result<Option<PathBuf>, DriverError> {
+        let Some(pool) = self.workspace_pool(false)? else {
+            return Ok(None);
+        };
+        let volume = domain_xml::workspace_volume(name);
+        let Ok(found) = pool.lookup_storage_vol_by_name(&volume) else {
+            return Ok(None);
+        };
+        let path = self.call(&format!("find workspace {name}"), |_| found.path())?;
+        Ok(Some(PathBuf::from(path)))
     }
 
     /// Drops libvirt's records of `dom`'s snapshots (before its overlay, which holds them,
@@ -1148,6 +1188,15 @@ impl LibvirtDriver {
 
 /// An adopted VM's definition and disks are not fleet's: it is never rewritten or reset
 /// (the plan replaces it instead; this guards against a plan that would not).
+fn no_workspace(name: &str) -> DriverError {
+    DriverError::new(
+        ErrorKind::NotFound,
+        format!(
+            "fleet has made no workspace {name} on this provider (the revision's Workspace is made with the first VM that mounts it)"
+        ),
+    )
+}
+
 fn refuse_adopted(found: &ObservedVm, what: &str) -> Result<(), DriverError> {
     if found.stamp.as_ref().is_some_and(|s| s.adopted) {
         return Err(DriverError::new(
@@ -1418,6 +1467,79 @@ impl Driver for LibvirtDriver {
         self.on_domain(&format!("delete {name}'s snapshot {snapshot}"), || {
             taken.delete(0)
         })
+    }
+
+    fn workspace_snapshots(
+        &self,
+        workspace: &str,
+    ) -> Result<Vec<super::SnapshotInfo>, DriverError> {
+        super::check_name(workspace)?;
+        let path = self
+            .workspace_path(workspace)?
+            .ok_or_else(|| no_workspace(workspace))?;
+        volume_snapshots::list(&path, workspace)
+    }
+
+    fn workspace_snapshot(
+        &self,
+        workspace: &str,
+        op: super::SnapshotOp,
+        snapshot: &str,
+    ) -> Result<(), DriverError> {
+        super::check_name(workspace)?;
+        // Operators take snapshots of their own names; they may revert to or delete fleet's.
+        match op {
+            super::SnapshotOp::Create => super::check_snapshot_name(snapshot)?,
+            _ => super::check_snapshot_charset(snapshot)?,
+        }
+        let path = self
+            .workspace_path(workspace)?
+            .ok_or_else(|| no_workspace(workspace))?;
+        let running = self.running_domains_attaching(&domain_xml::workspace_volume(workspace))?;
+        if let Some(vm) = running.first() {
+            return Err(DriverError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "workspace {workspace} is in use by {vm}, which runs: its snapshots are taken and reverted while no VM runs with it (stop {vm} with state: stopped, or let its snapshots: policy take one before its next replace or reset)"
+                ),
+            ));
+        }
+        volume_snapshots::run(&path, workspace, op, snapshot)
+    }
+
+    fn snapshot_workspaces(
+        &self,
+        vm: &DesiredVm,
+        step: crate::spec::SnapshotBefore,
+        keep: u32,
+        grace: Duration,
+    ) -> Result<Vec<String>, DriverError> {
+        super::check_name(&vm.name)?;
+        self.invalidate(&vm.name);
+        let (dom, _) = self.require_owned(&vm.name)?;
+        self.power_off(&dom, &vm.name, grace)?;
+        let mut taken = Vec::new();
+        for mount in &vm.config.workspaces {
+            // Not made yet (it is with the VM's next definition): nothing to keep.
+            let Some(path) = self.workspace_path(&mount.name)? else {
+                continue;
+            };
+            // Still another VM's (it moves to this one in this revision): not ours to take.
+            let volume = domain_xml::workspace_volume(&mount.name);
+            if !self.running_domains_attaching(&volume)?.is_empty() {
+                continue;
+            }
+            let before = volume_snapshots::list(&path, &mount.name)?;
+            let name =
+                volume_snapshots::auto_name(step.as_str(), std::time::SystemTime::now(), &before);
+            volume_snapshots::run(&path, &mount.name, super::SnapshotOp::Create, &name)?;
+            let after = volume_snapshots::list(&path, &mount.name)?;
+            for old in volume_snapshots::beyond_keep(&after, keep) {
+                volume_snapshots::run(&path, &mount.name, super::SnapshotOp::Delete, &old)?;
+            }
+            taken.push(format!("{}/{name}", mount.name));
+        }
+        Ok(taken)
     }
 
     /// Deletes a workspace's volume, never while any domain on the host (fleet's or not)
