@@ -954,7 +954,11 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
                 let vm = loaded
                     .vms
                     .values()
-                    .find(|v| v.doc.spec.workspaces.iter().any(|m| m.name.0 == name))
+                    .find(|v| {
+                        crate::load::vm_mounts(loaded, &v.doc.spec)
+                            .iter()
+                            .any(|m| m.mount.name.0 == name)
+                    })
                     .map(|v| v.doc.metadata.name.0.clone());
                 let workspace = DesiredWorkspace {
                     provider: o.doc.spec.provider.0.clone(),
@@ -1271,10 +1275,10 @@ fn resolve_vm(
         protect: spec.protect,
         fresh: false,
         reset: spec.reset.or(loadout.reset).is_some(),
-        workspaces: spec
-            .workspaces
-            .iter()
+        workspaces: crate::load::vm_mounts(loaded, spec)
+            .into_iter()
             .filter_map(|m| {
+                let m = m.mount;
                 let w = loaded.workspaces.get(&m.name.0)?;
                 Some(ResolvedMount {
                     name: m.name.0.clone(),
@@ -1421,6 +1425,7 @@ pub fn merge(base: LoadoutSpec, over: &LoadoutSpec) -> LoadoutSpec {
             env.extend(over.env.clone());
             env
         },
+        workspaces: merge_keyed(base.workspaces, &over.workspaces, |m| m.name.clone()),
     }
 }
 

@@ -1413,6 +1413,10 @@ pub struct LoadoutSpec {
     /// `beforeEachTask`: its VMs return to the state they were made in before each task run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reset: Option<Reset>,
+    /// Workspaces its VM mounts, keyed by name (a later loadout's, then the VM's own, win).
+    /// A workspace belongs to one VM: a loadout that mounts one serves one VM, and no pool.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workspaces: Vec<WorkspaceMount>,
 }
 
 /// When a VM returns to the state it was made in.

@@ -119,6 +119,15 @@ fn check_under_token_secret_host(files: &[(&str, &str)], expect: Expect) {
     ));
 }
 
+/// The desired state of a revision that must load.
+fn desired_of(files: &[(&str, &str)]) -> fleet::resolve::Desired {
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(p, t)| (*p, t.as_bytes())).collect();
+    let host = host();
+    let loaded = fleet::load::load(&snapshot(&files, true), Some(&host))
+        .unwrap_or_else(|d| panic!("loads: {d:?}"));
+    fleet::resolve::resolve(&loaded, &host)
+}
+
 fn check(files: &[(&str, &str)], expect: Expect) {
     let files: Vec<(&str, &[u8])> = files.iter().map(|(p, t)| (*p, t.as_bytes())).collect();
     expect.assert_eq(&diagnostics(&snapshot(&files, true)));
@@ -2909,4 +2918,95 @@ fn a_snapshot_policy_needs_workspaces_and_sane_bounds() {
             fleet/vms/c.yaml:8:33: error: spec.snapshots.keep: 51 is too large; the maximum is 50
         "#]],
     );
+}
+
+#[test]
+fn a_loadouts_workspaces_serve_one_vm_and_no_pool() {
+    let loadout = |name: &str, tail: &str| {
+        format!("apiVersion: fleet/v1\nkind: Loadout\nmetadata: {{name: {name}}}\nspec:\n{tail}")
+    };
+    let vm = |name: &str, tail: &str| {
+        format!(
+            "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {name}}}\nspec:\n  provider: local\n  image: micro\n{tail}"
+        )
+    };
+    check(
+        &[
+            ("fleet/workspaces/notes.yaml", WORKSPACE),
+            (
+                "fleet/workspaces/cache.yaml",
+                "apiVersion: fleet/v1\nkind: Workspace\nmetadata: {name: cache}\nspec: {provider: local, size: 1Gi}\n",
+            ),
+            (
+                "fleet/loadouts/dev.yaml",
+                &loadout(
+                    "dev",
+                    "  workspaces:\n    - {name: notes, mountPath: /workspace}\n    - {name: gone, mountPath: /gone}\n    - {name: cache, mountPath: /proc/cache}\n",
+                ),
+            ),
+            (
+                "fleet/loadouts/solo.yaml",
+                &loadout("solo", "  workspaces: [{name: cache, mountPath: /cache}]\n"),
+            ),
+            // Uses dev: its own mount nests in dev's /workspace.
+            (
+                "fleet/vms/a.yaml",
+                &vm(
+                    "a",
+                    "  loadout: dev\n  workspaces: [{name: cache, mountPath: /workspace/cache}]\n",
+                ),
+            ),
+            // Uses dev too: notes would be on two VMs.
+            ("fleet/vms/b.yaml", &vm("b", "  loadout: dev\n")),
+            (
+                "fleet/vms/pool.yaml",
+                "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {name: pool}\nspec:\n  replicas: 2\n  template:\n    spec: {provider: local, image: micro, loadout: solo}\n",
+            ),
+        ],
+        expect![[r#"
+            fleet/loadouts/dev.yaml:6:14: error: spec.workspaces[0].name: (for VM "b") workspace "notes" is attached to VM "a" already; a workspace belongs to one VM at a time (loadout "dev" mounts it: use that loadout in one VM only, or mount the workspace in the VM's own file)
+            fleet/loadouts/dev.yaml:7:14: error: spec.workspaces[1].name: no Workspace named "gone"; add fleet/workspaces/gone.yaml, or remove the mount
+            fleet/loadouts/dev.yaml:8:14: error: spec.workspaces[2].name: (for VM "b") workspace "cache" is attached to VM "a" already; a workspace belongs to one VM at a time (loadout "dev" mounts it: use that loadout in one VM only, or mount the workspace in the VM's own file)
+            fleet/loadouts/dev.yaml:8:32: error: spec.workspaces[2].mountPath: "/proc/cache" is in /proc, which the guest's system owns; mount workspaces elsewhere, such as /workspace
+            fleet/vms/a.yaml:8:41: error: spec.workspaces[0].mountPath: "/workspace/cache" and workspace "notes"'s "/workspace" (from loadout "dev") are the same or nest; mount them side by side
+            fleet/vms/pool.yaml:7:52: error: spec.template.spec.loadout: loadout "solo" mounts workspace "cache" (from loadout "solo"), and a pool's members would share it; give the pool a loadout without workspaces
+        "#]],
+    );
+}
+
+#[test]
+fn a_vm_takes_its_loadouts_workspaces_and_overrides_their_paths() {
+    let desired = desired_of(&[
+        ("fleet/workspaces/notes.yaml", WORKSPACE),
+        (
+            "fleet/workspaces/cache.yaml",
+            "apiVersion: fleet/v1\nkind: Workspace\nmetadata: {name: cache}\nspec: {provider: local, size: 2Gi}\n",
+        ),
+        (
+            "fleet/loadouts/base.yaml",
+            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: base}\nspec:\n  workspaces: [{name: notes, mountPath: /notes}]\n",
+        ),
+        (
+            "fleet/loadouts/dev.yaml",
+            "apiVersion: fleet/v1\nkind: Loadout\nmetadata: {name: dev}\nspec:\n  extends: [base]\n  workspaces: [{name: cache, mountPath: /cache}]\n",
+        ),
+        (
+            "fleet/vms/a.yaml",
+            "apiVersion: fleet/v1\nkind: VM\nmetadata: {name: a}\nspec:\n  provider: local\n  image: micro\n  loadout: dev\n  workspaces: [{name: notes, mountPath: /workspace}]\n  snapshots: {before: [reset], keep: 2}\n",
+        ),
+    ]);
+    let mounts: Vec<(String, String, u64)> = desired.vms["a"]
+        .config
+        .workspaces
+        .iter()
+        .map(|m| (m.name.clone(), m.mount_path.clone(), m.size_mib))
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            ("notes".to_owned(), "/workspace".to_owned(), 1024),
+            ("cache".to_owned(), "/cache".to_owned(), 2048)
+        ]
+    );
+    assert_eq!(desired.workspaces["cache"].vm.as_deref(), Some("a"));
 }

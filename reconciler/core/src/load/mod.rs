@@ -99,6 +99,66 @@ pub struct LoadedFleet {
     pub signers: BTreeMap<String, String>,
 }
 
+/// A workspace a VM mounts, and the file that says so.
+pub struct VmMount<'a> {
+    pub mount: &'a crate::spec::WorkspaceMount,
+    /// `None`: the VM's (or pool template's) own; `Some(name)`: loadout `name`'s.
+    pub loadout: Option<&'a str>,
+    /// Its index in that file's `workspaces` list.
+    pub index: usize,
+}
+
+/// The workspaces a VM with `spec` mounts: its loadout chain's (`extends` depth-first, left
+/// to right, then the loadout itself), then its own; keyed by workspace name, the later
+/// mount of a name replacing the earlier in place, as loadouts merge.
+pub fn vm_mounts<'a>(f: &'a LoadedFleet, spec: &'a crate::spec::VmSpec) -> Vec<VmMount<'a>> {
+    fn chain<'a>(f: &'a LoadedFleet, name: &'a str, depth: usize, out: &mut Vec<&'a str>) {
+        let Some(o) = f.loadouts.get(name) else {
+            return;
+        };
+        // Cycles were refused; the guard keeps a bug from recursing for ever.
+        if depth < 64 {
+            for parent in &o.doc.spec.extends {
+                chain(f, &parent.0, depth + 1, out);
+            }
+        }
+        out.push(name);
+    }
+    let mut names = Vec::new();
+    if let Some(loadout) = &spec.loadout {
+        chain(f, &loadout.0, 0, &mut names);
+    }
+    let from_loadouts = names.into_iter().flat_map(|name| {
+        let mounts = &f.loadouts[name].doc.spec.workspaces;
+        mounts
+            .iter()
+            .enumerate()
+            .map(move |(index, mount)| VmMount {
+                mount,
+                loadout: Some(name),
+                index,
+            })
+    });
+    let own = spec
+        .workspaces
+        .iter()
+        .enumerate()
+        .map(|(index, mount)| VmMount {
+            mount,
+            loadout: None,
+            index,
+        });
+    let mut mounts: Vec<VmMount<'a>> = Vec::new();
+    for m in from_loadouts.chain(own) {
+        match mounts.iter_mut().find(|k| k.mount.name == m.mount.name) {
+            // The VM's own list may name one twice: that is an error of its own, kept.
+            Some(k) if !(k.loadout.is_none() && m.loadout.is_none()) => *k = m,
+            _ => mounts.push(m),
+        }
+    }
+    mounts
+}
+
 /// Task names leave room for the prompt ids made from them (`<task>-<run>-<n>`), which
 /// must stay DNS labels.
 pub const TASK_NAME_MAX: usize = 50;

@@ -109,6 +109,7 @@ pub(super) fn check_object(object: &AnyObject, diags: &mut Vec<Diagnostic>) {
         }
         AnyObject::Loadout(o) => {
             check_resources(o, "/spec/resources", o.doc.spec.resources.as_ref(), diags);
+            check_mounts(o, "/spec", &o.doc.spec.workspaces, diags);
             check_secret_targets(o, "/spec/secrets", &o.doc.spec.secrets, diags);
             if let Some(egress) = &o.doc.spec.egress {
                 check_egress(o, egress, diags);
@@ -319,25 +320,26 @@ fn check_task(o: &Object<TaskDocument>, diags: &mut Vec<Diagnostic>) {
     }
 }
 
-fn check_vm_spec<T>(o: &Object<T>, at: &str, spec: &VmSpec, diags: &mut Vec<Diagnostic>) {
-    check_resources(
-        o,
-        &format!("{at}/resources"),
-        spec.resources.as_ref(),
-        diags,
-    );
-    if spec.workspaces.len() > super::WORKSPACES_PER_VM {
+/// A file's own workspace mounts (a VM's, a pool template's or a loadout's): how many, and
+/// each mount path alone and against the others of the list.
+fn check_mounts<T>(
+    o: &Object<T>,
+    at: &str,
+    mounts: &[crate::spec::WorkspaceMount],
+    diags: &mut Vec<Diagnostic>,
+) {
+    if mounts.len() > super::WORKSPACES_PER_VM {
         diags.push(o.field_error(
             &format!("{at}/workspaces"),
             format!(
                 "{} workspaces; a VM mounts at most {}",
-                spec.workspaces.len(),
+                mounts.len(),
                 super::WORKSPACES_PER_VM
             ),
         ));
     }
     let mut paths = std::collections::BTreeSet::new();
-    for (i, mount) in spec.workspaces.iter().enumerate() {
+    for (i, mount) in mounts.iter().enumerate() {
         let pointer = format!("{at}/workspaces/{i}/mountPath");
         let path = &mount.mount_path.0;
         if let Some(why) = crate::spec::mount_path_problem(path) {
@@ -347,7 +349,7 @@ fn check_vm_spec<T>(o: &Object<T>, at: &str, spec: &VmSpec, diags: &mut Vec<Diag
                 &pointer,
                 format!("{path:?} is mounted twice; give each workspace its own path"),
             ));
-        } else if let Some(other) = spec.workspaces[..i].iter().find(|m| {
+        } else if let Some(other) = mounts[..i].iter().find(|m| {
             crate::spec::mount_path_problem(&m.mount_path.0).is_none() && {
                 let (a, b) = (
                     m.mount_path.0.trim_end_matches('/'),
@@ -365,12 +367,16 @@ fn check_vm_spec<T>(o: &Object<T>, at: &str, spec: &VmSpec, diags: &mut Vec<Diag
             ));
         }
     }
-    if spec.snapshots.is_some() && spec.workspaces.is_empty() {
-        diags.push(o.field_error(
-            &format!("{at}/snapshots"),
-            "snapshots are of the VM's workspaces, and it has none: add workspaces, or remove snapshots",
-        ));
-    }
+}
+
+fn check_vm_spec<T>(o: &Object<T>, at: &str, spec: &VmSpec, diags: &mut Vec<Diagnostic>) {
+    check_resources(
+        o,
+        &format!("{at}/resources"),
+        spec.resources.as_ref(),
+        diags,
+    );
+    check_mounts(o, at, &spec.workspaces, diags);
     if let Some(lease) = &spec.lease {
         let why = "a lease lasts from 10s to 8784h (a year)";
         let range = (crate::lease::MIN_TTL, A_YEAR);

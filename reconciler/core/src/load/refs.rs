@@ -340,40 +340,110 @@ fn check_workspaces(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
         }
     }
     let mut attached: BTreeMap<&str, &str> = BTreeMap::new();
+    // A loadout's mount of a missing workspace, told once however many VMs use it.
+    let mut missing_told = BTreeSet::new();
     for o in f.vms.values() {
         let vm = o.doc.metadata.name.0.as_str();
-        let mut mine = BTreeSet::new();
-        for (i, mount) in o.doc.spec.workspaces.iter().enumerate() {
-            let pointer = format!("/spec/workspaces/{i}/name");
-            let name = mount.name.0.as_str();
-            if !mine.insert(name) {
-                diags.push(field_error_in(
-                    &o.path,
-                    &o.tree,
-                    &pointer,
+        let mounts = super::vm_mounts(f, &o.doc.spec);
+        // Where a mount is written: the VM's file, or its loadout's (naming the VM).
+        let at = |m: &super::VmMount<'_>, field: &str, message: String| match m.loadout {
+            None => field_error_in(
+                &o.path,
+                &o.tree,
+                &format!("/spec/workspaces/{}/{field}", m.index),
+                At::Value,
+                message,
+            ),
+            Some(loadout) => {
+                let l = &f.loadouts[loadout];
+                field_error_in(
+                    &l.path,
+                    &l.tree,
+                    &format!("/spec/workspaces/{}/{field}", m.index),
                     At::Value,
+                    format!("(for VM {vm:?}) {message}"),
+                )
+            }
+        };
+        if mounts.is_empty() && o.doc.spec.snapshots.is_some() {
+            diags.push(field_error_in(
+                &o.path,
+                &o.tree,
+                "/spec/snapshots",
+                At::Value,
+                "snapshots are of the VM's workspaces, and it has none: add workspaces, or remove snapshots",
+            ));
+        }
+        if mounts.len() > super::WORKSPACES_PER_VM
+            && o.doc.spec.workspaces.len() <= super::WORKSPACES_PER_VM
+        {
+            diags.push(field_error_in(
+                &o.path,
+                &o.tree,
+                "/spec/loadout",
+                At::Value,
+                format!(
+                    "with its loadout's, the VM mounts {} workspaces, and a VM mounts at most {}; mount fewer",
+                    mounts.len(),
+                    super::WORKSPACES_PER_VM
+                ),
+            ));
+        }
+        let mut mine = BTreeSet::new();
+        for (i, m) in mounts.iter().enumerate() {
+            let name = m.mount.name.0.as_str();
+            if !mine.insert(name) {
+                diags.push(at(
+                    m,
+                    "name",
                     format!("workspace {name:?} is mounted twice in this VM; mount it once"),
                 ));
                 continue;
             }
-            let Some(workspace) = f.workspaces.get(name) else {
-                diags.push(field_error_in(
-                    &o.path,
-                    &o.tree,
-                    &pointer,
-                    At::Value,
+            // Paths of a loadout's mounts against the VM's own (each list alone is checked
+            // with its file).
+            let path = m.mount.mount_path.0.trim_end_matches('/');
+            if let Some(other) = mounts[..i].iter().find(|p| {
+                p.loadout != m.loadout && {
+                    let q = p.mount.mount_path.0.trim_end_matches('/');
+                    q == path
+                        || q.starts_with(&format!("{path}/"))
+                        || path.starts_with(&format!("{q}/"))
+                }
+            }) {
+                diags.push(at(
+                    m,
+                    "mountPath",
                     format!(
-                        "no Workspace named {name:?}; add fleet/workspaces/{name}.yaml, or remove the mount"
+                        "{:?} and workspace {:?}'s {:?} (from {}) are the same or nest; mount them side by side",
+                        m.mount.mount_path.0,
+                        other.mount.name.0,
+                        other.mount.mount_path.0,
+                        other.loadout.map_or_else(|| "the VM".to_owned(), |l| format!("loadout {l:?}"))
                     ),
                 ));
+            }
+            let Some(workspace) = f.workspaces.get(name) else {
+                let own_vm = if m.loadout.is_some() { "" } else { vm };
+                if missing_told.insert((m.loadout, own_vm, m.index)) {
+                    let mut diag = at(
+                        m,
+                        "name",
+                        format!(
+                            "no Workspace named {name:?}; add fleet/workspaces/{name}.yaml, or remove the mount"
+                        ),
+                    );
+                    if m.loadout.is_some() {
+                        diag.message = diag.message.replacen(&format!("(for VM {vm:?}) "), "", 1);
+                    }
+                    diags.push(diag);
+                }
                 continue;
             };
             if workspace.doc.spec.provider != o.doc.spec.provider {
-                diags.push(field_error_in(
-                    &o.path,
-                    &o.tree,
-                    &pointer,
-                    At::Value,
+                diags.push(at(
+                    m,
+                    "name",
                     format!(
                         "workspace {name:?} lives on provider {:?} and this VM runs on {:?}; a workspace is attached on its own provider",
                         workspace.doc.spec.provider.0, o.doc.spec.provider.0
@@ -383,16 +453,42 @@ fn check_workspaces(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
             if let Some(first) = attached.insert(name, vm)
                 && first != vm
             {
-                diags.push(field_error_in(
-                    &o.path,
-                    &o.tree,
-                    &pointer,
-                    At::Value,
+                let fix = match m.loadout {
+                    None => String::new(),
+                    Some(l) => format!(
+                        " (loadout {l:?} mounts it: use that loadout in one VM only, or mount the workspace in the VM's own file)"
+                    ),
+                };
+                diags.push(at(
+                    m,
+                    "name",
                     format!(
-                        "workspace {name:?} is attached to VM {first:?} already; a workspace belongs to one VM at a time"
+                        "workspace {name:?} is attached to VM {first:?} already; a workspace belongs to one VM at a time{fix}"
                     ),
                 ));
             }
+        }
+    }
+    // A pool's members would share its loadout's workspaces.
+    for o in f.pools.values() {
+        let template = &o.doc.spec.template.spec;
+        if let Some(loadout) = &template.loadout
+            && let Some(m) = super::vm_mounts(f, template)
+                .iter()
+                .find(|m| m.loadout.is_some())
+        {
+            diags.push(field_error_in(
+                &o.path,
+                &o.tree,
+                "/spec/template/spec/loadout",
+                At::Value,
+                format!(
+                    "loadout {:?} mounts workspace {:?} (from loadout {:?}), and a pool's members would share it; give the pool a loadout without workspaces",
+                    loadout.0,
+                    m.mount.name.0,
+                    m.loadout.unwrap_or_default()
+                ),
+            ));
         }
     }
 }
