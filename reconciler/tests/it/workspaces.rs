@@ -80,7 +80,7 @@ fn a_workspace_outlives_its_vm_and_goes_only_when_approved() {
         ),
     );
     repo.commit("a VM with a workspace, and a task writing into it");
-    let _daemon = Daemon::start(&repo);
+    let daemon = Daemon::start(&repo);
     let status = Status(repo.path().join(".fleet/status"));
     status.wait_phase("write", "Succeeded", Duration::from_secs(120));
     assert!(
@@ -117,13 +117,27 @@ fn a_workspace_outlives_its_vm_and_goes_only_when_approved() {
     repo.write("fleet/loadouts/base.yaml", loadout("echo again"));
     repo.commit("a new first-boot command: the VM is made again");
     let events = repo.path().join(".fleet/status/events.jsonl");
-    wait_until("the replace ran", Duration::from_secs(120), || {
+    let replaced = || {
         read(&events).lines().any(|l| {
             l.contains("\"step.succeeded\"")
                 && l.contains("\"action\":\"replace\"")
                 && l.contains(&vm)
         })
-    });
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !replaced() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replace did not run: {}\nfleet serve's log:\n{}\nplan: {}",
+            read(&events),
+            daemon.log.lock().unwrap_or_else(|p| p.into_inner()),
+            {
+                let plan = repo.fleet(&["plan"]);
+                plan.stdout() + &plan.stderr()
+            }
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // The step said what its policy does first, and took one snapshot of the workspace
     // once the old VM was down.
     assert!(

@@ -1293,7 +1293,62 @@ fn workspace_steps(
             }
         }
     }
+    // A VM that waits for a workspace and lets go of another goes ahead without the one it
+    // waits for: two VMs swapping workspaces in one commit would otherwise wait for each
+    // other for ever. It takes the one it waits for on a later pass.
+    for step in steps.iter_mut() {
+        if waiting.contains_key(&step.vm)
+            && let Some(partial) = let_go_first(step, observed)
+        {
+            *step = partial;
+            waiting.remove(&step.vm);
+        }
+    }
     waiting
+}
+
+/// `step` (an update of a VM that lets go of a workspace) without the mounts another VM
+/// still attaches; `None` when it is no such update.
+fn let_go_first(step: &Step, observed: &Observed) -> Option<Step> {
+    let Change::Update {
+        restart,
+        desired,
+        applied: Some(applied),
+        applied_revision,
+        ..
+    } = &step.change
+    else {
+        return None;
+    };
+    let lets_go = applied
+        .workspaces
+        .iter()
+        .any(|a| !desired.config.workspaces.iter().any(|d| d.name == a.name));
+    if !lets_go {
+        return None;
+    }
+    let host = observed.hosts.get(&step.provider)?;
+    let held_elsewhere = |name: &str| {
+        host.workspaces
+            .iter()
+            .any(|w| w.name == name && w.attached_to.iter().any(|a| *a != step.vm))
+    };
+    let mut partial = desired.clone();
+    partial
+        .config
+        .workspaces
+        .retain(|m| !held_elsewhere(&m.name));
+    partial.spec_hash = partial.config.hash();
+    Some(Step {
+        change: Change::Update {
+            changes: fields::diff(applied, &partial.config),
+            restart: *restart,
+            desired: partial,
+            applied: Some(applied.clone()),
+            applied_revision: applied_revision.clone(),
+        },
+        ..step.clone()
+    })
 }
 
 #[cfg(test)]

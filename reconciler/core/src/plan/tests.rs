@@ -1485,3 +1485,103 @@ fn workspaces_are_destroyed_only_when_approved_and_let_go_and_never_shrink() {
         render::text(&p)
     );
 }
+
+/// Two VMs swapping workspaces in one commit: each first lets go of its old one (an update
+/// without the one the other still holds), then takes the new one on the next pass.
+#[test]
+fn vms_swapping_workspaces_let_go_first_and_never_wait_for_each_other() {
+    let ws = |name: &str| {
+        (
+            format!("fleet/workspaces/{name}.yaml"),
+            format!(
+                "apiVersion: fleet/v1\nkind: Workspace\nmetadata: {{name: {name}}}\nspec: {{provider: local, size: 1Gi}}\n"
+            ),
+        )
+    };
+    let mounting = |vm_name: &str, ws_name: &str| {
+        vm(
+            vm_name,
+            &format!("  workspaces: [{{name: {ws_name}, mountPath: /workspace}}]\n"),
+        )
+    };
+    let before = desired(&[
+        mounting("a", "one"),
+        mounting("b", "two"),
+        ws("one"),
+        ws("two"),
+    ]);
+    let after = desired(&[
+        mounting("a", "two"),
+        mounting("b", "one"),
+        ws("one"),
+        ws("two"),
+    ]);
+    let found = |name: &str, attached: &[&str]| crate::observe::ObservedWorkspace {
+        name: name.into(),
+        size_mib: 1024,
+        attached_to: attached.iter().map(|s| (*s).to_owned()).collect(),
+        identity: format!("{name}-1"),
+    };
+    let mut o = observed(vec![
+        applied(&before.vms["a"], true),
+        applied(&before.vms["b"], true),
+    ]);
+    o.hosts.get_mut("local").expect("local").workspaces =
+        vec![found("one", &["a"]), found("two", &["b"])];
+    let p = super::plan(&after, &o, &PlanInputs::default());
+    assert!(p.deferred.is_empty(), "nothing waits: {:?}", p.deferred);
+    assert_eq!(p.steps.len(), 2, "{p:?}");
+    for step in &p.steps {
+        let Change::Update {
+            desired, restart, ..
+        } = &step.change
+        else {
+            panic!("an update: {step:?}");
+        };
+        assert!(desired.config.workspaces.is_empty(), "{step:?}");
+        assert!(*restart, "a running VM restarts to let go");
+    }
+
+    // Both let go: the next pass gives each its new workspace.
+    let lets_go = |step: &Step| match &step.change {
+        Change::Update { desired, .. } => applied(desired, true),
+        other => panic!("an update: {other:?}"),
+    };
+    let mut o = observed(p.steps.iter().map(lets_go).collect());
+    o.hosts.get_mut("local").expect("local").workspaces =
+        vec![found("one", &[]), found("two", &[])];
+    let p = super::plan(&after, &o, &PlanInputs::default());
+    assert!(p.deferred.is_empty(), "{:?}", p.deferred);
+    let mounts: Vec<(&str, &str)> = p
+        .steps
+        .iter()
+        .filter_map(|s| match &s.change {
+            Change::Update { desired, .. } => Some((
+                s.vm.as_str(),
+                desired.config.workspaces.first()?.name.as_str(),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(mounts, [("a", "two"), ("b", "one")], "{p:?}");
+
+    // A VM that only takes a workspace (lets go of none) still waits for it.
+    let only_takes = desired(&[mounting("a", "one"), vm("b", ""), ws("one"), ws("two")]);
+    let mut o = observed(vec![
+        applied(&before.vms["a"], true),
+        applied(&desired(&[vm("b", "")]).vms["b"], true),
+    ]);
+    o.hosts.get_mut("local").expect("local").workspaces =
+        vec![found("one", &["a"]), found("two", &[])];
+    let moved = desired(&[vm("a", ""), mounting("b", "one"), ws("one"), ws("two")]);
+    let p = super::plan(&moved, &o, &PlanInputs::default());
+    assert_eq!(
+        p.deferred
+            .iter()
+            .map(|d| d.step.vm.as_str())
+            .collect::<Vec<_>>(),
+        ["b"],
+        "{p:?}"
+    );
+    let _ = only_takes;
+}

@@ -439,22 +439,7 @@ impl LibvirtDriver {
             let bytes = mount.size_mib * 1024 * 1024;
             match pool.lookup_storage_vol_by_name(&volume) {
                 Ok(found) => {
-                    // Only what fleet makes: qcow2 with no backing file (a backing file
-                    // would show the guest a host file).
-                    let xml = self.call(&format!("read workspace {}", mount.name), |_| {
-                        found.xml_desc(0)
-                    })?;
-                    if !xml.contains("<format type='qcow2'/>")
-                        || xml.contains("<backingStore><path>")
-                    {
-                        return Err(DriverError::new(
-                            ErrorKind::Conflict,
-                            format!(
-                                "{volume} in pool {} is not a volume fleet made (not a plain qcow2); move it away",
-                                self.workspace_pool_name()
-                            ),
-                        ));
-                    }
+                    self.check_workspace_volume(&found, &mount.name)?;
                     let capacity = self
                         .call(&format!("read workspace {}", mount.name), |_| found.info())?
                         .capacity;
@@ -591,24 +576,32 @@ impl LibvirtDriver {
         Ok(found)
     }
 
-    /// The running domains (fleet's or not) whose live definitions attach `volume` of the
-    /// workspace pool.
-    fn running_domains_attaching(&self, volume: &str) -> Result<Vec<String>, DriverError> {
+    /// The domains (fleet's or not) that have `volume` of the workspace pool in use: running
+    /// with it, or saved (`managedsave`) to resume with it, where a change of the volume
+    /// would corrupt the guest's filesystem when it resumes.
+    fn domains_in_use(&self, volume: &str) -> Result<Vec<String>, DriverError> {
         let (pool, volume) = (
             format!("pool='{}'", self.workspace_pool_name()),
             format!("volume='{volume}'"),
         );
-        let domains = self.call("list running domains", |c| {
-            c.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-        })?;
-        Ok(domains
-            .iter()
-            .filter(|dom| {
-                dom.xml_desc(0)
-                    .is_ok_and(|xml| xml.contains(&pool) && xml.contains(&volume))
-            })
-            .map(|dom| dom.name().unwrap_or_default())
-            .collect())
+        let domains = self.call("list domains", |c| c.list_all_domains(0))?;
+        let mut found = Vec::new();
+        for dom in &domains {
+            let flags = if dom.id().is_some() {
+                0
+            } else if dom.has_managed_save(0).unwrap_or(true) {
+                virt::sys::VIR_DOMAIN_XML_INACTIVE
+            } else {
+                continue;
+            };
+            if dom
+                .xml_desc(flags)
+                .is_ok_and(|xml| xml.contains(&pool) && xml.contains(&volume))
+            {
+                found.push(dom.name().unwrap_or_default());
+            }
+        }
+        Ok(found)
     }
 
     /// Where workspace `name`'s volume is on the host; `None` when fleet has not made it.
@@ -620,8 +613,30 @@ impl LibvirtDriver {
         let Ok(found) = pool.lookup_storage_vol_by_name(&volume) else {
             return Ok(None);
         };
+        self.check_workspace_volume(&found, name)?;
         let path = self.call(&format!("find workspace {name}"), |_| found.path())?;
         Ok(Some(PathBuf::from(path)))
+    }
+
+    /// Only what fleet makes: qcow2 with no backing file (a backing file would show the
+    /// guest a host file, and `qemu-img` would follow it).
+    fn check_workspace_volume(
+        &self,
+        found: &virt::storage_vol::StorageVol,
+        name: &str,
+    ) -> Result<(), DriverError> {
+        let xml = self.call(&format!("read workspace {name}"), |_| found.xml_desc(0))?;
+        if !xml.contains("<format type='qcow2'/>") || xml.contains("<backingStore><path>") {
+            return Err(DriverError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "{} in pool {} is not a volume fleet made (not a plain qcow2); move it away",
+                    domain_xml::workspace_volume(name),
+                    self.workspace_pool_name()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Drops libvirt's records of `dom`'s snapshots (before its overlay, which holds them,
@@ -1495,12 +1510,12 @@ impl Driver for LibvirtDriver {
         let path = self
             .workspace_path(workspace)?
             .ok_or_else(|| no_workspace(workspace))?;
-        let running = self.running_domains_attaching(&domain_xml::workspace_volume(workspace))?;
+        let running = self.domains_in_use(&domain_xml::workspace_volume(workspace))?;
         if let Some(vm) = running.first() {
             return Err(DriverError::new(
                 ErrorKind::Conflict,
                 format!(
-                    "workspace {workspace} is in use by {vm}, which runs: its snapshots are taken and reverted while no VM runs with it (stop {vm} with state: stopped, or let its snapshots: policy take one before its next replace or reset)"
+                    "workspace {workspace} is in use by {vm}, which runs (or is saved to resume): its snapshots are taken and reverted while no VM has it in use (stop {vm} with state: stopped, or let its snapshots: policy take one before its next replace or reset)"
                 ),
             ));
         }
@@ -1516,30 +1531,51 @@ impl Driver for LibvirtDriver {
     ) -> Result<Vec<String>, DriverError> {
         super::check_name(&vm.name)?;
         self.invalidate(&vm.name);
-        let (dom, _) = self.require_owned(&vm.name)?;
-        self.power_off(&dom, &vm.name, grace)?;
-        let mut taken = Vec::new();
+        // Gone already (a replace run again): nothing of it to keep.
+        let Some((dom, _)) = self.owned(&vm.name)? else {
+            return Ok(Vec::new());
+        };
+        // Everything that can be known before the VM goes down is checked first: a policy
+        // that cannot take its snapshots fails the step with the VM still up.
+        let mut volumes = Vec::new();
         for mount in &vm.config.workspaces {
-            // Not made yet (it is with the VM's next definition): nothing to keep.
+            // Not made yet (it comes with the VM's next definition): nothing to keep.
             let Some(path) = self.workspace_path(&mount.name)? else {
                 continue;
             };
-            // Still another VM's (it moves to this one in this revision): not ours to take.
-            let volume = domain_xml::workspace_volume(&mount.name);
-            if !self.running_domains_attaching(&volume)?.is_empty() {
-                continue;
+            let others: Vec<String> = self
+                .domains_in_use(&domain_xml::workspace_volume(&mount.name))?
+                .into_iter()
+                .filter(|d| *d != vm.name)
+                .collect();
+            if let Some(other) = others.first() {
+                return Err(DriverError::new(
+                    ErrorKind::Transient,
+                    format!(
+                        "workspace {} is in use by {other}: {}'s snapshots policy waits until it is not",
+                        mount.name, vm.name
+                    ),
+                ));
             }
-            let before = volume_snapshots::list(&path, &mount.name)?;
-            let name =
-                volume_snapshots::auto_name(step.as_str(), std::time::SystemTime::now(), &before);
-            volume_snapshots::run(&path, &mount.name, super::SnapshotOp::Create, &name)?;
-            let after = volume_snapshots::list(&path, &mount.name)?;
-            for old in volume_snapshots::beyond_keep(&after, keep) {
-                volume_snapshots::run(&path, &mount.name, super::SnapshotOp::Delete, &old)?;
-            }
-            taken.push(format!("{}/{name}", mount.name));
+            volume_snapshots::check_writable(&path, &mount.name)?;
+            volumes.push((mount.name.as_str(), path));
         }
-        Ok(taken)
+        let was_running = self.is_active(&dom, &vm.name)?;
+        self.power_off(&dom, &vm.name, grace)?;
+        let taken = volumes
+            .iter()
+            .map(|(name, path)| volume_snapshots::take_for(path, name, step.as_str(), keep))
+            .collect::<Result<Vec<_>, _>>();
+        match taken {
+            Ok(taken) => Ok(taken.into_iter().flatten().collect()),
+            Err(e) => {
+                // Up again as it was: the step failed, and the VM is not to go without them.
+                if was_running {
+                    let _ = self.power_on(&dom, &vm.name);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Deletes a workspace's volume, never while any domain on the host (fleet's or not)
@@ -1653,26 +1689,43 @@ impl Driver for LibvirtDriver {
         // then leaves a stopped VM with its old definition, which the next pass updates
         // and starts. The other order left a running VM on a definition it never booted
         // (holding a workspace its saved definition let go), and no plan could see it.
+        // New workspaces before anything stops (one another VM still has fails the step
+        // with this VM up), and before the definition that attaches them.
+        self.write_seed(vm)?;
+        self.ensure_workspaces(vm, false)?;
         let stopped_here = restart && self.is_active(&dom, &vm.name)?;
         if stopped_here {
             self.power_off(&dom, &vm.name, grace)?;
         }
-        self.write_seed(vm)?;
-        let down = !self.is_active(&dom, &vm.name)?;
-        // New workspaces before the definition that attaches them; a grown one only while
-        // the VM is down.
-        self.ensure_workspaces(vm, down)?;
-        if let Err(e) = self.define(&xml, &vm.name) {
-            if stopped_here {
-                // Back to what ran before, on the definition it still has.
-                let _ = self.power_on(&dom, &vm.name);
+        let saved = || -> Result<bool, DriverError> {
+            let down = !self.is_active(&dom, &vm.name)?;
+            // A grown workspace grows only while the VM is down.
+            if down {
+                self.ensure_workspaces(vm, true)?;
             }
-            return Err(e);
-        }
+            self.define(&xml, &vm.name)?;
+            Ok(down)
+        };
+        let down = match saved() {
+            Ok(down) => down,
+            Err(e) => {
+                if stopped_here {
+                    // Back to what ran before, on the definition it still has.
+                    let _ = self.power_on(&dom, &vm.name);
+                }
+                return Err(e);
+            }
+        };
         if !down {
             self.set_live_stamp(&dom, stamp, &vm.name)?;
         }
-        self.ensure_power(&dom, vm, grace)
+        self.ensure_power(&dom, vm, grace)?;
+        // A VM that was running and is to be stopped is down only now: its workspaces grow
+        // now (the stamp already records their new size, so no later pass would).
+        if !down && !self.is_active(&dom, &vm.name)? {
+            self.ensure_workspaces(vm, true)?;
+        }
+        Ok(())
     }
 
     fn reset(&self, vm: &DesiredVm) -> Result<(), DriverError> {

@@ -16,10 +16,22 @@ fn flag(op: SnapshotOp) -> &'static str {
     }
 }
 
-fn qemu_img(args: &[&str], path: &Path, what: &str) -> Result<Vec<u8>, DriverError> {
+/// `qemu-img snapshot` takes no `-f`: the format is forced with `--image-opts` instead
+/// (a comma in the path doubled, as QEMU's option syntax escapes it).
+fn qcow2_opts(path: &Path) -> std::ffi::OsString {
+    let mut opts = std::ffi::OsString::from("driver=qcow2,file.driver=file,file.filename=");
+    opts.push(path.to_string_lossy().replace(',', ",,"));
+    opts
+}
+
+fn qemu_img(
+    args: &[&str],
+    target: impl AsRef<std::ffi::OsStr>,
+    what: &str,
+) -> Result<Vec<u8>, DriverError> {
     let output = host_command("qemu-img")
         .args(args)
-        .arg(path)
+        .arg(target)
         .output()
         .map_err(|e| {
             DriverError::new(
@@ -29,8 +41,9 @@ fn qemu_img(args: &[&str], path: &Path, what: &str) -> Result<Vec<u8>, DriverErr
         })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        // qemu's image lock: a VM has the volume open (started since the check).
-        let kind = if stderr.contains("lock") {
+        // qemu's image lock (`Failed to get "write" lock`): a VM has the volume open,
+        // started since the check.
+        let kind = if stderr.contains("Failed to get") && stderr.contains(" lock") {
             ErrorKind::Transient
         } else {
             ErrorKind::Permanent
@@ -46,7 +59,7 @@ fn qemu_img(args: &[&str], path: &Path, what: &str) -> Result<Vec<u8>, DriverErr
 /// The volume's snapshots, oldest first.
 pub fn list(path: &Path, workspace: &str) -> Result<Vec<SnapshotInfo>, DriverError> {
     let json = qemu_img(
-        &["info", "-U", "--output=json"],
+        &["info", "-U", "-f", "qcow2", "--output=json"],
         path,
         &format!("list workspace {workspace}'s snapshots"),
     )?;
@@ -94,23 +107,97 @@ pub fn run(
     op: SnapshotOp,
     snapshot: &str,
 ) -> Result<(), DriverError> {
-    if op != SnapshotOp::Create && !list(path, workspace)?.iter().any(|s| s.name == snapshot) {
-        return Err(DriverError::new(
-            ErrorKind::NotFound,
-            format!("workspace {workspace} has no snapshot named {snapshot}"),
-        ));
+    // qcow2 keeps snapshot ids unique, not names: a second of one name would make a later
+    // revert or delete of it take whichever comes first.
+    let exists = list(path, workspace)?.iter().any(|s| s.name == snapshot);
+    match (op, exists) {
+        (SnapshotOp::Create, true) => {
+            return Err(DriverError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "workspace {workspace} has a snapshot named {snapshot} already; choose another name"
+                ),
+            ));
+        }
+        (SnapshotOp::Revert | SnapshotOp::Delete, false) => {
+            return Err(DriverError::new(
+                ErrorKind::NotFound,
+                format!("workspace {workspace} has no snapshot named {snapshot}"),
+            ));
+        }
+        _ => {}
     }
     let what = match op {
         SnapshotOp::Create => format!("snapshot workspace {workspace} as {snapshot}"),
         SnapshotOp::Revert => format!("revert workspace {workspace} to {snapshot}"),
         SnapshotOp::Delete => format!("delete workspace {workspace}'s snapshot {snapshot}"),
     };
-    qemu_img(&["snapshot", flag(op), snapshot], path, &what).map(drop)
+    qemu_img(
+        &["snapshot", "--image-opts", flag(op), snapshot],
+        qcow2_opts(path),
+        &what,
+    )
+    .map(drop)
+}
+
+/// Whether fleet's user may write the volume (`qemu-img` runs as it): checked before a
+/// policy's VM goes down, so a volume it cannot snapshot fails the step with the VM up.
+pub fn check_writable(path: &Path, workspace: &str) -> Result<(), DriverError> {
+    use rustix::fs::{Access, access};
+    access(path, Access::READ_OK | Access::WRITE_OK).map_err(|e| {
+        DriverError::new(
+            ErrorKind::Permanent,
+            format!(
+                "workspace {workspace}'s volume {} is not writable by fleet's user ({e}): chown it to that user (volumes fleet makes are), or remove the VM's snapshots policy",
+                path.display()
+            ),
+        )
+    })
+}
+
+/// A policy's snapshot of the volume before `step`, unless the newest of its own for that
+/// step already holds what the volume holds (a retried or repeated step: nothing wrote
+/// the volume since), then fleet's own for that step beyond the newest `keep` deleted.
+/// Returns the snapshot taken, as `workspace/name`.
+pub fn take_for(
+    path: &Path,
+    workspace: &str,
+    step: &str,
+    keep: u32,
+) -> Result<Option<String>, DriverError> {
+    let before = list(path, workspace)?;
+    let prefix = format!("fleet-{step}-");
+    let changed = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs() as i64);
+    if already_held(&before, &prefix, changed) {
+        return Ok(None);
+    }
+    let name = auto_name(step, SystemTime::now(), &before);
+    run(path, workspace, SnapshotOp::Create, &name)?;
+    for old in beyond_keep(&list(path, workspace)?, &prefix, keep) {
+        run(path, workspace, SnapshotOp::Delete, &old)?;
+    }
+    Ok(Some(format!("{workspace}/{name}")))
+}
+
+/// Whether the newest snapshot named `prefix…` was the last write of the volume, last
+/// changed at `changed` (seconds; the snapshot's own write lands within a second or two of
+/// its time).
+fn already_held(snapshots: &[SnapshotInfo], prefix: &str, changed: Option<i64>) -> bool {
+    let newest = snapshots
+        .iter()
+        .filter(|s| s.name.starts_with(prefix))
+        .filter_map(|s| s.created)
+        .max();
+    matches!((newest, changed), (Some(taken), Some(changed)) if changed <= taken + 2)
 }
 
 /// The name of fleet's own snapshot taken before `step` at `now`
 /// (`fleet-replace-20261204153000`), one not in `taken`.
-pub fn auto_name(step: &str, now: SystemTime, taken: &[SnapshotInfo]) -> String {
+fn auto_name(step: &str, now: SystemTime, taken: &[SnapshotInfo]) -> String {
     let digits: String = crate::time::Timestamp::from(now)
         .to_string()
         .chars()
@@ -125,12 +212,14 @@ pub fn auto_name(step: &str, now: SystemTime, taken: &[SnapshotInfo]) -> String 
         .expect("an unbounded sequence has a free name")
 }
 
-/// fleet's own snapshots beyond the newest `keep`, oldest first: those a policy deletes.
-/// Operators' snapshots (names not beginning `fleet-`) are never among them.
-pub fn beyond_keep(snapshots: &[SnapshotInfo], keep: u32) -> Vec<String> {
+/// fleet's own snapshots for one step (names beginning `prefix`, `fleet-<step>-`) beyond
+/// the newest `keep`, oldest first: those a policy deletes. Operators' snapshots, and
+/// fleet's for the other step, are never among them.
+fn beyond_keep(snapshots: &[SnapshotInfo], prefix: &str, keep: u32) -> Vec<String> {
+    debug_assert!(prefix.starts_with("fleet-"));
     let own: Vec<&SnapshotInfo> = snapshots
         .iter()
-        .filter(|s| s.name.starts_with("fleet-"))
+        .filter(|s| s.name.starts_with(prefix))
         .collect();
     let extra = own.len().saturating_sub(keep as usize);
     own.iter().take(extra).map(|s| s.name.clone()).collect()
@@ -147,6 +236,14 @@ mod tests {
             description: String::new(),
             with_memory: false,
         }
+    }
+
+    #[test]
+    fn image_options_force_qcow2_and_escape_commas() {
+        assert_eq!(
+            qcow2_opts(Path::new("/srv/a,b/notes.qcow2")),
+            "driver=qcow2,file.driver=file,file.filename=/srv/a,,b/notes.qcow2"
+        );
     }
 
     #[test]
@@ -171,16 +268,33 @@ mod tests {
     }
 
     #[test]
-    fn a_policy_deletes_only_its_own_oldest_snapshots() {
+    fn a_policy_deletes_only_its_own_oldest_snapshots_for_its_step() {
         let list = [
             snap("fleet-replace-1", 1),
             snap("mine", 2),
             snap("fleet-reset-3", 3),
             snap("fleet-reset-4", 4),
+            snap("fleet-reset-5", 5),
         ];
-        assert_eq!(beyond_keep(&list, 2), ["fleet-replace-1"]);
-        assert_eq!(beyond_keep(&list, 1), ["fleet-replace-1", "fleet-reset-3"]);
-        assert!(beyond_keep(&list, 5).is_empty());
+        assert_eq!(beyond_keep(&list, "fleet-reset-", 2), ["fleet-reset-3"]);
+        assert_eq!(
+            beyond_keep(&list, "fleet-reset-", 1),
+            ["fleet-reset-3", "fleet-reset-4"]
+        );
+        assert!(beyond_keep(&list, "fleet-replace-", 1).is_empty());
+        assert!(beyond_keep(&list, "fleet-reset-", 5).is_empty());
+    }
+
+    #[test]
+    fn a_step_run_again_takes_no_second_snapshot_of_an_unchanged_volume() {
+        let list = [snap("fleet-reset-a", 100), snap("mine", 500)];
+        // Written last by the snapshot itself: held already.
+        assert!(already_held(&list, "fleet-reset-", Some(101)));
+        // Written since (a run wrote it, or an operator's snapshot came after): a new one.
+        assert!(!already_held(&list, "fleet-reset-", Some(500)));
+        // None for this step yet, or no time to compare: take one.
+        assert!(!already_held(&list, "fleet-replace-", Some(101)));
+        assert!(!already_held(&list, "fleet-reset-", None));
     }
 
     #[test]

@@ -19,8 +19,9 @@
 //! empty.
 //!
 //! Then `--workspace-trials` (default 4) trials that move workspaces: three workspaces, each
-//! trial attaches, detaches or moves them between VMs and replaces or destroys the VMs
-//! holding them, then kills fleet (or libvirtd) mid-apply as above. Right after the fault
+//! trial attaches, detaches, moves or swaps them between VMs and replaces (snapshotting the
+//! workspace first, by the VM's policy) or destroys the VMs holding them, then kills fleet
+//! (or libvirtd) mid-apply as above. Right after the fault
 //! and again after recovery it checks that no workspace is attached to two domains (saved
 //! or running definition), and after recovery that every workspace is the volume it was
 //! (same file, never remade) and attached exactly where the revision says.
@@ -102,7 +103,10 @@ impl Fleet {
         std::fs::create_dir_all(&dir)?;
         for (vm, variant) in &self.vms {
             let mounts = match self.workspace_of(vm) {
-                Some(ws) => format!(", workspaces: [{{name: {ws}, mountPath: /workspace}}]"),
+                // Replaces snapshot it first: the policy runs under the faults too.
+                Some(ws) => format!(
+                    ", workspaces: [{{name: {ws}, mountPath: /workspace}}], snapshots: {{before: [replace], keep: 2}}"
+                ),
                 None => String::new(),
             };
             std::fs::write(
@@ -269,10 +273,9 @@ fn mutate(fleet: &mut Fleet, slots: usize, rng: &mut Rng) {
     }
 }
 
-/// Moves the workspaces about: each is attached to a VM holding none, detached, has its
-/// VM replaced or destroyed, or goes to a new VM. A VM that held a workspace when the trial
-/// began never receives one in it: two VMs swapping workspaces in one commit wait for each
-/// other (each attach waits until no other domain has the volume), which is documented.
+/// Moves the workspaces about: each is attached to a VM holding none, swapped with another
+/// workspace's VM, detached, has its VM replaced or destroyed, or goes to a new VM. A VM
+/// holds at most one workspace, and receives at most one per trial.
 fn mutate_workspaces(fleet: &mut Fleet, slots: usize, rng: &mut Rng) {
     let held: BTreeSet<String> = fleet.workspaces.values().flatten().cloned().collect();
     let mut targeted = BTreeSet::new();
@@ -280,7 +283,24 @@ fn mutate_workspaces(fleet: &mut Fleet, slots: usize, rng: &mut Rng) {
     for ws in names {
         let holder = fleet.workspaces[&ws].clone();
         // Attaching and replacing weigh twice: detaching is what most other moves do too.
-        match rng.below(7) {
+        match rng.below(8) {
+            7 => {
+                // Two VMs trade workspaces in one commit: each lets go first, then takes.
+                let other = fleet
+                    .workspaces
+                    .iter()
+                    .filter(|(name, h)| **name != ws && h.is_some())
+                    .map(|(name, h)| (name.clone(), h.clone().unwrap_or_default()))
+                    .find(|(_, h)| !targeted.contains(h));
+                if let (Some(mine), Some((other, theirs))) = (holder.clone(), other)
+                    && !targeted.contains(&mine)
+                {
+                    targeted.insert(mine.clone());
+                    targeted.insert(theirs.clone());
+                    fleet.workspaces.insert(ws, Some(theirs));
+                    fleet.workspaces.insert(other, Some(mine));
+                }
+            }
             0 | 1 => {
                 let free: Vec<String> = fleet
                     .vms
@@ -357,35 +377,47 @@ fn attached_twice(fleet: &Fleet, when: &str, f: &mut Findings) -> Result<()> {
     Ok(())
 }
 
-/// Each workspace's volume by inode: a workspace lost, or remade empty, has none or another.
-fn workspace_inodes(fleet: &Fleet) -> BTreeMap<String, Option<u64>> {
+/// A volume file's identity: its inode and birth time (a file deleted and made again may
+/// get the same inode, never the same birth time).
+type FileId = (u64, Option<SystemTime>);
+
+/// Each workspace's volume by identity: a workspace lost, or remade empty, has none or
+/// another. A workspace is made with the first VM that mounts it, so one no VM mounted
+/// yet has none.
+fn workspace_ids(fleet: &Fleet) -> BTreeMap<String, Option<FileId>> {
     use std::os::unix::fs::MetadataExt;
     fleet
         .workspaces
         .keys()
         .map(|ws| {
-            let inode = std::fs::metadata(fleet.workspace_volume(ws))
+            let id = std::fs::metadata(fleet.workspace_volume(ws))
                 .ok()
-                .map(|m| m.ino());
-            (ws.clone(), inode)
+                .map(|m| (m.ino(), m.created().ok()));
+            (ws.clone(), id)
         })
         .collect()
 }
 
-/// After recovery: every workspace is the volume it was, attached where the revision says.
+/// After recovery: every workspace made so far is the volume it was (its identity the
+/// first seen, kept in `first`), and attached where the revision says.
 fn workspaces_kept(
     fleet: &Fleet,
-    first: &BTreeMap<String, Option<u64>>,
+    first: &mut BTreeMap<String, FileId>,
     f: &mut Findings,
 ) -> Result<usize> {
     let mut lost = 0;
-    for (ws, inode) in workspace_inodes(fleet) {
-        if inode.is_none() || first.get(&ws) != Some(&inode) {
-            lost += 1;
-            f.notes.push(format!(
-                "workspace {ws}: volume inode {inode:?}, first {:?}",
-                first.get(&ws)
-            ));
+    for (ws, id) in workspace_ids(fleet) {
+        match (first.get(&ws), id) {
+            (None, Some(id)) => {
+                first.insert(ws, id);
+            }
+            (None, None) => {}
+            (Some(was), now) if now.as_ref() != Some(was) => {
+                lost += 1;
+                f.notes
+                    .push(format!("workspace {ws}: volume {now:?}, first {was:?}"));
+            }
+            (Some(_), _) => {}
         }
     }
     let holders = workspace_holders(fleet)?;
@@ -638,7 +670,9 @@ fn workspace_trials(
     }
     fleet.write()?;
     recover_moves(fleet).context("the apply that makes the workspaces")?;
-    let first = workspace_inodes(fleet);
+    let mut first: BTreeMap<String, FileId> = BTreeMap::new();
+    let mut ignored = Findings::default();
+    workspaces_kept(fleet, &mut first, &mut ignored)?;
     let (mut duplicates, mut orphans, mut converged, mut lost) = (0, 0, 0, 0);
     for trial in 1..=trials {
         mutate_workspaces(fleet, slots, rng);
@@ -651,7 +685,7 @@ fn workspace_trials(
         recover_moves(fleet)?;
         let mut after = check(fleet)?;
         attached_twice(fleet, "after recovery", &mut after)?;
-        let gone = workspaces_kept(fleet, &first, &mut after)?;
+        let gone = workspaces_kept(fleet, &mut first, &mut after)?;
         f.duplicates += after.duplicates;
         f.orphans += after.orphans;
         f.notes.append(&mut after.notes);
