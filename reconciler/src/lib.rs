@@ -33,6 +33,7 @@ pub mod fsguard;
 pub mod hitl;
 pub mod host;
 pub mod http;
+pub mod image_content;
 pub mod leases;
 pub mod notify;
 pub mod output;

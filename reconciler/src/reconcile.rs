@@ -341,7 +341,9 @@ fn lease_records(
 /// host's limits included.
 pub fn desired(snapshot: &Snapshot, host: &HostSpec) -> Result<Desired, Vec<Diagnostic>> {
     let loaded = load::load(snapshot, Some(host))?;
-    let desired = resolve::resolve(&loaded, host);
+    let mut desired = resolve::resolve(&loaded, host);
+    // What the image files hold, read on this host: a file rebuilt in place is a change.
+    crate::image_content::fill(&mut desired, host);
     let over = resolve::check(&desired, host);
     if over.is_empty() {
         Ok(desired)

@@ -719,6 +719,13 @@ pub struct ResolvedImage {
     /// Proxmox: the template VM it is cloned from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
+    /// The sha256 of `disk`'s content, filled in on the host (`image_content`): a base disk
+    /// rebuilt in place is a change of the VM, never silent corruption of its overlay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_sha256: Option<String>,
+    /// The sha256 of `kernel`'s and `initrd`'s content, the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_sha256: Option<String>,
 }
 
 impl VmConfig {
@@ -1225,6 +1232,8 @@ fn resolve_vm(
             cmdline: i.cmdline.clone(),
             disk: i.disk.clone(),
             template: i.template.clone(),
+            disk_sha256: None,
+            boot_sha256: None,
         })
         .unwrap_or(ResolvedImage {
             name: spec.image.0.clone(),
@@ -1233,6 +1242,8 @@ fn resolve_vm(
             cmdline: None,
             disk: None,
             template: None,
+            disk_sha256: None,
+            boot_sha256: None,
         });
     let domain_type = fleet_spec
         .providers
@@ -1477,6 +1488,8 @@ pub fn example_vm(name: &str, edit: impl FnOnce(&mut VmConfig)) -> DesiredVm {
             cmdline: None,
             disk: None,
             template: None,
+            disk_sha256: None,
+            boot_sha256: None,
         },
         loadout: None,
         pool: None,

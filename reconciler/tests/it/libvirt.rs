@@ -470,6 +470,44 @@ fn disk_images_get_overlays_and_a_new_base_disk_replaces_the_vm() {
     wait_for_userspace(&repo.vm_dir(&fleet_name, &vm), &vm, 0);
     repo.fleet(&["plan", "--detailed-exitcode"]).expect_code(0);
 
+    // The same base disk rebuilt in place (same path, new content: an image build writes a
+    // new file and renames it over the old, which the running VM still has open), with no
+    // commit: the overlay on it would read another disk, so the plan replaces the VM.
+    let rebuilt = bases.join("two.qcow2.new");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        rebuilt.to_str().expect("utf8"),
+        "96M",
+    ]);
+    std::fs::rename(&rebuilt, bases.join("two.qcow2")).expect("rename over the base");
+    let plan = repo.fleet(&["plan", "--detailed-exitcode"]);
+    plan.expect_code(2);
+    assert!(
+        plan.stdout().contains(&format!(
+            "-/+ replace  {vm}  on local: image.diskSha256 changed"
+        )) && plan.stdout().contains("image content changed"),
+        "{}",
+        plan.stdout()
+    );
+    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    repo.fleet(&["plan", "--detailed-exitcode"]).expect_code(0);
+    // A kernel rebuilt in place restarts the VM instead.
+    let mut rebuilt = std::fs::read(images.join("initrd.img")).expect("initrd");
+    rebuilt.extend_from_slice(&[0u8; 512]);
+    std::fs::write(images.join("initrd.img"), rebuilt).expect("rebuild initrd");
+    let plan = repo.fleet(&["plan", "--detailed-exitcode"]);
+    plan.expect_code(2);
+    assert!(
+        plan.stdout()
+            .contains(&format!("~   update   {vm}  on local: image.bootSha256"))
+            && plan.stdout().contains("(restarts the running VM)"),
+        "{}",
+        plan.stdout()
+    );
+
     repo.remove(&format!("fleet/vms/{vm}.yaml"));
     repo.commit("gone");
     crate::approvals::apply_emptying(&repo);

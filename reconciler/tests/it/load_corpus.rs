@@ -2908,6 +2908,10 @@ fn a_snapshot_policy_needs_workspaces_and_sane_bounds() {
                 "fleet/vms/c.yaml",
                 &vm_with("  snapshots: {before: [], keep: 51}\n"),
             ),
+            (
+                "fleet/vms/pool.yaml",
+                "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {name: pool}\nspec:\n  replicas: 1\n  template:\n    spec: {provider: local, image: micro, snapshots: {before: [reset], keep: 2}}\n",
+            ),
         ],
         expect![[r#"
             fleet/vms/a.yaml:8:14: error: spec.snapshots: snapshots are of the VM's workspaces, and it has none: add workspaces, or remove snapshots
@@ -2916,6 +2920,7 @@ fn a_snapshot_policy_needs_workspaces_and_sane_bounds() {
             fleet/vms/b.yaml:9:58: error: spec.snapshots.keep: 0 is too small; the minimum is 1
             fleet/vms/c.yaml:8:23: error: spec.snapshots.before: needs at least 1 item(s)
             fleet/vms/c.yaml:8:33: error: spec.snapshots.keep: 51 is too large; the maximum is 50
+            fleet/vms/pool.yaml:7:54: error: spec.template.spec.snapshots: snapshots are of a VM's workspaces, and a pool's members have none: remove snapshots
         "#]],
     );
 }

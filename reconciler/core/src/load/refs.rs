@@ -469,9 +469,19 @@ fn check_workspaces(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
             }
         }
     }
-    // A pool's members would share its loadout's workspaces.
+    // A pool's members would share its loadout's workspaces, and so have none for a
+    // snapshots policy.
     for o in f.pools.values() {
         let template = &o.doc.spec.template.spec;
+        if template.snapshots.is_some() {
+            diags.push(field_error_in(
+                &o.path,
+                &o.tree,
+                "/spec/template/spec/snapshots",
+                At::Value,
+                "snapshots are of a VM's workspaces, and a pool's members have none: remove snapshots",
+            ));
+        }
         if let Some(loadout) = &template.loadout
             && let Some(m) = super::vm_mounts(f, template)
                 .iter()

@@ -39,6 +39,10 @@ pub enum VmField {
     ImageCmdline,
     #[serde(rename = "image.disk")]
     ImageDisk,
+    #[serde(rename = "image.diskSha256")]
+    ImageDiskContent,
+    #[serde(rename = "image.bootSha256")]
+    ImageBootContent,
     #[serde(rename = "image.template")]
     ImageTemplate,
     #[serde(rename = "loadout")]
@@ -81,7 +85,7 @@ pub enum VmField {
 
 impl VmField {
     /// Every field, in the order plans list changes.
-    pub const ALL: [VmField; 26] = [
+    pub const ALL: [VmField; 28] = [
         VmField::Provider,
         VmField::DomainType,
         VmField::ImageName,
@@ -89,6 +93,8 @@ impl VmField {
         VmField::ImageInitrd,
         VmField::ImageCmdline,
         VmField::ImageDisk,
+        VmField::ImageDiskContent,
+        VmField::ImageBootContent,
         VmField::ImageTemplate,
         VmField::Loadout,
         VmField::Pool,
@@ -116,6 +122,9 @@ impl VmField {
         match self {
             VmField::Provider => Replace("a VM cannot move between providers in place"),
             VmField::ImageDisk => Replace("a new base disk needs a new overlay"),
+            VmField::ImageDiskContent => Replace(
+                "image content changed: the base disk was rebuilt in place, and an overlay reads only on the disk it was made on",
+            ),
             VmField::ImageTemplate => Replace("a VM is cloned from its template when made"),
             VmField::Node => Replace("a VM moves to another node by being made there again"),
             VmField::Fresh => Replace("a fresh member is made for a task run, never converted"),
@@ -130,6 +139,7 @@ impl VmField {
             | VmField::Network
             | VmField::ImageKernel
             | VmField::ImageInitrd
+            | VmField::ImageBootContent
             | VmField::ImageCmdline => NeedsRestart,
             // Attached, detached or grown while the VM is down; mounted at its next boot.
             VmField::Workspaces => NeedsRestart,
@@ -153,6 +163,8 @@ impl VmField {
             VmField::ImageInitrd => "image.initrd",
             VmField::ImageCmdline => "image.cmdline",
             VmField::ImageDisk => "image.disk",
+            VmField::ImageDiskContent => "image.diskSha256",
+            VmField::ImageBootContent => "image.bootSha256",
             VmField::ImageTemplate => "image.template",
             VmField::Loadout => "loadout",
             VmField::Pool => "pool",
@@ -190,6 +202,8 @@ impl VmField {
             VmField::ImageInitrd => json(&i.initrd),
             VmField::ImageCmdline => json(&i.cmdline),
             VmField::ImageDisk => json(&i.disk),
+            VmField::ImageDiskContent => json(&i.disk_sha256),
+            VmField::ImageBootContent => json(&i.boot_sha256),
             VmField::ImageTemplate => json(&i.template),
             VmField::Loadout => json(&c.loadout),
             VmField::Pool => json(&c.pool),
@@ -231,6 +245,23 @@ pub struct FieldChange {
     pub field: VmField,
     pub from: Value,
     pub to: Value,
+}
+
+impl FieldChange {
+    /// What this change takes: its field's effect, but an image's content digest unknown
+    /// on either side (a stamp written before fleet recorded them, a file it cannot read
+    /// now or could not then) only rewrites the stamp: nothing is known to have changed,
+    /// and a base disk gone missing must never replace the VMs on it.
+    pub fn effect(&self) -> FieldEffect {
+        match self.field {
+            VmField::ImageDiskContent | VmField::ImageBootContent
+                if self.from.is_null() || self.to.is_null() =>
+            {
+                FieldEffect::InPlace
+            }
+            field => field.effect(),
+        }
+    }
 }
 
 /// The fields that differ, in `VmField::ALL`'s order.
@@ -278,5 +309,7 @@ fn every_field_is_named(config: &VmConfig) {
         cmdline: _,
         disk: _,
         template: _,
+        disk_sha256: _,
+        boot_sha256: _,
     } = image;
 }

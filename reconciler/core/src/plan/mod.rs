@@ -1188,7 +1188,7 @@ fn step_for_owned(vm: &DesiredVm, found: &ObservedVm) -> Option<Step> {
         let fields = changes.iter().map(|c| c.field).collect();
         return Some(step(replace, Reason::AdoptedChanged { fields }));
     }
-    if let Some((field, why)) = changes.iter().find_map(|c| match c.field.effect() {
+    if let Some((field, why)) = changes.iter().find_map(|c| match c.effect() {
         FieldEffect::Replace(why) => Some((c.field, why)),
         _ => None,
     }) {
@@ -1208,7 +1208,7 @@ fn step_for_owned(vm: &DesiredVm, found: &ObservedVm) -> Option<Step> {
         && want_running
         && changes
             .iter()
-            .any(|c| c.field.effect() == FieldEffect::NeedsRestart);
+            .any(|c| c.effect() == FieldEffect::NeedsRestart);
     let update = Change::Update {
         changes,
         restart,
@@ -1282,6 +1282,36 @@ fn workspace_steps(
                 });
                 steps.retain(|s| s.vm != vm.name);
             }
+            // Smaller than its stamp says (a grow that did not finish: a crash after the
+            // definition was saved, or a VM started meanwhile): healed like drift, grown
+            // once the VM is down.
+            if mount.size_mib > found.size_mib
+                && found.attached_to.iter().all(|a| *a == vm.name)
+                && !steps.iter().any(|s| s.vm == vm.name)
+                && let Some(owned) = host
+                    .vms
+                    .iter()
+                    .find(|v| v.name == vm.name && v.owned_by(&desired.fleet))
+                && let Some(stamp) = &owned.stamp
+            {
+                steps.push(Step {
+                    vm: vm.name.clone(),
+                    provider: vm.config.provider.clone(),
+                    change: Change::Update {
+                        changes: Vec::new(),
+                        restart: owned.running && vm.state == PowerState::Running,
+                        desired: vm.clone(),
+                        applied: stamp.config.clone(),
+                        applied_revision: Some(stamp.revision.clone()),
+                    },
+                    reason: Reason::Drifted {
+                        what: format!(
+                            "workspace {} is {} MiB and its spec says {} MiB: a grow did not finish; it grows while the VM is down",
+                            mount.name, found.size_mib, mount.size_mib
+                        ),
+                    },
+                });
+            }
             if let Some(other) = found.attached_to.iter().find(|a| **a != vm.name) {
                 waiting.insert(
                     vm.name.clone(),
@@ -1307,18 +1337,19 @@ fn workspace_steps(
     waiting
 }
 
-/// `step` (an update of a VM that lets go of a workspace) without the mounts another VM
-/// still attaches; `None` when it is no such update.
+/// `step` (an update or replace of a VM that lets go of a workspace) without the mounts
+/// another VM still attaches; `None` when it is no such step.
 fn let_go_first(step: &Step, observed: &Observed) -> Option<Step> {
-    let Change::Update {
-        restart,
-        desired,
-        applied: Some(applied),
-        applied_revision,
-        ..
-    } = &step.change
-    else {
-        return None;
+    let (desired, applied) = match &step.change {
+        Change::Update {
+            desired,
+            applied: Some(applied),
+            ..
+        }
+        | Change::Replace {
+            desired, applied, ..
+        } => (desired, applied),
+        _ => return None,
     };
     let lets_go = applied
         .workspaces
@@ -1339,14 +1370,31 @@ fn let_go_first(step: &Step, observed: &Observed) -> Option<Step> {
         .workspaces
         .retain(|m| !held_elsewhere(&m.name));
     partial.spec_hash = partial.config.hash();
-    Some(Step {
-        change: Change::Update {
-            changes: fields::diff(applied, &partial.config),
+    let changes = fields::diff(applied, &partial.config);
+    let change = match &step.change {
+        Change::Update {
+            restart,
+            applied_revision,
+            ..
+        } => Change::Update {
+            changes,
             restart: *restart,
             desired: partial,
             applied: Some(applied.clone()),
             applied_revision: applied_revision.clone(),
         },
+        Change::Replace {
+            applied_revision, ..
+        } => Change::Replace {
+            changes,
+            desired: partial,
+            applied: applied.clone(),
+            applied_revision: applied_revision.clone(),
+        },
+        _ => return None,
+    };
+    Some(Step {
+        change,
         ..step.clone()
     })
 }

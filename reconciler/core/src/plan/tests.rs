@@ -814,6 +814,8 @@ fn change(field: VmField, c: &mut VmConfig) {
         VmField::ImageInitrd => c.image.initrd = some(&c.image.initrd),
         VmField::ImageCmdline => c.image.cmdline = some(&c.image.cmdline),
         VmField::ImageDisk => c.image.disk = some(&c.image.disk),
+        VmField::ImageDiskContent => c.image.disk_sha256 = some(&c.image.disk_sha256),
+        VmField::ImageBootContent => c.image.boot_sha256 = some(&c.image.boot_sha256),
         VmField::ImageTemplate => c.image.template = some(&c.image.template),
         VmField::Loadout => c.loadout = some(&c.loadout),
         VmField::Pool => c.pool = some(&c.pool),
@@ -864,7 +866,12 @@ fn change(field: VmField, c: &mut VmConfig) {
 /// VM, or an update in place.
 #[test]
 fn every_field_changes_a_running_vm_as_its_effect_declares() {
-    let before = desired(&[vm("a", "")]);
+    let mut before = desired(&[vm("a", "")]);
+    // Content digests as the host fills them in (a first one only rewrites the stamp).
+    let a = before.vms.get_mut("a").expect("a");
+    a.config.image.disk_sha256 = Some("d0".into());
+    a.config.image.boot_sha256 = Some("b0".into());
+    a.spec_hash = a.config.hash();
     let found = applied(&before.vms["a"], true);
     for field in VmField::ALL {
         let mut after = before.vms["a"].clone();
@@ -1584,4 +1591,83 @@ fn vms_swapping_workspaces_let_go_first_and_never_wait_for_each_other() {
         "{p:?}"
     );
     let _ = only_takes;
+}
+
+/// An image's content digest recorded for the first time (a stamp from before fleet
+/// recorded them) rewrites the stamp in place; a digest that changes replaces the VM (a
+/// disk) or restarts it (kernel and initrd), with the reason in words.
+#[test]
+fn an_image_rebuilt_in_place_is_a_change_and_a_first_digest_is_not() {
+    let before = desired(&[vm("a", "")]);
+    let found = applied(&before.vms["a"], true);
+    let mut after = before.vms["a"].clone();
+    after.config.image.disk_sha256 = Some("d1".into());
+    after.config.image.boot_sha256 = Some("b1".into());
+    after.spec_hash = after.config.hash();
+    let step = super::step_for_owned(&after, &found).expect("a step");
+    assert_eq!(step.action(), Action::Update, "{step:?}");
+    assert!(!step.restart(), "{step:?}");
+
+    let found = applied(&after, true);
+    let mut rebuilt = after.clone();
+    rebuilt.config.image.disk_sha256 = Some("d2".into());
+    rebuilt.spec_hash = rebuilt.config.hash();
+    let step = super::step_for_owned(&rebuilt, &found).expect("a step");
+    assert_eq!(step.action(), Action::Replace, "{step:?}");
+    assert!(
+        render::reason_text(&step).contains("image content changed"),
+        "{}",
+        render::reason_text(&step)
+    );
+    // A base disk fleet cannot read now (gone, or unreadable): never a replace.
+    let mut unreadable = after.clone();
+    unreadable.config.image.disk_sha256 = None;
+    unreadable.spec_hash = unreadable.config.hash();
+    let step = super::step_for_owned(&unreadable, &found).expect("a step");
+    assert_eq!(step.action(), Action::Update, "{step:?}");
+    assert!(!step.restart(), "{step:?}");
+    let mut new_kernel = after.clone();
+    new_kernel.config.image.boot_sha256 = Some("b2".into());
+    new_kernel.spec_hash = new_kernel.config.hash();
+    let step = super::step_for_owned(&new_kernel, &found).expect("a step");
+    assert_eq!(step.action(), Action::Update, "{step:?}");
+    assert!(step.restart(), "{step:?}");
+}
+
+/// A workspace smaller than the stamp says (a grow that did not finish) is healed like
+/// drift: an update that restarts the running VM, which grows it while down.
+#[test]
+fn a_grow_that_did_not_finish_is_planned_again() {
+    let desired = desired(&[
+        vm(
+            "a",
+            "  workspaces: [{name: notes, mountPath: /workspace}]\n",
+        ),
+        (
+            "fleet/workspaces/notes.yaml".to_owned(),
+            "apiVersion: fleet/v1\nkind: Workspace\nmetadata: {name: notes}\nspec: {provider: local, size: 2Gi}\n".to_owned(),
+        ),
+    ]);
+    let mut o = observed(vec![applied(&desired.vms["a"], true)]);
+    o.hosts.get_mut("local").expect("local").workspaces = vec![crate::observe::ObservedWorkspace {
+        name: "notes".into(),
+        size_mib: 1024,
+        attached_to: vec!["a".into()],
+        identity: "notes-1".into(),
+    }];
+    let p = super::plan(&desired, &o, &PlanInputs::default());
+    assert_eq!(p.steps.len(), 1, "{p:?}");
+    assert!(p.steps[0].restart(), "{:?}", p.steps[0]);
+    assert!(
+        render::reason_text(&p.steps[0]).contains("a grow did not finish"),
+        "{}",
+        render::reason_text(&p.steps[0])
+    );
+    // Grown: nothing to do.
+    o.hosts.get_mut("local").expect("local").workspaces[0].size_mib = 2048;
+    assert!(
+        super::plan(&desired, &o, &PlanInputs::default())
+            .steps
+            .is_empty()
+    );
 }

@@ -626,7 +626,9 @@ impl LibvirtDriver {
         name: &str,
     ) -> Result<(), DriverError> {
         let xml = self.call(&format!("read workspace {name}"), |_| found.xml_desc(0))?;
-        if !xml.contains("<format type='qcow2'/>") || xml.contains("<backingStore><path>") {
+        // libvirt indents its XML: compared without the whitespace between tags.
+        let flat: String = xml.split_whitespace().collect();
+        if !flat.contains("<formattype='qcow2'/>") || flat.contains("<backingStore><path>") {
             return Err(DriverError::new(
                 ErrorKind::Conflict,
                 format!(
@@ -1557,7 +1559,10 @@ impl Driver for LibvirtDriver {
                     ),
                 ));
             }
-            volume_snapshots::check_writable(&path, &mount.name)?;
+            // Running, the VM has it (libvirt gave it to qemu's user): checked when down.
+            if !self.is_active(&dom, &vm.name)? {
+                volume_snapshots::check_writable(&path, &mount.name)?;
+            }
             volumes.push((mount.name.as_str(), path));
         }
         let was_running = self.is_active(&dom, &vm.name)?;
@@ -1693,6 +1698,25 @@ impl Driver for LibvirtDriver {
         // with this VM up), and before the definition that attaches them.
         self.write_seed(vm)?;
         self.ensure_workspaces(vm, false)?;
+        // A VM saved to resume (`virsh managedsave`) would resume on the definition in its
+        // save image, holding workspaces its new definition lets go (or lacking new ones):
+        // when they change, it boots afresh instead.
+        let mounts = |c: &crate::resolve::VmConfig| -> Vec<String> {
+            c.workspaces.iter().map(|m| m.name.clone()).collect()
+        };
+        let before = found
+            .stamp
+            .as_ref()
+            .and_then(|s| s.config.as_ref())
+            .map(mounts);
+        if before.as_ref() != Some(&mounts(&vm.config))
+            && !self.is_active(&dom, &vm.name)?
+            && dom.has_managed_save(0).unwrap_or(false)
+        {
+            self.on_domain(&format!("discard {}'s saved state", vm.name), || {
+                dom.managed_save_remove(0)
+            })?;
+        }
         let stopped_here = restart && self.is_active(&dom, &vm.name)?;
         if stopped_here {
             self.power_off(&dom, &vm.name, grace)?;

@@ -140,11 +140,19 @@ pub fn run(
     .map(drop)
 }
 
-/// Whether fleet's user may write the volume (`qemu-img` runs as it): checked before a
-/// policy's VM goes down, so a volume it cannot snapshot fails the step with the VM up.
+/// Whether fleet's user (its effective ids: `qemu-img` runs as them) may write the volume.
+/// Checked before a policy's VM goes down, when no VM runs with the volume (libvirt gives
+/// it to qemu's user while one does), so a volume it cannot snapshot fails the step with
+/// the VM up.
 pub fn check_writable(path: &Path, workspace: &str) -> Result<(), DriverError> {
-    use rustix::fs::{Access, access};
-    access(path, Access::READ_OK | Access::WRITE_OK).map_err(|e| {
+    use rustix::fs::{Access, AtFlags, CWD, accessat};
+    accessat(
+        CWD,
+        path,
+        Access::READ_OK | Access::WRITE_OK,
+        AtFlags::EACCESS,
+    )
+    .map_err(|e| {
         DriverError::new(
             ErrorKind::Permanent,
             format!(
@@ -157,7 +165,8 @@ pub fn check_writable(path: &Path, workspace: &str) -> Result<(), DriverError> {
 
 /// A policy's snapshot of the volume before `step`, unless the newest of its own for that
 /// step already holds what the volume holds (a retried or repeated step: nothing wrote
-/// the volume since), then fleet's own for that step beyond the newest `keep` deleted.
+/// the volume since). fleet's own for that step beyond the newest `keep` are deleted
+/// first, so the snapshot is the volume's last write however long the deletes take.
 /// Returns the snapshot taken, as `workspace/name`.
 pub fn take_for(
     path: &Path,
@@ -175,11 +184,12 @@ pub fn take_for(
     if already_held(&before, &prefix, changed) {
         return Ok(None);
     }
-    let name = auto_name(step, SystemTime::now(), &before);
-    run(path, workspace, SnapshotOp::Create, &name)?;
-    for old in beyond_keep(&list(path, workspace)?, &prefix, keep) {
+    // Room for the one about to be taken.
+    for old in beyond_keep(&before, &prefix, keep.saturating_sub(1)) {
         run(path, workspace, SnapshotOp::Delete, &old)?;
     }
+    let name = auto_name(step, SystemTime::now(), &before);
+    run(path, workspace, SnapshotOp::Create, &name)?;
     Ok(Some(format!("{workspace}/{name}")))
 }
 
