@@ -921,9 +921,12 @@ impl Daemon {
 
     async fn reconcile_inner(&mut self) -> Result<()> {
         self.load_revision()?;
-        let Some(desired) = self.last_good.clone() else {
+        let Some(mut desired) = self.last_good.clone() else {
             return Ok(());
         };
+        // Image files change without a commit: read again each pass (a stat per file while
+        // it is the version hashed).
+        crate::image_content::fill(&mut desired, &self.host);
         let suspended = self
             .ws
             .status
