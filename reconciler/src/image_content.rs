@@ -6,10 +6,13 @@
 //! for a kernel or initrd), never silent corruption.
 //!
 //! Hashed once per file version: a process-wide cache keyed by the file's identity (device,
-//! inode, size, modification and change times), so a daemon reads each file once per
-//! rebuild and a plan of a thousand VMs on one image reads it once. A file fleet cannot
-//! read leaves its digest unset (the driver reports the file when it needs it), and an
-//! unset digest is never a change (`FieldChange::effect`).
+//! inode, size, modification time; not its change time, which libvirt's relabelling at each
+//! VM start moves), so a daemon reads each file once per rebuild and a plan of a thousand
+//! VMs on one image reads it once.
+//!
+//! A digest is left unset for a file fleet cannot read or that is not a regular file: the
+//! plan then keeps the digest the stamp has (`plan::with_known_digests`). A replace checks
+//! that the new VM can be made before it destroys the old (`Driver::check_create`).
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -28,7 +31,6 @@ struct Version {
     ino: u64,
     size: u64,
     mtime_ns: i128,
-    ctime_ns: i128,
 }
 
 fn version(meta: &std::fs::Metadata) -> Version {
@@ -38,7 +40,6 @@ fn version(meta: &std::fs::Metadata) -> Version {
         ino: meta.ino(),
         size: meta.size(),
         mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-        ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
     }
 }
 
@@ -50,13 +51,28 @@ fn cache() -> &'static Mutex<HashMap<PathBuf, (Version, String)>> {
 /// The sha256 of the file at `path` (already resolved inside the image root), from the
 /// cache while the file is the version hashed.
 fn file_digest(path: &Path) -> Option<String> {
-    let before = version(&std::fs::metadata(path).ok()?);
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    let before = version(&meta);
     if let Some((seen, digest)) = cache().lock().unwrap_or_else(|p| p.into_inner()).get(path)
         && *seen == before
     {
         return Some(digest.clone());
     }
-    let mut file = std::fs::File::open(path).ok()?;
+    // Never blocks on a FIFO swapped in since the check; read only if still a regular file.
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(path)
+            .ok()?
+    };
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -179,6 +195,16 @@ mod tests {
         std::fs::write(root.join("initrd.img"), b"i").expect("write");
         std::fs::write(dir.path().join("secret"), b"s").expect("write");
         std::os::unix::fs::symlink(dir.path().join("secret"), root.join("link")).expect("symlink");
+        // Not a regular file: no digest (and no read that could block).
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join("fifo"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        assert_eq!(digests(&image(None, None, Some("fifo")), &root).0, None);
         let both = image(Some("vmlinuz"), Some("initrd.img"), Some("base.qcow2"));
         let (disk, boot) = digests(&both, &root);
         assert_eq!(

@@ -71,6 +71,9 @@ pub fn create(
     let of = subject(target);
     match target {
         Target::Vm(vm) => driver_of_vm(ws, vm)?.snapshot_create(vm, &name, description),
+        Target::Workspace(_) if !description.is_empty() => {
+            bail!("a workspace's snapshots hold no description (qcow2 keeps only a name): leave out --description, and say it in the name")
+        }
         Target::Workspace(w) => {
             driver_of_workspace(ws, w)?.workspace_snapshot(w, SnapshotOp::Create, &name)
         }

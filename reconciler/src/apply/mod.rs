@@ -219,6 +219,18 @@ async fn run_step(ctx: &StepContext, step: &Step) -> (Result<(), DriverError>, u
             call(ctx, step, DriverCall::DestroyWorkspace(workspace.clone())).await
         }
         Change::Replace { desired, .. } => {
+            // The new VM must be makeable before the old one goes (a base disk half
+            // written, gone or reaching outside the image root would lose the VM).
+            let driver = ctx.driver.clone();
+            let vm = desired.clone();
+            match tokio::task::spawn_blocking(move || driver.check_create(&vm)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return (Err(e), 1),
+                Err(join) => {
+                    let e = format!("driver call failed: {join}");
+                    return (Err(DriverError::new(ErrorKind::Permanent, e)), 1);
+                }
+            }
             let (snapshots, a0) = snapshot_first(ctx, step, desired, SnapshotBefore::Replace).await;
             if snapshots.is_err() {
                 return (snapshots, a0);

@@ -104,6 +104,13 @@ pub trait Driver: Send + Sync {
 
     fn start(&self, name: &str) -> Result<(), DriverError>;
 
+    /// Whether `vm` could be made now, as far as can be told without making it (its image's
+    /// files): a replace asks before it destroys the VM it replaces.
+    fn check_create(&self, vm: &DesiredVm) -> Result<(), DriverError> {
+        let _ = vm;
+        Ok(())
+    }
+
     /// Graceful shutdown, then power off once `grace` has passed.
     fn stop(&self, name: &str, grace: Duration) -> Result<(), DriverError>;
 

@@ -483,6 +483,7 @@ fn disk_images_get_overlays_and_a_new_base_disk_replaces_the_vm() {
         "96M",
     ]);
     std::fs::rename(&rebuilt, bases.join("two.qcow2")).expect("rename over the base");
+
     let plan = repo.fleet(&["plan", "--detailed-exitcode"]);
     plan.expect_code(2);
     assert!(
@@ -498,6 +499,7 @@ fn disk_images_get_overlays_and_a_new_base_disk_replaces_the_vm() {
     let mut rebuilt = std::fs::read(images.join("initrd.img")).expect("initrd");
     rebuilt.extend_from_slice(&[0u8; 512]);
     std::fs::write(images.join("initrd.img"), rebuilt).expect("rebuild initrd");
+
     let plan = repo.fleet(&["plan", "--detailed-exitcode"]);
     plan.expect_code(2);
     assert!(

@@ -153,6 +153,11 @@ impl VmField {
         }
     }
 
+    /// A digest of what an image's files hold (filled in on the host, not written in git).
+    pub fn is_image_content(self) -> bool {
+        matches!(self, VmField::ImageDiskContent | VmField::ImageBootContent)
+    }
+
     /// The field's name in plans (`memoryMiB`, `image.disk`).
     pub fn name(self) -> &'static str {
         match self {
@@ -248,15 +253,14 @@ pub struct FieldChange {
 }
 
 impl FieldChange {
-    /// What this change takes: its field's effect, but an image's content digest unknown
-    /// on either side (a stamp written before fleet recorded them, a file it cannot read
-    /// now or could not then) only rewrites the stamp: nothing is known to have changed,
-    /// and a base disk gone missing must never replace the VMs on it.
+    /// What this change takes: its field's effect, but an image's content digest recorded
+    /// for the first time (a stamp written before fleet recorded them, or a file it could
+    /// not read then) only rewrites the stamp: nothing is known to have changed. (A digest
+    /// fleet cannot read now is taken from the stamp before comparing: see
+    /// `plan::with_known_digests`.)
     pub fn effect(&self) -> FieldEffect {
         match self.field {
-            VmField::ImageDiskContent | VmField::ImageBootContent
-                if self.from.is_null() || self.to.is_null() =>
-            {
+            field if field.is_image_content() && (self.from.is_null() || self.to.is_null()) => {
                 FieldEffect::InPlace
             }
             field => field.effect(),

@@ -1136,8 +1136,57 @@ fn conflict_message(fleet: &str, found: &ObservedVm) -> String {
     }
 }
 
+/// Whether `desired` differs from `applied` only by image digests the stamp lacks (written
+/// before fleet recorded them): no step of its own; the VM's next change records them.
+fn only_new_digests(desired: &VmConfig, applied: &VmConfig) -> bool {
+    let (want, had) = (&desired.image, &applied.image);
+    let new_disk = had.disk_sha256.is_none() && want.disk_sha256.is_some();
+    let new_boot = had.boot_sha256.is_none() && want.boot_sha256.is_some();
+    if !new_disk && !new_boot {
+        return false;
+    }
+    let mut masked = desired.clone();
+    if new_disk {
+        masked.image.disk_sha256 = None;
+    }
+    if new_boot {
+        masked.image.boot_sha256 = None;
+    }
+    &masked == applied
+}
+
+/// `vm` with the image digests this host cannot read now taken from what was applied (same
+/// files): an unknown digest says nothing changed, and must not erase the record a later
+/// rebuild is compared with.
+fn with_known_digests<'a>(
+    vm: &'a DesiredVm,
+    applied: Option<&VmConfig>,
+) -> std::borrow::Cow<'a, DesiredVm> {
+    let (want, Some(had)) = (&vm.config.image, applied.map(|c| &c.image)) else {
+        return std::borrow::Cow::Borrowed(vm);
+    };
+    let same_files =
+        (&want.kernel, &want.initrd, &want.disk) == (&had.kernel, &had.initrd, &had.disk);
+    let disk = want.disk_sha256.is_none() && had.disk_sha256.is_some();
+    let boot = want.boot_sha256.is_none() && had.boot_sha256.is_some();
+    if !same_files || !(disk || boot) {
+        return std::borrow::Cow::Borrowed(vm);
+    }
+    let mut known = vm.clone();
+    if disk {
+        known.config.image.disk_sha256.clone_from(&had.disk_sha256);
+    }
+    if boot {
+        known.config.image.boot_sha256.clone_from(&had.boot_sha256);
+    }
+    known.spec_hash = known.config.hash();
+    std::borrow::Cow::Owned(known)
+}
+
 fn step_for_owned(vm: &DesiredVm, found: &ObservedVm) -> Option<Step> {
     let stamp = found.stamp.as_ref()?;
+    let known = with_known_digests(vm, stamp.config.as_ref());
+    let vm = &*known;
     let step = |change: Change, reason: Reason| Step {
         vm: vm.name.clone(),
         provider: vm.config.provider.clone(),
@@ -1155,6 +1204,14 @@ fn step_for_owned(vm: &DesiredVm, found: &ObservedVm) -> Option<Step> {
     if stamp.spec_hash == vm.spec_hash
         && stamp.config.as_ref() == Some(&vm.config)
         && found.running == want_running
+    {
+        return None;
+    }
+    if found.running == want_running
+        && stamp
+            .config
+            .as_ref()
+            .is_some_and(|applied| only_new_digests(&vm.config, applied))
     {
         return None;
     }
@@ -1176,9 +1233,15 @@ fn step_for_owned(vm: &DesiredVm, found: &ObservedVm) -> Option<Step> {
         };
         return Some(step(power, Reason::PowerState { want: vm.state }));
     }
-    let changes = fields::diff(applied, &vm.config);
+    let mut changes = fields::diff(applied, &vm.config);
     // An adopted VM's definition and disks are not fleet's to edit: any change remakes it.
+    // Its disks were never made from the image, so what the image's files hold is none of
+    // its business.
     if stamp.adopted {
+        changes.retain(|c| !c.field.is_image_content());
+        if changes.is_empty() {
+            return None;
+        }
         let replace = Change::Replace {
             changes: changes.clone(),
             desired: vm.clone(),

@@ -1593,9 +1593,9 @@ fn vms_swapping_workspaces_let_go_first_and_never_wait_for_each_other() {
     let _ = only_takes;
 }
 
-/// An image's content digest recorded for the first time (a stamp from before fleet
-/// recorded them) rewrites the stamp in place; a digest that changes replaces the VM (a
-/// disk) or restarts it (kernel and initrd), with the reason in words.
+/// An image's content digest a stamp lacks (written before fleet recorded them) is no step
+/// of its own; a digest that changes replaces the VM (a disk) or restarts it (kernel and
+/// initrd), with the reason in words.
 #[test]
 fn an_image_rebuilt_in_place_is_a_change_and_a_first_digest_is_not() {
     let before = desired(&[vm("a", "")]);
@@ -1604,9 +1604,17 @@ fn an_image_rebuilt_in_place_is_a_change_and_a_first_digest_is_not() {
     after.config.image.disk_sha256 = Some("d1".into());
     after.config.image.boot_sha256 = Some("b1".into());
     after.spec_hash = after.config.hash();
-    let step = super::step_for_owned(&after, &found).expect("a step");
+    assert_eq!(super::step_for_owned(&after, &found), None);
+    // With another change, the update records them.
+    let mut more = after.clone();
+    more.config.labels.insert("team".into(), "infra".into());
+    more.spec_hash = more.config.hash();
+    let step = super::step_for_owned(&more, &found).expect("a step");
     assert_eq!(step.action(), Action::Update, "{step:?}");
     assert!(!step.restart(), "{step:?}");
+    assert!(
+        matches!(&step.change, Change::Update { desired, .. } if desired.config.image.disk_sha256.as_deref() == Some("d1"))
+    );
 
     let found = applied(&after, true);
     let mut rebuilt = after.clone();
@@ -1619,13 +1627,18 @@ fn an_image_rebuilt_in_place_is_a_change_and_a_first_digest_is_not() {
         "{}",
         render::reason_text(&step)
     );
-    // A base disk fleet cannot read now (gone, or unreadable): never a replace.
+    // A base disk fleet cannot read now (gone, unreadable, being written): no step, and
+    // the stamp keeps the digest a later rebuild is compared with.
     let mut unreadable = after.clone();
     unreadable.config.image.disk_sha256 = None;
+    unreadable.config.image.boot_sha256 = None;
     unreadable.spec_hash = unreadable.config.hash();
-    let step = super::step_for_owned(&unreadable, &found).expect("a step");
-    assert_eq!(step.action(), Action::Update, "{step:?}");
-    assert!(!step.restart(), "{step:?}");
+    assert_eq!(super::step_for_owned(&unreadable, &found), None);
+    // An adopted VM's disks were never made from the image: its content is no change.
+    let mut adopted = applied(&after, true);
+    let stamp = std::sync::Arc::make_mut(adopted.stamp.as_mut().expect("stamp"));
+    stamp.adopted = true;
+    assert_eq!(super::step_for_owned(&rebuilt, &adopted), None);
     let mut new_kernel = after.clone();
     new_kernel.config.image.boot_sha256 = Some("b2".into());
     new_kernel.spec_hash = new_kernel.config.hash();
@@ -1670,4 +1683,19 @@ fn a_grow_that_did_not_finish_is_planned_again() {
             .steps
             .is_empty()
     );
+}
+
+/// A stamp without a boot digest but with a disk one: a rebuilt disk is still a replace.
+#[test]
+fn a_new_digest_never_hides_a_changed_one() {
+    let mut applied_vm = desired(&[vm("a", "")]).vms["a"].clone();
+    applied_vm.config.image.disk_sha256 = Some("d1".into());
+    applied_vm.spec_hash = applied_vm.config.hash();
+    let found = applied(&applied_vm, true);
+    let mut rebuilt = applied_vm.clone();
+    rebuilt.config.image.disk_sha256 = Some("d2".into());
+    rebuilt.config.image.boot_sha256 = Some("b1".into());
+    rebuilt.spec_hash = rebuilt.config.hash();
+    let step = super::step_for_owned(&rebuilt, &found).expect("a step");
+    assert_eq!(step.action(), Action::Replace, "{step:?}");
 }

@@ -1203,8 +1203,6 @@ impl LibvirtDriver {
     }
 }
 
-/// An adopted VM's definition and disks are not fleet's: it is never rewritten or reset
-/// (the plan replaces it instead; this guards against a plan that would not).
 fn no_workspace(name: &str) -> DriverError {
     DriverError::new(
         ErrorKind::NotFound,
@@ -1214,6 +1212,8 @@ fn no_workspace(name: &str) -> DriverError {
     )
 }
 
+/// An adopted VM's definition and disks are not fleet's: it is never rewritten or reset
+/// (the plan replaces it instead; this guards against a plan that would not).
 fn refuse_adopted(found: &ObservedVm, what: &str) -> Result<(), DriverError> {
     if found.stamp.as_ref().is_some_and(|s| s.adopted) {
         return Err(DriverError::new(
@@ -1484,6 +1484,17 @@ impl Driver for LibvirtDriver {
         self.on_domain(&format!("delete {name}'s snapshot {snapshot}"), || {
             taken.delete(0)
         })
+    }
+
+    fn check_create(&self, vm: &DesiredVm) -> Result<(), DriverError> {
+        let image = &vm.config.image;
+        for (field, file) in [("kernel", &image.kernel), ("initrd", &image.initrd)] {
+            if let Some(file) = file {
+                let path = self.resolve_path(vm, field, file)?;
+                self.check_image_file(vm, field, &path)?;
+            }
+        }
+        self.checked_base(vm).map(drop)
     }
 
     fn workspace_snapshots(
