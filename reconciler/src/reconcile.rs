@@ -338,12 +338,18 @@ fn lease_records(
 }
 
 /// Loads and resolves a snapshot under the host's rules: every diagnostic at once, the
-/// host's limits included.
+/// host's limits included; then what its image files hold (a file rebuilt in place is a
+/// change of the VMs on it).
 pub fn desired(snapshot: &Snapshot, host: &HostSpec) -> Result<Desired, Vec<Diagnostic>> {
-    let loaded = load::load(snapshot, Some(host))?;
-    let mut desired = resolve::resolve(&loaded, host);
-    // What the image files hold, read on this host: a file rebuilt in place is a change.
+    let mut desired = checked(snapshot, host)?;
     crate::image_content::fill(&mut desired, host);
+    Ok(desired)
+}
+
+/// `desired` without reading image files: what `fleet validate` checks.
+pub fn checked(snapshot: &Snapshot, host: &HostSpec) -> Result<Desired, Vec<Diagnostic>> {
+    let loaded = load::load(snapshot, Some(host))?;
+    let desired = resolve::resolve(&loaded, host);
     let over = resolve::check(&desired, host);
     if over.is_empty() {
         Ok(desired)
