@@ -548,60 +548,55 @@ impl LibvirtDriver {
     /// The domains other than `except` that attach `volume` of the workspace pool, in their
     /// running definition or their saved one.
     fn domains_attaching(&self, volume: &str, except: &str) -> Result<Vec<String>, DriverError> {
-        let (pool, volume) = (
-            format!("pool='{}'", self.workspace_pool_name()),
-            format!("volume='{volume}'"),
-        );
-        let domains = self.call("list domains", |c| c.list_all_domains(0))?;
-        let mut found = Vec::new();
-        for dom in &domains {
-            let name = dom.name().unwrap_or_default();
-            if name == except {
-                continue;
+        self.domains_holding(volume, |dom| {
+            if dom.name().is_ok_and(|n| n == except) {
+                return vec![];
             }
             let mut flags = vec![virt::sys::VIR_DOMAIN_XML_INACTIVE];
             if dom.id().is_some() {
                 flags.push(0);
             }
-            for flag in flags {
-                let Ok(xml) = dom.xml_desc(flag) else {
-                    continue;
-                };
-                if xml.contains(&pool) && xml.contains(&volume) {
-                    found.push(name.clone());
-                    break;
-                }
-            }
-        }
-        Ok(found)
+            flags
+        })
     }
 
     /// The domains (fleet's or not) that have `volume` of the workspace pool in use: running
     /// with it, or saved (`managedsave`) to resume with it, where a change of the volume
     /// would corrupt the guest's filesystem when it resumes.
     fn domains_in_use(&self, volume: &str) -> Result<Vec<String>, DriverError> {
+        self.domains_holding(volume, |dom| {
+            if dom.id().is_some() {
+                vec![0]
+            } else if dom.has_managed_save(0).unwrap_or(true) {
+                vec![virt::sys::VIR_DOMAIN_XML_INACTIVE]
+            } else {
+                vec![]
+            }
+        })
+    }
+
+    /// The domains on the host whose definitions, of the kinds `definitions` names for each
+    /// (`xml_desc` flags; none skips it), attach `volume` of the workspace pool.
+    fn domains_holding(
+        &self,
+        volume: &str,
+        definitions: impl Fn(&Domain) -> Vec<u32>,
+    ) -> Result<Vec<String>, DriverError> {
         let (pool, volume) = (
             format!("pool='{}'", self.workspace_pool_name()),
             format!("volume='{volume}'"),
         );
         let domains = self.call("list domains", |c| c.list_all_domains(0))?;
-        let mut found = Vec::new();
-        for dom in &domains {
-            let flags = if dom.id().is_some() {
-                0
-            } else if dom.has_managed_save(0).unwrap_or(true) {
-                virt::sys::VIR_DOMAIN_XML_INACTIVE
-            } else {
-                continue;
-            };
-            if dom
-                .xml_desc(flags)
-                .is_ok_and(|xml| xml.contains(&pool) && xml.contains(&volume))
-            {
-                found.push(dom.name().unwrap_or_default());
-            }
-        }
-        Ok(found)
+        Ok(domains
+            .iter()
+            .filter(|dom| {
+                definitions(dom).into_iter().any(|flags| {
+                    dom.xml_desc(flags)
+                        .is_ok_and(|xml| xml.contains(&pool) && xml.contains(&volume))
+                })
+            })
+            .map(|dom| dom.name().unwrap_or_default())
+            .collect())
     }
 
     /// Where workspace `name`'s volume is on the host; `None` when fleet has not made it.

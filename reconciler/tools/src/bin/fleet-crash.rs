@@ -434,6 +434,24 @@ fn workspaces_kept(
     Ok(lost)
 }
 
+/// The fault a trial injected, for its report line.
+fn fault(kill_libvirtd: bool) -> &'static str {
+    if kill_libvirtd {
+        "libvirtd killed"
+    } else {
+        "fleet killed"
+    }
+}
+
+/// Whether the fault hit during the apply, for a trial's report line.
+fn when(mid_apply: bool) -> &'static str {
+    if mid_apply {
+        "mid-apply"
+    } else {
+        "apply had ended"
+    }
+}
+
 fn wait_for_libvirtd() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
@@ -696,16 +714,8 @@ fn workspace_trials(
         eprintln!(
             "workspace trial {trial}: {:?}, {} after {delay:?} ({}); duplicates {} orphans {} lost {gone} converged {}",
             fleet.workspaces,
-            if kill_libvirtd {
-                "libvirtd killed"
-            } else {
-                "fleet killed"
-            },
-            if mid_apply {
-                "mid-apply"
-            } else {
-                "apply had ended"
-            },
+            fault(kill_libvirtd),
+            when(mid_apply),
             f.duplicates,
             f.orphans,
             after.converged
@@ -760,16 +770,8 @@ fn main() -> Result<()> {
             eprintln!(
                 "trial {trial}: {} VMs, {} after {delay:?} ({}, {left_open} intent(s) left open); duplicates {} orphans {} converged {}",
                 fleet.vms.len(),
-                if kill_libvirtd {
-                    "libvirtd killed"
-                } else {
-                    "fleet killed"
-                },
-                if mid_apply {
-                    "mid-apply"
-                } else {
-                    "apply had ended"
-                },
+                fault(kill_libvirtd),
+                when(mid_apply),
                 f.duplicates,
                 f.orphans,
                 f.converged
