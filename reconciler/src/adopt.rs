@@ -54,10 +54,7 @@ pub fn run(ws: &Workspace, request: &Request<'_>) -> Result<String> {
         )
     })?;
     let found = driver
-        .observe()?
-        .vms
-        .into_iter()
-        .find(|v| v.name == request.vm)
+        .observe_vm(request.vm)?
         .with_context(|| format!("no VM {:?} on provider {}", request.vm, request.provider))?;
     if let Some(stamp) = &found.stamp {
         if found.owned_by(&desired.fleet) {

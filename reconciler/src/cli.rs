@@ -1276,8 +1276,10 @@ fn status_cmd(ws: &Workspace, args: &StatusArgs, output: Output) -> Result<ExitC
                 vm.conditions
                     .iter()
                     .find(|c| {
-                        use crate::status::ConditionKind::{Conflict, Drifted};
-                        c.kind == Conflict || (c.kind == Drifted && c.status)
+                        use crate::status::ConditionKind::{Conflict, Drifted, ProviderReachable};
+                        c.kind == Conflict
+                            || (c.kind == Drifted && c.status)
+                            || (c.kind == ProviderReachable && !c.status)
                     })
                     .map(|c| format!("{}: {}", c.kind, c.message))
             })

@@ -56,6 +56,8 @@ pub struct ObservedVm {
     pub name: String,
     pub uuid: String,
     pub running: bool,
+    /// vCPUs and memory: 0 when the driver did not read them (libvirt reads only the stamp
+    /// of a domain that is not this fleet's; `Driver::observe_vm` reads them).
     pub cpus: u32,
     #[serde(rename = "memoryMiB")]
     pub memory_mib: u64,

@@ -10,7 +10,7 @@ pub mod proxmox;
 
 use std::time::Duration;
 
-use crate::observe::{ObservedHost, Stamp};
+use crate::observe::{ObservedHost, ObservedVm, Stamp};
 use crate::resolve::DesiredVm;
 
 /// How apply should treat a failure.
@@ -135,6 +135,18 @@ pub trait Driver: Send + Sync {
     /// After a crash: if no VM `name` exists, removes the files a half-finished create or
     /// destroy left behind. Never touches a VM that exists.
     fn settle(&self, name: &str) -> Result<(), DriverError>;
+
+    /// One VM, whoever made it, with all `observe` reports of this fleet's own VMs (its
+    /// vCPUs and memory too, which `observe` may leave out of a foreign VM's report):
+    /// `fleet adopt` describes a foreign VM from it.
+    fn observe_vm(&self, name: &str) -> Result<Option<ObservedVm>, DriverError> {
+        Ok(self
+            .observe()?
+            .vms
+            .into_iter()
+            .find(|v| v.name == name)
+            .map(|v| (*v).clone()))
+    }
 
     /// `fleet adopt --approve`: writes `stamp` onto `name`, a VM no fleet made (it carries
     /// no stamp at all), changing nothing else about it. Refused with a conflict when it

@@ -243,6 +243,7 @@ impl Metrics {
             ("Stopped", counts.stopped),
             ("Pending", counts.pending),
             ("Failed", counts.failed),
+            ("Unknown", counts.unknown),
         ] {
             self.vms
                 .get_or_create(&PhaseLabel {

@@ -74,7 +74,7 @@ const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:0 auto;max-wid
 h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:1.6rem;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;width:100%;font-size:0.92rem}td,th{text-align:left;padding:0.3rem 0.4rem;border-bottom:1px solid #eee;vertical-align:top}
 .scroll{overflow-x:auto}pre{background:#f6f6f6;padding:0.6rem;overflow-x:auto;font-size:0.8rem}
-.Running{color:#17692e}.Failed{color:#b00020}.Pending,.Stopped{color:#8a6d00}.bad{color:#b00020}.muted{color:#666}
+.Running{color:#17692e}.Failed{color:#b00020}.Pending,.Stopped{color:#8a6d00}.Unknown{color:#666}.bad{color:#b00020}.muted{color:#666}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:0.2rem 0.8rem}dt{font-weight:600}";
 
 fn page(title: &str, body: Markup) -> String {

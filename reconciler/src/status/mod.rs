@@ -200,6 +200,9 @@ pub enum ConditionKind {
     AgentConnected,
     /// It keeps stopping on its own, and its restarts back off.
     CrashLooping,
+    /// Whether the last pass could reach its provider (false: what the VM does is unknown,
+    /// and nothing was planned for it).
+    ProviderReachable,
 }
 
 impl std::fmt::Display for ConditionKind {
@@ -219,6 +222,9 @@ pub struct Counts {
     pub conflicts: usize,
     #[serde(default)]
     pub drifted: usize,
+    /// On a provider the last pass could not reach.
+    #[serde(default)]
+    pub unknown: usize,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -227,6 +233,8 @@ pub enum Phase {
     Running,
     Stopped,
     Failed,
+    /// Its provider could not be reached: fleet does not know what it does.
+    Unknown,
 }
 
 impl Phase {
@@ -236,6 +244,7 @@ impl Phase {
             Phase::Running => "Running",
             Phase::Stopped => "Stopped",
             Phase::Failed => "Failed",
+            Phase::Unknown => "Unknown",
         }
     }
 }

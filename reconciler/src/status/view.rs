@@ -69,7 +69,17 @@ pub fn vm_statuses(
                 message: message.clone(),
             });
         }
+        let unreachable = observed.unreachable.get(provider);
+        if let Some(why) = unreachable {
+            conditions.push(Condition {
+                kind: ConditionKind::ProviderReachable,
+                status: false,
+                reason: "Unreachable".into(),
+                message: format!("provider {provider}: {why}"),
+            });
+        }
         let phase = match (owned, &outcome.error, &outcome.conflict) {
+            _ if unreachable.is_some() => Phase::Unknown,
             (_, _, Some(_)) => Phase::Failed,
             (_, Some(_), _) => Phase::Failed,
             (None, None, None) => Phase::Pending,
@@ -204,6 +214,7 @@ pub fn counts(vms: &BTreeMap<String, VmStatus>) -> Counts {
             Phase::Stopped => c.stopped += 1,
             Phase::Pending => c.pending += 1,
             Phase::Failed => c.failed += 1,
+            Phase::Unknown => c.unknown += 1,
         }
         if vm
             .conditions

@@ -233,7 +233,7 @@ pub fn parse(xml: &str) -> Result<ObservedVm, DomainXmlError> {
         .children()
         .find(|n| n.has_tag_name("metadata"))
         .and_then(|m| m.children().find(|n| n.has_tag_name((STAMP_NS, "vm"))))
-        .and_then(|s| parse_stamp(s));
+        .and_then(|s| parse_stamp(s, Some(STAMP_NS)));
     Ok(ObservedVm {
         name,
         uuid,
@@ -297,11 +297,25 @@ pub fn agent_socket(xml: &str) -> Option<std::path::PathBuf> {
         .map(std::path::PathBuf::from)
 }
 
-/// Reads a stamp element; `None` when required fields are missing (then it is no stamp).
-fn parse_stamp(node: roxmltree::Node<'_, '_>) -> Option<Stamp> {
+/// Reads the stamp element libvirt hands back for fleet's namespace
+/// (`virDomainGetMetadata`): `None` when it is not a stamp or lacks required fields.
+pub fn parse_stamp_element(xml: &str) -> Option<Stamp> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let root = doc.root_element();
+    // libvirt hands the element back without the namespace it was asked for.
+    let ns = root.tag_name().namespace();
+    if root.tag_name().name() != "vm" || !matches!(ns, None | Some(STAMP_NS)) {
+        return None;
+    }
+    parse_stamp(root, ns)
+}
+
+/// Reads a stamp element whose fields are in namespace `ns`; `None` when required fields
+/// are missing (then it is no stamp).
+fn parse_stamp(node: roxmltree::Node<'_, '_>, ns: Option<&str>) -> Option<Stamp> {
     let field = |name: &str| {
         node.children()
-            .find(|n| n.has_tag_name((STAMP_NS, name)))
+            .find(|n| n.tag_name().name() == name && n.tag_name().namespace() == ns)
             .map(|n| n.text().unwrap_or("").to_owned())
     };
     Some(Stamp {

@@ -19,10 +19,12 @@
 //!
 //! Observe is one `list_all_domains` call. Name, UUID and id come with each listed domain
 //! (whether it runs is whether it has an id: no call). Each domain the cache cannot answer
-//! costs one more call: its persistent definition (`xml_desc(INACTIVE)`), which gives the
-//! stamp, memory and vCPUs together. The persistent definition is what the next boot uses
-//! and where `virsh setmem --config` and `virsh edit` leave their changes, so that drift is
-//! seen.
+//! costs one more call: a domain with the UUID fleet gives that name, its persistent
+//! definition (`xml_desc(INACTIVE)`), which gives the stamp, memory and vCPUs together; any
+//! other, its stamp alone (`virDomainGetMetadata`, refused at once for a domain without
+//! one), so a host's foreign domains cost fleet a small call each, never their definitions
+//! (`observe_one`). The persistent definition is what the next boot uses and where
+//! `virsh setmem --config` and `virsh edit` leave their changes, so that drift is seen.
 //!
 //! Events: the virt crate does not wrap `virConnectDomainEventRegisterAny` and fleet forbids
 //! unsafe code, so libvirt's own client holds the subscription. `watch` starts a thread that
@@ -320,6 +322,53 @@ impl LibvirtDriver {
             .map_err(|e| DriverError::new(ErrorKind::Permanent, format!("{name}: {e}")))?;
         vm.running = dom.id().is_some();
         Ok(vm)
+    }
+
+    /// What observe needs of a domain the cache cannot answer: the whole definition of
+    /// this fleet's domains (memory, vCPUs and stamp, which the plan compares), and of any
+    /// other domain its stamp alone. A domain with the UUID fleet gives this name is read
+    /// whole at once (one call; the stamp in it still decides whose it is). Any other first
+    /// has its stamp read (`virDomainGetMetadata` for fleet's namespace, which libvirt
+    /// refuses at once for a domain without one): a foreign domain, or another fleet's,
+    /// costs that one small call, and one this fleet adopted (it keeps its own UUID) one
+    /// more. A domain whose stamp cannot be read that way (a transient one has no
+    /// persistent metadata) is read whole.
+    fn observe_one(
+        &self,
+        dom: &Domain,
+        name: &str,
+        uuid: uuid::Uuid,
+    ) -> Result<ObservedVm, DriverError> {
+        if uuid == domain_uuid(&self.fleet, name) {
+            return self.read(dom, name);
+        }
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let stamp = match dom.metadata(
+            virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            Some(domain_xml::STAMP_NS),
+            virt::sys::VIR_DOMAIN_AFFECT_CONFIG,
+        ) {
+            Ok(xml) => domain_xml::parse_stamp_element(&xml),
+            Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomainMetadata) => None,
+            Err(e) => {
+                let error = self.classify(&format!("read {name}'s stamp"), &e);
+                return match error.kind {
+                    ErrorKind::NotFound | ErrorKind::Transient => Err(error),
+                    _ => self.read(dom, name),
+                };
+            }
+        };
+        match stamp {
+            Some(stamp) if stamp.fleet == self.fleet => self.read(dom, name),
+            other => Ok(ObservedVm {
+                name: name.to_owned(),
+                uuid: uuid.hyphenated().to_string(),
+                running: dom.id().is_some(),
+                cpus: 0,
+                memory_mib: 0,
+                stamp: other.map(Arc::new),
+            }),
+        }
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, ObservationCache> {
@@ -1318,7 +1367,7 @@ impl Driver for LibvirtDriver {
                 vms.push(vm.clone());
                 continue;
             }
-            match self.read(dom, &name) {
+            match self.observe_one(dom, &name, uuid) {
                 Ok(vm) => {
                     let vm = Arc::new(vm);
                     if cache.enabled {
@@ -1347,6 +1396,17 @@ impl Driver for LibvirtDriver {
             Vec::new()
         });
         Ok(ObservedHost { vms, workspaces })
+    }
+
+    fn observe_vm(&self, name: &str) -> Result<Option<ObservedVm>, DriverError> {
+        match self.lookup(name)? {
+            Some(dom) => match self.read(&dom, name) {
+                Ok(vm) => Ok(Some(vm)),
+                Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            },
+            None => Ok(None),
+        }
     }
 
     fn watch(&self, on_change: ChangeCallback) -> Result<(), DriverError> {
@@ -1938,6 +1998,107 @@ mod tests {
             Some("a")
         );
         assert_eq!(event_domain("event loop ended"), None);
+    }
+
+    /// Observe reads a foreign domain's stamp alone and only this fleet's definitions whole
+    /// (libvirt's in-process test driver, whose state this process's connections share).
+    #[test]
+    fn observe_reads_only_the_stamp_of_a_domain_that_is_not_this_fleets() {
+        let conn = Connect::open(Some("test:///default")).expect("test driver");
+        let stamp = |fleet: &str, name: &str| Stamp {
+            fleet: fleet.into(),
+            name: name.into(),
+            spec_hash: "h".into(),
+            revision: "r".into(),
+            protect: false,
+            config: None,
+            created: None,
+            adopted: false,
+        };
+        let define = |name: &str, stamp: Option<Stamp>| {
+            let metadata = stamp
+                .map(|s| {
+                    format!(
+                        "<metadata>{}</metadata>",
+                        domain_xml::stamp_element(&s, true)
+                    )
+                })
+                .unwrap_or_default();
+            conn.define_domain_xml(&format!(
+                "<domain type='test'><name>{name}</name><memory unit='MiB'>96</memory><vcpu>3</vcpu>{metadata}<os><type>hvm</type></os></domain>"
+            ))
+            .expect("define")
+        };
+        let made = format!(
+            "<domain type='test'><name>obs-made</name><uuid>{}</uuid><memory unit='MiB'>64</memory><vcpu>1</vcpu><metadata>{}</metadata><os><type>hvm</type></os></domain>",
+            domain_uuid("obsfleet", "obs-made"),
+            domain_xml::stamp_element(&stamp("obsfleet", "obs-made"), true)
+        );
+        let domains = [
+            define("obs-foreign", None),
+            define("obs-other", Some(stamp("other", "obs-other"))),
+            // As an adopted domain: this fleet's stamp, a UUID of its own.
+            define("obs-own", Some(stamp("obsfleet", "obs-own"))),
+            conn.define_domain_xml(&made).expect("define"),
+        ];
+        let driver = LibvirtDriver::new(
+            "obsfleet",
+            &LibvirtProvider {
+                name: crate::spec::Name("local".into()),
+                uri: "test:///default".into(),
+                storage_dir: None,
+                full_network: None,
+            },
+            crate::spec::DomainType::Qemu,
+            Path::new("/nonexistent"),
+        );
+        let before = driver.calls();
+        let observed = driver.observe().expect("observe");
+        let calls = driver.calls() - before;
+        let find = |name: &str| {
+            observed
+                .vms
+                .iter()
+                .find(|v| v.name == name)
+                .unwrap_or_else(|| panic!("{name} observed"))
+        };
+        let own = find("obs-own");
+        assert!(own.owned_by("obsfleet"));
+        assert_eq!((own.cpus, own.memory_mib), (3, 96), "own: read whole");
+        let foreign = find("obs-foreign");
+        assert_eq!(
+            (foreign.cpus, foreign.memory_mib, &foreign.stamp),
+            (0, 0, &None)
+        );
+        let other = find("obs-other");
+        assert_eq!(
+            other.stamp.as_ref().map(|s| s.fleet.as_str()),
+            Some("other")
+        );
+        assert_eq!(
+            (other.cpus, other.memory_mib),
+            (0, 0),
+            "another fleet's: stamp only"
+        );
+        assert_eq!(
+            (find("obs-made").cpus, find("obs-made").memory_mib),
+            (1, 64)
+        );
+        // The connection's opening, one list, one definition for the domain with fleet's
+        // UUID, a stamp read for each other domain (the driver's own `test` too), one more
+        // definition (the adopted one), and the workspace pool's lookup.
+        assert_eq!(observed.vms.len(), 5, "{observed:?}");
+        assert_eq!(calls, 1 + 1 + 1 + 4 + 1 + 1, "{observed:?}");
+        // fleet adopt reads a foreign domain whole.
+        let whole = driver
+            .observe_vm("obs-foreign")
+            .expect("read")
+            .expect("found");
+        assert_eq!((whole.cpus, whole.memory_mib), (3, 96));
+        assert_eq!(driver.observe_vm("obs-none").expect("read"), None);
+        for d in domains {
+            d.undefine().expect("undefine");
+        }
     }
 
     #[test]
