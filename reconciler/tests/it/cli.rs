@@ -432,3 +432,68 @@ fn state_prints_as_json_or_yaml() {
         assert!(event["type"].is_string(), "{doc}");
     }
 }
+
+/// A provider fleet cannot reach leaves its VMs unknown, planned for nothing (never made
+/// again elsewhere or twice), while the other provider's VMs converge; `fleet status`
+/// says which and why.
+#[test]
+fn an_unreachable_provider_leaves_its_vms_unknown_and_the_others_converge() {
+    let repo = Repo::new();
+    // Port 1 on loopback: refused at once.
+    let far = format!(
+        "{{name: far, type: libvirt, uri: 'qemu+tcp://127.0.0.1:1/system', storageDir: '{}'}}",
+        repo.path().join(".fleet/far").display()
+    );
+    repo.host_config(&host_yaml(&[test_driver_provider(&repo), far], ""));
+    repo.write(
+        "fleet/fleet.yaml",
+        FLEET_YAML.replace(
+            "    - {name: local, type: libvirt, domainType: qemu}\n",
+            "    - {name: local, type: libvirt, domainType: qemu}\n    - {name: far, type: libvirt, domainType: qemu}\n",
+        ),
+    )
+    .write("fleet/vms/a.yaml", vm_yaml("a", "256Mi"))
+    .write(
+        "fleet/vms/b.yaml",
+        vm_yaml("b", "256Mi").replace("provider: local", "provider: far"),
+    );
+    repo.commit("a VM on each provider");
+
+    let plan = repo.fleet(&["plan"]);
+    assert!(plan.stdout().contains("create   a"), "{}", plan.stdout());
+    assert!(!plan.stdout().contains("create   b"), "{}", plan.stdout());
+    assert!(
+        plan.stdout()
+            .contains("provider far cannot be used: cannot connect to far"),
+        "{}",
+        plan.stdout()
+    );
+
+    let applied = repo.fleet(&["apply", "--auto-approve"]);
+    assert!(
+        applied.stdout().contains("create   a"),
+        "{}{}",
+        applied.stdout(),
+        applied.stderr()
+    );
+    let status = repo.fleet(&["status"]).stdout();
+    let line = |vm: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(&format!("{vm} ")))
+            .unwrap_or_else(|| panic!("{vm} in {status}"))
+            .to_owned()
+    };
+    assert!(line("a").contains("Running"), "{status}");
+    assert!(
+        line("b").contains("Unknown") && line("b").contains("provider far: cannot connect"),
+        "{status}"
+    );
+    let b =
+        std::fs::read_to_string(repo.path().join(".fleet/status/vms/b.yaml")).expect("b's status");
+    assert!(b.contains("phase: Unknown"), "{b}");
+    assert!(
+        b.contains("type: ProviderReachable") && b.contains("reason: Unreachable"),
+        "{b}"
+    );
+}

@@ -139,11 +139,78 @@ pub struct LibvirtDriver {
     /// Who QEMU runs as (read once from the host's capabilities; `None` inside: no DAC).
     qemu_user: std::sync::OnceLock<Option<reach::QemuUser>>,
     conn: Mutex<Option<Connect>>,
+    /// When a remote host may be tried again after a failed connect.
+    backoff: Mutex<ConnectBackoff>,
     calls: AtomicU64,
     /// Observations kept fresh by the event watcher (shared with its thread).
     cache: Arc<Mutex<ObservationCache>>,
     /// The `virsh event` process while one runs, and whether to stop following events.
     events: Arc<EventStream>,
+}
+
+/// Keepalive probes on every connection: every 5 s, and the connection is closed after 3
+/// go unanswered.
+const KEEPALIVE: (i32, u32) = (5, 3);
+
+/// Failed connects to a remote host wait 1 s, doubling to 30 s, before the next try, so an
+/// unreachable host (an ssh connect that hangs until its timeout) costs each pass nothing.
+/// A local socket fails at once and is tried every time: a restarted libvirtd is used as
+/// soon as it is back.
+#[derive(Default)]
+struct ConnectBackoff {
+    failures: u32,
+    next_try: Option<(std::time::Instant, String)>,
+}
+
+impl ConnectBackoff {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(30);
+
+    /// How long until the next try, and why the last one failed, while it must wait.
+    fn waiting(&self, now: std::time::Instant) -> Option<(Duration, &str)> {
+        let (at, why) = self.next_try.as_ref()?;
+        (now < *at).then(|| (*at - now, why.as_str()))
+    }
+
+    fn failed(&mut self, now: std::time::Instant, why: String) {
+        let wait = Self::FIRST
+            .saturating_mul(1 << self.failures.min(5))
+            .min(Self::MAX);
+        self.failures += 1;
+        self.next_try = Some((now + wait, why));
+    }
+
+    fn succeeded(&mut self) {
+        *self = ConnectBackoff::default();
+    }
+}
+
+/// Whether `uri` reaches a libvirtd on this machine (no host part): nothing to wait for.
+fn is_local_uri(uri: &str) -> bool {
+    uri.split_once("://")
+        .is_none_or(|(_, rest)| rest.starts_with('/'))
+}
+
+/// libvirt's own event loop, run once per process on a thread of its own: the client
+/// library sends keepalive probes and notices a closed connection from it. Registered
+/// before the first connection is opened (the first driver made).
+fn start_event_loop() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        if let Err(e) = virt::event::event_register_default_impl() {
+            tracing::warn!("libvirt's event loop: {}", e.message());
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("libvirt-events".into())
+            .spawn(|| {
+                while virt::event::event_run_default_impl().is_ok() {}
+                tracing::warn!("libvirt's event loop stopped");
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("libvirt's event loop: {e}");
+        }
+    });
 }
 
 #[derive(Default)]
@@ -199,6 +266,7 @@ impl LibvirtDriver {
             .as_deref()
             .unwrap_or(DEFAULT_STORAGE_ROOT);
         virt::error::clear_error_callback();
+        start_event_loop();
         LibvirtDriver {
             provider: provider.name.0.clone(),
             uri: provider.uri.clone(),
@@ -209,6 +277,7 @@ impl LibvirtDriver {
             full_network: full_network::GuardedNetwork::from_spec(provider.full_network.as_ref()),
             qemu_user: std::sync::OnceLock::new(),
             conn: Mutex::new(None),
+            backoff: Mutex::new(ConnectBackoff::default()),
             calls: AtomicU64::new(0),
             cache: Arc::new(Mutex::new(ObservationCache::default())),
             events: Arc::new(EventStream::default()),
@@ -239,21 +308,48 @@ impl LibvirtDriver {
 
     fn connection(&self) -> Result<Connect, DriverError> {
         let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = guard.as_ref() {
+        // A connection keepalive found dead (the host stopped answering) is opened afresh.
+        if let Some(c) = guard.as_ref().filter(|c| c.is_alive().unwrap_or(false)) {
             return Ok(c.clone());
         }
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        let c = Connect::open(Some(&self.uri)).map_err(|e| {
-            DriverError::new(
+        *guard = None;
+        let mut backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((until, why)) = backoff.waiting(std::time::Instant::now()) {
+            return Err(DriverError::new(
                 ErrorKind::Transient,
                 format!(
-                    "cannot connect to {} ({}): {}",
+                    "cannot connect to {} ({}): {why}; next try in {} s",
                     self.provider,
                     self.uri,
-                    e.message()
+                    until.as_secs().max(1)
                 ),
-            )
-        })?;
+            ));
+        }
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let c = match Connect::open(Some(&self.uri)) {
+            Ok(c) => c,
+            Err(e) => {
+                if !is_local_uri(&self.uri) {
+                    backoff.failed(std::time::Instant::now(), e.message().to_owned());
+                }
+                return Err(DriverError::new(
+                    ErrorKind::Transient,
+                    format!(
+                        "cannot connect to {} ({}): {}",
+                        self.provider,
+                        self.uri,
+                        e.message()
+                    ),
+                ));
+            }
+        };
+        backoff.succeeded();
+        // A host that stops answering is noticed within KEEPALIVE (interval × count)
+        // rather than when TCP gives up, and only its VMs become unknown. Drivers with no
+        // keepalive (the test driver) refuse; nothing is lost.
+        if let Err(e) = c.set_keep_alive(KEEPALIVE.0, KEEPALIVE.1) {
+            tracing::debug!(provider = %self.provider, "no keepalive: {}", e.message());
+        }
         *guard = Some(c.clone());
         Ok(c)
     }
@@ -1334,7 +1430,11 @@ impl Driver for LibvirtDriver {
     /// otherwise, with QEMU's bare "Permission denied".
     fn preflight(&self) -> Result<(), DriverError> {
         self.check_qemu_reach(&self.storage_dir, reach::Need::Enter)
-            .map_err(|e| DriverError::new(e.kind, format!("storage directory: {}", e.message)))
+            .map_err(|e| match e.kind {
+                // The host, not the directory: said as it is.
+                ErrorKind::Transient => e,
+                _ => DriverError::new(e.kind, format!("storage directory: {}", e.message)),
+            })
     }
 
     fn capacity(&self) -> Result<Option<crate::observe::Capacity>, DriverError> {
@@ -1971,6 +2071,9 @@ fn is_connection_failure(message: &str) -> bool {
         "broken pipe",
         "failed to connect socket",
         "no connection",
+        // Closed by keepalive, or by the host, since.
+        "client socket is closed",
+        "keepalive",
     ]
     .iter()
     .any(|needle| m.contains(needle))
@@ -2099,6 +2202,62 @@ mod tests {
         for d in domains {
             d.undefine().expect("undefine");
         }
+    }
+
+    fn driver_at(uri: &str) -> LibvirtDriver {
+        LibvirtDriver::new(
+            "lab",
+            &LibvirtProvider {
+                name: crate::spec::Name("far".into()),
+                uri: uri.into(),
+                storage_dir: None,
+                full_network: None,
+            },
+            crate::spec::DomainType::Qemu,
+            Path::new("/nonexistent"),
+        )
+    }
+
+    /// A remote host that cannot be reached is tried again only after a backoff; a local
+    /// socket every time.
+    #[test]
+    fn a_failed_connect_to_a_remote_host_waits_before_the_next_try() {
+        // Port 1 on loopback: refused at once.
+        let remote = driver_at("qemu+tcp://127.0.0.1:1/system");
+        let first = remote.observe().expect_err("refused");
+        assert_eq!(first.kind, ErrorKind::Transient);
+        assert_eq!(remote.calls(), 1, "one connect tried");
+        let second = remote.observe().expect_err("still waiting");
+        assert_eq!(second.kind, ErrorKind::Transient);
+        assert!(
+            second.message.contains("next try in 1 s"),
+            "{}",
+            second.message
+        );
+        assert_eq!(remote.calls(), 1, "no connect tried while backing off");
+
+        let local = driver_at("qemu+unix:///system?socket=/nonexistent/libvirt-sock");
+        local.observe().expect_err("no socket");
+        local.observe().expect_err("no socket");
+        assert_eq!(local.calls(), 2, "a local socket is tried every time");
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_a_success_clears_it() {
+        let now = std::time::Instant::now();
+        let mut backoff = ConnectBackoff::default();
+        assert!(backoff.waiting(now).is_none());
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            backoff.failed(now, "refused".into());
+            waits.push(backoff.waiting(now).expect("waiting").0.as_secs());
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert!(backoff.waiting(now + Duration::from_secs(31)).is_none());
+        backoff.succeeded();
+        assert!(backoff.waiting(now).is_none());
+        assert!(is_local_uri("qemu:///system") && is_local_uri("test:///default"));
+        assert!(!is_local_uri("qemu+ssh://fleet@host/system"));
     }
 
     #[test]
