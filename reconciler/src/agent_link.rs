@@ -16,11 +16,8 @@ use crate::driver::AgentEndpoint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("cannot connect to the agent link at {path}: {source}")]
-    Connect {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot take the agent link's socket: {0}")]
+    Connect(std::io::Error),
     #[error("the agent link closed")]
     Closed,
     #[error("no hello from the agent within {0:?}")]
@@ -120,19 +117,13 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 impl AgentLink {
     pub fn connect(endpoint: &AgentEndpoint) -> Result<AgentLink, LinkError> {
         let transport = match endpoint {
-            AgentEndpoint::UnixSocket(path) => {
-                let stream = UnixStream::connect(path).map_err(|source| LinkError::Connect {
-                    path: path.display().to_string(),
-                    source,
-                })?;
+            AgentEndpoint::Connected(stream) => {
+                let stream = stream.try_clone().map_err(LinkError::Connect)?;
                 // A guest that stops reading must not pin this link's thread forever: a
                 // write that cannot finish in time ends the link (it is opened again).
                 stream
                     .set_write_timeout(Some(WRITE_TIMEOUT))
-                    .map_err(|source| LinkError::Connect {
-                        path: path.display().to_string(),
-                        source,
-                    })?;
+                    .map_err(LinkError::Connect)?;
                 Transport::Socket(SocketLink {
                     reader: BufReader::new(stream),
                     partial: Vec::new(),

@@ -1276,10 +1276,10 @@ fn status_cmd(ws: &Workspace, args: &StatusArgs, output: Output) -> Result<ExitC
                 vm.conditions
                     .iter()
                     .find(|c| {
-                        use crate::status::ConditionKind::{Conflict, Drifted, ProviderReachable};
+                        use crate::status::ConditionKind::{Conflict, Drifted, ProviderObserved};
                         c.kind == Conflict
                             || (c.kind == Drifted && c.status)
-                            || (c.kind == ProviderReachable && !c.status)
+                            || (c.kind == ProviderObserved && !c.status)
                     })
                     .map(|c| format!("{}: {}", c.kind, c.message))
             })

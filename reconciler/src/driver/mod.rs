@@ -387,8 +387,9 @@ pub trait Console: Send + Sync {
 /// The host side of a VM's agent link.
 #[derive(Clone)]
 pub enum AgentEndpoint {
-    /// A unix socket bound to the VM's virtio-serial port (libvirt).
-    UnixSocket(std::path::PathBuf),
+    /// A socket already connected to the VM's virtio-serial port (libvirt: the channel
+    /// opened through the libvirt connection, `driver::libvirt::channel`). One link takes it.
+    Connected(std::sync::Arc<std::os::unix::net::UnixStream>),
     /// Exchanges relayed by the hypervisor's own guest agent (Proxmox: qemu-guest-agent),
     /// see `fleet_agent_protocol::relay`.
     Relayed(std::sync::Arc<dyn GuestExchange>),
@@ -397,7 +398,7 @@ pub enum AgentEndpoint {
 impl std::fmt::Debug for AgentEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            AgentEndpoint::UnixSocket(path) => write!(f, "UnixSocket({})", path.display()),
+            AgentEndpoint::Connected(_) => write!(f, "Connected"),
             AgentEndpoint::Relayed(exchange) => write!(f, "Relayed({})", exchange.describe()),
         }
     }

@@ -200,9 +200,9 @@ pub enum ConditionKind {
     AgentConnected,
     /// It keeps stopping on its own, and its restarts back off.
     CrashLooping,
-    /// Whether the last pass could reach its provider (false: what the VM does is unknown,
-    /// and nothing was planned for it).
-    ProviderReachable,
+    /// Whether the last pass could observe its provider (false: the provider could not be
+    /// reached or read; what the VM does is unknown, and nothing was planned for it).
+    ProviderObserved,
 }
 
 impl std::fmt::Display for ConditionKind {
@@ -222,7 +222,7 @@ pub struct Counts {
     pub conflicts: usize,
     #[serde(default)]
     pub drifted: usize,
-    /// On a provider the last pass could not reach.
+    /// On a provider the last pass could not observe.
     #[serde(default)]
     pub unknown: usize,
 }
@@ -233,7 +233,7 @@ pub enum Phase {
     Running,
     Stopped,
     Failed,
-    /// Its provider could not be reached: fleet does not know what it does.
+    /// Its provider could not be observed: fleet does not know what it does.
     Unknown,
 }
 

@@ -69,19 +69,20 @@ pub fn vm_statuses(
                 message: message.clone(),
             });
         }
-        let unreachable = observed.unreachable.get(provider);
-        if let Some(why) = unreachable {
+        let unobserved = observed.unreachable.get(provider);
+        if let Some(why) = unobserved {
             conditions.push(Condition {
-                kind: ConditionKind::ProviderReachable,
+                kind: ConditionKind::ProviderObserved,
                 status: false,
-                reason: "Unreachable".into(),
+                reason: "ObserveFailed".into(),
                 message: format!("provider {provider}: {why}"),
             });
         }
         let phase = match (owned, &outcome.error, &outcome.conflict) {
-            _ if unreachable.is_some() => Phase::Unknown,
             (_, _, Some(_)) => Phase::Failed,
+            // A step of this pass failed (its provider may have gone after).
             (_, Some(_), _) => Phase::Failed,
+            _ if unobserved.is_some() => Phase::Unknown,
             (None, None, None) => Phase::Pending,
             (Some(f), None, None) if f.running => Phase::Running,
             (Some(_), None, None) => Phase::Stopped,

@@ -493,7 +493,7 @@ fn an_unreachable_provider_leaves_its_vms_unknown_and_the_others_converge() {
         std::fs::read_to_string(repo.path().join(".fleet/status/vms/b.yaml")).expect("b's status");
     assert!(b.contains("phase: Unknown"), "{b}");
     assert!(
-        b.contains("type: ProviderReachable") && b.contains("reason: Unreachable"),
+        b.contains("type: ProviderObserved") && b.contains("reason: ObserveFailed"),
         "{b}"
     );
 }

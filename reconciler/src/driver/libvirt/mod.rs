@@ -65,7 +65,8 @@
 //!
 //! Every domain has the virtio-serial channel `org.fleet.agent.0` with no socket path:
 //! libvirt makes the socket where QEMU may create it. `agent_endpoint` checks the stamp and
-//! reads the path from the live XML (`AgentEndpoint::UnixSocket`).
+//! opens the channel through the libvirt connection (`channel`), so the link reaches a VM
+//! on a remote host exactly as a local one, with no path on fleet's side.
 //!
 //! Stop: ACPI shutdown, pressed again every 2 s (a guest still booting misses the first
 //! press), then power-off once the grace has passed. Destroy: stop, undefine (with managed
@@ -78,6 +79,7 @@
 //! reconnects. `calls` counts libvirt calls, for the benchmarks and the tests that count
 //! them.
 
+pub mod channel;
 pub mod domain_xml;
 pub mod full_network;
 pub mod reach;
@@ -420,15 +422,15 @@ impl LibvirtDriver {
         Ok(vm)
     }
 
-    /// What observe needs of a domain the cache cannot answer: the whole definition of
-    /// this fleet's domains (memory, vCPUs and stamp, which the plan compares), and of any
-    /// other domain its stamp alone. A domain with the UUID fleet gives this name is read
-    /// whole at once (one call; the stamp in it still decides whose it is). Any other first
-    /// has its stamp read (`virDomainGetMetadata` for fleet's namespace, which libvirt
-    /// refuses at once for a domain without one): a foreign domain, or another fleet's,
-    /// costs that one small call, and one this fleet adopted (it keeps its own UUID) one
-    /// more. A domain whose stamp cannot be read that way (a transient one has no
-    /// persistent metadata) is read whole.
+    /// What observe needs of a domain the cache cannot answer: the whole definition of a
+    /// domain some fleet made (memory, vCPUs and stamp, which the plan compares), and of a
+    /// foreign one only that it has no stamp. A domain with the UUID fleet gives this name
+    /// is read whole at once (one call; the stamp in it still decides whose it is). Any
+    /// other first has its stamp asked for (`virDomainGetMetadata` for fleet's namespace,
+    /// which libvirt refuses at once for a domain without one): a foreign domain costs that
+    /// one small call, and one with a stamp (this fleet adopted it and it kept its own
+    /// UUID, or another fleet's) one more. A domain whose stamp cannot be asked for that
+    /// way (a transient one has no persistent metadata) is read whole.
     fn observe_one(
         &self,
         dom: &Domain,
@@ -439,31 +441,30 @@ impl LibvirtDriver {
             return self.read(dom, name);
         }
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let stamp = match dom.metadata(
+        match dom.metadata(
             virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
             Some(domain_xml::STAMP_NS),
             virt::sys::VIR_DOMAIN_AFFECT_CONFIG,
         ) {
-            Ok(xml) => domain_xml::parse_stamp_element(&xml),
-            Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomainMetadata) => None,
-            Err(e) => {
-                let error = self.classify(&format!("read {name}'s stamp"), &e);
-                return match error.kind {
-                    ErrorKind::NotFound | ErrorKind::Transient => Err(error),
-                    _ => self.read(dom, name),
-                };
-            }
-        };
-        match stamp {
-            Some(stamp) if stamp.fleet == self.fleet => self.read(dom, name),
-            other => Ok(ObservedVm {
+            // No element in fleet's namespace: no fleet made it.
+            Err(e) if e.code() == Enum::Known(ErrorNumber::NoDomainMetadata) => Ok(ObservedVm {
                 name: name.to_owned(),
                 uuid: uuid.hyphenated().to_string(),
                 running: dom.id().is_some(),
                 cpus: 0,
                 memory_mib: 0,
-                stamp: other.map(Arc::new),
+                stamp: None,
             }),
+            Err(e) => {
+                let error = self.classify(&format!("read {name}'s stamp"), &e);
+                match error.kind {
+                    ErrorKind::NotFound | ErrorKind::Transient => Err(error),
+                    _ => self.read(dom, name),
+                }
+            }
+            // Some fleet's (libvirt hands the element back with its namespace taken off
+            // and so rewritten): one parser, the definition's, says whose.
+            Ok(_) => self.read(dom, name),
         }
     }
 
@@ -1783,8 +1784,25 @@ impl Driver for LibvirtDriver {
         if dom.id().is_none() {
             return Ok(None);
         }
-        let live = self.on_domain(&format!("read {name}"), || dom.xml_desc(0))?;
-        Ok(domain_xml::agent_socket(&live).map(super::AgentEndpoint::UnixSocket))
+        let conn = self.connection()?;
+        let stream = self.on_domain(&format!("open a stream for {name}'s agent"), || {
+            virt::stream::Stream::new(&conn, 0)
+        })?;
+        // Taken over from an earlier link of this VM whose stream libvirt still holds.
+        self.on_domain(&format!("open {name}'s agent channel"), || {
+            dom.open_channel(
+                Some(fleet_agent_protocol::PORT_NAME),
+                &stream,
+                virt::sys::VIR_DOMAIN_CHANNEL_FORCE,
+            )
+        })?;
+        let socket = channel::bridge(stream, name).map_err(|e| {
+            DriverError::new(
+                ErrorKind::Transient,
+                format!("bridge {name}'s agent channel: {e}"),
+            )
+        })?;
+        Ok(Some(super::AgentEndpoint::Connected(Arc::new(socket))))
     }
 
     fn create(&self, vm: &DesiredVm, stamp: &Stamp, grace: Duration) -> Result<(), DriverError> {
@@ -2103,11 +2121,11 @@ mod tests {
         assert_eq!(event_domain("event loop ended"), None);
     }
 
-    /// Observe reads a foreign domain's stamp alone and only this fleet's definitions whole
-    /// (libvirt's in-process test driver, whose state this process's connections share).
+    /// Observe reads a foreign domain's stamp alone and the definitions of domains some
+    /// fleet made whole (libvirt's test driver on a node file of its own, which shares no
+    /// state with any other connection).
     #[test]
-    fn observe_reads_only_the_stamp_of_a_domain_that_is_not_this_fleets() {
-        let conn = Connect::open(Some("test:///default")).expect("test driver");
+    fn observe_reads_only_the_stamp_of_a_domain_no_fleet_made() {
         let stamp = |fleet: &str, name: &str| Stamp {
             fleet: fleet.into(),
             name: name.into(),
@@ -2118,90 +2136,83 @@ mod tests {
             created: None,
             adopted: false,
         };
-        let define = |name: &str, stamp: Option<Stamp>| {
+        let domain = |name: &str, uuid: Option<uuid::Uuid>, stamp: Option<Stamp>| {
+            let uuid = uuid
+                .map(|u| format!("<uuid>{u}</uuid>"))
+                .unwrap_or_default();
             let metadata = stamp
                 .map(|s| {
-                    format!(
-                        "<metadata>{}</metadata>",
-                        domain_xml::stamp_element(&s, true)
-                    )
+                    let element = domain_xml::stamp_element(&s, true);
+                    format!("<metadata>{element}</metadata>")
                 })
                 .unwrap_or_default();
-            conn.define_domain_xml(&format!(
-                "<domain type='test'><name>{name}</name><memory unit='MiB'>96</memory><vcpu>3</vcpu>{metadata}<os><type>hvm</type></os></domain>"
-            ))
-            .expect("define")
+            format!(
+                "<domain type='test'><name>{name}</name>{uuid}<memory unit='MiB'>96</memory><vcpu>3</vcpu>{metadata}<os><type>hvm</type></os></domain>"
+            )
         };
-        let made = format!(
-            "<domain type='test'><name>obs-made</name><uuid>{}</uuid><memory unit='MiB'>64</memory><vcpu>1</vcpu><metadata>{}</metadata><os><type>hvm</type></os></domain>",
-            domain_uuid("obsfleet", "obs-made"),
-            domain_xml::stamp_element(&stamp("obsfleet", "obs-made"), true)
-        );
-        let domains = [
-            define("obs-foreign", None),
-            define("obs-other", Some(stamp("other", "obs-other"))),
-            // As an adopted domain: this fleet's stamp, a UUID of its own.
-            define("obs-own", Some(stamp("obsfleet", "obs-own"))),
-            conn.define_domain_xml(&made).expect("define"),
-        ];
+        let node = tempfile::NamedTempFile::new().expect("node file");
+        std::fs::write(
+            node.path(),
+            [
+                "<node>".to_owned(),
+                domain("obs-foreign", None, None),
+                domain("obs-other", None, Some(stamp("other", "obs-other"))),
+                // As an adopted domain: this fleet's stamp, a UUID of its own.
+                domain("obs-own", None, Some(stamp("obsfleet", "obs-own"))),
+                domain(
+                    "obs-made",
+                    Some(domain_uuid("obsfleet", "obs-made")),
+                    Some(stamp("obsfleet", "obs-made")),
+                ),
+                "</node>".to_owned(),
+            ]
+            .concat(),
+        )
+        .expect("write");
         let driver = LibvirtDriver::new(
             "obsfleet",
             &LibvirtProvider {
                 name: crate::spec::Name("local".into()),
-                uri: "test:///default".into(),
+                uri: format!("test://{}", node.path().display()),
                 storage_dir: None,
                 full_network: None,
             },
             crate::spec::DomainType::Qemu,
             Path::new("/nonexistent"),
         );
-        let before = driver.calls();
         let observed = driver.observe().expect("observe");
-        let calls = driver.calls() - before;
         let find = |name: &str| {
             observed
                 .vms
                 .iter()
                 .find(|v| v.name == name)
-                .unwrap_or_else(|| panic!("{name} observed"))
+                .unwrap_or_else(|| panic!("{name} observed: {observed:?}"))
         };
-        let own = find("obs-own");
-        assert!(own.owned_by("obsfleet"));
-        assert_eq!((own.cpus, own.memory_mib), (3, 96), "own: read whole");
-        let foreign = find("obs-foreign");
-        assert_eq!(
-            (foreign.cpus, foreign.memory_mib, &foreign.stamp),
-            (0, 0, &None)
-        );
+        let sizes = |vm: &ObservedVm| (vm.cpus, vm.memory_mib);
+        assert!(find("obs-own").owned_by("obsfleet"));
+        assert!(find("obs-made").owned_by("obsfleet"));
+        assert_eq!(sizes(find("obs-own")), (3, 96), "adopted: read whole");
+        assert_eq!(sizes(find("obs-made")), (3, 96), "made: read whole");
         let other = find("obs-other");
         assert_eq!(
             other.stamp.as_ref().map(|s| s.fleet.as_str()),
             Some("other")
         );
-        assert_eq!(
-            (other.cpus, other.memory_mib),
-            (0, 0),
-            "another fleet's: stamp only"
-        );
-        assert_eq!(
-            (find("obs-made").cpus, find("obs-made").memory_mib),
-            (1, 64)
-        );
-        // The connection's opening, one list, one definition for the domain with fleet's
-        // UUID, a stamp read for each other domain (the driver's own `test` too), one more
-        // definition (the adopted one), and the workspace pool's lookup.
-        assert_eq!(observed.vms.len(), 5, "{observed:?}");
-        assert_eq!(calls, 1 + 1 + 1 + 4 + 1 + 1, "{observed:?}");
+        assert_eq!(sizes(other), (3, 96), "another fleet's: read whole");
+        let foreign = find("obs-foreign");
+        assert_eq!((sizes(foreign), &foreign.stamp), ((0, 0), &None));
+        // The connection's opening and one list; one definition for the domain with
+        // fleet's UUID; a stamp asked for each other domain, and the definitions of the
+        // two that have one; the workspace pool's lookup.
+        assert_eq!(observed.vms.len(), 4, "{observed:?}");
+        assert_eq!(driver.calls(), 1 + 1 + 1 + 3 + 2 + 1, "{observed:?}");
         // fleet adopt reads a foreign domain whole.
         let whole = driver
             .observe_vm("obs-foreign")
             .expect("read")
             .expect("found");
-        assert_eq!((whole.cpus, whole.memory_mib), (3, 96));
+        assert_eq!(sizes(&whole), (3, 96));
         assert_eq!(driver.observe_vm("obs-none").expect("read"), None);
-        for d in domains {
-            d.undefine().expect("undefine");
-        }
     }
 
     fn driver_at(uri: &str) -> LibvirtDriver {
