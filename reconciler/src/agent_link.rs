@@ -1,7 +1,10 @@
 //! The host side of the agent link, speaking `fleet-agent-protocol` over either transport:
-//! - a connection to a VM's virtio-serial port (a unix socket libvirt binds). QEMU accepts one
-//!   client per port at a time; the guest's writes wait while no client is connected, so
-//!   nothing the agent sent before the host connected is lost;
+//! - a connection to a VM's virtio-serial port: on fleet's own host the unix socket libvirt
+//!   binds, on a remote host the channel opened through libvirt and bridged to a socket
+//!   (`driver::libvirt::channel`). QEMU accepts one client per port at a time; the guest's
+//!   writes wait while no client is connected, so nothing the agent sent before the host
+//!   connected is lost (over a remote channel, bytes in flight when it breaks are; the
+//!   protocol resends task output);
 //! - relayed exchanges (Proxmox: qemu-guest-agent `exec`), two byte streams numbered by
 //!   offset as `fleet_agent_protocol::relay` describes, polled while quiet.
 
@@ -16,7 +19,7 @@ use crate::driver::AgentEndpoint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("cannot take the agent link's socket: {0}")]
+    #[error("cannot connect to the agent link: {0}")]
     Connect(std::io::Error),
     #[error("the agent link closed")]
     Closed,
@@ -116,18 +119,23 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl AgentLink {
     pub fn connect(endpoint: &AgentEndpoint) -> Result<AgentLink, LinkError> {
+        let socket = |stream: UnixStream| {
+            // A guest that stops reading must not pin this link's thread forever: a write
+            // that cannot finish in time ends the link (it is opened again).
+            stream
+                .set_write_timeout(Some(WRITE_TIMEOUT))
+                .map_err(LinkError::Connect)?;
+            Ok::<_, LinkError>(Transport::Socket(SocketLink {
+                reader: BufReader::new(stream),
+                partial: Vec::new(),
+            }))
+        };
         let transport = match endpoint {
+            AgentEndpoint::UnixSocket(path) => {
+                socket(UnixStream::connect(path).map_err(LinkError::Connect)?)?
+            }
             AgentEndpoint::Connected(stream) => {
-                let stream = stream.try_clone().map_err(LinkError::Connect)?;
-                // A guest that stops reading must not pin this link's thread forever: a
-                // write that cannot finish in time ends the link (it is opened again).
-                stream
-                    .set_write_timeout(Some(WRITE_TIMEOUT))
-                    .map_err(LinkError::Connect)?;
-                Transport::Socket(SocketLink {
-                    reader: BufReader::new(stream),
-                    partial: Vec::new(),
-                })
+                socket(stream.try_clone().map_err(LinkError::Connect)?)?
             }
             AgentEndpoint::Relayed(exchange) => {
                 Transport::Relayed(RelayedLink::open(exchange.clone())?)

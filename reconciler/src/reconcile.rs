@@ -524,8 +524,13 @@ pub fn proxmox_token(
     Ok(secrecy::SecretString::from(trimmed.to_owned()))
 }
 
-/// Observes every provider at once; a provider that cannot be observed is recorded as
-/// unreachable (and the planner plans nothing for its VMs).
+/// How long a provider may take to be observed before the pass goes on without it (its
+/// VMs unknown): a host whose connect hangs must not hold up the others.
+pub const OBSERVE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Observes every provider at once; a provider that cannot be observed, or not within
+/// `OBSERVE_DEADLINE`, is recorded as unreachable (and the planner plans nothing for its
+/// VMs).
 pub async fn observe(drivers: &Drivers) -> Observed {
     let mut tasks = tokio::task::JoinSet::new();
     for (name, driver) in drivers {
@@ -533,12 +538,31 @@ pub async fn observe(drivers: &Drivers) -> Observed {
         tasks.spawn_blocking(move || (name, driver.preflight().and_then(|()| driver.observe())));
     }
     let mut observed = Observed::default();
-    while let Some(joined) = tasks.join_next().await {
+    let mut waiting: std::collections::BTreeSet<&String> = drivers.keys().collect();
+    let deadline = tokio::time::Instant::now() + OBSERVE_DEADLINE;
+    loop {
+        let joined = match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            Ok(Some(joined)) => joined,
+            Ok(None) => break,
+            Err(_) => {
+                for name in waiting {
+                    observed.unreachable.insert(
+                        name.clone(),
+                        format!("did not answer within {} s", OBSERVE_DEADLINE.as_secs()),
+                    );
+                }
+                // The calls still under way finish on their own threads, unread.
+                tasks.detach_all();
+                break;
+            }
+        };
         match joined {
             Ok((name, Ok(host))) => {
+                waiting.remove(&name);
                 observed.hosts.insert(name, host);
             }
             Ok((name, Err(e))) => {
+                waiting.remove(&name);
                 observed.unreachable.insert(name, e.message);
             }
             Err(e) => tracing::error!("observing a provider panicked: {e}"),

@@ -387,8 +387,11 @@ pub trait Console: Send + Sync {
 /// The host side of a VM's agent link.
 #[derive(Clone)]
 pub enum AgentEndpoint {
-    /// A socket already connected to the VM's virtio-serial port (libvirt: the channel
-    /// opened through the libvirt connection, `driver::libvirt::channel`). One link takes it.
+    /// A unix socket bound to the VM's virtio-serial port (libvirt on fleet's own host).
+    UnixSocket(std::path::PathBuf),
+    /// A socket already connected to the VM's virtio-serial port (libvirt on a remote
+    /// host: the channel opened through a libvirt connection of its own,
+    /// `driver::libvirt::channel`). One link takes it.
     Connected(std::sync::Arc<std::os::unix::net::UnixStream>),
     /// Exchanges relayed by the hypervisor's own guest agent (Proxmox: qemu-guest-agent),
     /// see `fleet_agent_protocol::relay`.
@@ -398,6 +401,7 @@ pub enum AgentEndpoint {
 impl std::fmt::Debug for AgentEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            AgentEndpoint::UnixSocket(path) => write!(f, "UnixSocket({})", path.display()),
             AgentEndpoint::Connected(_) => write!(f, "Connected"),
             AgentEndpoint::Relayed(exchange) => write!(f, "Relayed({})", exchange.describe()),
         }

@@ -107,6 +107,12 @@
 //!   API schema (fakepve's bundled copy, or the file `FLEET_PVE_SCHEMA` names): path, method,
 //!   parameter names (`net[n]` style included), types, enums, patterns, bounds, required
 //!   ones. Its test shows the checker refusing what PVE would.
+//! - `remote` (libvirt, sshd): a second libvirt host on this machine (libvirtd in a mount
+//!   namespace of its own, reached over `qemu+ssh://` through an sshd in that namespace).
+//!   A VM on each host boots; the remote VM's task asks and is answered over the agent
+//!   channel opened through libvirt; the remote libvirtd killed, its VM is Unknown and made
+//!   nowhere else while the local VM's change is applied; restarted, the VM is found as it
+//!   was and the plan is empty.
 //! - `secrets` (libvirt, and the `age` CLI): `age` and fleet decrypt each other's values. A
 //!   canary secret used by a task in a real VM reaches it as a variable and as a 0400 file on
 //!   a tmpfs, and appears in none of: `.fleet` (status, journal, events, seed ISOs, console
@@ -193,6 +199,7 @@ mod proxmox;
 mod proxmox_guest;
 mod pve;
 mod real_agent;
+mod remote;
 mod secrets;
 mod seed;
 mod signed;

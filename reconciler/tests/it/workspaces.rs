@@ -263,6 +263,12 @@ fn a_workspace_outlives_its_vm_and_goes_only_when_approved() {
         volumes(&pool)
     );
     let (id, digest) = held_approval(&plan.stdout());
+    // The daemon offers it once a pass of its own has planned it.
+    wait_until(
+        "the daemon offers the approval",
+        Duration::from_secs(60),
+        || repo.fleet(&["hitl", "list"]).stdout().contains(&id),
+    );
     repo.fleet(&["hitl", "answer", &id, &digest]).expect_code(0);
     wait_until(
         "the approved destroy removes the volume",

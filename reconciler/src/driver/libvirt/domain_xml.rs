@@ -181,7 +181,8 @@ pub fn render(vm: &DesiredVm, uuid: &uuid::Uuid, stamp: &Stamp, files: &VmFiles<
     );
     x.push_str("    <console type='pty'><target type='serial' port='0'/></console>\n");
     // The agent link. No path: libvirt makes the socket in its own directory, where QEMU
-    // (running as its own user) may create it; fleet opens the channel through libvirt.
+    // (running as its own user) may create it; `agent_socket` reads it back (a local
+    // host), or fleet opens the channel through libvirt (a remote one).
     let _ = writeln!(
         x,
         "    <channel type='unix'><source mode='bind'/><target type='virtio' name='{}'/></channel>",
@@ -280,6 +281,23 @@ pub fn snapshot_info(xml: &str) -> Result<crate::driver::SnapshotInfo, crate::dr
     })
 }
 
+/// The host-side socket of the agent channel in a running domain's (live) XML.
+pub fn agent_socket(xml: &str) -> Option<std::path::PathBuf> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    doc.descendants()
+        .filter(|n| n.has_tag_name("channel"))
+        .find(|ch| {
+            ch.children().any(|t| {
+                t.has_tag_name("target")
+                    && t.attribute("name") == Some(fleet_agent_protocol::PORT_NAME)
+            })
+        })?
+        .children()
+        .find(|n| n.has_tag_name("source"))?
+        .attribute("path")
+        .map(std::path::PathBuf::from)
+}
+
 /// Reads a stamp element; `None` when required fields are missing (then it is no stamp).
 fn parse_stamp(node: roxmltree::Node<'_, '_>) -> Option<Stamp> {
     let field = |name: &str| {
@@ -365,6 +383,16 @@ mod tests {
         let mut kvm = desired();
         kvm.config.domain_type = DomainType::Kvm;
         assert!(!render(&kvm, &uuid, &stamp, &files).contains("<cpu "));
+    }
+
+    #[test]
+    fn the_agent_socket_is_read_from_live_xml() {
+        let xml = "<domain><devices><channel type='unix'><source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-1-a/org.qemu.guest_agent.0'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel><channel type='unix'><source mode='bind' path='/run/x/org.fleet.agent.0'/><target type='virtio' name='org.fleet.agent.0' state='connected'/></channel></devices></domain>";
+        assert_eq!(
+            agent_socket(xml),
+            Some(std::path::PathBuf::from("/run/x/org.fleet.agent.0"))
+        );
+        assert_eq!(agent_socket("<domain/>"), None);
     }
 
     #[test]

@@ -64,9 +64,11 @@
 //! network runs, since a firewall reload on the host removes it.
 //!
 //! Every domain has the virtio-serial channel `org.fleet.agent.0` with no socket path:
-//! libvirt makes the socket where QEMU may create it. `agent_endpoint` checks the stamp and
-//! opens the channel through the libvirt connection (`channel`), so the link reaches a VM
-//! on a remote host exactly as a local one, with no path on fleet's side.
+//! libvirt makes the socket where QEMU may create it. `agent_endpoint` checks the stamp;
+//! on fleet's own host it reads the socket's path from the live XML
+//! (`AgentEndpoint::UnixSocket`: the kernel holds back a guest that floods it, and the link
+//! outlives a restart of libvirtd); on a remote host it opens the channel through a libvirt
+//! connection of the link's own (`channel`), so the link reaches that VM as a local one.
 //!
 //! Stop: ACPI shutdown, pressed again every 2 s (a guest still booting misses the first
 //! press), then power-off once the grace has passed. Destroy: stop, undefine (with managed
@@ -150,9 +152,9 @@ pub struct LibvirtDriver {
     events: Arc<EventStream>,
 }
 
-/// Keepalive probes on every connection: every 5 s, and the connection is closed after 3
-/// go unanswered.
-const KEEPALIVE: (i32, u32) = (5, 3);
+/// Keepalive probes on every connection: every 5 s; libvirt closes the connection when 3
+/// more go unanswered (about 20 s of silence).
+pub(crate) const KEEPALIVE: (i32, u32) = (5, 3);
 
 /// Failed connects to a remote host wait 1 s, doubling to 30 s, before the next try, so an
 /// unreachable host (an ssh connect that hangs until its timeout) costs each pass nothing.
@@ -206,8 +208,12 @@ fn start_event_loop() {
         let spawned = std::thread::Builder::new()
             .name("libvirt-events".into())
             .spawn(|| {
-                while virt::event::event_run_default_impl().is_ok() {}
-                tracing::warn!("libvirt's event loop stopped");
+                loop {
+                    if let Err(e) = virt::event::event_run_default_impl() {
+                        tracing::warn!("libvirt's event loop: {}", e.message());
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
             });
         if let Err(e) = spawned {
             tracing::warn!("libvirt's event loop: {e}");
@@ -346,11 +352,12 @@ impl LibvirtDriver {
             }
         };
         backoff.succeeded();
-        // A host that stops answering is noticed within KEEPALIVE (interval × count)
-        // rather than when TCP gives up, and only its VMs become unknown. Drivers with no
-        // keepalive (the test driver) refuse; nothing is lost.
-        if let Err(e) = c.set_keep_alive(KEEPALIVE.0, KEEPALIVE.1) {
-            tracing::debug!(provider = %self.provider, "no keepalive: {}", e.message());
+        // A host that stops answering is noticed within KEEPALIVE (about 20 s) rather than
+        // when TCP gives up, and only its VMs become unknown. The test driver has none.
+        if let Err(e) = c.set_keep_alive(KEEPALIVE.0, KEEPALIVE.1)
+            && !self.uri.starts_with("test:")
+        {
+            tracing::warn!(provider = %self.provider, "no keepalive: {}", e.message());
         }
         *guard = Some(c.clone());
         Ok(c)
@@ -378,6 +385,22 @@ impl LibvirtDriver {
     }
 
     fn classify(&self, what: &str, e: &virt::error::Error) -> DriverError {
+        // libvirt's event loop notices a connection that closed (libvirtd restarted, the
+        // host stopped answering keepalives) before the call does; the call then fails with
+        // an error of any code. The connection says what happened.
+        let closed = {
+            let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            let closed = conn
+                .as_ref()
+                .is_some_and(|c| !c.is_alive().unwrap_or(false));
+            if closed {
+                *conn = None;
+            }
+            closed
+        };
+        if closed {
+            return DriverError::new(ErrorKind::Transient, format!("{what}: {}", e.message()));
+        }
         let kind = match e.code() {
             Enum::Known(ErrorNumber::NoDomain) => ErrorKind::NotFound,
             Enum::Known(ErrorNumber::NoConnect | ErrorNumber::Rpc) => {
@@ -386,7 +409,9 @@ impl LibvirtDriver {
             }
             // System errors are transient only when the connection itself broke (libvirtd
             // restarted); a missing file is not worth retrying.
-            Enum::Known(ErrorNumber::SystemError) if is_connection_failure(e.message()) => {
+            Enum::Known(ErrorNumber::SystemError | ErrorNumber::InternalError)
+                if is_connection_failure(e.message()) =>
+            {
                 *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 ErrorKind::Transient
             }
@@ -1784,24 +1809,20 @@ impl Driver for LibvirtDriver {
         if dom.id().is_none() {
             return Ok(None);
         }
-        let conn = self.connection()?;
-        let stream = self.on_domain(&format!("open a stream for {name}'s agent"), || {
-            virt::stream::Stream::new(&conn, 0)
-        })?;
-        // Taken over from an earlier link of this VM whose stream libvirt still holds.
-        self.on_domain(&format!("open {name}'s agent channel"), || {
-            dom.open_channel(
-                Some(fleet_agent_protocol::PORT_NAME),
-                &stream,
-                virt::sys::VIR_DOMAIN_CHANNEL_FORCE,
-            )
-        })?;
-        let socket = channel::bridge(stream, name).map_err(|e| {
+        if is_local_uri(&self.uri) {
+            // QEMU's own socket: the kernel holds back a guest that floods it, and the link
+            // outlives a restart of libvirtd.
+            let live = self.on_domain(&format!("read {name}"), || dom.xml_desc(0))?;
+            return Ok(domain_xml::agent_socket(&live).map(super::AgentEndpoint::UnixSocket));
+        }
+        let uuid = self.on_domain(&format!("read {name}'s UUID"), || dom.uuid())?;
+        let socket = channel::open(&self.uri, name, uuid).map_err(|e| {
             DriverError::new(
                 ErrorKind::Transient,
-                format!("bridge {name}'s agent channel: {e}"),
+                format!("open {name}'s agent channel: {e}"),
             )
         })?;
+        self.calls.fetch_add(4, Ordering::Relaxed);
         Ok(Some(super::AgentEndpoint::Connected(Arc::new(socket))))
     }
 

@@ -1,0 +1,314 @@
+//! A second libvirt host on this machine, reached as a remote one: a libvirtd (and its
+//! virtlogd) in a mount namespace of its own (private `/run`, `/var/lib/libvirt`,
+//! `/etc/libvirt`, `/var/cache/libvirt`, `/var/log/libvirt`), and an `sshd` on loopback in
+//! the same namespace, so `qemu+ssh://` reaches that libvirtd and no other. The host shares
+//! the rest of the filesystem with this one (as shared storage would).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::daemon::{Daemon, read, wait_until};
+use crate::libvirt::{Cleanup, enabled, virsh_ok};
+use crate::support::{Repo, host_yaml, local_provider, micro_image};
+use crate::tasks::{Status, field, task_yaml};
+
+pub struct RemoteHost {
+    dir: tempfile::TempDir,
+    /// The namespace's sshd (the process `unshare` became): the namespace lives while it does.
+    sshd: Child,
+    pub uri: String,
+}
+
+impl RemoteHost {
+    pub fn start() -> RemoteHost {
+        let dir = tempfile::Builder::new()
+            .prefix("fleet-remote-")
+            .tempdir()
+            .expect("tempdir");
+        crate::support::set_mode(dir.path(), 0o755);
+        let at = |p: &str| dir.path().join(p);
+        for sub in [
+            "lib",
+            "etc/qemu/networks",
+            "etc/storage",
+            "etc/nwfilter",
+            "etc/secrets",
+            "cache",
+            "log",
+            "sshd",
+            "storage",
+        ] {
+            std::fs::create_dir_all(at(sub)).expect("mkdir");
+        }
+        crate::support::set_mode(&at("storage"), 0o755);
+        // The daemons' own settings, never the host's domains, networks or pools.
+        for entry in std::fs::read_dir("/etc/libvirt")
+            .expect("/etc/libvirt")
+            .flatten()
+        {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "conf") {
+                std::fs::copy(&path, at("etc").join(entry.file_name())).expect("copy");
+            }
+        }
+        let client_key = at("client_key");
+        crate::git_remote::keygen(&client_key);
+        let authorized = read(&at("client_key.pub"));
+        let (port, _known, sshd_config) = sshd_config(&at("sshd"), &authorized);
+        let script = format!(
+            "set -e
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /run/sshd /run/libvirt /run/lock
+mount --bind {dir}/lib /var/lib/libvirt
+mount --bind {dir}/etc /etc/libvirt
+mount --bind {dir}/cache /var/cache/libvirt
+mount --bind {dir}/log /var/log/libvirt
+virtlogd -d
+libvirtd -d
+exec /usr/sbin/sshd -D -e -f {config}
+",
+            dir = dir.path().display(),
+            config = sshd_config.display()
+        );
+        let sshd = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(at("ns.log")).expect("log"))
+            .spawn()
+            .expect("unshare");
+        let uri = format!(
+            "qemu+ssh://root@127.0.0.1:{port}/system?keyfile={}&no_verify=1&no_tty=1",
+            client_key.display()
+        );
+        let host = RemoteHost { dir, sshd, uri };
+        wait_until(
+            "the remote libvirtd answers over ssh",
+            Duration::from_secs(30),
+            || host.virsh(&["list", "--all"]).status.success(),
+        );
+        host
+    }
+
+    pub fn storage(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+
+    pub fn virsh(&self, args: &[&str]) -> std::process::Output {
+        Command::new("virsh")
+            .arg("-c")
+            .arg(&self.uri)
+            .args(args)
+            .output()
+            .expect("run virsh")
+    }
+
+    /// Runs `command` in the host's mount namespace.
+    fn inside(&self, command: &str) -> std::process::Output {
+        Command::new("nsenter")
+            .arg(format!("--mount=/proc/{}/ns/mnt", self.sshd.id()))
+            .args(["--", "sh", "-c", command])
+            .output()
+            .expect("nsenter")
+    }
+
+    /// Kills the host's libvirtd (its VMs' QEMU processes go on running).
+    pub fn kill_libvirtd(&self) {
+        let out = self.inside("kill $(cat /run/libvirtd.pid) && rm -f /run/libvirtd.pid");
+        assert!(out.status.success(), "{out:?}");
+        wait_until(
+            "the remote libvirtd is gone",
+            Duration::from_secs(30),
+            || !self.virsh(&["list"]).status.success(),
+        );
+    }
+
+    pub fn start_libvirtd(&self) {
+        let out = self.inside("libvirtd -d");
+        assert!(out.status.success(), "{out:?}");
+        wait_until(
+            "the remote libvirtd answers again",
+            Duration::from_secs(30),
+            || self.virsh(&["list"]).status.success(),
+        );
+    }
+}
+
+impl Drop for RemoteHost {
+    fn drop(&mut self) {
+        let names = self.virsh(&["list", "--all", "--name"]);
+        for name in String::from_utf8_lossy(&names.stdout).lines() {
+            if !name.is_empty() {
+                let _ = self.virsh(&["destroy", name]);
+                let _ = self.virsh(&["undefine", name]);
+            }
+        }
+        // (The pid files end without a newline.)
+        let _ = self.inside("kill $(cat /run/libvirtd.pid) $(cat /run/virtlogd.pid)");
+        let _ = self.sshd.kill();
+        let _ = self.sshd.wait();
+    }
+}
+
+/// An sshd configuration on a free loopback port that lets in the holder of `authorized`.
+fn sshd_config(dir: &Path, authorized: &str) -> (u16, String, PathBuf) {
+    let host_key = dir.join("host_key");
+    crate::git_remote::keygen(&host_key);
+    let authorized_keys = dir.join("authorized_keys");
+    std::fs::write(&authorized_keys, authorized).expect("write");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile none\n",
+            host_key.display(),
+            authorized_keys.display()
+        ),
+    )
+    .expect("write");
+    (port, String::new(), config)
+}
+
+fn status_of(repo: &Repo, vm: &str) -> String {
+    read(&repo.path().join(format!(".fleet/status/vms/{vm}.yaml")))
+}
+
+/// A fleet on the local libvirtd and a remote one over `qemu+ssh://`: a VM on each boots;
+/// the remote VM's agent link runs through the libvirt connection (a task asks and is
+/// answered); the remote host's libvirtd killed, its VM is Unknown and made nowhere else
+/// while a change of the local VM is applied; libvirtd back, the VM is found as it was.
+#[test]
+fn a_remote_host_over_ssh_runs_a_task_and_its_outage_leaves_its_vm_unknown() {
+    if !enabled() {
+        return;
+    }
+    let _ = micro_image();
+    let prefix = format!("it{}-rh-", std::process::id());
+    let _cleanup = Cleanup {
+        prefix: prefix.clone(),
+    };
+    let (local_vm, far_vm) = (format!("{prefix}a"), format!("{prefix}b"));
+    let remote = RemoteHost::start();
+    let repo = Repo::new();
+    repo.host_config(&host_yaml(
+        &[
+            local_provider(repo.path()),
+            format!(
+                "{{name: far, type: libvirt, uri: '{}', storageDir: '{}'}}",
+                remote.uri,
+                remote.storage().display()
+            ),
+        ],
+        "",
+    ));
+    let fleet = format!("it{}rh", std::process::id());
+    repo.write(
+        "fleet/fleet.yaml",
+        crate::libvirt::fleet_yaml_with_policy(
+            &fleet,
+            "{shutdownTimeout: 10s, reconcileInterval: 3s}",
+        )
+        .replace(
+            "    - {name: local, type: libvirt, domainType: qemu}\n",
+            "    - {name: local, type: libvirt, domainType: qemu}\n    - {name: far, type: libvirt, domainType: qemu}\n",
+        ),
+    );
+    let vm_yaml = |name: &str, provider: &str, memory: &str| {
+        format!(
+            "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {name}}}\nspec: {{provider: {provider}, image: micro, resources: {{memory: {memory}}}}}\n"
+        )
+    };
+    repo.write(
+        &format!("fleet/vms/{local_vm}.yaml"),
+        vm_yaml(&local_vm, "local", "256Mi"),
+    );
+    repo.write(
+        &format!("fleet/vms/{far_vm}.yaml"),
+        vm_yaml(&far_vm, "far", "256Mi"),
+    );
+    repo.write(
+        "fleet/tasks/ask.yaml",
+        task_yaml(
+            "ask",
+            &far_vm,
+            "  command: [sh, -c, \"printf 'Continue? (y/n) '; read a; echo answer=$a\"]\n",
+        ),
+    );
+    repo.commit("a VM on each host, a task on the remote one");
+    let daemon = Daemon::start(&repo);
+    let status = Status(repo.path().join(".fleet/status"));
+
+    // The task's question comes over the remote VM's channel, and the answer goes back.
+    wait_until("the remote task asks", Duration::from_secs(180), || {
+        !status.prompts("ask").is_empty()
+    });
+    let prompt = status.prompts("ask")[0].clone();
+    repo.fleet(&["hitl", "answer", &prompt, "yes"])
+        .expect_code(0);
+    status.wait_phase("ask", "Succeeded", Duration::from_secs(60));
+    assert!(status.output("ask").contains("answer=yes"));
+    // Each VM is on its own host only.
+    assert_eq!(
+        String::from_utf8_lossy(&remote.virsh(&["domstate", &far_vm]).stdout).trim(),
+        "running"
+    );
+    assert!(!remote.virsh(&["domstate", &local_vm]).status.success());
+    assert!(
+        !crate::libvirt::virsh(&["domstate", &far_vm])
+            .status
+            .success()
+    );
+    assert_eq!(virsh_ok(&["domstate", &local_vm]).trim(), "running");
+
+    // The remote host's libvirtd goes away: its VM is unknown, never made again here,
+    // while a change of the local VM is applied.
+    remote.kill_libvirtd();
+    repo.write(
+        &format!("fleet/vms/{local_vm}.yaml"),
+        vm_yaml(&local_vm, "local", "288Mi"),
+    );
+    repo.commit("more memory for the local VM");
+    wait_until(
+        "the local VM gets its memory",
+        Duration::from_secs(120),
+        || {
+            virsh_ok(&["dumpxml", "--inactive", &local_vm])
+                .contains("<memory unit='KiB'>294912</memory>")
+        },
+    );
+    wait_until("the remote VM is unknown", Duration::from_secs(60), || {
+        field(&status_of(&repo, &far_vm), "phase").as_deref() == Some("Unknown")
+    });
+    let far_status = status_of(&repo, &far_vm);
+    assert!(
+        far_status.contains("type: ProviderObserved"),
+        "{far_status}"
+    );
+    assert!(
+        !crate::libvirt::virsh(&["domstate", &far_vm])
+            .status
+            .success(),
+        "the remote VM was not made on the local host"
+    );
+
+    // Back: found as it was, running all along, and nothing to do.
+    remote.start_libvirtd();
+    wait_until(
+        "the remote VM is seen again",
+        Duration::from_secs(60),
+        || field(&status_of(&repo, &far_vm), "phase").as_deref() == Some("Running"),
+    );
+    drop(daemon);
+    repo.fleet(&["plan", "--detailed-exitcode"]).expect_code(0);
+    assert_eq!(
+        String::from_utf8_lossy(&remote.virsh(&["domstate", &far_vm]).stdout).trim(),
+        "running"
+    );
+}
