@@ -827,7 +827,7 @@ async fn make_plan(
     let runs = reconcile::recorded_fresh_runs(ws);
     let planned =
         reconcile::plan_pass(ws, &desired, &drivers, &vault, Default::default(), &runs).await;
-    let desired = planned.with_members.unwrap_or(desired);
+    let desired = planned.effective.unwrap_or(desired);
     Ok(Ok((desired, planned.plan, drivers)))
 }
 
@@ -1043,7 +1043,7 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
     let runs = reconcile::recorded_fresh_runs(ws);
     let mut planned =
         reconcile::plan_pass(ws, &desired, &drivers, &vault, Default::default(), &runs).await;
-    let desired = planned.with_members.take().unwrap_or(desired);
+    let desired = planned.effective.take().unwrap_or(desired);
     // A saved plan is a claim about what apply will do, never a program: the fresh plan is
     // what runs, and only when it does exactly what the saved one says. Approvals given
     // since it was saved do not make it stale: it is compared with a plan that counts only

@@ -11,8 +11,8 @@
 
 // The pure core, re-exported so the shell and its users name one path (`fleet::plan`).
 pub use fleet_core::{
-    answer, digest, egress, idle, ids, lease, lifecycle, load, observe, plan, reset, resolve, seed,
-    snapshot, spec, time, tokens,
+    answer, digest, egress, idle, ids, lease, lifecycle, load, observe, placement, plan, reset,
+    resolve, seed, snapshot, spec, time, tokens,
 };
 
 pub mod adopt;

@@ -119,16 +119,18 @@ pub struct Planned {
     pub inputs: PlanInputs,
     pub offers: crate::approvals::Offers,
     pub plan: Plan,
-    /// The fresh members the pass wants (`lifecycle::members`), and the desired state with
-    /// them added: what was planned, applied and handed to the task book.
+    /// The fresh members the pass wants (`lifecycle::members`).
     pub members: crate::lifecycle::Members,
-    pub with_members: Option<Desired>,
+    /// The desired state the plan was made for, when it is not the revision's as resolved:
+    /// with the fresh members added and the placed pools' members on their providers
+    /// (`placement`). What was planned, applied and handed to the task book.
+    pub effective: Option<Desired>,
 }
 
 impl Planned {
-    /// The desired state the plan was made for: `desired` with the fresh members, if any.
+    /// The desired state the plan was made for.
     pub fn desired<'a>(&'a self, desired: &'a Desired) -> &'a Desired {
-        self.with_members.as_ref().unwrap_or(desired)
+        self.effective.as_ref().unwrap_or(desired)
     }
 }
 
@@ -155,10 +157,31 @@ pub async fn plan_pass(
     deferred: BTreeMap<String, String>,
     fresh_runs: &[crate::lifecycle::FreshRun],
 ) -> Planned {
-    let observed = observe_for(drivers, desired).await;
+    let resolved = desired;
+    // Placed pools' members go where the status directory records them, or are placed
+    // now (`placement`).
+    let mut placed = None;
+    if !desired.placements.is_empty() {
+        let mut recorded = desired.clone();
+        crate::placement::apply_record(&mut recorded, &ws.status.read_placement());
+        placed = Some(recorded);
+    }
+    let observed = observe_for(drivers, placed.as_ref().unwrap_or(desired)).await;
+    if let Some(recorded) = &placed
+        && recorded
+            .placements
+            .values()
+            .any(|p| p.placed.len() < p.members.len())
+    {
+        let capacities = capacities(drivers);
+        if let Some(now_placed) = crate::placement::place(recorded, &observed, &capacities) {
+            placed = Some(now_placed);
+        }
+    }
+    let desired = placed.as_ref().unwrap_or(desired);
     let now = crate::time::Timestamp::from(SystemTime::now());
     // Held members outlive their pool: looked at while any run holds one.
-    let (members, with_members) = if desired.fresh_pools.is_empty()
+    let (members, with_fresh) = if desired.fresh_pools.is_empty()
         && !fresh_runs
             .iter()
             .any(|r| r.member.is_some() && r.holds(now))
@@ -169,7 +192,8 @@ pub async fn plan_pass(
         let with = members.add_to(desired);
         (members, Some(with))
     };
-    let desired = with_members.as_ref().unwrap_or(desired);
+    let effective = with_fresh.or(placed);
+    let desired = effective.as_ref().unwrap_or(resolved);
     let offers = crate::approvals::gather(&ws.status, desired);
     let leases = lease_records(ws, desired, &observed, now);
     let inputs = PlanInputs {
@@ -205,7 +229,7 @@ pub async fn plan_pass(
         offers,
         plan,
         members,
-        with_members,
+        effective,
     }
 }
 
@@ -450,9 +474,14 @@ pub fn capacity_problems(
 ) -> Vec<String> {
     // The revision's own values: a Proxmox token kept as a Secret opens the API too.
     let drivers = drivers_for(desired, host, vault);
+    resolve::capacity_problems(desired, &capacities(&drivers))
+}
+
+/// What each provider's host can run, asked now; a provider that cannot tell is left out.
+pub fn capacities(drivers: &Drivers) -> BTreeMap<String, crate::observe::Capacity> {
     // Asked on threads of their own: a driver's calls block (Proxmox's client runs its own
     // runtime), and callers may be on the async runtime.
-    let capacities = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let asked: Vec<_> = drivers
             .iter()
             .map(|(name, driver)| (name, scope.spawn(|| driver.capacity())))
@@ -464,8 +493,7 @@ pub fn capacity_problems(
                 _ => None,
             })
             .collect()
-    });
-    resolve::capacity_problems(desired, &capacities)
+    })
 }
 
 /// What identifies the credentials drivers were made with: the daemon makes new drivers
@@ -782,6 +810,12 @@ pub async fn apply_and_record(
             Ok(Err(e)) => tracing::error!(provider, "{e}"),
             Err(e) => tracing::error!(provider, "maintenance panicked: {e}"),
         }
+    }
+    // Where placed pools' members go is recorded before any of them is made there, so a
+    // crash never makes one twice.
+    if !desired.placements.is_empty() {
+        ws.status
+            .write_placement(&crate::placement::record_of(desired))?;
     }
     let previous = ws.status.read_summary().unwrap_or_default();
     let plan_changed = previous

@@ -18,6 +18,7 @@ pub mod lease;
 pub mod lifecycle;
 pub mod load;
 pub mod observe;
+pub mod placement;
 pub mod plan;
 pub mod reset;
 pub mod resolve;

@@ -73,6 +73,11 @@ pub struct Desired {
     pub quotas: Vec<ResolvedQuota>,
     /// Workspaces (`fleet/workspaces/`), by name.
     pub workspaces: BTreeMap<String, DesiredWorkspace>,
+    /// Pools spread over providers (`placement`), by pool name.
+    pub placements: BTreeMap<String, crate::placement::PoolPlacement>,
+    /// Pool members that wait for a provider this pass, and why (`placement::place`): left
+    /// out of `vms`, reported by the plan.
+    pub unplaced: BTreeMap<String, String>,
 }
 
 /// A workspace as the revision wants it.
@@ -252,9 +257,19 @@ pub fn capacity_problems(
 ) -> Vec<String> {
     let (memory_ratio, cpu_ratio) = desired.policy.overcommit;
     let mut problems = Vec::new();
+    // A placed pool's member is counted where it is placed; one not placed yet is not
+    // counted (placement itself gives it only a provider with room).
+    let undecided: std::collections::BTreeSet<&str> = desired
+        .placements
+        .values()
+        .flat_map(|p| p.members.iter().filter(|m| !p.placed.contains(*m)))
+        .map(String::as_str)
+        .collect();
     for (provider, capacity) in capacities {
         let running = desired.vms.values().filter(|vm| {
-            vm.config.provider == *provider && vm.state == crate::spec::PowerState::Running
+            vm.config.provider == *provider
+                && vm.state == crate::spec::PowerState::Running
+                && !undecided.contains(vm.name.as_str())
         });
         let (memory, cpus, count) = running.fold((0u64, 0u64, 0usize), |(m, c, n), vm| {
             (
@@ -951,6 +966,23 @@ pub fn resolve(loaded: &LoadedFleet, host: &HostSpec) -> Desired {
         egress,
         egress_unused,
         fresh_pools,
+        placements: loaded
+            .pools
+            .iter()
+            .filter_map(|(pool, o)| {
+                let placement = o.doc.spec.placement.as_ref()?;
+                Some((
+                    pool.clone(),
+                    crate::placement::PoolPlacement {
+                        providers: placement.providers.iter().map(|p| p.0.clone()).collect(),
+                        strategy: placement.strategy.unwrap_or_default(),
+                        members: pool_member_names(pool, o.doc.spec.replicas).collect(),
+                        placed: Default::default(),
+                    },
+                ))
+            })
+            .collect(),
+        unplaced: BTreeMap::new(),
         leases: per_vm(loaded, |spec| spec.lease.as_ref().map(Into::into)),
         idle: per_vm(loaded, |spec| Some(spec.idle.as_ref()?.stop_after.to_std())),
         workspaces: loaded

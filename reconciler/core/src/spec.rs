@@ -1603,6 +1603,35 @@ pub struct VmPoolSpec {
     /// named `<name>-f<N>`, beside the replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fresh: Option<FreshPool>,
+    /// Spread the replicas over several libvirt providers. Each member is given a provider
+    /// once and keeps it: adding a provider or a member never moves one, and a member on a
+    /// provider fleet cannot reach is left alone (never made elsewhere). The template's
+    /// `provider` must be one of `providers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+}
+
+/// Where a pool's replicas run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Placement {
+    /// The libvirt providers (of fleet.yaml) members may run on, in order of preference.
+    #[schemars(length(min = 1, max = 64), extend("uniqueItems" = true))]
+    pub providers: Vec<Name>,
+    /// `spread` (default): a new member goes to the provider holding the fewest of the
+    /// pool's members; `pack`: to the first provider, in the list's order, with room for
+    /// it. Room is the provider's memory and CPUs (`policy.overcommit` applied) less what
+    /// the revision runs there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<PlacementStrategy>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum PlacementStrategy {
+    #[default]
+    Spread,
+    Pack,
 }
 
 /// How a pool serves tasks that want a fresh VM each run.

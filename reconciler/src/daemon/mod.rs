@@ -998,12 +998,12 @@ impl Daemon {
             observed,
             plan,
             members,
-            with_members,
+            effective,
             inputs,
             ..
         } = planned;
-        // From here on, the fresh members are part of what fleet wants.
-        let desired = with_members.unwrap_or(desired);
+        // From here on, the fresh members and placed pool members are what fleet wants.
+        let desired = effective.unwrap_or(desired);
         if !plan.deferred().is_empty() {
             tracing::info!(
                 "{} step(s) wait for their VM's backoff",

@@ -1004,6 +1004,21 @@ impl StatusDir {
     }
 
     /// What fleet remembers of each VM's lease (`leases.yaml`; see `lease`).
+    /// Where each member of a placed pool runs (`placement::Record`, `placement.yaml`).
+    pub fn read_placement(&self) -> crate::placement::Record {
+        self.read_file("placement.yaml")
+            .ok()
+            .and_then(|text| serde_saphyr::from_str(&text).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn write_placement(&self, record: &crate::placement::Record) -> std::io::Result<()> {
+        if *record == self.read_placement() {
+            return Ok(());
+        }
+        self.write_file("placement.yaml", yaml(record).as_bytes())
+    }
+
     pub fn read_leases(&self) -> BTreeMap<String, crate::lease::LeaseRecord> {
         self.read_file("leases.yaml")
             .ok()

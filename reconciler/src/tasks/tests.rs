@@ -76,6 +76,8 @@ pub(super) fn desired(deadline: Duration, on_deadline: OnDeadline) -> Desired {
         idle: Default::default(),
         quotas: Vec::new(),
         workspaces: Default::default(),
+        placements: Default::default(),
+        unplaced: Default::default(),
     }
 }
 

@@ -3015,3 +3015,58 @@ fn a_vm_takes_its_loadouts_workspaces_and_overrides_their_paths() {
     );
     assert_eq!(desired.workspaces["cache"].vm.as_deref(), Some("a"));
 }
+
+#[test]
+fn a_placement_names_the_fleets_libvirt_providers_with_its_template_among_them() {
+    let pool = |name: &str, tail: &str| {
+        format!(
+            "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {{name: {name}}}\nspec:\n  replicas: 2\n{tail}"
+        )
+    };
+    check(
+        &[
+            (
+                "fleet/fleet.yaml",
+                &fleet_with_provider(
+                    "    - name: local\n      type: libvirt\n    - {name: pve, type: proxmox}\n",
+                ),
+            ),
+            (
+                "fleet/vms/a.yaml",
+                &pool(
+                    "a",
+                    "  placement: {providers: [local, nowhere, pve]}\n  template:\n    spec: {provider: local, image: micro}\n",
+                ),
+            ),
+            (
+                "fleet/vms/b.yaml",
+                &pool(
+                    "b",
+                    "  placement: {providers: [local, local], strategy: balance}\n  template:\n    spec: {provider: local, image: micro}\n",
+                ),
+            ),
+            (
+                "fleet/vms/c.yaml",
+                &pool(
+                    "c",
+                    "  placement: {providers: []}\n  template:\n    spec: {provider: pve, image: micro}\n",
+                ),
+            ),
+            (
+                "fleet/vms/d.yaml",
+                &pool(
+                    "d",
+                    "  placement: {providers: [local], strategy: pack}\n  fresh: {max: 2}\n  template:\n    spec: {provider: local, image: micro}\n",
+                ),
+            ),
+        ],
+        expect![[r#"
+            fleet/vms/a.yaml:6:34: error: spec.placement.providers[1]: no provider named "nowhere"; name one of spec.providers in fleet.yaml
+            fleet/vms/a.yaml:6:43: error: spec.placement.providers[2]: "pve" is a Proxmox provider, and placement spreads pools over libvirt providers for now; list libvirt providers only
+            fleet/vms/b.yaml:6:26: error: spec.placement.providers: ["local","local"] has non-unique elements
+            fleet/vms/b.yaml:6:52: error: spec.placement.strategy: string "balance" is not valid; valid: spread, pack
+            fleet/vms/c.yaml:6:26: error: spec.placement.providers: needs at least 1 item(s)
+            fleet/vms/d.yaml:6:14: error: spec.placement: pool d makes fresh members for task runs, which are made on its template's provider; remove placement, or make the fresh members in a pool of their own
+        "#]],
+    );
+}

@@ -109,10 +109,11 @@
 //!   ones. Its test shows the checker refusing what PVE would.
 //! - `remote` (libvirt, sshd): a second libvirt host on this machine (libvirtd in a mount
 //!   namespace of its own, reached over `qemu+ssh://` through an sshd in that namespace).
-//!   A VM on each host boots; the remote VM's task asks and is answered over the agent
-//!   channel opened through libvirt; the remote libvirtd killed, its VM is Unknown and made
-//!   nowhere else while the local VM's change is applied; restarted, the VM is found as it
-//!   was and the plan is empty.
+//!   A pool of 4 placed over both hosts is spread 2 + 2 and boots; a remote member's task
+//!   asks and is answered over the agent channel opened through libvirt; the remote
+//!   libvirtd killed, its members are Unknown and made nowhere else, a new member waits,
+//!   and the local VM's change is applied; restarted, the members are found as they were,
+//!   the new one is placed, and the plan is empty.
 //! - `secrets` (libvirt, and the `age` CLI): `age` and fleet decrypt each other's values. A
 //!   canary secret used by a task in a real VM reaches it as a variable and as a 0400 file on
 //!   a tmpfs, and appears in none of: `.fleet` (status, journal, events, seed ISOs, console

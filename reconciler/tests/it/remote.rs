@@ -180,12 +180,14 @@ fn status_of(repo: &Repo, vm: &str) -> String {
     read(&repo.path().join(format!(".fleet/status/vms/{vm}.yaml")))
 }
 
-/// A fleet on the local libvirtd and a remote one over `qemu+ssh://`: a VM on each boots;
-/// the remote VM's agent link runs through the libvirt connection (a task asks and is
-/// answered); the remote host's libvirtd killed, its VM is Unknown and made nowhere else
-/// while a change of the local VM is applied; libvirtd back, the VM is found as it was.
+/// A fleet on the local libvirtd and a remote one over `qemu+ssh://`: a pool of 4 placed
+/// over both is spread 2 + 2 and boots; a remote member's agent link runs through libvirt
+/// (a task asks and is answered); fleet keeps no file of the remote members' agent links.
+/// The remote host's libvirtd killed: its members are Unknown and made nowhere else, a new
+/// member waits rather than risk a second copy, and a change of a local VM is applied.
+/// libvirtd back: the members are found as they were, and the new one is placed.
 #[test]
-fn a_remote_host_over_ssh_runs_a_task_and_its_outage_leaves_its_vm_unknown() {
+fn a_pool_spread_over_a_remote_host_runs_tasks_and_survives_its_outage() {
     if !enabled() {
         return;
     }
@@ -194,7 +196,8 @@ fn a_remote_host_over_ssh_runs_a_task_and_its_outage_leaves_its_vm_unknown() {
     let _cleanup = Cleanup {
         prefix: prefix.clone(),
     };
-    let (local_vm, far_vm) = (format!("{prefix}a"), format!("{prefix}b"));
+    let (local_vm, pool) = (format!("{prefix}a"), format!("{prefix}p"));
+    let member = |n: u32| format!("{pool}-0{n}");
     let remote = RemoteHost::start();
     let repo = Repo::new();
     repo.host_config(&host_yaml(
@@ -220,33 +223,32 @@ fn a_remote_host_over_ssh_runs_a_task_and_its_outage_leaves_its_vm_unknown() {
             "    - {name: local, type: libvirt, domainType: qemu}\n    - {name: far, type: libvirt, domainType: qemu}\n",
         ),
     );
-    let vm_yaml = |name: &str, provider: &str, memory: &str| {
+    let vm_yaml = |memory: &str| {
         format!(
-            "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {name}}}\nspec: {{provider: {provider}, image: micro, resources: {{memory: {memory}}}}}\n"
+            "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {local_vm}}}\nspec: {{provider: local, image: micro, resources: {{memory: {memory}}}}}\n"
         )
     };
-    repo.write(
-        &format!("fleet/vms/{local_vm}.yaml"),
-        vm_yaml(&local_vm, "local", "256Mi"),
-    );
-    repo.write(
-        &format!("fleet/vms/{far_vm}.yaml"),
-        vm_yaml(&far_vm, "far", "256Mi"),
-    );
+    let pool_yaml = |replicas: u32| {
+        format!(
+            "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {{name: {pool}}}\nspec:\n  replicas: {replicas}\n  placement: {{providers: [local, far]}}\n  template:\n    spec: {{provider: local, image: micro, resources: {{memory: 256Mi}}}}\n"
+        )
+    };
+    repo.write(&format!("fleet/vms/{local_vm}.yaml"), vm_yaml("256Mi"));
+    repo.write(&format!("fleet/vms/{pool}.yaml"), pool_yaml(4));
     repo.write(
         "fleet/tasks/ask.yaml",
         task_yaml(
             "ask",
-            &far_vm,
+            &member(2),
             "  command: [sh, -c, \"printf 'Continue? (y/n) '; read a; echo answer=$a\"]\n",
         ),
     );
-    repo.commit("a VM on each host, a task on the remote one");
+    repo.commit("a VM here, a pool over both hosts, a task on a remote member");
     let daemon = Daemon::start(&repo);
     let status = Status(repo.path().join(".fleet/status"));
 
-    // The task's question comes over the remote VM's channel, and the answer goes back.
-    wait_until("the remote task asks", Duration::from_secs(180), || {
+    // The task's question comes over the remote member's channel, and the answer goes back.
+    wait_until("the remote task asks", Duration::from_secs(240), || {
         !status.prompts("ask").is_empty()
     });
     let prompt = status.prompts("ask")[0].clone();
@@ -254,27 +256,39 @@ fn a_remote_host_over_ssh_runs_a_task_and_its_outage_leaves_its_vm_unknown() {
         .expect_code(0);
     status.wait_phase("ask", "Succeeded", Duration::from_secs(60));
     assert!(status.output("ask").contains("answer=yes"));
-    // Each VM is on its own host only.
-    assert_eq!(
-        String::from_utf8_lossy(&remote.virsh(&["domstate", &far_vm]).stdout).trim(),
-        "running"
-    );
-    assert!(!remote.virsh(&["domstate", &local_vm]).status.success());
+    // Spread 2 + 2, each member on its own host only, all running.
+    let running_on_remote = |vm: &str| {
+        String::from_utf8_lossy(&remote.virsh(&["domstate", vm]).stdout).trim() == "running"
+    };
+    let here = |vm: &str| crate::libvirt::virsh(&["domstate", vm]).status.success();
+    for n in [2, 4] {
+        assert!(running_on_remote(&member(n)), "{} runs on far", member(n));
+        assert!(!here(&member(n)), "{} is not here", member(n));
+    }
+    for n in [1, 3] {
+        wait_until("a local member runs", Duration::from_secs(120), || {
+            virsh_ok(&["domstate", &member(n)]).trim() == "running"
+        });
+        assert!(!remote.virsh(&["domstate", &member(n)]).status.success());
+    }
+    let recorded = read(&repo.path().join(".fleet/status/placement.yaml"));
     assert!(
-        !crate::libvirt::virsh(&["domstate", &far_vm])
-            .status
-            .success()
+        recorded.contains(&format!("{}: far", member(2))),
+        "{recorded}"
     );
-    assert_eq!(virsh_ok(&["domstate", &local_vm]).trim(), "running");
+    // No socket, disk or log of the remote members' agent links is fleet's to keep: the
+    // link is the libvirt connection.
+    let local_storage = repo.path().join(".fleet/storage").join(&fleet);
+    for n in [2, 4] {
+        assert!(!local_storage.join(member(n)).exists());
+    }
 
-    // The remote host's libvirtd goes away: its VM is unknown, never made again here,
-    // while a change of the local VM is applied.
+    // The remote host's libvirtd goes away: its members are unknown, never made here, a
+    // new member waits, and a change of the local VM is applied.
     remote.kill_libvirtd();
-    repo.write(
-        &format!("fleet/vms/{local_vm}.yaml"),
-        vm_yaml(&local_vm, "local", "288Mi"),
-    );
-    repo.commit("more memory for the local VM");
+    repo.write(&format!("fleet/vms/{local_vm}.yaml"), vm_yaml("288Mi"));
+    repo.write(&format!("fleet/vms/{pool}.yaml"), pool_yaml(5));
+    repo.commit("more memory here, one more member");
     wait_until(
         "the local VM gets its memory",
         Duration::from_secs(120),
@@ -283,32 +297,48 @@ fn a_remote_host_over_ssh_runs_a_task_and_its_outage_leaves_its_vm_unknown() {
                 .contains("<memory unit='KiB'>294912</memory>")
         },
     );
-    wait_until("the remote VM is unknown", Duration::from_secs(60), || {
-        field(&status_of(&repo, &far_vm), "phase").as_deref() == Some("Unknown")
-    });
-    let far_status = status_of(&repo, &far_vm);
+    wait_until(
+        "the remote members are unknown",
+        Duration::from_secs(60),
+        || {
+            [2, 4].iter().all(|n| {
+                field(&status_of(&repo, &member(*n)), "phase").as_deref() == Some("Unknown")
+            })
+        },
+    );
+    let far_status = status_of(&repo, &member(2));
     assert!(
         far_status.contains("type: ProviderObserved"),
         "{far_status}"
     );
+    let plan = read(&repo.path().join(".fleet/status/plan.txt"));
     assert!(
-        !crate::libvirt::virsh(&["domstate", &far_vm])
-            .status
-            .success(),
-        "the remote VM was not made on the local host"
+        plan.contains(&format!("VM {} waits for a provider", member(5))),
+        "{plan}"
     );
+    for n in [2, 4, 5] {
+        assert!(!here(&member(n)), "{} was made here", member(n));
+    }
 
-    // Back: found as it was, running all along, and nothing to do.
+    // Back: the members are found as they were, running all along; the new one is placed
+    // (spread: 2 and 2, so the first provider) and made.
     remote.start_libvirtd();
     wait_until(
-        "the remote VM is seen again",
+        "the remote members are seen again",
         Duration::from_secs(60),
-        || field(&status_of(&repo, &far_vm), "phase").as_deref() == Some("Running"),
+        || {
+            [2, 4].iter().all(|n| {
+                field(&status_of(&repo, &member(*n)), "phase").as_deref() == Some("Running")
+            })
+        },
     );
+    wait_until("the new member runs", Duration::from_secs(120), || {
+        field(&status_of(&repo, &member(5)), "phase").as_deref() == Some("Running")
+    });
+    assert!(here(&member(5)));
     drop(daemon);
     repo.fleet(&["plan", "--detailed-exitcode"]).expect_code(0);
-    assert_eq!(
-        String::from_utf8_lossy(&remote.virsh(&["domstate", &far_vm]).stdout).trim(),
-        "running"
-    );
+    for n in [2, 4] {
+        assert!(running_on_remote(&member(n)));
+    }
 }

@@ -28,6 +28,7 @@ pub(super) fn check_references(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
         check_placement(f, &o.path, &o.tree, "/spec", &o.doc.spec, diags);
     }
     check_workspaces(f, diags);
+    check_pool_placements(f, diags);
     for o in f.pools.values() {
         check_placement(
             f,
@@ -306,6 +307,61 @@ fn check_placement(
                 provider.name.0
             ),
         ));
+    }
+}
+
+/// A pool's `placement` names libvirt providers of fleet.yaml, its template's provider
+/// among them, and makes no fresh members (a fresh member is made where its template says).
+fn check_pool_placements(f: &LoadedFleet, diags: &mut Vec<Diagnostic>) {
+    let providers = &f.fleet.doc.spec.providers;
+    for (pool, o) in &f.pools {
+        let Some(placement) = &o.doc.spec.placement else {
+            continue;
+        };
+        for (i, name) in placement.providers.iter().enumerate() {
+            let pointer = format!("/spec/placement/providers/{i}");
+            match providers.iter().find(|p| &p.name == name) {
+                None => diags.push(o.field_error(
+                    &pointer,
+                    format!(
+                        "no provider named {:?}; name one of spec.providers in fleet.yaml",
+                        name.0
+                    ),
+                )),
+                Some(p) if p.kind == ProviderKind::Proxmox => diags.push(o.field_error(
+                    &pointer,
+                    format!(
+                        "{:?} is a Proxmox provider, and placement spreads pools over libvirt providers for now; list libvirt providers only",
+                        name.0
+                    ),
+                )),
+                Some(_) => {}
+            }
+        }
+        let home = &o.doc.spec.template.spec.provider;
+        if !placement.providers.contains(home) {
+            diags.push(o.field_error(
+                "/spec/template/spec/provider",
+                format!(
+                    "pool {pool} is placed over {}, and its template's provider {:?} is not one of them; add it to spec.placement.providers or name one of those",
+                    placement
+                        .providers
+                        .iter()
+                        .map(|p| p.0.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    home.0
+                ),
+            ));
+        }
+        if fresh_pools(f).contains(pool.as_str()) {
+            diags.push(o.field_error(
+                "/spec/placement",
+                format!(
+                    "pool {pool} makes fresh members for task runs, which are made on its template's provider; remove placement, or make the fresh members in a pool of their own"
+                ),
+            ));
+        }
     }
 }
 

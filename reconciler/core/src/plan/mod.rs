@@ -615,6 +615,9 @@ pub fn plan(desired: &Desired, observed: &Observed, inputs: &PlanInputs) -> Plan
             "provider {provider} cannot be used: {why}; its VMs are not planned"
         ));
     }
+    for (vm, why) in &desired.unplaced {
+        errors.push(format!("VM {vm} waits for a provider: {why}"));
+    }
 
     // One index instead of a scan per VM: planning stays linear in the fleet's size.
     let index: std::collections::HashMap<(&str, &str), &ObservedVm> = observed
