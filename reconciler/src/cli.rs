@@ -812,7 +812,7 @@ async fn make_plan(
         }
     };
     let vault = ws.open_vault(&desired);
-    let over = reconcile::capacity_problems(&desired, &host, &vault);
+    let over = reconcile::capacity_problems(&desired, &host, &vault, &ws.status.read_placement());
     if !over.is_empty() {
         for why in &over {
             eprintln!("error: {why}");
@@ -1018,7 +1018,7 @@ async fn apply_cmd(ws: &Workspace, args: &ApplyArgs) -> Result<ExitCode> {
         }
     };
     let vault = ws.open_vault(&desired);
-    let over = reconcile::capacity_problems(&desired, &host, &vault);
+    let over = reconcile::capacity_problems(&desired, &host, &vault, &ws.status.read_placement());
     if !over.is_empty() {
         for why in &over {
             eprintln!("error: {why}");

@@ -161,20 +161,26 @@ pub async fn plan_pass(
     // Placed pools' members go where the status directory records them, or are placed
     // now (`placement`).
     let mut placed = None;
+    let record = ws.status.read_placement();
     if !desired.placements.is_empty() {
         let mut recorded = desired.clone();
-        crate::placement::apply_record(&mut recorded, &ws.status.read_placement());
+        crate::placement::apply_record(&mut recorded, &record);
         placed = Some(recorded);
     }
     let observed = observe_for(drivers, placed.as_ref().unwrap_or(desired)).await;
-    if let Some(recorded) = &placed
-        && recorded
+    if let Some(recorded) = &placed {
+        // Room is asked only of the observed providers of pools with members to place.
+        let asked: std::collections::BTreeSet<String> = recorded
             .placements
             .values()
-            .any(|p| p.placed.len() < p.members.len())
-    {
-        let capacities = capacities(drivers);
-        if let Some(now_placed) = crate::placement::place(recorded, &observed, &capacities) {
+            .filter(|p| p.placed.len() < p.members.len())
+            .flat_map(|p| p.providers.iter())
+            .filter(|p| observed.hosts.contains_key(*p))
+            .cloned()
+            .collect();
+        let capacities = capacities_within(drivers, &asked, CAPACITY_DEADLINE).await;
+        if let Some(now_placed) = crate::placement::place(recorded, &record, &observed, &capacities)
+        {
             placed = Some(now_placed);
         }
     }
@@ -466,15 +472,52 @@ pub fn drivers_for(desired: &Desired, host: &HostSpec, vault: &crate::secrets::V
 }
 
 /// Why the running VMs of `desired` would not fit their hosts (`policy.overcommit`), asked
-/// of each provider's host now; a provider that cannot tell is not checked.
+/// of each provider's host now; a provider that cannot tell is not checked. Placed pools'
+/// members count where `record` (the status directory's `placement.yaml`) puts them.
 pub fn capacity_problems(
     desired: &Desired,
     host: &HostSpec,
     vault: &crate::secrets::Vault,
+    record: &crate::placement::Record,
 ) -> Vec<String> {
     // The revision's own values: a Proxmox token kept as a Secret opens the API too.
     let drivers = drivers_for(desired, host, vault);
-    resolve::capacity_problems(desired, &capacities(&drivers))
+    let capacities = capacities(&drivers);
+    if desired.placements.is_empty() {
+        return resolve::capacity_problems(desired, &capacities);
+    }
+    let mut recorded = desired.clone();
+    crate::placement::apply_record(&mut recorded, record);
+    resolve::capacity_problems(&recorded, &capacities)
+}
+
+/// How long placement waits for the providers to say what they hold.
+const CAPACITY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What the providers `names` can run, asked at once; one that cannot tell within `limit`
+/// is left out (placement then gives it no member).
+async fn capacities_within(
+    drivers: &Drivers,
+    names: &std::collections::BTreeSet<String>,
+    limit: std::time::Duration,
+) -> BTreeMap<String, crate::observe::Capacity> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for name in names {
+        if let Some(driver) = drivers.get(name) {
+            let (name, driver) = (name.clone(), driver.clone());
+            tasks.spawn_blocking(move || (name, driver.capacity()));
+        }
+    }
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut out = BTreeMap::new();
+    while let Ok(Some(joined)) = tokio::time::timeout_at(deadline, tasks.join_next()).await {
+        if let Ok((name, Ok(Some(capacity)))) = joined {
+            out.insert(name, capacity);
+        }
+    }
+    // The calls still under way finish on their own threads, unread.
+    tasks.detach_all();
+    out
 }
 
 /// What each provider's host can run, asked now; a provider that cannot tell is left out.
@@ -812,11 +855,9 @@ pub async fn apply_and_record(
         }
     }
     // Where placed pools' members go is recorded before any of them is made there, so a
-    // crash never makes one twice.
-    if !desired.placements.is_empty() {
-        ws.status
-            .write_placement(&crate::placement::record_of(desired))?;
-    }
+    // crash never makes one twice (and emptied once no pool is placed).
+    ws.status
+        .write_placement(&crate::placement::record_of(desired))?;
     let previous = ws.status.read_summary().unwrap_or_default();
     let plan_changed = previous
         .last_reconcile

@@ -6,11 +6,17 @@
 //! the member). After observing, `place` decides for each member not recorded:
 //!
 //! 1. found (with this fleet's stamp) on one of the pool's providers: there;
-//! 2. any of the pool's providers could not be observed: it waits (the member could be
-//!    there), and the plan says why;
-//! 3. otherwise by the strategy, among the providers with room for it: `spread`, the one
-//!    holding the fewest of the pool's members (ties go to the earlier in the list);
-//!    `pack`, the first in the list. No provider with room: it waits.
+//! 2. any of the pool's providers, or the provider the record names when the pool no
+//!    longer lists it, could not be observed: it waits (the member could be there), and
+//!    the plan says why;
+//! 3. otherwise by the strategy, among the providers with room for it (node info with
+//!    `policy.overcommit`, less what the revision runs there; a provider that cannot say
+//!    has none) and no VM of its name fleet did not make: `spread`, the one holding the
+//!    fewest of the pool's members (ties go to the earlier in the list); `pack`, the first
+//!    in the list. None: it waits.
+//!
+//! A recorded member found on another of its pool's providers, once the recorded one
+//! answered without it, is where it was found. A member's domain type is its provider's.
 //!
 //! Invariants: a recorded or found member never moves, so adding a provider or a member
 //! moves none; a member whose provider cannot be observed is never made elsewhere; the
@@ -38,21 +44,20 @@ pub type Record = BTreeMap<String, String>;
 
 /// Sets the provider of each member `record` places on a provider its pool still lists.
 pub fn apply_record(desired: &mut Desired, record: &Record) {
-    let Desired {
-        placements, vms, ..
-    } = desired;
-    for pool in placements.values_mut() {
-        for member in &pool.members {
-            let Some(provider) = record.get(member) else {
-                continue;
-            };
-            if pool.providers.contains(provider)
-                && let Some(vm) = vms.get_mut(member)
-            {
-                set_provider(vm, provider);
-                pool.placed.insert(member.clone());
-            }
-        }
+    let members: Vec<(String, String)> = desired
+        .placements
+        .values()
+        .flat_map(|pool| {
+            pool.members.iter().filter_map(|member| {
+                let provider = record.get(member)?;
+                pool.providers
+                    .contains(provider)
+                    .then(|| (member.clone(), provider.clone()))
+            })
+        })
+        .collect();
+    for (member, provider) in members {
+        set_provider(desired, &member, &provider);
     }
 }
 
@@ -70,18 +75,18 @@ pub fn record_of(desired: &Desired) -> Record {
 }
 
 /// Decides the provider of each member not placed yet (see the module docs), or why it
-/// waits (`Desired::unplaced`; such a member is left out of the returned desired state).
-/// `None` when every member is placed already.
+/// waits (`Desired::unplaced`; such a member is left out of the returned desired state),
+/// and moves the record of a member found on another of its pool's providers than the
+/// one recorded, once the recorded one answered without it. `None`: nothing to change.
+/// `record` is what `apply_record` was given (a member recorded on a provider its pool no
+/// longer lists waits while that provider cannot be observed).
 pub fn place(
     desired: &Desired,
+    record: &Record,
     observed: &Observed,
     capacities: &BTreeMap<String, Capacity>,
 ) -> Option<Desired> {
-    if desired
-        .placements
-        .values()
-        .all(|p| p.placed.len() == p.members.len())
-    {
+    if desired.placements.is_empty() {
         return None;
     }
     let undecided: BTreeSet<&str> = desired
@@ -90,17 +95,14 @@ pub fn place(
         .flat_map(|p| p.members.iter().filter(|m| !p.placed.contains(*m)))
         .map(String::as_str)
         .collect();
-    // What each provider runs already: memory and vCPUs of the running VMs whose provider
-    // is decided.
-    let mut used: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for vm in desired.vms.values() {
-        if vm.state == PowerState::Running && !undecided.contains(vm.name.as_str()) {
-            let entry = used.entry(vm.config.provider.clone()).or_default();
-            entry.0 += vm.config.memory_mib;
-            entry.1 += u64::from(vm.config.cpus);
-        }
-    }
+    let mut used = used_by_decided(desired, &undecided);
+    let owned = |provider: &str, member: &str| {
+        observed
+            .find(provider, member)
+            .is_some_and(|o| o.owned_by(&desired.fleet))
+    };
     let mut out = desired.clone();
+    let mut changed = !undecided.is_empty();
     for (pool_name, pool) in &desired.placements {
         let mut held: BTreeMap<&str, usize> =
             pool.providers.iter().map(|p| (p.as_str(), 0)).collect();
@@ -111,42 +113,57 @@ pub fn place(
                 *n += 1;
             }
         }
-        for member in pool.members.iter().filter(|m| !pool.placed.contains(*m)) {
+        for member in &pool.members {
             let Some(vm) = desired.vms.get(member) else {
                 continue;
             };
-            let found = pool.providers.iter().find(|p| {
-                observed
-                    .find(p, member)
-                    .is_some_and(|o| o.owned_by(&desired.fleet))
-            });
+            let found = pool.providers.iter().find(|p| owned(p, member));
+            if pool.placed.contains(member) {
+                // Recorded on a provider that answered without it, and found on another
+                // of the pool's: it is where it was found (not made a second time).
+                let recorded = vm.config.provider.as_str();
+                if let Some(found) = found
+                    && found != recorded
+                    && observed.hosts.contains_key(recorded)
+                    && !owned(recorded, member)
+                {
+                    set_provider(&mut out, member, found);
+                    changed = true;
+                }
+                continue;
+            }
             let unseen = pool
                 .providers
                 .iter()
+                .map(String::as_str)
+                // A provider of the revision the pool no longer lists, recorded as the
+                // member's: it may still run it.
+                .chain(
+                    record
+                        .get(member)
+                        .map(String::as_str)
+                        .filter(|p| desired.providers.iter().any(|d| d.name() == *p)),
+                )
                 .find(|p| !observed.hosts.contains_key(*p));
             let choice = match (found, unseen) {
                 (Some(provider), _) => Ok(provider.as_str()),
                 (None, Some(provider)) => Err(format!(
                     "provider {provider} of pool {pool_name} could not be observed, and the member could be there: it is placed once every provider of the pool answers, so that it is never made twice"
                 )),
-                (None, None) => choose(desired, pool, &held, &used, capacities, vm)
-                    .ok_or_else(|| {
+                (None, None) => {
+                    choose(desired, pool, &held, &used, capacities, observed, vm).ok_or_else(|| {
                         format!(
-                            "no provider of pool {pool_name} ({}) has room for another {} MiB and {} vCPU(s) (policy.overcommit applied)",
+                            "no provider of pool {pool_name} ({}) has room for another {} MiB and {} vCPU(s) (policy.overcommit applied), or each holds a VM of that name fleet did not make",
                             pool.providers.join(", "),
                             vm.config.memory_mib,
                             vm.config.cpus
                         )
-                    }),
+                    })
+                }
             };
             match choice {
                 Ok(provider) => {
-                    if let Some(placed) = out.vms.get_mut(member) {
-                        set_provider(placed, provider);
-                    }
-                    if let Some(p) = out.placements.get_mut(pool_name) {
-                        p.placed.insert(member.clone());
-                    }
+                    set_provider(&mut out, member, provider);
                     if let Some(n) = held.get_mut(provider) {
                         *n += 1;
                     }
@@ -163,37 +180,61 @@ pub fn place(
             }
         }
     }
-    Some(out)
+    changed.then_some(out)
 }
 
-/// The provider the strategy picks for `vm` among those with room, if any has.
+/// What each provider runs already: memory and vCPUs of the running VMs whose provider is
+/// decided, and the fresh pools' reservations (`fresh.max + fresh.warm` members).
+fn used_by_decided(desired: &Desired, undecided: &BTreeSet<&str>) -> BTreeMap<String, (u64, u64)> {
+    let mut used: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for vm in desired.vms.values() {
+        if vm.state == PowerState::Running && !undecided.contains(vm.name.as_str()) {
+            let entry = used.entry(vm.config.provider.clone()).or_default();
+            entry.0 += vm.config.memory_mib;
+            entry.1 += u64::from(vm.config.cpus);
+        }
+    }
+    for pool in desired.fresh_pools.values() {
+        let members = u64::from(pool.max) + u64::from(pool.warm);
+        let entry = used
+            .entry(pool.template.config.provider.clone())
+            .or_default();
+        entry.0 += members * pool.template.config.memory_mib;
+        entry.1 += members * u64::from(pool.template.config.cpus);
+    }
+    used
+}
+
+/// The provider the strategy picks for `vm` among those with room for it (a provider that
+/// cannot say what it holds has none) and no VM of its name that fleet did not make.
 fn choose<'a>(
     desired: &Desired,
     pool: &'a PoolPlacement,
     held: &BTreeMap<&str, usize>,
     used: &BTreeMap<String, (u64, u64)>,
     capacities: &BTreeMap<String, Capacity>,
+    observed: &Observed,
     vm: &DesiredVm,
 ) -> Option<&'a str> {
     let (memory_ratio, cpu_ratio) = desired.policy.overcommit;
     let has_room = |provider: &str| {
+        let Some(capacity) = capacities.get(provider) else {
+            return false;
+        };
         if vm.state != PowerState::Running {
             return true;
         }
-        // A provider that cannot say what it holds is not judged.
-        let Some(capacity) = capacities.get(provider) else {
-            return true;
-        };
         let (memory, cpus) = used.get(provider).copied().unwrap_or_default();
         let memory_cap = (capacity.memory_mib as f64 * memory_ratio) as u64;
         let cpu_cap = (f64::from(capacity.cpus) * cpu_ratio) as u64;
         memory + vm.config.memory_mib <= memory_cap && cpus + u64::from(vm.config.cpus) <= cpu_cap
     };
+    let name_free = |provider: &str| observed.find(provider, &vm.name).is_none();
     let mut candidates = pool
         .providers
         .iter()
         .enumerate()
-        .filter(|(_, p)| has_room(p));
+        .filter(|(_, p)| has_room(p) && name_free(p));
     match pool.strategy {
         PlacementStrategy::Pack => candidates.next().map(|(_, p)| p.as_str()),
         PlacementStrategy::Spread => candidates
@@ -202,10 +243,26 @@ fn choose<'a>(
     }
 }
 
-fn set_provider(vm: &mut DesiredVm, provider: &str) {
-    if vm.config.provider != provider {
+/// Puts member `name` on `provider` (with that provider's domain type) and marks it placed.
+fn set_provider(desired: &mut Desired, name: &str, provider: &str) {
+    let domain_type = desired
+        .providers
+        .iter()
+        .find(|p| p.name() == provider)
+        .map(|p| p.domain_type);
+    if let Some(vm) = desired.vms.get_mut(name) {
         vm.config.provider = provider.to_owned();
+        if let Some(domain_type) = domain_type {
+            vm.config.domain_type = domain_type;
+        }
         vm.spec_hash = vm.config.hash();
+    }
+    if let Some(pool) = desired
+        .placements
+        .values_mut()
+        .find(|p| p.members.iter().any(|m| m == name))
+    {
+        pool.placed.insert(name.to_owned());
     }
 }
 
@@ -224,7 +281,7 @@ mod tests {
         )
         .unwrap_or_else(|d| panic!("{d:#?}"));
         let files = [
-            ("fleet/fleet.yaml", "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: lab}\nspec:\n  providers: [{name: local, type: libvirt}, {name: far, type: libvirt}, {name: third, type: libvirt}]\n  images: [{name: micro, kernel: k, initrd: i}]\n".to_owned()),
+            ("fleet/fleet.yaml", "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: lab}\nspec:\n  providers: [{name: local, type: libvirt}, {name: far, type: libvirt}, {name: third, type: libvirt, domainType: kvm}]\n  images: [{name: micro, kernel: k, initrd: i}]\n".to_owned()),
             ("fleet/vms/p.yaml", format!("apiVersion: fleet/v1\nkind: VMPool\nmetadata: {{name: p}}\nspec:\n  replicas: {replicas}\n  placement: {{providers: [{providers}], strategy: {strategy}}}\n  template:\n    spec: {{provider: local, image: micro, resources: {{cpus: 1, memory: 256Mi}}}}\n")),
         ];
         let snapshot = Snapshot {
@@ -281,10 +338,18 @@ mod tests {
         }
     }
 
+    /// Room for everything on every provider.
+    fn roomy() -> BTreeMap<String, Capacity> {
+        ["local", "far", "third"]
+            .into_iter()
+            .map(|p| (p.to_owned(), capacity(1 << 20)))
+            .collect()
+    }
+
     #[test]
     fn spread_alternates_and_every_placed_member_is_recorded_with_its_hash() {
         let d = desired(4, "local, far", "spread");
-        let placed = place(&d, &observed(&[]), &BTreeMap::new()).expect("placed");
+        let placed = place(&d, &Record::new(), &observed(&[]), &roomy()).expect("placed");
         assert_eq!(
             providers(&placed),
             pairs(&[
@@ -302,7 +367,7 @@ mod tests {
         // Once recorded, nothing is left to place, and the same inputs give the same answer.
         let mut again = desired(4, "local, far", "spread");
         apply_record(&mut again, &record_of(&placed));
-        assert!(place(&again, &observed(&[]), &BTreeMap::new()).is_none());
+        assert!(place(&again, &Record::new(), &observed(&[]), &roomy()).is_none());
         assert_eq!(providers(&again), providers(&placed));
     }
 
@@ -314,7 +379,7 @@ mod tests {
         // Two more members: they go where the pool has fewest, the first two stay.
         let mut d = desired(4, "local, far", "spread");
         apply_record(&mut d, &record);
-        let placed = place(&d, &observed(&[]), &BTreeMap::new()).expect("placed");
+        let placed = place(&d, &Record::new(), &observed(&[]), &roomy()).expect("placed");
         assert_eq!(
             providers(&placed),
             pairs(&[
@@ -327,7 +392,7 @@ mod tests {
         // A third provider and two more members: the new members go there.
         let mut d = desired(6, "local, far, third", "spread");
         apply_record(&mut d, &record_of(&placed));
-        let placed = place(&d, &observed(&[]), &BTreeMap::new()).expect("placed");
+        let placed = place(&d, &Record::new(), &observed(&[]), &roomy()).expect("placed");
         assert_eq!(
             providers(&placed)[..4],
             pairs(&[
@@ -339,6 +404,15 @@ mod tests {
         );
         assert_eq!(placed.vms["p-05"].config.provider, "third");
         assert_eq!(placed.vms["p-06"].config.provider, "third");
+        // Made as its provider makes VMs.
+        assert_eq!(
+            placed.vms["p-05"].config.domain_type,
+            crate::spec::DomainType::Kvm
+        );
+        assert_eq!(
+            placed.vms["p-01"].config.domain_type,
+            crate::spec::DomainType::default()
+        );
     }
 
     #[test]
@@ -367,7 +441,7 @@ mod tests {
             .into(),
         );
         let d = desired(2, "local, far", "spread");
-        let placed = place(&d, &found, &BTreeMap::new()).expect("placed");
+        let placed = place(&d, &Record::new(), &found, &roomy()).expect("placed");
         assert_eq!(
             providers(&placed),
             pairs(&[("p-01", "far"), ("p-02", "local")])
@@ -376,7 +450,7 @@ mod tests {
         // far cannot be observed: the recorded member keeps it, unknown; a new one waits.
         let mut d = desired(2, "local, far", "spread");
         apply_record(&mut d, &[("p-01".to_owned(), "far".to_owned())].into());
-        let placed = place(&d, &observed(&["far"]), &BTreeMap::new()).expect("placed");
+        let placed = place(&d, &Record::new(), &observed(&["far"]), &roomy()).expect("placed");
         assert_eq!(providers(&placed), pairs(&[("p-01", "far")]));
         let why = &placed.unplaced["p-02"];
         assert!(
@@ -393,7 +467,7 @@ mod tests {
             ("local".to_owned(), capacity(600)),
             ("far".to_owned(), capacity(600)),
         ]);
-        let placed = place(&d, &observed(&[]), &room).expect("placed");
+        let placed = place(&d, &Record::new(), &observed(&[]), &room).expect("placed");
         assert_eq!(
             providers(&placed),
             pairs(&[
@@ -408,7 +482,7 @@ mod tests {
             ("local".to_owned(), capacity(600)),
             ("far".to_owned(), capacity(300)),
         ]);
-        let placed = place(&d, &observed(&[]), &room).expect("placed");
+        let placed = place(&d, &Record::new(), &observed(&[]), &room).expect("placed");
         assert_eq!(placed.vms.len(), 3);
         let why = &placed.unplaced["p-04"];
         assert!(
@@ -417,9 +491,112 @@ mod tests {
         );
         // Spread skips a full provider too.
         let d = desired(3, "local, far", "spread");
-        let room = BTreeMap::from([("far".to_owned(), capacity(200))]);
-        let placed = place(&d, &observed(&[]), &room).expect("placed");
+        let mut room = roomy();
+        room.insert("far".to_owned(), capacity(200));
+        let placed = place(&d, &Record::new(), &observed(&[]), &room).expect("placed");
         assert!(placed.vms.values().all(|vm| vm.config.provider == "local"));
+    }
+
+    fn owned_vm(name: &str) -> std::sync::Arc<ObservedVm> {
+        ObservedVm {
+            name: name.into(),
+            uuid: String::new(),
+            running: true,
+            cpus: 1,
+            memory_mib: 256,
+            stamp: Some(
+                Stamp {
+                    fleet: "lab".into(),
+                    name: name.into(),
+                    spec_hash: String::new(),
+                    revision: String::new(),
+                    protect: false,
+                    config: None,
+                    created: None,
+                    adopted: false,
+                }
+                .into(),
+            ),
+        }
+        .into()
+    }
+
+    #[test]
+    fn a_recorded_member_found_elsewhere_is_where_it_was_found() {
+        let record: Record = pairs(&[("p-01", "far")]).into_iter().collect();
+        let mut d = desired(1, "local, far", "spread");
+        apply_record(&mut d, &record);
+        let mut seen = observed(&[]);
+        seen.hosts
+            .get_mut("local")
+            .expect("local")
+            .vms
+            .push(owned_vm("p-01"));
+        let placed = place(&d, &record, &seen, &roomy()).expect("moved");
+        assert_eq!(placed.vms["p-01"].config.provider, "local");
+        assert_eq!(record_of(&placed)["p-01"], "local");
+        // While far cannot be observed, the record stands.
+        let mut unseen = seen.clone();
+        unseen.hosts.remove("far");
+        assert!(place(&d, &record, &unseen, &roomy()).is_none());
+    }
+
+    #[test]
+    fn a_provider_holding_the_name_of_a_vm_fleet_did_not_make_is_passed_over() {
+        let d = desired(1, "local, far", "spread");
+        let mut seen = observed(&[]);
+        let mut foreign = (*owned_vm("p-01")).clone();
+        foreign.stamp = None;
+        seen.hosts
+            .get_mut("local")
+            .expect("local")
+            .vms
+            .push(foreign.into());
+        let placed = place(&d, &Record::new(), &seen, &roomy()).expect("placed");
+        assert_eq!(placed.vms["p-01"].config.provider, "far");
+    }
+
+    #[test]
+    fn a_member_recorded_on_a_provider_no_longer_listed_waits_while_it_is_unseen() {
+        let record: Record = pairs(&[("p-01", "far")]).into_iter().collect();
+        let mut d = desired(1, "local", "spread");
+        apply_record(&mut d, &record);
+        let placed = place(&d, &record, &observed(&["far"]), &roomy()).expect("placed");
+        assert!(placed.vms.is_empty());
+        assert!(placed.unplaced["p-01"].contains("provider far"));
+    }
+
+    #[test]
+    fn the_capacity_check_counts_placed_members_where_they_are_and_the_rest_per_pool() {
+        let room = BTreeMap::from([
+            ("local".to_owned(), capacity(600)),
+            ("far".to_owned(), capacity(600)),
+        ]);
+        // Four of 256 MiB fit two hosts of 600 MiB, two on each, though not on one.
+        let d = desired(4, "local, far", "spread");
+        assert_eq!(
+            crate::resolve::capacity_problems(&d, &room),
+            Vec::<String>::new()
+        );
+        // Five do not, and the check says so before any is placed.
+        let d = desired(5, "local, far", "spread");
+        let problems = crate::resolve::capacity_problems(&d, &room);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("pool p: with its 5 member(s) not placed yet"),
+            "{problems:?}"
+        );
+        // Placed members count on their host: three recorded on local do not fit it.
+        let mut d = desired(3, "local, far", "spread");
+        let record: Record = pairs(&[("p-01", "local"), ("p-02", "local"), ("p-03", "local")])
+            .into_iter()
+            .collect();
+        apply_record(&mut d, &record);
+        let problems = crate::resolve::capacity_problems(&d, &room);
+        assert!(
+            problems.iter().any(|p| p.starts_with("provider local:")),
+            "{problems:?}"
+        );
     }
 
     #[test]
@@ -427,7 +604,7 @@ mod tests {
         let mut d = desired(1, "local", "spread");
         apply_record(&mut d, &[("p-01".to_owned(), "far".to_owned())].into());
         assert!(d.placements["p"].placed.is_empty());
-        let placed = place(&d, &observed(&[]), &BTreeMap::new()).expect("placed");
+        let placed = place(&d, &Record::new(), &observed(&[]), &roomy()).expect("placed");
         assert_eq!(placed.vms["p-01"].config.provider, "local");
     }
 }

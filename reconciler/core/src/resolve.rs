@@ -257,8 +257,8 @@ pub fn capacity_problems(
 ) -> Vec<String> {
     let (memory_ratio, cpu_ratio) = desired.policy.overcommit;
     let mut problems = Vec::new();
-    // A placed pool's member is counted where it is placed; one not placed yet is not
-    // counted (placement itself gives it only a provider with room).
+    // A placed pool's member is counted where it is placed; one not placed yet is counted
+    // against its pool's providers together (below).
     let undecided: std::collections::BTreeSet<&str> = desired
         .placements
         .values()
@@ -312,6 +312,54 @@ pub fn capacity_problems(
             problems.push(format!(
                 "provider {provider}: its {count} running VMs{counted} ask for {cpus} CPUs; the host has {} and policy.overcommit.cpu is {cpu_ratio}, so at most {cpu_cap}: stop or shrink VMs, or raise policy.overcommit.cpu",
                 capacity.cpus
+            ));
+        }
+    }
+    for (pool, placement) in &desired.placements {
+        let waiting: Vec<&DesiredVm> = placement
+            .members
+            .iter()
+            .filter(|m| !placement.placed.contains(*m))
+            .filter_map(|m| desired.vms.get(m))
+            .filter(|vm| vm.state == crate::spec::PowerState::Running)
+            .collect();
+        // Judged only when every provider of the pool says what it holds.
+        let Some(caps) = placement
+            .providers
+            .iter()
+            .map(|p| capacities.get(p))
+            .collect::<Option<Vec<_>>>()
+        else {
+            continue;
+        };
+        if waiting.is_empty() {
+            continue;
+        }
+        let memory_cap: u64 = caps
+            .iter()
+            .map(|c| (c.memory_mib as f64 * memory_ratio) as u64)
+            .sum();
+        let cpu_cap: u64 = caps
+            .iter()
+            .map(|c| (f64::from(c.cpus) * cpu_ratio) as u64)
+            .sum();
+        let (memory, cpus) = desired
+            .vms
+            .values()
+            .filter(|vm| {
+                vm.state == crate::spec::PowerState::Running
+                    && placement.providers.contains(&vm.config.provider)
+                    && !undecided.contains(vm.name.as_str())
+            })
+            .chain(waiting.iter().copied())
+            .fold((0u64, 0u64), |(m, c), vm| {
+                (m + vm.config.memory_mib, c + u64::from(vm.config.cpus))
+            });
+        if memory > memory_cap || cpus > cpu_cap {
+            problems.push(format!(
+                "pool {pool}: with its {} member(s) not placed yet, the running VMs of its providers ({}) ask for {memory} MiB and {cpus} CPUs; together they have room for {memory_cap} MiB and {cpu_cap} CPUs (policy.overcommit applied): fewer replicas, smaller VMs, or more providers",
+                waiting.len(),
+                placement.providers.join(", ")
             ));
         }
     }

@@ -1199,9 +1199,10 @@ impl Daemon {
                 // Values are opened once per revision (a Proxmox token kept as a Secret
                 // is asked for the capacity too).
                 let values = self.ws.open_vault(&desired);
-                let over = reconcile::capacity_problems(&desired, &self.host, &values);
+                let record = self.ws.status.read_placement();
+                let over = reconcile::capacity_problems(&desired, &self.host, &values, &record);
                 let already_over = self.last_good.as_ref().is_some_and(|d| {
-                    !reconcile::capacity_problems(d, &self.host, &self.vault).is_empty()
+                    !reconcile::capacity_problems(d, &self.host, &self.vault, &record).is_empty()
                 });
                 if over.is_empty() || in_force || already_over {
                     for why in &over {

@@ -1003,7 +1003,6 @@ impl StatusDir {
         self.write_file("secrets.yaml", yaml(seen).as_bytes())
     }
 
-    /// What fleet remembers of each VM's lease (`leases.yaml`; see `lease`).
     /// Where each member of a placed pool runs (`placement::Record`, `placement.yaml`).
     pub fn read_placement(&self) -> crate::placement::Record {
         self.read_file("placement.yaml")
@@ -1019,6 +1018,7 @@ impl StatusDir {
         self.write_file("placement.yaml", yaml(record).as_bytes())
     }
 
+    /// What fleet remembers of each VM's lease (`leases.yaml`; see `lease`).
     pub fn read_leases(&self) -> BTreeMap<String, crate::lease::LeaseRecord> {
         self.read_file("leases.yaml")
             .ok()
