@@ -1003,19 +1003,38 @@ impl StatusDir {
         self.write_file("secrets.yaml", yaml(seen).as_bytes())
     }
 
-    /// Where each member of a placed pool runs (`placement::Record`, `placement.yaml`).
+    /// Where each member of a placed pool runs (`placement::Record`, `placement.yaml`);
+    /// empty when there is none. One that cannot be read or parsed is logged and taken as
+    /// empty: placement then goes by what it observes, and a member whose pool has a
+    /// provider it cannot see waits, so none is made twice.
     pub fn read_placement(&self) -> crate::placement::Record {
-        self.read_file("placement.yaml")
-            .ok()
-            .and_then(|text| serde_saphyr::from_str(&text).ok())
-            .unwrap_or_default()
+        self.try_read_placement().unwrap_or_else(|e| {
+            tracing::error!("{e}");
+            Default::default()
+        })
     }
 
-    pub fn write_placement(&self, record: &crate::placement::Record) -> std::io::Result<()> {
-        if *record == self.read_placement() {
-            return Ok(());
+    fn try_read_placement(&self) -> Result<crate::placement::Record, String> {
+        match self.read_file("placement.yaml") {
+            Ok(text) => serde_saphyr::from_str(&text)
+                .map_err(|e| format!("placement.yaml in the status directory is unreadable: {e}")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+            Err(e) => Err(format!("placement.yaml in the status directory: {e}")),
         }
-        self.write_file("placement.yaml", yaml(record).as_bytes())
+    }
+
+    /// Records `record`, unless it is recorded already. A record that cannot be read is
+    /// left as it is, for the operator to mend or remove: overwriting it would forget
+    /// members on providers fleet cannot see now.
+    pub fn write_placement(&self, record: &crate::placement::Record) -> std::io::Result<()> {
+        match self.try_read_placement() {
+            Ok(current) if current == *record => Ok(()),
+            Ok(_) => self.write_file("placement.yaml", yaml(record).as_bytes()),
+            Err(e) => {
+                tracing::error!("{e}; it is left as it is: mend or remove it");
+                Ok(())
+            }
+        }
     }
 
     /// What fleet remembers of each VM's lease (`leases.yaml`; see `lease`).
@@ -1264,6 +1283,31 @@ mod interface_tests {
         assert_eq!(
             agent.reachable_addresses()[..2],
             ["192.168.150.23/24", "10.1.2.3"]
+        );
+    }
+}
+
+#[cfg(test)]
+mod placement_record_tests {
+    use super::*;
+
+    #[test]
+    fn a_placement_record_is_kept_and_one_that_cannot_be_read_is_never_overwritten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = StatusDir::new(dir.path());
+        assert!(status.read_placement().is_empty());
+        let record: crate::placement::Record = [("p-01".to_owned(), "far".to_owned())].into();
+        status.write_placement(&record).expect("write");
+        assert_eq!(status.read_placement(), record);
+        // Unreadable: taken as empty, and left as it is.
+        std::fs::write(dir.path().join("placement.yaml"), "p-01: [far").expect("write");
+        assert!(status.read_placement().is_empty());
+        status
+            .write_placement(&Default::default())
+            .expect("no error");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("placement.yaml")).expect("read"),
+            "p-01: [far"
         );
     }
 }
