@@ -270,7 +270,6 @@ fn set_provider(desired: &mut Desired, name: &str, provider: &str) {
 mod tests {
     use super::*;
     use crate::observe::{ObservedHost, ObservedVm, Stamp};
-    use crate::snapshot::{Snapshot, SourceFile};
 
     /// Pool `p` of `replicas` (256 MiB, 1 vCPU each) placed over `providers` of the three
     /// libvirt providers `local`, `far` and `third`.
@@ -284,24 +283,8 @@ mod tests {
             ("fleet/fleet.yaml", "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: lab}\nspec:\n  providers: [{name: local, type: libvirt}, {name: far, type: libvirt}, {name: third, type: libvirt, domainType: kvm}]\n  images: [{name: micro, kernel: k, initrd: i}]\n".to_owned()),
             ("fleet/vms/p.yaml", format!("apiVersion: fleet/v1\nkind: VMPool\nmetadata: {{name: p}}\nspec:\n  replicas: {replicas}\n  placement: {{providers: [{providers}], strategy: {strategy}}}\n  template:\n    spec: {{provider: local, image: micro, resources: {{cpus: 1, memory: 256Mi}}}}\n")),
         ];
-        let snapshot = Snapshot {
-            revision: crate::snapshot::Revision {
-                id: "0".repeat(40),
-                label: "t".into(),
-                signed_by: None,
-            },
-            fleet_dir: "fleet".into(),
-            files: files
-                .iter()
-                .map(|(p, t)| SourceFile {
-                    path: (*p).into(),
-                    bytes: t.as_bytes().to_vec(),
-                })
-                .collect(),
-            signers: Default::default(),
-        };
-        let loaded = crate::load::load(&snapshot, Some(&host)).unwrap_or_else(|d| panic!("{d:#?}"));
-        crate::resolve::resolve(&loaded, &host)
+        let files: Vec<(&str, &str)> = files.iter().map(|(p, t)| (*p, t.as_str())).collect();
+        crate::resolve::tests_support::desired_under(&host, &files)
     }
 
     /// Every provider observed, empty, but those in `down`.
@@ -419,27 +402,12 @@ mod tests {
     fn a_member_found_on_a_provider_stays_there_and_one_that_may_be_unseen_waits() {
         // Made before its record was kept (or the record was lost): found on far.
         let mut found = observed(&[]);
-        let stamp = Stamp {
-            fleet: "lab".into(),
-            name: "p-01".into(),
-            spec_hash: String::new(),
-            revision: String::new(),
-            protect: false,
-            config: None,
-            created: None,
-            adopted: false,
-        };
-        found.hosts.get_mut("far").expect("far").vms.push(
-            ObservedVm {
-                name: "p-01".into(),
-                uuid: String::new(),
-                running: true,
-                cpus: 1,
-                memory_mib: 256,
-                stamp: Some(stamp.into()),
-            }
-            .into(),
-        );
+        found
+            .hosts
+            .get_mut("far")
+            .expect("far")
+            .vms
+            .push(owned_vm("p-01"));
         let d = desired(2, "local, far", "spread");
         let placed = place(&d, &Record::new(), &found, &roomy()).expect("placed");
         assert_eq!(

@@ -1623,6 +1623,11 @@ pub mod tests_support {
     /// `files` (paths under `fleet/`, with `fleet.yaml`) loaded under `test_host` and
     /// resolved.
     pub fn desired_of(files: &[(&str, &str)]) -> Desired {
+        desired_under(&test_host(), files)
+    }
+
+    /// `files` loaded under `host` and resolved.
+    pub fn desired_under(host: &HostSpec, files: &[(&str, &str)]) -> Desired {
         let snapshot = Snapshot {
             revision: Revision {
                 id: "0".repeat(40),
@@ -1639,9 +1644,8 @@ pub mod tests_support {
                 .collect(),
             signers: Default::default(),
         };
-        let host = test_host();
-        let loaded = crate::load::load(&snapshot, Some(&host)).unwrap_or_else(|d| panic!("{d:#?}"));
-        resolve(&loaded, &host)
+        let loaded = crate::load::load(&snapshot, Some(host)).unwrap_or_else(|d| panic!("{d:#?}"));
+        resolve(&loaded, host)
     }
 
     /// A host with one libvirt provider `local` on libvirt's test driver.

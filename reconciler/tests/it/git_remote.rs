@@ -344,25 +344,7 @@ fn a_repository_over_https_is_fetched_with_its_token_and_a_wrong_one_fails_clear
 /// An `sshd` on loopback that lets in whoever holds `authorized` (as root, the only user
 /// this test can count on), its host key as a `known_hosts` line, and its process.
 pub(crate) fn sshd(dir: &Path, authorized: &str) -> (u16, String, std::process::Child) {
-    let host_key = dir.join("host_key");
-    keygen(&host_key);
-    let authorized_keys = dir.join("authorized_keys");
-    std::fs::write(&authorized_keys, authorized).expect("write");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let config = dir.join("sshd_config");
-    std::fs::write(
-        &config,
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile none\n",
-            host_key.display(),
-            authorized_keys.display()
-        ),
-    )
-    .expect("write");
+    let (port, config) = sshd_config(dir, authorized);
     // Privilege separation needs its empty directory.
     std::fs::create_dir_all("/run/sshd").expect("/run/sshd");
     let child = Command::new("/usr/sbin/sshd")
@@ -384,6 +366,31 @@ pub(crate) fn sshd(dir: &Path, authorized: &str) -> (u16, String, std::process::
         words.next().expect("key")
     );
     (port, known, child)
+}
+
+/// An sshd configuration in `dir` (with a new host key) on a free loopback port that lets
+/// in the holder of `authorized`: the port and the configuration file.
+pub(crate) fn sshd_config(dir: &Path, authorized: &str) -> (u16, std::path::PathBuf) {
+    let host_key = dir.join("host_key");
+    keygen(&host_key);
+    let authorized_keys = dir.join("authorized_keys");
+    std::fs::write(&authorized_keys, authorized).expect("write");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile none\n",
+            host_key.display(),
+            authorized_keys.display()
+        ),
+    )
+    .expect("write");
+    (port, config)
 }
 
 pub(crate) fn keygen(path: &Path) {

@@ -4,7 +4,7 @@
 //! the same namespace, so `qemu+ssh://` reaches that libvirtd and no other. The host shares
 //! the rest of the filesystem with this one (as shared storage would).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -55,7 +55,7 @@ impl RemoteHost {
         let client_key = at("client_key");
         crate::git_remote::keygen(&client_key);
         let authorized = read(&at("client_key.pub"));
-        let (port, _known, sshd_config) = sshd_config(&at("sshd"), &authorized);
+        let (port, sshd_config) = crate::git_remote::sshd_config(&at("sshd"), &authorized);
         let script = format!(
             "set -e
 mount -t tmpfs -o mode=0755 tmpfs /run
@@ -150,30 +150,6 @@ impl Drop for RemoteHost {
         let _ = self.sshd.kill();
         let _ = self.sshd.wait();
     }
-}
-
-/// An sshd configuration on a free loopback port that lets in the holder of `authorized`.
-fn sshd_config(dir: &Path, authorized: &str) -> (u16, String, PathBuf) {
-    let host_key = dir.join("host_key");
-    crate::git_remote::keygen(&host_key);
-    let authorized_keys = dir.join("authorized_keys");
-    std::fs::write(&authorized_keys, authorized).expect("write");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let config = dir.join("sshd_config");
-    std::fs::write(
-        &config,
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile none\n",
-            host_key.display(),
-            authorized_keys.display()
-        ),
-    )
-    .expect("write");
-    (port, String::new(), config)
 }
 
 fn status_of(repo: &Repo, vm: &str) -> String {

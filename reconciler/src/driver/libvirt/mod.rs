@@ -1822,7 +1822,7 @@ impl Driver for LibvirtDriver {
                 format!("open {name}'s agent channel: {e}"),
             )
         })?;
-        self.calls.fetch_add(4, Ordering::Relaxed);
+        // (`calls` counts the driver's own connection; the channel's is its own.)
         Ok(Some(super::AgentEndpoint::Connected(Arc::new(socket))))
     }
 
