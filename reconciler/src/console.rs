@@ -6,18 +6,20 @@
 //! The console is the hypervisor's, not the agent link: it works with no agent, no
 //! `fleet serve`, and on a guest that hangs before its agent starts.
 
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::driver::Console;
 use crate::reconcile::{self, Workspace};
 
 /// How much of the log `--follow` shows before what comes next.
 const TAIL_BYTES: u64 = 16 * 1024;
+/// What one read of the log takes at most.
+const READ_BYTES: usize = 1 << 20;
 
 /// The interactive console; returns when the operator leaves it or it closes.
 pub fn interactive(ws: &Workspace, vm: &str, force: bool) -> Result<()> {
@@ -96,28 +98,30 @@ fn type_into(console: &dyn Console, closed: &AtomicBool) -> &'static str {
 /// escape sequences, until interrupted. A log that shrinks was started again (a boot).
 pub fn follow(ws: &Workspace, vm: &str) -> Result<()> {
     let driver = reconcile::driver_of_vm(ws, vm)?;
-    let Some(path) = driver.console_log(vm)? else {
-        bail!("{vm}'s provider keeps no console log fleet can read; use fleet console {vm}");
+    let read = |from: u64| -> Result<crate::driver::ConsoleLogChunk> {
+        let chunk = driver
+            .console_log(vm, from, READ_BYTES)
+            .with_context(|| format!("cannot read {vm}'s console log"))?;
+        chunk.with_context(|| {
+            format!("{vm}'s provider keeps no console log fleet can read; use fleet console {vm}")
+        })
     };
-    let mut file = std::fs::File::open(&path)
-        .with_context(|| format!("cannot read {vm}'s console log {}", path.display()))?;
-    let len = file.metadata()?.len();
-    let mut offset = len.saturating_sub(TAIL_BYTES);
+    // Asked from past any end: only its length.
+    let mut offset = read(u64::MAX)?.len.saturating_sub(TAIL_BYTES);
     let mut partial: Vec<u8> = Vec::new();
     let mut first = offset > 0;
     let mut out = std::io::stdout();
     loop {
-        let len = file.metadata()?.len();
-        if len < offset {
+        let mut chunk = read(offset)?;
+        if chunk.len < offset {
+            // Started again (a boot): from its beginning.
             offset = 0;
             partial.clear();
+            chunk = read(0)?;
         }
-        if len > offset {
-            file.seek(std::io::SeekFrom::Start(offset))?;
-            let mut chunk = Vec::new();
-            (&mut file).take(len - offset).read_to_end(&mut chunk)?;
-            offset += chunk.len() as u64;
-            partial.extend_from_slice(&chunk);
+        if !chunk.bytes.is_empty() {
+            offset += chunk.bytes.len() as u64;
+            partial.extend_from_slice(&chunk.bytes);
             // The first read starts mid-log: its first, partial line is dropped.
             if std::mem::take(&mut first) {
                 let cut = partial
@@ -132,6 +136,9 @@ pub fn follow(ws: &Workspace, vm: &str) -> Result<()> {
                 out.write_all(text.as_bytes())?;
             }
             out.flush()?;
+            if offset < chunk.len {
+                continue;
+            }
         }
         std::thread::sleep(Duration::from_millis(250));
     }

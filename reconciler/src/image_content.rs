@@ -50,7 +50,7 @@ fn cache() -> &'static Mutex<HashMap<PathBuf, (Version, String)>> {
 
 /// The sha256 of the file at `path` (already resolved inside the image root), from the
 /// cache while the file is the version hashed.
-fn file_digest(path: &Path) -> Option<String> {
+pub fn file_digest(path: &Path) -> Option<String> {
     let meta = std::fs::metadata(path).ok()?;
     if !meta.is_file() {
         return None;

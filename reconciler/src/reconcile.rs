@@ -829,6 +829,24 @@ pub struct Pass<'a> {
     pub leases: &'a BTreeMap<String, crate::lease::LeaseRecord>,
 }
 
+/// Lets each driver remove what the pass's steps left unused on its host (no step runs
+/// now); each removal is an event.
+async fn release_unused(ws: &Workspace, drivers: &Drivers) -> std::io::Result<()> {
+    for (provider, driver) in drivers {
+        let driver = driver.clone();
+        let notes = tokio::task::spawn_blocking(move || driver.release_unused())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|released| released.map_err(|e| e.to_string()))
+            .unwrap_or_else(|e| vec![format!("could not tidy: {e}")]);
+        for note in notes {
+            ws.status
+                .append_event(&Event::host(EventKind::HostTidied, Some(provider.clone()), note))?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs `plan`, then observes again and writes every status file.
 pub async fn apply_and_record(
     ws: &Workspace,
@@ -891,6 +909,7 @@ pub async fn apply_and_record(
         });
         let report = apply::run(plan, drivers, journal.clone(), observer).await;
         journal.compact()?;
+        release_unused(ws, drivers).await?;
         (report, observe(drivers).await)
     } else {
         (ApplyReport::default(), observed_before.clone())

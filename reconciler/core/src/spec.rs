@@ -676,11 +676,18 @@ pub struct LibvirtProvider {
     /// libvirt connection URI, for example `qemu:///system`.
     #[schemars(length(min = 1))]
     pub uri: String,
-    /// Where fleet keeps the files it makes for each VM (overlays, seeds, console logs):
-    /// `<storageDir>/<fleet>/<vm>/`, each directory made by fleet itself. An absolute path;
-    /// default `/var/lib/fleet/storage`.
+    /// Where, on the libvirt host, fleet's storage pool keeps its VMs' volumes (overlays,
+    /// seeds, console logs, the images they are made from) when fleet defines the pool:
+    /// `<storageDir>/<fleet>/.volumes`. An absolute path; default `/var/lib/fleet/storage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_dir: Option<HostPath>,
+    /// The libvirt storage pool of this fleet's VM volumes on the host. Default
+    /// `fleet-<fleet>`, a directory pool fleet defines (in `storageDir`) when it is missing;
+    /// a pool named here that exists is used as it is, and must keep its volumes in a
+    /// directory (types `dir`, `fs`, `netfs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"))]
+    pub storage_pool: Option<String>,
     /// The libvirt network VMs with `network: full` join: NAT to the outside, and a
     /// firewall table that drops everything they send to this host but DHCP (and DNS to
     /// the network's own dnsmasq). Default: `fleet-full` on bridge `virbr-fleet`,

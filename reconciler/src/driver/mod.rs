@@ -278,11 +278,36 @@ pub trait Driver: Send + Sync {
         Err(no_workspaces())
     }
 
-    /// The file this fleet's VM `name`'s serial console is logged to, on this machine.
-    fn console_log(&self, name: &str) -> Result<Option<std::path::PathBuf>, DriverError> {
-        let _ = name;
+    /// At most `max` bytes of this fleet's VM `name`'s serial console log from byte `from`,
+    /// with the log's length now (a log shorter than before was started again); `None`
+    /// when the provider keeps no log fleet can read. Read through the driver, so it works
+    /// for a VM on another host as for one on this machine.
+    fn console_log(
+        &self,
+        name: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Option<ConsoleLogChunk>, DriverError> {
+        let _ = (name, from, max);
         Ok(None)
     }
+
+    /// Removes what fleet keeps on the host for VMs and that the pass's steps left unused
+    /// (libvirt: image volumes whose last VM went). Run at the end of every apply and
+    /// daemon pass, by the process holding the status lock, once no step runs; never by
+    /// `plan`. Returns what it removed, for the event log.
+    fn release_unused(&self) -> Result<Vec<String>, DriverError> {
+        Ok(Vec::new())
+    }
+}
+
+/// A piece of a VM's console log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsoleLogChunk {
+    /// The log's length when it was read.
+    pub len: u64,
+    /// Its bytes from the offset asked.
+    pub bytes: Vec<u8>,
 }
 
 fn no_workspaces() -> DriverError {

@@ -69,6 +69,28 @@ impl Drop for Cleanup {
                 let _ = virsh(&["undefine", name]);
             }
         }
+        // The storage pools of this process's test fleets whose directories went with
+        // their repositories (a test's repository is dropped before its cleanup); those
+        // of tests still running keep theirs.
+        let pools = virsh(&["pool-list", "--all", "--name"]);
+        let ours = [
+            format!("fleet-it{}", std::process::id()),
+            format!("fleet-ws-it{}", std::process::id()),
+        ];
+        for pool in String::from_utf8_lossy(&pools.stdout).lines() {
+            if !ours.iter().any(|p| pool.starts_with(p.as_str())) {
+                continue;
+            }
+            let xml = String::from_utf8_lossy(&virsh(&["pool-dumpxml", pool]).stdout).into_owned();
+            let dir = xml
+                .split_once("<path>")
+                .and_then(|(_, rest)| rest.split_once("</path>"))
+                .map(|(path, _)| path.to_owned());
+            if dir.is_some_and(|d| !Path::new(&d).exists()) {
+                let _ = virsh(&["pool-destroy", pool]);
+                let _ = virsh(&["pool-undefine", pool]);
+            }
+        }
     }
 }
 
@@ -101,10 +123,10 @@ pub fn vm_yaml(name: &str, memory: &str) -> String {
     )
 }
 
-/// Waits until the VM's serial console log (in `vm_dir`) shows the guest's userspace marker
-/// more than `since` times.
-fn wait_for_userspace(vm_dir: &Path, vm: &str, since: usize) -> usize {
-    let log = vm_dir.join("console.log");
+/// Waits until the VM's serial console log (its volume in the fleet's pool) shows the
+/// guest's userspace marker more than `since` times.
+fn wait_for_userspace(repo: &Repo, fleet: &str, vm: &str, since: usize) -> usize {
+    let log = repo.vm_volume(fleet, vm, "console.log");
     let marker = format!("userspace reached (vm={vm} ");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -158,11 +180,11 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
         applied.stdout()
     );
     for vm in [&a, &b, &c] {
-        wait_for_userspace(&repo.vm_dir(&fleet, vm), vm, 0);
+        wait_for_userspace(&repo, &fleet, vm, 0);
         assert_eq!(virsh_ok(&["domstate", vm]).trim(), "running");
         // The guest read its NoCloud seed: the instance id is the domain's UUID.
         let uuid = virsh_ok(&["domuuid", vm]).trim().to_owned();
-        let log = std::fs::read_to_string(repo.vm_dir(&fleet, vm).join("console.log"))
+        let log = std::fs::read_to_string(repo.vm_volume(&fleet, vm, "console.log"))
             .expect("console log");
         // (The guest names disks in probe order, so the device name is not checked.)
         assert!(log.contains("fleet-guest: seed cidata on /dev/vd"), "{log}");
@@ -178,6 +200,7 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
             storage_dir: Some(fleet::spec::HostPath(
                 repo.path().join(".fleet/storage").display().to_string(),
             )),
+            storage_pool: None,
             full_network: None,
         },
         fleet::spec::DomainType::Qemu,
@@ -287,7 +310,11 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
     );
     repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
     assert!(!domain_exists(&c), "{c} is gone");
-    assert!(!repo.vm_dir(&fleet, &c).exists(), "its files are gone");
+    assert_eq!(
+        repo.vm_volumes(&fleet, &c),
+        Vec::<String>::new(),
+        "its volumes are gone"
+    );
     for vm in [&a, &b] {
         assert_eq!(
             virsh_ok(&["domstate", vm]).trim(),
@@ -320,7 +347,7 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
         virsh_ok(&["dominfo", &a])
     );
     // The console log is rewritten at each boot: the marker shows the restarted guest.
-    wait_for_userspace(&repo.vm_dir(&fleet, &a), &a, 0);
+    wait_for_userspace(&repo, &fleet, &a, 0);
     repo.fleet(&["plan", "--detailed-exitcode"]).expect_code(0);
 
     // 6. The journal is clean, the foreign domain still untouched.
@@ -430,7 +457,7 @@ fn disk_images_get_overlays_and_a_new_base_disk_replaces_the_vm() {
     assert_ne!(refused.code(), 0, "{}", refused.stdout());
     let said = format!("{}{}", refused.stdout(), refused.stderr());
     assert!(
-        said.contains("its backing chain reaches") && said.contains("outside.raw"),
+        said.contains("sneaky.qcow2: it has a backing file"),
         "{said}"
     );
     assert!(!domain_exists(&vm), "no domain was made");
@@ -441,14 +468,26 @@ fn disk_images_get_overlays_and_a_new_base_disk_replaces_the_vm() {
     );
     repo.commit("a VM on a disk image");
     repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
-    let overlay = repo.vm_dir(&fleet_name, &vm).join("disk.qcow2");
-    assert!(
-        backing_file(&overlay).ends_with("bases/one.qcow2"),
-        "{}",
-        backing_file(&overlay)
-    );
+    // The overlay is a volume in the pool, on the base disk shipped there, named by its
+    // content.
+    let overlay = repo.vm_volume(&fleet_name, &vm, "disk.qcow2");
+    let shipped = |base: &str| {
+        let digest =
+            fleet::image_content::file_digest(&bases.join(format!("{base}.qcow2"))).expect("sha");
+        repo.volumes_dir(&fleet_name)
+            .join(format!("sha256-{digest}.qcow2"))
+            .display()
+            .to_string()
+    };
+    let disk_images = || -> Vec<String> {
+        crate::support::files_in(&repo.volumes_dir(&fleet_name))
+            .into_iter()
+            .filter(|f| f.starts_with("sha256-") && f.ends_with(".qcow2"))
+            .collect()
+    };
+    assert_eq!(backing_file(&overlay), shipped("one"));
     assert!(virsh_ok(&["domblklist", &vm]).contains("disk.qcow2"));
-    wait_for_userspace(&repo.vm_dir(&fleet_name, &vm), &vm, 0);
+    wait_for_userspace(&repo, &fleet_name, &vm, 0);
 
     repo.write("fleet/fleet.yaml", fleet("two"));
     repo.commit("a new base disk");
@@ -462,12 +501,10 @@ fn disk_images_get_overlays_and_a_new_base_disk_replaces_the_vm() {
         plan.stdout()
     );
     repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
-    assert!(
-        backing_file(&overlay).ends_with("bases/two.qcow2"),
-        "{}",
-        backing_file(&overlay)
-    );
-    wait_for_userspace(&repo.vm_dir(&fleet_name, &vm), &vm, 0);
+    assert_eq!(backing_file(&overlay), shipped("two"));
+    // The first base's volume went with its last VM.
+    assert_eq!(disk_images().len(), 1, "{:?}", disk_images());
+    wait_for_userspace(&repo, &fleet_name, &vm, 0);
     repo.fleet(&["plan", "--detailed-exitcode"]).expect_code(0);
 
     // The same base disk rebuilt in place (same path, new content: an image build writes a
@@ -495,6 +532,8 @@ fn disk_images_get_overlays_and_a_new_base_disk_replaces_the_vm() {
     );
     repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
     repo.fleet(&["plan", "--detailed-exitcode"]).expect_code(0);
+    assert_eq!(backing_file(&overlay), shipped("two"), "the rebuilt disk, shipped");
+    assert_eq!(disk_images().len(), 1, "{:?}", disk_images());
     // A kernel rebuilt in place restarts the VM instead.
     let mut rebuilt = std::fs::read(images.join("initrd.img")).expect("initrd");
     rebuilt.extend_from_slice(&[0u8; 512]);
@@ -514,6 +553,11 @@ fn disk_images_get_overlays_and_a_new_base_disk_replaces_the_vm() {
     repo.commit("gone");
     crate::approvals::apply_emptying(&repo);
     assert!(!overlay.exists() && !domain_exists(&vm));
+    assert_eq!(
+        crate::support::files_in(&repo.volumes_dir(&fleet_name)),
+        Vec::<String>::new(),
+        "the VM's volumes and the images it used are gone"
+    );
     assert!(
         bases.join("one.qcow2").exists() && bases.join("two.qcow2").exists(),
         "base disks are never touched"

@@ -74,7 +74,11 @@ fn a_lease_stops_or_destroys_its_vm_at_its_end_and_a_renewal_brings_it_back() {
     let ended = made.elapsed();
     eprintln!("leases of 20 s ended after {ended:?}");
     assert!(ended >= Duration::from_secs(20), "ended early: {ended:?}");
-    assert!(!repo.vm_dir(&fleet, &gone).exists(), "its files are gone");
+    assert_eq!(
+        repo.vm_volumes(&fleet, &gone),
+        Vec::<String>::new(),
+        "its volumes are gone"
+    );
     let events = read(&status.join("events.jsonl"));
     assert!(events.contains("its lease ended at"), "{events}");
     wait_until(

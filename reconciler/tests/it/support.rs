@@ -108,9 +108,32 @@ impl Repo {
         self
     }
 
-    /// Where fleet keeps the files of VM `vm` of fleet `fleet` (the default provider).
+    /// Where fleet kept the files of VM `vm` of fleet `fleet` before storage went through
+    /// libvirt (the default provider): VMs made then keep this directory.
     pub fn vm_dir(&self, fleet: &str, vm: &str) -> PathBuf {
         self.path().join(".fleet/storage").join(fleet).join(vm)
+    }
+
+    /// The directory of fleet `fleet`'s default storage pool on the default provider.
+    pub fn volumes_dir(&self, fleet: &str) -> PathBuf {
+        self.path().join(".fleet/storage").join(fleet).join(".volumes")
+    }
+
+    /// Volume `part` (`console.log`, `disk.qcow2`, `seed.iso`) of VM `vm` of fleet `fleet`.
+    pub fn vm_volume(&self, fleet: &str, vm: &str, part: &str) -> PathBuf {
+        self.volumes_dir(fleet).join(format!(
+            "{}.{part}",
+            fleet::driver::libvirt::volumes::vm_prefix(fleet, vm)
+        ))
+    }
+
+    /// The files of VM `vm`'s volumes in the pool's directory.
+    pub fn vm_volumes(&self, fleet: &str, vm: &str) -> Vec<String> {
+        let prefix = format!("{}.", fleet::driver::libvirt::volumes::vm_prefix(fleet, vm));
+        files_in(&self.volumes_dir(fleet))
+            .into_iter()
+            .filter(|f| f.starts_with(&prefix))
+            .collect()
     }
 
     pub fn write(&self, rel: &str, content: impl AsRef<[u8]>) -> &Repo {
@@ -280,4 +303,18 @@ impl HttpRequest {
             k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
         })
     }
+}
+
+/// The names of the entries of `dir`, sorted (none when it does not exist).
+pub fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }

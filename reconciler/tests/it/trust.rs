@@ -367,10 +367,12 @@ fn a_git_blob_bomb_is_refused_without_inflating_it() {
     );
 }
 
-/// C3: fleet makes each VM's directory itself; one it finds is never claimed, chmodded or
-/// emptied, and removing a VM removes only the files fleet made there.
+/// C3: fleet's storage is volumes of its own names in its pool. A directory where a VM's
+/// files went before (not fleet's) and volumes fleet did not make, in the same pool (other
+/// names, a VM's name with another UUID, a part fleet never makes), are never claimed,
+/// chmodded or removed, while VMs are made and removed beside them.
 #[test]
-fn storage_directories_fleet_did_not_make_are_never_taken() {
+fn storage_fleet_did_not_make_is_never_taken() {
     if !crate::libvirt::enabled() {
         return;
     }
@@ -380,33 +382,84 @@ fn storage_directories_fleet_did_not_make_are_never_taken() {
         prefix: prefix.clone(),
     };
     let fleet = format!("it{}own", std::process::id());
-    let [a, b, c] = ["a", "b", "c"].map(|n| format!("{prefix}{n}"));
+    let [a, b] = ["a", "b"].map(|n| format!("{prefix}{n}"));
     let stopped = |name: &str| {
         crate::libvirt::vm_yaml(name, "128Mi")
             .replace("image: micro,", "image: micro, state: stopped,")
     };
     let repo = Repo::new();
-    // Someone's directory where VM a's would go: private, holding data.
+    // Someone's directory where VM a's would have gone: private, holding data.
     let theirs = repo.vm_dir(&fleet, &a);
     std::fs::create_dir_all(&theirs).expect("mkdir");
     set_mode(&theirs, 0o700);
     std::fs::write(theirs.join("data.txt"), b"precious").expect("data");
+    // Someone's volumes in fleet's pool, before fleet defines it.
+    let pool = repo.volumes_dir(&fleet);
+    std::fs::create_dir_all(&pool).expect("mkdir");
+    let uuid = fleet::driver::libvirt::domain_uuid(&fleet, &a);
+    let foreign = [
+        "data.qcow2".to_owned(),
+        format!("{a}.00000000-0000-0000-0000-000000000000.disk.qcow2"),
+        format!("{a}.{uuid}.notes.txt"),
+        format!("{b}.{}.console.log.1", fleet::driver::libvirt::domain_uuid("other", &b)),
+    ];
+    for name in &foreign {
+        std::fs::write(pool.join(name), b"theirs").expect("foreign volume");
+    }
     repo.write(
         "fleet/fleet.yaml",
         crate::libvirt::fleet_yaml_with_policy(&fleet, "{shutdownTimeout: 5s}"),
     );
-    for vm in [&a, &b, &c] {
+    for vm in [&a, &b] {
         repo.write(&format!("fleet/vms/{vm}.yaml"), stopped(vm));
     }
-    repo.commit("three stopped VMs, one where a directory already is");
-    let out = repo.fleet(&["apply", "--auto-approve"]);
-    out.expect_code(1);
-    let said = format!("{}{}", out.stdout(), out.stderr());
-    assert!(
-        said.contains("is not a directory fleet made for VM")
-            && said.contains("fleet never takes over a directory it did not make"),
-        "{said}"
+    repo.commit("two stopped VMs, one where a directory already is");
+    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
+    let domains = crate::libvirt::virsh_ok(&["list", "--all", "--name"]);
+    assert!(domains.lines().any(|d| d == a), "{domains}");
+    assert!(domains.lines().any(|d| d == b), "{domains}");
+    assert_eq!(
+        repo.vm_volumes(&fleet, &a),
+        [
+            format!("{a}.{uuid}.console.log"),
+            format!("{a}.{uuid}.notes.txt"),
+            format!("{a}.{uuid}.seed.iso"),
+        ],
+        "a's own volumes beside the one fleet never makes"
     );
+
+    assert!(
+        crate::support::files_in(&pool)
+            .iter()
+            .any(|f| f.starts_with("sha256-") && f.ends_with(".kernel.ok")),
+        "the image was shipped into the pool"
+    );
+    // A rotation of b's console log (the log daemon's), which the pool learns of only by
+    // looking: fleet's, so it goes with b.
+    let rotated = repo
+        .vm_volume(&fleet, &b, "console.log.1")
+        .to_string_lossy()
+        .into_owned();
+    std::fs::write(&rotated, b"old boot").expect("rotation");
+
+    repo.remove(&format!("fleet/vms/{a}.yaml"))
+        .remove(&format!("fleet/vms/{b}.yaml"));
+    repo.commit("a and b go");
+    crate::approvals::apply_emptying(&repo);
+    let domains = crate::libvirt::virsh_ok(&["list", "--all", "--name"]);
+    assert!(!domains.lines().any(|d| d.starts_with(&prefix)), "{domains}");
+    // fleet's VM volumes, the rotation and the images no VM uses any more are gone;
+    // everything else stays.
+    let mut expected = foreign.to_vec();
+    expected.sort();
+    assert_eq!(
+        crate::support::files_in(&pool),
+        expected,
+        "only fleet's own volumes were removed"
+    );
+    for name in &foreign {
+        assert_eq!(std::fs::read(pool.join(name)).expect("foreign"), b"theirs");
+    }
     let mode = std::fs::metadata(&theirs)
         .expect("still there")
         .permissions()
@@ -417,31 +470,6 @@ fn storage_directories_fleet_did_not_make_are_never_taken() {
         b"precious"
     );
     assert!(!theirs.join("owner.json").exists(), "not claimed");
-    let domains = crate::libvirt::virsh_ok(&["list", "--all", "--name"]);
-    assert!(!domains.lines().any(|d| d == a), "{domains}");
-    assert!(domains.lines().any(|d| d == b), "{domains}");
-
-    // A file fleet did not make in b's directory stays when b goes, and so does the directory.
-    let b_dir = repo.vm_dir(&fleet, &b);
-    assert!(b_dir.join("owner.json").exists());
-    std::fs::write(b_dir.join("keep.txt"), b"mine").expect("keep");
-    repo.remove(&format!("fleet/vms/{a}.yaml"))
-        .remove(&format!("fleet/vms/{b}.yaml"));
-    repo.commit("a and b go");
-    repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
-    let left: Vec<String> = std::fs::read_dir(&b_dir)
-        .expect("b's directory stays")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(left, ["keep.txt"], "only fleet's own files were removed");
-    assert_eq!(
-        std::fs::read(theirs.join("data.txt")).expect("data"),
-        b"precious"
-    );
-    repo.remove(&format!("fleet/vms/{c}.yaml"));
-    repo.commit("empty");
-    crate::approvals::apply_emptying(&repo);
 }
 
 /// Capacity (`policy.overcommit`): a revision whose running VMs ask for more memory than

@@ -106,7 +106,7 @@ fn bridge(conn: Connect, stream: Stream, vm: &str) -> std::io::Result<UnixStream
 }
 
 /// Sends all of `data`; a blocking stream sends something or fails.
-fn send_all(stream: &Stream, mut data: &[u8]) -> Result<(), String> {
+pub(super) fn send_all(stream: &Stream, mut data: &[u8]) -> Result<(), String> {
     while !data.is_empty() {
         let sent = stream.send(data).map_err(|e| e.message().to_owned())?;
         match usize::try_from(sent) {

@@ -86,11 +86,12 @@ pub mod domain_xml;
 pub mod full_network;
 pub mod reach;
 mod volume_snapshots;
+pub mod volumes;
 
 use std::collections::HashMap;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -135,8 +136,17 @@ pub struct LibvirtDriver {
     fleet: String,
     /// Image files resolve under it (the host configuration's `imageRoot`).
     image_root: PathBuf,
-    /// `<storageDir>/<fleet>`: each VM's directory is made in it.
+    /// `<storageDir>/<fleet>` on the host: the default pool's directory is in it (and, on
+    /// fleet's own host, the directories of VMs made before volumes).
     storage_dir: PathBuf,
+    /// The host configuration's `storagePool`, when it names one.
+    storage_pool: Option<String>,
+    /// Whether something may have left an image volume unused since the last tidy.
+    tidy_due: AtomicBool,
+    /// Held while the storage pool is defined, so parallel creates define it once.
+    pool_definition: Mutex<()>,
+    /// Held while an image is shipped, so parallel creates upload it once.
+    shipping: Mutex<()>,
     domain_type: crate::spec::DomainType,
     /// The guarded network of `network: full` VMs (or why the host configuration's is wrong).
     full_network: Result<full_network::GuardedNetwork, full_network::BadAddress>,
@@ -281,6 +291,11 @@ impl LibvirtDriver {
             fleet: fleet.to_owned(),
             image_root: image_root.to_owned(),
             storage_dir: Path::new(storage_root).join(fleet),
+            storage_pool: provider.storage_pool.clone(),
+            // A process's first pass tidies what an earlier one left.
+            tidy_due: AtomicBool::new(true),
+            pool_definition: Mutex::new(()),
+            shipping: Mutex::new(()),
             domain_type,
             full_network: full_network::GuardedNetwork::from_spec(provider.full_network.as_ref()),
             qemu_user: std::sync::OnceLock::new(),
@@ -966,37 +981,13 @@ impl LibvirtDriver {
         })
     }
 
-    /// The domain XML for `vm`, checking that its image files exist.
-    fn definition(&self, vm: &DesiredVm, stamp: &Stamp) -> Result<String, DriverError> {
-        let dir = self.vm_dir(&vm.name)?;
-        let kernel = vm
-            .config
-            .image
-            .kernel
-            .as_deref()
-            .map(|k| self.resolve_path(vm, "kernel", k))
-            .transpose()?;
-        let initrd = vm
-            .config
-            .image
-            .initrd
-            .as_deref()
-            .map(|i| self.resolve_path(vm, "initrd", i))
-            .transpose()?;
-        if let Some(k) = &kernel {
-            self.check_image_file(vm, "kernel", k)?;
-        }
-        if let Some(i) = &initrd {
-            self.check_image_file(vm, "initrd", i)?;
-        }
-        let console_log = dir.join("console.log");
-        let seed_iso = dir.join("seed.iso");
-        let overlay = vm
-            .config
-            .image
-            .disk
-            .as_ref()
-            .map(|_| dir.join("disk.qcow2"));
+    /// The domain XML for `vm`, naming the storage at `paths`.
+    fn definition(
+        &self,
+        vm: &DesiredVm,
+        stamp: &Stamp,
+        paths: &VmPaths,
+    ) -> Result<String, DriverError> {
         let full_network = match (&self.full_network, vm.config.network) {
             (Ok(n), _) => n.name.as_str(),
             (Err(why), crate::spec::NetworkMode::Full) => {
@@ -1005,11 +996,11 @@ impl LibvirtDriver {
             (Err(_), _) => full_network::DEFAULT_NAME,
         };
         let files = domain_xml::VmFiles {
-            console_log: &console_log,
-            disk_overlay: overlay.as_deref(),
-            kernel: kernel.as_deref(),
-            initrd: initrd.as_deref(),
-            seed_iso: Some(&seed_iso),
+            console_log: &paths.console_log,
+            disk_overlay: paths.overlay.as_deref(),
+            kernel: paths.kernel.as_deref(),
+            initrd: paths.initrd.as_deref(),
+            seed_iso: Some(&paths.seed),
             full_network,
             workspace_pool: &self.workspace_pool_name(),
         };
@@ -1021,53 +1012,162 @@ impl LibvirtDriver {
         ))
     }
 
-    /// Makes `<storage>/<fleet>/<vm>/` with its owner marker, or finds the one fleet made
-    /// before (an interrupted create). A directory there that fleet did not make is never
-    /// claimed: the create stops with a conflict naming it.
-    fn ensure_vm_dir(&self, name: &str) -> Result<PathBuf, DriverError> {
-        use std::os::unix::fs::DirBuilderExt;
+    /// The directory fleet made for VM `name` before storage went through libvirt (on its
+    /// own host, with fleet's owner marker), which the VM keeps until it is replaced.
+    fn legacy_dir(&self, name: &str) -> Result<Option<PathBuf>, DriverError> {
         let dir = self.vm_dir(name)?;
-        let io = |what: &str, path: &Path, e: std::io::Error| {
-            DriverError::new(
-                ErrorKind::Permanent,
-                format!("{what} {}: {e}", path.display()),
-            )
-        };
-        // The storage root and the fleet's directory: made if missing (reachable by QEMU's
-        // user), left as they are if present.
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(&self.storage_dir)
-            .map_err(|e| io("create", &self.storage_dir, e))?;
-        match std::fs::DirBuilder::new().mode(0o755).create(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                if !self.dir_is_ours(&dir, name) {
-                    return Err(DriverError::new(
-                        ErrorKind::Conflict,
-                        format!(
-                            "{} exists and is not a directory fleet made for VM {name:?} (no owner marker of fleet {:?}); fleet never takes over a directory it did not make: move it away",
-                            dir.display(),
-                            self.fleet
-                        ),
-                    ));
-                }
-                return Ok(dir);
-            }
-            Err(e) => return Err(io("create", &dir, e)),
+        Ok((is_local_uri(&self.uri) && self.dir_is_ours(&dir, name)).then_some(dir))
+    }
+
+    /// Where VM `name`'s storage is: its directory, or else the pool (made if missing).
+    fn storage_of(&self, name: &str) -> Result<Storage, DriverError> {
+        if let Some(dir) = self.legacy_dir(name)? {
+            return Ok(Storage::Directory(dir));
         }
-        // mkdir applies the umask: QEMU's user must reach the files inside.
-        set_mode(&dir, 0o755).map_err(|e| io("chmod", &dir, e))?;
-        let marker = OwnerMarker {
-            fleet: self.fleet.clone(),
-            vm: name.to_owned(),
-            uuid: domain_uuid(&self.fleet, name).to_string(),
+        self.pool_made().map(Storage::Volumes)
+    }
+
+    fn pool_made(&self) -> Result<volumes::VmPool, DriverError> {
+        self.vm_pool(true)?.ok_or_else(|| {
+            DriverError::new(
+                ErrorKind::Transient,
+                format!("the storage pool on {} did not start", self.provider),
+            )
+        })
+    }
+
+    /// The image's files on fleet's side, resolved under the image root, each a regular
+    /// file, a base disk a qcow2 of its own. Reads only: a replace checks this before it
+    /// destroys (`check_create`), and a create before it makes anything.
+    fn checked_images(&self, vm: &DesiredVm) -> Result<ImageFiles, DriverError> {
+        let image = &vm.config.image;
+        let mut found = ImageFiles::default();
+        for (file, named, slot) in [
+            (volumes::ImageFile::Kernel, &image.kernel, &mut found.kernel),
+            (volumes::ImageFile::Initrd, &image.initrd, &mut found.initrd),
+            (volumes::ImageFile::Disk, &image.disk, &mut found.disk),
+        ] {
+            let Some(named) = named else { continue };
+            let path = self.resolve_path(vm, file.field(), named)?;
+            let refuse = |why: String| {
+                DriverError::new(
+                    ErrorKind::Permanent,
+                    format!(
+                        "image {}: {} {}: {why}",
+                        image.name,
+                        file.field(),
+                        path.display()
+                    ),
+                )
+            };
+            if !path.is_file() {
+                return Err(refuse(
+                    "is not a file (for the example image run `make image`)".to_owned(),
+                ));
+            }
+            if file == volumes::ImageFile::Disk {
+                volumes::check_base_header(&path).map_err(refuse)?;
+            }
+            *slot = Some(path);
+        }
+        Ok(found)
+    }
+
+    /// Makes what VM `vm`'s definition names and says where it is: its seed written anew;
+    /// in the pool, its image files shipped, its console log made, and its overlay made
+    /// when `fresh_disk` or missing. A directory VM gets a new overlay only with
+    /// `fresh_disk` (a reset).
+    fn prepare(
+        &self,
+        vm: &DesiredVm,
+        storage: &Storage,
+        fresh_disk: bool,
+    ) -> Result<VmPaths, DriverError> {
+        let pool = match storage {
+            Storage::Directory(dir) => return self.prepare_directory(vm, dir, fresh_disk),
+            Storage::Volumes(pool) => pool,
         };
-        let marker_json = serde_json::to_vec_pretty(&marker).expect("marker is JSON");
-        crate::atomic_file::write_atomic(&dir.join(OWNER_MARKER), &marker_json)
-            .map_err(|e| io("write owner marker in", &dir, e))?;
-        Ok(dir)
+        // Every file is checked before anything is made for the VM.
+        let images = self.checked_images(vm)?;
+        let ship = |file, local: &Option<PathBuf>| {
+            local
+                .as_deref()
+                .map(|local| self.shipped(pool, vm, file, local))
+                .transpose()
+        };
+        let kernel = ship(volumes::ImageFile::Kernel, &images.kernel)?;
+        let initrd = ship(volumes::ImageFile::Initrd, &images.initrd)?;
+        let overlay = match (&images.disk, vm.config.disk_mib) {
+            (Some(base), Some(size_mib)) => {
+                let name = format!(
+                    "{}.{}",
+                    volumes::vm_prefix(&self.fleet, &vm.name),
+                    volumes::DISK
+                );
+                if fresh_disk || self.find_volume(&pool.pool, &name)?.is_none() {
+                    let base = self.shipped(pool, vm, volumes::ImageFile::Disk, base)?;
+                    Some(self.new_overlay_volume(pool, &vm.name, &base, size_mib)?)
+                } else {
+                    Some(pool.path(&name))
+                }
+            }
+            _ => None,
+        };
+        let console_log = self.console_log_volume(pool, &vm.name)?;
+        let staging = tempfile::Builder::new()
+            .prefix("fleet-seed-")
+            .tempdir()
+            .map_err(|e| seed_error(vm, "staging directory", &e))?;
+        let iso = self.seed_iso(vm, staging.path())?;
+        let bytes = std::fs::read(&iso).map_err(|e| seed_error(vm, "read the ISO", &e))?;
+        let seed = self.write_volume(pool, &vm.name, volumes::SEED, &bytes, 0o644)?;
+        Ok(VmPaths {
+            console_log,
+            overlay,
+            kernel,
+            initrd,
+            seed,
+        })
+    }
+
+    /// `prepare` for a VM in a directory of its own: images named where they are in the
+    /// image root (QEMU's user must reach them), the seed rewritten, a new overlay on a
+    /// reset.
+    fn prepare_directory(
+        &self,
+        vm: &DesiredVm,
+        dir: &Path,
+        fresh_disk: bool,
+    ) -> Result<VmPaths, DriverError> {
+        let image = &vm.config.image;
+        let mut boot = [None, None];
+        for ((field, named), slot) in [("kernel", &image.kernel), ("initrd", &image.initrd)]
+            .into_iter()
+            .zip(&mut boot)
+        {
+            if let Some(named) = named {
+                let path = self.resolve_path(vm, field, named)?;
+                self.check_image_file(vm, field, &path)?;
+                *slot = Some(path);
+            }
+        }
+        let base = if fresh_disk {
+            self.checked_base(vm)?
+        } else {
+            None
+        };
+        self.write_seed_file(vm, dir)?;
+        if let Some((base, size_mib)) = base {
+            self.new_overlay(vm, dir, &base, size_mib)?;
+        }
+        let [kernel, initrd] = boot;
+        Ok(VmPaths {
+            console_log: dir.join("console.log"),
+            overlay: image.disk.as_ref().map(|_| dir.join("disk.qcow2")),
+            kernel,
+            initrd,
+            seed: dir.join("seed.iso"),
+        })
     }
 
     /// A real directory (not a symlink) whose owner marker names this fleet and VM.
@@ -1079,21 +1179,8 @@ impl LibvirtDriver {
         is_dir && marker.is_some_and(|m| m.fleet == self.fleet && m.vm == name)
     }
 
-    /// Makes the VM's directory with its owner marker, its seed, and the disk overlay when
-    /// the image has a disk.
-    fn prepare_files(&self, vm: &DesiredVm) -> Result<(), DriverError> {
-        // The base disk is checked before anything is made for the VM.
-        let base = self.checked_base(vm)?;
-        let dir = self.ensure_vm_dir(&vm.name)?;
-        self.write_seed(vm)?;
-        if let Some((base, size_mib)) = base {
-            self.new_overlay(vm, &dir, &base, size_mib)?;
-        }
-        Ok(())
-    }
-
-    /// The VM's base disk and overlay size, checked (under the image root, a chain QEMU may
-    /// read), when its image has a disk.
+    /// A directory VM's base disk and overlay size, checked (under the image root, a chain
+    /// QEMU may read), when its image has a disk.
     fn checked_base(&self, vm: &DesiredVm) -> Result<Option<(PathBuf, u64)>, DriverError> {
         match (&vm.config.image.disk, vm.config.disk_mib) {
             (Some(base), Some(size_mib)) => {
@@ -1142,21 +1229,10 @@ impl LibvirtDriver {
         Ok(())
     }
 
-    /// Renders the VM's NoCloud seed and writes it as `seed.iso` (volume label `cidata`),
-    /// replacing the previous one atomically.
-    fn write_seed(&self, vm: &DesiredVm) -> Result<(), DriverError> {
-        let dir = self.vm_dir(&vm.name)?;
+    /// Renders the VM's NoCloud seed as an ISO (volume label `cidata`) in `staging`, a
+    /// private directory, and returns its path there.
+    fn seed_iso(&self, vm: &DesiredVm, staging: &Path) -> Result<PathBuf, DriverError> {
         let seed = crate::seed::render(vm, &domain_uuid(&self.fleet, &vm.name).to_string());
-        let fail = |what: &str, e: &dyn std::fmt::Display| {
-            DriverError::new(
-                ErrorKind::Permanent,
-                format!("seed of {}: {what}: {e}", vm.name),
-            )
-        };
-        let staging = tempfile::Builder::new()
-            .prefix(".seed-")
-            .tempdir_in(&dir)
-            .map_err(|e| fail("staging directory", &e))?;
         for (name, text) in [
             ("user-data", &seed.user_data),
             ("meta-data", &seed.meta_data),
@@ -1165,24 +1241,36 @@ impl LibvirtDriver {
             // A private staging directory that becomes one ISO: nothing reads these files
             // but genisoimage, so they need no atomic rename.
             #[expect(clippy::disallowed_methods, reason = "staging files for genisoimage")]
-            std::fs::write(staging.path().join(name), text).map_err(|e| fail(name, &e))?;
+            std::fs::write(staging.join(name), text).map_err(|e| seed_error(vm, name, &e))?;
         }
-        let iso = staging.path().join("seed.iso");
+        let iso = staging.join("seed.iso");
         let output = super::host_command("genisoimage")
             .args(["-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"])
             .arg(&iso)
             .args(["user-data", "meta-data", "network-config"])
-            .current_dir(staging.path())
+            .current_dir(staging)
             .output()
-            .map_err(|e| fail("run genisoimage (install genisoimage)", &e))?;
+            .map_err(|e| seed_error(vm, "run genisoimage (install genisoimage)", &e))?;
         if !output.status.success() {
-            return Err(fail(
+            return Err(seed_error(
+                vm,
                 "genisoimage",
                 &String::from_utf8_lossy(&output.stderr).trim(),
             ));
         }
-        set_mode(&iso, 0o644).map_err(|e| fail("chmod", &e))?;
-        std::fs::rename(&iso, dir.join("seed.iso")).map_err(|e| fail("install seed.iso", &e))
+        Ok(iso)
+    }
+
+    /// Writes a directory VM's seed as `seed.iso`, replacing the previous one atomically.
+    fn write_seed_file(&self, vm: &DesiredVm, dir: &Path) -> Result<(), DriverError> {
+        let staging = tempfile::Builder::new()
+            .prefix(".seed-")
+            .tempdir_in(dir)
+            .map_err(|e| seed_error(vm, "staging directory", &e))?;
+        let iso = self.seed_iso(vm, staging.path())?;
+        set_mode(&iso, 0o644).map_err(|e| seed_error(vm, "chmod", &e))?;
+        std::fs::rename(&iso, dir.join("seed.iso"))
+            .map_err(|e| seed_error(vm, "install seed.iso", &e))
     }
 
     /// Removes what fleet made in the VM's directory, then the directory (`rmdir`): only if
@@ -1250,6 +1338,13 @@ impl LibvirtDriver {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(fail(&dir, e)),
         }
+    }
+
+    /// Removes VM `name`'s storage, wherever it is: its volumes, and its directory when it
+    /// has one.
+    fn remove_storage(&self, name: &str) -> Result<(), DriverError> {
+        self.remove_volumes(name)?;
+        self.remove_files(name)
     }
 
     fn is_active(&self, dom: &Domain, name: &str) -> Result<bool, DriverError> {
@@ -1369,6 +1464,40 @@ impl LibvirtDriver {
     }
 }
 
+/// Where a VM's storage is.
+enum Storage {
+    /// A directory fleet made in its storage directory, on its own host, before storage
+    /// went through libvirt (`owner.json` inside): kept, files and all, until the VM is
+    /// replaced.
+    Directory(PathBuf),
+    /// Volumes in the fleet's storage pool (`volumes`).
+    Volumes(volumes::VmPool),
+}
+
+/// The host paths a VM's definition names.
+struct VmPaths {
+    console_log: PathBuf,
+    overlay: Option<PathBuf>,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    seed: PathBuf,
+}
+
+/// An image's files on fleet's side, checked (`checked_images`).
+#[derive(Default)]
+struct ImageFiles {
+    disk: Option<PathBuf>,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+}
+
+fn seed_error(vm: &DesiredVm, what: &str, e: &dyn std::fmt::Display) -> DriverError {
+    DriverError::new(
+        ErrorKind::Permanent,
+        format!("seed of {}: {what}: {e}", vm.name),
+    )
+}
+
 fn no_workspace(name: &str) -> DriverError {
     DriverError::new(
         ErrorKind::NotFound,
@@ -1455,6 +1584,10 @@ impl Driver for LibvirtDriver {
     /// The storage directory must be reachable for QEMU's user: every start would fail
     /// otherwise, with QEMU's bare "Permission denied".
     fn preflight(&self) -> Result<(), DriverError> {
+        // Another host's directories are its administrator's to arrange (docs/remote-hosts.md).
+        if !is_local_uri(&self.uri) {
+            return Ok(());
+        }
         self.check_qemu_reach(&self.storage_dir, reach::Need::Enter)
             .map_err(|e| match e.kind {
                 // The host, not the directory: said as it is.
@@ -1668,14 +1801,7 @@ impl Driver for LibvirtDriver {
     }
 
     fn check_create(&self, vm: &DesiredVm) -> Result<(), DriverError> {
-        let image = &vm.config.image;
-        for (field, file) in [("kernel", &image.kernel), ("initrd", &image.initrd)] {
-            if let Some(file) = file {
-                let path = self.resolve_path(vm, field, file)?;
-                self.check_image_file(vm, field, &path)?;
-            }
-        }
-        self.checked_base(vm).map(drop)
+        self.checked_images(vm).map(drop)
     }
 
     fn workspace_snapshots(
@@ -1799,9 +1925,43 @@ impl Driver for LibvirtDriver {
         self.call(&format!("delete workspace {name}"), |_| found.delete(0))
     }
 
-    fn console_log(&self, name: &str) -> Result<Option<PathBuf>, DriverError> {
+    fn console_log(
+        &self,
+        name: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Option<super::ConsoleLogChunk>, DriverError> {
         self.require_owned(name)?;
-        Ok(Some(self.vm_dir(name)?.join("console.log")))
+        let Some(dir) = self.legacy_dir(name)? else {
+            return self.read_console_volume(name, from, max);
+        };
+        let path = dir.join("console.log");
+        let fail = |e: std::io::Error| {
+            DriverError::new(ErrorKind::Transient, format!("read {}: {e}", path.display()))
+        };
+        let mut file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(fail(e)),
+        };
+        let len = file.metadata().map_err(fail)?.len();
+        let mut bytes = Vec::new();
+        if from < len {
+            use std::io::{Read, Seek};
+            file.seek(std::io::SeekFrom::Start(from)).map_err(fail)?;
+            file.take((len - from).min(max as u64))
+                .read_to_end(&mut bytes)
+                .map_err(fail)?;
+        }
+        Ok(Some(super::ConsoleLogChunk { len, bytes }))
+    }
+
+    fn tidy(&self) -> Result<Vec<String>, DriverError> {
+        self.tidy_volumes()
+    }
+
+    fn release_unused(&self) -> Result<Vec<String>, DriverError> {
+        self.tidy_volumes()
     }
 
     fn agent_endpoint(&self, name: &str) -> Result<Option<super::AgentEndpoint>, DriverError> {
@@ -1833,9 +1993,9 @@ impl Driver for LibvirtDriver {
             // Made before (a retried or interrupted create): bring it to the spec.
             refuse_adopted(&found, "redefined by a create")?;
             let stamp = &stamp.over(found.stamp.as_deref());
-            let xml = self.definition(vm, stamp)?;
-            self.ensure_vm_dir(&vm.name)?;
-            self.write_seed(vm)?;
+            let storage = self.storage_of(&vm.name)?;
+            let paths = self.prepare(vm, &storage, false)?;
+            let xml = self.definition(vm, stamp, &paths)?;
             let active = self.is_active(&dom, &vm.name)?;
             self.ensure_workspaces(vm, !active)?;
             self.define(&xml, &vm.name)?;
@@ -1857,8 +2017,11 @@ impl Driver for LibvirtDriver {
                 ),
             ));
         }
-        let xml = self.definition(vm, stamp)?;
-        self.prepare_files(vm)?;
+        // A new VM's storage is always volumes in the pool. Its overlay is made anew: one
+        // found is what a create cut short left (no domain ever ran on it).
+        let storage = Storage::Volumes(self.pool_made()?);
+        let paths = self.prepare(vm, &storage, true)?;
+        let xml = self.definition(vm, stamp, &paths)?;
         // The workspaces before the definition that attaches them.
         self.ensure_workspaces(vm, true)?;
         let dom = self.define(&xml, &vm.name)?;
@@ -1894,14 +2057,15 @@ impl Driver for LibvirtDriver {
         let (dom, found) = self.require_owned(&vm.name)?;
         refuse_adopted(&found, "updated in place")?;
         let stamp = &stamp.over(found.stamp.as_deref());
-        let xml = self.definition(vm, stamp)?;
         // Down before the new definition is saved, never after: a crash between the two
         // then leaves a stopped VM with its old definition, which the next pass updates
         // and starts. The other order left a running VM on a definition it never booted
         // (holding a workspace its saved definition let go), and no plan could see it.
         // New workspaces before anything stops (one another VM still has fails the step
         // with this VM up), and before the definition that attaches them.
-        self.write_seed(vm)?;
+        let storage = self.storage_of(&vm.name)?;
+        let paths = self.prepare(vm, &storage, false)?;
+        let xml = self.definition(vm, stamp, &paths)?;
         self.ensure_workspaces(vm, false)?;
         // A VM saved to resume (`virsh managedsave`) would resume on the definition in its
         // save image, holding workspaces its new definition lets go (or lacking new ones):
@@ -1962,15 +2126,27 @@ impl Driver for LibvirtDriver {
         self.invalidate(&vm.name);
         let (dom, found) = self.require_owned(&vm.name)?;
         refuse_adopted(&found, "reset")?;
-        let base = self.checked_base(vm)?;
+        let storage = self.storage_of(&vm.name)?;
+        // Checked (and shipped) before the VM goes down.
+        let base = match &storage {
+            Storage::Directory(_) => self.checked_base(vm)?.map(|(base, _)| base),
+            Storage::Volumes(pool) => match self.checked_images(vm)?.disk {
+                Some(local) => Some(self.shipped(pool, vm, volumes::ImageFile::Disk, &local)?),
+                None => None,
+            },
+        };
         self.power_off(&dom, &vm.name, Duration::ZERO)?;
         // A disk image gets a new overlay on the same base; a kernel and initrd image has
         // nothing its guest wrote that outlives the power-off.
-        if let Some((base, size_mib)) = base {
+        if let (Some(base), Some(size_mib)) = (base, vm.config.disk_mib) {
             // The snapshots lived in the old overlay: their records go with it.
             self.forget_snapshots(&dom, &vm.name)?;
-            let dir = self.vm_dir(&vm.name)?;
-            self.new_overlay(vm, &dir, &base, size_mib)?;
+            match &storage {
+                Storage::Directory(dir) => self.new_overlay(vm, dir, &base, size_mib)?,
+                Storage::Volumes(pool) => {
+                    self.new_overlay_volume(pool, &vm.name, &base, size_mib)?;
+                }
+            }
         }
         self.power_on(&dom, &vm.name)
     }
@@ -1980,7 +2156,7 @@ impl Driver for LibvirtDriver {
         self.invalidate(name);
         let Some((dom, _)) = self.owned(name)? else {
             // Already gone: finish what an interrupted destroy started.
-            return self.remove_files(name);
+            return self.remove_storage(name);
         };
         self.power_off(&dom, name, grace)?;
         let flags = virt::sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
@@ -1990,7 +2166,7 @@ impl Driver for LibvirtDriver {
             Err(e) if e.kind != ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        self.remove_files(name)
+        self.remove_storage(name)
     }
 
     fn settle(&self, name: &str) -> Result<(), DriverError> {
@@ -1998,7 +2174,7 @@ impl Driver for LibvirtDriver {
         if self.lookup(name)?.is_some() {
             return Ok(());
         }
-        self.remove_files(name)
+        self.remove_storage(name)
     }
 
     fn calls(&self) -> u64 {
@@ -2196,6 +2372,7 @@ mod tests {
                 name: crate::spec::Name("local".into()),
                 uri: format!("test://{}", node.path().display()),
                 storage_dir: None,
+                storage_pool: None,
                 full_network: None,
             },
             crate::spec::DomainType::Qemu,
@@ -2243,6 +2420,7 @@ mod tests {
                 name: crate::spec::Name("far".into()),
                 uri: uri.into(),
                 storage_dir: None,
+                storage_pool: None,
                 full_network: None,
             },
             crate::spec::DomainType::Qemu,

@@ -217,6 +217,7 @@ impl OwnDomains {
             storage_dir: Some(fleet::spec::HostPath(
                 storage.to_string_lossy().into_owned(),
             )),
+            storage_pool: None,
             full_network: None,
         };
         let driver = LibvirtDriver::new(name, &provider, fleet::spec::DomainType::Qemu, image_root);

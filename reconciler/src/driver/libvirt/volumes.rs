@@ -1,0 +1,738 @@
+//! A VM's storage as volumes of a libvirt storage pool, so that fleet reaches a host, local
+//! or remote, through its libvirt connection alone: no file of a VM is written on fleet's
+//! side, and no image file needs to be on the host.
+//!
+//! **The pool** is the provider's `storagePool` (default `fleet-<fleet>`). When it is
+//! missing fleet defines it as a directory pool at `<storageDir>/<fleet>/.volumes` on the
+//! host (built, started, autostarted). A pool of the default name in another directory is
+//! not fleet's: every change stops with a conflict naming it. A pool the host configuration
+//! names is used as found, if it keeps its volumes in a directory (the console log is a
+//! path QEMU's log daemon writes).
+//!
+//! **Names are the stamp** (volumes carry no metadata). A VM's volumes are
+//! `<vm>.<uuid>.disk.qcow2` (the overlay), `<vm>.<uuid>.seed.iso` (the NoCloud seed) and
+//! `<vm>.<uuid>.console.log` (with the log daemon's rotations `.1`, `.2`, …), where the
+//! UUID is the domain's, derived from fleet and VM: another fleet's or nobody's volume
+//! never has it. An image file's content is `sha256-<digest>.<ext>` (`qcow2`, `kernel`,
+//! `initrd`), shared by every VM of the pool that uses it; no VM name is that long, so the
+//! two kinds never meet. fleet never touches a volume of any other name.
+//!
+//! **Images are shipped once per content.** An image volume is complete only once its
+//! marker `<volume>.ok` exists, made after the upload's own sha256 was checked against the
+//! digest the volume is named by. An upload a kill cut short has no marker; the next ship
+//! removes it and uploads again, so a VM is never made on half an image. A base disk must
+//! be a qcow2 of its own: a backing file or an external data file would name a file on the
+//! host (`check_base_header`, read from the file's header on fleet's side).
+//!
+//! **Tidy** (`tidy_volumes`, at the end of an apply pass that destroyed, reset or shipped
+//! something, and at the first pass of a process): an image volume no overlay in the pool
+//! backs onto and no domain on the host boots from is removed (its marker first), and so
+//! are the console-log rotations of this fleet's VMs that have no domain. A VM's own
+//! volumes go with the VM (`remove_volumes`, by destroy and by settle after a crash).
+//!
+//! The test driver (`test:///`) has no streams: its volumes are made and removed, but
+//! nothing is uploaded or downloaded (nothing boots there either).
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use quick_xml::escape::escape;
+use sha2::{Digest, Sha256};
+use virt::enumutil::Enum;
+use virt::error::ErrorNumber;
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
+use virt::stream::Stream;
+
+use super::{LibvirtDriver, domain_uuid};
+use crate::driver::{DriverError, ErrorKind};
+use crate::resolve::DesiredVm;
+
+/// The parts of a VM's storage, after `<vm>.<uuid>.`.
+pub const DISK: &str = "disk.qcow2";
+pub const SEED: &str = "seed.iso";
+pub const CONSOLE_LOG: &str = "console.log";
+
+/// Uploads and downloads go in pieces of this size.
+const CHUNK: usize = 4 << 20;
+
+/// The prefix of VM `name`'s volumes in fleet `fleet`: the name and the domain's UUID.
+pub fn vm_prefix(fleet: &str, name: &str) -> String {
+    format!("{name}.{}", domain_uuid(fleet, name))
+}
+
+/// The VM (of fleet `fleet`) whose volume `volume` is, when it is one of fleet's names.
+pub fn owner_of_volume(fleet: &str, volume: &str) -> Option<String> {
+    let (vm, rest) = volume.split_once('.')?;
+    crate::driver::check_name(vm).ok()?;
+    let (uuid, part) = rest.split_once('.')?;
+    if uuid != domain_uuid(fleet, vm).to_string() {
+        return None;
+    }
+    let rotated = part
+        .strip_prefix("console.log.")
+        .is_some_and(|n| n.parse::<u32>().is_ok());
+    ([DISK, SEED, CONSOLE_LOG].contains(&part) || rotated).then(|| vm.to_owned())
+}
+
+/// An image file fleet ships to hosts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageFile {
+    Disk,
+    Kernel,
+    Initrd,
+}
+
+impl ImageFile {
+    const ALL: [ImageFile; 3] = [ImageFile::Disk, ImageFile::Kernel, ImageFile::Initrd];
+
+    fn extension(self) -> &'static str {
+        match self {
+            ImageFile::Disk => "qcow2",
+            ImageFile::Kernel => "kernel",
+            ImageFile::Initrd => "initrd",
+        }
+    }
+
+    /// The image's field that names it.
+    pub fn field(self) -> &'static str {
+        match self {
+            ImageFile::Disk => "disk",
+            ImageFile::Kernel => "kernel",
+            ImageFile::Initrd => "initrd",
+        }
+    }
+}
+
+/// The volume of an image file's content.
+pub fn image_volume(digest: &str, file: ImageFile) -> String {
+    format!("sha256-{digest}.{}", file.extension())
+}
+
+/// The marker of a complete image volume.
+fn done_marker(volume: &str) -> String {
+    format!("{volume}.ok")
+}
+
+/// The image volume `name` is (itself, or the one it is the marker of), when it is one.
+fn image_of(name: &str) -> Option<&str> {
+    let volume = name.strip_suffix(".ok").unwrap_or(name);
+    let (hex, extension) = volume.strip_prefix("sha256-")?.split_once('.')?;
+    let is_hex = hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let known = ImageFile::ALL.iter().any(|f| f.extension() == extension);
+    (is_hex && known).then_some(volume)
+}
+
+/// Refuses a base disk that is not a qcow2 of its own, from its header: a backing file or
+/// an external data file would name a file on the host for QEMU to open.
+pub fn check_base_header(path: &Path) -> Result<(), String> {
+    let mut header = [0u8; 80];
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let read = file.read(&mut header).map_err(|e| e.to_string())?;
+    let word = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().unwrap_or([0; 8]));
+    if read < 72 || header[..4] != *b"QFI\xfb" {
+        return Err("a base disk must be qcow2".to_owned());
+    }
+    if word(8) != 0 {
+        return Err(
+            "it has a backing file; make it a disk of its own (qemu-img convert -O qcow2)"
+                .to_owned(),
+        );
+    }
+    let version = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    // Incompatible feature bit 2: the data lives in an external file.
+    if version >= 3 && read >= 80 && word(72) & 0b100 != 0 {
+        return Err("a qcow2 with an external data file is not accepted".to_owned());
+    }
+    Ok(())
+}
+
+/// The XML of a new volume.
+fn volume_xml(name: &str, capacity: u64, format: &str, mode: u32) -> String {
+    format!(
+        "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity><allocation unit='bytes'>0</allocation><target><format type='{format}'/><permissions><mode>{mode:04o}</mode></permissions></target></volume>",
+        escape(name)
+    )
+}
+
+/// The type of a pool and the directory it keeps its volumes in, from its definition.
+fn pool_directory(xml: &str) -> Option<(String, PathBuf)> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let root = doc.root_element();
+    let path = root
+        .children()
+        .find(|n| n.has_tag_name("target"))?
+        .children()
+        .find(|n| n.has_tag_name("path"))?
+        .text()?
+        .trim();
+    Some((root.attribute("type")?.to_owned(), PathBuf::from(path)))
+}
+
+/// The file a volume's definition names as its backing store.
+fn backing_file(xml: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let path = doc
+        .root_element()
+        .children()
+        .find(|n| n.has_tag_name("backingStore"))?
+        .children()
+        .find(|n| n.has_tag_name("path"))?
+        .text()?;
+    Some(path.trim().to_owned())
+}
+
+/// The fleet's storage pool on a host, active, with the directory of its volumes.
+pub struct VmPool {
+    pub pool: StoragePool,
+    pub dir: PathBuf,
+}
+
+impl VmPool {
+    /// Where volume `name` is on the host.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl LibvirtDriver {
+    fn vm_pool_name(&self) -> String {
+        self.storage_pool
+            .clone()
+            .unwrap_or_else(|| format!("fleet-{}", self.fleet))
+    }
+
+    /// The pool, active. With `make`, a missing pool is defined, built and started, and an
+    /// inactive one started; without, either is `None` (observing never starts anything).
+    pub(super) fn vm_pool(&self, make: bool) -> Result<Option<VmPool>, DriverError> {
+        // One maker at a time in this process (parallel creates define and start it once).
+        let _making = make.then(|| {
+            self.pool_definition
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+        });
+        let name = self.vm_pool_name();
+        let default_dir = self.storage_dir.join(".volumes");
+        let found = match self.call("find the storage pool", |c| {
+            c.lookup_storage_pool_by_name(&name)
+        }) {
+            Ok(pool) => Some(pool),
+            Err(e) if e.kind == ErrorKind::Transient => return Err(e),
+            Err(_) => None,
+        };
+        let pool = match found {
+            Some(pool) => pool,
+            None if !make => return Ok(None),
+            None => {
+                let xml = format!(
+                    "<pool type='dir'><name>{}</name><target><path>{}</path><permissions><mode>0711</mode></permissions></target></pool>",
+                    escape(name.as_str()),
+                    escape(default_dir.to_string_lossy().as_ref())
+                );
+                let pool = self.call("define the storage pool", |c| {
+                    c.define_storage_pool_xml(&xml, 0)
+                })?;
+                self.call("build the storage pool", |_| pool.build(0))?;
+                let _ = pool.set_autostart(true);
+                pool
+            }
+        };
+        self.checked_pool(pool, &name, &default_dir, make)
+    }
+
+    /// `pool` when it is one fleet may use (see the top), started when `make`.
+    fn checked_pool(
+        &self,
+        pool: StoragePool,
+        name: &str,
+        default_dir: &Path,
+        make: bool,
+    ) -> Result<Option<VmPool>, DriverError> {
+        let xml = self.call("read the storage pool", |_| pool.xml_desc(0))?;
+        let conflict = |why: String| {
+            DriverError::new(
+                ErrorKind::Conflict,
+                format!("storage pool {name}: {why}"),
+            )
+        };
+        let Some((kind, dir)) = pool_directory(&xml) else {
+            return Err(conflict("its definition names no directory".to_owned()));
+        };
+        if self.storage_pool.is_none() && dir != default_dir {
+            return Err(conflict(format!(
+                "it exists and is not fleet's (its directory is {}, not {}); rename it, or name it in the host configuration's storagePool",
+                dir.display(),
+                default_dir.display()
+            )));
+        }
+        if !["dir", "fs", "netfs"].contains(&kind.as_str()) {
+            return Err(conflict(format!(
+                "a {kind} pool keeps no files; name a directory pool (dir, fs or netfs)"
+            )));
+        }
+        if !self.call("look at the storage pool", |_| pool.is_active())? {
+            if !make {
+                return Ok(None);
+            }
+            let started = self.call("start the storage pool", |_| pool.create(0));
+            // Another process may have started it meanwhile.
+            if started.is_err() && !self.call("look at the storage pool", |_| pool.is_active())? {
+                return started.map(|()| None);
+            }
+        }
+        Ok(Some(VmPool { pool, dir }))
+    }
+
+    /// Volume `name` of `pool`, when it exists.
+    pub(super) fn find_volume(
+        &self,
+        pool: &StoragePool,
+        name: &str,
+    ) -> Result<Option<StorageVol>, DriverError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        match pool.lookup_storage_vol_by_name(name) {
+            Ok(volume) => Ok(Some(volume)),
+            Err(e) if matches!(e.code(), Enum::Known(ErrorNumber::NoStorageVolume)) => Ok(None),
+            Err(e) => Err(self.classify(&format!("find volume {name}"), &e)),
+        }
+    }
+
+    fn delete_volume(&self, volume: &StorageVol, name: &str) -> Result<(), DriverError> {
+        match self.on_domain(&format!("remove volume {name}"), || volume.delete(0)) {
+            Ok(()) => Ok(()),
+            // Gone meanwhile (another pass, a refresh that found the file gone).
+            Err(_) if self.find_volume_in(volume, name)?.is_none() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether `volume`'s pool still has a volume called `name`.
+    fn find_volume_in(
+        &self,
+        volume: &StorageVol,
+        name: &str,
+    ) -> Result<Option<StorageVol>, DriverError> {
+        let pool = self.on_domain("find a volume's pool", || volume.lookup_storage_pool())?;
+        self.find_volume(&pool, name)
+    }
+
+    /// Makes volume `name` in `pool` (none of that name may exist).
+    fn make_volume(
+        &self,
+        pool: &StoragePool,
+        name: &str,
+        xml: &str,
+    ) -> Result<StorageVol, DriverError> {
+        self.call(&format!("make volume {name}"), |_| {
+            StorageVol::create_xml(pool, xml, 0)
+        })
+    }
+
+    /// Whether volumes stream here (the test driver's do not).
+    fn streams(&self) -> bool {
+        !self.uri.starts_with("test:")
+    }
+
+    /// Uploads `len` bytes of `source` into `volume`, returning their sha256.
+    fn upload(
+        &self,
+        volume: &StorageVol,
+        name: &str,
+        source: &mut dyn Read,
+        len: u64,
+    ) -> Result<String, DriverError> {
+        let fail = |why: String| {
+            DriverError::new(ErrorKind::Transient, format!("upload {name}: {why}"))
+        };
+        let conn = self.connection()?;
+        let stream = Stream::new(&conn, 0).map_err(|e| fail(e.message().to_owned()))?;
+        self.on_domain(&format!("upload {name}"), || {
+            volume.upload(&stream, 0, len, 0)
+        })?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut sent = 0u64;
+        let result = loop {
+            let n = match source.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(fail(format!("read: {e}"))),
+            };
+            if sent + n as u64 > len {
+                break Err(fail("the file grew while it was sent".to_owned()));
+            }
+            hasher.update(&buf[..n]);
+            if let Err(why) = super::channel::send_all(&stream, &buf[..n]) {
+                break Err(fail(why));
+            }
+            sent += n as u64;
+        };
+        let result = result.and_then(|()| {
+            if sent == len {
+                Ok(())
+            } else {
+                Err(fail("the file shrank while it was sent".to_owned()))
+            }
+        });
+        if let Err(e) = result {
+            let _ = stream.abort();
+            return Err(e);
+        }
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        stream
+            .finish()
+            .map_err(|e| self.classify(&format!("upload {name}"), &e))?;
+        Ok(crate::digest::hex(&hasher.finalize()))
+    }
+
+    /// The content of image file `local` (resolved under the image root) on the host: its
+    /// volume, uploaded unless the pool has it complete. Returns the volume's path there.
+    pub(super) fn shipped(
+        &self,
+        pool: &VmPool,
+        vm: &DesiredVm,
+        file: ImageFile,
+        local: &Path,
+    ) -> Result<PathBuf, DriverError> {
+        let fail = |kind, why: String| {
+            DriverError::new(
+                kind,
+                format!(
+                    "image {}: {} {}: {why}",
+                    vm.config.image.name,
+                    file.field(),
+                    local.display()
+                ),
+            )
+        };
+        let digest = crate::image_content::file_digest(local).ok_or_else(|| {
+            fail(
+                ErrorKind::Permanent,
+                "cannot be read (a regular file fleet's user may read)".to_owned(),
+            )
+        })?;
+        let name = image_volume(&digest, file);
+        let marker = done_marker(&name);
+        // One upload at a time: parallel creates on one image wait for the first's.
+        let _shipping = self.shipping.lock().unwrap_or_else(|p| p.into_inner());
+        if self.find_volume(&pool.pool, &marker)?.is_some() {
+            return Ok(pool.path(&name));
+        }
+        // Not complete: whatever an interrupted upload left goes first.
+        if let Some(partial) = self.find_volume(&pool.pool, &name)? {
+            self.delete_volume(&partial, &name)?;
+        }
+        self.tidy_due.store(true, Ordering::Relaxed);
+        let mut source = std::fs::File::open(local)
+            .map_err(|e| fail(ErrorKind::Permanent, e.to_string()))?;
+        let len = source
+            .metadata()
+            .map_err(|e| fail(ErrorKind::Permanent, e.to_string()))?
+            .len();
+        // Made raw: the upload writes the file's bytes as they are (a qcow2 stays one).
+        let volume = self.make_volume(&pool.pool, &name, &volume_xml(&name, len, "raw", 0o644))?;
+        if self.streams() {
+            let uploaded = self.upload(&volume, &name, &mut source, len);
+            let wrong = match uploaded {
+                Ok(got) if got == digest => None,
+                Ok(_) => Some(fail(
+                    ErrorKind::Transient,
+                    "it changed while it was uploaded; it is uploaded again on the next try"
+                        .to_owned(),
+                )),
+                Err(e) => Some(e),
+            };
+            if let Some(e) = wrong {
+                let _ = self.delete_volume(&volume, &name);
+                return Err(e);
+            }
+        }
+        self.make_volume(&pool.pool, &marker, &volume_xml(&marker, 0, "raw", 0o600))?;
+        Ok(pool.path(&name))
+    }
+
+    /// Writes `bytes` as VM volume `<prefix>.<part>`, in place of any there was (a running
+    /// QEMU keeps reading the one it opened, as with a renamed file).
+    pub(super) fn write_volume(
+        &self,
+        pool: &VmPool,
+        vm: &str,
+        part: &str,
+        bytes: &[u8],
+        mode: u32,
+    ) -> Result<PathBuf, DriverError> {
+        let name = format!("{}.{part}", vm_prefix(&self.fleet, vm));
+        if let Some(old) = self.find_volume(&pool.pool, &name)? {
+            self.delete_volume(&old, &name)?;
+        }
+        let len = bytes.len() as u64;
+        let volume = self.make_volume(&pool.pool, &name, &volume_xml(&name, len, "raw", mode))?;
+        if self.streams() {
+            self.upload(&volume, &name, &mut &bytes[..], len)?;
+        }
+        Ok(pool.path(&name))
+    }
+
+    /// VM `vm`'s console log volume, made empty when missing (the log daemon writes it, and
+    /// a volume the pool knows is downloaded and removed without a refresh).
+    pub(super) fn console_log_volume(
+        &self,
+        pool: &VmPool,
+        vm: &str,
+    ) -> Result<PathBuf, DriverError> {
+        let name = format!("{}.{CONSOLE_LOG}", vm_prefix(&self.fleet, vm));
+        if self.find_volume(&pool.pool, &name)?.is_none() {
+            self.make_volume(&pool.pool, &name, &volume_xml(&name, 0, "raw", 0o600))?;
+        }
+        Ok(pool.path(&name))
+    }
+
+    /// A new, empty overlay on `base` (a shipped image volume) for VM `vm`, in place of any
+    /// there was. Only while no running domain uses it.
+    pub(super) fn new_overlay_volume(
+        &self,
+        pool: &VmPool,
+        vm: &str,
+        base: &Path,
+        size_mib: u64,
+    ) -> Result<PathBuf, DriverError> {
+        let name = format!("{}.{DISK}", vm_prefix(&self.fleet, vm));
+        if let Some(old) = self.find_volume(&pool.pool, &name)? {
+            self.delete_volume(&old, &name)?;
+        }
+        let xml = format!(
+            "<volume><name>{}</name><capacity unit='bytes'>{}</capacity><target><format type='qcow2'/><permissions><mode>0600</mode></permissions></target><backingStore><path>{}</path><format type='qcow2'/></backingStore></volume>",
+            escape(name.as_str()),
+            size_mib * 1024 * 1024,
+            escape(base.to_string_lossy().as_ref())
+        );
+        self.make_volume(&pool.pool, &name, &xml)?;
+        Ok(pool.path(&name))
+    }
+
+    /// Removes VM `vm`'s overlay, seed and console log (its log's rotations go at the next
+    /// tidy, which finds them by listing the pool).
+    pub(super) fn remove_volumes(&self, vm: &str) -> Result<(), DriverError> {
+        let Some(pool) = self.vm_pool(false)? else {
+            return Ok(());
+        };
+        let prefix = vm_prefix(&self.fleet, vm);
+        for part in [DISK, SEED, CONSOLE_LOG] {
+            let name = format!("{prefix}.{part}");
+            if let Some(volume) = self.find_volume(&pool.pool, &name)? {
+                self.delete_volume(&volume, &name)?;
+            }
+        }
+        self.tidy_due.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `max` bytes at most of VM `vm`'s console log from `from`, and the log's length now.
+    pub(super) fn read_console_volume(
+        &self,
+        vm: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Option<crate::driver::ConsoleLogChunk>, DriverError> {
+        let Some(pool) = self.vm_pool(false)? else {
+            return Ok(None);
+        };
+        let name = format!("{}.{CONSOLE_LOG}", vm_prefix(&self.fleet, vm));
+        let Some(volume) = self.find_volume(&pool.pool, &name)? else {
+            return Ok(None);
+        };
+        // libvirt stats the file again for its size.
+        let len = self
+            .on_domain(&format!("read {name}"), || volume.info())?
+            .capacity;
+        let mut bytes = Vec::new();
+        if from < len && self.streams() {
+            let want = (len - from).min(max as u64);
+            let conn = self.connection()?;
+            let stream = Stream::new(&conn, 0).map_err(|e| {
+                DriverError::new(ErrorKind::Transient, format!("read {name}: {e}"))
+            })?;
+            self.on_domain(&format!("read {name}"), || {
+                volume.download(&stream, from, want, 0)
+            })?;
+            let mut buf = vec![0u8; CHUNK.min(want as usize).max(1)];
+            loop {
+                let n = stream
+                    .recv(&mut buf)
+                    .map_err(|e| self.classify(&format!("read {name}"), &e))?;
+                match usize::try_from(n) {
+                    Ok(0) => break,
+                    Ok(n) => bytes.extend_from_slice(&buf[..n.min(buf.len())]),
+                    Err(_) => break,
+                }
+                if bytes.len() as u64 >= want {
+                    break;
+                }
+            }
+            let _ = stream.finish();
+        }
+        Ok(Some(crate::driver::ConsoleLogChunk { len, bytes }))
+    }
+
+    /// Removes the image volumes nothing on the host uses any more and the console-log
+    /// rotations of this fleet's VMs that have no domain; only when something may have
+    /// freed one since the last tidy.
+    pub(super) fn tidy_volumes(&self) -> Result<Vec<String>, DriverError> {
+        if !self.tidy_due.swap(false, Ordering::Relaxed) {
+            return Ok(Vec::new());
+        }
+        let tidied = self.tidy_now();
+        if tidied.is_err() {
+            self.tidy_due.store(true, Ordering::Relaxed);
+        }
+        tidied
+    }
+
+    fn tidy_now(&self) -> Result<Vec<String>, DriverError> {
+        let mut removed = Vec::new();
+        let Some(pool) = self.vm_pool(false)? else {
+            return Ok(removed);
+        };
+        // The log daemon's rotations are files the pool learns of only by looking.
+        self.call("refresh the storage pool", |_| pool.pool.refresh(0))?;
+        let names = self.call("list volumes", |_| pool.pool.list_volumes())?;
+        let domains = self.call("list domains", |c| c.list_all_domains(0))?;
+        let with_domain: HashSet<String> = domains.iter().filter_map(|d| d.name().ok()).collect();
+        let remove = |name: &str, removed: &mut Vec<String>| -> Result<(), DriverError> {
+            if let Some(volume) = self.find_volume(&pool.pool, name)? {
+                self.delete_volume(&volume, name)?;
+                removed.push(format!("removed volume {name}: nothing uses it"));
+            }
+            Ok(())
+        };
+        for name in &names {
+            let rotated = name
+                .rsplit_once('.')
+                .is_some_and(|(log, n)| log.ends_with(".console.log") && n.parse::<u32>().is_ok());
+            if rotated
+                && let Some(vm) = owner_of_volume(&self.fleet, name)
+                && !with_domain.contains(&vm)
+            {
+                remove(name, &mut removed)?;
+            }
+        }
+        let images: HashSet<&str> = names.iter().filter_map(|n| image_of(n)).collect();
+        if images.is_empty() {
+            return Ok(removed);
+        }
+        let mut used: HashSet<String> = HashSet::new();
+        // Overlays back onto disks; any overlay in the pool counts, fleet's or another's.
+        for name in names.iter().filter(|n| n.ends_with(&format!(".{DISK}"))) {
+            let Some(volume) = self.find_volume(&pool.pool, name)? else {
+                continue;
+            };
+            let xml = self.on_domain(&format!("read volume {name}"), || volume.xml_desc(0))?;
+            if let Some(backing) = backing_file(&xml) {
+                used.insert(backing);
+            }
+        }
+        // Domains boot from kernels and initrds (and may name an image volume as a disk).
+        let wanted: Vec<PathBuf> = images.iter().map(|i| pool.path(i)).collect();
+        for dom in &domains {
+            let mut flags = vec![virt::sys::VIR_DOMAIN_XML_INACTIVE];
+            if dom.id().is_some() {
+                flags.push(0);
+            }
+            for flags in flags {
+                let xml = self.on_domain("read a domain", || dom.xml_desc(flags))?;
+                for path in &wanted {
+                    let path = path.to_string_lossy();
+                    if xml.contains(path.as_ref()) {
+                        used.insert(path.into_owned());
+                    }
+                }
+            }
+        }
+        for image in images {
+            if used.contains(pool.path(image).to_string_lossy().as_ref()) {
+                continue;
+            }
+            // The marker first: an image cut short of its marker is never used.
+            remove(&done_marker(image), &mut removed)?;
+            remove(image, &mut removed)?;
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_names_say_whose_they_are() {
+        let prefix = vm_prefix("demo", "web-1");
+        assert_eq!(
+            owner_of_volume("demo", &format!("{prefix}.disk.qcow2")).as_deref(),
+            Some("web-1")
+        );
+        assert_eq!(
+            owner_of_volume("demo", &format!("{prefix}.console.log.3")).as_deref(),
+            Some("web-1")
+        );
+        // Another fleet's, an unknown part, a made-up UUID, an image: nobody's.
+        assert_eq!(owner_of_volume("other", &format!("{prefix}.disk.qcow2")), None);
+        assert_eq!(owner_of_volume("demo", &format!("{prefix}.notes.txt")), None);
+        assert_eq!(
+            owner_of_volume("demo", "web-1.00000000-0000-0000-0000-000000000000.disk.qcow2"),
+            None
+        );
+        let digest = "ab".repeat(32);
+        let image = image_volume(&digest, ImageFile::Kernel);
+        assert_eq!(owner_of_volume("demo", &image), None);
+        assert_eq!(image_of(&image), Some(image.as_str()));
+        assert_eq!(image_of(&format!("{image}.ok")), Some(image.as_str()));
+        assert_eq!(image_of("sha256-abc.qcow2"), None);
+        assert_eq!(image_of(&format!("sha256-{digest}.iso")), None);
+    }
+
+    #[test]
+    fn a_base_disk_must_be_a_qcow2_of_its_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let header = |backing: u64, version: u32, incompatible: u64| {
+            let mut h = vec![0u8; 104];
+            h[..4].copy_from_slice(b"QFI\xfb");
+            h[4..8].copy_from_slice(&version.to_be_bytes());
+            h[8..16].copy_from_slice(&backing.to_be_bytes());
+            h[72..80].copy_from_slice(&incompatible.to_be_bytes());
+            let path = dir.path().join(format!("{backing}-{version}-{incompatible}"));
+            crate::atomic_file::write_atomic(&path, &h).expect("write");
+            path
+        };
+        assert_eq!(check_base_header(&header(0, 3, 0)), Ok(()));
+        assert_eq!(check_base_header(&header(0, 2, 0b100)), Ok(()));
+        let backed = check_base_header(&header(512, 3, 0)).unwrap_err();
+        assert!(backed.contains("backing file"), "{backed}");
+        let external = check_base_header(&header(0, 3, 0b100)).unwrap_err();
+        assert!(external.contains("external data file"), "{external}");
+        let raw = dir.path().join("raw");
+        crate::atomic_file::write_atomic(&raw, &[0u8; 4096]).expect("write");
+        assert_eq!(
+            check_base_header(&raw),
+            Err("a base disk must be qcow2".to_owned())
+        );
+    }
+
+    #[test]
+    fn pool_and_volume_definitions_are_read() {
+        let pool = "<pool type='dir'><name>p</name><target>\n  <path>/srv/v</path>\n</target></pool>";
+        assert_eq!(
+            pool_directory(pool),
+            Some(("dir".to_owned(), PathBuf::from("/srv/v")))
+        );
+        let volume = "<volume><name>x</name><backingStore>\n  <path>/srv/v/sha256-a.qcow2</path>\n  <format type='qcow2'/>\n</backingStore></volume>";
+        assert_eq!(
+            backing_file(volume).as_deref(),
+            Some("/srv/v/sha256-a.qcow2")
+        );
+        assert_eq!(backing_file("<volume><name>x</name></volume>"), None);
+    }
+}
