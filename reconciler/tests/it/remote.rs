@@ -4,7 +4,10 @@
 //! the same namespace, so `qemu+ssh://` reaches that libvirtd and no other. The host shares
 //! the rest of the filesystem with this one (as shared storage would).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// The remote host's storage directory: a path only its mount namespace has.
+const REMOTE_STORAGE: &str = "/var/lib/libvirt/fleet-storage";
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -37,11 +40,9 @@ impl RemoteHost {
             "cache",
             "log",
             "sshd",
-            "storage",
         ] {
             std::fs::create_dir_all(at(sub)).expect("mkdir");
         }
-        crate::support::set_mode(&at("storage"), 0o755);
         // The daemons' own settings, never the host's domains, networks or pools.
         for entry in std::fs::read_dir("/etc/libvirt")
             .expect("/etc/libvirt")
@@ -92,8 +93,9 @@ exec /usr/sbin/sshd -D -e -f {config}
         host
     }
 
+    /// Where the host's `REMOTE_STORAGE` is, seen from this machine.
     pub fn storage(&self) -> PathBuf {
-        self.dir.path().join("storage")
+        self.dir.path().join("lib/fleet-storage")
     }
 
     pub fn virsh(&self, args: &[&str]) -> std::process::Output {
@@ -180,9 +182,8 @@ fn a_pool_spread_over_a_remote_host_runs_tasks_and_survives_its_outage() {
         &[
             local_provider(repo.path()),
             format!(
-                "{{name: far, type: libvirt, uri: '{}', storageDir: '{}'}}",
+                "{{name: far, type: libvirt, uri: '{}', storageDir: '{REMOTE_STORAGE}'}}",
                 remote.uri,
-                remote.storage().display()
             ),
         ],
         "",
@@ -252,12 +253,62 @@ fn a_pool_spread_over_a_remote_host_runs_tasks_and_survives_its_outage() {
         recorded.contains(&format!("{}: far", member(2))),
         "{recorded}"
     );
-    // No socket, disk or log of the remote members' agent links is fleet's to keep: the
-    // link is the libvirt connection.
+    // fleet wrote no file for the remote members on its side: their overlays, seeds and
+    // console logs are volumes of the remote host's pool, made through libvirt, in a
+    // directory only that host's mount namespace has (its /var/lib/libvirt), and their
+    // agent links are the libvirt connection.
+    assert!(
+        !Path::new(REMOTE_STORAGE).exists(),
+        "{REMOTE_STORAGE} exists on fleet's side"
+    );
+    let remote_volumes = remote.storage().join(&fleet).join(".volumes");
     let local_storage = repo.path().join(".fleet/storage").join(&fleet);
     for n in [2, 4] {
+        let prefix = format!(
+            "{}.",
+            fleet::driver::libvirt::volumes::vm_prefix(&fleet, &member(n))
+        );
+        let theirs: Vec<String> = crate::support::files_in(&remote_volumes)
+            .into_iter()
+            .filter(|f| f.starts_with(&prefix))
+            .collect();
+        // (The micro image boots from a kernel and initrd: no overlay.)
+        assert_eq!(
+            theirs,
+            [format!("{prefix}console.log"), format!("{prefix}seed.iso")]
+        );
+        assert_eq!(repo.vm_volumes(&fleet, &member(n)), Vec::<String>::new());
         assert!(!local_storage.join(member(n)).exists());
     }
+    // Its console log is read through libvirt (what `fleet console --follow` shows).
+    let far = fleet::driver::libvirt::LibvirtDriver::new(
+        &fleet,
+        &fleet::spec::LibvirtProvider {
+            name: fleet::spec::Name("far".into()),
+            uri: remote.uri.clone(),
+            storage_dir: Some(fleet::spec::HostPath(REMOTE_STORAGE.into())),
+            storage_pool: None,
+            full_network: None,
+        },
+        fleet::spec::DomainType::Qemu,
+        micro_image().0.parent().expect("image dir"),
+    );
+    let log = fleet::driver::Driver::console_log(&far, &member(2), 0, 1 << 20)
+        .expect("read the log")
+        .expect("a log");
+    let text = String::from_utf8_lossy(&log.bytes);
+    assert!(
+        log.len > 0 && text.contains(&format!("userspace reached (vm={} ", member(2))),
+        "{text}"
+    );
+    // The remote host has the image it boots from, shipped there.
+    assert!(
+        crate::support::files_in(&remote_volumes)
+            .iter()
+            .any(|f| f.starts_with("sha256-") && f.ends_with(".initrd.ok")),
+        "{:?}",
+        crate::support::files_in(&remote_volumes)
+    );
 
     // The remote host's libvirtd goes away: its members are unknown, never made here, a
     // new member waits, and a change of the local VM is applied.
