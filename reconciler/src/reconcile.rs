@@ -840,8 +840,11 @@ async fn release_unused(ws: &Workspace, drivers: &Drivers) -> std::io::Result<()
             .and_then(|released| released.map_err(|e| e.to_string()))
             .unwrap_or_else(|e| vec![format!("could not tidy: {e}")]);
         for note in notes {
-            ws.status
-                .append_event(&Event::host(EventKind::HostTidied, Some(provider.clone()), note))?;
+            ws.status.append_event(&Event::host(
+                EventKind::HostTidied,
+                Some(provider.clone()),
+                note,
+            ))?;
         }
     }
     Ok(())

@@ -532,7 +532,11 @@ fn disk_images_get_overlays_and_a_new_base_disk_replaces_the_vm() {
     );
     repo.fleet(&["apply", "--auto-approve"]).expect_code(0);
     repo.fleet(&["plan", "--detailed-exitcode"]).expect_code(0);
-    assert_eq!(backing_file(&overlay), shipped("two"), "the rebuilt disk, shipped");
+    assert_eq!(
+        backing_file(&overlay),
+        shipped("two"),
+        "the rebuilt disk, shipped"
+    );
     assert_eq!(disk_images().len(), 1, "{:?}", disk_images());
     // A kernel rebuilt in place restarts the VM instead.
     let mut rebuilt = std::fs::read(images.join("initrd.img")).expect("initrd");

@@ -116,7 +116,10 @@ impl Repo {
 
     /// The directory of fleet `fleet`'s default storage pool on the default provider.
     pub fn volumes_dir(&self, fleet: &str) -> PathBuf {
-        self.path().join(".fleet/storage").join(fleet).join(".volumes")
+        self.path()
+            .join(".fleet/storage")
+            .join(fleet)
+            .join(".volumes")
     }
 
     /// Volume `part` (`console.log`, `disk.qcow2`, `seed.iso`) of VM `vm` of fleet `fleet`.

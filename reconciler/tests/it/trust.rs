@@ -401,7 +401,10 @@ fn storage_fleet_did_not_make_is_never_taken() {
         "data.qcow2".to_owned(),
         format!("{a}.00000000-0000-0000-0000-000000000000.disk.qcow2"),
         format!("{a}.{uuid}.notes.txt"),
-        format!("{b}.{}.console.log.1", fleet::driver::libvirt::domain_uuid("other", &b)),
+        format!(
+            "{b}.{}.console.log.1",
+            fleet::driver::libvirt::domain_uuid("other", &b)
+        ),
     ];
     for name in &foreign {
         std::fs::write(pool.join(name), b"theirs").expect("foreign volume");
@@ -447,7 +450,10 @@ fn storage_fleet_did_not_make_is_never_taken() {
     repo.commit("a and b go");
     crate::approvals::apply_emptying(&repo);
     let domains = crate::libvirt::virsh_ok(&["list", "--all", "--name"]);
-    assert!(!domains.lines().any(|d| d.starts_with(&prefix)), "{domains}");
+    assert!(
+        !domains.lines().any(|d| d.starts_with(&prefix)),
+        "{domains}"
+    );
     // fleet's VM volumes, the rotation and the images no VM uses any more are gone;
     // everything else stays.
     let mut expected = foreign.to_vec();

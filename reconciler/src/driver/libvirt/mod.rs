@@ -1937,7 +1937,10 @@ impl Driver for LibvirtDriver {
         };
         let path = dir.join("console.log");
         let fail = |e: std::io::Error| {
-            DriverError::new(ErrorKind::Transient, format!("read {}: {e}", path.display()))
+            DriverError::new(
+                ErrorKind::Transient,
+                format!("read {}: {e}", path.display()),
+            )
         };
         let mut file = match std::fs::File::open(&path) {
             Ok(file) => file,

@@ -252,10 +252,7 @@ impl LibvirtDriver {
     ) -> Result<Option<VmPool>, DriverError> {
         let xml = self.call("read the storage pool", |_| pool.xml_desc(0))?;
         let conflict = |why: String| {
-            DriverError::new(
-                ErrorKind::Conflict,
-                format!("storage pool {name}: {why}"),
-            )
+            DriverError::new(ErrorKind::Conflict, format!("storage pool {name}: {why}"))
         };
         let Some((kind, dir)) = pool_directory(&xml) else {
             return Err(conflict("its definition names no directory".to_owned()));
@@ -343,9 +340,8 @@ impl LibvirtDriver {
         source: &mut dyn Read,
         len: u64,
     ) -> Result<String, DriverError> {
-        let fail = |why: String| {
-            DriverError::new(ErrorKind::Transient, format!("upload {name}: {why}"))
-        };
+        let fail =
+            |why: String| DriverError::new(ErrorKind::Transient, format!("upload {name}: {why}"));
         let conn = self.connection()?;
         let stream = Stream::new(&conn, 0).map_err(|e| fail(e.message().to_owned()))?;
         self.on_domain(&format!("upload {name}"), || {
@@ -426,8 +422,8 @@ impl LibvirtDriver {
             self.delete_volume(&partial, &name)?;
         }
         self.tidy_due.store(true, Ordering::Relaxed);
-        let mut source = std::fs::File::open(local)
-            .map_err(|e| fail(ErrorKind::Permanent, e.to_string()))?;
+        let mut source =
+            std::fs::File::open(local).map_err(|e| fail(ErrorKind::Permanent, e.to_string()))?;
         let len = source
             .metadata()
             .map_err(|e| fail(ErrorKind::Permanent, e.to_string()))?
@@ -552,9 +548,8 @@ impl LibvirtDriver {
         if from < len && self.streams() {
             let want = (len - from).min(max as u64);
             let conn = self.connection()?;
-            let stream = Stream::new(&conn, 0).map_err(|e| {
-                DriverError::new(ErrorKind::Transient, format!("read {name}: {e}"))
-            })?;
+            let stream = Stream::new(&conn, 0)
+                .map_err(|e| DriverError::new(ErrorKind::Transient, format!("read {name}: {e}")))?;
             self.on_domain(&format!("read {name}"), || {
                 volume.download(&stream, from, want, 0)
             })?;
@@ -679,10 +674,19 @@ mod tests {
             Some("web-1")
         );
         // Another fleet's, an unknown part, a made-up UUID, an image: nobody's.
-        assert_eq!(owner_of_volume("other", &format!("{prefix}.disk.qcow2")), None);
-        assert_eq!(owner_of_volume("demo", &format!("{prefix}.notes.txt")), None);
         assert_eq!(
-            owner_of_volume("demo", "web-1.00000000-0000-0000-0000-000000000000.disk.qcow2"),
+            owner_of_volume("other", &format!("{prefix}.disk.qcow2")),
+            None
+        );
+        assert_eq!(
+            owner_of_volume("demo", &format!("{prefix}.notes.txt")),
+            None
+        );
+        assert_eq!(
+            owner_of_volume(
+                "demo",
+                "web-1.00000000-0000-0000-0000-000000000000.disk.qcow2"
+            ),
             None
         );
         let digest = "ab".repeat(32);
@@ -703,15 +707,17 @@ mod tests {
             h[4..8].copy_from_slice(&version.to_be_bytes());
             h[8..16].copy_from_slice(&backing.to_be_bytes());
             h[72..80].copy_from_slice(&incompatible.to_be_bytes());
-            let path = dir.path().join(format!("{backing}-{version}-{incompatible}"));
+            let path = dir
+                .path()
+                .join(format!("{backing}-{version}-{incompatible}"));
             crate::atomic_file::write_atomic(&path, &h).expect("write");
             path
         };
         assert_eq!(check_base_header(&header(0, 3, 0)), Ok(()));
         assert_eq!(check_base_header(&header(0, 2, 0b100)), Ok(()));
-        let backed = check_base_header(&header(512, 3, 0)).unwrap_err();
+        let backed = check_base_header(&header(512, 3, 0)).expect_err("a backing file");
         assert!(backed.contains("backing file"), "{backed}");
-        let external = check_base_header(&header(0, 3, 0b100)).unwrap_err();
+        let external = check_base_header(&header(0, 3, 0b100)).expect_err("an external data file");
         assert!(external.contains("external data file"), "{external}");
         let raw = dir.path().join("raw");
         crate::atomic_file::write_atomic(&raw, &[0u8; 4096]).expect("write");
@@ -723,7 +729,8 @@ mod tests {
 
     #[test]
     fn pool_and_volume_definitions_are_read() {
-        let pool = "<pool type='dir'><name>p</name><target>\n  <path>/srv/v</path>\n</target></pool>";
+        let pool =
+            "<pool type='dir'><name>p</name><target>\n  <path>/srv/v</path>\n</target></pool>";
         assert_eq!(
             pool_directory(pool),
             Some(("dir".to_owned(), PathBuf::from("/srv/v")))

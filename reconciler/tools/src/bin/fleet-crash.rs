@@ -6,7 +6,8 @@
 //! every fourth trial, kills libvirtd and starts it again — then runs `fleet apply` to
 //! completion and checks:
 //! - duplicates: a VM's stamp on more than one domain, or on a domain of another name;
-//! - orphans: storage fleet made (overlays, seed ISOs, console logs) with no domain of its VM;
+//! - orphans: storage fleet made (overlays, seed ISOs, console logs: volumes in its pool, or
+//!   directories of VMs made before) with no domain of its VM, and image uploads cut short;
 //! - converged: the domains are exactly the fleet's VMs, each with the spec hash of its
 //!   revision, and a fresh `fleet plan` has no changes;
 //! - the journal: no intent left unfinished.
@@ -558,6 +559,27 @@ fn integrity(fleet: &Fleet, f: &mut Findings) -> Result<BTreeSet<String>> {
         f.notes
             .push(format!("storage of {orphan} without a domain"));
     }
+    // The pool's volumes: a VM's without its domain, or an image upload cut short (no
+    // marker) that recovery left behind.
+    let volumes: BTreeSet<String> = std::fs::read_dir(storage.join(".volumes"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    for volume in &volumes {
+        let vm = fleet::driver::libvirt::volumes::owner_of_volume(&fleet.name, volume);
+        if vm.as_ref().is_some_and(|vm| !domain_set.contains(vm)) {
+            f.orphans += 1;
+            f.notes.push(format!("volume {volume} without a domain"));
+        }
+        let image = volume.starts_with("sha256-") && !volume.ends_with(".ok");
+        if image && !volumes.contains(&format!("{volume}.ok")) {
+            f.orphans += 1;
+            f.notes.push(format!("image volume {volume} cut short"));
+        }
+    }
     Ok(domain_set)
 }
 
@@ -732,9 +754,13 @@ fn cleanup(fleet: &Fleet) {
         let _ = virsh(&["destroy", &d]);
         let _ = virsh(&["undefine", &d]);
     }
-    let pool = format!("fleet-ws-{}", fleet.name);
-    let _ = virsh(&["pool-destroy", &pool]);
-    let _ = virsh(&["pool-undefine", &pool]);
+    for pool in [
+        format!("fleet-ws-{}", fleet.name),
+        format!("fleet-{}", fleet.name),
+    ] {
+        let _ = virsh(&["pool-destroy", &pool]);
+        let _ = virsh(&["pool-undefine", &pool]);
+    }
     let _ = std::fs::remove_dir_all(&fleet.repo);
 }
 
