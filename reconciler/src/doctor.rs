@@ -137,7 +137,10 @@ pub fn run(ws: &Workspace) -> Vec<Finding> {
     status_directory(ws, &mut report);
     let mut space: Vec<PathBuf> = vec![ws.status.root().to_path_buf()];
     for provider in host.iter().flat_map(|h| &h.providers) {
-        if let Provider::Libvirt(l) = provider {
+        // Another host's disk is its own; fleet's side holds nothing of its VMs.
+        if let Provider::Libvirt(l) = provider
+            && crate::driver::libvirt::is_local_uri(&l.uri)
+        {
             space.push(PathBuf::from(
                 l.storage_dir
                     .as_deref()

@@ -35,26 +35,27 @@
 //! second later. `resync` empties the cache for changes libvirt sends no event for
 //! (`virsh setmem --config` is one).
 //!
-//! Files fleet makes for a VM live in `<storage dir>/<fleet>/<vm>/` (`storageDir` in the host
-//! configuration, default `/var/lib/fleet/storage`), a directory fleet makes itself (`mkdir`,
-//! never one it finds) next to an `owner.json` marker naming fleet, VM and UUID. A directory
-//! already there without this fleet's marker for this VM is never claimed: the create stops
-//! with a conflict naming it. Inside: `seed.iso` (the NoCloud seed, volume `cidata`, made
-//! with genisoimage, attached read-only, replaced by rename on every update), `disk.qcow2` (a
-//! qcow2 overlay on the image's base disk) and `console.log` with its rotations. Only the
-//! files fleet makes there are ever removed (and a seed staging directory or marker temp file
-//! a kill left), the marker last so a removal cut short stays recognisably fleet's, then the
-//! directory with `rmdir`: anything else found in it stays, and so does the directory. Of a
-//! directory without the marker, only the temp file of an interrupted marker write is
-//! removed, then the directory if that leaves it empty.
+//! Storage goes through libvirt (`volumes`): a VM's overlay, NoCloud seed (genisoimage in a
+//! private temp directory, uploaded) and console log are volumes of the fleet's storage pool
+//! on the host, named with the domain's UUID, and the image files they are made from are
+//! shipped to the pool once per content (sha256). So fleet needs nothing but the libvirt
+//! connection to a host, and no image file on it. Image files resolve only under the host's
+//! image root on fleet's side, through every symlink; a base disk must be a qcow2 of its own
+//! (no backing file, no external data file: they would name files on the host).
 //!
-//! Image files resolve only under the host's image root, through every symlink, backing
-//! chains included: `qemu-img info --backing-chain` must show only qcow2 or raw files under
-//! the root and no external data file, and a base disk must be qcow2. QEMU runs as its own
-//! user and libvirt relabels the files it hands over but never their parent directories, so
-//! `reach` checks up front that QEMU's user can enter the storage directory (`preflight`) and
-//! read each image file, naming the directory, the user and the fix, instead of every start
-//! failing with QEMU's bare "Permission denied".
+//! VMs made before storage went through libvirt keep their directory,
+//! `<storage dir>/<fleet>/<vm>/` (`Storage::Directory`, recognised by fleet's `owner.json`
+//! marker in it, on fleet's own host only) until they are replaced: an update rewrites its
+//! seed there, a reset its overlay (with `qemu-img`, on the image root's base disk, whose
+//! backing chain must stay under the root), and a destroy removes only the files fleet
+//! makes there (`seed.iso`, `disk.qcow2`, `console.log` and its rotations, a seed staging
+//! directory), the marker last, then the directory with `rmdir`: anything else found in it
+//! stays, and so does the directory. fleet never makes such a directory any more. QEMU runs
+//! as its own user and libvirt relabels the files it hands over but never their parent
+//! directories, so `reach` checks up front that QEMU's user can enter the storage directory
+//! on fleet's own host (`preflight`) and read a directory VM's image files, naming the
+//! directory, the user and the fix, instead of every start failing with QEMU's bare
+//! "Permission denied".
 //!
 //! Networks: isolated and brokered VMs get no network card.
 //! `network: full` VMs join the NAT network of `full_network`, never QEMU's user networking,
@@ -72,9 +73,9 @@
 //!
 //! Stop: ACPI shutdown, pressed again every 2 s (a guest still booting misses the first
 //! press), then power-off once the grace has passed. Destroy: stop, undefine (with managed
-//! save, snapshot metadata and NVRAM), remove the files; a destroy that finds no domain
-//! finishes the file removal. `settle`, after a crash, removes the files of a VM with no
-//! domain and leaves an existing domain to the next observation.
+//! save, snapshot metadata and NVRAM), remove the VM's volumes (and directory); a destroy
+//! that finds no domain finishes the removal. `settle`, after a crash, removes the storage
+//! of a VM with no domain and leaves an existing domain to the next observation.
 //!
 //! The connection is opened by the first call. A connection-level error (libvirtd
 //! restarted) drops it and is `ErrorKind::Transient`, so apply retries and the next call
@@ -200,7 +201,7 @@ impl ConnectBackoff {
 }
 
 /// Whether `uri` reaches a libvirtd on this machine (no host part): nothing to wait for.
-fn is_local_uri(uri: &str) -> bool {
+pub fn is_local_uri(uri: &str) -> bool {
     uri.split_once("://")
         .is_none_or(|(_, rest)| rest.starts_with('/'))
 }
@@ -1340,6 +1341,22 @@ impl LibvirtDriver {
         }
     }
 
+    /// Whether VM `name` has a disk overlay of its own (where internal snapshots live).
+    fn has_overlay(&self, name: &str) -> Result<bool, DriverError> {
+        if let Some(dir) = self.legacy_dir(name)? {
+            return Ok(dir.join("disk.qcow2").exists());
+        }
+        let Some(pool) = self.vm_pool(false)? else {
+            return Ok(false);
+        };
+        let overlay = format!(
+            "{}.{}",
+            volumes::vm_prefix(&self.fleet, name),
+            volumes::DISK
+        );
+        Ok(self.find_volume(&pool.pool, &overlay)?.is_some())
+    }
+
     /// Removes VM `name`'s storage, wherever it is: its volumes, and its directory when it
     /// has one.
     fn remove_storage(&self, name: &str) -> Result<(), DriverError> {
@@ -1756,7 +1773,7 @@ impl Driver for LibvirtDriver {
         self.refuse_with_workspaces(&dom, name, "snapshotted")?;
         // Internal snapshots live in the VM's own overlay: a VM booted from a kernel and
         // initrd alone has none to hold them.
-        if !self.vm_dir(name)?.join("disk.qcow2").exists() {
+        if !self.has_overlay(name)? {
             return Err(DriverError::new(
                 ErrorKind::Permanent,
                 format!(
