@@ -190,10 +190,28 @@ impl DriverCall {
     }
 }
 
+/// `Driver::check_create`, outside the step's deadline (it may ship an image to a host).
+async fn check_create(ctx: &StepContext, desired: &DesiredVm) -> Result<(), DriverError> {
+    let driver = ctx.driver.clone();
+    let vm = desired.clone();
+    match tokio::task::spawn_blocking(move || driver.check_create(&vm)).await {
+        Ok(result) => result,
+        Err(join) => Err(DriverError::new(
+            ErrorKind::Permanent,
+            format!("driver call failed: {join}"),
+        )),
+    }
+}
+
 /// Runs one step; returns its outcome and how many attempts its calls took in all.
 async fn run_step(ctx: &StepContext, step: &Step) -> (Result<(), DriverError>, u32) {
     match &step.change {
-        Change::Create { desired } => call(ctx, step, DriverCall::Create(desired.clone())).await,
+        Change::Create { desired } => {
+            if let Err(e) = check_create(ctx, desired).await {
+                return (Err(e), 1);
+            }
+            call(ctx, step, DriverCall::Create(desired.clone())).await
+        }
         Change::Update {
             desired, restart, ..
         } => {
@@ -221,15 +239,8 @@ async fn run_step(ctx: &StepContext, step: &Step) -> (Result<(), DriverError>, u
         Change::Replace { desired, .. } => {
             // The new VM must be makeable before the old one goes (a base disk half
             // written, gone or reaching outside the image root would lose the VM).
-            let driver = ctx.driver.clone();
-            let vm = desired.clone();
-            match tokio::task::spawn_blocking(move || driver.check_create(&vm)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return (Err(e), 1),
-                Err(join) => {
-                    let e = format!("driver call failed: {join}");
-                    return (Err(DriverError::new(ErrorKind::Permanent, e)), 1);
-                }
+            if let Err(e) = check_create(ctx, desired).await {
+                return (Err(e), 1);
             }
             let (snapshots, a0) = snapshot_first(ctx, step, desired, SnapshotBefore::Replace).await;
             if snapshots.is_err() {

@@ -105,7 +105,9 @@ pub trait Driver: Send + Sync {
     fn start(&self, name: &str) -> Result<(), DriverError>;
 
     /// Whether `vm` could be made now, as far as can be told without making it (its image's
-    /// files): a replace asks before it destroys the VM it replaces.
+    /// files), outside the step's deadline: a replace asks before it destroys the VM it
+    /// replaces, and a create before it creates. A driver may ready what the VM will need
+    /// here, never the VM itself (libvirt ships the image's files to the host's pool).
     fn check_create(&self, vm: &DesiredVm) -> Result<(), DriverError> {
         let _ = vm;
         Ok(())

@@ -475,7 +475,7 @@ fn disk_images_get_overlays_and_a_new_base_disk_replaces_the_vm() {
         let digest =
             fleet::image_content::file_digest(&bases.join(format!("{base}.qcow2"))).expect("sha");
         repo.volumes_dir(&fleet_name)
-            .join(format!("sha256-{digest}.qcow2"))
+            .join(format!("sha256-{digest}.{fleet_name}.qcow2"))
             .display()
             .to_string()
     };

@@ -35,6 +35,22 @@ pub fn workspace_volume(workspace: &str) -> String {
     format!("{workspace}.qcow2")
 }
 
+/// The file of the NoCloud seed a definition attaches (the read-only `vdb` fleet renders).
+pub fn seed_path(xml: &str) -> Option<std::path::PathBuf> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let disk = doc.descendants().find(|n| {
+        n.has_tag_name("disk")
+            && n.children().any(|c| c.has_tag_name("readonly"))
+            && n.children()
+                .any(|c| c.has_tag_name("target") && c.attribute("dev") == Some("vdb"))
+    })?;
+    let file = disk
+        .children()
+        .find(|c| c.has_tag_name("source"))?
+        .attribute("file")?;
+    Some(std::path::PathBuf::from(file))
+}
+
 /// The libvirt networks a definition's interfaces join (`<interface type='network'>`).
 pub fn joined_networks(xml: &str) -> Vec<String> {
     let Ok(doc) = roxmltree::Document::parse(xml) else {
@@ -383,6 +399,12 @@ mod tests {
         let mut kvm = desired();
         kvm.config.domain_type = DomainType::Kvm;
         assert!(!render(&kvm, &uuid, &stamp, &files).contains("<cpu "));
+        // Where the VM's storage is, read back from its definition.
+        assert_eq!(
+            seed_path(&xml),
+            Some(std::path::PathBuf::from("/s/vm-1/seed.iso"))
+        );
+        assert_eq!(seed_path("<domain/>"), None);
     }
 
     #[test]

@@ -146,8 +146,11 @@ pub struct LibvirtDriver {
     tidy_due: AtomicBool,
     /// Held while the storage pool is defined, so parallel creates define it once.
     pool_definition: Mutex<()>,
-    /// Held while an image is shipped, so parallel creates upload it once.
-    shipping: Mutex<()>,
+    /// One lock per image volume, held while it is shipped, so parallel creates upload it
+    /// once.
+    shipping: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// The VMs a step is changing now (`InFlight`).
+    in_flight: Mutex<std::collections::HashSet<String>>,
     domain_type: crate::spec::DomainType,
     /// The guarded network of `network: full` VMs (or why the host configuration's is wrong).
     full_network: Result<full_network::GuardedNetwork, full_network::BadAddress>,
@@ -296,7 +299,8 @@ impl LibvirtDriver {
             // A process's first pass tidies what an earlier one left.
             tidy_due: AtomicBool::new(true),
             pool_definition: Mutex::new(()),
-            shipping: Mutex::new(()),
+            shipping: Mutex::default(),
+            in_flight: Mutex::default(),
             domain_type,
             full_network: full_network::GuardedNetwork::from_spec(provider.full_network.as_ref()),
             qemu_user: std::sync::OnceLock::new(),
@@ -1020,12 +1024,46 @@ impl LibvirtDriver {
         Ok((is_local_uri(&self.uri) && self.dir_is_ours(&dir, name)).then_some(dir))
     }
 
-    /// Where VM `name`'s storage is: its directory, or else the pool (made if missing).
-    fn storage_of(&self, name: &str) -> Result<Storage, DriverError> {
-        if let Some(dir) = self.legacy_dir(name)? {
+    /// Where the storage of VM `name`, whose domain is `dom`, is: read from the seed its
+    /// saved definition names, never guessed. A seed neither in the VM's directory nor in
+    /// the pool (the host configuration's `storageDir` or `storagePool` changed since) is a
+    /// conflict: fleet never makes a VM a new, empty disk beside the one it has.
+    fn storage_of(&self, dom: &Domain, name: &str) -> Result<Storage, DriverError> {
+        let xml = self.on_domain(&format!("read {name}"), || {
+            dom.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+        })?;
+        let seed = domain_xml::seed_path(&xml);
+        let dir = self.vm_dir(name)?;
+        if seed.as_deref() == Some(dir.join("seed.iso").as_path()) {
+            if !self.dir_is_ours(&dir, name) {
+                return Err(DriverError::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "{name}'s files are in {}, which has no owner marker of fleet {:?} (any more); fleet touches no directory it cannot tell it made",
+                        dir.display(),
+                        self.fleet
+                    ),
+                ));
+            }
             return Ok(Storage::Directory(dir));
         }
-        self.pool_made().map(Storage::Volumes)
+        let pool = self.pool_made()?;
+        let expected = pool.path(&format!(
+            "{}.{}",
+            volumes::vm_prefix(&self.fleet, name),
+            volumes::SEED
+        ));
+        if seed.as_deref() == Some(expected.as_path()) {
+            return Ok(Storage::Volumes(pool));
+        }
+        Err(DriverError::new(
+            ErrorKind::Conflict,
+            format!(
+                "{name}'s seed is {}, not where the host configuration keeps its storage ({}): was storageDir or storagePool changed? Change it back; fleet never moves a VM's disk",
+                seed.map_or_else(|| "missing".to_owned(), |s| s.display().to_string()),
+                expected.display()
+            ),
+        ))
     }
 
     fn pool_made(&self) -> Result<volumes::VmPool, DriverError> {
@@ -1076,7 +1114,7 @@ impl LibvirtDriver {
 
     /// Makes what VM `vm`'s definition names and says where it is: its seed written anew;
     /// in the pool, its image files shipped, its console log made, and its overlay made
-    /// when `fresh_disk` or missing. A directory VM gets a new overlay only with
+    /// when `fresh_disk` (a new VM, a reset). A directory VM gets a new overlay only with
     /// `fresh_disk` (a reset).
     fn prepare(
         &self,
@@ -1105,11 +1143,21 @@ impl LibvirtDriver {
                     volumes::vm_prefix(&self.fleet, &vm.name),
                     volumes::DISK
                 );
-                if fresh_disk || self.find_volume(&pool.pool, &name)?.is_none() {
+                if fresh_disk {
                     let base = self.shipped(pool, vm, volumes::ImageFile::Disk, base)?;
                     Some(self.new_overlay_volume(pool, &vm.name, &base, size_mib)?)
-                } else {
+                } else if self.find_volume(&pool.pool, &name)?.is_some() {
                     Some(pool.path(&name))
+                } else {
+                    // Never an empty disk under a VM that had one.
+                    return Err(DriverError::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "{}'s disk ({name}) is gone from storage pool {}; fleet makes no empty disk under a VM: remove its file to destroy it, or restore the volume",
+                            vm.name,
+                            pool.dir.display()
+                        ),
+                    ));
                 }
             }
             _ => None,
@@ -1342,19 +1390,18 @@ impl LibvirtDriver {
     }
 
     /// Whether VM `name` has a disk overlay of its own (where internal snapshots live).
-    fn has_overlay(&self, name: &str) -> Result<bool, DriverError> {
-        if let Some(dir) = self.legacy_dir(name)? {
-            return Ok(dir.join("disk.qcow2").exists());
+    fn has_overlay(&self, dom: &Domain, name: &str) -> Result<bool, DriverError> {
+        match self.storage_of(dom, name)? {
+            Storage::Directory(dir) => Ok(dir.join("disk.qcow2").exists()),
+            Storage::Volumes(pool) => {
+                let overlay = format!(
+                    "{}.{}",
+                    volumes::vm_prefix(&self.fleet, name),
+                    volumes::DISK
+                );
+                Ok(self.find_volume(&pool.pool, &overlay)?.is_some())
+            }
         }
-        let Some(pool) = self.vm_pool(false)? else {
-            return Ok(false);
-        };
-        let overlay = format!(
-            "{}.{}",
-            volumes::vm_prefix(&self.fleet, name),
-            volumes::DISK
-        );
-        Ok(self.find_volume(&pool.pool, &overlay)?.is_some())
     }
 
     /// Removes VM `name`'s storage, wherever it is: its volumes, and its directory when it
@@ -1478,6 +1525,42 @@ impl LibvirtDriver {
             PowerState::Running => self.power_on(dom, &vm.name),
             PowerState::Stopped => self.power_off(dom, &vm.name, grace),
         }
+    }
+}
+
+/// A step changing one VM. apply gives up on a step at its deadline, but the blocking call
+/// runs on: the next step on that VM fails transiently (and is retried) until it ends, so
+/// two never make one VM's storage at once, and no tidy runs meanwhile.
+struct InFlight<'a> {
+    driver: &'a LibvirtDriver,
+    name: String,
+}
+
+impl LibvirtDriver {
+    fn begin(&self, name: &str) -> Result<InFlight<'_>, DriverError> {
+        let mut busy = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if !busy.insert(name.to_owned()) {
+            return Err(DriverError::new(
+                ErrorKind::Transient,
+                format!(
+                    "an earlier step on {name} is still running (its deadline passed); this one waits for it to end"
+                ),
+            ));
+        }
+        Ok(InFlight {
+            driver: self,
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.driver
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
     }
 }
 
@@ -1773,7 +1856,7 @@ impl Driver for LibvirtDriver {
         self.refuse_with_workspaces(&dom, name, "snapshotted")?;
         // Internal snapshots live in the VM's own overlay: a VM booted from a kernel and
         // initrd alone has none to hold them.
-        if !self.has_overlay(name)? {
+        if !self.has_overlay(&dom, name)? {
             return Err(DriverError::new(
                 ErrorKind::Permanent,
                 format!(
@@ -1817,8 +1900,21 @@ impl Driver for LibvirtDriver {
         })
     }
 
+    /// Checks the image's files and ships them to the host's pool ahead of the create,
+    /// outside its deadline (a first upload to a remote host may take a while).
     fn check_create(&self, vm: &DesiredVm) -> Result<(), DriverError> {
-        self.checked_images(vm).map(drop)
+        let images = self.checked_images(vm)?;
+        let pool = self.pool_made()?;
+        for (file, local) in [
+            (volumes::ImageFile::Kernel, &images.kernel),
+            (volumes::ImageFile::Initrd, &images.initrd),
+            (volumes::ImageFile::Disk, &images.disk),
+        ] {
+            if let Some(local) = local {
+                self.shipped(&pool, vm, file, local)?;
+            }
+        }
+        Ok(())
     }
 
     fn workspace_snapshots(
@@ -2008,12 +2104,13 @@ impl Driver for LibvirtDriver {
 
     fn create(&self, vm: &DesiredVm, stamp: &Stamp, grace: Duration) -> Result<(), DriverError> {
         super::check_name(&vm.name)?;
+        let _step = self.begin(&vm.name)?;
         self.invalidate(&vm.name);
         if let Some((dom, found)) = self.owned(&vm.name)? {
             // Made before (a retried or interrupted create): bring it to the spec.
             refuse_adopted(&found, "redefined by a create")?;
             let stamp = &stamp.over(found.stamp.as_deref());
-            let storage = self.storage_of(&vm.name)?;
+            let storage = self.storage_of(&dom, &vm.name)?;
             let paths = self.prepare(vm, &storage, false)?;
             let xml = self.definition(vm, stamp, &paths)?;
             let active = self.is_active(&dom, &vm.name)?;
@@ -2073,6 +2170,7 @@ impl Driver for LibvirtDriver {
         grace: Duration,
     ) -> Result<(), DriverError> {
         super::check_name(&vm.name)?;
+        let _step = self.begin(&vm.name)?;
         self.invalidate(&vm.name);
         let (dom, found) = self.require_owned(&vm.name)?;
         refuse_adopted(&found, "updated in place")?;
@@ -2083,7 +2181,7 @@ impl Driver for LibvirtDriver {
         // (holding a workspace its saved definition let go), and no plan could see it.
         // New workspaces before anything stops (one another VM still has fails the step
         // with this VM up), and before the definition that attaches them.
-        let storage = self.storage_of(&vm.name)?;
+        let storage = self.storage_of(&dom, &vm.name)?;
         let paths = self.prepare(vm, &storage, false)?;
         let xml = self.definition(vm, stamp, &paths)?;
         self.ensure_workspaces(vm, false)?;
@@ -2143,10 +2241,11 @@ impl Driver for LibvirtDriver {
 
     fn reset(&self, vm: &DesiredVm) -> Result<(), DriverError> {
         super::check_name(&vm.name)?;
+        let _step = self.begin(&vm.name)?;
         self.invalidate(&vm.name);
         let (dom, found) = self.require_owned(&vm.name)?;
         refuse_adopted(&found, "reset")?;
-        let storage = self.storage_of(&vm.name)?;
+        let storage = self.storage_of(&dom, &vm.name)?;
         // Checked (and shipped) before the VM goes down.
         let base = match &storage {
             Storage::Directory(_) => self.checked_base(vm)?.map(|(base, _)| base),
@@ -2173,6 +2272,7 @@ impl Driver for LibvirtDriver {
 
     fn destroy(&self, name: &str, grace: Duration) -> Result<(), DriverError> {
         super::check_name(name)?;
+        let _step = self.begin(name)?;
         self.invalidate(name);
         let Some((dom, _)) = self.owned(name)? else {
             // Already gone: finish what an interrupted destroy started.

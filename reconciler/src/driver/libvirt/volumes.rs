@@ -4,18 +4,20 @@
 //!
 //! **The pool** is the provider's `storagePool` (default `fleet-<fleet>`). When it is
 //! missing fleet defines it as a directory pool at `<storageDir>/<fleet>/.volumes` on the
-//! host (built, started, autostarted). A pool of the default name in another directory is
-//! not fleet's: every change stops with a conflict naming it. A pool the host configuration
-//! names is used as found, if it keeps its volumes in a directory (the console log is a
-//! path QEMU's log daemon writes).
+//! host; a change finds it started (built first, should a kill have cut the build short)
+//! and autostarted. A pool of the default name in another directory is not fleet's: every
+//! change stops with a conflict naming it. A pool the host configuration names and that
+//! exists is used wherever its directory is, if it keeps its volumes in one (the console
+//! log is a path QEMU's log daemon writes).
 //!
 //! **Names are the stamp** (volumes carry no metadata). A VM's volumes are
 //! `<vm>.<uuid>.disk.qcow2` (the overlay), `<vm>.<uuid>.seed.iso` (the NoCloud seed) and
 //! `<vm>.<uuid>.console.log` (with the log daemon's rotations `.1`, `.2`, …), where the
 //! UUID is the domain's, derived from fleet and VM: another fleet's or nobody's volume
-//! never has it. An image file's content is `sha256-<digest>.<ext>` (`qcow2`, `kernel`,
-//! `initrd`), shared by every VM of the pool that uses it; no VM name is that long, so the
-//! two kinds never meet. fleet never touches a volume of any other name.
+//! never has it. An image file's content is `sha256-<digest>.<fleet>.<ext>` (`qcow2`,
+//! `kernel`, `initrd`), shared by the fleet's VMs in the pool; no VM name is that long, so
+//! the two kinds never meet, and fleets sharing a pool never share (or remove) each
+//! other's images. fleet never touches a volume of any other name.
 //!
 //! **Images are shipped once per content.** An image volume is complete only once its
 //! marker `<volume>.ok` exists, made after the upload's own sha256 was checked against the
@@ -24,11 +26,17 @@
 //! be a qcow2 of its own: a backing file or an external data file would name a file on the
 //! host (`check_base_header`, read from the file's header on fleet's side).
 //!
-//! **Tidy** (`tidy_volumes`, at the end of an apply pass that destroyed, reset or shipped
-//! something, and at the first pass of a process): an image volume no overlay in the pool
-//! backs onto and no domain on the host boots from is removed (its marker first), and so
-//! are the console-log rotations of this fleet's VMs that have no domain. A VM's own
-//! volumes go with the VM (`remove_volumes`, by destroy and by settle after a crash).
+//! **Tidy** (`tidy_volumes`: when a process opens its journal, and at the end of an apply
+//! pass that destroyed or shipped something, never while a step on any VM still runs): the
+//! volumes of this fleet's VMs that have no domain go (what a create that failed left, and
+//! the log daemon's rotations), then every image volume of the fleet that no overlay in
+//! the pool backs onto and none of its domains (their definitions, running or saved, and
+//! their snapshots) boots from, its marker first. A VM's own volumes go with the VM
+//! (`remove_volumes`, by destroy and by settle after a crash).
+//!
+//! A seed is rewritten by removing and uploading it, not atomically: a kill between the
+//! two leaves the domain's old definition and stamp (the definition is saved last), so the
+//! next plan runs the update again and writes the seed whole.
 //!
 //! The test driver (`test:///`) has no streams: its volumes are made and removed, but
 //! nothing is uploaded or downloaded (nothing boots there either).
@@ -106,9 +114,9 @@ impl ImageFile {
     }
 }
 
-/// The volume of an image file's content.
-pub fn image_volume(digest: &str, file: ImageFile) -> String {
-    format!("sha256-{digest}.{}", file.extension())
+/// The volume of an image file's content, in fleet `fleet`.
+pub fn image_volume(fleet: &str, digest: &str, file: ImageFile) -> String {
+    format!("sha256-{digest}.{fleet}.{}", file.extension())
 }
 
 /// The marker of a complete image volume.
@@ -116,22 +124,42 @@ fn done_marker(volume: &str) -> String {
     format!("{volume}.ok")
 }
 
-/// The image volume `name` is (itself, or the one it is the marker of), when it is one.
-fn image_of(name: &str) -> Option<&str> {
+/// The image volume of fleet `fleet` that `name` is (itself, or the one it is the marker
+/// of), when it is one.
+fn image_of<'a>(fleet: &str, name: &'a str) -> Option<&'a str> {
     let volume = name.strip_suffix(".ok").unwrap_or(name);
-    let (hex, extension) = volume.strip_prefix("sha256-")?.split_once('.')?;
+    let (hex, rest) = volume.strip_prefix("sha256-")?.split_once('.')?;
+    let (owner, extension) = rest.split_once('.')?;
     let is_hex = hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
     let known = ImageFile::ALL.iter().any(|f| f.extension() == extension);
-    (is_hex && known).then_some(volume)
+    (is_hex && owner == fleet && known).then_some(volume)
 }
 
-/// Refuses a base disk that is not a qcow2 of its own, from its header: a backing file or
-/// an external data file would name a file on the host for QEMU to open.
+/// What a qcow2 header must hold for the checks (up to the incompatible features).
+const HEADER: usize = 80;
+
+/// A check of a file's first `HEADER` bytes.
+type HeaderCheck = fn(&[u8]) -> Result<(), String>;
+
+/// Refuses a base disk that is not a qcow2 of its own, from the file's header: a backing
+/// file or an external data file would name a file on the host for QEMU to open.
 pub fn check_base_header(path: &Path) -> Result<(), String> {
-    let mut header = [0u8; 80];
-    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let read = file.read(&mut header).map_err(|e| e.to_string())?;
-    let word = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().unwrap_or([0; 8]));
+    let mut header = Vec::with_capacity(HEADER);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(HEADER as u64).read_to_end(&mut header))
+        .map_err(|e| e.to_string())?;
+    check_header(&header)
+}
+
+/// `check_base_header` on a file's first bytes (at least `HEADER` of them, if it has them).
+fn check_header(header: &[u8]) -> Result<(), String> {
+    let read = header.len();
+    let word = |at: usize| {
+        header
+            .get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_be_bytes)
+    };
     if read < 72 || header[..4] != *b"QFI\xfb" {
         return Err("a base disk must be qcow2".to_owned());
     }
@@ -142,8 +170,12 @@ pub fn check_base_header(path: &Path) -> Result<(), String> {
         );
     }
     let version = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-    // Incompatible feature bit 2: the data lives in an external file.
-    if version >= 3 && read >= 80 && word(72) & 0b100 != 0 {
+    // Incompatible feature bit 2: the data lives in an external file. A version 3 header
+    // too short to say is no qcow2 QEMU would open either.
+    if version >= 3 && read < HEADER {
+        return Err("a base disk must be qcow2 (its header is cut short)".to_owned());
+    }
+    if version >= 3 && word(72) & 0b100 != 0 {
         return Err("a qcow2 with an external data file is not accepted".to_owned());
     }
     Ok(())
@@ -231,12 +263,11 @@ impl LibvirtDriver {
                     escape(name.as_str()),
                     escape(default_dir.to_string_lossy().as_ref())
                 );
-                let pool = self.call("define the storage pool", |c| {
+                // Built when started (below), so a kill between the two leaves nothing a
+                // later start does not finish.
+                self.call("define the storage pool", |c| {
                     c.define_storage_pool_xml(&xml, 0)
-                })?;
-                self.call("build the storage pool", |_| pool.build(0))?;
-                let _ = pool.set_autostart(true);
-                pool
+                })?
             }
         };
         self.checked_pool(pool, &name, &default_dir, make)
@@ -273,11 +304,17 @@ impl LibvirtDriver {
             if !make {
                 return Ok(None);
             }
-            let started = self.call("start the storage pool", |_| pool.create(0));
+            let started = self.call("start the storage pool", |_| {
+                pool.create(virt::sys::VIR_STORAGE_POOL_CREATE_WITH_BUILD)
+            });
             // Another process may have started it meanwhile.
             if started.is_err() && !self.call("look at the storage pool", |_| pool.is_active())? {
                 return started.map(|()| None);
             }
+        }
+        // Up again after the host restarts (a kill may have come before this).
+        if make && !pool.autostart().unwrap_or(true) {
+            let _ = pool.set_autostart(true);
         }
         Ok(Some(VmPool { pool, dir }))
     }
@@ -293,6 +330,14 @@ impl LibvirtDriver {
             Ok(volume) => Ok(Some(volume)),
             Err(e) if matches!(e.code(), Enum::Known(ErrorNumber::NoStorageVolume)) => Ok(None),
             Err(e) => Err(self.classify(&format!("find volume {name}"), &e)),
+        }
+    }
+
+    /// Removes volume `name` of `pool`, if it is there.
+    fn delete_volume_named(&self, pool: &StoragePool, name: &str) -> Result<bool, DriverError> {
+        match self.find_volume(pool, name)? {
+            Some(volume) => self.delete_volume(&volume, name).map(|()| true),
+            None => Ok(false),
         }
     }
 
@@ -332,13 +377,15 @@ impl LibvirtDriver {
         !self.uri.starts_with("test:")
     }
 
-    /// Uploads `len` bytes of `source` into `volume`, returning their sha256.
+    /// Uploads `len` bytes of `source` into `volume`, returning their sha256. `first`, when
+    /// given, checks the first bytes sent (up to `HEADER`) before any is.
     fn upload(
         &self,
         volume: &StorageVol,
         name: &str,
         source: &mut dyn Read,
         len: u64,
+        first: Option<HeaderCheck>,
     ) -> Result<String, DriverError> {
         let fail =
             |why: String| DriverError::new(ErrorKind::Transient, format!("upload {name}: {why}"));
@@ -359,6 +406,41 @@ impl LibvirtDriver {
             };
             if sent + n as u64 > len {
                 break Err(fail("the file grew while it was sent".to_owned()));
+            }
+            if sent == 0
+                && let Some(check) = first
+            {
+                // What is sent is what was checked, whatever the file became since.
+                let mut head = buf[..n].to_vec();
+                let mut unread = None;
+                while head.len() < HEADER {
+                    match source.read(&mut buf[..HEADER - head.len()]) {
+                        Ok(0) => break,
+                        Ok(m) => head.extend_from_slice(&buf[..m]),
+                        Err(e) => {
+                            unread = Some(fail(format!("read: {e}")));
+                            break;
+                        }
+                    }
+                }
+                if let Some(e) = unread {
+                    break Err(e);
+                }
+                if head.len() as u64 > len {
+                    break Err(fail("the file grew while it was sent".to_owned()));
+                }
+                if let Err(why) = check(&head) {
+                    break Err(DriverError::new(
+                        ErrorKind::Permanent,
+                        format!("{name}: {why}"),
+                    ));
+                }
+                hasher.update(&head);
+                if let Err(why) = super::channel::send_all(&stream, &head) {
+                    break Err(fail(why));
+                }
+                sent += head.len() as u64;
+                continue;
             }
             hasher.update(&buf[..n]);
             if let Err(why) = super::channel::send_all(&stream, &buf[..n]) {
@@ -410,12 +492,23 @@ impl LibvirtDriver {
                 "cannot be read (a regular file fleet's user may read)".to_owned(),
             )
         })?;
-        let name = image_volume(&digest, file);
+        let name = image_volume(&self.fleet, &digest, file);
         let marker = done_marker(&name);
-        // One upload at a time: parallel creates on one image wait for the first's.
-        let _shipping = self.shipping.lock().unwrap_or_else(|p| p.into_inner());
+        // One upload of an image at a time: parallel creates on it wait for the first's.
+        let lock = self
+            .shipping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.clone())
+            .or_default()
+            .clone();
+        let _shipping = lock.lock().unwrap_or_else(|p| p.into_inner());
         if self.find_volume(&pool.pool, &marker)?.is_some() {
-            return Ok(pool.path(&name));
+            if self.find_volume(&pool.pool, &name)?.is_some() {
+                return Ok(pool.path(&name));
+            }
+            // A marker without its image (removed by hand): shipped again.
+            self.delete_volume_named(&pool.pool, &marker)?;
         }
         // Not complete: whatever an interrupted upload left goes first.
         if let Some(partial) = self.find_volume(&pool.pool, &name)? {
@@ -431,7 +524,8 @@ impl LibvirtDriver {
         // Made raw: the upload writes the file's bytes as they are (a qcow2 stays one).
         let volume = self.make_volume(&pool.pool, &name, &volume_xml(&name, len, "raw", 0o644))?;
         if self.streams() {
-            let uploaded = self.upload(&volume, &name, &mut source, len);
+            let first: Option<HeaderCheck> = (file == ImageFile::Disk).then_some(check_header);
+            let uploaded = self.upload(&volume, &name, &mut source, len, first);
             let wrong = match uploaded {
                 Ok(got) if got == digest => None,
                 Ok(_) => Some(fail(
@@ -467,7 +561,7 @@ impl LibvirtDriver {
         let len = bytes.len() as u64;
         let volume = self.make_volume(&pool.pool, &name, &volume_xml(&name, len, "raw", mode))?;
         if self.streams() {
-            self.upload(&volume, &name, &mut &bytes[..], len)?;
+            self.upload(&volume, &name, &mut &bytes[..], len, None)?;
         }
         Ok(pool.path(&name))
     }
@@ -512,9 +606,8 @@ impl LibvirtDriver {
     /// Removes VM `vm`'s overlay, seed and console log (its log's rotations go at the next
     /// tidy, which finds them by listing the pool).
     pub(super) fn remove_volumes(&self, vm: &str) -> Result<(), DriverError> {
-        let Some(pool) = self.vm_pool(false)? else {
-            return Ok(());
-        };
+        // Started if it is not: an inactive pool would hide the volumes, not lack them.
+        let pool = self.pool_made()?;
         let prefix = vm_prefix(&self.fleet, vm);
         for part in [DISK, SEED, CONSOLE_LOG] {
             let name = format!("{prefix}.{part}");
@@ -540,10 +633,13 @@ impl LibvirtDriver {
         let Some(volume) = self.find_volume(&pool.pool, &name)? else {
             return Ok(None);
         };
-        // libvirt stats the file again for its size.
+        // The file's own size, stated afresh (`GET_PHYSICAL` puts it in `allocation`): never
+        // what a header the guest wrote into its log claims.
         let len = self
-            .on_domain(&format!("read {name}"), || volume.info())?
-            .capacity;
+            .on_domain(&format!("read {name}"), || {
+                volume.info_flags(virt::sys::VIR_STORAGE_VOL_GET_PHYSICAL)
+            })?
+            .allocation;
         let mut bytes = Vec::new();
         if from < len && self.streams() {
             let want = (len - from).min(max as u64);
@@ -576,6 +672,15 @@ impl LibvirtDriver {
     /// rotations of this fleet's VMs that have no domain; only when something may have
     /// freed one since the last tidy.
     pub(super) fn tidy_volumes(&self) -> Result<Vec<String>, DriverError> {
+        // Never under a step still running (one apply gave up on at its deadline).
+        if !self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            return Ok(Vec::new());
+        }
         if !self.tidy_due.swap(false, Ordering::Relaxed) {
             return Ok(Vec::new());
         }
@@ -595,53 +700,89 @@ impl LibvirtDriver {
         self.call("refresh the storage pool", |_| pool.pool.refresh(0))?;
         let names = self.call("list volumes", |_| pool.pool.list_volumes())?;
         let domains = self.call("list domains", |c| c.list_all_domains(0))?;
-        let with_domain: HashSet<String> = domains.iter().filter_map(|d| d.name().ok()).collect();
+        // This fleet's domains: those with the UUID fleet gives their name (no call).
+        let ours: Vec<(String, &virt::domain::Domain)> = domains
+            .iter()
+            .filter_map(|d| {
+                let name = d.name().ok()?;
+                let uuid = d.uuid().ok()?;
+                (crate::driver::check_name(&name).is_ok()
+                    && uuid == domain_uuid(&self.fleet, &name))
+                .then_some((name, d))
+            })
+            .collect();
+        let with_domain: HashSet<&str> = ours.iter().map(|(n, _)| n.as_str()).collect();
         let remove = |name: &str, removed: &mut Vec<String>| -> Result<(), DriverError> {
-            if let Some(volume) = self.find_volume(&pool.pool, name)? {
-                self.delete_volume(&volume, name)?;
+            if self.delete_volume_named(&pool.pool, name)? {
                 removed.push(format!("removed volume {name}: nothing uses it"));
             }
             Ok(())
         };
+        // A VM's volumes without its domain: what a failed create or the log daemon left.
+        let mut kept = Vec::new();
         for name in &names {
-            let rotated = name
-                .rsplit_once('.')
-                .is_some_and(|(log, n)| log.ends_with(".console.log") && n.parse::<u32>().is_ok());
-            if rotated
-                && let Some(vm) = owner_of_volume(&self.fleet, name)
-                && !with_domain.contains(&vm)
-            {
-                remove(name, &mut removed)?;
+            match owner_of_volume(&self.fleet, name) {
+                Some(vm) if !with_domain.contains(vm.as_str()) => remove(name, &mut removed)?,
+                _ => kept.push(name.as_str()),
             }
         }
-        let images: HashSet<&str> = names.iter().filter_map(|n| image_of(n)).collect();
+        let images: HashSet<&str> = kept
+            .iter()
+            .filter_map(|n| image_of(&self.fleet, n))
+            .collect();
         if images.is_empty() {
             return Ok(removed);
         }
         let mut used: HashSet<String> = HashSet::new();
-        // Overlays back onto disks; any overlay in the pool counts, fleet's or another's.
-        for name in names.iter().filter(|n| n.ends_with(&format!(".{DISK}"))) {
+        // Overlays back onto disks: every volume that may be one counts, fleet's or not
+        // (never this fleet's images, seeds or logs, whose headers a guest may have
+        // written).
+        for name in kept {
+            let own_file = image_of(&self.fleet, name).is_some()
+                || owner_of_volume(&self.fleet, name).is_some_and(|_| !name.ends_with(DISK));
+            if own_file {
+                continue;
+            }
             let Some(volume) = self.find_volume(&pool.pool, name)? else {
                 continue;
             };
-            let xml = self.on_domain(&format!("read volume {name}"), || volume.xml_desc(0))?;
-            if let Some(backing) = backing_file(&xml) {
+            if let Ok(xml) = volume.xml_desc(0)
+                && let Some(backing) = backing_file(&xml)
+            {
                 used.insert(backing);
             }
         }
-        // Domains boot from kernels and initrds (and may name an image volume as a disk).
-        let wanted: Vec<PathBuf> = images.iter().map(|i| pool.path(i)).collect();
-        for dom in &domains {
+        // The fleet's domains boot from kernels and initrds: in their saved definitions, a
+        // running one's live definition, and their snapshots (a revert restores one).
+        let wanted: Vec<(String, String)> = images
+            .iter()
+            .map(|i| {
+                let path = pool.path(i).to_string_lossy().into_owned();
+                let escaped = escape(path.as_str()).into_owned();
+                (path, escaped)
+            })
+            .collect();
+        for (name, dom) in &ours {
+            let mut definitions = Vec::new();
             let mut flags = vec![virt::sys::VIR_DOMAIN_XML_INACTIVE];
             if dom.id().is_some() {
                 flags.push(0);
             }
             for flags in flags {
-                let xml = self.on_domain("read a domain", || dom.xml_desc(flags))?;
-                for path in &wanted {
-                    let path = path.to_string_lossy();
-                    if xml.contains(path.as_ref()) {
-                        used.insert(path.into_owned());
+                match self.on_domain(&format!("read {name}"), || dom.xml_desc(flags)) {
+                    Ok(xml) => definitions.push(xml),
+                    // Gone since the listing: it boots from nothing.
+                    Err(e) if e.kind == ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if let Ok(snapshots) = dom.list_all_snapshots(0) {
+                definitions.extend(snapshots.iter().filter_map(|s| s.xml_desc(0).ok()));
+            }
+            for xml in &definitions {
+                for (path, escaped) in &wanted {
+                    if xml.contains(escaped.as_str()) {
+                        used.insert(path.clone());
                     }
                 }
             }
@@ -690,12 +831,17 @@ mod tests {
             None
         );
         let digest = "ab".repeat(32);
-        let image = image_volume(&digest, ImageFile::Kernel);
+        let image = image_volume("demo", &digest, ImageFile::Kernel);
         assert_eq!(owner_of_volume("demo", &image), None);
-        assert_eq!(image_of(&image), Some(image.as_str()));
-        assert_eq!(image_of(&format!("{image}.ok")), Some(image.as_str()));
-        assert_eq!(image_of("sha256-abc.qcow2"), None);
-        assert_eq!(image_of(&format!("sha256-{digest}.iso")), None);
+        assert_eq!(image_of("demo", &image), Some(image.as_str()));
+        assert_eq!(
+            image_of("demo", &format!("{image}.ok")),
+            Some(image.as_str())
+        );
+        // Another fleet's image, a short digest, an unknown kind: not this fleet's.
+        assert_eq!(image_of("other", &image), None);
+        assert_eq!(image_of("demo", "sha256-abc.demo.qcow2"), None);
+        assert_eq!(image_of("demo", &format!("sha256-{digest}.demo.iso")), None);
     }
 
     #[test]
@@ -725,6 +871,11 @@ mod tests {
             check_base_header(&raw),
             Err("a base disk must be qcow2".to_owned())
         );
+        // A version 3 header cut short says nothing of its features: refused.
+        let mut short = b"QFI\xfb".to_vec();
+        short.extend_from_slice(&3u32.to_be_bytes());
+        short.resize(75, 0);
+        assert!(check_header(&short).is_err());
     }
 
     #[test]
