@@ -69,16 +69,12 @@ impl Drop for Cleanup {
                 let _ = virsh(&["undefine", name]);
             }
         }
-        // The storage pools of this process's test fleets whose directories went with
-        // their repositories (a test's repository is dropped before its cleanup); those
-        // of tests still running keep theirs.
+        // The storage pools of test fleets (`it…`) whose directories went with their
+        // repositories (a test's repository is dropped before its cleanup); those of tests
+        // still running keep theirs.
         let pools = virsh(&["pool-list", "--all", "--name"]);
-        let ours = [
-            format!("fleet-it{}", std::process::id()),
-            format!("fleet-ws-it{}", std::process::id()),
-        ];
         for pool in String::from_utf8_lossy(&pools.stdout).lines() {
-            if !ours.iter().any(|p| pool.starts_with(p.as_str())) {
+            if !(pool.starts_with("fleet-it") || pool.starts_with("fleet-ws-it")) {
                 continue;
             }
             let xml = String::from_utf8_lossy(&virsh(&["pool-dumpxml", pool]).stdout).into_owned();
