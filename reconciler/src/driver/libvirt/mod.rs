@@ -1131,7 +1131,7 @@ impl LibvirtDriver {
         let ship = |file, local: &Option<PathBuf>| {
             local
                 .as_deref()
-                .map(|local| self.shipped(pool, vm, file, local))
+                .map(|local| self.shipped(pool, &vm.config.image.name, file, local))
                 .transpose()
         };
         let kernel = ship(volumes::ImageFile::Kernel, &images.kernel)?;
@@ -1144,7 +1144,8 @@ impl LibvirtDriver {
                     volumes::DISK
                 );
                 if fresh_disk {
-                    let base = self.shipped(pool, vm, volumes::ImageFile::Disk, base)?;
+                    let base =
+                        self.shipped(pool, &vm.config.image.name, volumes::ImageFile::Disk, base)?;
                     Some(self.new_overlay_volume(pool, &vm.name, &base, size_mib)?)
                 } else if self.find_volume(&pool.pool, &name)?.is_some() {
                     Some(pool.path(&name))
@@ -1911,7 +1912,7 @@ impl Driver for LibvirtDriver {
             (volumes::ImageFile::Disk, &images.disk),
         ] {
             if let Some(local) = local {
-                self.shipped(&pool, vm, file, local)?;
+                self.shipped(&pool, &vm.config.image.name, file, local)?;
             }
         }
         Ok(())
@@ -2250,7 +2251,12 @@ impl Driver for LibvirtDriver {
         let base = match &storage {
             Storage::Directory(_) => self.checked_base(vm)?.map(|(base, _)| base),
             Storage::Volumes(pool) => match self.checked_images(vm)?.disk {
-                Some(local) => Some(self.shipped(pool, vm, volumes::ImageFile::Disk, &local)?),
+                Some(local) => Some(self.shipped(
+                    pool,
+                    &vm.config.image.name,
+                    volumes::ImageFile::Disk,
+                    &local,
+                )?),
                 None => None,
             },
         };

@@ -20,8 +20,9 @@
 //! other's images. fleet never touches a volume of any other name.
 //!
 //! **Images are shipped once per content.** An image volume is complete only once its
-//! marker `<volume>.ok` exists, made after the upload's own sha256 was checked against the
-//! digest the volume is named by. An upload a kill cut short has no marker; the next ship
+//! marker `<volume>.ok` exists, made after the upload, once the file is found still the
+//! version its digest was taken of (`image_content` hashes a file again whenever its
+//! version changes), so what was sent is what the name says. An upload a kill cut short has no marker; the next ship
 //! removes it and uploads again, so a VM is never made on half an image. A base disk must
 //! be a qcow2 of its own: a backing file or an external data file would name a file on the
 //! host (`check_base_header`, read from the file's header on fleet's side).
@@ -47,7 +48,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use quick_xml::escape::escape;
-use sha2::{Digest, Sha256};
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
 use virt::storage_pool::StoragePool;
@@ -56,7 +56,6 @@ use virt::stream::Stream;
 
 use super::{LibvirtDriver, domain_uuid};
 use crate::driver::{DriverError, ErrorKind};
-use crate::resolve::DesiredVm;
 
 /// The parts of a VM's storage, after `<vm>.<uuid>.`.
 pub const DISK: &str = "disk.qcow2";
@@ -181,6 +180,20 @@ fn check_header(header: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Reads from `source` into `piece` until it holds `want` bytes or the source ends.
+fn read_up_to(source: &mut dyn Read, piece: &mut Vec<u8>, want: usize) -> std::io::Result<()> {
+    while piece.len() < want {
+        let before = piece.len();
+        match source.take((want - before) as u64).read_to_end(piece) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// The XML of a new volume.
 fn volume_xml(name: &str, capacity: u64, format: &str, mode: u32) -> String {
     format!(
@@ -263,8 +276,7 @@ impl LibvirtDriver {
                     escape(name.as_str()),
                     escape(default_dir.to_string_lossy().as_ref())
                 );
-                // Built when started (below), so a kill between the two leaves nothing a
-                // later start does not finish.
+                // Built when started (below).
                 self.call("define the storage pool", |c| {
                     c.define_storage_pool_xml(&xml, 0)
                 })?
@@ -304,9 +316,11 @@ impl LibvirtDriver {
             if !make {
                 return Ok(None);
             }
-            let started = self.call("start the storage pool", |_| {
-                pool.create(virt::sys::VIR_STORAGE_POOL_CREATE_WITH_BUILD)
-            });
+            // Built first (its directory made if missing): a kill between define and
+            // build leaves nothing a later start does not finish. (Not `create` with
+            // `WITH_BUILD`, which libvirt's test driver refuses.)
+            let _ = self.call("build the storage pool", |_| pool.build(0));
+            let started = self.call("start the storage pool", |_| pool.create(0));
             // Another process may have started it meanwhile.
             if started.is_err() && !self.call("look at the storage pool", |_| pool.is_active())? {
                 return started.map(|()| None);
@@ -377,8 +391,8 @@ impl LibvirtDriver {
         !self.uri.starts_with("test:")
     }
 
-    /// Uploads `len` bytes of `source` into `volume`, returning their sha256. `first`, when
-    /// given, checks the first bytes sent (up to `HEADER`) before any is.
+    /// Uploads `len` bytes of `source` into `volume`. `first`, when given, checks the first
+    /// bytes sent (up to `HEADER`) before any is.
     fn upload(
         &self,
         volume: &StorageVol,
@@ -386,7 +400,7 @@ impl LibvirtDriver {
         source: &mut dyn Read,
         len: u64,
         first: Option<HeaderCheck>,
-    ) -> Result<String, DriverError> {
+    ) -> Result<(), DriverError> {
         let fail =
             |why: String| DriverError::new(ErrorKind::Transient, format!("upload {name}: {why}"));
         let conn = self.connection()?;
@@ -394,60 +408,32 @@ impl LibvirtDriver {
         self.on_domain(&format!("upload {name}"), || {
             volume.upload(&stream, 0, len, 0)
         })?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; CHUNK];
         let mut sent = 0u64;
-        let result = loop {
-            let n = match source.read(&mut buf) {
-                Ok(0) => break Ok(()),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => break Err(fail(format!("read: {e}"))),
-            };
-            if sent + n as u64 > len {
-                break Err(fail("the file grew while it was sent".to_owned()));
-            }
-            if sent == 0
-                && let Some(check) = first
-            {
+        let result = (|| -> Result<(), DriverError> {
+            let mut piece = Vec::with_capacity(CHUNK);
+            if let Some(check) = first {
                 // What is sent is what was checked, whatever the file became since.
-                let mut head = buf[..n].to_vec();
-                let mut unread = None;
-                while head.len() < HEADER {
-                    match source.read(&mut buf[..HEADER - head.len()]) {
-                        Ok(0) => break,
-                        Ok(m) => head.extend_from_slice(&buf[..m]),
-                        Err(e) => {
-                            unread = Some(fail(format!("read: {e}")));
-                            break;
-                        }
+                read_up_to(source, &mut piece, HEADER).map_err(|e| fail(format!("read: {e}")))?;
+                check(&piece).map_err(|why| {
+                    DriverError::new(ErrorKind::Permanent, format!("{name}: {why}"))
+                })?;
+            }
+            loop {
+                if piece.is_empty() {
+                    read_up_to(source, &mut piece, CHUNK)
+                        .map_err(|e| fail(format!("read: {e}")))?;
+                    if piece.is_empty() {
+                        return Ok(());
                     }
                 }
-                if let Some(e) = unread {
-                    break Err(e);
+                if sent + piece.len() as u64 > len {
+                    return Err(fail("the file grew while it was sent".to_owned()));
                 }
-                if head.len() as u64 > len {
-                    break Err(fail("the file grew while it was sent".to_owned()));
-                }
-                if let Err(why) = check(&head) {
-                    break Err(DriverError::new(
-                        ErrorKind::Permanent,
-                        format!("{name}: {why}"),
-                    ));
-                }
-                hasher.update(&head);
-                if let Err(why) = super::channel::send_all(&stream, &head) {
-                    break Err(fail(why));
-                }
-                sent += head.len() as u64;
-                continue;
+                sent += piece.len() as u64;
+                super::channel::send_all(&stream, &piece).map_err(fail)?;
+                piece.clear();
             }
-            hasher.update(&buf[..n]);
-            if let Err(why) = super::channel::send_all(&stream, &buf[..n]) {
-                break Err(fail(why));
-            }
-            sent += n as u64;
-        };
+        })();
         let result = result.and_then(|()| {
             if sent == len {
                 Ok(())
@@ -462,8 +448,7 @@ impl LibvirtDriver {
         self.calls.fetch_add(1, Ordering::Relaxed);
         stream
             .finish()
-            .map_err(|e| self.classify(&format!("upload {name}"), &e))?;
-        Ok(crate::digest::hex(&hasher.finalize()))
+            .map_err(|e| self.classify(&format!("upload {name}"), &e))
     }
 
     /// The content of image file `local` (resolved under the image root) on the host: its
@@ -471,19 +456,14 @@ impl LibvirtDriver {
     pub(super) fn shipped(
         &self,
         pool: &VmPool,
-        vm: &DesiredVm,
+        image: &str,
         file: ImageFile,
         local: &Path,
     ) -> Result<PathBuf, DriverError> {
         let fail = |kind, why: String| {
             DriverError::new(
                 kind,
-                format!(
-                    "image {}: {} {}: {why}",
-                    vm.config.image.name,
-                    file.field(),
-                    local.display()
-                ),
+                format!("image {image}: {} {}: {why}", file.field(), local.display()),
             )
         };
         let digest = crate::image_content::file_digest(local).ok_or_else(|| {
@@ -525,23 +505,37 @@ impl LibvirtDriver {
         let volume = self.make_volume(&pool.pool, &name, &volume_xml(&name, len, "raw", 0o644))?;
         if self.streams() {
             let first: Option<HeaderCheck> = (file == ImageFile::Disk).then_some(check_header);
-            let uploaded = self.upload(&volume, &name, &mut source, len, first);
-            let wrong = match uploaded {
-                Ok(got) if got == digest => None,
-                Ok(_) => Some(fail(
-                    ErrorKind::Transient,
-                    "it changed while it was uploaded; it is uploaded again on the next try"
-                        .to_owned(),
-                )),
-                Err(e) => Some(e),
-            };
-            if let Some(e) = wrong {
+            let uploaded = self
+                .upload(&volume, &name, &mut source, len, first)
+                .and_then(|()| {
+                    // The file is still the version the digest was taken of (`image_content`
+                    // hashes a file again only when its version changes): what was sent is
+                    // what the name says.
+                    if crate::image_content::file_digest(local).as_deref() == Some(digest.as_str())
+                    {
+                        Ok(())
+                    } else {
+                        Err(fail(
+                        ErrorKind::Transient,
+                        "it changed while it was uploaded; it is uploaded again on the next try"
+                            .to_owned(),
+                    ))
+                    }
+                });
+            if let Err(e) = uploaded {
                 let _ = self.delete_volume(&volume, &name);
                 return Err(e);
             }
         }
         self.make_volume(&pool.pool, &marker, &volume_xml(&marker, 0, "raw", 0o600))?;
         Ok(pool.path(&name))
+    }
+
+    /// Ships file `local` of image `image` (resolved under the image root) to the host's
+    /// pool, as a create does first; returns the volume's path there. For the benchmarks.
+    pub fn ship(&self, image: &str, file: ImageFile, local: &Path) -> Result<PathBuf, DriverError> {
+        let pool = self.pool_made()?;
+        self.shipped(&pool, image, file, local)
     }
 
     /// Writes `bytes` as VM volume `<prefix>.<part>`, in place of any there was (a running

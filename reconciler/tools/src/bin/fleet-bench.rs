@@ -28,14 +28,18 @@
 //! 7. source (`--source`, `source_bench`; libvirt's test driver): push-to-apply latency of
 //!    a followed remote with polling next to `fleet reconcile`, and an idle poll's cost.
 //!
+//! 8. upload (needs libvirtd, `--upload`, `upload_bench`): the first use of a base disk of
+//!    `--upload-mib` MiB (default 256) on a provider, shipped into the fleet's storage pool,
+//!    next to `virsh vol-upload` of the same file.
+//!
 //! Every bench that makes domains on qemu:///system stamps them with a fleet name of its own
 //! and removes exactly those (`OwnDomains`), on every path; the run then fails, naming them,
 //! unless the host's domains are the same as before it (`same_domains`).
 //!
 //! Usage: fleet-bench [--vms N] [--libvirt] [--libvirt-vms N] [--foreign-vms N] [--daemon] [--idle-seconds N]
 //!        [--skip-latency] [--skip-noop] [--skip-idle] [--egress] [--egress-mib N]
-//!        [--results] [--source] [--only-broker] [--only-egress] [--only-results]
-//!        [--only-source]
+//!        [--results] [--source] [--upload] [--upload-mib N] [--only-broker]
+//!        [--only-egress] [--only-results] [--only-source] [--only-upload]
 
 #![allow(clippy::disallowed_methods)] // a tool writes scratch files freely
 
@@ -45,6 +49,8 @@ mod broker_bench;
 mod results_bench;
 #[path = "../source_bench.rs"]
 mod source_bench;
+#[path = "../upload_bench.rs"]
+mod upload_bench;
 #[path = "../vm_egress_bench.rs"]
 mod vm_egress_bench;
 
@@ -142,6 +148,9 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     if args.iter().any(|a| a == "--only-results") {
         return results_bench::bench_results();
     }
+    if args.iter().any(|a| a == "--only-upload") {
+        return upload_bench::bench_upload(number("--upload-mib", 256));
+    }
     if args.iter().any(|a| a == "--only-source") {
         return source_bench::bench_source(20);
     }
@@ -178,6 +187,11 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         results_bench::bench_results()?;
     } else {
         println!("results: skipped (pass --results to measure a run's change coming back)");
+    }
+    if args.iter().any(|a| a == "--upload") {
+        upload_bench::bench_upload(number("--upload-mib", 256))?;
+    } else {
+        println!("upload: skipped (pass --upload to measure shipping an image to a host)");
     }
     if args.iter().any(|a| a == "--source") {
         source_bench::bench_source(20)?;
