@@ -1094,6 +1094,52 @@ pub fn check(desired: &Desired, host: &HostSpec) -> Vec<crate::load::Diagnostic>
     let mut diags = check_limits(desired, host);
     diags.extend(check_secret_files(desired));
     diags.extend(check_quotas(desired));
+    diags.extend(check_full_network(desired, host));
+    diags
+}
+
+/// `network: full` needs fleet on the libvirt host itself: the nftables guard that keeps
+/// such a VM off the host's own addresses is applied where fleet runs. A VM (or a pool
+/// member, wherever placement may put it) on a provider the host configuration reaches at
+/// another host is refused here, not at its first start.
+pub fn check_full_network(desired: &Desired, host: &HostSpec) -> Vec<crate::load::Diagnostic> {
+    let remote: BTreeMap<&str, &str> = host
+        .providers
+        .iter()
+        .filter_map(|p| match p {
+            crate::spec::Provider::Libvirt(l)
+                if !crate::spec::LibvirtProvider::is_local_uri(&l.uri) =>
+            {
+                Some((l.name.0.as_str(), l.uri.as_str()))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut diags = Vec::new();
+    let full = desired
+        .vms
+        .values()
+        .chain(desired.fresh_pools.values().map(|p| &p.template))
+        .filter(|vm| vm.config.network == crate::spec::NetworkMode::Full);
+    for vm in full {
+        let pool = vm.config.pool.as_deref();
+        let mut providers = vec![vm.config.provider.as_str()];
+        if let Some(placed) = pool.and_then(|p| desired.placements.get(p)) {
+            providers.extend(placed.providers.iter().map(String::as_str));
+        }
+        if let Some((provider, uri)) = providers.into_iter().find_map(|p| remote.get_key_value(p)) {
+            diags.push(crate::load::Diagnostic::new(
+                &vm.source,
+                crate::load::yaml::Pos::START,
+                format!(
+                    "VM {}: network: full needs fleet on the libvirt host itself (the guard that keeps such a VM off the host's addresses is applied where fleet runs), and provider {provider} is reached at {uri}; use network: brokered, or a provider on this host",
+                    vm.name
+                ),
+            ));
+        }
+    }
+    diags.sort();
+    diags.dedup();
     diags
 }
 
@@ -1662,6 +1708,43 @@ pub mod tests_support {
 mod tests {
     use super::*;
     use crate::spec::Network;
+
+    #[test]
+    fn network_full_on_a_remote_libvirt_host_is_refused_before_apply() {
+        let host = crate::load::load_host(
+            "host.yaml",
+            b"apiVersion: fleet/v1\nkind: Host\nspec:\n  providers:\n    - {name: local, type: libvirt, uri: 'qemu:///system'}\n    - {name: far, type: libvirt, uri: 'qemu+ssh://fleet@far/system'}\n",
+        )
+        .unwrap_or_else(|d| panic!("{d:#?}"));
+        let fleet = "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {name: lab}\nspec:\n  providers: [{name: local, type: libvirt}, {name: far, type: libvirt}]\n  images: [{name: micro, kernel: k, initrd: i}]\n";
+        let vm = |name: &str, provider: &str, network: &str| {
+            format!(
+                "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {name}}}\nspec: {{provider: {provider}, image: micro, network: {{mode: {network}}}}}\n"
+            )
+        };
+        let (here, there, quiet) = (
+            vm("here", "local", "full"),
+            vm("there", "far", "full"),
+            vm("quiet", "far", "brokered"),
+        );
+        let desired = tests_support::desired_under(
+            &host,
+            &[
+                ("fleet/fleet.yaml", fleet),
+                ("fleet/vms/here.yaml", &here),
+                ("fleet/vms/there.yaml", &there),
+                ("fleet/vms/quiet.yaml", &quiet),
+            ],
+        );
+        let diags = check_full_network(&desired, &host);
+        assert_eq!(diags.len(), 1, "{diags:#?}");
+        let said = diags[0].to_string();
+        assert!(
+            said.starts_with("fleet/vms/there.yaml:1:1: ")
+                && said.contains("provider far is reached at qemu+ssh://fleet@far/system"),
+            "{said}"
+        );
+    }
 
     #[test]
     fn each_agent_runs_without_asking_and_its_prompt_is_never_a_flag() {

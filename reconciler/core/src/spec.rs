@@ -696,6 +696,14 @@ pub struct LibvirtProvider {
     pub full_network: Option<FullNetwork>,
 }
 
+impl LibvirtProvider {
+    /// Whether `uri` reaches a libvirtd on this machine (a socket path, no host part).
+    pub fn is_local_uri(uri: &str) -> bool {
+        uri.split_once("://")
+            .is_none_or(|(_, rest)| rest.starts_with('/'))
+    }
+}
+
 /// A NAT network for `network: full` VMs, guarded so they cannot reach the host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

@@ -69,12 +69,16 @@ impl Drop for Cleanup {
                 let _ = virsh(&["undefine", name]);
             }
         }
-        // The storage pools of test fleets (`it…`) whose directories went with their
-        // repositories (a test's repository is dropped before its cleanup); those of tests
-        // still running keep theirs.
+        // The storage pools of test fleets whose directories, in a temporary directory,
+        // went with their repositories (a test's repository is dropped before its
+        // cleanup); those of tests still running keep theirs.
         let pools = virsh(&["pool-list", "--all", "--name"]);
-        for pool in String::from_utf8_lossy(&pools.stdout).lines() {
-            if !(pool.starts_with("fleet-it") || pool.starts_with("fleet-ws-it")) {
+        // (virsh pads the names it lists.)
+        for pool in String::from_utf8_lossy(&pools.stdout)
+            .lines()
+            .map(str::trim)
+        {
+            if !pool.starts_with("fleet-") {
                 continue;
             }
             let xml = String::from_utf8_lossy(&virsh(&["pool-dumpxml", pool]).stdout).into_owned();
@@ -82,7 +86,9 @@ impl Drop for Cleanup {
                 .split_once("<path>")
                 .and_then(|(_, rest)| rest.split_once("</path>"))
                 .map(|(path, _)| path.to_owned());
-            if dir.is_some_and(|d| !Path::new(&d).exists()) {
+            let temporary = std::env::temp_dir();
+            if dir.is_some_and(|d| Path::new(&d).starts_with(&temporary) && !Path::new(&d).exists())
+            {
                 let _ = virsh(&["pool-destroy", pool]);
                 let _ = virsh(&["pool-undefine", pool]);
             }

@@ -205,8 +205,7 @@ impl ConnectBackoff {
 
 /// Whether `uri` reaches a libvirtd on this machine (no host part): nothing to wait for.
 pub fn is_local_uri(uri: &str) -> bool {
-    uri.split_once("://")
-        .is_none_or(|(_, rest)| rest.starts_with('/'))
+    LibvirtProvider::is_local_uri(uri)
 }
 
 /// libvirt's own event loop, run once per process on a thread of its own: the client
