@@ -27,12 +27,21 @@
 //! or running definition), and after recovery that every workspace is the volume it was
 //! (same file, never remade) and attached exactly where the revision says.
 //!
+//! Then `--upload-trials` (default 3) trials that ship images: the image's initrd, in an
+//! image root of the trial's own, is rebuilt in place with another length (16 MiB and more),
+//! so every VM is updated onto it and the new content is shipped into the fleet's storage
+//! pool first; fleet (or libvirtd) is killed within the first 600 ms, mostly mid-upload.
+//! After recovery, besides duplicates, orphans and convergence: the pool holds exactly the
+//! kernel and initrd the VMs boot from, each with its marker (an upload cut short, or an
+//! image no VM uses any more, is an orphan).
+//!
 //! Ends with one line: `trials=N duplicates=D orphans=O converged=C lost=L`; exits 1 unless
 //! D, O and L are 0 and C is N (all trials together). A workspace attached to two domains
 //! counts as a duplicate; one lost or remade counts in L. Needs `make image` and a running
 //! libvirtd.
 //!
-//! Usage: fleet-crash [--trials N] [--fresh-trials N] [--workspace-trials N] [--vms N] [--seed S]
+//! Usage: fleet-crash [--trials N] [--fresh-trials N] [--workspace-trials N]
+//!        [--upload-trials N] [--vms N] [--seed S]
 
 #![allow(clippy::disallowed_methods)] // a tool writes scratch files freely
 
@@ -764,8 +773,111 @@ fn cleanup(fleet: &Fleet) {
     let _ = std::fs::remove_dir_all(&fleet.repo);
 }
 
+/// The upload trials (see the top): returns duplicates, orphans and converged trials.
+fn upload_trials(fleet: &Fleet, trials: usize, rng: &mut Rng) -> Result<(usize, usize, usize)> {
+    // An image root of the trials' own: the micro image copied, then rebuilt in place.
+    let root = std::env::current_dir()?.join("build/image");
+    let images = fleet.repo.join("images");
+    std::fs::create_dir_all(&images)?;
+    for file in ["vmlinuz", "initrd.img"] {
+        std::fs::copy(root.join(file), images.join(file))?;
+    }
+    let host = std::fs::read_to_string(fleet.host_config())?
+        .replace(&root.display().to_string(), &images.display().to_string());
+    std::fs::write(fleet.host_config(), host)?;
+    let original = std::fs::read(root.join("initrd.img"))?;
+    let (mut duplicates, mut orphans, mut converged) = (0, 0, 0);
+    let mut uploads_cut_short = 0;
+    for trial in 1..=trials {
+        // Zero padding after the archive, as the kernel's unpacker allows; a length of its
+        // own each trial, so a content of its own.
+        let mut rebuilt = original.clone();
+        rebuilt.resize(original.len() + (16 << 20) + trial * 4096, 0);
+        let staged = images.join("initrd.img.new");
+        std::fs::write(&staged, &rebuilt)?;
+        std::fs::rename(&staged, images.join("initrd.img"))?;
+        let kill_libvirtd = trial % 2 == 0;
+        let delay = Duration::from_millis(rng.below(600));
+        let mid_apply = interrupted_apply(fleet, kill_libvirtd, delay)?;
+        // What the fault left: an image volume without its marker is an upload it cut short.
+        let pool = fleet.repo.join(".fleet/storage").join(&fleet.name).join(".volumes");
+        let names: BTreeSet<String> = std::fs::read_dir(&pool)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let cut_short = names
+            .iter()
+            .filter(|n| n.starts_with("sha256-") && !n.ends_with(".ok"))
+            .filter(|n| !names.contains(&format!("{n}.ok")))
+            .count();
+        uploads_cut_short += cut_short;
+        recover(fleet)?;
+        let mut f = check(fleet)?;
+        images_in_use(fleet, &mut f)?;
+        duplicates += f.duplicates;
+        orphans += f.orphans;
+        converged += usize::from(f.converged);
+        eprintln!(
+            "upload trial {trial}: {} VMs onto a {} MiB initrd, {} after {delay:?} ({}, {cut_short} upload(s) cut short); duplicates {} orphans {} converged {}",
+            fleet.vms.len(),
+            rebuilt.len() >> 20,
+            fault(kill_libvirtd),
+            when(mid_apply),
+            f.duplicates,
+            f.orphans,
+            f.converged
+        );
+        for note in f.notes {
+            eprintln!("  {note}");
+        }
+    }
+    eprintln!("upload trials: {uploads_cut_short} upload(s) cut short by a fault, all recovered");
+    Ok((duplicates, orphans, converged))
+}
+
+/// The fleet's image volumes are exactly those its domains boot from, each complete: any
+/// other (an upload cut short, one no VM uses) is an orphan.
+fn images_in_use(fleet: &Fleet, f: &mut Findings) -> Result<()> {
+    let pool = fleet
+        .repo
+        .join(".fleet/storage")
+        .join(&fleet.name)
+        .join(".volumes");
+    let mut used = BTreeSet::new();
+    for d in fleet.domains()? {
+        let xml = String::from_utf8_lossy(&virsh(&["dumpxml", "--inactive", &d])?.stdout)
+            .into_owned();
+        for tag in ["kernel", "initrd"] {
+            if let Some(path) = xml
+                .split_once(&format!("<{tag}>"))
+                .and_then(|(_, rest)| rest.split_once(&format!("</{tag}>")))
+                .map(|(path, _)| path.to_owned())
+            {
+                used.insert(path);
+            }
+        }
+    }
+    let images: Vec<String> = std::fs::read_dir(&pool)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("sha256-") && !n.ends_with(".ok"))
+        .collect();
+    for image in &images {
+        let path = pool.join(image).display().to_string();
+        if !used.contains(&path) {
+            f.orphans += 1;
+            f.notes.push(format!("image volume {image}: no VM boots from it"));
+        } else if !pool.join(format!("{image}.ok")).exists() {
+            f.orphans += 1;
+            f.notes.push(format!("image volume {image}: in use without its marker"));
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let trials = arg("--trials").unwrap_or(10) as usize;
+    let upload_trials_n = arg("--upload-trials").unwrap_or(3) as usize;
     let fresh_trials = arg("--fresh-trials").unwrap_or(3) as u32;
     let workspace_trials_n = arg("--workspace-trials").unwrap_or(4) as usize;
     let slots = arg("--vms").unwrap_or(20) as usize;
@@ -811,6 +923,10 @@ fn main() -> Result<()> {
         orphans += ws_trials.1;
         converged += ws_trials.2;
         let lost = ws_trials.3;
+        let uploads = upload_trials(&fleet, upload_trials_n, &mut rng)?;
+        duplicates += uploads.0;
+        orphans += uploads.1;
+        converged += uploads.2;
         for rerun in 1..=fresh_trials {
             fleet.fresh = Some(rerun);
             fleet.write()?;
@@ -831,7 +947,7 @@ fn main() -> Result<()> {
     })();
     cleanup(&fleet);
     let (duplicates, orphans, converged, lost) = result?;
-    let trials = trials + fresh_trials as usize + workspace_trials_n;
+    let trials = trials + fresh_trials as usize + workspace_trials_n + upload_trials_n;
     println!(
         "trials={trials} duplicates={duplicates} orphans={orphans} converged={converged} lost={lost}"
     );
