@@ -112,7 +112,7 @@ fn a_hostile_guest_reaches_no_other_vm_and_stays_within_the_hosts_bounds() {
             task_yaml("own", &hostile_vm, "  command: [sleep, '600']\n"),
         );
     repo.commit("a hostile VM");
-    let console = repo.vm_volume(&fleet, &hostile_vm, "console.log");
+    let console = repo.console_log(&fleet, &hostile_vm);
     wait_until("the hostile agent floods", Duration::from_secs(180), || {
         read(&console).contains("hostile: output flood sent")
     });

@@ -128,7 +128,7 @@ pub fn vm_yaml(name: &str, memory: &str) -> String {
 /// Waits until the VM's serial console log (its volume in the fleet's pool) shows the
 /// guest's userspace marker more than `since` times.
 fn wait_for_userspace(repo: &Repo, fleet: &str, vm: &str, since: usize) -> usize {
-    let log = repo.vm_volume(fleet, vm, "console.log");
+    let log = repo.console_log(fleet, vm);
     let marker = format!("userspace reached (vm={vm} ");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -186,8 +186,7 @@ fn a_fleet_on_real_libvirt_from_git_commits() {
         assert_eq!(virsh_ok(&["domstate", vm]).trim(), "running");
         // The guest read its NoCloud seed: the instance id is the domain's UUID.
         let uuid = virsh_ok(&["domuuid", vm]).trim().to_owned();
-        let log = std::fs::read_to_string(repo.vm_volume(&fleet, vm, "console.log"))
-            .expect("console log");
+        let log = std::fs::read_to_string(repo.console_log(&fleet, vm)).expect("console log");
         // (The guest names disks in probe order, so the device name is not checked.)
         assert!(log.contains("fleet-guest: seed cidata on /dev/vd"), "{log}");
         assert!(log.contains(&format!("(instance-id={uuid})")), "{log}");

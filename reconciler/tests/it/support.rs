@@ -130,6 +130,11 @@ impl Repo {
         ))
     }
 
+    /// The console log of VM `vm` of fleet `fleet` (in the pool directory's `logs/`).
+    pub fn console_log(&self, fleet: &str, vm: &str) -> PathBuf {
+        fleet::driver::libvirt::volumes::console_log_in(&self.volumes_dir(fleet), fleet, vm)
+    }
+
     /// The files of VM `vm`'s volumes in the pool's directory.
     pub fn vm_volumes(&self, fleet: &str, vm: &str) -> Vec<String> {
         let prefix = format!("{}.", fleet::driver::libvirt::volumes::vm_prefix(fleet, vm));

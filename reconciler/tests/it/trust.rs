@@ -402,7 +402,7 @@ fn storage_fleet_did_not_make_is_never_taken() {
         format!("{a}.00000000-0000-0000-0000-000000000000.disk.qcow2"),
         format!("{a}.{uuid}.notes.txt"),
         format!(
-            "{b}.{}.console.log.1",
+            "{b}.{}.seed.iso",
             fleet::driver::libvirt::domain_uuid("other", &b)
         ),
     ];
@@ -424,11 +424,18 @@ fn storage_fleet_did_not_make_is_never_taken() {
     assert_eq!(
         repo.vm_volumes(&fleet, &a),
         [
-            format!("{a}.{uuid}.console.log"),
             format!("{a}.{uuid}.notes.txt"),
-            format!("{a}.{uuid}.seed.iso"),
+            format!("{a}.{uuid}.seed.iso")
         ],
-        "a's own volumes beside the one fleet never makes"
+        "a's own volume beside the one fleet never makes"
+    );
+    // The console log, which the guest writes, is no volume: libvirt would read its header
+    // (and open the backing file a guest-made qcow2 header names) when it refreshes the pool.
+    assert!(repo.console_log(&fleet, &a).exists());
+    assert!(
+        !crate::support::files_in(&pool)
+            .iter()
+            .any(|f| f.contains("console"))
     );
 
     assert!(
@@ -437,12 +444,8 @@ fn storage_fleet_did_not_make_is_never_taken() {
             .any(|f| f.starts_with("sha256-") && f.ends_with(".kernel.ok")),
         "the image was shipped into the pool"
     );
-    // A rotation of b's console log (the log daemon's), which the pool learns of only by
-    // looking: fleet's, so it goes with b.
-    let rotated = repo
-        .vm_volume(&fleet, &b, "console.log.1")
-        .to_string_lossy()
-        .into_owned();
+    // A rotation of b's console log (the log daemon's): fleet's, so it goes with b.
+    let rotated = format!("{}.1", repo.console_log(&fleet, &b).display());
     std::fs::write(&rotated, b"old boot").expect("rotation");
 
     repo.remove(&format!("fleet/vms/{a}.yaml"))
@@ -457,11 +460,17 @@ fn storage_fleet_did_not_make_is_never_taken() {
     // fleet's VM volumes, the rotation and the images no VM uses any more are gone;
     // everything else stays.
     let mut expected = foreign.to_vec();
+    expected.push("logs".to_owned());
     expected.sort();
     assert_eq!(
         crate::support::files_in(&pool),
         expected,
         "only fleet's own volumes were removed"
+    );
+    assert_eq!(
+        crate::support::files_in(&pool.join("logs")),
+        Vec::<String>::new(),
+        "b's log and its rotation went with it"
     );
     for name in &foreign {
         assert_eq!(std::fs::read(pool.join(name)).expect("foreign"), b"theirs");

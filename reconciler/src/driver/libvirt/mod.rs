@@ -149,8 +149,9 @@ pub struct LibvirtDriver {
     /// One lock per image volume, held while it is shipped, so parallel creates upload it
     /// once.
     shipping: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// The VMs a step is changing now (`InFlight`).
-    in_flight: Mutex<std::collections::HashSet<String>>,
+    /// When this process last shipped or found each image volume: tidy keeps one for an
+    /// hour after, so a create that fails pass after pass does not upload it every time.
+    shipped_at: Mutex<HashMap<String, Instant>>,
     domain_type: crate::spec::DomainType,
     /// The guarded network of `network: full` VMs (or why the host configuration's is wrong).
     full_network: Result<full_network::GuardedNetwork, full_network::BadAddress>,
@@ -299,7 +300,7 @@ impl LibvirtDriver {
             tidy_due: AtomicBool::new(true),
             pool_definition: Mutex::new(()),
             shipping: Mutex::default(),
-            in_flight: Mutex::default(),
+            shipped_at: Mutex::default(),
             domain_type,
             full_network: full_network::GuardedNetwork::from_spec(provider.full_network.as_ref()),
             qemu_user: std::sync::OnceLock::new(),
@@ -1105,6 +1106,20 @@ impl LibvirtDriver {
             }
             if file == volumes::ImageFile::Disk {
                 volumes::check_base_header(&path).map_err(refuse)?;
+                // The content the plan showed, or none: a disk rebuilt since is the next
+                // plan's change (a replace it shows), never this one's.
+                if let Some(planned) = &image.disk_sha256
+                    && crate::image_content::file_digest(&path).as_ref() != Some(planned)
+                {
+                    return Err(DriverError::new(
+                        ErrorKind::Transient,
+                        format!(
+                            "image {}: disk {}: it changed since the plan; the next plan shows the change",
+                            image.name,
+                            path.display()
+                        ),
+                    ));
+                }
             }
             *slot = Some(path);
         }
@@ -1162,7 +1177,7 @@ impl LibvirtDriver {
             }
             _ => None,
         };
-        let console_log = self.console_log_volume(pool, &vm.name)?;
+        let console_log = self.console_log_path(pool, &vm.name)?;
         let staging = tempfile::Builder::new()
             .prefix("fleet-seed-")
             .tempdir()
@@ -1528,18 +1543,30 @@ impl LibvirtDriver {
     }
 }
 
+/// The VMs steps are changing now in this process, by host URI, fleet and VM: shared by
+/// every driver made for them (`fleet serve` makes new ones when the host configuration
+/// changes, while an old one's step may still run).
+type Busy = std::collections::HashSet<(String, String, String)>;
+
+fn in_flight() -> std::sync::MutexGuard<'static, Busy> {
+    static IN_FLIGHT: std::sync::OnceLock<Mutex<Busy>> = std::sync::OnceLock::new();
+    IN_FLIGHT
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
 /// A step changing one VM. apply gives up on a step at its deadline, but the blocking call
 /// runs on: the next step on that VM fails transiently (and is retried) until it ends, so
-/// two never make one VM's storage at once, and no tidy runs meanwhile.
-struct InFlight<'a> {
-    driver: &'a LibvirtDriver,
-    name: String,
+/// two never change one VM at once, and no tidy of its host runs meanwhile.
+struct InFlight {
+    key: (String, String, String),
 }
 
 impl LibvirtDriver {
-    fn begin(&self, name: &str) -> Result<InFlight<'_>, DriverError> {
-        let mut busy = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        if !busy.insert(name.to_owned()) {
+    fn begin(&self, name: &str) -> Result<InFlight, DriverError> {
+        let key = (self.uri.clone(), self.fleet.clone(), name.to_owned());
+        if !in_flight().insert(key.clone()) {
             return Err(DriverError::new(
                 ErrorKind::Transient,
                 format!(
@@ -1547,20 +1574,20 @@ impl LibvirtDriver {
                 ),
             ));
         }
-        Ok(InFlight {
-            driver: self,
-            name: name.to_owned(),
-        })
+        Ok(InFlight { key })
+    }
+
+    /// Whether a step on one of this fleet's VMs on this host runs now.
+    fn any_in_flight(&self) -> bool {
+        in_flight()
+            .iter()
+            .any(|(uri, fleet, _)| *uri == self.uri && *fleet == self.fleet)
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.driver
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.name);
+        in_flight().remove(&self.key);
     }
 }
 
@@ -1874,6 +1901,7 @@ impl Driver for LibvirtDriver {
     fn snapshot_revert(&self, name: &str, snapshot: &str) -> Result<(), DriverError> {
         super::check_name(name)?;
         super::check_snapshot_name(snapshot)?;
+        let _step = self.begin(name)?;
         self.invalidate(name);
         let (dom, found) = self.require_owned(name)?;
         refuse_adopted(&found, "reverted")?;
@@ -1963,6 +1991,7 @@ impl Driver for LibvirtDriver {
         grace: Duration,
     ) -> Result<Vec<String>, DriverError> {
         super::check_name(&vm.name)?;
+        let _step = self.begin(&vm.name)?;
         self.invalidate(&vm.name);
         // Gone already (a replace run again): nothing of it to keep.
         let Some((dom, _)) = self.owned(&vm.name)? else {
@@ -2048,28 +2077,7 @@ impl Driver for LibvirtDriver {
         let Some(dir) = self.legacy_dir(name)? else {
             return self.read_console_volume(name, from, max);
         };
-        let path = dir.join("console.log");
-        let fail = |e: std::io::Error| {
-            DriverError::new(
-                ErrorKind::Transient,
-                format!("read {}: {e}", path.display()),
-            )
-        };
-        let mut file = match std::fs::File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(fail(e)),
-        };
-        let len = file.metadata().map_err(fail)?.len();
-        let mut bytes = Vec::new();
-        if from < len {
-            use std::io::{Read, Seek};
-            file.seek(std::io::SeekFrom::Start(from)).map_err(fail)?;
-            file.take((len - from).min(max as u64))
-                .read_to_end(&mut bytes)
-                .map_err(fail)?;
-        }
-        Ok(Some(super::ConsoleLogChunk { len, bytes }))
+        volumes::read_local_log(&dir.join("console.log"), from, max)
     }
 
     fn tidy(&self) -> Result<Vec<String>, DriverError> {
@@ -2150,6 +2158,7 @@ impl Driver for LibvirtDriver {
 
     fn start(&self, name: &str) -> Result<(), DriverError> {
         super::check_name(name)?;
+        let _step = self.begin(name)?;
         self.invalidate(name);
         let (dom, _) = self.require_owned(name)?;
         self.power_on(&dom, name)
@@ -2157,6 +2166,7 @@ impl Driver for LibvirtDriver {
 
     fn stop(&self, name: &str, grace: Duration) -> Result<(), DriverError> {
         super::check_name(name)?;
+        let _step = self.begin(name)?;
         self.invalidate(name);
         let (dom, _) = self.require_owned(name)?;
         self.power_off(&dom, name, grace)

@@ -11,9 +11,8 @@
 //! log is a path QEMU's log daemon writes).
 //!
 //! **Names are the stamp** (volumes carry no metadata). A VM's volumes are
-//! `<vm>.<uuid>.disk.qcow2` (the overlay), `<vm>.<uuid>.seed.iso` (the NoCloud seed) and
-//! `<vm>.<uuid>.console.log` (with the log daemon's rotations `.1`, `.2`, …), where the
-//! UUID is the domain's, derived from fleet and VM: another fleet's or nobody's volume
+//! `<vm>.<uuid>.disk.qcow2` (the overlay) and `<vm>.<uuid>.seed.iso` (the NoCloud seed),
+//! where the UUID is the domain's, derived from fleet and VM: another fleet's or nobody's volume
 //! never has it. An image file's content is `sha256-<digest>.<fleet>.<ext>` (`qcow2`,
 //! `kernel`, `initrd`), shared by the fleet's VMs in the pool; no VM name is that long, so
 //! the two kinds never meet, and fleets sharing a pool never share (or remove) each
@@ -27,13 +26,23 @@
 //! be a qcow2 of its own: a backing file or an external data file would name a file on the
 //! host (`check_base_header`, read from the file's header on fleet's side).
 //!
+//! **Console logs are no volumes.** The guest writes every byte of its log, and libvirt
+//! reads the header of each volume when it refreshes a pool (as libvirtd does when it
+//! starts), opening as root the backing file a qcow2 header names: a log in the pool would
+//! let a guest make the host's libvirtd open a path of its choosing (a FIFO, a device).
+//! So logs go to `logs/` in the pool's directory (made as a directory volume), where
+//! libvirt never looks: `<vm>.<uuid>.console.log` and the log daemon's rotations. fleet
+//! reads and removes them on its own host; on another host they cannot be reached through
+//! libvirt, and stay when their VM goes (`fleet console` works; `--follow` does not).
+//!
 //! **Tidy** (`tidy_volumes`: when a process opens its journal, and at the end of an apply
-//! pass that destroyed or shipped something, never while a step on any VM still runs): the
-//! volumes of this fleet's VMs that have no domain go (what a create that failed left, and
-//! the log daemon's rotations), then every image volume of the fleet that no overlay in
-//! the pool backs onto and none of its domains (their definitions, running or saved, and
-//! their snapshots) boots from, its marker first. A VM's own volumes go with the VM
-//! (`remove_volumes`, by destroy and by settle after a crash).
+//! pass that destroyed or shipped something, never while a step on the same VMs' host
+//! still runs): the volumes (and local logs) of this fleet's VMs that have no domain go
+//! (what a create that failed left), then every image volume of the fleet that no overlay
+//! in the pool backs onto and none of its domains (their definitions, running or saved,
+//! and their snapshots) boots from, its marker first. A VM's own volumes go with the VM
+//! (`remove_volumes`, by destroy and by settle after a crash). fleet never refreshes the
+//! pool: every volume it keeps there is made through libvirt, which knows it.
 //!
 //! A seed is rewritten by removing and uploading it, not atomically: a kill between the
 //! two leaves the domain's old definition and stamp (the definition is saved last), so the
@@ -42,7 +51,7 @@
 //! The test driver (`test:///`) has no streams: its volumes are made and removed, but
 //! nothing is uploaded or downloaded (nothing boots there either).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -62,8 +71,75 @@ pub const DISK: &str = "disk.qcow2";
 pub const SEED: &str = "seed.iso";
 pub const CONSOLE_LOG: &str = "console.log";
 
-/// Uploads and downloads go in pieces of this size.
+/// Uploads go in pieces of this size.
 const CHUNK: usize = 4 << 20;
+
+/// The directory of the console logs in the pool's directory (a directory volume).
+pub const LOGS: &str = "logs";
+
+/// Where VM `vm`'s console log is in a pool whose directory is `dir`.
+pub fn console_log_in(dir: &Path, fleet: &str, vm: &str) -> PathBuf {
+    dir.join(LOGS)
+        .join(format!("{}.{CONSOLE_LOG}", vm_prefix(fleet, vm)))
+}
+
+/// At most `max` bytes of the log file at `path` (on this machine) from `from`, with its
+/// length; `None` when there is none.
+pub fn read_local_log(
+    path: &Path,
+    from: u64,
+    max: usize,
+) -> Result<Option<crate::driver::ConsoleLogChunk>, DriverError> {
+    use std::io::Seek;
+    let fail = |e: std::io::Error| {
+        DriverError::new(
+            ErrorKind::Transient,
+            format!("read {}: {e}", path.display()),
+        )
+    };
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(fail(e)),
+    };
+    let len = file.metadata().map_err(fail)?.len();
+    let mut bytes = Vec::new();
+    if from < len {
+        file.seek(std::io::SeekFrom::Start(from)).map_err(fail)?;
+        file.take((len - from).min(max as u64))
+            .read_to_end(&mut bytes)
+            .map_err(fail)?;
+    }
+    Ok(Some(crate::driver::ConsoleLogChunk { len, bytes }))
+}
+
+/// Removes the console log of the VM whose volumes are named `<prefix>.` from the pool
+/// directory `dir` on this machine, with the log daemon's rotations (`.1`, `.2`, …).
+fn remove_local_logs(dir: &Path, prefix: &str) -> Result<(), DriverError> {
+    let logs = dir.join(LOGS);
+    let Ok(entries) = std::fs::read_dir(&logs) else {
+        return Ok(());
+    };
+    let log = format!("{prefix}.{CONSOLE_LOG}");
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let rotated = name
+            .strip_prefix(&format!("{log}."))
+            .is_some_and(|n| n.parse::<u32>().is_ok());
+        if name == log || rotated {
+            match std::fs::remove_file(entry.path()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(DriverError::new(
+                        ErrorKind::Transient,
+                        format!("remove {}: {e}", entry.path().display()),
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
 
 /// The prefix of VM `name`'s volumes in fleet `fleet`: the name and the domain's UUID.
 pub fn vm_prefix(fleet: &str, name: &str) -> String {
@@ -78,10 +154,7 @@ pub fn owner_of_volume(fleet: &str, volume: &str) -> Option<String> {
     if uuid != domain_uuid(fleet, vm).to_string() {
         return None;
     }
-    let rotated = part
-        .strip_prefix("console.log.")
-        .is_some_and(|n| n.parse::<u32>().is_ok());
-    ([DISK, SEED, CONSOLE_LOG].contains(&part) || rotated).then(|| vm.to_owned())
+    [DISK, SEED].contains(&part).then(|| vm.to_owned())
 }
 
 /// An image file fleet ships to hosts.
@@ -192,6 +265,18 @@ fn read_up_to(source: &mut dyn Read, piece: &mut Vec<u8>, want: usize) -> std::i
         }
     }
     Ok(())
+}
+
+/// What identifies a file's content version: device, inode, size and modification time.
+fn version_of(meta: &std::fs::Metadata) -> (u64, u64, u64, i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+    )
 }
 
 /// The XML of a new volume.
@@ -474,6 +559,10 @@ impl LibvirtDriver {
         })?;
         let name = image_volume(&self.fleet, &digest, file);
         let marker = done_marker(&name);
+        self.shipped_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), std::time::Instant::now());
         // One upload of an image at a time: parallel creates on it wait for the first's.
         let lock = self
             .shipping
@@ -505,13 +594,20 @@ impl LibvirtDriver {
         let volume = self.make_volume(&pool.pool, &name, &volume_xml(&name, len, "raw", 0o644))?;
         if self.streams() {
             let first: Option<HeaderCheck> = (file == ImageFile::Disk).then_some(check_header);
+            let opened = source.metadata().ok().map(|m| version_of(&m));
             let uploaded = self
                 .upload(&volume, &name, &mut source, len, first)
                 .and_then(|()| {
-                    // The file is still the version the digest was taken of (`image_content`
-                    // hashes a file again only when its version changes): what was sent is
-                    // what the name says.
-                    if crate::image_content::file_digest(local).as_deref() == Some(digest.as_str())
+                    // What was read is the version the digest was taken of: the open file did
+                    // not change while it was sent, the path still names it, and its digest
+                    // (`image_content` hashes a file again whenever its version changes) is the
+                    // one the volume is named by.
+                    let read = source.metadata().ok().map(|m| version_of(&m));
+                    let named = std::fs::metadata(local).ok().map(|m| version_of(&m));
+                    let same_file = opened.is_some() && opened == read && read == named;
+                    if same_file
+                        && crate::image_content::file_digest(local).as_deref()
+                            == Some(digest.as_str())
                     {
                         Ok(())
                     } else {
@@ -560,18 +656,19 @@ impl LibvirtDriver {
         Ok(pool.path(&name))
     }
 
-    /// VM `vm`'s console log volume, made empty when missing (the log daemon writes it, and
-    /// a volume the pool knows is downloaded and removed without a refresh).
-    pub(super) fn console_log_volume(
-        &self,
-        pool: &VmPool,
-        vm: &str,
-    ) -> Result<PathBuf, DriverError> {
-        let name = format!("{}.{CONSOLE_LOG}", vm_prefix(&self.fleet, vm));
-        if self.find_volume(&pool.pool, &name)?.is_none() {
-            self.make_volume(&pool.pool, &name, &volume_xml(&name, 0, "raw", 0o600))?;
+    /// Where VM `vm`'s console log goes: `logs/` in the pool's directory, made (a directory
+    /// volume) when missing. Never a volume itself: the guest writes every byte of it, and
+    /// libvirt reads each volume's header when it refreshes a pool, opening (as root) the
+    /// backing file a qcow2 header names, so a guest could make the host's libvirtd open a
+    /// path of its choosing (a FIFO, a device). libvirt does not look inside a directory.
+    pub(super) fn console_log_path(&self, pool: &VmPool, vm: &str) -> Result<PathBuf, DriverError> {
+        if self.find_volume(&pool.pool, LOGS)?.is_none() {
+            let xml = format!(
+                "<volume type='dir'><name>{LOGS}</name><capacity unit='bytes'>0</capacity><target><format type='dir'/><permissions><mode>0711</mode></permissions></target></volume>"
+            );
+            self.make_volume(&pool.pool, LOGS, &xml)?;
         }
-        Ok(pool.path(&name))
+        Ok(console_log_in(&pool.dir, &self.fleet, vm))
     }
 
     /// A new, empty overlay on `base` (a shipped image volume) for VM `vm`, in place of any
@@ -597,82 +694,48 @@ impl LibvirtDriver {
         Ok(pool.path(&name))
     }
 
-    /// Removes VM `vm`'s overlay, seed and console log (its log's rotations go at the next
-    /// tidy, which finds them by listing the pool).
+    /// Removes VM `vm`'s overlay and seed, and on fleet's own host its console log with
+    /// the log daemon's rotations (on another host they stay in `logs/`: libvirt removes
+    /// no file that is not a volume).
     pub(super) fn remove_volumes(&self, vm: &str) -> Result<(), DriverError> {
         // Started if it is not: an inactive pool would hide the volumes, not lack them.
         let pool = self.pool_made()?;
         let prefix = vm_prefix(&self.fleet, vm);
-        for part in [DISK, SEED, CONSOLE_LOG] {
+        for part in [DISK, SEED] {
             let name = format!("{prefix}.{part}");
             if let Some(volume) = self.find_volume(&pool.pool, &name)? {
                 self.delete_volume(&volume, &name)?;
             }
         }
+        if super::is_local_uri(&self.uri) {
+            remove_local_logs(&pool.dir, &prefix)?;
+        }
         self.tidy_due.store(true, Ordering::Relaxed);
         Ok(())
     }
 
-    /// `max` bytes at most of VM `vm`'s console log from `from`, and the log's length now.
+    /// `max` bytes at most of VM `vm`'s console log from `from`, and the log's length now:
+    /// on fleet's own host only (`console_log_path` says why the log is no volume).
     pub(super) fn read_console_volume(
         &self,
         vm: &str,
         from: u64,
         max: usize,
     ) -> Result<Option<crate::driver::ConsoleLogChunk>, DriverError> {
+        if !super::is_local_uri(&self.uri) {
+            return Ok(None);
+        }
         let Some(pool) = self.vm_pool(false)? else {
             return Ok(None);
         };
-        let name = format!("{}.{CONSOLE_LOG}", vm_prefix(&self.fleet, vm));
-        let Some(volume) = self.find_volume(&pool.pool, &name)? else {
-            return Ok(None);
-        };
-        // The file's own size, stated afresh (`GET_PHYSICAL` puts it in `allocation`): never
-        // what a header the guest wrote into its log claims.
-        let len = self
-            .on_domain(&format!("read {name}"), || {
-                volume.info_flags(virt::sys::VIR_STORAGE_VOL_GET_PHYSICAL)
-            })?
-            .allocation;
-        let mut bytes = Vec::new();
-        if from < len && self.streams() {
-            let want = (len - from).min(max as u64);
-            let conn = self.connection()?;
-            let stream = Stream::new(&conn, 0)
-                .map_err(|e| DriverError::new(ErrorKind::Transient, format!("read {name}: {e}")))?;
-            self.on_domain(&format!("read {name}"), || {
-                volume.download(&stream, from, want, 0)
-            })?;
-            let mut buf = vec![0u8; CHUNK.min(want as usize).max(1)];
-            loop {
-                let n = stream
-                    .recv(&mut buf)
-                    .map_err(|e| self.classify(&format!("read {name}"), &e))?;
-                match usize::try_from(n) {
-                    Ok(0) => break,
-                    Ok(n) => bytes.extend_from_slice(&buf[..n.min(buf.len())]),
-                    Err(_) => break,
-                }
-                if bytes.len() as u64 >= want {
-                    break;
-                }
-            }
-            let _ = stream.finish();
-        }
-        Ok(Some(crate::driver::ConsoleLogChunk { len, bytes }))
+        read_local_log(&console_log_in(&pool.dir, &self.fleet, vm), from, max)
     }
 
-    /// Removes the image volumes nothing on the host uses any more and the console-log
-    /// rotations of this fleet's VMs that have no domain; only when something may have
+    /// Removes what the top of this module says tidy removes; only when something may have
     /// freed one since the last tidy.
     pub(super) fn tidy_volumes(&self) -> Result<Vec<String>, DriverError> {
         // Never under a step still running (one apply gave up on at its deadline).
-        if !self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
-        {
+        if self.any_in_flight() {
             return Ok(Vec::new());
         }
         if !self.tidy_due.swap(false, Ordering::Relaxed) {
@@ -690,8 +753,7 @@ impl LibvirtDriver {
         let Some(pool) = self.vm_pool(false)? else {
             return Ok(removed);
         };
-        // The log daemon's rotations are files the pool learns of only by looking.
-        self.call("refresh the storage pool", |_| pool.pool.refresh(0))?;
+        // Never a refresh: every volume fleet keeps is made through libvirt, which knows it.
         let names = self.call("list volumes", |_| pool.pool.list_volumes())?;
         let domains = self.call("list domains", |c| c.list_all_domains(0))?;
         // This fleet's domains: those with the UUID fleet gives their name (no call).
@@ -712,12 +774,21 @@ impl LibvirtDriver {
             }
             Ok(())
         };
-        // A VM's volumes without its domain: what a failed create or the log daemon left.
+        // A VM's volumes (and, here, logs) without its domain: what a failed create left.
         let mut kept = Vec::new();
+        let mut gone = BTreeSet::new();
         for name in &names {
             match owner_of_volume(&self.fleet, name) {
-                Some(vm) if !with_domain.contains(vm.as_str()) => remove(name, &mut removed)?,
+                Some(vm) if !with_domain.contains(vm.as_str()) => {
+                    remove(name, &mut removed)?;
+                    gone.insert(vm);
+                }
                 _ => kept.push(name.as_str()),
+            }
+        }
+        if super::is_local_uri(&self.uri) {
+            for vm in gone {
+                remove_local_logs(&pool.dir, &vm_prefix(&self.fleet, &vm))?;
             }
         }
         let images: HashSet<&str> = kept
@@ -740,9 +811,9 @@ impl LibvirtDriver {
             let Some(volume) = self.find_volume(&pool.pool, name)? else {
                 continue;
             };
-            if let Ok(xml) = volume.xml_desc(0)
-                && let Some(backing) = backing_file(&xml)
-            {
+            // Any read that fails keeps every image (never removed on a guess).
+            let xml = self.on_domain(&format!("read volume {name}"), || volume.xml_desc(0))?;
+            if let Some(backing) = backing_file(&xml) {
                 used.insert(backing);
             }
         }
@@ -770,8 +841,13 @@ impl LibvirtDriver {
                     Err(e) => return Err(e),
                 }
             }
-            if let Ok(snapshots) = dom.list_all_snapshots(0) {
-                definitions.extend(snapshots.iter().filter_map(|s| s.xml_desc(0).ok()));
+            let snapshots = self.on_domain(&format!("list {name}'s snapshots"), || {
+                dom.list_all_snapshots(0)
+            })?;
+            for snapshot in snapshots {
+                definitions.push(self.on_domain(&format!("read a snapshot of {name}"), || {
+                    snapshot.xml_desc(0)
+                })?);
             }
             for xml in &definitions {
                 for (path, escaped) in &wanted {
@@ -781,8 +857,21 @@ impl LibvirtDriver {
                 }
             }
         }
+        let recent = self
+            .shipped_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         for image in images {
             if used.contains(pool.path(image).to_string_lossy().as_ref()) {
+                continue;
+            }
+            // Shipped or used for a create in the last hour: a create failing pass after
+            // pass would otherwise upload it every time.
+            if recent
+                .get(image)
+                .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(3600))
+            {
                 continue;
             }
             // The marker first: an image cut short of its marker is never used.
@@ -805,9 +894,11 @@ mod tests {
             Some("web-1")
         );
         assert_eq!(
-            owner_of_volume("demo", &format!("{prefix}.console.log.3")).as_deref(),
+            owner_of_volume("demo", &format!("{prefix}.seed.iso")).as_deref(),
             Some("web-1")
         );
+        // A console log is never a volume fleet keeps in the pool.
+        assert_eq!(owner_of_volume("demo", &format!("{prefix}.console.log")), None);
         // Another fleet's, an unknown part, a made-up UUID, an image: nobody's.
         assert_eq!(
             owner_of_volume("other", &format!("{prefix}.disk.qcow2")),

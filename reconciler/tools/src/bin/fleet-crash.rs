@@ -577,6 +577,19 @@ fn integrity(fleet: &Fleet, f: &mut Findings) -> Result<BTreeSet<String>> {
                 .collect()
         })
         .unwrap_or_default();
+    // Console logs (no volumes) of VMs without a domain.
+    for log in std::fs::read_dir(storage.join(".volumes/logs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = log.file_name().to_string_lossy().into_owned();
+        let vm = name.split_once('.').map(|(vm, _)| vm.to_owned());
+        if vm.is_some_and(|vm| !domain_set.contains(&vm)) {
+            f.orphans += 1;
+            f.notes.push(format!("console log {name} without a domain"));
+        }
+    }
     for volume in &volumes {
         let vm = fleet::driver::libvirt::volumes::owner_of_volume(&fleet.name, volume);
         if vm.as_ref().is_some_and(|vm| !domain_set.contains(vm)) {
@@ -800,7 +813,11 @@ fn upload_trials(fleet: &Fleet, trials: usize, rng: &mut Rng) -> Result<(usize, 
         let delay = Duration::from_millis(rng.below(600));
         let mid_apply = interrupted_apply(fleet, kill_libvirtd, delay)?;
         // What the fault left: an image volume without its marker is an upload it cut short.
-        let pool = fleet.repo.join(".fleet/storage").join(&fleet.name).join(".volumes");
+        let pool = fleet
+            .repo
+            .join(".fleet/storage")
+            .join(&fleet.name)
+            .join(".volumes");
         let names: BTreeSet<String> = std::fs::read_dir(&pool)?
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -845,8 +862,8 @@ fn images_in_use(fleet: &Fleet, f: &mut Findings) -> Result<()> {
         .join(".volumes");
     let mut used = BTreeSet::new();
     for d in fleet.domains()? {
-        let xml = String::from_utf8_lossy(&virsh(&["dumpxml", "--inactive", &d])?.stdout)
-            .into_owned();
+        let xml =
+            String::from_utf8_lossy(&virsh(&["dumpxml", "--inactive", &d])?.stdout).into_owned();
         for tag in ["kernel", "initrd"] {
             if let Some(path) = xml
                 .split_once(&format!("<{tag}>"))
@@ -866,10 +883,12 @@ fn images_in_use(fleet: &Fleet, f: &mut Findings) -> Result<()> {
         let path = pool.join(image).display().to_string();
         if !used.contains(&path) {
             f.orphans += 1;
-            f.notes.push(format!("image volume {image}: no VM boots from it"));
+            f.notes
+                .push(format!("image volume {image}: no VM boots from it"));
         } else if !pool.join(format!("{image}.ok")).exists() {
             f.orphans += 1;
-            f.notes.push(format!("image volume {image}: in use without its marker"));
+            f.notes
+                .push(format!("image volume {image}: in use without its marker"));
         }
     }
     Ok(())
