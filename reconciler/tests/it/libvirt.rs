@@ -560,8 +560,13 @@ fn disk_images_get_overlays_and_a_new_base_disk_replaces_the_vm() {
     assert!(!overlay.exists() && !domain_exists(&vm));
     assert_eq!(
         crate::support::files_in(&repo.volumes_dir(&fleet_name)),
-        Vec::<String>::new(),
+        ["logs"],
         "the VM's volumes and the images it used are gone"
+    );
+    assert_eq!(
+        crate::support::files_in(&repo.volumes_dir(&fleet_name).join("logs")),
+        Vec::<String>::new(),
+        "and its console log"
     );
     assert!(
         bases.join("one.qcow2").exists() && bases.join("two.qcow2").exists(),

@@ -898,7 +898,10 @@ mod tests {
             Some("web-1")
         );
         // A console log is never a volume fleet keeps in the pool.
-        assert_eq!(owner_of_volume("demo", &format!("{prefix}.console.log")), None);
+        assert_eq!(
+            owner_of_volume("demo", &format!("{prefix}.console.log")),
+            None
+        );
         // Another fleet's, an unknown part, a made-up UUID, an image: nobody's.
         assert_eq!(
             owner_of_volume("other", &format!("{prefix}.disk.qcow2")),
