@@ -677,8 +677,8 @@ pub struct LibvirtProvider {
     #[schemars(length(min = 1))]
     pub uri: String,
     /// Where, on the libvirt host, fleet's storage pool keeps its VMs' volumes (overlays,
-    /// seeds, console logs, the images they are made from) when fleet defines the pool:
-    /// `<storageDir>/<fleet>/.volumes`. An absolute path; default `/var/lib/fleet/storage`.
+    /// seeds, the images they are made from; console logs in its `logs/`) when fleet
+    /// defines the pool: `<storageDir>/<fleet>/.volumes`. An absolute path; default `/var/lib/fleet/storage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_dir: Option<HostPath>,
     /// The libvirt storage pool of this fleet's VM volumes on the host. Default
