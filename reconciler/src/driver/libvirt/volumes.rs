@@ -12,19 +12,20 @@
 //!
 //! **Names are the stamp** (volumes carry no metadata). A VM's volumes are
 //! `<vm>.<uuid>.disk.qcow2` (the overlay) and `<vm>.<uuid>.seed.iso` (the NoCloud seed),
-//! where the UUID is the domain's, derived from fleet and VM: another fleet's or nobody's volume
-//! never has it. An image file's content is `sha256-<digest>.<fleet>.<ext>` (`qcow2`,
-//! `kernel`, `initrd`), shared by the fleet's VMs in the pool; no VM name is that long, so
-//! the two kinds never meet, and fleets sharing a pool never share (or remove) each
-//! other's images. fleet never touches a volume of any other name.
+//! where the UUID is the domain's, derived from fleet and VM: another fleet's or nobody's
+//! volume never has it. An image file's content is `sha256-<digest>.<fleet>.<ext>`
+//! (`qcow2`, `kernel`, `initrd`), shared by the fleet's VMs in the pool; no VM name is that
+//! long, so the two kinds never meet, and fleets sharing a pool never share (or remove)
+//! each other's images. fleet never touches a volume of any other name.
 //!
 //! **Images are shipped once per content.** An image volume is complete only once its
-//! marker `<volume>.ok` exists, made after the upload, once the file is found still the
-//! version its digest was taken of (`image_content` hashes a file again whenever its
-//! version changes), so what was sent is what the name says. An upload a kill cut short has no marker; the next ship
-//! removes it and uploads again, so a VM is never made on half an image. A base disk must
-//! be a qcow2 of its own: a backing file or an external data file would name a file on the
-//! host (`check_base_header`, read from the file's header on fleet's side).
+//! marker `<volume>.ok` exists, made after the upload once the file read is found still
+//! the version its digest was taken of (`image_content` hashes a file again whenever its
+//! version changes), so what was sent is what the name says. An upload a kill cut short
+//! has no marker; the next ship removes it and uploads again, so a VM is never made on
+//! half an image. A base disk must be a qcow2 of its own: a backing file or an external
+//! data file would name a file on the host (`check_header`, on the bytes sent). Shipping
+//! comes before a create (`Driver::check_create`), outside the step's deadline.
 //!
 //! **Console logs are no volumes.** The guest writes every byte of its log, and libvirt
 //! reads the header of each volume when it refreshes a pool (as libvirtd does when it
@@ -40,9 +41,11 @@
 //! still runs): the volumes (and local logs) of this fleet's VMs that have no domain go
 //! (what a create that failed left), then every image volume of the fleet that no overlay
 //! in the pool backs onto and none of its domains (their definitions, running or saved,
-//! and their snapshots) boots from, its marker first. A VM's own volumes go with the VM
-//! (`remove_volumes`, by destroy and by settle after a crash). fleet never refreshes the
-//! pool: every volume it keeps there is made through libvirt, which knows it.
+//! and their snapshots) boots from, its marker first, unless this process shipped or used
+//! it within the hour (a create failing pass after pass would upload it each time). A read
+//! that fails keeps every image. A VM's own volumes go with the VM (`remove_volumes`, by
+//! destroy and by settle after a crash). fleet never refreshes the pool: every volume it
+//! keeps there is made through libvirt, which knows it.
 //!
 //! A seed is rewritten by removing and uploading it, not atomically: a kill between the
 //! two leaves the domain's old definition and stamp (the definition is saved last), so the
