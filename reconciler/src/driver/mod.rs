@@ -295,9 +295,10 @@ pub trait Driver: Send + Sync {
     }
 
     /// Removes what fleet keeps on the host for VMs and that the pass's steps left unused
-    /// (libvirt: image volumes whose last VM went). Run at the end of every apply and
-    /// daemon pass, by the process holding the status lock, once no step runs; never by
-    /// `plan`. Returns what it removed, for the event log.
+    /// (libvirt: image volumes whose last VM went, what a failed create left). Run at the
+    /// end of each apply or daemon pass that ran steps, by the process holding the status
+    /// lock, once `apply::run` has returned; never by `plan`. Returns what it removed, for
+    /// the event log.
     fn release_unused(&self) -> Result<Vec<String>, DriverError> {
         Ok(Vec::new())
     }
