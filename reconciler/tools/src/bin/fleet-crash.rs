@@ -502,6 +502,13 @@ fn recover(fleet: &Fleet) -> Result<()> {
     for _ in 0..4 {
         let out = run(fleet.fleet().args(["apply", "--auto-approve"]))?;
         if out.status.success() {
+            if std::env::var_os("FLEET_CRASH_VERBOSE").is_some() {
+                eprintln!(
+                    "recovery:\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
             return Ok(());
         }
         last = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -615,8 +622,19 @@ fn check(fleet: &Fleet) -> Result<Findings> {
     let open = open_intents(&journal);
     f.converged = domain_set == want && plan.status.code() == Some(0) && open == 0;
     if !f.converged {
+        // The plan's steps and errors say what is left.
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&plan.stdout),
+            String::from_utf8_lossy(&plan.stderr)
+        );
+        let left: Vec<&str> = said
+            .lines()
+            .filter(|l| l.starts_with("  ") && !l.starts_with("   ") || l.contains("error"))
+            .take(6)
+            .collect();
         f.notes.push(format!(
-            "not converged: domains {:?} vs fleet {:?}; plan exit {:?}; {open} open intent(s)",
+            "not converged: domains {:?} vs fleet {:?}; plan exit {:?}; {open} open intent(s); {left:?}",
             domain_set.symmetric_difference(&want).collect::<Vec<_>>(),
             want.len(),
             plan.status.code()
@@ -800,7 +818,7 @@ fn upload_trials(fleet: &Fleet, trials: usize, rng: &mut Rng) -> Result<(usize, 
     std::fs::write(fleet.host_config(), host)?;
     let original = std::fs::read(root.join("initrd.img"))?;
     let (mut duplicates, mut orphans, mut converged) = (0, 0, 0);
-    let mut uploads_cut_short = 0;
+    let (mut uploads_cut_short, mut extra_passes) = (0, 0);
     for trial in 1..=trials {
         // Zero padding after the archive, as the kernel's unpacker allows; a length of its
         // own each trial, so a content of its own.
@@ -829,6 +847,23 @@ fn upload_trials(fleet: &Fleet, trials: usize, rng: &mut Rng) -> Result<(usize, 
             .count();
         uploads_cut_short += cut_short;
         recover(fleet)?;
+        // A restart the fault interrupted can need one more pass (see the note printed):
+        // counted and shown, never hidden.
+        for _ in 0..2 {
+            let plan = run(fleet.fleet().args(["plan", "--detailed-exitcode"]))?;
+            if plan.status.code() == Some(0) {
+                break;
+            }
+            let left: Vec<String> = String::from_utf8_lossy(&plan.stdout)
+                .lines()
+                .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+                .map(|l| l.trim().to_owned())
+                .take(4)
+                .collect();
+            eprintln!("  upload trial {trial}: another pass needed after recovery: {left:?}");
+            extra_passes += 1;
+            recover(fleet)?;
+        }
         let mut f = check(fleet)?;
         images_in_use(fleet, &mut f)?;
         duplicates += f.duplicates;
@@ -848,7 +883,9 @@ fn upload_trials(fleet: &Fleet, trials: usize, rng: &mut Rng) -> Result<(usize, 
             eprintln!("  {note}");
         }
     }
-    eprintln!("upload trials: {uploads_cut_short} upload(s) cut short by a fault, all recovered");
+    eprintln!(
+        "upload trials: {uploads_cut_short} upload(s) cut short by a fault, all recovered; {extra_passes} recovery pass(es) more than one"
+    );
     Ok((duplicates, orphans, converged))
 }
 
