@@ -794,14 +794,8 @@ pub async fn open_journal(
         .into_iter()
         .map(|note| (None, note))
         .collect();
-    for (provider, driver) in drivers {
-        let driver = driver.clone();
-        let notes = tokio::task::spawn_blocking(move || driver.tidy())
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|tidied| tidied.map_err(|e| e.to_string()))
-            .unwrap_or_else(|e| vec![format!("could not tidy: {e}")]);
-        events.extend(notes.into_iter().map(|n| (Some(provider.clone()), n)));
+    for (provider, note) in tidy_each(drivers, |d| d.tidy()).await {
+        events.push((Some(provider), note));
     }
     let mut lines = Vec::new();
     for (provider, message) in events {
@@ -829,23 +823,31 @@ pub struct Pass<'a> {
     pub leases: &'a BTreeMap<String, crate::lease::LeaseRecord>,
 }
 
+/// Runs one of the drivers' tidy steps on each driver, off the async runtime: what each
+/// removed, by provider (a failure is one note).
+async fn tidy_each(
+    drivers: &Drivers,
+    tidy: fn(&dyn crate::driver::Driver) -> Result<Vec<String>, crate::driver::DriverError>,
+) -> Vec<(String, String)> {
+    let mut notes = Vec::new();
+    for (provider, driver) in drivers {
+        let driver = driver.clone();
+        let done = tokio::task::spawn_blocking(move || tidy(driver.as_ref()))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|tidied| tidied.map_err(|e| e.to_string()))
+            .unwrap_or_else(|e| vec![format!("could not tidy: {e}")]);
+        notes.extend(done.into_iter().map(|n| (provider.clone(), n)));
+    }
+    notes
+}
+
 /// Lets each driver remove what the pass's steps left unused on its host (no step runs
 /// now); each removal is an event.
 async fn release_unused(ws: &Workspace, drivers: &Drivers) -> std::io::Result<()> {
-    for (provider, driver) in drivers {
-        let driver = driver.clone();
-        let notes = tokio::task::spawn_blocking(move || driver.release_unused())
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|released| released.map_err(|e| e.to_string()))
-            .unwrap_or_else(|e| vec![format!("could not tidy: {e}")]);
-        for note in notes {
-            ws.status.append_event(&Event::host(
-                EventKind::HostTidied,
-                Some(provider.clone()),
-                note,
-            ))?;
-        }
+    for (provider, note) in tidy_each(drivers, |d| d.release_unused()).await {
+        ws.status
+            .append_event(&Event::host(EventKind::HostTidied, Some(provider), note))?;
     }
     Ok(())
 }
