@@ -223,7 +223,7 @@ fuzz:
 
 bench: image libvirtd
 	$(CARGO) build --release -p fleet -p fleet-tools
-	$(TARGET_DIR)/release/fleet-bench --libvirt --daemon --egress --results --source --upload
+	$(TARGET_DIR)/release/fleet-bench --libvirt --daemon --egress --results --source --upload --two-hosts
 
 clean:
 	rm -rf build target .fleet

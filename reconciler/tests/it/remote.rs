@@ -1,158 +1,17 @@
-//! A second libvirt host on this machine, reached as a remote one: a libvirtd (and its
-//! virtlogd) in a mount namespace of its own (private `/run`, `/var/lib/libvirt`,
-//! `/etc/libvirt`, `/var/cache/libvirt`, `/var/log/libvirt`), and an `sshd` on loopback in
-//! the same namespace, so `qemu+ssh://` reaches that libvirtd and no other. The host shares
-//! the rest of the filesystem with this one (as shared storage would).
+//! A fleet over this host's libvirtd and a second one reached as a remote host
+//! (`second_host`: its own mount namespace, `qemu+ssh://` over loopback).
 
-use std::path::{Path, PathBuf};
-
-/// The remote host's storage directory: a path only its mount namespace has.
-const REMOTE_STORAGE: &str = "/var/lib/libvirt/fleet-storage";
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
+
+#[path = "../../tools/src/second_host.rs"]
+mod second_host;
 
 use crate::daemon::{Daemon, read, wait_until};
 use crate::libvirt::{Cleanup, enabled, virsh_ok};
 use crate::support::{Repo, host_yaml, local_provider, micro_image};
 use crate::tasks::{Status, field, task_yaml};
-
-pub struct RemoteHost {
-    dir: tempfile::TempDir,
-    /// The namespace's sshd (the process `unshare` became): the namespace lives while it does.
-    sshd: Child,
-    pub uri: String,
-}
-
-impl RemoteHost {
-    pub fn start() -> RemoteHost {
-        let dir = tempfile::Builder::new()
-            .prefix("fleet-remote-")
-            .tempdir()
-            .expect("tempdir");
-        crate::support::set_mode(dir.path(), 0o755);
-        let at = |p: &str| dir.path().join(p);
-        for sub in [
-            "lib",
-            "etc/qemu/networks",
-            "etc/storage",
-            "etc/nwfilter",
-            "etc/secrets",
-            "cache",
-            "log",
-            "sshd",
-        ] {
-            std::fs::create_dir_all(at(sub)).expect("mkdir");
-        }
-        // The daemons' own settings, never the host's domains, networks or pools.
-        for entry in std::fs::read_dir("/etc/libvirt")
-            .expect("/etc/libvirt")
-            .flatten()
-        {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "conf") {
-                std::fs::copy(&path, at("etc").join(entry.file_name())).expect("copy");
-            }
-        }
-        let client_key = at("client_key");
-        crate::git_remote::keygen(&client_key);
-        let authorized = read(&at("client_key.pub"));
-        let (port, sshd_config) = crate::git_remote::sshd_config(&at("sshd"), &authorized);
-        let script = format!(
-            "set -e
-mount -t tmpfs -o mode=0755 tmpfs /run
-mkdir -p /run/sshd /run/libvirt /run/lock
-mount --bind {dir}/lib /var/lib/libvirt
-mount --bind {dir}/etc /etc/libvirt
-mount --bind {dir}/cache /var/cache/libvirt
-mount --bind {dir}/log /var/log/libvirt
-virtlogd -d
-libvirtd -d
-exec /usr/sbin/sshd -D -e -f {config}
-",
-            dir = dir.path().display(),
-            config = sshd_config.display()
-        );
-        let sshd = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-            .arg(script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(at("ns.log")).expect("log"))
-            .spawn()
-            .expect("unshare");
-        let uri = format!(
-            "qemu+ssh://root@127.0.0.1:{port}/system?keyfile={}&no_verify=1&no_tty=1",
-            client_key.display()
-        );
-        let host = RemoteHost { dir, sshd, uri };
-        wait_until(
-            "the remote libvirtd answers over ssh",
-            Duration::from_secs(30),
-            || host.virsh(&["list", "--all"]).status.success(),
-        );
-        host
-    }
-
-    /// Where the host's `REMOTE_STORAGE` is, seen from this machine.
-    pub fn storage(&self) -> PathBuf {
-        self.dir.path().join("lib/fleet-storage")
-    }
-
-    pub fn virsh(&self, args: &[&str]) -> std::process::Output {
-        Command::new("virsh")
-            .arg("-c")
-            .arg(&self.uri)
-            .args(args)
-            .output()
-            .expect("run virsh")
-    }
-
-    /// Runs `command` in the host's mount namespace.
-    fn inside(&self, command: &str) -> std::process::Output {
-        Command::new("nsenter")
-            .arg(format!("--mount=/proc/{}/ns/mnt", self.sshd.id()))
-            .args(["--", "sh", "-c", command])
-            .output()
-            .expect("nsenter")
-    }
-
-    /// Kills the host's libvirtd (its VMs' QEMU processes go on running).
-    pub fn kill_libvirtd(&self) {
-        let out = self.inside("kill $(cat /run/libvirtd.pid) && rm -f /run/libvirtd.pid");
-        assert!(out.status.success(), "{out:?}");
-        wait_until(
-            "the remote libvirtd is gone",
-            Duration::from_secs(30),
-            || !self.virsh(&["list"]).status.success(),
-        );
-    }
-
-    pub fn start_libvirtd(&self) {
-        let out = self.inside("libvirtd -d");
-        assert!(out.status.success(), "{out:?}");
-        wait_until(
-            "the remote libvirtd answers again",
-            Duration::from_secs(30),
-            || self.virsh(&["list"]).status.success(),
-        );
-    }
-}
-
-impl Drop for RemoteHost {
-    fn drop(&mut self) {
-        let names = self.virsh(&["list", "--all", "--name"]);
-        for name in String::from_utf8_lossy(&names.stdout).lines() {
-            if !name.is_empty() {
-                let _ = self.virsh(&["destroy", name]);
-                let _ = self.virsh(&["undefine", name]);
-            }
-        }
-        // (The pid files end without a newline.)
-        let _ = self.inside("kill $(cat /run/libvirtd.pid) $(cat /run/virtlogd.pid)");
-        let _ = self.sshd.kill();
-        let _ = self.sshd.wait();
-    }
-}
+use second_host::{SECOND_HOST_STORAGE as REMOTE_STORAGE, SecondHost};
 
 fn status_of(repo: &Repo, vm: &str) -> String {
     read(&repo.path().join(format!(".fleet/status/vms/{vm}.yaml")))
@@ -176,7 +35,7 @@ fn a_pool_spread_over_a_remote_host_runs_tasks_and_survives_its_outage() {
     };
     let (local_vm, pool) = (format!("{prefix}a"), format!("{prefix}p"));
     let member = |n: u32| format!("{pool}-0{n}");
-    let remote = RemoteHost::start();
+    let remote = SecondHost::start().expect("the second libvirt host");
     let repo = Repo::new();
     repo.host_config(&host_yaml(
         &[
@@ -235,7 +94,8 @@ fn a_pool_spread_over_a_remote_host_runs_tasks_and_survives_its_outage() {
     assert!(status.output("ask").contains("answer=yes"));
     // Spread 2 + 2, each member on its own host only, all running.
     let running_on_remote = |vm: &str| {
-        String::from_utf8_lossy(&remote.virsh(&["domstate", vm]).stdout).trim() == "running"
+        String::from_utf8_lossy(&remote.virsh(&["domstate", vm]).expect("virsh").stdout).trim()
+            == "running"
     };
     let here = |vm: &str| crate::libvirt::virsh(&["domstate", vm]).status.success();
     for n in [2, 4] {
@@ -246,7 +106,13 @@ fn a_pool_spread_over_a_remote_host_runs_tasks_and_survives_its_outage() {
         wait_until("a local member runs", Duration::from_secs(120), || {
             virsh_ok(&["domstate", &member(n)]).trim() == "running"
         });
-        assert!(!remote.virsh(&["domstate", &member(n)]).status.success());
+        assert!(
+            !remote
+                .virsh(&["domstate", &member(n)])
+                .expect("virsh")
+                .status
+                .success()
+        );
     }
     let recorded = read(&repo.path().join(".fleet/status/placement.yaml"));
     assert!(
@@ -313,7 +179,7 @@ fn a_pool_spread_over_a_remote_host_runs_tasks_and_survives_its_outage() {
 
     // The remote host's libvirtd goes away: its members are unknown, never made here, a
     // new member waits, and a change of the local VM is applied.
-    remote.kill_libvirtd();
+    remote.kill_libvirtd(false).expect("kill its libvirtd");
     repo.write(&format!("fleet/vms/{local_vm}.yaml"), vm_yaml("288Mi"));
     repo.write(&format!("fleet/vms/{pool}.yaml"), pool_yaml(5));
     repo.commit("more memory here, one more member");
@@ -350,7 +216,7 @@ fn a_pool_spread_over_a_remote_host_runs_tasks_and_survives_its_outage() {
 
     // Back: the members are found as they were, running all along; the new one is placed
     // (spread: 2 and 2, so the first provider) and made.
-    remote.start_libvirtd();
+    remote.start_libvirtd().expect("start its libvirtd");
     wait_until(
         "the remote members are seen again",
         Duration::from_secs(60),

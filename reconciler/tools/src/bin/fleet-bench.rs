@@ -32,14 +32,20 @@
 //!    `--upload-mib` MiB (default 256) on a provider, shipped into the fleet's storage pool,
 //!    next to `virsh vol-upload` of the same file.
 //!
+//! 9. two hosts (needs libvirtd, `--two-hosts`, `two_host_bench`): a no-op reconcile of
+//!    `--two-host-vms` (default 1,000) defined VMs, half on qemu:///system and half on a
+//!    second libvirtd reached over qemu+ssh (`second_host`), next to the bare calls it needs
+//!    on both hosts at once.
+//!
 //! Every bench that makes domains on qemu:///system stamps them with a fleet name of its own
 //! and removes exactly those (`OwnDomains`), on every path; the run then fails, naming them,
 //! unless the host's domains are the same as before it (`same_domains`).
 //!
 //! Usage: fleet-bench [--vms N] [--libvirt] [--libvirt-vms N] [--foreign-vms N] [--daemon] [--idle-seconds N]
 //!        [--skip-latency] [--skip-noop] [--skip-idle] [--egress] [--egress-mib N]
-//!        [--results] [--source] [--upload] [--upload-mib N] [--only-broker]
-//!        [--only-egress] [--only-results] [--only-source] [--only-upload]
+//!        [--results] [--source] [--upload] [--upload-mib N] [--two-hosts]
+//!        [--two-host-vms N] [--only-broker] [--only-egress] [--only-results]
+//!        [--only-source] [--only-upload] [--only-two-hosts]
 
 #![allow(clippy::disallowed_methods)] // a tool writes scratch files freely
 
@@ -47,8 +53,13 @@
 mod broker_bench;
 #[path = "../results_bench.rs"]
 mod results_bench;
+#[allow(dead_code)] // shared with fleet-crash and the tests, which use all of it
+#[path = "../second_host.rs"]
+mod second_host;
 #[path = "../source_bench.rs"]
 mod source_bench;
+#[path = "../two_host_bench.rs"]
+mod two_host_bench;
 #[path = "../upload_bench.rs"]
 mod upload_bench;
 #[path = "../vm_egress_bench.rs"]
@@ -66,13 +77,15 @@ use fleet::source::{Revision, Snapshot, SourceFile};
 use fleet::spec::{HostSpec, LibvirtProvider, Name};
 
 /// The flags whose benches make domains on qemu:///system.
-const ON_LIBVIRT: [&str; 6] = [
+const ON_LIBVIRT: [&str; 8] = [
     "--libvirt",
     "--daemon",
     "--egress",
     "--results",
+    "--two-hosts",
     "--only-egress",
     "--only-results",
+    "--only-two-hosts",
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -151,6 +164,10 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     if args.iter().any(|a| a == "--only-upload") {
         return upload_bench::bench_upload(number("--upload-mib", 256));
     }
+    let two_host_vms = number("--two-host-vms", 1_000);
+    if args.iter().any(|a| a == "--only-two-hosts") {
+        return two_host_bench::bench_two_hosts(two_host_vms);
+    }
     if args.iter().any(|a| a == "--only-source") {
         return source_bench::bench_source(20);
     }
@@ -193,6 +210,11 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     } else {
         println!("upload: skipped (pass --upload to measure shipping an image to a host)");
     }
+    if args.iter().any(|a| a == "--two-hosts") {
+        two_host_bench::bench_two_hosts(two_host_vms)?;
+    } else {
+        println!("two hosts: skipped (pass --two-hosts to measure a fleet over two hosts)");
+    }
     if args.iter().any(|a| a == "--source") {
         source_bench::bench_source(20)?;
     } else {
@@ -213,13 +235,14 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// rightly, and a revision that no longer loads would leave everything behind.
 struct OwnDomains {
     fleet: String,
+    /// The provider's host, whose fleet pool goes with the domains.
+    uri: String,
     driver: Arc<LibvirtDriver>,
 }
 
 impl OwnDomains {
-    /// The libvirt driver of fleet `name`, with VM files under `storage` as its host
-    /// configuration says. Refused while domains already carry that name (an earlier run's,
-    /// or someone else's): removing them at the end would touch domains this run did not make.
+    /// The libvirt driver of fleet `name` on qemu:///system, with its storage under
+    /// `storage` as its host configuration says.
     fn claim(
         name: &str,
         storage: &std::path::Path,
@@ -234,18 +257,44 @@ impl OwnDomains {
             storage_pool: None,
             full_network: None,
         };
-        let driver = LibvirtDriver::new(name, &provider, fleet::spec::DomainType::Qemu, image_root);
+        OwnDomains::claim_on(name, &provider, image_root)
+    }
+
+    /// The libvirt driver of fleet `name` on `provider`. Refused while domains already
+    /// carry that name (an earlier run's, or someone else's): removing them at the end would
+    /// touch domains this run did not make.
+    fn claim_on(
+        name: &str,
+        provider: &LibvirtProvider,
+        image_root: &std::path::Path,
+    ) -> anyhow::Result<OwnDomains> {
+        let driver = LibvirtDriver::new(name, provider, fleet::spec::DomainType::Qemu, image_root);
         let already = stamped(&driver, name)?;
         anyhow::ensure!(
             already.is_empty(),
-            "{} domain(s) on qemu:///system already carry fleet {name}'s stamp: {}; the bench removes only the domains it makes, so remove these first (virsh destroy, virsh undefine)",
+            "{} domain(s) on {} already carry fleet {name}'s stamp: {}; the bench removes only the domains it makes, so remove these first (virsh destroy, virsh undefine)",
             already.len(),
+            provider.uri,
             already.join(", ")
         );
         Ok(OwnDomains {
             fleet: name.to_owned(),
+            uri: provider.uri.clone(),
             driver: Arc::new(driver),
         })
+    }
+
+    /// The fleet's default storage pool goes too, once its domains are gone (its directory
+    /// is the bench's to remove).
+    fn remove_pool(&self) -> anyhow::Result<()> {
+        let conn = virt::connect::Connect::open(Some(&self.uri))?;
+        if let Ok(pool) = conn.lookup_storage_pool_by_name(&format!("fleet-{}", self.fleet)) {
+            if pool.is_active()? {
+                pool.destroy()?;
+            }
+            pool.undefine()?;
+        }
+        Ok(())
     }
 
     /// Destroys them now (powered off at once: a bench's VM holds nothing worth a graceful
@@ -257,7 +306,7 @@ impl OwnDomains {
         for _ in 0..3 {
             let names = stamped(&self.driver, &self.fleet)?;
             if names.is_empty() {
-                return Ok(());
+                return self.remove_pool();
             }
             failed = names
                 .iter()
@@ -269,7 +318,7 @@ impl OwnDomains {
         }
         let left = stamped(&self.driver, &self.fleet)?;
         if left.is_empty() {
-            return Ok(());
+            return self.remove_pool();
         }
         if failed.is_empty() {
             // The last round removed them all: something made them again.

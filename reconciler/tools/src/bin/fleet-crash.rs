@@ -35,13 +35,22 @@
 //! kernel and initrd the VMs boot from, each with its marker (an upload cut short, or an
 //! image no VM uses any more, is an orphan).
 //!
+//! Then `--remote-trials` (default 3) trials on two hosts: a second libvirtd in a mount
+//! namespace of its own, reached over `qemu+ssh://` (`second_host`), becomes the provider
+//! `far` of VMs of their own, booted from an image of their own. Each trial creates,
+//! replaces and destroys some of them and rebuilds that image in place (so it is shipped to
+//! the far host again), then kills fleet or the far host's libvirtd (SIGKILL) within 1.5 s.
+//! After recovery: no VM stamped on two domains (on either host), none on the wrong host,
+//! no volume without its domain and no image cut short or unused in either host's pool,
+//! and convergence. (Console logs of gone VMs stay on a remote host, as documented.)
+//!
 //! Ends with one line: `trials=N duplicates=D orphans=O converged=C lost=L`; exits 1 unless
 //! D, O and L are 0 and C is N (all trials together). A workspace attached to two domains
 //! counts as a duplicate; one lost or remade counts in L. Needs `make image` and a running
 //! libvirtd.
 //!
 //! Usage: fleet-crash [--trials N] [--fresh-trials N] [--workspace-trials N]
-//!        [--upload-trials N] [--vms N] [--seed S]
+//!        [--upload-trials N] [--remote-trials N] [--vms N] [--seed S]
 
 #![allow(clippy::disallowed_methods)] // a tool writes scratch files freely
 
@@ -52,7 +61,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 
+#[path = "../second_host.rs"]
+mod second_host;
+
 const URI: &str = "qemu:///system";
+
+/// The remote trials' VM slots on the far host: `<fleet>-r1` and on.
+const FAR_SLOTS: u64 = 6;
 
 /// xorshift64*: reproducible from `--seed`, no dependency needed for a test driver.
 struct Rng(u64);
@@ -82,7 +97,20 @@ fn run(cmd: &mut Command) -> Result<std::process::Output> {
 }
 
 fn virsh(args: &[&str]) -> Result<std::process::Output> {
-    run(Command::new("virsh").arg("-c").arg(URI).args(args))
+    virsh_on(URI, args)
+}
+
+fn virsh_on(uri: &str, args: &[&str]) -> Result<std::process::Output> {
+    run(Command::new("virsh").arg("-c").arg(uri).args(args))
+}
+
+/// A libvirt host the trials make VMs on, as fleet-crash reaches it.
+struct Host {
+    /// The provider's name in the fleet.
+    provider: &'static str,
+    uri: String,
+    /// The fleet's storage directory on that host, seen from here.
+    storage: PathBuf,
 }
 
 fn git(repo: &Path, args: &[&str]) -> Result<()> {
@@ -102,6 +130,8 @@ struct Fleet {
     fresh: Option<u32>,
     /// The workspace trials' workspaces: name → the VM it is attached to, if any.
     workspaces: BTreeMap<String, Option<String>>,
+    /// The remote trials' second host (provider `far`).
+    far: Option<second_host::SecondHost>,
 }
 
 impl Fleet {
@@ -122,7 +152,13 @@ impl Fleet {
             std::fs::write(
                 dir.join(format!("{vm}.yaml")),
                 format!(
-                    "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {vm}}}\nspec: {{provider: local, image: micro, loadout: v{variant}, resources: {{memory: 128Mi}}{mounts}}}\n"
+                    "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {vm}}}\nspec: {{provider: {provider}, image: {image}, loadout: v{variant}, resources: {{memory: 128Mi}}{mounts}}}\n",
+                    provider = self.provider_of(vm),
+                    image = if self.provider_of(vm) == "far" {
+                        "far-micro"
+                    } else {
+                        "micro"
+                    },
                 ),
             )?;
         }
@@ -183,6 +219,32 @@ impl Fleet {
         format!("{}-p", self.name)
     }
 
+    /// The remote trials' VMs are on `far`, every other on `local`.
+    fn provider_of(&self, vm: &str) -> &'static str {
+        if vm.starts_with(&format!("{}-r", self.name)) {
+            "far"
+        } else {
+            "local"
+        }
+    }
+
+    /// The hosts the fleet has VMs on: `local`, and `far` once the remote trials began.
+    fn hosts(&self) -> Vec<Host> {
+        let mut hosts = vec![Host {
+            provider: "local",
+            uri: URI.to_owned(),
+            storage: self.repo.join(".fleet/storage").join(&self.name),
+        }];
+        if let Some(far) = &self.far {
+            hosts.push(Host {
+                provider: "far",
+                uri: far.uri.clone(),
+                storage: far.storage().join(&self.name),
+            });
+        }
+        hosts
+    }
+
     fn fleet(&self) -> Command {
         let exe = std::env::current_exe().expect("own path");
         let mut cmd = Command::new(exe.with_file_name("fleet"));
@@ -197,10 +259,22 @@ impl Fleet {
         self.repo.join("host.yaml")
     }
 
+    /// The fleet's domains on this machine's libvirtd.
     fn domains(&self) -> Result<Vec<String>> {
-        let out = virsh(&["list", "--all", "--name"])?;
+        self.domains_on(URI)
+    }
+
+    /// The domains on the libvirtd at `uri` whose names are the fleet's.
+    fn domains_on(&self, uri: &str) -> Result<Vec<String>> {
+        let out = virsh_on(uri, &["list", "--all", "--name"])?;
+        anyhow::ensure!(
+            out.status.success(),
+            "virsh list on {uri}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
+            .map(str::trim)
             .filter(|n| n.starts_with(&format!("{}-", self.name)))
             .map(str::to_owned)
             .collect())
@@ -258,6 +332,7 @@ fn setup(vms: usize, rng: &mut Rng) -> Result<Fleet> {
         vms,
         fresh: None,
         workspaces: BTreeMap::new(),
+        far: None,
     };
     fleet.write()?;
     Ok(fleet)
@@ -444,12 +519,34 @@ fn workspaces_kept(
     Ok(lost)
 }
 
-/// The fault a trial injected, for its report line.
-fn fault(kill_libvirtd: bool) -> &'static str {
-    if kill_libvirtd {
-        "libvirtd killed"
-    } else {
-        "fleet killed"
+/// The fault a trial injects.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// SIGKILL to fleet.
+    Fleet,
+    /// SIGKILL to this machine's libvirtd, then started again.
+    Libvirtd,
+    /// SIGKILL to the far host's libvirtd, then started again.
+    FarLibvirtd,
+}
+
+impl Fault {
+    /// A libvirtd fault when `libvirtd`, else fleet's.
+    fn libvirtd_if(libvirtd: bool) -> Fault {
+        if libvirtd {
+            Fault::Libvirtd
+        } else {
+            Fault::Fleet
+        }
+    }
+
+    /// For a trial's report line.
+    fn describe(self) -> &'static str {
+        match self {
+            Fault::Fleet => "fleet killed",
+            Fault::Libvirtd => "libvirtd killed",
+            Fault::FarLibvirtd => "the far host's libvirtd killed",
+        }
     }
 }
 
@@ -473,24 +570,71 @@ fn wait_for_libvirtd() -> Result<()> {
     bail!("libvirtd did not come back")
 }
 
-/// One apply interrupted by a fault: SIGKILL to fleet, or libvirtd killed and restarted.
-/// Returns whether fleet was still applying when the fault hit.
-fn interrupted_apply(fleet: &Fleet, kill_libvirtd: bool, delay: Duration) -> Result<bool> {
+/// One apply interrupted by `fault` after `delay`. Returns whether fleet was still applying
+/// when it hit.
+fn interrupted_apply(fleet: &Fleet, fault: Fault, delay: Duration) -> Result<bool> {
+    interrupted_apply_at(fleet, fault, Strike::After(delay))
+}
+
+/// When a fault strikes.
+#[derive(Clone, Copy, Debug)]
+enum Strike {
+    /// This long after the apply started.
+    After(Duration),
+    /// As soon as an image upload is seen under way on any host (a volume without its
+    /// marker), or at the latest after this long.
+    AtUpload(Duration),
+}
+
+impl Strike {
+    fn describe(self) -> String {
+        match self {
+            Strike::After(delay) => format!("after {delay:?}"),
+            Strike::AtUpload(_) => "at an upload's start".into(),
+        }
+    }
+}
+
+/// `interrupted_apply`, striking at `strike`.
+fn interrupted_apply_at(fleet: &Fleet, fault: Fault, strike: Strike) -> Result<bool> {
     let mut child = fleet
         .fleet()
         .args(["apply", "--auto-approve"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    std::thread::sleep(delay);
+    match strike {
+        Strike::After(delay) => std::thread::sleep(delay),
+        Strike::AtUpload(longest) => {
+            let deadline = Instant::now() + longest;
+            while cut_short_on(fleet) == 0
+                && Instant::now() < deadline
+                && child.try_wait()?.is_none()
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
     let mid_apply = child.try_wait()?.is_none();
-    if kill_libvirtd {
-        let _ = run(Command::new("pkill").args(["-9", "-x", "libvirtd"]));
-        std::thread::sleep(Duration::from_millis(300));
-        run(Command::new("libvirtd").arg("-d"))?;
-        wait_for_libvirtd()?;
-    } else {
-        let _ = child.kill();
+    match fault {
+        Fault::Fleet => {
+            let _ = child.kill();
+        }
+        Fault::Libvirtd => {
+            // By its pid file: the far host's libvirtd is a process of the same name.
+            let pid = std::fs::read_to_string("/run/libvirtd.pid").unwrap_or_default();
+            anyhow::ensure!(!pid.trim().is_empty(), "libvirtd has no /run/libvirtd.pid");
+            let _ = run(Command::new("kill").args(["-9", pid.trim()]));
+            std::thread::sleep(Duration::from_millis(300));
+            run(Command::new("libvirtd").arg("-d"))?;
+            wait_for_libvirtd()?;
+        }
+        Fault::FarLibvirtd => {
+            let far = fleet.far.as_ref().context("no far host")?;
+            far.kill_libvirtd(true)?;
+            std::thread::sleep(Duration::from_millis(300));
+            far.start_libvirtd()?;
+        }
     }
     let _ = child.wait();
     Ok(mid_apply)
@@ -534,33 +678,58 @@ fn recover_moves(fleet: &Fleet) -> Result<()> {
 struct Findings {
     duplicates: usize,
     orphans: usize,
+    /// Domains on a host other than their VM's provider.
+    misplaced: usize,
     converged: bool,
     notes: Vec<String>,
 }
 
-/// Duplicates and orphans among the fleet's domains; the domains.
+/// Duplicates, VMs on the wrong host and orphans among the fleet's domains on every host;
+/// the domains.
 fn integrity(fleet: &Fleet, f: &mut Findings) -> Result<BTreeSet<String>> {
-    let domains = fleet.domains()?;
     let mut stamped: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for d in &domains {
-        let xml = virsh(&["dumpxml", "--inactive", d])?;
-        let vm = fleet::driver::libvirt::domain_xml::parse(&String::from_utf8_lossy(&xml.stdout))
-            .map_err(anyhow::Error::msg)?;
-        if let Some(stamp) = &vm.stamp {
-            stamped
-                .entry(stamp.name.clone())
-                .or_default()
-                .push(d.clone());
+    let mut domain_set = BTreeSet::new();
+    for host in fleet.hosts() {
+        let domains = fleet.domains_on(&host.uri)?;
+        for d in &domains {
+            let xml = virsh_on(&host.uri, &["dumpxml", "--inactive", d])?;
+            let vm =
+                fleet::driver::libvirt::domain_xml::parse(&String::from_utf8_lossy(&xml.stdout))
+                    .map_err(anyhow::Error::msg)?;
+            if let Some(stamp) = &vm.stamp {
+                stamped
+                    .entry(stamp.name.clone())
+                    .or_default()
+                    .push(format!("{d} on {}", host.provider));
+            }
+            if fleet.provider_of(d) != host.provider {
+                f.misplaced += 1;
+                f.notes.push(format!(
+                    "{d} is on {} and belongs on {}",
+                    host.provider,
+                    fleet.provider_of(d)
+                ));
+            }
         }
+        let here: BTreeSet<String> = domains.into_iter().collect();
+        storage_orphans(fleet, &host, &here, f);
+        domain_set.extend(here);
     }
     for (vm, holders) in &stamped {
-        if holders.len() > 1 || holders.iter().any(|h| h != vm) {
+        let elsewhere = |h: &String| h.split_once(" on ").is_none_or(|(d, _)| d != vm);
+        if holders.len() > 1 || holders.iter().any(elsewhere) {
             f.duplicates += holders.len().saturating_sub(1).max(1);
             f.notes.push(format!("{vm} is stamped on {holders:?}"));
         }
     }
-    let storage = fleet.repo.join(".fleet/storage").join(&fleet.name);
-    let on_disk: BTreeSet<String> = std::fs::read_dir(&storage)
+    Ok(domain_set)
+}
+
+/// What fleet made on `host` for VMs without a domain there (`domains`): directories of VMs
+/// made before volumes, volumes, console logs (this machine's only: a remote host keeps
+/// those of gone VMs, as documented), and image uploads cut short.
+fn storage_orphans(fleet: &Fleet, host: &Host, domains: &BTreeSet<String>, f: &mut Findings) {
+    let on_disk: BTreeSet<String> = std::fs::read_dir(&host.storage)
         .map(|d| {
             d.flatten()
                 .filter(|e| e.path().is_dir())
@@ -569,47 +738,65 @@ fn integrity(fleet: &Fleet, f: &mut Findings) -> Result<BTreeSet<String>> {
                 .collect()
         })
         .unwrap_or_default();
-    let domain_set: BTreeSet<String> = domains.iter().cloned().collect();
-    for orphan in on_disk.difference(&domain_set) {
+    for orphan in on_disk.difference(domains) {
         f.orphans += 1;
-        f.notes
-            .push(format!("storage of {orphan} without a domain"));
+        f.notes.push(format!(
+            "storage of {orphan} on {} without a domain",
+            host.provider
+        ));
     }
-    // The pool's volumes: a VM's without its domain, or an image upload cut short (no
-    // marker) that recovery left behind.
-    let volumes: BTreeSet<String> = std::fs::read_dir(storage.join(".volumes"))
+    let volumes = pool_files(host);
+    if host.provider == "local" {
+        for log in std::fs::read_dir(host.storage.join(".volumes/logs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = log.file_name().to_string_lossy().into_owned();
+            let vm = name.split_once('.').map(|(vm, _)| vm.to_owned());
+            if vm.is_some_and(|vm| !domains.contains(&vm)) {
+                f.orphans += 1;
+                f.notes.push(format!("console log {name} without a domain"));
+            }
+        }
+    }
+    for volume in &volumes {
+        let vm = fleet::driver::libvirt::volumes::owner_of_volume(&fleet.name, volume);
+        if vm.as_ref().is_some_and(|vm| !domains.contains(vm)) {
+            f.orphans += 1;
+            f.notes.push(format!(
+                "volume {volume} on {} without a domain",
+                host.provider
+            ));
+        }
+    }
+    for image in cut_short(&volumes) {
+        f.orphans += 1;
+        f.notes.push(format!(
+            "image volume {image} on {} cut short",
+            host.provider
+        ));
+    }
+}
+
+/// The files in `host`'s fleet pool.
+fn pool_files(host: &Host) -> BTreeSet<String> {
+    std::fs::read_dir(host.storage.join(".volumes"))
         .map(|d| {
             d.flatten()
                 .filter_map(|e| e.file_name().to_str().map(str::to_owned))
                 .collect()
         })
-        .unwrap_or_default();
-    // Console logs (no volumes) of VMs without a domain.
-    for log in std::fs::read_dir(storage.join(".volumes/logs"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let name = log.file_name().to_string_lossy().into_owned();
-        let vm = name.split_once('.').map(|(vm, _)| vm.to_owned());
-        if vm.is_some_and(|vm| !domain_set.contains(&vm)) {
-            f.orphans += 1;
-            f.notes.push(format!("console log {name} without a domain"));
-        }
-    }
-    for volume in &volumes {
-        let vm = fleet::driver::libvirt::volumes::owner_of_volume(&fleet.name, volume);
-        if vm.as_ref().is_some_and(|vm| !domain_set.contains(vm)) {
-            f.orphans += 1;
-            f.notes.push(format!("volume {volume} without a domain"));
-        }
-        let image = volume.starts_with("sha256-") && !volume.ends_with(".ok");
-        if image && !volumes.contains(&format!("{volume}.ok")) {
-            f.orphans += 1;
-            f.notes.push(format!("image volume {volume} cut short"));
-        }
-    }
-    Ok(domain_set)
+        .unwrap_or_default()
+}
+
+/// The image volumes among `volumes` without their marker: uploads cut short.
+fn cut_short(volumes: &BTreeSet<String>) -> Vec<&String> {
+    volumes
+        .iter()
+        .filter(|n| n.starts_with("sha256-") && !n.ends_with(".ok"))
+        .filter(|n| !volumes.contains(&format!("{n}.ok")))
+        .collect()
 }
 
 fn check(fleet: &Fleet) -> Result<Findings> {
@@ -620,7 +807,8 @@ fn check(fleet: &Fleet) -> Result<Findings> {
     let journal =
         std::fs::read_to_string(fleet.repo.join(".fleet/status/journal.jsonl")).unwrap_or_default();
     let open = open_intents(&journal);
-    f.converged = domain_set == want && plan.status.code() == Some(0) && open == 0;
+    f.converged =
+        domain_set == want && f.misplaced == 0 && plan.status.code() == Some(0) && open == 0;
     if !f.converged {
         // The plan's steps and errors say what is left.
         let said = format!(
@@ -757,10 +945,10 @@ fn workspace_trials(
     for trial in 1..=trials {
         mutate_workspaces(fleet, slots, rng);
         fleet.write()?;
-        let kill_libvirtd = trial % 2 == 0;
+        let fault = Fault::libvirtd_if(trial % 2 == 0);
         let delay = Duration::from_millis(rng.below(3000));
         let mut f = Findings::default();
-        let mid_apply = interrupted_apply(fleet, kill_libvirtd, delay)?;
+        let mid_apply = interrupted_apply(fleet, fault, delay)?;
         attached_twice(fleet, "after the fault", &mut f)?;
         recover_moves(fleet)?;
         let mut after = check(fleet)?;
@@ -776,7 +964,7 @@ fn workspace_trials(
         eprintln!(
             "workspace trial {trial}: {:?}, {} after {delay:?} ({}); duplicates {} orphans {} lost {gone} converged {}",
             fleet.workspaces,
-            fault(kill_libvirtd),
+            fault.describe(),
             when(mid_apply),
             f.duplicates,
             f.orphans,
@@ -804,76 +992,89 @@ fn cleanup(fleet: &Fleet) {
     let _ = std::fs::remove_dir_all(&fleet.repo);
 }
 
-/// The upload trials (see the top): returns duplicates, orphans and converged trials.
-fn upload_trials(fleet: &Fleet, trials: usize, rng: &mut Rng) -> Result<(usize, usize, usize)> {
-    // An image root of the trials' own: the micro image copied, then rebuilt in place.
+/// The trials' own image root (the micro image copied, so it can be rebuilt in place), made
+/// once and named in the host configuration.
+fn private_image_root(fleet: &Fleet) -> Result<PathBuf> {
     let root = std::env::current_dir()?.join("build/image");
     let images = fleet.repo.join("images");
-    std::fs::create_dir_all(&images)?;
-    for file in ["vmlinuz", "initrd.img"] {
-        std::fs::copy(root.join(file), images.join(file))?;
+    if !images.exists() {
+        std::fs::create_dir_all(&images)?;
+        for file in ["vmlinuz", "initrd.img"] {
+            std::fs::copy(root.join(file), images.join(file))?;
+        }
+        let host = std::fs::read_to_string(fleet.host_config())?
+            .replace(&root.display().to_string(), &images.display().to_string());
+        std::fs::write(fleet.host_config(), host)?;
     }
-    let host = std::fs::read_to_string(fleet.host_config())?
-        .replace(&root.display().to_string(), &images.display().to_string());
-    std::fs::write(fleet.host_config(), host)?;
-    let original = std::fs::read(root.join("initrd.img"))?;
+    Ok(images)
+}
+
+/// Rebuilds `file` in the image root in place from `original`: zero padding after the
+/// archive, as the kernel's unpacker allows, 16 MiB and more, a length of its own each
+/// `trial`, so a content of its own. Returns its size in MiB.
+fn rebuild_initrd(images: &Path, file: &str, original: &[u8], trial: usize) -> Result<usize> {
+    let mut rebuilt = original.to_vec();
+    rebuilt.resize(original.len() + (16 << 20) + trial * 4096, 0);
+    let staged = images.join(format!("{file}.new"));
+    std::fs::write(&staged, &rebuilt)?;
+    std::fs::rename(&staged, images.join(file))?;
+    Ok(rebuilt.len() >> 20)
+}
+
+/// `recover`, then again while the plan has steps, at most twice: a restart the fault
+/// interrupted can need one more pass. Returns the passes more than one, counted and shown
+/// (`label` names the trial), never hidden.
+fn recover_counting_passes(fleet: &Fleet, label: &str) -> Result<usize> {
+    recover(fleet)?;
+    let mut extra = 0;
+    for _ in 0..2 {
+        let plan = run(fleet.fleet().args(["plan", "--detailed-exitcode"]))?;
+        if plan.status.code() == Some(0) {
+            break;
+        }
+        let left: Vec<String> = String::from_utf8_lossy(&plan.stdout)
+            .lines()
+            .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+            .map(|l| l.trim().to_owned())
+            .take(4)
+            .collect();
+        eprintln!("  {label}: another pass needed after recovery: {left:?}");
+        extra += 1;
+        recover(fleet)?;
+    }
+    Ok(extra)
+}
+
+/// The upload trials (see the top): returns duplicates, orphans and converged trials.
+fn upload_trials(fleet: &Fleet, trials: usize, rng: &mut Rng) -> Result<(usize, usize, usize)> {
+    let images = private_image_root(fleet)?;
+    let original = std::fs::read(std::env::current_dir()?.join("build/image/initrd.img"))?;
     let (mut duplicates, mut orphans, mut converged) = (0, 0, 0);
     let (mut uploads_cut_short, mut extra_passes) = (0, 0);
     for trial in 1..=trials {
-        // Zero padding after the archive, as the kernel's unpacker allows; a length of its
-        // own each trial, so a content of its own.
-        let mut rebuilt = original.clone();
-        rebuilt.resize(original.len() + (16 << 20) + trial * 4096, 0);
-        let staged = images.join("initrd.img.new");
-        std::fs::write(&staged, &rebuilt)?;
-        std::fs::rename(&staged, images.join("initrd.img"))?;
-        let kill_libvirtd = trial % 2 == 0;
+        let mib = rebuild_initrd(&images, "initrd.img", &original, trial)?;
+        let fault = Fault::libvirtd_if(trial % 2 == 0);
         let delay = Duration::from_millis(rng.below(600));
-        let mid_apply = interrupted_apply(fleet, kill_libvirtd, delay)?;
+        let strike = if trial % 3 == 1 {
+            Strike::AtUpload(Duration::from_secs(5))
+        } else {
+            Strike::After(delay)
+        };
+        let mid_apply = interrupted_apply_at(fleet, fault, strike)?;
         // What the fault left: an image volume without its marker is an upload it cut short.
-        let pool = fleet
-            .repo
-            .join(".fleet/storage")
-            .join(&fleet.name)
-            .join(".volumes");
-        let names: BTreeSet<String> = std::fs::read_dir(&pool)?
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        let cut_short = names
-            .iter()
-            .filter(|n| n.starts_with("sha256-") && !n.ends_with(".ok"))
-            .filter(|n| !names.contains(&format!("{n}.ok")))
-            .count();
+        let cut_short = cut_short_on(fleet);
         uploads_cut_short += cut_short;
-        recover(fleet)?;
-        // A restart the fault interrupted can need one more pass (see the note printed):
-        // counted and shown, never hidden.
-        for _ in 0..2 {
-            let plan = run(fleet.fleet().args(["plan", "--detailed-exitcode"]))?;
-            if plan.status.code() == Some(0) {
-                break;
-            }
-            let left: Vec<String> = String::from_utf8_lossy(&plan.stdout)
-                .lines()
-                .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
-                .map(|l| l.trim().to_owned())
-                .take(4)
-                .collect();
-            eprintln!("  upload trial {trial}: another pass needed after recovery: {left:?}");
-            extra_passes += 1;
-            recover(fleet)?;
-        }
+        extra_passes += recover_counting_passes(fleet, &format!("upload trial {trial}"))?;
         let mut f = check(fleet)?;
         images_in_use(fleet, &mut f)?;
         duplicates += f.duplicates;
         orphans += f.orphans;
         converged += usize::from(f.converged);
         eprintln!(
-            "upload trial {trial}: {} VMs onto a {} MiB initrd, {} after {delay:?} ({}, {cut_short} upload(s) cut short); duplicates {} orphans {} converged {}",
+            "upload trial {trial}: {} VMs onto a {mib} MiB initrd, {} {} ({}, {cut_short} upload(s) cut short); duplicates {} orphans {} converged {}",
             fleet.vms.len(),
-            rebuilt.len() >> 20,
-            fault(kill_libvirtd),
+            fault.describe(),
+            strike.describe(),
             when(mid_apply),
             f.duplicates,
             f.orphans,
@@ -889,43 +1090,165 @@ fn upload_trials(fleet: &Fleet, trials: usize, rng: &mut Rng) -> Result<(usize, 
     Ok((duplicates, orphans, converged))
 }
 
-/// The fleet's image volumes are exactly those its domains boot from, each complete: any
-/// other (an upload cut short, one no VM uses) is an orphan.
-fn images_in_use(fleet: &Fleet, f: &mut Findings) -> Result<()> {
-    let pool = fleet
-        .repo
-        .join(".fleet/storage")
-        .join(&fleet.name)
-        .join(".volumes");
-    let mut used = BTreeSet::new();
-    for d in fleet.domains()? {
-        let xml =
-            String::from_utf8_lossy(&virsh(&["dumpxml", "--inactive", &d])?.stdout).into_owned();
-        for tag in ["kernel", "initrd"] {
-            if let Some(path) = xml
-                .split_once(&format!("<{tag}>"))
-                .and_then(|(_, rest)| rest.split_once(&format!("</{tag}>")))
-                .map(|(path, _)| path.to_owned())
-            {
-                used.insert(path);
+/// The remote trials (see the top): returns duplicates, orphans and converged trials.
+fn remote_trials(fleet: &mut Fleet, trials: usize, rng: &mut Rng) -> Result<(usize, usize, usize)> {
+    if trials == 0 {
+        return Ok((0, 0, 0));
+    }
+    let images = private_image_root(fleet)?;
+    let original = std::fs::read(std::env::current_dir()?.join("build/image/initrd.img"))?;
+    std::fs::copy(images.join("initrd.img"), images.join("far-initrd.img"))?;
+    let far = second_host::SecondHost::start()?;
+    // The far host as a provider, its VMs booting from an image of their own.
+    let host = std::fs::read_to_string(fleet.host_config())?.replace(
+        "  imageRoot:",
+        &format!(
+            "    - {{name: far, type: libvirt, uri: '{}', storageDir: '{}'}}\n  imageRoot:",
+            far.uri,
+            second_host::SECOND_HOST_STORAGE
+        ),
+    );
+    std::fs::write(fleet.host_config(), host)?;
+    let fleet_yaml = fleet.repo.join("fleet/fleet.yaml");
+    let declared = std::fs::read_to_string(&fleet_yaml)?
+        .replace(
+            "  images:\n",
+            "    - {name: far, type: libvirt, domainType: qemu}\n  images:\n    - {name: far-micro, kernel: vmlinuz, initrd: far-initrd.img, cmdline: quiet}\n",
+        );
+    std::fs::write(&fleet_yaml, declared)?;
+    fleet.far = Some(far);
+    for i in 1..=FAR_SLOTS {
+        if rng.below(3) != 0 {
+            fleet.vms.insert(format!("{}-r{i}", fleet.name), 1);
+        }
+    }
+    fleet.write()?;
+    recover(fleet).context("the apply that makes the far host's VMs")?;
+    let (mut duplicates, mut orphans, mut converged) = (0, 0, 0);
+    let (mut uploads_cut_short, mut extra_passes) = (0, 0);
+    for trial in 1..=trials {
+        mutate_far(fleet, rng);
+        fleet.write()?;
+        let mib = rebuild_initrd(&images, "far-initrd.img", &original, 100 + trial)?;
+        let fault = if trial % 2 == 0 {
+            Fault::FarLibvirtd
+        } else {
+            Fault::Fleet
+        };
+        let strike = if trial % 3 == 0 {
+            Strike::After(Duration::from_millis(rng.below(1500)))
+        } else {
+            Strike::AtUpload(Duration::from_secs(10))
+        };
+        let mid_apply = interrupted_apply_at(fleet, fault, strike)?;
+        let cut_short = cut_short_on(fleet);
+        uploads_cut_short += cut_short;
+        extra_passes += recover_counting_passes(fleet, &format!("remote trial {trial}"))?;
+        let mut f = check(fleet)?;
+        images_in_use(fleet, &mut f)?;
+        duplicates += f.duplicates;
+        orphans += f.orphans;
+        converged += usize::from(f.converged);
+        let on_far = fleet
+            .vms
+            .keys()
+            .filter(|vm| fleet.provider_of(vm) == "far")
+            .count();
+        eprintln!(
+            "remote trial {trial}: {on_far} VMs on the far host onto a {mib} MiB initrd, {} {} ({}, {cut_short} upload(s) cut short); duplicates {} orphans {} converged {}",
+            fault.describe(),
+            strike.describe(),
+            when(mid_apply),
+            f.duplicates,
+            f.orphans,
+            f.converged
+        );
+        for note in f.notes {
+            eprintln!("  {note}");
+        }
+    }
+    eprintln!(
+        "remote trials: {uploads_cut_short} upload(s) cut short by a fault, all recovered; {extra_passes} recovery pass(es) more than one"
+    );
+    Ok((duplicates, orphans, converged))
+}
+
+/// Creates, replaces and destroys some of the far host's VMs; at least one stays.
+fn mutate_far(fleet: &mut Fleet, rng: &mut Rng) {
+    for _ in 0..1 + rng.below(3) {
+        let slot = format!("{}-r{}", fleet.name, 1 + rng.below(FAR_SLOTS));
+        match fleet.vms.get(&slot).copied() {
+            None => {
+                fleet.vms.insert(slot, 1);
+            }
+            Some(variant) if rng.below(2) == 0 => {
+                fleet.vms.insert(slot, 3 - variant);
+            }
+            Some(_) => {
+                let on_far = fleet.vms.keys().filter(|vm| fleet.provider_of(vm) == "far");
+                if on_far.count() > 1 {
+                    fleet.vms.remove(&slot);
+                }
             }
         }
     }
-    let images: Vec<String> = std::fs::read_dir(&pool)?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("sha256-") && !n.ends_with(".ok"))
-        .collect();
-    for image in &images {
-        let path = pool.join(image).display().to_string();
-        if !used.contains(&path) {
-            f.orphans += 1;
-            f.notes
-                .push(format!("image volume {image}: no VM boots from it"));
-        } else if !pool.join(format!("{image}.ok")).exists() {
-            f.orphans += 1;
-            f.notes
-                .push(format!("image volume {image}: in use without its marker"));
+}
+
+/// Image uploads cut short on the fleet's hosts, as a fault left them.
+fn cut_short_on(fleet: &Fleet) -> usize {
+    fleet
+        .hosts()
+        .iter()
+        .map(|host| cut_short(&pool_files(host)).len())
+        .sum()
+}
+
+/// The fleet's image volumes are exactly those its domains boot from, each complete: any
+/// other (an upload cut short, one no VM uses) is an orphan.
+fn images_in_use(fleet: &Fleet, f: &mut Findings) -> Result<()> {
+    for host in fleet.hosts() {
+        // The volumes' names (the domain names a path on its own host).
+        let mut used = BTreeSet::new();
+        for d in fleet.domains_on(&host.uri)? {
+            let xml = virsh_on(&host.uri, &["dumpxml", "--inactive", &d])?;
+            let xml = String::from_utf8_lossy(&xml.stdout);
+            for tag in ["kernel", "initrd"] {
+                if let Some(name) = xml
+                    .split_once(&format!("<{tag}>"))
+                    .and_then(|(_, rest)| rest.split_once(&format!("</{tag}>")))
+                    .and_then(|(path, _)| path.rsplit_once('/'))
+                    .map(|(_, name)| name.to_owned())
+                {
+                    used.insert(name);
+                }
+            }
+        }
+        let volumes = pool_files(&host);
+        // The checker's own view: the pool it reads is where the domains' images are.
+        if let Some(missing) = used.iter().find(|name| !volumes.contains(*name)) {
+            bail!(
+                "a domain on {} boots from {missing}, which is not in {}",
+                host.provider,
+                host.storage.join(".volumes").display()
+            );
+        }
+        let images = volumes
+            .iter()
+            .filter(|n| n.starts_with("sha256-") && !n.ends_with(".ok"));
+        for image in images {
+            if !used.contains(image) {
+                f.orphans += 1;
+                f.notes.push(format!(
+                    "image volume {image} on {}: no VM boots from it",
+                    host.provider
+                ));
+            } else if !volumes.contains(&format!("{image}.ok")) {
+                f.orphans += 1;
+                f.notes.push(format!(
+                    "image volume {image} on {}: in use without its marker",
+                    host.provider
+                ));
+            }
         }
     }
     Ok(())
@@ -934,6 +1257,7 @@ fn images_in_use(fleet: &Fleet, f: &mut Findings) -> Result<()> {
 fn main() -> Result<()> {
     let trials = arg("--trials").unwrap_or(10) as usize;
     let upload_trials_n = arg("--upload-trials").unwrap_or(3) as usize;
+    let remote_trials_n = arg("--remote-trials").unwrap_or(3) as usize;
     let fresh_trials = arg("--fresh-trials").unwrap_or(3) as u32;
     let workspace_trials_n = arg("--workspace-trials").unwrap_or(4) as usize;
     let slots = arg("--vms").unwrap_or(20) as usize;
@@ -951,9 +1275,9 @@ fn main() -> Result<()> {
         for trial in 1..=trials {
             mutate(&mut fleet, slots, &mut rng);
             fleet.write()?;
-            let kill_libvirtd = trial % 4 == 0;
+            let fault = Fault::libvirtd_if(trial % 4 == 0);
             let delay = Duration::from_millis(rng.below(2500));
-            let mid_apply = interrupted_apply(&fleet, kill_libvirtd, delay)?;
+            let mid_apply = interrupted_apply(&fleet, fault, delay)?;
             let journal = fleet.repo.join(".fleet/status/journal.jsonl");
             let left_open = open_intents(&std::fs::read_to_string(&journal).unwrap_or_default());
             recover(&fleet)?;
@@ -964,7 +1288,7 @@ fn main() -> Result<()> {
             eprintln!(
                 "trial {trial}: {} VMs, {} after {delay:?} ({}, {left_open} intent(s) left open); duplicates {} orphans {} converged {}",
                 fleet.vms.len(),
-                fault(kill_libvirtd),
+                fault.describe(),
                 when(mid_apply),
                 f.duplicates,
                 f.orphans,
@@ -999,11 +1323,16 @@ fn main() -> Result<()> {
                 eprintln!("  {note}");
             }
         }
+        let remote = remote_trials(&mut fleet, remote_trials_n, &mut rng)?;
+        duplicates += remote.0;
+        orphans += remote.1;
+        converged += remote.2;
         Ok((duplicates, orphans, converged, lost))
     })();
     cleanup(&fleet);
     let (duplicates, orphans, converged, lost) = result?;
-    let trials = trials + fresh_trials as usize + workspace_trials_n + upload_trials_n;
+    let trials =
+        trials + fresh_trials as usize + workspace_trials_n + upload_trials_n + remote_trials_n;
     println!(
         "trials={trials} duplicates={duplicates} orphans={orphans} converged={converged} lost={lost}"
     );
