@@ -1094,15 +1094,18 @@ pub fn check(desired: &Desired, host: &HostSpec) -> Vec<crate::load::Diagnostic>
     let mut diags = check_limits(desired, host);
     diags.extend(check_secret_files(desired));
     diags.extend(check_quotas(desired));
-    diags.extend(check_full_network(desired, host));
+    diags.extend(check_remote_providers(desired, host));
     diags
 }
 
-/// `network: full` needs fleet on the libvirt host itself: the nftables guard that keeps
-/// such a VM off the host's own addresses is applied where fleet runs. A VM (or a pool
-/// member, wherever placement may put it) on a provider the host configuration reaches at
-/// another host is refused here, not at its first start.
-pub fn check_full_network(desired: &Desired, host: &HostSpec) -> Vec<crate::load::Diagnostic> {
+/// What needs fleet on the libvirt host itself, refused here (not at the first step) for a
+/// VM, or a pool member wherever placement may put it, on a provider the host configuration
+/// reaches at another host:
+/// - `network: full`: the nftables guard that keeps such a VM off the host's own addresses
+///   is applied where fleet runs;
+/// - a `snapshots:` policy: workspace snapshots are taken with `qemu-img` (libvirt's
+///   storage API has none), which fleet runs on its own host only.
+pub fn check_remote_providers(desired: &Desired, host: &HostSpec) -> Vec<crate::load::Diagnostic> {
     let remote: BTreeMap<&str, &str> = host
         .providers
         .iter()
@@ -1116,25 +1119,35 @@ pub fn check_full_network(desired: &Desired, host: &HostSpec) -> Vec<crate::load
         })
         .collect();
     let mut diags = Vec::new();
-    let full = desired
+    let vms = desired
         .vms
         .values()
-        .chain(desired.fresh_pools.values().map(|p| &p.template))
-        .filter(|vm| vm.config.network == crate::spec::NetworkMode::Full);
-    for vm in full {
+        .chain(desired.fresh_pools.values().map(|p| &p.template));
+    for vm in vms {
         let pool = vm.config.pool.as_deref();
         let mut providers = vec![vm.config.provider.as_str()];
         if let Some(placed) = pool.and_then(|p| desired.placements.get(p)) {
             providers.extend(placed.providers.iter().map(String::as_str));
         }
-        if let Some((provider, uri)) = providers.into_iter().find_map(|p| remote.get_key_value(p)) {
+        let Some((provider, uri)) = providers.into_iter().find_map(|p| remote.get_key_value(p))
+        else {
+            continue;
+        };
+        let mut refuse = |what: String| {
             diags.push(crate::load::Diagnostic::new(
                 &vm.source,
                 crate::load::yaml::Pos::START,
-                format!(
-                    "VM {}: network: full needs fleet on the libvirt host itself (the guard that keeps such a VM off the host's addresses is applied where fleet runs), and provider {provider} is reached at {uri}; use network: brokered, or a provider on this host",
-                    vm.name
-                ),
+                format!("VM {}: {what}", vm.name),
+            ));
+        };
+        if vm.config.network == crate::spec::NetworkMode::Full {
+            refuse(format!(
+                "network: full needs fleet on the libvirt host itself (the guard that keeps such a VM off the host's addresses is applied where fleet runs), and provider {provider} is reached at {uri}; use network: brokered, or a provider on this host"
+            ));
+        }
+        if vm.config.snapshots.is_some() {
+            refuse(format!(
+                "a snapshots: policy needs fleet on the libvirt host itself (workspace snapshots are taken with qemu-img where fleet runs; libvirt's storage API has none), and provider {provider} is reached at {uri}; drop the policy, or use a provider on this host"
             ));
         }
     }
@@ -1710,7 +1723,7 @@ mod tests {
     use crate::spec::Network;
 
     #[test]
-    fn network_full_on_a_remote_libvirt_host_is_refused_before_apply() {
+    fn network_full_or_a_snapshot_policy_on_a_remote_libvirt_host_is_refused_before_apply() {
         let host = crate::load::load_host(
             "host.yaml",
             b"apiVersion: fleet/v1\nkind: Host\nspec:\n  providers:\n    - {name: local, type: libvirt, uri: 'qemu:///system'}\n    - {name: far, type: libvirt, uri: 'qemu+ssh://fleet@far/system'}\n",
@@ -1727,6 +1740,16 @@ mod tests {
             vm("there", "far", "full"),
             vm("quiet", "far", "brokered"),
         );
+        let workspace = |name: &str, provider: &str| {
+            format!(
+                "apiVersion: fleet/v1\nkind: Workspace\nmetadata: {{name: {name}}}\nspec: {{provider: {provider}, size: 64Mi}}\n"
+            )
+        };
+        let keeper = |name: &str, provider: &str, ws: &str| {
+            format!(
+                "apiVersion: fleet/v1\nkind: VM\nmetadata: {{name: {name}}}\nspec: {{provider: {provider}, image: micro, workspaces: [{{name: {ws}, mountPath: /workspace}}], snapshots: {{before: [replace], keep: 2}}}}\n"
+            )
+        };
         let desired = tests_support::desired_under(
             &host,
             &[
@@ -1734,15 +1757,24 @@ mod tests {
                 ("fleet/vms/here.yaml", &here),
                 ("fleet/vms/there.yaml", &there),
                 ("fleet/vms/quiet.yaml", &quiet),
+                ("fleet/workspaces/near.yaml", &workspace("near", "local")),
+                ("fleet/workspaces/away.yaml", &workspace("away", "far")),
+                ("fleet/vms/kept.yaml", &keeper("kept", "local", "near")),
+                ("fleet/vms/lost.yaml", &keeper("lost", "far", "away")),
             ],
         );
-        let diags = check_full_network(&desired, &host);
-        assert_eq!(diags.len(), 1, "{diags:#?}");
-        let said = diags[0].to_string();
+        let diags = check_remote_providers(&desired, &host);
+        let said: Vec<String> = diags.iter().map(ToString::to_string).collect();
+        assert_eq!(said.len(), 2, "{said:#?}");
         assert!(
-            said.starts_with("fleet/vms/there.yaml:1:1: ")
-                && said.contains("provider far is reached at qemu+ssh://fleet@far/system"),
-            "{said}"
+            said[0].starts_with("fleet/vms/lost.yaml:1:1: error: VM lost: a snapshots: policy")
+                && said[0].contains("provider far is reached at qemu+ssh://fleet@far/system"),
+            "{said:#?}"
+        );
+        assert!(
+            said[1].starts_with("fleet/vms/there.yaml:1:1: error: VM there: network: full")
+                && said[1].contains("provider far is reached at qemu+ssh://fleet@far/system"),
+            "{said:#?}"
         );
     }
 

@@ -673,8 +673,14 @@ pub struct ProxmoxSnippets {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct LibvirtProvider {
     pub name: Name,
-    /// libvirt connection URI, for example `qemu:///system`.
-    #[schemars(length(min = 1))]
+    /// A libvirt connection URI with its scheme, for example `qemu:///system` or
+    /// `qemu+ssh://fleet@host/system` (never an alias from libvirt.conf: fleet tells from
+    /// the URI whether the host is its own)
+    #[schemars(
+        length(min = 1),
+        regex(pattern = "^[A-Za-z][A-Za-z0-9+.-]*://"),
+        description = "a libvirt connection URI with its scheme, for example `qemu:///system` or `qemu+ssh://fleet@host/system` (not an alias from libvirt.conf: fleet tells from the URI whether the host is its own)"
+    )]
     pub uri: String,
     /// Where, on the libvirt host, fleet's storage pool keeps its VMs' volumes (overlays,
     /// seeds, the images they are made from; console logs in its `logs/`) when fleet

@@ -1807,6 +1807,16 @@ fn host_libvirt_provider_without_uri() {
 }
 
 #[test]
+fn host_libvirt_uri_is_an_alias() {
+    check_host(
+        &host_with("    - {name: x, type: libvirt, uri: hail}\n", ""),
+        expect![[r#"
+            /etc/fleet/host.yaml:5:37: error: spec.providers[0].uri: string "hail" is not valid; expected a libvirt connection URI with its scheme, for example `qemu:///system` or `qemu+ssh://fleet@host/system` (not an alias from libvirt.conf: fleet tells from the URI whether the host is its own)
+        "#]],
+    );
+}
+
+#[test]
 fn host_storage_dir_is_relative() {
     check_host(
         &host_with(

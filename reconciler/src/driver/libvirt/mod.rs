@@ -804,6 +804,21 @@ impl LibvirtDriver {
         Ok(Some(PathBuf::from(path)))
     }
 
+    /// The path of workspace `name`'s volume for `qemu-img`, which runs on fleet's own host:
+    /// refused for a provider on another host (the plan refuses its `snapshots:` policies).
+    fn snapshot_path(&self, name: &str) -> Result<PathBuf, DriverError> {
+        if !is_local_uri(&self.uri) {
+            return Err(DriverError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "workspace {name}: snapshots of workspaces are taken with qemu-img on fleet's own host (libvirt's storage API has none), and this provider is reached at {}; take a snapshot of its VM instead (fleet snapshot create VM)",
+                    self.uri
+                ),
+            ));
+        }
+        self.workspace_path(name)?.ok_or_else(|| no_workspace(name))
+    }
+
     /// Only what fleet makes: qcow2 with no backing file (a backing file would show the
     /// guest a host file, and `qemu-img` would follow it).
     fn check_workspace_volume(
@@ -1950,9 +1965,7 @@ impl Driver for LibvirtDriver {
         workspace: &str,
     ) -> Result<Vec<super::SnapshotInfo>, DriverError> {
         super::check_name(workspace)?;
-        let path = self
-            .workspace_path(workspace)?
-            .ok_or_else(|| no_workspace(workspace))?;
+        let path = self.snapshot_path(workspace)?;
         volume_snapshots::list(&path, workspace)
     }
 
@@ -1968,9 +1981,7 @@ impl Driver for LibvirtDriver {
             super::SnapshotOp::Create => super::check_snapshot_name(snapshot)?,
             _ => super::check_snapshot_charset(snapshot)?,
         }
-        let path = self
-            .workspace_path(workspace)?
-            .ok_or_else(|| no_workspace(workspace))?;
+        let path = self.snapshot_path(workspace)?;
         let running = self.domains_in_use(&domain_xml::workspace_volume(workspace))?;
         if let Some(vm) = running.first() {
             return Err(DriverError::new(
@@ -2002,9 +2013,10 @@ impl Driver for LibvirtDriver {
         let mut volumes = Vec::new();
         for mount in &vm.config.workspaces {
             // Not made yet (it comes with the VM's next definition): nothing to keep.
-            let Some(path) = self.workspace_path(&mount.name)? else {
+            if self.workspace_path(&mount.name)?.is_none() {
                 continue;
-            };
+            }
+            let path = self.snapshot_path(&mount.name)?;
             let others: Vec<String> = self
                 .domains_in_use(&domain_xml::workspace_volume(&mount.name))?
                 .into_iter()
@@ -2603,6 +2615,28 @@ mod tests {
         assert!(backoff.waiting(now).is_none());
         assert!(is_local_uri("qemu:///system") && is_local_uri("test:///default"));
         assert!(!is_local_uri("qemu+ssh://fleet@host/system"));
+    }
+
+    /// `qemu-img` runs on fleet's host only: a remote provider's workspace snapshots are
+    /// refused before any connection is made.
+    #[test]
+    fn workspace_snapshots_on_a_remote_host_are_refused_before_connecting() {
+        use crate::driver::{Driver, SnapshotOp};
+        let remote = driver_at("qemu+tcp://127.0.0.1:1/system");
+        let listed = remote.workspace_snapshots("ws").expect_err("refused");
+        let taken = remote
+            .workspace_snapshot("ws", SnapshotOp::Create, "before")
+            .expect_err("refused");
+        for refused in [listed, taken] {
+            assert_eq!(refused.kind, ErrorKind::Conflict);
+            assert!(
+                refused.message.contains("qemu-img on fleet's own host")
+                    && refused.message.contains("qemu+tcp://127.0.0.1:1/system"),
+                "{}",
+                refused.message
+            );
+        }
+        assert_eq!(remote.calls(), 0, "no connection tried");
     }
 
     #[test]
