@@ -371,36 +371,11 @@ pub(crate) fn sshd(dir: &Path, authorized: &str) -> (u16, String, std::process::
 /// An sshd configuration in `dir` (with a new host key) on a free loopback port that lets
 /// in the holder of `authorized`: the port and the configuration file.
 pub(crate) fn sshd_config(dir: &Path, authorized: &str) -> (u16, std::path::PathBuf) {
-    let host_key = dir.join("host_key");
-    keygen(&host_key);
-    let authorized_keys = dir.join("authorized_keys");
-    std::fs::write(&authorized_keys, authorized).expect("write");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let config = dir.join("sshd_config");
-    std::fs::write(
-        &config,
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile none\n",
-            host_key.display(),
-            authorized_keys.display()
-        ),
-    )
-    .expect("write");
-    (port, config)
+    crate::remote::second_host::sshd_config(dir, authorized).expect("sshd configuration")
 }
 
 pub(crate) fn keygen(path: &Path) {
-    let ok = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "fleet-test", "-f"])
-        .arg(path)
-        .status()
-        .expect("ssh-keygen")
-        .success();
-    assert!(ok);
+    crate::remote::second_host::keygen(path).expect("ssh-keygen");
 }
 
 pub(crate) struct Killed(pub std::process::Child);

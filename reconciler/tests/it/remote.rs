@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 #[path = "../../tools/src/second_host.rs"]
-mod second_host;
+pub(crate) mod second_host;
 
 use crate::daemon::{Daemon, read, wait_until};
 use crate::libvirt::{Cleanup, enabled, virsh_ok};

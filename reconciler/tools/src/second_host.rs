@@ -16,8 +16,9 @@ pub const SECOND_HOST_STORAGE: &str = "/var/lib/libvirt/fleet-storage";
 
 pub struct SecondHost {
     dir: tempfile::TempDir,
-    /// The namespace's sshd (the process `unshare` became): the namespace lives while it does.
-    sshd: Child,
+    /// The process `unshare` became: the namespace lives while it does, whatever became of
+    /// its daemons, so they can always be entered and stopped.
+    holder: Child,
     pub uri: String,
 }
 
@@ -51,22 +52,8 @@ impl SecondHost {
         }
         let client_key = at("client_key");
         keygen(&client_key)?;
-        let host_key = at("sshd/host_key");
-        keygen(&host_key)?;
-        let authorized_keys = at("sshd/authorized_keys");
-        std::fs::copy(at("client_key.pub"), &authorized_keys)?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let sshd_config = at("sshd/sshd_config");
-        std::fs::write(
-            &sshd_config,
-            format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile none\n",
-                host_key.display(),
-                authorized_keys.display()
-            ),
-        )?;
+        let authorized = std::fs::read_to_string(at("client_key.pub"))?;
+        let (port, sshd_config) = sshd_config(&at("sshd"), &authorized)?;
         let script = format!(
             "set -e
 mount -t tmpfs -o mode=0755 tmpfs /run
@@ -77,12 +64,14 @@ mount --bind {dir}/cache /var/cache/libvirt
 mount --bind {dir}/log /var/log/libvirt
 virtlogd -d
 libvirtd -d
-exec /usr/sbin/sshd -D -e -f {config}
+/usr/sbin/sshd -D -e -f {config} &
+echo $! > /run/sshd.pid
+exec sleep infinity
 ",
             dir = dir.path().display(),
             config = sshd_config.display()
         );
-        let sshd = Command::new("unshare")
+        let holder = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
             .arg(script)
             .stdin(Stdio::null())
@@ -93,7 +82,7 @@ exec /usr/sbin/sshd -D -e -f {config}
             "qemu+ssh://root@127.0.0.1:{port}/system?keyfile={}&no_verify=1&no_tty=1",
             client_key.display()
         );
-        let host = SecondHost { dir, sshd, uri };
+        let host = SecondHost { dir, holder, uri };
         host.wait_until("its libvirtd answers over ssh", || {
             host.virsh(&["list", "--all"])
                 .is_ok_and(|o| o.status.success())
@@ -117,7 +106,7 @@ exec /usr/sbin/sshd -D -e -f {config}
     /// Runs `command` in the host's mount namespace.
     fn inside(&self, command: &str) -> anyhow::Result<()> {
         let out = Command::new("nsenter")
-            .arg(format!("--mount=/proc/{}/ns/mnt", self.sshd.id()))
+            .arg(format!("--mount=/proc/{}/ns/mnt", self.holder.id()))
             .args(["--", "sh", "-c", command])
             .output()?;
         anyhow::ensure!(
@@ -183,27 +172,42 @@ impl Drop for SecondHost {
             }
         }
         // (The pid files end without a newline.)
-        let _ = self.inside("kill $(cat /run/libvirtd.pid) $(cat /run/virtlogd.pid)");
-        let _ = self.sshd.kill();
-        let _ = self.sshd.wait();
+        let _ = self
+            .inside("kill $(cat /run/libvirtd.pid) $(cat /run/virtlogd.pid) $(cat /run/sshd.pid)");
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
     }
 }
 
-fn keygen(path: &Path) -> anyhow::Result<()> {
+/// A new ed25519 key pair at `path` (and `path.pub`), without a passphrase.
+pub fn keygen(path: &Path) -> anyhow::Result<()> {
     let ok = Command::new("ssh-keygen")
-        .args([
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            "fleet-second-host",
-            "-f",
-        ])
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "fleet-test", "-f"])
         .arg(path)
         .status()?
         .success();
     anyhow::ensure!(ok, "ssh-keygen failed");
     Ok(())
+}
+
+/// An sshd configuration in `dir` (with a new host key) on a free loopback port that lets
+/// in the holder of `authorized`: the port and the configuration file.
+pub fn sshd_config(dir: &Path, authorized: &str) -> anyhow::Result<(u16, PathBuf)> {
+    let host_key = dir.join("host_key");
+    keygen(&host_key)?;
+    let authorized_keys = dir.join("authorized_keys");
+    std::fs::write(&authorized_keys, authorized)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile none\n",
+            host_key.display(),
+            authorized_keys.display()
+        ),
+    )?;
+    Ok((port, config))
 }

@@ -1,21 +1,19 @@
 //! A no-op reconcile of a fleet spread over two libvirt hosts: this machine's libvirtd and
 //! a second one reached over `qemu+ssh://` (`second_host`). fleet observes both providers
-//! at once and plans; the bare calls it needs (on each host the list, then each of the
-//! fleet's domains' definitions) are made the same way, one thread per host, over
-//! connections of their own. Prints both times and the ratio (goal ≤ 1.5).
+//! at once and plans; the bare calls it needs (`bare_observe` on each host) are made the
+//! same way, both hosts at once, over connections of their own. Prints both times and the ratio (goal ≤ 1.5).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use fleet::apply::Drivers;
 use fleet::driver::Driver;
-use fleet::observe::Stamp;
 use fleet::source::{Revision, Snapshot, SourceFile};
 use fleet::spec::{HostPath, LibvirtProvider, Name};
 
 use crate::second_host::{SECOND_HOST_STORAGE, SecondHost};
-use crate::{OwnDomains, ms};
+use crate::{OwnDomains, bare_observe, define_stopped, ms};
 
 /// The fleet's name: its own, so its domains and pools are told from any other's.
 const FLEET: &str = "bench-two-hosts";
@@ -84,7 +82,7 @@ pub fn bench_two_hosts(vms: usize) -> anyhow::Result<()> {
                 .iter()
                 .map(|(name, owner)| {
                     let desired = &desired;
-                    scope.spawn(move || define_on(name, owner, desired))
+                    scope.spawn(move || define_stopped(&owner.driver, desired, name))
                 })
                 .collect();
             for handle in defining {
@@ -127,7 +125,7 @@ pub fn bench_two_hosts(vms: usize) -> anyhow::Result<()> {
             std::thread::scope(|scope| -> anyhow::Result<()> {
                 let reading: Vec<_> = bare_conns
                     .iter()
-                    .map(|conn| scope.spawn(move || bare_calls(conn)))
+                    .map(|conn| scope.spawn(move || bare_observe(conn, FLEET)))
                     .collect();
                 for handle in reading {
                     handle.join().expect("bare thread")?;
@@ -162,52 +160,6 @@ pub fn bench_two_hosts(vms: usize) -> anyhow::Result<()> {
     drop(owners);
     drop(far_host);
     result.and(removed.map(drop))
-}
-
-/// Defines the desired VMs of `provider` on it, stopped (the bench measures observation).
-fn define_on(
-    provider: &str,
-    owner: &OwnDomains,
-    desired: &fleet::resolve::Desired,
-) -> anyhow::Result<()> {
-    for vm in desired
-        .vms
-        .values()
-        .filter(|vm| vm.config.provider == provider)
-    {
-        let stamp = Stamp {
-            fleet: desired.fleet.clone(),
-            name: vm.name.clone(),
-            spec_hash: vm.spec_hash.clone(),
-            revision: desired.revision.id.clone(),
-            protect: false,
-            config: Some(vm.config.clone()),
-            created: None,
-            adopted: false,
-        };
-        owner
-            .driver
-            .create(vm, &stamp, Duration::from_secs(30))
-            .map_err(|e| anyhow::anyhow!("create {} on {provider}: {e}", vm.name))?;
-    }
-    Ok(())
-}
-
-/// What a no-op observation needs of one host: the list, then each of the fleet's domains'
-/// definitions (the host holds no other domains with the fleet's UUIDs).
-fn bare_calls(conn: &virt::connect::Connect) -> anyhow::Result<()> {
-    for d in conn.list_all_domains(0)? {
-        if d.uuid()? == fleet::driver::libvirt::domain_uuid(FLEET, &d.name()?) {
-            let _ = d.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)?;
-        } else {
-            let _ = d.metadata(
-                virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
-                Some(fleet::driver::libvirt::domain_xml::STAMP_NS),
-                virt::sys::VIR_DOMAIN_AFFECT_CONFIG,
-            );
-        }
-    }
-    Ok(())
 }
 
 fn host_yaml(image_root: &str, providers: &[LibvirtProvider]) -> String {

@@ -812,6 +812,74 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Defines `desired`'s VMs on `provider` with `driver`, stopped (the benches measure
+/// observation, not boots).
+fn define_stopped(
+    driver: &LibvirtDriver,
+    desired: &fleet::resolve::Desired,
+    provider: &str,
+) -> anyhow::Result<()> {
+    for vm in desired
+        .vms
+        .values()
+        .filter(|vm| vm.config.provider == provider)
+    {
+        let stamp = Stamp {
+            fleet: desired.fleet.clone(),
+            name: vm.name.clone(),
+            spec_hash: vm.spec_hash.clone(),
+            revision: desired.revision.id.clone(),
+            protect: false,
+            config: Some(vm.config.clone()),
+            created: None,
+            adopted: false,
+        };
+        driver
+            .create(vm, &stamp, Duration::from_secs(30))
+            .map_err(|e| anyhow::anyhow!("create {} on {provider}: {e}", vm.name))?;
+    }
+    Ok(())
+}
+
+/// The bare libvirt calls a no-op observation of `fleet` needs on one host, made the way
+/// fleet makes them (the same number of threads over one connection): the list, then each
+/// domain with the fleet's UUID for its name read whole, each other asked for fleet's stamp
+/// (refused at once without one: that is the answer). Returns the domains on the host.
+fn bare_observe(conn: &virt::connect::Connect, fleet: &str) -> anyhow::Result<usize> {
+    let domains = conn.list_all_domains(0)?;
+    let readers = domains
+        .len()
+        .div_ceil(fleet::driver::libvirt::OBSERVE_PER_READER)
+        .clamp(1, fleet::driver::libvirt::OBSERVE_READERS);
+    let chunk = domains.len().div_ceil(readers).max(1);
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let reading: Vec<_> = domains
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || -> anyhow::Result<()> {
+                    for d in part {
+                        if d.uuid()? == fleet::driver::libvirt::domain_uuid(fleet, &d.name()?) {
+                            let _ = d.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)?;
+                        } else {
+                            let _ = d.metadata(
+                                virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                                Some(fleet::driver::libvirt::domain_xml::STAMP_NS),
+                                virt::sys::VIR_DOMAIN_AFFECT_CONFIG,
+                            );
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for handle in reading {
+            handle.join().expect("bare reader")?;
+        }
+        Ok(())
+    })?;
+    Ok(domains.len())
+}
+
 /// Domains no fleet made, defined for a bench (no disk: they are never started) and
 /// undefined when dropped, on every path.
 struct ForeignDomains(Vec<virt::domain::Domain>);
@@ -872,21 +940,7 @@ fn bench_libvirt_observe(vms: usize, foreign: usize) -> anyhow::Result<()> {
     let result = (|| -> anyhow::Result<()> {
         // Define the fleet's VMs (stopped: the bench measures observation, not boots).
         let t = Instant::now();
-        for vm in desired.vms.values() {
-            let stamp = Stamp {
-                fleet: desired.fleet.clone(),
-                name: vm.name.clone(),
-                spec_hash: vm.spec_hash.clone(),
-                revision: desired.revision.id.clone(),
-                protect: false,
-                config: Some(vm.config.clone()),
-                created: None,
-                adopted: false,
-            };
-            driver
-                .create(vm, &stamp, Duration::from_secs(5))
-                .map_err(|e| anyhow::anyhow!("create {}: {e}", vm.name))?;
-        }
+        define_stopped(&driver, &desired, "local")?;
         println!(
             "observe: defined {vms} stopped VMs in {:.1} s",
             t.elapsed().as_secs_f64()
@@ -900,9 +954,6 @@ fn bench_libvirt_observe(vms: usize, foreign: usize) -> anyhow::Result<()> {
         let mut whole_times = Vec::new();
         let mut calls = 0;
         let mut on_host = 0;
-        let own_uuid = |d: &virt::domain::Domain| -> anyhow::Result<bool> {
-            Ok(d.uuid()? == fleet::driver::libvirt::domain_uuid(&desired.fleet, &d.name()?))
-        };
         for _ in 0..5 {
             let before = driver.calls();
             let t = Instant::now();
@@ -918,21 +969,8 @@ fn bench_libvirt_observe(vms: usize, foreign: usize) -> anyhow::Result<()> {
 
             let conn = virt::connect::Connect::open(Some("qemu:///system"))?;
             let t = Instant::now();
-            let domains = conn.list_all_domains(0)?;
-            for d in &domains {
-                if own_uuid(d)? {
-                    let _ = d.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)?;
-                } else {
-                    // Refused for a domain without fleet's metadata: that is the answer.
-                    let _ = d.metadata(
-                        virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
-                        Some(fleet::driver::libvirt::domain_xml::STAMP_NS),
-                        virt::sys::VIR_DOMAIN_AFFECT_CONFIG,
-                    );
-                }
-            }
+            on_host = bare_observe(&conn, &desired.fleet)?;
             bare_times.push(t.elapsed());
-            on_host = domains.len();
 
             if foreign > 0 {
                 let t = Instant::now();

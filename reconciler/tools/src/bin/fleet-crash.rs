@@ -39,7 +39,10 @@
 //! namespace of its own, reached over `qemu+ssh://` (`second_host`), becomes the provider
 //! `far` of VMs of their own, booted from an image of their own. Each trial creates,
 //! replaces and destroys some of them and rebuilds that image in place (so it is shipped to
-//! the far host again), then kills fleet or the far host's libvirtd (SIGKILL) within 1.5 s.
+//! the far host again), then kills fleet or the far host's libvirtd (SIGKILL): two trials in
+//! three the moment an upload is seen under way (a volume without its marker, waiting at
+//! most 10 s), the third within 1.5 s. One upload trial in three strikes at an upload's
+//! start too.
 //! After recovery: no VM stamped on two domains (on either host), none on the wrong host,
 //! no volume without its domain and no image cut short or unused in either host's pool,
 //! and convergence. (Console logs of gone VMs stay on a remote host, as documented.)
@@ -47,7 +50,8 @@
 //! Ends with one line: `trials=N duplicates=D orphans=O converged=C lost=L`; exits 1 unless
 //! D, O and L are 0 and C is N (all trials together). A workspace attached to two domains
 //! counts as a duplicate; one lost or remade counts in L. Needs `make image` and a running
-//! libvirtd.
+//! libvirtd, and for the remote trials `unshare`, `nsenter`, `sshd` and `ssh-keygen`
+//! (`make deps`).
 //!
 //! Usage: fleet-crash [--trials N] [--fresh-trials N] [--workspace-trials N]
 //!        [--upload-trials N] [--remote-trials N] [--vms N] [--seed S]
@@ -173,6 +177,9 @@ impl Fleet {
                     ),
                 )?;
             }
+        }
+        if self.fresh.is_none() {
+            let _ = std::fs::remove_file(self.repo.join("fleet/tasks/job.yaml"));
         }
         if let Some(rerun) = self.fresh {
             std::fs::write(
@@ -573,7 +580,7 @@ fn wait_for_libvirtd() -> Result<()> {
 /// One apply interrupted by `fault` after `delay`. Returns whether fleet was still applying
 /// when it hit.
 fn interrupted_apply(fleet: &Fleet, fault: Fault, delay: Duration) -> Result<bool> {
-    interrupted_apply_at(fleet, fault, Strike::After(delay))
+    interrupted_apply_at(fleet, fault, Strike::After(delay)).map(|(mid_apply, _)| mid_apply)
 }
 
 /// When a fault strikes.
@@ -587,35 +594,49 @@ enum Strike {
 }
 
 impl Strike {
-    fn describe(self) -> String {
+    /// For a trial's report line, with whether an upload was seen.
+    fn describe(self, upload_seen: bool) -> String {
         match self {
             Strike::After(delay) => format!("after {delay:?}"),
-            Strike::AtUpload(_) => "at an upload's start".into(),
+            Strike::AtUpload(_) if upload_seen => "at an upload's start".into(),
+            Strike::AtUpload(longest) => format!("with no upload seen (waited {longest:?})"),
         }
     }
 }
 
-/// `interrupted_apply`, striking at `strike`.
-fn interrupted_apply_at(fleet: &Fleet, fault: Fault, strike: Strike) -> Result<bool> {
+/// `interrupted_apply`, striking at `strike`; whether fleet was still applying when it hit,
+/// and for `Strike::AtUpload` whether an upload was seen (or the longest wait ran out).
+fn interrupted_apply_at(fleet: &Fleet, fault: Fault, strike: Strike) -> Result<(bool, bool)> {
     let mut child = fleet
         .fleet()
         .args(["apply", "--auto-approve"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
+    let mut upload_seen = false;
     match strike {
         Strike::After(delay) => std::thread::sleep(delay),
         Strike::AtUpload(longest) => {
             let deadline = Instant::now() + longest;
-            while cut_short_on(fleet) == 0
-                && Instant::now() < deadline
-                && child.try_wait()?.is_none()
-            {
+            while Instant::now() < deadline && child.try_wait()?.is_none() {
+                if cut_short_on(fleet) > 0 {
+                    upload_seen = true;
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(2));
             }
         }
     }
     let mid_apply = child.try_wait()?.is_none();
+    let struck = strike_with(fleet, fault, &mut child);
+    // Ended in every case, so no apply outlives the trial (or its cleanup).
+    let _ = child.kill();
+    let _ = child.wait();
+    struck.map(|()| (mid_apply, upload_seen))
+}
+
+/// Injects `fault` while `child` (fleet) applies.
+fn strike_with(fleet: &Fleet, fault: Fault, child: &mut std::process::Child) -> Result<()> {
     match fault {
         Fault::Fleet => {
             let _ = child.kill();
@@ -636,8 +657,7 @@ fn interrupted_apply_at(fleet: &Fleet, fault: Fault, strike: Strike) -> Result<b
             far.start_libvirtd()?;
         }
     }
-    let _ = child.wait();
-    Ok(mid_apply)
+    Ok(())
 }
 
 /// `fleet apply` until it succeeds (a restarted libvirtd may fail the first steps).
@@ -1060,7 +1080,7 @@ fn upload_trials(fleet: &Fleet, trials: usize, rng: &mut Rng) -> Result<(usize, 
         } else {
             Strike::After(delay)
         };
-        let mid_apply = interrupted_apply_at(fleet, fault, strike)?;
+        let (mid_apply, upload_seen) = interrupted_apply_at(fleet, fault, strike)?;
         // What the fault left: an image volume without its marker is an upload it cut short.
         let cut_short = cut_short_on(fleet);
         uploads_cut_short += cut_short;
@@ -1074,7 +1094,7 @@ fn upload_trials(fleet: &Fleet, trials: usize, rng: &mut Rng) -> Result<(usize, 
             "upload trial {trial}: {} VMs onto a {mib} MiB initrd, {} {} ({}, {cut_short} upload(s) cut short); duplicates {} orphans {} converged {}",
             fleet.vms.len(),
             fault.describe(),
-            strike.describe(),
+            strike.describe(upload_seen),
             when(mid_apply),
             f.duplicates,
             f.orphans,
@@ -1140,7 +1160,7 @@ fn remote_trials(fleet: &mut Fleet, trials: usize, rng: &mut Rng) -> Result<(usi
         } else {
             Strike::AtUpload(Duration::from_secs(10))
         };
-        let mid_apply = interrupted_apply_at(fleet, fault, strike)?;
+        let (mid_apply, upload_seen) = interrupted_apply_at(fleet, fault, strike)?;
         let cut_short = cut_short_on(fleet);
         uploads_cut_short += cut_short;
         extra_passes += recover_counting_passes(fleet, &format!("remote trial {trial}"))?;
@@ -1157,7 +1177,7 @@ fn remote_trials(fleet: &mut Fleet, trials: usize, rng: &mut Rng) -> Result<(usi
         eprintln!(
             "remote trial {trial}: {on_far} VMs on the far host onto a {mib} MiB initrd, {} {} ({}, {cut_short} upload(s) cut short); duplicates {} orphans {} converged {}",
             fault.describe(),
-            strike.describe(),
+            strike.describe(upload_seen),
             when(mid_apply),
             f.duplicates,
             f.orphans,
@@ -1323,6 +1343,8 @@ fn main() -> Result<()> {
                 eprintln!("  {note}");
             }
         }
+        // Without the fresh pool: its warm member is a domain no VM file names.
+        fleet.fresh = None;
         let remote = remote_trials(&mut fleet, remote_trials_n, &mut rng)?;
         duplicates += remote.0;
         orphans += remote.1;
@@ -1336,6 +1358,8 @@ fn main() -> Result<()> {
     println!(
         "trials={trials} duplicates={duplicates} orphans={orphans} converged={converged} lost={lost}"
     );
+    // The far host goes now: `exit` runs no destructors.
+    drop(fleet);
     if duplicates > 0 || orphans > 0 || lost > 0 || converged != trials {
         std::process::exit(1);
     }
