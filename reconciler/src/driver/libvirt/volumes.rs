@@ -669,7 +669,12 @@ impl LibvirtDriver {
             let xml = format!(
                 "<volume type='dir'><name>{LOGS}</name><capacity unit='bytes'>0</capacity><target><format type='dir'/><permissions><mode>0711</mode></permissions></target></volume>"
             );
-            self.make_volume(&pool.pool, LOGS, &xml)?;
+            // Another VM's step, running beside this one, may have made it meanwhile.
+            if let Err(e) = self.make_volume(&pool.pool, LOGS, &xml)
+                && self.find_volume(&pool.pool, LOGS)?.is_none()
+            {
+                return Err(e);
+            }
         }
         Ok(console_log_in(&pool.dir, &self.fleet, vm))
     }
