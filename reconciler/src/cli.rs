@@ -153,11 +153,13 @@ pub enum Command {
         command: Vec<String>,
     },
     /// A VM's serial console, interactive (leave with Ctrl-]); with --follow, its log,
-    /// read-only. Works without an agent or fleet serve.
+    /// read-only (on a remote libvirt host, which keeps the log, what the console prints
+    /// from now on). Works without an agent or fleet serve.
     Console {
         #[arg(add = ArgValueCandidates::new(crate::completion::vm_names))]
         vm: String,
-        /// Print the console's log as it is written, read-only, until interrupted.
+        /// Print the console's log as it is written, read-only, until interrupted (on a
+        /// remote libvirt host: the console's output from now on).
         #[arg(long)]
         follow: bool,
         /// Take the console from another client holding it.

@@ -96,18 +96,23 @@ fn type_into(console: &dyn Console, closed: &AtomicBool) -> &'static str {
 
 /// Prints the end of the console's log, then what is written to it, each line without its
 /// escape sequences, until interrupted. A log that shrinks was started again (a boot).
+/// Where fleet can read no log (a remote libvirt host keeps it on the host), what the
+/// console prints from now on (`follow_live`).
 pub fn follow(ws: &Workspace, vm: &str) -> Result<()> {
     let driver = reconcile::driver_of_vm(ws, vm)?;
-    let read = |from: u64| -> Result<crate::driver::ConsoleLogChunk> {
-        let chunk = driver
+    let read = |from: u64| -> Result<Option<crate::driver::ConsoleLogChunk>> {
+        driver
             .console_log(vm, from, READ_BYTES)
-            .with_context(|| format!("cannot read {vm}'s console log"))?;
-        chunk.with_context(|| {
-            format!("{vm}'s provider keeps no console log fleet can read; use fleet console {vm}")
-        })
+            .with_context(|| format!("cannot read {vm}'s console log"))
     };
     // Asked from past any end: only its length.
-    let mut offset = read(u64::MAX)?.len.saturating_sub(TAIL_BYTES);
+    let Some(end) = read(u64::MAX)? else {
+        return follow_live(driver.as_ref(), vm);
+    };
+    let read = |from: u64| -> Result<crate::driver::ConsoleLogChunk> {
+        read(from)?.with_context(|| format!("{vm}'s console log is gone"))
+    };
+    let mut offset = end.len.saturating_sub(TAIL_BYTES);
     let mut partial: Vec<u8> = Vec::new();
     let mut first = offset > 0;
     let mut out = std::io::stdout();
@@ -143,3 +148,48 @@ pub fn follow(ws: &Workspace, vm: &str) -> Result<()> {
         std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+/// `follow` where the log stays on the VM's host: the console itself, through the
+/// provider's connection, read and never written, from now on (its history stays on the
+/// host). It takes no console from an operator (libvirt refuses while one is connected, and
+/// says so); an operator's `fleet console --force` takes it from this.
+fn follow_live(driver: &dyn crate::driver::Driver, vm: &str) -> Result<()> {
+    let console = driver.console(vm, false).with_context(|| {
+        format!("{vm}'s console log stays on its host, and its console could not be followed")
+    })?;
+    eprintln!(
+        "{vm}'s console log stays on its host: following what its console prints from now on"
+    );
+    let mut out = std::io::stdout();
+    let mut partial: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = console
+            .recv(&mut buf)
+            .with_context(|| format!("following {vm}'s console"))?;
+        if n == 0 {
+            if !partial.is_empty() {
+                let text = crate::terminal::strip_codes(&String::from_utf8_lossy(&partial));
+                writeln!(out, "{text}")?;
+            }
+            eprintln!("{vm}'s console closed (the VM stopped, or an operator took it)");
+            return Ok(());
+        }
+        partial.extend_from_slice(&buf[..n]);
+        while let Some(end) = partial.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = partial.drain(..=end).collect();
+            let text = crate::terminal::strip_codes(&String::from_utf8_lossy(&line));
+            out.write_all(text.as_bytes())?;
+        }
+        // A line is never held without end: a guest that prints no newline is shown too.
+        if partial.len() > READ_LINE_MAX {
+            let text = crate::terminal::strip_codes(&String::from_utf8_lossy(&partial));
+            out.write_all(text.as_bytes())?;
+            partial.clear();
+        }
+        out.flush()?;
+    }
+}
+
+/// The longest line `follow_live` holds back waiting for its end.
+const READ_LINE_MAX: usize = 64 * 1024;

@@ -168,6 +168,20 @@ fn a_pool_spread_over_a_remote_host_runs_tasks_and_survives_its_outage() {
         fleet::driver::Driver::console_log(&far, &member(2), 0, 1 << 20).expect("asked"),
         None
     );
+    // `fleet console --follow` follows its console through libvirt instead, live.
+    let followed = follow_console_while(&repo, &member(2), || {
+        repo.fleet(&[
+            "exec",
+            &member(2),
+            "--",
+            "sh",
+            "-c",
+            "echo far-console-$((6 * 7)) > /dev/console",
+        ])
+        .expect_code(0);
+    });
+    assert!(followed.contains("far-console-42"), "{followed}");
+    assert!(!followed.contains("$((6"), "{followed}");
     // The remote host has the image it boots from, shipped there.
     assert!(
         crate::support::files_in(&remote_volumes)
@@ -235,4 +249,46 @@ fn a_pool_spread_over_a_remote_host_runs_tasks_and_survives_its_outage() {
     for n in [2, 4] {
         assert!(running_on_remote(&member(n)));
     }
+}
+
+/// Runs `fleet console --follow VM`, then `meanwhile` once it follows; what it printed
+/// (within 30 s, until `far-console-42` shows).
+fn follow_console_while(repo: &Repo, vm: &str, meanwhile: impl FnOnce()) -> String {
+    use std::io::{BufRead, Read};
+    let mut follow = std::process::Command::new(crate::support::fleet_bin())
+        .arg("-C")
+        .arg(repo.path())
+        .args(["console", "--follow", vm])
+        .env("FLEET_HOST_CONFIG", repo.host_config_path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("fleet console --follow");
+    let mut stderr = std::io::BufReader::new(follow.stderr.take().expect("stderr"));
+    let mut said = String::new();
+    stderr.read_line(&mut said).expect("read");
+    assert!(
+        said.contains("following what its console prints from now on"),
+        "{said}"
+    );
+    let mut stdout = follow.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("far-console-42") {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    meanwhile();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !reader.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    reader.join().expect("reader")
 }
