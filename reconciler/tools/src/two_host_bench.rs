@@ -1,7 +1,8 @@
 //! A no-op reconcile of a fleet spread over two libvirt hosts: this machine's libvirtd and
 //! a second one reached over `qemu+ssh://` (`second_host`). fleet observes both providers
 //! at once and plans; the bare calls it needs (`bare_observe` on each host) are made the
-//! same way, both hosts at once, over connections of their own. Prints both times and the ratio (goal ≤ 1.5).
+//! same way, both hosts at once, over connections of their own. Prints both times and the
+//! ratio (goal ≤ 1.5).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
