@@ -629,8 +629,11 @@ fn interrupted_apply_at(fleet: &Fleet, fault: Fault, strike: Strike) -> Result<(
     }
     let mid_apply = child.try_wait()?.is_none();
     let struck = strike_with(fleet, fault, &mut child);
-    // Ended in every case, so no apply outlives the trial (or its cleanup).
-    let _ = child.kill();
+    if struck.is_err() {
+        // No apply outlives a trial that failed (or its cleanup).
+        let _ = child.kill();
+    }
+    // After a libvirtd fault, fleet goes on applying: how it copes is part of the trial.
     let _ = child.wait();
     struck.map(|()| (mid_apply, upload_seen))
 }
