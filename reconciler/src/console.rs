@@ -135,12 +135,7 @@ pub fn follow(ws: &Workspace, vm: &str) -> Result<()> {
                     .map_or(0, |i| i + 1);
                 partial.drain(..cut);
             }
-            while let Some(end) = partial.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = partial.drain(..=end).collect();
-                let text = crate::terminal::strip_codes(&String::from_utf8_lossy(&line));
-                out.write_all(text.as_bytes())?;
-            }
-            out.flush()?;
+            print_lines(&mut partial, &mut out)?;
             if offset < chunk.len {
                 continue;
             }
@@ -176,20 +171,41 @@ fn follow_live(driver: &dyn crate::driver::Driver, vm: &str) -> Result<()> {
             return Ok(());
         }
         partial.extend_from_slice(&buf[..n]);
-        while let Some(end) = partial.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = partial.drain(..=end).collect();
-            let text = crate::terminal::strip_codes(&String::from_utf8_lossy(&line));
-            out.write_all(text.as_bytes())?;
-        }
+        print_lines(&mut partial, &mut out)?;
         // A line is never held without end: a guest that prints no newline is shown too.
         if partial.len() > READ_LINE_MAX {
             let text = crate::terminal::strip_codes(&String::from_utf8_lossy(&partial));
             out.write_all(text.as_bytes())?;
+            out.flush()?;
             partial.clear();
         }
-        out.flush()?;
     }
+}
+
+/// Prints the whole lines at the start of `partial` without their escape sequences,
+/// leaving the unfinished last one.
+fn print_lines(partial: &mut Vec<u8>, out: &mut impl Write) -> std::io::Result<()> {
+    while let Some(end) = partial.iter().position(|b| *b == b'\n') {
+        let line: Vec<u8> = partial.drain(..=end).collect();
+        let text = crate::terminal::strip_codes(&String::from_utf8_lossy(&line));
+        out.write_all(text.as_bytes())?;
+    }
+    out.flush()
 }
 
 /// The longest line `follow_live` holds back waiting for its end.
 const READ_LINE_MAX: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_lines_are_printed_without_escape_sequences_and_the_rest_waits() {
+        let mut partial = b"\x1b[1mone\x1b[0m\ntwo\nthr".to_vec();
+        let mut out = Vec::new();
+        print_lines(&mut partial, &mut out).expect("print");
+        assert_eq!(String::from_utf8_lossy(&out), "one\ntwo\n");
+        assert_eq!(partial, b"thr");
+    }
+}
