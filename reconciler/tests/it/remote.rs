@@ -169,7 +169,7 @@ fn a_pool_spread_over_a_remote_host_runs_tasks_and_survives_its_outage() {
         None
     );
     // `fleet console --follow` follows its console through libvirt instead, live.
-    let followed = follow_console_while(&repo, &member(2), || {
+    let (followed, said) = follow_console_while(&repo, &member(2), || {
         repo.fleet(&[
             "exec",
             &member(2),
@@ -180,7 +180,10 @@ fn a_pool_spread_over_a_remote_host_runs_tasks_and_survives_its_outage() {
         ])
         .expect_code(0);
     });
-    assert!(followed.contains("far-console-42"), "{followed}");
+    assert!(
+        followed.contains("far-console-42"),
+        "stdout: {followed}\nstderr: {said}"
+    );
     assert!(!followed.contains("$((6"), "{followed}");
     // The remote host has the image it boots from, shipped there.
     assert!(
@@ -251,9 +254,10 @@ fn a_pool_spread_over_a_remote_host_runs_tasks_and_survives_its_outage() {
     }
 }
 
-/// Runs `fleet console --follow VM`, then `meanwhile` once it follows; what it printed
-/// (within 30 s, until `far-console-42` shows).
-fn follow_console_while(repo: &Repo, vm: &str, meanwhile: impl FnOnce()) -> String {
+/// Runs `fleet console --follow VM` and, once it follows, `poke` every 2 s until it prints
+/// `far-console-42` (at most 30 s: a line written while libvirt still connects the stream
+/// to the console is not seen); what it printed, and what it said on stderr.
+fn follow_console_while(repo: &Repo, vm: &str, poke: impl Fn()) -> (String, String) {
     use std::io::{BufRead, Read};
     let mut follow = std::process::Command::new(crate::support::fleet_bin())
         .arg("-C")
@@ -271,6 +275,11 @@ fn follow_console_while(repo: &Repo, vm: &str, meanwhile: impl FnOnce()) -> Stri
         said.contains("following what its console prints from now on"),
         "{said}"
     );
+    let rest = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = stderr.read_to_string(&mut rest);
+        rest
+    });
     let mut stdout = follow.stdout.take().expect("stdout");
     let reader = std::thread::spawn(move || {
         let mut seen = Vec::new();
@@ -283,12 +292,17 @@ fn follow_console_while(repo: &Repo, vm: &str, meanwhile: impl FnOnce()) -> Stri
         }
         String::from_utf8_lossy(&seen).into_owned()
     });
-    meanwhile();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !reader.is_finished() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
+        poke();
+        let next = std::time::Instant::now() + Duration::from_secs(2);
+        while !reader.is_finished() && std::time::Instant::now() < next {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     let _ = follow.kill();
     let _ = follow.wait();
-    reader.join().expect("reader")
+    let followed = reader.join().expect("reader");
+    said.push_str(&rest.join().expect("stderr reader"));
+    (followed, said)
 }
