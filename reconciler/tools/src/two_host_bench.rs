@@ -10,11 +10,11 @@ use std::time::Instant;
 
 use fleet::apply::Drivers;
 use fleet::driver::Driver;
-use fleet::source::{Revision, Snapshot, SourceFile};
+use fleet::source::Snapshot;
 use fleet::spec::{HostPath, LibvirtProvider, Name};
 
 use crate::second_host::{SECOND_HOST_STORAGE, SecondHost};
-use crate::{OwnDomains, bare_observe, define_stopped, ms};
+use crate::{OwnDomains, bare_observe, bench_snapshot, define_stopped, ms};
 
 /// The fleet's name: its own, so its domains and pools are told from any other's.
 const FLEET: &str = "bench-two-hosts";
@@ -186,29 +186,19 @@ fn snapshot(vms: usize) -> Snapshot {
         "apiVersion: fleet/v1\nkind: Fleet\nmetadata: {{name: {FLEET}}}\nspec:\n  providers:\n    - {{name: local, type: libvirt, domainType: qemu}}\n    - {{name: far, type: libvirt, domainType: qemu}}\n  images:\n    - {{name: micro, kernel: vmlinuz}}\n"
     );
     let pool = |name: &str, provider: &str, replicas: usize| {
-        SourceFile {
-        path: format!("fleet/vms/{name}.yaml"),
-        bytes: format!(
-            "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {{name: {name}}}\nspec:\n  replicas: {replicas}\n  template:\n    spec: {{provider: {provider}, image: micro, state: stopped, resources: {{memory: 64Mi}}}}\n"
+        (
+            format!("fleet/vms/{name}.yaml"),
+            format!(
+                "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {{name: {name}}}\nspec:\n  replicas: {replicas}\n  template:\n    spec: {{provider: {provider}, image: micro, state: stopped, resources: {{memory: 64Mi}}}}\n"
+            ),
         )
-        .into_bytes(),
-    }
     };
-    Snapshot {
-        revision: Revision {
-            id: "c".repeat(40),
-            label: "bench".into(),
-            signed_by: None,
-        },
-        fleet_dir: "fleet".into(),
-        files: vec![
-            SourceFile {
-                path: "fleet/fleet.yaml".into(),
-                bytes: fleet.into_bytes(),
-            },
+    bench_snapshot(
+        "c",
+        vec![
+            ("fleet/fleet.yaml".into(), fleet),
             pool("here", "local", vms / 2),
             pool("there", "far", vms - vms / 2),
         ],
-        signers: Default::default(),
-    }
+    )
 }

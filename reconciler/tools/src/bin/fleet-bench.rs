@@ -693,23 +693,31 @@ fn snapshot(vms: usize, state: &str) -> Snapshot {
     let pool = format!(
         "apiVersion: fleet/v1\nkind: VMPool\nmetadata: {{name: bench}}\nspec:\n  replicas: {vms}\n  template:\n    spec: {{provider: local, image: micro, state: {state}, resources: {{memory: 128Mi}}}}\n"
     );
+    bench_snapshot(
+        "b",
+        vec![
+            ("fleet/fleet.yaml".into(), fleet),
+            ("fleet/vms/bench.yaml".into(), pool),
+        ],
+    )
+}
+
+/// A revision of `files` (path, text) whose id is `id_char` repeated.
+fn bench_snapshot(id_char: &str, files: Vec<(String, String)>) -> Snapshot {
     Snapshot {
         revision: Revision {
-            id: "b".repeat(40),
+            id: id_char.repeat(40),
             label: "bench".into(),
             signed_by: None,
         },
         fleet_dir: "fleet".into(),
-        files: vec![
-            SourceFile {
-                path: "fleet/fleet.yaml".into(),
-                bytes: fleet.into_bytes(),
-            },
-            SourceFile {
-                path: "fleet/vms/bench.yaml".into(),
-                bytes: pool.into_bytes(),
-            },
-        ],
+        files: files
+            .into_iter()
+            .map(|(path, text)| SourceFile {
+                path,
+                bytes: text.into_bytes(),
+            })
+            .collect(),
         signers: Default::default(),
     }
 }

@@ -707,6 +707,41 @@ struct Findings {
     notes: Vec<String>,
 }
 
+/// What the upload and remote trials add up, and print as they go.
+#[derive(Default)]
+struct ShipTally {
+    duplicates: usize,
+    orphans: usize,
+    converged: usize,
+    uploads_cut_short: usize,
+    extra_passes: usize,
+}
+
+impl ShipTally {
+    /// Counts one trial's findings and prints its line (`said`, then the counts) and notes.
+    fn add(&mut self, said: String, f: Findings) {
+        self.duplicates += f.duplicates;
+        self.orphans += f.orphans;
+        self.converged += usize::from(f.converged);
+        eprintln!(
+            "{said}; duplicates {} orphans {} converged {}",
+            f.duplicates, f.orphans, f.converged
+        );
+        for note in f.notes {
+            eprintln!("  {note}");
+        }
+    }
+
+    /// Prints the `kind` trials' summary; returns duplicates, orphans and converged trials.
+    fn finish(self, kind: &str) -> (usize, usize, usize) {
+        eprintln!(
+            "{kind} trials: {} upload(s) cut short by a fault, all recovered; {} recovery pass(es) more than one",
+            self.uploads_cut_short, self.extra_passes
+        );
+        (self.duplicates, self.orphans, self.converged)
+    }
+}
+
 /// Duplicates, VMs on the wrong host and orphans among the fleet's domains on every host;
 /// the domains.
 fn integrity(fleet: &Fleet, f: &mut Findings) -> Result<BTreeSet<String>> {
@@ -1072,8 +1107,7 @@ fn recover_counting_passes(fleet: &Fleet, label: &str) -> Result<usize> {
 fn upload_trials(fleet: &Fleet, trials: usize, rng: &mut Rng) -> Result<(usize, usize, usize)> {
     let images = private_image_root(fleet)?;
     let original = std::fs::read(std::env::current_dir()?.join("build/image/initrd.img"))?;
-    let (mut duplicates, mut orphans, mut converged) = (0, 0, 0);
-    let (mut uploads_cut_short, mut extra_passes) = (0, 0);
+    let mut tally = ShipTally::default();
     for trial in 1..=trials {
         let mib = rebuild_initrd(&images, "initrd.img", &original, trial)?;
         let fault = Fault::libvirtd_if(trial % 2 == 0);
@@ -1086,31 +1120,20 @@ fn upload_trials(fleet: &Fleet, trials: usize, rng: &mut Rng) -> Result<(usize, 
         let (mid_apply, upload_seen) = interrupted_apply_at(fleet, fault, strike)?;
         // What the fault left: an image volume without its marker is an upload it cut short.
         let cut_short = cut_short_on(fleet);
-        uploads_cut_short += cut_short;
-        extra_passes += recover_counting_passes(fleet, &format!("upload trial {trial}"))?;
+        tally.uploads_cut_short += cut_short;
+        tally.extra_passes += recover_counting_passes(fleet, &format!("upload trial {trial}"))?;
         let mut f = check(fleet)?;
         images_in_use(fleet, &mut f)?;
-        duplicates += f.duplicates;
-        orphans += f.orphans;
-        converged += usize::from(f.converged);
-        eprintln!(
-            "upload trial {trial}: {} VMs onto a {mib} MiB initrd, {} {} ({}, {cut_short} upload(s) cut short); duplicates {} orphans {} converged {}",
+        let said = format!(
+            "upload trial {trial}: {} VMs onto a {mib} MiB initrd, {} {} ({}, {cut_short} upload(s) cut short)",
             fleet.vms.len(),
             fault.describe(),
             strike.describe(upload_seen),
-            when(mid_apply),
-            f.duplicates,
-            f.orphans,
-            f.converged
+            when(mid_apply)
         );
-        for note in f.notes {
-            eprintln!("  {note}");
-        }
+        tally.add(said, f);
     }
-    eprintln!(
-        "upload trials: {uploads_cut_short} upload(s) cut short by a fault, all recovered; {extra_passes} recovery pass(es) more than one"
-    );
-    Ok((duplicates, orphans, converged))
+    Ok(tally.finish("upload"))
 }
 
 /// The remote trials (see the top): returns duplicates, orphans and converged trials.
@@ -1147,8 +1170,7 @@ fn remote_trials(fleet: &mut Fleet, trials: usize, rng: &mut Rng) -> Result<(usi
     }
     fleet.write()?;
     recover(fleet).context("the apply that makes the far host's VMs")?;
-    let (mut duplicates, mut orphans, mut converged) = (0, 0, 0);
-    let (mut uploads_cut_short, mut extra_passes) = (0, 0);
+    let mut tally = ShipTally::default();
     for trial in 1..=trials {
         mutate_far(fleet, rng);
         fleet.write()?;
@@ -1165,35 +1187,24 @@ fn remote_trials(fleet: &mut Fleet, trials: usize, rng: &mut Rng) -> Result<(usi
         };
         let (mid_apply, upload_seen) = interrupted_apply_at(fleet, fault, strike)?;
         let cut_short = cut_short_on(fleet);
-        uploads_cut_short += cut_short;
-        extra_passes += recover_counting_passes(fleet, &format!("remote trial {trial}"))?;
+        tally.uploads_cut_short += cut_short;
+        tally.extra_passes += recover_counting_passes(fleet, &format!("remote trial {trial}"))?;
         let mut f = check(fleet)?;
         images_in_use(fleet, &mut f)?;
-        duplicates += f.duplicates;
-        orphans += f.orphans;
-        converged += usize::from(f.converged);
         let on_far = fleet
             .vms
             .keys()
             .filter(|vm| fleet.provider_of(vm) == "far")
             .count();
-        eprintln!(
-            "remote trial {trial}: {on_far} VMs on the far host onto a {mib} MiB initrd, {} {} ({}, {cut_short} upload(s) cut short); duplicates {} orphans {} converged {}",
+        let said = format!(
+            "remote trial {trial}: {on_far} VMs on the far host onto a {mib} MiB initrd, {} {} ({}, {cut_short} upload(s) cut short)",
             fault.describe(),
             strike.describe(upload_seen),
-            when(mid_apply),
-            f.duplicates,
-            f.orphans,
-            f.converged
+            when(mid_apply)
         );
-        for note in f.notes {
-            eprintln!("  {note}");
-        }
+        tally.add(said, f);
     }
-    eprintln!(
-        "remote trials: {uploads_cut_short} upload(s) cut short by a fault, all recovered; {extra_passes} recovery pass(es) more than one"
-    );
-    Ok((duplicates, orphans, converged))
+    Ok(tally.finish("remote"))
 }
 
 /// Creates, replaces and destroys some of the far host's VMs; at least one stays.
